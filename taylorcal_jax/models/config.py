@@ -1,0 +1,300 @@
+"""Teacher architecture description, read from and written to Hugging Face `config.json`.
+
+`ModelConfig` is a frozen (hashable) dataclass so it can be a static argument of
+`jax.jit` and a field of Flax modules. It covers the decoder-only families this
+project converts: Llama 3.x, Qwen2/2.5, Qwen3 and Mistral.
+
+Parameter pytree layout shared by every model in `taylorcal_jax.models`
+(Flax Linen names; a Dense `kernel` is the transpose of the HF `weight`):
+
+    embed_tokens/embedding                      [V, D]
+    layers_{i}/input_layernorm/scale            [D]
+    layers_{i}/self_attn/{q,k,v}_proj/kernel    [D, H*d], [D, Hkv*d], [D, Hkv*d]
+    layers_{i}/self_attn/{q,k,v}_proj/bias      (attention_bias only)
+    layers_{i}/self_attn/o_proj/kernel          [H*d, D]
+    layers_{i}/self_attn/{q,k}_norm/scale       [d] (Qwen3 only)
+    layers_{i}/post_attention_layernorm/scale   [D]
+    layers_{i}/mlp/{gate,up}_proj/kernel        [D, F]
+    layers_{i}/mlp/down_proj/kernel             [F, D]
+    norm/scale                                  [D]
+    lm_head/kernel                              [D, V] (absent when embeddings are tied)
+
+Hybrid students keep this layout; a converted layer has `gdn` in place of `self_attn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one this project can load."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, normalised from `rope_parameters` / `rope_scaling`."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.rope_type == "default":
+            return out
+        out["factor"] = self.factor
+        if self.rope_type == "llama3":
+            out.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        if self.rope_type == "yarn":
+            out.update(beta_fast=self.beta_fast, beta_slow=self.beta_slow)
+            if self.original_max_position_embeddings is not None:
+                out["original_max_position_embeddings"] = self.original_max_position_embeddings
+            for key in ("mscale", "mscale_all_dim", "attention_factor"):
+                if getattr(self, key) is not None:
+                    out[key] = getattr(self, key)
+            if not self.truncate:
+                out["truncate"] = False
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only softmax Transformer in the Hugging Face Llama layout."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope: RopeConfig = RopeConfig()
+    attention_bias: bool = False
+    qk_norm: bool = False
+    # Per-layer sliding window (None = full causal attention), length num_hidden_layers.
+    sliding_windows: tuple[int | None, ...] = ()
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_type {self.rope.rope_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
+        if len(self.sliding_windows) != self.num_hidden_layers:
+            raise ValueError(
+                f"sliding_windows has {len(self.sliding_windows)} entries for "
+                f"{self.num_hidden_layers} layers"
+            )
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # ------------------------------------------------------------------ HF I/O
+
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from a parsed HF `config.json` (transformers 4.x or 5.x keys)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
+        if hf.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=True is not supported")
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        layers = hf["num_hidden_layers"]
+        rope = _rope_from_hf(hf)
+        attention_bias = hf.get("attention_bias")
+        if attention_bias is None:
+            attention_bias = model_type == "qwen2"
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope=rope,
+            attention_bias=bool(attention_bias),
+            qk_norm=model_type == "qwen3",
+            sliding_windows=_sliding_windows_from_hf(hf, model_type, layers),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=_first_id(hf.get("bos_token_id")),
+            eos_token_id=_first_id(hf.get("eos_token_id")),
+            pad_token_id=_first_id(hf.get("pad_token_id")),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` contents transformers needs to rebuild this model."""
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "mistral": "MistralForCausalLM",
+        }[self.model_type]
+        rope = self.rope.to_hf()
+        out: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            # Both spellings: transformers 5 reads rope_parameters, 4.x reads the others.
+            "rope_parameters": rope,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": None if self.rope.rope_type == "default" else rope,
+            "attention_bias": self.attention_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+        }
+        windows = {w for w in self.sliding_windows if w is not None}
+        if len(windows) > 1:
+            raise ValueError("layers with different sliding windows cannot be written to HF")
+        window = windows.pop() if windows else None
+        if self.model_type == "mistral":
+            out["sliding_window"] = window
+        elif self.model_type in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = window is not None
+            out["sliding_window"] = window
+            out["layer_types"] = [
+                "full_attention" if w is None else "sliding_attention"
+                for w in self.sliding_windows
+            ]
+        elif window is not None:
+            raise ValueError("llama models have no sliding window")
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_hf_dict(hf)
+
+
+def _first_id(value):
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+        "truncate",
+    ):
+        if params.get(key) is not None:
+            kwargs[key] = params[key]
+    return RopeConfig(**kwargs)
+
+
+def _sliding_windows_from_hf(hf, model_type, layers) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    if model_type == "mistral":
+        return (window,) * layers
+    if model_type in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window") or window is None:
+            return (None,) * layers
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            first_windowed = hf.get("max_window_layers", layers)
+            return tuple(None if i < first_windowed else window for i in range(layers))
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    return (None,) * layers

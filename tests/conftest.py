@@ -1,0 +1,22 @@
+"""Test setup: 8 simulated CPU devices (must be set before JAX initialises its backends)."""
+
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips gpu/tpu-marked tests when that backend is absent (and says why)."""
+    backend = jax.default_backend()
+    for item in items:
+        for mark, name in (("gpu", "gpu"), ("tpu", "tpu")):
+            if mark in item.keywords and backend != name:
+                item.add_marker(pytest.mark.skip(reason=f"needs a {name.upper()} backend"))
