@@ -11,12 +11,16 @@ i.e. decay the state, read the current prediction for k_t, and write a beta_t-we
 correction. Semantics match flash-linear-attention's
 `chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)`.
 Arithmetic runs in float32 (float64 when the inputs are float64 and x64 is enabled).
+`gated_delta_rule_step` is one token (the decoding step); the scan only repeats it.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# True float32 (not TF32) dots on GPU; a no-op on CPU.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def l2_normalize(x, eps: float = 1e-6):
@@ -25,8 +29,45 @@ def l2_normalize(x, eps: float = 1e-6):
 
 
 def compute_dtype(*arrays):
-    """float64 if any input is float64, else float32."""
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in fp32)."""
     return jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
+
+
+def gated_delta_rule_step(
+    q_bhk,
+    k_bhk,
+    v_bhv,
+    g_bh,
+    beta_bh,
+    state_bhkv,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+):
+    """One token of the gated delta rule: the definition (O(1) per token, for decoding).
+
+    Decay the state, read the current prediction for k_t, write a beta_t-weighted correction,
+    read out with q_t:
+
+        S   <- exp(g_t) S
+        S   <- S + beta_t k_t (v_t - S^T k_t)^T
+        o_t  = s * S^T q_t
+
+    Returns (o_bhv in v's dtype, new state [B, H, K, V] in float32, or float64 when any input or
+    the state is float64).
+    """
+    cdt = compute_dtype(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
+    scale = q_bhk.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (x.astype(cdt) for x in (q_bhk, k_bhk, v_bhv))
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    g, beta = g_bh.astype(cdt), beta_bh.astype(cdt)
+    state = state_bhkv.astype(cdt) * jnp.exp(g)[..., None, None]
+    prediction_bhv = jnp.einsum("bhkv,bhk->bhv", state, k, precision=_HIGHEST)
+    correction_bhv = beta[..., None] * (v - prediction_bhv)
+    state = state + k[..., :, None] * correction_bhv[..., None, :]
+    o_bhv = jnp.einsum("bhkv,bhk->bhv", state, q, precision=_HIGHEST) * scale
+    return o_bhv.astype(v_bhv.dtype), state
 
 
 def gated_delta_rule_reference(
@@ -41,30 +82,32 @@ def gated_delta_rule_reference(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
 ):
-    """Returns (o_bthv in v's dtype, final state [B, H, K, V] in float32/64 or None)."""
-    cdt = compute_dtype(q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
-    b, t, h, kdim = q_bthk.shape
+    """`gated_delta_rule_step` scanned over time.
+
+    Returns (o_bthv in v's dtype, final state [B, H, K, V] in float32/64, or None).
+    """
+    inputs = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    if initial_state_bhkv is not None:
+        inputs = inputs + (initial_state_bhkv,)
+    cdt = compute_dtype(*inputs)
+    b, _, h, kdim = q_bthk.shape
     vdim = v_bthv.shape[-1]
-    scale = kdim**-0.5 if scale is None else scale
-    q, k, v = (x.astype(cdt) for x in (q_bthk, k_bthk, v_bthv))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    g, beta = g_bth.astype(cdt), beta_bth.astype(cdt)
     if initial_state_bhkv is None:
         state = jnp.zeros((b, h, kdim, vdim), cdt)
     else:
         state = initial_state_bhkv.astype(cdt)
 
-    def step(state_bhkv, inputs):
-        q_t, k_t, v_t, g_t, beta_t = inputs  # [B,H,K], [B,H,K], [B,H,V], [B,H], [B,H]
-        state_bhkv = state_bhkv * jnp.exp(g_t)[..., None, None]
-        prediction = jnp.einsum("bhkv,bhk->bhv", state_bhkv, k_t)
-        correction = beta_t[..., None] * (v_t - prediction)
-        state_bhkv = state_bhkv + k_t[..., :, None] * correction[..., None, :]
-        o_t = jnp.einsum("bhkv,bhk->bhv", state_bhkv, q_t) * scale
+    def step(state_bhkv, inputs_t):
+        q_t, k_t, v_t, g_t, beta_t = inputs_t  # [B,H,K], [B,H,K], [B,H,V], [B,H], [B,H]
+        o_t, state_bhkv = gated_delta_rule_step(
+            q_t, k_t, v_t, g_t, beta_t, state_bhkv, scale=scale, use_qk_l2norm=use_qk_l2norm
+        )
         return state_bhkv, o_t
 
-    time_major = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
+    # Cast once up front so every step (and the carry) runs in the compute dtype.
+    time_major = tuple(
+        jnp.moveaxis(x.astype(cdt), 1, 0) for x in (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    )
     state, o_tbhv = jax.lax.scan(step, state, time_major)
     o = jnp.moveaxis(o_tbhv, 0, 1).astype(v_bthv.dtype)
     return o, (state if output_final_state else None)
