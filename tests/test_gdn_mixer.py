@@ -1,0 +1,194 @@
+"""GatedDeltaNet mixer: against a NumPy transcription of METHOD.md §2, decoding, padding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, init_gdn_cache
+
+D, H, HEAD = 16, 2, 8
+
+CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=32,
+    hidden_size=D,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=H,
+    num_key_value_heads=1,
+    head_dim=HEAD,
+)
+
+
+def _gdn(conv: bool) -> GDNConfig:
+    return GDNConfig.from_teacher(CONFIG, use_short_conv=conv, impl="reference", chunk_size=4)
+
+
+def _init(conv: bool, seed=0):
+    mixer = GatedDeltaNet(CONFIG, _gdn(conv))
+    x = jnp.zeros((1, 3, D))
+    params = mixer.init(jax.random.PRNGKey(seed), x)["params"]
+    # Make the gates non-trivial: random o_norm scale, larger a/b weights.
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    params["o_norm"]["scale"] = rng.uniform(0.5, 1.5, HEAD).astype(np.float32)
+    params["a_proj"]["kernel"] = params["a_proj"]["kernel"] * 3
+    params["b_proj"]["kernel"] = params["b_proj"]["kernel"] * 3
+    return mixer, params
+
+
+def _numpy_gdn(params, x, conv: bool, eps=1e-5):
+    """Per-token float64 loop of METHOD.md §2, written independently of the module."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(x, np.float64)
+    b, t, _ = x.shape
+
+    def silu(z):
+        return z / (1 + np.exp(-z))
+
+    def proj(name, z):
+        return z @ p[f"{name}_proj"]["kernel"]
+
+    qkv = {n: proj(n, x) for n in "qkv"}
+    if conv:
+        for n in "qkv":
+            w = p[f"{n}_conv"]["kernel"]  # [W, C]; w[-1] multiplies the current token
+            width = w.shape[0]
+            z = qkv[n]
+            out = np.zeros_like(z)
+            for i in range(t):
+                for j in range(width):
+                    src = i - (width - 1) + j
+                    if src >= 0:
+                        out[:, i] += w[j] * z[:, src]
+            qkv[n] = out
+    q, k, v = (silu(qkv[n]).reshape(b, t, H, HEAD) for n in "qkv")
+    beta = 1 / (1 + np.exp(-proj("b", x)))
+    g = -np.exp(p["A_log"]) * np.log1p(np.exp(proj("a", x) + p["dt_bias"]))
+    gate = proj("g", x).reshape(b, t, H, HEAD)
+    o = np.zeros((b, t, H, HEAD))
+    for bi in range(b):
+        for hi in range(H):
+            s = np.zeros((HEAD, HEAD))
+            for ti in range(t):
+                qt = q[bi, ti, hi] / np.sqrt(q[bi, ti, hi] @ q[bi, ti, hi] + 1e-6)
+                kt = k[bi, ti, hi] / np.sqrt(k[bi, ti, hi] @ k[bi, ti, hi] + 1e-6)
+                s = np.exp(g[bi, ti, hi]) * s
+                s = s + beta[bi, ti, hi] * np.outer(kt, v[bi, ti, hi] - s.T @ kt)
+                o[bi, ti, hi] = (s.T @ qt) * HEAD**-0.5
+    rms = np.sqrt(np.mean(o**2, axis=-1, keepdims=True) + eps)
+    y = (o / rms) * p["o_norm"]["scale"] * silu(gate)
+    return o, y.reshape(b, t, H * HEAD) @ p["o_proj"]["kernel"]
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_mixer_matches_numpy(conv):
+    mixer, params = _init(conv)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, D))
+    y, cache, inter = mixer.apply({"params": params}, x, return_intermediates=True)
+    o_ref, y_ref = _numpy_gdn(params, x, conv)
+    assert cache is None
+    assert y.shape == (2, 7, D) and inter["attn_context"].shape == (2, 7, H, HEAD)
+    assert _rel(inter["attn_context"], o_ref) < 1e-5
+    assert _rel(y, y_ref) < 1e-5
+    np.testing.assert_array_equal(inter["attn_out"], y)
+
+
+def test_param_layout():
+    _, params = _init(True)
+    shapes = jax.tree_util.tree_map(np.shape, params)
+    assert shapes["q_proj"]["kernel"] == (D, H * HEAD)
+    assert shapes["v_proj"]["kernel"] == (D, H * HEAD)
+    assert shapes["a_proj"]["kernel"] == (D, H) and shapes["b_proj"]["kernel"] == (D, H)
+    assert shapes["o_proj"]["kernel"] == (H * HEAD, D)
+    assert shapes["A_log"] == (H,) and shapes["dt_bias"] == (H,)
+    assert shapes["o_norm"]["scale"] == (HEAD,)
+    assert shapes["q_conv"]["kernel"] == (4, H * HEAD)
+    _, params = _init(False)
+    assert "q_conv" not in params
+
+
+def test_standard_init_ranges():
+    mixer = GatedDeltaNet(CONFIG, _gdn(False))
+    params = mixer.init(jax.random.PRNGKey(3), jnp.zeros((1, 2, D)))["params"]
+    a = np.exp(np.asarray(params["A_log"]))
+    assert np.all((a > 0) & (a <= 16))
+    dt = np.log1p(np.exp(np.asarray(params["dt_bias"], np.float64)))
+    assert np.all((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 1e-1 * (1 + 1e-5)))
+    np.testing.assert_array_equal(params["o_norm"]["scale"], np.ones(HEAD))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_decode_and_chunked_prefill_equal_full_forward(conv):
+    mixer, params = _init(conv)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 6, D))
+    y_full, _, _ = mixer.apply({"params": params}, x)
+    apply = jax.jit(lambda xs, c: mixer.apply({"params": params}, xs, cache=c))
+    # Prefill 2 tokens, one continuation chunk of 2, then 2 single-token steps.
+    cache = init_gdn_cache(mixer.gdn, 2)
+    outs = []
+    for lo, hi in ((0, 2), (2, 4), (4, 5), (5, 6)):
+        y, cache, _ = apply(x[:, lo:hi], cache)
+        outs.append(y)
+    assert _rel(jnp.concatenate(outs, axis=1), y_full) < 1e-5
+    assert cache["state"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_left_padding_equals_alone_and_decode_continues(conv):
+    mixer, params = _init(conv)
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 6, D))
+    valid = jnp.array([[True] * 6, [False, False, False, True, True, True]])
+    garbage = jnp.where(valid[..., None], x, 100.0)  # padding content must not matter
+    cache = init_gdn_cache(mixer.gdn, 2)
+    y, cache, _ = mixer.apply({"params": params}, garbage, valid_bt=valid, cache=cache)
+    y_alone, cache_alone, _ = mixer.apply(
+        {"params": params}, x[1:, 3:], cache=init_gdn_cache(mixer.gdn, 1)
+    )
+    assert _rel(y[1, 3:], y_alone[0]) < 1e-5
+    np.testing.assert_array_equal(y[1, :3], 0.0)
+    # One more decoded token continues both rows correctly.
+    nxt = jax.random.normal(jax.random.PRNGKey(5), (2, 1, D))
+    y2, _, _ = mixer.apply({"params": params}, nxt, cache=cache)
+    y2_alone, _, _ = mixer.apply({"params": params}, nxt[1:], cache=cache_alone)
+    full, _, _ = mixer.apply({"params": params}, jnp.concatenate([x[1:, 3:], nxt[1:]], 1))
+    assert _rel(y2[1], y2_alone[0]) < 1e-5
+    assert _rel(y2_alone[0], full[0, -1:]) < 1e-5
+
+
+def test_right_padding_then_decode():
+    """Right padding (prompt shorter than the batch's) leaves state and conv history intact."""
+    mixer, params = _init(True)
+    x = jax.random.normal(jax.random.PRNGKey(6), (1, 5, D))
+    valid = jnp.array([[True, True, True, False, False]])
+    _, cache, _ = mixer.apply(
+        {"params": params}, x, valid_bt=valid, cache=init_gdn_cache(mixer.gdn, 1)
+    )
+    nxt = jax.random.normal(jax.random.PRNGKey(7), (1, 1, D))
+    y, _, _ = mixer.apply({"params": params}, nxt, cache=cache)
+    full, _, _ = mixer.apply({"params": params}, jnp.concatenate([x[:, :3], nxt], 1))
+    assert _rel(y[0], full[0, -1:]) < 1e-5
+    # An invalid decode step changes nothing.
+    _, cache2, _ = mixer.apply({"params": params}, nxt, valid_bt=jnp.array([[False]]), cache=cache)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, cache2, cache)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="impl"):
+        dataclasses.replace(_gdn(False), impl="fast")
+    with pytest.raises(ValueError, match="num_heads"):
+        GDNConfig(num_heads=0, head_k_dim=4, head_v_dim=4)
+    with pytest.raises(ValueError, match="set by the teacher"):
+        GDNConfig.from_teacher(CONFIG, num_heads=3)
+    with pytest.raises(ValueError, match="unknown GDNConfig keys"):
+        GDNConfig.from_dict({**_gdn(True).to_dict(), "expand_v": 2})
+    assert GDNConfig.from_dict(_gdn(True).to_dict()) == _gdn(True)
