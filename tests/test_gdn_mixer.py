@@ -134,7 +134,7 @@ def test_decode_and_chunked_prefill_equal_full_forward(conv):
     y_full, _, _ = mixer.apply({"params": params}, x)
     apply = jax.jit(lambda xs, c: mixer.apply({"params": params}, xs, cache=c))
     # Prefill 2 tokens, one continuation chunk of 2, then 2 single-token steps.
-    cache = init_gdn_cache(mixer.gdn, 2)
+    cache = init_gdn_cache(CONFIG, mixer.gdn, 2)
     outs = []
     for lo, hi in ((0, 2), (2, 4), (4, 5), (5, 6)):
         y, cache, _ = apply(x[:, lo:hi], cache)
@@ -149,10 +149,10 @@ def test_left_padding_equals_alone_and_decode_continues(conv):
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 6, D))
     valid = jnp.array([[True] * 6, [False, False, False, True, True, True]])
     garbage = jnp.where(valid[..., None], x, 100.0)  # padding content must not matter
-    cache = init_gdn_cache(mixer.gdn, 2)
+    cache = init_gdn_cache(CONFIG, mixer.gdn, 2)
     y, cache, _ = mixer.apply({"params": params}, garbage, valid_bt=valid, cache=cache)
     y_alone, cache_alone, _ = mixer.apply(
-        {"params": params}, x[1:, 3:], cache=init_gdn_cache(mixer.gdn, 1)
+        {"params": params}, x[1:, 3:], cache=init_gdn_cache(CONFIG, mixer.gdn, 1)
     )
     assert _rel(y[1, 3:], y_alone[0]) < 1e-5
     np.testing.assert_array_equal(y[1, :3], 0.0)
@@ -171,7 +171,7 @@ def test_right_padding_then_decode():
     x = jax.random.normal(jax.random.PRNGKey(6), (1, 5, D))
     valid = jnp.array([[True, True, True, False, False]])
     _, cache, _ = mixer.apply(
-        {"params": params}, x, valid_bt=valid, cache=init_gdn_cache(mixer.gdn, 1)
+        {"params": params}, x, valid_bt=valid, cache=init_gdn_cache(CONFIG, mixer.gdn, 1)
     )
     nxt = jax.random.normal(jax.random.PRNGKey(7), (1, 1, D))
     y, _, _ = mixer.apply({"params": params}, nxt, cache=cache)

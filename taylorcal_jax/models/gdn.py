@@ -176,8 +176,10 @@ def causal_conv(x_btc, kernel_wc, state_bwc, valid_bt):
     return y, new_state.astype(state_bwc.dtype)
 
 
-def init_gdn_cache(gdn: GDNConfig, batch: int, dtype=jnp.float32) -> dict:
-    """Empty decoding cache of one GDN layer: zero state (float32) and, if used, conv history."""
+def init_gdn_cache(config: ModelConfig, gdn: GDNConfig, batch: int, dtype=jnp.float32) -> dict:
+    """Empty decoding cache of one GDN layer: zero state (float32) and, if used, conv history
+    in `dtype`. `config` is unused (kept parallel to `init_attention_cache`)."""
+    del config
     cache = {
         "state": jnp.zeros((batch, gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim), jnp.float32)
     }
@@ -217,19 +219,7 @@ def _run_op(q, k, v, g, beta, state, gdn: GDNConfig):
 def _step(q, k, v, g, beta, state):
     from taylorcal_jax.ops.gdn import reference
 
-    if hasattr(reference, "gated_delta_rule_step"):
-        return reference.gated_delta_rule_step(q, k, v, g, beta, state)
-    # TEMPORARY until reference.gated_delta_rule_step lands: one token through the scan.
-    o, new_state = reference.gated_delta_rule_reference(
-        q[:, None],
-        k[:, None],
-        v[:, None],
-        g[:, None],
-        beta[:, None],
-        initial_state_bhkv=state,
-        output_final_state=True,
-    )
-    return o[:, 0], new_state
+    return reference.gated_delta_rule_step(q, k, v, g, beta, state)
 
 
 # ---------------------------------------------------------------------------- module
