@@ -1,0 +1,28 @@
+"""Progress bars (tqdm) for long loops; one global switch.
+
+`main` decides once (config.progress) and calls `set_enabled`; library code just wraps
+its loops in `progress(...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+_ENABLED = True
+
+
+def set_enabled(enabled: bool) -> None:
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def progress(iterable: Iterable[T] | None = None, **kwargs) -> Iterable[T]:
+    """tqdm over `iterable` (or a manual bar when None); off when disabled globally."""
+    kwargs.setdefault("disable", not _ENABLED)
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
