@@ -1,0 +1,200 @@
+"""The one entry point for the gated delta rule: validates inputs and picks the implementation.
+
+Letters: B batch, T time, H heads, K key dim, V value dim.
+
+For each (batch, head), with q_t, k_t L2-normalised (when use_qk_l2norm) and s = scale or K^-1/2:
+
+    S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - (exp(g_t) S_{t-1})^T k_t)^T      S: [K, V]
+    o_t = s * S_t^T q_t
+
+Semantics of flash-linear-attention's `chunk_gated_delta_rule(..., use_qk_l2norm_in_kernel=True)`
+(g is the log decay, <= 0; beta one per head and token; GQA is the caller's business).
+
+Implementations (`impl`):
+  "reference"  per-token `lax.scan` (reference.py), the definition; slow, O(1) memory per token.
+  "chunked"    chunk-parallel UT/WY form, `lax.scan` over chunks (chunked.py); any backend.
+  "pallas"     the Pallas GPU kernel (pallas_gpu.py, imported lazily). Asking for it where it
+               cannot run (no GPU backend, or the module does not import) raises
+               `ImplementationUnavailableError` with the reason; it never falls back silently.
+  "auto"       "pallas" on a GPU backend when it imports (and, if pallas_gpu defines the optional
+               hook `unsupported_reason`, accepts these shapes), else "chunked"; the choice is
+               logged once per (backend, choice).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
+from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("reference", "chunked", "pallas", "auto")
+_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+_logged_choices: set[tuple[str, str]] = set()
+
+
+class ImplementationUnavailableError(RuntimeError):
+    """The requested implementation cannot run here (the message says why and what to use)."""
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def validate_inputs(
+    q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv=None, chunk_size: int = 64
+) -> None:
+    """Raises ValueError with a message saying what is wrong and what is expected."""
+    named = {"q": q_bthk, "k": k_bthk, "v": v_bthv, "g": g_bth, "beta": beta_bth}
+    for name, x, rank, layout in (
+        ("q", q_bthk, 4, "[B, T, H, K]"),
+        ("k", k_bthk, 4, "[B, T, H, K]"),
+        ("v", v_bthv, 4, "[B, T, H, V]"),
+        ("g", g_bth, 3, "[B, T, H]"),
+        ("beta", beta_bth, 3, "[B, T, H]"),
+    ):
+        if x.ndim != rank:
+            raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
+    for name, x in named.items():
+        if not _is_float(x):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    b, t, h, kdim = q_bthk.shape
+    if k_bthk.shape[:3] != (b, t, h):
+        raise ValueError(
+            f"q and k must agree on [B, T, H]: q {tuple(q_bthk.shape)}, k {tuple(k_bthk.shape)}"
+        )
+    if k_bthk.shape[3] != kdim:
+        raise ValueError(
+            f"q and k must have the same key dim K: q has {kdim}, k has {k_bthk.shape[3]}"
+        )
+    if v_bthv.shape[:3] != (b, t, h):
+        raise ValueError(
+            f"v must agree with q on [B, T, H] = {(b, t, h)}, got v {tuple(v_bthv.shape)}"
+        )
+    for name, x in (("g", g_bth), ("beta", beta_bth)):
+        if tuple(x.shape) != (b, t, h):
+            raise ValueError(
+                f"{name} must have shape [B, T, H] = {(b, t, h)} (one value per token and "
+                f"head), got {tuple(x.shape)}"
+            )
+    if initial_state_bhkv is not None:
+        expected = (b, h, kdim, v_bthv.shape[3])
+        if tuple(initial_state_bhkv.shape) != expected:
+            raise ValueError(
+                f"initial_state must have shape [B, H, K, V] = {expected}, "
+                f"got {tuple(initial_state_bhkv.shape)}"
+            )
+        if not _is_float(initial_state_bhkv):
+            raise ValueError(
+                f"initial_state must be floating point (float32), got {initial_state_bhkv.dtype}"
+            )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def _load_pallas(reason_prefix: str):
+    """Returns gated_delta_rule_pallas, or raises ImplementationUnavailableError saying why."""
+    backend = jax.default_backend()
+    if backend not in _GPU_BACKENDS:
+        raise ImplementationUnavailableError(
+            f"{reason_prefix}: the Pallas GDN kernel needs a GPU backend, but JAX's default "
+            f"backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU tests of the kernel "
+            "call taylorcal_jax.ops.gdn.pallas_gpu.gated_delta_rule_pallas(..., interpret=True)."
+        )
+    try:
+        from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    except ImportError as e:
+        raise ImplementationUnavailableError(
+            f"{reason_prefix}: taylorcal_jax.ops.gdn.pallas_gpu.gated_delta_rule_pallas could "
+            f"not be imported ({type(e).__name__}: {e}). Use impl='chunked' (or 'auto')."
+        ) from e
+    return gated_delta_rule_pallas
+
+
+def _log_once(backend: str, choice: str, why: str) -> None:
+    if (backend, choice) not in _logged_choices:
+        _logged_choices.add((backend, choice))
+        logger.info("gated_delta_rule impl='auto' -> %r on backend %r (%s)", choice, backend, why)
+
+
+def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: int = 64) -> str:
+    """The implementation `impl` runs as here ("auto" resolved); raises if it cannot run.
+
+    With the inputs given, "auto" also asks the Pallas module's optional hook
+    `unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size) -> str | None` whether it handles
+    these shapes, and uses "chunked" when it says no.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid choices are {', '.join(IMPLS)}")
+    if impl == "pallas":
+        _load_pallas("impl='pallas' cannot run")
+        return "pallas"
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend not in _GPU_BACKENDS:
+        _log_once(backend, "chunked", "no GPU backend")
+        return "chunked"
+    try:
+        pallas_fn = _load_pallas("pallas unavailable")
+    except ImplementationUnavailableError as e:
+        _log_once(backend, "chunked", str(e))
+        return "chunked"
+    hook = getattr(sys.modules[pallas_fn.__module__], "unsupported_reason", None)
+    if hook is not None and q_bthk is not None:
+        reason = hook(q_bthk, k_bthk, v_bthv, chunk_size)
+        if reason:
+            _log_once(backend, "chunked", f"the Pallas kernel does not take these inputs: {reason}")
+            return "chunked"
+    _log_once(backend, "pallas", "GPU backend and the Pallas kernel imports")
+    return "pallas"
+
+
+def gated_delta_rule(
+    q_bthk,
+    k_bthk,
+    v_bthv,
+    g_bth,
+    beta_bth,
+    *,
+    initial_state_bhkv=None,
+    output_final_state: bool = False,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+):
+    """Gated delta rule over a sequence.
+
+    Args: q, k [B, T, H, K]; v [B, T, H, V]; g (log decay) and beta [B, T, H]; optional
+    initial state [B, H, K, V]. chunk_size is used by "chunked" and "pallas".
+    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid choices are {', '.join(IMPLS)}")
+    q_bthk, k_bthk, v_bthv, g_bth, beta_bth = (
+        jnp.asarray(x) for x in (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    )
+    if initial_state_bhkv is not None:
+        initial_state_bhkv = jnp.asarray(initial_state_bhkv)
+    validate_inputs(q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv, chunk_size)
+    choice = resolve_impl(impl, q_bthk, k_bthk, v_bthv, chunk_size)
+    kwargs = dict(
+        initial_state_bhkv=initial_state_bhkv,
+        output_final_state=output_final_state,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+    )
+    args = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    if choice == "reference":
+        return gated_delta_rule_reference(*args, **kwargs)
+    if choice == "chunked":
+        return gated_delta_rule_chunked(*args, chunk_size=chunk_size, **kwargs)
+    pallas_fn = _load_pallas("impl='pallas' cannot run")
+    return pallas_fn(*args, chunk_size=chunk_size, interpret=False, **kwargs)
