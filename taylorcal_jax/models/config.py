@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -147,7 +148,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF I/O
 
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from a parsed HF `config.json` (transformers 4.x or 5.x keys)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -165,9 +166,8 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hidden // num_heads
         layers = hf["num_hidden_layers"]
         rope = _rope_from_hf(hf)
-        attention_bias = hf.get("attention_bias")
-        if attention_bias is None:
-            attention_bias = model_type == "qwen2"
+        # Qwen2 always has q/k/v biases (transformers hard-codes them); others read the key.
+        attention_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -232,15 +232,14 @@ class ModelConfig:
             out["use_sliding_window"] = window is not None
             out["sliding_window"] = window
             out["layer_types"] = [
-                "full_attention" if w is None else "sliding_attention"
-                for w in self.sliding_windows
+                "full_attention" if w is None else "sliding_attention" for w in self.sliding_windows
             ]
         elif window is not None:
             raise ValueError("llama models have no sliding window")
         return out
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
         try:
@@ -265,9 +264,25 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
-            f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"rope_type {rope_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported (only 1.0)")
     kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    if rope_type in ("llama3", "yarn"):
+        # transformers falls back to max_position_embeddings (standardize_rope_params).
+        original = hf.get("original_max_position_embeddings") or params.get(
+            "original_max_position_embeddings"
+        )
+        kwargs["original_max_position_embeddings"] = original or hf.get(
+            "max_position_embeddings", 2048
+        )
+        if rope_type == "yarn" and params.get("factor") is None:
+            kwargs["factor"] = (
+                hf.get("max_position_embeddings", 2048) / kwargs["original_max_position_embeddings"]
+            )
     for key in (
         "factor",
         "low_freq_factor",
@@ -280,7 +295,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         "attention_factor",
         "truncate",
     ):
-        if params.get(key) is not None:
+        if params.get(key) is not None and key not in kwargs:
             kwargs[key] = params[key]
     return RopeConfig(**kwargs)
 

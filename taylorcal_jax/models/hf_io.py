@@ -1,0 +1,323 @@
+"""Hugging Face checkpoints <-> our param pytree (safetensors only, never pickle).
+
+Name mapping (our path -> HF tensor name; Dense/Conv kernels are stored with axes reversed,
+i.e. a Linear `weight` [out, in] is our `kernel` [in, out]):
+
+    embed_tokens/embedding            model.embed_tokens.weight
+    layers_{i}/<a>/<b>/kernel         model.layers.{i}.<a>.<b>.weight   (axes reversed)
+    layers_{i}/<a>/<b>/scale          model.layers.{i}.<a>.<b>.weight
+    layers_{i}/<a>/<b>/bias           model.layers.{i}.<a>.<b>.bias
+    layers_{i}/<a>/<leaf>             model.layers.{i}.<a>.<leaf>       (e.g. gdn/A_log)
+    norm/scale                        model.norm.weight
+    lm_head/kernel                    lm_head.weight                    (untied only)
+
+Layout on disk: `config.json` plus `model.safetensors`, or shards `model-0000k-of-0000n
+.safetensors` listed in `model.safetensors.index.json` ({"metadata": {"total_size"},
+"weight_map": {name: file}}), exactly as transformers writes and reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from taylorcal_jax.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    UnsupportedModelError,
+)
+from taylorcal_jax.models.safetensors_io import CorruptCheckpointError, read_tensors, write_tensors
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "MissingTensorsError",
+    "UnexpectedTensorsError",
+    "ShapeMismatchError",
+    "UnsupportedModelError",
+    "load_pretrained",
+    "save_pretrained",
+    "path_to_hf_name",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+# Buffers some older exports contain; they carry no learned weights.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """Base class for problems with a checkpoint directory."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The path, its config.json or its weight files do not exist."""
+
+
+class MissingTensorsError(CheckpointError):
+    """The weight files lack tensors the config requires."""
+
+
+class UnexpectedTensorsError(CheckpointError):
+    """The weight files hold tensors the config does not account for."""
+
+
+class ShapeMismatchError(CheckpointError):
+    """Tensor shapes differ from those the config implies."""
+
+
+# ------------------------------------------------------------------ names
+
+
+def path_to_hf_name(path: tuple[str, ...]) -> str:
+    """Our param path (tuple of keys) -> HF tensor name."""
+    if path == ("lm_head", "kernel"):
+        return "lm_head.weight"
+    *owner, leaf = path
+    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    parts = []
+    for key in owner:
+        m = re.fullmatch(r"layers_(\d+)", key)
+        parts.extend(["layers", m.group(1)] if m else [key])
+    return "model." + ".".join([*parts, leaf])
+
+
+def _is_kernel(path) -> bool:
+    return path[-1] == "kernel"
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            out.update(_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+# ------------------------------------------------------------------ directory resolution
+
+
+def _resolve_dir(path_or_id) -> pathlib.Path:
+    p = pathlib.Path(os.path.expanduser(str(path_or_id)))
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointNotFoundError(
+            f"{p} is a file; pass the checkpoint directory (holding config.json and "
+            "*.safetensors) instead"
+        )
+    text = str(path_or_id)
+    looks_like_hub_id = (
+        re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) is not None
+        and not text.startswith((".", "/", "~"))
+        and "/" in text
+    )
+    if not looks_like_hub_id:
+        raise CheckpointNotFoundError(f"checkpoint directory {text!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise CheckpointNotFoundError(
+            f"{text!r} is not a local directory, and downloading it as a Hugging Face hub id "
+            f"failed ({type(e).__name__}: {e}). Without network access, download the "
+            "checkpoint elsewhere and pass its local directory."
+        ) from e
+    return pathlib.Path(local)
+
+
+def _weight_files(root: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] | None]:
+    index = root / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CorruptCheckpointError(f"{index} is not a valid safetensors index ({e!r})") from e
+        files = sorted({root / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointNotFoundError(f"{index} lists shard files that are missing: {missing}")
+        return files, weight_map
+    single = root / SINGLE_FILE
+    if single.exists():
+        return [single], None
+    others = sorted(root.glob("*.safetensors"))
+    if len(others) == 1:
+        return others, None
+    if list(root.glob("*.bin")) or list(root.glob("*.pt")) or list(root.glob("*.pth")):
+        raise CheckpointNotFoundError(
+            f"{root} has only pickle weights (*.bin / *.pt), which this loader refuses to open "
+            "(pickle can run arbitrary code). Convert them to safetensors with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir)."
+        )
+    raise CheckpointNotFoundError(
+        f"no weights in {root}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards"
+    )
+
+
+# ------------------------------------------------------------------ loading
+
+
+def expected_shapes(config: ModelConfig, mixers=None, gdn=None) -> dict[tuple[str, ...], tuple]:
+    """Our param paths -> shapes, for the model the config (and mixers) describe."""
+    from taylorcal_jax.models.teacher import init_params
+
+    shapes = jax.eval_shape(
+        lambda: init_params(config, jax.random.PRNGKey(0), mixers=mixers, gdn=gdn)
+    )
+    return {p: tuple(s.shape) for p, s in _flatten(shapes).items()}
+
+
+def load_pretrained(path_or_id, dtype=None, *, mixers=None, gdn=None):
+    """Loads a HF checkpoint directory -> (ModelConfig, params).
+
+    dtype: cast every tensor to it (e.g. jnp.bfloat16); None keeps the stored dtypes.
+    mixers/gdn: for hybrid students saved by `save_pretrained` (default: all attention).
+    Raises CheckpointNotFoundError, CorruptCheckpointError, UnsupportedModelError,
+    MissingTensorsError, UnexpectedTensorsError or ShapeMismatchError with what to fix.
+    """
+    root = _resolve_dir(path_or_id)
+    config_path = root / "config.json"
+    if not config_path.exists():
+        raise CheckpointNotFoundError(f"no config.json in {root}")
+    config = ModelConfig.from_json_file(config_path)
+    files, weight_map = _weight_files(root)
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        for name, arr in read_tensors(f).items():
+            if weight_map is not None and weight_map.get(name) != f.name:
+                raise CorruptCheckpointError(
+                    f"{f.name} holds {name!r} but {INDEX_FILE} maps it to {weight_map.get(name)}"
+                )
+            tensors[name] = arr
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CorruptCheckpointError(
+                f"{INDEX_FILE} lists tensors absent from their shards: {absent[:8]}"
+            )
+
+    shapes = expected_shapes(config, mixers, gdn)
+    by_name = {path_to_hf_name(p): p for p in shapes}
+    ignorable = {n for n in tensors if _IGNORED.search(n)}
+    if config.tie_word_embeddings:
+        ignorable.add("lm_head.weight")  # some exports store the tied copy as well
+    missing = sorted(set(by_name) - set(tensors))
+    unexpected = sorted(set(tensors) - set(by_name) - ignorable)
+    if missing:
+        raise MissingTensorsError(
+            f"{root}: {len(missing)} tensors required by config.json are missing, e.g. "
+            f"{missing[:8]}. Is config.json from the same model as the weights?"
+        )
+    if unexpected:
+        raise UnexpectedTensorsError(
+            f"{root}: {len(unexpected)} tensors are not part of a {config.model_type} model with "
+            f"this config, e.g. {unexpected[:8]}; supported families: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    bad = []
+    for name, path in by_name.items():
+        want = shapes[path][::-1] if _is_kernel(path) else shapes[path]
+        if tuple(tensors[name].shape) != want:
+            bad.append(f"{name}: file {tuple(tensors[name].shape)}, config implies {want}")
+    if bad:
+        raise ShapeMismatchError(
+            f"{root}: tensor shapes do not match config.json:\n  " + "\n  ".join(bad[:8])
+        )
+
+    flat = {}
+    for name, path in tqdm(by_name.items(), desc="loading", unit="tensor", leave=False):
+        arr = tensors[name]
+        if _is_kernel(path):
+            arr = np.transpose(arr)
+        flat[path] = jnp.asarray(arr, dtype=dtype)
+    return config, _unflatten(flat)
+
+
+# ------------------------------------------------------------------ saving
+
+
+def save_pretrained(
+    path,
+    config: ModelConfig,
+    params,
+    dtype=None,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_config: dict | None = None,
+) -> pathlib.Path:
+    """Writes config.json + safetensors (sharded with an index when over max_shard_bytes).
+
+    dtype: cast all tensors (e.g. jnp.bfloat16); None keeps each param's dtype.
+    extra_config: additional config.json keys (e.g. a student's mixer layout).
+    The result loads with `transformers.AutoModelForCausalLM.from_pretrained` (teachers).
+    """
+    flat = _flatten(params)
+    has_head = ("lm_head", "kernel") in flat
+    if config.tie_word_embeddings and has_head:
+        raise ValueError("config ties embeddings but params have lm_head; drop it or untie")
+    if not config.tie_word_embeddings and not has_head:
+        raise ValueError("config has untied embeddings but params have no lm_head/kernel")
+    tensors = {}
+    for p, v in flat.items():
+        arr = np.asarray(jax.device_get(v))
+        if dtype is not None:
+            arr = arr.astype(jnp.dtype(dtype))
+        tensors[path_to_hf_name(p)] = np.transpose(arr) if _is_kernel(p) else arr
+    root = pathlib.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [root / INDEX_FILE, *root.glob("model*.safetensors")]:
+        stale.unlink(missing_ok=True)
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        write_tensors(root / SINGLE_FILE, shards[0])
+    else:
+        weight_map = {}
+        n = len(shards)
+        for k, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):
+            fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            write_tensors(root / fname, shard)
+            weight_map.update({name: fname for name in shard})
+        total = sum(a.nbytes for a in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (root / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+    hf = config.to_hf_dict()
+    dtypes = {str(a.dtype) for a in tensors.values()}
+    stored = dtypes.pop() if len(dtypes) == 1 else "float32"
+    hf["torch_dtype"] = hf["dtype"] = stored
+    hf.update(extra_config or {})
+    (root / "config.json").write_text(json.dumps(hf, indent=2))
+    return root

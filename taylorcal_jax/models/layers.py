@@ -1,0 +1,204 @@
+"""Building blocks of the Llama-family decoder: RMSNorm, softmax attention, SwiGLU MLP, block.
+
+Letters: B batch, T query time, S key time (cache slots), D hidden, H query heads, Hkv key/value
+heads, G = H / Hkv, d head dim, F MLP width.
+
+    rmsnorm(x) = scale * x / sqrt(mean(x^2) + eps)              (computed in float32)
+    attention:  q = x Wq (+bq), k = x Wk (+bk), v = x Wv (+bv)  per head
+                q, k <- rmsnorm_d(q), rmsnorm_d(k)             (Qwen3 only)
+                q, k <- rope(q, pos), rope(k, pos)
+                P = softmax_s(q.k / sqrt(d) + mask)              (float32)
+                context = P v  [B,T,H,d];  y = concat_h(context) Wo
+    mask(t, s): key s is a valid token, s <= t, and t - s < window (sliding layers)
+                t and s are indices in the sequence (cache slots when decoding), as in HF.
+    mlp(x) = (silu(x Wgate) * x Wup) Wdown
+    block:   h <- h + mixer(rmsnorm(h)),  h <- h + mlp(rmsnorm(h))
+
+Attention heads: query head h uses key/value head h // G (HF's `repeat_kv`).
+Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
+"valid": [B,S] bool, "index": int32 scalar (next slot to write)}. A call with T tokens writes
+slots [index, index + T); the caller keeps index + T <= S (no wrap-around).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
+
+_NEG = -1e30  # large finite negative for masked logits (fully masked rows stay finite)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis, param "scale" [D] (HF `weight`)."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _dense(features, use_bias, dtype, name):
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+
+
+def attention_mask(q_index_bt, k_index_bs, k_valid_bs, window):
+    """Boolean mask [B, T, S]: key valid, causal, and inside the sliding window (if any)."""
+    diff = q_index_bt[:, :, None] - k_index_bs[:, None, :]
+    mask = (diff >= 0) & k_valid_bs[:, None, :]
+    if window is not None:
+        mask &= diff < window
+    return mask
+
+
+def attend(q_bthd, k_bshd, v_bshd, mask_bts, dtype):
+    """Grouped-query softmax attention -> context [B, T, H, d]; logits/softmax in float32."""
+    b, t, h, d = q_bthd.shape
+    hkv = k_bshd.shape[2]
+    q = q_bthd.reshape(b, t, hkv, h // hkv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32).astype(
+        jnp.float32
+    ) * (d**-0.5)
+    logits = jnp.where(mask_bts[:, None, None], logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1)
+    ctx = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v_bshd.astype(dtype))
+    return ctx.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    """Softmax attention mixer (param key "self_attn" in a DecoderLayer)."""
+
+    config: ModelConfig
+    layer_idx: int = 0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        bias = c.attention_bias
+        self.q_proj = _dense(c.num_attention_heads * c.head_dim, bias, self.dtype, "q_proj")
+        self.k_proj = _dense(c.num_key_value_heads * c.head_dim, bias, self.dtype, "k_proj")
+        self.v_proj = _dense(c.num_key_value_heads * c.head_dim, bias, self.dtype, "v_proj")
+        self.o_proj = _dense(c.hidden_size, False, self.dtype, "o_proj")
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")
+            self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")
+
+    def qkv(self, x_btd, positions_bt):
+        """q [B,T,H,d], k/v [B,T,Hkv,d] after bias, q/k-norm and RoPE."""
+        c = self.config
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(c, positions_bt)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x_btd, *, positions_bt, valid_bt, cache=None, return_intermediates=False):
+        b, t, _ = x_btd.shape
+        q, k, v = self.qkv(x_btd, positions_bt)
+        window = self.config.sliding_windows[self.layer_idx]
+        if cache is None:
+            idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask = attention_mask(idx, idx, valid_bt, window)
+            new_cache = None
+        else:
+            start = cache["index"]
+            zero = jnp.zeros((), jnp.int32)
+            k_all = jax.lax.dynamic_update_slice(
+                cache["k"], k.astype(cache["k"].dtype), (zero, start, zero, zero)
+            )
+            v_all = jax.lax.dynamic_update_slice(
+                cache["v"], v.astype(cache["v"].dtype), (zero, start, zero, zero)
+            )
+            valid_all = jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (zero, start))
+            s = k_all.shape[1]
+            q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            mask = attention_mask(q_idx, k_idx, valid_all, window)
+            k, v = k_all, v_all
+            new_cache = {"k": k_all, "v": v_all, "valid": valid_all, "index": start + t}
+        ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype)
+        y = self.o_proj(ctx.reshape(b, t, -1))
+        inter = {"attn_context": ctx} if return_intermediates else {}
+        return y, new_cache, inter
+
+
+def init_attention_cache(config: ModelConfig, batch: int, max_len: int, dtype) -> dict:
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtype=jnp.float32):
+    """Pure helper: (q [B,T,H,d], k [B,T,Hkv,d], v [B,T,Hkv,d]) of one attention layer.
+
+    `attn_params` is the "self_attn" subtree of a layer; x is the attention input (post-norm).
+    """
+    module = Attention(config, dtype=dtype)
+    return module.apply({"params": attn_params}, x_btd, positions_bt, method=Attention.qkv)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        f = self.config.intermediate_size
+        gate = _dense(f, False, self.dtype, "gate_proj")(x)
+        up = _dense(f, False, self.dtype, "up_proj")(x)
+        return _dense(self.config.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; the mixer is softmax attention ("self_attn") or a GatedDeltaNet ("gdn")."""
+
+    config: ModelConfig
+    layer_idx: int
+    mixer: str = "attention"
+    gdn: Any = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, *, positions_bt, valid_bt, cache=None, return_intermediates=False):
+        c = self.config
+        attn_in = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
+        if self.mixer == "attention":
+            mixer = Attention(c, self.layer_idx, self.dtype, name="self_attn")
+        elif self.mixer == "gdn":
+            from taylorcal_jax.models.gdn import GatedDeltaNet  # lazy: optional student mixer
+
+            mixer = GatedDeltaNet(config=c, gdn=self.gdn, dtype=self.dtype, name="gdn")
+        else:
+            raise ValueError(f"unknown mixer {self.mixer!r}; use 'attention' or 'gdn'")
+        y, new_cache, inter = mixer(
+            attn_in,
+            positions_bt=positions_bt,
+            valid_bt=valid_bt,
+            cache=cache,
+            return_intermediates=return_intermediates,
+        )
+        out = h + y.astype(h.dtype)
+        mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(out)
+        out = out + MLP(c, self.dtype, name="mlp")(mlp_in).astype(h.dtype)
+        if return_intermediates:
+            inter = {"resid_in": h, "attn_in": attn_in, **inter, "attn_out": y}
+        else:
+            inter = {}
+        return out, new_cache, inter
