@@ -1,0 +1,53 @@
+"""Frozen block-size configuration of the Pallas gated-delta-rule kernels (pallas_gpu.py).
+
+Letters: B batch, T time, H heads, K key dim, V value dim, C chunk length, BV value block.
+
+Every field is static (part of the jit cache key). Sizes must be powers of two (Triton): C in
+{16, 32, 64}, BV divides V. `interpret=True` runs the kernels through Pallas' interpreter (CPU
+tests); it is also switched on by the environment variable TAYLORCAL_PALLAS_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNPallasConfig:
+    """Block sizes and launch options.
+
+    block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
+    warps_chunk / warps_seq / warps_bwd: Triton warps of the chunk-parallel, sequential forward
+      and sequential backward kernels.
+    stages: Triton software-pipelining depth.
+    f32_precision: dot precision used when the inputs are float32 ("highest" = exact fp32;
+      "tf32x3" = three TF32 passes, about 1e-6 relative, faster). bf16 inputs always use bf16
+      operands with float32 accumulation.
+    """
+
+    block_v: int = 64
+    warps_chunk: int = 4
+    warps_seq: int = 4
+    warps_bwd: int = 4
+    stages: int = 2
+    f32_precision: str = "highest"
+
+    def __post_init__(self):
+        if self.block_v & (self.block_v - 1) or self.block_v < 16:
+            raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
+        if self.f32_precision not in ("highest", "tf32x3"):
+            raise ValueError(f"f32_precision must be 'highest' or 'tf32x3', got "
+                             f"{self.f32_precision!r}")
+
+
+DEFAULT_CONFIG = GDNPallasConfig()
+
+
+def default_interpret() -> bool:
+    """Interpret on the CPU or when asked to by the environment; compile for GPUs otherwise."""
+    if os.environ.get("TAYLORCAL_PALLAS_INTERPRET", "0") == "1":
+        return True
+    return jax.default_backend() == "cpu"

@@ -1,0 +1,469 @@
+"""Chunked gated delta rule as Pallas kernels (Triton lowering on GPUs; interpret mode on CPUs).
+
+Letters: B batch, T time (Tp padded to a multiple of C), H heads, K key dim, V value dim,
+C chunk length, NT = Tp / C chunks, BV value block, NV = V / BV.
+
+Per (b, h) and chunk, with q, k L2-normalised, s = K^-1/2, G = cumsum(g) inside the chunk,
+Gamma_ij = exp(G_i - G_j) (i >= j only), S the [K, V] state entering the chunk:
+
+    A   = strict_lower(beta_i (k_i . k_j) Gamma_ij)      T = (I + A)^-1
+    w   = T (beta exp(G) k)                               u = T (beta v)
+    v'  = u - w S
+    o   = s (q exp(G)) S + (s causal * Gamma * q k^T) v'
+    S'  = exp(G_C) S + (k exp(G_C - G))^T v'
+
+Forward = two kernels. `_chunk_kernel` (grid NT x B x H) normalises k, builds A from 16 x 16
+blocks, inverts the diagonal blocks by forward substitution, merges the off-diagonal blocks of T
+by small exact dots and writes w, u (input dtype) and G (fp32). `_seq_kernel` (grid NV x B x H)
+loops over chunks with the fp32 state [K, BV] as the loop carry, recomputes the q/k norms and
+writes o and the final state. Inputs stay in [B, T, H, D] layout (B and H squeezed by BlockSpecs).
+
+Backward (one custom_vjp): the chunk-local map (q, k, v, g, beta) -> (w, u, qg = s q exp(G),
+kd = k exp(G_C - G), aqk = s causal Gamma q k^T, lgc = G_C at each chunk's last row) is
+recomputed in XLA under jax.vjp; two Pallas kernels do the sequential part: `_states_kernel`
+(chunk-start states h and v') and `_reverse_kernel` (reverse pass over chunks with dS as the
+carry: dv' = aqk^T do + kd dS', dS = exp(G_C) dS' + qg^T do - w^T dv', and the partial
+gradients of w, qg, kd, aqk, G_C per V-block); their cotangents go back through the XLA vjp.
+
+Padding: T is padded to a multiple of C with q = k = v = 0, g = 0, beta = 0 (state unchanged).
+Numerics: bf16 inputs -> bf16 dot operands, fp32 accumulation; G, A, T, S in fp32; float32 inputs
+-> fp32 dots at config.f32_precision. Only G_i - G_j (i >= j) and G_C - G_j are exponentiated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from taylorcal_jax.ops.gdn.config import DEFAULT_CONFIG, GDNPallasConfig, default_interpret
+
+F32 = jnp.float32
+_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    chunk: int
+    scale: float
+    use_l2: bool
+    interpret: bool
+    cfg: GDNPallasConfig
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _l2(x):
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _EPS)
+
+
+def _f32_precision(st: _Static):
+    if st.interpret or st.cfg.f32_precision == "highest":
+        return lax.Precision.HIGHEST
+    return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def _mm(a, b, ca, cb, dt, prec):
+    """Dot contracting a's dim ca with b's dim cb; operands in dt, fp32 result."""
+    a, b = a.astype(dt), b.astype(dt)
+    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())),
+                           precision=prec if dt == F32 else None, preferred_element_type=F32)
+
+
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _inv_unit_lower16(a):
+    """(I + a)^-1 for a strictly lower-triangular [16, 16] fp32 block, by forward substitution."""
+    r, c = _iota((16, 16), 0), _iota((16, 16), 1)
+    eye = (r == c).astype(F32)
+    t = eye
+    for i in range(1, 16):
+        a_i = jnp.sum(jnp.where(r == i, a, 0.0), axis=0)  # row i of a
+        row = -jnp.sum(a_i[:, None] * t, axis=0)  # -a_i @ t (rows < i of t are final)
+        t = jnp.where(r == i, eye + row[None, :], t)
+    return t
+
+
+def _compiler_params(st: _Static, warps: int):
+    if st.interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=warps, num_stages=st.cfg.stages)
+
+
+# ----------------------------------------------------------------------------- kernel 1
+
+
+def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *, st, dt, prec):
+    c = st.chunk
+    ns = c // 16
+    g = g_ref[...].astype(F32)  # [C]
+    rc, cc = _iota((c, c), 0), _iota((c, c), 1)
+    gcum_ref[...] = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)
+    r16c, c16c = _iota((16, c), 0), _iota((16, c), 1)
+    r16, c16 = _iota((16, 16), 0), _iota((16, 16), 1)
+    ks, gs, bs, rks, rvs = [], [], [], [], []
+    for i in range(ns):
+        rows = pl.ds(16 * i, 16)
+        k_i = k_ref[rows, :].astype(F32)
+        if st.use_l2:
+            k_i = _l2(k_i)
+        g_i = jnp.sum(jnp.where(c16c <= r16c + 16 * i, g[None, :], 0.0), axis=1)  # G rows
+        b_i = beta_ref[rows].astype(F32)
+        v_i = v_ref[rows, :].astype(F32)
+        ks.append(k_i)
+        gs.append(g_i)
+        bs.append(b_i)
+        rks.append((b_i * jnp.exp(g_i))[:, None] * k_i)
+        rvs.append(b_i[:, None] * v_i)
+    hp = lax.Precision.HIGHEST
+    a = {}
+    for i in range(ns):
+        for j in range(i + 1):
+            kk = _mm(ks[i], ks[j], 1, 1, dt, prec)
+            diff = gs[i][:, None] - gs[j][None, :]
+            if i == j:
+                low = r16 > c16
+                a[i, j] = jnp.where(low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)),
+                                    0.0)
+            else:
+                a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
+    t = {}
+    for i in range(ns):
+        t[i, i] = _inv_unit_lower16(a[i, i])
+        for j in range(i - 1, -1, -1):
+            acc = _mm(a[i, j], t[j, j], 1, 0, F32, hp)
+            for m in range(j + 1, i):
+                acc = acc + _mm(a[i, m], t[m, j], 1, 0, F32, hp)
+            t[i, j] = -_mm(t[i, i], acc, 1, 0, F32, hp)
+    for i in range(ns):
+        w_i = _mm(t[i, 0], rks[0], 1, 0, dt, prec)
+        u_i = _mm(t[i, 0], rvs[0], 1, 0, dt, prec)
+        for j in range(1, i + 1):
+            w_i = w_i + _mm(t[i, j], rks[j], 1, 0, dt, prec)
+            u_i = u_i + _mm(t[i, j], rvs[j], 1, 0, dt, prec)
+        w_ref[pl.ds(16 * i, 16), :] = w_i.astype(w_ref.dtype)
+        u_ref[pl.ds(16 * i, 16), :] = u_i.astype(u_ref.dtype)
+
+
+def _chunk_call(k, v, g, beta, st: _Static, dt):
+    b, tp, h, kd = k.shape
+    vd = v.shape[-1]
+    c = st.chunk
+    nt = tp // c
+    idx4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
+    idx3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
+    kern = functools.partial(_chunk_kernel, st=st, dt=dt, prec=_f32_precision(st))
+    return pl.pallas_call(
+        kern,
+        grid=(nt, b, h),
+        in_specs=[pl.BlockSpec((None, c, None, kd), idx4), pl.BlockSpec((None, c, None, vd), idx4),
+                  pl.BlockSpec((None, c, None), idx3), pl.BlockSpec((None, c, None), idx3)],
+        out_specs=[pl.BlockSpec((None, c, None, kd), idx4),
+                   pl.BlockSpec((None, c, None, vd), idx4), pl.BlockSpec((None, c, None), idx3)],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), dt),
+                   jax.ShapeDtypeStruct((b, tp, h, vd), dt),
+                   jax.ShapeDtypeStruct((b, tp, h), F32)],
+        interpret=st.interpret,
+        compiler_params=_compiler_params(st, st.cfg.warps_chunk),
+        name="gdn_chunk",
+    )(k, v, g, beta)
+
+
+# ----------------------------------------------------------------------------- kernel 2
+
+
+def _last(x, c):
+    """x[C-1] of a [C] vector without value slicing."""
+    return jnp.sum(jnp.where(_iota((c,), 0) == c - 1, x, 0.0))
+
+
+def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, st, dt, prec, nt):
+    c = st.chunk
+    causal = _iota((c, c), 0) >= _iota((c, c), 1)
+
+    def body(i, s):
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        q = q_ref[rows, :].astype(F32)
+        k = k_ref[rows, :].astype(F32)
+        if st.use_l2:
+            q, k = _l2(q), _l2(k)
+        q = q * st.scale
+        gg = gcum_ref[rows]
+        gc = _last(gg, c)
+        vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
+        qk = _mm(q, k, 1, 1, dt, prec)
+        aqk = jnp.where(causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)),
+                        0.0)
+        o = _mm(q * jnp.exp(gg)[:, None], s, 1, 0, dt, prec) + _mm(aqk, vp, 1, 0, dt, prec)
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        kd = k * jnp.exp(gc - gg)[:, None]
+        return s * jnp.exp(gc) + _mm(kd, vp, 0, 0, dt, prec)
+
+    s = lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
+    st_ref[...] = s
+
+
+def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
+    b, tp, h, kd = q.shape
+    vd = u.shape[-1]
+    bv = min(st.cfg.block_v, vd)
+    nv = vd // bv
+    full_k = pl.BlockSpec((None, tp, None, kd), lambda j, bb, hh: (bb, 0, hh, 0))
+    full_v = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
+    full_t = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
+    state = pl.BlockSpec((None, None, kd, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    kern = functools.partial(_seq_kernel, st=st, dt=dt, prec=_f32_precision(st), nt=tp // st.chunk)
+    return pl.pallas_call(
+        kern,
+        grid=(nv, b, h),
+        in_specs=[full_k, full_k, full_k, full_v, full_t, state],
+        out_specs=[full_v, state],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
+                   jax.ShapeDtypeStruct((b, h, kd, vd), F32)],
+        interpret=st.interpret,
+        compiler_params=_compiler_params(st, st.cfg.warps_seq),
+        name="gdn_seq",
+    )(q, k, w, u, gcum, s0)
+
+
+def _forward(q, k, v, g, beta, s0, st: _Static):
+    dt = _operand_dtype(q, k, v)
+    w, u, gcum = _chunk_call(k, v, g, beta, st, dt)
+    return _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
+
+
+def _operand_dtype(*xs):
+    return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else F32
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _stage1(q, k, v, g, beta, *, st: _Static, dt):
+    """Chunk-local quantities in XLA: (w, u, qg, kd, aqk, lgc), all [B, Tp, H, *]."""
+    b, tp, h, kdim = q.shape
+    vd = v.shape[-1]
+    c = st.chunk
+    nt = tp // c
+    prec = lax.Precision.HIGHEST if dt == F32 else None
+
+    def ein(spec, x, y):
+        return jnp.einsum(spec, x.astype(dt), y.astype(dt), precision=prec,
+                          preferred_element_type=F32)
+
+    q, k, v = (x.astype(F32) for x in (q, k, v))
+    if st.use_l2:
+        q, k = _l2(q), _l2(k)
+    q5, k5 = q.reshape(b, nt, c, h, kdim), k.reshape(b, nt, c, h, kdim)
+    v5 = v.reshape(b, nt, c, h, vd)
+    gg = jnp.cumsum(g.astype(F32).reshape(b, nt, c, h), axis=2)  # [B,NT,C,H]
+    gc = gg[:, :, -1:, :]
+    be = beta.astype(F32).reshape(b, nt, c, h)
+    ri, ci = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
+    diff = jnp.moveaxis(gg, 2, -1)[..., :, None] - jnp.moveaxis(gg, 2, -1)[..., None, :]
+    strict, causal = ri > ci, ri >= ci  # diff: [B,NT,H,C,C]
+    kk = ein("bnihk,bnjhk->bnhij", k5, k5)
+    a = jnp.where(strict, jnp.moveaxis(be, 2, -1)[..., :, None] * kk
+                  * jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
+    eye = jnp.eye(c, dtype=F32)
+    tinv = lax.linalg.triangular_solve(eye + a, jnp.broadcast_to(eye, a.shape), left_side=True,
+                                       lower=True, unit_diagonal=True)
+    rk = (be * jnp.exp(gg))[..., None] * k5
+    rv = be[..., None] * v5
+    w = ein("bnhij,bnjhk->bnihk", tinv, rk)
+    u = ein("bnhij,bnjhv->bnihv", tinv, rv)
+    qg = st.scale * q5 * jnp.exp(gg)[..., None]
+    qk = ein("bnihk,bnjhk->bnhij", q5, k5)
+    aqk = jnp.where(causal, st.scale * qk * jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
+    aqk = jnp.moveaxis(aqk, 2, 3)  # [B,NT,C(i),H,C(j)]
+    kd = k5 * jnp.exp(gc - gg)[..., None]
+    lgc = jnp.where(jnp.arange(c)[None, None, :, None] == c - 1, gc, 0.0)
+    outs = (w, u, qg, kd, aqk)
+    outs = tuple(x.reshape(b, tp, h, x.shape[-1]).astype(dt) for x in outs)
+    return outs + (lgc.reshape(b, tp, h),)
+
+
+def _states_kernel(w_ref, u_ref, kd_ref, lgc_ref, s0_ref, h_ref, vp_ref, *, st, dt, prec, nt, kdim):
+    c = st.chunk
+
+    def body(i, s):
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        h_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = s.astype(h_ref.dtype)
+        vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
+        vp_ref[rows, :] = vp.astype(vp_ref.dtype)
+        gc = jnp.sum(lgc_ref[rows])
+        return s * jnp.exp(gc) + _mm(kd_ref[rows, :], vp, 0, 0, dt, prec)
+
+    lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
+
+
+def _reverse_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, h_ref, vp_ref, dst_ref,
+                    du_ref, dw_ref, dqg_ref, dkd_ref, daqk_ref, dlgc_ref, ds0_ref,
+                    *, st, dt, prec, nt, kdim):
+    c = st.chunk
+
+    def body(n, dsp):
+        i = nt - 1 - n
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        s = h_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :].astype(F32)
+        do = do_ref[rows, :].astype(F32)
+        vp = vp_ref[rows, :].astype(F32)
+        kd = kd_ref[rows, :]
+        w = w_ref[rows, :]
+        egc = jnp.exp(jnp.sum(lgc_ref[rows]))
+        dvp = _mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + _mm(kd, dsp, 1, 0, dt, prec)
+        du_ref[rows, :] = dvp.astype(du_ref.dtype)
+        dw_ref[rows, :] = -_mm(dvp, s, 1, 1, dt, prec)
+        dqg_ref[rows, :] = _mm(do, s, 1, 1, dt, prec)
+        daqk_ref[rows, :] = _mm(do, vp, 1, 1, dt, prec)
+        dkd_ref[rows, :] = _mm(vp, dsp, 1, 1, dt, prec)
+        dgc = egc * jnp.sum(s * dsp)
+        dlgc_ref[rows] = jnp.full((c,), dgc, F32)
+        return (egc * dsp + _mm(qg_ref[rows, :], do, 0, 0, dt, prec)
+                - _mm(w, dvp, 0, 0, dt, prec))
+
+    ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
+
+
+def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
+    b, tp, h, kdim = w.shape
+    vd = u.shape[-1]
+    c = st.chunk
+    nt = tp // c
+    bv = min(st.cfg.block_v, vd)
+    nv = vd // bv
+    prec = _f32_precision(st)
+    fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
+    fc = pl.BlockSpec((None, tp, None, c), lambda j, bb, hh: (bb, 0, hh, 0))
+    fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
+    ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
+    state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    pk = pl.BlockSpec((None, None, tp, None, kdim), lambda j, bb, hh: (j, bb, 0, hh, 0))
+    pc = pl.BlockSpec((None, None, tp, None, c), lambda j, bb, hh: (j, bb, 0, hh, 0))
+    pt = pl.BlockSpec((None, None, tp, None), lambda j, bb, hh: (j, bb, 0, hh))
+    hmat, vp = pl.pallas_call(
+        functools.partial(_states_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
+        grid=(nv, b, h),
+        in_specs=[fk, fv, fk, ft, state],
+        out_specs=[hs, fv],
+        out_shape=[jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+                   jax.ShapeDtypeStruct((b, tp, h, vd), dt)],
+        interpret=st.interpret,
+        compiler_params=_compiler_params(st, st.cfg.warps_seq),
+        name="gdn_states",
+    )(w, u, kd, lgc, s0)
+    du, dw, dqg, dkd, daqk, dlgc, ds0 = pl.pallas_call(
+        functools.partial(_reverse_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
+        grid=(nv, b, h),
+        in_specs=[fv, fc, fk, fk, fk, ft, hs, fv, state],
+        out_specs=[fv, pk, pk, pk, pc, pt, state],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+                   jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
+                   jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
+                   jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
+                   jax.ShapeDtypeStruct((nv, b, tp, h, c), F32),
+                   jax.ShapeDtypeStruct((nv, b, tp, h), F32),
+                   jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
+        interpret=st.interpret,
+        compiler_params=_compiler_params(st, st.cfg.warps_bwd),
+        name="gdn_reverse",
+    )(do, aqk, qg, kd, w, lgc, hmat, vp, dst)
+    return du, dw.sum(0), dqg.sum(0), dkd.sum(0), daqk.sum(0), dlgc.sum(0), ds0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _gdn(q, k, v, g, beta, s0, st: _Static):
+    return _forward(q, k, v, g, beta, s0, st)
+
+
+def _gdn_fwd(q, k, v, g, beta, s0, st):
+    return _forward(q, k, v, g, beta, s0, st), (q, k, v, g, beta, s0)
+
+
+def _gdn_bwd(st, res, cts):
+    q, k, v, g, beta, s0 = res
+    do, dst = cts
+    dt = _operand_dtype(q, k, v)
+    (w, u, qg, kd, aqk, lgc), vjp = jax.vjp(
+        functools.partial(_stage1, st=st, dt=dt), q, k, v, g, beta)
+    du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
+        w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt)
+    cast = lambda x, ref: x.astype(ref.dtype)  # noqa: E731
+    dq, dk, dv, dg, dbeta = vjp((cast(dw, w), cast(du, u), cast(dqg, qg), cast(dkd, kd),
+                                 cast(daqk, aqk), dlgc))
+    return dq, dk, dv, dg, dbeta, ds0.astype(s0.dtype)
+
+
+_gdn.defvjp(_gdn_fwd, _gdn_bwd)
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def gated_delta_rule_pallas(
+    q_bthk,
+    k_bthk,
+    v_bthv,
+    g_bth,
+    beta_bth,
+    *,
+    initial_state_bhkv=None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    interpret: bool | None = False,
+    config: GDNPallasConfig = DEFAULT_CONFIG,
+):
+    """Gated delta rule by Pallas kernels; returns (o_bthv in v's dtype, final state fp32 or None).
+
+    Same semantics as reference.gated_delta_rule_reference. interpret=None picks interpret mode
+    on CPU backends (config.default_interpret). Differentiable (custom_vjp) in all float inputs
+    and the initial state.
+    """
+    if q_bthk.ndim != 4 or k_bthk.shape != q_bthk.shape or v_bthv.shape[:3] != q_bthk.shape[:3]:
+        raise ValueError(f"expected q, k [B,T,H,K] and v [B,T,H,V]; got {q_bthk.shape}, "
+                         f"{k_bthk.shape}, {v_bthv.shape}")
+    b, t, h, kdim = q_bthk.shape
+    vd = v_bthv.shape[-1]
+    if g_bth.shape != (b, t, h) or beta_bth.shape != (b, t, h):
+        raise ValueError(f"g and beta must be [B,T,H]={b, t, h}; got {g_bth.shape}, "
+                         f"{beta_bth.shape}")
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"chunk_size must be 16, 32 or 64 for the Pallas kernels, got "
+                         f"{chunk_size}")
+    for name, d in (("K", kdim), ("V", vd)):
+        if d < 16 or d & (d - 1):
+            raise ValueError(f"{name}={d} must be a power of two >= 16 for the Pallas kernels; "
+                             "use impl='chunked' otherwise")
+    if interpret is None:
+        interpret = default_interpret()
+    st = _Static(chunk=chunk_size, scale=float(kdim**-0.5 if scale is None else scale),
+                 use_l2=bool(use_qk_l2norm), interpret=bool(interpret), cfg=config)
+    if initial_state_bhkv is None:
+        s0 = jnp.zeros((b, h, kdim, vd), F32)
+    else:
+        if initial_state_bhkv.shape != (b, h, kdim, vd):
+            raise ValueError(f"initial_state must be [B,H,K,V]={(b, h, kdim, vd)}, got "
+                             f"{initial_state_bhkv.shape}")
+        s0 = initial_state_bhkv.astype(F32)
+    pad = (-t) % chunk_size
+    q, k, v, g, beta = q_bthk, k_bthk, v_bthv, g_bth.astype(F32), beta_bth
+    if pad:
+        p4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, p4) for x in (q, k, v))
+        g, beta = (jnp.pad(x, p4[:3]) for x in (g, beta))
+    o, s_final = _gdn(q, k, v, g, beta, s0, st)
+    if pad:
+        o = o[:, :t]
+    return o, (s_final if output_final_state else None)
