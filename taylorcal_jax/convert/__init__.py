@@ -1,0 +1,1 @@
+"""Teacher -> student parameter conversions."""

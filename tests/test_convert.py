@@ -1,0 +1,148 @@
+"""Naive conversions: zero_gate == ablated teacher, GQA repetition, layout, copied parts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taylorcal_jax.convert.naive import NAIVE_STRATEGIES, SMALL_GATE_FACTOR, copy_init
+from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import Transformer, init_params
+
+H, HKV, HEAD, D = 4, 2, 8, 32
+
+
+def _teacher(model_type="qwen2", layers=4):
+    cfg = ModelConfig(
+        model_type=model_type,
+        vocab_size=61,
+        hidden_size=D,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=H,
+        num_key_value_heads=HKV,
+        head_dim=HEAD,
+        attention_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+    )
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
+def _tree_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype, path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+@pytest.mark.parametrize("model_type,conv", [("qwen2", False), ("qwen3", True)])
+def test_zero_gate_equals_teacher_without_converted_attention(model_type, conv):
+    cfg, tparams = _teacher(model_type)
+    sc = StudentConfig.from_teacher(cfg, (0, 2), use_short_conv=conv, impl="reference")
+    sparams = NAIVE_STRATEGIES["zero_gate"](tparams, sc, jax.random.PRNGKey(1))
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
+    valid = jnp.array([[True] * 9, [False] * 2 + [True] * 7])
+    student_logits, _, _ = sc.model().apply({"params": sparams}, tokens, valid_bt=valid)
+    # Independent path: the all-attention teacher with the converted layers' o_proj zeroed.
+    ablated = jax.tree_util.tree_map(lambda x: x, tparams)
+    for i in sc.converted_layers:
+        o = ablated[f"layers_{i}"]["self_attn"]["o_proj"]
+        o["kernel"] = jnp.zeros_like(o["kernel"])
+    teacher_logits, _, _ = Transformer(cfg).apply({"params": ablated}, tokens, valid_bt=valid)
+    np.testing.assert_array_equal(np.asarray(student_logits), np.asarray(teacher_logits))
+    # ... and the converted layers matter for the full teacher (the test can fail).
+    full, _, _ = Transformer(cfg).apply({"params": tparams}, tokens, valid_bt=valid)
+    assert np.abs(np.asarray(full - teacher_logits)).max() > 1e-3
+
+
+def test_gqa_repetition_and_copied_parts():
+    cfg, tparams = _teacher("qwen2")
+    sc = StudentConfig.from_teacher(cfg, (1,), impl="reference")
+    sparams = copy_init(tparams, sc, jax.random.PRNGKey(3))
+    groups = H // HKV
+    for i in sc.converted_layers:
+        attn = tparams[f"layers_{i}"]["self_attn"]
+        gdn = sparams[f"layers_{i}"]["gdn"]
+        np.testing.assert_array_equal(gdn["q_proj"]["kernel"], attn["q_proj"]["kernel"])
+        np.testing.assert_array_equal(gdn["o_proj"]["kernel"], attn["o_proj"]["kernel"])
+        for name in ("k_proj", "v_proj"):
+            student = np.asarray(gdn[name]["kernel"]).reshape(D, H, HEAD)
+            teacher = np.asarray(attn[name]["kernel"]).reshape(D, HKV, HEAD)
+            for h in range(H):
+                np.testing.assert_array_equal(student[:, h], teacher[:, h // groups])
+        assert "self_attn" not in sparams[f"layers_{i}"]
+        assert set(gdn) == {
+            "q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj", "o_proj",
+            "A_log", "dt_bias", "o_norm",
+        }  # fmt: skip
+        a = np.exp(np.asarray(gdn["A_log"]))
+        assert np.all((a > 0) & (a <= 16))
+        dt = np.log1p(np.exp(np.asarray(gdn["dt_bias"], np.float64)))
+        assert np.all((dt > 0.999e-3) & (dt < 1.001e-1))
+        np.testing.assert_array_equal(gdn["o_norm"]["scale"], 1.0)
+        bound = 1 / np.sqrt(D)
+        assert np.abs(np.asarray(gdn["g_proj"]["kernel"])).max() <= bound
+        assert np.asarray(gdn["g_proj"]["kernel"]).std() > 0.3 * bound
+    # Kept layer and the shared parts are the teacher's, unchanged.
+    _tree_equal(sparams["layers_1"], tparams["layers_1"])
+    for i in sc.converted_layers:
+        for part in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            _tree_equal(sparams[f"layers_{i}"][part], tparams[f"layers_{i}"][part])
+    for part in ("embed_tokens", "norm", "lm_head"):
+        _tree_equal(sparams[part], tparams[part])
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_layout_matches_student_model_init(conv):
+    cfg, tparams = _teacher("llama", layers=3)
+    sc = StudentConfig.from_teacher(cfg, (2,), use_short_conv=conv)
+    init = sc.model().init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    for name, fn in NAIVE_STRATEGIES.items():
+        sparams = fn(tparams, sc, jax.random.PRNGKey(4))
+        shapes = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), sparams)
+        expected = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), init)
+        assert shapes == expected, name
+
+
+def test_gate_variants_and_conv_identity():
+    cfg, tparams = _teacher("llama", layers=2)
+    sc = StudentConfig.from_teacher(cfg, (), use_short_conv=True, impl="reference")
+    rng = jax.random.PRNGKey(5)
+    base = copy_init(tparams, sc, rng)
+    small = NAIVE_STRATEGIES["small_gate"](tparams, sc, rng)
+    zero = NAIVE_STRATEGIES["zero_gate"](tparams, sc, rng)
+    for i in (0, 1):
+        g = np.asarray(base[f"layers_{i}"]["gdn"]["g_proj"]["kernel"])
+        np.testing.assert_allclose(
+            small[f"layers_{i}"]["gdn"]["g_proj"]["kernel"], g * SMALL_GATE_FACTOR, rtol=1e-7
+        )
+        np.testing.assert_array_equal(zero[f"layers_{i}"]["gdn"]["g_proj"]["kernel"], 0.0)
+        conv = np.asarray(base[f"layers_{i}"]["gdn"]["q_conv"]["kernel"])
+        np.testing.assert_array_equal(conv[-1], 1.0)
+        np.testing.assert_array_equal(conv[:-1], 0.0)
+    # Different layers get different random gates; the same rng gives the same params.
+    assert not np.allclose(
+        base["layers_0"]["gdn"]["a_proj"]["kernel"], base["layers_1"]["gdn"]["a_proj"]["kernel"]
+    )
+    _tree_equal(copy_init(tparams, sc, rng), base)
+    # Short conv initialised to identity: same logits as the conv-free student.
+    sc_plain = StudentConfig.from_teacher(cfg, (), impl="reference")
+    plain = copy_init(tparams, sc_plain, rng)
+    tokens = jax.random.randint(jax.random.PRNGKey(6), (1, 6), 0, cfg.vocab_size)
+    a, _, _ = sc.model().apply({"params": base}, tokens)
+    b, _, _ = sc_plain.model().apply({"params": plain}, tokens)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_errors():
+    cfg, tparams = _teacher("llama", layers=2)
+    bad = StudentConfig(cfg, (0,), GDNConfig(num_heads=2, head_k_dim=HEAD, head_v_dim=HEAD))
+    with pytest.raises(ValueError, match="GDN heads/dims equal to the teacher"):
+        copy_init(tparams, bad, jax.random.PRNGKey(0))
+    sc = StudentConfig.from_teacher(cfg, (0,))
+    student = copy_init(tparams, sc, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="not a student's"):
+        copy_init(student, sc, jax.random.PRNGKey(0))
