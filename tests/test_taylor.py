@@ -1,0 +1,186 @@
+"""Phase-1 closed-form calibration: known answers on synthetic statistics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taylorcal_jax.calibrate import taylor
+from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, gdn_gates
+
+MC = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+GDN = GDNConfig.from_teacher(MC, impl="reference")
+
+
+def consts(rule="release"):
+    return taylor.TaylorConstants(
+        gamma_min=1e-3,
+        gamma_max=5.0,
+        beta_min=0.3,
+        beta_span=0.4,
+        entropy_span_floor=1e-3,
+        sigma_min=0.1,
+        sigma_max=10.0,
+        gate_damping=0.01,
+        write_gate=rule,
+        a_proj_scale=0.0,
+    )
+
+
+def setup(seed=0, n=2, t=12):
+    kx, kp, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, (n, t, MC.hidden_size)) + 0.5  # nonzero mean direction
+    params = GatedDeltaNet(MC, GDN).init(kp, x)["params"]
+    ctx = jax.random.normal(kc, (n, t, GDN.num_heads, GDN.head_v_dim))
+    valid = jnp.ones((n, t), bool).at[0, :3].set(False)
+    return params, x, ctx, valid
+
+
+def run(params, x, ctx, valid, dist, ent, rule="release"):
+    return taylor.calibrate_layer(
+        params,
+        x,
+        ctx,
+        valid,
+        jnp.asarray(dist, jnp.float32),
+        jnp.asarray(ent, jnp.float32),
+        model_config=MC,
+        gdn_cfg=GDN,
+        consts=consts(rule),
+    )
+
+
+def test_half_life_equals_attention_distance():
+    params, x, ctx, valid = setup()
+    dist = [1.0, 3.0, 17.0, 1e6]  # the last one clips at gamma_min
+    p, diag = run(params, x, ctx, valid, dist, [0.1, 0.2, 0.3, 0.4])
+    a = x @ p["a_proj"]["kernel"]  # a_proj_scale = 0 -> x Wa = 0 exactly
+    assert float(jnp.max(jnp.abs(a))) == 0.0
+    g, _ = gdn_gates(a, a, p["A_log"], p["dt_bias"])  # [N, T, H], same at every token
+    for h, d in enumerate(dist[:3]):
+        # a head that looks d tokens back keeps half of its memory after d tokens
+        np.testing.assert_allclose(np.exp(np.asarray(g[..., h]) * d), 0.5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(-g[..., 3]), 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(diag["half_life"][:3], dist[:3], rtol=1e-5)
+    np.testing.assert_allclose(p["A_log"], 0.0)
+
+
+@pytest.mark.parametrize("rule", ["release", "mean_direction"])
+def test_entropy_ordering_gives_beta_ordering(rule):
+    params, x, ctx, valid = setup()
+    ent = jnp.array([2.0, 0.1, 1.0, 0.5])
+    p, diag = run(params, x, ctx, valid, [2.0] * 4, ent, rule)
+    beta = np.asarray(diag["beta_target"])
+    np.testing.assert_allclose(beta[[1, 0]], [0.7, 0.3], rtol=1e-6)  # sharpest, flattest
+    order = np.argsort(np.asarray(ent))
+    assert np.all(np.diff(beta[order]) < 0)  # lower entropy -> stronger write
+    logit = np.log(beta / (1 - beta))
+    wb = np.asarray(p["b_proj"]["kernel"])
+    if rule == "release":
+        # published rule: mean |w_h| = logit(beta_h) / sqrt(fan_in), sign included
+        np.testing.assert_allclose(
+            np.mean(np.abs(wb), 0), np.abs(logit) / math.sqrt(MC.hidden_size), rtol=1e-5
+        )
+        w0 = np.asarray(params["b_proj"]["kernel"])
+        assert np.all(np.sign(wb) == np.sign(w0) * np.sign(logit)[None, :])
+    else:
+        # improvement: the mean input maps exactly to logit(beta_h)
+        w = np.asarray(valid, np.float32)[..., None]
+        mu = np.sum(np.asarray(x) * w, (0, 1)) / w.sum()
+        np.testing.assert_allclose(mu @ wb, logit, rtol=1e-4, atol=1e-6)
+        assert np.all(np.diff(np.asarray(diag["beta_mean"])[order]) < 0)
+
+
+def test_equal_entropies_give_the_top_write_strength():
+    params, x, ctx, valid = setup()
+    _, diag = run(params, x, ctx, valid, [2.0] * 4, [1.0] * 4)
+    np.testing.assert_allclose(diag["beta_target"], 0.7, rtol=1e-6)
+
+
+def test_value_scale_recovers_planted_scale_and_output_gate():
+    params, x, ctx, valid = setup(seed=3)
+    dist, ent = [1.5, 4.0, 9.0, 2.0], [0.3, 0.9, 1.2, 0.1]
+    p1, _ = run(params, x, ctx, valid, dist, ent)
+    # O with the calibrated gates and the unscaled Wv, exactly what calibrate_layer fits
+    gates = {**p1, "v_proj": params["v_proj"]}
+    o, _ = taylor.gdn_outputs(gates, x, valid, model_config=MC, gdn_cfg=GDN)
+    planted = jnp.array([0.37, 2.5, 7.0, 40.0])  # the last is outside [0.1, 10]
+    noise = 1e-3 * jax.random.normal(jax.random.PRNGKey(9), o.shape)
+    c = o * planted[None, None, :, None] + jnp.where(valid[..., None, None], 0.0, noise)
+    p2, diag = run(params, x, c, valid, dist, ent)
+    np.testing.assert_allclose(diag["sigma_raw"], planted, rtol=1e-4)
+    np.testing.assert_allclose(diag["sigma"], [0.37, 2.5, 7.0, 10.0], rtol=1e-4)
+    wv0 = np.asarray(params["v_proj"]["kernel"]).reshape(MC.hidden_size, 4, 8)
+    wv = np.asarray(p2["v_proj"]["kernel"]).reshape(MC.hidden_size, 4, 8)
+    np.testing.assert_allclose(wv, wv0 * np.asarray(diag["sigma"])[None, :, None], rtol=1e-5)
+    # output gate: Wg = alpha Wv with alpha = 0.01 rms(C) / rms(silu(x Wv)) over valid tokens
+    m = np.asarray(valid)
+    rms_c = np.sqrt(np.mean(np.asarray(c)[m] ** 2))
+    sv = np.asarray(jax.nn.silu(x @ p2["v_proj"]["kernel"]))[m]
+    alpha = 0.01 * rms_c / np.sqrt(np.mean(sv**2))
+    np.testing.assert_allclose(p2["g_proj"]["kernel"], alpha * p2["v_proj"]["kernel"], rtol=1e-4)
+    # untouched parts
+    for name in ("q_proj", "k_proj", "o_proj", "o_norm"):
+        assert jax.tree.all(jax.tree.map(np.array_equal, p2[name], params[name]))
+
+
+def test_taylor_init_on_a_copy_student_equals_per_layer_calls():
+    from taylorcal_jax.calibrate.stats import collect
+    from taylorcal_jax.convert.naive import copy_init
+    from taylorcal_jax.models.student import StudentConfig
+    from taylorcal_jax.models.teacher import Transformer, init_params
+
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    teacher = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, cfg.vocab_size)
+    stats = collect(Transformer(cfg), teacher, cfg, tokens, block_size=4)
+    sc = StudentConfig.from_teacher(cfg, (1,), impl="reference")
+    student = copy_init(teacher, sc, jax.random.PRNGKey(2))
+    new, diag = taylor.taylor_init(
+        student, stats, sc.converted_layers, model_config=cfg, gdn_cfg=sc.gdn, consts=consts()
+    )
+    assert diag["sigma"].shape == (2, 4)
+    for row, layer in enumerate(sc.converted_layers):
+        want, _ = taylor.calibrate_layer(
+            student[f"layers_{layer}"]["gdn"],
+            stats.x_lntd[layer],
+            stats.context_lnthd[layer],
+            stats.valid_nt,
+            stats.distance_lh[layer],
+            stats.entropy_lh[layer],
+            model_config=cfg,
+            gdn_cfg=sc.gdn,
+            consts=consts(),
+        )
+        got = new[f"layers_{layer}"]["gdn"]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), got, want)
+        assert row == sc.converted_layers.index(layer)
+    assert new["layers_1"] is student["layers_1"]  # kept layer untouched
+    logits, _, _ = sc.model().apply({"params": new}, tokens)
+    assert np.all(np.isfinite(logits))
+
+
+def test_bad_rule_is_rejected():
+    with pytest.raises(ValueError, match="write_gate"):
+        consts("centre")
