@@ -1,0 +1,108 @@
+"""ModelConfig <-> HF config.json: every family, rope types, sliding windows and bad inputs."""
+
+import dataclasses
+import json
+
+import pytest
+import transformers
+from hf_factory import make_hf_config
+
+from taylorcal_jax.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    RopeConfig,
+    UnsupportedModelError,
+)
+from taylorcal_jax.models.rope import rope_frequencies
+
+
+def _from_hf(model_type, **kw):
+    return ModelConfig.from_hf_dict(make_hf_config(model_type, **kw).to_dict())
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_families_round_trip(model_type):
+    config = _from_hf(model_type, num_key_value_heads=1)
+    assert config.model_type == model_type
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 1, 16)
+    assert config.attention_bias == (model_type == "qwen2")
+    assert config.qk_norm == (model_type == "qwen3")
+    assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+    # transformers accepts what we write and reads the same architecture back.
+    hf = transformers.AutoConfig.for_model(**config.to_hf_dict())
+    assert ModelConfig.from_hf_dict(hf.to_dict()) == config
+
+
+def test_rope_types_parsed():
+    c = _from_hf(
+        "llama",
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "rope_theta": 500000.0,
+        },
+    )
+    assert c.rope == RopeConfig(
+        theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=32
+    )
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    # legacy transformers 4.x spelling: rope_theta + rope_scaling with "type"
+    legacy = make_hf_config("llama").to_dict()
+    legacy.pop("rope_parameters")
+    legacy.update(rope_theta=1000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    c = ModelConfig.from_hf_dict(legacy)
+    assert (c.rope.rope_type, c.rope.factor, c.rope.theta) == ("linear", 2.0, 1000.0)
+
+
+def test_yarn_defaults_follow_transformers():
+    hf = make_hf_config("llama", max_position_embeddings=256).to_dict()
+    hf["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    c = ModelConfig.from_hf_dict(hf)
+    assert c.rope.original_max_position_embeddings == 256
+    inv_freq, scaling = rope_frequencies(c.rope, c.head_dim, c.max_position_embeddings)
+    assert scaling == pytest.approx(0.1 * __import__("math").log(4.0) + 1.0)
+    assert inv_freq.shape == (8,)
+
+
+def test_sliding_windows():
+    assert _from_hf("mistral", sliding_window=7).sliding_windows == (7, 7)
+    assert _from_hf("qwen2", sliding_window=7).sliding_windows == (None, None)  # not enabled
+    c = _from_hf("qwen2", use_sliding_window=True, sliding_window=7, max_window_layers=1)
+    assert c.sliding_windows == (None, 7)
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    c = _from_hf(
+        "qwen3",
+        num_hidden_layers=3,
+        use_sliding_window=True,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    assert c.sliding_windows == (5, None, 5)
+
+
+def test_errors(tmp_path):
+    base = make_hf_config("llama").to_dict()
+    with pytest.raises(UnsupportedModelError, match="llama, qwen2, qwen3, mistral"):
+        ModelConfig.from_hf_dict({**base, "model_type": "gpt_neox"})
+    with pytest.raises(UnsupportedModelError, match="hidden_act"):
+        ModelConfig.from_hf_dict({**base, "hidden_act": "gelu"})
+    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic'"):
+        ModelConfig.from_hf_dict(
+            {**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}
+        )
+    with pytest.raises(ValueError, match="multiple of"):
+        ModelConfig.from_hf_dict({**base, "num_key_value_heads": 3})
+    config = ModelConfig.from_hf_dict(base)
+    with pytest.raises(ValueError, match="sliding_windows has 1 entries"):
+        dataclasses.replace(config, sliding_windows=(4,))
+    with pytest.raises(FileNotFoundError):
+        ModelConfig.from_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    assert ModelConfig.from_json_file(tmp_path / "config.json") == config
+    hash(config)  # static argument of jax.jit
