@@ -13,11 +13,11 @@ Student directory (`save_student` / `load_student`), round trip exact:
                            "teacher_config" (all ModelConfig fields), "keep_full_attention_layers",
                            "gdn" (all GDNConfig fields)}
     config.json           the teacher's HF config.json (for tools that read the architecture)
-    model.safetensors     every parameter, stored in its own dtype. Teacher-shaped parameters
-                          under their Hugging Face names; GDN parameters under
-                          flash-linear-attention's names, `model.layers.{i}.attn.*`:
-                          {q,k,v,a,b,g,o}_proj.weight [out, in], A_log [H], dt_bias [H],
-                          o_norm.weight [V], {q,k,v}_conv1d.weight [C, 1, W].
+    model.safetensors     every parameter in its own dtype (or shards + index), written by
+                          `hf_io.save_pretrained`: teacher-shaped parameters under their Hugging
+                          Face names, GDN ones as `model.layers.{i}.gdn.*` ({q,k,v,a,b,g,o}_proj
+                          .weight [out, in], A_log [H], dt_bias [H], o_norm.weight [V],
+                          {q,k,v}_conv.weight [C, W]).
 """
 
 from __future__ import annotations
@@ -152,3 +152,39 @@ def read_student_config(path: str | os.PathLike) -> StudentConfig:
         raise FileNotFoundError(f"no {STUDENT_CONFIG_FILE} at {path}; is this a student dir?")
     with open(path) as f:
         return StudentConfig.from_dict(json.load(f))
+
+
+# ------------------------------------------------------------------------ directories
+
+
+def save_student(path: str | os.PathLike, config: StudentConfig, params, *, dtype=None):
+    """Writes a student directory (see module docstring); returns its path.
+
+    dtype: cast every tensor (e.g. jnp.bfloat16); None keeps each parameter's dtype.
+    """
+    from taylorcal_jax.models import hf_io
+
+    _check_layout(config, params)
+    root = hf_io.save_pretrained(path, config.teacher, params, dtype=dtype)
+    write_student_config(root / STUDENT_CONFIG_FILE, config)
+    return root
+
+
+def load_student(path: str | os.PathLike, dtype=None) -> tuple[StudentConfig, dict]:
+    """Reads a student directory -> (StudentConfig, params); dtype as in hf_io.load_pretrained."""
+    from taylorcal_jax.models import hf_io
+
+    config = read_student_config(os.path.join(path, STUDENT_CONFIG_FILE))
+    _, params = hf_io.load_pretrained(path, dtype, mixers=config.mixers, gdn=config.gdn)
+    return config, params
+
+
+def _check_layout(config: StudentConfig, params) -> None:
+    for i, mixer in enumerate(config.mixers):
+        layer = params.get(f"layers_{i}", {})
+        want = "self_attn" if mixer == "attention" else "gdn"
+        if want not in layer:
+            raise ValueError(
+                f"params layers_{i} has no {want!r} but the student config says layer {i} is "
+                f"{mixer!r} (keep_full_attention_layers={list(config.keep_full_attention_layers)})"
+            )

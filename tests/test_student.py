@@ -1,0 +1,187 @@
+"""Hybrid student: config validation, decoding on the mixed cache, padding, directory I/O."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taylorcal_jax.convert.naive import copy_init
+from taylorcal_jax.models.config import ModelConfig, RopeConfig
+from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.student import (
+    STUDENT_CONFIG_FILE,
+    StudentConfig,
+    load_student,
+    save_student,
+)
+from taylorcal_jax.models.teacher import init_cache, init_params
+
+
+def _teacher(model_type="qwen2", layers=3, **kw):
+    cfg = ModelConfig(
+        model_type=model_type,
+        vocab_size=53,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        **kw,
+    )
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
+def _student(conv, keep=(1,), model_type="qwen2", **kw):
+    cfg, tparams = _teacher(model_type, **kw)
+    sc = StudentConfig.from_teacher(cfg, keep, use_short_conv=conv, impl="reference")
+    params = copy_init(tparams, sc, jax.random.PRNGKey(1))
+    # Larger gates than the standard init so the GDN layers matter in the logits.
+    for i in sc.converted_layers:
+        gdn = params[f"layers_{i}"]["gdn"]
+        gdn["g_proj"] = {"kernel": gdn["g_proj"]["kernel"] * 4}
+    return sc, params
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_mixers_and_converted_layers():
+    cfg, _ = _teacher(layers=4)
+    sc = StudentConfig.from_teacher(cfg, [0, 3])
+    assert sc.keep_full_attention_layers == (0, 3)
+    assert sc.mixers == ("attention", "gdn", "gdn", "attention")
+    assert sc.converted_layers == (1, 2)
+    assert sc.gdn.num_heads == 4 and sc.gdn.head_k_dim == sc.gdn.head_v_dim == 8
+    assert hash(sc) == hash(StudentConfig.from_teacher(cfg, (0, 3)))
+
+
+@pytest.mark.parametrize(
+    "keep,match",
+    [
+        ((0, 3), r"out of range: the teacher has 3 layers"),
+        ((-1,), r"out of range"),
+        ((1, 1), r"duplicates \[1\]"),
+        ((2, 0), r"sorted ascending.*use \[0, 2\]"),
+        ((0.0,), r"must hold ints"),
+        ("01", r"sequence of layer indices"),
+        (2, r"sequence of layer indices"),
+    ],
+)
+def test_bad_keep_lists(keep, match):
+    cfg, _ = _teacher()
+    with pytest.raises(ValueError, match=match):
+        StudentConfig(cfg, keep, GDNConfig.from_teacher(cfg))
+
+
+def test_config_json_round_trip():
+    cfg, _ = _teacher(
+        "qwen3",
+        layers=2,
+        rope=RopeConfig(theta=5e5, rope_type="yarn", factor=4.0, mscale=1.5),
+        sliding_windows=(None, 16),
+        tie_word_embeddings=True,
+        eos_token_id=3,
+    )
+    sc = StudentConfig.from_teacher(
+        cfg, (1,), teacher_path="/ckpt/t", use_short_conv=True, conv_size=3, norm_eps=1e-6
+    )
+    back = StudentConfig.from_dict(json.loads(json.dumps(sc.to_dict())))
+    assert back == sc
+    bad = {**sc.to_dict(), "version": 99}
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        StudentConfig.from_dict(bad)
+
+
+# ------------------------------------------------------------------ decoding and padding
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_decode_step_by_step_equals_full_forward(conv):
+    sc, params = _student(conv)
+    model = sc.model()
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, sc.teacher.vocab_size)
+    full, _, _ = model.apply({"params": params}, tokens)
+    apply = jax.jit(lambda t, c: model.apply({"params": params}, t, cache=c)[:2])
+    cache = init_cache(sc.teacher, sc.mixers, sc.gdn, 2, 8)
+    logits, cache = apply(tokens[:, :3], cache)
+    outs = [logits]
+    for i in range(3, 8):
+        logits, cache = apply(tokens[:, i : i + 1], cache)
+        outs.append(logits)
+    assert _rel(jnp.concatenate(outs, axis=1), full) < 1e-5
+    assert cache["layers_0"]["state"].shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_left_padding_equals_each_sequence_alone(conv):
+    sc, params = _student(conv)
+    model = sc.model()
+    v = sc.teacher.vocab_size
+    seqs = [np.arange(7) % v + 5, np.arange(4) % v + 11]
+    t = 7
+    tokens = np.zeros((2, t), np.int32)
+    valid = np.zeros((2, t), bool)
+    for i, s in enumerate(seqs):
+        tokens[i, t - len(s) :] = s
+        valid[i, t - len(s) :] = True
+    tokens[1, :3] = 40  # padding content must not matter
+    cache = init_cache(sc.teacher, sc.mixers, sc.gdn, 2, t + 2)
+    logits, cache, _ = model.apply(
+        {"params": params}, jnp.asarray(tokens), valid_bt=jnp.asarray(valid), cache=cache
+    )
+    nxt = jnp.array([[7], [9]])
+    step, _, _ = model.apply({"params": params}, nxt, cache=cache)
+    for i, s in enumerate(seqs):
+        alone, _, _ = model.apply({"params": params}, jnp.asarray(np.append(s, nxt[i, 0]))[None])
+        assert _rel(logits[i, t - len(s) :], alone[0, :-1]) < 1e-5
+        assert _rel(step[i], alone[0, -1:]) < 1e-5
+
+
+# ------------------------------------------------------------------ directories
+
+
+def _tree_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype, path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+@pytest.mark.parametrize("conv,tied", [(False, False), (True, True)])
+def test_save_load_round_trip_exact(tmp_path, conv, tied):
+    sc, params = _student(conv, keep=(0, 2), model_type="llama", tie_word_embeddings=tied)
+    sc = dataclasses.replace(sc, teacher_path="/somewhere/teacher")
+    # Mixed dtypes survive as stored.
+    params["layers_1"]["gdn"]["v_proj"]["kernel"] = params["layers_1"]["gdn"]["v_proj"][
+        "kernel"
+    ].astype(jnp.bfloat16)
+    root = save_student(tmp_path / "student", sc, params)
+    assert (root / STUDENT_CONFIG_FILE).exists() and (root / "config.json").exists()
+    sc2, params2 = load_student(root)
+    assert sc2 == sc
+    _tree_equal(params2, params)
+    tokens = jnp.arange(6)[None] % sc.teacher.vocab_size
+    a, _, _ = sc.model().apply({"params": params}, tokens)
+    b, _, _ = sc2.model().apply({"params": params2}, tokens)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_save_load_errors(tmp_path):
+    sc, params = _student(False)
+    other = StudentConfig.from_teacher(sc.teacher, (0,), impl="reference")
+    with pytest.raises(ValueError, match="layers_0 has no 'self_attn'"):
+        save_student(tmp_path / "x", other, params)
+    with pytest.raises(FileNotFoundError, match="student dir"):
+        load_student(tmp_path)
