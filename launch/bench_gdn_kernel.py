@@ -1,0 +1,345 @@
+"""Benchmark of the Pallas gated delta rule against flash-linear-attention and the XLA chunked op.
+
+Runs on one GPU machine in one call (BENCHMARKS.md section 1). Shapes [B, T, H, D], bf16 q/k/v/beta,
+fp32 g. Each JAX measurement row runs in a fresh subprocess (XLA_PYTHON_CLIENT_PREALLOCATE=false)
+so that its peak device memory (memory_stats()["peak_bytes_in_use"], read right after our
+forward+backward, inputs included) is its own; FLA runs in one torch process afterwards (peak =
+torch.cuda.max_memory_allocated over forward+backward after reset, inputs included).
+
+Timing: JAX = median of >= 20 timed calls (block_until_ready) after 3 warm-ups; FLA =
+triton.testing.do_bench(..., return_mode="median"). Forward+backward = the output and the
+gradients of (q, k, v, g, beta) for a random cotangent. Relative error = ||o - o_ref|| / ||o_ref||
+with o_ref from the per-token fp32 recurrence (reference.py, jit on the GPU, matmul precision
+"highest") on the same bf16-rounded inputs at the full shape.
+
+Usage (device): python3 launch/bench_gdn_kernel.py --out $OUT/gdn_kernel_h100.json
+Modes used internally: --mode check | jax --row i | fla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROWS = [(8, 4096, 16, 128), (4, 8192, 16, 128), (1, 32768, 16, 128), (16, 2048, 12, 128)]
+if os.environ.get("BENCH_GDN_TINY") == "1":  # local plumbing smoke test (CPU, interpret mode)
+    ROWS = [(1, 128, 2, 32), (2, 64, 2, 32)]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_inputs(shape, seed=0):
+    """float32 numpy inputs (q, k, v, g, beta, do); q/k/v/beta/do are rounded to bf16 by callers."""
+    import numpy as np
+
+    b, t, h, d = shape
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, h, d), dtype=np.float32)
+    k = rng.standard_normal((b, t, h, d), dtype=np.float32)
+    v = rng.standard_normal((b, t, h, d), dtype=np.float32)
+    g = -rng.uniform(0.005, 0.3, size=(b, t, h)).astype(np.float32)
+    beta = (1.0 / (1.0 + np.exp(-rng.standard_normal((b, t, h))))).astype(np.float32)
+    do = rng.standard_normal((b, t, h, d), dtype=np.float32)
+    return q, k, v, g, beta, do
+
+
+def ref_path(i):
+    return f"/tmp/gdn_ref_row{i}.npy"
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+
+def _jax_timer(fn, args, n=20, warm=3):
+    import jax
+    import numpy as np
+
+    for _ in range(warm):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
+
+
+def _rel(a, b):
+    import numpy as np
+
+    a = np.asarray(a, np.float32).astype(np.float64)
+    b = np.asarray(b, np.float32).astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _fwd_fwdbwd(fn):
+    import jax
+
+    fwd = jax.jit(lambda q, k, v, g, beta: fn(q, k, v, g, beta)[0])
+
+    def fb(q, k, v, g, beta, do):
+        o, vjp = jax.vjp(lambda *a: fn(*a)[0], q, k, v, g, beta)
+        return o, vjp(do)
+
+    return fwd, jax.jit(fb)
+
+
+def run_jax_row(i):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
+
+    shape = ROWS[i]
+    q, k, v, g, beta, do = make_inputs(shape)
+    bf = jnp.bfloat16
+    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
+            jnp.asarray(beta, bf)]
+    do_ = jnp.asarray(do, bf)
+    del q, k, v, g, beta, do
+    res = {"shape": list(shape), "dtype": "bfloat16"}
+    dev = jax.devices()[0]
+    ours = lambda *a: gated_delta_rule_pallas(*a, interpret=None)  # noqa: E731
+    fwd, fb = _fwd_fwdbwd(ours)
+    try:
+        res["ours_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
+        stats = dev.memory_stats()
+        if stats:
+            res["ours_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+        res["ours_fwd_ms"] = _jax_timer(fwd, args)
+        o_ours = np.asarray(fwd(*args).astype(jnp.float32))
+    except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
+        res["ours_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+        o_ours = None
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(lambda *a: gated_delta_rule_reference(*(x.astype(jnp.float32)
+                                                                for x in a))[0])
+        o_ref = np.asarray(ref(*args))
+    np.save(ref_path(i), o_ref)
+    if o_ours is not None:
+        res["ours_rel_err"] = _rel(o_ours, o_ref)
+    try:
+        from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
+
+        cfwd, cfb = _fwd_fwdbwd(lambda *a: gated_delta_rule_chunked(*a))
+        res["chunked_fwd_ms"] = _jax_timer(cfwd, args)
+        res["chunked_rel_err"] = _rel(np.asarray(cfwd(*args).astype(jnp.float32)), o_ref)
+        res["chunked_fwdbwd_ms"] = _jax_timer(cfb, args + [do_])
+    except Exception as e:  # noqa: BLE001
+        res["chunked_error"] = f"{type(e).__name__}: {str(e)[:1000]}"
+    print("JSONROW " + json.dumps(res), flush=True)
+
+
+def run_check():
+    """Correctness on the GPU (bf16 and fp32, odd T, initial/final state, gradients) + a BV sweep."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
+    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
+
+    out = {}
+    for dt_name, dt in (("bf16", jnp.bfloat16), ("f32", jnp.float32)):
+        b, t, h, d = (1, 40, 2, 32) if os.environ.get("BENCH_GDN_TINY") == "1" else (2, 300, 4, 128)
+        q, k, v, g, beta, do = make_inputs((b, t, h, d), seed=1)
+        s0 = np.random.default_rng(2).standard_normal((b, h, d, d)).astype(np.float32)
+        args = [jnp.asarray(q, dt), jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(g),
+                jnp.asarray(beta, dt), jnp.asarray(s0)]
+        do_ = jnp.asarray(do, dt)
+        dsT = jnp.asarray(np.random.default_rng(3).standard_normal((b, h, d, d)), jnp.float32)
+
+        def loss(fn, *a, **kw):
+            o, s = fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw)
+            return jnp.sum(o.astype(jnp.float32) * do_) + jnp.sum(s * dsT), (o, s)
+
+        t0 = time.perf_counter()
+        (_, (o, s)), grads = jax.jit(jax.value_and_grad(
+            lambda *a: loss(gated_delta_rule_pallas, *a, interpret=None), argnums=range(6), has_aux=True))(*args)
+        jax.block_until_ready(grads)
+        out[f"{dt_name}_compile_run_s"] = time.perf_counter() - t0
+        with jax.default_matmul_precision("highest"):
+            args32 = [x.astype(jnp.float32) for x in args]
+            (_, (ro, rs)), rgrads = jax.jit(jax.value_and_grad(
+                lambda *a: loss(gated_delta_rule_reference, *a), argnums=range(6),
+                has_aux=True))(*args32)
+        out[f"{dt_name}_o"] = _rel(o.astype(jnp.float32), ro)
+        out[f"{dt_name}_state"] = _rel(s, rs)
+        for name, a, r in zip(["dq", "dk", "dv", "dg", "dbeta", "ds0"], grads, rgrads):
+            out[f"{dt_name}_{name}"] = _rel(a.astype(jnp.float32), r)
+            out[f"{dt_name}_{name}_finite"] = bool(np.isfinite(np.asarray(a, np.float32)).all())
+        print("CHECK", dt_name, {k_: v_ for k_, v_ in out.items() if k_.startswith(dt_name)},
+              flush=True)
+    # block_v / warps sweep of the forward at row 0
+    q, k, v, g, beta, _ = make_inputs(ROWS[0])
+    bf = jnp.bfloat16
+    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
+            jnp.asarray(beta, bf)]
+    sweep = ((64, 4, 4), (32, 4, 4), (64, 8, 4), (128, 8, 4), (64, 4, 8))
+    for bv, ws, wc in sweep[:1] if os.environ.get("BENCH_GDN_TINY") == "1" else sweep:
+        cfg = GDNPallasConfig(block_v=bv, warps_seq=ws, warps_chunk=wc)
+        f = jax.jit(lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg, interpret=None)[0])
+        try:
+            out[f"sweep_bv{bv}_ws{ws}_wc{wc}_fwd_ms"] = _jax_timer(f, args)
+        except Exception as e:  # noqa: BLE001
+            out[f"sweep_bv{bv}_ws{ws}_wc{wc}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        print("SWEEP", bv, ws, wc, out.get(f"sweep_bv{bv}_ws{ws}_wc{wc}_fwd_ms"), flush=True)
+    print("JSONCHECK " + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- FLA side
+
+
+def run_fla():
+    import numpy as np
+    import torch
+    import triton
+
+    import fla
+    import fla.ops.common.chunk_o as chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    chunk_o.IS_NVIDIA_HOPPER = False  # timing only: FLA's Hopper guard (triton < 3.7.1)
+    dev = "cuda"
+    for i, shape in enumerate(ROWS):
+        res = {"fla": fla.__version__}
+        q, k, v, g, beta, do = make_inputs(shape)
+        bf = torch.bfloat16
+        t = lambda x, dt=bf: torch.from_numpy(x).to(dev).to(dt)  # noqa: E731
+        q_, k_, v_, beta_, do_ = t(q), t(k), t(v), t(beta), t(do)
+        g_ = t(g, torch.float32)
+        del q, k, v, g, beta, do
+        for x in (q_, k_, v_, g_, beta_):
+            x.requires_grad_(True)
+
+        def fwd():
+            return chunk_gated_delta_rule(q_, k_, v_, g_, beta_, use_qk_l2norm_in_kernel=True)[0]
+
+        def fb():
+            o = fwd()
+            o.backward(do_)
+
+        try:
+            with torch.no_grad():
+                res["fla_fwd_ms"] = float(triton.testing.do_bench(fwd, return_mode="median"))
+                o = fwd().float().cpu().numpy()
+            if os.path.exists(ref_path(i)):
+                o_ref = np.load(ref_path(i))
+                res["fla_rel_err"] = float(np.linalg.norm(o - o_ref) / np.linalg.norm(o_ref))
+            fb()
+            for x in (q_, k_, v_, g_, beta_):
+                x.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            fb()
+            torch.cuda.synchronize()
+            res["fla_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            res["fla_fwdbwd_ms"] = float(triton.testing.do_bench(
+                fb, grad_to_none=[q_, k_, v_, g_, beta_], return_mode="median"))
+        except Exception as e:  # noqa: BLE001
+            res["fla_error"] = f"{type(e).__name__}: {str(e)[:1000]}"
+        print("JSONFLA " + json.dumps(res), flush=True)
+        del q_, k_, v_, g_, beta_, do_
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _sub(mode, extra=(), timeout=300):
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, *extra]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        text = p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text += f"\nTIMEOUT after {timeout}s"
+    print(f"--- {mode} {' '.join(extra)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    tail = [ln for ln in text.splitlines() if not ln.startswith("JSON")]
+    print("\n".join(tail[-15:]), flush=True)
+    return text
+
+
+def _parse(text, tag):
+    return [json.loads(ln[len(tag) + 1:]) for ln in text.splitlines() if ln.startswith(tag + " ")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="all", choices=["all", "check", "jax", "fla"])
+    ap.add_argument("--row", type=int, default=0)
+    ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", default="gdn_kernel.json")
+    a = ap.parse_args()
+    if a.mode == "check":
+        return run_check()
+    if a.mode == "jax":
+        return run_jax_row(a.row)
+    if a.mode == "fla":
+        return run_fla()
+    log_dir = os.path.dirname(os.path.abspath(a.out))
+    result = {"command": "python3 " + " ".join(sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    probe = ("import jax, torch\ntry:\n import triton; tv = triton.__version__\nexcept ImportError:\n"
+             " tv = None\nprint(repr((jax.__version__, torch.__version__, tv, "
+             "torch.cuda.get_device_name(0) if torch.cuda.is_available() else str(jax.devices()[0])"
+             ")))")
+    ver = eval(subprocess.run([sys.executable, "-c", probe], capture_output=True,  # noqa: S307
+                              text=True).stdout.strip() or "(None,) * 4")
+    result.update(jax=ver[0], torch=ver[1], triton=ver[2], device=ver[3])
+    if not a.skip_check:
+        text = _sub("check", timeout=240)
+        open(os.path.join(log_dir, "check.log"), "w").write(text)
+        checks = _parse(text, "JSONCHECK")
+        result["check"] = checks[0] if checks else {"error": text[-3000:]}
+    rows = {}
+    for i in (int(x) for x in a.rows.split(",")):
+        text = _sub("jax", ["--row", str(i)], timeout=240)
+        open(os.path.join(log_dir, f"row{i}.log"), "w").write(text)
+        got = _parse(text, "JSONROW")
+        rows[i] = got[0] if got else {"shape": list(ROWS[i]), "error": text[-2000:]}
+    text = _sub("fla", timeout=300)
+    open(os.path.join(log_dir, "fla.log"), "w").write(text)
+    fla_rows = _parse(text, "JSONFLA")
+    for i, fr in zip(range(len(ROWS)), fla_rows):
+        if i in rows:
+            result["fla"] = fr.pop("fla")
+            rows[i].update(fr)
+    for r in rows.values():
+        for key in ("fwd", "fwdbwd"):
+            if f"ours_{key}_ms" in r and f"fla_{key}_ms" in r:
+                r[f"ratio_{key}"] = r[f"ours_{key}_ms"] / r[f"fla_{key}_ms"]
+    result["rows"] = list(rows.values())
+    result["peak_memory_method"] = (
+        "ours: jax memory_stats()['peak_bytes_in_use'] in a fresh process after our forward+"
+        "backward (inputs and cotangent included); fla: torch.cuda.max_memory_allocated over one "
+        "forward+backward after reset_peak_memory_stats (inputs included)")
+    result["rel_err_method"] = (
+        "||o - o_ref|| / ||o_ref||, o_ref = per-token fp32 recurrence (reference.py, jit on the "
+        "GPU, matmul precision highest) on the same bf16 inputs, full shape")
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'shape':>22} {'ours f':>8} {'fla f':>8} {'r':>5} {'ours fb':>8} {'fla fb':>8} "
+          f"{'r':>5} {'xla f':>7} {'xla fb':>7} {'pk ours':>8} {'pk fla':>8} {'err':>8} {'fla e':>8}")
+    for r in result["rows"]:
+        g = lambda k_: r.get(k_, float("nan"))  # noqa: E731
+        print(f"{str(r['shape']):>22} {g('ours_fwd_ms'):8.3f} {g('fla_fwd_ms'):8.3f} "
+              f"{g('ratio_fwd'):5.2f} {g('ours_fwdbwd_ms'):8.3f} {g('fla_fwdbwd_ms'):8.3f} "
+              f"{g('ratio_fwdbwd'):5.2f} {g('chunked_fwd_ms'):7.2f} {g('chunked_fwdbwd_ms'):7.2f} "
+              f"{g('ours_peak_mib'):8.0f} {g('fla_peak_mib'):8.0f} {g('ours_rel_err'):8.1e} "
+              f"{g('fla_rel_err'):8.1e}")
+
+
+if __name__ == "__main__":
+    main()
