@@ -1,0 +1,75 @@
+"""A small teacher of our own, pretrained on the Python standard library (2 CPU cores).
+
+    python -m taylorcal_jax.main --config=configs/tiny.py --workdir=/tmp/taylorcal_tiny
+
+`:smoke` shrinks everything (a few seconds of training) for tests and dry runs:
+
+    python -m taylorcal_jax.main --config=configs/tiny.py:smoke --workdir=/tmp/taylorcal_smoke
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
+
+def get_config(arg: str | None = None):
+    c = common.get_config()
+    c.tokenizer.vocab_size = 2048
+    c.teacher.hidden_size = 128
+    c.teacher.intermediate_size = 384
+    c.teacher.num_hidden_layers = 4
+    c.teacher.num_attention_heads = 4
+    c.teacher.num_key_value_heads = 2
+    c.teacher.head_dim = 32
+    c.teacher.max_position_embeddings = 512
+    c.pretrain.steps = 600
+    c.pretrain.batch_size = 32
+    c.pretrain.seq_len = 128
+    c.pretrain.learning_rate = 3e-3
+    c.pretrain.warmup_steps = 50
+    c.pretrain.checkpoint_every = 100
+    c.pretrain.eval_every = 200
+    c.pretrain.eval_sequences = 32
+    c.eval.num_sequences = 128
+    c.eval.seq_len = 128
+    c.eval.batch_size = 32
+    if arg == "smoke":
+        apply_smoke(c)
+    elif arg:
+        raise ValueError(
+            f"unknown config arg {arg!r}; use configs/tiny.py or configs/tiny.py:smoke"
+        )
+    return c
+
+
+def apply_smoke(c):
+    """Shrinks a config so a whole run takes seconds (tiny corpus, model and step count)."""
+    c.data.max_documents = 40
+    c.data.valid_fraction = 0.2
+    c.data.test_fraction = 0.1
+    c.tokenizer.vocab_size = 320
+    c.teacher.hidden_size = 32
+    c.teacher.intermediate_size = 64
+    c.teacher.num_hidden_layers = 2
+    c.teacher.num_attention_heads = 2
+    c.teacher.num_key_value_heads = 1
+    c.teacher.head_dim = 16
+    c.teacher.max_position_embeddings = 64
+    c.teacher.dtype = "float32"
+    c.pretrain.steps = 6
+    c.pretrain.batch_size = 4
+    c.pretrain.seq_len = 32
+    c.pretrain.warmup_steps = 2
+    c.pretrain.checkpoint_every = 3
+    c.pretrain.eval_every = 3
+    c.pretrain.eval_sequences = 4
+    c.pretrain.log_every = 2
+    c.eval.num_sequences = 6
+    c.eval.seq_len = 32
+    c.eval.batch_size = 4
+    c.progress = False
+    return c
