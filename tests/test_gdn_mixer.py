@@ -24,12 +24,12 @@ CONFIG = ModelConfig(
 )
 
 
-def _gdn(conv: bool) -> GDNConfig:
-    return GDNConfig.from_teacher(CONFIG, use_short_conv=conv, impl="reference", chunk_size=4)
+def _gdn(conv: bool, impl="reference") -> GDNConfig:
+    return GDNConfig.from_teacher(CONFIG, use_short_conv=conv, impl=impl, chunk_size=4)
 
 
-def _init(conv: bool, seed=0):
-    mixer = GatedDeltaNet(CONFIG, _gdn(conv))
+def _init(conv: bool, seed=0, impl="reference"):
+    mixer = GatedDeltaNet(CONFIG, _gdn(conv, impl))
     x = jnp.zeros((1, 3, D))
     params = mixer.init(jax.random.PRNGKey(seed), x)["params"]
     # Make the gates non-trivial: random o_norm scale, larger a/b weights.
@@ -90,9 +90,11 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("conv", [False, True])
-def test_mixer_matches_numpy(conv):
-    mixer, params = _init(conv)
+@pytest.mark.parametrize(
+    "conv,impl", [(False, "reference"), (True, "reference"), (True, "chunked")]
+)
+def test_mixer_matches_numpy(conv, impl):
+    mixer, params = _init(conv, impl=impl)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, D))
     y, cache, inter = mixer.apply({"params": params}, x, return_intermediates=True)
     o_ref, y_ref = _numpy_gdn(params, x, conv)

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.ops.gdn import api, reference
 
 GDN_IMPLS = ("reference", "chunked", "pallas", "auto")
 
@@ -194,15 +195,7 @@ def init_gdn_cache(config: ModelConfig, gdn: GDNConfig, batch: int, dtype=jnp.fl
 
 
 def _run_op(q, k, v, g, beta, state, gdn: GDNConfig):
-    """Prefill / continuation through ops.gdn.api (reference until api.py lands)."""
-    try:
-        from taylorcal_jax.ops.gdn import api
-    except ImportError:  # TEMPORARY: api.py not written yet by the gdn-ops helper.
-        from taylorcal_jax.ops.gdn import reference
-
-        return reference.gated_delta_rule_reference(
-            q, k, v, g, beta, initial_state_bhkv=state, output_final_state=state is not None
-        )
+    """Prefill / continuation through the op dispatcher (impl and chunk size from `gdn`)."""
     return api.gated_delta_rule(
         q,
         k,
@@ -217,8 +210,6 @@ def _run_op(q, k, v, g, beta, state, gdn: GDNConfig):
 
 
 def _step(q, k, v, g, beta, state):
-    from taylorcal_jax.ops.gdn import reference
-
     return reference.gated_delta_rule_step(q, k, v, g, beta, state)
 
 
