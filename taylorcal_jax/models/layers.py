@@ -115,6 +115,11 @@ class Attention(nn.Module):
             new_cache = None
         else:
             start = cache["index"]
+            if not isinstance(start, jax.core.Tracer) and int(start) + t > cache["k"].shape[1]:
+                raise ValueError(
+                    f"KV cache overflow: {int(start)} slots used + {t} new tokens > "
+                    f"{cache['k'].shape[1]} slots; build the cache with a larger max_len"
+                )
             zero = jnp.zeros((), jnp.int32)
             k_all = jax.lax.dynamic_update_slice(
                 cache["k"], k.astype(cache["k"].dtype), (zero, start, zero, zero)
