@@ -1,0 +1,355 @@
+"""Initialisation strategies and layer policies (METHOD.md §3-5, §7), scored in parallel.
+
+Letters: L layers, C candidates, N sequences, B batch, T time, V vocab, H heads.
+
+Strategies (GDN params of a converted layer, from the teacher):
+
+    copy, zero_gate, small_gate   naive conversions (taylorcal_jax.convert.naive)
+    taylor_init                   copy + phase 1 (taylor.py)
+    align_only                    copy + phase 2 (align.py)
+    taylor_calibrate              copy + phase 1 + phase 2
+
+Every phase is teacher-forced per layer, so a layer's GDN params do not depend on which
+other layers are converted: `mixers_for_all_layers` computes them once for every layer, and
+any keep set is then assembled by dict work (`assemble_student`). The random parts of the
+`copy` init come from one key shared by all strategies, so strategies differ only in what
+they calibrate.
+
+Layer policies, for a kept fraction f of L layers (n = round(f L), at least 1):
+
+    uniform  every (L/n)-th layer: floor(i L / n), i < n (28 layers, 25%: 0, 4, ..., 24)
+    ar       remove each layer's attention alone (zero_gate on that layer only) and measure
+             perplexity; keep the n layers whose removal hurts most
+    ga_s2    for each layer, a student that keeps only that layer (the strategy's init on all
+             others); keep the n with the lowest zero-shot perplexity
+
+Parallel scoring: a "union" param tree holds both the teacher's attention and the strategy's
+GDN params for every layer; `blended_logits` runs the model with, per layer, the attention
+output where keep_mask[l] and the GDN output elsewhere (a select, so exactly the student with
+that keep set). Candidate keep masks [C, L] are vmapped over in groups of
+`parallel_candidates`, one compiled program for all candidates of all policies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from taylorcal_jax.calibrate import align as align_lib
+from taylorcal_jax.calibrate import taylor as taylor_lib
+from taylorcal_jax.eval.perplexity import token_nll_sum
+from taylorcal_jax.models.gdn import GatedDeltaNet
+from taylorcal_jax.models.layers import MLP, Attention, RMSNorm
+from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.utils.progress import progress
+
+STRATEGIES = ("copy", "zero_gate", "small_gate", "taylor_init", "align_only", "taylor_calibrate")
+POLICIES = ("uniform", "ar", "ga_s2")
+_USES_TAYLOR = ("taylor_init", "taylor_calibrate")
+_USES_ALIGN = ("align_only", "taylor_calibrate")
+
+
+def check_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
+    return name
+
+
+def check_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ValueError(f"unknown layer policy {name!r}; choose from {POLICIES}")
+    return name
+
+
+def num_kept(num_layers: int, kept_fraction: float) -> int:
+    if not 0 < kept_fraction <= 1:
+        raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}")
+    return max(1, min(num_layers, int(round(kept_fraction * num_layers))))
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationContext:
+    """Everything a strategy needs besides the teacher params and statistics."""
+
+    model_config: object  # ModelConfig
+    gdn_cfg: object  # GDNConfig
+    consts: taylor_lib.TaylorConstants
+    align_cfg: align_lib.AlignConfig
+    mesh: object  # jax.sharding.Mesh with axes "layers" and "data"
+    seed: int
+
+
+def mixers_for_all_layers(strategy: str, teacher_params, stats, ctx: CalibrationContext):
+    """GDN params of every layer under `strategy`: ({layer: gdn params}, report dict).
+
+    The report holds per-layer arrays [L, H] from phase 1 ("taylor") and per-layer alignment
+    losses ("align": loss_before, loss_after [L]) where the strategy runs those phases.
+    """
+    from taylorcal_jax.convert.naive import NAIVE_STRATEGIES  # noqa: PLC0415
+
+    check_strategy(strategy)
+    layers = tuple(range(ctx.model_config.num_hidden_layers))
+    sc = StudentConfig(ctx.model_config, (), ctx.gdn_cfg)  # every layer converted
+    rng = jax.random.PRNGKey(ctx.seed)
+    base = "copy" if strategy not in NAIVE_STRATEGIES else strategy
+    student = NAIVE_STRATEGIES[base](teacher_params, sc, rng)
+    report = {}
+    if strategy in _USES_TAYLOR:
+        student, report["taylor"] = taylor_lib.taylor_init(
+            student,
+            stats,
+            layers,
+            model_config=ctx.model_config,
+            gdn_cfg=ctx.gdn_cfg,
+            consts=ctx.consts,
+        )
+    if strategy in _USES_ALIGN:
+        student, metrics = align_lib.align_student(
+            student,
+            stats,
+            layers,
+            model_config=ctx.model_config,
+            gdn_cfg=ctx.gdn_cfg,
+            cfg=ctx.align_cfg,
+            mesh=ctx.mesh,
+        )
+        report["align"] = metrics
+    mixers = {i: student[f"layers_{i}"]["gdn"] for i in layers}
+    return mixers, jax.device_get(report)
+
+
+def assemble_student(teacher_params, mixers_by_layer, keep: Sequence[int], num_layers: int):
+    """Student params for keep set `keep`: the teacher's with the GDN params of the others."""
+    out = dict(teacher_params)
+    for i in range(num_layers):
+        if i in keep:
+            continue
+        layer = {k: v for k, v in teacher_params[f"layers_{i}"].items() if k != "self_attn"}
+        layer["gdn"] = mixers_by_layer[i]
+        out[f"layers_{i}"] = layer
+    return out
+
+
+def union_params(teacher_params, mixers_by_layer, num_layers: int):
+    """Teacher params with a "gdn" subtree added next to "self_attn" in every layer."""
+    out = dict(teacher_params)
+    for i in range(num_layers):
+        out[f"layers_{i}"] = {**teacher_params[f"layers_{i}"], "gdn": mixers_by_layer[i]}
+    return out
+
+
+# ------------------------------------------------------------------------ blended model
+
+
+def blended_logits(config, gdn_cfg, params, keep_mask_l, tokens_bt, valid_bt):
+    """Logits [B, T, V] (float32) of the student keeping attention where keep_mask_l.
+
+    `params` is a union tree (`union_params`). Equal to `StudentConfig.model()` of that keep
+    set (tested), computed with both mixers in every layer.
+    """
+    c = config
+    valid_bt = valid_bt.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
+    emb = params["embed_tokens"]["embedding"]
+    h = jnp.take(emb, tokens_bt, axis=0)
+    norm = RMSNorm(c.rms_norm_eps)
+    for i in range(c.num_hidden_layers):
+        lp = params[f"layers_{i}"]
+        x = norm.apply({"params": lp["input_layernorm"]}, h)
+        y_att, _, _ = Attention(c, i).apply(
+            {"params": lp["self_attn"]}, x, positions_bt=positions, valid_bt=valid_bt
+        )
+        y_gdn, _, _ = GatedDeltaNet(c, gdn_cfg).apply({"params": lp["gdn"]}, x, valid_bt=valid_bt)
+        h = h + jnp.where(keep_mask_l[i], y_att, y_gdn.astype(y_att.dtype))
+        m = norm.apply({"params": lp["post_attention_layernorm"]}, h)
+        h = h + MLP(c).apply({"params": lp["mlp"]}, m)
+    h = norm.apply({"params": params["norm"]}, h)
+    if c.tie_word_embeddings:
+        logits = h @ emb.T
+    else:
+        logits = nn.Dense(c.vocab_size, use_bias=False).apply({"params": params["lm_head"]}, h)
+    return logits.astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _candidate_fn(config, gdn_cfg):
+    @jax.jit
+    def fn(params, masks_cl, tokens_bt, valid_bt):
+        def one(mask_l):
+            logits = blended_logits(config, gdn_cfg, params, mask_l, tokens_bt, valid_bt)
+            return token_nll_sum(logits, tokens_bt, valid_bt)
+
+        return jax.vmap(one)(masks_cl)
+
+    return fn
+
+
+def score_keep_masks(
+    config,
+    gdn_cfg,
+    params,
+    masks_cl,
+    sequences_nt,
+    *,
+    batch_size: int,
+    parallel: int,
+    desc: str = "candidates",
+):
+    """Perplexity of each candidate keep mask [C, L] on [N, T] sequences -> np.ndarray [C].
+
+    `params` is a union tree. Candidates are vmapped `parallel` at a time (the last group is
+    padded with copies of its first mask); sequences go in batches of `batch_size`.
+    """
+    masks = np.asarray(masks_cl, bool)
+    seq = np.asarray(sequences_nt, np.int32)
+    if masks.ndim != 2 or masks.shape[1] != config.num_hidden_layers:
+        raise ValueError(f"masks must be [C, {config.num_hidden_layers}], got {masks.shape}")
+    if batch_size <= 0 or parallel <= 0:
+        raise ValueError("batch_size and parallel must be positive")
+    fn = _candidate_fn(config, gdn_cfg)
+    n, _ = seq.shape
+    b = min(batch_size, n)
+    out = []
+    groups = range(0, len(masks), parallel)
+    for start in progress(groups, desc=desc, total=len(groups), unit="group"):
+        group = masks[start : start + parallel]
+        real = len(group)
+        if real < parallel and len(masks) > parallel:
+            group = np.concatenate([group, np.repeat(group[:1], parallel - real, 0)])
+        nll = np.zeros(len(group))
+        cnt = np.zeros(len(group))
+        for s in range(0, n, b):
+            tok = seq[s : s + b]
+            val = np.ones(tok.shape, bool)
+            if tok.shape[0] < b:
+                pad = b - tok.shape[0]
+                tok = np.concatenate([tok, np.zeros((pad, tok.shape[1]), np.int32)])
+                val = np.concatenate([val, np.zeros((pad, tok.shape[1]), bool)])
+            sums, counts = fn(params, jnp.asarray(group), jnp.asarray(tok), jnp.asarray(val))
+            nll += np.asarray(sums, np.float64)
+            cnt += np.asarray(counts, np.float64)
+        out.append(np.exp(nll / cnt)[:real])
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def uniform_layers(num_layers: int, kept_fraction: float) -> tuple[int, ...]:
+    n = num_kept(num_layers, kept_fraction)
+    return tuple(sorted({(i * num_layers) // n for i in range(n)}))
+
+
+def ar_masks(num_layers: int) -> np.ndarray:
+    """Candidate l: every attention layer except l (l's attention removed)."""
+    return ~np.eye(num_layers, dtype=bool)
+
+
+def ga_s2_masks(num_layers: int) -> np.ndarray:
+    """Candidate l: only layer l keeps attention."""
+    return np.eye(num_layers, dtype=bool)
+
+
+def top_layers(scores_l, n: int, *, highest: bool) -> tuple[int, ...]:
+    """The n layers with the highest (or lowest) scores, ties broken by layer index, sorted."""
+    scores = np.asarray(scores_l, np.float64)
+    order = sorted(range(len(scores)), key=lambda i: ((-scores[i]) if highest else scores[i], i))
+    return tuple(sorted(order[:n]))
+
+
+def keep_from_scores(policy: str, scores_l, kept_fraction: float) -> tuple[int, ...]:
+    """keep_full_attention_layers from per-layer candidate perplexities of `policy`."""
+    n = num_kept(len(scores_l), kept_fraction)
+    if policy == "ar":  # removal hurts most = highest perplexity without it
+        return top_layers(scores_l, n, highest=True)
+    if policy == "ga_s2":  # keeping it alone helps most = lowest perplexity
+        return top_layers(scores_l, n, highest=False)
+    raise ValueError(f"policy {policy!r} is not score-based (ar, ga_s2)")
+
+
+def policy_scores(
+    policy, config, gdn_cfg, teacher_params, mixers_by_layer, sequences_nt, *, batch_size, parallel
+):
+    """Per-layer candidate perplexities [L] for `ar` (zero-gate mixers are used whatever
+    `mixers_by_layer` is: removal means output 0) or `ga_s2` (the given mixers)."""
+    check_policy(policy)
+    n_layers = config.num_hidden_layers
+    if policy == "ar":
+        zero = {i: jax.tree.map(jnp.zeros_like, mixers_by_layer[i]) for i in range(n_layers)}
+        params = union_params(teacher_params, zero, n_layers)
+        masks = ar_masks(n_layers)
+    elif policy == "ga_s2":
+        params = union_params(teacher_params, mixers_by_layer, n_layers)
+        masks = ga_s2_masks(n_layers)
+    else:
+        raise ValueError("uniform needs no scores")
+    return score_keep_masks(
+        config,
+        gdn_cfg,
+        params,
+        masks,
+        sequences_nt,
+        batch_size=batch_size,
+        parallel=parallel,
+        desc=f"{policy} candidates",
+    )
+
+
+def choose_layers(
+    policy,
+    kept_fraction,
+    config,
+    gdn_cfg,
+    teacher_params,
+    mixers_by_layer,
+    sequences_nt,
+    *,
+    batch_size,
+    parallel,
+):
+    """(keep_full_attention_layers, per-layer scores or None) for one policy."""
+    check_policy(policy)
+    if policy == "uniform":
+        return uniform_layers(config.num_hidden_layers, kept_fraction), None
+    scores = policy_scores(
+        policy,
+        config,
+        gdn_cfg,
+        teacher_params,
+        mixers_by_layer,
+        sequences_nt,
+        batch_size=batch_size,
+        parallel=parallel,
+    )
+    return keep_from_scores(policy, scores, kept_fraction), scores
+
+
+def keep_mask(keep: Sequence[int], num_layers: int) -> np.ndarray:
+    mask = np.zeros(num_layers, bool)
+    mask[list(keep)] = True
+    return mask
+
+
+__all__ = [
+    "POLICIES",
+    "STRATEGIES",
+    "CalibrationContext",
+    "assemble_student",
+    "blended_logits",
+    "choose_layers",
+    "keep_from_scores",
+    "keep_mask",
+    "mixers_for_all_layers",
+    "score_keep_masks",
+    "uniform_layers",
+    "union_params",
+]
