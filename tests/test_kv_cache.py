@@ -125,3 +125,21 @@ def test_cache_overflow_is_an_error(setup):
     cache = init_cache(config, None, None, batch=1, max_len=4)
     with pytest.raises(ValueError, match="KV cache overflow"):
         model.apply({"params": params}, jnp.zeros((1, 5), jnp.int32), cache=cache)
+
+
+def test_remat_gives_same_loss_and_grads():
+    config = CONFIGS["mixed_window"]
+    params = init_params(config, jax.random.PRNGKey(1))
+    tokens, valid = _batch()
+
+    def loss(p, model):
+        logits = model.apply({"params": p}, tokens, valid_bt=valid)[0]
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * valid)
+
+    plain = jax.value_and_grad(loss)(params, Transformer(config))
+    remat = jax.value_and_grad(loss)(params, Transformer(config, remat=True))
+    assert rel_err(remat[0], plain[0]) <= 1e-6
+    for a, b in zip(
+        jax.tree_util.tree_leaves(remat[1]), jax.tree_util.tree_leaves(plain[1]), strict=True
+    ):
+        assert rel_err(a, b) <= 1e-5

@@ -181,7 +181,7 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, *, positions_bt, valid_bt, cache=None, return_intermediates=False):
+    def __call__(self, h, positions_bt, valid_bt, cache=None, return_intermediates=False):
         c = self.config
         attn_in = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
         if self.mixer == "attention":

@@ -50,6 +50,7 @@ class Transformer(nn.Module):
     mixers: tuple[str, ...] | None = None
     gdn: Any = None
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block in the backward pass (saves activation memory)
 
     @nn.compact
     def __call__(
@@ -77,15 +78,14 @@ class Transformer(nn.Module):
         h = embed(tokens_bt)
         new_cache = None if cache is None else {}
         inters = {}
+        # argnums count self: (h, positions, valid, cache, return_intermediates) are 1..5
+        layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
         for i, mixer in enumerate(mixers):
             name = f"layers_{i}"
-            layer = DecoderLayer(c, i, mixer, self.gdn, self.dtype, name=name)
+            layer = layer_cls(c, i, mixer, self.gdn, self.dtype, name=name)
+            layer_cache = None if cache is None else cache[name]
             h, layer_cache, inter = layer(
-                h,
-                positions_bt=positions_bt,
-                valid_bt=valid_bt,
-                cache=None if cache is None else cache[name],
-                return_intermediates=return_intermediates,
+                h, positions_bt, valid_bt, layer_cache, return_intermediates
             )
             if cache is not None:
                 new_cache[name] = layer_cache
