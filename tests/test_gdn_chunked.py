@@ -28,11 +28,9 @@ NAMES = ("q", "k", "v", "g", "beta")
 
 @pytest.fixture
 def x64():
-    """Enables float64 for one test and restores the previous setting afterwards."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+    """Enables float64 for one test only (jax.enable_x64 restores the setting on exit)."""
+    with jax.enable_x64(True):
+        yield
 
 
 def _args(inputs, dtype=jnp.float32):
@@ -124,6 +122,19 @@ def _loss_fn(impl, chunk_size, cot_o, cot_s):
     return loss
 
 
+def _outputs_and_grads(impl, chunk_size, args, cot_o, cot_s):
+    """((o, final state), gradients w.r.t. q, k, v, g, beta, initial state) from one jax.vjp."""
+
+    def f(q, k, v, g, beta, s0):
+        kwargs = dict(initial_state_bhkv=s0, output_final_state=True)
+        if impl == "chunked":
+            return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+        return gated_delta_rule_reference(q, k, v, g, beta, **kwargs)
+
+    out, vjp = jax.vjp(f, *args)
+    return out, vjp((cot_o, cot_s))
+
+
 def test_extreme_gates_give_finite_values_and_gradients():
     # Strong decay (g down to -20: G reaches -800 in a chunk of 40, exp underflows to 0),
     # beta exactly 0 and 1 mixed with intermediate values.
@@ -136,13 +147,11 @@ def test_extreme_gates_give_finite_values_and_gradients():
     cot_o = jnp.asarray(rng.standard_normal(inputs["v"].shape), jnp.float32)
     cot_s = jnp.asarray(rng.standard_normal(inputs["initial_state"].shape), jnp.float32)
     args = (*_args(inputs), _state(inputs))
-    grads_ref = jax.grad(_loss_fn("reference", 0, cot_o, cot_s), argnums=range(6))(*args)
+    _, grads_ref = _outputs_and_grads("reference", 0, args, cot_o, cot_s)
     for chunk_size in (16, 64):
-        o, s = _chunked(inputs, chunk_size)
+        (o, s), grads = _outputs_and_grads("chunked", chunk_size, args, cot_o, cot_s)
         assert np.isfinite(o).all() and np.isfinite(s).all()
         assert rel_err(o, o_np) < FP32_TOL and rel_err(s, s_np) < FP32_TOL
-        loss = _loss_fn("chunked", chunk_size, cot_o, cot_s)
-        grads = jax.grad(loss, argnums=range(6))(*args)
         for name, gr, gr_ref in zip((*NAMES, "initial_state"), grads, grads_ref, strict=True):
             assert np.isfinite(gr).all(), name
             assert rel_err(gr, gr_ref) < 1e-3, name
@@ -154,19 +163,8 @@ def test_chunked_gradients_match_reference_vjp_fp64(x64):
     rng = np.random.default_rng(1)
     cot_o = jnp.asarray(rng.standard_normal(inputs["v"].shape))
     cot_s = jnp.asarray(rng.standard_normal(inputs["initial_state"].shape))
-
-    def run(impl):
-        def f(*a):
-            kwargs = dict(initial_state_bhkv=a[5], output_final_state=True)
-            if impl == "chunked":
-                return gated_delta_rule_chunked(*a[:5], chunk_size=4, **kwargs)
-            return gated_delta_rule_reference(*a[:5], **kwargs)
-
-        out, vjp = jax.vjp(f, *args)
-        return out, vjp((cot_o, cot_s))
-
-    (o, s), grads = run("chunked")
-    (o_ref, s_ref), grads_ref = run("reference")
+    (o, s), grads = _outputs_and_grads("chunked", 4, args, cot_o, cot_s)
+    (o_ref, s_ref), grads_ref = _outputs_and_grads("reference", 0, args, cot_o, cot_s)
     assert rel_err(o, o_ref) < FP64_TOL and rel_err(s, s_ref) < FP64_TOL
     for name, gr, gr_ref in zip((*NAMES, "initial_state"), grads, grads_ref, strict=True):
         assert gr.dtype == jnp.float64, name

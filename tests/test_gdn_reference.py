@@ -4,7 +4,7 @@ when it imports, flash-linear-attention's pure-PyTorch naive recurrence.
 Tolerances (relative, max-abs error over max-abs of the expected value):
   fp64 reference vs fp64 NumPy loop            1e-12
   fp32 reference vs fp64 NumPy loop            1e-5
-  fp32 reference vs FLA naive (fp32 PyTorch)   1e-5
+  fp32 reference and chunked vs FLA naive (fp32 PyTorch, recurrent and chunk)   1e-5
 """
 
 import jax
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 
+from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference, gated_delta_rule_step
 
 FP64_TOL = 1e-12
@@ -21,11 +22,9 @@ FP32_TOL = 1e-5
 
 @pytest.fixture
 def x64():
-    """Enables float64 for one test and restores the previous setting afterwards."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+    """Enables float64 for one test only (jax.enable_x64 restores the setting on exit)."""
+    with jax.enable_x64(True):
+        yield
 
 
 def _run(inputs, dtype, **kwargs):
@@ -152,6 +151,14 @@ def test_reference_matches_fla_naive_pytorch():
     )
     o_rec, state_rec = naive_recurrent(**common)
     o_chunk, state_chunk = naive_chunk(**common, chunk_size=8)  # T = 21: padded last chunk
+    # Our chunked op directly too (it is otherwise checked against this file's reference).
+    o_ours_chunked, state_ours_chunked = gated_delta_rule_chunked(
+        *(jnp.asarray(inputs[n]) for n in ("q", "k", "v", "g", "beta")),
+        initial_state_bhkv=jnp.asarray(inputs["initial_state"]),
+        output_final_state=True,
+        chunk_size=8,
+    )
     for o_fla, state_fla in ((o_rec, state_rec), (o_chunk, state_chunk)):
-        assert rel_err(o, o_fla.numpy()) < FP32_TOL
-        assert rel_err(state, state_fla.numpy()) < FP32_TOL
+        for o_ours, state_ours in ((o, state), (o_ours_chunked, state_ours_chunked)):
+            assert rel_err(o_ours, o_fla.numpy()) < FP32_TOL
+            assert rel_err(state_ours, state_fla.numpy()) < FP32_TOL
