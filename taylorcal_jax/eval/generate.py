@@ -1,0 +1,134 @@
+"""Greedy and sampled generation for teachers and hybrid students alike (prefill + decode).
+
+Letters: B batch, P prompt length, N new tokens, V vocab.
+
+The prompt batch [B, P] is left-padded (`valid_bt` False on padding). One prefill call fills the
+mixed cache (`teacher.init_cache`: KV cache for softmax layers, the fixed-size recurrent state,
+and conv history, for GDN layers), then a `lax.scan` decodes one token per step:
+
+    x_{P+n} = sample(logits(x_{<P+n}) / temperature)     (argmax when temperature == 0)
+
+with optional top-k and nucleus (top-p) truncation. After `eos_token_id` a row keeps running
+(fixed shapes) but its later tokens are replaced by `pad_id` and marked invalid.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from taylorcal_jax.models.teacher import init_cache
+
+
+def sample_logits(logits_bv, rng, *, temperature: float, top_k: int | None, top_p: float | None):
+    """Next tokens [B] from float32 logits: argmax for temperature 0, else a truncated sample."""
+    if temperature == 0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits = logits_bv.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        # Smallest logit still inside the nucleus (the top token always is).
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_id",
+    ),
+)  # fmt: skip
+def _generate(
+    model, params, prompt_bt, valid_bt, rng, *, max_new_tokens, temperature, top_k, top_p,
+    eos_token_id, pad_id,
+):  # fmt: skip
+    b, p = prompt_bt.shape
+    cache = init_cache(model.config, model.mixers, model.gdn, b, p + max_new_tokens, model.dtype)
+    logits, cache, _ = model.apply({"params": params}, prompt_bt, valid_bt=valid_bt, cache=cache)
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    rng, first_rng = jax.random.split(rng)
+    first = sample(logits[:, -1], first_rng)
+
+    def step(carry, step_rng):
+        token_b, cache, done_b = carry
+        logits, cache, _ = model.apply({"params": params}, token_b[:, None], cache=cache)
+        nxt = sample(logits[:, -1], step_rng)
+        if eos_token_id is not None:
+            done_b = done_b | (token_b == eos_token_id)
+        return (nxt, cache, done_b), (nxt, done_b)
+
+    done0 = jnp.zeros((b,), bool)
+    rngs = jax.random.split(rng, max_new_tokens - 1)
+    _, (rest, done_rest) = jax.lax.scan(step, (first, cache, done0), rngs)
+    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+    # A token is valid unless an earlier token of its row was EOS.
+    valid = jnp.concatenate([~done0[:, None], ~done_rest.T], axis=1)
+    return jnp.where(valid, tokens, pad_id), valid
+
+
+def generate(
+    model,
+    params,
+    prompt_bt,
+    *,
+    max_new_tokens: int,
+    valid_bt=None,
+    rng=None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_id: int = 0,
+) -> dict:
+    """Continues each (left-padded) prompt by `max_new_tokens` tokens.
+
+    model: a `Transformer` (teacher or student); params: its params.
+    temperature 0 (default) is greedy decoding; otherwise rng (a PRNG key) is required.
+    Returns {"tokens": [B, N] int32 (pad_id after EOS), "valid": [B, N] bool}.
+    """
+    _check_options(max_new_tokens, temperature, top_k, top_p)
+    prompt_bt = jnp.asarray(prompt_bt, jnp.int32)
+    if prompt_bt.ndim != 2:
+        raise ValueError(f"prompt_bt must be [B, P] token ids, got shape {prompt_bt.shape}")
+    if valid_bt is None:
+        valid_bt = jnp.ones(prompt_bt.shape, bool)
+    valid_bt = jnp.asarray(valid_bt, bool)
+    if valid_bt.shape != prompt_bt.shape:
+        raise ValueError(f"valid_bt shape {valid_bt.shape} != prompt shape {prompt_bt.shape}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...)")
+    if rng is None:
+        rng = jax.random.PRNGKey(0)  # unused by greedy decoding
+    tokens, valid = _generate(
+        model,
+        params,
+        prompt_bt,
+        valid_bt,
+        rng,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_id=pad_id,
+    )
+    return {"tokens": tokens, "valid": valid}

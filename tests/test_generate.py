@@ -1,0 +1,106 @@
+"""generate(): greedy == argmax of full forward re-runs, padding, EOS, sampling options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taylorcal_jax.convert.naive import copy_init
+from taylorcal_jax.eval.generate import generate, sample_logits
+from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import Transformer, init_params
+
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=47,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+TEACHER_PARAMS = None
+
+
+def _teacher():
+    global TEACHER_PARAMS
+    if TEACHER_PARAMS is None:
+        TEACHER_PARAMS = init_params(CFG, jax.random.PRNGKey(0))
+    return Transformer(CFG), TEACHER_PARAMS
+
+
+def _student(conv):
+    _, tparams = _teacher()
+    sc = StudentConfig.from_teacher(CFG, (1,), use_short_conv=conv)
+    return sc.model(), copy_init(tparams, sc, jax.random.PRNGKey(1))
+
+
+def _argmax_of_rerun(model, params, prompt, generated):
+    """argmax of one full forward (no cache) over prompt + generated, at the generated slots."""
+    seq = jnp.asarray(list(prompt) + list(generated))[None]
+    logits, _, _ = model.apply({"params": params}, seq)
+    return jnp.argmax(logits[0, len(prompt) - 1 : -1], axis=-1).tolist()
+
+
+@pytest.mark.parametrize("which", ["teacher", "student_conv"])
+def test_greedy_equals_rerun_and_left_padding(which):
+    model, params = _teacher() if which == "teacher" else _student(True)
+    prompts = [[3, 9, 27, 4, 11], [8, 1]]
+    p = max(map(len, prompts))
+    tokens = np.zeros((2, p), np.int32)
+    valid = np.zeros((2, p), bool)
+    for i, s in enumerate(prompts):
+        tokens[i, p - len(s) :], valid[i, p - len(s) :] = s, True
+    out = generate(model, params, tokens, valid_bt=valid, max_new_tokens=6)
+    assert out["tokens"].shape == (2, 6) and bool(out["valid"].all())
+    for i, s in enumerate(prompts):
+        generated = out["tokens"][i].tolist()
+        assert generated == _argmax_of_rerun(model, params, s, generated)
+
+
+def test_eos_stops_rows():
+    model, params = _teacher()
+    prompt = jnp.array([[3, 9, 27], [5, 2, 6]])
+    free = generate(model, params, prompt, max_new_tokens=5)["tokens"]
+    eos = int(free[0, 1])
+    out = generate(model, params, prompt, max_new_tokens=5, eos_token_id=eos, pad_id=-1)
+    toks, valid = np.asarray(out["tokens"]), np.asarray(out["valid"])
+    for i in range(2):
+        row = np.asarray(free[i]).tolist()
+        stop = row.index(eos) + 1 if eos in row else 5
+        assert valid[i].tolist() == [j < stop for j in range(5)]
+        assert toks[i, :stop].tolist() == row[:stop]
+        assert (toks[i, stop:] == -1).all()
+
+
+def test_sampling_reproducible_and_truncated():
+    model, params = _student(False)
+    prompt = jnp.array([[3, 9, 27, 4]] * 3)
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    a = generate(model, params, prompt, rng=jax.random.PRNGKey(7), **kw)["tokens"]
+    b = generate(model, params, prompt, rng=jax.random.PRNGKey(7), **kw)["tokens"]
+    c = generate(model, params, prompt, rng=jax.random.PRNGKey(8), **kw)["tokens"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = generate(model, params, prompt, max_new_tokens=8)["tokens"]
+    top1 = generate(model, params, prompt, rng=jax.random.PRNGKey(7), top_k=1, **kw)["tokens"]
+    np.testing.assert_array_equal(top1, greedy)
+    with pytest.raises(ValueError, match="needs rng"):
+        generate(model, params, prompt, max_new_tokens=2, temperature=0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, params, prompt, max_new_tokens=2, top_p=0.0)
+
+
+def test_sample_logits_truncation():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    rngs = jax.random.PRNGKey(0)
+    k2 = np.asarray(sample_logits(logits, rngs, temperature=1.0, top_k=2, top_p=None))
+    assert set(np.unique(k2)) == {0, 1}
+    np.testing.assert_allclose((k2 == 0).mean(), 0.5 / 0.8, atol=0.03)
+    p = np.asarray(sample_logits(logits, rngs, temperature=1.0, top_k=None, top_p=0.85))
+    assert set(np.unique(p)) == {0, 1, 2}  # 0.5 + 0.3 < 0.85, so the third is needed
+    full = np.asarray(sample_logits(logits, rngs, temperature=1.0, top_k=None, top_p=None))
+    np.testing.assert_allclose(np.bincount(full, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05],
+                               atol=0.03)  # fmt: skip
