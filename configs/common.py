@@ -1,6 +1,7 @@
 """Every default of the pipeline, in one place (other configs start from `get_config()`).
 
-Sections: data, tokenizer, teacher, pretrain, eval, mesh (later stages add theirs).
+Sections: data, tokenizer, teacher, pretrain, eval, mesh, calibration, select (later stages
+add theirs).
 Runs nothing by itself; the configs built on it do, e.g.
 
     python -m taylorcal_jax.main --config=configs/tiny.py --workdir=/tmp/taylorcal_tiny
@@ -78,9 +79,68 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.seed = 0
 
+    # Hybrid student (models/student.py, models/gdn.py): GDN heads and dims come from the
+    # teacher (H = query heads, K = V = head_dim); these are the remaining GDN options.
+    c.student = ml_collections.ConfigDict()
+    c.student.keep_full_attention_layers = (0,)  # explicit keep list (layer policies may pick)
+    c.student.naive_init = "zero_gate"  # "copy" | "zero_gate" | "small_gate" (convert/naive.py)
+    c.student.use_short_conv = False  # METHOD §2 default; True = Qwen3-Next-style conv on q,k,v
+    c.student.conv_size = 4
+    c.student.norm_eps = 1e-5  # gated RMSNorm on the GDN output
+    c.student.gdn_impl = "auto"  # "reference" | "chunked" | "pallas" | "auto" (ops/gdn/api.py)
+    c.student.chunk_size = 64
+
     # Device mesh. distributed=True calls jax.distributed.initialize() (multi-host).
     c.mesh = ml_collections.ConfigDict()
     c.mesh.distributed = False
     c.mesh.shape = (-1,)  # -1: all remaining devices
     c.mesh.axes = ("data",)
+
+    # Taylor-Calibrate (taylorcal_jax/calibrate, METHOD.md §4-5): stages statistics, calibrate,
+    # align. Strategies: copy, zero_gate, small_gate, taylor_init, align_only, taylor_calibrate.
+    c.calibration = ml_collections.ConfigDict()
+    c.calibration.strategy = "taylor_calibrate"
+    c.calibration.split = "train"  # calibration text (the release used 4 x 256 of wikitext test)
+    c.calibration.num_sequences = 4
+    c.calibration.seq_len = 256
+    c.calibration.seed = 0
+    c.calibration.block_size = 128  # key/query block of the O(T)-memory statistics
+    c.calibration.sequences_per_batch = 4  # teacher passes vmapped together
+    c.calibration.init_seed = 0  # random parts of the `copy` init (shared by all strategies)
+    c.calibration.gamma_min = 1e-3  # decay gamma = clip(ln2 / D_h, gamma_min, gamma_max)
+    c.calibration.gamma_max = 5.0
+    c.calibration.beta_min = 0.3  # write gate beta_h = beta_min + beta_span * concentration_h
+    c.calibration.beta_span = 0.4
+    c.calibration.entropy_span_floor = 1e-3
+    c.calibration.write_gate = "release"  # "release" (published) | "mean_direction" (ours)
+    c.calibration.a_proj_scale = 0.0  # Wa *= this (0: x Wa = 0, exact half-life D_h)
+    c.calibration.sigma_min = 0.1  # value scale clip
+    c.calibration.sigma_max = 10.0
+    c.calibration.gate_damping = 0.01  # Wg = alpha Wv, alpha = damping rms(C) / rms(silu(x Wv))
+    c.calibration.align = ml_collections.ConfigDict()
+    c.calibration.align.steps = 300
+    c.calibration.align.lr_qkv = 1e-4
+    c.calibration.align.lr_gates = 1e-3
+    c.calibration.align.weight_decay = 0.01
+    c.calibration.align.clip_norm = 1.0
+    c.calibration.mesh_layers = -1  # alignment mesh: layers axis (-1: all remaining devices)
+    c.calibration.mesh_data = 1  # and data axis (splits the calibration sequences)
+    c.calibration.gdn = ml_collections.ConfigDict()  # student GDN mixer options
+    c.calibration.gdn.use_short_conv = False
+    c.calibration.gdn.conv_size = 4
+    c.calibration.gdn.norm_eps = 1e-5
+    c.calibration.gdn.impl = "auto"
+    c.calibration.gdn.chunk_size = 64
+
+    # Layers that keep softmax attention (METHOD.md §7), stage select_layers.
+    c.select = ml_collections.ConfigDict()
+    c.select.policy = "uniform"  # "uniform" | "ar" | "ga_s2"
+    c.select.kept_fraction = 0.25
+    c.select.keep_layers = ()  # explicit keep_full_attention_layers; overrides the policy
+    c.select.split = "train"  # text the ar / ga_s2 candidates are scored on
+    c.select.num_sequences = 16
+    c.select.seq_len = 256
+    c.select.seed = 1
+    c.select.batch_size = 4
+    c.select.parallel_candidates = 4  # candidate students vmapped together
     return c

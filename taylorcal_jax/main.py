@@ -18,6 +18,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from taylorcal_jax.calibrate import pipeline as calibrate_pipeline
 from taylorcal_jax.train import stages
 from taylorcal_jax.utils import progress
 from taylorcal_jax.utils.metrics import MetricsWriter, write_summary
@@ -29,6 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns r
 STAGES = {
     "pretrain": stages.pretrain_stage,
     "eval_teacher": stages.eval_teacher_stage,
+    **calibrate_pipeline.STAGES,  # statistics, calibrate, align, select_layers, eval_student
 }
 
 

@@ -88,11 +88,11 @@ class CalibrationContext:
     seed: int
 
 
-def mixers_for_all_layers(strategy: str, teacher_params, stats, ctx: CalibrationContext):
-    """GDN params of every layer under `strategy`: ({layer: gdn params}, report dict).
+def initial_student(strategy: str, teacher_params, stats, ctx: CalibrationContext):
+    """Every layer converted under `strategy` up to (not including) phase 2.
 
-    The report holds per-layer arrays [L, H] from phase 1 ("taylor") and per-layer alignment
-    losses ("align": loss_before, loss_after [L]) where the strategy runs those phases.
+    Returns (student params with a "gdn" subtree in every layer, report); the report holds
+    phase-1 diagnostics {name: [L, H]} under "taylor" for the Taylor strategies.
     """
     from taylorcal_jax.convert.naive import NAIVE_STRATEGIES  # noqa: PLC0415
 
@@ -100,7 +100,7 @@ def mixers_for_all_layers(strategy: str, teacher_params, stats, ctx: Calibration
     layers = tuple(range(ctx.model_config.num_hidden_layers))
     sc = StudentConfig(ctx.model_config, (), ctx.gdn_cfg)  # every layer converted
     rng = jax.random.PRNGKey(ctx.seed)
-    base = "copy" if strategy not in NAIVE_STRATEGIES else strategy
+    base = strategy if strategy in NAIVE_STRATEGIES else "copy"
     student = NAIVE_STRATEGIES[base](teacher_params, sc, rng)
     report = {}
     if strategy in _USES_TAYLOR:
@@ -112,19 +112,38 @@ def mixers_for_all_layers(strategy: str, teacher_params, stats, ctx: Calibration
             gdn_cfg=ctx.gdn_cfg,
             consts=ctx.consts,
         )
-    if strategy in _USES_ALIGN:
-        student, metrics = align_lib.align_student(
-            student,
-            stats,
-            layers,
-            model_config=ctx.model_config,
-            gdn_cfg=ctx.gdn_cfg,
-            cfg=ctx.align_cfg,
-            mesh=ctx.mesh,
-        )
-        report["align"] = metrics
-    mixers = {i: student[f"layers_{i}"]["gdn"] for i in layers}
-    return mixers, jax.device_get(report)
+    return student, jax.device_get(report)
+
+
+def aligned_student(strategy: str, student, stats, ctx: CalibrationContext):
+    """Phase 2 on every layer if `strategy` has it (else unchanged): (params, report)."""
+    check_strategy(strategy)
+    if strategy not in _USES_ALIGN:
+        return student, {}
+    layers = tuple(range(ctx.model_config.num_hidden_layers))
+    student, metrics = align_lib.align_student(
+        student,
+        stats,
+        layers,
+        model_config=ctx.model_config,
+        gdn_cfg=ctx.gdn_cfg,
+        cfg=ctx.align_cfg,
+        mesh=ctx.mesh,
+    )
+    return student, {"align": jax.device_get(metrics)}
+
+
+def mixers_for_all_layers(strategy: str, teacher_params, stats, ctx: CalibrationContext):
+    """GDN params of every layer under `strategy`: ({layer: gdn params}, report)."""
+    student, report = initial_student(strategy, teacher_params, stats, ctx)
+    student, more = aligned_student(strategy, student, stats, ctx)
+    mixers = {i: student[f"layers_{i}"]["gdn"] for i in range(ctx.model_config.num_hidden_layers)}
+    return mixers, {**report, **more}
+
+
+def uses_phase(strategy: str, phase: str) -> bool:
+    """Whether `strategy` runs phase "taylor" (1) or "align" (2)."""
+    return strategy in {"taylor": _USES_TAYLOR, "align": _USES_ALIGN}[phase]
 
 
 def assemble_student(teacher_params, mixers_by_layer, keep: Sequence[int], num_layers: int):
