@@ -79,17 +79,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.seed = 0
 
-    # Hybrid student (models/student.py, models/gdn.py): GDN heads and dims come from the
-    # teacher (H = query heads, K = V = head_dim); these are the remaining GDN options.
-    c.student = ml_collections.ConfigDict()
-    c.student.keep_full_attention_layers = (0,)  # explicit keep list (layer policies may pick)
-    c.student.naive_init = "zero_gate"  # "copy" | "zero_gate" | "small_gate" (convert/naive.py)
-    c.student.use_short_conv = False  # METHOD §2 default; True = Qwen3-Next-style conv on q,k,v
-    c.student.conv_size = 4
-    c.student.norm_eps = 1e-5  # gated RMSNorm on the GDN output
-    c.student.gdn_impl = "auto"  # "reference" | "chunked" | "pallas" | "auto" (ops/gdn/api.py)
-    c.student.chunk_size = 64
-
     # Device mesh. distributed=True calls jax.distributed.initialize() (multi-host).
     c.mesh = ml_collections.ConfigDict()
     c.mesh.distributed = False

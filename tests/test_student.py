@@ -103,17 +103,6 @@ def test_config_json_round_trip():
         StudentConfig.from_dict(bad)
 
 
-def test_from_config_section():
-    from configs.common import get_config
-
-    cfg, _ = _teacher(layers=4)
-    section = get_config().student
-    sc = StudentConfig.from_config(section, cfg)
-    assert sc.keep_full_attention_layers == tuple(section.keep_full_attention_layers)
-    assert sc.gdn.impl == section.gdn_impl and sc.gdn.use_short_conv == section.use_short_conv
-    assert StudentConfig.from_config(section, cfg, keep=[1, 3]).converted_layers == (0, 2)
-
-
 # ------------------------------------------------------------------ decoding and padding
 
 

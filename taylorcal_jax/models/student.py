@@ -87,24 +87,6 @@ class StudentConfig:
             teacher, tuple(keep), GDNConfig.from_teacher(teacher, **gdn_options), teacher_path
         )
 
-    @classmethod
-    def from_config(
-        cls, section, teacher: ModelConfig, *, keep=None, teacher_path=None
-    ) -> StudentConfig:
-        """From the `student` section of configs/common.py (a ConfigDict); `keep` overrides
-        section.keep_full_attention_layers (e.g. with a layer policy's choice)."""
-        keep = section.keep_full_attention_layers if keep is None else keep
-        return cls.from_teacher(
-            teacher,
-            tuple(keep),
-            teacher_path=teacher_path or None,
-            use_short_conv=bool(section.use_short_conv),
-            conv_size=int(section.conv_size),
-            norm_eps=float(section.norm_eps),
-            impl=str(section.gdn_impl),
-            chunk_size=int(section.chunk_size),
-        )
-
     @property
     def mixers(self) -> tuple[str, ...]:
         keep = set(self.keep_full_attention_layers)
