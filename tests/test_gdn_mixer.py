@@ -105,6 +105,18 @@ def test_mixer_matches_numpy(conv, impl):
     np.testing.assert_array_equal(inter["attn_out"], y)
 
 
+def test_bfloat16_close_to_float32():
+    mixer, params = _init(True, impl="chunked")
+    x = jax.random.normal(jax.random.PRNGKey(8), (2, 9, D))
+    y32, _, _ = mixer.apply({"params": params}, x)
+    mixer16 = GatedDeltaNet(CONFIG, mixer.gdn, dtype=jnp.bfloat16)
+    cache = init_gdn_cache(CONFIG, mixer.gdn, 2, jnp.bfloat16)
+    y16, cache, _ = mixer16.apply({"params": params}, x, cache=cache)
+    assert y16.dtype == jnp.bfloat16 and cache["state"].dtype == jnp.float32
+    assert cache["conv"]["q"].dtype == jnp.bfloat16
+    assert _rel(y16, y32) < 3e-2
+
+
 def test_param_layout():
     _, params = _init(True)
     shapes = jax.tree_util.tree_map(np.shape, params)

@@ -25,7 +25,7 @@ pre-convolution inputs of valid tokens. With a cache and T == 1 the mixer takes 
 recurrent step (`gated_delta_rule_step`); with T > 1 it runs the chunked op from the cached
 state (prefill or continuation).
 
-Parameters (Flax names; FLA / PyTorch names in `taylorcal_jax.models.student`):
+Parameters (Flax names; on disk `model.layers.{i}.gdn.*` via hf_io, see models/student.py):
     {q,k}_proj/kernel [D, H*K], {v,g}_proj/kernel [D, H*V], {a,b}_proj/kernel [D, H],
     o_proj/kernel [H*V, D], A_log [H], dt_bias [H], o_norm/scale [V],
     {q,k,v}_conv/kernel [W, C] (short conv only; kernel[W-1] multiplies the current token).
