@@ -106,3 +106,41 @@ def test_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(base))
     assert ModelConfig.from_json_file(tmp_path / "config.json") == config
     hash(config)  # static argument of jax.jit
+
+
+ROPE_VARIANTS = [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "linear", "factor": 3.0, "rope_theta": 500.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+     "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+     "rope_theta": 1000000.0, "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+     "rope_theta": 10000.0, "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
+     "rope_theta": 10000.0, "attention_factor": 1.3},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ROPE_VARIANTS, ids=lambda v: v["rope_type"])
+def test_rope_frequencies_match_transformers(variant):
+    """inv_freq and attention scaling equal transformers' ROPE_INIT_FUNCTIONS (rel. 1e-6)."""
+    import numpy as np
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = make_hf_config("llama", head_dim=32, rope_parameters=dict(variant))
+    if variant["rope_type"] == "default":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        ref_inv, ref_scale = LlamaRotaryEmbedding.compute_default_rope_parameters(hf)
+    else:
+        ref_inv, ref_scale = ROPE_INIT_FUNCTIONS[variant["rope_type"]](hf, "cpu")
+    c = ModelConfig.from_hf_dict(hf.to_dict())
+    inv, scale = rope_frequencies(c.rope, c.head_dim, c.max_position_embeddings)
+    ref_inv = ref_inv.numpy()
+    assert np.max(np.abs(inv - ref_inv) / ref_inv) <= 1e-6
+    assert scale == pytest.approx(float(ref_scale), rel=1e-7)

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig
@@ -126,34 +125,3 @@ def init_params(config: ModelConfig, rng, *, mixers=None, gdn=None, dtype=jnp.fl
     model = Transformer(config, None if mixers is None else tuple(mixers), gdn, dtype)
     tokens = jnp.zeros((1, 2), jnp.int32)
     return model.init(rng, tokens)["params"]
-
-
-def greedy_generate(
-    model: Transformer,
-    params,
-    prompt_bt,
-    *,
-    max_new_tokens: int,
-    valid_bt=None,
-    cache_dtype=jnp.float32,
-):
-    """Greedy decoding with the KV cache -> new tokens [B, max_new_tokens].
-
-    Prompts must be left-padded (valid_bt False on the left) so the last column is a real token.
-    Jittable with `model` and `max_new_tokens` closed over, e.g.
-    `jax.jit(lambda p, x, v: greedy_generate(model, p, x, max_new_tokens=32, valid_bt=v))`.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    b, t = prompt_bt.shape
-    cache = init_cache(model.config, model.mixers, model.gdn, b, t + max_new_tokens, cache_dtype)
-    logits, cache, _ = model.apply({"params": params}, prompt_bt, valid_bt=valid_bt, cache=cache)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(prompt_bt.dtype)
-
-    def body(carry, _):
-        token_b, cache = carry
-        logits, cache, _ = model.apply({"params": params}, token_b[:, None], cache=cache)
-        return (jnp.argmax(logits[:, -1], axis=-1).astype(token_b.dtype), cache), token_b
-
-    (last, _), tokens_nb = jax.lax.scan(body, (first, cache), None, length=max_new_tokens - 1)
-    return jnp.concatenate([tokens_nb.T, last[:, None]], axis=1)
