@@ -4,8 +4,10 @@ Letters: B batch, T time, H heads, K key dim, V value dim.
 
 For each (batch, head), with q_t, k_t L2-normalised (eps 1e-6) and s = K^-1/2:
 
-    S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T      S: [K, V]
+    S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T      S: [K, V]
     o_t = s * S_t^T q_t
+
+(the prediction S^T k_t reads the already-decayed state, as in flash-linear-attention).
 
 i.e. decay the state, read the current prediction for k_t, and write a beta_t-weighted
 correction. Semantics match flash-linear-attention's
