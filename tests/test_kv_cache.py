@@ -102,12 +102,14 @@ def test_bad_mixers_are_rejected():
         init_cache(config, ("attention", "mamba"), None, 1, 4)
 
 
-def test_cache_overflow_is_an_error(setup):
-    config, params, *_ = setup
+def test_cache_overflow_is_an_error():
+    config = CONFIGS["qwen3_full"]
     model = Transformer(config)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
     cache = init_cache(config, None, None, batch=1, max_len=4)
+    tokens = jnp.zeros((1, 5), jnp.int32)
     with pytest.raises(ValueError, match="KV cache overflow"):
-        model.apply({"params": params}, jnp.zeros((1, 5), jnp.int32), cache=cache)
+        jax.eval_shape(lambda p: model.apply({"params": p}, tokens, cache=cache), params)
 
 
 def test_remat_gives_same_loss_and_grads():
