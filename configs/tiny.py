@@ -38,38 +38,9 @@ def get_config(arg: str | None = None):
     c.eval.seq_len = 128
     c.eval.batch_size = 32
     if arg == "smoke":
-        apply_smoke(c)
+        common.apply_smoke(c)
     elif arg:
         raise ValueError(
             f"unknown config arg {arg!r}; use configs/tiny.py or configs/tiny.py:smoke"
         )
-    return c
-
-
-def apply_smoke(c):
-    """Shrinks a config so a whole run takes seconds (tiny corpus, model and step count)."""
-    c.data.max_documents = 40
-    c.data.valid_fraction = 0.2
-    c.data.test_fraction = 0.1
-    c.tokenizer.vocab_size = 320
-    c.teacher.hidden_size = 32
-    c.teacher.intermediate_size = 64
-    c.teacher.num_hidden_layers = 2
-    c.teacher.num_attention_heads = 2
-    c.teacher.num_key_value_heads = 1
-    c.teacher.head_dim = 16
-    c.teacher.max_position_embeddings = 64
-    c.teacher.dtype = "float32"
-    c.pretrain.steps = 6
-    c.pretrain.batch_size = 4
-    c.pretrain.seq_len = 32
-    c.pretrain.warmup_steps = 2
-    c.pretrain.checkpoint_every = 3
-    c.pretrain.eval_every = 3
-    c.pretrain.eval_sequences = 4
-    c.pretrain.log_every = 2
-    c.eval.num_sequences = 6
-    c.eval.seq_len = 32
-    c.eval.batch_size = 4
-    c.progress = False
     return c

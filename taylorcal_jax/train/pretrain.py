@@ -17,6 +17,7 @@ uninterrupted run (steps after the checkpoint are recomputed identically).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -89,7 +90,15 @@ def make_optimizer(opts: PretrainOptions) -> optax.GradientTransformation:
     )
 
 
-def make_train_step(model, optimizer) -> Callable:
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(model, opts: PretrainOptions) -> Callable:
+    """Jitted (params, opt_state, tokens_bt) -> (params, opt_state, loss, grad_norm); cached."""
+    optimizer = make_optimizer(opts)
+
     def loss_fn(params, tokens_bt):
         logits, _, _ = model.apply({"params": params}, tokens_bt)
         total, count = token_nll_sum(logits, tokens_bt, jnp.ones(tokens_bt.shape, bool))
@@ -100,7 +109,7 @@ def make_train_step(model, optimizer) -> Callable:
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens_bt)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, optax.global_norm(grads)
+        return params, opt_state, loss, _global_norm(grads)
 
     return train_step
 
@@ -131,12 +140,12 @@ def pretrain(
     state = {
         "params": init_params,
         "opt_state": optimizer.init(init_params),
-        "step": np.int64(0),
-        "tokens": np.int64(0),
-        "train_seconds": np.float64(0.0),
+        "step": np.asarray(0, np.int64),
+        "tokens": np.asarray(0, np.int64),
+        "train_seconds": np.asarray(0.0, np.float64),
     }
     log_fn = log_fn or (lambda step, values: None)
-    train_step = make_train_step(model, optimizer)
+    train_step = make_train_step(model, opts)
     with TrainCheckpointer(checkpoint_dir, save_every=opts.checkpoint_every) as ckpt:
         state = ckpt.restore_or(state)
         start = int(state["step"])
@@ -183,9 +192,9 @@ def pretrain(
                 state = {
                     "params": params,
                     "opt_state": opt_state,
-                    "step": np.int64(n),
-                    "tokens": np.int64(tokens),
-                    "train_seconds": np.float64(seconds),
+                    "step": np.asarray(n, np.int64),
+                    "tokens": np.asarray(tokens, np.int64),
+                    "train_seconds": np.asarray(seconds, np.float64),
                 }
                 ckpt.maybe_save(n, state, force=True)
                 t0 = time.perf_counter()  # checkpoint writing is not training time
@@ -193,8 +202,8 @@ def pretrain(
             state = {
                 "params": params,
                 "opt_state": opt_state,
-                "step": np.int64(start),
-                "tokens": np.int64(tokens),
-                "train_seconds": np.float64(seconds),
+                "step": np.asarray(start, np.int64),
+                "tokens": np.asarray(tokens, np.int64),
+                "train_seconds": np.asarray(seconds, np.float64),
             }
     return state
