@@ -1,0 +1,310 @@
+"""Zero-shot sweep: strategies x layer policies x kept fraction on one teacher (BENCHMARKS.md §5).
+
+    python launch/sweep_zero_shot.py --config=configs/tiny.py --workdir=/tmp/tiny1 \
+        --teacher_name=tiny_cpu
+
+Teacher: `config.teacher.path`, else <workdir>/teacher (the `pretrain` stage). Evaluation
+set: the config's `eval` section; calibration and selection data: `calibration` / `select`.
+For every strategy the GDN params of *every* layer are computed once (phases are
+teacher-forced per layer), then every (policy, kept fraction) keep set is assembled and all
+of them are scored together by the vmapped blended model (`select.score_keep_masks`, tested
+equal to the student model). `ar` scores do not depend on the strategy (computed once);
+`ga_s2` ranks layers with each strategy's own init.
+
+Writes launch/results/zero_shot_<teacher_name>.{json,csv,md,png}. JSON fields: teacher,
+teacher_ppl, eval_tokens, device, date, command, rows (policy, kept_fraction, strategy,
+keep_full_attention_layers, ppl) and the settings used.
+
+Taylor strategies run once per `--write_gate_rules` entry; the non-default rule is labelled
+"<strategy>+<rule>" (e.g. taylor_calibrate+mean_direction, our improvement, reported as such).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding the teacher (if not by path).")
+_NAME = flags.DEFINE_string("teacher_name", None, "Name in the result files.")
+_STRATEGIES = flags.DEFINE_list(
+    "strategies",
+    "copy,zero_gate,small_gate,taylor_init,align_only,taylor_calibrate",
+    "Initialisation strategies.",
+)
+_POLICIES = flags.DEFINE_list("policies", "uniform,ar,ga_s2", "Layer policies.")
+_FRACTIONS = flags.DEFINE_list("fractions", "0.25", "Kept fractions of attention layers.")
+_RULES = flags.DEFINE_list(
+    "write_gate_rules", "release", "Write-gate rules for the Taylor strategies (first = plain)."
+)
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+
+
+def sweep(config, workdir, strategies, policies, fractions, rules):
+    """Returns the result dict (see module docstring)."""
+    import jax
+    import numpy as np
+
+    from taylorcal_jax.calibrate import pipeline, select
+    from taylorcal_jax.eval.perplexity import perplexity
+    from taylorcal_jax.models.teacher import Transformer
+    from taylorcal_jax.train import stages
+
+    for s in strategies:
+        select.check_strategy(s)
+    for p in policies:
+        select.check_policy(p)
+    pipeline.validate(config)
+    t0 = time.perf_counter()
+    mcfg, params, corpus = pipeline._teacher_and_corpus(config, workdir)
+    n = mcfg.num_hidden_layers
+    c = config.calibration
+    cal_tokens = corpus.sample(c.split, int(c.num_sequences), int(c.seq_len), int(c.seed))
+    st = pipeline.collect_stats(config, mcfg, params, cal_tokens)
+    stats_seconds = time.perf_counter() - t0
+    eval_seqs = stages.eval_sequences(config, corpus)
+    sel_seqs = pipeline.selection_sequences(config, corpus)
+    bs = int(config.eval.batch_size)
+    teacher = perplexity(Transformer(mcfg), params, eval_seqs, batch_size=bs, desc="teacher")
+    par = int(config.select.parallel_candidates)
+    sel_bs = int(config.select.batch_size)
+
+    ar_scores = None
+    rows, extras = [], {}
+    for strategy in strategies:
+        variants = rules if select.uses_phase(strategy, "taylor") else [None]
+        for rule in variants:
+            label = strategy if rule in (None, rules[0]) else f"{strategy}+{rule}"
+            cfg = config.copy_and_resolve_references()
+            if rule is not None:
+                cfg.calibration.write_gate = rule
+            ctx = pipeline.context(cfg, mcfg)
+            t1 = time.perf_counter()
+            mixers, report = select.mixers_for_all_layers(strategy, params, st, ctx)
+            jax.block_until_ready(mixers)
+            init_seconds = time.perf_counter() - t1
+            keeps = []
+            ga_scores = None
+            for policy in policies:
+                for frac in fractions:
+                    if policy == "uniform":
+                        keep = select.uniform_layers(n, frac)
+                    elif policy == "ar":
+                        if ar_scores is None:
+                            ar_scores = select.policy_scores(
+                                "ar",
+                                mcfg,
+                                ctx.gdn_cfg,
+                                params,
+                                mixers,
+                                sel_seqs,
+                                batch_size=sel_bs,
+                                parallel=par,
+                            )
+                        keep = select.keep_from_scores("ar", ar_scores, frac)
+                    else:
+                        if ga_scores is None:
+                            ga_scores = select.policy_scores(
+                                "ga_s2",
+                                mcfg,
+                                ctx.gdn_cfg,
+                                params,
+                                mixers,
+                                sel_seqs,
+                                batch_size=sel_bs,
+                                parallel=par,
+                            )
+                        keep = select.keep_from_scores("ga_s2", ga_scores, frac)
+                    keeps.append((policy, frac, keep))
+            union = select.union_params(params, mixers, n)
+            masks = np.stack([select.keep_mask(k, n) for _, _, k in keeps])
+            ppl = select.score_keep_masks(
+                mcfg,
+                ctx.gdn_cfg,
+                union,
+                masks,
+                eval_seqs,
+                batch_size=bs,
+                parallel=par,
+                desc=f"eval {label}",
+            )
+            for (policy, frac, keep), value in zip(keeps, ppl, strict=True):
+                rows.append(
+                    {
+                        "policy": policy,
+                        "kept_fraction": frac,
+                        "strategy": label,
+                        "keep_full_attention_layers": list(keep),
+                        "ppl": float(value),
+                    }
+                )
+            extra = {"init_seconds": round(init_seconds, 2)}
+            if "align" in report:
+                extra["align_loss_before"] = np.asarray(report["align"]["loss_before"]).tolist()
+                extra["align_loss_after"] = np.asarray(report["align"]["loss_after"]).tolist()
+            if ga_scores is not None:
+                extra["ga_s2_candidate_ppl"] = np.asarray(ga_scores).tolist()
+            extras[label] = extra
+            print(
+                f"{label}: "
+                + ", ".join(
+                    f"{r['policy']}@{r['kept_fraction']}={r['ppl']:.3f}"
+                    for r in rows
+                    if r["strategy"] == label
+                ),
+                flush=True,
+            )
+    return {
+        "teacher": config.teacher.path or os.path.join(workdir, "teacher"),
+        "teacher_ppl": teacher["ppl"],
+        "eval_tokens": teacher["tokens"],
+        "eval_split": config.eval.split,
+        "eval_seq_len": int(config.eval.seq_len),
+        "device": stages.device_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "jax_version": jax.__version__,
+        "calibration": {
+            "tokens": int(np.asarray(st.valid_nt).sum()),
+            "num_sequences": int(c.num_sequences),
+            "seq_len": int(c.seq_len),
+            "split": c.split,
+            "align_steps": int(c.align.steps),
+            "statistics_seconds": round(stats_seconds, 2),
+        },
+        "ar_candidate_ppl": None if ar_scores is None else np.asarray(ar_scores).tolist(),
+        "per_strategy": extras,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
+
+
+def write_outputs(result: dict, out_dir: str, name: str) -> dict:
+    """JSON + CSV + markdown table + PNG plot; returns {kind: path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"zero_shot_{name}")
+    paths = {k: f"{base}.{k}" for k in ("json", "csv", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=1)
+    fields = ["policy", "kept_fraction", "strategy", "keep_full_attention_layers", "ppl"]
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in result["rows"]:
+            w.writerow(
+                {
+                    **r,
+                    "keep_full_attention_layers": " ".join(
+                        map(str, r["keep_full_attention_layers"])
+                    ),
+                }
+            )
+    with open(paths["md"], "w") as f:
+        f.write(markdown_table(result))
+    plot(result, paths["png"])
+    return paths
+
+
+def _columns(result):
+    cols = []
+    for r in result["rows"]:
+        key = (r["policy"], r["kept_fraction"])
+        if key not in cols:
+            cols.append(key)
+    return cols
+
+
+def markdown_table(result: dict) -> str:
+    cols = _columns(result)
+    strategies = list(dict.fromkeys(r["strategy"] for r in result["rows"]))
+    ppl = {(r["strategy"], r["policy"], r["kept_fraction"]): r for r in result["rows"]}
+    head = "| strategy | " + " | ".join(f"{p} @ {f:.0%} kept" for p, f in cols) + " |"
+    lines = [
+        f"Zero-shot perplexity, teacher {result['teacher']} (teacher ppl "
+        f"{result['teacher_ppl']:.3f}), {result['eval_tokens']} eval tokens "
+        f"({result['eval_split']}, seq {result['eval_seq_len']}), {result['device']}, "
+        f"{result['date']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        head,
+        "|" + "---|" * (len(cols) + 1),
+        "| teacher | " + " | ".join(f"{result['teacher_ppl']:.3f}" for _ in cols) + " |",
+    ]
+    for s in strategies:
+        cells = []
+        for p, f in cols:
+            r = ppl.get((s, p, f))
+            cells.append("" if r is None else f"{r['ppl']:.3f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Kept layers:", ""]
+    seen = {}
+    for r in result["rows"]:
+        seen.setdefault((r["policy"], r["kept_fraction"]), {})[r["strategy"]] = r[
+            "keep_full_attention_layers"
+        ]
+    for (p, f), by_s in seen.items():
+        uniq = {tuple(v) for v in by_s.values()}
+        if len(uniq) == 1:
+            lines.append(f"- {p} @ {f:.0%}: {list(uniq.pop())}")
+        else:
+            lines.append(f"- {p} @ {f:.0%}: " + "; ".join(f"{s} {v}" for s, v in by_s.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = _columns(result)
+    strategies = list(dict.fromkeys(r["strategy"] for r in result["rows"]))
+    ppl = {(r["strategy"], r["policy"], r["kept_fraction"]): r["ppl"] for r in result["rows"]}
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols) * len(strategies) / 3), 4.5))
+    width = 0.8 / len(strategies)
+    x = np.arange(len(cols))
+    for j, s in enumerate(strategies):
+        vals = [ppl.get((s, p, f), np.nan) for p, f in cols]
+        ax.bar(x + (j - (len(strategies) - 1) / 2) * width, vals, width, label=s)
+    ax.axhline(result["teacher_ppl"], color="k", ls="--", lw=1, label="teacher")
+    ax.set_xticks(x, [f"{p}\n{f:.0%} kept" for p, f in cols])
+    ax.set_yscale("log")
+    ax.set_ylabel("zero-shot perplexity (log)")
+    ax.set_title(f"zero-shot students of {os.path.basename(result['teacher'].rstrip('/'))}")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or ""
+    if not config.teacher.path and not workdir:
+        raise app.UsageError("give --workdir (teacher in <workdir>/teacher) or teacher.path")
+    from taylorcal_jax.utils import progress
+
+    progress.set_enabled(config.progress)
+    fractions = [float(f) for f in _FRACTIONS.value]
+    result = sweep(config, workdir, _STRATEGIES.value, _POLICIES.value, fractions, _RULES.value)
+    name = _NAME.value or os.path.basename((config.teacher.path or workdir).rstrip("/"))
+    paths = write_outputs(result, _OUT.value, name)
+    print(markdown_table(result))
+    print("wrote " + ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    flags.mark_flag_as_required("config")
+    app.run(main)
