@@ -66,11 +66,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def make_tiny_checkpoint(
-    tmp_path, model_type: str, *, name: str | None = None, seed: int = 0, dtype=None, **overrides
+    tmp_path,
+    model_type: str,
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    dtype=None,
+    max_shard_size: str | None = None,
+    **overrides,
 ) -> pathlib.Path:
     """Builds, randomizes and saves a tiny `*ForCausalLM`; returns the checkpoint directory.
 
     dtype: torch dtype to store the weights in (default float32).
+    max_shard_size: e.g. "20KB" to make transformers write a sharded checkpoint with an index.
     """
     config = make_hf_config(model_type, **overrides)
     torch.manual_seed(seed)
@@ -80,7 +88,10 @@ def make_tiny_checkpoint(
         model = model.to(dtype)
     model.eval()
     path = pathlib.Path(tmp_path) / (name or model_type)
-    model.save_pretrained(path)
+    if max_shard_size is None:
+        model.save_pretrained(path)
+    else:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 
 
