@@ -52,7 +52,7 @@ def run(config, workdir: str, command: str = "(library call)") -> dict:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     summary = {
         "run": {
-            "command": " ".join(sys.argv) or "(library call)",
+            "command": command,
             "started": started,
             "stages": ", ".join(config.stages),
         }
