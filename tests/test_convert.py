@@ -1,5 +1,7 @@
 """Naive conversions: zero_gate == ablated teacher, GQA repetition, layout, copied parts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from taylorcal_jax.models.teacher import Transformer, init_params
 H, HKV, HEAD, D = 4, 2, 8, 32
 
 
+@functools.cache  # params are never modified in place
 def _teacher(model_type="qwen2", layers=4):
     cfg = ModelConfig(
         model_type=model_type,
