@@ -95,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibration.seed = 0
     c.calibration.block_size = 128  # key/query block of the O(T)-memory statistics
     c.calibration.sequences_per_batch = 4  # teacher passes vmapped together
+    c.calibration.teacher_pass = "blockwise"  # O(T) memory; "model": dense Transformer pass
     c.calibration.init_seed = 0  # random parts of the `copy` init (shared by all strategies)
     c.calibration.gamma_min = 1e-3  # decay gamma = clip(ln2 / D_h, gamma_min, gamma_max)
     c.calibration.gamma_max = 5.0

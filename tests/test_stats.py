@@ -25,6 +25,18 @@ def test_blockwise_equals_dense_gqa_window_padding(window, block):
     for g, w in zip(got, want, strict=True):
         assert _rel(g, w) <= 1e-5
     assert float(got[2]) == 32.0  # valid queries counted once
+    # with values: the same pass returns the attention context (flash attention)
+    from taylorcal_jax.models.layers import attend, attention_mask
+
+    v = jax.random.normal(jax.random.PRNGKey(7), (t, hkv, d))
+    res = attention_stats_sequence(
+        q, k, valid, scale=d**-0.5, window=window, block_size=block, v_tkd=v
+    )
+    idx = jnp.arange(t)[None]
+    mask = attention_mask(idx, idx, valid[None], window)
+    want_ctx = attend(q[None], k[None], v[None], mask, jnp.float32)[0]
+    assert _rel(res[3][5:], want_ctx[5:]) <= 1e-5
+    np.testing.assert_array_equal(res[3][:5], 0.0)  # padding queries see no key
 
 
 def test_known_answers_uniform_and_window_one():
@@ -85,8 +97,28 @@ def test_collect_matches_dense_on_teacher_with_window_and_padding():
     n, t = 3, 13
     tokens = jax.random.randint(jax.random.PRNGKey(1), (n, t), 0, cfg.vocab_size)
     valid = jnp.arange(t)[None, :] >= jnp.array([0, 4, 2])[:, None]
-    st = collect(model, params, cfg, tokens, valid_nt=valid, block_size=4, sequences_per_batch=2)
+    st = collect(
+        model,
+        params,
+        cfg,
+        tokens,
+        valid_nt=valid,
+        block_size=4,
+        sequences_per_batch=2,
+        teacher_pass="model",
+    )
     assert st.layers == (0, 1)
+    # the O(T)-memory teacher pass (context from the blockwise kernel) gives the same numbers
+    # on valid tokens; layers in any order
+    bw = collect(model, params, cfg, tokens, valid_nt=valid, layers=(1, 0), block_size=4)
+    m = np.asarray(valid)
+    for row, layer in enumerate((1, 0)):
+        for field in ("x_lntd", "context_lnthd", "attn_out_lntd"):
+            got = np.asarray(getattr(bw, field)[row])[m]
+            want = np.asarray(getattr(st, field)[layer])[m]
+            assert _rel(got, want) <= 1e-5, field
+        assert _rel(bw.distance_lh[row], st.distance_lh[layer]) <= 1e-5
+        assert _rel(bw.entropy_lh[row], st.entropy_lh[layer]) <= 1e-5
     _, _, inter = model.apply({"params": params}, tokens, valid_bt=valid, return_intermediates=True)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     for row, layer in enumerate(st.layers):

@@ -182,6 +182,7 @@ def collect_stats(config, model_config, params, tokens_nt) -> stats_lib.TeacherS
         tokens_nt,
         block_size=int(c.block_size),
         sequences_per_batch=int(c.sequences_per_batch),
+        teacher_pass=str(c.teacher_pass),
     )
 
 

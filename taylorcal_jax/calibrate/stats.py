@@ -56,6 +56,7 @@ def attention_stats_sequence(
     scale: float,
     window: int | None = None,
     block_size: int = 128,
+    v_tkd=None,
 ):
     """Per-head sums of D_i and E_i over the valid queries of one sequence.
 
@@ -65,8 +66,11 @@ def attention_stats_sequence(
       scale: softmax scale (d^-1/2 for the supported families).
       window: sliding window (query i sees keys with i - j < window) or None.
       block_size: query and key block length; memory is O(T * block_size).
+      v_tkd: optional [T, Hkv, d] values; then the attention context sum_j P_ij v_j is
+        accumulated in the same pass (flash attention), 0 for queries that see no key.
     Returns:
-      (distance_sum_h [H], entropy_sum_h [H], count []) in float32.
+      (distance_sum_h [H], entropy_sum_h [H], count []) in float32, plus context [T, H, d]
+      (float32) when v_tkd is given.
     """
     t, h, d = q_thd.shape
     hkv = k_tkd.shape[1]
@@ -81,6 +85,8 @@ def attention_stats_sequence(
     q = _pad_time(q_thd.astype(jnp.float32), tp).reshape(nb, bs, hkv, g, d)
     k = _pad_time(k_tkd.astype(jnp.float32), tp).reshape(nb, bs, hkv, d)
     valid = _pad_time(valid_t.astype(bool), tp, False).reshape(nb, bs)
+    with_v = v_tkd is not None
+    vv = _pad_time(v_tkd.astype(jnp.float32), tp).reshape(nb, bs, hkv, d) if with_v else None
     offs = jnp.arange(bs)
 
     def query_block(qi):
@@ -91,10 +97,11 @@ def attention_stats_sequence(
             jnp.zeros((hkv, g, bs), jnp.float32),  # z
             jnp.zeros((hkv, g, bs), jnp.float32),  # u
             jnp.zeros((hkv, g, bs), jnp.float32),  # b
+            jnp.zeros((hkv, g, bs, d) if with_v else (), jnp.float32),  # o = sum p v
         )
 
         def key_block(kj, carry):
-            m, z, u, b = carry
+            m, z, u, b, o = carry
             k_blk = jax.lax.dynamic_index_in_dim(k, kj, keepdims=False)  # [K, Hkv, d]
             v_blk = jax.lax.dynamic_index_in_dim(valid, kj, keepdims=False)  # [K]
             j_idx = kj * bs + offs
@@ -114,13 +121,16 @@ def attention_stats_sequence(
             z_new = alpha * z + jnp.sum(p, -1)
             u_new = alpha * (u + shift * z) + jnp.sum(jnp.where(mask, p * sm, 0.0), -1)
             b_new = alpha * b + jnp.sum(p * dist, -1)
-            return m_new, z_new, u_new, b_new
+            if with_v:
+                val = jax.lax.dynamic_index_in_dim(vv, kj, keepdims=False)  # [K, Hkv, d]
+                o = alpha[..., None] * o + jnp.einsum("hgqk,khd->hgqd", p, val)
+            return m_new, z_new, u_new, b_new, o
 
         if window is None:
             lo = 0
         else:  # first key any query of this block can see: qi*bs - (window - 1)
             lo = jnp.maximum(0, (qi * bs - (window - 1)) // bs)
-        _, z, u, b = jax.lax.fori_loop(lo, qi + 1, key_block, init)
+        _, z, u, b, o = jax.lax.fori_loop(lo, qi + 1, key_block, init)
         q_valid = jax.lax.dynamic_index_in_dim(valid, qi, keepdims=False)  # [Q]
         ok = q_valid  # a valid query always sees itself, so z > 0 there
         z_safe = jnp.where(z > 0, z, 1.0)
@@ -128,10 +138,15 @@ def attention_stats_sequence(
         dst = b / z_safe
         ent = jnp.sum(jnp.where(ok, ent, 0.0), -1).reshape(h)
         dst = jnp.sum(jnp.where(ok, dst, 0.0), -1).reshape(h)
-        return dst, ent, jnp.sum(ok.astype(jnp.float32))
+        cnt = jnp.sum(ok.astype(jnp.float32))
+        if not with_v:
+            return dst, ent, cnt, o
+        ctx = o / z_safe[..., None]  # [Hkv, G, Q, d]
+        return dst, ent, cnt, jnp.moveaxis(ctx, 2, 0).reshape(bs, h, d)
 
-    dst, ent, cnt = jax.lax.map(query_block, jnp.arange(nb))
-    return jnp.sum(dst, 0), jnp.sum(ent, 0), jnp.sum(cnt)
+    dst, ent, cnt, ctx = jax.lax.map(query_block, jnp.arange(nb))
+    out = (jnp.sum(dst, 0), jnp.sum(ent, 0), jnp.sum(cnt))
+    return out + (ctx.reshape(tp, h, d)[:t],) if with_v else out
 
 
 def dense_attention_stats(q_thd, k_tkd, valid_t, *, scale, window=None):
@@ -183,43 +198,95 @@ class TeacherStats:
         return self.layers.index(layer)
 
 
-def _per_sequence_fn(model, config, layers, block_size, keep_activations):
-    from taylorcal_jax.models.layers import attention_qkv
+TEACHER_PASSES = ("blockwise", "model")
+
+
+def _per_sequence_fn(model, config, layers, block_size, keep_activations, teacher_pass):
+    """fn(params, tokens_t, valid_t) -> per-layer sums (and activations) of one sequence.
+
+    teacher_pass "blockwise": the teacher's blocks are run here with the attention context
+    from the blockwise pass (memory O(T); layers after the last requested one are skipped);
+    "model": the `Transformer` with return_intermediates (dense T x T attention inside).
+    """
+    from taylorcal_jax.models.layers import MLP, RMSNorm, attention_qkv
 
     scale = config.head_dim**-0.5
+    last = max(layers)
+
+    def layer_stats(out, layer, q, k, valid_t, v=None):
+        res = attention_stats_sequence(
+            q,
+            k,
+            valid_t,
+            scale=scale,
+            window=config.sliding_windows[layer],
+            block_size=block_size,
+            v_tkd=v,
+        )
+        out["dist"].append(res[0])
+        out["ent"].append(res[1])
+        out["cnt"].append(res[2])
+        return res[3] if v is not None else None
 
     def per_sequence(params, tokens_t, valid_t):
         tokens_bt, valid_bt = tokens_t[None], valid_t[None]
         positions_bt = jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=-1) - 1, 0)
-        _, _, inter = model.apply(
-            {"params": params},
-            tokens_bt,
-            positions_bt=positions_bt,
-            valid_bt=valid_bt,
-            return_intermediates=True,
-        )
         out = {"dist": [], "ent": [], "cnt": [], "x": [], "ctx": [], "y": []}
-        for layer in layers:
-            li = inter[f"layers_{layer}"]
-            x_btd = li["attn_in"]
-            q, k, _ = attention_qkv(
-                params[f"layers_{layer}"]["self_attn"], config, x_btd, positions_bt
+        if teacher_pass == "model":
+            _, _, inter = model.apply(
+                {"params": params},
+                tokens_bt,
+                positions_bt=positions_bt,
+                valid_bt=valid_bt,
+                return_intermediates=True,
             )
-            dsum, esum, cnt = attention_stats_sequence(
-                q[0],
-                k[0],
-                valid_t,
-                scale=scale,
-                window=config.sliding_windows[layer],
-                block_size=block_size,
-            )
-            out["dist"].append(dsum)
-            out["ent"].append(esum)
-            out["cnt"].append(cnt)
-            if keep_activations:
-                out["x"].append(x_btd[0])
-                out["ctx"].append(li["attn_context"][0])
-                out["y"].append(li["attn_out"][0])
+            for layer in layers:
+                li = inter[f"layers_{layer}"]
+                x_btd = li["attn_in"]
+                q, k, _ = attention_qkv(
+                    params[f"layers_{layer}"]["self_attn"], config, x_btd, positions_bt
+                )
+                layer_stats(out, layer, q[0], k[0], valid_t)
+                if keep_activations:
+                    out["x"].append(x_btd[0])
+                    out["ctx"].append(li["attn_context"][0])
+                    out["y"].append(li["attn_out"][0])
+        else:
+            norm = RMSNorm(config.rms_norm_eps)
+            h = jnp.take(params["embed_tokens"]["embedding"], tokens_bt, axis=0)
+            h = h.astype(jnp.float32)
+            for layer in range(last + 1):
+                lp = params[f"layers_{layer}"]
+                x_btd = norm.apply({"params": lp["input_layernorm"]}, h)
+                q, k, v = attention_qkv(lp["self_attn"], config, x_btd, positions_bt)
+                if layer in layers:
+                    ctx = layer_stats(out, layer, q[0], k[0], valid_t, v[0])
+                else:  # context only (the statistics are discarded)
+                    ctx = attention_stats_sequence(
+                        q[0],
+                        k[0],
+                        valid_t,
+                        scale=scale,
+                        block_size=block_size,
+                        window=config.sliding_windows[layer],
+                        v_tkd=v[0],
+                    )[3]
+                t = ctx.shape[0]
+                kernel = lp["self_attn"]["o_proj"]["kernel"]
+                y = (ctx.reshape(t, -1) @ kernel.astype(jnp.float32))[None]
+                if keep_activations and layer in layers:
+                    out["x"].append(x_btd[0])
+                    out["ctx"].append(ctx)
+                    out["y"].append(y[0])
+                h = h + y
+                m = norm.apply({"params": lp["post_attention_layernorm"]}, h)
+                h = h + MLP(config).apply({"params": lp["mlp"]}, m)
+        order = sorted(range(len(layers)), key=lambda r: layers[r])  # blockwise runs ascending
+        rank = {layers[r]: n for n, r in enumerate(order)}
+        if teacher_pass != "model":  # re-order to the requested layer order
+            for key in out:
+                if out[key]:
+                    out[key] = [out[key][rank[lay]] for lay in layers]
         return {key: jnp.stack(val) for key, val in out.items() if val}
 
     return per_sequence
@@ -236,6 +303,7 @@ def collect(
     block_size: int = 128,
     sequences_per_batch: int = 8,
     keep_activations: bool = True,
+    teacher_pass: str = "blockwise",
 ) -> TeacherStats:
     """Runs the teacher on N sequences and returns `TeacherStats` for `layers` (default all).
 
@@ -245,6 +313,8 @@ def collect(
       block_size: query/key block of the blockwise statistics.
       sequences_per_batch: sequences run together (vmap) per step; bounds peak memory.
       keep_activations: also return x, C and attention outputs (needed by calibration).
+      teacher_pass: "blockwise" (O(T) memory, attention context from the blockwise pass) or
+        "model" (the Transformer's own dense attention; for cross-checking).
     """
     tokens_nt = jnp.asarray(tokens_nt)
     if tokens_nt.ndim != 2:
@@ -253,6 +323,10 @@ def collect(
         valid_nt = jnp.ones(tokens_nt.shape, bool)
     valid_nt = jnp.asarray(valid_nt, bool)
     layers = tuple(range(config.num_hidden_layers)) if layers is None else tuple(layers)
+    if teacher_pass not in TEACHER_PASSES:
+        raise ValueError(f"teacher_pass must be one of {TEACHER_PASSES}, got {teacher_pass!r}")
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be non-empty and distinct, got {layers}")
     for layer in layers:
         if not 0 <= layer < config.num_hidden_layers:
             raise ValueError(f"layer {layer} out of range for {config.num_hidden_layers} layers")
@@ -263,6 +337,7 @@ def collect(
         int(block_size),
         bool(keep_activations),
         int(max(1, min(sequences_per_batch, tokens_nt.shape[0]))),
+        teacher_pass,
     )
     out = fn(params, tokens_nt, valid_nt)
     cnt = jnp.sum(out["cnt"], axis=0)  # [L]
@@ -281,8 +356,10 @@ def collect(
 
 
 @functools.lru_cache(maxsize=16)
-def _collect_jit(model, config, layers, block_size, keep_activations, group):
-    per_sequence = _per_sequence_fn(model, config, layers, block_size, keep_activations)
+def _collect_jit(model, config, layers, block_size, keep_activations, group, teacher_pass):
+    per_sequence = _per_sequence_fn(
+        model, config, layers, block_size, keep_activations, teacher_pass
+    )
 
     @jax.jit
     def run(params, tokens_nt, valid_nt):
