@@ -149,3 +149,36 @@ def test_errors():
     student = copy_init(tparams, sc, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="not a student's"):
         copy_init(student, sc, jax.random.PRNGKey(0))
+
+
+def test_hf_qwen2_checkpoint_gqa_order_and_zero_gate(tmp_path):
+    """On a real transformers checkpoint (non-zero q/k/v biases, GQA): the GDN k/v head blocks
+    are HF's kv heads in `repeat_kv` order (read from the file, not through our loader), and
+    zero_gate still equals the teacher with those attention sublayers removed."""
+    from hf_factory import make_tiny_checkpoint
+
+    from taylorcal_jax.models import hf_io
+    from taylorcal_jax.models.safetensors_io import read_tensors
+
+    path = make_tiny_checkpoint(tmp_path, "qwen2", num_hidden_layers=2)
+    cfg, tparams = hf_io.load_pretrained(path)
+    h, d, groups = cfg.num_attention_heads, cfg.head_dim, cfg.num_kv_groups
+    assert groups > 1 and cfg.attention_bias
+    sc = StudentConfig.from_teacher(cfg, (0,), impl="reference")
+    student = NAIVE_STRATEGIES["zero_gate"](tparams, sc, jax.random.PRNGKey(0))
+    raw = read_tensors(path / "model.safetensors")
+    for name in ("k_proj", "v_proj"):
+        w = raw[f"model.layers.1.self_attn.{name}.weight"]  # [Hkv*d, D]
+        kernel = np.asarray(student["layers_1"]["gdn"][name]["kernel"])  # [D, H*d]
+        for head in range(h):
+            j = head // groups
+            np.testing.assert_array_equal(
+                kernel[:, head * d : (head + 1) * d], w[j * d : (j + 1) * d].T
+            )
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, cfg.vocab_size)
+    logits, _, _ = sc.model().apply({"params": student}, tokens)
+    ablated = jax.tree_util.tree_map(lambda x: x, tparams)
+    o = ablated["layers_1"]["self_attn"]["o_proj"]
+    o["kernel"] = jnp.zeros_like(o["kernel"])
+    ref, _, _ = Transformer(cfg).apply({"params": ablated}, tokens)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
