@@ -29,6 +29,7 @@ stacked on a leading axis; `taylor_init` applies it to a student's params.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -179,29 +180,25 @@ def calibrate_layer(
     return p, diag
 
 
+@functools.lru_cache(maxsize=8)
+def _calibrate_layers_jit(model_config, gdn_cfg, consts):
+    fn = functools.partial(
+        calibrate_layer, model_config=model_config, gdn_cfg=gdn_cfg, consts=consts
+    )
+    return jax.jit(jax.vmap(fn, in_axes=(0, 0, 0, None, 0, 0)))
+
+
 def calibrate_layers(stacked_gdn, stats, layer_rows, *, model_config, gdn_cfg, consts):
     """`calibrate_layer` vmapped over layers: stacked_gdn has leaves [L, ...], `layer_rows` are
     the rows of `stats` (TeacherStats) for those layers, in the same order."""
     if stats.x_lntd is None:
         raise ValueError("statistics were collected with keep_activations=False")
     rows = jnp.asarray(layer_rows)
-    fn = jax.vmap(
-        lambda p, x, c, dist, ent: calibrate_layer(
-            p,
-            x,
-            c,
-            stats.valid_nt,
-            dist,
-            ent,
-            model_config=model_config,
-            gdn_cfg=gdn_cfg,
-            consts=consts,
-        )
-    )
-    return jax.jit(fn)(
+    return _calibrate_layers_jit(model_config, gdn_cfg, consts)(
         stacked_gdn,
         stats.x_lntd[rows],
         stats.context_lnthd[rows],
+        stats.valid_nt,
         stats.distance_lh[rows],
         stats.entropy_lh[rows],
     )

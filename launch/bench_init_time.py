@@ -1,0 +1,186 @@
+"""Wall time of the whole Taylor-Calibrate initialisation (BENCHMARKS.md §2-3).
+
+Qwen2.5-1.5B shape by default (28 layers, hidden 1536, 12 heads, 2 kv heads, head dim 128,
+MLP 8960, vocab 151936, tied embeddings), random weights, 21 converted layers (uniform 25%
+kept: 0, 4, ..., 24), calibration batch 4 x 256, 300 alignment steps:
+
+    python launch/bench_init_time.py                   # one H100: the reference figure
+    python launch/bench_init_time.py --mesh_layers=-1  # all local devices on the layer axis
+    python launch/bench_init_time.py --small           # a seconds-long CPU dry run
+
+Phases, each timed cold (first call: tracing + compilation + run) and warm (second call,
+same shapes): statistics (blockwise teacher pass over the converted layers), phase 1
+(copy + closed-form calibration), phase 2 (alignment of all converted layers at once); plus
+a plain teacher forward (logits) on the same batch for the statistics throughput ratio.
+Writes launch/results/bench_init_time_<tag>.json (device, versions, date, command).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+_SMALL = flags.DEFINE_bool("small", False, "Tiny shapes (CPU dry run).")
+_LAYERS = flags.DEFINE_integer("layers", 28, "Layers.")
+_HIDDEN = flags.DEFINE_integer("hidden", 1536, "Hidden size.")
+_HEADS = flags.DEFINE_integer("heads", 12, "Query heads.")
+_KV = flags.DEFINE_integer("kv_heads", 2, "Key/value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
+_MLP = flags.DEFINE_integer("intermediate", 8960, "MLP width.")
+_VOCAB = flags.DEFINE_integer("vocab", 151936, "Vocabulary.")
+_KEEP_EVERY = flags.DEFINE_integer("keep_every", 4, "Keep attention in every k-th layer.")
+_N = flags.DEFINE_integer("num_sequences", 4, "Calibration sequences.")
+_T = flags.DEFINE_integer("seq_len", 256, "Calibration sequence length.")
+_STEPS = flags.DEFINE_integer("align_steps", 300, "Alignment steps.")
+_BLOCK = flags.DEFINE_integer("block_size", 128, "Statistics block size.")
+_MESH_LAYERS = flags.DEFINE_integer("mesh_layers", 1, "Devices on the layer axis (-1: all).")
+_MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Devices on the data axis.")
+_IMPL = flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation.")
+_TAG = flags.DEFINE_string("tag", "", "Result file tag (default: device kind).")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+
+
+def _timed(fn):
+    import jax
+
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - t0
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+    import common
+
+    from taylorcal_jax.calibrate import align, stats, taylor
+    from taylorcal_jax.convert.naive import copy_init
+    from taylorcal_jax.models.config import ModelConfig
+    from taylorcal_jax.models.student import StudentConfig
+    from taylorcal_jax.models.teacher import Transformer, init_params
+    from taylorcal_jax.train.stages import device_description
+    from taylorcal_jax.utils import sharding
+
+    shape = dict(
+        layers=_LAYERS.value,
+        hidden=_HIDDEN.value,
+        heads=_HEADS.value,
+        kv=_KV.value,
+        head_dim=_HEAD_DIM.value,
+        mlp=_MLP.value,
+        vocab=_VOCAB.value,
+        n=_N.value,
+        t=_T.value,
+        steps=_STEPS.value,
+    )
+    if _SMALL.value:
+        shape.update(
+            layers=4, hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=256, n=2, t=64, steps=10
+        )
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv"],
+        head_dim=shape["head_dim"],
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    )
+    keep = tuple(range(0, shape["layers"], _KEEP_EVERY.value))
+    sc = StudentConfig.from_teacher(cfg, keep, impl=_IMPL.value)
+    converted = sc.converted_layers
+    c = common.get_config()
+    consts = taylor.TaylorConstants.from_config(c.calibration)
+    c.calibration.align.steps = shape["steps"]
+    align_cfg = align.AlignConfig.from_config(c.calibration.align)
+    axes = {"layers": _MESH_LAYERS.value, "data": _MESH_DATA.value}
+    n_dev = _MESH_LAYERS.value * _MESH_DATA.value
+    mesh = sharding.make_mesh(axes, jax.devices()[:n_dev] if n_dev > 0 else None)
+
+    params, init_s = _timed(lambda: jax.jit(lambda k: init_params(cfg, k))(jax.random.PRNGKey(0)))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (shape["n"], shape["t"]), 0, cfg.vocab_size)
+    model = Transformer(cfg)
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+
+    def run_stats():
+        return stats.collect(
+            model,
+            params,
+            cfg,
+            tokens,
+            layers=converted,
+            block_size=_BLOCK.value,
+            sequences_per_batch=shape["n"],
+        )
+
+    def run_phase1(st):
+        student = copy_init(params, sc, jax.random.PRNGKey(2))
+        return taylor.taylor_init(
+            student, st, converted, model_config=cfg, gdn_cfg=sc.gdn, consts=consts
+        )
+
+    def run_phase2(student, st):
+        return align.align_student(
+            student, st, converted, model_config=cfg, gdn_cfg=sc.gdn, cfg=align_cfg, mesh=mesh
+        )
+
+    timings = {}
+    for label in ("cold", "warm"):
+        _, t_fwd = _timed(lambda: fwd(params, tokens))
+        st, t_stats = _timed(run_stats)
+        (student, _), t_p1 = _timed(lambda st=st: run_phase1(st))
+        (student, metrics), t_p2 = _timed(lambda s=student, st=st: run_phase2(s, st))
+        timings[label] = {
+            "teacher_forward_s": t_fwd,
+            "statistics_s": t_stats,
+            "phase1_s": t_p1,
+            "phase2_s": t_p2,
+            "total_s": t_stats + t_p1 + t_p2,
+        }
+        print(label, {k: round(v, 3) for k, v in timings[label].items()}, flush=True)
+    n_tok = shape["n"] * shape["t"]
+    warm = timings["warm"]
+    result = {
+        "benchmark": "full Taylor-Calibrate initialisation (statistics + phase 1 + phase 2)",
+        "shape": shape,
+        "converted_layers": list(converted),
+        "keep_full_attention_layers": list(keep),
+        "mesh": dict(mesh.shape),
+        "gdn_impl": _IMPL.value,
+        "timings": timings,
+        "statistics_tokens_per_s": n_tok / warm["statistics_s"],
+        "teacher_forward_tokens_per_s": n_tok / warm["teacher_forward_s"],
+        "align_loss_before_mean": float(jnp.mean(metrics["loss_before"])),
+        "align_loss_after_mean": float(jnp.mean(metrics["loss_after"])),
+        "param_init_s": init_s,
+        "device": device_description(),
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    tag = _TAG.value or (
+        "small" if _SMALL.value else jax.devices()[0].device_kind.replace(" ", "_")
+    )
+    os.makedirs(_OUT.value, exist_ok=True)
+    path = os.path.join(_OUT.value, f"bench_init_time_{tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "shape"}, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    app.run(main)
