@@ -16,10 +16,13 @@ Usage (device): python3 launch/bench_gdn_kernel.py --out $OUT/gdn_kernel_h100.js
 Modes used internally: --mode check | jax --row i | fla.
 """
 
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -45,6 +48,12 @@ def make_inputs(shape, seed=0):
     beta = (1.0 / (1.0 + np.exp(-rng.standard_normal((b, t, h))))).astype(np.float32)
     do = rng.standard_normal((b, t, h, d), dtype=np.float32)
     return q, k, v, g, beta, do
+
+
+def _config_from_env():
+    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
+
+    return GDNPallasConfig(**json.loads(os.environ.get("GDN_BENCH_CONFIG", "{}")))
 
 
 def ref_path(i):
@@ -105,7 +114,12 @@ def run_jax_row(i):
     del q, k, v, g, beta, do
     res = {"shape": list(shape), "dtype": "bfloat16"}
     dev = jax.devices()[0]
-    ours = lambda *a: gated_delta_rule_pallas(*a, interpret=None)  # noqa: E731
+    cfg = _config_from_env()
+    res["ours_config"] = dataclasses.asdict(cfg)
+
+    def ours(*a):
+        return gated_delta_rule_pallas(*a, interpret=None, config=cfg)
+
     fwd, fb = _fwd_fwdbwd(ours)
     try:
         res["ours_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
@@ -124,6 +138,9 @@ def run_jax_row(i):
     np.save(ref_path(i), o_ref)
     if o_ours is not None:
         res["ours_rel_err"] = _rel(o_ours, o_ref)
+    if os.environ.get("GDN_BENCH_SKIP_CHUNKED") == "1":
+        print("JSONROW " + json.dumps(res), flush=True)
+        return
     try:
         from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
 
@@ -137,7 +154,7 @@ def run_jax_row(i):
 
 
 def run_check():
-    """Correctness on the GPU (bf16 and fp32, odd T, initial/final state, gradients) + a BV sweep."""
+    """GPU correctness (bf16 and fp32, odd T, initial/final state, gradients) + profile()."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -148,7 +165,8 @@ def run_check():
 
     out = {}
     for dt_name, dt in (("bf16", jnp.bfloat16), ("f32", jnp.float32)):
-        b, t, h, d = (1, 40, 2, 32) if os.environ.get("BENCH_GDN_TINY") == "1" else (2, 300, 4, 128)
+        tiny = os.environ.get("BENCH_GDN_TINY") == "1"
+        b, t, h, d = (1, 40, 2, 32) if tiny else (2, 300, 4, 128)
         q, k, v, g, beta, do = make_inputs((b, t, h, d), seed=1)
         s0 = np.random.default_rng(2).standard_normal((b, h, d, d)).astype(np.float32)
         args = [jnp.asarray(q, dt), jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(g),
@@ -162,7 +180,8 @@ def run_check():
 
         t0 = time.perf_counter()
         (_, (o, s)), grads = jax.jit(jax.value_and_grad(
-            lambda *a: loss(gated_delta_rule_pallas, *a, interpret=None), argnums=range(6), has_aux=True))(*args)
+            lambda *a: loss(gated_delta_rule_pallas, *a, interpret=None), argnums=range(6),
+            has_aux=True))(*args)
         jax.block_until_ready(grads)
         out[f"{dt_name}_compile_run_s"] = time.perf_counter() - t0
         with jax.default_matmul_precision("highest"):
@@ -171,45 +190,123 @@ def run_check():
                 lambda *a: loss(gated_delta_rule_reference, *a), argnums=range(6),
                 has_aux=True))(*args32)
         out[f"{dt_name}_o"] = _rel(o.astype(jnp.float32), ro)
+        split = GDNPallasConfig(forward="split", block_v=32)
+        o2, s2 = jax.jit(lambda *a: gated_delta_rule_pallas(
+            *a[:5], initial_state_bhkv=a[5], output_final_state=True, config=split,
+            interpret=None))(*args)
+        out[f"{dt_name}_split_o"] = _rel(o2.astype(jnp.float32), ro)
+        out[f"{dt_name}_split_state"] = _rel(s2, rs)
         out[f"{dt_name}_state"] = _rel(s, rs)
-        for name, a, r in zip(["dq", "dk", "dv", "dg", "dbeta", "ds0"], grads, rgrads):
+        names = ["dq", "dk", "dv", "dg", "dbeta", "ds0"]
+        for name, a, r in zip(names, grads, rgrads, strict=True):
             out[f"{dt_name}_{name}"] = _rel(a.astype(jnp.float32), r)
             out[f"{dt_name}_{name}_finite"] = bool(np.isfinite(np.asarray(a, np.float32)).all())
         print("CHECK", dt_name, {k_: v_ for k_, v_ in out.items() if k_.startswith(dt_name)},
               flush=True)
-    # block_v / warps sweep of the forward at row 0
-    q, k, v, g, beta, _ = make_inputs(ROWS[0])
-    bf = jnp.bfloat16
-    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
-            jnp.asarray(beta, bf)]
-    sweep = ((64, 4, 4), (32, 4, 4), (64, 8, 4), (128, 8, 4), (64, 4, 8))
-    for bv, ws, wc in sweep[:1] if os.environ.get("BENCH_GDN_TINY") == "1" else sweep:
-        cfg = GDNPallasConfig(block_v=bv, warps_seq=ws, warps_chunk=wc)
-        f = jax.jit(lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg, interpret=None)[0])
-        try:
-            out[f"sweep_bv{bv}_ws{ws}_wc{wc}_fwd_ms"] = _jax_timer(f, args)
-        except Exception as e:  # noqa: BLE001
-            out[f"sweep_bv{bv}_ws{ws}_wc{wc}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        print("SWEEP", bv, ws, wc, out.get(f"sweep_bv{bv}_ws{ws}_wc{wc}_fwd_ms"), flush=True)
+    out.update(profile())
     print("JSONCHECK " + json.dumps(out), flush=True)
+
+
+VARIANTS = {
+    "fused_bv32": dict(forward="fused", block_v=32),
+    "split_bv64": dict(forward="split", block_v=64),
+    "split_bv32": dict(forward="split", block_v=32),
+    "split_bv16": dict(forward="split", block_v=16),
+    "split_bv32_w8": dict(forward="split", block_v=32, warps_chunk=8, warps_out=8),
+    "split_bv32_wc2": dict(forward="split", block_v=32, warps_chunk=2),
+}
+
+
+def profile():
+    """Forward variants at rows 0 and 2, and each kernel / backward stage alone at row 0."""
+    import jax
+    import jax.numpy as jnp
+
+    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
+    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+
+    out = {}
+    tiny = os.environ.get("BENCH_GDN_TINY") == "1"
+    bf = jnp.bfloat16
+    for ri in (0,) if tiny else (0, 2):
+        q, k, v, g, beta, do = make_inputs(ROWS[ri])
+        args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
+                jnp.asarray(beta, bf)]
+        for name, kw in VARIANTS.items():
+            cfg = GDNPallasConfig(**kw)
+            f = jax.jit(lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg,
+                                                                     interpret=None)[0])
+            key = f"fwd_row{ri}_{name}_ms"
+            try:
+                out[key] = _jax_timer(f, args)
+            except Exception as e:  # noqa: BLE001
+                out[key.replace("_ms", "_error")] = f"{type(e).__name__}: {str(e)[:400]}"
+            print("PROFILE", key, out.get(key), flush=True)
+        if ri != 0:
+            continue
+        # pieces at row 0, default block sizes of each structure
+        st = pg._Static(chunk=64, scale=128**-0.5, use_l2=True, interpret=tiny,
+                        cfg=GDNPallasConfig(forward="split", block_v=32))
+        s0 = jnp.zeros((ROWS[0][0], ROWS[0][2], 128, 128), jnp.float32)
+        qq, kk, vv, gg, bb = args
+        dt = bf
+        pieces = {}
+        pieces["chunk_kernel"] = (jax.jit(lambda k_, v_, g_, b_: pg._chunk_call(
+            k_, v_, g_, b_, st, dt, with_kd=True)), (kk, vv, gg, bb))
+        w, u, gcum, kd = pieces["chunk_kernel"][0](kk, vv, gg, bb)
+        pieces["states_kernel_bv32"] = (jax.jit(lambda *a: pg._states_call(*a, st, dt)),
+                                        (w, u, kd, gcum, s0))
+        hmat, vp, _ = pieces["states_kernel_bv32"][0](w, u, kd, gcum, s0)
+        pieces["out_kernel"] = (jax.jit(lambda *a: pg._out_call(*a, st, dt, bf)),
+                                (qq, kk, gcum, hmat, vp))
+        st64 = dataclasses.replace(st, cfg=GDNPallasConfig(forward="fused", block_v=64))
+        pieces["fused_seq_kernel_bv64"] = (jax.jit(lambda *a: pg._seq_call(*a, st64, dt, bf)),
+                                           (qq, kk, w, u, gcum, s0))
+        pieces["bwd_stage1_xla_vjp"] = (jax.jit(lambda *a: jax.vjp(
+            functools.partial(pg._stage1, st=st, dt=dt), *a)[1](
+            (w, u, w, kd, jnp.zeros((*w.shape[:3], 64), bf), gcum))), tuple(args))
+        do_ = jnp.asarray(do, bf)
+        dst = jnp.zeros_like(s0)
+        aqk = jnp.zeros((*w.shape[:3], 64), bf)
+        pieces["bwd_sequential_pallas"] = (jax.jit(lambda *a: pg._backward_seq(*a, st, dt)),
+                                           (w, u, w, kd, aqk, gcum, s0, do_, dst))
+        for name, (f, a_) in pieces.items():
+            try:
+                out[f"piece_{name}_ms"] = _jax_timer(f, a_)
+            except Exception as e:  # noqa: BLE001
+                out[f"piece_{name}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            print("PROFILE", name, out.get(f"piece_{name}_ms"), flush=True)
+    return out
+
+
+def best_variant(check):
+    """The variant with the smallest summed forward time over the profiled rows."""
+    tot = {}
+    for name in VARIANTS:
+        ts = [v for k, v in check.items() if k.startswith("fwd_row") and k.endswith(f"_{name}_ms")]
+        if ts and len(ts) == len([k for k in check if k.startswith("fwd_row")
+                                  and k.endswith("_split_bv32_ms")]):
+            tot[name] = sum(ts)
+    return min(tot, key=tot.get) if tot else None
 
 
 # ----------------------------------------------------------------------------- FLA side
 
 
-def run_fla():
+def run_fla(fla_rows, fwd_only):
+    import fla
+    import fla.ops.common.chunk_o as chunk_o
     import numpy as np
     import torch
     import triton
-
-    import fla
-    import fla.ops.common.chunk_o as chunk_o
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     chunk_o.IS_NVIDIA_HOPPER = False  # timing only: FLA's Hopper guard (triton < 3.7.1)
     dev = "cuda"
-    for i, shape in enumerate(ROWS):
-        res = {"fla": fla.__version__}
+    for i in fla_rows:
+        shape = ROWS[i]
+        res = {"fla": fla.__version__, "row": i}
         q, k, v, g, beta, do = make_inputs(shape)
         bf = torch.bfloat16
         t = lambda x, dt=bf: torch.from_numpy(x).to(dev).to(dt)  # noqa: E731
@@ -233,6 +330,8 @@ def run_fla():
             if os.path.exists(ref_path(i)):
                 o_ref = np.load(ref_path(i))
                 res["fla_rel_err"] = float(np.linalg.norm(o - o_ref) / np.linalg.norm(o_ref))
+            if fwd_only:
+                raise StopIteration
             fb()
             for x in (q_, k_, v_, g_, beta_):
                 x.grad = None
@@ -243,10 +342,12 @@ def run_fla():
             res["fla_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             res["fla_fwdbwd_ms"] = float(triton.testing.do_bench(
                 fb, grad_to_none=[q_, k_, v_, g_, beta_], return_mode="median"))
+        except StopIteration:
+            pass
         except Exception as e:  # noqa: BLE001
             res["fla_error"] = f"{type(e).__name__}: {str(e)[:1000]}"
         print("JSONFLA " + json.dumps(res), flush=True)
-        del q_, k_, v_, g_, beta_, do_
+        fwd = fb = None
         torch.cuda.empty_cache()
 
 
@@ -280,6 +381,11 @@ def main():
     ap.add_argument("--row", type=int, default=0)
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-chunked", action="store_true")
+    ap.add_argument("--fla-rows", default=None, help="default: the same rows as --rows")
+    ap.add_argument("--fla-fwd-only", action="store_true")
+    ap.add_argument("--config", default="auto",
+                    help="GDNPallasConfig fields as JSON, or 'auto': the fastest profiled variant")
     ap.add_argument("--out", default="gdn_kernel.json")
     a = ap.parse_args()
     if a.mode == "check":
@@ -287,12 +393,12 @@ def main():
     if a.mode == "jax":
         return run_jax_row(a.row)
     if a.mode == "fla":
-        return run_fla()
+        return run_fla([int(x) for x in a.fla_rows.split(",")], a.fla_fwd_only)
     log_dir = os.path.dirname(os.path.abspath(a.out))
     result = {"command": "python3 " + " ".join(sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    probe = ("import jax, torch\ntry:\n import triton; tv = triton.__version__\nexcept ImportError:\n"
-             " tv = None\nprint(repr((jax.__version__, torch.__version__, tv, "
+    probe = ("import jax, torch\ntry:\n import triton; tv = triton.__version__\n"
+             "except ImportError:\n tv = None\nprint(repr((jax.__version__, torch.__version__, tv, "
              "torch.cuda.get_device_name(0) if torch.cuda.is_available() else str(jax.devices()[0])"
              ")))")
     ver = eval(subprocess.run([sys.executable, "-c", probe], capture_output=True,  # noqa: S307
@@ -303,18 +409,33 @@ def main():
         open(os.path.join(log_dir, "check.log"), "w").write(text)
         checks = _parse(text, "JSONCHECK")
         result["check"] = checks[0] if checks else {"error": text[-3000:]}
+    if a.config == "auto":
+        name = best_variant(result.get("check", {}))
+        cfg = VARIANTS[name] if name else {}
+        result["chosen_variant"] = name
+    else:
+        cfg = json.loads(a.config)
+    os.environ["GDN_BENCH_CONFIG"] = json.dumps(cfg)
+    if a.skip_chunked:
+        os.environ["GDN_BENCH_SKIP_CHUNKED"] = "1"
+    print("ours config:", cfg, flush=True)
     rows = {}
     for i in (int(x) for x in a.rows.split(",")):
         text = _sub("jax", ["--row", str(i)], timeout=240)
         open(os.path.join(log_dir, f"row{i}.log"), "w").write(text)
         got = _parse(text, "JSONROW")
         rows[i] = got[0] if got else {"shape": list(ROWS[i]), "error": text[-2000:]}
-    text = _sub("fla", timeout=300)
+    result["rows"] = list(rows.values())
+    with open(a.out, "w") as f:  # partial result, in case the FLA step runs out of time
+        json.dump(result, f, indent=1)
+    fla_rows = a.fla_rows if a.fla_rows is not None else a.rows
+    fla_args = ["--fla-rows", fla_rows] + (["--fla-fwd-only"] if a.fla_fwd_only else [])
+    text = _sub("fla", fla_args, timeout=300)
     open(os.path.join(log_dir, "fla.log"), "w").write(text)
-    fla_rows = _parse(text, "JSONFLA")
-    for i, fr in zip(range(len(ROWS)), fla_rows):
+    for fr in _parse(text, "JSONFLA"):
+        i = fr.pop("row")
+        result["fla"] = fr.pop("fla")
         if i in rows:
-            result["fla"] = fr.pop("fla")
             rows[i].update(fr)
     for r in rows.values():
         for key in ("fwd", "fwdbwd"):
@@ -331,7 +452,8 @@ def main():
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{'shape':>22} {'ours f':>8} {'fla f':>8} {'r':>5} {'ours fb':>8} {'fla fb':>8} "
-          f"{'r':>5} {'xla f':>7} {'xla fb':>7} {'pk ours':>8} {'pk fla':>8} {'err':>8} {'fla e':>8}")
+          f"{'r':>5} {'xla f':>7} {'xla fb':>7} {'pk ours':>8} {'pk fla':>8} {'err':>8} "
+          f"{'fla e':>8}")
     for r in result["rows"]:
         g = lambda k_: r.get(k_, float("nan"))  # noqa: E731
         print(f"{str(r['shape']):>22} {g('ours_fwd_ms'):8.3f} {g('fla_fwd_ms'):8.3f} "

@@ -19,25 +19,34 @@ import jax
 class GDNPallasConfig:
     """Block sizes and launch options.
 
+    forward: "fused" = two kernels (chunk-parallel w/u; sequential pass writing o and the state);
+      "split" = three (chunk-parallel w/u/kd; sequential pass writing chunk-start states h and v';
+      chunk-parallel output o = s (q exp(G)) h + aqk v'), as flash-linear-attention does.
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd: Triton warps of the chunk-parallel, sequential forward
       and sequential backward kernels.
-    stages: Triton software-pipelining depth.
+    stages / stages_f32: Triton software-pipelining depth for bf16 / float32 inputs (fp32 tiles
+      at depth 2 overflow the 227 KB of shared memory, seen on an H100).
     f32_precision: dot precision used when the inputs are float32 ("highest" = exact fp32;
       "tf32x3" = three TF32 passes, about 1e-6 relative, faster). bf16 inputs always use bf16
       operands with float32 accumulation.
     """
 
+    forward: str = "fused"
     block_v: int = 64
     warps_chunk: int = 4
     warps_seq: int = 4
     warps_bwd: int = 4
+    warps_out: int = 4
     stages: int = 2
+    stages_f32: int = 1
     f32_precision: str = "highest"
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
+        if self.forward not in ("fused", "split"):
+            raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(f"f32_precision must be 'highest' or 'tf32x3', got "
                              f"{self.f32_precision!r}")

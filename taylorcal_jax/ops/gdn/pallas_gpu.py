@@ -91,21 +91,23 @@ def _inv_unit_lower16(a):
     return t
 
 
-def _compiler_params(st: _Static, warps: int):
+def _compiler_params(st: _Static, warps: int, dt):
     if st.interpret:
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=warps, num_stages=st.cfg.stages)
+    stages = st.cfg.stages_f32 if dt == F32 else st.cfg.stages
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------- kernel 1
 
 
-def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *, st, dt, prec):
+def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref, st, dt, prec):
     c = st.chunk
     ns = c // 16
     g = g_ref[...].astype(F32)  # [C]
+    g_total = jnp.sum(g)
     rc, cc = _iota((c, c), 0), _iota((c, c), 1)
     gcum_ref[...] = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)
     r16c, c16c = _iota((16, c), 0), _iota((16, c), 1)
@@ -124,6 +126,8 @@ def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *, st, 
         bs.append(b_i)
         rks.append((b_i * jnp.exp(g_i))[:, None] * k_i)
         rvs.append(b_i[:, None] * v_i)
+        if kd_ref:  # k exp(G_C - G) for the split forward's state pass
+            kd_ref[0][rows, :] = (k_i * jnp.exp(g_total - g_i)[:, None]).astype(kd_ref[0].dtype)
     hp = lax.Precision.HIGHEST
     a = {}
     for i in range(ns):
@@ -154,7 +158,7 @@ def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *, st, 
         u_ref[pl.ds(16 * i, 16), :] = u_i.astype(u_ref.dtype)
 
 
-def _chunk_call(k, v, g, beta, st: _Static, dt):
+def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False):
     b, tp, h, kd = k.shape
     vd = v.shape[-1]
     c = st.chunk
@@ -162,18 +166,21 @@ def _chunk_call(k, v, g, beta, st: _Static, dt):
     idx4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     idx3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
     kern = functools.partial(_chunk_kernel, st=st, dt=dt, prec=_f32_precision(st))
+    extra_spec = [pl.BlockSpec((None, c, None, kd), idx4)] if with_kd else []
+    extra_shape = [jax.ShapeDtypeStruct((b, tp, h, kd), dt)] if with_kd else []
     return pl.pallas_call(
         kern,
         grid=(nt, b, h),
         in_specs=[pl.BlockSpec((None, c, None, kd), idx4), pl.BlockSpec((None, c, None, vd), idx4),
                   pl.BlockSpec((None, c, None), idx3), pl.BlockSpec((None, c, None), idx3)],
         out_specs=[pl.BlockSpec((None, c, None, kd), idx4),
-                   pl.BlockSpec((None, c, None, vd), idx4), pl.BlockSpec((None, c, None), idx3)],
+                   pl.BlockSpec((None, c, None, vd), idx4),
+                   pl.BlockSpec((None, c, None), idx3)] + extra_spec,
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), dt),
                    jax.ShapeDtypeStruct((b, tp, h, vd), dt),
-                   jax.ShapeDtypeStruct((b, tp, h), F32)],
+                   jax.ShapeDtypeStruct((b, tp, h), F32)] + extra_shape,
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_chunk),
+        compiler_params=_compiler_params(st, st.cfg.warps_chunk, dt),
         name="gdn_chunk",
     )(k, v, g, beta)
 
@@ -186,7 +193,8 @@ def _last(x, c):
     return jnp.sum(jnp.where(_iota((c,), 0) == c - 1, x, 0.0))
 
 
-def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, st, dt, prec, nt):
+def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, st, dt, prec,
+                nt):
     c = st.chunk
     causal = _iota((c, c), 0) >= _iota((c, c), 1)
 
@@ -230,15 +238,83 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
                    jax.ShapeDtypeStruct((b, h, kd, vd), F32)],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_seq),
+        compiler_params=_compiler_params(st, st.cfg.warps_seq, dt),
         name="gdn_seq",
     )(q, k, w, u, gcum, s0)
 
 
+def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
+    """Split forward, chunk-parallel: o = s (q exp(G)) h + (s causal Gamma q k^T) v'."""
+    c = st.chunk
+    causal = _iota((c, c), 0) >= _iota((c, c), 1)
+    q = q_ref[...].astype(F32)
+    k = k_ref[...].astype(F32)
+    if st.use_l2:
+        q, k = _l2(q), _l2(k)
+    q = q * st.scale
+    gg = gcum_ref[...]
+    qk = _mm(q, k, 1, 1, dt, prec)
+    aqk = jnp.where(causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    o = _mm(q * jnp.exp(gg)[:, None], h_ref[...], 1, 0, dt, prec) + _mm(aqk, vp_ref[...], 1, 0,
+                                                                        dt, prec)
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _states_call(w, u, kd, gc_src, s0, st: _Static, dt):
+    """Sequential state pass: (h [B, H, NT*K, V] chunk-start states, v' [B,Tp,H,V], final S)."""
+    b, tp, h, kdim = w.shape
+    vd = u.shape[-1]
+    nt = tp // st.chunk
+    bv = min(st.cfg.block_v, vd)
+    fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
+    fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
+    ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
+    state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    return pl.pallas_call(
+        functools.partial(_states_kernel, st=st, dt=dt, prec=_f32_precision(st), nt=nt,
+                          kdim=kdim),
+        grid=(vd // bv, b, h),
+        in_specs=[fk, fv, fk, ft, state],
+        out_specs=[hs, fv, state],
+        out_shape=[jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+                   jax.ShapeDtypeStruct((b, tp, h, vd), dt),
+                   jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
+        interpret=st.interpret,
+        compiler_params=_compiler_params(st, st.cfg.warps_seq, dt),
+        name="gdn_states",
+    )(w, u, kd, gc_src, s0)
+
+
+def _out_call(q, k, gcum, hmat, vp, st: _Static, dt, out_dtype):
+    b, tp, h, kdim = q.shape
+    vd = vp.shape[-1]
+    c = st.chunk
+    idx4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_out_kernel, st=st, dt=dt, prec=_f32_precision(st)),
+        grid=(tp // c, b, h),
+        in_specs=[pl.BlockSpec((None, c, None, kdim), idx4),
+                  pl.BlockSpec((None, c, None, kdim), idx4),
+                  pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh)),
+                  pl.BlockSpec((None, None, kdim, vd), lambda i, bb, hh: (bb, hh, i, 0)),
+                  pl.BlockSpec((None, c, None, vd), idx4)],
+        out_specs=pl.BlockSpec((None, c, None, vd), idx4),
+        out_shape=jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
+        interpret=st.interpret,
+        compiler_params=_compiler_params(st, st.cfg.warps_out, dt),
+        name="gdn_out",
+    )(q, k, gcum, hmat, vp)
+
+
 def _forward(q, k, v, g, beta, s0, st: _Static):
     dt = _operand_dtype(q, k, v)
-    w, u, gcum = _chunk_call(k, v, g, beta, st, dt)
-    return _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
+    if st.cfg.forward == "fused":
+        w, u, gcum = _chunk_call(k, v, g, beta, st, dt)
+        return _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
+    w, u, gcum, kd = _chunk_call(k, v, g, beta, st, dt, with_kd=True)
+    hmat, vp, s_final = _states_call(w, u, kd, gcum, s0, st, dt)
+    return _out_call(q, k, gcum, hmat, vp, st, dt, v.dtype), s_final
 
 
 def _operand_dtype(*xs):
@@ -292,7 +368,9 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
     return outs + (lgc.reshape(b, tp, h),)
 
 
-def _states_kernel(w_ref, u_ref, kd_ref, lgc_ref, s0_ref, h_ref, vp_ref, *, st, dt, prec, nt, kdim):
+def _states_kernel(w_ref, u_ref, kd_ref, gc_ref, s0_ref, h_ref, vp_ref, st_ref, *, st, dt, prec, nt,
+                   kdim):
+    """gc_ref: any [Tp] vector whose last entry in each chunk is G_C (cumsum G or lgc)."""
     c = st.chunk
 
     def body(i, s):
@@ -300,10 +378,10 @@ def _states_kernel(w_ref, u_ref, kd_ref, lgc_ref, s0_ref, h_ref, vp_ref, *, st, 
         h_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = s.astype(h_ref.dtype)
         vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
         vp_ref[rows, :] = vp.astype(vp_ref.dtype)
-        gc = jnp.sum(lgc_ref[rows])
+        gc = _last(gc_ref[rows], c)
         return s * jnp.exp(gc) + _mm(kd_ref[rows, :], vp, 0, 0, dt, prec)
 
-    lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
+    st_ref[...] = lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
 
 
 def _reverse_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, h_ref, vp_ref, dst_ref,
@@ -328,8 +406,7 @@ def _reverse_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, h_ref, vp_r
         dkd_ref[rows, :] = _mm(vp, dsp, 1, 1, dt, prec)
         dgc = egc * jnp.sum(s * dsp)
         dlgc_ref[rows] = jnp.full((c,), dgc, F32)
-        return (egc * dsp + _mm(qg_ref[rows, :], do, 0, 0, dt, prec)
-                - _mm(w, dvp, 0, 0, dt, prec))
+        return egc * dsp + _mm(qg_ref[rows, :], do, 0, 0, dt, prec) - _mm(w, dvp, 0, 0, dt, prec)
 
     ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
 
@@ -351,17 +428,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
     pk = pl.BlockSpec((None, None, tp, None, kdim), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pc = pl.BlockSpec((None, None, tp, None, c), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pt = pl.BlockSpec((None, None, tp, None), lambda j, bb, hh: (j, bb, 0, hh))
-    hmat, vp = pl.pallas_call(
-        functools.partial(_states_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
-        grid=(nv, b, h),
-        in_specs=[fk, fv, fk, ft, state],
-        out_specs=[hs, fv],
-        out_shape=[jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
-                   jax.ShapeDtypeStruct((b, tp, h, vd), dt)],
-        interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_seq),
-        name="gdn_states",
-    )(w, u, kd, lgc, s0)
+    hmat, vp, _ = _states_call(w, u, kd, lgc, s0, st, dt)
     du, dw, dqg, dkd, daqk, dlgc, ds0 = pl.pallas_call(
         functools.partial(_reverse_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
         grid=(nv, b, h),
@@ -375,7 +442,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
                    jax.ShapeDtypeStruct((nv, b, tp, h), F32),
                    jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_bwd),
+        compiler_params=_compiler_params(st, st.cfg.warps_bwd, dt),
         name="gdn_reverse",
     )(do, aqk, qg, kd, w, lgc, hmat, vp, dst)
     return du, dw.sum(0), dqg.sum(0), dkd.sum(0), daqk.sum(0), dlgc.sum(0), ds0
