@@ -32,7 +32,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding the teacher (if not by path).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Workdir: the teacher (unless teacher.path) and the corpus cache."
+)
 _NAME = flags.DEFINE_string("teacher_name", None, "Name in the result files.")
 _STRATEGIES = flags.DEFINE_list(
     "strategies",
@@ -290,9 +292,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    workdir = _WORKDIR.value or ""
-    if not config.teacher.path and not workdir:
-        raise app.UsageError("give --workdir (teacher in <workdir>/teacher) or teacher.path")
+    workdir = _WORKDIR.value
     from taylorcal_jax.utils import progress
 
     progress.set_enabled(config.progress)
@@ -306,5 +306,5 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    flags.mark_flag_as_required("config")
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
