@@ -70,6 +70,21 @@ def test_sharded_over_layers_and_data_equals_single_device(problem):
         a, b = np.asarray(a), np.asarray(b)
         assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)
     np.testing.assert_allclose(metrics8["loss_after"], metrics["loss_after"], rtol=1e-4)
+    # layers only (shard_map path): 3 layers padded to 8 devices
+    params_l, metrics_l = align.fit_layers(
+        stacked,
+        x,
+        y,
+        valid,
+        model_config=MC,
+        gdn_cfg=GDN,
+        cfg=CFG,
+        mesh=sharding.make_mesh({"layers": 8, "data": 1}),
+    )
+    for a, b in zip(jax.tree.leaves(params_l), jax.tree.leaves(params), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)
+    np.testing.assert_allclose(metrics_l["loss_after"], metrics["loss_after"], rtol=1e-4)
 
 
 def test_zero_steps_returns_input_and_bad_split_is_rejected(problem):

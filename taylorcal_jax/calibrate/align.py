@@ -14,8 +14,10 @@ kept (the loss is evaluated before every update and once after the last).
 
 `fit_layer` is pure; `fit_layers` vmaps it over layers stacked on a leading axis and runs it
 under `jit` with NamedSharding over a mesh: the layer axis on mesh axis "layers" and the
-sequence axis on "data" (either may have size 1). Layers are padded to a multiple of the
-"layers" axis by repeating the last one; the padding is dropped from the result.
+sequence axis on "data" (either may have size 1). With a data axis of size 1 the layers are
+split by `shard_map` (no collectives at all); otherwise the SPMD partitioner splits both.
+Layers are padded to a multiple of the "layers" axis by repeating the last one; the padding
+is dropped from the result.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import optax
 from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
 from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig
 from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils.sharding import P
 
 FROZEN = ("o_proj", "o_norm")
 SLOW = ("q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv")
@@ -149,6 +152,17 @@ def _fit_layers_jit(model_config, gdn_cfg, cfg, mesh):
     lay = sharding.named(mesh, "layers")
     act = sharding.named(mesh, "layers", "data")
     dat = sharding.named(mesh, "data")
+    if sharding.axis_size(mesh, "data") == 1:
+        # Layers are independent: each device fits its own slice, no collectives. shard_map
+        # keeps custom kernels (Pallas) out of the SPMD partitioner.
+        fn = jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=(P("layers"), P("layers"), P("layers"), P()),
+            out_specs=P("layers"),
+            check_vma=False,
+        )
+        return jax.jit(fn, in_shardings=(lay, lay, lay, dat), out_shardings=lay)
     return jax.jit(fn, in_shardings=(lay, act, act, dat), out_shardings=lay)
 
 
