@@ -27,7 +27,7 @@ TEACHER_PARAMS = None
 def _teacher():
     global TEACHER_PARAMS
     if TEACHER_PARAMS is None:
-        TEACHER_PARAMS = init_params(CFG, jax.random.PRNGKey(0))
+        TEACHER_PARAMS = jax.jit(init_params, static_argnums=0)(CFG, jax.random.PRNGKey(0))
     return Transformer(CFG), TEACHER_PARAMS
 
 
@@ -40,7 +40,7 @@ def _student(conv):
 def _argmax_of_rerun(model, params, prompt, generated):
     """argmax of one full forward (no cache) over prompt + generated, at the generated slots."""
     seq = jnp.asarray(list(prompt) + list(generated))[None]
-    logits, _, _ = model.apply({"params": params}, seq)
+    logits, _, _ = jax.jit(model.apply)({"params": params}, seq)
     return jnp.argmax(logits[0, len(prompt) - 1 : -1], axis=-1).tolist()
 
 

@@ -21,9 +21,8 @@ from taylorcal_jax.models.student import (
 from taylorcal_jax.models.teacher import init_cache, init_params
 
 
-@functools.cache  # params are never modified in place
-def _teacher(model_type="qwen2", layers=3, **kw):
-    cfg = ModelConfig(
+def _config(model_type="qwen2", layers=3, **kw):
+    return ModelConfig(
         model_type=model_type,
         vocab_size=53,
         hidden_size=32,
@@ -36,11 +35,16 @@ def _teacher(model_type="qwen2", layers=3, **kw):
         qk_norm=model_type == "qwen3",
         **kw,
     )
-    return cfg, init_params(cfg, jax.random.PRNGKey(0))
 
 
-def _student(conv, keep=(1,), model_type="qwen2", **kw):
-    cfg, tparams = _teacher(model_type, **kw)
+@functools.cache  # params are never modified in place
+def _params(cfg):
+    return jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+
+
+def _student(conv, keep=(1,), model_type="qwen2", layers=2, **kw):
+    cfg = _config(model_type, layers, **kw)
+    tparams = _params(cfg)
     sc = StudentConfig.from_teacher(cfg, keep, use_short_conv=conv, impl="reference")
     params = copy_init(tparams, sc, jax.random.PRNGKey(1))
     # Larger gates than the standard init so the GDN layers matter in the logits.
@@ -59,7 +63,7 @@ def _rel(a, b):
 
 
 def test_mixers_and_converted_layers():
-    cfg, _ = _teacher(layers=4)
+    cfg = _config(layers=4)
     sc = StudentConfig.from_teacher(cfg, [0, 3])
     assert sc.keep_full_attention_layers == (0, 3)
     assert sc.mixers == ("attention", "gdn", "gdn", "attention")
@@ -81,13 +85,13 @@ def test_mixers_and_converted_layers():
     ],
 )
 def test_bad_keep_lists(keep, match):
-    cfg, _ = _teacher()
+    cfg = _config()
     with pytest.raises(ValueError, match=match):
         StudentConfig(cfg, keep, GDNConfig.from_teacher(cfg))
 
 
 def test_config_json_round_trip():
-    cfg, _ = _teacher(
+    cfg = _config(
         "qwen3",
         layers=2,
         rope=RopeConfig(theta=5e5, rope_type="yarn", factor=4.0, mscale=1.5),
@@ -113,7 +117,7 @@ def test_decode_step_by_step_equals_full_forward(conv):
     sc, params = _student(conv)
     model = sc.model()
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, sc.teacher.vocab_size)
-    full, _, _ = model.apply({"params": params}, tokens)
+    full, _, _ = jax.jit(model.apply)({"params": params}, tokens)
     apply = jax.jit(lambda t, c: model.apply({"params": params}, t, cache=c)[:2])
     cache = init_cache(sc.teacher, sc.mixers, sc.gdn, 2, 8)
     logits, cache = apply(tokens[:, :3], cache)
@@ -139,17 +143,17 @@ def test_left_padding_equals_each_sequence_alone(conv):
         valid[i, t - len(s) :] = True
     tokens[1, :3] = 40  # padding content must not matter
     cache = init_cache(sc.teacher, sc.mixers, sc.gdn, 2, t + 2)
-    logits, cache, _ = model.apply(
+    logits, cache, _ = jax.jit(model.apply)(
         {"params": params}, jnp.asarray(tokens), valid_bt=jnp.asarray(valid), cache=cache
     )
     nxt = jnp.array([[7], [9]])
-    step, _, _ = model.apply({"params": params}, nxt, cache=cache)
+    step, _, _ = jax.jit(model.apply)({"params": params}, nxt, cache=cache)
     # The padded row against the same sequence alone (one forward over prompt + next token).
-    alone, _, _ = model.apply({"params": params}, jnp.asarray(np.append(seqs[1], 9))[None])
+    alone, _, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(np.append(seqs[1], 9))[None])
     assert _rel(logits[1, t - len(seqs[1]) :], alone[0, :-1]) < 1e-5
     assert _rel(step[1], alone[0, -1:]) < 1e-5
     # The unpadded row is unaffected by its neighbour's padding: against a batch of one.
-    solo, _, _ = model.apply({"params": params}, jnp.asarray(tokens[:1]))
+    solo, _, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens[:1]))
     assert _rel(logits[0], solo[0]) < 1e-5
 
 
@@ -166,7 +170,7 @@ def _tree_equal(a, b):
 
 @pytest.mark.parametrize("conv,tied", [(False, False), (True, True)])
 def test_save_load_round_trip_exact(tmp_path, conv, tied):
-    sc, params = _student(conv, keep=(0, 2), model_type="llama", tie_word_embeddings=tied)
+    sc, params = _student(conv, keep=(0, 2), model_type="llama", layers=3, tie_word_embeddings=tied)
     sc = dataclasses.replace(sc, teacher_path="/somewhere/teacher")
     # Mixed dtypes survive as stored.
     params["layers_1"]["gdn"]["v_proj"]["kernel"] = params["layers_1"]["gdn"]["v_proj"][
@@ -178,8 +182,8 @@ def test_save_load_round_trip_exact(tmp_path, conv, tied):
     assert sc2 == sc
     _tree_equal(params2, params)
     tokens = jnp.arange(6)[None] % sc.teacher.vocab_size
-    a, _, _ = sc.model().apply({"params": params}, tokens)
-    b, _, _ = sc2.model().apply({"params": params2}, tokens)
+    a, _, _ = jax.jit(sc.model().apply)({"params": params}, tokens)
+    b, _, _ = jax.jit(sc2.model().apply)({"params": params2}, tokens)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
