@@ -63,7 +63,7 @@ def test_masking_and_partial_last_batch_match_manual_sum():
     valid[1, :3] = False  # left padding
     valid[3, 7:] = False  # right padding
     nll, count = _manual(model, params, seq, valid)
-    for batch_size in (2, 3, 5, 8):  # 2 and 3 leave a partial last batch
+    for batch_size in (2, 5):  # 2 leaves a partial last batch (2 + 2 + 1)
         out = ppl_lib.perplexity(model, params, seq, batch_size=batch_size, valid_nt=valid)
         assert out["tokens"] == count == 5 * 11 - 3 - 5
         assert abs(out["nll"] - nll) / nll < 1e-5, batch_size
@@ -81,9 +81,9 @@ def test_perplexity_errors():
         ppl_lib.perplexity(model, params, np.zeros((4,), np.int32), batch_size=2)
     with pytest.raises(ValueError, match="token ids"):
         ppl_lib.perplexity(model, params, np.full((1, 4), V, np.int32), batch_size=2)
-    with pytest.raises(ValueError, match="masked"):
+    with pytest.raises(ValueError, match="masked"):  # same shapes as above: no new compile
         ppl_lib.perplexity(
-            model, params, _tokens(2, 4), batch_size=2, valid_nt=np.zeros((2, 4), bool)
+            model, params, _tokens(2, 9), batch_size=2, valid_nt=np.zeros((2, 9), bool)
         )
 
 

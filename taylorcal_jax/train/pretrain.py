@@ -12,6 +12,8 @@ of (seed, s); the training state {params, opt_state, step, tokens, train_seconds
 with orbax every `checkpoint_every` steps. A run interrupted at any point and started
 again resumes from the last checkpoint and ends with the same parameters as an
 uninterrupted run (steps after the checkpoint are recomputed identically).
+`train_seconds` is wall time of the step loop (first-step compilation and the periodic
+evals included, checkpoint writing excluded), summed over resumed runs.
 """
 
 from __future__ import annotations

@@ -195,6 +195,7 @@ def pretrain_stage(config, workdir: str, metrics) -> dict:
         metrics.write("pretrain", step=step, **values)
 
     n_params = pretrain_lib.count_params(params)
+    cpu0 = time.process_time()
     metrics.write(
         "pretrain",
         step=0,
@@ -217,6 +218,8 @@ def pretrain_stage(config, workdir: str, metrics) -> dict:
         "tokens": int(state["tokens"]),
         "steps": int(state["step"]),
         "train_seconds": round(float(state["train_seconds"]), 1),
+        # Process CPU time of this call (all threads): with wall time, shows contention.
+        "process_cpu_seconds": round(time.process_time() - cpu0, 1),
         "device": device_description(),
         **_figures(model, params, corpus, config),
         "jax_version": jax.__version__,
