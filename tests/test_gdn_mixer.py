@@ -85,6 +85,11 @@ def _numpy_gdn(params, x, conv: bool, eps=1e-5):
     return o, y.reshape(b, t, H * HEAD) @ p["o_proj"]["kernel"]
 
 
+def _apply(mixer, params, x, **kw):
+    fn = jax.jit(mixer.apply, static_argnames="return_intermediates")
+    return fn({"params": params}, x, **kw)
+
+
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -96,7 +101,7 @@ def _rel(a, b):
 def test_mixer_matches_numpy(conv, impl):
     mixer, params = _init(conv, impl=impl)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, D))
-    y, cache, inter = mixer.apply({"params": params}, x, return_intermediates=True)
+    y, cache, inter = _apply(mixer, params, x, return_intermediates=True)
     o_ref, y_ref = _numpy_gdn(params, x, conv)
     assert cache is None
     assert y.shape == (2, 7, D) and inter["attn_context"].shape == (2, 7, H, HEAD)
@@ -108,10 +113,10 @@ def test_mixer_matches_numpy(conv, impl):
 def test_bfloat16_close_to_float32():
     mixer, params = _init(True, impl="chunked")
     x = jax.random.normal(jax.random.PRNGKey(8), (2, 9, D))
-    y32, _, _ = mixer.apply({"params": params}, x)
+    y32, _, _ = _apply(mixer, params, x)
     mixer16 = GatedDeltaNet(CONFIG, mixer.gdn, dtype=jnp.bfloat16)
     cache = init_gdn_cache(CONFIG, mixer.gdn, 2, jnp.bfloat16)
-    y16, cache, _ = mixer16.apply({"params": params}, x, cache=cache)
+    y16, cache, _ = _apply(mixer16, params, x, cache=cache)
     assert y16.dtype == jnp.bfloat16 and cache["state"].dtype == jnp.float32
     assert cache["conv"]["q"].dtype == jnp.bfloat16
     assert _rel(y16, y32) < 3e-2
@@ -145,7 +150,7 @@ def test_standard_init_ranges():
 def test_decode_and_chunked_prefill_equal_full_forward(conv):
     mixer, params = _init(conv)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 6, D))
-    y_full, _, _ = mixer.apply({"params": params}, x)
+    y_full, _, _ = _apply(mixer, params, x)
     apply = jax.jit(lambda xs, c: mixer.apply({"params": params}, xs, cache=c))
     # Prefill 2 tokens, one continuation chunk of 2, then 2 single-token steps.
     cache = init_gdn_cache(CONFIG, mixer.gdn, 2)
@@ -164,17 +169,17 @@ def test_left_padding_equals_alone_and_decode_continues(conv):
     valid = jnp.array([[True] * 6, [False, False, False, True, True, True]])
     garbage = jnp.where(valid[..., None], x, 100.0)  # padding content must not matter
     cache = init_gdn_cache(CONFIG, mixer.gdn, 2)
-    y, cache, _ = mixer.apply({"params": params}, garbage, valid_bt=valid, cache=cache)
-    y_alone, cache_alone, _ = mixer.apply(
-        {"params": params}, x[1:, 3:], cache=init_gdn_cache(CONFIG, mixer.gdn, 1)
+    y, cache, _ = _apply(mixer, params, garbage, valid_bt=valid, cache=cache)
+    y_alone, cache_alone, _ = _apply(
+        mixer, params, x[1:, 3:], cache=init_gdn_cache(CONFIG, mixer.gdn, 1)
     )
     assert _rel(y[1, 3:], y_alone[0]) < 1e-5
     np.testing.assert_array_equal(y[1, :3], 0.0)
     # One more decoded token continues both rows correctly.
     nxt = jax.random.normal(jax.random.PRNGKey(5), (2, 1, D))
-    y2, _, _ = mixer.apply({"params": params}, nxt, cache=cache)
-    y2_alone, _, _ = mixer.apply({"params": params}, nxt[1:], cache=cache_alone)
-    full, _, _ = mixer.apply({"params": params}, jnp.concatenate([x[1:, 3:], nxt[1:]], 1))
+    y2, _, _ = _apply(mixer, params, nxt, cache=cache)
+    y2_alone, _, _ = _apply(mixer, params, nxt[1:], cache=cache_alone)
+    full, _, _ = _apply(mixer, params, jnp.concatenate([x[1:, 3:], nxt[1:]], 1))
     assert _rel(y2[1], y2_alone[0]) < 1e-5
     assert _rel(y2_alone[0], full[0, -1:]) < 1e-5
 
@@ -184,15 +189,15 @@ def test_right_padding_then_decode():
     mixer, params = _init(True)
     x = jax.random.normal(jax.random.PRNGKey(6), (1, 5, D))
     valid = jnp.array([[True, True, True, False, False]])
-    _, cache, _ = mixer.apply(
-        {"params": params}, x, valid_bt=valid, cache=init_gdn_cache(CONFIG, mixer.gdn, 1)
+    _, cache, _ = _apply(
+        mixer, params, x, valid_bt=valid, cache=init_gdn_cache(CONFIG, mixer.gdn, 1)
     )
     nxt = jax.random.normal(jax.random.PRNGKey(7), (1, 1, D))
-    y, _, _ = mixer.apply({"params": params}, nxt, cache=cache)
-    full, _, _ = mixer.apply({"params": params}, jnp.concatenate([x[:, :3], nxt], 1))
+    y, _, _ = _apply(mixer, params, nxt, cache=cache)
+    full, _, _ = _apply(mixer, params, jnp.concatenate([x[:, :3], nxt], 1))
     assert _rel(y[0], full[0, -1:]) < 1e-5
     # An invalid decode step changes nothing.
-    _, cache2, _ = mixer.apply({"params": params}, nxt, valid_bt=jnp.array([[False]]), cache=cache)
+    _, cache2, _ = _apply(mixer, params, nxt, valid_bt=jnp.array([[False]]), cache=cache)
     jax.tree_util.tree_map(np.testing.assert_array_equal, cache2, cache)
 
 
