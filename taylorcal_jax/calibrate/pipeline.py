@@ -18,6 +18,11 @@ its results to the next through files under <workdir>/calibration:
                    teacher distance and entropy, half-life, write gate, value scale,
                    alignment loss before/after, teacher-forced layer loss)
 
+On the tiny teacher (after its `pretrain` stage):
+
+    python -m taylorcal_jax.main --config=configs/tiny.py --workdir=/tmp/taylorcal_tiny \
+      --config.stages='("pretrain","statistics","calibrate","align","select_layers","eval_student")'
+
 Every layer is calibrated (not only the converted ones): phases are teacher-forced per
 layer, so this costs L/|converted| more and lets any keep set, and the policies that try
 many, reuse the same mixers.
