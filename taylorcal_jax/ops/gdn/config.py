@@ -32,7 +32,7 @@ class GDNPallasConfig:
       operands with float32 accumulation.
     """
 
-    forward: str = "fused"
+    forward: str = "split"
     block_v: int = 64
     warps_chunk: int = 4
     warps_seq: int = 4

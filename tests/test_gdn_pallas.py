@@ -1,0 +1,155 @@
+"""The Pallas gated delta rule (pallas_gpu.py): interpret mode on the CPU (CI), compiled on a GPU.
+
+Tolerances (relative: max-abs error over max-abs of the expected value, gdn_testing.rel_err):
+  fp32 interpret vs the fp64 NumPy loop (values, states)                 2e-5
+  fp32 interpret gradients vs jax.vjp of the fp32 per-token reference   1e-4
+  extreme gates (g down to -20, beta near 0 and 1), fp32 interpret      1e-4
+  GPU, fp32 inputs (exact fp32 dots) vs the fp32 reference               1e-4
+  GPU, bf16 inputs vs the fp32 reference on the same inputs (FLA's level, as ||.||_2 ratio) 5e-3
+Shapes stay tiny (K, V in {16, 32}, T <= 200) to keep interpret mode fast.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
+
+from taylorcal_jax.ops.gdn.config import GDNPallasConfig
+from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
+
+NAMES = ("q", "k", "v", "g", "beta")
+FUSED = GDNPallasConfig(forward="fused")
+SPLIT = GDNPallasConfig(forward="split", block_v=16)
+
+
+def _args(inputs, dtype=jnp.float32):
+    return [jnp.asarray(inputs[n], jnp.float32 if n == "g" else dtype) for n in NAMES]
+
+
+def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.float32,
+            state=True):
+    s0 = inputs.get("initial_state") if state else None
+    return gated_delta_rule_pallas(
+        *_args(inputs, dtype), initial_state_bhkv=None if s0 is None else jnp.asarray(s0),
+        output_final_state=True, chunk_size=chunk_size, interpret=interpret, config=config)
+
+
+@pytest.mark.parametrize(
+    "t, k, v, chunk_size, config",
+    [(200, 32, 32, 64, SPLIT), (37, 16, 32, 16, FUSED), (50, 32, 16, 32, FUSED)],
+)
+def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
+    inputs = random_inputs(1, b=2, t=t, h=2, k=k, v=v)
+    o, state = _pallas(inputs, chunk_size=chunk_size, config=config)
+    o_np, state_np = numpy_gated_delta_rule(**inputs)
+    assert o.shape == o_np.shape and o.dtype == jnp.float32 and state.dtype == jnp.float32
+    assert rel_err(o, o_np) < 2e-5
+    assert rel_err(state, state_np) < 2e-5
+
+
+def test_gradients_match_reference_vjp():
+    inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=16)
+    args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
+    rng = np.random.default_rng(3)
+    ct = (jnp.asarray(rng.standard_normal((1, 45, 2, 16)), jnp.float32),
+          jnp.asarray(rng.standard_normal((1, 2, 16, 16)), jnp.float32))
+
+    def run(fn, **kw):
+        return jax.vjp(lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True,
+                                     **kw), *args)[1](ct)
+
+    grads = run(gated_delta_rule_pallas, chunk_size=16, interpret=True)
+    with jax.default_matmul_precision("highest"):
+        ref = run(gated_delta_rule_reference)
+    for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype, name
+        assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
+
+
+def test_extreme_gates_and_betas_stay_finite_and_match():
+    inputs = random_inputs(4, b=1, t=64, h=2, k=16, v=16, g_min=-20.0, g_max=-0.0)
+    inputs["beta"] = np.where(np.arange(64)[None, :, None] % 2 == 0, 1e-4, 1.0 - 1e-4).astype(
+        np.float32) * np.ones_like(inputs["beta"])
+    o, state = _pallas(inputs, chunk_size=32)
+    o_np, state_np = numpy_gated_delta_rule(**inputs)
+    assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(state)).all()
+    assert rel_err(o, o_np) < 1e-4
+    assert rel_err(state, state_np) < 1e-4
+
+
+def test_beta_zero_gives_decayed_readout_of_initial_state():
+    inputs = random_inputs(5, b=1, t=20, h=2, k=16, v=16, g_min=-0.5)
+    inputs["beta"] = np.zeros_like(inputs["beta"])
+    o, state = _pallas(inputs, chunk_size=16)
+    q = inputs["q"] / np.sqrt(np.sum(inputs["q"] ** 2, -1, keepdims=True) + 1e-6)
+    decay = np.exp(np.cumsum(inputs["g"].astype(np.float64), axis=1))  # [B,T,H]
+    s0 = inputs["initial_state"].astype(np.float64)
+    expected = 16**-0.5 * np.einsum("bthk,bhkv->bthv", q, s0) * decay[..., None]
+    assert rel_err(o, expected) < 2e-5
+    assert rel_err(state, s0 * decay[:, -1, :, None, None]) < 2e-5
+
+
+def test_two_halves_with_state_passed_equal_one_run():
+    inputs = random_inputs(6, b=1, t=48, h=2, k=16, v=16)
+    o, state = _pallas(inputs, chunk_size=16)
+    first = {n: x[:, :20] for n, x in inputs.items() if n != "initial_state"}
+    first["initial_state"] = inputs["initial_state"]
+    o1, s1 = _pallas(first, chunk_size=16)
+    second = {n: x[:, 20:] for n, x in inputs.items() if n != "initial_state"}
+    second["initial_state"] = np.asarray(s1)
+    o2, s2 = _pallas(second, chunk_size=16)
+    assert rel_err(jnp.concatenate([o1, o2], axis=1), o) < 2e-5
+    assert rel_err(s2, state) < 2e-5
+
+
+def test_no_initial_state_and_no_final_state():
+    inputs = random_inputs(7, b=1, t=16, h=1, k=16, v=16, with_state=False)
+    o, state = gated_delta_rule_pallas(*_args(inputs), chunk_size=16, interpret=True)
+    assert state is None
+    assert rel_err(o, numpy_gated_delta_rule(**inputs)[0]) < 2e-5
+
+
+def test_rejects_unsupported_shapes_and_options():
+    inputs = random_inputs(8, b=1, t=16, h=1, k=12, v=16, with_state=False)
+    with pytest.raises(ValueError, match="power of two"):
+        gated_delta_rule_pallas(*_args(inputs), interpret=True)
+    inputs = random_inputs(8, b=1, t=16, h=1, k=16, v=16, with_state=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gated_delta_rule_pallas(*_args(inputs), chunk_size=48, interpret=True)
+    with pytest.raises(ValueError, match="block_v"):
+        GDNPallasConfig(block_v=24)
+
+
+# ----------------------------------------------------------------------------- compiled, GPU
+
+
+def _l2_rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [FUSED, GDNPallasConfig(forward="split", block_v=64)])
+@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
+def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
+    b, t, h, d = 2, 300, 4, 128
+    inputs = random_inputs(9, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
+    args = _args(inputs, dtype) + [jnp.asarray(inputs["initial_state"])]
+    rng = np.random.default_rng(10)
+    ct = (jnp.asarray(rng.standard_normal((b, t, h, d)), dtype),
+          jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
+
+    def run(fn, xs, **kw):
+        out, vjp = jax.vjp(lambda *a: fn(*a[:5], initial_state_bhkv=a[5],
+                                         output_final_state=True, **kw), *xs)
+        return out, vjp((ct[0].astype(out[0].dtype), ct[1]))
+
+    (o, s), grads = run(gated_delta_rule_pallas, args, interpret=False, config=config)
+    with jax.default_matmul_precision("highest"):
+        (ro, rs), rgrads = run(gated_delta_rule_reference, [x.astype(jnp.float32) for x in args])
+    assert _l2_rel(o, ro) < tol and _l2_rel(s, rs) < tol
+    for name, a, r in zip(NAMES + ("initial_state",), grads, rgrads, strict=True):
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        assert _l2_rel(a, r) < 2 * tol, (name, _l2_rel(a, r))
