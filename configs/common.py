@@ -149,7 +149,6 @@ def apply_smoke(c):
     c.teacher.num_key_value_heads = 1
     c.teacher.head_dim = 16
     c.teacher.max_position_embeddings = 64
-    c.teacher.dtype = "float32"
     c.pretrain.steps = 6
     c.pretrain.batch_size = 4
     c.pretrain.seq_len = 32
