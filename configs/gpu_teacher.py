@@ -44,7 +44,5 @@ def get_config(arg: str | None = None):
     if arg == "smoke":
         common.apply_smoke(c)
     elif arg:
-        raise ValueError(
-            f"unknown config arg {arg!r}; use configs/gpu_teacher.py[:smoke]"
-        )
+        raise ValueError(f"unknown config arg {arg!r}; use configs/gpu_teacher.py[:smoke]")
     return c
