@@ -136,3 +136,12 @@ def test_pretrain_stage_exports_a_teacher_transformers_loads(tmp_path):
     # A second call finds the teacher and skips.
     again = stages.pretrain_stage(config, workdir, metrics)
     assert "skipped" in again and again["valid_ppl"] == info["valid_ppl"]
+    # The exported dir as an external teacher (teacher.path): no pretraining, and its own
+    # tokenizer (loaded by AutoTokenizer) reproduces the same evaluation data and perplexity.
+    config.teacher.path = tdir
+    other = str(tmp_path / "other")
+    assert "teacher.path is set" in stages.pretrain_stage(config, other, metrics)["skipped"]
+    ev = stages.eval_teacher_stage(config, other, metrics)
+    assert abs(ev["valid_ppl"] - info["valid_ppl"]) / info["valid_ppl"] < 1e-5
+    assert ev["unigram_ppl"] == pytest.approx(info["unigram_ppl"], rel=1e-12)
+    assert not os.path.exists(os.path.join(other, "data", "tokenizer"))  # none trained
