@@ -12,7 +12,7 @@ gradients of (q, k, v, g, beta) for a random cotangent. Relative error = ||o - o
 with o_ref from the per-token fp32 recurrence (reference.py, jit on the GPU, matmul precision
 "highest") on the same bf16-rounded inputs at the full shape.
 
-Usage (device): python3 launch/bench_gdn_kernel.py --out $OUT/gdn_kernel_h100.json
+Usage (device): python3 launch/bench_gdn_kernel.py --out $OUT/gdn_kernel_h100.json [--profile]
 Modes used internally: --mode check | jax --row i | fla.
 """
 
@@ -203,7 +203,8 @@ def run_check():
             out[f"{dt_name}_{name}_finite"] = bool(np.isfinite(np.asarray(a, np.float32)).all())
         print("CHECK", dt_name, {k_: v_ for k_, v_ in out.items() if k_.startswith(dt_name)},
               flush=True)
-    out.update(profile())
+    if os.environ.get("GDN_BENCH_PROFILE") == "1":
+        out.update(profile())
     print("JSONCHECK " + json.dumps(out), flush=True)
 
 
@@ -382,10 +383,13 @@ def main():
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-chunked", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="time forward variants (rows 0, 2) and each kernel alone (row 0)")
     ap.add_argument("--fla-rows", default=None, help="default: the same rows as --rows")
     ap.add_argument("--fla-fwd-only", action="store_true")
-    ap.add_argument("--config", default="auto",
-                    help="GDNPallasConfig fields as JSON, or 'auto': the fastest profiled variant")
+    ap.add_argument("--config", default=None,
+                    help="GDNPallasConfig fields as JSON ('{}' = library default), or 'auto': the "
+                         "fastest variant of --profile (the default when profiled)")
     ap.add_argument("--out", default="gdn_kernel.json")
     a = ap.parse_args()
     if a.mode == "check":
@@ -404,11 +408,15 @@ def main():
     ver = eval(subprocess.run([sys.executable, "-c", probe], capture_output=True,  # noqa: S307
                               text=True).stdout.strip() or "(None,) * 4")
     result.update(jax=ver[0], torch=ver[1], triton=ver[2], device=ver[3])
+    if a.profile:
+        os.environ["GDN_BENCH_PROFILE"] = "1"
     if not a.skip_check:
-        text = _sub("check", timeout=240)
+        text = _sub("check", timeout=420)
         open(os.path.join(log_dir, "check.log"), "w").write(text)
         checks = _parse(text, "JSONCHECK")
         result["check"] = checks[0] if checks else {"error": text[-3000:]}
+    if a.config is None:
+        a.config = "auto" if a.profile else "{}"
     if a.config == "auto":
         name = best_variant(result.get("check", {}))
         cfg = VARIANTS[name] if name else {}
