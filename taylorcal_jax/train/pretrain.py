@@ -120,6 +120,17 @@ def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
+def _state(params, opt_state, step: int, tokens: int, seconds: float) -> dict:
+    """The checkpointed training state (0-d numpy arrays for the counters, as orbax wants)."""
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": np.asarray(step, np.int64),
+        "tokens": np.asarray(tokens, np.int64),
+        "train_seconds": np.asarray(seconds, np.float64),
+    }
+
+
 def pretrain(
     model,
     init_params,
@@ -133,19 +144,13 @@ def pretrain(
 ):
     """Trains (resuming from `checkpoint_dir` if it holds a checkpoint); returns the state.
 
-    eval_fn(params) -> dict is called every `eval_every` steps and at the end; log_fn(step,
-    dict) receives training and eval metrics. `stop_after_steps` ends this call after that
-    many steps of work without a final checkpoint, as a crash would (used by tests).
+    eval_fn(params) -> dict is called every `eval_every` steps before the last (the caller
+    evaluates the final params); log_fn(step, dict) receives training and eval metrics.
+    `stop_after_steps` ends this call after that many steps of work without a final
+    checkpoint, as a crash would (used by tests).
     """
     packing.train_batch(train_stream, 1, opts.seq_len, opts.seed, 0)  # validates sizes
-    optimizer = make_optimizer(opts)
-    state = {
-        "params": init_params,
-        "opt_state": optimizer.init(init_params),
-        "step": np.asarray(0, np.int64),
-        "tokens": np.asarray(0, np.int64),
-        "train_seconds": np.asarray(0.0, np.float64),
-    }
+    state = _state(init_params, make_optimizer(opts).init(init_params), 0, 0, 0.0)
     log_fn = log_fn or (lambda step, values: None)
     train_step = make_train_step(model, opts)
     with TrainCheckpointer(checkpoint_dir, save_every=opts.checkpoint_every) as ckpt:
@@ -191,21 +196,7 @@ def pretrain(
                 jax.block_until_ready(params)
                 now = time.perf_counter()
                 seconds, t0 = seconds + now - t0, now
-                state = {
-                    "params": params,
-                    "opt_state": opt_state,
-                    "step": np.asarray(n, np.int64),
-                    "tokens": np.asarray(tokens, np.int64),
-                    "train_seconds": np.asarray(seconds, np.float64),
-                }
+                state = _state(params, opt_state, n, tokens, seconds)
                 ckpt.maybe_save(n, state, force=True)
                 t0 = time.perf_counter()  # checkpoint writing is not training time
-        if start >= opts.steps:
-            state = {
-                "params": params,
-                "opt_state": opt_state,
-                "step": np.asarray(start, np.int64),
-                "tokens": np.asarray(tokens, np.int64),
-                "train_seconds": np.asarray(seconds, np.float64),
-            }
-    return state
+    return state  # restored as is when the checkpoint was already at `steps`
