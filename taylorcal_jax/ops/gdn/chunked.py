@@ -1,4 +1,4 @@
-"""Chunk-parallel gated delta rule (UT/WY form) as a `lax.scan` over chunks, in plain XLA.
+"""Chunk-parallel gated delta rule (UT/WY form) in plain XLA: batched chunk work + a lean scan.
 
 Letters: B batch, T time, H heads, K key dim, V value dim, C chunk size, N number of chunks.
 
@@ -14,38 +14,72 @@ and S the [K, V] state entering the chunk:
     o   = s [ (q * exp(G)) S + (Gamma * q k^T) v' ]
     S'  = exp(G_C) S + (k * exp(G_C - G))^T v'
 
+Two phases. (1) Everything that does not involve S, for all N chunks at once (batched over
+[N, B, H]): the L2 norms, G, Gamma, A, w and u, the masked intra-chunk matrix Gamma * q k^T,
+q * exp(G), k * exp(G_C - G) and exp(G_C). (2) A `lax.scan` over the chunks carrying only the
+float32 state, two dots per step: [w; q exp(G)] S (one dot, stacked along C) gives w S and the
+inter-chunk readout, and (k exp(G_C - G))^T v' updates the state. After the scan the intra-chunk
+output (Gamma * q k^T) v' is again one batched dot over all chunks.
+
 T is never formed: w and u come from one unit-lower-triangular solve (forward substitution),
 not from a power series, whose terms overflow under strong decay. Only G_i - G_j with i >= j
 and G_C - G_j are exponentiated (both <= 0 for g <= 0), and masks are applied with `where`
 before values reach a dot or an exp (0 * inf would be NaN, also in the gradients).
 
-Arithmetic (G, A, the solve, the state, o) runs in float32 with bf16/fp16 inputs (float64 when
-an input is float64); dots use Precision.HIGHEST so that float32 stays float32 on GPUs (no TF32).
-The output has v's dtype; the final state is float32 (float64).
+Precision. Elementwise arithmetic, G, A, the solve, w, u, the state and o are float32 (float64
+when an input is float64). Dot operands: with 16-bit q/k/v (bf16, fp16) every dot takes operands
+in that dtype with float32 accumulation (preferred_element_type), as flash-linear-attention does;
+the solve itself stays float32. With float32 q/k/v every dot is float32 at Precision.HIGHEST (no
+TF32 on GPUs, no single bf16 pass on TPUs): the Gram matrix feeds the solve, whose conditioning
+amplifies operand rounding, and the state dots are repeated N times along the recurrence, so a
+float32 caller gets float32 accuracy throughout. float64 stays float64.
+
+Gradients: plain autodiff under `jax.checkpoint` whose policy saves only two named values from
+inside the scan: the [B, H, K, V] state entering each chunk (N = T / C states, never one per
+token) and v' (T vectors of size V). Everything else (phase (1)) is recomputed chunk-parallel in
+the backward, followed by one reverse scan. Forward-mode (jvp) works too.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from taylorcal_jax.ops.gdn.reference import compute_dtype, l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_STATE_NAME = "gdn_chunk_state"
+_V_NEW_NAME = "gdn_v_new"
 
 
-def _dot(spec, a, b):
-    return jnp.einsum(spec, a, b, precision=_HIGHEST)
+def _dot_options(q, k, v, cdt):
+    """(operand dtype, precision) of every dot: 16-bit operands for 16-bit q/k/v, else cdt."""
+    act = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if cdt == jnp.float32 and jnp.dtype(act).itemsize == 2:
+        return act, None
+    return cdt, _HIGHEST
 
 
-def _chunk_step(state_bhkv, chunk, *, scale, use_qk_l2norm, cdt):
-    """One chunk: (state entering, inputs [B,H,C,.]) -> (state leaving, o [B,H,C,V] in cdt)."""
-    q, k, v, g, beta = (x.astype(cdt) for x in chunk)  # [B,H,C,K] x2, [B,H,C,V], [B,H,C] x2
+def _chunk_parallel(q, k, v, g, beta, *, use_qk_l2norm, cdt, op, precision):
+    """Phase (1) on [N,B,H,C,.] inputs: everything that does not depend on the state.
+
+    Returns (wq [N,B,H,2C,K] = [w; q exp(G)] in op dtype, u [N,B,H,C,V] cdt,
+    k_to_end [N,B,H,C,K] = k exp(G_C - G) in op dtype, decay [N,B,H] = exp(G_C) cdt,
+    intra [N,B,H,C,C] = causal * Gamma * q k^T in op dtype).
+    """
+
+    def dot(spec, a, b):
+        return jnp.einsum(
+            spec, a.astype(op), b.astype(op), precision=precision, preferred_element_type=cdt
+        )
+
+    q, k, v, g, beta = (x.astype(cdt) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
     c = g.shape[-1]
-    big_g = jnp.cumsum(g, axis=-1)  # [B,H,C], G_i = g_1 + ... + g_i within the chunk
-    big_g_last = big_g[..., -1:]  # [B,H,1]
+    big_g = jnp.cumsum(g, axis=-1)  # G_i = g_1 + ... + g_i within the chunk
+    big_g_last = big_g[..., -1:]
 
     row = jnp.arange(c)[:, None]
     col = jnp.arange(c)[None, :]
@@ -53,31 +87,73 @@ def _chunk_step(state_bhkv, chunk, *, scale, use_qk_l2norm, cdt):
     strict = row > col
     # Gamma_ij = exp(G_i - G_j) on i >= j only: the difference is zeroed before exp elsewhere,
     # so neither the value nor its gradient can see exp of a large positive number.
-    diff = big_g[..., :, None] - big_g[..., None, :]  # [B,H,C,C]
+    diff = big_g[..., :, None] - big_g[..., None, :]
     gamma = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
 
-    kk = _dot("bhik,bhjk->bhij", k, k)
-    a = jnp.where(strict, beta[..., :, None] * kk * gamma, 0.0)  # strictly lower
-    eye = jnp.eye(c, dtype=cdt)
-    # (I + A) [w | u] = [beta exp(G) k | beta v], by forward substitution.
-    rhs = jnp.concatenate(
-        [(beta * jnp.exp(big_g))[..., None] * k, beta[..., None] * v], axis=-1
-    )  # [B,H,C,K+V]
-    wu = jax.lax.linalg.triangular_solve(
-        eye + a, rhs, left_side=True, lower=True, unit_diagonal=True
-    )
-    w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1] :]
+    a = jnp.where(strict, beta[..., :, None] * dot("...ik,...jk->...ij", k, k) * gamma, 0.0)
+    # (I + A) [w | u] = [beta exp(G) k | beta v] by forward substitution; unit_diagonal=True
+    # means the solve reads only the strictly lower part, i.e. A itself.
+    exp_g = jnp.exp(big_g)
+    rhs = jnp.concatenate([(beta * exp_g)[..., None] * k, beta[..., None] * v], axis=-1)
+    wu = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    kdim = k.shape[-1]
+    w, u = wu[..., :kdim], wu[..., kdim:]
 
-    v_new = u - _dot("bhck,bhkv->bhcv", w, state_bhkv)  # v' [B,H,C,V]
-    qk = jnp.where(causal, _dot("bhik,bhjk->bhij", q, k) * gamma, 0.0)
-    o = _dot("bhck,bhkv->bhcv", q * jnp.exp(big_g)[..., None], state_bhkv)
-    o = scale * (o + _dot("bhij,bhjv->bhiv", qk, v_new))
+    intra = jnp.where(causal, dot("...ik,...jk->...ij", q, k) * gamma, 0.0)
+    wq = jnp.concatenate([w, q * exp_g[..., None]], axis=-2).astype(op)
+    k_to_end = (k * jnp.exp(big_g_last - big_g)[..., None]).astype(op)  # exp(G_C - G_j) <= 1
+    decay = jnp.exp(big_g_last[..., 0])
+    return wq, u, k_to_end, decay, intra.astype(op)
 
-    k_to_end = k * jnp.exp(big_g_last - big_g)[..., None]  # exp(G_C - G_j) <= 1
-    new_state = jnp.exp(big_g_last)[..., None] * state_bhkv + _dot(
-        "bhck,bhcv->bhkv", k_to_end, v_new
+
+def _gated_delta_rule_chunked(
+    q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_bhkv, *, chunk_size, scale, use_qk_l2norm
+):
+    """(o [B,T,H,V] in v's dtype, final state [B,H,K,V] in cdt); state_bhkv already in cdt."""
+    cdt = state_bhkv.dtype
+    op, precision = _dot_options(q_bthk, k_bthk, v_bthv, cdt)
+    b, t, h, _ = q_bthk.shape
+    vdim = v_bthv.shape[-1]
+    c = chunk_size
+    n = -(-t // c)
+    pad = n * c - t
+
+    def to_chunks(x):
+        # [B,T,H,...] -> [N,B,H,C,...], zero-padded in time (zeros are the neutral pad token).
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape((b, n, c) + x.shape[2:])
+        return jnp.moveaxis(x, (1, 2), (0, 3))
+
+    chunks = [to_chunks(x) for x in (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)]
+    wq, u, k_to_end, decay, intra = _chunk_parallel(
+        *chunks, use_qk_l2norm=use_qk_l2norm, cdt=cdt, op=op, precision=precision
     )
-    return new_state, o
+
+    def step(s_bhkv, xs):
+        wq_c, u_c, k_to_end_c, decay_c = xs
+        s_bhkv = checkpoint_name(s_bhkv, _STATE_NAME)  # the one residual the backward keeps
+        ws_qs = jnp.einsum(
+            "bhck,bhkv->bhcv", wq_c, s_bhkv.astype(op), precision=precision,
+            preferred_element_type=cdt,
+        )  # fmt: skip
+        v_new = checkpoint_name((u_c - ws_qs[..., :c, :]).astype(op), _V_NEW_NAME)  # u - w S
+        # exp(G_C) S as a dot without contraction (XLA makes it a multiply): its transpose then
+        # reads the [B,H] decay, not a broadcast [B,H,K,V] copy that the backward would rebuild.
+        decayed = jax.lax.dot_general(
+            s_bhkv, decay_c, (((), ()), ((0, 1), (0, 1))), precision=_HIGHEST
+        )
+        s_bhkv = decayed + jnp.einsum(
+            "bhck,bhcv->bhkv", k_to_end_c, v_new, precision=precision, preferred_element_type=cdt
+        )
+        return s_bhkv, (v_new, ws_qs[..., c:, :])  # v', (q exp(G)) S
+
+    state_bhkv, (v_new, o_inter) = jax.lax.scan(step, state_bhkv, (wq, u, k_to_end, decay))
+    o_intra = jnp.einsum(
+        "nbhij,nbhjv->nbhiv", intra, v_new, precision=precision, preferred_element_type=cdt
+    )
+    o = scale * (o_inter + o_intra)  # [N,B,H,C,V]
+    o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(b, n * c, h, vdim)[:, :t]
+    return o.astype(v_bthv.dtype), state_bhkv
 
 
 def gated_delta_rule_chunked(
@@ -101,37 +177,25 @@ def gated_delta_rule_chunked(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     inputs = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
     cdt = compute_dtype(*inputs, *(() if initial_state_bhkv is None else (initial_state_bhkv,)))
-    b, t, h, kdim = q_bthk.shape
+    b, _, h, kdim = q_bthk.shape
     vdim = v_bthv.shape[-1]
     scale = kdim**-0.5 if scale is None else scale
-    c = chunk_size
-    n = -(-t // c)
-    pad = n * c - t
-
-    def to_chunks(x):
-        # [B,T,H,...] -> [N,B,H,C,...], zero-padded in time (zeros are the neutral pad token).
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((b, n, c) + x.shape[2:])
-        return jnp.moveaxis(x, (1, 2), (0, 3))
-
-    # Chunks stay in the input dtype (bf16 stays bf16 in memory); each step casts its slice.
-    xs = tuple(to_chunks(x) for x in inputs)
     if initial_state_bhkv is None:
         state = jnp.zeros((b, h, kdim, vdim), cdt)
     else:
         state = initial_state_bhkv.astype(cdt)
 
-    def body(state_bhkv, chunk):
-        return _chunk_step(state_bhkv, chunk, scale=scale, use_qk_l2norm=use_qk_l2norm, cdt=cdt)
+    def run(*args):
+        return _gated_delta_rule_chunked(
+            *args, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm
+        )
 
-    # Memory of the backward pass: without rematerialisation, reverse-mode through the scan keeps
-    # every intermediate of every chunk (Gamma, A, w, u, v', the [B,H,C,C] masks, ...), i.e.
-    # O(N * C * (C + K + V)) per (b, h) on top of the states. With `jax.checkpoint` around the
-    # body the scan saves only each step's inputs: its input slices (already held as `xs`) and the
-    # one [B,H,K,V] state entering each chunk; the backward recomputes the chunk's internals from
-    # those, one chunk at a time. Residual memory is therefore N = T / C states, never T (one per
-    # token, as the per-token scan would keep) and never the chunk internals of all chunks at once.
-    # prevent_cse=False is safe (and recommended) inside scan, which already prevents CSE.
-    state, o_nbhcv = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, xs)
-    o = jnp.moveaxis(o_nbhcv, (0, 3), (1, 2)).reshape(b, n * c, h, vdim)[:, :t]
-    return o.astype(v_bthv.dtype), (state if output_final_state else None)
+    # Memory of the backward pass: under jax.checkpoint, reverse mode keeps only the inputs and
+    # two named values from inside the scan: the state entering each chunk (one [B,H,K,V] per
+    # chunk, N = T / C of them) and v' (one V-vector per token, in the dot operand dtype). The
+    # chunk-parallel phase (Gamma, A, w, u, ...) is recomputed in the backward, batched over all
+    # chunks, before one reverse scan. Never one state per token, never the [C,C] chunk matrices.
+    policy = jax.checkpoint_policies.save_only_these_names(_STATE_NAME, _V_NEW_NAME)
+    run = jax.checkpoint(run, policy=policy)
+    o, state = run(*inputs, state)
+    return o, (state if output_final_state else None)
