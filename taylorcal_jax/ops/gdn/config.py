@@ -22,9 +22,13 @@ class GDNPallasConfig:
     forward: "fused" = two kernels (chunk-parallel w/u; sequential pass writing o and the state);
       "split" = three (chunk-parallel w/u/kd; sequential pass writing chunk-start states h and v';
       chunk-parallel output o = s (q exp(G)) h + aqk v'), as flash-linear-attention does.
+    backward: chunk-local part of the backward: "xla" = recompute + jax.vjp in XLA (compiled and
+      checked on an H100); "pallas" = one chunk-parallel Pallas kernel (pallas_gpu_bwd.py; checked
+      in interpret mode only so far).
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
-    warps_chunk / warps_seq / warps_bwd: Triton warps of the chunk-parallel, sequential forward
-      and sequential backward kernels.
+    warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk: Triton warps of kernel 1,
+      the sequential forward, the sequential backward, the split output and the chunk-parallel
+      backward kernels.
     stages / stages_f32: Triton software-pipelining depth for bf16 / float32 inputs (fp32 tiles
       at depth 2 overflow the 227 KB of shared memory, seen on an H100).
     f32_precision: dot precision used when the inputs are float32 ("highest" = exact fp32;
@@ -33,11 +37,13 @@ class GDNPallasConfig:
     """
 
     forward: str = "split"
+    backward: str = "xla"
     block_v: int = 64
     warps_chunk: int = 4
     warps_seq: int = 4
     warps_bwd: int = 4
     warps_out: int = 4
+    warps_bwd_chunk: int = 8
     stages: int = 2
     stages_f32: int = 1
     f32_precision: str = "highest"
@@ -47,6 +53,8 @@ class GDNPallasConfig:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
         if self.forward not in ("fused", "split"):
             raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
+        if self.backward not in ("xla", "pallas"):
+            raise ValueError(f"backward must be 'xla' or 'pallas', got {self.backward!r}")
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(f"f32_precision must be 'highest' or 'tf32x3', got "
                              f"{self.f32_precision!r}")

@@ -461,6 +461,17 @@ def _gdn_bwd(st, res, cts):
     q, k, v, g, beta, s0 = res
     do, dst = cts
     dt = _operand_dtype(q, k, v)
+    if st.cfg.backward == "pallas":
+        from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
+
+        w, u, gcum, kd = _chunk_call(k, v, g, beta, st, dt, with_kd=True)
+        qg, aqk = pb.chunk_local_forward(q, k, st, dt, gcum)
+        last = (jnp.arange(gcum.shape[1]) % st.chunk == st.chunk - 1)[None, :, None]
+        lgc = jnp.where(last, gcum, 0.0)
+        du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
+            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt)
+        grads = pb.chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt)
+        return (*grads, ds0.astype(s0.dtype))
     (w, u, qg, kd, aqk, lgc), vjp = jax.vjp(
         functools.partial(_stage1, st=st, dt=dt), q, k, v, g, beta)
     du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(

@@ -1,0 +1,200 @@
+"""Chunk-local backward of the gated delta rule as one Pallas kernel (opt-in: config.backward).
+
+Letters: B batch, T time (Tp padded), H heads, K key dim, V value dim, C chunk length.
+
+The sequential reverse pass (pallas_gpu._reverse_kernel) yields the cotangents of the chunk-local
+quantities w, u, qg = s q exp(G), kd = k exp(G_C - G), aqk = s causal Gamma q k^T and G_C. This
+kernel (grid NT x B x H) maps them back to (q, k, v, g, beta) in one pass per chunk, recomputing
+T = (I + A)^-1 by 16 x 16 blocks as the forward does and assembling it with exact 0/1 dots:
+
+    dT = dw Rk^T + du Rv^T        dRk = T^T dw      dRv = T^T du      (Rk = beta exp(G) k,
+    dA = strict_lower(-T^T dT T^T)                                      Rv = beta v)
+    dbeta = rowsum(dRk exp(G) k) + rowsum(dRv v) + rowsum(dA KK Gamma)
+    dk^ = beta exp(G) dRk + E k + E^T k + Dq^T q^ + exp(G_C - G) dkd   (E = dA beta Gamma,
+    dq^ = s exp(G) dqg + Dq k^                                          Dq = s daqk causal Gamma)
+    dG  = rowsum(dqg qg) + rowsum(dRk Rk) - rowsum(dkd kd) + rows(N) - cols(N) + rows(M) - cols(M)
+          (N = dA * A, M = daqk * aqk), dG_C-1 += dG_C + sum(dkd kd);  dg = reverse cumsum dG
+    dq = r (dq^ - q^ (q^ . dq^)) with r = 1 / sqrt(|q|^2 + eps), likewise dk.
+
+Status: checked in interpret mode against the XLA vjp (tests/test_gdn_pallas.py); not yet
+compiled on a GPU, hence not the default (config.backward = "xla").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+F32 = jnp.float32
+
+
+def _sel(rows, cols, offset, transpose=False):
+    """0/1 matrix placing a 16-wide block at `offset`: [rows, cols] with 1 at (r, r + offset)."""
+    r, c = pg._iota((rows, cols), 0), pg._iota((rows, cols), 1)
+    return ((r == c + offset) if transpose else (c == r + offset)).astype(F32)
+
+
+def _t_full(k_ref, g, beta_ref, st, dt, prec):
+    """T = (I + A)^-1 as a full [C, C] fp32 value (16 x 16 blocks as in the forward kernel)."""
+    c = st.chunk
+    ns = c // 16
+    hp = lax.Precision.HIGHEST
+    r16c, c16c = pg._iota((16, c), 0), pg._iota((16, c), 1)
+    r16, c16 = pg._iota((16, 16), 0), pg._iota((16, 16), 1)
+    ks, gs, bs = [], [], []
+    for i in range(ns):
+        k_i = k_ref[pl.ds(16 * i, 16), :].astype(F32)
+        ks.append(pg._l2(k_i) if st.use_l2 else k_i)
+        gs.append(jnp.sum(jnp.where(c16c <= r16c + 16 * i, g[None, :], 0.0), axis=1))
+        bs.append(beta_ref[pl.ds(16 * i, 16)].astype(F32))
+    a, t = {}, {}
+    for i in range(ns):
+        for j in range(i + 1):
+            kk = pg._mm(ks[i], ks[j], 1, 1, dt, prec)
+            diff = gs[i][:, None] - gs[j][None, :]
+            if i == j:
+                low = r16 > c16
+                a[i, j] = jnp.where(low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)),
+                                    0.0)
+            else:
+                a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
+    for i in range(ns):
+        t[i, i] = pg._inv_unit_lower16(a[i, i])
+        for j in range(i - 1, -1, -1):
+            acc = pg._mm(a[i, j], t[j, j], 1, 0, F32, hp)
+            for m in range(j + 1, i):
+                acc = acc + pg._mm(a[i, m], t[m, j], 1, 0, F32, hp)
+            t[i, j] = -pg._mm(t[i, i], acc, 1, 0, F32, hp)
+    full = None
+    for i in range(ns):
+        row = None
+        for j in range(i + 1):  # row block i: [16, C] = sum_j T_ij P_j^T
+            part = pg._mm(t[i, j], _sel(16, c, 16 * j), 1, 0, F32, hp)
+            row = part if row is None else row + part
+        part = pg._mm(_sel(c, 16, 16 * i, transpose=True), row, 1, 0, F32, hp)
+        full = part if full is None else full + part
+    return full
+
+
+def _chunk_bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dqg_ref, dkd_ref,
+                      daqk_ref, dlgc_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, st, dt,
+                      prec, prec32):
+    c = st.chunk
+    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
+    strict, causal = rc > cc, rc >= cc
+    g = g_ref[...].astype(F32)
+    gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
+    gc = pg._last(gg, c)
+    q = q_ref[...].astype(F32)
+    k = k_ref[...].astype(F32)
+    v = v_ref[...].astype(F32)
+    beta = beta_ref[...].astype(F32)
+    if st.use_l2:
+        rq = lax.rsqrt(jnp.sum(q * q, axis=-1, keepdims=True) + pg._EPS)
+        rk = lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + pg._EPS)
+        qn, kn = q * rq, k * rk
+    else:
+        qn, kn = q, k
+    diff = gg[:, None] - gg[None, :]
+    gam_s = jnp.where(strict, jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
+    gam_c = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
+    kk = pg._mm(kn, kn, 1, 1, dt, prec)
+    a = beta[:, None] * kk * gam_s
+    t = _t_full(k_ref, g, beta_ref, st, dt, prec)
+    eg = jnp.exp(gg)
+    rk_ = (beta * eg)[:, None] * kn
+    rv_ = beta[:, None] * v
+    dw = dw_ref[...].astype(F32)
+    du = du_ref[...].astype(F32)
+    dqg = dqg_ref[...].astype(F32)
+    dkd = dkd_ref[...].astype(F32)
+    daqk = daqk_ref[...].astype(F32)
+    dgc = pg._last(dlgc_ref[...].astype(F32), c)
+    # w = T Rk, u = T Rv
+    dt_ = pg._mm(dw, rk_, 1, 1, dt, prec) + pg._mm(du, rv_, 1, 1, dt, prec)  # [C, C]
+    drk = pg._mm(t, dw, 0, 0, dt, prec)  # T^T dw
+    drv = pg._mm(t, du, 0, 0, dt, prec)
+    x = pg._mm(dt_, t, 1, 1, F32, prec32)  # dT T^T
+    da = jnp.where(strict, -pg._mm(t, x, 0, 0, F32, prec32), 0.0)  # -T^T dT T^T, strict lower
+    e = da * beta[:, None] * gam_s  # d(KK)
+    n = da * a
+    # aqk = s causal Gamma q k^T
+    qk = pg._mm(qn, kn, 1, 1, dt, prec)
+    aqk = st.scale * qk * gam_c
+    dq_mat = daqk * st.scale * gam_c  # d(qk)
+    m = daqk * aqk
+    qg = st.scale * qn * eg[:, None]
+    kd = kn * jnp.exp(gc - gg)[:, None]
+    dbeta = (jnp.sum(drk * eg[:, None] * kn, axis=1) + jnp.sum(drv * v, axis=1)
+             + jnp.sum(da * kk * gam_s, axis=1))
+    dkn = (drk * (beta * eg)[:, None] + pg._mm(e, kn, 1, 0, dt, prec)
+           + pg._mm(e, kn, 0, 0, dt, prec) + pg._mm(dq_mat, qn, 0, 0, dt, prec)
+           + dkd * jnp.exp(gc - gg)[:, None])
+    dqn = st.scale * eg[:, None] * dqg + pg._mm(dq_mat, kn, 1, 0, dt, prec)
+    dv = drv * beta[:, None]
+    kd_term = jnp.sum(dkd * kd, axis=1)
+    dgg = (jnp.sum(dqg * qg, axis=1) + jnp.sum(drk * rk_, axis=1) - kd_term
+           + jnp.sum(n, axis=1) - jnp.sum(n, axis=0) + jnp.sum(m, axis=1) - jnp.sum(m, axis=0))
+    last = pg._iota((c,), 0) == c - 1
+    dgg = dgg + jnp.where(last, dgc + jnp.sum(kd_term), 0.0)
+    dg_ref[...] = jnp.sum(jnp.where(rc >= cc, dgg[:, None], 0.0), axis=0)  # reverse cumsum
+    if st.use_l2:
+        dqn = rq * (dqn - qn * jnp.sum(qn * dqn, axis=-1, keepdims=True))
+        dkn = rk * (dkn - kn * jnp.sum(kn * dkn, axis=-1, keepdims=True))
+    dq_ref[...] = dqn.astype(dq_ref.dtype)
+    dk_ref[...] = dkn.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
+
+
+def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
+    """(dq, dk, dv, dg, dbeta) in the dtypes of (q, k, v, g, beta)."""
+    b, tp, h, kdim = q.shape
+    vd = v.shape[-1]
+    c = st.chunk
+    i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
+    i3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
+    bk, bv = pl.BlockSpec((None, c, None, kdim), i4), pl.BlockSpec((None, c, None, vd), i4)
+    bc, bt = pl.BlockSpec((None, c, None, c), i4), pl.BlockSpec((None, c, None), i3)
+    prec = pg._f32_precision(st)
+    prec32 = prec if dt == F32 else None  # bf16 inputs: TF32 for the fp32 [C, C] products
+    return pl.pallas_call(
+        functools.partial(_chunk_bwd_kernel, st=st, dt=dt, prec=prec, prec32=prec32),
+        grid=(tp // c, b, h),
+        in_specs=[bk, bk, bv, bt, bt, bk, bv, bk, bk, bc, bt],
+        out_specs=[bk, bk, bv, bt, bt],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, F32),
+                   jax.ShapeDtypeStruct(beta.shape, beta.dtype)],
+        interpret=st.interpret,
+        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt),
+        name="gdn_chunk_bwd",
+    )(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc)
+
+
+def chunk_local_forward(q, k, st, dt, gcum):
+    """qg and aqk (the reverse pass' inputs that kernel 1 does not write), in XLA, no vjp."""
+    b, tp, h, kdim = q.shape
+    c = st.chunk
+    nt = tp // c
+    qn, kn = q.astype(F32), k.astype(F32)
+    if st.use_l2:
+        qn, kn = pg._l2(qn), pg._l2(kn)
+    qg = st.scale * qn * jnp.exp(gcum)[..., None]
+    g5 = gcum.reshape(b, nt, c, h)
+    causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
+    diff = g5[..., None] - jnp.moveaxis(g5, 2, 3)[:, :, None, :, :]  # [B,NT,Ci,H,Cj]
+    gam = jnp.where(causal[None, None, :, None, :], jnp.exp(jnp.where(
+        causal[None, None, :, None, :], diff, 0.0)), 0.0)
+    prec = lax.Precision.HIGHEST if dt == F32 else None
+    qk = jnp.einsum("bnihk,bnjhk->bnihj", qn.reshape(b, nt, c, h, kdim).astype(dt),
+                    kn.reshape(b, nt, c, h, kdim).astype(dt), precision=prec,
+                    preferred_element_type=F32)
+    aqk = (st.scale * qk * gam).reshape(b, tp, h, c)
+    return qg.astype(dt), aqk.astype(dt)
