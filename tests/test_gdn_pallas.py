@@ -57,18 +57,18 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
 
 @pytest.mark.parametrize("backward", ["xla", "pallas"])
 def test_gradients_match_reference_vjp(backward):
-    inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=16)
+    inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
     args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(3)
-    ct = (jnp.asarray(rng.standard_normal((1, 45, 2, 16)), jnp.float32),
-          jnp.asarray(rng.standard_normal((1, 2, 16, 16)), jnp.float32))
+    ct = (jnp.asarray(rng.standard_normal((1, 45, 2, 32)), jnp.float32),
+          jnp.asarray(rng.standard_normal((1, 2, 16, 32)), jnp.float32))
 
     def run(fn, **kw):
         return jax.vjp(lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True,
                                      **kw), *args)[1](ct)
 
     grads = run(gated_delta_rule_pallas, chunk_size=32, interpret=True,
-                config=GDNPallasConfig(backward=backward))
+                config=GDNPallasConfig(backward=backward, block_v=16))  # two V-blocks
     with jax.default_matmul_precision("highest"):
         ref = run(gated_delta_rule_reference)
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):

@@ -411,7 +411,8 @@ def _reverse_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, h_ref, vp_r
     ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
 
 
-def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
+def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, sum_partials=True):
+    """(du, dw, dqg, dkd, daqk, dlgc, ds0); dw..dlgc carry a leading V-block axis unless summed."""
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     c = st.chunk
@@ -445,6 +446,8 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
         compiler_params=_compiler_params(st, st.cfg.warps_bwd, dt),
         name="gdn_reverse",
     )(do, aqk, qg, kd, w, lgc, hmat, vp, dst)
+    if not sum_partials:
+        return du, dw, dqg, dkd, daqk, dlgc, ds0
     return du, dw.sum(0), dqg.sum(0), dkd.sum(0), daqk.sum(0), dlgc.sum(0), ds0
 
 
@@ -469,7 +472,7 @@ def _gdn_bwd(st, res, cts):
         last = (jnp.arange(gcum.shape[1]) % st.chunk == st.chunk - 1)[None, :, None]
         lgc = jnp.where(last, gcum, 0.0)
         du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
-            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt)
+            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt, sum_partials=False)
         grads = pb.chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt)
         return (*grads, ds0.astype(s0.dtype))
     (w, u, qg, kd, aqk, lgc), vjp = jax.vjp(

@@ -82,9 +82,18 @@ def _t_full(k_ref, g, beta_ref, st, dt, prec):
     return full
 
 
-def _chunk_bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dqg_ref, dkd_ref,
-                      daqk_ref, dlgc_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, st, dt,
-                      prec, prec32):
+def _sum_refs(refs):
+    out = refs[0][...].astype(F32)
+    for r in refs[1:]:
+        out = out + r[...].astype(F32)
+    return out
+
+
+def _chunk_bwd_kernel(*refs, st, dt, prec, prec32, nv):
+    q_ref, k_ref, v_ref, g_ref, beta_ref = refs[:5]
+    parts = [refs[5 + i * nv:5 + (i + 1) * nv] for i in range(5)]  # dw, dqg, dkd, daqk, dlgc
+    du_ref = refs[5 + 5 * nv]
+    dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[6 + 5 * nv:]
     c = st.chunk
     rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
     strict, causal = rc > cc, rc >= cc
@@ -110,12 +119,9 @@ def _chunk_bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dqg_
     eg = jnp.exp(gg)
     rk_ = (beta * eg)[:, None] * kn
     rv_ = beta[:, None] * v
-    dw = dw_ref[...].astype(F32)
+    dw, dqg, dkd, daqk, dlgc = (_sum_refs(p) for p in parts)  # sums over V-blocks
     du = du_ref[...].astype(F32)
-    dqg = dqg_ref[...].astype(F32)
-    dkd = dkd_ref[...].astype(F32)
-    daqk = daqk_ref[...].astype(F32)
-    dgc = pg._last(dlgc_ref[...].astype(F32), c)
+    dgc = pg._last(dlgc, c)
     # w = T Rk, u = T Rv
     dt_ = pg._mm(dw, rk_, 1, 1, dt, prec) + pg._mm(du, rv_, 1, 1, dt, prec)  # [C, C]
     drk = pg._mm(t, dw, 0, 0, dt, prec)  # T^T dw
@@ -154,20 +160,34 @@ def _chunk_bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, dw_ref, du_ref, dqg_
 
 
 def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
-    """(dq, dk, dv, dg, dbeta) in the dtypes of (q, k, v, g, beta)."""
+    """(dq, dk, dv, dg, dbeta) in the dtypes of (q, k, v, g, beta).
+
+    dw, dqg, dkd, daqk, dlgc: per-V-block partial cotangents [NV, B, Tp, H, *] from the reverse
+    pass, summed inside the kernel (saves an XLA pass over them).
+    """
     b, tp, h, kdim = q.shape
     vd = v.shape[-1]
     c = st.chunk
     i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     i3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
     bk, bv = pl.BlockSpec((None, c, None, kdim), i4), pl.BlockSpec((None, c, None, vd), i4)
-    bc, bt = pl.BlockSpec((None, c, None, c), i4), pl.BlockSpec((None, c, None), i3)
+    bt = pl.BlockSpec((None, c, None), i3)
+    nv = dw.shape[0]
+
+    def part(last_dim, j):
+        if last_dim is None:
+            return pl.BlockSpec((None, None, c, None), lambda i, bb, hh: (j, bb, i, hh))
+        return pl.BlockSpec((None, None, c, None, last_dim), lambda i, bb, hh: (j, bb, i, hh, 0))
+
+    part_specs = []
+    for last_dim in (kdim, kdim, kdim, c, None):
+        part_specs += [part(last_dim, j) for j in range(nv)]
     prec = pg._f32_precision(st)
     prec32 = prec if dt == F32 else None  # bf16 inputs: TF32 for the fp32 [C, C] products
     return pl.pallas_call(
-        functools.partial(_chunk_bwd_kernel, st=st, dt=dt, prec=prec, prec32=prec32),
+        functools.partial(_chunk_bwd_kernel, st=st, dt=dt, prec=prec, prec32=prec32, nv=nv),
         grid=(tp // c, b, h),
-        in_specs=[bk, bk, bv, bt, bt, bk, bv, bk, bk, bc, bt],
+        in_specs=[bk, bk, bv, bt, bt, *part_specs, bv],
         out_specs=[bk, bk, bv, bt, bt],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, F32),
@@ -175,7 +195,8 @@ def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
         interpret=st.interpret,
         compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt),
         name="gdn_chunk_bwd",
-    )(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc)
+    )(q, k, v, g, beta, *([dw] * nv), *([dqg] * nv), *([dkd] * nv), *([daqk] * nv),
+      *([dlgc] * nv), du)
 
 
 def chunk_local_forward(q, k, st, dt, gcum):
