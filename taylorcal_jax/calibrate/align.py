@@ -152,6 +152,8 @@ def _fit_layers_jit(model_config, gdn_cfg, cfg, mesh):
     lay = sharding.named(mesh, "layers")
     act = sharding.named(mesh, "layers", "data")
     dat = sharding.named(mesh, "data")
+    if mesh.size == 1:  # one device: nothing to partition
+        return jax.jit(fn)
     if sharding.axis_size(mesh, "data") == 1:
         # Layers are independent: each device fits its own slice, no collectives. shard_map
         # keeps custom kernels (Pallas) out of the SPMD partitioner.
