@@ -44,7 +44,8 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
 
 @pytest.mark.parametrize(
     "t, k, v, chunk_size, config",
-    [(200, 32, 32, 64, SPLIT), (37, 16, 32, 16, FUSED), (50, 32, 16, 32, FUSED)],
+    [(200, 32, 32, 64, SPLIT), (37, 16, 32, 16, FUSED), (50, 32, 16, 32, FUSED),
+     (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload"))],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     inputs = random_inputs(1, b=2, t=t, h=2, k=k, v=v)
@@ -154,8 +155,9 @@ def test_rejects_unsupported_shapes_and_options():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [FUSED, GDNPallasConfig(forward="split", block_v=64),
-                                    GDNPallasConfig(backward="pallas")])
+@pytest.mark.parametrize("config", [
+    FUSED, GDNPallasConfig(forward="split", block_v=64), GDNPallasConfig(backward="pallas"),
+    GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1)])
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
 def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
     b, t, h, d = 2, 300, 4, 128

@@ -25,12 +25,17 @@ class GDNPallasConfig:
     backward: chunk-local part of the backward: "xla" = recompute + jax.vjp in XLA (compiled and
       checked on an H100); "pallas" = one chunk-parallel Pallas kernel (pallas_gpu_bwd.py; checked
       in interpret mode only so far).
+    chunk_kernel: kernel 1 body: "keep" (blocks of k, beta exp(G) k, beta v held in registers;
+      timed on an H100) or "reload" (reloads them from the Refs; fewer live registers;
+      pallas_gpu_chunk.py; interpret-checked, not yet timed).
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk: Triton warps of kernel 1,
       the sequential forward, the sequential backward, the split output and the chunk-parallel
       backward kernels.
-    stages / stages_f32: Triton software-pipelining depth for bf16 / float32 inputs (fp32 tiles
-      at depth 2 overflow the 227 KB of shared memory, seen on an H100).
+    stages / stages_bwd / stages_f32: Triton software-pipelining depth for bf16 forward kernels,
+      bf16 backward kernels, and all float32 kernels (fp32 tiles at depth 2 overflow the 227 KB of
+      shared memory, seen on an H100). Compiled for sm_90 outside XLA, the reverse kernel needs
+      208 KB of shared memory at depth 2 (one program per SM) and 80 KB at depth 1.
     f32_precision: dot precision used when the inputs are float32 ("highest" = exact fp32;
       "tf32x3" = three TF32 passes, about 1e-6 relative, faster). bf16 inputs always use bf16
       operands with float32 accumulation.
@@ -38,6 +43,7 @@ class GDNPallasConfig:
 
     forward: str = "split"
     backward: str = "xla"
+    chunk_kernel: str = "keep"
     block_v: int = 64
     warps_chunk: int = 4
     warps_seq: int = 4
@@ -45,6 +51,7 @@ class GDNPallasConfig:
     warps_out: int = 4
     warps_bwd_chunk: int = 8
     stages: int = 2
+    stages_bwd: int = 2
     stages_f32: int = 1
     f32_precision: str = "highest"
 
@@ -53,6 +60,8 @@ class GDNPallasConfig:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
         if self.forward not in ("fused", "split"):
             raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
+        if self.chunk_kernel not in ("keep", "reload"):
+            raise ValueError(f"chunk_kernel must be 'keep' or 'reload', got {self.chunk_kernel!r}")
         if self.backward not in ("xla", "pallas"):
             raise ValueError(f"backward must be 'xla' or 'pallas', got {self.backward!r}")
         if self.f32_precision not in ("highest", "tf32x3"):

@@ -91,12 +91,12 @@ def _inv_unit_lower16(a):
     return t
 
 
-def _compiler_params(st: _Static, warps: int, dt):
+def _compiler_params(st: _Static, warps: int, dt, bwd: bool = False):
     if st.interpret:
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    stages = st.cfg.stages_f32 if dt == F32 else st.cfg.stages
+    stages = st.cfg.stages_f32 if dt == F32 else (st.cfg.stages_bwd if bwd else st.cfg.stages)
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
@@ -165,7 +165,10 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False):
     nt = tp // c
     idx4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     idx3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
-    kern = functools.partial(_chunk_kernel, st=st, dt=dt, prec=_f32_precision(st))
+    body = _chunk_kernel
+    if st.cfg.chunk_kernel == "reload":
+        from taylorcal_jax.ops.gdn.pallas_gpu_chunk import chunk_kernel_reload as body
+    kern = functools.partial(body, st=st, dt=dt, prec=_f32_precision(st))
     extra_spec = [pl.BlockSpec((None, c, None, kd), idx4)] if with_kd else []
     extra_shape = [jax.ShapeDtypeStruct((b, tp, h, kd), dt)] if with_kd else []
     return pl.pallas_call(
@@ -260,7 +263,7 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _states_call(w, u, kd, gc_src, s0, st: _Static, dt):
+def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
     """Sequential state pass: (h [B, H, NT*K, V] chunk-start states, v' [B,Tp,H,V], final S)."""
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
@@ -281,7 +284,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt):
                    jax.ShapeDtypeStruct((b, tp, h, vd), dt),
                    jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_seq, dt),
+        compiler_params=_compiler_params(st, st.cfg.warps_seq, dt, bwd),
         name="gdn_states",
     )(w, u, kd, gc_src, s0)
 
@@ -429,7 +432,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, sum_part
     pk = pl.BlockSpec((None, None, tp, None, kdim), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pc = pl.BlockSpec((None, None, tp, None, c), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pt = pl.BlockSpec((None, None, tp, None), lambda j, bb, hh: (j, bb, 0, hh))
-    hmat, vp, _ = _states_call(w, u, kd, lgc, s0, st, dt)
+    hmat, vp, _ = _states_call(w, u, kd, lgc, s0, st, dt, bwd=True)
     du, dw, dqg, dkd, daqk, dlgc, ds0 = pl.pallas_call(
         functools.partial(_reverse_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
         grid=(nv, b, h),
@@ -443,7 +446,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, sum_part
                    jax.ShapeDtypeStruct((nv, b, tp, h), F32),
                    jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_bwd, dt),
+        compiler_params=_compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
         name="gdn_reverse",
     )(do, aqk, qg, kd, w, lgc, hmat, vp, dst)
     if not sum_partials:

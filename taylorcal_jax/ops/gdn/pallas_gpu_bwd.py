@@ -193,7 +193,7 @@ def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
                    jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, F32),
                    jax.ShapeDtypeStruct(beta.shape, beta.dtype)],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt),
+        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
         name="gdn_chunk_bwd",
     )(q, k, v, g, beta, *([dw] * nv), *([dqg] * nv), *([dkd] * nv), *([daqk] * nv),
       *([dlgc] * nv), du)
