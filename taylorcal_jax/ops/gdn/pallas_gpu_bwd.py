@@ -90,8 +90,9 @@ def _sum_refs(refs):
 
 
 def _chunk_bwd_kernel(*refs, st, dt, prec, prec32, nv):
+    """Phases ordered so that inputs are loaded (or reloaded) just before their last use."""
     q_ref, k_ref, v_ref, g_ref, beta_ref = refs[:5]
-    parts = [refs[5 + i * nv:5 + (i + 1) * nv] for i in range(5)]  # dw, dqg, dkd, daqk, dlgc
+    dw_p, dqg_p, dkd_p, daqk_p, dlgc_p = (refs[5 + i * nv:5 + (i + 1) * nv] for i in range(5))
     du_ref = refs[5 + 5 * nv]
     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[6 + 5 * nv:]
     c = st.chunk
@@ -100,63 +101,68 @@ def _chunk_bwd_kernel(*refs, st, dt, prec, prec32, nv):
     g = g_ref[...].astype(F32)
     gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
     gc = pg._last(gg, c)
-    q = q_ref[...].astype(F32)
-    k = k_ref[...].astype(F32)
-    v = v_ref[...].astype(F32)
+    eg = jnp.exp(gg)
     beta = beta_ref[...].astype(F32)
-    if st.use_l2:
-        rq = lax.rsqrt(jnp.sum(q * q, axis=-1, keepdims=True) + pg._EPS)
-        rk = lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + pg._EPS)
-        qn, kn = q * rq, k * rk
-    else:
-        qn, kn = q, k
+
+    def load_n(ref):  # (normalised rows, 1 / norm)
+        x = ref[...].astype(F32)
+        if not st.use_l2:
+            return x, None
+        r = lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + pg._EPS)
+        return x * r, r
+
+    # phase 1: A and T
+    kn, _ = load_n(k_ref)
     diff = gg[:, None] - gg[None, :]
     gam_s = jnp.where(strict, jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
-    gam_c = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
     kk = pg._mm(kn, kn, 1, 1, dt, prec)
-    a = beta[:, None] * kk * gam_s
     t = _t_full(k_ref, g, beta_ref, st, dt, prec)
-    eg = jnp.exp(gg)
-    rk_ = (beta * eg)[:, None] * kn
-    rv_ = beta[:, None] * v
-    dw, dqg, dkd, daqk, dlgc = (_sum_refs(p) for p in parts)  # sums over V-blocks
+    # phase 2: w = T Rk, u = T Rv
+    dw = _sum_refs(dw_p)
     du = du_ref[...].astype(F32)
-    dgc = pg._last(dlgc, c)
-    # w = T Rk, u = T Rv
-    dt_ = pg._mm(dw, rk_, 1, 1, dt, prec) + pg._mm(du, rv_, 1, 1, dt, prec)  # [C, C]
+    v = v_ref[...].astype(F32)
+    rk_ = (beta * eg)[:, None] * kn
+    dt_ = pg._mm(dw, rk_, 1, 1, dt, prec) + pg._mm(du, beta[:, None] * v, 1, 1, dt, prec)
     drk = pg._mm(t, dw, 0, 0, dt, prec)  # T^T dw
     drv = pg._mm(t, du, 0, 0, dt, prec)
+    dv_ref[...] = (drv * beta[:, None]).astype(dv_ref.dtype)
+    dbeta = jnp.sum(drk * eg[:, None] * kn, axis=1) + jnp.sum(drv * v, axis=1)
+    dgg = jnp.sum(drk * rk_, axis=1)
+    dkn = drk * (beta * eg)[:, None]
     x = pg._mm(dt_, t, 1, 1, F32, prec32)  # dT T^T
     da = jnp.where(strict, -pg._mm(t, x, 0, 0, F32, prec32), 0.0)  # -T^T dT T^T, strict lower
-    e = da * beta[:, None] * gam_s  # d(KK)
-    n = da * a
-    # aqk = s causal Gamma q k^T
-    qk = pg._mm(qn, kn, 1, 1, dt, prec)
-    aqk = st.scale * qk * gam_c
-    dq_mat = daqk * st.scale * gam_c  # d(qk)
-    m = daqk * aqk
-    qg = st.scale * qn * eg[:, None]
-    kd = kn * jnp.exp(gc - gg)[:, None]
-    dbeta = (jnp.sum(drk * eg[:, None] * kn, axis=1) + jnp.sum(drv * v, axis=1)
-             + jnp.sum(da * kk * gam_s, axis=1))
-    dkn = (drk * (beta * eg)[:, None] + pg._mm(e, kn, 1, 0, dt, prec)
-           + pg._mm(e, kn, 0, 0, dt, prec) + pg._mm(dq_mat, qn, 0, 0, dt, prec)
-           + dkd * jnp.exp(gc - gg)[:, None])
-    dqn = st.scale * eg[:, None] * dqg + pg._mm(dq_mat, kn, 1, 0, dt, prec)
-    dv = drv * beta[:, None]
-    kd_term = jnp.sum(dkd * kd, axis=1)
-    dgg = (jnp.sum(dqg * qg, axis=1) + jnp.sum(drk * rk_, axis=1) - kd_term
-           + jnp.sum(n, axis=1) - jnp.sum(n, axis=0) + jnp.sum(m, axis=1) - jnp.sum(m, axis=0))
-    last = pg._iota((c,), 0) == c - 1
-    dgg = dgg + jnp.where(last, dgc + jnp.sum(kd_term), 0.0)
-    dg_ref[...] = jnp.sum(jnp.where(rc >= cc, dgg[:, None], 0.0), axis=0)  # reverse cumsum
+    dkk = da * gam_s
+    dbeta = dbeta + jnp.sum(dkk * kk, axis=1)
+    n = dkk * kk * beta[:, None]  # dA * A
+    dgg = dgg + jnp.sum(n, axis=1) - jnp.sum(n, axis=0)
+    e = dkk * beta[:, None]  # d(KK)
+    dkn = dkn + pg._mm(e, kn, 1, 0, dt, prec) + pg._mm(e, kn, 0, 0, dt, prec)
+    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
+    # phase 3: aqk = s causal Gamma q k^T, qg = s q exp(G), kd = k exp(G_C - G)
+    qn, rq = load_n(q_ref)
+    gam_c = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
+    daqk = _sum_refs(daqk_p) * (st.scale * gam_c)  # d(q k^T)
+    m = daqk * pg._mm(qn, kn, 1, 1, dt, prec)  # daqk * aqk
+    dgg = dgg + jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
+    dqg = _sum_refs(dqg_p)
+    dgg = dgg + st.scale * jnp.sum(dqg * qn, axis=1) * eg
+    dqn = st.scale * eg[:, None] * dqg + pg._mm(daqk, kn, 1, 0, dt, prec)
     if st.use_l2:
         dqn = rq * (dqn - qn * jnp.sum(qn * dqn, axis=-1, keepdims=True))
-        dkn = rk * (dkn - kn * jnp.sum(kn * dkn, axis=-1, keepdims=True))
     dq_ref[...] = dqn.astype(dq_ref.dtype)
+    dkn = dkn + pg._mm(daqk, qn, 0, 0, dt, prec)
+    ekd = jnp.exp(gc - gg)
+    dkd = _sum_refs(dkd_p)
+    kd_term = jnp.sum(dkd * kn, axis=1) * ekd
+    dkn = dkn + dkd * ekd[:, None]
+    last = pg._iota((c,), 0) == c - 1
+    dgc = pg._last(_sum_refs(dlgc_p), c)
+    dgg = dgg - kd_term + jnp.where(last, dgc + jnp.sum(kd_term), 0.0)
+    dg_ref[...] = jnp.sum(jnp.where(rc >= cc, dgg[:, None], 0.0), axis=0)  # reverse cumsum
+    if st.use_l2:
+        kn, rk = load_n(k_ref)
+        dkn = rk * (dkn - kn * jnp.sum(kn * dkn, axis=-1, keepdims=True))
     dk_ref[...] = dkn.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
 
 
 def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
