@@ -1,0 +1,106 @@
+"""Registers, spill stack and shared memory of the Pallas GDN kernels for sm_90, with no GPU.
+
+Lowers forward + backward for the CUDA platform through jax.export (no device needed), captures
+each pallas_call's Triton IR (a hook on JAX's Pallas->Triton lowering, a private API: this is a
+developer tool, pinned to what JAX 0.10/0.11 do), compiles it with the locally installed `triton`
+package for compute capability 9.0 and prints what cuobjdump reports. The local Triton is not
+the one bundled in jaxlib, so figures are indicative; they agreed with the H100's behaviour on
+shared memory (fp32 at 2 stages overflowing; the reverse kernel's one program per SM).
+
+Usage: python launch/gdn_kernel_resources.py [--config '{"backward": "pallas"}'] [--stages 1]
+Letters: B batch, T time, H heads, K key dim (= V here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+
+
+def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[str, dict]:
+    """{kernel name: {"path": ttir file, "num_warps": int, "num_stages": int}}."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
+    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+
+    found = {}
+    orig = reg.lowering.lower_jaxpr_to_triton_module
+
+    def hook(*a, **kw):
+        res = orig(*a, **kw)
+        text = res.module.operation.get_asm(enable_debug_info=False)
+        name = next(ln for ln in text.splitlines() if "tt.func" in ln).split("@")[1].split("(")[0]
+        path = os.path.join(out_dir, f"{name}.ttir")
+        with open(path, "w") as f:
+            f.write(text)
+        found.setdefault(name, {"path": path})
+        return res
+
+    cfg = GDNPallasConfig(**cfg_fields)
+
+    def loss(q, k, v, g, b):
+        o = gated_delta_rule_pallas(q, k, v, g, b, interpret=False, config=cfg)[0]
+        return jnp.sum(o.astype(jnp.float32))
+
+    b, t, h, d = shape
+    sds = jax.ShapeDtypeStruct
+    args = [sds((b, t, h, d), jnp.bfloat16)] * 3 + [sds((b, t, h), jnp.float32),
+                                                      sds((b, t, h), jnp.bfloat16)]
+    reg.lowering.lower_jaxpr_to_triton_module = hook
+    try:
+        export.export(jax.jit(jax.grad(loss, argnums=range(5))), platforms=("cuda",),
+                      disabled_checks=[export.DisabledSafetyCheck.custom_call(
+                          "__gpu$xla.gpu.triton")])(*args)
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = orig
+    warps = {"gdn_chunk": cfg.warps_chunk, "gdn_seq": cfg.warps_seq, "gdn_states": cfg.warps_seq,
+             "gdn_out": cfg.warps_out, "gdn_reverse": cfg.warps_bwd,
+             "gdn_chunk_bwd": cfg.warps_bwd_chunk}
+    for name, info in found.items():
+        info["num_warps"] = warps.get(name, 4)
+        info["num_stages"] = cfg.stages_bwd if name in ("gdn_reverse", "gdn_chunk_bwd") else (
+            cfg.stages)
+    return found
+
+
+def compile_report(info: dict, stages_override: int | None = None) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    stages = stages_override or info["num_stages"]
+    kernel = triton.compile(info["path"], target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": info["num_warps"], "num_stages": stages})
+    cubin = info["path"] + ".cubin"
+    with open(cubin, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True,
+                           text=True).stdout
+    regs = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), usage.strip())
+    return (f"warps {info['num_warps']} stages {stages} shared {kernel.metadata.shared} B | "
+            f"{regs}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="{}", help="GDNPallasConfig fields as JSON")
+    ap.add_argument("--stages", type=int, default=None, help="override num_stages for all")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, info in sorted(dump_ttir(json.loads(a.config), tmp).items()):
+            try:
+                print(f"{name:>14}: {compile_report(info, a.stages)}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"{name:>14}: compile failed: {type(e).__name__}: {str(e)[:300]}")
+
+
+if __name__ == "__main__":
+    main()
