@@ -17,7 +17,7 @@ import pytest
 from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 
 from taylorcal_jax.ops.gdn.config import GDNPallasConfig
-from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas, unsupported_reason
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
 NAMES = ("q", "k", "v", "g", "beta")
@@ -149,6 +149,10 @@ def test_rejects_unsupported_shapes_and_options():
         gated_delta_rule_pallas(*_args(inputs), chunk_size=48, interpret=True)
     with pytest.raises(ValueError, match="block_v"):
         GDNPallasConfig(block_v=24)
+    q = jnp.zeros((1, 16, 1, 16), jnp.float32)
+    assert unsupported_reason(q, q, q, 64) is None
+    assert "power of two" in unsupported_reason(q, q, jnp.zeros((1, 16, 1, 24)), 64)
+    assert "float64" in unsupported_reason(np.zeros((1, 16, 1, 16)), q, q, 64)
 
 
 # ----------------------------------------------------------------------------- compiled, GPU

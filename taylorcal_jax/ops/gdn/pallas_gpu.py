@@ -494,6 +494,18 @@ _gdn.defvjp(_gdn_fwd, _gdn_bwd)
 # ----------------------------------------------------------------------------- public entry
 
 
+def unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size) -> str | None:
+    """Why the Pallas kernels cannot take these inputs (api.py's "auto" hook), or None."""
+    if chunk_size not in (16, 32, 64):
+        return f"chunk_size must be 16, 32 or 64 for the Pallas kernels, got {chunk_size}"
+    for name, d in (("K", q_bthk.shape[-1]), ("V", v_bthv.shape[-1])):
+        if d < 16 or d & (d - 1):
+            return f"{name}={d} must be a power of two >= 16 for the Pallas kernels"
+    if any(x.dtype == jnp.float64 for x in (q_bthk, k_bthk, v_bthv)):
+        return "float64 inputs (the kernels compute in float32)"
+    return None
+
+
 def gated_delta_rule_pallas(
     q_bthk,
     k_bthk,
@@ -523,13 +535,9 @@ def gated_delta_rule_pallas(
     if g_bth.shape != (b, t, h) or beta_bth.shape != (b, t, h):
         raise ValueError(f"g and beta must be [B,T,H]={b, t, h}; got {g_bth.shape}, "
                          f"{beta_bth.shape}")
-    if chunk_size not in (16, 32, 64):
-        raise ValueError(f"chunk_size must be 16, 32 or 64 for the Pallas kernels, got "
-                         f"{chunk_size}")
-    for name, d in (("K", kdim), ("V", vd)):
-        if d < 16 or d & (d - 1):
-            raise ValueError(f"{name}={d} must be a power of two >= 16 for the Pallas kernels; "
-                             "use impl='chunked' otherwise")
+    reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size)
+    if reason:
+        raise ValueError(f"{reason}; use impl='chunked' for such inputs")
     if interpret is None:
         interpret = default_interpret()
     st = _Static(chunk=chunk_size, scale=float(kdim**-0.5 if scale is None else scale),
