@@ -271,7 +271,7 @@ def plot(result: dict, path: str) -> None:
     cols = _columns(result)
     strategies = list(dict.fromkeys(r["strategy"] for r in result["rows"]))
     ppl = {(r["strategy"], r["policy"], r["kept_fraction"]): r["ppl"] for r in result["rows"]}
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols) * len(strategies) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.4 * len(cols) * len(strategies))), 5))
     width = 0.8 / len(strategies)
     x = np.arange(len(cols))
     for j, s in enumerate(strategies):
@@ -281,7 +281,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_xticks(x, [f"{p}\n{f:.0%} kept" for p, f in cols])
     ax.set_yscale("log")
     ax.set_ylabel("zero-shot perplexity (log)")
-    ax.set_title(f"zero-shot students of {os.path.basename(result['teacher'].rstrip('/'))}")
+    ax.set_title(f"zero-shot students of {result.get('teacher_name', result['teacher'])}")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -299,6 +299,7 @@ def main(argv):
     fractions = [float(f) for f in _FRACTIONS.value]
     result = sweep(config, workdir, _STRATEGIES.value, _POLICIES.value, fractions, _RULES.value)
     name = _NAME.value or os.path.basename((config.teacher.path or workdir).rstrip("/"))
+    result["teacher_name"] = name
     paths = write_outputs(result, _OUT.value, name)
     print(markdown_table(result))
     print("wrote " + ", ".join(paths.values()))
