@@ -236,6 +236,12 @@ def markdown_table(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
+        *[
+            f"{k.replace('_', ' ').capitalize()}: {result[k]}"
+            for k in ("teacher_origin", "notes")
+            if result.get(k)
+        ],
+        "",
         head,
         "|" + "---|" * (len(cols) + 1),
         "| teacher | " + " | ".join(f"{result['teacher_ppl']:.3f}" for _ in cols) + " |",
