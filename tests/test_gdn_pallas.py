@@ -7,6 +7,7 @@ Tolerances (relative: max-abs error over max-abs of the expected value, gdn_test
   GPU, fp32 inputs (exact fp32 dots) vs the fp32 reference               1e-4
   GPU, bf16 inputs vs the fp32 reference on the same inputs (FLA's level, as ||.||_2 ratio) 5e-3
   bf16 gradients of the Pallas chunk-local backward, interpret mode (||.||_2 ratio)        2e-2
+  T of kernel 1 "fla" (plain JAX, HIGHEST) vs an fp64 inverse                            1e-5
 Shapes stay tiny (K, V in {16, 32}, T <= 200) to keep interpret mode fast.
 """
 
@@ -18,11 +19,13 @@ from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 
 from taylorcal_jax.ops.gdn.config import GDNPallasConfig
 from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas, unsupported_reason
+from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_fla
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
 NAMES = ("q", "k", "v", "g", "beta")
 FUSED = GDNPallasConfig(forward="fused")
 SPLIT = GDNPallasConfig(forward="split", block_v=16)
+FLA = GDNPallasConfig(chunk_kernel="fla", block_v=16)
 
 
 def _l2_rel(a, b):
@@ -45,7 +48,7 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
 @pytest.mark.parametrize(
     "t, k, v, chunk_size, config",
     [(200, 32, 32, 64, SPLIT), (37, 16, 32, 16, FUSED), (50, 32, 16, 32, FUSED),
-     (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload"))],
+     (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload")), (70, 16, 16, 64, FLA)],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     inputs = random_inputs(1, b=2, t=t, h=2, k=k, v=v)
@@ -56,8 +59,8 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     assert rel_err(state, state_np) < 2e-5
 
 
-@pytest.mark.parametrize("backward", ["xla", "pallas"])
-def test_gradients_match_reference_vjp(backward):
+@pytest.mark.parametrize("backward, chunk_kernel", [("xla", "keep"), ("pallas", "fla")])
+def test_gradients_match_reference_vjp(backward, chunk_kernel):
     inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
     args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(3)
@@ -69,7 +72,8 @@ def test_gradients_match_reference_vjp(backward):
                                      **kw), *args)[1](ct)
 
     grads = run(gated_delta_rule_pallas, chunk_size=32, interpret=True,
-                config=GDNPallasConfig(backward=backward, block_v=16))  # two V-blocks
+                config=GDNPallasConfig(backward=backward, chunk_kernel=chunk_kernel,
+                                       block_v=16))  # two V-blocks
     with jax.default_matmul_precision("highest"):
         ref = run(gated_delta_rule_reference)
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
@@ -97,15 +101,31 @@ def test_pallas_backward_bf16_close_to_fp32_reference():
         assert _l2_rel(a, r) < 2e-2, (name, _l2_rel(a, r))
 
 
-def test_extreme_gates_and_betas_stay_finite_and_match():
+@pytest.mark.parametrize("chunk_size, config", [(32, FUSED), (64, FLA)])
+def test_extreme_gates_and_betas_stay_finite_and_match(chunk_size, config):
     inputs = random_inputs(4, b=1, t=64, h=2, k=16, v=16, g_min=-20.0, g_max=-0.0)
     inputs["beta"] = np.where(np.arange(64)[None, :, None] % 2 == 0, 1e-4, 1.0 - 1e-4).astype(
         np.float32) * np.ones_like(inputs["beta"])
-    o, state = _pallas(inputs, chunk_size=32)
+    o, state = _pallas(inputs, chunk_size=chunk_size, config=config)
     o_np, state_np = numpy_gated_delta_rule(**inputs)
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(state)).all()
     assert rel_err(o, o_np) < 1e-4
     assert rel_err(state, state_np) < 1e-4
+
+
+@pytest.mark.parametrize("c", [16, 32, 64])
+@pytest.mark.parametrize("g_min", [-0.1, -20.0])
+def test_fla_inverse_matches_fp64_inverse(c, g_min):
+    rng = np.random.default_rng(c)
+    k = rng.standard_normal((c, 32))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    gg = np.cumsum(rng.uniform(g_min, 0.0, c))
+    beta = rng.uniform(0.0, 1.0, c)
+    low = np.tril(np.ones((c, c), bool), -1)
+    a = np.where(low, beta[:, None] * (k @ k.T) * np.exp(np.where(low, gg[:, None] - gg, 0.0)), 0)
+    expected = np.linalg.inv(np.eye(c) + a)
+    t = t_inverse_fla(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST)
+    assert rel_err(t, expected) < 1e-5
 
 
 def test_beta_zero_gives_decayed_readout_of_initial_state():
@@ -149,6 +169,8 @@ def test_rejects_unsupported_shapes_and_options():
         gated_delta_rule_pallas(*_args(inputs), chunk_size=48, interpret=True)
     with pytest.raises(ValueError, match="block_v"):
         GDNPallasConfig(block_v=24)
+    with pytest.raises(ValueError, match="t_precision"):
+        GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
     assert unsupported_reason(q, q, q, 64) is None
     assert "power of two" in unsupported_reason(q, q, jnp.zeros((1, 16, 1, 24)), 64)
@@ -161,7 +183,9 @@ def test_rejects_unsupported_shapes_and_options():
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [
     FUSED, GDNPallasConfig(forward="split", block_v=64), GDNPallasConfig(backward="pallas"),
-    GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1)])
+    GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1),
+    GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
+    GDNPallasConfig(chunk_kernel="fla", t_precision="tf32")])
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
 def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
     b, t, h, d = 2, 300, 4, 128

@@ -26,8 +26,13 @@ class GDNPallasConfig:
       checked on an H100); "pallas" = one chunk-parallel Pallas kernel (pallas_gpu_bwd.py; checked
       in interpret mode only so far).
     chunk_kernel: kernel 1 body: "keep" (blocks of k, beta exp(G) k, beta v held in registers;
-      timed on an H100) or "reload" (reloads them from the Refs; fewer live registers;
-      pallas_gpu_chunk.py; interpret-checked, not yet timed).
+      timed on an H100), "reload" (reloads them from the Refs; fewer live registers;
+      pallas_gpu_chunk.py; interpret-checked, not yet timed) or "fla" (flash-linear-attention's
+      layout: full [C, C] T, w and u as full C-row dots; pallas_gpu_chunk.py; interpret-checked,
+      not yet timed).
+    t_precision: precision of the [C, C] fp32 products that build T in the "fla" kernel for
+      16-bit inputs: "tf32x3" (three TF32 passes, ~1e-6), "bf16x3" (three bf16 passes, ~1e-5) or
+      "tf32" (one pass, ~3e-4). fp32 inputs use f32_precision; interpret mode uses HIGHEST.
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk: Triton warps of kernel 1,
       the sequential forward, the sequential backward, the split output and the chunk-parallel
@@ -54,14 +59,19 @@ class GDNPallasConfig:
     stages_bwd: int = 2
     stages_f32: int = 1
     f32_precision: str = "highest"
+    t_precision: str = "tf32x3"
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
         if self.forward not in ("fused", "split"):
             raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
-        if self.chunk_kernel not in ("keep", "reload"):
-            raise ValueError(f"chunk_kernel must be 'keep' or 'reload', got {self.chunk_kernel!r}")
+        if self.chunk_kernel not in ("keep", "reload", "fla"):
+            raise ValueError(f"chunk_kernel must be 'keep', 'reload' or 'fla', got "
+                             f"{self.chunk_kernel!r}")
+        if self.t_precision not in ("tf32x3", "bf16x3", "tf32"):
+            raise ValueError(f"t_precision must be 'tf32x3', 'bf16x3' or 'tf32', got "
+                             f"{self.t_precision!r}")
         if self.backward not in ("xla", "pallas"):
             raise ValueError(f"backward must be 'xla' or 'pallas', got {self.backward!r}")
         if self.f32_precision not in ("highest", "tf32x3"):

@@ -168,6 +168,8 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False):
     body = _chunk_kernel
     if st.cfg.chunk_kernel == "reload":
         from taylorcal_jax.ops.gdn.pallas_gpu_chunk import chunk_kernel_reload as body
+    elif st.cfg.chunk_kernel == "fla":
+        from taylorcal_jax.ops.gdn.pallas_gpu_chunk import chunk_kernel_fla as body
     kern = functools.partial(body, st=st, dt=dt, prec=_f32_precision(st))
     extra_spec = [pl.BlockSpec((None, c, None, kd), idx4)] if with_kd else []
     extra_shape = [jax.ShapeDtypeStruct((b, tp, h, kd), dt)] if with_kd else []

@@ -5,7 +5,8 @@ Letters: B batch, T time (Tp padded), H heads, K key dim, V value dim, C chunk l
 The sequential reverse pass (pallas_gpu._reverse_kernel) yields the cotangents of the chunk-local
 quantities w, u, qg = s q exp(G), kd = k exp(G_C - G), aqk = s causal Gamma q k^T and G_C. This
 kernel (grid NT x B x H) maps them back to (q, k, v, g, beta) in one pass per chunk, recomputing
-T = (I + A)^-1 by 16 x 16 blocks as the forward does and assembling it with exact 0/1 dots:
+T = (I + A)^-1 by 16 x 16 blocks as the forward does and assembling it with exact 0/1 dots (or,
+with config.chunk_kernel = "fla", as pallas_gpu_chunk.t_inverse_fla does: full [C, C] dots):
 
     dT = dw Rk^T + du Rv^T        dRk = T^T dw      dRv = T^T du      (Rk = beta exp(G) k,
     dA = strict_lower(-T^T dT T^T)                                      Rv = beta v)
@@ -116,7 +117,12 @@ def _chunk_bwd_kernel(*refs, st, dt, prec, prec32, nv):
     diff = gg[:, None] - gg[None, :]
     gam_s = jnp.where(strict, jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
     kk = pg._mm(kn, kn, 1, 1, dt, prec)
-    t = _t_full(k_ref, g, beta_ref, st, dt, prec)
+    if st.cfg.chunk_kernel == "fla":  # full [C, C] T from A as kernel 1 "fla" builds it
+        from taylorcal_jax.ops.gdn import pallas_gpu_chunk as pc
+
+        t = pc.t_inverse_fla(beta[:, None] * kk * gam_s, pc.t_precision(st, dt))
+    else:
+        t = _t_full(k_ref, g, beta_ref, st, dt, prec)
     # phase 2: w = T Rk, u = T Rv
     dw = _sum_refs(dw_p)
     du = du_ref[...].astype(F32)
