@@ -31,8 +31,9 @@ class GDNPallasConfig:
       layout: full [C, C] T, w and u as full C-row dots; pallas_gpu_chunk.py; interpret-checked,
       not yet timed).
     t_precision: precision of the [C, C] fp32 products that build T in the "fla" kernel for
-      16-bit inputs: "tf32x3" (three TF32 passes, ~1e-6), "bf16x3" (three bf16 passes, ~1e-5) or
-      "tf32" (one pass, ~3e-4). fp32 inputs use f32_precision; interpret mode uses HIGHEST.
+      16-bit inputs: "bf16x3" (three bf16 passes, ~1e-5; compiled for sm_90 outside XLA: 212
+      registers, no spills), "tf32x3" (three TF32 passes, ~1e-6; spills 1.2 KB there) or "tf32"
+      (one pass, ~3e-4; 194 registers). fp32 inputs use f32_precision; interpret mode, HIGHEST.
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk: Triton warps of kernel 1,
       the sequential forward, the sequential backward, the split output and the chunk-parallel
@@ -59,7 +60,7 @@ class GDNPallasConfig:
     stages_bwd: int = 2
     stages_f32: int = 1
     f32_precision: str = "highest"
-    t_precision: str = "tf32x3"
+    t_precision: str = "bf16x3"
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:

@@ -22,7 +22,7 @@ reshape; with L = A - D (strictly block-lower) and N = Td L (nilpotent, N^NS = 0
     T = (I + A)^-1 = (I + N)^-1 Td = (I - N + N^2 - ...) Td,   by NS - 1 Horner steps X <- Td - N X,
 
 each a full [C, C] x [C, C] dot (exact fp32 for fp32 inputs at config.f32_precision; for 16-bit
-inputs at config.t_precision, three-pass by default). Every partial sum X is the inverse of a
+inputs at config.t_precision, three bf16 passes by default). Every partial sum X is the inverse of a
 block-banded truncation of (I + A), so no power of A is formed on its own (no overflow beyond T's
 own magnitude). Then w = T (beta exp(G) k) and u = T (beta v) are two full [C, C] x [C, K|V] dots.
 Interpret-checked and compiled for sm_90 outside XLA (launch/gdn_kernel_resources.py); not timed.
