@@ -62,11 +62,12 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
         reg.lowering.lower_jaxpr_to_triton_module = orig
     warps = {"gdn_chunk": cfg.warps_chunk, "gdn_seq": cfg.warps_seq, "gdn_states": cfg.warps_seq,
              "gdn_out": cfg.warps_out, "gdn_reverse": cfg.warps_bwd,
-             "gdn_chunk_bwd": cfg.warps_bwd_chunk}
+             "gdn_chunk_bwd": cfg.warps_bwd_chunk, "gdn_reverse_dh": cfg.warps_bwd,
+             "gdn_reverse_grads": cfg.warps_bwd_grads}
+    bwd_names = ("gdn_reverse", "gdn_chunk_bwd", "gdn_reverse_dh", "gdn_reverse_grads")
     for name, info in found.items():
         info["num_warps"] = warps.get(name, 4)
-        info["num_stages"] = cfg.stages_bwd if name in ("gdn_reverse", "gdn_chunk_bwd") else (
-            cfg.stages)
+        info["num_stages"] = cfg.stages_bwd if name in bwd_names else cfg.stages
     return found
 
 

@@ -59,8 +59,9 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     assert rel_err(state, state_np) < 2e-5
 
 
-@pytest.mark.parametrize("backward, chunk_kernel", [("xla", "keep"), ("pallas", "fla")])
-def test_gradients_match_reference_vjp(backward, chunk_kernel):
+@pytest.mark.parametrize("backward, chunk_kernel, reverse", [
+    ("xla", "keep", "fused"), ("pallas", "fla", "split"), ("xla", "keep", "split")])
+def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
     inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
     args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(3)
@@ -73,7 +74,7 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel):
 
     grads = run(gated_delta_rule_pallas, chunk_size=32, interpret=True,
                 config=GDNPallasConfig(backward=backward, chunk_kernel=chunk_kernel,
-                                       block_v=16))  # two V-blocks
+                                       reverse=reverse, block_v=16))  # two V-blocks
     with jax.default_matmul_precision("highest"):
         ref = run(gated_delta_rule_reference)
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
@@ -81,7 +82,10 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel):
         assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
 
 
-def test_pallas_backward_bf16_close_to_fp32_reference():
+@pytest.mark.parametrize("config", [
+    GDNPallasConfig(backward="pallas"),
+    GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split")])
+def test_pallas_backward_bf16_close_to_fp32_reference(config):
     inputs = random_inputs(11, b=1, t=40, h=2, k=16, v=16, g_min=-20.0)
     args = _args(inputs, jnp.bfloat16) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(12)
@@ -92,8 +96,7 @@ def test_pallas_backward_bf16_close_to_fp32_reference():
         return jax.vjp(lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True,
                                      **kw), *xs)[1]((ct[0].astype(xs[2].dtype), ct[1]))
 
-    grads = run(gated_delta_rule_pallas, args, chunk_size=32, interpret=True,
-                config=GDNPallasConfig(backward="pallas"))
+    grads = run(gated_delta_rule_pallas, args, chunk_size=32, interpret=True, config=config)
     with jax.default_matmul_precision("highest"):
         ref = run(gated_delta_rule_reference, [x.astype(jnp.float32) for x in args])
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
@@ -169,6 +172,8 @@ def test_rejects_unsupported_shapes_and_options():
         gated_delta_rule_pallas(*_args(inputs), chunk_size=48, interpret=True)
     with pytest.raises(ValueError, match="block_v"):
         GDNPallasConfig(block_v=24)
+    with pytest.raises(ValueError, match="reverse"):
+        GDNPallasConfig(reverse="both")
     with pytest.raises(ValueError, match="t_precision"):
         GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
@@ -185,6 +190,7 @@ def test_rejects_unsupported_shapes_and_options():
     FUSED, GDNPallasConfig(forward="split", block_v=64), GDNPallasConfig(backward="pallas"),
     GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1),
     GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
+    GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
     GDNPallasConfig(chunk_kernel="fla", t_precision="tf32")])
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
 def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):

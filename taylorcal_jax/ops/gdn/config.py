@@ -34,10 +34,15 @@ class GDNPallasConfig:
       16-bit inputs: "bf16x3" (three bf16 passes, ~1e-5; compiled for sm_90 outside XLA: 212
       registers, no spills), "tf32x3" (three TF32 passes, ~1e-6; spills 1.2 KB there) or "tf32"
       (one pass, ~3e-4; 194 registers). fp32 inputs use f32_precision; interpret mode, HIGHEST.
+    reverse: sequential part of the backward: "fused" (one reverse kernel per V-block doing every
+      product and writing fp32 partial gradients per V-block; GPU-timed) or "split" (a reverse
+      kernel that keeps only the dS recurrence and writes dS per chunk, then a chunk-parallel
+      kernel over all of V for dw, dqg, dkd, daqk; pallas_gpu_reverse.py; interpret-checked, not
+      yet timed).
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
-    warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk: Triton warps of kernel 1,
-      the sequential forward, the sequential backward, the split output and the chunk-parallel
-      backward kernels.
+    warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_grads: Triton
+      warps of kernel 1, the sequential forward, the sequential backward, the split output, the
+      chunk-parallel backward kernels and the split reverse's chunk-parallel kernel.
     stages / stages_bwd / stages_f32: Triton software-pipelining depth for bf16 forward kernels,
       bf16 backward kernels, and all float32 kernels (fp32 tiles at depth 2 overflow the 227 KB of
       shared memory, seen on an H100). Compiled for sm_90 outside XLA, the reverse kernel needs
@@ -50,12 +55,14 @@ class GDNPallasConfig:
     forward: str = "split"
     backward: str = "xla"
     chunk_kernel: str = "keep"
+    reverse: str = "fused"
     block_v: int = 64
     warps_chunk: int = 4
     warps_seq: int = 4
     warps_bwd: int = 4
     warps_out: int = 4
     warps_bwd_chunk: int = 8
+    warps_bwd_grads: int = 8
     stages: int = 2
     stages_bwd: int = 2
     stages_f32: int = 1
@@ -73,6 +80,8 @@ class GDNPallasConfig:
         if self.t_precision not in ("tf32x3", "bf16x3", "tf32"):
             raise ValueError(f"t_precision must be 'tf32x3', 'bf16x3' or 'tf32', got "
                              f"{self.t_precision!r}")
+        if self.reverse not in ("fused", "split"):
+            raise ValueError(f"reverse must be 'fused' or 'split', got {self.reverse!r}")
         if self.backward not in ("xla", "pallas"):
             raise ValueError(f"backward must be 'xla' or 'pallas', got {self.backward!r}")
         if self.f32_precision not in ("highest", "tf32x3"):

@@ -418,6 +418,10 @@ def _reverse_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, h_ref, vp_r
 
 def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, sum_partials=True):
     """(du, dw, dqg, dkd, daqk, dlgc, ds0); dw..dlgc carry a leading V-block axis unless summed."""
+    if st.cfg.reverse == "split":
+        from taylorcal_jax.ops.gdn.pallas_gpu_reverse import backward_seq_split
+
+        return backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials)
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     c = st.chunk

@@ -1,0 +1,120 @@
+"""Reverse (backward) pass of the Pallas gated delta rule in two kernels (config.reverse="split").
+
+Letters: B batch, T time (Tp padded), H heads, K key dim, V value dim, C chunk length,
+NT = Tp / C chunks, BV value block, NV = V / BV.
+
+The default reverse kernel (pallas_gpu._reverse_kernel, grid NV x B x H) does nine dots per
+chunk inside its sequential loop and writes fp32 partial gradients per V-block. Here, as
+flash-linear-attention does, the sequential kernel keeps only the recurrence, with dS' (the
+cotangent of the state leaving chunk i) as the loop carry:
+
+    dv' = aqk^T do + kd dS'                    (written: du = dv', fp32)
+    dS  = exp(G_C) dS' + qg^T do - w^T dv'     (dS' of every chunk written: dh, input dtype)
+
+(four dots per step, and it loads neither the states h nor v'); a chunk-parallel kernel (grid
+NT x B x H, all of V in one program, so no per-V-block partials) then forms the rest from the
+chunk-start state S = h_i and dS' = dh_i:
+
+    dw = -dv' S^T     dqg = do S^T     daqk = do v'^T     dkd = v' dS'^T
+    dlgc = exp(G_C) sum(S * dS') on every row of the chunk (lgc holds G_C on the last row only).
+
+Status: interpret-checked against the reference vjp (tests/test_gdn_pallas.py) and compiled for
+sm_90 outside XLA (launch/gdn_kernel_resources.py); not yet run on a GPU, hence opt-in.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+F32 = jnp.float32
+
+
+def _dh_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, dst_ref, du_ref, dh_ref, ds0_ref,
+               *, st, dt, prec, nt, kdim):
+    c = st.chunk
+
+    def body(n, dsp):
+        i = nt - 1 - n
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        dh_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = dsp.astype(dh_ref.dtype)
+        do = do_ref[rows, :]
+        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(kd_ref[rows, :], dsp, 1, 0,
+                                                                     dt, prec)
+        du_ref[rows, :] = dvp.astype(du_ref.dtype)
+        egc = jnp.exp(jnp.sum(lgc_ref[rows]))
+        return (egc * dsp + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
+                - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec))
+
+    ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
+
+
+def _grads_kernel(do_ref, vp_ref, du_ref, h_ref, dh_ref, lgc_ref, dw_ref, dqg_ref, dkd_ref,
+                  daqk_ref, dlgc_ref, *, st, dt, prec):
+    c = st.chunk
+    s = h_ref[...]
+    do = do_ref[...]
+    dw_ref[...] = -pg._mm(du_ref[...], s, 1, 1, dt, prec)
+    dqg_ref[...] = pg._mm(do, s, 1, 1, dt, prec)
+    vp = vp_ref[...]
+    daqk_ref[...] = pg._mm(do, vp, 1, 1, dt, prec)
+    dsp = dh_ref[...]
+    dkd_ref[...] = pg._mm(vp, dsp, 1, 1, dt, prec)
+    egc = jnp.exp(jnp.sum(lgc_ref[...]))
+    dgc = egc * jnp.sum(s.astype(F32) * dsp.astype(F32))
+    dlgc_ref[...] = jnp.full((c,), dgc, F32)
+
+
+def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials=True):
+    """Same contract as pallas_gpu._backward_seq; the partial-gradient axis (when not summed)
+    has length 1."""
+    b, tp, h, kdim = w.shape
+    vd = u.shape[-1]
+    c = st.chunk
+    nt = tp // c
+    bv = min(st.cfg.block_v, vd)
+    prec = pg._f32_precision(st)
+    hmat, vp, _ = pg._states_call(w, u, kd, lgc, s0, st, dt, bwd=True)
+    fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
+    fc = pl.BlockSpec((None, tp, None, c), lambda j, bb, hh: (bb, 0, hh, 0))
+    fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
+    ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
+    state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    du, dh, ds0 = pl.pallas_call(
+        functools.partial(_dh_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
+        grid=(vd // bv, b, h),
+        in_specs=[fv, fc, fk, fk, fk, ft, state],
+        out_specs=[fv, hs, state],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+                   jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+                   jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
+        interpret=st.interpret,
+        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
+        name="gdn_reverse_dh",
+    )(do, aqk, qg, kd, w, lgc, dst)
+    i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
+    ck, cv = pl.BlockSpec((None, c, None, kdim), i4), pl.BlockSpec((None, c, None, vd), i4)
+    cc = pl.BlockSpec((None, c, None, c), i4)
+    ct = pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))
+    kv = pl.BlockSpec((None, None, kdim, vd), lambda i, bb, hh: (bb, hh, i, 0))
+    dw, dqg, dkd, daqk, dlgc = pl.pallas_call(
+        functools.partial(_grads_kernel, st=st, dt=dt, prec=prec),
+        grid=(nt, b, h),
+        in_specs=[cv, cv, cv, kv, kv, ct],
+        out_specs=[ck, ck, ck, cc, ct],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kdim), F32)] * 3
+        + [jax.ShapeDtypeStruct((b, tp, h, c), F32), jax.ShapeDtypeStruct((b, tp, h), F32)],
+        interpret=st.interpret,
+        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_grads, dt, bwd=True),
+        name="gdn_reverse_grads",
+    )(do, vp, du, hmat, dh, lgc)
+    if not sum_partials:
+        dw, dqg, dkd, daqk, dlgc = (x[None] for x in (dw, dqg, dkd, daqk, dlgc))
+    return du, dw, dqg, dkd, daqk, dlgc, ds0
