@@ -160,6 +160,12 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
     "pbwd_s1_reload": dict(backward="pallas", stages_bwd=1, chunk_kernel="reload"),
     "xbwd_s1": dict(stages_bwd=1),
     "pbwd_s1_bv32": dict(backward="pallas", stages_bwd=1, block_v=32),
+    "fla": dict(chunk_kernel="fla"),
+    "fla_tf32": dict(chunk_kernel="fla", t_precision="tf32"),
+    "pbwd_s1_fla_rsplit": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla",
+                               reverse="split"),
+    "pbwd_s1_fla_rsplit_w8": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla",
+                                  reverse="split", warps_bwd=8),
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 
@@ -246,14 +252,44 @@ def run_check():
             out[f"row0_{name}_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
         except Exception as e:  # noqa: BLE001
             out[f"row0_{name}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        try:
+            for key, val in _kernel_pieces(cfg, args, do_).items():
+                out[f"row0_{name}_{key}"] = val
+        except Exception as e:  # noqa: BLE001
+            out[f"row0_{name}_pieces_error"] = f"{type(e).__name__}: {str(e)[:600]}"
         print("ROW0", name, out.get(f"row0_{name}_fwd_ms"), out.get(f"row0_{name}_fwdbwd_ms"),
-              flush=True)
+              "kernel 1", out.get(f"row0_{name}_kernel1_ms"), "bwd seq",
+              out.get(f"row0_{name}_bwd_seq_ms"), flush=True)
         jax.clear_caches()
     if os.environ.get("GDN_BENCH_CHECK_F32") == "1":
         _check_config(GDNPallasConfig(), jnp.float32, "f32_base", out)
     if os.environ.get("GDN_BENCH_PROFILE") == "1":
         out.update(profile())
     print("JSONCHECK " + json.dumps(out), flush=True)
+
+
+def _kernel_pieces(cfg, args, do_):
+    """Times of kernel 1 alone (w, u, G, kd) and of the backward's sequential part alone (states
+    recompute + reverse pass, zero aqk) for one configuration, bf16, chunk 64."""
+    import jax
+    import jax.numpy as jnp
+
+    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+    q, k, v, g, beta = args
+    b, t, h, d = q.shape
+    st = pg._Static(chunk=64, scale=d**-0.5, use_l2=True,
+                    interpret=os.environ.get("BENCH_GDN_TINY") == "1", cfg=cfg)
+    dt = jnp.bfloat16
+    k1 = jax.jit(lambda *a: pg._chunk_call(*a, st, dt, with_kd=True))
+    out = {"kernel1_ms": _jax_timer(k1, (k, v, g, beta))}
+    w, u, gcum, kd = k1(k, v, g, beta)
+    lgc = jnp.where((jnp.arange(t) % 64 == 63)[None, :, None], gcum, 0.0)
+    s0 = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
+    aqk = jnp.zeros((b, t, h, 64), dt)
+    seq = jax.jit(lambda *a: pg._backward_seq(*a, st, dt, sum_partials=cfg.backward == "xla"))
+    out["bwd_seq_ms"] = _jax_timer(seq, (w, u, w, kd, aqk, lgc, s0, do_, s0))
+    return out
 
 
 def best_candidate(check, names):
