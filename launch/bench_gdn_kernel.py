@@ -166,6 +166,11 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
                                reverse="split"),
     "pbwd_s1_fla_rsplit_w8": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla",
                                   reverse="split", warps_bwd=8),
+    # state_segments=0 leaves row 0 (256 programs) unchanged and splits row 2 (1 x 32768 x 16)
+    "new_w4": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split",
+                   state_segments=0),
+    "new_w8": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split",
+                   state_segments=0, warps_bwd=8),
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 
@@ -255,6 +260,8 @@ def run_check():
         try:
             for key, val in _kernel_pieces(cfg, args, do_).items():
                 out[f"row0_{name}_{key}"] = val
+            if cfg.state_segments != 1:  # row 2 forward with and without segments
+                out.update(_segment_effect(cfg, name))
         except Exception as e:  # noqa: BLE001
             out[f"row0_{name}_pieces_error"] = f"{type(e).__name__}: {str(e)[:600]}"
         print("ROW0", name, out.get(f"row0_{name}_fwd_ms"), out.get(f"row0_{name}_fwdbwd_ms"),
@@ -289,6 +296,24 @@ def _kernel_pieces(cfg, args, do_):
     aqk = jnp.zeros((b, t, h, 64), dt)
     seq = jax.jit(lambda *a: pg._backward_seq(*a, st, dt, sum_partials=cfg.backward == "xla"))
     out["bwd_seq_ms"] = _jax_timer(seq, (w, u, w, kd, aqk, lgc, s0, do_, s0))
+    return out
+
+
+def _segment_effect(cfg, name):
+    """Forward time at row 2 (small B * H) with cfg and with state_segments=1."""
+    import jax
+    import jax.numpy as jnp
+
+    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+
+    q, k, v, g, beta, _ = make_inputs(ROWS[min(2, len(ROWS) - 1)])
+    bf = jnp.bfloat16
+    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
+            jnp.asarray(beta, bf)]
+    out = {}
+    for tag, c in (("seg", cfg), ("noseg", dataclasses.replace(cfg, state_segments=1))):
+        f = jax.jit(lambda *a, c=c: gated_delta_rule_pallas(*a, config=c, interpret=None)[0])
+        out[f"row2_{name}_{tag}_fwd_ms"] = _jax_timer(f, args)
     return out
 
 

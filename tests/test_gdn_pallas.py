@@ -20,6 +20,7 @@ from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 from taylorcal_jax.ops.gdn.config import GDNPallasConfig
 from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas, unsupported_reason
 from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_fla
+from taylorcal_jax.ops.gdn.pallas_gpu_segments import num_segments
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
 NAMES = ("q", "k", "v", "g", "beta")
@@ -48,7 +49,8 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
 @pytest.mark.parametrize(
     "t, k, v, chunk_size, config",
     [(200, 32, 32, 64, SPLIT), (37, 16, 32, 16, FUSED), (50, 32, 16, 32, FUSED),
-     (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload")), (70, 16, 16, 64, FLA)],
+     (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload")), (70, 16, 16, 64, FLA),
+     (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16))],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     inputs = random_inputs(1, b=2, t=t, h=2, k=k, v=v)
@@ -74,7 +76,8 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
 
     grads = run(gated_delta_rule_pallas, chunk_size=32, interpret=True,
                 config=GDNPallasConfig(backward=backward, chunk_kernel=chunk_kernel,
-                                       reverse=reverse, block_v=16))  # two V-blocks
+                                       reverse=reverse, block_v=16,  # two V-blocks
+                                       state_segments=0 if reverse == "split" else 1))
     with jax.default_matmul_precision("highest"):
         ref = run(gated_delta_rule_reference)
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
@@ -131,6 +134,13 @@ def test_fla_inverse_matches_fp64_inverse(c, g_min):
     assert rel_err(t, expected) < 1e-5
 
 
+def test_num_segments_divides_chunks_and_targets_one_program_per_sm():
+    assert num_segments(0, 32, 512) == 4  # 1 x 32768 x 16, BV 64: 32 programs -> 128
+    assert num_segments(0, 256, 64) == 1  # 8 x 4096 x 16: already 256 programs
+    assert num_segments(8, 1, 12) == 6 and num_segments(3, 1, 13) == 1
+    assert num_segments(1, 1, 64) == 1
+
+
 def test_beta_zero_gives_decayed_readout_of_initial_state():
     inputs = random_inputs(5, b=1, t=20, h=2, k=16, v=16, g_min=-0.5)
     inputs["beta"] = np.zeros_like(inputs["beta"])
@@ -172,6 +182,8 @@ def test_rejects_unsupported_shapes_and_options():
         gated_delta_rule_pallas(*_args(inputs), chunk_size=48, interpret=True)
     with pytest.raises(ValueError, match="block_v"):
         GDNPallasConfig(block_v=24)
+    with pytest.raises(ValueError, match="state_segments"):
+        GDNPallasConfig(state_segments=-1)
     with pytest.raises(ValueError, match="reverse"):
         GDNPallasConfig(reverse="both")
     with pytest.raises(ValueError, match="t_precision"):
@@ -191,6 +203,7 @@ def test_rejects_unsupported_shapes_and_options():
     GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1),
     GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
     GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
+    GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
     GDNPallasConfig(chunk_kernel="fla", t_precision="tf32")])
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
 def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):

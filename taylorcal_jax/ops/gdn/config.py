@@ -39,6 +39,10 @@ class GDNPallasConfig:
       kernel that keeps only the dS recurrence and writes dS per chunk, then a chunk-parallel
       kernel over all of V for dw, dqg, dkd, daqk; pallas_gpu_reverse.py; interpret-checked, not
       yet timed).
+    state_segments: split the sequence into segments for the state pass (its end state is affine
+      in its start state; pallas_gpu_segments.py): 1 = off (GPU-timed), n > 1 = at most n
+      segments, 0 = automatic (about one program per SM, so only small B * H is split). Needs
+      K to be a multiple of the value block. Interpret-checked, not yet timed.
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_grads: Triton
       warps of kernel 1, the sequential forward, the sequential backward, the split output, the
@@ -56,6 +60,7 @@ class GDNPallasConfig:
     backward: str = "xla"
     chunk_kernel: str = "keep"
     reverse: str = "fused"
+    state_segments: int = 1
     block_v: int = 64
     warps_chunk: int = 4
     warps_seq: int = 4
@@ -80,6 +85,8 @@ class GDNPallasConfig:
         if self.t_precision not in ("tf32x3", "bf16x3", "tf32"):
             raise ValueError(f"t_precision must be 'tf32x3', 'bf16x3' or 'tf32', got "
                              f"{self.t_precision!r}")
+        if self.state_segments < 0:
+            raise ValueError(f"state_segments must be >= 0, got {self.state_segments}")
         if self.reverse not in ("fused", "split"):
             raise ValueError(f"reverse must be 'fused' or 'split', got {self.reverse!r}")
         if self.backward not in ("xla", "pallas"):

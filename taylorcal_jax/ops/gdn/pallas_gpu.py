@@ -267,6 +267,12 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
 
 def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
     """Sequential state pass: (h [B, H, NT*K, V] chunk-start states, v' [B,Tp,H,V], final S)."""
+    if st.cfg.state_segments != 1:
+        from taylorcal_jax.ops.gdn.pallas_gpu_segments import states_call_segmented
+
+        out = states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd)
+        if out is not None:
+            return out
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     nt = tp // st.chunk

@@ -1,0 +1,120 @@
+"""Sequence-segmented state pass of the Pallas gated delta rule (config.state_segments != 1).
+
+Letters: B batch, T time (Tp padded), H heads, K key dim, V value dim, C chunk length,
+NT = Tp / C chunks, NSEG segments of NSC = NT / NSEG chunks, BV value block, NV = V / BV.
+
+The state pass (pallas_gpu._states_kernel) runs one program per (V-block, b, h) over all NT
+chunks; for small B * H (1 x 32768 x 16: 32 programs on 132 SMs) it is latency-bound. Per chunk,
+
+    S' = exp(G_C) S + kd^T (u - w S) = P S + kd^T u,      P = exp(G_C) I - kd^T w   [K, K],
+
+so the state at a segment's end is affine in the state at its start: S_end = M S_start + E, with
+M the product of the segment's P and E the end state from S_start = 0. Three steps:
+
+  1. `_ends_kernel` (grid (NV + K / BV) x NSEG x B x H): the same recurrence per segment, on V-block
+     columns of u from a zero state (-> E) and on K / BV extra column blocks with u = 0 from the
+     identity's columns (-> M, since each column of M evolves on its own);
+  2. a scan over the NSEG segments in XLA (fp32, exact dots): S_start(s + 1) = M_s S_start(s) + E_s;
+  3. pallas_gpu._states_kernel per (V-block, segment, b, h) from its segment's start state, writing
+     the chunk-start states h, v' and the segment end states (the last one is the final state).
+
+Step 1 moves w, kd and u once more and does (1 + K / V) times the state pass' dot work, spread
+over NSEG times more programs. NSEG: the largest divisor of NT that is <= config.state_segments,
+or, when that is 0, <= 128 / (NV * B * H) (about one program per SM), so large B * H is unchanged.
+Status: interpret-checked (tests/test_gdn_pallas.py); compiled for sm_90 outside XLA; not timed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+F32 = jnp.float32
+_TARGET_PROGRAMS = 128
+
+
+def num_segments(max_segments: int, programs: int, nt: int) -> int:
+    """Segments for a state pass of `programs` (V-block, b, h) programs over nt chunks."""
+    limit = max_segments if max_segments > 0 else max(1, _TARGET_PROGRAMS // programs)
+    return max(d for d in range(1, min(limit, nt) + 1) if nt % d == 0)
+
+
+def _ends_kernel(w_ref, u_ref, kd_ref, gc_ref, x_ref, *, st, dt, prec, nsc, nv, bv, kdim):
+    c = st.chunk
+    j = pl.program_id(0)
+    is_m = j >= nv  # a column block of M (u = 0, identity start) rather than of E
+    r, col = pg._iota((kdim, bv), 0), pg._iota((kdim, bv), 1)
+    s_init = jnp.where(jnp.logical_and(is_m, r == col + (j - nv) * bv), 1.0, 0.0).astype(F32)
+
+    def body(i, s):
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        u = jnp.where(is_m, 0.0, u_ref[rows, :].astype(F32))
+        vp = u - pg._mm(w_ref[rows, :], s, 1, 0, dt, prec)
+        gc = pg._last(gc_ref[rows], c)
+        return s * jnp.exp(gc) + pg._mm(kd_ref[rows, :], vp, 0, 0, dt, prec)
+
+    x_ref[...] = lax.fori_loop(0, nsc, body, s_init)
+
+
+def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
+    """pallas_gpu._states_call's (h, v', final state) by segments; None when NSEG would be 1 or K
+    is not a multiple of the value block."""
+    b, tp, h, kdim = w.shape
+    vd = u.shape[-1]
+    c = st.chunk
+    nt = tp // c
+    bv = min(st.cfg.block_v, vd)
+    nv = vd // bv
+    nseg = num_segments(st.cfg.state_segments, nv * b * h, nt)
+    if nseg == 1 or kdim % bv:
+        return None
+    nsc = nt // nseg
+    tseg = nsc * c
+    prec = pg._f32_precision(st)
+    cparams = pg._compiler_params(st, st.cfg.warps_seq, dt, bwd)
+    fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
+    ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
+    fu = pl.BlockSpec((None, tseg, None, bv),
+                      lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1)))
+    seg_state = pl.BlockSpec((None, None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, s, 0, j))
+    x = pl.pallas_call(
+        functools.partial(_ends_kernel, st=st, dt=dt, prec=prec, nsc=nsc, nv=nv, bv=bv,
+                          kdim=kdim),
+        grid=(nv + kdim // bv, nseg, b, h),
+        in_specs=[fk, fu, fk, ft],
+        out_specs=seg_state,
+        out_shape=jax.ShapeDtypeStruct((b, h, nseg, kdim, vd + kdim), F32),
+        interpret=st.interpret,
+        compiler_params=cparams,
+        name="gdn_segment_ends",
+    )(w, u, kd, gc_src)
+
+    def step(s, em):
+        e_s, m_s = em
+        return jnp.einsum("bhkj,bhjv->bhkv", m_s, s, precision=lax.Precision.HIGHEST) + e_s, s
+
+    ends_e = jnp.moveaxis(x[..., :vd], 2, 0)
+    ends_m = jnp.moveaxis(x[..., vd:], 2, 0)
+    _, starts = lax.scan(step, s0, (ends_e, ends_m))  # [NSEG, B, H, K, V]
+    starts = jnp.moveaxis(starts, 0, 2)
+    fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
+    hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
+    hmat, vp, ends = pl.pallas_call(
+        functools.partial(pg._states_kernel, st=st, dt=dt, prec=prec, nt=nsc, kdim=kdim),
+        grid=(nv, nseg, b, h),
+        in_specs=[fk, fv, fk, ft, seg_state],
+        out_specs=[hs, fv, seg_state],
+        out_shape=[jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+                   jax.ShapeDtypeStruct((b, tp, h, vd), dt),
+                   jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32)],
+        interpret=st.interpret,
+        compiler_params=cparams,
+        name="gdn_states_seg",
+    )(w, u, kd, gc_src, starts)
+    return hmat, vp, ends[:, :, -1]
