@@ -8,6 +8,8 @@ the one bundled in jaxlib, so figures are indicative; they agreed with the H100'
 shared memory (fp32 at 2 stages overflowing; the reverse kernel's one program per SM).
 
 Usage: python launch/gdn_kernel_resources.py [--config '{"backward": "pallas"}'] [--stages 1]
+  [--shape 1,32768,16,128]  (kernels named once: the forward's gdn_states stands for the
+  backward's recompute, which runs at stages_bwd)
 Letters: B batch, T time, H heads, K key dim (= V here).
 """
 
@@ -63,8 +65,11 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
     warps = {"gdn_chunk": cfg.warps_chunk, "gdn_seq": cfg.warps_seq, "gdn_states": cfg.warps_seq,
              "gdn_out": cfg.warps_out, "gdn_reverse": cfg.warps_bwd,
              "gdn_chunk_bwd": cfg.warps_bwd_chunk, "gdn_reverse_dh": cfg.warps_bwd,
-             "gdn_reverse_grads": cfg.warps_bwd_grads}
-    bwd_names = ("gdn_reverse", "gdn_chunk_bwd", "gdn_reverse_dh", "gdn_reverse_grads")
+             "gdn_reverse_grads": cfg.warps_bwd_grads, "gdn_segment_ends": cfg.warps_seq,
+             "gdn_states_seg": cfg.warps_seq, "gdn_reverse_segment_ends": cfg.warps_bwd,
+             "gdn_reverse_dh_seg": cfg.warps_bwd}
+    bwd_names = ("gdn_reverse", "gdn_chunk_bwd", "gdn_reverse_dh", "gdn_reverse_grads",
+                 "gdn_reverse_segment_ends", "gdn_reverse_dh_seg")
     for name, info in found.items():
         info["num_warps"] = warps.get(name, 4)
         info["num_stages"] = cfg.stages_bwd if name in bwd_names else cfg.stages
@@ -94,9 +99,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="{}", help="GDNPallasConfig fields as JSON")
     ap.add_argument("--stages", type=int, default=None, help="override num_stages for all")
+    ap.add_argument("--shape", default="8,4096,16,128", help="B,T,H,D (bf16 inputs)")
     a = ap.parse_args()
+    shape = tuple(int(x) for x in a.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, info in sorted(dump_ttir(json.loads(a.config), tmp).items()):
+        for name, info in sorted(dump_ttir(json.loads(a.config), tmp, shape=shape).items()):
             try:
                 print(f"{name:>14}: {compile_report(info, a.stages)}", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on

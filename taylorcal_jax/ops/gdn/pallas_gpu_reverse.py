@@ -71,24 +71,22 @@ def _grads_kernel(do_ref, vp_ref, du_ref, h_ref, dh_ref, lgc_ref, dw_ref, dqg_re
     dlgc_ref[...] = jnp.full((c,), dgc, F32)
 
 
-def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials=True):
-    """Same contract as pallas_gpu._backward_seq; the partial-gradient axis (when not summed)
-    has length 1."""
+def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
+    """(du fp32 [B,Tp,H,V], dh = dS' per chunk [B,H,NT*K,V], ds0) by one sequential pass."""
     b, tp, h, kdim = w.shape
-    vd = u.shape[-1]
+    vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
     bv = min(st.cfg.block_v, vd)
-    prec = pg._f32_precision(st)
-    hmat, vp, _ = pg._states_call(w, u, kd, lgc, s0, st, dt, bwd=True)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
     fc = pl.BlockSpec((None, tp, None, c), lambda j, bb, hh: (bb, 0, hh, 0))
     fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
     state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    du, dh, ds0 = pl.pallas_call(
-        functools.partial(_dh_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
+    return pl.pallas_call(
+        functools.partial(_dh_kernel, st=st, dt=dt, prec=pg._f32_precision(st), nt=nt,
+                          kdim=kdim),
         grid=(vd // bv, b, h),
         in_specs=[fv, fc, fk, fk, fk, ft, state],
         out_specs=[fv, hs, state],
@@ -99,6 +97,23 @@ def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials
         compiler_params=pg._compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
         name="gdn_reverse_dh",
     )(do, aqk, qg, kd, w, lgc, dst)
+
+
+def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials=True):
+    """Same contract as pallas_gpu._backward_seq; the partial-gradient axis (when not summed)
+    has length 1."""
+    b, tp, h, kdim = w.shape
+    vd = u.shape[-1]
+    c = st.chunk
+    nt = tp // c
+    prec = pg._f32_precision(st)
+    hmat, vp, _ = pg._states_call(w, u, kd, lgc, s0, st, dt, bwd=True)
+    seg = None
+    if st.cfg.state_segments != 1:
+        from taylorcal_jax.ops.gdn.pallas_gpu_segments import reverse_dh_segmented
+
+        seg = reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt)
+    du, dh, ds0 = seg if seg is not None else _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt)
     i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     ck, cv = pl.BlockSpec((None, c, None, kdim), i4), pl.BlockSpec((None, c, None, vd), i4)
     cc = pl.BlockSpec((None, c, None, c), i4)

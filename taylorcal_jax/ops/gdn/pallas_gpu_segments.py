@@ -118,3 +118,88 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
         name="gdn_states_seg",
     )(w, u, kd, gc_src, starts)
     return hmat, vp, ends[:, :, -1]
+
+
+# ----------------------------------------------------------------------------- reverse pass
+
+
+def _rev_ends_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, x_ref, *, st, dt, prec,
+                     nsc, nv, bv, kdim):
+    """Per segment, backwards: dS = (exp(G_C) I - w^T kd) dS' + (qg^T - w^T aqk^T) do from
+    dS' = 0 (V-blocks of do: E) or from the identity's columns with do = 0 (M)."""
+    c = st.chunk
+    j = pl.program_id(0)
+    is_m = j >= nv
+    r, col = pg._iota((kdim, bv), 0), pg._iota((kdim, bv), 1)
+    s_init = jnp.where(jnp.logical_and(is_m, r == col + (j - nv) * bv), 1.0, 0.0).astype(F32)
+
+    def body(n, dsp):
+        rows = pl.ds(pl.multiple_of((nsc - 1 - n) * c, c), c)
+        do = jnp.where(is_m, 0.0, do_ref[rows, :].astype(F32))
+        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(kd_ref[rows, :], dsp, 1, 0,
+                                                                     dt, prec)
+        egc = jnp.exp(jnp.sum(lgc_ref[rows]))
+        return (egc * dsp + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
+                - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec))
+
+    x_ref[...] = lax.fori_loop(0, nsc, body, s_init)
+
+
+def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
+    """pallas_gpu_reverse._dh_call's (du, dh, ds0) by segments; None when NSEG would be 1 or K is
+    not a multiple of the value block."""
+    from taylorcal_jax.ops.gdn.pallas_gpu_reverse import _dh_kernel
+
+    b, tp, h, kdim = w.shape
+    vd = do.shape[-1]
+    c = st.chunk
+    nt = tp // c
+    bv = min(st.cfg.block_v, vd)
+    nv = vd // bv
+    nseg = num_segments(st.cfg.state_segments, nv * b * h, nt)
+    if nseg == 1 or kdim % bv:
+        return None
+    nsc = nt // nseg
+    tseg = nsc * c
+    prec = pg._f32_precision(st)
+    cparams = pg._compiler_params(st, st.cfg.warps_bwd, dt, bwd=True)
+    fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
+    fc = pl.BlockSpec((None, tseg, None, c), lambda j, s, bb, hh: (bb, s, hh, 0))
+    ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
+    fdo = pl.BlockSpec((None, tseg, None, bv),
+                       lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1)))
+    seg_state = pl.BlockSpec((None, None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, s, 0, j))
+    x = pl.pallas_call(
+        functools.partial(_rev_ends_kernel, st=st, dt=dt, prec=prec, nsc=nsc, nv=nv, bv=bv,
+                          kdim=kdim),
+        grid=(nv + kdim // bv, nseg, b, h),
+        in_specs=[fdo, fc, fk, fk, fk, ft],
+        out_specs=seg_state,
+        out_shape=jax.ShapeDtypeStruct((b, h, nseg, kdim, vd + kdim), F32),
+        interpret=st.interpret,
+        compiler_params=cparams,
+        name="gdn_reverse_segment_ends",
+    )(do, aqk, qg, kd, w, lgc)
+
+    def step(dsp, em):
+        e_s, m_s = em
+        return jnp.einsum("bhkj,bhjv->bhkv", m_s, dsp, precision=lax.Precision.HIGHEST) + e_s, dsp
+
+    _, seg_dst = lax.scan(step, dst, (jnp.moveaxis(x[..., :vd], 2, 0),
+                                      jnp.moveaxis(x[..., vd:], 2, 0)), reverse=True)
+    seg_dst = jnp.moveaxis(seg_dst, 0, 2)  # dS' at each segment's end [B, H, NSEG, K, V]
+    fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
+    hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
+    du, dh, seg_ds0 = pl.pallas_call(
+        functools.partial(_dh_kernel, st=st, dt=dt, prec=prec, nt=nsc, kdim=kdim),
+        grid=(nv, nseg, b, h),
+        in_specs=[fv, fc, fk, fk, fk, ft, seg_state],
+        out_specs=[fv, hs, seg_state],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+                   jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+                   jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32)],
+        interpret=st.interpret,
+        compiler_params=cparams,
+        name="gdn_reverse_dh_seg",
+    )(do, aqk, qg, kd, w, lgc, seg_dst)
+    return du, dh, seg_ds0[:, :, 0]
