@@ -39,10 +39,11 @@ class GDNPallasConfig:
       kernel that keeps only the dS recurrence and writes dS per chunk, then a chunk-parallel
       kernel over all of V for dw, dqg, dkd, daqk; pallas_gpu_reverse.py; interpret-checked, not
       yet timed).
-    state_segments: split the sequence into segments for the state pass (its end state is affine
-      in its start state; pallas_gpu_segments.py): 1 = off (GPU-timed), n > 1 = at most n
-      segments, 0 = automatic (about one program per SM, so only small B * H is split). Needs
-      K to be a multiple of the value block. Interpret-checked, not yet timed.
+    state_segments: split the sequence into segments for the state pass and, with reverse =
+      "split", the reverse pass (a segment's end state is affine in its start state;
+      pallas_gpu_segments.py): 1 = off (GPU-timed), n > 1 = at most n segments, 0 = automatic
+      (about one program per SM, so only small B * H is split). Needs K to be a multiple of the
+      value block. Interpret-checked, not yet timed.
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_grads: Triton
       warps of kernel 1, the sequential forward, the sequential backward, the split output, the

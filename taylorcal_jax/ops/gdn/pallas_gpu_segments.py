@@ -18,6 +18,10 @@ M the product of the segment's P and E the end state from S_start = 0. Three ste
   3. pallas_gpu._states_kernel per (V-block, segment, b, h) from its segment's start state, writing
      the chunk-start states h, v' and the segment end states (the last one is the final state).
 
+The reverse pass of reverse="split" (pallas_gpu_reverse) is segmented the same way, backwards:
+dS = (exp(G_C) I - w^T kd) dS' + (qg^T - w^T aqk^T) do is affine in dS' (`_rev_ends_kernel`, a
+reverse scan, then pallas_gpu_reverse._dh_kernel per segment).
+
 Step 1 moves w, kd and u once more and does (1 + K / V) times the state pass' dot work, spread
 over NSEG times more programs. NSEG: the largest divisor of NT that is <= config.state_segments,
 or, when that is 0, <= 128 / (NV * B * H) (about one program per SM), so large B * H is unchanged.
