@@ -204,6 +204,8 @@ def test_rejects_unsupported_shapes_and_options():
     GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
     GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
     GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
+    GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", state_segments=0,
+                    stages_bwd=1, warps_bwd=8),  # bench candidate new_w8
     GDNPallasConfig(chunk_kernel="fla", t_precision="tf32")])
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
 def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
