@@ -245,6 +245,7 @@ def run_check():
     do_ = jnp.asarray(do, bf)
     del q, k, v, g, beta, do
     for name in names:
+        print("JSONCHECK " + json.dumps(out), flush=True)  # cumulative: survives a timeout
         cfg = GDNPallasConfig(**CANDIDATES[name])
         if not _check_config(cfg, bf, f"bf16_{name}", out):
             continue
@@ -266,7 +267,8 @@ def run_check():
             out[f"row0_{name}_pieces_error"] = f"{type(e).__name__}: {str(e)[:600]}"
         print("ROW0", name, out.get(f"row0_{name}_fwd_ms"), out.get(f"row0_{name}_fwdbwd_ms"),
               "kernel 1", out.get(f"row0_{name}_kernel1_ms"), "bwd seq",
-              out.get(f"row0_{name}_bwd_seq_ms"), flush=True)
+              out.get(f"row0_{name}_bwd_seq_ms"), "row 2 fwd seg / noseg",
+              out.get(f"row2_{name}_seg_fwd_ms"), out.get(f"row2_{name}_noseg_fwd_ms"), flush=True)
         jax.clear_caches()
     if os.environ.get("GDN_BENCH_CHECK_F32") == "1":
         _check_config(GDNPallasConfig(), jnp.float32, "f32_base", out)
@@ -530,7 +532,7 @@ def main():
         text = _sub("check", timeout=420)
         open(os.path.join(log_dir, "check.log"), "w").write(text)
         checks = _parse(text, "JSONCHECK")
-        result["check"] = checks[0] if checks else {"error": text[-3000:]}
+        result["check"] = checks[-1] if checks else {"error": text[-3000:]}  # the last, fullest
     if a.config is None:
         name = best_candidate(result.get("check", {}), names) if len(names) > 1 else names[0]
         if name is None or not result.get("check", {}).get(f"bf16_{name}_pass", a.skip_check):
