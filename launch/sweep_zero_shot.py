@@ -3,6 +3,14 @@
     python launch/sweep_zero_shot.py --config=configs/tiny.py --workdir=/tmp/tiny1 \
         --teacher_name=tiny_cpu
 
+On one GPU, teacher pretraining and the sweep in one command (results land in $OUT):
+
+    python -m taylorcal_jax.main --config=configs/gpu_teacher.py --workdir=/tmp/g \
+        --config.progress=False && \
+    python launch/sweep_zero_shot.py --config=configs/gpu_teacher.py --workdir=/tmp/g \
+        --teacher_name=gpu_teacher --fractions=0.25,0.5 \
+        --write_gate_rules=release,mean_direction --config.progress=False --out=$OUT
+
 Teacher: `config.teacher.path`, else <workdir>/teacher (the `pretrain` stage). Evaluation
 set: the config's `eval` section; calibration and selection data: `calibration` / `select`.
 For every strategy the GDN params of *every* layer are computed once (phases are
