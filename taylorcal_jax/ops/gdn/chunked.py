@@ -21,18 +21,22 @@ float32 state, two dots per step: [w; q exp(G)] S (one dot, stacked along C) giv
 inter-chunk readout, and (k exp(G_C - G))^T v' updates the state. After the scan the intra-chunk
 output (Gamma * q k^T) v' is again one batched dot over all chunks.
 
-T is never formed: w and u come from one unit-lower-triangular solve (forward substitution),
-not from a power series, whose terms overflow under strong decay. Only G_i - G_j with i >= j
+T is formed by exact blocked inversion (`unit_lower_inverse`: Gaussian elimination on 1, 2, 4,
+... sized diagonal blocks merged by small matmuls), not by a power series in A, whose terms
+overflow under strong decay; w and u are then one matmul T [beta exp(G) k | beta v]. Only
+G_i - G_j with i >= j
 and G_C - G_j are exponentiated (both <= 0 for g <= 0), and masks are applied with `where`
 before values reach a dot or an exp (0 * inf would be NaN, also in the gradients).
 
-Precision. Elementwise arithmetic, G, A, the solve, w, u, the state and o are float32 (float64
-when an input is float64). Dot operands: with 16-bit q/k/v (bf16, fp16) every dot takes operands
-in that dtype with float32 accumulation (preferred_element_type), as flash-linear-attention does;
-the solve itself stays float32. With float32 q/k/v every dot is float32 at Precision.HIGHEST (no
-TF32 on GPUs, no single bf16 pass on TPUs): the Gram matrix feeds the solve, whose conditioning
-amplifies operand rounding, and the state dots are repeated N times along the recurrence, so a
-float32 caller gets float32 accuracy throughout. float64 stays float64.
+Precision. Elementwise arithmetic, G, A, T, w, u, the state and o are float32 (float64 when an
+input is float64). Dot operands: with 16-bit q/k/v (bf16, fp16) every dot (k k^T, q k^T,
+T [.|.], [w; q exp(G)] S, (k exp(G_C - G))^T v', (Gamma q k^T) v') takes operands in that dtype
+with float32 accumulation (preferred_element_type), as flash-linear-attention does; only the
+inversion of I + A runs in float32 at Precision.HIGHEST (its merges compound rounding). With
+float32 q/k/v every dot is float32 at Precision.HIGHEST (no TF32 on GPUs, no single bf16 pass on
+TPUs): k k^T feeds the inversion, whose conditioning amplifies operand rounding, and the state
+dots are repeated N times along the recurrence, so a float32 caller gets float32 accuracy
+throughout. float64 stays float64.
 
 Gradients: plain autodiff under `jax.checkpoint` whose policy saves only two named values from
 inside the scan: the [B, H, K, V] state entering each chunk (N = T / C states, never one per
@@ -59,6 +63,52 @@ def _dot_options(q, k, v, cdt):
     if cdt == jnp.float32 and jnp.dtype(act).itemsize == 2:
         return act, None
     return cdt, _HIGHEST
+
+
+def _hdot(a, b):
+    """a @ b over the last two axes, exact in the input dtype (float32 / float64)."""
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+@jax.custom_jvp
+def unit_lower_inverse(a):
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by exact blocked inversion.
+
+    Bottom-up over block sizes s = 1, 2, 4, ...: two neighbouring diagonal blocks with known
+    inverses X1, X2 and the off-diagonal block L21 of I + A merge as
+    [[L11, 0], [L21, L22]]^-1 = [[X1, 0], [-X2 L21 X1, X2]]. This is Gaussian elimination in
+    another order (log2 C levels of small batched matmuls), not a power series in A. C is padded
+    to a power of two with zeros (the padded inverse is block diagonal with an identity block).
+    No LAPACK: jaxlib's batched CPU trsm can deadlock when two run concurrently on a small
+    intra-op thread pool (seen with jaxlib 0.10.2 on 2 cores). Derivative: dT = -T dA T.
+    """
+    c = a.shape[-1]
+    p = 1 << max(c - 1, 0).bit_length()  # next power of two >= c
+    if p != c:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, p - c), (0, p - c)])
+    batch = a.shape[:-2]
+    inv = jnp.ones(batch + (p, 1, 1), a.dtype)  # inverses of the 1 x 1 diagonal blocks of I + A
+    s = 1
+    while s < p:
+        nb = p // (2 * s)
+        # Lower-left s x s block of each 2s x 2s diagonal block of A (= of I + A).
+        blocks = a.reshape(batch + (nb, 2 * s, nb, 2 * s))
+        diag = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [...,nb,2s,2s]
+        l21 = diag[..., s:, :s]
+        x1, x2 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        y = -_hdot(_hdot(x2, l21), x1)
+        top = jnp.concatenate([x1, jnp.zeros_like(x1)], axis=-1)
+        bottom = jnp.concatenate([y, x2], axis=-1)
+        inv = jnp.concatenate([top, bottom], axis=-2)
+        s *= 2
+    return inv.reshape(batch + (p, p))[..., :c, :c]
+
+
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    t = unit_lower_inverse(a)
+    return t, -_hdot(_hdot(t, da), t)
 
 
 def _chunk_parallel(q, k, v, g, beta, *, use_qk_l2norm, cdt, op, precision):
@@ -91,11 +141,10 @@ def _chunk_parallel(q, k, v, g, beta, *, use_qk_l2norm, cdt, op, precision):
     gamma = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
 
     a = jnp.where(strict, beta[..., :, None] * dot("...ik,...jk->...ij", k, k) * gamma, 0.0)
-    # (I + A) [w | u] = [beta exp(G) k | beta v] by forward substitution; unit_diagonal=True
-    # means the solve reads only the strictly lower part, i.e. A itself.
+    # [w | u] = T [beta exp(G) k | beta v], T = (I + A)^-1 by blocked exact inversion.
     exp_g = jnp.exp(big_g)
     rhs = jnp.concatenate([(beta * exp_g)[..., None] * k, beta[..., None] * v], axis=-1)
-    wu = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    wu = dot("...ij,...jd->...id", unit_lower_inverse(a), rhs)
     kdim = k.shape[-1]
     w, u = wu[..., :kdim], wu[..., kdim:]
 
