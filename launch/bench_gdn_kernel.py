@@ -171,6 +171,8 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
                    state_segments=0),
     "new_w8": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split",
                    state_segments=0, warps_bwd=8),
+    "rsplit_w8": dict(backward="pallas", stages_bwd=1, reverse="split", state_segments=0,
+                      warps_bwd=8),  # new_w8 with kernel 1 "keep": isolates "fla"
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 
