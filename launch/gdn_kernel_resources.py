@@ -67,9 +67,9 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
              "gdn_chunk_bwd": cfg.warps_bwd_chunk, "gdn_reverse_dh": cfg.warps_bwd,
              "gdn_reverse_grads": cfg.warps_bwd_grads, "gdn_segment_ends": cfg.warps_seq,
              "gdn_states_seg": cfg.warps_seq, "gdn_reverse_segment_ends": cfg.warps_bwd,
-             "gdn_reverse_dh_seg": cfg.warps_bwd}
+             "gdn_reverse_dh_seg": cfg.warps_bwd, "gdn_qg_aqk": cfg.warps_out}
     bwd_names = ("gdn_reverse", "gdn_chunk_bwd", "gdn_reverse_dh", "gdn_reverse_grads",
-                 "gdn_reverse_segment_ends", "gdn_reverse_dh_seg")
+                 "gdn_reverse_segment_ends", "gdn_reverse_dh_seg", "gdn_qg_aqk")
     for name, info in found.items():
         info["num_warps"] = warps.get(name, 4)
         info["num_stages"] = cfg.stages_bwd if name in bwd_names else cfg.stages

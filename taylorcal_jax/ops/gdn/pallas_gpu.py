@@ -483,7 +483,7 @@ def _gdn_bwd(st, res, cts):
         from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
 
         w, u, gcum, kd = _chunk_call(k, v, g, beta, st, dt, with_kd=True)
-        qg, aqk = pb.chunk_local_forward(q, k, st, dt, gcum)
+        qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
         last = (jnp.arange(gcum.shape[1]) % st.chunk == st.chunk - 1)[None, :, None]
         lgc = jnp.where(last, gcum, 0.0)
         du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(

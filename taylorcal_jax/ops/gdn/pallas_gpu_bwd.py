@@ -211,23 +211,36 @@ def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
       *([dlgc] * nv), du)
 
 
-def chunk_local_forward(q, k, st, dt, gcum):
-    """qg and aqk (the reverse pass' inputs that kernel 1 does not write), in XLA, no vjp."""
+def _qg_aqk_kernel(q_ref, k_ref, gcum_ref, qg_ref, aqk_ref, *, st, dt, prec):
+    c = st.chunk
+    causal = pg._iota((c, c), 0) >= pg._iota((c, c), 1)
+    q = q_ref[...].astype(F32)
+    k = k_ref[...].astype(F32)
+    if st.use_l2:
+        q, k = pg._l2(q), pg._l2(k)
+    q = q * st.scale
+    gg = gcum_ref[...]
+    qk = pg._mm(q, k, 1, 1, dt, prec)
+    aqk = jnp.where(causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    aqk_ref[...] = aqk.astype(aqk_ref.dtype)
+    qg_ref[...] = (q * jnp.exp(gg)[:, None]).astype(qg_ref.dtype)
+
+
+def qg_aqk_call(q, k, st, dt, gcum):
+    """qg = s q exp(G) [B,Tp,H,K] and aqk = s causal Gamma q k^T [B,Tp,H,C] (input dtype) by one
+    chunk-parallel Pallas kernel (grid NT x B x H), as the forward's output kernel forms them."""
     b, tp, h, kdim = q.shape
     c = st.chunk
-    nt = tp // c
-    qn, kn = q.astype(F32), k.astype(F32)
-    if st.use_l2:
-        qn, kn = pg._l2(qn), pg._l2(kn)
-    qg = st.scale * qn * jnp.exp(gcum)[..., None]
-    g5 = gcum.reshape(b, nt, c, h)
-    causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
-    diff = g5[..., None] - jnp.moveaxis(g5, 2, 3)[:, :, None, :, :]  # [B,NT,Ci,H,Cj]
-    gam = jnp.where(causal[None, None, :, None, :], jnp.exp(jnp.where(
-        causal[None, None, :, None, :], diff, 0.0)), 0.0)
-    prec = lax.Precision.HIGHEST if dt == F32 else None
-    qk = jnp.einsum("bnihk,bnjhk->bnihj", qn.reshape(b, nt, c, h, kdim).astype(dt),
-                    kn.reshape(b, nt, c, h, kdim).astype(dt), precision=prec,
-                    preferred_element_type=F32)
-    aqk = (st.scale * qk * gam).reshape(b, tp, h, c)
-    return qg.astype(dt), aqk.astype(dt)
+    i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
+    bk = pl.BlockSpec((None, c, None, kdim), i4)
+    return pl.pallas_call(
+        functools.partial(_qg_aqk_kernel, st=st, dt=dt, prec=pg._f32_precision(st)),
+        grid=(tp // c, b, h),
+        in_specs=[bk, bk, pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))],
+        out_specs=[bk, pl.BlockSpec((None, c, None, c), i4)],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kdim), dt),
+                   jax.ShapeDtypeStruct((b, tp, h, c), dt)],
+        interpret=st.interpret,
+        compiler_params=pg._compiler_params(st, st.cfg.warps_out, dt, bwd=True),
+        name="gdn_qg_aqk",
+    )(q, k, gcum)
