@@ -25,6 +25,12 @@ recomputed in XLA under jax.vjp; two Pallas kernels do the sequential part: `_st
 carry: dv' = aqk^T do + kd dS', dS = exp(G_C) dS' + qg^T do - w^T dv', and the partial
 gradients of w, qg, kd, aqk, G_C per V-block); their cotangents go back through the XLA vjp.
 
+Opt-in variants (GDNPallasConfig; interpret-checked, not all GPU-timed): forward="split" (the
+default: states pass writing h and v', then a chunk-parallel output kernel); chunk_kernel
+"reload" / "fla" (pallas_gpu_chunk.py); backward="pallas" (pallas_gpu_bwd.py: qg/aqk and the
+chunk-local backward as Pallas kernels); reverse="split" (pallas_gpu_reverse.py); state_segments
+(pallas_gpu_segments.py, sequence segments for the sequential passes at small B * H).
+
 Padding: T is padded to a multiple of C with q = k = v = 0, g = 0, beta = 0 (state unchanged).
 Numerics: bf16 inputs -> bf16 dot operands, fp32 accumulation; G, A, T, S in fp32; float32 inputs
 -> fp32 dots at config.f32_precision. Only G_i - G_j (i >= j) and G_C - G_j are exponentiated.
