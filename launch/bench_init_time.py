@@ -41,6 +41,7 @@ _BLOCK = flags.DEFINE_integer("block_size", 128, "Statistics block size.")
 _MESH_LAYERS = flags.DEFINE_integer("mesh_layers", 1, "Devices on the layer axis (-1: all).")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Devices on the data axis.")
 _IMPL = flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "1: cold only; 2: cold and warm.")
 _TAG = flags.DEFINE_string("tag", "", "Result file tag (default: device kind).")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
 
@@ -137,7 +138,7 @@ def main(argv):
         )
 
     timings = {}
-    for label in ("cold", "warm"):
+    for label in ("cold", "warm")[: max(1, min(2, _REPEATS.value))]:
         _, t_fwd = _timed(lambda: fwd(params, tokens))
         st, t_stats = _timed(run_stats)
         (student, _), t_p1 = _timed(lambda st=st: run_phase1(st))
@@ -151,7 +152,7 @@ def main(argv):
         }
         print(label, {k: round(v, 3) for k, v in timings[label].items()}, flush=True)
     n_tok = shape["n"] * shape["t"]
-    warm = timings["warm"]
+    warm = timings.get("warm", timings["cold"])
     result = {
         "benchmark": "full Taylor-Calibrate initialisation (statistics + phase 1 + phase 2)",
         "shape": shape,

@@ -34,6 +34,7 @@ _LENGTHS = flags.DEFINE_list("lengths", "1024,4096,16384,32768", "Context length
 _LAYERS = flags.DEFINE_integer("layers", 28, "Layers of the model.")
 _BLOCK = flags.DEFINE_integer("block_size", 512, "Statistics block size.")
 _EXECUTE = flags.DEFINE_bool("execute", True, "Run the programs (else compile only).")
+_NO_EXECUTE = flags.DEFINE_bool("no_execute", False, "Same as --noexecute (compile only).")
 _DENSE_MAX_T = flags.DEFINE_integer("dense_max_t", 16384, "Run the dense pass up to this T.")
 _TAG = flags.DEFINE_string("tag", "", "Result file tag (default: device kind).")
 _OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
@@ -119,7 +120,8 @@ def main(argv):
             try:
                 compiled = fn.lower(*args).compile()
                 entry.update(_analysis(compiled))
-                run = _EXECUTE.value and not (name == "dense" and t > _DENSE_MAX_T.value)
+                execute = _EXECUTE.value and not _NO_EXECUTE.value
+                run = execute and not (name == "dense" and t > _DENSE_MAX_T.value)
                 if run:
                     jax.block_until_ready(compiled(*args))
                     t0 = time.perf_counter()
