@@ -46,8 +46,9 @@ class GDNPallasConfig:
       value block. Interpret-checked, not yet timed.
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_grads: Triton
-      warps of kernel 1, the sequential forward, the sequential backward, the split output, the
-      chunk-parallel backward kernels and the split reverse's chunk-parallel kernel.
+      warps of kernel 1, the sequential forward (and segment) kernels, the sequential backward
+      kernels, the split output kernel (and the backward's qg/aqk kernel), the chunk-parallel
+      backward kernel and the split reverse's chunk-parallel kernel.
     stages / stages_bwd / stages_f32: Triton software-pipelining depth for bf16 forward kernels,
       bf16 backward kernels, and all float32 kernels (fp32 tiles at depth 2 overflow the 227 KB of
       shared memory, seen on an H100). Compiled for sm_90 outside XLA, the reverse kernel needs
