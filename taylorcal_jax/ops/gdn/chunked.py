@@ -38,13 +38,15 @@ TPUs): k k^T feeds the inversion, whose conditioning amplifies operand rounding,
 dots are repeated N times along the recurrence, so a float32 caller gets float32 accuracy
 throughout. float64 stays float64.
 
-Gradients: plain autodiff under `jax.checkpoint` whose policy saves only two named values from
-inside the scan: the [B, H, K, V] state entering each chunk (N = T / C states, never one per
-token) and v' (T vectors of size V). Everything else (phase (1)) is recomputed chunk-parallel in
+Gradients: plain autodiff under `jax.checkpoint` whose policy saves only three named values: the
+[B, H, K, V] state entering each chunk (N = T / C states, never one per token), v' (T vectors of
+size V) and T (a C x C matrix per chunk). The rest of phase (1) is recomputed chunk-parallel in
 the backward, followed by one reverse scan. Forward-mode (jvp) works too.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,7 @@ from taylorcal_jax.ops.gdn.reference import compute_dtype, l2_normalize
 _HIGHEST = jax.lax.Precision.HIGHEST
 _STATE_NAME = "gdn_chunk_state"
 _V_NEW_NAME = "gdn_v_new"
+_T_NAME = "gdn_unit_lower_inverse"
 
 
 def _dot_options(q, k, v, cdt):
@@ -144,7 +147,8 @@ def _chunk_parallel(q, k, v, g, beta, *, use_qk_l2norm, cdt, op, precision):
     # [w | u] = T [beta exp(G) k | beta v], T = (I + A)^-1 by blocked exact inversion.
     exp_g = jnp.exp(big_g)
     rhs = jnp.concatenate([(beta * exp_g)[..., None] * k, beta[..., None] * v], axis=-1)
-    wu = dot("...ij,...jd->...id", unit_lower_inverse(a), rhs)
+    t_inv = checkpoint_name(unit_lower_inverse(a), _T_NAME)  # saved for the backward
+    wu = dot("...ij,...jd->...id", t_inv, rhs)
     kdim = k.shape[-1]
     w, u = wu[..., :kdim], wu[..., kdim:]
 
@@ -156,7 +160,7 @@ def _chunk_parallel(q, k, v, g, beta, *, use_qk_l2norm, cdt, op, precision):
 
 
 def _gated_delta_rule_chunked(
-    q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_bhkv, *, chunk_size, scale, use_qk_l2norm
+    q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_bhkv, scale, *, chunk_size, use_qk_l2norm
 ):
     """(o [B,T,H,V] in v's dtype, final state [B,H,K,V] in cdt); state_bhkv already in cdt."""
     cdt = state_bhkv.dtype
@@ -205,6 +209,27 @@ def _gated_delta_rule_chunked(
     return o.astype(v_bthv.dtype), state_bhkv
 
 
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _run(q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_bhkv, scale, chunk_size, use_qk_l2norm):
+    """One compiled program per shape (eager callers too), under `jax.checkpoint`.
+
+    Memory of the backward pass: reverse mode keeps only the inputs and three named values: the
+    state entering each chunk (one [B,H,K,V] per chunk, N = T / C of them) and v' (one V-vector
+    per token, in the dot operand dtype) from inside the scan, and T = (I + A)^-1 (C floats per
+    token; the costliest piece to recompute). The rest of the chunk-parallel phase (Gamma, A, w,
+    u, ...) is recomputed in the backward, batched over all chunks, before one reverse scan.
+    Never one state per token.
+    """
+
+    def run(*args):
+        return _gated_delta_rule_chunked(*args, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm)
+
+    policy = jax.checkpoint_policies.save_only_these_names(_STATE_NAME, _V_NEW_NAME, _T_NAME)
+    return jax.checkpoint(run, policy=policy)(
+        q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_bhkv, scale
+    )
+
+
 def gated_delta_rule_chunked(
     q_bthk,
     k_bthk,
@@ -234,17 +259,5 @@ def gated_delta_rule_chunked(
     else:
         state = initial_state_bhkv.astype(cdt)
 
-    def run(*args):
-        return _gated_delta_rule_chunked(
-            *args, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm
-        )
-
-    # Memory of the backward pass: under jax.checkpoint, reverse mode keeps only the inputs and
-    # two named values from inside the scan: the state entering each chunk (one [B,H,K,V] per
-    # chunk, N = T / C of them) and v' (one V-vector per token, in the dot operand dtype). The
-    # chunk-parallel phase (Gamma, A, w, u, ...) is recomputed in the backward, batched over all
-    # chunks, before one reverse scan. Never one state per token, never the [C,C] chunk matrices.
-    policy = jax.checkpoint_policies.save_only_these_names(_STATE_NAME, _V_NEW_NAME)
-    run = jax.checkpoint(run, policy=policy)
-    o, state = run(*inputs, state)
+    o, state = _run(*inputs, state, jnp.asarray(scale, cdt), chunk_size, use_qk_l2norm)
     return o, (state if output_final_state else None)
