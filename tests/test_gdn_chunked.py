@@ -18,7 +18,7 @@ from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 from jax.test_util import check_grads
 
 from taylorcal_jax.ops.gdn import api
-from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
+from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked, unit_lower_inverse
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
 FP32_TOL = 1e-5
@@ -75,6 +75,22 @@ def test_chunked_matches_reference_fp64_and_single_token(x64):
     o1, s1 = _chunked(one, 5, jnp.float64)
     o1_np, s1_np = numpy_gated_delta_rule(**one)
     assert rel_err(o1, o1_np) < FP64_TOL and rel_err(s1, s1_np) < FP64_TOL
+
+
+@pytest.mark.parametrize("c", [1, 5, 16, 64])
+def test_unit_lower_inverse_matches_numpy_fp64(x64, c):
+    # Sizes that are and are not powers of two (padded internally); derivative dT = -T dA T.
+    rng = np.random.default_rng(c)
+    a = np.tril(rng.standard_normal((2, 3, c, c)), -1) * 0.3
+    t = unit_lower_inverse(jnp.asarray(a))
+    assert rel_err(t, np.linalg.inv(np.eye(c) + a)) < FP64_TOL
+    da = np.tril(rng.standard_normal(a.shape), -1)
+    _, dt = jax.jvp(unit_lower_inverse, (jnp.asarray(a),), (jnp.asarray(da),))
+    eps = 1e-6
+    fd = (np.linalg.inv(np.eye(c) + a + eps * da) - np.linalg.inv(np.eye(c) + a - eps * da)) / (
+        2 * eps
+    )
+    assert rel_err(dt, fd) < 1e-7
 
 
 def test_chunked_without_initial_or_final_state():

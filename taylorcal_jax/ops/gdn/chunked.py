@@ -94,10 +94,11 @@ def unit_lower_inverse(a):
     s = 1
     while s < p:
         nb = p // (2 * s)
-        # Lower-left s x s block of each 2s x 2s diagonal block of A (= of I + A).
-        blocks = a.reshape(batch + (nb, 2 * s, nb, 2 * s))
-        diag = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [...,nb,2s,2s]
-        l21 = diag[..., s:, :s]
+        # Lower-left s x s block of each 2s x 2s diagonal block of A (= of I + A), by slicing
+        # (no gather): blocks (i, j) laid out as [nb * nb, s, s], the diagonal i = j is every
+        # (nb + 1)-th.
+        l21 = a.reshape(batch + (nb, 2, s, nb, 2, s))[..., :, 1, :, :, 0, :]  # [...,nb,s,nb,s]
+        l21 = jnp.swapaxes(l21, -3, -2).reshape(batch + (nb * nb, s, s))[..., :: nb + 1, :, :]
         x1, x2 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
         y = -_hdot(_hdot(x2, l21), x1)
         top = jnp.concatenate([x1, jnp.zeros_like(x1)], axis=-1)
