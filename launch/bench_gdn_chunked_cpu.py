@@ -131,6 +131,17 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def _git_commit():
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1,1024,4,64", help="B,T,H,D (K = V = D)")
@@ -201,6 +212,7 @@ def main():
         load_average_after=[round(x, 2) for x in os.getloadavg()],
         jax=jax.__version__,
         python=platform.python_version(),
+        git_commit=_git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join(["launch/bench_gdn_chunked_cpu.py", *sys.argv[1:]]),
         openblas_num_threads=os.environ["OPENBLAS_NUM_THREADS"],
