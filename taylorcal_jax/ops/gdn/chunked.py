@@ -21,12 +21,12 @@ float32 state, two dots per step: [w; q exp(G)] S (one dot, stacked along C) giv
 inter-chunk readout, and (k exp(G_C - G))^T v' updates the state. After the scan the intra-chunk
 output (Gamma * q k^T) v' is again one batched dot over all chunks.
 
-T is formed by exact blocked inversion (`unit_lower_inverse`: Gaussian elimination on 1, 2, 4,
-... sized diagonal blocks merged by small matmuls), not by a power series in A, whose terms
-overflow under strong decay; w and u are then one matmul T [beta exp(G) k | beta v]. Only
-G_i - G_j with i >= j
-and G_C - G_j are exponentiated (both <= 0 for g <= 0), and masks are applied with `where`
-before values reach a dot or an exp (0 * inf would be NaN, also in the gradients).
+T (the C x C inverse; not the sequence length) is formed by exact blocked inversion
+(`unit_lower_inverse`: Gaussian elimination on 1, 2, 4, ... sized diagonal blocks merged by small
+matmuls; no LAPACK), not by a power series in A, whose terms overflow under strong decay; w and
+u are then one matmul T [beta exp(G) k | beta v]. Only G_i - G_j with i >= j and G_C - G_j are
+exponentiated (both <= 0 for g <= 0), and masks are applied with `where` before values reach a
+dot or an exp (0 * inf would be NaN, also in the gradients).
 
 Precision. Elementwise arithmetic, G, A, T, w, u, the state and o are float32 (float64 when an
 input is float64). Dot operands: with 16-bit q/k/v (bf16, fp16) the dots k k^T, q k^T,
@@ -191,7 +191,7 @@ def _gated_delta_rule_chunked(
 
     def step(s_bhkv, xs):
         wq_c, u_c, k_to_end_c, decay_c = xs
-        s_bhkv = checkpoint_name(s_bhkv, _STATE_NAME)  # the one residual the backward keeps
+        s_bhkv = checkpoint_name(s_bhkv, _STATE_NAME)  # saved for the backward, one per chunk
         ws_qs = jnp.einsum(
             "bhck,bhkv->bhcv", wq_c, s_bhkv.astype(op), precision=precision,
             preferred_element_type=cdt,
