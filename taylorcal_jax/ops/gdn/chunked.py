@@ -42,10 +42,11 @@ TPUs): k k^T feeds the inversion, whose conditioning amplifies operand rounding,
 dots are repeated N times along the recurrence, so a float32 caller gets float32 accuracy
 throughout. float64 stays float64.
 
-Gradients: plain autodiff under `jax.checkpoint` whose policy saves only three named values: the
+Gradients: plain autodiff under `jax.checkpoint` whose policy saves only named values: the
 [B, H, K, V] state entering each chunk (N = T / C states, never one per token), v' (T vectors of
-size V) and T (a C x C matrix per chunk). The rest of phase (1) is recomputed chunk-parallel in
-the backward, followed by one reverse scan. Forward-mode (jvp) works too.
+size V), T (a C x C matrix per chunk), [w; q exp(G)] and u (see `_run`). The rest of phase (1)
+is recomputed chunk-parallel in the backward, followed by one reverse scan. Forward-mode (jvp)
+works too.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _STATE_NAME = "gdn_chunk_state"
 _V_NEW_NAME = "gdn_v_new"
 _T_NAME = "gdn_unit_lower_inverse"
+_WU_NAME = "gdn_w_u"
 
 
 def _dot_options(q, k, v, cdt):
@@ -163,6 +165,9 @@ def _chunk_parallel(q, k, v, g, beta, *, use_qk_l2norm, cdt, op, precision):
     wq = jnp.concatenate([w, q * exp_g[..., None]], axis=-2).astype(op)
     k_to_end = (k * jnp.exp(big_g_last - big_g)[..., None]).astype(op)  # exp(G_C - G_j) <= 1
     decay = jnp.exp(big_g_last[..., 0])
+    # w, u (and q exp(G)) are saved for the backward: recomputing them there made the CPU
+    # forward+backward ~1.5x slower for +22-31% residual memory (launch/bench_gdn_chunked_cpu.py).
+    wq, u = checkpoint_name(wq, _WU_NAME), checkpoint_name(u, _WU_NAME)
     return wq, u, k_to_end, decay, intra.astype(op)
 
 
@@ -220,18 +225,20 @@ def _gated_delta_rule_chunked(
 def _run(q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_bhkv, scale, chunk_size, use_qk_l2norm):
     """One compiled program per shape (eager callers too), under `jax.checkpoint`.
 
-    Memory of the backward pass: reverse mode keeps only the inputs and three named values: the
-    state entering each chunk (one [B,H,K,V] per chunk, N = T / C of them) and v' (one V-vector
-    per token, in the dot operand dtype) from inside the scan, and T = (I + A)^-1 (C floats per
-    token; the costliest piece to recompute). The rest of the chunk-parallel phase (Gamma, A, w,
-    u, ...) is recomputed in the backward, batched over all chunks, before one reverse scan.
-    Never one state per token.
+    Memory of the backward pass: reverse mode keeps only the inputs and named values: the state
+    entering each chunk (one [B,H,K,V] per chunk, N = T / C of them) and v' (one V-vector per
+    token, in the dot operand dtype) from inside the scan; T = (I + A)^-1 (C floats per token);
+    [w; q exp(G)] (2K per token, operand dtype) and u (V per token, float32). The rest of the
+    chunk-parallel phase (Gamma, A, ...) is recomputed in the backward, batched over all chunks,
+    before one reverse scan. Never one state per token.
     """
 
     def run(*args):
         return _gated_delta_rule_chunked(*args, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm)
 
-    policy = jax.checkpoint_policies.save_only_these_names(_STATE_NAME, _V_NEW_NAME, _T_NAME)
+    policy = jax.checkpoint_policies.save_only_these_names(
+        _STATE_NAME, _V_NEW_NAME, _T_NAME, _WU_NAME
+    )
     return jax.checkpoint(run, policy=policy)(
         q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_bhkv, scale
     )
