@@ -18,6 +18,16 @@ import common  # noqa: E402
 
 def get_config(arg: str | None = None):
     c = common.get_config()
+    # The whole pipeline: teacher -> statistics -> calibration -> alignment -> evaluation.
+    c.stages = (
+        "pretrain",
+        "eval_teacher",
+        "statistics",
+        "calibrate",
+        "align",
+        "select_layers",
+        "eval_student",
+    )
     c.tokenizer.vocab_size = 2048
     c.teacher.hidden_size = 128
     c.teacher.intermediate_size = 384
