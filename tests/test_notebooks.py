@@ -1,0 +1,35 @@
+"""Executes every notebook in notebooks/ top to bottom (smoke-sized), as a user would."""
+
+import glob
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ has no .ipynb files"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAYLORCAL_NOTEBOOK_SMOKE", "1")
+    monkeypatch.setenv("TAYLORCAL_NOTEBOOK_WORKDIR", str(tmp_path / "workdir"))
+    # The kernel must not inherit the 8 fake devices of conftest.py: a notebook user has one.
+    monkeypatch.setenv("XLA_FLAGS", "")
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}
+    )
+    client.execute()
+    outputs = "".join(
+        o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
+    )
+    # The pipeline ran through to evaluation and both models generated text.
+    assert "student ppl" in outputs
+    assert "--- teacher:" in outputs and "--- student:" in outputs
