@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from taylorcal_jax.ops.gdn.chunked import unit_lower_inverse
 from taylorcal_jax.ops.gdn.config import DEFAULT_CONFIG, GDNPallasConfig, default_interpret
 
 F32 = jnp.float32
@@ -367,9 +368,9 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
     kk = ein("bnihk,bnjhk->bnhij", k5, k5)
     a = jnp.where(strict, jnp.moveaxis(be, 2, -1)[..., :, None] * kk
                   * jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
-    eye = jnp.eye(c, dtype=F32)
-    tinv = lax.linalg.triangular_solve(eye + a, jnp.broadcast_to(eye, a.shape), left_side=True,
-                                       lower=True, unit_diagonal=True)
+    # Exact blocked inversion by matmuls, not LAPACK trsm (which can deadlock on XLA:CPU, where
+    # the interpret-mode tests run this backward).
+    tinv = unit_lower_inverse(a)
     rk = (be * jnp.exp(gg))[..., None] * k5
     rv = be[..., None] * v5
     w = ein("bnhij,bnjhk->bnihk", tinv, rk)
