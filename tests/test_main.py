@@ -34,7 +34,16 @@ def test_cli_smoke_run_writes_config_metrics_summary(tmp_path):
     assert resolved["pretrain"]["steps"] == 4 and resolved["data"]["max_documents"] == 30
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     stages_done = [r["stage"] for r in records if r.get("done")]
-    assert stages_done == ["pretrain", "eval_teacher"]
+    # configs/tiny.py runs the whole pipeline, teacher to evaluated student.
+    assert stages_done == [
+        "pretrain",
+        "eval_teacher",
+        "statistics",
+        "calibrate",
+        "align",
+        "select_layers",
+        "eval_student",
+    ]
     final = [r for r in records if r["stage"] == "pretrain" and "valid_ppl" in r][-1]
     evaluated = [r for r in records if r["stage"] == "eval_teacher" and "valid_ppl" in r][0]
     # eval_teacher reloads the saved HF teacher; the same sequences give the same perplexity.
@@ -45,6 +54,9 @@ def test_cli_smoke_run_writes_config_metrics_summary(tmp_path):
     assert "## pretrain" in summary and "## eval_teacher" in summary and "unigram_ppl" in summary
     assert "--config.pretrain.steps=4" in summary
     assert os.path.exists(os.path.join(workdir, "teacher", "model.safetensors"))
+    assert "## eval_student" in summary and "student_ppl" in summary
+    assert os.path.exists(os.path.join(workdir, "student", "student_config.json"))
+    assert os.path.exists(os.path.join(workdir, "calibration_report.png"))
 
 
 @pytest.mark.parametrize(
