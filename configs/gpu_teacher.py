@@ -4,8 +4,8 @@
 
 300 steps x 64 x 512 tokens = 9.8M tokens (about one pass over the stdlib train split at
 vocab 8192), bf16 compute with fp32 params. (1000 steps, about 4 passes, memorised the
-train split on an H100: train loss 0.55, valid ppl 2e4 against a unigram 935.) `:smoke` is a dry run of the same code path
-with everything shrunk (runs on a CPU in seconds):
+train split on an H100: train loss 0.55, valid ppl 2e4 against a unigram 935.)
+`:smoke` is a dry run of the same code path with everything shrunk (a CPU, seconds):
 
     python -m taylorcal_jax.main --config=configs/gpu_teacher.py:smoke --workdir=/tmp/gpu_smoke
 """

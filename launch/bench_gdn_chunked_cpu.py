@@ -105,9 +105,7 @@ def old_gated_delta_rule_chunked(
         state = initial_state_bhkv.astype(cdt)
 
     def body(state_bhkv, chunk):
-        return _old_chunk_step(
-            state_bhkv, chunk, scale=scale, use_qk_l2norm=use_qk_l2norm, cdt=cdt
-        )
+        return _old_chunk_step(state_bhkv, chunk, scale=scale, use_qk_l2norm=use_qk_l2norm, cdt=cdt)
 
     state, o_nbhcv = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, xs)
     o = jnp.moveaxis(o_nbhcv, (0, 3), (1, 2)).reshape(b, n * c, h, vdim)[:, :t]

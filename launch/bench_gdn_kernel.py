@@ -108,8 +108,13 @@ def run_jax_row(i):
     shape = ROWS[i]
     q, k, v, g, beta, do = make_inputs(shape)
     bf = jnp.bfloat16
-    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
-            jnp.asarray(beta, bf)]
+    args = [
+        jnp.asarray(q, bf),
+        jnp.asarray(k, bf),
+        jnp.asarray(v, bf),
+        jnp.asarray(g),
+        jnp.asarray(beta, bf),
+    ]
     do_ = jnp.asarray(do, bf)
     del q, k, v, g, beta, do
     res = {"shape": list(shape), "dtype": "bfloat16"}
@@ -132,8 +137,7 @@ def run_jax_row(i):
         res["ours_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         o_ours = None
     with jax.default_matmul_precision("highest"):
-        ref = jax.jit(lambda *a: gated_delta_rule_reference(*(x.astype(jnp.float32)
-                                                                for x in a))[0])
+        ref = jax.jit(lambda *a: gated_delta_rule_reference(*(x.astype(jnp.float32) for x in a))[0])
         o_ref = np.asarray(ref(*args))
     np.save(ref_path(i), o_ref)
     if o_ours is not None:
@@ -162,17 +166,27 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
     "pbwd_s1_bv32": dict(backward="pallas", stages_bwd=1, block_v=32),
     "fla": dict(chunk_kernel="fla"),
     "fla_tf32": dict(chunk_kernel="fla", t_precision="tf32"),
-    "pbwd_s1_fla_rsplit": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla",
-                               reverse="split"),
-    "pbwd_s1_fla_rsplit_w8": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla",
-                                  reverse="split", warps_bwd=8),
+    "pbwd_s1_fla_rsplit": dict(
+        backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split"
+    ),
+    "pbwd_s1_fla_rsplit_w8": dict(
+        backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split", warps_bwd=8
+    ),
     # state_segments=0 leaves row 0 (256 programs) unchanged and splits row 2 (1 x 32768 x 16)
-    "new_w4": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split",
-                   state_segments=0),
-    "new_w8": dict(backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split",
-                   state_segments=0, warps_bwd=8),
-    "rsplit_w8": dict(backward="pallas", stages_bwd=1, reverse="split", state_segments=0,
-                      warps_bwd=8),  # new_w8 with kernel 1 "keep": isolates "fla"
+    "new_w4": dict(
+        backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split", state_segments=0
+    ),
+    "new_w8": dict(
+        backward="pallas",
+        stages_bwd=1,
+        chunk_kernel="fla",
+        reverse="split",
+        state_segments=0,
+        warps_bwd=8,
+    ),
+    "rsplit_w8": dict(
+        backward="pallas", stages_bwd=1, reverse="split", state_segments=0, warps_bwd=8
+    ),  # new_w8 with kernel 1 "keep": isolates "fla"
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 
@@ -191,8 +205,14 @@ def _check_config(cfg, dt, tag, out):
     b, t, h, d = (1, 40, 2, 32) if tiny else (2, 300, 4, 128)
     q, k, v, g, beta, do = make_inputs((b, t, h, d), seed=1)
     s0 = np.random.default_rng(2).standard_normal((b, h, d, d)).astype(np.float32)
-    args = [jnp.asarray(q, dt), jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(g),
-            jnp.asarray(beta, dt), jnp.asarray(s0)]
+    args = [
+        jnp.asarray(q, dt),
+        jnp.asarray(k, dt),
+        jnp.asarray(v, dt),
+        jnp.asarray(g),
+        jnp.asarray(beta, dt),
+        jnp.asarray(s0),
+    ]
     do_ = jnp.asarray(do, dt)
     dst = jnp.asarray(np.random.default_rng(3).standard_normal((b, h, d, d)), jnp.float32)
 
@@ -202,9 +222,13 @@ def _check_config(cfg, dt, tag, out):
 
     t0 = time.perf_counter()
     try:
-        (_, (o, s)), grads = jax.jit(jax.value_and_grad(
-            lambda *a: loss(gated_delta_rule_pallas, *a, interpret=None, config=cfg),
-            argnums=range(6), has_aux=True))(*args)
+        (_, (o, s)), grads = jax.jit(
+            jax.value_and_grad(
+                lambda *a: loss(gated_delta_rule_pallas, *a, interpret=None, config=cfg),
+                argnums=range(6),
+                has_aux=True,
+            )
+        )(*args)
         jax.block_until_ready(grads)
     except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
         out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
@@ -213,16 +237,19 @@ def _check_config(cfg, dt, tag, out):
     out[f"{tag}_compile_run_s"] = time.perf_counter() - t0
     with jax.default_matmul_precision("highest"):
         args32 = [x.astype(jnp.float32) for x in args]
-        (_, (ro, rs)), rgrads = jax.jit(jax.value_and_grad(
-            lambda *a: loss(gated_delta_rule_reference, *a), argnums=range(6),
-            has_aux=True))(*args32)
+        (_, (ro, rs)), rgrads = jax.jit(
+            jax.value_and_grad(
+                lambda *a: loss(gated_delta_rule_reference, *a), argnums=range(6), has_aux=True
+            )
+        )(*args32)
     errs = {"o": _rel(o.astype(jnp.float32), ro), "state": _rel(s, rs)}
     for name, a, r in zip(["dq", "dk", "dv", "dg", "dbeta", "ds0"], grads, rgrads, strict=True):
         a = np.asarray(a, np.float32)
         errs[name] = _rel(a, r) if np.isfinite(a).all() else float("inf")
     scale = 1.0 if dt == jnp.bfloat16 else 1e-2
     ok = all(errs[n] < CHECK_TOL[n] * scale for n in ("o", "state")) and all(
-        errs[n] < CHECK_TOL["grads"] * scale for n in errs if n not in ("o", "state"))
+        errs[n] < CHECK_TOL["grads"] * scale for n in errs if n not in ("o", "state")
+    )
     out.update({f"{tag}_{n}": e for n, e in errs.items()})
     out[f"{tag}_pass"] = ok
     print("CHECK", tag, "pass" if ok else "FAIL", errs, flush=True)
@@ -242,8 +269,13 @@ def run_check():
     tiny = os.environ.get("BENCH_GDN_TINY") == "1"
     q, k, v, g, beta, do = make_inputs(ROWS[0])
     bf = jnp.bfloat16
-    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
-            jnp.asarray(beta, bf)]
+    args = [
+        jnp.asarray(q, bf),
+        jnp.asarray(k, bf),
+        jnp.asarray(v, bf),
+        jnp.asarray(g),
+        jnp.asarray(beta, bf),
+    ]
     do_ = jnp.asarray(do, bf)
     del q, k, v, g, beta, do
     for name in names:
@@ -253,8 +285,9 @@ def run_check():
             continue
         if len(names) == 1 or tiny:
             continue
-        fwd, fb = _fwd_fwdbwd(lambda *a, cfg=cfg: gated_delta_rule_pallas(
-            *a, config=cfg, interpret=None))
+        fwd, fb = _fwd_fwdbwd(
+            lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg, interpret=None)
+        )
         try:
             out[f"row0_{name}_fwd_ms"] = _jax_timer(fwd, args)
             out[f"row0_{name}_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
@@ -267,10 +300,20 @@ def run_check():
                 out.update(_segment_effect(cfg, name))
         except Exception as e:  # noqa: BLE001
             out[f"row0_{name}_pieces_error"] = f"{type(e).__name__}: {str(e)[:600]}"
-        print("ROW0", name, out.get(f"row0_{name}_fwd_ms"), out.get(f"row0_{name}_fwdbwd_ms"),
-              "kernel 1", out.get(f"row0_{name}_kernel1_ms"), "bwd seq",
-              out.get(f"row0_{name}_bwd_seq_ms"), "row 2 fwd seg / noseg",
-              out.get(f"row2_{name}_seg_fwd_ms"), out.get(f"row2_{name}_noseg_fwd_ms"), flush=True)
+        print(
+            "ROW0",
+            name,
+            out.get(f"row0_{name}_fwd_ms"),
+            out.get(f"row0_{name}_fwdbwd_ms"),
+            "kernel 1",
+            out.get(f"row0_{name}_kernel1_ms"),
+            "bwd seq",
+            out.get(f"row0_{name}_bwd_seq_ms"),
+            "row 2 fwd seg / noseg",
+            out.get(f"row2_{name}_seg_fwd_ms"),
+            out.get(f"row2_{name}_noseg_fwd_ms"),
+            flush=True,
+        )
         jax.clear_caches()
     if os.environ.get("GDN_BENCH_CHECK_F32") == "1":
         _check_config(GDNPallasConfig(), jnp.float32, "f32_base", out)
@@ -289,8 +332,13 @@ def _kernel_pieces(cfg, args, do_):
 
     q, k, v, g, beta = args
     b, t, h, d = q.shape
-    st = pg._Static(chunk=64, scale=d**-0.5, use_l2=True,
-                    interpret=os.environ.get("BENCH_GDN_TINY") == "1", cfg=cfg)
+    st = pg._Static(
+        chunk=64,
+        scale=d**-0.5,
+        use_l2=True,
+        interpret=os.environ.get("BENCH_GDN_TINY") == "1",
+        cfg=cfg,
+    )
     dt = jnp.bfloat16
     k1 = jax.jit(lambda *a: pg._chunk_call(*a, st, dt, with_kd=True))
     out = {"kernel1_ms": _jax_timer(k1, (k, v, g, beta))}
@@ -312,8 +360,13 @@ def _segment_effect(cfg, name):
 
     q, k, v, g, beta, _ = make_inputs(ROWS[min(2, len(ROWS) - 1)])
     bf = jnp.bfloat16
-    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
-            jnp.asarray(beta, bf)]
+    args = [
+        jnp.asarray(q, bf),
+        jnp.asarray(k, bf),
+        jnp.asarray(v, bf),
+        jnp.asarray(g),
+        jnp.asarray(beta, bf),
+    ]
     out = {}
     for tag, c in (("seg", cfg), ("noseg", dataclasses.replace(cfg, state_segments=1))):
         f = jax.jit(lambda *a, c=c: gated_delta_rule_pallas(*a, config=c, interpret=None)[0])
@@ -323,8 +376,11 @@ def _segment_effect(cfg, name):
 
 def best_candidate(check, names):
     """The passing candidate with the smallest row-0 forward + forward-backward time."""
-    score = {n: check[f"row0_{n}_fwd_ms"] + check[f"row0_{n}_fwdbwd_ms"] for n in names
-             if check.get(f"bf16_{n}_pass") and f"row0_{n}_fwdbwd_ms" in check}
+    score = {
+        n: check[f"row0_{n}_fwd_ms"] + check[f"row0_{n}_fwdbwd_ms"]
+        for n in names
+        if check.get(f"bf16_{n}_pass") and f"row0_{n}_fwdbwd_ms" in check
+    }
     return min(score, key=score.get) if score else None
 
 
@@ -352,12 +408,18 @@ def profile():
     bf = jnp.bfloat16
     for ri in (0,) if tiny else (0, 2):
         q, k, v, g, beta, do = make_inputs(ROWS[ri])
-        args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
-                jnp.asarray(beta, bf)]
+        args = [
+            jnp.asarray(q, bf),
+            jnp.asarray(k, bf),
+            jnp.asarray(v, bf),
+            jnp.asarray(g),
+            jnp.asarray(beta, bf),
+        ]
         for name, kw in VARIANTS.items():
             cfg = GDNPallasConfig(**kw)
-            f = jax.jit(lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg,
-                                                                     interpret=None)[0])
+            f = jax.jit(
+                lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg, interpret=None)[0]
+            )
             key = f"fwd_row{ri}_{name}_ms"
             try:
                 out[key] = _jax_timer(f, args)
@@ -367,31 +429,51 @@ def profile():
         if ri != 0:
             continue
         # pieces at row 0, default block sizes of each structure
-        st = pg._Static(chunk=64, scale=128**-0.5, use_l2=True, interpret=tiny,
-                        cfg=GDNPallasConfig(forward="split", block_v=32))
+        st = pg._Static(
+            chunk=64,
+            scale=128**-0.5,
+            use_l2=True,
+            interpret=tiny,
+            cfg=GDNPallasConfig(forward="split", block_v=32),
+        )
         s0 = jnp.zeros((ROWS[0][0], ROWS[0][2], 128, 128), jnp.float32)
         qq, kk, vv, gg, bb = args
         dt = bf
         pieces = {}
-        pieces["chunk_kernel"] = (jax.jit(lambda k_, v_, g_, b_: pg._chunk_call(
-            k_, v_, g_, b_, st, dt, with_kd=True)), (kk, vv, gg, bb))
+        pieces["chunk_kernel"] = (
+            jax.jit(lambda k_, v_, g_, b_: pg._chunk_call(k_, v_, g_, b_, st, dt, with_kd=True)),
+            (kk, vv, gg, bb),
+        )
         w, u, gcum, kd = pieces["chunk_kernel"][0](kk, vv, gg, bb)
-        pieces["states_kernel_bv32"] = (jax.jit(lambda *a: pg._states_call(*a, st, dt)),
-                                        (w, u, kd, gcum, s0))
+        pieces["states_kernel_bv32"] = (
+            jax.jit(lambda *a: pg._states_call(*a, st, dt)),
+            (w, u, kd, gcum, s0),
+        )
         hmat, vp, _ = pieces["states_kernel_bv32"][0](w, u, kd, gcum, s0)
-        pieces["out_kernel"] = (jax.jit(lambda *a: pg._out_call(*a, st, dt, bf)),
-                                (qq, kk, gcum, hmat, vp))
+        pieces["out_kernel"] = (
+            jax.jit(lambda *a: pg._out_call(*a, st, dt, bf)),
+            (qq, kk, gcum, hmat, vp),
+        )
         st64 = dataclasses.replace(st, cfg=GDNPallasConfig(forward="fused", block_v=64))
-        pieces["fused_seq_kernel_bv64"] = (jax.jit(lambda *a: pg._seq_call(*a, st64, dt, bf)),
-                                           (qq, kk, w, u, gcum, s0))
-        pieces["bwd_stage1_xla_vjp"] = (jax.jit(lambda *a: jax.vjp(
-            functools.partial(pg._stage1, st=st, dt=dt), *a)[1](
-            (w, u, w, kd, jnp.zeros((*w.shape[:3], 64), bf), gcum))), tuple(args))
+        pieces["fused_seq_kernel_bv64"] = (
+            jax.jit(lambda *a: pg._seq_call(*a, st64, dt, bf)),
+            (qq, kk, w, u, gcum, s0),
+        )
+        pieces["bwd_stage1_xla_vjp"] = (
+            jax.jit(
+                lambda *a: jax.vjp(functools.partial(pg._stage1, st=st, dt=dt), *a)[1](
+                    (w, u, w, kd, jnp.zeros((*w.shape[:3], 64), bf), gcum)
+                )
+            ),
+            tuple(args),
+        )
         do_ = jnp.asarray(do, bf)
         dst = jnp.zeros_like(s0)
         aqk = jnp.zeros((*w.shape[:3], 64), bf)
-        pieces["bwd_sequential_pallas"] = (jax.jit(lambda *a: pg._backward_seq(*a, st, dt)),
-                                           (w, u, w, kd, aqk, gcum, s0, do_, dst))
+        pieces["bwd_sequential_pallas"] = (
+            jax.jit(lambda *a: pg._backward_seq(*a, st, dt)),
+            (w, u, w, kd, aqk, gcum, s0, do_, dst),
+        )
         for name, (f, a_) in pieces.items():
             try:
                 out[f"piece_{name}_ms"] = _jax_timer(f, a_)
@@ -450,8 +532,11 @@ def run_fla(fla_rows, fwd_only):
             fb()
             torch.cuda.synchronize()
             res["fla_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            res["fla_fwdbwd_ms"] = float(triton.testing.do_bench(
-                fb, grad_to_none=[q_, k_, v_, g_, beta_], return_mode="median"))
+            res["fla_fwdbwd_ms"] = float(
+                triton.testing.do_bench(
+                    fb, grad_to_none=[q_, k_, v_, g_, beta_], return_mode="median"
+                )
+            )
         except StopIteration:
             pass
         except Exception as e:  # noqa: BLE001
@@ -482,7 +567,7 @@ def _sub(mode, extra=(), timeout=300):
 
 
 def _parse(text, tag):
-    return [json.loads(ln[len(tag) + 1:]) for ln in text.splitlines() if ln.startswith(tag + " ")]
+    return [json.loads(ln[len(tag) + 1 :]) for ln in text.splitlines() if ln.startswith(tag + " ")]
 
 
 def main():
@@ -492,20 +577,32 @@ def main():
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-chunked", action="store_true")
-    ap.add_argument("--profile", action="store_true",
-                    help="time forward variants (rows 0, 2) and each kernel alone (row 0)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="time forward variants (rows 0, 2) and each kernel alone (row 0)",
+    )
     ap.add_argument("--fla-rows", default=None, help="default: the same rows as --rows")
     ap.add_argument("--fla-fwd-only", action="store_true")
-    ap.add_argument("--config", default=None,
-                    help="GDNPallasConfig fields as JSON ('{}' = library default); default: the "
-                         "fastest passing --candidates entry (the library default if none)")
-    ap.add_argument("--candidates", default="base",
-                    help=f"comma-separated names from {sorted(CANDIDATES)}: each is checked on "
-                         "the GPU and timed at row 0; the rows then use the best passing one")
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="GDNPallasConfig fields as JSON ('{}' = library default); default: the "
+        "fastest passing --candidates entry (the library default if none)",
+    )
+    ap.add_argument(
+        "--candidates",
+        default="base",
+        help=f"comma-separated names from {sorted(CANDIDATES)}: each is checked on "
+        "the GPU and timed at row 0; the rows then use the best passing one",
+    )
     ap.add_argument("--check-f32", action="store_true", help="also check fp32 inputs (~45 s)")
-    ap.add_argument("--chunked-from", default=None,
-                    help="with --skip-chunked: copy chunked_* fields per shape from this earlier "
-                         "result file (the XLA chunked op is not ours; its provenance is recorded)")
+    ap.add_argument(
+        "--chunked-from",
+        default=None,
+        help="with --skip-chunked: copy chunked_* fields per shape from this earlier "
+        "result file (the XLA chunked op is not ours; its provenance is recorded)",
+    )
     ap.add_argument("--out", default="gdn_kernel.json")
     a = ap.parse_args()
     if a.mode == "check":
@@ -515,14 +612,24 @@ def main():
     if a.mode == "fla":
         return run_fla([int(x) for x in a.fla_rows.split(",")], a.fla_fwd_only)
     log_dir = os.path.dirname(os.path.abspath(a.out))
-    result = {"command": "python3 " + " ".join(sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    probe = ("import jax, torch\ntry:\n import triton; tv = triton.__version__\n"
-             "except ImportError:\n tv = None\nprint(repr((jax.__version__, torch.__version__, tv, "
-             "torch.cuda.get_device_name(0) if torch.cuda.is_available() else str(jax.devices()[0])"
-             ")))")
-    ver = eval(subprocess.run([sys.executable, "-c", probe], capture_output=True,  # noqa: S307
-                              text=True).stdout.strip() or "(None,) * 4")
+    result = {
+        "command": "python3 " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    probe = (
+        "import jax, torch\ntry:\n import triton; tv = triton.__version__\n"
+        "except ImportError:\n tv = None\nprint(repr((jax.__version__, torch.__version__, tv, "
+        "torch.cuda.get_device_name(0) if torch.cuda.is_available() else str(jax.devices()[0])"
+        ")))"
+    )
+    ver = eval(
+        subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,  # noqa: S307
+            text=True,
+        ).stdout.strip()
+        or "(None,) * 4"
+    )
     result.update(jax=ver[0], torch=ver[1], triton=ver[2], device=ver[3])
     if a.profile:
         os.environ["GDN_BENCH_PROFILE"] = "1"
@@ -561,8 +668,10 @@ def main():
             for key, val in by_shape.get(str(r["shape"]), {}).items():
                 if key.startswith("chunked_"):
                     r[key] = val
-        result["chunked_source"] = (f"chunked_* copied from {a.chunked_from} (measured "
-                                    f"{old.get('date')} on {old.get('device')})")
+        result["chunked_source"] = (
+            f"chunked_* copied from {a.chunked_from} (measured "
+            f"{old.get('date')} on {old.get('device')})"
+        )
     result["rows"] = list(rows.values())
     with open(a.out, "w") as f:  # partial result, in case the FLA step runs out of time
         json.dump(result, f, indent=1)
@@ -583,22 +692,28 @@ def main():
     result["peak_memory_method"] = (
         "ours: jax memory_stats()['peak_bytes_in_use'] in a fresh process after our forward+"
         "backward (inputs and cotangent included); fla: torch.cuda.max_memory_allocated over one "
-        "forward+backward after reset_peak_memory_stats (inputs included)")
+        "forward+backward after reset_peak_memory_stats (inputs included)"
+    )
     result["rel_err_method"] = (
         "||o - o_ref|| / ||o_ref||, o_ref = per-token fp32 recurrence (reference.py, jit on the "
-        "GPU, matmul precision highest) on the same bf16 inputs, full shape")
+        "GPU, matmul precision highest) on the same bf16 inputs, full shape"
+    )
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{'shape':>22} {'ours f':>8} {'fla f':>8} {'r':>5} {'ours fb':>8} {'fla fb':>8} "
-          f"{'r':>5} {'xla f':>7} {'xla fb':>7} {'pk ours':>8} {'pk fla':>8} {'err':>8} "
-          f"{'fla e':>8}")
+    print(
+        f"{'shape':>22} {'ours f':>8} {'fla f':>8} {'r':>5} {'ours fb':>8} {'fla fb':>8} "
+        f"{'r':>5} {'xla f':>7} {'xla fb':>7} {'pk ours':>8} {'pk fla':>8} {'err':>8} "
+        f"{'fla e':>8}"
+    )
     for r in result["rows"]:
         g = lambda k_: r.get(k_, float("nan"))  # noqa: E731
-        print(f"{str(r['shape']):>22} {g('ours_fwd_ms'):8.3f} {g('fla_fwd_ms'):8.3f} "
-              f"{g('ratio_fwd'):5.2f} {g('ours_fwdbwd_ms'):8.3f} {g('fla_fwdbwd_ms'):8.3f} "
-              f"{g('ratio_fwdbwd'):5.2f} {g('chunked_fwd_ms'):7.2f} {g('chunked_fwdbwd_ms'):7.2f} "
-              f"{g('ours_peak_mib'):8.0f} {g('fla_peak_mib'):8.0f} {g('ours_rel_err'):8.1e} "
-              f"{g('fla_rel_err'):8.1e}")
+        print(
+            f"{str(r['shape']):>22} {g('ours_fwd_ms'):8.3f} {g('fla_fwd_ms'):8.3f} "
+            f"{g('ratio_fwd'):5.2f} {g('ours_fwdbwd_ms'):8.3f} {g('fla_fwdbwd_ms'):8.3f} "
+            f"{g('ratio_fwdbwd'):5.2f} {g('chunked_fwd_ms'):7.2f} {g('chunked_fwdbwd_ms'):7.2f} "
+            f"{g('ours_peak_mib'):8.0f} {g('fla_peak_mib'):8.0f} {g('ours_rel_err'):8.1e} "
+            f"{g('fla_rel_err'):8.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -53,23 +53,43 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
 
     b, t, h, d = shape
     sds = jax.ShapeDtypeStruct
-    args = [sds((b, t, h, d), jnp.bfloat16)] * 3 + [sds((b, t, h), jnp.float32),
-                                                      sds((b, t, h), jnp.bfloat16)]
+    args = [sds((b, t, h, d), jnp.bfloat16)] * 3 + [
+        sds((b, t, h), jnp.float32),
+        sds((b, t, h), jnp.bfloat16),
+    ]
     reg.lowering.lower_jaxpr_to_triton_module = hook
     try:
-        export.export(jax.jit(jax.grad(loss, argnums=range(5))), platforms=("cuda",),
-                      disabled_checks=[export.DisabledSafetyCheck.custom_call(
-                          "__gpu$xla.gpu.triton")])(*args)
+        export.export(
+            jax.jit(jax.grad(loss, argnums=range(5))),
+            platforms=("cuda",),
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
-    warps = {"gdn_chunk": cfg.warps_chunk, "gdn_seq": cfg.warps_seq, "gdn_states": cfg.warps_seq,
-             "gdn_out": cfg.warps_out, "gdn_reverse": cfg.warps_bwd,
-             "gdn_chunk_bwd": cfg.warps_bwd_chunk, "gdn_reverse_dh": cfg.warps_bwd,
-             "gdn_reverse_grads": cfg.warps_bwd_grads, "gdn_segment_ends": cfg.warps_seq,
-             "gdn_states_seg": cfg.warps_seq, "gdn_reverse_segment_ends": cfg.warps_bwd,
-             "gdn_reverse_dh_seg": cfg.warps_bwd, "gdn_qg_aqk": cfg.warps_out}
-    bwd_names = ("gdn_reverse", "gdn_chunk_bwd", "gdn_reverse_dh", "gdn_reverse_grads",
-                 "gdn_reverse_segment_ends", "gdn_reverse_dh_seg", "gdn_qg_aqk")
+    warps = {
+        "gdn_chunk": cfg.warps_chunk,
+        "gdn_seq": cfg.warps_seq,
+        "gdn_states": cfg.warps_seq,
+        "gdn_out": cfg.warps_out,
+        "gdn_reverse": cfg.warps_bwd,
+        "gdn_chunk_bwd": cfg.warps_bwd_chunk,
+        "gdn_reverse_dh": cfg.warps_bwd,
+        "gdn_reverse_grads": cfg.warps_bwd_grads,
+        "gdn_segment_ends": cfg.warps_seq,
+        "gdn_states_seg": cfg.warps_seq,
+        "gdn_reverse_segment_ends": cfg.warps_bwd,
+        "gdn_reverse_dh_seg": cfg.warps_bwd,
+        "gdn_qg_aqk": cfg.warps_out,
+    }
+    bwd_names = (
+        "gdn_reverse",
+        "gdn_chunk_bwd",
+        "gdn_reverse_dh",
+        "gdn_reverse_grads",
+        "gdn_reverse_segment_ends",
+        "gdn_reverse_dh_seg",
+        "gdn_qg_aqk",
+    )
     for name, info in found.items():
         info["num_warps"] = warps.get(name, 4)
         info["num_stages"] = cfg.stages_bwd if name in bwd_names else cfg.stages
@@ -82,17 +102,20 @@ def compile_report(info: dict, stages_override: int | None = None) -> str:
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     stages = stages_override or info["num_stages"]
-    kernel = triton.compile(info["path"], target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": info["num_warps"], "num_stages": stages})
+    kernel = triton.compile(
+        info["path"],
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": info["num_warps"], "num_stages": stages},
+    )
     cubin = info["path"] + ".cubin"
     with open(cubin, "wb") as f:
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True,
-                           text=True).stdout
+    usage = subprocess.run(
+        [tool, "--dump-resource-usage", cubin], capture_output=True, text=True
+    ).stdout
     regs = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), usage.strip())
-    return (f"warps {info['num_warps']} stages {stages} shared {kernel.metadata.shared} B | "
-            f"{regs}")
+    return f"warps {info['num_warps']} stages {stages} shared {kernel.metadata.shared} B | {regs}"
 
 
 def main():

@@ -38,19 +38,28 @@ def _args(inputs, dtype=jnp.float32):
     return [jnp.asarray(inputs[n], jnp.float32 if n == "g" else dtype) for n in NAMES]
 
 
-def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.float32,
-            state=True):
+def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.float32, state=True):
     s0 = inputs.get("initial_state") if state else None
     return gated_delta_rule_pallas(
-        *_args(inputs, dtype), initial_state_bhkv=None if s0 is None else jnp.asarray(s0),
-        output_final_state=True, chunk_size=chunk_size, interpret=interpret, config=config)
+        *_args(inputs, dtype),
+        initial_state_bhkv=None if s0 is None else jnp.asarray(s0),
+        output_final_state=True,
+        chunk_size=chunk_size,
+        interpret=interpret,
+        config=config,
+    )
 
 
 @pytest.mark.parametrize(
     "t, k, v, chunk_size, config",
-    [(200, 32, 32, 64, SPLIT), (37, 16, 32, 16, FUSED), (50, 32, 16, 32, FUSED),
-     (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload")), (70, 16, 16, 64, FLA),
-     (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16))],
+    [
+        (200, 32, 32, 64, SPLIT),
+        (37, 16, 32, 16, FUSED),
+        (50, 32, 16, 32, FUSED),
+        (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload")),
+        (70, 16, 16, 64, FLA),
+        (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
+    ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     inputs = random_inputs(1, b=2, t=t, h=2, k=k, v=v)
@@ -61,23 +70,36 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     assert rel_err(state, state_np) < 2e-5
 
 
-@pytest.mark.parametrize("backward, chunk_kernel, reverse", [
-    ("xla", "keep", "fused"), ("pallas", "fla", "split"), ("xla", "keep", "split")])
+@pytest.mark.parametrize(
+    "backward, chunk_kernel, reverse",
+    [("xla", "keep", "fused"), ("pallas", "fla", "split"), ("xla", "keep", "split")],
+)
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
     inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
     args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(3)
-    ct = (jnp.asarray(rng.standard_normal((1, 45, 2, 32)), jnp.float32),
-          jnp.asarray(rng.standard_normal((1, 2, 16, 32)), jnp.float32))
+    ct = (
+        jnp.asarray(rng.standard_normal((1, 45, 2, 32)), jnp.float32),
+        jnp.asarray(rng.standard_normal((1, 2, 16, 32)), jnp.float32),
+    )
 
     def run(fn, **kw):
-        return jax.vjp(lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True,
-                                     **kw), *args)[1](ct)
+        return jax.vjp(
+            lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw), *args
+        )[1](ct)
 
-    grads = run(gated_delta_rule_pallas, chunk_size=32, interpret=True,
-                config=GDNPallasConfig(backward=backward, chunk_kernel=chunk_kernel,
-                                       reverse=reverse, block_v=16,  # two V-blocks
-                                       state_segments=0 if reverse == "split" else 1))
+    grads = run(
+        gated_delta_rule_pallas,
+        chunk_size=32,
+        interpret=True,
+        config=GDNPallasConfig(
+            backward=backward,
+            chunk_kernel=chunk_kernel,
+            reverse=reverse,
+            block_v=16,  # two V-blocks
+            state_segments=0 if reverse == "split" else 1,
+        ),
+    )
     with jax.default_matmul_precision("highest"):
         ref = run(gated_delta_rule_reference)
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
@@ -85,19 +107,26 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
         assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
 
 
-@pytest.mark.parametrize("config", [
-    GDNPallasConfig(backward="pallas"),
-    GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GDNPallasConfig(backward="pallas"),
+        GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split"),
+    ],
+)
 def test_pallas_backward_bf16_close_to_fp32_reference(config):
     inputs = random_inputs(11, b=1, t=40, h=2, k=16, v=16, g_min=-20.0)
     args = _args(inputs, jnp.bfloat16) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(12)
-    ct = (jnp.asarray(rng.standard_normal((1, 40, 2, 16)), jnp.bfloat16),
-          jnp.asarray(rng.standard_normal((1, 2, 16, 16)), jnp.float32))
+    ct = (
+        jnp.asarray(rng.standard_normal((1, 40, 2, 16)), jnp.bfloat16),
+        jnp.asarray(rng.standard_normal((1, 2, 16, 16)), jnp.float32),
+    )
 
     def run(fn, xs, **kw):
-        return jax.vjp(lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True,
-                                     **kw), *xs)[1]((ct[0].astype(xs[2].dtype), ct[1]))
+        return jax.vjp(
+            lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw), *xs
+        )[1]((ct[0].astype(xs[2].dtype), ct[1]))
 
     grads = run(gated_delta_rule_pallas, args, chunk_size=32, interpret=True, config=config)
     with jax.default_matmul_precision("highest"):
@@ -111,7 +140,8 @@ def test_pallas_backward_bf16_close_to_fp32_reference(config):
 def test_extreme_gates_and_betas_stay_finite_and_match(chunk_size, config):
     inputs = random_inputs(4, b=1, t=64, h=2, k=16, v=16, g_min=-20.0, g_max=-0.0)
     inputs["beta"] = np.where(np.arange(64)[None, :, None] % 2 == 0, 1e-4, 1.0 - 1e-4).astype(
-        np.float32) * np.ones_like(inputs["beta"])
+        np.float32
+    ) * np.ones_like(inputs["beta"])
     o, state = _pallas(inputs, chunk_size=chunk_size, config=config)
     o_np, state_np = numpy_gated_delta_rule(**inputs)
     assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(state)).all()
@@ -198,27 +228,42 @@ def test_rejects_unsupported_shapes_and_options():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [
-    FUSED, GDNPallasConfig(forward="split", block_v=64), GDNPallasConfig(backward="pallas"),
-    GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1),
-    GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
-    GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
-    GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
-    GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", state_segments=0,
-                    stages_bwd=1, warps_bwd=8),  # bench candidate new_w8
-    GDNPallasConfig(chunk_kernel="fla", t_precision="tf32")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        FUSED,
+        GDNPallasConfig(forward="split", block_v=64),
+        GDNPallasConfig(backward="pallas"),
+        GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1),
+        GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
+        GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
+        GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
+        GDNPallasConfig(
+            backward="pallas",
+            chunk_kernel="fla",
+            reverse="split",
+            state_segments=0,
+            stages_bwd=1,
+            warps_bwd=8,
+        ),  # bench candidate new_w8
+        GDNPallasConfig(chunk_kernel="fla", t_precision="tf32"),
+    ],
+)
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
 def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
     b, t, h, d = 2, 300, 4, 128
     inputs = random_inputs(9, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
     args = _args(inputs, dtype) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(10)
-    ct = (jnp.asarray(rng.standard_normal((b, t, h, d)), dtype),
-          jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
+    ct = (
+        jnp.asarray(rng.standard_normal((b, t, h, d)), dtype),
+        jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32),
+    )
 
     def run(fn, xs, **kw):
-        out, vjp = jax.vjp(lambda *a: fn(*a[:5], initial_state_bhkv=a[5],
-                                         output_final_state=True, **kw), *xs)
+        out, vjp = jax.vjp(
+            lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw), *xs
+        )
         return out, vjp((ct[0].astype(out[0].dtype), ct[1]))
 
     (o, s), grads = run(gated_delta_rule_pallas, args, interpret=False, config=config)

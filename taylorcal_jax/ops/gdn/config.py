@@ -82,11 +82,13 @@ class GDNPallasConfig:
         if self.forward not in ("fused", "split"):
             raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
         if self.chunk_kernel not in ("keep", "reload", "fla"):
-            raise ValueError(f"chunk_kernel must be 'keep', 'reload' or 'fla', got "
-                             f"{self.chunk_kernel!r}")
+            raise ValueError(
+                f"chunk_kernel must be 'keep', 'reload' or 'fla', got {self.chunk_kernel!r}"
+            )
         if self.t_precision not in ("tf32x3", "bf16x3", "tf32"):
-            raise ValueError(f"t_precision must be 'tf32x3', 'bf16x3' or 'tf32', got "
-                             f"{self.t_precision!r}")
+            raise ValueError(
+                f"t_precision must be 'tf32x3', 'bf16x3' or 'tf32', got {self.t_precision!r}"
+            )
         if self.state_segments < 0:
             raise ValueError(f"state_segments must be >= 0, got {self.state_segments}")
         if self.reverse not in ("fused", "split"):
@@ -94,8 +96,9 @@ class GDNPallasConfig:
         if self.backward not in ("xla", "pallas"):
             raise ValueError(f"backward must be 'xla' or 'pallas', got {self.backward!r}")
         if self.f32_precision not in ("highest", "tf32x3"):
-            raise ValueError(f"f32_precision must be 'highest' or 'tf32x3', got "
-                             f"{self.f32_precision!r}")
+            raise ValueError(
+                f"f32_precision must be 'highest' or 'tf32x3', got {self.f32_precision!r}"
+            )
 
 
 DEFAULT_CONFIG = GDNPallasConfig()

@@ -78,8 +78,13 @@ def _f32_precision(st: _Static):
 def _mm(a, b, ca, cb, dt, prec):
     """Dot contracting a's dim ca with b's dim cb; operands in dt, fp32 result."""
     a, b = a.astype(dt), b.astype(dt)
-    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())),
-                           precision=prec if dt == F32 else None, preferred_element_type=F32)
+    return lax.dot_general(
+        a,
+        b,
+        (((ca,), (cb,)), ((), ())),
+        precision=prec if dt == F32 else None,
+        preferred_element_type=F32,
+    )
 
 
 def _iota(shape, dim):
@@ -143,8 +148,9 @@ def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref
             diff = gs[i][:, None] - gs[j][None, :]
             if i == j:
                 low = r16 > c16
-                a[i, j] = jnp.where(low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)),
-                                    0.0)
+                a[i, j] = jnp.where(
+                    low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)), 0.0
+                )
             else:
                 a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
     t = {}
@@ -183,14 +189,24 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False):
     return pl.pallas_call(
         kern,
         grid=(nt, b, h),
-        in_specs=[pl.BlockSpec((None, c, None, kd), idx4), pl.BlockSpec((None, c, None, vd), idx4),
-                  pl.BlockSpec((None, c, None), idx3), pl.BlockSpec((None, c, None), idx3)],
-        out_specs=[pl.BlockSpec((None, c, None, kd), idx4),
-                   pl.BlockSpec((None, c, None, vd), idx4),
-                   pl.BlockSpec((None, c, None), idx3)] + extra_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kd), dt),
-                   jax.ShapeDtypeStruct((b, tp, h, vd), dt),
-                   jax.ShapeDtypeStruct((b, tp, h), F32)] + extra_shape,
+        in_specs=[
+            pl.BlockSpec((None, c, None, kd), idx4),
+            pl.BlockSpec((None, c, None, vd), idx4),
+            pl.BlockSpec((None, c, None), idx3),
+            pl.BlockSpec((None, c, None), idx3),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, c, None, kd), idx4),
+            pl.BlockSpec((None, c, None, vd), idx4),
+            pl.BlockSpec((None, c, None), idx3),
+        ]
+        + extra_spec,
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, kd), dt),
+            jax.ShapeDtypeStruct((b, tp, h, vd), dt),
+            jax.ShapeDtypeStruct((b, tp, h), F32),
+        ]
+        + extra_shape,
         interpret=st.interpret,
         compiler_params=_compiler_params(st, st.cfg.warps_chunk, dt),
         name="gdn_chunk",
@@ -205,8 +221,7 @@ def _last(x, c):
     return jnp.sum(jnp.where(_iota((c,), 0) == c - 1, x, 0.0))
 
 
-def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, st, dt, prec,
-                nt):
+def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, st, dt, prec, nt):
     c = st.chunk
     causal = _iota((c, c), 0) >= _iota((c, c), 1)
 
@@ -221,8 +236,9 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, 
         gc = _last(gg, c)
         vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
         qk = _mm(q, k, 1, 1, dt, prec)
-        aqk = jnp.where(causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)),
-                        0.0)
+        aqk = jnp.where(
+            causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0
+        )
         o = _mm(q * jnp.exp(gg)[:, None], s, 1, 0, dt, prec) + _mm(aqk, vp, 1, 0, dt, prec)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         kd = k * jnp.exp(gc - gg)[:, None]
@@ -247,8 +263,10 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
         grid=(nv, b, h),
         in_specs=[full_k, full_k, full_k, full_v, full_t, state],
         out_specs=[full_v, state],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
-                   jax.ShapeDtypeStruct((b, h, kd, vd), F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
+            jax.ShapeDtypeStruct((b, h, kd, vd), F32),
+        ],
         interpret=st.interpret,
         compiler_params=_compiler_params(st, st.cfg.warps_seq, dt),
         name="gdn_seq",
@@ -267,8 +285,9 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
     gg = gcum_ref[...]
     qk = _mm(q, k, 1, 1, dt, prec)
     aqk = jnp.where(causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0)
-    o = _mm(q * jnp.exp(gg)[:, None], h_ref[...], 1, 0, dt, prec) + _mm(aqk, vp_ref[...], 1, 0,
-                                                                        dt, prec)
+    o = _mm(q * jnp.exp(gg)[:, None], h_ref[...], 1, 0, dt, prec) + _mm(
+        aqk, vp_ref[...], 1, 0, dt, prec
+    )
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -290,14 +309,15 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
     state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     return pl.pallas_call(
-        functools.partial(_states_kernel, st=st, dt=dt, prec=_f32_precision(st), nt=nt,
-                          kdim=kdim),
+        functools.partial(_states_kernel, st=st, dt=dt, prec=_f32_precision(st), nt=nt, kdim=kdim),
         grid=(vd // bv, b, h),
         in_specs=[fk, fv, fk, ft, state],
         out_specs=[hs, fv, state],
-        out_shape=[jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
-                   jax.ShapeDtypeStruct((b, tp, h, vd), dt),
-                   jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+            jax.ShapeDtypeStruct((b, tp, h, vd), dt),
+            jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
+        ],
         interpret=st.interpret,
         compiler_params=_compiler_params(st, st.cfg.warps_seq, dt, bwd),
         name="gdn_states",
@@ -312,11 +332,13 @@ def _out_call(q, k, gcum, hmat, vp, st: _Static, dt, out_dtype):
     return pl.pallas_call(
         functools.partial(_out_kernel, st=st, dt=dt, prec=_f32_precision(st)),
         grid=(tp // c, b, h),
-        in_specs=[pl.BlockSpec((None, c, None, kdim), idx4),
-                  pl.BlockSpec((None, c, None, kdim), idx4),
-                  pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh)),
-                  pl.BlockSpec((None, None, kdim, vd), lambda i, bb, hh: (bb, hh, i, 0)),
-                  pl.BlockSpec((None, c, None, vd), idx4)],
+        in_specs=[
+            pl.BlockSpec((None, c, None, kdim), idx4),
+            pl.BlockSpec((None, c, None, kdim), idx4),
+            pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh)),
+            pl.BlockSpec((None, None, kdim, vd), lambda i, bb, hh: (bb, hh, i, 0)),
+            pl.BlockSpec((None, c, None, vd), idx4),
+        ],
         out_specs=pl.BlockSpec((None, c, None, vd), idx4),
         out_shape=jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
         interpret=st.interpret,
@@ -351,8 +373,9 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
     prec = lax.Precision.HIGHEST if dt == F32 else None
 
     def ein(spec, x, y):
-        return jnp.einsum(spec, x.astype(dt), y.astype(dt), precision=prec,
-                          preferred_element_type=F32)
+        return jnp.einsum(
+            spec, x.astype(dt), y.astype(dt), precision=prec, preferred_element_type=F32
+        )
 
     q, k, v = (x.astype(F32) for x in (q, k, v))
     if st.use_l2:
@@ -366,8 +389,11 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
     diff = jnp.moveaxis(gg, 2, -1)[..., :, None] - jnp.moveaxis(gg, 2, -1)[..., None, :]
     strict, causal = ri > ci, ri >= ci  # diff: [B,NT,H,C,C]
     kk = ein("bnihk,bnjhk->bnhij", k5, k5)
-    a = jnp.where(strict, jnp.moveaxis(be, 2, -1)[..., :, None] * kk
-                  * jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
+    a = jnp.where(
+        strict,
+        jnp.moveaxis(be, 2, -1)[..., :, None] * kk * jnp.exp(jnp.where(strict, diff, 0.0)),
+        0.0,
+    )
     # Exact blocked inversion by matmuls, not LAPACK trsm (which can deadlock on XLA:CPU, where
     # the interpret-mode tests run this backward).
     tinv = unit_lower_inverse(a)
@@ -386,8 +412,9 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
     return outs + (lgc.reshape(b, tp, h),)
 
 
-def _states_kernel(w_ref, u_ref, kd_ref, gc_ref, s0_ref, h_ref, vp_ref, st_ref, *, st, dt, prec, nt,
-                   kdim):
+def _states_kernel(
+    w_ref, u_ref, kd_ref, gc_ref, s0_ref, h_ref, vp_ref, st_ref, *, st, dt, prec, nt, kdim
+):
     """gc_ref: any [Tp] vector whose last entry in each chunk is G_C (cumsum G or lgc)."""
     c = st.chunk
 
@@ -402,9 +429,30 @@ def _states_kernel(w_ref, u_ref, kd_ref, gc_ref, s0_ref, h_ref, vp_ref, st_ref, 
     st_ref[...] = lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
 
 
-def _reverse_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, h_ref, vp_ref, dst_ref,
-                    du_ref, dw_ref, dqg_ref, dkd_ref, daqk_ref, dlgc_ref, ds0_ref,
-                    *, st, dt, prec, nt, kdim):
+def _reverse_kernel(
+    do_ref,
+    aqk_ref,
+    qg_ref,
+    kd_ref,
+    w_ref,
+    lgc_ref,
+    h_ref,
+    vp_ref,
+    dst_ref,
+    du_ref,
+    dw_ref,
+    dqg_ref,
+    dkd_ref,
+    daqk_ref,
+    dlgc_ref,
+    ds0_ref,
+    *,
+    st,
+    dt,
+    prec,
+    nt,
+    kdim,
+):
     c = st.chunk
 
     def body(n, dsp):
@@ -457,13 +505,15 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, sum_part
         grid=(nv, b, h),
         in_specs=[fv, fc, fk, fk, fk, ft, hs, fv, state],
         out_specs=[fv, pk, pk, pk, pc, pt, state],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), F32),
-                   jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
-                   jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
-                   jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
-                   jax.ShapeDtypeStruct((nv, b, tp, h, c), F32),
-                   jax.ShapeDtypeStruct((nv, b, tp, h), F32),
-                   jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+            jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
+            jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
+            jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
+            jax.ShapeDtypeStruct((nv, b, tp, h, c), F32),
+            jax.ShapeDtypeStruct((nv, b, tp, h), F32),
+            jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
+        ],
         interpret=st.interpret,
         compiler_params=_compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
         name="gdn_reverse",
@@ -494,16 +544,20 @@ def _gdn_bwd(st, res, cts):
         last = (jnp.arange(gcum.shape[1]) % st.chunk == st.chunk - 1)[None, :, None]
         lgc = jnp.where(last, gcum, 0.0)
         du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
-            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt, sum_partials=False)
+            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt, sum_partials=False
+        )
         grads = pb.chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt)
         return (*grads, ds0.astype(s0.dtype))
     (w, u, qg, kd, aqk, lgc), vjp = jax.vjp(
-        functools.partial(_stage1, st=st, dt=dt), q, k, v, g, beta)
+        functools.partial(_stage1, st=st, dt=dt), q, k, v, g, beta
+    )
     du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
-        w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt)
+        w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt
+    )
     cast = lambda x, ref: x.astype(ref.dtype)  # noqa: E731
-    dq, dk, dv, dg, dbeta = vjp((cast(dw, w), cast(du, u), cast(dqg, qg), cast(dkd, kd),
-                                 cast(daqk, aqk), dlgc))
+    dq, dk, dv, dg, dbeta = vjp(
+        (cast(dw, w), cast(du, u), cast(dqg, qg), cast(dkd, kd), cast(daqk, aqk), dlgc)
+    )
     return dq, dk, dv, dg, dbeta, ds0.astype(s0.dtype)
 
 
@@ -547,26 +601,36 @@ def gated_delta_rule_pallas(
     and the initial state.
     """
     if q_bthk.ndim != 4 or k_bthk.shape != q_bthk.shape or v_bthv.shape[:3] != q_bthk.shape[:3]:
-        raise ValueError(f"expected q, k [B,T,H,K] and v [B,T,H,V]; got {q_bthk.shape}, "
-                         f"{k_bthk.shape}, {v_bthv.shape}")
+        raise ValueError(
+            f"expected q, k [B,T,H,K] and v [B,T,H,V]; got {q_bthk.shape}, "
+            f"{k_bthk.shape}, {v_bthv.shape}"
+        )
     b, t, h, kdim = q_bthk.shape
     vd = v_bthv.shape[-1]
     if g_bth.shape != (b, t, h) or beta_bth.shape != (b, t, h):
-        raise ValueError(f"g and beta must be [B,T,H]={b, t, h}; got {g_bth.shape}, "
-                         f"{beta_bth.shape}")
+        raise ValueError(
+            f"g and beta must be [B,T,H]={b, t, h}; got {g_bth.shape}, {beta_bth.shape}"
+        )
     reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size)
     if reason:
         raise ValueError(f"{reason}; use impl='chunked' for such inputs")
     if interpret is None:
         interpret = default_interpret()
-    st = _Static(chunk=chunk_size, scale=float(kdim**-0.5 if scale is None else scale),
-                 use_l2=bool(use_qk_l2norm), interpret=bool(interpret), cfg=config)
+    st = _Static(
+        chunk=chunk_size,
+        scale=float(kdim**-0.5 if scale is None else scale),
+        use_l2=bool(use_qk_l2norm),
+        interpret=bool(interpret),
+        cfg=config,
+    )
     if initial_state_bhkv is None:
         s0 = jnp.zeros((b, h, kdim, vd), F32)
     else:
         if initial_state_bhkv.shape != (b, h, kdim, vd):
-            raise ValueError(f"initial_state must be [B,H,K,V]={(b, h, kdim, vd)}, got "
-                             f"{initial_state_bhkv.shape}")
+            raise ValueError(
+                f"initial_state must be [B,H,K,V]={(b, h, kdim, vd)}, got "
+                f"{initial_state_bhkv.shape}"
+            )
         s0 = initial_state_bhkv.astype(F32)
     pad = (-t) % chunk_size
     q, k, v, g, beta = q_bthk, k_bthk, v_bthv, g_bth.astype(F32), beta_bth

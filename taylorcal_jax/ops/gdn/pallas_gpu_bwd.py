@@ -61,8 +61,9 @@ def _t_full(k_ref, g, beta_ref, st, dt, prec):
             diff = gs[i][:, None] - gs[j][None, :]
             if i == j:
                 low = r16 > c16
-                a[i, j] = jnp.where(low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)),
-                                    0.0)
+                a[i, j] = jnp.where(
+                    low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)), 0.0
+                )
             else:
                 a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
     for i in range(ns):
@@ -93,9 +94,9 @@ def _sum_refs(refs):
 def _chunk_bwd_kernel(*refs, st, dt, prec, prec32, nv):
     """Phases ordered so that inputs are loaded (or reloaded) just before their last use."""
     q_ref, k_ref, v_ref, g_ref, beta_ref = refs[:5]
-    dw_p, dqg_p, dkd_p, daqk_p, dlgc_p = (refs[5 + i * nv:5 + (i + 1) * nv] for i in range(5))
+    dw_p, dqg_p, dkd_p, daqk_p, dlgc_p = (refs[5 + i * nv : 5 + (i + 1) * nv] for i in range(5))
     du_ref = refs[5 + 5 * nv]
-    dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[6 + 5 * nv:]
+    dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[6 + 5 * nv :]
     c = st.chunk
     rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
     strict, causal = rc > cc, rc >= cc
@@ -201,14 +202,29 @@ def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
         grid=(tp // c, b, h),
         in_specs=[bk, bk, bv, bt, bt, *part_specs, bv],
         out_specs=[bk, bk, bv, bt, bt],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, F32),
-                   jax.ShapeDtypeStruct(beta.shape, beta.dtype)],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct(g.shape, F32),
+            jax.ShapeDtypeStruct(beta.shape, beta.dtype),
+        ],
         interpret=st.interpret,
         compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
         name="gdn_chunk_bwd",
-    )(q, k, v, g, beta, *([dw] * nv), *([dqg] * nv), *([dkd] * nv), *([daqk] * nv),
-      *([dlgc] * nv), du)
+    )(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        *([dw] * nv),
+        *([dqg] * nv),
+        *([dkd] * nv),
+        *([daqk] * nv),
+        *([dlgc] * nv),
+        du,
+    )
 
 
 def _qg_aqk_kernel(q_ref, k_ref, gcum_ref, qg_ref, aqk_ref, *, st, dt, prec):
@@ -238,8 +254,10 @@ def qg_aqk_call(q, k, st, dt, gcum):
         grid=(tp // c, b, h),
         in_specs=[bk, bk, pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))],
         out_specs=[bk, pl.BlockSpec((None, c, None, c), i4)],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kdim), dt),
-                   jax.ShapeDtypeStruct((b, tp, h, c), dt)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, kdim), dt),
+            jax.ShapeDtypeStruct((b, tp, h, c), dt),
+        ],
         interpret=st.interpret,
         compiler_params=pg._compiler_params(st, st.cfg.warps_out, dt, bwd=True),
         name="gdn_qg_aqk",

@@ -43,9 +43,11 @@ def t_precision(st, dt):
     """Dot precision of the [C, C] products that build T in the "fla" kernel."""
     if dt == F32 or st.interpret:
         return pg._f32_precision(st)
-    return {"tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-            "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-            "tf32": lax.Precision.DEFAULT}[st.cfg.t_precision]
+    return {
+        "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+        "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+        "tf32": lax.Precision.DEFAULT,
+    }[st.cfg.t_precision]
 
 
 def inv_unit_lower16_batched(a3):
@@ -80,8 +82,7 @@ def t_inverse_fla(a, prec_t):
     return x
 
 
-def chunk_kernel_fla(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref, st, dt,
-                     prec):
+def chunk_kernel_fla(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref, st, dt, prec):
     c = st.chunk
     rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
     g = g_ref[...].astype(F32)
@@ -98,17 +99,21 @@ def chunk_kernel_fla(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_
         kd_ref[0][...] = (k * jnp.exp(jnp.sum(g) - gg)[:, None]).astype(kd_ref[0].dtype)
     strict = rc > cc
     kk = pg._mm(k, k, 1, 1, dt, prec)
-    a = jnp.where(strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :],
-                                                                 0.0)), 0.0)
+    a = jnp.where(
+        strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
+    )
     t = t_inverse_fla(a, t_precision(st, dt)).astype(dt)
     w_ref[...] = pg._mm(t, (beta * jnp.exp(gg))[:, None] * load_k(), 1, 0, dt, prec).astype(
-        w_ref.dtype)
+        w_ref.dtype
+    )
     u_ref[...] = pg._mm(t, beta[:, None] * v_ref[...].astype(F32), 1, 0, dt, prec).astype(
-        u_ref.dtype)
+        u_ref.dtype
+    )
 
 
-def chunk_kernel_reload(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref, st, dt,
-                        prec):
+def chunk_kernel_reload(
+    k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref, st, dt, prec
+):
     c = st.chunk
     ns = c // 16
     g = g_ref[...].astype(F32)  # [C]
@@ -131,7 +136,8 @@ def chunk_kernel_reload(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *
         kdt.append(k_i.astype(dt))
         if kd_ref:
             kd_ref[0][pl.ds(16 * i, 16), :] = (k_i * jnp.exp(g_total - g_i)[:, None]).astype(
-                kd_ref[0].dtype)
+                kd_ref[0].dtype
+            )
     hp = lax.Precision.HIGHEST
     a, t = {}, {}
     for i in range(ns):
@@ -140,8 +146,9 @@ def chunk_kernel_reload(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *
             diff = gs[i][:, None] - gs[j][None, :]
             if i == j:
                 low = r16 > c16
-                a[i, j] = jnp.where(low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)),
-                                    0.0)
+                a[i, j] = jnp.where(
+                    low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)), 0.0
+                )
             else:
                 a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
     for i in range(ns):

@@ -36,8 +36,24 @@ from taylorcal_jax.ops.gdn import pallas_gpu as pg
 F32 = jnp.float32
 
 
-def _dh_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, dst_ref, du_ref, dh_ref, ds0_ref,
-               *, st, dt, prec, nt, kdim):
+def _dh_kernel(
+    do_ref,
+    aqk_ref,
+    qg_ref,
+    kd_ref,
+    w_ref,
+    lgc_ref,
+    dst_ref,
+    du_ref,
+    dh_ref,
+    ds0_ref,
+    *,
+    st,
+    dt,
+    prec,
+    nt,
+    kdim,
+):
     c = st.chunk
 
     def body(n, dsp):
@@ -45,18 +61,37 @@ def _dh_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, dst_ref, du_ref,
         rows = pl.ds(pl.multiple_of(i * c, c), c)
         dh_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = dsp.astype(dh_ref.dtype)
         do = do_ref[rows, :]
-        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(kd_ref[rows, :], dsp, 1, 0,
-                                                                     dt, prec)
+        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(
+            kd_ref[rows, :], dsp, 1, 0, dt, prec
+        )
         du_ref[rows, :] = dvp.astype(du_ref.dtype)
         egc = jnp.exp(jnp.sum(lgc_ref[rows]))
-        return (egc * dsp + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
-                - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec))
+        return (
+            egc * dsp
+            + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
+            - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec)
+        )
 
     ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
 
 
-def _grads_kernel(do_ref, vp_ref, du_ref, h_ref, dh_ref, lgc_ref, dw_ref, dqg_ref, dkd_ref,
-                  daqk_ref, dlgc_ref, *, st, dt, prec):
+def _grads_kernel(
+    do_ref,
+    vp_ref,
+    du_ref,
+    h_ref,
+    dh_ref,
+    lgc_ref,
+    dw_ref,
+    dqg_ref,
+    dkd_ref,
+    daqk_ref,
+    dlgc_ref,
+    *,
+    st,
+    dt,
+    prec,
+):
     c = st.chunk
     s = h_ref[...]
     do = do_ref[...]
@@ -85,14 +120,15 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
     state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     return pl.pallas_call(
-        functools.partial(_dh_kernel, st=st, dt=dt, prec=pg._f32_precision(st), nt=nt,
-                          kdim=kdim),
+        functools.partial(_dh_kernel, st=st, dt=dt, prec=pg._f32_precision(st), nt=nt, kdim=kdim),
         grid=(vd // bv, b, h),
         in_specs=[fv, fc, fk, fk, fk, ft, state],
         out_specs=[fv, hs, state],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), F32),
-                   jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
-                   jax.ShapeDtypeStruct((b, h, kdim, vd), F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+            jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+            jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
+        ],
         interpret=st.interpret,
         compiler_params=pg._compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
         name="gdn_reverse_dh",

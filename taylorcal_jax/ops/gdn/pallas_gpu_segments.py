@@ -84,12 +84,12 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
     cparams = pg._compiler_params(st, st.cfg.warps_seq, dt, bwd)
     fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
     ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
-    fu = pl.BlockSpec((None, tseg, None, bv),
-                      lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1)))
+    fu = pl.BlockSpec(
+        (None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1))
+    )
     seg_state = pl.BlockSpec((None, None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, s, 0, j))
     x = pl.pallas_call(
-        functools.partial(_ends_kernel, st=st, dt=dt, prec=prec, nsc=nsc, nv=nv, bv=bv,
-                          kdim=kdim),
+        functools.partial(_ends_kernel, st=st, dt=dt, prec=prec, nsc=nsc, nv=nv, bv=bv, kdim=kdim),
         grid=(nv + kdim // bv, nseg, b, h),
         in_specs=[fk, fu, fk, ft],
         out_specs=seg_state,
@@ -114,9 +114,11 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
         grid=(nv, nseg, b, h),
         in_specs=[fk, fv, fk, ft, seg_state],
         out_specs=[hs, fv, seg_state],
-        out_shape=[jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
-                   jax.ShapeDtypeStruct((b, tp, h, vd), dt),
-                   jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+            jax.ShapeDtypeStruct((b, tp, h, vd), dt),
+            jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
+        ],
         interpret=st.interpret,
         compiler_params=cparams,
         name="gdn_states_seg",
@@ -127,8 +129,9 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
 # ----------------------------------------------------------------------------- reverse pass
 
 
-def _rev_ends_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, x_ref, *, st, dt, prec,
-                     nsc, nv, bv, kdim):
+def _rev_ends_kernel(
+    do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, x_ref, *, st, dt, prec, nsc, nv, bv, kdim
+):
     """Per segment, backwards: dS = (exp(G_C) I - w^T kd) dS' + (qg^T - w^T aqk^T) do from
     dS' = 0 (V-blocks of do: E) or from the identity's columns with do = 0 (M)."""
     c = st.chunk
@@ -140,11 +143,15 @@ def _rev_ends_kernel(do_ref, aqk_ref, qg_ref, kd_ref, w_ref, lgc_ref, x_ref, *, 
     def body(n, dsp):
         rows = pl.ds(pl.multiple_of((nsc - 1 - n) * c, c), c)
         do = jnp.where(is_m, 0.0, do_ref[rows, :].astype(F32))
-        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(kd_ref[rows, :], dsp, 1, 0,
-                                                                     dt, prec)
+        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(
+            kd_ref[rows, :], dsp, 1, 0, dt, prec
+        )
         egc = jnp.exp(jnp.sum(lgc_ref[rows]))
-        return (egc * dsp + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
-                - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec))
+        return (
+            egc * dsp
+            + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
+            - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec)
+        )
 
     x_ref[...] = lax.fori_loop(0, nsc, body, s_init)
 
@@ -170,12 +177,14 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
     fc = pl.BlockSpec((None, tseg, None, c), lambda j, s, bb, hh: (bb, s, hh, 0))
     ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
-    fdo = pl.BlockSpec((None, tseg, None, bv),
-                       lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1)))
+    fdo = pl.BlockSpec(
+        (None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1))
+    )
     seg_state = pl.BlockSpec((None, None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, s, 0, j))
     x = pl.pallas_call(
-        functools.partial(_rev_ends_kernel, st=st, dt=dt, prec=prec, nsc=nsc, nv=nv, bv=bv,
-                          kdim=kdim),
+        functools.partial(
+            _rev_ends_kernel, st=st, dt=dt, prec=prec, nsc=nsc, nv=nv, bv=bv, kdim=kdim
+        ),
         grid=(nv + kdim // bv, nseg, b, h),
         in_specs=[fdo, fc, fk, fk, fk, ft],
         out_specs=seg_state,
@@ -189,8 +198,9 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
         e_s, m_s = em
         return jnp.einsum("bhkj,bhjv->bhkv", m_s, dsp, precision=lax.Precision.HIGHEST) + e_s, dsp
 
-    _, seg_dst = lax.scan(step, dst, (jnp.moveaxis(x[..., :vd], 2, 0),
-                                      jnp.moveaxis(x[..., vd:], 2, 0)), reverse=True)
+    _, seg_dst = lax.scan(
+        step, dst, (jnp.moveaxis(x[..., :vd], 2, 0), jnp.moveaxis(x[..., vd:], 2, 0)), reverse=True
+    )
     seg_dst = jnp.moveaxis(seg_dst, 0, 2)  # dS' at each segment's end [B, H, NSEG, K, V]
     fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
     hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
@@ -199,9 +209,11 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
         grid=(nv, nseg, b, h),
         in_specs=[fv, fc, fk, fk, fk, ft, seg_state],
         out_specs=[fv, hs, seg_state],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, vd), F32),
-                   jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
-                   jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+            jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+            jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
+        ],
         interpret=st.interpret,
         compiler_params=cparams,
         name="gdn_reverse_dh_seg",
