@@ -17,12 +17,12 @@ Writes launch/results/bench_init_time_<tag>.json (device, versions, date, comman
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
 import time
 
+import results_io  # launch/ is on sys.path when run as a script
 from absl import app, flags
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny shapes (CPU dry run).")
@@ -68,7 +68,6 @@ def main(argv):
     from taylorcal_jax.models.config import ModelConfig
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
-    from taylorcal_jax.train.stages import device_description
     from taylorcal_jax.utils import sharding
 
     shape = dict(
@@ -166,18 +165,9 @@ def main(argv):
         "align_loss_before_mean": float(jnp.mean(metrics["loss_before"])),
         "align_loss_after_mean": float(jnp.mean(metrics["loss_after"])),
         "param_init_s": init_s,
-        "device": device_description(),
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        **results_io.provenance(),
     }
-    tag = _TAG.value or (
-        "small" if _SMALL.value else jax.devices()[0].device_kind.replace(" ", "_")
-    )
-    os.makedirs(_OUT.value, exist_ok=True)
-    path = os.path.join(_OUT.value, f"bench_init_time_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = results_io.write_result(_OUT.value, "bench_init_time", _TAG.value, _SMALL.value, result)
     print(json.dumps({k: v for k, v in result.items() if k != "shape"}, indent=1))
     print("wrote", path)
 

@@ -21,12 +21,11 @@ Writes launch/results/bench_stats_memory_<tag>.json (device, versions, date, com
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import sys
 import time
 
+import results_io  # launch/ is on sys.path when run as a script
 from absl import app, flags
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny model (CPU dry run).")
@@ -68,7 +67,6 @@ def main(argv):
     from taylorcal_jax.calibrate import stats
     from taylorcal_jax.models.config import ModelConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
-    from taylorcal_jax.train.stages import device_description
 
     if _SMALL.value:
         dims = dict(hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=256, layers=2)
@@ -143,18 +141,11 @@ def main(argv):
         "model": dims,
         "block_size": _BLOCK.value,
         "rows": rows,
-        "device": device_description(),
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        **results_io.provenance(),
     }
-    tag = _TAG.value or (
-        "small" if _SMALL.value else jax.devices()[0].device_kind.replace(" ", "_")
+    path = results_io.write_result(
+        _OUT.value, "bench_stats_memory", _TAG.value, _SMALL.value, result
     )
-    os.makedirs(_OUT.value, exist_ok=True)
-    path = os.path.join(_OUT.value, f"bench_stats_memory_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
     print("wrote", path)
 
 
