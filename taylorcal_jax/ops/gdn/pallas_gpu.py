@@ -103,6 +103,38 @@ def _inv_unit_lower16(a):
     return t
 
 
+def _blocked_a_and_inverse(ks, gs, bs, dt, prec):
+    """A and T = (I + A)^-1 of one chunk by 16 x 16 blocks, as dicts keyed (i, j), j <= i.
+
+    A_ij = strict_lower(beta_i (k_i k_j^T) exp(G_i - G_j)) (masked before the exp on the
+    diagonal blocks); T_ii by forward substitution, then T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj.
+    ks, gs, bs: per 16-row block, k [16, K], cumulative G [16] and beta [16].
+    """
+    hp = lax.Precision.HIGHEST
+    ns = len(ks)
+    r16, c16 = _iota((16, 16), 0), _iota((16, 16), 1)
+    a, t = {}, {}
+    for i in range(ns):
+        for j in range(i + 1):
+            kk = _mm(ks[i], ks[j], 1, 1, dt, prec)
+            diff = gs[i][:, None] - gs[j][None, :]
+            if i == j:
+                low = r16 > c16
+                a[i, j] = jnp.where(
+                    low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)), 0.0
+                )
+            else:
+                a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
+    for i in range(ns):
+        t[i, i] = _inv_unit_lower16(a[i, i])
+        for j in range(i - 1, -1, -1):
+            acc = _mm(a[i, j], t[j, j], 1, 0, F32, hp)
+            for m in range(j + 1, i):
+                acc = acc + _mm(a[i, m], t[m, j], 1, 0, F32, hp)
+            t[i, j] = -_mm(t[i, i], acc, 1, 0, F32, hp)
+    return a, t
+
+
 def _compiler_params(st: _Static, warps: int, dt, bwd: bool = False):
     if st.interpret:
         return None
@@ -123,7 +155,6 @@ def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref
     rc, cc = _iota((c, c), 0), _iota((c, c), 1)
     gcum_ref[...] = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)
     r16c, c16c = _iota((16, c), 0), _iota((16, c), 1)
-    r16, c16 = _iota((16, 16), 0), _iota((16, 16), 1)
     ks, gs, bs, rks, rvs = [], [], [], [], []
     for i in range(ns):
         rows = pl.ds(16 * i, 16)
@@ -140,27 +171,7 @@ def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref
         rvs.append(b_i[:, None] * v_i)
         if kd_ref:  # k exp(G_C - G) for the split forward's state pass
             kd_ref[0][rows, :] = (k_i * jnp.exp(g_total - g_i)[:, None]).astype(kd_ref[0].dtype)
-    hp = lax.Precision.HIGHEST
-    a = {}
-    for i in range(ns):
-        for j in range(i + 1):
-            kk = _mm(ks[i], ks[j], 1, 1, dt, prec)
-            diff = gs[i][:, None] - gs[j][None, :]
-            if i == j:
-                low = r16 > c16
-                a[i, j] = jnp.where(
-                    low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)), 0.0
-                )
-            else:
-                a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
-    t = {}
-    for i in range(ns):
-        t[i, i] = _inv_unit_lower16(a[i, i])
-        for j in range(i - 1, -1, -1):
-            acc = _mm(a[i, j], t[j, j], 1, 0, F32, hp)
-            for m in range(j + 1, i):
-                acc = acc + _mm(a[i, m], t[m, j], 1, 0, F32, hp)
-            t[i, j] = -_mm(t[i, i], acc, 1, 0, F32, hp)
+    _, t = _blocked_a_and_inverse(ks, gs, bs, dt, prec)
     for i in range(ns):
         w_i = _mm(t[i, 0], rks[0], 1, 0, dt, prec)
         u_i = _mm(t[i, 0], rvs[0], 1, 0, dt, prec)

@@ -47,32 +47,13 @@ def _t_full(k_ref, g, beta_ref, st, dt, prec):
     ns = c // 16
     hp = lax.Precision.HIGHEST
     r16c, c16c = pg._iota((16, c), 0), pg._iota((16, c), 1)
-    r16, c16 = pg._iota((16, 16), 0), pg._iota((16, 16), 1)
     ks, gs, bs = [], [], []
     for i in range(ns):
         k_i = k_ref[pl.ds(16 * i, 16), :].astype(F32)
         ks.append(pg._l2(k_i) if st.use_l2 else k_i)
         gs.append(jnp.sum(jnp.where(c16c <= r16c + 16 * i, g[None, :], 0.0), axis=1))
         bs.append(beta_ref[pl.ds(16 * i, 16)].astype(F32))
-    a, t = {}, {}
-    for i in range(ns):
-        for j in range(i + 1):
-            kk = pg._mm(ks[i], ks[j], 1, 1, dt, prec)
-            diff = gs[i][:, None] - gs[j][None, :]
-            if i == j:
-                low = r16 > c16
-                a[i, j] = jnp.where(
-                    low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)), 0.0
-                )
-            else:
-                a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
-    for i in range(ns):
-        t[i, i] = pg._inv_unit_lower16(a[i, i])
-        for j in range(i - 1, -1, -1):
-            acc = pg._mm(a[i, j], t[j, j], 1, 0, F32, hp)
-            for m in range(j + 1, i):
-                acc = acc + pg._mm(a[i, m], t[m, j], 1, 0, F32, hp)
-            t[i, j] = -pg._mm(t[i, i], acc, 1, 0, F32, hp)
+    a, t = pg._blocked_a_and_inverse(ks, gs, bs, dt, prec)
     full = None
     for i in range(ns):
         row = None

@@ -121,7 +121,6 @@ def chunk_kernel_reload(
     rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
     gcum_ref[...] = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)
     r16c, c16c = pg._iota((16, c), 0), pg._iota((16, c), 1)
-    r16, c16 = pg._iota((16, 16), 0), pg._iota((16, 16), 1)
 
     def load_k(i):
         k_i = k_ref[pl.ds(16 * i, 16), :].astype(F32)
@@ -138,26 +137,7 @@ def chunk_kernel_reload(
             kd_ref[0][pl.ds(16 * i, 16), :] = (k_i * jnp.exp(g_total - g_i)[:, None]).astype(
                 kd_ref[0].dtype
             )
-    hp = lax.Precision.HIGHEST
-    a, t = {}, {}
-    for i in range(ns):
-        for j in range(i + 1):
-            kk = pg._mm(kdt[i], kdt[j], 1, 1, dt, prec)
-            diff = gs[i][:, None] - gs[j][None, :]
-            if i == j:
-                low = r16 > c16
-                a[i, j] = jnp.where(
-                    low, bs[i][:, None] * kk * jnp.exp(jnp.where(low, diff, 0.0)), 0.0
-                )
-            else:
-                a[i, j] = bs[i][:, None] * kk * jnp.exp(diff)
-    for i in range(ns):
-        t[i, i] = pg._inv_unit_lower16(a[i, i])
-        for j in range(i - 1, -1, -1):
-            acc = pg._mm(a[i, j], t[j, j], 1, 0, F32, hp)
-            for m in range(j + 1, i):
-                acc = acc + pg._mm(a[i, m], t[m, j], 1, 0, F32, hp)
-            t[i, j] = -pg._mm(t[i, i], acc, 1, 0, F32, hp)
+    a, t = pg._blocked_a_and_inverse(kdt, gs, bs, dt, prec)
     for i in range(ns):
         w_i = u_i = None
         for j in range(i + 1):
