@@ -60,6 +60,11 @@ def ref_path(i):
     return f"/tmp/gdn_ref_row{i}.npy"
 
 
+def chunked_path(i):
+    """The XLA chunked op's bf16 output at row i, for the direct chunked-vs-FLA comparison."""
+    return f"/tmp/gdn_chunked_row{i}.npy"
+
+
 # ----------------------------------------------------------------------------- JAX side
 
 
@@ -150,7 +155,10 @@ def run_jax_row(i):
 
         cfwd, cfb = _fwd_fwdbwd(lambda *a: gated_delta_rule_chunked(*a))
         res["chunked_fwd_ms"] = _jax_timer(cfwd, args)
-        res["chunked_rel_err"] = _rel(np.asarray(cfwd(*args).astype(jnp.float32)), o_ref)
+        o_chunked = np.asarray(cfwd(*args).astype(jnp.float32))
+        res["chunked_rel_err"] = _rel(o_chunked, o_ref)
+        np.save(chunked_path(i), o_chunked)
+        del o_chunked
         res["chunked_fwdbwd_ms"] = _jax_timer(cfb, args + [do_])
     except Exception as e:  # noqa: BLE001
         res["chunked_error"] = f"{type(e).__name__}: {str(e)[:1000]}"
@@ -522,6 +530,11 @@ def run_fla(fla_rows, fwd_only):
             if os.path.exists(ref_path(i)):
                 o_ref = np.load(ref_path(i))
                 res["fla_rel_err"] = float(np.linalg.norm(o - o_ref) / np.linalg.norm(o_ref))
+                del o_ref
+            if os.path.exists(chunked_path(i)):  # direct: FLA's Triton forward vs our XLA op
+                o_c = np.load(chunked_path(i))
+                res["chunked_vs_fla_rel_err"] = float(np.linalg.norm(o_c - o) / np.linalg.norm(o))
+                del o_c
             if fwd_only:
                 raise StopIteration
             fb()
@@ -577,6 +590,12 @@ def main():
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-chunked", action="store_true")
+    ap.add_argument(
+        "--chunked-rows",
+        default=None,
+        help="rows on which the XLA chunked op is timed (default: all of --rows; none with "
+        "--skip-chunked)",
+    )
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -652,25 +671,31 @@ def main():
         cfg = json.loads(a.config)
     result["ours_config_fields"] = cfg
     os.environ["GDN_BENCH_CONFIG"] = json.dumps(cfg)
-    if a.skip_chunked:
-        os.environ["GDN_BENCH_SKIP_CHUNKED"] = "1"
+    chunked_rows = (
+        set()
+        if a.skip_chunked
+        else {int(x) for x in (a.chunked_rows or a.rows).split(",")}
+    )
     print("ours config:", cfg, flush=True)
     rows = {}
     for i in (int(x) for x in a.rows.split(",")):
+        os.environ["GDN_BENCH_SKIP_CHUNKED"] = "0" if i in chunked_rows else "1"
         text = _sub("jax", ["--row", str(i)], timeout=240)
         open(os.path.join(log_dir, f"row{i}.log"), "w").write(text)
         got = _parse(text, "JSONROW")
         rows[i] = got[0] if got else {"shape": list(ROWS[i]), "error": text[-2000:]}
-    if a.skip_chunked and a.chunked_from:
+    if a.chunked_from:
         old = json.load(open(a.chunked_from))
         by_shape = {str(r["shape"]): r for r in old["rows"]}
-        for r in rows.values():
+        for i, r in rows.items():
+            if i in chunked_rows:
+                continue
             for key, val in by_shape.get(str(r["shape"]), {}).items():
                 if key.startswith("chunked_"):
                     r[key] = val
         result["chunked_source"] = (
-            f"chunked_* copied from {a.chunked_from} (measured "
-            f"{old.get('date')} on {old.get('device')})"
+            f"chunked_* of rows other than {sorted(chunked_rows)} copied from {a.chunked_from} "
+            f"(measured {old.get('date')} on {old.get('device')})"
         )
     result["rows"] = list(rows.values())
     with open(a.out, "w") as f:  # partial result, in case the FLA step runs out of time
