@@ -195,6 +195,28 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
     "rsplit_w8": dict(
         backward="pallas", stages_bwd=1, reverse="split", state_segments=0, warps_bwd=8
     ),  # new_w8 with kernel 1 "keep": isolates "fla"
+    # session 2: the XLA vjp backward with the measured-faster pieces ("fla" kernel 1, split and
+    # segmented reverse at 8 warps), and the closed-form XLA backward reading T from kernel 1
+    "fla_rsplit_w8": dict(
+        chunk_kernel="fla", reverse="split", state_segments=0, stages_bwd=1, warps_bwd=8
+    ),
+    "analytic": dict(
+        backward="analytic",
+        chunk_kernel="fla",
+        reverse="split",
+        state_segments=0,
+        stages_bwd=1,
+        warps_bwd=8,
+    ),
+    "analytic_wo8": dict(
+        backward="analytic",
+        chunk_kernel="fla",
+        reverse="split",
+        state_segments=0,
+        stages_bwd=1,
+        warps_bwd=8,
+        warps_out=8,
+    ),
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 

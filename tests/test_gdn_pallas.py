@@ -72,7 +72,13 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
 
 @pytest.mark.parametrize(
     "backward, chunk_kernel, reverse",
-    [("xla", "keep", "fused"), ("pallas", "fla", "split"), ("xla", "keep", "split")],
+    [
+        ("xla", "keep", "fused"),
+        ("pallas", "fla", "split"),
+        ("xla", "keep", "split"),
+        ("analytic", "fla", "split"),
+        ("analytic", "fla", "fused"),
+    ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
     inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
@@ -112,6 +118,7 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
     [
         GDNPallasConfig(backward="pallas"),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split"),
+        GDNPallasConfig(backward="analytic", chunk_kernel="fla", reverse="split"),
     ],
 )
 def test_pallas_backward_bf16_close_to_fp32_reference(config):
@@ -216,6 +223,10 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(state_segments=-1)
     with pytest.raises(ValueError, match="reverse"):
         GDNPallasConfig(reverse="both")
+    with pytest.raises(ValueError, match="backward must"):
+        GDNPallasConfig(backward="autodiff")
+    with pytest.raises(ValueError, match="reads T from kernel 1"):
+        GDNPallasConfig(backward="analytic", chunk_kernel="keep")
     with pytest.raises(ValueError, match="t_precision"):
         GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
@@ -247,6 +258,14 @@ def test_rejects_unsupported_shapes_and_options():
             warps_bwd=8,
         ),  # bench candidate new_w8
         GDNPallasConfig(chunk_kernel="fla", t_precision="tf32"),
+        GDNPallasConfig(
+            backward="analytic",
+            chunk_kernel="fla",
+            reverse="split",
+            state_segments=0,
+            stages_bwd=1,
+            warps_bwd=8,
+        ),  # bench candidate analytic
     ],
 )
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])

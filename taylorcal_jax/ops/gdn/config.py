@@ -23,8 +23,9 @@ class GDNPallasConfig:
       "split" = three (chunk-parallel w/u/kd; sequential pass writing chunk-start states h and v';
       chunk-parallel output o = s (q exp(G)) h + aqk v'), as flash-linear-attention does.
     backward: chunk-local part of the backward: "xla" = recompute + jax.vjp in XLA (compiled and
-      checked on an H100); "pallas" = one chunk-parallel Pallas kernel (pallas_gpu_bwd.py; checked
-      in interpret mode only so far).
+      checked on an H100); "pallas" = one chunk-parallel Pallas kernel (pallas_gpu_bwd.py; slower
+      than "xla" on an H100: it spills); "analytic" = the closed-form chunk-local backward in XLA
+      (chunk_local_bwd.py) from T written by kernel 1 (needs chunk_kernel "fla").
     chunk_kernel: kernel 1 body: "keep" (blocks of k, beta exp(G) k, beta v held in registers;
       timed on an H100), "reload" (reloads them from the Refs; fewer live registers;
       pallas_gpu_chunk.py; interpret-checked, not yet timed) or "fla" (flash-linear-attention's
@@ -93,8 +94,15 @@ class GDNPallasConfig:
             raise ValueError(f"state_segments must be >= 0, got {self.state_segments}")
         if self.reverse not in ("fused", "split"):
             raise ValueError(f"reverse must be 'fused' or 'split', got {self.reverse!r}")
-        if self.backward not in ("xla", "pallas"):
-            raise ValueError(f"backward must be 'xla' or 'pallas', got {self.backward!r}")
+        if self.backward not in ("xla", "pallas", "analytic"):
+            raise ValueError(
+                f"backward must be 'xla', 'pallas' or 'analytic', got {self.backward!r}"
+            )
+        if self.backward == "analytic" and self.chunk_kernel != "fla":
+            raise ValueError(
+                "backward='analytic' reads T from kernel 1, which only chunk_kernel='fla' "
+                f"writes; got chunk_kernel={self.chunk_kernel!r}"
+            )
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(
                 f"f32_precision must be 'highest' or 'tf32x3', got {self.f32_precision!r}"

@@ -182,7 +182,8 @@ def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref
         u_ref[pl.ds(16 * i, 16), :] = u_i.astype(u_ref.dtype)
 
 
-def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False):
+def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
+    """(w, u, gcum[, kd][, T]); T ([B, Tp, H, C] fp32) only from the "fla" body."""
     b, tp, h, kd = k.shape
     vd = v.shape[-1]
     c = st.chunk
@@ -197,6 +198,12 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False):
     kern = functools.partial(body, st=st, dt=dt, prec=_f32_precision(st))
     extra_spec = [pl.BlockSpec((None, c, None, kd), idx4)] if with_kd else []
     extra_shape = [jax.ShapeDtypeStruct((b, tp, h, kd), dt)] if with_kd else []
+    if with_t:
+        if st.cfg.chunk_kernel != "fla":
+            raise ValueError("T is written only by chunk_kernel='fla'")
+        kern = functools.partial(kern, with_t=True)
+        extra_spec.append(pl.BlockSpec((None, c, None, c), idx4))
+        extra_shape.append(jax.ShapeDtypeStruct((b, tp, h, c), F32))
     return pl.pallas_call(
         kern,
         grid=(nt, b, h),
@@ -559,6 +566,26 @@ def _gdn_bwd(st, res, cts):
         )
         grads = pb.chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt)
         return (*grads, ds0.astype(s0.dtype))
+    if st.cfg.backward == "analytic":
+        from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
+        from taylorcal_jax.ops.gdn.chunk_local_bwd import chunk_local_backward
+
+        w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
+        qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
+        last = (jnp.arange(gcum.shape[1]) % st.chunk == st.chunk - 1)[None, :, None]
+        lgc = jnp.where(last, gcum, 0.0)
+        du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
+            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt
+        )
+        dq, dk, dv, dg, dbeta = chunk_local_backward(
+            q, k, v, beta, gcum, tmat, dw, du, dqg, dkd, daqk, dlgc,
+            chunk=st.chunk, scale=st.scale, use_l2=st.use_l2, dt=dt,
+        )  # fmt: skip
+        cast = lambda x, ref: x.astype(ref.dtype)  # noqa: E731
+        return (
+            cast(dq, q), cast(dk, k), cast(dv, v), cast(dg, g), cast(dbeta, beta),
+            ds0.astype(s0.dtype),
+        )  # fmt: skip
     (w, u, qg, kd, aqk, lgc), vjp = jax.vjp(
         functools.partial(_stage1, st=st, dt=dt), q, k, v, g, beta
     )
