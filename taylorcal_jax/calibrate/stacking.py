@@ -14,11 +14,16 @@ import jax
 import jax.numpy as jnp
 
 
-def stack_mixers(params, layers: Sequence[int], key: str = "gdn"):
-    """Tree of [L, ...] leaves from params["layers_{i}"][key] for i in layers."""
+def check_mixers(params, layers: Sequence[int], key: str = "gdn") -> None:
+    """Raises ValueError unless every params["layers_{i}"] for i in layers has a `key` subtree."""
     missing = [i for i in layers if key not in params.get(f"layers_{i}", {})]
     if missing:
         raise ValueError(f"layers {missing} have no '{key}' params; is this the right student?")
+
+
+def stack_mixers(params, layers: Sequence[int], key: str = "gdn"):
+    """Tree of [L, ...] leaves from params["layers_{i}"][key] for i in layers."""
+    check_mixers(params, layers, key)
     trees = [params[f"layers_{i}"][key] for i in layers]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 

@@ -23,7 +23,8 @@ teacher-forced input x and context C (pre-o_proj, one block per query head):
     output gate  Wg = alpha Wv (scaled),  alpha = gate_damping rms(C) / rms(silu(x Wv))
 
 `calibrate_layer` is the pure per-layer map; `calibrate_layers` vmaps it over layers
-stacked on a leading axis; `taylor_init` applies it to a student's params.
+stacked on a leading axis; `taylor_init` applies it to a student's params, one layer at a
+time through a single compiled program.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
+from taylorcal_jax.calibrate.stacking import check_mixers
 from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, softplus_inverse
 
 WRITE_GATE_RULES = ("release", "mean_direction")
@@ -204,17 +205,65 @@ def calibrate_layers(stacked_gdn, stats, layer_rows, *, model_config, gdn_cfg, c
     )
 
 
+@functools.partial(jax.jit, static_argnames=("model_config", "gdn_cfg", "consts"))
+def _calibrate_row(
+    gdn_params,
+    x_lntd,
+    context_lnthd,
+    valid_nt,
+    distance_lh,
+    entropy_lh,
+    row,
+    *,
+    model_config,
+    gdn_cfg,
+    consts,
+):
+    """`calibrate_layer` on row `row` of the statistics; `row` is traced, so every layer of a
+    model runs the same compiled program."""
+    return calibrate_layer(
+        gdn_params,
+        x_lntd[row],
+        context_lnthd[row],
+        valid_nt,
+        distance_lh[row],
+        entropy_lh[row],
+        model_config=model_config,
+        gdn_cfg=gdn_cfg,
+        consts=consts,
+    )
+
+
 def taylor_init(student_params, stats, layers: Sequence[int], *, model_config, gdn_cfg, consts):
     """Applies phase 1 to the GDN mixers of `layers` of a student (e.g. a `copy` conversion).
 
-    Returns (new student params, diagnostics {name: [L, H]}).
+    Layer by layer, through one jitted `calibrate_layer` (configs static, the statistics row
+    traced): phase 1 compiles once per configuration and shapes, whatever the number of layers.
+    Returns (new student params, diagnostics {name: [L, H]}); only the "gdn" subtrees of
+    `layers` are new, every other array is the input's.
     """
     layers = tuple(layers)
     if not layers:
         return student_params, {}
+    if stats.x_lntd is None:
+        raise ValueError("statistics were collected with keep_activations=False")
+    check_mixers(student_params, layers)
     rows = [stats.index(i) for i in layers]
-    stacked = stack_mixers(student_params, layers)
-    new, diag = calibrate_layers(
-        stacked, stats, rows, model_config=model_config, gdn_cfg=gdn_cfg, consts=consts
-    )
-    return unstack_mixers(student_params, layers, new), diag
+    out, diags = dict(student_params), []
+    for i, row in zip(layers, rows, strict=True):
+        name = f"layers_{i}"
+        gdn, diag = _calibrate_row(
+            student_params[name]["gdn"],
+            stats.x_lntd,
+            stats.context_lnthd,
+            stats.valid_nt,
+            stats.distance_lh,
+            stats.entropy_lh,
+            row,
+            model_config=model_config,
+            gdn_cfg=gdn_cfg,
+            consts=consts,
+        )
+        out[name] = {**student_params[name], "gdn": gdn}
+        diags.append(diag)
+    return out, jax.tree.map(lambda *xs: jnp.stack(xs), *diags)

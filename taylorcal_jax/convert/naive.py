@@ -31,6 +31,7 @@ embeddings, norms, MLPs, head) is copied unchanged (same arrays, same dtype).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -103,16 +104,34 @@ def gdn_from_attention(attn: Params, config: StudentConfig, rng) -> Params:
     return out
 
 
+_TEACHER_PARTS = ("q_proj", "o_proj")  # GDN params that are the teacher's arrays, unchanged
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _new_mixer_parts(attn: Params, config: StudentConfig, rng, layer) -> Params:
+    """`gdn_from_attention(attn, config, fold_in(rng, layer))` less _TEACHER_PARTS; `layer` is
+    traced, so every converted layer of a model runs the same compiled program."""
+    gdn = gdn_from_attention(attn, config, jax.random.fold_in(rng, layer))
+    return {k: v for k, v in gdn.items() if k not in _TEACHER_PARTS}
+
+
 def copy_init(teacher_params: Params, config: StudentConfig, rng) -> Params:
-    """`copy`: the student params; the teacher's arrays are reused (never modified)."""
+    """`copy`: the student params; the teacher's arrays are reused (never modified).
+
+    Converted layer i gets `gdn_from_attention(its self_attn, config, fold_in(rng, i))`, the
+    new parts from one jitted program (config static, so it compiles once per config and
+    shapes, not once per small op), q_proj and o_proj being the teacher's arrays themselves.
+    """
     _check(teacher_params, config)
     student = {k: v for k, v in teacher_params.items()}
     for i in config.converted_layers:
         name = f"layers_{i}"
+        attn = teacher_params[name]["self_attn"]
         layer = {k: v for k, v in teacher_params[name].items() if k != "self_attn"}
-        layer["gdn"] = gdn_from_attention(
-            teacher_params[name]["self_attn"], config, jax.random.fold_in(rng, i)
-        )
+        layer["gdn"] = {
+            **{k: {"kernel": attn[k]["kernel"]} for k in _TEACHER_PARTS},
+            **_new_mixer_parts(attn, config, rng, i),
+        }
         student[name] = layer
     return student
 
