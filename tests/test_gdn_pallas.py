@@ -210,6 +210,18 @@ def test_no_initial_state_and_no_final_state():
     assert rel_err(o, numpy_gated_delta_rule(**inputs)[0]) < 2e-5
 
 
+def test_default_config_follows_operand_dtype():
+    from taylorcal_jax.ops.gdn.config import BF16_DEFAULT, F32_DEFAULT, default_config
+
+    assert default_config(jnp.bfloat16) is BF16_DEFAULT and BF16_DEFAULT.backward == "analytic"
+    assert default_config(jnp.float32) is F32_DEFAULT and F32_DEFAULT == GDNPallasConfig()
+    inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
+    args = _args(inputs, jnp.bfloat16)
+    o_default, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True)
+    o_named, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True, config=BF16_DEFAULT)
+    np.testing.assert_array_equal(np.asarray(o_default, np.float32), np.asarray(o_named, np.float32))
+
+
 def test_rejects_unsupported_shapes_and_options():
     inputs = random_inputs(8, b=1, t=16, h=1, k=12, v=16, with_state=False)
     with pytest.raises(ValueError, match="power of two"):

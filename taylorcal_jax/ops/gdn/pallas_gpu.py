@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from taylorcal_jax.ops.gdn.chunked import unit_lower_inverse
-from taylorcal_jax.ops.gdn.config import DEFAULT_CONFIG, GDNPallasConfig, default_interpret
+from taylorcal_jax.ops.gdn.config import GDNPallasConfig, default_config, default_interpret
 
 F32 = jnp.float32
 _EPS = 1e-6
@@ -630,12 +630,13 @@ def gated_delta_rule_pallas(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     interpret: bool | None = False,
-    config: GDNPallasConfig = DEFAULT_CONFIG,
+    config: GDNPallasConfig | None = None,
 ):
     """Gated delta rule by Pallas kernels; returns (o_bthv in v's dtype, final state fp32 or None).
 
     Same semantics as reference.gated_delta_rule_reference. interpret=None picks interpret mode
-    on CPU backends (config.default_interpret). Differentiable (custom_vjp) in all float inputs
+    on CPU backends (config.default_interpret). config=None picks config.default_config of the
+    operand dtype (bf16 when q, k and v all are). Differentiable (custom_vjp) in all float inputs
     and the initial state.
     """
     if q_bthk.ndim != 4 or k_bthk.shape != q_bthk.shape or v_bthv.shape[:3] != q_bthk.shape[:3]:
@@ -654,6 +655,8 @@ def gated_delta_rule_pallas(
         raise ValueError(f"{reason}; use impl='chunked' for such inputs")
     if interpret is None:
         interpret = default_interpret()
+    if config is None:
+        config = default_config(_operand_dtype(q_bthk, k_bthk, v_bthv))
     st = _Static(
         chunk=chunk_size,
         scale=float(kdim**-0.5 if scale is None else scale),
