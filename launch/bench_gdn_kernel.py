@@ -6,12 +6,12 @@ so that its peak device memory (memory_stats()["peak_bytes_in_use"], read right 
 forward+backward, inputs included) is its own; FLA runs in one torch process afterwards (peak =
 torch.cuda.max_memory_allocated over forward+backward after reset, inputs included).
 
-Timing: JAX = median of >= 20 timed calls (block_until_ready) after 3 warm-ups; FLA = 3 warm-up
-calls, then triton.testing.do_bench(..., return_mode="median") (without the explicit warm-up, the
-first row's forward once read 1.77 ms instead of 1.21-1.22 ms). Forward+backward = the output and the
-gradients of (q, k, v, g, beta) for a random cotangent. Relative error = ||o - o_ref|| / ||o_ref||
-with o_ref from the per-token fp32 recurrence (reference.py, jit on the GPU, matmul precision
-"highest") on the same bf16-rounded inputs at the full shape.
+Timing: JAX = median of >= 20 timed calls (block_until_ready) after 3 warm-ups; FLA = 3
+warm-up calls, then triton.testing.do_bench(..., return_mode="median") (without the explicit
+warm-up, the first row's forward once read 1.77 ms instead of 1.21-1.22 ms). Forward+backward =
+the output and the gradients of (q, k, v, g, beta) for a random cotangent. Relative error =
+||o - o_ref|| / ||o_ref|| with o_ref from the per-token fp32 recurrence (reference.py, jit on the
+GPU, matmul precision "highest") on the same bf16-rounded inputs at the full shape.
 
 Usage (device): python3 launch/bench_gdn_kernel.py --out $OUT/gdn_kernel_h100.json [--profile]
 Modes used internally: --mode check | jax --row i | fla.
@@ -170,7 +170,6 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
     "base": {},
     "pbwd": dict(backward="pallas"),
     "pbwd_s1": dict(backward="pallas", stages_bwd=1),
-    "pbwd_s1_reload": dict(backward="pallas", stages_bwd=1, chunk_kernel="reload"),
     "xbwd_s1": dict(stages_bwd=1),
     "pbwd_s1_bv32": dict(backward="pallas", stages_bwd=1, block_v=32),
     "fla": dict(chunk_kernel="fla"),
@@ -699,9 +698,7 @@ def main():
     result["ours_config_fields"] = cfg
     os.environ["GDN_BENCH_CONFIG"] = json.dumps(cfg)
     chunked_rows = (
-        set()
-        if a.skip_chunked
-        else {int(x) for x in (a.chunked_rows or a.rows).split(",")}
+        set() if a.skip_chunked else {int(x) for x in (a.chunked_rows or a.rows).split(",")}
     )
     print("ours config:", cfg, flush=True)
     rows = {}

@@ -56,7 +56,6 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (200, 32, 32, 64, SPLIT),
         (37, 16, 32, 16, FUSED),
         (50, 32, 16, 32, FUSED),
-        (70, 16, 16, 64, GDNPallasConfig(chunk_kernel="reload")),
         (70, 16, 16, 64, FLA),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
     ],
@@ -219,7 +218,9 @@ def test_default_config_follows_operand_dtype():
     args = _args(inputs, jnp.bfloat16)
     o_default, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True)
     o_named, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True, config=BF16_DEFAULT)
-    np.testing.assert_array_equal(np.asarray(o_default, np.float32), np.asarray(o_named, np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(o_default, np.float32), np.asarray(o_named, np.float32)
+    )
 
 
 def test_rejects_unsupported_shapes_and_options():
@@ -257,7 +258,6 @@ def test_rejects_unsupported_shapes_and_options():
         FUSED,
         GDNPallasConfig(forward="split", block_v=64),
         GDNPallasConfig(backward="pallas"),
-        GDNPallasConfig(backward="pallas", chunk_kernel="reload", stages_bwd=1),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
         GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments

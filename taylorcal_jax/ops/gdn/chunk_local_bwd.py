@@ -7,7 +7,7 @@ The sequential reverse pass (pallas_gpu._backward_seq) yields the cotangents of 
 quantities of each chunk (within a chunk, G = cumsum g, Gamma_ij = exp(G_i - G_j), q^ and k^ the
 L2-normalised q and k, s = K^-1/2):
 
-    Rk = beta exp(G) k^     Rv = beta v     A = strict(beta_i (k^ k^T)_ij Gamma_ij)    T = (I + A)^-1
+    Rk = beta exp(G) k^    Rv = beta v    A = strict(beta_i (k^ k^T)_ij Gamma_ij)    T = (I + A)^-1
     w = T Rk    u = T Rv    qg = s q^ exp(G)    kd = k^ exp(G_C - G)    aqk = causal(s q^ k^T Gamma)
 
 and this module maps (dw, du, dqg, dkd, daqk, dG_C) back to (q, k, v, g, beta) by the closed form
@@ -48,8 +48,7 @@ def chunk_local_backward(
     [B, Tp, H] (only each chunk's last entry, the cotangent of G_C, is read). `dt` is the dot
     operand dtype (bf16 for 16-bit inputs; fp32 dots then run at HIGHEST precision).
     """
-    b, tp, h, kdim = q.shape
-    vd = v.shape[-1]
+    b, tp, h, _ = q.shape
     c = chunk
     nt = tp // c
     prec = lax.Precision.HIGHEST if dt == F32 else None

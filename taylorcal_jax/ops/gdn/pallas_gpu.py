@@ -25,11 +25,12 @@ recomputed in XLA under jax.vjp; two Pallas kernels do the sequential part: `_st
 carry: dv' = aqk^T do + kd dS', dS = exp(G_C) dS' + qg^T do - w^T dv', and the partial
 gradients of w, qg, kd, aqk, G_C per V-block); their cotangents go back through the XLA vjp.
 
-Opt-in variants (GDNPallasConfig; interpret-checked, not all GPU-timed): forward="split" (the
-default: states pass writing h and v', then a chunk-parallel output kernel); chunk_kernel
-"reload" / "fla" (pallas_gpu_chunk.py); backward="pallas" (pallas_gpu_bwd.py: qg/aqk and the
-chunk-local backward as Pallas kernels); reverse="split" (pallas_gpu_reverse.py); state_segments
-(pallas_gpu_segments.py, sequence segments for the sequential passes at small B * H).
+Variants (GDNPallasConfig; config.BF16_DEFAULT is the fastest measured on an H100):
+forward="split" (states pass writing h and v', then a chunk-parallel output kernel);
+chunk_kernel="fla" (pallas_gpu_chunk.py); backward="analytic" (chunk_local_bwd.py: the closed-form
+chunk-local backward in XLA from T written by kernel 1) or "pallas" (pallas_gpu_bwd.py);
+reverse="split" (pallas_gpu_reverse.py); state_segments (pallas_gpu_segments.py, sequence
+segments for the sequential passes at small B * H).
 
 Padding: T is padded to a multiple of C with q = k = v = 0, g = 0, beta = 0 (state unchanged).
 Numerics: bf16 inputs -> bf16 dot operands, fp32 accumulation; G, A, T, S in fp32; float32 inputs
@@ -191,9 +192,7 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
     idx4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     idx3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
     body = _chunk_kernel
-    if st.cfg.chunk_kernel == "reload":
-        from taylorcal_jax.ops.gdn.pallas_gpu_chunk import chunk_kernel_reload as body
-    elif st.cfg.chunk_kernel == "fla":
+    if st.cfg.chunk_kernel == "fla":
         from taylorcal_jax.ops.gdn.pallas_gpu_chunk import chunk_kernel_fla as body
     kern = functools.partial(body, st=st, dt=dt, prec=_f32_precision(st))
     extra_spec = [pl.BlockSpec((None, c, None, kd), idx4)] if with_kd else []
