@@ -168,22 +168,14 @@ def run_jax_row(i):
 
 CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig fields)
     "base": {},
-    "pbwd": dict(backward="pallas"),
-    "pbwd_s1": dict(backward="pallas", stages_bwd=1),
     "xbwd_s1": dict(stages_bwd=1),
-    "pbwd_s1_bv32": dict(backward="pallas", stages_bwd=1, block_v=32),
     "fla": dict(chunk_kernel="fla"),
     "fla_tf32": dict(chunk_kernel="fla", t_precision="tf32"),
-    "pbwd_s1_fla_rsplit": dict(
-        backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split"
-    ),
-    "pbwd_s1_fla_rsplit_w8": dict(
-        backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split", warps_bwd=8
-    ),
+    # new_w8 (with rsplit_w8, its kernel-1 "keep" twin) was measured in
+    # results/gdn_kernel_h100_call3.json with the removed one-kernel backward="pallas" (which
+    # recomputed T and spilled); the name now runs the two-kernel closed form of
+    # pallas_gpu_bwd.py. rsplit_w8 is gone: backward="pallas" now needs chunk_kernel "fla".
     # state_segments=0 leaves row 0 (256 programs) unchanged and splits row 2 (1 x 32768 x 16)
-    "new_w4": dict(
-        backward="pallas", stages_bwd=1, chunk_kernel="fla", reverse="split", state_segments=0
-    ),
     "new_w8": dict(
         backward="pallas",
         stages_bwd=1,
@@ -192,9 +184,6 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
         state_segments=0,
         warps_bwd=8,
     ),
-    "rsplit_w8": dict(
-        backward="pallas", stages_bwd=1, reverse="split", state_segments=0, warps_bwd=8
-    ),  # new_w8 with kernel 1 "keep": isolates "fla"
     # session 2: the XLA vjp backward with the measured-faster pieces ("fla" kernel 1, split and
     # segmented reverse at 8 warps), and the closed-form XLA backward reading T from kernel 1
     "fla_rsplit_w8": dict(
@@ -216,6 +205,16 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
         stages_bwd=1,
         warps_bwd=8,
         warps_out=8,
+    ),
+    # session 3: config.BF16_DEFAULT's fields (= "analytic") with backward="pallas", the
+    # two-kernel Pallas closed form (pallas_gpu_bwd.py) in place of the XLA one
+    "pallas_bwd": dict(
+        backward="pallas",
+        chunk_kernel="fla",
+        reverse="split",
+        state_segments=0,
+        stages_bwd=1,
+        warps_bwd=8,
     ),
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2

@@ -72,7 +72,8 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
         "gdn_states": cfg.warps_seq,
         "gdn_out": cfg.warps_out,
         "gdn_reverse": cfg.warps_bwd,
-        "gdn_chunk_bwd": cfg.warps_bwd_chunk,
+        "gdn_bwd_wy": cfg.warps_bwd_chunk,
+        "gdn_bwd_qk": cfg.warps_bwd_qk,
         "gdn_reverse_dh": cfg.warps_bwd,
         "gdn_reverse_grads": cfg.warps_bwd_grads,
         "gdn_segment_ends": cfg.warps_seq,
@@ -83,7 +84,8 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
     }
     bwd_names = (
         "gdn_reverse",
-        "gdn_chunk_bwd",
+        "gdn_bwd_wy",
+        "gdn_bwd_qk",
         "gdn_reverse_dh",
         "gdn_reverse_grads",
         "gdn_reverse_segment_ends",

@@ -7,6 +7,7 @@ Tolerances (relative: max-abs error over max-abs of the expected value, gdn_test
   GPU, fp32 inputs (exact fp32 dots) vs the fp32 reference               1e-4
   GPU, bf16 inputs vs the fp32 reference on the same inputs (FLA's level, as ||.||_2 ratio) 5e-3
   bf16 gradients of the Pallas chunk-local backward, interpret mode (||.||_2 ratio)        2e-2
+  backward="pallas" kernels vs the XLA closed form (chunk_local_bwd.py), fp32 interpret  1e-5
   T of kernel 1 "fla" (plain JAX, HIGHEST) vs an fp64 inverse                            1e-5
 Shapes stay tiny (K, V in {16, 32}, T <= 200) to keep interpret mode fast.
 """
@@ -74,6 +75,7 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
     [
         ("xla", "keep", "fused"),
         ("pallas", "fla", "split"),
+        ("pallas", "fla", "fused"),
         ("xla", "keep", "split"),
         ("analytic", "fla", "split"),
         ("analytic", "fla", "fused"),
@@ -115,7 +117,7 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
 @pytest.mark.parametrize(
     "config",
     [
-        GDNPallasConfig(backward="pallas"),
+        GDNPallasConfig(backward="pallas", chunk_kernel="fla"),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split"),
         GDNPallasConfig(backward="analytic", chunk_kernel="fla", reverse="split"),
     ],
@@ -140,6 +142,45 @@ def test_pallas_backward_bf16_close_to_fp32_reference(config):
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         assert _l2_rel(a, r) < 2e-2, (name, _l2_rel(a, r))
+
+
+@pytest.mark.parametrize("use_l2, chunk", [(True, 32), (False, 16)])
+def test_pallas_chunk_local_backward_equals_xla_closed_form(use_l2, chunk):
+    """backward="pallas"'s two kernels vs chunk_local_bwd.chunk_local_backward on random
+    cotangents (fp32, interpret mode): the same formulas, so equal up to rounding."""
+    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+    from taylorcal_jax.ops.gdn.chunk_local_bwd import chunk_local_backward
+    from taylorcal_jax.ops.gdn.pallas_gpu_bwd import chunk_local_backward_call
+
+    b, tp, h, kd, vd = 1, 2 * chunk, 2, 16, 32
+    rng = np.random.default_rng(14)
+
+    def rnd(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    q, k, v = rnd(b, tp, h, kd), rnd(b, tp, h, kd), rnd(b, tp, h, vd)
+    beta = jnp.asarray(rng.uniform(0.0, 1.0, (b, tp, h)), jnp.float32)
+    g = jnp.asarray(rng.uniform(-2.0, 0.0, (b, tp // chunk, chunk, h)), jnp.float32)
+    gcum = jnp.cumsum(g, axis=2).reshape(b, tp, h)
+    # any [C, C] per chunk will do for an equality check; lower-triangular like T
+    tmat = jnp.tril(rnd(b, tp // chunk, h, chunk, chunk)) + jnp.eye(chunk)
+    tmat = jnp.swapaxes(tmat, 2, 3).reshape(b, tp, h, chunk)
+    causal = (jnp.arange(tp) % chunk)[None, :, None, None] >= jnp.arange(chunk)
+    dw, dqg, dkd = rnd(b, tp, h, kd), rnd(b, tp, h, kd), rnd(b, tp, h, kd)
+    du, daqk, dlgc = rnd(b, tp, h, vd), jnp.where(causal, rnd(b, tp, h, chunk), 0.0), rnd(b, tp, h)
+    st = pg._Static(
+        chunk=chunk,
+        scale=kd**-0.5,
+        use_l2=use_l2,
+        interpret=True,
+        cfg=GDNPallasConfig(backward="pallas", chunk_kernel="fla"),
+    )
+    cts = (q, k, v, beta, gcum, tmat, dw, du, dqg, dkd, daqk, dlgc)
+    got = chunk_local_backward_call(*cts, st=st, dt=jnp.float32)
+    want = chunk_local_backward(*cts, chunk=chunk, scale=st.scale, use_l2=use_l2, dt=jnp.float32)
+    for name, a, r in zip(NAMES, got, want, strict=True):
+        assert a.shape == r.shape and a.dtype == jnp.float32, name
+        assert rel_err(a, r) < 1e-5, (name, rel_err(a, r))
 
 
 @pytest.mark.parametrize("chunk_size, config", [(32, FUSED), (64, FLA)])
@@ -240,6 +281,8 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(backward="autodiff")
     with pytest.raises(ValueError, match="reads T from kernel 1"):
         GDNPallasConfig(backward="analytic", chunk_kernel="keep")
+    with pytest.raises(ValueError, match="reads T from kernel 1"):
+        GDNPallasConfig(backward="pallas")
     with pytest.raises(ValueError, match="t_precision"):
         GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
@@ -257,7 +300,6 @@ def test_rejects_unsupported_shapes_and_options():
     [
         FUSED,
         GDNPallasConfig(forward="split", block_v=64),
-        GDNPallasConfig(backward="pallas"),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
         GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
@@ -268,7 +310,7 @@ def test_rejects_unsupported_shapes_and_options():
             state_segments=0,
             stages_bwd=1,
             warps_bwd=8,
-        ),  # bench candidate new_w8
+        ),  # bench candidate new_w8 (now the two-kernel backward="pallas")
         GDNPallasConfig(chunk_kernel="fla", t_precision="tf32"),
         GDNPallasConfig(
             backward="analytic",

@@ -23,8 +23,9 @@ and this module maps (dw, du, dqg, dkd, daqk, dG_C) back to (q, k, v, g, beta) b
 instead of differentiating a recompute of the chunk-local map (config.backward = "xla"), which
 also recomputes T by blocked inversion and differentiates through it. T itself comes from the
 forward's kernel 1 ("fla" body), written once more in the backward: [B, Tp, H, C] fp32, row i of a
-chunk's T at time index i. Same formulas as the Pallas kernel of pallas_gpu_bwd.py, as batched
-XLA dots (operands in the input dtype, fp32 accumulation) and fused elementwise work.
+chunk's T at time index i. As batched XLA dots (operands in the input dtype, fp32 accumulation)
+and fused elementwise work; config.backward = "pallas" runs the same formulas as two Pallas
+kernels (pallas_gpu_bwd.py).
 """
 
 from __future__ import annotations

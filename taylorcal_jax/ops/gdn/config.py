@@ -23,9 +23,10 @@ class GDNPallasConfig:
       "split" = three (chunk-parallel w/u/kd; sequential pass writing chunk-start states h and v';
       chunk-parallel output o = s (q exp(G)) h + aqk v'), as flash-linear-attention does.
     backward: chunk-local part of the backward: "xla" = recompute + jax.vjp in XLA (compiled and
-      checked on an H100); "pallas" = one chunk-parallel Pallas kernel (pallas_gpu_bwd.py; slower
-      than "xla" on an H100: it spills); "analytic" = the closed-form chunk-local backward in XLA
-      (chunk_local_bwd.py) from T written by kernel 1 (needs chunk_kernel "fla").
+      checked on an H100); "analytic" = the closed-form chunk-local backward in XLA
+      (chunk_local_bwd.py) from T written by kernel 1; "pallas" = the same closed form as two
+      chunk-parallel Pallas kernels (pallas_gpu_bwd.py: the WY part, then the q/k/g part), also
+      from kernel 1's T. "analytic" and "pallas" need chunk_kernel "fla" (the body that writes T).
     chunk_kernel: kernel 1 body: "keep" (16 x 16 blocks of k, beta exp(G) k, beta v held in
       registers; 1.10 ms on an H100 at 8 x 4096 x 16 x 128) or "fla" (flash-linear-attention's
       layout: full [C, C] T, w and u as full C-row dots; pallas_gpu_chunk.py; 0.75 ms there).
@@ -44,10 +45,11 @@ class GDNPallasConfig:
       (about one program per SM, so only small B * H is split). Needs K to be a multiple of the
       value block. Interpret-checked, not yet timed.
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
-    warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_grads: Triton
-      warps of kernel 1, the sequential forward (and segment) kernels, the sequential backward
-      kernels, the split output kernel (and the backward's qg/aqk kernel), the chunk-parallel
-      backward kernel and the split reverse's chunk-parallel kernel.
+    warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_qk /
+      warps_bwd_grads: Triton warps of kernel 1, the sequential forward (and segment) kernels, the
+      sequential backward kernels, the split output kernel (and the backward's qg/aqk kernel),
+      backward="pallas"'s WY kernel and its q/k/g kernel, and the split reverse's chunk-parallel
+      kernel.
     stages / stages_bwd / stages_f32: Triton software-pipelining depth for bf16 forward kernels,
       bf16 backward kernels, and all float32 kernels (fp32 tiles at depth 2 overflow the 227 KB of
       shared memory, seen on an H100). Compiled for sm_90 outside XLA, the reverse kernel needs
@@ -68,6 +70,7 @@ class GDNPallasConfig:
     warps_bwd: int = 4
     warps_out: int = 4
     warps_bwd_chunk: int = 8
+    warps_bwd_qk: int = 8
     warps_bwd_grads: int = 8
     stages: int = 2
     stages_bwd: int = 2
@@ -94,10 +97,10 @@ class GDNPallasConfig:
             raise ValueError(
                 f"backward must be 'xla', 'pallas' or 'analytic', got {self.backward!r}"
             )
-        if self.backward == "analytic" and self.chunk_kernel != "fla":
+        if self.backward in ("analytic", "pallas") and self.chunk_kernel != "fla":
             raise ValueError(
-                "backward='analytic' reads T from kernel 1, which only chunk_kernel='fla' "
-                f"writes; got chunk_kernel={self.chunk_kernel!r}"
+                f"backward={self.backward!r} reads T from kernel 1, which only "
+                f"chunk_kernel='fla' writes; got chunk_kernel={self.chunk_kernel!r}"
             )
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(

@@ -28,7 +28,8 @@ gradients of w, qg, kd, aqk, G_C per V-block); their cotangents go back through 
 Variants (GDNPallasConfig; config.BF16_DEFAULT is the fastest measured on an H100):
 forward="split" (states pass writing h and v', then a chunk-parallel output kernel);
 chunk_kernel="fla" (pallas_gpu_chunk.py); backward="analytic" (chunk_local_bwd.py: the closed-form
-chunk-local backward in XLA from T written by kernel 1) or "pallas" (pallas_gpu_bwd.py);
+chunk-local backward in XLA from T written by kernel 1) or "pallas" (pallas_gpu_bwd.py: the same
+closed form as two chunk-parallel Pallas kernels);
 reverse="split" (pallas_gpu_reverse.py); state_segments (pallas_gpu_segments.py, sequence
 segments for the sequential passes at small B * H).
 
@@ -553,21 +554,8 @@ def _gdn_bwd(st, res, cts):
     q, k, v, g, beta, s0 = res
     do, dst = cts
     dt = _operand_dtype(q, k, v)
-    if st.cfg.backward == "pallas":
+    if st.cfg.backward in ("analytic", "pallas"):  # closed form from kernel 1's T
         from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
-
-        w, u, gcum, kd = _chunk_call(k, v, g, beta, st, dt, with_kd=True)
-        qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
-        last = (jnp.arange(gcum.shape[1]) % st.chunk == st.chunk - 1)[None, :, None]
-        lgc = jnp.where(last, gcum, 0.0)
-        du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
-            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt, sum_partials=False
-        )
-        grads = pb.chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt)
-        return (*grads, ds0.astype(s0.dtype))
-    if st.cfg.backward == "analytic":
-        from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
-        from taylorcal_jax.ops.gdn.chunk_local_bwd import chunk_local_backward
 
         w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
         qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
@@ -576,10 +564,14 @@ def _gdn_bwd(st, res, cts):
         du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
             w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt
         )
-        dq, dk, dv, dg, dbeta = chunk_local_backward(
-            q, k, v, beta, gcum, tmat, dw, du, dqg, dkd, daqk, dlgc,
-            chunk=st.chunk, scale=st.scale, use_l2=st.use_l2, dt=dt,
-        )  # fmt: skip
+        if st.cfg.backward == "pallas":
+            local = pb.chunk_local_backward_call
+            kw = dict(st=st, dt=dt, g_dtype=g.dtype)
+        else:
+            from taylorcal_jax.ops.gdn.chunk_local_bwd import chunk_local_backward as local
+
+            kw = dict(chunk=st.chunk, scale=st.scale, use_l2=st.use_l2, dt=dt)
+        dq, dk, dv, dg, dbeta = local(q, k, v, beta, gcum, tmat, dw, du, dqg, dkd, daqk, dlgc, **kw)
         cast = lambda x, ref: x.astype(ref.dtype)  # noqa: E731
         return (
             cast(dq, q), cast(dk, k), cast(dv, v), cast(dg, g), cast(dbeta, beta),

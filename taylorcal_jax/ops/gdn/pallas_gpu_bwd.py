@@ -1,24 +1,38 @@
-"""Chunk-local backward of the gated delta rule as one Pallas kernel (opt-in: config.backward).
+"""Chunk-local backward of the gated delta rule as two Pallas kernels (config.backward="pallas").
 
-Letters: B batch, T time (Tp padded), H heads, K key dim, V value dim, C chunk length.
+Letters: B batch, T time (Tp padded to a multiple of C), H heads, K key dim, V value dim,
+C chunk length, NT = Tp / C chunks.
 
-The sequential reverse pass (pallas_gpu._reverse_kernel) yields the cotangents of the chunk-local
-quantities w, u, qg = s q exp(G), kd = k exp(G_C - G), aqk = s causal Gamma q k^T and G_C. This
-kernel (grid NT x B x H) maps them back to (q, k, v, g, beta) in one pass per chunk, recomputing
-T = (I + A)^-1 by 16 x 16 blocks as the forward does and assembling it with exact 0/1 dots (or,
-with config.chunk_kernel = "fla", as pallas_gpu_chunk.t_inverse_fla does: full [C, C] dots):
+Exactly the closed form of chunk_local_bwd.py (same letters: G = cumsum g within the chunk,
+Gamma_ij = exp(G_i - G_j), q^ and k^ L2-normalised, s = K^-1/2, Rk = beta exp(G) k^, Rv = beta v,
+A = strict(beta (k^ k^T) Gamma)), reading T = (I + A)^-1 as written by kernel 1 ("fla" body,
+`with_t=True`) instead of recomputing it. Both kernels are chunk-parallel (grid NT x B x H, B and
+H squeezed by the BlockSpecs) and split the work so that neither holds more than a few [C, K]
+fp32 tiles at once (the former one-kernel version, which also recomputed T, spilled ~1.5-2 KB
+per thread on sm_90 and was slower than the XLA closed form):
 
-    dT = dw Rk^T + du Rv^T        dRk = T^T dw      dRv = T^T du      (Rk = beta exp(G) k,
-    dA = strict_lower(-T^T dT T^T)                                      Rv = beta v)
-    dbeta = rowsum(dRk exp(G) k) + rowsum(dRv v) + rowsum(dA KK Gamma)
-    dk^ = beta exp(G) dRk + E k + E^T k + Dq^T q^ + exp(G_C - G) dkd   (E = dA beta Gamma,
-    dq^ = s exp(G) dqg + Dq k^                                          Dq = s daqk causal Gamma)
-    dG  = rowsum(dqg qg) + rowsum(dRk Rk) - rowsum(dkd kd) + rows(N) - cols(N) + rows(M) - cols(M)
-          (N = dA * A, M = daqk * aqk), dG_C-1 += dG_C + sum(dkd kd);  dg = reverse cumsum dG
-    dq = r (dq^ - q^ (q^ . dq^)) with r = 1 / sqrt(|q|^2 + eps), likewise dk.
+  kernel A, `_wy_bwd_kernel` (the WY part; from T, k, v, beta, G, dw, du):
+    dT = dw Rk^T + du Rv^T     dRk = T^T dw     dRv = T^T du     dA = strict(-T^T dT T^T)
+    dv = beta dRv                                                           (final, v's dtype)
+    dbeta = rowsum(dRk exp(G) k^) + rowsum(dRv v) + rowsum(dA (k^ k^T) Gamma) (final)
+    Pk = beta exp(G) dRk + E k^ + E^T k^        (E = beta dA Gamma)         (fp32 partial)
+    Pg = rowsum(dRk Rk) + rows(N) - cols(N)     (N = dA * A = E * k^ k^T)   (fp32 partial)
 
-Status: checked in interpret mode against the XLA vjp (tests/test_gdn_pallas.py); not yet
-compiled on a GPU, hence not the default (config.backward = "xla").
+  kernel B, `_qk_bwd_kernel` (the q/k/g part; from q, k, G, dqg, dkd, daqk, dG_C, Pk, Pg):
+    Dq = s daqk Gamma (causal)     M = daqk * aqk = Dq * (q^ k^T)
+    dq^ = s exp(G) dqg + Dq k^     dk^ = Pk + Dq^T q^ + exp(G_C - G) dkd
+    dG = Pg + rowsum(dqg qg) - rowsum(dkd kd) + rows(M) - cols(M);  dG_{C-1} += dG_C + sum(dkd kd)
+    dg = reverse cumsum of dG within the chunk, as a masked column sum (Triton has no reverse
+      cumsum): dg_j = sum_{i >= j} dG_i
+    dq = (dq^ - q^ (q^ . dq^)) / sqrt(|q|^2 + eps), likewise dk        (final, input dtypes)
+
+Between them one [C, K] and one [C] fp32 partial per chunk go through HBM. Dots as in the rest of
+the kernels (pallas_gpu._mm): operands in the input dtype (bf16 for bf16 inputs, as
+chunk_local_bwd does) with fp32 accumulation; fp32 inputs at config.f32_precision. Only
+G_i - G_j with i >= j and G_C - G_j are exponentiated, masks applied before the exp and the dots.
+
+Also here: `qg_aqk_call`, the chunk-parallel kernel forming qg and aqk for the backward's
+sequential part (used by backward="analytic" and "pallas").
 """
 
 from __future__ import annotations
@@ -35,177 +49,172 @@ from taylorcal_jax.ops.gdn import pallas_gpu as pg
 F32 = jnp.float32
 
 
-def _sel(rows, cols, offset, transpose=False):
-    """0/1 matrix placing a 16-wide block at `offset`: [rows, cols] with 1 at (r, r + offset)."""
-    r, c = pg._iota((rows, cols), 0), pg._iota((rows, cols), 1)
-    return ((r == c + offset) if transpose else (c == r + offset)).astype(F32)
+def _load_normalised(ref, st):
+    """(rows of ref L2-normalised when st.use_l2, 1 / norm [C, 1] or None), fp32."""
+    x = ref[...].astype(F32)
+    if not st.use_l2:
+        return x, None
+    r = lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + pg._EPS)
+    return x * r, r
 
 
-def _t_full(k_ref, g, beta_ref, st, dt, prec):
-    """T = (I + A)^-1 as a full [C, C] fp32 value (16 x 16 blocks as in the forward kernel)."""
+def _l2_backward(xn, r, dxn):
+    """Cotangent of x from that of x^ = x r: r (dx^ - x^ (x^ . dx^)); identity without l2."""
+    if r is None:
+        return dxn
+    return r * (dxn - xn * jnp.sum(xn * dxn, axis=-1, keepdims=True))
+
+
+def _wy_bwd_kernel(
+    t_ref,
+    k_ref,
+    v_ref,
+    beta_ref,
+    gcum_ref,
+    dw_ref,
+    du_ref,
+    dv_ref,
+    dbeta_ref,
+    dkp_ref,
+    dgp_ref,
+    *,
+    st,
+    dt,
+    prec,
+):
+    """Kernel A (module docstring), in phases that keep few [C, K] tiles live: the value side;
+    dT; dA and E (only [C, C] tiles and k^); then dRk = T^T dw. T, k^ and dw are loaded again
+    at each use rather than kept live (kept live, they spilled 56-184 bytes per thread on sm_90;
+    the reloads hit L2)."""
     c = st.chunk
-    ns = c // 16
-    hp = lax.Precision.HIGHEST
-    r16c, c16c = pg._iota((16, c), 0), pg._iota((16, c), 1)
-    ks, gs, bs = [], [], []
-    for i in range(ns):
-        k_i = k_ref[pl.ds(16 * i, 16), :].astype(F32)
-        ks.append(pg._l2(k_i) if st.use_l2 else k_i)
-        gs.append(jnp.sum(jnp.where(c16c <= r16c + 16 * i, g[None, :], 0.0), axis=1))
-        bs.append(beta_ref[pl.ds(16 * i, 16)].astype(F32))
-    a, t = pg._blocked_a_and_inverse(ks, gs, bs, dt, prec)
-    full = None
-    for i in range(ns):
-        row = None
-        for j in range(i + 1):  # row block i: [16, C] = sum_j T_ij P_j^T
-            part = pg._mm(t[i, j], _sel(16, c, 16 * j), 1, 0, F32, hp)
-            row = part if row is None else row + part
-        part = pg._mm(_sel(c, 16, 16 * i, transpose=True), row, 1, 0, F32, hp)
-        full = part if full is None else full + part
-    return full
-
-
-def _sum_refs(refs):
-    out = refs[0][...].astype(F32)
-    for r in refs[1:]:
-        out = out + r[...].astype(F32)
-    return out
-
-
-def _chunk_bwd_kernel(*refs, st, dt, prec, prec32, nv):
-    """Phases ordered so that inputs are loaded (or reloaded) just before their last use."""
-    q_ref, k_ref, v_ref, g_ref, beta_ref = refs[:5]
-    dw_p, dqg_p, dkd_p, daqk_p, dlgc_p = (refs[5 + i * nv : 5 + (i + 1) * nv] for i in range(5))
-    du_ref = refs[5 + 5 * nv]
-    dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref = refs[6 + 5 * nv :]
-    c = st.chunk
-    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
-    strict, causal = rc > cc, rc >= cc
-    g = g_ref[...].astype(F32)
-    gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
-    gc = pg._last(gg, c)
-    eg = jnp.exp(gg)
+    strict = pg._iota((c, c), 0) > pg._iota((c, c), 1)
     beta = beta_ref[...].astype(F32)
-
-    def load_n(ref):  # (normalised rows, 1 / norm)
-        x = ref[...].astype(F32)
-        if not st.use_l2:
-            return x, None
-        r = lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + pg._EPS)
-        return x * r, r
-
-    # phase 1: A and T
-    kn, _ = load_n(k_ref)
-    diff = gg[:, None] - gg[None, :]
-    gam_s = jnp.where(strict, jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
-    kk = pg._mm(kn, kn, 1, 1, dt, prec)
-    if st.cfg.chunk_kernel == "fla":  # full [C, C] T from A as kernel 1 "fla" builds it
-        from taylorcal_jax.ops.gdn import pallas_gpu_chunk as pc
-
-        t = pc.t_inverse_fla(beta[:, None] * kk * gam_s, pc.t_precision(st, dt))
-    else:
-        t = _t_full(k_ref, g, beta_ref, st, dt, prec)
-    # phase 2: w = T Rk, u = T Rv
-    dw = _sum_refs(dw_p)
+    gg = gcum_ref[...]
+    eg = jnp.exp(gg)
+    bg = beta * eg
+    # value side: dRv = T^T du, dv, du Rv^T
     du = du_ref[...].astype(F32)
     v = v_ref[...].astype(F32)
-    rk_ = (beta * eg)[:, None] * kn
-    dt_ = pg._mm(dw, rk_, 1, 1, dt, prec) + pg._mm(du, beta[:, None] * v, 1, 1, dt, prec)
-    drk = pg._mm(t, dw, 0, 0, dt, prec)  # T^T dw
-    drv = pg._mm(t, du, 0, 0, dt, prec)
+    drv = pg._mm(t_ref[...], du, 0, 0, dt, prec)
     dv_ref[...] = (drv * beta[:, None]).astype(dv_ref.dtype)
-    dbeta = jnp.sum(drk * eg[:, None] * kn, axis=1) + jnp.sum(drv * v, axis=1)
-    dgg = jnp.sum(drk * rk_, axis=1)
-    dkn = drk * (beta * eg)[:, None]
-    x = pg._mm(dt_, t, 1, 1, F32, prec32)  # dT T^T
-    da = jnp.where(strict, -pg._mm(t, x, 0, 0, F32, prec32), 0.0)  # -T^T dT T^T, strict lower
-    dkk = da * gam_s
-    dbeta = dbeta + jnp.sum(dkk * kk, axis=1)
-    n = dkk * kk * beta[:, None]  # dA * A
-    dgg = dgg + jnp.sum(n, axis=1) - jnp.sum(n, axis=0)
-    e = dkk * beta[:, None]  # d(KK)
-    dkn = dkn + pg._mm(e, kn, 1, 0, dt, prec) + pg._mm(e, kn, 0, 0, dt, prec)
-    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
-    # phase 3: aqk = s causal Gamma q k^T, qg = s q exp(G), kd = k exp(G_C - G)
-    qn, rq = load_n(q_ref)
-    gam_c = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
-    daqk = _sum_refs(daqk_p) * (st.scale * gam_c)  # d(q k^T)
-    m = daqk * pg._mm(qn, kn, 1, 1, dt, prec)  # daqk * aqk
-    dgg = dgg + jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
-    dqg = _sum_refs(dqg_p)
+    dbeta = jnp.sum(drv * v, axis=1)
+    dtm = pg._mm(du, beta[:, None] * v, 1, 1, dt, prec)
+    # dT = dw Rk^T + du Rv^T
+    kn, _ = _load_normalised(k_ref, st)
+    dtm = dtm + pg._mm(dw_ref[...].astype(F32), bg[:, None] * kn, 1, 1, dt, prec)
+    # dA = strict(-(T^T dT) T^T), then through A = strict(beta (k^ k^T) Gamma)
+    tdt = pg._mm(t_ref[...], dtm, 0, 0, dt, prec)
+    da = jnp.where(strict, -pg._mm(tdt, t_ref[...], 1, 1, dt, prec), 0.0)
+    gam_s = jnp.where(strict, jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    da_gam = da * gam_s
+    kk = pg._mm(kn, kn, 1, 1, dt, prec)
+    dbeta = dbeta + jnp.sum(da_gam * kk, axis=1)
+    e = beta[:, None] * da_gam
+    n = e * kk  # dA * A
+    dgg = jnp.sum(n, axis=1) - jnp.sum(n, axis=0)
+    # key side: dRk = T^T dw; rowsum(dRk Rk) = beta rowsum(dRk exp(G) k^)
+    kn, _ = _load_normalised(k_ref, st)
+    drk = pg._mm(t_ref[...], dw_ref[...].astype(F32), 0, 0, dt, prec)
+    rk_sum = jnp.sum(drk * eg[:, None] * kn, axis=1)
+    dbeta_ref[...] = (dbeta + rk_sum).astype(dbeta_ref.dtype)
+    dgp_ref[...] = dgg + beta * rk_sum
+    # E k^ + E^T k^ as one dot: E is strictly lower, so E + E^T rounds like E and E^T do
+    dkp_ref[...] = bg[:, None] * drk + pg._mm(e + e.T, kn, 1, 0, dt, prec)
+
+
+def _qk_bwd_kernel(
+    q_ref,
+    k_ref,
+    gcum_ref,
+    dqg_ref,
+    dkd_ref,
+    daqk_ref,
+    dlgc_ref,
+    dkp_ref,
+    dgp_ref,
+    dq_ref,
+    dk_ref,
+    dg_ref,
+    *,
+    st,
+    dt,
+    prec,
+):
+    """Kernel B (module docstring): M, then dk, then dq. The first q^ is held in the dot dtype
+    (it only feeds dots) and q^ is loaded again, in fp32 with its norm, for dq and dG; held in
+    fp32 throughout it spilled on sm_90 (as did several other orders tried)."""
+    c = st.chunk
+    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
+    causal = rc >= cc
+    gg = gcum_ref[...]
+    eg = jnp.exp(gg)
+    edec = jnp.exp(pg._last(gg, c) - gg)
+    qn = _load_normalised(q_ref, st)[0].astype(dt)  # only a dot operand until reloaded
+    kn, rk = _load_normalised(k_ref, st)
+    gam_c = jnp.where(causal, jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    dq_mat = st.scale * daqk_ref[...].astype(F32) * gam_c  # d(q^ k^T)
+    m = dq_mat * pg._mm(qn, kn, 1, 1, dt, prec)  # daqk * aqk
+    dgg = dgp_ref[...] + jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
+    # dk
+    dkd = dkd_ref[...].astype(F32)
+    pkd = jnp.sum(dkd * kn, axis=1) * edec  # rowsum(dkd kd)
+    dkn = dkp_ref[...] + pg._mm(dq_mat, qn, 0, 0, dt, prec) + edec[:, None] * dkd
+    dk_ref[...] = _l2_backward(kn, rk, dkn).astype(dk_ref.dtype)
+    # dq
+    qn, rq = _load_normalised(q_ref, st)
+    dqg = dqg_ref[...].astype(F32)
     dgg = dgg + st.scale * jnp.sum(dqg * qn, axis=1) * eg
-    dqn = st.scale * eg[:, None] * dqg + pg._mm(daqk, kn, 1, 0, dt, prec)
-    if st.use_l2:
-        dqn = rq * (dqn - qn * jnp.sum(qn * dqn, axis=-1, keepdims=True))
-    dq_ref[...] = dqn.astype(dq_ref.dtype)
-    dkn = dkn + pg._mm(daqk, qn, 0, 0, dt, prec)
-    ekd = jnp.exp(gc - gg)
-    dkd = _sum_refs(dkd_p)
-    kd_term = jnp.sum(dkd * kn, axis=1) * ekd
-    dkn = dkn + dkd * ekd[:, None]
+    dqn = st.scale * eg[:, None] * dqg + pg._mm(dq_mat, kn, 1, 0, dt, prec)
+    dq_ref[...] = _l2_backward(qn, rq, dqn).astype(dq_ref.dtype)
     last = pg._iota((c,), 0) == c - 1
-    dgc = pg._last(_sum_refs(dlgc_p), c)
-    dgg = dgg - kd_term + jnp.where(last, dgc + jnp.sum(kd_term), 0.0)
-    dg_ref[...] = jnp.sum(jnp.where(rc >= cc, dgg[:, None], 0.0), axis=0)  # reverse cumsum
-    if st.use_l2:
-        kn, rk = load_n(k_ref)
-        dkn = rk * (dkn - kn * jnp.sum(kn * dkn, axis=-1, keepdims=True))
-    dk_ref[...] = dkn.astype(dk_ref.dtype)
+    dgg = dgg - pkd + jnp.where(last, pg._last(dlgc_ref[...], c) + jnp.sum(pkd), 0.0)
+    dg_ref[...] = jnp.sum(jnp.where(causal, dgg[:, None], 0.0), axis=0)  # reverse cumsum
 
 
-def chunk_bwd_call(q, k, v, g, beta, dw, du, dqg, dkd, daqk, dlgc, st, dt):
-    """(dq, dk, dv, dg, dbeta) in the dtypes of (q, k, v, g, beta).
-
-    dw, dqg, dkd, daqk, dlgc: per-V-block partial cotangents [NV, B, Tp, H, *] from the reverse
-    pass, summed inside the kernel (saves an XLA pass over them).
-    """
+def chunk_local_backward_call(
+    q, k, v, beta, gcum, tmat, dw, du, dqg, dkd, daqk, dlgc, st, dt, g_dtype=F32
+):
+    """(dq, dk, dv, dg, dbeta) in the dtypes of (q, k, v, g, beta); same contract as
+    chunk_local_bwd.chunk_local_backward (all cotangents summed over V-blocks, [B, Tp, H, *])."""
     b, tp, h, kdim = q.shape
     vd = v.shape[-1]
     c = st.chunk
     i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     i3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
     bk, bv = pl.BlockSpec((None, c, None, kdim), i4), pl.BlockSpec((None, c, None, vd), i4)
-    bt = pl.BlockSpec((None, c, None), i3)
-    nv = dw.shape[0]
-
-    def part(last_dim, j):
-        if last_dim is None:
-            return pl.BlockSpec((None, None, c, None), lambda i, bb, hh: (j, bb, i, hh))
-        return pl.BlockSpec((None, None, c, None, last_dim), lambda i, bb, hh: (j, bb, i, hh, 0))
-
-    part_specs = []
-    for last_dim in (kdim, kdim, kdim, c, None):
-        part_specs += [part(last_dim, j) for j in range(nv)]
+    bc, bt = pl.BlockSpec((None, c, None, c), i4), pl.BlockSpec((None, c, None), i3)
     prec = pg._f32_precision(st)
-    prec32 = prec if dt == F32 else None  # bf16 inputs: TF32 for the fp32 [C, C] products
-    return pl.pallas_call(
-        functools.partial(_chunk_bwd_kernel, st=st, dt=dt, prec=prec, prec32=prec32, nv=nv),
-        grid=(tp // c, b, h),
-        in_specs=[bk, bk, bv, bt, bt, *part_specs, bv],
-        out_specs=[bk, bk, bv, bt, bt],
+    grid = (tp // c, b, h)
+    dv, dbeta, dkp, dgp = pl.pallas_call(
+        functools.partial(_wy_bwd_kernel, st=st, dt=dt, prec=prec),
+        grid=grid,
+        in_specs=[bc, bk, bv, bt, bt, bk, bv],
+        out_specs=[bv, bt, bk, bt],
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
-            jax.ShapeDtypeStruct(g.shape, F32),
             jax.ShapeDtypeStruct(beta.shape, beta.dtype),
+            jax.ShapeDtypeStruct(q.shape, F32),
+            jax.ShapeDtypeStruct(beta.shape, F32),
         ],
         interpret=st.interpret,
         compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
-        name="gdn_chunk_bwd",
-    )(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        *([dw] * nv),
-        *([dqg] * nv),
-        *([dkd] * nv),
-        *([daqk] * nv),
-        *([dlgc] * nv),
-        du,
-    )
+        name="gdn_bwd_wy",
+    )(tmat, k, v, beta, gcum, dw, du)
+    dq, dk, dg = pl.pallas_call(
+        functools.partial(_qk_bwd_kernel, st=st, dt=dt, prec=prec),
+        grid=grid,
+        in_specs=[bk, bk, bt, bk, bk, bc, bt, bk, bt],
+        out_specs=[bk, bk, bt],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(beta.shape, g_dtype),
+        ],
+        interpret=st.interpret,
+        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_qk, dt, bwd=True),
+        name="gdn_bwd_qk",
+    )(q, k, gcum, dqg, dkd, daqk, dlgc, dkp, dgp)
+    return dq, dk, dv, dg, dbeta
 
 
 def _qg_aqk_kernel(q_ref, k_ref, gcum_ref, qg_ref, aqk_ref, *, st, dt, prec):
