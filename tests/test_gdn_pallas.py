@@ -12,13 +12,15 @@ Tolerances (relative: max-abs error over max-abs of the expected value, gdn_test
 Shapes stay tiny (K, V in {16, 32}, T <= 200) to keep interpret mode fast.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 
-from taylorcal_jax.ops.gdn.config import GDNPallasConfig
+from taylorcal_jax.ops.gdn.config import BF16_DEFAULT, F32_DEFAULT, GDNPallasConfig, default_config
 from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas, unsupported_reason
 from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_fla
 from taylorcal_jax.ops.gdn.pallas_gpu_segments import num_segments
@@ -251,8 +253,6 @@ def test_no_initial_state_and_no_final_state():
 
 
 def test_default_config_follows_operand_dtype():
-    from taylorcal_jax.ops.gdn.config import BF16_DEFAULT, F32_DEFAULT, default_config
-
     assert default_config(jnp.bfloat16) is BF16_DEFAULT and BF16_DEFAULT.backward == "analytic"
     assert default_config(jnp.float32) is F32_DEFAULT and F32_DEFAULT == GDNPallasConfig()
     inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
@@ -303,23 +303,9 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
         GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
-        GDNPallasConfig(
-            backward="pallas",
-            chunk_kernel="fla",
-            reverse="split",
-            state_segments=0,
-            stages_bwd=1,
-            warps_bwd=8,
-        ),  # bench candidate new_w8 (now the two-kernel backward="pallas")
+        dataclasses.replace(BF16_DEFAULT, backward="pallas"),  # bench candidate pallas_bwd
         GDNPallasConfig(chunk_kernel="fla", t_precision="tf32"),
-        GDNPallasConfig(
-            backward="analytic",
-            chunk_kernel="fla",
-            reverse="split",
-            state_segments=0,
-            stages_bwd=1,
-            warps_bwd=8,
-        ),  # bench candidate analytic
+        BF16_DEFAULT,  # bench candidate analytic
     ],
 )
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
