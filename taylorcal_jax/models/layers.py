@@ -18,11 +18,25 @@ Attention heads: query head h uses key/value head h // G (HF's `repeat_kv`).
 Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
 "valid": [B,S] bool, "index": int32 scalar (next slot to write)}. A call with T tokens writes
 slots [index, index + T); the caller keeps index + T <= S (no wrap-around).
+
+Blocked queries (`attend` with T > block, default ATTEND_BLOCK = 1024): softmax is per query row,
+so with the rows split into blocks Q_1..Q_n of `block` rows (T padded to n * block; the padded
+rows are masked out and dropped)
+
+    context[Q_i] = softmax_s(q[Q_i].k / sqrt(d) + mask[Q_i, :]) v        for each i, exactly,
+
+one block at a time (`lax.map`), each against all S keys. mask[Q_i, :] is rebuilt inside the
+loop from the O(T + S) inputs of the mask (`MaskSpec`: query/key indices, key validity, window),
+so neither the [B,H,T,S] logits nor the [B,T,S] mask ever exist whole: peak memory is
+O(B H block S) instead of O(B H T S) (12 heads x 32k x 32k x 4 B = 48 GB per layer, dense). The
+block body is under `jax.checkpoint`, so the backward recomputes a block's probabilities rather
+than saving all n of them and stays O(B H block S) too. T <= block (every decode step, short
+prompts) takes the dense path unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +46,9 @@ from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
 
 _NEG = -1e30  # large finite negative for masked logits (fully masked rows stay finite)
+# Query rows per block of `attend(block=None)`, which every model uses. Read when a function is
+# traced: set layers.ATTEND_BLOCK before the first trace (jit caches traces per function).
+ATTEND_BLOCK = 1024
 
 
 class RMSNorm(nn.Module):
@@ -61,8 +78,21 @@ def attention_mask(q_index_bt, k_index_bs, k_valid_bs, window):
     return mask
 
 
-def attend(q_bthd, k_bshd, v_bshd, mask_bts, dtype):
-    """Grouped-query softmax attention -> context [B, T, H, d]; logits/softmax in float32."""
+class MaskSpec(NamedTuple):
+    """The inputs of `attention_mask`, O(T + S): `attend` builds each query block's rows itself."""
+
+    q_index_bt: jax.Array  # [B, T] int: query index (cache slot) of each query row
+    k_index_bs: jax.Array  # [B, S] int: index of each key
+    k_valid_bs: jax.Array  # [B, S] bool: key is a real token
+    window: int | None = None  # sliding window (static), None for full attention
+
+    def rows(self, q_index_bt):
+        """The mask rows [B, t, S] of queries with indices q_index_bt [B, t]."""
+        return attention_mask(q_index_bt, self.k_index_bs, self.k_valid_bs, self.window)
+
+
+def _attend_dense(q_bthd, k_bshd, v_bshd, mask_bts, dtype):
+    """All T query rows at once: materialises the [B, Hkv, G, T, S] float32 logits."""
     b, t, h, d = q_bthd.shape
     hkv = k_bshd.shape[2]
     q = q_bthd.reshape(b, t, hkv, h // hkv, d)
@@ -73,6 +103,48 @@ def attend(q_bthd, k_bshd, v_bshd, mask_bts, dtype):
     probs = jax.nn.softmax(logits, axis=-1)
     ctx = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v_bshd.astype(dtype))
     return ctx.reshape(b, t, h, d)
+
+
+def attend(q_bthd, k_bshd, v_bshd, mask, dtype, *, block: int | None = None):
+    """Grouped-query softmax attention -> context [B, T, H, d]; logits/softmax in float32.
+
+    mask: a `MaskSpec` (the mask is built per query block, never whole) or a bool [B, T, S].
+    block: query rows per block; None (what the models pass): the module-level ATTEND_BLOCK.
+    T <= block is one dense pass; longer T runs block by block (module docstring), equal to the
+    dense pass up to rounding, with O(B H block S) memory forward and backward.
+    """
+    block = ATTEND_BLOCK if block is None else block
+    b, t, h, d = q_bthd.shape
+    if t <= block:
+        mask_bts = mask.rows(mask.q_index_bt) if isinstance(mask, MaskSpec) else mask
+        return _attend_dense(q_bthd, k_bshd, v_bshd, mask_bts, dtype)
+
+    n = -(-t // block)
+    pad = n * block - t
+
+    def blocks(x, fill):  # [B, T, ...] -> [n, B, block, ...]; padded rows hold `fill`
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(b, n, block, *x.shape[2:]), 1, 0)
+
+    row_ok = blocks(jnp.ones((b, t), bool), False)  # padded query rows see no key
+    if isinstance(mask, MaskSpec):
+        mask_src = blocks(mask.q_index_bt, 0)
+
+        def mask_rows(src, ok):
+            return mask.rows(src) & ok[:, :, None]
+    else:
+        mask_src = blocks(mask, False)
+
+        def mask_rows(src, ok):
+            return src & ok[:, :, None]
+
+    @jax.checkpoint  # backward recomputes this block's probabilities: O(block * S) saved
+    def one_block(xs):
+        q_blk, src, ok = xs
+        return _attend_dense(q_blk, k_bshd, v_bshd, mask_rows(src, ok), dtype)
+
+    ctx = jax.lax.map(one_block, (blocks(q_bthd, 0), mask_src, row_ok))  # [n, B, block, H, d]
+    return jnp.moveaxis(ctx, 0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
 class Attention(nn.Module):
@@ -111,7 +183,7 @@ class Attention(nn.Module):
         window = self.config.sliding_windows[self.layer_idx]
         if cache is None:
             idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = attention_mask(idx, idx, valid_bt, window)
+            mask = MaskSpec(idx, idx, valid_bt, window)
             new_cache = None
         else:
             start = cache["index"]
@@ -131,7 +203,7 @@ class Attention(nn.Module):
             s = k_all.shape[1]
             q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
             k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            mask = attention_mask(q_idx, k_idx, valid_all, window)
+            mask = MaskSpec(q_idx, k_idx, valid_all, window)
             k, v = k_all, v_all
             new_cache = {"k": k_all, "v": v_all, "valid": valid_all, "index": start + t}
         ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype)
