@@ -9,11 +9,26 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
 import sys
 
 
+def git_revision() -> str | None:
+    """The repository's commit ("<hash>+dirty" with uncommitted changes), or None outside git."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", "-C", repo, *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        rev = run("rev-parse", "--short=12", "HEAD")
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def provenance() -> dict:
-    """{"device", "jax_version", "date", "command"} of this process."""
+    """{"device", "jax_version", "date", "command", "git"} of this process."""
     import jax
 
     from taylorcal_jax.train.stages import device_description
@@ -23,6 +38,7 @@ def provenance() -> dict:
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git": git_revision(),
     }
 
 
