@@ -172,6 +172,9 @@ def _plot(result, path):
 
 def main(argv):
     del argv
+    from taylorcal_jax.utils import xla_cpu
+
+    xla_cpu.disable_ynn_fusion()  # before the backend starts: the jaxlib 0.10 CPU matmul cliff
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
