@@ -94,7 +94,9 @@ def measure(model, params, *, batch, context, decode_steps, repeats, seed=0) -> 
 
     @jax.jit
     def prefill(params, tokens):
-        logits, cache, _ = model.apply({"params": params}, tokens, cache=fresh_cache())
+        logits, cache, _ = model.apply(
+            {"params": params}, tokens, cache=fresh_cache(), last_logits_only=True
+        )
         return logits[:, -1], cache
 
     @jax.jit
@@ -172,9 +174,6 @@ def _plot(result, path):
 
 def main(argv):
     del argv
-    from taylorcal_jax.utils import xla_cpu
-
-    xla_cpu.disable_ynn_fusion()  # before the backend starts: the jaxlib 0.10 CPU matmul cliff
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 

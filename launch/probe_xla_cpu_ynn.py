@@ -1,5 +1,13 @@
-"""The XLA:CPU cliff behind taylorcal_jax/utils/xla_cpu.py: one forward of a one-layer GDN model
-(hidden 512, vocab 8192, random weights) at 4096 and 8192 tokens, median of 3 after a warm-up.
+"""An XLA:CPU cliff in jaxlib 0.10: full-vocabulary logits over many tokens.
+
+One forward of a one-layer GDN model (hidden 512, vocab 8192, random weights) returning all
+[1, T, V] logits, at T = 4096 and 8192, median of 3 after a warm-up. jaxlib 0.10's XLA:CPU groups
+the chain of matmuls ending in the LM head into one YNNPACK fusion ("__ynn_fusion" in the
+compiled HLO); measured on 2 cores: 0.26 s at 4096 tokens, 21.7 s at 8192. With
+XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (no YNN fusions) 0.25 s and 0.49 s, but that
+flag made the 8-layer prefills of bench_inference 1.4-1.8x slower at 1k-4k tokens, so it is not
+set by default. Prefill and generation avoid the case altogether: they ask the model for the last
+position's logits only (Transformer(..., last_logits_only=True): 0.28 s at 8192 tokens).
 
     python launch/probe_xla_cpu_ynn.py                                              # as is
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python launch/probe_xla_cpu_ynn.py

@@ -18,14 +18,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from taylorcal_jax.utils import xla_cpu
-
-xla_cpu.disable_ynn_fusion()  # before any backend starts; see utils/xla_cpu.py
-
-from taylorcal_jax.calibrate import pipeline as calibrate_pipeline  # noqa: E402
-from taylorcal_jax.train import stages  # noqa: E402
-from taylorcal_jax.utils import progress  # noqa: E402
-from taylorcal_jax.utils.metrics import MetricsWriter, write_summary  # noqa: E402
+from taylorcal_jax.calibrate import pipeline as calibrate_pipeline
+from taylorcal_jax.train import stages
+from taylorcal_jax.utils import progress
+from taylorcal_jax.utils.metrics import MetricsWriter, write_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns resume in it.")

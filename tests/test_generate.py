@@ -104,3 +104,14 @@ def test_sample_logits_truncation():
     full = np.asarray(sample_logits(logits, rngs, temperature=1.0, top_k=None, top_p=None))
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05],
                                atol=0.03)  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["teacher", "student_conv"])
+def test_last_logits_only_equals_last_row_of_full_logits(which):
+    model, params = _teacher() if which == "teacher" else _student(True)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (3, 13), 1, CFG.vocab_size)
+    valid = jnp.ones((3, 13), bool).at[1, :4].set(False)  # a left-padded row
+    full, _, _ = model.apply({"params": params}, tokens, valid_bt=valid)
+    last, _, _ = model.apply({"params": params}, tokens, valid_bt=valid, last_logits_only=True)
+    assert last.shape == (3, 1, CFG.vocab_size)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-5, atol=1e-5)

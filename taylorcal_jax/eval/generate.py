@@ -63,7 +63,9 @@ def _generate(
 ):  # fmt: skip
     b, p = prompt_bt.shape
     cache = init_cache(model.config, model.mixers, model.gdn, b, p + max_new_tokens, model.dtype)
-    logits, cache, _ = model.apply({"params": params}, prompt_bt, valid_bt=valid_bt, cache=cache)
+    logits, cache, _ = model.apply(
+        {"params": params}, prompt_bt, valid_bt=valid_bt, cache=cache, last_logits_only=True
+    )
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     rng, first_rng = jax.random.split(rng)
     first = sample(logits[:, -1], first_rng)

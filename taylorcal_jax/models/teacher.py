@@ -60,7 +60,14 @@ class Transformer(nn.Module):
         valid_bt=None,
         cache=None,
         return_intermediates=False,
+        last_logits_only=False,
     ):
+        """(logits [B, T, V] float32, new cache or None, per-layer intermediates).
+
+        last_logits_only: norm and LM head on the last position only (logits [B, 1, V]), which is
+        all a prefill needs: the full [B, T, V] logits are the largest array of a long prompt
+        (65k tokens x a 152k vocab is 40 GB in float32).
+        """
         c = self.config
         mixers = resolve_mixers(c, self.mixers)
         if "gdn" in mixers and self.gdn is None:
@@ -90,6 +97,8 @@ class Transformer(nn.Module):
                 new_cache[name] = layer_cache
             if return_intermediates:
                 inters[name] = inter
+        if last_logits_only:
+            h = h[:, -1:]
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
         if c.tie_word_embeddings:
             logits = embed.attend(h)
