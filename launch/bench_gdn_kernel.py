@@ -51,6 +51,16 @@ def make_inputs(shape, seed=0):
     return q, k, v, g, beta, do
 
 
+def device_inputs(shape, seed=0):
+    """make_inputs on the device as the op takes them: ([q, k, v, g, beta], do); bf16 except g."""
+    import jax.numpy as jnp
+
+    q, k, v, g, beta, do = make_inputs(shape, seed)
+    bf = jnp.bfloat16
+    args = [jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g)]
+    return args + [jnp.asarray(beta, bf)], jnp.asarray(do, bf)
+
+
 def _config_from_env():
     from taylorcal_jax.ops.gdn.config import GDNPallasConfig
 
@@ -112,17 +122,7 @@ def run_jax_row(i):
     from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
     shape = ROWS[i]
-    q, k, v, g, beta, do = make_inputs(shape)
-    bf = jnp.bfloat16
-    args = [
-        jnp.asarray(q, bf),
-        jnp.asarray(k, bf),
-        jnp.asarray(v, bf),
-        jnp.asarray(g),
-        jnp.asarray(beta, bf),
-    ]
-    do_ = jnp.asarray(do, bf)
-    del q, k, v, g, beta, do
+    args, do_ = device_inputs(shape)
     res = {"shape": list(shape), "dtype": "bfloat16"}
     dev = jax.devices()[0]
     cfg = _config_from_env()
@@ -270,17 +270,8 @@ def run_check():
     out = {}
     names = os.environ.get("GDN_BENCH_CANDIDATES", "base").split(",")
     tiny = os.environ.get("BENCH_GDN_TINY") == "1"
-    q, k, v, g, beta, do = make_inputs(ROWS[0])
+    args, do_ = device_inputs(ROWS[0])
     bf = jnp.bfloat16
-    args = [
-        jnp.asarray(q, bf),
-        jnp.asarray(k, bf),
-        jnp.asarray(v, bf),
-        jnp.asarray(g),
-        jnp.asarray(beta, bf),
-    ]
-    do_ = jnp.asarray(do, bf)
-    del q, k, v, g, beta, do
     for name in names:
         print("JSONCHECK " + json.dumps(out), flush=True)  # cumulative: survives a timeout
         cfg = GDNPallasConfig(**CANDIDATES[name])
@@ -346,10 +337,10 @@ def _kernel_pieces(cfg, args, do_):
     k1 = jax.jit(lambda *a: pg._chunk_call(*a, st, dt, with_kd=True))
     out = {"kernel1_ms": _jax_timer(k1, (k, v, g, beta))}
     w, u, gcum, kd = k1(k, v, g, beta)
-    lgc = jnp.where((jnp.arange(t) % 64 == 63)[None, :, None], gcum, 0.0)
+    lgc = pg._chunk_end_g(gcum, 64)
     s0 = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
     aqk = jnp.zeros((b, t, h, 64), dt)
-    seq = jax.jit(lambda *a: pg._backward_seq(*a, st, dt, sum_partials=cfg.backward == "xla"))
+    seq = jax.jit(lambda *a: pg._backward_seq(*a, st, dt))
     out["bwd_seq_ms"] = _jax_timer(seq, (w, u, w, kd, aqk, lgc, s0, do_, s0))
     return out
 
@@ -357,19 +348,10 @@ def _kernel_pieces(cfg, args, do_):
 def _segment_effect(cfg, name):
     """Forward time at row 2 (small B * H) with cfg and with state_segments=1."""
     import jax
-    import jax.numpy as jnp
 
     from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
 
-    q, k, v, g, beta, _ = make_inputs(ROWS[min(2, len(ROWS) - 1)])
-    bf = jnp.bfloat16
-    args = [
-        jnp.asarray(q, bf),
-        jnp.asarray(k, bf),
-        jnp.asarray(v, bf),
-        jnp.asarray(g),
-        jnp.asarray(beta, bf),
-    ]
+    args, _ = device_inputs(ROWS[min(2, len(ROWS) - 1)])
     out = {}
     for tag, c in (("seg", cfg), ("noseg", dataclasses.replace(cfg, state_segments=1))):
         f = jax.jit(lambda *a, c=c: gated_delta_rule_pallas(*a, config=c, interpret=None)[0])
@@ -410,14 +392,7 @@ def profile():
     tiny = os.environ.get("BENCH_GDN_TINY") == "1"
     bf = jnp.bfloat16
     for ri in (0,) if tiny else (0, 2):
-        q, k, v, g, beta, do = make_inputs(ROWS[ri])
-        args = [
-            jnp.asarray(q, bf),
-            jnp.asarray(k, bf),
-            jnp.asarray(v, bf),
-            jnp.asarray(g),
-            jnp.asarray(beta, bf),
-        ]
+        args, do_ = device_inputs(ROWS[ri])
         for name, kw in VARIANTS.items():
             cfg = GDNPallasConfig(**kw)
             f = jax.jit(
@@ -470,7 +445,6 @@ def profile():
             ),
             tuple(args),
         )
-        do_ = jnp.asarray(do, bf)
         dst = jnp.zeros_like(s0)
         aqk = jnp.zeros((*w.shape[:3], 64), bf)
         pieces["bwd_sequential_pallas"] = (

@@ -495,12 +495,19 @@ def _reverse_kernel(
     ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
 
 
-def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, sum_partials=True):
-    """(du, dw, dqg, dkd, daqk, dlgc, ds0); dw..dlgc carry a leading V-block axis unless summed."""
+def _chunk_end_g(gcum, chunk):
+    """lgc: G_C on each chunk's last row, 0 elsewhere ([B, Tp, H]; the states pass reads G_C
+    from it, and its cotangent is dG_C)."""
+    last = (jnp.arange(gcum.shape[1]) % chunk == chunk - 1)[None, :, None]
+    return jnp.where(last, gcum, 0.0)
+
+
+def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
+    """(du, dw, dqg, dkd, daqk, dlgc, ds0): the states recompute and the reverse pass."""
     if st.cfg.reverse == "split":
         from taylorcal_jax.ops.gdn.pallas_gpu_reverse import backward_seq_split
 
-        return backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials)
+        return backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt)
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     c = st.chunk
@@ -536,8 +543,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, sum_part
         compiler_params=_compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
         name="gdn_reverse",
     )(do, aqk, qg, kd, w, lgc, hmat, vp, dst)
-    if not sum_partials:
-        return du, dw, dqg, dkd, daqk, dlgc, ds0
+    # partial gradients per V-block, summed here
     return du, dw.sum(0), dqg.sum(0), dkd.sum(0), daqk.sum(0), dlgc.sum(0), ds0
 
 
@@ -559,8 +565,7 @@ def _gdn_bwd(st, res, cts):
 
         w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
         qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
-        last = (jnp.arange(gcum.shape[1]) % st.chunk == st.chunk - 1)[None, :, None]
-        lgc = jnp.where(last, gcum, 0.0)
+        lgc = _chunk_end_g(gcum, st.chunk)
         du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
             w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt
         )

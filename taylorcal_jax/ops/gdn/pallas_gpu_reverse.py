@@ -135,9 +135,8 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
     )(do, aqk, qg, kd, w, lgc, dst)
 
 
-def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials=True):
-    """Same contract as pallas_gpu._backward_seq; the partial-gradient axis (when not summed)
-    has length 1."""
+def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt):
+    """Same contract as pallas_gpu._backward_seq."""
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     c = st.chunk
@@ -166,6 +165,4 @@ def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, sum_partials
         compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_grads, dt, bwd=True),
         name="gdn_reverse_grads",
     )(do, vp, du, hmat, dh, lgc)
-    if not sum_partials:
-        dw, dqg, dkd, daqk, dlgc = (x[None] for x in (dw, dqg, dkd, daqk, dlgc))
     return du, dw, dqg, dkd, daqk, dlgc, ds0
