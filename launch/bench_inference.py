@@ -28,13 +28,14 @@ import os
 import sys
 import time
 
-import results_io  # launch/ is on sys.path when run as a script
+import model_shapes  # launch/ is on sys.path when run as a script
+import results_io
 from absl import app, flags
 
 PRESETS = {
     # Qwen2.5-1.5B's shape (tied embeddings), the release's 25% uniform keep set
     "qwen2_5_1_5b": dict(
-        layers=28, hidden=1536, heads=12, kv=2, head_dim=128, mlp=8960, vocab=151936,
+        model_shapes.QWEN2_5_1_5B,
         contexts="4096,16384,32768,65536", batch=1, decode_steps=64, dtype="bfloat16",
     ),
     "cpu": dict(
@@ -177,7 +178,6 @@ def main(argv):
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from taylorcal_jax.models.config import ModelConfig
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
     from taylorcal_jax.ops.gdn import api
@@ -187,18 +187,7 @@ def main(argv):
     if any(c < 1 for c in contexts):
         raise ValueError(f"contexts must be positive, got {contexts}")
     dtype = jnp.dtype(p["dtype"])
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=p["vocab"],
-        hidden_size=p["hidden"],
-        intermediate_size=p["mlp"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv"],
-        head_dim=p["head_dim"],
-        tie_word_embeddings=True,
-        max_position_embeddings=max(contexts) + p["decode_steps"],
-    )
+    cfg = model_shapes.qwen2_config(p, max(contexts) + p["decode_steps"])
     keep = tuple(range(0, cfg.num_hidden_layers, _KEEP_EVERY.value))
     sc = StudentConfig.from_teacher(cfg, keep, impl=_IMPL.value)
     import jax

@@ -22,17 +22,18 @@ import os
 import sys
 import time
 
-import results_io  # launch/ is on sys.path when run as a script
+import model_shapes  # launch/ is on sys.path when run as a script
+import results_io
 from absl import app, flags
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny shapes (CPU dry run).")
-_LAYERS = flags.DEFINE_integer("layers", 28, "Layers.")
-_HIDDEN = flags.DEFINE_integer("hidden", 1536, "Hidden size.")
-_HEADS = flags.DEFINE_integer("heads", 12, "Query heads.")
-_KV = flags.DEFINE_integer("kv_heads", 2, "Key/value heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
-_MLP = flags.DEFINE_integer("intermediate", 8960, "MLP width.")
-_VOCAB = flags.DEFINE_integer("vocab", 151936, "Vocabulary.")
+_LAYERS = flags.DEFINE_integer("layers", model_shapes.QWEN2_5_1_5B["layers"], "Layers.")
+_HIDDEN = flags.DEFINE_integer("hidden", model_shapes.QWEN2_5_1_5B["hidden"], "Hidden size.")
+_HEADS = flags.DEFINE_integer("heads", model_shapes.QWEN2_5_1_5B["heads"], "Query heads.")
+_KV = flags.DEFINE_integer("kv_heads", model_shapes.QWEN2_5_1_5B["kv"], "Key/value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", model_shapes.QWEN2_5_1_5B["head_dim"], "Head dim.")
+_MLP = flags.DEFINE_integer("intermediate", model_shapes.QWEN2_5_1_5B["mlp"], "MLP width.")
+_VOCAB = flags.DEFINE_integer("vocab", model_shapes.QWEN2_5_1_5B["vocab"], "Vocabulary.")
 _KEEP_EVERY = flags.DEFINE_integer("keep_every", 4, "Keep attention in every k-th layer.")
 _N = flags.DEFINE_integer("num_sequences", 4, "Calibration sequences.")
 _T = flags.DEFINE_integer("seq_len", 256, "Calibration sequence length.")
@@ -65,7 +66,6 @@ def main(argv):
 
     from taylorcal_jax.calibrate import align, stats, taylor
     from taylorcal_jax.convert.naive import copy_init
-    from taylorcal_jax.models.config import ModelConfig
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
     from taylorcal_jax.ops.gdn import api
@@ -87,18 +87,7 @@ def main(argv):
         shape.update(
             layers=4, hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=256, n=2, t=64, steps=10
         )
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["mlp"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv"],
-        head_dim=shape["head_dim"],
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-    )
+    cfg = model_shapes.qwen2_config(shape, 32768)
     keep = tuple(range(0, shape["layers"], _KEEP_EVERY.value))
     sc = StudentConfig.from_teacher(cfg, keep, impl=_IMPL.value)
     converted = sc.converted_layers

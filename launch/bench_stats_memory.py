@@ -25,7 +25,8 @@ import os
 import sys
 import time
 
-import results_io  # launch/ is on sys.path when run as a script
+import model_shapes  # launch/ is on sys.path when run as a script
+import results_io
 from absl import app, flags
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny model (CPU dry run).")
@@ -65,28 +66,14 @@ def main(argv):
     import jax.numpy as jnp
 
     from taylorcal_jax.calibrate import stats
-    from taylorcal_jax.models.config import ModelConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
 
     if _SMALL.value:
         dims = dict(hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=256, layers=2)
     else:
-        dims = dict(
-            hidden=1536, heads=12, kv=2, head_dim=128, mlp=8960, vocab=151936, layers=_LAYERS.value
-        )
+        dims = dict(model_shapes.QWEN2_5_1_5B, layers=_LAYERS.value)
     lengths = [int(t) for t in _LENGTHS.value]
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=dims["vocab"],
-        hidden_size=dims["hidden"],
-        intermediate_size=dims["mlp"],
-        num_hidden_layers=dims["layers"],
-        num_attention_heads=dims["heads"],
-        num_key_value_heads=dims["kv"],
-        head_dim=dims["head_dim"],
-        tie_word_embeddings=True,
-        max_position_embeddings=max(lengths),
-    )
+    cfg = model_shapes.qwen2_config(dims, max(lengths))
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.PRNGKey(0))
     model = Transformer(cfg)
     rows = []
