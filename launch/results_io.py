@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
 
 def git_revision() -> str | None:
     """The repository's commit ("<hash>+dirty" with uncommitted changes), or None outside git."""
