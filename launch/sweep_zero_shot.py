@@ -102,35 +102,22 @@ def sweep(config, workdir, strategies, policies, fractions, rules):
             init_seconds = time.perf_counter() - t1
             keeps = []
             ga_scores = None
+
+            def scores(policy, mixers=mixers, gdn_cfg=ctx.gdn_cfg):
+                return select.policy_scores(
+                    policy, mcfg, gdn_cfg, params, mixers, sel_seqs,
+                    batch_size=sel_bs, parallel=par,
+                )  # fmt: skip
+
             for policy in policies:
                 for frac in fractions:
                     if policy == "uniform":
                         keep = select.uniform_layers(n, frac)
-                    elif policy == "ar":
-                        if ar_scores is None:
-                            ar_scores = select.policy_scores(
-                                "ar",
-                                mcfg,
-                                ctx.gdn_cfg,
-                                params,
-                                mixers,
-                                sel_seqs,
-                                batch_size=sel_bs,
-                                parallel=par,
-                            )
+                    elif policy == "ar":  # independent of the strategy: scored once
+                        ar_scores = scores("ar") if ar_scores is None else ar_scores
                         keep = select.keep_from_scores("ar", ar_scores, frac)
                     else:
-                        if ga_scores is None:
-                            ga_scores = select.policy_scores(
-                                "ga_s2",
-                                mcfg,
-                                ctx.gdn_cfg,
-                                params,
-                                mixers,
-                                sel_seqs,
-                                batch_size=sel_bs,
-                                parallel=par,
-                            )
+                        ga_scores = scores("ga_s2") if ga_scores is None else ga_scores
                         keep = select.keep_from_scores("ga_s2", ga_scores, frac)
                     keeps.append((policy, frac, keep))
             union = select.union_params(params, mixers, n)
