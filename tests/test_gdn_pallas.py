@@ -73,17 +73,22 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
 
 
 @pytest.mark.parametrize(
-    "backward, chunk_kernel, reverse",
+    "backward, chunk_kernel, reverse, extra",
     [
-        ("xla", "keep", "fused"),
-        ("pallas", "fla", "split"),
-        ("pallas", "fla", "fused"),
-        ("xla", "keep", "split"),
-        ("analytic", "fla", "split"),
-        ("analytic", "fla", "fused"),
+        ("xla", "keep", "fused", {}),
+        ("pallas", "fla", "split", {}),
+        ("pallas", "fla", "fused", {}),
+        ("xla", "keep", "split", {}),
+        ("analytic", "fla", "split", {}),
+        ("analytic", "fla", "fused", {}),
+        # the forward keeps T (and h, v'): the backward's prep kernel instead of kernel 1
+        ("pallas", "fla", "split", {"residuals": "t"}),
+        ("pallas", "fla", "split", {"residuals": "states"}),
+        ("pallas", "fla", "fused", {"residuals": "states"}),
+        ("analytic", "fla", "split", {"residuals": "t", "forward": "fused"}),
     ],
 )
-def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
+def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
     inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
     args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(3)
@@ -107,6 +112,7 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse):
             reverse=reverse,
             block_v=16,  # two V-blocks
             state_segments=0 if reverse == "split" else 1,
+            **extra,
         ),
     )
     with jax.default_matmul_precision("highest"):
@@ -279,6 +285,12 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(reverse="both")
     with pytest.raises(ValueError, match="backward must"):
         GDNPallasConfig(backward="autodiff")
+    with pytest.raises(ValueError, match="residuals must"):
+        GDNPallasConfig(residuals="everything")
+    with pytest.raises(ValueError, match="closed-form backward"):
+        GDNPallasConfig(residuals="t")  # backward "xla" recomputes through jax.vjp
+    with pytest.raises(ValueError, match="forward='split'"):
+        GDNPallasConfig(residuals="states", forward="fused", backward="pallas", chunk_kernel="fla")
     with pytest.raises(ValueError, match="reads T from kernel 1"):
         GDNPallasConfig(backward="analytic", chunk_kernel="keep")
     with pytest.raises(ValueError, match="reads T from kernel 1"):

@@ -44,7 +44,8 @@ def chunk_local_backward(
     """(dq, dk, dv, dg, dbeta) from the chunk-local cotangents.
 
     q, k [B, Tp, H, K], v [B, Tp, H, V], beta [B, Tp, H] as given to the op; gcum [B, Tp, H]
-    (G = cumsum g within each chunk, fp32); tmat [B, Tp, H, C] (T per chunk, fp32); dw, dqg, dkd
+    (G = cumsum g within each chunk, fp32); tmat [B, Tp, H, C] (T per chunk, in
+    the operand dtype or fp32); dw, dqg, dkd
     [B, Tp, H, K], du [B, Tp, H, V], daqk [B, Tp, H, C] (row i, column j of the chunk), dlgc
     [B, Tp, H] (only each chunk's last entry, the cotangent of G_C, is read). `dt` is the dot
     operand dtype (bf16 for 16-bit inputs; fp32 dots then run at HIGHEST precision).

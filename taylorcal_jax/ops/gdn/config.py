@@ -57,6 +57,14 @@ class GDNPallasConfig:
     f32_precision: dot precision used when the inputs are float32 ("highest" = exact fp32;
       "tf32x3" = three TF32 passes, about 1e-6 relative, faster). bf16 inputs always use bf16
       operands with float32 accumulation.
+    residuals: what the forward keeps for the backward (backward "analytic" or "pallas" only):
+      "inputs" = q, k, v, g, beta and the initial state, and the backward re-runs kernel 1 (the
+      [C, C] inverse T included) and the state pass; "t" = also T (in the operand dtype) and G,
+      so the backward forms w, u, kd, qg, aqk from T by one chunk-parallel kernel
+      (pallas_gpu_bwd.bwd_prep_call) instead of inverting again: +[B, T, H, C] of memory;
+      "states" = also the chunk-start states h and v' of the split forward, so the backward skips
+      the state pass too: +[B, H, T/C * K, V] + [B, T, H, V] of memory, like FLA's h if it were
+      kept. Only the forward run under differentiation keeps them.
     """
 
     forward: str = "split"
@@ -77,6 +85,7 @@ class GDNPallasConfig:
     stages_f32: int = 1
     f32_precision: str = "highest"
     t_precision: str = "bf16x3"
+    residuals: str = "inputs"
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
@@ -101,6 +110,18 @@ class GDNPallasConfig:
             raise ValueError(
                 f"backward={self.backward!r} reads T from kernel 1, which only "
                 f"chunk_kernel='fla' writes; got chunk_kernel={self.chunk_kernel!r}"
+            )
+        if self.residuals not in ("inputs", "t", "states"):
+            raise ValueError(f"residuals must be 'inputs', 't' or 'states', got {self.residuals!r}")
+        if self.residuals != "inputs" and self.backward not in ("analytic", "pallas"):
+            raise ValueError(
+                f"residuals={self.residuals!r} feeds the closed-form backward; it needs "
+                f"backward='analytic' or 'pallas', got backward={self.backward!r}"
+            )
+        if self.residuals == "states" and self.forward != "split":
+            raise ValueError(
+                "residuals='states' keeps the chunk-start states of the split forward; it needs "
+                f"forward='split', got forward={self.forward!r}"
             )
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(

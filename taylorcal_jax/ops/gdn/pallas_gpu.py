@@ -185,7 +185,9 @@ def _chunk_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *kd_ref
 
 
 def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
-    """(w, u, gcum[, kd][, T]); T ([B, Tp, H, C] fp32) only from the "fla" body."""
+    """(w, u, gcum[, kd][, T]); T ([B, Tp, H, C]) only from the "fla" body, in dt: the forward
+    rounds T to dt before its w and u dots, and every backward use of T is a dot operand in dt, so
+    the rounding loses nothing that is used (fp32 inputs keep fp32 T)."""
     b, tp, h, kd = k.shape
     vd = v.shape[-1]
     c = st.chunk
@@ -203,7 +205,7 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
             raise ValueError("T is written only by chunk_kernel='fla'")
         kern = functools.partial(kern, with_t=True)
         extra_spec.append(pl.BlockSpec((None, c, None, c), idx4))
-        extra_shape.append(jax.ShapeDtypeStruct((b, tp, h, c), F32))
+        extra_shape.append(jax.ShapeDtypeStruct((b, tp, h, c), dt))
     return pl.pallas_call(
         kern,
         grid=(nt, b, h),
@@ -502,14 +504,15 @@ def _chunk_end_g(gcum, chunk):
     return jnp.where(last, gcum, 0.0)
 
 
-def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
-    """(du, dw, dqg, dkd, daqk, dlgc, ds0): the states recompute and the reverse pass."""
+def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, states=None):
+    """(du, dw, dqg, dkd, daqk, dlgc, ds0): the states recompute (skipped when the forward kept
+    `states` = (h, v'); u is then not read) and the reverse pass."""
     if st.cfg.reverse == "split":
         from taylorcal_jax.ops.gdn.pallas_gpu_reverse import backward_seq_split
 
-        return backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt)
+        return backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, states)
     b, tp, h, kdim = w.shape
-    vd = u.shape[-1]
+    vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
     bv = min(st.cfg.block_v, vd)
@@ -524,7 +527,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt):
     pk = pl.BlockSpec((None, None, tp, None, kdim), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pc = pl.BlockSpec((None, None, tp, None, c), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pt = pl.BlockSpec((None, None, tp, None), lambda j, bb, hh: (j, bb, 0, hh))
-    hmat, vp, _ = _states_call(w, u, kd, lgc, s0, st, dt, bwd=True)
+    hmat, vp = states if states is not None else _states_call(w, u, kd, lgc, s0, st, dt, True)[:2]
     du, dw, dqg, dkd, daqk, dlgc, ds0 = pl.pallas_call(
         functools.partial(_reverse_kernel, st=st, dt=dt, prec=prec, nt=nt, kdim=kdim),
         grid=(nv, b, h),
@@ -553,21 +556,39 @@ def _gdn(q, k, v, g, beta, s0, st: _Static):
 
 
 def _gdn_fwd(q, k, v, g, beta, s0, st):
-    return _forward(q, k, v, g, beta, s0, st), (q, k, v, g, beta, s0)
+    if st.cfg.residuals == "inputs":
+        return _forward(q, k, v, g, beta, s0, st), (q, k, v, g, beta, s0)
+    # the split or fused forward, keeping T and G (and with "states" h and v') for the backward
+    dt = _operand_dtype(q, k, v)
+    w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
+    if st.cfg.forward == "fused":
+        out = _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
+        return out, (q, k, v, g, beta, s0, gcum, tmat, None)
+    hmat, vp, s_final = _states_call(w, u, kd, gcum, s0, st, dt)
+    o = _out_call(q, k, gcum, hmat, vp, st, dt, v.dtype)
+    states = (hmat, vp) if st.cfg.residuals == "states" else None
+    return (o, s_final), (q, k, v, g, beta, s0, gcum, tmat, states)
 
 
 def _gdn_bwd(st, res, cts):
-    q, k, v, g, beta, s0 = res
+    q, k, v, g, beta, s0, *kept = res
     do, dst = cts
     dt = _operand_dtype(q, k, v)
     if st.cfg.backward in ("analytic", "pallas"):  # closed form from kernel 1's T
         from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
 
-        w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
-        qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
+        if kept:  # T and G (and perhaps h, v') from the forward: no second inversion
+            gcum, tmat, states = kept
+            w, u, kd, qg, aqk = pb.bwd_prep_call(
+                q, k, v, beta, gcum, tmat, st, dt, with_u=states is None
+            )
+        else:
+            w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
+            qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
+            states = None
         lgc = _chunk_end_g(gcum, st.chunk)
         du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
-            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt
+            w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt, states
         )
         if st.cfg.backward == "pallas":
             local = pb.chunk_local_backward_call

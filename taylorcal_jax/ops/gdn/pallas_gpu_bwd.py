@@ -15,7 +15,7 @@ per thread on sm_90 and was slower than the XLA closed form):
     dT = dw Rk^T + du Rv^T     dRk = T^T dw     dRv = T^T du     dA = strict(-T^T dT T^T)
     dv = beta dRv                                                           (final, v's dtype)
     dbeta = rowsum(dRk exp(G) k^) + rowsum(dRv v) + rowsum(dA (k^ k^T) Gamma) (final)
-    Pk = beta exp(G) dRk + E k^ + E^T k^        (E = beta dA Gamma)         (fp32 partial)
+    Pk = beta exp(G) dRk + E k^ + E^T k^        (E = beta dA Gamma)         (partial, in dt)
     Pg = rowsum(dRk Rk) + rows(N) - cols(N)     (N = dA * A = E * k^ k^T)   (fp32 partial)
 
   kernel B, `_qk_bwd_kernel` (the q/k/g part; from q, k, G, dqg, dkd, daqk, dG_C, Pk, Pg):
@@ -26,10 +26,11 @@ per thread on sm_90 and was slower than the XLA closed form):
       cumsum): dg_j = sum_{i >= j} dG_i
     dq = (dq^ - q^ (q^ . dq^)) / sqrt(|q|^2 + eps), likewise dk        (final, input dtypes)
 
-Between them one [C, K] and one [C] fp32 partial per chunk go through HBM. Dots as in the rest of
-the kernels (pallas_gpu._mm): operands in the input dtype (bf16 for bf16 inputs, as
-chunk_local_bwd does) with fp32 accumulation; fp32 inputs at config.f32_precision. Only
-G_i - G_j with i >= j and G_C - G_j are exponentiated, masks applied before the exp and the dots.
+Between them one [C, K] partial in the operand dtype and one [C] fp32 partial per chunk go
+through HBM. Dots as in the rest of the kernels (pallas_gpu._mm): operands in the input dtype
+(bf16 for bf16 inputs, as chunk_local_bwd does) with fp32 accumulation; fp32 inputs at
+config.f32_precision. Only G_i - G_j with i >= j and G_C - G_j are exponentiated, masks applied
+before the exp and the dots.
 
 Also here: `qg_aqk_call`, the chunk-parallel kernel forming qg and aqk for the backward's
 sequential part (used by backward="analytic" and "pallas").
@@ -119,7 +120,7 @@ def _wy_bwd_kernel(
     dbeta_ref[...] = (dbeta + rk_sum).astype(dbeta_ref.dtype)
     dgp_ref[...] = dgg + beta * rk_sum
     # E k^ + E^T k^ as one dot: E is strictly lower, so E + E^T rounds like E and E^T do
-    dkp_ref[...] = bg[:, None] * drk + pg._mm(e + e.T, kn, 1, 0, dt, prec)
+    dkp_ref[...] = (bg[:, None] * drk + pg._mm(e + e.T, kn, 1, 0, dt, prec)).astype(dkp_ref.dtype)
 
 
 def _qk_bwd_kernel(
@@ -158,7 +159,7 @@ def _qk_bwd_kernel(
     # dk
     dkd = dkd_ref[...].astype(F32)
     pkd = jnp.sum(dkd * kn, axis=1) * edec  # rowsum(dkd kd)
-    dkn = dkp_ref[...] + pg._mm(dq_mat, qn, 0, 0, dt, prec) + edec[:, None] * dkd
+    dkn = dkp_ref[...].astype(F32) + pg._mm(dq_mat, qn, 0, 0, dt, prec) + edec[:, None] * dkd
     dk_ref[...] = _l2_backward(kn, rk, dkn).astype(dk_ref.dtype)
     # dq
     qn, rq = _load_normalised(q_ref, st)
@@ -193,7 +194,7 @@ def chunk_local_backward_call(
         out_shape=[
             jax.ShapeDtypeStruct(v.shape, v.dtype),
             jax.ShapeDtypeStruct(beta.shape, beta.dtype),
-            jax.ShapeDtypeStruct(q.shape, F32),
+            jax.ShapeDtypeStruct(q.shape, dt),
             jax.ShapeDtypeStruct(beta.shape, F32),
         ],
         interpret=st.interpret,
@@ -252,3 +253,60 @@ def qg_aqk_call(q, k, st, dt, gcum):
         compiler_params=pg._compiler_params(st, st.cfg.warps_out, dt, bwd=True),
         name="gdn_qg_aqk",
     )(q, k, gcum)
+
+
+def _prep_kernel(q_ref, k_ref, beta_ref, gcum_ref, t_ref, *refs, st, dt, prec, with_u):
+    """The backward's chunk-local inputs from the T the forward kept (config.residuals "t" or
+    "states"): w = T (beta exp(G) k^), [u = T (beta v)], kd = k^ exp(G_C - G), qg = s q^ exp(G),
+    aqk = s causal(q^ k^T Gamma): the same formulas and roundings as kernel 1 and qg_aqk_call,
+    without the [C, C] inversion."""
+    if with_u:
+        v_ref, w_ref, kd_ref, qg_ref, aqk_ref, u_ref = refs
+    else:
+        w_ref, kd_ref, qg_ref, aqk_ref = refs
+    c = st.chunk
+    causal = pg._iota((c, c), 0) >= pg._iota((c, c), 1)
+    gg = gcum_ref[...]
+    eg = jnp.exp(gg)
+    beta = beta_ref[...].astype(F32)
+    kn = _load_normalised(k_ref, st)[0]
+    kd_ref[...] = (kn * jnp.exp(pg._last(gg, c) - gg)[:, None]).astype(kd_ref.dtype)
+    w_ref[...] = pg._mm(t_ref[...], (beta * eg)[:, None] * kn, 1, 0, dt, prec).astype(w_ref.dtype)
+    if with_u:
+        rv = beta[:, None] * v_ref[...].astype(F32)
+        u_ref[...] = pg._mm(t_ref[...], rv, 1, 0, dt, prec).astype(u_ref.dtype)
+    qn = _load_normalised(q_ref, st)[0] * st.scale
+    qg_ref[...] = (qn * eg[:, None]).astype(qg_ref.dtype)
+    gam = jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0))
+    aqk = jnp.where(causal, pg._mm(qn, kn, 1, 1, dt, prec) * gam, 0.0)
+    aqk_ref[...] = aqk.astype(aqk_ref.dtype)
+
+
+def bwd_prep_call(q, k, v, beta, gcum, tmat, st, dt, with_u=True):
+    """(w, u or None, kd, qg, aqk), all [B, Tp, H, *] in dt, from T ([B, Tp, H, C]) and G
+    ([B, Tp, H] fp32) kept by the forward; one chunk-parallel kernel (grid NT x B x H)."""
+    b, tp, h, kdim = q.shape
+    vd = v.shape[-1]
+    c = st.chunk
+    i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
+    bk, bv = pl.BlockSpec((None, c, None, kdim), i4), pl.BlockSpec((None, c, None, vd), i4)
+    bc = pl.BlockSpec((None, c, None, c), i4)
+    bt = pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))
+    shape = lambda d: jax.ShapeDtypeStruct((b, tp, h, d), dt)  # noqa: E731
+    ins, in_specs = [q, k, beta, gcum, tmat], [bk, bk, bt, bt, bc]
+    out_specs, out_shape = [bk, bk, bk, bc], [shape(kdim), shape(kdim), shape(kdim), shape(c)]
+    if with_u:
+        ins, in_specs = ins + [v], in_specs + [bv]
+        out_specs, out_shape = out_specs + [bv], out_shape + [shape(vd)]
+    outs = pl.pallas_call(
+        functools.partial(_prep_kernel, st=st, dt=dt, prec=pg._f32_precision(st), with_u=with_u),
+        grid=(tp // c, b, h),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=st.interpret,
+        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
+        name="gdn_bwd_prep",
+    )(*ins)
+    w, kd, qg, aqk = outs[:4]
+    return w, (outs[4] if with_u else None), kd, qg, aqk

@@ -73,8 +73,8 @@ def t_inverse_fla(a, prec_t):
 def chunk_kernel_fla(
     k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *extra, st, dt, prec, with_t=False
 ):
-    """extra: the kd output if asked for, then (with_t) T itself as fp32 [C, C] rows, which the
-    closed-form backward (chunk_local_bwd.py) reads instead of recomputing it."""
+    """extra: the kd output if asked for, then (with_t) T itself as [C, C] rows in the ref's
+    dtype, which the closed-form backward reads instead of recomputing it."""
     kd_ref = extra[: len(extra) - int(with_t)]
     c = st.chunk
     rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
@@ -96,9 +96,9 @@ def chunk_kernel_fla(
         strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
     )
     t = t_inverse_fla(a, t_precision(st, dt))
-    if with_t:
-        extra[-1][...] = t
     t = t.astype(dt)
+    if with_t:
+        extra[-1][...] = t.astype(extra[-1].dtype)
     w_ref[...] = pg._mm(t, (beta * jnp.exp(gg))[:, None] * load_k(), 1, 0, dt, prec).astype(
         w_ref.dtype
     )

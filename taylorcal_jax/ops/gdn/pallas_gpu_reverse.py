@@ -8,7 +8,7 @@ chunk inside its sequential loop and writes fp32 partial gradients per V-block. 
 flash-linear-attention does, the sequential kernel keeps only the recurrence, with dS' (the
 cotangent of the state leaving chunk i) as the loop carry:
 
-    dv' = aqk^T do + kd dS'                    (written: du = dv', fp32)
+    dv' = aqk^T do + kd dS'                    (written: du = dv', in the operand dtype)
     dS  = exp(G_C) dS' + qg^T do - w^T dv'     (dS' of every chunk written: dh, input dtype)
 
 (four dots per step, and it loads neither the states h nor v'); a chunk-parallel kernel (grid
@@ -17,6 +17,10 @@ chunk-start state S = h_i and dS' = dh_i:
 
     dw = -dv' S^T     dqg = do S^T     daqk = do v'^T     dkd = v' dS'^T
     dlgc = exp(G_C) sum(S * dS') on every row of the chunk (lgc holds G_C on the last row only).
+
+du, dw, dqg, dkd and daqk are written in the operand dtype dt (bf16 for bf16 inputs, half the
+bytes of fp32): the closed-form backward uses du and dw only as dot operands, which it rounds to
+dt anyway, and dqg, dkd, daqk once more each before the bf16 gradients they feed.
 
 Status: interpret-checked against the reference vjp (tests/test_gdn_pallas.py) and compiled for
 sm_90 outside XLA (launch/gdn_kernel_resources.py); not yet run on a GPU, hence opt-in.
@@ -95,19 +99,20 @@ def _grads_kernel(
     c = st.chunk
     s = h_ref[...]
     do = do_ref[...]
-    dw_ref[...] = -pg._mm(du_ref[...], s, 1, 1, dt, prec)
-    dqg_ref[...] = pg._mm(do, s, 1, 1, dt, prec)
+    dw_ref[...] = (-pg._mm(du_ref[...], s, 1, 1, dt, prec)).astype(dw_ref.dtype)
+    dqg_ref[...] = pg._mm(do, s, 1, 1, dt, prec).astype(dqg_ref.dtype)
     vp = vp_ref[...]
-    daqk_ref[...] = pg._mm(do, vp, 1, 1, dt, prec)
+    daqk_ref[...] = pg._mm(do, vp, 1, 1, dt, prec).astype(daqk_ref.dtype)
     dsp = dh_ref[...]
-    dkd_ref[...] = pg._mm(vp, dsp, 1, 1, dt, prec)
+    dkd_ref[...] = pg._mm(vp, dsp, 1, 1, dt, prec).astype(dkd_ref.dtype)
     egc = jnp.exp(jnp.sum(lgc_ref[...]))
     dgc = egc * jnp.sum(s.astype(F32) * dsp.astype(F32))
     dlgc_ref[...] = jnp.full((c,), dgc, F32)
 
 
 def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
-    """(du fp32 [B,Tp,H,V], dh = dS' per chunk [B,H,NT*K,V], ds0) by one sequential pass."""
+    """(du [B,Tp,H,V], dh = dS' per chunk [B,H,NT*K,V], both in dt; ds0 fp32) by one sequential
+    pass."""
     b, tp, h, kdim = w.shape
     vd = do.shape[-1]
     c = st.chunk
@@ -125,7 +130,7 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
         in_specs=[fv, fc, fk, fk, fk, ft, state],
         out_specs=[fv, hs, state],
         out_shape=[
-            jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+            jax.ShapeDtypeStruct((b, tp, h, vd), dt),
             jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
@@ -135,14 +140,16 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
     )(do, aqk, qg, kd, w, lgc, dst)
 
 
-def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt):
+def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, states=None):
     """Same contract as pallas_gpu._backward_seq."""
     b, tp, h, kdim = w.shape
-    vd = u.shape[-1]
+    vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
     prec = pg._f32_precision(st)
-    hmat, vp, _ = pg._states_call(w, u, kd, lgc, s0, st, dt, bwd=True)
+    if states is None:
+        states = pg._states_call(w, u, kd, lgc, s0, st, dt, bwd=True)[:2]
+    hmat, vp = states
     seg = None
     if st.cfg.state_segments != 1:
         from taylorcal_jax.ops.gdn.pallas_gpu_segments import reverse_dh_segmented
@@ -159,8 +166,8 @@ def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt):
         grid=(nt, b, h),
         in_specs=[cv, cv, cv, kv, kv, ct],
         out_specs=[ck, ck, ck, cc, ct],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kdim), F32)] * 3
-        + [jax.ShapeDtypeStruct((b, tp, h, c), F32), jax.ShapeDtypeStruct((b, tp, h), F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, kdim), dt)] * 3
+        + [jax.ShapeDtypeStruct((b, tp, h, c), dt), jax.ShapeDtypeStruct((b, tp, h), F32)],
         interpret=st.interpret,
         compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_grads, dt, bwd=True),
         name="gdn_reverse_grads",

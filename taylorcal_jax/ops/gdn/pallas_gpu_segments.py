@@ -210,7 +210,7 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
         in_specs=[fv, fc, fk, fk, fk, ft, seg_state],
         out_specs=[fv, hs, seg_state],
         out_shape=[
-            jax.ShapeDtypeStruct((b, tp, h, vd), F32),
+            jax.ShapeDtypeStruct((b, tp, h, vd), dt),
             jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
