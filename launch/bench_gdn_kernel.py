@@ -3,8 +3,8 @@
 Runs on one GPU machine in one call (BENCHMARKS.md section 1). Shapes [B, T, H, D], bf16 q/k/v/beta,
 fp32 g. Each JAX measurement row runs in a fresh subprocess (XLA_PYTHON_CLIENT_PREALLOCATE=false)
 so that its peak device memory (memory_stats()["peak_bytes_in_use"], read right after our
-forward+backward, inputs included) is its own; FLA runs afterwards in a fresh torch process per row (peak =
-torch.cuda.max_memory_allocated over forward+backward after reset, inputs included).
+forward+backward, inputs included) is its own; FLA runs afterwards in a fresh torch process per
+row (peak = torch.cuda.max_memory_allocated over forward+backward after reset, inputs included).
 
 Timing (the same method for both sides since session 3): after warm-up calls, 10 batches of 10
 calls issued back to back with one device synchronisation per batch; the figure is the median
