@@ -196,9 +196,9 @@ def run_jax_row(i):
     print("JSONROW " + json.dumps(res), flush=True)
 
 
-# The measured bf16 default (config.BF16_DEFAULT as of device call 4): kernel 1 "fla", split and
-# segmented reverse at 8 warps, the closed-form chunk-local backward in XLA. Spelled out here so
-# that a candidate keeps its meaning when the library default moves on.
+# Session 2's bf16 default (config.BF16_DEFAULT from device call 4 until session 3): kernel 1
+# "fla", split and segmented reverse at 8 warps, the closed-form chunk-local backward in XLA.
+# Spelled out here so that a candidate keeps its meaning when the library default moves on.
 _ANALYTIC = dict(
     backward="analytic",
     chunk_kernel="fla",
@@ -238,6 +238,12 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
         "t_precision": "tf32",
     },
 }
+# kernel 1 as two kernels (T, then w/u/kd from T), and that with value blocks of 32
+CANDIDATES["solve_states_w4_tf32"] = {**CANDIDATES["states_w4_tf32"], "chunk_kernel": "solve_wy"}
+CANDIDATES["solve_states_w4_tf32_bv32"] = {**CANDIDATES["solve_states_w4_tf32"], "block_v": 32}
+# T by block doubling (12 [C, C] dots) instead of forward substitution
+CANDIDATES["dbl_states_w4_tf32"] = {**CANDIDATES["states_w4_tf32"], "t_method": "doubling"}
+CANDIDATES["dbl_states_w4"] = {**CANDIDATES["dbl_states_w4_tf32"], "t_precision": "bf16x3"}
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 
 
@@ -317,6 +323,7 @@ def run_check():
     out = {}
     names = os.environ.get("GDN_BENCH_CANDIDATES", "base").split(",")
     tiny = os.environ.get("BENCH_GDN_TINY") == "1"
+    extra_rows = [int(x) for x in os.environ.get("GDN_BENCH_CHECK_ROWS", "").split(",") if x]
     args, do_ = device_inputs(ROWS[0])
     bf = jnp.bfloat16
     for name in names:
@@ -332,6 +339,13 @@ def run_check():
         try:
             out[f"row0_{name}_fwd_ms"] = _jax_timer(fwd, args)
             out[f"row0_{name}_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
+            for ri in extra_rows:  # GDN_BENCH_CHECK_ROWS: the same two times at other rows
+                a_i, do_i = device_inputs(ROWS[ri])
+                out[f"row{ri}_{name}_fwd_ms"] = _jax_timer(fwd, a_i)
+                out[f"row{ri}_{name}_fwdbwd_ms"] = _jax_timer(fb, a_i + [do_i])
+                times = out[f"row{ri}_{name}_fwd_ms"], out[f"row{ri}_{name}_fwdbwd_ms"]
+                print("ROW", ri, name, *times, flush=True)
+                del a_i, do_i
         except Exception as e:  # noqa: BLE001
             out[f"row0_{name}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
         try:

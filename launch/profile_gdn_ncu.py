@@ -196,6 +196,36 @@ def profile_side(side_args, tag, out_dir, timeout):
     return res
 
 
+def detail_side(side_args, kernels, count, out_dir, timeout):
+    """ncu --set detailed (speed of light, memory workload, scheduler and warp-state statistics,
+    occupancy, launch statistics) of the first `count` launches whose names match the regex
+    `kernels`; the text report goes to ncu_detail_<side>.txt."""
+    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    path = os.path.join(out_dir, f"ncu_detail_{side_args[1]}.txt")
+    cmd = [
+        ncu,
+        "--clock-control",
+        "none",
+        "--profile-from-start",
+        "off",
+        "--set",
+        "detailed",
+        "-k",
+        f"regex:{kernels}",
+        "--launch-count",
+        str(count),
+        "--log-file",
+        path,
+        sys.executable,
+        os.path.abspath(__file__),
+        *side_args,
+    ]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    tail = (p.stdout + p.stderr)[-800:]
+    return {"rc": p.returncode, "report": os.path.basename(path), "tail": tail}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: the profiled run
@@ -204,6 +234,13 @@ def main():
     ap.add_argument("--row", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--out", default="gdn_ncu.json")
+    ap.add_argument(
+        "--detail",
+        default=None,
+        help="regex of kernel names: instead of the timing table, ncu's detailed sections for "
+        "the first --detail-count matching launches of each side (text report per side)",
+    )
+    ap.add_argument("--detail-count", type=int, default=3)
     a = ap.parse_args()
     if a.side == "fla":
         return run_fla(a.row)
@@ -222,6 +259,13 @@ def main():
     if a.fla:
         sides.append(("fla", ["--side", "fla", "--row", str(a.row)]))
     for tag, side_args in sides:
+        if a.detail:
+            res = detail_side(side_args, a.detail, a.detail_count, out_dir, a.timeout)
+            print(tag, res, flush=True)
+            result["sides"][tag] = res
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
+            continue
         res = profile_side(side_args, tag, out_dir, a.timeout)
         result["sides"][tag] = res
         with open(a.out, "w") as f:  # after each side: a timeout later keeps what was measured

@@ -22,7 +22,7 @@ from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 
 from taylorcal_jax.ops.gdn.config import BF16_DEFAULT, F32_DEFAULT, GDNPallasConfig, default_config
 from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas, unsupported_reason
-from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_fla
+from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_doubling, t_inverse_fla
 from taylorcal_jax.ops.gdn.pallas_gpu_segments import num_segments
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
@@ -60,6 +60,9 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (37, 16, 32, 16, FUSED),
         (50, 32, 16, 32, FUSED),
         (70, 16, 16, 64, FLA),
+        (100, 32, 16, 64, GDNPallasConfig(chunk_kernel="solve_wy", block_v=16)),
+        (45, 16, 32, 16, GDNPallasConfig(chunk_kernel="solve_wy", forward="fused")),
+        (130, 16, 16, 64, GDNPallasConfig(chunk_kernel="fla", t_method="doubling", block_v=16)),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
     ],
 )
@@ -86,6 +89,10 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         ("pallas", "fla", "split", {"residuals": "states"}),
         ("pallas", "fla", "fused", {"residuals": "states"}),
         ("analytic", "fla", "split", {"residuals": "t", "forward": "fused"}),
+        # kernel 1 as two kernels (T, then w/u/kd from it)
+        ("pallas", "solve_wy", "split", {}),
+        ("pallas", "solve_wy", "split", {"residuals": "states"}),
+        ("pallas", "fla", "split", {"residuals": "states", "t_method": "doubling"}),
     ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
@@ -206,16 +213,22 @@ def test_extreme_gates_and_betas_stay_finite_and_match(chunk_size, config):
 
 @pytest.mark.parametrize("c", [16, 32, 64])
 @pytest.mark.parametrize("g_min", [-0.1, -20.0])
-def test_fla_inverse_matches_fp64_inverse(c, g_min):
+@pytest.mark.parametrize("inverse", [t_inverse_fla, t_inverse_doubling])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_fla_inverse_matches_fp64_inverse(c, g_min, inverse, aligned):
+    """aligned: nearly parallel keys (k k^T close to all ones), where T is mild but powers of A
+    are large; the inverses must not form such powers."""
     rng = np.random.default_rng(c)
     k = rng.standard_normal((c, 32))
+    if aligned:
+        k = k[:1] + 0.05 * k
     k /= np.linalg.norm(k, axis=1, keepdims=True)
     gg = np.cumsum(rng.uniform(g_min, 0.0, c))
     beta = rng.uniform(0.0, 1.0, c)
     low = np.tril(np.ones((c, c), bool), -1)
     a = np.where(low, beta[:, None] * (k @ k.T) * np.exp(np.where(low, gg[:, None] - gg, 0.0)), 0)
     expected = np.linalg.inv(np.eye(c) + a)
-    t = t_inverse_fla(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST)
+    t = inverse(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST)
     assert rel_err(t, expected) < 1e-5
 
 
@@ -259,7 +272,7 @@ def test_no_initial_state_and_no_final_state():
 
 
 def test_default_config_follows_operand_dtype():
-    assert default_config(jnp.bfloat16) is BF16_DEFAULT and BF16_DEFAULT.backward == "analytic"
+    assert default_config(jnp.bfloat16) is BF16_DEFAULT and BF16_DEFAULT.backward == "pallas"
     assert default_config(jnp.float32) is F32_DEFAULT and F32_DEFAULT == GDNPallasConfig()
     inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
     args = _args(inputs, jnp.bfloat16)
@@ -315,9 +328,18 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
         GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
-        dataclasses.replace(BF16_DEFAULT, backward="pallas"),  # bench candidate pallas_bwd
         GDNPallasConfig(chunk_kernel="fla", t_precision="tf32"),
-        BF16_DEFAULT,  # bench candidate analytic
+        # session 2's bf16 default (bench candidate "analytic"), session 3's ("states_w4_tf32")
+        GDNPallasConfig(
+            backward="analytic",
+            chunk_kernel="fla",
+            reverse="split",
+            state_segments=0,
+            stages_bwd=1,
+            warps_bwd=8,
+        ),
+        BF16_DEFAULT,
+        dataclasses.replace(BF16_DEFAULT, chunk_kernel="solve_wy", t_method="doubling"),
     ],
 )
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])

@@ -255,58 +255,67 @@ def qg_aqk_call(q, k, st, dt, gcum):
     )(q, k, gcum)
 
 
-def _prep_kernel(q_ref, k_ref, beta_ref, gcum_ref, t_ref, *refs, st, dt, prec, with_u):
-    """The backward's chunk-local inputs from the T the forward kept (config.residuals "t" or
-    "states"): w = T (beta exp(G) k^), [u = T (beta v)], kd = k^ exp(G_C - G), qg = s q^ exp(G),
-    aqk = s causal(q^ k^T Gamma): the same formulas and roundings as kernel 1 and qg_aqk_call,
-    without the [C, C] inversion."""
-    if with_u:
-        v_ref, w_ref, kd_ref, qg_ref, aqk_ref, u_ref = refs
-    else:
-        w_ref, kd_ref, qg_ref, aqk_ref = refs
+PREP_OUTPUTS = ("w", "u", "kd", "qg", "aqk")
+
+
+def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, gcum_ref, t_ref, *out_refs, st, dt, prec, outputs):
+    """Chunk-local quantities from T and G: any of (in PREP_OUTPUTS order) w = T (beta exp(G) k^),
+    u = T (beta v), kd = k^ exp(G_C - G), qg = s q^ exp(G), aqk = s causal(q^ k^T Gamma), with
+    the formulas and roundings of kernel 1 and qg_aqk_call, without the [C, C] inversion. Refs of
+    inputs that no requested output reads (q for w/u/kd only, v without u) are never loaded."""
+    refs = dict(zip(outputs, out_refs, strict=True))
     c = st.chunk
-    causal = pg._iota((c, c), 0) >= pg._iota((c, c), 1)
     gg = gcum_ref[...]
     eg = jnp.exp(gg)
     beta = beta_ref[...].astype(F32)
     kn = _load_normalised(k_ref, st)[0]
-    kd_ref[...] = (kn * jnp.exp(pg._last(gg, c) - gg)[:, None]).astype(kd_ref.dtype)
-    w_ref[...] = pg._mm(t_ref[...], (beta * eg)[:, None] * kn, 1, 0, dt, prec).astype(w_ref.dtype)
-    if with_u:
+    if "kd" in refs:
+        refs["kd"][...] = (kn * jnp.exp(pg._last(gg, c) - gg)[:, None]).astype(refs["kd"].dtype)
+    if "w" in refs:
+        w = pg._mm(t_ref[...], (beta * eg)[:, None] * kn, 1, 0, dt, prec)
+        refs["w"][...] = w.astype(refs["w"].dtype)
+    if "u" in refs:
         rv = beta[:, None] * v_ref[...].astype(F32)
-        u_ref[...] = pg._mm(t_ref[...], rv, 1, 0, dt, prec).astype(u_ref.dtype)
-    qn = _load_normalised(q_ref, st)[0] * st.scale
-    qg_ref[...] = (qn * eg[:, None]).astype(qg_ref.dtype)
-    gam = jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0))
-    aqk = jnp.where(causal, pg._mm(qn, kn, 1, 1, dt, prec) * gam, 0.0)
-    aqk_ref[...] = aqk.astype(aqk_ref.dtype)
+        refs["u"][...] = pg._mm(t_ref[...], rv, 1, 0, dt, prec).astype(refs["u"].dtype)
+    if "qg" in refs or "aqk" in refs:
+        qn = _load_normalised(q_ref, st)[0] * st.scale
+        if "qg" in refs:
+            refs["qg"][...] = (qn * eg[:, None]).astype(refs["qg"].dtype)
+        if "aqk" in refs:
+            causal = pg._iota((c, c), 0) >= pg._iota((c, c), 1)
+            gam = jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0))
+            aqk = jnp.where(causal, pg._mm(qn, kn, 1, 1, dt, prec) * gam, 0.0)
+            refs["aqk"][...] = aqk.astype(refs["aqk"].dtype)
 
 
-def bwd_prep_call(q, k, v, beta, gcum, tmat, st, dt, with_u=True):
-    """(w, u or None, kd, qg, aqk), all [B, Tp, H, *] in dt, from T ([B, Tp, H, C]) and G
-    ([B, Tp, H] fp32) kept by the forward; one chunk-parallel kernel (grid NT x B x H)."""
-    b, tp, h, kdim = q.shape
+def prep_call(q, k, v, beta, gcum, tmat, st, dt, outputs=PREP_OUTPUTS, forward=False):
+    """{name: [B, Tp, H, *] in dt} for the requested `outputs` (a sub-sequence of PREP_OUTPUTS)
+    from T ([B, Tp, H, C]) and G ([B, Tp, H] fp32); one chunk-parallel kernel (grid NT x B x H).
+    The backward uses it on the T the forward kept (config.residuals); chunk_kernel "solve_wy"
+    uses it for the forward's w, u, kd."""
+    if tuple(o for o in PREP_OUTPUTS if o in outputs) != tuple(outputs):
+        raise ValueError(f"outputs must be a sub-sequence of {PREP_OUTPUTS}, got {outputs}")
+    b, tp, h, kdim = k.shape
     vd = v.shape[-1]
     c = st.chunk
     i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     bk, bv = pl.BlockSpec((None, c, None, kdim), i4), pl.BlockSpec((None, c, None, vd), i4)
     bc = pl.BlockSpec((None, c, None, c), i4)
     bt = pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))
-    shape = lambda d: jax.ShapeDtypeStruct((b, tp, h, d), dt)  # noqa: E731
-    ins, in_specs = [q, k, beta, gcum, tmat], [bk, bk, bt, bt, bc]
-    out_specs, out_shape = [bk, bk, bk, bc], [shape(kdim), shape(kdim), shape(kdim), shape(c)]
-    if with_u:
-        ins, in_specs = ins + [v], in_specs + [bv]
-        out_specs, out_shape = out_specs + [bv], out_shape + [shape(vd)]
+    width = {"w": kdim, "u": vd, "kd": kdim, "qg": kdim, "aqk": c}
+    spec = {"w": bk, "u": bv, "kd": bk, "qg": bk, "aqk": bc}
+    if q is None:  # w, u, kd need no q: hand k in its place (never loaded)
+        q = k
     outs = pl.pallas_call(
-        functools.partial(_prep_kernel, st=st, dt=dt, prec=pg._f32_precision(st), with_u=with_u),
+        functools.partial(_prep_kernel, st=st, dt=dt, prec=pg._f32_precision(st), outputs=outputs),
         grid=(tp // c, b, h),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
+        in_specs=[bk, bk, bv, bt, bt, bc],
+        out_specs=[spec[o] for o in outputs],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, h, width[o]), dt) for o in outputs],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
-        name="gdn_bwd_prep",
-    )(*ins)
-    w, kd, qg, aqk = outs[:4]
-    return w, (outs[4] if with_u else None), kd, qg, aqk
+        compiler_params=pg._compiler_params(
+            st, st.cfg.warps_chunk if forward else st.cfg.warps_bwd_chunk, dt, bwd=not forward
+        ),
+        name="gdn_wy_from_t" if forward else "gdn_bwd_prep",
+    )(q, k, v, beta, gcum, tmat)
+    return dict(zip(outputs, outs, strict=True))

@@ -19,8 +19,12 @@ against 1.10 ms for pallas_gpu._chunk_kernel ("keep").
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from taylorcal_jax.ops.gdn import pallas_gpu as pg
 
@@ -70,38 +74,96 @@ def t_inverse_fla(a, prec_t):
     return x
 
 
+def t_inverse_doubling(a, prec_t):
+    """T = (I + a)^-1 for a strictly lower-triangular [C, C] fp32 value by block doubling.
+
+    With Tb = blockdiag of the inverses of the b x b diagonal blocks (T1 = I) and Lb = a on the
+    lower-left b x b quadrant of each 2b x 2b diagonal block, (Tb Lb)^2 = 0, so the 2b-block
+    inverses are T2b = Tb - Tb Lb Tb ([[T11, 0], [-T22 A21 T11, T22]] for every 2b block at
+    once): two [C, C] dots per level, log2(C) levels, no serial substitution. Every product
+    (Tb Lb and Tb Lb Tb) is an actual block of T, so nothing grows beyond T's own magnitude.
+    """
+    c = a.shape[0]
+    r, col = pg._iota((c, c), 0), pg._iota((c, c), 1)
+    t = (r == col).astype(F32)
+    b = 1
+    while b < c:
+        same = lax.div(r, 2 * b) == lax.div(col, 2 * b)
+        lower_left = (lax.div(r, b) - 2 * lax.div(r, 2 * b) == 1) & (
+            lax.div(col, b) - 2 * lax.div(col, 2 * b) == 0
+        )
+        n = pg._mm(t, jnp.where(same & lower_left, a, 0.0), 1, 0, F32, prec_t)
+        t = t - pg._mm(n, t, 1, 0, F32, prec_t)
+        b *= 2
+    return t
+
+
+def _load_k(k_ref, st):
+    k = k_ref[...].astype(F32)
+    return pg._l2(k) if st.use_l2 else k
+
+
+def _g_and_t(k_ref, g_ref, beta_ref, st, dt, prec, kd_ref=None):
+    """(G = cumsum g, beta, T rounded to dt) of one chunk; writes kd = k^ exp(G_C - G) on the
+    way when kd_ref is given (k^ is live then)."""
+    c = st.chunk
+    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
+    g = g_ref[...].astype(F32)
+    gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
+    beta = beta_ref[...].astype(F32)
+    k = _load_k(k_ref, st)
+    if kd_ref is not None:  # k exp(G_C - G) for the split forward's state pass
+        kd_ref[...] = (k * jnp.exp(jnp.sum(g) - gg)[:, None]).astype(kd_ref.dtype)
+    strict = rc > cc
+    kk = pg._mm(k, k, 1, 1, dt, prec)
+    a = jnp.where(
+        strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
+    )
+    inverse = t_inverse_doubling if st.cfg.t_method == "doubling" else t_inverse_fla
+    return gg, beta, inverse(a, t_precision(st, dt)).astype(dt)
+
+
+def solve_kernel(k_ref, g_ref, beta_ref, t_ref, gcum_ref, *, st, dt, prec):
+    """chunk_kernel "solve_wy", first kernel: T (in t_ref's dtype) and G only; w, u, kd follow
+    from pallas_gpu_bwd.prep_call. Fewer live values than chunk_kernel_fla (no w/u phase)."""
+    gg, _, t = _g_and_t(k_ref, g_ref, beta_ref, st, dt, prec)
+    gcum_ref[...] = gg
+    t_ref[...] = t.astype(t_ref.dtype)
+
+
+def solve_call(k, g, beta, st, dt):
+    """(T [B, Tp, H, C] in dt, G [B, Tp, H] fp32) by solve_kernel (grid NT x B x H)."""
+    b, tp, h, kdim = k.shape
+    c = st.chunk
+    i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
+    bt = pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))
+    return pl.pallas_call(
+        functools.partial(solve_kernel, st=st, dt=dt, prec=pg._f32_precision(st)),
+        grid=(tp // c, b, h),
+        in_specs=[pl.BlockSpec((None, c, None, kdim), i4), bt, bt],
+        out_specs=[pl.BlockSpec((None, c, None, c), i4), bt],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, c), dt),
+            jax.ShapeDtypeStruct((b, tp, h), F32),
+        ],
+        interpret=st.interpret,
+        compiler_params=pg._compiler_params(st, st.cfg.warps_chunk, dt),
+        name="gdn_solve",
+    )(k, g, beta)
+
+
 def chunk_kernel_fla(
     k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *extra, st, dt, prec, with_t=False
 ):
     """extra: the kd output if asked for, then (with_t) T itself as [C, C] rows in the ref's
     dtype, which the closed-form backward reads instead of recomputing it."""
     kd_ref = extra[: len(extra) - int(with_t)]
-    c = st.chunk
-    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
-    g = g_ref[...].astype(F32)
-    gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
+    gg, beta, t = _g_and_t(k_ref, g_ref, beta_ref, st, dt, prec, kd_ref[0] if kd_ref else None)
     gcum_ref[...] = gg
-    beta = beta_ref[...].astype(F32)
-
-    def load_k():
-        k = k_ref[...].astype(F32)
-        return pg._l2(k) if st.use_l2 else k
-
-    k = load_k()
-    if kd_ref:  # k exp(G_C - G) for the split forward's state pass
-        kd_ref[0][...] = (k * jnp.exp(jnp.sum(g) - gg)[:, None]).astype(kd_ref[0].dtype)
-    strict = rc > cc
-    kk = pg._mm(k, k, 1, 1, dt, prec)
-    a = jnp.where(
-        strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
-    )
-    t = t_inverse_fla(a, t_precision(st, dt))
-    t = t.astype(dt)
     if with_t:
         extra[-1][...] = t.astype(extra[-1].dtype)
-    w_ref[...] = pg._mm(t, (beta * jnp.exp(gg))[:, None] * load_k(), 1, 0, dt, prec).astype(
-        w_ref.dtype
-    )
+    rk = (beta * jnp.exp(gg))[:, None] * _load_k(k_ref, st)
+    w_ref[...] = pg._mm(t, rk, 1, 0, dt, prec).astype(w_ref.dtype)
     u_ref[...] = pg._mm(t, beta[:, None] * v_ref[...].astype(F32), 1, 0, dt, prec).astype(
         u_ref.dtype
     )
