@@ -238,12 +238,6 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
         "t_precision": "tf32",
     },
 }
-# kernel 1 as two kernels (T, then w/u/kd from T), and that with value blocks of 32
-CANDIDATES["solve_states_w4_tf32"] = {**CANDIDATES["states_w4_tf32"], "chunk_kernel": "solve_wy"}
-CANDIDATES["solve_states_w4_tf32_bv32"] = {**CANDIDATES["solve_states_w4_tf32"], "block_v": 32}
-# T by block doubling (12 [C, C] dots) instead of forward substitution
-CANDIDATES["dbl_states_w4_tf32"] = {**CANDIDATES["states_w4_tf32"], "t_method": "doubling"}
-CANDIDATES["dbl_states_w4"] = {**CANDIDATES["dbl_states_w4_tf32"], "t_precision": "bf16x3"}
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 
 

@@ -12,8 +12,6 @@ Tolerances (relative: max-abs error over max-abs of the expected value, gdn_test
 Shapes stay tiny (K, V in {16, 32}, T <= 200) to keep interpret mode fast.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +20,7 @@ from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 
 from taylorcal_jax.ops.gdn.config import BF16_DEFAULT, F32_DEFAULT, GDNPallasConfig, default_config
 from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas, unsupported_reason
-from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_doubling, t_inverse_fla
+from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_fla
 from taylorcal_jax.ops.gdn.pallas_gpu_segments import num_segments
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
@@ -60,9 +58,6 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (37, 16, 32, 16, FUSED),
         (50, 32, 16, 32, FUSED),
         (70, 16, 16, 64, FLA),
-        (100, 32, 16, 64, GDNPallasConfig(chunk_kernel="solve_wy", block_v=16)),
-        (45, 16, 32, 16, GDNPallasConfig(chunk_kernel="solve_wy", forward="fused")),
-        (130, 16, 16, 64, GDNPallasConfig(chunk_kernel="fla", t_method="doubling", block_v=16)),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
     ],
 )
@@ -89,10 +84,6 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         ("pallas", "fla", "split", {"residuals": "states"}),
         ("pallas", "fla", "fused", {"residuals": "states"}),
         ("analytic", "fla", "split", {"residuals": "t", "forward": "fused"}),
-        # kernel 1 as two kernels (T, then w/u/kd from it)
-        ("pallas", "solve_wy", "split", {}),
-        ("pallas", "solve_wy", "split", {"residuals": "states"}),
-        ("pallas", "fla", "split", {"residuals": "states", "t_method": "doubling"}),
     ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
@@ -213,9 +204,8 @@ def test_extreme_gates_and_betas_stay_finite_and_match(chunk_size, config):
 
 @pytest.mark.parametrize("c", [16, 32, 64])
 @pytest.mark.parametrize("g_min", [-0.1, -20.0])
-@pytest.mark.parametrize("inverse", [t_inverse_fla, t_inverse_doubling])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_fla_inverse_matches_fp64_inverse(c, g_min, inverse, aligned):
+def test_fla_inverse_matches_fp64_inverse(c, g_min, aligned):
     """aligned: nearly parallel keys (k k^T close to all ones), where T is mild but powers of A
     are large; the inverses must not form such powers."""
     rng = np.random.default_rng(c)
@@ -228,7 +218,7 @@ def test_fla_inverse_matches_fp64_inverse(c, g_min, inverse, aligned):
     low = np.tril(np.ones((c, c), bool), -1)
     a = np.where(low, beta[:, None] * (k @ k.T) * np.exp(np.where(low, gg[:, None] - gg, 0.0)), 0)
     expected = np.linalg.inv(np.eye(c) + a)
-    t = inverse(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST)
+    t = t_inverse_fla(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST)
     assert rel_err(t, expected) < 1e-5
 
 
@@ -339,7 +329,6 @@ def test_rejects_unsupported_shapes_and_options():
             warps_bwd=8,
         ),
         BF16_DEFAULT,
-        dataclasses.replace(BF16_DEFAULT, chunk_kernel="solve_wy", t_method="doubling"),
     ],
 )
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])

@@ -26,14 +26,10 @@ class GDNPallasConfig:
       checked on an H100); "analytic" = the closed-form chunk-local backward in XLA
       (chunk_local_bwd.py) from T written by kernel 1; "pallas" = the same closed form as two
       chunk-parallel Pallas kernels (pallas_gpu_bwd.py: the WY part, then the q/k/g part), also
-      from kernel 1's T. "analytic" and "pallas" need chunk_kernel "fla" or "solve_wy" (the
-      bodies that write T).
+      from kernel 1's T. "analytic" and "pallas" need chunk_kernel "fla" (the body that writes T).
     chunk_kernel: kernel 1 body: "keep" (16 x 16 blocks of k, beta exp(G) k, beta v held in
       registers; 1.10 ms on an H100 at 8 x 4096 x 16 x 128) or "fla" (flash-linear-attention's
-      layout: full [C, C] T, w and u as full C-row dots; pallas_gpu_chunk.py; 0.75 ms there) or
-      "solve_wy" (the "fla" body as two kernels: T and G only (pallas_gpu_chunk.solve_call), then
-      w, u, kd from T (pallas_gpu_bwd.prep_call), so that the latency-bound inversion runs with
-      fewer live values per program).
+      layout: full [C, C] T, w and u as full C-row dots; pallas_gpu_chunk.py; 0.75 ms there).
     t_precision: precision of the [C, C] fp32 products that build T in the "fla" kernel for
       16-bit inputs: "bf16x3" (three bf16 passes, ~1e-5; compiled for sm_90 outside XLA: 212
       registers, no spills), "tf32x3" (three TF32 passes, ~1e-6; spills 1.2 KB there) or "tf32"
@@ -61,11 +57,6 @@ class GDNPallasConfig:
     f32_precision: dot precision used when the inputs are float32 ("highest" = exact fp32;
       "tf32x3" = three TF32 passes, about 1e-6 relative, faster). bf16 inputs always use bf16
       operands with float32 accumulation.
-    t_method: how kernels "fla" and "solve_wy" invert (I + A): "substitution" (16 x 16 diagonal
-      blocks by 15 forward-substitution steps, then Horner steps across blocks:
-      pallas_gpu_chunk.t_inverse_fla) or "doubling" (log2(C) levels of two [C, C] dots each,
-      block size 1 -> C: pallas_gpu_chunk.t_inverse_doubling), a chain of tensor-core products
-      instead of 15 dependent cross-thread reductions.
     residuals: what the forward keeps for the backward (backward "analytic" or "pallas" only):
       "inputs" = q, k, v, g, beta and the initial state, and the backward re-runs kernel 1 (the
       [C, C] inverse T included) and the state pass; "t" = also T (in the operand dtype) and G,
@@ -95,17 +86,14 @@ class GDNPallasConfig:
     f32_precision: str = "highest"
     t_precision: str = "bf16x3"
     residuals: str = "inputs"
-    t_method: str = "substitution"
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
         if self.forward not in ("fused", "split"):
             raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
-        if self.chunk_kernel not in ("keep", "fla", "solve_wy"):
-            raise ValueError(
-                f"chunk_kernel must be 'keep', 'fla' or 'solve_wy', got {self.chunk_kernel!r}"
-            )
+        if self.chunk_kernel not in ("keep", "fla"):
+            raise ValueError(f"chunk_kernel must be 'keep' or 'fla', got {self.chunk_kernel!r}")
         if self.t_precision not in ("tf32x3", "bf16x3", "tf32"):
             raise ValueError(
                 f"t_precision must be 'tf32x3', 'bf16x3' or 'tf32', got {self.t_precision!r}"
@@ -121,11 +109,7 @@ class GDNPallasConfig:
         if self.backward in ("analytic", "pallas") and self.chunk_kernel == "keep":
             raise ValueError(
                 f"backward={self.backward!r} reads T from kernel 1, which only chunk_kernel "
-                f"'fla' or 'solve_wy' writes; got chunk_kernel={self.chunk_kernel!r}"
-            )
-        if self.t_method not in ("substitution", "doubling"):
-            raise ValueError(
-                f"t_method must be 'substitution' or 'doubling', got {self.t_method!r}"
+                f"'fla' writes; got chunk_kernel={self.chunk_kernel!r}"
             )
         if self.residuals not in ("inputs", "t", "states"):
             raise ValueError(f"residuals must be 'inputs', 't' or 'states', got {self.residuals!r}")

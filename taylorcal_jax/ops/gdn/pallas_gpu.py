@@ -194,15 +194,6 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
     nt = tp // c
     idx4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
     idx3 = lambda i, bb, hh: (bb, i, hh)  # noqa: E731
-    if st.cfg.chunk_kernel == "solve_wy":  # two kernels: T, then w, u, kd from it
-        from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
-        from taylorcal_jax.ops.gdn.pallas_gpu_chunk import solve_call
-
-        tmat, gcum = solve_call(k, g, beta, st, dt)
-        names = ("w", "u", "kd") if with_kd else ("w", "u")
-        got = pb.prep_call(None, k, v, beta, gcum, tmat, st, dt, names, forward=True)
-        out = [got["w"], got["u"], gcum] + ([got["kd"]] if with_kd else [])
-        return tuple(out + ([tmat] if with_t else []))
     body = _chunk_kernel
     if st.cfg.chunk_kernel == "fla":
         from taylorcal_jax.ops.gdn.pallas_gpu_chunk import chunk_kernel_fla as body
@@ -211,7 +202,7 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
     extra_shape = [jax.ShapeDtypeStruct((b, tp, h, kd), dt)] if with_kd else []
     if with_t:
         if st.cfg.chunk_kernel != "fla":
-            raise ValueError("T is written only by chunk_kernel 'fla' or 'solve_wy'")
+            raise ValueError("T is written only by chunk_kernel 'fla'")
         kern = functools.partial(kern, with_t=True)
         extra_spec.append(pl.BlockSpec((None, c, None, c), idx4))
         extra_shape.append(jax.ShapeDtypeStruct((b, tp, h, c), dt))
@@ -586,13 +577,8 @@ def _gdn_bwd(st, res, cts):
     if st.cfg.backward in ("analytic", "pallas"):  # closed form from kernel 1's T
         from taylorcal_jax.ops.gdn import pallas_gpu_bwd as pb
 
-        if kept or st.cfg.chunk_kernel == "solve_wy":  # from T: one prep kernel
-            if kept:  # T and G (and perhaps h, v') from the forward: no second inversion
-                gcum, tmat, states = kept
-            else:
-                from taylorcal_jax.ops.gdn.pallas_gpu_chunk import solve_call
-
-                (tmat, gcum), states = solve_call(k, g, beta, st, dt), None
+        if kept:  # T and G (and perhaps h, v') from the forward: no second inversion
+            gcum, tmat, states = kept
             names = ("w", "kd", "qg", "aqk") if states is not None else pb.PREP_OUTPUTS
             got = pb.prep_call(q, k, v, beta, gcum, tmat, st, dt, names)
             w, u, kd, qg, aqk = (got.get(n) for n in pb.PREP_OUTPUTS)

@@ -288,11 +288,10 @@ def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, gcum_ref, t_ref, *out_refs, st, 
             refs["aqk"][...] = aqk.astype(refs["aqk"].dtype)
 
 
-def prep_call(q, k, v, beta, gcum, tmat, st, dt, outputs=PREP_OUTPUTS, forward=False):
+def prep_call(q, k, v, beta, gcum, tmat, st, dt, outputs=PREP_OUTPUTS):
     """{name: [B, Tp, H, *] in dt} for the requested `outputs` (a sub-sequence of PREP_OUTPUTS)
     from T ([B, Tp, H, C]) and G ([B, Tp, H] fp32); one chunk-parallel kernel (grid NT x B x H).
-    The backward uses it on the T the forward kept (config.residuals); chunk_kernel "solve_wy"
-    uses it for the forward's w, u, kd."""
+    The backward uses it on the T the forward kept (config.residuals)."""
     if tuple(o for o in PREP_OUTPUTS if o in outputs) != tuple(outputs):
         raise ValueError(f"outputs must be a sub-sequence of {PREP_OUTPUTS}, got {outputs}")
     b, tp, h, kdim = k.shape
@@ -304,8 +303,6 @@ def prep_call(q, k, v, beta, gcum, tmat, st, dt, outputs=PREP_OUTPUTS, forward=F
     bt = pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))
     width = {"w": kdim, "u": vd, "kd": kdim, "qg": kdim, "aqk": c}
     spec = {"w": bk, "u": bv, "kd": bk, "qg": bk, "aqk": bc}
-    if q is None:  # w, u, kd need no q: hand k in its place (never loaded)
-        q = k
     outs = pl.pallas_call(
         functools.partial(_prep_kernel, st=st, dt=dt, prec=pg._f32_precision(st), outputs=outputs),
         grid=(tp // c, b, h),
@@ -313,9 +310,7 @@ def prep_call(q, k, v, beta, gcum, tmat, st, dt, outputs=PREP_OUTPUTS, forward=F
         out_specs=[spec[o] for o in outputs],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, width[o]), dt) for o in outputs],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(
-            st, st.cfg.warps_chunk if forward else st.cfg.warps_bwd_chunk, dt, bwd=not forward
-        ),
-        name="gdn_wy_from_t" if forward else "gdn_bwd_prep",
+        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
+        name="gdn_bwd_prep",
     )(q, k, v, beta, gcum, tmat)
     return dict(zip(outputs, outs, strict=True))

@@ -19,12 +19,8 @@ against 1.10 ms for pallas_gpu._chunk_kernel ("keep").
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
 from taylorcal_jax.ops.gdn import pallas_gpu as pg
 
@@ -74,30 +70,6 @@ def t_inverse_fla(a, prec_t):
     return x
 
 
-def t_inverse_doubling(a, prec_t):
-    """T = (I + a)^-1 for a strictly lower-triangular [C, C] fp32 value by block doubling.
-
-    With Tb = blockdiag of the inverses of the b x b diagonal blocks (T1 = I) and Lb = a on the
-    lower-left b x b quadrant of each 2b x 2b diagonal block, (Tb Lb)^2 = 0, so the 2b-block
-    inverses are T2b = Tb - Tb Lb Tb ([[T11, 0], [-T22 A21 T11, T22]] for every 2b block at
-    once): two [C, C] dots per level, log2(C) levels, no serial substitution. Every product
-    (Tb Lb and Tb Lb Tb) is an actual block of T, so nothing grows beyond T's own magnitude.
-    """
-    c = a.shape[0]
-    r, col = pg._iota((c, c), 0), pg._iota((c, c), 1)
-    t = (r == col).astype(F32)
-    b = 1
-    while b < c:
-        same = lax.div(r, 2 * b) == lax.div(col, 2 * b)
-        lower_left = (lax.div(r, b) - 2 * lax.div(r, 2 * b) == 1) & (
-            lax.div(col, b) - 2 * lax.div(col, 2 * b) == 0
-        )
-        n = pg._mm(t, jnp.where(same & lower_left, a, 0.0), 1, 0, F32, prec_t)
-        t = t - pg._mm(n, t, 1, 0, F32, prec_t)
-        b *= 2
-    return t
-
-
 def _load_k(k_ref, st):
     k = k_ref[...].astype(F32)
     return pg._l2(k) if st.use_l2 else k
@@ -119,37 +91,7 @@ def _g_and_t(k_ref, g_ref, beta_ref, st, dt, prec, kd_ref=None):
     a = jnp.where(
         strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
     )
-    inverse = t_inverse_doubling if st.cfg.t_method == "doubling" else t_inverse_fla
-    return gg, beta, inverse(a, t_precision(st, dt)).astype(dt)
-
-
-def solve_kernel(k_ref, g_ref, beta_ref, t_ref, gcum_ref, *, st, dt, prec):
-    """chunk_kernel "solve_wy", first kernel: T (in t_ref's dtype) and G only; w, u, kd follow
-    from pallas_gpu_bwd.prep_call. Fewer live values than chunk_kernel_fla (no w/u phase)."""
-    gg, _, t = _g_and_t(k_ref, g_ref, beta_ref, st, dt, prec)
-    gcum_ref[...] = gg
-    t_ref[...] = t.astype(t_ref.dtype)
-
-
-def solve_call(k, g, beta, st, dt):
-    """(T [B, Tp, H, C] in dt, G [B, Tp, H] fp32) by solve_kernel (grid NT x B x H)."""
-    b, tp, h, kdim = k.shape
-    c = st.chunk
-    i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
-    bt = pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))
-    return pl.pallas_call(
-        functools.partial(solve_kernel, st=st, dt=dt, prec=pg._f32_precision(st)),
-        grid=(tp // c, b, h),
-        in_specs=[pl.BlockSpec((None, c, None, kdim), i4), bt, bt],
-        out_specs=[pl.BlockSpec((None, c, None, c), i4), bt],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, tp, h, c), dt),
-            jax.ShapeDtypeStruct((b, tp, h), F32),
-        ],
-        interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_chunk, dt),
-        name="gdn_solve",
-    )(k, g, beta)
+    return gg, beta, t_inverse_fla(a, t_precision(st, dt)).astype(dt)
 
 
 def chunk_kernel_fla(
