@@ -207,7 +207,7 @@ def test_extreme_gates_and_betas_stay_finite_and_match(chunk_size, config):
 @pytest.mark.parametrize("aligned", [False, True])
 def test_fla_inverse_matches_fp64_inverse(c, g_min, aligned):
     """aligned: nearly parallel keys (k k^T close to all ones), where T is mild but powers of A
-    are large; the inverses must not form such powers."""
+    are large; the inverse must not form such powers."""
     rng = np.random.default_rng(c)
     k = rng.standard_normal((c, 32))
     if aligned:

@@ -37,13 +37,12 @@ class GDNPallasConfig:
     reverse: sequential part of the backward: "fused" (one reverse kernel per V-block doing every
       product and writing fp32 partial gradients per V-block; GPU-timed) or "split" (a reverse
       kernel that keeps only the dS recurrence and writes dS per chunk, then a chunk-parallel
-      kernel over all of V for dw, dqg, dkd, daqk; pallas_gpu_reverse.py; interpret-checked, not
-      yet timed).
+      kernel over all of V for dw, dqg, dkd, daqk; pallas_gpu_reverse.py; in BF16_DEFAULT).
     state_segments: split the sequence into segments for the state pass and, with reverse =
       "split", the reverse pass (a segment's end state is affine in its start state;
       pallas_gpu_segments.py): 1 = off (GPU-timed), n > 1 = at most n segments, 0 = automatic
       (about one program per SM, so only small B * H is split). Needs K to be a multiple of the
-      value block. Interpret-checked, not yet timed.
+      value block. In BF16_DEFAULT (0).
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_qk /
       warps_bwd_grads: Triton warps of kernel 1, the sequential forward (and segment) kernels, the
@@ -61,7 +60,7 @@ class GDNPallasConfig:
       "inputs" = q, k, v, g, beta and the initial state, and the backward re-runs kernel 1 (the
       [C, C] inverse T included) and the state pass; "t" = also T (in the operand dtype) and G,
       so the backward forms w, u, kd, qg, aqk from T by one chunk-parallel kernel
-      (pallas_gpu_bwd.bwd_prep_call) instead of inverting again: +[B, T, H, C] of memory;
+      (pallas_gpu_bwd.prep_call) instead of inverting again: +[B, T, H, C] of memory;
       "states" = also the chunk-start states h and v' of the split forward, so the backward skips
       the state pass too: +[B, H, T/C * K, V] + [B, T, H, V] of memory, like FLA's h if it were
       kept. Only the forward run under differentiation keeps them.

@@ -22,8 +22,8 @@ du, dw, dqg, dkd and daqk are written in the operand dtype dt (bf16 for bf16 inp
 bytes of fp32): the closed-form backward uses du and dw only as dot operands, which it rounds to
 dt anyway, and dqg, dkd, daqk once more each before the bf16 gradients they feed.
 
-Status: interpret-checked against the reference vjp (tests/test_gdn_pallas.py) and compiled for
-sm_90 outside XLA (launch/gdn_kernel_resources.py); not yet run on a GPU, hence opt-in.
+Status: part of config.BF16_DEFAULT since session 2; checked in interpret mode
+(tests/test_gdn_pallas.py) and on an H100 (gpu-marked tests, launch/bench_gdn_kernel.py).
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ reverse scan, then pallas_gpu_reverse._dh_kernel per segment).
 Step 1 moves w, kd and u once more and does (1 + K / V) times the state pass' dot work, spread
 over NSEG times more programs. NSEG: the largest divisor of NT that is <= config.state_segments,
 or, when that is 0, <= 128 / (NV * B * H) (about one program per SM), so large B * H is unchanged.
-Status: interpret-checked (tests/test_gdn_pallas.py); compiled for sm_90 outside XLA; not timed.
+Status: part of config.BF16_DEFAULT (state_segments=0) since session 2; checked in interpret mode
+and on an H100; at 1 x 32768 x 16 x 128 the forward takes 1.70 ms with segments, 2.21 without
+(launch/results/gdn_kernel_h100_s3_check4.json).
 """
 
 from __future__ import annotations
