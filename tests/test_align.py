@@ -4,21 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import align
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig
 from taylorcal_jax.utils import sharding
 
-MC = ModelConfig(
-    model_type="llama",
-    vocab_size=64,
+MC = tiny_model_config(
     hidden_size=16,
     intermediate_size=32,
     num_hidden_layers=3,
     num_attention_heads=2,
     num_key_value_heads=1,
-    head_dim=8,
 )
 GDN = GDNConfig.from_teacher(MC, impl="chunked", chunk_size=8)
 CFG = align.AlignConfig(steps=12, lr_qkv=1e-3, lr_gates=1e-2, weight_decay=0.01, clip_norm=1.0)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.models import layers
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import MaskSpec, attend, attention_mask
 from taylorcal_jax.models.teacher import Transformer, init_cache, init_params
 
@@ -81,14 +81,11 @@ def test_blocked_gradients_equal_dense():
 
 
 def _config():
-    return ModelConfig(
+    return tiny_model_config(
         model_type="qwen2",
         vocab_size=96,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         attention_bias=True,
         sliding_windows=(None, 6),  # layer 1: a window shorter than the blocks' reach

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.convert.naive import NAIVE_STRATEGIES, SMALL_GATE_FACTOR, copy_init
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.gdn import GDNConfig
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
@@ -18,11 +18,10 @@ H, HKV, HEAD, D = 4, 2, 8, 32
 
 @functools.cache  # params are never modified in place
 def _teacher(model_type="qwen2", layers=3):
-    cfg = ModelConfig(
+    cfg = tiny_model_config(
         model_type=model_type,
         vocab_size=61,
         hidden_size=D,
-        intermediate_size=48,
         num_hidden_layers=layers,
         num_attention_heads=H,
         num_key_value_heads=HKV,

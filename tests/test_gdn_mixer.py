@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, init_gdn_cache
 
 D, H, HEAD = 16, 2, 8
 
-CONFIG = ModelConfig(
-    model_type="llama",
+CONFIG = tiny_model_config(
     vocab_size=32,
     hidden_size=D,
     intermediate_size=32,

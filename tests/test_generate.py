@@ -4,23 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.convert.naive import copy_init
 from taylorcal_jax.eval.generate import generate, sample_logits
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
 
-CFG = ModelConfig(
-    model_type="llama",
-    vocab_size=47,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+CFG = tiny_model_config(vocab_size=47)
 TEACHER_PARAMS = None
 
 

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.models import hf_io
-from taylorcal_jax.models.config import ModelConfig, UnsupportedModelError
+from taylorcal_jax.models.config import UnsupportedModelError
 from taylorcal_jax.models.hf_io import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -23,16 +24,7 @@ from taylorcal_jax.models.hf_io import (
 from taylorcal_jax.models.safetensors_io import read_tensors, write_tensors
 from taylorcal_jax.models.teacher import init_params
 
-CONFIG = ModelConfig(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+CONFIG = tiny_model_config()
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.teacher import Transformer, init_cache, init_params
 
 T = 14
@@ -25,13 +25,10 @@ def _config(**kw):
         vocab_size=96,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         qk_norm=True,
     )
-    return ModelConfig(**{**base, **kw})
+    return tiny_model_config(**{**base, **kw})
 
 
 CONFIGS = {

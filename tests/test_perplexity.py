@@ -6,24 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.eval import perplexity as ppl_lib
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
 
 V = 61
 
 
 def _model(tied=False):
-    cfg = ModelConfig(
-        model_type="llama",
+    cfg = tiny_model_config(
         vocab_size=V,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=8,
         max_position_embeddings=64,
         tie_word_embeddings=tied,
     )

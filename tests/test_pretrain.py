@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
 from taylorcal_jax.train import pretrain as pretrain_lib
 from taylorcal_jax.train import stages
@@ -16,20 +15,19 @@ from taylorcal_jax.utils.metrics import MetricsWriter, read_metrics
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import tiny  # noqa: E402
+from tiny_models import tiny_model_config
 
 VOCAB = 24
 
 
 def _setup():
-    cfg = ModelConfig(
-        model_type="llama",
+    cfg = tiny_model_config(
         vocab_size=VOCAB,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=8,
         max_position_embeddings=32,
         tie_word_embeddings=True,
     )

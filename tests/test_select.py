@@ -4,25 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import select
 from taylorcal_jax.convert.naive import copy_init, zero_gate
 from taylorcal_jax.eval.perplexity import perplexity
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import init_params
 
-CFG = ModelConfig(
-    model_type="qwen2",
-    vocab_size=48,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    tie_word_embeddings=False,
-)
+CFG = tiny_model_config(model_type="qwen2", vocab_size=48, num_hidden_layers=4)
 
 
 @pytest.fixture(scope="module")

@@ -72,20 +72,11 @@ def test_large_logits_are_stable():
 
 
 def _tiny_teacher(model_type="mistral", window=5):
-    from taylorcal_jax.models.config import ModelConfig
+    from tiny_models import tiny_model_config
+
     from taylorcal_jax.models.teacher import Transformer, init_params
 
-    cfg = ModelConfig(
-        model_type=model_type,
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_windows=(window, None),
-    )
+    cfg = tiny_model_config(model_type=model_type, vocab_size=50, sliding_windows=(window, None))
     return cfg, Transformer(cfg), init_params(cfg, jax.random.PRNGKey(0))
 
 

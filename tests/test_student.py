@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.convert.naive import copy_init
-from taylorcal_jax.models.config import ModelConfig, RopeConfig
+from taylorcal_jax.models.config import RopeConfig
 from taylorcal_jax.models.gdn import GDNConfig
 from taylorcal_jax.models.student import (
     STUDENT_CONFIG_FILE,
@@ -22,15 +23,10 @@ from taylorcal_jax.models.teacher import init_cache, init_params
 
 
 def _config(model_type="qwen2", layers=3, **kw):
-    return ModelConfig(
+    return tiny_model_config(
         model_type=model_type,
         vocab_size=53,
-        hidden_size=32,
-        intermediate_size=48,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
         attention_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
         **kw,

@@ -6,21 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import taylor
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, gdn_gates
 
-MC = ModelConfig(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+MC = tiny_model_config(intermediate_size=64)
 GDN = GDNConfig.from_teacher(MC, impl="reference")
 
 
@@ -142,16 +133,7 @@ def test_taylor_init_on_a_copy_student_equals_per_layer_calls():
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
 
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    cfg = tiny_model_config(model_type="qwen2", vocab_size=40, num_hidden_layers=3)
     teacher = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, cfg.vocab_size)
     stats = collect(Transformer(cfg), teacher, cfg, tokens, block_size=4)

@@ -1,0 +1,22 @@
+"""The tiny `ModelConfig` that unit tests build: `tiny_model_config(**overrides)`."""
+
+from __future__ import annotations
+
+from taylorcal_jax.models.config import ModelConfig
+
+# The values most tests use; every other field keeps ModelConfig's own default.
+TINY_MODEL_DEFAULTS = dict(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """One place for the tiny test model's shape: TINY_MODEL_DEFAULTS updated by `overrides`."""
+    return ModelConfig(**{**TINY_MODEL_DEFAULTS, **overrides})
