@@ -164,20 +164,17 @@ def summarise(rows):
     return out
 
 
-def profile_side(side_args, tag, out_dir, timeout):
+def _run_ncu(ncu_flags, log, side_args, timeout):
+    """Runs this script's profiled side (`side_args`) under ncu with profiling off until the side
+    starts it (--profile-from-start off), clocks untouched, report to `log`."""
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
-    log = os.path.join(out_dir, f"ncu_{tag}.csv")
     cmd = [
         ncu,
         "--clock-control",
         "none",
-        "--cache-control",
-        "none",
         "--profile-from-start",
         "off",
-        "--metrics",
-        "gpu__time_duration.sum",
-        "--csv",
+        *ncu_flags,
         "--log-file",
         log,
         sys.executable,
@@ -185,8 +182,14 @@ def profile_side(side_args, tag, out_dir, timeout):
         *side_args,
     ]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def profile_side(side_args, tag, out_dir, timeout):
+    log = os.path.join(out_dir, f"ncu_{tag}.csv")
+    flags = ["--cache-control", "none", "--metrics", "gpu__time_duration.sum", "--csv"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    p = _run_ncu(flags, log, side_args, timeout)
     res = {"wall_s": round(time.perf_counter() - t0, 1), "rc": p.returncode}
     try:
         res.update(summarise(parse_ncu_csv(open(log).read())))
@@ -200,28 +203,9 @@ def detail_side(side_args, kernels, count, out_dir, timeout):
     """ncu --set detailed (speed of light, memory workload, scheduler and warp-state statistics,
     occupancy, launch statistics) of the first `count` launches whose names match the regex
     `kernels`; the text report goes to ncu_detail_<side>.txt."""
-    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     path = os.path.join(out_dir, f"ncu_detail_{side_args[1]}.txt")
-    cmd = [
-        ncu,
-        "--clock-control",
-        "none",
-        "--profile-from-start",
-        "off",
-        "--set",
-        "detailed",
-        "-k",
-        f"regex:{kernels}",
-        "--launch-count",
-        str(count),
-        "--log-file",
-        path,
-        sys.executable,
-        os.path.abspath(__file__),
-        *side_args,
-    ]
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    flags = ["--set", "detailed", "-k", f"regex:{kernels}", "--launch-count", str(count)]
+    p = _run_ncu(flags, path, side_args, timeout)
     tail = (p.stdout + p.stderr)[-800:]
     return {"rc": p.returncode, "report": os.path.basename(path), "tail": tail}
 
