@@ -135,7 +135,7 @@ DEFAULT_CONFIG = GDNPallasConfig()  # the field defaults: the first GPU-checked 
 # bench candidate "states_w4_tf32": kernel 1 in FLA's layout with one-pass TF32 products for T,
 # split and segmented reverse at 4 warps, the closed-form chunk-local backward as two Pallas
 # kernels, bf16 cotangent intermediates, and the forward keeping T, h and v' for the backward):
-# fwd 1.24-1.26 ms, fwd+bwd 4.19-4.21 ms at 8 x 4096 x 16 x 128 (pipelined timing), against
+# fwd 1.24-1.26 ms, fwd+bwd 4.18-4.21 ms at 8 x 4096 x 16 x 128 (pipelined timing), against
 # 1.28 / 6.51 ms for session 2's default ("analytic" with backward "pallas") and 1.52 / 9.26 ms
 # for "analytic" in session 3's first check (sync timing).
 BF16_DEFAULT = GDNPallasConfig(
