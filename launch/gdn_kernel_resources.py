@@ -100,7 +100,10 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
     return found
 
 
-def compile_report(info: dict, stages_override: int | None = None) -> str:
+def compile_report(info: dict, stages_override: int | None = None, maxnreg: int | None = None):
+    """One line: warps, stages, shared memory and cuobjdump's resource usage of one kernel.
+    maxnreg: cap on registers per thread (Triton's option; Pallas' Triton lowering has no way to
+    set it, so this only shows what a cap would cost in spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -109,7 +112,8 @@ def compile_report(info: dict, stages_override: int | None = None) -> str:
     kernel = triton.compile(
         info["path"],
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": info["num_warps"], "num_stages": stages},
+        options={"num_warps": info["num_warps"], "num_stages": stages}
+        | ({"maxnreg": maxnreg} if maxnreg else {}),
     )
     cubin = info["path"] + ".cubin"
     with open(cubin, "wb") as f:
@@ -127,12 +131,13 @@ def main():
     ap.add_argument("--config", default="{}", help="GDNPallasConfig fields as JSON")
     ap.add_argument("--stages", type=int, default=None, help="override num_stages for all")
     ap.add_argument("--shape", default="8,4096,16,128", help="B,T,H,D (bf16 inputs)")
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     a = ap.parse_args()
     shape = tuple(int(x) for x in a.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         for name, info in sorted(dump_ttir(json.loads(a.config), tmp, shape=shape).items()):
             try:
-                print(f"{name:>14}: {compile_report(info, a.stages)}", flush=True)
+                print(f"{name:>14}: {compile_report(info, a.stages, a.maxnreg)}", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"{name:>14}: compile failed: {type(e).__name__}: {str(e)[:300]}")
 
