@@ -80,7 +80,6 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
         "gdn_states_seg": cfg.warps_seq,
         "gdn_reverse_segment_ends": cfg.warps_bwd,
         "gdn_reverse_dh_seg": cfg.warps_bwd,
-        "gdn_qg_aqk": cfg.warps_out,
         "gdn_bwd_prep": cfg.warps_bwd_chunk,
     }
     bwd_names = (
@@ -91,7 +90,6 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
         "gdn_reverse_grads",
         "gdn_reverse_segment_ends",
         "gdn_reverse_dh_seg",
-        "gdn_qg_aqk",
         "gdn_bwd_prep",
     )
     for name, info in found.items():

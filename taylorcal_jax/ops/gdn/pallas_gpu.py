@@ -370,14 +370,21 @@ def _out_call(q, k, gcum, hmat, vp, st: _Static, dt, out_dtype):
     )(q, k, gcum, hmat, vp)
 
 
-def _forward(q, k, v, g, beta, s0, st: _Static):
+def _forward(q, k, v, g, beta, s0, st: _Static, keep=False):
+    """((o, final state), kept): kept = None, or with `keep` (config.residuals "t" / "states")
+    (G, T, (h, v') or None) for the backward."""
     dt = _operand_dtype(q, k, v)
-    if st.cfg.forward == "fused":
-        w, u, gcum = _chunk_call(k, v, g, beta, st, dt)
-        return _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
-    w, u, gcum, kd = _chunk_call(k, v, g, beta, st, dt, with_kd=True)
-    hmat, vp, s_final = _states_call(w, u, kd, gcum, s0, st, dt)
-    return _out_call(q, k, gcum, hmat, vp, st, dt, v.dtype), s_final
+    split = st.cfg.forward == "split"
+    w, u, gcum, *extra = _chunk_call(k, v, g, beta, st, dt, with_kd=split, with_t=keep)
+    tmat = extra.pop() if keep else None
+    if not split:
+        out = _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
+        return out, ((gcum, tmat, None) if keep else None)
+    hmat, vp, s_final = _states_call(w, u, extra[0], gcum, s0, st, dt)
+    out = _out_call(q, k, gcum, hmat, vp, st, dt, v.dtype), s_final
+    if not keep:
+        return out, None
+    return out, (gcum, tmat, (hmat, vp) if st.cfg.residuals == "states" else None)
 
 
 def _operand_dtype(*xs):
@@ -555,22 +562,12 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, states=N
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _gdn(q, k, v, g, beta, s0, st: _Static):
-    return _forward(q, k, v, g, beta, s0, st)
+    return _forward(q, k, v, g, beta, s0, st)[0]
 
 
 def _gdn_fwd(q, k, v, g, beta, s0, st):
-    if st.cfg.residuals == "inputs":
-        return _forward(q, k, v, g, beta, s0, st), (q, k, v, g, beta, s0)
-    # the split or fused forward, keeping T and G (and with "states" h and v') for the backward
-    dt = _operand_dtype(q, k, v)
-    w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
-    if st.cfg.forward == "fused":
-        out = _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
-        return out, (q, k, v, g, beta, s0, gcum, tmat, None)
-    hmat, vp, s_final = _states_call(w, u, kd, gcum, s0, st, dt)
-    o = _out_call(q, k, gcum, hmat, vp, st, dt, v.dtype)
-    states = (hmat, vp) if st.cfg.residuals == "states" else None
-    return (o, s_final), (q, k, v, g, beta, s0, gcum, tmat, states)
+    out, kept = _forward(q, k, v, g, beta, s0, st, keep=st.cfg.residuals != "inputs")
+    return out, (q, k, v, g, beta, s0) + (kept or ())
 
 
 def _gdn_bwd(st, res, cts):
@@ -587,8 +584,8 @@ def _gdn_bwd(st, res, cts):
             w, u, kd, qg, aqk = (got.get(n) for n in pb.PREP_OUTPUTS)
         else:
             w, u, gcum, kd, tmat = _chunk_call(k, v, g, beta, st, dt, with_kd=True, with_t=True)
-            qg, aqk = pb.qg_aqk_call(q, k, st, dt, gcum)
-            states = None
+            got = pb.prep_call(q, k, v, beta, gcum, tmat, st, dt, ("qg", "aqk"))
+            qg, aqk, states = got["qg"], got["aqk"], None
         lgc = _chunk_end_g(gcum, st.chunk)
         du, dw, dqg, dkd, daqk, dlgc, ds0 = _backward_seq(
             w, u, qg, kd, aqk, lgc, s0, do.astype(dt), dst.astype(F32), st, dt, states

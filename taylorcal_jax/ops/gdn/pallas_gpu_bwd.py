@@ -32,8 +32,8 @@ through HBM. Dots as in the rest of the kernels (pallas_gpu._mm): operands in th
 config.f32_precision. Only G_i - G_j with i >= j and G_C - G_j are exponentiated, masks applied
 before the exp and the dots.
 
-Also here: `qg_aqk_call`, the chunk-parallel kernel forming qg and aqk for the backward's
-sequential part (used by backward="analytic" and "pallas").
+Also here: `prep_call`, the chunk-parallel kernel forming the backward's chunk-local inputs
+(w, u, kd, qg, aqk, or a subset) from T (used by backward="analytic" and "pallas").
 """
 
 from __future__ import annotations
@@ -218,51 +218,15 @@ def chunk_local_backward_call(
     return dq, dk, dv, dg, dbeta
 
 
-def _qg_aqk_kernel(q_ref, k_ref, gcum_ref, qg_ref, aqk_ref, *, st, dt, prec):
-    c = st.chunk
-    causal = pg._iota((c, c), 0) >= pg._iota((c, c), 1)
-    q = q_ref[...].astype(F32)
-    k = k_ref[...].astype(F32)
-    if st.use_l2:
-        q, k = pg._l2(q), pg._l2(k)
-    q = q * st.scale
-    gg = gcum_ref[...]
-    qk = pg._mm(q, k, 1, 1, dt, prec)
-    aqk = jnp.where(causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0)
-    aqk_ref[...] = aqk.astype(aqk_ref.dtype)
-    qg_ref[...] = (q * jnp.exp(gg)[:, None]).astype(qg_ref.dtype)
-
-
-def qg_aqk_call(q, k, st, dt, gcum):
-    """qg = s q exp(G) [B,Tp,H,K] and aqk = s causal Gamma q k^T [B,Tp,H,C] (input dtype) by one
-    chunk-parallel Pallas kernel (grid NT x B x H), as the forward's output kernel forms them."""
-    b, tp, h, kdim = q.shape
-    c = st.chunk
-    i4 = lambda i, bb, hh: (bb, i, hh, 0)  # noqa: E731
-    bk = pl.BlockSpec((None, c, None, kdim), i4)
-    return pl.pallas_call(
-        functools.partial(_qg_aqk_kernel, st=st, dt=dt, prec=pg._f32_precision(st)),
-        grid=(tp // c, b, h),
-        in_specs=[bk, bk, pl.BlockSpec((None, c, None), lambda i, bb, hh: (bb, i, hh))],
-        out_specs=[bk, pl.BlockSpec((None, c, None, c), i4)],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, tp, h, kdim), dt),
-            jax.ShapeDtypeStruct((b, tp, h, c), dt),
-        ],
-        interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_out, dt, bwd=True),
-        name="gdn_qg_aqk",
-    )(q, k, gcum)
-
-
 PREP_OUTPUTS = ("w", "u", "kd", "qg", "aqk")
 
 
 def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, gcum_ref, t_ref, *out_refs, st, dt, prec, outputs):
     """Chunk-local quantities from T and G: any of (in PREP_OUTPUTS order) w = T (beta exp(G) k^),
     u = T (beta v), kd = k^ exp(G_C - G), qg = s q^ exp(G), aqk = s causal(q^ k^T Gamma), with
-    the formulas and roundings of kernel 1 and qg_aqk_call, without the [C, C] inversion. Refs of
-    inputs that no requested output reads (q for w/u/kd only, v without u) are never loaded."""
+    the formulas and roundings of kernel 1 and the forward's output kernel, without the [C, C]
+    inversion. Inputs that no requested output reads (q for w/u/kd only, v without u, T for
+    qg/aqk only) are never loaded."""
     refs = dict(zip(outputs, out_refs, strict=True))
     c = st.chunk
     gg = gcum_ref[...]
@@ -291,7 +255,8 @@ def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, gcum_ref, t_ref, *out_refs, st, 
 def prep_call(q, k, v, beta, gcum, tmat, st, dt, outputs=PREP_OUTPUTS):
     """{name: [B, Tp, H, *] in dt} for the requested `outputs` (a sub-sequence of PREP_OUTPUTS)
     from T ([B, Tp, H, C]) and G ([B, Tp, H] fp32); one chunk-parallel kernel (grid NT x B x H).
-    The backward uses it on the T the forward kept (config.residuals)."""
+    The backward uses it on the T the forward kept (config.residuals "t" / "states": all five,
+    or w, kd, qg, aqk), or for qg and aqk next to kernel 1's recompute (residuals "inputs")."""
     if tuple(o for o in PREP_OUTPUTS if o in outputs) != tuple(outputs):
         raise ValueError(f"outputs must be a sub-sequence of {PREP_OUTPUTS}, got {outputs}")
     b, tp, h, kdim = k.shape

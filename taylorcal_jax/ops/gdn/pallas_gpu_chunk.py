@@ -70,41 +70,35 @@ def t_inverse_fla(a, prec_t):
     return x
 
 
-def _load_k(k_ref, st):
-    k = k_ref[...].astype(F32)
-    return pg._l2(k) if st.use_l2 else k
-
-
-def _g_and_t(k_ref, g_ref, beta_ref, st, dt, prec, kd_ref=None):
-    """(G = cumsum g, beta, T rounded to dt) of one chunk; writes kd = k^ exp(G_C - G) on the
-    way when kd_ref is given (k^ is live then)."""
-    c = st.chunk
-    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
-    g = g_ref[...].astype(F32)
-    gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
-    beta = beta_ref[...].astype(F32)
-    k = _load_k(k_ref, st)
-    if kd_ref is not None:  # k exp(G_C - G) for the split forward's state pass
-        kd_ref[...] = (k * jnp.exp(jnp.sum(g) - gg)[:, None]).astype(kd_ref.dtype)
-    strict = rc > cc
-    kk = pg._mm(k, k, 1, 1, dt, prec)
-    a = jnp.where(
-        strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
-    )
-    return gg, beta, t_inverse_fla(a, t_precision(st, dt)).astype(dt)
-
-
 def chunk_kernel_fla(
     k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *extra, st, dt, prec, with_t=False
 ):
     """extra: the kd output if asked for, then (with_t) T itself as [C, C] rows in the ref's
     dtype, which the closed-form backward reads instead of recomputing it."""
     kd_ref = extra[: len(extra) - int(with_t)]
-    gg, beta, t = _g_and_t(k_ref, g_ref, beta_ref, st, dt, prec, kd_ref[0] if kd_ref else None)
+    c = st.chunk
+    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
+    g = g_ref[...].astype(F32)
+    gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
     gcum_ref[...] = gg
+    beta = beta_ref[...].astype(F32)
+
+    def load_k():
+        k = k_ref[...].astype(F32)
+        return pg._l2(k) if st.use_l2 else k
+
+    k = load_k()
+    if kd_ref:  # k exp(G_C - G) for the split forward's state pass
+        kd_ref[0][...] = (k * jnp.exp(jnp.sum(g) - gg)[:, None]).astype(kd_ref[0].dtype)
+    strict = rc > cc
+    kk = pg._mm(k, k, 1, 1, dt, prec)
+    a = jnp.where(
+        strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
+    )
+    t = t_inverse_fla(a, t_precision(st, dt)).astype(dt)
     if with_t:
         extra[-1][...] = t.astype(extra[-1].dtype)
-    rk = (beta * jnp.exp(gg))[:, None] * _load_k(k_ref, st)
+    rk = (beta * jnp.exp(gg))[:, None] * load_k()
     w_ref[...] = pg._mm(t, rk, 1, 0, dt, prec).astype(w_ref.dtype)
     u_ref[...] = pg._mm(t, beta[:, None] * v_ref[...].astype(F32), 1, 0, dt, prec).astype(
         u_ref.dtype
