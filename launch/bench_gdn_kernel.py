@@ -2,9 +2,10 @@
 
 Runs on one GPU machine in one call (BENCHMARKS.md section 1). Shapes [B, T, H, D], bf16 q/k/v/beta,
 fp32 g. Each JAX measurement row runs in a fresh subprocess (XLA_PYTHON_CLIENT_PREALLOCATE=false)
-so that its peak device memory (memory_stats()["peak_bytes_in_use"], read right after our
-forward+backward, inputs included) is its own; FLA runs afterwards in a fresh torch process per
-row (peak = torch.cuda.max_memory_allocated over forward+backward after reset, inputs included).
+so that its peak device memory (memory_stats()["peak_bytes_in_use"], read right after our first
+forward+backward call, run alone, inputs included) is its own; FLA runs afterwards in a fresh
+torch process per row (peak = torch.cuda.max_memory_allocated over one forward+backward after
+reset, inputs included).
 
 Timing (the same method for both sides since session 3): after warm-up calls, 10 batches of 10
 calls issued back to back with one device synchronisation per batch; the figure is the median
@@ -129,6 +130,21 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _xla_memory(fn, args):
+    """XLA's own accounting of one compiled call (MiB): arguments, outputs, and the temporaries
+    its buffer assignment needs at once."""
+    try:
+        m = fn.lower(*args).compile().memory_analysis()
+    except Exception as e:  # noqa: BLE001 - not every backend reports it
+        return {"ours_xla_memory_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    mib = lambda x: float(x) / 2**20  # noqa: E731
+    return {
+        "ours_xla_argument_mib": mib(m.argument_size_in_bytes),
+        "ours_xla_output_mib": mib(m.output_size_in_bytes),
+        "ours_xla_temp_mib": mib(m.temp_size_in_bytes),
+    }
+
+
 def _fwd_fwdbwd(fn):
     import jax
 
@@ -161,10 +177,15 @@ def run_jax_row(i):
 
     fwd, fb = _fwd_fwdbwd(ours)
     try:
-        res["ours_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
+        res.update(_xla_memory(fb, args + [do_]))
+        jax.block_until_ready(fb(*args, do_))  # one call alone, as FLA's peak is taken
         stats = dev.memory_stats()
         if stats:
             res["ours_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+        res["ours_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
+        stats = dev.memory_stats()
+        if stats:  # with the pipelined calls' outputs overlapping (sessions 1-3's figure)
+            res["ours_peak_pipelined_mib"] = stats["peak_bytes_in_use"] / 2**20
         res["ours_fwdbwd_sync_ms"] = _jax_timer_sync(fb, args + [do_])
         res["ours_fwd_ms"] = _jax_timer(fwd, args)
         res["ours_fwd_sync_ms"] = _jax_timer_sync(fwd, args)
@@ -207,6 +228,15 @@ _ANALYTIC = dict(
     stages_bwd=1,
     warps_bwd=8,
 )
+# Session 3's bf16 default (config.BF16_DEFAULT from its call 10).
+_STATES_W4_TF32 = {
+    **_ANALYTIC,
+    "backward": "pallas",
+    "residuals": "states",
+    "warps_bwd": 4,
+    "t_precision": "tf32",
+}
+_CAP_BWD = (("gdn_bwd_qk", 128), ("gdn_bwd_wy", 128))
 CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig fields)
     "base": {},
     "xbwd_s1": dict(stages_bwd=1),
@@ -230,12 +260,28 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
         "residuals": "states",
         "t_precision": "tf32",
     },
-    "states_w4_tf32": {
-        **_ANALYTIC,
-        "backward": "pallas",
-        "residuals": "states",
-        "warps_bwd": 4,
-        "t_precision": "tf32",
+    "states_w4_tf32": _STATES_W4_TF32,
+    # session 4: on top of the default, halve the sequential kernels' value block where they
+    # would run one program per SM (4 x 8192 x 16: 128 -> 256 programs) ...
+    "sv256": {**_STATES_W4_TF32, "seq_min_programs": 256},
+    # ... the same with 8 warps where halved (2 programs of 8 warps per SM: 84 / 126 registers
+    # for the state / reverse kernels offline) ...
+    "sv256_w8": {**_STATES_W4_TF32, "seq_min_programs": 256, "warps_seq_small": 8},
+    "sv512_w8": {**_STATES_W4_TF32, "seq_min_programs": 512, "warps_seq_small": 8},
+    # ... and cap registers (Triton maxnreg through register_cap.py): the two backward chunk
+    # kernels at 128 (2 programs of 8 warps per SM instead of 1), then kernel 1 and the output
+    # kernel at 168 (3 programs of 4 warps instead of 2), then kernel 1 at 128 and the reverse
+    # recurrence at 168
+    "sv_capb": {**_STATES_W4_TF32, "seq_min_programs": 256, "max_registers": _CAP_BWD},
+    "sv_capf": {
+        **_STATES_W4_TF32,
+        "seq_min_programs": 256,
+        "max_registers": _CAP_BWD + (("gdn_chunk", 168), ("gdn_out", 168)),
+    },
+    "sv_capx": {
+        **_STATES_W4_TF32,
+        "seq_min_programs": 256,
+        "max_registers": _CAP_BWD + (("gdn_chunk", 128), ("gdn_out", 168), ("gdn_reverse_dh", 168)),
     },
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
@@ -343,10 +389,14 @@ def run_check():
         except Exception as e:  # noqa: BLE001
             out[f"row0_{name}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
         try:
+            if os.environ.get("GDN_BENCH_SKIP_PIECES") == "1":  # only the candidates' totals
+                raise StopIteration
             for key, val in _kernel_pieces(cfg, args, do_).items():
                 out[f"row0_{name}_{key}"] = val
             if cfg.state_segments != 1:  # row 2 forward with and without segments
                 out.update(_segment_effect(cfg, name))
+        except StopIteration:
+            pass
         except Exception as e:  # noqa: BLE001
             out[f"row0_{name}_pieces_error"] = f"{type(e).__name__}: {str(e)[:600]}"
         print(
@@ -758,9 +808,11 @@ def main():
                 r[f"ratio_{key}"] = r[f"ours_{key}_ms"] / r[f"fla_{key}_ms"]
     result["rows"] = list(rows.values())
     result["peak_memory_method"] = (
-        "ours: jax memory_stats()['peak_bytes_in_use'] in a fresh process after our forward+"
-        "backward (inputs and cotangent included); fla: torch.cuda.max_memory_allocated over one "
-        "forward+backward after reset_peak_memory_stats (inputs included)"
+        "ours: jax memory_stats()['peak_bytes_in_use'] in a fresh process after its first "
+        "forward+backward call, run alone (inputs and cotangent included; ours_peak_pipelined_mib: "
+        "after the pipelined timing too, where one call's outputs overlap the next call, the "
+        "figure of sessions 1-3); fla: torch.cuda.max_memory_allocated over one forward+backward "
+        "after reset_peak_memory_stats (inputs included)"
     )
     result["rel_err_method"] = (
         "||o - o_ref|| / ||o_ref||, o_ref = per-token fp32 recurrence (reference.py, jit on the "

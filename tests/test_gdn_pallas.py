@@ -229,6 +229,57 @@ def test_num_segments_divides_chunks_and_targets_one_program_per_sm():
     assert num_segments(1, 1, 64) == 1
 
 
+def _static(**cfg):
+    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+    return pg._Static(chunk=64, scale=1.0, use_l2=True, interpret=True, cfg=GDNPallasConfig(**cfg))
+
+
+def test_seq_tiling_halves_only_between_segment_target_and_min_programs():
+    from taylorcal_jax.ops.gdn.pallas_gpu import _seq_tiling
+
+    st = _static(block_v=64, seq_min_programs=256, warps_seq_small=8)
+    assert _seq_tiling(st, 128, 4 * 16, 4) == (32, 8)  # 4 x 8192 x 16: 128 programs -> 256
+    assert _seq_tiling(st, 128, 8 * 16, 4) == (64, 4)  # 8 x 4096 x 16: already 256
+    assert _seq_tiling(st, 128, 16 * 12, 4) == (64, 4)  # 16 x 2048 x 12: 384
+    assert _seq_tiling(st, 128, 16, 4) == (64, 4)  # 1 x 32768 x 16: 32 programs, segments' case
+    assert _seq_tiling(_static(seq_min_programs=1024), 128, 64, 4) == (32, 4)  # floor 32
+    assert _seq_tiling(_static(block_v=64), 128, 64, 4) == (64, 4)  # 0 = off (field default)
+    assert _seq_tiling(st, 32, 4096, 4) == (32, 4)  # V below the block: nothing to halve
+
+
+def test_halved_seq_block_gives_the_reference_gradients(monkeypatch):
+    """seq_min_programs at a tiny shape: the segment threshold lowered to 2 programs so that
+    B * H = 2 with V = 64 halves the value block of the state and reverse passes (1 -> 2
+    programs each), forward and backward against the fp32 reference."""
+    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+    monkeypatch.setattr(pg, "SEGMENT_TARGET_PROGRAMS", 2)
+    cfg = dict(block_v=64, seq_min_programs=8, state_segments=0, warps_seq_small=8)
+    assert pg._seq_tiling(_static(**cfg), 64, 2, 4) == (32, 8)
+    inputs = random_inputs(4, b=1, t=45, h=2, k=16, v=64)
+    args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
+    ct = tuple(
+        jnp.asarray(np.random.default_rng(5).standard_normal(shape), jnp.float32)
+        for shape in ((1, 45, 2, 64), (1, 2, 16, 64))
+    )
+
+    def run(fn, **kw):
+        out, vjp = jax.vjp(
+            lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw), *args
+        )
+        return out, vjp(ct)
+
+    extra = dict(backward="pallas", chunk_kernel="fla", reverse="split", residuals="states")
+    config = GDNPallasConfig(**cfg, **extra)
+    (o, s), grads = run(gated_delta_rule_pallas, chunk_size=16, interpret=True, config=config)
+    with jax.default_matmul_precision("highest"):
+        (ro, rs), ref = run(gated_delta_rule_reference)
+    assert rel_err(o, ro) < 2e-5 and rel_err(s, rs) < 2e-5
+    for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
+        assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
+
+
 def test_beta_zero_gives_decayed_readout_of_initial_state():
     inputs = random_inputs(5, b=1, t=20, h=2, k=16, v=16, g_min=-0.5)
     inputs["beta"] = np.zeros_like(inputs["beta"])
@@ -300,6 +351,13 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(backward="pallas")
     with pytest.raises(ValueError, match="t_precision"):
         GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
+    with pytest.raises(ValueError, match="seq_min_programs"):
+        GDNPallasConfig(seq_min_programs=-1)
+    with pytest.raises(ValueError, match="warps_seq_small"):
+        GDNPallasConfig(warps_seq_small=3)
+    for bad in ([("gdn_out", 300)], [("out", 128)], [("gdn_out",)]):
+        with pytest.raises(ValueError, match="max_registers"):
+            GDNPallasConfig(max_registers=bad)
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
     assert unsupported_reason(q, q, q, 64) is None
     assert "power of two" in unsupported_reason(q, q, jnp.zeros((1, 16, 1, 24)), 64)

@@ -44,6 +44,12 @@ class GDNPallasConfig:
       (about one program per SM, so only small B * H is split). Needs K to be a multiple of the
       value block. In BF16_DEFAULT (0).
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
+    seq_min_programs: 0 = the sequential kernels (state pass, reverse pass) use block_v; n > 0 =
+      they halve it (to no less than 32) while they would run fewer than n programs but at least
+      the 128 below which state_segments splits the sequence instead. At 4 x 8192 x 16 x 128,
+      block_v 64 gives 128 programs: one per SM of an H100, where two fit.
+    warps_seq_small: warps of those sequential kernels where seq_min_programs halved the value
+      block (0 = warps_seq / warps_bwd as elsewhere).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_qk /
       warps_bwd_grads: Triton warps of kernel 1, the sequential forward (and segment) kernels, the
       sequential backward kernels, the split output kernel (and the backward's qg/aqk kernel),
@@ -64,6 +70,9 @@ class GDNPallasConfig:
       "states" = also the chunk-start states h and v' of the split forward, so the backward skips
       the state pass too: +[B, H, T/C * K, V] + [B, T, H, V] of memory, like FLA's h if it were
       kept. Only the forward run under differentiation keeps them.
+    max_registers: register caps per kernel, pairs (pallas_call name, N), e.g. (("gdn_bwd_qk",
+      128),): Triton's maxnreg, set through register_cap.py (a kernel at 251 registers and 8
+      warps fits one program per SM, capped at 128 two, with some spilling).
     """
 
     forward: str = "split"
@@ -85,6 +94,9 @@ class GDNPallasConfig:
     f32_precision: str = "highest"
     t_precision: str = "bf16x3"
     residuals: str = "inputs"
+    seq_min_programs: int = 0
+    warps_seq_small: int = 0
+    max_registers: tuple = ()
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
@@ -122,6 +134,20 @@ class GDNPallasConfig:
                 "residuals='states' keeps the chunk-start states of the split forward; it needs "
                 f"forward='split', got forward={self.forward!r}"
             )
+        if self.seq_min_programs < 0:
+            raise ValueError(f"seq_min_programs must be >= 0, got {self.seq_min_programs}")
+        if self.warps_seq_small not in (0, 1, 2, 4, 8, 16):
+            raise ValueError(f"warps_seq_small must be 0 or 1-16, got {self.warps_seq_small}")
+        # JSON gives lists; the frozen config must hash (it is part of the jit cache key)
+        pairs = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in self.max_registers)
+        object.__setattr__(self, "max_registers", pairs)
+        for pair in pairs:
+            ok = isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+            if not ok or not str(pair[0]).startswith("gdn_") or not 24 <= int(pair[1]) <= 255:
+                raise ValueError(
+                    "max_registers must be pairs (kernel name starting 'gdn_', 24 <= N <= 255), "
+                    f"got {pair!r}"
+                )
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(
                 f"f32_precision must be 'highest' or 'tf32x3', got {self.f32_precision!r}"

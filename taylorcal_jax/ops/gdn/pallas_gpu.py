@@ -140,13 +140,21 @@ def _blocked_a_and_inverse(ks, gs, bs, dt, prec):
     return a, t
 
 
-def _compiler_params(st: _Static, warps: int, dt, bwd: bool = False):
+def _launch(name: str, st: _Static, warps: int, dt, bwd: bool = False) -> dict:
+    """pallas_call's `name` and `compiler_params` for one kernel: Triton warps and pipelining
+    depth, and the kernel's register cap from config.max_registers (register_cap.py reads it from
+    the name's `_nreg<N>` suffix)."""
     if st.interpret:
-        return None
+        return dict(name=name)
     from jax.experimental.pallas import triton as plgpu
 
+    if st.cfg.max_registers:
+        from taylorcal_jax.ops.gdn import register_cap
+
+        register_cap.install()
+        name = register_cap.kernel_name(name, st.cfg.max_registers)
     stages = st.cfg.stages_f32 if dt == F32 else (st.cfg.stages_bwd if bwd else st.cfg.stages)
-    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+    return dict(name=name, compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
 
 
 # ----------------------------------------------------------------------------- kernel 1
@@ -231,12 +239,25 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
         ]
         + extra_shape,
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_chunk, dt),
-        name="gdn_chunk",
+        **_launch("gdn_chunk", st, st.cfg.warps_chunk, dt),
     )(k, v, g, beta)
 
 
 # ----------------------------------------------------------------------------- kernel 2
+
+# Fewer (V-block, b, h) programs than this and state_segments (when on) splits the sequence.
+SEGMENT_TARGET_PROGRAMS = 128
+
+
+def _seq_tiling(st: _Static, vd: int, bh: int, warps: int) -> tuple[int, int]:
+    """(value block, warps) of a sequential kernel for V = vd and B * H = bh: config.block_v,
+    halved (to no less than 32) while the kernel would run fewer than config.seq_min_programs
+    programs but at least SEGMENT_TARGET_PROGRAMS (below those, segments split the sequence
+    instead); `warps`, or config.warps_seq_small where the block was halved and that is set."""
+    bv = full = min(st.cfg.block_v, vd)
+    while bv > 32 and SEGMENT_TARGET_PROGRAMS <= (vd // bv) * bh < st.cfg.seq_min_programs:
+        bv //= 2
+    return bv, (st.cfg.warps_seq_small if bv < full and st.cfg.warps_seq_small else warps)
 
 
 def _last(x, c):
@@ -274,7 +295,7 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, 
 def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
     b, tp, h, kd = q.shape
     vd = u.shape[-1]
-    bv = min(st.cfg.block_v, vd)
+    bv, warps = _seq_tiling(st, vd, b * h, st.cfg.warps_seq)
     nv = vd // bv
     full_k = pl.BlockSpec((None, tp, None, kd), lambda j, bb, hh: (bb, 0, hh, 0))
     full_v = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
@@ -291,8 +312,7 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
             jax.ShapeDtypeStruct((b, h, kd, vd), F32),
         ],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_seq, dt),
-        name="gdn_seq",
+        **_launch("gdn_seq", st, warps, dt),
     )(q, k, w, u, gcum, s0)
 
 
@@ -325,7 +345,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     nt = tp // st.chunk
-    bv = min(st.cfg.block_v, vd)
+    bv, warps = _seq_tiling(st, vd, b * h, st.cfg.warps_seq)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
     fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
@@ -342,8 +362,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_seq, dt, bwd),
-        name="gdn_states",
+        **_launch("gdn_states", st, warps, dt, bwd),
     )(w, u, kd, gc_src, s0)
 
 
@@ -365,8 +384,7 @@ def _out_call(q, k, gcum, hmat, vp, st: _Static, dt, out_dtype):
         out_specs=pl.BlockSpec((None, c, None, vd), idx4),
         out_shape=jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_out, dt),
-        name="gdn_out",
+        **_launch("gdn_out", st, st.cfg.warps_out, dt),
     )(q, k, gcum, hmat, vp)
 
 
@@ -525,7 +543,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, states=N
     vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv = min(st.cfg.block_v, vd)
+    bv, warps = _seq_tiling(st, vd, b * h, st.cfg.warps_bwd)
     nv = vd // bv
     prec = _f32_precision(st)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
@@ -553,8 +571,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, states=N
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        compiler_params=_compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
-        name="gdn_reverse",
+        **_launch("gdn_reverse", st, warps, dt, bwd=True),
     )(do, aqk, qg, kd, w, lgc, hmat, vp, dst)
     # partial gradients per V-block, summed here
     return du, dw.sum(0), dqg.sum(0), dkd.sum(0), daqk.sum(0), dlgc.sum(0), ds0

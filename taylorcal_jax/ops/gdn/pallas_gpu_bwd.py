@@ -198,8 +198,7 @@ def chunk_local_backward_call(
             jax.ShapeDtypeStruct(beta.shape, F32),
         ],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
-        name="gdn_bwd_wy",
+        **pg._launch("gdn_bwd_wy", st, st.cfg.warps_bwd_chunk, dt, bwd=True),
     )(tmat, k, v, beta, gcum, dw, du)
     dq, dk, dg = pl.pallas_call(
         functools.partial(_qk_bwd_kernel, st=st, dt=dt, prec=prec),
@@ -212,8 +211,7 @@ def chunk_local_backward_call(
             jax.ShapeDtypeStruct(beta.shape, g_dtype),
         ],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_qk, dt, bwd=True),
-        name="gdn_bwd_qk",
+        **pg._launch("gdn_bwd_qk", st, st.cfg.warps_bwd_qk, dt, bwd=True),
     )(q, k, gcum, dqg, dkd, daqk, dlgc, dkp, dgp)
     return dq, dk, dv, dg, dbeta
 
@@ -275,7 +273,6 @@ def prep_call(q, k, v, beta, gcum, tmat, st, dt, outputs=PREP_OUTPUTS):
         out_specs=[spec[o] for o in outputs],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, width[o]), dt) for o in outputs],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_chunk, dt, bwd=True),
-        name="gdn_bwd_prep",
+        **pg._launch("gdn_bwd_prep", st, st.cfg.warps_bwd_chunk, dt, bwd=True),
     )(q, k, v, beta, gcum, tmat)
     return dict(zip(outputs, outs, strict=True))

@@ -117,7 +117,7 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
     vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv = min(st.cfg.block_v, vd)
+    bv, warps = pg._seq_tiling(st, vd, b * h, st.cfg.warps_bwd)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
     fc = pl.BlockSpec((None, tp, None, c), lambda j, bb, hh: (bb, 0, hh, 0))
     fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
@@ -135,8 +135,7 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd, dt, bwd=True),
-        name="gdn_reverse_dh",
+        **pg._launch("gdn_reverse_dh", st, warps, dt, bwd=True),
     )(do, aqk, qg, kd, w, lgc, dst)
 
 
@@ -169,7 +168,6 @@ def backward_seq_split(w, u, qg, kd, aqk, lgc, s0, do, dst, st, dt, states=None)
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, kdim), dt)] * 3
         + [jax.ShapeDtypeStruct((b, tp, h, c), dt), jax.ShapeDtypeStruct((b, tp, h), F32)],
         interpret=st.interpret,
-        compiler_params=pg._compiler_params(st, st.cfg.warps_bwd_grads, dt, bwd=True),
-        name="gdn_reverse_grads",
+        **pg._launch("gdn_reverse_grads", st, st.cfg.warps_bwd_grads, dt, bwd=True),
     )(do, vp, du, hmat, dh, lgc)
     return du, dw, dqg, dkd, daqk, dlgc, ds0

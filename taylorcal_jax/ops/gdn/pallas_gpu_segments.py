@@ -42,12 +42,11 @@ from jax.experimental import pallas as pl
 from taylorcal_jax.ops.gdn import pallas_gpu as pg
 
 F32 = jnp.float32
-_TARGET_PROGRAMS = 128
 
 
 def num_segments(max_segments: int, programs: int, nt: int) -> int:
     """Segments for a state pass of `programs` (V-block, b, h) programs over nt chunks."""
-    limit = max_segments if max_segments > 0 else max(1, _TARGET_PROGRAMS // programs)
+    limit = max_segments if max_segments > 0 else max(1, pg.SEGMENT_TARGET_PROGRAMS // programs)
     return max(d for d in range(1, min(limit, nt) + 1) if nt % d == 0)
 
 
@@ -75,7 +74,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
     vd = u.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv = min(st.cfg.block_v, vd)
+    bv, warps = pg._seq_tiling(st, vd, b * h, st.cfg.warps_seq)
     nv = vd // bv
     nseg = num_segments(st.cfg.state_segments, nv * b * h, nt)
     if nseg == 1 or kdim % bv:
@@ -83,7 +82,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
     nsc = nt // nseg
     tseg = nsc * c
     prec = pg._f32_precision(st)
-    cparams = pg._compiler_params(st, st.cfg.warps_seq, dt, bwd)
+    launch = functools.partial(pg._launch, st=st, warps=warps, dt=dt, bwd=bwd)
     fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
     ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
     fu = pl.BlockSpec(
@@ -97,8 +96,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
         out_specs=seg_state,
         out_shape=jax.ShapeDtypeStruct((b, h, nseg, kdim, vd + kdim), F32),
         interpret=st.interpret,
-        compiler_params=cparams,
-        name="gdn_segment_ends",
+        **launch("gdn_segment_ends"),
     )(w, u, kd, gc_src)
 
     def step(s, em):
@@ -122,8 +120,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        compiler_params=cparams,
-        name="gdn_states_seg",
+        **launch("gdn_states_seg"),
     )(w, u, kd, gc_src, starts)
     return hmat, vp, ends[:, :, -1]
 
@@ -167,7 +164,7 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv = min(st.cfg.block_v, vd)
+    bv, warps = pg._seq_tiling(st, vd, b * h, st.cfg.warps_bwd)
     nv = vd // bv
     nseg = num_segments(st.cfg.state_segments, nv * b * h, nt)
     if nseg == 1 or kdim % bv:
@@ -175,7 +172,7 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     nsc = nt // nseg
     tseg = nsc * c
     prec = pg._f32_precision(st)
-    cparams = pg._compiler_params(st, st.cfg.warps_bwd, dt, bwd=True)
+    launch = functools.partial(pg._launch, st=st, warps=warps, dt=dt, bwd=True)
     fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
     fc = pl.BlockSpec((None, tseg, None, c), lambda j, s, bb, hh: (bb, s, hh, 0))
     ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
@@ -192,8 +189,7 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
         out_specs=seg_state,
         out_shape=jax.ShapeDtypeStruct((b, h, nseg, kdim, vd + kdim), F32),
         interpret=st.interpret,
-        compiler_params=cparams,
-        name="gdn_reverse_segment_ends",
+        **launch("gdn_reverse_segment_ends"),
     )(do, aqk, qg, kd, w, lgc)
 
     def step(dsp, em):
@@ -217,7 +213,6 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        compiler_params=cparams,
-        name="gdn_reverse_dh_seg",
+        **launch("gdn_reverse_dh_seg"),
     )(do, aqk, qg, kd, w, lgc, seg_dst)
     return du, dh, seg_ds0[:, :, 0]
