@@ -236,7 +236,6 @@ _STATES_W4_TF32 = {
     "warps_bwd": 4,
     "t_precision": "tf32",
 }
-_CAP_BWD = (("gdn_bwd_qk", 128), ("gdn_bwd_wy", 128))
 CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig fields)
     "base": {},
     "xbwd_s1": dict(stages_bwd=1),
@@ -261,28 +260,8 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
         "t_precision": "tf32",
     },
     "states_w4_tf32": _STATES_W4_TF32,
-    # session 4: on top of the default, halve the sequential kernels' value block where they
-    # would run one program per SM (4 x 8192 x 16: 128 -> 256 programs) ...
-    "sv256": {**_STATES_W4_TF32, "seq_min_programs": 256},
-    # ... the same with 8 warps where halved (2 programs of 8 warps per SM: 84 / 126 registers
-    # for the state / reverse kernels offline) ...
-    "sv256_w8": {**_STATES_W4_TF32, "seq_min_programs": 256, "warps_seq_small": 8},
-    "sv512_w8": {**_STATES_W4_TF32, "seq_min_programs": 512, "warps_seq_small": 8},
-    # ... and cap registers (Triton maxnreg through register_cap.py): the two backward chunk
-    # kernels at 128 (2 programs of 8 warps per SM instead of 1), then kernel 1 and the output
-    # kernel at 168 (3 programs of 4 warps instead of 2), then kernel 1 at 128 and the reverse
-    # recurrence at 168
-    "sv_capb": {**_STATES_W4_TF32, "seq_min_programs": 256, "max_registers": _CAP_BWD},
-    "sv_capf": {
-        **_STATES_W4_TF32,
-        "seq_min_programs": 256,
-        "max_registers": _CAP_BWD + (("gdn_chunk", 168), ("gdn_out", 168)),
-    },
-    "sv_capx": {
-        **_STATES_W4_TF32,
-        "seq_min_programs": 256,
-        "max_registers": _CAP_BWD + (("gdn_chunk", 128), ("gdn_out", 168), ("gdn_reverse_dh", 168)),
-    },
+    # session 4: the state pass forms kd from k where unsegmented (kernel 1 writes no kd)
+    "kd": {**_STATES_W4_TF32, "kd_in_states": True},
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import tempfile
 
@@ -30,12 +29,10 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
     from jax import export
     from jax._src.pallas.triton import pallas_call_registration as reg
 
-    from taylorcal_jax.ops.gdn import register_cap
     from taylorcal_jax.ops.gdn.config import GDNPallasConfig
     from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
 
     found = {}
-    register_cap.install()  # before the hook below, so that the dumped IR carries the caps
     orig = reg.lowering.lower_jaxpr_to_triton_module
 
     def hook(*a, **kw):
@@ -96,9 +93,8 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
         "gdn_bwd_prep",
     )
     for name, info in found.items():
-        base = re.sub(r"_nreg\d+$", "", name)  # config.max_registers' suffix
-        info["num_warps"] = warps.get(base, 4)
-        info["num_stages"] = cfg.stages_bwd if base in bwd_names else cfg.stages
+        info["num_warps"] = warps.get(name, 4)
+        info["num_stages"] = cfg.stages_bwd if name in bwd_names else cfg.stages
     return found
 
 

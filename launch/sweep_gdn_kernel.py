@@ -8,8 +8,8 @@ of the forward, and with --fwdbwd of forward + backward, at each --rows shape, b
 process. Compare figures within one result file only (one machine, one process).
 
 Usage (device):
-  python3 launch/sweep_gdn_kernel.py --base sv256 --rows 1 \
-      --grid '{"warps_seq_small": [2, 4], "stages": [1, 2, 3]}' --out $OUT/sweep.json
+  python3 launch/sweep_gdn_kernel.py --base kd --rows 1,0 --fwdbwd \
+      --grid '{"warps_seq": [2, 4], "stages": [1, 2, 3]}' --out $OUT/sweep.json
 """
 
 from __future__ import annotations

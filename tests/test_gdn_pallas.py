@@ -59,6 +59,7 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (50, 32, 16, 32, FUSED),
         (70, 16, 16, 64, FLA),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
+        (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, block_v=16)),  # kd formed in pass
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -84,9 +85,12 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         ("pallas", "fla", "split", {"residuals": "states"}),
         ("pallas", "fla", "fused", {"residuals": "states"}),
         ("analytic", "fla", "split", {"residuals": "t", "forward": "fused"}),
+        # the state pass forms kd from k (unsegmented only; kernel 1 then writes no kd)
+        ("pallas", "fla", "split", {"residuals": "states", "kd_in_states": True, "segments": 1}),
     ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
+    extra = dict(extra)
     inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
     args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(3)
@@ -109,7 +113,7 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
             chunk_kernel=chunk_kernel,
             reverse=reverse,
             block_v=16,  # two V-blocks
-            state_segments=0 if reverse == "split" else 1,
+            state_segments=extra.pop("segments", 0 if reverse == "split" else 1),
             **extra,
         ),
     )
@@ -229,55 +233,19 @@ def test_num_segments_divides_chunks_and_targets_one_program_per_sm():
     assert num_segments(1, 1, 64) == 1
 
 
-def _static(**cfg):
+def test_kd_in_states_only_where_the_state_pass_is_unsegmented():
     from taylorcal_jax.ops.gdn import pallas_gpu as pg
 
-    return pg._Static(chunk=64, scale=1.0, use_l2=True, interpret=True, cfg=GDNPallasConfig(**cfg))
-
-
-def test_seq_tiling_halves_only_between_segment_target_and_min_programs():
-    from taylorcal_jax.ops.gdn.pallas_gpu import _seq_tiling
-
-    st = _static(block_v=64, seq_min_programs=256, warps_seq_small=8)
-    assert _seq_tiling(st, 128, 4 * 16, 4) == (32, 8)  # 4 x 8192 x 16: 128 programs -> 256
-    assert _seq_tiling(st, 128, 8 * 16, 4) == (64, 4)  # 8 x 4096 x 16: already 256
-    assert _seq_tiling(st, 128, 16 * 12, 4) == (64, 4)  # 16 x 2048 x 12: 384
-    assert _seq_tiling(st, 128, 16, 4) == (64, 4)  # 1 x 32768 x 16: 32 programs, segments' case
-    assert _seq_tiling(_static(seq_min_programs=1024), 128, 64, 4) == (32, 4)  # floor 32
-    assert _seq_tiling(_static(block_v=64), 128, 64, 4) == (64, 4)  # 0 = off (field default)
-    assert _seq_tiling(st, 32, 4096, 4) == (32, 4)  # V below the block: nothing to halve
-
-
-def test_halved_seq_block_gives_the_reference_gradients(monkeypatch):
-    """seq_min_programs at a tiny shape: the segment threshold lowered to 2 programs so that
-    B * H = 2 with V = 64 halves the value block of the state and reverse passes (1 -> 2
-    programs each), forward and backward against the fp32 reference."""
-    from taylorcal_jax.ops.gdn import pallas_gpu as pg
-
-    monkeypatch.setattr(pg, "SEGMENT_TARGET_PROGRAMS", 2)
-    cfg = dict(block_v=64, seq_min_programs=8, state_segments=0, warps_seq_small=8)
-    assert pg._seq_tiling(_static(**cfg), 64, 2, 4) == (32, 8)
-    inputs = random_inputs(4, b=1, t=45, h=2, k=16, v=64)
-    args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
-    ct = tuple(
-        jnp.asarray(np.random.default_rng(5).standard_normal(shape), jnp.float32)
-        for shape in ((1, 45, 2, 64), (1, 2, 16, 64))
+    st = pg._Static(
+        chunk=64,
+        scale=1.0,
+        use_l2=True,
+        interpret=True,
+        cfg=GDNPallasConfig(state_segments=0, kd_in_states=True),
     )
-
-    def run(fn, **kw):
-        out, vjp = jax.vjp(
-            lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw), *args
-        )
-        return out, vjp(ct)
-
-    extra = dict(backward="pallas", chunk_kernel="fla", reverse="split", residuals="states")
-    config = GDNPallasConfig(**cfg, **extra)
-    (o, s), grads = run(gated_delta_rule_pallas, chunk_size=16, interpret=True, config=config)
-    with jax.default_matmul_precision("highest"):
-        (ro, rs), ref = run(gated_delta_rule_reference)
-    assert rel_err(o, ro) < 2e-5 and rel_err(s, rs) < 2e-5
-    for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
-        assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
+    rows = {(8, 4096, 16): True, (4, 8192, 16): True, (1, 32768, 16): False, (16, 2048, 12): True}
+    for (b, t, h), expected in rows.items():  # 1 x 32768 x 16: 32 programs, so 4 segments
+        assert pg._kd_in_states_applies(st, b, t, h, 128, 128) is expected, (b, t, h)
 
 
 def test_beta_zero_gives_decayed_readout_of_initial_state():
@@ -310,6 +278,42 @@ def test_no_initial_state_and_no_final_state():
     o, state = gated_delta_rule_pallas(*_args(inputs), chunk_size=16, interpret=True)
     assert state is None
     assert rel_err(o, numpy_gated_delta_rule(**inputs)[0]) < 2e-5
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GDNPallasConfig(forward="fused", block_v=16),
+        GDNPallasConfig(state_segments=0, block_v=16),  # segmented: the scan broadcasts s0
+        GDNPallasConfig(**{**BF16_DEFAULT.__dict__, "block_v": 16, "state_segments": 1}),
+    ],
+)
+def test_no_initial_state_runs_from_one_shared_zero_state(config):
+    """Without an initial state the kernels read one [1, 1, K, V] zero state for every (b, h);
+    outputs, final states and gradients as with explicit per-(b, h) zeros."""
+    inputs = random_inputs(8, b=2, t=40, h=3, k=16, v=32, with_state=False)
+    args = _args(inputs)
+    zeros = jnp.zeros((2, 3, 16, 32), jnp.float32)
+    rng = np.random.default_rng(9)
+    ct = (
+        jnp.asarray(rng.standard_normal((2, 40, 3, 32)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 3, 16, 32)), jnp.float32),
+    )
+
+    def run(**kw):
+        def f(*a):
+            return gated_delta_rule_pallas(
+                *a, output_final_state=True, chunk_size=16, interpret=True, config=config, **kw
+            )
+
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(ct)
+
+    (o, s), grads = run()
+    (zo, zs), zgrads = run(initial_state_bhkv=zeros)
+    assert rel_err(o, zo) < 1e-6 and rel_err(s, zs) < 1e-6
+    for name, a, z in zip(NAMES, grads, zgrads, strict=True):
+        assert rel_err(a, z) < 1e-6, name
 
 
 def test_default_config_follows_operand_dtype():
@@ -351,13 +355,8 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(backward="pallas")
     with pytest.raises(ValueError, match="t_precision"):
         GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
-    with pytest.raises(ValueError, match="seq_min_programs"):
-        GDNPallasConfig(seq_min_programs=-1)
-    with pytest.raises(ValueError, match="warps_seq_small"):
-        GDNPallasConfig(warps_seq_small=3)
-    for bad in ([("gdn_out", 300)], [("out", 128)], [("gdn_out",)]):
-        with pytest.raises(ValueError, match="max_registers"):
-            GDNPallasConfig(max_registers=bad)
+    with pytest.raises(ValueError, match="kd_in_states"):
+        GDNPallasConfig(forward="fused", kd_in_states=True)
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
     assert unsupported_reason(q, q, q, 64) is None
     assert "power of two" in unsupported_reason(q, q, jnp.zeros((1, 16, 1, 24)), 64)
@@ -387,6 +386,8 @@ def test_rejects_unsupported_shapes_and_options():
             warps_bwd=8,
         ),
         BF16_DEFAULT,
+        # the default unsegmented (at this shape it segments), so that the state pass forms kd
+        GDNPallasConfig(**{**BF16_DEFAULT.__dict__, "state_segments": 1}),
     ],
 )
 @pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])

@@ -44,12 +44,6 @@ class GDNPallasConfig:
       (about one program per SM, so only small B * H is split). Needs K to be a multiple of the
       value block. In BF16_DEFAULT (0).
     block_v: value-dim block of the sequential kernels (one program per (V-block, b, h)).
-    seq_min_programs: 0 = the sequential kernels (state pass, reverse pass) use block_v; n > 0 =
-      they halve it (to no less than 32) while they would run fewer than n programs but at least
-      the 128 below which state_segments splits the sequence instead. At 4 x 8192 x 16 x 128,
-      block_v 64 gives 128 programs: one per SM of an H100, where two fit.
-    warps_seq_small: warps of those sequential kernels where seq_min_programs halved the value
-      block (0 = warps_seq / warps_bwd as elsewhere).
     warps_chunk / warps_seq / warps_bwd / warps_out / warps_bwd_chunk / warps_bwd_qk /
       warps_bwd_grads: Triton warps of kernel 1, the sequential forward (and segment) kernels, the
       sequential backward kernels, the split output kernel (and the backward's qg/aqk kernel),
@@ -70,9 +64,10 @@ class GDNPallasConfig:
       "states" = also the chunk-start states h and v' of the split forward, so the backward skips
       the state pass too: +[B, H, T/C * K, V] + [B, T, H, V] of memory, like FLA's h if it were
       kept. Only the forward run under differentiation keeps them.
-    max_registers: register caps per kernel, pairs (pallas_call name, N), e.g. (("gdn_bwd_qk",
-      128),): Triton's maxnreg, set through register_cap.py (a kernel at 251 registers and 8
-      warps fits one program per SM, capped at 128 two, with some spilling).
+    kd_in_states: split forward: the state pass forms kd = l2(k) exp(G_C - G) from k and G
+      itself, so kernel 1 does not write kd ([B, T, H, K] in the operand dtype, about a fifth of
+      kernel 1's bytes). Only where the pass runs unsegmented at the full block_v; elsewhere
+      kernel 1 still writes kd (pallas_gpu._kd_in_states_applies says why).
     """
 
     forward: str = "split"
@@ -94,9 +89,7 @@ class GDNPallasConfig:
     f32_precision: str = "highest"
     t_precision: str = "bf16x3"
     residuals: str = "inputs"
-    seq_min_programs: int = 0
-    warps_seq_small: int = 0
-    max_registers: tuple = ()
+    kd_in_states: bool = False
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
@@ -129,25 +122,13 @@ class GDNPallasConfig:
                 f"residuals={self.residuals!r} feeds the closed-form backward; it needs "
                 f"backward='analytic' or 'pallas', got backward={self.backward!r}"
             )
+        if self.kd_in_states and self.forward != "split":
+            raise ValueError("kd_in_states is an option of the split forward's state pass")
         if self.residuals == "states" and self.forward != "split":
             raise ValueError(
                 "residuals='states' keeps the chunk-start states of the split forward; it needs "
                 f"forward='split', got forward={self.forward!r}"
             )
-        if self.seq_min_programs < 0:
-            raise ValueError(f"seq_min_programs must be >= 0, got {self.seq_min_programs}")
-        if self.warps_seq_small not in (0, 1, 2, 4, 8, 16):
-            raise ValueError(f"warps_seq_small must be 0 or 1-16, got {self.warps_seq_small}")
-        # JSON gives lists; the frozen config must hash (it is part of the jit cache key)
-        pairs = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in self.max_registers)
-        object.__setattr__(self, "max_registers", pairs)
-        for pair in pairs:
-            ok = isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
-            if not ok or not str(pair[0]).startswith("gdn_") or not 24 <= int(pair[1]) <= 255:
-                raise ValueError(
-                    "max_registers must be pairs (kernel name starting 'gdn_', 24 <= N <= 255), "
-                    f"got {pair!r}"
-                )
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(
                 f"f32_precision must be 'highest' or 'tf32x3', got {self.f32_precision!r}"
@@ -173,6 +154,7 @@ BF16_DEFAULT = GDNPallasConfig(
     warps_bwd=4,
     residuals="states",
     t_precision="tf32",
+    kd_in_states=True,
 )
 # float32 inputs: DEFAULT_CONFIG, the configuration whose fp32 forward and gradients were compiled
 # and checked on an H100 (exact to 6e-7); BF16_DEFAULT's fp32 path is checked in interpret mode

@@ -141,18 +141,12 @@ def _blocked_a_and_inverse(ks, gs, bs, dt, prec):
 
 
 def _launch(name: str, st: _Static, warps: int, dt, bwd: bool = False) -> dict:
-    """pallas_call's `name` and `compiler_params` for one kernel: Triton warps and pipelining
-    depth, and the kernel's register cap from config.max_registers (register_cap.py reads it from
-    the name's `_nreg<N>` suffix)."""
+    """pallas_call's `name` and `compiler_params` (Triton warps and pipelining depth) for one
+    kernel."""
     if st.interpret:
         return dict(name=name)
     from jax.experimental.pallas import triton as plgpu
 
-    if st.cfg.max_registers:
-        from taylorcal_jax.ops.gdn import register_cap
-
-        register_cap.install()
-        name = register_cap.kernel_name(name, st.cfg.max_registers)
     stages = st.cfg.stages_f32 if dt == F32 else (st.cfg.stages_bwd if bwd else st.cfg.stages)
     return dict(name=name, compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
 
@@ -245,24 +239,26 @@ def _chunk_call(k, v, g, beta, st: _Static, dt, with_kd=False, with_t=False):
 
 # ----------------------------------------------------------------------------- kernel 2
 
-# Fewer (V-block, b, h) programs than this and state_segments (when on) splits the sequence.
-SEGMENT_TARGET_PROGRAMS = 128
-
-
-def _seq_tiling(st: _Static, vd: int, bh: int, warps: int) -> tuple[int, int]:
-    """(value block, warps) of a sequential kernel for V = vd and B * H = bh: config.block_v,
-    halved (to no less than 32) while the kernel would run fewer than config.seq_min_programs
-    programs but at least SEGMENT_TARGET_PROGRAMS (below those, segments split the sequence
-    instead); `warps`, or config.warps_seq_small where the block was halved and that is set."""
-    bv = full = min(st.cfg.block_v, vd)
-    while bv > 32 and SEGMENT_TARGET_PROGRAMS <= (vd // bv) * bh < st.cfg.seq_min_programs:
-        bv //= 2
-    return bv, (st.cfg.warps_seq_small if bv < full and st.cfg.warps_seq_small else warps)
-
 
 def _last(x, c):
     """x[C-1] of a [C] vector without value slicing."""
     return jnp.sum(jnp.where(_iota((c,), 0) == c - 1, x, 0.0))
+
+
+def _s0_spec(s0, kdim, bv):
+    """BlockSpec (grid NV x B x H) of the initial state: per (b, h), or the one [1, 1, K, V]
+    state that every (b, h) starts from (gated_delta_rule_pallas passes a single zero state when
+    none is given, instead of materialising [B, H, K, V] zeros)."""
+    if s0.shape[:2] == (1, 1):
+        return pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (0, 0, 0, j))
+    return pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+
+
+def _chunk_end_decay(ref, i, c):
+    """exp(ref[i * C + C - 1]) as a [1, 1] value, by a one-element load. The sequential kernels
+    use it in place of _last over the chunk's [C] rows: there a block-wide reduction (shared
+    memory and a barrier) would sit on the loop carry's path every step."""
+    return jnp.exp(ref[pl.ds(i * c + c - 1, 1)])[:, None]
 
 
 def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, st, dt, prec, nt):
@@ -295,7 +291,7 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, 
 def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
     b, tp, h, kd = q.shape
     vd = u.shape[-1]
-    bv, warps = _seq_tiling(st, vd, b * h, st.cfg.warps_seq)
+    bv = min(st.cfg.block_v, vd)
     nv = vd // bv
     full_k = pl.BlockSpec((None, tp, None, kd), lambda j, bb, hh: (bb, 0, hh, 0))
     full_v = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
@@ -305,14 +301,14 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
     return pl.pallas_call(
         kern,
         grid=(nv, b, h),
-        in_specs=[full_k, full_k, full_k, full_v, full_t, state],
+        in_specs=[full_k, full_k, full_k, full_v, full_t, _s0_spec(s0, kd, bv)],
         out_specs=[full_v, state],
         out_shape=[
             jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
             jax.ShapeDtypeStruct((b, h, kd, vd), F32),
         ],
         interpret=st.interpret,
-        **_launch("gdn_seq", st, warps, dt),
+        **_launch("gdn_seq", st, st.cfg.warps_seq, dt),
     )(q, k, w, u, gcum, s0)
 
 
@@ -334,9 +330,11 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
-    """Sequential state pass: (h [B, H, NT*K, V] chunk-start states, v' [B,Tp,H,V], final S)."""
-    if st.cfg.state_segments != 1:
+def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=False):
+    """Sequential state pass: (h [B, H, NT*K, V] chunk-start states, v' [B,Tp,H,V], final S).
+    kd_from_k: `kd` is k itself and gc_src the cumulative G of every row; the kernel forms
+    kd = l2(k) exp(G_C - G) as it goes (config.kd_in_states; never with segments)."""
+    if st.cfg.state_segments != 1 and not kd_from_k:
         from taylorcal_jax.ops.gdn.pallas_gpu_segments import states_call_segmented
 
         out = states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd)
@@ -345,16 +343,24 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     nt = tp // st.chunk
-    bv, warps = _seq_tiling(st, vd, b * h, st.cfg.warps_seq)
+    bv = min(st.cfg.block_v, vd)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
     fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
     state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     return pl.pallas_call(
-        functools.partial(_states_kernel, st=st, dt=dt, prec=_f32_precision(st), nt=nt, kdim=kdim),
+        functools.partial(
+            _states_kernel,
+            st=st,
+            dt=dt,
+            prec=_f32_precision(st),
+            nt=nt,
+            kdim=kdim,
+            kd_from_k=kd_from_k,
+        ),
         grid=(vd // bv, b, h),
-        in_specs=[fk, fv, fk, ft, state],
+        in_specs=[fk, fv, fk, ft, _s0_spec(s0, kdim, bv)],
         out_specs=[hs, fv, state],
         out_shape=[
             jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
@@ -362,7 +368,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False):
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **_launch("gdn_states", st, warps, dt, bwd),
+        **_launch("gdn_states", st, st.cfg.warps_seq, dt, bwd),
     )(w, u, kd, gc_src, s0)
 
 
@@ -393,16 +399,31 @@ def _forward(q, k, v, g, beta, s0, st: _Static, keep=False):
     (G, T, (h, v') or None) for the backward."""
     dt = _operand_dtype(q, k, v)
     split = st.cfg.forward == "split"
-    w, u, gcum, *extra = _chunk_call(k, v, g, beta, st, dt, with_kd=split, with_t=keep)
+    kd_in_states = (
+        split and st.cfg.kd_in_states and _kd_in_states_applies(st, *k.shape, v.shape[-1])
+    )
+    with_kd = split and not kd_in_states
+    w, u, gcum, *extra = _chunk_call(k, v, g, beta, st, dt, with_kd=with_kd, with_t=keep)
     tmat = extra.pop() if keep else None
     if not split:
         out = _seq_call(q, k, w, u, gcum, s0, st, dt, v.dtype)
         return out, ((gcum, tmat, None) if keep else None)
-    hmat, vp, s_final = _states_call(w, u, extra[0], gcum, s0, st, dt)
+    kd = k if kd_in_states else extra[0]
+    hmat, vp, s_final = _states_call(w, u, kd, gcum, s0, st, dt, kd_from_k=kd_in_states)
     out = _out_call(q, k, gcum, hmat, vp, st, dt, v.dtype), s_final
     if not keep:
         return out, None
     return out, (gcum, tmat, (hmat, vp) if st.cfg.residuals == "states" else None)
+
+
+def _kd_in_states_applies(st: _Static, b, tp, h, kdim, vd) -> bool:
+    """config.kd_in_states takes effect where the state pass runs unsegmented (the segment-end
+    kernel reads kd as well, so there kernel 1 writes it)."""
+    if st.cfg.state_segments == 1:
+        return True
+    from taylorcal_jax.ops.gdn.pallas_gpu_segments import num_state_segments
+
+    return num_state_segments(st, b, tp, h, kdim, vd) == 1
 
 
 def _operand_dtype(*xs):
@@ -461,9 +482,25 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
 
 
 def _states_kernel(
-    w_ref, u_ref, kd_ref, gc_ref, s0_ref, h_ref, vp_ref, st_ref, *, st, dt, prec, nt, kdim
+    w_ref,
+    u_ref,
+    kd_ref,
+    gc_ref,
+    s0_ref,
+    h_ref,
+    vp_ref,
+    st_ref,
+    *,
+    st,
+    dt,
+    prec,
+    nt,
+    kdim,
+    kd_from_k=False,
 ):
-    """gc_ref: any [Tp] vector whose last entry in each chunk is G_C (cumsum G or lgc)."""
+    """gc_ref: any [Tp] vector whose last entry in each chunk is G_C (cumsum G or lgc); with
+    kd_from_k, kd_ref holds k and gc_ref the cumulative G of every row, and kd is formed here
+    (off the carry's path: it depends on loads only), so that kernel 1 need not write it."""
     c = st.chunk
 
     def body(i, s):
@@ -471,8 +508,12 @@ def _states_kernel(
         h_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = s.astype(h_ref.dtype)
         vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
         vp_ref[rows, :] = vp.astype(vp_ref.dtype)
-        gc = _last(gc_ref[rows], c)
-        return s * jnp.exp(gc) + _mm(kd_ref[rows, :], vp, 0, 0, dt, prec)
+        kd = kd_ref[rows, :]
+        if kd_from_k:
+            kn = kd.astype(F32)
+            kn = _l2(kn) if st.use_l2 else kn
+            kd = kn * jnp.exp(gc_ref[pl.ds(i * c + c - 1, 1)] - gc_ref[rows])[:, None]
+        return s * _chunk_end_decay(gc_ref, i, c) + _mm(kd, vp, 0, 0, dt, prec)
 
     st_ref[...] = lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
 
@@ -543,7 +584,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, states=N
     vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv, warps = _seq_tiling(st, vd, b * h, st.cfg.warps_bwd)
+    bv = min(st.cfg.block_v, vd)
     nv = vd // bv
     prec = _f32_precision(st)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
@@ -571,7 +612,7 @@ def _backward_seq(w, u, qg, kd, aqk, lgc, s0, do, dst, st: _Static, dt, states=N
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **_launch("gdn_reverse", st, warps, dt, bwd=True),
+        **_launch("gdn_reverse", st, st.cfg.warps_bwd, dt, bwd=True),
     )(do, aqk, qg, kd, w, lgc, hmat, vp, dst)
     # partial gradients per V-block, summed here
     return du, dw.sum(0), dqg.sum(0), dkd.sum(0), daqk.sum(0), dlgc.sum(0), ds0
@@ -618,7 +659,7 @@ def _gdn_bwd(st, res, cts):
         cast = lambda x, ref: x.astype(ref.dtype)  # noqa: E731
         return (
             cast(dq, q), cast(dk, k), cast(dv, v), cast(dg, g), cast(dbeta, beta),
-            ds0.astype(s0.dtype),
+            _initial_state_ct(ds0, s0),
         )  # fmt: skip
     (w, u, qg, kd, aqk, lgc), vjp = jax.vjp(
         functools.partial(_stage1, st=st, dt=dt), q, k, v, g, beta
@@ -630,7 +671,14 @@ def _gdn_bwd(st, res, cts):
     dq, dk, dv, dg, dbeta = vjp(
         (cast(dw, w), cast(du, u), cast(dqg, qg), cast(dkd, kd), cast(daqk, aqk), dlgc)
     )
-    return dq, dk, dv, dg, dbeta, ds0.astype(s0.dtype)
+    return dq, dk, dv, dg, dbeta, _initial_state_ct(ds0, s0)
+
+
+def _initial_state_ct(ds0, s0):
+    """The cotangent of s0 from the per-(b, h) ds0: summed over (b, h) for a shared s0."""
+    if ds0.shape != s0.shape:
+        ds0 = jnp.sum(ds0, axis=(0, 1), keepdims=True)
+    return ds0.astype(s0.dtype)
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)
@@ -699,7 +747,7 @@ def gated_delta_rule_pallas(
         cfg=config,
     )
     if initial_state_bhkv is None:
-        s0 = jnp.zeros((b, h, kdim, vd), F32)
+        s0 = jnp.zeros((1, 1, kdim, vd), F32)  # one zero state for every (b, h)
     else:
         if initial_state_bhkv.shape != (b, h, kdim, vd):
             raise ValueError(

@@ -69,9 +69,8 @@ def _dh_kernel(
             kd_ref[rows, :], dsp, 1, 0, dt, prec
         )
         du_ref[rows, :] = dvp.astype(du_ref.dtype)
-        egc = jnp.exp(jnp.sum(lgc_ref[rows]))
         return (
-            egc * dsp
+            pg._chunk_end_decay(lgc_ref, i, c) * dsp
             + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
             - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec)
         )
@@ -117,7 +116,7 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
     vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv, warps = pg._seq_tiling(st, vd, b * h, st.cfg.warps_bwd)
+    bv = min(st.cfg.block_v, vd)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
     fc = pl.BlockSpec((None, tp, None, c), lambda j, bb, hh: (bb, 0, hh, 0))
     fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
@@ -135,7 +134,7 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **pg._launch("gdn_reverse_dh", st, warps, dt, bwd=True),
+        **pg._launch("gdn_reverse_dh", st, st.cfg.warps_bwd, dt, bwd=True),
     )(do, aqk, qg, kd, w, lgc, dst)
 
 

@@ -42,12 +42,21 @@ from jax.experimental import pallas as pl
 from taylorcal_jax.ops.gdn import pallas_gpu as pg
 
 F32 = jnp.float32
+_TARGET_PROGRAMS = 128
 
 
 def num_segments(max_segments: int, programs: int, nt: int) -> int:
     """Segments for a state pass of `programs` (V-block, b, h) programs over nt chunks."""
-    limit = max_segments if max_segments > 0 else max(1, pg.SEGMENT_TARGET_PROGRAMS // programs)
+    limit = max_segments if max_segments > 0 else max(1, _TARGET_PROGRAMS // programs)
     return max(d for d in range(1, min(limit, nt) + 1) if nt % d == 0)
+
+
+def num_state_segments(st, b, tp, h, kdim, vd) -> int:
+    """NSEG of the state and reverse passes for these shapes; 1 = unsegmented (also when K is
+    not a multiple of the value block)."""
+    bv = min(st.cfg.block_v, vd)
+    nseg = num_segments(st.cfg.state_segments, (vd // bv) * b * h, tp // st.chunk)
+    return 1 if kdim % bv else nseg
 
 
 def _ends_kernel(w_ref, u_ref, kd_ref, gc_ref, x_ref, *, st, dt, prec, nsc, nv, bv, kdim):
@@ -61,8 +70,7 @@ def _ends_kernel(w_ref, u_ref, kd_ref, gc_ref, x_ref, *, st, dt, prec, nsc, nv, 
         rows = pl.ds(pl.multiple_of(i * c, c), c)
         u = jnp.where(is_m, 0.0, u_ref[rows, :].astype(F32))
         vp = u - pg._mm(w_ref[rows, :], s, 1, 0, dt, prec)
-        gc = pg._last(gc_ref[rows], c)
-        return s * jnp.exp(gc) + pg._mm(kd_ref[rows, :], vp, 0, 0, dt, prec)
+        return s * pg._chunk_end_decay(gc_ref, i, c) + pg._mm(kd_ref[rows, :], vp, 0, 0, dt, prec)
 
     x_ref[...] = lax.fori_loop(0, nsc, body, s_init)
 
@@ -74,15 +82,15 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
     vd = u.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv, warps = pg._seq_tiling(st, vd, b * h, st.cfg.warps_seq)
+    bv = min(st.cfg.block_v, vd)
     nv = vd // bv
-    nseg = num_segments(st.cfg.state_segments, nv * b * h, nt)
-    if nseg == 1 or kdim % bv:
+    nseg = num_state_segments(st, b, tp, h, kdim, vd)
+    if nseg == 1:
         return None
     nsc = nt // nseg
     tseg = nsc * c
     prec = pg._f32_precision(st)
-    launch = functools.partial(pg._launch, st=st, warps=warps, dt=dt, bwd=bwd)
+    launch = functools.partial(pg._launch, st=st, warps=st.cfg.warps_seq, dt=dt, bwd=bwd)
     fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
     ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
     fu = pl.BlockSpec(
@@ -105,6 +113,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
 
     ends_e = jnp.moveaxis(x[..., :vd], 2, 0)
     ends_m = jnp.moveaxis(x[..., vd:], 2, 0)
+    s0 = jnp.broadcast_to(s0, (b, h, kdim, vd))  # a shared [1, 1, K, V] start, too
     _, starts = lax.scan(step, s0, (ends_e, ends_m))  # [NSEG, B, H, K, V]
     starts = jnp.moveaxis(starts, 0, 2)
     fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
@@ -140,14 +149,14 @@ def _rev_ends_kernel(
     s_init = jnp.where(jnp.logical_and(is_m, r == col + (j - nv) * bv), 1.0, 0.0).astype(F32)
 
     def body(n, dsp):
-        rows = pl.ds(pl.multiple_of((nsc - 1 - n) * c, c), c)
+        i = nsc - 1 - n
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
         do = jnp.where(is_m, 0.0, do_ref[rows, :].astype(F32))
         dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(
             kd_ref[rows, :], dsp, 1, 0, dt, prec
         )
-        egc = jnp.exp(jnp.sum(lgc_ref[rows]))
         return (
-            egc * dsp
+            pg._chunk_end_decay(lgc_ref, i, c) * dsp
             + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
             - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec)
         )
@@ -164,7 +173,7 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     vd = do.shape[-1]
     c = st.chunk
     nt = tp // c
-    bv, warps = pg._seq_tiling(st, vd, b * h, st.cfg.warps_bwd)
+    bv = min(st.cfg.block_v, vd)
     nv = vd // bv
     nseg = num_segments(st.cfg.state_segments, nv * b * h, nt)
     if nseg == 1 or kdim % bv:
@@ -172,7 +181,7 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     nsc = nt // nseg
     tseg = nsc * c
     prec = pg._f32_precision(st)
-    launch = functools.partial(pg._launch, st=st, warps=warps, dt=dt, bwd=True)
+    launch = functools.partial(pg._launch, st=st, warps=st.cfg.warps_bwd, dt=dt, bwd=True)
     fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
     fc = pl.BlockSpec((None, tseg, None, c), lambda j, s, bb, hh: (bb, s, hh, 0))
     ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
