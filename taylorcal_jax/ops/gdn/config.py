@@ -139,12 +139,12 @@ DEFAULT_CONFIG = GDNPallasConfig()  # the field defaults: the first GPU-checked 
 
 # What gated_delta_rule_pallas runs when no config is given, by operand dtype.
 # 16-bit inputs: the fastest configuration measured on an H100 (launch/results/gdn_kernel_h100.json,
-# bench candidate "states_w4_tf32": kernel 1 in FLA's layout with one-pass TF32 products for T,
-# split and segmented reverse at 4 warps, the closed-form chunk-local backward as two Pallas
-# kernels, bf16 cotangent intermediates, and the forward keeping T, h and v' for the backward):
-# fwd 1.24-1.26 ms, fwd+bwd 4.18-4.21 ms at 8 x 4096 x 16 x 128 (pipelined timing), against
-# 1.28 / 6.51 ms for session 2's default ("analytic" with backward "pallas") and 1.52 / 9.26 ms
-# for "analytic" in session 3's first check (sync timing).
+# bench candidate "kd": kernel 1 in FLA's layout with one-pass TF32 products for T, the state pass
+# forming kd itself, split and segmented reverse at 4 warps, the closed-form chunk-local backward
+# as two Pallas kernels, bf16 cotangent intermediates, and the forward keeping T, h and v' for the
+# backward): fwd 1.186 ms, fwd+bwd 4.13 ms at 8 x 4096 x 16 x 128 (pipelined timing), against
+# 1.24-1.26 / 4.18-4.21 ms for session 3's default (candidate "states_w4_tf32") and 1.52 / 9.26 ms
+# for session 2's ("analytic", sync timing).
 BF16_DEFAULT = GDNPallasConfig(
     backward="pallas",
     chunk_kernel="fla",

@@ -26,7 +26,7 @@ carry: dv' = aqk^T do + kd dS', dS = exp(G_C) dS' + qg^T do - w^T dv', and the p
 gradients of w, qg, kd, aqk, G_C per V-block); their cotangents go back through the XLA vjp.
 
 Variants (GDNPallasConfig; the above is the field defaults; config.BF16_DEFAULT, the fastest
-measured on an H100, uses the last four here):
+measured on an H100, uses all of these but the "analytic" backward):
 forward="split" (states pass writing h and v', then a chunk-parallel output kernel);
 chunk_kernel="fla" (pallas_gpu_chunk.py); backward="analytic" (chunk_local_bwd.py: the closed-form
 chunk-local backward in XLA from T written by kernel 1) or "pallas" (pallas_gpu_bwd.py: the same
@@ -34,7 +34,9 @@ closed form as two chunk-parallel Pallas kernels);
 residuals="t" / "states" (the forward run under differentiation keeps T and G / also h and v';
 the backward then forms w, u, kd, qg, aqk from T by pallas_gpu_bwd.prep_call and, with "states",
 skips the state pass); reverse="split" (pallas_gpu_reverse.py); state_segments
-(pallas_gpu_segments.py, sequence segments for the sequential passes at small B * H).
+(pallas_gpu_segments.py, sequence segments for the sequential passes at small B * H);
+kd_in_states (the split forward's state pass forms kd from k, so kernel 1 does not write it).
+Without an initial state every (b, h) starts from one shared [1, 1, K, V] zero state.
 
 Padding: T is padded to a multiple of C with q = k = v = 0, g = 0, beta = 0 (state unchanged).
 Numerics: bf16 inputs -> bf16 dot operands, fp32 accumulation; G, A, T, S in fp32; float32 inputs
