@@ -121,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibration.gdn.norm_eps = 1e-5
     c.calibration.gdn.impl = "auto"
     c.calibration.gdn.chunk_size = 64
+    # what the Pallas GPU kernel keeps for its backward: "auto" (bf16: T, h, v', the fastest),
+    # "t" (T only: less memory per GDN layer, reruns the state pass) or "inputs"
+    c.calibration.gdn.pallas_residuals = "auto"
 
     # Layers that keep softmax attention (METHOD.md §7), stage select_layers.
     c.select = ml_collections.ConfigDict()

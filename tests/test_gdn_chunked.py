@@ -304,7 +304,8 @@ def _bad(**changes):
     args = dict(zip(NAMES, _args(inputs), strict=True))
     kwargs = {"initial_state_bhkv": _state(inputs)}
     for name, value in changes.items():
-        (kwargs if name in ("initial_state_bhkv", "chunk_size", "impl") else args)[name] = value
+        keywords = ("initial_state_bhkv", "chunk_size", "impl", "pallas_residuals")
+        (kwargs if name in keywords else args)[name] = value
     return [args[n] for n in NAMES], kwargs
 
 
@@ -324,6 +325,7 @@ def _bad(**changes):
         ({"chunk_size": 0}, r"chunk_size must be an int >= 1, got 0"),
         ({"chunk_size": 2.0}, r"chunk_size must be an int >= 1"),
         ({"impl": "triton"}, r"unknown impl 'triton'; valid choices are reference, chunked, "),
+        ({"pallas_residuals": "all"}, r"unknown pallas_residuals 'all'; valid: auto, inputs"),
     ],
     ids=lambda x: None if isinstance(x, str) else str(sorted(x))[:30],
 )

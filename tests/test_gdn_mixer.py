@@ -203,6 +203,8 @@ def test_right_padding_then_decode():
 def test_config_validation():
     with pytest.raises(ValueError, match="impl"):
         dataclasses.replace(_gdn(False), impl="fast")
+    with pytest.raises(ValueError, match="pallas_residuals"):
+        dataclasses.replace(_gdn(False), pallas_residuals="everything")
     with pytest.raises(ValueError, match="num_heads"):
         GDNConfig(num_heads=0, head_k_dim=4, head_v_dim=4)
     with pytest.raises(ValueError, match="set by the teacher"):

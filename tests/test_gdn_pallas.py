@@ -316,6 +316,19 @@ def test_no_initial_state_runs_from_one_shared_zero_state(config):
         assert rel_err(a, z) < 1e-6, name
 
 
+def test_config_with_residuals_overrides_the_default_or_says_why_not():
+    from taylorcal_jax.ops.gdn.config import config_with_residuals
+
+    assert config_with_residuals(jnp.bfloat16) is BF16_DEFAULT
+    lighter = config_with_residuals(jnp.bfloat16, "t")
+    assert lighter.residuals == "t" and lighter == GDNPallasConfig(
+        **{**BF16_DEFAULT.__dict__, "residuals": "t"}
+    )
+    assert config_with_residuals(jnp.float32, "inputs") is F32_DEFAULT
+    with pytest.raises(ValueError, match="float32 inputs keeps the inputs only"):
+        config_with_residuals(jnp.float32, "states")
+
+
 def test_default_config_follows_operand_dtype():
     assert default_config(jnp.bfloat16) is BF16_DEFAULT and BF16_DEFAULT.backward == "pallas"
     assert default_config(jnp.float32) is F32_DEFAULT and F32_DEFAULT == GDNPallasConfig()

@@ -65,6 +65,7 @@ def gdn_config(config, model_config) -> GDNConfig:
         norm_eps=float(g.norm_eps),
         impl=str(g.impl),
         chunk_size=int(g.chunk_size),
+        pallas_residuals=str(g.get("pallas_residuals", "auto")),  # configs older than the key
     )
 
 

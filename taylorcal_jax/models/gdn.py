@@ -62,6 +62,7 @@ class GDNConfig:
     norm_eps: float = 1e-5
     impl: str = "auto"
     chunk_size: int = 64
+    pallas_residuals: str = "auto"  # api.PALLAS_RESIDUALS: the Pallas backward's memory/speed
 
     def __post_init__(self):
         for name in ("num_heads", "head_k_dim", "head_v_dim", "conv_size", "chunk_size"):
@@ -72,13 +73,18 @@ class GDNConfig:
             raise ValueError(f"conv_size must be >= 2 with use_short_conv, got {self.conv_size}")
         if self.impl not in GDN_IMPLS:
             raise ValueError(f"GDNConfig.impl must be one of {GDN_IMPLS}, got {self.impl!r}")
+        if self.pallas_residuals not in api.PALLAS_RESIDUALS:
+            raise ValueError(
+                f"GDNConfig.pallas_residuals must be one of {api.PALLAS_RESIDUALS}, got "
+                f"{self.pallas_residuals!r}"
+            )
         if not self.norm_eps > 0:
             raise ValueError(f"GDNConfig.norm_eps must be positive, got {self.norm_eps}")
 
     @classmethod
     def from_teacher(cls, config: ModelConfig, **options) -> GDNConfig:
         """H = teacher's query heads, K = V = teacher head_dim (expand_v = 1); options override
-        use_short_conv, conv_size, norm_eps, impl, chunk_size."""
+        use_short_conv, conv_size, norm_eps, impl, chunk_size, pallas_residuals."""
         fixed = {"num_heads", "head_k_dim", "head_v_dim"}
         if fixed & set(options):
             raise ValueError(f"{sorted(fixed & set(options))} are set by the teacher config")
@@ -206,6 +212,7 @@ def _run_op(q, k, v, g, beta, state, gdn: GDNConfig):
         output_final_state=state is not None,
         impl=gdn.impl,
         chunk_size=gdn.chunk_size,
+        pallas_residuals=gdn.pallas_residuals,
     )
 
 

@@ -35,6 +35,9 @@ from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 logger = logging.getLogger(__name__)
 
 IMPLS = ("reference", "chunked", "pallas", "auto")
+# What the Pallas forward keeps for its backward (config.GDNPallasConfig.residuals; "auto" = the
+# kernel's default for the operand dtype: "states" for bf16, the fastest, "inputs" for fp32).
+PALLAS_RESIDUALS = ("auto", "inputs", "t", "states")
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 _logged_choices: set[tuple[str, str]] = set()
 
@@ -169,15 +172,23 @@ def gated_delta_rule(
     chunk_size: int = 64,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    pallas_residuals: str = "auto",
 ):
     """Gated delta rule over a sequence.
 
     Args: q, k [B, T, H, K]; v [B, T, H, V]; g (log decay) and beta [B, T, H]; optional
-    initial state [B, H, K, V]. chunk_size is used by "chunked" and "pallas".
+    initial state [B, H, K, V]. chunk_size is used by "chunked" and "pallas". pallas_residuals
+    (PALLAS_RESIDUALS) trades the Pallas backward's speed for memory under differentiation:
+    "states" keeps T, h and v' per call ([B, H, T/C*K, V] + [B, T, H, V] more than "t", which
+    keeps T only and reruns the state pass; "inputs" inverts again too).
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid choices are {', '.join(IMPLS)}")
+    if pallas_residuals not in PALLAS_RESIDUALS:
+        raise ValueError(
+            f"unknown pallas_residuals {pallas_residuals!r}; valid: {', '.join(PALLAS_RESIDUALS)}"
+        )
     q_bthk, k_bthk, v_bthv, g_bth, beta_bth = (
         jnp.asarray(x) for x in (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
     )
@@ -197,4 +208,8 @@ def gated_delta_rule(
     if choice == "chunked":
         return gated_delta_rule_chunked(*args, chunk_size=chunk_size, **kwargs)
     pallas_fn = _load_pallas("impl='pallas' cannot run")
-    return pallas_fn(*args, chunk_size=chunk_size, interpret=False, **kwargs)
+    from taylorcal_jax.ops.gdn.config import config_with_residuals
+
+    bf16 = all(x.dtype == jnp.bfloat16 for x in (q_bthk, k_bthk, v_bthv))
+    config = config_with_residuals(jnp.bfloat16 if bf16 else jnp.float32, pallas_residuals)
+    return pallas_fn(*args, chunk_size=chunk_size, interpret=False, config=config, **kwargs)

@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 import jax
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +168,22 @@ def default_config(operand_dtype) -> GDNPallasConfig:
     import jax.numpy as jnp
 
     return BF16_DEFAULT if operand_dtype == jnp.bfloat16 else F32_DEFAULT
+
+
+def config_with_residuals(operand_dtype, residuals: str = "auto") -> GDNPallasConfig:
+    """default_config(operand_dtype) with `residuals` ("auto" = as it is). The fp32 default's
+    backward recomputes through jax.vjp and keeps only the inputs, so there anything but "inputs"
+    is an error."""
+    cfg = default_config(operand_dtype)
+    if residuals == "auto" or residuals == cfg.residuals:
+        return cfg
+    if residuals != "inputs" and cfg.backward not in ("analytic", "pallas"):
+        raise ValueError(
+            f"pallas residuals={residuals!r} needs the closed-form backward of the bf16 default; "
+            f"the default for {np.dtype(operand_dtype).name} inputs keeps the inputs only ('auto' "
+            "or 'inputs')"
+        )
+    return dataclasses.replace(cfg, residuals=residuals)
 
 
 def default_interpret() -> bool:
