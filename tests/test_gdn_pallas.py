@@ -427,3 +427,27 @@ def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
     for name, a, r in zip(NAMES + ("initial_state",), grads, rgrads, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         assert _l2_rel(a, r) < 2 * tol, (name, _l2_rel(a, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residuals", ["auto", "t", "inputs"])
+def test_gpu_api_pallas_residuals_give_the_same_gradients(residuals):
+    """api.gated_delta_rule(impl="pallas", pallas_residuals=...) in bf16: what the forward keeps
+    changes memory and speed only, so every choice matches the fp32 reference (5e-3, as above)."""
+    from taylorcal_jax.ops.gdn import api
+
+    b, t, h, d = 2, 300, 4, 128
+    inputs = random_inputs(11, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
+    args = _args(inputs, jnp.bfloat16)
+    ct = jnp.asarray(np.random.default_rng(12).standard_normal((b, t, h, d)), jnp.bfloat16)
+
+    def run(fn, xs, **kw):
+        o, vjp = jax.vjp(lambda *a: fn(*a, **kw)[0], *xs)
+        return o, vjp(ct.astype(o.dtype))
+
+    o, grads = run(api.gated_delta_rule, args, impl="pallas", pallas_residuals=residuals)
+    with jax.default_matmul_precision("highest"):
+        ro, rgrads = run(gated_delta_rule_reference, [x.astype(jnp.float32) for x in args])
+    assert _l2_rel(o, ro) < 5e-3
+    for name, a, r in zip(NAMES, grads, rgrads, strict=True):
+        assert _l2_rel(a, r) < 1e-2, (name, _l2_rel(a, r))
