@@ -284,13 +284,13 @@ def test_no_initial_state_and_no_final_state():
     "config",
     [
         GDNPallasConfig(forward="fused", block_v=16),
-        GDNPallasConfig(state_segments=0, block_v=16),  # segmented: the scan broadcasts s0
+        GDNPallasConfig(state_segments=0, block_v=16),  # segmented: the scan starts at zeros
         GDNPallasConfig(**{**BF16_DEFAULT.__dict__, "block_v": 16, "state_segments": 1}),
     ],
 )
-def test_no_initial_state_runs_from_one_shared_zero_state(config):
-    """Without an initial state the kernels read one [1, 1, K, V] zero state for every (b, h);
-    outputs, final states and gradients as with explicit per-(b, h) zeros."""
+def test_no_initial_state_starts_from_zero(config):
+    """Without an initial state the sequential kernels start from zero (no zeros array is made
+    or read): outputs, final states and gradients as with explicit zeros."""
     inputs = random_inputs(8, b=2, t=40, h=3, k=16, v=32, with_state=False)
     args = _args(inputs)
     zeros = jnp.zeros((2, 3, 16, 32), jnp.float32)

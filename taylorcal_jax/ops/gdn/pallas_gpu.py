@@ -36,7 +36,7 @@ the backward then forms w, u, kd, qg, aqk from T by pallas_gpu_bwd.prep_call and
 skips the state pass); reverse="split" (pallas_gpu_reverse.py); state_segments
 (pallas_gpu_segments.py, sequence segments for the sequential passes at small B * H);
 kd_in_states (the split forward's state pass forms kd from k, so kernel 1 does not write it).
-Without an initial state every (b, h) starts from one shared [1, 1, K, V] zero state.
+Without an initial state the sequential kernels start from zero (no zeros array, no fill kernel).
 
 Padding: T is padded to a multiple of C with q = k = v = 0, g = 0, beta = 0 (state unchanged).
 Numerics: bf16 inputs -> bf16 dot operands, fp32 accumulation; G, A, T, S in fp32; float32 inputs
@@ -247,13 +247,20 @@ def _last(x, c):
     return jnp.sum(jnp.where(_iota((c,), 0) == c - 1, x, 0.0))
 
 
-def _s0_spec(s0, kdim, bv):
-    """BlockSpec (grid NV x B x H) of the initial state: per (b, h), or the one [1, 1, K, V]
-    state that every (b, h) starts from (gated_delta_rule_pallas passes a single zero state when
-    none is given, instead of materialising [B, H, K, V] zeros)."""
-    if s0.shape[:2] == (1, 1):
-        return pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (0, 0, 0, j))
-    return pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+def _with_s0(specs, args, s0, kdim, bv):
+    """(in_specs, operands) with the initial state appended when there is one. Without one
+    (s0 None) the sequential kernels start from zero and no zeros array is made or read."""
+    if s0 is None:
+        return specs, args
+    spec = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    return specs + [spec], args + [s0]
+
+
+def _start_state(refs, has_s0, shape):
+    """(the loop's starting state, the remaining refs) of a kernel with an optional s0 ref."""
+    if has_s0:
+        return refs[0][...].astype(F32), refs[1:]
+    return jnp.zeros(shape, F32), refs
 
 
 def _chunk_end_decay(ref, i, c):
@@ -263,8 +270,10 @@ def _chunk_end_decay(ref, i, c):
     return jnp.exp(ref[pl.ds(i * c + c - 1, 1)])[:, None]
 
 
-def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, st, dt, prec, nt):
+def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0):
+    """refs: (s0 if has_s0), o, final state."""
     c = st.chunk
+    s_start, (o_ref, st_ref) = _start_state(refs, has_s0, (k_ref.shape[-1], u_ref.shape[-1]))
     causal = _iota((c, c), 0) >= _iota((c, c), 1)
 
     def body(i, s):
@@ -286,7 +295,7 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, s0_ref, o_ref, st_ref, *, 
         kd = k * jnp.exp(gc - gg)[:, None]
         return s * jnp.exp(gc) + _mm(kd, vp, 0, 0, dt, prec)
 
-    s = lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
+    s = lax.fori_loop(0, nt, body, s_start)
     st_ref[...] = s
 
 
@@ -299,11 +308,19 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
     full_v = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     full_t = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
     state = pl.BlockSpec((None, None, kd, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    kern = functools.partial(_seq_kernel, st=st, dt=dt, prec=_f32_precision(st), nt=tp // st.chunk)
+    kern = functools.partial(
+        _seq_kernel,
+        st=st,
+        dt=dt,
+        prec=_f32_precision(st),
+        nt=tp // st.chunk,
+        has_s0=s0 is not None,
+    )
+    specs, args = _with_s0([full_k, full_k, full_k, full_v, full_t], [q, k, w, u, gcum], s0, kd, bv)
     return pl.pallas_call(
         kern,
         grid=(nv, b, h),
-        in_specs=[full_k, full_k, full_k, full_v, full_t, _s0_spec(s0, kd, bv)],
+        in_specs=specs,
         out_specs=[full_v, state],
         out_shape=[
             jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
@@ -311,7 +328,7 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
         ],
         interpret=st.interpret,
         **_launch("gdn_seq", st, st.cfg.warps_seq, dt),
-    )(q, k, w, u, gcum, s0)
+    )(*args)
 
 
 def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
@@ -351,6 +368,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=Fal
     ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
     state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    specs, args = _with_s0([fk, fv, fk, ft], [w, u, kd, gc_src], s0, kdim, bv)
     return pl.pallas_call(
         functools.partial(
             _states_kernel,
@@ -360,9 +378,10 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=Fal
             nt=nt,
             kdim=kdim,
             kd_from_k=kd_from_k,
+            has_s0=s0 is not None,
         ),
         grid=(vd // bv, b, h),
-        in_specs=[fk, fv, fk, ft, _s0_spec(s0, kdim, bv)],
+        in_specs=specs,
         out_specs=[hs, fv, state],
         out_shape=[
             jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
@@ -371,7 +390,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=Fal
         ],
         interpret=st.interpret,
         **_launch("gdn_states", st, st.cfg.warps_seq, dt, bwd),
-    )(w, u, kd, gc_src, s0)
+    )(*args)
 
 
 def _out_call(q, k, gcum, hmat, vp, st: _Static, dt, out_dtype):
@@ -484,26 +503,14 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
 
 
 def _states_kernel(
-    w_ref,
-    u_ref,
-    kd_ref,
-    gc_ref,
-    s0_ref,
-    h_ref,
-    vp_ref,
-    st_ref,
-    *,
-    st,
-    dt,
-    prec,
-    nt,
-    kdim,
-    kd_from_k=False,
+    w_ref, u_ref, kd_ref, gc_ref, *refs, st, dt, prec, nt, kdim, kd_from_k=False, has_s0=True
 ):
     """gc_ref: any [Tp] vector whose last entry in each chunk is G_C (cumsum G or lgc); with
     kd_from_k, kd_ref holds k and gc_ref the cumulative G of every row, and kd is formed here
-    (off the carry's path: it depends on loads only), so that kernel 1 need not write it."""
+    (off the carry's path: it depends on loads only), so that kernel 1 need not write it.
+    refs: (s0 if has_s0), h, v', final state."""
     c = st.chunk
+    s_start, (h_ref, vp_ref, st_ref) = _start_state(refs, has_s0, (kdim, u_ref.shape[-1]))
 
     def body(i, s):
         rows = pl.ds(pl.multiple_of(i * c, c), c)
@@ -517,7 +524,7 @@ def _states_kernel(
             kd = kn * jnp.exp(gc_ref[pl.ds(i * c + c - 1, 1)] - gc_ref[rows])[:, None]
         return s * _chunk_end_decay(gc_ref, i, c) + _mm(kd, vp, 0, 0, dt, prec)
 
-    st_ref[...] = lax.fori_loop(0, nt, body, s0_ref[...].astype(F32))
+    st_ref[...] = lax.fori_loop(0, nt, body, s_start)
 
 
 def _reverse_kernel(
@@ -661,7 +668,7 @@ def _gdn_bwd(st, res, cts):
         cast = lambda x, ref: x.astype(ref.dtype)  # noqa: E731
         return (
             cast(dq, q), cast(dk, k), cast(dv, v), cast(dg, g), cast(dbeta, beta),
-            _initial_state_ct(ds0, s0),
+            None if s0 is None else ds0.astype(s0.dtype),
         )  # fmt: skip
     (w, u, qg, kd, aqk, lgc), vjp = jax.vjp(
         functools.partial(_stage1, st=st, dt=dt), q, k, v, g, beta
@@ -673,14 +680,7 @@ def _gdn_bwd(st, res, cts):
     dq, dk, dv, dg, dbeta = vjp(
         (cast(dw, w), cast(du, u), cast(dqg, qg), cast(dkd, kd), cast(daqk, aqk), dlgc)
     )
-    return dq, dk, dv, dg, dbeta, _initial_state_ct(ds0, s0)
-
-
-def _initial_state_ct(ds0, s0):
-    """The cotangent of s0 from the per-(b, h) ds0: summed over (b, h) for a shared s0."""
-    if ds0.shape != s0.shape:
-        ds0 = jnp.sum(ds0, axis=(0, 1), keepdims=True)
-    return ds0.astype(s0.dtype)
+    return dq, dk, dv, dg, dbeta, None if s0 is None else ds0.astype(s0.dtype)
 
 
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)
@@ -749,7 +749,7 @@ def gated_delta_rule_pallas(
         cfg=config,
     )
     if initial_state_bhkv is None:
-        s0 = jnp.zeros((1, 1, kdim, vd), F32)  # one zero state for every (b, h)
+        s0 = None  # the kernels start from zero: no zeros array to fill and read
     else:
         if initial_state_bhkv.shape != (b, h, kdim, vd):
             raise ValueError(

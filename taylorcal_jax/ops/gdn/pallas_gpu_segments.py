@@ -113,7 +113,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
 
     ends_e = jnp.moveaxis(x[..., :vd], 2, 0)
     ends_m = jnp.moveaxis(x[..., vd:], 2, 0)
-    s0 = jnp.broadcast_to(s0, (b, h, kdim, vd))  # a shared [1, 1, K, V] start, too
+    s0 = jnp.zeros((b, h, kdim, vd), F32) if s0 is None else s0  # the scan's first start
     _, starts = lax.scan(step, s0, (ends_e, ends_m))  # [NSEG, B, H, K, V]
     starts = jnp.moveaxis(starts, 0, 2)
     fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
