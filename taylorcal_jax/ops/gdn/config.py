@@ -143,9 +143,9 @@ DEFAULT_CONFIG = GDNPallasConfig()  # the field defaults: the first GPU-checked 
 # bench candidate "kd": kernel 1 in FLA's layout with one-pass TF32 products for T, the state pass
 # forming kd itself, split and segmented reverse at 4 warps, the closed-form chunk-local backward
 # as two Pallas kernels, bf16 cotangent intermediates, and the forward keeping T, h and v' for the
-# backward): fwd 1.186 ms, fwd+bwd 4.13 ms at 8 x 4096 x 16 x 128 (pipelined timing), against
-# 1.24-1.26 / 4.18-4.21 ms for session 3's default (candidate "states_w4_tf32") and 1.52 / 9.26 ms
-# for session 2's ("analytic", sync timing).
+# backward): fwd 1.17-1.19 ms, fwd+bwd 4.12-4.13 ms at 8 x 4096 x 16 x 128 (pipelined timing),
+# against 1.24-1.26 / 4.18-4.21 ms for session 3's default (candidate "states_w4_tf32") and
+# 1.52 / 9.26 ms for session 2's ("analytic", sync timing).
 BF16_DEFAULT = GDNPallasConfig(
     backward="pallas",
     chunk_kernel="fla",
