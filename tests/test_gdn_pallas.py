@@ -329,6 +329,29 @@ def test_config_with_residuals_overrides_the_default_or_says_why_not():
         config_with_residuals(jnp.float32, "states")
 
 
+def test_residuals_argument_picks_the_default_with_those_residuals():
+    """residuals="t" keeps T only, so its backward reruns the state pass, which the bf16
+    default ("states") skips; gradients as with the equivalent explicit config."""
+    inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
+    args = _args(inputs, jnp.bfloat16)
+
+    def grad_fn(**kw):
+        return jax.grad(
+            lambda *a: jnp.sum(gated_delta_rule_pallas(*a, interpret=True, **kw)[0]),
+            argnums=range(5),
+        )
+
+    def state_passes(**kw):
+        return str(jax.make_jaxpr(grad_fn(**kw))(*args)).count("gdn_states")
+
+    assert state_passes(residuals="t") > state_passes()
+    light = GDNPallasConfig(**{**BF16_DEFAULT.__dict__, "residuals": "t"})
+    for a, b in zip(grad_fn(residuals="t")(*args), grad_fn(config=light)(*args), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="pass one or the other"):
+        gated_delta_rule_pallas(*args, interpret=True, config=light, residuals="t")
+
+
 def test_default_config_follows_operand_dtype():
     assert default_config(jnp.bfloat16) is BF16_DEFAULT and BF16_DEFAULT.backward == "pallas"
     assert default_config(jnp.float32) is F32_DEFAULT and F32_DEFAULT == GDNPallasConfig()

@@ -208,8 +208,6 @@ def gated_delta_rule(
     if choice == "chunked":
         return gated_delta_rule_chunked(*args, chunk_size=chunk_size, **kwargs)
     pallas_fn = _load_pallas("impl='pallas' cannot run")
-    from taylorcal_jax.ops.gdn.config import config_with_residuals
-
-    bf16 = all(x.dtype == jnp.bfloat16 for x in (q_bthk, k_bthk, v_bthv))
-    config = config_with_residuals(jnp.bfloat16 if bf16 else jnp.float32, pallas_residuals)
-    return pallas_fn(*args, chunk_size=chunk_size, interpret=False, config=config, **kwargs)
+    return pallas_fn(
+        *args, chunk_size=chunk_size, interpret=False, residuals=pallas_residuals, **kwargs
+    )

@@ -67,8 +67,8 @@ class GDNPallasConfig:
       kept. Only the forward run under differentiation keeps them.
     kd_in_states: split forward: the state pass forms kd = l2(k) exp(G_C - G) from k and G
       itself, so kernel 1 does not write kd ([B, T, H, K] in the operand dtype, about a fifth of
-      kernel 1's bytes). Only where the pass runs unsegmented at the full block_v; elsewhere
-      kernel 1 still writes kd (pallas_gpu._kd_in_states_applies says why).
+      kernel 1's bytes). Only where the pass runs unsegmented; with segments kernel 1 still
+      writes kd, which the segment-end kernel reads (pallas_gpu._kd_in_states_applies).
     """
 
     forward: str = "split"

@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from taylorcal_jax.ops.gdn.chunked import unit_lower_inverse
-from taylorcal_jax.ops.gdn.config import GDNPallasConfig, default_config, default_interpret
+from taylorcal_jax.ops.gdn.config import GDNPallasConfig, config_with_residuals, default_interpret
 
 F32 = jnp.float32
 _EPS = 1e-6
@@ -715,13 +715,15 @@ def gated_delta_rule_pallas(
     use_qk_l2norm: bool = True,
     interpret: bool | None = False,
     config: GDNPallasConfig | None = None,
+    residuals: str = "auto",
 ):
     """Gated delta rule by Pallas kernels; returns (o_bthv in v's dtype, final state fp32 or None).
 
     Same semantics as reference.gated_delta_rule_reference. interpret=None picks interpret mode
     on CPU backends (config.default_interpret). config=None picks config.default_config of the
-    operand dtype (bf16 when q, k and v all are). Differentiable (custom_vjp) in all float inputs
-    and the initial state.
+    operand dtype (bf16 when q, k and v all are), with its `residuals` replaced unless "auto"
+    (config.config_with_residuals; only with config=None). Differentiable (custom_vjp) in all
+    float inputs and the initial state.
     """
     if q_bthk.ndim != 4 or k_bthk.shape != q_bthk.shape or v_bthv.shape[:3] != q_bthk.shape[:3]:
         raise ValueError(
@@ -740,7 +742,9 @@ def gated_delta_rule_pallas(
     if interpret is None:
         interpret = default_interpret()
     if config is None:
-        config = default_config(_operand_dtype(q_bthk, k_bthk, v_bthv))
+        config = config_with_residuals(_operand_dtype(q_bthk, k_bthk, v_bthv), residuals)
+    elif residuals != "auto":
+        raise ValueError("residuals is chosen by `config` when one is given; pass one or the other")
     st = _Static(
         chunk=chunk_size,
         scale=float(kdim**-0.5 if scale is None else scale),

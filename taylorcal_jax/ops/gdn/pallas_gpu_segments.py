@@ -175,8 +175,8 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     nt = tp // c
     bv = min(st.cfg.block_v, vd)
     nv = vd // bv
-    nseg = num_segments(st.cfg.state_segments, nv * b * h, nt)
-    if nseg == 1 or kdim % bv:
+    nseg = num_state_segments(st, b, tp, h, kdim, vd)
+    if nseg == 1:
         return None
     nsc = nt // nseg
     tseg = nsc * c
