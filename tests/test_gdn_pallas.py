@@ -60,6 +60,10 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (70, 16, 16, 64, FLA),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
         (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, block_v=16)),  # kd formed in pass
+        (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, kd_scaling="k", block_v=16)),
+        # chunk i+1's tiles loaded during chunk i: unsegmented, and segmented (segment kernels)
+        (130, 32, 32, 16, GDNPallasConfig(kd_in_states=True, prefetch=True, block_v=16)),
+        (190, 32, 32, 16, GDNPallasConfig(state_segments=4, prefetch=True, block_v=16)),
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -87,6 +91,9 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         ("analytic", "fla", "split", {"residuals": "t", "forward": "fused"}),
         # the state pass forms kd from k (unsegmented only; kernel 1 then writes no kd)
         ("pallas", "fla", "split", {"residuals": "states", "kd_in_states": True, "segments": 1}),
+        # prefetching sequential kernels: segmented reverse, and the unsegmented state recompute
+        ("pallas", "fla", "split", {"prefetch": True}),
+        ("pallas", "fla", "split", {"prefetch": True, "segments": 1}),
     ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):

@@ -69,6 +69,13 @@ class GDNPallasConfig:
       itself, so kernel 1 does not write kd ([B, T, H, K] in the operand dtype, about a fifth of
       kernel 1's bytes). Only where the pass runs unsegmented; with segments kernel 1 still
       writes kd, which the segment-end kernel reads (pallas_gpu._kd_in_states_applies).
+    kd_scaling: with kd_in_states, "k" forms kd = l2(k) exp(G_C - G) as a [C, K] fp32 tile; "v"
+      scales v' by r = exp(G_C - G) / |k| instead and gives k to the dot as loaded (kd^T v' =
+      k^T diag(r) v'; [C, BV] elementwise work instead of [C, K], and no [C, K] fp32 tile).
+    prefetch: the sequential kernels (state pass, segment kernels, split reverse pass) load chunk
+      i+1's tiles at the top of chunk i's step and carry them in registers
+      (pallas_gpu.chunk_loop), instead of relying on Triton's pipelining of the loop, which
+      issues the next chunk's copies only after this chunk's last use of its buffer.
     """
 
     forward: str = "split"
@@ -91,6 +98,8 @@ class GDNPallasConfig:
     t_precision: str = "bf16x3"
     residuals: str = "inputs"
     kd_in_states: bool = False
+    prefetch: bool = False
+    kd_scaling: str = "v"
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
@@ -130,6 +139,8 @@ class GDNPallasConfig:
                 "residuals='states' keeps the chunk-start states of the split forward; it needs "
                 f"forward='split', got forward={self.forward!r}"
             )
+        if self.kd_scaling not in ("k", "v"):
+            raise ValueError(f"kd_scaling must be 'k' or 'v', got {self.kd_scaling!r}")
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(
                 f"f32_precision must be 'highest' or 'tf32x3', got {self.f32_precision!r}"

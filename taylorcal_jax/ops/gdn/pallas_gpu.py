@@ -263,11 +263,32 @@ def _start_state(refs, has_s0, shape):
     return jnp.zeros(shape, F32), refs
 
 
-def _chunk_end_decay(ref, i, c):
-    """exp(ref[i * C + C - 1]) as a [1, 1] value, by a one-element load. The sequential kernels
-    use it in place of _last over the chunk's [C] rows: there a block-wide reduction (shared
-    memory and a barrier) would sit on the loop carry's path every step."""
-    return jnp.exp(ref[pl.ds(i * c + c - 1, 1)])[:, None]
+def chunk_rows(i, c):
+    """Rows [i C, (i + 1) C) of a [Tp, ...] ref, marked aligned when i is traced (the marker does
+    not lower for a Python int, as chunk_loop's first load has)."""
+    return pl.ds(i * c if isinstance(i, int) else pl.multiple_of(i * c, c), c)
+
+
+def chunk_loop(nt, load, step, init, prefetch: bool, reverse: bool = False):
+    """carry = step(i, load(i), carry) over the chunks i = 0 .. nt-1 (nt-1 .. 0 with reverse).
+
+    `load(i)` reads chunk i's tiles from the refs (a tuple); `step` does the rest. With prefetch,
+    chunk i+1's loads are issued at the top of chunk i's step and handed on in the loop carry, so
+    their memory latency overlaps chunk i's products. Without it, Triton's own pipelining of the
+    fori_loop (num_stages) issues the next chunk's copies into single-buffered shared memory after
+    this chunk's last use of each buffer, i.e. at the end of the step, and waits for them at the
+    top of the next one (sm_90 TTGIR of the state pass), so the latency sits between the steps.
+    The last step's prefetch re-reads its own chunk (clamped index) and is dropped."""
+    chunk = (lambda n: nt - 1 - n) if reverse else (lambda n: n)
+    if not prefetch:
+        return lax.fori_loop(0, nt, lambda n, s: step(chunk(n), load(chunk(n)), s), init)
+
+    def body(n, carry):
+        s, tiles = carry
+        nxt = load(chunk(jnp.minimum(n + 1, nt - 1)))
+        return step(chunk(n), tiles, s), nxt
+
+    return lax.fori_loop(0, nt, body, (init, load(chunk(0))))[0]
 
 
 def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0):
@@ -512,19 +533,34 @@ def _states_kernel(
     c = st.chunk
     s_start, (h_ref, vp_ref, st_ref) = _start_state(refs, has_s0, (kdim, u_ref.shape[-1]))
 
-    def body(i, s):
+    def load(i):
+        rows = chunk_rows(i, c)
+        tiles = (w_ref[rows, :], u_ref[rows, :], kd_ref[rows, :], gc_ref[pl.ds(i * c + c - 1, 1)])
+        return tiles + ((gc_ref[rows],) if kd_from_k else ())
+
+    def step(i, tiles, s):
+        w, u, kd, gc_last, *gg = tiles
         rows = pl.ds(pl.multiple_of(i * c, c), c)
         h_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = s.astype(h_ref.dtype)
-        vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
+        vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
         vp_ref[rows, :] = vp.astype(vp_ref.dtype)
-        kd = kd_ref[rows, :]
-        if kd_from_k:
+        if kd_from_k and st.cfg.kd_scaling == "v":
+            # kd^T v' = k^T (diag(r) v') with r = exp(G_C - G) / |k|: scale the [C, BV] v'
+            # (fp32, in registers) rather than form a [C, K] fp32 kd; k goes to the dot as loaded
+            r = jnp.exp(gc_last - gg[0])
+            if st.use_l2:
+                kf = kd.astype(F32)
+                r = r * lax.rsqrt(jnp.sum(kf * kf, axis=-1) + _EPS)
+            vp = vp * r[:, None]
+        elif kd_from_k:
             kn = kd.astype(F32)
             kn = _l2(kn) if st.use_l2 else kn
-            kd = kn * jnp.exp(gc_ref[pl.ds(i * c + c - 1, 1)] - gc_ref[rows])[:, None]
-        return s * _chunk_end_decay(gc_ref, i, c) + _mm(kd, vp, 0, 0, dt, prec)
+            kd = kn * jnp.exp(gc_last - gg[0])[:, None]
+        # exp(G_C) from a one-element load: a masked sum over the chunk's rows would put a
+        # block-wide reduction (shared memory and a barrier) on the carry's path every step
+        return s * jnp.exp(gc_last)[:, None] + _mm(kd, vp, 0, 0, dt, prec)
 
-    st_ref[...] = lax.fori_loop(0, nt, body, s_start)
+    st_ref[...] = chunk_loop(nt, load, step, s_start, st.cfg.prefetch)
 
 
 def _reverse_kernel(
