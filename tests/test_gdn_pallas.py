@@ -12,6 +12,8 @@ Tolerances (relative: max-abs error over max-abs of the expected value, gdn_test
 Shapes stay tiny (K, V in {16, 32}, T <= 200) to keep interpret mode fast.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,9 @@ NAMES = ("q", "k", "v", "g", "beta")
 FUSED = GDNPallasConfig(forward="fused")
 SPLIT = GDNPallasConfig(forward="split", block_v=16)
 FLA = GDNPallasConfig(chunk_kernel="fla", block_v=16)
+NORM_AFTER_DOT = GDNPallasConfig(
+    chunk_kernel="fla", kd_in_states=True, norm_after_dot=True, states_block_v=16
+)
 
 
 def _l2_rel(a, b):
@@ -60,10 +65,8 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (70, 16, 16, 64, FLA),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
         (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, block_v=16)),  # kd formed in pass
-        (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, kd_scaling="k", block_v=16)),
-        # chunk i+1's tiles loaded during chunk i: unsegmented, and segmented (segment kernels)
-        (130, 32, 32, 16, GDNPallasConfig(kd_in_states=True, prefetch=True, block_v=16)),
-        (190, 32, 32, 16, GDNPallasConfig(state_segments=4, prefetch=True, block_v=16)),
+        # norms applied after the dots in kernel 1 and the output kernel; a smaller state block
+        (130, 32, 32, 32, NORM_AFTER_DOT),
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -91,9 +94,7 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         ("analytic", "fla", "split", {"residuals": "t", "forward": "fused"}),
         # the state pass forms kd from k (unsegmented only; kernel 1 then writes no kd)
         ("pallas", "fla", "split", {"residuals": "states", "kd_in_states": True, "segments": 1}),
-        # prefetching sequential kernels: segmented reverse, and the unsegmented state recompute
-        ("pallas", "fla", "split", {"prefetch": True}),
-        ("pallas", "fla", "split", {"prefetch": True, "segments": 1}),
+        ("pallas", "fla", "split", {"residuals": "t", "norm_after_dot": True, "segments": 1}),
     ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
@@ -137,6 +138,7 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
         GDNPallasConfig(backward="pallas", chunk_kernel="fla"),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split"),
         GDNPallasConfig(backward="analytic", chunk_kernel="fla", reverse="split"),
+        dataclasses.replace(BF16_DEFAULT, norm_after_dot=True, states_block_v=16),
     ],
 )
 def test_pallas_backward_bf16_close_to_fp32_reference(config):
@@ -159,6 +161,19 @@ def test_pallas_backward_bf16_close_to_fp32_reference(config):
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         assert _l2_rel(a, r) < 2e-2, (name, _l2_rel(a, r))
+
+
+@pytest.mark.parametrize("config", [FLA, NORM_AFTER_DOT])
+def test_forward_without_qk_l2_norm_matches_numpy_loop(config):
+    inputs = random_inputs(6, b=1, t=70, h=2, k=16, v=32)
+    args = _args(inputs)
+    o, state = gated_delta_rule_pallas(
+        *args, output_final_state=True, chunk_size=32, interpret=True, config=config,
+        use_qk_l2norm=False,
+    )  # fmt: skip
+    o_np, state_np = numpy_gated_delta_rule(**{n: inputs[n] for n in NAMES}, use_qk_l2norm=False)
+    assert rel_err(o, o_np) < 2e-5
+    assert rel_err(state, state_np) < 2e-5
 
 
 @pytest.mark.parametrize("use_l2, chunk", [(True, 32), (False, 16)])

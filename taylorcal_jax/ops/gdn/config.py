@@ -65,17 +65,17 @@ class GDNPallasConfig:
       "states" = also the chunk-start states h and v' of the split forward, so the backward skips
       the state pass too: +[B, H, T/C * K, V] + [B, T, H, V] of memory, like FLA's h if it were
       kept. Only the forward run under differentiation keeps them.
-    kd_in_states: split forward: the state pass forms kd = l2(k) exp(G_C - G) from k and G
-      itself, so kernel 1 does not write kd ([B, T, H, K] in the operand dtype, about a fifth of
-      kernel 1's bytes). Only where the pass runs unsegmented; with segments kernel 1 still
-      writes kd, which the segment-end kernel reads (pallas_gpu._kd_in_states_applies).
-    kd_scaling: with kd_in_states, "k" forms kd = l2(k) exp(G_C - G) as a [C, K] fp32 tile; "v"
-      scales v' by r = exp(G_C - G) / |k| instead and gives k to the dot as loaded (kd^T v' =
-      k^T diag(r) v'; [C, BV] elementwise work instead of [C, K], and no [C, K] fp32 tile).
-    prefetch: the sequential kernels (state pass, segment kernels, split reverse pass) load chunk
-      i+1's tiles at the top of chunk i's step and carry them in registers
-      (pallas_gpu.chunk_loop), instead of relying on Triton's pipelining of the loop, which
-      issues the next chunk's copies only after this chunk's last use of its buffer.
+    kd_in_states: split forward: the state pass applies kd = l2(k) exp(G_C - G) itself, from k
+      and G (as kd^T v' = k^T (r v'), r = exp(G_C - G) / |k| per row), so kernel 1 does not write
+      kd ([B, T, H, K] in the operand dtype, about a fifth of kernel 1's bytes). Only where the
+      pass runs unsegmented; with segments kernel 1 still writes kd, which the segment-end kernel
+      reads (pallas_gpu._kd_in_states_applies).
+    states_block_v: value block of the unsegmented state pass alone (0 = block_v); with fewer
+      B * H than SMs, a smaller block gives more programs.
+    norm_after_dot: kernel 1 ("fla") and the split output kernel give q and k to their dots as
+      loaded and apply the L2 norms, s, beta and the decays to the dot results ([C, C] or [C, V]
+      tiles) instead of to [C, K] fp32 copies of q and k: kk = diag(r) (k k^T) diag(r),
+      w = (T diag(beta exp(G) r)) k, o = diag(s r_q exp(G)) (q S) + ... .
     """
 
     forward: str = "split"
@@ -98,12 +98,18 @@ class GDNPallasConfig:
     t_precision: str = "bf16x3"
     residuals: str = "inputs"
     kd_in_states: bool = False
-    prefetch: bool = False
-    kd_scaling: str = "v"
+    states_block_v: int = 0
+    norm_after_dot: bool = False
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
+        if self.states_block_v and (
+            self.states_block_v & (self.states_block_v - 1) or self.states_block_v < 16
+        ):
+            raise ValueError(
+                f"states_block_v must be 0 or a power of two >= 16, got {self.states_block_v}"
+            )
         if self.forward not in ("fused", "split"):
             raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
         if self.chunk_kernel not in ("keep", "fla"):
@@ -139,8 +145,6 @@ class GDNPallasConfig:
                 "residuals='states' keeps the chunk-start states of the split forward; it needs "
                 f"forward='split', got forward={self.forward!r}"
             )
-        if self.kd_scaling not in ("k", "v"):
-            raise ValueError(f"kd_scaling must be 'k' or 'v', got {self.kd_scaling!r}")
         if self.f32_precision not in ("highest", "tf32x3"):
             raise ValueError(
                 f"f32_precision must be 'highest' or 'tf32x3', got {self.f32_precision!r}"

@@ -76,6 +76,12 @@ def _l2(x):
     return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _EPS)
 
 
+def _rnorm(x):
+    """1 / |x| per row ([C]) of a [C, D] tile, in fp32, as _l2 scales by."""
+    xf = x.astype(F32)
+    return lax.rsqrt(jnp.sum(xf * xf, axis=-1) + _EPS)
+
+
 def _f32_precision(st: _Static):
     if st.interpret or st.cfg.f32_precision == "highest":
         return lax.Precision.HIGHEST
@@ -263,32 +269,11 @@ def _start_state(refs, has_s0, shape):
     return jnp.zeros(shape, F32), refs
 
 
-def chunk_rows(i, c):
-    """Rows [i C, (i + 1) C) of a [Tp, ...] ref, marked aligned when i is traced (the marker does
-    not lower for a Python int, as chunk_loop's first load has)."""
-    return pl.ds(i * c if isinstance(i, int) else pl.multiple_of(i * c, c), c)
-
-
-def chunk_loop(nt, load, step, init, prefetch: bool, reverse: bool = False):
-    """carry = step(i, load(i), carry) over the chunks i = 0 .. nt-1 (nt-1 .. 0 with reverse).
-
-    `load(i)` reads chunk i's tiles from the refs (a tuple); `step` does the rest. With prefetch,
-    chunk i+1's loads are issued at the top of chunk i's step and handed on in the loop carry, so
-    their memory latency overlaps chunk i's products. Without it, Triton's own pipelining of the
-    fori_loop (num_stages) issues the next chunk's copies into single-buffered shared memory after
-    this chunk's last use of each buffer, i.e. at the end of the step, and waits for them at the
-    top of the next one (sm_90 TTGIR of the state pass), so the latency sits between the steps.
-    The last step's prefetch re-reads its own chunk (clamped index) and is dropped."""
-    chunk = (lambda n: nt - 1 - n) if reverse else (lambda n: n)
-    if not prefetch:
-        return lax.fori_loop(0, nt, lambda n, s: step(chunk(n), load(chunk(n)), s), init)
-
-    def body(n, carry):
-        s, tiles = carry
-        nxt = load(chunk(jnp.minimum(n + 1, nt - 1)))
-        return step(chunk(n), tiles, s), nxt
-
-    return lax.fori_loop(0, nt, body, (init, load(chunk(0))))[0]
+def _chunk_end_decay(ref, i, c):
+    """exp(ref[i * C + C - 1]) as a [1, 1] value, by a one-element load. The sequential kernels
+    use it in place of _last over the chunk's [C] rows: there a block-wide reduction (shared
+    memory and a barrier) would sit on the loop carry's path every step."""
+    return jnp.exp(ref[pl.ds(i * c + c - 1, 1)])[:, None]
 
 
 def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0):
@@ -356,14 +341,24 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
     """Split forward, chunk-parallel: o = s (q exp(G)) h + (s causal Gamma q k^T) v'."""
     c = st.chunk
     causal = _iota((c, c), 0) >= _iota((c, c), 1)
+    gg = gcum_ref[...]
+    decay = jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0))
+    if st.cfg.norm_after_dot:  # q, k into the dots as loaded; norms, s and decays on the results
+        q, k = q_ref[...], k_ref[...]
+        rq = st.scale * (_rnorm(q) if st.use_l2 else jnp.ones_like(gg))
+        rk = _rnorm(k) if st.use_l2 else jnp.ones_like(gg)
+        qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]
+        aqk = jnp.where(causal, qk * decay, 0.0)
+        o = (rq * jnp.exp(gg))[:, None] * _mm(q, h_ref[...], 1, 0, dt, prec)
+        o_ref[...] = (o + _mm(aqk, vp_ref[...], 1, 0, dt, prec)).astype(o_ref.dtype)
+        return
     q = q_ref[...].astype(F32)
     k = k_ref[...].astype(F32)
     if st.use_l2:
         q, k = _l2(q), _l2(k)
     q = q * st.scale
-    gg = gcum_ref[...]
     qk = _mm(q, k, 1, 1, dt, prec)
-    aqk = jnp.where(causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    aqk = jnp.where(causal, qk * decay, 0.0)
     o = _mm(q * jnp.exp(gg)[:, None], h_ref[...], 1, 0, dt, prec) + _mm(
         aqk, vp_ref[...], 1, 0, dt, prec
     )
@@ -383,7 +378,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=Fal
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     nt = tp // st.chunk
-    bv = min(st.cfg.block_v, vd)
+    bv = min(st.cfg.states_block_v or st.cfg.block_v, vd)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
     fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
@@ -527,40 +522,27 @@ def _states_kernel(
     w_ref, u_ref, kd_ref, gc_ref, *refs, st, dt, prec, nt, kdim, kd_from_k=False, has_s0=True
 ):
     """gc_ref: any [Tp] vector whose last entry in each chunk is G_C (cumsum G or lgc); with
-    kd_from_k, kd_ref holds k and gc_ref the cumulative G of every row, and kd is formed here
-    (off the carry's path: it depends on loads only), so that kernel 1 need not write it.
+    kd_from_k, kd_ref holds k and gc_ref the cumulative G of every row, and the scaling that makes
+    kd is applied here to v' instead (off the carry's path for the norms: they depend on loads
+    only), so that kernel 1 need not write kd.
     refs: (s0 if has_s0), h, v', final state."""
     c = st.chunk
     s_start, (h_ref, vp_ref, st_ref) = _start_state(refs, has_s0, (kdim, u_ref.shape[-1]))
 
-    def load(i):
-        rows = chunk_rows(i, c)
-        tiles = (w_ref[rows, :], u_ref[rows, :], kd_ref[rows, :], gc_ref[pl.ds(i * c + c - 1, 1)])
-        return tiles + ((gc_ref[rows],) if kd_from_k else ())
-
-    def step(i, tiles, s):
-        w, u, kd, gc_last, *gg = tiles
+    def body(i, s):
         rows = pl.ds(pl.multiple_of(i * c, c), c)
         h_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = s.astype(h_ref.dtype)
-        vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
+        vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
         vp_ref[rows, :] = vp.astype(vp_ref.dtype)
-        if kd_from_k and st.cfg.kd_scaling == "v":
-            # kd^T v' = k^T (diag(r) v') with r = exp(G_C - G) / |k|: scale the [C, BV] v'
-            # (fp32, in registers) rather than form a [C, K] fp32 kd; k goes to the dot as loaded
-            r = jnp.exp(gc_last - gg[0])
-            if st.use_l2:
-                kf = kd.astype(F32)
-                r = r * lax.rsqrt(jnp.sum(kf * kf, axis=-1) + _EPS)
-            vp = vp * r[:, None]
-        elif kd_from_k:
-            kn = kd.astype(F32)
-            kn = _l2(kn) if st.use_l2 else kn
-            kd = kn * jnp.exp(gc_last - gg[0])[:, None]
-        # exp(G_C) from a one-element load: a masked sum over the chunk's rows would put a
-        # block-wide reduction (shared memory and a barrier) on the carry's path every step
-        return s * jnp.exp(gc_last)[:, None] + _mm(kd, vp, 0, 0, dt, prec)
+        kd = kd_ref[rows, :]
+        if kd_from_k:
+            # kd^T v' = k^T (diag(r) v') with r = exp(G_C - G) / |k|: scale the [C, BV] v' (fp32,
+            # in registers) rather than form a [C, K] fp32 kd; k goes to the dot as loaded
+            r = jnp.exp(gc_ref[pl.ds(i * c + c - 1, 1)] - gc_ref[rows])
+            vp = vp * (r * _rnorm(kd) if st.use_l2 else r)[:, None]
+        return s * _chunk_end_decay(gc_ref, i, c) + _mm(kd, vp, 0, 0, dt, prec)
 
-    st_ref[...] = chunk_loop(nt, load, step, s_start, st.cfg.prefetch)
+    st_ref[...] = lax.fori_loop(0, nt, body, s_start)
 
 
 def _reverse_kernel(

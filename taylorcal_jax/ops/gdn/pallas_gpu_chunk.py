@@ -82,6 +82,9 @@ def chunk_kernel_fla(
     gg = jnp.sum(jnp.where(cc <= rc, g[None, :], 0.0), axis=1)  # G = cumsum g
     gcum_ref[...] = gg
     beta = beta_ref[...].astype(F32)
+    if st.cfg.norm_after_dot and not kd_ref:
+        _fla_body_norm_after_dot(k_ref, v_ref, w_ref, u_ref, gg, beta, extra, st, dt, prec, with_t)
+        return
 
     def load_k():
         k = k_ref[...].astype(F32)
@@ -103,3 +106,23 @@ def chunk_kernel_fla(
     u_ref[...] = pg._mm(t, beta[:, None] * v_ref[...].astype(F32), 1, 0, dt, prec).astype(
         u_ref.dtype
     )
+
+
+def _fla_body_norm_after_dot(k_ref, v_ref, w_ref, u_ref, gg, beta, extra, st, dt, prec, with_t):
+    """chunk_kernel_fla's A, T, w, u with k given to the dots as loaded: with r = 1 / |k| per row,
+    A = strict_lower(diag(beta r) (k k^T) diag(r) Gamma), w = (T diag(beta exp(G) r)) k and
+    u = (T diag(beta)) v, so the scalings act on [C, C] tiles instead of [C, K] fp32 copies of k."""
+    c = st.chunk
+    rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
+    k = k_ref[...]
+    r = pg._rnorm(k) if st.use_l2 else jnp.ones_like(gg)
+    strict = rc > cc
+    kk = pg._mm(k, k, 1, 1, dt, prec) * (beta * r)[:, None] * r[None, :]
+    a = jnp.where(strict, kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    t = t_inverse_fla(a, t_precision(st, dt))
+    if with_t:
+        extra[-1][...] = t.astype(extra[-1].dtype)
+    w_ref[...] = pg._mm(t * (beta * jnp.exp(gg) * r)[None, :], k, 1, 0, dt, prec).astype(
+        w_ref.dtype
+    )
+    u_ref[...] = pg._mm(t * beta[None, :], v_ref[...], 1, 0, dt, prec).astype(u_ref.dtype)

@@ -32,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from taylorcal_jax.ops.gdn import pallas_gpu as pg
@@ -59,28 +60,22 @@ def _dh_kernel(
 ):
     c = st.chunk
 
-    def load(i):
-        rows = pg.chunk_rows(i, c)
-        return (
-            do_ref[rows, :], aqk_ref[rows, :], qg_ref[rows, :], kd_ref[rows, :], w_ref[rows, :],
-            lgc_ref[pl.ds(i * c + c - 1, 1)],
-        )  # fmt: skip
-
-    def step(i, tiles, dsp):
-        do, aqk, qg, kd, w, gc_last = tiles
+    def body(n, dsp):
+        i = nt - 1 - n
         rows = pl.ds(pl.multiple_of(i * c, c), c)
         dh_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = dsp.astype(dh_ref.dtype)
-        dvp = pg._mm(aqk, do, 0, 0, dt, prec) + pg._mm(kd, dsp, 1, 0, dt, prec)
+        do = do_ref[rows, :]
+        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(
+            kd_ref[rows, :], dsp, 1, 0, dt, prec
+        )
         du_ref[rows, :] = dvp.astype(du_ref.dtype)
         return (
-            jnp.exp(gc_last)[:, None] * dsp
-            + pg._mm(qg, do, 0, 0, dt, prec)
-            - pg._mm(w, dvp, 0, 0, dt, prec)
+            pg._chunk_end_decay(lgc_ref, i, c) * dsp
+            + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
+            - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec)
         )
 
-    ds0_ref[...] = pg.chunk_loop(
-        nt, load, step, dst_ref[...].astype(F32), st.cfg.prefetch, reverse=True
-    )
+    ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
 
 
 def _grads_kernel(

@@ -66,16 +66,13 @@ def _ends_kernel(w_ref, u_ref, kd_ref, gc_ref, x_ref, *, st, dt, prec, nsc, nv, 
     r, col = pg._iota((kdim, bv), 0), pg._iota((kdim, bv), 1)
     s_init = jnp.where(jnp.logical_and(is_m, r == col + (j - nv) * bv), 1.0, 0.0).astype(F32)
 
-    def load(i):
-        rows = pg.chunk_rows(i, c)
-        return w_ref[rows, :], u_ref[rows, :], kd_ref[rows, :], gc_ref[pl.ds(i * c + c - 1, 1)]
+    def body(i, s):
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        u = jnp.where(is_m, 0.0, u_ref[rows, :].astype(F32))
+        vp = u - pg._mm(w_ref[rows, :], s, 1, 0, dt, prec)
+        return s * pg._chunk_end_decay(gc_ref, i, c) + pg._mm(kd_ref[rows, :], vp, 0, 0, dt, prec)
 
-    def step(i, tiles, s):
-        w, u, kd, gc_last = tiles
-        vp = jnp.where(is_m, 0.0, u.astype(F32)) - pg._mm(w, s, 1, 0, dt, prec)
-        return s * jnp.exp(gc_last)[:, None] + pg._mm(kd, vp, 0, 0, dt, prec)
-
-    x_ref[...] = pg.chunk_loop(nsc, load, step, s_init, st.cfg.prefetch)
+    x_ref[...] = lax.fori_loop(0, nsc, body, s_init)
 
 
 def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
@@ -151,24 +148,20 @@ def _rev_ends_kernel(
     r, col = pg._iota((kdim, bv), 0), pg._iota((kdim, bv), 1)
     s_init = jnp.where(jnp.logical_and(is_m, r == col + (j - nv) * bv), 1.0, 0.0).astype(F32)
 
-    def load(i):
-        rows = pg.chunk_rows(i, c)
+    def body(n, dsp):
+        i = nsc - 1 - n
+        rows = pl.ds(pl.multiple_of(i * c, c), c)
+        do = jnp.where(is_m, 0.0, do_ref[rows, :].astype(F32))
+        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(
+            kd_ref[rows, :], dsp, 1, 0, dt, prec
+        )
         return (
-            do_ref[rows, :], aqk_ref[rows, :], qg_ref[rows, :], kd_ref[rows, :], w_ref[rows, :],
-            lgc_ref[pl.ds(i * c + c - 1, 1)],
-        )  # fmt: skip
-
-    def step(i, tiles, dsp):
-        do, aqk, qg, kd, w, gc_last = tiles
-        do = jnp.where(is_m, 0.0, do.astype(F32))
-        dvp = pg._mm(aqk, do, 0, 0, dt, prec) + pg._mm(kd, dsp, 1, 0, dt, prec)
-        return (
-            jnp.exp(gc_last)[:, None] * dsp
-            + pg._mm(qg, do, 0, 0, dt, prec)
-            - pg._mm(w, dvp, 0, 0, dt, prec)
+            pg._chunk_end_decay(lgc_ref, i, c) * dsp
+            + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
+            - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec)
         )
 
-    x_ref[...] = pg.chunk_loop(nsc, load, step, s_init, st.cfg.prefetch, reverse=True)
+    x_ref[...] = lax.fori_loop(0, nsc, body, s_init)
 
 
 def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
