@@ -8,14 +8,15 @@ the one bundled in jaxlib, so figures are indicative; they agreed with the H100'
 shared memory (fp32 at 2 stages overflowing; the reverse kernel's one program per SM).
 
 Usage: python launch/gdn_kernel_resources.py [--config '{"backward": "pallas"}'] [--stages 1]
-  [--shape 1,32768,16,128]  (kernels named once: the forward's gdn_states stands for the
-  backward's recompute, which runs at stages_bwd)
+  [--shape 1,32768,16,128]  (kernels named once: the first lowering of a name is reported, so the
+  forward's gdn_states stands for the backward's recompute, which runs at stages_bwd)
 Letters: B batch, T time, H heads, K key dim (= V here).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -42,7 +43,12 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
         path = os.path.join(out_dir, f"{name}.ttir")
         with open(path, "w") as f:
             f.write(text)
-        found.setdefault(name, {"path": path})
+        # the launch options as the caller (pallas_call_lowering) resolved them
+        caller = inspect.currentframe().f_back.f_locals
+        found.setdefault(
+            name,
+            {"path": path, "num_warps": caller["num_warps"], "num_stages": caller["num_stages"]},
+        )
         return res
 
     cfg = GDNPallasConfig(**cfg_fields)
@@ -66,35 +72,6 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
         )(*args)
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
-    warps = {
-        "gdn_chunk": cfg.warps_chunk,
-        "gdn_seq": cfg.warps_seq,
-        "gdn_states": cfg.warps_seq,
-        "gdn_out": cfg.warps_out,
-        "gdn_reverse": cfg.warps_bwd,
-        "gdn_bwd_wy": cfg.warps_bwd_chunk,
-        "gdn_bwd_qk": cfg.warps_bwd_qk,
-        "gdn_reverse_dh": cfg.warps_bwd,
-        "gdn_reverse_grads": cfg.warps_bwd_grads,
-        "gdn_segment_ends": cfg.warps_seq,
-        "gdn_states_seg": cfg.warps_seq,
-        "gdn_reverse_segment_ends": cfg.warps_bwd,
-        "gdn_reverse_dh_seg": cfg.warps_bwd,
-        "gdn_bwd_prep": cfg.warps_bwd_chunk,
-    }
-    bwd_names = (
-        "gdn_reverse",
-        "gdn_bwd_wy",
-        "gdn_bwd_qk",
-        "gdn_reverse_dh",
-        "gdn_reverse_grads",
-        "gdn_reverse_segment_ends",
-        "gdn_reverse_dh_seg",
-        "gdn_bwd_prep",
-    )
-    for name, info in found.items():
-        info["num_warps"] = warps.get(name, 4)
-        info["num_stages"] = cfg.stages_bwd if name in bwd_names else cfg.stages
     return found
 
 

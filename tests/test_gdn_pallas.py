@@ -30,9 +30,7 @@ NAMES = ("q", "k", "v", "g", "beta")
 FUSED = GDNPallasConfig(forward="fused")
 SPLIT = GDNPallasConfig(forward="split", block_v=16)
 FLA = GDNPallasConfig(chunk_kernel="fla", block_v=16)
-NORM_AFTER_DOT = GDNPallasConfig(
-    chunk_kernel="fla", kd_in_states=True, norm_after_dot=True, states_block_v=16
-)
+NORM_AFTER_DOT = GDNPallasConfig(chunk_kernel="fla", kd_in_states=True, norm_after_dot=True)
 
 
 def _l2_rel(a, b):
@@ -65,8 +63,11 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (70, 16, 16, 64, FLA),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
         (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, block_v=16)),  # kd formed in pass
-        # norms applied after the dots in kernel 1 and the output kernel; a smaller state block
+        # norms applied after the dots in kernel 1 and the output kernel
         (130, 32, 32, 32, NORM_AFTER_DOT),
+        # chunk i+1's tiles loaded during chunk i: unsegmented, and segmented
+        (130, 32, 32, 16, GDNPallasConfig(kd_in_states=True, prefetch_programs=8, block_v=16)),
+        (190, 32, 32, 16, GDNPallasConfig(state_segments=4, prefetch_programs=64, block_v=16)),
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -95,6 +96,9 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         # the state pass forms kd from k (unsegmented only; kernel 1 then writes no kd)
         ("pallas", "fla", "split", {"residuals": "states", "kd_in_states": True, "segments": 1}),
         ("pallas", "fla", "split", {"residuals": "t", "norm_after_dot": True, "segments": 1}),
+        # prefetching sequential kernels: segmented reverse, and the unsegmented state recompute
+        ("pallas", "fla", "split", {"prefetch_programs": 64}),
+        ("pallas", "fla", "split", {"prefetch_programs": 64, "segments": 1}),
     ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
@@ -138,7 +142,7 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
         GDNPallasConfig(backward="pallas", chunk_kernel="fla"),
         GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split"),
         GDNPallasConfig(backward="analytic", chunk_kernel="fla", reverse="split"),
-        dataclasses.replace(BF16_DEFAULT, norm_after_dot=True, states_block_v=16),
+        dataclasses.replace(BF16_DEFAULT, norm_after_dot=True, prefetch_programs=64),
     ],
 )
 def test_pallas_backward_bf16_close_to_fp32_reference(config):
@@ -253,6 +257,18 @@ def test_num_segments_divides_chunks_and_targets_one_program_per_sm():
     assert num_segments(0, 256, 64) == 1  # 8 x 4096 x 16: already 256 programs
     assert num_segments(8, 1, 12) == 6 and num_segments(3, 1, 13) == 1
     assert num_segments(1, 1, 64) == 1
+
+
+def test_prefetch_only_where_the_sequential_grid_fits_prefetch_programs():
+    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+    def rule(cfg, programs):
+        st = pg._Static(chunk=64, scale=1.0, use_l2=True, interpret=True, cfg=cfg)
+        return pg.seq_launch("gdn_states", st, programs, cfg.warps_seq, jnp.bfloat16)[0]
+
+    on = GDNPallasConfig(prefetch_programs=128)
+    assert rule(on, 128) and rule(on, 32) and not rule(on, 129)
+    assert not rule(GDNPallasConfig(), 1)  # 0 = never
 
 
 def test_kd_in_states_only_where_the_state_pass_is_unsegmented():

@@ -70,8 +70,12 @@ class GDNPallasConfig:
       kd ([B, T, H, K] in the operand dtype, about a fifth of kernel 1's bytes). Only where the
       pass runs unsegmented; with segments kernel 1 still writes kd, which the segment-end kernel
       reads (pallas_gpu._kd_in_states_applies).
-    states_block_v: value block of the unsegmented state pass alone (0 = block_v); with fewer
-      B * H than SMs, a smaller block gives more programs.
+    prefetch_programs / warps_prefetch: a sequential kernel (state pass, split reverse pass, and
+      their segmented forms) whose grid has at most prefetch_programs programs (one wave: one
+      program per SM) loads chunk i+1's tiles at the top of chunk i's step and carries them in
+      registers (pallas_gpu.chunk_loop), at warps_prefetch warps (the carried tiles spill at 4);
+      0 = never. Larger grids keep Triton's pipelining, where the other resident program hides
+      the latency.
     norm_after_dot: kernel 1 ("fla") and the split output kernel give q and k to their dots as
       loaded and apply the L2 norms, s, beta and the decays to the dot results ([C, C] or [C, V]
       tiles) instead of to [C, K] fp32 copies of q and k: kk = diag(r) (k k^T) diag(r),
@@ -98,18 +102,15 @@ class GDNPallasConfig:
     t_precision: str = "bf16x3"
     residuals: str = "inputs"
     kd_in_states: bool = False
-    states_block_v: int = 0
+    prefetch_programs: int = 0
+    warps_prefetch: int = 8
     norm_after_dot: bool = False
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
-        if self.states_block_v and (
-            self.states_block_v & (self.states_block_v - 1) or self.states_block_v < 16
-        ):
-            raise ValueError(
-                f"states_block_v must be 0 or a power of two >= 16, got {self.states_block_v}"
-            )
+        if self.prefetch_programs < 0:
+            raise ValueError(f"prefetch_programs must be >= 0, got {self.prefetch_programs}")
         if self.forward not in ("fused", "split"):
             raise ValueError(f"forward must be 'fused' or 'split', got {self.forward!r}")
         if self.chunk_kernel not in ("keep", "fla"):

@@ -276,6 +276,45 @@ def _chunk_end_decay(ref, i, c):
     return jnp.exp(ref[pl.ds(i * c + c - 1, 1)])[:, None]
 
 
+def chunk_rows(i, c):
+    """Rows [i C, (i + 1) C) of a [Tp, ...] ref, marked aligned when i is traced (the marker does
+    not lower for a Python int, as chunk_loop's first load has)."""
+    return pl.ds(i * c if isinstance(i, int) else pl.multiple_of(i * c, c), c)
+
+
+def chunk_loop(nt, load, step, init, prefetch: bool, reverse: bool = False):
+    """carry = step(i, load(i), carry) over the chunks i = 0 .. nt-1 (nt-1 .. 0 with reverse).
+
+    `load(i)` reads chunk i's tiles from the refs (a tuple); `step` does the rest. With prefetch,
+    chunk i+1's loads are issued at the top of chunk i's step and handed on in the loop carry, so
+    their memory latency overlaps chunk i's products. Without it, Triton's own pipelining of the
+    loop (num_stages 2) issues the next chunk's copies after this chunk's last use of their
+    buffers, i.e. at the end of the step, and waits for them at the top of the next one (sm_90
+    TTGIR of the state pass), so with one program per SM the latency sits between the steps. The
+    carried tiles cost registers (spills at 4 warps), hence _seq_launch's rule.
+    The last step's prefetch re-reads its own chunk (clamped index) and is dropped."""
+    chunk = (lambda n: nt - 1 - n) if reverse else (lambda n: n)
+    if not prefetch:
+        return lax.fori_loop(0, nt, lambda n, s: step(chunk(n), load(chunk(n)), s), init)
+
+    def body(n, carry):
+        s, tiles = carry
+        nxt = load(chunk(jnp.minimum(n + 1, nt - 1)))
+        return step(chunk(n), tiles, s), nxt
+
+    return lax.fori_loop(0, nt, body, (init, load(chunk(0))))[0]
+
+
+def seq_launch(name: str, st: _Static, programs: int, warps: int, dt, bwd: bool = False):
+    """(prefetch, pallas_call launch options) of a sequential kernel with `programs` programs:
+    chunk_loop's prefetch at config.warps_prefetch warps where the grid fits one wave
+    (programs <= config.prefetch_programs: one program per SM, nothing else to hide the loads'
+    latency), the kernel's own warps and Triton's pipelining otherwise."""
+    if st.cfg.prefetch_programs and programs <= st.cfg.prefetch_programs:
+        return True, _launch(name, st, st.cfg.warps_prefetch, dt, bwd)
+    return False, _launch(name, st, warps, dt, bwd)
+
+
 def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0):
     """refs: (s0 if has_s0), o, final state."""
     c = st.chunk
@@ -378,7 +417,8 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=Fal
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
     nt = tp // st.chunk
-    bv = min(st.cfg.states_block_v or st.cfg.block_v, vd)
+    bv = min(st.cfg.block_v, vd)
+    prefetch, launch = seq_launch("gdn_states", st, (vd // bv) * b * h, st.cfg.warps_seq, dt, bwd)
     fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
     fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
@@ -395,6 +435,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=Fal
             kdim=kdim,
             kd_from_k=kd_from_k,
             has_s0=s0 is not None,
+            prefetch=prefetch,
         ),
         grid=(vd // bv, b, h),
         in_specs=specs,
@@ -405,7 +446,7 @@ def _states_call(w, u, kd, gc_src, s0, st: _Static, dt, bwd=False, kd_from_k=Fal
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **_launch("gdn_states", st, st.cfg.warps_seq, dt, bwd),
+        **launch,
     )(*args)
 
 
@@ -519,7 +560,19 @@ def _stage1(q, k, v, g, beta, *, st: _Static, dt):
 
 
 def _states_kernel(
-    w_ref, u_ref, kd_ref, gc_ref, *refs, st, dt, prec, nt, kdim, kd_from_k=False, has_s0=True
+    w_ref,
+    u_ref,
+    kd_ref,
+    gc_ref,
+    *refs,
+    st,
+    dt,
+    prec,
+    nt,
+    kdim,
+    kd_from_k=False,
+    has_s0=True,
+    prefetch=False,
 ):
     """gc_ref: any [Tp] vector whose last entry in each chunk is G_C (cumsum G or lgc); with
     kd_from_k, kd_ref holds k and gc_ref the cumulative G of every row, and the scaling that makes
@@ -529,20 +582,26 @@ def _states_kernel(
     c = st.chunk
     s_start, (h_ref, vp_ref, st_ref) = _start_state(refs, has_s0, (kdim, u_ref.shape[-1]))
 
-    def body(i, s):
-        rows = pl.ds(pl.multiple_of(i * c, c), c)
+    def load(i):
+        rows = chunk_rows(i, c)
+        # G_C by a one-element load, as in _chunk_end_decay
+        tiles = (w_ref[rows, :], u_ref[rows, :], kd_ref[rows, :], gc_ref[pl.ds(i * c + c - 1, 1)])
+        return tiles + ((gc_ref[rows],) if kd_from_k else ())
+
+    def step(i, tiles, s):
+        w, u, kd, gc_last, *gg = tiles
+        rows = chunk_rows(i, c)
         h_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = s.astype(h_ref.dtype)
-        vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
+        vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
         vp_ref[rows, :] = vp.astype(vp_ref.dtype)
-        kd = kd_ref[rows, :]
         if kd_from_k:
             # kd^T v' = k^T (diag(r) v') with r = exp(G_C - G) / |k|: scale the [C, BV] v' (fp32,
             # in registers) rather than form a [C, K] fp32 kd; k goes to the dot as loaded
-            r = jnp.exp(gc_ref[pl.ds(i * c + c - 1, 1)] - gc_ref[rows])
+            r = jnp.exp(gc_last - gg[0])
             vp = vp * (r * _rnorm(kd) if st.use_l2 else r)[:, None]
-        return s * _chunk_end_decay(gc_ref, i, c) + _mm(kd, vp, 0, 0, dt, prec)
+        return s * jnp.exp(gc_last)[:, None] + _mm(kd, vp, 0, 0, dt, prec)
 
-    st_ref[...] = lax.fori_loop(0, nt, body, s_start)
+    st_ref[...] = chunk_loop(nt, load, step, s_start, prefetch)
 
 
 def _reverse_kernel(

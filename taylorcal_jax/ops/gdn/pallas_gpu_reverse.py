@@ -32,7 +32,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from taylorcal_jax.ops.gdn import pallas_gpu as pg
@@ -57,25 +56,30 @@ def _dh_kernel(
     prec,
     nt,
     kdim,
+    prefetch=False,
 ):
     c = st.chunk
 
-    def body(n, dsp):
-        i = nt - 1 - n
-        rows = pl.ds(pl.multiple_of(i * c, c), c)
+    def load(i):
+        rows = pg.chunk_rows(i, c)
+        return (
+            do_ref[rows, :], aqk_ref[rows, :], qg_ref[rows, :], kd_ref[rows, :], w_ref[rows, :],
+            lgc_ref[pl.ds(i * c + c - 1, 1)],
+        )  # fmt: skip
+
+    def step(i, tiles, dsp):
+        do, aqk, qg, kd, w, gc_last = tiles
+        rows = pg.chunk_rows(i, c)
         dh_ref[pl.ds(pl.multiple_of(i * kdim, kdim), kdim), :] = dsp.astype(dh_ref.dtype)
-        do = do_ref[rows, :]
-        dvp = pg._mm(aqk_ref[rows, :], do, 0, 0, dt, prec) + pg._mm(
-            kd_ref[rows, :], dsp, 1, 0, dt, prec
-        )
+        dvp = pg._mm(aqk, do, 0, 0, dt, prec) + pg._mm(kd, dsp, 1, 0, dt, prec)
         du_ref[rows, :] = dvp.astype(du_ref.dtype)
         return (
-            pg._chunk_end_decay(lgc_ref, i, c) * dsp
-            + pg._mm(qg_ref[rows, :], do, 0, 0, dt, prec)
-            - pg._mm(w_ref[rows, :], dvp, 0, 0, dt, prec)
+            jnp.exp(gc_last)[:, None] * dsp
+            + pg._mm(qg, do, 0, 0, dt, prec)
+            - pg._mm(w, dvp, 0, 0, dt, prec)
         )
 
-    ds0_ref[...] = lax.fori_loop(0, nt, body, dst_ref[...].astype(F32))
+    ds0_ref[...] = pg.chunk_loop(nt, load, step, dst_ref[...].astype(F32), prefetch, reverse=True)
 
 
 def _grads_kernel(
@@ -123,8 +127,19 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
     ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
     state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
     hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    prefetch, launch = pg.seq_launch(
+        "gdn_reverse_dh", st, (vd // bv) * b * h, st.cfg.warps_bwd, dt, bwd=True
+    )
     return pl.pallas_call(
-        functools.partial(_dh_kernel, st=st, dt=dt, prec=pg._f32_precision(st), nt=nt, kdim=kdim),
+        functools.partial(
+            _dh_kernel,
+            st=st,
+            dt=dt,
+            prec=pg._f32_precision(st),
+            nt=nt,
+            kdim=kdim,
+            prefetch=prefetch,
+        ),
         grid=(vd // bv, b, h),
         in_specs=[fv, fc, fk, fk, fk, ft, state],
         out_specs=[fv, hs, state],
@@ -134,7 +149,7 @@ def _dh_call(do, aqk, qg, kd, w, lgc, dst, st, dt):
             jax.ShapeDtypeStruct((b, h, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **pg._launch("gdn_reverse_dh", st, st.cfg.warps_bwd, dt, bwd=True),
+        **launch,
     )(do, aqk, qg, kd, w, lgc, dst)
 
 

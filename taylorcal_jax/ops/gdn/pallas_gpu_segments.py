@@ -118,8 +118,13 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
     starts = jnp.moveaxis(starts, 0, 2)
     fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
     hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
+    prefetch, seq_launch = pg.seq_launch(
+        "gdn_states_seg", st, nv * nseg * b * h, st.cfg.warps_seq, dt, bwd
+    )
     hmat, vp, ends = pl.pallas_call(
-        functools.partial(pg._states_kernel, st=st, dt=dt, prec=prec, nt=nsc, kdim=kdim),
+        functools.partial(
+            pg._states_kernel, st=st, dt=dt, prec=prec, nt=nsc, kdim=kdim, prefetch=prefetch
+        ),
         grid=(nv, nseg, b, h),
         in_specs=[fk, fv, fk, ft, seg_state],
         out_specs=[hs, fv, seg_state],
@@ -129,7 +134,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **launch("gdn_states_seg"),
+        **seq_launch,
     )(w, u, kd, gc_src, starts)
     return hmat, vp, ends[:, :, -1]
 
@@ -211,8 +216,13 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     seg_dst = jnp.moveaxis(seg_dst, 0, 2)  # dS' at each segment's end [B, H, NSEG, K, V]
     fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
     hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
+    prefetch, seq_launch = pg.seq_launch(
+        "gdn_reverse_dh_seg", st, nv * nseg * b * h, st.cfg.warps_bwd, dt, bwd=True
+    )
     du, dh, seg_ds0 = pl.pallas_call(
-        functools.partial(_dh_kernel, st=st, dt=dt, prec=prec, nt=nsc, kdim=kdim),
+        functools.partial(
+            _dh_kernel, st=st, dt=dt, prec=prec, nt=nsc, kdim=kdim, prefetch=prefetch
+        ),
         grid=(nv, nseg, b, h),
         in_specs=[fv, fc, fk, fk, fk, ft, seg_state],
         out_specs=[fv, hs, seg_state],
@@ -222,6 +232,6 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **launch("gdn_reverse_dh_seg"),
+        **seq_launch,
     )(do, aqk, qg, kd, w, lgc, seg_dst)
     return du, dh, seg_ds0[:, :, 0]
