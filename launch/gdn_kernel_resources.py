@@ -8,8 +8,9 @@ the one bundled in jaxlib, so figures are indicative; they agreed with the H100'
 shared memory (fp32 at 2 stages overflowing; the reverse kernel's one program per SM).
 
 Usage: python launch/gdn_kernel_resources.py [--config '{"backward": "pallas"}'] [--stages 1]
-  [--shape 1,32768,16,128]  (kernels named once: the first lowering of a name is reported, so the
-  forward's gdn_states stands for the backward's recompute, which runs at stages_bwd)
+  [--shape 1,32768,16,128] [--forward-only]  (kernels named once: the first lowering of a name
+  is reported, so the forward's gdn_states stands for the backward's recompute, which runs at
+  stages_bwd; --forward-only lowers the primal forward alone)
 Letters: B batch, T time, H heads, K key dim (= V here).
 """
 
@@ -23,7 +24,9 @@ import subprocess
 import tempfile
 
 
-def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[str, dict]:
+def dump_ttir(
+    cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128), forward_only=False
+) -> dict[str, dict]:
     """{kernel name: {"path": ttir file, "num_warps": int, "num_stages": int}}."""
     import jax
     import jax.numpy as jnp
@@ -66,7 +69,7 @@ def dump_ttir(cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128)) -> dict[
     reg.lowering.lower_jaxpr_to_triton_module = hook
     try:
         export.export(
-            jax.jit(jax.grad(loss, argnums=range(5))),
+            jax.jit(loss if forward_only else jax.grad(loss, argnums=range(5))),
             platforms=("cuda",),
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
         )(*args)
@@ -107,10 +110,15 @@ def main():
     ap.add_argument("--stages", type=int, default=None, help="override num_stages for all")
     ap.add_argument("--shape", default="8,4096,16,128", help="B,T,H,D (bf16 inputs)")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
+    ap.add_argument(
+        "--forward-only", action="store_true", help="the primal forward alone (no backward)"
+    )
     a = ap.parse_args()
     shape = tuple(int(x) for x in a.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, info in sorted(dump_ttir(json.loads(a.config), tmp, shape=shape).items()):
+        for name, info in sorted(
+            dump_ttir(json.loads(a.config), tmp, shape, a.forward_only).items()
+        ):
             try:
                 print(f"{name:>14}: {compile_report(info, a.stages, a.maxnreg)}", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on

@@ -68,6 +68,15 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         # chunk i+1's tiles loaded during chunk i: unsegmented, and segmented
         (130, 32, 32, 16, GDNPallasConfig(kd_in_states=True, prefetch_programs=8, block_v=16)),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, prefetch_programs=64, block_v=16)),
+        # the fused pass for the primal forward of the split configuration, with prefetch
+        (130, 32, 32, 32, dataclasses.replace(NORM_AFTER_DOT, fused_primal=True)),
+        (
+            130,
+            32,
+            32,
+            32,
+            dataclasses.replace(NORM_AFTER_DOT, fused_primal=True, prefetch_programs=8),
+        ),
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -99,6 +108,8 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         # prefetching sequential kernels: segmented reverse, and the unsegmented state recompute
         ("pallas", "fla", "split", {"prefetch_programs": 64}),
         ("pallas", "fla", "split", {"prefetch_programs": 64, "segments": 1}),
+        # residuals "inputs": the vjp's forward keeps nothing, so fused_primal runs there too
+        ("pallas", "fla", "split", {"fused_primal": True, "segments": 1}),
     ],
 )
 def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
@@ -283,7 +294,7 @@ def test_kd_in_states_only_where_the_state_pass_is_unsegmented():
     )
     rows = {(8, 4096, 16): True, (4, 8192, 16): True, (1, 32768, 16): False, (16, 2048, 12): True}
     for (b, t, h), expected in rows.items():  # 1 x 32768 x 16: 32 programs, so 4 segments
-        assert pg._kd_in_states_applies(st, b, t, h, 128, 128) is expected, (b, t, h)
+        assert pg._state_pass_unsegmented(st, b, t, h, 128, 128) is expected, (b, t, h)
 
 
 def test_beta_zero_gives_decayed_readout_of_initial_state():

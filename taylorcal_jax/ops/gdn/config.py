@@ -69,7 +69,10 @@ class GDNPallasConfig:
       and G (as kd^T v' = k^T (r v'), r = exp(G_C - G) / |k| per row), so kernel 1 does not write
       kd ([B, T, H, K] in the operand dtype, about a fifth of kernel 1's bytes). Only where the
       pass runs unsegmented; with segments kernel 1 still writes kd, which the segment-end kernel
-      reads (pallas_gpu._kd_in_states_applies).
+      reads (pallas_gpu._state_pass_unsegmented).
+    fused_primal: split forward: where nothing is kept for a backward (the forward run outside
+      differentiation, or with residuals "inputs") and the state pass would run unsegmented, run
+      the fused sequential pass instead (o written directly; no h or v' in memory).
     prefetch_programs / warps_prefetch: a sequential kernel (state pass, split reverse pass, and
       their segmented forms) whose grid has at most prefetch_programs programs (one wave: one
       program per SM) loads chunk i+1's tiles at the top of chunk i's step and carries them in
@@ -102,6 +105,7 @@ class GDNPallasConfig:
     t_precision: str = "bf16x3"
     residuals: str = "inputs"
     kd_in_states: bool = False
+    fused_primal: bool = False
     prefetch_programs: int = 0
     warps_prefetch: int = 8
     norm_after_dot: bool = False

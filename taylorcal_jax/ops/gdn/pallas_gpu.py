@@ -315,33 +315,40 @@ def seq_launch(name: str, st: _Static, programs: int, warps: int, dt, bwd: bool 
     return False, _launch(name, st, warps, dt, bwd)
 
 
-def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0):
-    """refs: (s0 if has_s0), o, final state."""
+def _seq_kernel(
+    q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0, prefetch=False
+):
+    """Fused sequential pass: o and the final state, no h or v' in memory. q and k go to the
+    dots as loaded, their norms (r_q, r_k) to the results:
+        v' = u - w S,
+        o  = diag(s r_q exp(G)) (q S) + (causal Gamma diag(s r_q) q k^T diag(r_k)) v',
+        S' = exp(G_C) S + k^T diag(r_k exp(G_C - G)) v'.
+    refs: (s0 if has_s0), o, final state."""
     c = st.chunk
     s_start, (o_ref, st_ref) = _start_state(refs, has_s0, (k_ref.shape[-1], u_ref.shape[-1]))
     causal = _iota((c, c), 0) >= _iota((c, c), 1)
 
-    def body(i, s):
-        rows = pl.ds(pl.multiple_of(i * c, c), c)
-        q = q_ref[rows, :].astype(F32)
-        k = k_ref[rows, :].astype(F32)
-        if st.use_l2:
-            q, k = _l2(q), _l2(k)
-        q = q * st.scale
-        gg = gcum_ref[rows]
-        gc = _last(gg, c)
-        vp = u_ref[rows, :].astype(F32) - _mm(w_ref[rows, :], s, 1, 0, dt, prec)
-        qk = _mm(q, k, 1, 1, dt, prec)
+    def load(i):
+        rows = chunk_rows(i, c)
+        last = gcum_ref[pl.ds(i * c + c - 1, 1)]  # G_C by a one-element load (_chunk_end_decay)
+        return q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], u_ref[rows, :], gcum_ref[rows], last
+
+    def step(i, tiles, s):
+        q, k, w, u, gg, gc_last = tiles
+        ones = jnp.ones_like(gg)
+        rq = st.scale * (_rnorm(q) if st.use_l2 else ones)
+        rk = _rnorm(k) if st.use_l2 else ones
+        vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
+        qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]
         aqk = jnp.where(
             causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0
         )
-        o = _mm(q * jnp.exp(gg)[:, None], s, 1, 0, dt, prec) + _mm(aqk, vp, 1, 0, dt, prec)
-        o_ref[rows, :] = o.astype(o_ref.dtype)
-        kd = k * jnp.exp(gc - gg)[:, None]
-        return s * jnp.exp(gc) + _mm(kd, vp, 0, 0, dt, prec)
+        o = (rq * jnp.exp(gg))[:, None] * _mm(q, s, 1, 0, dt, prec) + _mm(aqk, vp, 1, 0, dt, prec)
+        o_ref[chunk_rows(i, c), :] = o.astype(o_ref.dtype)
+        vs = vp * (rk * jnp.exp(gc_last - gg))[:, None]
+        return s * jnp.exp(gc_last)[:, None] + _mm(k, vs, 0, 0, dt, prec)
 
-    s = lax.fori_loop(0, nt, body, s_start)
-    st_ref[...] = s
+    st_ref[...] = chunk_loop(nt, load, step, s_start, prefetch)
 
 
 def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
@@ -353,6 +360,7 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
     full_v = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     full_t = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
     state = pl.BlockSpec((None, None, kd, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    prefetch, launch = seq_launch("gdn_seq", st, nv * b * h, st.cfg.warps_seq, dt)
     kern = functools.partial(
         _seq_kernel,
         st=st,
@@ -360,6 +368,7 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
         prec=_f32_precision(st),
         nt=tp // st.chunk,
         has_s0=s0 is not None,
+        prefetch=prefetch,
     )
     specs, args = _with_s0([full_k, full_k, full_k, full_v, full_t], [q, k, w, u, gcum], s0, kd, bv)
     return pl.pallas_call(
@@ -372,7 +381,7 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
             jax.ShapeDtypeStruct((b, h, kd, vd), F32),
         ],
         interpret=st.interpret,
-        **_launch("gdn_seq", st, st.cfg.warps_seq, dt),
+        **launch,
     )(*args)
 
 
@@ -476,10 +485,11 @@ def _forward(q, k, v, g, beta, s0, st: _Static, keep=False):
     """((o, final state), kept): kept = None, or with `keep` (config.residuals "t" / "states")
     (G, T, (h, v') or None) for the backward."""
     dt = _operand_dtype(q, k, v)
+    unsegmented = _state_pass_unsegmented(st, *k.shape, v.shape[-1])
     split = st.cfg.forward == "split"
-    kd_in_states = (
-        split and st.cfg.kd_in_states and _kd_in_states_applies(st, *k.shape, v.shape[-1])
-    )
+    if split and not keep and st.cfg.fused_primal and unsegmented:
+        split = False  # nothing kept for a backward: o straight from the sequential pass
+    kd_in_states = split and st.cfg.kd_in_states and unsegmented
     with_kd = split and not kd_in_states
     w, u, gcum, *extra = _chunk_call(k, v, g, beta, st, dt, with_kd=with_kd, with_t=keep)
     tmat = extra.pop() if keep else None
@@ -494,9 +504,10 @@ def _forward(q, k, v, g, beta, s0, st: _Static, keep=False):
     return out, (gcum, tmat, (hmat, vp) if st.cfg.residuals == "states" else None)
 
 
-def _kd_in_states_applies(st: _Static, b, tp, h, kdim, vd) -> bool:
-    """config.kd_in_states takes effect where the state pass runs unsegmented (the segment-end
-    kernel reads kd as well, so there kernel 1 writes it)."""
+def _state_pass_unsegmented(st: _Static, b, tp, h, kdim, vd) -> bool:
+    """Whether the state pass runs unsegmented for these shapes. config.kd_in_states takes effect
+    only there (the segment-end kernel reads kd as well, so with segments kernel 1 writes it), and
+    so does config.fused_primal (the fused pass has no segmented form)."""
     if st.cfg.state_segments == 1:
         return True
     from taylorcal_jax.ops.gdn.pallas_gpu_segments import num_state_segments
