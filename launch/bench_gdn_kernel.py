@@ -262,6 +262,15 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
     "states_w4_tf32": _STATES_W4_TF32,
     # session 4: the state pass forms kd from k where unsegmented (kernel 1 writes no kd)
     "kd": {**_STATES_W4_TF32, "kd_in_states": True},
+    # session 5: norms after the dots, the fused pass for the primal, one-wave prefetch
+    "s5": {
+        **_STATES_W4_TF32,
+        "kd_in_states": True,
+        "norm_after_dot": True,
+        "fused_primal": True,
+        "fused_programs": 256,
+        "prefetch_programs": 128,
+    },
 }
 CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 

@@ -31,6 +31,7 @@ FUSED = GDNPallasConfig(forward="fused")
 SPLIT = GDNPallasConfig(forward="split", block_v=16)
 FLA = GDNPallasConfig(chunk_kernel="fla", block_v=16)
 NORM_AFTER_DOT = GDNPallasConfig(chunk_kernel="fla", kd_in_states=True, norm_after_dot=True)
+FUSED_PRIMAL = dataclasses.replace(NORM_AFTER_DOT, fused_primal=True)
 
 
 def _l2_rel(a, b):
@@ -68,15 +69,9 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         # chunk i+1's tiles loaded during chunk i: unsegmented, and segmented
         (130, 32, 32, 16, GDNPallasConfig(kd_in_states=True, prefetch_programs=8, block_v=16)),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, prefetch_programs=64, block_v=16)),
-        # the fused pass for the primal forward of the split configuration, with prefetch
-        (130, 32, 32, 32, dataclasses.replace(NORM_AFTER_DOT, fused_primal=True)),
-        (
-            130,
-            32,
-            32,
-            32,
-            dataclasses.replace(NORM_AFTER_DOT, fused_primal=True, prefetch_programs=8),
-        ),
+        # the fused pass for the primal forward of the split configuration; at a halved V block
+        (130, 32, 32, 32, FUSED_PRIMAL),
+        (130, 32, 32, 32, dataclasses.replace(FUSED_PRIMAL, fused_programs=8)),
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -280,6 +275,19 @@ def test_prefetch_only_where_the_sequential_grid_fits_prefetch_programs():
     on = GDNPallasConfig(prefetch_programs=128)
     assert rule(on, 128) and rule(on, 32) and not rule(on, 129)
     assert not rule(GDNPallasConfig(), 1)  # 0 = never
+
+
+def test_fused_block_v_halves_until_enough_programs():
+    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+
+    def bv(cfg, b, h, vd=128):
+        st = pg._Static(chunk=64, scale=1.0, use_l2=True, interpret=True, cfg=cfg)
+        return pg.fused_block_v(st, b, h, vd)
+
+    cfg = GDNPallasConfig(fused_programs=256)
+    assert bv(cfg, 8, 16) == 64 and bv(cfg, 4, 16) == 32 and bv(cfg, 16, 12) == 64
+    assert bv(cfg, 1, 1) == 16 and bv(cfg, 1, 1, vd=16) == 16
+    assert bv(GDNPallasConfig(), 1, 1) == 64  # 0 = block_v as it is
 
 
 def test_kd_in_states_only_where_the_state_pass_is_unsegmented():
@@ -499,6 +507,35 @@ def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
     for name, a, r in zip(NAMES + ("initial_state",), grads, rgrads, strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         assert _l2_rel(a, r) < 2 * tol, (name, _l2_rel(a, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config",
+    [BF16_DEFAULT, dataclasses.replace(BF16_DEFAULT, state_segments=1)],
+    ids=["default", "unsegmented"],
+)
+@pytest.mark.parametrize("b, t, h", [(2, 300, 4), (1, 256, 2)])
+def test_gpu_primal_forward_matches_reference(config, b, t, h):
+    """The forward outside differentiation, compiled, bf16: at these shapes the default's state
+    pass segments, so it runs split; unsegmented it runs the fused pass (fused_primal) at a
+    halved value block (fused_programs); both against the fp32 reference at FLA's level."""
+    d = 128
+    inputs = random_inputs(13, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
+    args = _args(inputs, jnp.bfloat16)
+    s0 = jnp.asarray(inputs["initial_state"])
+    run = jax.jit(
+        lambda *a, **kw: gated_delta_rule_pallas(
+            *a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw
+        ),
+        static_argnames=("interpret", "config"),
+    )
+    o, s = run(*args, s0, interpret=False, config=config)
+    with jax.default_matmul_precision("highest"):
+        ro, rs = gated_delta_rule_reference(
+            *[x.astype(jnp.float32) for x in args], initial_state_bhkv=s0, output_final_state=True
+        )
+    assert _l2_rel(o, ro) < 5e-3 and _l2_rel(s, rs) < 5e-3
 
 
 @pytest.mark.gpu

@@ -73,6 +73,8 @@ class GDNPallasConfig:
     fused_primal: split forward: where nothing is kept for a backward (the forward run outside
       differentiation, or with residuals "inputs") and the state pass would run unsegmented, run
       the fused sequential pass instead (o written directly; no h or v' in memory).
+    fused_programs: the fused pass halves its value block (from block_v, down to 16) while its
+      grid has fewer programs than this (pallas_gpu.fused_block_v); 0 = block_v as it is.
     prefetch_programs / warps_prefetch: a sequential kernel (state pass, split reverse pass, and
       their segmented forms) whose grid has at most prefetch_programs programs (one wave: one
       program per SM) loads chunk i+1's tiles at the top of chunk i's step and carries them in
@@ -106,6 +108,7 @@ class GDNPallasConfig:
     residuals: str = "inputs"
     kd_in_states: bool = False
     fused_primal: bool = False
+    fused_programs: int = 0
     prefetch_programs: int = 0
     warps_prefetch: int = 8
     norm_after_dot: bool = False
@@ -113,6 +116,8 @@ class GDNPallasConfig:
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:
             raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
+        if self.fused_programs < 0:
+            raise ValueError(f"fused_programs must be >= 0, got {self.fused_programs}")
         if self.prefetch_programs < 0:
             raise ValueError(f"prefetch_programs must be >= 0, got {self.prefetch_programs}")
         if self.forward not in ("fused", "split"):
@@ -160,12 +165,15 @@ DEFAULT_CONFIG = GDNPallasConfig()  # the field defaults: the first GPU-checked 
 
 # What gated_delta_rule_pallas runs when no config is given, by operand dtype.
 # 16-bit inputs: the fastest configuration measured on an H100 (launch/results/gdn_kernel_h100.json,
-# bench candidate "kd": kernel 1 in FLA's layout with one-pass TF32 products for T, the state pass
-# forming kd itself, split and segmented reverse at 4 warps, the closed-form chunk-local backward
-# as two Pallas kernels, bf16 cotangent intermediates, and the forward keeping T, h and v' for the
-# backward): fwd 1.17-1.19 ms, fwd+bwd 4.12-4.13 ms at 8 x 4096 x 16 x 128 (pipelined timing),
-# against 1.24-1.26 / 4.18-4.21 ms for session 3's default (candidate "states_w4_tf32") and
-# 1.52 / 9.26 ms for session 2's ("analytic", sync timing).
+# bench candidate "s5": kernel 1 in FLA's layout with one-pass TF32 products for T and the norms
+# applied after the dots, the state pass applying kd itself, split and segmented reverse at 4
+# warps, the closed-form chunk-local backward as two Pallas kernels, bf16 cotangent intermediates,
+# the forward under differentiation keeping T, h and v' for the backward, the fused pass for a
+# forward that keeps nothing, and the next chunk's tiles prefetched by one-wave sequential
+# kernels). Session 5's sweeps, same process (gdn_sweep_h100_s5_*.json): the fused primal took the
+# forward at 8 x 4096 x 16 x 128 from 1.16 to 0.96 ms and at 4 x 8192 x 16 x 128 from 1.26 to
+# 1.11 ms; the norms after the dots took 15-25 us off the forward and 33-57 us off forward +
+# backward; the prefetch 93-107 us off forward + backward at rows with one program per SM.
 BF16_DEFAULT = GDNPallasConfig(
     backward="pallas",
     chunk_kernel="fla",
@@ -176,6 +184,10 @@ BF16_DEFAULT = GDNPallasConfig(
     residuals="states",
     t_precision="tf32",
     kd_in_states=True,
+    norm_after_dot=True,
+    fused_primal=True,
+    fused_programs=256,
+    prefetch_programs=128,
 )
 # float32 inputs: DEFAULT_CONFIG, the configuration whose fp32 forward and gradients were compiled
 # and checked on an H100 (exact to 6e-7); BF16_DEFAULT's fp32 path is checked in interpret mode

@@ -315,9 +315,7 @@ def seq_launch(name: str, st: _Static, programs: int, warps: int, dt, bwd: bool 
     return False, _launch(name, st, warps, dt, bwd)
 
 
-def _seq_kernel(
-    q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0, prefetch=False
-):
+def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, has_s0):
     """Fused sequential pass: o and the final state, no h or v' in memory. q and k go to the
     dots as loaded, their norms (r_q, r_k) to the results:
         v' = u - w S,
@@ -348,19 +346,32 @@ def _seq_kernel(
         vs = vp * (rk * jnp.exp(gc_last - gg))[:, None]
         return s * jnp.exp(gc_last)[:, None] + _mm(k, vs, 0, 0, dt, prec)
 
-    st_ref[...] = chunk_loop(nt, load, step, s_start, prefetch)
+    # no prefetch here: with five products per step the carried tiles cost more than they save
+    # (launch/results/gdn_sweep_h100_s5_fused_primal_prefetch.json)
+    st_ref[...] = chunk_loop(nt, load, step, s_start, prefetch=False)
+
+
+def fused_block_v(st: _Static, b, h, vd) -> int:
+    """The fused pass's value block: config.block_v, halved (down to 16) while the grid has fewer
+    than config.fused_programs programs. One program per (V-block, b, h) runs the whole sequence,
+    and the fused step (five products) needs two resident programs per SM to overlap one's loads
+    with the other's products: at 4 x 8192 x 16 x 128 BV 32 (256 programs) took 1.11 ms against
+    1.25 ms at BV 64 (128), while 8 x 4096 x 16 x 128 is fastest at BV 64 (256 programs)."""
+    bv = min(st.cfg.block_v, vd)
+    while bv > 16 and (vd // bv) * b * h < st.cfg.fused_programs:
+        bv //= 2
+    return bv
 
 
 def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
     b, tp, h, kd = q.shape
     vd = u.shape[-1]
-    bv = min(st.cfg.block_v, vd)
+    bv = fused_block_v(st, b, h, vd)
     nv = vd // bv
     full_k = pl.BlockSpec((None, tp, None, kd), lambda j, bb, hh: (bb, 0, hh, 0))
     full_v = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
     full_t = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
     state = pl.BlockSpec((None, None, kd, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    prefetch, launch = seq_launch("gdn_seq", st, nv * b * h, st.cfg.warps_seq, dt)
     kern = functools.partial(
         _seq_kernel,
         st=st,
@@ -368,7 +379,6 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
         prec=_f32_precision(st),
         nt=tp // st.chunk,
         has_s0=s0 is not None,
-        prefetch=prefetch,
     )
     specs, args = _with_s0([full_k, full_k, full_k, full_v, full_t], [q, k, w, u, gcum], s0, kd, bv)
     return pl.pallas_call(
@@ -381,7 +391,7 @@ def _seq_call(q, k, w, u, gcum, s0, st: _Static, dt, out_dtype):
             jax.ShapeDtypeStruct((b, h, kd, vd), F32),
         ],
         interpret=st.interpret,
-        **launch,
+        **_launch("gdn_seq", st, st.cfg.warps_seq, dt),
     )(*args)
 
 
