@@ -16,7 +16,8 @@ Forward = two kernels. `_chunk_kernel` (grid NT x B x H) normalises k, builds A 
 blocks, inverts the diagonal blocks by forward substitution, merges the off-diagonal blocks of T
 by small exact dots and writes w, u (input dtype) and G (fp32). `_seq_kernel` (grid NV x B x H)
 loops over chunks with the fp32 state [K, BV] as the loop carry, recomputes the q/k norms and
-writes o and the final state. Inputs stay in [B, T, H, D] layout (B and H squeezed by BlockSpecs).
+writes o and the final state (no h or v' in memory). Inputs stay in [B, T, H, D] layout (B and H
+squeezed by BlockSpecs).
 
 Backward (one custom_vjp): the chunk-local map (q, k, v, g, beta) -> (w, u, qg = s q exp(G),
 kd = k exp(G_C - G), aqk = s causal Gamma q k^T, lgc = G_C at each chunk's last row) is
@@ -35,7 +36,11 @@ residuals="t" / "states" (the forward run under differentiation keeps T and G / 
 the backward then forms w, u, kd, qg, aqk from T by pallas_gpu_bwd.prep_call and, with "states",
 skips the state pass); reverse="split" (pallas_gpu_reverse.py); state_segments
 (pallas_gpu_segments.py, sequence segments for the sequential passes at small B * H);
-kd_in_states (the split forward's state pass forms kd from k, so kernel 1 does not write it).
+kd_in_states (the split forward's state pass applies kd to v' from k, so kernel 1 does not write
+it); norm_after_dot (kernel 1 and the output kernel give q and k to their dots as loaded and scale
+the results); fused_primal (a forward that keeps nothing for a backward runs the fused sequential
+pass, at a value block chosen by fused_programs); prefetch_programs (one-wave sequential kernels
+load the next chunk's tiles during this chunk's step, chunk_loop).
 Without an initial state the sequential kernels start from zero (no zeros array, no fill kernel).
 
 Padding: T is padded to a multiple of C with q = k = v = 0, g = 0, beta = 0 (state unchanged).
