@@ -118,7 +118,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
     starts = jnp.moveaxis(starts, 0, 2)
     fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
     hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
-    prefetch, seq_launch = pg.seq_launch(
+    prefetch, seq_opts = pg.seq_launch(
         "gdn_states_seg", st, nv * nseg * b * h, st.cfg.warps_seq, dt, bwd
     )
     hmat, vp, ends = pl.pallas_call(
@@ -134,7 +134,7 @@ def states_call_segmented(w, u, kd, gc_src, s0, st, dt, bwd=False):
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **seq_launch,
+        **seq_opts,
     )(w, u, kd, gc_src, starts)
     return hmat, vp, ends[:, :, -1]
 
@@ -216,7 +216,7 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
     seg_dst = jnp.moveaxis(seg_dst, 0, 2)  # dS' at each segment's end [B, H, NSEG, K, V]
     fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
     hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
-    prefetch, seq_launch = pg.seq_launch(
+    prefetch, seq_opts = pg.seq_launch(
         "gdn_reverse_dh_seg", st, nv * nseg * b * h, st.cfg.warps_bwd, dt, bwd=True
     )
     du, dh, seg_ds0 = pl.pallas_call(
@@ -232,6 +232,6 @@ def reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st, dt):
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
         interpret=st.interpret,
-        **seq_launch,
+        **seq_opts,
     )(do, aqk, qg, kd, w, lgc, seg_dst)
     return du, dh, seg_ds0[:, :, 0]
