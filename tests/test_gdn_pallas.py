@@ -450,6 +450,10 @@ def test_rejects_unsupported_shapes_and_options():
         GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
     with pytest.raises(ValueError, match="kd_in_states"):
         GDNPallasConfig(forward="fused", kd_in_states=True)
+    with pytest.raises(ValueError, match="fused_programs"):
+        GDNPallasConfig(fused_programs=-1)
+    with pytest.raises(ValueError, match="prefetch_programs"):
+        GDNPallasConfig(prefetch_programs=-128)
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
     assert unsupported_reason(q, q, q, 64) is None
     assert "power of two" in unsupported_reason(q, q, jnp.zeros((1, 16, 1, 24)), 64)
