@@ -296,7 +296,7 @@ def chunk_loop(nt, load, step, init, prefetch: bool, reverse: bool = False):
     loop (num_stages 2) issues the next chunk's copies after this chunk's last use of their
     buffers, i.e. at the end of the step, and waits for them at the top of the next one (sm_90
     TTGIR of the state pass), so with one program per SM the latency sits between the steps. The
-    carried tiles cost registers (spills at 4 warps), hence _seq_launch's rule.
+    carried tiles cost registers (spills at 4 warps), hence seq_launch's rule.
     The last step's prefetch re-reads its own chunk (clamped index) and is dropped."""
     chunk = (lambda n: nt - 1 - n) if reverse else (lambda n: n)
     if not prefetch:
@@ -358,10 +358,11 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, h
 
 def fused_block_v(st: _Static, b, h, vd) -> int:
     """The fused pass's value block: config.block_v, halved (down to 16) while the grid has fewer
-    than config.fused_programs programs. One program per (V-block, b, h) runs the whole sequence,
-    and the fused step (five products) needs two resident programs per SM to overlap one's loads
-    with the other's products: at 4 x 8192 x 16 x 128 BV 32 (256 programs) took 1.11 ms against
-    1.25 ms at BV 64 (128), while 8 x 4096 x 16 x 128 is fastest at BV 64 (256 programs)."""
+    than config.fused_programs programs. One program per (V-block, b, h) runs the whole sequence;
+    measured on an H100, the fused step ran best with two programs resident per SM (presumably
+    one's loads overlapping the other's products): at 4 x 8192 x 16 x 128 BV 32 (256 programs)
+    took 1.11 ms against 1.25 ms at BV 64 (128), while 8 x 4096 x 16 x 128 is fastest at BV 64
+    (256 programs; 1.10 ms at BV 32)."""
     bv = min(st.cfg.block_v, vd)
     while bv > 16 and (vd // bv) * b * h < st.cfg.fused_programs:
         bv //= 2
