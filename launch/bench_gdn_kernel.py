@@ -236,6 +236,7 @@ _STATES_W4_TF32 = {
     "warps_bwd": 4,
     "t_precision": "tf32",
 }
+_KD = {**_STATES_W4_TF32, "kd_in_states": True}
 CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig fields)
     "base": {},
     "xbwd_s1": dict(stages_bwd=1),
@@ -261,11 +262,10 @@ CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig f
     },
     "states_w4_tf32": _STATES_W4_TF32,
     # session 4: the state pass forms kd from k where unsegmented (kernel 1 writes no kd)
-    "kd": {**_STATES_W4_TF32, "kd_in_states": True},
+    "kd": _KD,
     # session 5: norms after the dots, the fused pass for the primal, one-wave prefetch
     "s5": {
-        **_STATES_W4_TF32,
-        "kd_in_states": True,
+        **_KD,
         "norm_after_dot": True,
         "fused_primal": True,
         "fused_programs": 256,

@@ -81,8 +81,11 @@ def _l2(x):
     return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _EPS)
 
 
-def _rnorm(x):
-    """1 / |x| per row ([C]) of a [C, D] tile, in fp32, as _l2 scales by."""
+def _rnorm(x, use_l2=True):
+    """1 / |x| per row ([C]) of a [C, D] tile, in fp32, as _l2 scales by; ones without the L2
+    norm (use_l2 False)."""
+    if not use_l2:
+        return jnp.ones(x.shape[:1], F32)
     xf = x.astype(F32)
     return lax.rsqrt(jnp.sum(xf * xf, axis=-1) + _EPS)
 
@@ -274,11 +277,16 @@ def _start_state(refs, has_s0, shape):
     return jnp.zeros(shape, F32), refs
 
 
+def _chunk_end(ref, i, c):
+    """ref[i * C + C - 1] (G_C of chunk i) as a [1] value, by a one-element load. The sequential
+    kernels use it in place of _last over the chunk's [C] rows: there a block-wide reduction
+    (shared memory and a barrier) would sit on the loop carry's path every step."""
+    return ref[pl.ds(i * c + c - 1, 1)]
+
+
 def _chunk_end_decay(ref, i, c):
-    """exp(ref[i * C + C - 1]) as a [1, 1] value, by a one-element load. The sequential kernels
-    use it in place of _last over the chunk's [C] rows: there a block-wide reduction (shared
-    memory and a barrier) would sit on the loop carry's path every step."""
-    return jnp.exp(ref[pl.ds(i * c + c - 1, 1)])[:, None]
+    """exp(G_C) of chunk i as a [1, 1] value (_chunk_end)."""
+    return jnp.exp(_chunk_end(ref, i, c))[:, None]
 
 
 def chunk_rows(i, c):
@@ -333,14 +341,12 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, h
 
     def load(i):
         rows = chunk_rows(i, c)
-        last = gcum_ref[pl.ds(i * c + c - 1, 1)]  # G_C by a one-element load (_chunk_end_decay)
+        last = _chunk_end(gcum_ref, i, c)
         return q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], u_ref[rows, :], gcum_ref[rows], last
 
     def step(i, tiles, s):
         q, k, w, u, gg, gc_last = tiles
-        ones = jnp.ones_like(gg)
-        rq = st.scale * (_rnorm(q) if st.use_l2 else ones)
-        rk = _rnorm(k) if st.use_l2 else ones
+        rq, rk = st.scale * _rnorm(q, st.use_l2), _rnorm(k, st.use_l2)
         vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
         qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]
         aqk = jnp.where(
@@ -409,8 +415,7 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
     decay = jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0))
     if st.cfg.norm_after_dot:  # q, k into the dots as loaded; norms, s and decays on the results
         q, k = q_ref[...], k_ref[...]
-        rq = st.scale * (_rnorm(q) if st.use_l2 else jnp.ones_like(gg))
-        rk = _rnorm(k) if st.use_l2 else jnp.ones_like(gg)
+        rq, rk = st.scale * _rnorm(q, st.use_l2), _rnorm(k, st.use_l2)
         qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]
         aqk = jnp.where(causal, qk * decay, 0.0)
         o = (rq * jnp.exp(gg))[:, None] * _mm(q, h_ref[...], 1, 0, dt, prec)
@@ -611,8 +616,7 @@ def _states_kernel(
 
     def load(i):
         rows = chunk_rows(i, c)
-        # G_C by a one-element load, as in _chunk_end_decay
-        tiles = (w_ref[rows, :], u_ref[rows, :], kd_ref[rows, :], gc_ref[pl.ds(i * c + c - 1, 1)])
+        tiles = (w_ref[rows, :], u_ref[rows, :], kd_ref[rows, :], _chunk_end(gc_ref, i, c))
         return tiles + ((gc_ref[rows],) if kd_from_k else ())
 
     def step(i, tiles, s):
@@ -624,8 +628,7 @@ def _states_kernel(
         if kd_from_k:
             # kd^T v' = k^T (diag(r) v') with r = exp(G_C - G) / |k|: scale the [C, BV] v' (fp32,
             # in registers) rather than form a [C, K] fp32 kd; k goes to the dot as loaded
-            r = jnp.exp(gc_last - gg[0])
-            vp = vp * (r * _rnorm(kd) if st.use_l2 else r)[:, None]
+            vp = vp * (jnp.exp(gc_last - gg[0]) * _rnorm(kd, st.use_l2))[:, None]
         return s * jnp.exp(gc_last)[:, None] + _mm(kd, vp, 0, 0, dt, prec)
 
     st_ref[...] = chunk_loop(nt, load, step, s_start, prefetch)

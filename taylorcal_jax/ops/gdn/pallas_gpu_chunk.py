@@ -115,7 +115,7 @@ def _fla_body_norm_after_dot(k_ref, v_ref, w_ref, u_ref, gg, beta, extra, st, dt
     c = st.chunk
     rc, cc = pg._iota((c, c), 0), pg._iota((c, c), 1)
     k = k_ref[...]
-    r = pg._rnorm(k) if st.use_l2 else jnp.ones_like(gg)
+    r = pg._rnorm(k, st.use_l2)
     strict = rc > cc
     kk = pg._mm(k, k, 1, 1, dt, prec) * (beta * r)[:, None] * r[None, :]
     a = jnp.where(strict, kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0)

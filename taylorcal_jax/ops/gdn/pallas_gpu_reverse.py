@@ -64,7 +64,7 @@ def _dh_kernel(
         rows = pg.chunk_rows(i, c)
         return (
             do_ref[rows, :], aqk_ref[rows, :], qg_ref[rows, :], kd_ref[rows, :], w_ref[rows, :],
-            lgc_ref[pl.ds(i * c + c - 1, 1)],
+            pg._chunk_end(lgc_ref, i, c),
         )  # fmt: skip
 
     def step(i, tiles, dsp):
