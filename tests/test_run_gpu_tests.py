@@ -1,0 +1,43 @@
+"""launch/run_gpu_tests.py: its rules, and one run here, where a gpu test can only be skipped."""
+
+import json
+import os
+import sys
+
+LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+sys.path.insert(0, LAUNCH)
+
+import run_gpu_tests  # noqa: E402
+
+
+def test_outcome_reads_pytest_summaries():
+    assert run_gpu_tests.outcome(0, "..\n1 passed in 3.2s") == "passed"
+    assert run_gpu_tests.outcome(0, "1 skipped in 0.1s") == "skipped"
+    assert run_gpu_tests.outcome(1, "1 failed, 0 passed") == "failed"
+    assert run_gpu_tests.outcome(0, "11 passed") == "failed"  # not one test per process
+    assert run_gpu_tests.outcome(124, "") == "timeout"
+
+
+def test_fp32_cases_go_first_and_keep_their_order():
+    ids = ["t[bf16-a]", "t[float32-a]", "u[x]", "t[float32-b]"]
+    assert run_gpu_tests.longest_first(ids) == ["t[float32-a]", "t[float32-b]", "t[bf16-a]", "u[x]"]
+
+
+def test_a_run_without_a_gpu_reports_the_test_skipped(tmp_path):
+    code = run_gpu_tests.main(
+        [
+            "tests/test_gdn_pallas.py",
+            "--select",
+            "api_pallas_residuals and inputs",
+            "--jobs",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    with open(tmp_path / "gpu_tests_summary.json") as f:
+        summary = json.load(f)
+    assert code == 1  # nothing passed
+    assert summary["counts"]["skipped"] == 1 and len(summary["tests"]) == 1
+    assert "inputs" in summary["tests"][0]["id"]
+    assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
