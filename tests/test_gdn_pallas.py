@@ -66,6 +66,8 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, block_v=16)),  # kd formed in pass
         # norms applied after the dots in kernel 1 and the output kernel
         (130, 32, 32, 32, NORM_AFTER_DOT),
+        # ... segmented, where kernel 1 writes kd (its older body) for the state pass
+        (190, 32, 32, 16, dataclasses.replace(NORM_AFTER_DOT, state_segments=4, block_v=16)),
         # chunk i+1's tiles loaded during chunk i: unsegmented, and segmented
         (130, 32, 32, 16, GDNPallasConfig(kd_in_states=True, prefetch_programs=8, block_v=16)),
         (190, 32, 32, 16, GDNPallasConfig(state_segments=4, prefetch_programs=64, block_v=16)),
@@ -100,6 +102,13 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
         # the state pass forms kd from k (unsegmented only; kernel 1 then writes no kd)
         ("pallas", "fla", "split", {"residuals": "states", "kd_in_states": True, "segments": 1}),
         ("pallas", "fla", "split", {"residuals": "t", "norm_after_dot": True, "segments": 1}),
+        # ... segmented: kernel 1 writes kd (older body), the output kernel scales after dots
+        (
+            "pallas",
+            "fla",
+            "split",
+            {"residuals": "states", "kd_in_states": True, "norm_after_dot": True},
+        ),
         # prefetching sequential kernels: segmented reverse, and the unsegmented state recompute
         ("pallas", "fla", "split", {"prefetch_programs": 64}),
         ("pallas", "fla", "split", {"prefetch_programs": 64, "segments": 1}),
