@@ -20,6 +20,9 @@ the output and the gradients of (q, k, v, g, beta) for a random cotangent. Relat
 GPU, matmul precision "highest") on the same bf16-rounded inputs at the full shape.
 
 Usage (device): python3 launch/bench_gdn_kernel.py --out $OUT/gdn_kernel_h100.json [--profile]
+A device call runs at most 10 minutes; all four rows with FLA and the XLA op take about 8-9 (FLA's
+autotuning 24-153 s a row), so time them in parts (--rows 0,1, then --rows 2,3) and join the parts
+with launch/merge_gdn_kernel_results.py.
 Modes used internally: --mode check | jax --row i | fla.
 """
 
