@@ -35,6 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import results_io  # noqa: E402  (launch/ is on sys.path when this script runs)
 
 from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked  # noqa: E402
 from taylorcal_jax.ops.gdn.reference import compute_dtype, l2_normalize  # noqa: E402
@@ -129,17 +130,6 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def _git_commit():
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1,1024,4,64", help="B,T,H,D (K = V = D)")
@@ -210,7 +200,8 @@ def main():
         load_average_after=[round(x, 2) for x in os.getloadavg()],
         jax=jax.__version__,
         python=platform.python_version(),
-        git_commit=_git_commit(),
+        git_commit=results_io.git_revision(),
+        source_digest=results_io.source_digest(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join(["launch/bench_gdn_chunked_cpu.py", *sys.argv[1:]]),
         openblas_num_threads=os.environ["OPENBLAS_NUM_THREADS"],

@@ -712,9 +712,12 @@ def main():
     if a.mode == "fla":
         return run_fla([int(x) for x in a.fla_rows.split(",")], a.fla_fwd_only)
     log_dir = os.path.dirname(os.path.abspath(a.out))
+    from results_io import source_digest  # launch/ is on sys.path when this script runs
+
     result = {
         "command": "python3 " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_digest": source_digest(),  # `python launch/results_io.py DIGEST` finds its commit
     }
     probe = (
         "import jax, torch\ntry:\n import triton; tv = triton.__version__\n"

@@ -19,7 +19,15 @@ import sys
 from bench_gdn_kernel import ROWS  # launch/ is on sys.path when a script there runs
 
 # what must be the same in every part for their rows to form one table
-SAME_IN_EVERY_PART = ("device", "jax", "torch", "triton", "fla", "ours_config_fields")
+SAME_IN_EVERY_PART = (
+    "device",
+    "jax",
+    "torch",
+    "triton",
+    "fla",
+    "ours_config_fields",
+    "source_digest",  # the same code (results_io.source_digest; absent before session 6)
+)
 # carried over from the parts as they are (they describe the method, not one run)
 METHOD_FIELDS = ("peak_memory_method", "rel_err_method", "chosen_candidate")
 ROW_ORDER = [list(shape) for shape in ROWS]

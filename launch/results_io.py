@@ -6,22 +6,32 @@ figure can be traced to the run that produced it and rerun.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import hashlib
 import json
 import os
 import subprocess
 import sys
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the code a measurement depends on: the package and the launch scripts
+SOURCE_DIRS = ("taylorcal_jax", "launch")
+
+
+def _git(*args: str, repo: str = REPO) -> str:
+    return subprocess.run(
+        ["git", "-C", repo, *args], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
 
 
 def git_revision() -> str | None:
-    """The repository's commit ("<hash>+dirty" with uncommitted changes), or None outside git."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The repository's commit ("<hash>+dirty" with uncommitted changes), or None outside git.
+    A copy of the working tree can carry a stale .git (the device machine's does): there the
+    figure is wrong, and source_digest() is what identifies the code."""
     try:
-        run = lambda *a: subprocess.run(  # noqa: E731
-            ["git", "-C", repo, *a], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
+        run = lambda *a: _git(*a).strip()  # noqa: E731
         rev = run("rev-parse", "--short=12", "HEAD")
         dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
@@ -29,8 +39,53 @@ def git_revision() -> str | None:
     return rev + ("+dirty" if dirty else "")
 
 
+def _digest(entries) -> str:
+    """sha256 (12 hex digits) over sorted "<path> <git blob id>" lines."""
+    lines = "".join(f"{path} {blob}\n" for path, blob in sorted(entries))
+    return hashlib.sha256(lines.encode()).hexdigest()[:12]
+
+
+def _is_source(path: str) -> bool:
+    return path.endswith(".py") and path.split("/", 1)[0] in SOURCE_DIRS
+
+
+def source_digest(root: str = REPO) -> str:
+    """Digest of the .py files under SOURCE_DIRS as they are on disk: each file's path and git
+    blob id (sha1 of b"blob <size>\\0" + bytes), so that it equals source_digest_at(commit) for
+    the commit whose tree holds these files, with no .git needed where it is taken."""
+    entries = []
+    for top in SOURCE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for name in filenames:
+                path = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+                if _is_source(path):
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        data = f.read()
+                    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                    entries.append((path, blob))
+    return _digest(entries)
+
+
+def source_digest_at(commit: str, repo: str = REPO) -> str:
+    """source_digest() of the tree of `commit` (from git's object ids; reads no file)."""
+    listing = _git("ls-tree", "-r", commit, "--", *SOURCE_DIRS, repo=repo)
+    entries = []
+    for line in listing.splitlines():
+        meta, path = line.split("\t", 1)
+        if _is_source(path):
+            entries.append((path, meta.split()[2]))
+    return _digest(entries)
+
+
+def commits_with_digest(digest: str, max_count: int = 500, repo: str = REPO) -> list[str]:
+    """Commits (newest first, among the last max_count) whose source_digest_at is `digest`."""
+    revs = _git("rev-list", f"--max-count={max_count}", "HEAD", repo=repo).split()
+    return [r for r in revs if source_digest_at(r, repo) == digest]
+
+
 def provenance() -> dict:
-    """{"device", "jax_version", "date", "command", "git"} of this process."""
+    """{"device", "jax_version", "date", "command", "git", "source_digest"} of this process."""
     import jax
 
     from taylorcal_jax.train.stages import device_description
@@ -41,6 +96,7 @@ def provenance() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "git": git_revision(),
+        "source_digest": source_digest(),
     }
 
 
@@ -54,3 +110,28 @@ def write_result(out_dir: str, stem: str, tag: str, small: bool, result: dict) -
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description="The source digest of this working tree, or the commits that have a digest "
+        "(to find the code behind a result file written on a machine whose .git is stale)."
+    )
+    ap.add_argument("digest", nargs="?", help="print the commits with this source_digest")
+    ap.add_argument("--max-count", type=int, default=500, help="commits searched, newest first")
+    a = ap.parse_args(argv)
+    if a.digest is None:
+        print(source_digest())
+        return 0
+    found = commits_with_digest(a.digest, a.max_count)
+    for rev in found:
+        print(_git("log", "-1", "--format=%h %ad %s", "--date=iso", rev).strip())
+    if not found:
+        print(
+            f"no commit among the last {a.max_count} has source digest {a.digest}", file=sys.stderr
+        )
+    return 0 if found else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

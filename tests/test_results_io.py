@@ -1,0 +1,48 @@
+"""launch/results_io.py: the source digest, which names the code behind a result file where the
+machine's .git is stale (the device machine's copy of the working tree)."""
+
+import os
+import subprocess
+import sys
+
+LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+sys.path.insert(0, LAUNCH)
+
+import results_io  # noqa: E402
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def _commit(repo, files, message):
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+    out = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def test_digest_of_the_files_equals_the_digest_of_their_commit(tmp_path):
+    _git(tmp_path, "init", "-q")
+    first = _commit(
+        tmp_path,
+        {"taylorcal_jax/a.py": "x = 1\n", "launch/b.py": "y = 2\n", "docs/c.py": "z\n"},
+        "first",
+    )
+    on_disk = results_io.source_digest(str(tmp_path))
+    assert on_disk == results_io.source_digest_at(first, str(tmp_path))
+    # outside SOURCE_DIRS or not .py: no effect; inside: a new digest
+    (tmp_path / "docs" / "c.py").write_text("changed\n")
+    (tmp_path / "launch" / "notes.md").write_text("notes\n")
+    assert results_io.source_digest(str(tmp_path)) == on_disk
+    second = _commit(tmp_path, {"taylorcal_jax/a.py": "x = 3\n"}, "second")
+    assert results_io.source_digest(str(tmp_path)) != on_disk
+    assert results_io.source_digest_at(second, str(tmp_path)) == results_io.source_digest(
+        str(tmp_path)
+    )
+    assert results_io.commits_with_digest(on_disk, repo=str(tmp_path)) == [first]
