@@ -1,6 +1,11 @@
-"""Test setup: 8 simulated CPU devices (must be set before JAX initialises its backends)."""
+"""Test setup: 8 simulated CPU devices (must be set before JAX initialises its backends), and
+launch/ on sys.path so that tests import its scripts as modules (`import plot_gdn_kernel`)."""
 
 import os
+import sys
+
+LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+sys.path.insert(0, LAUNCH_DIR)
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (

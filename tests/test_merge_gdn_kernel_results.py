@@ -3,16 +3,11 @@
 import copy
 import json
 import os
-import sys
 
+import merge_gdn_kernel_results as merge  # from launch/ (tests/conftest.py)
 import pytest
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-sys.path.insert(0, LAUNCH)
-
-import merge_gdn_kernel_results as merge  # noqa: E402
-
-RESULT = os.path.join(LAUNCH, "results", "gdn_kernel_h100.json")
+RESULT = os.path.join(os.path.dirname(merge.__file__), "results", "gdn_kernel_h100.json")
 
 
 def _parts():

@@ -2,16 +2,11 @@
 
 import json
 import os
-import sys
 
+import plot_gdn_kernel  # from launch/ (tests/conftest.py)
 import pytest
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-sys.path.insert(0, LAUNCH)
-
-import plot_gdn_kernel  # noqa: E402
-
-RESULT = os.path.join(LAUNCH, "results", "gdn_kernel_h100.json")
+RESULT = os.path.join(os.path.dirname(plot_gdn_kernel.__file__), "results", "gdn_kernel_h100.json")
 
 
 def test_panel_values_read_ours_and_fla_per_row():

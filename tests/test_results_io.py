@@ -1,14 +1,9 @@
 """launch/results_io.py: the source digest, which names the code behind a result file where the
 machine's .git is stale (the device machine's copy of the working tree)."""
 
-import os
 import subprocess
-import sys
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-sys.path.insert(0, LAUNCH)
-
-import results_io  # noqa: E402
+import results_io  # from launch/ (tests/conftest.py)
 
 
 def _git(repo, *args):

@@ -1,13 +1,8 @@
 """launch/run_gpu_tests.py: its rules, and one run here, where a gpu test can only be skipped."""
 
 import json
-import os
-import sys
 
-LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
-sys.path.insert(0, LAUNCH)
-
-import run_gpu_tests  # noqa: E402
+import run_gpu_tests  # from launch/ (tests/conftest.py)
 
 
 def test_outcome_reads_pytest_summaries():
