@@ -74,7 +74,6 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
         # the fused pass for the primal forward of the split configuration; at a halved V block
         (130, 32, 32, 32, FUSED_PRIMAL),
         (130, 32, 32, 32, dataclasses.replace(FUSED_PRIMAL, fused_programs=8)),
-        (130, 32, 32, 32, dataclasses.replace(FUSED_PRIMAL, fused_qk_first=True)),
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -526,12 +525,8 @@ def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "config",
-    [
-        BF16_DEFAULT,
-        dataclasses.replace(BF16_DEFAULT, state_segments=1),
-        dataclasses.replace(BF16_DEFAULT, state_segments=1, fused_qk_first=True),
-    ],
-    ids=["default", "unsegmented", "unsegmented_qk_first"],
+    [BF16_DEFAULT, dataclasses.replace(BF16_DEFAULT, state_segments=1)],
+    ids=["default", "unsegmented"],
 )
 @pytest.mark.parametrize("b, t, h", [(2, 300, 4), (1, 256, 2)])
 def test_gpu_primal_forward_matches_reference(config, b, t, h):

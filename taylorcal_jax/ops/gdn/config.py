@@ -85,8 +85,6 @@ class GDNPallasConfig:
       loaded and apply the L2 norms, s, beta and the decays to the dot results ([C, C] or [C, V]
       tiles) instead of to [C, K] fp32 copies of q and k: kk = diag(r) (k k^T) diag(r),
       w = (T diag(beta exp(G) r)) k, o = diag(s r_q exp(G)) (q S) + ... .
-    fused_qk_first: the fused pass forms the [C, C] q k^T tile before its products with the state
-      (a trial: fewer registers offline at a 32-wide value block).
     """
 
     forward: str = "split"
@@ -114,7 +112,6 @@ class GDNPallasConfig:
     prefetch_programs: int = 0
     warps_prefetch: int = 8
     norm_after_dot: bool = False
-    fused_qk_first: bool = False
 
     def __post_init__(self):
         if self.block_v & (self.block_v - 1) or self.block_v < 16:

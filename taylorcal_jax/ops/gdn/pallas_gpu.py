@@ -344,25 +344,15 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, h
         last = _chunk_end(gcum_ref, i, c)
         return q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], u_ref[rows, :], gcum_ref[rows], last
 
-    def intra(q, k, gg, rq, rk):
-        qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]
-        return jnp.where(
-            causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0
-        )
-
     def step(i, tiles, s):
         q, k, w, u, gg, gc_last = tiles
         rq, rk = st.scale * _rnorm(q, st.use_l2), _rnorm(k, st.use_l2)
-        if st.cfg.fused_qk_first:
-            aqk = intra(q, k, gg, rq, rk)
-            o = (rq * jnp.exp(gg))[:, None] * _mm(q, s, 1, 0, dt, prec)
-            vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
-            o = o + _mm(aqk, vp, 1, 0, dt, prec)
-        else:
-            vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
-            aqk = intra(q, k, gg, rq, rk)
-            o = (rq * jnp.exp(gg))[:, None] * _mm(q, s, 1, 0, dt, prec)
-            o = o + _mm(aqk, vp, 1, 0, dt, prec)
+        vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
+        qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]
+        aqk = jnp.where(
+            causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0
+        )
+        o = (rq * jnp.exp(gg))[:, None] * _mm(q, s, 1, 0, dt, prec) + _mm(aqk, vp, 1, 0, dt, prec)
         o_ref[chunk_rows(i, c), :] = o.astype(o_ref.dtype)
         vs = vp * (rk * jnp.exp(gc_last - gg))[:, None]
         return s * jnp.exp(gc_last)[:, None] + _mm(k, vs, 0, 0, dt, prec)
