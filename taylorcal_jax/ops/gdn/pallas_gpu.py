@@ -112,6 +112,12 @@ def _iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+def _gamma(gg, mask):
+    """Gamma [C, C]: exp(G_i - G_j) where mask (i >= j or i > j), 1 elsewhere; masked before the
+    exp, so that no exp(G_i - G_j) with i < j (which can overflow) is ever formed."""
+    return jnp.exp(jnp.where(mask, gg[:, None] - gg[None, :], 0.0))
+
+
 def _inv_unit_lower16(a):
     """(I + a)^-1 for a strictly lower-triangular [16, 16] fp32 block, by forward substitution."""
     r, c = _iota((16, 16), 0), _iota((16, 16), 1)
@@ -349,9 +355,7 @@ def _seq_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, prec, nt, h
         rq, rk = st.scale * _rnorm(q, st.use_l2), _rnorm(k, st.use_l2)
         vp = u.astype(F32) - _mm(w, s, 1, 0, dt, prec)
         qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]
-        aqk = jnp.where(
-            causal, qk * jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0
-        )
+        aqk = jnp.where(causal, qk * _gamma(gg, causal), 0.0)
         o = (rq * jnp.exp(gg))[:, None] * _mm(q, s, 1, 0, dt, prec) + _mm(aqk, vp, 1, 0, dt, prec)
         o_ref[chunk_rows(i, c), :] = o.astype(o_ref.dtype)
         vs = vp * (rk * jnp.exp(gc_last - gg))[:, None]
@@ -412,8 +416,10 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt, prec):
     c = st.chunk
     causal = _iota((c, c), 0) >= _iota((c, c), 1)
     gg = gcum_ref[...]
-    decay = jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0))
+    decay = _gamma(gg, causal)
     if st.cfg.norm_after_dot:  # q, k into the dots as loaded; norms, s and decays on the results
+        # the same o as _seq_kernel's step; written out here too, as the order of the loads
+        # decides this kernel's registers and shared memory (offline sm_90)
         q, k = q_ref[...], k_ref[...]
         rq, rk = st.scale * _rnorm(q, st.use_l2), _rnorm(k, st.use_l2)
         qk = _mm(q, k, 1, 1, dt, prec) * rq[:, None] * rk[None, :]

@@ -106,7 +106,7 @@ def _wy_bwd_kernel(
     # dA = strict(-(T^T dT) T^T), then through A = strict(beta (k^ k^T) Gamma)
     tdt = pg._mm(t_ref[...], dtm, 0, 0, dt, prec)
     da = jnp.where(strict, -pg._mm(tdt, t_ref[...], 1, 1, dt, prec), 0.0)
-    gam_s = jnp.where(strict, jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    gam_s = jnp.where(strict, pg._gamma(gg, strict), 0.0)
     da_gam = da * gam_s
     kk = pg._mm(kn, kn, 1, 1, dt, prec)
     dbeta = dbeta + jnp.sum(da_gam * kk, axis=1)
@@ -152,7 +152,7 @@ def _qk_bwd_kernel(
     edec = jnp.exp(pg._last(gg, c) - gg)
     qn = _load_normalised(q_ref, st)[0].astype(dt)  # only a dot operand until reloaded
     kn, rk = _load_normalised(k_ref, st)
-    gam_c = jnp.where(causal, jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    gam_c = jnp.where(causal, pg._gamma(gg, causal), 0.0)
     dq_mat = st.scale * daqk_ref[...].astype(F32) * gam_c  # d(q^ k^T)
     m = dq_mat * pg._mm(qn, kn, 1, 1, dt, prec)  # daqk * aqk
     dgg = dgp_ref[...] + jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
@@ -245,7 +245,7 @@ def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, gcum_ref, t_ref, *out_refs, st, 
             refs["qg"][...] = (qn * eg[:, None]).astype(refs["qg"].dtype)
         if "aqk" in refs:
             causal = pg._iota((c, c), 0) >= pg._iota((c, c), 1)
-            gam = jnp.exp(jnp.where(causal, gg[:, None] - gg[None, :], 0.0))
+            gam = pg._gamma(gg, causal)
             aqk = jnp.where(causal, pg._mm(qn, kn, 1, 1, dt, prec) * gam, 0.0)
             refs["aqk"][...] = aqk.astype(refs["aqk"].dtype)
 

@@ -95,9 +95,7 @@ def chunk_kernel_fla(
         kd_ref[0][...] = (k * jnp.exp(jnp.sum(g) - gg)[:, None]).astype(kd_ref[0].dtype)
     strict = rc > cc
     kk = pg._mm(k, k, 1, 1, dt, prec)
-    a = jnp.where(
-        strict, beta[:, None] * kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0
-    )
+    a = jnp.where(strict, beta[:, None] * kk * pg._gamma(gg, strict), 0.0)
     t = t_inverse_fla(a, t_precision(st, dt)).astype(dt)
     if with_t:
         extra[-1][...] = t.astype(extra[-1].dtype)
@@ -118,7 +116,7 @@ def _fla_body_norm_after_dot(k_ref, v_ref, w_ref, u_ref, gg, beta, extra, st, dt
     r = pg._rnorm(k, st.use_l2)
     strict = rc > cc
     kk = pg._mm(k, k, 1, 1, dt, prec) * (beta * r)[:, None] * r[None, :]
-    a = jnp.where(strict, kk * jnp.exp(jnp.where(strict, gg[:, None] - gg[None, :], 0.0)), 0.0)
+    a = jnp.where(strict, kk * pg._gamma(gg, strict), 0.0)
     t = t_inverse_fla(a, t_precision(st, dt))
     if with_t:
         extra[-1][...] = t.astype(extra[-1].dtype)
