@@ -34,8 +34,8 @@ def collect(paths: list[str], select: str | None) -> list[str]:
 
 
 def longest_first(ids: list[str]) -> list[str]:
-    """fp32 cases first: their compilation is the long pole."""
-    return sorted(ids, key=lambda i: ("float32" not in i, ids.index(i)))
+    """fp32 cases first: their compilation is the long pole (a stable sort keeps the order)."""
+    return sorted(ids, key=lambda node_id: "float32" not in node_id)
 
 
 OUTCOMES = ("passed", "failed", "skipped", "timeout")
