@@ -280,6 +280,32 @@ def test_build_corpus_with_given_tokenizer(tmp_path):
     np.testing.assert_array_equal(c.streams["train"][: len(ids) + 1], ids + [tok.eos_token_id])
 
 
+def test_bpe_sample_is_bounded_fixed_and_spread(tmp_path):
+    texts = [f"document {i}\n" + "x" * (i % 7) for i in range(200)]
+    kept = [
+        corpus_lib._Kept(sources.Entry(f"{i:03d}", None), split.content_key(t), len(t))
+        for i, t in enumerate(texts)
+    ]
+    total = sum(k.num_bytes for k in kept)
+    assert corpus_lib.bpe_sample(kept, 0) == kept
+    assert corpus_lib.bpe_sample(kept, total) == kept
+    sample = corpus_lib.bpe_sample(kept, total // 4)
+    assert total // 4 - 20 < sum(k.num_bytes for k in sample) <= total // 4
+    assert corpus_lib.bpe_sample(kept[::-1], total // 4) == sample  # order of input: none
+    ids = sorted(int(k.entry.id) for k in sample)
+    assert ids[0] < 20 and ids[-1] >= 180  # spread over the split, not its first documents
+    # The sample size is a setting of the trained tokenizer: changing it trains another.
+    root = _write_corpus(tmp_path / "src", [f"# {i}\n{t}" for i, t in enumerate(TEXTS * 4)])
+    data_cfg, tok_cfg = _cfgs(root)
+    cache = str(tmp_path / "cache")
+    full = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
+    data_cfg.bpe_sample_bytes = 200
+    small = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
+    fingerprint = corpus_lib.tokenizer_fingerprint
+    assert fingerprint(small.tokenizer) != fingerprint(full.tokenizer)
+    assert small.num_documents == full.num_documents
+
+
 def test_duplicates_never_straddle_train_and_eval(tmp_path):
     # 12 distinct texts, each under 8 names: an id-hashed split would put most texts in
     # train and in an evaluation split at once.

@@ -101,6 +101,7 @@ def test_read_entry_classifies():
         ("max_undecodable_fraction", -0.1, r"max_undecodable_fraction must be in \[0, 1\]"),
         ("max_undecodable_fraction", 1.5, r"max_undecodable_fraction must be in \[0, 1\]"),
         ("max_documents", -1, "max_documents must be an integer >= 0"),
+        ("bpe_sample_bytes", -1, "bpe_sample_bytes must be an integer >= 0"),
         ("valid_fraction", 0.99, "fraction"),
         ("source", "s3://bucket", "unknown data source"),
     ],
@@ -176,6 +177,10 @@ def test_size_limit_skips_large_files_and_says_how_to_keep_them(tmp_path, caplog
     data_cfg.max_file_bytes = 4096
     c = corpus_lib.build_corpus(data_cfg, tok_cfg, str(tmp_path / "cache"))
     assert sum(c.num_documents.values()) == 13
+    # Nothing left: refused, saying why.
+    data_cfg.max_file_bytes = 10
+    with pytest.raises(DataError, match=r"no text documents \(skipped: 13 larger than data.max"):
+        corpus_lib.build_corpus(data_cfg, tok_cfg, str(tmp_path / "cache"))
 
 
 def test_max_documents_counts_kept_documents_and_reads_no_further(tmp_path):

@@ -12,7 +12,8 @@ at a time, so memory is bounded by those and not by the size of the corpus:
    not UTF-8, raise DataError here, before any tokenising.
 2. tokenizer: an explicit `tokenizer_path` (the teacher's own tokenizer, or
    `tokenizer_cfg.path`) is loaded with AutoTokenizer; otherwise a byte-level BPE is
-   trained on the train split only (read again) and saved to `<cache_dir>/tokenizer`.
+   trained on the train split only (read again; at most `data.bpe_sample_bytes` of it,
+   see `bpe_sample`) and saved to `<cache_dir>/tokenizer`.
 3. tokenise: each split's documents are read again, encoded in batches and appended to
    `<split>.int32` (little-endian int32; each document followed by eos).
 
@@ -82,18 +83,20 @@ def check_data_config(data_cfg) -> reading.ReadLimits:
     """Raises DataError for a bad value in the data section; returns its read limits."""
     sources.parse_source(data_cfg.source)
     split.check_fractions(data_cfg.valid_fraction, data_cfg.test_fraction)
-    m = data_cfg.max_documents
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-        raise DataError(f"data.max_documents must be an integer >= 0 (0 = all), got {m!r}")
+    for name in ("max_documents", "bpe_sample_bytes"):
+        n = data_cfg[name]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DataError(f"data.{name} must be an integer >= 0 (0 = all), got {n!r}")
     return reading.ReadLimits.from_config(data_cfg)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Kept:
-    """A document that passed the checks: how to read it again, and its content key."""
+    """A document that passed the checks: how to read it again, its content key and size."""
 
     entry: sources.Entry
     key: bytes
+    num_bytes: int
 
 
 def _read_source(data_cfg, limits: reading.ReadLimits):
@@ -113,7 +116,7 @@ def _read_source(data_cfg, limits: reading.ReadLimits):
             test_fraction=data_cfg.test_fraction,
             seed=data_cfg.split_seed,
         )
-        parts[name].append(_Kept(entry, key))
+        parts[name].append(_Kept(entry, key, result.num_bytes))
         if data_cfg.max_documents and report.documents >= data_cfg.max_documents:
             break
     report.check(limits, data_cfg.source)
@@ -136,6 +139,24 @@ def _reread(kept: list[_Kept], limits: reading.ReadLimits) -> Iterator[str]:
                 f"document {k.entry.id!r} changed while the corpus was being built; run again"
             )
         yield result.text
+
+
+def bpe_sample(train: list[_Kept], budget: int) -> list[_Kept]:
+    """The train documents a BPE learns from: all if their bytes fit in `budget` (or it is 0);
+    else the first in content-key order, a fixed pseudo-random order, while they fit.
+
+    BPE training holds every distinct word of its input with a count, so its memory and
+    time grow with the text; the merges of a small vocabulary are settled by far less.
+    """
+    if not budget or sum(k.num_bytes for k in train) <= budget:
+        return train
+    sample, total = [], 0
+    for k in sorted(train, key=lambda k: k.key):
+        if total + k.num_bytes > budget:
+            break
+        sample.append(k)
+        total += k.num_bytes
+    return sample
 
 
 def _data_key(data_cfg) -> dict:
@@ -162,6 +183,7 @@ def _trained_tokenizer(read: Callable, tokenizer_cfg, data_cfg, limits, out_dir:
         "vocab_size": int(tokenizer_cfg.vocab_size),
         "min_frequency": int(tokenizer_cfg.min_frequency),
         "data": _data_key(data_cfg),
+        "bpe_sample_bytes": int(data_cfg.bpe_sample_bytes),
     }
     meta_path = os.path.join(out_dir, _TOKENIZER_META)
     if os.path.exists(meta_path):
@@ -170,7 +192,7 @@ def _trained_tokenizer(read: Callable, tokenizer_cfg, data_cfg, limits, out_dir:
                 return tok_lib.load_tokenizer(out_dir)
         os.remove(meta_path)  # so that a half-written tokenizer never passes for current
     parts, _ = read()
-    train = parts["train"]
+    train = bpe_sample(parts["train"], data_cfg.bpe_sample_bytes)
     texts = progress(
         _reread(train, limits), desc="train BPE on train", total=len(train), unit="doc"
     )

@@ -28,6 +28,12 @@ from taylorcal_jax.data.sources import Entry
 
 SNIFF_BYTES = 8192
 SKIP_REASONS = ("binary", "too_large", "unreadable", "empty")
+_SAID = {
+    "binary": "binary",
+    "too_large": "larger than data.max_file_bytes",
+    "unreadable": "unreadable",
+    "empty": "empty",
+}
 _NUM_EXAMPLES = 3
 # surrogateescape decodes each undecodable byte 0xXY to the lone surrogate U+DCXY; valid
 # UTF-8 never decodes to a lone surrogate, so these are exactly the undecodable bytes.
@@ -171,7 +177,7 @@ class InputReport:
     def check(self, limits: ReadLimits, source: str) -> None:
         """Raises DataError if no document was kept or too many bytes were not UTF-8."""
         if not self.documents:
-            skipped = ", ".join(f"{n} {r}" for r, n in self.skipped.items() if n)
+            skipped = ", ".join(f"{n} {_SAID[r]}" for r, n in self.skipped.items() if n)
             raise DataError(
                 f"source {source!r} has no text documents (skipped: {skipped or 'none'}); "
                 "point data.source at text files, or raise data.max_file_bytes if they are "

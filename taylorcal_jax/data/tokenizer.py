@@ -86,7 +86,7 @@ def _encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
 
 
 def encode_batches(
-    tokenizer, texts: Iterable[str], *, max_batch_chars: int = 1 << 20
+    tokenizer, texts: Iterable[str], *, max_batch_chars: int = 1 << 18
 ) -> Iterator[list[np.ndarray]]:
     """Token ids of each text (no special tokens added), int32, yielded a batch at a time.
 
@@ -94,6 +94,7 @@ def encode_batches(
     characters, encoded, and handed on before the next text is taken. So the memory in use
     is bounded by one batch, below max_batch_chars plus the longest text (tokenising holds
     about 200 bytes per character, measured with a 320-token BPE), however many texts come.
+    The default, 256 Ki characters (~50 MB in use), encoded as fast as 1 Mi on 2 cores.
     """
     batch: list[str] = []
     chars = 0
