@@ -283,7 +283,7 @@ def test_build_corpus_with_given_tokenizer(tmp_path):
 def test_bpe_sample_is_bounded_fixed_and_spread(tmp_path):
     texts = [f"document {i}\n" + "x" * (i % 7) for i in range(200)]
     kept = [
-        corpus_lib._Kept(sources.Entry(f"{i:03d}", None), split.content_key(t), len(t))
+        corpus_lib.KeptDocument(sources.Entry(f"{i:03d}", None), split.content_key(t), len(t))
         for i, t in enumerate(texts)
     ]
     total = sum(k.num_bytes for k in kept)
@@ -362,7 +362,7 @@ def test_progress_bars_name_the_split(tmp_path, monkeypatch):
     corpus_lib.build_corpus(*_cfgs(root), str(tmp_path / "cache"))
     assert descs == [
         "read documents",
-        "train BPE on train",
+        "train BPE on the train split",
         "tokenize train",
         "tokenize valid",
         "tokenize test",

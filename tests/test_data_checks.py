@@ -111,9 +111,11 @@ def test_bad_data_values_fail_in_validation(key, value, match):
     config.data[key] = value
     with pytest.raises(DataError, match=match):
         stages.validate(config)
-    assert corpus_lib.check_data_config(common.get_config().data) == reading.ReadLimits(
-        4 << 20, 1e-4
-    )
+
+
+def test_default_limits():
+    limits = corpus_lib.check_data_config(common.get_config().data)
+    assert limits == reading.ReadLimits(max_file_bytes=4 << 20, max_undecodable_fraction=1e-4)
 
 
 # ------------------------------------------------------------------ whole sources

@@ -91,7 +91,7 @@ def check_data_config(data_cfg) -> reading.ReadLimits:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Kept:
+class KeptDocument:
     """A document that passed the checks: how to read it again, its content key and size."""
 
     entry: sources.Entry
@@ -100,10 +100,10 @@ class _Kept:
 
 
 def _read_source(data_cfg, limits: reading.ReadLimits):
-    """Pass 1: ({split: [_Kept] in id order}, reading.InputReport)."""
+    """Pass 1: ({split: [KeptDocument] in id order}, reading.InputReport)."""
     entries = sources.list_entries(data_cfg.source, include_tests=data_cfg.include_tests)
     report = reading.InputReport()
-    parts: dict[str, list[_Kept]] = {s: [] for s in split.SPLITS}
+    parts: dict[str, list[KeptDocument]] = {s: [] for s in split.SPLITS}
     for entry in progress(entries, desc="read documents", unit="file"):
         result = reading.read_entry(entry, limits.max_file_bytes)
         report.add(entry.id, result)
@@ -116,7 +116,7 @@ def _read_source(data_cfg, limits: reading.ReadLimits):
             test_fraction=data_cfg.test_fraction,
             seed=data_cfg.split_seed,
         )
-        parts[name].append(_Kept(entry, key, result.num_bytes))
+        parts[name].append(KeptDocument(entry, key, result.num_bytes))
         if data_cfg.max_documents and report.documents >= data_cfg.max_documents:
             break
     report.check(limits, data_cfg.source)
@@ -130,7 +130,7 @@ def _read_source(data_cfg, limits: reading.ReadLimits):
     return parts, report
 
 
-def _reread(kept: list[_Kept], limits: reading.ReadLimits) -> Iterator[str]:
+def _reread(kept: list[KeptDocument], limits: reading.ReadLimits) -> Iterator[str]:
     """The texts of `kept`, read again one at a time."""
     for k in kept:
         result = reading.read_entry(k.entry, limits.max_file_bytes)
@@ -141,7 +141,7 @@ def _reread(kept: list[_Kept], limits: reading.ReadLimits) -> Iterator[str]:
         yield result.text
 
 
-def bpe_sample(train: list[_Kept], budget: int) -> list[_Kept]:
+def bpe_sample(train: list[KeptDocument], budget: int) -> list[KeptDocument]:
     """The train documents a BPE learns from: all if their bytes fit in `budget` (or it is 0);
     else the first in content-key order, a fixed pseudo-random order, while they fit.
 
@@ -194,7 +194,7 @@ def _trained_tokenizer(read: Callable, tokenizer_cfg, data_cfg, limits, out_dir:
     parts, _ = read()
     train = bpe_sample(parts["train"], data_cfg.bpe_sample_bytes)
     texts = progress(
-        _reread(train, limits), desc="train BPE on train", total=len(train), unit="doc"
+        _reread(train, limits), desc="train BPE on the train split", total=len(train), unit="doc"
     )
     tok = tok_lib.train_bpe(
         texts, tokenizer_cfg.vocab_size, min_frequency=tokenizer_cfg.min_frequency
