@@ -1,14 +1,18 @@
 """Data pipeline: sources, split, tokenizer, packing, sampling, cached corpus."""
 
 import os
+import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
 from taylorcal_jax.data import corpus as corpus_lib
-from taylorcal_jax.data import packing, sources, split
+from taylorcal_jax.data import packing, reading, sources, split
 from taylorcal_jax.data import tokenizer as tok_lib
+from taylorcal_jax.data.errors import DataError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+import common  # noqa: E402
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -28,12 +32,18 @@ def _write_corpus(root, texts):
     return str(root)
 
 
+def _read_all(spec):
+    """{id: ReadResult} of every entry of a source, with the default limits."""
+    limits = reading.ReadLimits.from_config(common.get_config().data)
+    return {e.id: reading.read_entry(e, limits.max_file_bytes) for e in sources.list_entries(spec)}
+
+
 # ------------------------------------------------------------------ sources
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "s3://bucket/x", "hf:", "hf:a:b:c"])
 def test_parse_source_rejects_unknown(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError):
         sources.parse_source(bad)
 
 
@@ -55,56 +65,52 @@ def test_stdlib_listing_sorted_and_clean():
     no_tests = sources.stdlib_paths(include_tests=False)
     assert set(no_tests) < set(paths)
     assert not any(p.startswith("test" + os.sep) for p in no_tests)
+    entries = sources.list_entries("stdlib", include_tests=False)
+    assert [e.id for e in entries] == no_tests
 
 
 def test_file_source_glob_dir_and_errors(tmp_path):
     root = _write_corpus(tmp_path / "c", TEXTS)
-    by_dir = sources.load_documents(root)
-    by_glob = sources.load_documents("files:" + os.path.join(root, "*.py"))
-    assert [d.id for d in by_dir] == [d.id for d in by_glob] == [f"doc{i:03d}.py" for i in range(6)]
-    assert by_dir[4].text == TEXTS[4]
-    with pytest.raises(FileNotFoundError, match="no files match"):
-        sources.load_documents(str(tmp_path / "nothing*.txt"))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "a.txt").write_text("  \n")
-    with pytest.raises(ValueError, match="no non-empty documents"):
-        sources.load_documents(str(empty))
+    by_dir = _read_all(root)
+    by_glob = _read_all("files:" + os.path.join(root, "*.py"))
+    assert list(by_dir) == list(by_glob) == [f"doc{i:03d}.py" for i in range(6)]
+    assert by_dir["doc004.py"].text == TEXTS[4] and by_dir["doc004.py"].status == "text"
+    with pytest.raises(DataError, match="no files match"):
+        sources.list_entries(str(tmp_path / "nothing*.txt"))
 
 
 def test_hf_source_clear_error_when_unavailable():
-    try:
-        import datasets  # noqa: F401
-
-        expected = RuntimeError  # installed: offline here, so loading must fail clearly
-    except ImportError:
-        expected = ImportError
-    with pytest.raises(expected, match="datasets|could not load"):
-        sources.load_documents("hf:surely_not_a_local_dataset_xyz")
+    # Without `datasets`, or offline without a cached copy: one DataError saying what to do.
+    with pytest.raises(DataError, match="datasets|could not load"):
+        sources.list_entries("hf:surely_not_a_local_dataset_xyz")
 
 
 # ------------------------------------------------------------------ split
 
 
 def test_split_deterministic_independent_and_proportional():
-    docs = [sources.Document(f"pkg/mod_{i}.py", "x") for i in range(2000)]
-    a = split.split_documents(docs, valid_fraction=0.1, test_fraction=0.2, seed=3)
-    b = split.split_documents(docs[::-1], valid_fraction=0.1, test_fraction=0.2, seed=3)
-    for s in split.SPLITS:
-        assert sorted(d.id for d in a[s]) == sorted(d.id for d in b[s])
-    # A document's split does not depend on the others.
-    sub = split.split_documents(docs[:100], valid_fraction=0.1, test_fraction=0.2, seed=3)
-    assert {d.id for d in sub["valid"]} == {d.id for d in a["valid"] if int(d.id[8:-3]) < 100}
-    n = len(docs)
-    assert abs(len(a["valid"]) / n - 0.1) < 0.03 and abs(len(a["test"]) / n - 0.2) < 0.03
-    c = split.split_documents(docs, valid_fraction=0.1, test_fraction=0.2, seed=4)
-    assert {d.id for d in c["valid"]} != {d.id for d in a["valid"]}
+    keys = [split.content_key(f"x = {i}\n") for i in range(2000)]
+
+    def assign(ks, seed=3):
+        return {k: split.split_of(k, valid_fraction=0.1, test_fraction=0.2, seed=seed) for k in ks}
+
+    a = assign(keys)
+    assert assign(keys[::-1]) == a  # order does not matter
+    assert assign(keys[:100]) == {k: a[k] for k in keys[:100]}  # nor do the other documents
+    n = len(keys)
+    names = list(a.values())
+    assert abs(names.count("valid") / n - 0.1) < 0.03
+    assert abs(names.count("test") / n - 0.2) < 0.03
+    assert assign(keys, seed=4) != a
+    # The key is the text, up to surrounding whitespace.
+    assert split.content_key("  x = 1\n\n") == split.content_key("x = 1")
+    assert split.content_key("x = 1") != split.content_key("x = 2")
 
 
 @pytest.mark.parametrize("fv,ft", [(-0.1, 0.1), (0.5, 0.5), (1.0, 0.0)])
 def test_split_bad_fractions(fv, ft):
-    with pytest.raises(ValueError, match="fraction"):
-        split.split_documents([], valid_fraction=fv, test_fraction=ft, seed=0)
+    with pytest.raises(DataError, match="fraction"):
+        split.check_fractions(fv, ft)
 
 
 # ------------------------------------------------------------------ packing / sampling
@@ -164,31 +170,61 @@ def test_bpe_round_trip_through_autotokenizer(tmp_path):
         assert loaded.decode(ids) == text
     short = loaded("def add(a, b):", add_special_tokens=False)["input_ids"]
     assert len(short) < len("def add(a, b):")  # merges were learnt
-    with pytest.raises(ValueError, match="at least 259"):
+    with pytest.raises(DataError, match="at least 259"):
         tok_lib.train_bpe(TEXTS, 100)
+
+
+def test_encode_batches_matches_call_and_streams():
+    tok = tok_lib.train_bpe(TEXTS * 20, 300, min_frequency=1)
+    texts = [t * (i + 1) for i, t in enumerate(TEXTS * 5)]  # 30 texts, 33 to 1,890 chars
+    pulled = []
+
+    def lazily():
+        for t in texts:
+            pulled.append(t)
+            yield t
+
+    budget = 1000
+    done = 0
+    for batch in tok_lib.encode_batches(tok, lazily(), max_batch_chars=budget):
+        # A batch holds at most `budget` characters plus its last text, and the input was
+        # read no further than that batch: memory is bounded by one batch.
+        assert len(pulled) == done + len(batch)
+        chars = [len(t) for t in texts[done : done + len(batch)]]
+        assert sum(chars[:-1]) < budget
+        for t, ids in zip(texts[done : done + len(batch)], batch, strict=True):
+            assert ids.dtype == np.int32
+            assert ids.tolist() == tok(t, add_special_tokens=False)["input_ids"]
+        done += len(batch)
+    assert done == len(texts)
 
 
 # ------------------------------------------------------------------ corpus (cached)
 
 
 def _cfgs(source, **data):
-    d = ml_collections.ConfigDict(
-        dict(
-            source=source,
-            include_tests=True,
-            max_documents=0,
-            valid_fraction=0.3,
-            test_fraction=0.2,
-            split_seed=0,
-        )
-    )
-    d.update(data)
-    t = ml_collections.ConfigDict(dict(path="", vocab_size=300, min_frequency=1))
-    return d, t
+    """The default data and tokenizer sections with this source and a few overrides."""
+    c = common.get_config()
+    c.data.source = source
+    c.data.valid_fraction = 0.3
+    c.data.test_fraction = 0.2
+    c.data.update(data)
+    c.tokenizer.vocab_size = 300
+    c.tokenizer.min_frequency = 1
+    return c.data, c.tokenizer
+
+
+def _documents(corpus, name):
+    """The texts of a split's documents, decoded from its eos-separated stream."""
+    stream = np.asarray(corpus.streams[name])
+    ends = np.flatnonzero(stream == corpus.eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [corpus.tokenizer.decode(stream[a:b]) for a, b in zip(starts, ends, strict=True)]
 
 
 def test_build_corpus_packs_caches_and_rekeys(tmp_path):
-    root = _write_corpus(tmp_path / "src", [t * (i + 1) for i, t in enumerate(TEXTS * 4)])
+    texts = [t * (i + 1) for i, t in enumerate(TEXTS * 4)]
+    root = _write_corpus(tmp_path / "src", texts)
     data_cfg, tok_cfg = _cfgs(root)
     cache = str(tmp_path / "cache")
     c1 = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
@@ -198,13 +234,17 @@ def test_build_corpus_packs_caches_and_rekeys(tmp_path):
         assert int((stream == c1.eos_id).sum()) == c1.num_documents[s]
     # Tokenizer was trained on the train split only and saved as an HF dir.
     assert os.path.exists(os.path.join(cache, "tokenizer", "tokenizer.json"))
-    # The train stream decodes back to the train documents in id order.
-    parts = split.split_documents(
-        sources.load_documents(root), valid_fraction=0.3, test_fraction=0.2, seed=0
-    )
-    first = c1.streams["train"][: int(np.argmax(c1.streams["train"] == c1.eos_id))]
-    assert c1.tokenizer.decode(first) == parts["train"][0].text
-    # Second build: loaded from the .npy cache, identical.
+    # Each split decodes back to its documents in id order; together, all documents.
+    key = {t: split.content_key(t) for t in texts}
+    for s in split.SPLITS:
+        expected = [
+            t
+            for t in texts
+            if split.split_of(key[t], valid_fraction=0.3, test_fraction=0.2, seed=0) == s
+        ]
+        assert _documents(c1, s) == expected
+    assert c1.report["documents"] == 24 and c1.report["undecodable_bytes"] == 0
+    # Second build: loaded from the cache, identical.
     c2 = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
     for s in split.SPLITS:
         np.testing.assert_array_equal(c1.streams[s], c2.streams[s])
@@ -219,14 +259,14 @@ def test_build_corpus_packs_caches_and_rekeys(tmp_path):
     # Seeded sampling through the corpus, and a clear error when asking for too much.
     a = c1.sample("train", 3, 8, seed=0)
     np.testing.assert_array_equal(a, c2.sample("train", 3, 8, seed=0))
-    with pytest.raises(ValueError, match="longer than the corpus allows"):
+    with pytest.raises(DataError, match="longer than the corpus allows"):
         c1.sample("valid", 1, c1.streams["valid"].size + 1, seed=0)
     with pytest.raises(ValueError, match="unknown split"):
         c1.stream("dev")
 
 
 def test_build_corpus_with_given_tokenizer(tmp_path):
-    root = _write_corpus(tmp_path / "src", TEXTS * 3)
+    root = _write_corpus(tmp_path / "src", [f"# file {i}\n{t}" for i, t in enumerate(TEXTS * 3)])
     tok = tok_lib.train_bpe(TEXTS, 280, min_frequency=1)
     tok_lib.save_tokenizer(tok, tmp_path / "teacher_tok")
     data_cfg, tok_cfg = _cfgs(root)
@@ -235,7 +275,95 @@ def test_build_corpus_with_given_tokenizer(tmp_path):
     )
     assert c.vocab_size == len(tok)
     assert not os.path.exists(tmp_path / "cache" / "tokenizer")  # nothing trained
-    docs = sources.load_documents(root)
-    parts = split.split_documents(docs, valid_fraction=0.3, test_fraction=0.2, seed=0)
-    ids = tok(parts["train"][0].text, add_special_tokens=False)["input_ids"]
+    first = _documents(c, "train")[0]
+    ids = tok(first, add_special_tokens=False)["input_ids"]
     np.testing.assert_array_equal(c.streams["train"][: len(ids) + 1], ids + [tok.eos_token_id])
+
+
+def test_bpe_sample_is_bounded_fixed_and_spread(tmp_path):
+    texts = [f"document {i}\n" + "x" * (i % 7) for i in range(200)]
+    kept = [
+        corpus_lib.KeptDocument(sources.Entry(f"{i:03d}", None), split.content_key(t), len(t))
+        for i, t in enumerate(texts)
+    ]
+    total = sum(k.num_bytes for k in kept)
+    assert corpus_lib.bpe_sample(kept, 0) == kept
+    assert corpus_lib.bpe_sample(kept, total) == kept
+    sample = corpus_lib.bpe_sample(kept, total // 4)
+    assert total // 4 - 20 < sum(k.num_bytes for k in sample) <= total // 4
+    assert corpus_lib.bpe_sample(kept[::-1], total // 4) == sample  # order of input: none
+    ids = sorted(int(k.entry.id) for k in sample)
+    assert ids[0] < 20 and ids[-1] >= 180  # spread over the split, not its first documents
+    # The sample size is a setting of the trained tokenizer: changing it trains another.
+    root = _write_corpus(tmp_path / "src", [f"# {i}\n{t}" for i, t in enumerate(TEXTS * 4)])
+    data_cfg, tok_cfg = _cfgs(root)
+    cache = str(tmp_path / "cache")
+    full = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
+    data_cfg.bpe_sample_bytes = 200
+    small = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
+    fingerprint = corpus_lib.tokenizer_fingerprint
+    assert fingerprint(small.tokenizer) != fingerprint(full.tokenizer)
+    assert small.num_documents == full.num_documents
+
+
+def test_duplicates_never_straddle_train_and_eval(tmp_path):
+    # 12 distinct texts, each under 8 names: an id-hashed split would put most texts in
+    # train and in an evaluation split at once.
+    texts = [f"value_{i} = {i} * {i}\n" for i in range(12)]
+    root = _write_corpus(tmp_path / "src", [t for t in texts for _ in range(8)])
+    data_cfg, tok_cfg = _cfgs(root, valid_fraction=0.25, test_fraction=0.25)
+    c = corpus_lib.build_corpus(data_cfg, tok_cfg, str(tmp_path / "cache"))
+    docs = {s: _documents(c, s) for s in split.SPLITS}
+    assert sorted(t for s in split.SPLITS for t in docs[s]) == sorted(texts * 8)
+    assert docs["valid"] and docs["test"]
+    assert not set(docs["train"]) & (set(docs["valid"]) | set(docs["test"]))
+    assert not set(docs["valid"]) & set(docs["test"])
+
+
+def test_cache_format_is_versioned_and_builds_are_all_or_nothing(tmp_path, monkeypatch):
+    root = _write_corpus(tmp_path / "src", [f"# {i}\n{t}" for i, t in enumerate(TEXTS * 2)])
+    data_cfg, tok_cfg = _cfgs(root)
+    cache = str(tmp_path / "cache")
+    c1 = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
+    (old,) = [d for d in os.listdir(cache) if d.startswith("tokens-")]
+
+    def tokens_dirs():
+        return sorted(d for d in os.listdir(cache) if d.startswith("tokens-"))
+
+    # Another cache format has another key: a new directory, the old one is not read.
+    monkeypatch.setattr(corpus_lib, "_FORMAT", corpus_lib._FORMAT + 1)
+    real_encode = tok_lib.encode_batches
+
+    def interrupted(*args, **kwargs):
+        yield from real_encode(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tok_lib, "encode_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
+    assert tokens_dirs() == [old]  # nothing half-written left behind
+    monkeypatch.setattr(tok_lib, "encode_batches", real_encode)
+    c2 = corpus_lib.build_corpus(data_cfg, tok_cfg, cache)
+    assert len(tokens_dirs()) == 2
+    for s in split.SPLITS:
+        np.testing.assert_array_equal(c1.streams[s], c2.streams[s])
+
+
+def test_progress_bars_name_the_split(tmp_path, monkeypatch):
+    descs = []
+    real = corpus_lib.progress
+
+    def recording(*args, **kwargs):
+        descs.append(kwargs["desc"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_lib, "progress", recording)
+    root = _write_corpus(tmp_path / "src", TEXTS)
+    corpus_lib.build_corpus(*_cfgs(root), str(tmp_path / "cache"))
+    assert descs == [
+        "read documents",
+        "train BPE on the train split",
+        "tokenize train",
+        "tokenize valid",
+        "tokenize test",
+    ]

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from taylorcal_jax.data.errors import DataError
+
 
 def concat_with_eos(token_lists: Sequence[np.ndarray], eos_id: int) -> np.ndarray:
     """One int32 stream, each document followed by `eos_id`."""
@@ -38,9 +40,12 @@ def _check_request(stream: np.ndarray, seq_len: int, what: str) -> None:
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if stream.size == 0:
-        raise ValueError(f"{what}: the token stream is empty (empty corpus or split)")
+        raise DataError(
+            f"{what}: the token stream is empty (no documents in this split); use more "
+            "documents (data.max_documents, data.source) or a larger split fraction"
+        )
     if seq_len > stream.size:
-        raise ValueError(
+        raise DataError(
             f"{what}: seq_len={seq_len} is longer than the corpus allows ({stream.size} tokens "
             "in this split); use a shorter seq_len or a larger corpus / split fraction"
         )
@@ -64,7 +69,7 @@ def sample_sequences(stream: np.ndarray, num: int, seq_len: int, seed: int) -> n
     if num <= 0:
         raise ValueError(f"number of sequences must be positive, got {num}")
     if num > w:
-        raise ValueError(
+        raise DataError(
             f"asked for {num} sequences of length {seq_len} but the split has only {w} "
             f"({stream.size} tokens); ask for fewer or shorter sequences"
         )

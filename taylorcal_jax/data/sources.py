@@ -1,15 +1,17 @@
-"""Text sources: where documents come from.
+"""Text sources: which documents there are, listed before any of them is read.
 
-A corpus is a sorted list of `Document(id, text)`. The id is stable across machines
-(a path relative to the source root, or a dataset row key), so the split, which hashes
-ids, is the same everywhere.
+A source is listed as `Entry(id, open_bytes)` records sorted by id; reading and checking
+the bytes is reading.py's job, so listing a large tree costs one directory walk and no
+reads, and a run that needs the first N documents reads only as far as it must. The id is
+stable across machines (a path relative to the source root, or a dataset row key).
 
 Source specs (a string, validated by `parse_source`):
 
     stdlib                 the running interpreter's standard library `.py` files
                            (`sysconfig.get_paths()["stdlib"]`, without site-packages)
-    files:<glob>[,<glob>]  local text files (recursive `**` allowed); a bare path or
-                           glob without the prefix is accepted too
+    files:<glob>[,<glob>]  local files (recursive `**` allowed; a directory means every
+                           file under it); a bare path or glob without the prefix is
+                           accepted too
     hf:<name>[:<config>]   a Hugging Face `datasets` dataset (needs `datasets` and either
                            a local cache or a network); its `text` column, split "train"
 """
@@ -17,18 +19,26 @@ Source specs (a string, validated by `parse_source`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import io
 import os
 import sysconfig
+from collections.abc import Callable
+from typing import BinaryIO
+
+from taylorcal_jax.data.errors import DataError
 
 _SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
 _TEST_DIRS = ("test", "tests", "idle_test")
 
 
 @dataclasses.dataclass(frozen=True)
-class Document:
+class Entry:
+    """A document not read yet: its id, and a function that opens its bytes for reading."""
+
     id: str
-    text: str
+    open_bytes: Callable[[], BinaryIO]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,26 +48,26 @@ class SourceSpec:
 
 
 def parse_source(spec: str) -> SourceSpec:
-    """Parses a source string (see module docstring); raises ValueError for unknown kinds."""
+    """Parses a source string (see module docstring); raises DataError for unknown kinds."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("data.source must be a non-empty string, e.g. 'stdlib'")
+        raise DataError("data.source must be a non-empty string, e.g. 'stdlib'")
     spec = spec.strip()
     if spec == "stdlib":
         return SourceSpec("stdlib")
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         if not parts[0] or len(parts) > 2:
-            raise ValueError(f"bad HF source {spec!r}; use 'hf:<name>' or 'hf:<name>:<config>'")
+            raise DataError(f"bad HF source {spec!r}; use 'hf:<name>' or 'hf:<name>:<config>'")
         return SourceSpec("hf", tuple(parts))
     if spec.startswith("files:"):
         spec = spec[len("files:") :]
     elif ":" in spec.split(os.sep)[0] and not os.path.exists(spec):
-        raise ValueError(
+        raise DataError(
             f"unknown data source {spec!r}; use 'stdlib', 'files:<glob>' or 'hf:<name>[:<config>]'"
         )
     globs = tuple(g for g in spec.split(",") if g)
     if not globs:
-        raise ValueError("files: source needs at least one path or glob")
+        raise DataError("files: source needs at least one path or glob, e.g. 'files:docs/**/*.md'")
     return SourceSpec("files", globs)
 
 
@@ -78,18 +88,16 @@ def stdlib_paths(include_tests: bool = True) -> list[str]:
     return sorted(out)
 
 
-def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        # A few stdlib test files are deliberately not UTF-8; keep them, replacing bad bytes.
-        return f.read().decode("utf-8", errors="replace")
+def _file_entry(doc_id: str, path: str) -> Entry:
+    return Entry(doc_id, functools.partial(open, path, "rb"))
 
 
-def _stdlib_documents(include_tests: bool) -> list[Document]:
+def _stdlib_entries(include_tests: bool) -> list[Entry]:
     root = stdlib_root()
-    return [Document(p, _read_text(os.path.join(root, p))) for p in stdlib_paths(include_tests)]
+    return [_file_entry(p, os.path.join(root, p)) for p in stdlib_paths(include_tests)]
 
 
-def _file_documents(globs: tuple[str, ...]) -> list[Document]:
+def _file_entries(globs: tuple[str, ...]) -> list[Entry]:
     paths: set[str] = set()
     for pattern in globs:
         pattern = os.path.expanduser(pattern)
@@ -97,41 +105,47 @@ def _file_documents(globs: tuple[str, ...]) -> list[Document]:
             pattern = os.path.join(pattern, "**", "*")
         matched = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
         if not matched:
-            raise FileNotFoundError(f"no files match {pattern!r}")
+            raise DataError(
+                f"no files match {pattern!r}; check the path (and quote globs in a shell, "
+                "e.g. --config.data.source='files:docs/**/*.md')"
+            )
         paths.update(os.path.abspath(p) for p in matched)
     common = os.path.commonpath(sorted(paths)) if len(paths) > 1 else os.path.dirname(min(paths))
-    return [Document(os.path.relpath(p, common), _read_text(p)) for p in sorted(paths)]
+    return [_file_entry(os.path.relpath(p, common), p) for p in paths]
 
 
-def _hf_documents(name: str, config: str | None) -> list[Document]:
+def _hf_row_bytes(dataset, row: int) -> BinaryIO:
+    return io.BytesIO((dataset[row]["text"] or "").encode("utf-8"))
+
+
+def _hf_entries(name: str, config: str | None) -> list[Entry]:
     try:
         import datasets  # noqa: PLC0415
     except ImportError as e:
-        raise ImportError(
+        raise DataError(
             "source 'hf:...' needs the `datasets` package: pip install 'taylorcal_jax[datasets]'"
         ) from e
     try:
         ds = datasets.load_dataset(name, config, split="train")
     except Exception as e:  # offline, unknown name, ...: say what was asked for
-        raise RuntimeError(
-            f"could not load dataset {name!r} (config {config!r}): {e}. Without a network it "
-            "must be in the local datasets cache; or use data.source='stdlib' / 'files:<glob>'."
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"could not load dataset {name!r} (config {config!r}): {reason}. Without a network "
+            "it must be in the local datasets cache; or use data.source='stdlib' / 'files:<glob>'"
         ) from e
     if "text" not in ds.column_names:
-        raise ValueError(f"dataset {name!r} has no 'text' column (columns: {ds.column_names})")
-    return [Document(f"{i:09d}", t) for i, t in enumerate(ds["text"]) if t]
+        raise DataError(f"dataset {name!r} has no 'text' column (columns: {ds.column_names})")
+    # Rows are read one at a time when needed (the Arrow table is memory-mapped).
+    return [Entry(f"{i:09d}", functools.partial(_hf_row_bytes, ds, i)) for i in range(len(ds))]
 
 
-def load_documents(spec: str, *, include_tests: bool = True) -> list[Document]:
-    """All non-empty documents of a source, sorted by id. Raises ValueError if there are none."""
+def list_entries(spec: str, *, include_tests: bool = True) -> list[Entry]:
+    """Every document of a source, not read yet, sorted by id."""
     src = parse_source(spec)
     if src.kind == "stdlib":
-        docs = _stdlib_documents(include_tests)
+        entries = _stdlib_entries(include_tests)
     elif src.kind == "files":
-        docs = _file_documents(src.args)
+        entries = _file_entries(src.args)
     else:
-        docs = _hf_documents(src.args[0], src.args[1] if len(src.args) > 1 else None)
-    docs = sorted((d for d in docs if d.text.strip()), key=lambda d: d.id)
-    if not docs:
-        raise ValueError(f"source {spec!r} has no non-empty documents")
-    return docs
+        entries = _hf_entries(src.args[0], src.args[1] if len(src.args) > 1 else None)
+    return sorted(entries, key=lambda e: e.id)

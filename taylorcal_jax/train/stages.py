@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.data import corpus as corpus_lib
-from taylorcal_jax.data import sources, split
+from taylorcal_jax.data import split
 from taylorcal_jax.eval import perplexity as ppl_lib
 from taylorcal_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeConfig
 from taylorcal_jax.train import pretrain as pretrain_lib
@@ -37,10 +37,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def validate(config) -> None:
     """Clear errors for bad values in the data/tokenizer/teacher/pretrain/eval/mesh sections."""
-    sources.parse_source(config.data.source)
-    split.check_fractions(config.data.valid_fraction, config.data.test_fraction)
-    if config.data.max_documents < 0:
-        raise ValueError(f"data.max_documents must be >= 0, got {config.data.max_documents}")
+    corpus_lib.check_data_config(config.data)
     t = config.teacher
     if not t.path:
         if t.model_type not in SUPPORTED_MODEL_TYPES:
