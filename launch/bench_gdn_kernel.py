@@ -555,4 +555,5 @@ def main():
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, REPO)  # this checkout's package, also in the subprocesses (_sub)
     main()
