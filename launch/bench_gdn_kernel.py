@@ -1,28 +1,28 @@
 """Benchmark of the Pallas gated delta rule against flash-linear-attention and the XLA chunked op.
 
-Runs on one GPU machine in one call (BENCHMARKS.md section 1). Shapes [B, T, H, D], bf16 q/k/v/beta,
-fp32 g. Each JAX measurement row runs in a fresh subprocess (XLA_PYTHON_CLIENT_PREALLOCATE=false)
-so that its peak device memory (memory_stats()["peak_bytes_in_use"], read right after our first
-forward+backward call, run alone, inputs included) is its own; FLA runs afterwards in a fresh
-torch process per row (peak = torch.cuda.max_memory_allocated over one forward+backward after
-reset, inputs included).
+The four shape rows of docs/benchmarks.md, bf16 q/k/v/beta and fp32 g, in one call on one GPU
+(docs/kernel.md, "Benchmarking"). Each JAX row runs in a fresh subprocess
+(XLA_PYTHON_CLIENT_PREALLOCATE=false) so that its peak device memory
+(memory_stats()["peak_bytes_in_use"], read right after our first forward+backward call, run
+alone, inputs included) is its own; FLA then runs in a fresh torch process per row (in one
+process its times depend on the rows before it; peak = torch.cuda.max_memory_allocated over one
+forward+backward after reset, inputs included).
 
-Timing (the same method for both sides since session 3): after warm-up calls, 10 batches of 10
-calls issued back to back with one device synchronisation per batch; the figure is the median
-over batches of (batch time / 10), i.e. device time per call with the host's dispatch overlapped,
-as in a training step. Also recorded, not used for the ratios: ours with a synchronisation after
-every call (`*_sync_ms`, the method of sessions 1-2: it adds ~0.2-0.4 ms of host round trip per
-call, seen as the gap between Nsight Compute's kernel sums and these medians) and FLA by
-triton.testing.do_bench(..., return_mode="median") (`fla_*_dobench_ms`: CUDA events around each
-call, L2 flushed before each). Forward+backward =
-the output and the gradients of (q, k, v, g, beta) for a random cotangent. Relative error =
-||o - o_ref|| / ||o_ref|| with o_ref from the per-token fp32 recurrence (reference.py, jit on the
-GPU, matmul precision "highest") on the same bf16-rounded inputs at the full shape.
+Timing, the same for both sides: after warm-up calls, 10 batches of 10 calls issued back to back
+with one device synchronisation per batch; the figure is the median over batches of
+(batch time / 10), i.e. device time per call with the host's dispatch overlapped, as in a training
+step. FLA is also timed by triton.testing.do_bench (`fla_*_dobench_ms`, CUDA events around each
+call), as a check of the method. Forward+backward = the output and the gradients of (q, k, v, g,
+beta) for a random cotangent. Relative error = ||o - o_ref|| / ||o_ref|| with o_ref from the
+per-token fp32 recurrence (reference.py, jit on the GPU, matmul precision "highest") on the same
+bf16-rounded inputs at the full shape.
 
-Usage (device): python3 launch/bench_gdn_kernel.py --out $OUT/gdn_kernel_h100.json [--profile]
-A device call runs at most 10 minutes; all four rows with FLA and the XLA op take about 8-9 (FLA's
-autotuning 24-153 s a row), so time them in parts (--rows 0,1, then --rows 2,3) and join the parts
-with launch/merge_gdn_kernel_results.py.
+Ours is the library's bfloat16 kernel path with BF16Config() or the fields given by --config. A
+check step first runs forward + gradients at [2, 300, 4, 128] against the fp32 reference
+(--skip-check skips it; --check-f32 adds the float32 path). Progress is printed per row.
+
+Usage (device): python3 launch/bench_gdn_kernel.py --skip-check --skip-chunked --out $OUT/t.json
+  (ours and FLA on all four rows; --skip-chunked leaves out the XLA chunked op, ~15 s a row)
 Modes used internally: --mode check | jax --row i | fla.
 """
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import subprocess
@@ -43,6 +42,7 @@ ROWS = [(8, 4096, 16, 128), (4, 8192, 16, 128), (1, 32768, 16, 128), (16, 2048, 
 if os.environ.get("BENCH_GDN_TINY") == "1":  # local plumbing smoke test (CPU, interpret mode)
     ROWS = [(1, 128, 2, 32), (2, 64, 2, 32)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
 
 
 def make_inputs(shape, seed=0):
@@ -70,10 +70,15 @@ def device_inputs(shape, seed=0):
     return args + [jnp.asarray(beta, bf)], jnp.asarray(do, bf)
 
 
-def _config_from_env():
-    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
+def bf16_config(fields: dict):
+    """The library's bfloat16-path configuration with `fields` replaced ({} = its defaults)."""
+    from taylorcal_jax.ops.gdn.pallas_gpu.config import BF16Config
 
-    return GDNPallasConfig(**json.loads(os.environ.get("GDN_BENCH_CONFIG", "{}")))
+    return BF16Config(**fields)
+
+
+def _config_from_env():
+    return bf16_config(json.loads(os.environ.get("GDN_BENCH_CONFIG", "{}")))
 
 
 def ref_path(i):
@@ -110,19 +115,6 @@ def _jax_timer(fn, args, warm=3):
     for _ in range(warm):
         jax.block_until_ready(fn(*args))
     return _pipelined_ms(lambda: fn(*args), jax.block_until_ready)
-
-
-def _jax_timer_sync(fn, args, n=20):
-    """Median of n calls with a synchronisation after each (sessions 1-2's method)."""
-    import jax
-    import numpy as np
-
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
 
 
 def _rel(a, b):
@@ -165,7 +157,7 @@ def run_jax_row(i):
     import jax.numpy as jnp
     import numpy as np
 
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.pallas_gpu.op import gated_delta_rule_pallas
     from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
     shape = ROWS[i]
@@ -173,7 +165,7 @@ def run_jax_row(i):
     res = {"shape": list(shape), "dtype": "bfloat16"}
     dev = jax.devices()[0]
     cfg = _config_from_env()
-    res["ours_config"] = dataclasses.asdict(cfg)
+    res["ours_config"] = {"path": cfg.path, **dataclasses.asdict(cfg)}
 
     def ours(*a):
         return gated_delta_rule_pallas(*a, interpret=None, config=cfg)
@@ -186,12 +178,7 @@ def run_jax_row(i):
         if stats:
             res["ours_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
         res["ours_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
-        stats = dev.memory_stats()
-        if stats:  # with the pipelined calls' outputs overlapping (sessions 1-3's figure)
-            res["ours_peak_pipelined_mib"] = stats["peak_bytes_in_use"] / 2**20
-        res["ours_fwdbwd_sync_ms"] = _jax_timer_sync(fb, args + [do_])
         res["ours_fwd_ms"] = _jax_timer(fwd, args)
-        res["ours_fwd_sync_ms"] = _jax_timer_sync(fwd, args)
         o_ours = np.asarray(fwd(*args).astype(jnp.float32))
     except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
         res["ours_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
@@ -220,64 +207,6 @@ def run_jax_row(i):
     print("JSONROW " + json.dumps(res), flush=True)
 
 
-# Session 2's bf16 default (config.BF16_DEFAULT from device call 4 until session 3): kernel 1
-# "fla", split and segmented reverse at 8 warps, the closed-form chunk-local backward in XLA.
-# Spelled out here so that a candidate keeps its meaning when the library default moves on.
-_ANALYTIC = dict(
-    backward="analytic",
-    chunk_kernel="fla",
-    reverse="split",
-    state_segments=0,  # leaves row 0 (256 programs) unsegmented, splits row 2 (1 x 32768 x 16)
-    stages_bwd=1,
-    warps_bwd=8,
-)
-# Session 3's bf16 default (config.BF16_DEFAULT from its call 10).
-_STATES_W4_TF32 = {
-    **_ANALYTIC,
-    "backward": "pallas",
-    "residuals": "states",
-    "warps_bwd": 4,
-    "t_precision": "tf32",
-}
-_KD = {**_STATES_W4_TF32, "kd_in_states": True}
-CANDIDATES = {  # full configurations tried by the check step (GDNPallasConfig fields)
-    "base": {},
-    "xbwd_s1": dict(stages_bwd=1),
-    "fla": dict(chunk_kernel="fla"),
-    "fla_tf32": dict(chunk_kernel="fla", t_precision="tf32"),
-    # the XLA vjp backward with the other measured-faster pieces
-    "fla_rsplit_w8": {k: v for k, v in _ANALYTIC.items() if k != "backward"},
-    "analytic": _ANALYTIC,
-    "analytic_wo8": {**_ANALYTIC, "warps_out": 8},
-    # the two-kernel Pallas closed form (pallas_gpu_bwd.py) in place of the XLA one. Its fields
-    # are those of "new_w8" and "rsplit_w8" (kernel 1 "keep") in results/gdn_kernel_h100_call3.json,
-    # which measured the removed one-kernel backward="pallas" (it recomputed T and spilled).
-    "pallas_bwd": {**_ANALYTIC, "backward": "pallas"},
-    # session 3: the forward keeps T (and h, v'), the backward builds w, u, kd, qg, aqk from it
-    "pallas_t": {**_ANALYTIC, "backward": "pallas", "residuals": "t"},
-    "pallas_states": {**_ANALYTIC, "backward": "pallas", "residuals": "states"},
-    "pallas_states_w4": {**_ANALYTIC, "backward": "pallas", "residuals": "states", "warps_bwd": 4},
-    "pallas_states_tf32": {
-        **_ANALYTIC,
-        "backward": "pallas",
-        "residuals": "states",
-        "t_precision": "tf32",
-    },
-    "states_w4_tf32": _STATES_W4_TF32,
-    # session 4: the state pass forms kd from k where unsegmented (kernel 1 writes no kd)
-    "kd": _KD,
-    # session 5: norms after the dots, the fused pass for the primal, one-wave prefetch
-    "s5": {
-        **_KD,
-        "norm_after_dot": True,
-        "fused_primal": True,
-        "fused_programs": 256,
-        "prefetch_programs": 128,
-    },
-}
-CHECK_TOL = {"o": 6e-3, "state": 6e-3, "grads": 1e-2}  # bf16 vs the fp32 reference, ||.||_2
-
-
 def _check_config(cfg, dt, tag, out):
     """Forward + gradients at [2, 300, 4, 128] (odd T, initial and final state) vs the fp32
     per-token reference. Records errors under `tag` and returns whether they pass CHECK_TOL."""
@@ -285,7 +214,7 @@ def _check_config(cfg, dt, tag, out):
     import jax.numpy as jnp
     import numpy as np
 
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.pallas_gpu.op import gated_delta_rule_pallas
     from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
     tiny = os.environ.get("BENCH_GDN_TINY") == "1"
@@ -317,7 +246,7 @@ def _check_config(cfg, dt, tag, out):
             )
         )(*args)
         jax.block_until_ready(grads)
-    except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported
+    except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported
         out[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
         print("CHECK", tag, "FAILED", out[f"{tag}_error"], flush=True)
         return False
@@ -344,216 +273,18 @@ def _check_config(cfg, dt, tag, out):
 
 
 def run_check():
-    """GPU correctness of each candidate (bf16) + its row-0 times; fp32 check of the default."""
-    import jax
+    """GPU correctness of our configuration (bf16) and, with GDN_BENCH_CHECK_F32, of the float32
+    path (fp32 inputs)."""
     import jax.numpy as jnp
 
-    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.pallas_gpu.config import F32Config
 
     out = {}
-    names = os.environ.get("GDN_BENCH_CANDIDATES", "base").split(",")
-    tiny = os.environ.get("BENCH_GDN_TINY") == "1"
-    extra_rows = [int(x) for x in os.environ.get("GDN_BENCH_CHECK_ROWS", "").split(",") if x]
-    args, do_ = device_inputs(ROWS[0])
-    bf = jnp.bfloat16
-    for name in names:
-        print("JSONCHECK " + json.dumps(out), flush=True)  # cumulative: survives a timeout
-        cfg = GDNPallasConfig(**CANDIDATES[name])
-        if not _check_config(cfg, bf, f"bf16_{name}", out):
-            continue
-        if len(names) == 1 or tiny:
-            continue
-        fwd, fb = _fwd_fwdbwd(
-            lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg, interpret=None)
-        )
-        try:
-            out[f"row0_{name}_fwd_ms"] = _jax_timer(fwd, args)
-            out[f"row0_{name}_fwdbwd_ms"] = _jax_timer(fb, args + [do_])
-            for ri in extra_rows:  # GDN_BENCH_CHECK_ROWS: the same two times at other rows
-                a_i, do_i = device_inputs(ROWS[ri])
-                out[f"row{ri}_{name}_fwd_ms"] = _jax_timer(fwd, a_i)
-                out[f"row{ri}_{name}_fwdbwd_ms"] = _jax_timer(fb, a_i + [do_i])
-                times = out[f"row{ri}_{name}_fwd_ms"], out[f"row{ri}_{name}_fwdbwd_ms"]
-                print("ROW", ri, name, *times, flush=True)
-                del a_i, do_i
-        except Exception as e:  # noqa: BLE001
-            out[f"row0_{name}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
-        try:
-            if os.environ.get("GDN_BENCH_SKIP_PIECES") == "1":  # only the candidates' totals
-                raise StopIteration
-            for key, val in _kernel_pieces(cfg, args, do_).items():
-                out[f"row0_{name}_{key}"] = val
-            if cfg.state_segments != 1:  # row 2 forward with and without segments
-                out.update(_segment_effect(cfg, name))
-        except StopIteration:
-            pass
-        except Exception as e:  # noqa: BLE001
-            out[f"row0_{name}_pieces_error"] = f"{type(e).__name__}: {str(e)[:600]}"
-        print(
-            "ROW0",
-            name,
-            out.get(f"row0_{name}_fwd_ms"),
-            out.get(f"row0_{name}_fwdbwd_ms"),
-            "kernel 1",
-            out.get(f"row0_{name}_kernel1_ms"),
-            "bwd seq",
-            out.get(f"row0_{name}_bwd_seq_ms"),
-            "row 2 fwd seg / noseg",
-            out.get(f"row2_{name}_seg_fwd_ms"),
-            out.get(f"row2_{name}_noseg_fwd_ms"),
-            flush=True,
-        )
-        jax.clear_caches()
+    _check_config(_config_from_env(), jnp.bfloat16, "bf16", out)
+    print("JSONCHECK " + json.dumps(out), flush=True)  # cumulative: survives a timeout
     if os.environ.get("GDN_BENCH_CHECK_F32") == "1":
-        _check_config(GDNPallasConfig(), jnp.float32, "f32_base", out)
-    if os.environ.get("GDN_BENCH_PROFILE") == "1":
-        out.update(profile())
+        _check_config(F32Config(), jnp.float32, "f32", out)
     print("JSONCHECK " + json.dumps(out), flush=True)
-
-
-def _kernel_pieces(cfg, args, do_):
-    """Times of kernel 1 alone (w, u, G, kd) and of the backward's sequential part alone (states
-    recompute + reverse pass, zero aqk) for one configuration, bf16, chunk 64."""
-    import jax
-    import jax.numpy as jnp
-
-    from taylorcal_jax.ops.gdn import pallas_gpu as pg
-
-    q, k, v, g, beta = args
-    b, t, h, d = q.shape
-    st = pg._Static(
-        chunk=64,
-        scale=d**-0.5,
-        use_l2=True,
-        interpret=os.environ.get("BENCH_GDN_TINY") == "1",
-        cfg=cfg,
-    )
-    dt = jnp.bfloat16
-    k1 = jax.jit(lambda *a: pg._chunk_call(*a, st, dt, with_kd=True))
-    out = {"kernel1_ms": _jax_timer(k1, (k, v, g, beta))}
-    w, u, gcum, kd = k1(k, v, g, beta)
-    lgc = pg._chunk_end_g(gcum, 64)
-    s0 = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
-    aqk = jnp.zeros((b, t, h, 64), dt)
-    seq = jax.jit(lambda *a: pg._backward_seq(*a, st, dt))
-    out["bwd_seq_ms"] = _jax_timer(seq, (w, u, w, kd, aqk, lgc, s0, do_, s0))
-    return out
-
-
-def _segment_effect(cfg, name):
-    """Forward time at row 2 (small B * H) with cfg and with state_segments=1."""
-    import jax
-
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
-
-    args, _ = device_inputs(ROWS[min(2, len(ROWS) - 1)])
-    out = {}
-    for tag, c in (("seg", cfg), ("noseg", dataclasses.replace(cfg, state_segments=1))):
-        f = jax.jit(lambda *a, c=c: gated_delta_rule_pallas(*a, config=c, interpret=None)[0])
-        out[f"row2_{name}_{tag}_fwd_ms"] = _jax_timer(f, args)
-    return out
-
-
-def best_candidate(check, names):
-    """The passing candidate with the smallest row-0 forward + forward-backward time."""
-    score = {
-        n: check[f"row0_{n}_fwd_ms"] + check[f"row0_{n}_fwdbwd_ms"]
-        for n in names
-        if check.get(f"bf16_{n}_pass") and f"row0_{n}_fwdbwd_ms" in check
-    }
-    return min(score, key=score.get) if score else None
-
-
-VARIANTS = {
-    "fused_bv32": dict(forward="fused", block_v=32),
-    "split_bv64": dict(forward="split", block_v=64),
-    "split_bv32": dict(forward="split", block_v=32),
-    "split_bv16": dict(forward="split", block_v=16),
-    "split_bv32_w8": dict(forward="split", block_v=32, warps_chunk=8, warps_out=8),
-    "split_bv32_wc2": dict(forward="split", block_v=32, warps_chunk=2),
-}
-
-
-def profile():
-    """Forward variants at rows 0 and 2, and each kernel / backward stage alone at row 0."""
-    import jax
-    import jax.numpy as jnp
-
-    from taylorcal_jax.ops.gdn import pallas_gpu as pg
-    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
-
-    out = {}
-    tiny = os.environ.get("BENCH_GDN_TINY") == "1"
-    bf = jnp.bfloat16
-    for ri in (0,) if tiny else (0, 2):
-        args, do_ = device_inputs(ROWS[ri])
-        for name, kw in VARIANTS.items():
-            cfg = GDNPallasConfig(**kw)
-            f = jax.jit(
-                lambda *a, cfg=cfg: gated_delta_rule_pallas(*a, config=cfg, interpret=None)[0]
-            )
-            key = f"fwd_row{ri}_{name}_ms"
-            try:
-                out[key] = _jax_timer(f, args)
-            except Exception as e:  # noqa: BLE001
-                out[key.replace("_ms", "_error")] = f"{type(e).__name__}: {str(e)[:400]}"
-            print("PROFILE", key, out.get(key), flush=True)
-        if ri != 0:
-            continue
-        # pieces at row 0, default block sizes of each structure
-        st = pg._Static(
-            chunk=64,
-            scale=128**-0.5,
-            use_l2=True,
-            interpret=tiny,
-            cfg=GDNPallasConfig(forward="split", block_v=32),
-        )
-        s0 = jnp.zeros((ROWS[0][0], ROWS[0][2], 128, 128), jnp.float32)
-        qq, kk, vv, gg, bb = args
-        dt = bf
-        pieces = {}
-        pieces["chunk_kernel"] = (
-            jax.jit(lambda k_, v_, g_, b_: pg._chunk_call(k_, v_, g_, b_, st, dt, with_kd=True)),
-            (kk, vv, gg, bb),
-        )
-        w, u, gcum, kd = pieces["chunk_kernel"][0](kk, vv, gg, bb)
-        pieces["states_kernel_bv32"] = (
-            jax.jit(lambda *a: pg._states_call(*a, st, dt)),
-            (w, u, kd, gcum, s0),
-        )
-        hmat, vp, _ = pieces["states_kernel_bv32"][0](w, u, kd, gcum, s0)
-        pieces["out_kernel"] = (
-            jax.jit(lambda *a: pg._out_call(*a, st, dt, bf)),
-            (qq, kk, gcum, hmat, vp),
-        )
-        st64 = dataclasses.replace(st, cfg=GDNPallasConfig(forward="fused", block_v=64))
-        pieces["fused_seq_kernel_bv64"] = (
-            jax.jit(lambda *a: pg._seq_call(*a, st64, dt, bf)),
-            (qq, kk, w, u, gcum, s0),
-        )
-        pieces["bwd_stage1_xla_vjp"] = (
-            jax.jit(
-                lambda *a: jax.vjp(functools.partial(pg._stage1, st=st, dt=dt), *a)[1](
-                    (w, u, w, kd, jnp.zeros((*w.shape[:3], 64), bf), gcum)
-                )
-            ),
-            tuple(args),
-        )
-        dst = jnp.zeros_like(s0)
-        aqk = jnp.zeros((*w.shape[:3], 64), bf)
-        pieces["bwd_sequential_pallas"] = (
-            jax.jit(lambda *a: pg._backward_seq(*a, st, dt)),
-            (w, u, w, kd, aqk, gcum, s0, do_, dst),
-        )
-        for name, (f, a_) in pieces.items():
-            try:
-                out[f"piece_{name}_ms"] = _jax_timer(f, a_)
-            except Exception as e:  # noqa: BLE001
-                out[f"piece_{name}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            print("PROFILE", name, out.get(f"piece_{name}_ms"), flush=True)
-    return out
 
 
 # ----------------------------------------------------------------------------- FLA side
@@ -664,13 +395,26 @@ def _parse(text, tag):
     return [json.loads(ln[len(tag) + 1 :]) for ln in text.splitlines() if ln.startswith(tag + " ")]
 
 
+def _progress(t_start, what, r, keys):
+    """One line per finished row: elapsed seconds, the row, and its figures so far."""
+    nan = float("nan")
+    figures = " ".join(f"{k} {r.get(k, nan):.4g}" for k in keys)
+    errors = [k for k in r if k.endswith("_error")]
+    print(
+        f"[{time.perf_counter() - t_start:5.0f} s] {what} {r.get('shape')}: {figures}"
+        + (f" ERRORS {errors}" if errors else ""),
+        flush=True,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="all", choices=["all", "check", "jax", "fla"])
     ap.add_argument("--row", type=int, default=0)
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
-    ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--skip-chunked", action="store_true")
+    ap.add_argument("--skip-check", action="store_true", help="no correctness check first")
+    ap.add_argument("--check-f32", action="store_true", help="also check the float32 path")
+    ap.add_argument("--skip-chunked", action="store_true", help="do not time the XLA chunked op")
     ap.add_argument(
         "--chunked-rows",
         default=None,
@@ -678,30 +422,16 @@ def main():
         "--skip-chunked)",
     )
     ap.add_argument(
-        "--profile",
-        action="store_true",
-        help="time forward variants (rows 0, 2) and each kernel alone (row 0)",
-    )
-    ap.add_argument("--fla-rows", default=None, help="default: the same rows as --rows")
-    ap.add_argument("--fla-fwd-only", action="store_true")
-    ap.add_argument(
-        "--config",
-        default=None,
-        help="GDNPallasConfig fields as JSON ('{}' = library default); default: the "
-        "fastest passing --candidates entry (the library default if none)",
-    )
-    ap.add_argument(
-        "--candidates",
-        default="base",
-        help=f"comma-separated names from {sorted(CANDIDATES)}: each is checked on "
-        "the GPU and timed at row 0; the rows then use the best passing one",
-    )
-    ap.add_argument("--check-f32", action="store_true", help="also check fp32 inputs (~45 s)")
-    ap.add_argument(
         "--chunked-from",
         default=None,
         help="with --skip-chunked: copy chunked_* fields per shape from this earlier "
         "result file (the XLA chunked op is not ours; its provenance is recorded)",
+    )
+    ap.add_argument("--fla-rows", default=None, help="default: the same rows as --rows")
+    ap.add_argument("--fla-fwd-only", action="store_true")
+    ap.add_argument("--fla-timeout", type=int, default=200, help="seconds per FLA row process")
+    ap.add_argument(
+        "--config", default="{}", help="BF16Config fields as JSON ('{}' = the library default)"
     )
     ap.add_argument("--out", default="gdn_kernel.json")
     a = ap.parse_args()
@@ -711,13 +441,18 @@ def main():
         return run_jax_row(a.row)
     if a.mode == "fla":
         return run_fla([int(x) for x in a.fla_rows.split(",")], a.fla_fwd_only)
+    fields = json.loads(a.config)
+    bf16_config(fields)  # a bad field is a one-line error here, before any device work
+    os.environ["GDN_BENCH_CONFIG"] = json.dumps(fields)
     log_dir = os.path.dirname(os.path.abspath(a.out))
     from results_io import source_digest  # launch/ is on sys.path when this script runs
 
+    t_start = time.perf_counter()
     result = {
         "command": "python3 " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_digest": source_digest(),  # `python launch/results_io.py DIGEST` finds its commit
+        "ours_config_fields": fields,
     }
     probe = (
         "import jax, torch\ntry:\n import triton; tv = triton.__version__\n"
@@ -734,31 +469,17 @@ def main():
         or "(None,) * 4"
     )
     result.update(jax=ver[0], torch=ver[1], triton=ver[2], device=ver[3])
-    if a.profile:
-        os.environ["GDN_BENCH_PROFILE"] = "1"
     if a.check_f32:
         os.environ["GDN_BENCH_CHECK_F32"] = "1"
-    names = a.candidates.split(",")
-    os.environ["GDN_BENCH_CANDIDATES"] = a.candidates
     if not a.skip_check:
         text = _sub("check", timeout=420)
         open(os.path.join(log_dir, "check.log"), "w").write(text)
         checks = _parse(text, "JSONCHECK")
         result["check"] = checks[-1] if checks else {"error": text[-3000:]}  # the last, fullest
-    if a.config is None:
-        name = best_candidate(result.get("check", {}), names) if len(names) > 1 else names[0]
-        if name is None or not result.get("check", {}).get(f"bf16_{name}_pass", a.skip_check):
-            name = "base"  # the H100-checked default
-        cfg = CANDIDATES[name]
-        result["chosen_candidate"] = name
-    else:
-        cfg = json.loads(a.config)
-    result["ours_config_fields"] = cfg
-    os.environ["GDN_BENCH_CONFIG"] = json.dumps(cfg)
+    print("ours config:", fields or "library default", flush=True)
     chunked_rows = (
         set() if a.skip_chunked else {int(x) for x in (a.chunked_rows or a.rows).split(",")}
     )
-    print("ours config:", cfg, flush=True)
     rows = {}
     for i in (int(x) for x in a.rows.split(",")):
         os.environ["GDN_BENCH_SKIP_CHUNKED"] = "0" if i in chunked_rows else "1"
@@ -766,6 +487,8 @@ def main():
         open(os.path.join(log_dir, f"row{i}.log"), "w").write(text)
         got = _parse(text, "JSONROW")
         rows[i] = got[0] if got else {"shape": list(ROWS[i]), "error": text[-2000:]}
+        keys = ("ours_fwd_ms", "ours_fwdbwd_ms", "ours_peak_mib", "ours_rel_err")
+        _progress(t_start, f"ours row {i}", rows[i], keys)
     if a.chunked_from:
         old = json.load(open(a.chunked_from))
         by_shape = {str(r["shape"]): r for r in old["rows"]}
@@ -783,19 +506,19 @@ def main():
     with open(a.out, "w") as f:  # partial result, in case the FLA step runs out of time
         json.dump(result, f, indent=1)
     fla_rows = a.fla_rows if a.fla_rows is not None else a.rows
-    # One process per row: in one process FLA's times depend on the rows before (session 3: row 0
-    # forward 1.25 ms as the first row, 1.57 ms after row 3; row 3 0.95 ms first, 1.46 after
-    # rows 0-2), most likely autotuned configurations reused across shapes.
     text = ""
     for fi in fla_rows.split(","):
         fla_args = ["--fla-rows", fi] + (["--fla-fwd-only"] if a.fla_fwd_only else [])
-        text += _sub("fla", fla_args, timeout=200)  # autotuning ~35-100 s per process
+        part = _sub("fla", fla_args, timeout=a.fla_timeout)  # its autotuning dominates
+        text += part
+        for fr in _parse(part, "JSONFLA"):
+            i = fr.pop("row")
+            result["fla"] = fr.pop("fla")
+            if i in rows:
+                rows[i].update(fr)
+                keys = ("fla_fwd_ms", "fla_fwdbwd_ms", "fla_peak_mib", "fla_rel_err")
+                _progress(t_start, f"FLA row {i}", rows[i], keys)
     open(os.path.join(log_dir, "fla.log"), "w").write(text)
-    for fr in _parse(text, "JSONFLA"):
-        i = fr.pop("row")
-        result["fla"] = fr.pop("fla")
-        if i in rows:
-            rows[i].update(fr)
     for r in rows.values():
         for key in ("fwd", "fwdbwd"):
             if f"ours_{key}_ms" in r and f"fla_{key}_ms" in r:
@@ -803,15 +526,15 @@ def main():
     result["rows"] = list(rows.values())
     result["peak_memory_method"] = (
         "ours: jax memory_stats()['peak_bytes_in_use'] in a fresh process after its first "
-        "forward+backward call, run alone (inputs and cotangent included; ours_peak_pipelined_mib: "
-        "after the pipelined timing too, where one call's outputs overlap the next call, the "
-        "figure of sessions 1-3); fla: torch.cuda.max_memory_allocated over one forward+backward "
-        "after reset_peak_memory_stats (inputs included)"
+        "forward+backward call, run alone (inputs and cotangent included); fla: "
+        "torch.cuda.max_memory_allocated over one forward+backward after reset_peak_memory_stats "
+        "(inputs included)"
     )
     result["rel_err_method"] = (
         "||o - o_ref|| / ||o_ref||, o_ref = per-token fp32 recurrence (reference.py, jit on the "
         "GPU, matmul precision highest) on the same bf16 inputs, full shape"
     )
+    result["seconds"] = round(time.perf_counter() - t_start)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(
@@ -828,7 +551,9 @@ def main():
             f"{g('ours_peak_mib'):8.0f} {g('fla_peak_mib'):8.0f} {g('ours_rel_err'):8.1e} "
             f"{g('fla_rel_err'):8.1e}"
         )
+    print(f"{a.out} written after {result['seconds']} s", flush=True)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, REPO)  # this checkout's package, also in the subprocesses (_sub)
     main()

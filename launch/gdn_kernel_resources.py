@@ -7,10 +7,11 @@ package for compute capability 9.0 and prints what cuobjdump reports. The local 
 the one bundled in jaxlib, so figures are indicative; they agreed with the H100's behaviour on
 shared memory (fp32 at 2 stages overflowing; the reverse kernel's one program per SM).
 
-Usage: python launch/gdn_kernel_resources.py [--config '{"backward": "pallas"}'] [--stages 1]
-  [--shape 1,32768,16,128] [--forward-only]  (kernels named once: the first lowering of a name
-  is reported, so the forward's gdn_states stands for the backward's recompute, which runs at
-  stages_bwd; --forward-only lowers the primal forward alone)
+Usage: python launch/gdn_kernel_resources.py [--path bfloat16|float32] [--config '{"warps": 8}']
+  [--stages 1] [--shape 1,32768,16,128] [--forward-only]  (--config: fields of the path's
+  configuration, BF16Config or F32Config; inputs in the path's dtype. Kernels are named once: the
+  first lowering of a name is reported, so the forward's gdn_states stands for the backward's
+  rerun, which runs at stages_bwd; --forward-only lowers the primal forward alone)
 Letters: B batch, T time, H heads, K key dim (= V here).
 """
 
@@ -25,7 +26,11 @@ import tempfile
 
 
 def dump_ttir(
-    cfg_fields: dict, out_dir: str, shape=(8, 4096, 16, 128), forward_only=False
+    cfg_fields: dict,
+    out_dir: str,
+    shape=(8, 4096, 16, 128),
+    forward_only=False,
+    path="bfloat16",
 ) -> dict[str, dict]:
     """{kernel name: {"path": ttir file, "num_warps": int, "num_stages": int}}."""
     import jax
@@ -33,8 +38,8 @@ def dump_ttir(
     from jax import export
     from jax._src.pallas.triton import pallas_call_registration as reg
 
-    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.pallas_gpu.config import BF16Config, F32Config
+    from taylorcal_jax.ops.gdn.pallas_gpu.op import gated_delta_rule_pallas
 
     found = {}
     orig = reg.lowering.lower_jaxpr_to_triton_module
@@ -54,7 +59,8 @@ def dump_ttir(
         )
         return res
 
-    cfg = GDNPallasConfig(**cfg_fields)
+    cfg = (BF16Config if path == "bfloat16" else F32Config)(**cfg_fields)
+    dtype = jnp.bfloat16 if path == "bfloat16" else jnp.float32
 
     def loss(q, k, v, g, b):
         o = gated_delta_rule_pallas(q, k, v, g, b, interpret=False, config=cfg)[0]
@@ -62,10 +68,7 @@ def dump_ttir(
 
     b, t, h, d = shape
     sds = jax.ShapeDtypeStruct
-    args = [sds((b, t, h, d), jnp.bfloat16)] * 3 + [
-        sds((b, t, h), jnp.float32),
-        sds((b, t, h), jnp.bfloat16),
-    ]
+    args = [sds((b, t, h, d), dtype)] * 3 + [sds((b, t, h), jnp.float32), sds((b, t, h), dtype)]
     reg.lowering.lower_jaxpr_to_triton_module = hook
     try:
         export.export(
@@ -106,9 +109,10 @@ def compile_report(info: dict, stages_override: int | None = None, maxnreg: int 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="{}", help="GDNPallasConfig fields as JSON")
+    ap.add_argument("--path", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--config", default="{}", help="fields of the path's configuration, JSON")
     ap.add_argument("--stages", type=int, default=None, help="override num_stages for all")
-    ap.add_argument("--shape", default="8,4096,16,128", help="B,T,H,D (bf16 inputs)")
+    ap.add_argument("--shape", default="8,4096,16,128", help="B,T,H,D")
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread")
     ap.add_argument(
         "--forward-only", action="store_true", help="the primal forward alone (no backward)"
@@ -117,7 +121,7 @@ def main():
     shape = tuple(int(x) for x in a.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         for name, info in sorted(
-            dump_ttir(json.loads(a.config), tmp, shape, a.forward_only).items()
+            dump_ttir(json.loads(a.config), tmp, shape, a.forward_only, a.path).items()
         ):
             try:
                 print(f"{name:>14}: {compile_report(info, a.stages, a.maxnreg)}", flush=True)

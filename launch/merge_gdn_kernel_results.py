@@ -1,9 +1,9 @@
 """Join result files of launch/bench_gdn_kernel.py that each time some of the shape rows.
 
 One device call may run at most 10 minutes; the full table (ours, FLA and the XLA chunked op on
-all four rows of BENCHMARKS.md section 1) takes about 14. So it is timed in parts, each part
-still measuring ours, FLA and the chunked op of its rows in one call on one card, and joined
-here. The parts must agree on what was measured (device, versions, our configuration); the
+all four rows of docs/benchmarks.md) takes longer. So it can be timed in parts, each part still
+measuring ours, FLA and the chunked op of its rows in one call on one card, and joined here.
+The parts must agree on what was measured (device, versions, code, our configuration); the
 joined file keeps each part's command and date under `parts` and orders the rows as the bench
 script's ROWS.
 
@@ -26,10 +26,10 @@ SAME_IN_EVERY_PART = (
     "triton",
     "fla",
     "ours_config_fields",
-    "source_digest",  # the same code (results_io.source_digest; absent before session 6)
+    "source_digest",  # the same code (results_io.source_digest)
 )
 # carried over from the parts as they are (they describe the method, not one run)
-METHOD_FIELDS = ("peak_memory_method", "rel_err_method", "chosen_candidate")
+METHOD_FIELDS = ("peak_memory_method", "rel_err_method")
 ROW_ORDER = [list(shape) for shape in ROWS]
 
 

@@ -9,9 +9,10 @@ forward + backward, cudaProfilerStop. Clocks and caches are left alone (--clock-
 with cold caches; launch gaps are not included, so the sums sit a little under the wall-clock
 medians of bench_gdn_kernel.py.
 
+Ours is the library's bfloat16 path with BF16Config() or the fields given by --config.
+
 Usage (device, FLA wheels on PYTHONPATH):
-  python3 launch/profile_gdn_ncu.py --candidates pallas_bwd,analytic --fla --row 0 \
-      --out $OUT/gdn_ncu_row0.json
+  python3 launch/profile_gdn_ncu.py --fla --row 0 --out $OUT/gdn_ncu_row0.json
 Writes, per side: every kernel (name, grid, block, microseconds) of the forward and of the forward
 + backward, the same summed by kernel name, and the totals; plus device, versions, date, command.
 """
@@ -31,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gdn_kernel import CANDIDATES, ROWS, device_inputs, make_inputs  # noqa: E402
+from bench_gdn_kernel import ROWS, bf16_config, device_inputs, make_inputs  # noqa: E402
 from results_io import provenance  # noqa: E402
 
 MARKER = "profile_marker"
@@ -54,13 +55,12 @@ def _profiler(on: bool):
     (cupy.cuda.runtime.profilerStart if on else cupy.cuda.runtime.profilerStop)()
 
 
-def run_ours(name, row):
+def run_ours(fields, row):
     import jax
 
-    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.pallas_gpu.op import gated_delta_rule_pallas
 
-    cfg = GDNPallasConfig(**CANDIDATES[name])
+    cfg = bf16_config(fields)
     args, do_ = device_inputs(ROWS[row])
     op = lambda *a: gated_delta_rule_pallas(*a, config=cfg, interpret=None)[0]  # noqa: E731
     fwd = jax.jit(op)
@@ -213,7 +213,7 @@ def detail_side(side_args, kernels, count, out_dir, timeout):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: the profiled run
-    ap.add_argument("--candidates", default="analytic")
+    ap.add_argument("--config", default="{}", help="BF16Config fields as JSON ('{}' = default)")
     ap.add_argument("--fla", action="store_true", help="also profile FLA's chunk_gated_delta_rule")
     ap.add_argument("--row", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=300)
@@ -228,8 +228,8 @@ def main():
     a = ap.parse_args()
     if a.side == "fla":
         return run_fla(a.row)
-    if a.side is not None:
-        return run_ours(a.side, a.row)
+    if a.side == "ours":
+        return run_ours(json.loads(a.config), a.row)
     out_dir = os.path.dirname(os.path.abspath(a.out))
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this driver only reads the device name
     result = provenance()
@@ -238,8 +238,9 @@ def main():
             result[pkg] = __import__(pkg).__version__
         except ImportError:
             result[pkg] = None
-    result.update(shape=list(ROWS[a.row]), dtype="bfloat16", sides={})
-    sides = [(n, ["--side", n, "--row", str(a.row)]) for n in a.candidates.split(",") if n]
+    bf16_config(json.loads(a.config))  # a bad field is a one-line error before any device work
+    result.update(shape=list(ROWS[a.row]), dtype="bfloat16", config=json.loads(a.config), sides={})
+    sides = [("ours", ["--side", "ours", "--config", a.config, "--row", str(a.row)])]
     if a.fla:
         sides.append(("fla", ["--side", "fla", "--row", str(a.row)]))
     for tag, side_args in sides:

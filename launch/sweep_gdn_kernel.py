@@ -1,15 +1,15 @@
-"""Launch-option sweep of the Pallas gated delta rule: times of a grid of GDNPallasConfig fields.
+"""Launch-option sweep of the Pallas gated delta rule: times of a grid of BF16Config fields.
 
-Block sizes, warps and pipelining depths change speed, not results (each configuration the sweep
-names is a product of fields whose bodies the correctness tests and the benchmark's check step
-cover), so this times only: for every combination of --grid on top of the --base candidate of
-bench_gdn_kernel.py, the pipelined median (bench_gdn_kernel._jax_timer: 10 batches of 10 calls)
-of the forward, and with --fwdbwd of forward + backward, at each --rows shape, bf16, in one
-process. Compare figures within one result file only (one machine, one process).
+Block sizes, warps, pipelining depths and the program-count thresholds change speed, not results
+(every branch they select is covered by the correctness tests), so this times only: for every
+combination of --grid on top of --base (BF16Config fields; '{}' = the library default), the
+pipelined median (bench_gdn_kernel._jax_timer: 10 batches of 10 calls) of the forward, and with
+--fwdbwd of forward + backward, at each --rows shape, bf16, in one process. Compare figures
+within one result file only (one machine, one process).
 
 Usage (device):
-  python3 launch/sweep_gdn_kernel.py --base kd --rows 1,0 --fwdbwd \
-      --grid '{"warps_seq": [2, 4], "stages": [1, 2, 3]}' --out $OUT/sweep.json
+  python3 launch/sweep_gdn_kernel.py --rows 1,0 --fwdbwd \
+      --grid '{"warps": [4, 8], "stages": [1, 2, 3]}' --out $OUT/sweep.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gdn_kernel import CANDIDATES, ROWS, _fwd_fwdbwd, _jax_timer, device_inputs  # noqa: E402
+from bench_gdn_kernel import ROWS, _fwd_fwdbwd, _jax_timer, bf16_config, device_inputs  # noqa: E402
 from results_io import provenance  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def grid_configs(base: dict, grid: dict) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", default="states_w4_tf32", help=f"one of {sorted(CANDIDATES)}")
+    ap.add_argument("--base", default="{}", help="BF16Config fields as JSON ('{}' = default)")
     ap.add_argument("--grid", required=True, help="JSON {field: [values]}")
     ap.add_argument("--rows", default="1", help="comma-separated rows of bench_gdn_kernel.ROWS")
     ap.add_argument("--fwdbwd", action="store_true", help="also time forward + backward")
@@ -45,17 +45,16 @@ def main():
     a = ap.parse_args()
     import jax
 
-    from taylorcal_jax.ops.gdn.config import GDNPallasConfig
-    from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.pallas_gpu.op import gated_delta_rule_pallas
 
-    configs = grid_configs(CANDIDATES[a.base], json.loads(a.grid))
+    configs = grid_configs(json.loads(a.base), json.loads(a.grid))
     for fields in configs:  # reject a bad grid before any compilation
-        GDNPallasConfig(**fields)
-    result = {**provenance(), "base": a.base, "grid": json.loads(a.grid), "runs": []}
+        bf16_config(fields)
+    result = {**provenance(), "base": json.loads(a.base), "grid": json.loads(a.grid), "runs": []}
     for row in (int(x) for x in a.rows.split(",")):
         args, do_ = device_inputs(ROWS[row])
         for fields in configs:
-            cfg = GDNPallasConfig(**fields)
+            cfg = bf16_config(fields)
             fwd, fb = _fwd_fwdbwd(
                 lambda *x, cfg=cfg: gated_delta_rule_pallas(*x, config=cfg, interpret=None)
             )

@@ -1,4 +1,4 @@
-"""GatedDeltaNet mixer: against a NumPy transcription of METHOD.md §2, decoding, padding."""
+"""GatedDeltaNet mixer: against a NumPy transcription of docs/method.md, decoding, padding."""
 
 import dataclasses
 
@@ -41,7 +41,7 @@ def _init(conv: bool, seed=0, impl="reference"):
 
 
 def _numpy_gdn(params, x, conv: bool, eps=1e-5):
-    """Per-token float64 loop of METHOD.md §2, written independently of the module."""
+    """Per-token float64 loop of the mixer of docs/method.md, independent of the module."""
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
     b, t, _ = x.shape

@@ -1,4 +1,9 @@
-"""The Pallas gated delta rule (pallas_gpu.py): interpret mode on the CPU (CI), compiled on a GPU.
+"""The Pallas gated delta rule (ops/gdn/pallas_gpu/): interpret mode on the CPU, compiled on a GPU.
+
+Both kernel paths (config.F32Config, config.BF16Config) run here in interpret mode with float32
+operands, so that each is checked at fp32 accuracy; the bfloat16 path also with bf16 operands.
+Configurations with other program-count thresholds make the tiny shapes take each branch of the
+bfloat16 path (segmented or not, prefetching or not, fused pass at a halved value block or not).
 
 Tolerances (relative: max-abs error over max-abs of the expected value, gdn_testing.rel_err):
   fp32 interpret vs the fp64 NumPy loop (values, states)                 2e-5
@@ -6,13 +11,11 @@ Tolerances (relative: max-abs error over max-abs of the expected value, gdn_test
   extreme gates (g down to -20, beta near 0 and 1), fp32 interpret      1e-4
   GPU, fp32 inputs (exact fp32 dots) vs the fp32 reference               1e-4
   GPU, bf16 inputs vs the fp32 reference on the same inputs (FLA's level, as ||.||_2 ratio) 5e-3
-  bf16 gradients of the Pallas chunk-local backward, interpret mode (||.||_2 ratio)        2e-2
-  backward="pallas" kernels vs the XLA closed form (chunk_local_bwd.py), fp32 interpret  1e-5
-  T of kernel 1 "fla" (plain JAX, HIGHEST) vs an fp64 inverse                            1e-5
+  bf16 gradients, interpret mode, vs the fp32 reference (||.||_2 ratio)                    2e-2
+  closed-form chunk-local backward kernels vs jax.vjp of the XLA chunk-local map, fp32     1e-5
+  T of the bfloat16 path's kernel 1 (plain JAX, HIGHEST) vs an fp64 inverse                1e-5
 Shapes stay tiny (K, V in {16, 32}, T <= 200) to keep interpret mode fast.
 """
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +23,17 @@ import numpy as np
 import pytest
 from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 
-from taylorcal_jax.ops.gdn.config import BF16_DEFAULT, F32_DEFAULT, GDNPallasConfig, default_config
-from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas, unsupported_reason
-from taylorcal_jax.ops.gdn.pallas_gpu_chunk import t_inverse_fla
-from taylorcal_jax.ops.gdn.pallas_gpu_segments import num_segments
+from taylorcal_jax.ops.gdn.pallas_gpu.config import (
+    BF16Config,
+    F32Config,
+    default_config,
+    resolve_residuals,
+)
+from taylorcal_jax.ops.gdn.pallas_gpu.op import gated_delta_rule_pallas, unsupported_reason
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
 NAMES = ("q", "k", "v", "g", "beta")
-FUSED = GDNPallasConfig(forward="fused")
-SPLIT = GDNPallasConfig(forward="split", block_v=16)
-FLA = GDNPallasConfig(chunk_kernel="fla", block_v=16)
-NORM_AFTER_DOT = GDNPallasConfig(chunk_kernel="fla", kd_in_states=True, norm_after_dot=True)
-FUSED_PRIMAL = dataclasses.replace(NORM_AFTER_DOT, fused_primal=True)
+UNSEGMENTED = BF16Config(segment_programs=0)  # the bfloat16 path as at large B * H
 
 
 def _l2_rel(a, b):
@@ -43,14 +45,22 @@ def _args(inputs, dtype=jnp.float32):
     return [jnp.asarray(inputs[n], jnp.float32 if n == "g" else dtype) for n in NAMES]
 
 
-def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.float32, state=True):
+def _static(cfg, chunk=64, use_l2=True, residuals="inputs"):
+    from taylorcal_jax.ops.gdn.pallas_gpu.common import Static
+
+    return Static(
+        chunk=chunk, scale=1.0, use_l2=use_l2, interpret=True, cfg=cfg, residuals=residuals
+    )
+
+
+def _pallas(inputs, *, chunk_size=64, config=None, dtype=jnp.float32, state=True):
     s0 = inputs.get("initial_state") if state else None
     return gated_delta_rule_pallas(
         *_args(inputs, dtype),
         initial_state_bhkv=None if s0 is None else jnp.asarray(s0),
         output_final_state=True,
         chunk_size=chunk_size,
-        interpret=interpret,
+        interpret=True,
         config=config,
     )
 
@@ -58,22 +68,19 @@ def _pallas(inputs, *, chunk_size=64, config=FUSED, interpret=True, dtype=jnp.fl
 @pytest.mark.parametrize(
     "t, k, v, chunk_size, config",
     [
-        (200, 32, 32, 64, SPLIT),
-        (37, 16, 32, 16, FUSED),
-        (50, 32, 16, 32, FUSED),
-        (70, 16, 16, 64, FLA),
-        (190, 32, 32, 16, GDNPallasConfig(state_segments=4, block_v=16)),
-        (90, 32, 32, 32, GDNPallasConfig(kd_in_states=True, block_v=16)),  # kd formed in pass
-        # norms applied after the dots in kernel 1 and the output kernel
-        (130, 32, 32, 32, NORM_AFTER_DOT),
-        # ... segmented, where kernel 1 writes kd (its older body) for the state pass
-        (190, 32, 32, 16, dataclasses.replace(NORM_AFTER_DOT, state_segments=4, block_v=16)),
-        # chunk i+1's tiles loaded during chunk i: unsegmented, and segmented
-        (130, 32, 32, 16, GDNPallasConfig(kd_in_states=True, prefetch_programs=8, block_v=16)),
-        (190, 32, 32, 16, GDNPallasConfig(state_segments=4, prefetch_programs=64, block_v=16)),
-        # the fused pass for the primal forward of the split configuration; at a halved V block
-        (130, 32, 32, 32, FUSED_PRIMAL),
-        (130, 32, 32, 32, dataclasses.replace(FUSED_PRIMAL, fused_programs=8)),
+        (200, 32, 32, 64, F32Config(block_v=16)),  # two value blocks
+        (37, 16, 32, 16, F32Config()),
+        (50, 32, 16, 32, F32Config()),
+        # bfloat16 path, segmented state pass (split forward): 12 segments, prefetching
+        (190, 32, 32, 16, BF16Config(block_v=16)),
+        # ... 4 segments, not prefetching
+        (190, 32, 32, 16, BF16Config(block_v=16, segment_programs=32, prefetch_programs=0)),
+        (70, 16, 16, 64, BF16Config(block_v=16)),  # 2 chunks, 2 segments, C = 64
+        # unsegmented: the fused pass, at a value block halved to 16 (fused_programs), or not
+        (130, 32, 32, 32, UNSEGMENTED),
+        (130, 32, 32, 32, BF16Config(segment_programs=0, fused_programs=0)),
+        # K not a multiple of the value block: unsegmented whatever segment_programs says
+        (90, 16, 32, 32, BF16Config(block_v=32)),
     ],
 )
 def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
@@ -86,38 +93,25 @@ def test_forward_matches_numpy_loop(t, k, v, chunk_size, config):
 
 
 @pytest.mark.parametrize(
-    "backward, chunk_kernel, reverse, extra",
+    "config, residuals",
     [
-        ("xla", "keep", "fused", {}),
-        ("pallas", "fla", "split", {}),
-        ("pallas", "fla", "fused", {}),
-        ("xla", "keep", "split", {}),
-        ("analytic", "fla", "split", {}),
-        ("analytic", "fla", "fused", {}),
-        # the forward keeps T (and h, v'): the backward's prep kernel instead of kernel 1
-        ("pallas", "fla", "split", {"residuals": "t"}),
-        ("pallas", "fla", "split", {"residuals": "states"}),
-        ("pallas", "fla", "fused", {"residuals": "states"}),
-        ("analytic", "fla", "split", {"residuals": "t", "forward": "fused"}),
-        # the state pass forms kd from k (unsegmented only; kernel 1 then writes no kd)
-        ("pallas", "fla", "split", {"residuals": "states", "kd_in_states": True, "segments": 1}),
-        ("pallas", "fla", "split", {"residuals": "t", "norm_after_dot": True, "segments": 1}),
-        # ... segmented: kernel 1 writes kd (older body), the output kernel scales after dots
-        (
-            "pallas",
-            "fla",
-            "split",
-            {"residuals": "states", "kd_in_states": True, "norm_after_dot": True},
-        ),
-        # prefetching sequential kernels: segmented reverse, and the unsegmented state recompute
-        ("pallas", "fla", "split", {"prefetch_programs": 64}),
-        ("pallas", "fla", "split", {"prefetch_programs": 64, "segments": 1}),
-        # residuals "inputs": the vjp's forward keeps nothing, so fused_primal runs there too
-        ("pallas", "fla", "split", {"fused_primal": True, "segments": 1}),
+        (F32Config(block_v=16), "auto"),
+        # segmented (2 chunks, 2 segments): kernel 1 writes kd; reverse recurrence segmented too
+        (BF16Config(block_v=16), "states"),
+        (BF16Config(block_v=16), "t"),  # the backward reruns the state pass
+        (BF16Config(block_v=16), "inputs"),  # ... and kernel 1
+        # unsegmented: the state pass forms kd from k; "inputs" runs the fused pass forward
+        (BF16Config(block_v=16, segment_programs=0), "states"),
+        (BF16Config(block_v=16, segment_programs=0), "t"),
+        (BF16Config(block_v=16, segment_programs=0), "inputs"),
+        # sequential kernels without prefetch, segmented and not
+        (BF16Config(block_v=16, prefetch_programs=0), "t"),
+        (BF16Config(block_v=16, segment_programs=0, prefetch_programs=0), "t"),
     ],
 )
-def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
-    extra = dict(extra)
+def test_forward_and_gradients_under_differentiation_match(config, residuals):
+    """The forward run under differentiation (which keeps `residuals`) against the fp64 loop,
+    and the gradients of every input against jax.vjp of the fp32 reference."""
     inputs = random_inputs(2, b=1, t=45, h=2, k=16, v=32)
     args = _args(inputs) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(3)
@@ -127,40 +121,33 @@ def test_gradients_match_reference_vjp(backward, chunk_kernel, reverse, extra):
     )
 
     def run(fn, **kw):
-        return jax.vjp(
+        out, vjp = jax.vjp(
             lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw), *args
-        )[1](ct)
+        )
+        return out, vjp(ct)
 
-    grads = run(
+    (o, s), grads = run(
         gated_delta_rule_pallas,
         chunk_size=32,
         interpret=True,
-        config=GDNPallasConfig(
-            backward=backward,
-            chunk_kernel=chunk_kernel,
-            reverse=reverse,
-            block_v=16,  # two V-blocks
-            state_segments=extra.pop("segments", 0 if reverse == "split" else 1),
-            **extra,
-        ),
+        config=config,
+        residuals=residuals,
     )
+    o_np, s_np = numpy_gated_delta_rule(**inputs)
+    assert rel_err(o, o_np) < 2e-5 and rel_err(s, s_np) < 2e-5
     with jax.default_matmul_precision("highest"):
-        ref = run(gated_delta_rule_reference)
+        _, ref = run(gated_delta_rule_reference)
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
         assert a.shape == r.shape and a.dtype == r.dtype, name
         assert rel_err(a, r) < 1e-4, (name, rel_err(a, r))
 
 
 @pytest.mark.parametrize(
-    "config",
-    [
-        GDNPallasConfig(backward="pallas", chunk_kernel="fla"),
-        GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split"),
-        GDNPallasConfig(backward="analytic", chunk_kernel="fla", reverse="split"),
-        dataclasses.replace(BF16_DEFAULT, norm_after_dot=True, prefetch_programs=64),
-    ],
+    "config, residuals",
+    [(BF16Config(), "auto"), (UNSEGMENTED, "auto"), (BF16Config(), "inputs")],
+    ids=["segmented", "unsegmented", "inputs"],
 )
-def test_pallas_backward_bf16_close_to_fp32_reference(config):
+def test_bf16_gradients_close_to_fp32_reference(config, residuals):
     inputs = random_inputs(11, b=1, t=40, h=2, k=16, v=16, g_min=-20.0)
     args = _args(inputs, jnp.bfloat16) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(12)
@@ -174,7 +161,14 @@ def test_pallas_backward_bf16_close_to_fp32_reference(config):
             lambda *a: fn(*a[:5], initial_state_bhkv=a[5], output_final_state=True, **kw), *xs
         )[1]((ct[0].astype(xs[2].dtype), ct[1]))
 
-    grads = run(gated_delta_rule_pallas, args, chunk_size=32, interpret=True, config=config)
+    grads = run(
+        gated_delta_rule_pallas,
+        args,
+        chunk_size=32,
+        interpret=True,
+        config=config,
+        residuals=residuals,
+    )
     with jax.default_matmul_precision("highest"):
         ref = run(gated_delta_rule_reference, [x.astype(jnp.float32) for x in args])
     for name, a, r in zip(NAMES + ("initial_state",), grads, ref, strict=True):
@@ -182,9 +176,11 @@ def test_pallas_backward_bf16_close_to_fp32_reference(config):
         assert _l2_rel(a, r) < 2e-2, (name, _l2_rel(a, r))
 
 
-@pytest.mark.parametrize("config", [FLA, NORM_AFTER_DOT])
+@pytest.mark.parametrize(
+    "config", [F32Config(), BF16Config(), UNSEGMENTED], ids=["f32", "bf16_seg", "bf16_fused"]
+)
 def test_forward_without_qk_l2_norm_matches_numpy_loop(config):
-    inputs = random_inputs(6, b=1, t=70, h=2, k=16, v=32)
+    inputs = random_inputs(6, b=1, t=70, h=2, k=32, v=32)
     args = _args(inputs)
     o, state = gated_delta_rule_pallas(
         *args, output_final_state=True, chunk_size=32, interpret=True, config=config,
@@ -196,14 +192,15 @@ def test_forward_without_qk_l2_norm_matches_numpy_loop(config):
 
 
 @pytest.mark.parametrize("use_l2, chunk", [(True, 32), (False, 16)])
-def test_pallas_chunk_local_backward_equals_xla_closed_form(use_l2, chunk):
-    """backward="pallas"'s two kernels vs chunk_local_bwd.chunk_local_backward on random
-    cotangents (fp32, interpret mode): the same formulas, so equal up to rounding."""
-    from taylorcal_jax.ops.gdn import pallas_gpu as pg
-    from taylorcal_jax.ops.gdn.chunk_local_bwd import chunk_local_backward
-    from taylorcal_jax.ops.gdn.pallas_gpu_bwd import chunk_local_backward_call
+def test_closed_form_chunk_local_backward_equals_vjp_of_the_xla_map(use_l2, chunk):
+    """chunk_backward.chunk_local_backward_call (the bfloat16 path's closed form, two kernels)
+    against jax.vjp of backward._chunk_local_xla (the float32 path's XLA map) on random
+    cotangents, with T = (I + A)^-1 from an fp64 inverse (fp32, interpret mode)."""
+    from taylorcal_jax.ops.gdn.pallas_gpu.backward import _chunk_local_xla
+    from taylorcal_jax.ops.gdn.pallas_gpu.chunk_backward import chunk_local_backward_call
 
     b, tp, h, kd, vd = 1, 2 * chunk, 2, 16, 32
+    nt = tp // chunk
     rng = np.random.default_rng(14)
 
     def rnd(*shape):
@@ -211,30 +208,36 @@ def test_pallas_chunk_local_backward_equals_xla_closed_form(use_l2, chunk):
 
     q, k, v = rnd(b, tp, h, kd), rnd(b, tp, h, kd), rnd(b, tp, h, vd)
     beta = jnp.asarray(rng.uniform(0.0, 1.0, (b, tp, h)), jnp.float32)
-    g = jnp.asarray(rng.uniform(-2.0, 0.0, (b, tp // chunk, chunk, h)), jnp.float32)
-    gcum = jnp.cumsum(g, axis=2).reshape(b, tp, h)
-    # any [C, C] per chunk will do for an equality check; lower-triangular like T
-    tmat = jnp.tril(rnd(b, tp // chunk, h, chunk, chunk)) + jnp.eye(chunk)
-    tmat = jnp.swapaxes(tmat, 2, 3).reshape(b, tp, h, chunk)
+    g = jnp.asarray(rng.uniform(-2.0, 0.0, (b, tp, h)), jnp.float32)
+    gcum = jnp.cumsum(g.reshape(b, nt, chunk, h), axis=2).reshape(b, tp, h)
+    # T per chunk in fp64 from the definition: A = strict(beta (k^ k^T) Gamma)
+    k64 = np.asarray(k, np.float64).reshape(b, nt, chunk, h, kd)
+    if use_l2:
+        k64 = k64 / np.sqrt(np.sum(k64 * k64, axis=-1, keepdims=True) + 1e-6)
+    gg = np.asarray(gcum, np.float64).reshape(b, nt, chunk, h)
+    be = np.asarray(beta, np.float64).reshape(b, nt, chunk, h)
+    low = np.tril(np.ones((chunk, chunk), bool), -1)
+    kk = np.einsum("bnihk,bnjhk->bnhij", k64, k64)
+    diff = np.moveaxis(gg, 2, -1)[..., :, None] - np.moveaxis(gg, 2, -1)[..., None, :]
+    a = np.where(low, np.moveaxis(be, 2, -1)[..., :, None] * kk * np.exp(np.where(low, diff, 0)), 0)
+    tmat = np.linalg.inv(np.eye(chunk) + a)  # [B, NT, H, C, C]
+    tmat = jnp.asarray(np.moveaxis(tmat, 3, 2).reshape(b, tp, h, chunk), jnp.float32)
     causal = (jnp.arange(tp) % chunk)[None, :, None, None] >= jnp.arange(chunk)
     dw, dqg, dkd = rnd(b, tp, h, kd), rnd(b, tp, h, kd), rnd(b, tp, h, kd)
     du, daqk, dlgc = rnd(b, tp, h, vd), jnp.where(causal, rnd(b, tp, h, chunk), 0.0), rnd(b, tp, h)
-    st = pg._Static(
-        chunk=chunk,
-        scale=kd**-0.5,
-        use_l2=use_l2,
-        interpret=True,
-        cfg=GDNPallasConfig(backward="pallas", chunk_kernel="fla"),
+    st = _static(BF16Config(), chunk=chunk, use_l2=use_l2)
+    got = chunk_local_backward_call(
+        q, k, v, beta, gcum, tmat, dw, du, dqg, dkd, daqk, dlgc, st=st, dt=jnp.float32
     )
-    cts = (q, k, v, beta, gcum, tmat, dw, du, dqg, dkd, daqk, dlgc)
-    got = chunk_local_backward_call(*cts, st=st, dt=jnp.float32)
-    want = chunk_local_backward(*cts, chunk=chunk, scale=st.scale, use_l2=use_l2, dt=jnp.float32)
-    for name, a, r in zip(NAMES, got, want, strict=True):
-        assert a.shape == r.shape and a.dtype == jnp.float32, name
-        assert rel_err(a, r) < 1e-5, (name, rel_err(a, r))
+    with jax.default_matmul_precision("highest"):
+        _, vjp = jax.vjp(lambda *x: _chunk_local_xla(*x, st=st, dt=jnp.float32), q, k, v, g, beta)
+        want = vjp((dw, du, dqg, dkd, daqk, dlgc))
+    for name, x, r in zip(NAMES, got, want, strict=True):
+        assert x.shape == r.shape and x.dtype == jnp.float32, name
+        assert rel_err(x, r) < 1e-5, (name, rel_err(x, r))
 
 
-@pytest.mark.parametrize("chunk_size, config", [(32, FUSED), (64, FLA)])
+@pytest.mark.parametrize("chunk_size, config", [(32, F32Config()), (64, UNSEGMENTED)])
 def test_extreme_gates_and_betas_stay_finite_and_match(chunk_size, config):
     inputs = random_inputs(4, b=1, t=64, h=2, k=16, v=16, g_min=-20.0, g_max=-0.0)
     inputs["beta"] = np.where(np.arange(64)[None, :, None] % 2 == 0, 1e-4, 1.0 - 1e-4).astype(
@@ -250,9 +253,11 @@ def test_extreme_gates_and_betas_stay_finite_and_match(chunk_size, config):
 @pytest.mark.parametrize("c", [16, 32, 64])
 @pytest.mark.parametrize("g_min", [-0.1, -20.0])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_fla_inverse_matches_fp64_inverse(c, g_min, aligned):
+def test_t_inverse_matches_fp64_inverse(c, g_min, aligned):
     """aligned: nearly parallel keys (k k^T close to all ones), where T is mild but powers of A
     are large; the inverse must not form such powers."""
+    from taylorcal_jax.ops.gdn.pallas_gpu.chunk import t_inverse
+
     rng = np.random.default_rng(c)
     k = rng.standard_normal((c, 32))
     if aligned:
@@ -263,55 +268,45 @@ def test_fla_inverse_matches_fp64_inverse(c, g_min, aligned):
     low = np.tril(np.ones((c, c), bool), -1)
     a = np.where(low, beta[:, None] * (k @ k.T) * np.exp(np.where(low, gg[:, None] - gg, 0.0)), 0)
     expected = np.linalg.inv(np.eye(c) + a)
-    t = t_inverse_fla(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST)
+    t = t_inverse(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST)
     assert rel_err(t, expected) < 1e-5
 
 
-def test_num_segments_divides_chunks_and_targets_one_program_per_sm():
-    assert num_segments(0, 32, 512) == 4  # 1 x 32768 x 16, BV 64: 32 programs -> 128
-    assert num_segments(0, 256, 64) == 1  # 8 x 4096 x 16: already 256 programs
-    assert num_segments(8, 1, 12) == 6 and num_segments(3, 1, 13) == 1
-    assert num_segments(1, 1, 64) == 1
+def test_segments_divide_the_chunks_and_target_one_program_per_sm():
+    from taylorcal_jax.ops.gdn.pallas_gpu.segments import num_segments, num_state_segments
+
+    assert num_segments(128, 32, 512) == 4  # 1 x 32768 x 16, BV 64: 32 programs -> 128
+    assert num_segments(128, 256, 64) == 1  # 8 x 4096 x 16: already 256 programs
+    assert num_segments(128, 16, 12) == 6 and num_segments(128, 32, 13) == 1
+    assert num_segments(0, 1, 64) == 1  # 0 = never
+    rows = {(8, 4096, 16): 1, (4, 8192, 16): 1, (1, 32768, 16): 4, (16, 2048, 12): 1}
+    for (b, t, h), expected in rows.items():  # where the state pass forms kd (unsegmented)
+        assert num_state_segments(_static(BF16Config()), b, t, h, 128, 128) == expected
+        assert num_state_segments(_static(F32Config()), b, t, h, 128, 128) == 1
+    assert num_state_segments(_static(BF16Config()), 1, 32768, 16, 32, 128) == 1  # K % BV
 
 
-def test_prefetch_only_where_the_sequential_grid_fits_prefetch_programs():
-    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+def test_prefetch_only_on_the_bf16_path_where_the_grid_fits_prefetch_programs():
+    from taylorcal_jax.ops.gdn.pallas_gpu.common import seq_launch
 
     def rule(cfg, programs):
-        st = pg._Static(chunk=64, scale=1.0, use_l2=True, interpret=True, cfg=cfg)
-        return pg.seq_launch("gdn_states", st, programs, cfg.warps_seq, jnp.bfloat16)[0]
+        return seq_launch("gdn_states", _static(cfg), programs, jnp.bfloat16)[0]
 
-    on = GDNPallasConfig(prefetch_programs=128)
-    assert rule(on, 128) and rule(on, 32) and not rule(on, 129)
-    assert not rule(GDNPallasConfig(), 1)  # 0 = never
+    assert rule(BF16Config(), 128) and rule(BF16Config(), 32) and not rule(BF16Config(), 129)
+    assert not rule(BF16Config(prefetch_programs=0), 1)  # 0 = never
+    assert not rule(F32Config(), 1)
 
 
 def test_fused_block_v_halves_until_enough_programs():
-    from taylorcal_jax.ops.gdn import pallas_gpu as pg
+    from taylorcal_jax.ops.gdn.pallas_gpu.output import fused_block_v
 
     def bv(cfg, b, h, vd=128):
-        st = pg._Static(chunk=64, scale=1.0, use_l2=True, interpret=True, cfg=cfg)
-        return pg.fused_block_v(st, b, h, vd)
+        return fused_block_v(_static(cfg), b, h, vd)
 
-    cfg = GDNPallasConfig(fused_programs=256)
+    cfg = BF16Config()
     assert bv(cfg, 8, 16) == 64 and bv(cfg, 4, 16) == 32 and bv(cfg, 16, 12) == 64
     assert bv(cfg, 1, 1) == 16 and bv(cfg, 1, 1, vd=16) == 16
-    assert bv(GDNPallasConfig(), 1, 1) == 64  # 0 = block_v as it is
-
-
-def test_kd_in_states_only_where_the_state_pass_is_unsegmented():
-    from taylorcal_jax.ops.gdn import pallas_gpu as pg
-
-    st = pg._Static(
-        chunk=64,
-        scale=1.0,
-        use_l2=True,
-        interpret=True,
-        cfg=GDNPallasConfig(state_segments=0, kd_in_states=True),
-    )
-    rows = {(8, 4096, 16): True, (4, 8192, 16): True, (1, 32768, 16): False, (16, 2048, 12): True}
-    for (b, t, h), expected in rows.items():  # 1 x 32768 x 16: 32 programs, so 4 segments
-        assert pg._state_pass_unsegmented(st, b, t, h, 128, 128) is expected, (b, t, h)
+    assert bv(BF16Config(fused_programs=0), 1, 1) == 64  # 0 = block_v as it is
 
 
 def test_beta_zero_gives_decayed_readout_of_initial_state():
@@ -349,10 +344,11 @@ def test_no_initial_state_and_no_final_state():
 @pytest.mark.parametrize(
     "config",
     [
-        GDNPallasConfig(forward="fused", block_v=16),
-        GDNPallasConfig(state_segments=0, block_v=16),  # segmented: the scan starts at zeros
-        GDNPallasConfig(**{**BF16_DEFAULT.__dict__, "block_v": 16, "state_segments": 1}),
+        F32Config(block_v=16),
+        BF16Config(block_v=16),  # segmented: the scans start at zeros
+        BF16Config(block_v=16, segment_programs=0),
     ],
+    ids=["f32", "bf16_seg", "bf16_unseg"],
 )
 def test_no_initial_state_starts_from_zero(config):
     """Without an initial state the sequential kernels start from zero (no zeros array is made
@@ -382,49 +378,40 @@ def test_no_initial_state_starts_from_zero(config):
         assert rel_err(a, z) < 1e-6, name
 
 
-def test_config_with_residuals_overrides_the_default_or_says_why_not():
-    from taylorcal_jax.ops.gdn.config import config_with_residuals
-
-    assert config_with_residuals(jnp.bfloat16) is BF16_DEFAULT
-    lighter = config_with_residuals(jnp.bfloat16, "t")
-    assert lighter.residuals == "t" and lighter == GDNPallasConfig(
-        **{**BF16_DEFAULT.__dict__, "residuals": "t"}
-    )
-    assert config_with_residuals(jnp.float32, "inputs") is F32_DEFAULT
-    with pytest.raises(ValueError, match="float32 inputs keeps the inputs only"):
-        config_with_residuals(jnp.float32, "states")
+def test_residuals_resolve_per_path_or_say_why_not():
+    assert resolve_residuals(BF16Config(), "auto") == "states"
+    assert resolve_residuals(BF16Config(), "t") == "t"
+    assert resolve_residuals(F32Config(), "auto") == "inputs"
+    assert resolve_residuals(F32Config(), "inputs") == "inputs"
+    with pytest.raises(ValueError, match="float32 path keeps inputs only"):
+        resolve_residuals(F32Config(), "states")
+    with pytest.raises(ValueError, match="residuals must be"):
+        resolve_residuals(BF16Config(), "everything")
 
 
-def test_residuals_argument_picks_the_default_with_those_residuals():
-    """residuals="t" keeps T only, so its backward reruns the state pass, which the bf16
-    default ("states") skips; gradients as with the equivalent explicit config."""
+def test_residuals_t_reruns_the_state_pass_in_the_backward():
+    """residuals="t" keeps T only, so its backward reruns the state pass, which the bf16 default
+    ("states") skips."""
     inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
     args = _args(inputs, jnp.bfloat16)
 
-    def grad_fn(**kw):
-        return jax.grad(
+    def state_passes(**kw):
+        grad = jax.grad(
             lambda *a: jnp.sum(gated_delta_rule_pallas(*a, interpret=True, **kw)[0]),
             argnums=range(5),
         )
+        return str(jax.make_jaxpr(grad)(*args)).count("gdn_states")
 
-    def state_passes(**kw):
-        return str(jax.make_jaxpr(grad_fn(**kw))(*args)).count("gdn_states")
-
-    assert state_passes(residuals="t") > state_passes()
-    light = GDNPallasConfig(**{**BF16_DEFAULT.__dict__, "residuals": "t"})
-    for a, b in zip(grad_fn(residuals="t")(*args), grad_fn(config=light)(*args), strict=True):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    with pytest.raises(ValueError, match="pass one or the other"):
-        gated_delta_rule_pallas(*args, interpret=True, config=light, residuals="t")
+    assert state_passes(residuals="t") > state_passes() == state_passes(residuals="states")
 
 
 def test_default_config_follows_operand_dtype():
-    assert default_config(jnp.bfloat16) is BF16_DEFAULT and BF16_DEFAULT.backward == "pallas"
-    assert default_config(jnp.float32) is F32_DEFAULT and F32_DEFAULT == GDNPallasConfig()
+    assert default_config(jnp.bfloat16) == BF16Config()
+    assert default_config(jnp.float32) == F32Config()
     inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
     args = _args(inputs, jnp.bfloat16)
     o_default, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True)
-    o_named, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True, config=BF16_DEFAULT)
+    o_named, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True, config=BF16Config())
     np.testing.assert_array_equal(
         np.asarray(o_default, np.float32), np.asarray(o_named, np.float32)
     )
@@ -437,32 +424,18 @@ def test_rejects_unsupported_shapes_and_options():
     inputs = random_inputs(8, b=1, t=16, h=1, k=16, v=16, with_state=False)
     with pytest.raises(ValueError, match="chunk_size"):
         gated_delta_rule_pallas(*_args(inputs), chunk_size=48, interpret=True)
+    with pytest.raises(ValueError, match="float32 kernel path takes float32 operands"):
+        gated_delta_rule_pallas(*_args(inputs, jnp.bfloat16), interpret=True, config=F32Config())
+    with pytest.raises(ValueError, match="float32 path keeps inputs only"):
+        gated_delta_rule_pallas(*_args(inputs), interpret=True, residuals="t")
     with pytest.raises(ValueError, match="block_v"):
-        GDNPallasConfig(block_v=24)
-    with pytest.raises(ValueError, match="state_segments"):
-        GDNPallasConfig(state_segments=-1)
-    with pytest.raises(ValueError, match="reverse"):
-        GDNPallasConfig(reverse="both")
-    with pytest.raises(ValueError, match="backward must"):
-        GDNPallasConfig(backward="autodiff")
-    with pytest.raises(ValueError, match="residuals must"):
-        GDNPallasConfig(residuals="everything")
-    with pytest.raises(ValueError, match="closed-form backward"):
-        GDNPallasConfig(residuals="t")  # backward "xla" recomputes through jax.vjp
-    with pytest.raises(ValueError, match="forward='split'"):
-        GDNPallasConfig(residuals="states", forward="fused", backward="pallas", chunk_kernel="fla")
-    with pytest.raises(ValueError, match="reads T from kernel 1"):
-        GDNPallasConfig(backward="analytic", chunk_kernel="keep")
-    with pytest.raises(ValueError, match="reads T from kernel 1"):
-        GDNPallasConfig(backward="pallas")
-    with pytest.raises(ValueError, match="t_precision"):
-        GDNPallasConfig(chunk_kernel="fla", t_precision="fp8")
-    with pytest.raises(ValueError, match="kd_in_states"):
-        GDNPallasConfig(forward="fused", kd_in_states=True)
-    with pytest.raises(ValueError, match="fused_programs"):
-        GDNPallasConfig(fused_programs=-1)
-    with pytest.raises(ValueError, match="prefetch_programs"):
-        GDNPallasConfig(prefetch_programs=-128)
+        F32Config(block_v=24)
+    with pytest.raises(ValueError, match="warps_bwd_chunk"):
+        BF16Config(warps_bwd_chunk=6)
+    with pytest.raises(ValueError, match="stages_bwd"):
+        BF16Config(stages_bwd=0)
+    with pytest.raises(ValueError, match="segment_programs"):
+        BF16Config(segment_programs=-1)
     q = jnp.zeros((1, 16, 1, 16), jnp.float32)
     assert unsupported_reason(q, q, q, 64) is None
     assert "power of two" in unsupported_reason(q, q, jnp.zeros((1, 16, 1, 24)), 64)
@@ -474,29 +447,20 @@ def test_rejects_unsupported_shapes_and_options():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "config",
+    "config, dtype, tol",
     [
-        FUSED,
-        GDNPallasConfig(forward="split", block_v=64),
-        GDNPallasConfig(backward="pallas", chunk_kernel="fla", stages_bwd=1),
-        GDNPallasConfig(backward="pallas", chunk_kernel="fla", reverse="split", stages_bwd=1),
-        GDNPallasConfig(state_segments=5),  # T = 300: 5 chunks, 5 segments
-        GDNPallasConfig(chunk_kernel="fla", t_precision="tf32"),
-        # session 2's bf16 default (bench candidate "analytic"), session 3's ("states_w4_tf32")
-        GDNPallasConfig(
-            backward="analytic",
-            chunk_kernel="fla",
-            reverse="split",
-            state_segments=0,
-            stages_bwd=1,
-            warps_bwd=8,
-        ),
-        BF16_DEFAULT,
-        # the default unsegmented (at this shape it segments), so that the state pass forms kd
-        GDNPallasConfig(**{**BF16_DEFAULT.__dict__, "state_segments": 1}),
+        (F32Config(), jnp.float32, 1e-4),
+        (BF16Config(), jnp.bfloat16, 5e-3),  # at this shape the state pass is segmented
+        (UNSEGMENTED, jnp.bfloat16, 5e-3),  # ... here not: the state pass forms kd
+        (BF16Config(), jnp.float32, 1e-4),  # the bfloat16 path's kernels with exact dots
+    ],
+    ids=[
+        "f32path-float32",
+        "bf16path-bfloat16",
+        "bf16path_unsegmented-bfloat16",
+        "bf16path-float32",
     ],
 )
-@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 5e-3), (jnp.float32, 1e-4)])
 def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
     b, t, h, d = 2, 300, 4, 128
     inputs = random_inputs(9, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
@@ -523,16 +487,12 @@ def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "config",
-    [BF16_DEFAULT, dataclasses.replace(BF16_DEFAULT, state_segments=1)],
-    ids=["default", "unsegmented"],
-)
+@pytest.mark.parametrize("config", [BF16Config(), UNSEGMENTED], ids=["default", "unsegmented"])
 @pytest.mark.parametrize("b, t, h", [(2, 300, 4), (1, 256, 2)])
 def test_gpu_primal_forward_matches_reference(config, b, t, h):
     """The forward outside differentiation, compiled, bf16: at these shapes the default's state
-    pass segments, so it runs split; unsegmented it runs the fused pass (fused_primal) at a
-    halved value block (fused_programs); both against the fp32 reference at FLA's level."""
+    pass segments, so it runs split; unsegmented it runs the fused pass at a halved value block
+    (fused_programs); both against the fp32 reference at FLA's level."""
     d = 128
     inputs = random_inputs(13, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
     args = _args(inputs, jnp.bfloat16)

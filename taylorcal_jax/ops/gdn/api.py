@@ -13,31 +13,31 @@ Semantics of flash-linear-attention's `chunk_gated_delta_rule(..., use_qk_l2norm
 Implementations (`impl`):
   "reference"  per-token `lax.scan` (reference.py), the definition; slow, O(1) memory per token.
   "chunked"    chunk-parallel UT/WY form, `lax.scan` over chunks (chunked.py); any backend.
-  "pallas"     the Pallas GPU kernel (pallas_gpu.py, imported lazily). Asking for it where it
-               cannot run (no GPU backend, or the module does not import) raises
-               `ImplementationUnavailableError` with the reason; it never falls back silently.
-  "auto"       "pallas" on a GPU backend when it imports (and, if pallas_gpu defines the optional
-               hook `unsupported_reason`, accepts these shapes), else "chunked"; the choice is
-               logged once per (backend, choice).
+  "pallas"     the Pallas GPU kernels (pallas_gpu/, imported lazily; docs/kernel.md). Asking for
+               them where they cannot run (no GPU backend, or the package does not import)
+               raises `ImplementationUnavailableError` with the reason; never a silent fallback.
+  "auto"       "pallas" on a GPU backend when it imports and pallas_gpu.op.unsupported_reason
+               accepts these inputs, else "chunked"; the choice is logged once per (backend,
+               choice).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
 import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
+from taylorcal_jax.ops.gdn.pallas_gpu.config import RESIDUALS
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("reference", "chunked", "pallas", "auto")
-# What the Pallas forward keeps for its backward (config.GDNPallasConfig.residuals; "auto" = the
-# kernel's default for the operand dtype: "states" for bf16, the fastest, "inputs" for fp32).
-PALLAS_RESIDUALS = ("auto", "inputs", "t", "states")
+# What the Pallas forward keeps for its backward (pallas_gpu.config.RESIDUALS; "auto" = the
+# default of the operand dtype's kernel path: "states" for bf16, the fastest, "inputs" for fp32).
+PALLAS_RESIDUALS = ("auto", *RESIDUALS)
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 _logged_choices: set[tuple[str, str]] = set()
 
@@ -102,22 +102,23 @@ def validate_inputs(
 
 
 def _load_pallas(reason_prefix: str):
-    """Returns gated_delta_rule_pallas, or raises ImplementationUnavailableError saying why."""
+    """Returns the module pallas_gpu.op, or raises ImplementationUnavailableError saying why."""
     backend = jax.default_backend()
     if backend not in _GPU_BACKENDS:
         raise ImplementationUnavailableError(
             f"{reason_prefix}: the Pallas GDN kernel needs a GPU backend, but JAX's default "
             f"backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU tests of the kernel "
-            "call taylorcal_jax.ops.gdn.pallas_gpu.gated_delta_rule_pallas(..., interpret=True)."
+            "call taylorcal_jax.ops.gdn.pallas_gpu.op.gated_delta_rule_pallas(..., "
+            "interpret=True)."
         )
     try:
-        from taylorcal_jax.ops.gdn.pallas_gpu import gated_delta_rule_pallas
+        from taylorcal_jax.ops.gdn.pallas_gpu import op
     except ImportError as e:
         raise ImplementationUnavailableError(
-            f"{reason_prefix}: taylorcal_jax.ops.gdn.pallas_gpu.gated_delta_rule_pallas could "
-            f"not be imported ({type(e).__name__}: {e}). Use impl='chunked' (or 'auto')."
+            f"{reason_prefix}: taylorcal_jax.ops.gdn.pallas_gpu.op could not be imported "
+            f"({type(e).__name__}: {e}). Use impl='chunked' (or 'auto')."
         ) from e
-    return gated_delta_rule_pallas
+    return op
 
 
 def _log_once(backend: str, choice: str, why: str) -> None:
@@ -129,9 +130,8 @@ def _log_once(backend: str, choice: str, why: str) -> None:
 def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: int = 64) -> str:
     """The implementation `impl` runs as here ("auto" resolved); raises if it cannot run.
 
-    With the inputs given, "auto" also asks the Pallas module's optional hook
-    `unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size) -> str | None` whether it handles
-    these shapes, and uses "chunked" when it says no.
+    With the inputs given, "auto" also asks pallas_gpu.op.unsupported_reason whether the
+    kernels take them, and uses "chunked" when they do not.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid choices are {', '.join(IMPLS)}")
@@ -145,13 +145,12 @@ def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: i
         _log_once(backend, "chunked", "no GPU backend")
         return "chunked"
     try:
-        pallas_fn = _load_pallas("pallas unavailable")
+        pallas_op = _load_pallas("pallas unavailable")
     except ImplementationUnavailableError as e:
         _log_once(backend, "chunked", str(e))
         return "chunked"
-    hook = getattr(sys.modules[pallas_fn.__module__], "unsupported_reason", None)
-    if hook is not None and q_bthk is not None:
-        reason = hook(q_bthk, k_bthk, v_bthv, chunk_size)
+    if q_bthk is not None:
+        reason = pallas_op.unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size)
         if reason:
             _log_once(backend, "chunked", f"the Pallas kernel does not take these inputs: {reason}")
             return "chunked"
@@ -207,7 +206,7 @@ def gated_delta_rule(
         return gated_delta_rule_reference(*args, **kwargs)
     if choice == "chunked":
         return gated_delta_rule_chunked(*args, chunk_size=chunk_size, **kwargs)
-    pallas_fn = _load_pallas("impl='pallas' cannot run")
-    return pallas_fn(
+    pallas_op = _load_pallas("impl='pallas' cannot run")
+    return pallas_op.gated_delta_rule_pallas(
         *args, chunk_size=chunk_size, interpret=False, residuals=pallas_residuals, **kwargs
     )

@@ -166,8 +166,8 @@ def _chunk_parallel(q, k, v, g, beta, *, use_qk_l2norm, cdt, op, precision):
     k_to_end = (k * jnp.exp(big_g_last - big_g)[..., None]).astype(op)  # exp(G_C - G_j) <= 1
     decay = jnp.exp(big_g_last[..., 0])
     # All outputs are saved for the backward (per-token vectors and one C x C matrix per chunk):
-    # recomputing them there made the CPU forward+backward 1.5x-1.8x slower
-    # (launch/bench_gdn_chunked_cpu.py; XLA then re-derives them inside larger fusions).
+    # recomputing them there made the CPU forward+backward slower (XLA then re-derives them
+    # inside larger fusions).
     outs = (wq, u, k_to_end, decay, intra.astype(op))
     return tuple(checkpoint_name(x, _CHUNK_NAME) for x in outs)
 

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 
 # True float32 (not TF32) dots on GPU; a no-op on CPU.
 _HIGHEST = jax.lax.Precision.HIGHEST
+L2_EPS = 1e-6  # in the L2 normalisation of q and k, as flash-linear-attention's
 
 
-def l2_normalize(x, eps: float = 1e-6):
+def l2_normalize(x, eps: float = L2_EPS):
     """x / sqrt(sum(x^2) + eps) over the last axis (flash-linear-attention's convention)."""
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
