@@ -11,7 +11,7 @@ from taylorcal_jax.convert.naive import copy_init, zero_gate
 from taylorcal_jax.eval.perplexity import perplexity
 from taylorcal_jax.models.mixers.gdn import GDNRuntime
 from taylorcal_jax.models.student import StudentConfig
-from taylorcal_jax.models.teacher import Transformer, init_params
+from taylorcal_jax.models.teacher import Transformer, init_cache, init_params
 
 CFG = tiny_model_config(model_type="qwen2", vocab_size=48, num_hidden_layers=4)
 RUNTIME = GDNRuntime(impl="chunked", chunk_size=8)
@@ -78,14 +78,14 @@ def test_keep_flags_give_teacher_student_and_every_mix(tiny):
     for got, keep in zip(batched, want, strict=True):
         close(got, want[keep])
     # Params made by init with keep flags have exactly the union layout.
-    init = jax.eval_shape(
-        lambda: init_params(CFG, jax.random.PRNGKey(0), student_mixer=mixer, union=True)
-    )
-    assert jax.tree.structure(init) == jax.tree.structure(union)
+    init = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, keep_l=masks[0]))
+    assert jax.tree.structure(init["params"]) == jax.tree.structure(union)
     with pytest.raises(ValueError, match="mixers=None"):
         StudentConfig(CFG, (1,), mixer.config).model().apply(
             {"params": union}, tokens, keep_l=masks[0]
         )
+    with pytest.raises(ValueError, match="decoding cache"):
+        model.apply({"params": union}, tokens, keep_l=masks[0], cache=init_cache(model, 3, 16))
 
 
 def test_parallel_scores_equal_one_model_at_a_time(tiny):

@@ -154,14 +154,8 @@ def init_cache(model: Transformer, batch: int, max_len: int, dtype=None) -> dict
     return cache
 
 
-def init_params(
-    config: ModelConfig, rng, *, mixers=None, student_mixer=None, union=False, dtype=jnp.float32
-):
-    """Random params (float32) of the given architecture; mostly for tests and pretraining.
-
-    union: every layer gets both attention and the student mixer (the tree `keep_l` needs).
-    """
+def init_params(config: ModelConfig, rng, *, mixers=None, student_mixer=None, dtype=jnp.float32):
+    """Random params (float32) of the given architecture; mostly for tests and pretraining."""
     model = Transformer(config, None if mixers is None else tuple(mixers), student_mixer, dtype)
     tokens = jnp.zeros((1, 2), jnp.int32)
-    keep_l = jnp.ones((config.num_hidden_layers,), bool) if union else None
-    return model.init(rng, tokens, keep_l=keep_l)["params"]
+    return model.init(rng, tokens)["params"]
