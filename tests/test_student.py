@@ -129,6 +129,9 @@ def test_config_json_round_trip():
     two = {**saved, "mixer_configs": {**saved["mixer_configs"], "other": {}}}
     with pytest.raises(ValueError, match="one kind of student mixer"):
         StudentConfig.from_dict(two)
+    short = {**saved, "layer_mixers": ["gdn"]}
+    with pytest.raises(ValueError, match="1 entries for 2 layers"):
+        StudentConfig.from_dict(short)
     stray = {**saved, "layer_mixers": ["mamba2", "attention"]}
     with pytest.raises(ValueError, match=r"layer_mixers name \['mamba2'\]"):
         StudentConfig.from_dict(stray)

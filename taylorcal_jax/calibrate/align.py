@@ -10,8 +10,8 @@ and y the teacher's attention output (post-o_proj), minimise
 with AdamW (weight decay, global-norm clipping) in the mixer's parameter groups (its registry
 entry's `param_groups`): "slow" at `lr_qkv` (for GDN: q/k/v projections and their convs),
 "fast" at `lr_gates` (a/b projections, A_log, dt_bias and g projection), "frozen" not trained
-(o_proj and o_norm). The parameters of the best step are
-kept (the loss is evaluated before every update and once after the last).
+(o_proj and o_norm). The parameters of the best step are kept (the loss is evaluated before
+every update and once after the last).
 
 `fit_layer` is pure; `fit_layers` vmaps it over layers stacked on a leading axis and runs it
 under `jit` with NamedSharding over a mesh: the layer axis on mesh axis "layers" and the

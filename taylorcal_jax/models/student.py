@@ -153,12 +153,18 @@ class StudentConfig:
                 f"a student has one kind of student mixer; this one lists {sorted(configs)}"
             )
         ((name, arch),) = configs.items()
+        teacher = model_config_from_dict(d["teacher_config"])
         layer_mixers = list(d["layer_mixers"])
+        if len(layer_mixers) != teacher.num_hidden_layers:
+            raise ValueError(
+                f"layer_mixers has {len(layer_mixers)} entries for "
+                f"{teacher.num_hidden_layers} layers"
+            )
         stray = sorted(set(layer_mixers) - {ATTENTION, name})
         if stray:
             raise ValueError(f"layer_mixers name {stray}, which mixer_configs does not define")
         return cls(
-            teacher=model_config_from_dict(d["teacher_config"]),
+            teacher=teacher,
             keep_full_attention_layers=tuple(
                 i for i, m in enumerate(layer_mixers) if m == ATTENTION
             ),
