@@ -89,9 +89,7 @@ def measure(model, params, *, batch, context, decode_steps, repeats, seed=0) -> 
     steps_tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (decode_steps, batch), 1, vocab)
 
     def fresh_cache():
-        return init_cache(
-            model.config, model.mixers, model.gdn, batch, context + decode_steps, model.dtype
-        )
+        return init_cache(model, batch, context + decode_steps)
 
     @jax.jit
     def prefill(params, tokens):
@@ -178,6 +176,7 @@ def main(argv):
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
+    from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
     from taylorcal_jax.ops.gdn import api
@@ -189,14 +188,18 @@ def main(argv):
     dtype = jnp.dtype(p["dtype"])
     cfg = model_shapes.qwen2_config(p, max(contexts) + p["decode_steps"])
     keep = tuple(range(0, cfg.num_hidden_layers, _KEEP_EVERY.value))
-    sc = StudentConfig.from_teacher(cfg, keep, impl=_IMPL.value)
+    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
     import jax
 
     teacher = Transformer(cfg, dtype=dtype)
-    student = sc.model(dtype=dtype)
+    student = sc.model(dtype=dtype, runtime=GDNRuntime(impl=_IMPL.value))
     cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)  # noqa: E731
     t_params = cast(init_params(cfg, jax.random.PRNGKey(0)))
-    s_params = cast(init_params(cfg, jax.random.PRNGKey(1), mixers=student.mixers, gdn=student.gdn))
+    s_params = cast(
+        init_params(
+            cfg, jax.random.PRNGKey(1), mixers=student.mixers, student_mixer=student.student_mixer
+        )
+    )
     rows = []
     for context in tqdm(contexts, desc="contexts", unit="context"):
         row = {"context": context}

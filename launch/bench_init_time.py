@@ -66,6 +66,7 @@ def main(argv):
 
     from taylorcal_jax.calibrate import align, stats, taylor
     from taylorcal_jax.convert.naive import copy_init
+    from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer, init_params
     from taylorcal_jax.ops.gdn import api
@@ -89,7 +90,8 @@ def main(argv):
         )
     cfg = model_shapes.qwen2_config(shape, 32768)
     keep = tuple(range(0, shape["layers"], _KEEP_EVERY.value))
-    sc = StudentConfig.from_teacher(cfg, keep, impl=_IMPL.value)
+    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
+    mixer = sc.student_mixer(GDNRuntime(impl=_IMPL.value))
     converted = sc.converted_layers
     c = common.get_config()
     consts = taylor.TaylorConstants.from_config(c.calibration)
@@ -118,12 +120,12 @@ def main(argv):
     def run_phase1(st):
         student = copy_init(params, sc, jax.random.PRNGKey(2))
         return taylor.taylor_init(
-            student, st, converted, model_config=cfg, gdn_cfg=sc.gdn, consts=consts
+            student, st, converted, model_config=cfg, mixer=mixer, consts=consts
         )
 
     def run_phase2(student, st):
         return align.align_student(
-            student, st, converted, model_config=cfg, gdn_cfg=sc.gdn, cfg=align_cfg, mesh=mesh
+            student, st, converted, model_config=cfg, mixer=mixer, cfg=align_cfg, mesh=mesh
         )
 
     timings = {}

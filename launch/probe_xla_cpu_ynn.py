@@ -32,12 +32,16 @@ def measure() -> dict:
     import jax
     import numpy as np
 
+    from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import init_params
 
     cfg = model_shapes.qwen2_config(DIMS, max(LENGTHS))
-    model = StudentConfig.from_teacher(cfg, (), impl="chunked").model()
-    params = init_params(cfg, jax.random.PRNGKey(1), mixers=model.mixers, gdn=model.gdn)
+    sc = StudentConfig.from_teacher(cfg, (), mixer="gdn")
+    model = sc.model(runtime=GDNRuntime(impl="chunked"))
+    params = init_params(
+        cfg, jax.random.PRNGKey(1), mixers=model.mixers, student_mixer=model.student_mixer
+    )
     out = {}
     for mode, last in (("full", False), ("last", True)):
         fwd = jax.jit(

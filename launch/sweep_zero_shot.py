@@ -15,9 +15,9 @@ Teacher: `config.teacher.path`, else <workdir>/teacher (the `pretrain` stage). E
 set: the config's `eval` section; calibration and selection data: `calibration` / `select`.
 For every strategy the GDN params of *every* layer are computed once (phases are
 teacher-forced per layer), then every (policy, kept fraction) keep set is assembled and all
-of them are scored together by the vmapped blended model (`select.score_keep_masks`, tested
-equal to the student model). `ar` scores do not depend on the strategy (computed once);
-`ga_s2` ranks layers with each strategy's own init.
+of them are scored together by the one model vmapped over keep flags
+(`select.score_keep_masks`, tested equal to the student model). `ar` scores do not depend on
+the strategy (computed once); `ga_s2` ranks layers with each strategy's own init.
 
 Writes launch/results/zero_shot_<teacher_name>.{json,csv,md,png}. JSON fields: teacher,
 teacher_ppl, eval_tokens, device, date, command, rows (policy, kept_fraction, strategy,
@@ -103,9 +103,9 @@ def sweep(config, workdir, strategies, policies, fractions, rules):
             keeps = []
             ga_scores = None
 
-            def scores(policy, mixers=mixers, gdn_cfg=ctx.gdn_cfg):
+            def scores(policy, mixers=mixers, mixer=ctx.mixer):
                 return select.policy_scores(
-                    policy, mcfg, gdn_cfg, params, mixers, sel_seqs,
+                    policy, mcfg, mixer, params, mixers, sel_seqs,
                     batch_size=sel_bs, parallel=par,
                 )  # fmt: skip
 
@@ -120,11 +120,11 @@ def sweep(config, workdir, strategies, policies, fractions, rules):
                         ga_scores = scores("ga_s2") if ga_scores is None else ga_scores
                         keep = select.keep_from_scores("ga_s2", ga_scores, frac)
                     keeps.append((policy, frac, keep))
-            union = select.union_params(params, mixers, n)
+            union = select.union_params(params, mixers, ctx.mixer.name)
             masks = np.stack([select.keep_mask(k, n) for _, _, k in keeps])
             ppl = select.score_keep_masks(
                 mcfg,
-                ctx.gdn_cfg,
+                ctx.mixer,
                 union,
                 masks,
                 eval_seqs,

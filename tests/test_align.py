@@ -7,7 +7,8 @@ import pytest
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import align
-from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig
+from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.models.mixers.gdn import GDNConfig, GDNRuntime
 from taylorcal_jax.utils import sharding
 
 MC = tiny_model_config(
@@ -17,7 +18,7 @@ MC = tiny_model_config(
     num_attention_heads=2,
     num_key_value_heads=1,
 )
-GDN = GDNConfig.from_teacher(MC, impl="chunked", chunk_size=8)
+GDN = StudentMixer(GDNConfig.from_teacher(MC), GDNRuntime(impl="chunked", chunk_size=8))
 CFG = align.AlignConfig(steps=12, lr_qkv=1e-3, lr_gates=1e-2, weight_decay=0.01, clip_norm=1.0)
 
 
@@ -28,14 +29,13 @@ def problem():
     x = jax.random.normal(kx, (n_layers, n, t, MC.hidden_size))
     y = 0.1 * jax.random.normal(ky, (n_layers, n, t, MC.hidden_size))
     trees = [
-        GatedDeltaNet(MC, GDN).init(jax.random.PRNGKey(10 + i), x[0])["params"]
-        for i in range(n_layers)
+        GDN.module(MC).init(jax.random.PRNGKey(10 + i), x[0])["params"] for i in range(n_layers)
     ]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
     valid = jnp.ones((n, t), bool).at[0, :5].set(False)
     one = sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])
     params, metrics = align.fit_layers(
-        stacked, x, y, valid, model_config=MC, gdn_cfg=GDN, cfg=CFG, mesh=one
+        stacked, x, y, valid, model_config=MC, mixer=GDN, cfg=CFG, mesh=one
     )
     return stacked, x, y, valid, params, metrics
 
@@ -49,10 +49,13 @@ def test_loss_decreases_and_best_is_kept(problem):
     # the returned params really have the reported loss
     for layer in range(3):
         p = jax.tree.map(lambda a, layer=layer: a[layer], params)
-        loss = align.layer_loss(p, x[layer], y[layer], valid, model_config=MC, gdn_cfg=GDN)
+        loss = align.layer_loss(p, x[layer], y[layer], valid, model_config=MC, mixer=GDN)
         np.testing.assert_allclose(loss, after[layer], rtol=1e-4)
     # frozen parts did not move
-    for name in align.FROZEN:
+    labels = GDN.spec.param_groups(stacked)
+    frozen = [k for k in stacked if set(jax.tree.leaves(labels[k])) == {"frozen"}]
+    assert frozen == ["o_norm", "o_proj"]
+    for name in frozen:
         jax.tree.map(np.testing.assert_array_equal, params[name], stacked[name])
 
 
@@ -61,7 +64,7 @@ def test_sharded_over_layers_and_data_equals_single_device(problem):
     stacked, x, y, valid, params, metrics = problem
     mesh = sharding.make_mesh({"layers": 4, "data": 2})  # 3 layers padded to 4
     params8, metrics8 = align.fit_layers(
-        stacked, x, y, valid, model_config=MC, gdn_cfg=GDN, cfg=CFG, mesh=mesh
+        stacked, x, y, valid, model_config=MC, mixer=GDN, cfg=CFG, mesh=mesh
     )
     for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params), strict=True):
         a, b = np.asarray(a), np.asarray(b)
@@ -74,7 +77,7 @@ def test_sharded_over_layers_and_data_equals_single_device(problem):
         y,
         valid,
         model_config=MC,
-        gdn_cfg=GDN,
+        mixer=GDN,
         cfg=CFG,
         mesh=sharding.make_mesh({"layers": 8, "data": 1}),
     )
@@ -88,7 +91,7 @@ def test_zero_steps_returns_input_and_bad_split_is_rejected(problem):
     stacked, x, y, valid, _, _ = problem
     cfg0 = align.AlignConfig(steps=0, lr_qkv=1e-3, lr_gates=1e-2, weight_decay=0.0, clip_norm=1.0)
     one = sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])
-    p, m = align.fit_layers(stacked, x, y, valid, model_config=MC, gdn_cfg=GDN, cfg=cfg0, mesh=one)
+    p, m = align.fit_layers(stacked, x, y, valid, model_config=MC, mixer=GDN, cfg=cfg0, mesh=one)
     jax.tree.map(np.testing.assert_array_equal, p, stacked)
     np.testing.assert_allclose(m["loss_before"], m["loss_after"])
     with pytest.raises(ValueError, match="data"):
@@ -98,7 +101,7 @@ def test_zero_steps_returns_input_and_bad_split_is_rejected(problem):
             y[:, :3],
             valid[:3],
             model_config=MC,
-            gdn_cfg=GDN,
+            mixer=GDN,
             cfg=CFG,
             mesh=sharding.make_mesh({"layers": 4, "data": 2}),
         )

@@ -127,7 +127,7 @@ def test_model_blocked_prefill_then_decode(monkeypatch):
     assert _rel(blocked[ok], dense[ok]) <= 1e-5
 
     step = jax.jit(step)
-    cache = init_cache(config, None, None, batch=3, max_len=t + 2, dtype=jnp.float32)
+    cache = init_cache(model, batch=3, max_len=t + 2, dtype=jnp.float32)
     logits, cache = step(tokens[:, :prefill], valid[:, :prefill], cache)
     outs = [logits]
     for s in range(prefill, t):

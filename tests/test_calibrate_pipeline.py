@@ -63,7 +63,7 @@ def test_stages_write_student_report_and_plot(run_dir):
     assert ev["teacher_ppl"] == pytest.approx(summary["pretrain"]["valid_ppl"], rel=1e-6)
 
 
-def test_student_ppl_equals_blended_scoring(run_dir):
+def test_student_ppl_equals_keep_flag_scoring(run_dir):
     """The saved student and the vmapped scorer used by the policies agree."""
     from taylorcal_jax.calibrate import pipeline, select
     from taylorcal_jax.models.student import load_student
@@ -73,12 +73,13 @@ def test_student_ppl_equals_blended_scoring(run_dir):
     sc, student = load_student(os.path.join(workdir, "student"))
     mcfg, teacher = stages.load_teacher(c, workdir)
     _, all_layers = load_student(pipeline.final_mixers_dir(c, workdir))
-    mixers = {i: all_layers[f"layers_{i}"]["gdn"] for i in range(mcfg.num_hidden_layers)}
+    mixers = select.mixers_of(all_layers, sc.mixer_name, mcfg.num_hidden_layers)
     for i in range(mcfg.num_hidden_layers):
         if i not in sc.keep_full_attention_layers:
             jax.tree.map(np.testing.assert_array_equal, student[f"layers_{i}"]["gdn"], mixers[i])
     seqs = stages.eval_sequences(c, stages.build_run_corpus(c, workdir))
-    union = select.union_params(teacher, mixers, mcfg.num_hidden_layers)
+    union = select.union_params(teacher, mixers, sc.mixer_name)
     mask = select.keep_mask(sc.keep_full_attention_layers, mcfg.num_hidden_layers)[None]
-    ppl = select.score_keep_masks(mcfg, sc.gdn, union, mask, seqs, batch_size=4, parallel=1)
+    mixer = pipeline.student_mixer(c, mcfg)
+    ppl = select.score_keep_masks(mcfg, mixer, union, mask, seqs, batch_size=4, parallel=1)
     np.testing.assert_allclose(ppl[0], summary["eval_student"]["student_ppl"], rtol=1e-5)

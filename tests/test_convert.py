@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from tiny_models import tiny_model_config
 
-from taylorcal_jax.convert.naive import NAIVE_STRATEGIES, SMALL_GATE_FACTOR, copy_init
-from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.convert.naive import NAIVE_STRATEGIES, convert, copy_init
+from taylorcal_jax.models.mixers import CONVERSIONS
+from taylorcal_jax.models.mixers.gdn import SMALL_GATE_FACTOR, GDNConfig, GDNRuntime
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
+
+REFERENCE = GDNRuntime(impl="reference")
 
 H, HKV, HEAD, D = 4, 2, 8, 32
 
@@ -43,11 +46,12 @@ def _tree_equal(a, b):
 @pytest.mark.parametrize("model_type,conv", [("qwen2", False), ("qwen3", True)])
 def test_zero_gate_equals_teacher_without_converted_attention(model_type, conv):
     cfg, tparams = _teacher(model_type)
-    sc = StudentConfig.from_teacher(cfg, (1,), use_short_conv=conv, impl="reference")
+    sc = StudentConfig.from_teacher(cfg, (1,), mixer="gdn", use_short_conv=conv)
     sparams = NAIVE_STRATEGIES["zero_gate"](tparams, sc, jax.random.PRNGKey(1))
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
     valid = jnp.array([[True] * 9, [False] * 2 + [True] * 7])
-    student_logits, _, _ = sc.model().apply({"params": sparams}, tokens, valid_bt=valid)
+    student = sc.model(runtime=REFERENCE)
+    student_logits, _, _ = student.apply({"params": sparams}, tokens, valid_bt=valid)
     # Independent path: the all-attention teacher with the converted layers' o_proj zeroed.
     ablated = jax.tree_util.tree_map(lambda x: x, tparams)
     for i in sc.converted_layers:
@@ -62,14 +66,14 @@ def test_zero_gate_equals_teacher_without_converted_attention(model_type, conv):
 
 def test_gqa_repetition_and_copied_parts():
     cfg, tparams = _teacher("qwen2")
-    sc = StudentConfig.from_teacher(cfg, (1,), impl="reference")
+    sc = StudentConfig.from_teacher(cfg, (1,), mixer="gdn")
     sparams = copy_init(tparams, sc, jax.random.PRNGKey(3))
     groups = H // HKV
     for i in sc.converted_layers:
         attn = tparams[f"layers_{i}"]["self_attn"]
         gdn = sparams[f"layers_{i}"]["gdn"]
-        np.testing.assert_array_equal(gdn["q_proj"]["kernel"], attn["q_proj"]["kernel"])
-        np.testing.assert_array_equal(gdn["o_proj"]["kernel"], attn["o_proj"]["kernel"])
+        assert gdn["q_proj"]["kernel"] is attn["q_proj"]["kernel"]  # the teacher's own arrays
+        assert gdn["o_proj"]["kernel"] is attn["o_proj"]["kernel"]
         for name in ("k_proj", "v_proj"):
             student = np.asarray(gdn[name]["kernel"]).reshape(D, H, HEAD)
             teacher = np.asarray(attn[name]["kernel"]).reshape(D, HKV, HEAD)
@@ -100,7 +104,8 @@ def test_gqa_repetition_and_copied_parts():
 @pytest.mark.parametrize("conv", [False, True])
 def test_layout_matches_student_model_init(conv):
     cfg, tparams = _teacher("llama", layers=2)
-    sc = StudentConfig.from_teacher(cfg, (1,), use_short_conv=conv)
+    sc = StudentConfig.from_teacher(cfg, (1,), mixer="gdn", use_short_conv=conv)
+    assert tuple(NAIVE_STRATEGIES) == CONVERSIONS
     init = jax.eval_shape(
         lambda: sc.model().init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
     )
@@ -113,7 +118,7 @@ def test_layout_matches_student_model_init(conv):
 
 def test_gate_variants_and_conv_identity():
     cfg, tparams = _teacher("llama", layers=2)
-    sc = StudentConfig.from_teacher(cfg, (), use_short_conv=True, impl="reference")
+    sc = StudentConfig.from_teacher(cfg, (), mixer="gdn", use_short_conv=True)
     rng = jax.random.PRNGKey(5)
     base = copy_init(tparams, sc, rng)
     small = NAIVE_STRATEGIES["small_gate"](tparams, sc, rng)
@@ -133,11 +138,11 @@ def test_gate_variants_and_conv_identity():
     )
     _tree_equal(copy_init(tparams, sc, rng), base)
     # Short conv initialised to identity: same logits as the conv-free student.
-    sc_plain = StudentConfig.from_teacher(cfg, (), impl="reference")
+    sc_plain = StudentConfig.from_teacher(cfg, (), mixer="gdn")
     plain = copy_init(tparams, sc_plain, rng)
     tokens = jax.random.randint(jax.random.PRNGKey(6), (1, 6), 0, cfg.vocab_size)
-    a, _, _ = jax.jit(sc.model().apply)({"params": base}, tokens)
-    b, _, _ = jax.jit(sc_plain.model().apply)({"params": plain}, tokens)
+    a, _, _ = jax.jit(sc.model(runtime=REFERENCE).apply)({"params": base}, tokens)
+    b, _, _ = jax.jit(sc_plain.model(runtime=REFERENCE).apply)({"params": plain}, tokens)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
@@ -146,10 +151,12 @@ def test_errors():
     bad = StudentConfig(cfg, (0,), GDNConfig(num_heads=2, head_k_dim=HEAD, head_v_dim=HEAD))
     with pytest.raises(ValueError, match="GDN heads/dims equal to the teacher"):
         copy_init(tparams, bad, jax.random.PRNGKey(0))
-    sc = StudentConfig.from_teacher(cfg, (0,))
+    sc = StudentConfig.from_teacher(cfg, (0,), mixer="gdn")
     student = copy_init(tparams, sc, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="not a student's"):
         copy_init(student, sc, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="unknown conversion 'random'"):
+        convert("random", tparams, sc, jax.random.PRNGKey(0))
 
 
 def test_hf_qwen2_checkpoint_gqa_order_and_zero_gate(tmp_path):
@@ -165,7 +172,7 @@ def test_hf_qwen2_checkpoint_gqa_order_and_zero_gate(tmp_path):
     cfg, tparams = hf_io.load_pretrained(path)
     h, d, groups = cfg.num_attention_heads, cfg.head_dim, cfg.num_kv_groups
     assert groups > 1 and cfg.attention_bias
-    sc = StudentConfig.from_teacher(cfg, (0,), impl="reference")
+    sc = StudentConfig.from_teacher(cfg, (0,), mixer="gdn")
     student = NAIVE_STRATEGIES["zero_gate"](tparams, sc, jax.random.PRNGKey(0))
     raw = read_tensors(path / "model.safetensors")
     for name in ("k_proj", "v_proj"):
@@ -177,7 +184,7 @@ def test_hf_qwen2_checkpoint_gqa_order_and_zero_gate(tmp_path):
                 kernel[:, head * d : (head + 1) * d], w[j * d : (j + 1) * d].T
             )
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, cfg.vocab_size)
-    logits, _, _ = sc.model().apply({"params": student}, tokens)
+    logits, _, _ = sc.model(runtime=REFERENCE).apply({"params": student}, tokens)
     ablated = jax.tree_util.tree_map(lambda x: x, tparams)
     o = ablated["layers_1"]["self_attn"]["o_proj"]
     o["kernel"] = jnp.zeros_like(o["kernel"])

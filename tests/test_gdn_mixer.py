@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from tiny_models import tiny_model_config
 
-from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, init_gdn_cache
+from taylorcal_jax.models.mixers import gdn
+from taylorcal_jax.models.mixers.gdn import GatedDeltaNet, GDNConfig, GDNRuntime, init_gdn_cache
 
 D, H, HEAD = 16, 2, 8
 
@@ -23,12 +24,12 @@ CONFIG = tiny_model_config(
 )
 
 
-def _gdn(conv: bool, impl="reference") -> GDNConfig:
-    return GDNConfig.from_teacher(CONFIG, use_short_conv=conv, impl=impl, chunk_size=4)
+def _gdn(conv: bool) -> GDNConfig:
+    return GDNConfig.from_teacher(CONFIG, use_short_conv=conv)
 
 
 def _init(conv: bool, seed=0, impl="reference"):
-    mixer = GatedDeltaNet(CONFIG, _gdn(conv, impl))
+    mixer = GatedDeltaNet(CONFIG, _gdn(conv), GDNRuntime(impl=impl, chunk_size=4))
     x = jnp.zeros((1, 3, D))
     params = mixer.init(jax.random.PRNGKey(seed), x)["params"]
     # Make the gates non-trivial: random o_norm scale, larger a/b weights.
@@ -113,7 +114,7 @@ def test_bfloat16_close_to_float32():
     mixer, params = _init(True, impl="chunked")
     x = jax.random.normal(jax.random.PRNGKey(8), (2, 9, D))
     y32, _, _ = _apply(mixer, params, x)
-    mixer16 = GatedDeltaNet(CONFIG, mixer.gdn, dtype=jnp.bfloat16)
+    mixer16 = GatedDeltaNet(CONFIG, mixer.gdn, mixer.runtime, dtype=jnp.bfloat16)
     cache = init_gdn_cache(CONFIG, mixer.gdn, 2, jnp.bfloat16)
     y16, cache, _ = _apply(mixer16, params, x, cache=cache)
     assert y16.dtype == jnp.bfloat16 and cache["state"].dtype == jnp.float32
@@ -202,13 +203,50 @@ def test_right_padding_then_decode():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="impl"):
-        dataclasses.replace(_gdn(False), impl="fast")
+        GDNRuntime(impl="fast")
     with pytest.raises(ValueError, match="pallas_residuals"):
-        dataclasses.replace(_gdn(False), pallas_residuals="everything")
+        GDNRuntime(pallas_residuals="everything")
+    with pytest.raises(ValueError, match="chunk_size"):
+        GDNRuntime(chunk_size=0)
+    with pytest.raises(ValueError, match="conv_size"):
+        dataclasses.replace(_gdn(True), conv_size=1)
     with pytest.raises(ValueError, match="num_heads"):
         GDNConfig(num_heads=0, head_k_dim=4, head_v_dim=4)
     with pytest.raises(ValueError, match="set by the teacher"):
         GDNConfig.from_teacher(CONFIG, num_heads=3)
     with pytest.raises(ValueError, match="unknown GDNConfig keys"):
         GDNConfig.from_dict({**_gdn(True).to_dict(), "expand_v": 2})
+    with pytest.raises(ValueError, match=r"unknown GDNConfig keys \['impl'\]"):
+        GDNConfig.from_dict({**_gdn(True).to_dict(), "impl": "chunked"})  # runtime, not saved
     assert GDNConfig.from_dict(_gdn(True).to_dict()) == _gdn(True)
+
+
+def test_param_groups():
+    _, params = _init(True)
+    labels = gdn.param_groups(params)
+    assert jax.tree.structure(labels) == jax.tree.structure(params)
+    by_part = {k: set(jax.tree.leaves(v)) for k, v in labels.items()}
+    assert by_part == {
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv"), {"slow"}),
+        **dict.fromkeys(("a_proj", "b_proj", "g_proj", "A_log", "dt_bias"), {"fast"}),
+        **dict.fromkeys(("o_proj", "o_norm"), {"frozen"}),
+    }
+    with pytest.raises(ValueError, match=r"unexpected GDN params \['extra'\]"):
+        gdn.param_groups({**params, "extra": np.zeros(2)})
+
+
+def test_diagnostics_half_life_and_write_gate():
+    """half_life: the decay at x Wa = 0 halves the state in that many tokens; write_gate: the
+    mean of sigmoid(x Wb) over valid tokens (checked against a loop over the valid tokens)."""
+    _, params = _init(False)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 5, D)))
+    valid = np.array([[True] * 5, [False, False, True, True, True]])
+    diag = gdn.diagnostics(params, x, valid)
+    assert diag["half_life"].shape == diag["write_gate"].shape == (H,)
+    zero = jnp.zeros((1, 1, H))
+    g, _ = gdn.gdn_gates(zero, zero, params["A_log"], params["dt_bias"])
+    np.testing.assert_allclose(np.exp(np.asarray(g[0, 0], np.float64) * diag["half_life"]), 0.5,
+                               rtol=1e-5)  # fmt: skip
+    tokens = x[valid]  # [valid tokens, D]
+    beta = 1 / (1 + np.exp(-(tokens.astype(np.float64) @ np.asarray(params["b_proj"]["kernel"]))))
+    np.testing.assert_allclose(diag["write_gate"], beta.mean(0), rtol=1e-5)

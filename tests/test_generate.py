@@ -24,7 +24,7 @@ def _teacher():
 
 def _student(conv):
     _, tparams = _teacher()
-    sc = StudentConfig.from_teacher(CFG, (1,), use_short_conv=conv)
+    sc = StudentConfig.from_teacher(CFG, (1,), mixer="gdn", use_short_conv=conv)
     return sc.model(), copy_init(tparams, sc, jax.random.PRNGKey(1))
 
 

@@ -67,7 +67,7 @@ def test_prefill_then_decode_matches_full_forward(setup, prefill, chunk):
     config, params, full, step = setup
     tokens, valid = _batch()
     ref = np.asarray(full(params, tokens, valid))
-    cache = init_cache(config, None, None, batch=3, max_len=T + 3, dtype=jnp.float32)
+    cache = init_cache(Transformer(config), batch=3, max_len=T + 3, dtype=jnp.float32)
     outs = []
     logits, cache = step(params, tokens[:, :prefill], valid[:, :prefill], cache)
     outs.append(logits)
@@ -84,7 +84,7 @@ def test_prefill_then_decode_matches_full_forward(setup, prefill, chunk):
 
 def test_cache_layout(setup):
     config, *_ = setup
-    cache = init_cache(config, None, None, batch=2, max_len=5, dtype=jnp.bfloat16)
+    cache = init_cache(Transformer(config), batch=2, max_len=5, dtype=jnp.bfloat16)
     layer = cache["layers_1"]
     assert layer["k"].shape == (2, 5, config.num_key_value_heads, config.head_dim)
     assert layer["k"].dtype == jnp.bfloat16 and layer["valid"].dtype == jnp.bool_
@@ -94,16 +94,18 @@ def test_cache_layout(setup):
 def test_bad_mixers_are_rejected():
     config = CONFIGS["qwen3_full"]
     with pytest.raises(ValueError, match="entries for 2 layers"):
-        init_cache(config, ("attention",), None, 1, 4)
+        init_cache(Transformer(config, ("attention",)), 1, 4)
     with pytest.raises(ValueError, match="must be one of"):
-        init_cache(config, ("attention", "mamba"), None, 1, 4)
+        init_cache(Transformer(config, ("attention", "mamba")), 1, 4)
+    with pytest.raises(ValueError, match=r"mixers use \['gdn'\] but the model's student_mixer"):
+        init_cache(Transformer(config, ("attention", "gdn")), 1, 4)
 
 
 def test_cache_overflow_is_an_error():
     config = CONFIGS["qwen3_full"]
     model = Transformer(config)
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    cache = init_cache(config, None, None, batch=1, max_len=4)
+    cache = init_cache(model, batch=1, max_len=4)
     tokens = jnp.zeros((1, 5), jnp.int32)
     with pytest.raises(ValueError, match="KV cache overflow"):
         jax.eval_shape(lambda p: model.apply({"params": p}, tokens, cache=cache), params)

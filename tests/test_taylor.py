@@ -9,10 +9,12 @@ import pytest
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import taylor
-from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, gdn_gates
+from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.models.mixers.gdn import GDNConfig, GDNRuntime, gdn_gates
 
 MC = tiny_model_config(intermediate_size=64)
-GDN = GDNConfig.from_teacher(MC, impl="reference")
+GDN = GDNConfig.from_teacher(MC)
+MIXER = StudentMixer(GDN, GDNRuntime(impl="reference"))
 
 
 def consts(rule="release"):
@@ -33,7 +35,7 @@ def consts(rule="release"):
 def setup(seed=0, n=2, t=12):
     kx, kp, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (n, t, MC.hidden_size)) + 0.5  # nonzero mean direction
-    params = GatedDeltaNet(MC, GDN).init(kp, x)["params"]
+    params = MIXER.module(MC).init(kp, x)["params"]
     ctx = jax.random.normal(kc, (n, t, GDN.num_heads, GDN.head_v_dim))
     valid = jnp.ones((n, t), bool).at[0, :3].set(False)
     return params, x, ctx, valid
@@ -48,7 +50,7 @@ def run(params, x, ctx, valid, dist, ent, rule="release"):
         jnp.asarray(dist, jnp.float32),
         jnp.asarray(ent, jnp.float32),
         model_config=MC,
-        gdn_cfg=GDN,
+        mixer=MIXER,
         consts=consts(rule),
     )
 
@@ -106,7 +108,7 @@ def test_value_scale_recovers_planted_scale_and_output_gate():
     p1, _ = run(params, x, ctx, valid, dist, ent)
     # O with the calibrated gates and the unscaled Wv, exactly what calibrate_layer fits
     gates = {**p1, "v_proj": params["v_proj"]}
-    o, _ = taylor.gdn_outputs(gates, x, valid, model_config=MC, gdn_cfg=GDN)
+    o, _ = taylor.gdn_outputs(gates, x, valid, model_config=MC, mixer=MIXER)
     planted = jnp.array([0.37, 2.5, 7.0, 40.0])  # the last is outside [0.1, 10]
     noise = 1e-3 * jax.random.normal(jax.random.PRNGKey(9), o.shape)
     c = o * planted[None, None, :, None] + jnp.where(valid[..., None, None], 0.0, noise)
@@ -137,10 +139,11 @@ def test_taylor_init_on_a_copy_student_equals_per_layer_calls():
     teacher = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, cfg.vocab_size)
     stats = collect(Transformer(cfg), teacher, cfg, tokens, block_size=4)
-    sc = StudentConfig.from_teacher(cfg, (1,), impl="reference")
+    sc = StudentConfig.from_teacher(cfg, (1,), mixer="gdn")
+    mixer = sc.student_mixer(GDNRuntime(impl="reference"))
     student = copy_init(teacher, sc, jax.random.PRNGKey(2))
     new, diag = taylor.taylor_init(
-        student, stats, sc.converted_layers, model_config=cfg, gdn_cfg=sc.gdn, consts=consts()
+        student, stats, sc.converted_layers, model_config=cfg, mixer=mixer, consts=consts()
     )
     assert diag["sigma"].shape == (2, 4)
     for row, layer in enumerate(sc.converted_layers):
@@ -152,14 +155,14 @@ def test_taylor_init_on_a_copy_student_equals_per_layer_calls():
             stats.distance_lh[layer],
             stats.entropy_lh[layer],
             model_config=cfg,
-            gdn_cfg=sc.gdn,
+            mixer=mixer,
             consts=consts(),
         )
         got = new[f"layers_{layer}"]["gdn"]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), got, want)
         assert row == sc.converted_layers.index(layer)
     assert new["layers_1"] is student["layers_1"]  # kept layer untouched
-    logits, _, _ = sc.model().apply({"params": new}, tokens)
+    logits, _, _ = sc.model(runtime=mixer.runtime).apply({"params": new}, tokens)
     assert np.all(np.isfinite(logits))
 
 

@@ -7,10 +7,11 @@ and y the teacher's attention output (post-o_proj), minimise
 
     loss(theta) = sum_{n,t valid} ||GDN_theta(x)_nt - y_nt||^2 / (#valid * D)
 
-with AdamW (weight decay, global-norm clipping) in two learning-rate groups
-(q/k/v projections and their convs: `lr_qkv`; a/b projections, A_log, dt_bias and g
-projection: `lr_gates`); o_proj and o_norm are frozen. The parameters of the best step are
-kept (the loss is evaluated before every update and once after the last).
+with AdamW (weight decay, global-norm clipping) in the mixer's parameter groups (its registry
+entry's `param_groups`): "slow" at `lr_qkv` (for GDN: q/k/v projections and their convs),
+"fast" at `lr_gates` (a/b projections, A_log, dt_bias and g projection), "frozen" not trained
+(o_proj and o_norm). The parameters of the best step are kept (the loss is evaluated before
+every update and once after the last).
 
 `fit_layer` is pure; `fit_layers` vmaps it over layers stacked on a leading axis and runs it
 under `jit` with NamedSharding over a mesh: the layer axis on mesh axis "layers" and the
@@ -31,13 +32,9 @@ import jax.numpy as jnp
 import optax
 
 from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
-from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig
+from taylorcal_jax.models.mixers import StudentMixer
 from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.sharding import P
-
-FROZEN = ("o_proj", "o_norm")
-SLOW = ("q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv")
-FAST = ("a_proj", "b_proj", "A_log", "dt_bias", "g_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,21 +56,23 @@ class AlignConfig:
         return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
 
 
-def split_params(gdn_params):
-    """(trainable, frozen) subtrees of one GDN layer's params."""
-    unknown = set(gdn_params) - set(FROZEN + SLOW + FAST)
-    if unknown:
-        raise ValueError(
-            f"unexpected GDN params {sorted(unknown)}: add them to a group in align.py"
-        )
-    train = {k: v for k, v in gdn_params.items() if k not in FROZEN}
-    frozen = {k: v for k, v in gdn_params.items() if k in FROZEN}
+def split_params(mixer_params, labels):
+    """(trainable, frozen) top-level parts of one layer's mixer params, by their group labels
+    (a part is frozen when all its leaves are "frozen")."""
+    frozen_keys = set()
+    for k in mixer_params:
+        groups = set(jax.tree.leaves(labels[k]))
+        if "frozen" in groups and groups != {"frozen"}:
+            raise ValueError(f"mixer param {k!r} mixes frozen and trained leaves: {groups}")
+        if groups == {"frozen"}:
+            frozen_keys.add(k)
+    train = {k: v for k, v in mixer_params.items() if k not in frozen_keys}
+    frozen = {k: v for k, v in mixer_params.items() if k in frozen_keys}
     return train, frozen
 
 
-def make_optimizer(cfg: AlignConfig, train_params):
-    labels = {k: ("slow" if k in SLOW else "fast") for k in train_params}
-    labels = {k: jax.tree.map(lambda _, lab=lab: lab, train_params[k]) for k, lab in labels.items()}
+def make_optimizer(cfg: AlignConfig, train_params, labels):
+    labels = {k: labels[k] for k in train_params}
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.multi_transform(
@@ -86,31 +85,30 @@ def make_optimizer(cfg: AlignConfig, train_params):
     )
 
 
-def layer_loss(gdn_params, x_ntd, y_ntd, valid_nt, *, model_config, gdn_cfg: GDNConfig):
+def layer_loss(mixer_params, x_ntd, y_ntd, valid_nt, *, model_config, mixer: StudentMixer):
     """Mean squared error of the mixer output over valid tokens and hidden units."""
-    out, _, _ = GatedDeltaNet(model_config, gdn_cfg).apply(
-        {"params": gdn_params}, x_ntd, valid_bt=valid_nt
-    )
+    out, _, _ = mixer.module(model_config).apply({"params": mixer_params}, x_ntd, valid_bt=valid_nt)
     w = valid_nt[..., None].astype(jnp.float32)
     err = jnp.square(out.astype(jnp.float32) - y_ntd.astype(jnp.float32)) * w
     return jnp.sum(err) / jnp.maximum(jnp.sum(w) * y_ntd.shape[-1], 1.0)
 
 
-def fit_layer(gdn_params, x_ntd, y_ntd, valid_nt, *, model_config, gdn_cfg, cfg: AlignConfig):
+def fit_layer(mixer_params, x_ntd, y_ntd, valid_nt, *, model_config, mixer, cfg: AlignConfig):
     """Phase 2 for one layer. Returns (best params, {"loss_before", "loss_after", "curve"}).
 
     curve[s] is the loss before update s (curve[0] = loss of the input params); loss_after
     is the loss of the returned (best) params.
     """
-    train, frozen = split_params(gdn_params)
-    opt = make_optimizer(cfg, train)
+    labels = mixer.spec.param_groups(mixer_params)
+    train, frozen = split_params(mixer_params, labels)
+    opt = make_optimizer(cfg, train, labels)
     loss_fn = functools.partial(
         layer_loss,
         x_ntd=x_ntd,
         y_ntd=y_ntd,
         valid_nt=valid_nt,
         model_config=model_config,
-        gdn_cfg=gdn_cfg,
+        mixer=mixer,
     )
 
     def loss_of(tr):
@@ -144,9 +142,9 @@ def fit_layer(gdn_params, x_ntd, y_ntd, valid_nt, *, model_config, gdn_cfg, cfg:
 
 
 @functools.lru_cache(maxsize=8)
-def _fit_layers_jit(model_config, gdn_cfg, cfg, mesh):
+def _fit_layers_jit(model_config, mixer, cfg, mesh):
     fn = jax.vmap(
-        functools.partial(fit_layer, model_config=model_config, gdn_cfg=gdn_cfg, cfg=cfg),
+        functools.partial(fit_layer, model_config=model_config, mixer=mixer, cfg=cfg),
         in_axes=(0, 0, 0, None),
     )
     lay = sharding.named(mesh, "layers")
@@ -168,7 +166,7 @@ def _fit_layers_jit(model_config, gdn_cfg, cfg, mesh):
     return jax.jit(fn, in_shardings=(lay, act, act, dat), out_shardings=lay)
 
 
-def fit_layers(stacked_gdn, x_lntd, y_lntd, valid_nt, *, model_config, gdn_cfg, cfg, mesh):
+def fit_layers(stacked_mixers, x_lntd, y_lntd, valid_nt, *, model_config, mixer, cfg, mesh):
     """`fit_layer` for L layers stacked on axis 0, sharded over mesh axes "layers" and "data".
 
     N must be divisible by the "data" axis size. Returns (stacked best params, metrics with
@@ -190,31 +188,29 @@ def fit_layers(stacked_gdn, x_lntd, y_lntd, valid_nt, *, model_config, gdn_cfg, 
             return a
         return jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
 
-    args = jax.tree.map(pad_leading, (stacked_gdn, x_lntd, y_lntd))
-    fn = _fit_layers_jit(model_config, gdn_cfg, cfg, mesh)
+    args = jax.tree.map(pad_leading, (stacked_mixers, x_lntd, y_lntd))
+    fn = _fit_layers_jit(model_config, mixer, cfg, mesh)
     params, metrics = fn(*args, jnp.asarray(valid_nt, bool))
     return jax.tree.map(lambda a: a[:n_layers], (params, metrics))
 
 
-def align_student(
-    student_params, stats, layers: Sequence[int], *, model_config, gdn_cfg, cfg, mesh
-):
-    """Phase 2 on the GDN mixers of `layers` of a student; returns (new params, metrics)."""
+def align_student(student_params, stats, layers: Sequence[int], *, model_config, mixer, cfg, mesh):
+    """Phase 2 on the student mixers of `layers` of a student; returns (new params, metrics)."""
     layers = tuple(layers)
     if not layers:
         return student_params, {}
     if stats.x_lntd is None:
         raise ValueError("statistics were collected with keep_activations=False")
     rows = jnp.asarray([stats.index(i) for i in layers])
-    stacked = stack_mixers(student_params, layers)
+    stacked = stack_mixers(student_params, layers, mixer.name)
     new, metrics = fit_layers(
         stacked,
         stats.x_lntd[rows],
         stats.attn_out_lntd[rows],
         stats.valid_nt,
         model_config=model_config,
-        gdn_cfg=gdn_cfg,
+        mixer=mixer,
         cfg=cfg,
         mesh=mesh,
     )
-    return unstack_mixers(student_params, layers, new), metrics
+    return unstack_mixers(student_params, layers, new, mixer.name), metrics

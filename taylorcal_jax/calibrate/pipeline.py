@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import shutil
 
@@ -44,7 +43,8 @@ from taylorcal_jax.calibrate import align as align_lib
 from taylorcal_jax.calibrate import select
 from taylorcal_jax.calibrate import stats as stats_lib
 from taylorcal_jax.calibrate import taylor as taylor_lib
-from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.models.paths import layer_mixer
 from taylorcal_jax.utils import sharding
 
 CAL_DIR = "calibration"
@@ -56,17 +56,9 @@ REPORT_PNG = "calibration_report.png"
 # ------------------------------------------------------------------------ config helpers
 
 
-def gdn_config(config, model_config) -> GDNConfig:
-    g = config.calibration.gdn
-    return GDNConfig.from_teacher(
-        model_config,
-        use_short_conv=bool(g.use_short_conv),
-        conv_size=int(g.conv_size),
-        norm_eps=float(g.norm_eps),
-        impl=str(g.impl),
-        chunk_size=int(g.chunk_size),
-        pallas_residuals=str(g.get("pallas_residuals", "auto")),  # configs older than the key
-    )
+def student_mixer(config, model_config) -> StudentMixer:
+    """The GDN student mixer of section `calibration.gdn`: architecture and runtime options."""
+    return StudentMixer.from_options("gdn", model_config, config.calibration.gdn.to_dict())
 
 
 def alignment_mesh(config):
@@ -78,7 +70,7 @@ def context(config, model_config) -> select.CalibrationContext:
     c = config.calibration
     return select.CalibrationContext(
         model_config=model_config,
-        gdn_cfg=gdn_config(config, model_config),
+        mixer=student_mixer(config, model_config),
         consts=taylor_lib.TaylorConstants.from_config(c),
         align_cfg=align_lib.AlignConfig.from_config(c.align),
         mesh=alignment_mesh(config),
@@ -224,7 +216,7 @@ def calibrate_stage(config, workdir, metrics) -> dict:
     ctx = context(config, mcfg)
     strategy = config.calibration.strategy
     student, report = select.initial_student(strategy, params, st, ctx)
-    _save_student_dir(_dir(workdir, "init"), StudentConfig(mcfg, (), ctx.gdn_cfg), student)
+    _save_student_dir(_dir(workdir, "init"), StudentConfig(mcfg, (), ctx.mixer.config), student)
     _write_json(_dir(workdir, "init_report.json"), {"strategy": strategy, **report})
     out = {"strategy": strategy, "phase1": select.uses_phase(strategy, "taylor")}
     metrics.write("calibrate", **out)
@@ -244,7 +236,9 @@ def align_stage(config, workdir, metrics) -> dict:
         _write_json(_dir(workdir, "align_report.json"), {"strategy": strategy, "aligned": False})
         return {"skipped": f"strategy {strategy} has no phase 2"}
     student, report = select.aligned_student(strategy, student, st, ctx)
-    _save_student_dir(_dir(workdir, "aligned"), StudentConfig(sc.teacher, (), ctx.gdn_cfg), student)
+    _save_student_dir(
+        _dir(workdir, "aligned"), StudentConfig(sc.teacher, (), ctx.mixer.config), student
+    )
     _write_json(
         _dir(workdir, "align_report.json"), {"strategy": strategy, "aligned": True, **report}
     )
@@ -280,7 +274,7 @@ def select_layers_stage(config, workdir, metrics) -> dict:
     sc_all, student_all = load_student(final_mixers_dir(config, workdir))
     mcfg, params, corpus = _teacher_and_corpus(config, workdir)
     n = mcfg.num_hidden_layers
-    mixers = {i: student_all[f"layers_{i}"]["gdn"] for i in range(n)}
+    mixers = select.mixers_of(student_all, sc_all.mixer_name, n)
     s = config.select
     scores = None
     if len(s.keep_layers):
@@ -292,15 +286,15 @@ def select_layers_stage(config, workdir, metrics) -> dict:
             policy,
             float(s.kept_fraction),
             mcfg,
-            sc_all.gdn,
+            sc_all.student_mixer(student_mixer(config, mcfg).runtime),
             params,
             mixers,
             selection_sequences(config, corpus),
             batch_size=int(s.batch_size),
             parallel=int(s.parallel_candidates),
         )
-    sc = StudentConfig(mcfg, keep, sc_all.gdn, teacher_path=config.teacher.path or None)
-    student = select.assemble_student(params, mixers, keep, n)
+    sc = StudentConfig(mcfg, keep, sc_all.mixer_config, teacher_path=config.teacher.path or None)
+    student = select.assemble_student(params, mixers, sc)
     _save_student_dir(os.path.join(workdir, "student"), sc, student)
     out = {"policy": policy, "keep_full_attention_layers": list(keep)}
     if scores is not None:
@@ -311,22 +305,18 @@ def select_layers_stage(config, workdir, metrics) -> dict:
 
 
 def layer_diagnostics(student_all, st: stats_lib.TeacherStats, ctx) -> dict:
-    """Per layer and head, from the final mixers of every layer: half-life (tokens) from
-    A_log/dt_bias at x Wa = 0, mean write gate sigmoid(x Wb) over calibration tokens, and
-    the teacher-forced mixer loss (MSE vs the teacher attention output) per layer."""
+    """Per layer and head, from the final mixers of every layer: the student mixer's
+    diagnostics on the calibration inputs (its registry entry; for GDN the half-life in tokens
+    at x Wa = 0 and the mean write gate sigmoid(x Wb)), and the teacher-forced mixer loss (MSE
+    vs the teacher attention output) per layer."""
     n = ctx.model_config.num_hidden_layers
     layers = tuple(range(n))
     half, beta, loss = [], [], []
-    w = np.asarray(st.valid_nt, np.float32)[..., None]
     for i in layers:
-        g = student_all[f"layers_{i}"]["gdn"]
-        gamma = np.exp(np.asarray(g["A_log"], np.float64)) * np.log1p(
-            np.exp(np.asarray(g["dt_bias"], np.float64))
-        )
-        half.append(math.log(2.0) / gamma)
-        x = np.asarray(st.x_lntd[st.index(i)], np.float32)
-        b = 1.0 / (1.0 + np.exp(-(x @ np.asarray(g["b_proj"]["kernel"], np.float32))))
-        beta.append((b * w).sum((0, 1)) / w.sum())
+        g = layer_mixer(student_all, i, ctx.mixer.name)
+        diag = ctx.mixer.spec.diagnostics(g, st.x_lntd[st.index(i)], st.valid_nt)
+        half.append(diag["half_life"])
+        beta.append(diag["write_gate"])
         loss.append(
             float(
                 align_lib.layer_loss(
@@ -335,7 +325,7 @@ def layer_diagnostics(student_all, st: stats_lib.TeacherStats, ctx) -> dict:
                     st.attn_out_lntd[st.index(i)],
                     st.valid_nt,
                     model_config=ctx.model_config,
-                    gdn_cfg=ctx.gdn_cfg,
+                    mixer=ctx.mixer,
                 )
             )
         )
@@ -355,7 +345,8 @@ def eval_student_stage(config, workdir, metrics) -> dict:
     seqs = stages.eval_sequences(config, corpus)
     bs = int(config.eval.batch_size)
     t_ppl = perplexity(Transformer(mcfg), params, seqs, batch_size=bs, desc="teacher ppl")
-    s_ppl = perplexity(sc.model(), student, seqs, batch_size=bs, desc="student ppl")
+    runtime = student_mixer(config, mcfg).runtime
+    s_ppl = perplexity(sc.model(runtime=runtime), student, seqs, batch_size=bs, desc="student ppl")
 
     st = load_stats(_dir(workdir, STATS_FILE))
     ctx = context(config, mcfg)

@@ -2,14 +2,14 @@
 
 Letters: L layers, C candidates, N sequences, B batch, T time, V vocab, H heads.
 
-Strategies (GDN params of a converted layer, from the teacher):
+Strategies (student-mixer params of a converted layer, from the teacher):
 
     copy, zero_gate, small_gate   naive conversions (taylorcal_jax.convert.naive)
     taylor_init                   copy + phase 1 (taylor.py)
     align_only                    copy + phase 2 (align.py)
     taylor_calibrate              copy + phase 1 + phase 2
 
-Every phase is teacher-forced per layer, so a layer's GDN params do not depend on which
+Every phase is teacher-forced per layer, so a layer's mixer params do not depend on which
 other layers are converted: `mixers_for_all_layers` computes them once for every layer, and
 any keep set is then assembled by dict work (`assemble_student`). The random parts of the
 `copy` init come from one key shared by all strategies, so strategies differ only in what
@@ -24,10 +24,11 @@ Layer policies, for a kept fraction f of L layers (n = round(f L), at least 1):
              others); keep the n with the lowest zero-shot perplexity
 
 Parallel scoring: a "union" param tree holds both the teacher's attention and the strategy's
-GDN params for every layer; `blended_logits` runs the model with, per layer, the attention
-output where keep_mask[l] and the GDN output elsewhere (a select, so exactly the student with
-that keep set). Candidate keep masks [C, L] are vmapped over in groups of
-`parallel_candidates`, one compiled program for all candidates of all policies.
+mixer params for every layer; the one `Transformer`, called with traced keep flags `keep_l`,
+uses per layer the attention output where keep_mask[l] and the student mixer's elsewhere (a
+select, so exactly the student with that keep set). Candidate keep masks [C, L] are vmapped
+over in groups of `parallel_candidates`, one compiled program for all candidates of all
+policies.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from taylorcal_jax.calibrate import align as align_lib
 from taylorcal_jax.calibrate import taylor as taylor_lib
+from taylorcal_jax.convert.naive import NAIVE_STRATEGIES
 from taylorcal_jax.eval.perplexity import token_nll_sum
-from taylorcal_jax.models.gdn import GatedDeltaNet
-from taylorcal_jax.models.layers import MLP, Attention, RMSNorm
+from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.models.paths import layer_mixer, with_layer_mixer
 from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import Transformer
 from taylorcal_jax.utils.progress import progress
 
 STRATEGIES = ("copy", "zero_gate", "small_gate", "taylor_init", "align_only", "taylor_calibrate")
@@ -81,7 +83,7 @@ class CalibrationContext:
     """Everything a strategy needs besides the teacher params and statistics."""
 
     model_config: object  # ModelConfig
-    gdn_cfg: object  # GDNConfig
+    mixer: StudentMixer
     consts: taylor_lib.TaylorConstants
     align_cfg: align_lib.AlignConfig
     mesh: object  # jax.sharding.Mesh with axes "layers" and "data"
@@ -91,14 +93,12 @@ class CalibrationContext:
 def initial_student(strategy: str, teacher_params, stats, ctx: CalibrationContext):
     """Every layer converted under `strategy` up to (not including) phase 2.
 
-    Returns (student params with a "gdn" subtree in every layer, report); the report holds
+    Returns (student params with the student mixer in every layer, report); the report holds
     phase-1 diagnostics {name: [L, H]} under "taylor" for the Taylor strategies.
     """
-    from taylorcal_jax.convert.naive import NAIVE_STRATEGIES  # noqa: PLC0415
-
     check_strategy(strategy)
     layers = tuple(range(ctx.model_config.num_hidden_layers))
-    sc = StudentConfig(ctx.model_config, (), ctx.gdn_cfg)  # every layer converted
+    sc = StudentConfig(ctx.model_config, (), ctx.mixer.config)  # every layer converted
     rng = jax.random.PRNGKey(ctx.seed)
     base = strategy if strategy in NAIVE_STRATEGIES else "copy"
     student = NAIVE_STRATEGIES[base](teacher_params, sc, rng)
@@ -109,7 +109,7 @@ def initial_student(strategy: str, teacher_params, stats, ctx: CalibrationContex
             stats,
             layers,
             model_config=ctx.model_config,
-            gdn_cfg=ctx.gdn_cfg,
+            mixer=ctx.mixer,
             consts=ctx.consts,
         )
     return student, jax.device_get(report)
@@ -126,7 +126,7 @@ def aligned_student(strategy: str, student, stats, ctx: CalibrationContext):
         stats,
         layers,
         model_config=ctx.model_config,
-        gdn_cfg=ctx.gdn_cfg,
+        mixer=ctx.mixer,
         cfg=ctx.align_cfg,
         mesh=ctx.mesh,
     )
@@ -134,11 +134,16 @@ def aligned_student(strategy: str, student, stats, ctx: CalibrationContext):
 
 
 def mixers_for_all_layers(strategy: str, teacher_params, stats, ctx: CalibrationContext):
-    """GDN params of every layer under `strategy`: ({layer: gdn params}, report)."""
+    """Student-mixer params of every layer under `strategy`: ({layer: params}, report)."""
     student, report = initial_student(strategy, teacher_params, stats, ctx)
     student, more = aligned_student(strategy, student, stats, ctx)
-    mixers = {i: student[f"layers_{i}"]["gdn"] for i in range(ctx.model_config.num_hidden_layers)}
+    mixers = mixers_of(student, ctx.mixer.name, ctx.model_config.num_hidden_layers)
     return mixers, {**report, **more}
+
+
+def mixers_of(params, name: str, num_layers: int) -> dict:
+    """{layer: params of mixer `name`} of a student whose every layer has that mixer."""
+    return {i: layer_mixer(params, i, name) for i in range(num_layers)}
 
 
 def uses_phase(strategy: str, phase: str) -> bool:
@@ -146,65 +151,37 @@ def uses_phase(strategy: str, phase: str) -> bool:
     return strategy in {"taylor": _USES_TAYLOR, "align": _USES_ALIGN}[phase]
 
 
-def assemble_student(teacher_params, mixers_by_layer, keep: Sequence[int], num_layers: int):
-    """Student params for keep set `keep`: the teacher's with the GDN params of the others."""
-    out = dict(teacher_params)
-    for i in range(num_layers):
-        if i in keep:
-            continue
-        layer = {k: v for k, v in teacher_params[f"layers_{i}"].items() if k != "self_attn"}
-        layer["gdn"] = mixers_by_layer[i]
-        out[f"layers_{i}"] = layer
+def assemble_student(teacher_params, mixers_by_layer, student: StudentConfig):
+    """Params of `student`: the teacher's, with the given mixer params in its converted layers."""
+    out = teacher_params
+    for i in student.converted_layers:
+        out = with_layer_mixer(out, i, student.mixer_name, mixers_by_layer[i], drop_attention=True)
     return out
 
 
-def union_params(teacher_params, mixers_by_layer, num_layers: int):
-    """Teacher params with a "gdn" subtree added next to "self_attn" in every layer."""
-    out = dict(teacher_params)
-    for i in range(num_layers):
-        out[f"layers_{i}"] = {**teacher_params[f"layers_{i}"], "gdn": mixers_by_layer[i]}
+def union_params(teacher_params, mixers_by_layer, name: str):
+    """Teacher params with mixer `name`'s params added next to attention in every layer (the
+    tree `Transformer(..., keep_l=...)` runs); `mixers_by_layer` has every layer."""
+    out = teacher_params
+    for i, params in mixers_by_layer.items():
+        out = with_layer_mixer(out, i, name, params)
     return out
 
 
-# ------------------------------------------------------------------------ blended model
-
-
-def blended_logits(config, gdn_cfg, params, keep_mask_l, tokens_bt, valid_bt):
-    """Logits [B, T, V] (float32) of the student keeping attention where keep_mask_l.
-
-    `params` is a union tree (`union_params`). Equal to `StudentConfig.model()` of that keep
-    set (tested), computed with both mixers in every layer.
-    """
-    c = config
-    valid_bt = valid_bt.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(valid_bt.astype(jnp.int32), axis=1) - 1, 0)
-    emb = params["embed_tokens"]["embedding"]
-    h = jnp.take(emb, tokens_bt, axis=0)
-    norm = RMSNorm(c.rms_norm_eps)
-    for i in range(c.num_hidden_layers):
-        lp = params[f"layers_{i}"]
-        x = norm.apply({"params": lp["input_layernorm"]}, h)
-        y_att, _, _ = Attention(c, i).apply(
-            {"params": lp["self_attn"]}, x, positions_bt=positions, valid_bt=valid_bt
-        )
-        y_gdn, _, _ = GatedDeltaNet(c, gdn_cfg).apply({"params": lp["gdn"]}, x, valid_bt=valid_bt)
-        h = h + jnp.where(keep_mask_l[i], y_att, y_gdn.astype(y_att.dtype))
-        m = norm.apply({"params": lp["post_attention_layernorm"]}, h)
-        h = h + MLP(c).apply({"params": lp["mlp"]}, m)
-    h = norm.apply({"params": params["norm"]}, h)
-    if c.tie_word_embeddings:
-        logits = h @ emb.T
-    else:
-        logits = nn.Dense(c.vocab_size, use_bias=False).apply({"params": params["lm_head"]}, h)
-    return logits.astype(jnp.float32)
+# ------------------------------------------------------------------------ candidate scoring
 
 
 @functools.lru_cache(maxsize=8)
-def _candidate_fn(config, gdn_cfg):
+def _candidate_fn(config, mixer: StudentMixer):
+    """jit(vmap over keep masks [C, L]) of (nll sum, token count) of the one model."""
+    model = Transformer(config, student_mixer=mixer)
+
     @jax.jit
     def fn(params, masks_cl, tokens_bt, valid_bt):
-        def one(mask_l):
-            logits = blended_logits(config, gdn_cfg, params, mask_l, tokens_bt, valid_bt)
+        def one(keep_l):
+            logits, _, _ = model.apply(
+                {"params": params}, tokens_bt, valid_bt=valid_bt, keep_l=keep_l
+            )
             return token_nll_sum(logits, tokens_bt, valid_bt)
 
         return jax.vmap(one)(masks_cl)
@@ -214,7 +191,7 @@ def _candidate_fn(config, gdn_cfg):
 
 def score_keep_masks(
     config,
-    gdn_cfg,
+    mixer: StudentMixer,
     params,
     masks_cl,
     sequences_nt,
@@ -225,8 +202,9 @@ def score_keep_masks(
 ):
     """Perplexity of each candidate keep mask [C, L] on [N, T] sequences -> np.ndarray [C].
 
-    `params` is a union tree. Candidates are vmapped `parallel` at a time (the last group is
-    padded with copies of its first mask); sequences go in batches of `batch_size`.
+    `params` is a union tree (`union_params`). Candidates are vmapped `parallel` at a time (the
+    last group is padded with copies of its first mask); sequences go in batches of
+    `batch_size`.
     """
     masks = np.asarray(masks_cl, bool)
     seq = np.asarray(sequences_nt, np.int32)
@@ -234,7 +212,7 @@ def score_keep_masks(
         raise ValueError(f"masks must be [C, {config.num_hidden_layers}], got {masks.shape}")
     if batch_size <= 0 or parallel <= 0:
         raise ValueError("batch_size and parallel must be positive")
-    fn = _candidate_fn(config, gdn_cfg)
+    fn = _candidate_fn(config, mixer)
     n, _ = seq.shape
     b = min(batch_size, n)
     out = []
@@ -296,7 +274,7 @@ def keep_from_scores(policy: str, scores_l, kept_fraction: float) -> tuple[int, 
 
 
 def policy_scores(
-    policy, config, gdn_cfg, teacher_params, mixers_by_layer, sequences_nt, *, batch_size, parallel
+    policy, config, mixer, teacher_params, mixers_by_layer, sequences_nt, *, batch_size, parallel
 ):
     """Per-layer candidate perplexities [L] for `ar` (zero-gate mixers are used whatever
     `mixers_by_layer` is: removal means output 0) or `ga_s2` (the given mixers)."""
@@ -304,16 +282,16 @@ def policy_scores(
     n_layers = config.num_hidden_layers
     if policy == "ar":
         zero = {i: jax.tree.map(jnp.zeros_like, mixers_by_layer[i]) for i in range(n_layers)}
-        params = union_params(teacher_params, zero, n_layers)
+        params = union_params(teacher_params, zero, mixer.name)
         masks = ar_masks(n_layers)
     elif policy == "ga_s2":
-        params = union_params(teacher_params, mixers_by_layer, n_layers)
+        params = union_params(teacher_params, mixers_by_layer, mixer.name)
         masks = ga_s2_masks(n_layers)
     else:
         raise ValueError("uniform needs no scores")
     return score_keep_masks(
         config,
-        gdn_cfg,
+        mixer,
         params,
         masks,
         sequences_nt,
@@ -327,7 +305,7 @@ def choose_layers(
     policy,
     kept_fraction,
     config,
-    gdn_cfg,
+    mixer,
     teacher_params,
     mixers_by_layer,
     sequences_nt,
@@ -342,7 +320,7 @@ def choose_layers(
     scores = policy_scores(
         policy,
         config,
-        gdn_cfg,
+        mixer,
         teacher_params,
         mixers_by_layer,
         sequences_nt,
@@ -363,11 +341,11 @@ __all__ = [
     "STRATEGIES",
     "CalibrationContext",
     "assemble_student",
-    "blended_logits",
     "choose_layers",
     "keep_from_scores",
     "keep_mask",
     "mixers_for_all_layers",
+    "mixers_of",
     "score_keep_masks",
     "uniform_layers",
     "union_params",

@@ -209,6 +209,7 @@ def _per_sequence_fn(model, config, layers, block_size, keep_activations, teache
     "model": the `Transformer` with return_intermediates (dense T x T attention inside).
     """
     from taylorcal_jax.models.layers import MLP, RMSNorm, attention_qkv
+    from taylorcal_jax.models.paths import ATTENTION, ATTENTION_KEY, layer_key, layer_mixer
 
     scale = config.head_dim**-0.5
     last = max(layers)
@@ -241,10 +242,10 @@ def _per_sequence_fn(model, config, layers, block_size, keep_activations, teache
                 return_intermediates=True,
             )
             for layer in layers:
-                li = inter[f"layers_{layer}"]
+                li = inter[layer_key(layer)]
                 x_btd = li["attn_in"]
                 q, k, _ = attention_qkv(
-                    params[f"layers_{layer}"]["self_attn"], config, x_btd, positions_bt
+                    layer_mixer(params, layer, ATTENTION), config, x_btd, positions_bt
                 )
                 layer_stats(out, layer, q[0], k[0], valid_t)
                 if keep_activations:
@@ -256,9 +257,9 @@ def _per_sequence_fn(model, config, layers, block_size, keep_activations, teache
             h = jnp.take(params["embed_tokens"]["embedding"], tokens_bt, axis=0)
             h = h.astype(jnp.float32)
             for layer in range(last + 1):
-                lp = params[f"layers_{layer}"]
+                lp = params[layer_key(layer)]
                 x_btd = norm.apply({"params": lp["input_layernorm"]}, h)
-                q, k, v = attention_qkv(lp["self_attn"], config, x_btd, positions_bt)
+                q, k, v = attention_qkv(lp[ATTENTION_KEY], config, x_btd, positions_bt)
                 if layer in layers:
                     ctx = layer_stats(out, layer, q[0], k[0], valid_t, v[0])
                 else:  # context only (the statistics are discarded)
@@ -272,7 +273,7 @@ def _per_sequence_fn(model, config, layers, block_size, keep_activations, teache
                         v_tkd=v[0],
                     )[3]
                 t = ctx.shape[0]
-                kernel = lp["self_attn"]["o_proj"]["kernel"]
+                kernel = lp[ATTENTION_KEY]["o_proj"]["kernel"]
                 y = (ctx.reshape(t, -1) @ kernel.astype(jnp.float32))[None]
                 if keep_activations and layer in layers:
                     out["x"].append(x_btd[0])

@@ -38,7 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.calibrate.stacking import check_mixers
-from taylorcal_jax.models.gdn import GatedDeltaNet, GDNConfig, softplus_inverse
+from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.models.mixers.gdn import NAME as GDN
+from taylorcal_jax.models.mixers.gdn import softplus_inverse
+from taylorcal_jax.models.paths import layer_mixer, with_layer_mixer
 
 WRITE_GATE_RULES = ("release", "mean_direction")
 
@@ -107,9 +110,15 @@ def write_gate_kernel(b_kernel_dh, beta_h, x_ntd, valid_nt, rule: str):
     raise ValueError(f"unknown write gate rule {rule!r}; choose from {WRITE_GATE_RULES}")
 
 
-def gdn_outputs(gdn_params, x_ntd, valid_nt, *, model_config, gdn_cfg: GDNConfig):
+def check_gdn(mixer: StudentMixer) -> None:
+    """Phase 1 is closed-form for GDN: other student mixers are a ValueError."""
+    if mixer.name != GDN:
+        raise ValueError(f"Taylor phase 1 calibrates {GDN!r} mixers, not {mixer.name!r}")
+
+
+def gdn_outputs(gdn_params, x_ntd, valid_nt, *, model_config, mixer: StudentMixer):
     """(O [N,T,H,V] pre-norm recurrence output, y [N,T,D] mixer output) of one GDN layer."""
-    y, _, inter = GatedDeltaNet(model_config, gdn_cfg).apply(
+    y, _, inter = mixer.module(model_config).apply(
         {"params": gdn_params}, x_ntd, valid_bt=valid_nt, return_intermediates=True
     )
     return inter["attn_context"], y
@@ -124,11 +133,12 @@ def calibrate_layer(
     entropy_h,
     *,
     model_config,
-    gdn_cfg: GDNConfig,
+    mixer: StudentMixer,
     consts: TaylorConstants,
 ):
     """Phase 1 for one layer: returns (new gdn params, diagnostics dict of [H] arrays)."""
-    h, vd = gdn_cfg.num_heads, gdn_cfg.head_v_dim
+    check_gdn(mixer)
+    h, vd = mixer.config.num_heads, mixer.config.head_v_dim
     if context_nthd.shape[-2:] != (h, vd):
         raise ValueError(
             f"teacher context has heads x dim {context_nthd.shape[-2:]}, the GDN layer "
@@ -147,7 +157,7 @@ def calibrate_layer(
     )
 
     # Value scale by least squares against the teacher context.
-    o, _ = gdn_outputs(p, x, valid_nt, model_config=model_config, gdn_cfg=gdn_cfg)
+    o, _ = gdn_outputs(p, x, valid_nt, model_config=model_config, mixer=mixer)
     w = valid_nt[..., None, None].astype(jnp.float32)
     num = jnp.sum(ctx * o * w, axis=(0, 1, 3))
     den = jnp.sum(o * o * w, axis=(0, 1, 3))
@@ -182,20 +192,18 @@ def calibrate_layer(
 
 
 @functools.lru_cache(maxsize=8)
-def _calibrate_layers_jit(model_config, gdn_cfg, consts):
-    fn = functools.partial(
-        calibrate_layer, model_config=model_config, gdn_cfg=gdn_cfg, consts=consts
-    )
+def _calibrate_layers_jit(model_config, mixer, consts):
+    fn = functools.partial(calibrate_layer, model_config=model_config, mixer=mixer, consts=consts)
     return jax.jit(jax.vmap(fn, in_axes=(0, 0, 0, None, 0, 0)))
 
 
-def calibrate_layers(stacked_gdn, stats, layer_rows, *, model_config, gdn_cfg, consts):
+def calibrate_layers(stacked_gdn, stats, layer_rows, *, model_config, mixer, consts):
     """`calibrate_layer` vmapped over layers: stacked_gdn has leaves [L, ...], `layer_rows` are
     the rows of `stats` (TeacherStats) for those layers, in the same order."""
     if stats.x_lntd is None:
         raise ValueError("statistics were collected with keep_activations=False")
     rows = jnp.asarray(layer_rows)
-    return _calibrate_layers_jit(model_config, gdn_cfg, consts)(
+    return _calibrate_layers_jit(model_config, mixer, consts)(
         stacked_gdn,
         stats.x_lntd[rows],
         stats.context_lnthd[rows],
@@ -205,7 +213,7 @@ def calibrate_layers(stacked_gdn, stats, layer_rows, *, model_config, gdn_cfg, c
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "gdn_cfg", "consts"))
+@functools.partial(jax.jit, static_argnames=("model_config", "mixer", "consts"))
 def _calibrate_row(
     gdn_params,
     x_lntd,
@@ -216,7 +224,7 @@ def _calibrate_row(
     row,
     *,
     model_config,
-    gdn_cfg,
+    mixer,
     consts,
 ):
     """`calibrate_layer` on row `row` of the statistics; `row` is traced, so every layer of a
@@ -229,17 +237,17 @@ def _calibrate_row(
         distance_lh[row],
         entropy_lh[row],
         model_config=model_config,
-        gdn_cfg=gdn_cfg,
+        mixer=mixer,
         consts=consts,
     )
 
 
-def taylor_init(student_params, stats, layers: Sequence[int], *, model_config, gdn_cfg, consts):
+def taylor_init(student_params, stats, layers: Sequence[int], *, model_config, mixer, consts):
     """Applies phase 1 to the GDN mixers of `layers` of a student (e.g. a `copy` conversion).
 
     Layer by layer, through one jitted `calibrate_layer` (configs static, the statistics row
     traced): phase 1 compiles once per configuration and shapes, whatever the number of layers.
-    Returns (new student params, diagnostics {name: [L, H]}); only the "gdn" subtrees of
+    Returns (new student params, diagnostics {name: [L, H]}); only the mixer subtrees of
     `layers` are new, every other array is the input's.
     """
     layers = tuple(layers)
@@ -247,13 +255,13 @@ def taylor_init(student_params, stats, layers: Sequence[int], *, model_config, g
         return student_params, {}
     if stats.x_lntd is None:
         raise ValueError("statistics were collected with keep_activations=False")
-    check_mixers(student_params, layers)
+    check_gdn(mixer)
+    check_mixers(student_params, layers, mixer.name)
     rows = [stats.index(i) for i in layers]
-    out, diags = dict(student_params), []
+    out, diags = student_params, []
     for i, row in zip(layers, rows, strict=True):
-        name = f"layers_{i}"
         gdn, diag = _calibrate_row(
-            student_params[name]["gdn"],
+            layer_mixer(student_params, i, mixer.name),
             stats.x_lntd,
             stats.context_lnthd,
             stats.valid_nt,
@@ -261,9 +269,9 @@ def taylor_init(student_params, stats, layers: Sequence[int], *, model_config, g
             stats.entropy_lh,
             row,
             model_config=model_config,
-            gdn_cfg=gdn_cfg,
+            mixer=mixer,
             consts=consts,
         )
-        out[name] = {**student_params[name], "gdn": gdn}
+        out = with_layer_mixer(out, i, mixer.name, gdn)
         diags.append(diag)
     return out, jax.tree.map(lambda *xs: jnp.stack(xs), *diags)

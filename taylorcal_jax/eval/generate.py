@@ -3,8 +3,9 @@
 Letters: B batch, P prompt length, N new tokens, V vocab.
 
 The prompt batch [B, P] is left-padded (`valid_bt` False on padding). One prefill call fills the
-mixed cache (`teacher.init_cache`: KV cache for softmax layers, the fixed-size recurrent state,
-and conv history, for GDN layers), then a `lax.scan` decodes one token per step:
+mixed cache (`teacher.init_cache`: KV cache for softmax layers, each student mixer's own cache,
+e.g. the recurrent state and conv history of GDN layers), then a `lax.scan` decodes one token
+per step:
 
     x_{P+n} = sample(logits(x_{<P+n}) / temperature)     (argmax when temperature == 0)
 
@@ -62,7 +63,7 @@ def _generate(
     eos_token_id, pad_id,
 ):  # fmt: skip
     b, p = prompt_bt.shape
-    cache = init_cache(model.config, model.mixers, model.gdn, b, p + max_new_tokens, model.dtype)
+    cache = init_cache(model, b, p + max_new_tokens)
     logits, cache, _ = model.apply(
         {"params": params}, prompt_bt, valid_bt=valid_bt, cache=cache, last_logits_only=True
     )

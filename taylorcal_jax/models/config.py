@@ -19,7 +19,9 @@ Parameter pytree layout shared by every model in `taylorcal_jax.models`
     norm/scale                                  [D]
     lm_head/kernel                              [D, V] (absent when embeddings are tied)
 
-Hybrid students keep this layout; a converted layer has `gdn` in place of `self_attn`.
+(`layers_{i}` and `self_attn` are spelled by models/paths.py.) Hybrid students keep this
+layout; a converted layer holds its student mixer's params under the mixer's registry name
+(e.g. `gdn`) in place of `self_attn`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ i.e. a Linear `weight` [out, in] is our `kernel` [in, out]):
     layers_{i}/<a>/<b>/scale          model.layers.{i}.<a>.<b>.weight
     layers_{i}/<a>/<b>/bias           model.layers.{i}.<a>.<b>.bias
     layers_{i}/<a>/<leaf>             model.layers.{i}.<a>.<leaf>       (e.g. gdn/A_log)
+    (layers_{i} is paths.layer_key(i); <a> a block part, e.g. a mixer's paths.mixer_key)
     norm/scale                        model.norm.weight
     lm_head/kernel                    lm_head.weight                    (untied only)
 
@@ -34,6 +35,7 @@ from taylorcal_jax.models.config import (
     ModelConfig,
     UnsupportedModelError,
 )
+from taylorcal_jax.models.paths import layer_index
 from taylorcal_jax.models.safetensors_io import CorruptCheckpointError, read_tensors, write_tensors
 
 __all__ = [
@@ -87,8 +89,8 @@ def path_to_hf_name(path: tuple[str, ...]) -> str:
     leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
     parts = []
     for key in owner:
-        m = re.fullmatch(r"layers_(\d+)", key)
-        parts.extend(["layers", m.group(1)] if m else [key])
+        layer = layer_index(key)
+        parts.extend([key] if layer is None else ["layers", str(layer)])
     return "model." + ".".join([*parts, leaf])
 
 
@@ -181,21 +183,26 @@ def _weight_files(root: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str
 # ------------------------------------------------------------------ loading
 
 
-def expected_shapes(config: ModelConfig, mixers=None, gdn=None) -> dict[tuple[str, ...], tuple]:
+def expected_shapes(
+    config: ModelConfig, mixers=None, student_mixer=None
+) -> dict[tuple[str, ...], tuple]:
     """Our param paths -> shapes, for the model the config (and mixers) describe."""
     from taylorcal_jax.models.teacher import init_params
 
     shapes = jax.eval_shape(
-        lambda: init_params(config, jax.random.PRNGKey(0), mixers=mixers, gdn=gdn)
+        lambda: init_params(
+            config, jax.random.PRNGKey(0), mixers=mixers, student_mixer=student_mixer
+        )
     )
     return {p: tuple(s.shape) for p, s in _flatten(shapes).items()}
 
 
-def load_pretrained(path_or_id, dtype=None, *, mixers=None, gdn=None):
+def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
     """Loads a HF checkpoint directory -> (ModelConfig, params).
 
     dtype: cast every tensor to it (e.g. jnp.bfloat16); None keeps the stored dtypes.
-    mixers/gdn: for hybrid students saved by `save_pretrained` (default: all attention).
+    mixers/student_mixer: per-layer mixer names and the `StudentMixer`, for hybrid students
+    saved by `save_pretrained` (default: all attention, a teacher).
     Raises CheckpointNotFoundError, CorruptCheckpointError, UnsupportedModelError,
     MissingTensorsError, UnexpectedTensorsError or ShapeMismatchError with what to fix.
     """
@@ -220,7 +227,7 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, gdn=None):
                 f"{INDEX_FILE} lists tensors absent from their shards: {absent[:8]}"
             )
 
-    shapes = expected_shapes(config, mixers, gdn)
+    shapes = expected_shapes(config, mixers, student_mixer)
     by_name = {path_to_hf_name(p): p for p in shapes}
     ignorable = {n for n in tensors if _IGNORED.search(n)}
     if config.tie_word_embeddings:

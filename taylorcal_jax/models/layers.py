@@ -13,6 +13,7 @@ heads, G = H / Hkv, d head dim, F MLP width.
                 t and s are indices in the sequence (cache slots when decoding), as in HF.
     mlp(x) = (silu(x Wgate) * x Wup) Wdown
     block:   h <- h + mixer(rmsnorm(h)),  h <- h + mlp(rmsnorm(h))
+             (mixer = softmax attention or a student mixer of the registry, models/mixers)
 
 Attention heads: query head h uses key/value head h // G (HF's `repeat_kv`).
 Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.paths import ATTENTION, mixer_key
 from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
 
 _NEG = -1e30  # large finite negative for masked logits (fully masked rows stay finite)
@@ -222,6 +224,15 @@ def init_attention_cache(config: ModelConfig, batch: int, max_len: int, dtype) -
     }
 
 
+def repeat_kv_kernel(kernel_dx, num_kv_heads: int, groups: int):
+    """[D, Hkv*d] -> [D, Hkv*G*d], each head block repeated G times in place: the k/v
+    projection as seen by the query heads (HF `repeat_kv`: query head h uses kv head h // G)."""
+    d_in, width = kernel_dx.shape
+    head_dim = width // num_kv_heads
+    blocks = kernel_dx.reshape(d_in, num_kv_heads, head_dim)
+    return jnp.repeat(blocks, groups, axis=1).reshape(d_in, num_kv_heads * groups * head_dim)
+
+
 def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtype=jnp.float32):
     """Pure helper: (q [B,T,H,d], k [B,T,Hkv,d], v [B,T,Hkv,d]) of one attention layer.
 
@@ -244,33 +255,42 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; the mixer is softmax attention ("self_attn") or a GatedDeltaNet ("gdn")."""
+    """Pre-norm block whose mixer is softmax attention ("self_attn") or the student mixer
+    (`student_mixer`, a `mixers.StudentMixer`, under its registry name, e.g. "gdn").
+
+    `keep` (a bool scalar, may be traced): the block holds both mixers and uses attention's
+    output where keep, the student mixer's elsewhere (then `mixer` is ignored and there is no
+    cache). The intermediates are then the mixer-independent ones only.
+    """
 
     config: ModelConfig
     layer_idx: int
-    mixer: str = "attention"
-    gdn: Any = None
+    mixer: str = ATTENTION
+    student_mixer: Any = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, positions_bt, valid_bt, cache=None, return_intermediates=False):
+    def __call__(
+        self, h, positions_bt, valid_bt, cache=None, return_intermediates=False, keep=None
+    ):
         c = self.config
         attn_in = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
-        if self.mixer == "attention":
-            mixer = Attention(c, self.layer_idx, self.dtype, name="self_attn")
-        elif self.mixer == "gdn":
-            from taylorcal_jax.models.gdn import GatedDeltaNet  # lazy: optional student mixer
 
-            mixer = GatedDeltaNet(config=c, gdn=self.gdn, dtype=self.dtype, name="gdn")
+        def mixer_module(name):
+            if name == ATTENTION:
+                return Attention(c, self.layer_idx, self.dtype, name=mixer_key(name))
+            return self.student_mixer.module(c, dtype=self.dtype, name=mixer_key(name))
+
+        where = {"positions_bt": positions_bt, "valid_bt": valid_bt}
+        if keep is None:
+            y, new_cache, inter = mixer_module(self.mixer)(
+                attn_in, **where, cache=cache, return_intermediates=return_intermediates
+            )
         else:
-            raise ValueError(f"unknown mixer {self.mixer!r}; use 'attention' or 'gdn'")
-        y, new_cache, inter = mixer(
-            attn_in,
-            positions_bt=positions_bt,
-            valid_bt=valid_bt,
-            cache=cache,
-            return_intermediates=return_intermediates,
-        )
+            # Both mixers on the same input and a select: exactly the block with either mixer.
+            y_attn, _, _ = mixer_module(ATTENTION)(attn_in, **where)
+            y_student, _, _ = mixer_module(self.student_mixer.name)(attn_in, **where)
+            y, new_cache, inter = jnp.where(keep, y_attn, y_student.astype(y_attn.dtype)), None, {}
         out = h + y.astype(h.dtype)
         mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(out)
         out = out + MLP(c, self.dtype, name="mlp")(mlp_in).astype(h.dtype)

@@ -1,23 +1,28 @@
-"""Hybrid student: a teacher config, the layers that keep softmax attention, GDN options.
+"""Hybrid student: a teacher config, the layers that keep softmax attention, a student mixer.
 
 Letters: L layers, D hidden, H heads, K key dim, V value dim.
 
-The student is `Transformer(teacher, mixers=config.mixers, gdn=config.gdn)`: layer i keeps the
-teacher's softmax attention ("self_attn") when i is in `keep_full_attention_layers`, else it
-is a GatedDeltaNet ("gdn", see `taylorcal_jax.models.gdn`). Embeddings, norms, MLPs and the head
-are the teacher's.
+The student is `Transformer(teacher, mixers=config.mixers, student_mixer=...)`: layer i keeps
+the teacher's softmax attention ("self_attn") when i is in `keep_full_attention_layers`, else
+it is the student mixer (a registry entry, `taylorcal_jax.models.mixers`, e.g. "gdn"), whose
+parameters live under the mixer's name. Embeddings, norms, MLPs and the head are the
+teacher's. The config holds the mixer's architecture only; runtime options (e.g. GDN's kernel
+choice and chunk size) are given when the model is built (`model(runtime=...)`).
 
 Student directory (`save_student` / `load_student`), round trip exact:
 
-    student_config.json   {"format": "taylorcal_student", "version": 1, "teacher_path",
-                           "teacher_config" (all ModelConfig fields), "keep_full_attention_layers",
-                           "gdn" (all GDNConfig fields)}
+    student_config.json   {"format": "taylorcal_student", "version": 2, "teacher_path",
+                           "teacher_config" (all ModelConfig fields),
+                           "layer_mixers" (per layer: "attention" or the mixer's name),
+                           "mixer_configs" ({name: its architecture config})}
+                          Version 1 files ("keep_full_attention_layers" and "gdn", the GDN
+                          config with its runtime fields, which are ignored) are still read.
     config.json           the teacher's HF config.json (for tools that read the architecture)
     model.safetensors     every parameter in its own dtype (or shards + index), written by
                           `hf_io.save_pretrained`: teacher-shaped parameters under their Hugging
-                          Face names, GDN ones as `model.layers.{i}.gdn.*` ({q,k,v,a,b,g,o}_proj
-                          .weight [out, in], A_log [H], dt_bias [H], o_norm.weight [V],
-                          {q,k,v}_conv.weight [C, W]).
+                          Face names, the mixer's as `model.layers.{i}.<name>.*` (for GDN:
+                          {q,k,v,a,b,g,o}_proj.weight [out, in], A_log [H], dt_bias [H],
+                          o_norm.weight [V], {q,k,v}_conv.weight [C, W]).
 """
 
 from __future__ import annotations
@@ -30,23 +35,28 @@ from typing import Any
 import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig, RopeConfig
-from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.mixers import StudentMixer, get_mixer, mixer_for_config
+from taylorcal_jax.models.paths import ATTENTION, has_layer_mixer, layer_key, mixer_key
+from taylorcal_jax.models.teacher import Transformer
 
 STUDENT_CONFIG_FILE = "student_config.json"
 FORMAT_NAME = "taylorcal_student"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_V1_MIXER = "gdn"  # version 1 files hold only GDN students, under this key
 
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
-    """teacher + the layer indices that keep softmax attention + GDN options (hashable).
+    """teacher + the layer indices that keep softmax attention + the architecture config of
+    the student mixer of the other layers (an instance of a registry entry's config_class).
+    Hashable.
 
     `teacher_path` records where the teacher was loaded from (metadata only; may be None).
     """
 
     teacher: ModelConfig
     keep_full_attention_layers: tuple[int, ...]
-    gdn: GDNConfig
+    mixer_config: Any
     teacher_path: str | None = None
 
     def __post_init__(self):
@@ -75,62 +85,104 @@ class StudentConfig:
                 f"use {sorted(keep)}"
             )
         object.__setattr__(self, "keep_full_attention_layers", keep)
-        if not isinstance(self.gdn, GDNConfig):
-            raise ValueError(f"gdn must be a GDNConfig, got {type(self.gdn).__name__}")
+        mixer_for_config(self.mixer_config)  # a registry mixer's architecture, else ValueError
 
     @classmethod
     def from_teacher(
-        cls, teacher: ModelConfig, keep, *, teacher_path=None, **gdn_options
+        cls, teacher: ModelConfig, keep, *, mixer: str, teacher_path=None, **options
     ) -> StudentConfig:
-        """GDN heads and dims from the teacher (GDNConfig.from_teacher) plus `gdn_options`."""
-        return cls(
-            teacher, tuple(keep), GDNConfig.from_teacher(teacher, **gdn_options), teacher_path
-        )
+        """Student mixer `mixer` sized from the teacher (`config_class.from_teacher`), with
+        architecture `options` (e.g. use_short_conv for GDN)."""
+        config = get_mixer(mixer).config_class.from_teacher(teacher, **options)
+        return cls(teacher, tuple(keep), config, teacher_path)
+
+    @property
+    def mixer_name(self) -> str:
+        return mixer_for_config(self.mixer_config).name
 
     @property
     def mixers(self) -> tuple[str, ...]:
+        """Per layer: "attention" or the student mixer's name."""
         keep = set(self.keep_full_attention_layers)
         n = self.teacher.num_hidden_layers
-        return tuple("attention" if i in keep else "gdn" for i in range(n))
+        return tuple(ATTENTION if i in keep else self.mixer_name for i in range(n))
 
     @property
     def converted_layers(self) -> tuple[int, ...]:
-        """Indices of the GDN layers, ascending."""
-        return tuple(i for i, m in enumerate(self.mixers) if m == "gdn")
+        """Indices of the student-mixer layers, ascending."""
+        return tuple(i for i, m in enumerate(self.mixers) if m != ATTENTION)
 
-    def model(self, dtype=jnp.float32):
-        """The Flax module of this student."""
-        from taylorcal_jax.models.teacher import Transformer
+    def student_mixer(self, runtime=None) -> StudentMixer:
+        """The student mixer with runtime options `runtime` (None: the entry's defaults)."""
+        return StudentMixer(self.mixer_config, runtime)
 
-        return Transformer(self.teacher, mixers=self.mixers, gdn=self.gdn, dtype=dtype)
+    def model(self, dtype=jnp.float32, runtime=None):
+        """The Flax module of this student, its mixer run with `runtime` options."""
+        return Transformer(
+            self.teacher, mixers=self.mixers, student_mixer=self.student_mixer(runtime), dtype=dtype
+        )
 
     # --------------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict[str, Any]:
+        """The saved form: architecture only (no runtime options)."""
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "teacher_path": self.teacher_path,
             "teacher_config": dataclasses.asdict(self.teacher),
-            "keep_full_attention_layers": list(self.keep_full_attention_layers),
-            "gdn": self.gdn.to_dict(),
+            "layer_mixers": list(self.mixers),
+            "mixer_configs": {self.mixer_name: self.mixer_config.to_dict()},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
         if d.get("format") != FORMAT_NAME:
             raise ValueError(f"not a student config (format {d.get('format')!r})")
-        if d.get("version") != FORMAT_VERSION:
+        version = d.get("version")
+        if version == 1:
+            return _from_v1(d)
+        if version != FORMAT_VERSION:
             raise ValueError(
-                f"student config version {d.get('version')!r} is not supported "
-                f"(this code reads version {FORMAT_VERSION})"
+                f"student config version {version!r} is not supported "
+                f"(this code reads versions 1 and {FORMAT_VERSION})"
             )
+        configs = d["mixer_configs"]
+        if len(configs) != 1:
+            raise ValueError(
+                f"a student has one kind of student mixer; this one lists {sorted(configs)}"
+            )
+        ((name, arch),) = configs.items()
+        teacher = model_config_from_dict(d["teacher_config"])
+        layer_mixers = list(d["layer_mixers"])
+        if len(layer_mixers) != teacher.num_hidden_layers:
+            raise ValueError(
+                f"layer_mixers has {len(layer_mixers)} entries for "
+                f"{teacher.num_hidden_layers} layers"
+            )
+        stray = sorted(set(layer_mixers) - {ATTENTION, name})
+        if stray:
+            raise ValueError(f"layer_mixers name {stray}, which mixer_configs does not define")
         return cls(
-            teacher=model_config_from_dict(d["teacher_config"]),
-            keep_full_attention_layers=tuple(d["keep_full_attention_layers"]),
-            gdn=GDNConfig.from_dict(d["gdn"]),
+            teacher=teacher,
+            keep_full_attention_layers=tuple(
+                i for i, m in enumerate(layer_mixers) if m == ATTENTION
+            ),
+            mixer_config=get_mixer(name).config_class.from_dict(arch),
             teacher_path=d["teacher_path"],
         )
+
+
+def _from_v1(d: dict[str, Any]) -> StudentConfig:
+    """Version 1: a GDN student whose "gdn" entry also held runtime options (dropped here)."""
+    spec = get_mixer(_V1_MIXER)
+    arch = {k: v for k, v in d[_V1_MIXER].items() if k not in spec.runtime_fields}
+    return StudentConfig(
+        teacher=model_config_from_dict(d["teacher_config"]),
+        keep_full_attention_layers=tuple(d["keep_full_attention_layers"]),
+        mixer_config=spec.config_class.from_dict(arch),
+        teacher_path=d["teacher_path"],
+    )
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
@@ -175,16 +227,17 @@ def load_student(path: str | os.PathLike, dtype=None) -> tuple[StudentConfig, di
     from taylorcal_jax.models import hf_io
 
     config = read_student_config(os.path.join(path, STUDENT_CONFIG_FILE))
-    _, params = hf_io.load_pretrained(path, dtype, mixers=config.mixers, gdn=config.gdn)
+    _, params = hf_io.load_pretrained(
+        path, dtype, mixers=config.mixers, student_mixer=config.student_mixer()
+    )
     return config, params
 
 
 def _check_layout(config: StudentConfig, params) -> None:
     for i, mixer in enumerate(config.mixers):
-        layer = params.get(f"layers_{i}", {})
-        want = "self_attn" if mixer == "attention" else "gdn"
-        if want not in layer:
+        if not has_layer_mixer(params, i, mixer):
             raise ValueError(
-                f"params layers_{i} has no {want!r} but the student config says layer {i} is "
-                f"{mixer!r} (keep_full_attention_layers={list(config.keep_full_attention_layers)})"
+                f"params {layer_key(i)} has no {mixer_key(mixer)!r} but the student config says "
+                f"layer {i} is {mixer!r} "
+                f"(keep_full_attention_layers={list(config.keep_full_attention_layers)})"
             )

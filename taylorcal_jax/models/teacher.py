@@ -1,16 +1,17 @@
-"""The decoder-only Transformer shared by the teacher and the hybrid GDN student.
+"""The decoder-only Transformer shared by the teacher and the hybrid students: the one forward.
 
 Letters: B batch, T time, D hidden, V vocab, L layers, S cache slots.
 
     h_0 = E[tokens]
-    h_{l+1} = block_l(h_l)              (mixer l = softmax attention or GatedDeltaNet)
+    h_{l+1} = block_l(h_l)              (mixer l = softmax attention or the student mixer,
+                                         or, given keep flags, a traced choice between both)
     logits = rmsnorm(h_L) W_head        (W_head = E^T when embeddings are tied)
 
 `valid_bt` marks real tokens (False for left padding); padding tokens are never attended to
 and their outputs are meaningless. Positions default to cumsum(valid) - 1 (clipped at 0),
 offset by the tokens already in the cache when decoding.
 
-Cache (from `init_cache`): {"layers_{i}": per-layer mixer cache, "next_position": [B] int32}.
+Cache (from `init_cache`): {layer_key(i): per-layer mixer cache, "next_position": [B] int32}.
 Prefill with T tokens, then call again with one token at a time; logits equal the full forward.
 Logits are returned in float32.
 """
@@ -25,29 +26,44 @@ import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import DecoderLayer, RMSNorm, init_attention_cache
+from taylorcal_jax.models.mixers import MIXERS, StudentMixer
+from taylorcal_jax.models.paths import ATTENTION, layer_key
 
-MIXERS = ("attention", "gdn")
 
-
-def resolve_mixers(config: ModelConfig, mixers: Sequence[str] | None) -> tuple[str, ...]:
+def resolve_mixers(
+    config: ModelConfig, mixers: Sequence[str] | None, student_mixer: StudentMixer | None
+) -> tuple[str, ...]:
+    """Per-layer mixer names (None: all attention), checked against the layer count and the
+    student mixer the model was given."""
     if mixers is None:
-        return ("attention",) * config.num_hidden_layers
+        return (ATTENTION,) * config.num_hidden_layers
     mixers = tuple(mixers)
+    allowed = (ATTENTION, *MIXERS)
     if len(mixers) != config.num_hidden_layers:
         raise ValueError(
             f"mixers has {len(mixers)} entries for {config.num_hidden_layers} layers; "
-            "give one of 'attention' or 'gdn' per layer"
+            f"give one of {allowed} per layer"
         )
-    bad = [m for m in mixers if m not in MIXERS]
+    bad = [m for m in mixers if m not in allowed]
     if bad:
-        raise ValueError(f"unknown mixers {bad}; each entry must be one of {MIXERS}")
+        raise ValueError(f"unknown mixers {bad}; each entry must be one of {allowed}")
+    students = sorted(set(mixers) - {ATTENTION})
+    if students and (student_mixer is None or students != [student_mixer.name]):
+        given = None if student_mixer is None else student_mixer.name
+        raise ValueError(
+            f"mixers use {students} but the model's student_mixer is {given!r}; give a "
+            "StudentMixer of that kind (student_mixer=...)"
+        )
     return mixers
 
 
 class Transformer(nn.Module):
+    """The model (module docstring). `mixers`: per-layer "attention" or the name of
+    `student_mixer` (None: the teacher, all attention)."""
+
     config: ModelConfig
     mixers: tuple[str, ...] | None = None
-    gdn: Any = None
+    student_mixer: StudentMixer | None = None
     dtype: Any = jnp.float32
     remat: bool = False  # recompute each block in the backward pass (saves activation memory)
 
@@ -59,19 +75,34 @@ class Transformer(nn.Module):
         positions_bt=None,
         valid_bt=None,
         cache=None,
+        keep_l=None,
         return_intermediates=False,
         last_logits_only=False,
     ):
         """(logits [B, T, V] float32, new cache or None, per-layer intermediates).
 
+        keep_l: optional bool [L], may be traced (e.g. vmapped over candidate keep sets). Every
+        layer then holds both its softmax attention and the student mixer (a union param tree,
+        as `init` makes it with keep_l given) and layer l uses attention where keep_l[l], the
+        student mixer elsewhere: exactly the student with that keep set, in one model call.
+        Needs student_mixer and mixers=None; no cache.
         last_logits_only: norm and LM head on the last position only (logits [B, 1, V]), which is
         all a prefill needs: the full [B, T, V] logits are the largest array of a long prompt
         (65k tokens x a 152k vocab is 40 GB in float32).
         """
         c = self.config
-        mixers = resolve_mixers(c, self.mixers)
-        if "gdn" in mixers and self.gdn is None:
-            raise ValueError("mixers contain 'gdn' layers but no GDNConfig was given (gdn=...)")
+        mixers = resolve_mixers(c, self.mixers, self.student_mixer)
+        if keep_l is not None:
+            if self.student_mixer is None or self.mixers is not None:
+                raise ValueError(
+                    "keep_l chooses per layer between attention and the student mixer: build "
+                    "the model with student_mixer=... and mixers=None"
+                )
+            if cache is not None:
+                raise ValueError("keep_l cannot be combined with a decoding cache")
+            keep_l = jnp.asarray(keep_l, bool)
+            if keep_l.shape != (c.num_hidden_layers,):
+                raise ValueError(f"keep_l must be [{c.num_hidden_layers}], got {keep_l.shape}")
         b, t = tokens_bt.shape
         if valid_bt is None:
             valid_bt = jnp.ones((b, t), bool)
@@ -84,14 +115,15 @@ class Transformer(nn.Module):
         h = embed(tokens_bt)
         new_cache = None if cache is None else {}
         inters = {}
-        # argnums count self: (h, positions, valid, cache, return_intermediates) are 1..5
+        # argnums count self: (h, positions, valid, cache, return_intermediates, keep) are 1..6
         layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
         for i, mixer in enumerate(mixers):
-            name = f"layers_{i}"
-            layer = layer_cls(c, i, mixer, self.gdn, self.dtype, name=name)
+            name = layer_key(i)
+            layer = layer_cls(c, i, mixer, self.student_mixer, self.dtype, name=name)
             layer_cache = None if cache is None else cache[name]
+            keep = None if keep_l is None else keep_l[i]
             h, layer_cache, inter = layer(
-                h, positions_bt, valid_bt, layer_cache, return_intermediates
+                h, positions_bt, valid_bt, layer_cache, return_intermediates, keep
             )
             if cache is not None:
                 new_cache[name] = layer_cache
@@ -109,28 +141,21 @@ class Transformer(nn.Module):
         return logits.astype(jnp.float32), new_cache, inters
 
 
-def init_cache(
-    config: ModelConfig,
-    mixers: Sequence[str] | None,
-    gdn: Any,
-    batch: int,
-    max_len: int,
-    dtype=jnp.float32,
-) -> dict:
-    """Empty decoding cache for `Transformer(config, mixers, gdn)` with `max_len` token slots."""
+def init_cache(model: Transformer, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty decoding cache of `model` with `max_len` token slots (dtype: the model's)."""
+    config = model.config
+    dtype = model.dtype if dtype is None else dtype
     cache: dict = {"next_position": jnp.zeros((batch,), jnp.int32)}
-    for i, mixer in enumerate(resolve_mixers(config, mixers)):
-        if mixer == "attention":
-            cache[f"layers_{i}"] = init_attention_cache(config, batch, max_len, dtype)
+    for i, mixer in enumerate(resolve_mixers(config, model.mixers, model.student_mixer)):
+        if mixer == ATTENTION:
+            cache[layer_key(i)] = init_attention_cache(config, batch, max_len, dtype)
         else:
-            from taylorcal_jax.models.gdn import init_gdn_cache  # lazy: optional student mixer
-
-            cache[f"layers_{i}"] = init_gdn_cache(config, gdn, batch, dtype)
+            cache[layer_key(i)] = model.student_mixer.init_cache(config, batch, dtype)
     return cache
 
 
-def init_params(config: ModelConfig, rng, *, mixers=None, gdn=None, dtype=jnp.float32):
+def init_params(config: ModelConfig, rng, *, mixers=None, student_mixer=None, dtype=jnp.float32):
     """Random params (float32) of the given architecture; mostly for tests and pretraining."""
-    model = Transformer(config, None if mixers is None else tuple(mixers), gdn, dtype)
+    model = Transformer(config, None if mixers is None else tuple(mixers), student_mixer, dtype)
     tokens = jnp.zeros((1, 2), jnp.int32)
     return model.init(rng, tokens)["params"]

@@ -1,7 +1,7 @@
-"""Gated DeltaNet mixer: the linear-attention layer that replaces softmax attention in students.
+"""Gated DeltaNet (GDN): the first student mixer, and its registry entry `SPEC`.
 
 Letters: B batch, T time, H heads, K key dim (per head), V value dim (per head), D hidden,
-C channels of a short convolution (H*K or H*V), W convolution width.
+C channels of a short convolution (H*K or H*V), W convolution width, N sequences, G = H / Hkv.
 
 Exactly flash-linear-attention's `GatedDeltaNet(expand_v=1, use_gate=True)` (METHOD.md §2):
 
@@ -19,11 +19,11 @@ convolution sees zeros there. Valid tokens must form one contiguous block per ro
 right padding); with left padding the zeros in the convolution window are the same as the
 zero initial convolution state of a fresh cache, so results equal the unpadded sequence.
 
-Cache (from `init_gdn_cache`): {"state": [B, H, K, V] float32} plus, with the short conv,
+Cache (`init_gdn_cache`): {"state": [B, H, K, V] float32} plus, with the short conv,
 {"conv": {"q": [B, W-1, H*K], "k": [B, W-1, H*K], "v": [B, W-1, H*V]}}, the last W-1
 pre-convolution inputs of valid tokens. With a cache and T == 1 the mixer takes one O(1)
-recurrent step (`gated_delta_rule_step`); with T > 1 it runs the chunked op from the cached
-state (prefill or continuation).
+recurrent step (`gated_delta_rule_step`); with T > 1 it runs the op from the cached state
+(prefill or continuation).
 
 Parameters (Flax names; on disk `model.layers.{i}.gdn.*` via hf_io, see models/student.py):
     {q,k}_proj/kernel [D, H*K], {v,g}_proj/kernel [D, H*V], {a,b}_proj/kernel [D, H],
@@ -32,27 +32,55 @@ Parameters (Flax names; on disk `model.layers.{i}.gdn.*` via hf_io, see models/s
 Standard init (FLA / PyTorch): dense and conv kernels U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 A ~ U(0, 16] with A_log = log A, dt log-uniform in [1e-3, 1e-1] floored at 1e-4 and
 dt_bias = softplus^-1(dt), o_norm scale 1.
+
+Saved architecture (`GDNConfig`): H, K, V, short conv and its width, norm eps. Runtime options
+(`GDNRuntime`: op implementation, chunk size, Pallas residual policy) only choose how the same
+function is computed and are never saved.
+
+Conversions from a teacher attention layer (METHOD.md §3; needs H = the teacher's query heads
+and K = V = its head dim):
+
+    copy        Wq -> q_proj and Wo -> o_proj (the teacher's arrays themselves); Wk, Wv ->
+                k_proj, v_proj [D, Hkv*d] -> [D, H*d], kv head j repeated for the G query heads
+                j*G .. j*G+G-1 (HF `repeat_kv` order); a, b, g projections, A_log, dt_bias and
+                o_norm by the standard init; the short convs (if any) are the identity (1 at
+                the current-token tap), so the conv variant starts equal to the conv-free one.
+                Dropped by necessity: q/k/v biases (no constant direction in rmsnorm(h) to
+                fold them into), Qwen3's q/k norm scales (GDN L2-normalises q and k itself),
+                RoPE.
+    zero_gate   copy, then g_proj = 0: silu(0) = 0, so the layer outputs exactly 0
+    small_gate  copy, then g_proj *= SMALL_GATE_FACTOR (0.02)
+
+Parameter groups (learning rates in alignment and distillation): "slow" q/k/v projections and
+convs; "fast" a/b/g projections, A_log, dt_bias; "frozen" o_proj and o_norm.
+Diagnostics per head: half_life = ln 2 / (exp(A_log) softplus(dt_bias)) tokens (the decay at
+x Wa = 0) and write_gate = the mean of sigmoid(x Wb) over valid tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.layers import repeat_kv_kernel
+from taylorcal_jax.models.mixers.spec import Mixer
 from taylorcal_jax.ops.gdn import api, reference
 
-GDN_IMPLS = ("reference", "chunked", "pallas", "auto")
+NAME = "gdn"
+SMALL_GATE_FACTOR = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
 class GDNConfig:
-    """Static options of the Gated DeltaNet mixers of a student (hashable, jit-static)."""
+    """Architecture of the GDN mixers of a student (saved with it; hashable, jit-static)."""
 
     num_heads: int
     head_k_dim: int
@@ -60,31 +88,21 @@ class GDNConfig:
     use_short_conv: bool = False
     conv_size: int = 4
     norm_eps: float = 1e-5
-    impl: str = "auto"
-    chunk_size: int = 64
-    pallas_residuals: str = "auto"  # api.PALLAS_RESIDUALS: the Pallas backward's memory/speed
 
     def __post_init__(self):
-        for name in ("num_heads", "head_k_dim", "head_v_dim", "conv_size", "chunk_size"):
+        for name in ("num_heads", "head_k_dim", "head_v_dim", "conv_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GDNConfig.{name} must be a positive int, got {value!r}")
         if self.use_short_conv and self.conv_size < 2:
             raise ValueError(f"conv_size must be >= 2 with use_short_conv, got {self.conv_size}")
-        if self.impl not in GDN_IMPLS:
-            raise ValueError(f"GDNConfig.impl must be one of {GDN_IMPLS}, got {self.impl!r}")
-        if self.pallas_residuals not in api.PALLAS_RESIDUALS:
-            raise ValueError(
-                f"GDNConfig.pallas_residuals must be one of {api.PALLAS_RESIDUALS}, got "
-                f"{self.pallas_residuals!r}"
-            )
         if not self.norm_eps > 0:
             raise ValueError(f"GDNConfig.norm_eps must be positive, got {self.norm_eps}")
 
     @classmethod
     def from_teacher(cls, config: ModelConfig, **options) -> GDNConfig:
-        """H = teacher's query heads, K = V = teacher head_dim (expand_v = 1); options override
-        use_short_conv, conv_size, norm_eps, impl, chunk_size, pallas_residuals."""
+        """H = teacher's query heads, K = V = teacher head_dim (expand_v = 1); options set
+        use_short_conv, conv_size, norm_eps."""
         fixed = {"num_heads", "head_k_dim", "head_v_dim"}
         if fixed & set(options):
             raise ValueError(f"{sorted(fixed & set(options))} are set by the teacher config")
@@ -113,6 +131,29 @@ class GDNConfig:
     @property
     def value_dim(self) -> int:
         return self.num_heads * self.head_v_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNRuntime:
+    """How the gated delta rule is computed (never saved): `impl` and `chunk_size` of
+    `ops.gdn.api.gated_delta_rule`, and `pallas_residuals`, what the Pallas backward keeps
+    (api.PALLAS_RESIDUALS). The defaults are the op's; runs take theirs from the config."""
+
+    impl: str = "auto"
+    chunk_size: int = 64
+    pallas_residuals: str = "auto"
+
+    def __post_init__(self):
+        if self.impl not in api.IMPLS:
+            raise ValueError(f"GDN impl must be one of {api.IMPLS}, got {self.impl!r}")
+        value = self.chunk_size
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"GDN chunk_size must be a positive int, got {value!r}")
+        if self.pallas_residuals not in api.PALLAS_RESIDUALS:
+            raise ValueError(
+                f"GDN pallas_residuals must be one of {api.PALLAS_RESIDUALS}, got "
+                f"{self.pallas_residuals!r}"
+            )
 
 
 # ------------------------------------------------------------------------- initialisers
@@ -185,7 +226,7 @@ def causal_conv(x_btc, kernel_wc, state_bwc, valid_bt):
 
 def init_gdn_cache(config: ModelConfig, gdn: GDNConfig, batch: int, dtype=jnp.float32) -> dict:
     """Empty decoding cache of one GDN layer: zero state (float32) and, if used, conv history
-    in `dtype`. `config` is unused (kept parallel to `init_attention_cache`)."""
+    in `dtype`. `config` is unused (the registry's init_cache signature)."""
     del config
     cache = {
         "state": jnp.zeros((batch, gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim), jnp.float32)
@@ -200,8 +241,8 @@ def init_gdn_cache(config: ModelConfig, gdn: GDNConfig, batch: int, dtype=jnp.fl
     return cache
 
 
-def _run_op(q, k, v, g, beta, state, gdn: GDNConfig):
-    """Prefill / continuation through the op dispatcher (impl and chunk size from `gdn`)."""
+def _run_op(q, k, v, g, beta, state, runtime: GDNRuntime):
+    """Prefill / continuation through the op dispatcher (impl and chunk size from `runtime`)."""
     return api.gated_delta_rule(
         q,
         k,
@@ -210,9 +251,9 @@ def _run_op(q, k, v, g, beta, state, gdn: GDNConfig):
         beta,
         initial_state_bhkv=state,
         output_final_state=state is not None,
-        impl=gdn.impl,
-        chunk_size=gdn.chunk_size,
-        pallas_residuals=gdn.pallas_residuals,
+        impl=runtime.impl,
+        chunk_size=runtime.chunk_size,
+        pallas_residuals=runtime.pallas_residuals,
     )
 
 
@@ -247,13 +288,14 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    """The GDN mixer; call signature shared with softmax Attention (see CONTRACT / teacher.py).
+    """The GDN mixer; called like softmax attention (`layers.Attention`).
 
     `positions_bt` is accepted and unused (no RoPE in GDN layers).
     """
 
     config: ModelConfig
     gdn: GDNConfig
+    runtime: GDNRuntime = GDNRuntime()
     dtype: Any = jnp.float32
 
     def _dense(self, features, name):
@@ -313,7 +355,9 @@ class GatedDeltaNet(nn.Module):
             o, state = _step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"])
             o = o[:, None]
         else:
-            o, state = _run_op(q, k, v, g, beta, None if cache is None else cache["state"], gdn)
+            o, state = _run_op(
+                q, k, v, g, beta, None if cache is None else cache["state"], self.runtime
+            )
         if cache is not None:
             new_cache["state"] = state.astype(jnp.float32)
 
@@ -322,3 +366,127 @@ class GatedDeltaNet(nn.Module):
         y = self._dense(self.config.hidden_size, "o_proj")(normed.reshape(b, t, h * vd))
         inter = {"attn_context": o, "attn_out": y} if return_intermediates else {}
         return y, new_cache, inter
+
+
+def _module(model_config: ModelConfig, gdn: GDNConfig, runtime: GDNRuntime, *, dtype, name):
+    return GatedDeltaNet(model_config, gdn, runtime, dtype, name=name)
+
+
+# ------------------------------------------------------------------------- conversions
+
+
+def _check_conversion(model_config: ModelConfig, gdn: GDNConfig) -> None:
+    t = model_config
+    if (gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim) != (
+        t.num_attention_heads,
+        t.head_dim,
+        t.head_dim,
+    ):
+        raise ValueError(
+            "naive conversion needs GDN heads/dims equal to the teacher's "
+            f"(H={t.num_attention_heads}, K=V={t.head_dim}); got H={gdn.num_heads}, "
+            f"K={gdn.head_k_dim}, V={gdn.head_v_dim}. Build the GDNConfig with "
+            "GDNConfig.from_teacher."
+        )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _new_parts(attn, model_config: ModelConfig, gdn: GDNConfig, rng):
+    """Every `copy` param except q_proj and o_proj (the teacher's own arrays), in one compiled
+    program per configuration and shapes (the rng is traced)."""
+    t = model_config
+    d = t.hidden_size
+    dtype = attn["q_proj"]["kernel"].dtype
+    groups = t.num_kv_groups
+    r_a, r_b, r_g, r_A, r_dt = jax.random.split(rng, 5)
+    out = {
+        "k_proj": {
+            "kernel": repeat_kv_kernel(attn["k_proj"]["kernel"], t.num_key_value_heads, groups)
+        },
+        "v_proj": {
+            "kernel": repeat_kv_kernel(attn["v_proj"]["kernel"], t.num_key_value_heads, groups)
+        },
+        "a_proj": {"kernel": torch_linear_init(r_a, (d, gdn.num_heads)).astype(dtype)},
+        "b_proj": {"kernel": torch_linear_init(r_b, (d, gdn.num_heads)).astype(dtype)},
+        "g_proj": {"kernel": torch_linear_init(r_g, (d, gdn.value_dim)).astype(dtype)},
+        "A_log": init_A_log(r_A, (gdn.num_heads,)),
+        "dt_bias": init_dt_bias(r_dt, (gdn.num_heads,)),
+        "o_norm": {"scale": jnp.ones((gdn.head_v_dim,), jnp.float32)},
+    }
+    if gdn.use_short_conv:
+        for name, width in (("q", gdn.key_dim), ("k", gdn.key_dim), ("v", gdn.value_dim)):
+            kernel = jnp.zeros((gdn.conv_size, width), jnp.float32).at[-1].set(1.0)
+            out[f"{name}_conv"] = {"kernel": kernel}
+    return out
+
+
+def copy_from_attention(attn, model_config: ModelConfig, gdn: GDNConfig, rng) -> dict:
+    """`copy`: GDN params of one layer from its teacher attention params (module docstring)."""
+    _check_conversion(model_config, gdn)
+    return {
+        "q_proj": {"kernel": attn["q_proj"]["kernel"]},
+        "o_proj": {"kernel": attn["o_proj"]["kernel"]},
+        **_new_parts(attn, model_config, gdn, rng),
+    }
+
+
+def _scaled_gate(params: dict, factor: float) -> dict:
+    kernel = params["g_proj"]["kernel"]
+    return {
+        **params,
+        "g_proj": {"kernel": jnp.zeros_like(kernel) if factor == 0 else kernel * factor},
+    }
+
+
+def zero_gate_from_attention(attn, model_config: ModelConfig, gdn: GDNConfig, rng) -> dict:
+    """`zero_gate`: `copy` with g_proj = 0 (the layer outputs exactly 0)."""
+    return _scaled_gate(copy_from_attention(attn, model_config, gdn, rng), 0.0)
+
+
+def small_gate_from_attention(attn, model_config: ModelConfig, gdn: GDNConfig, rng) -> dict:
+    """`small_gate`: `copy` with g_proj scaled by SMALL_GATE_FACTOR."""
+    return _scaled_gate(copy_from_attention(attn, model_config, gdn, rng), SMALL_GATE_FACTOR)
+
+
+# ------------------------------------------------------------ parameter groups, diagnostics
+
+_GROUP_OF = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv"), "slow"),
+    **dict.fromkeys(("a_proj", "b_proj", "g_proj", "A_log", "dt_bias"), "fast"),
+    **dict.fromkeys(("o_proj", "o_norm"), "frozen"),
+}
+
+
+def param_groups(params) -> dict:
+    """The group of every leaf of one layer's GDN params (module docstring)."""
+    unknown = set(params) - set(_GROUP_OF)
+    if unknown:
+        raise ValueError(f"unexpected GDN params {sorted(unknown)}: give them a group in gdn.py")
+    return {k: jax.tree.map(lambda _, g=_GROUP_OF[k]: g, v) for k, v in params.items()}
+
+
+def diagnostics(params, x_ntd, valid_nt) -> dict[str, np.ndarray]:
+    """Per head: half-life in tokens (decay at x Wa = 0) and the mean write gate on x."""
+    gamma = np.exp(np.asarray(params["A_log"], np.float64)) * np.log1p(
+        np.exp(np.asarray(params["dt_bias"], np.float64))
+    )
+    x = np.asarray(x_ntd, np.float32)
+    w = np.asarray(valid_nt, np.float32)[..., None]
+    beta = 1.0 / (1.0 + np.exp(-(x @ np.asarray(params["b_proj"]["kernel"], np.float32))))
+    return {"half_life": math.log(2.0) / gamma, "write_gate": (beta * w).sum((0, 1)) / w.sum()}
+
+
+SPEC = Mixer(
+    name=NAME,
+    config_class=GDNConfig,
+    runtime_class=GDNRuntime,
+    module=_module,
+    init_cache=init_gdn_cache,
+    conversions={
+        "copy": copy_from_attention,
+        "zero_gate": zero_gate_from_attention,
+        "small_gate": small_gate_from_attention,
+    },
+    param_groups=param_groups,
+    diagnostics=diagnostics,
+)
