@@ -4,10 +4,10 @@
     python -m taylorcal_jax.export --student=DIR --out=DIR --format=fla --dtype=bfloat16
 
 --format=hf (default): a transformers model with its own modelling code (export/hf_torch.py);
---format=fla: flash-linear-attention's GatedDeltaNetForCausalLM (export/fla.py, when the student
-fits). The tokenizer comes from the student directory, or --tokenizer=DIR. Everything that can
-be checked is checked before the weights are read; the export is written to <out>.tmp and
-renamed to <out> once complete, so an interrupted run leaves no partial model at <out>.
+--format=fla: flash-linear-attention's GatedDeltaNetForCausalLM (export/fla_format.py), for the
+students that fit it. The tokenizer comes from the student directory, or --tokenizer=DIR.
+Everything that can be checked is checked before the weights are read; the export is written to
+<out>.tmp and renamed to <out> once complete, so an interrupted run leaves no partial model.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import os
 import shutil
 import sys
 
-from taylorcal_jax.export import common, fla, hf_torch
+from taylorcal_jax.export import common, fla_format, hf_torch
 from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
 
 FORMATS = {
     "hf": (hf_torch.check_exportable, hf_torch.write_hf_model),
-    "fla": (fla.check_fla_exportable, fla.write_fla_model),
+    "fla": (fla_format.check_fla_exportable, fla_format.write_fla_model),
 }
 DTYPES = ("float32", "bfloat16")
 
