@@ -73,9 +73,10 @@ def randomize(params, seed=0):
     return traverse_util.unflatten_dict(out)
 
 
-def make_student(name, layers=3, **teacher):
-    """(StudentConfig, random params) of a CASES entry."""
-    overrides, keep, gdn = CASES[name]
+def make_student(name, layers=3, keep=None, **teacher):
+    """(StudentConfig, random params) of a CASES entry; `keep` and `teacher` fields override."""
+    overrides, case_keep, gdn = CASES[name]
+    keep = case_keep if keep is None else keep
     cfg = tiny_model_config(
         vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=64,
         **{**overrides, **teacher},
