@@ -82,6 +82,27 @@ GDN_ARCHITECTURE_FIELDS = {
 }
 GDN_RUNTIME_FIELDS = {"impl", "chunk_size", "pallas_residuals"}
 MIXERS = ("attention", "gdn")
+# config.json keys without which `student_config_from_hybrid` cannot rebuild the student (token
+# ids and teacher_path may be absent: None).
+REQUIRED_KEYS = (
+    "teacher_model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope",
+    "attention_bias",
+    "qk_norm",
+    "sliding_windows",
+    "tie_word_embeddings",
+    "mixers",
+    "gdn",
+)
 
 
 # ------------------------------------------------------------------------ names
@@ -161,6 +182,9 @@ def student_config_from_hybrid(hf: dict) -> StudentConfig:
     """Inverse of `hybrid_config`."""
     if hf.get("model_type") != MODEL_TYPE:
         raise ValueError(f"model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}")
     teacher = ModelConfig(
         model_type=hf["teacher_model_type"],
         vocab_size=hf["vocab_size"],
