@@ -11,14 +11,21 @@ per step:
 
 with optional top-k and nucleus (top-p) truncation. After `eos_token_id` a row keeps running
 (fixed shapes) but its later tokens are replaced by `pad_id` and marked invalid.
+
+`generate` runs prefill and every step in one compiled call; `generate_stream` runs the same
+prefill and step functions one call at a time and yields each step's tokens as they are made
+(the same tokens for the same arguments), for printing text as it comes. `left_pad` builds the
+[B, P] batch and its mask from prompts of different lengths.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from taylorcal_jax.models.teacher import init_cache
 
@@ -52,6 +59,49 @@ def _check_options(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+    """Token id lists -> (tokens [B, P] int32, valid [B, P] bool), each prompt right-aligned
+    after pad_id padding; P = the longest prompt, or `length` (at least that)."""
+    if not prompts or any(len(ids) == 0 for ids in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(ids) for ids in prompts)
+    p = longest if length is None else length
+    if p < longest:
+        raise ValueError(f"length {p} is shorter than the longest prompt ({longest} tokens)")
+    tokens = np.full((len(prompts), p), pad_id, np.int32)
+    valid = np.zeros((len(prompts), p), bool)
+    for i, ids in enumerate(prompts):
+        tokens[i, p - len(ids) :] = ids
+        valid[i, p - len(ids) :] = True
+    return tokens, valid
+
+
+def _step_keys(rng, max_new_tokens):
+    """(key of the token sampled after prefill, [max_new_tokens - 1] keys of the later steps)."""
+    rng, first_rng = jax.random.split(rng)
+    return first_rng, jax.random.split(rng, max_new_tokens - 1)
+
+
+def _prefill(model, params, prompt_bt, valid_bt, rng, max_len, sample):
+    """Fills a fresh cache of max_len slots with the prompt; (first new tokens [B], cache)."""
+    b = prompt_bt.shape[0]
+    cache = init_cache(model, b, max_len)
+    logits, cache, _ = model.apply(
+        {"params": params}, prompt_bt, valid_bt=valid_bt, cache=cache, last_logits_only=True
+    )
+    return sample(logits[:, -1], rng), cache
+
+
+def _decode(model, params, token_b, cache, rng, sample):
+    """One decoding step: feeds token_b [B]; (next tokens [B], cache)."""
+    logits, cache, _ = model.apply({"params": params}, token_b[:, None], cache=cache)
+    return sample(logits[:, -1], rng), cache
+
+
+def _sampler(temperature, top_k, top_p):
+    return functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -63,29 +113,57 @@ def _generate(
     eos_token_id, pad_id,
 ):  # fmt: skip
     b, p = prompt_bt.shape
-    cache = init_cache(model, b, p + max_new_tokens)
-    logits, cache, _ = model.apply(
-        {"params": params}, prompt_bt, valid_bt=valid_bt, cache=cache, last_logits_only=True
+    sample = _sampler(temperature, top_k, top_p)
+    first_rng, rngs = _step_keys(rng, max_new_tokens)
+    first, cache = _prefill(
+        model, params, prompt_bt, valid_bt, first_rng, p + max_new_tokens, sample
     )
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    rng, first_rng = jax.random.split(rng)
-    first = sample(logits[:, -1], first_rng)
 
     def step(carry, step_rng):
         token_b, cache, done_b = carry
-        logits, cache, _ = model.apply({"params": params}, token_b[:, None], cache=cache)
-        nxt = sample(logits[:, -1], step_rng)
+        nxt, cache = _decode(model, params, token_b, cache, step_rng, sample)
         if eos_token_id is not None:
             done_b = done_b | (token_b == eos_token_id)
         return (nxt, cache, done_b), (nxt, done_b)
 
     done0 = jnp.zeros((b,), bool)
-    rngs = jax.random.split(rng, max_new_tokens - 1)
     _, (rest, done_rest) = jax.lax.scan(step, (first, cache, done0), rngs)
     tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
     # A token is valid unless an earlier token of its row was EOS.
     valid = jnp.concatenate([~done0[:, None], ~done_rest.T], axis=1)
     return jnp.where(valid, tokens, pad_id), valid
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "temperature", "top_k", "top_p"))
+def _prefill_call(model, params, prompt_bt, valid_bt, rng, *, max_len, temperature, top_k, top_p):
+    sample = _sampler(temperature, top_k, top_p)
+    return _prefill(model, params, prompt_bt, valid_bt, rng, max_len, sample)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "temperature", "top_k", "top_p"),
+    donate_argnames=("cache",),  # the KV cache is updated in place, not copied every step
+)
+def _decode_call(model, params, token_b, cache, rng, *, temperature, top_k, top_p):
+    return _decode(model, params, token_b, cache, rng, _sampler(temperature, top_k, top_p))
+
+
+def _prepare(prompt_bt, valid_bt, rng, temperature):
+    """Checked (prompt int32 [B, P], valid bool [B, P], rng)."""
+    prompt_bt = jnp.asarray(prompt_bt, jnp.int32)
+    if prompt_bt.ndim != 2:
+        raise ValueError(f"prompt_bt must be [B, P] token ids, got shape {prompt_bt.shape}")
+    if valid_bt is None:
+        valid_bt = jnp.ones(prompt_bt.shape, bool)
+    valid_bt = jnp.asarray(valid_bt, bool)
+    if valid_bt.shape != prompt_bt.shape:
+        raise ValueError(f"valid_bt shape {valid_bt.shape} != prompt shape {prompt_bt.shape}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...)")
+    if rng is None:
+        rng = jax.random.PRNGKey(0)  # unused by greedy decoding
+    return prompt_bt, valid_bt, rng
 
 
 def generate(
@@ -109,18 +187,7 @@ def generate(
     Returns {"tokens": [B, N] int32 (pad_id after EOS), "valid": [B, N] bool}.
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
-    prompt_bt = jnp.asarray(prompt_bt, jnp.int32)
-    if prompt_bt.ndim != 2:
-        raise ValueError(f"prompt_bt must be [B, P] token ids, got shape {prompt_bt.shape}")
-    if valid_bt is None:
-        valid_bt = jnp.ones(prompt_bt.shape, bool)
-    valid_bt = jnp.asarray(valid_bt, bool)
-    if valid_bt.shape != prompt_bt.shape:
-        raise ValueError(f"valid_bt shape {valid_bt.shape} != prompt shape {prompt_bt.shape}")
-    if temperature > 0 and rng is None:
-        raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...)")
-    if rng is None:
-        rng = jax.random.PRNGKey(0)  # unused by greedy decoding
+    prompt_bt, valid_bt, rng = _prepare(prompt_bt, valid_bt, rng, temperature)
     tokens, valid = _generate(
         model,
         params,
@@ -135,3 +202,39 @@ def generate(
         pad_id=pad_id,
     )
     return {"tokens": tokens, "valid": valid}
+
+
+def generate_stream(
+    model,
+    params,
+    prompt_bt,
+    *,
+    max_new_tokens: int,
+    valid_bt=None,
+    rng=None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Yields the new token of every row ([B] int32 numpy) after each step, as `generate` with
+    the same arguments makes them (a row's tokens after its EOS are not replaced here); stops
+    after max_new_tokens steps, or once every row has produced eos_token_id."""
+    _check_options(max_new_tokens, temperature, top_k, top_p)
+    prompt_bt, valid_bt, rng = _prepare(prompt_bt, valid_bt, rng, temperature)
+    options = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+    first_rng, rngs = _step_keys(rng, max_new_tokens)
+    max_len = prompt_bt.shape[1] + max_new_tokens
+    token, cache = _prefill_call(
+        model, params, prompt_bt, valid_bt, first_rng, max_len=max_len, **options
+    )
+    done = np.zeros(prompt_bt.shape[0], bool)
+    for step in range(max_new_tokens):
+        if step:
+            token, cache = _decode_call(model, params, token, cache, rngs[step - 1], **options)
+        out = np.asarray(token)
+        yield out
+        if eos_token_id is not None:
+            done |= out == eos_token_id
+            if done.all():
+                return

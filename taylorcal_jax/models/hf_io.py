@@ -49,6 +49,8 @@ __all__ = [
     "load_pretrained",
     "save_pretrained",
     "path_to_hf_name",
+    "read_weights",
+    "write_weights",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -183,6 +185,29 @@ def _weight_files(root: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str
 # ------------------------------------------------------------------ loading
 
 
+def read_weights(root) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint directory (model.safetensors, or shards + index), by name.
+
+    Arrays are read-only memory maps. Raises CheckpointNotFoundError / CorruptCheckpointError.
+    """
+    files, weight_map = _weight_files(pathlib.Path(root))
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        for name, arr in read_tensors(f).items():
+            if weight_map is not None and weight_map.get(name) != f.name:
+                raise CorruptCheckpointError(
+                    f"{f.name} holds {name!r} but {INDEX_FILE} maps it to {weight_map.get(name)}"
+                )
+            tensors[name] = arr
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CorruptCheckpointError(
+                f"{INDEX_FILE} lists tensors absent from their shards: {absent[:8]}"
+            )
+    return tensors
+
+
 def expected_shapes(
     config: ModelConfig, mixers=None, student_mixer=None
 ) -> dict[tuple[str, ...], tuple]:
@@ -211,21 +236,7 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
     if not config_path.exists():
         raise CheckpointNotFoundError(f"no config.json in {root}")
     config = ModelConfig.from_json_file(config_path)
-    files, weight_map = _weight_files(root)
-    tensors: dict[str, np.ndarray] = {}
-    for f in files:
-        for name, arr in read_tensors(f).items():
-            if weight_map is not None and weight_map.get(name) != f.name:
-                raise CorruptCheckpointError(
-                    f"{f.name} holds {name!r} but {INDEX_FILE} maps it to {weight_map.get(name)}"
-                )
-            tensors[name] = arr
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise CorruptCheckpointError(
-                f"{INDEX_FILE} lists tensors absent from their shards: {absent[:8]}"
-            )
+    tensors = read_weights(root)
 
     shapes = expected_shapes(config, mixers, student_mixer)
     by_name = {path_to_hf_name(p): p for p in shapes}
@@ -267,6 +278,39 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
 # ------------------------------------------------------------------ saving
 
 
+def write_weights(
+    root, tensors: dict[str, np.ndarray], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
+    """Writes named arrays as model.safetensors, or as shards + index when their total exceeds
+    max_shard_bytes (the layout transformers writes); stale weight files in `root` go first."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [root / INDEX_FILE, *root.glob("model*.safetensors")]:
+        stale.unlink(missing_ok=True)
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        write_tensors(root / SINGLE_FILE, shards[0])
+        return
+    weight_map = {}
+    n = len(shards)
+    for k, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):
+        fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        write_tensors(root / fname, shard)
+        weight_map.update({name: fname for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (root / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
 def save_pretrained(
     path,
     config: ModelConfig,
@@ -295,31 +339,7 @@ def save_pretrained(
             arr = arr.astype(jnp.dtype(dtype))
         tensors[path_to_hf_name(p)] = np.transpose(arr) if _is_kernel(p) else arr
     root = pathlib.Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in [root / INDEX_FILE, *root.glob("model*.safetensors")]:
-        stale.unlink(missing_ok=True)
-
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    if len(shards) == 1:
-        write_tensors(root / SINGLE_FILE, shards[0])
-    else:
-        weight_map = {}
-        n = len(shards)
-        for k, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):
-            fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            write_tensors(root / fname, shard)
-            weight_map.update({name: fname for name in shard})
-        total = sum(a.nbytes for a in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (root / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    write_weights(root, tensors, max_shard_bytes=max_shard_bytes)
 
     hf = config.to_hf_dict()
     dtypes = {str(a.dtype) for a in tensors.values()}

@@ -1,0 +1,83 @@
+"""Command line: export a student directory for serving.
+
+    python -m taylorcal_jax.export --student=workdirs/tiny/student --out=exports/tiny
+    python -m taylorcal_jax.export --student=DIR --out=DIR --format=fla --dtype=bfloat16
+
+--format=hf (default): a transformers model with its own modelling code (export/hf_torch.py);
+--format=fla: flash-linear-attention's GatedDeltaNetForCausalLM (export/fla_format.py), for the
+students that fit it. The tokenizer comes from the student directory, or --tokenizer=DIR.
+Everything that can be checked is checked before the weights are read; the export is written to
+<out>.tmp and renamed to <out> once complete, so an interrupted run leaves no partial model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from taylorcal_jax.export import common, fla_format, hf_torch
+from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
+
+FORMATS = {
+    "hf": (hf_torch.check_exportable, hf_torch.write_hf_model),
+    "fla": (fla_format.check_fla_exportable, fla_format.write_fla_model),
+}
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m taylorcal_jax.export", description=__doc__)
+    p.add_argument("--student", required=True, help="student directory (student_config.json)")
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--format", choices=sorted(FORMATS), default="hf")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: as stored")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --student)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p.parse_args(argv)
+
+
+def check(args) -> None:
+    """Every check that needs no weights; raises ValueError / FileNotFoundError (one line)."""
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    config = read_student_config(os.path.join(args.student, STUDENT_CONFIG_FILE))
+    FORMATS[args.format][0](config)
+    if args.tokenizer is not None and not common.has_tokenizer(args.tokenizer):
+        raise FileNotFoundError(f"no tokenizer in {args.tokenizer}")
+
+
+def export(args) -> str:
+    """Writes the export (module docstring); returns its directory."""
+    tokenizer = args.tokenizer or args.student
+    if not common.has_tokenizer(tokenizer):
+        print(
+            f"warning: no tokenizer in {args.student}; the export has none (pass --tokenizer=DIR)",
+            file=sys.stderr,
+        )
+        tokenizer = None
+    config, params = load_student(args.student)
+    tmp = args.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    FORMATS[args.format][1](tmp, config, params, args.dtype)
+    if tokenizer is not None:
+        common.copy_tokenizer(tokenizer, tmp)
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.replace(tmp, args.out)
+    return args.out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(export(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""A student as a Hugging Face PyTorch model with its own modelling code, and back.
+
+    write_hf_model(out_dir, config, params, dtype=None)   -> the directory
+    read_hf_model(path, dtype=None)                       -> (StudentConfig, params)
+
+The directory loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`:
+
+    config.json                         `hybrid_config(config)`: model_type "taylorcal_hybrid",
+                                        auto_map to the two files below, the teacher
+                                        architecture, mixers per layer, gdn options, rope
+    configuration_taylorcal_hybrid.py   copied from export/hf_modeling/ (torch + transformers
+    modeling_taylorcal_hybrid.py        only; the math is in the modelling file's docstring)
+    model.safetensors (or shards)       every parameter under `torch_tensor_name(path)`, Dense
+                                        and conv kernels transposed to torch's [out, in] / [C, W]
+
+`read_hf_model` accepts what transformers' save_pretrained writes after fine-tuning in PyTorch
+(tied heads omitted, any dtype). Round trip: exact (same config, bit-identical parameters).
+Every teacher feature of ModelConfig is expressed (RoPE as the frequencies of models/rope.py);
+a config field this exporter does not know raises UnsupportedExportError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from taylorcal_jax.export.common import UnsupportedExportError, check_known_fields
+from taylorcal_jax.models import hf_io
+from taylorcal_jax.models.config import ModelConfig, RopeConfig
+from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.rope import rope_frequencies
+from taylorcal_jax.models.student import StudentConfig
+
+MODEL_TYPE = "taylorcal_hybrid"
+MODELING_DIR = pathlib.Path(__file__).parent / "hf_modeling"
+CONFIG_MODULE = "configuration_taylorcal_hybrid"
+MODELING_MODULE = "modeling_taylorcal_hybrid"
+AUTO_MAP = {
+    "AutoConfig": f"{CONFIG_MODULE}.TaylorcalHybridConfig",
+    "AutoModelForCausalLM": f"{MODELING_MODULE}.TaylorcalHybridForCausalLM",
+}
+TARGET = "the Hugging Face PyTorch format"
+# RoPE types whose frequencies do not depend on the position: the exported model applies them.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Teacher fields the config carries; GDN fields the modelling code reads, and those that only
+# choose how our JAX code runs (carried in config.json for the round trip, unused by torch).
+MODEL_FIELDS = {
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope",  # all of it: the frequencies come from models/rope.py
+    "attention_bias",
+    "qk_norm",
+    "sliding_windows",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+}
+GDN_ARCHITECTURE_FIELDS = {
+    "num_heads",
+    "head_k_dim",
+    "head_v_dim",
+    "use_short_conv",
+    "conv_size",
+    "norm_eps",
+}
+GDN_RUNTIME_FIELDS = {"impl", "chunk_size", "pallas_residuals"}
+MIXERS = ("attention", "gdn")
+# config.json keys without which `student_config_from_hybrid` cannot rebuild the student (token
+# ids and teacher_path may be absent: None).
+REQUIRED_KEYS = (
+    "teacher_model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope",
+    "attention_bias",
+    "qk_norm",
+    "sliding_windows",
+    "tie_word_embeddings",
+    "mixers",
+    "gdn",
+)
+
+
+# ------------------------------------------------------------------------ names
+
+
+def torch_tensor_name(path: tuple[str, ...]) -> str:
+    """Our param path -> the tensor name in the exported model: the one place to adapt when param
+    paths change. The modules of modeling_taylorcal_hybrid.py are named like the teacher's
+    Hugging Face modules, and a GDN layer's like ours (`model.layers.{i}.gdn.q_proj.weight`,
+    `...gdn.A_log`, `...gdn.q_conv.weight`), so this is the student directory's mapping."""
+    return hf_io.path_to_hf_name(path)
+
+
+def _is_kernel(path) -> bool:
+    """Dense kernels [in, out] and conv kernels [W, C] are stored transposed, as torch has them."""
+    return path[-1] == "kernel"
+
+
+# ------------------------------------------------------------------------ config
+
+
+def check_exportable(config: StudentConfig) -> None:
+    """UnsupportedExportError naming the first feature the exported model cannot express."""
+    bad = sorted(set(config.mixers) - set(MIXERS))
+    if bad:
+        raise UnsupportedExportError(f"mixers {bad} cannot be exported to {TARGET} (has {MIXERS})")
+    rope_type = config.teacher.rope.rope_type
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedExportError(
+            f"RoPE type {rope_type!r} cannot be exported to {TARGET}: the exported model applies "
+            f"fixed frequencies ({', '.join(STATIC_ROPE_TYPES)})"
+        )
+    check_known_fields(config.teacher, MODEL_FIELDS, TARGET)
+    check_known_fields(config.gdn, GDN_ARCHITECTURE_FIELDS | GDN_RUNTIME_FIELDS, TARGET)
+
+
+def hybrid_config(config: StudentConfig, dtype_name: str) -> dict:
+    """The config.json of the exported model (fields: configuration_taylorcal_hybrid.py), whose
+    weights are stored in `dtype_name` (what transformers loads them as by default)."""
+    check_exportable(config)
+    t = config.teacher
+    inv_freq, scaling = rope_frequencies(t.rope, t.head_dim, t.max_position_embeddings)
+    return {
+        "architectures": ["TaylorcalHybridForCausalLM"],
+        "auto_map": dict(AUTO_MAP),
+        "model_type": MODEL_TYPE,
+        "dtype": dtype_name,
+        "teacher_model_type": t.model_type,
+        "teacher_path": config.teacher_path,
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "head_dim": t.head_dim,
+        "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rope": dataclasses.asdict(t.rope),
+        "rope_inv_freq": [float(f) for f in inv_freq],
+        "rope_attention_scaling": float(scaling),
+        "attention_bias": t.attention_bias,
+        "qk_norm": t.qk_norm,
+        "sliding_windows": list(t.sliding_windows),
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "mixers": list(config.mixers),
+        "gdn": config.gdn.to_dict(),
+        "gdn_kernels": "auto",
+        "use_cache": True,
+    }
+
+
+def student_config_from_hybrid(hf: dict) -> StudentConfig:
+    """Inverse of `hybrid_config`."""
+    if hf.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}")
+    teacher = ModelConfig(
+        model_type=hf["teacher_model_type"],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf["num_key_value_heads"],
+        head_dim=hf["head_dim"],
+        rms_norm_eps=hf["rms_norm_eps"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        rope=RopeConfig(**hf["rope"]),
+        attention_bias=hf["attention_bias"],
+        qk_norm=hf["qk_norm"],
+        sliding_windows=tuple(hf["sliding_windows"]),
+        tie_word_embeddings=hf["tie_word_embeddings"],
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    keep = tuple(i for i, m in enumerate(hf["mixers"]) if m == "attention")
+    return StudentConfig(teacher, keep, GDNConfig.from_dict(hf["gdn"]), hf.get("teacher_path"))
+
+
+# ------------------------------------------------------------------------ directories
+
+
+def torch_tensors(params, dtype=None) -> dict[str, np.ndarray]:
+    """{exported name: array in torch layout} (dtype: cast every tensor; None keeps each's)."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        arr = np.asarray(jax.device_get(value))
+        if dtype is not None:
+            arr = arr.astype(jnp.dtype(dtype))
+        out[torch_tensor_name(path)] = arr.T if _is_kernel(path) else arr
+    return out
+
+
+def write_hf_model(out_dir, config: StudentConfig, params, dtype=None, *, max_shard_bytes=None):
+    """Writes the model directory (module docstring) into `out_dir`; returns its path."""
+    check_exportable(config)
+    tensors = torch_tensors(params, dtype)
+    dtypes = {str(a.dtype) for a in tensors.values()}
+    hf = hybrid_config(config, dtypes.pop() if len(dtypes) == 1 else "float32")
+    root = pathlib.Path(out_dir)
+    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    hf_io.write_weights(root, tensors, **kwargs)
+    for module in (CONFIG_MODULE, MODELING_MODULE):
+        shutil.copyfile(MODELING_DIR / f"{module}.py", root / f"{module}.py")
+    (root / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return root
+
+
+def read_hf_model(path, dtype=None) -> tuple[StudentConfig, dict]:
+    """An exported (or PyTorch-saved) directory -> (StudentConfig, params); dtype: cast to it."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no config.json in {path}")
+    with open(config_path) as f:
+        config = student_config_from_hybrid(json.load(f))
+    tensors = hf_io.read_weights(path)
+    shapes = hf_io.expected_shapes(config.teacher, config.mixers, config.gdn)
+    names = {torch_tensor_name(p): p for p in shapes}
+    ignorable = {"lm_head.weight"} if config.teacher.tie_word_embeddings else set()
+    missing = sorted(set(names) - set(tensors))
+    unexpected = sorted(set(tensors) - set(names) - ignorable)
+    if missing or unexpected:
+        raise hf_io.CheckpointError(
+            f"{path}: tensors do not match config.json: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    flat = {}
+    for name, p in names.items():
+        arr = tensors[name].T if _is_kernel(p) else tensors[name]
+        if arr.shape != shapes[p]:
+            raise hf_io.ShapeMismatchError(f"{path}: {name} has shape {arr.shape}, not {shapes[p]}")
+        flat[p] = jnp.asarray(arr, dtype=dtype)
+    return config, traverse_util.unflatten_dict(flat)

@@ -1,0 +1,227 @@
+"""Command line: continue prompts with a student (or any directory `load_student` reads).
+
+    python -m taylorcal_jax.generate --student=workdirs/tiny/student --prompt="def fib(n):"
+    python -m taylorcal_jax.generate --student=DIR --prompts_file=prompts.jsonl --output=out.jsonl
+
+--prompt: one prompt, whose continuation is printed as it is generated (--nostream: at the end).
+--prompts_file: JSON lines, each {"prompt": "..."} (other keys are copied through). Prompts run
+in batches of --batch_size, left-padded; each result {..., "prompt", "completion"} is written as
+one JSON line to --output (default stdout) as soon as its batch is done. An existing --output
+that holds the first results of the same prompts is continued, not redone.
+
+Decoding is greedy unless --temperature > 0 (sampling with --seed, truncated by --top_k and
+--top_p); a row stops at the tokenizer's EOS token or after --max_new_tokens. The tokenizer is
+the one saved in the student directory, or --tokenizer=DIR. Bad arguments fail with one line
+before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from taylorcal_jax.data.tokenizer import load_tokenizer
+from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
+from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
+from taylorcal_jax.utils.progress import progress
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PAD_MULTIPLE = 16  # prompt lengths are padded up to a multiple of this: fewer compiled shapes
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m taylorcal_jax.generate", description=__doc__)
+    p.add_argument("--student", required=True, help="student directory (student_config.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (streamed)")
+    source.add_argument("--prompts_file", help='JSON lines, each {"prompt": "..."}')
+    p.add_argument("--output", default=None, help="JSON lines out (--prompts_file; default stdout)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --student)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------- checks and input
+
+
+def check_args(args) -> None:
+    """Raises ValueError / FileNotFoundError (one line) for arguments that cannot work."""
+    read_student_config(os.path.join(args.student, STUDENT_CONFIG_FILE))
+    tokenizer_dir = args.tokenizer or args.student
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"no tokenizer in {tokenizer_dir}; save the teacher's tokenizer there or pass "
+            "--tokenizer=DIR"
+        )
+    if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
+        raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist")
+    if args.output is not None and args.prompt is not None:
+        raise ValueError("--output goes with --prompts_file; --prompt prints to stdout")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+
+
+def read_prompts(path) -> list[dict]:
+    """The records of a JSON-lines prompts file (blank lines skipped)."""
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{n}: expected an object with a string "prompt"')
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no prompts")
+    return records
+
+
+def finished_records(output, records) -> int:
+    """How many results an existing output already holds for these records (0 if none)."""
+    if output is None or not os.path.exists(output):
+        return 0
+    with open(output) as f:
+        done = [json.loads(line) for line in f if line.strip()]
+    if len(done) > len(records) or any(
+        d.get("prompt") != r["prompt"] for d, r in zip(done, records, strict=False)
+    ):
+        raise ValueError(
+            f"{output} exists and does not continue these prompts; remove it or pick another "
+            "--output"
+        )
+    return len(done)
+
+
+# ----------------------------------------------------------------------- generation
+
+
+def _sampling(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+
+
+def encode(tokenizer, text: str, where: str) -> list[int]:
+    ids = tokenizer(text)["input_ids"]
+    if not ids:
+        raise ValueError(f"{where} encodes to no tokens")
+    return ids
+
+
+def until_eos(ids, eos_token_id) -> list[int]:
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
+
+
+def stream_prompt(model, params, tokenizer, ids, args, out) -> str:
+    """Prints the continuation of one prompt (token ids) as it is generated; returns it."""
+    eos = tokenizer.eos_token_id
+    new, shown = [], ""
+    steps = generate_stream(
+        model,
+        params,
+        np.asarray([ids], np.int32),
+        rng=jax.random.PRNGKey(args.seed),
+        eos_token_id=eos,
+        **_sampling(args),
+    )
+    for token_b in steps:
+        if int(token_b[0]) == eos:
+            break
+        new.append(int(token_b[0]))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if args.stream and not text.endswith("\ufffd"):  # wait for the rest of a character
+            out.write(text[len(shown) :])
+            out.flush()
+            shown = text
+    completion = tokenizer.decode(new, skip_special_tokens=True)
+    out.write(completion[len(shown) :] + "\n")
+    out.flush()
+    return completion
+
+
+def generate_batches(model, params, tokenizer, records, ids, args, out, start=0) -> None:
+    """Writes {**record, "completion"} for records[start:] (token ids `ids`) batch by batch."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    starts = range(start, len(records), args.batch_size)
+    for first in progress(starts, desc="generate", unit="batch", file=sys.stderr):
+        batch = ids[first : first + args.batch_size]
+        # Full batches and padded lengths keep the compiled shapes few; extra rows are dropped.
+        rows = batch + [batch[0]] * (args.batch_size - len(batch))
+        longest = max(map(len, rows))
+        tokens, valid = left_pad(rows, pad, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        result = generate(
+            model,
+            params,
+            tokens,
+            valid_bt=valid,
+            rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), first),
+            eos_token_id=eos,
+            pad_id=pad,
+            **_sampling(args),
+        )
+        new = np.asarray(result["tokens"])
+        for i, record in enumerate(records[first : first + len(batch)]):
+            completion = tokenizer.decode(until_eos(new[i], eos), skip_special_tokens=True)
+            out.write(json.dumps({**record, "completion": completion}) + "\n")
+        out.flush()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        tokenizer = load_tokenizer(args.tokenizer or args.student)
+        if args.prompts_file is None:
+            records, ids = None, encode(tokenizer, args.prompt, "--prompt")
+        else:
+            records = read_prompts(args.prompts_file)
+            ids = [encode(tokenizer, r["prompt"], f"prompt {i + 1}") for i, r in enumerate(records)]
+            start = finished_records(args.output, records)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    config, params = load_student(args.student, dtype)
+    model = config.model(dtype)
+    if records is None:
+        stream_prompt(model, params, tokenizer, ids, args, sys.stdout)
+    elif args.output is None:
+        generate_batches(model, params, tokenizer, records, ids, args, sys.stdout)
+    else:
+        with open(args.output, "a") as out:
+            generate_batches(model, params, tokenizer, records, ids, args, out, start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""On an NVIDIA GPU: exported students in bf16 with flash-linear-attention's kernels against our
+JAX student in float32 (matmuls at "highest").
+
+- the transformers export (export/hf_torch.py) with gdn_kernels="fla": a left-padded prefill
+  of 150 tokens (chunk_gated_delta_rule) and 8 decoding steps (fused_recurrent_gated_delta_rule)
+- fla's own GatedDeltaNetForCausalLM from the fla-format export (export/fla_format.py): the
+  prefill, with and without a kept attention layer (the latter needs flash-attn)
+
+Tolerance: within 2e-2 relative, ||torch - jax||_F / ||jax||_F over the real tokens. Run on the
+device machine: python3 launch/run_gpu_tests.py --select export --out-dir DIR
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_export_hf import randomize
+from tiny_models import tiny_model_config
+
+from taylorcal_jax.eval.generate import left_pad
+from taylorcal_jax.export.fla_format import write_fla_model
+from taylorcal_jax.export.hf_torch import write_hf_model
+from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("fla")
+
+pytestmark = pytest.mark.gpu
+
+PROMPT_LENGTHS = (150, 100)  # > 64 tokens: fla's chunked kernel
+DECODE_STEPS = 8
+TOLERANCE = 2e-2
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    return torch.device("cuda")
+
+
+def _student(keep, conv):
+    cfg = tiny_model_config(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        rms_norm_eps=1e-5,  # = the GDN norm_eps, as fla's format needs
+    )  # fmt: skip
+    sc = StudentConfig.from_teacher(cfg, keep, use_short_conv=conv)
+    params = init_params(cfg, jax.random.PRNGKey(0), mixers=sc.mixers, gdn=sc.gdn)
+    return sc, randomize(params)
+
+
+def _sequences():
+    """Left-padded prompts followed by DECODE_STEPS more tokens: (tokens, valid) [2, T]."""
+    rng = np.random.default_rng(0)
+    total = max(PROMPT_LENGTHS) + DECODE_STEPS
+    rows = [list(rng.integers(1, 512, n + DECODE_STEPS)) for n in PROMPT_LENGTHS]
+    return left_pad(rows, pad_id=0, length=total)
+
+
+def _jax_logits(sc, params, tokens, valid):
+    with jax.default_matmul_precision("highest"):
+        logits, _, _ = sc.model().apply({"params": params}, jnp.asarray(tokens), valid_bt=valid)
+    return np.asarray(logits)
+
+
+def _rel(a, b, valid):
+    a, b = np.asarray(a, np.float64)[valid], np.asarray(b, np.float64)[valid]
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_export_bf16_with_fla_kernels(conv, tmp_path):
+    device = _cuda()
+    sc, params = _student((1,), conv)
+    tokens, valid = _sequences()
+    ref = _jax_logits(sc, params, tokens, valid)
+    path = write_hf_model(tmp_path, sc, params)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=True, dtype=torch.bfloat16, gdn_kernels="fla"
+    )
+    model = model.to(device).eval()
+    ids = torch.as_tensor(tokens, device=device)
+    mask = torch.as_tensor(valid.astype(np.int64), device=device)
+    prompt = tokens.shape[1] - DECODE_STEPS
+    with torch.no_grad():
+        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt])
+        logits, cache = [out.logits], out.cache
+        for t in range(prompt, tokens.shape[1]):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+            logits.append(out.logits)
+            cache = out.cache
+    got = torch.cat(logits, 1).float().cpu().numpy()
+    assert _rel(got[:, :prompt], ref[:, :prompt], valid[:, :prompt]) < TOLERANCE
+    assert _rel(got[:, prompt:], ref[:, prompt:], valid[:, prompt:]) < TOLERANCE
+
+
+@pytest.mark.parametrize("keep", [(), (1,)])
+def test_fla_format_bf16(keep, tmp_path):
+    device = _cuda()
+    if keep:
+        pytest.importorskip("flash_attn", reason="fla's attention layers need flash-attn")
+    from fla.models import GatedDeltaNetForCausalLM  # noqa: PLC0415
+
+    sc, params = _student(keep, conv=True)
+    tokens, valid = _sequences()
+    ref = _jax_logits(sc, params, tokens, valid)
+    write_fla_model(tmp_path, sc, params)
+    model = GatedDeltaNetForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        out = model(
+            torch.as_tensor(tokens, device=device),
+            attention_mask=torch.as_tensor(valid.astype(np.int64), device=device),
+        )
+    assert _rel(out.logits.float().cpu().numpy(), ref, valid) < TOLERANCE

@@ -1,0 +1,233 @@
+"""Export to a transformers model with its own modelling code (taylorcal_jax.export.hf_torch).
+
+References: our JAX student's logits and its greedy generation (eval/generate.py). Tolerances:
+fp32 logits on the CPU within 1e-4 relative (max |torch - jax| / max |jax| over real tokens); the
+cached decoding of the exported model equal to its own full forward within 1e-5 relative;
+greedy tokens identical; import after export bit-identical.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from flax import traverse_util
+from tiny_models import tiny_model_config
+
+from taylorcal_jax.eval.generate import generate, left_pad
+from taylorcal_jax.export import __main__ as export_cli
+from taylorcal_jax.export.common import UnsupportedExportError
+from taylorcal_jax.export.hf_torch import check_exportable, read_hf_model, write_hf_model
+from taylorcal_jax.models.config import RopeConfig
+from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.student import StudentConfig, save_student
+from taylorcal_jax.models.teacher import init_params
+
+VOCAB = 67
+PROMPTS = [[3, 9, 27, 4, 11, 60, 2, 45, 8, 19], [8, 1, 33, 50]]  # the second is left-padded
+YARN = RopeConfig(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)
+LLAMA3 = RopeConfig(rope_type="llama3", factor=8.0, original_max_position_embeddings=8)
+# name -> (teacher overrides, keep_full_attention_layers, GDN options)
+CASES = {
+    "llama_tied_llama3": (dict(tie_word_embeddings=True, rope=LLAMA3), (1,), {}),
+    "qwen2_bias_conv_yarn": (dict(model_type="qwen2", attention_bias=True, rope=YARN), (1,), {}),
+    "qwen3_qknorm_linear": (
+        dict(model_type="qwen3", qk_norm=True, rope=RopeConfig(rope_type="linear", factor=2.0)),
+        (0,),
+        dict(use_short_conv=True),
+    ),
+    "mistral_window_conv": (
+        dict(model_type="mistral", sliding_windows=(3, 3, 3)),
+        (1, 2),
+        dict(use_short_conv=True, conv_size=3),
+    ),
+}
+
+
+def randomize(params, seed=0):
+    """Every leaf redrawn with O(1) activations (norm scales 1 + N(0, 0.2^2), biases N(0, 0.5^2),
+    kernels N(0, 1/fan_in), embeddings N(0, 1)), so a swapped or misread tensor shows in the
+    logits; A_log and dt_bias keep their (already random) init."""
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for n, (path, value) in enumerate(sorted(flat.items())):
+        noise = jax.random.normal(jax.random.PRNGKey(seed * 1000 + n), value.shape)
+        leaf = path[-1]
+        if leaf == "scale":
+            value = 1.0 + 0.2 * noise
+        elif leaf == "bias":
+            value = 0.5 * noise
+        elif leaf == "kernel":
+            value = noise / np.sqrt(value.shape[0])
+        elif leaf == "embedding":
+            value = noise
+        out[path] = value
+    return traverse_util.unflatten_dict(out)
+
+
+def make_student(name, layers=3, keep=None, **teacher):
+    """(StudentConfig, random params) of a CASES entry; `keep` and `teacher` fields override."""
+    overrides, case_keep, gdn = CASES[name]
+    keep = case_keep if keep is None else keep
+    cfg = tiny_model_config(
+        vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=64,
+        **{**overrides, **teacher},
+    )  # fmt: skip
+    sc = StudentConfig.from_teacher(cfg, keep, **gdn)
+    params = init_params(cfg, jax.random.PRNGKey(0), mixers=sc.mixers, gdn=sc.gdn)
+    return sc, randomize(params)
+
+
+def load_torch(path, **kwargs):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=True, **kwargs
+    )
+    return model.eval()
+
+
+def rel_err(a, b, valid):
+    a, b = np.asarray(a, np.float64)[valid], np.asarray(b, np.float64)[valid]
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def _mask(valid):
+    return torch.as_tensor(np.asarray(valid, np.int64))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fp32_logits_and_cached_decoding_match_jax(name, tmp_path):
+    sc, params = make_student(name)
+    tokens, valid = left_pad(PROMPTS, pad_id=0)
+    ref, _, _ = sc.model().apply({"params": params}, jnp.asarray(tokens), valid_bt=valid)
+    model = load_torch(write_hf_model(tmp_path, sc, params))
+    assert model.dtype == torch.float32
+    with torch.no_grad():
+        full = model(torch.as_tensor(tokens), attention_mask=_mask(valid), use_cache=False).logits
+        assert rel_err(full, ref, valid) < 1e-4
+        # Prefill 6 slots, then one token per call: the same logits as the full forward.
+        out = model(torch.as_tensor(tokens[:, :6]), attention_mask=_mask(valid[:, :6]))
+        steps, cache = [out.logits], out.cache
+        for t in range(6, tokens.shape[1]):
+            out = model(
+                torch.as_tensor(tokens[:, t : t + 1]), attention_mask=_mask(valid[:, : t + 1]),
+                cache=cache,
+            )  # fmt: skip
+            steps.append(out.logits)
+            cache = out.cache
+    assert rel_err(torch.cat(steps, 1), full, valid) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mistral_window_conv", "qwen3_qknorm_linear"])
+def test_greedy_generate_matches_ours(name, tmp_path):
+    sc, params = make_student(name)
+    tokens, valid = left_pad(PROMPTS, pad_id=0)
+    ours = generate(sc.model(), params, tokens, valid_bt=valid, max_new_tokens=32)["tokens"]
+    model = load_torch(write_hf_model(tmp_path, sc, params))
+    theirs = model.generate(
+        torch.as_tensor(tokens), attention_mask=_mask(valid), max_new_tokens=32, do_sample=False,
+        pad_token_id=0,
+    )  # fmt: skip
+    np.testing.assert_array_equal(theirs[:, tokens.shape[1] :].numpy(), np.asarray(ours))
+
+
+def _assert_same_params(a, b):
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    assert fa.keys() == fb.keys()
+    for path in fa:
+        x, y = np.asarray(fa[path]), np.asarray(fb[path])
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        np.testing.assert_array_equal(x, y, err_msg=str(path))
+
+
+@pytest.mark.parametrize("name", ["llama_tied_llama3", "mistral_window_conv"])
+def test_round_trip_is_exact(name, tmp_path):
+    sc, params = make_student(name)
+    write_hf_model(tmp_path / "export", sc, params, max_shard_bytes=20_000)  # sharded
+    config, back = read_hf_model(tmp_path / "export")
+    assert config == sc
+    _assert_same_params(back, params)
+    # What transformers writes after loading (tied head dropped, its own safetensors) reads back.
+    load_torch(tmp_path / "export").save_pretrained(tmp_path / "resaved")
+    config, back = read_hf_model(tmp_path / "resaved")
+    assert config == sc
+    _assert_same_params(back, params)
+    # bf16: stored, loaded by transformers as bf16 by default, read back as the cast params.
+    write_hf_model(tmp_path / "bf16", sc, params, jnp.bfloat16)
+    assert load_torch(tmp_path / "bf16").dtype == torch.bfloat16
+    _assert_same_params(
+        read_hf_model(tmp_path / "bf16")[1], jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNWithNegativeEigenvalues(GDNConfig):
+    """A GDN option the exporter does not know (beta in [0, 2))."""
+
+    allow_neg_eigval: bool = False
+
+
+def test_unknown_feature_is_named():
+    sc, _ = make_student("llama_tied_llama3")
+    options = dict(sc.gdn.to_dict(), allow_neg_eigval=False)
+    check_exportable(dataclasses.replace(sc, gdn=GDNWithNegativeEigenvalues(**options)))
+    options["allow_neg_eigval"] = True
+    odd = dataclasses.replace(sc, gdn=GDNWithNegativeEigenvalues(**options))
+    with pytest.raises(UnsupportedExportError, match="allow_neg_eigval=True cannot be exported"):
+        check_exportable(odd)
+
+
+def test_export_command(tmp_path, capsys):
+    sc, params = make_student("qwen3_qknorm_linear", rms_norm_eps=1e-5)  # = the GDN norm_eps
+    student = save_student(tmp_path / "student", sc, params)
+    tokenizer_dir = tmp_path / "tok"
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<eos>": 0, "a": 1}, "<eos>"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>")
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    out = tmp_path / "out"
+    argv = [f"--student={student}", f"--out={out}", f"--tokenizer={tokenizer_dir}"]
+    assert export_cli.main(argv) == 0
+    assert os.path.exists(out / "tokenizer_config.json")
+    assert read_hf_model(out)[0] == sc
+    assert export_cli.main(argv) == 2  # exists
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert export_cli.main([*argv, "--overwrite", "--format=fla"]) == 2  # qwen3 does not fit
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "qk_norm" in err and err.count("\n") == 1
+
+
+def test_fla_kernel_path_equals_torch_recurrence(tmp_path):
+    """gdn_kernels="fla" (fused_recurrent_gated_delta_rule; Triton's interpreter runs it on the
+    CPU) gives the logits of the PyTorch recurrence, prefill and decoding, within 1e-5."""
+    sc, params = make_student("mistral_window_conv")
+    path = write_hf_model(tmp_path, sc, params)
+    script = textwrap.dedent(f"""
+        import numpy as np, torch, transformers
+        tokens = torch.as_tensor({PROMPTS[0]})[None]
+        logits = {{}}
+        for kernels in ("fla", "torch"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                "{path}", trust_remote_code=True, gdn_kernels=kernels).eval()
+            with torch.no_grad():
+                out = model(tokens[:, :6])
+                steps = [out.logits]
+                for t in range(6, tokens.shape[1]):
+                    out = model(tokens[:, t : t + 1], cache=out.cache)
+                    steps.append(out.logits)
+            logits[kernels] = torch.cat(steps, 1).numpy()
+        err = np.abs(logits["fla"] - logits["torch"]).max() / np.abs(logits["torch"]).max()
+        print("REL", err)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.split("REL")[-1]) < 1e-5

@@ -1,0 +1,128 @@
+"""python -m taylorcal_jax.generate: batched, left-padded prompts and streaming equal the library's
+generation of each prompt alone; resuming; one-line errors. Also generate_stream and left_pad."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from tiny_models import tiny_model_config
+
+from taylorcal_jax import generate as cli
+from taylorcal_jax.convert.naive import copy_init
+from taylorcal_jax.data.tokenizer import train_bpe
+from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
+from taylorcal_jax.models.student import StudentConfig, save_student
+from taylorcal_jax.models.teacher import init_params
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
+PROMPTS = ["def add(a", "import", "print(os.getcwd(), 'x'"]
+NEW = 7
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    """A tiny student (one kept layer, one GDN layer with the short conv) and its tokenizer."""
+    tokenizer = train_bpe(TEXTS, 300)
+    cfg = tiny_model_config(vocab_size=320, eos_token_id=tokenizer.eos_token_id)
+    sc = StudentConfig.from_teacher(cfg, (1,), use_short_conv=True)
+    params = copy_init(init_params(cfg, jax.random.PRNGKey(0)), sc, jax.random.PRNGKey(1))
+    gdn = params["layers_0"]["gdn"]
+    gdn["g_proj"] = {"kernel": gdn["g_proj"]["kernel"] * 4}  # the GDN layer matters in logits
+    path = tmp_path_factory.mktemp("student")
+    save_student(path, sc, params)
+    tokenizer.save_pretrained(str(path))
+    return path, sc, params, tokenizer
+
+
+def _alone(student, text, **kw):
+    """The library's continuation of one unpadded prompt, decoded up to EOS."""
+    _, sc, params, tok = student
+    ids = tok(text)["input_ids"]
+    out = generate(
+        sc.model(), params, np.asarray([ids]), max_new_tokens=NEW, eos_token_id=tok.eos_token_id,
+        **kw,
+    )  # fmt: skip
+    return tok.decode(cli.until_eos(np.asarray(out["tokens"][0]), tok.eos_token_id))
+
+
+def test_prompts_file_batches_equal_each_prompt_alone(student_dir, tmp_path, capsys):
+    path = student_dir[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS))
+    )
+    out = tmp_path / "out.jsonl"
+    argv = [f"--student={path}", f"--prompts_file={prompts}", f"--output={out}"]
+    assert cli.main([*argv, f"--max_new_tokens={NEW}", "--batch_size=2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2]  # input order, other keys kept
+    assert [r["completion"] for r in rows] == [_alone(student_dir, p) for p in PROMPTS]
+
+    # An output holding the first results is continued; one for other prompts is refused.
+    out.write_text(json.dumps(rows[0]) + "\n")
+    assert cli.main([*argv, f"--max_new_tokens={NEW}", "--batch_size=2"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    out.write_text(json.dumps({**rows[0], "prompt": "other"}) + "\n")
+    capsys.readouterr()
+    assert cli.main([*argv, f"--max_new_tokens={NEW}"]) == 2
+    assert "does not continue these prompts" in capsys.readouterr().err
+
+
+def test_single_prompt_streams_the_same_text(student_dir, capsys):
+    path = student_dir[0]
+    assert cli.main([f"--student={path}", f"--prompt={PROMPTS[0]}", f"--max_new_tokens={NEW}"]) == 0
+    assert capsys.readouterr().out == _alone(student_dir, PROMPTS[0]) + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt=x", "--top_p=0"], "--top_p must be in (0, 1]"),
+        (["--prompt=x", "--temperature=-1"], "--temperature must be >= 0"),
+        (["--prompt=x", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
+        (["--prompts_file=/nonexistent.jsonl"], "does not exist"),
+        (["--prompt=x", "--tokenizer=/nonexistent"], "no tokenizer in /nonexistent"),
+        (["--prompt=x", "--output=o.jsonl"], "--output goes with --prompts_file"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(student_dir, args, message, capsys):
+    assert cli.main([f"--student={student_dir[0]}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_prompts_file_and_student_dir(tmp_path, student_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    assert cli.main([f"--student={student_dir[0]}", f"--prompts_file={bad}"]) == 2
+    assert f"{bad}:2: expected an object" in capsys.readouterr().err
+    assert cli.main([f"--student={tmp_path}", "--prompt=x"]) == 2
+    assert "no student_config.json" in capsys.readouterr().err
+
+
+def test_stream_yields_the_tokens_of_generate(student_dir):
+    _, sc, params, _ = student_dir
+    tokens, valid = left_pad([[5, 9, 27, 4, 11], [8, 1]], pad_id=0)
+    kw = dict(
+        max_new_tokens=6, valid_bt=valid, temperature=1.0, top_k=20, rng=jax.random.PRNGKey(3)
+    )
+    batch = np.asarray(generate(sc.model(), params, tokens, **kw)["tokens"])
+    streamed = np.stack(list(generate_stream(sc.model(), params, tokens, **kw)), axis=1)
+    np.testing.assert_array_equal(streamed, batch)
+    # Stops once every row has produced EOS (two equal rows, greedy: both at the same step).
+    same = np.asarray([[5, 9, 27, 4]] * 2)
+    free = [int(t[0]) for t in generate_stream(sc.model(), params, same, max_new_tokens=6)]
+    eos = free[1]
+    stopped = list(generate_stream(sc.model(), params, same, max_new_tokens=6, eos_token_id=eos))
+    assert [int(t[0]) for t in stopped] == free[: free.index(eos) + 1]
+
+
+def test_left_pad():
+    tokens, valid = left_pad([[1, 2, 3], [4]], pad_id=9, length=4)
+    np.testing.assert_array_equal(tokens, [[9, 1, 2, 3], [9, 9, 9, 4]])
+    np.testing.assert_array_equal(valid, [[0, 1, 1, 1], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        left_pad([[1, 2, 3]], 0, length=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[1], []], 0)
