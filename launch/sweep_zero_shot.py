@@ -58,27 +58,33 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Workdir: the teacher (unless teacher.path) and the corpus cache."
-)
-_NAME = flags.DEFINE_string("teacher_name", None, "Name in the result files.")
-_STRATEGIES = flags.DEFINE_list(
-    "strategies",
-    "copy,zero_gate,small_gate,taylor_init,align_only,taylor_calibrate",
-    "Initialisation strategies.",
-)
-_POLICIES = flags.DEFINE_list("policies", "uniform,ar,ga_s2", "Layer policies.")
-_FRACTIONS = flags.DEFINE_list("fractions", "0.25", "Kept fractions of attention layers.")
-_RULES = flags.DEFINE_list(
-    "write_gate_rules", "release", "Write-gate rules for the Taylor strategies (first = plain)."
-)
-_ABLATION = flags.DEFINE_bool(
-    "phase1_ablation",
-    False,
-    "Also run each Taylor strategy with one phase-1 part alone and with all parts but one.",
-)
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command-line flags (defined by the script only, so that tests can import it)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+    flags.DEFINE_string(
+        "workdir", None, "Workdir: the teacher (unless teacher.path) and the corpus cache."
+    )
+    flags.DEFINE_string("teacher_name", None, "Name in the result files.")
+    flags.DEFINE_list(
+        "strategies",
+        "copy,zero_gate,small_gate,taylor_init,align_only,taylor_calibrate",
+        "Initialisation strategies.",
+    )
+    flags.DEFINE_list("policies", "uniform,ar,ga_s2", "Layer policies.")
+    flags.DEFINE_list("fractions", "0.25", "Kept fractions of attention layers.")
+    flags.DEFINE_list(
+        "write_gate_rules", "release", "Write-gate rules for the Taylor strategies (first = plain)."
+    )
+    flags.DEFINE_bool(
+        "phase1_ablation",
+        False,
+        "Also run each Taylor strategy with one phase-1 part alone and with all parts but one.",
+    )
+    flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def ablation_label(strategy: str, parts: tuple[str, ...]) -> str:
@@ -431,26 +437,26 @@ def plot(result: dict, path: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    workdir = _WORKDIR.value
+    config = FLAGS.config
+    workdir = FLAGS.workdir
     from taylorcal_jax.utils import progress
 
     progress.set_enabled(config.progress)
-    fractions = [float(f) for f in _FRACTIONS.value]
-    name = _NAME.value or os.path.basename((config.teacher.path or workdir).rstrip("/"))
+    fractions = [float(f) for f in FLAGS.fractions]
+    name = FLAGS.teacher_name or os.path.basename((config.teacher.path or workdir).rstrip("/"))
 
     def write(result):
         result["teacher_name"] = name
-        return write_outputs(result, _OUT.value, name)
+        return write_outputs(result, FLAGS.out, name)
 
     result = sweep(
         config,
         workdir,
-        _STRATEGIES.value,
-        _POLICIES.value,
+        FLAGS.strategies,
+        FLAGS.policies,
         fractions,
-        _RULES.value,
-        phase1_ablation=_ABLATION.value,
+        FLAGS.write_gate_rules,
+        phase1_ablation=FLAGS.phase1_ablation,
         on_update=write,
     )
     paths = write(result)
@@ -461,5 +467,5 @@ def main(argv):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    flags.mark_flags_as_required(["config", "workdir"])
+    define_flags()
     app.run(main)
