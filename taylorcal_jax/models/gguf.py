@@ -230,8 +230,9 @@ def resolve_teacher_dir(path: str, cache_root: str) -> str:
     except BaseException as e:  # interrupted or failed: leave no partial directory
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and not isinstance(e, (ImportError, MemoryError)):
+            first_line = (str(e).strip().splitlines() or [""])[0]
             raise GGUFError(
-                f"{source}: transformers could not convert it ({type(e).__name__}: {e})"
+                f"{source}: transformers could not convert it ({type(e).__name__}: {first_line})"
             ) from e
         raise
     _say(f"converted in {time.perf_counter() - t0:.1f} s")
