@@ -21,8 +21,6 @@ import os
 
 import numpy as np
 
-GGUF_CACHE = "gguf"  # <workdir>/gguf: converted .gguf teachers
-
 
 def tokens_digest(arrays: dict[str, np.ndarray]) -> str:
     """sha256 (16 hex digits) over (name, shape, int32 LE bytes) of each array, by name."""
@@ -40,7 +38,8 @@ def resolve_teacher(config, workdir: str) -> dict:
     from taylorcal_jax.models import gguf
 
     given = config.teacher.path
-    config.teacher.path = gguf.resolve_teacher_dir(given, os.path.join(workdir, GGUF_CACHE))
+    cache_root = os.path.join(workdir, gguf.WORKDIR_CACHE)
+    config.teacher.path = gguf.resolve_teacher_dir(given, cache_root)
     record = None
     if config.teacher.path != given:
         with open(os.path.join(config.teacher.path, gguf.RECORD_FILE)) as f:

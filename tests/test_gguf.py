@@ -109,6 +109,8 @@ def _no_conversion(*_):
 def test_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, monkeypatch):
     path, cache = tmp_path / "m.gguf", str(tmp_path / "cache")
     write_tiny_llama_gguf(path, seed=0)
+    assert gguf_lib.check_gguf_file(str(path)) == "llama"  # no conversion
+    assert not os.path.exists(cache)
     first = gguf_lib.resolve_teacher_dir(str(path), cache)
     real_convert = gguf_lib.convert
 

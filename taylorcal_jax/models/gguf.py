@@ -44,6 +44,7 @@ _MAGIC = b"GGUF"
 # The packages transformers' GGUF loader imports (extra `gguf` of setup.cfg).
 REQUIRED_PACKAGES = ("gguf", "accelerate", "torch", "transformers")
 INSTALL_HINT = "pip install 'taylorcal_jax[gguf]'"
+WORKDIR_CACHE = "gguf"  # a run's converted .gguf teachers: <workdir>/gguf
 
 
 class GGUFError(CheckpointError):
@@ -182,6 +183,22 @@ def convert(gguf_path: str, out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def check_gguf_file(path: str) -> str:
+    """Checks, in a fraction of a second, that `path` is a GGUF file of an architecture the
+    project loads and that the packages to convert it are installed; returns the architecture.
+    Raises CheckpointNotFoundError, ImportError, GGUFError or UnsupportedModelError."""
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"GGUF teacher file {path} does not exist")
+    require_packages()
+    arch = gguf_architecture(path)
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return arch
+
+
 def resolve_teacher_dir(path: str, cache_root: str) -> str:
     """The checkpoint directory for teacher path `path`.
 
@@ -189,20 +206,13 @@ def resolve_teacher_dir(path: str, cache_root: str) -> str:
     A `.gguf` file is converted once into `cache_root` (see the module docstring) and the
     converted directory is returned. Raises CheckpointNotFoundError (no such file), GGUFError
     (not GGUF, or conversion failed), UnsupportedModelError (an architecture the project does
-    not load) or ImportError (missing packages), all before any long work.
+    not load) or ImportError (missing packages), all before any long work
+    (`check_gguf_file`). A run keeps its conversions in `<workdir>/WORKDIR_CACHE`.
     """
     if not is_gguf_path(path):
         return path
     source = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.isfile(source):
-        raise CheckpointNotFoundError(f"GGUF teacher file {source} does not exist")
-    require_packages()
-    arch = gguf_architecture(source)
-    if arch not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{source}: GGUF architecture {arch!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    arch = check_gguf_file(source)
     stat = os.stat(source)
     version = transformers_version()
     stem = os.path.splitext(os.path.basename(source))[0]
