@@ -18,8 +18,8 @@ for a dry run of the same code path on a CPU.
 Text: the running interpreter's site-packages `.py` files (`files:` source), the first
 `data.max_documents` by path, split by the project's hashed document-level split: calibration
 and layer selection read the train split, evaluation the test split, so they never share a
-document. In a Python 3.11 site-packages of 19,189 non-empty `.py` files the first 2000 gave 110 test
-documents, 391,530 test tokens with this tokenizer (191 windows of 2048; 2026-12-04,
+document. In a Python 3.11 site-packages of 19,189 non-empty `.py` files, the first 2000 gave
+110 test documents, 391,530 test tokens with this tokenizer (191 windows of 2048; 2026-12-04,
 launch/results/parity_smollm2_135m.json). The files differ between machines, so results record
 the source glob and digests of the token streams (launch/run_inputs.py).
 """
