@@ -121,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibration.sigma_min = 0.1  # value scale clip
     c.calibration.sigma_max = 10.0
     c.calibration.gate_damping = 0.01  # Wg = alpha Wv, alpha = damping rms(C) / rms(silu(x Wv))
+    # Phase-1 parts written into the params (the rest keep the `copy` init); all four = the
+    # published method. Subsets are ablations (launch/sweep_zero_shot.py --phase1_ablation).
+    c.calibration.phase1_parts = ("decay", "write_gate", "value_scale", "output_gate")
     c.calibration.align = ml_collections.ConfigDict()
     c.calibration.align.steps = 300
     c.calibration.align.lr_qkv = 1e-4

@@ -11,6 +11,20 @@ On one GPU, teacher pretraining and the sweep in one command (results land in $O
         --teacher_name=gpu_teacher --fractions=0.25,0.5 \
         --write_gate_rules=release,mean_direction --config.progress=False --out=$OUT
 
+A real pretrained teacher (a .gguf teacher.path is converted once into <workdir>/gguf):
+
+    python launch/sweep_zero_shot.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2 \
+        --teacher_name=smollm2_135m --config.progress=False
+
+Phase-1 ablation (`--phase1_ablation`): each Taylor strategy also runs with one phase-1 part
+alone, labelled "<strategy>[<part>]", and with every part but one, "<strategy>[-<part>]"
+(calibration.phase1_parts; parts decay, write_gate, value_scale, output_gate; the parts not
+taken keep the `copy` init), e.g. which part pulls alignment into a worse place:
+
+    python launch/sweep_zero_shot.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2 \
+        --teacher_name=smollm2_135m_phase1_ablation --strategies=align_only,taylor_calibrate \
+        --policies=uniform --phase1_ablation --config.progress=False
+
 Teacher: `config.teacher.path`, else <workdir>/teacher (the `pretrain` stage). Evaluation
 set: the config's `eval` section; calibration and selection data: `calibration` / `select`.
 For every strategy the GDN params of *every* layer are computed once (phases are
@@ -19,9 +33,14 @@ of them are scored together by the one model vmapped over keep flags
 (`select.score_keep_masks`, tested equal to the student model). `ar` scores do not depend on
 the strategy (computed once); `ga_s2` ranks layers with each strategy's own init.
 
-Writes launch/results/zero_shot_<teacher_name>.{json,csv,md,png}. JSON fields: teacher,
-teacher_ppl, eval_tokens, device, date, command, rows (policy, kept_fraction, strategy,
-keep_full_attention_layers, ppl) and the settings used.
+Writes launch/results/zero_shot_<teacher_name>.{json,csv,md,png}, after every strategy (so an
+interrupted sweep keeps what it finished; "complete" is false until the end), and prints each
+step with the seconds elapsed. JSON fields: teacher, teacher_source (a .gguf file's
+fingerprint), teacher_ppl, eval_tokens, text (source glob, split, documents and tokens per
+split, corpus and eval digests: launch/run_inputs.py), device, date, command, rows (policy,
+kept_fraction, strategy, keep_full_attention_layers, ppl), per_strategy (init seconds, write
+gate, phase-1 parts, per-layer alignment loss before/after phase 2, ga_s2 candidate ppl) and
+the settings used.
 
 Taylor strategies run once per `--write_gate_rules` entry; the non-default rule is labelled
 "<strategy>+<rule>" (e.g. taylor_calibrate+mean_direction, our improvement, reported as such).
@@ -39,28 +58,83 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Workdir: the teacher (unless teacher.path) and the corpus cache."
-)
-_NAME = flags.DEFINE_string("teacher_name", None, "Name in the result files.")
-_STRATEGIES = flags.DEFINE_list(
-    "strategies",
-    "copy,zero_gate,small_gate,taylor_init,align_only,taylor_calibrate",
-    "Initialisation strategies.",
-)
-_POLICIES = flags.DEFINE_list("policies", "uniform,ar,ga_s2", "Layer policies.")
-_FRACTIONS = flags.DEFINE_list("fractions", "0.25", "Kept fractions of attention layers.")
-_RULES = flags.DEFINE_list(
-    "write_gate_rules", "release", "Write-gate rules for the Taylor strategies (first = plain)."
-)
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+FLAGS = flags.FLAGS
 
 
-def sweep(config, workdir, strategies, policies, fractions, rules):
-    """Returns the result dict (see module docstring)."""
+def define_flags() -> None:
+    """The command-line flags (defined by the script only, so that tests can import it)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+    flags.DEFINE_string(
+        "workdir", None, "Workdir: the teacher (unless teacher.path) and the corpus cache."
+    )
+    flags.DEFINE_string("teacher_name", None, "Name in the result files.")
+    flags.DEFINE_list(
+        "strategies",
+        "copy,zero_gate,small_gate,taylor_init,align_only,taylor_calibrate",
+        "Initialisation strategies.",
+    )
+    flags.DEFINE_list("policies", "uniform,ar,ga_s2", "Layer policies.")
+    flags.DEFINE_list("fractions", "0.25", "Kept fractions of attention layers.")
+    flags.DEFINE_list(
+        "write_gate_rules", "release", "Write-gate rules for the Taylor strategies (first = plain)."
+    )
+    flags.DEFINE_bool(
+        "phase1_ablation",
+        False,
+        "Also run each Taylor strategy with one phase-1 part alone and with all parts but one.",
+    )
+    flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def ablation_label(strategy: str, parts: tuple[str, ...]) -> str:
+    """ "<strategy>[<part>]": only that part from phase 1; "<strategy>[-<part>]": all but it."""
+    from taylorcal_jax.calibrate.taylor import PHASE1_PARTS
+
+    if len(parts) == 1:
+        return f"{strategy}[{parts[0]}]"
+    (left_out,) = set(PHASE1_PARTS) - set(parts)
+    return f"{strategy}[-{left_out}]"
+
+
+def variants(strategy: str, rules, phase1_ablation: bool) -> list[tuple[str, dict]]:
+    """(label, calibration overrides) of each run of `strategy`: one per write-gate rule for
+    the Taylor strategies (the first rule unlabelled), plus with `phase1_ablation` each phase-1
+    part alone and all parts but one (under the first rule); one plain run otherwise."""
+    from taylorcal_jax.calibrate import select
+    from taylorcal_jax.calibrate.taylor import PHASE1_PARTS
+
+    if not select.uses_phase(strategy, "taylor"):
+        return [(strategy, {})]
+    out = [
+        (strategy if i == 0 else f"{strategy}+{rule}", {"write_gate": rule})
+        for i, rule in enumerate(rules)
+    ]
+    if phase1_ablation:
+        singles = [(p,) for p in PHASE1_PARTS]
+        all_but = [tuple(q for q in PHASE1_PARTS if q != p) for p in PHASE1_PARTS]
+        for parts in singles + all_but:
+            label = ablation_label(strategy, parts)
+            out.append((label, {"write_gate": rules[0], "phase1_parts": parts}))
+    return out
+
+
+def sweep(
+    config,
+    workdir,
+    strategies,
+    policies,
+    fractions,
+    rules,
+    *,
+    phase1_ablation=False,
+    on_update=None,
+):
+    """Returns the result dict (see module docstring); calls on_update(result so far) after
+    every strategy variant, so that an interrupted sweep keeps the rows it finished."""
     import jax
     import numpy as np
+    import run_inputs  # launch/
 
     from taylorcal_jax.calibrate import pipeline, select
     from taylorcal_jax.eval.perplexity import perplexity
@@ -71,35 +145,78 @@ def sweep(config, workdir, strategies, policies, fractions, rules):
         select.check_strategy(s)
     for p in policies:
         select.check_policy(p)
+    if phase1_ablation and not any(select.uses_phase(s, "taylor") for s in strategies):
+        raise ValueError(
+            "--phase1_ablation needs a Taylor strategy (taylor_init, taylor_calibrate)"
+        )
+    stages.validate(config)
     pipeline.validate(config)
     t0 = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {message}", flush=True)
+
+    teacher_source = run_inputs.resolve_teacher(config, workdir)
     mcfg, params, corpus = pipeline._teacher_and_corpus(config, workdir)
     n = mcfg.num_hidden_layers
+    log(f"teacher ({n} layers) and text ready")
     c = config.calibration
     cal_tokens = corpus.sample(c.split, int(c.num_sequences), int(c.seq_len), int(c.seed))
     st = pipeline.collect_stats(config, mcfg, params, cal_tokens)
+    jax.block_until_ready(st)
     stats_seconds = time.perf_counter() - t0
+    log(f"statistics on {cal_tokens.shape} calibration tokens")
     eval_seqs = stages.eval_sequences(config, corpus)
     sel_seqs = pipeline.selection_sequences(config, corpus)
     bs = int(config.eval.batch_size)
     teacher = perplexity(Transformer(mcfg), params, eval_seqs, batch_size=bs, desc="teacher")
+    log(f"teacher ppl {teacher['ppl']:.3f} on {teacher['tokens']} tokens")
     par = int(config.select.parallel_candidates)
     sel_bs = int(config.select.batch_size)
+    result = {
+        "teacher": teacher_source["path"] or os.path.join(workdir, "teacher"),
+        "teacher_source": teacher_source,
+        "teacher_ppl": teacher["ppl"],
+        "eval_tokens": teacher["tokens"],
+        "eval_split": config.eval.split,
+        "eval_seq_len": int(config.eval.seq_len),
+        "text": run_inputs.text_record(config, corpus, eval_seqs),
+        "device": stages.device_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "jax_version": jax.__version__,
+        "calibration": {
+            "tokens": int(np.asarray(st.valid_nt).sum()),
+            "num_sequences": int(c.num_sequences),
+            "seq_len": int(c.seq_len),
+            "split": c.split,
+            "align_steps": int(c.align.steps),
+            "statistics_seconds": round(stats_seconds, 2),
+        },
+        "select": {
+            "num_sequences": int(config.select.num_sequences),
+            "seq_len": int(config.select.seq_len),
+            "split": config.select.split,
+        },
+        "ar_candidate_ppl": None,
+        "per_strategy": {},
+        "complete": False,
+        "total_seconds": None,
+        "rows": [],
+    }
 
     ar_scores = None
-    rows, extras = [], {}
+    rows, extras = result["rows"], result["per_strategy"]
     for strategy in strategies:
-        variants = rules if select.uses_phase(strategy, "taylor") else [None]
-        for rule in variants:
-            label = strategy if rule in (None, rules[0]) else f"{strategy}+{rule}"
+        for label, overrides in variants(strategy, rules, phase1_ablation):
             cfg = config.copy_and_resolve_references()
-            if rule is not None:
-                cfg.calibration.write_gate = rule
+            cfg.calibration.update(overrides)
             ctx = pipeline.context(cfg, mcfg)
             t1 = time.perf_counter()
             mixers, report = select.mixers_for_all_layers(strategy, params, st, ctx)
             jax.block_until_ready(mixers)
             init_seconds = time.perf_counter() - t1
+            log(f"{label}: mixers of all {n} layers in {init_seconds:.1f} s")
             keeps = []
             ga_scores = None
 
@@ -114,10 +231,15 @@ def sweep(config, workdir, strategies, policies, fractions, rules):
                     if policy == "uniform":
                         keep = select.uniform_layers(n, frac)
                     elif policy == "ar":  # independent of the strategy: scored once
-                        ar_scores = scores("ar") if ar_scores is None else ar_scores
+                        if ar_scores is None:
+                            ar_scores = scores("ar")
+                            result["ar_candidate_ppl"] = np.asarray(ar_scores).tolist()
+                            log(f"ar: {n} candidates scored")
                         keep = select.keep_from_scores("ar", ar_scores, frac)
                     else:
-                        ga_scores = scores("ga_s2") if ga_scores is None else ga_scores
+                        if ga_scores is None:
+                            ga_scores = scores("ga_s2")
+                            log(f"{label}: ga_s2, {n} candidates scored")
                         keep = select.keep_from_scores("ga_s2", ga_scores, frac)
                     keeps.append((policy, frac, keep))
             union = select.union_params(params, mixers, ctx.mixer.name)
@@ -142,45 +264,30 @@ def sweep(config, workdir, strategies, policies, fractions, rules):
                         "ppl": float(value),
                     }
                 )
-            extra = {"init_seconds": round(init_seconds, 2)}
+            extra = {
+                "init_seconds": round(init_seconds, 2),
+                "write_gate": ctx.consts.write_gate,
+                "phase1_parts": list(ctx.consts.phase1_parts),
+            }
             if "align" in report:
                 extra["align_loss_before"] = np.asarray(report["align"]["loss_before"]).tolist()
                 extra["align_loss_after"] = np.asarray(report["align"]["loss_after"]).tolist()
             if ga_scores is not None:
                 extra["ga_s2_candidate_ppl"] = np.asarray(ga_scores).tolist()
             extras[label] = extra
-            print(
+            log(
                 f"{label}: "
                 + ", ".join(
                     f"{r['policy']}@{r['kept_fraction']}={r['ppl']:.3f}"
                     for r in rows
                     if r["strategy"] == label
-                ),
-                flush=True,
+                )
             )
-    return {
-        "teacher": config.teacher.path or os.path.join(workdir, "teacher"),
-        "teacher_ppl": teacher["ppl"],
-        "eval_tokens": teacher["tokens"],
-        "eval_split": config.eval.split,
-        "eval_seq_len": int(config.eval.seq_len),
-        "device": stages.device_description(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "jax_version": jax.__version__,
-        "calibration": {
-            "tokens": int(np.asarray(st.valid_nt).sum()),
-            "num_sequences": int(c.num_sequences),
-            "seq_len": int(c.seq_len),
-            "split": c.split,
-            "align_steps": int(c.align.steps),
-            "statistics_seconds": round(stats_seconds, 2),
-        },
-        "ar_candidate_ppl": None if ar_scores is None else np.asarray(ar_scores).tolist(),
-        "per_strategy": extras,
-        "total_seconds": round(time.perf_counter() - t0, 1),
-        "rows": rows,
-    }
+            result["total_seconds"] = round(time.perf_counter() - t0, 1)
+            if on_update is not None:
+                on_update(result)
+    result["complete"] = True
+    return result
 
 
 def write_outputs(result: dict, out_dir: str, name: str) -> dict:
@@ -236,6 +343,7 @@ def markdown_table(result: dict) -> str:
             for k in ("teacher_origin", "notes")
             if result.get(k)
         ],
+        *_text_lines(result),
         "",
         head,
         "|" + "---|" * (len(cols) + 1),
@@ -247,6 +355,7 @@ def markdown_table(result: dict) -> str:
             r = ppl.get((s, p, f))
             cells.append("" if r is None else f"{r['ppl']:.3f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += _alignment_lines(result)
     lines += ["", "Kept layers:", ""]
     seen = {}
     for r in result["rows"]:
@@ -260,6 +369,42 @@ def markdown_table(result: dict) -> str:
         else:
             lines.append(f"- {p} @ {f:.0%}: " + "; ".join(f"{s} {v}" for s, v in by_s.items()))
     return "\n".join(lines) + "\n"
+
+
+def _text_lines(result: dict) -> list[str]:
+    text = result.get("text")
+    if not text:
+        return []
+    lines = [
+        f"Text: `{text['source']}` (first {text['max_documents']} documents, hashed split "
+        f"seed {text['split_seed']}; documents {text['documents']}; tokens {text['tokens']}); "
+        f"corpus digest {text['corpus_digest']}, eval digest {text['eval_digest']}."
+    ]
+    if not result.get("complete", True):
+        lines.append("**Incomplete**: the sweep stopped before its last strategy.")
+    return lines
+
+
+def _alignment_lines(result: dict) -> list[str]:
+    """Phase-2 loss per strategy (teacher-forced MSE, mean and max over layers), if any."""
+    aligned = {k: v for k, v in result["per_strategy"].items() if "align_loss_after" in v}
+    if not aligned:
+        return []
+    lines = [
+        "",
+        "Alignment loss (teacher-forced MSE of every layer's mixer; mean / max over layers):",
+        "",
+        "| strategy | phase-1 parts | before | after | after, max |",
+        "|---|---|---|---|---|",
+    ]
+    for label, v in aligned.items():
+        before, after = v["align_loss_before"], v["align_loss_after"]
+        parts = " ".join(v.get("phase1_parts", [])) if "taylor" in label else "-"
+        lines.append(
+            f"| {label} | {parts} | {sum(before) / len(before):.4g} | "
+            f"{sum(after) / len(after):.4g} | {max(after):.4g} |"
+        )
+    return lines
 
 
 def plot(result: dict, path: str) -> None:
@@ -292,21 +437,35 @@ def plot(result: dict, path: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    workdir = _WORKDIR.value
+    config = FLAGS.config
+    workdir = FLAGS.workdir
     from taylorcal_jax.utils import progress
 
     progress.set_enabled(config.progress)
-    fractions = [float(f) for f in _FRACTIONS.value]
-    result = sweep(config, workdir, _STRATEGIES.value, _POLICIES.value, fractions, _RULES.value)
-    name = _NAME.value or os.path.basename((config.teacher.path or workdir).rstrip("/"))
-    result["teacher_name"] = name
-    paths = write_outputs(result, _OUT.value, name)
+    fractions = [float(f) for f in FLAGS.fractions]
+    name = FLAGS.teacher_name or os.path.basename((config.teacher.path or workdir).rstrip("/"))
+
+    def write(result):
+        result["teacher_name"] = name
+        return write_outputs(result, FLAGS.out, name)
+
+    result = sweep(
+        config,
+        workdir,
+        FLAGS.strategies,
+        FLAGS.policies,
+        fractions,
+        FLAGS.write_gate_rules,
+        phase1_ablation=FLAGS.phase1_ablation,
+        on_update=write,
+    )
+    paths = write(result)
     print(markdown_table(result))
     print("wrote " + ", ".join(paths.values()))
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    flags.mark_flags_as_required(["config", "workdir"])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    define_flags()
     app.run(main)

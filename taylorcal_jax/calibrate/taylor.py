@@ -22,6 +22,19 @@ teacher-forced input x and context C (pre-o_proj, one block per query head):
                  [sigma_min, sigma_max]; the columns of Wv for head h are multiplied by sigma_h
     output gate  Wg = alpha Wv (scaled),  alpha = gate_damping rms(C) / rms(silu(x Wv))
 
+`phase1_parts` (configs/common.py, calibration.phase1_parts; default all four = the published
+method) names the parts written into the params; the others keep the input's (e.g. `copy`)
+values. Each part writes only its own parameters:
+
+    decay        A_log, dt_bias, a_proj
+    write_gate   b_proj
+    value_scale  v_proj
+    output_gate  g_proj
+
+Later parts see the earlier ones as applied: sigma is fitted with whichever gates are in the
+params, and Wg is alpha times the Wv in the params. Diagnostics report what phase 1 computes
+(targets, fitted sigma, alpha) whether or not a part is applied.
+
 `calibrate_layer` is the pure per-layer map; `calibrate_layers` vmaps it over layers
 stacked on a leading axis; `taylor_init` applies it to a student's params, one layer at a
 time through a single compiled program.
@@ -44,6 +57,7 @@ from taylorcal_jax.models.mixers.gdn import softplus_inverse
 from taylorcal_jax.models.paths import layer_mixer, with_layer_mixer
 
 WRITE_GATE_RULES = ("release", "mean_direction")
+PHASE1_PARTS = ("decay", "write_gate", "value_scale", "output_gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +74,16 @@ class TaylorConstants:
     gate_damping: float
     write_gate: str
     a_proj_scale: float
+    phase1_parts: tuple[str, ...] = PHASE1_PARTS  # all four: the published method
 
     def __post_init__(self):
+        parts = self.phase1_parts
+        if isinstance(parts, str) or len(set(parts)) != len(parts) or set(parts) - {*PHASE1_PARTS}:
+            raise ValueError(
+                f"calibration.phase1_parts must be a tuple of distinct parts from {PHASE1_PARTS}, "
+                f"got {parts!r}"
+            )
+        object.__setattr__(self, "phase1_parts", tuple(p for p in PHASE1_PARTS if p in parts))
         if self.write_gate not in WRITE_GATE_RULES:
             raise ValueError(
                 f"calibration.write_gate must be one of {WRITE_GATE_RULES}, got {self.write_gate!r}"
@@ -148,13 +170,16 @@ def calibrate_layer(
     ctx = context_nthd.astype(jnp.float32)
     p = {k: (dict(v) if isinstance(v, dict) else v) for k, v in gdn_params.items()}
 
+    parts = consts.phase1_parts
     a_log, dt_bias, gamma = decay_params(distance_h.astype(jnp.float32), consts)
-    p["A_log"], p["dt_bias"] = a_log, dt_bias
-    p["a_proj"]["kernel"] = p["a_proj"]["kernel"] * consts.a_proj_scale
+    if "decay" in parts:
+        p["A_log"], p["dt_bias"] = a_log, dt_bias
+        p["a_proj"]["kernel"] = p["a_proj"]["kernel"] * consts.a_proj_scale
     beta = beta_targets(entropy_h.astype(jnp.float32), consts)
-    p["b_proj"]["kernel"] = write_gate_kernel(
-        p["b_proj"]["kernel"], beta, x, valid_nt, consts.write_gate
-    )
+    if "write_gate" in parts:
+        p["b_proj"]["kernel"] = write_gate_kernel(
+            p["b_proj"]["kernel"], beta, x, valid_nt, consts.write_gate
+        )
 
     # Value scale by least squares against the teacher context.
     o, _ = gdn_outputs(p, x, valid_nt, model_config=model_config, mixer=mixer)
@@ -163,9 +188,10 @@ def calibrate_layer(
     den = jnp.sum(o * o * w, axis=(0, 1, 3))
     sigma_raw = num / jnp.maximum(den, 1e-30)
     sigma = jnp.clip(sigma_raw, consts.sigma_min, consts.sigma_max)
+    if "value_scale" in parts:
+        wv_dhv = p["v_proj"]["kernel"].reshape(-1, h, vd)
+        p["v_proj"]["kernel"] = (wv_dhv * sigma[None, :, None]).reshape(-1, h * vd)
     wv = p["v_proj"]["kernel"]
-    wv = (wv.reshape(wv.shape[0], h, vd) * sigma[None, :, None]).reshape(wv.shape)
-    p["v_proj"]["kernel"] = wv
 
     # Output gate: Wg = alpha Wv, small but carrying value-space structure.
     wt = valid_nt[..., None].astype(jnp.float32)
@@ -174,7 +200,8 @@ def calibrate_layer(
     sv = jax.nn.silu(x @ wv)
     rms_v = jnp.sqrt(jnp.sum(jnp.square(sv) * wt) / (n_tok * sv.shape[-1]))
     alpha = consts.gate_damping * rms_c / jnp.maximum(rms_v, 1e-30)
-    p["g_proj"]["kernel"] = alpha * wv
+    if "output_gate" in parts:
+        p["g_proj"]["kernel"] = alpha * wv
 
     b_logit = x @ p["b_proj"]["kernel"]  # [N, T, H]
     diag = {
