@@ -16,14 +16,16 @@ import pytest
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import select, stats, taylor
-from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.models.mixers.gdn import GDNConfig, GDNRuntime
+from taylorcal_jax.models.paths import layer_key, mixer_key
 from taylorcal_jax.models.teacher import init_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import common  # noqa: E402  configs/common.py
 
 CFG = tiny_model_config(num_hidden_layers=2)
-GDN = GDNConfig.from_teacher(CFG, impl="chunked", chunk_size=8)
+MIXER = StudentMixer(GDNConfig.from_teacher(CFG), GDNRuntime(impl="chunked", chunk_size=8))
 # the parameters of the GDN mixer each part writes (taylor.py module docstring)
 WRITES = {
     "decay": {"A_log", "dt_bias", "a_proj/kernel"},
@@ -56,11 +58,11 @@ def mixers():
 
     @functools.cache
     def run(strategy, parts=taylor.PHASE1_PARTS):
-        ctx = select.CalibrationContext(CFG, GDN, consts(parts), align_cfg=None, mesh=None, seed=0)
+        ctx = select.CalibrationContext(CFG, MIXER, consts(parts), align_cfg=None, mesh=None, seed=0)
         student, _ = select.initial_student(strategy, params, st, ctx)
         flat = {}
         for i in range(CFG.num_hidden_layers):
-            for path, leaf in jax.tree_util.tree_leaves_with_path(student[f"layers_{i}"]["gdn"]):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(student[layer_key(i)][mixer_key(MIXER.name)]):
                 flat[(i, "/".join(k.key for k in path))] = np.asarray(leaf)
         return flat
 
