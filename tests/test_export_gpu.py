@@ -46,8 +46,10 @@ def _student(keep, conv):
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
         rms_norm_eps=1e-5,  # = the GDN norm_eps, as fla's format needs
     )  # fmt: skip
-    sc = StudentConfig.from_teacher(cfg, keep, use_short_conv=conv)
-    params = init_params(cfg, jax.random.PRNGKey(0), mixers=sc.mixers, gdn=sc.gdn)
+    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn", use_short_conv=conv)
+    params = init_params(
+        cfg, jax.random.PRNGKey(0), mixers=sc.mixers, student_mixer=sc.student_mixer()
+    )
     return sc, randomize(params)
 
 
