@@ -50,7 +50,8 @@ def test_fla_model_loads_every_tensor_in_place(name, keep, overrides, tmp_path, 
         assert (spec["num_heads"], spec["num_kv_heads"]) == (4, 2)
         assert spec["qkv_bias"] == t.attention_bias and spec["rope_theta"] == t.rope.theta
         assert spec["window_size"] == t.sliding_windows[spec["layers"][0]]
-    assert config.norm_eps == t.rms_norm_eps and config.use_short_conv == sc.gdn.use_short_conv
+    assert config.norm_eps == t.rms_norm_eps
+    assert config.use_short_conv == sc.mixer_config.use_short_conv
 
     tensors = hf_io.read_weights(tmp_path)
     expected = model.state_dict()
@@ -69,7 +70,7 @@ def test_fla_model_loads_every_tensor_in_place(name, keep, overrides, tmp_path, 
         attn.q_proj.weight.detach().numpy(), np.asarray(gdn["q_proj"]["kernel"]).T
     )
     np.testing.assert_array_equal(attn.A_log.detach().numpy(), np.asarray(gdn["A_log"]))
-    if sc.gdn.use_short_conv:
+    if sc.mixer_config.use_short_conv:
         conv = np.asarray(gdn["v_conv"]["kernel"])
         np.testing.assert_array_equal(attn.v_conv1d.weight.detach().numpy(), conv.T[:, None, :])
     np.testing.assert_array_equal(
@@ -94,7 +95,7 @@ def test_inexpressible_features_are_named(name, overrides, message):
     with pytest.raises(UnsupportedExportError, match=message):
         check_fla_exportable(sc)
     if message != "GDN norm_eps 1e-05 differs":  # attention features: fine without kept layers
-        check_fla_exportable(sc.__class__(sc.teacher, (), sc.gdn))
+        check_fla_exportable(sc.__class__(sc.teacher, (), sc.mixer_config))
 
 
 def test_bf16_export_stores_bf16(tmp_path):

@@ -6,8 +6,12 @@ JAX student in float32 (matmuls at "highest").
 - fla's own GatedDeltaNetForCausalLM from the fla-format export (export/fla_format.py): the
   prefill, with and without a kept attention layer (the latter needs flash-attn)
 
-Tolerance: within 2e-2 relative, ||torch - jax||_F / ||jax||_F over the real tokens. Run on the
-device machine: python3 launch/run_gpu_tests.py --select export --out-dir DIR
+Tolerance: within 2e-2 relative, ||torch - jax||_F / ||jax||_F over the real tokens. Run on a
+GPU machine, with flash-linear-attention from the wheels in .whl/ (and flash-attn for the case
+with a kept layer, skipped without it):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 launch/run_gpu_tests.py tests/test_export_gpu.py --out-dir DIR
 """
 
 import jax
@@ -46,8 +50,10 @@ def _student(keep, conv):
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
         rms_norm_eps=1e-5,  # = the GDN norm_eps, as fla's format needs
     )  # fmt: skip
-    sc = StudentConfig.from_teacher(cfg, keep, use_short_conv=conv)
-    params = init_params(cfg, jax.random.PRNGKey(0), mixers=sc.mixers, gdn=sc.gdn)
+    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn", use_short_conv=conv)
+    params = init_params(
+        cfg, jax.random.PRNGKey(0), mixers=sc.mixers, student_mixer=sc.student_mixer()
+    )
     return sc, randomize(params)
 
 

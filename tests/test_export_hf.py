@@ -7,6 +7,7 @@ greedy tokens identical; import after export bit-identical.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -25,9 +26,12 @@ from tiny_models import tiny_model_config
 from taylorcal_jax.eval.generate import generate, left_pad
 from taylorcal_jax.export import __main__ as export_cli
 from taylorcal_jax.export.common import UnsupportedExportError
+from taylorcal_jax.export.fla_format import check_fla_exportable
 from taylorcal_jax.export.hf_torch import check_exportable, read_hf_model, write_hf_model
+from taylorcal_jax.models import mixers
 from taylorcal_jax.models.config import RopeConfig
-from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.mixers import gdn
+from taylorcal_jax.models.mixers.gdn import GDNConfig
 from taylorcal_jax.models.student import StudentConfig, save_student
 from taylorcal_jax.models.teacher import init_params
 
@@ -81,8 +85,10 @@ def make_student(name, layers=3, keep=None, **teacher):
         vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=64,
         **{**overrides, **teacher},
     )  # fmt: skip
-    sc = StudentConfig.from_teacher(cfg, keep, **gdn)
-    params = init_params(cfg, jax.random.PRNGKey(0), mixers=sc.mixers, gdn=sc.gdn)
+    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn", **gdn)
+    params = init_params(
+        cfg, jax.random.PRNGKey(0), mixers=sc.mixers, student_mixer=sc.student_mixer()
+    )
     return sc, randomize(params)
 
 
@@ -154,6 +160,9 @@ def test_round_trip_is_exact(name, tmp_path):
     config, back = read_hf_model(tmp_path / "export")
     assert config == sc
     _assert_same_params(back, params)
+    # config.json holds the GDN architecture only; the torch kernel choice is a load-time option.
+    hf = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert hf["gdn"] == sc.mixer_config.to_dict() and "gdn_kernels" not in hf
     # What transformers writes after loading (tied head dropped, its own safetensors) reads back.
     load_torch(tmp_path / "export").save_pretrained(tmp_path / "resaved")
     config, back = read_hf_model(tmp_path / "resaved")
@@ -176,12 +185,31 @@ class GDNWithNegativeEigenvalues(GDNConfig):
 
 def test_unknown_feature_is_named():
     sc, _ = make_student("llama_tied_llama3")
-    options = dict(sc.gdn.to_dict(), allow_neg_eigval=False)
-    check_exportable(dataclasses.replace(sc, gdn=GDNWithNegativeEigenvalues(**options)))
+    options = dict(sc.mixer_config.to_dict(), allow_neg_eigval=False)
+    check_exportable(dataclasses.replace(sc, mixer_config=GDNWithNegativeEigenvalues(**options)))
     options["allow_neg_eigval"] = True
-    odd = dataclasses.replace(sc, gdn=GDNWithNegativeEigenvalues(**options))
+    odd = dataclasses.replace(sc, mixer_config=GDNWithNegativeEigenvalues(**options))
     with pytest.raises(UnsupportedExportError, match="allow_neg_eigval=True cannot be exported"):
         check_exportable(odd)
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherMixerConfig:
+    """The architecture config of a student mixer that is not GDN."""
+
+    width: int = 1
+
+
+def test_other_student_mixer_is_refused(monkeypatch):
+    """Both formats hold softmax attention and GDN layers only; another registry mixer is named."""
+    other = dataclasses.replace(gdn.SPEC, name="other", config_class=OtherMixerConfig)
+    monkeypatch.setitem(mixers.MIXERS, "other", other)
+    sc, _ = make_student("mistral_window_conv", rms_norm_eps=1e-5)
+    odd = dataclasses.replace(sc, mixer_config=OtherMixerConfig())
+    assert odd.mixer_name == "other"
+    for check in (check_exportable, check_fla_exportable):
+        with pytest.raises(UnsupportedExportError, match="student mixer 'other' cannot be"):
+            check(odd)
 
 
 def test_export_command(tmp_path, capsys):
@@ -201,6 +229,15 @@ def test_export_command(tmp_path, capsys):
     assert export_cli.main([*argv, "--overwrite", "--format=fla"]) == 2  # qwen3 does not fit
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "qk_norm" in err and err.count("\n") == 1
+    # Without --tokenizer the student directory's tokenizer is exported (warning if none).
+    bare = [f"--student={student}", f"--out={tmp_path / 'bare'}"]
+    assert export_cli.main(bare) == 0
+    assert "warning: no tokenizer in" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bare" / "tokenizer_config.json")
+    tokenizer.save_pretrained(str(student))
+    assert export_cli.main([*bare, "--overwrite"]) == 0
+    assert os.path.exists(tmp_path / "bare" / "tokenizer_config.json")
+    assert read_hf_model(tmp_path / "bare")[0] == sc
 
 
 def test_fla_kernel_path_equals_torch_recurrence(tmp_path):

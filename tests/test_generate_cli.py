@@ -25,7 +25,7 @@ def student_dir(tmp_path_factory):
     """A tiny student (one kept layer, one GDN layer with the short conv) and its tokenizer."""
     tokenizer = train_bpe(TEXTS, 300)
     cfg = tiny_model_config(vocab_size=320, eos_token_id=tokenizer.eos_token_id)
-    sc = StudentConfig.from_teacher(cfg, (1,), use_short_conv=True)
+    sc = StudentConfig.from_teacher(cfg, (1,), mixer="gdn", use_short_conv=True)
     params = copy_init(init_params(cfg, jax.random.PRNGKey(0)), sc, jax.random.PRNGKey(1))
     gdn = params["layers_0"]["gdn"]
     gdn["g_proj"] = {"kernel": gdn["g_proj"]["kernel"] * 4}  # the GDN layer matters in logits
@@ -72,6 +72,16 @@ def test_prompts_file_batches_equal_each_prompt_alone(student_dir, tmp_path, cap
 def test_single_prompt_streams_the_same_text(student_dir, capsys):
     path = student_dir[0]
     assert cli.main([f"--student={path}", f"--prompt={PROMPTS[0]}", f"--max_new_tokens={NEW}"]) == 0
+    assert capsys.readouterr().out == _alone(student_dir, PROMPTS[0]) + "\n"
+
+
+def test_tokenizer_from_the_flag_for_a_student_without_one(student_dir, tmp_path, capsys):
+    path, sc, params, _ = student_dir
+    bare = save_student(tmp_path / "bare", sc, params)  # no tokenizer saved with it
+    argv = [f"--student={bare}", f"--prompt={PROMPTS[0]}", f"--max_new_tokens={NEW}"]
+    assert cli.main(argv) == 2
+    assert f"no tokenizer in {bare}" in capsys.readouterr().err
+    assert cli.main([*argv, f"--tokenizer={path}"]) == 0
     assert capsys.readouterr().out == _alone(student_dir, PROMPTS[0]) + "\n"
 
 

@@ -2,10 +2,11 @@
 
     hf_torch     a transformers model directory with its own modelling code (hf_modeling/):
                  `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`; every
-                 student exports, and reads back exactly
+                 GDN student exports, and reads back exactly
     fla_format   flash-linear-attention's `GatedDeltaNetForCausalLM` format, for the students
                  whose teacher fits it (see fla_format.py)
-    common       UnsupportedExportError, the field check, the tokenizer copy
+    common       UnsupportedExportError, the checks (GDN student, known fields), the
+                 tokenizer copy
 
 Command line (module __main__):
 

@@ -1,5 +1,6 @@
-"""What both export formats share: the error for inexpressible students, the check that every
-config field is one the exporter translates, and the tokenizer copy."""
+"""What both export formats share: the error for inexpressible students, the checks that the
+student's mixer is Gated DeltaNet and that every config field is one the exporter translates,
+and the tokenizer copy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import dataclasses
 import os
 import pathlib
 
+from taylorcal_jax.models.mixers import gdn
+
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# The GDN architecture fields (models/mixers/gdn.py GDNConfig) that both formats translate.
+GDN_FIELDS = {"num_heads", "head_k_dim", "head_v_dim", "use_short_conv", "conv_size", "norm_eps"}
 
 
 class UnsupportedExportError(ValueError):
@@ -29,6 +34,17 @@ def check_known_fields(config, known: set[str], target: str) -> None:
                 f"{type(config).__name__}.{field.name}={value!r} cannot be exported to {target}: "
                 "the exporter does not translate this feature"
             )
+
+
+def check_gdn_student(config, target: str) -> None:
+    """UnsupportedExportError unless the student's mixer (a StudentConfig's) is Gated DeltaNet
+    whose architecture uses only GDN_FIELDS."""
+    if config.mixer_name != gdn.NAME:
+        raise UnsupportedExportError(
+            f"student mixer {config.mixer_name!r} cannot be exported to {target} "
+            f"(it has softmax attention and {gdn.NAME!r} layers only)"
+        )
+    check_known_fields(config.mixer_config, GDN_FIELDS, target)
 
 
 def has_tokenizer(path) -> bool:

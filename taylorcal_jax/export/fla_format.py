@@ -32,8 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from taylorcal_jax.export.common import UnsupportedExportError, check_known_fields
-from taylorcal_jax.export.hf_torch import GDN_ARCHITECTURE_FIELDS, GDN_RUNTIME_FIELDS, MIXERS
+from taylorcal_jax.export.common import (
+    UnsupportedExportError,
+    check_gdn_student,
+    check_known_fields,
+)
 from taylorcal_jax.models import hf_io
 from taylorcal_jax.models.student import StudentConfig
 
@@ -94,12 +97,9 @@ def _expand_v(gdn) -> float:
 
 def check_fla_exportable(config: StudentConfig) -> None:
     """UnsupportedExportError naming the first feature fla's format cannot express."""
-    t, g = config.teacher, config.gdn
-    bad = sorted(set(config.mixers) - set(MIXERS))
-    if bad:
-        raise UnsupportedExportError(f"mixers {bad} cannot be exported to {TARGET}")
+    check_gdn_student(config, TARGET)
+    t, g = config.teacher, config.mixer_config
     check_known_fields(t, MODEL_FIELDS, TARGET)
-    check_known_fields(g, GDN_ARCHITECTURE_FIELDS | GDN_RUNTIME_FIELDS, TARGET)
     if g.norm_eps != t.rms_norm_eps:
         raise UnsupportedExportError(
             f"GDN norm_eps {g.norm_eps} differs from the teacher's rms_norm_eps {t.rms_norm_eps}: "
@@ -133,7 +133,7 @@ def check_fla_exportable(config: StudentConfig) -> None:
 def fla_config(config: StudentConfig, dtype_name: str) -> dict:
     """config.json for `fla.models.GatedDeltaNetConfig`."""
     check_fla_exportable(config)
-    t, g = config.teacher, config.gdn
+    t, g = config.teacher, config.mixer_config
     by_window: dict = {}
     for i in config.keep_full_attention_layers:
         by_window.setdefault(t.sliding_windows[i], []).append(i)

@@ -7,7 +7,10 @@ The directory loads with `AutoModelForCausalLM.from_pretrained(path, trust_remot
 
     config.json                         `hybrid_config(config)`: model_type "taylorcal_hybrid",
                                         auto_map to the two files below, the teacher
-                                        architecture, mixers per layer, gdn options, rope
+                                        architecture, mixers per layer, the GDN architecture
+                                        (GDNConfig.to_dict()), rope; no runtime options (the
+                                        modelling code's kernel choice `gdn_kernels` is given
+                                        when loading, default "auto")
     configuration_taylorcal_hybrid.py   copied from export/hf_modeling/ (torch + transformers
     modeling_taylorcal_hybrid.py        only; the math is in the modelling file's docstring)
     model.safetensors (or shards)       every parameter under `torch_tensor_name(path)`, Dense
@@ -16,7 +19,8 @@ The directory loads with `AutoModelForCausalLM.from_pretrained(path, trust_remot
 `read_hf_model` accepts what transformers' save_pretrained writes after fine-tuning in PyTorch
 (tied heads omitted, any dtype). Round trip: exact (same config, bit-identical parameters).
 Every teacher feature of ModelConfig is expressed (RoPE as the frequencies of models/rope.py);
-a config field this exporter does not know raises UnsupportedExportError naming it.
+a student mixer other than GDN, or a config field this exporter does not know, raises
+UnsupportedExportError naming it.
 """
 
 from __future__ import annotations
@@ -32,10 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from taylorcal_jax.export.common import UnsupportedExportError, check_known_fields
+from taylorcal_jax.export.common import (
+    UnsupportedExportError,
+    check_gdn_student,
+    check_known_fields,
+)
 from taylorcal_jax.models import hf_io
 from taylorcal_jax.models.config import ModelConfig, RopeConfig
-from taylorcal_jax.models.gdn import GDNConfig
+from taylorcal_jax.models.mixers import gdn
+from taylorcal_jax.models.paths import ATTENTION
 from taylorcal_jax.models.rope import rope_frequencies
 from taylorcal_jax.models.student import StudentConfig
 
@@ -50,8 +59,7 @@ AUTO_MAP = {
 TARGET = "the Hugging Face PyTorch format"
 # RoPE types whose frequencies do not depend on the position: the exported model applies them.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# Teacher fields the config carries; GDN fields the modelling code reads, and those that only
-# choose how our JAX code runs (carried in config.json for the round trip, unused by torch).
+# Teacher fields the config carries (the GDN fields are common.GDN_FIELDS).
 MODEL_FIELDS = {
     "model_type",
     "vocab_size",
@@ -72,16 +80,6 @@ MODEL_FIELDS = {
     "eos_token_id",
     "pad_token_id",
 }
-GDN_ARCHITECTURE_FIELDS = {
-    "num_heads",
-    "head_k_dim",
-    "head_v_dim",
-    "use_short_conv",
-    "conv_size",
-    "norm_eps",
-}
-GDN_RUNTIME_FIELDS = {"impl", "chunk_size", "pallas_residuals"}
-MIXERS = ("attention", "gdn")
 # config.json keys without which `student_config_from_hybrid` cannot rebuild the student (token
 # ids and teacher_path may be absent: None).
 REQUIRED_KEYS = (
@@ -126,9 +124,7 @@ def _is_kernel(path) -> bool:
 
 def check_exportable(config: StudentConfig) -> None:
     """UnsupportedExportError naming the first feature the exported model cannot express."""
-    bad = sorted(set(config.mixers) - set(MIXERS))
-    if bad:
-        raise UnsupportedExportError(f"mixers {bad} cannot be exported to {TARGET} (has {MIXERS})")
+    check_gdn_student(config, TARGET)
     rope_type = config.teacher.rope.rope_type
     if rope_type not in STATIC_ROPE_TYPES:
         raise UnsupportedExportError(
@@ -136,7 +132,6 @@ def check_exportable(config: StudentConfig) -> None:
             f"fixed frequencies ({', '.join(STATIC_ROPE_TYPES)})"
         )
     check_known_fields(config.teacher, MODEL_FIELDS, TARGET)
-    check_known_fields(config.gdn, GDN_ARCHITECTURE_FIELDS | GDN_RUNTIME_FIELDS, TARGET)
 
 
 def hybrid_config(config: StudentConfig, dtype_name: str) -> dict:
@@ -172,8 +167,7 @@ def hybrid_config(config: StudentConfig, dtype_name: str) -> dict:
         "eos_token_id": t.eos_token_id,
         "pad_token_id": t.pad_token_id,
         "mixers": list(config.mixers),
-        "gdn": config.gdn.to_dict(),
-        "gdn_kernels": "auto",
+        "gdn": config.mixer_config.to_dict(),
         "use_cache": True,
     }
 
@@ -205,8 +199,15 @@ def student_config_from_hybrid(hf: dict) -> StudentConfig:
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
     )
-    keep = tuple(i for i, m in enumerate(hf["mixers"]) if m == "attention")
-    return StudentConfig(teacher, keep, GDNConfig.from_dict(hf["gdn"]), hf.get("teacher_path"))
+    mixers = list(hf["mixers"])
+    if len(mixers) != teacher.num_hidden_layers:
+        raise ValueError(f"mixers has {len(mixers)} entries for {teacher.num_hidden_layers} layers")
+    stray = sorted(set(mixers) - {ATTENTION, gdn.NAME})
+    if stray:
+        raise ValueError(f"mixers lists {stray}; each layer is {ATTENTION!r} or {gdn.NAME!r}")
+    keep = tuple(i for i, m in enumerate(mixers) if m == ATTENTION)
+    arch = gdn.GDNConfig.from_dict(hf["gdn"])
+    return StudentConfig(teacher, keep, arch, hf.get("teacher_path"))
 
 
 # ------------------------------------------------------------------------ directories
@@ -246,7 +247,7 @@ def read_hf_model(path, dtype=None) -> tuple[StudentConfig, dict]:
     with open(config_path) as f:
         config = student_config_from_hybrid(json.load(f))
     tensors = hf_io.read_weights(path)
-    shapes = hf_io.expected_shapes(config.teacher, config.mixers, config.gdn)
+    shapes = hf_io.expected_shapes(config.teacher, config.mixers, config.student_mixer())
     names = {torch_tensor_name(p): p for p in shapes}
     ignorable = {"lm_head.weight"} if config.teacher.tie_word_embeddings else set()
     missing = sorted(set(names) - set(tensors))

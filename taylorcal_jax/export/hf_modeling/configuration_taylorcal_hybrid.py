@@ -13,10 +13,13 @@ directory. Fields:
     rope_inv_freq          [head_dim / 2] rotation frequencies and the cos/sin scale, computed
     rope_attention_scaling from `rope` when exporting: these two are what the model applies
     mixers                 per layer "attention" (softmax attention) or "gdn" (Gated DeltaNet)
-    gdn                    the GDN options: num_heads, head_k_dim, head_v_dim, use_short_conv,
-                           conv_size, norm_eps (other keys are carried, unused)
-    gdn_kernels            "auto" (flash-linear-attention's kernels for CUDA tensors when it is
-                           installed, else the PyTorch recurrence), "fla" or "torch"
+    gdn                    the GDN architecture: num_heads, head_k_dim, head_v_dim,
+                           use_short_conv, conv_size, norm_eps
+    gdn_kernels            how GDN layers run, chosen when loading (not in the exported
+                           config.json): "auto" (flash-linear-attention's kernels for CUDA
+                           tensors when it is installed, else the PyTorch recurrence), "fla" or
+                           "torch", e.g. from_pretrained(path, trust_remote_code=True,
+                           gdn_kernels="fla")
     teacher_model_type     provenance: the teacher's model_type and where it was loaded from
     teacher_path
 """
