@@ -168,10 +168,8 @@ def test_frozen_parts_stay_bit_identical_and_groups_get_their_lr():
     out = loop.run(
         task, state, loop.FixedBatch(_batch(0)), _opts(steps=1, checkpoint_every=0), mesh=ONE
     )
-    batch = jax.tree.map(jnp.asarray, _batch(0))
-    grads = jax.grad(lambda p: _loss_fn(p, batch, jax.random.fold_in(jax.random.PRNGKey(7), 0))[0])(
-        params
-    )
+    batch, rng = jax.tree.map(jnp.asarray, _batch(0)), jax.random.fold_in(jax.random.PRNGKey(7), 0)
+    grads = jax.grad(lambda p: _loss_fn(p, batch, rng)[0])(params)
     new = out.state.params
     np.testing.assert_array_equal(new["b2"], params["b2"])
     np.testing.assert_allclose(new["w1"], params["w1"] - 1e-3 * grads["w1"], rtol=1e-6)
