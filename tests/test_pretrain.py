@@ -11,6 +11,7 @@ import pytest
 from taylorcal_jax.models.teacher import Transformer, init_params
 from taylorcal_jax.train import pretrain as pretrain_lib
 from taylorcal_jax.train import stages
+from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.metrics import MetricsWriter, read_metrics
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -86,11 +87,25 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     )
     assert events[0] == {"resumed_from_step": 3}
     assert int(resumed["step"]) == 8 and int(resumed["tokens"]) == int(full["tokens"])
-    assert _max_rel_err(resumed["params"], full["params"]) <= 1e-6
-    assert _max_rel_err(resumed["opt_state"], full["opt_state"]) <= 1e-6
+    assert _max_rel_err(resumed["params"], full["params"]) == 0.0  # bit-identical
+    assert _max_rel_err(resumed["opt_state"], full["opt_state"]) == 0.0
     # Starting again after completion does no more work and returns the final state.
     again = pretrain_lib.pretrain(model, params, stream, opts, str(tmp_path / "b"))
     assert _max_rel_err(again["params"], full["params"]) == 0.0
+    # Each batch split over 4 devices: the same training up to float summation order.
+    split = pretrain_lib.pretrain(
+        model,
+        params,
+        stream,
+        opts,
+        str(tmp_path / "c"),
+        mesh=sharding.make_mesh({"data": 4}, jax.devices()[:4]),
+    )
+    assert _max_rel_err(jax.device_get(split["params"]), full["params"]) <= 1e-5
+    with pytest.raises(ValueError, match="batch_size 4 does not split"):
+        pretrain_lib.pretrain(
+            model, params, stream, opts, str(tmp_path / "d"), mesh=sharding.make_mesh({"data": 8})
+        )
 
 
 @pytest.mark.parametrize(

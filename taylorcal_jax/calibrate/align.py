@@ -7,18 +7,21 @@ and y the teacher's attention output (post-o_proj), minimise
 
     loss(theta) = sum_{n,t valid} ||GDN_theta(x)_nt - y_nt||^2 / (#valid * D)
 
-with AdamW (weight decay, global-norm clipping) in the mixer's parameter groups (its registry
-entry's `param_groups`): "slow" at `lr_qkv` (for GDN: q/k/v projections and their convs),
-"fast" at `lr_gates` (a/b projections, A_log, dt_bias and g projection), "frozen" not trained
-(o_proj and o_norm). The parameters of the best step are kept (the loss is evaluated before
-every update and once after the last).
+with AdamW (weight decay, global-norm clipping) in two learning-rate groups
+(q/k/v projections and their convs: `lr_qkv`; a/b projections, A_log, dt_bias and g
+projection: `lr_gates`); o_proj and o_norm are frozen. The parameters of the best step are
+kept (the loss is evaluated before every update and once after the last).
 
-`fit_layer` is pure; `fit_layers` vmaps it over layers stacked on a leading axis and runs it
-under `jit` with NamedSharding over a mesh: the layer axis on mesh axis "layers" and the
-sequence axis on "data" (either may have size 1). With a data axis of size 1 the layers are
-split by `shard_map` (no collectives at all); otherwise the SPMD partitioner splits both.
-Layers are padded to a multiple of the "layers" axis by repeating the last one; the padding
-is dropped from the result.
+The L layers run together on the training loop (train/loop.py), stacked on a leading axis:
+the loss is sum_l loss_l, whose gradient is each layer's own; AdamW is elementwise and the
+clipping is per layer (optim.clip_slices_by_global_norm), so this is exactly L separate
+optimisers. The loop's `extra` keeps each layer's best params, best loss and loss curve; all
+steps run in one jitted call on the fixed calibration batch. Placement over a mesh: the layer
+axis on mesh axis "layers" and the sequence axis on "data" (either may have size 1). With a
+data axis of size 1 the per-layer losses run under `shard_map` (each device its own layers,
+no collectives inside; this keeps custom kernels such as Pallas out of the SPMD
+partitioner); otherwise the SPMD partitioner splits both. Layers are padded to a multiple of
+the "layers" axis by repeating the last one; the padding is dropped from the result.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import optax
 
 from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
 from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.train import loop, optim
 from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.sharding import P
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,35 +61,6 @@ class AlignConfig:
         return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
 
 
-def split_params(mixer_params, labels):
-    """(trainable, frozen) top-level parts of one layer's mixer params, by their group labels
-    (a part is frozen when all its leaves are "frozen")."""
-    frozen_keys = set()
-    for k in mixer_params:
-        groups = set(jax.tree.leaves(labels[k]))
-        if "frozen" in groups and groups != {"frozen"}:
-            raise ValueError(f"mixer param {k!r} mixes frozen and trained leaves: {groups}")
-        if groups == {"frozen"}:
-            frozen_keys.add(k)
-    train = {k: v for k, v in mixer_params.items() if k not in frozen_keys}
-    frozen = {k: v for k, v in mixer_params.items() if k in frozen_keys}
-    return train, frozen
-
-
-def make_optimizer(cfg: AlignConfig, train_params, labels):
-    labels = {k: labels[k] for k in train_params}
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.multi_transform(
-            {
-                "slow": optax.adamw(cfg.lr_qkv, weight_decay=cfg.weight_decay),
-                "fast": optax.adamw(cfg.lr_gates, weight_decay=cfg.weight_decay),
-            },
-            labels,
-        ),
-    )
-
-
 def layer_loss(mixer_params, x_ntd, y_ntd, valid_nt, *, model_config, mixer: StudentMixer):
     """Mean squared error of the mixer output over valid tokens and hidden units."""
     out, _, _ = mixer.module(model_config).apply({"params": mixer_params}, x_ntd, valid_bt=valid_nt)
@@ -93,66 +69,17 @@ def layer_loss(mixer_params, x_ntd, y_ntd, valid_nt, *, model_config, mixer: Stu
     return jnp.sum(err) / jnp.maximum(jnp.sum(w) * y_ntd.shape[-1], 1.0)
 
 
-def fit_layer(mixer_params, x_ntd, y_ntd, valid_nt, *, model_config, mixer, cfg: AlignConfig):
-    """Phase 2 for one layer. Returns (best params, {"loss_before", "loss_after", "curve"}).
-
-    curve[s] is the loss before update s (curve[0] = loss of the input params); loss_after
-    is the loss of the returned (best) params.
-    """
-    labels = mixer.spec.param_groups(mixer_params)
-    train, frozen = split_params(mixer_params, labels)
-    opt = make_optimizer(cfg, train, labels)
-    loss_fn = functools.partial(
-        layer_loss,
-        x_ntd=x_ntd,
-        y_ntd=y_ntd,
-        valid_nt=valid_nt,
-        model_config=model_config,
-        mixer=mixer,
-    )
-
-    def loss_of(tr):
-        return loss_fn({**tr, **frozen})
-
-    def step(s, carry):
-        tr, state, best, best_loss, curve = carry
-        loss, grads = jax.value_and_grad(loss_of)(tr)
-        better = loss < best_loss
-        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), tr, best)
-        best_loss = jnp.where(better, loss, best_loss)
-        updates, state = opt.update(grads, state, tr)
-        tr = optax.apply_updates(tr, updates)
-        return tr, state, best, best_loss, curve.at[s].set(loss)
-
-    carry = (
-        train,
-        opt.init(train),
-        train,
-        jnp.asarray(jnp.inf, jnp.float32),
-        jnp.zeros((max(cfg.steps, 1),), jnp.float32),
-    )
-    tr, _, best, best_loss, curve = jax.lax.fori_loop(0, cfg.steps, step, carry)
-    final = loss_of(tr)
-    better = final < best_loss
-    best = jax.tree.map(lambda a, b: jnp.where(better, a, b), tr, best)
-    best_loss = jnp.minimum(final, best_loss)
-    before = curve[0] if cfg.steps > 0 else final
-    curve = curve if cfg.steps > 0 else curve.at[0].set(final)
-    return {**best, **frozen}, {"loss_before": before, "loss_after": best_loss, "curve": curve}
+def _uses_shard_map(mesh) -> bool:
+    return mesh.size > 1 and sharding.axis_size(mesh, "data") == 1
 
 
-@functools.lru_cache(maxsize=8)
-def _fit_layers_jit(model_config, mixer, cfg, mesh):
+def _stacked_losses(model_config, mixer, mesh):
+    """(stacked params, x_lntd, y_lntd, valid_nt) -> per-layer losses [L]."""
     fn = jax.vmap(
-        functools.partial(fit_layer, model_config=model_config, mixer=mixer, cfg=cfg),
+        functools.partial(layer_loss, model_config=model_config, mixer=mixer),
         in_axes=(0, 0, 0, None),
     )
-    lay = sharding.named(mesh, "layers")
-    act = sharding.named(mesh, "layers", "data")
-    dat = sharding.named(mesh, "data")
-    if mesh.size == 1:  # one device: nothing to partition
-        return jax.jit(fn)
-    if sharding.axis_size(mesh, "data") == 1:
+    if _uses_shard_map(mesh):
         # Layers are independent: each device fits its own slice, no collectives. shard_map
         # keeps custom kernels (Pallas) out of the SPMD partitioner.
         fn = jax.shard_map(
@@ -162,16 +89,69 @@ def _fit_layers_jit(model_config, mixer, cfg, mesh):
             out_specs=P("layers"),
             check_vma=False,
         )
-        return jax.jit(fn, in_shardings=(lay, lay, lay, dat), out_shardings=lay)
-    return jax.jit(fn, in_shardings=(lay, act, act, dat), out_shardings=lay)
+    return fn
+
+
+def _keep_best(extra, params, loss_l):
+    """extra with each layer's best params / loss replaced where loss_l is lower."""
+    better_l = loss_l < extra["best_loss"]
+
+    def pick(new, old):
+        return jnp.where(better_l.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    return {
+        **extra,
+        "best": jax.tree.map(pick, params, extra["best"]),
+        "best_loss": jnp.where(better_l, loss_l, extra["best_loss"]),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def make_task(model_config, mixer: StudentMixer, cfg: AlignConfig, mesh) -> loop.Task:
+    """The loop task of phase 2 on L stacked layers: loss = sum_l loss_l (independent
+    layers, so its gradient is each layer's own), AdamW per group, clipping per layer.
+
+    extra = {"best", "best_loss", "curve"}: per layer the params of the lowest loss seen so
+    far, that loss, and curve[l, s] = loss of layer l at step s (before update s).
+    """
+    losses = _stacked_losses(model_config, mixer, mesh)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        loss_l = losses(params, batch["x"], batch["y"], batch["valid"])
+        return jnp.sum(loss_l), {"layer_loss": loss_l}
+
+    def update_extra(extra, step, params, loss, aux):
+        del loss
+        loss_l = aux["layer_loss"]
+        extra = _keep_best(extra, params, loss_l)
+        return {**extra, "curve": extra["curve"].at[:, step].set(loss_l)}
+
+    act = ("layers",) if _uses_shard_map(mesh) else ("layers", "data")
+    return loop.Task(
+        loss_fn=loss_fn,
+        labels=mixer.spec.param_groups,  # "slow", "fast" or "frozen" per leaf
+        groups={
+            "slow": optax.adamw(cfg.lr_qkv, weight_decay=cfg.weight_decay),
+            "fast": optax.adamw(cfg.lr_gates, weight_decay=cfg.weight_decay),
+        },
+        clip=optim.clip_slices_by_global_norm(cfg.clip_norm),
+        update_extra=update_extra,
+        param_spec=loop.leading_axis("layers"),
+        batch_spec={"x": P(*act), "y": P(*act), "valid": P("data")},
+    )
 
 
 def fit_layers(stacked_mixers, x_lntd, y_lntd, valid_nt, *, model_config, mixer, cfg, mesh):
-    """`fit_layer` for L layers stacked on axis 0, sharded over mesh axes "layers" and "data".
+    """Phase 2 for L layers stacked on axis 0, sharded over mesh axes "layers" and "data".
 
-    N must be divisible by the "data" axis size. Returns (stacked best params, metrics with
-    leading axis L).
+    N must be divisible by the "data" axis size. Returns (stacked best params, metrics
+    {"loss_before", "loss_after", "curve"} with leading axis L): curve[l, s] is the loss
+    before update s (curve[:, 0] = loss of the input params; one column of the input loss
+    when steps = 0); loss_after is the loss of the returned (best) params, the best of the
+    losses before every update and after the last.
     """
+    mixer.spec.param_groups(stacked_mixers)  # a one-line error for params of no group
     n_layers = x_lntd.shape[0]
     n_seq = x_lntd.shape[1]
     n_lay_dev = sharding.axis_size(mesh, "layers")
@@ -188,10 +168,29 @@ def fit_layers(stacked_mixers, x_lntd, y_lntd, valid_nt, *, model_config, mixer,
             return a
         return jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
 
-    args = jax.tree.map(pad_leading, (stacked_mixers, x_lntd, y_lntd))
-    fn = _fit_layers_jit(model_config, mixer, cfg, mesh)
-    params, metrics = fn(*args, jnp.asarray(valid_nt, bool))
-    return jax.tree.map(lambda a: a[:n_layers], (params, metrics))
+    params, x_lntd, y_lntd = jax.tree.map(pad_leading, (stacked_mixers, x_lntd, y_lntd))
+    batch = {"x": x_lntd, "y": y_lntd, "valid": jnp.asarray(valid_nt, bool)}
+    task = make_task(model_config, mixer, cfg, mesh)
+    extra = {
+        "best": params,
+        "best_loss": jnp.full((n_layers + pad,), jnp.inf, jnp.float32),
+        "curve": jnp.zeros((n_layers + pad, cfg.steps + 1), jnp.float32),
+    }
+    # Loop step `steps` only scores the final params (its update is never used): one extra
+    # gradient evaluation instead of a second compiled program.
+    opts = loop.LoopOptions(
+        steps=cfg.steps + 1,
+        steps_per_call=cfg.steps + 1,
+        log_every=0,
+        eval_every=0,
+        checkpoint_every=0,
+        desc="align",
+    )
+    state = loop.init_state(task, params, rng=jax.random.PRNGKey(0), extra=extra)
+    extra = loop.run(task, state, loop.FixedBatch(batch), opts, mesh=mesh).state.extra
+    curve = extra["curve"][:, : max(cfg.steps, 1)]
+    metrics = {"loss_before": curve[:, 0], "loss_after": extra["best_loss"], "curve": curve}
+    return jax.tree.map(lambda a: a[:n_layers], (extra["best"], metrics))
 
 
 def align_student(student_params, stats, layers: Sequence[int], *, model_config, mixer, cfg, mesh):

@@ -7,20 +7,20 @@ Letters: B batch, T time, V vocab.
                   lr_peak * min_lr_ratio at `steps`
     update      = AdamW(b1, b2, weight_decay on matrices only) after global-norm clipping
 
-The batch of step s is `packing.train_batch(train_stream, B, T, seed, s)`, a pure function
-of (seed, s); the training state {params, opt_state, step, tokens, train_seconds} is saved
-with orbax every `checkpoint_every` steps. A run interrupted at any point and started
-again resumes from the last checkpoint and ends with the same parameters as an
-uninterrupted run (steps after the checkpoint are recomputed identically).
-`train_seconds` is wall time of the step loop (first-step compilation and the periodic
-evals included, checkpoint writing excluded), summed over resumed runs.
+It runs on the training loop (train/loop.py): `make_task` supplies the loss and one AdamW
+group over every parameter; the batch of step s is `packing.train_batch(train_stream, B, T,
+seed, s)`, a pure function of (seed, s). The loop saves its state with orbax every
+`checkpoint_every` steps; a run interrupted at any point and started again resumes from the
+last checkpoint and ends with the same parameters as an uninterrupted run (steps after the
+checkpoint are recomputed identically). `train_seconds` is wall time of the step loop
+(first-step compilation and the periodic evals included, checkpoint writing excluded),
+summed over resumed runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 
 import jax
@@ -30,8 +30,9 @@ import optax
 
 from taylorcal_jax.data import packing
 from taylorcal_jax.eval.perplexity import token_nll_sum
-from taylorcal_jax.utils.checkpoint import TrainCheckpointer
-from taylorcal_jax.utils.progress import progress
+from taylorcal_jax.train import loop, optim
+from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils.sharding import P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,60 +76,38 @@ class PretrainOptions:
             raise ValueError(f"pretrain.grad_clip must be positive, got {self.grad_clip}")
 
 
-def make_optimizer(opts: PretrainOptions) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=opts.learning_rate,
-        warmup_steps=opts.warmup_steps,
-        decay_steps=opts.steps,
-        end_value=opts.learning_rate * opts.min_lr_ratio,
-    )
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    return optax.chain(
-        optax.clip_by_global_norm(opts.grad_clip),
-        optax.adamw(
-            schedule, b1=opts.b1, b2=opts.b2, weight_decay=opts.weight_decay, mask=decay_mask
-        ),
-    )
-
-
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
 @functools.lru_cache(maxsize=8)
-def make_train_step(model, opts: PretrainOptions) -> Callable:
-    """Jitted (params, opt_state, tokens_bt) -> (params, opt_state, loss, grad_norm); cached."""
-    optimizer = make_optimizer(opts)
+def make_task(model, opts: PretrainOptions) -> loop.Task:
+    """Next-token cross-entropy, one AdamW group (decay on matrices), global-norm clipping."""
 
-    def loss_fn(params, tokens_bt):
+    def loss_fn(params, tokens_bt, rng):
+        del rng
         logits, _, _ = model.apply({"params": params}, tokens_bt)
         total, count = token_nll_sum(logits, tokens_bt, jnp.ones(tokens_bt.shape, bool))
-        return total / count
+        return total / count, {}
 
-    @jax.jit
-    def train_step(params, opt_state, tokens_bt):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens_bt)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, _global_norm(grads)
-
-    return train_step
+    schedule = optim.make_schedule(
+        "cosine",
+        opts.learning_rate,
+        steps=opts.steps,
+        warmup_steps=opts.warmup_steps,
+        min_lr_ratio=opts.min_lr_ratio,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(
+        schedule, b1=opts.b1, b2=opts.b2, weight_decay=opts.weight_decay, mask=decay_mask
+    )
+    return loop.Task(
+        loss_fn=loss_fn,
+        labels=lambda params: jax.tree.map(lambda _: "all", params),
+        groups={"all": adamw},
+        clip=optax.clip_by_global_norm(opts.grad_clip),
+        batch_spec=P("data"),
+    )
 
 
 def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-
-
-def _state(params, opt_state, step: int, tokens: int, seconds: float) -> dict:
-    """The checkpointed training state (0-d numpy arrays for the counters, as orbax wants)."""
-    return {
-        "params": params,
-        "opt_state": opt_state,
-        "step": np.asarray(step, np.int64),
-        "tokens": np.asarray(tokens, np.int64),
-        "train_seconds": np.asarray(seconds, np.float64),
-    }
 
 
 def pretrain(
@@ -141,62 +120,63 @@ def pretrain(
     eval_fn: Callable | None = None,
     log_fn: Callable | None = None,
     stop_after_steps: int | None = None,
+    mesh=None,
 ):
-    """Trains (resuming from `checkpoint_dir` if it holds a checkpoint); returns the state.
+    """Trains (resuming from `checkpoint_dir` if it holds a checkpoint); returns the state
+    {params, opt_state, step, tokens, train_seconds}.
 
     eval_fn(params) -> dict is called every `eval_every` steps before the last (the caller
     evaluates the final params); log_fn(step, dict) receives training and eval metrics.
     `stop_after_steps` ends this call after that many steps of work without a final
-    checkpoint, as a crash would (used by tests).
+    checkpoint, as a crash would, and returns None (used by tests). `mesh` (default: one
+    device) splits each batch over its "data" axis and replicates the params.
     """
+    mesh = mesh if mesh is not None else sharding.single_device_mesh(("data",))
+    if opts.batch_size % sharding.axis_size(mesh, "data"):
+        raise ValueError(
+            f"pretrain.batch_size {opts.batch_size} does not split over mesh axis 'data' of "
+            f"size {sharding.axis_size(mesh, 'data')}"
+        )
     packing.train_batch(train_stream, 1, opts.seq_len, opts.seed, 0)  # validates sizes
-    state = _state(init_params, make_optimizer(opts).init(init_params), 0, 0, 0.0)
-    log_fn = log_fn or (lambda step, values: None)
-    train_step = make_train_step(model, opts)
-    with TrainCheckpointer(checkpoint_dir, save_every=opts.checkpoint_every) as ckpt:
-        state = ckpt.restore_or(state)
-        start = int(state["step"])
-        params, opt_state = state["params"], state["opt_state"]
-        tokens, seconds = int(state["tokens"]), float(state["train_seconds"])
-        if start:
-            log_fn(start, {"resumed_from_step": start})
-        bar = progress(range(start, opts.steps), desc="pretrain", initial=start, total=opts.steps)
-        done = 0
-        t0 = time.perf_counter()
-        for step in bar:
-            batch = packing.train_batch(
-                train_stream, opts.batch_size, opts.seq_len, opts.seed, step
-            )
-            params, opt_state, loss, gnorm = train_step(params, opt_state, jnp.asarray(batch))
-            tokens += batch.size
-            done += 1
-            n = step + 1
-            if n % opts.log_every == 0 or n == opts.steps:
-                loss = float(loss)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                log_fn(
-                    n,
-                    {
-                        "loss": loss,
-                        "grad_norm": float(gnorm),
-                        "tokens": tokens,
-                        "train_seconds": seconds + time.perf_counter() - t0,
-                    },
-                )
-            if (
-                eval_fn is not None
-                and opts.eval_every
-                and n % opts.eval_every == 0
-                and n < opts.steps
-            ):
-                log_fn(n, eval_fn(params))
-            if stop_after_steps is not None and done >= stop_after_steps:
-                return None
-            if n % opts.checkpoint_every == 0 or n == opts.steps:
-                jax.block_until_ready(params)
-                now = time.perf_counter()
-                seconds, t0 = seconds + now - t0, now
-                state = _state(params, opt_state, n, tokens, seconds)
-                ckpt.maybe_save(n, state, force=True)
-                t0 = time.perf_counter()  # checkpoint writing is not training time
-    return state  # restored as is when the checkpoint was already at `steps`
+    tokens_per_batch = opts.batch_size * opts.seq_len
+    task = make_task(model, opts)
+    batches = loop.StreamBatches(
+        functools.partial(
+            packing.train_batch, train_stream, opts.batch_size, opts.seq_len, opts.seed
+        )
+    )
+    loop_opts = loop.LoopOptions(
+        steps=opts.steps,
+        steps_per_call=1,
+        log_every=opts.log_every,
+        eval_every=opts.eval_every,
+        checkpoint_every=opts.checkpoint_every,
+        desc="pretrain",
+    )
+
+    def log_with_tokens(step, values):
+        if log_fn is not None:
+            extra = {"tokens": step * tokens_per_batch} if "loss" in values else {}
+            log_fn(step, {**values, **extra})
+
+    result = loop.run(
+        task,
+        loop.init_state(task, init_params, rng=jax.random.PRNGKey(opts.seed)),
+        batches,
+        loop_opts,
+        mesh=mesh,
+        checkpoint_dir=checkpoint_dir,
+        log_fn=log_with_tokens,
+        eval_fn=eval_fn,
+        stop_after_steps=stop_after_steps,
+    )
+    if result is None:
+        return None
+    st = result.state
+    return {
+        "params": st.params,
+        "opt_state": st.opt_state,
+        "step": np.asarray(st.step, np.int64),
+        "tokens": np.asarray(int(st.position) * tokens_per_batch, np.int64),
+        "train_seconds": np.asarray(result.train_seconds, np.float64),
+    }

@@ -1,10 +1,10 @@
-"""Orbax checkpoints of training state (params, optimiser state, step) for resumable loops.
+"""Orbax checkpoints of training state (params, optimiser state, counters) for resumable loops.
 
-`TrainCheckpointer(dir, save_every=k)` wraps an orbax `CheckpointManager`:
-`restore_or(state)` returns the latest saved state (same pytree structure as `state`)
-or `state` itself when nothing was saved; `maybe_save(step, state)` saves every k steps
-(`force=True` saves now). Saves are synchronous-on-exit: `close()` waits for them.
-Model weights for sharing are written separately in HF format (models/hf_io.py).
+`TrainCheckpointer(dir)` wraps an orbax `CheckpointManager`: `restore_or(tree)` returns the
+latest saved tree (same pytree structure, shapes, dtypes and shardings as `tree`) or `tree`
+itself when nothing was saved; `save(step, tree)` saves it as step `step` (once per step).
+The caller (train/loop.py) decides when. `close()` waits for pending writes. Model weights
+for sharing are written separately in HF format (models/hf_io.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import orbax.checkpoint as ocp
 
 
 class TrainCheckpointer:
-    def __init__(self, directory: str, *, save_every: int, max_to_keep: int = 2):
-        if save_every <= 0:
-            raise ValueError(f"checkpoint interval must be positive, got {save_every}")
-        self.save_every = int(save_every)
+    def __init__(self, directory: str, *, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -27,19 +24,25 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore_or(self, state):
+    def restore_or(self, tree):
         step = self._manager.latest_step()
         if step is None:
-            return state
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            return tree
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError, TypeError) as e:
+            first_line = str(e).splitlines()[0]
+            raise ValueError(
+                f"checkpoint {self.directory}/{step} does not hold this run's state (another "
+                f"model or options?); remove the directory to start afresh ({first_line})"
+            ) from e
 
-    def maybe_save(self, step: int, state, *, force: bool = False) -> bool:
-        if not force and step % self.save_every:
-            return False
+    def save(self, step: int, tree) -> bool:
+        """Saves `tree` as step `step` unless that step is saved already; True if it saved."""
         if self._manager.latest_step() == step:
             return False
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
         return True
 
     def close(self) -> None:
