@@ -98,4 +98,3 @@ def pallas_options(name: str, st: Static, semantics: tuple[str, ...]) -> dict:
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=pltpu.InterpretParams() if st.interpret else False,
     )
-

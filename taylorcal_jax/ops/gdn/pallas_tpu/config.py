@@ -53,7 +53,6 @@ def resolve_residuals(residuals: str) -> str:
         return DEFAULT_RESIDUALS
     if residuals not in RESIDUALS:
         raise ValueError(
-            f"residuals must be 'auto' or one of {RESIDUALS} for the TPU kernels, got "
-            f"{residuals!r}"
+            f"residuals must be 'auto' or one of {RESIDUALS} for the TPU kernels, got {residuals!r}"
         )
     return residuals
