@@ -213,7 +213,9 @@ def test_rejects_unsupported_shapes_and_options():
 
 def test_api_pallas_needs_a_gpu_or_tpu_backend_here():
     assert jax.default_backend() == "cpu"
-    with pytest.raises(api.ImplementationUnavailableError, match="GPU or TPU backend"):
+    with pytest.raises(
+        api.ImplementationUnavailableError, match="needs a GPU backend and pallas_tpu a TPU backend"
+    ):
         api.resolve_impl("pallas")
     assert api.resolve_impl("auto") == "chunked"
 

@@ -115,8 +115,8 @@ def _load_pallas(reason_prefix: str):
     backend = jax.default_backend()
     if backend not in (*_GPU_BACKENDS, _TPU_BACKEND):
         raise ImplementationUnavailableError(
-            f"{reason_prefix}: the Pallas GDN kernels need a GPU or TPU backend, but JAX's "
-            f"default backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU tests of "
+            f"{reason_prefix}: pallas_gpu needs a GPU backend and pallas_tpu a TPU backend, but "
+            f"JAX's default backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU tests of "
             "the kernels call taylorcal_jax.ops.gdn.pallas_gpu.op.gated_delta_rule_pallas or "
             "taylorcal_jax.ops.gdn.pallas_tpu.op.gated_delta_rule_pallas_tpu with interpret=True."
         )

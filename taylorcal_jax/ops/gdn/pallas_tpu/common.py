@@ -61,6 +61,14 @@ def last_row(x_c1):
     return jnp.sum(jnp.where(iota(x_c1.shape, 0) == c - 1, x_c1, 0.0), axis=0, keepdims=True)
 
 
+def column(row_1c):
+    """A [1, C] row as a [C, 1] column (diagonal mask and a lane sum: no transpose), so that
+    per-token scalars travel in HBM as rows, not as lane-padded columns."""
+    c = row_1c.shape[1]
+    eye = iota((c, c), 0) == iota((c, c), 1)
+    return jnp.sum(jnp.where(eye, row_1c, 0.0), axis=1, keepdims=True)
+
+
 def unit_lower_inverse(a_cc, block: int = INVERSE_BLOCK):
     """(I + A)^-1 for strictly lower-triangular A [C, C] in fp32, by [C, C] dots only.
 

@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 from taylorcal_jax.ops.gdn.pallas_tpu.common import (
     F32,
     Static,
+    column,
     iota,
     last_row,
     mm,
@@ -41,7 +42,7 @@ from taylorcal_jax.ops.gdn.reference import l2_normalize
 
 
 def _kernel(*refs, st: Static, dt, has_s0: bool, with_states: bool):
-    q_ref, k_ref, v_ref, gcol_ref, grow_ref, beta_ref, *refs = refs
+    q_ref, k_ref, v_ref, grow_ref, beta_ref, *refs = refs
     s0_ref = refs.pop(0) if has_s0 else None
     o_ref, sfinal_ref, *refs = refs
     h_ref, vp_ref, s_ref = refs if with_states else (None, None, refs[0])
@@ -55,8 +56,9 @@ def _kernel(*refs, st: Static, dt, has_s0: bool, with_states: bool):
     q, k = q_ref[...].astype(F32), k_ref[...].astype(F32)  # [C, K]
     if st.use_l2:
         q, k = l2_normalize(q), l2_normalize(k)
-    gcol, grow = gcol_ref[...], grow_ref[...]  # G as [C, 1] and [1, C]
-    beta = beta_ref[...].astype(F32)  # [C, 1]
+    grow = grow_ref[...]  # G [1, C]
+    gcol = column(grow)
+    beta = column(beta_ref[...].astype(F32))  # [C, 1]
     row, col = iota((c, c), 0), iota((c, c), 1)
     causal, strict = row >= col, row > col
     gamma = jnp.exp(jnp.where(causal, gcol - grow, 0.0))  # masked before the exp
@@ -94,8 +96,7 @@ def forward_call(q, k, v, gcum, beta, s0, st: Static, with_states: bool = False)
     nt = tp // c
     bv = st.cfg.value_block(vdim)
     dt = operand_dtype(q, k, v)
-    gcol = gcum[..., None]  # [BH, Tp, 1]
-    grow = gcum.reshape(bh, nt, 1, c)
+    per_chunk = pl.BlockSpec((None, None, 1, c), lambda i, j, n: (i, n, 0, 0))  # [1, C] rows
 
     def rows(width, by_value=False):  # chunk n's rows of a [BH, Tp, width] array
         if by_value:
@@ -104,10 +105,9 @@ def forward_call(q, k, v, gcum, beta, s0, st: Static, with_states: bool = False)
 
     state_spec = pl.BlockSpec((None, kdim, bv), lambda i, j, n: (i, 0, j))
     in_specs = [
-        rows(kdim), rows(kdim), rows(bv, True), rows(1),
-        pl.BlockSpec((None, None, 1, c), lambda i, j, n: (i, n, 0, 0)), rows(1),
+        rows(kdim), rows(kdim), rows(bv, True), per_chunk, per_chunk,
     ]  # fmt: skip
-    args = [q, k, v, gcol, grow, beta[..., None]]
+    args = [q, k, v, gcum.reshape(bh, nt, 1, c), beta.reshape(bh, nt, 1, c)]
     if s0 is not None:
         in_specs.append(state_spec)
         args.append(s0)

@@ -29,11 +29,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from taylorcal_jax.ops.gdn.pallas_tpu.common import F32, Static, last_row, mm, pallas_options
+from taylorcal_jax.ops.gdn.pallas_tpu.common import (
+    F32,
+    Static,
+    column,
+    last_row,
+    mm,
+    pallas_options,
+)
 
 
 def _kernel(
-    do_ref, qg_ref, kd_ref, w_ref, aqk_ref, h_ref, vp_ref, gcol_ref, dsT_ref,
+    do_ref, qg_ref, kd_ref, w_ref, aqk_ref, h_ref, vp_ref, grow_ref, dsT_ref,
     du_ref, dw_ref, dqg_ref, dkd_ref, daqk_ref, dd_ref, ds0_ref, ds_ref, *, dt,
 ):  # fmt: skip
     n = pl.program_id(2)
@@ -52,7 +59,7 @@ def _kernel(
     daqk_ref[...] = mm(do, vp, 1, 1, dt)
     dkd_ref[...] = mm(vp, ds, 1, 1, dt)
     dd_ref[...] = jnp.sum(h * ds, axis=0, keepdims=True)
-    decay = jnp.exp(last_row(gcol_ref[...]))  # [1, 1]
+    decay = jnp.exp(last_row(column(grow_ref[...])))  # [1, 1]
     ds_ref[...] = decay * ds + mm(qg, do, 0, 0, dt) - mm(w, dvp, 0, 0, dt)
 
     @pl.when(n == pl.num_programs(2) - 1)
@@ -85,8 +92,8 @@ def reverse_call(do, qg, kd, w, aqk, h, vp, gcum, ds_final, st: Static, dt):
     state_spec = pl.BlockSpec((None, kdim, bv), lambda i, j, n: (i, 0, j))
     in_specs = [
         rows(bv, True), rows(kdim), rows(kdim), rows(kdim), rows(c),
-        pl.BlockSpec((None, kdim, bv), lambda i, j, n: (i, rev(n), j)), rows(bv, True), rows(1),
-        state_spec,
+        pl.BlockSpec((None, kdim, bv), lambda i, j, n: (i, rev(n), j)), rows(bv, True),
+        pl.BlockSpec((None, None, 1, c), lambda i, j, n: (i, rev(n), 0, 0)), state_spec,
     ]  # fmt: skip
     out_specs = [
         rows(bv, True), partial(kdim), partial(kdim), partial(kdim), partial(c),
@@ -107,6 +114,6 @@ def reverse_call(do, qg, kd, w, aqk, h, vp, gcum, ds_final, st: Static, dt):
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((kdim, bv), F32)],
         **pallas_options("gdn_tpu_reverse", st, ("parallel", "parallel", "arbitrary")),
-    )(do, qg, kd, w, aqk, h, vp, gcum[..., None], ds_final)
+    )(do, qg, kd, w, aqk, h, vp, gcum.reshape(bh, nt, 1, c), ds_final)
     dw, dqg, dkd, daqk = (x.sum(axis=1) for x in (dw, dqg, dkd, daqk))
     return du, dw, dqg, dkd, daqk, dd.sum(axis=(2, 3)), ds0
