@@ -116,9 +116,10 @@ def _load_pallas(reason_prefix: str):
     if backend not in (*_GPU_BACKENDS, _TPU_BACKEND):
         raise ImplementationUnavailableError(
             f"{reason_prefix}: pallas_gpu needs a GPU backend and pallas_tpu a TPU backend, but "
-            f"JAX's default backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU tests of "
-            "the kernels call taylorcal_jax.ops.gdn.pallas_gpu.op.gated_delta_rule_pallas or "
-            "taylorcal_jax.ops.gdn.pallas_tpu.op.gated_delta_rule_pallas_tpu with interpret=True."
+            f"JAX's default backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU "
+            "tests of the kernels call taylorcal_jax.ops.gdn.pallas_gpu.op.gated_delta_rule_pallas "
+            "or taylorcal_jax.ops.gdn.pallas_tpu.op.gated_delta_rule_pallas_tpu with "
+            "interpret=True."
         )
     package = "pallas_tpu" if backend == _TPU_BACKEND else "pallas_gpu"
     try:

@@ -4,8 +4,8 @@ Letters: K key dim, V value dim, C chunk length, BV value block.
 
 TPU tiling: the last two dims of every block are multiples of (8, 128) for float32 and (16, 128)
 for bfloat16, or equal to the array's dims. The kernels' blocks are [C, K], [C, BV], [C, C],
-[K, BV] and [1, C] (G and beta per chunk, as rows): C is a multiple of 16 (CHUNK_SIZES), K and C are whole array dims,
-and BV is V itself or a multiple of 128 dividing V.
+[K, BV] and [1, C] (G and beta per chunk, as rows): C is a multiple of 16 (CHUNK_SIZES), K and
+C are whole array dims, and BV is V itself or a multiple of 128 dividing V.
 """
 
 from __future__ import annotations
