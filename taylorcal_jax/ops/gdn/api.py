@@ -13,12 +13,14 @@ Semantics of flash-linear-attention's `chunk_gated_delta_rule(..., use_qk_l2norm
 Implementations (`impl`):
   "reference"  per-token `lax.scan` (reference.py), the definition; slow, O(1) memory per token.
   "chunked"    chunk-parallel UT/WY form, `lax.scan` over chunks (chunked.py); any backend.
-  "pallas"     the Pallas GPU kernels (pallas_gpu/, imported lazily; docs/kernel.md). Asking for
-               them where they cannot run (no GPU backend, or the package does not import)
-               raises `ImplementationUnavailableError` with the reason; never a silent fallback.
-  "auto"       "pallas" on a GPU backend when it imports and pallas_gpu.op.unsupported_reason
-               accepts these inputs, else "chunked"; the choice is logged once per (backend,
-               choice).
+  "pallas"     the Pallas kernels of the backend, imported lazily: pallas_gpu/ on a GPU
+               (docs/kernel.md), pallas_tpu/ on a TPU (docs/kernel_tpu.md; resolved as
+               "pallas_tpu"). Asking for them where they cannot run (no GPU or TPU backend, or
+               the package does not import) raises `ImplementationUnavailableError` with the
+               reason; never a silent fallback.
+  "auto"       "pallas" on a GPU or TPU backend when the backend's package imports and its
+               op.unsupported_reason accepts these inputs, else "chunked"; the choice is logged
+               once per (backend, choice).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ IMPLS = ("reference", "chunked", "pallas", "auto")
 # default of the operand dtype's kernel path: "states" for bf16, the fastest, "inputs" for fp32).
 PALLAS_RESIDUALS = ("auto", *RESIDUALS)
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
+_TPU_BACKEND = "tpu"
 _logged_choices: set[tuple[str, str]] = set()
 
 
@@ -101,21 +104,32 @@ def validate_inputs(
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
+def _pallas_choice(backend: str) -> str:
+    """What impl="pallas" resolves to on this backend."""
+    return "pallas_tpu" if backend == _TPU_BACKEND else "pallas"
+
+
 def _load_pallas(reason_prefix: str):
-    """Returns the module pallas_gpu.op, or raises ImplementationUnavailableError saying why."""
+    """Returns the backend's Pallas op module (pallas_gpu.op or pallas_tpu.op), or raises
+    ImplementationUnavailableError saying why."""
     backend = jax.default_backend()
-    if backend not in _GPU_BACKENDS:
+    if backend not in (*_GPU_BACKENDS, _TPU_BACKEND):
         raise ImplementationUnavailableError(
-            f"{reason_prefix}: the Pallas GDN kernel needs a GPU backend, but JAX's default "
-            f"backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU tests of the kernel "
-            "call taylorcal_jax.ops.gdn.pallas_gpu.op.gated_delta_rule_pallas(..., "
-            "interpret=True)."
+            f"{reason_prefix}: pallas_gpu needs a GPU backend and pallas_tpu a TPU backend, but "
+            f"JAX's default backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU "
+            "tests of the kernels call taylorcal_jax.ops.gdn.pallas_gpu.op.gated_delta_rule_pallas "
+            "or taylorcal_jax.ops.gdn.pallas_tpu.op.gated_delta_rule_pallas_tpu with "
+            "interpret=True."
         )
+    package = "pallas_tpu" if backend == _TPU_BACKEND else "pallas_gpu"
     try:
-        from taylorcal_jax.ops.gdn.pallas_gpu import op
+        if backend == _TPU_BACKEND:
+            from taylorcal_jax.ops.gdn.pallas_tpu import op
+        else:
+            from taylorcal_jax.ops.gdn.pallas_gpu import op
     except ImportError as e:
         raise ImplementationUnavailableError(
-            f"{reason_prefix}: taylorcal_jax.ops.gdn.pallas_gpu.op could not be imported "
+            f"{reason_prefix}: taylorcal_jax.ops.gdn.{package}.op could not be imported "
             f"({type(e).__name__}: {e}). Use impl='chunked' (or 'auto')."
         ) from e
     return op
@@ -130,19 +144,20 @@ def _log_once(backend: str, choice: str, why: str) -> None:
 def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: int = 64) -> str:
     """The implementation `impl` runs as here ("auto" resolved); raises if it cannot run.
 
-    With the inputs given, "auto" also asks pallas_gpu.op.unsupported_reason whether the
-    kernels take them, and uses "chunked" when they do not.
+    With the inputs given, "auto" also asks the backend's op.unsupported_reason whether the
+    kernels take them, and uses "chunked" when they do not. "pallas" resolves to "pallas_tpu"
+    on a TPU backend.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid choices are {', '.join(IMPLS)}")
+    backend = jax.default_backend()
     if impl == "pallas":
         _load_pallas("impl='pallas' cannot run")
-        return "pallas"
+        return _pallas_choice(backend)
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
-    if backend not in _GPU_BACKENDS:
-        _log_once(backend, "chunked", "no GPU backend")
+    if backend not in (*_GPU_BACKENDS, _TPU_BACKEND):
+        _log_once(backend, "chunked", "no GPU or TPU backend")
         return "chunked"
     try:
         pallas_op = _load_pallas("pallas unavailable")
@@ -154,8 +169,9 @@ def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: i
         if reason:
             _log_once(backend, "chunked", f"the Pallas kernel does not take these inputs: {reason}")
             return "chunked"
-    _log_once(backend, "pallas", "GPU backend and the Pallas kernel imports")
-    return "pallas"
+    choice = _pallas_choice(backend)
+    _log_once(backend, choice, f"{backend} backend and its Pallas kernels import")
+    return choice
 
 
 def gated_delta_rule(
@@ -179,7 +195,8 @@ def gated_delta_rule(
     initial state [B, H, K, V]. chunk_size is used by "chunked" and "pallas". pallas_residuals
     (PALLAS_RESIDUALS) trades the Pallas backward's speed for memory under differentiation:
     "states" keeps T, h and v' per call ([B, H, T/C*K, V] + [B, T, H, V] more than "t", which
-    keeps T only and reruns the state pass; "inputs" inverts again too).
+    keeps T only and reruns the state pass; "inputs" inverts again too). The TPU kernels keep
+    "inputs" or "states" ("auto"; pallas_tpu.config.RESIDUALS) and refuse "t".
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None).
     """
     if impl not in IMPLS:
@@ -207,6 +224,10 @@ def gated_delta_rule(
     if choice == "chunked":
         return gated_delta_rule_chunked(*args, chunk_size=chunk_size, **kwargs)
     pallas_op = _load_pallas("impl='pallas' cannot run")
+    if choice == "pallas_tpu":
+        return pallas_op.gated_delta_rule_pallas_tpu(
+            *args, chunk_size=chunk_size, residuals=pallas_residuals, **kwargs
+        )
     return pallas_op.gated_delta_rule_pallas(
         *args, chunk_size=chunk_size, interpret=False, residuals=pallas_residuals, **kwargs
     )
