@@ -46,6 +46,14 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of errors in the 
 STAGES = {**stages.STAGES, **calibrate_pipeline.STAGES}
 
 
+def run(config, workdir: str, **options) -> dict:
+    """What the command line runs: `runner.run` with these STAGES; {stage: result}.
+
+    options: command, rerun, dry_run, console (see run/runner.py). Raises UserError.
+    """
+    return runner.run(config, workdir, STAGES, **options)
+
+
 def help_text() -> str:
     """The module docstring, then the stages, strategies and layer policies."""
     width = max(len(n) for n in STAGES)
@@ -161,10 +169,9 @@ def main(argv):
         fail(ConfigError("--workdir is required", "e.g. --workdir=workdirs/tiny"), _DEBUG.value)
     rerun = list(config.stages) if _RERUN.value == ["all"] else _RERUN.value
     try:
-        runner.run(
+        run(
             config,
             _WORKDIR.value,
-            STAGES,
             command="python -m taylorcal_jax.main " + " ".join(sys.argv[1:]),
             rerun=rerun,
             dry_run=_DRY_RUN.value,

@@ -32,6 +32,7 @@ def run_dir(tmp_path_factory):
     c.select.kept_fraction = 0.5
     c.select.num_sequences = 2
     c.select.seq_len = 24
+    c.eval.num_sequences = c.pretrain.eval_sequences  # the sequences pretrain evaluates on
     summary = main.run(c, workdir)
     return workdir, c, summary
 
@@ -67,17 +68,18 @@ def test_student_ppl_equals_blended_scoring(run_dir):
     """The saved student and the vmapped scorer used by the policies agree."""
     from taylorcal_jax.calibrate import pipeline, select
     from taylorcal_jax.models.student import load_student
-    from taylorcal_jax.train import stages
+    from taylorcal_jax.run.context import RunContext
 
     workdir, c, summary = run_dir
     sc, student = load_student(os.path.join(workdir, "student"))
-    mcfg, teacher = stages.load_teacher(c, workdir)
+    ctx = RunContext(c, workdir)
+    mcfg, teacher = ctx.teacher
     _, all_layers = load_student(pipeline.final_mixers_dir(c, workdir))
     mixers = {i: all_layers[f"layers_{i}"]["gdn"] for i in range(mcfg.num_hidden_layers)}
     for i in range(mcfg.num_hidden_layers):
         if i not in sc.keep_full_attention_layers:
             jax.tree.map(np.testing.assert_array_equal, student[f"layers_{i}"]["gdn"], mixers[i])
-    seqs = stages.eval_sequences(c, stages.build_run_corpus(c, workdir))
+    seqs = ctx.sequences(c.eval)
     union = select.union_params(teacher, mixers, mcfg.num_hidden_layers)
     mask = select.keep_mask(sc.keep_full_attention_layers, mcfg.num_hidden_layers)[None]
     ppl = select.score_keep_masks(mcfg, sc.gdn, union, mask, seqs, batch_size=4, parallel=1)

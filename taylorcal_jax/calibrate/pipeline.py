@@ -124,10 +124,20 @@ def check_calibration(config, arch) -> None:
         gdn_config(config, arch)
 
 
-def check_calibration_mesh(config, sizes) -> None:
+def check_gdn_backend(config, sizes) -> None:
+    """The Pallas kernel needs a GPU (asking for it elsewhere is an error, not a fallback)."""
+    backend = jax.default_backend()
+    if config.calibration.gdn.impl == "pallas" and backend not in ("gpu", "cuda", "rocm"):
+        raise check.ConfigError(
+            f"calibration.gdn.impl='pallas' needs a GPU, and JAX's backend here is {backend!r}",
+            "use calibration.gdn.impl='auto' (or 'chunked')",
+        )
+
+
+def check_alignment_split(config, sizes) -> None:
     """Alignment splits the calibration sequences over the mesh's "data" axis."""
     n, data = config.calibration.num_sequences, sizes["data"]
-    if uses_align(config) and n % data:
+    if n % data:
         raise check.ConfigError(
             f"calibration.num_sequences={n} does not split over mesh.data={data} devices",
             f"use a multiple of {data}, or a smaller mesh.data",
@@ -545,6 +555,7 @@ STAGES = {
         inputs=lambda config: ("teacher", "statistics"),
         outputs=(_rel("init"), _rel("init_report.json")),
         checks=(check_calibration,),
+        device_checks=(check_gdn_backend,),
     ),
     "align": Stage(
         name="align",
@@ -557,7 +568,7 @@ STAGES = {
             "" if uses_align(config) else f"strategy {config.calibration.strategy} has no phase 2"
         ),
         checks=(check_calibration,),
-        mesh_checks=(check_calibration_mesh,),
+        device_checks=(check_gdn_backend, check_alignment_split),
     ),
     "select_layers": Stage(
         name="select_layers",
@@ -568,6 +579,7 @@ STAGES = {
         inputs=lambda config: ("teacher", "corpus", "calibrate", *_final_mixers_stage(config)),
         outputs=(STUDENT_DIR, _rel("select_report.json")),
         checks=(check_calibration, check_select),
+        device_checks=(check_gdn_backend,),
     ),
     "eval_student": Stage(
         name="eval_student",
@@ -585,5 +597,6 @@ STAGES = {
         ),
         outputs=(REPORT_JSON, REPORT_PNG),
         checks=(check_calibration, check_eval),
+        device_checks=(check_gdn_backend,),
     ),
 }

@@ -58,7 +58,11 @@ class RunContext:
         field = "teacher.path" if self.config.teacher.path else "the 'pretrain' stage's output"
         try:
             mcfg, params = hf_io.load_pretrained(path)
-        except (hf_io.CheckpointError, hf_io.UnsupportedModelError) as e:
+        except (
+            hf_io.CheckpointError,
+            hf_io.CorruptCheckpointError,
+            hf_io.UnsupportedModelError,
+        ) as e:
             raise UserError(
                 f"cannot load the teacher at {path} ({field}): {e}",
                 "point teacher.path at a complete Hugging Face checkpoint directory"

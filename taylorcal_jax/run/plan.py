@@ -54,9 +54,9 @@ class Stage:
     ignores: tuple[str, ...] = ()  # fields inside `reads` that change only speed or memory
     not_needed: Callable[[object], str] = lambda config: ""  # why it has nothing to do, or ""
     # check(config, teacher architecture or None) of the sections it reads (validate.py);
-    # mesh_check(config, {"layers": n, "data": m}) of what depends on the mesh's sizes.
+    # device_check(config, {"layers": n, "data": m}) of what depends on the devices.
     checks: tuple[Callable, ...] = ()
-    mesh_checks: tuple[Callable, ...] = ()
+    device_checks: tuple[Callable, ...] = ()
 
     def settings(self, config) -> dict:
         """{field: value} of every field under `reads` not under `ignores`."""

@@ -89,7 +89,6 @@ def run(
                 results[step.name] = dict(records.get(step.name, {}).get("result", {}))
                 results[step.name].setdefault("skipped", step.reason)
                 continue
-            console.stage_start(i, len(steps), step, stage.summary)
             for rel in stage.outputs + (stage.checkpoints if step.action == "run" else ()):
                 workdir_lib.remove(ctx.path(rel))
             records[step.name] = {
@@ -100,6 +99,7 @@ def run(
                 "started": workdir_lib.now(),
             }
             workdir_lib.write_records(workdir, records)
+            console.stage_start(i, len(steps), step, stage.summary)
             t0 = time.perf_counter()
             result = plain(dict(stage.run(ctx)))
             seconds[step.name] = time.perf_counter() - t0

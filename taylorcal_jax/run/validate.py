@@ -114,7 +114,8 @@ def check_types(config) -> None:
             kind = type(default).__name__
             if isinstance(default, tuple) and default:
                 kind = f"tuple of {type(default[0]).__name__}"
-            raise ConfigError(f"{path}={value!r} has the wrong type; expected a {kind}")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigError(f"{path}={value!r} has the wrong type; expected {article} {kind}")
 
 
 def check_stages(config, registry: Mapping) -> None:
@@ -188,6 +189,6 @@ def check_mesh(config, registry: Mapping, num_devices: int) -> dict[str, int]:
     """The mesh against the devices, and the stages' checks that depend on its sizes."""
     sizes = mesh_sizes(config, num_devices)
     for name in config.stages:
-        for check in registry[name].mesh_checks:
+        for check in registry[name].device_checks:
             check(config, sizes)
     return sizes

@@ -170,6 +170,7 @@ def output_dir(path: str) -> Iterator[str]:
     """Yields an empty temporary directory; it replaces `path` if the block completes."""
     tmp = _partial(path)
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
         yield tmp
         remove(path)
