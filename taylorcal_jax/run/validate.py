@@ -1,8 +1,9 @@
 """Whole-config validation, before any work: one `ConfigError` line per problem found first.
 
 Order: unknown fields (with the closest known one), types (each field's type is its
-default's in configs/common.py), the stage list, the teacher's architecture (read from
-teacher.path's config.json, or the `teacher` section), then the checks of every listed
+default's in configs/common.py), the stage list, the data and tokenizer sources if read, the
+teacher's architecture (read from teacher.path's config.json, or the `teacher` section;
+every stage works from it), then the checks of every listed
 stage (each `Stage.checks` entry covers the sections that stage reads: enums, ranges, paths,
 and sizes against the teacher, e.g. sequence lengths against its positions), and last the
 mesh against the devices (`check_mesh`, after jax.distributed starts).
@@ -56,7 +57,7 @@ def at_least(config, path: str, low) -> None:
 def fits_positions(config, path: str, arch) -> None:
     """A sequence length field must not exceed the teacher's positions."""
     value = _get(config, path)
-    if arch is not None and value > arch.max_position_embeddings:
+    if value > arch.max_position_embeddings:
         raise ConfigError(
             f"{path}={value} exceeds the teacher's max_position_embeddings "
             f"({arch.max_position_embeddings})",
@@ -157,7 +158,7 @@ def validate(config, registry: Mapping) -> None:
         inputs_lib.check_corpus(config)
     if "tokenizer" in read:
         inputs_lib.check_tokenizer_path(config)
-    arch = teacher_architecture(config) if "teacher" in read else None
+    arch = teacher_architecture(config)  # every stage works from the teacher
     done = []
     for stage in stages:
         for check in stage.checks:
