@@ -170,14 +170,24 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
     s.crash_second_after = 50
     with pytest.raises(Interrupted):
         _run(s, _config(), wd)
-    assert workdir_lib.read_records(wd)["second"]["status"] == "running"
+    assert workdir_lib.read_records(wd)["second"]["status"] == "failed"
     assert not os.path.exists(os.path.join(wd, workdir_lib.LOCK_FILE))
     _, out = _run(s, _config(), wd)
-    assert "resume: interrupted; resuming from its checkpoint" in out
+    assert "resume: failed last time; resuming from its checkpoint" in out
     assert "note: removed 1 partial outputs of an interrupted run" in out
     assert s.resumed_from == 50
     assert _values(wd) == _expected()  # equal to an uninterrupted run
     assert not [p for p in os.listdir(wd) if p.endswith(workdir_lib.PARTIAL)]
+    # A kill -9 cannot mark the record: it stays "running", and the stage resumes as well.
+    s.crash_second_after = 20
+    with pytest.raises(Interrupted):
+        _run(s, _config(), wd, rerun=["second"])
+    records = workdir_lib.read_records(wd)
+    records["second"]["status"] = "running"
+    workdir_lib.write_records(wd, records)
+    _, out = _run(s, _config(), wd)
+    assert "resume: interrupted; resuming from its checkpoint" in out and s.resumed_from == 20
+    assert _values(wd) == _expected()
     # Changed settings never resume from a checkpoint made under the old ones.
     s.crash_second_after = 3
     with pytest.raises(Interrupted):

@@ -199,3 +199,19 @@ def test_help_names_stages_strategies_and_policies():
     for name, stage in main_lib.STAGES.items():
         assert f"  {name}" in text and stage.summary in text
     assert "taylor_calibrate" in text and "ga_s2" in text and "--print_config" in text
+
+
+def test_corrupt_teacher_weights_are_one_user_error_line_at_load(tmp_path):
+    from taylorcal_jax.errors import UserError
+    from taylorcal_jax.run.console import Console
+
+    c = _smoke(**{"stages": ("eval_teacher",)})
+    c.teacher.path = _teacher_dir(tmp_path)  # model.safetensors holds 8 zero bytes
+    with pytest.raises(UserError) as info:
+        main_lib.run(c, str(tmp_path / "wd"), console=Console(io.StringIO()))
+    err = info.value
+    assert not isinstance(err, ConfigError) and err.exit_code == 1
+    assert err.message.startswith(f"cannot load the teacher at {c.teacher.path} (teacher.path): ")
+    assert "\n" not in err.message and "Hugging Face checkpoint" in err.hint
+    record = json.load(open(tmp_path / "wd" / "stages.json"))["stages"]["eval_teacher"]
+    assert record["status"] == "failed"

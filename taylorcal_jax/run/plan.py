@@ -18,10 +18,10 @@ changes. `make_plan` compares each listed stage's fingerprint with the record of
 run (workdir.py) and decides, before any work:
 
     skip     done before with the same fingerprint, and its outputs are there
-    resume   interrupted with the same fingerprint and it has a checkpoint to resume from
-    run      never run, settings or inputs changed, outputs missing, interrupted without a
-             checkpoint, or asked for by --rerun (which also reruns the listed stages that
-             consume the named ones)
+    resume   interrupted (or failed) with the same fingerprint, and it has a checkpoint
+    run      never run, settings or inputs changed, outputs missing, interrupted or failed
+             without a checkpoint, or asked for by --rerun (which also reruns the listed
+             stages that consume the named ones)
 
 Inputs that are neither listed nor recorded, stages listed before the stages they consume,
 and outputs with no record of the settings that made them are errors, found here.
@@ -224,9 +224,11 @@ def make_plan(
                 reason = f"outputs missing: {', '.join(missing)}"
             else:
                 action, reason = "skip", "done, settings unchanged"
-        elif any(os.path.exists(os.path.join(workdir, p)) for p in stage.checkpoints):
-            action, reason = "resume", "interrupted; resuming from its checkpoint"
         else:
-            reason = "interrupted; restarting"
+            why = "failed last time" if rec.get("status") == "failed" else "interrupted"
+            if any(os.path.exists(os.path.join(workdir, p)) for p in stage.checkpoints):
+                action, reason = "resume", f"{why}; resuming from its checkpoint"
+            else:
+                reason = f"{why}; restarting"
         steps.append(Step(name, action, reason, fp, settings, deps))
     return steps

@@ -101,7 +101,12 @@ def run(
             workdir_lib.write_records(workdir, records)
             console.stage_start(i, len(steps), step, stage.summary)
             t0 = time.perf_counter()
-            result = plain(dict(stage.run(ctx)))
+            try:
+                result = plain(dict(stage.run(ctx)))
+            except BaseException:  # Ctrl-C included; a kill -9 leaves it "running"
+                records[step.name].update(status="failed", finished=workdir_lib.now())
+                workdir_lib.write_records(workdir, records)
+                raise
             seconds[step.name] = time.perf_counter() - t0
             records[step.name].update(
                 status="done",

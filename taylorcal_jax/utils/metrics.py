@@ -40,8 +40,13 @@ class MetricsWriter:
 
     def write(self, stage: str, **values) -> dict:
         record = {"stage": stage, "time": round(time.time(), 3), **plain(values)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # One write(2) of the whole line on an O_APPEND descriptor: a run killed at any
+        # point leaves whole lines only.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
         return record
 
 
