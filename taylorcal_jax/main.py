@@ -153,6 +153,7 @@ def parse_flags(argv):
             error = explain_flag_error(argv, e)
         except ConfigError as inner:
             error = inner
+        error.__cause__ = e  # what --debug shows
         fail(error, debug="--debug" in argv)
 
 

@@ -531,9 +531,8 @@ _SPEED = (
     "calibration.gdn.chunk_size",
     "calibration.gdn.pallas_residuals",
 )
-_STATISTICS = tuple(
-    f"calibration.{k}" for k in ("split", "num_sequences", "seq_len", "seed", "block_size")
-) + ("calibration.sequences_per_batch", "calibration.teacher_pass")
+# What the statistics are computed on.
+_STATISTICS = tuple(f"calibration.{k}" for k in ("split", "num_sequences", "seq_len", "seed"))
 
 STAGES = {
     "statistics": Stage(

@@ -53,7 +53,7 @@ class Stage:
     checkpoints: tuple[str, ...] = ()  # workdir-relative checkpoint dirs it resumes from
     ignores: tuple[str, ...] = ()  # fields inside `reads` that change only speed or memory
     not_needed: Callable[[object], str] = lambda config: ""  # why it has nothing to do, or ""
-    # check(config, teacher architecture or None) of the sections it reads (validate.py);
+    # check(config, teacher architecture) of the sections it reads (validate.py);
     # device_check(config, {"layers": n, "data": m}) of what depends on the devices.
     checks: tuple[Callable, ...] = ()
     device_checks: tuple[Callable, ...] = ()
