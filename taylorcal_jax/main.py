@@ -35,7 +35,7 @@ from taylorcal_jax.train import stages
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns resume in it.")
 _RERUN = flags.DEFINE_list(
-    "rerun", [], "Stages to run again even if done (and the listed stages that use them)."
+    "rerun", [], "Stages to run again even if done, and the listed stages that use them ('all')."
 )
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config and print the plan; run nothing.")
 _PRINT_CONFIG = flags.DEFINE_bool(
@@ -168,13 +168,12 @@ def main(argv):
         return
     if _WORKDIR.value is None:
         fail(ConfigError("--workdir is required", "e.g. --workdir=workdirs/tiny"), _DEBUG.value)
-    rerun = list(config.stages) if _RERUN.value == ["all"] else _RERUN.value
     try:
         run(
             config,
             _WORKDIR.value,
             command="python -m taylorcal_jax.main " + " ".join(sys.argv[1:]),
-            rerun=rerun,
+            rerun=_RERUN.value,
             dry_run=_DRY_RUN.value,
         )
     except UserError as e:

@@ -160,6 +160,8 @@ def test_rerun_flag_and_missing_outputs(tmp_path):
     os.remove(os.path.join(wd, "third.txt"))
     _, out = _run(s, _config(), wd)
     assert s.calls["third"] == 3 and "run: outputs missing: third.txt" in out
+    _, out = _run(s, _config(), wd, rerun=["all"])
+    assert s.calls == {"first": 2, "second": 3, "third": 4} and out.count("run: --rerun") == 3
     with pytest.raises(ConfigError, match="--rerun names fourth"):
         _run(s, _config(), wd, rerun=["fourth"])
 

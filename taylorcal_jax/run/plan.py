@@ -21,7 +21,7 @@ run (workdir.py) and decides, before any work:
     resume   interrupted (or failed) with the same fingerprint, and it has a checkpoint
     run      never run, settings or inputs changed, outputs missing, interrupted or failed
              without a checkpoint, or asked for by --rerun (which also reruns the listed
-             stages that consume the named ones)
+             stages that consume the named ones; "all" names every listed stage)
 
 Inputs that are neither listed nor recorded, stages listed before the stages they consume,
 and outputs with no record of the settings that made them are errors, found here.
@@ -120,6 +120,7 @@ def make_plan(
 ) -> list[Step]:
     """The plan of `config.stages` in `workdir` (see the module docstring)."""
     listed = list(config.stages)
+    rerun = listed if list(rerun) == ["all"] else list(rerun)
     unknown = [s for s in rerun if s not in listed]
     if unknown:
         raise ConfigError(
