@@ -14,10 +14,11 @@ always describe every listed stage.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from taylorcal_jax.run import plan as plan_lib
 from taylorcal_jax.run import validate as validate_lib
@@ -89,33 +90,8 @@ def run(
                 results[step.name] = dict(records.get(step.name, {}).get("result", {}))
                 results[step.name].setdefault("skipped", step.reason)
                 continue
-            for rel in stage.outputs + (stage.checkpoints if step.action == "run" else ()):
-                workdir_lib.remove(ctx.path(rel))
-            records[step.name] = {
-                "fingerprint": step.fingerprint,
-                "settings": step.settings,
-                "inputs": step.inputs,
-                "status": "running",
-                "started": workdir_lib.now(),
-            }
-            workdir_lib.write_records(workdir, records)
-            console.stage_start(i, len(steps), step, stage.summary)
-            t0 = time.perf_counter()
-            try:
-                result = plain(dict(stage.run(ctx)))
-            except BaseException:  # Ctrl-C included; a kill -9 leaves it "running"
-                records[step.name].update(status="failed", finished=workdir_lib.now())
-                workdir_lib.write_records(workdir, records)
-                raise
-            seconds[step.name] = time.perf_counter() - t0
-            records[step.name].update(
-                status="done",
-                finished=workdir_lib.now(),
-                seconds=round(seconds[step.name], 1),
-                result=result,
-            )
-            workdir_lib.write_records(workdir, records)
-            ctx.metrics.write(step.name, stage_seconds=round(seconds[step.name], 1), done=True)
+            started = functools.partial(console.stage_start, i, len(steps), step, stage.summary)
+            result, seconds[step.name] = run_stage(ctx, stage, step, records, started)
             console.stage_done(seconds[step.name], result)
             results[step.name] = dict(result, stage_seconds=round(seconds[step.name], 1))
             write_summary(workdir, f"taylorcal_jax run in {workdir}", {"run": header, **results})
@@ -127,6 +103,39 @@ def run(
         )
         console.summary(summary_rows(config, workdir, steps, results, seconds, wall))
     return results
+
+
+def run_stage(ctx, stage, step, records: dict, started: Callable[[], None]):
+    """Runs one stage: removes its old outputs (and checkpoints, unless it resumes), records
+    it "running", calls `started()`, runs it, records "done" with the result, or "failed" /
+    "interrupted" (Ctrl-C) if it raises. Returns (result, seconds)."""
+    workdir = ctx.workdir
+    for rel in stage.outputs + (stage.checkpoints if step.action == "run" else ()):
+        workdir_lib.remove(ctx.path(rel))
+    record = {
+        "fingerprint": step.fingerprint,
+        "settings": step.settings,
+        "inputs": step.inputs,
+        "status": "running",  # what a kill -9 leaves
+        "started": workdir_lib.now(),
+    }
+    records[step.name] = record
+    workdir_lib.write_records(workdir, records)
+    started()
+    t0 = time.perf_counter()
+    try:
+        result = plain(dict(stage.run(ctx)))
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record.update(status=status, finished=workdir_lib.now())
+        workdir_lib.write_records(workdir, records)
+        raise
+    seconds = time.perf_counter() - t0
+    record.update(status="done", finished=workdir_lib.now(), seconds=round(seconds, 1))
+    record["result"] = result
+    workdir_lib.write_records(workdir, records)
+    ctx.metrics.write(step.name, stage_seconds=round(seconds, 1), done=True)
+    return result, seconds
 
 
 def summary_rows(config, workdir, steps, results, seconds, wall) -> list[tuple[str, str]]:
