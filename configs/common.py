@@ -1,7 +1,8 @@
 """Every default of the pipeline, in one place (other configs start from `get_config()`).
 
 Sections: data, tokenizer, teacher, pretrain, eval, mesh, calibration, select (later stages
-add theirs).
+add theirs). The comment on (or just above) each assignment in `get_config` is that field's
+description: `python -m taylorcal_jax.main --print_config` shows it next to the value.
 Runs nothing by itself; the configs built on it do, e.g.
 
     python -m taylorcal_jax.main --config=configs/tiny.py --workdir=/tmp/taylorcal_tiny
@@ -15,14 +16,13 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    # Stages run in this order by taylorcal_jax.main (names are keys of main.STAGES).
+    # Stages to run, in order (`python -m taylorcal_jax.main --help` lists them).
     c.stages = ("pretrain", "eval_teacher")
-    c.progress = True  # tqdm bars
+    c.progress = True  # progress bars on stderr for long steps
 
-    # Text source: "stdlib" | "files:<glob>[,<glob>]" | "hf:<name>[:<config>]".
+    # The text every stage reads, split by document into train, valid and test.
     c.data = ml_collections.ConfigDict()
-    c.data.source = "stdlib"
+    c.data.source = "stdlib"  # "stdlib" | "files:<glob>[,<glob>]" | "hf:<name>[:<config>]"
     c.data.include_tests = True  # stdlib: keep test/ dirs (about 31 MB of .py in all)
     c.data.max_documents = 0  # 0 = all; else the first N kept documents by id (before splitting)
     # Files larger than this are skipped with a warning (they are usually generated data, not
@@ -39,105 +39,106 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # grows with the text (site-packages .py on 2 busy cores: 100 MB took 108 s and 420 MB,
     # a 32 MiB sample of it 35 s and 370 MB).
     c.data.bpe_sample_bytes = 32 << 20
-    c.data.valid_fraction = 0.02
-    c.data.test_fraction = 0.02
-    c.data.split_seed = 0
+    c.data.valid_fraction = 0.02  # share of documents in the valid split (hashed by content)
+    c.data.test_fraction = 0.02  # share of documents in the test split (hashed by content)
+    c.data.split_seed = 0  # key of the document hash that assigns splits
 
     # "" = train a byte-level BPE on the train split (saved in <workdir>/data/tokenizer),
     # unless teacher.path is set, then the teacher's own tokenizer is used.
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""
-    c.tokenizer.vocab_size = 4096
-    c.tokenizer.min_frequency = 2
+    c.tokenizer.path = ""  # a tokenizer directory (AutoTokenizer); "" = see above
+    c.tokenizer.vocab_size = 4096  # size of the trained BPE (at least 259: 256 bytes + 3 specials)
+    c.tokenizer.min_frequency = 2  # BPE merges need at least this many occurrences
 
     # teacher.path: an HF checkpoint dir (skips pretraining). Otherwise the architecture
     # below is pretrained into <workdir>/teacher.
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.path = ""
-    c.teacher.model_type = "llama"
-    c.teacher.hidden_size = 256
-    c.teacher.intermediate_size = 768
-    c.teacher.num_hidden_layers = 4
-    c.teacher.num_attention_heads = 4
-    c.teacher.num_key_value_heads = 2
-    c.teacher.head_dim = 64
-    c.teacher.max_position_embeddings = 1024
-    c.teacher.rope_theta = 10000.0
-    c.teacher.rms_norm_eps = 1e-5
-    c.teacher.tie_word_embeddings = True
+    c.teacher.path = ""  # HF checkpoint directory (config.json + *.safetensors); "" = pretrain
+    c.teacher.model_type = "llama"  # architecture family of the pretrained teacher
+    c.teacher.hidden_size = 256  # width of the residual stream
+    c.teacher.intermediate_size = 768  # width of the SwiGLU MLP
+    c.teacher.num_hidden_layers = 4  # Transformer blocks
+    c.teacher.num_attention_heads = 4  # query heads
+    c.teacher.num_key_value_heads = 2  # key/value heads (grouped-query attention)
+    c.teacher.head_dim = 64  # width of one attention head (even, for RoPE)
+    c.teacher.max_position_embeddings = 1024  # longest sequence the teacher accepts
+    c.teacher.rope_theta = 10000.0  # RoPE base frequency
+    c.teacher.rms_norm_eps = 1e-5  # RMSNorm epsilon
+    c.teacher.tie_word_embeddings = True  # output head shares the embedding matrix
     c.teacher.vocab_multiple = 64  # model vocab = len(tokenizer) rounded up to this
     c.teacher.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); params stay fp32
 
+    # Pretraining of the teacher above (stage pretrain): next-token loss, AdamW, cosine decay.
     c.pretrain = ml_collections.ConfigDict()
-    c.pretrain.steps = 2000
-    c.pretrain.batch_size = 32
-    c.pretrain.seq_len = 256
-    c.pretrain.learning_rate = 2e-3
-    c.pretrain.warmup_steps = 100
-    c.pretrain.min_lr_ratio = 0.1
-    c.pretrain.weight_decay = 0.1
-    c.pretrain.b1 = 0.9
-    c.pretrain.b2 = 0.95
-    c.pretrain.grad_clip = 1.0
-    c.pretrain.checkpoint_every = 200
-    c.pretrain.eval_every = 500  # 0 = only at the end
-    c.pretrain.eval_sequences = 32  # valid sequences for the in-training eval
-    c.pretrain.log_every = 20
-    c.pretrain.seed = 0
+    c.pretrain.steps = 2000  # optimiser steps
+    c.pretrain.batch_size = 32  # sequences per step
+    c.pretrain.seq_len = 256  # tokens per sequence
+    c.pretrain.learning_rate = 2e-3  # peak learning rate
+    c.pretrain.warmup_steps = 100  # linear warm-up from 0 to the peak
+    c.pretrain.min_lr_ratio = 0.1  # final learning rate / peak (cosine decay)
+    c.pretrain.weight_decay = 0.1  # AdamW weight decay (matrices only)
+    c.pretrain.b1 = 0.9  # Adam beta1
+    c.pretrain.b2 = 0.95  # Adam beta2
+    c.pretrain.grad_clip = 1.0  # global gradient-norm clip
+    c.pretrain.checkpoint_every = 200  # steps between orbax checkpoints (a rerun resumes)
+    c.pretrain.eval_every = 500  # steps between valid-split evaluations (0 = only at the end)
+    c.pretrain.eval_sequences = 32  # valid sequences for the in-training evaluation
+    c.pretrain.log_every = 20  # steps between loss lines in metrics.jsonl
+    c.pretrain.seed = 0  # initial parameters and batch order
 
     # Teacher evaluation (and the default evaluation set of later stages).
     c.eval = ml_collections.ConfigDict()
-    c.eval.split = "valid"
-    c.eval.num_sequences = 128
-    c.eval.seq_len = 256
-    c.eval.batch_size = 16
-    c.eval.seed = 0
+    c.eval.split = "valid"  # split the perplexities are measured on
+    c.eval.num_sequences = 128  # sequences sampled from that split
+    c.eval.seq_len = 256  # tokens per sequence
+    c.eval.batch_size = 16  # sequences per forward pass (rounded up to a multiple of the devices)
+    c.eval.seed = 0  # which sequences are sampled
 
-    # Device mesh. distributed=True calls jax.distributed.initialize() (multi-host).
+    # Device mesh, built once per run. Alignment splits layers over "layers" and calibration
+    # sequences over "data"; statistics and evaluation split their batches over every device.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.distributed = False
-    c.mesh.shape = (-1,)  # -1: all remaining devices
-    c.mesh.axes = ("data",)
+    c.mesh.distributed = False  # call jax.distributed.initialize() first (multi-host runs)
+    c.mesh.layers = -1  # devices on the "layers" axis (-1: all the data axis leaves)
+    c.mesh.data = 1  # devices on the "data" axis (-1: all the layers axis leaves)
 
     # Taylor-Calibrate (taylorcal_jax/calibrate, METHOD.md §4-5): stages statistics, calibrate,
     # align. Strategies: copy, zero_gate, small_gate, taylor_init, align_only, taylor_calibrate.
     c.calibration = ml_collections.ConfigDict()
-    c.calibration.strategy = "taylor_calibrate"
+    c.calibration.strategy = "taylor_calibrate"  # how converted layers are initialised
     c.calibration.split = "train"  # calibration text (the release used 4 x 256 of wikitext test)
-    c.calibration.num_sequences = 4
-    c.calibration.seq_len = 256
-    c.calibration.seed = 0
+    c.calibration.num_sequences = 4  # calibration sequences (a multiple of mesh.data)
+    c.calibration.seq_len = 256  # tokens per calibration sequence
+    c.calibration.seed = 0  # which calibration sequences are sampled
     c.calibration.block_size = 128  # key/query block of the O(T)-memory statistics
     c.calibration.sequences_per_batch = 4  # teacher passes vmapped together
     c.calibration.teacher_pass = "blockwise"  # O(T) memory; "model": dense Transformer pass
     c.calibration.init_seed = 0  # random parts of the `copy` init (shared by all strategies)
     c.calibration.gamma_min = 1e-3  # decay gamma = clip(ln2 / D_h, gamma_min, gamma_max)
-    c.calibration.gamma_max = 5.0
+    c.calibration.gamma_max = 5.0  # upper clip of the decay gamma
     c.calibration.beta_min = 0.3  # write gate beta_h = beta_min + beta_span * concentration_h
-    c.calibration.beta_span = 0.4
-    c.calibration.entropy_span_floor = 1e-3
+    c.calibration.beta_span = 0.4  # range of the write-gate target above beta_min
+    c.calibration.entropy_span_floor = 1e-3  # smallest entropy range the write gate divides by
     c.calibration.write_gate = "release"  # "release" (published) | "mean_direction" (ours)
     c.calibration.a_proj_scale = 0.0  # Wa *= this (0: x Wa = 0, exact half-life D_h)
-    c.calibration.sigma_min = 0.1  # value scale clip
-    c.calibration.sigma_max = 10.0
+    c.calibration.sigma_min = 0.1  # lower clip of the value scale (phase 1)
+    c.calibration.sigma_max = 10.0  # upper clip of the value scale
     c.calibration.gate_damping = 0.01  # Wg = alpha Wv, alpha = damping rms(C) / rms(silu(x Wv))
     # Phase-1 parts written into the params (the rest keep the `copy` init); all four = the
     # published method. Subsets are ablations (launch/sweep_zero_shot.py --phase1_ablation).
     c.calibration.phase1_parts = ("decay", "write_gate", "value_scale", "output_gate")
+    # Phase 2 (stage align): per-layer AdamW fit of each GDN mixer to the teacher's attention.
     c.calibration.align = ml_collections.ConfigDict()
-    c.calibration.align.steps = 300
-    c.calibration.align.lr_qkv = 1e-4
-    c.calibration.align.lr_gates = 1e-3
-    c.calibration.align.weight_decay = 0.01
-    c.calibration.align.clip_norm = 1.0
-    c.calibration.mesh_layers = -1  # alignment mesh: layers axis (-1: all remaining devices)
-    c.calibration.mesh_data = 1  # and data axis (splits the calibration sequences)
+    c.calibration.align.steps = 300  # optimiser steps per layer (the best step is kept)
+    c.calibration.align.lr_qkv = 1e-4  # learning rate of the q/k/v projections
+    c.calibration.align.lr_gates = 1e-3  # learning rate of the gates, decay and output gate
+    c.calibration.align.weight_decay = 0.01  # AdamW weight decay
+    c.calibration.align.clip_norm = 1.0  # per-layer global gradient-norm clip
     c.calibration.gdn = ml_collections.ConfigDict()  # student GDN mixer options
-    c.calibration.gdn.use_short_conv = False
-    c.calibration.gdn.conv_size = 4
-    c.calibration.gdn.norm_eps = 1e-5
-    c.calibration.gdn.impl = "auto"
-    c.calibration.gdn.chunk_size = 64
+    c.calibration.gdn.use_short_conv = False  # causal short convolutions on q, k, v
+    c.calibration.gdn.conv_size = 4  # their kernel width
+    c.calibration.gdn.norm_eps = 1e-5  # epsilon of the gated output RMSNorm
+    c.calibration.gdn.impl = "auto"  # GDN kernel: auto | reference | chunked | pallas
+    c.calibration.gdn.chunk_size = 64  # chunk length of the chunked and Pallas kernels
     # what the Pallas GPU kernel keeps for its backward: "auto" (bf16: T, h, v', the fastest),
     # "t" (T only: less memory per GDN layer, reruns the state pass) or "inputs"
     c.calibration.gdn.pallas_residuals = "auto"
@@ -145,13 +146,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Layers that keep softmax attention (METHOD.md §7), stage select_layers.
     c.select = ml_collections.ConfigDict()
     c.select.policy = "uniform"  # "uniform" | "ar" | "ga_s2"
-    c.select.kept_fraction = 0.25
+    c.select.kept_fraction = 0.25  # share of layers that keep softmax attention (at least 1)
     c.select.keep_layers = ()  # explicit keep_full_attention_layers; overrides the policy
     c.select.split = "train"  # text the ar / ga_s2 candidates are scored on
-    c.select.num_sequences = 16
-    c.select.seq_len = 256
-    c.select.seed = 1
-    c.select.batch_size = 4
+    c.select.num_sequences = 16  # scoring sequences
+    c.select.seq_len = 256  # tokens per scoring sequence
+    c.select.seed = 1  # which scoring sequences are sampled
+    c.select.batch_size = 4  # sequences per forward pass while scoring
     c.select.parallel_candidates = 4  # candidate students vmapped together
     return c
 
@@ -180,5 +181,11 @@ def apply_smoke(c):
     c.eval.num_sequences = 6
     c.eval.seq_len = 32
     c.eval.batch_size = 4
+    c.calibration.seq_len = 32
+    c.calibration.block_size = 16
+    c.calibration.align.steps = 20
+    c.calibration.gdn.chunk_size = 16
+    c.select.num_sequences = 4
+    c.select.seq_len = 32
     c.progress = False
     return c

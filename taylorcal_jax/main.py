@@ -1,82 +1,189 @@
-"""Command line: run the stages of a config in a workdir.
+"""Run the stages of a config in a workdir; a rerun skips finished stages and resumes.
 
-    python -m taylorcal_jax.main --config=configs/tiny.py --workdir=/tmp/taylorcal_tiny
-    python -m taylorcal_jax.main --config=configs/tiny.py:smoke --workdir=/tmp/smoke \
+    python -m taylorcal_jax.main --config=configs/tiny.py --workdir=workdirs/tiny
+    python -m taylorcal_jax.main --config=configs/tiny.py:smoke --workdir=/tmp/smoke \\
         --config.pretrain.steps=20
 
-Writes <workdir>/config.json (the resolved config), metrics.jsonl (one JSON object per
-event) and summary.md (updated after every stage). Stage functions live in STAGES.
+Any config field can be set with --config.<section>.<field>=<value>; --print_config lists
+every field with its value and description. The whole config is checked before any work.
+A rerun in the same workdir skips the stages already done under the same settings, reruns
+those whose settings or inputs changed, and resumes an interrupted one (--dry_run shows
+which, and why); --rerun=STAGE[,STAGE] reruns named stages and the listed stages after
+them that use their outputs.
+
+Writes <workdir>/config.json (the history of runs), stages.json (what each stage was run
+with, and its result), metrics.jsonl (one JSON object per event) and summary.md (updated
+after every stage).
 """
 
 from __future__ import annotations
 
-import datetime
+import importlib.util
 import os
 import sys
-import time
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from taylorcal_jax.calibrate import pipeline as calibrate_pipeline
+from taylorcal_jax.calibrate import select
+from taylorcal_jax.errors import ConfigError, UserError
+from taylorcal_jax.run import fields, runner
 from taylorcal_jax.train import stages
-from taylorcal_jax.utils import progress
-from taylorcal_jax.utils.metrics import MetricsWriter, write_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns resume in it.")
+_RERUN = flags.DEFINE_list(
+    "rerun", [], "Stages to run again even if done, and the listed stages that use them ('all')."
+)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config and print the plan; run nothing.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print every config field with its value and description, then exit."
+)
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of errors in the input as well.")
 
-# name -> fn(config, workdir, metrics) -> dict (shown in summary.md)
-STAGES = {
-    "pretrain": stages.pretrain_stage,
-    "eval_teacher": stages.eval_teacher_stage,
-    **calibrate_pipeline.STAGES,  # statistics, calibrate, align, select_layers, eval_student
-}
+STAGES = {**stages.STAGES, **calibrate_pipeline.STAGES}
 
 
-def run(config, workdir: str, command: str = "(library call)") -> dict:
-    """Validates the config, then runs `config.stages` in order; returns {stage: results}."""
-    unknown = [s for s in config.stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; known: {sorted(STAGES)}")
-    stages.validate(config)
-    if config.mesh.distributed:
-        import jax  # noqa: PLC0415
+def run(config, workdir: str, **options) -> dict:
+    """What the command line runs: `runner.run` with these STAGES; {stage: result}.
 
-        jax.distributed.initialize()
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-    progress.set_enabled(config.progress)
-    metrics = MetricsWriter(workdir)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    summary = {
-        "run": {
-            "command": command,
-            "started": started,
-            "stages": ", ".join(config.stages),
-        }
-    }
-    for name in config.stages:
-        t0 = time.perf_counter()
-        result = dict(STAGES[name](config, workdir, metrics))
-        result["stage_seconds"] = round(time.perf_counter() - t0, 1)
-        metrics.write(name, stage_seconds=result["stage_seconds"], done=True)
-        summary[name] = result
-        write_summary(workdir, f"taylorcal_jax run in {workdir}", summary)
-    return summary
+    options: command, rerun, dry_run, console (see run/runner.py). Raises UserError.
+    """
+    return runner.run(config, workdir, STAGES, **options)
+
+
+def help_text() -> str:
+    """The module docstring, then the stages, strategies and layer policies."""
+    width = max(len(n) for n in STAGES)
+    lines = [__doc__.rstrip(), "", "Stages (config.stages, run in the order listed):"]
+    lines += [f"  {n:<{width}}  {s.summary}" for n, s in STAGES.items()]
+    lines += [
+        "",
+        "Strategies (calibration.strategy): " + ", ".join(select.STRATEGIES),
+        "Layer policies (select.policy): " + ", ".join(select.POLICIES),
+        "",
+    ]
+    return "\n".join(lines).replace("%", "%%")  # absl substitutes %s in the usage text
+
+
+def print_config(config, out=sys.stdout) -> None:
+    """Every field as `section.field = value  # description`, under its section's description."""
+    docs = fields.descriptions()
+    section = None
+    for path, value in fields.flatten(config).items():
+        parent = path.rpartition(".")[0]
+        if parent != section:
+            section = parent
+            out.write(f"\n# {parent}: {docs.get(parent, '')}\n" if parent else "")
+        doc = docs.get(path, "")
+        out.write(f"{path} = {value!r}" + (f"  # {doc}" if doc else "") + "\n")
+
+
+def fail(error: UserError, debug: bool) -> None:
+    """Prints a user error as `error:` and `hint:` lines on stderr and exits with its status."""
+    if debug:
+        traceback.print_exception(error)
+    sys.stderr.write(f"error: {error.message}\n")
+    if error.hint:
+        sys.stderr.write(f"hint: {error.hint}\n")
+    sys.exit(error.exit_code)
+
+
+# ------------------------------------------------------------------- flags, explained
+
+
+def _flag_value(argv, name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load_config_file(spec: str):
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist", "e.g. --config=configs/tiny.py")
+    module_spec = importlib.util.spec_from_file_location("taylorcal_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg or None) if arg else module.get_config()
+    except Exception as e:  # noqa: BLE001 - whatever the config file raises, in one line
+        raise ConfigError(f"--config={spec}: {type(e).__name__}: {e}") from e
+
+
+def explain_flag_error(argv, error: Exception) -> ConfigError:
+    """One line for a flag that could not be parsed (unknown fields get a did-you-mean)."""
+    spec = _flag_value(argv, "config")
+    if spec is None:
+        return ConfigError("--config is required", "e.g. --config=configs/tiny.py")
+    config = _load_config_file(spec)
+    known = set(fields.flatten(config)) | set(fields.sections(config))
+    for arg in argv:
+        if arg.startswith("--config."):
+            path = arg[len("--config.") :].split("=", 1)[0]
+            if path not in known:
+                near = fields.closest(path, known)
+                return ConfigError(
+                    f"unknown config field {path} (in {arg})",
+                    f"did you mean --config.{near}?" if near else "--print_config lists them",
+                )
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = message.removeprefix("flag ")
+    flat = fields.flatten(config)
+    for arg in argv:
+        path = arg[len("--config.") :].split("=", 1)[0] if arg.startswith("--config.") else ""
+        if path in flat and message.startswith(arg.split("=", 1)[0] + "="):
+            kind = type(flat[path]).__name__
+            article = "an" if kind[0] in "aeiou" else "a"
+            return ConfigError(f"{arg}: expected {article} {kind} ({message.split(': ', 1)[-1]})")
+    return ConfigError(message, "--print_config lists the fields and their values")
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with every failure reported as one ConfigError line."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - flags.Error, or what loading the config raised
+        try:
+            error = explain_flag_error(argv, e)
+        except ConfigError as inner:
+            error = inner
+        error.__cause__ = e  # what --debug shows
+        fail(error, debug="--debug" in argv)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+        fail(ConfigError(f"unexpected arguments: {' '.join(argv[1:])}"), _DEBUG.value)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    run(_CONFIG.value, _WORKDIR.value, "python -m taylorcal_jax.main " + " ".join(sys.argv[1:]))
+    config = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        print_config(config)
+        return
+    if _WORKDIR.value is None:
+        fail(ConfigError("--workdir is required", "e.g. --workdir=workdirs/tiny"), _DEBUG.value)
+    try:
+        run(
+            config,
+            _WORKDIR.value,
+            command="python -m taylorcal_jax.main " + " ".join(sys.argv[1:]),
+            rerun=_RERUN.value,
+            dry_run=_DRY_RUN.value,
+        )
+    except UserError as e:
+        fail(e, _DEBUG.value)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; run the same command again to resume\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":
+    __doc__ = help_text()
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,6 @@
 """The calibration stages end to end from taylorcal_jax.main on the smoke config."""
 
+import io
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ def run_dir(tmp_path_factory):
     c.select.kept_fraction = 0.5
     c.select.num_sequences = 2
     c.select.seq_len = 24
+    c.eval.num_sequences = c.pretrain.eval_sequences  # the sequences pretrain evaluates on
     summary = main.run(c, workdir)
     return workdir, c, summary
 
@@ -67,19 +69,79 @@ def test_student_ppl_equals_keep_flag_scoring(run_dir):
     """The saved student and the vmapped scorer used by the policies agree."""
     from taylorcal_jax.calibrate import pipeline, select
     from taylorcal_jax.models.student import load_student
-    from taylorcal_jax.train import stages
+    from taylorcal_jax.run.context import RunContext
 
     workdir, c, summary = run_dir
     sc, student = load_student(os.path.join(workdir, "student"))
-    mcfg, teacher = stages.load_teacher(c, workdir)
+    ctx = RunContext(c, workdir)
+    mcfg, teacher = ctx.teacher
     _, all_layers = load_student(pipeline.final_mixers_dir(c, workdir))
     mixers = select.mixers_of(all_layers, sc.mixer_name, mcfg.num_hidden_layers)
     for i in range(mcfg.num_hidden_layers):
         if i not in sc.keep_full_attention_layers:
             jax.tree.map(np.testing.assert_array_equal, student[f"layers_{i}"]["gdn"], mixers[i])
-    seqs = stages.eval_sequences(c, stages.build_run_corpus(c, workdir))
+    seqs = ctx.sequences(c.eval)
     union = select.union_params(teacher, mixers, sc.mixer_name)
     mask = select.keep_mask(sc.keep_full_attention_layers, mcfg.num_hidden_layers)[None]
     mixer = pipeline.student_mixer(c, mcfg)
     ppl = select.score_keep_masks(mcfg, mixer, union, mask, seqs, batch_size=4, parallel=1)
     np.testing.assert_allclose(ppl[0], summary["eval_student"]["student_ppl"], rtol=1e-5)
+
+
+def _run_quietly(config, workdir, **options):
+    from taylorcal_jax import main
+    from taylorcal_jax.run.console import Console
+
+    out = io.StringIO()
+    results = main.run(config, workdir, console=Console(out), **options)
+    return results, out.getvalue()
+
+
+def test_rerun_skips_then_a_new_keep_set_reruns_only_selection_and_evaluation(run_dir):
+    workdir, c, summary = run_dir
+    results, out = _run_quietly(c, workdir)
+    assert out.count("skipped (done, settings unchanged)") == 6
+    assert results["eval_student"]["student_ppl"] == summary["eval_student"]["student_ppl"]
+    changed = c.copy_and_resolve_references()
+    changed.select.keep_layers = (1,)
+    results, out = _run_quietly(changed, workdir)
+    assert out.count("skipped (done, settings unchanged)") == 4
+    assert "[5/6] select_layers: " in out and "run: settings changed: select.keep_layers" in out
+    assert "run: inputs changed: select_layers" in out
+    assert results["select_layers"]["keep_full_attention_layers"] == [1]
+    assert results["eval_student"]["keep_full_attention_layers"] == [1]
+    _run_quietly(c, workdir)  # back to the fixture's student for the other tests
+
+
+def test_exported_teacher_loads_in_transformers_and_serves_as_teacher_path(run_dir, tmp_path):
+    """The pretrained teacher is a plain HF checkpoint: transformers gives the same logits,
+    and as teacher.path (its own tokenizer, no pretraining) it gives the same perplexity."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taylorcal_jax.models.teacher import Transformer
+    from taylorcal_jax.run.context import RunContext
+
+    workdir, c, summary = run_dir
+    tdir = os.path.join(workdir, "teacher")
+    hf_tok = AutoTokenizer.from_pretrained(tdir)
+    hf_model = AutoModelForCausalLM.from_pretrained(tdir, torch_dtype=torch.float32).eval()
+    text = "def main():\n    return 0\n"
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert hf_tok.decode(ids) == text
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits.numpy()
+    mcfg, params = RunContext(c, workdir).teacher
+    ours, _, _ = Transformer(mcfg).apply({"params": params}, jnp.asarray([ids], jnp.int32))
+    assert np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)) <= 1e-4
+
+    external = c.copy_and_resolve_references()
+    external.teacher.path = tdir
+    external.stages = ("pretrain", "eval_teacher")
+    other = str(tmp_path / "other")
+    results, out = _run_quietly(external, other)
+    assert "[1/2] pretrain: skipped (teacher.path is set)" in out
+    ppl = results["eval_teacher"]["valid_ppl"]
+    assert ppl == pytest.approx(summary["eval_student"]["teacher_ppl"], rel=1e-5)
+    assert not os.path.exists(os.path.join(other, "data", "tokenizer"))  # none trained

@@ -1,82 +1,260 @@
-"""The CLI: a smoke run writes config/metrics/summary; bad configs fail early and clearly."""
+"""The command line as a user meets it: a smoke run end to end, reruns that skip, resume or
+redo exactly what changed, kill -9 in the middle of a stage, one-line errors, help.
+
+Subprocesses run on one CPU device (as a user's laptop would), on configs/tiny.py:smoke
+shrunk further (SMOKE below) so that the whole file stays within a few minutes.
+"""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
-from taylorcal_jax import main as main_lib
+from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.utils.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny  # noqa: E402
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+ALL_STAGES = [
+    "pretrain",
+    "eval_teacher",
+    "statistics",
+    "calibrate",
+    "align",
+    "select_layers",
+    "eval_student",
+]
+SMOKE = [
+    "--config=configs/tiny.py:smoke",
+    "--config.pretrain.steps=4",
+    "--config.data.max_documents=30",
+    "--config.eval.num_sequences=4",  # the 4 valid sequences pretraining evaluates on
+    "--config.calibration.num_sequences=2",
+    "--config.calibration.seq_len=16",
+    "--config.calibration.block_size=8",
+    "--config.calibration.align.steps=4",
+    "--config.calibration.gdn.chunk_size=8",
+]
 
 
-def test_cli_smoke_run_writes_config_metrics_summary(tmp_path):
-    workdir = str(tmp_path / "wd")
-    cmd = [
-        sys.executable,
-        "-m",
-        "taylorcal_jax.main",
-        "--config=configs/tiny.py:smoke",
-        f"--workdir={workdir}",
-        "--config.pretrain.steps=4",
-        "--config.data.max_documents=30",
-    ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def cli(*args, timeout=600):
+    cmd = [sys.executable, "-m", "taylorcal_jax.main", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One uninterrupted smoke run: (workdir, completed process)."""
+    workdir = str(tmp_path_factory.mktemp("smoke") / "wd")
+    proc = cli(*SMOKE, f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(workdir, "config.json")) as f:
-        resolved = json.load(f)
-    assert resolved["pretrain"]["steps"] == 4 and resolved["data"]["max_documents"] == 30
-    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    stages_done = [r["stage"] for r in records if r.get("done")]
-    # configs/tiny.py runs the whole pipeline, teacher to evaluated student.
-    assert stages_done == [
-        "pretrain",
-        "eval_teacher",
-        "statistics",
-        "calibrate",
-        "align",
-        "select_layers",
-        "eval_student",
+    return workdir, proc
+
+
+def _copy(smoke, tmp_path):
+    wd = str(tmp_path / "wd")
+    shutil.copytree(smoke[0], wd)
+    return wd
+
+
+def _partials(workdir):
+    return [
+        os.path.join(r, n)
+        for r, ds, fs in os.walk(workdir)
+        for n in ds + fs
+        if n.endswith(workdir_lib.PARTIAL)
     ]
-    final = [r for r in records if r["stage"] == "pretrain" and "valid_ppl" in r][-1]
-    evaluated = [r for r in records if r["stage"] == "eval_teacher" and "valid_ppl" in r][0]
-    # eval_teacher reloads the saved HF teacher; the same sequences give the same perplexity.
-    assert abs(evaluated["valid_ppl"] - final["valid_ppl"]) / final["valid_ppl"] < 1e-5
-    assert final["tokens"] == 4 * 4 * 32
-    with open(os.path.join(workdir, "summary.md")) as f:
-        summary = f.read()
-    assert "## pretrain" in summary and "## eval_teacher" in summary and "unigram_ppl" in summary
-    assert "--config.pretrain.steps=4" in summary
-    assert os.path.exists(os.path.join(workdir, "teacher", "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_stages_and_summary_and_records_everything(smoke):
+    workdir, proc = smoke
+    out = proc.stdout
+    for i, name in enumerate(ALL_STAGES, 1):
+        assert f"[{i}/7] {name}: " in out
+    assert out.count("run: not run yet") == 7
+    assert "summary" in out and "teacher ppl (valid)" in out and "student ppl (valid)" in out
+    assert "kept attention layers  [0]" in out
+    assert f"{workdir}/student" in out and f"{workdir}/summary.md" in out
+    runs = workdir_lib.read_history(workdir)
+    assert len(runs) == 1 and runs[0]["config"]["pretrain"]["steps"] == 4
+    assert "--config.pretrain.steps=4" in runs[0]["command"]
+    records = workdir_lib.read_records(workdir)
+    assert [records[s]["status"] for s in ALL_STAGES] == ["done"] * 7
+    metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["stage"] for r in metrics if r.get("done")] == ALL_STAGES
+    # eval_teacher reloads the saved HF teacher: the same sequences, the same perplexity.
+    pretrained = records["pretrain"]["result"]
+    evaluated = records["eval_teacher"]["result"]
+    assert pretrained["tokens"] == 4 * 4 * 32
+    assert abs(evaluated["valid_ppl"] - pretrained["valid_ppl"]) / pretrained["valid_ppl"] < 1e-5
+    summary = open(os.path.join(workdir, "summary.md")).read()
     assert "## eval_student" in summary and "student_ppl" in summary
-    assert os.path.exists(os.path.join(workdir, "student", "student_config.json"))
-    assert os.path.exists(os.path.join(workdir, "calibration_report.png"))
+    assert "--config.pretrain.steps=4" in summary
+    for path in ("teacher/model.safetensors", "student/student_config.json"):
+        assert os.path.exists(os.path.join(workdir, path))
+    assert os.path.getsize(os.path.join(workdir, "calibration_report.png")) > 10_000
+    assert not _partials(workdir) and not os.path.exists(os.path.join(workdir, ".lock"))
 
 
-@pytest.mark.parametrize(
-    "key,value,match",
-    [
-        ("pretrain.steps", -5, "steps must be positive"),
-        ("pretrain.seq_len", 4096, "max_position_embeddings"),
-        ("data.source", "s3://bucket", "unknown data source"),
-        ("data.valid_fraction", 0.95, "fraction"),
-        ("eval.split", "dev", "eval.split"),
-        ("stages", ("pretrain", "nope"), "unknown stages"),
-    ],
-)
-def test_bad_config_values_fail_before_any_work(tmp_path, key, value, match):
-    config = tiny.get_config("smoke")
-    section, _, name = key.rpartition(".")
-    (config[section] if section else config)[name] = value
-    with pytest.raises(ValueError, match=match):
-        main_lib.run(config, str(tmp_path / "wd"))
-    assert not os.path.exists(tmp_path / "wd")
+@pytest.mark.slow
+def test_rerun_skips_every_finished_stage(smoke, tmp_path):
+    wd = _copy(smoke, tmp_path)
+    before = os.stat(os.path.join(wd, "student", "student_config.json")).st_mtime_ns
+    proc = cli(*SMOKE, f"--workdir={wd}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped (done, settings unchanged)") == 7
+    first = [line for line in smoke[1].stdout.splitlines() if "student ppl" in line]
+    assert first == [line for line in proc.stdout.splitlines() if "student ppl" in line]
+    assert os.stat(os.path.join(wd, "student", "student_config.json")).st_mtime_ns == before
+    assert len(workdir_lib.read_history(wd)) == 2
+
+
+@pytest.mark.slow
+def test_changed_teacher_retrains_it_instead_of_reusing_it_or_its_checkpoints(smoke, tmp_path):
+    """The old pretrain_ckpt (another architecture) is removed, never restored."""
+    wd = _copy(smoke, tmp_path)
+    args = [*SMOKE, f"--workdir={wd}", "--config.teacher.hidden_size=48"]
+    plan = cli(*args, "--dry_run")
+    assert "run: settings changed: teacher.hidden_size 32 -> 48" in plan.stdout
+    assert plan.stdout.count("run: inputs changed") == 6  # everything downstream of it
+    proc = cli(*args, "--config.stages=('pretrain',)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run: settings changed: teacher.hidden_size 32 -> 48" in proc.stdout
+    with open(os.path.join(wd, "teacher", "config.json")) as f:
+        assert json.load(f)["hidden_size"] == 48
+    history = workdir_lib.read_history(wd)
+    assert [r["config"]["teacher"]["hidden_size"] for r in history] == [32, 48]
+
+
+def _outputs(stage, workdir):
+    """Arrays (or numbers) a stage wrote, to compare a resumed run with the reference."""
+    if stage == "statistics":
+        z = np.load(os.path.join(workdir, "calibration", "stats.npz"))
+        return {k: z[k] for k in z.files}
+    if stage == "align":
+        from taylorcal_jax.models.student import load_student
+
+        _, params = load_student(os.path.join(workdir, "calibration", "aligned"))
+        with open(os.path.join(workdir, "calibration", "align_report.json")) as f:
+            report = json.load(f)["align"]
+        flat = {str(k): np.asarray(v) for k, v in _flatten(params).items()}
+        return {**flat, "loss_after": np.asarray(report["loss_after"])}
+    with open(os.path.join(workdir, "calibration_report.json")) as f:
+        report = json.load(f)
+    return {k: np.asarray(report[k]) for k in ("teacher_ppl", "student_ppl", "eval_tokens")}
+
+
+def _flatten(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["statistics", "align", "eval_student"])
+def test_kill_9_mid_stage_then_rerun_equals_an_uninterrupted_run(smoke, tmp_path, stage):
+    wd = _copy(smoke, tmp_path)
+    args = [*SMOKE, f"--workdir={wd}", f"--config.stages=('{stage}',)"]
+    cmd = [sys.executable, "-m", "taylorcal_jax.main", *args, f"--rerun={stage}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the stage line is printed once the stage has started
+        if line.startswith(f"[1/1] {stage}:"):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert workdir_lib.read_records(wd)[stage]["status"] == "running"  # killed mid-stage
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "run: interrupted; restarting" in rerun.stdout
+    want, got = _outputs(stage, smoke[0]), _outputs(stage, wd)
+    assert sorted(want) == sorted(got)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+    assert not _partials(wd) and not os.path.exists(os.path.join(wd, ".lock"))
+
+
+def _one_error(proc, first_line):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == first_line and len(lines) <= 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bad_value_is_one_line_exit_2_within_seconds_and_writes_nothing(tmp_path):
+    wd = tmp_path / "wd"
+    t0 = time.perf_counter()
+    proc = cli(*SMOKE, f"--workdir={wd}", "--config.calibration.strategy=bogus")
+    assert time.perf_counter() - t0 < 60  # imports included, on a loaded 2-core machine
+    _one_error(
+        proc,
+        "error: calibration.strategy='bogus' is not one of copy, zero_gate, small_gate, "
+        "taylor_init, align_only, taylor_calibrate",
+    )
+    assert not wd.exists()
+    proc = cli(*SMOKE, f"--workdir={wd}", "--config.calibration.strategy=bogus", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: calibration.strategy=")
+
+
+@pytest.mark.slow
+def test_unknown_field_typo_gets_did_you_mean(tmp_path):
+    proc = cli(*SMOKE, f"--workdir={tmp_path / 'wd'}", "--config.calibration.strategi=copy")
+    _one_error(
+        proc,
+        "error: unknown config field calibration.strategi (in --config.calibration.strategi=copy)",
+    )
+    assert (
+        proc.stderr.strip().splitlines()[1] == "hint: did you mean --config.calibration.strategy?"
+    )
+
+
+@pytest.mark.slow
+def test_missing_teacher_path_is_named_before_anything_is_written(tmp_path):
+    wd = tmp_path / "wd"
+    proc = cli("--config=configs/qwen2_5_1_5b.py:/nonexistent", f"--workdir={wd}")
+    _one_error(proc, "error: teacher.path='/nonexistent' does not exist")
+    assert not wd.exists()
+
+
+@pytest.mark.slow
+def test_second_run_on_a_busy_workdir_exits_naming_the_holder(tmp_path):
+    from test_run_workdir import _hold_lock
+
+    wd = str(tmp_path / "wd")
+    os.makedirs(wd)
+    holder = _hold_lock(wd)
+    try:
+        proc = cli(*SMOKE, f"--workdir={wd}")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert proc.returncode == 1
+    assert f"is in use by pid {holder.pid} on " in proc.stderr and "(started 20" in proc.stderr
+    assert sorted(os.listdir(wd)) == [".lock"]
+
+
+@pytest.mark.slow
+def test_help_and_print_config():
+    proc = cli("--help")
+    for text in ("Stages (config.stages", "eval_student", "Strategies", "taylor_calibrate"):
+        assert text in proc.stdout
+    assert "Layer policies (select.policy): uniform, ar, ga_s2" in proc.stdout
+    proc = cli("--config=configs/tiny.py", "--print_config", "--config.select.policy=ar")
+    assert proc.returncode == 0, proc.stderr
+    assert 'select.policy = \'ar\'  # "uniform" | "ar" | "ga_s2"' in proc.stdout
+    assert 'mesh.data = 1  # devices on the "data" axis' in proc.stdout
 
 
 def test_every_config_docstring_holds_its_command():

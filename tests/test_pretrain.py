@@ -1,4 +1,4 @@
-"""Pretraining: learning happens, resume after an interruption loses nothing, HF export works."""
+"""Pretraining: learning happens, resume after an interruption loses nothing."""
 
 import os
 import sys
@@ -10,9 +10,7 @@ import pytest
 
 from taylorcal_jax.models.teacher import Transformer, init_params
 from taylorcal_jax.train import pretrain as pretrain_lib
-from taylorcal_jax.train import stages
 from taylorcal_jax.utils import sharding
-from taylorcal_jax.utils.metrics import MetricsWriter, read_metrics
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import tiny  # noqa: E402
@@ -117,44 +115,3 @@ def test_bad_options(key, value, match):
     cfg[key] = value
     with pytest.raises(ValueError, match=match):
         pretrain_lib.PretrainOptions.from_config(cfg)
-
-
-def test_pretrain_stage_exports_a_teacher_transformers_loads(tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = tiny.get_config("smoke")
-    config.data.max_documents = 30
-    workdir = str(tmp_path / "wd")
-    metrics = MetricsWriter(workdir)
-    info = stages.pretrain_stage(config, workdir, metrics)
-    assert info["steps"] == config.pretrain.steps and info["params"] > 0
-    assert info["tokens"] == config.pretrain.steps * 4 * 32
-    assert np.isfinite(info["valid_ppl"]) and np.isfinite(info["unigram_ppl"])
-    records = read_metrics(metrics.path)
-    assert any("valid_ppl" in r and r["step"] == 3 for r in records)  # in-training eval
-
-    tdir = os.path.join(workdir, "teacher")
-    hf_tok = AutoTokenizer.from_pretrained(tdir)
-    hf_model = AutoModelForCausalLM.from_pretrained(tdir, torch_dtype=torch.float32).eval()
-    text = "def main():\n    return 0\n"
-    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
-    assert hf_tok.decode(ids) == text
-    with torch.no_grad():
-        ref = hf_model(torch.tensor([ids])).logits.numpy()
-    mcfg, params = stages.load_teacher(config, workdir)
-    ours, _, _ = Transformer(mcfg).apply({"params": params}, jnp.asarray([ids], jnp.int32))
-    rel = np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref))
-    assert rel <= 1e-4, rel
-    # A second call finds the teacher and skips.
-    again = stages.pretrain_stage(config, workdir, metrics)
-    assert "skipped" in again and again["valid_ppl"] == info["valid_ppl"]
-    # The exported dir as an external teacher (teacher.path): no pretraining, and its own
-    # tokenizer (loaded by AutoTokenizer) reproduces the same evaluation data and perplexity.
-    config.teacher.path = tdir
-    other = str(tmp_path / "other")
-    assert "teacher.path is set" in stages.pretrain_stage(config, other, metrics)["skipped"]
-    ev = stages.eval_teacher_stage(config, other, metrics)
-    assert abs(ev["valid_ppl"] - info["valid_ppl"]) / info["valid_ppl"] < 1e-5
-    assert ev["unigram_ppl"] == pytest.approx(info["unigram_ppl"], rel=1e-12)
-    assert not os.path.exists(os.path.join(other, "data", "tokenizer"))  # none trained

@@ -2,15 +2,16 @@
 
 Letters: L layers, H heads, N sequences, T time.
 
-Each stage is `fn(config, workdir, metrics) -> dict` (see taylorcal_jax/main.py) and passes
-its results to the next through files under <workdir>/calibration:
+Each stage is `fn(ctx: RunContext) -> dict` (see run/plan.py and taylorcal_jax/main.py)
+and passes its results to the next through files under <workdir>/calibration:
 
     statistics     teacher pass on `calibration.num_sequences` x `calibration.seq_len` tokens
                    of `calibration.split` -> stats.npz (distance, entropy [L, H]; teacher-forced
                    x, context, attention output of every layer)
     calibrate      `calibration.strategy` up to phase 1 for every layer -> init/ (a student
                    directory with every layer converted) + init_report.json
-    align          phase 2 for every layer if the strategy has it -> aligned/ + align_report.json
+    align          phase 2 for every layer (strategies with phase 2 only) -> aligned/ +
+                   align_report.json
     select_layers  keep_full_attention_layers by `select.policy` / `select.kept_fraction` (or
                    `select.keep_layers`) -> <workdir>/student (the calibrated student)
     eval_student   zero-shot perplexity of student and teacher on the eval set ->
@@ -26,14 +27,18 @@ On the tiny teacher (after its `pretrain` stage):
 Every layer is calibrated (not only the converted ones): phases are teacher-forced per
 layer, so this costs L/|converted| more and lets any keep set, and the policies that try
 many, reuse the same mixers.
+
+Statistics run in chunks of `calibration.sequences_per_batch` sequences per device, data
+parallel over the run's mesh; chunk c with c_n valid query positions gives per-head means
+m_c, merged as m = sum_c c_n m_c / sum_c c_n (what one pass over all sequences computes).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +48,26 @@ from taylorcal_jax.calibrate import align as align_lib
 from taylorcal_jax.calibrate import select
 from taylorcal_jax.calibrate import stats as stats_lib
 from taylorcal_jax.calibrate import taylor as taylor_lib
+from taylorcal_jax.data import split
 from taylorcal_jax.models.mixers import StudentMixer
 from taylorcal_jax.models.paths import layer_mixer
+from taylorcal_jax.ops.gdn.api import IMPLS, PALLAS_RESIDUALS
+from taylorcal_jax.run import validate as check
+from taylorcal_jax.run import workdir as workdir_lib
+from taylorcal_jax.run.plan import Stage
+from taylorcal_jax.train.stages import check_eval
 from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils.progress import progress
 
 CAL_DIR = "calibration"
 STATS_FILE = "stats.npz"
 REPORT_JSON = "calibration_report.json"
 REPORT_PNG = "calibration_report.png"
+STUDENT_DIR = "student"
+
+
+def _rel(*parts) -> str:
+    return os.path.join(CAL_DIR, *parts)
 
 
 # ------------------------------------------------------------------------ config helpers
@@ -61,76 +78,84 @@ def student_mixer(config, model_config) -> StudentMixer:
     return StudentMixer.from_options("gdn", model_config, config.calibration.gdn.to_dict())
 
 
-def alignment_mesh(config):
-    c = config.calibration
-    return sharding.make_mesh({"layers": int(c.mesh_layers), "data": int(c.mesh_data)})
-
-
-def context(config, model_config) -> select.CalibrationContext:
+def calibration_context(config, model_config, mesh) -> select.CalibrationContext:
     c = config.calibration
     return select.CalibrationContext(
         model_config=model_config,
         mixer=student_mixer(config, model_config),
         consts=taylor_lib.TaylorConstants.from_config(c),
         align_cfg=align_lib.AlignConfig.from_config(c.align),
-        mesh=alignment_mesh(config),
+        mesh=mesh,
         seed=int(c.init_seed),
     )
 
 
-def validate(config) -> None:
-    """Clear errors for the `calibration` and `select` sections."""
-    c, s = config.calibration, config.select
-    select.check_strategy(c.strategy)
-    select.check_policy(s.policy)
-    taylor_lib.TaylorConstants.from_config(c)
-    align_lib.AlignConfig.from_config(c.align)
-    for name in ("num_sequences", "seq_len", "block_size", "sequences_per_batch"):
-        if c[name] <= 0:
-            raise ValueError(f"calibration.{name} must be positive, got {c[name]}")
-    for name in ("num_sequences", "seq_len", "batch_size", "parallel_candidates"):
-        if s[name] <= 0:
-            raise ValueError(f"select.{name} must be positive, got {s[name]}")
-    select.num_kept(100, s.kept_fraction)
+def uses_align(config) -> bool:
+    return select.uses_phase(config.calibration.strategy, "align")
 
 
-def _dir(workdir, *parts):
-    return os.path.join(workdir, CAL_DIR, *parts)
+# ---------------------------------------------------------------------------- checks
 
 
-def _teacher_and_corpus(config, workdir):
-    from taylorcal_jax.train import stages  # noqa: PLC0415
-
-    mcfg, params = stages.load_teacher(config, workdir)
-    corpus = stages.build_run_corpus(config, workdir)
-    if corpus.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"tokenizer has {corpus.vocab_size} tokens, the teacher {mcfg.vocab_size}")
-    return mcfg, params, corpus
-
-
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_plain)
-    os.replace(tmp, path)
-
-
-def _plain(x):
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
+def check_calibration(config, arch) -> None:
+    """The `calibration` section, its GDN options against the teacher's heads included."""
+    c = "calibration"
+    check.one_of(config, f"{c}.strategy", select.STRATEGIES)
+    check.one_of(config, f"{c}.split", split.SPLITS)
+    check.one_of(config, f"{c}.teacher_pass", stats_lib.TEACHER_PASSES)
+    check.one_of(config, f"{c}.write_gate", taylor_lib.WRITE_GATE_RULES)
+    check.one_of(config, f"{c}.gdn.impl", IMPLS)
+    check.one_of(config, f"{c}.gdn.pallas_residuals", PALLAS_RESIDUALS)
+    check.positive(config, *(f"{c}.{k}" for k in ("num_sequences", "block_size")))
+    check.positive(config, f"{c}.sequences_per_batch", f"{c}.seq_len")
+    check.fits_positions(config, f"{c}.seq_len", arch)
+    with check.config_errors(c):
+        taylor_lib.TaylorConstants.from_config(config.calibration)
+    with check.config_errors(f"{c}.align"):
+        align_lib.AlignConfig.from_config(config.calibration.align)
+    with check.config_errors(f"{c}.gdn"):
+        student_mixer(config, arch)
 
 
-def _save_student_dir(path, student_cfg, params):
-    from taylorcal_jax.models.student import save_student  # noqa: PLC0415
+def check_gdn_backend(config, sizes) -> None:
+    """The Pallas kernel needs a GPU (asking for it elsewhere is an error, not a fallback)."""
+    backend = jax.default_backend()
+    if config.calibration.gdn.impl == "pallas" and backend not in ("gpu", "cuda", "rocm"):
+        raise check.ConfigError(
+            f"calibration.gdn.impl='pallas' needs a GPU, and JAX's backend here is {backend!r}",
+            "use calibration.gdn.impl='auto' (or 'chunked')",
+        )
 
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_student(tmp, student_cfg, params)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+
+def check_alignment_split(config, sizes) -> None:
+    """Alignment splits the calibration sequences over the mesh's "data" axis."""
+    n, data = config.calibration.num_sequences, sizes["data"]
+    if n % data:
+        raise check.ConfigError(
+            f"calibration.num_sequences={n} does not split over mesh.data={data} devices",
+            f"use a multiple of {data}, or a smaller mesh.data",
+        )
+
+
+def check_select(config, arch) -> None:
+    s = config.select
+    check.one_of(config, "select.policy", select.POLICIES)
+    check.one_of(config, "select.split", split.SPLITS)
+    check.positive(config, "select.num_sequences", "select.batch_size")
+    check.positive(config, "select.parallel_candidates")
+    check.at_least(config, "select.seq_len", 2)
+    check.fits_positions(config, "select.seq_len", arch)
+    if not 0 < s.kept_fraction <= 1:
+        raise check.ConfigError(f"select.kept_fraction must be in (0, 1], got {s.kept_fraction}")
+    layers = arch.num_hidden_layers
+    bad = [i for i in s.keep_layers if not 0 <= i < layers]
+    if bad:
+        raise check.ConfigError(
+            f"select.keep_layers={tuple(s.keep_layers)}: {bad} not in [0, {layers})",
+            f"the teacher has {layers} layers",
+        )
+    if len(set(s.keep_layers)) != len(s.keep_layers):
+        raise check.ConfigError(f"select.keep_layers={tuple(s.keep_layers)} repeats a layer")
 
 
 # -------------------------------------------------------------------- statistics I/O
@@ -148,14 +173,11 @@ def save_stats(path, st: stats_lib.TeacherStats, tokens_nt) -> None:
         arrays.update(
             x_lntd=st.x_lntd, context_lnthd=st.context_lnthd, attn_out_lntd=st.attn_out_lntd
         )
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
+    with workdir_lib.output_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def load_stats(path) -> stats_lib.TeacherStats:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no statistics at {path}; run the 'statistics' stage first")
     z = np.load(path)
     get = lambda k: jnp.asarray(z[k]) if k in z else None  # noqa: E731
     return stats_lib.TeacherStats(
@@ -169,112 +191,153 @@ def load_stats(path) -> stats_lib.TeacherStats:
     )
 
 
-def collect_stats(config, model_config, params, tokens_nt) -> stats_lib.TeacherStats:
+def collect_stats(config, model_config, params, tokens_nt, mesh=None) -> stats_lib.TeacherStats:
+    """`stats.collect` over chunks of sequences_per_batch sequences per device (the last
+    chunk padded with invalid rows, dropped again), merged as in the module docstring."""
     from taylorcal_jax.models.teacher import Transformer  # noqa: PLC0415
 
     c = config.calibration
-    return stats_lib.collect(
-        Transformer(model_config),
-        params,
-        model_config,
-        tokens_nt,
-        block_size=int(c.block_size),
-        sequences_per_batch=int(c.sequences_per_batch),
-        teacher_pass=str(c.teacher_pass),
+    tokens = np.asarray(tokens_nt, np.int32)
+    n = tokens.shape[0]
+    per_device = int(c.sequences_per_batch)
+    devices = 1 if mesh is None else mesh.size
+    chunk = min(per_device * devices, sharding.pad_to_multiple(n, mesh))
+    parts, counts = [], []
+    for start in progress(
+        range(0, n, chunk), desc="statistics", total=-(-n // chunk), unit="chunk"
+    ):
+        tok = tokens[start : start + chunk]
+        real = tok.shape[0]
+        valid = np.ones((chunk, tok.shape[1]), bool)
+        valid[real:] = False
+        tok = np.concatenate([tok, np.zeros((chunk - real, tok.shape[1]), np.int32)])
+        st = stats_lib.collect(
+            Transformer(model_config),
+            params,
+            model_config,
+            tok,
+            valid_nt=valid,
+            block_size=int(c.block_size),
+            sequences_per_batch=per_device,
+            teacher_pass=str(c.teacher_pass),
+            mesh=mesh,
+        )
+        parts.append(jax.tree.map(lambda a, r=real: np.asarray(a)[:, :r] if a.ndim > 2 else a, st))
+        counts.append(float(valid.sum()))
+    w = np.asarray(counts) / sum(counts)
+    mean = lambda key: sum(wi * np.asarray(getattr(p, key)) for wi, p in zip(w, parts, strict=True))  # noqa: E731
+    cat = lambda key: np.concatenate([getattr(p, key) for p in parts], axis=1)  # noqa: E731
+    return stats_lib.TeacherStats(
+        distance_lh=jnp.asarray(mean("distance_lh"), jnp.float32),
+        entropy_lh=jnp.asarray(mean("entropy_lh"), jnp.float32),
+        x_lntd=jnp.asarray(cat("x_lntd")),
+        context_lnthd=jnp.asarray(cat("context_lnthd")),
+        attn_out_lntd=jnp.asarray(cat("attn_out_lntd")),
+        valid_nt=jnp.ones(tokens.shape, bool),
+        layers=parts[0].layers,
     )
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-def statistics_stage(config, workdir, metrics) -> dict:
+def statistics_stage(ctx) -> dict:
     """Teacher statistics and teacher-forced activations of every layer -> stats.npz."""
-    validate(config)
-    mcfg, params, corpus = _teacher_and_corpus(config, workdir)
-    c = config.calibration
-    tokens = corpus.sample(c.split, int(c.num_sequences), int(c.seq_len), int(c.seed))
-    st = collect_stats(config, mcfg, params, tokens)
-    os.makedirs(_dir(workdir), exist_ok=True)
-    save_stats(_dir(workdir, STATS_FILE), st, tokens)
+    mcfg, params = ctx.teacher
+    tokens = ctx.sequences(ctx.config.calibration)
+    st = collect_stats(ctx.config, mcfg, params, tokens, mesh=ctx.mesh)
+    os.makedirs(ctx.path(CAL_DIR), exist_ok=True)
+    save_stats(ctx.path(_rel(STATS_FILE)), st, tokens)
     d, e = np.asarray(st.distance_lh), np.asarray(st.entropy_lh)
     out = {
         "calibration_tokens": int(np.asarray(st.valid_nt).sum()),
         "mean_distance_per_layer": np.round(d.mean(1), 2).tolist(),
         "mean_entropy_per_layer": np.round(e.mean(1), 3).tolist(),
     }
-    metrics.write("statistics", **out)
+    ctx.metrics.write("statistics", **out)
     return out
 
 
-def calibrate_stage(config, workdir, metrics) -> dict:
+def _save_student_dir(path, student_cfg, params, tokenizer=None):
+    """Writes a student directory atomically, with `tokenizer`'s files when given (generation
+    and export read the tokenizer from there)."""
+    from taylorcal_jax.models.student import save_student  # noqa: PLC0415
+
+    with workdir_lib.output_dir(path) as tmp:
+        save_student(tmp, student_cfg, params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def _write_json(path, obj):
+    workdir_lib.write_json(path, obj, default=_plain)
+
+
+def _plain(x):
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def calibrate_stage(ctx) -> dict:
     """`calibration.strategy` up to phase 1, every layer converted -> init/ + init_report."""
     from taylorcal_jax.models.student import StudentConfig  # noqa: PLC0415
 
-    validate(config)
-    mcfg, params, _ = _teacher_and_corpus(config, workdir)
-    st = load_stats(_dir(workdir, STATS_FILE))
-    ctx = context(config, mcfg)
-    strategy = config.calibration.strategy
-    student, report = select.initial_student(strategy, params, st, ctx)
-    _save_student_dir(_dir(workdir, "init"), StudentConfig(mcfg, (), ctx.mixer.config), student)
-    _write_json(_dir(workdir, "init_report.json"), {"strategy": strategy, **report})
+    mcfg, params = ctx.teacher
+    st = load_stats(ctx.path(_rel(STATS_FILE)))
+    cal = calibration_context(ctx.config, mcfg, ctx.mesh)
+    strategy = ctx.config.calibration.strategy
+    for _ in progress(range(1), desc=f"calibrate ({strategy})", unit="phase"):
+        student, report = select.initial_student(strategy, params, st, cal)
+        jax.block_until_ready(student)
+    _save_student_dir(ctx.path(_rel("init")), StudentConfig(mcfg, (), cal.mixer.config), student)
+    _write_json(ctx.path(_rel("init_report.json")), {"strategy": strategy, **report})
     out = {"strategy": strategy, "phase1": select.uses_phase(strategy, "taylor")}
-    metrics.write("calibrate", **out)
+    ctx.metrics.write("calibrate", **out)
     return out
 
 
-def align_stage(config, workdir, metrics) -> dict:
-    """Phase 2 on every layer (if the strategy has it) -> aligned/ + align_report."""
+def align_stage(ctx) -> dict:
+    """Phase 2 on every layer -> aligned/ + align_report (strategies with phase 2 only)."""
     from taylorcal_jax.models.student import StudentConfig, load_student  # noqa: PLC0415
 
-    validate(config)
-    strategy = config.calibration.strategy
-    sc, student = load_student(_dir(workdir, "init"))
-    st = load_stats(_dir(workdir, STATS_FILE))
-    ctx = context(config, sc.teacher)
-    if not select.uses_phase(strategy, "align"):
-        _write_json(_dir(workdir, "align_report.json"), {"strategy": strategy, "aligned": False})
-        return {"skipped": f"strategy {strategy} has no phase 2"}
-    student, report = select.aligned_student(strategy, student, st, ctx)
+    strategy = ctx.config.calibration.strategy
+    sc, student = load_student(ctx.path(_rel("init")))
+    st = load_stats(ctx.path(_rel(STATS_FILE)))
+    cal = calibration_context(ctx.config, sc.teacher, ctx.mesh)
+    for _ in progress(range(1), desc=f"align ({cal.align_cfg.steps} steps)", unit="phase"):
+        student, report = select.aligned_student(strategy, student, st, cal)
+        jax.block_until_ready(student)
     _save_student_dir(
-        _dir(workdir, "aligned"), StudentConfig(sc.teacher, (), ctx.mixer.config), student
+        ctx.path(_rel("aligned")), StudentConfig(sc.teacher, (), cal.mixer.config), student
     )
-    _write_json(
-        _dir(workdir, "align_report.json"), {"strategy": strategy, "aligned": True, **report}
-    )
+    _write_json(ctx.path(_rel("align_report.json")), {"strategy": strategy, **report})
     a = report["align"]
     out = {
-        "steps": ctx.align_cfg.steps,
+        "steps": cal.align_cfg.steps,
         "loss_before_mean": float(np.mean(a["loss_before"])),
         "loss_after_mean": float(np.mean(a["loss_after"])),
     }
-    metrics.write("align", **out)
+    ctx.metrics.write("align", **out)
     return out
 
 
 def final_mixers_dir(config, workdir) -> str:
-    aligned = select.uses_phase(config.calibration.strategy, "align")
-    path = _dir(workdir, "aligned" if aligned else "init")
-    if not os.path.exists(path):
-        stage = "align" if aligned else "calibrate"
-        raise FileNotFoundError(f"no mixers at {path}; run the '{stage}' stage first")
-    return path
+    return os.path.join(workdir, CAL_DIR, "aligned" if uses_align(config) else "init")
 
 
-def selection_sequences(config, corpus):
-    s = config.select
-    return corpus.sample(s.split, int(s.num_sequences), int(s.seq_len), int(s.seed))
-
-
-def select_layers_stage(config, workdir, metrics) -> dict:
+def select_layers_stage(ctx) -> dict:
     """keep_full_attention_layers by the policy; writes the calibrated student <workdir>/student."""
     from taylorcal_jax.models.student import StudentConfig, load_student  # noqa: PLC0415
 
-    validate(config)
-    sc_all, student_all = load_student(final_mixers_dir(config, workdir))
-    mcfg, params, corpus = _teacher_and_corpus(config, workdir)
+    config = ctx.config
+    sc_all, student_all = load_student(final_mixers_dir(config, ctx.workdir))
+    mcfg, params = ctx.teacher
     n = mcfg.num_hidden_layers
-    mixers = select.mixers_of(student_all, sc_all.mixer_name, n)
+    mixer = student_mixer(config, mcfg)
+    mixers = select.mixers_of(student_all, mixer.name, n)
     s = config.select
     scores = None
     if len(s.keep_layers):
@@ -286,21 +349,21 @@ def select_layers_stage(config, workdir, metrics) -> dict:
             policy,
             float(s.kept_fraction),
             mcfg,
-            sc_all.student_mixer(student_mixer(config, mcfg).runtime),
+            mixer,
             params,
             mixers,
-            selection_sequences(config, corpus),
+            ctx.sequences(s),
             batch_size=int(s.batch_size),
             parallel=int(s.parallel_candidates),
         )
     sc = StudentConfig(mcfg, keep, sc_all.mixer_config, teacher_path=config.teacher.path or None)
     student = select.assemble_student(params, mixers, sc)
-    _save_student_dir(os.path.join(workdir, "student"), sc, student)
+    _save_student_dir(ctx.path(STUDENT_DIR), sc, student, tokenizer=ctx.corpus.tokenizer)
     out = {"policy": policy, "keep_full_attention_layers": list(keep)}
     if scores is not None:
         out["candidate_ppl"] = [round(float(x), 4) for x in scores]
-    _write_json(_dir(workdir, "select_report.json"), out)
-    metrics.write("select_layers", **out)
+    _write_json(ctx.path(_rel("select_report.json")), out)
+    ctx.metrics.write("select_layers", **out)
     return out
 
 
@@ -332,31 +395,34 @@ def layer_diagnostics(student_all, st: stats_lib.TeacherStats, ctx) -> dict:
     return {"half_life": np.stack(half), "write_gate": np.stack(beta), "layer_loss": loss}
 
 
-def eval_student_stage(config, workdir, metrics) -> dict:
+def eval_student_stage(ctx) -> dict:
     """Zero-shot perplexity of the student next to the teacher's; per-layer/head report."""
     from taylorcal_jax.eval.perplexity import perplexity  # noqa: PLC0415
     from taylorcal_jax.models.student import load_student  # noqa: PLC0415
     from taylorcal_jax.models.teacher import Transformer  # noqa: PLC0415
-    from taylorcal_jax.train import stages  # noqa: PLC0415
+    from taylorcal_jax.train.stages import device_description  # noqa: PLC0415
 
-    validate(config)
-    sc, student = load_student(os.path.join(workdir, "student"))
-    mcfg, params, corpus = _teacher_and_corpus(config, workdir)
-    seqs = stages.eval_sequences(config, corpus)
+    config = ctx.config
+    sc, student = load_student(ctx.path(STUDENT_DIR))
+    mcfg, params = ctx.teacher
+    seqs = ctx.sequences(config.eval)
     bs = int(config.eval.batch_size)
-    t_ppl = perplexity(Transformer(mcfg), params, seqs, batch_size=bs, desc="teacher ppl")
-    runtime = student_mixer(config, mcfg).runtime
-    s_ppl = perplexity(sc.model(runtime=runtime), student, seqs, batch_size=bs, desc="student ppl")
+    t_ppl = perplexity(
+        Transformer(mcfg), params, seqs, batch_size=bs, mesh=ctx.mesh, desc="teacher ppl"
+    )
+    s_model = sc.model(runtime=student_mixer(config, mcfg).runtime)
+    s_ppl = perplexity(s_model, student, seqs, batch_size=bs, mesh=ctx.mesh, desc="student ppl")
 
-    st = load_stats(_dir(workdir, STATS_FILE))
-    ctx = context(config, mcfg)
-    _, student_all = load_student(final_mixers_dir(config, workdir))
-    diag = layer_diagnostics(student_all, st, ctx)
-    init_rep = json.load(open(_dir(workdir, "init_report.json")))
-    align_path = _dir(workdir, "align_report.json")
-    align_rep = json.load(open(align_path)) if os.path.exists(align_path) else {}
-    taylor_rep = init_rep.get("taylor", {})
-    align_m = align_rep.get("align", {})
+    st = load_stats(ctx.path(_rel(STATS_FILE)))
+    cal = calibration_context(config, mcfg, ctx.mesh)
+    _, student_all = load_student(final_mixers_dir(config, ctx.workdir))
+    diag = layer_diagnostics(student_all, st, cal)
+    with open(ctx.path(_rel("init_report.json"))) as f:
+        taylor_rep = json.load(f).get("taylor", {})
+    align_m = {}
+    if uses_align(config):
+        with open(ctx.path(_rel("align_report.json"))) as f:
+            align_m = json.load(f)["align"]
     keep = set(sc.keep_full_attention_layers)
     layers = []
     for i in range(mcfg.num_hidden_layers):
@@ -382,21 +448,22 @@ def eval_student_stage(config, workdir, metrics) -> dict:
         "student_ppl": s_ppl["ppl"],
         "eval_tokens": s_ppl["tokens"],
         "eval_split": config.eval.split,
-        "device": stages.device_description(),
+        "device": device_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "layers": layers,
     }
-    _write_json(os.path.join(workdir, REPORT_JSON), report)
-    plot_report(report, os.path.join(workdir, REPORT_PNG))
+    with workdir_lib.output_file(ctx.path(REPORT_PNG)) as tmp:
+        plot_report(report, tmp)
+    _write_json(ctx.path(REPORT_JSON), report)
     out = {
         "strategy": report["strategy"],
         "keep_full_attention_layers": report["keep_full_attention_layers"],
         "teacher_ppl": t_ppl["ppl"],
         "student_ppl": s_ppl["ppl"],
         "eval_tokens": s_ppl["tokens"],
-        "report": os.path.join(workdir, REPORT_JSON),
+        "report": ctx.path(REPORT_JSON),
     }
-    metrics.write("eval_student", **out)
+    ctx.metrics.write("eval_student", **out)
     return out
 
 
@@ -442,14 +509,88 @@ def plot_report(report: dict, path: str) -> None:
         f"(teacher {report['teacher_ppl']:.2f}), keep {report['keep_full_attention_layers']}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
+def _final_mixers_stage(config) -> tuple[str, ...]:
+    return ("align",) if uses_align(config) else ("calibrate",)
+
+
+# Fields that change only speed or memory (results equal up to float rounding).
+_SPEED = (
+    "calibration.block_size",
+    "calibration.sequences_per_batch",
+    "calibration.teacher_pass",
+    "calibration.gdn.impl",
+    "calibration.gdn.chunk_size",
+    "calibration.gdn.pallas_residuals",
+)
+# What the statistics are computed on.
+_STATISTICS = tuple(f"calibration.{k}" for k in ("split", "num_sequences", "seq_len", "seed"))
+
 STAGES = {
-    "statistics": statistics_stage,
-    "calibrate": calibrate_stage,
-    "align": align_stage,
-    "select_layers": select_layers_stage,
-    "eval_student": eval_student_stage,
+    "statistics": Stage(
+        name="statistics",
+        run=statistics_stage,
+        summary="teacher attention statistics and activations on the calibration text",
+        reads=_STATISTICS,
+        ignores=_SPEED,
+        inputs=lambda config: ("teacher", "corpus"),
+        outputs=(_rel(STATS_FILE),),
+        checks=(check_calibration,),
+    ),
+    "calibrate": Stage(
+        name="calibrate",
+        run=calibrate_stage,
+        summary="initialises a GDN mixer for every layer (calibration.strategy, phase 1)",
+        reads=("calibration",),
+        ignores=_SPEED + _STATISTICS + ("calibration.align",),
+        inputs=lambda config: ("teacher", "statistics"),
+        outputs=(_rel("init"), _rel("init_report.json")),
+        checks=(check_calibration,),
+        device_checks=(check_gdn_backend,),
+    ),
+    "align": Stage(
+        name="align",
+        run=align_stage,
+        summary="fits every GDN mixer to its teacher attention layer (phase 2)",
+        reads=("calibration.align",),
+        inputs=lambda config: ("statistics", "calibrate"),
+        outputs=(_rel("aligned"), _rel("align_report.json")),
+        not_needed=lambda config: (
+            "" if uses_align(config) else f"strategy {config.calibration.strategy} has no phase 2"
+        ),
+        checks=(check_calibration,),
+        device_checks=(check_gdn_backend, check_alignment_split),
+    ),
+    "select_layers": Stage(
+        name="select_layers",
+        run=select_layers_stage,
+        summary="chooses the layers that keep softmax attention; writes the student",
+        reads=("select",),
+        ignores=("select.batch_size", "select.parallel_candidates"),
+        inputs=lambda config: ("teacher", "corpus", "calibrate", *_final_mixers_stage(config)),
+        outputs=(STUDENT_DIR, _rel("select_report.json")),
+        checks=(check_calibration, check_select),
+        device_checks=(check_gdn_backend,),
+    ),
+    "eval_student": Stage(
+        name="eval_student",
+        run=eval_student_stage,
+        summary="perplexity of student and teacher; per-layer, per-head report and plot",
+        reads=("eval",),
+        ignores=("eval.batch_size",),
+        inputs=lambda config: (
+            "teacher",
+            "corpus",
+            "statistics",
+            "calibrate",
+            *_final_mixers_stage(config),
+            "select_layers",
+        ),
+        outputs=(REPORT_JSON, REPORT_PNG),
+        checks=(check_calibration, check_eval),
+        device_checks=(check_gdn_backend,),
+    ),
 }

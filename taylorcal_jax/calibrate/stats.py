@@ -37,6 +37,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.utils import sharding
+
 # ----------------------------------------------------------------------------- blockwise core
 
 
@@ -305,6 +307,7 @@ def collect(
     sequences_per_batch: int = 8,
     keep_activations: bool = True,
     teacher_pass: str = "blockwise",
+    mesh=None,
 ) -> TeacherStats:
     """Runs the teacher on N sequences and returns `TeacherStats` for `layers` (default all).
 
@@ -316,6 +319,8 @@ def collect(
       keep_activations: also return x, C and attention outputs (needed by calibration).
       teacher_pass: "blockwise" (O(T) memory, attention context from the blockwise pass) or
         "model" (the Transformer's own dense attention; for cross-checking).
+      mesh: split the sequences over every device of this mesh (data parallel, `shard_map`:
+        each device runs its own sequences; N must be a multiple of the mesh size).
     """
     tokens_nt = jnp.asarray(tokens_nt)
     if tokens_nt.ndim != 2:
@@ -331,14 +336,20 @@ def collect(
     for layer in layers:
         if not 0 <= layer < config.num_hidden_layers:
             raise ValueError(f"layer {layer} out of range for {config.num_hidden_layers} layers")
+    devices = 1 if mesh is None else mesh.size
+    if tokens_nt.shape[0] % devices:
+        raise ValueError(
+            f"{tokens_nt.shape[0]} sequences do not split over the {devices} devices of the mesh"
+        )
     fn = _collect_jit(
         model,
         config,
         layers,
         int(block_size),
         bool(keep_activations),
-        int(max(1, min(sequences_per_batch, tokens_nt.shape[0]))),
+        int(max(1, min(sequences_per_batch, tokens_nt.shape[0] // devices))),
         teacher_pass,
+        mesh,
     )
     out = fn(params, tokens_nt, valid_nt)
     cnt = jnp.sum(out["cnt"], axis=0)  # [L]
@@ -357,17 +368,24 @@ def collect(
 
 
 @functools.lru_cache(maxsize=16)
-def _collect_jit(model, config, layers, block_size, keep_activations, group, teacher_pass):
+def _collect_jit(model, config, layers, block_size, keep_activations, group, teacher_pass, mesh):
     per_sequence = _per_sequence_fn(
         model, config, layers, block_size, keep_activations, teacher_pass
     )
 
-    @jax.jit
     def run(params, tokens_nt, valid_nt):
         fn = functools.partial(per_sequence, params)
         return jax.lax.map(lambda a: fn(*a), (tokens_nt, valid_nt), batch_size=group)
 
-    return run
+    if mesh is None:
+        return jax.jit(run)
+    # Every output has the sequence axis first, so each device's results are its own rows.
+    rows = sharding.batch_spec(mesh)
+    run = jax.shard_map(
+        run, mesh=mesh, in_specs=(sharding.P(), rows, rows), out_specs=rows, check_vma=False
+    )
+    seq = sharding.batch_sharding(mesh)
+    return jax.jit(run, in_shardings=(sharding.named(mesh), seq, seq), out_shardings=seq)
 
 
 __all__ = ["TeacherStats", "attention_stats_sequence", "collect", "dense_attention_stats"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from taylorcal_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input data or data settings; the message is one line that ends with what to do."""

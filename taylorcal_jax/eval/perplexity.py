@@ -9,7 +9,10 @@ when both x_t and x_{t+1} are valid (valid_nt, default all True):
 
 Sequences are processed in batches of B; the last partial batch is padded with invalid
 rows (mask 0), so every batch has one shape and one compiled program. Sums are accumulated
-in float64 on the host.
+in float64 on the host. With a `mesh`, evaluation is data parallel: B is rounded up to a
+multiple of the mesh's devices, each device scores its rows (`shard_map`, which keeps custom
+kernels out of the SPMD partitioner) and the per-device sums are added with `psum`; the
+result equals the single-device one up to float32 summation order.
 
 Unigram baseline: p(v) = (c_v + 1) / (C + V) from train-split token counts (add-one
 smoothing), scored on the same predicted tokens (x_2..x_T of each sequence).
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.progress import progress
 
 
@@ -37,17 +41,36 @@ def token_nll_sum(logits_btv, tokens_bt, valid_bt):
 
 
 @functools.lru_cache(maxsize=16)
-def _batch_fn(model):
-    @jax.jit
+def _batch_fn(model, mesh):
     def fn(params, tokens_bt, valid_bt):
         logits, _, _ = model.apply({"params": params}, tokens_bt, valid_bt=valid_bt)
         return token_nll_sum(logits, tokens_bt, valid_bt)
 
-    return fn
+    if mesh is None:
+        return jax.jit(fn)
+    axes = tuple(mesh.axis_names)
+    rows = sharding.batch_spec(mesh)
+
+    def per_device(params, tokens_bt, valid_bt):
+        total, count = fn(params, tokens_bt, valid_bt)
+        return jax.lax.psum(total, axes), jax.lax.psum(count, axes)
+
+    sharded = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(sharding.P(), rows, rows),
+        out_specs=(sharding.P(), sharding.P()),
+        check_vma=False,
+    )
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(sharded, in_shardings=(sharding.named(mesh), batch, batch))
 
 
-def perplexity(model, params, sequences_nt, *, batch_size: int, valid_nt=None, desc="ppl"):
-    """{"ppl", "nll", "tokens"} of `model` (a Transformer module) on [N, T] token ids."""
+def perplexity(
+    model, params, sequences_nt, *, batch_size: int, valid_nt=None, desc="ppl", mesh=None
+):
+    """{"ppl", "nll", "tokens"} of `model` (a Transformer module) on [N, T] token ids;
+    data parallel over every device of `mesh` if given."""
     seq = np.asarray(sequences_nt)
     if seq.ndim != 2:
         raise ValueError(f"sequences_nt must be [N, T], got shape {seq.shape}")
@@ -62,8 +85,10 @@ def perplexity(model, params, sequences_nt, *, batch_size: int, valid_nt=None, d
     vocab = model.config.vocab_size
     if seq.min() < 0 or seq.max() >= vocab:
         raise ValueError(f"token ids must be in [0, {vocab}), got [{seq.min()}, {seq.max()}]")
-    b = min(batch_size, n)
-    fn = _batch_fn(model)
+    b = sharding.pad_to_multiple(min(batch_size, n), mesh)
+    fn = _batch_fn(model, mesh)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.named(mesh))  # replicated once, not per batch
     total_nll, total_count = 0.0, 0.0
     for start in progress(range(0, n, b), desc=desc, total=-(-n // b), unit="batch"):
         tok = seq[start : start + b].astype(np.int32)
@@ -72,7 +97,7 @@ def perplexity(model, params, sequences_nt, *, batch_size: int, valid_nt=None, d
             pad = b - tok.shape[0]
             tok = np.concatenate([tok, np.zeros((pad, t), np.int32)])
             val = np.concatenate([val, np.zeros((pad, t), bool)])
-        s, c = fn(params, jnp.asarray(tok), jnp.asarray(val))
+        s, c = fn(params, tok, val)
         total_nll += float(s)
         total_count += float(c)
     if total_count == 0:

@@ -2,8 +2,9 @@
 
 `MetricsWriter(workdir)` appends one JSON object per `write(stage, **values)` call to
 `metrics.jsonl` ({"stage": ..., "time": unix seconds, ...values}); values that are numpy
-or JAX scalars are converted to Python numbers. `write_summary(workdir, sections)` writes
-`summary.md` from {stage: {key: value}}.
+or JAX scalars are converted to Python numbers. `write_summary(workdir, title, sections)`
+writes `summary.md` from {stage: {key: value}} (through a temporary name, then a rename),
+numbers rounded by `format_value`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 import numpy as np
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if hasattr(value, "item") and getattr(value, "size", 2) == 1:
         value = value.item()
     if isinstance(value, np.ndarray):
@@ -38,9 +39,14 @@ class MetricsWriter:
         self.path = os.path.join(workdir, filename)
 
     def write(self, stage: str, **values) -> dict:
-        record = {"stage": stage, "time": round(time.time(), 3), **_plain(values)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        record = {"stage": stage, "time": round(time.time(), 3), **plain(values)}
+        # One write(2) of the whole line on an O_APPEND descriptor: a run killed at any
+        # point leaves whole lines only.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
         return record
 
 
@@ -49,9 +55,17 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
+def format_value(v: Any) -> str:
+    """Numbers rounded for reading: 4 significant digits (46.43, 577.1, 0.01235), no exponent
+    from 1e-3 to 1e6, integers and strings as they are; lists element by element."""
+    v = plain(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
+    if isinstance(v, float) and math.isfinite(v):
+        if v == 0 or 1e-3 <= abs(v) < 1e6:
+            text = f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+            return text if "e" not in text else f"{v:.0f}"
+        return f"{v:.3e}"
     return str(v)
 
 
@@ -59,9 +73,11 @@ def write_summary(workdir: str, title: str, sections: Mapping[str, Mapping[str, 
     lines = [f"# {title}", ""]
     for name, values in sections.items():
         lines += [f"## {name}", "", "| key | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(_plain(v))} |" for k, v in values.items()]
+        lines += [f"| {k} | {format_value(v)} |" for k, v in values.items()]
         lines.append("")
     path = os.path.join(workdir, "summary.md")
-    with open(path, "w") as f:
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
         f.write("\n".join(lines))
+    os.replace(tmp, path)
     return path

@@ -2,6 +2,10 @@
 
 Axis names and sizes come from the config (a mapping axis name -> size, at most one size -1
 meaning "all remaining devices"); library code names axes only, e.g. P("layers", "data").
+
+Work without a layer axis (statistics, evaluation) is data parallel over every device of the
+mesh: `batch_spec(mesh)` shards the leading (batch) axis over all mesh axes together, so a
+run uses all its devices whatever the split between "layers" and "data".
 """
 
 from __future__ import annotations
@@ -65,3 +69,19 @@ def put(tree, mesh: Mesh, *spec):
     """device_put every leaf of `tree` with the same PartitionSpec(*spec) on `mesh`."""
     sharding = named(mesh, *spec)
     return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def batch_spec(mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec sharding the leading axis over every axis of `mesh` (data parallel)."""
+    return P(tuple(mesh.axis_names))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """NamedSharding of `batch_spec(mesh)`."""
+    return NamedSharding(mesh, batch_spec(mesh))
+
+
+def pad_to_multiple(n: int, mesh: Mesh | None) -> int:
+    """The smallest multiple of the mesh's device count that is >= n (n if no mesh)."""
+    size = 1 if mesh is None else mesh.size
+    return -(-n // size) * size

@@ -1,0 +1,177 @@
+"""Where a run's teacher and text come from, checked before any work, and their fingerprints.
+
+Teacher: `teacher.path` (a Hugging Face checkpoint directory) if set, else
+`<workdir>/teacher`, written by the `pretrain` stage from the `teacher` section.
+Tokenizer: `tokenizer.path` if set, else the teacher's own (teacher.path), else a BPE trained
+on the train split (data/corpus.py), which `pretrain` also saves next to the teacher.
+
+A fingerprint is a short sha256 of what an output depends on. An external teacher's is taken
+from its config.json and tokenizer files (contents) and its weight files (names, sizes and
+modification times: hashing gigabytes of weights on every run would cost minutes).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+
+from taylorcal_jax.errors import ConfigError
+from taylorcal_jax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
+
+TEACHER_DIR = "teacher"
+WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def digest(obj) -> str:
+    """sha256 (16 hex digits) of the canonical JSON of `obj`."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def teacher_dir(config, workdir: str) -> str:
+    return config.teacher.path or os.path.join(workdir, TEACHER_DIR)
+
+
+def has_tokenizer(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "tokenizer_config.json"))
+
+
+def tokenizer_path(config, workdir: str) -> str:
+    """The tokenizer directory to load, or "" to train (or reuse) the BPE of the corpus cache."""
+    if config.tokenizer.path:
+        return config.tokenizer.path
+    tdir = teacher_dir(config, workdir)
+    return tdir if has_tokenizer(tdir) else ""
+
+
+def pretrained_architecture(teacher, vocab_size: int, special_ids=(None, None, None)):
+    """ModelConfig of the teacher the `pretrain` stage trains (`teacher` config section).
+
+    special_ids: the tokenizer's (bos, eos, pad) ids.
+    """
+    bos, eos, pad = special_ids
+    return ModelConfig(
+        model_type=teacher.model_type,
+        vocab_size=int(vocab_size),
+        hidden_size=teacher.hidden_size,
+        intermediate_size=teacher.intermediate_size,
+        num_hidden_layers=teacher.num_hidden_layers,
+        num_attention_heads=teacher.num_attention_heads,
+        num_key_value_heads=teacher.num_key_value_heads,
+        head_dim=teacher.head_dim,
+        rms_norm_eps=teacher.rms_norm_eps,
+        max_position_embeddings=teacher.max_position_embeddings,
+        rope=RopeConfig(theta=float(teacher.rope_theta)),
+        tie_word_embeddings=teacher.tie_word_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+
+
+def model_vocab_size(teacher, tokenizer_len: int) -> int:
+    """len(tokenizer) rounded up to `teacher.vocab_multiple`."""
+    m = teacher.vocab_multiple
+    return -(-tokenizer_len // m) * m
+
+
+# ------------------------------------------------------------------------------- checks
+
+
+def _readable_dir(path: str, field: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise ConfigError(f"{field}={path!r} does not exist", f"set {field} to {what}")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{field}={path!r} is a file, not a directory", f"set {field} to {what}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ConfigError(f"{field}={path!r} is not readable", "check its permissions")
+
+
+def external_teacher_architecture(config) -> ModelConfig:
+    """Checks teacher.path (a readable checkpoint directory with weights and a tokenizer)
+    and returns its architecture from config.json; ConfigError on any problem."""
+    path = config.teacher.path
+    what = "a Hugging Face checkpoint directory (config.json + *.safetensors)"
+    _readable_dir(path, "teacher.path", what)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ConfigError(
+            f"teacher.path={path!r} has no config.json", f"set teacher.path to {what}"
+        )
+    if not any(glob.glob(os.path.join(path, p)) for p in WEIGHT_PATTERNS):
+        bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt*"))
+        hint = (
+            "convert the pickle weights to safetensors: transformers' "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir)"
+            if bins
+            else f"set teacher.path to {what}"
+        )
+        raise ConfigError(f"teacher.path={path!r} holds no *.safetensors weights", hint)
+    try:
+        arch = ModelConfig.from_json_file(cfg_path)
+    except UnsupportedModelError as e:
+        raise ConfigError(f"teacher.path={path!r}: {e}", "see models/config.py") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"teacher.path={path!r}: config.json is not usable ({e})") from e
+    if not config.tokenizer.path and not has_tokenizer(path):
+        raise ConfigError(
+            f"teacher.path={path!r} has no tokenizer files (tokenizer_config.json)",
+            "set tokenizer.path to the teacher's tokenizer directory",
+        )
+    return arch
+
+
+def check_corpus(config) -> None:
+    """The `data` section: a known source kind, split fractions that leave training text, the
+    read limits (data/corpus.py check_data_config)."""
+    from taylorcal_jax.data import corpus  # noqa: PLC0415
+
+    try:
+        corpus.check_data_config(config.data)
+    except ValueError as e:
+        msg = str(e) if str(e).startswith("data.") else f"data.source: {e}"
+        raise ConfigError(msg) from e
+
+
+def check_tokenizer_path(config) -> None:
+    if config.tokenizer.path:
+        _readable_dir(config.tokenizer.path, "tokenizer.path", "a tokenizer directory")
+        if not has_tokenizer(config.tokenizer.path):
+            raise ConfigError(
+                f"tokenizer.path={config.tokenizer.path!r} has no tokenizer_config.json",
+                "set tokenizer.path to a directory written by save_pretrained",
+            )
+
+
+# -------------------------------------------------------------------------- fingerprints
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def directory_fingerprint(path: str) -> str:
+    """Small files by contents; weight files (safetensors) by name, size and mtime."""
+    parts = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        st = os.stat(full)
+        if name.endswith(".safetensors") or st.st_size > (1 << 24):
+            parts[name] = [st.st_size, st.st_mtime_ns]
+        else:
+            parts[name] = _file_digest(full)
+    return digest(parts)
+
+
+def corpus_settings(config) -> dict:
+    """Everything the token streams depend on, apart from an external tokenizer's files."""
+    return {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict()}

@@ -1,0 +1,235 @@
+"""Stages, their fingerprints, and the plan of a run: which stages run, resume or are skipped.
+
+A `Stage` declares what its result depends on: config fields or sections (`reads`, minus
+`ignores`: fields that change only speed or memory, never the result beyond float rounding),
+and inputs (`inputs(config)`): other stages, and the sources "teacher" and "corpus". Its
+fingerprint is
+
+    fingerprint(S) = digest({stage: S, settings: {field: value for field in reads},
+                             inputs: {input: fingerprint(input)}})
+
+    fingerprint("teacher") = fingerprint("pretrain")                  (teacher.path unset)
+                           = digest(teacher.path's files)             (teacher.path set)
+    fingerprint("corpus")  = digest(data and tokenizer sections, and the files of the
+                                    tokenizer directory when one is given)
+
+so a stage's fingerprint changes exactly when a setting or an upstream output it uses
+changes. `make_plan` compares each listed stage's fingerprint with the record of its last
+run (workdir.py) and decides, before any work:
+
+    skip     done before with the same fingerprint, and its outputs are there
+    resume   interrupted (or failed) with the same fingerprint, and it has a checkpoint
+    run      never run, settings or inputs changed, outputs missing, interrupted or failed
+             without a checkpoint, or asked for by --rerun (which also reruns the listed
+             stages that consume the named ones; "all" names every listed stage)
+
+Inputs that are neither listed nor recorded, stages listed before the stages they consume,
+and outputs with no record of the settings that made them are errors, found here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+from taylorcal_jax.errors import ConfigError
+from taylorcal_jax.run import inputs as inputs_lib
+from taylorcal_jax.run.fields import flatten
+
+SOURCES = ("teacher", "corpus")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline. `run(ctx) -> dict` of results (shown in the summary)."""
+
+    name: str
+    run: Callable
+    summary: str  # what it does, one line
+    reads: tuple[str, ...]  # config fields or sections its result depends on
+    inputs: Callable[[object], tuple[str, ...]]  # stages and SOURCES it consumes
+    outputs: tuple[str, ...] = ()  # workdir-relative paths it writes (removed before a run)
+    checkpoints: tuple[str, ...] = ()  # workdir-relative checkpoint dirs it resumes from
+    ignores: tuple[str, ...] = ()  # fields inside `reads` that change only speed or memory
+    not_needed: Callable[[object], str] = lambda config: ""  # why it has nothing to do, or ""
+    # check(config, teacher architecture) of the sections it reads (validate.py);
+    # device_check(config, {"layers": n, "data": m}) of what depends on the devices.
+    checks: tuple[Callable, ...] = ()
+    device_checks: tuple[Callable, ...] = ()
+
+    def settings(self, config) -> dict:
+        """{field: value} of every field under `reads` not under `ignores`."""
+        flat = flatten(config)
+
+        def under(field, prefixes):
+            return any(field == p or field.startswith(p + ".") for p in prefixes)
+
+        return {
+            k: _plain(v)
+            for k, v in flat.items()
+            if under(k, self.reads) and not under(k, self.ignores)
+        }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclasses.dataclass
+class Step:
+    """A listed stage's part in the plan."""
+
+    name: str
+    action: str  # "run" | "resume" | "skip"
+    reason: str
+    fingerprint: str
+    settings: dict
+    inputs: dict
+
+
+def sections_read(stage: Stage, config) -> set[str]:
+    """Top-level config sections a stage reads, its inputs' included (for validation)."""
+    out = {r.split(".")[0] for r in stage.reads}
+    deps = stage.inputs(config)
+    if "teacher" in deps:
+        out.add("teacher")
+    if "corpus" in deps:
+        out |= {"data", "tokenizer"}
+    return out
+
+
+def _describe_change(old: Mapping, new: Mapping, limit: int = 3) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "?") != new.get(k, "?")]
+    parts = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return ", ".join(parts)
+
+
+def _missing_outputs(stage: Stage, workdir: str) -> list[str]:
+    return [p for p in stage.outputs if not os.path.exists(os.path.join(workdir, p))]
+
+
+def make_plan(
+    config,
+    workdir: str,
+    registry: Mapping[str, Stage],
+    records: Mapping[str, dict],
+    rerun: Sequence[str] = (),
+) -> list[Step]:
+    """The plan of `config.stages` in `workdir` (see the module docstring)."""
+    listed = list(config.stages)
+    rerun = listed if list(rerun) == ["all"] else list(rerun)
+    unknown = [s for s in rerun if s not in listed]
+    if unknown:
+        raise ConfigError(
+            f"--rerun names {', '.join(unknown)}, which config.stages does not list",
+            f"listed: {', '.join(listed)}",
+        )
+    fingerprints: dict[str, str] = {}
+    forced = set(rerun)
+    steps = []
+
+    def source_fingerprint(name: str, consumer: str) -> str:
+        if name == "teacher":
+            if config.teacher.path:
+                return inputs_lib.directory_fingerprint(config.teacher.path)
+            return stage_fingerprint("pretrain", consumer, what="the teacher")
+        settings = inputs_lib.corpus_settings(config)
+        if config.tokenizer.path:
+            settings["tokenizer_files"] = inputs_lib.directory_fingerprint(config.tokenizer.path)
+        elif config.teacher.path:
+            settings["teacher"] = source_fingerprint("teacher", consumer)
+        return inputs_lib.digest(settings)
+
+    def inputs_of(stage: Stage) -> dict[str, str]:
+        return {
+            dep: source_fingerprint(dep, stage.name)
+            if dep in SOURCES
+            else stage_fingerprint(dep, stage.name)
+            for dep in stage.inputs(config)
+        }
+
+    def fingerprint(stage: Stage, deps: dict[str, str]) -> str:
+        return inputs_lib.digest(
+            {"stage": stage.name, "settings": stage.settings(config), "inputs": deps}
+        )
+
+    def stage_fingerprint(name: str, consumer: str, what: str = "") -> str:
+        """Fingerprint of an earlier listed stage, or of the recorded outputs of an unlisted one
+        (which must have been made under the current settings)."""
+        if name in fingerprints:
+            return fingerprints[name]
+        what = what or f"the outputs of '{name}'"
+        if name in listed:
+            raise ConfigError(
+                f"stage '{consumer}' needs {what}, but '{name}' is listed after it",
+                f"order config.stages as: {', '.join(s for s in registry if s in listed)}",
+            )
+        hint = f"add '{name}' to config.stages"
+        if name == "pretrain":
+            hint += " or set teacher.path"
+        rec = records.get(name)
+        if rec is None or rec.get("status") != "done" or _missing_outputs(registry[name], workdir):
+            raise ConfigError(f"stage '{consumer}' needs {what}; run '{name}' first", hint)
+        stage = registry[name]
+        deps = inputs_of(stage)
+        if fingerprint(stage, deps) != rec["fingerprint"]:
+            change = _describe_change(rec.get("settings", {}), stage.settings(config))
+            raise ConfigError(
+                f"stage '{consumer}' needs {what}, which were made under other settings "
+                f"({change or 'its inputs changed'})",
+                hint,
+            )
+        fingerprints[name] = rec["fingerprint"]
+        return rec["fingerprint"]
+
+    for name in listed:
+        stage = registry[name]
+        deps = inputs_of(stage)
+        settings = stage.settings(config)
+        fp = fingerprint(stage, deps)
+        fingerprints[name] = fp
+        if any(d in forced for d in deps):
+            forced.add(name)  # --rerun also reruns the listed stages that consume its outputs
+        rec = records.get(name)
+        action, reason = "run", "not run yet"
+        why_not = stage.not_needed(config)
+        if why_not:
+            action, reason = "skip", why_not
+        elif name in forced:
+            reason = "--rerun" if name in rerun else "an input is rerun (--rerun)"
+        elif rec is None:
+            present = [
+                p
+                for p in stage.outputs + stage.checkpoints
+                if os.path.exists(os.path.join(workdir, p))
+            ]
+            if present:
+                raise ConfigError(
+                    f"{os.path.join(workdir, present[0])} exists, but this workdir has no record "
+                    f"of the settings that made it",
+                    f"pass --rerun={name} to replace it, or use a fresh --workdir",
+                )
+        elif rec.get("fingerprint") != fp:
+            change = _describe_change(rec.get("settings", {}), settings)
+            changed_inputs = [d for d in deps if rec.get("inputs", {}).get(d) != deps[d]]
+            if change:
+                reason = f"settings changed: {change}"
+            else:
+                reason = f"inputs changed: {', '.join(changed_inputs) or 'unknown'}"
+        elif rec.get("status") == "done":
+            missing = _missing_outputs(stage, workdir)
+            if missing:
+                reason = f"outputs missing: {', '.join(missing)}"
+            else:
+                action, reason = "skip", "done, settings unchanged"
+        else:
+            why = "failed last time" if rec.get("status") == "failed" else "interrupted"
+            if any(os.path.exists(os.path.join(workdir, p)) for p in stage.checkpoints):
+                action, reason = "resume", f"{why}; resuming from its checkpoint"
+            else:
+                reason = f"{why}; restarting"
+        steps.append(Step(name, action, reason, fp, settings, deps))
+    return steps

@@ -1,0 +1,170 @@
+"""One run: validate everything, plan, lock the workdir, run or skip each stage, summarise.
+
+    1. validate the config (validate.py) and the workdir path: nothing is written before
+    2. start jax.distributed if asked, check the mesh against the devices
+    3. plan (plan.py); `dry_run` prints the plan and stops here
+    4. lock the workdir, delete `.partial` leftovers, append this run to config.json
+    5. per stage: skip, or remove its old outputs (and, unless it resumes, its checkpoints),
+       record it "running", run it with the one RunContext, record it "done" with its result
+    6. summary.md after every stage; the final summary on stdout
+
+Results of skipped stages come from their records, so summary.md and the final summary
+always describe every listed stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from taylorcal_jax.run import plan as plan_lib
+from taylorcal_jax.run import validate as validate_lib
+from taylorcal_jax.run import workdir as workdir_lib
+from taylorcal_jax.run.console import Console
+from taylorcal_jax.run.context import RunContext
+from taylorcal_jax.utils import progress
+from taylorcal_jax.utils.metrics import format_value, plain, write_summary
+
+
+def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
+    """Steps 1-3 (no writes): the plan, or ConfigError."""
+    validate_lib.validate(config, registry)
+    workdir_lib.check_workdir(workdir)
+    import jax  # noqa: PLC0415
+
+    if config.mesh.distributed:
+        jax.distributed.initialize()
+    validate_lib.check_mesh(config, registry, jax.device_count())
+    records = workdir_lib.read_records(workdir) if os.path.isdir(workdir) else {}
+    return plan_lib.make_plan(config, workdir, registry, records, rerun)
+
+
+def run(
+    config,
+    workdir: str,
+    registry: Mapping,
+    *,
+    command: str = "(library call)",
+    rerun: Sequence[str] = (),
+    dry_run: bool = False,
+    console: Console | None = None,
+) -> dict:
+    """Runs `config.stages` in `workdir`; returns {stage: result} (empty for a dry run)."""
+    console = console or Console()
+    t_run = time.perf_counter()
+    steps = prepare(config, workdir, registry, rerun)
+    if dry_run:
+        console.plan(steps, registry, workdir)
+        return {}
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.WorkdirLock(workdir, console.note):
+        # Re-plan under the lock: the workdir may have changed since the first look.
+        records = workdir_lib.read_records(workdir)
+        steps = plan_lib.make_plan(config, workdir, registry, records, rerun)
+        leftovers = workdir_lib.remove_partials(workdir)
+        if leftovers:
+            console.note(f"removed {len(leftovers)} partial outputs of an interrupted run")
+        started = workdir_lib.now()
+        workdir_lib.append_history(
+            workdir,
+            {
+                "command": command,
+                "started": started,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "stages": list(config.stages),
+                "config": config.to_dict(),
+            },
+        )
+        progress.set_enabled(config.progress)
+        ctx = RunContext(config, workdir)
+        header = {"command": command, "started": started, "stages": ", ".join(config.stages)}
+        results, seconds = {}, {}
+        for i, step in enumerate(steps, 1):
+            stage = registry[step.name]
+            if step.action == "skip":
+                console.stage_skipped(i, len(steps), step)
+                results[step.name] = dict(records.get(step.name, {}).get("result", {}))
+                results[step.name].setdefault("skipped", step.reason)
+                continue
+            started = functools.partial(console.stage_start, i, len(steps), step, stage.summary)
+            result, seconds[step.name] = run_stage(ctx, stage, step, records, started)
+            console.stage_done(seconds[step.name], result)
+            results[step.name] = dict(result, stage_seconds=round(seconds[step.name], 1))
+            write_summary(workdir, f"taylorcal_jax run in {workdir}", {"run": header, **results})
+        wall = time.perf_counter() - t_run
+        write_summary(
+            workdir,
+            f"taylorcal_jax run in {workdir}",
+            {"run": dict(header, wall_seconds=round(wall, 1)), **results},
+        )
+        console.summary(summary_rows(config, workdir, steps, results, seconds, wall))
+    return results
+
+
+def run_stage(ctx, stage, step, records: dict, started: Callable[[], None]):
+    """Runs one stage: removes its old outputs (and checkpoints, unless it resumes), records
+    it "running", calls `started()`, runs it, records "done" with the result, or "failed" /
+    "interrupted" (Ctrl-C) if it raises. Returns (result, seconds)."""
+    workdir = ctx.workdir
+    for rel in stage.outputs + (stage.checkpoints if step.action == "run" else ()):
+        workdir_lib.remove(ctx.path(rel))
+    record = {
+        "fingerprint": step.fingerprint,
+        "settings": step.settings,
+        "inputs": step.inputs,
+        "status": "running",  # what a kill -9 leaves
+        "started": workdir_lib.now(),
+    }
+    records[step.name] = record
+    workdir_lib.write_records(workdir, records)
+    started()
+    t0 = time.perf_counter()
+    try:
+        result = plain(dict(stage.run(ctx)))
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record.update(status=status, finished=workdir_lib.now())
+        workdir_lib.write_records(workdir, records)
+        raise
+    seconds = time.perf_counter() - t0
+    record.update(status="done", finished=workdir_lib.now(), seconds=round(seconds, 1))
+    record["result"] = result
+    workdir_lib.write_records(workdir, records)
+    ctx.metrics.write(step.name, stage_seconds=round(seconds, 1), done=True)
+    return result, seconds
+
+
+def summary_rows(config, workdir, steps, results, seconds, wall) -> list[tuple[str, str]]:
+    """The final summary: perplexities, kept layers, time per stage, where the outputs are."""
+    rows = []
+    split = config.eval.split
+    teacher_ppl = results.get("eval_student", {}).get("teacher_ppl")
+    if teacher_ppl is None:
+        teacher_ppl = results.get("eval_teacher", {}).get(f"{split}_ppl")
+    if teacher_ppl is not None:
+        rows.append((f"teacher ppl ({split})", format_value(teacher_ppl)))
+    student = results.get("eval_student", {})
+    if "student_ppl" in student:
+        rows.append((f"student ppl ({split})", format_value(student["student_ppl"])))
+    kept = results.get("select_layers", {}).get("keep_full_attention_layers")
+    if kept is not None:
+        rows.append(("kept attention layers", format_value(kept)))
+    times = [
+        f"{s.name} {seconds[s.name]:.1f} s" if s.name in seconds else f"{s.name} skipped"
+        for s in steps
+    ]
+    rows.append(("stages", ", ".join(times)))
+    rows.append(("wall time", f"{wall:.1f} s"))
+    outputs = [
+        os.path.join(workdir, p)
+        for p in ("teacher", "student", "calibration_report.json", "summary.md", "metrics.jsonl")
+        if os.path.exists(os.path.join(workdir, p))
+    ]
+    if config.teacher.path:
+        outputs.insert(0, f"{config.teacher.path} (teacher)")
+    rows.append(("outputs", ", ".join(outputs)))
+    return rows

@@ -1,0 +1,195 @@
+"""Whole-config validation, before any work: one `ConfigError` line per problem found first.
+
+Order: unknown fields (with the closest known one), types (each field's type is its
+default's in configs/common.py), the stage list, the data and tokenizer sources if read, the
+teacher's architecture (read from teacher.path's config.json, or the `teacher` section;
+every stage works from it), then the checks of every listed
+stage (each `Stage.checks` entry covers the sections that stage reads: enums, ranges, paths,
+and sizes against the teacher, e.g. sequence lengths against its positions), and last the
+mesh against the devices (`check_mesh`, after jax.distributed starts).
+
+Stage modules write their checks with the helpers here (`one_of`, `positive`, ...), and
+wrap library validators that raise ValueError in `config_errors(section)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+from taylorcal_jax.errors import ConfigError
+from taylorcal_jax.models.config import SUPPORTED_MODEL_TYPES
+from taylorcal_jax.run import fields
+from taylorcal_jax.run import inputs as inputs_lib
+
+
+def _get(config, path: str):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def one_of(config, path: str, choices: Sequence[str]) -> None:
+    value = _get(config, path)
+    if value not in choices:
+        near = fields.closest(str(value), choices)
+        hint = f"did you mean {near!r}?" if near else ""
+        raise ConfigError(f"{path}={value!r} is not one of {', '.join(choices)}", hint)
+
+
+def positive(config, *paths: str) -> None:
+    for path in paths:
+        value = _get(config, path)
+        if not value > 0:
+            raise ConfigError(f"{path} must be positive, got {value}")
+
+
+def at_least(config, path: str, low) -> None:
+    value = _get(config, path)
+    if value < low:
+        raise ConfigError(f"{path} must be at least {low}, got {value}")
+
+
+def fits_positions(config, path: str, arch) -> None:
+    """A sequence length field must not exceed the teacher's positions."""
+    value = _get(config, path)
+    if value > arch.max_position_embeddings:
+        raise ConfigError(
+            f"{path}={value} exceeds the teacher's max_position_embeddings "
+            f"({arch.max_position_embeddings})",
+            f"lower {path}",
+        )
+
+
+@contextlib.contextmanager
+def config_errors(section: str) -> Iterator[None]:
+    """Turns a library validator's ValueError into a ConfigError naming the section."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        msg = str(e)
+        if not msg.startswith(section + "."):
+            msg = f"{section}: {msg}"
+        raise ConfigError(msg) from e
+
+
+# ----------------------------------------------------------------------------- generic
+
+
+def check_unknown_fields(config) -> None:
+    unknown = fields.unknown_fields(config)
+    if unknown:
+        name, near = unknown[0]
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(
+            f"unknown config field {name}{more}",
+            f"did you mean {near}?" if near else "--print_config lists every field",
+        )
+
+
+def _type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            return False
+        return not default or all(_type_ok(v, default[0]) for v in value)
+    return isinstance(value, type(default))
+
+
+def check_types(config) -> None:
+    want = fields.flatten(fields.defaults())
+    for path, value in fields.flatten(config).items():
+        default = want[path]
+        if not _type_ok(value, default):
+            kind = type(default).__name__
+            if isinstance(default, tuple) and default:
+                kind = f"tuple of {type(default[0]).__name__}"
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigError(f"{path}={value!r} has the wrong type; expected {article} {kind}")
+
+
+def check_stages(config, registry: Mapping) -> None:
+    listed = list(config.stages)
+    if not listed:
+        raise ConfigError("config.stages is empty", f"stages: {', '.join(registry)}")
+    for name in listed:
+        if name not in registry:
+            near = fields.closest(name, registry)
+            hint = f"did you mean {near!r}?" if near else f"stages: {', '.join(registry)}"
+            raise ConfigError(f"unknown stage {name!r} in config.stages", hint)
+    twice = sorted({s for s in listed if listed.count(s) > 1})
+    if twice:
+        raise ConfigError(f"config.stages lists {', '.join(twice)} more than once")
+
+
+def teacher_architecture(config):
+    """ModelConfig of the teacher (vocabulary size a placeholder when it is pretrained here)."""
+    if config.teacher.path:
+        return inputs_lib.external_teacher_architecture(config)
+    t = config.teacher
+    one_of(config, "teacher.model_type", SUPPORTED_MODEL_TYPES)
+    positive(config, "teacher.vocab_multiple", "teacher.max_position_embeddings")
+    positive(config, "teacher.rope_theta", "teacher.rms_norm_eps")
+    with config_errors("teacher"):
+        return inputs_lib.pretrained_architecture(t, t.vocab_multiple)
+
+
+def validate(config, registry: Mapping) -> None:
+    """Every check that needs no device (see the module docstring); ConfigError on the first."""
+    from taylorcal_jax.run.plan import sections_read  # noqa: PLC0415
+
+    check_unknown_fields(config)
+    check_types(config)
+    check_stages(config, registry)
+    stages = [registry[name] for name in config.stages]
+    read = set().union(*(sections_read(s, config) for s in stages))
+    if "data" in read:
+        inputs_lib.check_corpus(config)
+    if "tokenizer" in read:
+        inputs_lib.check_tokenizer_path(config)
+    arch = teacher_architecture(config)  # every stage works from the teacher
+    done = []
+    for stage in stages:
+        for check in stage.checks:
+            if check not in done:
+                done.append(check)
+                check(config, arch)
+
+
+def mesh_sizes(config, num_devices: int) -> dict[str, int]:
+    """{"layers": n, "data": m} of the mesh section on `num_devices` devices, or ConfigError."""
+    from taylorcal_jax.utils import sharding  # noqa: PLC0415
+
+    m = config.mesh
+    for name in ("layers", "data"):
+        if m[name] == 0 or m[name] < -1:
+            raise ConfigError(f"mesh.{name} must be positive or -1 (the rest), got {m[name]}")
+    try:
+        return sharding.resolve_axis_sizes({"layers": m.layers, "data": m.data}, num_devices)
+    except ValueError as e:
+        raise ConfigError(
+            f"mesh.layers={m.layers} and mesh.data={m.data} do not fit the {num_devices} "
+            "devices here",
+            "set one of them to -1 (the devices the other leaves) and the other to a divisor "
+            "of the device count",
+        ) from e
+
+
+def check_mesh(config, registry: Mapping, num_devices: int) -> dict[str, int]:
+    """The mesh against the devices, and the stages' checks that depend on its sizes."""
+    sizes = mesh_sizes(config, num_devices)
+    for name in config.stages:
+        for check in registry[name].device_checks:
+            check(config, sizes)
+    return sizes

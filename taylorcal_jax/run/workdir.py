@@ -1,0 +1,243 @@
+"""The workdir: one run at a time, outputs written atomically, a record of every stage.
+
+    <workdir>/.lock         held (fcntl.flock) by the running process; names its pid, host
+                            and start time. The kernel drops the lock when the process dies,
+                            even by kill -9, so a lock file nobody holds is stale and is taken
+                            over (with a message).
+    <workdir>/stages.json   per stage: fingerprint, the settings and inputs behind it, status
+                            ("running", then "done", "failed" or "interrupted" (Ctrl-C);
+                            a kill -9 leaves "running"), result, start/finish time, seconds.
+    <workdir>/config.json   the history of runs in this workdir: {"runs": [{command, started,
+                            host, pid, stages, config}, ...]}, the newest last.
+
+Every output goes through a temporary name ending in `.partial` and is renamed into place
+when complete (`write_json`, `write_bytes`, `output_dir`), so a killed run leaves either the
+old output, the new one, or a `.partial` leftover that the next run deletes
+(`remove_partials`) before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+
+from taylorcal_jax.errors import ConfigError, UserError
+
+LOCK_FILE = ".lock"
+RECORDS_FILE = "stages.json"
+HISTORY_FILE = "config.json"
+PARTIAL = ".partial"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_workdir(path: str) -> None:
+    """One-line errors for a workdir that cannot be used (before anything is written)."""
+    if not path:
+        raise ConfigError("--workdir is empty", "pass a directory, e.g. --workdir=workdirs/tiny")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(
+            f"workdir {path} exists and is not a directory",
+            "pass a directory (new or from an earlier run) to --workdir",
+        )
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"cannot create workdir {path}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {path} is not writable ({probe})", "choose another --workdir")
+
+
+# ------------------------------------------------------------------------------- the lock
+
+
+class WorkdirLock:
+    """Exclusive lock of a workdir for the life of a run (a context manager).
+
+    `say(line)` reports a stale lock taken over. A live holder raises UserError naming it.
+    """
+
+    def __init__(self, workdir: str, say: Callable[[str], None]):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.say = say
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise UserError(
+                    f"workdir {os.path.dirname(self.path)} is in use by pid "
+                    f"{holder.get('pid', '?')} on {holder.get('host', '?')} "
+                    f"(started {holder.get('started', '?')})",
+                    "wait for that run to finish, or use another --workdir",
+                ) from None
+            # The file may have been unlinked by a finishing holder between open and flock.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            break
+        stale = _read_holder(fd)
+        if stale:
+            self.say(
+                f"taking over the lock of pid {stale.get('pid', '?')} on "
+                f"{stale.get('host', '?')} (started {stale.get('started', '?')}), which is no "
+                "longer running"
+            )
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 4096, 0)
+        return json.loads(data.decode()) if data else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ------------------------------------------------------------------------ atomic outputs
+
+
+def _partial(path: str) -> str:
+    return path + PARTIAL
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    tmp = _partial(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj, *, default=None) -> None:
+    write_bytes(path, (json.dumps(obj, indent=1, default=default) + "\n").encode())
+
+
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[str]:
+    """Yields a temporary path to write; renamed to `path` if the block completes."""
+    tmp = _partial(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def output_dir(path: str) -> Iterator[str]:
+    """Yields an empty temporary directory; it replaces `path` if the block completes."""
+    tmp = _partial(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        remove(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def remove_partials(workdir: str) -> list[str]:
+    """Deletes every `*.partial` file or directory under `workdir`; returns their paths."""
+    found = []
+    for root, dirs, files in os.walk(workdir):
+        for name in list(dirs) + files:
+            if name.endswith(PARTIAL):
+                found.append(os.path.join(root, name))
+        dirs[:] = [d for d in dirs if not d.endswith(PARTIAL)]
+    for path in found:
+        remove(path)
+    return found
+
+
+# ------------------------------------------------------------------- records and history
+
+
+def read_records(workdir: str) -> dict[str, dict]:
+    """{stage: record} of stages.json ({} when absent)."""
+    path = os.path.join(workdir, RECORDS_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)["stages"]
+    except (ValueError, KeyError) as e:
+        raise UserError(
+            f"{path} is unreadable ({e})", "delete it to rerun every stage in this workdir"
+        ) from e
+
+
+def write_records(workdir: str, records: dict[str, dict]) -> None:
+    write_json(os.path.join(workdir, RECORDS_FILE), {"stages": records})
+
+
+def append_history(workdir: str, run: dict) -> None:
+    """Appends `run` to config.json's list of runs (a plain resolved config becomes run 0)."""
+    path = os.path.join(workdir, HISTORY_FILE)
+    runs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                old = json.load(f)
+            except ValueError:
+                old = None
+        if isinstance(old, dict) and isinstance(old.get("runs"), list):
+            runs = old["runs"]
+        elif old is not None:
+            runs = [{"command": None, "started": None, "config": old}]
+    write_json(path, {"runs": runs + [run]})
+
+
+def read_history(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, HISTORY_FILE)) as f:
+        return json.load(f)["runs"]

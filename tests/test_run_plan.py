@@ -1,0 +1,241 @@
+"""The runner on three small stages: skip, rerun exactly what changed, resume, refuse unknowns.
+
+Stages (files in the workdir): first (reads eval.seed) -> second (reads eval.num_sequences,
+checkpoints its progress) -> third (reads select.seed). Their results are functions of
+their settings and inputs, so every test can say what the outputs must be.
+"""
+
+import io
+import json
+import os
+
+import pytest
+
+from taylorcal_jax.errors import ConfigError
+from taylorcal_jax.run import fields, runner
+from taylorcal_jax.run import workdir as workdir_lib
+from taylorcal_jax.run.console import Console
+from taylorcal_jax.run.plan import Stage
+
+
+class Interrupted(Exception):
+    """Stands in for a crash in the middle of a stage."""
+
+
+def _read(ctx, name):
+    with open(ctx.path(name)) as f:
+        return int(f.read())
+
+
+class Stages:
+    """A registry whose stages count their calls and can crash once, mid-way."""
+
+    def __init__(self):
+        self.calls = {"first": 0, "second": 0, "third": 0}
+        self.crash_second_after = None  # steps done before second crashes
+        self.resumed_from = None
+
+    def first(self, ctx):
+        self.calls["first"] += 1
+        workdir_lib.write_bytes(ctx.path("first.txt"), str(ctx.config.eval.seed + 10).encode())
+        return {"value": ctx.config.eval.seed + 10}
+
+    def second(self, ctx):
+        """Sums 1..num_sequences plus first, one step at a time, checkpointing each step."""
+        self.calls["second"] += 1
+        ckpt = ctx.path("second_ckpt")
+        os.makedirs(ckpt, exist_ok=True)
+        state = json.load(open(os.path.join(ckpt, "state.json"))) if os.listdir(ckpt) else None
+        step, total = (state["step"], state["total"]) if state else (0, _read(ctx, "first.txt"))
+        self.resumed_from = step
+        for s in range(step, ctx.config.eval.num_sequences):
+            if self.crash_second_after is not None and s == self.crash_second_after:
+                self.crash_second_after = None
+                with open(ctx.path("second.txt") + workdir_lib.PARTIAL, "w") as f:
+                    f.write("half")  # a partial output left behind
+                raise Interrupted
+            total += s + 1
+            workdir_lib.write_json(
+                os.path.join(ckpt, "state.json"), {"step": s + 1, "total": total}
+            )
+        workdir_lib.write_bytes(ctx.path("second.txt"), str(total).encode())
+        return {"value": total}
+
+    def third(self, ctx):
+        self.calls["third"] += 1
+        value = _read(ctx, "second.txt") * 100 + ctx.config.select.seed
+        workdir_lib.write_bytes(ctx.path("third.txt"), str(value).encode())
+        return {"value": value}
+
+    def registry(self):
+        return {
+            "first": Stage(
+                "first", self.first, "writes eval.seed + 10", ("eval.seed",), lambda c: (),
+                outputs=("first.txt",),
+            ),
+            "second": Stage(
+                "second", self.second, "adds 1..eval.num_sequences to first",
+                ("eval.num_sequences",), lambda c: ("first",),
+                outputs=("second.txt",), checkpoints=("second_ckpt",),
+            ),
+            "third": Stage(
+                "third", self.third, "second * 100 + select.seed", ("select.seed",),
+                lambda c: ("second",), outputs=("third.txt",),
+            ),
+        }  # fmt: skip
+
+
+def _config(stages=("first", "second", "third"), **changes):
+    c = fields.defaults()
+    c.stages = stages
+    c.progress = False
+    for key, value in changes.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def _run(stages_obj, config, workdir, **options):
+    out = io.StringIO()
+    results = runner.run(config, workdir, stages_obj.registry(), console=Console(out), **options)
+    return results, out.getvalue()
+
+
+def _expected(seed=0, num_sequences=128, select_seed=1):
+    second = seed + 10 + num_sequences * (num_sequences + 1) // 2
+    return seed + 10, second, second * 100 + select_seed
+
+
+def _values(workdir):
+    return tuple(
+        int(open(os.path.join(workdir, f"{n}.txt")).read()) for n in ("first", "second", "third")
+    )  # noqa: E501
+
+
+def test_fresh_run_then_a_rerun_skips_everything(tmp_path):
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    results, out = _run(s, _config(), wd)
+    assert _values(wd) == _expected()
+    assert results["third"]["value"] == _expected()[2]
+    assert "[2/3] second: adds 1..eval.num_sequences to first" in out
+    assert out.count("run: not run yet") == 3 and out.count("done in") == 3
+    assert "summary" in out and "wall time" in out
+    records = workdir_lib.read_records(wd)
+    assert {r["status"] for r in records.values()} == {"done"}
+    assert records["second"]["settings"] == {"eval.num_sequences": 128}
+
+    results, out = _run(s, _config(), wd)
+    assert s.calls == {"first": 1, "second": 1, "third": 1}
+    assert out.count("skipped (done, settings unchanged)") == 3
+    assert results["third"]["value"] == _expected()[2]  # from the record
+    runs = workdir_lib.read_history(wd)
+    assert len(runs) == 2 and runs[0]["config"]["eval"]["num_sequences"] == 128
+    assert not os.path.exists(os.path.join(wd, workdir_lib.LOCK_FILE))  # released
+
+
+def test_changed_setting_reruns_exactly_the_affected_stages(tmp_path):
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    _run(s, _config(), wd)
+    _, out = _run(s, _config(eval__num_sequences=5), wd)
+    assert s.calls == {"first": 1, "second": 2, "third": 2}
+    assert "[1/3] first: skipped (done, settings unchanged)" in out
+    assert "run: settings changed: eval.num_sequences 128 -> 5" in out
+    assert "run: inputs changed: second" in out
+    assert _values(wd) == _expected(num_sequences=5)
+    # Only the last stage reads select.seed.
+    _, out = _run(s, _config(eval__num_sequences=5, select__seed=7), wd)
+    assert s.calls == {"first": 1, "second": 2, "third": 3}
+    assert _values(wd) == _expected(num_sequences=5, select_seed=7)
+
+
+def test_rerun_flag_and_missing_outputs(tmp_path):
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    _run(s, _config(), wd)
+    _, out = _run(s, _config(), wd, rerun=["second"])
+    assert s.calls == {"first": 1, "second": 2, "third": 2}
+    assert "run: --rerun" in out and "run: an input is rerun (--rerun)" in out
+    os.remove(os.path.join(wd, "third.txt"))
+    _, out = _run(s, _config(), wd)
+    assert s.calls["third"] == 3 and "run: outputs missing: third.txt" in out
+    _, out = _run(s, _config(), wd, rerun=["all"])
+    assert s.calls == {"first": 2, "second": 3, "third": 4} and out.count("run: --rerun") == 3
+    with pytest.raises(ConfigError, match="--rerun names fourth"):
+        _run(s, _config(), wd, rerun=["fourth"])
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    s.crash_second_after = 50
+    with pytest.raises(Interrupted):
+        _run(s, _config(), wd)
+    assert workdir_lib.read_records(wd)["second"]["status"] == "failed"
+    assert not os.path.exists(os.path.join(wd, workdir_lib.LOCK_FILE))
+    _, out = _run(s, _config(), wd)
+    assert "resume: failed last time; resuming from its checkpoint" in out
+    assert "note: removed 1 partial outputs of an interrupted run" in out
+    assert s.resumed_from == 50
+    assert _values(wd) == _expected()  # equal to an uninterrupted run
+    assert not [p for p in os.listdir(wd) if p.endswith(workdir_lib.PARTIAL)]
+    # A kill -9 cannot mark the record: it stays "running", and the stage resumes as well.
+    s.crash_second_after = 20
+    with pytest.raises(Interrupted):
+        _run(s, _config(), wd, rerun=["second"])
+    records = workdir_lib.read_records(wd)
+    records["second"]["status"] = "running"
+    workdir_lib.write_records(wd, records)
+    _, out = _run(s, _config(), wd)
+    assert "resume: interrupted; resuming from its checkpoint" in out and s.resumed_from == 20
+    assert _values(wd) == _expected()
+    # Changed settings never resume from a checkpoint made under the old ones.
+    s.crash_second_after = 3
+    with pytest.raises(Interrupted):
+        _run(s, _config(eval__num_sequences=6), wd)
+    _, out = _run(s, _config(eval__num_sequences=7), wd)
+    assert "run: settings changed: eval.num_sequences 6 -> 7" in out
+    assert s.resumed_from == 0 and _values(wd) == _expected(num_sequences=7)
+
+
+def test_refuses_outputs_without_a_record_and_stale_unlisted_inputs(tmp_path):
+    wd = str(tmp_path / "wd")
+    os.makedirs(wd)
+    with open(os.path.join(wd, "first.txt"), "w") as f:
+        f.write("99")
+    s = Stages()
+    with pytest.raises(ConfigError, match="no record of the settings"):
+        _run(s, _config(), wd)
+    _run(s, _config(), wd, rerun=["first"])
+    assert _values(wd) == _expected()
+    # third alone, under an eval.num_sequences that second's outputs were not made with.
+    with pytest.raises(ConfigError, match=r"needs the outputs of 'second', which were made under"):
+        _run(s, _config(stages=("third",), eval__num_sequences=3), wd)
+    _, out = _run(s, _config(stages=("third",), select__seed=2), wd)
+    assert _values(wd)[2] == _expected(select_seed=2)[2]
+
+
+def test_plan_errors_come_before_any_write(tmp_path):
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    with pytest.raises(ConfigError, match="'third' needs the outputs of 'second'; run 'second'"):
+        _run(s, _config(stages=("first", "third")), wd)
+    with pytest.raises(ConfigError, match="'second' is listed after it"):
+        _run(s, _config(stages=("first", "third", "second")), wd)
+    with pytest.raises(ConfigError, match="unknown stage 'thrid'.*"):
+        _run(s, _config(stages=("first", "thrid")), wd)
+    assert not os.path.exists(wd)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    _run(s, _config(), wd)
+    before = sorted(os.listdir(wd))
+    results, out = _run(s, _config(select__seed=3), wd, dry_run=True)
+    assert results == {} and sorted(os.listdir(wd)) == before
+    assert "plan for" in out and "1 of 3 stages to run" in out
+    assert "skip: done, settings unchanged" in out
+    assert "run: settings changed: select.seed 1 -> 3" in out
+    assert s.calls == {"first": 1, "second": 1, "third": 1}

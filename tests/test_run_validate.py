@@ -1,0 +1,217 @@
+"""Whole-config validation: every bad value is one ConfigError line before any work, and the
+workdir stays untouched. Also: every field has a description, and the help names the stages."""
+
+import io
+import json
+import os
+import sys
+
+import ml_collections
+import pytest
+
+from taylorcal_jax import main as main_lib
+from taylorcal_jax.errors import ConfigError
+from taylorcal_jax.run import fields, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import tiny  # noqa: E402
+
+
+def _smoke(**changes):
+    c = tiny.get_config("smoke")
+    for key, value in changes.items():
+        node = c
+        *parents, name = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[name] = value
+    return c
+
+
+def _fails(config, tmp_path, match):
+    wd = tmp_path / "wd"
+    with pytest.raises(ConfigError, match=match) as info:
+        main_lib.run(config, str(wd))
+    assert "\n" not in info.value.message  # one line
+    assert not wd.exists()  # nothing written
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("calibration.strategy", "bogus", r"calibration.strategy='bogus' is not one of copy, "),
+        ("select.policy", "bogus", r"select.policy='bogus' is not one of uniform, ar, ga_s2"),
+        ("calibration.write_gate", "mean", "calibration.write_gate='mean' is not one of"),
+        ("calibration.gdn.impl", "cuda", "calibration.gdn.impl='cuda' is not one of"),
+        ("calibration.gdn.impl", "pallas", "needs a GPU"),
+        ("calibration.gamma_min", 0.0, "calibration: need 0 < gamma_min"),
+        ("calibration.align.steps", -1, "calibration.align.steps must be >= 0"),
+        ("calibration.seq_len", 65, r"calibration.seq_len=65 exceeds the teacher's max_pos"),
+        ("select.keep_layers", (0, 5), r"select.keep_layers=\(0, 5\): \[5\] not in \[0, 2\)"),
+        ("select.kept_fraction", 0.0, r"select.kept_fraction must be in \(0, 1\]"),
+        ("pretrain.steps", -5, "pretrain.steps must be positive"),
+        ("pretrain.warmup_steps", 99, "pretrain.warmup_steps must be in"),
+        ("pretrain.seq_len", 4096, "max_position_embeddings"),
+        ("teacher.dtype", "float16", "teacher.dtype='float16' is not one of float32, bfloat16"),
+        ("teacher.model_type", "gpt2", "teacher.model_type='gpt2' is not one of"),
+        ("teacher.num_key_value_heads", 3, "must be a multiple of num_key_value_heads"),
+        ("tokenizer.vocab_size", 100, "tokenizer.vocab_size must be at least 259"),
+        ("data.source", "s3://bucket", "unknown data source"),
+        ("data.valid_fraction", 0.95, "fraction"),
+        ("eval.split", "dev", "eval.split='dev' is not one of train, valid, test"),
+        ("eval.seq_len", 1, "eval.seq_len must be at least 2"),
+        ("stages", ("pretrain", "nope"), "unknown stage 'nope'"),
+        ("stages", ("pretrain", "pretrain"), "lists pretrain more than once"),
+        ("stages", ("statistics", "pretrain"), "'pretrain' is listed after it"),
+        ("mesh.layers", 3, "do not fit the 8 devices here"),
+        ("mesh.data", 0, "mesh.data must be positive or -1"),
+    ],
+)
+def test_bad_values_fail_before_any_work(tmp_path, key, value, match):
+    _fails(_smoke(**{key: value}), tmp_path, match)
+
+
+def test_alignment_sequences_must_split_over_the_data_axis(tmp_path):
+    c = _smoke(**{"mesh.data": 8, "mesh.layers": 1, "calibration.num_sequences": 4})
+    _fails(c, tmp_path, r"calibration.num_sequences=4 does not split over mesh.data=8")
+    c.calibration.strategy = "taylor_init"  # no alignment: the split does not matter
+    c.stages = ("pretrain",)
+    main_lib.run(c, str(tmp_path / "wd"), dry_run=True, console=_quiet())
+
+
+def _quiet():
+    from taylorcal_jax.run.console import Console
+
+    return Console(io.StringIO())
+
+
+def test_unknown_fields_get_a_did_you_mean(tmp_path):
+    c = _smoke()
+    c.calibration.strategi = "copy"
+    err = _fails(c, tmp_path, "unknown config field calibration.strategi")
+    assert err.hint == "did you mean calibration.strategy?"
+    c = _smoke()
+    c.calibraton = ml_collections.ConfigDict({"strategy": "copy"})
+    err = _fails(c, tmp_path, "unknown config field calibraton$")
+    assert err.hint == "did you mean calibration?"
+
+
+def test_wrong_types_are_named(tmp_path):
+    d = _smoke().to_dict()
+    d["eval"]["seq_len"] = "32"
+    with pytest.raises(ConfigError, match=r"eval.seq_len='32' has the wrong type; expected an int"):
+        validate.check_types(ml_collections.ConfigDict(d))
+    d = _smoke().to_dict()
+    d["stages"] = ("pretrain", 3)
+    with pytest.raises(ConfigError, match="expected a tuple of str"):
+        validate.check_types(ml_collections.ConfigDict(d))
+
+
+def _teacher_dir(tmp_path, *, config=True, weights=True, tokenizer=True, model_type="llama"):
+    path = tmp_path / "teacher"
+    path.mkdir()
+    if config:
+        hf = {
+            "model_type": model_type,
+            "vocab_size": 320,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 48,
+        }
+        (path / "config.json").write_text(json.dumps(hf))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"\0" * 8)
+    else:
+        (path / "pytorch_model.bin").write_bytes(b"\0" * 8)
+    if tokenizer:
+        (path / "tokenizer_config.json").write_text("{}")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "kind,match,hint",
+    [
+        ("missing", r"teacher.path='.*nowhere' does not exist", "Hugging Face checkpoint"),
+        ("file", "is a file, not a directory", "Hugging Face checkpoint"),
+        ("no_config", "has no config.json", "Hugging Face checkpoint"),
+        ("pickle", "holds no \\*.safetensors weights", "convert the pickle weights"),
+        ("unsupported", "model_type 'gpt2' is not supported", ""),
+        ("no_tokenizer", "has no tokenizer files", "set tokenizer.path"),
+        ("too_short", r"eval.seq_len=64 exceeds the teacher's max_position_embeddings \(48\)", ""),
+        ("keep_layers", r"\[3\] not in \[0, 3\)", "the teacher has 3 layers"),
+    ],
+)
+def test_teacher_path_problems(tmp_path, kind, match, hint):
+    c = _smoke(**{"stages": ("eval_teacher", "statistics", "calibrate", "select_layers")})
+    if kind == "missing":
+        path = str(tmp_path / "nowhere")
+    elif kind == "file":
+        path = str(tmp_path / "file")
+        open(path, "w").close()
+    else:
+        path = _teacher_dir(
+            tmp_path,
+            config=kind != "no_config",
+            weights=kind != "pickle",
+            tokenizer=kind != "no_tokenizer",
+            model_type="gpt2" if kind == "unsupported" else "llama",
+        )
+    c.teacher.path = path
+    c.eval.seq_len = 64 if kind == "too_short" else 32
+    c.select.keep_layers = (3,) if kind == "keep_layers" else ()
+    err = _fails(c, tmp_path, match)
+    assert hint in err.hint
+
+
+def test_teacher_architecture_comes_from_teacher_path_and_pretrain_is_skipped(tmp_path):
+    c = _smoke(**{"stages": ("pretrain", "eval_teacher", "statistics")})
+    c.teacher.path = _teacher_dir(tmp_path)
+    out = io.StringIO()
+    from taylorcal_jax.run.console import Console
+
+    main_lib.run(c, str(tmp_path / "wd"), dry_run=True, console=Console(out))
+    assert "skip: teacher.path is set" in out.getvalue()
+    assert not (tmp_path / "wd").exists()
+
+
+def test_every_field_has_a_description_and_print_config_shows_it():
+    docs = fields.descriptions()
+    flat = fields.flatten(fields.defaults())
+    assert [k for k in flat if not docs.get(k)] == []
+    assert [s for s in fields.sections(fields.defaults()) if not docs.get(s)] == []
+    out = io.StringIO()
+    main_lib.print_config(tiny.get_config("smoke"), out)
+    text = out.getvalue()
+    assert (
+        "calibration.strategy = 'taylor_calibrate'  # how converted layers are initialised" in text
+    )
+    assert "# mesh: Device mesh, built once per run." in text
+    assert all(f"\n{k} = " in text for k in flat)
+
+
+def test_help_names_stages_strategies_and_policies():
+    text = main_lib.help_text()
+    for name, stage in main_lib.STAGES.items():
+        assert f"  {name}" in text and stage.summary in text
+    assert "taylor_calibrate" in text and "ga_s2" in text and "--print_config" in text
+
+
+def test_corrupt_teacher_weights_are_one_user_error_line_at_load(tmp_path):
+    from taylorcal_jax.errors import UserError
+    from taylorcal_jax.run.console import Console
+
+    c = _smoke(**{"stages": ("eval_teacher",)})
+    c.teacher.path = _teacher_dir(tmp_path)  # model.safetensors holds 8 zero bytes
+    with pytest.raises(UserError) as info:
+        main_lib.run(c, str(tmp_path / "wd"), console=Console(io.StringIO()))
+    err = info.value
+    assert not isinstance(err, ConfigError) and err.exit_code == 1
+    assert err.message.startswith(f"cannot load the teacher at {c.teacher.path} (teacher.path): ")
+    assert "\n" not in err.message and "Hugging Face checkpoint" in err.hint
+    record = json.load(open(tmp_path / "wd" / "stages.json"))["stages"]["eval_teacher"]
+    assert record["status"] == "failed"
