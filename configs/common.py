@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.layers = -1  # devices on the "layers" axis (-1: all the data axis leaves)
     c.mesh.data = 1  # devices on the "data" axis (-1: all the layers axis leaves)
 
-    # Taylor-Calibrate (taylorcal_jax/calibrate, METHOD.md §4-5): stages statistics, calibrate,
+    # Taylor-Calibrate (taylorcal_jax/calibrate, docs/method.md §4-5): stages statistics, calibrate,
     # align. Strategies: copy, zero_gate, small_gate, taylor_init, align_only, taylor_calibrate.
     c.calibration = ml_collections.ConfigDict()
     c.calibration.strategy = "taylor_calibrate"  # how converted layers are initialised
@@ -143,7 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "t" (T only: less memory per GDN layer, reruns the state pass) or "inputs"
     c.calibration.gdn.pallas_residuals = "auto"
 
-    # Layers that keep softmax attention (METHOD.md §7), stage select_layers.
+    # Layers that keep softmax attention (docs/method.md §7), stage select_layers.
     c.select = ml_collections.ConfigDict()
     c.select.policy = "uniform"  # "uniform" | "ar" | "ga_s2"
     c.select.kept_fraction = 0.25  # share of layers that keep softmax attention (at least 1)

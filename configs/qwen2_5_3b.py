@@ -1,6 +1,6 @@
 """Taylor-Calibrate on Qwen2.5-3B-Instruct from a local checkpoint: 36 layers, 16 heads (2 kv),
 head dim 128: uniform 25% keeps 0, 4, ..., 32 (9 of 36); the release's zero-shot table
-(METHOD.md §8) is on this teacher.
+(docs/method.md §8) is on this teacher.
 
     python -m taylorcal_jax.main --config=configs/qwen2_5_3b.py:/path/to/Qwen2.5-3B-Instruct \
         --workdir=/tmp/taylorcal_qwen2_5_3b

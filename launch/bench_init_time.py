@@ -1,4 +1,4 @@
-"""Wall time of the whole Taylor-Calibrate initialisation (BENCHMARKS.md §2-3).
+"""Wall time of the whole Taylor-Calibrate initialisation (docs/benchmarks.md §2-3).
 
 Qwen2.5-1.5B shape by default (28 layers, hidden 1536, 12 heads, 2 kv heads, head dim 128,
 MLP 8960, vocab 151936, tied embeddings), random weights, 21 converted layers (uniform 25%

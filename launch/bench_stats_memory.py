@@ -1,4 +1,4 @@
-"""Peak memory of statistics collection as the context grows (BENCHMARKS.md §2).
+"""Peak memory of statistics collection as the context grows (docs/benchmarks.md §2).
 
     python launch/bench_stats_memory.py                       # GPU: compile + run, 1k..32k
     python launch/bench_stats_memory.py --small --no_execute  # CPU dry run (compile only)

@@ -5,7 +5,7 @@ dims keys: layers, hidden, heads (query), kv (key/value heads), head_dim, mlp, v
 
 from __future__ import annotations
 
-# Qwen2.5-1.5B (tied embeddings): the reference shape of BENCHMARKS.md §2-4
+# Qwen2.5-1.5B (tied embeddings): the reference shape of docs/benchmarks.md §2-4
 QWEN2_5_1_5B = dict(
     layers=28, hidden=1536, heads=12, kv=2, head_dim=128, mlp=8960, vocab=151936
 )  # fmt: skip

@@ -79,7 +79,7 @@ def _reference_step(train, opt_state, frozen, x_ntd, y_ntd, valid_nt):
 
 
 def _fit_one_layer_reference(gdn_params, x_ntd, y_ntd, valid_nt):
-    """Phase 2 of one layer as METHOD.md §5 states it, in a plain Python loop: its own AdamW
+    """Phase 2 of one layer as docs/method.md §5 states it, in a plain Python loop: its own AdamW
     over the trainable params, global-norm clipping, frozen o_proj/o_norm, the best of the
     losses before every update and after the last. Returns (best params, loss before, best
     loss, curve)."""

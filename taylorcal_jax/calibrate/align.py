@@ -1,4 +1,4 @@
-"""Taylor-Calibrate phase 2: short per-layer alignment of GDN mixers (METHOD.md §5).
+"""Taylor-Calibrate phase 2: short per-layer alignment of GDN mixers (docs/method.md §5).
 
 Letters: L converted layers, N sequences, T time, D hidden.
 

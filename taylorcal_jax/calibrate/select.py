@@ -1,4 +1,4 @@
-"""Initialisation strategies and layer policies (METHOD.md §3-5, §7), scored in parallel.
+"""Initialisation strategies and layer policies (docs/method.md §3-5, §7), scored in parallel.
 
 Letters: L layers, C candidates, N sequences, B batch, T time, V vocab, H heads.
 

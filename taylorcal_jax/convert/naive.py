@@ -1,4 +1,4 @@
-"""Naive teacher -> student conversions (METHOD.md §3), as pure functions on param dicts.
+"""Naive teacher -> student conversions (docs/method.md §3), as pure functions on param dicts.
 
 For every converted layer (not in `keep_full_attention_layers`) the teacher's attention params
 `self_attn/*` are replaced by the student mixer's params, made by the mixer's own conversion

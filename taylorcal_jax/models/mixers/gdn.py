@@ -3,7 +3,7 @@
 Letters: B batch, T time, H heads, K key dim (per head), V value dim (per head), D hidden,
 C channels of a short convolution (H*K or H*V), W convolution width, N sequences, G = H / Hkv.
 
-Exactly flash-linear-attention's `GatedDeltaNet(expand_v=1, use_gate=True)` (METHOD.md §2):
+Exactly flash-linear-attention's `GatedDeltaNet(expand_v=1, use_gate=True)` (docs/method.md §2):
 
     q = silu(x Wq)   k = silu(x Wk)   v = silu(x Wv)            [B, T, H, K|V]
         (with the short-conv option: q = silu(causal_depthwise_conv_W(x Wq)), same for k, v)
@@ -37,7 +37,7 @@ Saved architecture (`GDNConfig`): H, K, V, short conv and its width, norm eps. R
 (`GDNRuntime`: op implementation, chunk size, Pallas residual policy) only choose how the same
 function is computed and are never saved.
 
-Conversions from a teacher attention layer (METHOD.md §3; needs H = the teacher's query heads
+Conversions from a teacher attention layer (docs/method.md §3; needs H = the teacher's query heads
 and K = V = its head dim):
 
     copy        Wq -> q_proj and Wo -> o_proj (the teacher's arrays themselves); Wk, Wv ->
