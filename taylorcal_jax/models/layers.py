@@ -109,35 +109,31 @@ def _attend_one_query(q_b1hd, k_bshd, v_bshd, mask_b1s, dtype):
     """`_attend_dense` for T == 1 (a decoding step), reading K and V as they lie in the cache.
 
     As dot operands with the KV heads as a batch dimension (`_attend_dense`), K and V would be
-    transposed to [B, Hkv, S, d] first (XLA puts batch dimensions in front): a copy of the
-    whole cache in every layer and step. Here they are the free reshapes K_bsc, V_bsc
-    [B, S, Hkv*d] (c = j*d + e for KV head j, dim e), and query head h is placed in its KV
-    head's block, zeros elsewhere: q_bd[b, h, c] = q[b, h, e] if j == h // G else 0, so that
+    transposed to [B, Hkv, S, d] first (XLA puts dot batch dimensions in front): a copy of the
+    whole cache in every layer and step. Here the KV head j and the head dim e of K and V
+    [B, S, Hkv, d] are both contracted or both kept, with only B as a batch dimension, and
+    query head h is placed in its KV head's block, zeros elsewhere:
+    q_bd[b, h, j, e] = q[b, h, e] if j == h // G else 0, so that
 
-        logits[b, h, s] = sum_c q_bd[b, h, c] K_bsc[b, s, c] = q[b, h] . K[b, s, h // G]
+        logits[b, h, s] = sum_{j,e} q_bd[b, h, j, e] K[b, s, j, e] = q[b, h] . K[b, s, h // G]
         P = softmax_s(logits / sqrt(d) + mask)
-        context[b, h] = (sum_s P[b, h, s] V_bsc[b, s, :])[block h // G]
+        context[b, h] = (sum_s P[b, h, s] V[b, s, j, :]) at j = h // G
 
-    two batched matrix products with the batch dimension in front; Hkv times the multiply-adds
-    of the grouped form, which a decoding step, bound by memory, does not notice.
+    two batched matrix products over [B, S, Hkv*d] (a free reshape of the cache); Hkv times
+    the multiply-adds of the grouped form, which a decoding step, bound by memory, does not
+    notice.
     """
     b, _, h, d = q_b1hd.shape
-    s, hkv = k_bshd.shape[1], k_bshd.shape[2]
+    hkv = k_bshd.shape[2]
     own_block_hj = (jnp.arange(h)[:, None] // (h // hkv)) == jnp.arange(hkv)[None, :]
     q_bd = q_b1hd[:, 0, :, None, :] * own_block_hj[None, :, :, None].astype(q_b1hd.dtype)
-    logits = jnp.einsum(
-        "bhc,bsc->bhs",
-        q_bd.reshape(b, h, hkv * d),
-        k_bshd.reshape(b, s, hkv * d),
-        preferred_element_type=jnp.float32,
-    ).astype(jnp.float32) * (d**-0.5)
+    logits = jnp.einsum("bhje,bsje->bhs", q_bd, k_bshd, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) * (d**-0.5)
     logits = jnp.where(mask_b1s, logits, _NEG)  # [B, 1, S] broadcast over the heads
     probs = jax.nn.softmax(logits, axis=-1)
-    ctx_all = jnp.einsum(
-        "bhs,bsc->bhc", probs.astype(dtype), v_bshd.reshape(b, s, hkv * d).astype(dtype)
-    )
+    ctx_all = jnp.einsum("bhs,bsje->bhje", probs.astype(dtype), v_bshd.astype(dtype))
     own = own_block_hj[None, :, :, None].astype(ctx_all.dtype)
-    ctx = jnp.sum(ctx_all.reshape(b, h, hkv, d) * own, axis=2)  # one nonzero term: exact
+    ctx = jnp.sum(ctx_all * own, axis=2)  # one nonzero term: exact
     return ctx.reshape(b, 1, h, d)
 
 
