@@ -1,6 +1,6 @@
 """Prefill and decode speed, cache memory and decode roofline: hybrid student vs its teacher.
 
-(docs/benchmarks.md §4.) Letters: B batch, L context (prompt) length, N decoded tokens per
+docs/benchmarks.md §4. Letters: B batch, L context (prompt) length, N decoded tokens per
 call, S = L + N cache slots.
 
 Both models have the same shape and random weights (`model_shapes.random_params`; speed and
@@ -10,7 +10,7 @@ teacher and student in turn:
 
     prefill   one forward over [B, L] random tokens that fills a cache of S slots:
               tokens/s = B L / t. At batch 1, and at each larger B with B L <=
-              max_prefill_tokens (a long prefill is compute-bound: B hardly changes its tokens/s).
+              max_prefill_tokens (a long prompt keeps the device busy at batch 1 already).
     decode    N greedy single-token steps, one jitted lax.scan, from the batch-1 prefill's cache
               replicated to B rows: tokens/s = B N / t, seconds per step = t / N.
     cache     bytes of the decoding cache of S slots at batch B.
@@ -67,7 +67,7 @@ PRESETS = {
     ),
 }  # fmt: skip
 
-# The targets of the issue this benchmark answers (evaluated on the rows a run has).
+# Targets a result is checked against (docs/benchmarks.md §4), on the rows it has.
 TARGET_ROOFLINE_FRACTION = 0.70  # every decode row, teacher and student
 TARGET_DECODE_SPEEDUP = {16: {32768: 2.2, 65536: 2.7}}  # batch -> context -> student / teacher
 TARGET_PREFILL_PARITY_FROM = 16384  # student prefill tokens/s >= teacher's from this context on
@@ -323,8 +323,8 @@ def add_ratios(row: dict) -> None:
 
 
 def evaluate_targets(rows) -> list[dict]:
-    """Each target of the issue against the rows measured: {target, value, met}, met None (and
-    value None) where the row was not measured."""
+    """Each target (TARGET_*) against the rows measured: {target, value, met}; met and value
+    are None where the row was not measured."""
 
     def check(target, value, bar):
         return {"target": target, "value": value, "met": None if value is None else value >= bar}
@@ -372,7 +372,9 @@ def markdown(result: dict) -> str:
         "the filled slots of every attention layer, averaged over the decoded tokens; the new "
         "token's K and V; each GDN state read and written) over the measured copy bandwidth, "
         f"{result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ((read + written bytes) / time "
-        f"of an elementwise negation of {result['copy_mib']} MiB). Prefill at batch B > 1 is "
+        f"of an elementwise negation of {result['copy_mib']} MiB). The step attends over all "
+        "S = L + N slots of its cache (the unfilled ones masked); the roofline counts the "
+        "filled ones. Prefill at batch B > 1 is "
         f"timed where B L <= {result['max_prefill_tokens']} tokens; decode starts from the "
         "batch-1 prefill's cache replicated to B rows.",
         "",
@@ -629,7 +631,8 @@ def settings(
 
 
 def _check_memory(models, params_bytes, p) -> None:
-    """Stops before any timing when the largest decode (cache + its fresh copy) cannot fit."""
+    """Stops before any timing when both models' weights and the largest decode (a cache and
+    its fresh copy) cannot fit on the device (where it reports its memory)."""
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
@@ -690,7 +693,7 @@ def run(p: dict) -> str:
         f"random weights in {time.perf_counter() - t0:.1f} s: "
         + ", ".join(f"{n} {b / 1e9:.3g} GB" for n, b in params_bytes.items())
     )
-    _check_memory(models.values(), max(params_bytes.values()), p)
+    _check_memory(models.values(), sum(params_bytes.values()), p)
     bandwidth = copy_bandwidth(p["copy_mib"] << 20, repeats)
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({p['copy_mib']} MiB, read + written)")
 
