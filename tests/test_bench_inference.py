@@ -159,7 +159,8 @@ def test_small_preset_end_to_end(tmp_path):
     result = json.loads((tmp_path / "bench_inference_test.json").read_text())
     assert result["complete"] and (tmp_path / "bench_inference_test.png").stat().st_size > 0
     assert "Targets:" in (tmp_path / "bench_inference_test.md").read_text()
-    assert len(result["compile_s"]) == 8  # (prefill, decode) x (B=1, B=2) x 2 models
+    programs = result["programs"]  # (prefill, decode) x (B=1, B=2) x 2 models, each compiled once
+    assert len(programs) == 8 and all(x["compile_s"] > 0 for x in programs.values())
     assert [(r["context"], r["batch"]) for r in result["rows"]] == [(64, 1), (64, 2)]
     bandwidth = result["copy_bandwidth_bytes_per_s"]
     for row in result["rows"]:
