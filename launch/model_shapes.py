@@ -1,9 +1,11 @@
-"""Model shapes of the benchmarks: Qwen2-layout configs with random weights from a dims dict.
+"""Model shapes of the benchmarks: Qwen2-layout configs from a dims dict, and fast random weights.
 
 dims keys: layers, hidden, heads (query), kv (key/value heads), head_dim, mlp, vocab.
 """
 
 from __future__ import annotations
+
+import functools
 
 # Qwen2.5-1.5B (tied embeddings): the reference shape of docs/benchmarks.md §2-4
 QWEN2_5_1_5B = dict(
@@ -27,3 +29,47 @@ def qwen2_config(dims: dict, max_positions: int):
         tie_word_embeddings=True,
         max_position_embeddings=max_positions,
     )
+
+
+def random_params(model, rng, dtype):
+    """Random parameters of a Flax `model`, made on the device in `dtype`, for speed benchmarks.
+
+    The tree's shapes come from `jax.eval_shape` of `model.init` (traced, never run); each leaf
+    is then drawn by one small jitted program per distinct shape:
+
+        leaf of >= 2 dims [fan_in, ...]:  N(0, 1 / fan_in)   (dense kernels, embedding table)
+        leaf of <= 1 dim:                 1                  (norm scales, biases, GDN A_log and
+                                                              dt_bias: a decay of about e^-3.5)
+
+    Speed and memory do not depend on the values; these keep every activation and logit of a
+    deep model finite in bf16 (unit-variance projections, residual stream growing additively).
+    Running `model.init` itself instead (its initialisers, in float32, then a cast) took 90 s for
+    the Qwen2.5-1.5B shape on an H100.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(rng, tokens))["params"]
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(rng, len(leaves))
+    values = [
+        _random_leaf(key, tuple(leaf.shape), jnp.dtype(dtype))
+        for key, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, values)
+
+
+@functools.cache
+def _leaf_program(shape: tuple[int, ...], dtype):
+    import jax
+    import jax.numpy as jnp
+
+    if len(shape) <= 1:
+        return jax.jit(lambda key: jnp.ones(shape, dtype))
+    std = shape[0] ** -0.5
+    return jax.jit(lambda key: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+
+
+def _random_leaf(key, shape, dtype):
+    return _leaf_program(shape, dtype)(key)

@@ -107,11 +107,44 @@ def _attend_dense(q_bthd, k_bshd, v_bshd, mask_bts, dtype):
     return ctx.reshape(b, t, h, d)
 
 
+def _attend_one_query(q_b1hd, k_bshd, v_bshd, mask_b1s, dtype):
+    """`_attend_dense` for T == 1 (a decoding step), reading K and V as they lie in the cache.
+
+    As dot operands with the KV heads as a batch dimension (`_attend_dense`), K and V would be
+    transposed to [B, Hkv, S, d] first (XLA puts dot batch dimensions in front): a copy of the
+    whole cache in every layer and step. Here the KV head j and the head dim e of K and V
+    [B, S, Hkv, d] are both contracted or both kept, with only B as a batch dimension, and
+    query head h is placed in its KV head's block, zeros elsewhere:
+    q_bd[b, h, j, e] = q[b, h, e] if j == h // G else 0, so that
+
+        logits[b, h, s] = sum_{j,e} q_bd[b, h, j, e] K[b, s, j, e] = q[b, h] . K[b, s, h // G]
+        P = softmax_s(logits / sqrt(d) + mask)
+        context[b, h] = (sum_s P[b, h, s] V[b, s, j, :]) at j = h // G
+
+    two batched matrix products over [B, S, Hkv*d] (a free reshape of the cache); Hkv times
+    the multiply-adds of the grouped form, which a decoding step, bound by memory, does not
+    notice.
+    """
+    b, _, h, d = q_b1hd.shape
+    hkv = k_bshd.shape[2]
+    own_block_hj = (jnp.arange(h)[:, None] // (h // hkv)) == jnp.arange(hkv)[None, :]
+    q_bd = q_b1hd[:, 0, :, None, :] * own_block_hj[None, :, :, None].astype(q_b1hd.dtype)
+    logits = jnp.einsum("bhje,bsje->bhs", q_bd, k_bshd, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) * (d**-0.5)
+    logits = jnp.where(mask_b1s, logits, _NEG)  # [B, 1, S] broadcast over the heads
+    probs = jax.nn.softmax(logits, axis=-1)
+    ctx_all = jnp.einsum("bhs,bsje->bhje", probs.astype(dtype), v_bshd.astype(dtype))
+    own = own_block_hj[None, :, :, None].astype(ctx_all.dtype)
+    ctx = jnp.sum(ctx_all * own, axis=2)  # one nonzero term: exact
+    return ctx.reshape(b, 1, h, d)
+
+
 def attend(q_bthd, k_bshd, v_bshd, mask, dtype, *, block: int | None = None):
     """Grouped-query softmax attention -> context [B, T, H, d]; logits/softmax in float32.
 
     mask: a `MaskSpec` (the mask is built per query block, never whole) or a bool [B, T, S].
     block: query rows per block; None (what the models pass): the module-level ATTEND_BLOCK.
+    T == 1 (a decoding step) reads K and V in their cache layout (`_attend_one_query`); other
     T <= block is one dense pass; longer T runs block by block (module docstring), equal to the
     dense pass up to rounding, with O(B H block S) memory forward and backward.
     """
@@ -119,6 +152,8 @@ def attend(q_bthd, k_bshd, v_bshd, mask, dtype, *, block: int | None = None):
     b, t, h, d = q_bthd.shape
     if t <= block:
         mask_bts = mask.rows(mask.q_index_bt) if isinstance(mask, MaskSpec) else mask
+        if t == 1:
+            return _attend_one_query(q_bthd, k_bshd, v_bshd, mask_bts, dtype)
         return _attend_dense(q_bthd, k_bshd, v_bshd, mask_bts, dtype)
 
     n = -(-t // block)
