@@ -136,7 +136,6 @@ def sweep(
     import numpy as np
     import run_inputs  # launch/
 
-    from taylorcal_jax import main
     from taylorcal_jax.calibrate import pipeline, select
     from taylorcal_jax.eval.perplexity import perplexity
     from taylorcal_jax.models.teacher import Transformer
@@ -152,7 +151,8 @@ def sweep(
         raise ValueError(
             "--phase1_ablation needs a Taylor strategy (taylor_init, taylor_calibrate)"
         )
-    validate.validate(config, main.STAGES, workdir)
+    # taylorcal_jax.main's registry; main itself is not imported because it defines --config
+    validate.validate(config, {**stages.STAGES, **pipeline.STAGES}, workdir)
     t0 = time.perf_counter()
 
     def log(message):
