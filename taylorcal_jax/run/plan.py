@@ -134,7 +134,7 @@ def make_plan(
     def source_fingerprint(name: str, consumer: str) -> str:
         if name == "teacher":
             if config.teacher.path:
-                return inputs_lib.directory_fingerprint(config.teacher.path)
+                return inputs_lib.directory_fingerprint(inputs_lib.teacher_dir(config, workdir))
             return stage_fingerprint("pretrain", consumer, what="the teacher")
         settings = inputs_lib.corpus_settings(config)
         if config.tokenizer.path:

@@ -31,8 +31,8 @@ from taylorcal_jax.utils.metrics import format_value, plain, write_summary
 
 def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
     """Steps 1-3 (no writes): the plan, or ConfigError."""
-    validate_lib.validate(config, registry)
     workdir_lib.check_workdir(workdir)
+    validate_lib.validate(config, registry, workdir)
     import jax  # noqa: PLC0415
 
     if config.mesh.distributed:

@@ -133,10 +133,13 @@ def check_stages(config, registry: Mapping) -> None:
         raise ConfigError(f"config.stages lists {', '.join(twice)} more than once")
 
 
-def teacher_architecture(config):
-    """ModelConfig of the teacher (vocabulary size a placeholder when it is pretrained here)."""
+def teacher_architecture(config, workdir: str):
+    """ModelConfig of the teacher (vocabulary size a placeholder when it is pretrained here).
+
+    A `.gguf` teacher.path is converted here, once, into the workdir's cache (models/gguf.py).
+    """
     if config.teacher.path:
-        return inputs_lib.external_teacher_architecture(config)
+        return inputs_lib.external_teacher_architecture(config, workdir)
     t = config.teacher
     one_of(config, "teacher.model_type", SUPPORTED_MODEL_TYPES)
     positive(config, "teacher.vocab_multiple", "teacher.max_position_embeddings")
@@ -145,7 +148,7 @@ def teacher_architecture(config):
         return inputs_lib.pretrained_architecture(t, t.vocab_multiple)
 
 
-def validate(config, registry: Mapping) -> None:
+def validate(config, registry: Mapping, workdir: str) -> None:
     """Every check that needs no device (see the module docstring); ConfigError on the first."""
     from taylorcal_jax.run.plan import sections_read  # noqa: PLC0415
 
@@ -158,7 +161,7 @@ def validate(config, registry: Mapping) -> None:
         inputs_lib.check_corpus(config)
     if "tokenizer" in read:
         inputs_lib.check_tokenizer_path(config)
-    arch = teacher_architecture(config)  # every stage works from the teacher
+    arch = teacher_architecture(config, workdir)  # every stage works from the teacher
     done = []
     for stage in stages:
         for check in stage.checks:
