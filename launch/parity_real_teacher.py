@@ -122,15 +122,19 @@ def main(argv):
     import run_inputs  # launch/ is on sys.path when this script runs
     from results_io import provenance
 
+    from taylorcal_jax.calibrate import pipeline
+    from taylorcal_jax.run import validate
+    from taylorcal_jax.run.context import RunContext
     from taylorcal_jax.train import stages
 
     config, workdir = FLAGS.config, FLAGS.workdir
     config.eval.num_sequences, config.eval.seq_len = FLAGS.num_sequences, FLAGS.seq_len
-    stages.validate(config)
+    validate.validate(config, {**stages.STAGES, **pipeline.STAGES}, workdir)
     t0 = time.perf_counter()
     teacher = run_inputs.resolve_teacher(config, workdir)
-    corpus = stages.build_run_corpus(config, workdir)
-    tokens = stages.eval_sequences(config, corpus)
+    ctx = RunContext(config, workdir)
+    corpus = ctx.corpus
+    tokens = ctx.sequences(config.eval)
     print(f"text ready ({time.perf_counter() - t0:.0f} s); comparing {tokens.shape}", flush=True)
     result = {
         **provenance(),

@@ -106,11 +106,15 @@ def test_read_entry_classifies():
         ("source", "s3://bucket", "unknown data source"),
     ],
 )
-def test_bad_data_values_fail_in_validation(key, value, match):
+def test_bad_data_values_fail_in_validation(key, value, match, tmp_path):
+    from taylorcal_jax import main
+    from taylorcal_jax.errors import ConfigError
+    from taylorcal_jax.run import validate
+
     config = tiny.get_config("smoke")
     config.data[key] = value
-    with pytest.raises(DataError, match=match):
-        stages.validate(config)
+    with pytest.raises(ConfigError, match=match):
+        validate.validate(config, main.STAGES, str(tmp_path))
 
 
 def test_default_limits():

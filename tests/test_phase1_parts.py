@@ -110,10 +110,15 @@ def test_parts_are_validated_and_ordered():
             consts(bad)
 
 
-def test_pipeline_validation_rejects_unknown_parts():
-    from taylorcal_jax.calibrate import pipeline
+def test_pipeline_validation_rejects_unknown_parts(tmp_path):
+    from taylorcal_jax import main
+    from taylorcal_jax.errors import ConfigError
+    from taylorcal_jax.run import validate
 
-    config = common.get_config()
+    import tiny  # noqa: PLC0415  configs/tiny.py
+
+    config = tiny.get_config("smoke")
     config.calibration.phase1_parts = ("decay", "beta")
-    with pytest.raises(ValueError, match="phase1_parts"):
-        pipeline.validate(config)
+    with pytest.raises(ConfigError, match="phase1_parts"):
+        validate.validate(config, main.STAGES, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
