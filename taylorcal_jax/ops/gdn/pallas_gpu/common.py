@@ -35,11 +35,6 @@ class Static:
     residuals: str  # config.RESIDUALS: what the forward under differentiation keeps
 
 
-def operand_dtype(*xs):
-    """bf16 when every array is bf16, else fp32: the dtype of the kernels' dot operands."""
-    return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else F32
-
-
 def rnorm(x, use_l2=True):
     """1 / |x| per row ([C]) of a [C, D] tile, in fp32, as reference.l2_normalize scales by;
     ones without the L2 norm (use_l2 False)."""

@@ -18,8 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.ops.gdn.operands import check_shapes, operand_dtype
 from taylorcal_jax.ops.gdn.pallas_gpu.backward import backward
-from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, Static, operand_dtype
+from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, Static
 from taylorcal_jax.ops.gdn.pallas_gpu.config import (
     GDNPallasConfig,
     default_config,
@@ -77,17 +78,7 @@ def gated_delta_rule_pallas(
     = the path's default) is what the forward run under differentiation keeps for the backward.
     Differentiable (custom_vjp) in all float inputs and the initial state.
     """
-    if q_bthk.ndim != 4 or k_bthk.shape != q_bthk.shape or v_bthv.shape[:3] != q_bthk.shape[:3]:
-        raise ValueError(
-            f"expected q, k [B,T,H,K] and v [B,T,H,V]; got {q_bthk.shape}, "
-            f"{k_bthk.shape}, {v_bthv.shape}"
-        )
-    b, t, h, kdim = q_bthk.shape
-    vd = v_bthv.shape[-1]
-    if g_bth.shape != (b, t, h) or beta_bth.shape != (b, t, h):
-        raise ValueError(
-            f"g and beta must be [B,T,H]={b, t, h}; got {g_bth.shape}, {beta_bth.shape}"
-        )
+    b, t, h, kdim, vd = check_shapes(q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
     reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size)
     if reason:
         raise ValueError(f"{reason}; use impl='chunked' for such inputs")

@@ -34,11 +34,6 @@ class Static:
     residuals: str  # config.RESIDUALS: what the forward under differentiation keeps
 
 
-def operand_dtype(*xs):
-    """bf16 when every array is bf16, else fp32: the dtype of the kernels' dot operands."""
-    return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else F32
-
-
 def mm(a, b, ca, cb, dt):
     """Dot contracting a's dim ca with b's dim cb (2-D operands): operands cast to dt, fp32
     result; fp32 operands at HIGHEST precision, 16-bit ones at the MXU's."""

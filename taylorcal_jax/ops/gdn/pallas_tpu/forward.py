@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from taylorcal_jax.ops.gdn.operands import operand_dtype
 from taylorcal_jax.ops.gdn.pallas_tpu.common import (
     F32,
     Static,
@@ -34,7 +35,6 @@ from taylorcal_jax.ops.gdn.pallas_tpu.common import (
     iota,
     last_row,
     mm,
-    operand_dtype,
     pallas_options,
     unit_lower_inverse,
 )

@@ -23,7 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from taylorcal_jax.ops.gdn.pallas_tpu.common import F32, Static, operand_dtype
+from taylorcal_jax.ops.gdn.operands import check_shapes, operand_dtype
+from taylorcal_jax.ops.gdn.pallas_tpu.common import F32, Static
 from taylorcal_jax.ops.gdn.pallas_tpu.config import CHUNK_SIZES, TPUConfig, resolve_residuals
 from taylorcal_jax.ops.gdn.pallas_tpu.forward import forward_call
 from taylorcal_jax.ops.gdn.pallas_tpu.local import chunk_cumsum, chunk_local_map
@@ -105,17 +106,7 @@ def gated_delta_rule_pallas_tpu(
     or None). interpret=True runs the kernels in the TPU interpreter (CPU tests). residuals
     (config.RESIDUALS or "auto") is what the forward under differentiation keeps. Differentiable
     (custom_vjp) in all float inputs and the initial state."""
-    if q_bthk.ndim != 4 or k_bthk.shape != q_bthk.shape or v_bthv.shape[:3] != q_bthk.shape[:3]:
-        raise ValueError(
-            f"expected q, k [B,T,H,K] and v [B,T,H,V]; got {q_bthk.shape}, "
-            f"{k_bthk.shape}, {v_bthv.shape}"
-        )
-    b, t, h, kdim = q_bthk.shape
-    vdim = v_bthv.shape[-1]
-    if g_bth.shape != (b, t, h) or beta_bth.shape != (b, t, h):
-        raise ValueError(
-            f"g and beta must be [B,T,H]={b, t, h}; got {g_bth.shape}, {beta_bth.shape}"
-        )
+    b, t, h, kdim, vdim = check_shapes(q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
     config = config or TPUConfig()
     reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size, config)
     if reason:
