@@ -46,6 +46,20 @@ bfloat16, so its copies are the teacher's rounded to bfloat16. They are checked 
 teacher (relative error <= 2^-8 per tensor); row `reference_release` then takes them from our
 teacher (only the GDN mixers differ from our strategies' students), row
 `reference_release+as_saved` uses every tensor as the release saved it.
+
+The release's side (in its own checkout, with the changes listed in the result file): its
+converter `convert/convert_from_llama3.2.py` writes the teacher in fla's layout; then
+
+    CALIBRATION_TOKENS_NPY=<tokens_dir>/calibration_tokens.npy python \
+        src/init_ckpt_calibrated.py --cfg <yaml: teacher_model.name, student_model.name
+        gdn_v4, keep_full_attention_layers, train.output_dir> --strategy taylor_calibrate \
+        --hf-teacher <teacher HF dir>
+
+writes <train.output_dir>/init-taylor-calibrate, the dir `evaluate` takes. On a machine
+without network (a GPU host) carry: that checkout (code only), the wheels of
+flash-linear-attention and fla-core (pure Python; torch with CUDA and triton must be there),
+gguf if absent, and the teacher. There, run launch/sweep_zero_shot.py first (its rows and
+the ar / ga_s2 keep sets), then `export`, the release once per keep set, and `evaluate`.
 """
 
 from __future__ import annotations
@@ -113,6 +127,7 @@ class ReleaseImportError(ValueError):
 
 
 def sha256(array) -> str:
+    """sha256 (hex) of an array's dtype, shape and bytes."""
     a = np.ascontiguousarray(array)
     return hashlib.sha256(a.dtype.str.encode() + str(a.shape).encode() + a.tobytes()).hexdigest()
 
@@ -385,8 +400,6 @@ def sweep_rows(sweep: dict, teacher_ppl: float, eval_tokens: int, fraction: floa
 def evaluate(config, workdir, tokens_dir, release_students, fraction, sweep=None) -> dict:
     import time
 
-    import jax
-
     from taylorcal_jax.calibrate import pipeline, select
     from taylorcal_jax.eval.perplexity import perplexity
     from taylorcal_jax.models.student import save_student
@@ -441,7 +454,6 @@ def evaluate(config, workdir, tokens_dir, release_students, fraction, sweep=None
                     f"our strategies {sorted(keeps)}"
                 )
         rows = ours + rows
-    jax.clear_caches()
     return {
         "teacher": config.teacher.path,
         "teacher_ppl": teacher["ppl"],
