@@ -146,8 +146,9 @@ def run_tokens(config, workdir):
     return np.asarray(cal, np.int32), np.asarray(stages.eval_sequences(config, corpus)), corpus
 
 
-def export_tokens(config, workdir: str, tokens_dir: str) -> dict:
-    """Writes CAL_FILE, EVAL_FILE and TOKENS_JSON to tokens_dir; returns the JSON dict."""
+def export_tokens(config, workdir: str, tokens_dir: str, provenance: dict | None = None) -> dict:
+    """Writes CAL_FILE, EVAL_FILE and TOKENS_JSON (with `provenance`, e.g. the command) to
+    tokens_dir; returns the JSON dict."""
     cal, ev, corpus = run_tokens(config, workdir)
     os.makedirs(tokens_dir, exist_ok=True)
     for name, arr in ((CAL_FILE, cal), (EVAL_FILE, ev.astype(np.int32))):
@@ -170,6 +171,7 @@ def export_tokens(config, workdir: str, tokens_dir: str) -> dict:
             "seed": int(config.eval.seed),
         },
         "corpus": corpus_description(config, corpus),
+        **(provenance or {}),
     }
     with open(os.path.join(tokens_dir, TOKENS_JSON), "w") as f:
         json.dump(info, f, indent=1)
@@ -476,11 +478,13 @@ def main(argv, f):
         if flag.value is None:
             raise app.UsageError(f"--{flag.name} is required")
     config, workdir, tokens_dir = f.config.value, f.workdir.value, f.tokens_dir.value
+    import results_io
+
     from taylorcal_jax.utils import progress
 
     progress.set_enabled(config.progress)
     if argv[1] == "export":
-        info = export_tokens(config, workdir, tokens_dir)
+        info = export_tokens(config, workdir, tokens_dir, results_io.provenance())
         print(json.dumps({k: info[k] for k in ("calibration", "eval")}, indent=1))
         return
     if f.out.value is None:
@@ -489,9 +493,11 @@ def main(argv, f):
     sweep = _read_json(f.sweep.value)
     notes = _read_json(f.notes.value)
     result = evaluate(config, workdir, tokens_dir, students, f.fraction.value, sweep)
-    import results_io
-
-    result = {**results_io.provenance(), **result}
+    result = {
+        **results_io.provenance(),
+        **result,
+        "tokens": _read_json(os.path.join(tokens_dir, TOKENS_JSON)),
+    }
     if sweep is not None:
         result["sweep"] = {
             k: sweep.get(k) for k in ("command", "date", "device", "calibration", "per_strategy")
