@@ -239,3 +239,17 @@ def test_export_equals_the_statistics_stage_tokens(tmp_path):
     ev = np.load(tmp_path / "tokens" / rr.EVAL_FILE)
     assert ev.shape == (c.eval.num_sequences, c.eval.seq_len)
     assert info["corpus"]["tokens"]["train"] > 0
+
+
+def test_sweep_rows_only_from_the_same_tokens():
+    rows = [
+        {"policy": "uniform", "kept_fraction": 0.25, "strategy": "copy", "ppl": 9.0},
+        {"policy": "ar", "kept_fraction": 0.25, "strategy": "copy", "ppl": 8.0},
+        {"policy": "uniform", "kept_fraction": 0.5, "strategy": "copy", "ppl": 7.0},
+    ]
+    sweep = {"eval_tokens": 100, "teacher_ppl": 5.0, "rows": rows}
+    assert rr.sweep_rows(sweep, 5.0, 100, 0.25, ["uniform"]) == rows[:1]
+    with pytest.raises(ValueError, match="not the same tokens"):
+        rr.sweep_rows(sweep, 5.01, 100, 0.25, ["uniform"])
+    with pytest.raises(ValueError, match="tokens"):
+        rr.sweep_rows(sweep, 5.0, 99, 0.25, ["uniform"])
