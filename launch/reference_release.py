@@ -9,17 +9,19 @@ ids out to it and its student's parameters back in, and evaluates that student w
               of `eval_student` / sweep_zero_shot.py) -> <tokens_dir>/calibration_tokens.npy,
               eval_tokens.npy ([N, T] int32) and tokens.json (shapes, sha256, corpus).
     evaluate  each release student dir (its `save_pretrained` output) -> our student dir
-              (`save_student`, under <workdir>/reference_release/<policy>) and its zero-shot
+              (`save_student`, <workdir>/reference_release/<policy>_run<k>) and its zero-shot
               perplexity next to the teacher's on the same eval tokens (checked against
-              eval_tokens.npy); with --sweep_json, our strategies' rows of the same (policy,
-              kept fraction) from launch/sweep_zero_shot.py are put beside it (their teacher
-              perplexity must equal ours, which checks that both used the same tokens).
+              eval_tokens.npy). A policy may be given several dirs: the release seeds no
+              random number generator, so repeated runs differ. With --sweep_json (one or
+              more), our strategies' rows of the same (policy, kept fraction) from
+              launch/sweep_zero_shot.py are put beside it (each sweep's teacher perplexity
+              must equal ours, which checks that both scored the same tokens).
 
     python launch/reference_release.py export --config=configs/llama3_2_3b.py:/ckpt \
         --workdir=/tmp/w --tokens_dir=/tmp/w/release_tokens
     python launch/reference_release.py evaluate --config=configs/llama3_2_3b.py:/ckpt \
         --workdir=/tmp/w --tokens_dir=/tmp/w/release_tokens \
-        --release_students=uniform=/tmp/rel/init-taylor-calibrate \
+        --release_students=uniform=/tmp/rel1/init-taylor-calibrate,uniform=/tmp/rel2/... \
         --sweep_json=/tmp/w/zero_shot_x.json --notes_json=/tmp/rel/run.json --out=result.json
 
 Name mapping, release StudentForCausalLM (student "gdn_v4") -> our HF-style names (hf_io):
@@ -44,7 +46,7 @@ mixer are refused with the names that have no counterpart.
 Shared tensors (embeddings, norms, MLPs, kept attention): the release builds its student in
 bfloat16, so its copies are the teacher's rounded to bfloat16. They are checked against the
 teacher (relative error <= 2^-8 per tensor); row `reference_release` then takes them from our
-teacher (only the GDN mixers differ from our strategies' students), row
+teacher (only the GDN mixers differ from our strategies' students); with --as_saved, row
 `reference_release+as_saved` uses every tensor as the release saved it.
 
 The release's side (in its own checkout, with the changes listed in the result file): its
@@ -84,10 +86,15 @@ def define_flags():
     f.workdir = flags.DEFINE_string("workdir", None, "Workdir: corpus cache, imported students.")
     f.tokens_dir = flags.DEFINE_string("tokens_dir", None, "Where token ids are exported.")
     f.release = flags.DEFINE_list(
-        "release_students", [], "policy=<release student dir> pairs, e.g. uniform=/x/init-taylor"
+        "release_students",
+        [],
+        "policy=<release student dir> pairs, e.g. uniform=/x/init-taylor; a policy may repeat",
     )
     f.fraction = flags.DEFINE_float("kept_fraction", 0.25, "Kept fraction of the release students.")
-    f.sweep = flags.DEFINE_string("sweep_json", None, "sweep_zero_shot.py result to put beside.")
+    f.sweeps = flags.DEFINE_list("sweep_json", [], "sweep_zero_shot.py results to put beside.")
+    f.as_saved = flags.DEFINE_bool(
+        "as_saved", False, "Also score each release student with every tensor as it saved them."
+    )
     f.notes = flags.DEFINE_string("notes_json", None, "JSON about the release run, stored as is.")
     f.out = flags.DEFINE_string("out", None, "Result JSON (evaluate).")
     return f
@@ -366,10 +373,12 @@ def import_release_student(release_dir: str, model_config, teacher_params, gdn_c
 # ----------------------------------------------------------------------------- evaluate
 
 
-def parse_release_students(pairs) -> dict[str, str]:
+def parse_release_students(pairs) -> list[tuple[str, str]]:
+    """[(policy, release student dir)] from "<policy>=<dir>" entries; a policy may repeat
+    (several runs of the release, which seeds no random number generator)."""
     from taylorcal_jax.calibrate import select
 
-    out = {}
+    out = []
     for pair in pairs:
         policy, sep, path = pair.partition("=")
         if not sep or not path:
@@ -377,7 +386,7 @@ def parse_release_students(pairs) -> dict[str, str]:
         select.check_policy(policy)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"release student dir {path} does not exist")
-        out[policy] = path
+        out.append((policy, path))
     if not out:
         raise ValueError("--release_students is empty")
     return out
@@ -399,7 +408,13 @@ def sweep_rows(sweep: dict, teacher_ppl: float, eval_tokens: int, fraction: floa
     ]
 
 
-def evaluate(config, workdir, tokens_dir, release_students, fraction, sweep=None) -> dict:
+def evaluate(
+    config, workdir, tokens_dir, release_students, fraction, sweeps=(), as_saved=False
+) -> dict:
+    """Teacher and release students' perplexity on the exported eval tokens (+ sweep rows).
+
+    Rows `reference_release` (run k of a policy: the k-th dir given for it) and, with
+    as_saved, `reference_release+as_saved`; each sweep's rows carry "sweep": its index."""
     import time
 
     from taylorcal_jax.calibrate import pipeline, select
@@ -417,8 +432,10 @@ def evaluate(config, workdir, tokens_dir, release_students, fraction, sweep=None
     bs = int(config.eval.batch_size)
     t0 = time.perf_counter()
     teacher = perplexity(Transformer(mcfg), teacher_params, ev, batch_size=bs, desc="teacher")
-    rows, imports = [], {}
-    for policy, path in release_students.items():
+    rows, imports = [], []
+    runs: dict[str, int] = {}
+    for policy, path in release_students:
+        run = runs[policy] = runs.get(policy, -1) + 1
         sc, saved, shared, worst = import_release_student(path, mcfg, teacher_params, gdn_cfg)
         expect = select.num_kept(mcfg.num_hidden_layers, fraction)
         if len(sc.keep_full_attention_layers) != expect:
@@ -426,36 +443,44 @@ def evaluate(config, workdir, tokens_dir, release_students, fraction, sweep=None
                 f"{path} keeps {len(sc.keep_full_attention_layers)} layers, "
                 f"{fraction} of {mcfg.num_hidden_layers} is {expect}"
             )
-        out_dir = os.path.join(workdir, "reference_release", policy)
+        out_dir = os.path.join(workdir, "reference_release", f"{policy}_run{run}")
         save_student(out_dir, sc, shared)
-        imports[policy] = {
-            "release_dir": path,
-            "student_dir": out_dir,
-            "shared_max_rel_diff": worst,
-        }
-        for label, params in (("reference_release", shared), ("reference_release+as_saved", saved)):
+        imports.append(
+            {
+                "policy": policy,
+                "release_run": run,
+                "release_dir": path,
+                "student_dir": out_dir,
+                "shared_max_rel_diff": worst,
+            }
+        )
+        variants = [("reference_release", shared)]
+        if as_saved:
+            variants.append(("reference_release+as_saved", saved))
+        for label, params in variants:
             r = perplexity(sc.model(), params, ev, batch_size=bs, desc=label)
             rows.append(
                 {
                     "policy": policy,
                     "kept_fraction": fraction,
                     "strategy": label,
+                    "release_run": run,
                     "keep_full_attention_layers": list(sc.keep_full_attention_layers),
                     "ppl": r["ppl"],
                 }
             )
-            print(f"{policy} {label}: ppl {r['ppl']:.4f}", flush=True)
-    if sweep is not None:
-        ours = sweep_rows(sweep, teacher["ppl"], teacher["tokens"], fraction, release_students)
-        for r in rows:
-            same = [o for o in ours if o["policy"] == r["policy"]]
-            keeps = {tuple(o["keep_full_attention_layers"]) for o in same}
-            if keeps and keeps != {tuple(r["keep_full_attention_layers"])}:
-                raise ValueError(
-                    f"{r['policy']}: release keeps {r['keep_full_attention_layers']}, "
-                    f"our strategies {sorted(keeps)}"
-                )
-        rows = ours + rows
+            print(f"{policy} {label} run {run}: ppl {r['ppl']:.4f}", flush=True)
+    policies = sorted(runs)
+    ours = []
+    for k, sweep in enumerate(sweeps):
+        got = sweep_rows(sweep, teacher["ppl"], teacher["tokens"], fraction, policies)
+        ours += [{**r, "sweep": k} for r in got]
+    for policy in policies:
+        keeps = {
+            tuple(r["keep_full_attention_layers"]) for r in ours + rows if r["policy"] == policy
+        }
+        if len(keeps) > 1:
+            raise ValueError(f"{policy}: the rows keep different layers {sorted(keeps)}")
     return {
         "teacher": config.teacher.path,
         "teacher_ppl": teacher["ppl"],
@@ -467,7 +492,7 @@ def evaluate(config, workdir, tokens_dir, release_students, fraction, sweep=None
         "calibration_sha256": sha256(cal),
         "imports": imports,
         "eval_seconds": round(time.perf_counter() - t0, 1),
-        "rows": rows,
+        "rows": ours + rows,
     }
 
 
@@ -490,18 +515,18 @@ def main(argv, f):
     if f.out.value is None:
         raise app.UsageError("evaluate needs --out")
     students = parse_release_students(f.release.value)
-    sweep = _read_json(f.sweep.value)
+    sweeps = [_read_json(p) for p in f.sweeps.value]
     notes = _read_json(f.notes.value)
-    result = evaluate(config, workdir, tokens_dir, students, f.fraction.value, sweep)
+    result = evaluate(
+        config, workdir, tokens_dir, students, f.fraction.value, sweeps, f.as_saved.value
+    )
     result = {
         **results_io.provenance(),
         **result,
         "tokens": _read_json(os.path.join(tokens_dir, TOKENS_JSON)),
     }
-    if sweep is not None:
-        result["sweep"] = {
-            k: sweep.get(k) for k in ("command", "date", "device", "calibration", "per_strategy")
-        }
+    keys = ("command", "date", "device", "calibration", "total_seconds", "per_strategy")
+    result["sweeps"] = [{k: sweep.get(k) for k in keys} for sweep in sweeps]
     if notes is not None:
         result["reference_release"] = notes
     os.makedirs(os.path.dirname(os.path.abspath(f.out.value)), exist_ok=True)

@@ -50,7 +50,7 @@ def teacher():
     return mcfg, params, GDNConfig.from_teacher(mcfg)
 
 
-def release_tensors(mcfg, teacher_params, seed=1):
+def release_tensors(mcfg, teacher_params, seed=1, keep=KEEP):
     """{release name: bf16 array}: the teacher's tensors (kept layers' attention included,
     converted layers' dropped) under the release's names, and random GDN tensors."""
     from taylorcal_jax.models import hf_io
@@ -61,7 +61,7 @@ def release_tensors(mcfg, teacher_params, seed=1):
         path = tuple(k.key for k in keys)
         name = hf_io.path_to_hf_name(path)
         layer = int(path[0].split("_")[1]) if path[0].startswith("layers_") else None
-        if ".self_attn." in name and layer not in KEEP:
+        if ".self_attn." in name and layer not in keep:
             continue
         arr = np.asarray(value).T if path[-1] == "kernel" else np.asarray(value)
         out[_release_name(name)] = _bf16(arr)
@@ -78,8 +78,8 @@ def release_tensors(mcfg, teacher_params, seed=1):
         "dt_bias": (h,),
         "o_norm.weight": (d,),
     }
-    for i in range(N_LAYERS):
-        if i in KEEP:
+    for i in range(mcfg.num_hidden_layers):
+        if i in keep:
             continue
         for leaf, shape in shapes.items():
             scale = 0.5 if leaf in ("A_log", "dt_bias") else hidden**-0.5
@@ -88,7 +88,7 @@ def release_tensors(mcfg, teacher_params, seed=1):
     return out
 
 
-def write_release_dir(path, mcfg, tensors, **config_overrides):
+def write_release_dir(path, mcfg, tensors, keep=KEEP, **config_overrides):
     from taylorcal_jax.models.safetensors_io import write_tensors
 
     os.makedirs(path, exist_ok=True)
@@ -96,7 +96,7 @@ def write_release_dir(path, mcfg, tensors, **config_overrides):
     config = {
         "model_type": "student",
         "student_name": "gdn_v4",
-        "keep_full_attention_layers": list(KEEP),
+        "keep_full_attention_layers": list(keep),
         "num_hidden_layers": mcfg.num_hidden_layers,
         **config_overrides,
     }
@@ -219,10 +219,15 @@ def test_import_errors(teacher, tmp_path):
         attempt("other", other)
 
 
-def test_export_equals_the_statistics_stage_tokens(tmp_path):
+def test_export_and_evaluate_on_the_smoke_pipeline(tmp_path):
+    """Exported calibration tokens are the statistics stage's; a release student of the smoke
+    teacher is imported, saved as ours and scored on the exported eval tokens."""
     import tiny  # configs/tiny.py
 
     from taylorcal_jax import main
+    from taylorcal_jax.eval.perplexity import perplexity
+    from taylorcal_jax.models.student import load_student
+    from taylorcal_jax.train import stages
 
     c = tiny.get_config("smoke")
     c.stages = ("pretrain", "statistics")
@@ -231,14 +236,37 @@ def test_export_equals_the_statistics_stage_tokens(tmp_path):
     c.calibration.block_size = 8
     workdir = str(tmp_path / "w")
     main.run(c, workdir)
-    info = rr.export_tokens(c, workdir, str(tmp_path / "tokens"))
+    tokens_dir = str(tmp_path / "tokens")
+    info = rr.export_tokens(c, workdir, tokens_dir, {"command": "test"})
     cal = np.load(tmp_path / "tokens" / rr.CAL_FILE)
     stats = np.load(os.path.join(workdir, "calibration", "stats.npz"))
     np.testing.assert_array_equal(cal, stats["tokens_nt"])
     assert info["calibration"]["sha256"] == rr.sha256(cal)
+    assert info["command"] == "test" and info["corpus"]["tokens"]["train"] > 0
     ev = np.load(tmp_path / "tokens" / rr.EVAL_FILE)
     assert ev.shape == (c.eval.num_sequences, c.eval.seq_len)
-    assert info["corpus"]["tokens"]["train"] > 0
+
+    mcfg, teacher_params = stages.load_teacher(c, workdir)
+    release = write_release_dir(
+        tmp_path / "rel", mcfg, release_tensors(mcfg, teacher_params, keep=(1,)), keep=(1,)
+    )
+    result = rr.evaluate(c, workdir, tokens_dir, [("uniform", release)] * 2, 0.5, as_saved=True)
+    assert [(r["strategy"], r["release_run"]) for r in result["rows"]] == [
+        ("reference_release", 0),
+        ("reference_release+as_saved", 0),
+        ("reference_release", 1),
+        ("reference_release+as_saved", 1),
+    ]
+    assert result["eval_sha256"] == info["eval"]["sha256"]
+    sc, params = load_student(result["imports"][1]["student_dir"])
+    assert sc.keep_full_attention_layers == (1,)
+    again = perplexity(sc.model(), params, ev, batch_size=c.eval.batch_size)
+    assert result["rows"][0]["ppl"] == pytest.approx(again["ppl"], rel=1e-6)
+    assert result["rows"][2]["ppl"] == result["rows"][0]["ppl"]
+    assert result["rows"][1]["ppl"] == pytest.approx(result["rows"][0]["ppl"], rel=0.05)
+    sweep = {"eval_tokens": result["eval_tokens"], "teacher_ppl": 2 * result["teacher_ppl"]}
+    with pytest.raises(ValueError, match="not the same tokens"):
+        rr.evaluate(c, workdir, tokens_dir, [("uniform", release)], 0.5, sweeps=[sweep])
 
 
 def test_sweep_rows_only_from_the_same_tokens():
