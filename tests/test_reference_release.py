@@ -42,12 +42,12 @@ def _bf16(a):
 
 @pytest.fixture(scope="module")
 def teacher():
-    from taylorcal_jax.models.gdn import GDNConfig
+    from taylorcal_jax.models.mixers import StudentMixer
     from taylorcal_jax.models.teacher import init_params
 
     mcfg = tiny_model_config(num_hidden_layers=N_LAYERS)
     params = init_params(mcfg, jax.random.PRNGKey(0))
-    return mcfg, params, GDNConfig.from_teacher(mcfg)
+    return mcfg, params, StudentMixer.from_options("gdn", mcfg, {})
 
 
 def release_tensors(mcfg, teacher_params, seed=1, keep=KEEP):
@@ -139,12 +139,10 @@ def release_gdn_forward(t, x_btd, num_heads, head_dim):
 
 
 def test_import_maps_every_tensor_and_matches_the_release_layer(teacher, tmp_path):
-    from taylorcal_jax.models.gdn import GatedDeltaNet
-
-    mcfg, teacher_params, gdn_cfg = teacher
+    mcfg, teacher_params, mixer = teacher
     tensors = release_tensors(mcfg, teacher_params)
     path = write_release_dir(tmp_path / "rel", mcfg, tensors)
-    sc, saved, shared, worst = rr.import_release_student(path, mcfg, teacher_params, gdn_cfg)
+    sc, saved, shared, worst = rr.import_release_student(path, mcfg, teacher_params, mixer)
 
     assert sc.keep_full_attention_layers == KEEP
     assert 0 < worst <= rr.BF16_RTOL  # the shared copies are the teacher's rounded to bf16
@@ -172,9 +170,7 @@ def test_import_maps_every_tensor_and_matches_the_release_layer(teacher, tmp_pat
         want = release_gdn_forward(
             local, torch.from_numpy(x), mcfg.num_attention_heads, mcfg.head_dim
         )
-        got, _, _ = GatedDeltaNet(mcfg, gdn_cfg).apply(
-            {"params": saved[layer]["gdn"]}, jnp.asarray(x)
-        )
+        got, _, _ = mixer.module(mcfg).apply({"params": saved[layer]["gdn"]}, jnp.asarray(x))
         np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-5)
 
     # the imported student saves and loads as ours
@@ -187,12 +183,12 @@ def test_import_maps_every_tensor_and_matches_the_release_layer(teacher, tmp_pat
 
 
 def test_import_errors(teacher, tmp_path):
-    mcfg, teacher_params, gdn_cfg = teacher
+    mcfg, teacher_params, mixer = teacher
     good = release_tensors(mcfg, teacher_params)
 
     def attempt(name, tensors, **config):
         path = write_release_dir(tmp_path / name, mcfg, tensors, **config)
-        return rr.import_release_student(path, mcfg, teacher_params, gdn_cfg)
+        return rr.import_release_student(path, mcfg, teacher_params, mixer)
 
     conv = dict(good)
     conv["model.layers.1.attn.q_conv1d.weight"] = _bf16(np.zeros((32, 1, 4)))
@@ -227,7 +223,7 @@ def test_export_and_evaluate_on_the_smoke_pipeline(tmp_path):
     from taylorcal_jax import main
     from taylorcal_jax.eval.perplexity import perplexity
     from taylorcal_jax.models.student import load_student
-    from taylorcal_jax.train import stages
+    from taylorcal_jax.run.context import RunContext
 
     c = tiny.get_config("smoke")
     c.stages = ("pretrain", "statistics")
@@ -237,16 +233,16 @@ def test_export_and_evaluate_on_the_smoke_pipeline(tmp_path):
     workdir = str(tmp_path / "w")
     main.run(c, workdir)
     tokens_dir = str(tmp_path / "tokens")
-    info = rr.export_tokens(c, workdir, tokens_dir, {"command": "test"})
+    info = rr.export_tokens(RunContext(c, workdir), tokens_dir, {"command": "test"})
     cal = np.load(tmp_path / "tokens" / rr.CAL_FILE)
     stats = np.load(os.path.join(workdir, "calibration", "stats.npz"))
     np.testing.assert_array_equal(cal, stats["tokens_nt"])
     assert info["calibration"]["sha256"] == rr.sha256(cal)
-    assert info["command"] == "test" and info["corpus"]["tokens"]["train"] > 0
+    assert info["command"] == "test" and info["text"]["tokens"]["train"] > 0
     ev = np.load(tmp_path / "tokens" / rr.EVAL_FILE)
     assert ev.shape == (c.eval.num_sequences, c.eval.seq_len)
 
-    mcfg, teacher_params = stages.load_teacher(c, workdir)
+    mcfg, teacher_params = RunContext(c, workdir).teacher
     release = write_release_dir(
         tmp_path / "rel", mcfg, release_tensors(mcfg, teacher_params, keep=(1,)), keep=(1,)
     )
@@ -281,3 +277,22 @@ def test_sweep_rows_only_from_the_same_tokens():
         rr.sweep_rows(sweep, 5.01, 100, 0.25, ["uniform"])
     with pytest.raises(ValueError, match="tokens"):
         rr.sweep_rows(sweep, 5.0, 99, 0.25, ["uniform"])
+
+
+def test_release_is_given_the_keep_from_strategys_layers():
+    KEEP_FROM = "taylor_calibrate"
+    rows = [
+        {"policy": "ga_s2", "kept_fraction": f, "strategy": s, "keep_full_attention_layers": k}
+        for f, s, k in ((0.25, "copy", [1]), (0.25, KEEP_FROM, [2]), (0.5, KEEP_FROM, [2, 3]))
+    ]
+    assert rr.sweep_keep(rows, "ga_s2", 0.25, KEEP_FROM) == (2,)
+    assert rr.sweep_keep(rows, "ga_s2", 0.5, KEEP_FROM) == (2, 3)
+    assert rr.sweep_keep(rows, "uniform", 0.25, KEEP_FROM) is None
+    import yaml
+
+    cfg = yaml.safe_load(rr.release_yaml("/t/fla", (0, 3), "/o"))
+    assert cfg == {
+        "teacher_model": {"name": "/t/fla"},
+        "student_model": {"name": "gdn_v4", "keep_full_attention_layers": [0, 3]},
+        "train": {"output_dir": "/o"},
+    }
