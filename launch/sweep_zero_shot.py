@@ -19,7 +19,8 @@ A real pretrained teacher (a .gguf teacher.path is converted once into <workdir>
 Phase-1 ablation (`--phase1_ablation`): each Taylor strategy also runs with one phase-1 part
 alone, labelled "<strategy>[<part>]", and with every part but one, "<strategy>[-<part>]"
 (calibration.phase1_parts; parts decay, write_gate, value_scale, output_gate; the parts not
-taken keep the `copy` init), e.g. which part pulls alignment into a worse place:
+taken keep the `copy` init), scored on `--ablation_policies` (uniform and ar by default, which
+cost no layer scoring per run), e.g. which part pulls alignment into a worse place:
 
     python launch/sweep_zero_shot.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2 \
         --teacher_name=smollm2_135m_phase1_ablation --strategies=align_only,taylor_calibrate \
@@ -83,6 +84,11 @@ def define_flags() -> None:
         False,
         "Also run each Taylor strategy with one phase-1 part alone and with all parts but one.",
     )
+    flags.DEFINE_list(
+        "ablation_policies",
+        "uniform,ar",
+        "Layer policies of the phase-1 ablation runs (ga_s2 scores every layer once per run).",
+    )
     flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
     flags.mark_flags_as_required(["config", "workdir"])
 
@@ -128,10 +134,12 @@ def sweep(
     rules,
     *,
     phase1_ablation=False,
+    ablation_policies=("uniform", "ar"),
     on_update=None,
 ):
     """Returns the result dict (see module docstring); calls on_update(result so far) after
-    every strategy variant, so that an interrupted sweep keeps the rows it finished."""
+    every strategy variant, so that an interrupted sweep keeps the rows it finished. The
+    phase-1 ablation runs are scored on `ablation_policies` only."""
     import jax
     import numpy as np
     import run_inputs  # launch/
@@ -145,7 +153,7 @@ def sweep(
 
     for s in strategies:
         select.check_strategy(s)
-    for p in policies:
+    for p in (*policies, *ablation_policies):
         select.check_policy(p)
     if phase1_ablation and not any(select.uses_phase(s, "taylor") for s in strategies):
         raise ValueError(
@@ -230,7 +238,7 @@ def sweep(
                     batch_size=sel_bs, parallel=par,
                 )  # fmt: skip
 
-            for policy in policies:
+            for policy in ablation_policies if "phase1_parts" in overrides else policies:
                 for frac in fractions:
                     if policy == "uniform":
                         keep = select.uniform_layers(n, frac)
@@ -461,6 +469,7 @@ def main(argv):
         fractions,
         FLAGS.write_gate_rules,
         phase1_ablation=FLAGS.phase1_ablation,
+        ablation_policies=FLAGS.ablation_policies,
         on_update=write,
     )
     paths = write(result)
