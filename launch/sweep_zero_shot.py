@@ -311,7 +311,7 @@ def write_outputs(result: dict, out_dir: str, name: str) -> dict:
         json.dump(result, f, indent=1)
     fields = ["policy", "kept_fraction", "strategy", "keep_full_attention_layers", "ppl"]
     with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")  # e.g. release_run
         w.writeheader()
         for r in result["rows"]:
             w.writerow(

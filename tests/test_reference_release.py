@@ -215,23 +215,31 @@ def test_import_errors(teacher, tmp_path):
         attempt("other", other)
 
 
-def test_export_and_evaluate_on_the_smoke_pipeline(tmp_path):
-    """Exported calibration tokens are the statistics stage's; a release student of the smoke
-    teacher is imported, saved as ours and scored on the exported eval tokens."""
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke config's teacher and calibration statistics, run once: (config, workdir)."""
     import tiny  # configs/tiny.py
 
     from taylorcal_jax import main
-    from taylorcal_jax.eval.perplexity import perplexity
-    from taylorcal_jax.models.student import load_student
-    from taylorcal_jax.run.context import RunContext
 
     c = tiny.get_config("smoke")
     c.stages = ("pretrain", "statistics")
     c.calibration.num_sequences = 2
     c.calibration.seq_len = 24
     c.calibration.block_size = 8
-    workdir = str(tmp_path / "w")
+    workdir = str(tmp_path_factory.mktemp("smoke") / "w")
     main.run(c, workdir)
+    return c, workdir
+
+
+def test_export_and_evaluate_on_the_smoke_pipeline(smoke_run, tmp_path):
+    """Exported calibration tokens are the statistics stage's; a release student of the smoke
+    teacher is imported, saved as ours and scored on the exported eval tokens."""
+    from taylorcal_jax.eval.perplexity import perplexity
+    from taylorcal_jax.models.student import load_student
+    from taylorcal_jax.run.context import RunContext
+
+    c, workdir = smoke_run
     tokens_dir = str(tmp_path / "tokens")
     info = rr.export_tokens(RunContext(c, workdir), tokens_dir, {"command": "test"})
     cal = np.load(tmp_path / "tokens" / rr.CAL_FILE)
@@ -296,3 +304,89 @@ def test_release_is_given_the_keep_from_strategys_layers():
         "student_model": {"name": "gdn_v4", "keep_full_attention_layers": [0, 3]},
         "train": {"output_dir": "/o"},
     }
+
+
+# Stand-ins for the release's two scripts (the release itself needs its checkout and fla, which
+# are not part of this repository): they check the arguments `run` gives them as the real ones
+# read them, and write what the real ones write (the converter a directory, the init a student
+# dir: a prepared release student of the smoke teacher).
+_CONVERTER = """
+import argparse, json, os
+p = argparse.ArgumentParser(); p.add_argument("--model"); p.add_argument("--config")
+p.add_argument("--output"); a = p.parse_args()
+assert os.path.exists(os.path.join(a.model, "config.json")) and a.config == "smollm2-135m"
+os.makedirs(a.output); json.dump({"converted_from": a.model}, open(a.output + "/config.json", "w"))
+print("converted", flush=True)
+"""
+_INIT = """
+import argparse, os, shutil, numpy as np, yaml
+p = argparse.ArgumentParser()
+for f in ("--cfg", "--strategy", "--hf-teacher", "--output"): p.add_argument(f)
+a = p.parse_args(); cfg = yaml.safe_load(open(a.cfg))
+assert a.strategy == "taylor_calibrate" and cfg["student_model"]["name"] == "gdn_v4"
+assert os.path.exists(os.path.join(cfg["teacher_model"]["name"], "config.json"))
+assert np.load(os.environ["CALIBRATION_TOKENS_NPY"]).ndim == 2
+keep = cfg["student_model"]["keep_full_attention_layers"]
+shutil.copytree(os.path.join(os.path.dirname(__file__), "prepared", str(keep)), a.output)
+print("Layer 1 FINAL: loss=0.5", flush=True)
+"""
+
+
+def test_run_adds_release_rows_to_the_sweep_and_resumes(smoke_run, tmp_path, capsys):
+    import sweep_zero_shot
+
+    from taylorcal_jax.calibrate import select
+    from taylorcal_jax.run.context import RunContext
+
+    c, workdir = smoke_run
+    mcfg, teacher_params = RunContext(c, workdir).teacher
+    n = mcfg.num_hidden_layers
+    code = tmp_path / "release"
+    (code / "convert").mkdir(parents=True)
+    (code / "src").mkdir()
+    (code / rr.RELEASE_CONVERTER).write_text(_CONVERTER)
+    (code / rr.RELEASE_INIT).write_text(_INIT)
+    keeps = {"uniform": select.uniform_layers(n, 0.5), "ar": (0,)}
+    for keep in keeps.values():
+        tensors = release_tensors(mcfg, teacher_params, keep=keep)
+        write_release_dir(code / "src" / "prepared" / str(list(keep)), mcfg, tensors, keep=keep)
+
+    teacher = rr.teacher_perplexity(rr.load_run(c, workdir))
+    sweep = {
+        "teacher": "smoke", "teacher_name": "smoke", "teacher_ppl": teacher["ppl"],
+        "eval_tokens": teacher["tokens"], "eval_split": c.eval.split, "eval_seq_len": 8,
+        "device": "cpu", "date": "today", "command": "sweep", "per_strategy": {},
+        "rows": [
+            {"policy": p, "kept_fraction": 0.5, "strategy": s, "keep_full_attention_layers": k,
+             "ppl": 9.0}
+            for p, k in keeps.items() for s in ("copy", rr.KEEP_FROM)
+        ],
+    }  # fmt: skip
+    out = tmp_path / "results"
+    out.mkdir()
+    path = str(out / "zero_shot_smoke.json")
+    with open(path, "w") as f:
+        json.dump(sweep, f)
+
+    got = rr.add_release_rows(c, workdir, str(code), path, ["uniform", "ar"], fraction=0.5)
+    printed = capsys.readouterr().out
+    assert "[release] converted" in printed and "[release] Layer 1 FINAL" in printed
+    on_disk = json.load(open(path))
+    assert on_disk["rows"] == got["rows"]
+    release_rows = [r for r in got["rows"] if r["strategy"] == rr.STRATEGY]
+    assert [r["policy"] for r in release_rows] == ["uniform", "ar"]
+    for r in release_rows:
+        assert tuple(r["keep_full_attention_layers"]) == keeps[r["policy"]]
+        assert np.isfinite(r["ppl"]) and r["ppl"] > 1
+    assert "| reference_release |" in (out / "zero_shot_smoke.md").read_text()
+    assert got["reference_release"]["code"]["py_sha256"]
+    again = dict(sweep, rows=sweep["rows"] + [dict(release_rows[0], ppl=1.0)])
+    with open(path, "w") as f:  # a rerun: the release's outputs are reused, rows replaced
+        json.dump(again, f)
+    (code / rr.RELEASE_INIT).write_text("raise SystemExit('must not run again')")
+    rerun = rr.add_release_rows(c, workdir, str(code), path, ["uniform"], fraction=0.5)
+    uniform = [r for r in rerun["rows"] if r["strategy"] == rr.STRATEGY]
+    assert uniform == [release_rows[0]]
+    assert sweep_zero_shot.markdown_table(rerun).count("| reference_release |") == 1
+    with pytest.raises(ValueError, match="ga_s2"):
+        rr.add_release_rows(c, workdir, str(code), path, ["ga_s2"], fraction=0.5)
