@@ -10,6 +10,21 @@
 #                                         # 6 strategies x uniform/ar/ga_s2 at 25% -> $OUT
 #   bash launch/smollm2_gpu.sh ablation   # call 3 (same machine): phase-1 ablation -> $OUT
 #
+# With the GGUF already at $STAGED (default ~/smollm2), everything in one call of ~8 minutes:
+#
+#   bash launch/smollm2_gpu.sh stage_release <release checkout>   # here: -> workdirs/refrel
+#   bash launch/smollm2_gpu.sh all        # call, carry workdirs/refrel (and .whl): the sweep
+#       (6 strategies x uniform/ar/ga_s2 at 25%) -> $OUT/zero_shot_smollm2_135m.*; then at once
+#       the reference release's init on its keep sets (launch/reference_release.py run, rows
+#       `reference_release` added to that file) and the phase-1 ablation (uniform and ar)
+#       -> $OUT/zero_shot_smollm2_135m_phase1_ablation.*
+#
+# `stage_release` copies the release's checkout (the Taylor-Calibrate repository with our
+# changes for a Llama teacher; its code stays out of this repository) into the ignored folder
+# workdirs/refrel, with RELEASE_NOTES.json (its commit and changed files) and CHANGES.patch.
+# On the device the release runs with torch, CUDA and triton there and flash-linear-attention
+# from .whl/; the JAX processes that share the GPU with it take a fixed share of its memory.
+#
 # Wheels the device lacks (gguf, accelerate, ml-collections) go in .whl/ (ignored), e.g.
 # `pip download --no-deps gguf==0.19.0 accelerate==1.16.0 ml-collections -d .whl`, and are
 # installed with --no-deps by `sweep` and `ablation`. Each run is bounded by `timeout` below
@@ -19,7 +34,7 @@
 set -euo pipefail
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_MD5=a1231443440b107ff29f02bdb38c9d0a
-STAGED=${STAGED:-$HOME/gguf}
+STAGED=${STAGED:-$HOME/smollm2}
 WORK=${WORK:-/tmp/smollm2}
 OUT=${OUT:-launch/results}
 LIMIT=${LIMIT:-570}
@@ -34,6 +49,12 @@ join_and_install() {
   fi
   echo "$GGUF_MD5  $STAGED/$GGUF_NAME" | md5sum -c -
   if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-deps .whl/*.whl; fi
+}
+
+ablation() {
+  timeout "$1" python3 launch/sweep_zero_shot.py --config="$CONFIG" "${COMMON[@]}" \
+    --teacher_name=smollm2_135m_phase1_ablation --strategies=align_only,taylor_calibrate \
+    --policies=uniform --ablation_policies=uniform,ar --phase1_ablation
 }
 
 case "${1:-}" in
@@ -56,12 +77,42 @@ case "${1:-}" in
     ;;
   ablation)
     join_and_install
-    timeout "$LIMIT" python3 launch/sweep_zero_shot.py --config="$CONFIG" "${COMMON[@]}" \
-      --teacher_name=smollm2_135m_phase1_ablation --strategies=align_only,taylor_calibrate \
-      --policies=uniform --phase1_ablation
+    ablation "$LIMIT"
+    ;;
+  stage_release)
+    src=${2:?usage: bash launch/smollm2_gpu.sh stage_release <release checkout>}
+    rm -rf workdirs/refrel && mkdir -p workdirs/refrel
+    git -C "$src" ls-files -co --exclude-standard | grep -v '^results/' |
+      (cd "$src" && xargs cp --parents -t "$OLDPWD/workdirs/refrel")
+    git -C "$src" diff HEAD >workdirs/refrel/CHANGES.patch
+    python3 - "$src" <<'PY'
+import json, subprocess, sys
+git = lambda *a: subprocess.run(["git", "-C", sys.argv[1], *a], capture_output=True, text=True, check=True).stdout
+notes = {"repository": "github.com/FutureMLS-Lab/Taylor-Calibrate",
+         "head": git("log", "-1", "--format=%H %s").strip(),
+         "changed": git("status", "--short").splitlines(), "changes_patch": "CHANGES.patch"}
+json.dump(notes, open("workdirs/refrel/RELEASE_NOTES.json", "w"), indent=1)
+PY
+    du -sh workdirs/refrel
+    ;;
+  all)
+    join_and_install
+    t0=$SECONDS
+    timeout "${SWEEP_LIMIT:-330}" python3 launch/sweep_zero_shot.py --config="$CONFIG" \
+      "${COMMON[@]}" --teacher_name=smollm2_135m || echo "sweep stopped: $?"
+    left=$((LIMIT - (SECONDS - t0)))
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3  # three processes share the GPU from here on
+    (ablation "$left" 2>&1 | sed -u 's/^/[ablation] /') &
+    abl=$!
+    timeout "$left" python3 launch/reference_release.py run --config="$CONFIG" \
+      --workdir="$WORK" --release_code=workdirs/refrel --config.progress=False \
+      --config.calibration.gdn.impl="${GDN_IMPL:-chunked}" \
+      --sweep_json="$OUT/zero_shot_smollm2_135m.json" || echo "release rows stopped: $?"
+    wait "$abl" || echo "ablation stopped: $?"
+    ls -l "$OUT"
     ;;
   *)
-    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation" >&2
+    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation|stage_release|all" >&2
     exit 2
     ;;
 esac

@@ -19,7 +19,8 @@ A real pretrained teacher (a .gguf teacher.path is converted once into <workdir>
 Phase-1 ablation (`--phase1_ablation`): each Taylor strategy also runs with one phase-1 part
 alone, labelled "<strategy>[<part>]", and with every part but one, "<strategy>[-<part>]"
 (calibration.phase1_parts; parts decay, write_gate, value_scale, output_gate; the parts not
-taken keep the `copy` init), e.g. which part pulls alignment into a worse place:
+taken keep the `copy` init), scored on `--ablation_policies` (uniform and ar by default, which
+cost no layer scoring per run), e.g. which part pulls alignment into a worse place:
 
     python launch/sweep_zero_shot.py --config=configs/smollm2_135m.py --workdir=/tmp/smollm2 \
         --teacher_name=smollm2_135m_phase1_ablation --strategies=align_only,taylor_calibrate \
@@ -83,24 +84,39 @@ def define_flags() -> None:
         False,
         "Also run each Taylor strategy with one phase-1 part alone and with all parts but one.",
     )
+    flags.DEFINE_list(
+        "phase1_variants",
+        [],
+        "Extra runs of each Taylor strategy with these phase-1 parts, '+'-joined, e.g. "
+        "decay+write_gate (labelled <strategy>[decay+write_gate]).",
+    )
+    flags.DEFINE_list(
+        "ablation_policies",
+        "uniform,ar",
+        "Layer policies of the phase-1 ablation runs (ga_s2 scores every layer once per run).",
+    )
     flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def ablation_label(strategy: str, parts: tuple[str, ...]) -> str:
-    """ "<strategy>[<part>]": only that part from phase 1; "<strategy>[-<part>]": all but it."""
+    """ "<strategy>[<part>]": only that part from phase 1; "<strategy>[-<part>]": all but it;
+    "<strategy>[<part>+<part>]": those parts."""
     from taylorcal_jax.calibrate.taylor import PHASE1_PARTS
 
-    if len(parts) == 1:
-        return f"{strategy}[{parts[0]}]"
-    (left_out,) = set(PHASE1_PARTS) - set(parts)
-    return f"{strategy}[-{left_out}]"
+    left_out = set(PHASE1_PARTS) - set(parts)
+    if len(parts) > 1 and len(left_out) == 1:
+        return f"{strategy}[-{left_out.pop()}]"
+    return f"{strategy}[{'+'.join(parts)}]"
 
 
-def variants(strategy: str, rules, phase1_ablation: bool) -> list[tuple[str, dict]]:
+def variants(
+    strategy: str, rules, phase1_ablation: bool, phase1_variants=()
+) -> list[tuple[str, dict]]:
     """(label, calibration overrides) of each run of `strategy`: one per write-gate rule for
     the Taylor strategies (the first rule unlabelled), plus with `phase1_ablation` each phase-1
-    part alone and all parts but one (under the first rule); one plain run otherwise."""
+    part alone and all parts but one, plus one run per '+'-joined part set of
+    `phase1_variants` (under the first rule); one plain run otherwise."""
     from taylorcal_jax.calibrate import select
     from taylorcal_jax.calibrate.taylor import PHASE1_PARTS
 
@@ -116,6 +132,11 @@ def variants(strategy: str, rules, phase1_ablation: bool) -> list[tuple[str, dic
         for parts in singles + all_but:
             label = ablation_label(strategy, parts)
             out.append((label, {"write_gate": rules[0], "phase1_parts": parts}))
+    for spec in phase1_variants:
+        parts = tuple(spec.split("+"))
+        out.append(
+            (ablation_label(strategy, parts), {"write_gate": rules[0], "phase1_parts": parts})
+        )
     return out
 
 
@@ -128,10 +149,13 @@ def sweep(
     rules,
     *,
     phase1_ablation=False,
+    phase1_variants=(),
+    ablation_policies=("uniform", "ar"),
     on_update=None,
 ):
     """Returns the result dict (see module docstring); calls on_update(result so far) after
-    every strategy variant, so that an interrupted sweep keeps the rows it finished."""
+    every strategy variant, so that an interrupted sweep keeps the rows it finished. The
+    phase-1 ablation runs are scored on `ablation_policies` only."""
     import jax
     import numpy as np
     import run_inputs  # launch/
@@ -145,8 +169,14 @@ def sweep(
 
     for s in strategies:
         select.check_strategy(s)
-    for p in policies:
+    for p in (*policies, *ablation_policies):
         select.check_policy(p)
+    from taylorcal_jax.calibrate.taylor import PHASE1_PARTS
+
+    for spec in phase1_variants:
+        unknown = set(spec.split("+")) - set(PHASE1_PARTS)
+        if unknown:
+            raise ValueError(f"--phase1_variants {spec!r}: {sorted(unknown)} not in {PHASE1_PARTS}")
     if phase1_ablation and not any(select.uses_phase(s, "taylor") for s in strategies):
         raise ValueError(
             "--phase1_ablation needs a Taylor strategy (taylor_init, taylor_calibrate)"
@@ -212,7 +242,7 @@ def sweep(
     ar_scores = None
     rows, extras = result["rows"], result["per_strategy"]
     for strategy in strategies:
-        for label, overrides in variants(strategy, rules, phase1_ablation):
+        for label, overrides in variants(strategy, rules, phase1_ablation, phase1_variants):
             cfg = config.copy_and_resolve_references()
             cfg.calibration.update(overrides)
             ctx = pipeline.calibration_context(cfg, mcfg, run_ctx.mesh)
@@ -230,7 +260,7 @@ def sweep(
                     batch_size=sel_bs, parallel=par,
                 )  # fmt: skip
 
-            for policy in policies:
+            for policy in ablation_policies if "phase1_parts" in overrides else policies:
                 for frac in fractions:
                     if policy == "uniform":
                         keep = select.uniform_layers(n, frac)
@@ -303,7 +333,7 @@ def write_outputs(result: dict, out_dir: str, name: str) -> dict:
         json.dump(result, f, indent=1)
     fields = ["policy", "kept_fraction", "strategy", "keep_full_attention_layers", "ppl"]
     with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")  # e.g. release_run
         w.writeheader()
         for r in result["rows"]:
             w.writerow(
@@ -461,6 +491,8 @@ def main(argv):
         fractions,
         FLAGS.write_gate_rules,
         phase1_ablation=FLAGS.phase1_ablation,
+        phase1_variants=FLAGS.phase1_variants,
+        ablation_policies=FLAGS.ablation_policies,
         on_update=write,
     )
     paths = write(result)

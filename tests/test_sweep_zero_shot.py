@@ -24,6 +24,13 @@ def test_phase1_ablation_adds_each_part_alone_and_all_but_each():
         assert alone == {"write_gate": "release", "phase1_parts": (part,)}
         all_but = runs[f"taylor_calibrate[-{part}]"]["phase1_parts"]
         assert set(all_but) == set(PHASE1_PARTS) - {part}
+    chosen = sweep_zero_shot.variants("taylor_calibrate", ["release"], False, ["decay+write_gate"])
+    assert chosen[1] == (
+        "taylor_calibrate[decay+write_gate]",
+        {"write_gate": "release", "phase1_parts": ("decay", "write_gate")},
+    )
+    three = ("decay", "write_gate", "output_gate")
+    assert sweep_zero_shot.ablation_label("t", three) == "t[-value_scale]"
     plain = sweep_zero_shot.variants("taylor_init", ["release"], False)
     assert plain == [("taylor_init", {"write_gate": "release"})]
 
