@@ -99,7 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # every device; pretraining splits batches over "data" and "fsdp" and params (with their
     # optimiser state) over "fsdp"; with fsdp > 1 the teacher's params are stored sharded too.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.distributed = False  # call jax.distributed.initialize() first (multi-host runs)
+    # Start jax.distributed first (several hosts, or one process per GPU): the coordinator,
+    # process count and id come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+    # or from the cluster (TPU pod, SLURM, ...); launch/multihost.py sets them.
+    c.mesh.distributed = False
     c.mesh.layers = -1  # devices on the "layers" axis (-1: all the other axes leave)
     c.mesh.data = 1  # devices on the "data" axis (-1: all the other axes leave)
     c.mesh.fsdp = 1  # devices each param is split over (FSDP; -1: all the other axes leave)

@@ -50,7 +50,7 @@ from taylorcal_jax.models.mixers import StudentMixer
 from taylorcal_jax.models.paths import layer_mixer, with_layer_mixer
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.progress import progress
 
 STRATEGIES = ("copy", "zero_gate", "small_gate", "taylor_init", "align_only", "taylor_calibrate")
@@ -259,7 +259,7 @@ def score_keep_masks(
                 tok = np.concatenate([tok, np.zeros((pad, tok.shape[1]), np.int32)])
                 val = np.concatenate([val, np.zeros((pad, tok.shape[1]), bool)])
             if mesh is not None:
-                tok, val = sharding.put((tok, val), mesh, *sharding.batch_spec(mesh))
+                tok, val = hosts.put_slices((tok, val), sharding.batch_sharding(mesh))
             sums, counts = fn(params, jnp.asarray(group), tok, val)
             nll += np.asarray(sums, np.float64)
             cnt += np.asarray(counts, np.float64)

@@ -36,8 +36,9 @@ from collections.abc import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 
 # ----------------------------------------------------------------------------- blockwise core
 
@@ -355,7 +356,8 @@ def collect(
     )
     if mesh is not None:
         params = sharding.place_params(params, mesh)
-        tokens_nt, valid_nt = sharding.put((tokens_nt, valid_nt), mesh, *sharding.batch_spec(mesh))
+        rows = sharding.batch_sharding(mesh)
+        tokens_nt, valid_nt = hosts.put_slices((np.asarray(tokens_nt), np.asarray(valid_nt)), rows)
     out = fn(params, tokens_nt, valid_nt)
     cnt = jnp.sum(out["cnt"], axis=0)  # [L]
     if bool(jnp.any(cnt == 0)):

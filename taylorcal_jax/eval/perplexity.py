@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.progress import progress
 
 
@@ -103,7 +103,7 @@ def perplexity(
             tok = np.concatenate([tok, np.zeros((pad, t), np.int32)])
             val = np.concatenate([val, np.zeros((pad, t), bool)])
         if mesh is not None:
-            tok, val = sharding.put((tok, val), mesh, *sharding.batch_spec(mesh))
+            tok, val = hosts.put_slices((tok, val), sharding.batch_sharding(mesh))
         s, c = fn(params, tok, val)
         total_nll += float(s)
         total_count += float(c)
