@@ -1,6 +1,7 @@
 """One process of the multi-process test (tests/test_multihost.py): the perplexity of a tiny
 random teacher on a (data, fsdp) mesh over the devices of every process, params split over
-"fsdp"; process 0 writes {"nll", "tokens", "processes", "devices"} as JSON to argv[1].
+"fsdp", and the attention statistics of 8 sequences split over them; process 0 writes
+{"nll", "tokens", "distance_lh", "x_sum", "processes", "devices"} as JSON to argv[1].
 
 Run through launch/multihost.py (which sets the JAX_* variables); alone it is one process.
 """
@@ -11,6 +12,7 @@ import sys
 import jax
 import numpy as np
 
+from taylorcal_jax.calibrate import stats as stats_lib
 from taylorcal_jax.eval import perplexity as ppl_lib
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
@@ -37,7 +39,14 @@ def perplexity_on_all_devices() -> dict:
     valid[3, :4] = False
     mesh = sharding.make_mesh({"data": -1, "fsdp": 2})
     out = ppl_lib.perplexity(Transformer(CFG), params, seq, batch_size=3, valid_nt=valid, mesh=mesh)
-    return {**out, "processes": jax.process_count(), "devices": jax.device_count()}
+    st = stats_lib.collect(Transformer(CFG), params, CFG, seq[:8], block_size=8, mesh=mesh)
+    return {
+        **out,
+        "distance_lh": np.asarray(st.distance_lh).tolist(),
+        "x_sum": float(np.abs(np.asarray(st.x_lntd, np.float64)).sum()),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+    }
 
 
 if __name__ == "__main__":

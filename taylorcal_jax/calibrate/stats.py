@@ -323,7 +323,8 @@ def collect(
       mesh: split the sequences over every device of this mesh (data parallel, `shard_map`:
         each device runs its own sequences; N must be a multiple of the mesh size). Params
         are placed by `sharding.param_spec` (split over a "fsdp" axis, if any) and gathered
-        whole inside each device's program.
+        whole inside each device's program. With several processes, every process gets all
+        rows of the results (`hosts.gather_rows`).
     """
     tokens_nt = jnp.asarray(tokens_nt)
     if tokens_nt.ndim != 2:
@@ -358,7 +359,7 @@ def collect(
         params = sharding.place_params(params, mesh)
         rows = sharding.batch_sharding(mesh)
         tokens_nt, valid_nt = hosts.put_slices((np.asarray(tokens_nt), np.asarray(valid_nt)), rows)
-    out = fn(params, tokens_nt, valid_nt)
+    out = hosts.gather_rows(fn(params, tokens_nt, valid_nt))
     cnt = jnp.sum(out["cnt"], axis=0)  # [L]
     if bool(jnp.any(cnt == 0)):
         raise ValueError("no valid query positions: every token is padding")

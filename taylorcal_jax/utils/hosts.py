@@ -13,6 +13,8 @@
     put_rows(rows, sharding)  the global [n, ...] array from this process's rows (made by
                               `rows(start, stop)`); on one process it equals
                               jax.device_put(rows(0, n), sharding)
+    gather_rows(tree)         every row of row-split results on every process (host arrays);
+                              the arrays themselves on one process
     is_main()                 process 0: the one that prints, logs and writes summaries
 
 Row ranges: a batch split over mesh axes gives each device a block of rows; the blocks of one
@@ -101,3 +103,14 @@ def put_slices(tree, sharding):
     """Every host array of `tree` (the same on every process, leading axis split by
     `sharding`) on the devices, each process sending only the rows its devices hold."""
     return jax.tree.map(lambda x: put_rows(lambda a, b: x[a:b], sharding, np.shape(x)), tree)
+
+
+def gather_rows(tree):
+    """`tree` whole on every process: with several processes each non-fully-replicated array
+    becomes the host array of all its rows (an all-gather across processes); with one
+    process `tree` itself."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return multihost_utils.process_allgather(tree, tiled=True)
