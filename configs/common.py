@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Pretraining of the teacher above (stage pretrain): next-token loss, AdamW, cosine decay.
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.steps = 2000  # optimiser steps
-    c.pretrain.batch_size = 32  # sequences per step
+    c.pretrain.batch_size = 32  # sequences per step (a multiple of mesh.data x mesh.fsdp)
     c.pretrain.seq_len = 256  # tokens per sequence
     c.pretrain.learning_rate = 2e-3  # peak learning rate
     c.pretrain.warmup_steps = 100  # linear warm-up from 0 to the peak
@@ -95,11 +95,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.seed = 0  # which sequences are sampled
 
     # Device mesh, built once per run. Alignment splits layers over "layers" and calibration
-    # sequences over "data"; statistics and evaluation split their batches over every device.
+    # sequences over "data"; statistics, evaluation and layer scoring split their batches over
+    # every device; pretraining splits batches over "data" and "fsdp" and params (with their
+    # optimiser state) over "fsdp"; with fsdp > 1 the teacher's params are stored sharded too.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.distributed = False  # call jax.distributed.initialize() first (multi-host runs)
-    c.mesh.layers = -1  # devices on the "layers" axis (-1: all the data axis leaves)
-    c.mesh.data = 1  # devices on the "data" axis (-1: all the layers axis leaves)
+    # Start jax.distributed first (several hosts, or one process per GPU): the coordinator,
+    # process count and id come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+    # or from the cluster (TPU pod, SLURM, ...); launch/multihost.py sets them.
+    c.mesh.distributed = False
+    c.mesh.layers = -1  # devices on the "layers" axis (-1: all the other axes leave)
+    c.mesh.data = 1  # devices on the "data" axis (-1: all the other axes leave)
+    c.mesh.fsdp = 1  # devices each param is split over (FSDP; -1: all the other axes leave)
 
     # Taylor-Calibrate (taylorcal_jax/calibrate, docs/method.md §4-5): stages statistics, calibrate,
     # align. Strategies: copy, zero_gate, small_gate, taylor_init, align_only, taylor_calibrate.
@@ -152,7 +158,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.select.num_sequences = 16  # scoring sequences
     c.select.seq_len = 256  # tokens per scoring sequence
     c.select.seed = 1  # which scoring sequences are sampled
-    c.select.batch_size = 4  # sequences per forward pass while scoring
+    c.select.batch_size = 4  # sequences per scoring pass (rounded up to a multiple of the devices)
     c.select.parallel_candidates = 4  # candidate students vmapped together
     return c
 

@@ -74,7 +74,14 @@ def test_bad_values_fail_before_any_work(tmp_path, key, value, match):
 
 
 def test_alignment_sequences_must_split_over_the_data_axis(tmp_path):
-    c = _smoke(**{"mesh.data": 8, "mesh.layers": 1, "calibration.num_sequences": 4})
+    c = _smoke(
+        **{
+            "mesh.data": 8,
+            "mesh.layers": 1,
+            "calibration.num_sequences": 4,
+            "pretrain.batch_size": 8,
+        }
+    )
     _fails(c, tmp_path, r"calibration.num_sequences=4 does not split over mesh.data=8")
     c.calibration.strategy = "taylor_init"  # no alignment: the split does not matter
     c.stages = ("pretrain",)

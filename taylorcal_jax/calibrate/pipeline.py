@@ -355,6 +355,7 @@ def select_layers_stage(ctx) -> dict:
             ctx.sequences(s),
             batch_size=int(s.batch_size),
             parallel=int(s.parallel_candidates),
+            mesh=ctx.mesh,
         )
     sc = StudentConfig(mcfg, keep, sc_all.mixer_config, teacher_path=config.teacher.path or None)
     student = select.assemble_student(params, mixers, sc)

@@ -28,7 +28,8 @@ mixer params for every layer; the one `Transformer`, called with traced keep fla
 uses per layer the attention output where keep_mask[l] and the student mixer's elsewhere (a
 select, so exactly the student with that keep set). Candidate keep masks [C, L] are vmapped
 over in groups of `parallel_candidates`, one compiled program for all candidates of all
-policies.
+policies. With the run's mesh, scoring is data parallel like evaluation: each device scores
+its own rows of every batch (params split over "fsdp", if any, and gathered inside).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from taylorcal_jax.models.mixers import StudentMixer
 from taylorcal_jax.models.paths import layer_mixer, with_layer_mixer
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer
+from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.progress import progress
 
 STRATEGIES = ("copy", "zero_gate", "small_gate", "taylor_init", "align_only", "taylor_calibrate")
@@ -172,11 +174,12 @@ def union_params(teacher_params, mixers_by_layer, name: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _candidate_fn(config, mixer: StudentMixer):
-    """jit(vmap over keep masks [C, L]) of (nll sum, token count) of the one model."""
+def _candidate_fn(config, mixer: StudentMixer, mesh):
+    """jit(vmap over keep masks [C, L]) of (nll sums [C], token counts [C]) of the one model;
+    with a mesh, data parallel over all its devices like `perplexity` (rows split, params
+    placed by `sharding.param_spec` and gathered inside, sums added with psum)."""
     model = Transformer(config, student_mixer=mixer)
 
-    @jax.jit
     def fn(params, masks_cl, tokens_bt, valid_bt):
         def one(keep_l):
             logits, _, _ = model.apply(
@@ -186,7 +189,27 @@ def _candidate_fn(config, mixer: StudentMixer):
 
         return jax.vmap(one)(masks_cl)
 
-    return fn
+    if mesh is None:
+        return jax.jit(fn)
+    axes = tuple(mesh.axis_names)
+    rows = sharding.batch_spec(mesh)
+
+    def sharded(params, masks_cl, tokens_bt, valid_bt):
+        specs = sharding.param_specs(params, mesh)
+
+        def per_device(params, masks_cl, tokens_bt, valid_bt):
+            sums, counts = fn(sharding.gather_params(params, specs), masks_cl, tokens_bt, valid_bt)
+            return jax.lax.psum(sums, axes), jax.lax.psum(counts, axes)
+
+        return jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(specs, sharding.P(), rows, rows),
+            out_specs=(sharding.P(), sharding.P()),
+            check_vma=False,
+        )(params, masks_cl, tokens_bt, valid_bt)
+
+    return jax.jit(sharded)
 
 
 def score_keep_masks(
@@ -199,12 +222,14 @@ def score_keep_masks(
     batch_size: int,
     parallel: int,
     desc: str = "candidates",
+    mesh=None,
 ):
     """Perplexity of each candidate keep mask [C, L] on [N, T] sequences -> np.ndarray [C].
 
     `params` is a union tree (`union_params`). Candidates are vmapped `parallel` at a time (the
     last group is padded with copies of its first mask); sequences go in batches of
-    `batch_size`.
+    `batch_size` (with a `mesh`, rounded up to a multiple of its devices, each device scoring
+    its own rows; the last batch is padded with masked rows).
     """
     masks = np.asarray(masks_cl, bool)
     seq = np.asarray(sequences_nt, np.int32)
@@ -212,9 +237,11 @@ def score_keep_masks(
         raise ValueError(f"masks must be [C, {config.num_hidden_layers}], got {masks.shape}")
     if batch_size <= 0 or parallel <= 0:
         raise ValueError("batch_size and parallel must be positive")
-    fn = _candidate_fn(config, mixer)
+    fn = _candidate_fn(config, mixer, mesh)
     n, _ = seq.shape
-    b = min(batch_size, n)
+    b = sharding.pad_to_multiple(min(batch_size, n), mesh)
+    if mesh is not None:  # placed once, not per batch
+        params = sharding.place_params(params, mesh)
     out = []
     groups = range(0, len(masks), parallel)
     for start in progress(groups, desc=desc, total=len(groups), unit="group"):
@@ -231,7 +258,9 @@ def score_keep_masks(
                 pad = b - tok.shape[0]
                 tok = np.concatenate([tok, np.zeros((pad, tok.shape[1]), np.int32)])
                 val = np.concatenate([val, np.zeros((pad, tok.shape[1]), bool)])
-            sums, counts = fn(params, jnp.asarray(group), jnp.asarray(tok), jnp.asarray(val))
+            if mesh is not None:
+                tok, val = hosts.put_slices((tok, val), sharding.batch_sharding(mesh))
+            sums, counts = fn(params, jnp.asarray(group), tok, val)
             nll += np.asarray(sums, np.float64)
             cnt += np.asarray(counts, np.float64)
         out.append(np.exp(nll / cnt)[:real])
@@ -274,10 +303,20 @@ def keep_from_scores(policy: str, scores_l, kept_fraction: float) -> tuple[int, 
 
 
 def policy_scores(
-    policy, config, mixer, teacher_params, mixers_by_layer, sequences_nt, *, batch_size, parallel
+    policy,
+    config,
+    mixer,
+    teacher_params,
+    mixers_by_layer,
+    sequences_nt,
+    *,
+    batch_size,
+    parallel,
+    mesh=None,
 ):
     """Per-layer candidate perplexities [L] for `ar` (zero-gate mixers are used whatever
-    `mixers_by_layer` is: removal means output 0) or `ga_s2` (the given mixers)."""
+    `mixers_by_layer` is: removal means output 0) or `ga_s2` (the given mixers); data
+    parallel over `mesh` if given."""
     check_policy(policy)
     n_layers = config.num_hidden_layers
     if policy == "ar":
@@ -298,6 +337,7 @@ def policy_scores(
         batch_size=batch_size,
         parallel=parallel,
         desc=f"{policy} candidates",
+        mesh=mesh,
     )
 
 
@@ -312,8 +352,10 @@ def choose_layers(
     *,
     batch_size,
     parallel,
+    mesh=None,
 ):
-    """(keep_full_attention_layers, per-layer scores or None) for one policy."""
+    """(keep_full_attention_layers, per-layer scores or None) for one policy; scoring is data
+    parallel over `mesh` if given."""
     check_policy(policy)
     if policy == "uniform":
         return uniform_layers(config.num_hidden_layers, kept_fraction), None
@@ -326,6 +368,7 @@ def choose_layers(
         sequences_nt,
         batch_size=batch_size,
         parallel=parallel,
+        mesh=mesh,
     )
     return keep_from_scores(policy, scores, kept_fraction), scores
 

@@ -36,8 +36,9 @@ from collections.abc import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 
 # ----------------------------------------------------------------------------- blockwise core
 
@@ -320,7 +321,10 @@ def collect(
       teacher_pass: "blockwise" (O(T) memory, attention context from the blockwise pass) or
         "model" (the Transformer's own dense attention; for cross-checking).
       mesh: split the sequences over every device of this mesh (data parallel, `shard_map`:
-        each device runs its own sequences; N must be a multiple of the mesh size).
+        each device runs its own sequences; N must be a multiple of the mesh size). Params
+        are placed by `sharding.param_spec` (split over a "fsdp" axis, if any) and gathered
+        whole inside each device's program. With several processes, every process gets all
+        rows of the results (`hosts.gather_rows`).
     """
     tokens_nt = jnp.asarray(tokens_nt)
     if tokens_nt.ndim != 2:
@@ -351,7 +355,11 @@ def collect(
         teacher_pass,
         mesh,
     )
-    out = fn(params, tokens_nt, valid_nt)
+    if mesh is not None:
+        params = sharding.place_params(params, mesh)
+        rows = sharding.batch_sharding(mesh)
+        tokens_nt, valid_nt = hosts.put_slices((np.asarray(tokens_nt), np.asarray(valid_nt)), rows)
+    out = hosts.gather_rows(fn(params, tokens_nt, valid_nt))
     cnt = jnp.sum(out["cnt"], axis=0)  # [L]
     if bool(jnp.any(cnt == 0)):
         raise ValueError("no valid query positions: every token is padding")
@@ -379,13 +387,18 @@ def _collect_jit(model, config, layers, block_size, keep_activations, group, tea
 
     if mesh is None:
         return jax.jit(run)
-    # Every output has the sequence axis first, so each device's results are its own rows.
     rows = sharding.batch_spec(mesh)
-    run = jax.shard_map(
-        run, mesh=mesh, in_specs=(sharding.P(), rows, rows), out_specs=rows, check_vma=False
-    )
+
+    def sharded(params, tokens_nt, valid_nt):
+        # Every output has the sequence axis first, so each device's results are its own rows.
+        specs = sharding.param_specs(params, mesh)
+        per_device = lambda p, tok, val: run(sharding.gather_params(p, specs), tok, val)  # noqa: E731
+        return jax.shard_map(
+            per_device, mesh=mesh, in_specs=(specs, rows, rows), out_specs=rows, check_vma=False
+        )(params, tokens_nt, valid_nt)
+
     seq = sharding.batch_sharding(mesh)
-    return jax.jit(run, in_shardings=(sharding.named(mesh), seq, seq), out_shardings=seq)
+    return jax.jit(sharded, out_shardings=seq)
 
 
 __all__ = ["TeacherStats", "attention_stats_sequence", "collect", "dense_attention_stats"]

@@ -12,7 +12,9 @@ rows (mask 0), so every batch has one shape and one compiled program. Sums are a
 in float64 on the host. With a `mesh`, evaluation is data parallel: B is rounded up to a
 multiple of the mesh's devices, each device scores its rows (`shard_map`, which keeps custom
 kernels out of the SPMD partitioner) and the per-device sums are added with `psum`; the
-result equals the single-device one up to float32 summation order.
+result equals the single-device one up to float32 summation order. Params are placed by
+`sharding.param_spec` (split over a "fsdp" axis, if any) and gathered whole inside each
+device's program.
 
 Unigram baseline: p(v) = (c_v + 1) / (C + V) from train-split token counts (add-one
 smoothing), scored on the same predicted tokens (x_2..x_T of each sequence).
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.progress import progress
 
 
@@ -51,19 +53,22 @@ def _batch_fn(model, mesh):
     axes = tuple(mesh.axis_names)
     rows = sharding.batch_spec(mesh)
 
-    def per_device(params, tokens_bt, valid_bt):
-        total, count = fn(params, tokens_bt, valid_bt)
-        return jax.lax.psum(total, axes), jax.lax.psum(count, axes)
+    def sharded(params, tokens_bt, valid_bt):
+        specs = sharding.param_specs(params, mesh)
 
-    sharded = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(sharding.P(), rows, rows),
-        out_specs=(sharding.P(), sharding.P()),
-        check_vma=False,
-    )
-    batch = sharding.batch_sharding(mesh)
-    return jax.jit(sharded, in_shardings=(sharding.named(mesh), batch, batch))
+        def per_device(params, tokens_bt, valid_bt):
+            total, count = fn(sharding.gather_params(params, specs), tokens_bt, valid_bt)
+            return jax.lax.psum(total, axes), jax.lax.psum(count, axes)
+
+        return jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(specs, rows, rows),
+            out_specs=(sharding.P(), sharding.P()),
+            check_vma=False,
+        )(params, tokens_bt, valid_bt)
+
+    return jax.jit(sharded)
 
 
 def perplexity(
@@ -87,8 +92,8 @@ def perplexity(
         raise ValueError(f"token ids must be in [0, {vocab}), got [{seq.min()}, {seq.max()}]")
     b = sharding.pad_to_multiple(min(batch_size, n), mesh)
     fn = _batch_fn(model, mesh)
-    if mesh is not None:
-        params = jax.device_put(params, sharding.named(mesh))  # replicated once, not per batch
+    if mesh is not None:  # placed once, not per batch
+        params = sharding.place_params(params, mesh)
     total_nll, total_count = 0.0, 0.0
     for start in progress(range(0, n, b), desc=desc, total=-(-n // b), unit="batch"):
         tok = seq[start : start + b].astype(np.int32)
@@ -97,6 +102,8 @@ def perplexity(
             pad = b - tok.shape[0]
             tok = np.concatenate([tok, np.zeros((pad, t), np.int32)])
             val = np.concatenate([val, np.zeros((pad, t), bool)])
+        if mesh is not None:
+            tok, val = hosts.put_slices((tok, val), sharding.batch_sharding(mesh))
         s, c = fn(params, tok, val)
         total_nll += float(s)
         total_count += float(c)

@@ -6,6 +6,7 @@
     [4/7] calibrate: skipped (done, settings unchanged)
 
 Progress bars of long steps go to stderr (utils/progress.py); errors are printed by main.
+With several processes (jax.distributed), only process 0 prints.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 
+from taylorcal_jax.utils import hosts
 from taylorcal_jax.utils.metrics import format_value
 
 INDENT = "      "
@@ -23,6 +25,8 @@ class Console:
         self.stream = stream or sys.stdout
 
     def line(self, text: str = "") -> None:
+        if not hosts.is_main():
+            return
         self.stream.write(text + "\n")
         self.stream.flush()
 

@@ -1,8 +1,10 @@
 """The run context: what every stage of one run shares, each part made once.
 
     config    the validated config          workdir   where outputs go
-    mesh      the one device mesh (axes "layers", "data"; config section `mesh`)
-    teacher   (ModelConfig, params) of the teacher, loaded on first use
+    mesh      the one device mesh (axes "layers", "data", "fsdp"; config section `mesh`)
+    teacher   (ModelConfig, params) of the teacher, loaded on first use; with mesh.fsdp > 1
+              its params are placed sharded over "fsdp" (utils/sharding.py param_spec), so a
+              teacher larger than one device's memory is never whole on one device at rest
     corpus    the tokenised text (tokenizer included), built or read from the cache once
     metrics   the metrics.jsonl writer
 
@@ -23,10 +25,18 @@ from taylorcal_jax.run import inputs
 from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.metrics import MetricsWriter
 
+MESH_AXES = ("layers", "data", sharding.FSDP)
+
+
+def mesh_axes(mesh_config) -> dict[str, int]:
+    """{axis: configured size} of the run's mesh, in mesh order (fsdp innermost, so its
+    devices are neighbours: it gathers weights every step)."""
+    return {name: int(mesh_config[name]) for name in MESH_AXES}
+
 
 def build_mesh(mesh_config):
-    """The run's mesh: axes ("layers", "data") with the configured sizes (-1: the rest)."""
-    return sharding.make_mesh({"layers": int(mesh_config.layers), "data": int(mesh_config.data)})
+    """The run's mesh: axes ("layers", "data", "fsdp") with the configured sizes (-1: the rest)."""
+    return sharding.make_mesh(mesh_axes(mesh_config))
 
 
 class RunContext:
@@ -75,6 +85,8 @@ class RunContext:
                 f"only {mcfg.vocab_size}",
                 "use the teacher's own tokenizer (leave tokenizer.path empty)",
             )
+        if sharding.axis_size(self.mesh, sharding.FSDP) > 1:
+            params = sharding.place_params(params, self.mesh)
         return mcfg, params
 
     @functools.cached_property

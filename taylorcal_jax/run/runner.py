@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from taylorcal_jax.errors import ConfigError
 from taylorcal_jax.run import plan as plan_lib
 from taylorcal_jax.run import validate as validate_lib
 from taylorcal_jax.run import workdir as workdir_lib
@@ -35,8 +36,12 @@ def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
     validate_lib.validate(config, registry, workdir)
     import jax  # noqa: PLC0415
 
-    if config.mesh.distributed:
-        jax.distributed.initialize()
+    from taylorcal_jax.utils import hosts  # noqa: PLC0415
+
+    try:
+        hosts.initialize(config.mesh.distributed)
+    except ValueError as e:
+        raise ConfigError(f"mesh.distributed: {e}", "see launch/multihost.py") from e
     validate_lib.check_mesh(config, registry, jax.device_count())
     records = workdir_lib.read_records(workdir) if os.path.isdir(workdir) else {}
     return plan_lib.make_plan(config, workdir, registry, records, rerun)

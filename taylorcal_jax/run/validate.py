@@ -171,20 +171,22 @@ def validate(config, registry: Mapping, workdir: str) -> None:
 
 
 def mesh_sizes(config, num_devices: int) -> dict[str, int]:
-    """{"layers": n, "data": m} of the mesh section on `num_devices` devices, or ConfigError."""
+    """{"layers": n, "data": m, "fsdp": f} of the mesh section on `num_devices` devices, or
+    ConfigError."""
+    from taylorcal_jax.run.context import mesh_axes  # noqa: PLC0415
     from taylorcal_jax.utils import sharding  # noqa: PLC0415
 
-    m = config.mesh
-    for name in ("layers", "data"):
-        if m[name] == 0 or m[name] < -1:
-            raise ConfigError(f"mesh.{name} must be positive or -1 (the rest), got {m[name]}")
+    axes = mesh_axes(config.mesh)
+    for name, size in axes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{name} must be positive or -1 (the rest), got {size}")
     try:
-        return sharding.resolve_axis_sizes({"layers": m.layers, "data": m.data}, num_devices)
+        return sharding.resolve_axis_sizes(axes, num_devices)
     except ValueError as e:
+        given = " and ".join(f"mesh.{k}={v}" for k, v in axes.items())
         raise ConfigError(
-            f"mesh.layers={m.layers} and mesh.data={m.data} do not fit the {num_devices} "
-            "devices here",
-            "set one of them to -1 (the devices the other leaves) and the other to a divisor "
+            f"{given} do not fit the {num_devices} devices here",
+            "set one of them to -1 (the devices the others leave) and the others to divisors "
             "of the device count",
         ) from e
 

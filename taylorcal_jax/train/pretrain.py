@@ -12,7 +12,10 @@ group over every parameter; the batch of step s is `packing.train_batch(train_st
 seed, s)`, a pure function of (seed, s). The loop saves its state with orbax every
 `checkpoint_every` steps; a run interrupted at any point and started again resumes from the
 last checkpoint and ends with the same parameters as an uninterrupted run (steps after the
-checkpoint are recomputed identically). `train_seconds` is wall time of the step loop
+checkpoint are recomputed identically). On a mesh, each batch splits over the "data" and
+"fsdp" axes and the params with their AdamW moments over "fsdp" (utils/sharding.py
+`train_batch_spec`, `param_spec`; "layers", if larger than 1, replicates). `train_seconds`
+is wall time of the step loop
 (first-step compilation and the periodic evals included, checkpoint writing excluded),
 summed over resumed runs.
 """
@@ -32,7 +35,6 @@ from taylorcal_jax.data import packing
 from taylorcal_jax.eval.perplexity import token_nll_sum
 from taylorcal_jax.train import loop, optim
 from taylorcal_jax.utils import sharding
-from taylorcal_jax.utils.sharding import P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +79,9 @@ class PretrainOptions:
 
 
 @functools.lru_cache(maxsize=8)
-def make_task(model, opts: PretrainOptions) -> loop.Task:
-    """Next-token cross-entropy, one AdamW group (decay on matrices), global-norm clipping."""
+def make_task(model, opts: PretrainOptions, mesh) -> loop.Task:
+    """Next-token cross-entropy, one AdamW group (decay on matrices), global-norm clipping;
+    batches over ("data", "fsdp") of `mesh`, params and optimiser state over "fsdp"."""
 
     def loss_fn(params, tokens_bt, rng):
         del rng
@@ -102,7 +105,8 @@ def make_task(model, opts: PretrainOptions) -> loop.Task:
         labels=lambda params: jax.tree.map(lambda _: "all", params),
         groups={"all": adamw},
         clip=optax.clip_by_global_norm(opts.grad_clip),
-        batch_spec=P("data"),
+        param_spec=sharding.param_spec(mesh),
+        batch_spec=sharding.train_batch_spec(mesh),
     )
 
 
@@ -129,17 +133,18 @@ def pretrain(
     evaluates the final params); log_fn(step, dict) receives training and eval metrics.
     `stop_after_steps` ends this call after that many steps of work without a final
     checkpoint, as a crash would, and returns None (used by tests). `mesh` (default: one
-    device) splits each batch over its "data" axis and replicates the params.
+    device) splits each batch over its "data" and "fsdp" axes and the params over "fsdp".
     """
-    mesh = mesh if mesh is not None else sharding.single_device_mesh(("data",))
-    if opts.batch_size % sharding.axis_size(mesh, "data"):
+    mesh = mesh if mesh is not None else sharding.single_device_mesh(sharding.TRAIN_DATA_AXES)
+    split = sharding.train_batch_devices(mesh)
+    if opts.batch_size % split:
         raise ValueError(
-            f"pretrain.batch_size {opts.batch_size} does not split over mesh axis 'data' of "
-            f"size {sharding.axis_size(mesh, 'data')}"
+            f"pretrain.batch_size {opts.batch_size} does not split over the {split} devices "
+            "of mesh axes 'data' x 'fsdp'"
         )
     packing.train_batch(train_stream, 1, opts.seq_len, opts.seed, 0)  # validates sizes
     tokens_per_batch = opts.batch_size * opts.seq_len
-    task = make_task(model, opts)
+    task = make_task(model, opts, mesh)
     batches = loop.StreamBatches(
         functools.partial(
             packing.train_batch, train_stream, opts.batch_size, opts.seq_len, opts.seed

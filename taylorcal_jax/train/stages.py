@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.data import split
+from taylorcal_jax.errors import ConfigError
 from taylorcal_jax.eval import perplexity as ppl_lib
 from taylorcal_jax.run import inputs
 from taylorcal_jax.run import validate as check
@@ -42,6 +43,17 @@ def check_pretrain(config, arch) -> None:
     if not config.tokenizer.path:
         check.at_least(config, "tokenizer.vocab_size", 259)  # 256 bytes + 3 special tokens
         check.positive(config, "tokenizer.min_frequency")
+
+
+def check_pretrain_split(config, sizes) -> None:
+    """Each pretraining batch splits over the mesh's "data" x "fsdp" devices."""
+    split = sizes["data"] * sizes["fsdp"]
+    if config.pretrain.batch_size % split:
+        raise ConfigError(
+            f"pretrain.batch_size={config.pretrain.batch_size} does not split over "
+            f"mesh.data x mesh.fsdp = {split} devices",
+            f"use a multiple of {split}, or smaller mesh.data / mesh.fsdp",
+        )
 
 
 def check_eval(config, arch) -> None:
@@ -191,6 +203,7 @@ STAGES = {
         checkpoints=(CHECKPOINT_DIR,),
         not_needed=lambda config: "teacher.path is set" if config.teacher.path else "",
         checks=(check_pretrain,),
+        device_checks=(check_pretrain_split,),
     ),
     "eval_teacher": Stage(
         name="eval_teacher",

@@ -5,6 +5,12 @@ latest saved tree (same pytree structure, shapes, dtypes and shardings as `tree`
 itself when nothing was saved; `save(step, tree)` saves it as step `step` (once per step).
 The caller (train/loop.py) decides when. `close()` waits for pending writes. Model weights
 for sharing are written separately in HF format (models/hf_io.py).
+
+Several processes: every process calls `restore_or`, `save` and `close` with its part of the
+same global arrays (the loop runs on all of them); orbax writes each process's shards and, from
+process 0 only (its default primary host), the directory and metadata. No file is written
+here besides orbax's, so nothing else needs gating; the directory must be storage every
+process sees.
 """
 
 from __future__ import annotations

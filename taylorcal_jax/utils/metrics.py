@@ -4,7 +4,8 @@
 `metrics.jsonl` ({"stage": ..., "time": unix seconds, ...values}); values that are numpy
 or JAX scalars are converted to Python numbers. `write_summary(workdir, title, sections)`
 writes `summary.md` from {stage: {key: value}} (through a temporary name, then a rename),
-numbers rounded by `format_value`.
+numbers rounded by `format_value`. With several processes (jax.distributed) only process 0
+writes either file; the others return what they would have written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from taylorcal_jax.utils import hosts
 
 
 def plain(value: Any) -> Any:
@@ -40,6 +43,8 @@ class MetricsWriter:
 
     def write(self, stage: str, **values) -> dict:
         record = {"stage": stage, "time": round(time.time(), 3), **plain(values)}
+        if not hosts.is_main():
+            return record
         # One write(2) of the whole line on an O_APPEND descriptor: a run killed at any
         # point leaves whole lines only.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -76,6 +81,8 @@ def write_summary(workdir: str, title: str, sections: Mapping[str, Mapping[str, 
         lines += [f"| {k} | {format_value(v)} |" for k, v in values.items()]
         lines.append("")
     path = os.path.join(workdir, "summary.md")
+    if not hosts.is_main():
+        return path
     tmp = path + ".partial"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))

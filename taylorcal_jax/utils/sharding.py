@@ -3,9 +3,22 @@
 Axis names and sizes come from the config (a mapping axis name -> size, at most one size -1
 meaning "all remaining devices"); library code names axes only, e.g. P("layers", "data").
 
-Work without a layer axis (statistics, evaluation) is data parallel over every device of the
-mesh: `batch_spec(mesh)` shards the leading (batch) axis over all mesh axes together, so a
-run uses all its devices whatever the split between "layers" and "data".
+Work without a layer axis (statistics, evaluation, layer scoring) is data parallel over every
+device of the mesh: `batch_spec(mesh)` shards the leading (batch) axis over all mesh axes
+together, so a run uses all its devices whatever the split between "layers", "data" and "fsdp".
+
+Parameter sharding (FSDP, ZeRO-3 style) over the "fsdp" axis only: `param_spec(mesh)` gives
+every leaf of size >= 2 along some axis a PartitionSpec splitting its largest axis divisible
+by the fsdp size over "fsdp" (ties: the first such axis), so each device stores 1/fsdp of the
+params and, in training, of the optimiser state (whose leaves have the params' shapes; the
+rule reads shapes only, so one function places params, Adam moments and any extra alike).
+"data" replicates: it is the axis that may cross slow links (between hosts), where gathering
+weights every step would cost most. Training batches split over ("data", "fsdp")
+(`train_batch_spec`), so every fsdp shard also works on its own rows; the SPMD partitioner
+inserts the weight all-gathers and gradient reduce-scatters. Forward passes under
+`shard_map` (statistics, evaluation, scoring) take the params with their fsdp specs and
+`gather_params` them inside each device's program: they are stored sharded and gathered
+whole for the duration of one forward pass.
 """
 
 from __future__ import annotations
@@ -18,6 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 P = PartitionSpec
+FSDP = "fsdp"
+TRAIN_DATA_AXES = ("data", FSDP)
 
 
 def resolve_axis_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -85,3 +100,58 @@ def pad_to_multiple(n: int, mesh: Mesh | None) -> int:
     """The smallest multiple of the mesh's device count that is >= n (n if no mesh)."""
     size = 1 if mesh is None else mesh.size
     return -(-n // size) * size
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
+    """PartitionSpec splitting the largest axis of `shape` divisible by `fsdp_size` over "fsdp"
+    (ties: the first); P() when fsdp_size is 1 or no axis divides."""
+    if fsdp_size <= 1:
+        return P()
+    fits = [i for i, n in enumerate(shape) if n % fsdp_size == 0 and n >= fsdp_size]
+    if not fits:
+        return P()
+    axis = max(fits, key=lambda i: (shape[i], -i))
+    return P(*([None] * axis), FSDP)
+
+
+def param_spec(mesh: Mesh):
+    """leaf -> `fsdp_spec` of its shape on `mesh` (a `train.loop.Task.param_spec`)."""
+    size = axis_size(mesh, FSDP)
+    return lambda leaf: fsdp_spec(np.shape(leaf), size)
+
+
+def param_specs(tree, mesh: Mesh):
+    """Tree of the `param_spec` PartitionSpecs of every leaf of `tree`."""
+    spec = param_spec(mesh)
+    return jax.tree.map(spec, tree)
+
+
+def place_params(tree, mesh: Mesh):
+    """Every leaf of `tree` on `mesh` by `param_spec` (replicated when the mesh has no fsdp
+    axis of size > 1); a host array only sends each device its own shard."""
+    spec = param_spec(mesh)
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), tree)
+
+
+def gather_params(tree, specs):
+    """Inside `shard_map` with in_specs `specs` for `tree`: every leaf whole again (an
+    all-gather over each mesh axis its spec names, tiled along that array axis)."""
+
+    def gather(x, spec):
+        for dim, names in enumerate(spec):
+            if names:  # one gather over all of a dimension's axes keeps their major-minor order
+                x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
+        return x
+
+    return jax.tree.map(gather, tree, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def train_batch_spec(mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of a training batch: the leading axis over the mesh's "data" and "fsdp"
+    axes ("layers", if any, replicates)."""
+    return P(tuple(a for a in TRAIN_DATA_AXES if a in mesh.axis_names))
+
+
+def train_batch_devices(mesh: Mesh) -> int:
+    """How many ways `train_batch_spec` splits a batch."""
+    return math.prod(axis_size(mesh, a) for a in TRAIN_DATA_AXES)

@@ -1,0 +1,149 @@
+"""Starts one process per GPU (or per group of CPU devices) on this host, all running one
+command as one jax.distributed program, and waits for them.
+
+    python launch/multihost.py --processes=4 -- \
+        python -m taylorcal_jax.main --config=configs/qwen2_5_1_5b_pod.py:/ckpt/Qwen2.5-1.5B \
+        --config.mesh.distributed=True --workdir=/tmp/qwen_pod
+
+Process i gets JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>, JAX_NUM_PROCESSES=n,
+JAX_PROCESS_ID=i (read by taylorcal_jax/utils/hosts.py) and, with --gpus_per_process=g (GPU
+mode, the default), CUDA_VISIBLE_DEVICES = GPUs i*g .. i*g+g-1 and NCCL_NVLS_ENABLE=0
+(NVLink multicast off: it fails on some shared machines and gains little here). With
+--cpu_devices_per_process=k, each process instead gets k CPU devices
+(--xla_force_host_platform_device_count=k) and gloo cross-process collectives: the same
+program runs on a laptop, for testing. The first process to fail stops the others; the exit
+code is the first non-zero one.
+
+TPU pod slices need no spawner: every worker of the slice runs the same command, and
+jax.distributed finds the coordinator, process count and id from the TPU environment, e.g.
+for a v5p-32 slice (4 hosts x 4 chips):
+
+    gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command='
+        cd taylorcal_jax && python -m taylorcal_jax.main \
+            --config=configs/qwen2_5_3b_pod.py:/mnt/ckpt/Qwen2.5-3B \
+            --workdir=gs://$BUCKET/qwen2_5_3b_pod'
+
+(the workdir must be storage every host sees, for the orbax checkpoints). On other clusters
+(SLURM, Open MPI, Kubernetes) jax detects the same from their environment: run the command
+once per process with mesh.distributed=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from taylorcal_jax.utils.hosts import ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(
+    base: dict,
+    index: int,
+    count: int,
+    port: int,
+    *,
+    gpus_per_process: int,
+    cpu_devices_per_process: int,
+) -> dict:
+    """The environment of process `index` of `count` (a pure function of its arguments)."""
+    env = dict(base)
+    env.update(
+        {
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            ENV_NUM_PROCESSES: str(count),
+            ENV_PROCESS_ID: str(index),
+            "NCCL_NVLS_ENABLE": "0",
+        }
+    )
+    if cpu_devices_per_process:
+        flags = env.get("XLA_FLAGS", "").split()
+        flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+        flags.append(f"--xla_force_host_platform_device_count={cpu_devices_per_process}")
+        env.update(
+            XLA_FLAGS=" ".join(flags),
+            JAX_PLATFORMS="cpu",
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        )
+    else:
+        first = index * gpus_per_process
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(
+            str(g) for g in range(first, first + gpus_per_process)
+        )
+    return env
+
+
+def launch(command, count: int, *, gpus_per_process=1, cpu_devices_per_process=0) -> int:
+    """Runs `command` in `count` processes; returns the first non-zero exit code, else 0."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            command,
+            env=process_env(
+                os.environ,
+                i,
+                count,
+                port,
+                gpus_per_process=gpus_per_process,
+                cpu_devices_per_process=cpu_devices_per_process,
+            ),
+        )
+        for i in range(count)
+    ]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        failed = [130]
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return failed[0] if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, required=True, help="processes to start")
+    parser.add_argument("--gpus_per_process", type=int, default=1, help="GPUs each one sees")
+    parser.add_argument(
+        "--cpu_devices_per_process",
+        type=int,
+        default=0,
+        help="run on CPU devices instead, this many per process (gloo collectives)",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    if args.processes < 1 or args.gpus_per_process < 1 or args.cpu_devices_per_process < 0:
+        parser.error("--processes and --gpus_per_process must be positive")
+    return launch(
+        command,
+        args.processes,
+        gpus_per_process=args.gpus_per_process,
+        cpu_devices_per_process=args.cpu_devices_per_process,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

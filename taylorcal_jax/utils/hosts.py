@@ -1,0 +1,116 @@
+"""Several processes (hosts, or one process per GPU) running one program over one mesh.
+
+    initialize(distributed)   jax.distributed.initialize, with the coordinator, the number of
+                              processes and this process's id from the environment:
+                                JAX_COORDINATOR_ADDRESS  host:port of process 0 (jax reads it)
+                                JAX_NUM_PROCESSES        how many processes
+                                JAX_PROCESS_ID           this process, 0 .. n-1
+                                JAX_LOCAL_DEVICE_IDS     the local devices it owns (jax reads it)
+                              Unset ones are left to jax's cluster detection (Cloud TPU pods,
+                              SLURM, Open MPI, Kubernetes fill all of them in).
+    local_rows(sharding, n)   the rows [start, stop) of an n-row batch that this process's
+                              devices hold under `sharding`; a process builds only those
+    put_rows(rows, sharding)  the global [n, ...] array from this process's rows (made by
+                              `rows(start, stop)`); on one process it equals
+                              jax.device_put(rows(0, n), sharding)
+    gather_rows(tree)         every row of row-split results on every process (host arrays);
+                              the arrays themselves on one process
+    is_main()                 process 0: the one that prints, logs and writes summaries
+
+Row ranges: a batch split over mesh axes gives each device a block of rows; the blocks of one
+process's devices must be contiguous, which they are when the mesh is laid out from
+jax.devices() in order (utils/sharding.make_mesh: devices are numbered process by process)
+and its batch axes come last or replicate whole across processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def distributed_args(environ: Mapping[str, str]) -> dict:
+    """Keyword arguments of jax.distributed.initialize taken from `environ` (the ones jax does
+    not read itself); ValueError on a malformed value."""
+    args = {}
+    for key, name in ((ENV_NUM_PROCESSES, "num_processes"), (ENV_PROCESS_ID, "process_id")):
+        if environ.get(key, "") != "":
+            try:
+                args[name] = int(environ[key])
+            except ValueError as e:
+                raise ValueError(f"{key}={environ[key]!r} is not an integer") from e
+    if "num_processes" in args and args["num_processes"] < 1:
+        raise ValueError(f"{ENV_NUM_PROCESSES} must be positive, got {args['num_processes']}")
+    if "process_id" in args and not 0 <= args["process_id"] < args.get("num_processes", 2**31):
+        raise ValueError(
+            f"{ENV_PROCESS_ID}={args['process_id']} is not in [0, {ENV_NUM_PROCESSES})"
+        )
+    return args
+
+
+def initialize(distributed: bool, environ: Mapping[str, str] | None = None) -> None:
+    """Starts jax.distributed when `distributed` (config mesh.distributed); before any other
+    JAX call. A no-op otherwise."""
+    if distributed:
+        jax.distributed.initialize(**distributed_args(os.environ if environ is None else environ))
+
+
+def is_main() -> bool:
+    """Whether this is process 0 (always, before or without jax.distributed)."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def rows_held(index_map: Iterable[tuple], num_rows: int) -> tuple[int, int]:
+    """[start, stop) covering the leading-axis slices of `index_map` (one index tuple per
+    device, as Sharding.devices_indices_map gives them); ValueError if they leave a gap."""
+    covered = np.zeros(num_rows, bool)
+    for index in index_map:
+        covered[index[0] if index else slice(None)] = True
+    rows = np.flatnonzero(covered)
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    if len(rows) != stop - start:
+        raise ValueError(
+            f"this process's devices hold rows {rows.tolist()} of {num_rows}, not one block: "
+            "lay the mesh out from jax.devices() in order"
+        )
+    return start, stop
+
+
+def local_rows(sharding, num_rows: int, shape_tail: tuple[int, ...] = ()) -> tuple[int, int]:
+    """The rows [start, stop) of a [num_rows, *shape_tail] array that this process's devices
+    hold under `sharding`."""
+    indices = sharding.addressable_devices_indices_map((num_rows, *shape_tail)).values()
+    return rows_held(indices, num_rows)
+
+
+def put_rows(rows: Callable[[int, int], np.ndarray], sharding, global_shape: tuple[int, ...]):
+    """The global array of `global_shape` under `sharding`, this process giving only the rows
+    it holds: rows(start, stop) -> host array [stop - start, ...]."""
+    start, stop = local_rows(sharding, global_shape[0], tuple(global_shape[1:]))
+    local = np.asarray(rows(start, stop))
+    if local.shape != (stop - start, *global_shape[1:]):
+        raise ValueError(f"rows({start}, {stop}) gave shape {local.shape}")
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def put_slices(tree, sharding):
+    """Every host array of `tree` (the same on every process, leading axis split by
+    `sharding`) on the devices, each process sending only the rows its devices hold."""
+    return jax.tree.map(lambda x: put_rows(lambda a, b: x[a:b], sharding, np.shape(x)), tree)
+
+
+def gather_rows(tree):
+    """`tree` whole on every process: with several processes each non-fully-replicated array
+    becomes the host array of all its rows (an all-gather across processes); with one
+    process `tree` itself."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,0 +1,109 @@
+"""Several processes: the environment each gets, the rows each builds, and one real run of two
+processes (2 CPU devices each, gloo collectives) that equals one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import multihost  # launch/multihost.py
+import numpy as np
+import pytest
+
+from taylorcal_jax.utils import hosts, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_distributed_args_from_the_environment():
+    env = {"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3", "JAX_COORDINATOR_ADDRESS": "h:1"}
+    assert hosts.distributed_args(env) == {"num_processes": 4, "process_id": 3}
+    assert hosts.distributed_args({}) == {}  # left to jax's cluster detection
+    for bad, match in [
+        ({"JAX_NUM_PROCESSES": "two"}, "not an integer"),
+        ({"JAX_NUM_PROCESSES": "0"}, "must be positive"),
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"not in \[0, JAX_NUM_PROCESSES\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            hosts.distributed_args(bad)
+
+
+def test_process_env_of_the_local_spawner():
+    gpu = multihost.process_env(
+        {"PATH": "/bin"}, 1, 4, 1234, gpus_per_process=2, cpu_devices_per_process=0
+    )
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "2,3" and gpu["NCCL_NVLS_ENABLE"] == "0"
+    assert gpu["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+    assert (gpu["JAX_NUM_PROCESSES"], gpu["JAX_PROCESS_ID"], gpu["PATH"]) == ("4", "1", "/bin")
+    base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_other=1"}
+    cpu = multihost.process_env(base, 0, 2, 1, gpus_per_process=1, cpu_devices_per_process=3)
+    assert cpu["XLA_FLAGS"] == "--xla_other=1 --xla_force_host_platform_device_count=3"
+    assert cpu["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo" and "CUDA_VISIBLE_DEVICES" not in cpu
+
+
+def _rows_of_fake_processes(mesh_axes, spec, num_rows, num_processes):
+    """The rows each group of len(devices) / num_processes consecutive devices (one fake
+    process each, as jax numbers the devices of real processes) holds."""
+    mesh = sharding.make_mesh(mesh_axes)
+    index_map = sharding.named(mesh, *spec).devices_indices_map((num_rows, 5))
+    per = len(jax.devices()) // num_processes
+    groups = [jax.devices()[i * per : (i + 1) * per] for i in range(num_processes)]
+    return [hosts.rows_held([index_map[d] for d in g], num_rows) for g in groups]
+
+
+def test_each_process_holds_one_block_of_rows():
+    # evaluation batches over every device: process i of 2 gets rows 8i .. 8i + 7 of 16
+    everything = sharding.batch_spec(sharding.make_mesh({"layers": 2, "data": 2, "fsdp": 2}))
+    rows = _rows_of_fake_processes({"layers": 2, "data": 2, "fsdp": 2}, everything, 16, 2)
+    assert rows == [(0, 8), (8, 16)]
+    assert _rows_of_fake_processes({"data": 8}, ("data",), 16, 4) == [
+        (0, 4),
+        (4, 8),
+        (8, 12),
+        (12, 16),
+    ]
+    # training batches over (data, fsdp) with "layers" outermost across processes: each
+    # process holds every row (its layers group sees the whole batch)
+    train = (("data", "fsdp"),)
+    assert _rows_of_fake_processes({"layers": 2, "data": 2, "fsdp": 2}, train, 8, 2) == [
+        (0, 8),
+        (0, 8),
+    ]
+    with pytest.raises(ValueError, match="not one block"):
+        hosts.rows_held([(slice(0, 2),), (slice(4, 6),)], 8)
+
+
+def test_one_process_puts_todays_arrays_bit_identically():
+    mesh = sharding.make_mesh({"layers": 2, "data": 2, "fsdp": 2})
+    rows = sharding.batch_sharding(mesh)
+    x = np.random.default_rng(0).integers(0, 99, size=(16, 5)).astype(np.int32)
+    got = hosts.put_slices(x, rows)
+    want = jax.device_put(x, rows)
+    assert got.sharding == want.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert hosts.local_rows(rows, 16, (5,)) == (0, 16) and hosts.is_main()
+
+
+def test_two_processes_give_the_perplexity_of_one(tmp_path):
+    """2 processes x 2 CPU devices (params split over "fsdp" across them) against this one
+    process's 8 devices: the same NLL and statistics up to float32 summation order (rtol
+    1e-6 and 1e-5)."""
+    import multihost_worker  # noqa: PLC0415  tests/multihost_worker.py
+
+    one = multihost_worker.perplexity_on_all_devices()
+    out = tmp_path / "two.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    worker = os.path.join(ROOT, "tests", "multihost_worker.py")
+    launcher = os.path.join(ROOT, "launch", "multihost.py")
+    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=2", "--"]
+    proc = subprocess.run(
+        [*cmd, sys.executable, worker, str(out)], env=env, capture_output=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    two = json.loads(out.read_text())
+    assert (two["processes"], two["devices"]) == (2, 4)
+    assert two["tokens"] == one["tokens"] == 11 * 11 - 4
+    np.testing.assert_allclose(two["nll"], one["nll"], rtol=1e-6)
+    np.testing.assert_allclose(two["distance_lh"], one["distance_lh"], rtol=1e-5)
+    np.testing.assert_allclose(two["x_sum"], one["x_sum"], rtol=1e-5)
