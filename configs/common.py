@@ -108,7 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # devices each param is split over (FSDP; -1: all the other axes leave)
 
     # Taylor-Calibrate (taylorcal_jax/calibrate, docs/method.md §4-5): stages statistics, calibrate,
-    # align. Strategies: copy, zero_gate, small_gate, taylor_init, align_only, taylor_calibrate.
+    # align. Strategies: copy, zero_gate, small_gate, taylor_init, align_only, taylor_calibrate,
+    # taylor_calibrate_published (phase 1 with all four parts, as published, then phase 2).
     c.calibration = ml_collections.ConfigDict()
     c.calibration.strategy = "taylor_calibrate"  # how converted layers are initialised
     c.calibration.split = "train"  # calibration text (the release used 4 x 256 of wikitext test)
@@ -129,9 +130,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibration.sigma_min = 0.1  # lower clip of the value scale (phase 1)
     c.calibration.sigma_max = 10.0  # upper clip of the value scale
     c.calibration.gate_damping = 0.01  # Wg = alpha Wv, alpha = damping rms(C) / rms(silu(x Wv))
-    # Phase-1 parts written into the params (the rest keep the `copy` init); all four = the
-    # published method. Subsets are ablations (launch/sweep_zero_shot.py --phase1_ablation).
-    c.calibration.phase1_parts = ("decay", "write_gate", "value_scale", "output_gate")
+    # Phase-1 parts taylor_init and taylor_calibrate write into the params (the rest keep the
+    # `copy` init), from decay, write_gate, value_scale, output_gate. The published method writes
+    # all four (strategy taylor_calibrate_published). On SmolLM2-135M the value scale is what
+    # hurts, and the output gate alone beats alignment alone (launch/results/
+    # zero_shot_smollm2_135m_phase1_ablation.md; docs/method.md §8).
+    c.calibration.phase1_parts = ("output_gate",)
     # Phase 2 (stage align): per-layer AdamW fit of each GDN mixer to the teacher's attention.
     c.calibration.align = ml_collections.ConfigDict()
     c.calibration.align.steps = 300  # optimiser steps per layer (the best step is kept)

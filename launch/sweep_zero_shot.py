@@ -71,7 +71,7 @@ def define_flags() -> None:
     flags.DEFINE_string("teacher_name", None, "Name in the result files.")
     flags.DEFINE_list(
         "strategies",
-        "copy,zero_gate,small_gate,taylor_init,align_only,taylor_calibrate",
+        "copy,zero_gate,small_gate,taylor_init,align_only,taylor_calibrate,taylor_calibrate_published",
         "Initialisation strategies.",
     )
     flags.DEFINE_list("policies", "uniform,ar,ga_s2", "Layer policies.")
@@ -120,7 +120,7 @@ def variants(
     from taylorcal_jax.calibrate import select
     from taylorcal_jax.calibrate.taylor import PHASE1_PARTS
 
-    if not select.uses_phase(strategy, "taylor"):
+    if not select.configurable_phase1(strategy):  # no phase 1, or the published one
         return [(strategy, {})]
     out = [
         (strategy if i == 0 else f"{strategy}+{rule}", {"write_gate": rule})
@@ -177,7 +177,7 @@ def sweep(
         unknown = set(spec.split("+")) - set(PHASE1_PARTS)
         if unknown:
             raise ValueError(f"--phase1_variants {spec!r}: {sorted(unknown)} not in {PHASE1_PARTS}")
-    if phase1_ablation and not any(select.uses_phase(s, "taylor") for s in strategies):
+    if phase1_ablation and not any(select.configurable_phase1(s) for s in strategies):
         raise ValueError(
             "--phase1_ablation needs a Taylor strategy (taylor_init, taylor_calibrate)"
         )
@@ -301,7 +301,7 @@ def sweep(
             extra = {
                 "init_seconds": round(init_seconds, 2),
                 "write_gate": ctx.consts.write_gate,
-                "phase1_parts": list(ctx.consts.phase1_parts),
+                "phase1_parts": list(select.phase1_constants(strategy, ctx.consts).phase1_parts),
             }
             if "align" in report:
                 extra["align_loss_before"] = np.asarray(report["align"]["loss_before"]).tolist()

@@ -58,11 +58,15 @@ def mixers():
 
     @functools.cache
     def run(strategy, parts=taylor.PHASE1_PARTS):
-        ctx = select.CalibrationContext(CFG, MIXER, consts(parts), align_cfg=None, mesh=None, seed=0)
+        ctx = select.CalibrationContext(
+            CFG, MIXER, consts(parts), align_cfg=None, mesh=None, seed=0
+        )
         student, _ = select.initial_student(strategy, params, st, ctx)
         flat = {}
         for i in range(CFG.num_hidden_layers):
-            for path, leaf in jax.tree_util.tree_leaves_with_path(student[layer_key(i)][mixer_key(MIXER.name)]):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(
+                student[layer_key(i)][mixer_key(MIXER.name)]
+            ):
                 flat[(i, "/".join(k.key for k in path))] = np.asarray(leaf)
         return flat
 
@@ -98,8 +102,22 @@ def test_each_part_changes_only_its_parameters(mixers, part):
                 np.testing.assert_array_equal(all_but[(i, name)], full[(i, name)])
 
 
+def test_published_strategy_writes_all_parts_whatever_the_config(mixers):
+    assert common.get_config().calibration.phase1_parts == ("output_gate",)
+    published = select.phase1_constants("taylor_calibrate_published", consts(("output_gate",)))
+    assert published.phase1_parts == taylor.PHASE1_PARTS
+    assert select.phase1_constants("taylor_calibrate", consts(("decay",))).phase1_parts == (
+        "decay",
+    )
+    assert not select.configurable_phase1("taylor_calibrate_published")
+    assert select.configurable_phase1("taylor_init")
+    # the published strategy's phase 1 is the full method's, bit for bit
+    ours = mixers("taylor_calibrate_published", ("output_gate",))
+    full = mixers("taylor_init")
+    assert changed(ours, full) == set()
+
+
 def test_parts_are_validated_and_ordered():
-    assert common.get_config().calibration.phase1_parts == taylor.PHASE1_PARTS
     assert consts(("output_gate", "decay")).phase1_parts == ("decay", "output_gate")
     default = consts(taylor.PHASE1_PARTS)
     assert (

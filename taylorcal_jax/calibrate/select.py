@@ -53,10 +53,21 @@ from taylorcal_jax.models.teacher import Transformer
 from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.progress import progress
 
-STRATEGIES = ("copy", "zero_gate", "small_gate", "taylor_init", "align_only", "taylor_calibrate")
+STRATEGIES = (
+    "copy",
+    "zero_gate",
+    "small_gate",
+    "taylor_init",
+    "align_only",
+    "taylor_calibrate",
+    "taylor_calibrate_published",
+)
 POLICIES = ("uniform", "ar", "ga_s2")
-_USES_TAYLOR = ("taylor_init", "taylor_calibrate")
-_USES_ALIGN = ("align_only", "taylor_calibrate")
+_USES_TAYLOR = ("taylor_init", "taylor_calibrate", "taylor_calibrate_published")
+_USES_ALIGN = ("align_only", "taylor_calibrate", "taylor_calibrate_published")
+# The published method writes all four phase-1 parts whatever calibration.phase1_parts says;
+# taylor_init and taylor_calibrate write the configured ones (docs/method.md §4).
+_PUBLISHED = "taylor_calibrate_published"
 
 
 def check_strategy(name: str) -> str:
@@ -112,7 +123,7 @@ def initial_student(strategy: str, teacher_params, stats, ctx: CalibrationContex
             layers,
             model_config=ctx.model_config,
             mixer=ctx.mixer,
-            consts=ctx.consts,
+            consts=phase1_constants(strategy, ctx.consts),
         )
     return student, jax.device_get(report)
 
@@ -146,6 +157,19 @@ def mixers_for_all_layers(strategy: str, teacher_params, stats, ctx: Calibration
 def mixers_of(params, name: str, num_layers: int) -> dict:
     """{layer: params of mixer `name`} of a student whose every layer has that mixer."""
     return {i: layer_mixer(params, i, name) for i in range(num_layers)}
+
+
+def phase1_constants(strategy: str, consts: taylor_lib.TaylorConstants):
+    """The phase-1 constants `strategy` runs with: the published parts for the published
+    method, the configured ones otherwise."""
+    if strategy == _PUBLISHED:
+        return dataclasses.replace(consts, phase1_parts=taylor_lib.PHASE1_PARTS)
+    return consts
+
+
+def configurable_phase1(strategy: str) -> bool:
+    """Whether calibration.phase1_parts changes what `strategy` computes."""
+    return uses_phase(strategy, "taylor") and strategy != _PUBLISHED
 
 
 def uses_phase(strategy: str, phase: str) -> bool:
