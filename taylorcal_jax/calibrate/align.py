@@ -44,7 +44,6 @@ from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.sharding import P
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AlignConfig:
     """Phase-2 options (configs/common.py, section `calibration.align`)."""

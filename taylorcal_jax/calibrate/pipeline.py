@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 
 import jax
