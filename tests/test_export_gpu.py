@@ -30,6 +30,7 @@ from taylorcal_jax.models.teacher import init_params
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("fla")
+from taylorcal_jax.export.hf_modeling.modeling_taylorcal_hybrid import CACHE_FIELD  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -92,11 +93,11 @@ def test_export_bf16_with_fla_kernels(conv, tmp_path):
     prompt = tokens.shape[1] - DECODE_STEPS
     with torch.no_grad():
         out = model(ids[:, :prompt], attention_mask=mask[:, :prompt])
-        logits, cache = [out.logits], out.cache
+        logits, cache = [out.logits], out[CACHE_FIELD]
         for t in range(prompt, tokens.shape[1]):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **{CACHE_FIELD: cache})
             logits.append(out.logits)
-            cache = out.cache
+            cache = out[CACHE_FIELD]
     got = torch.cat(logits, 1).float().cpu().numpy()
     assert _rel(got[:, :prompt], ref[:, :prompt], valid[:, :prompt]) < TOLERANCE
     assert _rel(got[:, prompt:], ref[:, prompt:], valid[:, prompt:]) < TOLERANCE

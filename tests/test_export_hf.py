@@ -27,6 +27,7 @@ from taylorcal_jax.eval.generate import generate, left_pad
 from taylorcal_jax.export import __main__ as export_cli
 from taylorcal_jax.export.common import UnsupportedExportError
 from taylorcal_jax.export.fla_format import check_fla_exportable
+from taylorcal_jax.export.hf_modeling.modeling_taylorcal_hybrid import CACHE_FIELD
 from taylorcal_jax.export.hf_torch import check_exportable, read_hf_model, write_hf_model
 from taylorcal_jax.models import mixers
 from taylorcal_jax.models.config import RopeConfig
@@ -118,16 +119,21 @@ def test_fp32_logits_and_cached_decoding_match_jax(name, tmp_path):
     with torch.no_grad():
         full = model(torch.as_tensor(tokens), attention_mask=_mask(valid), use_cache=False).logits
         assert rel_err(full, ref, valid) < 1e-4
-        # Prefill 6 slots, then one token per call: the same logits as the full forward.
+        # Prefill 6 slots, then one token per call: the same logits as the full forward. The
+        # cache goes in under either name (transformers renamed past_key_values to cache) and
+        # comes out under the installed version's.
         out = model(torch.as_tensor(tokens[:, :6]), attention_mask=_mask(valid[:, :6]))
-        steps, cache = [out.logits], out.cache
+        steps, cache = [out.logits], out[CACHE_FIELD]
         for t in range(6, tokens.shape[1]):
+            name = ("cache", "past_key_values")[t % 2]
             out = model(
                 torch.as_tensor(tokens[:, t : t + 1]), attention_mask=_mask(valid[:, : t + 1]),
-                cache=cache,
+                **{name: cache},
             )  # fmt: skip
             steps.append(out.logits)
-            cache = out.cache
+            cache = out[CACHE_FIELD]
+        with pytest.raises(ValueError, match="not both"):
+            model(torch.as_tensor(tokens[:, :1]), cache=cache, past_key_values=cache)
     assert rel_err(torch.cat(steps, 1), full, valid) < 1e-5
 
 
@@ -256,7 +262,7 @@ def test_fla_kernel_path_equals_torch_recurrence(tmp_path):
                 out = model(tokens[:, :6])
                 steps = [out.logits]
                 for t in range(6, tokens.shape[1]):
-                    out = model(tokens[:, t : t + 1], cache=out.cache)
+                    out = model(tokens[:, t : t + 1], {CACHE_FIELD}=out["{CACHE_FIELD}"])
                     steps.append(out.logits)
             logits[kernels] = torch.cat(steps, 1).numpy()
         err = np.abs(logits["fla"] - logits["torch"]).max() / np.abs(logits["torch"]).max()

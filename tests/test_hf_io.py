@@ -201,3 +201,18 @@ def test_sharded_index_inconsistent(tmp_path, params):
     path.write_text(json.dumps(index))
     with pytest.raises(CorruptCheckpointError, match="ghost"):
         load_pretrained(out)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_progress_bars_follow_the_global_switch(tmp_path, params, capsys, enabled):
+    from taylorcal_jax.utils import progress
+
+    progress.set_enabled(enabled)
+    try:
+        path = save_pretrained(tmp_path / "sharded", CONFIG, params, max_shard_bytes=1)
+        load_pretrained(path)
+    finally:
+        progress.set_enabled(True)
+    err = capsys.readouterr().err
+    for desc in ("saving", "loading"):
+        assert (desc in err) == enabled, err

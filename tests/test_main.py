@@ -162,7 +162,7 @@ def _flatten(tree, prefix=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["statistics", "align", "eval_student"])
+@pytest.mark.parametrize("stage", ["statistics", "eval_student"])
 def test_kill_9_mid_stage_then_rerun_equals_an_uninterrupted_run(smoke, tmp_path, stage):
     wd = _copy(smoke, tmp_path)
     args = [*SMOKE, f"--workdir={wd}", f"--config.stages=('{stage}',)"]
@@ -181,6 +181,48 @@ def test_kill_9_mid_stage_then_rerun_equals_an_uninterrupted_run(smoke, tmp_path
     assert sorted(want) == sorted(got)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+    assert not _partials(wd) and not os.path.exists(os.path.join(wd, ".lock"))
+
+
+@pytest.mark.slow
+def test_kill_9_mid_alignment_resumes_from_its_checkpoint(smoke, tmp_path):
+    """Killed after alignment's first checkpoint, the rerun resumes from the last one and ends
+    bit-for-bit where an uninterrupted run with the same settings ends."""
+    args = [
+        *SMOKE,
+        "--config.stages=('align',)",
+        "--config.calibration.align.steps=400",  # 41 checkpoints: time to kill in between
+        "--config.calibration.align.checkpoint_every=10",
+    ]
+    reference = str(tmp_path / "reference")
+    shutil.copytree(smoke[0], reference)
+    proc = cli(*args, f"--workdir={reference}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wd = str(tmp_path / "killed")
+    shutil.copytree(smoke[0], wd)
+    ckpt = os.path.join(wd, "calibration", "align_ckpt")
+    cmd = [sys.executable, "-m", "taylorcal_jax.main", *args, f"--workdir={wd}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))):
+        assert proc.poll() is None, "alignment ended before a checkpoint was seen"
+        assert time.monotonic() < deadline, "no alignment checkpoint within 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert workdir_lib.read_records(wd)["align"]["status"] == "running"  # killed mid-stage
+    rerun = cli(*args, f"--workdir={wd}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resume: interrupted; resuming from its checkpoint" in rerun.stdout
+    metrics = read_metrics(os.path.join(wd, "metrics.jsonl"))
+    resumed = [r["resumed_from_step"] for r in metrics if "resumed_from_step" in r]
+    assert len(resumed) == 1 and resumed[0] % 10 == 0 and 0 < resumed[0] <= 400, resumed
+    want, got = _outputs("align", reference), _outputs("align", wd)
+    assert sorted(want) == sorted(got)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # The checkpoints are removed once the outputs are written.
+    assert not os.path.exists(ckpt) and not os.path.exists(os.path.join(reference, "calibration", "align_ckpt"))
     assert not _partials(wd) and not os.path.exists(os.path.join(wd, ".lock"))
 
 

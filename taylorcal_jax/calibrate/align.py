@@ -15,8 +15,11 @@ kept (the loss is evaluated before every update and once after the last).
 The L layers run together on the training loop (train/loop.py), stacked on a leading axis:
 the loss is sum_l loss_l, whose gradient is each layer's own; AdamW is elementwise and the
 clipping is per layer (optim.clip_slices_by_global_norm), so this is exactly L separate
-optimisers. The loop's `extra` keeps each layer's best params, best loss and loss curve; all
-steps run in one jitted call on the fixed calibration batch. Placement over a mesh: the layer
+optimisers. The loop's `extra` keeps each layer's best params, best loss and loss curve; the
+steps run in jitted calls of `checkpoint_every` steps on the fixed calibration batch, each
+followed by an orbax checkpoint of the whole loop state (extra included) when a checkpoint
+directory is given, from which a rerun resumes bit-for-bit (calls end at the same steps).
+Placement over a mesh: the layer
 axis on mesh axis "layers" and the sequence axis on "data" (either may have size 1). With a
 data axis of size 1 the per-layer losses run under `shard_map` (each device its own layers,
 no collectives inside; this keeps custom kernels such as Pallas out of the SPMD
@@ -41,7 +44,6 @@ from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.sharding import P
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AlignConfig:
     """Phase-2 options (configs/common.py, section `calibration.align`)."""
@@ -51,10 +53,16 @@ class AlignConfig:
     lr_gates: float
     weight_decay: float
     clip_norm: float
+    checkpoint_every: int  # steps between checkpoints (0 = none; needs a checkpoint directory)
 
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"calibration.align.steps must be >= 0, got {self.steps}")
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"calibration.align.checkpoint_every must be >= 0 (0 = off), got "
+                f"{self.checkpoint_every}"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> AlignConfig:
@@ -142,7 +150,20 @@ def make_task(model_config, mixer: StudentMixer, cfg: AlignConfig, mesh) -> loop
     )
 
 
-def fit_layers(stacked_mixers, x_lntd, y_lntd, valid_nt, *, model_config, mixer, cfg, mesh):
+def fit_layers(
+    stacked_mixers,
+    x_lntd,
+    y_lntd,
+    valid_nt,
+    *,
+    model_config,
+    mixer,
+    cfg,
+    mesh,
+    checkpoint_dir: str | None = None,
+    log_fn=None,
+    stop_after_steps: int | None = None,
+):
     """Phase 2 for L layers stacked on axis 0, sharded over mesh axes "layers" and "data".
 
     N must be divisible by the "data" axis size. Returns (stacked best params, metrics
@@ -150,6 +171,13 @@ def fit_layers(stacked_mixers, x_lntd, y_lntd, valid_nt, *, model_config, mixer,
     before update s (curve[:, 0] = loss of the input params; one column of the input loss
     when steps = 0); loss_after is the loss of the returned (best) params, the best of the
     losses before every update and after the last.
+
+    With `checkpoint_dir` and cfg.checkpoint_every > 0 the loop state is saved there every
+    checkpoint_every steps and at the end, and a call finding a checkpoint there resumes
+    from it (the mesh must be the one it was saved under). log_fn(step, dict) gets the
+    loop's events ({"resumed_from_step"} on resume, the summed loss at the end);
+    `stop_after_steps` ends the call after that many steps without saving, as a crash
+    would, and returns None (tests).
     """
     mixer.spec.param_groups(stacked_mixers)  # a one-line error for params of no group
     n_layers = x_lntd.shape[0]
@@ -177,24 +205,50 @@ def fit_layers(stacked_mixers, x_lntd, y_lntd, valid_nt, *, model_config, mixer,
         "curve": jnp.zeros((n_layers + pad, cfg.steps + 1), jnp.float32),
     }
     # Loop step `steps` only scores the final params (its update is never used): one extra
-    # gradient evaluation instead of a second compiled program.
+    # gradient evaluation instead of a second compiled program. Checkpoints cut the calls
+    # (loop.LoopOptions.call_end); without them all steps run in one call.
+    every = cfg.checkpoint_every if checkpoint_dir is not None else 0
     opts = loop.LoopOptions(
         steps=cfg.steps + 1,
         steps_per_call=cfg.steps + 1,
         log_every=0,
         eval_every=0,
-        checkpoint_every=0,
+        checkpoint_every=every,
         desc="align",
     )
     state = loop.init_state(task, params, rng=jax.random.PRNGKey(0), extra=extra)
-    extra = loop.run(task, state, loop.FixedBatch(batch), opts, mesh=mesh).state.extra
+    result = loop.run(
+        task,
+        state,
+        loop.FixedBatch(batch),
+        opts,
+        mesh=mesh,
+        checkpoint_dir=checkpoint_dir if every else None,
+        log_fn=log_fn,
+        stop_after_steps=stop_after_steps,
+    )
+    if result is None:
+        return None
+    extra = result.state.extra
     curve = extra["curve"][:, : max(cfg.steps, 1)]
     metrics = {"loss_before": curve[:, 0], "loss_after": extra["best_loss"], "curve": curve}
     return jax.tree.map(lambda a: a[:n_layers], (extra["best"], metrics))
 
 
-def align_student(student_params, stats, layers: Sequence[int], *, model_config, mixer, cfg, mesh):
-    """Phase 2 on the student mixers of `layers` of a student; returns (new params, metrics)."""
+def align_student(
+    student_params,
+    stats,
+    layers: Sequence[int],
+    *,
+    model_config,
+    mixer,
+    cfg,
+    mesh,
+    checkpoint_dir: str | None = None,
+    log_fn=None,
+):
+    """Phase 2 on the student mixers of `layers` of a student; returns (new params, metrics).
+    checkpoint_dir, log_fn: as in `fit_layers`."""
     layers = tuple(layers)
     if not layers:
         return student_params, {}
@@ -211,5 +265,7 @@ def align_student(student_params, stats, layers: Sequence[int], *, model_config,
         mixer=mixer,
         cfg=cfg,
         mesh=mesh,
+        checkpoint_dir=checkpoint_dir,
+        log_fn=log_fn,
     )
     return unstack_mixers(student_params, layers, new, mixer.name), metrics

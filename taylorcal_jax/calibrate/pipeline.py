@@ -11,7 +11,9 @@ and passes its results to the next through files under <workdir>/calibration:
     calibrate      `calibration.strategy` up to phase 1 for every layer -> init/ (a student
                    directory with every layer converted) + init_report.json
     align          phase 2 for every layer (strategies with phase 2 only) -> aligned/ +
-                   align_report.json
+                   align_report.json; checkpoints in align_ckpt/ every
+                   `calibration.align.checkpoint_every` steps (a rerun resumes from the last;
+                   removed once the outputs are written)
     select_layers  keep_full_attention_layers by `select.policy` / `select.kept_fraction` (or
                    `select.keep_layers`) -> <workdir>/student (the calibrated student)
     eval_student   zero-shot perplexity of student and teacher on the eval set ->
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 
 import jax
@@ -64,6 +65,7 @@ STATS_FILE = "stats.npz"
 REPORT_JSON = "calibration_report.json"
 REPORT_PNG = "calibration_report.png"
 STUDENT_DIR = "student"
+ALIGN_CHECKPOINT_DIR = "align_ckpt"
 
 
 def _rel(*parts) -> str:
@@ -307,13 +309,22 @@ def align_stage(ctx) -> dict:
     sc, student = load_student(ctx.path(_rel("init")))
     st = load_stats(ctx.path(_rel(STATS_FILE)))
     cal = calibration_context(ctx.config, sc.teacher, ctx.mesh)
+    checkpoint_dir = ctx.path(_rel(ALIGN_CHECKPOINT_DIR))
+
+    def log_fn(step, values):
+        ctx.metrics.write("align", step=step, **values)
+
     for _ in progress(range(1), desc=f"align ({cal.align_cfg.steps} steps)", unit="phase"):
-        student, report = select.aligned_student(strategy, student, st, cal)
+        student, report = select.aligned_student(
+            strategy, student, st, cal, checkpoint_dir=checkpoint_dir, log_fn=log_fn
+        )
         jax.block_until_ready(student)
     _save_student_dir(
         ctx.path(_rel("aligned")), StudentConfig(sc.teacher, (), cal.mixer.config), student
     )
     _write_json(ctx.path(_rel("align_report.json")), {"strategy": strategy, **report})
+    # The outputs supersede the checkpoints, which hold every mixer four times over.
+    workdir_lib.remove(checkpoint_dir)
     a = report["align"]
     out = {
         "steps": cal.align_cfg.steps,
@@ -557,8 +568,10 @@ STAGES = {
         run=align_stage,
         summary="fits every GDN mixer to its teacher attention layer (phase 2)",
         reads=("calibration.align",),
+        ignores=("calibration.align.checkpoint_every",),
         inputs=lambda config: ("statistics", "calibrate"),
         outputs=(_rel("aligned"), _rel("align_report.json")),
+        checkpoints=(_rel(ALIGN_CHECKPOINT_DIR),),
         not_needed=lambda config: (
             "" if uses_align(config) else f"strategy {config.calibration.strategy} has no phase 2"
         ),

@@ -128,8 +128,11 @@ def initial_student(strategy: str, teacher_params, stats, ctx: CalibrationContex
     return student, jax.device_get(report)
 
 
-def aligned_student(strategy: str, student, stats, ctx: CalibrationContext):
-    """Phase 2 on every layer if `strategy` has it (else unchanged): (params, report)."""
+def aligned_student(
+    strategy: str, student, stats, ctx: CalibrationContext, *, checkpoint_dir=None, log_fn=None
+):
+    """Phase 2 on every layer if `strategy` has it (else unchanged): (params, report).
+    checkpoint_dir, log_fn: as in align.fit_layers."""
     check_strategy(strategy)
     if strategy not in _USES_ALIGN:
         return student, {}
@@ -142,6 +145,8 @@ def aligned_student(strategy: str, student, stats, ctx: CalibrationContext):
         mixer=ctx.mixer,
         cfg=ctx.align_cfg,
         mesh=ctx.mesh,
+        checkpoint_dir=checkpoint_dir,
+        log_fn=log_fn,
     )
     return student, {"align": jax.device_get(metrics)}
 

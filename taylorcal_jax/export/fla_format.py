@@ -24,46 +24,21 @@ and GDN both under model.layers.{i}.attn.*, GDN convolutions as attn.{q,k,v}_con
 
 from __future__ import annotations
 
-import json
-import pathlib
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from taylorcal_jax.export.common import (
+    MODEL_FIELDS,
     UnsupportedExportError,
     check_gdn_student,
     check_known_fields,
+    format_tensors,
+    write_model_dir,
 )
 from taylorcal_jax.models import hf_io
 from taylorcal_jax.models.student import StudentConfig
 
 TARGET = "flash-linear-attention's GatedDeltaNetForCausalLM format"
 MODEL_TYPE = "gated_deltanet"
-# Teacher fields with a place in fla's config; the ones that only matter for kept layers are
-# checked against fla's attention in `check_fla_exportable`.
-MODEL_FIELDS = {
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rms_norm_eps",
-    "max_position_embeddings",
-    "rope",
-    "attention_bias",
-    "qk_norm",
-    "sliding_windows",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-}
 # Our module names -> fla's (the rest coincide).
 _RENAMES = {
     "embed_tokens": "embeddings",
@@ -178,23 +153,13 @@ def fla_config(config: StudentConfig, dtype_name: str) -> dict:
 
 
 def fla_tensors(params, dtype=None) -> dict[str, np.ndarray]:
-    out = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        arr = np.asarray(jax.device_get(value))
-        if dtype is not None:
-            arr = arr.astype(jnp.dtype(dtype))
-        out[fla_tensor_name(path)] = _fla_layout(path, arr)
-    return out
+    return format_tensors(params, fla_tensor_name, _fla_layout, dtype)
 
 
 def write_fla_model(out_dir, config: StudentConfig, params, dtype=None, *, max_shard_bytes=None):
     """Writes config.json + safetensors in fla's format into `out_dir`; returns its path."""
     check_fla_exportable(config)
     tensors = fla_tensors(params, dtype)
-    dtypes = {str(a.dtype) for a in tensors.values()}
-    hf = fla_config(config, dtypes.pop() if len(dtypes) == 1 else "float32")
-    root = pathlib.Path(out_dir)
-    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    hf_io.write_weights(root, tensors, **kwargs)
-    (root / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    return root
+    return write_model_dir(
+        out_dir, tensors, lambda dtype_name: fla_config(config, dtype_name), max_shard_bytes
+    )

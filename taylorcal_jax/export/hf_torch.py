@@ -31,15 +31,17 @@ import os
 import pathlib
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from taylorcal_jax.export.common import (
+    MODEL_FIELDS,
     UnsupportedExportError,
     check_gdn_student,
     check_known_fields,
+    format_tensors,
+    write_model_dir,
 )
 from taylorcal_jax.models import hf_io
 from taylorcal_jax.models.config import ModelConfig, RopeConfig
@@ -59,27 +61,6 @@ AUTO_MAP = {
 TARGET = "the Hugging Face PyTorch format"
 # RoPE types whose frequencies do not depend on the position: the exported model applies them.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# Teacher fields the config carries (the GDN fields are common.GDN_FIELDS).
-MODEL_FIELDS = {
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rms_norm_eps",
-    "max_position_embeddings",
-    "rope",  # all of it: the frequencies come from models/rope.py
-    "attention_bias",
-    "qk_norm",
-    "sliding_windows",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-}
 # config.json keys without which `student_config_from_hybrid` cannot rebuild the student (token
 # ids and teacher_path may be absent: None).
 REQUIRED_KEYS = (
@@ -215,27 +196,20 @@ def student_config_from_hybrid(hf: dict) -> StudentConfig:
 
 def torch_tensors(params, dtype=None) -> dict[str, np.ndarray]:
     """{exported name: array in torch layout} (dtype: cast every tensor; None keeps each's)."""
-    out = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        arr = np.asarray(jax.device_get(value))
-        if dtype is not None:
-            arr = arr.astype(jnp.dtype(dtype))
-        out[torch_tensor_name(path)] = arr.T if _is_kernel(path) else arr
-    return out
+    return format_tensors(
+        params, torch_tensor_name, lambda path, arr: arr.T if _is_kernel(path) else arr, dtype
+    )
 
 
 def write_hf_model(out_dir, config: StudentConfig, params, dtype=None, *, max_shard_bytes=None):
     """Writes the model directory (module docstring) into `out_dir`; returns its path."""
     check_exportable(config)
     tensors = torch_tensors(params, dtype)
-    dtypes = {str(a.dtype) for a in tensors.values()}
-    hf = hybrid_config(config, dtypes.pop() if len(dtypes) == 1 else "float32")
-    root = pathlib.Path(out_dir)
-    kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    hf_io.write_weights(root, tensors, **kwargs)
+    root = write_model_dir(
+        out_dir, tensors, lambda dtype_name: hybrid_config(config, dtype_name), max_shard_bytes
+    )
     for module in (CONFIG_MODULE, MODELING_MODULE):
         shutil.copyfile(MODELING_DIR / f"{module}.py", root / f"{module}.py")
-    (root / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return root
 
 

@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from taylorcal_jax.models.config import (
     SUPPORTED_MODEL_TYPES,
@@ -37,6 +36,7 @@ from taylorcal_jax.models.config import (
 )
 from taylorcal_jax.models.paths import layer_index
 from taylorcal_jax.models.safetensors_io import CorruptCheckpointError, read_tensors, write_tensors
+from taylorcal_jax.utils.progress import progress
 
 __all__ = [
     "CheckpointError",
@@ -267,7 +267,7 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
         )
 
     flat = {}
-    for name, path in tqdm(by_name.items(), desc="loading", unit="tensor", leave=False):
+    for name, path in progress(by_name.items(), desc="loading", unit="tensor"):
         arr = tensors[name]
         if _is_kernel(path):
             arr = np.transpose(arr)
@@ -302,7 +302,7 @@ def write_weights(
         return
     weight_map = {}
     n = len(shards)
-    for k, shard in enumerate(tqdm(shards, desc="saving", unit="shard", leave=False)):
+    for k, shard in enumerate(progress(shards, desc="saving", unit="shard")):
         fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         write_tensors(root / fname, shard)
         weight_map.update({name: fname for name in shard})

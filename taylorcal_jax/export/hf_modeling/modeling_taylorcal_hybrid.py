@@ -4,9 +4,13 @@ configuration_taylorcal_hybrid.py; load the directory with
 
     AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
 
-Needs transformers 5 (the `cache` argument and transformers.cache_utils' layer classes; written
-against 5.25). Letters: B batch, T new tokens, S key slots, D hidden, H heads, Hkv key/value
-heads, d head dim, K / V GDN key / value head dims, W short-convolution width, C its channels.
+Needs transformers 5 (transformers.cache_utils' layer classes); tested with 5.17 and 5.25. The
+cache argument and output field are `past_key_values` before the rename to `cache` (5.25 has
+`cache`; 5.17 has the old name): forward takes either, and the outputs use the one the installed
+version declares (CACHE_FIELD), which is where generate() looks for it.
+
+Letters: B batch, T new tokens, S key slots, D hidden, H heads, Hkv key/value heads, d head dim,
+K / V GDN key / value head dims, W short-convolution width, C its channels.
 
     block l:  h <- h + mixer_l(rmsnorm(h)),  h <- h + mlp(rmsnorm(h))
     mlp(x)  = (silu(x Wgate) * x Wup) Wdown
@@ -65,6 +69,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_taylorcal_hybrid import TaylorcalHybridConfig
 
 FLA_RECURRENT_MAX_TOKENS = 64  # fla's GatedDeltaNet layer switches to the chunked kernel above this
+# The cache's name in model outputs (and in generate()'s calls of forward) in this transformers.
+CACHE_FIELD = (
+    "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 
 @functools.cache
@@ -81,6 +89,13 @@ def fla_kernels():
 
 
 # ------------------------------------------------------------------------ pure functions
+
+
+def one_cache(cache, past_key_values):
+    """The cache given under either name (see the module docstring), or None."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("give the cache as `cache` or as `past_key_values`, not both")
+    return past_key_values if cache is None else cache
 
 
 def rms_normalize(x, eps):
@@ -488,8 +503,10 @@ class TaylorcalHybridModel(TaylorcalHybridPreTrainedModel):
         cache=None,
         inputs_embeds=None,
         use_cache=None,
+        past_key_values=None,
         **kwargs,
     ):
+        cache = one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -522,7 +539,7 @@ class TaylorcalHybridModel(TaylorcalHybridPreTrainedModel):
             h = layer(
                 h, cos_btd=cos, sin_btd=sin, valid_bs=valid_bs, q_slots_t=q_slots_t, cache=cache
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_FIELD: cache})
 
 
 class TaylorcalHybridForCausalLM(TaylorcalHybridPreTrainedModel, GenerationMixin):
@@ -549,13 +566,14 @@ class TaylorcalHybridForCausalLM(TaylorcalHybridPreTrainedModel, GenerationMixin
         labels=None,
         use_cache=None,
         logits_to_keep: int = 0,
+        past_key_values=None,
         **kwargs,
     ):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            cache=one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -564,4 +582,6 @@ class TaylorcalHybridForCausalLM(TaylorcalHybridPreTrainedModel, GenerationMixin
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
+        )
