@@ -129,11 +129,11 @@ def test_parts_are_validated_and_ordered():
 
 
 def test_pipeline_validation_rejects_unknown_parts(tmp_path):
+    import tiny  # noqa: PLC0415  configs/tiny.py
+
     from taylorcal_jax import main
     from taylorcal_jax.errors import ConfigError
     from taylorcal_jax.run import validate
-
-    import tiny  # noqa: PLC0415  configs/tiny.py
 
     config = tiny.get_config("smoke")
     config.calibration.phase1_parts = ("decay", "beta")
