@@ -14,10 +14,10 @@
 #
 #   bash launch/smollm2_gpu.sh stage_release <release checkout>   # here: -> workdirs/refrel
 #   bash launch/smollm2_gpu.sh all        # call, carry workdirs/refrel (and .whl): the sweep
-#       (6 strategies x uniform/ar/ga_s2 at 25%) -> $OUT/zero_shot_smollm2_135m.*; then at once
-#       the reference release's init on its keep sets (launch/reference_release.py run, rows
-#       `reference_release` added to that file) and the phase-1 ablation (uniform and ar)
-#       -> $OUT/zero_shot_smollm2_135m_phase1_ablation.*
+#       (7 strategies x uniform/ar/ga_s2 at 25%, and taylor_calibrate with the output gate
+#       joined by other phase-1 parts on uniform/ar) -> $OUT/zero_shot_smollm2_135m.*; then the
+#       reference release's init on its keep sets (launch/reference_release.py run, rows
+#       `reference_release` added to that file). The phase-1 ablation is `ablation`.
 #
 # `stage_release` copies the release's checkout (the Taylor-Calibrate repository with our
 # changes for a Llama teacher; its code stays out of this repository) into the ignored folder
@@ -97,18 +97,14 @@ PY
     ;;
   all)
     join_and_install
-    t0=$SECONDS
     timeout "${SWEEP_LIMIT:-330}" python3 launch/sweep_zero_shot.py --config="$CONFIG" \
-      "${COMMON[@]}" --teacher_name=smollm2_135m || echo "sweep stopped: $?"
-    left=$((LIMIT - (SECONDS - t0)))
-    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3  # three processes share the GPU from here on
-    (ablation "$left" 2>&1 | sed -u 's/^/[ablation] /') &
-    abl=$!
-    timeout "$left" python3 launch/reference_release.py run --config="$CONFIG" \
+      "${COMMON[@]}" --teacher_name=smollm2_135m --ablation_policies=uniform,ar \
+      --phase1_variants=write_gate+output_gate,decay+output_gate,decay+write_gate+output_gate \
+      || echo "sweep stopped: $?"
+    timeout "$((LIMIT - SECONDS))" python3 launch/reference_release.py run --config="$CONFIG" \
       --workdir="$WORK" --release_code=workdirs/refrel --config.progress=False \
       --config.calibration.gdn.impl="${GDN_IMPL:-chunked}" \
       --sweep_json="$OUT/zero_shot_smollm2_135m.json" || echo "release rows stopped: $?"
-    wait "$abl" || echo "ablation stopped: $?"
     ls -l "$OUT"
     ;;
   *)
