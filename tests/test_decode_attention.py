@@ -170,6 +170,21 @@ def test_model_decode_steps_pallas_equal_xla():
     assert _rel(steps["pallas"], steps["xla"]) <= 2e-5
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernel_lowers_to_triton_for_a_gpu(dtype):
+    # Pallas's Triton lowering runs here, without a GPU (the export for platform "cuda"): shapes
+    # and dtypes of every load, dot and store pass its checks. Compiling the Triton IR needs a GPU.
+    b, s, h, hkv, d = 2, 4160, 12, 2, 128  # the Qwen2.5-1.5B attention shape, S a ragged 65 x 64
+    args = [jax.ShapeDtypeStruct(x, dtype) for x in ((b, 1, h, d), (b, s, hkv, d), (b, s, hkv, d))]
+    args.append(jax.ShapeDtypeStruct((b, s), jnp.bool_))
+    fn = jax.jit(lambda *a: pallas_gpu.decode_attention_pallas(*a, dtype, interpret=False))
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+    )(*args)
+    assert exported.mlir_module().count(triton) == 1  # one kernel; the combine is XLA's
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,s", [(1, 4160), (4, 16448)])
 def test_compiled_kernel_equals_xla_on_gpu(b, s):

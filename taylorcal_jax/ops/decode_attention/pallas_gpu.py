@@ -98,7 +98,8 @@ def _load_rows(ref, rows, ok):
     """ref[rows] with the rows outside the cache (ok False) read as 0 and never touched."""
     block = ref.at[rows]
     mask = jnp.broadcast_to(ok.reshape(ok.shape + (1,) * (len(block.shape) - 1)), block.shape)
-    return plgpu.load(block, mask=mask, other=0)
+    fill = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # cast to the ref's dtype
+    return plgpu.load(block, mask=mask, other=fill)
 
 
 def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_split, cfg, dt):
@@ -170,7 +171,9 @@ def partials(q_bkgd, k_bshd, v_bshd, mask_bs, config: DecodeConfig, interpret: b
 
 def combine(m_bkng, l_bkng, a_bkngd):
     """context [B, Hkv, Gp, d] fp32 from the splits' partials (module docstring)."""
-    top = jnp.max(m_bkng, axis=2, keepdims=True)
+    # the barrier keeps XLA from fusing the max into its users, as JAX's own Pallas decode
+    # attention does (jax.experimental.pallas.ops.gpu.decode_attention: invalid values without)
+    top = lax.optimization_barrier(jnp.max(m_bkng, axis=2, keepdims=True))
     w = jnp.exp(m_bkng - top)
     den = jnp.sum(w * l_bkng, axis=2)
     return jnp.sum(w[..., None] * a_bkngd, axis=2) / den[..., None]
