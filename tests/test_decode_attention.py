@@ -89,6 +89,19 @@ def test_api_impls_equal_the_fp64_reference(impl, dtype, tol):
     assert _rel(got, _reference64(q, k, v, mask)) <= tol
 
 
+def test_gradients_are_the_xla_forms():
+    q, k, v, mask = _inputs(6, 2, jnp.float32, seed=2)
+    w = jax.random.normal(jax.random.PRNGKey(3), q.shape)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(w * api.decode_attention(q, k, v, mask, q.dtype, impl=impl))
+
+    got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want, strict=True):
+        assert _rel(a, b) <= 1e-6
+
+
 def test_split_plan_covers_every_slot_once():
     config = pallas_gpu.DecodeConfig(block_s=64, programs=512)
     for b, hkv, s in [(1, 2, 4160), (16, 2, 65600), (16, 2, 64), (1, 1, 1), (3, 4, 1000)]:

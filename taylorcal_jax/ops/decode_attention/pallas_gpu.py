@@ -21,6 +21,8 @@ Every split holds at least one slot, so the denominator is >= 1. As in reference
 get probability 0 unless a row has no valid slot, which then averages V over all S slots.
 Numerics: bf16 q, K, V give bf16 dot operands (p rounded to bf16 before the V product, as the
 reference rounds P) with fp32 accumulation; other dtypes run fp32 dots at HIGHEST precision.
+Differentiable: the backward is that of reference.attend_one_query (a decoding step is never
+differentiated for speed; this keeps a differentiated T == 1 forward correct under impl "auto").
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from taylorcal_jax.ops.decode_attention.reference import NEG
+from taylorcal_jax.ops.decode_attention.reference import NEG, attend_one_query
 
 F32 = jnp.float32
 _MIN_DOT = 16  # least size of a Triton dot dimension
@@ -190,6 +192,12 @@ def decode_attention_pallas(
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     config = DecodeConfig() if config is None else config
+    static = (jnp.dtype(dtype), bool(interpret), config)
+    return _decode_attention(q_b1hd, k_bshd, v_bshd, mask_bs, static)
+
+
+def _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static):
+    dtype, interpret, config = static
     b, _, h, d = q_b1hd.shape
     hkv = k_bshd.shape[2]
     g = h // hkv
@@ -201,3 +209,23 @@ def decode_attention_pallas(
     parts = partials(q_bkgd, k_bshd, v_bshd, mask_bs.astype(jnp.int8), config, interpret, dt)
     ctx = combine(*parts)[:, :, :g]
     return ctx.reshape(b, 1, h, d).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _decode_attention(q_b1hd, k_bshd, v_bshd, mask_bs, static):
+    return _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static)
+
+
+def _decode_attention_fwd(q_b1hd, k_bshd, v_bshd, mask_bs, static):
+    return _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static), (q_b1hd, k_bshd, v_bshd, mask_bs)
+
+
+def _decode_attention_bwd(static, residuals, ct_b1hd):
+    q_b1hd, k_bshd, v_bshd, mask_bs = residuals
+    _, vjp = jax.vjp(
+        lambda q, k, v: attend_one_query(q, k, v, mask_bs, static[0]), q_b1hd, k_bshd, v_bshd
+    )
+    return (*vjp(ct_b1hd), None)  # the mask (bool) has no cotangent
+
+
+_decode_attention.defvjp(_decode_attention_fwd, _decode_attention_bwd)
