@@ -83,8 +83,8 @@ ROWS = {
 }
 # Pallas launch configurations the "op" variant times: (block_s, programs, warps, stages)
 OP_CONFIGS = {
-    "qwen2_5_1_5b": [(32, 528, 4, 2), (64, 264, 4, 2), (64, 528, 4, 2), (64, 1056, 4, 2),
-                     (64, 528, 4, 3), (128, 528, 4, 2), (128, 528, 8, 2), (128, 1056, 8, 3)],
+    "qwen2_5_1_5b": [(32, 528, 4, 2), (64, 264, 4, 2), (64, 528, 4, 2), (64, 1056, 4, 3),
+                     (128, 528, 8, 2), (128, 1056, 8, 3)],
     "cpu": [(64, 512, 4, 2)],
     "small": [(16, 8, 4, 2), (32, 512, 4, 2)],
 }  # fmt: skip
@@ -478,7 +478,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed calls per row (median).")
     flags.DEFINE_integer("compile_threads", 8, "Programs compiled at once (per child).")
     flags.DEFINE_float("budget_s", 420.0, "No variant starts after this many seconds.")
-    flags.DEFINE_float("variant_timeout_s", 150.0, "A child is stopped after this many seconds.")
+    flags.DEFINE_float("variant_timeout_s", 200.0, "A child is stopped after this many seconds.")
     flags.DEFINE_float("min_variant_s", 45.0, "A variant starts only with this much budget left.")
     flags.DEFINE_string("tag", "", "Result file tag (default: the preset's name).")
     flags.DEFINE_string("out", os.path.join(LAUNCH_DIR, "results"), "Output directory.")
@@ -495,7 +495,7 @@ def settings(
     repeats=3,
     compile_threads=8,
     budget_s=420.0,
-    variant_timeout_s=150.0,
+    variant_timeout_s=200.0,
     min_variant_s=45.0,
     tag="",
     out=os.path.join(LAUNCH_DIR, "results"),
