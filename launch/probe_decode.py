@@ -140,7 +140,8 @@ def row_line(variant: str, record: dict) -> str:
         return (
             f"{variant} B={record['batch']} S={record['slots']} {record['impl']}: "
             f"{1e3 * record['s_per_call']:.3f} ms = {record['roofline_fraction']:.0%} of the "
-            f"K/V read at the copy bandwidth"
+            f"K/V read at the copy bandwidth (error vs xla, max|a-b|/max|b| "
+            f"{record['rel_err_vs_xla']:.1e})"
         )
     return (
         f"{variant} L={record['context']} B={record['batch']} {record['model']}: "

@@ -48,6 +48,12 @@ def test_child_lines_and_row_lines():
     assert probe.row_line("xla", record) == (
         "xla L=4096 B=16 teacher: 2.000 ms/step = 75% of its roofline (1.500 ms)"
     )
+    op = dict(kind="op", impl="pallas bs=64", batch=16, slots=65568, s_per_call=1e-3,
+              roofline_fraction=0.5, rel_err_vs_xla=2e-3)  # fmt: skip
+    assert probe.row_line("op", op) == (
+        "op B=16 S=65568 pallas bs=64: 1.000 ms = 50% of the K/V read at the copy bandwidth "
+        "(error vs xla, max|a-b|/max|b| 2.0e-03)"
+    )
 
 
 def _run(tmp_path, variants, **overrides):
