@@ -365,7 +365,7 @@ def run_variant(p: dict, name: str, timeout_s: float, on_record) -> dict:
         text=True,
         env=env,
         cwd=REPO,
-        start_new_session=True,
+        process_group=0,  # its own process group: a timeout ends it and what it started
     )
     head, tail, status = [], [], "failed"
     deadline = t0 + timeout_s
