@@ -362,7 +362,6 @@ def run_variant(p: dict, name: str, timeout_s: float, on_record) -> dict:
         child_command(p, name),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
         env=env,
         cwd=REPO,
         process_group=0,  # its own process group: a timeout ends it and what it started
