@@ -12,7 +12,9 @@ teacher and student in turn:
               tokens/s = B L / t. At batch 1, and at each larger B with B L <=
               max_prefill_tokens (a long prompt keeps the device busy at batch 1 already).
     decode    N greedy single-token steps, one jitted lax.scan, from the batch-1 prefill's cache
-              replicated to B rows: tokens/s = B N / t, seconds per step = t / N.
+              replicated to B rows: tokens/s = B N / t, seconds per step = t / N. Once per
+              decoding-attention implementation asked for (--decode_attention, e.g. "xla,pallas":
+              layers.AttentionRuntime.decode_impl); the first one's figures are the row's.
     cache     bytes of the decoding cache of S slots at batch B.
     roofline  bytes one decoding step must move / measured copy bandwidth, where the bytes are
                   weights   every parameter once (the tied LM head reads the whole table)
@@ -33,6 +35,7 @@ each decode call starts from a fresh copy of the cache, made outside the timing 
 result files (.json, .md, .png) are rewritten after each.
 
     python launch/bench_inference.py --tag=h200   # Qwen2.5-1.5B shape, 4k-64k, batch 1 and 16
+    python launch/bench_inference.py --tag=h200 --decode_attention=pallas,xla  # both kernels
     python launch/bench_inference.py --preset=cpu    # 8 layers, hidden 512, 1k-8k (CPU)
     python launch/bench_inference.py --preset=small  # seconds-long dry run
 """
@@ -98,15 +101,18 @@ def _ints(text: str, name: str) -> list[int]:
 # ---------------------------------------------------------------------------------- models
 
 
-def build_models(config, keep, dtype, impl):
-    """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`."""
+def build_models(config, keep, dtype, impl, decode_impl="auto"):
+    """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`. GDN
+    runs by op implementation `impl`, a decoding step's attention by `decode_impl`."""
+    from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer
 
+    attention = AttentionRuntime(decode_impl=decode_impl)
     sc = StudentConfig.from_teacher(config, keep, mixer="gdn")
-    student = sc.model(dtype=dtype, runtime=GDNRuntime(impl=impl))
-    return Transformer(config, dtype=dtype), student
+    student = sc.model(dtype=dtype, runtime=GDNRuntime(impl=impl), attention_runtime=attention)
+    return Transformer(config, dtype=dtype, attention_runtime=attention), student
 
 
 def empty_cache(model, batch: int, slots: int):
@@ -133,9 +139,10 @@ def prefill_program(model, slots: int):
     return jax.jit(prefill)
 
 
-def decode_program(model, steps: int):
+def decode_program(model, steps: int, unroll: int = 1):
     """jit of (params, cache, token [B]) -> (cache, token [B], all logits finite) after `steps`
-    greedy single-token steps (one lax.scan); the cache is donated and updated in place."""
+    greedy single-token steps (one lax.scan, `unroll` steps per loop iteration); the cache is
+    donated and updated in place."""
     import jax
     import jax.numpy as jnp
 
@@ -147,7 +154,9 @@ def decode_program(model, steps: int):
             next_b = jnp.argmax(last_bv, -1).astype(jnp.int32)
             return (cache, next_b, finite & jnp.isfinite(last_bv).all()), None
 
-        carry, _ = jax.lax.scan(step, (cache, token_b, jnp.array(True)), length=steps)
+        carry, _ = jax.lax.scan(
+            step, (cache, token_b, jnp.array(True)), length=steps, unroll=unroll
+        )
         return carry
 
     return jax.jit(decode, donate_argnums=1)
@@ -305,17 +314,24 @@ def time_decode(program, params, cache, token_b, repeats):
 
 def model_entry(prefill_s, tokens, decode_s, batch, steps, cache_bytes, step_bytes, bandwidth):
     """One (context, batch, model) result."""
-    per_step = decode_s / steps
     roofline = step_bytes["total"] / bandwidth
     return {
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": None if prefill_s is None else tokens / prefill_s,
-        "decode_s_per_step": per_step,
-        "decode_tokens_per_s": batch / per_step,
+        **decode_figures(decode_s, batch, steps, roofline),
         "cache_bytes": cache_bytes,
         "decode_bytes_per_step": step_bytes,
         "roofline_s_per_step": roofline,
-        "roofline_fraction": roofline / per_step,
+    }
+
+
+def decode_figures(decode_s, batch, steps, roofline_s_per_step) -> dict:
+    """One decoding-attention implementation's decode figures of a (context, batch, model)."""
+    per_step = decode_s / steps
+    return {
+        "decode_s_per_step": per_step,
+        "decode_tokens_per_s": batch / per_step,
+        "roofline_fraction": roofline_s_per_step / per_step,
     }
 
 
@@ -372,7 +388,8 @@ def markdown(result: dict) -> str:
         "",
         f"Shape {result['shape']}, {result['dtype']}, kept attention layers "
         f"{result['keep_full_attention_layers']}, GDN op {result['gdn_impl_resolved']}, "
-        f"{result['decode_steps']} decoded tokens per call, median of {result['repeats']}.",
+        f"decoding attention {_impl_names(result)[0]}, {result['decode_steps']} decoded tokens "
+        f"per call, median of {result['repeats']}.",
         f"Command: `{result['command']}` ({result['date']}, jax {result['jax_version']}, git "
         f"{result['git']}, source digest {result['source_digest']}).",
         f"{'Complete' if result['complete'] else 'PARTIAL (cut short)'}: "
@@ -420,12 +437,50 @@ def markdown(result: dict) -> str:
                 f"| {row['context']} | {row['batch']} | {row['decode_speedup']:.2f}x | "
                 f"{row['decode_roofline_speedup']:.2f}x | {prefill} | {row['cache_ratio']:.1f}x |"
             )
+    lines += _impl_table(result)
     lines += ["", "Targets:", ""]
     for check in result["targets"]:
         verdict = {True: "met", False: "MISSED", None: "not measured"}[check["met"]]
         value = "" if check["value"] is None else f" ({check['value']:.2f})"
         lines.append(f"- {check['target']}: {verdict}{value}")
     return "\n".join(lines) + "\n"
+
+
+def _impl_names(result: dict) -> list[str]:
+    """The decoding-attention implementations as asked for, with what "auto" ran as."""
+    asked, ran = result["decode_attention"], result["decode_attention_resolved"]
+    return [a if a == r else f"{a} ({r})" for a, r in zip(asked, ran, strict=True)]
+
+
+def _impl_table(result: dict) -> list[str]:
+    """Markdown lines comparing the decode of each decoding-attention implementation (none when
+    one was run): ms/step and fraction of the roofline, and the first one's time over each."""
+    impls = result["decode_attention"]
+    if len(impls) < 2:
+        return []
+    names = _impl_names(result)
+    head = " | ".join(f"{n} ms/step (of roofline)" for n in names)
+    gains = " | ".join(f"{impls[0]} / {impl}" for impl in impls[1:])
+    lines = [
+        "",
+        "Decode by decoding-attention implementation (the rows above: the first one):",
+        "",
+        f"| context | batch | model | {head} | {gains} |",
+        "|---|---|---|" + "---|" * (2 * len(impls) - 1),
+    ]
+    for row in result["rows"]:
+        for name in ("teacher", "student"):
+            if name not in row:
+                continue
+            by = row[name]["decode_by_impl"]
+            cells = [
+                f"{1e3 * by[i]['decode_s_per_step']:.3f} ({by[i]['roofline_fraction']:.0%})"
+                for i in impls
+            ]
+            first = by[impls[0]]["decode_s_per_step"]
+            cells += [f"{first / by[i]['decode_s_per_step']:.2f}x" for i in impls[1:]]
+            lines.append(f"| {row['context']} | {row['batch']} | {name} | {' | '.join(cells)} |")
+    return lines
 
 
 def plot(result: dict, path: str) -> None:
@@ -489,9 +544,14 @@ def _prefill_batches(p, context) -> list[int]:
     return [b for b in p["batches"] if b == 1 or b * context <= p["max_prefill_tokens"]]
 
 
-def compile_context(models, params, context, p, result) -> dict:
+def decode_job(name: str, impl: str, slots: int, batch: int) -> str:
+    return f"{name} decode[{impl}] S={slots} B={batch}"
+
+
+def compile_context(models, decoders, params, context, p, result) -> dict:
     """Every program of one context, compiled together: {name: compiled}; records each one's
-    lowering and compile seconds and XLA's temporary bytes in result["programs"]."""
+    lowering and compile seconds and XLA's temporary bytes in result["programs"]. `models`
+    prefill; `decoders` ({decode impl: models}) decode."""
     import jax
     import jax.numpy as jnp
 
@@ -507,10 +567,11 @@ def compile_context(models, params, context, p, result) -> dict:
         for b in p["batches"]:
             cache = jax.eval_shape(lambda m=m, b=b: empty_cache(m, b, slots))
             token = jax.ShapeDtypeStruct((b,), jnp.int32)
-            jobs[f"{name} decode S={slots} B={b}"] = (
-                decode_program(m, p["decode_steps"]),
-                (params[name], cache, token),
-            )
+            for impl, decoder in decoders.items():
+                jobs[decode_job(name, impl, slots, b)] = (
+                    decode_program(decoder[name], p["decode_steps"]),
+                    (params[name], cache, token),
+                )
     log(f"L={context}: compiling {len(jobs)} programs, {p['compile_threads']} at a time")
     t0 = time.perf_counter()
     compiled, seconds = compile_all(jobs, p["compile_threads"])
@@ -523,9 +584,10 @@ def compile_context(models, params, context, p, result) -> dict:
     return compiled
 
 
-def measure_context(models, params, compiled, context, p, bandwidth, result) -> None:
+def measure_context(models, decoders, params, compiled, context, p, bandwidth, result) -> None:
     """The rows of one context: the batch-1 prefill of each model (its cache starts every
-    decode), then per batch and model the prefill (where timed) and the decode."""
+    decode), then per batch and model the prefill (where timed) and the decode by each
+    decoding-attention implementation (`decoders`' keys, the first one's figures the row's)."""
     import jax
 
     steps, repeats, vocab = p["decode_steps"], p["repeats"], models["teacher"].config.vocab_size
@@ -548,20 +610,31 @@ def measure_context(models, params, compiled, context, p, bandwidth, result) -> 
                 t_prefill, _ = time_prefill(program, params[name], tokens, repeats)
             cache = replicate_batch(first[name][1], batch)
             token = replicate_batch(first[name][2], batch)
-            program = compiled[f"{name} decode S={context + steps} B={batch}"]
-            t_decode, finite = time_decode(program, params[name], cache, token, repeats)
-            if not finite:
-                raise FloatingPointError(f"{name}: non-finite logits decoding at L={context}")
+            step_bytes = decode_step_bytes(params[name], cache, context, steps)
+            by_impl = {}
+            for impl in decoders:
+                program = compiled[decode_job(name, impl, context + steps, batch)]
+                t_decode, finite = time_decode(program, params[name], cache, token, repeats)
+                if not finite:
+                    raise FloatingPointError(
+                        f"{name}: non-finite logits decoding at L={context} ({impl} attention)"
+                    )
+                by_impl[impl] = t_decode
+            primary = next(iter(by_impl))
             row[name] = m = model_entry(
                 t_prefill,
                 batch * context,
-                t_decode,
+                by_impl[primary],
                 batch,
                 steps,
                 tree_bytes(cache),
-                decode_step_bytes(params[name], cache, context, steps),
+                step_bytes,
                 bandwidth,
             )
+            m["decode_by_impl"] = {
+                impl: decode_figures(t, batch, steps, m["roofline_s_per_step"])
+                for impl, t in by_impl.items()
+            }
             del cache
             prefill = (
                 "prefill -"
@@ -575,6 +648,11 @@ def measure_context(models, params, compiled, context, p, bandwidth, result) -> 
                 f"({1e3 * m['roofline_s_per_step']:.3f} ms, "
                 f"{m['decode_bytes_per_step']['total'] / 1e9:.3g} GB/step) | cache "
                 f"{m['cache_bytes'] / 1e9:.3g} GB"
+                + "".join(
+                    f" | {impl} attention {1e3 * x['decode_s_per_step']:.3f} ms/step "
+                    f"({x['roofline_fraction']:.0%})"
+                    for impl, x in m["decode_by_impl"].items()
+                )
             )
             if name == "student":
                 add_ratios(row)
@@ -595,6 +673,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("keep_every", 4, "The student keeps attention every k-th layer.")
     flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
     flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation for the prefill.")
+    flags.DEFINE_string(
+        "decode_attention",
+        "auto",
+        "Comma-separated decoding-attention implementations (auto, xla, pallas), each decode "
+        "timed by each; the first one's figures are the rows'.",
+    )
     flags.DEFINE_integer("compile_threads", 8, "Programs compiled at once.")
     flags.DEFINE_string("tag", "", "Result file tag (default: the device kind, or 'small').")
     flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
@@ -611,12 +695,22 @@ def settings(
     compile_threads=8,
     tag="",
     out=RESULTS_DIR,
+    decode_attention="auto",
 ) -> dict:
     """The preset with the command line's overrides; SettingsError (one line) on a bad value."""
+    from taylorcal_jax.ops.decode_attention import api as decode_api
     from taylorcal_jax.ops.gdn import api
 
     p = dict(PRESETS[preset], preset=preset, keep_every=keep_every, repeats=repeats,
              gdn_impl=gdn_impl, compile_threads=compile_threads, out=out)  # fmt: skip
+    impls = [x.strip() for x in decode_attention.split(",")]
+    bad = [x for x in impls if x not in decode_api.IMPLS]
+    if bad or len(set(impls)) != len(impls):
+        raise SettingsError(
+            f"--decode_attention must list distinct entries of {decode_api.IMPLS}, got "
+            f"{decode_attention!r}"
+        )
+    p["decode_attention"] = impls
     p["tag"] = tag or ("small" if preset == "small" else "")
     p["contexts"] = _ints(contexts or p["contexts"], "contexts")
     p["batches"] = _ints(batches or p["batches"], "batches")
@@ -669,7 +763,7 @@ def main(argv):
     try:
         p = settings(
             f.preset, f.contexts, f.batches, f.max_prefill_tokens, f.keep_every, f.repeats,
-            f.gdn_impl, f.compile_threads, f.tag, f.out,
+            f.gdn_impl, f.compile_threads, f.tag, f.out, f.decode_attention,
         )  # fmt: skip
         run(p)
     except SettingsError as e:
@@ -681,14 +775,18 @@ def run(p: dict) -> str:
     import jax
     import jax.numpy as jnp
 
+    from taylorcal_jax.ops.decode_attention import api as decode_api
     from taylorcal_jax.ops.gdn import api
 
     dtype = jnp.dtype(p["dtype"])
     steps, repeats = p["decode_steps"], p["repeats"]
     cfg = model_shapes.qwen2_config(p, max(p["contexts"]) + steps)
     keep = tuple(range(0, cfg.num_hidden_layers, p["keep_every"]))
-    teacher, student = build_models(cfg, keep, dtype, p["gdn_impl"])
-    models = {"teacher": teacher, "student": student}
+    decoders = {}  # decode impl -> {"teacher": model, "student": model}
+    for impl in p["decode_attention"]:
+        teacher, student = build_models(cfg, keep, dtype, p["gdn_impl"], impl)
+        decoders[impl] = {"teacher": teacher, "student": student}
+    models = next(iter(decoders.values()))  # the prefill's (no decoding step in it)
     log(
         f"{jax.devices()[0].device_kind}: {p['preset']} shape, contexts {p['contexts']}, "
         f"batches {p['batches']}, kept layers {list(keep)}"
@@ -721,6 +819,8 @@ def run(p: dict) -> str:
         "keep_full_attention_layers": list(keep),
         "gdn_impl": p["gdn_impl"],
         "gdn_impl_resolved": api.resolve_impl(p["gdn_impl"]),
+        "decode_attention": p["decode_attention"],
+        "decode_attention_resolved": [decode_api.resolve_impl(x) for x in p["decode_attention"]],
         "repeats": repeats,
         "max_prefill_tokens": p["max_prefill_tokens"],
         "copy_mib": p["copy_mib"],
@@ -742,8 +842,8 @@ def run(p: dict) -> str:
     log(f"writing {path} (and .md, .png) as rows are measured")
 
     for context in p["contexts"]:
-        compiled = compile_context(models, params, context, p, result)
-        measure_context(models, params, compiled, context, p, bandwidth, result)
+        compiled = compile_context(models, decoders, params, context, p, result)
+        measure_context(models, decoders, params, compiled, context, p, bandwidth, result)
         del compiled
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:

@@ -140,6 +140,8 @@ def test_targets_met_missed_and_not_measured():
         (dict(repeats=0), "--repeats must be >= 1"),
         (dict(gdn_impl="triton"), "--gdn_impl must be one of"),
         (dict(max_prefill_tokens=-1), "--max_prefill_tokens must be >= 0"),
+        (dict(decode_attention="xla,triton"), "--decode_attention must list distinct entries"),
+        (dict(decode_attention="xla,xla"), "--decode_attention must list distinct entries"),
     ],
 )
 def test_bad_settings_are_one_line_errors(overrides, message):
@@ -149,18 +151,24 @@ def test_bad_settings_are_one_line_errors(overrides, message):
 
 
 def test_small_preset_end_to_end(tmp_path):
-    # one context, batches 1 and 2 (prefill timed at both: 2 x 64 <= 256 tokens)
+    # one context, batches 1 and 2 (prefill timed at both: 2 x 64 <= 256 tokens); each decode by
+    # the XLA decoding attention and the Pallas kernel (interpret mode here)
     cmd = [sys.executable, os.path.join(REPO, "launch", "bench_inference.py"), "--preset=small",
-           "--contexts=64", "--repeats=1", f"--out={tmp_path}", "--tag=test"]  # fmt: skip
+           "--contexts=64", "--repeats=1", f"--out={tmp_path}", "--tag=test",
+           "--decode_attention=xla,pallas"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     for line in ("L=64 B=1 teacher: prefill", "L=64 B=2 student: prefill", "of its roofline"):
         assert line in run.stdout
     result = json.loads((tmp_path / "bench_inference_test.json").read_text())
     assert result["complete"] and (tmp_path / "bench_inference_test.png").stat().st_size > 0
-    assert "Targets:" in (tmp_path / "bench_inference_test.md").read_text()
-    programs = result["programs"]  # (prefill, decode) x (B=1, B=2) x 2 models, each compiled once
-    assert len(programs) == 8 and all(x["compile_s"] > 0 for x in programs.values())
+    md = (tmp_path / "bench_inference_test.md").read_text()
+    assert "Targets:" in md and "| xla ms/step (of roofline) | pallas ms/step" in md
+    assert result["decode_attention"] == result["decode_attention_resolved"] == ["xla", "pallas"]
+    # (prefill, decode by xla, decode by pallas) x (B=1, B=2) x 2 models, each compiled once
+    programs = result["programs"]
+    assert len(programs) == 12 and all(x["compile_s"] > 0 for x in programs.values())
+    assert "teacher decode[pallas] S=68 B=2" in programs
     assert [(r["context"], r["batch"]) for r in result["rows"]] == [(64, 1), (64, 2)]
     bandwidth = result["copy_bandwidth_bytes_per_s"]
     for row in result["rows"]:
@@ -174,6 +182,13 @@ def test_small_preset_end_to_end(tmp_path):
             assert m["roofline_s_per_step"] == pytest.approx(want["total"] / bandwidth)
             ratio = m["roofline_s_per_step"] / m["decode_s_per_step"]
             assert m["roofline_fraction"] == pytest.approx(ratio)
+            by_impl = m["decode_by_impl"]
+            assert list(by_impl) == ["xla", "pallas"]  # the first one's figures are the row's
+            assert by_impl["xla"]["decode_s_per_step"] == m["decode_s_per_step"]
+            pallas = by_impl["pallas"]
+            assert pallas["roofline_fraction"] == pytest.approx(
+                m["roofline_s_per_step"] / pallas["decode_s_per_step"]
+            )
         assert row["decode_roofline_speedup"] == pytest.approx(
             row["teacher"]["decode_bytes_per_step"]["total"]
             / row["student"]["decode_bytes_per_step"]["total"]

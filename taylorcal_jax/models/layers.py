@@ -16,6 +16,9 @@ heads, G = H / Hkv, d head dim, F MLP width.
              (mixer = softmax attention or a student mixer of the registry, models/mixers)
 
 Attention heads: query head h uses key/value head h // G (HF's `repeat_kv`).
+Decoding steps (T == 1) go to `ops.decode_attention` (K and V read as they lie in the cache), by
+the implementation `AttentionRuntime.decode_impl` names (a runtime option, never saved).
+
 Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
 "valid": [B,S] bool, "index": int32 scalar (next slot to write)}. A call with T tokens writes
 slots [index, index + T); the caller keeps index + T <= S (no wrap-around).
@@ -37,6 +40,7 @@ prompts) takes the dense path unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -46,11 +50,27 @@ import jax.numpy as jnp
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.paths import ATTENTION, mixer_key
 from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
+from taylorcal_jax.ops.decode_attention import api as decode_api
+from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 
-_NEG = -1e30  # large finite negative for masked logits (fully masked rows stay finite)
 # Query rows per block of `attend(block=None)`, which every model uses. Read when a function is
 # traced: set layers.ATTEND_BLOCK before the first trace (jit caches traces per function).
 ATTEND_BLOCK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRuntime:
+    """How softmax attention is computed (never saved): `decode_impl`, the implementation of a
+    decoding step's attention (`ops.decode_attention.api.IMPLS`: "auto" = the Pallas kernel on a
+    GPU, XLA elsewhere). Hashable, so jit-static."""
+
+    decode_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.decode_impl not in decode_api.IMPLS:
+            raise ValueError(
+                f"decode_impl must be one of {decode_api.IMPLS}, got {self.decode_impl!r}"
+            )
 
 
 class RMSNorm(nn.Module):
@@ -107,53 +127,35 @@ def _attend_dense(q_bthd, k_bshd, v_bshd, mask_bts, dtype):
     return ctx.reshape(b, t, h, d)
 
 
-def _attend_one_query(q_b1hd, k_bshd, v_bshd, mask_b1s, dtype):
-    """`_attend_dense` for T == 1 (a decoding step), reading K and V as they lie in the cache.
-
-    As dot operands with the KV heads as a batch dimension (`_attend_dense`), K and V would be
-    transposed to [B, Hkv, S, d] first (XLA puts dot batch dimensions in front): a copy of the
-    whole cache in every layer and step. Here the KV head j and the head dim e of K and V
-    [B, S, Hkv, d] are both contracted or both kept, with only B as a batch dimension, and
-    query head h is placed in its KV head's block, zeros elsewhere:
-    q_bd[b, h, j, e] = q[b, h, e] if j == h // G else 0, so that
-
-        logits[b, h, s] = sum_{j,e} q_bd[b, h, j, e] K[b, s, j, e] = q[b, h] . K[b, s, h // G]
-        P = softmax_s(logits / sqrt(d) + mask)
-        context[b, h] = (sum_s P[b, h, s] V[b, s, j, :]) at j = h // G
-
-    two batched matrix products over [B, S, Hkv*d] (a free reshape of the cache); Hkv times
-    the multiply-adds of the grouped form, which a decoding step, bound by memory, does not
-    notice.
-    """
-    b, _, h, d = q_b1hd.shape
-    hkv = k_bshd.shape[2]
-    own_block_hj = (jnp.arange(h)[:, None] // (h // hkv)) == jnp.arange(hkv)[None, :]
-    q_bd = q_b1hd[:, 0, :, None, :] * own_block_hj[None, :, :, None].astype(q_b1hd.dtype)
-    logits = jnp.einsum("bhje,bsje->bhs", q_bd, k_bshd, preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32) * (d**-0.5)
-    logits = jnp.where(mask_b1s, logits, _NEG)  # [B, 1, S] broadcast over the heads
-    probs = jax.nn.softmax(logits, axis=-1)
-    ctx_all = jnp.einsum("bhs,bsje->bhje", probs.astype(dtype), v_bshd.astype(dtype))
-    own = own_block_hj[None, :, :, None].astype(ctx_all.dtype)
-    ctx = jnp.sum(ctx_all * own, axis=2)  # one nonzero term: exact
-    return ctx.reshape(b, 1, h, d)
-
-
-def attend(q_bthd, k_bshd, v_bshd, mask, dtype, *, block: int | None = None):
+def attend(
+    q_bthd,
+    k_bshd,
+    v_bshd,
+    mask,
+    dtype,
+    *,
+    block: int | None = None,
+    runtime: AttentionRuntime | None = None,
+):
     """Grouped-query softmax attention -> context [B, T, H, d]; logits/softmax in float32.
 
     mask: a `MaskSpec` (the mask is built per query block, never whole) or a bool [B, T, S].
     block: query rows per block; None (what the models pass): the module-level ATTEND_BLOCK.
-    T == 1 (a decoding step) reads K and V in their cache layout (`_attend_one_query`); other
-    T <= block is one dense pass; longer T runs block by block (module docstring), equal to the
-    dense pass up to rounding, with O(B H block S) memory forward and backward.
+    runtime: None = AttentionRuntime().
+    T == 1 (a decoding step) reads K and V in their cache layout (`ops.decode_attention`, by
+    runtime.decode_impl); other T <= block is one dense pass; longer T runs block by block
+    (module docstring), equal to the dense pass up to rounding, with O(B H block S) memory
+    forward and backward.
     """
     block = ATTEND_BLOCK if block is None else block
+    runtime = AttentionRuntime() if runtime is None else runtime
     b, t, h, d = q_bthd.shape
     if t <= block:
         mask_bts = mask.rows(mask.q_index_bt) if isinstance(mask, MaskSpec) else mask
         if t == 1:
-            return _attend_one_query(q_bthd, k_bshd, v_bshd, mask_bts, dtype)
+            return decode_api.decode_attention(
+                q_bthd, k_bshd, v_bshd, mask_bts[:, 0], dtype, impl=runtime.decode_impl
+            )
         return _attend_dense(q_bthd, k_bshd, v_bshd, mask_bts, dtype)
 
     n = -(-t // block)
@@ -190,6 +192,7 @@ class Attention(nn.Module):
     config: ModelConfig
     layer_idx: int = 0
     dtype: Any = jnp.float32
+    runtime: AttentionRuntime = AttentionRuntime()
 
     def setup(self):
         c = self.config
@@ -243,7 +246,7 @@ class Attention(nn.Module):
             mask = MaskSpec(q_idx, k_idx, valid_all, window)
             k, v = k_all, v_all
             new_cache = {"k": k_all, "v": v_all, "valid": valid_all, "index": start + t}
-        ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype)
+        ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype, runtime=self.runtime)
         y = self.o_proj(ctx.reshape(b, t, -1))
         inter = {"attn_context": ctx} if return_intermediates else {}
         return y, new_cache, inter
@@ -296,6 +299,7 @@ class DecoderLayer(nn.Module):
     `keep` (a bool scalar, may be traced): the block holds both mixers and uses attention's
     output where keep, the student mixer's elsewhere (then `mixer` is ignored and there is no
     cache). The intermediates are then the mixer-independent ones only.
+    `attention_runtime`: the softmax attention's runtime options.
     """
 
     config: ModelConfig
@@ -303,6 +307,7 @@ class DecoderLayer(nn.Module):
     mixer: str = ATTENTION
     student_mixer: Any = None
     dtype: Any = jnp.float32
+    attention_runtime: AttentionRuntime = AttentionRuntime()
 
     @nn.compact
     def __call__(
@@ -313,7 +318,9 @@ class DecoderLayer(nn.Module):
 
         def mixer_module(name):
             if name == ATTENTION:
-                return Attention(c, self.layer_idx, self.dtype, name=mixer_key(name))
+                return Attention(
+                    c, self.layer_idx, self.dtype, self.attention_runtime, name=mixer_key(name)
+                )
             return self.student_mixer.module(c, dtype=self.dtype, name=mixer_key(name))
 
         where = {"positions_bt": positions_bt, "valid_bt": valid_bt}

@@ -7,7 +7,8 @@ the teacher's softmax attention ("self_attn") when i is in `keep_full_attention_
 it is the student mixer (a registry entry, `taylorcal_jax.models.mixers`, e.g. "gdn"), whose
 parameters live under the mixer's name. Embeddings, norms, MLPs and the head are the
 teacher's. The config holds the mixer's architecture only; runtime options (e.g. GDN's kernel
-choice and chunk size) are given when the model is built (`model(runtime=...)`).
+choice and chunk size) are given when the model is built (`model(runtime=...)`), as are the
+softmax attention's (`model(attention_runtime=...)`, e.g. the decoding step's kernel).
 
 Student directory (`save_student` / `load_student`), round trip exact:
 
@@ -35,6 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig, RopeConfig
+from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.mixers import StudentMixer, get_mixer, mixer_for_config
 from taylorcal_jax.models.paths import ATTENTION, has_layer_mixer, layer_key, mixer_key
 from taylorcal_jax.models.teacher import Transformer
@@ -116,10 +118,17 @@ class StudentConfig:
         """The student mixer with runtime options `runtime` (None: the entry's defaults)."""
         return StudentMixer(self.mixer_config, runtime)
 
-    def model(self, dtype=jnp.float32, runtime=None):
-        """The Flax module of this student, its mixer run with `runtime` options."""
+    def model(self, dtype=jnp.float32, runtime=None, attention_runtime=None):
+        """The Flax module of this student, its mixer run with `runtime` options and its softmax
+        attention with `attention_runtime` (a layers.AttentionRuntime; None: the defaults)."""
+        if attention_runtime is None:
+            attention_runtime = AttentionRuntime()
         return Transformer(
-            self.teacher, mixers=self.mixers, student_mixer=self.student_mixer(runtime), dtype=dtype
+            self.teacher,
+            mixers=self.mixers,
+            student_mixer=self.student_mixer(runtime),
+            dtype=dtype,
+            attention_runtime=attention_runtime,
         )
 
     # --------------------------------------------------------------------- JSON

@@ -25,7 +25,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig
-from taylorcal_jax.models.layers import DecoderLayer, RMSNorm, init_attention_cache
+from taylorcal_jax.models.layers import (
+    AttentionRuntime,
+    DecoderLayer,
+    RMSNorm,
+    init_attention_cache,
+)
 from taylorcal_jax.models.mixers import MIXERS, StudentMixer
 from taylorcal_jax.models.paths import ATTENTION, layer_key
 
@@ -59,13 +64,15 @@ def resolve_mixers(
 
 class Transformer(nn.Module):
     """The model (module docstring). `mixers`: per-layer "attention" or the name of
-    `student_mixer` (None: the teacher, all attention)."""
+    `student_mixer` (None: the teacher, all attention). `attention_runtime`: how the softmax
+    attention layers compute (layers.AttentionRuntime; never saved)."""
 
     config: ModelConfig
     mixers: tuple[str, ...] | None = None
     student_mixer: StudentMixer | None = None
     dtype: Any = jnp.float32
     remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+    attention_runtime: AttentionRuntime = AttentionRuntime()
 
     @nn.compact
     def __call__(
@@ -119,7 +126,9 @@ class Transformer(nn.Module):
         layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
         for i, mixer in enumerate(mixers):
             name = layer_key(i)
-            layer = layer_cls(c, i, mixer, self.student_mixer, self.dtype, name=name)
+            layer = layer_cls(
+                c, i, mixer, self.student_mixer, self.dtype, self.attention_runtime, name=name
+            )
             layer_cache = None if cache is None else cache[name]
             keep = None if keep_l is None else keep_l[i]
             h, layer_cache, inter = layer(

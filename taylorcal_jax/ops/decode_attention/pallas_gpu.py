@@ -1,0 +1,231 @@
+"""Flash decoding as a Pallas kernel (Triton lowering on GPUs; interpret mode on CPUs).
+
+Letters: B batch, S cache slots, H query heads, Hkv key/value heads, G = H / Hkv (Gp: G padded
+to a power of two >= 16, the least row count of a Triton dot), d head dim, BS slots per block,
+NS splits of S.
+
+The cache [B, S, Hkv, d] is read as it lies. Grid (B, Hkv, NS): program (b, j, n) takes the G
+query heads of KV head j and the slots of split n, `blocks` blocks of BS slots, and keeps, per
+query row g, the running max m, sum l and unnormalised context a of online softmax (fp32):
+
+    x_s   = q_g . K[b, s, j] / sqrt(d)  where mask[b, s], else -1e30     (fp32 dot result)
+    m'    = max(m, max_s x_s);  p_s = exp(x_s - m')
+    l'    = exp(m - m') l + sum_s p_s;   a' = exp(m - m') a + sum_s p_s V[b, s, j]
+
+Slots past S (the last block of the last split) get p_s = 0 and are never read (masked loads).
+The combine (XLA, over NS small partials) is exact softmax algebra:
+
+    M = max_n m_n,   context = sum_n exp(m_n - M) a_n / sum_n exp(m_n - M) l_n
+
+Every split holds at least one slot, so the denominator is >= 1. As in reference.py, masked slots
+get probability 0 unless a row has no valid slot, which then averages V over all S slots.
+Numerics: bf16 q, K, V give bf16 dot operands (p rounded to bf16 before the V product, as the
+reference rounds P) with fp32 accumulation; other dtypes run fp32 dots at HIGHEST precision.
+Differentiable: the backward is that of reference.attend_one_query (a decoding step is never
+differentiated for speed; this keeps a differentiated T == 1 forward correct under impl "auto").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from taylorcal_jax.ops.decode_attention.reference import NEG, attend_one_query
+
+F32 = jnp.float32
+_MIN_DOT = 16  # least size of a Triton dot dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch options (static, part of the jit cache key).
+
+    block_s: cache slots per block (one K and one V tile of [block_s, d] per loop step).
+    programs: the split count NS is chosen so that B * Hkv * NS reaches about this many programs
+      (several per SM on an H100/H200, 132 SMs), each at least one block long.
+    warps, stages: Triton warps and pipelining depth of the block loop.
+    """
+
+    block_s: int = 64
+    programs: int = 512
+    warps: int = 4
+    stages: int = 2
+
+    def __post_init__(self):
+        if self.block_s < _MIN_DOT or self.block_s & (self.block_s - 1):
+            raise ValueError(f"block_s must be a power of two >= {_MIN_DOT}, got {self.block_s}")
+        for name in ("programs", "warps", "stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def split_plan(config: DecodeConfig, b: int, hkv: int, s: int) -> tuple[int, int]:
+    """(NS splits, blocks per split) of S slots: about config.programs programs in all, every
+    split non-empty (the last one may be shorter)."""
+    blocks = pl.cdiv(s, config.block_s)
+    want = min(max(pl.cdiv(config.programs, b * hkv), 1), blocks)
+    per_split = pl.cdiv(blocks, want)
+    return pl.cdiv(blocks, per_split), per_split
+
+
+def unsupported_reason(q_b1hd, k_bshd) -> str | None:
+    """Why the kernel cannot take these inputs (api.py's "auto" asks), or None."""
+    d = q_b1hd.shape[-1]
+    if d < _MIN_DOT or d & (d - 1):
+        return f"head dim {d} must be a power of two >= {_MIN_DOT} for the Pallas kernel"
+    if any(x.dtype == jnp.float64 for x in (q_b1hd, k_bshd)):
+        return "float64 inputs (the kernel computes in float32)"
+    return None
+
+
+def _dot(a, b, ca, cb, dt):
+    """a . b contracting a's dim ca with b's dim cb; operands in dt, fp32 result (fp32 operands
+    at HIGHEST precision)."""
+    return lax.dot_general(
+        a.astype(dt),
+        b.astype(dt),
+        (((ca,), (cb,)), ((), ())),
+        precision=lax.Precision.HIGHEST if dt == F32 else None,
+        preferred_element_type=F32,
+    )
+
+
+def _load_rows(ref, rows, ok):
+    """ref[rows] with the rows outside the cache (ok False) read as 0 and never touched."""
+    block = ref.at[rows]
+    mask = jnp.broadcast_to(ok.reshape(ok.shape + (1,) * (len(block.shape) - 1)), block.shape)
+    fill = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # cast to the ref's dtype
+    return plgpu.load(block, mask=mask, other=fill)
+
+
+def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_split, cfg, dt):
+    bs = cfg.block_s
+    q = q_ref[...]  # [Gp, d]
+    gp, d = q.shape
+    first = pl.program_id(2) * per_split
+
+    def step(i, carry):
+        m, l, a = carry
+        start = (first + i) * bs
+        slots = start + lax.broadcasted_iota(jnp.int32, (bs,), 0)
+        ok = slots < s_len
+        rows = pl.ds(pl.multiple_of(start, bs), bs)
+        k = _load_rows(k_ref, rows, ok)  # [BS, d]
+        v = _load_rows(v_ref, rows, ok)
+        valid = (_load_rows(mask_ref, rows, ok) != 0) & ok  # [BS]
+        x = _dot(q, k, 1, 1, dt) * (d**-0.5)  # [Gp, BS]
+        x = jnp.where(valid[None, :], x, NEG)
+        m_new = jnp.maximum(m, jnp.max(x, axis=1))
+        p = jnp.where(ok[None, :], jnp.exp(x - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * a + _dot(p, v, 1, 0, dt)
+
+    init = (jnp.full((gp,), NEG, F32), jnp.zeros((gp,), F32), jnp.zeros((gp, d), F32))
+    m, l, a = lax.fori_loop(0, per_split, step, init)
+    m_ref[...] = m
+    l_ref[...] = l
+    a_ref[...] = a
+
+
+def partials(q_bkgd, k_bshd, v_bshd, mask_bs, config: DecodeConfig, interpret: bool, dt):
+    """The kernel: (m [B, Hkv, NS, Gp], l [B, Hkv, NS, Gp], a [B, Hkv, NS, Gp, d]) in fp32."""
+    b, hkv, gp, d = q_bkgd.shape
+    s = k_bshd.shape[1]
+    ns, per_split = split_plan(config, b, hkv, s)
+    kern = functools.partial(_kernel, s_len=s, per_split=per_split, cfg=config, dt=dt)
+    cache = pl.BlockSpec((None, s, None, d), lambda bb, j, n: (bb, 0, j, 0))
+    stats = pl.BlockSpec((None, None, None, gp), lambda bb, j, n: (bb, j, n, 0))
+    launch = {}
+    if not interpret:
+        launch = dict(
+            compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=config.stages)
+        )
+    return pl.pallas_call(
+        kern,
+        grid=(b, hkv, ns),
+        in_specs=[
+            pl.BlockSpec((None, None, gp, d), lambda bb, j, n: (bb, j, 0, 0)),
+            cache,
+            cache,
+            pl.BlockSpec((None, s), lambda bb, j, n: (bb, 0)),
+        ],
+        out_specs=[
+            stats,
+            stats,
+            pl.BlockSpec((None, None, None, gp, d), lambda bb, j, n: (bb, j, n, 0, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hkv, ns, gp), F32),
+            jax.ShapeDtypeStruct((b, hkv, ns, gp), F32),
+            jax.ShapeDtypeStruct((b, hkv, ns, gp, d), F32),
+        ],
+        interpret=interpret,
+        name="decode_attention",
+        **launch,
+    )(q_bkgd, k_bshd, v_bshd, mask_bs)
+
+
+def combine(m_bkng, l_bkng, a_bkngd):
+    """context [B, Hkv, Gp, d] fp32 from the splits' partials (module docstring)."""
+    # the barrier keeps XLA from fusing the max into its users, as JAX's own Pallas decode
+    # attention does (jax.experimental.pallas.ops.gpu.decode_attention: invalid values without)
+    top = lax.optimization_barrier(jnp.max(m_bkng, axis=2, keepdims=True))
+    w = jnp.exp(m_bkng - top)
+    den = jnp.sum(w * l_bkng, axis=2)
+    return jnp.sum(w[..., None] * a_bkngd, axis=2) / den[..., None]
+
+
+def decode_attention_pallas(
+    q_b1hd, k_bshd, v_bshd, mask_bs, dtype, *, interpret: bool | None = None, config=None
+):
+    """context [B, 1, H, d] in `dtype` by the kernel (module docstring); the arguments as
+    reference.attend_one_query's. interpret=None: interpret mode on CPU backends."""
+    reason = unsupported_reason(q_b1hd, k_bshd)
+    if reason:
+        raise ValueError(f"{reason}; use impl='xla' for such inputs")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    config = DecodeConfig() if config is None else config
+    static = (jnp.dtype(dtype), bool(interpret), config)
+    return _decode_attention(q_b1hd, k_bshd, v_bshd, mask_bs, static)
+
+
+def _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static):
+    dtype, interpret, config = static
+    b, _, h, d = q_b1hd.shape
+    hkv = k_bshd.shape[2]
+    g = h // hkv
+    gp = max(_MIN_DOT, pl.next_power_of_2(g))
+    bf16 = all(x.dtype == jnp.bfloat16 for x in (q_b1hd, k_bshd, v_bshd))
+    dt = jnp.bfloat16 if bf16 else F32
+    # query head h = j * G + g; rows G..Gp-1 of each KV head are zero (and dropped below)
+    q_bkgd = jnp.pad(q_b1hd.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    parts = partials(q_bkgd, k_bshd, v_bshd, mask_bs.astype(jnp.int8), config, interpret, dt)
+    ctx = combine(*parts)[:, :, :g]
+    return ctx.reshape(b, 1, h, d).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _decode_attention(q_b1hd, k_bshd, v_bshd, mask_bs, static):
+    return _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static)
+
+
+def _decode_attention_fwd(q_b1hd, k_bshd, v_bshd, mask_bs, static):
+    return _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static), (q_b1hd, k_bshd, v_bshd, mask_bs)
+
+
+def _decode_attention_bwd(static, residuals, ct_b1hd):
+    q_b1hd, k_bshd, v_bshd, mask_bs = residuals
+    _, vjp = jax.vjp(
+        lambda q, k, v: attend_one_query(q, k, v, mask_bs, static[0]), q_b1hd, k_bshd, v_bshd
+    )
+    return (*vjp(ct_b1hd), None)  # the mask (bool) has no cotangent
+
+
+_decode_attention.defvjp(_decode_attention_fwd, _decode_attention_bwd)
