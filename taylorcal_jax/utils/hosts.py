@@ -25,6 +25,8 @@
     sync(name)                waits until every process reaches sync(name) (a barrier; a no-op
                               on one process), e.g. so no process reads a file before
                               process 0 has written it
+    main_first(fn, name)      fn() on process 0, then on the others (e.g. a cache that
+                              process 0 builds and the others read)
 
 Row ranges: a batch split over mesh axes gives each device a block of rows; the blocks of one
 process's devices must be contiguous, which they are when the mesh is laid out from
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -167,3 +170,14 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
         multihost_utils.sync_global_devices(name)
+
+
+def main_first(fn: Callable[[], Any], name: str):
+    """fn() on process 0 first, then on every other process (after a barrier): a cache built
+    by fn is built once, by process 0, and read by the others. Returns fn()'s result."""
+    if is_main():
+        result = fn()
+        sync(name)
+        return result
+    sync(name)
+    return fn()
