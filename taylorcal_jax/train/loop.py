@@ -222,7 +222,18 @@ def state_shardings(task: Task, state: TrainState, mesh):
 
 def _put(tree, shardings):
     # may_alias=False: the state is donated to the step, so never alias the caller's arrays.
-    return jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), tree, shardings)
+    # A leaf that occurs twice (alignment's params and its "best" copy) is copied first:
+    # device_put still hands back the source buffer on the device holding it when the target
+    # replicates (jax 0.10), and one buffer donated twice fails the step.
+    seen = set()
+
+    def put(x, s):
+        if id(x) in seen:
+            x = jnp.array(x, copy=True)
+        seen.add(id(x))
+        return jax.device_put(x, s, may_alias=False)
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def place_batch(task: Task, mesh, batch, *, stacked: bool = False, held=None):
