@@ -107,3 +107,32 @@ def test_two_processes_give_the_perplexity_of_one(tmp_path):
     np.testing.assert_allclose(two["nll"], one["nll"], rtol=1e-6)
     np.testing.assert_allclose(two["distance_lh"], one["distance_lh"], rtol=1e-5)
     np.testing.assert_allclose(two["x_sum"], one["x_sum"], rtol=1e-5)
+
+
+def test_a_batch_built_by_rows_is_the_whole_batch_cut():
+    from taylorcal_jax.data import packing  # noqa: PLC0415
+    from taylorcal_jax.train import loop  # noqa: PLC0415
+
+    stream = np.arange(500, dtype=np.int32)
+    whole = packing.train_batch(stream, 8, 10, 1, 5)
+    np.testing.assert_array_equal(packing.train_batch(stream, 8, 10, 1, 5, 2, 6), whole[2:6])
+    rows = lambda p, a, b: {"t": packing.train_batch(stream, 8, 10, 1, p, a, b)}  # noqa: E731
+    source = loop.StreamBatches.from_rows(rows, 8)
+    np.testing.assert_array_equal(source.fn(5)["t"], whole)
+    np.testing.assert_array_equal(source.take(4, 2, (6, 8))["t"][1], whole[6:8])
+    # one process holds every row of every batch split, and places them as device_put does
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+    task = loop.Task(
+        loss_fn=None,
+        labels=None,
+        groups={},
+        clip=None,
+        batch_spec={"t": sharding.train_batch_spec(mesh)},
+    )
+    assert loop.process_rows(task, mesh, 8) == (0, 8)
+    placed = loop.place_batch(task, mesh, source.take(4, 2, (0, 8)), stacked=True, held=(0, 8, 8))
+    want = jax.device_put(source.take(4, 2)["t"], sharding.named(mesh, None, ("data", "fsdp")))
+    assert placed["t"].sharding == want.sharding
+    np.testing.assert_array_equal(np.asarray(placed["t"]), np.asarray(want))
+    with pytest.raises(ValueError, match="rows along axis 1"):
+        loop.place_batch(task, mesh, source.take(4, 2, (0, 4)), stacked=True, held=(0, 8, 8))

@@ -57,7 +57,7 @@ from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.plan import Stage
 from taylorcal_jax.train.stages import check_eval
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.progress import progress
 
 CAL_DIR = "calibration"
@@ -175,8 +175,9 @@ def save_stats(path, st: stats_lib.TeacherStats, tokens_nt) -> None:
         arrays.update(
             x_lntd=st.x_lntd, context_lnthd=st.context_lnthd, attn_out_lntd=st.attn_out_lntd
         )
+    arrays = hosts.to_host(arrays)  # every process joins the gather; process 0 writes
     with workdir_lib.output_file(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        np.savez(f, **arrays)
 
 
 def load_stats(path) -> stats_lib.TeacherStats:

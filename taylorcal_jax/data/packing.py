@@ -78,9 +78,18 @@ def sample_sequences(stream: np.ndarray, num: int, seq_len: int, seed: int) -> n
     return pack(stream, seq_len)[rows]
 
 
-def train_batch(stream: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> np.ndarray:
-    """[B, T] int32 windows at random offsets, a pure function of (seed, step)."""
+def train_batch(
+    stream: np.ndarray,
+    batch: int,
+    seq_len: int,
+    seed: int,
+    step: int,
+    start: int = 0,
+    stop: int | None = None,
+) -> np.ndarray:
+    """[B, T] int32 windows at random offsets, a pure function of (seed, step); with
+    start/stop only rows [start, stop) of that batch, built alone."""
     _check_request(stream, seq_len, "train_batch")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(step), 0x7EA1]))
-    starts = rng.integers(0, stream.size - seq_len + 1, size=batch)
+    starts = rng.integers(0, stream.size - seq_len + 1, size=batch)[start:stop]
     return stream[starts[:, None] + np.arange(seq_len)[None, :]].astype(np.int32)

@@ -36,6 +36,7 @@ from taylorcal_jax.models.config import (
 )
 from taylorcal_jax.models.paths import layer_index
 from taylorcal_jax.models.safetensors_io import CorruptCheckpointError, read_tensors, write_tensors
+from taylorcal_jax.utils import hosts
 from taylorcal_jax.utils.progress import progress
 
 __all__ = [
@@ -325,8 +326,11 @@ def save_pretrained(
     dtype: cast all tensors (e.g. jnp.bfloat16); None keeps each param's dtype.
     extra_config: additional config.json keys (e.g. a student's mixer layout).
     The result loads with `transformers.AutoModelForCausalLM.from_pretrained` (teachers).
+    With several processes, params split across them are gathered first (hosts.to_host),
+    so every process must call this; each writes to `path` (run/workdir.py gives processes
+    other than 0 a discarded directory).
     """
-    flat = _flatten(params)
+    flat = _flatten(hosts.to_host(params))
     has_head = ("lm_head", "kernel") in flat
     if config.tie_word_embeddings and has_head:
         raise ValueError("config ties embeddings but params have lm_head; drop it or untie")
@@ -334,7 +338,7 @@ def save_pretrained(
         raise ValueError("config has untied embeddings but params have no lm_head/kernel")
     tensors = {}
     for p, v in flat.items():
-        arr = np.asarray(jax.device_get(v))
+        arr = np.asarray(v)
         if dtype is not None:
             arr = arr.astype(jnp.dtype(dtype))
         tensors[path_to_hf_name(p)] = np.transpose(arr) if _is_kernel(p) else arr

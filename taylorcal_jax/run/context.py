@@ -6,6 +6,7 @@
               its params are placed sharded over "fsdp" (utils/sharding.py param_spec), so a
               teacher larger than one device's memory is never whole on one device at rest
     corpus    the tokenised text (tokenizer included), built or read from the cache once
+              (by process 0 first, when there are several)
     metrics   the metrics.jsonl writer
 
 The teacher and the corpus load lazily, because the `pretrain` stage writes the teacher
@@ -22,7 +23,7 @@ import numpy as np
 
 from taylorcal_jax.errors import UserError
 from taylorcal_jax.run import inputs
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.metrics import MetricsWriter
 
 MESH_AXES = ("layers", "data", sharding.FSDP)
@@ -93,12 +94,15 @@ class RunContext:
     def corpus(self):
         from taylorcal_jax.data import corpus as corpus_lib  # noqa: PLC0415
 
-        return corpus_lib.build_corpus(
+        build = functools.partial(
+            corpus_lib.build_corpus,
             self.config.data,
             self.config.tokenizer,
             self.path("data"),
             tokenizer_path=inputs.tokenizer_path(self.config, self.workdir),
         )
+        # Process 0 builds the cache in the workdir; the others read it.
+        return hosts.main_first(build, f"corpus {self.workdir}")
 
     def sequences(self, section) -> np.ndarray:
         """[N, T] token ids of a section with split, num_sequences, seq_len and seed."""

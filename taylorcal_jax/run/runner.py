@@ -8,6 +8,9 @@
        record it "running", run it with the one RunContext, record it "done" with its result
     6. summary.md after every stage; the final summary on stdout
 
+With several processes every process runs every step; process 0 alone locks the workdir,
+writes and removes in it (run/workdir.py), prints and writes metrics and summaries.
+
 Results of skipped stages come from their records, so summary.md and the final summary
 always describe every listed stage.
 """
@@ -26,7 +29,7 @@ from taylorcal_jax.run import validate as validate_lib
 from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.console import Console
 from taylorcal_jax.run.context import RunContext
-from taylorcal_jax.utils import progress
+from taylorcal_jax.utils import hosts, progress
 from taylorcal_jax.utils.metrics import format_value, plain, write_summary
 
 
@@ -35,8 +38,6 @@ def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
     workdir_lib.check_workdir(workdir)
     validate_lib.validate(config, registry, workdir)
     import jax  # noqa: PLC0415
-
-    from taylorcal_jax.utils import hosts  # noqa: PLC0415
 
     try:
         hosts.initialize(config.mesh.distributed)
@@ -69,6 +70,7 @@ def run(
         # Re-plan under the lock: the workdir may have changed since the first look.
         records = workdir_lib.read_records(workdir)
         steps = plan_lib.make_plan(config, workdir, registry, records, rerun)
+        hosts.sync(f"planned {workdir}")  # every process reads the records before they change
         leftovers = workdir_lib.remove_partials(workdir)
         if leftovers:
             console.note(f"removed {len(leftovers)} partial outputs of an interrupted run")

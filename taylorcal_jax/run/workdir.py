@@ -14,6 +14,13 @@ Every output goes through a temporary name ending in `.partial` and is renamed i
 when complete (`write_json`, `write_bytes`, `output_dir`), so a killed run leaves either the
 old output, the new one, or a `.partial` leftover that the next run deletes
 (`remove_partials`) before it starts.
+
+Several processes (jax.distributed) run one program and compute the same outputs; process 0
+alone holds the lock and writes or removes anything in the workdir. Each writing or removing
+call ends at a barrier (utils/hosts.sync) that every process reaches, so that no process
+reads a file before it exists; the other processes write into a private temporary directory
+that is deleted (an output is often made by a collective, e.g. a gather of parameters split
+across processes, which every process must join).
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 
 from taylorcal_jax.errors import ConfigError, UserError
+from taylorcal_jax.utils import hosts
 
 LOCK_FILE = ".lock"
 RECORDS_FILE = "stages.json"
@@ -62,7 +71,8 @@ def check_workdir(path: str) -> None:
 
 
 class WorkdirLock:
-    """Exclusive lock of a workdir for the life of a run (a context manager).
+    """Exclusive lock of a workdir for the life of a run (a context manager), held by
+    process 0; the other processes wait at a barrier until it holds it.
 
     `say(line)` reports a stale lock taken over. A live holder raises UserError naming it.
     """
@@ -73,6 +83,11 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        if hosts.is_main():
+            self._take()
+        hosts.sync(f"lock {self.path}")
+
+    def _take(self) -> None:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -141,13 +156,23 @@ def _partial(path: str) -> str:
     return path + PARTIAL
 
 
+@contextlib.contextmanager
+def _elsewhere() -> Iterator[str]:
+    """A private temporary directory (for the outputs of processes other than 0), deleted
+    afterwards."""
+    with tempfile.TemporaryDirectory(prefix="taylorcal_discard_") as tmp:
+        yield tmp
+
+
 def write_bytes(path: str, data: bytes) -> None:
-    tmp = _partial(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if hosts.is_main():
+        tmp = _partial(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    hosts.sync(f"write {path}")
 
 
 def write_json(path: str, obj, *, default=None) -> None:
@@ -157,6 +182,11 @@ def write_json(path: str, obj, *, default=None) -> None:
 @contextlib.contextmanager
 def output_file(path: str) -> Iterator[str]:
     """Yields a temporary path to write; renamed to `path` if the block completes."""
+    if not hosts.is_main():
+        with _elsewhere() as tmp:
+            yield os.path.join(tmp, os.path.basename(path))
+        hosts.sync(f"write {path}")
+        return
     tmp = _partial(path)
     try:
         yield tmp
@@ -164,23 +194,37 @@ def output_file(path: str) -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    hosts.sync(f"write {path}")
 
 
 @contextlib.contextmanager
 def output_dir(path: str) -> Iterator[str]:
     """Yields an empty temporary directory; it replaces `path` if the block completes."""
+    if not hosts.is_main():
+        with _elsewhere() as tmp:
+            yield tmp
+        hosts.sync(f"write {path}")
+        return
     tmp = _partial(path)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
-        remove(path)
+        _remove(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    hosts.sync(f"write {path}")
 
 
 def remove(path: str) -> None:
+    """Deletes the file or directory `path` (process 0; every process waits for it)."""
+    if hosts.is_main():
+        _remove(path)
+    hosts.sync(f"remove {path}")
+
+
+def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
@@ -188,15 +232,20 @@ def remove(path: str) -> None:
 
 
 def remove_partials(workdir: str) -> list[str]:
-    """Deletes every `*.partial` file or directory under `workdir`; returns their paths."""
+    """Deletes every `*.partial` file or directory under `workdir` (process 0; every process
+    waits for it); returns their paths (none on the other processes)."""
     found = []
+    if not hosts.is_main():
+        hosts.sync(f"remove partials {workdir}")
+        return found
     for root, dirs, files in os.walk(workdir):
         for name in list(dirs) + files:
             if name.endswith(PARTIAL):
                 found.append(os.path.join(root, name))
         dirs[:] = [d for d in dirs if not d.endswith(PARTIAL)]
     for path in found:
-        remove(path)
+        _remove(path)
+    hosts.sync(f"remove partials {workdir}")
     return found
 
 

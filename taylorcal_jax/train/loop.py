@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from taylorcal_jax.train import optim
-from taylorcal_jax.utils import sharding
+from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.checkpoint import TrainCheckpointer
 from taylorcal_jax.utils.progress import progress
 from taylorcal_jax.utils.sharding import P
@@ -109,13 +109,29 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class StreamBatches:
-    """Batch number p is fn(p) (host arrays), a pure function of p."""
+    """Batch number p is fn(p) (host arrays), a pure function of p.
+
+    A source made by `from_rows` also builds part of a batch: rows(p, start, stop) is fn(p)
+    with every leaf cut to rows [start, stop) of its leading (batch) axis, of num_rows. The
+    loop then asks each process for only the rows its devices hold.
+    """
 
     fn: Callable[[int], Any]
+    rows: Callable[[int, int, int], Any] | None = None
+    num_rows: int = 0
 
-    def take(self, position: int, count: int):
-        """Batches position .. position + count - 1 stacked on a new leading axis."""
-        batches = [self.fn(p) for p in range(position, position + count)]
+    @classmethod
+    def from_rows(cls, rows: Callable[[int, int, int], Any], num_rows: int) -> StreamBatches:
+        """The source whose batch p is rows(p, 0, num_rows)."""
+        return cls(fn=lambda p: rows(p, 0, num_rows), rows=rows, num_rows=num_rows)
+
+    def take(self, position: int, count: int, row_range: tuple[int, int] | None = None):
+        """Batches position .. position + count - 1 stacked on a new leading axis; with
+        `row_range` (start, stop), only those rows of each (a source with `rows`)."""
+        if row_range is None:
+            batches = [self.fn(p) for p in range(position, position + count)]
+        else:
+            batches = [self.rows(p, *row_range) for p in range(position, position + count)]
         return jax.tree.map(lambda *b: np.stack(b), *batches)
 
 
@@ -206,17 +222,43 @@ def state_shardings(task: Task, state: TrainState, mesh):
 
 def _put(tree, shardings):
     # may_alias=False: the state is donated to the step, so never alias the caller's arrays.
-    return jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), tree, shardings)
+    # A leaf that occurs twice (alignment's params and its "best" copy) is copied first:
+    # device_put still hands back the source buffer on the device holding it when the target
+    # replicates (jax 0.10), and one buffer donated twice fails the step.
+    seen = set()
+
+    def put(x, s):
+        if id(x) in seen:
+            x = jnp.array(x, copy=True)
+        seen.add(id(x))
+        return jax.device_put(x, s, may_alias=False)
+
+    return jax.tree.map(put, tree, shardings)
 
 
-def place_batch(task: Task, mesh, batch, *, stacked: bool = False):
-    """`batch` on `mesh` by task.batch_spec (after a leading unsplit axis when stacked)."""
+def place_batch(task: Task, mesh, batch, *, stacked: bool = False, held=None):
+    """`batch` on `mesh` by task.batch_spec (after a leading unsplit axis when stacked).
+
+    held = (start, stop, num_rows): `batch` holds only rows [start, stop) of the num_rows of
+    its batch axis (axis 0, or 1 when stacked), as `process_rows` gives them; default: all.
+    Each process sends its devices only their rows; on one process this is device_put.
+    """
+    axis = 1 if stacked else 0
 
     def put(spec, sub):
         spec = P(None, *spec) if stacked else spec
-        return jax.tree.map(lambda x: jax.device_put(x, sharding.named(mesh, *spec)), sub)
+        where = sharding.named(mesh, *spec)
+        return jax.tree.map(lambda x: hosts.put_held_rows(x, where, axis, held), sub)
 
     return jax.tree.map(put, task.batch_spec, batch, is_leaf=lambda x: isinstance(x, P))
+
+
+def process_rows(task: Task, mesh, num_rows: int) -> tuple[int, int]:
+    """The rows [start, stop) of a num_rows batch that this process's devices hold under
+    task.batch_spec (the span over its leaves' specs); (0, num_rows) on one process."""
+    specs = jax.tree.leaves(task.batch_spec, is_leaf=lambda x: isinstance(x, P))
+    spans = [hosts.local_rows(sharding.named(mesh, *spec[:1]), num_rows) for spec in specs]
+    return min(a for a, _ in spans), max(b for _, b in spans)
 
 
 def _train_step(task: Task, state: TrainState, batch):
@@ -306,9 +348,7 @@ def run(
                 first, n = n, opts.call_end(n, stop_at)
                 step_fn = _multi_step(task, mesh, n - first, fixed)
                 if not fixed:
-                    stacked = place_batch(
-                        task, mesh, batches.take(position, n - first), stacked=True
-                    )
+                    stacked = _place_stream(task, mesh, batches, position, n - first)
                 state, metrics = step_fn(state, fixed_batch if fixed else stacked)
                 position += n - first
                 bar.update(n - first)
@@ -340,6 +380,16 @@ def run(
     finally:
         if ckpt is not None:
             ckpt.close()
+
+
+def _place_stream(task: Task, mesh, batches: StreamBatches, position: int, count: int):
+    """Batches position .. position + count - 1 stacked and placed; a source with `rows`
+    builds only this process's rows of each."""
+    if batches.rows is None:
+        return place_batch(task, mesh, batches.take(position, count), stacked=True)
+    start, stop = process_rows(task, mesh, batches.num_rows)
+    host = batches.take(position, count, (start, stop))
+    return place_batch(task, mesh, host, stacked=True, held=(start, stop, batches.num_rows))
 
 
 def _save(ckpt: TrainCheckpointer, state, seconds: float, t0: float):

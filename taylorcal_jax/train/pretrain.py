@@ -9,13 +9,13 @@ Letters: B batch, T time, V vocab.
 
 It runs on the training loop (train/loop.py): `make_task` supplies the loss and one AdamW
 group over every parameter; the batch of step s is `packing.train_batch(train_stream, B, T,
-seed, s)`, a pure function of (seed, s). The loop saves its state with orbax every
-`checkpoint_every` steps; a run interrupted at any point and started again resumes from the
-last checkpoint and ends with the same parameters as an uninterrupted run (steps after the
-checkpoint are recomputed identically). On a mesh, each batch splits over the "data" and
-"fsdp" axes and the params with their AdamW moments over "fsdp" (utils/sharding.py
-`train_batch_spec`, `param_spec`; "layers", if larger than 1, replicates). `train_seconds`
-is wall time of the step loop
+seed, s)`, a pure function of (seed, s), of which each process builds only the rows its
+devices hold. The loop saves its state with orbax every `checkpoint_every` steps; a run
+interrupted at any point and started again resumes from the last checkpoint and ends with
+the same parameters as an uninterrupted run (steps after the checkpoint are recomputed
+identically). On a mesh, each batch splits over the "data" and "fsdp" axes and the params
+with their AdamW moments over "fsdp" (utils/sharding.py `train_batch_spec`, `param_spec`;
+"layers", if larger than 1, replicates). `train_seconds` is wall time of the step loop
 (first-step compilation and the periodic evals included, checkpoint writing excluded),
 summed over resumed runs.
 """
@@ -145,10 +145,12 @@ def pretrain(
     packing.train_batch(train_stream, 1, opts.seq_len, opts.seed, 0)  # validates sizes
     tokens_per_batch = opts.batch_size * opts.seq_len
     task = make_task(model, opts, mesh)
-    batches = loop.StreamBatches(
+    # Each process builds only the rows of each batch that its devices hold.
+    batches = loop.StreamBatches.from_rows(
         functools.partial(
             packing.train_batch, train_stream, opts.batch_size, opts.seq_len, opts.seed
-        )
+        ),
+        opts.batch_size,
     )
     loop_opts = loop.LoopOptions(
         steps=opts.steps,

@@ -13,9 +13,20 @@
     put_rows(rows, sharding)  the global [n, ...] array from this process's rows (made by
                               `rows(start, stop)`); on one process it equals
                               jax.device_put(rows(0, n), sharding)
+    put_held_rows(x, sharding, axis, held)
+                              the global array from host array `x` that holds only the rows
+                              held = (start, stop, n) of its `axis`, each process sending
+                              its devices their rows
     gather_rows(tree)         every row of row-split results on every process (host arrays);
                               the arrays themselves on one process
-    is_main()                 process 0: the one that prints, logs and writes summaries
+    to_host(tree)             every array of `tree` whole as a host array, on every process
+                              (a collective: every process calls it)
+    is_main()                 process 0: the one that prints, logs and writes the workdir
+    sync(name)                waits until every process reaches sync(name) (a barrier; a no-op
+                              on one process), e.g. so no process reads a file before
+                              process 0 has written it
+    main_first(fn, name)      fn() on process 0, then on the others (e.g. a cache that
+                              process 0 builds and the others read)
 
 Row ranges: a batch split over mesh axes gives each device a block of rows; the blocks of one
 process's devices must be contiguous, which they are when the mesh is laid out from
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -66,12 +78,12 @@ def is_main() -> bool:
     return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
-def rows_held(index_map: Iterable[tuple], num_rows: int) -> tuple[int, int]:
-    """[start, stop) covering the leading-axis slices of `index_map` (one index tuple per
+def rows_held(index_map: Iterable[tuple], num_rows: int, axis: int = 0) -> tuple[int, int]:
+    """[start, stop) covering the slices along `axis` of `index_map` (one index tuple per
     device, as Sharding.devices_indices_map gives them); ValueError if they leave a gap."""
     covered = np.zeros(num_rows, bool)
     for index in index_map:
-        covered[index[0] if index else slice(None)] = True
+        covered[index[axis] if len(index) > axis else slice(None)] = True
     rows = np.flatnonzero(covered)
     start, stop = int(rows[0]), int(rows[-1]) + 1
     if len(rows) != stop - start:
@@ -99,6 +111,25 @@ def put_rows(rows: Callable[[int, int], np.ndarray], sharding, global_shape: tup
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
 
+def put_held_rows(x, sharding, axis: int = 0, held: tuple[int, int, int] | None = None):
+    """The global array under `sharding` of which `x` holds the rows held = (start, stop, n)
+    along `axis`: each process passes its devices only the rows they hold, which must lie
+    in [start, stop). Without `held`, `x` is the whole array, the same on every process:
+    jax.device_put(x, sharding)."""
+    if held is None:
+        return jax.device_put(x, sharding)
+    start, stop, num_rows = held
+    if x.shape[axis] != stop - start:
+        raise ValueError(f"{x.shape[axis]} rows along axis {axis} for rows [{start}, {stop})")
+    global_shape = (*x.shape[:axis], num_rows, *x.shape[axis + 1 :])
+    index_map = sharding.addressable_devices_indices_map(global_shape).values()
+    a, b = rows_held(index_map, num_rows, axis)
+    if not start <= a <= b <= stop:
+        raise ValueError(f"this process's devices hold rows [{a}, {b}), not in [{start}, {stop})")
+    local = np.asarray(x)[(slice(None),) * axis + (slice(a - start, b - start),)]
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
 def put_slices(tree, sharding):
     """Every host array of `tree` (the same on every process, leading axis split by
     `sharding`) on the devices, each process sending only the rows its devices hold."""
@@ -114,3 +145,39 @@ def gather_rows(tree):
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def to_host(tree):
+    """Every array of `tree` as a whole host (numpy) array, on every process: an array split
+    across processes (np.asarray would fail on it) is all-gathered first, so every process
+    must call this at the same point."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(whole, tree)
+
+
+def sync(name: str) -> None:
+    """Blocks until every process has called sync(name) (a no-op on one process). Every
+    process must reach the same barriers in the same order."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
+
+
+def main_first(fn: Callable[[], Any], name: str):
+    """fn() on process 0 first, then on every other process (after a barrier): a cache built
+    by fn is built once, by process 0, and read by the others. Returns fn()'s result."""
+    if is_main():
+        result = fn()
+        sync(name)
+        return result
+    sync(name)
+    return fn()
