@@ -14,6 +14,11 @@ Step s of a `Task` on batch source `batches`, with `labels` its parameter partit
 stay bit-for-bit unchanged. `extra` is any pytree the task keeps next to the params (phase-2
 alignment keeps each layer's best params, best loss and loss curve there; an EMA would fit).
 
+Constants: read-only arrays every step reads (a teacher's params in distillation) are given
+to `run` as `constants`. They are jit arguments, placed once by `Task.param_spec` (closed
+over instead, they would be baked into the program as literals), passed to `loss_fn` as its
+fourth argument, never updated and never checkpointed: a resumed run is given them again.
+
 Cut: the loop knows nothing of models. Mixed precision (bf16 compute over fp32 master
 params) and rematerialisation belong to the model the loss calls (Flax `dtype` vs
 `param_dtype`, `nn.remat`); the loop keeps params and optimiser state as given. A task that
@@ -86,7 +91,8 @@ def leading_axis(name: str) -> Callable:
 class Task:
     """What a run optimises. Compared and hashed by identity: jitted steps are cached per task.
 
-    loss_fn(params, batch, rng) -> (scalar loss, aux dict); labels(params) -> the partition
+    loss_fn(params, batch, rng) -> (scalar loss, aux dict), or loss_fn(params, batch, rng,
+    constants) when the run is given constants; labels(params) -> the partition
     (a group name of `groups` or optim.FROZEN per leaf); clip: one transform on the whole
     gradient before the groups (optax.clip_by_global_norm or optim.clip_slices_by_global_norm);
     update_extra(extra, step, params, loss, aux) -> extra, with the params the loss was taken
@@ -219,13 +225,14 @@ def place_batch(task: Task, mesh, batch, *, stacked: bool = False):
     return jax.tree.map(put, task.batch_spec, batch, is_leaf=lambda x: isinstance(x, P))
 
 
-def _train_step(task: Task, state: TrainState, batch):
+def _train_step(task: Task, state: TrainState, batch, constants=None):
     """One update; returns (new state, {"loss", "grad_norm", scalar aux entries})."""
     labels = task.labels(state.params)
     rng = jax.random.fold_in(state.rng, state.step)
+    const_args = () if constants is None else (constants,)
 
     def loss_of(params):
-        return task.loss_fn(optim.freeze(params, labels), batch, rng)
+        return task.loss_fn(optim.freeze(params, labels), batch, rng, *const_args)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
@@ -247,18 +254,20 @@ def _train_step(task: Task, state: TrainState, batch):
 
 @functools.lru_cache(maxsize=32)
 def _multi_step(task: Task, mesh, num_steps: int, fixed: bool) -> Callable:
-    """Jitted (state, batches) -> (state after num_steps, per-step metrics [num_steps]).
+    """Jitted (state, batches, constants) -> (state after num_steps, per-step metrics
+    [num_steps]).
 
-    `batches` is one batch (fixed) or num_steps batches stacked on axis 0. The state is
-    donated; its output keeps the shardings of `state_shardings`.
+    `batches` is one batch (fixed) or num_steps batches stacked on axis 0; `constants` the
+    run's constants (None: none). The state is donated; its output keeps the shardings of
+    `state_shardings`.
     """
 
-    def run(state, batches):
+    def run(state, batches, constants):
         if fixed:
-            body = lambda s, _: _train_step(task, s, batches)  # noqa: E731
+            body = lambda s, _: _train_step(task, s, batches, constants)  # noqa: E731
             state, metrics = jax.lax.scan(body, state, None, length=num_steps)
         else:
-            body = functools.partial(_train_step, task)
+            body = lambda s, b: _train_step(task, s, b, constants)  # noqa: E731
             state, metrics = jax.lax.scan(body, state, batches)
         state = jax.lax.with_sharding_constraint(state, state_shardings(task, state, mesh))
         return state, metrics
@@ -277,6 +286,7 @@ def run(
     log_fn: Callable | None = None,
     eval_fn: Callable | None = None,
     stop_after_steps: int | None = None,
+    constants=None,
 ) -> RunResult | None:
     """Trains `state` to step opts.steps (resuming from `checkpoint_dir` if it holds one).
 
@@ -284,9 +294,14 @@ def run(
     train_seconds) every log_every steps and at the end, and eval_fn(params) -> dict every
     eval_every steps before the last. `stop_after_steps` ends this call after that many
     steps of work without a final checkpoint, as a crash would, and returns None (tests).
+    `constants`: read-only arrays passed to every step's loss (module docstring).
     """
     log_fn = log_fn or (lambda step, values: None)
     state = _put(state, state_shardings(task, state, mesh))
+    if constants is not None:
+        constants = jax.tree.map(
+            lambda x: jax.device_put(x, sharding.named(mesh, *task.param_spec(x))), constants
+        )
     fixed = isinstance(batches, FixedBatch)
     fixed_batch = place_batch(task, mesh, batches.batch) if fixed else None
     ckpt = None if checkpoint_dir is None else TrainCheckpointer(checkpoint_dir)
@@ -309,7 +324,7 @@ def run(
                     stacked = place_batch(
                         task, mesh, batches.take(position, n - first), stacked=True
                     )
-                state, metrics = step_fn(state, fixed_batch if fixed else stacked)
+                state, metrics = step_fn(state, fixed_batch if fixed else stacked, constants)
                 position += n - first
                 bar.update(n - first)
                 logged = [s for s in range(first + 1, n + 1) if opts.logs_at(s)]
