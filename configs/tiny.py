@@ -18,7 +18,8 @@ import common  # noqa: E402
 
 def get_config(arg: str | None = None):
     c = common.get_config()
-    # The whole pipeline: teacher -> statistics -> calibration -> alignment -> evaluation.
+    # The whole pipeline: teacher -> statistics -> calibration -> alignment -> layer selection
+    # -> distillation (stages 1 and 2, briefly) -> evaluation.
     c.stages = (
         "pretrain",
         "eval_teacher",
@@ -26,6 +27,8 @@ def get_config(arg: str | None = None):
         "calibrate",
         "align",
         "select_layers",
+        "distill_layers",
+        "distill",
         "eval_student",
     )
     c.tokenizer.vocab_size = 2048

@@ -15,7 +15,7 @@ stay bit-for-bit unchanged. `extra` is any pytree the task keeps next to the par
 alignment keeps each layer's best params, best loss and loss curve there; an EMA would fit).
 
 Constants: read-only arrays every step reads (a teacher's params in distillation) are given
-to `run` as `constants`. They are jit arguments, placed once by `Task.param_spec` (closed
+to `run` as `constants`. They are jit arguments, placed once by `Task.constant_spec` (closed
 over instead, they would be baked into the program as literals), passed to `loss_fn` as its
 fourth argument, never updated and never checkpointed: a resumed run is given them again.
 
@@ -96,8 +96,8 @@ class Task:
     (a group name of `groups` or optim.FROZEN per leaf); clip: one transform on the whole
     gradient before the groups (optax.clip_by_global_norm or optim.clip_slices_by_global_norm);
     update_extra(extra, step, params, loss, aux) -> extra, with the params the loss was taken
-    at; param_spec(leaf) -> PartitionSpec of a params/optimiser/extra leaf; batch_spec: a
-    PartitionSpec prefix of a batch.
+    at; param_spec(leaf) -> PartitionSpec of a params/optimiser/extra leaf; constant_spec(leaf)
+    -> that of a leaf of the run's constants; batch_spec: a PartitionSpec prefix of a batch.
     """
 
     loss_fn: Callable
@@ -106,6 +106,7 @@ class Task:
     clip: optax.GradientTransformation
     update_extra: Callable | None = None
     param_spec: Callable = replicated
+    constant_spec: Callable = replicated
     batch_spec: Any = P()
 
     @functools.cached_property
@@ -300,7 +301,7 @@ def run(
     state = _put(state, state_shardings(task, state, mesh))
     if constants is not None:
         constants = jax.tree.map(
-            lambda x: jax.device_put(x, sharding.named(mesh, *task.param_spec(x))), constants
+            lambda x: jax.device_put(x, sharding.named(mesh, *task.constant_spec(x))), constants
         )
     fixed = isinstance(batches, FixedBatch)
     fixed_batch = place_batch(task, mesh, batches.batch) if fixed else None
