@@ -20,10 +20,10 @@ block in the backward pass. The student mixer's op (GDN's `impl`: `auto` is the 
 on a GPU) is part of the student model's runtime options.
 
 Placement: the batch is split over every device of the mesh. With more than one device the
-loss runs under `shard_map` (each device its rows; per-device KL sums and counts added with
-`psum`; this keeps custom kernels out of the SPMD partitioner), and the gradients of the
-inputs the devices share are summed by its transpose. Parameter and constant placement is
-the task's `param_spec` (default: every device holds everything).
+loss runs under `shard_map` (each device its rows, no collectives inside, which keeps custom
+kernels out of the SPMD partitioner; the per-device KL sums and counts are added after it),
+and the gradients of the params the devices share are summed by its transpose. Parameter
+and constant placement is the task's `param_spec` (default: every device holds everything).
 """
 
 from __future__ import annotations
@@ -117,21 +117,25 @@ def make_task(
     """The loop task of stage 2 (module docstring). `student`, `teacher`: Transformer modules
     (dtype and remat as trained); `param_spec` places params, optimiser state and the
     teacher's params (e.g. sharded over an FSDP axis)."""
-    sums = functools.partial(kl_loss, student, teacher, chunk=cfg.chunk_size)
+    local = functools.partial(kl_loss, student, teacher, chunk=cfg.chunk_size)
+    sums = local
     if mesh.size > 1:
-        axes = tuple(mesh.axis_names)
 
         def per_device(params, teacher_params, tokens_bt):
-            total, count = sums(params, teacher_params, tokens_bt)
-            return jax.lax.psum(total, axes), jax.lax.psum(count, axes)
+            total, count = local(params, teacher_params, tokens_bt)
+            return total[None], count[None]
 
-        sums = jax.shard_map(
+        per_device_sums = jax.shard_map(
             per_device,
             mesh=mesh,
             in_specs=(sharding.P(), sharding.P(), sharding.batch_spec(mesh)),
-            out_specs=(sharding.P(), sharding.P()),
+            out_specs=(sharding.batch_spec(mesh), sharding.batch_spec(mesh)),
             check_vma=False,
         )
+
+        def sums(params, teacher_params, tokens_bt):
+            total, count = per_device_sums(params, teacher_params, tokens_bt)
+            return jnp.sum(total), jnp.sum(count)
 
     def loss_fn(params, tokens_bt, rng, teacher_params):
         del rng

@@ -212,8 +212,12 @@ def state_shardings(task: Task, state: TrainState, mesh):
 
 
 def _put(tree, shardings):
-    # may_alias=False: the state is donated to the step, so never alias the caller's arrays.
-    return jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), tree, shardings)
+    # The state is donated to the step, so it must never alias the caller's arrays (which may
+    # also be the run's constants). device_put(may_alias=False) alone is not enough: from one
+    # device to several, the first device's shard stays the source buffer (JAX 0.10).
+    return jax.tree.map(
+        lambda x, s: jax.device_put(jnp.copy(x), s, may_alias=False), tree, shardings
+    )
 
 
 def place_batch(task: Task, mesh, batch, *, stacked: bool = False):
