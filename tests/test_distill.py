@@ -303,13 +303,18 @@ def test_main_runs_both_stages_and_writes_metrics_with_tokens(tmp_path):
     c.calibration.seq_len = 16
     c.calibration.gdn.impl = "chunked"
     c.distill.save_students = True
+    # stage 2 splits its batch over the 8 devices; 4 steps, an evaluation every 2
+    c.distill.kl.batch_size = 8
+    c.distill.kl.train_tokens = 4 * 8 * 32
+    c.distill.kl.eval_every_tokens = 2 * 8 * 32
     workdir = str(tmp_path / "wd")
     summary = main.run(c, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    per_step = 4 * 32
-    for stage in ("distill_layers", "distill"):
+    for stage, per_step in (("distill_layers", 4 * 32), ("distill", 8 * 32)):
         evals = [
-            (r["tokens"], r["eval_ppl"]) for r in rows if r["stage"] == stage and "eval_ppl" in r
+            (r["tokens"], r["eval_ppl"])
+            for r in rows
+            if r["stage"] == stage and "step" in r and "eval_ppl" in r
         ]
         assert [t for t, _ in evals] == [0, 2 * per_step, 4 * per_step]
         losses = [r["tokens"] for r in rows if r["stage"] == stage and "loss" in r]
@@ -317,7 +322,7 @@ def test_main_runs_both_stages_and_writes_metrics_with_tokens(tmp_path):
         assert summary[stage]["tokens"] == 4 * per_step
         assert summary[stage]["eval_ppl"] == evals[-1][1]
         saved = os.listdir(os.path.join(workdir, f"{stage}_train", "students"))
-        assert sorted(saved) == [f"tokens_{t}" for t, _ in sorted(evals)]
+        assert sorted(saved) == [f"tokens_{t:012d}" for t, _ in evals]
     # stage 2 starts from stage 1's student, eval_student evaluates stage 2's
     first_kl = [r["eval_ppl"] for r in rows if r["stage"] == "distill" and "eval_ppl" in r][0]
     assert first_kl == pytest.approx(summary["distill_layers"]["eval_ppl"], rel=1e-6)

@@ -19,7 +19,7 @@ every `distill.log_every` steps and at the end {step, tokens, loss, grad_norm,
 train_seconds}; at tokens 0 (a fresh run), every `eval_every_tokens` and at the end
 {step, tokens, eval_ppl, eval_nll} of the student (float32) on the eval set (section
 `eval`). With `distill.save_students` every evaluation also writes the student to
-<workdir>/<stage>_train/students/tokens_<tokens>.
+<workdir>/<stage>_train/students/tokens_<tokens, 12 digits>.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_
     def log_fn(step, values):
         ctx.metrics.write(stage, step=step, tokens=step * tps, **values)
         if "eval_ppl" in values and config.distill.save_students:
-            path = os.path.join(students, f"tokens_{step * tps}")
+            path = os.path.join(students, f"tokens_{step * tps:012d}")  # sorts by tokens
             pipeline.save_student_dir(path, sc, student_of(evaluated.pop("params")))
 
     ckpt_dir = ctx.path(train_dir(stage), "checkpoints")
