@@ -203,7 +203,8 @@ def markdown(result: dict) -> str:
         last = f"{c[-1][1]:.3f} ({c[-1][0]:,.0f})" if c else ""
         lines.append(f"| {r['init']} | {first} | {last} | " + " | ".join(cells) + " |")
     for base, table in result["ratios"].items():
-        lines += ["", f"Tokens of {base} / tokens of the init:", ""]
+        lines += ["", f"Tokens of {base} / tokens of the init (blank: a target one of the two "
+                  "never reached, or reached at 0 tokens):", ""]  # fmt: skip
         lines += ["| init | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for init, row in table.items():
             cells = ["" if row.get(n) is None else f"{row[n]:.2f}" for n in names]
