@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -468,6 +468,8 @@ def main(argv):
         select.check_strategy(init)
     config = FLAGS.config
     progress.set_enabled(config.progress)
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     result = run_experiment(
         config, FLAGS.workdir, FLAGS.inits, FLAGS.kept_fraction, FLAGS.out, FLAGS.tag
     )
