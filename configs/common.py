@@ -1,8 +1,8 @@
 """Every default of the pipeline, in one place (other configs start from `get_config()`).
 
-Sections: data, tokenizer, teacher, pretrain, eval, mesh, calibration, select (later stages
-add theirs). The comment on (or just above) each assignment in `get_config` is that field's
-description: `python -m taylorcal_jax.main --print_config` shows it next to the value.
+Sections: data, tokenizer, teacher, pretrain, eval, mesh, calibration, select, distill.
+The comment on (or just above) each assignment in `get_config` is that field's description:
+`python -m taylorcal_jax.main --print_config` shows it next to the value.
 Runs nothing by itself; the configs built on it do, e.g.
 
     python -m taylorcal_jax.main --config=configs/tiny.py --workdir=/tmp/taylorcal_tiny
@@ -169,6 +169,46 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.select.seed = 1  # which scoring sequences are sampled
     c.select.batch_size = 4  # sequences per scoring pass (rounded up to a multiple of the devices)
     c.select.parallel_candidates = 4  # candidate students vmapped together
+
+    # Distillation after initialisation (docs/method.md §6): stage distill_layers (stage 1),
+    # then stage distill (stage 2). Defaults: the release's recipe at full scale. Token
+    # figures are rounded up to whole steps of batch_size x seq_len tokens.
+    c.distill = ml_collections.ConfigDict()
+    c.distill.split = "train"  # text both stages train on (windows at seeded random offsets)
+    c.distill.seed = 0  # batch order: every init sees the same batches in the same order
+    c.distill.log_every = 10  # steps between loss lines in metrics.jsonl
+    c.distill.save_students = False  # also write the student at every evaluation
+    # Stage 1: each converted layer's mixer fitted to its teacher layer (teacher-forced),
+    # loss mean ||y_teacher - y_student||_2 / sqrt(hidden); AdamW, cosine decay.
+    c.distill.layers = ml_collections.ConfigDict()
+    c.distill.layers.train_tokens = 100_000_000  # training tokens (release: 100M)
+    c.distill.layers.batch_size = 96  # sequences per step (a multiple of mesh.data)
+    c.distill.layers.seq_len = 512  # tokens per sequence
+    c.distill.layers.learning_rate = 1e-3  # peak learning rate of the mixer parameters
+    c.distill.layers.warmup_fraction = 0.01  # share of the steps spent warming up from 0
+    c.distill.layers.min_lr_ratio = 0.0  # final learning rate / peak (cosine decay)
+    c.distill.layers.weight_decay = 0.0  # AdamW weight decay
+    c.distill.layers.clip_norm = 1.0  # global gradient-norm clip
+    c.distill.layers.dtype = "bfloat16"  # compute dtype ("float32" | "bfloat16"); params fp32
+    c.distill.layers.remat = False  # recompute each mixer in the backward pass (less memory)
+    c.distill.layers.eval_every_tokens = 10_000_000  # between evaluations (0 = first and last)
+    c.distill.layers.checkpoint_every_tokens = 5_000_000  # between checkpoints (0 = at the end)
+    # Stage 2: every parameter trained on KL(teacher || student) of the next-token
+    # distributions; AdamW, constant learning rates in two groups.
+    c.distill.kl = ml_collections.ConfigDict()
+    c.distill.kl.train_tokens = 600_000_000  # training tokens (release: 600M)
+    c.distill.kl.batch_size = 32  # sequences per step (a multiple of the mesh's devices)
+    c.distill.kl.seq_len = 4096  # tokens per sequence
+    c.distill.kl.lr_mixer = 1e-4  # learning rate of the student mixers' parameters
+    c.distill.kl.lr_rest = 7e-6  # learning rate of every other parameter
+    c.distill.kl.warmup_fraction = 0.0  # share of the steps spent warming up from 0
+    c.distill.kl.weight_decay = 0.0  # AdamW weight decay
+    c.distill.kl.clip_norm = 1.0  # global gradient-norm clip
+    c.distill.kl.chunk_size = 512  # positions per KL chunk ([B, chunk, vocab] logits at a time)
+    c.distill.kl.dtype = "bfloat16"  # compute dtype ("float32" | "bfloat16"); params fp32
+    c.distill.kl.remat = True  # recompute each block in the backward pass (less memory)
+    c.distill.kl.eval_every_tokens = 50_000_000  # between evaluations (0 = first and last)
+    c.distill.kl.checkpoint_every_tokens = 20_000_000  # between checkpoints (0 = at the end)
     return c
 
 
@@ -202,5 +242,14 @@ def apply_smoke(c):
     c.calibration.gdn.chunk_size = 16
     c.select.num_sequences = 4
     c.select.seq_len = 32
+    for stage in (c.distill.layers, c.distill.kl):
+        stage.train_tokens = 4 * 4 * 32
+        stage.batch_size = 4
+        stage.seq_len = 32
+        stage.dtype = "float32"
+        stage.eval_every_tokens = 2 * 4 * 32
+        stage.checkpoint_every_tokens = 2 * 4 * 32
+    c.distill.kl.chunk_size = 16
+    c.distill.log_every = 1
     c.progress = False
     return c

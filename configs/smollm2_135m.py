@@ -76,6 +76,19 @@ def get_config(arg: str | None = None):
     c.select.seq_len = 512
     c.select.batch_size = 4
     c.select.parallel_candidates = 4
+    # Distillation sized for one H200 in minutes (launch/recovery.py); the release's full
+    # budgets are configs/common.py's.
+    c.distill.layers.train_tokens = 2_000_000
+    c.distill.layers.batch_size = 32
+    c.distill.layers.seq_len = 512
+    c.distill.layers.eval_every_tokens = 500_000
+    c.distill.layers.checkpoint_every_tokens = 500_000
+    c.distill.kl.train_tokens = 4_000_000
+    c.distill.kl.batch_size = 8
+    c.distill.kl.seq_len = 2048
+    c.distill.kl.eval_every_tokens = 1_000_000
+    c.distill.kl.checkpoint_every_tokens = 1_000_000
+    c.distill.log_every = 20
     if smoke:
         c.data.max_documents = 300
         c.eval.num_sequences = 2
@@ -89,5 +102,14 @@ def get_config(arg: str | None = None):
         c.select.seq_len = 64
         c.select.batch_size = 2
         c.select.parallel_candidates = 2
+        for stage in (c.distill.layers, c.distill.kl):
+            stage.train_tokens = 2 * 2 * 64
+            stage.batch_size = 2
+            stage.seq_len = 64
+            stage.eval_every_tokens = 2 * 64
+            stage.checkpoint_every_tokens = 2 * 64
+            stage.dtype = "float32"
+        c.distill.kl.chunk_size = 32
+        c.distill.log_every = 1
         c.progress = False
     return c

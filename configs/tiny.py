@@ -18,7 +18,8 @@ import common  # noqa: E402
 
 def get_config(arg: str | None = None):
     c = common.get_config()
-    # The whole pipeline: teacher -> statistics -> calibration -> alignment -> evaluation.
+    # The whole pipeline: teacher -> statistics -> calibration -> alignment -> layer selection
+    # -> distillation (stages 1 and 2, briefly) -> evaluation.
     c.stages = (
         "pretrain",
         "eval_teacher",
@@ -26,6 +27,8 @@ def get_config(arg: str | None = None):
         "calibrate",
         "align",
         "select_layers",
+        "distill_layers",
+        "distill",
         "eval_student",
     )
     c.tokenizer.vocab_size = 2048
@@ -47,6 +50,17 @@ def get_config(arg: str | None = None):
     c.eval.num_sequences = 128
     c.eval.seq_len = 128
     c.eval.batch_size = 32
+    # Distillation, briefly: 40 steps of 16 x 128 tokens per stage, float32 on a CPU.
+    for stage in (c.distill.layers, c.distill.kl):
+        stage.batch_size = 16
+        stage.seq_len = 128
+        stage.train_tokens = 40 * 16 * 128
+        stage.eval_every_tokens = 20 * 16 * 128
+        stage.checkpoint_every_tokens = 20 * 16 * 128
+        stage.dtype = "float32"
+        stage.remat = False
+    c.distill.layers.warmup_fraction = 0.05
+    c.distill.kl.chunk_size = 64
     if arg == "smoke":
         common.apply_smoke(c)
     elif arg:

@@ -30,7 +30,7 @@ from taylorcal_jax.calibrate import pipeline as calibrate_pipeline
 from taylorcal_jax.calibrate import select
 from taylorcal_jax.errors import ConfigError, UserError
 from taylorcal_jax.run import fields, runner
-from taylorcal_jax.train import stages
+from taylorcal_jax.train import distill_stages, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns resume in it.")
@@ -43,7 +43,13 @@ _PRINT_CONFIG = flags.DEFINE_bool(
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of errors in the input as well.")
 
-STAGES = {**stages.STAGES, **calibrate_pipeline.STAGES}
+# In pipeline order (the order --help lists and a misordered config.stages is told to use).
+STAGES = {
+    **stages.STAGES,
+    **{k: v for k, v in calibrate_pipeline.STAGES.items() if k != "eval_student"},
+    **distill_stages.STAGES,
+    "eval_student": calibrate_pipeline.STAGES["eval_student"],
+}
 
 
 def run(config, workdir: str, **options) -> dict:

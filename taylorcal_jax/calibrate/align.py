@@ -19,12 +19,9 @@ optimisers. The loop's `extra` keeps each layer's best params, best loss and los
 steps run in jitted calls of `checkpoint_every` steps on the fixed calibration batch, each
 followed by an orbax checkpoint of the whole loop state (extra included) when a checkpoint
 directory is given, from which a rerun resumes bit-for-bit (calls end at the same steps).
-Placement over a mesh: the layer
-axis on mesh axis "layers" and the sequence axis on "data" (either may have size 1). With a
-data axis of size 1 the per-layer losses run under `shard_map` (each device its own layers,
-no collectives inside; this keeps custom kernels such as Pallas out of the SPMD
-partitioner); otherwise the SPMD partitioner splits both. Layers are padded to a multiple of
-the "layers" axis by repeating the last one; the padding is dropped from the result.
+Stacking, placement over the mesh (layers on "layers", sequences on "data") and padding to a
+multiple of the "layers" axis are train/layerwise.py's, shared with distillation stage 1; the
+padding is dropped from the result.
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ import optax
 
 from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
 from taylorcal_jax.models.mixers import StudentMixer
-from taylorcal_jax.train import loop, optim
+from taylorcal_jax.train import layerwise, loop, optim
 from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.sharding import P
 
@@ -77,29 +74,6 @@ def layer_loss(mixer_params, x_ntd, y_ntd, valid_nt, *, model_config, mixer: Stu
     return jnp.sum(err) / jnp.maximum(jnp.sum(w) * y_ntd.shape[-1], 1.0)
 
 
-def _uses_shard_map(mesh) -> bool:
-    return mesh.size > 1 and sharding.axis_size(mesh, "data") == 1
-
-
-def _stacked_losses(model_config, mixer, mesh):
-    """(stacked params, x_lntd, y_lntd, valid_nt) -> per-layer losses [L]."""
-    fn = jax.vmap(
-        functools.partial(layer_loss, model_config=model_config, mixer=mixer),
-        in_axes=(0, 0, 0, None),
-    )
-    if _uses_shard_map(mesh):
-        # Layers are independent: each device fits its own slice, no collectives. shard_map
-        # keeps custom kernels (Pallas) out of the SPMD partitioner.
-        fn = jax.shard_map(
-            fn,
-            mesh=mesh,
-            in_specs=(P("layers"), P("layers"), P("layers"), P()),
-            out_specs=P("layers"),
-            check_vma=False,
-        )
-    return fn
-
-
 def _keep_best(extra, params, loss_l):
     """extra with each layer's best params / loss replaced where loss_l is lower."""
     better_l = loss_l < extra["best_loss"]
@@ -122,7 +96,9 @@ def make_task(model_config, mixer: StudentMixer, cfg: AlignConfig, mesh) -> loop
     extra = {"best", "best_loss", "curve"}: per layer the params of the lowest loss seen so
     far, that loss, and curve[l, s] = loss of layer l at step s (before update s).
     """
-    losses = _stacked_losses(model_config, mixer, mesh)
+    losses = layerwise.stacked_losses(
+        functools.partial(layer_loss, model_config=model_config, mixer=mixer), mesh
+    )
 
     def loss_fn(params, batch, rng):
         del rng
@@ -135,7 +111,7 @@ def make_task(model_config, mixer: StudentMixer, cfg: AlignConfig, mesh) -> loop
         extra = _keep_best(extra, params, loss_l)
         return {**extra, "curve": extra["curve"].at[:, step].set(loss_l)}
 
-    act = ("layers",) if _uses_shard_map(mesh) else ("layers", "data")
+    act = layerwise.activation_spec(mesh)
     return loop.Task(
         loss_fn=loss_fn,
         labels=mixer.spec.param_groups,  # "slow", "fast" or "frozen" per leaf
@@ -146,7 +122,7 @@ def make_task(model_config, mixer: StudentMixer, cfg: AlignConfig, mesh) -> loop
         clip=optim.clip_slices_by_global_norm(cfg.clip_norm),
         update_extra=update_extra,
         param_spec=loop.leading_axis("layers"),
-        batch_spec={"x": P(*act), "y": P(*act), "valid": P("data")},
+        batch_spec={"x": act, "y": act, "valid": P("data")},
     )
 
 
@@ -182,21 +158,14 @@ def fit_layers(
     mixer.spec.param_groups(stacked_mixers)  # a one-line error for params of no group
     n_layers = x_lntd.shape[0]
     n_seq = x_lntd.shape[1]
-    n_lay_dev = sharding.axis_size(mesh, "layers")
     n_dat_dev = sharding.axis_size(mesh, "data")
     if n_seq % n_dat_dev:
         raise ValueError(
             f"{n_seq} calibration sequences do not split over mesh axis 'data' of size "
             f"{n_dat_dev}; use a multiple of it (calibration.num_sequences) or a smaller axis"
         )
-    pad = -n_layers % n_lay_dev
-
-    def pad_leading(a):
-        if pad == 0:
-            return a
-        return jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
-
-    params, x_lntd, y_lntd = jax.tree.map(pad_leading, (stacked_mixers, x_lntd, y_lntd))
+    pad = layerwise.layer_padding(n_layers, mesh)
+    params, x_lntd, y_lntd = layerwise.pad_layers((stacked_mixers, x_lntd, y_lntd), pad)
     batch = {"x": x_lntd, "y": y_lntd, "valid": jnp.asarray(valid_nt, bool)}
     task = make_task(model_config, mixer, cfg, mesh)
     extra = {

@@ -16,7 +16,9 @@ and passes its results to the next through files under <workdir>/calibration:
                    removed once the outputs are written)
     select_layers  keep_full_attention_layers by `select.policy` / `select.kept_fraction` (or
                    `select.keep_layers`) -> <workdir>/student (the calibrated student)
-    eval_student   zero-shot perplexity of student and teacher on the eval set ->
+    eval_student   perplexity of the latest student (train/student_dirs.py: the calibrated
+                   one, or the distilled one when distillation stages precede it; zero-shot
+                   for the calibrated one) and of the teacher on the eval set ->
                    calibration_report.json and calibration_report.png (per layer and head:
                    teacher distance and entropy, half-life, write gate, value scale,
                    alignment loss before/after, teacher-forced layer loss)
@@ -56,6 +58,7 @@ from taylorcal_jax.ops.gdn.api import IMPLS, PALLAS_RESIDUALS
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.plan import Stage
+from taylorcal_jax.train import student_dirs
 from taylorcal_jax.train.stages import check_eval
 from taylorcal_jax.utils import hosts, sharding
 from taylorcal_jax.utils.progress import progress
@@ -64,7 +67,7 @@ CAL_DIR = "calibration"
 STATS_FILE = "stats.npz"
 REPORT_JSON = "calibration_report.json"
 REPORT_PNG = "calibration_report.png"
-STUDENT_DIR = "student"
+STUDENT_DIR = student_dirs.STUDENT_DIRS["select_layers"]
 ALIGN_CHECKPOINT_DIR = "align_ckpt"
 
 
@@ -261,7 +264,7 @@ def statistics_stage(ctx) -> dict:
     return out
 
 
-def _save_student_dir(path, student_cfg, params, tokenizer=None):
+def save_student_dir(path, student_cfg, params, tokenizer=None):
     """Writes a student directory atomically, with `tokenizer`'s files when given (generation
     and export read the tokenizer from there)."""
     from taylorcal_jax.models.student import save_student  # noqa: PLC0415
@@ -295,7 +298,7 @@ def calibrate_stage(ctx) -> dict:
     for _ in progress(range(1), desc=f"calibrate ({strategy})", unit="phase"):
         student, report = select.initial_student(strategy, params, st, cal)
         jax.block_until_ready(student)
-    _save_student_dir(ctx.path(_rel("init")), StudentConfig(mcfg, (), cal.mixer.config), student)
+    save_student_dir(ctx.path(_rel("init")), StudentConfig(mcfg, (), cal.mixer.config), student)
     _write_json(ctx.path(_rel("init_report.json")), {"strategy": strategy, **report})
     out = {"strategy": strategy, "phase1": select.uses_phase(strategy, "taylor")}
     ctx.metrics.write("calibrate", **out)
@@ -320,7 +323,7 @@ def align_stage(ctx) -> dict:
             strategy, student, st, cal, checkpoint_dir=checkpoint_dir, log_fn=log_fn
         )
         jax.block_until_ready(student)
-    _save_student_dir(
+    save_student_dir(
         ctx.path(_rel("aligned")), StudentConfig(sc.teacher, (), cal.mixer.config), student
     )
     _write_json(ctx.path(_rel("align_report.json")), {"strategy": strategy, **report})
@@ -371,7 +374,7 @@ def select_layers_stage(ctx) -> dict:
         )
     sc = StudentConfig(mcfg, keep, sc_all.mixer_config, teacher_path=config.teacher.path or None)
     student = select.assemble_student(params, mixers, sc)
-    _save_student_dir(ctx.path(STUDENT_DIR), sc, student, tokenizer=ctx.corpus.tokenizer)
+    save_student_dir(ctx.path(STUDENT_DIR), sc, student, tokenizer=ctx.corpus.tokenizer)
     out = {"policy": policy, "keep_full_attention_layers": list(keep)}
     if scores is not None:
         out["candidate_ppl"] = [round(float(x), 4) for x in scores]
@@ -409,14 +412,15 @@ def layer_diagnostics(student_all, st: stats_lib.TeacherStats, ctx) -> dict:
 
 
 def eval_student_stage(ctx) -> dict:
-    """Zero-shot perplexity of the student next to the teacher's; per-layer/head report."""
+    """Perplexity of the latest student next to the teacher's; per-layer/head report."""
     from taylorcal_jax.eval.perplexity import perplexity  # noqa: PLC0415
     from taylorcal_jax.models.student import load_student  # noqa: PLC0415
     from taylorcal_jax.models.teacher import Transformer  # noqa: PLC0415
     from taylorcal_jax.train.stages import device_description  # noqa: PLC0415
 
     config = ctx.config
-    sc, student = load_student(ctx.path(STUDENT_DIR))
+    student_dir = student_dirs.student_dir(config, "eval_student")
+    sc, student = load_student(ctx.path(student_dir))
     mcfg, params = ctx.teacher
     seqs = ctx.sequences(config.eval)
     bs = int(config.eval.batch_size)
@@ -455,6 +459,7 @@ def eval_student_stage(ctx) -> dict:
         layers.append(row)
     report = {
         "strategy": config.calibration.strategy,
+        "student": student_dir,
         "write_gate_rule": config.calibration.write_gate,
         "keep_full_attention_layers": list(sc.keep_full_attention_layers),
         "teacher_ppl": t_ppl["ppl"],
@@ -470,6 +475,7 @@ def eval_student_stage(ctx) -> dict:
     _write_json(ctx.path(REPORT_JSON), report)
     out = {
         "strategy": report["strategy"],
+        "student": student_dir,
         "keep_full_attention_layers": report["keep_full_attention_layers"],
         "teacher_ppl": t_ppl["ppl"],
         "student_ppl": s_ppl["ppl"],
@@ -528,6 +534,12 @@ def plot_report(report: dict, path: str) -> None:
 
 def _final_mixers_stage(config) -> tuple[str, ...]:
     return ("align",) if uses_align(config) else ("calibrate",)
+
+
+def _distilled(config) -> tuple[str, ...]:
+    """The distillation stage whose student eval_student evaluates, if any."""
+    source = student_dirs.source_stage(config, "eval_student")
+    return () if source == "select_layers" else (source,)
 
 
 # Fields that change only speed or memory (results equal up to float rounding).
@@ -603,6 +615,7 @@ STAGES = {
             "calibrate",
             *_final_mixers_stage(config),
             "select_layers",
+            *_distilled(config),
         ),
         outputs=(REPORT_JSON, REPORT_PNG),
         checks=(check_calibration, check_eval),

@@ -14,6 +14,11 @@ Step s of a `Task` on batch source `batches`, with `labels` its parameter partit
 stay bit-for-bit unchanged. `extra` is any pytree the task keeps next to the params (phase-2
 alignment keeps each layer's best params, best loss and loss curve there; an EMA would fit).
 
+Constants: read-only arrays every step reads (a teacher's params in distillation) are given
+to `run` as `constants`. They are jit arguments, placed once by `Task.constant_spec` (closed
+over instead, they would be baked into the program as literals), passed to `loss_fn` as its
+fourth argument, never updated and never checkpointed: a resumed run is given them again.
+
 Cut: the loop knows nothing of models. Mixed precision (bf16 compute over fp32 master
 params) and rematerialisation belong to the model the loss calls (Flax `dtype` vs
 `param_dtype`, `nn.remat`); the loop keeps params and optimiser state as given. A task that
@@ -86,12 +91,13 @@ def leading_axis(name: str) -> Callable:
 class Task:
     """What a run optimises. Compared and hashed by identity: jitted steps are cached per task.
 
-    loss_fn(params, batch, rng) -> (scalar loss, aux dict); labels(params) -> the partition
+    loss_fn(params, batch, rng) -> (scalar loss, aux dict), or loss_fn(params, batch, rng,
+    constants) when the run is given constants; labels(params) -> the partition
     (a group name of `groups` or optim.FROZEN per leaf); clip: one transform on the whole
     gradient before the groups (optax.clip_by_global_norm or optim.clip_slices_by_global_norm);
     update_extra(extra, step, params, loss, aux) -> extra, with the params the loss was taken
-    at; param_spec(leaf) -> PartitionSpec of a params/optimiser/extra leaf; batch_spec: a
-    PartitionSpec prefix of a batch.
+    at; param_spec(leaf) -> PartitionSpec of a params/optimiser/extra leaf; constant_spec(leaf)
+    -> that of a leaf of the run's constants; batch_spec: a PartitionSpec prefix of a batch.
     """
 
     loss_fn: Callable
@@ -100,6 +106,7 @@ class Task:
     clip: optax.GradientTransformation
     update_extra: Callable | None = None
     param_spec: Callable = replicated
+    constant_spec: Callable = replicated
     batch_spec: Any = P()
 
     @functools.cached_property
@@ -221,19 +228,12 @@ def state_shardings(task: Task, state: TrainState, mesh):
 
 
 def _put(tree, shardings):
-    # may_alias=False: the state is donated to the step, so never alias the caller's arrays.
-    # A leaf that occurs twice (alignment's params and its "best" copy) is copied first:
-    # device_put still hands back the source buffer on the device holding it when the target
-    # replicates (jax 0.10), and one buffer donated twice fails the step.
-    seen = set()
-
-    def put(x, s):
-        if id(x) in seen:
-            x = jnp.array(x, copy=True)
-        seen.add(id(x))
-        return jax.device_put(x, s, may_alias=False)
-
-    return jax.tree.map(put, tree, shardings)
+    # The state is donated to the step, so it must never alias the caller's arrays (which may
+    # also be the run's constants). device_put(may_alias=False) alone is not enough: from one
+    # device to several, the first device's shard stays the source buffer (JAX 0.10).
+    return jax.tree.map(
+        lambda x, s: jax.device_put(jnp.copy(x), s, may_alias=False), tree, shardings
+    )
 
 
 def place_batch(task: Task, mesh, batch, *, stacked: bool = False, held=None):
@@ -261,13 +261,14 @@ def process_rows(task: Task, mesh, num_rows: int) -> tuple[int, int]:
     return min(a for a, _ in spans), max(b for _, b in spans)
 
 
-def _train_step(task: Task, state: TrainState, batch):
+def _train_step(task: Task, state: TrainState, batch, constants=None):
     """One update; returns (new state, {"loss", "grad_norm", scalar aux entries})."""
     labels = task.labels(state.params)
     rng = jax.random.fold_in(state.rng, state.step)
+    const_args = () if constants is None else (constants,)
 
     def loss_of(params):
-        return task.loss_fn(optim.freeze(params, labels), batch, rng)
+        return task.loss_fn(optim.freeze(params, labels), batch, rng, *const_args)
 
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
@@ -289,18 +290,20 @@ def _train_step(task: Task, state: TrainState, batch):
 
 @functools.lru_cache(maxsize=32)
 def _multi_step(task: Task, mesh, num_steps: int, fixed: bool) -> Callable:
-    """Jitted (state, batches) -> (state after num_steps, per-step metrics [num_steps]).
+    """Jitted (state, batches, constants) -> (state after num_steps, per-step metrics
+    [num_steps]).
 
-    `batches` is one batch (fixed) or num_steps batches stacked on axis 0. The state is
-    donated; its output keeps the shardings of `state_shardings`.
+    `batches` is one batch (fixed) or num_steps batches stacked on axis 0; `constants` the
+    run's constants (None: none). The state is donated; its output keeps the shardings of
+    `state_shardings`.
     """
 
-    def run(state, batches):
+    def run(state, batches, constants):
         if fixed:
-            body = lambda s, _: _train_step(task, s, batches)  # noqa: E731
+            body = lambda s, _: _train_step(task, s, batches, constants)  # noqa: E731
             state, metrics = jax.lax.scan(body, state, None, length=num_steps)
         else:
-            body = functools.partial(_train_step, task)
+            body = lambda s, b: _train_step(task, s, b, constants)  # noqa: E731
             state, metrics = jax.lax.scan(body, state, batches)
         state = jax.lax.with_sharding_constraint(state, state_shardings(task, state, mesh))
         return state, metrics
@@ -319,6 +322,7 @@ def run(
     log_fn: Callable | None = None,
     eval_fn: Callable | None = None,
     stop_after_steps: int | None = None,
+    constants=None,
 ) -> RunResult | None:
     """Trains `state` to step opts.steps (resuming from `checkpoint_dir` if it holds one).
 
@@ -326,9 +330,14 @@ def run(
     train_seconds) every log_every steps and at the end, and eval_fn(params) -> dict every
     eval_every steps before the last. `stop_after_steps` ends this call after that many
     steps of work without a final checkpoint, as a crash would, and returns None (tests).
+    `constants`: read-only arrays passed to every step's loss (module docstring).
     """
     log_fn = log_fn or (lambda step, values: None)
     state = _put(state, state_shardings(task, state, mesh))
+    if constants is not None:
+        constants = jax.tree.map(
+            lambda x: jax.device_put(x, sharding.named(mesh, *task.constant_spec(x))), constants
+        )
     fixed = isinstance(batches, FixedBatch)
     fixed_batch = place_batch(task, mesh, batches.batch) if fixed else None
     ckpt = None if checkpoint_dir is None else TrainCheckpointer(checkpoint_dir)
@@ -349,7 +358,7 @@ def run(
                 step_fn = _multi_step(task, mesh, n - first, fixed)
                 if not fixed:
                     stacked = _place_stream(task, mesh, batches, position, n - first)
-                state, metrics = step_fn(state, fixed_batch if fixed else stacked)
+                state, metrics = step_fn(state, fixed_batch if fixed else stacked, constants)
                 position += n - first
                 bar.update(n - first)
                 logged = [s for s in range(first + 1, n + 1) if opts.logs_at(s)]

@@ -37,6 +37,8 @@ def make_schedule(
 ) -> optax.Schedule:
     """The learning-rate schedule `name` (one of SCHEDULES), warming up linearly from 0."""
     if name == "constant":
+        if warmup_steps == 0:  # (optax's warm-up schedule stays at 0 with 0 warm-up steps)
+            return optax.constant_schedule(peak)
         return optax.warmup_constant_schedule(0.0, peak, warmup_steps)
     if name == "cosine":
         return optax.warmup_cosine_decay_schedule(

@@ -1,0 +1,483 @@
+"""Recovery experiment: training tokens each init needs to reach target perplexities.
+
+For each init (calibration.strategy) the pipeline converts the same layers (select.policy
+and kept_fraction; 75% converted, uniform, by default) and trains the student with
+distillation stage 1 then stage 2 (taylorcal_jax/train/distill_stages.py), every init on the
+same batches in the same order and the same token budgets (the config's `distill` section,
+settable with --config.distill.*). Perplexity on the eval set (the config's `eval` section:
+SmolLM2's is 16 x 2048 tokens of the test split) is measured at tokens 0 and every
+`eval_every_tokens` of each stage; a curve's tokens count stage 1's then stage 2's.
+
+    python launch/recovery.py --config=configs/smollm2_135m.py --workdir=/tmp/recovery \
+        --tag=smollm2_135m --config.progress=False \
+        --config.distill.layers.train_tokens=4000000 --config.distill.kl.train_tokens=8000000
+
+On the tiny smoke teacher (pretrained first in the workdir), in a few minutes on a CPU:
+
+    python launch/recovery.py --config=configs/tiny.py:smoke --workdir=/tmp/recovery_smoke \
+        --tag=smoke_cpu --out=/tmp/recovery_out
+
+Targets: 2.0x and 1.5x the teacher's perplexity, and the final perplexity of `copy`.
+Tokens to a target: the first crossing of the curve, interpolated linearly in log(ppl)
+between the two evaluations around it (0 when the first evaluation is already there, null
+when the curve never gets there). Ratios: tokens of `copy` (and of `zero_gate`) over tokens
+of the init, per target.
+
+Stage-2 throughput: tokens per second between consecutive loss lines of metrics.jsonl with
+no evaluation between them (median; compilation and evaluations excluded), and model FLOPs
+utilisation MFU = 6 N tokens/s / peak, with N the student's parameter count and the peak
+dense bf16 FLOP/s of the device (PEAK_BF16_FLOPS, by device kind; none on a CPU). The
+teacher's forward pass on the same tokens, 2 N_teacher per token, is counted separately
+(`mfu_with_teacher`); attention's T^2 terms are not counted.
+
+Each init runs in its own workdir <workdir>/<init> (teacher and corpus cache shared), on
+taylorcal_jax's runner: rerunning the command skips finished stages and resumes an
+interrupted one from its checkpoint, so the experiment continues where a cut call stopped.
+Progress: one line per evaluation; the result files are rewritten after every evaluation
+(watching each init's metrics.jsonl), "complete" false until the end.
+
+Writes <out>/recovery_<tag>.{json,md,png}: JSON keys teacher, teacher_ppl, device, date,
+command, targets {name: ppl}, runs [{init, curve [[tokens, ppl], ...], tokens_to_target
+{target: tokens or null}}], ratios, throughput, budgets, text, complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import threading
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+INITS = ("copy", "zero_gate", "align_only", "taylor_calibrate")
+TARGET_FACTORS = (2.0, 1.5)
+# Dense bf16 peak FLOP/s (no sparsity) by jax device_kind.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+DISTILL_STAGES = ("distill_layers", "distill")
+
+
+def define_flags() -> None:
+    """The command-line flags (defined by the script only, so that tests can import it)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+    flags.DEFINE_string("workdir", None, "Workdir: one sub-workdir per init, resumable.")
+    flags.DEFINE_list("inits", list(INITS), "Initialisation strategies, in the order run.")
+    flags.DEFINE_string("tag", None, "Result files: recovery_<tag>.{json,md,png}.")
+    flags.DEFINE_float("kept_fraction", 0.25, "Share of layers that keep softmax attention.")
+    flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+    flags.mark_flags_as_required(["config", "workdir", "tag"])
+
+
+# ------------------------------------------------------------------------- pure parts
+
+
+def curve_from_metrics(rows: list[dict]) -> list[list[float]]:
+    """[[tokens, ppl], ...] of one init from its metrics.jsonl rows: the evaluation rows of
+    stage 1, then stage 2's with stage 1's final tokens added (stage 2's first point, the
+    same student as stage 1's last, is dropped). A rerun may log a point twice: the last
+    row of each (stage, tokens) wins."""
+    points = {stage: {} for stage in DISTILL_STAGES}
+    for r in rows:
+        if r.get("stage") in points and "step" in r and "eval_ppl" in r:
+            points[r["stage"]][int(r["tokens"])] = float(r["eval_ppl"])
+    first = sorted(points["distill_layers"].items())
+    offset = first[-1][0] if first else 0
+    second = [(offset + t, p) for t, p in sorted(points["distill"].items()) if t > 0 or not first]
+    return [[t, p] for t, p in first + second]
+
+
+def tokens_to_target(curve, target: float) -> float | None:
+    """Training tokens at which the curve first reaches `target` (module docstring)."""
+    if not curve:
+        return None
+    if curve[0][1] <= target:
+        return float(curve[0][0])
+    for (t0, p0), (t1, p1) in zip(curve, curve[1:], strict=False):
+        if p1 <= target:
+            frac = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(p1))
+            return float(t0 + frac * (t1 - t0))
+    return None
+
+
+def targets_of(teacher_ppl: float, runs: dict) -> dict:
+    """{name: ppl}: 2.0x and 1.5x the teacher's, and copy's final ppl once its run is done."""
+    out = {f"{f:g}x_teacher": f * teacher_ppl for f in TARGET_FACTORS}
+    copy = runs.get("copy")
+    if copy and copy.get("done") and copy["curve"]:
+        out["copy_final"] = copy["curve"][-1][1]
+    return out
+
+
+def ratios(runs: list[dict], baseline: str) -> dict:
+    """{init: {target: tokens(baseline) / tokens(init)}} where both are known and positive."""
+    base = next((r for r in runs if r["init"] == baseline), None)
+    if base is None:
+        return {}
+    out = {}
+    for r in runs:
+        row = {}
+        for name, tokens in r["tokens_to_target"].items():
+            b = base["tokens_to_target"].get(name)
+            row[name] = b / tokens if b and tokens else None
+        out[r["init"]] = row
+    return out
+
+
+def step_throughput(rows: list[dict]) -> float | None:
+    """Median tokens/s of stage 2 between consecutive loss lines with no evaluation (nor a
+    restart) between them."""
+    rates, prev = [], None
+    for r in rows:
+        if r.get("stage") != "distill" or "step" not in r:
+            continue
+        if "loss" not in r:  # an evaluation or a resume: the next interval is not clean
+            prev = None
+            continue
+        if prev is not None and r["train_seconds"] > prev["train_seconds"]:
+            dt = r["train_seconds"] - prev["train_seconds"]
+            rates.append((r["tokens"] - prev["tokens"]) / dt)
+        prev = r
+    if not rates:
+        return None
+    rates.sort()
+    return rates[len(rates) // 2]
+
+
+def throughput(tokens_per_second, student_params: int, teacher_params: int, kind: str) -> dict:
+    """{tokens_per_second, flops_per_token, mfu, mfu_with_teacher, peak} (module docstring)."""
+    peak = PEAK_BF16_FLOPS.get(kind)
+    train, teacher = 6 * student_params, 2 * teacher_params
+    out = {
+        "tokens_per_second": tokens_per_second,
+        "student_params": student_params,
+        "teacher_params": teacher_params,
+        "train_flops_per_token": train,
+        "teacher_flops_per_token": teacher,
+        "device_kind": kind,
+        "peak_bf16_flops": peak,
+        "mfu": None,
+        "mfu_with_teacher": None,
+    }
+    if peak and tokens_per_second:
+        out["mfu"] = train * tokens_per_second / peak
+        out["mfu_with_teacher"] = (train + teacher) * tokens_per_second / peak
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown report."""
+    names = list(result["targets"])
+    lines = [
+        f"Recovery after distillation, teacher {result['teacher']} (ppl "
+        f"{result['teacher_ppl']:.3f}), {result['device']}, {result['date']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Budgets: {json.dumps(result['budgets'])}",
+        "",
+    ]
+    if not result.get("complete"):
+        lines += ["**Incomplete**: the experiment stopped before its last evaluation.", ""]
+    lines += [
+        "Targets: " + ", ".join(f"{n} = {result['targets'][n]:.3f}" for n in names),
+        "",
+        "| init | ppl at 0 | final ppl (tokens) | "
+        + " | ".join(f"tokens to {n}" for n in names)
+        + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for r in result["runs"]:
+        c = r["curve"]
+        cells = [_tokens(r["tokens_to_target"].get(n)) for n in names]
+        first = f"{c[0][1]:.3f}" if c else ""
+        last = f"{c[-1][1]:.3f} ({c[-1][0]:,.0f})" if c else ""
+        lines.append(f"| {r['init']} | {first} | {last} | " + " | ".join(cells) + " |")
+    for base, table in result["ratios"].items():
+        lines += ["", f"Tokens of {base} / tokens of the init (blank: a target one of the two "
+                  "never reached, or reached at 0 tokens):", ""]  # fmt: skip
+        lines += ["| init | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for init, row in table.items():
+            cells = ["" if row.get(n) is None else f"{row[n]:.2f}" for n in names]
+            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    th = result.get("throughput") or {}
+    if th.get("tokens_per_second"):
+        mfu = "n/a (no peak for this device)" if th["mfu"] is None else f"{th['mfu']:.1%}"
+        lines += [
+            "",
+            f"Stage 2 ({th['init']}): {th['tokens_per_second']:,.0f} tokens/s, MFU {mfu} "
+            f"(6 N, N = {th['student_params']:,} student params"
+            + (
+                ""
+                if th["mfu"] is None
+                else f"; with the teacher's forward {th['mfu_with_teacher']:.1%}"
+            )
+            + ").",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _tokens(t) -> str:
+    return "not reached" if t is None else f"{t:,.0f}"
+
+
+def plot(result: dict, path: str) -> None:
+    """ppl against training tokens (log-log), one line per init, the targets dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in result["runs"]:
+        pts = [(max(t, 1.0), p) for t, p in r["curve"]]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", ms=3, label=r["init"])
+    for name, value in result["targets"].items():
+        ax.axhline(value, ls="--", lw=0.8, color="gray")
+        ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+    ax.axhline(result["teacher_ppl"], color="k", lw=1, label="teacher")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training tokens (stage 1 + stage 2; 0 at 1)",
+        ylabel="perplexity",
+        title=f"recovery, teacher {result.get('teacher_name', '')}",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: str, tag: str) -> dict:
+    """<out_dir>/recovery_<tag>.{json,md,png}, each written whole under a temporary name and
+    renamed (a cut run leaves the previous complete file)."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"recovery_{tag}")
+    paths = {k: f"{base}.{k}" for k in ("json", "md", "png")}
+
+    def text(path, body):
+        with open(path, "w") as f:
+            f.write(body)
+
+    writers = {
+        "json": lambda p: text(p, json.dumps(result, indent=1)),
+        "md": lambda p: text(p, markdown(result)),
+        "png": lambda p: plot(result, p),
+    }
+    for kind, write in writers.items():
+        write(paths[kind] + ".partial")
+        os.replace(paths[kind] + ".partial", paths[kind])
+    return paths
+
+
+# ------------------------------------------------------------------------- experiment
+
+
+def init_config(config, init: str, kept_fraction: float, teacher_dir: str):
+    """The config of one init's run (its own workdir; the teacher checkpoint shared)."""
+    c = config.copy_and_resolve_references()
+    c.teacher.path = teacher_dir
+    c.calibration.strategy = init
+    c.select.policy = "uniform"
+    c.select.kept_fraction = kept_fraction
+    c.select.keep_layers = ()
+    c.stages = (
+        "statistics",
+        "calibrate",
+        "align",
+        "select_layers",
+        "distill_layers",
+        "distill",
+    )
+    return c
+
+
+def _read_rows(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Experiment:
+    """The result being built: per-init curves read from their metrics.jsonl."""
+
+    def __init__(self, base: dict, inits, workdirs: dict, out: str, tag: str):
+        self.base, self.inits, self.workdirs = base, list(inits), workdirs
+        self.out, self.tag = out, tag
+        self.done: set[str] = set()
+        self.seen: dict[str, int] = {}
+        self.throughput = None
+        self.lock = threading.Lock()
+
+    def result(self, teacher_ppl: float, complete: bool = False) -> dict:
+        runs = {}
+        for init in self.inits:
+            rows = _read_rows(self.workdirs[init])
+            runs[init] = {"init": init, "curve": curve_from_metrics(rows),
+                          "done": init in self.done}  # fmt: skip
+        targets = targets_of(teacher_ppl, runs)
+        out_runs = [
+            {
+                "init": r["init"],
+                "curve": r["curve"],
+                "tokens_to_target": {
+                    n: tokens_to_target(r["curve"], v) for n, v in targets.items()
+                },
+                "complete": r["done"],
+            }
+            for r in runs.values()
+        ]
+        return {
+            **self.base,
+            "teacher_ppl": teacher_ppl,
+            "targets": targets,
+            "runs": out_runs,
+            "ratios": {b: ratios(out_runs, b) for b in ("copy", "zero_gate")},
+            "throughput": self.throughput,
+            "complete": complete,
+        }
+
+    def report(self, teacher_ppl: float, complete: bool = False) -> None:
+        """Prints new evaluations and rewrites the result files when there are any."""
+        with self.lock:
+            fresh = False
+            for init in self.inits:
+                curve = curve_from_metrics(_read_rows(self.workdirs[init]))
+                for t, p in curve[self.seen.get(init, 0) :]:
+                    print(f"[{time.strftime('%H:%M:%S')}] {init}: {t:,.0f} tokens, ppl {p:.3f}",
+                          flush=True)  # fmt: skip
+                    fresh = True
+                self.seen[init] = len(curve)
+            if fresh or complete:
+                write_outputs(self.result(teacher_ppl, complete), self.out, self.tag)
+
+
+def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, tag: str):
+    import jax
+    import run_inputs  # launch/
+
+    from taylorcal_jax.calibrate import pipeline
+    from taylorcal_jax.eval.perplexity import perplexity
+    from taylorcal_jax.models.student import load_student
+    from taylorcal_jax.models.teacher import Transformer
+    from taylorcal_jax.run import inputs, runner, validate
+    from taylorcal_jax.run.context import RunContext
+    from taylorcal_jax.train import distill_stages, stages
+    from taylorcal_jax.train import pretrain as pretrain_lib
+
+    # taylorcal_jax.main's stages; main itself is not imported because it defines --config
+    registry = {**stages.STAGES, **pipeline.STAGES, **distill_stages.STAGES}
+    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    if not config.teacher.path:  # a teacher of our own, pretrained once in the workdir
+        own = config.copy_and_resolve_references()
+        own.stages = ("pretrain",)
+        runner.run(own, workdir, registry, command=command)
+        config.teacher.path = inputs.teacher_dir(own, workdir)
+    teacher_source = run_inputs.resolve_teacher(config, workdir)
+    configs = {i: init_config(config, i, kept_fraction, config.teacher.path) for i in inits}
+    for init, cfg in configs.items():  # every problem found before any training
+        validate.validate(cfg, registry, os.path.join(workdir, init))
+    workdirs = {}
+    for init in inits:
+        wd = os.path.join(workdir, init)
+        os.makedirs(wd, exist_ok=True)
+        data = os.path.join(wd, "data")
+        if not os.path.lexists(data):  # one corpus cache for every init
+            os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+            os.symlink(os.path.abspath(os.path.join(workdir, "data")), data)
+        workdirs[init] = wd
+    ctx = RunContext(config, workdir)
+    eval_seqs = ctx.sequences(config.eval)
+    mcfg, teacher_params = ctx.teacher
+    teacher_ppl = perplexity(
+        Transformer(mcfg), teacher_params, eval_seqs, batch_size=int(config.eval.batch_size),
+        mesh=ctx.mesh, desc="teacher ppl",
+    )["ppl"]  # fmt: skip
+    print(f"teacher ppl {teacher_ppl:.3f}", flush=True)
+    base = {
+        "teacher": teacher_source["path"],
+        "teacher_name": tag,
+        "device": stages.device_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "jax_version": jax.__version__,
+        "kept_fraction": kept_fraction,
+        "eval": {k: config.eval[k] for k in ("split", "num_sequences", "seq_len")},
+        "budgets": {
+            s: {
+                k: config.distill[s][k]
+                for k in ("train_tokens", "batch_size", "seq_len", "eval_every_tokens")
+            }
+            for s in ("layers", "kl")
+        },  # fmt: skip
+        "text": run_inputs.text_record(config, ctx.corpus, eval_seqs),
+    }
+    exp = Experiment(base, inits, workdirs, out, tag)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(5.0):
+            exp.report(teacher_ppl)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    try:
+        for init in inits:
+            print(f"[{time.perf_counter() - t0:6.0f} s] {init}: start", flush=True)
+            runner.run(configs[init], workdirs[init], registry, command=command)
+            exp.done.add(init)
+            exp.report(teacher_ppl)
+    finally:
+        stop.set()
+        watcher.join()
+    rows = _read_rows(workdirs[inits[-1]])
+    _, student = load_student(os.path.join(workdirs[inits[-1]], "student_distilled"))
+    th = throughput(
+        step_throughput(rows),
+        pretrain_lib.count_params(student),
+        pretrain_lib.count_params(teacher_params),
+        jax.devices()[0].device_kind,
+    )
+    th["init"] = inits[-1]
+    exp.throughput = th
+    exp.report(teacher_ppl, complete=True)
+    return exp.result(teacher_ppl, complete=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from taylorcal_jax.calibrate import select
+    from taylorcal_jax.utils import progress
+
+    for init in FLAGS.inits:
+        select.check_strategy(init)
+    config = FLAGS.config
+    progress.set_enabled(config.progress)
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    result = run_experiment(
+        config, FLAGS.workdir, FLAGS.inits, FLAGS.kept_fraction, FLAGS.out, FLAGS.tag
+    )
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    define_flags()
+    app.run(main)

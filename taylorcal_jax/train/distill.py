@@ -1,0 +1,159 @@
+"""Distillation stage 2: the whole student trained on KL(teacher || student), end to end.
+
+Letters: B batch, T time, D hidden, V vocab.
+
+    loss(theta) = mean_{b,t} KL( softmax(teacher(x)_bt) || softmax(student_theta(x)_bt) )
+
+over every position of each sequence (train/kl.py: chunked over T, so [B, T, V] logits never
+exist for both models at once), the teacher's logits computed on the fly from its params, a
+constant of the loop (train/loop.py). The batch of step s is `packing.train_batch(stream, B,
+T, seed, s)`, a pure function of s.
+
+Every parameter trains, in two AdamW groups with constant learning rates after a linear
+warm-up (docs/method.md §6: the release's 1e-4 and 7e-6): "mixer", every parameter of the
+student mixers (the converted layers), and "rest", everything else (embeddings, norms, MLPs,
+kept attention, head); one global-norm clip over all of them first.
+
+Precision: params (and the optimiser state) are float32 masters; the models compute in the
+`dtype` they are built with (Flax `dtype`, bf16 for training) and their `remat` recomputes each
+block in the backward pass. The student mixer's op (GDN's `impl`: `auto` is the Pallas kernel
+on a GPU) is part of the student model's runtime options.
+
+Placement: the batch is split over every device of the mesh. With more than one device the
+loss runs under `shard_map` (each device its rows, no collectives inside, which keeps custom
+kernels out of the SPMD partitioner; the per-device KL sums and counts are added after it),
+and the gradients of the params the devices share are summed by its transpose. Parameter
+and constant placement is the task's `param_spec` (default: every device holds everything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from taylorcal_jax.models.paths import layer_index, mixer_key
+from taylorcal_jax.train import kl, loop, optim
+from taylorcal_jax.utils import sharding
+
+MIXER_GROUP = "mixer"
+REST_GROUP = "rest"
+
+
+@dataclasses.dataclass(frozen=True)
+class KLDistillConfig:
+    """What the stage-2 task needs (configs/common.py, section `distill.kl`; warmup_steps
+    counted from its token figures)."""
+
+    lr_mixer: float
+    lr_rest: float
+    warmup_steps: int
+    weight_decay: float
+    clip_norm: float
+    chunk_size: int  # positions per KL chunk
+
+
+def final_hidden(model, params, tokens_bt):
+    """The final-norm hidden states [B, T, D] of a Transformer (its LM head's input).
+
+    Captured from the top-level "norm" module; the logits the model also returns are unused,
+    so the compiler drops the LM head.
+    """
+
+    def is_final_norm(module, method_name):
+        return module.path == ("norm",) and method_name == "__call__"
+
+    _, state = model.apply(
+        {"params": params},
+        tokens_bt,
+        capture_intermediates=is_final_norm,
+        mutable=["intermediates"],
+    )
+    return state["intermediates"]["norm"]["__call__"][0]
+
+
+def mixer_labels(mixer_name: str) -> Callable:
+    """Partition of a student's params: MIXER_GROUP under a block's mixer `mixer_name`,
+    REST_GROUP elsewhere."""
+    key = mixer_key(mixer_name)
+
+    def labels(params):
+        def block(name, sub):
+            if layer_index(name) is None:
+                return jax.tree.map(lambda _: REST_GROUP, sub)
+            return {
+                k: jax.tree.map(lambda _, g=MIXER_GROUP if k == key else REST_GROUP: g, v)
+                for k, v in sub.items()
+            }
+
+        return {name: block(name, sub) for name, sub in params.items()}
+
+    return labels
+
+
+def kl_loss(student, teacher, params, teacher_params, tokens_bt, *, chunk: int):
+    """(KL sum over the positions of `tokens_bt`, their number) of student vs teacher."""
+    h_t = jax.lax.stop_gradient(final_hidden(teacher, teacher_params, tokens_bt))
+    h_s = final_hidden(student, params, tokens_bt)
+    w_t = jax.lax.stop_gradient(kl.head_matrix(teacher_params, teacher.config))
+    w_s = kl.head_matrix(params, student.config)
+    valid_bt = jnp.ones(tokens_bt.shape, bool)
+    return kl.kl_sum(h_t, w_t, h_s, w_s, valid_bt, chunk=chunk)
+
+
+@functools.lru_cache(maxsize=8)
+def make_task(
+    student,
+    teacher,
+    mixer_name: str,
+    cfg: KLDistillConfig,
+    mesh,
+    param_spec: Callable = loop.replicated,
+) -> loop.Task:
+    """The loop task of stage 2 (module docstring). `student`, `teacher`: Transformer modules
+    (dtype and remat as trained); `param_spec` places params, optimiser state and the
+    teacher's params (e.g. sharded over an FSDP axis)."""
+    local = functools.partial(kl_loss, student, teacher, chunk=cfg.chunk_size)
+    sums = local
+    if mesh.size > 1:
+
+        def per_device(params, teacher_params, tokens_bt):
+            total, count = local(params, teacher_params, tokens_bt)
+            return total[None], count[None]
+
+        per_device_sums = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(sharding.P(), sharding.P(), sharding.batch_spec(mesh)),
+            out_specs=(sharding.batch_spec(mesh), sharding.batch_spec(mesh)),
+            check_vma=False,
+        )
+
+        def sums(params, teacher_params, tokens_bt):
+            total, count = per_device_sums(params, teacher_params, tokens_bt)
+            return jnp.sum(total), jnp.sum(count)
+
+    def loss_fn(params, tokens_bt, rng, teacher_params):
+        del rng
+        total, count = sums(params, teacher_params, tokens_bt)
+        return total / count, {}
+
+    def adamw(lr):
+        schedule = optim.make_schedule(
+            "constant", lr, steps=0, warmup_steps=cfg.warmup_steps, min_lr_ratio=1.0
+        )
+        return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+    return loop.Task(
+        loss_fn=loss_fn,
+        labels=mixer_labels(mixer_name),
+        groups={MIXER_GROUP: adamw(cfg.lr_mixer), REST_GROUP: adamw(cfg.lr_rest)},
+        clip=optax.clip_by_global_norm(cfg.clip_norm),
+        param_spec=param_spec,
+        constant_spec=param_spec,
+        batch_spec=sharding.batch_spec(mesh),
+    )

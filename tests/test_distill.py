@@ -1,0 +1,334 @@
+"""Distillation: stage 1 (per-layer, teacher-forced) and stage 2 (chunked KL) on the training
+loop, each against a reference computed here; learning, 8 simulated devices == one device,
+resume == uninterrupted (bit-identical on the CPU); both stages from taylorcal_jax.main."""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_models import tiny_model_config
+
+from taylorcal_jax.calibrate import select
+from taylorcal_jax.calibrate.stacking import stack_mixers
+from taylorcal_jax.data import packing
+from taylorcal_jax.models.mixers import StudentMixer
+from taylorcal_jax.models.mixers.gdn import GDNConfig, GDNRuntime
+from taylorcal_jax.models.paths import layer_key, layer_mixer
+from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import Transformer, init_params
+from taylorcal_jax.train import distill, distill_layers, kl, layerwise, loop, optim
+from taylorcal_jax.train.distill_stages import Budget
+from taylorcal_jax.utils import sharding
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+
+MC = tiny_model_config(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+)
+GDN = StudentMixer(GDNConfig.from_teacher(MC), GDNRuntime(impl="chunked", chunk_size=8))
+SC = StudentConfig(MC, (0,), GDN.config)  # layers 1 and 2 converted
+LAYERS = SC.converted_layers
+TEACHER = init_params(MC, jax.random.PRNGKey(0))
+STREAM = np.random.default_rng(0).integers(0, MC.vocab_size, 3000).astype(np.int32)
+B, T = 8, 16
+ONE = sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])
+
+
+def _student():
+    mixers = {
+        i: GDN.spec.conversion("copy")(
+            layer_mixer(TEACHER, i, "attention"), MC, GDN.config, jax.random.PRNGKey(i)
+        )
+        for i in LAYERS
+    }
+    return select.assemble_student(TEACHER, mixers, SC)
+
+
+STUDENT = _student()
+BATCHES = loop.StreamBatches(functools.partial(packing.train_batch, STREAM, B, T, 0))
+FIXED = jnp.asarray(packing.train_batch(STREAM, B, T, 7, 0))  # held out from the run's batches
+
+
+def _max_rel_err(a, b):
+    errs = jax.tree.map(
+        lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12)), a, b
+    )
+    return max(jax.tree.leaves(errs))
+
+
+@functools.cache
+def _loss_and_grad(task):
+    """Jitted params -> (loss on FIXED, its gradient) of a task."""
+    return jax.jit(jax.value_and_grad(lambda p: task.loss_fn(p, FIXED, None, TEACHER)[0]))
+
+
+def _loss(task, params) -> float:
+    return float(_loss_and_grad(task)(params)[0])
+
+
+def _run(task, params, steps, *, mesh=ONE, ckpt=None, stop=None):
+    opts = loop.LoopOptions(
+        steps=steps, steps_per_call=1, log_every=1, eval_every=0, checkpoint_every=3, desc="t"
+    )
+    state = loop.init_state(task, params, rng=jax.random.PRNGKey(0))
+    result = loop.run(
+        task,
+        state,
+        BATCHES,
+        opts,
+        mesh=mesh,
+        checkpoint_dir=ckpt,
+        constants=TEACHER,
+        stop_after_steps=stop,
+    )
+    return None if result is None else jax.device_get(result.state)
+
+
+# --------------------------------------------------------------------------- stage 1
+
+LAYER_CFG = distill_layers.LayerDistillConfig(
+    steps=8,
+    learning_rate=3e-2,
+    warmup_steps=2,
+    min_lr_ratio=0.1,
+    weight_decay=0.0,
+    clip_norm=1.0,
+    dtype="float32",
+    remat=False,
+)
+
+
+def _stacked(mesh):
+    pad = layerwise.layer_padding(len(LAYERS), mesh)
+    return layerwise.pad_layers(stack_mixers(STUDENT, LAYERS, GDN.name), pad)
+
+
+def test_stage1_loss_is_the_mean_per_token_rms_error_of_the_converted_layers():
+    task = distill_layers.make_task(MC, GDN, LAYERS, LAYER_CFG, ONE)
+    got, aux = jax.jit(task.loss_fn)(_stacked(ONE), FIXED, None, TEACHER)
+    forward = jax.jit(functools.partial(Transformer(MC).apply, return_intermediates=True))
+    _, _, inters = forward({"params": TEACHER}, FIXED)
+    want = []
+    for i in LAYERS:
+        x = inters[layer_key(i)]["attn_in"]
+        y = np.asarray(inters[layer_key(i)]["attn_out"], np.float64)
+        out, _, _ = jax.jit(GDN.module(MC).apply)({"params": layer_mixer(STUDENT, i, GDN.name)}, x)
+        err = np.asarray(out, np.float64) - y
+        want.append(np.mean(np.sqrt(np.sum(err**2, axis=-1) / MC.hidden_size)))
+    np.testing.assert_allclose(aux["layer_loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+    # a zero error has loss 0 and gradient 0 (not the NaN of sqrt at 0)
+    y = jnp.ones((2, 3, 4))
+    g = jax.grad(lambda o: distill_layers.rms_error(o, y, jnp.ones((2, 3), bool)))(y)
+    assert float(distill_layers.rms_error(y, y, jnp.ones((2, 3), bool))) == 0.0
+    assert np.all(np.asarray(g) == 0.0)
+
+
+def test_stage1_learns_and_remat_changes_nothing():
+    task = distill_layers.make_task(MC, GDN, LAYERS, LAYER_CFG, ONE)
+    remat = dataclasses.replace(LAYER_CFG, remat=True)
+    task_remat = distill_layers.make_task(MC, GDN, LAYERS, remat, ONE)
+    params = _stacked(ONE)
+    before = _loss(task, params)
+    trained = _run(task, params, LAYER_CFG.steps).params
+    after = _loss(task, trained)
+    assert after < 0.8 * before, (before, after)
+    # every mixer param trains, o_proj included (alignment keeps it frozen)
+    assert _max_rel_err(trained["o_proj"], params["o_proj"]) > 0
+    grads = [_loss_and_grad(t)(params)[1] for t in (task, task_remat)]
+    assert _max_rel_err(grads[1], grads[0]) < 1e-6
+
+
+@pytest.mark.parametrize("axes", [{"layers": 8, "data": 1}, {"layers": 2, "data": 4}])
+def test_stage1_on_eight_devices_equals_one_device(axes):
+    mesh = sharding.make_mesh(axes)
+    steps = 4
+    one = _run(distill_layers.make_task(MC, GDN, LAYERS, LAYER_CFG, ONE), _stacked(ONE), steps)
+    split = _run(
+        distill_layers.make_task(MC, GDN, LAYERS, LAYER_CFG, mesh), _stacked(mesh), steps, mesh=mesh
+    )
+    real = jax.tree.map(lambda a: a[: len(LAYERS)], split.params)
+    assert _max_rel_err(real, one.params) < 1e-5
+
+
+def test_stage1_resume_after_interrupt_is_bit_identical(tmp_path):
+    task = distill_layers.make_task(MC, GDN, LAYERS, LAYER_CFG, ONE)
+    full = _run(task, _stacked(ONE), 8, ckpt=str(tmp_path / "a"))
+    assert _run(task, _stacked(ONE), 8, ckpt=str(tmp_path / "b"), stop=5) is None
+    assert sorted(os.listdir(tmp_path / "b")) == ["3"]
+    resumed = _run(task, _stacked(ONE), 8, ckpt=str(tmp_path / "b"))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- stage 2
+
+KL_CFG = distill.KLDistillConfig(
+    lr_mixer=1e-2, lr_rest=1e-3, warmup_steps=0, weight_decay=0.0, clip_norm=1.0, chunk_size=5
+)
+
+
+def _models(chunked_student=SC):
+    return chunked_student.model(runtime=GDN.runtime), Transformer(MC)
+
+
+def _reference_kl(student_model, params):
+    """KL(teacher || student) averaged over all positions, from the whole logits."""
+    logits_s, _, _ = student_model.apply({"params": params}, FIXED)
+    logits_t, _, _ = Transformer(MC).apply({"params": TEACHER}, FIXED)
+    logp = jax.nn.log_softmax(logits_t, axis=-1)
+    logq = jax.nn.log_softmax(logits_s, axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1))
+
+
+def test_kl_is_zero_when_the_student_keeps_every_layer():
+    every = StudentConfig(MC, (0, 1, 2), GDN.config)
+    student, teacher = _models(every)
+    kl_loss = jax.jit(functools.partial(distill.kl_loss, student, teacher, chunk=5))
+    total, count = kl_loss(TEACHER, TEACHER, FIXED)
+    assert int(count) == B * T
+    assert abs(float(total / count)) < 1e-7
+
+
+def test_chunked_kl_equals_the_unchunked_kl_and_its_gradient():
+    student, teacher = _models()
+
+    def chunked(params, chunk):
+        total, count = distill.kl_loss(student, teacher, params, TEACHER, FIXED, chunk=chunk)
+        return total / count
+
+    want, g_want = jax.jit(jax.value_and_grad(lambda p: _reference_kl(student, p)))(STUDENT)
+    assert float(want) > 1e-3  # the converted student differs from the teacher
+    for chunk in (5,):  # three chunks, the last one padded
+        got, g_got = jax.jit(jax.value_and_grad(chunked), static_argnums=1)(STUDENT, chunk)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        assert _max_rel_err(g_got, g_want) < 1e-4
+    with pytest.raises(ValueError, match="chunk length must be positive"):
+        kl.kl_sum(
+            jnp.zeros((1, 2, 3)),
+            jnp.zeros((3, 4)),
+            jnp.zeros((1, 2, 3)),
+            jnp.zeros((3, 4)),
+            jnp.ones((1, 2), bool),
+            chunk=0,
+        )
+
+
+def test_stage2_groups_learn_and_bf16_compute_keeps_fp32_masters():
+    labels = distill.mixer_labels(GDN.name)(STUDENT)
+    groups = {jax.tree_util.keystr(k): g for k, g in jax.tree_util.tree_leaves_with_path(labels)}
+    assert all((g == "mixer") == ("'gdn'" in k) for k, g in groups.items())
+    assert sum(g == "mixer" for g in groups.values()) == 2 * len(STUDENT[layer_key(1)]["gdn"])
+    student, teacher = _models()
+    task = distill.make_task(student, teacher, GDN.name, KL_CFG, ONE)
+    before = _loss(task, STUDENT)
+    trained = _run(task, STUDENT, 8).params
+    after = _loss(task, trained)
+    assert after < 0.8 * before, (before, after)
+    # bf16 compute (remat on) over float32 params: float32 gradients for the float32 masters
+    s16 = student.clone(dtype=jnp.bfloat16, remat=True)
+    t16 = teacher.clone(dtype=jnp.bfloat16)
+    task16 = distill.make_task(s16, t16, GDN.name, KL_CFG, ONE)
+    loss16, grads16 = _loss_and_grad(task16)(STUDENT)
+    assert {a.dtype for a in jax.tree.leaves(grads16)} == {np.dtype(np.float32)}
+    np.testing.assert_allclose(float(loss16), before, rtol=0.1)
+
+
+def test_stage2_on_eight_devices_equals_one_device():
+    student, teacher = _models()
+    mesh = sharding.make_mesh({"layers": 1, "data": 8})
+    one = _run(distill.make_task(student, teacher, GDN.name, KL_CFG, ONE), STUDENT, 3)
+    split = _run(distill.make_task(student, teacher, GDN.name, KL_CFG, mesh), STUDENT, 3, mesh=mesh)
+    assert _max_rel_err(split.params, one.params) < 1e-5
+
+
+def test_stage2_resume_after_interrupt_is_bit_identical(tmp_path):
+    student, teacher = _models()
+    task = distill.make_task(student, teacher, GDN.name, KL_CFG, ONE)
+    full = _run(task, STUDENT, 7, ckpt=str(tmp_path / "a"))
+    assert _run(task, STUDENT, 7, ckpt=str(tmp_path / "b"), stop=4) is None
+    resumed = _run(task, STUDENT, 7, ckpt=str(tmp_path / "b"))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------- options and stages
+
+
+def test_token_budgets_round_up_to_whole_steps_and_constant_lr_needs_no_warmup():
+    b = Budget(
+        4,
+        32,
+        train_tokens=1000,
+        eval_every_tokens=300,
+        checkpoint_every_tokens=0,
+        warmup_fraction=0.1,
+    )
+    assert (b.tokens_per_step, b.steps, b.steps_for(300), b.steps_for(0)) == (128, 8, 3, 0)
+    assert b.warmup_steps == 1
+    const = optim.make_schedule("constant", 2.0, steps=10, warmup_steps=0, min_lr_ratio=1.0)
+    assert float(const(0)) == 2.0 and float(const(5)) == 2.0
+
+
+@pytest.mark.slow
+def test_main_runs_both_stages_and_writes_metrics_with_tokens(tmp_path):
+    import tiny  # configs/tiny.py
+
+    from taylorcal_jax import main
+
+    c = tiny.get_config("smoke")
+    c.stages = (
+        "pretrain",
+        "statistics",
+        "calibrate",
+        "select_layers",
+        "distill_layers",
+        "distill",
+        "eval_student",
+    )
+    c.calibration.strategy = "copy"
+    c.calibration.seq_len = 16
+    c.calibration.gdn.impl = "chunked"
+    c.distill.save_students = True
+    # stage 2 splits its batch over the 8 devices; 4 steps, an evaluation every 2
+    c.distill.kl.batch_size = 8
+    c.distill.kl.train_tokens = 4 * 8 * 32
+    c.distill.kl.eval_every_tokens = 2 * 8 * 32
+    workdir = str(tmp_path / "wd")
+    summary = main.run(c, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    for stage, per_step in (("distill_layers", 4 * 32), ("distill", 8 * 32)):
+        evals = [
+            (r["tokens"], r["eval_ppl"])
+            for r in rows
+            if r["stage"] == stage and "step" in r and "eval_ppl" in r
+        ]
+        assert [t for t, _ in evals] == [0, 2 * per_step, 4 * per_step]
+        losses = [r["tokens"] for r in rows if r["stage"] == stage and "loss" in r]
+        assert losses == [per_step * s for s in (1, 2, 3, 4)]
+        assert summary[stage]["tokens"] == 4 * per_step
+        assert summary[stage]["eval_ppl"] == evals[-1][1]
+        saved = os.listdir(os.path.join(workdir, f"{stage}_train", "students"))
+        assert sorted(saved) == [f"tokens_{t:012d}" for t, _ in evals]
+    # stage 2 starts from stage 1's student, eval_student evaluates stage 2's
+    first_kl = [r["eval_ppl"] for r in rows if r["stage"] == "distill" and "eval_ppl" in r][0]
+    assert first_kl == pytest.approx(summary["distill_layers"]["eval_ppl"], rel=1e-6)
+    assert summary["eval_student"]["student"] == "student_distilled"
+    assert summary["eval_student"]["student_ppl"] == pytest.approx(
+        summary["distill"]["eval_ppl"], rel=1e-5
+    )
+    for d in ("student", "student_distill_layers", "student_distilled"):
+        assert os.path.exists(os.path.join(workdir, d, "tokenizer.json"))

@@ -1,0 +1,135 @@
+"""launch/recovery.py: curves from metrics rows, tokens to a target, ratios, throughput and
+MFU, the report; and one smoke run end to end on the tiny smoke teacher."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import recovery  # launch/
+
+
+def _eval(stage, tokens, ppl):
+    return {"stage": stage, "step": tokens // 10, "tokens": tokens, "eval_ppl": ppl}
+
+
+def test_curve_joins_the_stages_and_keeps_the_last_row_of_a_repeated_point():
+    rows = [
+        _eval("distill_layers", 0, 100.0),
+        {"stage": "distill_layers", "step": 1, "tokens": 10, "loss": 1.0},
+        _eval("distill_layers", 20, 50.0),
+        _eval("distill_layers", 20, 40.0),  # logged again by a resumed run
+        {"stage": "distill_layers", "steps": 2, "tokens": 20, "eval_ppl": 40.0},  # summary
+        _eval("distill", 0, 40.0),  # stage 2's start: stage 1's last student
+        _eval("distill", 30, 20.0),
+    ]
+    assert recovery.curve_from_metrics(rows) == [[0, 100.0], [20, 40.0], [50, 20.0]]
+    assert recovery.curve_from_metrics([_eval("distill", 0, 9.0)]) == [[0, 9.0]]
+
+
+def test_tokens_to_target_interpolates_in_log_ppl():
+    curve = [[0, 100.0], [100, 10.0], [200, 5.0]]
+    # log-linear between (0, 100) and (100, 10): sqrt(1000) = 31.6 is halfway
+    assert recovery.tokens_to_target(curve, math.sqrt(1000)) == pytest.approx(50.0)
+    assert recovery.tokens_to_target(curve, 10.0) == pytest.approx(100.0)
+    assert recovery.tokens_to_target(curve, 7.0) == pytest.approx(
+        100 + 100 * (math.log(10) - math.log(7)) / (math.log(10) - math.log(5))
+    )
+    assert recovery.tokens_to_target(curve, 200.0) == 0.0  # there from the start
+    assert recovery.tokens_to_target(curve, 4.0) is None  # never reached
+    assert recovery.tokens_to_target([], 4.0) is None
+    # the first crossing counts, even if the curve goes back up
+    assert recovery.tokens_to_target([[0, 9.0], [10, 3.0], [20, 9.0], [30, 1.0]], 5.0) < 10
+
+
+def test_targets_ratios_and_throughput():
+    runs = {"copy": {"done": False, "curve": [[0, 50.0], [10, 20.0]]}}
+    assert recovery.targets_of(10.0, runs) == {"2x_teacher": 20.0, "1.5x_teacher": 15.0}
+    runs["copy"]["done"] = True
+    assert recovery.targets_of(10.0, runs)["copy_final"] == 20.0
+    out = [
+        {"init": "copy", "tokens_to_target": {"a": 1000.0, "b": None}},
+        {"init": "taylor_calibrate", "tokens_to_target": {"a": 100.0, "b": 50.0}},
+    ]
+    assert recovery.ratios(out, "copy") == {
+        "copy": {"a": 1.0, "b": None},
+        "taylor_calibrate": {"a": 10.0, "b": None},
+    }
+    assert recovery.ratios(out, "zero_gate") == {}
+    rows = [
+        {"stage": "distill", "step": 1, "tokens": 100, "loss": 1, "train_seconds": 50.0},
+        {"stage": "distill", "step": 2, "tokens": 200, "loss": 1, "train_seconds": 51.0},
+        {"stage": "distill", "step": 2, "tokens": 200, "eval_ppl": 3.0},
+        {"stage": "distill", "step": 3, "tokens": 300, "loss": 1, "train_seconds": 60.0},
+        {"stage": "distill", "step": 4, "tokens": 400, "loss": 1, "train_seconds": 62.0},
+        {"stage": "distill", "step": 5, "tokens": 500, "loss": 1, "train_seconds": 63.0},
+    ]
+    # intervals 100/1, (eval), 100/2, 100/1: the one across the evaluation is left out
+    assert recovery.step_throughput(rows) == 100.0
+    th = recovery.throughput(1000.0, 10**8, 2 * 10**8, "NVIDIA H200")
+    assert th["mfu"] == pytest.approx(6e8 * 1000 / 989e12)
+    assert th["mfu_with_teacher"] == pytest.approx((6e8 + 4e8) * 1000 / 989e12)
+    assert recovery.throughput(1000.0, 10, 10, "cpu")["mfu"] is None
+
+
+def _result(complete=True):
+    return {
+        "teacher": "t",
+        "teacher_ppl": 10.0,
+        "device": "cpu",
+        "date": "2026-12-04",
+        "command": "python launch/recovery.py",
+        "budgets": {"layers": {"train_tokens": 10}},
+        "targets": {"2x_teacher": 20.0, "1.5x_teacher": 15.0},
+        "runs": [
+            {
+                "init": "copy",
+                "curve": [[0, 80.0], [100, 18.0]],
+                "tokens_to_target": {"2x_teacher": 90.0, "1.5x_teacher": None},
+            },
+        ],
+        "ratios": {"copy": {"copy": {"2x_teacher": 1.0, "1.5x_teacher": None}}},
+        "throughput": None,
+        "complete": complete,
+    }
+
+
+def test_markdown_and_files(tmp_path):
+    md = recovery.markdown(_result())
+    assert "| copy | 80.000 | 18.000 (100) | 90 | not reached |" in md
+    assert "Incomplete" not in md and "Incomplete" in recovery.markdown(_result(False))
+    paths = recovery.write_outputs(_result(), str(tmp_path), "x")
+    assert sorted(os.listdir(tmp_path)) == ["recovery_x.json", "recovery_x.md", "recovery_x.png"]
+    assert json.load(open(paths["json"]))["runs"][0]["curve"] == [[0, 80.0], [100, 18.0]]
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(tmp_path):
+    """Two inits on the tiny smoke teacher; then a rerun skips every finished stage."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import tiny
+
+    config = tiny.get_config("smoke")
+    config.distill.kl.batch_size = 8  # split over the 8 simulated devices
+    config.distill.kl.train_tokens = 4 * 8 * 32
+    config.distill.kl.eval_every_tokens = 2 * 8 * 32
+    config.calibration.gdn.impl = "chunked"
+    out = str(tmp_path / "out")
+    result = recovery.run_experiment(
+        config, str(tmp_path / "wd"), ["copy", "zero_gate"], 0.5, out, "smoke"
+    )
+    saved = json.load(open(os.path.join(out, "recovery_smoke.json")))
+    assert saved["complete"] and saved == json.loads(json.dumps(result))
+    for key in ("teacher", "teacher_ppl", "device", "date", "command", "targets", "runs"):
+        assert key in saved
+    assert set(saved["targets"]) == {"2x_teacher", "1.5x_teacher", "copy_final"}
+    for run in saved["runs"]:
+        tokens = [t for t, _ in run["curve"]]
+        # stage 1: 0, 256, 512 tokens; stage 2 (8 x 32 per step): 512 + 512, + 1024
+        assert tokens == [0, 256, 512, 1024, 1536]
+        assert set(run["tokens_to_target"]) == set(saved["targets"])
+    copy = saved["runs"][0]
+    assert copy["tokens_to_target"]["copy_final"] <= 1536
+    assert saved["throughput"]["tokens_per_second"] > 0
+    assert saved["throughput"]["mfu"] is None  # no peak for a CPU
