@@ -1,4 +1,6 @@
-"""Taylor-Calibrate phase 1: teacher statistics -> GDN parameters in closed form (docs/method.md §4).
+"""Taylor-Calibrate phase 1: teacher statistics -> GDN parameters in closed form.
+
+docs/method.md §4.
 
 Letters: N sequences, T time, H heads, K key dim, V value dim, D hidden, L converted layers.
 
