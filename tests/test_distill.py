@@ -247,12 +247,29 @@ def test_stage2_groups_learn_and_bf16_compute_keeps_fp32_masters():
     np.testing.assert_allclose(float(loss16), before, rtol=0.1)
 
 
-def test_stage2_on_eight_devices_equals_one_device():
+@pytest.mark.parametrize(
+    "axes", [{"layers": 1, "data": 8, "fsdp": 1}, {"layers": 1, "data": 2, "fsdp": 4}]
+)
+def test_stage2_on_eight_devices_equals_one_device(axes):
+    """Data parallel, and FSDP: params and Adam moments stored split over "fsdp"."""
     student, teacher = _models()
-    mesh = sharding.make_mesh({"layers": 1, "data": 8})
+    mesh = sharding.make_mesh(axes)
+    spec = sharding.param_spec(mesh)
     one = _run(distill.make_task(student, teacher, GDN.name, KL_CFG, ONE), STUDENT, 3)
-    split = _run(distill.make_task(student, teacher, GDN.name, KL_CFG, mesh), STUDENT, 3, mesh=mesh)
-    assert _max_rel_err(split.params, one.params) < 1e-5
+    task = distill.make_task(student, teacher, GDN.name, KL_CFG, mesh, spec)
+    opts = loop.LoopOptions(
+        steps=3, steps_per_call=1, log_every=1, eval_every=0, checkpoint_every=0, desc="t"
+    )
+    state = loop.init_state(task, STUDENT, rng=jax.random.PRNGKey(0))
+    split = loop.run(task, state, BATCHES, opts, mesh=mesh, constants=TEACHER).state
+    assert _max_rel_err(jax.device_get(split.params), one.params) < 1e-5
+    embed = split.params["embed_tokens"]["embedding"]
+    stored = max(s.data.size for s in embed.addressable_shards)
+    assert stored * axes["fsdp"] == embed.size  # each device holds 1/fsdp of the table
+    mu = [x for x in jax.tree.leaves(split.opt_state) if np.shape(x) == embed.shape]
+    assert mu and all(
+        max(s.data.size for s in m.addressable_shards) * axes["fsdp"] == m.size for m in mu
+    )
 
 
 def test_stage2_resume_after_interrupt_is_bit_identical(tmp_path):

@@ -20,10 +20,12 @@ block in the backward pass. The student mixer's op (GDN's `impl`: `auto` is the 
 on a GPU) is part of the student model's runtime options.
 
 Placement: the batch is split over every device of the mesh. With more than one device the
-loss runs under `shard_map` (each device its rows, no collectives inside, which keeps custom
-kernels out of the SPMD partitioner; the per-device KL sums and counts are added after it),
-and the gradients of the params the devices share are summed by its transpose. Parameter
-and constant placement is the task's `param_spec` (default: every device holds everything).
+loss runs under `shard_map` (each device its rows, which keeps custom kernels out of the SPMD
+partitioner; the per-device KL sums and counts are added after it). Params, optimiser state
+and the teacher's params are stored by the task's `param_spec`: the stage passes
+utils/sharding.param_spec, which splits each leaf over the mesh's "fsdp" axis (FSDP) and
+replicates it without one. Inside the shard_map each device all-gathers the leaves whole for
+its forward pass; the transpose of that gather reduce-scatters the gradients back to shards.
 """
 
 from __future__ import annotations
@@ -120,21 +122,28 @@ def make_task(
     local = functools.partial(kl_loss, student, teacher, chunk=cfg.chunk_size)
     sums = local
     if mesh.size > 1:
-
-        def per_device(params, teacher_params, tokens_bt):
-            total, count = local(params, teacher_params, tokens_bt)
-            return total[None], count[None]
-
-        per_device_sums = jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(sharding.P(), sharding.P(), sharding.batch_spec(mesh)),
-            out_specs=(sharding.batch_spec(mesh), sharding.batch_spec(mesh)),
-            check_vma=False,
-        )
+        batch = sharding.batch_spec(mesh)
 
         def sums(params, teacher_params, tokens_bt):
-            total, count = per_device_sums(params, teacher_params, tokens_bt)
+            # Each device scores its rows with whole params: the leaves come in with their
+            # `param_spec` shards and are gathered inside (the gradient of the gather is a
+            # reduce-scatter, so gradients and optimiser state stay sharded).
+            specs = jax.tree.map(param_spec, params)
+            teacher_specs = jax.tree.map(param_spec, teacher_params)
+
+            def per_device(p, tp, tok):
+                p = sharding.gather_params(p, specs)
+                tp = sharding.gather_params(tp, teacher_specs)
+                total, count = local(p, tp, tok)
+                return total[None], count[None]
+
+            total, count = jax.shard_map(
+                per_device,
+                mesh=mesh,
+                in_specs=(specs, teacher_specs, batch),
+                out_specs=(batch, batch),
+                check_vma=False,
+            )(params, teacher_params, tokens_bt)
             return jnp.sum(total), jnp.sum(count)
 
     def loss_fn(params, tokens_bt, rng, teacher_params):

@@ -42,6 +42,7 @@ from taylorcal_jax.train import distill as kl_lib
 from taylorcal_jax.train import distill_layers as layers_lib
 from taylorcal_jax.train import layerwise, loop, student_dirs
 from taylorcal_jax.train.stages import DTYPES, check_eval, device_description
+from taylorcal_jax.utils import sharding
 from taylorcal_jax.utils.checkpoint import TrainCheckpointer
 
 STAGE_LAYERS = "distill_layers"
@@ -323,7 +324,9 @@ def distill_stage(ctx) -> dict:
     dtype = DTYPES[k.dtype]
     student_model = sc.model(dtype=dtype, runtime=mixer.runtime).clone(remat=bool(k.remat))
     teacher_model = Transformer(sc.teacher, dtype=dtype)
-    task = kl_lib.make_task(student_model, teacher_model, mixer.name, cfg, ctx.mesh)
+    task = kl_lib.make_task(
+        student_model, teacher_model, mixer.name, cfg, ctx.mesh, sharding.param_spec(ctx.mesh)
+    )
     result, first, last = _train(
         ctx,
         STAGE_KL,
