@@ -62,9 +62,13 @@ ATTEND_BLOCK = 1024
 class AttentionRuntime:
     """How softmax attention is computed (never saved): `decode_impl`, the implementation of a
     decoding step's attention (`ops.decode_attention.api.IMPLS`: "auto" = the Pallas kernel on a
-    GPU, XLA elsewhere). Hashable, so jit-static."""
+    GPU, XLA elsewhere). Hashable, so jit-static.
 
-    decode_impl: str = "auto"
+    The default is "xla", the measured path (launch/results/bench_inference_h200.md): the
+    Pallas kernel equals it on an H200 (the gpu tests of tests/test_decode_attention.py) but
+    its speed is not measured yet (launch/probe_decode.py), so it is opt-in."""
+
+    decode_impl: str = "xla"
 
     def __post_init__(self):
         if self.decode_impl not in decode_api.IMPLS:
