@@ -20,6 +20,13 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from taylorcal_jax.errors import UserError
+
+
+class CheckpointMismatch(UserError):
+    """A checkpoint directory holds another state than the run's (other shapes, leaves or
+    mesh padding): one line for the user, no traceback."""
+
 
 class TrainCheckpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 2):
@@ -39,9 +46,10 @@ class TrainCheckpointer:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except (ValueError, KeyError, TypeError) as e:
             first_line = str(e).splitlines()[0]
-            raise ValueError(
-                f"checkpoint {self.directory}/{step} does not hold this run's state (another "
-                f"model or options?); remove the directory to start afresh ({first_line})"
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} does not hold this run's state ({first_line})",
+                hint="it was saved under another model, options or mesh; remove that "
+                "directory (or rerun the stage with --rerun=<stage>) to start afresh",
             ) from e
 
     def save(self, step: int, tree) -> bool:
