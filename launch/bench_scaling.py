@@ -73,14 +73,12 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 INIT_TOLERANCE = 1e-3
 
 # SmolLM2-135M (configs/smollm2_135m.py): its shape, for --random_smollm2
-SMOLLM2_135M = dict(
-    layers=30, hidden=576, heads=9, kv=3, head_dim=64, mlp=1536, vocab=49152
-)  # fmt: skip
+SMOLLM2_135M = dict(layers=30, hidden=576, heads=9, kv=3, head_dim=64, mlp=1536, vocab=49152)
 # --preset=small: tiny stand-ins of the two models and of the calibration problem
 SMALL_SHAPES = {
-    "stage2_smollm2": dict(layers=4, hidden=48, heads=3, kv=1, head_dim=16, mlp=96, vocab=256),
-    "stage2_qwen": dict(layers=4, hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=320),
-    "init": dict(layers=4, hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=256),
+    "stage2_smollm2": dict(layers=2, hidden=48, heads=3, kv=1, head_dim=16, mlp=96, vocab=256),
+    "stage2_qwen": dict(layers=2, hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=320),
+    "init": dict(layers=2, hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=256),
 }
 
 
@@ -159,7 +157,7 @@ def target_of(num_devices: int) -> float | None:
 
 
 def target_status(eff: float | None, num_devices: int) -> str:
-    """"met", "missed", or "no target" (a count without one, or no measurement)."""
+    """Returns "met", "missed", or "no target" (a count without one, or no measurement)."""
     target = target_of(num_devices)
     if target is None or eff is None:
         return "no target"
@@ -218,8 +216,15 @@ def stage2_row(part, layout, mesh_axes, n, step_seconds, tokens_per_step, refere
 def init_row(n, mesh_axes, timings, reference, eq, mem):
     """One initialisation row (the warm repeat when there is one)."""
     last = timings.get("warm", timings["cold"])
-    row = {"part": "init", "layout": "layers", "mesh": mesh_axes, "devices": n,
-           "timings": timings, "total_s": last["total_s"], "memory": mem}  # fmt: skip
+    row = {
+        "part": "init",
+        "layout": "layers",
+        "mesh": mesh_axes,
+        "devices": n,
+        "timings": timings,
+        "total_s": last["total_s"],
+        "memory": mem,
+    }
     if reference is not None:
         speedup = reference["total_s"] / last["total_s"]
         row.update(speedup=speedup, efficiency=efficiency(speedup, n), equality=eq)
@@ -229,8 +234,13 @@ def init_row(n, mesh_axes, timings, reference, eq, mem):
 def equality(err: float, loss_err: float | None, tol: float, what: str) -> dict:
     """{"params_max_rel_err", "loss_max_rel_err", "tolerance", "passed", "compared"}."""
     ok = err <= tol and (loss_err is None or loss_err <= tol)
-    return {"params_max_rel_err": err, "loss_max_rel_err": loss_err, "tolerance": tol,
-            "passed": ok, "compared": what}  # fmt: skip
+    return {
+        "params_max_rel_err": err,
+        "loss_max_rel_err": loss_err,
+        "tolerance": tol,
+        "passed": ok,
+        "compared": what,
+    }
 
 
 def _gib(b) -> str:
@@ -268,13 +278,20 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
-        figure = f"{r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else f"{r['total_s']:.2f} s"
+        figure = (
+            f"{r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else f"{r['total_s']:.2f} s"
+        )
         eq = r.get("equality")
-        eq_cell = "" if eq is None else (
-            ("yes" if eq["passed"] else "**no**") + f" ({eq['params_max_rel_err']:.1e}"
-            + ("" if eq["loss_max_rel_err"] is None else f", loss {eq['loss_max_rel_err']:.1e}")
-            + f"; {eq['tolerance']:g})"
-        )  # fmt: skip
+        eq_cell = (
+            ""
+            if eq is None
+            else (
+                ("yes" if eq["passed"] else "**no**")
+                + f" ({eq['params_max_rel_err']:.1e}"
+                + ("" if eq["loss_max_rel_err"] is None else f", loss {eq['loss_max_rel_err']:.1e}")
+                + f"; {eq['tolerance']:g})"
+            )
+        )
         speed = "" if "speedup" not in r else f"{r['speedup']:.2f}"
         eff = "" if "efficiency" not in r else f"{r['efficiency']:.2f}"
         tgt = r.get("target_status", "")
@@ -284,8 +301,11 @@ def markdown(result: dict) -> str:
             f"| {r['part']} | {r['layout']} | {mesh} | {figure} | {speed} | {eff} | {tgt} | "
             f"{eq_cell} | {_mem_cell(r['memory'])} |"
         )
-    lines += ["", f"All equality checks passed: {result['all_equal']}. Stage-2 targets: "
-              f"{result['targets_summary']}."]  # fmt: skip
+    lines += [
+        "",
+        f"All equality checks passed: {result['all_equal']}. Stage-2 targets: "
+        f"{result['targets_summary']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -359,9 +379,11 @@ def step_memory(task, mesh, state, constants, batch_shape) -> int:
     step = loop._multi_step(task, mesh, 1, False)  # noqa: SLF001
     m = step.lower(state_abs, batch_abs, const_abs).compile().memory_analysis()
     return int(
-        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
         - m.alias_size_in_bytes
-    )  # fmt: skip
+    )
 
 
 def model_config(dims: dict, model_type: str):
@@ -421,15 +443,22 @@ def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
     dtype = jax.numpy.dtype(s.dtype)
     student_model = sc.model(dtype=dtype, runtime=mixer.runtime).clone(remat=True)
     teacher_model = Transformer(cfg, dtype=dtype)
-    kl_cfg = distill.KLDistillConfig(lr_mixer=1e-4, lr_rest=7e-6, warmup_steps=0,
-                                     weight_decay=0.0, clip_norm=1.0, chunk_size=s.chunk_size)  # fmt: skip
+    kl_cfg = distill.KLDistillConfig(
+        lr_mixer=1e-4,
+        lr_rest=7e-6,
+        warmup_steps=0,
+        weight_decay=0.0,
+        clip_norm=1.0,
+        chunk_size=s.chunk_size,
+    )
     stream = np.random.default_rng(0).integers(0, cfg.vocab_size, 1 << 22).astype(np.int32)
     batches = loop.StreamBatches(
         functools.partial(packing.train_batch, stream, s.batch_size, s.seq_len, 0)
     )
     steps = s.warmup_steps + s.timed_steps
-    opts = loop.LoopOptions(steps=steps, steps_per_call=1, log_every=1, eval_every=0,
-                            checkpoint_every=0, desc=part)  # fmt: skip
+    opts = loop.LoopOptions(
+        steps=steps, steps_per_call=1, log_every=1, eval_every=0, checkpoint_every=0, desc=part
+    )
     n = s.num_devices
     layouts = [
         ("one device", {"layers": 1, "data": 1, "fsdp": 1}, 1),
@@ -444,28 +473,52 @@ def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
         )
         logs = []
         state = loop.init_state(task, student, rng=jax.random.PRNGKey(0))
-        result = loop.run(task, state, batches, opts, mesh=mesh, constants=teacher,
-                          log_fn=lambda step, v: logs.append((step, v)))  # fmt: skip
+        result = loop.run(
+            task,
+            state,
+            batches,
+            opts,
+            mesh=mesh,
+            constants=teacher,
+            log_fn=lambda step, v, logs=logs: logs.append((step, v)),
+        )
         seconds = [v["train_seconds"] for _, v in logs]
-        step_s = [b - a for a, b in zip(seconds[s.warmup_steps - 1 :], seconds[s.warmup_steps :])]
+        step_s = [seconds[i] - seconds[i - 1] for i in range(s.warmup_steps, steps)]
         losses = [v["loss"] for _, v in logs]
         params = jax.device_get(result.state.params)
         del result, state
         peaks = allocator_peaks(mesh)
         if peaks is not None:
-            mem = {"source": "allocator peak_bytes_in_use (process-wide)",
-                   "per_device_bytes": peaks}  # fmt: skip
+            mem = {
+                "source": "allocator peak_bytes_in_use (process-wide)",
+                "per_device_bytes": peaks,
+            }
         else:
             probe = loop.init_state(task, student, rng=jax.random.PRNGKey(0))
             b = step_memory(task, mesh, probe, teacher, (s.batch_size, s.seq_len))
-            mem = {"source": "compiled memory analysis of one step",
-                   "per_device_bytes": [b] * devices}  # fmt: skip
+            mem = {
+                "source": "compiled memory analysis of one step",
+                "per_device_bytes": [b] * devices,
+            }
         eq = None
         if reference is not None:
-            eq = equality(max_rel_err(params, ref_params), loss_rel_err(losses, ref_losses),
-                          TOLERANCE[s.dtype], f"params and losses after {steps} steps")  # fmt: skip
-        row = stage2_row(part, layout, dict(mesh.shape), devices, step_s,
-                         s.batch_size * s.seq_len, reference, eq, mem)  # fmt: skip
+            eq = equality(
+                max_rel_err(params, ref_params),
+                loss_rel_err(losses, ref_losses),
+                TOLERANCE[s.dtype],
+                f"params and losses after {steps} steps",
+            )
+        row = stage2_row(
+            part,
+            layout,
+            dict(mesh.shape),
+            devices,
+            step_s,
+            s.batch_size * s.seq_len,
+            reference,
+            eq,
+            mem,
+        )
         row.update(teacher=source, losses=losses)
         if reference is None:
             reference, ref_params, ref_losses = row, params, losses
@@ -513,28 +566,60 @@ def run_init(s: Settings, emit) -> None:
         mesh = _mesh({"layers": n, "data": 1}, n)
         timings = {}
         for label in ("cold", "warm")[: max(1, min(2, s.init_repeats))]:
-            st, t_stats = timed(lambda m=mesh: stats.collect(
-                model, params, cfg, tokens, layers=converted, block_size=s.block_size,
-                sequences_per_batch=s.calib_sequences, mesh=m))  # fmt: skip
-            (student, _), t_p1 = timed(lambda st=st: taylor.taylor_init(
-                copy_init(params, sc, jax.random.PRNGKey(2)), st, converted, model_config=cfg,
-                mixer=mixer, consts=consts))  # fmt: skip
-            (student, metrics), t_p2 = timed(lambda m=mesh, st=st, x=student: align.align_student(
-                x, st, converted, model_config=cfg, mixer=mixer, cfg=align_cfg, mesh=m))  # fmt: skip
-            timings[label] = {"statistics_s": t_stats, "phase1_s": t_p1, "phase2_s": t_p2,
-                              "total_s": t_stats + t_p1 + t_p2}  # fmt: skip
-            print(f"  init on {n}: {label} " + json.dumps({k: round(v, 3) for k, v in
-                  timings[label].items()}), flush=True)  # fmt: skip
+            st, t_stats = timed(
+                lambda m=mesh: stats.collect(
+                    model,
+                    params,
+                    cfg,
+                    tokens,
+                    layers=converted,
+                    block_size=s.block_size,
+                    sequences_per_batch=s.calib_sequences,
+                    mesh=m,
+                )
+            )
+            (student, _), t_p1 = timed(
+                lambda st=st: taylor.taylor_init(
+                    copy_init(params, sc, jax.random.PRNGKey(2)),
+                    st,
+                    converted,
+                    model_config=cfg,
+                    mixer=mixer,
+                    consts=consts,
+                )
+            )
+            (student, metrics), t_p2 = timed(
+                lambda m=mesh, st=st, x=student: align.align_student(
+                    x, st, converted, model_config=cfg, mixer=mixer, cfg=align_cfg, mesh=m
+                )
+            )
+            timings[label] = {
+                "statistics_s": t_stats,
+                "phase1_s": t_p1,
+                "phase2_s": t_p2,
+                "total_s": t_stats + t_p1 + t_p2,
+            }
+            print(
+                f"  init on {n}: {label} "
+                + json.dumps({k: round(v, 3) for k, v in timings[label].items()}),
+                flush=True,
+            )
         student = jax.device_get(student)
         loss_after = [float(x) for x in jax.device_get(metrics["loss_after"])]
         peaks = allocator_peaks(mesh)
-        mem = {} if peaks is None else {"source": "allocator peak_bytes_in_use (process-wide)",
-                                        "per_device_bytes": peaks}  # fmt: skip
+        mem = (
+            {}
+            if peaks is None
+            else {"source": "allocator peak_bytes_in_use (process-wide)", "per_device_bytes": peaks}
+        )
         eq = None
         if reference is not None:
-            eq = equality(max_rel_err(student, ref_student),
-                          loss_rel_err(loss_after, reference["align_loss_after"]),
-                          INIT_TOLERANCE, "aligned student params and per-layer loss")  # fmt: skip
+            eq = equality(
+                max_rel_err(student, ref_student),
+                loss_rel_err(loss_after, reference["align_loss_after"]),
+                INIT_TOLERANCE,
+                "aligned student params and per-layer loss",
+            )
         row = init_row(n, dict(mesh.shape), timings, reference, eq, mem)
         row.update(shape=dims, align_steps=s.align_steps, align_loss_after=loss_after)
         if reference is None:
@@ -569,12 +654,21 @@ def run_benchmark(s: Settings, out_dir: str, tag: str, command: str, cache_dir: 
     def emit(row):
         result["rows"].append(row)
         write_outputs(summarise(result), out_dir, tag)
-        figure = (f"{row['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in row
-                  else f"{row['total_s']:.2f} s")  # fmt: skip
-        extra = "" if "efficiency" not in row else (
-            f", efficiency {row['efficiency']:.2f}, equal: {row['equality']['passed']}")  # fmt: skip
-        print(f"[{time.perf_counter() - t0:6.0f} s] {row['part']} {row['layout']} on "
-              f"{row['devices']}: {figure}{extra}", flush=True)  # fmt: skip
+        figure = (
+            f"{row['tokens_per_s']:,.0f} tokens/s"
+            if "tokens_per_s" in row
+            else f"{row['total_s']:.2f} s"
+        )
+        extra = (
+            ""
+            if "efficiency" not in row
+            else (f", efficiency {row['efficiency']:.2f}, equal: {row['equality']['passed']}")
+        )
+        print(
+            f"[{time.perf_counter() - t0:6.0f} s] {row['part']} {row['layout']} on "
+            f"{row['devices']}: {figure}{extra}",
+            flush=True,
+        )
 
     for part in s.parts:
         print(f"[{time.perf_counter() - t0:6.0f} s] {part}: start", flush=True)
@@ -593,11 +687,27 @@ def run_benchmark(s: Settings, out_dir: str, tag: str, command: str, cache_dir: 
 
 def small_settings(**overrides) -> Settings:
     """--preset=small: tiny shapes, float32, seconds on a CPU with simulated devices."""
-    base = dict(parts=PARTS, num_devices=4, fsdp=2, batch_size=8, seq_len=32,
-                warmup_steps=1, timed_steps=2, dtype="float32", chunk_size=16, keep_every=4,
-                calib_sequences=4, calib_seq_len=32, align_steps=5, block_size=16,
-                init_repeats=1, gdn_impl="chunked", smollm2_gguf="", random_smollm2=True,
-                small=True)  # fmt: skip
+    base = dict(
+        parts=PARTS,
+        num_devices=4,
+        fsdp=2,
+        batch_size=8,
+        seq_len=32,
+        warmup_steps=1,
+        timed_steps=2,
+        dtype="float32",
+        chunk_size=16,
+        keep_every=4,
+        calib_sequences=4,
+        calib_seq_len=32,
+        align_steps=5,
+        block_size=16,
+        init_repeats=1,
+        gdn_impl="chunked",
+        smollm2_gguf="",
+        random_smollm2=True,
+        small=True,
+    )
     return Settings(**{**base, **overrides})
 
 
@@ -611,17 +721,31 @@ def main(argv):
     f = flags.FLAGS
     n = f.num_devices if f.num_devices > 0 else jax.device_count()
     if f.preset == "small":
-        s = small_settings(parts=tuple(f.parts), num_devices=n,
-                           fsdp=f.fsdp if f.fsdp > 0 else min(2, n))  # fmt: skip
+        s = small_settings(
+            parts=tuple(f.parts), num_devices=n, fsdp=f.fsdp if f.fsdp > 0 else min(2, n)
+        )
     else:
-        s = Settings(parts=tuple(f.parts), num_devices=n, fsdp=f.fsdp if f.fsdp > 0 else n,
-                     batch_size=f.batch_size, seq_len=f.seq_len, warmup_steps=f.warmup_steps,
-                     timed_steps=f.timed_steps, dtype=f.dtype, chunk_size=f.chunk_size,
-                     keep_every=f.keep_every, calib_sequences=f.calib_sequences,
-                     calib_seq_len=f.calib_seq_len, align_steps=f.align_steps,
-                     block_size=f.block_size, init_repeats=f.init_repeats,
-                     gdn_impl=f.gdn_impl, smollm2_gguf=f.smollm2_gguf,
-                     random_smollm2=f.random_smollm2, small=False)  # fmt: skip
+        s = Settings(
+            parts=tuple(f.parts),
+            num_devices=n,
+            fsdp=f.fsdp if f.fsdp > 0 else n,
+            batch_size=f.batch_size,
+            seq_len=f.seq_len,
+            warmup_steps=f.warmup_steps,
+            timed_steps=f.timed_steps,
+            dtype=f.dtype,
+            chunk_size=f.chunk_size,
+            keep_every=f.keep_every,
+            calib_sequences=f.calib_sequences,
+            calib_seq_len=f.calib_seq_len,
+            align_steps=f.align_steps,
+            block_size=f.block_size,
+            init_repeats=f.init_repeats,
+            gdn_impl=f.gdn_impl,
+            smollm2_gguf=f.smollm2_gguf,
+            random_smollm2=f.random_smollm2,
+            small=False,
+        )
     if s.smollm2_gguf and "stage2_smollm2" in s.parts:
         from taylorcal_jax.models import gguf
 

@@ -4,10 +4,9 @@ report; one small run end to end on 4 of the simulated CPU devices."""
 import json
 import os
 
+import bench_scaling  # launch/
 import numpy as np
 import pytest
-
-import bench_scaling  # launch/
 
 
 def test_median_and_efficiency():
