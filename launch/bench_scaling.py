@@ -44,7 +44,16 @@ its time limit keeps what it finished; --parts runs a subset, e.g. the init alon
     GGUF=$(cd configs && python -c 'import smollm2_135m; print(smollm2_135m.installed_gguf())')
     python launch/bench_scaling.py --tag=h200x2 --smollm2_gguf="$GGUF" --out="$OUT"
 
-on nvidia-h200-x2 (and --tag=h200x4 on nvidia-h200-x4). A CPU dry run on simulated devices, in
+on nvidia-h200-x2 (and --tag=h200x4 on nvidia-h200-x4). On a machine without network, stage
+the GGUF in two calls as launch/smollm2_gpu.sh does (`split`, then `stage` carrying
+workdirs/gguf_a), and in the second call, carrying workdirs/gguf_b and .whl/:
+
+    cat ~/smollm2/*.part_a workdirs/gguf_b/*.part_b > /tmp/smollm2.gguf
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 launch/bench_scaling.py --tag=h200x2 \
+        --smollm2_gguf=/tmp/smollm2.gguf --out="$OUT"
+
+A CPU dry run on simulated devices, in
 well under a minute:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \
