@@ -229,7 +229,7 @@ def _compiled_step_memory(fsdp: int):
     batch = jax.ShapeDtypeStruct(
         (1, 8, 12), jnp.int32, sharding=sharding.named(mesh, None, *task.batch_spec)
     )
-    compiled = loop._multi_step(task, mesh, 1, False).lower(abstract, batch).compile()
+    compiled = loop._multi_step(task, mesh, 1, False).lower(abstract, batch, None).compile()
     stats = compiled.memory_analysis()
     return stats.argument_size_in_bytes, stats.temp_size_in_bytes
 

@@ -24,6 +24,8 @@ STAGES = [
     "calibrate",
     "align",
     "select_layers",
+    "distill_layers",
+    "distill",
     "eval_student",
 ]
 ARGS = [
@@ -94,6 +96,8 @@ def test_two_processes_run_the_pipeline_of_one_and_write_the_workdir_once(tmp_pa
         ("eval_student", "student_ppl"),
         ("align", "loss_before_mean"),
         ("align", "loss_after_mean"),
+        ("distill_layers", "eval_ppl"),
+        ("distill", "eval_ppl"),
     ]:
         np.testing.assert_allclose(got[stage][key], want[stage][key], rtol=1e-5, err_msg=key)
     assert (
@@ -115,7 +119,7 @@ def test_two_processes_run_the_pipeline_of_one_and_write_the_workdir_once(tmp_pa
     done = [m["stage"] for m in lines if m.get("done")]
     assert done == STAGES
     printed = two.stdout.splitlines()
-    assert printed.count("summary") == 1 and sum("[7/7]" in line for line in printed) == 1
+    assert printed.count("summary") == 1 and sum(f"[{len(STAGES)}/{len(STAGES)}]" in line for line in printed) == 1
     leftovers = [
         os.path.join(r, n)
         for r, ds, fs in os.walk(two_dir)
