@@ -55,8 +55,7 @@ SLOW = ("q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv")
 
 def _reference_optimizer(cfg, train):
     labels = {
-        k: jax.tree.map(lambda _, k=k: "slow" if k in SLOW else "fast", v)
-        for k, v in train.items()
+        k: jax.tree.map(lambda _, k=k: "slow" if k in SLOW else "fast", v) for k, v in train.items()
     }
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),

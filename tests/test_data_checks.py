@@ -14,7 +14,6 @@ import pytest
 from taylorcal_jax.data import corpus as corpus_lib
 from taylorcal_jax.data import reading, sources
 from taylorcal_jax.data.errors import DataError
-from taylorcal_jax.train import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

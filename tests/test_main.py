@@ -229,7 +229,8 @@ def test_kill_9_mid_alignment_resumes_from_its_checkpoint(smoke, tmp_path):
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     # The checkpoints are removed once the outputs are written.
-    assert not os.path.exists(ckpt) and not os.path.exists(os.path.join(reference, "calibration", "align_ckpt"))
+    reference_ckpt = os.path.join(reference, "calibration", "align_ckpt")
+    assert not os.path.exists(ckpt) and not os.path.exists(reference_ckpt)
     assert not _partials(wd) and not os.path.exists(os.path.join(wd, ".lock"))
 
 

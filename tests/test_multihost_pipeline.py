@@ -119,7 +119,8 @@ def test_two_processes_run_the_pipeline_of_one_and_write_the_workdir_once(tmp_pa
     done = [m["stage"] for m in lines if m.get("done")]
     assert done == STAGES
     printed = two.stdout.splitlines()
-    assert printed.count("summary") == 1 and sum(f"[{len(STAGES)}/{len(STAGES)}]" in line for line in printed) == 1
+    last = f"[{len(STAGES)}/{len(STAGES)}]"
+    assert printed.count("summary") == 1 and sum(last in line for line in printed) == 1
     leftovers = [
         os.path.join(r, n)
         for r, ds, fs in os.walk(two_dir)
