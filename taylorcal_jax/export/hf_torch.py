@@ -61,24 +61,13 @@ AUTO_MAP = {
 TARGET = "the Hugging Face PyTorch format"
 # RoPE types whose frequencies do not depend on the position: the exported model applies them.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# config.json keys without which `student_config_from_hybrid` cannot rebuild the student (token
-# ids and teacher_path may be absent: None).
+# config.json keys without which `student_config_from_hybrid` cannot rebuild the student: the
+# teacher's fields (its model type renamed; token ids and teacher_path may be absent: None),
+# the layer mixers and the GDN options.
+TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 REQUIRED_KEYS = (
     "teacher_model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rms_norm_eps",
-    "max_position_embeddings",
-    "rope",
-    "attention_bias",
-    "qk_norm",
-    "sliding_windows",
-    "tie_word_embeddings",
+    *sorted(MODEL_FIELDS - TOKEN_IDS - {"model_type"}),
     "mixers",
     "gdn",
 )
