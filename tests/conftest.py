@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices (must be set before JAX initialises its backends), and
 launch/ on sys.path so that tests import its scripts as modules (`import plot_gdn_kernel`)."""
 
+import gc
 import os
 import sys
 
@@ -27,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
             # directories above the test, e.g. a checkout named "tpu").
             if item.get_closest_marker(mark) is not None and backend != name:
                 item.add_marker(pytest.mark.skip(reason=f"needs a {name.upper()} backend"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drops every compiled program after each test module. The suite runs in one process;
+    holding every module's executables, it came near the 24 GB of the 2-core CI machine and
+    XLA's JIT failed to map code in the last modules ("Failed to materialize symbols")."""
+    yield
+    jax.clear_caches()
+    gc.collect()
