@@ -17,17 +17,10 @@ from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.utils.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = [
-    "pretrain",
-    "eval_teacher",
-    "statistics",
-    "calibrate",
-    "align",
-    "select_layers",
-    "distill_layers",
-    "distill",
-    "eval_student",
-]
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import tiny  # noqa: E402  configs/tiny.py
+
+STAGES = list(tiny.get_config("smoke").stages)  # the smoke run's stages, in order
 ARGS = [
     "-m",
     "taylorcal_jax.main",
