@@ -254,11 +254,9 @@ def sweep(
             keeps = []
             ga_scores = None
 
-            def scores(policy, mixers=mixers, mixer=ctx.mixer):
-                return select.policy_scores(
-                    policy, mcfg, mixer, params, mixers, sel_seqs,
-                    batch_size=sel_bs, parallel=par,
-                )  # fmt: skip
+            scoring = select.LayerScoring(
+                mcfg, ctx.mixer, params, mixers, sel_seqs, batch_size=sel_bs, parallel=par
+            )
 
             for policy in ablation_policies if "phase1_parts" in overrides else policies:
                 for frac in fractions:
@@ -266,13 +264,13 @@ def sweep(
                         keep = select.uniform_layers(n, frac)
                     elif policy == "ar":  # independent of the strategy: scored once
                         if ar_scores is None:
-                            ar_scores = scores("ar")
+                            ar_scores = select.policy_scores("ar", scoring)
                             result["ar_candidate_ppl"] = np.asarray(ar_scores).tolist()
                             log(f"ar: {n} candidates scored")
                         keep = select.keep_from_scores("ar", ar_scores, frac)
                     else:
                         if ga_scores is None:
-                            ga_scores = scores("ga_s2")
+                            ga_scores = select.policy_scores("ga_s2", scoring)
                             log(f"{label}: ga_s2, {n} candidates scored")
                         keep = select.keep_from_scores("ga_s2", ga_scores, frac)
                     keeps.append((policy, frac, keep))

@@ -3,6 +3,7 @@ fsdp 2) mesh with the params split over "fsdp" gives the single-device results (
 summation order aside: rtol 1e-5 unless stated), and the per-device memory of a compiled
 training step falls as the fsdp axis grows."""
 
+import dataclasses
 import os
 import sys
 
@@ -146,10 +147,10 @@ def test_layer_scores_over_the_mesh_equal_one_device(teacher, policy):
     mixers = select.mixers_of(copy_init(teacher, sc_all, jax.random.PRNGKey(1)), "gdn", 2)
     mixer = sc_all.student_mixer(runtime)
     seqs = _tokens(5, 12, seed=4)  # 5 rows: the one batch is padded to 8
-    kw = dict(batch_size=3, parallel=2)
-    one = select.policy_scores(policy, CFG, mixer, teacher, mixers, seqs, **kw)
+    scoring = select.LayerScoring(CFG, mixer, teacher, mixers, seqs, batch_size=3, parallel=2)
+    one = select.policy_scores(policy, scoring)
     mesh = sharding.make_mesh(MESH_222)
-    out = select.policy_scores(policy, CFG, mixer, teacher, mixers, seqs, mesh=mesh, **kw)
+    out = select.policy_scores(policy, dataclasses.replace(scoring, mesh=mesh))
     assert out.shape == (2,) and np.all(np.isfinite(out))
     np.testing.assert_allclose(out, one, rtol=1e-5)
 

@@ -91,9 +91,10 @@ def test_keep_flags_give_teacher_student_and_every_mix(tiny):
 def test_parallel_scores_equal_one_model_at_a_time(tiny):
     teacher, mixer, mixers, seqs = tiny
     # AR: candidate l = teacher with layer l's attention removed (zero_gate on l only)
+    # 4 candidates in groups of 3: exercises the padded last group
     ar = select.policy_scores(
-        "ar", CFG, mixer, teacher, mixers, seqs, batch_size=2, parallel=3
-    )  # 4 candidates in groups of 3: exercises the padded last group
+        "ar", select.LayerScoring(CFG, mixer, teacher, mixers, seqs, batch_size=2, parallel=3)
+    )
     for layer in (1,):  # one real model per policy keeps the test fast
         keep = tuple(i for i in range(4) if i != layer)
         sc = StudentConfig(CFG, keep, mixer.config)
@@ -101,14 +102,13 @@ def test_parallel_scores_equal_one_model_at_a_time(tiny):
         want = perplexity(sc.model(runtime=RUNTIME), p, seqs, batch_size=2)["ppl"]
         np.testing.assert_allclose(ar[layer], want, rtol=1e-5)
     # GA-S2: candidate l keeps only layer l, the given mixers elsewhere
-    ga = select.policy_scores("ga_s2", CFG, mixer, teacher, mixers, seqs, batch_size=3, parallel=4)
+    scoring = select.LayerScoring(CFG, mixer, teacher, mixers, seqs, batch_size=3, parallel=4)
+    ga = select.policy_scores("ga_s2", scoring)
     for layer in (2,):
         sc = StudentConfig(CFG, (layer,), mixer.config)
         p = select.assemble_student(teacher, mixers, sc)
         want = perplexity(sc.model(runtime=RUNTIME), p, seqs, batch_size=3)["ppl"]
         np.testing.assert_allclose(ga[layer], want, rtol=1e-5)
-    keep, scores = select.choose_layers(
-        "ga_s2", 0.5, CFG, mixer, teacher, mixers, seqs, batch_size=3, parallel=4
-    )
+    keep, scores = select.choose_layers("ga_s2", 0.5, scoring)
     np.testing.assert_allclose(scores, ga, rtol=1e-6)
     assert keep == tuple(sorted(np.argsort(ga, kind="stable")[:2].tolist()))

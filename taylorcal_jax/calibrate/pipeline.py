@@ -360,9 +360,7 @@ def select_layers_stage(ctx) -> dict:
         policy = "explicit"
     else:
         policy = s.policy
-        keep, scores = select.choose_layers(
-            policy,
-            float(s.kept_fraction),
+        scoring = select.LayerScoring(
             mcfg,
             mixer,
             params,
@@ -372,6 +370,7 @@ def select_layers_stage(ctx) -> dict:
             parallel=int(s.parallel_candidates),
             mesh=ctx.mesh,
         )
+        keep, scores = select.choose_layers(policy, float(s.kept_fraction), scoring)
     sc = StudentConfig(mcfg, keep, sc_all.mixer_config, teacher_path=config.teacher.path or None)
     student = select.assemble_student(params, mixers, sc)
     save_student_dir(ctx.path(STUDENT_DIR), sc, student, tokenizer=ctx.corpus.tokenizer)

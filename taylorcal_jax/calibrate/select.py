@@ -331,74 +331,58 @@ def keep_from_scores(policy: str, scores_l, kept_fraction: float) -> tuple[int, 
     raise ValueError(f"policy {policy!r} is not score-based (ar, ga_s2)")
 
 
-def policy_scores(
-    policy,
-    config,
-    mixer,
-    teacher_params,
-    mixers_by_layer,
-    sequences_nt,
-    *,
-    batch_size,
-    parallel,
-    mesh=None,
-):
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerScoring:
+    """What the score-based policies score on: the teacher (`config`, `teacher_params`), the
+    student mixer and its params for every layer, the [N, T] sequences, and how candidates go
+    (`batch_size` sequences at a time, `parallel` candidates vmapped, data parallel over `mesh`
+    if given; as in `score_keep_masks`)."""
+
+    config: object  # ModelConfig
+    mixer: StudentMixer
+    teacher_params: object
+    mixers_by_layer: dict
+    sequences_nt: object
+    batch_size: int
+    parallel: int
+    mesh: object = None  # jax.sharding.Mesh or None
+
+
+def policy_scores(policy: str, scoring: LayerScoring) -> np.ndarray:
     """Per-layer candidate perplexities [L] for `ar` (zero-gate mixers are used whatever
-    `mixers_by_layer` is: removal means output 0) or `ga_s2` (the given mixers); data
-    parallel over `mesh` if given."""
+    `scoring.mixers_by_layer` is: removal means output 0) or `ga_s2` (the given mixers)."""
     check_policy(policy)
-    n_layers = config.num_hidden_layers
+    n_layers = scoring.config.num_hidden_layers
+    mixers, name = scoring.mixers_by_layer, scoring.mixer.name
     if policy == "ar":
-        zero = {i: jax.tree.map(jnp.zeros_like, mixers_by_layer[i]) for i in range(n_layers)}
-        params = union_params(teacher_params, zero, mixer.name)
+        zero = {i: jax.tree.map(jnp.zeros_like, mixers[i]) for i in range(n_layers)}
+        params = union_params(scoring.teacher_params, zero, name)
         masks = ar_masks(n_layers)
     elif policy == "ga_s2":
-        params = union_params(teacher_params, mixers_by_layer, mixer.name)
+        params = union_params(scoring.teacher_params, mixers, name)
         masks = ga_s2_masks(n_layers)
     else:
         raise ValueError("uniform needs no scores")
     return score_keep_masks(
-        config,
-        mixer,
+        scoring.config,
+        scoring.mixer,
         params,
         masks,
-        sequences_nt,
-        batch_size=batch_size,
-        parallel=parallel,
+        scoring.sequences_nt,
+        batch_size=scoring.batch_size,
+        parallel=scoring.parallel,
         desc=f"{policy} candidates",
-        mesh=mesh,
+        mesh=scoring.mesh,
     )
 
 
-def choose_layers(
-    policy,
-    kept_fraction,
-    config,
-    mixer,
-    teacher_params,
-    mixers_by_layer,
-    sequences_nt,
-    *,
-    batch_size,
-    parallel,
-    mesh=None,
-):
-    """(keep_full_attention_layers, per-layer scores or None) for one policy; scoring is data
-    parallel over `mesh` if given."""
+def choose_layers(policy: str, kept_fraction: float, scoring: LayerScoring):
+    """(keep_full_attention_layers, per-layer scores or None) for one policy (`uniform` reads
+    only scoring.config)."""
     check_policy(policy)
     if policy == "uniform":
-        return uniform_layers(config.num_hidden_layers, kept_fraction), None
-    scores = policy_scores(
-        policy,
-        config,
-        mixer,
-        teacher_params,
-        mixers_by_layer,
-        sequences_nt,
-        batch_size=batch_size,
-        parallel=parallel,
-        mesh=mesh,
-    )
+        return uniform_layers(scoring.config.num_hidden_layers, kept_fraction), None
+    scores = policy_scores(policy, scoring)
     return keep_from_scores(policy, scores, kept_fraction), scores
 
 
@@ -412,6 +396,7 @@ __all__ = [
     "POLICIES",
     "STRATEGIES",
     "CalibrationContext",
+    "LayerScoring",
     "assemble_student",
     "choose_layers",
     "keep_from_scores",
