@@ -22,16 +22,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 import real_teacher  # noqa: E402
 
 
 def get_config(arg: str | None = None):
     c = real_teacher.real_teacher_config("checkpoints/Qwen2.5-1.5B", arg)
-    c.mesh.distributed = True
-    c.mesh.layers = -1  # 4 on 8 devices
-    c.mesh.data = 1
-    c.mesh.fsdp = 2
-    c.eval.batch_size = 8
-    c.select.batch_size = 8
-    c.calibration.num_sequences = 8
-    return c
+    return common.apply_pod(c, num_devices=8)

@@ -19,16 +19,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 import real_teacher  # noqa: E402
 
 
 def get_config(arg: str | None = None):
     c = real_teacher.real_teacher_config("checkpoints/Qwen2.5-3B-Instruct", arg)
-    c.mesh.distributed = True
-    c.mesh.layers = -1  # 8 on 16 devices
-    c.mesh.data = 1
-    c.mesh.fsdp = 2
-    c.eval.batch_size = 16
-    c.select.batch_size = 16
-    c.calibration.num_sequences = 16
-    return c
+    return common.apply_pod(c, num_devices=16)
