@@ -330,17 +330,13 @@ def summarise(result: dict) -> dict:
 
 
 def write_outputs(result: dict, out_dir: str, tag: str) -> dict:
-    """<out_dir>/scaling_<tag>.{json,md}, each written whole under a temporary name and
-    renamed (a cut run leaves the previous complete file)."""
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"scaling_{tag}")
-    paths = {}
-    for kind, body in (("json", json.dumps(result, indent=1)), ("md", markdown(result))):
-        path = paths[kind] = f"{base}.{kind}"
-        with open(path + ".partial", "w") as f:
-            f.write(body)
-        os.replace(path + ".partial", path)
-    return paths
+    """<out_dir>/scaling_<tag>.{json,md}, each written whole (a cut run leaves the previous
+    complete file)."""
+    import results_io
+
+    path = results_io.write_result(out_dir, "scaling", tag, False, result)
+    md = results_io.write_text(path[: -len(".json")] + ".md", markdown(result))
+    return {"json": path, "md": md}
 
 
 # ------------------------------------------------------------------------- measurements
@@ -635,7 +631,7 @@ def run_init(s: Settings, emit) -> None:
         emit(row)
 
 
-def run_benchmark(s: Settings, out_dir: str, tag: str, command: str, cache_dir: str) -> dict:
+def run_benchmark(s: Settings, out_dir: str, tag: str, cache_dir: str) -> dict:
     """Every part of `s`, the result files rewritten after each measurement; the result."""
     import jax
     import results_io
@@ -648,7 +644,6 @@ def run_benchmark(s: Settings, out_dir: str, tag: str, command: str, cache_dir: 
     result = {
         "benchmark": "scaling over the devices of one host against one of them",
         **results_io.provenance(),
-        "command": command,
         "num_devices": s.num_devices,
         "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
         "gdn_impl_resolved": api.resolve_impl(s.gdn_impl),
@@ -658,6 +653,9 @@ def run_benchmark(s: Settings, out_dir: str, tag: str, command: str, cache_dir: 
         "complete": False,
     }
     t0 = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {message}", flush=True)
 
     def emit(row):
         result["rows"].append(row)
@@ -672,14 +670,10 @@ def run_benchmark(s: Settings, out_dir: str, tag: str, command: str, cache_dir: 
             if "efficiency" not in row
             else (f", efficiency {row['efficiency']:.2f}, equal: {row['equality']['passed']}")
         )
-        print(
-            f"[{time.perf_counter() - t0:6.0f} s] {row['part']} {row['layout']} on "
-            f"{row['devices']}: {figure}{extra}",
-            flush=True,
-        )
+        log(f"{row['part']} {row['layout']} on {row['devices']}: {figure}{extra}")
 
     for part in s.parts:
-        print(f"[{time.perf_counter() - t0:6.0f} s] {part}: start", flush=True)
+        log(f"{part}: start")
         if part == "init":
             run_init(s, emit)
         else:
@@ -760,9 +754,8 @@ def main(argv):
         gguf.check_gguf_file(s.smollm2_gguf)  # a missing or wrong file fails here, not later
     d = jax.devices()[0]
     tag = f.tag or ("small" if s.small else f"{d.device_kind.replace(' ', '_')}x{n}")
-    command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     try:
-        run_benchmark(s, f.out, tag, command, f.cache_dir)
+        run_benchmark(s, f.out, tag, f.cache_dir)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 

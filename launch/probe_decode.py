@@ -27,7 +27,6 @@ initialises JAX (it would take the accelerator's memory from its children).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import selectors
@@ -37,6 +36,7 @@ import time
 
 import bench_inference as bench  # launch/ is on sys.path when run as a script
 import model_shapes
+import results_io
 from absl import app, flags
 
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -312,7 +312,6 @@ def run_op_variant(p: dict) -> None:
 
 def run_child(p: dict, name: str, variant: Variant) -> None:
     import jax
-    import results_io
 
     p["bandwidth"] = bench.copy_bandwidth(p["copy_mib"] << 20, p["repeats"])
     _emit(
@@ -404,13 +403,8 @@ def run_variant(p: dict, name: str, timeout_s: float, on_record) -> dict:
 
 
 def write_result(result: dict, p: dict) -> str:
-    path = os.path.join(p["out"], f"probe_decode_{p['tag']}.json")
-    os.makedirs(p["out"], exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)  # a reader never sees half a file
-    return path
+    """Rewrites <out>/probe_decode_<tag>.json whole (a reader never sees half a file)."""
+    return results_io.write_result(p["out"], "probe_decode", p["tag"], False, result)
 
 
 def run_parent(p: dict) -> str:
@@ -424,8 +418,7 @@ def run_parent(p: dict) -> str:
         "repeats": p["repeats"],
         "budget_s": p["budget_s"],
         "variants": {n: dataclasses.asdict(VARIANTS[n]) for n in p["variants"]},
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **results_io.invocation(),  # no device: this process never starts JAX
         "runs": {},
         "complete": False,
     }

@@ -84,32 +84,48 @@ def commits_with_digest(digest: str, max_count: int = 500, repo: str = REPO) -> 
     return [r for r in revs if source_digest_at(r, repo) == digest]
 
 
+def command_line() -> str:
+    """This process's command: the interpreter's name and sys.argv."""
+    return " ".join([os.path.basename(sys.executable)] + sys.argv)
+
+
+def invocation() -> dict:
+    """{"date", "command", "git", "source_digest"} of this process; starts no JAX (for a
+    process that leaves the accelerator to its children)."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "git": git_revision(),
+        "source_digest": source_digest(),
+    }
+
+
 def provenance() -> dict:
     """{"device", "jax_version", "date", "command", "git", "source_digest"} of this process."""
     import jax
 
     from taylorcal_jax.train.stages import device_description
 
-    return {
-        "device": device_description(),
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "git": git_revision(),
-        "source_digest": source_digest(),
-    }
+    return {"device": device_description(), "jax_version": jax.__version__, **invocation()}
+
+
+def write_text(path: str, text: str) -> str:
+    """Writes `path` whole: under a temporary name, then renamed, so that a reader never sees
+    half a file and a run cut while writing leaves the previous one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".partial", "w") as f:
+        f.write(text)
+    os.replace(path + ".partial", path)
+    return path
 
 
 def write_result(out_dir: str, stem: str, tag: str, small: bool, result: dict) -> str:
     """Writes <out_dir>/<stem>_<tag>.json (tag: given, "small", or the device kind)."""
-    import jax
+    if not tag:
+        import jax
 
-    tag = tag or ("small" if small else jax.devices()[0].device_kind.replace(" ", "_"))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{stem}_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    return path
+        tag = "small" if small else jax.devices()[0].device_kind.replace(" ", "_")
+    return write_text(os.path.join(out_dir, f"{stem}_{tag}.json"), json.dumps(result, indent=1))
 
 
 def main(argv=None) -> int:

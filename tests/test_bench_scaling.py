@@ -7,6 +7,7 @@ import os
 import bench_scaling  # launch/
 import numpy as np
 import pytest
+import results_io  # launch/
 
 
 def test_median_and_efficiency():
@@ -74,7 +75,7 @@ def test_settings_are_checked_with_one_line_errors(change, message):
 
 def test_small_run_on_four_devices_equals_one_device_and_writes_the_files(tmp_path):
     s = bench_scaling.small_settings(parts=("stage2_qwen", "init"), num_devices=4, fsdp=2)
-    result = bench_scaling.run_benchmark(s, str(tmp_path), "t", "cmd", str(tmp_path / "c"))
+    result = bench_scaling.run_benchmark(s, str(tmp_path), "t", str(tmp_path / "c"))
     rows = result["rows"]
     assert [(r["part"], r["layout"], r["devices"]) for r in rows] == [
         ("stage2_qwen", "one device", 1),
@@ -92,7 +93,8 @@ def test_small_run_on_four_devices_equals_one_device_and_writes_the_files(tmp_pa
     assert rows[1]["memory"]["per_device_bytes"][0] > 0
     assert result["complete"] and result["all_equal"] and result["nccl_nvls_enable"] == "0"
     saved = json.load(open(tmp_path / "scaling_t.json"))
-    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["command"] == "cmd"
+    command = results_io.command_line()
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["command"] == command
     md = open(tmp_path / "scaling_t.md").read()
-    assert "Command: `cmd`" in md and md.count("| stage2_qwen |") == 3
+    assert f"Command: `{command}`" in md and md.count("| stage2_qwen |") == 3
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
