@@ -17,6 +17,7 @@ Writes launch/results/bench_init_time_<tag>.json (device, versions, date, comman
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,28 +27,32 @@ import model_shapes  # launch/ is on sys.path when run as a script
 import results_io
 from absl import app, flags
 
-_SMALL = flags.DEFINE_bool("small", False, "Tiny shapes (CPU dry run).")
-_LAYERS = flags.DEFINE_integer("layers", model_shapes.QWEN2_5_1_5B["layers"], "Layers.")
-_HIDDEN = flags.DEFINE_integer("hidden", model_shapes.QWEN2_5_1_5B["hidden"], "Hidden size.")
-_HEADS = flags.DEFINE_integer("heads", model_shapes.QWEN2_5_1_5B["heads"], "Query heads.")
-_KV = flags.DEFINE_integer("kv_heads", model_shapes.QWEN2_5_1_5B["kv"], "Key/value heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", model_shapes.QWEN2_5_1_5B["head_dim"], "Head dim.")
-_MLP = flags.DEFINE_integer("intermediate", model_shapes.QWEN2_5_1_5B["mlp"], "MLP width.")
-_VOCAB = flags.DEFINE_integer("vocab", model_shapes.QWEN2_5_1_5B["vocab"], "Vocabulary.")
-_KEEP_EVERY = flags.DEFINE_integer("keep_every", 4, "Keep attention in every k-th layer.")
-_N = flags.DEFINE_integer("num_sequences", 4, "Calibration sequences.")
-_T = flags.DEFINE_integer("seq_len", 256, "Calibration sequence length.")
-_STEPS = flags.DEFINE_integer("align_steps", 300, "Alignment steps.")
-_BLOCK = flags.DEFINE_integer("block_size", 128, "Statistics block size.")
-_MESH_LAYERS = flags.DEFINE_integer("mesh_layers", 1, "Devices on the layer axis (-1: all).")
-_MESH_DATA = flags.DEFINE_integer("mesh_data", 1, "Devices on the data axis.")
-_IMPL = flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "1: cold only; 2: cold and warm.")
-_TAG = flags.DEFINE_string("tag", "", "Result file tag (default: device kind).")
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+
+def define_flags() -> None:
+    q = model_shapes.QWEN2_5_1_5B
+    flags.DEFINE_bool("small", False, "Tiny shapes (CPU dry run).")
+    flags.DEFINE_integer("layers", q["layers"], "Layers.")
+    flags.DEFINE_integer("hidden", q["hidden"], "Hidden size.")
+    flags.DEFINE_integer("heads", q["heads"], "Query heads.")
+    flags.DEFINE_integer("kv_heads", q["kv"], "Key/value heads.")
+    flags.DEFINE_integer("head_dim", q["head_dim"], "Head dim.")
+    flags.DEFINE_integer("intermediate", q["mlp"], "MLP width.")
+    flags.DEFINE_integer("vocab", q["vocab"], "Vocabulary.")
+    flags.DEFINE_integer("keep_every", 4, "Keep attention in every k-th layer.")
+    flags.DEFINE_integer("num_sequences", 4, "Calibration sequences.")
+    flags.DEFINE_integer("seq_len", 256, "Calibration sequence length.")
+    flags.DEFINE_integer("align_steps", 300, "Alignment steps.")
+    flags.DEFINE_integer("block_size", 128, "Statistics block size.")
+    flags.DEFINE_integer("mesh_layers", 1, "Devices on the layer axis (-1: all).")
+    flags.DEFINE_integer("mesh_data", 1, "Devices on the data axis.")
+    flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation.")
+    flags.DEFINE_integer("repeats", 2, "1: cold only; 2: cold and warm.")
+    flags.DEFINE_string("tag", "", "Result file tag (default: device kind).")
+    flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
 
 
-def _timed(fn):
+def timed(fn):
+    """(fn(), seconds until its result is ready)."""
     import jax
 
     t0 = time.perf_counter()
@@ -56,102 +61,170 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def repeat_labels(repeats: int) -> tuple[str, ...]:
+    """("cold",) or ("cold", "warm"): the first call compiles, the second reuses it."""
+    return ("cold", "warm")[: max(1, min(2, repeats))]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InitProblem:
+    """One initialisation to time: the teacher (`model` of `config`, `params`), its calibration
+    tokens [N, T], the student (`student`, `mixer`; its converted layers are initialised) and
+    the phase settings (`consts` for phase 1, `align_cfg` for phase 2, statistics in blocks of
+    `block_size` positions)."""
+
+    config: object  # ModelConfig
+    model: object  # Transformer
+    params: object
+    tokens_nt: object
+    student: object  # StudentConfig
+    mixer: object  # StudentMixer
+    consts: object  # taylor.TaylorConstants
+    align_cfg: object  # align.AlignConfig
+    block_size: int
+
+
+def init_problem(config, params, tokens_nt, *, keep_every, gdn_impl, align_steps, block_size):
+    """The InitProblem of a GDN student keeping attention in every `keep_every`-th layer,
+    phases 1 and 2 at configs/common.py's settings but for `align_steps` alignment steps."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+    import common
+
+    from taylorcal_jax.calibrate import align, taylor
+    from taylorcal_jax.models.mixers.gdn import GDNRuntime
+    from taylorcal_jax.models.student import StudentConfig
+    from taylorcal_jax.models.teacher import Transformer
+
+    keep = tuple(range(0, config.num_hidden_layers, keep_every))
+    student = StudentConfig.from_teacher(config, keep, mixer="gdn")
+    c = common.get_config()
+    c.calibration.align.steps = align_steps
+    return InitProblem(
+        config=config,
+        model=Transformer(config),
+        params=params,
+        tokens_nt=tokens_nt,
+        student=student,
+        mixer=student.student_mixer(GDNRuntime(impl=gdn_impl)),
+        consts=taylor.TaylorConstants.from_config(c.calibration),
+        align_cfg=align.AlignConfig.from_config(c.calibration.align),
+        block_size=block_size,
+    )
+
+
+def time_phases(problem: InitProblem, mesh, stats_mesh=None):
+    """One initialisation, each phase timed to its ready result: statistics (blockwise teacher
+    pass over the converted layers; the sequences split over `stats_mesh` if given), phase 1
+    (copy + closed-form calibration), phase 2 (alignment of every converted layer at once,
+    layers split over `mesh`'s "layers" axis).
+
+    Returns (aligned student params, alignment metrics,
+    {"statistics_s", "phase1_s", "phase2_s", "total_s"}).
+    """
+    import jax
+
+    from taylorcal_jax.calibrate import align, stats, taylor
+    from taylorcal_jax.convert.naive import copy_init
+
+    config, mixer = problem.config, problem.mixer
+    converted = problem.student.converted_layers
+    st, t_stats = timed(
+        lambda: stats.collect(
+            problem.model,
+            problem.params,
+            config,
+            problem.tokens_nt,
+            layers=converted,
+            block_size=problem.block_size,
+            sequences_per_batch=problem.tokens_nt.shape[0],
+            mesh=stats_mesh,
+        )
+    )
+    (calibrated, _), t_p1 = timed(
+        lambda: taylor.taylor_init(
+            copy_init(problem.params, problem.student, jax.random.PRNGKey(2)),
+            st,
+            converted,
+            model_config=config,
+            mixer=mixer,
+            consts=problem.consts,
+        )
+    )
+    (aligned, metrics), t_p2 = timed(
+        lambda: align.align_student(
+            calibrated,
+            st,
+            converted,
+            model_config=config,
+            mixer=mixer,
+            cfg=problem.align_cfg,
+            mesh=mesh,
+        )
+    )
+    seconds = {"statistics_s": t_stats, "phase1_s": t_p1, "phase2_s": t_p2}
+    return aligned, metrics, {**seconds, "total_s": t_stats + t_p1 + t_p2}
+
+
 def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-    import common
-
-    from taylorcal_jax.calibrate import align, stats, taylor
-    from taylorcal_jax.convert.naive import copy_init
-    from taylorcal_jax.models.mixers.gdn import GDNRuntime
-    from taylorcal_jax.models.student import StudentConfig
-    from taylorcal_jax.models.teacher import Transformer, init_params
+    from taylorcal_jax.models.teacher import init_params
     from taylorcal_jax.ops.gdn import api
     from taylorcal_jax.utils import sharding
 
+    f = flags.FLAGS
     shape = dict(
-        layers=_LAYERS.value,
-        hidden=_HIDDEN.value,
-        heads=_HEADS.value,
-        kv=_KV.value,
-        head_dim=_HEAD_DIM.value,
-        mlp=_MLP.value,
-        vocab=_VOCAB.value,
-        n=_N.value,
-        t=_T.value,
-        steps=_STEPS.value,
+        layers=f.layers,
+        hidden=f.hidden,
+        heads=f.heads,
+        kv=f.kv_heads,
+        head_dim=f.head_dim,
+        mlp=f.intermediate,
+        vocab=f.vocab,
+        n=f.num_sequences,
+        t=f.seq_len,
+        steps=f.align_steps,
     )
-    if _SMALL.value:
+    if f.small:
         shape.update(
             layers=4, hidden=64, heads=4, kv=2, head_dim=16, mlp=128, vocab=256, n=2, t=64, steps=10
         )
     cfg = model_shapes.qwen2_config(shape, 32768)
-    keep = tuple(range(0, shape["layers"], _KEEP_EVERY.value))
-    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
-    mixer = sc.student_mixer(GDNRuntime(impl=_IMPL.value))
-    converted = sc.converted_layers
-    c = common.get_config()
-    consts = taylor.TaylorConstants.from_config(c.calibration)
-    c.calibration.align.steps = shape["steps"]
-    align_cfg = align.AlignConfig.from_config(c.calibration.align)
-    axes = {"layers": _MESH_LAYERS.value, "data": _MESH_DATA.value}
-    n_dev = _MESH_LAYERS.value * _MESH_DATA.value
+    axes = {"layers": f.mesh_layers, "data": f.mesh_data}
+    n_dev = f.mesh_layers * f.mesh_data
     mesh = sharding.make_mesh(axes, jax.devices()[:n_dev] if n_dev > 0 else None)
 
-    params, init_s = _timed(lambda: jax.jit(lambda k: init_params(cfg, k))(jax.random.PRNGKey(0)))
+    params, init_s = timed(lambda: jax.jit(lambda k: init_params(cfg, k))(jax.random.PRNGKey(0)))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (shape["n"], shape["t"]), 0, cfg.vocab_size)
-    model = Transformer(cfg)
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-
-    def run_stats():
-        return stats.collect(
-            model,
-            params,
-            cfg,
-            tokens,
-            layers=converted,
-            block_size=_BLOCK.value,
-            sequences_per_batch=shape["n"],
-        )
-
-    def run_phase1(st):
-        student = copy_init(params, sc, jax.random.PRNGKey(2))
-        return taylor.taylor_init(
-            student, st, converted, model_config=cfg, mixer=mixer, consts=consts
-        )
-
-    def run_phase2(student, st):
-        return align.align_student(
-            student, st, converted, model_config=cfg, mixer=mixer, cfg=align_cfg, mesh=mesh
-        )
+    problem = init_problem(
+        cfg,
+        params,
+        tokens,
+        keep_every=f.keep_every,
+        gdn_impl=f.gdn_impl,
+        align_steps=shape["steps"],
+        block_size=f.block_size,
+    )
+    fwd = jax.jit(lambda p, x: problem.model.apply({"params": p}, x)[0])
 
     timings = {}
     n_tok = shape["n"] * shape["t"]
-    for label in ("cold", "warm")[: max(1, min(2, _REPEATS.value))]:
-        _, t_fwd = _timed(lambda: fwd(params, tokens))
-        st, t_stats = _timed(run_stats)
-        (student, _), t_p1 = _timed(lambda st=st: run_phase1(st))
-        (student, metrics), t_p2 = _timed(lambda s=student, st=st: run_phase2(s, st))
-        timings[label] = {
-            "teacher_forward_s": t_fwd,
-            "statistics_s": t_stats,
-            "phase1_s": t_p1,
-            "phase2_s": t_p2,
-            "total_s": t_stats + t_p1 + t_p2,
-        }
+    for label in repeat_labels(f.repeats):
+        _, t_fwd = timed(lambda: fwd(params, tokens))
+        _, metrics, phases = time_phases(problem, mesh)  # statistics unsplit, as on one device
+        timings[label] = {"teacher_forward_s": t_fwd, **phases}
         print(label, {k: round(v, 3) for k, v in timings[label].items()}, flush=True)
         last = timings[label]  # throughput from the latest (warm when there is one) repeat
         result = {
             "benchmark": "full Taylor-Calibrate initialisation (statistics + phase 1 + phase 2)",
             "shape": shape,
-            "converted_layers": list(converted),
-            "keep_full_attention_layers": list(keep),
+            "converted_layers": list(problem.student.converted_layers),
+            "keep_full_attention_layers": list(problem.student.keep_full_attention_layers),
             "mesh": dict(mesh.shape),
-            "gdn_impl": _IMPL.value,
-            "gdn_impl_resolved": api.resolve_impl(_IMPL.value),
+            "gdn_impl": f.gdn_impl,
+            "gdn_impl_resolved": api.resolve_impl(f.gdn_impl),
             "timings": timings,
             "statistics_tokens_per_s": n_tok / last["statistics_s"],
             "teacher_forward_tokens_per_s": n_tok / last["teacher_forward_s"],
@@ -161,13 +234,12 @@ def main(argv):
             **results_io.provenance(),
         }
         # written after every repeat: a run cut short during the warm repeat keeps the cold one
-        path = results_io.write_result(
-            _OUT.value, "bench_init_time", _TAG.value, _SMALL.value, result
-        )
+        path = results_io.write_result(f.out, "bench_init_time", f.tag, f.small, result)
     print(json.dumps({k: v for k, v in result.items() if k != "shape"}, indent=1))
     print("wrote", path)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    define_flags()
     app.run(main)

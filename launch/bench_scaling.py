@@ -390,23 +390,6 @@ def step_memory(task, mesh, state, constants, batch_shape) -> int:
     )
 
 
-def model_config(dims: dict, model_type: str):
-    from taylorcal_jax.models.config import ModelConfig
-
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=dims["vocab"],
-        hidden_size=dims["hidden"],
-        intermediate_size=dims["mlp"],
-        num_hidden_layers=dims["layers"],
-        num_attention_heads=dims["heads"],
-        num_key_value_heads=dims["kv"],
-        head_dim=dims["head_dim"],
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-    )
-
-
 def stage2_teacher(part: str, s: Settings, cache_dir: str):
     """(ModelConfig, float32 params, source) of the part's teacher."""
     import jax
@@ -421,7 +404,7 @@ def stage2_teacher(part: str, s: Settings, cache_dir: str):
         cfg, params = hf_io.load_pretrained(directory, dtype=jnp.float32)
         return cfg, params, s.smollm2_gguf
     model_type = "llama" if part == "stage2_smollm2" else "qwen2"
-    cfg = model_config(s.shape(part), model_type)
+    cfg = model_shapes.model_config(s.shape(part), 32768, model_type)
     params = model_shapes.random_params(Transformer(cfg), jax.random.PRNGKey(0), jnp.float32)
     return cfg, params, f"random {model_type} {s.shape(part)}"
 
@@ -530,79 +513,39 @@ def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
 
 
 def run_init(s: Settings, emit) -> None:
-    """Statistics, phase 1 and phase 2 on one device, then on N (layers axis over N)."""
+    """Statistics, phase 1 and phase 2 on one device, then on N (layers axis over N), each as
+    launch/bench_init_time.py times them, the statistics' sequences split over the mesh."""
+    import bench_init_time
     import jax
     import jax.numpy as jnp
     import model_shapes
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-    import common
-
-    from taylorcal_jax.calibrate import align, stats, taylor
-    from taylorcal_jax.convert.naive import copy_init
-    from taylorcal_jax.models.mixers.gdn import GDNRuntime
-    from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer
 
     dims = s.shape("init")
-    cfg = model_config(dims, "qwen2")
-    keep = tuple(range(0, cfg.num_hidden_layers, s.keep_every))
-    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
-    mixer = sc.student_mixer(GDNRuntime(impl=s.gdn_impl))
-    converted = sc.converted_layers
-    c = common.get_config()
-    consts = taylor.TaylorConstants.from_config(c.calibration)
-    c.calibration.align.steps = s.align_steps
-    align_cfg = align.AlignConfig.from_config(c.calibration.align)
-    model = Transformer(cfg)
-    params = model_shapes.random_params(model, jax.random.PRNGKey(0), jnp.float32)
+    cfg = model_shapes.model_config(dims, 32768, "qwen2")
+    params = model_shapes.random_params(Transformer(cfg), jax.random.PRNGKey(0), jnp.float32)
     tokens = jax.random.randint(
         jax.random.PRNGKey(1), (s.calib_sequences, s.calib_seq_len), 0, cfg.vocab_size
     )
-
-    def timed(fn):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        return out, time.perf_counter() - t0
+    problem = bench_init_time.init_problem(
+        cfg,
+        params,
+        tokens,
+        keep_every=s.keep_every,
+        gdn_impl=s.gdn_impl,
+        align_steps=s.align_steps,
+        block_size=s.block_size,
+    )
 
     reference = ref_student = None
     for n in (1, s.num_devices):
         mesh = _mesh({"layers": n, "data": 1}, n)
         timings = {}
-        for label in ("cold", "warm")[: max(1, min(2, s.init_repeats))]:
-            st, t_stats = timed(
-                lambda m=mesh: stats.collect(
-                    model,
-                    params,
-                    cfg,
-                    tokens,
-                    layers=converted,
-                    block_size=s.block_size,
-                    sequences_per_batch=s.calib_sequences,
-                    mesh=m,
-                )
+        for label in bench_init_time.repeat_labels(s.init_repeats):
+            student, metrics, timings[label] = bench_init_time.time_phases(
+                problem, mesh, stats_mesh=mesh
             )
-            (student, _), t_p1 = timed(
-                lambda st=st: taylor.taylor_init(
-                    copy_init(params, sc, jax.random.PRNGKey(2)),
-                    st,
-                    converted,
-                    model_config=cfg,
-                    mixer=mixer,
-                    consts=consts,
-                )
-            )
-            (student, metrics), t_p2 = timed(
-                lambda m=mesh, st=st, x=student: align.align_student(
-                    x, st, converted, model_config=cfg, mixer=mixer, cfg=align_cfg, mesh=m
-                )
-            )
-            timings[label] = {
-                "statistics_s": t_stats,
-                "phase1_s": t_p1,
-                "phase2_s": t_p2,
-                "total_s": t_stats + t_p1 + t_p2,
-            }
             print(
                 f"  init on {n}: {label} "
                 + json.dumps({k: round(v, 3) for k, v in timings[label].items()}),

@@ -1,4 +1,5 @@
-"""Model shapes of the benchmarks: Qwen2-layout configs from a dims dict, and fast random weights.
+"""Model shapes of the benchmarks: configs (Qwen2 layout by default) from a dims dict, and fast
+random weights.
 
 dims keys: layers, hidden, heads (query), kv (key/value heads), head_dim, mlp, vocab.
 """
@@ -13,12 +14,12 @@ QWEN2_5_1_5B = dict(
 )  # fmt: skip
 
 
-def qwen2_config(dims: dict, max_positions: int):
-    """A tied-embedding qwen2 ModelConfig of these dims."""
+def model_config(dims: dict, max_positions: int, model_type: str):
+    """A tied-embedding ModelConfig of these dims and `model_type` ("qwen2", "llama", ...)."""
     from taylorcal_jax.models.config import ModelConfig
 
     return ModelConfig(
-        model_type="qwen2",
+        model_type=model_type,
         vocab_size=dims["vocab"],
         hidden_size=dims["hidden"],
         intermediate_size=dims["mlp"],
@@ -29,6 +30,11 @@ def qwen2_config(dims: dict, max_positions: int):
         tie_word_embeddings=True,
         max_position_embeddings=max_positions,
     )
+
+
+def qwen2_config(dims: dict, max_positions: int):
+    """A tied-embedding qwen2 ModelConfig of these dims."""
+    return model_config(dims, max_positions, "qwen2")
 
 
 def random_params(model, rng, dtype):
