@@ -367,21 +367,10 @@ def step_memory(task, mesh, state, constants, batch_shape) -> int:
     import jax.numpy as jnp
 
     from taylorcal_jax.train import loop
-    from taylorcal_jax.utils import sharding
 
-    def abstract(x, s):
-        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=s)
-
-    state_abs = jax.tree.map(abstract, state, loop.state_shardings(task, state, mesh))
-    const_abs = jax.tree.map(
-        lambda x: abstract(x, sharding.named(mesh, *task.constant_spec(x))), constants
-    )
-    batch_abs = jax.ShapeDtypeStruct(
-        (1, *batch_shape), jnp.int32, sharding=sharding.named(mesh, None, *task.batch_spec)
-    )
-    # the loop's own step program (one step per call, batches from a stream)
-    step = loop._multi_step(task, mesh, 1, False)  # noqa: SLF001
-    m = step.lower(state_abs, batch_abs, const_abs).compile().memory_analysis()
+    batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
+    compiled = loop.compiled_step(task, state, batch, mesh=mesh, constants=constants)
+    m = compiled.memory_analysis()
     return int(
         m.argument_size_in_bytes
         + m.output_size_in_bytes

@@ -223,15 +223,8 @@ def _compiled_step_memory(fsdp: int):
             task, init_params(cfg, jax.random.PRNGKey(0)), rng=jax.random.PRNGKey(0)
         )
     )
-    shardings = loop.state_shardings(task, state, mesh)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-    )
-    batch = jax.ShapeDtypeStruct(
-        (1, 8, 12), jnp.int32, sharding=sharding.named(mesh, None, *task.batch_spec)
-    )
-    compiled = loop._multi_step(task, mesh, 1, False).lower(abstract, batch, None).compile()
-    stats = compiled.memory_analysis()
+    batch = jax.ShapeDtypeStruct((8, 12), jnp.int32)
+    stats = loop.compiled_step(task, state, batch, mesh=mesh).memory_analysis()
     return stats.argument_size_in_bytes, stats.temp_size_in_bytes
 
 

@@ -311,6 +311,29 @@ def _multi_step(task: Task, mesh, num_steps: int, fixed: bool) -> Callable:
     return jax.jit(run, donate_argnums=0)
 
 
+def compiled_step(task: Task, state: TrainState, batch, *, mesh, constants=None):
+    """The compiled program of one training step as `run` calls it (one batch of a stream per
+    call, the state donated), to inspect, e.g. `.memory_analysis()`. `state`, `batch` (one
+    batch, not stacked) and `constants` may be arrays or jax.ShapeDtypeStruct: only their
+    shapes and dtypes are read, placed as `run` places them."""
+
+    def like(x, where):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+
+    def stacked(spec, sub):
+        where = sharding.named(mesh, None, *spec)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype, sharding=where), sub
+        )
+
+    state_in = jax.tree.map(like, state, state_shardings(task, state, mesh))
+    batch_in = jax.tree.map(stacked, task.batch_spec, batch, is_leaf=lambda x: isinstance(x, P))
+    const_in = jax.tree.map(
+        lambda x: like(x, sharding.named(mesh, *task.constant_spec(x))), constants
+    )
+    return _multi_step(task, mesh, 1, False).lower(state_in, batch_in, const_in).compile()
+
+
 def run(
     task: Task,
     state: TrainState,
