@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_models import tiny_model_config
+from tiny_pretraining import tiny_pretraining
 
 from taylorcal_jax import main as main_lib
 from taylorcal_jax.calibrate import select
@@ -159,25 +160,9 @@ def _pretrain_setup():
     cfg = tiny_model_config(
         vocab_size=32, hidden_size=16, intermediate_size=32, max_position_embeddings=32
     )
-    perm = np.random.default_rng(0).permutation(32)
-    stream = np.tile(perm, 40).astype(np.int32)
-    opts = pretrain_lib.PretrainOptions(
-        steps=4,
-        batch_size=8,
-        seq_len=12,
-        learning_rate=1e-2,
-        warmup_steps=1,
-        min_lr_ratio=0.1,
-        weight_decay=0.01,
-        b1=0.9,
-        b2=0.95,
-        grad_clip=1.0,
-        checkpoint_every=2,
-        eval_every=0,
-        log_every=1,
-        seed=0,
+    return tiny_pretraining(
+        cfg, cycles=40, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2
     )
-    return Transformer(cfg), init_params(cfg, jax.random.PRNGKey(0)), stream, opts
 
 
 def test_pretraining_on_the_mesh_equals_one_device(tmp_path):

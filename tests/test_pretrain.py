@@ -5,16 +5,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from taylorcal_jax.models.teacher import Transformer, init_params
 from taylorcal_jax.train import pretrain as pretrain_lib
 from taylorcal_jax.utils import sharding
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 import tiny  # noqa: E402
 from tiny_models import tiny_model_config
+from tiny_pretraining import tiny_pretraining
 
 VOCAB = 24
 
@@ -30,26 +29,7 @@ def _setup():
         max_position_embeddings=32,
         tie_word_embeddings=True,
     )
-    # A learnable stream: a fixed random permutation cycle (next token is a function of this one).
-    perm = np.random.default_rng(0).permutation(VOCAB)
-    stream = np.tile(perm, 60).astype(np.int32)
-    opts = pretrain_lib.PretrainOptions(
-        steps=8,
-        batch_size=4,
-        seq_len=12,
-        learning_rate=1e-2,
-        warmup_steps=2,
-        min_lr_ratio=0.1,
-        weight_decay=0.01,
-        b1=0.9,
-        b2=0.95,
-        grad_clip=1.0,
-        checkpoint_every=3,
-        eval_every=0,
-        log_every=1,
-        seed=0,
-    )
-    return Transformer(cfg), init_params(cfg, jax.random.PRNGKey(0)), stream, opts
+    return tiny_pretraining(cfg, cycles=60)
 
 
 def _max_rel_err(a, b):
