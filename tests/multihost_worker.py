@@ -11,24 +11,14 @@ import sys
 
 import jax
 import numpy as np
+from tiny_models import tiny_model_config  # tests/ (the directory of this script)
 
 from taylorcal_jax.calibrate import stats as stats_lib
 from taylorcal_jax.eval import perplexity as ppl_lib
-from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
 from taylorcal_jax.utils import hosts, sharding
 
-CFG = ModelConfig(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-)
+CFG = tiny_model_config(max_position_embeddings=64)
 
 
 def perplexity_on_all_devices() -> dict:
