@@ -122,14 +122,13 @@ def main(argv):
     import run_inputs  # launch/ is on sys.path when this script runs
     from results_io import provenance
 
-    from taylorcal_jax.calibrate import pipeline
     from taylorcal_jax.run import validate
     from taylorcal_jax.run.context import RunContext
-    from taylorcal_jax.train import stages
+    from taylorcal_jax.stage_registry import STAGES
 
     config, workdir = FLAGS.config, FLAGS.workdir
     config.eval.num_sequences, config.eval.seq_len = FLAGS.num_sequences, FLAGS.seq_len
-    validate.validate(config, {**stages.STAGES, **pipeline.STAGES}, workdir)
+    validate.validate(config, STAGES, workdir)
     t0 = time.perf_counter()
     teacher = run_inputs.resolve_teacher(config, workdir)
     ctx = RunContext(config, workdir)

@@ -369,27 +369,25 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
     import jax
     import run_inputs  # launch/
 
-    from taylorcal_jax.calibrate import pipeline
     from taylorcal_jax.eval.perplexity import perplexity
     from taylorcal_jax.models.student import load_student
     from taylorcal_jax.models.teacher import Transformer
     from taylorcal_jax.run import inputs, runner, validate
     from taylorcal_jax.run.context import RunContext
-    from taylorcal_jax.train import distill_stages, stages
+    from taylorcal_jax.stage_registry import STAGES
     from taylorcal_jax.train import pretrain as pretrain_lib
+    from taylorcal_jax.train import stages
 
-    # taylorcal_jax.main's stages; main itself is not imported because it defines --config
-    registry = {**stages.STAGES, **pipeline.STAGES, **distill_stages.STAGES}
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     if not config.teacher.path:  # a teacher of our own, pretrained once in the workdir
         own = config.copy_and_resolve_references()
         own.stages = ("pretrain",)
-        runner.run(own, workdir, registry, command=command)
+        runner.run(own, workdir, STAGES, command=command)
         config.teacher.path = inputs.teacher_dir(own, workdir)
     teacher_source = run_inputs.resolve_teacher(config, workdir)
     configs = {i: init_config(config, i, kept_fraction, config.teacher.path) for i in inits}
     for init, cfg in configs.items():  # every problem found before any training
-        validate.validate(cfg, registry, os.path.join(workdir, init))
+        validate.validate(cfg, STAGES, os.path.join(workdir, init))
     workdirs = {}
     for init in inits:
         wd = os.path.join(workdir, init)
@@ -438,7 +436,7 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
     try:
         for init in inits:
             print(f"[{time.perf_counter() - t0:6.0f} s] {init}: start", flush=True)
-            runner.run(configs[init], workdirs[init], registry, command=command)
+            runner.run(configs[init], workdirs[init], STAGES, command=command)
             exp.done.add(init)
             exp.report(teacher_ppl)
     finally:

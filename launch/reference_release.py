@@ -389,9 +389,9 @@ def load_run(config, workdir, tokens_dir=None):
     from taylorcal_jax.calibrate import pipeline
     from taylorcal_jax.run import validate
     from taylorcal_jax.run.context import RunContext
-    from taylorcal_jax.train import stages
+    from taylorcal_jax.stage_registry import STAGES
 
-    validate.validate(config, {**stages.STAGES, **pipeline.STAGES}, workdir)
+    validate.validate(config, STAGES, workdir)
     run_ctx = RunContext(config, workdir)
     mcfg, params = run_ctx.teacher
     cal, ev = run_tokens(run_ctx)

@@ -165,6 +165,7 @@ def sweep(
     from taylorcal_jax.models.teacher import Transformer
     from taylorcal_jax.run import validate
     from taylorcal_jax.run.context import RunContext
+    from taylorcal_jax.stage_registry import STAGES
     from taylorcal_jax.train import stages
 
     for s in strategies:
@@ -181,8 +182,7 @@ def sweep(
         raise ValueError(
             "--phase1_ablation needs a Taylor strategy (taylor_init, taylor_calibrate)"
         )
-    # taylorcal_jax.main's registry; main itself is not imported because it defines --config
-    validate.validate(config, {**stages.STAGES, **pipeline.STAGES}, workdir)
+    validate.validate(config, STAGES, workdir)
     t0 = time.perf_counter()
 
     def log(message):

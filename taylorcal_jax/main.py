@@ -26,11 +26,10 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from taylorcal_jax.calibrate import pipeline as calibrate_pipeline
 from taylorcal_jax.calibrate import select
 from taylorcal_jax.errors import ConfigError, UserError
 from taylorcal_jax.run import fields, runner
-from taylorcal_jax.train import distill_stages, stages
+from taylorcal_jax.stage_registry import STAGES
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns resume in it.")
@@ -42,14 +41,6 @@ _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print every config field with its value and description, then exit."
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of errors in the input as well.")
-
-# In pipeline order (the order --help lists and a misordered config.stages is told to use).
-STAGES = {
-    **stages.STAGES,
-    **{k: v for k, v in calibrate_pipeline.STAGES.items() if k != "eval_student"},
-    **distill_stages.STAGES,
-    "eval_student": calibrate_pipeline.STAGES["eval_student"],
-}
 
 
 def run(config, workdir: str, **options) -> dict:

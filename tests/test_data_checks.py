@@ -106,14 +106,14 @@ def test_read_entry_classifies():
     ],
 )
 def test_bad_data_values_fail_in_validation(key, value, match, tmp_path):
-    from taylorcal_jax import main
     from taylorcal_jax.errors import ConfigError
     from taylorcal_jax.run import validate
+    from taylorcal_jax.stage_registry import STAGES
 
     config = tiny.get_config("smoke")
     config.data[key] = value
     with pytest.raises(ConfigError, match=match):
-        validate.validate(config, main.STAGES, str(tmp_path))
+        validate.validate(config, STAGES, str(tmp_path))
 
 
 def test_default_limits():

@@ -263,16 +263,16 @@ def test_a_run_on_a_gguf_teacher_equals_the_run_on_its_converted_directory(tmp_p
 
 
 def test_a_bad_gguf_teacher_is_a_one_line_config_error(tmp_path):
-    from taylorcal_jax import main
     from taylorcal_jax.errors import ConfigError
     from taylorcal_jax.run import validate
+    from taylorcal_jax.stage_registry import STAGES
 
     with pytest.raises(ConfigError, match=r"teacher\.path=.*missing\.gguf.*does not exist"):
         validate.validate(
-            _eval_teacher_config(str(tmp_path / "missing.gguf")), main.STAGES, str(tmp_path)
+            _eval_teacher_config(str(tmp_path / "missing.gguf")), STAGES, str(tmp_path)
         )
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"NOPE" + bytes(60))
     with pytest.raises(ConfigError, match="is not a GGUF file"):
-        validate.validate(_eval_teacher_config(str(fake)), main.STAGES, str(tmp_path))
+        validate.validate(_eval_teacher_config(str(fake)), STAGES, str(tmp_path))
     assert not (tmp_path / gguf_lib.WORKDIR_CACHE).exists()  # nothing converted, nothing written
