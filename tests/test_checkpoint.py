@@ -41,7 +41,7 @@ def test_has_checkpoint_only_once_a_step_is_finished(tmp_path):
         ckpt.save(5, tree)
     assert has_checkpoint(path)
     # A save killed before it finished: the step under orbax's temporary name only.
-    os.rename(os.path.join(path, "5"), os.path.join(path, "5.orbax-checkpoint-tmp-1234"))
+    os.rename(os.path.join(path, "5"), os.path.join(path, "5.orbax-checkpoint-tmp"))
     assert not has_checkpoint(path)
     with TrainCheckpointer(path) as ckpt:
         assert ckpt.restore_or(tree) is tree  # the loop starts afresh as well
