@@ -5,6 +5,7 @@ Subprocesses run on one CPU device (as a user's laptop would), on configs/tiny.p
 shrunk further (SMOKE below) so that the whole file stays within a few minutes.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from taylorcal_jax.run import workdir as workdir_lib
+from taylorcal_jax.train.student_dirs import STUDENT_DIRS
 from taylorcal_jax.utils.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,16 +144,30 @@ def _outputs(stage, workdir):
         z = np.load(os.path.join(workdir, "calibration", "stats.npz"))
         return {k: z[k] for k in z.files}
     if stage == "align":
-        from taylorcal_jax.models.student import load_student
-
-        _, params = load_student(os.path.join(workdir, "calibration", "aligned"))
         with open(os.path.join(workdir, "calibration", "align_report.json")) as f:
             report = json.load(f)["align"]
-        flat = {str(k): np.asarray(v) for k, v in _flatten(params).items()}
-        return {**flat, "loss_after": np.asarray(report["loss_after"])}
+        student = _student_arrays(os.path.join(workdir, "calibration", "aligned"))
+        return {**student, "loss_after": np.asarray(report["loss_after"])}
+    if stage in ("distill_layers", "distill"):
+        result = workdir_lib.read_records(workdir)[stage]["result"]
+        out = _student_arrays(os.path.join(workdir, STUDENT_DIRS[stage]))
+        out.update({k: np.asarray(result[k]) for k in ("steps", "eval_ppl")})
+        students = os.path.join(workdir, f"{stage}_train", "students")  # distill.save_students
+        for name in os.listdir(students):
+            arrays = _student_arrays(os.path.join(students, name))
+            out.update({f"{name}/{k}": v for k, v in arrays.items()})
+        return out
     with open(os.path.join(workdir, "calibration_report.json")) as f:
         report = json.load(f)
     return {k: np.asarray(report[k]) for k in ("teacher_ppl", "student_ppl", "eval_tokens")}
+
+
+def _student_arrays(path):
+    """{parameter path: array} of the student directory `path` (its safetensors)."""
+    from taylorcal_jax.models.student import load_student
+
+    _, params = load_student(path)
+    return {str(k): np.asarray(v) for k, v in _flatten(params).items()}
 
 
 def _flatten(tree, prefix=()):
@@ -191,15 +207,66 @@ def test_kill_9_mid_stage_then_rerun_equals_an_uninterrupted_run(smoke, tmp_path
     assert not _partials(wd) and not os.path.exists(os.path.join(wd, ".lock"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Resumable:
+    """A training stage given many steps and a checkpoint every few: time to kill it between
+    its first checkpoint and its end."""
+
+    stages: tuple[str, ...]  # listed: the stage last, after the done stages it reads from
+    overrides: tuple[str, ...]
+    checkpoints: str  # workdir-relative orbax directory
+    steps: int
+    every: int  # steps between checkpoints
+
+
+# distill_layers and distill: 30 steps of 4 x 32 tokens, a checkpoint every 5, the student
+# saved at the first and the last evaluation (those of the killed run are kept on resume).
+_DISTILL = ("train_tokens=3840", "checkpoint_every_tokens=640", "eval_every_tokens=0")
+RESUMABLE = {
+    "align": Resumable(
+        ("align",),
+        ("calibration.align.steps=400", "calibration.align.checkpoint_every=10"),
+        "calibration/align_ckpt",
+        400,
+        10,
+    ),
+    "distill_layers": Resumable(
+        ("distill_layers",),
+        ("distill.save_students=True", *(f"distill.layers.{o}" for o in _DISTILL)),
+        "distill_layers_train/checkpoints",
+        30,
+        5,
+    ),
+    "distill": Resumable(
+        ("distill_layers", "distill"),  # stage 2 goes on from stage 1's student
+        ("distill.save_students=True", *(f"distill.kl.{o}" for o in _DISTILL)),
+        "distill_train/checkpoints",
+        30,
+        5,
+    ),
+}
+
+
+def _saved_a_checkpoint(workdir, stage, ckpt):
+    """Whether `stage` runs in `workdir` (its record says so once its old checkpoints are
+    removed) and has finished a checkpoint in `ckpt` (orbax renames a step's directory to its
+    number once the step is written)."""
+    running = workdir_lib.read_records(workdir).get(stage, {}).get("status") == "running"
+    return running and os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
 @pytest.mark.slow
-def test_kill_9_mid_alignment_resumes_from_its_checkpoint(smoke, tmp_path):
-    """Killed after alignment's first checkpoint, the rerun resumes from the last one and ends
+@pytest.mark.parametrize("stage", list(RESUMABLE))
+def test_kill_9_after_a_checkpoint_resumes_and_ends_where_an_uninterrupted_run_ends(
+    smoke, tmp_path, stage
+):
+    """Killed after the stage's first checkpoint, the rerun resumes from the last one and ends
     bit-for-bit where an uninterrupted run with the same settings ends."""
+    spec = RESUMABLE[stage]
     args = [
         *SMOKE,
-        "--config.stages=('align',)",
-        "--config.calibration.align.steps=400",  # 41 checkpoints: time to kill in between
-        "--config.calibration.align.checkpoint_every=10",
+        f"--config.stages={spec.stages!r}",
+        *(f"--config.{o}" for o in spec.overrides),
     ]
     reference = str(tmp_path / "reference")
     shutil.copytree(smoke[0], reference)
@@ -207,30 +274,31 @@ def test_kill_9_mid_alignment_resumes_from_its_checkpoint(smoke, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     wd = str(tmp_path / "killed")
     shutil.copytree(smoke[0], wd)
-    ckpt = os.path.join(wd, "calibration", "align_ckpt")
+    ckpt = os.path.join(wd, spec.checkpoints)
     cmd = [sys.executable, "-m", "taylorcal_jax.main", *args, f"--workdir={wd}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))):
-        assert proc.poll() is None, "alignment ended before a checkpoint was seen"
-        assert time.monotonic() < deadline, "no alignment checkpoint within 300 s"
+    while not _saved_a_checkpoint(wd, stage, ckpt):
+        assert proc.poll() is None, f"{stage} ended before a checkpoint was seen"
+        assert time.monotonic() < deadline, f"no {stage} checkpoint within 300 s"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert workdir_lib.read_records(wd)["align"]["status"] == "running"  # killed mid-stage
+    assert workdir_lib.read_records(wd)[stage]["status"] == "running"  # killed mid-stage
     rerun = cli(*args, f"--workdir={wd}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resume: interrupted; resuming from its checkpoint" in rerun.stdout
     metrics = read_metrics(os.path.join(wd, "metrics.jsonl"))
     resumed = [r["resumed_from_step"] for r in metrics if "resumed_from_step" in r]
-    assert len(resumed) == 1 and resumed[0] % 10 == 0 and 0 < resumed[0] <= 400, resumed
-    want, got = _outputs("align", reference), _outputs("align", wd)
+    assert len(resumed) == 1 and resumed[0] % spec.every == 0, resumed
+    assert 0 < resumed[0] <= spec.steps, resumed
+    want, got = _outputs(stage, reference), _outputs(stage, wd)
     assert sorted(want) == sorted(got)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     # The checkpoints are removed once the outputs are written.
-    reference_ckpt = os.path.join(reference, "calibration", "align_ckpt")
-    assert not os.path.exists(ckpt) and not os.path.exists(reference_ckpt)
+    for workdir in (wd, reference):
+        assert not os.path.exists(os.path.join(workdir, spec.checkpoints)), workdir
     assert not _partials(wd) and not os.path.exists(os.path.join(wd, ".lock"))
 
 

@@ -6,9 +6,9 @@ their settings and inputs, so every test can say what the outputs must be.
 """
 
 import io
-import json
 import os
 
+import numpy as np
 import pytest
 
 from taylorcal_jax.errors import ConfigError
@@ -16,6 +16,9 @@ from taylorcal_jax.run import fields, runner
 from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.console import Console
 from taylorcal_jax.run.plan import Stage
+from taylorcal_jax.utils.checkpoint import TrainCheckpointer
+
+CHECKPOINT_EVERY = 10  # steps of stage "second"
 
 
 class Interrupted(Exception):
@@ -41,23 +44,23 @@ class Stages:
         return {"value": ctx.config.eval.seed + 10}
 
     def second(self, ctx):
-        """Sums 1..num_sequences plus first, one step at a time, checkpointing each step."""
+        """Sums 1..num_sequences plus first, one step at a time, with an orbax checkpoint
+        every CHECKPOINT_EVERY steps (as the training loop keeps them)."""
         self.calls["second"] += 1
-        ckpt = ctx.path("second_ckpt")
-        os.makedirs(ckpt, exist_ok=True)
-        state = json.load(open(os.path.join(ckpt, "state.json"))) if os.listdir(ckpt) else None
-        step, total = (state["step"], state["total"]) if state else (0, _read(ctx, "first.txt"))
-        self.resumed_from = step
-        for s in range(step, ctx.config.eval.num_sequences):
-            if self.crash_second_after is not None and s == self.crash_second_after:
-                self.crash_second_after = None
-                with open(ctx.path("second.txt") + workdir_lib.PARTIAL, "w") as f:
-                    f.write("half")  # a partial output left behind
-                raise Interrupted
-            total += s + 1
-            workdir_lib.write_json(
-                os.path.join(ckpt, "state.json"), {"step": s + 1, "total": total}
-            )
+        start = {"step": np.asarray(0), "total": np.asarray(_read(ctx, "first.txt"))}
+        with TrainCheckpointer(ctx.path("second_ckpt")) as ckpt:  # creates the directory
+            state = ckpt.restore_or(start)
+            step, total = int(state["step"]), int(state["total"])
+            self.resumed_from = step
+            for s in range(step, ctx.config.eval.num_sequences):
+                if self.crash_second_after is not None and s == self.crash_second_after:
+                    self.crash_second_after = None
+                    with open(ctx.path("second.txt") + workdir_lib.PARTIAL, "w") as f:
+                        f.write("half")  # a partial output left behind
+                    raise Interrupted
+                total += s + 1
+                if (s + 1) % CHECKPOINT_EVERY == 0:
+                    ckpt.save(s + 1, {"step": np.asarray(s + 1), "total": np.asarray(total)})
         workdir_lib.write_bytes(ctx.path("second.txt"), str(total).encode())
         return {"value": total}
 
@@ -190,13 +193,27 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
     _, out = _run(s, _config(), wd)
     assert "resume: interrupted; resuming from its checkpoint" in out and s.resumed_from == 20
     assert _values(wd) == _expected()
-    # Changed settings never resume from a checkpoint made under the old ones.
-    s.crash_second_after = 3
+    # Interrupted before its first checkpoint: its (empty) checkpoint directory is there, but
+    # there is nothing to resume from, and the plan says so.
+    s.crash_second_after = CHECKPOINT_EVERY - 1
     with pytest.raises(Interrupted):
-        _run(s, _config(eval__num_sequences=6), wd)
-    _, out = _run(s, _config(eval__num_sequences=7), wd)
-    assert "run: settings changed: eval.num_sequences 6 -> 7" in out
-    assert s.resumed_from == 0 and _values(wd) == _expected(num_sequences=7)
+        _run(s, _config(), wd, rerun=["second"])
+    assert os.path.isdir(os.path.join(wd, "second_ckpt"))
+    _, out = _run(s, _config(), wd, dry_run=True)
+    assert "run: failed last time; restarting" in out and "resume:" not in out
+    records = workdir_lib.read_records(wd)
+    records["second"]["status"] = "running"  # as a kill -9 leaves it
+    workdir_lib.write_records(wd, records)
+    _, out = _run(s, _config(), wd)
+    assert "run: interrupted; restarting" in out and "resume:" not in out
+    assert s.resumed_from == 0 and _values(wd) == _expected()
+    # Changed settings never resume from a checkpoint made under the old ones.
+    s.crash_second_after = CHECKPOINT_EVERY + 2
+    with pytest.raises(Interrupted):
+        _run(s, _config(eval__num_sequences=16), wd)
+    _, out = _run(s, _config(eval__num_sequences=17), wd)
+    assert "run: settings changed: eval.num_sequences 16 -> 17" in out
+    assert s.resumed_from == 0 and _values(wd) == _expected(num_sequences=17)
 
 
 def test_refuses_outputs_without_a_record_and_stale_unlisted_inputs(tmp_path):

@@ -18,10 +18,12 @@ changes. `make_plan` compares each listed stage's fingerprint with the record of
 run (workdir.py) and decides, before any work:
 
     skip     done before with the same fingerprint, and its outputs are there
-    resume   interrupted (or failed) with the same fingerprint, and it has a checkpoint
+    resume   interrupted (or failed) with the same fingerprint, and one of its checkpoint
+             directories holds a finished checkpoint (utils/checkpoint.py `has_checkpoint`)
     run      never run, settings or inputs changed, outputs missing, interrupted or failed
-             without a checkpoint, or asked for by --rerun (which also reruns the listed
-             stages that consume the named ones; "all" names every listed stage)
+             before its first checkpoint was finished, or asked for by --rerun (which also
+             reruns the listed stages that consume the named ones; "all" names every listed
+             stage)
 
 Inputs that are neither listed nor recorded, stages listed before the stages they consume,
 and outputs with no record of the settings that made them are errors, found here.
@@ -50,7 +52,7 @@ class Stage:
     reads: tuple[str, ...]  # config fields or sections its result depends on
     inputs: Callable[[object], tuple[str, ...]]  # stages and SOURCES it consumes
     outputs: tuple[str, ...] = ()  # workdir-relative paths it writes (removed before a run)
-    checkpoints: tuple[str, ...] = ()  # workdir-relative checkpoint dirs it resumes from
+    checkpoints: tuple[str, ...] = ()  # workdir-relative orbax checkpoint dirs it resumes from
     ignores: tuple[str, ...] = ()  # fields inside `reads` that change only speed or memory
     not_needed: Callable[[object], str] = lambda config: ""  # why it has nothing to do, or ""
     # check(config, teacher architecture) of the sections it reads (validate.py);
@@ -109,6 +111,14 @@ def _describe_change(old: Mapping, new: Mapping, limit: int = 3) -> str:
 
 def _missing_outputs(stage: Stage, workdir: str) -> list[str]:
     return [p for p in stage.outputs if not os.path.exists(os.path.join(workdir, p))]
+
+
+def _has_checkpoint(stage: Stage, workdir: str) -> bool:
+    """Whether a checkpoint directory of `stage` holds a finished checkpoint to resume from
+    (the directory alone exists as soon as the stage starts)."""
+    from taylorcal_jax.utils.checkpoint import has_checkpoint  # noqa: PLC0415 (jax, orbax)
+
+    return any(has_checkpoint(os.path.join(workdir, p)) for p in stage.checkpoints)
 
 
 def make_plan(
@@ -227,7 +237,7 @@ def make_plan(
                 action, reason = "skip", "done, settings unchanged"
         else:
             why = "failed last time" if rec.get("status") == "failed" else "interrupted"
-            if any(os.path.exists(os.path.join(workdir, p)) for p in stage.checkpoints):
+            if _has_checkpoint(stage, workdir):
                 action, reason = "resume", f"{why}; resuming from its checkpoint"
             else:
                 reason = f"{why}; restarting"

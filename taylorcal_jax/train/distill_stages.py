@@ -12,14 +12,16 @@ tokens of split `distill.split`, batch s a pure function of (distill.seed, s): e
 sees the same data in the same order. Token figures (`train_tokens`, `eval_every_tokens`,
 `checkpoint_every_tokens`) become steps rounded up. The loop's orbax checkpoints (params,
 optimiser state, data position, RNG) live in <workdir>/<stage>_train/checkpoints, so a
-rerun after a crash resumes and ends bit-for-bit where an uninterrupted run ends (CPU).
+rerun after a crash resumes and ends bit-for-bit where an uninterrupted run ends (CPU);
+they are removed once the stage's student is written.
 
 metrics.jsonl rows of a stage (with `tokens` = steps x batch_size x seq_len seen so far):
 every `distill.log_every` steps and at the end {step, tokens, loss, grad_norm,
 train_seconds}; at tokens 0 (a fresh run), every `eval_every_tokens` and at the end
 {step, tokens, eval_ppl, eval_nll} of the student (float32) on the eval set (section
 `eval`). With `distill.save_students` every evaluation also writes the student to
-<workdir>/<stage>_train/students/tokens_<tokens, 12 digits>.
+<workdir>/<stage>_train/students/tokens_<tokens, 12 digits> (those of an earlier run are
+removed when the stage starts afresh, kept when it resumes).
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
 from taylorcal_jax.data import packing, split
 from taylorcal_jax.eval import perplexity as ppl_lib
 from taylorcal_jax.run import validate as check
+from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.plan import Stage
 from taylorcal_jax.train import distill as kl_lib
 from taylorcal_jax.train import distill_layers as layers_lib
 from taylorcal_jax.train import layerwise, loop, student_dirs
 from taylorcal_jax.train.stages import DTYPES, check_eval, device_description
 from taylorcal_jax.utils import sharding
-from taylorcal_jax.utils.checkpoint import TrainCheckpointer
+from taylorcal_jax.utils.checkpoint import has_checkpoint
 
 STAGE_LAYERS = "distill_layers"
 STAGE_KL = "distill"
@@ -53,6 +56,11 @@ SECTIONS = {STAGE_LAYERS: "layers", STAGE_KL: "kl"}
 def train_dir(stage: str) -> str:
     """Workdir-relative directory of a stage's checkpoints and saved students."""
     return f"{stage}_train"
+
+
+def checkpoint_dir(stage: str) -> str:
+    """Workdir-relative directory of a stage's orbax checkpoints."""
+    return os.path.join(train_dir(stage), "checkpoints")
 
 
 # ---------------------------------------------------------------------------- budget
@@ -194,11 +202,10 @@ def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_
             path = os.path.join(students, f"tokens_{step * tps:012d}")  # sorts by tokens
             pipeline.save_student_dir(path, sc, student_of(evaluated.pop("params")))
 
-    ckpt_dir = ctx.path(train_dir(stage), "checkpoints")
+    ckpt_dir = ctx.path(checkpoint_dir(stage))
     first = {}
-    with TrainCheckpointer(ckpt_dir) as ckpt:
-        fresh = ckpt.latest_step() is None
-    if fresh:
+    if not has_checkpoint(ckpt_dir):
+        workdir_lib.remove(students)  # saved by an earlier run, which this one does not continue
         first = evaluate(params)
         evaluated["params"] = params
         log_fn(0, first)
@@ -226,6 +233,14 @@ def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_
     evaluated["params"] = result.state.params
     log_fn(budget.steps, last)
     return result, first, last
+
+
+def _write_student(ctx, stage: str, sc, params) -> str:
+    """Writes the stage's student, then removes its checkpoints, which it supersedes (they
+    hold the params and the optimiser state, twice as much again); returns its path."""
+    path = _student_output(ctx, stage, sc, params)
+    workdir_lib.remove(ctx.path(checkpoint_dir(stage)))
+    return path
 
 
 def _summary(budget: Budget, result, first: dict, last: dict, path: str) -> dict:
@@ -297,7 +312,7 @@ def distill_layers_stage(ctx) -> dict:
         student_of=student_of,
         sc=sc,
     )
-    path = _student_output(ctx, STAGE_LAYERS, sc, student_of(result.state.params))
+    path = _write_student(ctx, STAGE_LAYERS, sc, student_of(result.state.params))
     out = _summary(budget, result, first, last, path)
     out["converted_layers"] = len(layers)
     ctx.metrics.write(STAGE_LAYERS, **out)
@@ -337,7 +352,7 @@ def distill_stage(ctx) -> dict:
         student_of=lambda params: params,
         sc=sc,
     )
-    path = _student_output(ctx, STAGE_KL, sc, result.state.params)
+    path = _write_student(ctx, STAGE_KL, sc, result.state.params)
     out = _summary(budget, result, first, last, path)
     ctx.metrics.write(STAGE_KL, **out)
     return out
@@ -356,7 +371,7 @@ def _stage(name: str, run, summary: str, check_section, device_check) -> Stage:
         ),
         inputs=lambda config: ("teacher", "corpus", student_dirs.source_stage(config, name)),
         outputs=(student_dirs.STUDENT_DIRS[name],),
-        checkpoints=(train_dir(name),),
+        checkpoints=(checkpoint_dir(name),),
         checks=(pipeline.check_calibration, check_eval, check_section),
         device_checks=(pipeline.check_gdn_backend, device_check),
     )

@@ -6,6 +6,11 @@ itself when nothing was saved; `save(step, tree)` saves it as step `step` (once 
 The caller (train/loop.py) decides when. `close()` waits for pending writes. Model weights
 for sharing are written separately in HF format (models/hf_io.py).
 
+`has_checkpoint(dir)` says, without opening a manager (which creates the directory), whether
+`restore_or` would restore something: a finished step. Orbax writes a step under a temporary
+name and renames it when complete, so a process killed during its first save leaves a
+directory with no finished step, and a run that starts from scratch.
+
 Several processes: every process calls `restore_or`, `save` and `close` with its part of the
 same global arrays (the loop runs on all of them); orbax writes each process's shards and, from
 process 0 only (its default primary host), the directory and metadata. No file is written
@@ -26,6 +31,11 @@ from taylorcal_jax.errors import UserError
 class CheckpointMismatch(UserError):
     """A checkpoint directory holds another state than the run's (other shapes, leaves or
     mesh padding): one line for the user, no traceback."""
+
+
+def has_checkpoint(directory: str) -> bool:
+    """Whether `directory` holds a finished checkpoint (False when it does not exist)."""
+    return bool(ocp.utils.checkpoint_steps(os.path.abspath(directory)))
 
 
 class TrainCheckpointer:
