@@ -206,10 +206,11 @@ def union_params(teacher_params, mixers_by_layer, name: str):
 def _candidate_fn(config, mixer: StudentMixer, mesh):
     """jit(vmap over keep masks [C, L]) of (nll sums [C], token counts [C]) of the one model;
     with a mesh, data parallel over all its devices like `perplexity` (rows split, params
-    placed by `sharding.param_spec` and gathered inside, sums added with psum)."""
+    placed by `sharding.param_spec` and gathered one layer at a time inside, sums added with
+    psum)."""
     model = Transformer(config, student_mixer=mixer)
 
-    def fn(params, masks_cl, tokens_bt, valid_bt):
+    def fn(model, params, masks_cl, tokens_bt, valid_bt):
         def one(keep_l):
             logits, _, _ = model.apply(
                 {"params": params}, tokens_bt, valid_bt=valid_bt, keep_l=keep_l
@@ -219,15 +220,16 @@ def _candidate_fn(config, mixer: StudentMixer, mesh):
         return jax.vmap(one)(masks_cl)
 
     if mesh is None:
-        return jax.jit(fn)
+        return jax.jit(functools.partial(fn, model))
     axes = tuple(mesh.axis_names)
     rows = sharding.batch_spec(mesh)
 
     def sharded(params, masks_cl, tokens_bt, valid_bt):
         specs = sharding.param_specs(params, mesh)
+        sharded_model = model.clone(param_layout=sharding.ParamLayout.of(specs))
 
         def per_device(params, masks_cl, tokens_bt, valid_bt):
-            sums, counts = fn(sharding.gather_params(params, specs), masks_cl, tokens_bt, valid_bt)
+            sums, counts = fn(sharded_model, params, masks_cl, tokens_bt, valid_bt)
             return jax.lax.psum(sums, axes), jax.lax.psum(counts, axes)
 
         return jax.shard_map(

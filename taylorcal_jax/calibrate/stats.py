@@ -204,18 +204,26 @@ class TeacherStats:
 TEACHER_PASSES = ("blockwise", "model")
 
 
-def _per_sequence_fn(model, config, layers, block_size, keep_activations, teacher_pass):
+def _per_sequence_fn(model, config, layers, block_size, keep_activations, teacher_pass, layout):
     """fn(params, tokens_t, valid_t) -> per-layer sums (and activations) of one sequence.
 
     teacher_pass "blockwise": the teacher's blocks are run here with the attention context
     from the blockwise pass (memory O(T); layers after the last requested one are skipped);
     "model": the `Transformer` with return_intermediates (dense T x T attention inside).
+    layout: None (params whole), or a `sharding.ParamLayout` (inside shard_map, params in
+    shards): each module's params are gathered just before it runs, never the whole tree.
     """
     from taylorcal_jax.models.layers import MLP, RMSNorm, attention_qkv
-    from taylorcal_jax.models.paths import ATTENTION, ATTENTION_KEY, layer_key, layer_mixer
+    from taylorcal_jax.models.paths import ATTENTION_KEY, layer_key
 
     scale = config.head_dim**-0.5
     last = max(layers)
+    model = model.clone(param_layout=layout)
+
+    def whole(params, *path, after):
+        """The params at `path`, gathered whole (after `after`) when they come in shards."""
+        sub = functools.reduce(lambda tree, key: tree[key], path, params)
+        return sub if layout is None else layout.gather(path, sub, after=after)
 
     def layer_stats(out, layer, q, k, valid_t, v=None):
         res = attention_stats_sequence(
@@ -247,9 +255,8 @@ def _per_sequence_fn(model, config, layers, block_size, keep_activations, teache
             for layer in layers:
                 li = inter[layer_key(layer)]
                 x_btd = li["attn_in"]
-                q, k, _ = attention_qkv(
-                    layer_mixer(params, layer, ATTENTION), config, x_btd, positions_bt
-                )
+                attn = whole(params, layer_key(layer), ATTENTION_KEY, after=x_btd)
+                q, k, _ = attention_qkv(attn, config, x_btd, positions_bt)
                 layer_stats(out, layer, q[0], k[0], valid_t)
                 if keep_activations:
                     out["x"].append(x_btd[0])
@@ -257,10 +264,11 @@ def _per_sequence_fn(model, config, layers, block_size, keep_activations, teache
                     out["y"].append(li["attn_out"][0])
         else:
             norm = RMSNorm(config.rms_norm_eps)
-            h = jnp.take(params["embed_tokens"]["embedding"], tokens_bt, axis=0)
+            table = whole(params, "embed_tokens", after=tokens_bt)["embedding"]
+            h = jnp.take(table, tokens_bt, axis=0)
             h = h.astype(jnp.float32)
             for layer in range(last + 1):
-                lp = params[layer_key(layer)]
+                lp = whole(params, layer_key(layer), after=h)
                 x_btd = norm.apply({"params": lp["input_layernorm"]}, h)
                 q, k, v = attention_qkv(lp[ATTENTION_KEY], config, x_btd, positions_bt)
                 if layer in layers:
@@ -322,8 +330,9 @@ def collect(
         "model" (the Transformer's own dense attention; for cross-checking).
       mesh: split the sequences over every device of this mesh (data parallel, `shard_map`:
         each device runs its own sequences; N must be a multiple of the mesh size). Params
-        are placed by `sharding.param_spec` (split over a "fsdp" axis, if any) and gathered
-        whole inside each device's program. With several processes, every process gets all
+        are placed by `sharding.param_spec` (split over a "fsdp" axis, if any) and each
+        device's program gathers them one layer at a time, for every group of
+        `sequences_per_batch` sequences. With several processes, every process gets all
         rows of the results (`hosts.gather_rows`).
     """
     tokens_nt = jnp.asarray(tokens_nt)
@@ -377,11 +386,10 @@ def collect(
 
 @functools.lru_cache(maxsize=16)
 def _collect_jit(model, config, layers, block_size, keep_activations, group, teacher_pass, mesh):
-    per_sequence = _per_sequence_fn(
-        model, config, layers, block_size, keep_activations, teacher_pass
-    )
-
-    def run(params, tokens_nt, valid_nt):
+    def run(params, tokens_nt, valid_nt, layout=None):
+        per_sequence = _per_sequence_fn(
+            model, config, layers, block_size, keep_activations, teacher_pass, layout
+        )
         fn = functools.partial(per_sequence, params)
         return jax.lax.map(lambda a: fn(*a), (tokens_nt, valid_nt), batch_size=group)
 
@@ -392,7 +400,8 @@ def _collect_jit(model, config, layers, block_size, keep_activations, group, tea
     def sharded(params, tokens_nt, valid_nt):
         # Every output has the sequence axis first, so each device's results are its own rows.
         specs = sharding.param_specs(params, mesh)
-        per_device = lambda p, tok, val: run(sharding.gather_params(p, specs), tok, val)  # noqa: E731
+        layout = sharding.ParamLayout.of(specs)
+        per_device = functools.partial(run, layout=layout)
         return jax.shard_map(
             per_device, mesh=mesh, in_specs=(specs, rows, rows), out_specs=rows, check_vma=False
         )(params, tokens_nt, valid_nt)

@@ -13,8 +13,8 @@ in float64 on the host. With a `mesh`, evaluation is data parallel: B is rounded
 multiple of the mesh's devices, each device scores its rows (`shard_map`, which keeps custom
 kernels out of the SPMD partitioner) and the per-device sums are added with `psum`; the
 result equals the single-device one up to float32 summation order. Params are placed by
-`sharding.param_spec` (split over a "fsdp" axis, if any) and gathered whole inside each
-device's program.
+`sharding.param_spec` (split over a "fsdp" axis, if any) and each device's program gathers
+them one layer at a time (`Transformer.param_layout`).
 
 Unigram baseline: p(v) = (c_v + 1) / (C + V) from train-split token counts (add-one
 smoothing), scored on the same predicted tokens (x_2..x_T of each sequence).
@@ -44,20 +44,21 @@ def token_nll_sum(logits_btv, tokens_bt, valid_bt):
 
 @functools.lru_cache(maxsize=16)
 def _batch_fn(model, mesh):
-    def fn(params, tokens_bt, valid_bt):
+    def fn(model, params, tokens_bt, valid_bt):
         logits, _, _ = model.apply({"params": params}, tokens_bt, valid_bt=valid_bt)
         return token_nll_sum(logits, tokens_bt, valid_bt)
 
     if mesh is None:
-        return jax.jit(fn)
+        return jax.jit(functools.partial(fn, model))
     axes = tuple(mesh.axis_names)
     rows = sharding.batch_spec(mesh)
 
     def sharded(params, tokens_bt, valid_bt):
         specs = sharding.param_specs(params, mesh)
+        sharded_model = model.clone(param_layout=sharding.ParamLayout.of(specs))
 
         def per_device(params, tokens_bt, valid_bt):
-            total, count = fn(sharding.gather_params(params, specs), tokens_bt, valid_bt)
+            total, count = fn(sharded_model, params, tokens_bt, valid_bt)
             return jax.lax.psum(total, axes), jax.lax.psum(count, axes)
 
         return jax.shard_map(

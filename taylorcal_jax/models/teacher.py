@@ -14,6 +14,11 @@ offset by the tokens already in the cache when decoding.
 Cache (from `init_cache`): {layer_key(i): per-layer mixer cache, "next_position": [B] int32}.
 Prefill with T tokens, then call again with one token at a time; logits equal the full forward.
 Logits are returned in float32.
+
+Sharded params (`param_layout`, a `sharding.ParamLayout`; applying only, inside `shard_map`):
+each device passes its shards of the params, and every top-level module (embedding, each
+block, final norm, LM head) all-gathers its own params just before it runs, once its input is
+computed. So a device holds one module's whole params at a time, never the whole model.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from taylorcal_jax.models.layers import (
 )
 from taylorcal_jax.models.mixers import MIXERS, StudentMixer
 from taylorcal_jax.models.paths import ATTENTION, layer_key
+from taylorcal_jax.utils import sharding
 
 
 def resolve_mixers(
@@ -65,7 +71,8 @@ def resolve_mixers(
 class Transformer(nn.Module):
     """The model (module docstring). `mixers`: per-layer "attention" or the name of
     `student_mixer` (None: the teacher, all attention). `attention_runtime`: how the softmax
-    attention layers compute (layers.AttentionRuntime; never saved)."""
+    attention layers compute (layers.AttentionRuntime; never saved). `param_layout`: the params
+    come in shards laid out so, gathered one module at a time (module docstring); None: whole."""
 
     config: ModelConfig
     mixers: tuple[str, ...] | None = None
@@ -73,6 +80,19 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False  # recompute each block in the backward pass (saves activation memory)
     attention_runtime: AttentionRuntime = AttentionRuntime()
+    param_layout: sharding.ParamLayout | None = None
+
+    def _whole_params(self, module_cls, name: str, after):
+        """`module_cls`, or with a `param_layout`: `module_cls` whose params (at `name`) are
+        all-gathered whole each time it runs, once `after` (its input) is computed."""
+        if self.param_layout is None:
+            return module_cls
+        layout = self.param_layout
+
+        def gather(variables):
+            return {"params": layout.gather((name,), variables["params"], after=after)}
+
+        return nn.map_variables(module_cls, "params", trans_in_fn=gather)
 
     @nn.compact
     def __call__(
@@ -99,6 +119,8 @@ class Transformer(nn.Module):
         """
         c = self.config
         mixers = resolve_mixers(c, self.mixers, self.student_mixer)
+        if self.param_layout is not None and self.is_initializing():
+            raise ValueError("param_layout applies sharded params; init the model without it")
         if keep_l is not None:
             if self.student_mixer is None or self.mixers is not None:
                 raise ValueError(
@@ -118,14 +140,18 @@ class Transformer(nn.Module):
         if positions_bt is None:
             counts = jnp.cumsum(valid_bt.astype(jnp.int32), axis=1)
             positions_bt = jnp.maximum(offset[:, None] + counts - 1, 0)
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")
+        embed = self._whole_params(nn.Embed, "embed_tokens", tokens_bt)(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens"
+        )
         h = embed(tokens_bt)
         new_cache = None if cache is None else {}
         inters = {}
-        # argnums count self: (h, positions, valid, cache, return_intermediates, keep) are 1..6
-        layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
         for i, mixer in enumerate(mixers):
             name = layer_key(i)
+            layer_cls = self._whole_params(DecoderLayer, name, h)
+            if self.remat:  # around the gather: the backward pass gathers the params again
+                # argnums count self: (h, positions, valid, cache, return_intermediates, keep)
+                layer_cls = nn.remat(layer_cls, static_argnums=(5,))
             layer = layer_cls(
                 c, i, mixer, self.student_mixer, self.dtype, self.attention_runtime, name=name
             )
@@ -140,11 +166,18 @@ class Transformer(nn.Module):
                 inters[name] = inter
         if last_logits_only:
             h = h[:, -1:]
-        h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
-        if c.tie_word_embeddings:
+        h = self._whole_params(RMSNorm, "norm", h)(c.rms_norm_eps, self.dtype, name="norm")(h)
+        if not c.tie_word_embeddings:
+            head = self._whole_params(nn.Dense, "lm_head", h)
+            logits = head(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(h)
+        elif self.param_layout is None:
             logits = embed.attend(h)
-        else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(h)
+        else:  # the table gathered again, after h: not kept whole through every layer
+            table = self.param_layout.gather(
+                ("embed_tokens",), self.variables["params"]["embed_tokens"], after=h
+            )
+            head = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, parent=None)
+            logits = head.apply({"params": table}, h, method="attend")
         if cache is not None:
             new_cache["next_position"] = offset + valid_bt.sum(axis=1).astype(jnp.int32)
         return logits.astype(jnp.float32), new_cache, inters

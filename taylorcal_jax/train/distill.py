@@ -24,8 +24,10 @@ loss runs under `shard_map` (each device its rows, which keeps custom kernels ou
 partitioner; the per-device KL sums and counts are added after it). Params, optimiser state
 and the teacher's params are stored by the task's `param_spec`: the stage passes
 utils/sharding.param_spec, which splits each leaf over the mesh's "fsdp" axis (FSDP) and
-replicates it without one. Inside the shard_map each device all-gathers the leaves whole for
-its forward pass; the transpose of that gather reduce-scatters the gradients back to shards.
+replicates it without one. Inside the shard_map both models gather their params one layer at
+a time (`Transformer.param_layout`; the LM heads just before the KL), so a device never holds
+either model whole; the transpose of each gather reduce-scatters that layer's gradients back
+to shards, and with remat the backward pass gathers each layer again rather than keeping it.
 """
 
 from __future__ import annotations
@@ -101,8 +103,12 @@ def kl_loss(student, teacher, params, teacher_params, tokens_bt, *, chunk: int):
     """(KL sum over the positions of `tokens_bt`, their number) of student vs teacher."""
     h_t = jax.lax.stop_gradient(final_hidden(teacher, teacher_params, tokens_bt))
     h_s = final_hidden(student, params, tokens_bt)
-    w_t = jax.lax.stop_gradient(kl.head_matrix(teacher_params, teacher.config))
-    w_s = kl.head_matrix(params, student.config)
+    # With params in shards, both heads are gathered once both models have run (the KL needs
+    # them together): neither is alive through the other model's forward pass.
+    hidden = (h_t, h_s)
+    w_t = kl.head_matrix(teacher_params, teacher.config, layout=teacher.param_layout, after=hidden)
+    w_t = jax.lax.stop_gradient(w_t)
+    w_s = kl.head_matrix(params, student.config, layout=student.param_layout, after=hidden)
     valid_bt = jnp.ones(tokens_bt.shape, bool)
     return kl.kl_sum(h_t, w_t, h_s, w_s, valid_bt, chunk=chunk)
 
@@ -119,21 +125,24 @@ def make_task(
     """The loop task of stage 2 (module docstring). `student`, `teacher`: Transformer modules
     (dtype and remat as trained); `param_spec` places params, optimiser state and the
     teacher's params (e.g. sharded over an FSDP axis)."""
-    local = functools.partial(kl_loss, student, teacher, chunk=cfg.chunk_size)
-    sums = local
+    sums = functools.partial(kl_loss, student, teacher, chunk=cfg.chunk_size)
     if mesh.size > 1:
         batch = sharding.batch_spec(mesh)
 
         def sums(params, teacher_params, tokens_bt):
-            # Each device scores its rows with whole params: the leaves come in with their
-            # `param_spec` shards and are gathered inside (the gradient of the gather is a
+            # Each device scores its rows: the leaves come in with their `param_spec` shards and
+            # each model gathers them one layer at a time (the gradient of a gather is a
             # reduce-scatter, so gradients and optimiser state stay sharded).
             specs = jax.tree.map(param_spec, params)
             teacher_specs = jax.tree.map(param_spec, teacher_params)
+            local = functools.partial(
+                kl_loss,
+                student.clone(param_layout=sharding.ParamLayout.of(specs)),
+                teacher.clone(param_layout=sharding.ParamLayout.of(teacher_specs)),
+                chunk=cfg.chunk_size,
+            )
 
             def per_device(p, tp, tok):
-                p = sharding.gather_params(p, specs)
-                tp = sharding.gather_params(tp, teacher_specs)
                 total, count = local(p, tp, tok)
                 return total[None], count[None]
 

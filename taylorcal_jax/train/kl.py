@@ -59,8 +59,11 @@ def kl_sum(h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt, *, chunk: int):
     return jnp.sum(sums), jnp.sum(valid_bt.astype(jnp.float32))
 
 
-def head_matrix(params, config):
-    """The LM head [D, V] of a Transformer's params: the embedding transposed when tied."""
-    if config.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+def head_matrix(params, config, *, layout=None, after=None):
+    """The LM head [D, V] of a Transformer's params: the embedding transposed when tied.
+
+    layout: None, or the `sharding.ParamLayout` of `params` when they are one device's shards
+    inside shard_map; the head's are then gathered whole, after the arrays `after`."""
+    name = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+    head = params[name] if layout is None else layout.gather((name,), params[name], after=after)
+    return head["embedding"].T if config.tie_word_embeddings else head["kernel"]

@@ -15,14 +15,29 @@ rule reads shapes only, so one function places params, Adam moments and any extr
 "data" replicates: it is the axis that may cross slow links (between hosts), where gathering
 weights every step would cost most. Training batches split over ("data", "fsdp")
 (`train_batch_spec`), so every fsdp shard also works on its own rows; the SPMD partitioner
-inserts the weight all-gathers and gradient reduce-scatters. Forward passes under
-`shard_map` (statistics, evaluation, scoring) take the params with their fsdp specs and
-`gather_params` them inside each device's program: they are stored sharded and gathered
-whole for the duration of one forward pass.
+inserts the weight all-gathers and gradient reduce-scatters.
+
+Forward passes under `shard_map` (statistics, evaluation, scoring, and the student and teacher
+of distillation stage 2) take the params with their fsdp specs and gather them one module at a
+time inside each device's program (`ParamLayout`, held by `Transformer.param_layout`): the
+embedding, each decoder layer, the final norm and the LM head are all-gathered just before
+they run, so a device holds its shards plus one module's whole params (and the activations),
+never the whole model:
+
+    peak params per device ~ |params| / fsdp + max(|layer l|, |embedding|, |LM head|)
+
+Each gather waits for its layer's input through an optimisation barrier (`gather_params`'s
+`after`); without one the compiler is free to start every gather at the top of the program.
+The gradient of a gather is a reduce-scatter, so under `jax.grad` each layer's gradient comes
+back to shards as its backward pass ends. With remat (`Transformer.remat`) the backward pass
+gathers each layer again; without it, autodiff keeps every gathered layer for the backward
+pass. The price is communication: every forward pass (every batch, every group of sequences)
+gathers the whole model again, one layer at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -133,9 +148,18 @@ def place_params(tree, mesh: Mesh):
     return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), tree)
 
 
-def gather_params(tree, specs):
+def gather_params(tree, specs, *, after=None):
     """Inside `shard_map` with in_specs `specs` for `tree`: every leaf whole again (an
-    all-gather over each mesh axis its spec names, tiled along that array axis)."""
+    all-gather over each mesh axis its spec names, tiled along that array axis).
+
+    after: arrays the gathers must wait for, e.g. the input of the layer these params serve.
+    An optimisation barrier joins them to the shards. XLA's GPU compiler removes barriers only
+    after scheduling, so the gathers cannot be scheduled above it, at the top of the program,
+    where every layer's whole params would be alive at once. (Its CPU compiler removes them
+    before scheduling and starts every gather first.)"""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    if after is not None and any(any(s) for s in jax.tree.leaves(specs, is_leaf=is_spec)):
+        _, tree = jax.lax.optimization_barrier((after, tree))
 
     def gather(x, spec):
         for dim, names in enumerate(spec):
@@ -143,7 +167,38 @@ def gather_params(tree, specs):
                 x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
         return x
 
-    return jax.tree.map(gather, tree, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(gather, tree, specs, is_leaf=is_spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """How a param tree (nested dicts) comes into each device's program under `shard_map`:
+    the in_spec of every leaf, by its path of keys. Hashable, so a module holds it as a static
+    field and gathers its params one submodule at a time (`gather`)."""
+
+    specs: tuple[tuple[tuple[str, ...], PartitionSpec], ...]
+
+    @classmethod
+    def of(cls, specs_tree) -> ParamLayout:
+        """The layout of a tree of PartitionSpecs (e.g. `param_specs(params, mesh)`)."""
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            specs_tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
+        )
+        return cls(tuple((_path_keys(path), spec) for path, spec in flat))
+
+    def gather(self, prefix: Sequence[str], tree, *, after=None):
+        """`gather_params(tree, ..., after=after)` of `tree`, the params at path `prefix`
+        (a device's shards of them)."""
+        by_path = dict(self.specs)
+        prefix = tuple(prefix)
+        specs = jax.tree_util.tree_map_with_path(
+            lambda path, _: by_path[prefix + _path_keys(path)], tree
+        )
+        return gather_params(tree, specs, after=after)
+
+
+def _path_keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path)
 
 
 def train_batch_spec(mesh: Mesh) -> PartitionSpec:
