@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from taylorcal_jax.ops.decode_attention.reference import NEG, attend_one_query
+from taylorcal_jax.ops.pallas_dot import mm
 
 F32 = jnp.float32
 _MIN_DOT = 16  # least size of a Triton dot dimension
@@ -84,18 +85,6 @@ def unsupported_reason(q_b1hd, k_bshd) -> str | None:
     return None
 
 
-def _dot(a, b, ca, cb, dt):
-    """a . b contracting a's dim ca with b's dim cb; operands in dt, fp32 result (fp32 operands
-    at HIGHEST precision)."""
-    return lax.dot_general(
-        a.astype(dt),
-        b.astype(dt),
-        (((ca,), (cb,)), ((), ())),
-        precision=lax.Precision.HIGHEST if dt == F32 else None,
-        preferred_element_type=F32,
-    )
-
-
 def _load_rows(ref, rows, ok):
     """ref[rows] with the rows outside the cache (ok False) read as 0 and never touched."""
     block = ref.at[rows]
@@ -119,12 +108,12 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_sp
         k = _load_rows(k_ref, rows, ok)  # [BS, d]
         v = _load_rows(v_ref, rows, ok)
         valid = (_load_rows(mask_ref, rows, ok) != 0) & ok  # [BS]
-        x = _dot(q, k, 1, 1, dt) * (d**-0.5)  # [Gp, BS]
+        x = mm(q, k, 1, 1, dt) * (d**-0.5)  # [Gp, BS]
         x = jnp.where(valid[None, :], x, NEG)
         m_new = jnp.maximum(m, jnp.max(x, axis=1))
         p = jnp.where(ok[None, :], jnp.exp(x - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * a + _dot(p, v, 1, 0, dt)
+        return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * a + mm(p, v, 1, 0, dt)
 
     init = (jnp.full((gp,), NEG, F32), jnp.zeros((gp,), F32), jnp.zeros((gp, d), F32))
     m, l, a = lax.fori_loop(0, per_split, step, init)

@@ -45,10 +45,10 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     gamma,
     iota,
     launch,
-    mm,
     rnorm,
 )
 from taylorcal_jax.ops.gdn.reference import l2_normalize
+from taylorcal_jax.ops.pallas_dot import mm
 
 # ----------------------------------------------------------------------------- float32 path
 

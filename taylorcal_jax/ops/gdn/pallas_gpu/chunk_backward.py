@@ -48,8 +48,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, gamma, iota, last, launch, mm
+from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, gamma, iota, last, launch
 from taylorcal_jax.ops.gdn.reference import L2_EPS
+from taylorcal_jax.ops.pallas_dot import mm
 
 
 def _load_normalised(ref, st):

@@ -1,12 +1,11 @@
-"""Helpers shared by the Pallas gated-delta-rule kernels: options, dots, masks, loops, launch.
+"""Helpers shared by the Pallas gated-delta-rule kernels: options, masks, loops, launch.
 
 Letters: T time (Tp padded to a multiple of C), K key dim, V value dim, C chunk length,
 BV value block.
 
 Within a chunk, G = cumsum g and Gamma_ij = exp(G_i - G_j) is formed only where i >= j (masked
-before the exp: exp(G_i - G_j) with i < j can overflow). Dots take their operands in the operand
-dtype dt (bf16 for bf16 inputs, else fp32) and accumulate in fp32; fp32 operands run at HIGHEST
-precision unless a caller asks for another.
+before the exp: exp(G_i - G_j) with i < j can overflow). The kernels' dots are
+taylorcal_jax.ops.pallas_dot.mm.
 """
 
 from __future__ import annotations
@@ -42,19 +41,6 @@ def rnorm(x, use_l2=True):
         return jnp.ones(x.shape[:1], F32)
     xf = x.astype(F32)
     return lax.rsqrt(jnp.sum(xf * xf, axis=-1) + L2_EPS)
-
-
-def mm(a, b, ca, cb, dt, f32_precision=lax.Precision.HIGHEST):
-    """Dot contracting a's dim ca with b's dim cb; operands cast to dt, fp32 result. fp32
-    operands at f32_precision, 16-bit operands at the hardware's own."""
-    a, b = a.astype(dt), b.astype(dt)
-    return lax.dot_general(
-        a,
-        b,
-        (((ca,), (cb,)), ((), ())),
-        precision=f32_precision if dt == F32 else None,
-        preferred_element_type=F32,
-    )
 
 
 def iota(shape, dim):

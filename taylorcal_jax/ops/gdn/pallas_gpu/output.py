@@ -35,12 +35,12 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     gamma,
     iota,
     launch,
-    mm,
     rnorm,
     start_state,
     with_s0,
 )
 from taylorcal_jax.ops.gdn.reference import l2_normalize
+from taylorcal_jax.ops.pallas_dot import mm
 
 
 def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt):

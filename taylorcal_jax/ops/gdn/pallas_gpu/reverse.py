@@ -39,9 +39,9 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     chunk_loop,
     chunk_rows,
     launch,
-    mm,
     seq_launch,
 )
+from taylorcal_jax.ops.pallas_dot import mm
 
 # ----------------------------------------------------------------------------- float32 path
 

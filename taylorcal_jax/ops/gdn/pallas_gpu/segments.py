@@ -42,11 +42,11 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     chunk_end_decay,
     iota,
     launch,
-    mm,
     seq_launch,
 )
 from taylorcal_jax.ops.gdn.pallas_gpu.reverse import dh_call, dh_kernel
 from taylorcal_jax.ops.gdn.pallas_gpu.states import states_call, states_kernel
+from taylorcal_jax.ops.pallas_dot import mm
 
 
 def num_segments(target_programs: int, programs: int, nt: int) -> int:

@@ -29,12 +29,12 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     chunk_end,
     chunk_loop,
     chunk_rows,
-    mm,
     rnorm,
     seq_launch,
     start_state,
     with_s0,
 )
+from taylorcal_jax.ops.pallas_dot import mm
 
 
 def states_kernel(

@@ -1,12 +1,11 @@
-"""Helpers shared by the TPU gated-delta-rule kernels: options, dots, masks, the [C, C] inverse.
+"""Helpers shared by the TPU gated-delta-rule kernels: options, masks, the [C, C] inverse.
 
 Letters: K key dim, V value dim, C chunk length, BV value block.
 
 Within a chunk, G = cumsum g (formed in XLA: cumsum does not lower in Mosaic) and
 Gamma_ij = exp(G_i - G_j) is formed only where i >= j (masked before the exp: exp(G_i - G_j)
-with i < j can overflow). Dots take their operands in the operand dtype dt (bf16 for bf16
-inputs, else fp32) and accumulate in fp32 on the MXU; fp32 operands run at HIGHEST precision
-(bf16 x 6 passes on the MXU: exact fp32), 16-bit ones at the MXU's own.
+with i < j can overflow). The kernels' dots are taylorcal_jax.ops.pallas_dot.mm (fp32
+accumulation on the MXU; fp32 operands at HIGHEST precision, 16-bit ones at the MXU's own).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 from taylorcal_jax.ops.gdn.pallas_tpu.config import INVERSE_BLOCK, TPUConfig
+from taylorcal_jax.ops.pallas_dot import mm
 
 F32 = jnp.float32
 
@@ -32,18 +32,6 @@ class Static:
     interpret: bool
     cfg: TPUConfig
     residuals: str  # config.RESIDUALS: what the forward under differentiation keeps
-
-
-def mm(a, b, ca, cb, dt):
-    """Dot contracting a's dim ca with b's dim cb (2-D operands): operands cast to dt, fp32
-    result; fp32 operands at HIGHEST precision, 16-bit ones at the MXU's."""
-    return lax.dot_general(
-        a.astype(dt),
-        b.astype(dt),
-        (((ca,), (cb,)), ((), ())),
-        precision=lax.Precision.HIGHEST if dt == F32 else None,
-        preferred_element_type=F32,
-    )
 
 
 def iota(shape, dim):

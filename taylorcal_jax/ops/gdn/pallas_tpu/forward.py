@@ -34,11 +34,11 @@ from taylorcal_jax.ops.gdn.pallas_tpu.common import (
     column,
     iota,
     last_row,
-    mm,
     pallas_options,
     unit_lower_inverse,
 )
 from taylorcal_jax.ops.gdn.reference import l2_normalize
+from taylorcal_jax.ops.pallas_dot import mm
 
 
 def _kernel(*refs, st: Static, dt, has_s0: bool, with_states: bool):

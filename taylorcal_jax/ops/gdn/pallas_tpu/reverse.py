@@ -34,9 +34,9 @@ from taylorcal_jax.ops.gdn.pallas_tpu.common import (
     Static,
     column,
     last_row,
-    mm,
     pallas_options,
 )
+from taylorcal_jax.ops.pallas_dot import mm
 
 
 def _kernel(
