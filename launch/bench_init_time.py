@@ -152,13 +152,7 @@ def time_phases(problem: InitProblem, mesh, stats_mesh=None):
     )
     (aligned, metrics), t_p2 = timed(
         lambda: align.align_student(
-            calibrated,
-            st,
-            converted,
-            model_config=config,
-            mixer=mixer,
-            cfg=problem.align_cfg,
-            mesh=mesh,
+            calibrated, st, converted, align.AlignSetup(config, mixer, problem.align_cfg, mesh)
         )
     )
     seconds = {"statistics_s": t_stats, "phase1_s": t_p1, "phase2_s": t_p2}

@@ -42,9 +42,7 @@ def problem():
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
     valid = jnp.ones((n, t), bool).at[0, :5].set(False)
     one = sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])
-    params, metrics = align.fit_layers(
-        stacked, x, y, valid, model_config=MC, mixer=GDN, cfg=CFG, mesh=one
-    )
+    params, metrics = align.fit_layers(stacked, x, y, valid, align.AlignSetup(MC, GDN, CFG, one))
     return stacked, x, y, valid, params, metrics
 
 
@@ -137,23 +135,15 @@ def test_sharded_over_layers_and_data_equals_single_device(problem):
     assert len(jax.devices()) == 8, "conftest fakes 8 CPU devices"
     stacked, x, y, valid, params, metrics = problem
     mesh = sharding.make_mesh({"layers": 4, "data": 2})  # 3 layers padded to 4
-    params8, metrics8 = align.fit_layers(
-        stacked, x, y, valid, model_config=MC, mixer=GDN, cfg=CFG, mesh=mesh
-    )
+    params8, metrics8 = align.fit_layers(stacked, x, y, valid, align.AlignSetup(MC, GDN, CFG, mesh))
     for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params), strict=True):
         a, b = np.asarray(a), np.asarray(b)
         assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)
     np.testing.assert_allclose(metrics8["loss_after"], metrics["loss_after"], rtol=1e-4)
     # layers only (shard_map path): 3 layers padded to 8 devices
+    layers_only = sharding.make_mesh({"layers": 8, "data": 1})
     params_l, metrics_l = align.fit_layers(
-        stacked,
-        x,
-        y,
-        valid,
-        model_config=MC,
-        mixer=GDN,
-        cfg=CFG,
-        mesh=sharding.make_mesh({"layers": 8, "data": 1}),
+        stacked, x, y, valid, align.AlignSetup(MC, GDN, CFG, layers_only)
     )
     for a, b in zip(jax.tree.leaves(params_l), jax.tree.leaves(params), strict=True):
         a, b = np.asarray(a), np.asarray(b)
@@ -165,7 +155,7 @@ def test_zero_steps_returns_input_and_bad_split_is_rejected(problem):
     stacked, x, y, valid, _, _ = problem
     cfg0 = dataclasses.replace(CFG, steps=0, weight_decay=0.0)
     one = sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])
-    p, m = align.fit_layers(stacked, x, y, valid, model_config=MC, mixer=GDN, cfg=cfg0, mesh=one)
+    p, m = align.fit_layers(stacked, x, y, valid, align.AlignSetup(MC, GDN, cfg0, one))
     jax.tree.map(np.testing.assert_array_equal, p, stacked)
     np.testing.assert_allclose(m["loss_before"], m["loss_after"])
     with pytest.raises(ValueError, match="data"):
@@ -174,10 +164,7 @@ def test_zero_steps_returns_input_and_bad_split_is_rejected(problem):
             x[:, :3],
             y[:, :3],
             valid[:3],
-            model_config=MC,
-            mixer=GDN,
-            cfg=CFG,
-            mesh=sharding.make_mesh({"layers": 4, "data": 2}),
+            align.AlignSetup(MC, GDN, CFG, sharding.make_mesh({"layers": 4, "data": 2})),
         )
 
 
@@ -189,7 +176,7 @@ def test_interrupted_then_resumed_fit_is_bit_identical(problem, tmp_path):
     cfg = dataclasses.replace(CFG, checkpoint_every=4)
     one = sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])
     fit = functools.partial(
-        align.fit_layers, stacked, x, y, valid, model_config=MC, mixer=GDN, cfg=cfg, mesh=one
+        align.fit_layers, stacked, x, y, valid, align.AlignSetup(MC, GDN, cfg, one)
     )
     full = fit(checkpoint_dir=str(tmp_path / "full"))
     assert sorted(os.listdir(tmp_path / "full")) == ["12", "13"]  # the last two are kept

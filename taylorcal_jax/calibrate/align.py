@@ -66,6 +66,20 @@ class AlignConfig:
         return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
 
 
+@dataclasses.dataclass(frozen=True)
+class AlignSetup:
+    """What phase 2 fits and where; hashable, it keys make_task's cache of compiled tasks.
+
+    model_config: the teacher's ModelConfig; mixer: the StudentMixer of the converted layers;
+    cfg: the phase-2 options; mesh: a jax.sharding.Mesh with axes "layers" and "data".
+    """
+
+    model_config: object
+    mixer: StudentMixer
+    cfg: AlignConfig
+    mesh: object
+
+
 def layer_loss(mixer_params, x_ntd, y_ntd, valid_nt, *, model_config, mixer: StudentMixer):
     """Mean squared error of the mixer output over valid tokens and hidden units."""
     out, _, _ = mixer.module(model_config).apply({"params": mixer_params}, x_ntd, valid_bt=valid_nt)
@@ -89,15 +103,16 @@ def _keep_best(extra, params, loss_l):
 
 
 @functools.lru_cache(maxsize=8)
-def make_task(model_config, mixer: StudentMixer, cfg: AlignConfig, mesh) -> loop.Task:
+def make_task(setup: AlignSetup) -> loop.Task:
     """The loop task of phase 2 on L stacked layers: loss = sum_l loss_l (independent
     layers, so its gradient is each layer's own), AdamW per group, clipping per layer.
 
     extra = {"best", "best_loss", "curve"}: per layer the params of the lowest loss seen so
     far, that loss, and curve[l, s] = loss of layer l at step s (before update s).
     """
+    mixer, cfg, mesh = setup.mixer, setup.cfg, setup.mesh
     losses = layerwise.stacked_losses(
-        functools.partial(layer_loss, model_config=model_config, mixer=mixer), mesh
+        functools.partial(layer_loss, model_config=setup.model_config, mixer=mixer), mesh
     )
 
     def loss_fn(params, batch, rng):
@@ -131,16 +146,14 @@ def fit_layers(
     x_lntd,
     y_lntd,
     valid_nt,
+    setup: AlignSetup,
     *,
-    model_config,
-    mixer,
-    cfg,
-    mesh,
     checkpoint_dir: str | None = None,
     log_fn=None,
     stop_after_steps: int | None = None,
 ):
-    """Phase 2 for L layers stacked on axis 0, sharded over mesh axes "layers" and "data".
+    """Phase 2 for L layers stacked on axis 0, sharded over the axes "layers" and "data" of
+    setup.mesh.
 
     N must be divisible by the "data" axis size. Returns (stacked best params, metrics
     {"loss_before", "loss_after", "curve"} with leading axis L): curve[l, s] is the loss
@@ -148,14 +161,15 @@ def fit_layers(
     when steps = 0); loss_after is the loss of the returned (best) params, the best of the
     losses before every update and after the last.
 
-    With `checkpoint_dir` and cfg.checkpoint_every > 0 the loop state is saved there every
+    With `checkpoint_dir` and setup.cfg.checkpoint_every > 0 the loop state is saved there every
     checkpoint_every steps and at the end, and a call finding a checkpoint there resumes
     from it (the mesh must be the one it was saved under). log_fn(step, dict) gets the
     loop's events ({"resumed_from_step"} on resume, the summed loss at the end);
     `stop_after_steps` ends the call after that many steps without saving, as a crash
     would, and returns None (tests).
     """
-    mixer.spec.param_groups(stacked_mixers)  # a one-line error for params of no group
+    cfg, mesh = setup.cfg, setup.mesh
+    setup.mixer.spec.param_groups(stacked_mixers)  # a one-line error for params of no group
     n_layers = x_lntd.shape[0]
     n_seq = x_lntd.shape[1]
     n_dat_dev = sharding.axis_size(mesh, "data")
@@ -167,7 +181,7 @@ def fit_layers(
     pad = layerwise.layer_padding(n_layers, mesh)
     params, x_lntd, y_lntd = layerwise.pad_layers((stacked_mixers, x_lntd, y_lntd), pad)
     batch = {"x": x_lntd, "y": y_lntd, "valid": jnp.asarray(valid_nt, bool)}
-    task = make_task(model_config, mixer, cfg, mesh)
+    task = make_task(setup)
     extra = {
         "best": params,
         "best_loss": jnp.full((n_layers + pad,), jnp.inf, jnp.float32),
@@ -208,11 +222,8 @@ def align_student(
     student_params,
     stats,
     layers: Sequence[int],
+    setup: AlignSetup,
     *,
-    model_config,
-    mixer,
-    cfg,
-    mesh,
     checkpoint_dir: str | None = None,
     log_fn=None,
 ):
@@ -224,17 +235,15 @@ def align_student(
     if stats.x_lntd is None:
         raise ValueError("statistics were collected with keep_activations=False")
     rows = jnp.asarray([stats.index(i) for i in layers])
-    stacked = stack_mixers(student_params, layers, mixer.name)
+    name = setup.mixer.name
+    stacked = stack_mixers(student_params, layers, name)
     new, metrics = fit_layers(
         stacked,
         stats.x_lntd[rows],
         stats.attn_out_lntd[rows],
         stats.valid_nt,
-        model_config=model_config,
-        mixer=mixer,
-        cfg=cfg,
-        mesh=mesh,
+        setup,
         checkpoint_dir=checkpoint_dir,
         log_fn=log_fn,
     )
-    return unstack_mixers(student_params, layers, new, mixer.name), metrics
+    return unstack_mixers(student_params, layers, new, name), metrics

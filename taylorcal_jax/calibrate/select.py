@@ -137,16 +137,9 @@ def aligned_student(
     if strategy not in _USES_ALIGN:
         return student, {}
     layers = tuple(range(ctx.model_config.num_hidden_layers))
+    setup = align_lib.AlignSetup(ctx.model_config, ctx.mixer, ctx.align_cfg, ctx.mesh)
     student, metrics = align_lib.align_student(
-        student,
-        stats,
-        layers,
-        model_config=ctx.model_config,
-        mixer=ctx.mixer,
-        cfg=ctx.align_cfg,
-        mesh=ctx.mesh,
-        checkpoint_dir=checkpoint_dir,
-        log_fn=log_fn,
+        student, stats, layers, setup, checkpoint_dir=checkpoint_dir, log_fn=log_fn
     )
     return student, {"align": jax.device_get(metrics)}
 
