@@ -2,6 +2,7 @@
 fused steps, sharding and schedules, each against a reference computed here."""
 
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -228,10 +229,13 @@ def test_eval_hook_and_call_boundaries():
 def test_schedules():
     cos = optim.make_schedule("cosine", 1.0, steps=110, warmup_steps=10, min_lr_ratio=0.1)
     const = optim.make_schedule("constant", 2.0, steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    opts = types.SimpleNamespace(learning_rate=3.0, steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    cos_of_opts = optim.cosine_schedule(opts)
     for s in (0, 5, 10, 60, 110):
         warm = s / 10
         want = warm if s < 10 else 0.1 + 0.9 * (1 + np.cos(np.pi * (s - 10) / 100)) / 2
         np.testing.assert_allclose(cos(s), want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(cos_of_opts(s), 3.0 * want, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(const(s), 2.0 * min(warm, 1.0), rtol=1e-6)
     with pytest.raises(ValueError, match="unknown schedule"):
         optim.make_schedule("linear", 1.0, steps=1, warmup_steps=0, min_lr_ratio=0.0)

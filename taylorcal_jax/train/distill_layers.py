@@ -124,17 +124,10 @@ def make_task(
         loss_l = losses(params, x_lbtd, y_lbtd, valid_bt)
         return jnp.sum(weight_l * loss_l) / len(layers), {"layer_loss": loss_l}
 
-    schedule = optim.make_schedule(
-        "cosine",
-        cfg.learning_rate,
-        steps=cfg.steps,
-        warmup_steps=cfg.warmup_steps,
-        min_lr_ratio=cfg.min_lr_ratio,
-    )
     return loop.Task(
         loss_fn=loss_fn,
         labels=lambda params: jax.tree.map(lambda _: GROUP, params),
-        groups={GROUP: optax.adamw(schedule, weight_decay=cfg.weight_decay)},
+        groups={GROUP: optax.adamw(optim.cosine_schedule(cfg), weight_decay=cfg.weight_decay)},
         clip=optax.clip_by_global_norm(cfg.clip_norm),
         param_spec=loop.leading_axis("layers"),
         batch_spec=P("data"),

@@ -2,7 +2,8 @@
 
 Letters: L a leading axis of independent slices (e.g. stacked layers).
 
-Schedules (`make_schedule`), step s, peak lr, W warmup steps, S total steps, r end ratio:
+Schedules (`make_schedule`; `cosine_schedule` reads a run's options), step s, peak lr,
+W warmup steps, S total steps, r end ratio:
 
     constant  lr(s) = peak * min(s / W, 1)
     cosine    lr(s) = peak * s / W                                     for s < W
@@ -24,6 +25,7 @@ optimisers: clipping is the only non-elementwise part of AdamW.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import jax
 import optax
@@ -49,6 +51,26 @@ def make_schedule(
             end_value=peak * min_lr_ratio,
         )
     raise ValueError(f"unknown schedule {name!r}; known: {SCHEDULES}")
+
+
+class CosineOptions(Protocol):
+    """The fields of a run's options that its cosine schedule reads."""
+
+    learning_rate: float  # peak
+    steps: int
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+def cosine_schedule(opts: CosineOptions) -> optax.Schedule:
+    """make_schedule("cosine") from a run's options (pretraining, distillation stage 1)."""
+    return make_schedule(
+        "cosine",
+        opts.learning_rate,
+        steps=opts.steps,
+        warmup_steps=opts.warmup_steps,
+        min_lr_ratio=opts.min_lr_ratio,
+    )
 
 
 def labels_by_key(group_of: Mapping[str, str]) -> Callable:

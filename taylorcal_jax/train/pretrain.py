@@ -89,13 +89,7 @@ def make_task(model, opts: PretrainOptions, mesh) -> loop.Task:
         total, count = token_nll_sum(logits, tokens_bt, jnp.ones(tokens_bt.shape, bool))
         return total / count, {}
 
-    schedule = optim.make_schedule(
-        "cosine",
-        opts.learning_rate,
-        steps=opts.steps,
-        warmup_steps=opts.warmup_steps,
-        min_lr_ratio=opts.min_lr_ratio,
-    )
+    schedule = optim.cosine_schedule(opts)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     adamw = optax.adamw(
         schedule, b1=opts.b1, b2=opts.b2, weight_decay=opts.weight_decay, mask=decay_mask
