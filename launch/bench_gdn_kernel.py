@@ -395,16 +395,12 @@ def _parse(text, tag):
     return [json.loads(ln[len(tag) + 1 :]) for ln in text.splitlines() if ln.startswith(tag + " ")]
 
 
-def _progress(t_start, what, r, keys):
-    """One line per finished row: elapsed seconds, the row, and its figures so far."""
+def _progress(log, what, r, keys):
+    """One line per finished row: elapsed seconds (log's), the row, and its figures so far."""
     nan = float("nan")
     figures = " ".join(f"{k} {r.get(k, nan):.4g}" for k in keys)
     errors = [k for k in r if k.endswith("_error")]
-    print(
-        f"[{time.perf_counter() - t_start:5.0f} s] {what} {r.get('shape')}: {figures}"
-        + (f" ERRORS {errors}" if errors else ""),
-        flush=True,
-    )
+    log(f"{what} {r.get('shape')}: {figures}" + (f" ERRORS {errors}" if errors else ""))
 
 
 def main():
@@ -445,9 +441,10 @@ def main():
     bf16_config(fields)  # a bad field is a one-line error here, before any device work
     os.environ["GDN_BENCH_CONFIG"] = json.dumps(fields)
     log_dir = os.path.dirname(os.path.abspath(a.out))
-    from results_io import source_digest  # launch/ is on sys.path when this script runs
+    from results_io import progress_log, source_digest  # launch/ is on sys.path here
 
     t_start = time.perf_counter()
+    log = progress_log(t_start)
     result = {
         "command": "python3 " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -488,7 +485,7 @@ def main():
         got = _parse(text, "JSONROW")
         rows[i] = got[0] if got else {"shape": list(ROWS[i]), "error": text[-2000:]}
         keys = ("ours_fwd_ms", "ours_fwdbwd_ms", "ours_peak_mib", "ours_rel_err")
-        _progress(t_start, f"ours row {i}", rows[i], keys)
+        _progress(log, f"ours row {i}", rows[i], keys)
     if a.chunked_from:
         old = json.load(open(a.chunked_from))
         by_shape = {str(r["shape"]): r for r in old["rows"]}
@@ -517,7 +514,7 @@ def main():
             if i in rows:
                 rows[i].update(fr)
                 keys = ("fla_fwd_ms", "fla_fwdbwd_ms", "fla_peak_mib", "fla_rel_err")
-                _progress(t_start, f"FLA row {i}", rows[i], keys)
+                _progress(log, f"FLA row {i}", rows[i], keys)
     open(os.path.join(log_dir, "fla.log"), "w").write(text)
     for r in rows.values():
         for key in ("fwd", "fwdbwd"):

@@ -82,10 +82,7 @@ class SettingsError(ValueError):
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 _T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", flush=True)
+log = results_io.progress_log(_T0)
 
 
 def _ints(text: str, name: str) -> list[int]:

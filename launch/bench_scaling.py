@@ -70,7 +70,6 @@ import functools
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before JAX initialises NCCL (docstring)
 
@@ -584,10 +583,7 @@ def run_benchmark(s: Settings, out_dir: str, tag: str, cache_dir: str) -> dict:
         "rows": [],
         "complete": False,
     }
-    t0 = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - t0:6.0f} s] {message}", flush=True)
+    log = results_io.progress_log()
 
     def emit(row):
         result["rows"].append(row)

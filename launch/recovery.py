@@ -367,6 +367,7 @@ class Experiment:
 
 def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, tag: str):
     import jax
+    import results_io  # launch/
     import run_inputs  # launch/
 
     from taylorcal_jax.eval.perplexity import perplexity
@@ -432,10 +433,10 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    t0 = time.perf_counter()
+    log = results_io.progress_log()
     try:
         for init in inits:
-            print(f"[{time.perf_counter() - t0:6.0f} s] {init}: start", flush=True)
+            log(f"{init}: start")
             runner.run(configs[init], workdirs[init], STAGES, command=command)
             exp.done.add(init)
             exp.report(teacher_ppl)

@@ -669,10 +669,7 @@ def add_release_rows(
     lacking = sorted(p for p, k in keeps.items() if k is None)
     if lacking:
         raise ValueError(f"{sweep_json} has no {keep_from} rows at {fraction} for {lacking}")
-    t0 = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - t0:6.0f} s] {message}", flush=True)
+    log = results_io.progress_log()
 
     run = load_run(config, workdir)
     base = run.ctx.path("reference_release")

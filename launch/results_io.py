@@ -1,4 +1,5 @@
-"""Provenance and writing of benchmark result files (launch/results/*.json).
+"""Provenance and writing of benchmark result files (launch/results/*.json), and the progress
+lines of the scripts that make them.
 
 Every result records the device, the JAX version, the date and the exact command, so that a
 figure can be traced to the run that produced it and rerun.
@@ -13,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,6 +129,18 @@ def write_result(out_dir: str, stem: str, tag: str, small: bool, result: dict) -
 
         tag = "small" if small else jax.devices()[0].device_kind.replace(" ", "_")
     return write_text(os.path.join(out_dir, f"{stem}_{tag}.json"), json.dumps(result, indent=1))
+
+
+def progress_log(t0: float | None = None) -> Callable[[str], None]:
+    """log(message): prints "[     N s] message" to stdout at once (flushed), N the whole seconds
+    since t0 (a time.perf_counter() reading; the call's own time when None), so that each line
+    of a long run says when it came."""
+    start = time.perf_counter() if t0 is None else t0
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
+
+    return log
 
 
 def main(argv=None) -> int:

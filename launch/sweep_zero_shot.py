@@ -158,6 +158,7 @@ def sweep(
     phase-1 ablation runs are scored on `ablation_policies` only."""
     import jax
     import numpy as np
+    import results_io  # launch/
     import run_inputs  # launch/
 
     from taylorcal_jax.calibrate import pipeline, select
@@ -184,9 +185,7 @@ def sweep(
         )
     validate.validate(config, STAGES, workdir)
     t0 = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - t0:6.0f} s] {message}", flush=True)
+    log = results_io.progress_log(t0)
 
     teacher_source = run_inputs.resolve_teacher(config, workdir)
     run_ctx = RunContext(config, workdir)

@@ -41,3 +41,11 @@ def test_digest_of_the_files_equals_the_digest_of_their_commit(tmp_path):
         str(tmp_path)
     )
     assert results_io.commits_with_digest(on_disk, repo=str(tmp_path)) == [first]
+
+
+def test_progress_log_prefixes_whole_seconds_since_its_start(capsys):
+    import time
+
+    results_io.progress_log()("now")
+    results_io.progress_log(time.perf_counter() - 65.2)("later")
+    assert capsys.readouterr().out == "[     0 s] now\n[    65 s] later\n"
