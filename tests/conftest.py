@@ -1,9 +1,13 @@
-"""Test setup: 8 simulated CPU devices (must be set before JAX initialises its backends), and
-launch/ on sys.path so that tests import its scripts as modules (`import plot_gdn_kernel`)."""
+"""Test setup: 8 simulated CPU devices (must be set before JAX initialises its backends),
+launch/ on sys.path so that tests import its scripts as modules (`import plot_gdn_kernel`), and
+one persistent compilation cache for the whole test run."""
 
+import atexit
 import gc
 import os
+import shutil
 import sys
+import tempfile
 
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
 sys.path.insert(0, LAUNCH_DIR)
@@ -14,6 +18,22 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# One persistent compilation cache for the test run, shared through the environment by the
+# pytest-xdist workers (spawned after this module is imported in the controller) and by every
+# `python -m taylorcal_jax.main` subprocess: the command-line tests compile the same smoke
+# pipeline many times (a reference run, a killed run and its rerun), and the module-level
+# `jax.clear_caches()` below would otherwise make later modules compile again. A truncated
+# entry (a subprocess killed while writing one) is read as an error, warned about, and
+# compiled again by JAX. A cache directory given by the caller is used and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="taylorcal_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    _owner = os.getpid()
+    # Removed by the process that made it (the controller, or the single pytest process).
+    atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache_dir, True))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
