@@ -101,8 +101,12 @@ def test_two_processes_run_the_pipeline_of_one_and_write_the_workdir_once(tmp_pa
         a = read_tensors(os.path.join(one_dir, model, "model.safetensors"))
         b = read_tensors(os.path.join(two_dir, model, "model.safetensors"))
         assert sorted(a) == sorted(b)
+        # Two processes sum gradients in another order. Adam divides each gradient entry by its
+        # own running scale, so the rounding of a near-zero entry can move that parameter by far
+        # more than its gradient's error (seen: 1.7e-7 on a 3e-3 weight). A wrong split of the
+        # batch shows in the losses and perplexities compared above at 1e-5.
         for name in a:
-            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-7, err_msg=name)
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=2e-6, err_msg=name)
 
     # Written once: one run in the history, every metrics line once (as many as one process
     # writes, each stage done once), the summary printed once, nothing left over.
