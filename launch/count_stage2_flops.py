@@ -1,0 +1,138 @@
+"""The work of one distillation stage-2 step, as XLA counts it, against the 6N FLOPs per token
+that model FLOPs utilisation (MFU) credits (docs/benchmarks.md §6).
+
+    python launch/count_stage2_flops.py --out=launch/results
+
+Builds the stage-2 step of launch/recovery.py's throughput measurement (SmolLM2-135M's shape
+with random weights, every 4th layer kept, bf16 compute over float32 masters, chunked KL) on
+one device, compiles it without running it, and reads `cost_analysis()["flops"]` of the
+compiled step, with and without rematerialisation. Per token:
+
+    counted   = 6 N_student            (what MFU credits)
+    necessary = 6 N_student + 2 N_teacher   (the teacher's forward is part of every step)
+    executed  = XLA's FLOP count / (batch x seq_len)
+
+The GDN op is counted as its XLA chunked form (`impl="chunked"`): XLA cannot count inside the
+Pallas kernel the GPU runs, which does the same chunked products. The counts are properties of
+the program, not of the device, so a CPU compile gives them; the attention's T^2 products are
+in `executed` and in neither model count.
+
+--preset=small: a tiny model, for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SMALL_SHAPE = dict(layers=4, hidden=32, heads=2, kv=1, head_dim=16, mlp=64, vocab=128)
+
+
+def count(dims: dict, batch: int, seq_len: int, chunk: int, keep_every: int, remat: bool):
+    """{"remat", "executed_flops_per_token", "counted_flops_per_token",
+    "necessary_flops_per_token", "n_student", "n_teacher"} of one stage-2 step."""
+    import jax
+    import jax.numpy as jnp
+    import model_shapes
+
+    from taylorcal_jax.convert.naive import copy_init
+    from taylorcal_jax.models.mixers.gdn import GDNRuntime
+    from taylorcal_jax.models.student import StudentConfig
+    from taylorcal_jax.models.teacher import Transformer
+    from taylorcal_jax.train import distill, loop
+    from taylorcal_jax.utils import sharding
+
+    cfg = model_shapes.model_config(dims, max(seq_len, 64), "llama")
+    teacher = model_shapes.random_params(Transformer(cfg), jax.random.PRNGKey(0), jnp.float32)
+    sc = StudentConfig.from_teacher(cfg, tuple(range(0, dims["layers"], keep_every)), mixer="gdn")
+    mixer = sc.student_mixer(GDNRuntime(impl="chunked"))
+    student = copy_init(teacher, sc, jax.random.PRNGKey(2))
+    student_model = sc.model(dtype=jnp.bfloat16, runtime=mixer.runtime).clone(remat=remat)
+    kl_cfg = distill.KLDistillConfig(
+        lr_mixer=1e-4, lr_rest=7e-6, warmup_steps=0, weight_decay=0.0, clip_norm=1.0,
+        chunk_size=chunk,
+    )  # fmt: skip
+    mesh = sharding.make_mesh({"layers": 1, "data": 1, "fsdp": 1}, jax.devices()[:1])
+    task = distill.make_task(
+        student_model,
+        Transformer(cfg, dtype=jnp.bfloat16),
+        mixer.name,
+        kl_cfg,
+        mesh,
+        sharding.param_spec(mesh),
+    )
+    state = loop.init_state(task, student, rng=jax.random.PRNGKey(0))
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    compiled = loop.compiled_step(task, state, tokens, mesh=mesh, constants=teacher)
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, list) else costs
+    n_student = sum(x.size for x in jax.tree.leaves(student))
+    n_teacher = sum(x.size for x in jax.tree.leaves(teacher))
+    return {
+        "remat": remat,
+        "executed_flops_per_token": float(costs["flops"]) / (batch * seq_len),
+        "counted_flops_per_token": 6 * n_student,
+        "necessary_flops_per_token": 6 * n_student + 2 * n_teacher,
+        "n_student": int(n_student),
+        "n_teacher": int(n_teacher),
+    }
+
+
+def main(argv):
+    from absl import flags
+
+    f = flags.FLAGS
+    import bench_scaling  # launch/
+    from results_io import progress_log, provenance, write_result
+
+    small = f.preset == "small"
+    dims = SMALL_SHAPE if small else bench_scaling.SMOLLM2_135M
+    batch, seq_len, chunk = (2, 32, 16) if small else (f.batch_size, f.seq_len, f.chunk_size)
+    log = progress_log()
+    rows = []
+    for remat in (True, False):
+        log(f"compiling the stage-2 step (remat={remat}) ...")
+        row = count(dims, batch, seq_len, chunk, f.keep_every, remat)
+        row["executed_over_counted"] = (
+            row["executed_flops_per_token"] / row["counted_flops_per_token"]
+        )
+        row["executed_over_necessary"] = (
+            row["executed_flops_per_token"] / row["necessary_flops_per_token"]
+        )
+        log(
+            f"remat={remat}: {row['executed_flops_per_token']:,.0f} FLOPs/token executed, "
+            f"{row['executed_over_counted']:.2f}x the 6N counted, "
+            f"{row['executed_over_necessary']:.2f}x 6N + 2N_teacher"
+        )
+        rows.append(row)
+    result = {
+        **provenance(),
+        "shape": dims,
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "chunk_size": chunk,
+        "keep_every": f.keep_every,
+        "gdn_impl_counted": "chunked",
+        "rows": rows,
+    }
+    path = write_result(f.out, "stage2_flops", "small" if small else "smollm2_135m", small, result)
+    log(f"wrote {path}")
+
+
+def define_flags():
+    from absl import flags
+
+    flags.DEFINE_enum("preset", "full", ["full", "small"], "small: a tiny model (tests).")
+    flags.DEFINE_integer("batch_size", 8, "Sequences per step (launch/recovery.py's).")
+    flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
+    flags.DEFINE_integer("chunk_size", 512, "Positions per KL chunk.")
+    flags.DEFINE_integer("keep_every", 4, "Keep attention in every k-th layer.")
+    flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    define_flags()
+    app.run(main)
