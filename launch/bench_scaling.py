@@ -397,35 +397,82 @@ def stage2_teacher(part: str, s: Settings, cache_dir: str):
     return cfg, params, f"random {model_type} {s.shape(part)}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage2Problem:
+    """A stage-2 distillation problem: the `copy` student of a teacher with every
+    `keep_every`-th layer kept, bf16 or float32 compute, the release's learning rates."""
+
+    student: dict  # float32 params (the copy conversion)
+    student_model: object  # Transformer (remat as asked)
+    teacher_model: object  # Transformer
+    mixer_name: str
+    kl_cfg: object  # distill.KLDistillConfig
+
+    def task(self, mesh):
+        """The loop task on `mesh`, params and teacher placed by `sharding.param_spec`."""
+        from taylorcal_jax.train import distill
+        from taylorcal_jax.utils import sharding
+
+        return distill.make_task(
+            self.student_model,
+            self.teacher_model,
+            self.mixer_name,
+            self.kl_cfg,
+            mesh,
+            sharding.param_spec(mesh),
+        )
+
+
+def stage2_problem(
+    cfg, teacher, *, keep_every: int, gdn_impl: str, dtype: str, chunk_size: int, remat=True
+) -> Stage2Problem:
+    """The `Stage2Problem` of teacher (`cfg`, float32 params `teacher`)."""
+    import jax
+
+    from taylorcal_jax.convert.naive import copy_init
+    from taylorcal_jax.models.mixers.gdn import GDNRuntime
+    from taylorcal_jax.models.student import StudentConfig
+    from taylorcal_jax.models.teacher import Transformer
+    from taylorcal_jax.train import distill
+
+    keep = tuple(range(0, cfg.num_hidden_layers, keep_every))
+    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
+    mixer = sc.student_mixer(GDNRuntime(impl=gdn_impl))
+    compute = jax.numpy.dtype(dtype)
+    return Stage2Problem(
+        student=copy_init(teacher, sc, jax.random.PRNGKey(2)),
+        student_model=sc.model(dtype=compute, runtime=mixer.runtime).clone(remat=remat),
+        teacher_model=Transformer(cfg, dtype=compute),
+        mixer_name=mixer.name,
+        kl_cfg=distill.KLDistillConfig(
+            lr_mixer=1e-4,
+            lr_rest=7e-6,
+            warmup_steps=0,
+            weight_decay=0.0,
+            clip_norm=1.0,
+            chunk_size=chunk_size,
+        ),
+    )
+
+
 def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
     """The 1-device run, then data parallel and parameter-sharded runs on N; emit(row) each."""
     import jax
     import numpy as np
 
-    from taylorcal_jax.convert.naive import copy_init
     from taylorcal_jax.data import packing
-    from taylorcal_jax.models.mixers.gdn import GDNRuntime
-    from taylorcal_jax.models.student import StudentConfig
-    from taylorcal_jax.models.teacher import Transformer
-    from taylorcal_jax.train import distill, loop
-    from taylorcal_jax.utils import sharding
+    from taylorcal_jax.train import loop
 
     cfg, teacher, source = stage2_teacher(part, s, cache_dir)
-    keep = tuple(range(0, cfg.num_hidden_layers, s.keep_every))
-    sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
-    mixer = sc.student_mixer(GDNRuntime(impl=s.gdn_impl))
-    student = copy_init(teacher, sc, jax.random.PRNGKey(2))
-    dtype = jax.numpy.dtype(s.dtype)
-    student_model = sc.model(dtype=dtype, runtime=mixer.runtime).clone(remat=True)
-    teacher_model = Transformer(cfg, dtype=dtype)
-    kl_cfg = distill.KLDistillConfig(
-        lr_mixer=1e-4,
-        lr_rest=7e-6,
-        warmup_steps=0,
-        weight_decay=0.0,
-        clip_norm=1.0,
+    problem = stage2_problem(
+        cfg,
+        teacher,
+        keep_every=s.keep_every,
+        gdn_impl=s.gdn_impl,
+        dtype=s.dtype,
         chunk_size=s.chunk_size,
     )
+    student = problem.student
     stream = np.random.default_rng(0).integers(0, cfg.vocab_size, 1 << 22).astype(np.int32)
     batches = loop.StreamBatches(
         functools.partial(packing.train_batch, stream, s.batch_size, s.seq_len, 0)
@@ -443,9 +490,7 @@ def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
     reference = ref_params = ref_losses = None
     for layout, axes, devices in layouts:
         mesh = _mesh(axes, devices)
-        task = distill.make_task(
-            student_model, teacher_model, mixer.name, kl_cfg, mesh, sharding.param_spec(mesh)
-        )
+        task = problem.task(mesh)
         logs = []
         state = loop.init_state(task, student, rng=jax.random.PRNGKey(0))
         result = loop.run(

@@ -31,36 +31,28 @@ SMALL_SHAPE = dict(layers=4, hidden=32, heads=2, kv=1, head_dim=16, mlp=64, voca
 def count(dims: dict, batch: int, seq_len: int, chunk: int, keep_every: int, remat: bool):
     """{"remat", "executed_flops_per_token", "counted_flops_per_token",
     "necessary_flops_per_token", "n_student", "n_teacher"} of one stage-2 step."""
+    import bench_scaling  # launch/
     import jax
     import jax.numpy as jnp
     import model_shapes
 
-    from taylorcal_jax.convert.naive import copy_init
-    from taylorcal_jax.models.mixers.gdn import GDNRuntime
-    from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer
-    from taylorcal_jax.train import distill, loop
+    from taylorcal_jax.train import loop
     from taylorcal_jax.utils import sharding
 
     cfg = model_shapes.model_config(dims, max(seq_len, 64), "llama")
     teacher = model_shapes.random_params(Transformer(cfg), jax.random.PRNGKey(0), jnp.float32)
-    sc = StudentConfig.from_teacher(cfg, tuple(range(0, dims["layers"], keep_every)), mixer="gdn")
-    mixer = sc.student_mixer(GDNRuntime(impl="chunked"))
-    student = copy_init(teacher, sc, jax.random.PRNGKey(2))
-    student_model = sc.model(dtype=jnp.bfloat16, runtime=mixer.runtime).clone(remat=remat)
-    kl_cfg = distill.KLDistillConfig(
-        lr_mixer=1e-4, lr_rest=7e-6, warmup_steps=0, weight_decay=0.0, clip_norm=1.0,
+    problem = bench_scaling.stage2_problem(
+        cfg,
+        teacher,
+        keep_every=keep_every,
+        gdn_impl="chunked",
+        dtype="bfloat16",
         chunk_size=chunk,
-    )  # fmt: skip
-    mesh = sharding.make_mesh({"layers": 1, "data": 1, "fsdp": 1}, jax.devices()[:1])
-    task = distill.make_task(
-        student_model,
-        Transformer(cfg, dtype=jnp.bfloat16),
-        mixer.name,
-        kl_cfg,
-        mesh,
-        sharding.param_spec(mesh),
+        remat=remat,
     )
+    mesh = sharding.make_mesh({"layers": 1, "data": 1, "fsdp": 1}, jax.devices()[:1])
+    task, student = problem.task(mesh), problem.student
     state = loop.init_state(task, student, rng=jax.random.PRNGKey(0))
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
     compiled = loop.compiled_step(task, state, tokens, mesh=mesh, constants=teacher)
