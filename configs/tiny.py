@@ -40,7 +40,8 @@ def get_config(arg: str | None = None):
     c.teacher.head_dim = 32
     c.teacher.max_position_embeddings = 512
     # 600 steps of 16 x 128 tokens at a peak lr of 6e-3: valid ppl 38 after 172 s of training on
-    # 2 idle cores, where 32-sequence batches at 3e-3 reached 62 in the same tokens and time.
+    # 2 idle cores, where 32-sequence batches at 3e-3 reached 62 in the same tokens and time
+    # (launch/results/tiny_pretrain_settings_cpu.md).
     c.pretrain.steps = 600
     c.pretrain.batch_size = 16
     c.pretrain.seq_len = 128
