@@ -91,3 +91,26 @@ def test_op_variant_and_a_timeout_and_the_budget(tmp_path):
                  min_variant_s=59)  # fmt: skip
     assert timed["runs"]["xla"]["status"] == "timed out"
     assert timed["runs"]["pallas"]["status"].startswith("skipped")
+
+
+def test_filled_cache_is_a_random_block_broadcast_with_the_context_valid():
+    import jax
+    import jax.numpy as jnp
+    import model_shapes
+    import numpy as np
+
+    p = probe.settings("small", rows="8x2")
+    cfg = model_shapes.qwen2_config(p, 16)
+    _, student = probe.bench.build_models(cfg, (0,), jnp.float32, "chunked", "xla")
+    cache = probe.filled_cache(student, batch=2, slots=12, context=8, seed=3)
+    leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
+    floats = [(jax.tree_util.keystr(k), np.asarray(x)) for k, x in leaves
+              if jnp.issubdtype(x.dtype, jnp.floating)]  # fmt: skip
+    assert floats, "the student's cache has K/V and recurrent-state leaves"
+    for name, x in floats:
+        block = x.reshape(-1, *x.shape[-2:])
+        assert np.isfinite(x).all() and np.ptp(block[0]) > 0, name  # random within a block
+        assert (block == block[0]).all(), name  # the same block in every batch row and slot
+    for name, x in ((jax.tree_util.keystr(k), np.asarray(x)) for k, x in leaves):
+        if "valid" in name:
+            assert (x == (np.arange(12) < 8)).all(), name
