@@ -64,11 +64,12 @@ class AttentionRuntime:
     decoding step's attention (`ops.decode_attention.api.IMPLS`: "auto" = the Pallas kernel on a
     GPU, XLA elsewhere). Hashable, so jit-static.
 
-    The default is "xla", the measured path (launch/results/bench_inference_h200.md): the
-    Pallas kernel equals it on an H200 (the gpu tests of tests/test_decode_attention.py) but
-    its speed is not measured yet (launch/probe_decode.py), so it is opt-in."""
+    The default is "auto": on one H200 the kernel's decode steps took 0.44x-0.97x the time of
+    the XLA form's, in every row measured (Qwen2.5-1.5B shape, 16k and 64k contexts, batch 1
+    and 16; launch/results/bench_inference_h200_pallas.md), and it equals the XLA form there
+    (the gpu tests of tests/test_decode_attention.py). Off a GPU "auto" is the XLA form."""
 
-    decode_impl: str = "xla"
+    decode_impl: str = "auto"
 
     def __post_init__(self):
         if self.decode_impl not in decode_api.IMPLS:
