@@ -688,12 +688,14 @@ def add_release_rows(
         os.replace(teacher_fla + ".tmp", teacher_fla)
     log(f"teacher in fla's layout: {teacher_fla}")
     env = {"CALIBRATION_TOKENS_NPY": os.path.join(tokens_dir, CAL_FILE)}
+    # a run for some policies keeps the import records of the others (their rows stay too)
+    earlier = sweep.get("reference_release", {}).get("imports", [])
     sweep["reference_release"] = {
         "code": code_record(code_dir),
         "entry_point": f"{RELEASE_INIT} --strategy taylor_calibrate",
         "keep_from": keep_from,
         "tokens": info,
-        "imports": [],
+        "imports": [r for r in earlier if r["policy"] not in policies],
     }
     for policy in policies:
         out = os.path.join(base, f"release_{policy}")

@@ -18,6 +18,9 @@
 #       joined by other phase-1 parts on uniform/ar) -> $OUT/zero_shot_smollm2_135m.*; then the
 #       reference release's init on its keep sets (launch/reference_release.py run, rows
 #       `reference_release` added to that file). The phase-1 ablation is `ablation`.
+#   POLICIES=ar,ga_s2 bash launch/smollm2_gpu.sh release   # carry workdirs/refrel (and .whl):
+#       only the release's rows for POLICIES (~2 minutes each), added to a copy of the committed
+#       launch/results/zero_shot_smollm2_135m.json in $OUT (same text, seeds and keep sets)
 #
 # `stage_release` copies the release's checkout (the Taylor-Calibrate repository with our
 # changes for a Llama teacher; its code stays out of this repository) into the ignored folder
@@ -55,6 +58,13 @@ ablation() {
   timeout "$1" python3 launch/sweep_zero_shot.py --config="$CONFIG" "${COMMON[@]}" \
     --teacher_name=smollm2_135m_phase1_ablation --strategies=align_only,taylor_calibrate \
     --policies=uniform --ablation_policies=uniform,ar --phase1_ablation
+}
+
+release_rows() {  # $1 seconds, $2 policies: the release's rows added to $OUT's sweep file
+  timeout "$1" python3 launch/reference_release.py run --config="$CONFIG" \
+    --workdir="$WORK" --release_code=workdirs/refrel --config.progress=False \
+    --config.calibration.gdn.impl="${GDN_IMPL:-chunked}" --policies="$2" \
+    --sweep_json="$OUT/zero_shot_smollm2_135m.json" || echo "release rows stopped: $?"
 }
 
 case "${1:-}" in
@@ -101,14 +111,17 @@ PY
       "${COMMON[@]}" --teacher_name=smollm2_135m --ablation_policies=uniform,ar \
       --phase1_variants=write_gate+output_gate,decay+output_gate,decay+write_gate+output_gate \
       || echo "sweep stopped: $?"
-    timeout "$((LIMIT - SECONDS))" python3 launch/reference_release.py run --config="$CONFIG" \
-      --workdir="$WORK" --release_code=workdirs/refrel --config.progress=False \
-      --config.calibration.gdn.impl="${GDN_IMPL:-chunked}" \
-      --sweep_json="$OUT/zero_shot_smollm2_135m.json" || echo "release rows stopped: $?"
+    release_rows "$((LIMIT - SECONDS))" uniform,ar,ga_s2
+    ls -l "$OUT"
+    ;;
+  release)
+    join_and_install
+    cp launch/results/zero_shot_smollm2_135m.json "$OUT/"
+    release_rows "$LIMIT" "${POLICIES:-ar,ga_s2}"
     ls -l "$OUT"
     ;;
   *)
-    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation|stage_release|all" >&2
+    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation|stage_release|all|release" >&2
     exit 2
     ;;
 esac
