@@ -368,7 +368,12 @@ def step_memory(task, mesh, state, constants, batch_shape) -> int:
     from taylorcal_jax.train import loop
 
     batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
-    compiled = loop.compiled_step(task, state, batch, mesh=mesh, constants=constants)
+    return compiled_bytes(loop.compiled_step(task, state, batch, mesh=mesh, constants=constants))
+
+
+def compiled_bytes(compiled) -> int:
+    """Bytes per device a compiled program needs by XLA's memory analysis: arguments + outputs
+    + temporaries - aliased (donated arguments reused as outputs)."""
     m = compiled.memory_analysis()
     return int(
         m.argument_size_in_bytes
@@ -378,8 +383,9 @@ def step_memory(task, mesh, state, constants, batch_shape) -> int:
     )
 
 
-def stage2_teacher(part: str, s: Settings, cache_dir: str):
-    """(ModelConfig, float32 params, source) of the part's teacher."""
+def stage2_teacher(dims: dict, model_type: str, gguf_file: str, cache_dir: str):
+    """(ModelConfig, float32 params, source): the GGUF teacher `gguf_file` (converted once
+    into `cache_dir`), or with gguf_file "" random weights of shape `dims` (model_shapes)."""
     import jax
     import jax.numpy as jnp
     import model_shapes
@@ -387,14 +393,55 @@ def stage2_teacher(part: str, s: Settings, cache_dir: str):
     from taylorcal_jax.models import gguf, hf_io
     from taylorcal_jax.models.teacher import Transformer
 
-    if part == "stage2_smollm2" and s.smollm2_gguf and not s.small:
-        directory = gguf.resolve_teacher_dir(s.smollm2_gguf, cache_dir)
+    if gguf_file:
+        directory = gguf.resolve_teacher_dir(gguf_file, cache_dir)
         cfg, params = hf_io.load_pretrained(directory, dtype=jnp.float32)
-        return cfg, params, s.smollm2_gguf
-    model_type = "llama" if part == "stage2_smollm2" else "qwen2"
-    cfg = model_shapes.model_config(s.shape(part), 32768, model_type)
+        return cfg, params, gguf_file
+    cfg = model_shapes.model_config(dims, 32768, model_type)
     params = model_shapes.random_params(Transformer(cfg), jax.random.PRNGKey(0), jnp.float32)
-    return cfg, params, f"random {model_type} {s.shape(part)}"
+    return cfg, params, f"random {model_type} {dims}"
+
+
+def random_batches(vocab_size: int, batch_size: int, seq_len: int):
+    """The loop's batch source: [batch_size, seq_len] windows at random offsets of one random
+    token stream (seed 0), batch p a pure function of p."""
+    import numpy as np
+
+    from taylorcal_jax.data import packing
+    from taylorcal_jax.train import loop
+
+    stream = np.random.default_rng(0).integers(0, vocab_size, 1 << 22).astype(np.int32)
+    return loop.StreamBatches(
+        functools.partial(packing.train_batch, stream, batch_size, seq_len, 0)
+    )
+
+
+def time_steps(task, mesh, params, constants, batches, steps: int, desc: str):
+    """Trains `params` (a fresh state) `steps` steps of `task` on the training loop, logging
+    every step; returns (final state, seconds of each step, loss of each step). Step 1's
+    seconds run from the loop's start (state placement, and compilation unless done before);
+    each later step's are the wall time between two consecutive steps' metrics on the host
+    (batch building and placement included)."""
+    import jax
+
+    from taylorcal_jax.train import loop
+
+    opts = loop.LoopOptions(
+        steps=steps, steps_per_call=1, log_every=1, eval_every=0, checkpoint_every=0, desc=desc
+    )
+    logs = []
+    result = loop.run(
+        task,
+        loop.init_state(task, params, rng=jax.random.PRNGKey(0)),  # the loop keeps its copy
+        batches,
+        opts,
+        mesh=mesh,
+        constants=constants,
+        log_fn=lambda step, v: logs.append(v),
+    )
+    ends = [0.0] + [v["train_seconds"] for v in logs]
+    seconds = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return result.state, seconds, [v["loss"] for v in logs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,12 +505,12 @@ def stage2_problem(
 def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
     """The 1-device run, then data parallel and parameter-sharded runs on N; emit(row) each."""
     import jax
-    import numpy as np
 
-    from taylorcal_jax.data import packing
     from taylorcal_jax.train import loop
 
-    cfg, teacher, source = stage2_teacher(part, s, cache_dir)
+    gguf_file = s.smollm2_gguf if part == "stage2_smollm2" and not s.small else ""
+    model_type = "llama" if part == "stage2_smollm2" else "qwen2"
+    cfg, teacher, source = stage2_teacher(s.shape(part), model_type, gguf_file, cache_dir)
     problem = stage2_problem(
         cfg,
         teacher,
@@ -473,14 +520,8 @@ def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
         chunk_size=s.chunk_size,
     )
     student = problem.student
-    stream = np.random.default_rng(0).integers(0, cfg.vocab_size, 1 << 22).astype(np.int32)
-    batches = loop.StreamBatches(
-        functools.partial(packing.train_batch, stream, s.batch_size, s.seq_len, 0)
-    )
+    batches = random_batches(cfg.vocab_size, s.batch_size, s.seq_len)
     steps = s.warmup_steps + s.timed_steps
-    opts = loop.LoopOptions(
-        steps=steps, steps_per_call=1, log_every=1, eval_every=0, checkpoint_every=0, desc=part
-    )
     n = s.num_devices
     layouts = [
         ("one device", {"layers": 1, "data": 1, "fsdp": 1}, 1),
@@ -491,22 +532,10 @@ def run_stage2(part: str, s: Settings, cache_dir: str, emit) -> None:
     for layout, axes, devices in layouts:
         mesh = _mesh(axes, devices)
         task = problem.task(mesh)
-        logs = []
-        state = loop.init_state(task, student, rng=jax.random.PRNGKey(0))
-        result = loop.run(
-            task,
-            state,
-            batches,
-            opts,
-            mesh=mesh,
-            constants=teacher,
-            log_fn=lambda step, v, logs=logs: logs.append((step, v)),
-        )
-        seconds = [v["train_seconds"] for _, v in logs]
-        step_s = [seconds[i] - seconds[i - 1] for i in range(s.warmup_steps, steps)]
-        losses = [v["loss"] for _, v in logs]
-        params = jax.device_get(result.state.params)
-        del result, state
+        state, seconds, losses = time_steps(task, mesh, student, teacher, batches, steps, part)
+        step_s = seconds[s.warmup_steps :]
+        params = jax.device_get(state.params)
+        del state
         peaks = allocator_peaks(mesh)
         if peaks is not None:
             mem = {
