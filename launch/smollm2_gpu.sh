@@ -21,6 +21,8 @@
 #   POLICIES=ar,ga_s2 bash launch/smollm2_gpu.sh release   # carry workdirs/refrel (and .whl):
 #       only the release's rows for POLICIES (~2 minutes each), added to a copy of the committed
 #       launch/results/zero_shot_smollm2_135m.json in $OUT (same text, seeds and keep sets)
+#   bash launch/smollm2_gpu.sh stage2     # (.whl): the stage-2 throughput sweep of
+#       launch/bench_stage2.py (batch 8/16/32 x remat on/off x KL chunk 512/2048) -> $OUT
 #
 # `stage_release` copies the release's checkout (the Taylor-Calibrate repository with our
 # changes for a Llama teacher; its code stays out of this repository) into the ignored folder
@@ -114,6 +116,12 @@ PY
     release_rows "$((LIMIT - SECONDS))" uniform,ar,ga_s2
     ls -l "$OUT"
     ;;
+  stage2)
+    join_and_install
+    timeout "$LIMIT" python3 launch/bench_stage2.py --tag=h200 --smollm2_gguf="$STAGED/$GGUF_NAME" \
+      --batch_sizes=8,16,32 --remat=true,false --chunk_sizes=512,2048 \
+      --budget_s="$((LIMIT - 90))" --out="$OUT"
+    ;;
   release)
     join_and_install
     cp launch/results/zero_shot_smollm2_135m.json "$OUT/"
@@ -121,7 +129,7 @@ PY
     ls -l "$OUT"
     ;;
   *)
-    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation|stage_release|all|release" >&2
+    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation|stage_release|all|release|stage2" >&2
     exit 2
     ;;
 esac
