@@ -22,7 +22,8 @@ zero initial convolution state of a fresh cache, so results equal the unpadded s
 Cache (`init_gdn_cache`): {"state": [B, H, K, V] float32} plus, with the short conv,
 {"conv": {"q": [B, W-1, H*K], "k": [B, W-1, H*K], "v": [B, W-1, H*V]}}, the last W-1
 pre-convolution inputs of valid tokens. With a cache and T == 1 the mixer takes one O(1)
-recurrent step (`gated_delta_rule_step`); with T > 1 it runs the op from the cached state
+recurrent step (`ops.gdn.decode_step`: the definition's step rearranged to read the state once
+for both of its products and write it once); with T > 1 it runs the op from the cached state
 (prefill or continuation).
 
 Parameters (Flax names; on disk `model.layers.{i}.gdn.*` via hf_io, see models/student.py):
@@ -72,7 +73,8 @@ import numpy as np
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import repeat_kv_kernel
 from taylorcal_jax.models.mixers.spec import Mixer
-from taylorcal_jax.ops.gdn import api, reference
+from taylorcal_jax.ops.gdn import api
+from taylorcal_jax.ops.gdn.decode_step import gated_delta_rule_decode_step
 
 NAME = "gdn"
 SMALL_GATE_FACTOR = 0.02
@@ -257,10 +259,6 @@ def _run_op(q, k, v, g, beta, state, runtime: GDNRuntime):
     )
 
 
-def _step(q, k, v, g, beta, state):
-    return reference.gated_delta_rule_step(q, k, v, g, beta, state)
-
-
 # ---------------------------------------------------------------------------- module
 
 
@@ -352,7 +350,9 @@ class GatedDeltaNet(nn.Module):
         beta = jnp.where(valid_bt[..., None], beta, 0.0)
 
         if cache is not None and t == 1:
-            o, state = _step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"])
+            o, state = gated_delta_rule_decode_step(
+                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"]
+            )
             o = o[:, None]
         else:
             o, state = _run_op(
