@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from taylorcal_jax.ops.gdn.reference import compute_dtype, l2_normalize
+from taylorcal_jax.ops.gdn.reference import step_operands
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # true float32 dots on a GPU (no TF32)
 
@@ -42,14 +42,10 @@ def gated_delta_rule_decode_step(
 
     Returns (o_bhv in v's dtype, new state [B, H, K, V] in float32, or float64 when any input or
     the state is float64)."""
-    cdt = compute_dtype(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
-    scale = q_bhk.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = (x.astype(cdt) for x in (q_bhk, k_bhk, v_bhv))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    decay_bh = jnp.exp(g_bh.astype(cdt))
-    beta = beta_bh.astype(cdt)
-    state = state_bhkv.astype(cdt)
+    q, k, v, g, beta, state, scale = step_operands(
+        q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, scale, use_qk_l2norm
+    )
+    decay_bh = jnp.exp(g)
     reads_bh2v = jnp.einsum("bhkv,bhkn->bhnv", state, jnp.stack([k, q], -1), precision=_HIGHEST)
     correction_bhv = beta[..., None] * (v - decay_bh[..., None] * reads_bh2v[:, :, 0])
     kq_bh = jnp.sum(k * q, axis=-1)

@@ -37,6 +37,19 @@ def compute_dtype(*arrays):
     return jnp.float64 if any(a.dtype == jnp.float64 for a in arrays) else jnp.float32
 
 
+def step_operands(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, scale, use_qk_l2norm):
+    """One token's operands in the compute dtype (`compute_dtype`): (q, k, v, g, beta, state,
+    scale), q and k L2-normalised when asked, scale K^-1/2 unless given."""
+    cdt = compute_dtype(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
+    scale = q_bhk.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g, beta, state = (
+        x.astype(cdt) for x in (q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
+    )
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    return q, k, v, g, beta, state, scale
+
+
 def gated_delta_rule_step(
     q_bhk,
     k_bhk,
@@ -60,13 +73,10 @@ def gated_delta_rule_step(
     Returns (o_bhv in v's dtype, new state [B, H, K, V] in float32, or float64 when any input or
     the state is float64).
     """
-    cdt = compute_dtype(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
-    scale = q_bhk.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = (x.astype(cdt) for x in (q_bhk, k_bhk, v_bhv))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    g, beta = g_bh.astype(cdt), beta_bh.astype(cdt)
-    state = state_bhkv.astype(cdt) * jnp.exp(g)[..., None, None]
+    q, k, v, g, beta, state, scale = step_operands(
+        q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, scale, use_qk_l2norm
+    )
+    state = state * jnp.exp(g)[..., None, None]
     prediction_bhv = jnp.einsum("bhkv,bhk->bhv", state, k, precision=_HIGHEST)
     correction_bhv = beta[..., None] * (v - prediction_bhv)
     state = state + k[..., :, None] * correction_bhv[..., None, :]
