@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from taylorcal_jax.ops.gdn.operands import check_shapes, operand_dtype
+from taylorcal_jax.ops.gdn.operands import check_operands, operand_dtype
 from taylorcal_jax.ops.gdn.pallas_tpu.common import F32, Static
 from taylorcal_jax.ops.gdn.pallas_tpu.config import CHUNK_SIZES, TPUConfig, resolve_residuals
 from taylorcal_jax.ops.gdn.pallas_tpu.forward import forward_call
@@ -106,7 +106,8 @@ def gated_delta_rule_pallas_tpu(
     or None). interpret=True runs the kernels in the TPU interpreter (CPU tests). residuals
     (config.RESIDUALS or "auto") is what the forward under differentiation keeps. Differentiable
     (custom_vjp) in all float inputs and the initial state."""
-    b, t, h, kdim, vdim = check_shapes(q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    inputs = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    b, t, h, kdim, vdim = check_operands(*inputs, initial_state_bhkv, chunk_size)
     config = config or TPUConfig()
     reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size, config)
     if reason:
@@ -121,11 +122,6 @@ def gated_delta_rule_pallas_tpu(
     )
     s0 = None
     if initial_state_bhkv is not None:
-        if initial_state_bhkv.shape != (b, h, kdim, vdim):
-            raise ValueError(
-                f"initial_state must be [B,H,K,V]={(b, h, kdim, vdim)}, got "
-                f"{initial_state_bhkv.shape}"
-            )
         s0 = initial_state_bhkv.astype(F32).reshape(b * h, kdim, vdim)
     tp = -(-t // chunk_size) * chunk_size
     q, k, v = (_heads_outer(x, tp) for x in (q_bthk, k_bthk, v_bthv))
