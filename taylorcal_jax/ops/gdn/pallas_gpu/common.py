@@ -10,28 +10,14 @@ taylorcal_jax.ops.pallas_dot.mm.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from taylorcal_jax.ops.gdn.pallas_gpu.config import GDNPallasConfig
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.reference import L2_EPS
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class Static:
-    """The static options of one call (a nondiff argument of the custom_vjp)."""
-
-    chunk: int
-    scale: float
-    use_l2: bool
-    interpret: bool
-    cfg: GDNPallasConfig
-    residuals: str  # config.RESIDUALS: what the forward under differentiation keeps
 
 
 def rnorm(x, use_l2=True):

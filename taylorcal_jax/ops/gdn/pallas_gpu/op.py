@@ -18,9 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.ops.gdn.call_options import Static, call_options
 from taylorcal_jax.ops.gdn.operands import check_operands, operand_dtype
 from taylorcal_jax.ops.gdn.pallas_gpu.backward import backward
-from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, Static
+from taylorcal_jax.ops.gdn.pallas_gpu.common import F32
 from taylorcal_jax.ops.gdn.pallas_gpu.config import (
     GDNPallasConfig,
     default_config,
@@ -93,12 +94,13 @@ def gated_delta_rule_pallas(
             "the float32 kernel path takes float32 operands; bfloat16 q, k, v take BF16Config "
             "(config=None picks by dtype)"
         )
-    st = Static(
-        chunk=chunk_size,
-        scale=float(kdim**-0.5 if scale is None else scale),
-        use_l2=bool(use_qk_l2norm),
-        interpret=bool(interpret),
-        cfg=config,
+    st = call_options(
+        chunk_size=chunk_size,
+        kdim=kdim,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        interpret=interpret,
+        config=config,
         residuals=resolve_residuals(config, residuals),
     )
     # without an initial state the kernels start from zero: no zeros array to fill and read

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     F32,
-    Static,
     chunk_end,
     chunk_loop,
     chunk_rows,

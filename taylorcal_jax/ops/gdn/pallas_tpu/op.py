@@ -23,8 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.ops.gdn.call_options import Static, call_options
 from taylorcal_jax.ops.gdn.operands import check_operands, operand_dtype
-from taylorcal_jax.ops.gdn.pallas_tpu.common import F32, Static
+from taylorcal_jax.ops.gdn.pallas_tpu.common import F32
 from taylorcal_jax.ops.gdn.pallas_tpu.config import CHUNK_SIZES, TPUConfig, resolve_residuals
 from taylorcal_jax.ops.gdn.pallas_tpu.forward import forward_call
 from taylorcal_jax.ops.gdn.pallas_tpu.local import chunk_cumsum, chunk_local_map
@@ -112,12 +113,13 @@ def gated_delta_rule_pallas_tpu(
     reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size, config)
     if reason:
         raise ValueError(f"{reason}; use impl='chunked' for such inputs")
-    st = Static(
-        chunk=chunk_size,
-        scale=float(kdim**-0.5 if scale is None else scale),
-        use_l2=bool(use_qk_l2norm),
-        interpret=bool(interpret),
-        cfg=config,
+    st = call_options(
+        chunk_size=chunk_size,
+        kdim=kdim,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        interpret=interpret,
+        config=config,
         residuals=resolve_residuals(residuals),
     )
     s0 = None
