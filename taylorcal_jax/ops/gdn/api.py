@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
+from taylorcal_jax.ops.gdn.operands import check_operands
 from taylorcal_jax.ops.gdn.pallas_gpu.config import RESIDUALS
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
 
@@ -47,61 +48,6 @@ _logged_choices: set[tuple[str, str]] = set()
 
 class ImplementationUnavailableError(RuntimeError):
     """The requested implementation cannot run here (the message says why and what to use)."""
-
-
-def _is_float(x) -> bool:
-    return jnp.issubdtype(x.dtype, jnp.floating)
-
-
-def validate_inputs(
-    q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv=None, chunk_size: int = 64
-) -> None:
-    """Raises ValueError with a message saying what is wrong and what is expected."""
-    named = {"q": q_bthk, "k": k_bthk, "v": v_bthv, "g": g_bth, "beta": beta_bth}
-    for name, x, rank, layout in (
-        ("q", q_bthk, 4, "[B, T, H, K]"),
-        ("k", k_bthk, 4, "[B, T, H, K]"),
-        ("v", v_bthv, 4, "[B, T, H, V]"),
-        ("g", g_bth, 3, "[B, T, H]"),
-        ("beta", beta_bth, 3, "[B, T, H]"),
-    ):
-        if x.ndim != rank:
-            raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
-    for name, x in named.items():
-        if not _is_float(x):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    b, t, h, kdim = q_bthk.shape
-    if k_bthk.shape[:3] != (b, t, h):
-        raise ValueError(
-            f"q and k must agree on [B, T, H]: q {tuple(q_bthk.shape)}, k {tuple(k_bthk.shape)}"
-        )
-    if k_bthk.shape[3] != kdim:
-        raise ValueError(
-            f"q and k must have the same key dim K: q has {kdim}, k has {k_bthk.shape[3]}"
-        )
-    if v_bthv.shape[:3] != (b, t, h):
-        raise ValueError(
-            f"v must agree with q on [B, T, H] = {(b, t, h)}, got v {tuple(v_bthv.shape)}"
-        )
-    for name, x in (("g", g_bth), ("beta", beta_bth)):
-        if tuple(x.shape) != (b, t, h):
-            raise ValueError(
-                f"{name} must have shape [B, T, H] = {(b, t, h)} (one value per token and "
-                f"head), got {tuple(x.shape)}"
-            )
-    if initial_state_bhkv is not None:
-        expected = (b, h, kdim, v_bthv.shape[3])
-        if tuple(initial_state_bhkv.shape) != expected:
-            raise ValueError(
-                f"initial_state must have shape [B, H, K, V] = {expected}, "
-                f"got {tuple(initial_state_bhkv.shape)}"
-            )
-        if not _is_float(initial_state_bhkv):
-            raise ValueError(
-                f"initial_state must be floating point (float32), got {initial_state_bhkv.dtype}"
-            )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
 def _pallas_choice(backend: str) -> str:
@@ -210,7 +156,7 @@ def gated_delta_rule(
     )
     if initial_state_bhkv is not None:
         initial_state_bhkv = jnp.asarray(initial_state_bhkv)
-    validate_inputs(q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv, chunk_size)
+    check_operands(q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv, chunk_size)
     choice = resolve_impl(impl, q_bthk, k_bthk, v_bthv, chunk_size)
     kwargs = dict(
         initial_state_bhkv=initial_state_bhkv,

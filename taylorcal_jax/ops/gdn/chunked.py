@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from taylorcal_jax.ops.gdn.operands import check_operands
 from taylorcal_jax.ops.gdn.reference import compute_dtype, l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -264,12 +265,9 @@ def gated_delta_rule_chunked(
 
     Inputs in [B, T, H, .] layout; any T and any chunk_size >= 1 (T is padded up to a multiple).
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     inputs = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    b, _, h, kdim, vdim = check_operands(*inputs, initial_state_bhkv, chunk_size)
     cdt = compute_dtype(*inputs, *(() if initial_state_bhkv is None else (initial_state_bhkv,)))
-    b, _, h, kdim = q_bthk.shape
-    vdim = v_bthv.shape[-1]
     scale = kdim**-0.5 if scale is None else scale
     if initial_state_bhkv is None:
         state = jnp.zeros((b, h, kdim, vdim), cdt)

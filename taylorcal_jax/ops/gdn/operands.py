@@ -1,4 +1,5 @@
-"""Operand checks shared by the kernel entries of the gated delta rule (GPU and TPU Pallas).
+"""The operand check of every gated-delta-rule entry (api, chunked, GPU and TPU Pallas), and the
+Pallas kernels' dot operand dtype.
 
 Letters: B batch, T time, H heads, K key dim, V value dim.
 """
@@ -8,19 +9,63 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def check_shapes(q_bthk, k_bthk, v_bthv, g_bth, beta_bth) -> tuple[int, int, int, int, int]:
-    """(B, T, H, K, V) of q, k [B,T,H,K], v [B,T,H,V] and g, beta [B,T,H]; ValueError else."""
-    if q_bthk.ndim != 4 or k_bthk.shape != q_bthk.shape or v_bthv.shape[:3] != q_bthk.shape[:3]:
-        raise ValueError(
-            f"expected q, k [B,T,H,K] and v [B,T,H,V]; got {q_bthk.shape}, "
-            f"{k_bthk.shape}, {v_bthv.shape}"
-        )
+def _is_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def check_operands(
+    q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv=None, chunk_size: int = 64
+) -> tuple[int, int, int, int, int]:
+    """(B, T, H, K, V) of q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H] and the optional
+    initial state [B, H, K, V], all floating point, with chunk_size an int >= 1; else ValueError
+    saying what is wrong and what is expected."""
+    for name, x, rank, layout in (
+        ("q", q_bthk, 4, "[B, T, H, K]"),
+        ("k", k_bthk, 4, "[B, T, H, K]"),
+        ("v", v_bthv, 4, "[B, T, H, V]"),
+        ("g", g_bth, 3, "[B, T, H]"),
+        ("beta", beta_bth, 3, "[B, T, H]"),
+    ):
+        if x.ndim != rank:
+            raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
+    named = {"q": q_bthk, "k": k_bthk, "v": v_bthv, "g": g_bth, "beta": beta_bth}
+    for name, x in named.items():
+        if not _is_float(x):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     b, t, h, kdim = q_bthk.shape
-    if g_bth.shape != (b, t, h) or beta_bth.shape != (b, t, h):
+    if k_bthk.shape[:3] != (b, t, h):
         raise ValueError(
-            f"g and beta must be [B,T,H]={b, t, h}; got {g_bth.shape}, {beta_bth.shape}"
+            f"q and k must agree on [B, T, H]: q {tuple(q_bthk.shape)}, k {tuple(k_bthk.shape)}"
         )
-    return b, t, h, kdim, v_bthv.shape[-1]
+    if k_bthk.shape[3] != kdim:
+        raise ValueError(
+            f"q and k must have the same key dim K: q has {kdim}, k has {k_bthk.shape[3]}"
+        )
+    if v_bthv.shape[:3] != (b, t, h):
+        raise ValueError(
+            f"v must agree with q on [B, T, H] = {(b, t, h)}, got v {tuple(v_bthv.shape)}"
+        )
+    for name, x in (("g", g_bth), ("beta", beta_bth)):
+        if tuple(x.shape) != (b, t, h):
+            raise ValueError(
+                f"{name} must have shape [B, T, H] = {(b, t, h)} (one value per token and "
+                f"head), got {tuple(x.shape)}"
+            )
+    vdim = v_bthv.shape[3]
+    if initial_state_bhkv is not None:
+        expected = (b, h, kdim, vdim)
+        if tuple(initial_state_bhkv.shape) != expected:
+            raise ValueError(
+                f"initial_state must have shape [B, H, K, V] = {expected}, "
+                f"got {tuple(initial_state_bhkv.shape)}"
+            )
+        if not _is_float(initial_state_bhkv):
+            raise ValueError(
+                f"initial_state must be floating point (float32), got {initial_state_bhkv.dtype}"
+            )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    return b, t, h, kdim, vdim
 
 
 def operand_dtype(*xs):

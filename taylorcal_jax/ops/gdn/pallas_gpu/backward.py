@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.chunked import unit_lower_inverse
 from taylorcal_jax.ops.gdn.operands import operand_dtype
 from taylorcal_jax.ops.gdn.pallas_gpu.chunk import chunk_call
@@ -32,7 +33,7 @@ from taylorcal_jax.ops.gdn.pallas_gpu.chunk_backward import (
     chunk_local_backward_call,
     prep_call,
 )
-from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, Static
+from taylorcal_jax.ops.gdn.pallas_gpu.common import F32
 from taylorcal_jax.ops.gdn.pallas_gpu.reverse import grads_call, reverse_fused_call
 from taylorcal_jax.ops.gdn.pallas_gpu.segments import reverse_dh_pass, state_pass
 from taylorcal_jax.ops.gdn.pallas_gpu.states import states_call

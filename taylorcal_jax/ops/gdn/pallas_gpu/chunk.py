@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     F32,
-    Static,
     gamma,
     iota,
     launch,

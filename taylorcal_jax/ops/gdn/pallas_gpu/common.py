@@ -10,28 +10,16 @@ taylorcal_jax.ops.pallas_dot.mm.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from taylorcal_jax.ops.gdn.pallas_gpu.config import GDNPallasConfig
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.reference import L2_EPS
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class Static:
-    """The static options of one call (a nondiff argument of the custom_vjp)."""
-
-    chunk: int
-    scale: float
-    use_l2: bool
-    interpret: bool
-    cfg: GDNPallasConfig
-    residuals: str  # config.RESIDUALS: what the forward under differentiation keeps
 
 
 def rnorm(x, use_l2=True):
@@ -98,13 +86,48 @@ def chunk_loop(nt, load, step, init, prefetch: bool, reverse: bool = False):
     return lax.fori_loop(0, nt, body, (init, load(chunk(0))))[0]
 
 
-def with_s0(specs, args, s0, kdim, bv):
-    """(in_specs, operands) with the initial state appended when there is one. Without one
-    (s0 None) the sequential kernels start from zero and no zeros array is made or read."""
+class SeqSpecs(NamedTuple):
+    """BlockSpecs of a sequential pass: one program per (V-block j, b, h) over all Tp rows, or,
+    segmented, per (V-block j, segment s, b, h) over the rows of segment s."""
+
+    k: pl.BlockSpec  # its [rows, K] of a [B, Tp, H, K] operand
+    c: pl.BlockSpec  # its [rows, C] of a [B, Tp, H, C] operand
+    v: pl.BlockSpec  # its [rows, BV] (V-block j) of a [B, Tp, H, V] operand
+    t: pl.BlockSpec  # its [rows] of a [B, Tp, H] operand
+    hs: pl.BlockSpec  # its chunk-start states [rows / C * K, BV] of [B, H, NT * K, V]
+    state: pl.BlockSpec  # its [K, BV] of a state [B, H, K, V] ([B, H, NSEG, K, V] segmented)
+
+
+def seq_specs(rows: int, c: int, kdim: int, bv: int, segmented: bool = False) -> SeqSpecs:
+    """SeqSpecs of programs over `rows` rows each: Tp, or a segment's NSC * C when segmented."""
+
+    def spec(block, index):
+        # index(j, s, b, h) -> block indices; the unsegmented grid (j, b, h) is segment 0
+        if segmented:
+            return pl.BlockSpec(block, index)
+        return pl.BlockSpec(block, lambda j, bb, hh: index(j, 0, bb, hh))
+
+    if segmented:
+        state = spec((None, None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, s, 0, j))
+    else:
+        state = spec((None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, 0, j))
+    return SeqSpecs(
+        k=spec((None, rows, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0)),
+        c=spec((None, rows, None, c), lambda j, s, bb, hh: (bb, s, hh, 0)),
+        v=spec((None, rows, None, bv), lambda j, s, bb, hh: (bb, s, hh, j)),
+        t=spec((None, rows, None), lambda j, s, bb, hh: (bb, s, hh)),
+        hs=spec((None, None, rows // c * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j)),
+        state=state,
+    )
+
+
+def with_s0(specs, args, s0, state_spec):
+    """(in_specs, operands) with the initial state (BlockSpec state_spec) appended when there is
+    one. Without one (s0 None) the sequential kernels start from zero and no zeros array is made
+    or read."""
     if s0 is None:
         return specs, args
-    spec = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    return specs + [spec], args + [s0]
+    return specs + [state_spec], args + [s0]
 
 
 def start_state(refs, has_s0, shape):

@@ -17,9 +17,9 @@ bfloat16 path, by what the call keeps for a backward and whether the state pass 
 
 from __future__ import annotations
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.operands import operand_dtype
 from taylorcal_jax.ops.gdn.pallas_gpu.chunk import chunk_call
-from taylorcal_jax.ops.gdn.pallas_gpu.common import Static
 from taylorcal_jax.ops.gdn.pallas_gpu.output import fused_call, out_call
 from taylorcal_jax.ops.gdn.pallas_gpu.segments import num_state_segments, state_pass
 from taylorcal_jax.ops.gdn.pallas_gpu.states import states_call

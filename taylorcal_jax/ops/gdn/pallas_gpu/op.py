@@ -18,9 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from taylorcal_jax.ops.gdn.operands import check_shapes, operand_dtype
+from taylorcal_jax.ops.gdn.call_options import Static, call_options
+from taylorcal_jax.ops.gdn.operands import check_operands, operand_dtype
 from taylorcal_jax.ops.gdn.pallas_gpu.backward import backward
-from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, Static
+from taylorcal_jax.ops.gdn.pallas_gpu.common import F32
 from taylorcal_jax.ops.gdn.pallas_gpu.config import (
     GDNPallasConfig,
     default_config,
@@ -78,7 +79,8 @@ def gated_delta_rule_pallas(
     = the path's default) is what the forward run under differentiation keeps for the backward.
     Differentiable (custom_vjp) in all float inputs and the initial state.
     """
-    b, t, h, kdim, vd = check_shapes(q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    inputs = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    b, t, h, kdim, vd = check_operands(*inputs, initial_state_bhkv, chunk_size)
     reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size)
     if reason:
         raise ValueError(f"{reason}; use impl='chunked' for such inputs")
@@ -92,23 +94,17 @@ def gated_delta_rule_pallas(
             "the float32 kernel path takes float32 operands; bfloat16 q, k, v take BF16Config "
             "(config=None picks by dtype)"
         )
-    st = Static(
-        chunk=chunk_size,
-        scale=float(kdim**-0.5 if scale is None else scale),
-        use_l2=bool(use_qk_l2norm),
-        interpret=bool(interpret),
-        cfg=config,
+    st = call_options(
+        chunk_size=chunk_size,
+        kdim=kdim,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        interpret=interpret,
+        config=config,
         residuals=resolve_residuals(config, residuals),
     )
-    if initial_state_bhkv is None:
-        s0 = None  # the kernels start from zero: no zeros array to fill and read
-    else:
-        if initial_state_bhkv.shape != (b, h, kdim, vd):
-            raise ValueError(
-                f"initial_state must be [B,H,K,V]={(b, h, kdim, vd)}, got "
-                f"{initial_state_bhkv.shape}"
-            )
-        s0 = initial_state_bhkv.astype(F32)
+    # without an initial state the kernels start from zero: no zeros array to fill and read
+    s0 = None if initial_state_bhkv is None else initial_state_bhkv.astype(F32)
     pad = (-t) % chunk_size
     q, k, v, g, beta = q_bthk, k_bthk, v_bthv, g_bth.astype(F32), beta_bth
     if pad:

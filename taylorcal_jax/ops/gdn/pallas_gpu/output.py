@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     F32,
-    Static,
     chunk_end,
     chunk_loop,
     chunk_rows,
@@ -36,6 +36,7 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     iota,
     launch,
     rnorm,
+    seq_specs,
     start_state,
     with_s0,
 )
@@ -135,17 +136,14 @@ def fused_call(q, k, w, u, gcum, s0, st: Static, dt, out_dtype):
     vd = u.shape[-1]
     bv = fused_block_v(st, b, h, vd)
     nv = vd // bv
-    full_k = pl.BlockSpec((None, tp, None, kd), lambda j, bb, hh: (bb, 0, hh, 0))
-    full_v = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
-    full_t = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
-    state = pl.BlockSpec((None, None, kd, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    sp = seq_specs(tp, st.chunk, kd, bv)
     kern = functools.partial(_fused_kernel, st=st, dt=dt, nt=tp // st.chunk, has_s0=s0 is not None)
-    specs, args = with_s0([full_k, full_k, full_k, full_v, full_t], [q, k, w, u, gcum], s0, kd, bv)
+    specs, args = with_s0([sp.k, sp.k, sp.k, sp.v, sp.t], [q, k, w, u, gcum], s0, sp.state)
     return pl.pallas_call(
         kern,
         grid=(nv, b, h),
         in_specs=specs,
-        out_specs=[full_v, state],
+        out_specs=[sp.v, sp.state],
         out_shape=[
             jax.ShapeDtypeStruct((b, tp, h, vd), out_dtype),
             jax.ShapeDtypeStruct((b, h, kd, vd), F32),

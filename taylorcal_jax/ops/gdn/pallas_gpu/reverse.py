@@ -32,14 +32,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     F32,
-    Static,
     chunk_end,
     chunk_loop,
     chunk_rows,
     launch,
     seq_launch,
+    seq_specs,
 )
 from taylorcal_jax.ops.pallas_dot import mm
 
@@ -101,20 +102,15 @@ def reverse_fused_call(w, qg, kd, aqk, lgc, hmat, vp, do, dst, st: Static, dt):
     nt = tp // c
     bv = min(st.cfg.block_v, vd)
     nv = vd // bv
-    fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
-    fc = pl.BlockSpec((None, tp, None, c), lambda j, bb, hh: (bb, 0, hh, 0))
-    fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
-    ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
-    state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    sp = seq_specs(tp, c, kdim, bv)
     pk = pl.BlockSpec((None, None, tp, None, kdim), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pc = pl.BlockSpec((None, None, tp, None, c), lambda j, bb, hh: (j, bb, 0, hh, 0))
     pt = pl.BlockSpec((None, None, tp, None), lambda j, bb, hh: (j, bb, 0, hh))
     du, dw, dqg, dkd, daqk, dlgc, ds0 = pl.pallas_call(
         functools.partial(_fused_reverse_kernel, st=st, dt=dt, nt=nt, kdim=kdim),
         grid=(nv, b, h),
-        in_specs=[fv, fc, fk, fk, fk, ft, hs, fv, state],
-        out_specs=[fv, pk, pk, pk, pc, pt, state],
+        in_specs=[sp.v, sp.c, sp.k, sp.k, sp.k, sp.t, sp.hs, sp.v, sp.state],
+        out_specs=[sp.v, pk, pk, pk, pc, pt, sp.state],
         out_shape=[
             jax.ShapeDtypeStruct((b, tp, h, vd), F32),
             jax.ShapeDtypeStruct((nv, b, tp, h, kdim), F32),
@@ -181,18 +177,13 @@ def dh_call(do, aqk, qg, kd, w, lgc, dst, st: Static, dt):
     c = st.chunk
     nt = tp // c
     bv = min(st.cfg.block_v, vd)
-    fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
-    fc = pl.BlockSpec((None, tp, None, c), lambda j, bb, hh: (bb, 0, hh, 0))
-    fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
-    ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
-    state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
+    sp = seq_specs(tp, c, kdim, bv)
     prefetch, launch_opts = seq_launch("gdn_reverse_dh", st, (vd // bv) * b * h, dt, bwd=True)
     return pl.pallas_call(
         functools.partial(dh_kernel, st=st, dt=dt, nt=nt, kdim=kdim, prefetch=prefetch),
         grid=(vd // bv, b, h),
-        in_specs=[fv, fc, fk, fk, fk, ft, state],
-        out_specs=[fv, hs, state],
+        in_specs=[sp.v, sp.c, sp.k, sp.k, sp.k, sp.t, sp.state],
+        out_specs=[sp.v, sp.hs, sp.state],
         out_shape=[
             jax.ShapeDtypeStruct((b, tp, h, vd), dt),
             jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),

@@ -30,19 +30,22 @@ NSEG times more programs. NSEG: num_state_segments.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     F32,
-    Static,
+    SeqSpecs,
     chunk_end_decay,
     iota,
     launch,
     seq_launch,
+    seq_specs,
 )
 from taylorcal_jax.ops.gdn.pallas_gpu.reverse import dh_call, dh_kernel
 from taylorcal_jax.ops.gdn.pallas_gpu.states import states_call, states_kernel
@@ -93,6 +96,48 @@ def _segment_starts(x, start, vd, reverse=False):
     return jnp.moveaxis(starts, 0, 2)
 
 
+class _Segmentation(NamedTuple):
+    """Shapes and BlockSpecs of a segmented pass (state pass or reverse recurrence)."""
+
+    b: int
+    h: int
+    kdim: int
+    vd: int
+    nseg: int
+    nsc: int  # chunks per segment
+    bv: int
+    nv: int
+    specs: SeqSpecs  # per (V-block j, segment s, b, h) over the segment's NSC * C rows
+    v_ends: pl.BlockSpec  # specs.v for the ends kernels: their M programs (j >= NV) read block NV-1
+
+
+def _segmentation(st: Static, b, tp, h, kdim, vd, nseg) -> _Segmentation:
+    """_Segmentation of [B, Tp, H, K] operands and V values cut into nseg segments."""
+    c = st.chunk
+    bv = min(st.cfg.block_v, vd)
+    nv = vd // bv
+    rows = tp // nseg
+    v_ends = pl.BlockSpec(
+        (None, rows, None, bv), lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1))
+    )
+    specs = seq_specs(rows, c, kdim, bv, segmented=True)
+    return _Segmentation(b, h, kdim, vd, nseg, rows // c, bv, nv, specs, v_ends)
+
+
+def _ends_call(kernel, name: str, in_specs, args, sg: _Segmentation, st: Static, dt, bwd: bool):
+    """[B, H, NSEG, K, V + K] fp32, each segment's E (first V columns) and M (last K columns),
+    by the ends kernel `kernel` over the grid (NV + K / BV) x NSEG x B x H (step 1 above)."""
+    return pl.pallas_call(
+        functools.partial(kernel, st=st, dt=dt, nsc=sg.nsc, nv=sg.nv, bv=sg.bv, kdim=sg.kdim),
+        grid=(sg.nv + sg.kdim // sg.bv, sg.nseg, sg.b, sg.h),
+        in_specs=in_specs,
+        out_specs=sg.specs.state,
+        out_shape=jax.ShapeDtypeStruct((sg.b, sg.h, sg.nseg, sg.kdim, sg.vd + sg.kdim), F32),
+        interpret=st.interpret,
+        **launch(name, st, st.cfg.warps, dt, bwd),
+    )(*args)
+
+
 # ----------------------------------------------------------------------------- state pass
 
 
@@ -112,38 +157,21 @@ def _ends_kernel(w_ref, u_ref, kd_ref, gc_ref, x_ref, *, st, dt, nsc, nv, bv, kd
 def _states_segmented(w, u, kd, gc_src, s0, st: Static, dt, nseg, bwd):
     b, tp, h, kdim = w.shape
     vd = u.shape[-1]
-    c = st.chunk
-    nt = tp // c
-    bv = min(st.cfg.block_v, vd)
-    nv = vd // bv
-    nsc = nt // nseg
-    tseg = nsc * c
-    fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
-    ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
-    fu = pl.BlockSpec(
-        (None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1))
+    sg = _segmentation(st, b, tp, h, kdim, vd, nseg)
+    sp = sg.specs
+    ends_specs = [sp.k, sg.v_ends, sp.k, sp.t]
+    x = _ends_call(
+        _ends_kernel, "gdn_segment_ends", ends_specs, (w, u, kd, gc_src), sg, st, dt, bwd
     )
-    seg_state = pl.BlockSpec((None, None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, s, 0, j))
-    x = pl.pallas_call(
-        functools.partial(_ends_kernel, st=st, dt=dt, nsc=nsc, nv=nv, bv=bv, kdim=kdim),
-        grid=(nv + kdim // bv, nseg, b, h),
-        in_specs=[fk, fu, fk, ft],
-        out_specs=seg_state,
-        out_shape=jax.ShapeDtypeStruct((b, h, nseg, kdim, vd + kdim), F32),
-        interpret=st.interpret,
-        **launch("gdn_segment_ends", st, st.cfg.warps, dt, bwd),
-    )(w, u, kd, gc_src)
     starts = _segment_starts(x, s0, vd)
-    fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
-    hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
-    prefetch, launch_opts = seq_launch("gdn_states_seg", st, nv * nseg * b * h, dt, bwd)
+    prefetch, launch_opts = seq_launch("gdn_states_seg", st, sg.nv * nseg * b * h, dt, bwd)
     hmat, vp, ends = pl.pallas_call(
-        functools.partial(states_kernel, st=st, dt=dt, nt=nsc, kdim=kdim, prefetch=prefetch),
-        grid=(nv, nseg, b, h),
-        in_specs=[fk, fv, fk, ft, seg_state],
-        out_specs=[hs, fv, seg_state],
+        functools.partial(states_kernel, st=st, dt=dt, nt=sg.nsc, kdim=kdim, prefetch=prefetch),
+        grid=(sg.nv, nseg, b, h),
+        in_specs=[sp.k, sp.v, sp.k, sp.t, sp.state],
+        out_specs=[sp.hs, sp.v, sp.state],
         out_shape=[
-            jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+            jax.ShapeDtypeStruct((b, h, tp // st.chunk * kdim, vd), dt),
             jax.ShapeDtypeStruct((b, tp, h, vd), dt),
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
@@ -191,40 +219,24 @@ def _rev_ends_kernel(
 def _reverse_dh_segmented(do, aqk, qg, kd, w, lgc, dst, st: Static, dt, nseg):
     b, tp, h, kdim = w.shape
     vd = do.shape[-1]
-    c = st.chunk
-    nt = tp // c
-    bv = min(st.cfg.block_v, vd)
-    nv = vd // bv
-    nsc = nt // nseg
-    tseg = nsc * c
-    fk = pl.BlockSpec((None, tseg, None, kdim), lambda j, s, bb, hh: (bb, s, hh, 0))
-    fc = pl.BlockSpec((None, tseg, None, c), lambda j, s, bb, hh: (bb, s, hh, 0))
-    ft = pl.BlockSpec((None, tseg, None), lambda j, s, bb, hh: (bb, s, hh))
-    fdo = pl.BlockSpec(
-        (None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, jnp.minimum(j, nv - 1))
+    sg = _segmentation(st, b, tp, h, kdim, vd, nseg)
+    sp = sg.specs
+    ends_specs = [sg.v_ends, sp.c, sp.k, sp.k, sp.k, sp.t]
+    ends_args = (do, aqk, qg, kd, w, lgc)
+    x = _ends_call(
+        _rev_ends_kernel, "gdn_reverse_segment_ends", ends_specs, ends_args, sg, st, dt, bwd=True
     )
-    seg_state = pl.BlockSpec((None, None, None, kdim, bv), lambda j, s, bb, hh: (bb, hh, s, 0, j))
-    x = pl.pallas_call(
-        functools.partial(_rev_ends_kernel, st=st, dt=dt, nsc=nsc, nv=nv, bv=bv, kdim=kdim),
-        grid=(nv + kdim // bv, nseg, b, h),
-        in_specs=[fdo, fc, fk, fk, fk, ft],
-        out_specs=seg_state,
-        out_shape=jax.ShapeDtypeStruct((b, h, nseg, kdim, vd + kdim), F32),
-        interpret=st.interpret,
-        **launch("gdn_reverse_segment_ends", st, st.cfg.warps, dt, bwd=True),
-    )(do, aqk, qg, kd, w, lgc)
     seg_dst = _segment_starts(x, dst, vd, reverse=True)  # dS' at each segment's end
-    fv = pl.BlockSpec((None, tseg, None, bv), lambda j, s, bb, hh: (bb, s, hh, j))
-    hs = pl.BlockSpec((None, None, nsc * kdim, bv), lambda j, s, bb, hh: (bb, hh, s, j))
-    prefetch, launch_opts = seq_launch("gdn_reverse_dh_seg", st, nv * nseg * b * h, dt, bwd=True)
+    programs = sg.nv * nseg * b * h
+    prefetch, launch_opts = seq_launch("gdn_reverse_dh_seg", st, programs, dt, bwd=True)
     du, dh, seg_ds0 = pl.pallas_call(
-        functools.partial(dh_kernel, st=st, dt=dt, nt=nsc, kdim=kdim, prefetch=prefetch),
-        grid=(nv, nseg, b, h),
-        in_specs=[fv, fc, fk, fk, fk, ft, seg_state],
-        out_specs=[fv, hs, seg_state],
+        functools.partial(dh_kernel, st=st, dt=dt, nt=sg.nsc, kdim=kdim, prefetch=prefetch),
+        grid=(sg.nv, nseg, b, h),
+        in_specs=[sp.v, sp.c, sp.k, sp.k, sp.k, sp.t, sp.state],
+        out_specs=[sp.v, sp.hs, sp.state],
         out_shape=[
             jax.ShapeDtypeStruct((b, tp, h, vd), dt),
-            jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
+            jax.ShapeDtypeStruct((b, h, tp // st.chunk * kdim, vd), dt),
             jax.ShapeDtypeStruct((b, h, nseg, kdim, vd), F32),
         ],
         interpret=st.interpret,

@@ -23,14 +23,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     F32,
-    Static,
     chunk_end,
     chunk_loop,
     chunk_rows,
     rnorm,
     seq_launch,
+    seq_specs,
     start_state,
     with_s0,
 )
@@ -87,12 +88,8 @@ def states_call(w, u, kd, gc_src, s0, st: Static, dt, bwd=False, kd_from_k=False
     nt = tp // st.chunk
     bv = min(st.cfg.block_v, vd)
     prefetch, launch_opts = seq_launch("gdn_states", st, (vd // bv) * b * h, dt, bwd)
-    fk = pl.BlockSpec((None, tp, None, kdim), lambda j, bb, hh: (bb, 0, hh, 0))
-    fv = pl.BlockSpec((None, tp, None, bv), lambda j, bb, hh: (bb, 0, hh, j))
-    ft = pl.BlockSpec((None, tp, None), lambda j, bb, hh: (bb, 0, hh))
-    state = pl.BlockSpec((None, None, kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    hs = pl.BlockSpec((None, None, nt * kdim, bv), lambda j, bb, hh: (bb, hh, 0, j))
-    specs, args = with_s0([fk, fv, fk, ft], [w, u, kd, gc_src], s0, kdim, bv)
+    sp = seq_specs(tp, st.chunk, kdim, bv)
+    specs, args = with_s0([sp.k, sp.v, sp.k, sp.t], [w, u, kd, gc_src], s0, sp.state)
     return pl.pallas_call(
         functools.partial(
             states_kernel,
@@ -106,7 +103,7 @@ def states_call(w, u, kd, gc_src, s0, st: Static, dt, bwd=False, kd_from_k=False
         ),
         grid=(vd // bv, b, h),
         in_specs=specs,
-        out_specs=[hs, fv, state],
+        out_specs=[sp.hs, sp.v, sp.state],
         out_shape=[
             jax.ShapeDtypeStruct((b, h, nt * kdim, vd), dt),
             jax.ShapeDtypeStruct((b, tp, h, vd), dt),

@@ -10,28 +10,15 @@ accumulation on the MXU; fp32 operands at HIGHEST precision, 16-bit ones at the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
-from taylorcal_jax.ops.gdn.pallas_tpu.config import INVERSE_BLOCK, TPUConfig
+from taylorcal_jax.ops.gdn.call_options import Static
+from taylorcal_jax.ops.gdn.pallas_tpu.config import INVERSE_BLOCK
 from taylorcal_jax.ops.pallas_dot import mm
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class Static:
-    """The static options of one call (a nondiff argument of the custom_vjp)."""
-
-    chunk: int
-    scale: float
-    use_l2: bool
-    interpret: bool
-    cfg: TPUConfig
-    residuals: str  # config.RESIDUALS: what the forward under differentiation keeps
 
 
 def iota(shape, dim):

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.operands import operand_dtype
 from taylorcal_jax.ops.gdn.pallas_tpu.common import (
     F32,
-    Static,
     column,
     iota,
     last_row,

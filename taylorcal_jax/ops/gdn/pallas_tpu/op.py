@@ -23,8 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from taylorcal_jax.ops.gdn.operands import check_shapes, operand_dtype
-from taylorcal_jax.ops.gdn.pallas_tpu.common import F32, Static
+from taylorcal_jax.ops.gdn.call_options import Static, call_options
+from taylorcal_jax.ops.gdn.operands import check_operands, operand_dtype
+from taylorcal_jax.ops.gdn.pallas_tpu.common import F32
 from taylorcal_jax.ops.gdn.pallas_tpu.config import CHUNK_SIZES, TPUConfig, resolve_residuals
 from taylorcal_jax.ops.gdn.pallas_tpu.forward import forward_call
 from taylorcal_jax.ops.gdn.pallas_tpu.local import chunk_cumsum, chunk_local_map
@@ -106,26 +107,23 @@ def gated_delta_rule_pallas_tpu(
     or None). interpret=True runs the kernels in the TPU interpreter (CPU tests). residuals
     (config.RESIDUALS or "auto") is what the forward under differentiation keeps. Differentiable
     (custom_vjp) in all float inputs and the initial state."""
-    b, t, h, kdim, vdim = check_shapes(q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    inputs = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
+    b, t, h, kdim, vdim = check_operands(*inputs, initial_state_bhkv, chunk_size)
     config = config or TPUConfig()
     reason = unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size, config)
     if reason:
         raise ValueError(f"{reason}; use impl='chunked' for such inputs")
-    st = Static(
-        chunk=chunk_size,
-        scale=float(kdim**-0.5 if scale is None else scale),
-        use_l2=bool(use_qk_l2norm),
-        interpret=bool(interpret),
-        cfg=config,
+    st = call_options(
+        chunk_size=chunk_size,
+        kdim=kdim,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        interpret=interpret,
+        config=config,
         residuals=resolve_residuals(residuals),
     )
     s0 = None
     if initial_state_bhkv is not None:
-        if initial_state_bhkv.shape != (b, h, kdim, vdim):
-            raise ValueError(
-                f"initial_state must be [B,H,K,V]={(b, h, kdim, vdim)}, got "
-                f"{initial_state_bhkv.shape}"
-            )
         s0 = initial_state_bhkv.astype(F32).reshape(b * h, kdim, vdim)
     tp = -(-t // chunk_size) * chunk_size
     q, k, v = (_heads_outer(x, tp) for x in (q_bthk, k_bthk, v_bthv))
