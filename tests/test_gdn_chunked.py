@@ -335,6 +335,26 @@ def test_api_rejects_bad_inputs_with_clear_messages(changes, message):
         api.gated_delta_rule(*args, **kwargs)
 
 
+@pytest.mark.parametrize("entry", ["chunked", "pallas_gpu", "pallas_tpu"])
+def test_each_entry_point_called_directly_checks_its_operands(entry):
+    from taylorcal_jax.ops.gdn.pallas_gpu.op import gated_delta_rule_pallas
+    from taylorcal_jax.ops.gdn.pallas_tpu.op import gated_delta_rule_pallas_tpu
+
+    fn = {
+        "chunked": gated_delta_rule_chunked,
+        "pallas_gpu": gated_delta_rule_pallas,
+        "pallas_tpu": gated_delta_rule_pallas_tpu,
+    }[entry]
+    for changes, message in [
+        ({"k": jnp.zeros((2, 5, 3, 8))}, r"same key dim K: q has 4, k has 8"),
+        ({"initial_state_bhkv": jnp.zeros((2, 3, 2, 4))}, r"initial_state must have shape"),
+        ({"q": jnp.zeros((2, 5, 3, 4), jnp.int32)}, r"q must be a floating-point array"),
+    ]:
+        args, kwargs = _bad(**changes)
+        with pytest.raises(ValueError, match=message):
+            fn(*args, **kwargs)
+
+
 def test_chunked_sharded_over_batch_and_heads_equals_single_device():
     devices = jax.devices()
     if len(devices) < 8:

@@ -46,7 +46,7 @@ def _args(inputs, dtype=jnp.float32):
 
 
 def _static(cfg, chunk=64, use_l2=True, residuals="inputs"):
-    from taylorcal_jax.ops.gdn.pallas_gpu.common import Static
+    from taylorcal_jax.ops.gdn.call_options import Static
 
     return Static(
         chunk=chunk, scale=1.0, use_l2=use_l2, interpret=True, cfg=cfg, residuals=residuals
