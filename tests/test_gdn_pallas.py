@@ -533,3 +533,51 @@ def test_gpu_api_pallas_residuals_give_the_same_gradients(residuals):
     assert _l2_rel(o, ro) < 5e-3
     for name, a, r in zip(NAMES, grads, rgrads, strict=True):
         assert _l2_rel(a, r) < 1e-2, (name, _l2_rel(a, r))
+
+
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _triton_kernels_of_a_gradient(dtype, config, residuals, t=1024):
+    """Exports value_and_grad of the op for platform "cuda" (no GPU needed: Pallas's Triton
+    lowering runs at export, checking every block shape, load, dot and store) and counts the
+    Triton kernels in the exported module."""
+    b, h, kdim, vdim = 1, 2, 128, 128
+    shapes = [(b, t, h, kdim), (b, t, h, kdim), (b, t, h, vdim), (b, t, h), (b, t, h)]
+    dtypes = [dtype, dtype, dtype, jnp.float32, dtype]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+    args.append(jax.ShapeDtypeStruct((b, h, kdim, vdim), jnp.float32))
+
+    def loss(q, k, v, g, beta, s0):
+        o, s = gated_delta_rule_pallas(
+            q, k, v, g, beta, initial_state_bhkv=s0, output_final_state=True, config=config,
+            residuals=residuals,
+        )  # fmt: skip
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+    skip = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
+    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=skip)(*args)
+    return exported.mlir_module().count(_TRITON_CALL)
+
+
+@pytest.mark.parametrize(
+    "dtype, config, residuals",
+    [
+        (jnp.float32, F32Config(), "inputs"),
+        (jnp.bfloat16, BF16Config(), "inputs"),
+        (jnp.bfloat16, BF16Config(), "t"),
+        (jnp.bfloat16, BF16Config(), "states"),
+    ],
+    ids=["f32", "bf16-inputs", "bf16-t", "bf16-states"],
+)
+def test_forward_and_backward_lower_to_triton_for_a_gpu(dtype, config, residuals):
+    # Qwen2.5-1.5B's GDN head dims (K = V = 128); 16 chunks on 2 (b, h) rows x 2 V-blocks: a grid
+    # small enough that the bf16 state pass and reverse recurrence run segmented
+    assert _triton_kernels_of_a_gradient(dtype, config, residuals) > 0
+
+
+def test_segmented_passes_add_their_segment_end_kernels_in_the_triton_lowering():
+    segmented = _triton_kernels_of_a_gradient(jnp.bfloat16, BF16Config(), "states")
+    whole = _triton_kernels_of_a_gradient(jnp.bfloat16, BF16Config(segment_programs=0), "states")
+    assert segmented > whole > 0
