@@ -21,8 +21,9 @@
 #   POLICIES=ar,ga_s2 bash launch/smollm2_gpu.sh release   # carry workdirs/refrel (and .whl):
 #       only the release's rows for POLICIES (~2 minutes each), added to a copy of the committed
 #       launch/results/zero_shot_smollm2_135m.json in $OUT (same text, seeds and keep sets)
-#   bash launch/smollm2_gpu.sh stage2     # (.whl): the stage-2 throughput sweep of
-#       launch/bench_stage2.py (batch 8/16/32 x remat on/off x KL chunk 512/2048) -> $OUT
+#   bash launch/smollm2_gpu.sh stage2     # (.whl; no GGUF: random weights of the same shape
+#       do the same work): the stage-2 throughput sweep of launch/bench_stage2.py
+#       (batch 8/16/32 x remat on/off x KL chunk 512/2048) -> $OUT
 #
 # `stage_release` copies the release's checkout (the Taylor-Calibrate repository with our
 # changes for a Llama teacher; its code stays out of this repository) into the ignored folder
@@ -48,12 +49,16 @@ CONFIG="configs/smollm2_135m.py:$STAGED/$GGUF_NAME"
 COMMON=(--workdir="$WORK" --out="$OUT" --config.progress=False
   --config.calibration.gdn.impl="${GDN_IMPL:-chunked}")
 
+install_wheels() {
+  if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-deps .whl/*.whl; fi
+}
+
 join_and_install() {
   if [ ! -f "$STAGED/$GGUF_NAME" ]; then
     cat "$STAGED/$GGUF_NAME.part_a" workdirs/gguf_b/"$GGUF_NAME".part_b >"$STAGED/$GGUF_NAME"
   fi
   echo "$GGUF_MD5  $STAGED/$GGUF_NAME" | md5sum -c -
-  if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-deps .whl/*.whl; fi
+  install_wheels
 }
 
 ablation() {
@@ -117,8 +122,8 @@ PY
     ls -l "$OUT"
     ;;
   stage2)
-    join_and_install
-    timeout "$LIMIT" python3 launch/bench_stage2.py --tag=h200 --smollm2_gguf="$STAGED/$GGUF_NAME" \
+    install_wheels
+    timeout "$LIMIT" python3 launch/bench_stage2.py --tag=h200 --random_smollm2 \
       --batch_sizes=8,16,32 --remat=true,false --chunk_sizes=512,2048 \
       --budget_s="$((LIMIT - 90))" --out="$OUT"
     ;;
