@@ -1,7 +1,8 @@
 """Where the time of a decode step and of a distillation stage-2 step goes: device kernels and
 idle gaps, read from a JAX profiler trace (no Nsight needed).
 
-Targets (--targets, rows in the order given; the decode targets' rows interleaved by row):
+Targets (--targets; rows in the order given, the decode targets' rows paired: per (L, B) one
+row of each decode target asked for):
 
   decode_student, decode_teacher
       one call of bench_inference.decode_program: N = --decode_steps greedy single-token steps
@@ -61,8 +62,8 @@ the kernels are the kernels' own. Compare busy with the untraced wall time.
 
 Results: <out>/profile_steps_<tag>.{json,md} (tag default: "small", or the device kind), written
 whole after every row (a call cut at its time limit keeps the rows it finished), with device,
-versions, date, command, git and XLA_FLAGS; the top --top names and families of each row in the
-.md, all of them in the .json. A failing row (out of memory) is recorded with its one-line error
+versions, date, command, git and XLA_FLAGS; the top --top names (and 10 families) of each row in
+the .md, all of them in the .json. A failing row (out of memory) is recorded with its one-line error
 and the next one runs; no row starts after --budget_s seconds (0: no limit), the rows left are
 listed as not started.
 
@@ -802,9 +803,9 @@ def _failed(r: dict, columns: int) -> str:
 
 def _decode_table(rows_: list[dict]) -> list[str]:
     lines = [
-        "| target | L | B | roofline ms/step | busy ms/step | wall ms/step | traced wall ms/step "
-        "| busy / roofline | wall / busy | of roofline | kernels/step | traced gaps per call: "
-        "lead / between / tail ms |",
+        "| target | L | B | roofline ms/step | busy ms/step | untraced wall ms/step | traced wall "
+        "ms/step | busy / roofline | wall / busy | of roofline | kernels/step | traced gaps per "
+        "call: lead / between / tail ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows_:
@@ -829,9 +830,9 @@ def _decode_table(rows_: list[dict]) -> list[str]:
 
 def _stage2_table(rows_: list[dict]) -> list[str]:
     lines = [
-        "| batch | seq | remat | KL chunk | step s | busy s | loop step s | traced wall s | "
-        "kernels | tokens/s | MFU | MFU at busy | wall / busy | traced gaps: lead / between / "
-        "tail ms |",
+        "| batch | seq | remat | KL chunk | untraced step s | busy s | loop step s | traced "
+        "wall s | kernels | tokens/s | MFU | MFU at busy | wall / busy | traced gaps: lead / "
+        "between / tail ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows_:
