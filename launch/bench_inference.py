@@ -288,16 +288,23 @@ def time_prefill(program, params, tokens, repeats):
     return float(np.median(times)), out
 
 
+def fresh_copy(cache):
+    """A copy of `cache` on the device, finished: what a decode call donates, so that `cache`
+    itself serves every call."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.block_until_ready(jax.tree.map(jnp.copy, cache))
+
+
 def time_decode(program, params, cache, token_b, repeats):
     """(median seconds per call, all logits finite); each call decodes from a fresh copy of
     `cache` (made untimed, donated to the program)."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     finite, times = True, []
     for i in range(repeats + 1):
-        fresh = jax.block_until_ready(jax.tree.map(jnp.copy, cache))
+        fresh = fresh_copy(cache)
         t, (_, _, ok) = _timed(lambda fresh=fresh: program(params, fresh, token_b))
         del fresh
         finite &= bool(ok)

@@ -1,0 +1,1110 @@
+"""Where the time of a decode step and of a distillation stage-2 step goes: device kernels and
+idle gaps, read from a JAX profiler trace (no Nsight needed).
+
+Targets (--targets; rows in the order given, the decode targets' rows paired: per (L, B) one
+row of each decode target asked for):
+
+  decode_student, decode_teacher
+      one call of bench_inference.decode_program: N = --decode_steps greedy single-token steps
+      (one jitted lax.scan) of the student or the teacher of the Qwen2.5-1.5B shape (random
+      weights, bench_inference.build_models), batch B, from a cache of L + N slots whose first L
+      are filled (probe_decode.filled_cache: no prefill to compile); a row per (--context L,
+      --batch B), decoding attention --decode_attention.
+  stage2
+      one distillation stage-2 training step (bench_scaling.stage2_problem, the program
+      loop.compiled_step compiles, as bench_stage2 builds it) of SmolLM2-135M (--smollm2_gguf,
+      or random weights of its shape with --random_smollm2); a row per point of --batch_sizes x
+      --seq_lens x --remat x --chunk_sizes (bench_stage2.points).
+
+Per row the program is compiled and called once (warm-up); then timed --calls times without the
+profiler (the wall time a user sees); then called --calls times under
+`jax.profiler.trace(dir, create_perfetto_trace=True)`, each call inside a
+`jax.profiler.TraceAnnotation("profile_steps call <i>")`. Work a call needs but that is not
+the step (a decode call's fresh copy of the cache, which it donates) is done before the call's
+timer and annotation start. The trace file (perfetto_trace.json.gz under
+<trace_dir>/<tag>/<row>/; never copied into the results) is summarised:
+
+  device events  on a GPU the events of the stream tracks: threads "Stream #..." of the
+                 processes "/device:GPU:..." (named by the trace's metadata events, "ph": "M"),
+                 i.e. the kernels, copies and memsets as CUPTI timed them on the device; XProf's
+                 derived tracks ("XLA Ops", "XLA Modules", "Steps", ...) repeat them and are left
+                 out. Without such tracks (a CPU) the events of XLA's ops on the host threads
+                 (those with an "hlo_op" argument: XLA:CPU's thunks) stand in. trace.tracks says
+                 which tracks were read.
+  per call       an event belongs to the call whose annotation holds its midpoint (clipped to
+                 the annotation). wall = the annotation's duration (dispatch, device work, final
+                 synchronisation); busy = the length of the union of the call's events;
+                 gap = wall - busy = lead (call start to the first event: dispatch) + between
+                 (idle between events: kernel launches, host round trips such as the predicate
+                 copy of each iteration of a while loop) + tail (last event to the call's end);
+                 kernels = the call's event count.
+  by name        per event name over the calls: count, total and mean duration, and its busy
+                 time: each instant of the busy union split equally among the tracks busy then,
+                 on each track given to its innermost event (the latest started: an XLA:CPU
+                 while thunk holds its body's thunks), so that the names' busy times add up to
+                 the calls' busy time; share = busy / the calls' busy time. by_family sums the
+                 names without their trailing numeric suffixes (loop_fusion.12 -> loop_fusion).
+
+How to read a row. Decode rows have the roofline of a step: bench_inference.decode_step_bytes
+over the copy bandwidth measured in the same run (bench_inference.copy_bandwidth), next to the
+busy time per step (busy / N) and the untraced wall time per step. busy >> roofline: the kernels
+are slow (the top names say which); wall >> busy: the device idles (the gaps say where). Stage-2
+rows have tokens/s and MFU (recovery.throughput: 6 N tokens/s over the bf16 peak) at the untraced
+step time and at the busy time (what the kernels would give if the device never idled), and the
+training loop's median step time (bench_scaling.time_steps, as bench_stage2 times it: batch
+building and the metrics' fetch included), the cost of the loop around the step.
+
+Traced against untraced: while profiling, XLA launches each kernel on its own (its command
+buffers, i.e. CUDA graphs, are off under the profiler unless XLA_FLAGS has
+--xla_enable_command_buffers_during_profiling=true) and the tracer adds a cost to each launch,
+so the traced wall time and gaps are upper bounds of the untraced ones; the device durations of
+the kernels are the kernels' own. Compare busy with the untraced wall time.
+
+Results: <out>/profile_steps_<tag>.{json,md} (tag default: "small", or the device kind), written
+whole after every row (a call cut at its time limit keeps the rows it finished), with device,
+versions, date, command, git and XLA_FLAGS; the top --top names (and 10 families) of each row in
+the .md, all of them in the .json. A failing row (out of memory) is recorded with its one-line error
+and the next one runs; no row starts after --budget_s seconds (0: no limit), the rows left are
+listed as not started.
+
+The GPU command (one H200, one call of under 8 minutes; .whl/ carried for ml-collections):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD timeout 470 python3 launch/profile_steps.py --tag=h200 \\
+        --targets=stage2,decode_student,decode_teacher --random_smollm2 \\
+        --context=16384,65536 --batch=16,1 --decode_attention=pallas --budget_s=390 --out="$OUT"
+
+A CPU dry run with tiny shapes (decode at L=64, B=2; a stage-2 step of the tiny teacher):
+
+    python launch/profile_steps.py --preset=small --out=/tmp/profile_steps
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import gc
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import bench_inference as bench  # launch/ is on sys.path when run as a script
+import bench_stage2
+import results_io
+from absl import app, flags
+
+TARGETS = ("decode_student", "decode_teacher", "stage2")
+CALL_ANNOTATION = "profile_steps call "  # + the call's index
+GPU_PROCESS_PREFIX = "/device:GPU"
+GPU_STREAM_PREFIX = "Stream #"
+# a call's figures (summarise_trace), microseconds but for the event count
+CALL_FIGURES = ("wall_us", "busy_us", "gap_us", "kernels", "lead_us", "between_us", "tail_us")
+NAME_CHARS = 100  # longer event names (C++ kernel templates) are cut in the .md, not the .json
+# the decode model shapes of each preset (bench_inference's)
+DECODE_PRESET = {"full": "qwen2_5_1_5b", "small": "small"}
+
+
+class SettingsError(ValueError):
+    """A bad command-line value (the message is the one line the user sees)."""
+
+
+# ------------------------------------------------------------------------ trace: pure parts
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceEvent:
+    """One event of a device track; times in microseconds (the trace's unit)."""
+
+    track: str
+    name: str
+    start_us: float
+    end_us: float
+
+
+def find_trace_file(trace_dir: str) -> str:
+    """The newest perfetto_trace.json.gz under `trace_dir` (what create_perfetto_trace writes,
+    under plugins/profile/<run>/), else the newest XProf *.trace.json.gz (same events)."""
+    for pattern in ("perfetto_trace.json.gz", "*.trace.json.gz"):
+        found = glob.glob(os.path.join(trace_dir, "**", pattern), recursive=True)
+        if found:
+            return max(found, key=os.path.getmtime)
+    written = sorted(
+        os.path.relpath(os.path.join(d, f), trace_dir)
+        for d, _, files in os.walk(trace_dir)
+        for f in files
+    )
+    raise FileNotFoundError(f"no trace .json.gz under {trace_dir}; it holds {written[:10]}")
+
+
+def load_trace(path: str) -> list[dict]:
+    """The "traceEvents" of a Chrome/Perfetto JSON trace file (.json or .json.gz)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def track_names(events: list[dict]) -> dict[tuple, tuple[str, str]]:
+    """{(pid, tid): (process name, thread name)} from the metadata events ("ph": "M")."""
+    processes, threads = {}, {}
+    for e in events:
+        if e.get("ph") != "M":
+            continue
+        if e.get("name") == "process_name":
+            processes[e["pid"]] = e["args"]["name"]
+        elif e.get("name") == "thread_name":
+            threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    return {key: (processes.get(key[0], ""), name) for key, name in threads.items()}
+
+
+def device_events(events: list[dict]) -> tuple[str, list[DeviceEvent]]:
+    """(kind, events) of the device tracks (module docstring): kind "gpu_streams" when the trace
+    has GPU stream tracks, else "xla_host_ops". A track is "<process> / <thread>"."""
+    names = track_names(events)
+    streams = {
+        key
+        for key, (process, thread) in names.items()
+        if process.startswith(GPU_PROCESS_PREFIX) and thread.startswith(GPU_STREAM_PREFIX)
+    }
+    kind = "gpu_streams" if streams else "xla_host_ops"
+
+    def is_device(e, key) -> bool:
+        if streams:
+            return key in streams
+        return names.get(key, ("", ""))[0].startswith("/host:") and "hlo_op" in e.get("args", {})
+
+    out = []
+    for e in events:
+        key = (e.get("pid"), e.get("tid"))
+        if e.get("ph") == "X" and is_device(e, key):
+            process, thread = names.get(key, ("", ""))
+            start = float(e["ts"])
+            out.append(DeviceEvent(f"{process} / {thread}", e["name"], start, start + e["dur"]))
+    return kind, out
+
+
+def call_windows(events: list[dict]) -> list[tuple[float, float]]:
+    """[(start, end)] in microseconds of the annotations "profile_steps call <i>", by i."""
+    calls = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and name.startswith(CALL_ANNOTATION):
+            start = float(e["ts"])
+            calls[int(name[len(CALL_ANNOTATION) :])] = (start, start + e["dur"])
+    return [calls[i] for i in sorted(calls)]
+
+
+def union_us(intervals) -> float:
+    """Length of the union of [start, end] intervals."""
+    total, current = 0.0, None
+    for start, end in sorted(intervals):
+        if current is None or start > current[1]:
+            if current is not None:
+                total += current[1] - current[0]
+            current = [start, end]
+        else:
+            current[1] = max(current[1], end)
+    return total if current is None else total + current[1] - current[0]
+
+
+def busy_by_name(events: list[DeviceEvent]) -> dict[str, float]:
+    """{name: busy microseconds}: every instant of the union of `events` split equally among the
+    tracks with an event then, on each track given to its innermost event (the latest started,
+    then the shortest), so that the values add up to the union's length."""
+    by_start = sorted(range(len(events)), key=lambda i: events[i].start_us)
+    by_end = sorted(range(len(events)), key=lambda i: events[i].end_us)
+    points = sorted({e.start_us for e in events} | {e.end_us for e in events})
+    active: dict[str, list[int]] = {}  # track -> indices of its events running now
+    busy: dict[str, float] = collections.defaultdict(float)
+    started = ended = 0
+    for t, t_next in zip(points, points[1:], strict=False):
+        while started < len(events) and events[by_start[started]].start_us <= t:
+            i = by_start[started]
+            active.setdefault(events[i].track, []).append(i)
+            started += 1
+        while ended < len(events) and events[by_end[ended]].end_us <= t:
+            i = by_end[ended]
+            running = active[events[i].track]
+            running.remove(i)
+            if not running:
+                del active[events[i].track]
+            ended += 1
+        if not active:
+            continue
+        share = (t_next - t) / len(active)
+        for running in active.values():
+            inner = max(running, key=lambda i: (events[i].start_us, -events[i].end_us, i))
+            busy[events[inner].name] += share
+    return dict(busy)
+
+
+def family(name: str) -> str:
+    """The name without its trailing numeric suffixes: "loop_fusion.12" -> "loop_fusion"."""
+    return re.sub(r"([._]\d+)+$", "", name) or name
+
+
+def _clip(e: DeviceEvent, window: tuple[float, float]) -> DeviceEvent:
+    start, end = max(e.start_us, window[0]), min(e.end_us, window[1])
+    return dataclasses.replace(e, start_us=start, end_us=max(start, end))
+
+
+def _ranking(counts, totals, busy, busy_total: float) -> list[dict]:
+    """Rows {name, count, total_us, mean_us, busy_us, share}, by busy time, largest first."""
+    rows = [
+        {
+            "name": name,
+            "count": counts[name],
+            "total_us": totals[name],
+            "mean_us": totals[name] / counts[name],
+            "busy_us": busy.get(name, 0.0),
+            "share": busy.get(name, 0.0) / busy_total if busy_total else 0.0,
+        }
+        for name in counts
+    ]
+    return sorted(rows, key=lambda r: (-r["busy_us"], r["name"]))
+
+
+def _by_family(by_name: list[dict], busy_total: float) -> list[dict]:
+    counts, totals, busy = collections.Counter(), collections.Counter(), collections.Counter()
+    for r in by_name:
+        f = family(r["name"])
+        counts[f] += r["count"]
+        totals[f] += r["total_us"]
+        busy[f] += r["busy_us"]
+    return _ranking(counts, totals, busy, busy_total)
+
+
+def summarise_trace(events: list[dict]) -> dict:
+    """The per-call and per-name figures of a trace's device events (module docstring), in
+    microseconds: {"tracks", "calls", "median", "busy_us", "outside_calls", "by_name",
+    "by_family"}."""
+    kind, device = device_events(events)
+    windows = call_windows(events)
+    if not windows:
+        raise ValueError(f"the trace has no '{CALL_ANNOTATION}<i>' annotations")
+    device.sort(key=lambda e: e.start_us + e.end_us)
+    mids = [(e.start_us + e.end_us) / 2 for e in device]
+    counts, totals, busy = collections.Counter(), collections.Counter(), collections.Counter()
+    calls, inside = [], set()
+    for window in windows:
+        lo, hi = bisect.bisect_left(mids, window[0]), bisect.bisect_right(mids, window[1])
+        mine = [_clip(e, window) for e in device[lo:hi]]
+        inside.update(range(lo, hi))
+        call_busy = union_us((e.start_us, e.end_us) for e in mine)
+        wall = window[1] - window[0]
+        call = {"wall_us": wall, "busy_us": call_busy, "gap_us": wall - call_busy}
+        call["kernels"] = len(mine)
+        if mine:
+            lead = min(e.start_us for e in mine) - window[0]
+            tail = window[1] - max(e.end_us for e in mine)
+            call.update(lead_us=lead, between_us=wall - call_busy - lead - tail, tail_us=tail)
+        calls.append(call)
+        for e in mine:
+            counts[e.name] += 1
+            totals[e.name] += e.end_us - e.start_us
+        busy.update(busy_by_name(mine))
+    busy_total = sum(c["busy_us"] for c in calls)
+    by_name = _ranking(counts, totals, busy, busy_total)
+    outside = [e for i, e in enumerate(device) if i not in inside]
+    median = {}
+    for key in CALL_FIGURES:
+        values = [c[key] for c in calls if key in c]
+        median[key] = statistics.median(values) if values else None
+    return {
+        "tracks": {"kind": kind, "events": dict(collections.Counter(e.track for e in device))},
+        "calls": calls,
+        "median": median,
+        "busy_us": busy_total,
+        "outside_calls": {
+            "events": len(outside),
+            "total_us": sum(e.end_us - e.start_us for e in outside),
+        },
+        "by_name": by_name,
+        "by_family": _by_family(by_name, busy_total),
+    }
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+# flag defaults (lists as comma-separated text); the decode rows' defaults are the preset's
+DEFAULTS = dict(
+    targets=",".join(TARGETS),
+    decode_attention="auto",
+    keep_every=4,
+    calls=3,
+    top=25,
+    budget_s=0.0,
+    batch_sizes="8",
+    seq_lens="2048",
+    remat="true",
+    chunk_sizes="512",
+    dtype="bfloat16",
+    gdn_impl="auto",
+    smollm2_gguf="",
+    random_smollm2=False,
+)
+PRESET_ROWS = {  # --preset: decode contexts and batches when --context, --batch are unset
+    "full": dict(context="16384,65536", batch="16,1"),
+    "small": dict(context="64", batch="2"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a run profiles (the flags)."""
+
+    preset: str  # "full" or "small"
+    targets: tuple[str, ...]
+    contexts: tuple[int, ...]  # decode rows: every context x every batch
+    batches: tuple[int, ...]
+    decode_steps: int
+    decode_attention: str
+    keep_every: int
+    calls: int  # untraced timed calls, then traced calls, per row
+    top: int  # names and families per row in the .md
+    budget_s: float  # no row starts after this many seconds (0: no limit)
+    stage2: bench_stage2.Settings  # its points are the stage-2 rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One profiled program: a decode target at (context, batch), or a stage-2 point."""
+
+    target: str
+    context: int = 0
+    batch: int = 0
+    point: bench_stage2.Point | None = None
+
+    def label(self) -> str:
+        if self.point is not None:
+            return f"{self.target} {self.point.label()}"
+        return f"{self.target} L={self.context} B={self.batch}"
+
+    def key(self) -> str:
+        """The row as a file name."""
+        if self.point is not None:
+            p = self.point
+            return (
+                f"{self.target}_b{p.batch_size}_t{p.seq_len}_remat{int(p.remat)}_kl{p.chunk_size}"
+            )
+        return f"{self.target}_L{self.context}_B{self.batch}"
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    """Distinct positive integers of a comma-separated flag, in the order given."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise SettingsError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if min(values) < 1 or len(set(values)) < len(values):
+        raise SettingsError(f"--{name} must be distinct positive integers, got {text!r}")
+    return values
+
+
+def settings(
+    preset: str = "full", context=None, batch=None, decode_steps=None, **flags_
+) -> Settings:
+    """The Settings of the flags (DEFAULTS for those not given); SettingsError (one line) on a
+    bad value, before any work."""
+    from taylorcal_jax.ops.decode_attention import api as decode_api
+
+    unknown = set(flags_) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    f = {**DEFAULTS, **flags_}
+    if preset not in PRESET_ROWS:
+        raise SettingsError(f"--preset must be one of {sorted(PRESET_ROWS)}, got {preset!r}")
+    targets = tuple(x.strip() for x in f["targets"].split(","))
+    if any(t not in TARGETS for t in targets) or len(set(targets)) < len(targets):
+        raise SettingsError(
+            f"--targets must list distinct names of {', '.join(TARGETS)}, got {f['targets']!r}"
+        )
+    shape = bench.PRESETS[DECODE_PRESET[preset]]
+    decode_steps = shape["decode_steps"] if decode_steps is None else decode_steps
+    for name, value in (("decode_steps", decode_steps), ("calls", f["calls"]), ("top", f["top"])):
+        if value < 1:
+            raise SettingsError(f"--{name} must be >= 1, got {value}")
+    if f["decode_attention"] not in decode_api.IMPLS:
+        raise SettingsError(
+            f"--decode_attention must be one of {', '.join(decode_api.IMPLS)}, got "
+            f"{f['decode_attention']!r}"
+        )
+    decodes = [t for t in targets if t != "stage2"]
+    if decodes and not 2 <= f["keep_every"] <= shape["layers"]:
+        raise SettingsError(
+            f"--keep_every must be in [2, {shape['layers']}] (a student with both mixers), got "
+            f"{f['keep_every']}"
+        )
+    if f["budget_s"] < 0:
+        raise SettingsError(f"--budget_s must be >= 0 (0: no limit), got {f['budget_s']}")
+    stage2 = _stage2_settings(preset, f)
+    if "stage2" in targets:
+        try:
+            bench_stage2.check_settings(stage2)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+    return Settings(
+        preset=preset,
+        targets=targets,
+        contexts=_ints(context or PRESET_ROWS[preset]["context"], "context"),
+        batches=_ints(batch or PRESET_ROWS[preset]["batch"], "batch"),
+        decode_steps=decode_steps,
+        decode_attention=f["decode_attention"],
+        keep_every=f["keep_every"],
+        calls=f["calls"],
+        top=f["top"],
+        budget_s=f["budget_s"],
+        stage2=stage2,
+    )
+
+
+def _stage2_settings(preset: str, f: dict) -> bench_stage2.Settings:
+    """The stage-2 rows as bench_stage2 settings: the flags' points, or with --preset=small its
+    tiny teacher at remat on; one warm-up and `calls` timed loop steps."""
+    common = dict(warmup_steps=1, timed_steps=f["calls"], budget_s=0.0)
+    if preset == "small":
+        return bench_stage2.small_settings(remat=(True,), **common)
+    try:
+        return bench_stage2.Settings(
+            batch_sizes=bench_stage2.parse_ints("batch_sizes", f["batch_sizes"].split(",")),
+            seq_lens=bench_stage2.parse_ints("seq_lens", f["seq_lens"].split(",")),
+            remat=bench_stage2.parse_bools("remat", f["remat"].split(",")),
+            chunk_sizes=bench_stage2.parse_ints("chunk_sizes", f["chunk_sizes"].split(",")),
+            dtype=f["dtype"],
+            keep_every=f["keep_every"],
+            gdn_impl=f["gdn_impl"],
+            smollm2_gguf=f["smollm2_gguf"],
+            random_smollm2=f["random_smollm2"],
+            small=False,
+            **common,
+        )
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+
+
+def rows(s: Settings) -> list[Row]:
+    """The rows in the order of --targets; the decode targets' rows together, per context and
+    batch one row of each decode target (a cut run keeps pairs)."""
+    decodes = [t for t in s.targets if t != "stage2"]
+    out = []
+    for target in s.targets:
+        if target == "stage2":
+            out += [Row("stage2", point=p) for p in bench_stage2.points(s.stage2)]
+        elif target == decodes[0]:
+            out += [
+                Row(t, context=c, batch=b) for c in s.contexts for b in s.batches for t in decodes
+            ]
+    return out
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def _profile_options():
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # no event per Python function call: a smaller trace
+    options.enable_hlo_proto = False  # no HLO modules written beside the trace
+    return options
+
+
+def time_calls(next_call, calls: int) -> list[float]:
+    """Wall seconds of `calls` calls. next_call() prepares a call, untimed, and returns it; the
+    timed part runs it to its results being ready (and drops them)."""
+    import jax
+
+    seconds = []
+    for _ in range(calls):
+        call = next_call()
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def trace_calls(next_call, calls: int, trace_dir: str) -> str:
+    """`calls` calls (as time_calls runs them) under the profiler, each inside the annotation
+    CALL_ANNOTATION + its index; returns the trace file written under `trace_dir`."""
+    import jax
+
+    with jax.profiler.trace(
+        trace_dir, create_perfetto_trace=True, profiler_options=_profile_options()
+    ):
+        for i in range(calls):
+            call = next_call()
+            with jax.profiler.TraceAnnotation(f"{CALL_ANNOTATION}{i}"):
+                jax.block_until_ready(call())
+    return find_trace_file(trace_dir)
+
+
+def profile(next_call, calls: int, trace_dir: str, log) -> dict:
+    """A warm-up call, `calls` untraced timed calls, `calls` traced calls, and the trace's
+    summary: {"untraced_call_s", "call_s", "trace_file", "trace_bytes", "trace": ...}."""
+    import jax
+
+    jax.block_until_ready(next_call()())
+    untraced = time_calls(next_call, calls)
+    log(f"  untraced: {1e3 * statistics.median(untraced):.3f} ms per call; tracing {calls} calls")
+    shutil.rmtree(trace_dir, ignore_errors=True)  # this row's previous trace
+    path = trace_calls(next_call, calls, trace_dir)
+    t0 = time.perf_counter()
+    summary = summarise_trace(load_trace(path))
+    log(
+        f"  trace {os.path.getsize(path) / 2**20:.1f} MiB read in {time.perf_counter() - t0:.1f} s"
+        f" ({summary['tracks']['kind']}, {len(summary['tracks']['events'])} tracks)"
+    )
+    out = {
+        "untraced_call_s": untraced,
+        "call_s": statistics.median(untraced),
+        "trace_file": path,
+        "trace_bytes": os.path.getsize(path),
+        "trace": summary,
+    }
+    if jax.default_backend() == "gpu" and summary["tracks"]["kind"] != "gpu_streams":
+        out["trace_warning"] = (
+            "no GPU stream tracks in the trace (the GPU tracer did not record; its messages are "
+            "in the log): the figures are the host's XLA op events"
+        )
+        log(f"  {out['trace_warning']}")
+    return out
+
+
+def decode_figures(call_s: float, trace_median: dict, steps: int, roofline_s: float) -> dict:
+    """A decode row's figures per step: the roofline, the busy time (trace), the untraced and
+    traced wall times, and their ratios (None where busy is 0)."""
+    busy = trace_median["busy_us"] * 1e-6 / steps
+    wall = call_s / steps
+    return {
+        "roofline_s_per_step": roofline_s,
+        "busy_s_per_step": busy,
+        "wall_s_per_step": wall,
+        "traced_wall_s_per_step": trace_median["wall_us"] * 1e-6 / steps,
+        "kernels_per_step": trace_median["kernels"] / steps,
+        "busy_over_roofline": busy / roofline_s,
+        "wall_over_busy": wall / busy if busy else None,
+        "roofline_fraction": roofline_s / wall,
+    }
+
+
+def stage2_figures(call_s, busy_s, loop_step_s, tokens_per_step, n_student, n_teacher, kind):
+    """A stage-2 row's figures: tokens/s and MFU (recovery.throughput) at the untraced step time
+    and at the busy time, and the ratios of wall to busy and of the loop's step to the call."""
+    import recovery  # launch/
+
+    at_wall = recovery.throughput(tokens_per_step / call_s, n_student, n_teacher, kind)
+    at_busy = recovery.throughput(
+        tokens_per_step / busy_s if busy_s else None, n_student, n_teacher, kind
+    )
+    return {
+        "tokens_per_step": tokens_per_step,
+        "step_s": call_s,
+        "busy_s": busy_s,
+        "loop_step_s": loop_step_s,
+        "tokens_per_s": at_wall["tokens_per_second"],
+        "peak_bf16_flops": at_wall["peak_bf16_flops"],
+        "mfu": at_wall["mfu"],
+        "mfu_at_busy": at_busy["mfu"],
+        "wall_over_busy": call_s / busy_s if busy_s else None,
+        "loop_over_step": loop_step_s / call_s,
+    }
+
+
+def decode_setup(s: Settings, log) -> dict:
+    """What every decode row shares: the models (bench_inference.build_models), the random
+    weights of the decode targets asked for, the copy bandwidth of the roofline, and the
+    record of these for the result."""
+    import jax
+    import jax.numpy as jnp
+    import model_shapes  # launch/
+
+    p = bench.PRESETS[DECODE_PRESET[s.preset]]
+    dtype = jnp.dtype(p["dtype"])
+    cfg = model_shapes.qwen2_config(p, max(s.contexts) + s.decode_steps)
+    keep = tuple(range(0, cfg.num_hidden_layers, s.keep_every))
+    teacher, student = bench.build_models(cfg, keep, dtype, "auto", s.decode_attention)
+    models = {"decode_teacher": teacher, "decode_student": student}
+    params = {
+        t: jax.block_until_ready(
+            model_shapes.random_params(models[t], jax.random.PRNGKey(i), dtype)
+        )
+        for i, t in enumerate(TARGETS)
+        if t in s.targets and t in models
+    }
+    bandwidth = bench.copy_bandwidth(p["copy_mib"] << 20, repeats=3)
+    log(
+        f"decode: {DECODE_PRESET[s.preset]} shape, {p['dtype']}, kept layers {list(keep)}; copy "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s ({p['copy_mib']} MiB, read + written)"
+    )
+    record = {
+        "shape": DECODE_PRESET[s.preset],
+        "dtype": p["dtype"],
+        "kept_attention_layers": list(keep),
+        "copy_mib": p["copy_mib"],
+        "copy_bandwidth_bytes_per_s": bandwidth,
+    }
+    return {"models": models, "params": params, "bandwidth": bandwidth, "record": record}
+
+
+def decode_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dict) -> None:
+    """Profiles one decode row, adding to `out` as each part is measured."""
+    import jax
+    import jax.numpy as jnp
+    import probe_decode  # launch/
+
+    from taylorcal_jax.ops.decode_attention import api as decode_api
+
+    model, params = setup["models"][row.target], setup["params"][row.target]
+    steps, slots = s.decode_steps, row.context + s.decode_steps
+    out.update(decode_steps=steps, decode_attention=decode_api.resolve_impl(s.decode_attention))
+    shapes = (
+        params,
+        jax.eval_shape(lambda: bench.empty_cache(model, row.batch, slots)),
+        jax.ShapeDtypeStruct((row.batch,), jnp.int32),
+    )
+    t0 = time.perf_counter()
+    lowered = bench.decode_program(model, steps).lower(*shapes)
+    t1 = time.perf_counter()
+    program = lowered.compile()
+    out.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
+    log(f"  compiled in {out['lower_s']:.1f} + {out['compile_s']:.1f} s")
+    cache = probe_decode.filled_cache(model, row.batch, slots, row.context, seed=row.context)
+    token = jnp.ones((row.batch,), jnp.int32)
+    step_bytes = bench.decode_step_bytes(params, cache, row.context, steps)
+    roofline = step_bytes["total"] / setup["bandwidth"]
+    out["roofline"] = {"bytes_per_step": step_bytes, "s_per_step": roofline}
+
+    def next_call():
+        fresh = bench.fresh_copy(cache)  # donated to the call
+        return lambda: program(params, fresh, token)
+
+    out.update(profile(next_call, s.calls, trace_dir, log))
+    out.update(decode_figures(out["call_s"], out["trace"]["median"], steps, roofline))
+
+
+def stage2_setup(s: Settings, cache_dir: str, log) -> dict:
+    """What every stage-2 row shares: the teacher (bench_scaling.stage2_teacher), a mesh of one
+    device, and the record of these for the result."""
+    import bench_scaling  # launch/
+    import jax
+
+    from taylorcal_jax.utils import progress, sharding
+
+    progress.set_enabled(False)  # the loop's steps of a row: one line per row instead
+    st = s.stage2
+    gguf_file = "" if st.small else st.smollm2_gguf
+    cfg, teacher, source = bench_scaling.stage2_teacher(st.shape(), "llama", gguf_file, cache_dir)
+    log(f"stage 2: teacher {source}")
+    mesh = sharding.make_mesh({"layers": 1, "data": 1, "fsdp": 1}, jax.devices()[:1])
+    record = {"teacher": source, "shape": st.shape()}
+    return {"cfg": cfg, "teacher": teacher, "mesh": mesh, "record": record}
+
+
+def stage2_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dict) -> None:
+    """Profiles one stage-2 step (the program the training loop runs), adding to `out` as each
+    part is measured; then times the training loop's steps on the same problem."""
+    import bench_scaling  # launch/
+    import count_stage2_flops  # launch/
+    import jax
+    import jax.numpy as jnp
+
+    from taylorcal_jax.train import loop
+    from taylorcal_jax.utils import sharding
+
+    st, point, mesh = s.stage2, row.point, setup["mesh"]
+    cfg, teacher = setup["cfg"], setup["teacher"]
+    problem = bench_scaling.stage2_problem(
+        cfg,
+        teacher,
+        keep_every=st.keep_every,
+        gdn_impl=st.gdn_impl,
+        dtype=st.dtype,
+        chunk_size=point.chunk_size,
+        remat=point.remat,
+    )
+    task = problem.task(mesh)
+    state = loop.init_state(task, problem.student, rng=jax.random.PRNGKey(0))
+    tokens = point.batch_size * point.seq_len
+    t0 = time.perf_counter()
+    program = loop.compiled_step(
+        task,
+        state,
+        jax.ShapeDtypeStruct((point.batch_size, point.seq_len), jnp.int32),
+        mesh=mesh,
+        constants=teacher,
+    )
+    out["compile_s"] = time.perf_counter() - t0
+    log(f"  compiled in {out['compile_s']:.1f} s")
+    out.update(count_stage2_flops.step_flops(program, problem.student, teacher, tokens))
+    batches = bench_scaling.random_batches(cfg.vocab_size, point.batch_size, point.seq_len)
+    batch = loop.place_batch(task, mesh, batches.take(0, 1), stacked=True)
+    constants = jax.tree.map(
+        lambda x: jax.device_put(x, sharding.named(mesh, *task.constant_spec(x))), teacher
+    )
+    # the state is donated to each call and the next call takes its output; a copy, so that
+    # problem.student stays for the loop's steps below
+    held = [jax.device_put(jax.tree.map(jnp.copy, state), loop.state_shardings(task, state, mesh))]
+
+    def next_call():
+        def call():
+            held[0], metrics = program(held[0], batch, constants)
+            return held[0], metrics
+
+        return call
+
+    out.update(profile(next_call, s.calls, trace_dir, log))
+    held.clear()  # the profiled calls' state, before the loop makes its own
+    _, seconds, _ = bench_scaling.time_steps(
+        task, mesh, problem.student, teacher, batches, st.warmup_steps + st.timed_steps, row.label()
+    )
+    loop_step_s = statistics.median(seconds[st.warmup_steps :])
+    log(f"  the training loop: {loop_step_s:.4f} s per step")
+    busy_s = out["trace"]["median"]["busy_us"] * 1e-6
+    kind = jax.devices()[0].device_kind
+    out.update(
+        stage2_figures(
+            out["call_s"], busy_s, loop_step_s, tokens, out["n_student"], out["n_teacher"], kind
+        )
+    )
+
+
+# -------------------------------------------------------------------------------- results
+
+
+def _ms(seconds) -> str:
+    return "" if seconds is None else f"{1e3 * seconds:.3f}"
+
+
+def _x(ratio) -> str:
+    return "" if ratio is None else f"{ratio:.2f}x"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _gaps_ms(median: dict) -> str:
+    """lead / between / tail of a traced call, ms."""
+    parts = [median.get(k) for k in ("lead_us", "between_us", "tail_us")]
+    return " / ".join("" if v is None else f"{v / 1e3:.3f}" for v in parts)
+
+
+def _failed(r: dict, columns: int) -> str:
+    return f"failed: {r['error']} |" + " |" * (columns - 1)
+
+
+def _decode_table(rows_: list[dict]) -> list[str]:
+    lines = [
+        "| target | L | B | roofline ms/step | busy ms/step | untraced wall ms/step | traced wall "
+        "ms/step | busy / roofline | wall / busy | of roofline | kernels/step | traced gaps per "
+        "call: lead / between / tail ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows_:
+        head = f"| {r['target']} | {r['context']} | {r['batch']} | "
+        if r["status"] != "ok":
+            lines.append(head + _failed(r, 9))
+            continue
+        cells = [
+            _ms(r["roofline_s_per_step"]),
+            _ms(r["busy_s_per_step"]),
+            _ms(r["wall_s_per_step"]),
+            _ms(r["traced_wall_s_per_step"]),
+            _x(r["busy_over_roofline"]),
+            _x(r["wall_over_busy"]),
+            _pct(r["roofline_fraction"]),
+            f"{r['kernels_per_step']:.1f}",
+            _gaps_ms(r["trace"]["median"]),
+        ]
+        lines.append(head + " | ".join(cells) + " |")
+    return lines
+
+
+def _stage2_table(rows_: list[dict]) -> list[str]:
+    lines = [
+        "| batch | seq | remat | KL chunk | untraced step s | busy s | loop step s | traced "
+        "wall s | kernels | tokens/s | MFU | MFU at busy | wall / busy | traced gaps: lead / "
+        "between / tail ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows_:
+        p = r["point"]
+        head = f"| {p['batch_size']} | {p['seq_len']} | {p['remat']} | {p['chunk_size']} | "
+        if r["status"] != "ok":
+            lines.append(head + _failed(r, 10))
+            continue
+        m = r["trace"]["median"]
+        cells = [
+            f"{r['step_s']:.4f}",
+            f"{r['busy_s']:.4f}",
+            f"{r['loop_step_s']:.4f}",
+            f"{m['wall_us'] * 1e-6:.4f}",
+            f"{m['kernels']:.0f}",
+            f"{r['tokens_per_s']:,.0f}",
+            _pct(r["mfu"]),
+            _pct(r["mfu_at_busy"]),
+            _x(r["wall_over_busy"]),
+            _gaps_ms(m),
+        ]
+        lines.append(head + " | ".join(cells) + " |")
+    return lines
+
+
+def _ranking_table(ranked: list[dict], top: int, what: str) -> list[str]:
+    lines = [
+        f"| {what} | count | total us | mean us | busy share |",
+        "|---|---|---|---|---|",
+    ]
+    for r in ranked[:top]:
+        name = r["name"] if len(r["name"]) <= NAME_CHARS else r["name"][: NAME_CHARS - 3] + "..."
+        lines.append(
+            f"| `{name}` | {r['count']} | {r['total_us']:.1f} | {r['mean_us']:.2f} | "
+            f"{r['share']:.1%} |"
+        )
+    rest = ranked[top:]
+    if rest:
+        lines.append(
+            f"| ({len(rest)} others) | {sum(r['count'] for r in rest)} | "
+            f"{sum(r['total_us'] for r in rest):.1f} | | {sum(r['share'] for r in rest):.1%} |"
+        )
+    return lines
+
+
+def _row_section(r: dict, top: int) -> list[str]:
+    t = r["trace"]
+    tracks = ", ".join(f"{name} ({n})" for name, n in t["tracks"]["events"].items())
+    lines = [
+        f"### {r['label']}",
+        "",
+        f"Device events: {t['tracks']['kind']}; tracks (events): {tracks}. Busy "
+        f"{t['busy_us'] / 1e3:.3f} ms over {len(t['calls'])} traced calls; outside the calls: "
+        f"{t['outside_calls']['events']} events, {t['outside_calls']['total_us'] / 1e3:.3f} ms. "
+        f"Trace: `{r['trace_file']}` ({r['trace_bytes'] / 2**20:.1f} MiB).",
+        "",
+        *([f"**{r['trace_warning']}**", ""] if "trace_warning" in r else []),
+        *_ranking_table(t["by_name"], top, "name"),
+        "",
+        *_ranking_table(t["by_family"], min(top, 10), "family"),
+        "",
+    ]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown report."""
+    s = result["settings"]
+    done = result["rows"]
+    decode = [r for r in done if r["target"] != "stage2"]
+    stage2 = [r for r in done if r["target"] == "stage2"]
+    lines = [
+        f"# Where the step time goes: {result['device']}",
+        "",
+        f"{result['date']}, JAX {result['jax_version']}, git {result['git']}, source digest "
+        f"{result['source_digest']}. Command: `{result['command']}`. XLA_FLAGS: "
+        f"`{result['xla_flags']}`.",
+        "",
+        f"Per row: one warm-up call, {s['calls']} untraced calls (median: wall), {s['calls']} "
+        "traced calls. busy = the union of a call's device events (median over the traced "
+        "calls); traced gaps = traced wall - busy = lead (to the first event) + between + tail "
+        "(after the last). The traced run launches each kernel alone and pays the tracer per "
+        "launch: compare busy with the untraced wall. Busy share: each instant of busy time "
+        "split among the tracks busy then, on a track to its innermost event.",
+        "",
+    ]
+    if not result["complete"]:
+        lines += ["**Incomplete**: the run stopped before its last row.", ""]
+    if decode:
+        lines += [f"## Decode: {s['decode_steps']} steps per call", ""]
+        if "decode" in result:  # the rows' shared setup was made
+            d = result["decode"]
+            lines += [
+                f"{d['shape']} shape, {d['dtype']}, attention kept in layers "
+                f"{d['kept_attention_layers']}, decoding attention "
+                f"{decode[0].get('decode_attention', s['decode_attention'])}; roofline at the "
+                f"copy bandwidth {d['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
+                "",
+            ]
+        lines += [*_decode_table(decode), ""]
+    if stage2:
+        lines += ["## Stage 2: one training step per call", ""]
+        if "stage2" in result:
+            lines += [f"Teacher {result['stage2']['teacher']}.", ""]
+        lines += [*_stage2_table(stage2), ""]
+    if result["not_started"]:
+        lines += [
+            f"Not started (--budget_s={s['budget_s']:g} reached): "
+            + "; ".join(result["not_started"])
+            + ".",
+            "",
+        ]
+    lines += ["## Top device events by busy share", ""]
+    for r in done:
+        if r["status"] == "ok":
+            lines += _row_section(r, s["top"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_outputs(result: dict, out_dir: str, tag: str) -> dict:
+    """<out_dir>/profile_steps_<tag>.{json,md}, each written whole."""
+    path = results_io.write_result(
+        out_dir, "profile_steps", tag, result["settings"]["preset"] == "small", result
+    )
+    md = results_io.write_text(path[: -len(".json")] + ".md", markdown(result))
+    return {"json": path, "md": md}
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def run(s: Settings, out_dir: str, tag: str, trace_dir: str, cache_dir: str) -> dict:
+    """Every row of `s` in order, the result files rewritten after each; the result."""
+    import jax
+    import parity_real_teacher  # launch/ (its versions())
+
+    t0 = time.perf_counter()
+    log = results_io.progress_log(t0)
+    tag = tag or (
+        "small" if s.preset == "small" else jax.devices()[0].device_kind.replace(" ", "_")
+    )
+    result = {
+        "benchmark": "where the time of a decode step and of a stage-2 step goes: device "
+        "kernels and idle gaps, from a profiler trace",
+        **results_io.provenance(),
+        "versions": parity_real_teacher.versions(),
+        "backend": jax.default_backend(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "settings": {**dataclasses.asdict(s), "stage2": dataclasses.asdict(s.stage2)},
+        "trace_dir": os.path.join(trace_dir, tag),
+        "rows": [],
+        "not_started": [],
+        "complete": False,
+    }
+    plan = rows(s)
+    setups = {}
+    for i, row in enumerate(plan):
+        if s.budget_s and time.perf_counter() - t0 > s.budget_s:
+            result["not_started"] = [r.label() for r in plan[i:]]
+            log(f"--budget_s={s.budget_s:g} reached: {len(plan) - i} rows not started")
+            break
+        log(f"row {i + 1}/{len(plan)}: {row.label()} ...")
+        out = {"target": row.target, "label": row.label()}
+        if row.point is None:
+            out.update(context=row.context, batch=row.batch)
+        else:
+            out["point"] = dataclasses.asdict(row.point)
+        try:
+            kind = "stage2" if row.point is not None else "decode"
+            if kind not in setups:
+                setups[kind] = (
+                    stage2_setup(s, cache_dir, log) if kind == "stage2" else decode_setup(s, log)
+                )
+                result[kind] = setups[kind]["record"]
+            measure = stage2_row if kind == "stage2" else decode_row
+            measure(row, s, setups[kind], os.path.join(result["trace_dir"], row.key()), log, out)
+            out["status"] = "ok"
+        except Exception as e:  # a failing row (out of memory) is a result: the run goes on
+            out.update(status="failed", error=bench_stage2.one_line(e))
+        gc.collect()  # the row's arrays, before the next row
+        result["rows"].append(out)
+        write_outputs(result, out_dir, tag)
+        log(f"row {i + 1}/{len(plan)}: {row.label()}: {_summary(out)}")
+    else:
+        result["complete"] = True
+    result["elapsed_s"] = time.perf_counter() - t0
+    paths = write_outputs(result, out_dir, tag)
+    log(f"wrote {paths['json']} and {paths['md']}")
+    return result
+
+
+def _summary(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"FAILED ({r['error']})"
+    m = r["trace"]["median"]
+    if r["target"] == "stage2":
+        head = (
+            f"step {r['step_s']:.4f} s, busy {r['busy_s']:.4f} s, loop step "
+            f"{r['loop_step_s']:.4f} s, MFU {_pct(r['mfu'])} (at busy {_pct(r['mfu_at_busy'])})"
+        )
+    else:
+        head = (
+            f"{_ms(r['wall_s_per_step'])} ms/step wall, {_ms(r['busy_s_per_step'])} busy, "
+            f"{_ms(r['roofline_s_per_step'])} roofline ({_pct(r['roofline_fraction'])})"
+        )
+    top = r["trace"]["by_name"][0] if r["trace"]["by_name"] else None
+    first = "" if top is None else f"; top {top['name']} {top['share']:.0%}"
+    return f"{head}; {m['kernels']:.0f} events per call{first}"
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script: the module imports without it)."""
+    d = DEFAULTS
+    flags.DEFINE_enum(
+        "preset", "full", list(PRESET_ROWS),
+        "full: the Qwen2.5-1.5B decode shape and SmolLM2-135M stage 2; small: tiny shapes (CPU).",
+    )  # fmt: skip
+    flags.DEFINE_string("targets", d["targets"], f"Comma-separated, of {', '.join(TARGETS)}.")
+    flags.DEFINE_string("context", None, "Decode contexts L, comma-separated (preset's if unset).")
+    flags.DEFINE_string("batch", None, "Decode batches B, comma-separated (preset's if unset).")
+    flags.DEFINE_integer("decode_steps", None, "Tokens decoded per decode call (preset's).")
+    flags.DEFINE_string("decode_attention", d["decode_attention"], "auto, xla or pallas.")
+    flags.DEFINE_integer(
+        "keep_every", d["keep_every"], "The students keep attention every k-th layer."
+    )
+    flags.DEFINE_string(
+        "batch_sizes", d["batch_sizes"], "Stage 2: sequences per step, one row each."
+    )
+    flags.DEFINE_string("seq_lens", d["seq_lens"], "Stage 2: tokens per sequence, one row each.")
+    flags.DEFINE_string("remat", d["remat"], "Stage 2: rematerialise each block (true/false list).")
+    flags.DEFINE_string("chunk_sizes", d["chunk_sizes"], "Stage 2: positions per KL chunk, list.")
+    flags.DEFINE_enum("dtype", d["dtype"], list(bench_stage2.DTYPES), "Stage 2: compute dtype.")
+    flags.DEFINE_string("gdn_impl", d["gdn_impl"], "Stage 2: GDN op implementation.")
+    flags.DEFINE_string("smollm2_gguf", d["smollm2_gguf"], "Stage 2: SmolLM2-135M GGUF teacher.")
+    flags.DEFINE_bool(
+        "random_smollm2", d["random_smollm2"], "Stage 2: random SmolLM2-135M weights."
+    )
+    flags.DEFINE_string("cache_dir", "/tmp/taylorcal_gguf", "Converted GGUF teachers.")
+    flags.DEFINE_integer("calls", d["calls"], "Untraced timed calls, then traced calls, per row.")
+    flags.DEFINE_integer("top", d["top"], "Names listed per row in the .md.")
+    flags.DEFINE_float(
+        "budget_s", d["budget_s"], "No row starts after this many seconds (0: none)."
+    )
+    flags.DEFINE_string("tag", "", "Result files profile_steps_<tag>.{json,md}.")
+    flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
+    flags.DEFINE_string(
+        "trace_dir", os.path.join(tempfile.gettempdir(), "profile_steps_traces"),
+        "Where the traces are written (<trace_dir>/<tag>/<row>/); never copied into the results.",
+    )  # fmt: skip
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        s = settings(
+            f.preset, f.context, f.batch, f.decode_steps, **{k: getattr(f, k) for k in DEFAULTS}
+        )
+        if "stage2" in s.targets and s.stage2.smollm2_gguf and not s.stage2.small:
+            from taylorcal_jax.models import gguf
+
+            gguf.check_gguf_file(s.stage2.smollm2_gguf)  # a missing or wrong file fails here
+    except (SettingsError, ValueError, ImportError) as e:
+        raise app.UsageError(str(e)) from None
+    run(s, f.out, f.tag, f.trace_dir, f.cache_dir)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    define_flags()
+    app.run(main)
