@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     os.makedirs(a.out_dir, exist_ok=True)
     ids = longest_first(collect(a.paths, a.select))
     if not ids:
-        print("no gpu-marked tests selected", file=sys.stderr)
+        where = " ".join(a.paths) + (f" -k {a.select!r}" if a.select else "")
+        print(f"no gpu-marked tests selected in {where} (pass the test files)", file=sys.stderr)
         return 2
     print(f"{len(ids)} tests, {a.jobs} at a time", flush=True)
     results = []

@@ -36,3 +36,12 @@ def test_a_run_without_a_gpu_reports_the_test_skipped(tmp_path):
     assert summary["counts"]["skipped"] == 1 and len(summary["tests"]) == 1
     assert "inputs" in summary["tests"][0]["id"]
     assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
+
+
+def test_an_empty_selection_names_the_files_and_the_expression(tmp_path, capsys):
+    code = run_gpu_tests.main(["--select", "no_such_test", "--out-dir", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "no gpu-marked tests selected in tests/test_gdn_pallas.py -k 'no_such_test' "
+        "(pass the test files)"
+    )
