@@ -98,7 +98,7 @@ def versions() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="*", default=["tests/test_gdn_pallas.py"])
+    ap.add_argument("paths", nargs="*", default=["tests"], help="test files or folders")
     ap.add_argument("--select", default=None, help="pytest -k expression")
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--timeout", type=int, default=540, help="seconds per test")
