@@ -1,4 +1,5 @@
-"""Shared helpers for gated-delta-rule tests: random inputs, a NumPy fp64 loop, relative error.
+"""Shared helpers for gated-delta-rule tests: random inputs, a NumPy fp64 loop, relative error,
+the exported gradient of a kernel.
 
 Letters: B batch, T time, H heads, K key dim, V value dim. Inputs in [B, T, H, .] layout,
 states [B, H, K, V]. Kept small and stable: the Pallas kernel tests import it too.
@@ -77,3 +78,30 @@ def rel_err(actual, expected) -> float:
     if actual.shape != expected.shape:
         raise ValueError(f"shape mismatch: {actual.shape} vs {expected.shape}")
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call of a Pallas Triton kernel
+
+
+def exported_gradient_module(op, platform: str, dtype, t: int, **op_kwargs) -> str:
+    """The MLIR module of value_and_grad of a GDN op, exported for `platform` ("cuda", "tpu")
+    on the CPU: the Pallas kernels' lowering for that platform runs, their compilation does not.
+    Operands: Qwen2.5-1.5B's GDN head dims (K = V = 128), B = 1, H = 2, T = t, q/k/v/beta in
+    `dtype`, g and the initial state float32; the loss sums the output and the final state."""
+    import jax
+    import jax.numpy as jnp
+
+    b, h, kdim, vdim = 1, 2, 128, 128
+    shapes = [(b, t, h, kdim), (b, t, h, kdim), (b, t, h, vdim), (b, t, h), (b, t, h)]
+    dtypes = [dtype, dtype, dtype, jnp.float32, dtype]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+    args.append(jax.ShapeDtypeStruct((b, h, kdim, vdim), jnp.float32))
+
+    def loss(q, k, v, g, beta, s0):
+        o, s = op(q, k, v, g, beta, initial_state_bhkv=s0, output_final_state=True, **op_kwargs)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+    # Pallas's Triton kernels are custom calls that jax.export does not vouch for
+    skip = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    return jax.export.export(fn, platforms=[platform], disabled_checks=skip)(*args).mlir_module()

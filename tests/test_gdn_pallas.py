@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
+from gdn_testing import (
+    TRITON_CALL,
+    exported_gradient_module,
+    numpy_gated_delta_rule,
+    random_inputs,
+    rel_err,
+)
 
 from taylorcal_jax.ops.gdn.pallas_gpu.config import (
     BF16Config,
@@ -535,30 +541,13 @@ def test_gpu_api_pallas_residuals_give_the_same_gradients(residuals):
         assert _l2_rel(a, r) < 1e-2, (name, _l2_rel(a, r))
 
 
-_TRITON_CALL = "__gpu$xla.gpu.triton"
-
-
 def _triton_kernels_of_a_gradient(dtype, config, residuals, t=1024):
-    """Exports value_and_grad of the op for platform "cuda" (no GPU needed: Pallas's Triton
-    lowering runs at export, checking every block shape, load, dot and store) and counts the
-    Triton kernels in the exported module."""
-    b, h, kdim, vdim = 1, 2, 128, 128
-    shapes = [(b, t, h, kdim), (b, t, h, kdim), (b, t, h, vdim), (b, t, h), (b, t, h)]
-    dtypes = [dtype, dtype, dtype, jnp.float32, dtype]
-    args = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
-    args.append(jax.ShapeDtypeStruct((b, h, kdim, vdim), jnp.float32))
-
-    def loss(q, k, v, g, beta, s0):
-        o, s = gated_delta_rule_pallas(
-            q, k, v, g, beta, initial_state_bhkv=s0, output_final_state=True, config=config,
-            residuals=residuals,
-        )  # fmt: skip
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
-    fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
-    skip = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
-    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=skip)(*args)
-    return exported.mlir_module().count(_TRITON_CALL)
+    """Triton kernels in the op's gradient exported for "cuda" (Pallas's Triton lowering runs at
+    export, checking every block shape, load, dot and store; no GPU needed)."""
+    module = exported_gradient_module(
+        gated_delta_rule_pallas, "cuda", dtype, t, config=config, residuals=residuals
+    )
+    return module.count(TRITON_CALL)
 
 
 @pytest.mark.parametrize(

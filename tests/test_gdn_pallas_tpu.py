@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
+from gdn_testing import exported_gradient_module, numpy_gated_delta_rule, random_inputs, rel_err
 
 from taylorcal_jax.ops.gdn import api
 from taylorcal_jax.ops.gdn.pallas_tpu.common import unit_lower_inverse
@@ -253,20 +253,8 @@ def test_tpu_api_picks_the_tpu_kernels_and_matches_reference():
 def test_forward_and_backward_lower_to_mosaic_for_a_tpu(dtype, residuals):
     # Export for platform "tpu" on the CPU: Pallas's Mosaic lowering of both kernels runs here
     # (block shapes, layouts and ops that Mosaic rejects fail); compiling for a TPU does not.
-    b, t, h, kdim, vdim = 1, 512, 2, 128, 128  # Qwen2.5-1.5B's GDN head dims
-    shapes = [(b, t, h, kdim), (b, t, h, kdim), (b, t, h, vdim), (b, t, h), (b, t, h)]
-    dtypes = [dtype, dtype, dtype, jnp.float32, dtype]
-    args = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
-    args.append(jax.ShapeDtypeStruct((b, h, kdim, vdim), jnp.float32))
-
-    def loss(q, k, v, g, beta, s0):
-        o, s = gated_delta_rule_pallas_tpu(
-            q, k, v, g, beta, initial_state_bhkv=s0, output_final_state=True,
-            residuals=residuals,
-        )  # fmt: skip
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-
-    fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
-    module = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+    module = exported_gradient_module(
+        gated_delta_rule_pallas_tpu, "tpu", dtype, 512, residuals=residuals
+    )
     kernels = set(re.findall(r'kernel_name = "([^"]+)"', module))
     assert kernels == {"gdn_tpu_forward", "gdn_tpu_reverse"}
