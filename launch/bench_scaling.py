@@ -71,6 +71,8 @@ import json
 import os
 import sys
 
+import results_io  # launch/
+
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before JAX initialises NCCL (docstring)
 
 PARTS = ("stage2_smollm2", "stage2_qwen", "init")
@@ -250,14 +252,12 @@ def equality(err: float, loss_err: float | None, tol: float, what: str) -> dict:
     }
 
 
-def _gib(b) -> str:
-    return "" if b is None else f"{b / 2**30:.2f}"
-
-
 def _mem_cell(mem: dict) -> str:
     if not mem or not mem.get("per_device_bytes"):
         return "n/a"
-    return " / ".join(_gib(b) for b in mem["per_device_bytes"]) + f" ({mem['source']})"
+    return (
+        " / ".join(results_io.gib_cell(b) for b in mem["per_device_bytes"]) + f" ({mem['source']})"
+    )
 
 
 def markdown(result: dict) -> str:
@@ -331,7 +331,6 @@ def summarise(result: dict) -> dict:
 def write_outputs(result: dict, out_dir: str, tag: str) -> dict:
     """<out_dir>/scaling_<tag>.{json,md}, each written whole (a cut run leaves the previous
     complete file)."""
-    import results_io
 
     path = results_io.write_result(out_dir, "scaling", tag, False, result)
     md = results_io.write_text(path[: -len(".json")] + ".md", markdown(result))
@@ -639,7 +638,6 @@ def run_init(s: Settings, emit) -> None:
 def run_benchmark(s: Settings, out_dir: str, tag: str, cache_dir: str) -> dict:
     """Every part of `s`, the result files rewritten after each measurement; the result."""
     import jax
-    import results_io
 
     from taylorcal_jax.ops.gdn import api
     from taylorcal_jax.utils import progress
@@ -762,6 +760,16 @@ def main(argv):
         raise app.UsageError(str(e)) from None
 
 
+def define_teacher_flags() -> None:
+    """--smollm2_gguf, --random_smollm2 and --cache_dir: the SmolLM2-135M teacher of the stage-2
+    measurements (stage2_teacher), for every script that builds one."""
+    from absl import flags
+
+    flags.DEFINE_string("smollm2_gguf", "", "SmolLM2-135M GGUF teacher file.")
+    flags.DEFINE_bool("random_smollm2", False, "Random weights of SmolLM2-135M's shape.")
+    flags.DEFINE_string("cache_dir", "/tmp/taylorcal_gguf", "Converted GGUF teachers.")
+
+
 def define_flags() -> None:
     from absl import flags
 
@@ -782,9 +790,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("block_size", 128, "Init: statistics block size.")
     flags.DEFINE_integer("init_repeats", 2, "Init: 1 cold only, 2 cold and warm.")
     flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation.")
-    flags.DEFINE_string("smollm2_gguf", "", "SmolLM2-135M GGUF teacher file.")
-    flags.DEFINE_bool("random_smollm2", False, "Random weights of SmolLM2-135M's shape.")
-    flags.DEFINE_string("cache_dir", "/tmp/taylorcal_gguf", "Converted GGUF teachers.")
+    define_teacher_flags()
     flags.DEFINE_string("tag", "", "Result files scaling_<tag>.{json,md}.")
     flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
 

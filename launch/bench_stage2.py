@@ -65,6 +65,8 @@ import os
 import sys
 import time
 
+import results_io  # launch/
+
 DTYPES = ("bfloat16", "float32")
 BOOLS = {"true": True, "false": False}
 
@@ -212,16 +214,8 @@ def throughput_fields(row: dict, kind: str) -> dict:
     }
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
-
-
 def _peak(flops) -> str:
     return "unknown for this device (MFU n/a)" if flops is None else f"{flops / 1e12:g} TFLOP/s"
-
-
-def _gib(b) -> str:
-    return f"{b / 2**30:.2f}"
 
 
 def _memory_cell(mem: dict | None) -> str:
@@ -229,8 +223,8 @@ def _memory_cell(mem: dict | None) -> str:
         return ""
     if mem.get("allocator_peak_bytes") is not None:
         bound = "" if mem["allocator_peak_is_row"] else "<= "
-        return f"{bound}{_gib(mem['allocator_peak_bytes'])} GiB (allocator)"
-    return f"{_gib(mem['compiled_step_bytes'])} GiB (compiled)"
+        return f"{bound}{results_io.gib_cell(mem['allocator_peak_bytes'])} GiB (allocator)"
+    return f"{results_io.gib_cell(mem['compiled_step_bytes'])} GiB (compiled)"
 
 
 def markdown(result: dict) -> str:
@@ -269,10 +263,10 @@ def markdown(result: dict) -> str:
                 compile_s,
                 f"{r['median_step_s']:.4f}",
                 f"{r['tokens_per_s']:,.0f}",
-                _pct(r["mfu"]),
-                _pct(r["mfu_with_teacher"]),
+                results_io.percent_cell(r["mfu"]),
+                results_io.percent_cell(r["mfu_with_teacher"]),
                 f"{r['executed_over_counted']:.2f}",
-                _pct(r["hfu"]),
+                results_io.percent_cell(r["hfu"]),
                 _memory_cell(r["memory"]),
             ]
         lines.append(head + " | ".join(cells) + " |")
@@ -289,7 +283,6 @@ def markdown(result: dict) -> str:
 def write_outputs(result: dict, out_dir: str, tag: str) -> dict:
     """<out_dir>/bench_stage2_<tag>.{json,md}, each written whole (a cut run leaves the
     previous complete file)."""
-    import results_io  # launch/
 
     path = results_io.write_result(
         out_dir, "bench_stage2", tag, result["settings"]["small"], result
@@ -324,11 +317,11 @@ def measure(point: Point, s: Settings, cfg, teacher, mesh, kind: str) -> dict:
     return row
 
 
-def _compile_and_time(row: dict, point: Point, s: Settings, cfg, teacher, mesh, kind: str):
-    """Adds to `row` as each is measured: compile_s, step_flops' fields and memory, then the
-    steps' seconds, losses and throughput_fields."""
+def compile_step(point: Point, s: Settings, cfg, teacher, mesh):
+    """The row's stage-2 problem (bench_scaling.stage2_problem), its task on `mesh`, the training
+    step compiled from the state's shapes (loop.compiled_step; the loop then runs that
+    executable) and the seconds the compilation took: (problem, task, compiled, seconds)."""
     import bench_scaling  # launch/
-    import count_stage2_flops  # launch/
     import jax
     import jax.numpy as jnp
 
@@ -350,8 +343,18 @@ def _compile_and_time(row: dict, point: Point, s: Settings, cfg, teacher, mesh, 
     batch = jax.ShapeDtypeStruct((point.batch_size, point.seq_len), jnp.int32)
     start = time.perf_counter()
     compiled = loop.compiled_step(task, state, batch, mesh=mesh, constants=teacher)
-    row["compile_s"] = time.perf_counter() - start
-    row.update(count_stage2_flops.step_flops(compiled, problem.student, teacher, batch.size))
+    return problem, task, compiled, time.perf_counter() - start
+
+
+def _compile_and_time(row: dict, point: Point, s: Settings, cfg, teacher, mesh, kind: str):
+    """Adds to `row` as each is measured: compile_s, step_flops' fields and memory, then the
+    steps' seconds, losses and throughput_fields."""
+    import bench_scaling  # launch/
+    import count_stage2_flops  # launch/
+
+    problem, task, compiled, row["compile_s"] = compile_step(point, s, cfg, teacher, mesh)
+    tokens = point.batch_size * point.seq_len
+    row.update(count_stage2_flops.step_flops(compiled, problem.student, teacher, tokens))
     row["memory"] = {"compiled_step_bytes": bench_scaling.compiled_bytes(compiled)}
     del compiled
     batches = bench_scaling.random_batches(cfg.vocab_size, point.batch_size, point.seq_len)
@@ -371,7 +374,6 @@ def run_sweep(s: Settings, out_dir: str, tag: str, cache_dir: str) -> dict:
     import jax
     import parity_real_teacher  # launch/ (its versions())
     import recovery  # launch/
-    import results_io  # launch/
 
     from taylorcal_jax.ops.gdn import api
     from taylorcal_jax.utils import progress, sharding
@@ -421,7 +423,7 @@ def _summary(row: dict) -> str:
     if row["status"] != "ok":
         return f"FAILED ({row['error']})"
     return (
-        f"{row['tokens_per_s']:,.0f} tokens/s, MFU {_pct(row['mfu'])}, "
+        f"{row['tokens_per_s']:,.0f} tokens/s, MFU {results_io.percent_cell(row['mfu'])}, "
         f"compile {row['compile_s']:.1f} s, executed {row['executed_over_counted']:.2f}x 6N, "
         f"peak memory {_memory_cell(row['memory'])}"
     )
@@ -489,6 +491,7 @@ def main(argv):
 
 
 def define_flags() -> None:
+    import bench_scaling  # launch/
     from absl import flags
 
     flags.DEFINE_enum("preset", "full", ["full", "small"], "small: tiny shapes (CPU dry run).")
@@ -501,10 +504,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Compute dtype (float32 masters).")
     flags.DEFINE_integer("keep_every", 4, "Keep attention in every k-th layer.")
     flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation.")
-    flags.DEFINE_string("smollm2_gguf", "", "SmolLM2-135M GGUF teacher file.")
-    flags.DEFINE_bool("random_smollm2", False, "Random weights of SmolLM2-135M's shape.")
     flags.DEFINE_float("budget_s", 0.0, "No row starts after this many seconds (0: no limit).")
-    flags.DEFINE_string("cache_dir", "/tmp/taylorcal_gguf", "Converted GGUF teachers.")
+    bench_scaling.define_teacher_flags()
     flags.DEFINE_string("tag", "", "Result files bench_stage2_<tag>.{json,md}.")
     flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
 

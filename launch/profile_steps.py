@@ -721,27 +721,11 @@ def stage2_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dic
 
     st, point, mesh = s.stage2, row.point, setup["mesh"]
     cfg, teacher = setup["cfg"], setup["teacher"]
-    problem = bench_scaling.stage2_problem(
-        cfg,
-        teacher,
-        keep_every=st.keep_every,
-        gdn_impl=st.gdn_impl,
-        dtype=st.dtype,
-        chunk_size=point.chunk_size,
-        remat=point.remat,
+    problem, task, program, out["compile_s"] = bench_stage2.compile_step(
+        point, st, cfg, teacher, mesh
     )
-    task = problem.task(mesh)
     state = loop.init_state(task, problem.student, rng=jax.random.PRNGKey(0))
     tokens = point.batch_size * point.seq_len
-    t0 = time.perf_counter()
-    program = loop.compiled_step(
-        task,
-        state,
-        jax.ShapeDtypeStruct((point.batch_size, point.seq_len), jnp.int32),
-        mesh=mesh,
-        constants=teacher,
-    )
-    out["compile_s"] = time.perf_counter() - t0
     log(f"  compiled in {out['compile_s']:.1f} s")
     out.update(count_stage2_flops.step_flops(program, problem.student, teacher, tokens))
     batches = bench_scaling.random_batches(cfg.vocab_size, point.batch_size, point.seq_len)
@@ -787,10 +771,6 @@ def _x(ratio) -> str:
     return "" if ratio is None else f"{ratio:.2f}x"
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
-
-
 def _gaps_ms(median: dict) -> str:
     """lead / between / tail of a traced call, ms."""
     parts = [median.get(k) for k in ("lead_us", "between_us", "tail_us")]
@@ -820,7 +800,7 @@ def _decode_table(rows_: list[dict]) -> list[str]:
             _ms(r["traced_wall_s_per_step"]),
             _x(r["busy_over_roofline"]),
             _x(r["wall_over_busy"]),
-            _pct(r["roofline_fraction"]),
+            results_io.percent_cell(r["roofline_fraction"]),
             f"{r['kernels_per_step']:.1f}",
             _gaps_ms(r["trace"]["median"]),
         ]
@@ -849,8 +829,8 @@ def _stage2_table(rows_: list[dict]) -> list[str]:
             f"{m['wall_us'] * 1e-6:.4f}",
             f"{m['kernels']:.0f}",
             f"{r['tokens_per_s']:,.0f}",
-            _pct(r["mfu"]),
-            _pct(r["mfu_at_busy"]),
+            results_io.percent_cell(r["mfu"]),
+            results_io.percent_cell(r["mfu_at_busy"]),
             _x(r["wall_over_busy"]),
             _gaps_ms(m),
         ]
@@ -1028,15 +1008,16 @@ def _summary(r: dict) -> str:
     if r["status"] != "ok":
         return f"FAILED ({r['error']})"
     m = r["trace"]["median"]
+    pct = results_io.percent_cell
     if r["target"] == "stage2":
         head = (
             f"step {r['step_s']:.4f} s, busy {r['busy_s']:.4f} s, loop step "
-            f"{r['loop_step_s']:.4f} s, MFU {_pct(r['mfu'])} (at busy {_pct(r['mfu_at_busy'])})"
+            f"{r['loop_step_s']:.4f} s, MFU {pct(r['mfu'])} (at busy {pct(r['mfu_at_busy'])})"
         )
     else:
         head = (
             f"{_ms(r['wall_s_per_step'])} ms/step wall, {_ms(r['busy_s_per_step'])} busy, "
-            f"{_ms(r['roofline_s_per_step'])} roofline ({_pct(r['roofline_fraction'])})"
+            f"{_ms(r['roofline_s_per_step'])} roofline ({pct(r['roofline_fraction'])})"
         )
     top = r["trace"]["by_name"][0] if r["trace"]["by_name"] else None
     first = "" if top is None else f"; top {top['name']} {top['share']:.0%}"
@@ -1048,6 +1029,8 @@ def _summary(r: dict) -> str:
 
 def define_flags() -> None:
     """The command line (defined only when run as a script: the module imports without it)."""
+    import bench_scaling  # launch/
+
     d = DEFAULTS
     flags.DEFINE_enum(
         "preset", "full", list(PRESET_ROWS),
@@ -1069,11 +1052,7 @@ def define_flags() -> None:
     flags.DEFINE_string("chunk_sizes", d["chunk_sizes"], "Stage 2: positions per KL chunk, list.")
     flags.DEFINE_enum("dtype", d["dtype"], list(bench_stage2.DTYPES), "Stage 2: compute dtype.")
     flags.DEFINE_string("gdn_impl", d["gdn_impl"], "Stage 2: GDN op implementation.")
-    flags.DEFINE_string("smollm2_gguf", d["smollm2_gguf"], "Stage 2: SmolLM2-135M GGUF teacher.")
-    flags.DEFINE_bool(
-        "random_smollm2", d["random_smollm2"], "Stage 2: random SmolLM2-135M weights."
-    )
-    flags.DEFINE_string("cache_dir", "/tmp/taylorcal_gguf", "Converted GGUF teachers.")
+    bench_scaling.define_teacher_flags()  # stage 2's teacher
     flags.DEFINE_integer("calls", d["calls"], "Untraced timed calls, then traced calls, per row.")
     flags.DEFINE_integer("top", d["top"], "Names listed per row in the .md.")
     flags.DEFINE_float(

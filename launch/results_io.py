@@ -131,6 +131,16 @@ def write_result(out_dir: str, stem: str, tag: str, small: bool, result: dict) -
     return write_text(os.path.join(out_dir, f"{stem}_{tag}.json"), json.dumps(result, indent=1))
 
 
+def percent_cell(x) -> str:
+    """A fraction as a Markdown table cell: "12.3%", or "n/a" for None."""
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def gib_cell(nbytes) -> str:
+    """Bytes as GiB with two decimals for a Markdown table cell ("" for None)."""
+    return "" if nbytes is None else f"{nbytes / 2**30:.2f}"
+
+
 def progress_log(t0: float | None = None) -> Callable[[str], None]:
     """log(message): prints "[     N s] message" to stdout at once (flushed), N the whole seconds
     since t0 (a time.perf_counter() reading; the call's own time when None), so that each line
