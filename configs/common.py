@@ -207,6 +207,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.kl.chunk_size = 512  # positions per KL chunk ([B, chunk, vocab] logits at a time)
     c.distill.kl.dtype = "bfloat16"  # compute dtype ("float32" | "bfloat16"); params fp32
     c.distill.kl.remat = True  # recompute each block in the backward pass (less memory)
+    c.distill.kl.attention_impl = "blocked"  # "blocked" (XLA) | "cudnn" (fused; GPU, bf16)
     c.distill.kl.eval_every_tokens = 50_000_000  # between evaluations (0 = first and last)
     c.distill.kl.checkpoint_every_tokens = 20_000_000  # between checkpoints (0 = at the end)
     return c

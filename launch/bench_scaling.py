@@ -470,12 +470,22 @@ class Stage2Problem:
 
 
 def stage2_problem(
-    cfg, teacher, *, keep_every: int, gdn_impl: str, dtype: str, chunk_size: int, remat=True
+    cfg,
+    teacher,
+    *,
+    keep_every: int,
+    gdn_impl: str,
+    dtype: str,
+    chunk_size: int,
+    remat=True,
+    attention_impl: str = "blocked",
 ) -> Stage2Problem:
-    """The `Stage2Problem` of teacher (`cfg`, float32 params `teacher`)."""
+    """The `Stage2Problem` of teacher (`cfg`, float32 params `teacher`); both models' softmax
+    attention by `attention_impl` (layers.AttentionRuntime.sequence_impl)."""
     import jax
 
     from taylorcal_jax.convert.naive import copy_init
+    from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer
@@ -485,10 +495,13 @@ def stage2_problem(
     sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
     mixer = sc.student_mixer(GDNRuntime(impl=gdn_impl))
     compute = jax.numpy.dtype(dtype)
+    attention = AttentionRuntime(sequence_impl=attention_impl)
     return Stage2Problem(
         student=copy_init(teacher, sc, jax.random.PRNGKey(2)),
-        student_model=sc.model(dtype=compute, runtime=mixer.runtime).clone(remat=remat),
-        teacher_model=Transformer(cfg, dtype=compute),
+        student_model=sc.model(
+            dtype=compute, runtime=mixer.runtime, attention_runtime=attention
+        ).clone(remat=remat),
+        teacher_model=Transformer(cfg, dtype=compute, attention_runtime=attention),
         mixer_name=mixer.name,
         kl_cfg=distill.KLDistillConfig(
             lr_mixer=1e-4,

@@ -1,7 +1,9 @@
 """Distillation stage-2 throughput on one device: a sweep over the settings of the step.
 
 Rows: every combination of --batch_sizes x --seq_lens x --remat x --chunk_sizes (positions per
-KL chunk), in that order (batch outermost). Each row builds the stage-2 problem of
+KL chunk) x --attention_impls (layers.AttentionRuntime.sequence_impl of teacher and student:
+"blocked" XLA query blocks, "cudnn" cuDNN's fused attention), in that order (batch outermost).
+Each row builds the stage-2 problem of
 launch/bench_scaling.py (taylorcal_jax/train/distill.py on the training loop; the `copy`
 student of the teacher with every --keep_every-th layer kept; --dtype compute over float32
 masters; the row's remat and KL chunk) on a mesh of one device, and measures:
@@ -88,6 +90,7 @@ class Settings:
     random_smollm2: bool
     budget_s: float  # no row starts after this many seconds (0: no limit)
     small: bool
+    attention_impls: tuple[str, ...] = ("blocked",)  # layers.SEQUENCE_IMPLS, innermost axis
 
     def shape(self) -> dict:
         """The teacher's shape: SmolLM2-135M's, or the tiny stand-in of --preset=small."""
@@ -106,11 +109,12 @@ class Point:
     seq_len: int
     remat: bool
     chunk_size: int
+    attention_impl: str = "blocked"
 
     def label(self) -> str:
         return (
             f"batch {self.batch_size} x {self.seq_len}, remat={self.remat}, "
-            f"KL chunk {self.chunk_size}"
+            f"KL chunk {self.chunk_size}, attention {self.attention_impl}"
         )
 
 
@@ -140,6 +144,9 @@ def parse_bools(name: str, values) -> tuple[bool, ...]:
 
 def check_settings(s: Settings) -> None:
     """One-line ValueError for settings that cannot run, before any work."""
+    import jax
+
+    from taylorcal_jax.models.layers import SEQUENCE_IMPLS
     from taylorcal_jax.ops.gdn import api
 
     lists = {
@@ -147,6 +154,7 @@ def check_settings(s: Settings) -> None:
         "seq_lens": s.seq_lens,
         "remat": s.remat,
         "chunk_sizes": s.chunk_sizes,
+        "attention_impls": s.attention_impls,
     }
     for name, values in lists.items():
         if not values:
@@ -175,6 +183,11 @@ def check_settings(s: Settings) -> None:
         api.resolve_impl(s.gdn_impl)
     except api.ImplementationUnavailableError as e:
         raise ValueError(f"--gdn_impl={s.gdn_impl}: {e}") from None
+    for impl in s.attention_impls:
+        if impl not in SEQUENCE_IMPLS:
+            raise ValueError(f"--attention_impls={impl}: choose from {', '.join(SEQUENCE_IMPLS)}")
+    if "cudnn" in s.attention_impls and (s.dtype != "bfloat16" or jax.default_backend() != "gpu"):
+        raise ValueError("--attention_impls=cudnn needs --dtype=bfloat16 and a GPU")
     if s.budget_s < 0:
         raise ValueError(f"--budget_s={s.budget_s} must be >= 0 (0: no limit)")
     if not s.small and bool(s.smollm2_gguf) == s.random_smollm2:
@@ -182,8 +195,8 @@ def check_settings(s: Settings) -> None:
 
 
 def points(s: Settings) -> list[Point]:
-    """The rows' settings, batch outermost, then sequence length, remat, KL chunk."""
-    grid = itertools.product(s.batch_sizes, s.seq_lens, s.remat, s.chunk_sizes)
+    """The rows' settings, batch outermost, then sequence length, remat, KL chunk, attention."""
+    grid = itertools.product(s.batch_sizes, s.seq_lens, s.remat, s.chunk_sizes, s.attention_impls)
     return [Point(*p) for p in grid]
 
 
@@ -249,12 +262,15 @@ def markdown(result: dict) -> str:
     if not result["complete"]:
         lines += ["**Incomplete**: the sweep stopped before its last row.", ""]
     lines += [
-        "| batch | seq | remat | KL chunk | compile s | median step s | tokens/s | MFU | "
-        "MFU w/ teacher | executed / 6N | HFU | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | seq | remat | KL chunk | attention | compile s | median step s | tokens/s | "
+        "MFU | MFU w/ teacher | executed / 6N | HFU | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        head = f"| {r['batch_size']} | {r['seq_len']} | {r['remat']} | {r['chunk_size']} | "
+        head = (
+            f"| {r['batch_size']} | {r['seq_len']} | {r['remat']} | {r['chunk_size']} | "
+            f"{r.get('attention_impl', 'blocked')} | "
+        )
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
         if r["status"] != "ok":
             cells = [compile_s, f"failed: {r['error']}", *[""] * 5, _memory_cell(r.get("memory"))]
@@ -335,6 +351,7 @@ def compile_step(point: Point, s: Settings, cfg, teacher, mesh):
         dtype=s.dtype,
         chunk_size=point.chunk_size,
         remat=point.remat,
+        attention_impl=point.attention_impl,
     )
     task = problem.task(mesh)
     state = jax.eval_shape(  # shapes only: the loop builds the state it trains
@@ -461,6 +478,7 @@ def settings_from_flags(f) -> Settings:
         seq_lens=parse_ints("seq_lens", f.seq_lens),
         remat=parse_bools("remat", f.remat),
         chunk_sizes=parse_ints("chunk_sizes", f.chunk_sizes),
+        attention_impls=tuple(f.attention_impls),
         warmup_steps=f.warmup_steps,
         timed_steps=f.timed_steps,
         dtype=f.dtype,
@@ -499,6 +517,11 @@ def define_flags() -> None:
     flags.DEFINE_list("seq_lens", ["2048"], "Tokens per sequence, one row each.")
     flags.DEFINE_list("remat", ["true", "false"], "Rematerialise each block: true and/or false.")
     flags.DEFINE_list("chunk_sizes", ["512"], "Positions per KL chunk, one row each.")
+    flags.DEFINE_list(
+        "attention_impls",
+        ["blocked"],
+        "Softmax attention of both models (layers.SEQUENCE_IMPLS; cudnn: GPU, bf16), one row each.",
+    )
     flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per row (after its compilation).")
     flags.DEFINE_integer("timed_steps", 8, "Timed steps per row (median).")
     flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Compute dtype (float32 masters).")

@@ -346,6 +346,7 @@ DEFAULTS = dict(
     seq_lens="2048",
     remat="true",
     chunk_sizes="512",
+    attention_impls="blocked",
     dtype="bfloat16",
     gdn_impl="auto",
     smollm2_gguf="",
@@ -394,6 +395,7 @@ class Row:
             p = self.point
             return (
                 f"{self.target}_b{p.batch_size}_t{p.seq_len}_remat{int(p.remat)}_kl{p.chunk_size}"
+                f"_{p.attention_impl}"
             )
         return f"{self.target}_L{self.context}_B{self.batch}"
 
@@ -478,6 +480,7 @@ def _stage2_settings(preset: str, f: dict) -> bench_stage2.Settings:
             seq_lens=bench_stage2.parse_ints("seq_lens", f["seq_lens"].split(",")),
             remat=bench_stage2.parse_bools("remat", f["remat"].split(",")),
             chunk_sizes=bench_stage2.parse_ints("chunk_sizes", f["chunk_sizes"].split(",")),
+            attention_impls=tuple(f["attention_impls"].split(",")),
             dtype=f["dtype"],
             keep_every=f["keep_every"],
             gdn_impl=f["gdn_impl"],
@@ -1050,6 +1053,9 @@ def define_flags() -> None:
     flags.DEFINE_string("seq_lens", d["seq_lens"], "Stage 2: tokens per sequence, one row each.")
     flags.DEFINE_string("remat", d["remat"], "Stage 2: rematerialise each block (true/false list).")
     flags.DEFINE_string("chunk_sizes", d["chunk_sizes"], "Stage 2: positions per KL chunk, list.")
+    flags.DEFINE_string(
+        "attention_impls", d["attention_impls"], "Stage 2: softmax attention (blocked/cudnn), list."
+    )
     flags.DEFINE_enum("dtype", d["dtype"], list(bench_stage2.DTYPES), "Stage 2: compute dtype.")
     flags.DEFINE_string("gdn_impl", d["gdn_impl"], "Stage 2: GDN op implementation.")
     bench_scaling.define_teacher_flags()  # stage 2's teacher

@@ -114,6 +114,8 @@ def test_a_failing_row_is_recorded_with_its_one_line_error():
         ({"gdn_impl": "fast"}, "--gdn_impl=fast: choose from"),
         ({"gdn_impl": "pallas"}, "--gdn_impl=pallas: impl='pallas' cannot run"),
         ({"budget_s": -1.0}, "must be >= 0"),
+        ({"attention_impls": ("flash",)}, "--attention_impls=flash: choose from"),
+        ({"attention_impls": ("blocked", "cudnn")}, "cudnn needs --dtype=bfloat16 and a GPU"),
         ({"small": False, "random_smollm2": False}, "give one of --smollm2_gguf"),
         ({"small": False, "smollm2_gguf": "x.gguf"}, "give one of --smollm2_gguf"),
     ],
@@ -138,6 +140,8 @@ def test_points_run_batch_outermost():
     got = [(p.batch_size, p.remat, p.chunk_size) for p in bench_stage2.points(s)]
     assert got[:4] == [(8, True, 4), (8, True, 8), (8, False, 4), (8, False, 8)]
     assert len(got) == 8 and got[4] == (16, True, 4)
+    s = bench_stage2.small_settings(remat=(True,), attention_impls=("blocked", "xla"))
+    assert [p.attention_impl for p in bench_stage2.points(s)] == ["blocked", "xla"]
 
 
 @pytest.mark.parametrize(

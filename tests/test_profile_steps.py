@@ -155,7 +155,7 @@ def test_small_run_profiles_decode_and_stage2_and_writes_the_files(tmp_path):
     assert result["complete"] and result["not_started"] == []
     assert [(r["label"], r["status"]) for r in result["rows"]] == [
         ("decode_student L=64 B=2", "ok"),
-        ("stage2 batch 2 x 32, remat=True, KL chunk 16", "ok"),
+        ("stage2 batch 2 x 32, remat=True, KL chunk 16, attention blocked", "ok"),
     ]
     for r in result["rows"]:
         t = r["trace"]
@@ -238,8 +238,8 @@ def test_rows_pair_the_decode_targets_in_the_order_given():
     )
     labels = [r.label() for r in prof.rows(s)]
     assert labels[:2] == [
-        "stage2 batch 8 x 2048, remat=True, KL chunk 512",
-        "stage2 batch 8 x 2048, remat=False, KL chunk 512",
+        "stage2 batch 8 x 2048, remat=True, KL chunk 512, attention blocked",
+        "stage2 batch 8 x 2048, remat=False, KL chunk 512, attention blocked",
     ]
     assert labels[2:6] == [
         "decode_teacher L=65536 B=16",
@@ -248,7 +248,7 @@ def test_rows_pair_the_decode_targets_in_the_order_given():
         "decode_student L=65536 B=1",
     ]
     assert len(labels) == 10 and s.decode_steps == 64
-    assert prof.rows(s)[0].key() == "stage2_b8_t2048_remat1_kl512"
+    assert prof.rows(s)[0].key() == "stage2_b8_t2048_remat1_kl512_blocked"
 
 
 @pytest.mark.parametrize(

@@ -391,7 +391,8 @@ def test_run_adds_release_rows_to_the_sweep_and_resumes(smoke_run, tmp_path, cap
     only_ar = rr.add_release_rows(c, workdir, str(code), path, ["ar"], fraction=0.5)
     assert [r["policy"] for r in only_ar["reference_release"]["imports"]] == ["uniform", "ar"]
     assert [r["policy"] for r in only_ar["rows"] if r["strategy"] == rr.STRATEGY] == [
-        "uniform", "ar"
+        "uniform",
+        "ar",
     ]  # a run for some policies keeps the others' rows and import records
     with pytest.raises(ValueError, match="ga_s2"):
         rr.add_release_rows(c, workdir, str(code), path, ["ga_s2"], fraction=0.5)

@@ -67,10 +67,19 @@ def _fails(config, tmp_path, match):
         ("stages", ("statistics", "pretrain"), "'pretrain' is listed after it"),
         ("mesh.layers", 3, "do not fit the 8 devices here"),
         ("mesh.data", 0, "mesh.data must be positive or -1"),
+        ("distill.kl.attention_impl", "flash", "distill.kl.attention_impl='flash' is not one of"),
     ],
 )
 def test_bad_values_fail_before_any_work(tmp_path, key, value, match):
     _fails(_smoke(**{key: value}), tmp_path, match)
+
+
+@pytest.mark.parametrize(
+    "dtype,match", [("float32", "needs distill.kl.dtype='bfloat16'"), ("bfloat16", "needs a GPU")]
+)
+def test_cudnn_attention_needs_bf16_and_a_gpu(tmp_path, dtype, match):
+    config = _smoke(**{"distill.kl.attention_impl": "cudnn", "distill.kl.dtype": dtype})
+    _fails(config, tmp_path, match)
 
 
 def test_alignment_sequences_must_split_over_the_data_axis(tmp_path):

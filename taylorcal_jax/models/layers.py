@@ -18,6 +18,9 @@ heads, G = H / Hkv, d head dim, F MLP width.
 Attention heads: query head h uses key/value head h // G (HF's `repeat_kv`).
 Decoding steps (T == 1) go to `ops.decode_attention` (K and V read as they lie in the cache), by
 the implementation `AttentionRuntime.decode_impl` names (a runtime option, never saved).
+Unpadded multi-token passes without a cache (training, scoring) may instead go to a fused
+kernel, `AttentionRuntime.sequence_impl` (`fused_causal_attention`: cuDNN's flash attention on
+a GPU), which never forms the [B, H, T, S] probabilities.
 
 Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
 "valid": [B,S] bool, "index": int32 scalar (next slot to write)}. A call with T tokens writes
@@ -57,12 +60,21 @@ from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one mask
 # traced: set layers.ATTEND_BLOCK before the first trace (jit caches traces per function).
 ATTEND_BLOCK = 1024
 
+# Implementations of an unpadded multi-token pass (AttentionRuntime.sequence_impl).
+SEQUENCE_IMPLS = ("blocked", "xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionRuntime:
-    """How softmax attention is computed (never saved): `decode_impl`, the implementation of a
-    decoding step's attention (`ops.decode_attention.api.IMPLS`: "auto" = the Pallas kernel on a
-    GPU, XLA elsewhere). Hashable, so jit-static.
+    """How softmax attention is computed (never saved). Hashable, so jit-static.
+
+    `decode_impl`: a decoding step's attention (`ops.decode_attention.api.IMPLS`: "auto" = the
+    Pallas kernel on a GPU, XLA elsewhere).
+    `sequence_impl`: a multi-token pass without cache or padding (training, scoring), one of
+    SEQUENCE_IMPLS: "blocked" (`attend`: query blocks of XLA softmax, O(block S) memory), or
+    `jax.nn.dot_product_attention`'s implementation "cudnn" (cuDNN's fused flash attention, GPU
+    only, bf16/fp16) or "xla" (its XLA form: [B, H, T, S] logits whole, the CPU reference of
+    the fused call). Padded calls use "blocked" whatever is set (`for_call`).
 
     The default is "auto": on one H200 the kernel's decode steps took 0.44x-0.97x the time of
     the XLA form's, in every row measured (Qwen2.5-1.5B shape, 16k and 64k contexts, batch 1
@@ -70,12 +82,25 @@ class AttentionRuntime:
     (the gpu tests of tests/test_decode_attention.py). Off a GPU "auto" is the XLA form."""
 
     decode_impl: str = "auto"
+    sequence_impl: str = "blocked"
 
     def __post_init__(self):
         if self.decode_impl not in decode_api.IMPLS:
             raise ValueError(
                 f"decode_impl must be one of {decode_api.IMPLS}, got {self.decode_impl!r}"
             )
+        if self.sequence_impl not in SEQUENCE_IMPLS:
+            raise ValueError(
+                f"sequence_impl must be one of {SEQUENCE_IMPLS}, got {self.sequence_impl!r}"
+            )
+
+    def for_call(self, padded: bool) -> AttentionRuntime:
+        """This runtime for one model call. A padded call (key validity given, or a cache whose
+        unfilled slots are masked) takes the blocked path: the fused kernels see only the
+        causal mask and the sliding window, not a per-key validity mask."""
+        if padded and self.sequence_impl != "blocked":
+            return dataclasses.replace(self, sequence_impl="blocked")
+        return self
 
 
 class RMSNorm(nn.Module):
@@ -191,6 +216,26 @@ def attend(
     return jnp.moveaxis(ctx, 0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
+def fused_causal_attention(q_bthd, k_bthd, v_bthd, window, dtype, implementation):
+    """Causal grouped-query attention of an unpadded sequence through
+    `jax.nn.dot_product_attention` (`implementation` "cudnn" or "xla") -> context [B, T, H, d].
+
+    Query t sees keys s <= t (and t - s < window on sliding layers: `local_window_size` is
+    (window - 1, 0)), scale d^-1/2, query head h on key/value head h // G: the mask and grouping
+    of `attend` when every key is valid and query and key indices are 0..T-1."""
+    d = q_bthd.shape[-1]
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q_bthd.astype(dtype),
+        k_bthd.astype(dtype),
+        v_bthd.astype(dtype),
+        scale=d**-0.5,
+        is_causal=True,
+        local_window_size=local,
+        implementation=implementation,
+    )
+
+
 class Attention(nn.Module):
     """Softmax attention mixer (param key "self_attn" in a DecoderLayer)."""
 
@@ -226,6 +271,10 @@ class Attention(nn.Module):
         b, t, _ = x_btd.shape
         q, k, v = self.qkv(x_btd, positions_bt)
         window = self.config.sliding_windows[self.layer_idx]
+        if cache is None and t > 1 and self.runtime.sequence_impl != "blocked":
+            ctx = fused_causal_attention(q, k, v, window, self.dtype, self.runtime.sequence_impl)
+            y = self.o_proj(ctx.reshape(b, t, -1))
+            return y, None, {"attn_context": ctx} if return_intermediates else {}
         if cache is None:
             idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = MaskSpec(idx, idx, valid_bt, window)

@@ -133,6 +133,9 @@ class Transformer(nn.Module):
             if keep_l.shape != (c.num_hidden_layers,):
                 raise ValueError(f"keep_l must be [{c.num_hidden_layers}], got {keep_l.shape}")
         b, t = tokens_bt.shape
+        attention_runtime = self.attention_runtime.for_call(
+            padded=valid_bt is not None or cache is not None
+        )
         if valid_bt is None:
             valid_bt = jnp.ones((b, t), bool)
         valid_bt = valid_bt.astype(bool)
@@ -153,7 +156,7 @@ class Transformer(nn.Module):
                 # argnums count self: (h, positions, valid, cache, return_intermediates, keep)
                 layer_cls = nn.remat(layer_cls, static_argnums=(5,))
             layer = layer_cls(
-                c, i, mixer, self.student_mixer, self.dtype, self.attention_runtime, name=name
+                c, i, mixer, self.student_mixer, self.dtype, attention_runtime, name=name
             )
             layer_cache = None if cache is None else cache[name]
             keep = None if keep_l is None else keep_l[i]

@@ -129,9 +129,23 @@ def check_distill_layers(config, arch) -> None:
 
 
 def check_distill_kl(config, arch) -> None:
+    from taylorcal_jax.models.layers import SEQUENCE_IMPLS  # noqa: PLC0415
+
     check_distill_common(config, arch)
     _check_budget(config, "kl", arch)
     check.positive(config, "distill.kl.lr_mixer", "distill.kl.lr_rest", "distill.kl.chunk_size")
+    check.one_of(config, "distill.kl.attention_impl", SEQUENCE_IMPLS)
+    if config.distill.kl.attention_impl == "cudnn":
+        if config.distill.kl.dtype != "bfloat16":
+            raise check.ConfigError(
+                "distill.kl.attention_impl='cudnn' needs distill.kl.dtype='bfloat16'",
+                "cuDNN's fused attention takes bf16/fp16 only; or use 'blocked'",
+            )
+        if jax.default_backend() != "gpu":
+            raise check.ConfigError(
+                f"distill.kl.attention_impl='cudnn' needs a GPU, not {jax.default_backend()!r}",
+                "use 'blocked'",
+            )
 
 
 def check_layers_split(config, sizes) -> None:
@@ -321,6 +335,7 @@ def distill_layers_stage(ctx) -> dict:
 
 def distill_stage(ctx) -> dict:
     """Stage 2 on the whole student; writes <workdir>/student_distilled."""
+    from taylorcal_jax.models.layers import AttentionRuntime  # noqa: PLC0415
     from taylorcal_jax.models.teacher import Transformer  # noqa: PLC0415
 
     config = ctx.config
@@ -337,8 +352,11 @@ def distill_stage(ctx) -> dict:
         chunk_size=int(k.chunk_size),
     )
     dtype = DTYPES[k.dtype]
-    student_model = sc.model(dtype=dtype, runtime=mixer.runtime).clone(remat=bool(k.remat))
-    teacher_model = Transformer(sc.teacher, dtype=dtype)
+    attention = AttentionRuntime(sequence_impl=str(k.attention_impl))
+    student_model = sc.model(dtype=dtype, runtime=mixer.runtime, attention_runtime=attention).clone(
+        remat=bool(k.remat)
+    )
+    teacher_model = Transformer(sc.teacher, dtype=dtype, attention_runtime=attention)
     task = kl_lib.make_task(
         student_model, teacher_model, mixer.name, cfg, ctx.mesh, sharding.param_spec(ctx.mesh)
     )
