@@ -710,6 +710,9 @@ def add_release_rows(
             os.replace(out + ".tmp", out)
             log(f"{policy}: release init in {time.perf_counter() - t1:.0f} s")
         record, rows = score_release_student(run, policy, out, 0, fraction)
+        # each import keeps the run that made it: a later run for other policies replaces
+        # `tokens` (with its own command and date) but keeps this record
+        record = {**record, "date": info["date"], "command": info["command"]}
         sweep["rows"] = [
             r for r in sweep["rows"] if not (r["strategy"] == STRATEGY and r["policy"] == policy)
         ] + rows

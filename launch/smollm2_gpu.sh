@@ -19,8 +19,10 @@
 #       reference release's init on its keep sets (launch/reference_release.py run, rows
 #       `reference_release` added to that file). The phase-1 ablation is `ablation`.
 #   POLICIES=ar,ga_s2 bash launch/smollm2_gpu.sh release   # carry workdirs/refrel (and .whl):
-#       only the release's rows for POLICIES (~2 minutes each), added to a copy of the committed
-#       launch/results/zero_shot_smollm2_135m.json in $OUT (same text, seeds and keep sets)
+#       only the release's rows for POLICIES, added to a copy of the committed
+#       launch/results/zero_shot_smollm2_135m.json in $OUT (same text, seeds and keep sets);
+#       on one H200 the join, the teacher's conversion and the ar row took under 300 s
+#       (2026-12-05), so one policy per call of LIMIT=300 is safe
 #   bash launch/smollm2_gpu.sh stage2     # (.whl; no GGUF: random weights of the same shape
 #       do the same work): the stage-2 throughput sweep of launch/bench_stage2.py
 #       (batch 8/16/32 x remat on/off x KL chunk 512/2048) -> $OUT
