@@ -25,7 +25,7 @@
 #       (2026-12-05), so one policy per call of LIMIT=300 is safe
 #   bash launch/smollm2_gpu.sh stage2     # (.whl; no GGUF: random weights of the same shape
 #       do the same work): the stage-2 throughput sweep of launch/bench_stage2.py
-#       (batch 8/16/32 x remat on/off x KL chunk 512/2048) -> $OUT
+#       (batch 8/32 x remat on/off x KL chunk 2048 x attention cudnn/blocked) -> $OUT
 #
 # `stage_release` copies the release's checkout (the Taylor-Calibrate repository with our
 # changes for a Llama teacher; its code stays out of this repository) into the ignored folder
@@ -126,7 +126,7 @@ PY
   stage2)
     install_wheels
     timeout "$LIMIT" python3 launch/bench_stage2.py --tag=h200 --random_smollm2 \
-      --batch_sizes=8,16,32 --remat=true,false --chunk_sizes=512,2048 \
+      --batch_sizes=8,32 --remat=true,false --chunk_sizes=2048 --attention_impls=cudnn,blocked \
       --budget_s="$((LIMIT - 90))" --out="$OUT"
     ;;
   release)
