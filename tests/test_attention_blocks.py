@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import tiny_model_config
+from tiny_models import windowed_qwen2_config
 
 from taylorcal_jax.models import layers
 from taylorcal_jax.models.layers import MaskSpec, attend, attention_mask
@@ -81,15 +81,7 @@ def test_blocked_gradients_equal_dense():
 
 
 def _config():
-    return tiny_model_config(
-        model_type="qwen2",
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        head_dim=16,
-        attention_bias=True,
-        sliding_windows=(None, 6),  # layer 1: a window shorter than the blocks' reach
-    )
+    return windowed_qwen2_config()
 
 
 def test_model_blocked_prefill_then_decode(monkeypatch):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import tiny_model_config
+from tiny_models import windowed_qwen2_config
 
 from taylorcal_jax.models.layers import (
     AttentionRuntime,
@@ -30,15 +30,7 @@ def _rel(a, b):
 
 
 def _config():
-    return tiny_model_config(
-        model_type="qwen2",
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        head_dim=16,
-        attention_bias=True,
-        sliding_windows=(None, 6),  # layer 1: a window shorter than the sequence
-    )
+    return windowed_qwen2_config()
 
 
 @pytest.mark.parametrize("window", [None, 5])

@@ -20,3 +20,17 @@ TINY_MODEL_DEFAULTS = dict(
 def tiny_model_config(**overrides) -> ModelConfig:
     """One place for the tiny test model's shape: TINY_MODEL_DEFAULTS updated by `overrides`."""
     return ModelConfig(**{**TINY_MODEL_DEFAULTS, **overrides})
+
+
+def windowed_qwen2_config() -> ModelConfig:
+    """A two-layer Qwen2 with biases whose layer 1 has a sliding window of 6 tokens, shorter
+    than the sequences the attention tests run: full and windowed attention in one model."""
+    return tiny_model_config(
+        model_type="qwen2",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        head_dim=16,
+        attention_bias=True,
+        sliding_windows=(None, 6),
+    )
