@@ -191,6 +191,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.layers.clip_norm = 1.0  # global gradient-norm clip
     c.distill.layers.dtype = "bfloat16"  # compute dtype ("float32" | "bfloat16"); params fp32
     c.distill.layers.remat = False  # recompute each mixer in the backward pass (less memory)
+    c.distill.layers.attention_impl = "blocked"  # teacher's attention: "blocked" | "cudnn"
     c.distill.layers.eval_every_tokens = 10_000_000  # between evaluations (0 = first and last)
     c.distill.layers.checkpoint_every_tokens = 5_000_000  # between checkpoints (0 = at the end)
     # Stage 2: every parameter trained on KL(teacher || student) of the next-token

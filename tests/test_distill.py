@@ -17,6 +17,7 @@ from tiny_models import tiny_model_config
 from taylorcal_jax.calibrate import select
 from taylorcal_jax.calibrate.stacking import stack_mixers
 from taylorcal_jax.data import packing
+from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.mixers import StudentMixer
 from taylorcal_jax.models.mixers.gdn import GDNConfig, GDNRuntime
 from taylorcal_jax.models.paths import layer_key, layer_mixer
@@ -349,3 +350,28 @@ def test_main_runs_both_stages_and_writes_metrics_with_tokens(tmp_path):
     )
     for d in ("student", "student_distill_layers", "student_distilled"):
         assert os.path.exists(os.path.join(workdir, d, "tokenizer.json"))
+
+
+def test_both_stages_take_the_fused_attention_when_asked():
+    # jax.nn.dot_product_attention's XLA form stands in for cuDNN's on the CPU: the losses
+    # are the same, and the programs differ (the fused call is made)
+    def same_loss_other_program(fused_task, blocked_task, params):
+        args = (params, FIXED, None, TEACHER)
+        got, want = fused_task.loss_fn, blocked_task.loss_fn
+        np.testing.assert_allclose(jax.jit(got)(*args)[0], jax.jit(want)(*args)[0], rtol=1e-5)
+        assert str(jax.make_jaxpr(got)(*args)) != str(jax.make_jaxpr(want)(*args))
+
+    fused = dataclasses.replace(LAYER_CFG, attention_impl="xla")
+    same_loss_other_program(
+        distill_layers.make_task(MC, GDN, LAYERS, fused, ONE),
+        distill_layers.make_task(MC, GDN, LAYERS, LAYER_CFG, ONE),
+        _stacked(ONE),
+    )
+    runtime = AttentionRuntime(sequence_impl="xla")
+    student = SC.model(runtime=GDN.runtime, attention_runtime=runtime)
+    teacher = Transformer(MC, attention_runtime=runtime)
+    same_loss_other_program(
+        distill.make_task(student, teacher, GDN.name, KL_CFG, ONE),
+        distill.make_task(*_models(), GDN.name, KL_CFG, ONE),
+        STUDENT,
+    )

@@ -74,12 +74,12 @@ def test_bad_values_fail_before_any_work(tmp_path, key, value, match):
     _fails(_smoke(**{key: value}), tmp_path, match)
 
 
-@pytest.mark.parametrize(
-    "dtype,match", [("float32", "needs distill.kl.dtype='bfloat16'"), ("bfloat16", "needs a GPU")]
-)
-def test_cudnn_attention_needs_bf16_and_a_gpu(tmp_path, dtype, match):
-    config = _smoke(**{"distill.kl.attention_impl": "cudnn", "distill.kl.dtype": dtype})
-    _fails(config, tmp_path, match)
+@pytest.mark.parametrize("stage", ["layers", "kl"])
+@pytest.mark.parametrize("dtype,match", [("float32", "dtype='bfloat16'"), ("bfloat16", "a GPU")])
+def test_cudnn_attention_needs_bf16_and_a_gpu(tmp_path, stage, dtype, match):
+    config = _smoke(**{f"distill.{stage}.attention_impl": "cudnn", f"distill.{stage}.dtype": dtype})
+    error = _fails(config, tmp_path, match)
+    assert f"distill.{stage}.attention_impl='cudnn' needs" in error.message
 
 
 def test_alignment_sequences_must_split_over_the_data_axis(tmp_path):

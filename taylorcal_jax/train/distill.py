@@ -17,7 +17,9 @@ kept attention, head); one global-norm clip over all of them first.
 Precision: params (and the optimiser state) are float32 masters; the models compute in the
 `dtype` they are built with (Flax `dtype`, bf16 for training) and their `remat` recomputes each
 block in the backward pass. The student mixer's op (GDN's `impl`: `auto` is the Pallas kernel
-on a GPU) is part of the student model's runtime options.
+on a GPU) is part of the student model's runtime options, and so is both models' softmax
+attention (layers.AttentionRuntime.sequence_impl, `distill.kl.attention_impl`: the batches are
+unpadded, so cuDNN's fused attention may take it on a GPU).
 
 Placement: the batch is split over every device of the mesh. With more than one device the
 loss runs under `shard_map` (each device its rows, which keeps custom kernels out of the SPMD

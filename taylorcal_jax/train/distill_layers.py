@@ -22,8 +22,9 @@ global-norm clip over all of them, as one model would be trained. The layers are
 and placed as alignment places them (train/layerwise.py: layers over mesh axis "layers",
 the batch over "data"); padding layers have weight 0 in the mean, so they get no gradient.
 The teacher's params are a constant of the loop (train/loop.py), replicated; each device
-runs the teacher on its share of the batch. `remat` recomputes each layer's mixer in the
-backward pass instead of keeping its activations.
+runs the teacher on its share of the batch, its softmax attention by `attention_impl`
+(layers.AttentionRuntime.sequence_impl: the batches are unpadded). `remat` recomputes each
+layer's mixer in the backward pass instead of keeping its activations.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.mixers import StudentMixer
 from taylorcal_jax.models.paths import layer_key
 from taylorcal_jax.models.teacher import Transformer
@@ -58,6 +60,7 @@ class LayerDistillConfig:
     clip_norm: float
     dtype: str  # compute dtype of the teacher pass and the mixers; params stay float32
     remat: bool
+    attention_impl: str = "blocked"  # the teacher pass's layers.AttentionRuntime.sequence_impl
 
 
 def rms_error(out_ntd, y_ntd, valid_nt):
@@ -109,7 +112,11 @@ def make_task(
     if cfg.remat:
         one_layer = jax.checkpoint(one_layer)
     losses = layerwise.stacked_losses(one_layer, mesh)
-    teacher = Transformer(model_config, dtype=dtype)
+    teacher = Transformer(
+        model_config,
+        dtype=dtype,
+        attention_runtime=AttentionRuntime(sequence_impl=cfg.attention_impl),
+    )
     weight_l = jnp.asarray([1.0] * len(layers) + [0.0] * pad, jnp.float32)
     act = sharding.named(mesh, *layerwise.activation_spec(mesh))
 

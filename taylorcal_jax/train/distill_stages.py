@@ -117,6 +117,27 @@ def _check_budget(config, section: str, arch) -> None:
     frac = config.distill[section].warmup_fraction
     if not 0 <= frac <= 1:
         raise check.ConfigError(f"{s}.warmup_fraction must be in [0, 1], got {frac}")
+    _check_attention(config, section)
+
+
+def _check_attention(config, section: str) -> None:
+    """The stage's teacher (and student) attention implementation can run here."""
+    from taylorcal_jax.models.layers import SEQUENCE_IMPLS  # noqa: PLC0415
+
+    s = f"distill.{section}"
+    check.one_of(config, f"{s}.attention_impl", SEQUENCE_IMPLS)
+    if config.distill[section].attention_impl != "cudnn":
+        return
+    if config.distill[section].dtype != "bfloat16":
+        raise check.ConfigError(
+            f"{s}.attention_impl='cudnn' needs {s}.dtype='bfloat16'",
+            "cuDNN's fused attention takes bf16/fp16 only; or use 'blocked'",
+        )
+    if jax.default_backend() != "gpu":
+        raise check.ConfigError(
+            f"{s}.attention_impl='cudnn' needs a GPU, not {jax.default_backend()!r}",
+            "use 'blocked'",
+        )
 
 
 def check_distill_layers(config, arch) -> None:
@@ -129,23 +150,9 @@ def check_distill_layers(config, arch) -> None:
 
 
 def check_distill_kl(config, arch) -> None:
-    from taylorcal_jax.models.layers import SEQUENCE_IMPLS  # noqa: PLC0415
-
     check_distill_common(config, arch)
     _check_budget(config, "kl", arch)
     check.positive(config, "distill.kl.lr_mixer", "distill.kl.lr_rest", "distill.kl.chunk_size")
-    check.one_of(config, "distill.kl.attention_impl", SEQUENCE_IMPLS)
-    if config.distill.kl.attention_impl == "cudnn":
-        if config.distill.kl.dtype != "bfloat16":
-            raise check.ConfigError(
-                "distill.kl.attention_impl='cudnn' needs distill.kl.dtype='bfloat16'",
-                "cuDNN's fused attention takes bf16/fp16 only; or use 'blocked'",
-            )
-        if jax.default_backend() != "gpu":
-            raise check.ConfigError(
-                f"distill.kl.attention_impl='cudnn' needs a GPU, not {jax.default_backend()!r}",
-                "use 'blocked'",
-            )
 
 
 def check_layers_split(config, sizes) -> None:
@@ -307,6 +314,7 @@ def distill_layers_stage(ctx) -> dict:
         clip_norm=float(s.clip_norm),
         dtype=str(s.dtype),
         remat=bool(s.remat),
+        attention_impl=str(s.attention_impl),
     )
     task = layers_lib.make_task(sc.teacher, mixer, layers, cfg, ctx.mesh)
     pad = layerwise.layer_padding(len(layers), ctx.mesh)
