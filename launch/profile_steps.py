@@ -43,7 +43,8 @@ timer and annotation start. The trace file (perfetto_trace.json.gz under
                  on each track given to its innermost event (the latest started: an XLA:CPU
                  while thunk holds its body's thunks), so that the names' busy times add up to
                  the calls' busy time; share = busy / the calls' busy time. by_family sums the
-                 names without their trailing numeric suffixes (loop_fusion.12 -> loop_fusion).
+                 names without their trailing numeric suffixes (loop_fusion.12 -> loop_fusion);
+                 by_launches groups the names by launches per call (`by_launches`).
 
 How to read a row. Decode rows have the roofline of a step: bench_inference.decode_step_bytes
 over the copy bandwidth measured in the same run (bench_inference.copy_bandwidth), next to the
@@ -281,10 +282,33 @@ def _by_family(by_name: list[dict], busy_total: float) -> list[dict]:
     return _ranking(counts, totals, busy, busy_total)
 
 
+def by_launches(by_name: list[dict], calls: int, busy_total: float) -> list[dict]:
+    """The kernels grouped by how often each runs per call, largest busy time first: rows
+    {per_call, kernels, busy_us, share, names (by busy time)}.
+
+    Kernels launched equally often usually come from one part of the model (in a stage-2
+    step of 2 query blocks, 76 launches are the softmax passes of 38 attention layers), so a
+    group's busy share is that part's share when no other part repeats as often."""
+    groups: dict[float, list[dict]] = collections.defaultdict(list)
+    for r in by_name:
+        groups[round(r["count"] / calls, 2)].append(r)
+    rows = [
+        {
+            "per_call": per_call,
+            "kernels": len(members),
+            "busy_us": sum(r["busy_us"] for r in members),
+            "share": sum(r["busy_us"] for r in members) / busy_total if busy_total else 0.0,
+            "names": [r["name"] for r in sorted(members, key=lambda r: -r["busy_us"])],
+        }
+        for per_call, members in groups.items()
+    ]
+    return sorted(rows, key=lambda r: (-r["busy_us"], r["per_call"]))
+
+
 def summarise_trace(events: list[dict]) -> dict:
     """The per-call and per-name figures of a trace's device events (module docstring), in
     microseconds: {"tracks", "calls", "median", "busy_us", "outside_calls", "by_name",
-    "by_family"}."""
+    "by_family", "by_launches"}."""
     kind, device = device_events(events)
     windows = call_windows(events)
     if not windows:
@@ -328,6 +352,7 @@ def summarise_trace(events: list[dict]) -> dict:
         },
         "by_name": by_name,
         "by_family": _by_family(by_name, busy_total),
+        "by_launches": by_launches(by_name, len(calls), busy_total),
     }
 
 
@@ -877,8 +902,29 @@ def _row_section(r: dict, top: int) -> list[str]:
         "",
         *_ranking_table(t["by_family"], min(top, 10), "family"),
         "",
+        *_launches_table(t.get("by_launches", []), len(t["calls"]), min(top, 10)),
     ]
     return lines
+
+
+def _launches_table(groups: list[dict], calls: int, top: int) -> list[str]:
+    """The largest groups of `by_launches` (busy per call = group busy / traced calls)."""
+    if not groups:
+        return []
+    lines = [
+        "Kernels grouped by launches per call (`by_launches`):",
+        "",
+        "| launches per call | kernels | busy ms per call | busy share | largest |",
+        "|---|---|---|---|---|",
+    ]
+    for g in groups[:top]:
+        names = ", ".join(f"`{n[:40]}`" for n in g["names"][:3])
+        more = f" (+{len(g['names']) - 3})" if len(g["names"]) > 3 else ""
+        lines.append(
+            f"| {g['per_call']:g} | {g['kernels']} | {g['busy_us'] / calls / 1e3:.3f} | "
+            f"{g['share']:.1%} | {names}{more} |"
+        )
+    return lines + [""]
 
 
 def markdown(result: dict) -> str:

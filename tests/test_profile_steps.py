@@ -107,6 +107,14 @@ def test_the_summary_of_a_hand_built_trace_is_exact(tmp_path):
         ("loop_fusion", 3, pytest.approx(45)),
         ("MemcpyD2H", 1, pytest.approx(5)),
     ]
+    # launches per call (2 calls): gemv and fusion.2 once each per call, together 70 us;
+    # fusion.7 and the copy half a time per call, 25 us
+    assert t["by_launches"] == [
+        dict(per_call=1.0, kernels=2, busy_us=pytest.approx(70), share=pytest.approx(70 / 95),
+             names=["gemv_kernel", "loop_fusion.2"]),
+        dict(per_call=0.5, kernels=2, busy_us=pytest.approx(25), share=pytest.approx(25 / 95),
+             names=["loop_fusion.7", "MemcpyD2H"]),
+    ]  # fmt: skip
 
 
 def test_without_gpu_streams_the_host_xla_ops_are_read(tmp_path):
@@ -197,6 +205,7 @@ def test_small_run_profiles_decode_and_stage2_and_writes_the_files(tmp_path):
     assert f"Command: `{saved['command']}`" in md
     assert "| decode_student | 64 | 2 |" in md and "| 2 | 32 | True | 16 |" in md
     assert md.count("| name | count | total us | mean us | busy share |") == 2
+    assert md.count("| launches per call | kernels | busy ms per call |") == 2
     for table in ("| target | L | B |", "| batch | seq | remat |"):  # rows as wide as the head
         lines = md.splitlines()
         at = next(i for i, line in enumerate(lines) if line.startswith(table))
