@@ -23,6 +23,13 @@ between the two evaluations around it (0 when the first evaluation is already th
 when the curve never gets there). Ratios: tokens of `copy` (and of `zero_gate`) over tokens
 of the init, per target.
 
+Projection, for a target a run has not reached: the straight line through its last
+PROJECTION_POINTS evaluations in log(tokens), log(ppl) (least squares; a power law
+ppl = a tokens^b, b < 0), extended to the target. It assumes the curve keeps its recent
+slope; a curve that flattens further (a floor) needs more tokens than projected. Projected
+ratios use the measured tokens where a run reached the target and the projected ones
+elsewhere, and are reported apart from the measured ones (`projection`).
+
 Stage-2 throughput: tokens per second between consecutive loss lines of metrics.jsonl with
 no evaluation between them (median; compilation and evaluations excluded), and model FLOPs
 utilisation MFU = 6 N tokens/s / peak, with N the student's parameter count and the peak
@@ -57,6 +64,7 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 INITS = ("copy", "zero_gate", "align_only", "taylor_calibrate")
 TARGET_FACTORS = (2.0, 1.5)
+PROJECTION_POINTS = 3  # evaluations of a curve's tail that its projection fits
 # Dense bf16 peak FLOP/s (no sparsity) by jax device_kind.
 PEAK_BF16_FLOPS = {
     "NVIDIA H200": 989e12,
@@ -75,7 +83,12 @@ def define_flags() -> None:
     flags.DEFINE_string("tag", None, "Result files: recovery_<tag>.{json,md,png}.")
     flags.DEFINE_float("kept_fraction", 0.25, "Share of layers that keep softmax attention.")
     flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
-    flags.mark_flags_as_required(["config", "workdir", "tag"])
+    flags.DEFINE_string(
+        "rerender",
+        None,
+        "A recovery_<tag>.json: add its projection and rewrite its .json/.md/.png in --out "
+        "(no training; --config, --workdir and --tag are then not needed).",
+    )
 
 
 # ------------------------------------------------------------------------- pure parts
@@ -107,6 +120,46 @@ def tokens_to_target(curve, target: float) -> float | None:
             frac = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(p1))
             return float(t0 + frac * (t1 - t0))
     return None
+
+
+def project_tokens(curve, target: float, points: int = PROJECTION_POINTS) -> float | None:
+    """Tokens at which the power law through the curve's last `points` evaluations (tokens >
+    0) reaches `target` (module docstring); None with fewer than 2 points or no descent."""
+    tail = [(math.log(t), math.log(p)) for t, p in curve if t > 0][-points:]
+    if len(tail) < 2:
+        return None
+    n = len(tail)
+    mx, my = sum(x for x, _ in tail) / n, sum(y for _, y in tail) / n
+    sxx = sum((x - mx) ** 2 for x, _ in tail)
+    slope = sum((x - mx) * (y - my) for x, y in tail) / sxx if sxx else 0.0
+    if slope >= 0:
+        return None
+    return math.exp(mx + (math.log(target) - my) / slope)
+
+
+def projection(runs: list[dict], targets: dict) -> dict:
+    """{"method", "points", "tokens_to_target" {init: {target: tokens}}, "projected" {init:
+    [targets projected]}, "ratios" {baseline: {init: {target: ratio}}}}: measured tokens where
+    a run reached a target, projected ones (`project_tokens`) elsewhere."""
+    tokens, projected = {}, {}
+    for r in runs:
+        row, guessed = {}, []
+        for name, value in targets.items():
+            measured = r["tokens_to_target"].get(name)
+            if measured is None:
+                measured = project_tokens(r["curve"], value)
+                guessed += [] if measured is None else [name]
+            row[name] = measured
+        tokens[r["init"]], projected[r["init"]] = row, guessed
+    as_runs = [{"init": init, "tokens_to_target": row} for init, row in tokens.items()]
+    return {
+        "method": f"power law through the last {PROJECTION_POINTS} evaluations (log-log "
+        "least squares), extended to the target",
+        "points": PROJECTION_POINTS,
+        "tokens_to_target": tokens,
+        "projected": projected,
+        "ratios": {b: ratios(as_runs, b) for b in ("copy", "zero_gate")},
+    }
 
 
 def targets_of(teacher_ppl: float, runs: dict) -> dict:
@@ -209,6 +262,7 @@ def markdown(result: dict) -> str:
         for init, row in table.items():
             cells = ["" if row.get(n) is None else f"{row[n]:.2f}" for n in names]
             lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    lines += _projection_lines(result.get("projection"), names)
     th = result.get("throughput") or {}
     if th.get("tokens_per_second"):
         mfu = "n/a (no peak for this device)" if th["mfu"] is None else f"{th['mfu']:.1%}"
@@ -226,22 +280,50 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _projection_lines(proj: dict | None, names: list[str]) -> list[str]:
+    """The projection's tables, when some run has a projected target."""
+    if not proj or not any(proj["projected"].values()):
+        return []
+    lines = ["", f"Projected ({proj['method']}; * marks a projected figure, the others are "
+             "measured):", ""]  # fmt: skip
+    lines += ["| init | " + " | ".join(f"tokens to {n}" for n in names) + " |"]
+    lines += ["|---|" + "---|" * len(names)]
+    for init, row in proj["tokens_to_target"].items():
+        star = proj["projected"][init]
+        cells = [_tokens(row.get(n)) + ("*" if n in star else "") for n in names]
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    for base, table in proj["ratios"].items():
+        lines += ["", f"Projected tokens of {base} / tokens of the init:", ""]
+        lines += ["| init | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for init, row in table.items():
+            cells = ["" if row.get(n) is None else f"{row[n]:.2f}" for n in names]
+            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _tokens(t) -> str:
     return "not reached" if t is None else f"{t:,.0f}"
 
 
 def plot(result: dict, path: str) -> None:
-    """ppl against training tokens (log-log), one line per init, the targets dashed."""
+    """ppl against training tokens (log-log), one line per init, the targets dashed, each
+    projected crossing dotted from the run's last evaluation to an x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
+    proj = result.get("projection") or {"projected": {}}
     for r in result["runs"]:
         pts = [(max(t, 1.0), p) for t, p in r["curve"]]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", ms=3, label=r["init"])
+        if not pts:
+            continue
+        (line,) = ax.plot(*zip(*pts, strict=True), "o-", ms=3, label=r["init"])
+        for name in proj["projected"].get(r["init"], []):  # dotted: the projection's reach
+            end = (proj["tokens_to_target"][r["init"]][name], result["targets"][name])
+            ax.plot(*zip(pts[-1], end, strict=True), ":", color=line.get_color(), lw=1)
+            ax.plot(*end, "x", color=line.get_color(), ms=5)
     for name, value in result["targets"].items():
         ax.axhline(value, ls="--", lw=0.8, color="gray")
         ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
@@ -346,6 +428,7 @@ class Experiment:
             "targets": targets,
             "runs": out_runs,
             "ratios": {b: ratios(out_runs, b) for b in ("copy", "zero_gate")},
+            "projection": projection(out_runs, targets),
             "throughput": self.throughput,
             "complete": complete,
         }
@@ -457,9 +540,31 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
     return exp.result(teacher_ppl, complete=True)
 
 
+def rerender(path: str, out: str) -> dict:
+    """The result file at `path` with its projection added (measured figures unchanged),
+    rewritten as <out>/recovery_<tag>.{json,md,png}."""
+    import results_io  # launch/
+
+    with open(path) as f:
+        result = json.load(f)
+    result["projection"] = {
+        **projection(result["runs"], result["targets"]),
+        "command": results_io.command_line(),
+    }
+    tag = os.path.basename(path).removeprefix("recovery_").removesuffix(".json")
+    write_outputs(result, out, tag)
+    return result
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.rerender:
+        print(markdown(rerender(FLAGS.rerender, FLAGS.out)))
+        return
+    missing = [name for name in ("config", "workdir", "tag") if FLAGS[name].value is None]
+    if missing:
+        raise app.UsageError("give " + ", ".join(f"--{m}" for m in missing))
     from taylorcal_jax.calibrate import select
     from taylorcal_jax.utils import progress
 

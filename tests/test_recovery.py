@@ -104,6 +104,42 @@ def test_markdown_and_files(tmp_path):
     assert json.load(open(paths["json"]))["runs"][0]["curve"] == [[0, 80.0], [100, 18.0]]
 
 
+def test_projection_extends_the_power_law_of_the_tail():
+    # ppl = 1000 t^-1/2 on the last three points: 12.5 at t = 6400 exactly; the first point
+    # (tokens 0) and an older steeper one are not fitted
+    curve = [[0, 900.0], [10, 500.0], [100, 100.0], [400, 50.0], [1600, 25.0]]
+    assert recovery.project_tokens(curve, 12.5) == pytest.approx(6400.0)
+    assert recovery.project_tokens([[0, 9.0], [10, 5.0]], 1.0) is None  # one point of t > 0
+    assert recovery.project_tokens([[10, 5.0], [20, 5.0]], 1.0) is None  # no descent
+    runs = [
+        {"init": "copy", "curve": curve, "tokens_to_target": {"a": 100.0, "b": None}},
+        {"init": "x", "curve": curve, "tokens_to_target": {"a": 50.0, "b": 1600.0}},
+    ]
+    proj = recovery.projection(runs, {"a": 100.0, "b": 12.5})
+    assert proj["tokens_to_target"] == {
+        "copy": {"a": 100.0, "b": pytest.approx(6400.0)},
+        "x": {"a": 50.0, "b": 1600.0},
+    }
+    assert proj["projected"] == {"copy": ["b"], "x": []}
+    assert proj["ratios"]["copy"]["x"] == {"a": 2.0, "b": pytest.approx(4.0)}
+
+
+def test_rerender_adds_the_projection_and_keeps_the_measurements(tmp_path):
+    result = _result()
+    result["runs"][0]["curve"] = [[0, 80.0], [100, 40.0], [400, 20.0]]
+    path = tmp_path / "recovery_y.json"
+    path.write_text(json.dumps(result))
+    out = tmp_path / "out"
+    recovery.rerender(str(path), str(out))
+    saved = json.load(open(out / "recovery_y.json"))
+    assert {k: v for k, v in saved.items() if k != "projection"} == result
+    assert saved["projection"]["tokens_to_target"]["copy"]["1.5x_teacher"] == pytest.approx(
+        400 * (20 / 15) ** 2
+    )
+    assert saved["projection"]["command"].startswith("python")
+    assert "Projected" in open(out / "recovery_y.md").read()
+
+
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """Two inits on the tiny smoke teacher; then a rerun skips every finished stage."""
