@@ -158,3 +158,19 @@ def test_the_command_line_stops_on_a_bad_flag_before_any_work(tmp_path, flag, me
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_an_executed_count_below_6n_gives_no_utilisation():
+    row = {
+        "step_seconds": [0.5, 0.5, 0.5],
+        "tokens_per_step": 1000,
+        "n_student": 10**6,
+        "n_teacher": 10**6,
+        "executed_flops_per_token": 3 * 10**6,  # half of 6 N: XLA saw only part of the step
+        "executed_over_counted": 0.5,
+    }
+    got = bench_stage2.throughput_fields(row, "NVIDIA H200")
+    assert got["tokens_per_s"] == 2000.0 and got["mfu"] == pytest.approx(6e6 * 2000 / 989e12)
+    assert got["hfu"] is None
+    full = bench_stage2.throughput_fields({**row, "executed_over_counted": 1.5}, "NVIDIA H200")
+    assert full["hfu"] == pytest.approx(3e6 * 2000 / 989e12)
