@@ -485,23 +485,20 @@ def stage2_problem(
     import jax
 
     from taylorcal_jax.convert.naive import copy_init
-    from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
-    from taylorcal_jax.models.teacher import Transformer
     from taylorcal_jax.train import distill
 
     keep = tuple(range(0, cfg.num_hidden_layers, keep_every))
     sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
     mixer = sc.student_mixer(GDNRuntime(impl=gdn_impl))
-    compute = jax.numpy.dtype(dtype)
-    attention = AttentionRuntime(sequence_impl=attention_impl)
+    student_model, teacher_model = distill.stage2_models(
+        sc, mixer.runtime, jax.numpy.dtype(dtype), remat=remat, attention_impl=attention_impl
+    )
     return Stage2Problem(
         student=copy_init(teacher, sc, jax.random.PRNGKey(2)),
-        student_model=sc.model(
-            dtype=compute, runtime=mixer.runtime, attention_runtime=attention
-        ).clone(remat=remat),
-        teacher_model=Transformer(cfg, dtype=compute, attention_runtime=attention),
+        student_model=student_model,
+        teacher_model=teacher_model,
         mixer_name=mixer.name,
         kl_cfg=distill.KLDistillConfig(
             lr_mixer=1e-4,

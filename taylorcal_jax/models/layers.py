@@ -273,37 +273,40 @@ class Attention(nn.Module):
         window = self.config.sliding_windows[self.layer_idx]
         if cache is None and t > 1 and self.runtime.sequence_impl != "blocked":
             ctx = fused_causal_attention(q, k, v, window, self.dtype, self.runtime.sequence_impl)
-            y = self.o_proj(ctx.reshape(b, t, -1))
-            return y, None, {"attn_context": ctx} if return_intermediates else {}
-        if cache is None:
-            idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = MaskSpec(idx, idx, valid_bt, window)
             new_cache = None
         else:
-            start = cache["index"]
-            if not isinstance(start, jax.core.Tracer) and int(start) + t > cache["k"].shape[1]:
-                raise ValueError(
-                    f"KV cache overflow: {int(start)} slots used + {t} new tokens > "
-                    f"{cache['k'].shape[1]} slots; build the cache with a larger max_len"
-                )
-            zero = jnp.zeros((), jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(
-                cache["k"], k.astype(cache["k"].dtype), (zero, start, zero, zero)
-            )
-            v_all = jax.lax.dynamic_update_slice(
-                cache["v"], v.astype(cache["v"].dtype), (zero, start, zero, zero)
-            )
-            valid_all = jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (zero, start))
-            s = k_all.shape[1]
-            q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-            k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            mask = MaskSpec(q_idx, k_idx, valid_all, window)
-            k, v = k_all, v_all
-            new_cache = {"k": k_all, "v": v_all, "valid": valid_all, "index": start + t}
-        ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype, runtime=self.runtime)
+            k, v, mask, new_cache = self._keys(k, v, valid_bt, cache, window)
+            ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype, runtime=self.runtime)
         y = self.o_proj(ctx.reshape(b, t, -1))
         inter = {"attn_context": ctx} if return_intermediates else {}
         return y, new_cache, inter
+
+    def _keys(self, k, v, valid_bt, cache, window):
+        """(k, v, MaskSpec, new cache) of the blocked and decoding paths: the call's own keys,
+        or the cache with the call's keys written at its index."""
+        b, t = valid_bt.shape
+        if cache is None:
+            idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            return k, v, MaskSpec(idx, idx, valid_bt, window), None
+        start = cache["index"]
+        if not isinstance(start, jax.core.Tracer) and int(start) + t > cache["k"].shape[1]:
+            raise ValueError(
+                f"KV cache overflow: {int(start)} slots used + {t} new tokens > "
+                f"{cache['k'].shape[1]} slots; build the cache with a larger max_len"
+            )
+        zero = jnp.zeros((), jnp.int32)
+        k_all = jax.lax.dynamic_update_slice(
+            cache["k"], k.astype(cache["k"].dtype), (zero, start, zero, zero)
+        )
+        v_all = jax.lax.dynamic_update_slice(
+            cache["v"], v.astype(cache["v"].dtype), (zero, start, zero, zero)
+        )
+        valid_all = jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (zero, start))
+        s = k_all.shape[1]
+        q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        new_cache = {"k": k_all, "v": v_all, "valid": valid_all, "index": start + t}
+        return k_all, v_all, MaskSpec(q_idx, k_idx, valid_all, window), new_cache
 
 
 def init_attention_cache(config: ModelConfig, batch: int, max_len: int, dtype) -> dict:

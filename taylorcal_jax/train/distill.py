@@ -42,7 +42,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.paths import layer_index, mixer_key
+from taylorcal_jax.models.teacher import Transformer
 from taylorcal_jax.train import kl, loop, optim
 from taylorcal_jax.utils import sharding
 
@@ -61,6 +63,16 @@ class KLDistillConfig:
     weight_decay: float
     clip_norm: float
     chunk_size: int  # positions per KL chunk
+
+
+def stage2_models(sc, mixer_runtime, dtype, *, remat: bool, attention_impl: str):
+    """(student, teacher) Transformer modules of stage 2 for student config `sc`: both compute
+    in `dtype` with softmax attention by `attention_impl` (AttentionRuntime.sequence_impl);
+    the student's mixers run by `mixer_runtime` and its blocks are rematerialised if `remat`."""
+    attention = AttentionRuntime(sequence_impl=attention_impl)
+    student = sc.model(dtype=dtype, runtime=mixer_runtime, attention_runtime=attention)
+    teacher = Transformer(sc.teacher, dtype=dtype, attention_runtime=attention)
+    return student.clone(remat=remat), teacher
 
 
 def final_hidden(model, params, tokens_bt):

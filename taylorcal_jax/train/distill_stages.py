@@ -117,7 +117,6 @@ def _check_budget(config, section: str, arch) -> None:
     frac = config.distill[section].warmup_fraction
     if not 0 <= frac <= 1:
         raise check.ConfigError(f"{s}.warmup_fraction must be in [0, 1], got {frac}")
-    _check_attention(config, section)
 
 
 def _check_attention(config, section: str) -> None:
@@ -143,6 +142,7 @@ def _check_attention(config, section: str) -> None:
 def check_distill_layers(config, arch) -> None:
     check_distill_common(config, arch)
     _check_budget(config, "layers", arch)
+    _check_attention(config, "layers")
     check.positive(config, "distill.layers.learning_rate")
     ratio = config.distill.layers.min_lr_ratio
     if not 0 <= ratio <= 1:
@@ -152,6 +152,7 @@ def check_distill_layers(config, arch) -> None:
 def check_distill_kl(config, arch) -> None:
     check_distill_common(config, arch)
     _check_budget(config, "kl", arch)
+    _check_attention(config, "kl")
     check.positive(config, "distill.kl.lr_mixer", "distill.kl.lr_rest", "distill.kl.chunk_size")
 
 
@@ -343,9 +344,6 @@ def distill_layers_stage(ctx) -> dict:
 
 def distill_stage(ctx) -> dict:
     """Stage 2 on the whole student; writes <workdir>/student_distilled."""
-    from taylorcal_jax.models.layers import AttentionRuntime  # noqa: PLC0415
-    from taylorcal_jax.models.teacher import Transformer  # noqa: PLC0415
-
     config = ctx.config
     k = config.distill.kl
     sc, student, mixer = _load_source(ctx, STAGE_KL)
@@ -359,12 +357,13 @@ def distill_stage(ctx) -> dict:
         clip_norm=float(k.clip_norm),
         chunk_size=int(k.chunk_size),
     )
-    dtype = DTYPES[k.dtype]
-    attention = AttentionRuntime(sequence_impl=str(k.attention_impl))
-    student_model = sc.model(dtype=dtype, runtime=mixer.runtime, attention_runtime=attention).clone(
-        remat=bool(k.remat)
+    student_model, teacher_model = kl_lib.stage2_models(
+        sc,
+        mixer.runtime,
+        DTYPES[k.dtype],
+        remat=bool(k.remat),
+        attention_impl=str(k.attention_impl),
     )
-    teacher_model = Transformer(sc.teacher, dtype=dtype, attention_runtime=attention)
     task = kl_lib.make_task(
         student_model, teacher_model, mixer.name, cfg, ctx.mesh, sharding.param_spec(ctx.mesh)
     )
