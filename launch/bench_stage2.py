@@ -144,6 +144,18 @@ def parse_bools(name: str, values) -> tuple[bool, ...]:
     return tuple(out)
 
 
+def parse_axes(batch_sizes, seq_lens, remat, chunk_sizes, attention_impls) -> dict:
+    """The sweep's axes (Settings fields) from their list flags' entries; one-line ValueError
+    for a malformed entry."""
+    return {
+        "batch_sizes": parse_ints("batch_sizes", batch_sizes),
+        "seq_lens": parse_ints("seq_lens", seq_lens),
+        "remat": parse_bools("remat", remat),
+        "chunk_sizes": parse_ints("chunk_sizes", chunk_sizes),
+        "attention_impls": tuple(attention_impls),
+    }
+
+
 def check_settings(s: Settings) -> None:
     """One-line ValueError for settings that cannot run, before any work."""
     import jax
@@ -481,11 +493,7 @@ def settings_from_flags(f) -> Settings:
     if f.preset == "small":
         return small_settings(budget_s=f.budget_s)
     return Settings(
-        batch_sizes=parse_ints("batch_sizes", f.batch_sizes),
-        seq_lens=parse_ints("seq_lens", f.seq_lens),
-        remat=parse_bools("remat", f.remat),
-        chunk_sizes=parse_ints("chunk_sizes", f.chunk_sizes),
-        attention_impls=tuple(f.attention_impls),
+        **parse_axes(f.batch_sizes, f.seq_lens, f.remat, f.chunk_sizes, f.attention_impls),
         warmup_steps=f.warmup_steps,
         timed_steps=f.timed_steps,
         dtype=f.dtype,

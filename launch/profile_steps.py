@@ -500,12 +500,9 @@ def _stage2_settings(preset: str, f: dict) -> bench_stage2.Settings:
     if preset == "small":
         return bench_stage2.small_settings(remat=(True,), **common)
     try:
+        axes = ("batch_sizes", "seq_lens", "remat", "chunk_sizes", "attention_impls")
         return bench_stage2.Settings(
-            batch_sizes=bench_stage2.parse_ints("batch_sizes", f["batch_sizes"].split(",")),
-            seq_lens=bench_stage2.parse_ints("seq_lens", f["seq_lens"].split(",")),
-            remat=bench_stage2.parse_bools("remat", f["remat"].split(",")),
-            chunk_sizes=bench_stage2.parse_ints("chunk_sizes", f["chunk_sizes"].split(",")),
-            attention_impls=tuple(f["attention_impls"].split(",")),
+            **bench_stage2.parse_axes(*(f[name].split(",") for name in axes)),
             dtype=f["dtype"],
             keep_every=f["keep_every"],
             gdn_impl=f["gdn_impl"],
