@@ -157,6 +157,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # what the Pallas GPU kernel keeps for its backward: "auto" (bf16: T, h, v', the fastest),
     # "t" (T only: less memory per GDN layer, reruns the state pass) or "inputs"
     c.calibration.gdn.pallas_residuals = "auto"
+    # a cached single-token step (generation, decoding): "xla" | "pallas" (one kernel; Triton on
+    # a GPU, interpret mode elsewhere) | "auto" (pallas on a GPU); "xla" until measured on one
+    c.calibration.gdn.decode_impl = "xla"
 
     # Layers that keep softmax attention (docs/method.md §7), stage select_layers.
     c.select = ml_collections.ConfigDict()

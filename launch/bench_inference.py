@@ -98,9 +98,10 @@ def _ints(text: str, name: str) -> list[int]:
 # ---------------------------------------------------------------------------------- models
 
 
-def build_models(config, keep, dtype, impl, decode_impl="auto"):
+def build_models(config, keep, dtype, impl, decode_impl="auto", gdn_decode="xla"):
     """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`. GDN
-    runs by op implementation `impl`, a decoding step's attention by `decode_impl`."""
+    runs by op implementation `impl` and its decoding step by `gdn_decode`, a decoding step's
+    attention by `decode_impl`."""
     from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
@@ -108,7 +109,8 @@ def build_models(config, keep, dtype, impl, decode_impl="auto"):
 
     attention = AttentionRuntime(decode_impl=decode_impl)
     sc = StudentConfig.from_teacher(config, keep, mixer="gdn")
-    student = sc.model(dtype=dtype, runtime=GDNRuntime(impl=impl), attention_runtime=attention)
+    runtime = GDNRuntime(impl=impl, decode_impl=gdn_decode)
+    student = sc.model(dtype=dtype, runtime=runtime, attention_runtime=attention)
     return Transformer(config, dtype=dtype, attention_runtime=attention), student
 
 

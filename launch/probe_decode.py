@@ -5,11 +5,12 @@ Letters: B batch, L context, N decoded tokens per call, S = L + N cache slots.
 Two regimes of docs/benchmarks.md §4 fall short of the HBM roofline: long contexts at batch 16
 (the KV cache read dominates: the decoding attention) and batch 1 (the weights dominate: GEMV
 efficiency and the launch cost of ~15 kernels per layer and step inside the scan's while loop).
-A variant is a decoding-attention implementation (layers.AttentionRuntime.decode_impl), extra
-XLA_FLAGS, and the unroll of the decode scan. Per variant, a child process (flags are read when
-XLA starts) builds the teacher and the student (bench_inference.build_models, random weights),
-fills a cache of S slots per row with random K, V and states (L slots valid: no prefill to
-compile), compiles every row's decode program (bench_inference.decode_program) in threads, and
+A variant is a decoding-attention implementation (layers.AttentionRuntime.decode_impl), the GDN
+layers' decoding step (mixers.gdn.GDNRuntime.decode_impl: XLA's fused programs or one Pallas
+kernel), extra XLA_FLAGS, and the unroll of the decode scan. Per variant, a child process (flags
+are read when XLA starts) builds the teacher and the student (bench_inference.build_models, random
+weights), fills a cache of S slots per row with random K, V and states (L slots valid: no prefill
+to compile), compiles every row's decode program (bench_inference.decode_program) in threads, and
 times N greedy steps per call (median of `repeats`, bench_inference.time_decode), reporting the
 fraction of the row's HBM roofline (bench_inference.decode_step_bytes / the measured copy
 bandwidth). The "op" variant times one decoding-attention call alone: XLA and the Pallas kernel
@@ -20,7 +21,7 @@ runs; variants that would start after `budget_s` are recorded as skipped. The re
 launch/results/probe_decode_<tag>.json is rewritten after every row. The parent process never
 initialises JAX (it would take the accelerator's memory from its children).
 
-    python launch/probe_decode.py --tag=h200                 # Qwen2.5-1.5B shape, ~7 minutes
+    python launch/probe_decode.py --tag=h200      # Qwen2.5-1.5B shape, the default variants
     python launch/probe_decode.py --preset=small --budget_s=600   # CPU dry run
 """
 
@@ -52,13 +53,15 @@ COMMAND_BUFFER_WHILE = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll.
-    kind "model": the models' decode rows; kind "op": the decoding-attention op alone."""
+    """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll,
+    the GDN step. kind "model": the models' decode rows; kind "op": the decoding-attention op
+    alone."""
 
     decode_impl: str = "xla"
     xla_flags: str = ""
     unroll: int = 1
     kind: str = "model"
+    gdn_decode: str = "xla"
 
 
 VARIANTS = {
@@ -70,10 +73,12 @@ VARIANTS = {
     "xla_cmdbuf": Variant("xla", COMMAND_BUFFER_WHILE),
     "xla_unroll4": Variant("xla", unroll=4),
     "pallas_cmdbuf_unroll4": Variant("pallas", COMMAND_BUFFER_WHILE, unroll=4),
+    "pallas_gdn_step": Variant("pallas", gdn_decode="pallas"),
 }
-# the batch-1 levers (command buffers, unroll) on the XLA attention too, so that they are
-# measured even where the Pallas kernel fails
-DEFAULT_VARIANTS = "op,xla,pallas,xla_cmdbuf,xla_unroll4,pallas_cmdbuf_unroll4"
+# the open question: the GDN layers' decoding step as XLA's programs or as one Pallas kernel
+# (with the Pallas decoding attention, the models' default on a GPU). Command buffers and unroll
+# were measured before and did not help (launch/results/probe_decode_h200_cmdbuf.json).
+DEFAULT_VARIANTS = "pallas,pallas_gdn_step"
 
 # (L, B) rows per preset: both regimes at the shortest and longest context of the benchmark
 ROWS = {
@@ -196,7 +201,9 @@ def run_model_variant(p: dict, variant: Variant) -> None:
     steps = p["decode_steps"]
     cfg = model_shapes.qwen2_config(p, max(c for c, _ in p["rows"]) + steps)
     keep = tuple(range(0, cfg.num_hidden_layers, p["keep_every"]))
-    teacher, student = bench.build_models(cfg, keep, dtype, "auto", variant.decode_impl)
+    teacher, student = bench.build_models(
+        cfg, keep, dtype, "auto", variant.decode_impl, variant.gdn_decode
+    )
     models = {"teacher": teacher, "student": student}
     params = {
         name: jax.block_until_ready(model_shapes.random_params(m, jax.random.PRNGKey(i), dtype))
@@ -324,6 +331,7 @@ def run_child(p: dict, name: str, variant: Variant) -> None:
         {
             "kind": "start",
             "variant": name,
+            "settings": dataclasses.asdict(variant),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "backend": jax.default_backend(),
             "copy_bandwidth_bytes_per_s": p["bandwidth"],

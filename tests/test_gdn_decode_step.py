@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gdn_testing import random_inputs, rel_err
 
-from taylorcal_jax.ops.gdn.decode_step import gated_delta_rule_decode_step
+from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_step
 
 NAMES = ("q", "k", "v", "g", "beta")
@@ -37,12 +37,12 @@ def test_decode_step_equals_the_definition(kwargs):
         inputs["k"] = inputs["k"] / np.linalg.norm(inputs["k"], axis=-1, keepdims=True)
     with jax.enable_x64(True):
         o_ref, s_ref = _chain(gated_delta_rule_step, inputs, jnp.float64, **kwargs)
-        o64, s64 = _chain(gated_delta_rule_decode_step, inputs, jnp.float64, **kwargs)
+        o64, s64 = _chain(decode_step_xla, inputs, jnp.float64, **kwargs)
         assert o64.dtype == jnp.float64 and s64.dtype == jnp.float64
         assert rel_err(o64, o_ref) < 1e-12 and rel_err(s64, s_ref) < 1e-12
         o_ref, s_ref = np.asarray(o_ref), np.asarray(s_ref)
     o32, s32 = _chain(
-        jax.jit(gated_delta_rule_decode_step, static_argnames=("scale", "use_qk_l2norm")),
+        jax.jit(decode_step_xla, static_argnames=("scale", "use_qk_l2norm")),
         inputs,
         jnp.float32,
         **kwargs,
@@ -53,7 +53,7 @@ def test_decode_step_equals_the_definition(kwargs):
 def test_decode_step_keeps_v_dtype_and_float32_state():
     inputs = random_inputs(8, t=1)
     args = [jnp.asarray(inputs[n][:, 0], jnp.bfloat16) for n in NAMES]
-    o, state = gated_delta_rule_decode_step(*args, jnp.asarray(inputs["initial_state"]))
+    o, state = decode_step_xla(*args, jnp.asarray(inputs["initial_state"]))
     want_o, want_state = gated_delta_rule_step(*args, jnp.asarray(inputs["initial_state"]))
     assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert o.shape == want_o.shape and state.shape == want_state.shape

@@ -114,3 +114,14 @@ def test_filled_cache_is_a_random_block_broadcast_with_the_context_valid():
     for name, x in ((jax.tree_util.keystr(k), np.asarray(x)) for k, x in leaves):
         if "valid" in name:
             assert (x == (np.arange(12) < 8)).all(), name
+
+
+def test_gdn_step_variant_runs_the_kernel_in_the_student(tmp_path):
+    # the student's GDN layers decode by the Pallas step (interpret mode here), the teacher
+    # has none: both rows measured and finite
+    assert probe.VARIANTS["pallas_gdn_step"].gdn_decode == "pallas"
+    result = _run(tmp_path, ["pallas_gdn_step"])
+    run = result["runs"]["pallas_gdn_step"]
+    assert run["status"] == "ok" and run["start"]["settings"]["gdn_decode"] == "pallas"
+    assert [r["model"] for r in run["records"]] == ["teacher", "student"]
+    assert all(r["finite"] for r in run["records"])

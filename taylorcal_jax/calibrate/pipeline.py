@@ -549,6 +549,7 @@ _SPEED = (
     "calibration.gdn.impl",
     "calibration.gdn.chunk_size",
     "calibration.gdn.pallas_residuals",
+    "calibration.gdn.decode_impl",
 )
 # What the statistics are computed on.
 _STATISTICS = tuple(f"calibration.{k}" for k in ("split", "num_sequences", "seq_len", "seed"))

@@ -22,8 +22,9 @@ zero initial convolution state of a fresh cache, so results equal the unpadded s
 Cache (`init_gdn_cache`): {"state": [B, H, K, V] float32} plus, with the short conv,
 {"conv": {"q": [B, W-1, H*K], "k": [B, W-1, H*K], "v": [B, W-1, H*V]}}, the last W-1
 pre-convolution inputs of valid tokens. With a cache and T == 1 the mixer takes one O(1)
-recurrent step (`ops.gdn.decode_step`: the definition's step rearranged to read the state once
-for both of its products and write it once); with T > 1 it runs the op from the cached state
+recurrent step (`ops.gdn.decode_api`: the definition's step rearranged to read the state once
+for both of its products and write it once; `GDNRuntime.decode_impl` picks XLA's form or one
+Pallas kernel); with T > 1 it runs the op from the cached state
 (prefill or continuation).
 
 Parameters (Flax names; on disk `model.layers.{i}.gdn.*` via hf_io, see models/student.py):
@@ -73,8 +74,7 @@ import numpy as np
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import repeat_kv_kernel
 from taylorcal_jax.models.mixers.spec import Mixer
-from taylorcal_jax.ops.gdn import api
-from taylorcal_jax.ops.gdn.decode_step import gated_delta_rule_decode_step
+from taylorcal_jax.ops.gdn import api, decode_api
 
 NAME = "gdn"
 SMALL_GATE_FACTOR = 0.02
@@ -139,15 +139,22 @@ class GDNConfig:
 class GDNRuntime:
     """How the gated delta rule is computed (never saved): `impl` and `chunk_size` of
     `ops.gdn.api.gated_delta_rule`, and `pallas_residuals`, what the Pallas backward keeps
-    (api.PALLAS_RESIDUALS). The defaults are the op's; runs take theirs from the config."""
+    (api.PALLAS_RESIDUALS). The defaults are the op's; runs take theirs from the config.
+    `decode_impl`: how a cached single-token step runs (`ops.gdn.decode_api.IMPLS`); "xla"
+    until the Pallas step has been measured on a GPU (ops/gdn/decode_api.py)."""
 
     impl: str = "auto"
     chunk_size: int = 64
     pallas_residuals: str = "auto"
+    decode_impl: str = "xla"
 
     def __post_init__(self):
         if self.impl not in api.IMPLS:
             raise ValueError(f"GDN impl must be one of {api.IMPLS}, got {self.impl!r}")
+        if self.decode_impl not in decode_api.IMPLS:
+            raise ValueError(
+                f"GDN decode_impl must be one of {decode_api.IMPLS}, got {self.decode_impl!r}"
+            )
         value = self.chunk_size
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"GDN chunk_size must be a positive int, got {value!r}")
@@ -350,9 +357,10 @@ class GatedDeltaNet(nn.Module):
         beta = jnp.where(valid_bt[..., None], beta, 0.0)
 
         if cache is not None and t == 1:
-            o, state = gated_delta_rule_decode_step(
-                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"]
-            )
+            o, state = decode_api.gated_delta_rule_decode_step(
+                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"],
+                impl=self.runtime.decode_impl,
+            )  # fmt: skip
             o = o[:, None]
         else:
             o, state = _run_op(

@@ -12,9 +12,12 @@ weights (12.6 MB per layer at B = 16, H = 12, K = V = 128). With a = exp(g):
     S'  = a S + k c^T                        (one elementwise pass: read S, write S')
     o   = s S'^T q = s (a r_q + (k . q) c)   (no read of S')
 
-so the step reads S twice (contraction, update) and writes it once, in two fused programs,
-and equals the definition in exact arithmetic (tests/test_gdn_decode_step.py holds it to the
-float64 definition within 1e-5 in float32).
+so XLA's form (`decode_step_xla`) reads S twice (contraction, update) and writes it once, in
+two fused programs, and equals the definition in exact arithmetic (tests/test_gdn_decode_step.py
+holds it to the float64 definition within 1e-5 in float32).
+
+The models call it through decode_api.py, which also offers the same step as one Pallas kernel
+(decode_pallas.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from taylorcal_jax.ops.gdn.reference import step_operands
 _HIGHEST = jax.lax.Precision.HIGHEST  # true float32 dots on a GPU (no TF32)
 
 
-def gated_delta_rule_decode_step(
+def decode_step_xla(
     q_bhk,
     k_bhk,
     v_bhv,

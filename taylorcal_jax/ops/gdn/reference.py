@@ -13,8 +13,9 @@ i.e. decay the state, read the current prediction for k_t, and write a beta_t-we
 correction. Semantics match flash-linear-attention's
 `chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)`.
 Arithmetic runs in float32 (float64 when the inputs are float64 and x64 is enabled).
-`gated_delta_rule_step` is one token; the scan only repeats it. The models decode with
-decode_step.py, the same step rearranged to pass over the state fewer times.
+`gated_delta_rule_step` is one token; the scan only repeats it. The models decode through
+decode_api.py: the same step rearranged to pass over the state fewer times (decode_step.py), or
+as one Pallas kernel (decode_pallas.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,81 @@
+"""The one entry point for a decoding step of the gated delta rule: picks the implementation.
+
+Letters: B batch, H heads, K key dim, V value dim. Semantics: reference.gated_delta_rule_step
+(one token per sequence from a state [B, H, K, V]).
+
+Implementations (`impl`):
+  "xla"     decode_step.decode_step_xla: the step rearranged to read the state twice and write
+            it once, as XLA's fused programs; any backend, float32 or float64.
+  "pallas"  decode_pallas.decode_step_pallas: the same step as one kernel that reads the state
+            once and writes it once in place (Triton on a GPU; interpret mode elsewhere, slow:
+            how the tests run it). Imported only when chosen.
+  "auto"    "pallas" on a GPU backend when the kernel takes the inputs, else "xla"; the choice
+            is logged once per (backend, choice).
+The models' default (mixers/gdn.GDNRuntime.decode_impl) stays "xla" until the kernel's speed
+has been measured on a GPU (launch/probe_decode.py, variant "pallas_gdn_step").
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "xla", "pallas")
+_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+_logged_choices: set[tuple[str, str]] = set()
+
+
+def resolve_impl(impl: str, q_bhk=None, v_bhv=None, state_bhkv=None) -> str:
+    """ "xla" or "pallas": what `impl` runs as here. With the inputs given, "auto" also asks
+    whether the kernel takes them."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown GDN decode step impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend not in _GPU_BACKENDS:
+        return _log_once(backend, "xla", "no GPU backend")
+    if q_bhk is not None:
+        from taylorcal_jax.ops.gdn import decode_pallas
+
+        reason = decode_pallas.unsupported_reason(q_bhk, v_bhv, state_bhkv)
+        if reason:
+            return _log_once(backend, "xla", f"the Pallas step does not take these: {reason}")
+    return _log_once(backend, "pallas", f"{backend} backend")
+
+
+def _log_once(backend: str, choice: str, why: str) -> str:
+    if (backend, choice) not in _logged_choices:
+        _logged_choices.add((backend, choice))
+        logger.info("GDN decode step impl='auto' -> %r (%s)", choice, why)
+    return choice
+
+
+def gated_delta_rule_decode_step(
+    q_bhk,
+    k_bhk,
+    v_bhv,
+    g_bh,
+    beta_bh,
+    state_bhkv,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    impl: str = "xla",
+):
+    """One decoding step by `impl` (module docstring): q, k [B, H, K], v [B, H, V], g and beta
+    [B, H], the state [B, H, K, V].
+
+    Returns (o_bhv in v's dtype, new state [B, H, K, V] in float32, or float64 when any input or
+    the state is float64 under "xla")."""
+    args = (q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
+    if resolve_impl(impl, q_bhk, v_bhv, state_bhkv) == "pallas":
+        from taylorcal_jax.ops.gdn.decode_pallas import decode_step_pallas
+
+        return decode_step_pallas(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return decode_step_xla(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)

@@ -1,0 +1,196 @@
+"""The GDN decoding step as one Pallas kernel (ops/gdn/decode_pallas.py) in interpret mode, against
+the float64 definition (reference.gated_delta_rule_step) and XLA's form (decode_step_xla); the
+dispatch of ops/gdn/decode_api.py; a model's decoding steps by either; the Triton lowering.
+
+Metric: rel = max|a - b| / max|b|. Tolerances:
+  float32 kernel vs the fp64 definition, 12 chained steps (o and state)     1e-5 (fp32 sums)
+  bfloat16 q, k, v: kernel vs XLA's form on the same values, state          1e-5 (both fp32)
+                    output, rounded to bf16 by both                          1e-2 (2^-8 each)
+  gradients, kernel vs XLA's form (the kernel's backward is that form's)    1e-6
+  model decode logits, pallas vs xla, float32                                2e-5
+Shapes: K = 32, V = 64 with B * H small, so BV = 16 and four programs share each head's state
+(columns split), and V = 16 (one program per head).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gdn_testing import random_inputs, rel_err
+from tiny_models import tiny_model_config
+
+from taylorcal_jax.models.layers import AttentionRuntime
+from taylorcal_jax.models.mixers.gdn import GDNRuntime
+from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import init_cache
+from taylorcal_jax.ops.gdn import decode_api, decode_pallas
+from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
+from taylorcal_jax.ops.gdn.reference import gated_delta_rule_step
+
+NAMES = ("q", "k", "v", "g", "beta")
+F32 = jnp.float32
+
+
+def _chain(step, inputs, dtype, **kwargs):
+    """Outputs [B, T, H, V] and final state of `step` applied token by token."""
+    state = jnp.asarray(inputs["initial_state"], jnp.float64 if dtype == jnp.float64 else F32)
+    outs = []
+    for t in range(inputs["q"].shape[1]):
+        o, state = step(*(jnp.asarray(inputs[n][:, t], dtype) for n in NAMES), state, **kwargs)
+        outs.append(o)
+    return jnp.stack(outs, axis=1), state
+
+
+@pytest.mark.parametrize("v", [64, 16])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"scale": 0.7}, {"use_qk_l2norm": False}], ids=["default", "scale", "no_l2"]
+)
+def test_kernel_equals_the_definition(v, kwargs):
+    inputs = random_inputs(3, b=2, t=12, h=2, k=32, v=v, dtype=np.float64)
+    if not kwargs.get("use_qk_l2norm", True):  # keep the un-normalised recurrence stable
+        inputs["k"] = inputs["k"] / np.linalg.norm(inputs["k"], axis=-1, keepdims=True)
+    with jax.enable_x64(True):
+        o_ref, s_ref = _chain(gated_delta_rule_step, inputs, jnp.float64, **kwargs)
+        o_ref, s_ref = np.asarray(o_ref), np.asarray(s_ref)
+    assert decode_pallas.DecodeStepConfig().block_v(2, 2, v) == 16  # 4 or 1 programs per head
+    step = jax.jit(
+        decode_pallas.decode_step_pallas, static_argnames=("scale", "use_qk_l2norm", "interpret")
+    )
+    o, state = _chain(step, inputs, F32, interpret=True, **kwargs)
+    assert o.dtype == F32 and state.dtype == F32
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(state, s_ref) < 1e-5
+
+
+def test_bfloat16_inputs_equal_xla_form():
+    inputs = random_inputs(4, b=3, t=1, h=2, k=32, v=64)
+    args = [jnp.asarray(inputs[n][:, 0], jnp.bfloat16) for n in ("q", "k", "v")]
+    args += [jnp.asarray(inputs[n][:, 0]) for n in ("g", "beta")]
+    state = jnp.asarray(inputs["initial_state"])
+    o, new_state = decode_pallas.decode_step_pallas(*args, state, interpret=True)
+    want_o, want_state = decode_step_xla(*args, state)
+    assert o.dtype == jnp.bfloat16 and new_state.dtype == F32
+    assert rel_err(new_state, want_state) < 1e-5 and rel_err(o, want_o) < 1e-2
+
+
+def test_gradients_are_the_xla_forms():
+    inputs = random_inputs(5, b=1, t=1, h=2, k=16, v=32)
+    args = [jnp.asarray(inputs[n][:, 0]) for n in NAMES] + [jnp.asarray(inputs["initial_state"])]
+    weights = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 32))
+
+    def loss(fn):
+        def f(*a):
+            o, state = fn(*a)
+            return jnp.sum(o * weights) + jnp.sum(jnp.sin(state))
+
+        return jax.grad(f, argnums=tuple(range(6)))(*args)
+
+    got = loss(lambda *a: decode_pallas.decode_step_pallas(*a, interpret=True))
+    want = loss(decode_step_xla)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-6
+
+
+def test_launch_plan_spreads_batch_one_over_the_gpu():
+    config = decode_pallas.DecodeStepConfig()
+    # Qwen2.5-1.5B's GDN layers (H 12, K = V 128): batch 1 -> 96 programs of 16 columns;
+    # batch 16 -> 384 programs of 64 columns
+    assert config.block_v(1, 12, 128) == 16 and config.block_v(16, 12, 128) == 64
+    assert decode_pallas.DecodeStepConfig(programs=1).block_v(1, 1, 128) == 128
+    with pytest.raises(ValueError, match="warps must be >= 1"):
+        decode_pallas.DecodeStepConfig(warps=0)
+
+
+def test_dispatch_and_refusals():
+    q = jnp.zeros((1, 2, 32))
+    v = jnp.zeros((1, 2, 64))
+    state = jnp.zeros((1, 2, 32, 64))
+    assert decode_api.resolve_impl("auto", q, v, state) == "xla"  # no GPU here
+    assert decode_api.resolve_impl("pallas") == "pallas"
+    with pytest.raises(ValueError, match="unknown GDN decode step impl 'triton'"):
+        decode_api.resolve_impl("triton")
+    with pytest.raises(ValueError, match="GDN decode_impl must be one of"):
+        GDNRuntime(decode_impl="fast")
+    reasons = {
+        "K=24 must be a power of two": (jnp.zeros((1, 2, 24)), v, jnp.zeros((1, 2, 24, 64))),
+        "a bfloat16 state": (q, v, state.astype(jnp.bfloat16)),
+    }
+    for message, (qq, vv, ss) in reasons.items():
+        assert message in decode_pallas.unsupported_reason(qq, vv, ss)
+        with pytest.raises(ValueError, match=message) as e:
+            decode_api.gated_delta_rule_decode_step(
+                qq, qq, vv, jnp.zeros((1, 2)), jnp.zeros((1, 2)), ss, impl="pallas"
+            )
+        assert "\n" not in str(e.value) and "impl='xla'" in str(e.value)
+
+
+def test_model_decode_steps_pallas_equal_xla():
+    # a hybrid student with short convs: attention in layer 0, GDN in layers 1 and 2 (K = V =
+    # 16); a left-padded prompt into a cache of 16 slots, then three decoding steps
+    config = tiny_model_config(
+        model_type="llama", num_hidden_layers=3, head_dim=16, max_position_embeddings=64
+    )
+    sc = StudentConfig.from_teacher(config, (0,), mixer="gdn", use_short_conv=True)
+    attention = AttentionRuntime(decode_impl="xla")
+    models = {
+        impl: sc.model(
+            runtime=GDNRuntime(impl="chunked", decode_impl=impl), attention_runtime=attention
+        )
+        for impl in ("xla", "pallas")
+    }
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 1, config.vocab_size)
+    valid = jnp.asarray([[True] * 9, [False] * 3 + [True] * 6])
+    params = models["xla"].init(jax.random.PRNGKey(1), tokens)["params"]
+    cache = init_cache(models["xla"], 2, 16)
+    _, cache, _ = models["xla"].apply(
+        {"params": params}, tokens, valid_bt=valid, cache=cache, last_logits_only=True
+    )
+    steps = {}
+    for impl, model in models.items():
+        step = jax.jit(lambda c, t, m=model: m.apply({"params": params}, t, cache=c)[:2])
+        jaxpr = str(jax.make_jaxpr(step)(cache, tokens[:, -1:]))
+        assert jaxpr.count("pallas_call") == (2 if impl == "pallas" else 0)  # one per GDN layer
+        c, token, logits = cache, tokens[:, -1:], []
+        for _ in range(3):
+            out, c = step(c, token)
+            token = jnp.argmax(out[:, -1:], -1).astype(jnp.int32)
+            logits.append(out)
+        steps[impl] = jnp.concatenate(logits, axis=1)
+    assert rel_err(steps["pallas"], steps["xla"]) <= 2e-5
+
+
+@pytest.mark.parametrize("b", [1, 16])
+def test_kernel_lowers_to_triton_for_a_gpu(b):
+    # Pallas's Triton lowering runs here, without a GPU (the export for platform "cuda"): shapes
+    # and dtypes of every load, reduction and store pass its checks, at the Qwen2.5-1.5B GDN
+    # shape in bf16 with a float32 state. Compiling the Triton IR needs a GPU.
+    h, d = 12, 128
+    args = [jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16) for _ in range(3)]
+    args += [jax.ShapeDtypeStruct((b, h), F32)] * 2 + [jax.ShapeDtypeStruct((b, h, d, d), F32)]
+    fn = jax.jit(lambda *a: decode_pallas.decode_step_pallas(*a, interpret=False))
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
+    )(*args)
+    assert exported.mlir_module().count(triton) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 16])
+def test_compiled_kernel_equals_xla_on_gpu(b):
+    # the Qwen2.5-1.5B GDN shape (12 heads, K = V = 128), bf16 q, k, v and a float32 state,
+    # compiled by Triton, 4 chained steps
+    inputs = random_inputs(6, b=b, t=4, h=12, k=128, v=128)
+    state = jnp.asarray(inputs["initial_state"])
+    step = {
+        impl: jax.jit(lambda *a, impl=impl: decode_api.gated_delta_rule_decode_step(*a, impl=impl))
+        for impl in ("xla", "pallas")
+    }
+    states = {impl: state for impl in step}
+    for t in range(4):
+        args = [jnp.asarray(inputs[n][:, t], jnp.bfloat16) for n in ("q", "k", "v")]
+        args += [jnp.asarray(inputs[n][:, t]) for n in ("g", "beta")]
+        outs = {}
+        for impl, fn in step.items():
+            outs[impl], states[impl] = fn(*args, states[impl])
+        assert rel_err(outs["pallas"], outs["xla"]) < 1e-2
+    assert rel_err(states["pallas"], states["xla"]) < 1e-5
