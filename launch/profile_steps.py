@@ -9,7 +9,8 @@ row of each decode target asked for):
       (one jitted lax.scan) of the student or the teacher of the Qwen2.5-1.5B shape (random
       weights, bench_inference.build_models), batch B, from a cache of L + N slots whose first L
       are filled (probe_decode.filled_cache: no prefill to compile); a row per (--context L,
-      --batch B), decoding attention --decode_attention.
+      --batch B), decoding attention --decode_attention, the student's GDN decoding step
+      --gdn_decode (XLA's programs or one Pallas kernel).
   stage2
       one distillation stage-2 training step (bench_scaling.stage2_problem, the program
       loop.compiled_step compiles, as bench_stage2 builds it) of SmolLM2-135M (--smollm2_gguf,
@@ -272,6 +273,73 @@ def _ranking(counts, totals, busy, busy_total: float) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["busy_us"], r["name"]))
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+
+
+def _model_op(op_name: str) -> str:
+    """An op_name without its program prefix, and with every layer index as N:
+    'jit(decode)/while/body/closed_call/Transformer/layers_3/gdn/q_proj/dot_general' ->
+    'layers_N/gdn/q_proj/dot_general'."""
+    tail = op_name.rsplit("Transformer/", 1)[-1]
+    if tail == op_name:  # no model scope: drop the jit(...) and loop parts
+        tail = "/".join(p for p in op_name.split("/") if not p.startswith("jit(")
+                        and p not in ("while", "body", "closed_call", "cond"))  # fmt: skip
+    return re.sub(r"layers_\d+", "layers_N", tail)
+
+
+def hlo_origins(hlo_text: str, limit: int = 3) -> dict[str, list[str]]:
+    """{kernel name as a trace spells it: the model operations it computes}, from a compiled
+    program's HLO text. A fusion (or any instruction calling a computation) gets the op_name
+    metadata of the instructions inside the computations it calls, an instruction without one
+    its own; names are `_model_op`'s, most frequent first (ties in program order), at most
+    `limit`. Each instruction is
+    keyed by its HLO name and by that name with "." as "_" (GPU kernels are named so)."""
+    ops: dict[str, collections.Counter] = {}  # computation -> its instructions' op names
+    calls: dict[str, list[str]] = {}  # instruction -> computations it calls
+    own: dict[str, str] = {}  # instruction -> its own op name
+    current = None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            current = head.group(1)
+            ops[current] = collections.Counter()
+            continue
+        inst = _INSTRUCTION.match(line)
+        if current is None or not inst:
+            continue
+        op = _OP_NAME.search(line)
+        if op:
+            ops[current][_model_op(op.group(1))] += 1
+            own[inst.group(1)] = _model_op(op.group(1))
+        called = _CALLS.findall(line)
+        if called:
+            calls[inst.group(1)] = called
+
+    origins = {}
+    for name in set(own) | set(calls):
+        found = collections.Counter()
+        for comp in calls.get(name, []):
+            found.update(ops.get(comp, {}))
+        names = [n for n, _ in found.most_common() if n][:limit]
+        if not names and own.get(name):
+            names = [own[name]]
+        if names:
+            origins[name] = origins[name.replace(".", "_")] = names
+    return origins
+
+
+def add_origins(by_name: list[dict], hlo_text: str, top: int) -> None:
+    """Adds "origin" (hlo_origins) to the first `top` kernels of a ranking that the program's
+    HLO names (Pallas kernels are named by their own call and have none)."""
+    origins = hlo_origins(hlo_text)
+    for r in by_name[:top]:
+        if r["name"] in origins:
+            r["origin"] = origins[r["name"]]
+
+
 def _by_family(by_name: list[dict], busy_total: float) -> list[dict]:
     counts, totals, busy = collections.Counter(), collections.Counter(), collections.Counter()
     for r in by_name:
@@ -363,6 +431,7 @@ def summarise_trace(events: list[dict]) -> dict:
 DEFAULTS = dict(
     targets=",".join(TARGETS),
     decode_attention="auto",
+    gdn_decode="xla",
     keep_every=4,
     calls=3,
     top=25,
@@ -393,6 +462,7 @@ class Settings:
     batches: tuple[int, ...]
     decode_steps: int
     decode_attention: str
+    gdn_decode: str  # the student's GDN decoding step (mixers.gdn.GDNRuntime.decode_impl)
     keep_every: int
     calls: int  # untraced timed calls, then traced calls, per row
     top: int  # names and families per row in the .md
@@ -442,6 +512,7 @@ def settings(
     """The Settings of the flags (DEFAULTS for those not given); SettingsError (one line) on a
     bad value, before any work."""
     from taylorcal_jax.ops.decode_attention import api as decode_api
+    from taylorcal_jax.ops.gdn import decode_api as gdn_decode_api
 
     unknown = set(flags_) - set(DEFAULTS)
     if unknown:
@@ -464,6 +535,11 @@ def settings(
             f"--decode_attention must be one of {', '.join(decode_api.IMPLS)}, got "
             f"{f['decode_attention']!r}"
         )
+    if f["gdn_decode"] not in gdn_decode_api.IMPLS:
+        raise SettingsError(
+            f"--gdn_decode must be one of {', '.join(gdn_decode_api.IMPLS)}, got "
+            f"{f['gdn_decode']!r}"
+        )
     decodes = [t for t in targets if t != "stage2"]
     if decodes and not 2 <= f["keep_every"] <= shape["layers"]:
         raise SettingsError(
@@ -485,6 +561,7 @@ def settings(
         batches=_ints(batch or PRESET_ROWS[preset]["batch"], "batch"),
         decode_steps=decode_steps,
         decode_attention=f["decode_attention"],
+        gdn_decode=f["gdn_decode"],
         keep_every=f["keep_every"],
         calls=f["calls"],
         top=f["top"],
@@ -655,7 +732,9 @@ def decode_setup(s: Settings, log) -> dict:
     dtype = jnp.dtype(p["dtype"])
     cfg = model_shapes.qwen2_config(p, max(s.contexts) + s.decode_steps)
     keep = tuple(range(0, cfg.num_hidden_layers, s.keep_every))
-    teacher, student = bench.build_models(cfg, keep, dtype, "auto", s.decode_attention)
+    teacher, student = bench.build_models(
+        cfg, keep, dtype, "auto", s.decode_attention, s.gdn_decode
+    )
     models = {"decode_teacher": teacher, "decode_student": student}
     params = {
         t: jax.block_until_ready(
@@ -673,6 +752,7 @@ def decode_setup(s: Settings, log) -> dict:
         "shape": DECODE_PRESET[s.preset],
         "dtype": p["dtype"],
         "kept_attention_layers": list(keep),
+        "gdn_decode": s.gdn_decode,
         "copy_mib": p["copy_mib"],
         "copy_bandwidth_bytes_per_s": bandwidth,
     }
@@ -712,6 +792,7 @@ def decode_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dic
         return lambda: program(params, fresh, token)
 
     out.update(profile(next_call, s.calls, trace_dir, log))
+    add_origins(out["trace"]["by_name"], program.as_text(), s.top)
     out.update(decode_figures(out["call_s"], out["trace"]["median"], steps, roofline))
 
 
@@ -770,6 +851,7 @@ def stage2_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dic
         return call
 
     out.update(profile(next_call, s.calls, trace_dir, log))
+    add_origins(out["trace"]["by_name"], program.as_text(), s.top)
     held.clear()  # the profiled calls' state, before the loop makes its own
     _, seconds, _ = bench_scaling.time_steps(
         task, mesh, problem.student, teacher, batches, st.warmup_steps + st.timed_steps, row.label()
@@ -864,15 +946,19 @@ def _stage2_table(rows_: list[dict]) -> list[str]:
 
 
 def _ranking_table(ranked: list[dict], top: int, what: str) -> list[str]:
+    """A markdown ranking; with a column of the model operations (`add_origins`) when any of
+    the first `top` has them."""
+    origins = any("origin" in r for r in ranked[:top])
     lines = [
-        f"| {what} | count | total us | mean us | busy share |",
-        "|---|---|---|---|---|",
+        f"| {what} | count | total us | mean us | busy share |" + " model ops |" * origins,
+        "|---|---|---|---|---|" + "---|" * origins,
     ]
     for r in ranked[:top]:
         name = r["name"] if len(r["name"]) <= NAME_CHARS else r["name"][: NAME_CHARS - 3] + "..."
+        ops = f" {', '.join(f'`{x}`' for x in r.get('origin', []))} |" * origins
         lines.append(
             f"| `{name}` | {r['count']} | {r['total_us']:.1f} | {r['mean_us']:.2f} | "
-            f"{r['share']:.1%} |"
+            f"{r['share']:.1%} |{ops}"
         )
     rest = ranked[top:]
     if rest:
@@ -954,7 +1040,8 @@ def markdown(result: dict) -> str:
             lines += [
                 f"{d['shape']} shape, {d['dtype']}, attention kept in layers "
                 f"{d['kept_attention_layers']}, decoding attention "
-                f"{decode[0].get('decode_attention', s['decode_attention'])}; roofline at the "
+                f"{decode[0].get('decode_attention', s['decode_attention'])}, GDN decoding step "
+                f"{d.get('gdn_decode', 'xla')}; roofline at the "
                 f"copy bandwidth {d['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
                 "",
             ]
@@ -1087,6 +1174,9 @@ def define_flags() -> None:
     flags.DEFINE_string("batch", None, "Decode batches B, comma-separated (preset's if unset).")
     flags.DEFINE_integer("decode_steps", None, "Tokens decoded per decode call (preset's).")
     flags.DEFINE_string("decode_attention", d["decode_attention"], "auto, xla or pallas.")
+    flags.DEFINE_string(
+        "gdn_decode", d["gdn_decode"], "The student's GDN decoding step: auto, xla or pallas."
+    )
     flags.DEFINE_integer(
         "keep_every", d["keep_every"], "The students keep attention every k-th layer."
     )

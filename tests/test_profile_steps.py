@@ -132,6 +132,39 @@ def test_without_gpu_streams_the_host_xla_ops_are_read(tmp_path):
     assert t["median"]["lead_us"] == 5 and t["by_name"][0]["share"] == pytest.approx(1)
 
 
+HLO = """HloModule jit_decode, entry_computation_layout={(f32[2,8])->f32[2,8]}
+
+%fused_computation.3 (param_0: f32[2,8], param_1: f32[8,8]) -> f32[2,8] {
+  %param_0 = f32[2,8]{1,0} parameter(0)
+  %param_1 = f32[8,8]{1,0} parameter(1)
+  %dot.1 = f32[2,8]{1,0} dot(%param_0, %param_1), metadata={op_name="jit(decode)/while/body/closed_call/Transformer/layers_3/gdn/q_proj/dot_general" stack_frame_id=1}
+  %dot.2 = f32[2,8]{1,0} dot(%param_0, %param_1), metadata={op_name="jit(decode)/while/body/closed_call/Transformer/layers_3/gdn/k_proj/dot_general" stack_frame_id=2}
+  %add.3 = f32[2,8]{1,0} add(%dot.1, %dot.2), metadata={op_name="jit(decode)/while/body/closed_call/Transformer/layers_3/gdn/add"}
+  ROOT %add.4 = f32[2,8]{1,0} add(%add.3, %dot.2), metadata={op_name="jit(decode)/while/body/closed_call/Transformer/layers_3/gdn/add"}
+}
+
+ENTRY %main.9 (p: f32[2,8], w: f32[8,8]) -> f32[2,8] {
+  %p = f32[2,8]{1,0} parameter(0)
+  %w = f32[8,8]{1,0} parameter(1)
+  %input_reduce_fusion.142 = f32[2,8]{1,0} fusion(%p, %w), kind=kInput, calls=%fused_computation.3, metadata={op_name="jit(decode)/while/body/closed_call/Transformer/layers_3/gdn/add"}
+  ROOT %negate.5 = f32[2,8]{1,0} negate(%input_reduce_fusion.142), metadata={op_name="jit(decode)/neg"}
+}
+"""  # noqa: E501
+
+
+def test_kernels_get_the_model_operations_they_compute():
+    origins = prof.hlo_origins(HLO, limit=2)
+    fused = ["layers_N/gdn/add", "layers_N/gdn/q_proj/dot_general"]  # by count, then order
+    assert origins["input_reduce_fusion.142"] == origins["input_reduce_fusion_142"] == fused
+    assert origins["negate_5"] == ["neg"]  # no model scope: the program prefix dropped
+    assert "p" not in origins  # no op_name
+    names = ("input_reduce_fusion_142", "decode_attention", "negate_5")
+    ranked = [{"name": n} for n in names]
+    prof.add_origins(ranked, HLO, top=2)
+    assert ranked[0]["origin"] == prof.hlo_origins(HLO)["input_reduce_fusion_142"]
+    assert "origin" not in ranked[1] and "origin" not in ranked[2]  # a Pallas kernel; past top
+
+
 def test_busy_time_goes_to_the_innermost_event_and_is_split_across_tracks():
     e = prof.DeviceEvent
     events = [
@@ -157,7 +190,7 @@ def test_busy_time_goes_to_the_innermost_event_and_is_split_across_tracks():
 
 
 def test_small_run_profiles_decode_and_stage2_and_writes_the_files(tmp_path):
-    s = prof.settings("small", targets="decode_student,stage2", calls=2)
+    s = prof.settings("small", targets="decode_student,stage2", calls=2, gdn_decode="pallas")
     out, traces = tmp_path / "out", tmp_path / "traces"
     result = prof.run(s, str(out), "t", str(traces), str(tmp_path / "cache"))
     assert result["complete"] and result["not_started"] == []
@@ -189,6 +222,7 @@ def test_small_run_profiles_decode_and_stage2_and_writes_the_files(tmp_path):
     assert decode["wall_s_per_step"] == pytest.approx(decode["call_s"] / steps)
     assert decode["roofline_fraction"] == pytest.approx(roofline / decode["wall_s_per_step"])
     assert decode["decode_attention"] == "xla" and decode["compile_s"] > 0
+    assert result["decode"]["gdn_decode"] == "pallas"  # the Pallas step, in interpret mode
 
     assert stage2["tokens_per_step"] == 2 * 32 and stage2["step_s"] == stage2["call_s"]
     assert stage2["busy_s"] == pytest.approx(stage2["trace"]["median"]["busy_us"] * 1e-6)
@@ -205,6 +239,12 @@ def test_small_run_profiles_decode_and_stage2_and_writes_the_files(tmp_path):
     assert f"Command: `{saved['command']}`" in md
     assert "| decode_student | 64 | 2 |" in md and "| 2 | 32 | True | 16 |" in md
     assert md.count("| name | count | total us | mean us | busy share |") == 2
+    for r in (decode, stage2):  # the top kernels' model operations, from the program's HLO
+        named = [x for x in r["trace"]["by_name"][: s.top] if "origin" in x]
+        assert named and all(x["origin"] and all(x["origin"]) for x in named)
+    decode_ops = {op for x in decode["trace"]["by_name"] for op in x.get("origin", [])}
+    assert any(op.startswith("layers_N/gdn/") for op in decode_ops)
+    assert md.count(" model ops |") == 2
     assert md.count("| launches per call | kernels | busy ms per call |") == 2
     for table in ("| target | L | B |", "| batch | seq | remat |"):  # rows as wide as the head
         lines = md.splitlines()
@@ -270,6 +310,7 @@ def test_rows_pair_the_decode_targets_in_the_order_given():
         (dict(calls=0), "--calls must be >= 1"),
         (dict(decode_steps=0), "--decode_steps must be >= 1"),
         (dict(decode_attention="flash"), "--decode_attention must be one of"),
+        (dict(gdn_decode="triton"), "--gdn_decode must be one of"),
         (dict(keep_every=1), r"--keep_every must be in \[2, 28\]"),
         (dict(budget_s=-1.0), "--budget_s must be >= 0"),
         (dict(batch_sizes="8,0"), "--batch_sizes=0: each must be at least 1"),
