@@ -49,6 +49,10 @@ _PREFIX = "PROBE "  # a child's machine-readable output lines: _PREFIX + json
 # every item prefixed by "+" / "-", adding to / removing from it; XLA aborts at start-up on an
 # unknown type (as a failed variant here).
 COMMAND_BUFFER_WHILE = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+# Weight products by cuBLAS instead of XLA's Triton GEMM fusions (at batch 16 those read the
+# weights at 1.3-3.1 TB/s, launch/results/profile_steps_h200.md). Vector-matrix products at
+# batch 1 are XLA reductions either way.
+CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +78,14 @@ VARIANTS = {
     "xla_unroll4": Variant("xla", unroll=4),
     "pallas_cmdbuf_unroll4": Variant("pallas", COMMAND_BUFFER_WHILE, unroll=4),
     "pallas_gdn_step": Variant("pallas", gdn_decode="pallas"),
+    "pallas_cublas": Variant("pallas", CUBLAS_GEMM),
+    "pallas_gdn_step_cublas": Variant("pallas", CUBLAS_GEMM, gdn_decode="pallas"),
 }
-# the open question: the GDN layers' decoding step as XLA's programs or as one Pallas kernel
-# (with the Pallas decoding attention, the models' default on a GPU). Command buffers and unroll
-# were measured before and did not help (launch/results/probe_decode_h200_cmdbuf.json).
-DEFAULT_VARIANTS = "pallas,pallas_gdn_step"
+# the open questions: the GDN layers' decoding step as XLA's programs or as one Pallas kernel,
+# and the weight products by cuBLAS (with the Pallas decoding attention, the models' default on
+# a GPU). Command buffers and unroll were measured before and did not help
+# (launch/results/probe_decode_h200_cmdbuf.json).
+DEFAULT_VARIANTS = "pallas,pallas_gdn_step,pallas_cublas,pallas_gdn_step_cublas"
 
 # (L, B) rows per preset: both regimes at the shortest and longest context of the benchmark
 ROWS = {

@@ -120,6 +120,10 @@ def test_gdn_step_variant_runs_the_kernel_in_the_student(tmp_path):
     # the student's GDN layers decode by the Pallas step (interpret mode here), the teacher
     # has none: both rows measured and finite
     assert probe.VARIANTS["pallas_gdn_step"].gdn_decode == "pallas"
+    assert probe.child_env(probe.VARIANTS["pallas_gdn_step_cublas"], {}) == {
+        "XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"
+    }
+    assert set(probe.parse_variants(probe.DEFAULT_VARIANTS)) <= set(probe.VARIANTS)
     result = _run(tmp_path, ["pallas_gdn_step"])
     run = result["runs"]["pallas_gdn_step"]
     assert run["status"] == "ok" and run["start"]["settings"]["gdn_decode"] == "pallas"
