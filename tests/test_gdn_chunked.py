@@ -17,6 +17,7 @@ import pytest
 from gdn_testing import numpy_gated_delta_rule, random_inputs, rel_err
 from jax.test_util import check_grads
 
+from taylorcal_jax.ops import dispatch
 from taylorcal_jax.ops.gdn import api
 from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked, unit_lower_inverse
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_reference
@@ -282,7 +283,7 @@ def test_api_dispatches_to_each_implementation(caplog, monkeypatch):
     for o, s in ((o_ref, s_ref), (o_ch, s_ch)):
         assert rel_err(o, o_np) < FP32_TOL and rel_err(s, s_np) < FP32_TOL
     if jax.default_backend() == "cpu":
-        monkeypatch.setattr(api, "_logged_choices", set())
+        monkeypatch.setattr(dispatch, "_logged", set())
         with caplog.at_level(logging.INFO, logger=api.__name__):
             o_auto, _ = api.gated_delta_rule(*_args(inputs), impl="auto", **kwargs)
             api.gated_delta_rule(*_args(inputs), impl="auto", **kwargs)

@@ -46,6 +46,7 @@ def _fails(config, tmp_path, match):
         ("calibration.write_gate", "mean", "calibration.write_gate='mean' is not one of"),
         ("calibration.gdn.impl", "cuda", "calibration.gdn.impl='cuda' is not one of"),
         ("calibration.gdn.impl", "pallas", "needs a GPU"),
+        ("calibration.gdn.decode_impl", "fast", "GDN decode_impl must be one of"),
         ("calibration.gamma_min", 0.0, "calibration: need 0 < gamma_min"),
         ("calibration.align.steps", -1, "calibration.align.steps must be >= 0"),
         ("calibration.seq_len", 65, r"calibration.seq_len=65 exceeds the teacher's max_pos"),
@@ -80,6 +81,16 @@ def test_cudnn_attention_needs_bf16_and_a_gpu(tmp_path, stage, dtype, match):
     config = _smoke(**{f"distill.{stage}.attention_impl": "cudnn", f"distill.{stage}.dtype": dtype})
     error = _fails(config, tmp_path, match)
     assert f"distill.{stage}.attention_impl='cudnn' needs" in error.message
+
+
+def test_the_pallas_decoding_step_is_refused_on_a_tpu(monkeypatch):
+    from taylorcal_jax.calibrate import pipeline
+
+    config = _smoke(**{"calibration.gdn.decode_impl": "pallas"})
+    pipeline.check_gdn_backend(config, {})  # a CPU runs it in interpret mode
+    monkeypatch.setattr(pipeline.jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ConfigError, match="decode_impl='pallas' is a GPU kernel"):
+        pipeline.check_gdn_backend(config, {})
 
 
 def test_alignment_sequences_must_split_over_the_data_axis(tmp_path):

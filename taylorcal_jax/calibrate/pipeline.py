@@ -54,6 +54,7 @@ from taylorcal_jax.calibrate import taylor as taylor_lib
 from taylorcal_jax.data import split
 from taylorcal_jax.models.mixers import StudentMixer
 from taylorcal_jax.models.paths import layer_mixer
+from taylorcal_jax.ops.dispatch import GPU_BACKENDS, TPU_BACKEND
 from taylorcal_jax.ops.gdn.api import IMPLS, PALLAS_RESIDUALS
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
@@ -123,12 +124,20 @@ def check_calibration(config, arch) -> None:
 
 
 def check_gdn_backend(config, sizes) -> None:
-    """The Pallas kernel needs a GPU (asking for it elsewhere is an error, not a fallback)."""
+    """The Pallas kernels need a GPU (asking for them elsewhere is an error, not a fallback);
+    the decoding step's kernel also runs on a CPU, in interpret mode (slow, for tests)."""
     backend = jax.default_backend()
-    if config.calibration.gdn.impl == "pallas" and backend not in ("gpu", "cuda", "rocm"):
+    gdn = config.calibration.gdn
+    if gdn.impl == "pallas" and backend not in GPU_BACKENDS:
         raise check.ConfigError(
             f"calibration.gdn.impl='pallas' needs a GPU, and JAX's backend here is {backend!r}",
             "use calibration.gdn.impl='auto' (or 'chunked')",
+        )
+    if gdn.decode_impl == "pallas" and backend == TPU_BACKEND:
+        raise check.ConfigError(
+            "calibration.gdn.decode_impl='pallas' is a GPU kernel (Triton) and the backend here "
+            "is a TPU",
+            "use calibration.gdn.decode_impl='xla' (or 'auto')",
         )
 
 

@@ -21,12 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.ops.decode_attention.reference import attend_one_query
+from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "xla", "pallas")
-_GPU_BACKENDS = ("gpu", "cuda", "rocm")
-_logged_choices: set[tuple[str, str]] = set()
 
 
 def resolve_impl(impl: str, q_b1hd=None, k_bshd=None) -> str:
@@ -37,7 +36,7 @@ def resolve_impl(impl: str, q_b1hd=None, k_bshd=None) -> str:
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if backend not in _GPU_BACKENDS:
+    if backend not in GPU_BACKENDS:
         return _log_once(backend, "xla", "no GPU backend")
     if q_b1hd is not None:
         from taylorcal_jax.ops.decode_attention import pallas_gpu
@@ -49,10 +48,7 @@ def resolve_impl(impl: str, q_b1hd=None, k_bshd=None) -> str:
 
 
 def _log_once(backend: str, choice: str, why: str) -> str:
-    if (backend, choice) not in _logged_choices:
-        _logged_choices.add((backend, choice))
-        logger.info("decode attention impl='auto' -> %r (%s)", choice, why)
-    return choice
+    return log_choice_once(logger, "decode attention", backend, choice, why)
 
 
 def validate_inputs(q_b1hd, k_bshd, v_bshd, mask_bs) -> None:

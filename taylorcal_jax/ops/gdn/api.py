@@ -30,6 +30,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.ops.dispatch import GPU_BACKENDS, TPU_BACKEND, log_choice_once
 from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
 from taylorcal_jax.ops.gdn.operands import check_operands
 from taylorcal_jax.ops.gdn.pallas_gpu.config import RESIDUALS
@@ -41,9 +42,6 @@ IMPLS = ("reference", "chunked", "pallas", "auto")
 # What the Pallas forward keeps for its backward (pallas_gpu.config.RESIDUALS; "auto" = the
 # default of the operand dtype's kernel path: "states" for bf16, the fastest, "inputs" for fp32).
 PALLAS_RESIDUALS = ("auto", *RESIDUALS)
-_GPU_BACKENDS = ("gpu", "cuda", "rocm")
-_TPU_BACKEND = "tpu"
-_logged_choices: set[tuple[str, str]] = set()
 
 
 class ImplementationUnavailableError(RuntimeError):
@@ -52,14 +50,14 @@ class ImplementationUnavailableError(RuntimeError):
 
 def _pallas_choice(backend: str) -> str:
     """What impl="pallas" resolves to on this backend."""
-    return "pallas_tpu" if backend == _TPU_BACKEND else "pallas"
+    return "pallas_tpu" if backend == TPU_BACKEND else "pallas"
 
 
 def _load_pallas(reason_prefix: str):
     """Returns the backend's Pallas op module (pallas_gpu.op or pallas_tpu.op), or raises
     ImplementationUnavailableError saying why."""
     backend = jax.default_backend()
-    if backend not in (*_GPU_BACKENDS, _TPU_BACKEND):
+    if backend not in (*GPU_BACKENDS, TPU_BACKEND):
         raise ImplementationUnavailableError(
             f"{reason_prefix}: pallas_gpu needs a GPU backend and pallas_tpu a TPU backend, but "
             f"JAX's default backend is {backend!r}. Use impl='chunked' (or 'auto'); for CPU "
@@ -67,9 +65,9 @@ def _load_pallas(reason_prefix: str):
             "or taylorcal_jax.ops.gdn.pallas_tpu.op.gated_delta_rule_pallas_tpu with "
             "interpret=True."
         )
-    package = "pallas_tpu" if backend == _TPU_BACKEND else "pallas_gpu"
+    package = "pallas_tpu" if backend == TPU_BACKEND else "pallas_gpu"
     try:
-        if backend == _TPU_BACKEND:
+        if backend == TPU_BACKEND:
             from taylorcal_jax.ops.gdn.pallas_tpu import op
         else:
             from taylorcal_jax.ops.gdn.pallas_gpu import op
@@ -81,10 +79,8 @@ def _load_pallas(reason_prefix: str):
     return op
 
 
-def _log_once(backend: str, choice: str, why: str) -> None:
-    if (backend, choice) not in _logged_choices:
-        _logged_choices.add((backend, choice))
-        logger.info("gated_delta_rule impl='auto' -> %r on backend %r (%s)", choice, backend, why)
+def _log_once(backend: str, choice: str, why: str) -> str:
+    return log_choice_once(logger, "gated_delta_rule", backend, choice, why)
 
 
 def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: int = 64) -> str:
@@ -102,7 +98,7 @@ def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: i
         return _pallas_choice(backend)
     if impl != "auto":
         return impl
-    if backend not in (*_GPU_BACKENDS, _TPU_BACKEND):
+    if backend not in (*GPU_BACKENDS, TPU_BACKEND):
         _log_once(backend, "chunked", "no GPU or TPU backend")
         return "chunked"
     try:

@@ -21,13 +21,12 @@ import logging
 
 import jax
 
+from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "xla", "pallas")
-_GPU_BACKENDS = ("gpu", "cuda", "rocm")
-_logged_choices: set[tuple[str, str]] = set()
 
 
 def resolve_impl(impl: str, q_bhk=None, v_bhv=None, state_bhkv=None) -> str:
@@ -38,7 +37,7 @@ def resolve_impl(impl: str, q_bhk=None, v_bhv=None, state_bhkv=None) -> str:
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if backend not in _GPU_BACKENDS:
+    if backend not in GPU_BACKENDS:
         return _log_once(backend, "xla", "no GPU backend")
     if q_bhk is not None:
         from taylorcal_jax.ops.gdn import decode_pallas
@@ -50,10 +49,7 @@ def resolve_impl(impl: str, q_bhk=None, v_bhv=None, state_bhkv=None) -> str:
 
 
 def _log_once(backend: str, choice: str, why: str) -> str:
-    if (backend, choice) not in _logged_choices:
-        _logged_choices.add((backend, choice))
-        logger.info("GDN decode step impl='auto' -> %r (%s)", choice, why)
-    return choice
+    return log_choice_once(logger, "GDN decode step", backend, choice, why)
 
 
 def gated_delta_rule_decode_step(
