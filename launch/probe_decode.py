@@ -14,7 +14,9 @@ to compile), compiles every row's decode program (bench_inference.decode_program
 times N greedy steps per call (median of `repeats`, bench_inference.time_decode), reporting the
 fraction of the row's HBM roofline (bench_inference.decode_step_bytes / the measured copy
 bandwidth). The "op" variant times one decoding-attention call alone: XLA and the Pallas kernel
-under several launch configurations (pallas_gpu.DecodeConfig).
+under several launch configurations (pallas_gpu.DecodeConfig). The "gdn_op" variant times the GDN
+decoding step alone, 64 chained steps per call: XLA's form and the Pallas step under several
+launch configurations (decode_pallas.DecodeStepConfig), against the state's read and write.
 
 A failing or hanging variant is recorded (the head and tail of its output) and the next one
 runs; variants that would start after `budget_s` are recorded as skipped. The result file
@@ -59,7 +61,7 @@ CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 class Variant:
     """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll,
     the GDN step. kind "model": the models' decode rows; kind "op": the decoding-attention op
-    alone."""
+    alone; kind "gdn_op": the GDN decoding step alone."""
 
     decode_impl: str = "xla"
     xla_flags: str = ""
@@ -70,6 +72,7 @@ class Variant:
 
 VARIANTS = {
     "op": Variant(kind="op"),
+    "gdn_op": Variant(kind="gdn_op"),
     "xla": Variant("xla"),
     "pallas": Variant("pallas"),
     "pallas_cmdbuf": Variant("pallas", COMMAND_BUFFER_WHILE),
@@ -85,7 +88,7 @@ VARIANTS = {
 # and the weight products by cuBLAS (with the Pallas decoding attention, the models' default on
 # a GPU). Command buffers and unroll were measured before and did not help
 # (launch/results/probe_decode_h200_cmdbuf.json).
-DEFAULT_VARIANTS = "pallas,pallas_gdn_step,pallas_cublas,pallas_gdn_step_cublas"
+DEFAULT_VARIANTS = "gdn_op,pallas,pallas_gdn_step,pallas_cublas,pallas_gdn_step_cublas"
 
 # (L, B) rows per preset: both regimes at the shortest and longest context of the benchmark
 ROWS = {
@@ -100,6 +103,14 @@ OP_CONFIGS = {
     "cpu": [(64, 512, 4, 2)],
     "small": [(16, 8, 4, 2), (32, 512, 4, 2)],
 }  # fmt: skip
+# Launch configurations the "gdn_op" variant times: (programs, warps) of
+# decode_pallas.DecodeStepConfig
+GDN_OP_CONFIGS = {
+    "qwen2_5_1_5b": [(264, 4), (132, 4), (528, 4), (1056, 4), (264, 2), (264, 8)],
+    "cpu": [(264, 4)],
+    "small": [(264, 4), (1, 4)],
+}
+GDN_OP_STEPS = 64  # chained steps per timed call: one step alone is shorter than its launch
 
 
 class SettingsError(ValueError):
@@ -148,6 +159,12 @@ def parse_child_line(line: str) -> dict | None:
 
 def row_line(variant: str, record: dict) -> str:
     """The printed line of one measured row."""
+    if record["kind"] == "gdn_op":
+        return (
+            f"{variant} B={record['batch']} {record['impl']}: {1e6 * record['s_per_step']:.2f} "
+            f"us/step = {record['roofline_fraction']:.0%} of the state's read and write at the "
+            f"copy bandwidth (error vs xla {record['rel_err_vs_xla']:.1e})"
+        )
     if record["kind"] == "op":
         return (
             f"{variant} B={record['batch']} S={record['slots']} {record['impl']}: "
@@ -330,6 +347,79 @@ def run_op_variant(p: dict) -> None:
         del q, k, v
 
 
+def _chained(step, n: int):
+    """(state, q, k, v, g, beta) -> (state after n steps of `step` on the same token, sum of the
+    n outputs in float32): one program whose time over n is a step's, launch cost aside."""
+    import jax
+    import jax.numpy as jnp
+
+    def run(state_bhkv, q_bhk, k_bhk, v_bhv, g_bh, beta_bh):
+        def body(_, carry):
+            state, acc = carry
+            o, state = step(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state)
+            return state, acc + o.astype(jnp.float32)
+
+        zero = jnp.zeros(v_bhv.shape, jnp.float32)
+        return jax.lax.fori_loop(0, n, body, (state_bhkv, zero))
+
+    return run
+
+
+def run_gdn_op_variant(p: dict) -> None:
+    """GDN_OP_STEPS chained GDN decoding steps (decode_api) in one jitted loop, at the preset's
+    GDN shape (H = heads, K = V = head_dim; bf16 or the preset's dtype for q, k, v; an fp32
+    state) for each batch of the rows: by XLA's form and by the kernel under each of
+    GDN_OP_CONFIGS. Roofline: the state read and written once per step; error: the final
+    state's, against XLA's."""
+    import jax
+    import jax.numpy as jnp
+
+    from taylorcal_jax.ops.gdn.decode_pallas import DecodeStepConfig, decode_step_pallas
+    from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
+
+    dtype = jnp.dtype(p["dtype"])
+    h, d = p["heads"], p["head_dim"]
+    steps = {"xla": decode_step_xla}
+    for programs, warps in GDN_OP_CONFIGS[p["preset"]]:
+        config = DecodeStepConfig(programs, warps)
+        steps[f"pallas programs={programs} warps={warps}"] = lambda *a, c=config: (
+            decode_step_pallas(*a, config=c)
+        )
+    for batch in sorted({b for _, b in p["rows"]}):
+        kq, kk, kv, kg, ks = jax.random.split(jax.random.PRNGKey(batch), 5)
+        q = jax.random.normal(kq, (batch, h, d), dtype)
+        k = jax.random.normal(kk, (batch, h, d), dtype)
+        v = jax.random.normal(kv, (batch, h, d), dtype)
+        g = -jax.random.uniform(kg, (batch, h), jnp.float32, 0.01, 1.0)
+        beta = jnp.full((batch, h), 0.5, jnp.float32)
+        state = jax.random.normal(ks, (batch, h, d, d), jnp.float32)
+        state_bytes = 2 * state.size * state.dtype.itemsize
+        want = None
+        args = (state, q, k, v, g, beta)
+        for impl, step in steps.items():
+            try:
+                jitted = jax.jit(_chained(step, GDN_OP_STEPS))
+                final = jax.block_until_ready(jitted(*args))[0]
+                want = final if want is None else want
+                err = float(jnp.max(jnp.abs(final - want)) / jnp.max(jnp.abs(want)))
+                t = _time_calls(jitted, args, p["repeats"], calls=5) / GDN_OP_STEPS
+            except Exception as e:  # one configuration failing leaves the others measured
+                _emit({"kind": "op_error", "impl": impl, "batch": batch,
+                       "error": f"{type(e).__name__}: {str(e)[:500]}"})  # fmt: skip
+                continue
+            _emit(
+                {
+                    "kind": "gdn_op",
+                    "impl": impl,
+                    "batch": batch,
+                    "s_per_step": t,
+                    "state_bytes": state_bytes,
+                    "rel_err_vs_xla": err,
+                    "roofline_fraction": state_bytes / p["bandwidth"] / t,
+                }
+            )
+
+
 def run_child(p: dict, name: str, variant: Variant) -> None:
     import jax
 
@@ -347,6 +437,8 @@ def run_child(p: dict, name: str, variant: Variant) -> None:
     )
     if variant.kind == "op":
         run_op_variant(p)
+    elif variant.kind == "gdn_op":
+        run_gdn_op_variant(p)
     else:
         run_model_variant(p, variant)
     _emit({"kind": "done"})
@@ -460,7 +552,7 @@ def run_parent(p: dict) -> str:
                 run["start"] = record
             else:
                 run["records"].append(record)
-                if record["kind"] in ("op", "model"):
+                if record["kind"] in ("op", "gdn_op", "model"):
                     print(row_line(name, record), flush=True)
                 else:
                     print(f"{name}: {record}", flush=True)

@@ -129,3 +129,15 @@ def test_gdn_step_variant_runs_the_kernel_in_the_student(tmp_path):
     assert run["status"] == "ok" and run["start"]["settings"]["gdn_decode"] == "pallas"
     assert [r["model"] for r in run["records"]] == ["teacher", "student"]
     assert all(r["finite"] for r in run["records"])
+
+
+def test_gdn_op_variant_times_the_step_by_xla_and_by_each_launch_configuration(tmp_path):
+    result = _run(tmp_path, ["gdn_op"])
+    records = result["runs"]["gdn_op"]["records"]
+    impls = [r["impl"] for r in records]
+    assert impls[0] == "xla" and len(impls) == 1 + len(probe.GDN_OP_CONFIGS["small"])
+    for r in records:
+        assert r["kind"] == "gdn_op" and r["batch"] == 1 and r["s_per_step"] > 0
+        assert r["rel_err_vs_xla"] < 1e-5  # fp32, 64 chained steps
+        assert r["state_bytes"] == 2 * 4 * 16 * 16 * 4  # H 4, K = V = 16, fp32, read + write
+    assert probe.row_line("gdn_op", records[1]).startswith("gdn_op B=1 pallas programs=264")
