@@ -15,5 +15,8 @@ def log_choice_once(logger: logging.Logger, op: str, backend: str, choice: str, 
     time this (op, backend, choice) is chosen; returns `choice`."""
     if (op, backend, choice) not in _logged:
         _logged.add((op, backend, choice))
-        logger.info("%s impl='auto' -> %r on backend %r (%s)", op, choice, backend, why)
+        # stacklevel 2: the record names the dispatcher's module and line, not this one's
+        logger.info(
+            "%s impl='auto' -> %r on backend %r (%s)", op, choice, backend, why, stacklevel=2
+        )
     return choice
