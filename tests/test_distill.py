@@ -228,6 +228,34 @@ def test_chunked_kl_equals_the_unchunked_kl_and_its_gradient():
         )
 
 
+def test_head_backward_runs_in_the_operands_dtype():
+    # float32: the einsum's own derivative; bf16 operands: both backward products take bf16
+    # operands (the float32 cotangent rounded first), within bf16 rounding of float32 products
+    kh, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    h = jax.random.normal(kh, (2, 5, 16))
+    w = jax.random.normal(kw, (16, 40))  # float32 master weights
+    weights = jax.random.normal(kg, (2, 5, 40))
+
+    def loss(fn):
+        return lambda h_, w_: jnp.sum(jax.nn.log_softmax(fn(h_, w_), -1) * weights)
+
+    def plain(h_, w_):
+        return jnp.einsum("bcd,dv->bcv", h_, w_.astype(h_.dtype), preferred_element_type=jnp.float32)
+
+    got = jax.grad(loss(kl.head_logits), argnums=(0, 1))(h, w)
+    want = jax.grad(loss(plain), argnums=(0, 1))(h, w)
+    assert _max_rel_err(got, want) < 1e-6
+    h16 = h.astype(jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(jax.grad(loss(kl.head_logits), argnums=(0, 1)))(h16, w)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # forward, dh, dW
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    g16 = jax.grad(loss(kl.head_logits), argnums=(0, 1))(h16, w)
+    g32 = jax.grad(loss(plain), argnums=(0, 1))(h16.astype(jnp.float32), w)  # same values, float32
+    assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.float32
+    assert _max_rel_err(jax.tree.map(lambda x: x.astype(jnp.float32), g16), g32) < 2e-2
+
+
 def test_stage2_groups_learn_and_bf16_compute_keeps_fp32_masters():
     labels = distill.mixer_labels(GDN.name)(STUDENT)
     groups = {jax.tree_util.keystr(k): g for k, g in jax.tree_util.tree_leaves_with_path(labels)}

@@ -16,7 +16,10 @@ body is under `jax.checkpoint`, so the backward pass recomputes a chunk's logits
 keeping every chunk's: at most [B, C, V] logits per model are alive at a time, never
 [B, T, V]. The result equals the unchunked sum up to float32 summation order. Logits are
 float32: the head matmul runs in the inputs' dtype (bf16 in mixed precision) with float32
-accumulation.
+accumulation, and so do its two backward products (`head_logits`): the float32 cotangent of
+the logits is rounded to the inputs' dtype first, as for every other product of the model,
+where left float32 it would make XLA run both products in float32 (TF32 on a GPU: 4 ms of a
+288 ms SmolLM2 stage-2 step on an H200, launch/results/profile_steps_h200.md).
 """
 
 from __future__ import annotations
@@ -25,14 +28,41 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.custom_vjp
+def head_logits(h_bcd, w_dv):
+    """float32 logits h W from operands in h's dtype (W cast to it), float32 accumulation.
+
+    Backward: with G the float32 cotangent of the logits rounded to h's dtype,
+    dh = G W^T and dW = h^T G, each in that dtype with float32 accumulation, returned in the
+    dtypes of h and W. For float32 operands this is exactly the einsum's own derivative."""
+    return _head_logits(h_bcd, w_dv)
+
+
+def _head_logits(h_bcd, w_dv):
+    return jnp.einsum("bcd,dv->bcv", h_bcd, w_dv.astype(h_bcd.dtype),
+                      preferred_element_type=jnp.float32)  # fmt: skip
+
+
+def _head_logits_fwd(h_bcd, w_dv):
+    return _head_logits(h_bcd, w_dv), (h_bcd, w_dv)
+
+
+def _head_logits_bwd(residuals, g_bcv):
+    h_bcd, w_dv = residuals
+    g = g_bcv.astype(h_bcd.dtype)
+    w = w_dv.astype(h_bcd.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("bcd,bcv->dv", h_bcd, g, preferred_element_type=jnp.float32)
+    return dh.astype(h_bcd.dtype), dw.astype(w_dv.dtype)
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+
+
 def _chunk_kl_sum(h_t_bcd, w_t_dv, h_s_bcd, w_s_dv, valid_bc):
     """Sum over the valid positions of one chunk of KL(p || q), float32."""
-
-    def logits(h, w):
-        return jnp.einsum("bcd,dv->bcv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-
-    logp = jax.nn.log_softmax(logits(h_t_bcd, w_t_dv), axis=-1)
-    logq = jax.nn.log_softmax(logits(h_s_bcd, w_s_dv), axis=-1)
+    logp = jax.nn.log_softmax(_head_logits(h_t_bcd, w_t_dv), axis=-1)  # no gradient needed
+    logq = jax.nn.log_softmax(head_logits(h_s_bcd, w_s_dv), axis=-1)
     kl_bc = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
     return jnp.sum(jnp.where(valid_bc, kl_bc, 0.0))
 
