@@ -366,11 +366,12 @@ def _chained(step, n: int):
 
 
 def run_gdn_op_variant(p: dict) -> None:
-    """GDN_OP_STEPS chained GDN decoding steps (decode_api) in one jitted loop, at the preset's
-    GDN shape (H = heads, K = V = head_dim; bf16 or the preset's dtype for q, k, v; an fp32
-    state) for each batch of the rows: by XLA's form and by the kernel under each of
-    GDN_OP_CONFIGS. Roofline: the state read and written once per step; error: the final
-    state's, against XLA's."""
+    """GDN_OP_STEPS chained GDN decoding steps in one jitted loop, at the preset's GDN shape
+    (H = heads, K = V = head_dim; the preset's dtype for q, k, v; an fp32 state) for each batch
+    of the rows: by XLA's form (decode_step_xla) and by the kernel under each of GDN_OP_CONFIGS.
+    Every step takes the same token, so XLA may compute its state-independent parts (the norms
+    of q and k, exp(g)) once: the XLA rows are a lower bound of its step. Roofline: the state
+    read and written once per step; error: the final state's, against XLA's."""
     import jax
     import jax.numpy as jnp
 
