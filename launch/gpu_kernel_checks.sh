@@ -24,7 +24,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD:/tmp/site
 
-timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode" --jobs 3 \
+timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode" --jobs 4 \
   --timeout 110 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
 timeout 290 python3 launch/probe_decode.py --tag=h200 --budget_s=270 --out="$OUT" ||
   echo "probe_decode stopped: $?"

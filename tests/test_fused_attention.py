@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import windowed_qwen2_config
+from tiny_models import tiny_model_config, windowed_qwen2_config
 
 from taylorcal_jax.models.layers import (
     AttentionRuntime,
@@ -96,8 +96,21 @@ def test_unknown_sequence_impl_is_refused():
 
 
 @pytest.mark.gpu
-def test_cudnn_equals_blocked_in_bf16_on_gpu():
-    config = _config()
+@pytest.mark.parametrize("shape", ["windowed_d16", "smollm2_heads"])
+def test_cudnn_equals_blocked_in_bf16_on_gpu(shape):
+    # a sliding-window layer with head dim 16, and SmolLM2-135M's attention (9 query heads on
+    # 3 KV heads of dim 64, no window), so that a failure says which of the two cuDNN refused
+    if shape == "windowed_d16":
+        config = _config()
+    else:
+        config = tiny_model_config(
+            vocab_size=96,
+            hidden_size=576,
+            intermediate_size=96,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+        )
     params = init_params(config, jax.random.PRNGKey(2))
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 96, size=(4, 256)))
     fused = Transformer(
