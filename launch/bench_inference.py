@@ -393,7 +393,8 @@ def markdown(result: dict) -> str:
         f"# Inference: hybrid student vs teacher ({result['device']})",
         "",
         f"Shape {result['shape']}, {result['dtype']}, kept attention layers "
-        f"{result['keep_full_attention_layers']}, GDN op {result['gdn_impl_resolved']}, "
+        f"{result['keep_full_attention_layers']}, GDN op {result['gdn_impl_resolved']}, GDN "
+        f"decoding step {result.get('gdn_decode_resolved', 'xla')}, "
         f"decoding attention {_impl_names(result)[0]}, {result['decode_steps']} decoded tokens "
         f"per call, median of {result['repeats']}.",
         f"Command: `{result['command']}` ({result['date']}, jax {result['jax_version']}, git "
@@ -680,6 +681,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
     flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation for the prefill.")
     flags.DEFINE_string(
+        "gdn_decode", "xla", "The student's GDN decoding step: xla, pallas or auto."
+    )
+    flags.DEFINE_string(
         "decode_attention",
         "auto",
         "Comma-separated decoding-attention implementations (auto, xla, pallas), each decode "
@@ -702,13 +706,16 @@ def settings(
     tag="",
     out=RESULTS_DIR,
     decode_attention="auto",
+    gdn_decode="xla",
 ) -> dict:
     """The preset with the command line's overrides; SettingsError (one line) on a bad value."""
     from taylorcal_jax.ops.decode_attention import api as decode_api
     from taylorcal_jax.ops.gdn import api
+    from taylorcal_jax.ops.gdn import decode_api as gdn_decode_api
 
     p = dict(PRESETS[preset], preset=preset, keep_every=keep_every, repeats=repeats,
-             gdn_impl=gdn_impl, compile_threads=compile_threads, out=out)  # fmt: skip
+             gdn_impl=gdn_impl, compile_threads=compile_threads, out=out,
+             gdn_decode=gdn_decode)  # fmt: skip
     impls = [x.strip() for x in decode_attention.split(",")]
     bad = [x for x in impls if x not in decode_api.IMPLS]
     if bad or len(set(impls)) != len(impls):
@@ -738,6 +745,10 @@ def settings(
             raise SettingsError(f"--{name} must be >= 1, got {p[name]}")
     if gdn_impl not in api.IMPLS:
         raise SettingsError(f"--gdn_impl must be one of {api.IMPLS}, got {gdn_impl!r}")
+    if gdn_decode not in gdn_decode_api.IMPLS:
+        raise SettingsError(
+            f"--gdn_decode must be one of {gdn_decode_api.IMPLS}, got {gdn_decode!r}"
+        )
     return p
 
 
@@ -769,7 +780,7 @@ def main(argv):
     try:
         p = settings(
             f.preset, f.contexts, f.batches, f.max_prefill_tokens, f.keep_every, f.repeats,
-            f.gdn_impl, f.compile_threads, f.tag, f.out, f.decode_attention,
+            f.gdn_impl, f.compile_threads, f.tag, f.out, f.decode_attention, f.gdn_decode,
         )  # fmt: skip
         run(p)
     except SettingsError as e:
@@ -783,6 +794,7 @@ def run(p: dict) -> str:
 
     from taylorcal_jax.ops.decode_attention import api as decode_api
     from taylorcal_jax.ops.gdn import api
+    from taylorcal_jax.ops.gdn import decode_api as gdn_decode_api
 
     dtype = jnp.dtype(p["dtype"])
     steps, repeats = p["decode_steps"], p["repeats"]
@@ -790,7 +802,7 @@ def run(p: dict) -> str:
     keep = tuple(range(0, cfg.num_hidden_layers, p["keep_every"]))
     decoders = {}  # decode impl -> {"teacher": model, "student": model}
     for impl in p["decode_attention"]:
-        teacher, student = build_models(cfg, keep, dtype, p["gdn_impl"], impl)
+        teacher, student = build_models(cfg, keep, dtype, p["gdn_impl"], impl, p["gdn_decode"])
         decoders[impl] = {"teacher": teacher, "student": student}
     models = next(iter(decoders.values()))  # the prefill's (no decoding step in it)
     log(
@@ -825,6 +837,8 @@ def run(p: dict) -> str:
         "keep_full_attention_layers": list(keep),
         "gdn_impl": p["gdn_impl"],
         "gdn_impl_resolved": api.resolve_impl(p["gdn_impl"]),
+        "gdn_decode": p["gdn_decode"],
+        "gdn_decode_resolved": gdn_decode_api.resolve_impl(p["gdn_decode"]),
         "decode_attention": p["decode_attention"],
         "decode_attention_resolved": [decode_api.resolve_impl(x) for x in p["decode_attention"]],
         "repeats": repeats,

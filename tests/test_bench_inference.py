@@ -142,6 +142,7 @@ def test_targets_met_missed_and_not_measured():
         (dict(max_prefill_tokens=-1), "--max_prefill_tokens must be >= 0"),
         (dict(decode_attention="xla,triton"), "--decode_attention must list distinct entries"),
         (dict(decode_attention="xla,xla"), "--decode_attention must list distinct entries"),
+        (dict(gdn_decode="triton"), "--gdn_decode must be one of"),
     ],
 )
 def test_bad_settings_are_one_line_errors(overrides, message):
@@ -152,10 +153,11 @@ def test_bad_settings_are_one_line_errors(overrides, message):
 
 def test_small_preset_end_to_end(tmp_path):
     # one context, batches 1 and 2 (prefill timed at both: 2 x 64 <= 256 tokens); each decode by
-    # the XLA decoding attention and the Pallas kernel (interpret mode here)
+    # the XLA decoding attention and the Pallas kernel, the student's GDN layers by the Pallas
+    # decoding step (interpret mode here)
     cmd = [sys.executable, os.path.join(REPO, "launch", "bench_inference.py"), "--preset=small",
            "--contexts=64", "--repeats=1", f"--out={tmp_path}", "--tag=test",
-           "--decode_attention=xla,pallas"]  # fmt: skip
+           "--decode_attention=xla,pallas", "--gdn_decode=pallas"]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     for line in ("L=64 B=1 teacher: prefill", "L=64 B=2 student: prefill", "of its roofline"):
@@ -165,6 +167,8 @@ def test_small_preset_end_to_end(tmp_path):
     md = (tmp_path / "bench_inference_test.md").read_text()
     assert "Targets:" in md and "| xla ms/step (of roofline) | pallas ms/step" in md
     assert result["decode_attention"] == result["decode_attention_resolved"] == ["xla", "pallas"]
+    assert result["gdn_decode"] == result["gdn_decode_resolved"] == "pallas"
+    assert "GDN decoding step pallas" in md
     # (prefill, decode by xla, decode by pallas) x (B=1, B=2) x 2 models, each compiled once
     programs = result["programs"]
     assert len(programs) == 12 and all(x["compile_s"] > 0 for x in programs.values())

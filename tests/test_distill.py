@@ -240,7 +240,9 @@ def test_head_backward_runs_in_the_operands_dtype():
         return lambda h_, w_: jnp.sum(jax.nn.log_softmax(fn(h_, w_), -1) * weights)
 
     def plain(h_, w_):
-        return jnp.einsum("bcd,dv->bcv", h_, w_.astype(h_.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "bcd,dv->bcv", h_, w_.astype(h_.dtype), preferred_element_type=jnp.float32
+        )
 
     got = jax.grad(loss(kl.head_logits), argnums=(0, 1))(h, w)
     want = jax.grad(loss(plain), argnums=(0, 1))(h, w)
