@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_testing import greedy_steps
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.mixers.gdn import GDNRuntime
 from taylorcal_jax.models.student import StudentConfig
-from taylorcal_jax.models.teacher import init_cache
 from taylorcal_jax.ops.decode_attention import api, pallas_gpu, reference
 
 S, D = 37, 16
@@ -162,25 +162,10 @@ def test_model_decode_steps_pallas_equal_xla():
         )
         for impl in ("xla", "pallas")
     }
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 1, config.vocab_size)
-    valid = jnp.asarray([[True] * 9, [False] * 3 + [True] * 6])
-    params = models["xla"].init(jax.random.PRNGKey(1), tokens)["params"]
-    cache = init_cache(models["xla"], 2, 16)
-    _, cache, _ = models["xla"].apply(
-        {"params": params}, tokens, valid_bt=valid, cache=cache, last_logits_only=True
-    )
-    steps = {}
-    for impl, model in models.items():
-        step = jax.jit(lambda c, t, m=model: m.apply({"params": params}, t, cache=c)[:2])
-        jaxpr = str(jax.make_jaxpr(step)(cache, tokens[:, -1:]))
+    steps = greedy_steps(models, config.vocab_size)
+    for impl, (_, jaxpr) in steps.items():
         assert ("pallas_call" in jaxpr) == (impl == "pallas")  # the kernel runs, or none
-        c, token, logits = cache, tokens[:, -1:], []
-        for _ in range(3):
-            out, c = step(c, token)
-            token = jnp.argmax(out[:, -1:], -1).astype(jnp.int32)
-            logits.append(out)
-        steps[impl] = jnp.concatenate(logits, axis=1)
-    assert _rel(steps["pallas"], steps["xla"]) <= 2e-5
+    assert _rel(steps["pallas"][0], steps["xla"][0]) <= 2e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

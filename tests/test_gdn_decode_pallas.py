@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_testing import greedy_steps
 from gdn_testing import random_inputs, rel_err
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.mixers.gdn import GDNRuntime
 from taylorcal_jax.models.student import StudentConfig
-from taylorcal_jax.models.teacher import init_cache
 from taylorcal_jax.ops.gdn import decode_api, decode_pallas
 from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_step
@@ -137,25 +137,10 @@ def test_model_decode_steps_pallas_equal_xla():
         )
         for impl in ("xla", "pallas")
     }
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 1, config.vocab_size)
-    valid = jnp.asarray([[True] * 9, [False] * 3 + [True] * 6])
-    params = models["xla"].init(jax.random.PRNGKey(1), tokens)["params"]
-    cache = init_cache(models["xla"], 2, 16)
-    _, cache, _ = models["xla"].apply(
-        {"params": params}, tokens, valid_bt=valid, cache=cache, last_logits_only=True
-    )
-    steps = {}
-    for impl, model in models.items():
-        step = jax.jit(lambda c, t, m=model: m.apply({"params": params}, t, cache=c)[:2])
-        jaxpr = str(jax.make_jaxpr(step)(cache, tokens[:, -1:]))
+    steps = greedy_steps(models, config.vocab_size)
+    for impl, (_, jaxpr) in steps.items():
         assert jaxpr.count("pallas_call") == (2 if impl == "pallas" else 0)  # one per GDN layer
-        c, token, logits = cache, tokens[:, -1:], []
-        for _ in range(3):
-            out, c = step(c, token)
-            token = jnp.argmax(out[:, -1:], -1).astype(jnp.int32)
-            logits.append(out)
-        steps[impl] = jnp.concatenate(logits, axis=1)
-    assert rel_err(steps["pallas"], steps["xla"]) <= 2e-5
+    assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
 
 
 @pytest.mark.parametrize("b", [1, 16])
