@@ -161,6 +161,7 @@ def check_settings(s: Settings) -> None:
     import jax
 
     from taylorcal_jax.models.layers import SEQUENCE_IMPLS
+    from taylorcal_jax.ops.dispatch import GPU_BACKENDS
     from taylorcal_jax.ops.gdn import api
 
     lists = {
@@ -200,7 +201,8 @@ def check_settings(s: Settings) -> None:
     for impl in s.attention_impls:
         if impl not in SEQUENCE_IMPLS:
             raise ValueError(f"--attention_impls={impl}: choose from {', '.join(SEQUENCE_IMPLS)}")
-    if "cudnn" in s.attention_impls and (s.dtype != "bfloat16" or jax.default_backend() != "gpu"):
+    gpu = jax.default_backend() in GPU_BACKENDS
+    if "cudnn" in s.attention_impls and (s.dtype != "bfloat16" or not gpu):
         raise ValueError("--attention_impls=cudnn needs --dtype=bfloat16 and a GPU")
     if s.budget_s < 0:
         raise ValueError(f"--budget_s={s.budget_s} must be >= 0 (0: no limit)")

@@ -256,12 +256,12 @@ def markdown(result: dict) -> str:
         last = f"{c[-1][1]:.3f} ({c[-1][0]:,.0f})" if c else ""
         lines.append(f"| {r['init']} | {first} | {last} | " + " | ".join(cells) + " |")
     for base, table in result["ratios"].items():
-        lines += ["", f"Tokens of {base} / tokens of the init (blank: a target one of the two "
-                  "never reached, or reached at 0 tokens):", ""]  # fmt: skip
-        lines += ["| init | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for init, row in table.items():
-            cells = ["" if row.get(n) is None else f"{row[n]:.2f}" for n in names]
-            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        lines += _ratio_table(
+            f"Tokens of {base} / tokens of the init (blank: a target one of the two never "
+            "reached, or reached at 0 tokens):",
+            table,
+            names,
+        )
     lines += _projection_lines(result.get("projection"), names)
     th = result.get("throughput") or {}
     if th.get("tokens_per_second"):
@@ -293,11 +293,16 @@ def _projection_lines(proj: dict | None, names: list[str]) -> list[str]:
         cells = [_tokens(row.get(n)) + ("*" if n in star else "") for n in names]
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
     for base, table in proj["ratios"].items():
-        lines += ["", f"Projected tokens of {base} / tokens of the init:", ""]
-        lines += ["| init | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for init, row in table.items():
-            cells = ["" if row.get(n) is None else f"{row[n]:.2f}" for n in names]
-            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        lines += _ratio_table(f"Projected tokens of {base} / tokens of the init:", table, names)
+    return lines
+
+
+def _ratio_table(title: str, table: dict, names: list[str]) -> list[str]:
+    """A titled markdown table of {init: {target: ratio or None}}, one column per target."""
+    lines = ["", title, "", "| init | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for init, row in table.items():
+        cells = ["" if row.get(n) is None else f"{row[n]:.2f}" for n in names]
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -122,6 +122,7 @@ def _check_budget(config, section: str, arch) -> None:
 def _check_attention(config, section: str) -> None:
     """The stage's teacher (and student) attention implementation can run here."""
     from taylorcal_jax.models.layers import SEQUENCE_IMPLS  # noqa: PLC0415
+    from taylorcal_jax.ops.dispatch import GPU_BACKENDS  # noqa: PLC0415
 
     s = f"distill.{section}"
     check.one_of(config, f"{s}.attention_impl", SEQUENCE_IMPLS)
@@ -132,7 +133,7 @@ def _check_attention(config, section: str) -> None:
             f"{s}.attention_impl='cudnn' needs {s}.dtype='bfloat16'",
             "cuDNN's fused attention takes bf16/fp16 only; or use 'blocked'",
         )
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() not in GPU_BACKENDS:
         raise check.ConfigError(
             f"{s}.attention_impl='cudnn' needs a GPU, not {jax.default_backend()!r}",
             "use 'blocked'",
