@@ -635,6 +635,10 @@ def code_record(code_dir: str) -> dict:
     return record
 
 
+# what each import record keeps of the run that made it (results_io.provenance's keys)
+IMPORT_PROVENANCE = ("device", "date", "command", "git")
+
+
 def add_release_rows(
     config,
     workdir,
@@ -711,8 +715,8 @@ def add_release_rows(
             log(f"{policy}: release init in {time.perf_counter() - t1:.0f} s")
         record, rows = score_release_student(run, policy, out, 0, fraction)
         # each import keeps the run that made it: a later run for other policies replaces
-        # `tokens` (with its own command and date) but keeps this record
-        record = {**record, "date": info["date"], "command": info["command"]}
+        # `tokens` (with its own device, command and date) but keeps this record
+        record = {**record, **{k: info[k] for k in IMPORT_PROVENANCE}}
         sweep["rows"] = [
             r for r in sweep["rows"] if not (r["strategy"] == STRATEGY and r["policy"] == policy)
         ] + rows

@@ -387,6 +387,7 @@ def markdown_table(result: dict) -> str:
             cells.append("" if r is None else f"{r['ppl']:.3f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += _alignment_lines(result)
+    lines += _release_run_lines(result)
     lines += ["", "Kept layers:", ""]
     seen = {}
     for r in result["rows"]:
@@ -400,6 +401,21 @@ def markdown_table(result: dict) -> str:
         else:
             lines.append(f"- {p} @ {f:.0%}: " + "; ".join(f"{s} {v}" for s, v in by_s.items()))
     return "\n".join(lines) + "\n"
+
+
+def _release_run_lines(result: dict) -> list[str]:
+    """Where and when each `reference_release` row ran (launch/reference_release.py adds them
+    in runs of their own, maybe on another device than the sweep's)."""
+    imports = result.get("reference_release", {}).get("imports", [])
+    runs = [r for r in imports if r.get("device")]
+    if not runs:
+        return []
+    lines = ["", "The reference release's rows, each from its own run:", ""]
+    for r in runs:
+        lines.append(
+            f"- {r['policy']}: {r['device']}, {r['date']}, git {r['git']}: `{r['command']}`"
+        )
+    return lines
 
 
 def _text_lines(result: dict) -> list[str]:

@@ -390,7 +390,10 @@ def test_run_adds_release_rows_to_the_sweep_and_resumes(smoke_run, tmp_path, cap
     assert sweep_zero_shot.markdown_table(rerun).count("| reference_release |") == 1
     only_ar = rr.add_release_rows(c, workdir, str(code), path, ["ar"], fraction=0.5)
     assert [r["policy"] for r in only_ar["reference_release"]["imports"]] == ["uniform", "ar"]
-    assert all("date" in r and "command" in r for r in only_ar["reference_release"]["imports"])
+    imports = only_ar["reference_release"]["imports"]
+    assert all(set(rr.IMPORT_PROVENANCE) <= set(r) for r in imports)
+    table = sweep_zero_shot.markdown_table(only_ar)
+    assert all(f"- {r['policy']}: {r['device']}, {r['date']}" in table for r in imports)
     assert [r["policy"] for r in only_ar["rows"] if r["strategy"] == rr.STRATEGY] == [
         "uniform",
         "ar",
