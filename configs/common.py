@@ -158,8 +158,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "t" (T only: less memory per GDN layer, reruns the state pass) or "inputs"
     c.calibration.gdn.pallas_residuals = "auto"
     # a cached single-token step (generation, decoding): "xla" | "pallas" (one kernel; Triton on
-    # a GPU, interpret mode elsewhere) | "auto" (pallas on a GPU); "xla" until measured on one
-    c.calibration.gdn.decode_impl = "xla"
+    # a GPU, interpret mode elsewhere) | "auto" (pallas on a GPU, xla elsewhere)
+    c.calibration.gdn.decode_impl = "auto"
 
     # Layers that keep softmax attention (docs/method.md §7), stage select_layers.
     c.select = ml_collections.ConfigDict()
@@ -194,7 +194,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.layers.clip_norm = 1.0  # global gradient-norm clip
     c.distill.layers.dtype = "bfloat16"  # compute dtype ("float32" | "bfloat16"); params fp32
     c.distill.layers.remat = False  # recompute each mixer in the backward pass (less memory)
-    c.distill.layers.attention_impl = "blocked"  # teacher's attention: "blocked" | "cudnn"
+    # the teacher's attention: "auto" (cudnn on an NVIDIA GPU in bf16, else blocked) |
+    # "blocked" (XLA, query blocks) | "cudnn" (fused; NVIDIA GPU, bf16)
+    c.distill.layers.attention_impl = "auto"
     c.distill.layers.eval_every_tokens = 10_000_000  # between evaluations (0 = first and last)
     c.distill.layers.checkpoint_every_tokens = 5_000_000  # between checkpoints (0 = at the end)
     # Stage 2: every parameter trained on KL(teacher || student) of the next-token
@@ -211,7 +213,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.kl.chunk_size = 512  # positions per KL chunk ([B, chunk, vocab] logits at a time)
     c.distill.kl.dtype = "bfloat16"  # compute dtype ("float32" | "bfloat16"); params fp32
     c.distill.kl.remat = True  # recompute each block in the backward pass (less memory)
-    c.distill.kl.attention_impl = "blocked"  # "blocked" (XLA) | "cudnn" (fused; GPU, bf16)
+    c.distill.kl.attention_impl = "auto"  # both models' attention, as distill.layers'
     c.distill.kl.eval_every_tokens = 50_000_000  # between evaluations (0 = first and last)
     c.distill.kl.checkpoint_every_tokens = 20_000_000  # between checkpoints (0 = at the end)
     return c

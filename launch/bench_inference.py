@@ -98,7 +98,7 @@ def _ints(text: str, name: str) -> list[int]:
 # ---------------------------------------------------------------------------------- models
 
 
-def build_models(config, keep, dtype, impl, decode_impl="auto", gdn_decode="xla"):
+def build_models(config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto"):
     """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`. GDN
     runs by op implementation `impl` and its decoding step by `gdn_decode`, a decoding step's
     attention by `decode_impl`."""
@@ -681,7 +681,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
     flags.DEFINE_string("gdn_impl", "auto", "GDN op implementation for the prefill.")
     flags.DEFINE_string(
-        "gdn_decode", "xla", "The student's GDN decoding step: xla, pallas or auto."
+        "gdn_decode",
+        "auto",
+        "The student's GDN decoding step: auto (pallas on a GPU), xla, pallas.",
     )
     flags.DEFINE_string(
         "decode_attention",
@@ -706,7 +708,7 @@ def settings(
     tag="",
     out=RESULTS_DIR,
     decode_attention="auto",
-    gdn_decode="xla",
+    gdn_decode="auto",
 ) -> dict:
     """The preset with the command line's overrides; SettingsError (one line) on a bad value."""
     from taylorcal_jax.ops.decode_attention import api as decode_api

@@ -96,7 +96,7 @@ class SettingsError(ValueError):
 DEFAULTS = dict(
     targets=",".join(TARGETS),
     decode_attention="auto",
-    gdn_decode="xla",
+    gdn_decode="auto",
     keep_every=4,
     calls=3,
     top=25,

@@ -20,6 +20,7 @@ from taylorcal_jax.models.layers import (
     MaskSpec,
     attend,
     fused_causal_attention,
+    resolve_sequence_impl,
 )
 from taylorcal_jax.models.teacher import Transformer, init_params
 
@@ -93,6 +94,27 @@ def test_padded_call_takes_the_blocked_path():
 def test_unknown_sequence_impl_is_refused():
     with pytest.raises(ValueError, match="sequence_impl must be one of"):
         AttentionRuntime(sequence_impl="flash")
+    with pytest.raises(ValueError, match="attention impl must be one of"):
+        resolve_sequence_impl("flash", jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "choice, dtype, backend, platform, want",
+    [
+        ("auto", jnp.bfloat16, "gpu", "cuda 12080", "cudnn"),
+        ("auto", jnp.float16, "cuda", "cuda 12080", "cudnn"),
+        ("auto", jnp.float32, "gpu", "cuda 12080", "blocked"),  # cuDNN takes bf16/fp16 only
+        ("auto", jnp.bfloat16, "gpu", "rocm 6.3", "blocked"),  # no cuDNN on AMD GPUs
+        ("auto", jnp.bfloat16, "cpu", "cpu", "blocked"),
+        ("auto", jnp.bfloat16, "tpu", "tpu", "blocked"),
+        ("xla", jnp.bfloat16, "gpu", "cuda 12080", "xla"),  # a named one is kept
+        ("cudnn", jnp.float32, "cpu", "cpu", "cudnn"),  # (the stage checks refuse it there)
+    ],
+)
+def test_auto_sequence_impl_is_cudnn_only_on_nvidia_gpus_in_half_precision(
+    choice, dtype, backend, platform, want
+):
+    assert resolve_sequence_impl(choice, dtype, backend, platform) == want
 
 
 @pytest.mark.gpu

@@ -44,6 +44,7 @@ prompts) takes the dense path unchanged.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -55,6 +56,9 @@ from taylorcal_jax.models.paths import ATTENTION, mixer_key
 from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
 from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
+from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
+
+logger = logging.getLogger(__name__)
 
 # Query rows per block of `attend(block=None)`, which every model uses. Read when a function is
 # traced: set layers.ATTEND_BLOCK before the first trace (jit caches traces per function).
@@ -62,6 +66,39 @@ ATTEND_BLOCK = 1024
 
 # Implementations of an unpadded multi-token pass (AttentionRuntime.sequence_impl).
 SEQUENCE_IMPLS = ("blocked", "xla", "cudnn")
+# What a training stage's config may name (distill.*.attention_impl): one of them, or "auto".
+SEQUENCE_CHOICES = ("auto", *SEQUENCE_IMPLS)
+# dtypes cuDNN's fused attention takes
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_sequence_impl(
+    choice: str, dtype, backend: str | None = None, platform_version: str | None = None
+) -> str:
+    """The SEQUENCE_IMPLS member that `choice` (one of SEQUENCE_CHOICES) runs as: itself, or for
+    "auto" "cudnn" on an NVIDIA GPU when `dtype` is bf16 or fp16, else "blocked". `backend` and
+    `platform_version` default to this process's (jax.default_backend(), the first device's
+    client.platform_version: "rocm ..." on AMD GPUs, where cuDNN does not exist).
+
+    Why "auto" takes cuDNN: on one H100 a stage-2 step of SmolLM2-135M's shape (batch 8 x
+    2048, bf16) ran at 3.2x the tokens/s of the blocked path (launch/results/
+    bench_stage2_h100_cudnn.md), and the two agree within bf16 rounding there
+    (tests/test_fused_attention.py's gpu test)."""
+    if choice not in SEQUENCE_CHOICES:
+        raise ValueError(f"attention impl must be one of {SEQUENCE_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    backend = backend or jax.default_backend()
+    if backend not in GPU_BACKENDS:
+        return log_choice_once(logger, "sequence attention", backend, "blocked", "no GPU")
+    if platform_version is None:
+        platform_version = jax.devices()[0].client.platform_version
+    if "rocm" in platform_version.lower():
+        return log_choice_once(logger, "sequence attention", backend, "blocked", "no cuDNN")
+    if jnp.dtype(dtype) not in CUDNN_DTYPES:
+        why = f"cuDNN's fused attention takes bf16/fp16, not {jnp.dtype(dtype).name}"
+        return log_choice_once(logger, "sequence attention", backend, "blocked", why)
+    return log_choice_once(logger, "sequence attention", backend, "cudnn", "NVIDIA GPU, bf16/fp16")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ from taylorcal_jax.calibrate import pipeline
 from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
 from taylorcal_jax.data import packing, split
 from taylorcal_jax.eval import perplexity as ppl_lib
+from taylorcal_jax.models.layers import resolve_sequence_impl
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.plan import Stage
@@ -120,12 +121,13 @@ def _check_budget(config, section: str, arch) -> None:
 
 
 def _check_attention(config, section: str) -> None:
-    """The stage's teacher (and student) attention implementation can run here."""
-    from taylorcal_jax.models.layers import SEQUENCE_IMPLS  # noqa: PLC0415
+    """The stage's teacher (and student) attention implementation can run here ("auto" always
+    can: layers.resolve_sequence_impl picks one that does)."""
+    from taylorcal_jax.models.layers import SEQUENCE_CHOICES  # noqa: PLC0415
     from taylorcal_jax.ops.dispatch import GPU_BACKENDS  # noqa: PLC0415
 
     s = f"distill.{section}"
-    check.one_of(config, f"{s}.attention_impl", SEQUENCE_IMPLS)
+    check.one_of(config, f"{s}.attention_impl", SEQUENCE_CHOICES)
     if config.distill[section].attention_impl != "cudnn":
         return
     if config.distill[section].dtype != "bfloat16":
@@ -316,7 +318,7 @@ def distill_layers_stage(ctx) -> dict:
         clip_norm=float(s.clip_norm),
         dtype=str(s.dtype),
         remat=bool(s.remat),
-        attention_impl=str(s.attention_impl),
+        attention_impl=resolve_sequence_impl(str(s.attention_impl), DTYPES[s.dtype]),
     )
     task = layers_lib.make_task(sc.teacher, mixer, layers, cfg, ctx.mesh)
     pad = layerwise.layer_padding(len(layers), ctx.mesh)
@@ -363,7 +365,7 @@ def distill_stage(ctx) -> dict:
         mixer.runtime,
         DTYPES[k.dtype],
         remat=bool(k.remat),
-        attention_impl=str(k.attention_impl),
+        attention_impl=resolve_sequence_impl(str(k.attention_impl), DTYPES[k.dtype]),
     )
     task = kl_lib.make_task(
         student_model, teacher_model, mixer.name, cfg, ctx.mesh, sharding.param_spec(ctx.mesh)

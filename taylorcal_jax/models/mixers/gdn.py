@@ -140,13 +140,13 @@ class GDNRuntime:
     """How the gated delta rule is computed (never saved): `impl` and `chunk_size` of
     `ops.gdn.api.gated_delta_rule`, and `pallas_residuals`, what the Pallas backward keeps
     (api.PALLAS_RESIDUALS). The defaults are the op's; runs take theirs from the config.
-    `decode_impl`: how a cached single-token step runs (`ops.gdn.decode_api.IMPLS`); "xla"
-    until the Pallas step has been measured on a GPU (ops/gdn/decode_api.py)."""
+    `decode_impl`: how a cached single-token step runs (`ops.gdn.decode_api.IMPLS`); "auto"
+    is the Pallas step on a GPU and XLA's form elsewhere (ops/gdn/decode_api.py says why)."""
 
     impl: str = "auto"
     chunk_size: int = 64
     pallas_residuals: str = "auto"
-    decode_impl: str = "xla"
+    decode_impl: str = "auto"
 
     def __post_init__(self):
         if self.impl not in api.IMPLS:
