@@ -160,6 +160,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a cached single-token step (generation, decoding): "xla" | "pallas" (one kernel; Triton on
     # a GPU, interpret mode elsewhere) | "auto" (pallas on a GPU, xla elsewhere)
     c.calibration.gdn.decode_impl = "auto"
+    # x Wq, x Wk, x Wv, x Wg as one product (and x Wa, x Wb as another), the same parameters:
+    # fewer, wider products for decoding at small batch; off until measured on a GPU
+    c.calibration.gdn.fused_projections = False
 
     # Layers that keep softmax attention (docs/method.md §7), stage select_layers.
     c.select = ml_collections.ConfigDict()

@@ -98,10 +98,11 @@ def _ints(text: str, name: str) -> list[int]:
 # ---------------------------------------------------------------------------------- models
 
 
-def build_models(config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto"):
+def build_models(config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto", gdn_fused=False):
     """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`. GDN
-    runs by op implementation `impl` and its decoding step by `gdn_decode`, a decoding step's
-    attention by `decode_impl`."""
+    runs by op implementation `impl`, its decoding step by `gdn_decode` and its input
+    projections joined when `gdn_fused` (GDNRuntime.fused_projections); a decoding step's
+    attention runs by `decode_impl`."""
     from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
@@ -109,7 +110,7 @@ def build_models(config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto
 
     attention = AttentionRuntime(decode_impl=decode_impl)
     sc = StudentConfig.from_teacher(config, keep, mixer="gdn")
-    runtime = GDNRuntime(impl=impl, decode_impl=gdn_decode)
+    runtime = GDNRuntime(impl=impl, decode_impl=gdn_decode, fused_projections=gdn_fused)
     student = sc.model(dtype=dtype, runtime=runtime, attention_runtime=attention)
     return Transformer(config, dtype=dtype, attention_runtime=attention), student
 

@@ -60,14 +60,16 @@ CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll,
-    the GDN step. kind "model": the models' decode rows; kind "op": the decoding-attention op
-    alone; kind "gdn_op": the GDN decoding step alone."""
+    the GDN step, the GDN input projections joined (GDNRuntime.fused_projections). kind
+    "model": the models' decode rows; kind "op": the decoding-attention op alone; kind
+    "gdn_op": the GDN decoding step alone."""
 
     decode_impl: str = "xla"
     xla_flags: str = ""
     unroll: int = 1
     kind: str = "model"
     gdn_decode: str = "xla"
+    gdn_fused: bool = False
 
 
 VARIANTS = {
@@ -83,12 +85,21 @@ VARIANTS = {
     "pallas_gdn_step": Variant("pallas", gdn_decode="pallas"),
     "pallas_cublas": Variant("pallas", CUBLAS_GEMM),
     "pallas_gdn_step_cublas": Variant("pallas", CUBLAS_GEMM, gdn_decode="pallas"),
+    "pallas_gdn_step_fused": Variant("pallas", gdn_decode="pallas", gdn_fused=True),
+    "pallas_gdn_step_fused_cublas": Variant(
+        "pallas", CUBLAS_GEMM, gdn_decode="pallas", gdn_fused=True
+    ),
 }
-# the open questions: the GDN layers' decoding step as XLA's programs or as one Pallas kernel,
-# and the weight products by cuBLAS (with the Pallas decoding attention, the models' default on
-# a GPU). Command buffers and unroll were measured before and did not help
-# (launch/results/probe_decode_h200_cmdbuf.json).
-DEFAULT_VARIANTS = "gdn_op,pallas,pallas_gdn_step,pallas_cublas,pallas_gdn_step_cublas"
+# the open questions, with the Pallas decoding attention and GDN step (the models' default on a
+# GPU): the GDN input projections as six products or two (GDNRuntime.fused_projections), and
+# the weight products by cuBLAS; and the GDN step's launch configuration (gdn_op). Command
+# buffers and unroll were measured before and did not help
+# (launch/results/probe_decode_h200_cmdbuf.json); the Pallas step against XLA's form in
+# launch/results/bench_inference_h100_gdn_step_{pallas,xla}.md.
+DEFAULT_VARIANTS = (
+    "gdn_op,pallas_gdn_step,pallas_gdn_step_fused,pallas_gdn_step_cublas,"
+    "pallas_gdn_step_fused_cublas"
+)
 
 # (L, B) rows per preset: both regimes at the shortest and longest context of the benchmark
 ROWS = {
@@ -226,7 +237,7 @@ def run_model_variant(p: dict, variant: Variant) -> None:
     cfg = model_shapes.qwen2_config(p, max(c for c, _ in p["rows"]) + steps)
     keep = tuple(range(0, cfg.num_hidden_layers, p["keep_every"]))
     teacher, student = bench.build_models(
-        cfg, keep, dtype, "auto", variant.decode_impl, variant.gdn_decode
+        cfg, keep, dtype, "auto", variant.decode_impl, variant.gdn_decode, variant.gdn_fused
     )
     models = {"teacher": teacher, "student": student}
     params = {

@@ -201,9 +201,53 @@ def test_right_padding_then_decode():
     jax.tree_util.tree_map(np.testing.assert_array_equal, cache2, cache)
 
 
+def test_fused_projections_same_params_same_mixer():
+    """runtime.fused_projections joins the q/k/v/g kernels (and a/b) into one product each:
+    the same parameter tree at init, the numpy mixer in fp32, the separate products' outputs,
+    decoding steps and gradients within fp32 rounding, and bf16 within bf16 rounding."""
+    fused_rt = GDNRuntime(impl="chunked", chunk_size=4, fused_projections=True)
+    mixer, params = _init(True, impl="chunked")
+    fused = GatedDeltaNet(CONFIG, mixer.gdn, fused_rt)
+    x0 = jnp.zeros((1, 3, D))
+    p_sep, p_fused = (m.init(jax.random.PRNGKey(5), x0)["params"] for m in (mixer, fused))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p_fused, p_sep)
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 7, D))
+    y_sep, _, _ = _apply(mixer, params, x)
+    y_fused, _, _ = _apply(fused, params, x)
+    assert _rel(y_fused, y_sep) < 1e-6
+    assert _rel(y_fused, _numpy_gdn(params, x, True)[1]) < 1e-5
+    # decoding steps from a two-token prefill
+    outs = {}
+    for name, m in (("sep", mixer), ("fused", fused)):
+        apply = jax.jit(lambda xs, c, m=m: m.apply({"params": params}, xs, cache=c))
+        cache, ys = init_gdn_cache(CONFIG, m.gdn, 2), []
+        for lo, hi in ((0, 2), (2, 3), (3, 4), (4, 5)):
+            y, cache, _ = apply(x[:, lo:hi], cache)
+            ys.append(y)
+        outs[name] = (jnp.concatenate(ys, axis=1), cache["state"])
+    assert _rel(outs["fused"][0], outs["sep"][0]) < 1e-6
+    assert _rel(outs["fused"][1], outs["sep"][1]) < 1e-6
+
+    def loss(p, m):
+        return jnp.sum(jnp.sin(m.apply({"params": p}, x)[0]))
+
+    g_sep, g_fused = (jax.grad(loss)(params, m) for m in (mixer, fused))
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_sep), strict=True):
+        assert _rel(a, b) < 1e-5
+    assert jax.tree.structure(g_fused) == jax.tree.structure(g_sep)
+    y16 = _apply(GatedDeltaNet(CONFIG, mixer.gdn, fused_rt, dtype=jnp.bfloat16), params, x)[0]
+    assert y16.dtype == jnp.bfloat16 and _rel(y16, y_sep) < 3e-2
+    # one product for q/k/v/g and one for a/b, in place of six
+    jaxpr = str(jax.make_jaxpr(lambda p: fused.apply({"params": p}, x))(params))
+    jaxpr_sep = str(jax.make_jaxpr(lambda p: mixer.apply({"params": p}, x))(params))
+    assert jaxpr_sep.count("dot_general") - jaxpr.count("dot_general") == 4
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="impl"):
         GDNRuntime(impl="fast")
+    with pytest.raises(ValueError, match="fused_projections must be True or False"):
+        GDNRuntime(fused_projections="yes")
     with pytest.raises(ValueError, match="pallas_residuals"):
         GDNRuntime(pallas_residuals="everything")
     with pytest.raises(ValueError, match="chunk_size"):

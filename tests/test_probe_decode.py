@@ -124,11 +124,13 @@ def test_gdn_step_variant_runs_the_kernel_in_the_student(tmp_path):
         "XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"
     }
     assert set(probe.parse_variants(probe.DEFAULT_VARIANTS)) <= set(probe.VARIANTS)
-    result = _run(tmp_path, ["pallas_gdn_step"])
-    run = result["runs"]["pallas_gdn_step"]
-    assert run["status"] == "ok" and run["start"]["settings"]["gdn_decode"] == "pallas"
-    assert [r["model"] for r in run["records"]] == ["teacher", "student"]
-    assert all(r["finite"] for r in run["records"])
+    result = _run(tmp_path, ["pallas_gdn_step", "pallas_gdn_step_fused"])
+    for name, fused in (("pallas_gdn_step", False), ("pallas_gdn_step_fused", True)):
+        run = result["runs"][name]
+        assert run["status"] == "ok" and run["start"]["settings"]["gdn_decode"] == "pallas"
+        assert run["start"]["settings"]["gdn_fused"] is fused
+        assert [r["model"] for r in run["records"]] == ["teacher", "student"]
+        assert all(r["finite"] for r in run["records"])
 
 
 def test_gdn_op_variant_times_the_step_by_xla_and_by_each_launch_configuration(tmp_path):

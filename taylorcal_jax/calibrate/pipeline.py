@@ -559,6 +559,7 @@ _SPEED = (
     "calibration.gdn.chunk_size",
     "calibration.gdn.pallas_residuals",
     "calibration.gdn.decode_impl",
+    "calibration.gdn.fused_projections",
 )
 # What the statistics are computed on.
 _STATISTICS = tuple(f"calibration.{k}" for k in ("split", "num_sequences", "seq_len", "seed"))

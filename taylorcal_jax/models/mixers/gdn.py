@@ -141,12 +141,20 @@ class GDNRuntime:
     `ops.gdn.api.gated_delta_rule`, and `pallas_residuals`, what the Pallas backward keeps
     (api.PALLAS_RESIDUALS). The defaults are the op's; runs take theirs from the config.
     `decode_impl`: how a cached single-token step runs (`ops.gdn.decode_api.IMPLS`); "auto"
-    is the Pallas step on a GPU and XLA's form elsewhere (ops/gdn/decode_api.py says why)."""
+    is the Pallas step on a GPU and XLA's form elsewhere (ops/gdn/decode_api.py says why).
+    `fused_projections`: x Wq, x Wk, x Wv and x Wg as one product with the four kernels joined
+    along their outputs, and x Wa, x Wb as another (the same parameters, the same sums). Why:
+    at batch 1 XLA runs each 1536-wide product of a decoding step as its own reduction at about
+    0.8 TB/s, and the a/b products fused with the input norm take 18 us per layer on an H100
+    (launch/results/profile_steps_h100_gdn_step.md); one wide product can run as one GEMM.
+    Off by default until it has been measured on a GPU (launch/probe_decode.py, variant
+    "pallas_gdn_step_fused")."""
 
     impl: str = "auto"
     chunk_size: int = 64
     pallas_residuals: str = "auto"
     decode_impl: str = "auto"
+    fused_projections: bool = False
 
     def __post_init__(self):
         if self.impl not in api.IMPLS:
@@ -162,6 +170,10 @@ class GDNRuntime:
             raise ValueError(
                 f"GDN pallas_residuals must be one of {api.PALLAS_RESIDUALS}, got "
                 f"{self.pallas_residuals!r}"
+            )
+        if not isinstance(self.fused_projections, bool):
+            raise ValueError(
+                f"GDN fused_projections must be True or False, got {self.fused_projections!r}"
             )
 
 
@@ -280,6 +292,19 @@ class ShortConvKernel(nn.Module):
         return self.param("kernel", torch_linear_init, (self.width, self.channels), jnp.float32)
 
 
+class DenseKernel(nn.Module):
+    """Holds the kernel [D_in, D_out] of a bias-free nn.Dense (param "kernel", the same name,
+    shape and init), for products the caller forms itself (GatedDeltaNet's fused projections)."""
+
+    features_in: int
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        shape = (self.features_in, self.features)
+        return self.param("kernel", torch_linear_init, shape, jnp.float32)
+
+
 class GatedRMSNorm(nn.Module):
     """rmsnorm(o) * scale * silu(gate) per head (param "scale" [V], init 1)."""
 
@@ -308,6 +333,29 @@ class GatedDeltaNet(nn.Module):
             features, use_bias=False, dtype=self.dtype, kernel_init=torch_linear_init, name=name
         )
 
+    def _projections(self, x_btd):
+        """x Wq, x Wk [B, T, H*K], x Wv, x Wg [B, T, H*V] in the compute dtype, and the gate
+        logits x Wa, x Wb [B, T, H] in float32 (as FLA computes them): separate nn.Dense
+        products, or two joined products under `runtime.fused_projections` (same params)."""
+        gdn, h, d = self.gdn, self.gdn.num_heads, x_btd.shape[-1]
+        wide = (("q_proj", gdn.key_dim), ("k_proj", gdn.key_dim))
+        wide += (("v_proj", gdn.value_dim), ("g_proj", gdn.value_dim))
+        if not self.runtime.fused_projections:
+            outs = [self._dense(features, name)(x_btd) for name, features in wide]
+            gates = [
+                nn.Dense(
+                    h, use_bias=False, dtype=jnp.float32, kernel_init=torch_linear_init, name=n
+                )(x_btd)
+                for n in ("a_proj", "b_proj")
+            ]
+            return (*outs, *gates)
+        sizes = [features for _, features in wide]
+        w = jnp.concatenate([DenseKernel(d, f, name=n)() for n, f in wide], axis=1)
+        joined = jnp.dot(x_btd.astype(self.dtype), w.astype(self.dtype))
+        w_ab = jnp.concatenate([DenseKernel(d, h, name=n)() for n in ("a_proj", "b_proj")], 1)
+        gates = jnp.dot(x_btd.astype(jnp.float32), w_ab)
+        return (*jnp.split(joined, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(gates, 2, -1))
+
     @nn.compact
     def __call__(
         self, x_btd, *, positions_bt=None, valid_bt=None, cache=None, return_intermediates=False
@@ -321,9 +369,8 @@ class GatedDeltaNet(nn.Module):
         x = x_btd.astype(self.dtype)
         mask = valid_bt[..., None]
 
-        q = jnp.where(mask, self._dense(gdn.key_dim, "q_proj")(x), 0)
-        k = jnp.where(mask, self._dense(gdn.key_dim, "k_proj")(x), 0)
-        v = jnp.where(mask, self._dense(gdn.value_dim, "v_proj")(x), 0)
+        q, k, v, gate, a, b_logit = self._projections(x)
+        q, k, v = (jnp.where(mask, z, 0) for z in (q, k, v))
         new_cache = None if cache is None else {}
         if gdn.use_short_conv:
             conv_cache = {} if cache is None else cache["conv"]
@@ -343,13 +390,6 @@ class GatedDeltaNet(nn.Module):
         k = jax.nn.silu(k).reshape(b, t, h, kd)
         v = jax.nn.silu(v).reshape(b, t, h, vd)
 
-        # Gates in float32 (as FLA does): a = x Wa, b = x Wb.
-        a = nn.Dense(
-            h, use_bias=False, dtype=jnp.float32, kernel_init=torch_linear_init, name="a_proj"
-        )(x)
-        b_logit = nn.Dense(
-            h, use_bias=False, dtype=jnp.float32, kernel_init=torch_linear_init, name="b_proj"
-        )(x)
         A_log = self.param("A_log", init_A_log, (h,), jnp.float32)
         dt_bias = self.param("dt_bias", init_dt_bias, (h,), jnp.float32)
         g, beta = gdn_gates(a, b_logit, A_log, dt_bias)
@@ -369,7 +409,7 @@ class GatedDeltaNet(nn.Module):
         if cache is not None:
             new_cache["state"] = state.astype(jnp.float32)
 
-        gate = self._dense(gdn.value_dim, "g_proj")(x).reshape(b, t, h, vd)
+        gate = gate.reshape(b, t, h, vd)
         normed = GatedRMSNorm(gdn.norm_eps, dtype=self.dtype, name="o_norm")(o, gate)
         y = self._dense(self.config.hidden_size, "o_proj")(normed.reshape(b, t, h * vd))
         inter = {"attn_context": o, "attn_out": y} if return_intermediates else {}
