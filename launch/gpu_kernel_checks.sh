@@ -6,9 +6,9 @@
 #      of the GDN decoding step's Pallas kernel (tests/test_gdn_decode_pallas.py); both passed
 #      on one H100 (launch/results/gpu_tests_h100_cudnn_gdn_step.json)       -> $OUT/gpu/
 #   2. launch/probe_decode.py with its default variants: the Qwen2.5-1.5B-shaped decode steps
-#      with the Pallas GDN step as they are, with XLA's dot strength reduction off (every weight
-#      product a GEMM; also by cuBLAS), with the GDN input projections joined
-#      (GDNRuntime.fused_projections), and with both          -> $OUT/probe_decode_h200.json
+#      with the Pallas GDN step, the GDN input projections as six products or two
+#      (GDNRuntime.fused_projections), each with XLA's or cuBLAS's GEMMs
+#                                                               -> $OUT/probe_decode_h200.json
 #   3. launch/bench_inference.py at the contexts of the decode-ratio targets, 32k and 64k
 #      (batch 1 and 16), with the models' defaults       -> $OUT/bench_inference_h200_32k_64k.*
 #

@@ -54,12 +54,6 @@ COMMAND_BUFFER_WHILE = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 # Weight products by cuBLAS instead of XLA's Triton GEMM fusions (at batch 16 those read the
 # weights at 1.3-3.1 TB/s, launch/results/profile_steps_h200.md).
 CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
-# XLA's GPU algebraic simplifier rewrites a vector-matrix product whose operands hold fewer
-# than about 10M elements as multiply + reduce ("dot strength reduction"): at batch 1 every
-# 1536 x 1536 projection becomes a reduction fusion at about 0.8 TB/s
-# (launch/results/profile_steps_h100_gdn_step.md), while the MLP's 1536 x 8960 products stay
-# GEMMs. Off, every weight product is a GEMM (Triton's or, with CUBLAS_GEMM, cuBLAS's).
-NO_DOT_REDUCTION = "--xla_gpu_enable_dot_strength_reduction=false"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,24 +88,19 @@ VARIANTS = {
     "pallas_gdn_step_fused_cublas": Variant(
         "pallas", CUBLAS_GEMM, gdn_decode="pallas", gdn_fused=True
     ),
-    "pallas_gdn_step_nosr": Variant("pallas", NO_DOT_REDUCTION, gdn_decode="pallas"),
-    "pallas_gdn_step_nosr_cublas": Variant(
-        "pallas", f"{NO_DOT_REDUCTION} {CUBLAS_GEMM}", gdn_decode="pallas"
-    ),
-    "pallas_gdn_step_fused_nosr": Variant(
-        "pallas", NO_DOT_REDUCTION, gdn_decode="pallas", gdn_fused=True
-    ),
 }
-# the open question, with the Pallas decoding attention and GDN step (the models' default on a
-# GPU): how the batch-1 weight products get off XLA's 0.8 TB/s reductions: dot strength
-# reduction off (Triton's or cuBLAS's GEMMs), the GDN input projections joined
-# (GDNRuntime.fused_projections: 1536 x 6144 is still under the reduction's threshold), or
-# both. Command buffers and unroll were measured before and did not help
-# (launch/results/probe_decode_h200_cmdbuf.json); the Pallas step against XLA's form in
-# launch/results/bench_inference_h100_gdn_step_{pallas,xla}.md.
+# the open questions, with the Pallas decoding attention and GDN step (the models' default on a
+# GPU): the GDN input projections as six products or two (GDNRuntime.fused_projections), and
+# the weight products by cuBLAS. At batch 1 XLA's GPU simplifier rewrites every vector-matrix
+# product whose operands hold fewer than 10M elements as multiply + reduce (a fixed threshold:
+# the flag that once turned this off, --xla_gpu_enable_dot_strength_reduction, is gone from
+# jaxlib 0.10.2), which is why the 1536-wide projections run as 0.8 TB/s reductions
+# (launch/results/profile_steps_h100_gdn_step.md); the joined 1536 x 6144 product is under it
+# too, so "fused" saves launches, not the reduction. Command buffers and unroll were measured
+# before and did not help (launch/results/probe_decode_h200_cmdbuf.json); the Pallas step
+# against XLA's form in launch/results/bench_inference_h100_gdn_step_{pallas,xla}.md.
 DEFAULT_VARIANTS = (
-    "pallas_gdn_step,pallas_gdn_step_nosr,pallas_gdn_step_fused,pallas_gdn_step_fused_nosr,"
-    "pallas_gdn_step_nosr_cublas"
+    "pallas_gdn_step,pallas_gdn_step_fused,pallas_gdn_step_cublas,pallas_gdn_step_fused_cublas"
 )
 
 # (L, B) rows per preset: both regimes at the shortest and longest context of the benchmark

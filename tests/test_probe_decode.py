@@ -123,12 +123,8 @@ def test_gdn_step_variant_runs_the_kernel_in_the_student(tmp_path):
     assert probe.child_env(probe.VARIANTS["pallas_gdn_step_cublas"], {}) == {
         "XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"
     }
-    both = probe.child_env(probe.VARIANTS["pallas_gdn_step_nosr_cublas"], {"XLA_FLAGS": "--a"})
-    assert both["XLA_FLAGS"].split() == [
-        "--a",
-        "--xla_gpu_enable_dot_strength_reduction=false",
-        "--xla_gpu_enable_triton_gemm=false",
-    ]
+    both = probe.child_env(probe.VARIANTS["pallas_gdn_step_fused_cublas"], {"XLA_FLAGS": "--a"})
+    assert both["XLA_FLAGS"].split() == ["--a", "--xla_gpu_enable_triton_gemm=false"]
     assert set(probe.parse_variants(probe.DEFAULT_VARIANTS)) <= set(probe.VARIANTS)
     result = _run(tmp_path, ["pallas_gdn_step", "pallas_gdn_step_fused"])
     for name, fused in (("pallas_gdn_step", False), ("pallas_gdn_step_fused", True)):

@@ -147,10 +147,10 @@ class GDNRuntime:
     at batch 1 XLA runs each 1536-wide product of a decoding step as its own reduction at about
     0.8 TB/s, and the a/b products fused with the input norm take 18 us per layer on an H100
     (launch/results/profile_steps_h100_gdn_step.md): fewer, wider products mean fewer launches.
-    XLA turns a vector-matrix product of fewer than about 10M operand elements into a reduction
-    (its dot strength reduction), and the joined 1536 x 6144 one is still under that, so it may
-    need `--xla_gpu_enable_dot_strength_reduction=false` to become a GEMM. Off by default until
-    measured on a GPU (launch/probe_decode.py, variants "pallas_gdn_step_fused[_nosr]")."""
+    XLA's GPU simplifier turns a vector-matrix product whose operands hold fewer than 10M
+    elements into a reduction, and the joined 1536 x 6144 one is still under that, so this
+    saves launches, not the reduction's speed. Off by default until measured on a GPU
+    (launch/probe_decode.py, variant "pallas_gdn_step_fused")."""
 
     impl: str = "auto"
     chunk_size: int = 64
