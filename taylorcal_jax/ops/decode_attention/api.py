@@ -17,38 +17,28 @@ from __future__ import annotations
 
 import logging
 
-import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.ops.decode_attention.reference import attend_one_query
-from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
+from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = KERNEL_IMPLS
 
 
 def resolve_impl(impl: str, q_b1hd=None, k_bshd=None) -> str:
-    """ "xla" or "pallas": what `impl` runs as here. With the inputs given, "auto" also asks
-    whether the kernel takes them."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown decode attention impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl != "auto":
-        return impl
-    backend = jax.default_backend()
-    if backend not in GPU_BACKENDS:
-        return _log_once(backend, "xla", "no GPU backend")
-    if q_b1hd is not None:
+    """ "xla" or "pallas": what `impl` runs as here (dispatch.resolve_gpu_kernel). With the
+    inputs given, "auto" also asks whether the kernel takes them."""
+
+    def unsupported():
         from taylorcal_jax.ops.decode_attention import pallas_gpu
 
-        reason = pallas_gpu.unsupported_reason(q_b1hd, k_bshd)
-        if reason:
-            return _log_once(backend, "xla", f"the Pallas kernel does not take these: {reason}")
-    return _log_once(backend, "pallas", f"{backend} backend")
+        return pallas_gpu.unsupported_reason(q_b1hd, k_bshd)
 
-
-def _log_once(backend: str, choice: str, why: str) -> str:
-    return log_choice_once(logger, "decode attention", backend, choice, why)
+    return resolve_gpu_kernel(
+        "decode attention", impl, logger, None if q_b1hd is None else unsupported
+    )
 
 
 def validate_inputs(q_b1hd, k_bshd, v_bshd, mask_bs) -> None:

@@ -22,37 +22,26 @@ from __future__ import annotations
 
 import logging
 
-import jax
-
-from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
+from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
 from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = KERNEL_IMPLS
 
 
 def resolve_impl(impl: str, q_bhk=None, v_bhv=None, state_bhkv=None) -> str:
-    """ "xla" or "pallas": what `impl` runs as here. With the inputs given, "auto" also asks
-    whether the kernel takes them."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown GDN decode step impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl != "auto":
-        return impl
-    backend = jax.default_backend()
-    if backend not in GPU_BACKENDS:
-        return _log_once(backend, "xla", "no GPU backend")
-    if q_bhk is not None:
+    """ "xla" or "pallas": what `impl` runs as here (dispatch.resolve_gpu_kernel). With the
+    inputs given, "auto" also asks whether the kernel takes them."""
+
+    def unsupported():
         from taylorcal_jax.ops.gdn import decode_pallas
 
-        reason = decode_pallas.unsupported_reason(q_bhk, v_bhv, state_bhkv)
-        if reason:
-            return _log_once(backend, "xla", f"the Pallas step does not take these: {reason}")
-    return _log_once(backend, "pallas", f"{backend} backend")
+        return decode_pallas.unsupported_reason(q_bhk, v_bhv, state_bhkv)
 
-
-def _log_once(backend: str, choice: str, why: str) -> str:
-    return log_choice_once(logger, "GDN decode step", backend, choice, why)
+    return resolve_gpu_kernel(
+        "GDN decode step", impl, logger, None if q_bhk is None else unsupported
+    )
 
 
 def gated_delta_rule_decode_step(
