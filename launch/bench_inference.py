@@ -98,19 +98,24 @@ def _ints(text: str, name: str) -> list[int]:
 # ---------------------------------------------------------------------------------- models
 
 
-def build_models(config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto", gdn_fused=False):
+def build_models(
+    config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto", gdn_fused=False, gemv="xla"
+):
     """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`. GDN
     runs by op implementation `impl`, its decoding step by `gdn_decode` and its input
     projections joined when `gdn_fused` (GDNRuntime.fused_projections); a decoding step's
-    attention runs by `decode_impl`."""
+    attention runs by `decode_impl`; one-row dense products (batch-1 decoding) by `gemv`
+    (`ops.gemv`), in both models."""
     from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer
 
-    attention = AttentionRuntime(decode_impl=decode_impl)
+    attention = AttentionRuntime(decode_impl=decode_impl, gemv_impl=gemv)
     sc = StudentConfig.from_teacher(config, keep, mixer="gdn")
-    runtime = GDNRuntime(impl=impl, decode_impl=gdn_decode, fused_projections=gdn_fused)
+    runtime = GDNRuntime(
+        impl=impl, decode_impl=gdn_decode, fused_projections=gdn_fused, gemv_impl=gemv
+    )
     student = sc.model(dtype=dtype, runtime=runtime, attention_runtime=attention)
     return Transformer(config, dtype=dtype, attention_runtime=attention), student
 

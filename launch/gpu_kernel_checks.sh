@@ -2,12 +2,13 @@
 # The GPU kernels' checks and the decode measurements still open, on one GPU, in one device
 # call of under 10 minutes (run from the repo root; carry .whl/ for ml-collections):
 #
-#   1. the gpu-marked tests of the cuDNN fused attention (tests/test_fused_attention.py) and
-#      of the GDN decoding step's Pallas kernel (tests/test_gdn_decode_pallas.py); both passed
-#      on one H100 (launch/results/gpu_tests_h100_cudnn_gdn_step.json)       -> $OUT/gpu/
-#   2. launch/probe_decode.py with its default variants: the Qwen2.5-1.5B-shaped decode steps
-#      with the Pallas GDN step, the GDN input projections as six products or two
-#      (GDNRuntime.fused_projections), each with XLA's or cuBLAS's GEMMs
+#   1. the gpu-marked tests of the cuDNN fused attention (tests/test_fused_attention.py), of
+#      the GDN decoding step's Pallas kernel (tests/test_gdn_decode_pallas.py; both passed on
+#      one H100, launch/results/gpu_tests_h100_cudnn_gdn_step.json) and of the one-row dense
+#      product's kernel (tests/test_gemv.py)                                  -> $OUT/gpu/
+#   2. launch/probe_decode.py: the Qwen2.5-1.5B-shaped decode steps with the Pallas GDN step,
+#      the GDN input projections as six products or two (GDNRuntime.fused_projections), each
+#      with XLA's products or our one-row kernel (ops/gemv), at 16k batch 1 and 32k batch 16
 #                                                               -> $OUT/probe_decode_h200.json
 #   3. launch/bench_inference.py at the contexts of the decode-ratio targets, 32k and 64k
 #      (batch 1 and 16), with the models' defaults       -> $OUT/bench_inference_h200_32k_64k.*
@@ -24,9 +25,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD:/tmp/site
 
-timeout 100 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode" --jobs 4 \
+timeout 100 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
   --timeout 90 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
-timeout 260 python3 launch/probe_decode.py --tag=h200 --budget_s=240 --out="$OUT" ||
+timeout 260 python3 launch/probe_decode.py --tag=h200 --rows=16384x1,32768x16 \
+  --variants=pallas_gdn_step,pallas_gdn_step_gemv,pallas_gdn_step_fused,pallas_gdn_step_fused_gemv \
+  --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
   echo "probe_decode stopped: $?"
 timeout 210 python3 launch/bench_inference.py --tag=h200_32k_64k --contexts=32768,65536 \
   --out="$OUT" || echo "bench_inference stopped: $?"

@@ -59,7 +59,8 @@ CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll,
-    the GDN step, the GDN input projections joined (GDNRuntime.fused_projections). kind
+    the GDN step, the GDN input projections joined (GDNRuntime.fused_projections), the one-row
+    dense products (ops.gemv: "pallas" = our vector-matrix kernel at batch 1). kind
     "model": the models' decode rows; kind "op": the decoding-attention op alone; kind
     "gdn_op": the GDN decoding step alone."""
 
@@ -69,6 +70,7 @@ class Variant:
     kind: str = "model"
     gdn_decode: str = "xla"
     gdn_fused: bool = False
+    gemv: str = "xla"
 
 
 VARIANTS = {
@@ -88,6 +90,10 @@ VARIANTS = {
     "pallas_gdn_step_fused_cublas": Variant(
         "pallas", CUBLAS_GEMM, gdn_decode="pallas", gdn_fused=True
     ),
+    "pallas_gdn_step_gemv": Variant("pallas", gdn_decode="pallas", gemv="pallas"),
+    "pallas_gdn_step_fused_gemv": Variant(
+        "pallas", gdn_decode="pallas", gdn_fused=True, gemv="pallas"
+    ),
 }
 # the open questions, with the Pallas decoding attention and GDN step (the models' default on a
 # GPU): the GDN input projections as six products or two (GDNRuntime.fused_projections), and
@@ -96,11 +102,13 @@ VARIANTS = {
 # the flag that once turned this off, --xla_gpu_enable_dot_strength_reduction, is gone from
 # jaxlib 0.10.2), which is why the 1536-wide projections run as 0.8 TB/s reductions
 # (launch/results/profile_steps_h100_gdn_step.md); the joined 1536 x 6144 product is under it
-# too, so "fused" saves launches, not the reduction. Command buffers and unroll were measured
+# too, so "fused" saves launches, not the reduction; "gemv" replaces those reductions by our
+# vector-matrix kernel (ops/gemv), in the teacher too. Command buffers and unroll were measured
 # before and did not help (launch/results/probe_decode_h200_cmdbuf.json); the Pallas step
 # against XLA's form in launch/results/bench_inference_h100_gdn_step_{pallas,xla}.md.
 DEFAULT_VARIANTS = (
-    "pallas_gdn_step,pallas_gdn_step_fused,pallas_gdn_step_cublas,pallas_gdn_step_fused_cublas"
+    "pallas_gdn_step,pallas_gdn_step_fused,pallas_gdn_step_gemv,pallas_gdn_step_fused_gemv,"
+    "pallas_gdn_step_cublas,pallas_gdn_step_fused_cublas"
 )
 
 # (L, B) rows per preset: both regimes at the shortest and longest context of the benchmark
@@ -239,7 +247,14 @@ def run_model_variant(p: dict, variant: Variant) -> None:
     cfg = model_shapes.qwen2_config(p, max(c for c, _ in p["rows"]) + steps)
     keep = tuple(range(0, cfg.num_hidden_layers, p["keep_every"]))
     teacher, student = bench.build_models(
-        cfg, keep, dtype, "auto", variant.decode_impl, variant.gdn_decode, variant.gdn_fused
+        cfg,
+        keep,
+        dtype,
+        "auto",
+        variant.decode_impl,
+        variant.gdn_decode,
+        variant.gdn_fused,
+        variant.gemv,
     )
     models = {"teacher": teacher, "student": student}
     params = {

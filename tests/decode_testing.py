@@ -11,29 +11,46 @@ from taylorcal_jax.models.teacher import init_cache
 PROMPT_VALID = [[True] * 9, [False] * 3 + [True] * 6]  # row 1 left-padded by 3
 
 
-def greedy_steps(models: dict, vocab_size: int, steps: int = 3, slots: int = 16) -> dict:
-    """{name: (logits [2, steps, V] of `steps` greedy single-token steps, the jaxpr text of one
-    step)} for every model of `models` (same architecture, one set of params): a 2-row prompt
-    of 9 tokens (PROMPT_VALID) is prefilled into a cache of `slots` slots by the first model,
-    and each model decodes from that cache."""
+def pallas_calls(jaxpr) -> int:
+    """pallas_call equations in `jaxpr`, each sub-jaxpr walked at every use (printed jaxprs
+    share repeated sub-jaxprs, so counting in the text undercounts)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "pallas_call"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    n += pallas_calls(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    n += pallas_calls(sub)
+    return n
+
+
+def greedy_steps(
+    models: dict, vocab_size: int, steps: int = 3, slots: int = 16, rows: int = 2
+) -> dict:
+    """{name: (logits [rows, steps, V] of `steps` greedy single-token steps, the Pallas kernel
+    launches of one step (`pallas_calls`))} for every model of `models` (same architecture, one
+    set of params): a prompt of 9 tokens in `rows` rows (1 or 2; PROMPT_VALID) is prefilled
+    into a cache of `slots` slots by the first model, and each model decodes from that cache."""
     first = next(iter(models.values()))
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 1, vocab_size)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (rows, 9), 1, vocab_size)
     params = first.init(jax.random.PRNGKey(1), tokens)["params"]
     _, cache, _ = first.apply(
         {"params": params},
         tokens,
-        valid_bt=jnp.asarray(PROMPT_VALID),
-        cache=init_cache(first, 2, slots),
+        valid_bt=jnp.asarray(PROMPT_VALID[:rows]),
+        cache=init_cache(first, rows, slots),
         last_logits_only=True,
     )
     out = {}
     for name, model in models.items():
         step = jax.jit(lambda c, t, m=model: m.apply({"params": params}, t, cache=c)[:2])
-        jaxpr = str(jax.make_jaxpr(step)(cache, tokens[:, -1:]))
+        calls = pallas_calls(jax.make_jaxpr(step)(cache, tokens[:, -1:]).jaxpr)
         c, token, logits = cache, tokens[:, -1:], []
         for _ in range(steps):
             step_logits, c = step(c, token)
             token = jnp.argmax(step_logits[:, -1:], -1).astype(jnp.int32)
             logits.append(step_logits)
-        out[name] = (jnp.concatenate(logits, axis=1), jaxpr)
+        out[name] = (jnp.concatenate(logits, axis=1), calls)
     return out

@@ -163,8 +163,8 @@ def test_model_decode_steps_pallas_equal_xla():
         for impl in ("xla", "pallas")
     }
     steps = greedy_steps(models, config.vocab_size)
-    for impl, (_, jaxpr) in steps.items():
-        assert ("pallas_call" in jaxpr) == (impl == "pallas")  # the kernel runs, or none
+    for impl, (_, calls) in steps.items():
+        assert (calls > 0) == (impl == "pallas")  # the kernel runs, or none
     assert _rel(steps["pallas"][0], steps["xla"][0]) <= 2e-5
 
 

@@ -138,8 +138,8 @@ def test_model_decode_steps_pallas_equal_xla():
         for impl in ("xla", "pallas")
     }
     steps = greedy_steps(models, config.vocab_size)
-    for impl, (_, jaxpr) in steps.items():
-        assert jaxpr.count("pallas_call") == (2 if impl == "pallas" else 0)  # one per GDN layer
+    for impl, (_, calls) in steps.items():
+        assert calls == (2 if impl == "pallas" else 0)  # one per GDN layer
     assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
 
 

@@ -20,7 +20,8 @@ Decoding steps (T == 1) go to `ops.decode_attention` (K and V read as they lie i
 the implementation `AttentionRuntime.decode_impl` names (a runtime option, never saved).
 Unpadded multi-token passes without a cache (training, scoring) may instead go to a fused
 kernel, `AttentionRuntime.sequence_impl` (`fused_causal_attention`: cuDNN's flash attention on
-a GPU), which never forms the [B, H, T, S] probabilities.
+a GPU), which never forms the [B, H, T, S] probabilities. The dense products of a batch-1
+decoding step may go to a vector-matrix kernel, `AttentionRuntime.gemv_impl` (`ops.gemv`).
 
 Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
 "valid": [B,S] bool, "index": int32 scalar (next slot to write)}. A call with T tokens writes
@@ -57,6 +58,8 @@ from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
 from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
+from taylorcal_jax.ops.gemv import api as gemv_api
+from taylorcal_jax.ops.gemv.api import dense_dot_general
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +119,16 @@ class AttentionRuntime:
     The default is "auto": on one H200 the kernel's decode steps took 0.44x-0.97x the time of
     the XLA form's, in every row measured (Qwen2.5-1.5B shape, 16k and 64k contexts, batch 1
     and 16; launch/results/bench_inference_h200_pallas.md), and it equals the XLA form there
-    (the gpu tests of tests/test_decode_attention.py). Off a GPU "auto" is the XLA form."""
+    (the gpu tests of tests/test_decode_attention.py). Off a GPU "auto" is the XLA form.
+
+    `gemv_impl`: the block's dense products outside a student mixer (attention's projections,
+    the MLP) when they multiply one row, a batch-1 decoding step (`ops.gemv.api.IMPLS`: "pallas"
+    is our vector-matrix kernel, "xla" XLA's dot). "xla" until the kernel is measured faster on
+    a GPU (launch/probe_decode.py, variant "pallas_gdn_step_gemv")."""
 
     decode_impl: str = "auto"
     sequence_impl: str = "blocked"
+    gemv_impl: str = "xla"
 
     def __post_init__(self):
         if self.decode_impl not in decode_api.IMPLS:
@@ -130,6 +139,8 @@ class AttentionRuntime:
             raise ValueError(
                 f"sequence_impl must be one of {SEQUENCE_IMPLS}, got {self.sequence_impl!r}"
             )
+        if self.gemv_impl not in gemv_api.IMPLS:
+            raise ValueError(f"gemv_impl must be one of {gemv_api.IMPLS}, got {self.gemv_impl!r}")
 
     def for_call(self, padded: bool) -> AttentionRuntime:
         """This runtime for one model call. A padded call (key validity given, or a cache whose
@@ -154,8 +165,14 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def _dense(features, use_bias, dtype, name):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+def _dense(features, use_bias, dtype, name, gemv_impl="xla"):
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        dot_general=dense_dot_general(gemv_impl),
+        name=name,
+    )
 
 
 def attention_mask(q_index_bt, k_index_bs, k_valid_bs, window):
@@ -283,11 +300,11 @@ class Attention(nn.Module):
 
     def setup(self):
         c = self.config
-        bias = c.attention_bias
-        self.q_proj = _dense(c.num_attention_heads * c.head_dim, bias, self.dtype, "q_proj")
-        self.k_proj = _dense(c.num_key_value_heads * c.head_dim, bias, self.dtype, "k_proj")
-        self.v_proj = _dense(c.num_key_value_heads * c.head_dim, bias, self.dtype, "v_proj")
-        self.o_proj = _dense(c.hidden_size, False, self.dtype, "o_proj")
+        bias, gemv = c.attention_bias, self.runtime.gemv_impl
+        self.q_proj = _dense(c.num_attention_heads * c.head_dim, bias, self.dtype, "q_proj", gemv)
+        self.k_proj = _dense(c.num_key_value_heads * c.head_dim, bias, self.dtype, "k_proj", gemv)
+        self.v_proj = _dense(c.num_key_value_heads * c.head_dim, bias, self.dtype, "v_proj", gemv)
+        self.o_proj = _dense(c.hidden_size, False, self.dtype, "o_proj", gemv)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")
             self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")
@@ -375,15 +392,19 @@ def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtyp
 
 
 class MLP(nn.Module):
+    """SwiGLU MLP; `gemv_impl` as AttentionRuntime's."""
+
     config: ModelConfig
     dtype: Any = jnp.float32
+    gemv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
-        f = self.config.intermediate_size
-        gate = _dense(f, False, self.dtype, "gate_proj")(x)
-        up = _dense(f, False, self.dtype, "up_proj")(x)
-        return _dense(self.config.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
+        f, gemv = self.config.intermediate_size, self.gemv_impl
+        gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
+        up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
+        down = _dense(self.config.hidden_size, False, self.dtype, "down_proj", gemv)
+        return down(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -429,7 +450,8 @@ class DecoderLayer(nn.Module):
             y, new_cache, inter = jnp.where(keep, y_attn, y_student.astype(y_attn.dtype)), None, {}
         out = h + y.astype(h.dtype)
         mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(out)
-        out = out + MLP(c, self.dtype, name="mlp")(mlp_in).astype(h.dtype)
+        mlp = MLP(c, self.dtype, self.attention_runtime.gemv_impl, name="mlp")
+        out = out + mlp(mlp_in).astype(h.dtype)
         if return_intermediates:
             inter = {"resid_in": h, "attn_in": attn_in, **inter, "attn_out": y}
         else:

@@ -75,6 +75,8 @@ from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import repeat_kv_kernel
 from taylorcal_jax.models.mixers.spec import Mixer
 from taylorcal_jax.ops.gdn import api, decode_api
+from taylorcal_jax.ops.gemv import api as gemv_api
+from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
 
 NAME = "gdn"
 SMALL_GATE_FACTOR = 0.02
@@ -150,13 +152,18 @@ class GDNRuntime:
     XLA's GPU simplifier turns a vector-matrix product whose operands hold fewer than 10M
     elements into a reduction, and the joined 1536 x 6144 one is still under that, so this
     saves launches, not the reduction's speed. Off by default until measured on a GPU
-    (launch/probe_decode.py, variant "pallas_gdn_step_fused")."""
+    (launch/probe_decode.py, variant "pallas_gdn_step_fused").
+    `gemv_impl`: the mixer's dense products when they multiply one row (a batch-1 decoding
+    step), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`): our vector-matrix kernel
+    instead of XLA's reductions under "pallas"; "xla" until measured faster on a GPU
+    (variant "pallas_gdn_step_gemv")."""
 
     impl: str = "auto"
     chunk_size: int = 64
     pallas_residuals: str = "auto"
     decode_impl: str = "auto"
     fused_projections: bool = False
+    gemv_impl: str = "xla"
 
     def __post_init__(self):
         if self.impl not in api.IMPLS:
@@ -172,6 +179,10 @@ class GDNRuntime:
             raise ValueError(
                 f"GDN pallas_residuals must be one of {api.PALLAS_RESIDUALS}, got "
                 f"{self.pallas_residuals!r}"
+            )
+        if self.gemv_impl not in gemv_api.IMPLS:
+            raise ValueError(
+                f"GDN gemv_impl must be one of {gemv_api.IMPLS}, got {self.gemv_impl!r}"
             )
         if not isinstance(self.fused_projections, bool):
             raise ValueError(
@@ -330,9 +341,14 @@ class GatedDeltaNet(nn.Module):
     runtime: GDNRuntime = GDNRuntime()
     dtype: Any = jnp.float32
 
-    def _dense(self, features, name):
+    def _dense(self, features, name, dtype=None):
         return nn.Dense(
-            features, use_bias=False, dtype=self.dtype, kernel_init=torch_linear_init, name=name
+            features,
+            use_bias=False,
+            dtype=self.dtype if dtype is None else dtype,
+            kernel_init=torch_linear_init,
+            dot_general=dense_dot_general(self.runtime.gemv_impl),
+            name=name,
         )
 
     def _projections(self, x_btd):
@@ -344,18 +360,14 @@ class GatedDeltaNet(nn.Module):
         wide += (("v_proj", gdn.value_dim), ("g_proj", gdn.value_dim))
         if not self.runtime.fused_projections:
             outs = [self._dense(features, name)(x_btd) for name, features in wide]
-            gates = [
-                nn.Dense(
-                    h, use_bias=False, dtype=jnp.float32, kernel_init=torch_linear_init, name=n
-                )(x_btd)
-                for n in ("a_proj", "b_proj")
-            ]
+            gates = [self._dense(h, n, jnp.float32)(x_btd) for n in ("a_proj", "b_proj")]
             return (*outs, *gates)
         sizes = [features for _, features in wide]
         w = jnp.concatenate([DenseKernel(d, f, name=n)() for n, f in wide], axis=1)
-        joined = jnp.dot(x_btd.astype(self.dtype), w.astype(self.dtype))
+        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
+        joined = dot(x_btd.astype(self.dtype), w.astype(self.dtype))
         w_ab = jnp.concatenate([DenseKernel(d, h, name=n)() for n in ("a_proj", "b_proj")], 1)
-        gates = jnp.dot(x_btd.astype(jnp.float32), w_ab)
+        gates = dot(x_btd.astype(jnp.float32), w_ab)
         return (*jnp.split(joined, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(gates, 2, -1))
 
     @nn.compact
