@@ -23,6 +23,10 @@
 #       launch/results/zero_shot_smollm2_135m.json in $OUT (same text, seeds and keep sets);
 #       on one H200 the join, the teacher's conversion and the ar row took under 300 s
 #       (2026-12-05), so one policy per call of LIMIT=300 is safe
+#   bash launch/smollm2_gpu.sh recovery   # after `stage`, carry workdirs/gguf_b (and .whl): the
+#       recovery experiment (launch/recovery.py) for INITS (default copy,taylor_calibrate,
+#       zero_gate) on DOCS documents (default 4000), LAYER_TOKENS of stage 1 and KL_TOKENS of
+#       stage 2 (defaults 1M and 8M) -> $OUT/recovery_${TAG:-smollm2_135m}.*
 #   bash launch/smollm2_gpu.sh stage2     # (.whl; no GGUF: random weights of the same shape
 #       do the same work): the stage-2 throughput sweep of launch/bench_stage2.py
 #       (batch 8/32 x remat on/off x KL chunk 2048 x attention cudnn/blocked) -> $OUT
@@ -129,6 +133,16 @@ PY
       --batch_sizes=8,32 --remat=true,false --chunk_sizes=2048 --attention_impls=cudnn,blocked \
       --budget_s="$((LIMIT - 90))" --out="$OUT"
     ;;
+  recovery)
+    join_and_install
+    timeout "$LIMIT" python3 launch/recovery.py --config="$CONFIG" --workdir="$WORK/recovery" \
+      --tag="${TAG:-smollm2_135m}" --config.progress=False --out="$OUT" \
+      --inits="${INITS:-copy,taylor_calibrate,zero_gate}" \
+      --config.data.max_documents="${DOCS:-4000}" \
+      --config.distill.layers.train_tokens="${LAYER_TOKENS:-1000000}" \
+      --config.distill.kl.train_tokens="${KL_TOKENS:-8000000}" || echo "recovery stopped: $?"
+    ls -l "$OUT"
+    ;;
   release)
     join_and_install
     cp launch/results/zero_shot_smollm2_135m.json "$OUT/"
@@ -136,7 +150,7 @@ PY
     ls -l "$OUT"
     ;;
   *)
-    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation|stage_release|all|release|stage2" >&2
+    echo "usage: bash launch/smollm2_gpu.sh split|stage|sweep|ablation|stage_release|all|release|recovery|stage2" >&2
     exit 2
     ;;
 esac
