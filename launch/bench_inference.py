@@ -104,7 +104,7 @@ def build_models(
     """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`. GDN
     runs by op implementation `impl`, its decoding step by `gdn_decode` and its input
     projections joined when `gdn_fused` (GDNRuntime.fused_projections); a decoding step's
-    attention runs by `decode_impl`; one-row dense products (batch-1 decoding) by `gemv`
+    attention runs by `decode_impl`; dense products of <= 16 rows (decoding) by `gemv`
     (`ops.gemv`), in both models."""
     from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime

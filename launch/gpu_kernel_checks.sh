@@ -4,11 +4,11 @@
 #
 #   1. the gpu-marked tests of the cuDNN fused attention (tests/test_fused_attention.py), of
 #      the GDN decoding step's Pallas kernel (tests/test_gdn_decode_pallas.py; both passed on
-#      one H100, launch/results/gpu_tests_h100_cudnn_gdn_step.json) and of the one-row dense
+#      one H100, launch/results/gpu_tests_h100_cudnn_gdn_step.json) and of the few-row dense
 #      product's kernel (tests/test_gemv.py)                                  -> $OUT/gpu/
 #   2. launch/probe_decode.py: the Qwen2.5-1.5B-shaped decode steps with the Pallas GDN step,
 #      the GDN input projections as six products or two (GDNRuntime.fused_projections), each
-#      with XLA's products or our one-row kernel (ops/gemv), at 16k batch 1 and 32k batch 16
+#      with XLA's products or our few-row kernel (ops/gemv), at 16k batch 1 and 32k batch 16
 #                                                               -> $OUT/probe_decode_h200.json
 #   3. launch/bench_inference.py at the contexts of the decode-ratio targets, 32k and 64k
 #      (batch 1 and 16), with the models' defaults       -> $OUT/bench_inference_h200_32k_64k.*

@@ -59,8 +59,8 @@ CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll,
-    the GDN step, the GDN input projections joined (GDNRuntime.fused_projections), the one-row
-    dense products (ops.gemv: "pallas" = our vector-matrix kernel at batch 1). kind
+    the GDN step, the GDN input projections joined (GDNRuntime.fused_projections), the few-row
+    dense products (ops.gemv: "pallas" = our kernel at batch <= 16). kind
     "model": the models' decode rows; kind "op": the decoding-attention op alone; kind
     "gdn_op": the GDN decoding step alone."""
 
@@ -102,10 +102,11 @@ VARIANTS = {
 # the flag that once turned this off, --xla_gpu_enable_dot_strength_reduction, is gone from
 # jaxlib 0.10.2), which is why the 1536-wide projections run as 0.8 TB/s reductions
 # (launch/results/profile_steps_h100_gdn_step.md); the joined 1536 x 6144 product is under it
-# too, so "fused" saves launches, not the reduction; "gemv" replaces those reductions by our
-# vector-matrix kernel (ops/gemv), in the teacher too. Command buffers and unroll were measured
-# before and did not help (launch/results/probe_decode_h200_cmdbuf.json); the Pallas step
-# against XLA's form in launch/results/bench_inference_h100_gdn_step_{pallas,xla}.md.
+# too, so "fused" saves launches, not the reduction; "gemv" replaces those reductions (and at
+# batch 16 XLA's GEMMs) by our few-row kernel (ops/gemv), in the teacher too. Command buffers
+# and unroll were measured before and did not help (launch/results/probe_decode_h200_cmdbuf.json);
+# the Pallas step against XLA's form in launch/results/bench_inference_h100_gdn_step_{pallas,
+# xla}.md.
 DEFAULT_VARIANTS = (
     "pallas_gdn_step,pallas_gdn_step_fused,pallas_gdn_step_gemv,pallas_gdn_step_fused_gemv,"
     "pallas_gdn_step_cublas,pallas_gdn_step_fused_cublas"

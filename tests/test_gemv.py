@@ -1,6 +1,7 @@
-"""The one-row dense product (ops/gemv): the Pallas kernel in interpret mode against numpy in
-float64, its launch plan, the dispatch of nn.Dense's products, gradients, a model's batch-1
-decoding steps, and the Triton lowering.
+"""The few-row dense product (ops/gemv): the Pallas kernel in interpret mode against numpy in
+float64 (1 row: the CUDA-core path; 3 and 16 rows: the tensor-core path, 3 padded to 16), its
+launch plan, the dispatch of nn.Dense's products, gradients, a model's decoding steps at batch
+1 and 2, and the Triton lowering.
 
 Metric: rel = max|a - b| / max|b|. Tolerances:
   float32 operands, kernel vs float64 numpy                          1e-6 (fp32 sums of <= 1536)
@@ -26,23 +27,24 @@ from taylorcal_jax.ops.gemv import api, pallas_gpu
 F32 = jnp.float32
 
 
-def _operands(k, n, seed=0):
+def _operands(m, k, n, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal(k), rng.standard_normal((k, n)) / np.sqrt(k)
+    return rng.standard_normal((m, k)), rng.standard_normal((k, n)) / np.sqrt(k)
 
 
-@pytest.mark.parametrize("k, n", [(64, 48), (256, 128), (1536, 160)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("k, n", [(64, 48), (1536, 160)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_equals_numpy(k, n, dtype):
-    x, w = _operands(k, n)
+def test_kernel_equals_numpy(m, k, n, dtype):
+    x, w = _operands(m, k, n)
     x_d, w_d = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
     want = np.asarray(x_d, np.float64) @ np.asarray(w_d, np.float64)
     got = pallas_gpu.gemv_pallas(x_d, w_d, interpret=True)
-    assert got.dtype == F32 and got.shape == (n,)
+    assert got.dtype == F32 and got.shape == (m, n)
     assert rel_err(got, want) < 1e-6  # float32 sums of the operands as given
-    y = api.dense_product(x_d[None, None], w_d, impl="pallas")
-    assert y.dtype == dtype and y.shape == (1, 1, n)
-    assert rel_err(y[0, 0].astype(F32), want) < (1e-6 if dtype == F32 else 1e-2)
+    y = api.dense_product(x_d[:, None], w_d, impl="pallas")
+    assert y.dtype == dtype and y.shape == (m, 1, n)
+    assert rel_err(y[:, 0].astype(F32), want) < (1e-6 if dtype == F32 else 1e-2)
 
 
 def test_plan_splits_k_until_there_are_enough_programs():
@@ -54,12 +56,13 @@ def test_plan_splits_k_until_there_are_enough_programs():
     assert pallas_gpu.GemvConfig(programs=1).plan(1536, 1536) == (128, 64, 1)
     assert config.plan(1536, 12) is None and config.plan(24, 64) is None
     # segments of several loads each: the loop inside a program
-    x, w = _operands(512, 32, seed=1)
     small = pallas_gpu.GemvConfig(programs=2, block_k=32)
     assert small.plan(512, 32) == (32, 32, 2)
-    got = pallas_gpu.gemv_pallas(jnp.asarray(x, F32), jnp.asarray(w, F32), interpret=True,
-                                 config=small)  # fmt: skip
-    assert rel_err(got, x @ w) < 1e-6
+    for m in (1, 16):
+        x, w = _operands(m, 512, 32, seed=1)
+        got = pallas_gpu.gemv_pallas(jnp.asarray(x, F32), jnp.asarray(w, F32), interpret=True,
+                                     config=small)  # fmt: skip
+        assert rel_err(got, x @ w) < 1e-6
     with pytest.raises(ValueError, match="warps must be >= 1"):
         pallas_gpu.GemvConfig(warps=0)
 
@@ -69,22 +72,24 @@ def _calls(fn, *args) -> int:
 
 
 def test_dispatch():
-    x1, x2 = jnp.ones((1, 1, 64)), jnp.ones((2, 1, 64))
+    x1, x16, x17 = jnp.ones((1, 1, 64)), jnp.ones((4, 4, 64)), jnp.ones((17, 1, 64))
     w = jnp.ones((64, 32))
     narrow = jnp.ones((64, 12))
-    assert api.resolve_impl("auto", x1[0, 0], w) == "xla"  # no GPU here
+    assert api.resolve_impl("auto", x1[0], w) == "xla"  # no GPU here
     assert api.resolve_impl("pallas") == "pallas"
     pallas = lambda x, w: api.dense_product(x, w, impl="pallas")  # noqa: E731
     assert _calls(pallas, x1, w) == 1
-    assert _calls(pallas, x2, w) == 0  # two rows: XLA's dot
+    assert _calls(pallas, x16, w) == 1  # 4 x 4 rows
+    assert _calls(pallas, x17, w) == 0  # 17 rows: XLA's dot
     assert _calls(pallas, x1, narrow) == 0  # N = 12: XLA's dot
     with jax.enable_x64(True):
         assert _calls(pallas, x1.astype(jnp.float64), w) == 0
     for impl in ("xla", "auto"):
         assert _calls(lambda x, w, i=impl: api.dense_product(x, w, impl=i), x1, w) == 0
-    assert "N must be multiples of 16" in pallas_gpu.unsupported_reason(x1[0, 0], narrow)
+    assert "N must be multiples of 16" in pallas_gpu.unsupported_reason(x1[0], narrow)
+    assert "17 rows" in pallas_gpu.unsupported_reason(x17[:, 0], w)
     with pytest.raises(ValueError, match="N must be multiples of 16.*impl='xla'"):
-        pallas_gpu.gemv_pallas(x1[0, 0], narrow, interpret=True)
+        pallas_gpu.gemv_pallas(x1[0], narrow, interpret=True)
     with pytest.raises(ValueError, match="unknown dense product impl 'cublas'"):
         api.dense_dot_general("cublas")
     assert api.dense_dot_general("pallas") is api.dense_dot_general("pallas")
@@ -94,9 +99,10 @@ def test_dispatch():
         GDNRuntime(gemv_impl="fast")
 
 
-def test_dense_layer_and_gradients_equal_xla():
-    x, w = _operands(64, 32, seed=2)
-    x = jnp.asarray(x, F32)[None]
+@pytest.mark.parametrize("m", [1, 4])
+def test_dense_layer_and_gradients_equal_xla(m):
+    x, _ = _operands(m, 64, 32, seed=2)
+    x = jnp.asarray(x, F32)
     dense = {
         impl: nn.Dense(32, use_bias=True, dot_general=api.dense_dot_general(impl))
         for impl in ("xla", "pallas")
@@ -116,8 +122,9 @@ def test_dense_layer_and_gradients_equal_xla():
         assert rel_err(a, b) < 1e-6
 
 
-def test_model_decode_steps_pallas_equal_xla():
-    # a hybrid student at batch 1 (hidden 64, MLP 96, GDN K = V = 16 with 4 heads): every
+@pytest.mark.parametrize("rows", [1, 2])
+def test_model_decode_steps_pallas_equal_xla(rows):
+    # a hybrid student at batch 1 and 2 (hidden 64, MLP 96, GDN K = V = 16 with 4 heads): every
     # projection of width >= 16 by the kernel, the GDN gate products (N = 4 heads) by XLA
     config = tiny_model_config(
         num_hidden_layers=3, hidden_size=64, intermediate_size=96, head_dim=16,
@@ -131,18 +138,19 @@ def test_model_decode_steps_pallas_equal_xla():
         )
         for impl in ("xla", "pallas")
     }
-    steps = greedy_steps(models, config.vocab_size, rows=1)
+    steps = greedy_steps(models, config.vocab_size, rows=rows)
     # attention layer: q, k, v, o; GDN layers: q, k, v, g, o each; 3 MLPs of 3 products
     assert steps["pallas"][1] == 4 + 2 * 5 + 3 * 3
     assert steps["xla"][1] == 0
     assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
 
 
+@pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("k, n", [(1536, 1536), (8960, 1536)])
-def test_kernel_lowers_to_triton_for_a_gpu(k, n):
+def test_kernel_lowers_to_triton_for_a_gpu(m, k, n):
     # Pallas's Triton lowering runs here, without a GPU (the export for platform "cuda"): every
-    # load, reduction and store passes its checks at the Qwen2.5-1.5B projections' shapes, bf16
-    args = [jax.ShapeDtypeStruct((k,), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.bfloat16)]
+    # load, dot, reduction and store passes its checks at the Qwen2.5-1.5B projections' shapes
+    args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.bfloat16)]
     triton = "__gpu$xla.gpu.triton"
     exported = jax.export.export(
         jax.jit(lambda x, w: pallas_gpu.gemv_pallas(x, w)),
@@ -153,13 +161,14 @@ def test_kernel_lowers_to_triton_for_a_gpu(k, n):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("k, n", [(1536, 1536), (1536, 8960), (8960, 1536)])
-def test_compiled_kernel_equals_xla_on_gpu(k, n):
-    # the Qwen2.5-1.5B projections in bf16, compiled by Triton, against XLA's dot
-    x, w = _operands(k, n, seed=3)
-    x, w = jnp.asarray(x, jnp.bfloat16)[None], jnp.asarray(w, jnp.bfloat16)
-    want = np.asarray(x[0], np.float64) @ np.asarray(w, np.float64)
+def test_compiled_kernel_equals_xla_on_gpu(m, k, n):
+    # the Qwen2.5-1.5B projections in bf16, compiled by Triton, against fp64 and XLA's dot
+    x, w = _operands(m, k, n, seed=3)
+    x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     got = jax.jit(lambda x, w: api.dense_product(x, w, impl="pallas"))(x, w)
     assert _calls(lambda x, w: api.dense_product(x, w, impl="auto"), x, w) == 1
-    assert rel_err(got[0].astype(F32), want) < 1e-2
+    assert rel_err(got.astype(F32), want) < 1e-2
     assert rel_err(got, x @ w) < 1e-2

@@ -122,9 +122,10 @@ class AttentionRuntime:
     (the gpu tests of tests/test_decode_attention.py). Off a GPU "auto" is the XLA form.
 
     `gemv_impl`: the block's dense products outside a student mixer (attention's projections,
-    the MLP) when they multiply one row, a batch-1 decoding step (`ops.gemv.api.IMPLS`: "pallas"
-    is our vector-matrix kernel, "xla" XLA's dot). "xla" until the kernel is measured faster on
-    a GPU (launch/probe_decode.py, variant "pallas_gdn_step_gemv")."""
+    the MLP) when they multiply at most 16 rows, a decoding step of batch <= 16
+    (`ops.gemv.api.IMPLS`: "pallas" is our few-row kernel, "xla" XLA's dot). "xla" until the
+    kernel is measured faster on a GPU (launch/probe_decode.py, variant
+    "pallas_gdn_step_gemv")."""
 
     decode_impl: str = "auto"
     sequence_impl: str = "blocked"

@@ -153,10 +153,10 @@ class GDNRuntime:
     elements into a reduction, and the joined 1536 x 6144 one is still under that, so this
     saves launches, not the reduction's speed. Off by default until measured on a GPU
     (launch/probe_decode.py, variant "pallas_gdn_step_fused").
-    `gemv_impl`: the mixer's dense products when they multiply one row (a batch-1 decoding
-    step), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`): our vector-matrix kernel
-    instead of XLA's reductions under "pallas"; "xla" until measured faster on a GPU
-    (variant "pallas_gdn_step_gemv")."""
+    `gemv_impl`: the mixer's dense products when they multiply at most 16 rows (a decoding
+    step of batch <= 16), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`): our few-row
+    kernel instead of XLA's reductions and GEMMs under "pallas"; "xla" until measured faster
+    on a GPU (variant "pallas_gdn_step_gemv")."""
 
     impl: str = "auto"
     chunk_size: int = 64

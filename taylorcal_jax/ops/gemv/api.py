@@ -1,16 +1,16 @@
-"""The dense products of the models, with a kernel for one-row products (package docstring).
+"""The dense products of the models, with a kernel for few-row products (package docstring).
 
 `dense_dot_general(impl)` is a `dot_general` for flax's nn.Dense (`dot_general=`): the product
-x[..., K] W[K, N] of a Dense layer. When the leading dims of x multiply to 1 (a batch-1 decoding
-step) and `impl` resolves to "pallas", it runs pallas_gpu.gemv_pallas; every other call is
-lax.dot_general, as nn.Dense's default.
+x[..., K] W[K, N] of a Dense layer. When the leading dims of x multiply to at most 16 (a
+decoding step of batch <= 16) and `impl` resolves to "pallas", it runs pallas_gpu.gemv_pallas;
+every other call is lax.dot_general, as nn.Dense's default.
 
 Implementations (`impl`, dispatch.KERNEL_IMPLS):
   "xla"     lax.dot_general always (the models' default)
-  "pallas"  the kernel for one-row products (interpret mode off a GPU: slow, how the tests run it)
-            that it takes (K and N multiples of 16, not float64); XLA's dot for the rest, since
-            one runtime setting covers all of a model's products (a GDN layer's [D, H] gate
-            products are too narrow)
+  "pallas"  the kernel for the products of 1-16 rows that it takes (K and N multiples of 16,
+            not float64; interpret mode off a GPU: slow, how the tests run it); XLA's dot for
+            the rest, since one runtime setting covers all of a model's products (a GDN
+            layer's [D, H] gate products are too narrow)
   "auto"    "pallas" on a GPU backend when the kernel takes the operands, else "xla"; logged once
 The kernel's result is float32, cast to the operands' promoted dtype, as XLA's dot returns it.
 Differentiable: the backward is XLA's two products (dx = g W^T, dW = x^T g); decoding steps are
@@ -29,66 +29,68 @@ from jax import lax
 
 from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
 
+MAX_ROWS = 16  # pallas_gpu.MAX_ROWS, kept here so that the kernel's module loads only when used
+
 logger = logging.getLogger(__name__)
 
 IMPLS = KERNEL_IMPLS
 _DENSE_DIMS = lambda ndim: (((ndim - 1,), (0,)), ((), ()))  # noqa: E731  x's last with W's first
 
 
-def resolve_impl(impl: str, x_k=None, w_kn=None) -> str:
+def resolve_impl(impl: str, x_mk=None, w_kn=None) -> str:
     """ "xla" or "pallas": what `impl` runs as here (dispatch.resolve_gpu_kernel). With the
     operands given, "auto" also asks whether the kernel takes them."""
 
     def unsupported():
         from taylorcal_jax.ops.gemv import pallas_gpu
 
-        return pallas_gpu.unsupported_reason(x_k, w_kn)
+        return pallas_gpu.unsupported_reason(x_mk, w_kn)
 
     return resolve_gpu_kernel(
-        "one-row dense product", impl, logger, None if x_k is None else unsupported
+        "few-row dense product", impl, logger, None if x_mk is None else unsupported
     )
 
 
 @jax.custom_vjp
-def _gemv(x_k, w_kn):
+def _gemv(x_mk, w_kn):
     from taylorcal_jax.ops.gemv.pallas_gpu import gemv_pallas
 
-    dtype = jnp.result_type(x_k, w_kn)
-    return gemv_pallas(x_k, w_kn, interpret=jax.default_backend() == "cpu").astype(dtype)
+    dtype = jnp.result_type(x_mk, w_kn)
+    return gemv_pallas(x_mk, w_kn, interpret=jax.default_backend() == "cpu").astype(dtype)
 
 
-def _gemv_fwd(x_k, w_kn):
-    return _gemv(x_k, w_kn), (x_k, w_kn)
+def _gemv_fwd(x_mk, w_kn):
+    return _gemv(x_mk, w_kn), (x_mk, w_kn)
 
 
-def _gemv_bwd(residuals, g_n):
-    x_k, w_kn = residuals
-    _, vjp = jax.vjp(lambda x, w: lax.dot_general(x, w, _DENSE_DIMS(1)), x_k, w_kn)
-    return vjp(g_n)
+def _gemv_bwd(residuals, g_mn):
+    x_mk, w_kn = residuals
+    _, vjp = jax.vjp(lambda x, w: lax.dot_general(x, w, _DENSE_DIMS(2)), x_mk, w_kn)
+    return vjp(g_mn)
 
 
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
-def _kernel_takes(x_k, w_kn) -> bool:
+def _kernel_takes(x_mk, w_kn) -> bool:
     from taylorcal_jax.ops.gemv import pallas_gpu
 
-    return pallas_gpu.unsupported_reason(x_k, w_kn) is None
+    return pallas_gpu.unsupported_reason(x_mk, w_kn) is None
 
 
 def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
                  impl):  # fmt: skip
-    one_row = (
+    few_rows = (
         impl != "xla"
         and rhs.ndim == 2
         and dimension_numbers == _DENSE_DIMS(lhs.ndim)
-        and math.prod(lhs.shape[:-1]) == 1
+        and math.prod(lhs.shape[:-1]) <= MAX_ROWS
         and preferred_element_type is None
     )
-    if one_row:
-        x_k = lhs.reshape(lhs.shape[-1])
-        if resolve_impl(impl, x_k, rhs) == "pallas" and _kernel_takes(x_k, rhs):
-            return _gemv(x_k, rhs).reshape(*lhs.shape[:-1], rhs.shape[1])
+    if few_rows:
+        x_mk = lhs.reshape(-1, lhs.shape[-1])
+        if resolve_impl(impl, x_mk, rhs) == "pallas" and _kernel_takes(x_mk, rhs):
+            return _gemv(x_mk, rhs).reshape(*lhs.shape[:-1], rhs.shape[1])
     return lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
     )
