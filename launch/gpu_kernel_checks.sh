@@ -25,12 +25,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD:/tmp/site
 
-timeout 100 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
-  --timeout 90 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
+timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
+  --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
 timeout 260 python3 launch/probe_decode.py --tag=h200 --rows=16384x1,32768x16 \
   --variants=pallas_gdn_step,pallas_gdn_step_gemv,pallas_gdn_step_fused,pallas_gdn_step_fused_gemv \
   --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
   echo "probe_decode stopped: $?"
-timeout 210 python3 launch/bench_inference.py --tag=h200_32k_64k --contexts=32768,65536 \
+timeout 200 python3 launch/bench_inference.py --tag=h200_32k_64k --contexts=32768,65536 \
   --out="$OUT" || echo "bench_inference stopped: $?"
 ls -l "$OUT" "$OUT/gpu"
