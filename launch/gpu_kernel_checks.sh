@@ -9,9 +9,9 @@
 #   2. launch/probe_decode.py: the Qwen2.5-1.5B-shaped decode steps with the Pallas GDN step,
 #      the GDN input projections as six products or two (GDNRuntime.fused_projections), each
 #      with XLA's products or our few-row kernel (ops/gemv), at 16k batch 1 and 32k batch 16
-#                                                               -> $OUT/probe_decode_h200.json
+#                                                               -> $OUT/probe_decode_<gpu>.json
 #   3. launch/bench_inference.py at the contexts of the decode-ratio targets, 32k and 64k
-#      (batch 1 and 16), with the models' defaults       -> $OUT/bench_inference_h200_32k_64k.*
+#      (batch 1 and 16), with the models' defaults       -> $OUT/bench_inference_<gpu>_32k_64k.*
 #
 # Each part is bounded by `timeout` and writes its files as it goes, so a part cut short keeps
 # what it measured and the next one still runs. The stage-2 speed of the cuDNN attention is
@@ -24,13 +24,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=$PWD:/tmp/site
+# the result files' tag names the GPU that ran them (h100, h200, ...)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9][0-9]*' | head -1 | tr H h)
+GPU=${GPU:-gpu}
+CONTEXTS=32768,65536  # an H100's 80 GB do not pass bench_inference's memory check at 64k x 16
+[ "$GPU" = h100 ] && CONTEXTS=32768
 
 timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
   --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
-timeout 260 python3 launch/probe_decode.py --tag=h200 --rows=16384x1,32768x16 \
+timeout 260 python3 launch/probe_decode.py --tag="$GPU" --rows=16384x1,32768x16 \
   --variants=pallas_gdn_step,pallas_gdn_step_gemv,pallas_gdn_step_fused,pallas_gdn_step_fused_gemv \
   --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
   echo "probe_decode stopped: $?"
-timeout 200 python3 launch/bench_inference.py --tag=h200_32k_64k --contexts=32768,65536 \
+timeout 200 python3 launch/bench_inference.py --tag="${GPU}_32k_64k" --contexts="$CONTEXTS" \
   --out="$OUT" || echo "bench_inference stopped: $?"
 ls -l "$OUT" "$OUT/gpu"

@@ -28,8 +28,9 @@ def _gdn(conv: bool) -> GDNConfig:
     return GDNConfig.from_teacher(CONFIG, use_short_conv=conv)
 
 
-def _init(conv: bool, seed=0, impl="reference"):
-    mixer = GatedDeltaNet(CONFIG, _gdn(conv), GDNRuntime(impl=impl, chunk_size=4))
+def _init(conv: bool, seed=0, impl="reference", fused=True):
+    runtime = GDNRuntime(impl=impl, chunk_size=4, fused_projections=fused)
+    mixer = GatedDeltaNet(CONFIG, _gdn(conv), runtime)
     x = jnp.zeros((1, 3, D))
     params = mixer.init(jax.random.PRNGKey(seed), x)["params"]
     # Make the gates non-trivial: random o_norm scale, larger a/b weights.
@@ -206,7 +207,7 @@ def test_fused_projections_same_params_same_mixer():
     the same parameter tree at init, the numpy mixer in fp32, the separate products' outputs,
     decoding steps and gradients within fp32 rounding, and bf16 within bf16 rounding."""
     fused_rt = GDNRuntime(impl="chunked", chunk_size=4, fused_projections=True)
-    mixer, params = _init(True, impl="chunked")
+    mixer, params = _init(True, impl="chunked", fused=False)  # six separate products
     fused = GatedDeltaNet(CONFIG, mixer.gdn, fused_rt)
     x0 = jnp.zeros((1, 3, D))
     p_sep, p_fused = (m.init(jax.random.PRNGKey(5), x0)["params"] for m in (mixer, fused))
