@@ -35,7 +35,8 @@ no evaluation between them (median; compilation and evaluations excluded), and m
 utilisation MFU = 6 N tokens/s / peak, with N the student's parameter count and the peak
 dense bf16 FLOP/s of the device (PEAK_BF16_FLOPS, by device kind; none on a CPU). The
 teacher's forward pass on the same tokens, 2 N_teacher per token, is counted separately
-(`mfu_with_teacher`); attention's T^2 terms are not counted.
+(`mfu_with_teacher`); attention's T^2 terms are not counted. It is taken from each init's
+run as it finishes (the latest finished init's), so a run stopped later keeps it.
 
 Each init runs in its own workdir <workdir>/<init> (teacher and corpus cache shared), on
 taylorcal_jax's runner: rerunning the command skips finished stages and resumes an
@@ -522,25 +523,28 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     log = results_io.progress_log()
+
+    def init_throughput(init: str) -> dict:
+        # from each init as it finishes, so that a run stopped later still records one
+        _, student = load_student(os.path.join(workdirs[init], "student_distilled"))
+        th = throughput(
+            step_throughput(_read_rows(workdirs[init])),
+            pretrain_lib.count_params(student),
+            pretrain_lib.count_params(teacher_params),
+            jax.devices()[0].device_kind,
+        )
+        return {**th, "init": init}
+
     try:
         for init in inits:
             log(f"{init}: start")
             runner.run(configs[init], workdirs[init], STAGES, command=command)
+            exp.throughput = init_throughput(init)
             exp.done.add(init)
             exp.report(teacher_ppl)
     finally:
         stop.set()
         watcher.join()
-    rows = _read_rows(workdirs[inits[-1]])
-    _, student = load_student(os.path.join(workdirs[inits[-1]], "student_distilled"))
-    th = throughput(
-        step_throughput(rows),
-        pretrain_lib.count_params(student),
-        pretrain_lib.count_params(teacher_params),
-        jax.devices()[0].device_kind,
-    )
-    th["init"] = inits[-1]
-    exp.throughput = th
     exp.report(teacher_ppl, complete=True)
     return exp.result(teacher_ppl, complete=True)
 

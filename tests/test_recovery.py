@@ -169,3 +169,4 @@ def test_smoke_run_end_to_end(tmp_path):
     assert copy["tokens_to_target"]["copy_final"] <= 1536
     assert saved["throughput"]["tokens_per_second"] > 0
     assert saved["throughput"]["mfu"] is None  # no peak for a CPU
+    assert saved["throughput"]["init"] == "zero_gate"  # the last init to finish
