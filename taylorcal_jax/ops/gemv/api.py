@@ -11,7 +11,10 @@ Implementations (`impl`, dispatch.KERNEL_IMPLS):
             not float64; interpret mode off a GPU: slow, how the tests run it); XLA's dot for
             the rest, since one runtime setting covers all of a model's products (a GDN
             layer's [D, H] gate products are too narrow)
-  "auto"    "pallas" on a GPU backend when the kernel takes the operands, else "xla"; logged once
+  "auto"    on a GPU backend the kernel for the one-row products it takes, XLA's dot for the
+            rest; "xla" elsewhere; logged once. One row only: on one H100 the kernel was faster
+            than XLA's reductions at batch 1 and slower than XLA's GEMMs at batch 16
+            (launch/results/probe_decode_h100_gemv.json; docs/kernel.md)
 The kernel's result is float32, cast to the operands' promoted dtype, as XLA's dot returns it.
 Differentiable: the backward is XLA's two products (dx = g W^T, dW = x^T g); decoding steps are
 not differentiated for speed, but a differentiated one-token call stays correct.
@@ -72,6 +75,11 @@ def _gemv_bwd(residuals, g_mn):
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
+def max_rows(impl: str) -> int:
+    """The most rows of x that `impl` sends to the kernel (module docstring)."""
+    return 1 if impl == "auto" else MAX_ROWS
+
+
 def _kernel_takes(x_mk, w_kn) -> bool:
     from taylorcal_jax.ops.gemv import pallas_gpu
 
@@ -84,7 +92,7 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
         impl != "xla"
         and rhs.ndim == 2
         and dimension_numbers == _DENSE_DIMS(lhs.ndim)
-        and math.prod(lhs.shape[:-1]) <= MAX_ROWS
+        and math.prod(lhs.shape[:-1]) <= max_rows(impl)
         and preferred_element_type is None
     )
     if few_rows:
