@@ -20,8 +20,8 @@ Decoding steps (T == 1) go to `ops.decode_attention` (K and V read as they lie i
 the implementation `AttentionRuntime.decode_impl` names (a runtime option, never saved).
 Unpadded multi-token passes without a cache (training, scoring) may instead go to a fused
 kernel, `AttentionRuntime.sequence_impl` (`fused_causal_attention`: cuDNN's flash attention on
-a GPU), which never forms the [B, H, T, S] probabilities. The dense products of a batch-1
-decoding step may go to a vector-matrix kernel, `AttentionRuntime.gemv_impl` (`ops.gemv`).
+a GPU), which never forms the [B, H, T, S] probabilities. The dense products of a decoding
+step (at most 16 rows) may go to a few-row kernel, `AttentionRuntime.gemv_impl` (`ops.gemv`).
 
 Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
 "valid": [B,S] bool, "index": int32 scalar (next slot to write)}. A call with T tokens writes
@@ -123,9 +123,11 @@ class AttentionRuntime:
 
     `gemv_impl`: the block's dense products outside a student mixer (attention's projections,
     the MLP) when they multiply at most 16 rows, a decoding step of batch <= 16
-    (`ops.gemv.api.IMPLS`: "pallas" is our few-row kernel, "xla" XLA's dot). "xla" until the
-    kernel is measured faster on a GPU (launch/probe_decode.py, variant
-    "pallas_gdn_step_gemv")."""
+    (`ops.gemv.api.IMPLS`: "xla" XLA's dot; "pallas" our few-row kernel; "auto" that kernel
+    for one-row products on a GPU). "xla" by default: on one H100 the kernel took the batch-1
+    steps to 0.88x (student) and 0.96x (teacher), but its use with the student's joined GDN
+    projections (the default) is not measured yet (launch/results/probe_decode_h100_gemv.json;
+    docs/kernel.md)."""
 
     decode_impl: str = "auto"
     sequence_impl: str = "blocked"

@@ -157,9 +157,8 @@ class GDNRuntime:
     batch 16 (launch/results/probe_decode_h100_gemv.json, variants "pallas_gdn_step_fused"
     and "pallas_gdn_step").
     `gemv_impl`: the mixer's dense products when they multiply at most 16 rows (a decoding
-    step of batch <= 16), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`): our few-row
-    kernel instead of XLA's reductions and GEMMs under "pallas"; "xla" until measured faster
-    on a GPU (variant "pallas_gdn_step_gemv")."""
+    step of batch <= 16), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`); "xla" by
+    default, for the reason given there."""
 
     impl: str = "auto"
     chunk_size: int = 64
