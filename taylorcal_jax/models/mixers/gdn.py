@@ -151,10 +151,11 @@ class GDNRuntime:
     (launch/results/profile_steps_h100_gdn_step.md): fewer, wider products mean fewer launches.
     XLA's GPU simplifier turns a vector-matrix product whose operands hold fewer than 10M
     elements into a reduction, and the joined 1536 x 6144 one is still under that, so this
-    saves launches, not the reduction's speed. On by default: on one H100 the Qwen2.5-1.5B-shaped student's decoding step took
-    2.56 ms instead of 3.18 at 16k and batch 1 (0.80x), and 3.58 instead of 3.57 at 32k and
-    batch 16 (launch/results/probe_decode_h100_gemv.json, variants "pallas_gdn_step_fused"
-    and "pallas_gdn_step").
+    saves launches, not the reduction's speed. On by default: on one H100 the
+    Qwen2.5-1.5B-shaped student's decoding step took 2.56 ms instead of 3.18 at 16k and batch 1
+    (0.80x), and 3.58 instead of 3.57 at 32k and batch 16
+    (launch/results/probe_decode_h100_gemv.json, variants "pallas_gdn_step_fused" and
+    "pallas_gdn_step").
     `gemv_impl`: the mixer's dense products when they multiply at most 16 rows (a decoding
     step of batch <= 16), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`); "xla" by
     default, for the reason given there."""
