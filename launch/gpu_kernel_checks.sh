@@ -30,12 +30,17 @@ GPU=${GPU:-gpu}
 CONTEXTS=32768,65536  # an H100's 80 GB do not pass bench_inference's memory check at 64k x 16
 [ "$GPU" = h100 ] && CONTEXTS=32768
 
-timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
-  --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
+# TESTS=0 skips part 1; VARIANTS picks the probe's variants (default: all four)
+VARIANTS=${VARIANTS:-pallas_gdn_step,pallas_gdn_step_gemv,pallas_gdn_step_fused,pallas_gdn_step_fused_gemv}
+
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
+    --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
+fi
 timeout 260 python3 launch/probe_decode.py --tag="$GPU" --rows=16384x1,32768x16 \
-  --variants=pallas_gdn_step,pallas_gdn_step_gemv,pallas_gdn_step_fused,pallas_gdn_step_fused_gemv \
+  --variants="$VARIANTS" \
   --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
   echo "probe_decode stopped: $?"
 timeout 200 python3 launch/bench_inference.py --tag="${GPU}_32k_64k" --contexts="$CONTEXTS" \
   --out="$OUT" || echo "bench_inference stopped: $?"
-ls -l "$OUT" "$OUT/gpu"
+ls -lR "$OUT"
