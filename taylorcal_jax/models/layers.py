@@ -168,7 +168,7 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def _dense(features, use_bias, dtype, name, gemv_impl="xla"):
+def _dense(features, use_bias, dtype, name, gemv_impl):
     return nn.Dense(
         features,
         use_bias=use_bias,

@@ -97,7 +97,8 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     )
     if few_rows:
         x_mk = lhs.reshape(-1, lhs.shape[-1])
-        if resolve_impl(impl, x_mk, rhs) == "pallas" and _kernel_takes(x_mk, rhs):
+        # whether the kernel takes them is asked once, here, for "pallas" and "auto" alike
+        if _kernel_takes(x_mk, rhs) and resolve_impl(impl) == "pallas":
             return _gemv(x_mk, rhs).reshape(*lhs.shape[:-1], rhs.shape[1])
     return lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
