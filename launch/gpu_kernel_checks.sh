@@ -30,14 +30,16 @@ GPU=${GPU:-gpu}
 CONTEXTS=32768,65536  # an H100's 80 GB do not pass bench_inference's memory check at 64k x 16
 [ "$GPU" = h100 ] && CONTEXTS=32768
 
-# TESTS=0 skips part 1; VARIANTS picks the probe's variants (default: all four)
+# TESTS=0 skips part 1; VARIANTS and ROWS pick the probe's variants and rows (default: all four
+# variants, 16k x 1 and 32k x 16)
+ROWS=${ROWS:-16384x1,32768x16}
 VARIANTS=${VARIANTS:-pallas_gdn_step,pallas_gdn_step_gemv,pallas_gdn_step_fused,pallas_gdn_step_fused_gemv}
 
 if [ "${TESTS:-1}" = 1 ]; then
   timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
     --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
 fi
-timeout 260 python3 launch/probe_decode.py --tag="$GPU" --rows=16384x1,32768x16 \
+timeout 260 python3 launch/probe_decode.py --tag="$GPU" --rows="$ROWS" \
   --variants="$VARIANTS" \
   --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
   echo "probe_decode stopped: $?"

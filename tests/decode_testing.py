@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxpr_testing import equations
 
 from taylorcal_jax.models.teacher import init_cache
 
@@ -12,18 +13,8 @@ PROMPT_VALID = [[True] * 9, [False] * 3 + [True] * 6]  # row 1 left-padded by 3
 
 
 def pallas_calls(jaxpr) -> int:
-    """pallas_call equations in `jaxpr`, each sub-jaxpr walked at every use (printed jaxprs
-    share repeated sub-jaxprs, so counting in the text undercounts)."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "pallas_call"
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    n += pallas_calls(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    n += pallas_calls(sub)
-    return n
+    """pallas_call equations in `jaxpr`, sub-jaxprs included (`jaxpr_testing.equations`)."""
+    return len(equations(jaxpr, "pallas_call"))
 
 
 def greedy_steps(

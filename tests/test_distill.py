@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_testing import equations
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import select
@@ -228,33 +229,46 @@ def test_chunked_kl_equals_the_unchunked_kl_and_its_gradient():
         )
 
 
-def test_head_backward_runs_in_the_operands_dtype():
-    # float32: the einsum's own derivative; bf16 operands: both backward products take bf16
-    # operands (the float32 cotangent rounded first), within bf16 rounding of float32 products
-    kh, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
-    h = jax.random.normal(kh, (2, 5, 16))
-    w = jax.random.normal(kw, (16, 40))  # float32 master weights
-    weights = jax.random.normal(kg, (2, 5, 40))
+def _plain_kl_sum(h_t, w_t, h_s, w_s, valid):
+    """The KL sum from whole float32 logits, differentiated by JAX."""
+    logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h_t, w_t), -1)
+    logq = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h_s, w_s), -1)
+    return jnp.sum(jnp.where(valid, jnp.sum(jnp.exp(logp) * (logp - logq), -1), 0.0))
 
-    def loss(fn):
-        return lambda h_, w_: jnp.sum(jax.nn.log_softmax(fn(h_, w_), -1) * weights)
 
-    def plain(h_, w_):
-        return jnp.einsum(
-            "bcd,dv->bcv", h_, w_.astype(h_.dtype), preferred_element_type=jnp.float32
-        )
+def test_kl_gradient_formed_in_the_forward_pass_matches_autodiff_and_runs_in_bf16():
+    # masked positions and a padded last chunk; the teacher's inputs get zero gradients
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    h_t, h_s = (jax.random.normal(k, (2, 5, 16)) for k in ks[:2])
+    w_t, w_s = (jax.random.normal(k, (16, 40)) * 0.5 for k in ks[2:])
+    valid = jnp.array([[1, 1, 1, 0, 1], [1, 0, 1, 1, 1]], bool)
+    args = (h_t, w_t, h_s, w_s, valid)
 
-    got = jax.grad(loss(kl.head_logits), argnums=(0, 1))(h, w)
-    want = jax.grad(loss(plain), argnums=(0, 1))(h, w)
-    assert _max_rel_err(got, want) < 1e-6
-    h16 = h.astype(jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(jax.grad(loss(kl.head_logits), argnums=(0, 1)))(h16, w)
-    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert len(dots) == 3  # forward, dh, dW
+    def total(h_t_, w_t_, h_s_, w_s_, chunk):
+        return kl.kl_sum(h_t_, w_t_, h_s_, w_s_, valid, chunk=chunk)[0]
+
+    want, g_want = jax.value_and_grad(_plain_kl_sum, argnums=(2, 3))(*args)
+    for chunk in (2, 5):
+        got, g_got = jax.value_and_grad(total, argnums=(0, 1, 2, 3))(*args[:4], chunk)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        assert _max_rel_err(g_got[2:], g_want) < 1e-5
+        assert not np.any(g_got[0]) and not np.any(g_got[1])
+    assert float(jax.jit(total, static_argnums=4)(*args[:4], 2)) == pytest.approx(float(want))
+
+    # bf16 operands over float32 master weights: the four head products per chunk (teacher,
+    # student, dh, dW) all take bf16 operands; the gradients come back in the inputs' dtypes,
+    # within bf16 rounding of the float32 ones
+    h16_t, h16_s = h_t.astype(jnp.bfloat16), h_s.astype(jnp.bfloat16)
+    grad16 = jax.grad(total, argnums=(2, 3))
+    jaxpr = jax.make_jaxpr(grad16, static_argnums=4)(h16_t, w_t, h16_s, w_s, 2)
+    dots = equations(jaxpr.jaxpr, "dot_general")
+    assert len(dots) == 4
     assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
-    g16 = jax.grad(loss(kl.head_logits), argnums=(0, 1))(h16, w)
-    g32 = jax.grad(loss(plain), argnums=(0, 1))(h16.astype(jnp.float32), w)  # same values, float32
+    g16 = grad16(h16_t, w_t, h16_s, w_s, 2)
     assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.float32
+    g32 = jax.grad(_plain_kl_sum, argnums=(2, 3))(
+        h16_t.astype(jnp.float32), w_t, h16_s.astype(jnp.float32), w_s, valid
+    )
     assert _max_rel_err(jax.tree.map(lambda x: x.astype(jnp.float32), g16), g32) < 2e-2
 
 

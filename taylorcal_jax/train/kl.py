@@ -10,61 +10,101 @@ position (b, t):
     KL_bt = sum_v p_v (log p_v - log q_v)
     loss  = sum_{b,t} m_bt KL_bt / sum_{b,t} m_bt                    (m: valid positions)
 
-The T axis is cut into chunks of C positions (the last one padded with invalid positions)
-and `lax.map` forms each chunk's logits for teacher and student, then its KL sum. The chunk
-body is under `jax.checkpoint`, so the backward pass recomputes a chunk's logits rather than
-keeping every chunk's: at most [B, C, V] logits per model are alive at a time, never
-[B, T, V]. The result equals the unchunked sum up to float32 summation order. Logits are
-float32: the head matmul runs in the inputs' dtype (bf16 in mixed precision) with float32
-accumulation, and so do its two backward products (`head_logits`): the float32 cotangent of
-the logits is rounded to the inputs' dtype first, as for every other product of the model,
-where left float32 it would make XLA run both products in float32 (TF32 on a GPU: 4 ms of a
-288 ms SmolLM2 stage-2 step on an H200, launch/results/profile_steps_h200.md).
+The T axis is cut into chunks of C positions (the last one padded with invalid positions),
+so at most [B, C, V] logits per model are alive at a time, never [B, T, V]. The result equals
+the unchunked sum up to float32 summation order.
+
+The gradient is formed in the forward pass (`jax.custom_vjp`): with z^s = h^s W^s the student's
+logits and q = softmax(z^s), p = softmax(z^t),
+
+    d loss_sum / d z^s_btv = m_bt (q_btv - p_btv)          (because sum_v p_v = 1)
+
+so each chunk computes both heads' logits, the KL and G = m (q - p) in one pass, then
+dh^s = G (W^s)^T and dW^s += (h^s)^T G; the backward pass only scales the kept dh^s [B, T, D]
+and dW^s [D, V] by the incoming cotangent. Against differentiating through the chunks (which
+must recompute both heads' logits and softmaxes in the backward pass), that is 4 head-sized
+products per chunk instead of 6 and one elementwise pass over the logits instead of two. The
+teacher's inputs get zero gradients (the caller stops them). Logits are float32: the head
+products run in h's dtype (bf16 in mixed precision) with float32 accumulation, and G is rounded
+to that dtype before its two products, as for every other product of the model (left float32,
+XLA would run them in float32: TF32 on a GPU, 4 ms of a 288 ms SmolLM2 stage-2 step on an
+H200, launch/results/profile_steps_h200.md). dW^s is summed over chunks in float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 
-@jax.custom_vjp
-def head_logits(h_bcd, w_dv):
-    """float32 logits h W from operands in h's dtype (W cast to it), float32 accumulation.
-
-    Backward: with G the float32 cotangent of the logits rounded to h's dtype,
-    dh = G W^T and dW = h^T G, each in that dtype with float32 accumulation, returned in the
-    dtypes of h and W. For float32 operands this is exactly the einsum's own derivative."""
-    return _head_logits(h_bcd, w_dv)
-
-
-def _head_logits(h_bcd, w_dv):
+def _logits(h_bcd, w_dv):
+    """float32 logits h W, operands in h's dtype (W cast to it), float32 accumulation."""
     return jnp.einsum("bcd,dv->bcv", h_bcd, w_dv.astype(h_bcd.dtype),
                       preferred_element_type=jnp.float32)  # fmt: skip
 
 
-def _head_logits_fwd(h_bcd, w_dv):
-    return _head_logits(h_bcd, w_dv), (h_bcd, w_dv)
-
-
-def _head_logits_bwd(residuals, g_bcv):
-    h_bcd, w_dv = residuals
-    g = g_bcv.astype(h_bcd.dtype)
-    w = w_dv.astype(h_bcd.dtype)
-    dh = jnp.einsum("bcv,dv->bcd", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("bcd,bcv->dv", h_bcd, g, preferred_element_type=jnp.float32)
-    return dh.astype(h_bcd.dtype), dw.astype(w_dv.dtype)
-
-
-head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
-
-
-def _chunk_kl_sum(h_t_bcd, w_t_dv, h_s_bcd, w_s_dv, valid_bc):
-    """Sum over the valid positions of one chunk of KL(p || q), float32."""
-    logp = jax.nn.log_softmax(_head_logits(h_t_bcd, w_t_dv), axis=-1)  # no gradient needed
-    logq = jax.nn.log_softmax(head_logits(h_s_bcd, w_s_dv), axis=-1)
+def _chunk_kl(h_t_bcd, w_t_dv, h_s_bcd, w_s_dv, valid_bc):
+    """(KL sum over the valid positions of one chunk, float32; log p; log q)."""
+    logp = jax.nn.log_softmax(_logits(h_t_bcd, w_t_dv), axis=-1)
+    logq = jax.nn.log_softmax(_logits(h_s_bcd, w_s_dv), axis=-1)
     kl_bc = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-    return jnp.sum(jnp.where(valid_bc, kl_bc, 0.0))
+    return jnp.sum(jnp.where(valid_bc, kl_bc, 0.0)), logp, logq
+
+
+def _chunked(a_bt, c):
+    """[B, T, ...] -> [n, B, C, ...] with T padded up to n C."""
+    b, t = a_bt.shape[:2]
+    n = -(-t // c)
+    a_bt = jnp.pad(a_bt, [(0, 0), (0, n * c - t)] + [(0, 0)] * (a_bt.ndim - 2))
+    return jnp.moveaxis(a_bt.reshape(b, n, c, *a_bt.shape[2:]), 1, 0)
+
+
+def _unchunked(a_nbc, t):
+    """Inverse of `_chunked`: [n, B, C, ...] -> [B, T, ...]."""
+    n, b, c = a_nbc.shape[:3]
+    return jnp.moveaxis(a_nbc, 0, 1).reshape(b, n * c, *a_nbc.shape[3:])[:, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kl_total(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
+    def body(xs):
+        return _chunk_kl(xs[0], w_t_dv, xs[1], w_s_dv, xs[2])[0]
+
+    sums = jax.lax.map(body, (_chunked(h_t_btd, c), _chunked(h_s_btd, c), _chunked(valid_bt, c)))
+    return jnp.sum(sums)
+
+
+def _kl_total_fwd(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
+    w_s = w_s_dv.astype(h_s_btd.dtype)
+
+    def body(dw_dv, xs):
+        h_t, h_s, valid = xs
+        total, logp, logq = _chunk_kl(h_t, w_t_dv, h_s, w_s_dv, valid)
+        g_bcv = jnp.where(valid[..., None], jnp.exp(logq) - jnp.exp(logp), 0.0)
+        g_bcv = g_bcv.astype(h_s.dtype)
+        dh_bcd = jnp.einsum("bcv,dv->bcd", g_bcv, w_s, preferred_element_type=jnp.float32)
+        dw_dv = dw_dv + jnp.einsum("bcd,bcv->dv", h_s, g_bcv, preferred_element_type=jnp.float32)
+        return dw_dv, (total, dh_bcd)
+
+    xs = (_chunked(h_t_btd, c), _chunked(h_s_btd, c), _chunked(valid_bt, c))
+    dw_dv = jnp.zeros(w_s_dv.shape, jnp.float32)
+    dw_dv, (sums, dh_nbcd) = jax.lax.scan(body, dw_dv, xs)
+    dh_btd = _unchunked(dh_nbcd, h_s_btd.shape[1])
+    # empty arrays carry the dtypes of the gradients to the backward pass
+    dtypes = (jnp.zeros((0,), h_s_btd.dtype), jnp.zeros((0,), w_s_dv.dtype))
+    return jnp.sum(sums), (dh_btd, dw_dv, dtypes)
+
+
+def _kl_total_bwd(c, residuals, g):
+    """None: zero cotangents for the teacher's inputs and the mask."""
+    del c
+    dh_btd, dw_dv, (h_dtype, w_dtype) = residuals
+    return None, None, (g * dh_btd).astype(h_dtype.dtype), (g * dw_dv).astype(w_dtype.dtype), None
+
+
+_kl_total.defvjp(_kl_total_fwd, _kl_total_bwd)
 
 
 def kl_sum(h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt, *, chunk: int):
@@ -75,18 +115,9 @@ def kl_sum(h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt, *, chunk: int):
     """
     if chunk <= 0:
         raise ValueError(f"KL chunk length must be positive, got {chunk}")
-    b, t, d = h_s_btd.shape
-    c = min(chunk, t)
-    n = -(-t // c)
-    pad = n * c - t
-
-    def chunks(a):
-        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        return jnp.moveaxis(a.reshape(b, n, c, *a.shape[2:]), 1, 0)  # [n, B, C, ...]
-
-    body = jax.checkpoint(lambda xs: _chunk_kl_sum(xs[0], w_t_dv, xs[1], w_s_dv, xs[2]))
-    sums = jax.lax.map(body, (chunks(h_t_btd), chunks(h_s_btd), chunks(valid_bt)))
-    return jnp.sum(sums), jnp.sum(valid_bt.astype(jnp.float32))
+    c = min(chunk, h_s_btd.shape[1])
+    total = _kl_total(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt)
+    return total, jnp.sum(valid_bt.astype(jnp.float32))
 
 
 def head_matrix(params, config, *, layout=None, after=None):
