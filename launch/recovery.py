@@ -44,6 +44,10 @@ interrupted one from its checkpoint, so the experiment continues where a cut cal
 Progress: one line per evaluation; the result files are rewritten after every evaluation
 (watching each init's metrics.jsonl), "complete" false until the end.
 
+Inits run in separate calls (same config, same machine: the text is the machine's) are joined
+into one result by `--merge=a.json,b.json --tag=...`, which checks that they share teacher,
+text, eval windows, budgets and device, and recomputes the targets and ratios.
+
 Writes <out>/recovery_<tag>.{json,md,png}: JSON keys teacher, teacher_ppl, device, date,
 command, targets {name: ppl}, runs [{init, curve [[tokens, ppl], ...], tokens_to_target
 {target: tokens or null}}], ratios, throughput, budgets, text, complete.
@@ -89,6 +93,12 @@ def define_flags() -> None:
         None,
         "A recovery_<tag>.json: add its projection and rewrite its .json/.md/.png in --out "
         "(no training; --config, --workdir and --tag are then not needed).",
+    )
+    flags.DEFINE_list(
+        "merge",
+        None,
+        "recovery_*.json files of one experiment whose inits ran apart: their runs joined into "
+        "<out>/recovery_<tag>.{json,md,png} (no training; needs --tag).",
     )
 
 
@@ -228,6 +238,67 @@ def throughput(tokens_per_second, student_params: int, teacher_params: int, kind
     return out
 
 
+# What result files must share for their runs to be compared: the same teacher, eval windows
+# of the same text, budgets and kept layers, on the same kind of device.
+MERGE_KEYS = ("teacher_ppl", "kept_fraction", "eval", "budgets", "device")
+
+
+def merge(results: list[dict], command: str, tag: str) -> dict:
+    """One result from the runs of several result files of the same experiment, each init
+    from one file (e.g. inits run in separate calls): their `MERGE_KEYS` and text digests
+    must agree. Targets (copy's final ppl included), tokens to them, ratios and projection
+    are recomputed from the curves; `parts` keeps each file's command, date, inits and
+    throughput."""
+    first = results[0]
+    for r in results[1:]:
+        for key in MERGE_KEYS:
+            if r[key] != first[key]:
+                raise ValueError(f"cannot merge: {key} differs ({first[key]!r} vs {r[key]!r})")
+        for key in ("corpus_digest", "eval_digest"):
+            if r["text"][key] != first["text"][key]:
+                raise ValueError(f"cannot merge: text {key} differs")
+    inits = [run["init"] for r in results for run in r["runs"]]
+    if len(set(inits)) != len(inits):
+        raise ValueError(f"cannot merge: an init appears twice in {inits}")
+    runs = {
+        run["init"]: {"init": run["init"], "curve": run["curve"], "done": run["complete"]}
+        for r in results
+        for run in r["runs"]
+    }
+    targets = targets_of(first["teacher_ppl"], runs)
+    out_runs = [
+        {
+            "init": r["init"],
+            "curve": r["curve"],
+            "tokens_to_target": {n: tokens_to_target(r["curve"], v) for n, v in targets.items()},
+            "complete": r["done"],
+        }
+        for r in runs.values()
+    ]
+    parts = [
+        {
+            "command": r["command"],
+            "date": r["date"],
+            "inits": [run["init"] for run in r["runs"]],
+            "throughput": r.get("throughput"),
+        }
+        for r in results
+    ]
+    return {
+        **first,
+        "teacher_name": tag,
+        "date": max(r["date"] for r in results),
+        "command": command,
+        "parts": parts,
+        "targets": targets,
+        "runs": out_runs,
+        "ratios": {b: ratios(out_runs, b) for b in ("copy", "zero_gate")},
+        "projection": projection(out_runs, targets),
+        "throughput": results[-1].get("throughput"),
+        "complete": all(r.get("complete") for r in results),
+    }
+
+
 def markdown(result: dict) -> str:
     """The result as a Markdown report."""
     names = list(result["targets"])
@@ -237,6 +308,13 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
+    ]
+    parts = result.get("parts", [])
+    if parts:
+        lines += ["Runs joined from:", ""]
+        lines += [f"- {', '.join(p['inits'])}: {p['date']}, `{p['command']}`" for p in parts]
+        lines += [""]
+    lines += [
         f"Budgets: {json.dumps(result['budgets'])}",
         "",
     ]
@@ -570,6 +648,19 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.rerender:
         print(markdown(rerender(FLAGS.rerender, FLAGS.out)))
+        return
+    if FLAGS.merge:
+        import results_io  # launch/
+
+        if FLAGS.tag is None:
+            raise app.UsageError("--merge needs --tag")
+        parts = []
+        for path in FLAGS.merge:
+            with open(path) as f:
+                parts.append(json.load(f))
+        result = merge(parts, results_io.command_line(), FLAGS.tag)
+        write_outputs(result, FLAGS.out, FLAGS.tag)
+        print(markdown(result))
         return
     missing = [name for name in ("config", "workdir", "tag") if FLAGS[name].value is None]
     if missing:

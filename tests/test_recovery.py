@@ -141,6 +141,36 @@ def test_rerender_adds_the_projection_and_keeps_the_measurements(tmp_path):
 
 
 @pytest.mark.slow
+def _part(runs, **changes):
+    text = {"corpus_digest": "c", "eval_digest": "e"}
+    base = {**_result(), "kept_fraction": 0.25, "eval": {"split": "test"}, "text": text}
+    base["runs"] = [{"init": i, "curve": c, "complete": True} for i, c in runs]
+    return {**base, **changes}
+
+
+def test_merge_joins_inits_run_apart_and_recomputes_targets_and_ratios(tmp_path):
+    # copy in one file, taylor_calibrate in another: copy's final ppl becomes a target of both
+    a = _part([("copy", [[0, 80.0], [100, 30.0], [200, 16.0]])], date="2026-12-05T10")
+    b = _part([("taylor_calibrate", [[0, 40.0], [50, 19.0], [100, 14.0]])], date="2026-12-05T11")
+    merged = recovery.merge([a, b], "python merge", "joined")
+    assert [r["init"] for r in merged["runs"]] == ["copy", "taylor_calibrate"]
+    assert merged["targets"]["copy_final"] == 16.0
+    tc = merged["runs"][1]["tokens_to_target"]
+    assert tc["copy_final"] == pytest.approx(recovery.tokens_to_target(b["runs"][0]["curve"], 16))
+    want = merged["runs"][0]["tokens_to_target"]["2x_teacher"] / tc["2x_teacher"]
+    assert merged["ratios"]["copy"]["taylor_calibrate"]["2x_teacher"] == pytest.approx(want)
+    assert [p["inits"] for p in merged["parts"]] == [["copy"], ["taylor_calibrate"]]
+    assert merged["date"] == "2026-12-05T11" and merged["command"] == "python merge"
+    assert "Runs joined from:" in recovery.markdown(merged)
+    # other text, other budgets, or the same init twice: refused
+    with pytest.raises(ValueError, match="text corpus_digest differs"):
+        recovery.merge([a, {**b, "text": {"corpus_digest": "x", "eval_digest": "e"}}], "", "")
+    with pytest.raises(ValueError, match="teacher_ppl differs"):
+        recovery.merge([a, {**b, "teacher_ppl": 9.0}], "", "")
+    with pytest.raises(ValueError, match="appears twice"):
+        recovery.merge([a, a], "", "")
+
+
 def test_smoke_run_end_to_end(tmp_path):
     """Two inits on the tiny smoke teacher; then a rerun skips every finished stage."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
