@@ -125,9 +125,10 @@ class AttentionRuntime:
     the MLP) when they multiply at most 16 rows, a decoding step of batch <= 16
     (`ops.gemv.api.IMPLS`: "xla" XLA's dot; "pallas" our few-row kernel; "auto" that kernel
     for one-row products on a GPU). "xla" by default: on one H100 the kernel took the batch-1
-    steps to 0.88x (student) and 0.96x (teacher), but its use with the student's joined GDN
-    projections (the default) is not measured yet (launch/results/probe_decode_h100_gemv.json;
-    docs/kernel.md)."""
+    steps to 0.88x (student) and 0.96x (teacher) (launch/results/probe_decode_h100_gemv.json),
+    but with the student's joined GDN projections (the default) the student's batch-1 step
+    took 1.05x as long as without it, the teacher's 0.96x
+    (launch/results/probe_decode_h100_fused_gemv.json; docs/kernel.md)."""
 
     decode_impl: str = "auto"
     sequence_impl: str = "blocked"
