@@ -23,6 +23,10 @@ between the two evaluations around it (0 when the first evaluation is already th
 when the curve never gets there). Ratios: tokens of `copy` (and of `zero_gate`) over tokens
 of the init, per target.
 
+Matched ratios (`matched`), how an init's advantage changes along training: at each of the
+init's evaluations, the tokens copy (and zero_gate) needs to reach the same perplexity over the
+init's tokens there (the second panel of the plot).
+
 Projection, for a target a run has not reached: the straight line through its last
 PROJECTION_POINTS evaluations in log(tokens), log(ppl) (least squares; a power law
 ppl = a tokens^b, b < 0), extended to the target. It assumes the curve keeps its recent
@@ -70,6 +74,7 @@ FLAGS = flags.FLAGS
 INITS = ("copy", "zero_gate", "align_only", "taylor_calibrate")
 TARGET_FACTORS = (2.0, 1.5)
 PROJECTION_POINTS = 3  # evaluations of a curve's tail that its projection fits
+PAPER_LOW_RATIO = 4.9  # the paper's fewest-tokens claim (copy / Taylor-Calibrate), drawn
 # Dense bf16 peak FLOP/s (no sparsity) by jax device_kind.
 PEAK_BF16_FLOPS = {
     "NVIDIA H200": 989e12,
@@ -91,8 +96,9 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "rerender",
         None,
-        "A recovery_<tag>.json: add its projection and rewrite its .json/.md/.png in --out "
-        "(no training; --config, --workdir and --tag are then not needed).",
+        "A recovery_<tag>.json: add its projection and matched ratios and rewrite its "
+        ".json/.md/.png in --out (no training; --config, --workdir and --tag are then not "
+        "needed).",
     )
     flags.DEFINE_list(
         "merge",
@@ -197,6 +203,27 @@ def ratios(runs: list[dict], baseline: str) -> dict:
     return out
 
 
+def matched_ratios(runs: list[dict], baseline: str) -> dict:
+    """{init: [[tokens, ppl, ratio or None], ...]} for every init but `baseline`: at each of
+    the init's evaluations after token 0, the tokens the baseline's curve needs to reach the
+    same perplexity (`tokens_to_target`) over the init's tokens there; None where the
+    baseline never gets there. How the advantage of an init changes along training."""
+    base = next((r for r in runs if r["init"] == baseline), None)
+    if base is None:
+        return {}
+    out = {}
+    for r in runs:
+        if r["init"] == baseline:
+            continue
+        rows = []
+        for t, p in r["curve"]:
+            if t > 0:
+                b = tokens_to_target(base["curve"], p)
+                rows.append([t, p, b / t if b else None])
+        out[r["init"]] = rows
+    return out
+
+
 def step_throughput(rows: list[dict]) -> float | None:
     """Median tokens/s of stage 2 between consecutive loss lines with no evaluation (nor a
     restart) between them."""
@@ -293,6 +320,7 @@ def merge(results: list[dict], command: str, tag: str) -> dict:
         "targets": targets,
         "runs": out_runs,
         "ratios": {b: ratios(out_runs, b) for b in ("copy", "zero_gate")},
+        "matched": {b: matched_ratios(out_runs, b) for b in ("copy", "zero_gate")},
         "projection": projection(out_runs, targets),
         "throughput": results[-1].get("throughput"),
         "complete": all(r.get("complete") for r in results),
@@ -341,6 +369,7 @@ def markdown(result: dict) -> str:
             table,
             names,
         )
+    lines += _matched_lines(result.get("matched", {}).get("copy"))
     lines += _projection_lines(result.get("projection"), names)
     th = result.get("throughput") or {}
     if th.get("tokens_per_second"):
@@ -357,6 +386,29 @@ def markdown(result: dict) -> str:
             + ").",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _matched_lines(matched: dict | None) -> list[str]:
+    """Copy's tokens to each init's perplexity along the init's curve, as a table."""
+    if not matched:
+        return []
+    lines = ["", "At equal perplexity along each init's curve: tokens of copy / tokens of the "
+             "init (blank: copy never got there):", ""]  # fmt: skip
+    inits = list(matched)
+    lines += ["| tokens | " + " | ".join(inits) + " |", "|---|" + "---|" * len(inits)]
+    by_tokens = {}
+    for init, rows in matched.items():
+        for t, p, ratio in rows:
+            by_tokens.setdefault(t, {})[init] = (p, ratio)
+    for t in sorted(by_tokens):
+        cells = []
+        for init in inits:
+            p, ratio = by_tokens[t].get(init, (None, None))
+            cells.append(
+                "" if p is None else f"{p:.2f}" + ("" if ratio is None else f": {ratio:.2f}x")
+            )
+        lines.append(f"| {t:,.0f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _projection_lines(proj: dict | None, names: list[str]) -> list[str]:
@@ -397,7 +449,11 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    matched = (result.get("matched") or {}).get("copy") or {}
+    if matched:
+        fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(12, 5))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 5))
     proj = result.get("projection") or {"projected": {}}
     for r in result["runs"]:
         pts = [(max(t, 1.0), p) for t, p in r["curve"]]
@@ -410,7 +466,7 @@ def plot(result: dict, path: str) -> None:
             ax.plot(*end, "x", color=line.get_color(), ms=5)
     for name, value in result["targets"].items():
         ax.axhline(value, ls="--", lw=0.8, color="gray")
-        ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+        ax.text(0.01, value, name, fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
     ax.axhline(result["teacher_ppl"], color="k", lw=1, label="teacher")
     ax.set(
         xscale="log",
@@ -420,6 +476,30 @@ def plot(result: dict, path: str) -> None:
         title=f"recovery, teacher {result.get('teacher_name', '')}",
     )
     ax.legend(fontsize=8)
+    colors = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    if matched:
+        for init, rows in matched.items():
+            pts = [(t, ratio) for t, _, ratio in rows if ratio is not None]
+            if pts:
+                ax_ratio.plot(*zip(*pts, strict=True), "o-", ms=3, label=init,
+                              color=colors.get(init))  # fmt: skip
+        ax_ratio.axhline(1.0, color="k", lw=1)
+        ax_ratio.axhline(PAPER_LOW_RATIO, ls="--", lw=0.8, color="gray")
+        ax_ratio.text(
+            0.01,
+            PAPER_LOW_RATIO,
+            f"{PAPER_LOW_RATIO}x, the paper's low end",
+            fontsize=7,
+            va="bottom",
+            transform=ax_ratio.get_yaxis_transform(),
+        )
+        ax_ratio.set(
+            xscale="log",
+            xlabel="training tokens of the init",
+            ylabel="tokens of copy / tokens of the init, at equal perplexity",
+            title="token advantage over copy along training",
+        )
+        ax_ratio.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -512,6 +592,7 @@ class Experiment:
             "targets": targets,
             "runs": out_runs,
             "ratios": {b: ratios(out_runs, b) for b in ("copy", "zero_gate")},
+            "matched": {b: matched_ratios(out_runs, b) for b in ("copy", "zero_gate")},
             "projection": projection(out_runs, targets),
             "throughput": self.throughput,
             "complete": complete,
@@ -628,8 +709,8 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
 
 
 def rerender(path: str, out: str) -> dict:
-    """The result file at `path` with its projection added (measured figures unchanged),
-    rewritten as <out>/recovery_<tag>.{json,md,png}."""
+    """The result file at `path` with its projection and matched ratios added (measured
+    figures unchanged), rewritten as <out>/recovery_<tag>.{json,md,png}."""
     import results_io  # launch/
 
     with open(path) as f:
@@ -638,6 +719,7 @@ def rerender(path: str, out: str) -> dict:
         **projection(result["runs"], result["targets"]),
         "command": results_io.command_line(),
     }
+    result["matched"] = {b: matched_ratios(result["runs"], b) for b in ("copy", "zero_gate")}
     tag = os.path.basename(path).removeprefix("recovery_").removesuffix(".json")
     write_outputs(result, out, tag)
     return result

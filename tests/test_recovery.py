@@ -95,6 +95,23 @@ def _result(complete=True):
     }
 
 
+def test_matched_ratios_follow_the_init_along_its_curve(tmp_path):
+    # copy: ppl 100 -> 10 over 0 .. 1000 tokens; the init reaches 20 at 100 tokens and 8 at 500
+    copy = {"init": "copy", "curve": [[0, 1000.0], [500, 20.0], [1000, 10.0]]}
+    init = {"init": "x", "curve": [[0, 50.0], [100, 20.0], [300, 10.0], [500, 8.0]]}
+    got = recovery.matched_ratios([copy, init], "copy")
+    assert list(got) == ["x"]  # the baseline itself is left out
+    assert got["x"][0] == [100, 20.0, 5.0]  # copy needs 500 tokens for 20
+    assert got["x"][1][2] == pytest.approx(1000 / 300)
+    assert got["x"][2] == [500, 8.0, None]  # copy never reaches 8
+    assert recovery.matched_ratios([init], "copy") == {}
+    result = {**_result(), "runs": [{**copy, "tokens_to_target": {}}], "matched": {"copy": got}}
+    md = recovery.markdown(result)
+    assert "| 100 | 20.00: 5.00x |" in md and "| 500 | 8.00 |" in md
+    paths = recovery.write_outputs(result, str(tmp_path), "m")  # the plot's second panel
+    assert os.path.getsize(paths["png"]) > 0
+
+
 def test_markdown_and_files(tmp_path):
     md = recovery.markdown(_result())
     assert "| copy | 80.000 | 18.000 (100) | 90 | not reached |" in md
@@ -132,7 +149,7 @@ def test_rerender_adds_the_projection_and_keeps_the_measurements(tmp_path):
     out = tmp_path / "out"
     recovery.rerender(str(path), str(out))
     saved = json.load(open(out / "recovery_y.json"))
-    assert {k: v for k, v in saved.items() if k != "projection"} == result
+    assert {k: v for k, v in saved.items() if k not in ("projection", "matched")} == result
     assert saved["projection"]["tokens_to_target"]["copy"]["1.5x_teacher"] == pytest.approx(
         400 * (20 / 15) ** 2
     )
