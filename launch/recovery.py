@@ -450,7 +450,9 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     matched = (result.get("matched") or {}).get("copy") or {}
-    if matched:
+    ratio_pts = {i: [(t, r) for t, _, r in rows if r is not None] for i, rows in matched.items()}
+    ratio_pts = {i: pts for i, pts in ratio_pts.items() if pts}  # inits copy ever matched
+    if ratio_pts:
         fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(12, 5))
     else:
         fig, ax = plt.subplots(figsize=(7, 5))
@@ -477,12 +479,9 @@ def plot(result: dict, path: str) -> None:
     )
     ax.legend(fontsize=8)
     colors = {line.get_label(): line.get_color() for line in ax.get_lines()}
-    if matched:
-        for init, rows in matched.items():
-            pts = [(t, ratio) for t, _, ratio in rows if ratio is not None]
-            if pts:
-                ax_ratio.plot(*zip(*pts, strict=True), "o-", ms=3, label=init,
-                              color=colors.get(init))  # fmt: skip
+    if ratio_pts:
+        for init, pts in ratio_pts.items():
+            ax_ratio.plot(*zip(*pts, strict=True), "o-", ms=3, label=init, color=colors.get(init))
         ax_ratio.axhline(1.0, color="k", lw=1)
         ax_ratio.axhline(PAPER_LOW_RATIO, ls="--", lw=0.8, color="gray")
         ax_ratio.text(
