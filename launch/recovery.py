@@ -265,6 +265,29 @@ def throughput(tokens_per_second, student_params: int, teacher_params: int, kind
     return out
 
 
+def analysis(teacher_ppl: float, runs: dict) -> dict:
+    """{"targets", "runs", "ratios", "matched", "projection"} of a result from its curves,
+    `runs` {init: {"init", "curve", "done"}} in the order reported."""
+    targets = targets_of(teacher_ppl, runs)
+    out_runs = [
+        {
+            "init": r["init"],
+            "curve": r["curve"],
+            "tokens_to_target": {n: tokens_to_target(r["curve"], v) for n, v in targets.items()},
+            "complete": r["done"],
+        }
+        for r in runs.values()
+    ]
+    baselines = ("copy", "zero_gate")
+    return {
+        "targets": targets,
+        "runs": out_runs,
+        "ratios": {b: ratios(out_runs, b) for b in baselines},
+        "matched": {b: matched_ratios(out_runs, b) for b in baselines},
+        "projection": projection(out_runs, targets),
+    }
+
+
 # What result files must share for their runs to be compared: the same teacher, eval windows
 # of the same text, budgets and kept layers, on the same kind of device.
 MERGE_KEYS = ("teacher_ppl", "kept_fraction", "eval", "budgets", "device")
@@ -292,16 +315,6 @@ def merge(results: list[dict], command: str, tag: str) -> dict:
         for r in results
         for run in r["runs"]
     }
-    targets = targets_of(first["teacher_ppl"], runs)
-    out_runs = [
-        {
-            "init": r["init"],
-            "curve": r["curve"],
-            "tokens_to_target": {n: tokens_to_target(r["curve"], v) for n, v in targets.items()},
-            "complete": r["done"],
-        }
-        for r in runs.values()
-    ]
     parts = [
         {
             "command": r["command"],
@@ -317,11 +330,7 @@ def merge(results: list[dict], command: str, tag: str) -> dict:
         "date": max(r["date"] for r in results),
         "command": command,
         "parts": parts,
-        "targets": targets,
-        "runs": out_runs,
-        "ratios": {b: ratios(out_runs, b) for b in ("copy", "zero_gate")},
-        "matched": {b: matched_ratios(out_runs, b) for b in ("copy", "zero_gate")},
-        "projection": projection(out_runs, targets),
+        **analysis(first["teacher_ppl"], runs),
         "throughput": results[-1].get("throughput"),
         "complete": all(r.get("complete") for r in results),
     }
@@ -573,26 +582,10 @@ class Experiment:
             rows = _read_rows(self.workdirs[init])
             runs[init] = {"init": init, "curve": curve_from_metrics(rows),
                           "done": init in self.done}  # fmt: skip
-        targets = targets_of(teacher_ppl, runs)
-        out_runs = [
-            {
-                "init": r["init"],
-                "curve": r["curve"],
-                "tokens_to_target": {
-                    n: tokens_to_target(r["curve"], v) for n, v in targets.items()
-                },
-                "complete": r["done"],
-            }
-            for r in runs.values()
-        ]
         return {
             **self.base,
             "teacher_ppl": teacher_ppl,
-            "targets": targets,
-            "runs": out_runs,
-            "ratios": {b: ratios(out_runs, b) for b in ("copy", "zero_gate")},
-            "matched": {b: matched_ratios(out_runs, b) for b in ("copy", "zero_gate")},
-            "projection": projection(out_runs, targets),
+            **analysis(teacher_ppl, runs),
             "throughput": self.throughput,
             "complete": complete,
         }
