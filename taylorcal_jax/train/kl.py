@@ -74,7 +74,7 @@ def _kl_total(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
     def body(xs):
         return _chunk_kl(xs[0], w_t_dv, xs[1], w_s_dv, xs[2])[0]
 
-    sums = jax.lax.map(body, (_chunked(h_t_btd, c), _chunked(h_s_btd, c), _chunked(valid_bt, c)))
+    sums = jax.lax.map(body, tuple(_chunked(a, c) for a in (h_t_btd, h_s_btd, valid_bt)))
     return jnp.sum(sums)
 
 
@@ -90,9 +90,8 @@ def _kl_total_fwd(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
         dw_dv = dw_dv + jnp.einsum("bcd,bcv->dv", h_s, g_bcv, preferred_element_type=jnp.float32)
         return dw_dv, (total, dh_bcd)
 
-    xs = (_chunked(h_t_btd, c), _chunked(h_s_btd, c), _chunked(valid_bt, c))
-    dw_dv = jnp.zeros(w_s_dv.shape, jnp.float32)
-    dw_dv, (sums, dh_nbcd) = jax.lax.scan(body, dw_dv, xs)
+    xs = tuple(_chunked(a, c) for a in (h_t_btd, h_s_btd, valid_bt))
+    dw_dv, (sums, dh_nbcd) = jax.lax.scan(body, jnp.zeros(w_s_dv.shape, jnp.float32), xs)
     dh_btd = _unchunked(dh_nbcd, h_s_btd.shape[1])
     # empty arrays carry the dtypes of the gradients to the backward pass
     dtypes = (jnp.zeros((0,), h_s_btd.dtype), jnp.zeros((0,), w_s_dv.dtype))
