@@ -27,7 +27,7 @@
 #       recovery experiment (launch/recovery.py) for INITS (default copy,taylor_calibrate,
 #       zero_gate) on DOCS documents (default 4000), LAYER_TOKENS of stage 1 and KL_TOKENS of
 #       stage 2 (defaults 1M and 8M) -> $OUT/recovery_${TAG:-smollm2_135m}.*; at these
-#       budgets two inits fit one call on an H100 (about 210 s each), so the four go in two
+#       budgets two inits fit one call on an H100 (recovery_smollm2_135m_h100_9m_all4), so the four go in two
 #       back-to-back calls with their own INITS and TAG, joined afterwards (here) by
 #       `python3 launch/recovery.py --merge=<a>.json,<b>.json --tag=...`; the text is read
 #       from the machine's site-packages, so both calls must run on the same machine
