@@ -49,14 +49,16 @@ def test_kernel_equals_numpy(m, k, n, dtype):
 
 def test_plan_splits_k_until_there_are_enough_programs():
     config = pallas_gpu.GemvConfig()
-    assert config.plan(1536, 1536) == (128, 64, 24)  # 12 column blocks x 24 segments
-    assert config.plan(1536, 8960) == (128, 64, 4)  # 70 x 4 = 280 programs
-    assert config.plan(8960, 1536) == (128, 64, 28)  # 140 loads of K: 28 segments of 5
-    assert config.plan(64, 48) == (16, 64, 1)  # few programs: all of K's loads, one segment
+    # BK 128 would leave 12 x 12 = 144 programs, under min_programs (264): BK 64, 24 segments
+    assert config.plan(1536, 1536) == (128, 64, 24)
+    assert config.plan(1536, 8960) == (128, 128, 12)  # 70 x 12 = 840: all 12 loads split
+    assert config.plan(8960, 1536) == (128, 128, 70)  # 12 x 70 = 840
+    assert pallas_gpu.GemvConfig(programs=280).plan(1536, 8960) == (128, 128, 4)  # 70 x 4
+    assert config.plan(64, 48) == (16, 16, 4)  # few programs: the least BK, every load split
     assert pallas_gpu.GemvConfig(programs=1).plan(1536, 1536) == (128, 64, 1)
     assert config.plan(1536, 12) is None and config.plan(24, 64) is None
     # segments of several loads each: the loop inside a program
-    small = pallas_gpu.GemvConfig(programs=2, block_k=32)
+    small = pallas_gpu.GemvConfig(programs=2, min_programs=1, block_k=32)
     assert small.plan(512, 32) == (32, 32, 2)
     for m in (1, 16):
         x, w = _operands(m, 512, 32, seed=1)

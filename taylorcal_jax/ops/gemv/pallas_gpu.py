@@ -44,30 +44,42 @@ MAX_ROWS = 16  # the most rows of x; 2..16 rows are padded to 16, the tensor cor
 class GemvConfig:
     """Launch options (static, part of the jit cache key).
 
-    programs: S is the least divisor of K / BK that gives (N / BN) * S at least this many
-      programs (all of K / BK when none does): 2 per SM of an H100/H200's 132.
     block_n: the most columns per program (BN is the largest of 128, 64, 32, 16 up to this that
       divides N).
-    block_k: the most rows per load (BK likewise, dividing K).
+    block_k: the most rows per load (BK is the largest of those up to this that divides K and
+      leaves (N / BN) (K / BK) >= min_programs, so that S can reach `min_programs`; the least
+      dividing one when none does).
+    programs: S is the least divisor of K / BK that gives (N / BN) S at least this many
+      programs (all of K / BK when none does).
     warps: Triton warps per program.
+
+    The defaults are the fastest of a sweep over programs (264-2112), BK (64, 128) and warps
+    (4, 8) for the one-row products of the Qwen2.5-1.5B decoding step on one H100 (the 1536 x
+    6144, 8960 and 17920 and 8960 x 1536 weights at 61-80% of the copy bandwidth, against 55-65%
+    with the earlier 264 programs, BK 64 and 4 warps; launch/results/bench_gemv_h100.md):
+    larger loads, more programs and more warps keep more bytes in flight per SM. The
+    1536 x 1536 weight keeps BK 64 through `min_programs` (144 programs of one load each would
+    leave SMs idle; 264 programs at BK 64 were the fastest for it).
     """
 
-    programs: int = 264
+    programs: int = 1056
+    min_programs: int = 264
     block_n: int = 128
-    block_k: int = 64
-    warps: int = 4
+    block_k: int = 128
+    warps: int = 8
 
     def __post_init__(self):
-        for name in ("programs", "block_n", "block_k", "warps"):
+        for name in ("programs", "min_programs", "block_n", "block_k", "warps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def plan(self, k: int, n: int) -> tuple[int, int, int] | None:
         """(BN, BK, S) for W [k, n], or None when no block divides k or n."""
         bn = next((b for b in _BLOCKS if b <= self.block_n and n % b == 0), None)
-        bk = next((b for b in _BLOCKS if b <= self.block_k and k % b == 0), None)
-        if bn is None or bk is None:
+        bks = [b for b in _BLOCKS if b <= self.block_k and k % b == 0]
+        if bn is None or not bks:
             return None
+        bk = next((b for b in bks if (n // bn) * (k // b) >= self.min_programs), bks[-1])
         steps = k // bk
         divisors = [s for s in range(1, steps + 1) if steps % s == 0]
         s = next((s for s in divisors if (n // bn) * s >= self.programs), steps)
