@@ -99,27 +99,23 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def build_models(
-    config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto", gdn_fused=None, gemv="xla",
-    joined_mlp=None,
-):  # fmt: skip
+    config, keep, dtype, impl, decode_impl="auto", gdn_decode="auto", gdn_fused=None, gemv=None
+):
     """(teacher, student) Flax modules of one shape; the student keeps attention in `keep`. GDN
     runs by op implementation `impl`, its decoding step by `gdn_decode` and its input
     projections joined when `gdn_fused` (GDNRuntime.fused_projections); a decoding step's
     attention runs by `decode_impl`; dense products of <= 16 rows (decoding) by `gemv`
-    (`ops.gemv`), the MLPs' gate and up products joined when `joined_mlp`
-    (AttentionRuntime.joined_mlp), in both models. None: the runtime's default."""
+    (`ops.gemv`), in both models. None: the runtime's default."""
     from taylorcal_jax.models.layers import AttentionRuntime
     from taylorcal_jax.models.mixers.gdn import GDNRuntime
     from taylorcal_jax.models.student import StudentConfig
     from taylorcal_jax.models.teacher import Transformer
 
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
-    attention = AttentionRuntime(
-        decode_impl=decode_impl, gemv_impl=gemv, **given(joined_mlp=joined_mlp)
-    )
+    attention = AttentionRuntime(decode_impl=decode_impl, **given(gemv_impl=gemv))
     sc = StudentConfig.from_teacher(config, keep, mixer="gdn")
     runtime = GDNRuntime(
-        impl=impl, decode_impl=gdn_decode, gemv_impl=gemv, **given(fused_projections=gdn_fused)
+        impl=impl, decode_impl=gdn_decode, **given(fused_projections=gdn_fused, gemv_impl=gemv)
     )
     student = sc.model(dtype=dtype, runtime=runtime, attention_runtime=attention)
     return Transformer(config, dtype=dtype, attention_runtime=attention), student

@@ -60,8 +60,7 @@ CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 class Variant:
     """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll,
     the GDN step, the GDN input projections joined (GDNRuntime.fused_projections), the few-row
-    dense products (ops.gemv: "pallas" = our kernel at batch <= 16), the MLPs' gate and up
-    products joined (AttentionRuntime.joined_mlp, "_mlp"). kind
+    dense products (ops.gemv: "pallas" = our kernel at batch <= 16). kind
     "model": the models' decode rows; kind "op": the decoding-attention op alone; kind
     "gdn_op": the GDN decoding step alone."""
 
@@ -72,7 +71,6 @@ class Variant:
     gdn_decode: str = "xla"
     gdn_fused: bool = False
     gemv: str = "xla"
-    joined_mlp: bool = False
 
 
 VARIANTS = {
@@ -95,12 +93,6 @@ VARIANTS = {
     "pallas_gdn_step_gemv": Variant("pallas", gdn_decode="pallas", gemv="pallas"),
     "pallas_gdn_step_fused_gemv": Variant(
         "pallas", gdn_decode="pallas", gdn_fused=True, gemv="pallas"
-    ),
-    "pallas_gdn_step_fused_mlp": Variant(
-        "pallas", gdn_decode="pallas", gdn_fused=True, joined_mlp=True
-    ),
-    "pallas_gdn_step_fused_mlp_gemv": Variant(
-        "pallas", gdn_decode="pallas", gdn_fused=True, gemv="pallas", joined_mlp=True
     ),
 }
 # the open questions, with the Pallas decoding attention and GDN step (the models' default on a
@@ -264,7 +256,6 @@ def run_model_variant(p: dict, variant: Variant) -> None:
         variant.gdn_decode,
         variant.gdn_fused,
         variant.gemv,
-        variant.joined_mlp,
     )
     models = {"teacher": teacher, "student": student}
     params = {

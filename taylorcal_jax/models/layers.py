@@ -59,7 +59,7 @@ from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
-from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
+from taylorcal_jax.ops.gemv.api import dense_dot_general
 
 logger = logging.getLogger(__name__)
 
@@ -124,20 +124,16 @@ class AttentionRuntime:
     `gemv_impl`: the block's dense products outside a student mixer (attention's projections,
     the MLP) when they multiply at most 16 rows, a decoding step of batch <= 16
     (`ops.gemv.api.IMPLS`: "xla" XLA's dot; "pallas" our few-row kernel; "auto" that kernel
-    for one-row products on a GPU). "xla" by default: on one H100 the kernel took the batch-1
-    steps to 0.88x (student) and 0.96x (teacher) (launch/results/probe_decode_h100_gemv.json),
-    but with the student's joined GDN projections (the default) the student's batch-1 step
-    took 1.05x as long as without it, the teacher's 0.96x
-    (launch/results/probe_decode_h100_fused_gemv.json; docs/kernel.md).
-
-    `joined_mlp`: the MLP's gate and up products as one product of their kernels joined along
-    the outputs (the same params and sums; `MLP`): one launch and one wider product instead of
-    two, the GDN layers' `fused_projections` for the MLP."""
+    for one-row products on a GPU, XLA's dot elsewhere). "auto" by default: on one H200, with
+    the kernel's launch options of ops/gemv/pallas_gpu.GemvConfig, the kernel took the
+    Qwen2.5-1.5B-shaped batch-1 decoding steps at 16k to 0.87x (teacher) and 0.91x (student)
+    of the time with XLA's products, while at batch 16 its 16-row path took them to 1.08x and
+    1.18x (launch/results/probe_decode_h200_gemv_config.json; docs/kernel.md), which "auto"
+    leaves to XLA."""
 
     decode_impl: str = "auto"
     sequence_impl: str = "blocked"
-    gemv_impl: str = "xla"
-    joined_mlp: bool = False
+    gemv_impl: str = "auto"
 
     def __post_init__(self):
         if self.decode_impl not in decode_api.IMPLS:
@@ -172,20 +168,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
-
-
-class DenseKernel(nn.Module):
-    """Holds the kernel [D_in, D_out] of a bias-free nn.Dense (param "kernel": the same name,
-    shape and float32 dtype; `init` as the Dense's kernel_init), for products the caller forms
-    itself, e.g. several Dense layers' kernels joined along their outputs into one product."""
-
-    features_in: int
-    features: int
-    init: Any = nn.linear.default_kernel_init
-
-    @nn.compact
-    def __call__(self):
-        return self.param("kernel", self.init, (self.features_in, self.features), jnp.float32)
 
 
 def _dense(features, use_bias, dtype, name, gemv_impl):
@@ -415,25 +397,17 @@ def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtyp
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP: down(silu(x W_gate) * x W_up). `gemv_impl` as AttentionRuntime's; `joined`
-    (AttentionRuntime.joined_mlp): x [W_gate | W_up] as one product of the two kernels joined
-    along their outputs, then split (the same params and sums)."""
+    """SwiGLU MLP; `gemv_impl` as AttentionRuntime's."""
 
     config: ModelConfig
     dtype: Any = jnp.float32
-    gemv_impl: str = "xla"
-    joined: bool = False
+    gemv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        f, d, gemv = self.config.intermediate_size, x.shape[-1], self.gemv_impl
-        if self.joined:
-            w = jnp.concatenate([DenseKernel(d, f, name=n)() for n in ("gate_proj", "up_proj")], 1)
-            gate_up = dense_product(x.astype(self.dtype), w.astype(self.dtype), impl=gemv)
-            gate, up = jnp.split(gate_up, 2, axis=-1)
-        else:
-            gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
-            up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
+        f, gemv = self.config.intermediate_size, self.gemv_impl
+        gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
+        up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
         down = _dense(self.config.hidden_size, False, self.dtype, "down_proj", gemv)
         return down(nn.silu(gate) * up)
 
@@ -481,8 +455,7 @@ class DecoderLayer(nn.Module):
             y, new_cache, inter = jnp.where(keep, y_attn, y_student.astype(y_attn.dtype)), None, {}
         out = h + y.astype(h.dtype)
         mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(out)
-        rt = self.attention_runtime
-        mlp = MLP(c, self.dtype, rt.gemv_impl, rt.joined_mlp, name="mlp")
+        mlp = MLP(c, self.dtype, self.attention_runtime.gemv_impl, name="mlp")
         out = out + mlp(mlp_in).astype(h.dtype)
         if return_intermediates:
             inter = {"resid_in": h, "attn_in": attn_in, **inter, "attn_out": y}

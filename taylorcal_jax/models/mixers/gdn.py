@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taylorcal_jax.models.config import ModelConfig
-from taylorcal_jax.models.layers import DenseKernel, repeat_kv_kernel
+from taylorcal_jax.models.layers import repeat_kv_kernel
 from taylorcal_jax.models.mixers.spec import Mixer
 from taylorcal_jax.ops.gdn import api, decode_api
 from taylorcal_jax.ops.gemv import api as gemv_api
@@ -157,7 +157,7 @@ class GDNRuntime:
     (launch/results/probe_decode_h100_gemv.json, variants "pallas_gdn_step_fused" and
     "pallas_gdn_step").
     `gemv_impl`: the mixer's dense products when they multiply at most 16 rows (a decoding
-    step of batch <= 16), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`); "xla" by
+    step of batch <= 16), as `layers.AttentionRuntime.gemv_impl` (`ops.gemv`); "auto" by
     default, for the reason given there."""
 
     impl: str = "auto"
@@ -165,7 +165,7 @@ class GDNRuntime:
     pallas_residuals: str = "auto"
     decode_impl: str = "auto"
     fused_projections: bool = True
-    gemv_impl: str = "xla"
+    gemv_impl: str = "auto"
 
     def __post_init__(self):
         if self.impl not in api.IMPLS:
@@ -307,6 +307,19 @@ class ShortConvKernel(nn.Module):
         return self.param("kernel", torch_linear_init, (self.width, self.channels), jnp.float32)
 
 
+class DenseKernel(nn.Module):
+    """Holds the kernel [D_in, D_out] of a bias-free nn.Dense (param "kernel", the same name,
+    shape and init), for products the caller forms itself (GatedDeltaNet's fused projections)."""
+
+    features_in: int
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        shape = (self.features_in, self.features)
+        return self.param("kernel", torch_linear_init, shape, jnp.float32)
+
+
 class GatedRMSNorm(nn.Module):
     """rmsnorm(o) * scale * silu(gate) per head (param "scale" [V], init 1)."""
 
@@ -352,11 +365,10 @@ class GatedDeltaNet(nn.Module):
             gates = [self._dense(h, n, jnp.float32)(x_btd) for n in ("a_proj", "b_proj")]
             return (*outs, *gates)
         sizes = [features for _, features in wide]
-        kernel = functools.partial(DenseKernel, init=torch_linear_init)
-        w = jnp.concatenate([kernel(d, f, name=n)() for n, f in wide], axis=1)
+        w = jnp.concatenate([DenseKernel(d, f, name=n)() for n, f in wide], axis=1)
         dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
         joined = dot(x_btd.astype(self.dtype), w.astype(self.dtype))
-        w_ab = jnp.concatenate([kernel(d, h, name=n)() for n in ("a_proj", "b_proj")], 1)
+        w_ab = jnp.concatenate([DenseKernel(d, h, name=n)() for n in ("a_proj", "b_proj")], 1)
         gates = dot(x_btd.astype(jnp.float32), w_ab)
         return (*jnp.split(joined, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(gates, 2, -1))
 
