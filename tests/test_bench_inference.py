@@ -58,6 +58,20 @@ def _small_models():
     return bench.build_models(cfg, (0,), jnp.float32, "auto")
 
 
+def test_models_take_the_runtimes_defaults_unless_told():
+    from taylorcal_jax.models.layers import AttentionRuntime
+    from taylorcal_jax.models.mixers.gdn import GDNRuntime
+
+    teacher, student = _small_models()
+    assert teacher.attention_runtime == student.attention_runtime == AttentionRuntime()
+    assert student.student_mixer.runtime == GDNRuntime(impl="auto")
+    cfg = model_shapes.qwen2_config(bench.settings("small"), 256)
+    _, student = bench.build_models(cfg, (0,), jnp.float32, "auto", gdn_fused=False, gemv="xla")
+    runtime = student.student_mixer.runtime
+    assert not runtime.fused_projections and runtime.gemv_impl == "xla"
+    assert student.attention_runtime.gemv_impl == "xla"
+
+
 def test_weights_and_step_bytes_equal_the_hand_count():
     teacher, student = _small_models()
     batch, context, steps = 3, 64, 4

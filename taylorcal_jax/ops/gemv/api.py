@@ -6,15 +6,16 @@ decoding step of batch <= 16) and `impl` resolves to "pallas", it runs pallas_gp
 every other call is lax.dot_general, as nn.Dense's default.
 
 Implementations (`impl`, dispatch.KERNEL_IMPLS):
-  "xla"     lax.dot_general always (the models' default)
+  "xla"     lax.dot_general always
   "pallas"  the kernel for the products of 1-16 rows that it takes (K and N multiples of 16,
             not float64; interpret mode off a GPU: slow, how the tests run it); XLA's dot for
             the rest, since one runtime setting covers all of a model's products (a GDN
             layer's [D, H] gate products are too narrow)
   "auto"    on a GPU backend the kernel for the one-row products it takes, XLA's dot for the
-            rest; "xla" elsewhere; logged once. One row only: on one H100 the kernel was faster
-            than XLA's reductions at batch 1 and slower than XLA's GEMMs at batch 16
-            (launch/results/probe_decode_h100_gemv.json; docs/kernel.md)
+            rest; "xla" elsewhere; logged once (the models' default). One row only: on one
+            H200 the kernel took the batch-1 decoding steps to 0.87x-0.91x of the time with
+            XLA's products and the batch-16 ones to 1.08x-1.18x
+            (launch/results/probe_decode_h200_gemv_config.json; docs/kernel.md)
 The kernel's result is float32, cast to the operands' promoted dtype, as XLA's dot returns it.
 Differentiable: the backward is XLA's two products (dx = g W^T, dW = x^T g); decoding steps are
 not differentiated for speed, but a differentiated one-token call stays correct.

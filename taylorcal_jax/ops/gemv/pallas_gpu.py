@@ -53,13 +53,15 @@ class GemvConfig:
       programs (all of K / BK when none does).
     warps: Triton warps per program.
 
-    The defaults are the fastest of a sweep over programs (264-2112), BK (64, 128) and warps
-    (4, 8) for the one-row products of the Qwen2.5-1.5B decoding step on one H100 (the 1536 x
-    6144, 8960 and 17920 and 8960 x 1536 weights at 61-80% of the copy bandwidth, against 55-65%
-    with the earlier 264 programs, BK 64 and 4 warps; launch/results/bench_gemv_h100.md):
-    larger loads, more programs and more warps keep more bytes in flight per SM. The
-    1536 x 1536 weight keeps BK 64 through `min_programs` (144 programs of one load each would
-    leave SMs idle; 264 programs at BK 64 were the fastest for it).
+    The defaults (1056 programs, BK up to 128, 8 warps; before: 264, 64, 4) put more bytes in
+    flight per SM for the wide weights of a decoding step: with them the kernel took the
+    Qwen2.5-1.5B-shaped batch-1 decoding steps at 16k to 0.87x (teacher) and 0.91x (student)
+    of the time with XLA's products on one H200 (launch/results/probe_decode_h200_gemv_config
+    .json), where with the earlier options it took them to 0.96x and 1.05x on one H100
+    (launch/results/probe_decode_h100_fused_gemv.json). Alone, outside a model, the products
+    are too short to rank launch options reliably (launch/bench_gemv.py; docs/kernel.md). The
+    1536 x 1536 weight keeps BK 64 through `min_programs`: at BK 128 it would get 144 programs
+    of one load each.
     """
 
     programs: int = 1056
