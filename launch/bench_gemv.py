@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import sys
 import time
 
 import results_io  # launch/
 from absl import app, flags
+from bench_inference import RESULTS_DIR, copy_bandwidth  # launch/
 
 MAX_COPIES = 16
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # (name, K, N) of the Qwen2.5-1.5B decoding step's products (docs/benchmarks.md §4)
 QWEN2_5_1_5B_SHAPES = (
     ("attention q / o, GDN o", 1536, 1536),
@@ -98,7 +96,7 @@ def configs(p: dict, m: int) -> list:
         return [GemvConfig()]
     grid = itertools.product(p["programs"], p["block_n"], p["block_k"], p["warps"])
     swept = [GemvConfig(programs=a, block_n=b, block_k=c, warps=d) for a, b, c, d in grid]
-    return [GemvConfig()] + [c for c in swept if c != GemvConfig()]  # the default first
+    return [GemvConfig(), *swept]  # the default first; measure_shape skips repeated launches
 
 
 def time_products(product, xs, weights, calls: int, repeats: int) -> float:
@@ -180,6 +178,8 @@ def measure_shape(name, k, n, p, bandwidth, log) -> list[Row]:
 
 def markdown(result: dict) -> str:
     """The result as a table per shape and rows: XLA, the best kernel config, the default."""
+    from taylorcal_jax.ops.gemv.pallas_gpu import GemvConfig
+
     lines = [
         f"# Few-row products alone: {result['device']}",
         "",
@@ -194,7 +194,6 @@ def markdown(result: dict) -> str:
         "| default kernel us | default of bw | max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    from taylorcal_jax.ops.gemv.pallas_gpu import GemvConfig
 
     default = dataclasses.asdict(GemvConfig())
     groups = {}
@@ -222,9 +221,6 @@ def markdown(result: dict) -> str:
 def run(p: dict) -> str:
     """Every shape of settings `p`; returns the .json path."""
     import jax
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_inference import copy_bandwidth
 
     log = results_io.progress_log()
     bandwidth = copy_bandwidth(64 << 20 if p["preset"] == "small" else 2048 << 20, 5)
