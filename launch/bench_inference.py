@@ -4,7 +4,8 @@ docs/benchmarks.md §4. Letters: B batch, L context (prompt) length, N decoded t
 call, S = L + N cache slots.
 
 Both models have the same shape and random weights (`model_shapes.random_params`; speed and
-memory do not depend on the values); the student keeps softmax attention in every
+memory do not depend on the values), held as a server holds them: joined for decoding
+(`decoding_params`, models/joined.py); the student keeps softmax attention in every
 `keep_every`-th layer (uniform policy) and has a GDN mixer in the others. For each context L,
 teacher and student in turn:
 
@@ -119,6 +120,17 @@ def build_models(
     )
     student = sc.model(dtype=dtype, runtime=runtime, attention_runtime=attention)
     return Transformer(config, dtype=dtype, attention_runtime=attention), student
+
+
+def decoding_params(model, seed: int, dtype):
+    """Random weights of `model` (model_shapes.random_params) joined for decoding, as the
+    generation path holds them (models/joined.py), ready on the device."""
+    import jax
+
+    from taylorcal_jax.models.joined import join_for_decoding
+
+    params = model_shapes.random_params(model, jax.random.PRNGKey(seed), dtype)
+    return jax.block_until_ready(join_for_decoding(params))
 
 
 def empty_cache(model, batch: int, slots: int):
@@ -820,10 +832,7 @@ def run(p: dict) -> str:
     )
 
     t0 = time.perf_counter()
-    params = {
-        name: jax.block_until_ready(model_shapes.random_params(m, jax.random.PRNGKey(i), dtype))
-        for i, (name, m) in enumerate(models.items())
-    }
+    params = {name: decoding_params(m, i, dtype) for i, (name, m) in enumerate(models.items())}
     params_bytes = {name: tree_bytes(x) for name, x in params.items()}
     log(
         f"random weights in {time.perf_counter() - t0:.1f} s: "

@@ -60,7 +60,8 @@ CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 class Variant:
     """One way to run the decoding step: the decoding attention, extra XLA_FLAGS, scan unroll,
     the GDN step, the GDN input projections joined (GDNRuntime.fused_projections), the few-row
-    dense products (ops.gemv: "pallas" = our kernel at batch <= 16). kind
+    dense products (ops.gemv: "pallas" = our kernel at batch <= 16; "auto" = at batch 1), the
+    params joined for decoding once before the loop (models/joined.py) or as stored. kind
     "model": the models' decode rows; kind "op": the decoding-attention op alone; kind
     "gdn_op": the GDN decoding step alone."""
 
@@ -71,6 +72,7 @@ class Variant:
     gdn_decode: str = "xla"
     gdn_fused: bool = False
     gemv: str = "xla"
+    joined: bool = False
 
 
 VARIANTS = {
@@ -93,6 +95,11 @@ VARIANTS = {
     "pallas_gdn_step_gemv": Variant("pallas", gdn_decode="pallas", gemv="pallas"),
     "pallas_gdn_step_fused_gemv": Variant(
         "pallas", gdn_decode="pallas", gdn_fused=True, gemv="pallas"
+    ),
+    # the models' defaults on a GPU, with the params as stored and joined for decoding
+    "defaults_stored": Variant("pallas", gdn_decode="pallas", gdn_fused=True, gemv="auto"),
+    "defaults_joined": Variant(
+        "pallas", gdn_decode="pallas", gdn_fused=True, gemv="auto", joined=True
     ),
 }
 # the open questions, with the Pallas decoding attention and GDN step (the models' default on a
@@ -258,10 +265,13 @@ def run_model_variant(p: dict, variant: Variant) -> None:
         variant.gemv,
     )
     models = {"teacher": teacher, "student": student}
-    params = {
-        name: jax.block_until_ready(model_shapes.random_params(m, jax.random.PRNGKey(i), dtype))
-        for i, (name, m) in enumerate(models.items())
-    }
+    if variant.joined:
+        params = {n: bench.decoding_params(m, i, dtype) for i, (n, m) in enumerate(models.items())}
+    else:
+        params = {
+            n: jax.block_until_ready(model_shapes.random_params(m, jax.random.PRNGKey(i), dtype))
+            for i, (n, m) in enumerate(models.items())
+        }
     bench.log("random weights made")
     jobs = {}
     for context, batch in p["rows"]:

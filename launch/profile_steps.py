@@ -389,7 +389,6 @@ def decode_setup(s: Settings, log) -> dict:
     """What every decode row shares: the models (bench_inference.build_models), the random
     weights of the decode targets asked for, the copy bandwidth of the roofline, and the
     record of these for the result."""
-    import jax
     import jax.numpy as jnp
     import model_shapes  # launch/
 
@@ -402,9 +401,7 @@ def decode_setup(s: Settings, log) -> dict:
     )
     models = {"decode_teacher": teacher, "decode_student": student}
     params = {
-        t: jax.block_until_ready(
-            model_shapes.random_params(models[t], jax.random.PRNGKey(i), dtype)
-        )
+        t: bench.decoding_params(models[t], i, dtype)
         for i, t in enumerate(TARGETS)
         if t in s.targets and t in models
     }

@@ -28,6 +28,7 @@ import numpy as np
 
 from taylorcal_jax.data.tokenizer import load_tokenizer
 from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
+from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
 from taylorcal_jax.utils.progress import progress
 
@@ -212,6 +213,7 @@ def main(argv=None) -> int:
         return 2
     dtype = DTYPES[args.dtype]
     config, params = load_student(args.student, dtype)
+    params = jax.jit(join_for_decoding)(params)  # once for all batches; the originals are freed
     model = config.model(dtype)
     if records is None:
         stream_prompt(model, params, tokenizer, ids, args, sys.stdout)

@@ -18,12 +18,14 @@ def pallas_calls(jaxpr) -> int:
 
 
 def greedy_steps(
-    models: dict, vocab_size: int, steps: int = 3, slots: int = 16, rows: int = 2
-) -> dict:
+    models: dict, vocab_size: int, steps: int = 3, slots: int = 16, rows: int = 2,
+    params_map=None,
+) -> dict:  # fmt: skip
     """{name: (logits [rows, steps, V] of `steps` greedy single-token steps, the Pallas kernel
     launches of one step (`pallas_calls`))} for every model of `models` (same architecture, one
     set of params): a prompt of 9 tokens in `rows` rows (1 or 2; PROMPT_VALID) is prefilled
-    into a cache of `slots` slots by the first model, and each model decodes from that cache."""
+    into a cache of `slots` slots by the first model, and each model decodes from that cache,
+    with the params as `params_map` returns them when given (e.g. joined for decoding)."""
     first = next(iter(models.values()))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (rows, 9), 1, vocab_size)
     params = first.init(jax.random.PRNGKey(1), tokens)["params"]
@@ -34,9 +36,10 @@ def greedy_steps(
         cache=init_cache(first, rows, slots),
         last_logits_only=True,
     )
+    decoding = params if params_map is None else params_map(params)
     out = {}
     for name, model in models.items():
-        step = jax.jit(lambda c, t, m=model: m.apply({"params": params}, t, cache=c)[:2])
+        step = jax.jit(lambda c, t, m=model: m.apply({"params": decoding}, t, cache=c)[:2])
         calls = pallas_calls(jax.make_jaxpr(step)(cache, tokens[:, -1:]).jaxpr)
         c, token, logits = cache, tokens[:, -1:], []
         for _ in range(steps):

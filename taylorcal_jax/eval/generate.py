@@ -12,6 +12,10 @@ per step:
 with optional top-k and nucleus (top-p) truncation. After `eos_token_id` a row keeps running
 (fixed shapes) but its later tokens are replaced by `pad_id` and marked invalid.
 
+Both run with the params joined for decoding (`models.joined.join_for_decoding`: the kernels of
+products that share an input joined once per call, not once per token; a no-op on params that
+are already joined, as the generation command passes them).
+
 `generate` runs prefill and every step in one compiled call; `generate_stream` runs the same
 prefill and step functions one call at a time and yields each step's tokens as they are made
 (the same tokens for the same arguments), for printing text as it comes. `left_pad` builds the
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.teacher import init_cache
 
 
@@ -113,6 +118,7 @@ def _generate(
     eos_token_id, pad_id,
 ):  # fmt: skip
     b, p = prompt_bt.shape
+    params = join_for_decoding(params)
     sample = _sampler(temperature, top_k, top_p)
     first_rng, rngs = _step_keys(rng, max_new_tokens)
     first, cache = _prefill(
@@ -147,6 +153,9 @@ def _prefill_call(model, params, prompt_bt, valid_bt, rng, *, max_len, temperatu
 )
 def _decode_call(model, params, token_b, cache, rng, *, temperature, top_k, top_p):
     return _decode(model, params, token_b, cache, rng, _sampler(temperature, top_k, top_p))
+
+
+_join_call = jax.jit(join_for_decoding)
 
 
 def _prepare(prompt_bt, valid_bt, rng, temperature):
@@ -225,6 +234,7 @@ def generate_stream(
     options = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
     first_rng, rngs = _step_keys(rng, max_new_tokens)
     max_len = prompt_bt.shape[1] + max_new_tokens
+    params = _join_call(params)
     token, cache = _prefill_call(
         model, params, prompt_bt, valid_bt, first_rng, max_len=max_len, **options
     )

@@ -52,6 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.models import joined
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.paths import ATTENTION, mixer_key
 from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
@@ -59,7 +60,7 @@ from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
-from taylorcal_jax.ops.gemv.api import dense_dot_general
+from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +398,9 @@ def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtyp
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP; `gemv_impl` as AttentionRuntime's."""
+    """SwiGLU MLP; `gemv_impl` as AttentionRuntime's. With params joined for decoding
+    (`joined.join_for_decoding`: gate and up as one kernel [D, 2F]) it forms x W_gate and x W_up
+    as one product, then splits it."""
 
     config: ModelConfig
     dtype: Any = jnp.float32
@@ -406,8 +409,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         f, gemv = self.config.intermediate_size, self.gemv_impl
-        gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
-        up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
+        if self.has_variable("params", joined.MLP_GATE_UP):
+            w = self.get_variable("params", joined.MLP_GATE_UP).astype(self.dtype)
+            gate, up = jnp.split(dense_product(x.astype(self.dtype), w, impl=gemv), 2, axis=-1)
+        else:
+            gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
+            up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
         down = _dense(self.config.hidden_size, False, self.dtype, "down_proj", gemv)
         return down(nn.silu(gate) * up)
 

@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taylorcal_jax.models import joined
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import repeat_kv_kernel
 from taylorcal_jax.models.mixers.spec import Mixer
@@ -353,24 +354,35 @@ class GatedDeltaNet(nn.Module):
             name=name,
         )
 
+    def _joined_kernel(self, group: str, widths):
+        """The kernels of `joined.GROUPS[group]` (output widths `widths`) joined along their
+        outputs: as the params hold them when joined for decoding, else joined here."""
+        if self.has_variable("params", group):
+            return self.get_variable("params", group)
+        d, parts = self.config.hidden_size, joined.GROUPS[group]
+        kernels = [DenseKernel(d, f, name=n)() for n, f in zip(parts, widths, strict=True)]
+        return jnp.concatenate(kernels, axis=1)
+
     def _projections(self, x_btd):
         """x Wq, x Wk [B, T, H*K], x Wv, x Wg [B, T, H*V] in the compute dtype, and the gate
         logits x Wa, x Wb [B, T, H] in float32 (as FLA computes them): separate nn.Dense
-        products, or two joined products under `runtime.fused_projections` (same params)."""
-        gdn, h, d = self.gdn, self.gdn.num_heads, x_btd.shape[-1]
+        products, or two joined products under `runtime.fused_projections` or with params
+        joined for decoding (`joined.join_for_decoding`; the same sums)."""
+        gdn, h = self.gdn, self.gdn.num_heads
         wide = (("q_proj", gdn.key_dim), ("k_proj", gdn.key_dim))
         wide += (("v_proj", gdn.value_dim), ("g_proj", gdn.value_dim))
-        if not self.runtime.fused_projections:
+        held = self.has_variable("params", joined.GDN_QKVG)
+        if not (self.runtime.fused_projections or held):
             outs = [self._dense(features, name)(x_btd) for name, features in wide]
             gates = [self._dense(h, n, jnp.float32)(x_btd) for n in ("a_proj", "b_proj")]
             return (*outs, *gates)
         sizes = [features for _, features in wide]
-        w = jnp.concatenate([DenseKernel(d, f, name=n)() for n, f in wide], axis=1)
+        w = self._joined_kernel(joined.GDN_QKVG, sizes)
         dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
-        joined = dot(x_btd.astype(self.dtype), w.astype(self.dtype))
-        w_ab = jnp.concatenate([DenseKernel(d, h, name=n)() for n in ("a_proj", "b_proj")], 1)
+        qkvg = dot(x_btd.astype(self.dtype), w.astype(self.dtype))
+        w_ab = self._joined_kernel(joined.GDN_AB, (h, h))
         gates = dot(x_btd.astype(jnp.float32), w_ab)
-        return (*jnp.split(joined, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(gates, 2, -1))
+        return (*jnp.split(qkvg, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(gates, 2, -1))
 
     @nn.compact
     def __call__(

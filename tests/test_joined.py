@@ -1,0 +1,101 @@
+"""Params joined for decoding (models/joined.py): which kernels are joined, and that a teacher
+and a hybrid student give the same logits and tokens with the joined params as with the
+original ones, in prefill and decoding steps, with XLA's products and with the few-row kernel.
+
+Metric: rel = max|a - b| / max|b|. Tolerances (float32 models):
+  joined vs original params, the same products                    1e-6 (summation order only)
+  few-row kernel with joined params vs XLA with the original ones  2e-5 (as tests/test_gemv.py)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from decode_testing import greedy_steps
+from gdn_testing import rel_err
+from tiny_models import tiny_model_config
+
+from taylorcal_jax.eval.generate import generate
+from taylorcal_jax.models import joined
+from taylorcal_jax.models.layers import AttentionRuntime
+from taylorcal_jax.models.mixers.gdn import GDNRuntime
+from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import Transformer
+
+
+def _config():
+    # biases on q, k, v (Qwen2): the attention layer's products must stay as they are
+    return tiny_model_config(
+        model_type="qwen2", num_hidden_layers=3, hidden_size=64, intermediate_size=96,
+        head_dim=16, attention_bias=True, max_position_embeddings=64,
+    )  # fmt: skip
+
+
+def _student(fused=True, gemv="xla"):
+    sc = StudentConfig.from_teacher(_config(), (0,), mixer="gdn")
+    return sc.model(
+        runtime=GDNRuntime(impl="chunked", decode_impl="xla", fused_projections=fused,
+                           gemv_impl=gemv),
+        attention_runtime=AttentionRuntime(decode_impl="xla", gemv_impl=gemv),
+    )  # fmt: skip
+
+
+def _params(model):
+    tokens = jnp.ones((1, 4), jnp.int32)
+    return model.init(jax.random.PRNGKey(0), tokens)["params"]
+
+
+def test_join_replaces_the_groups_kernels_and_nothing_else():
+    params = _params(_student())
+    out = joined.join_for_decoding(params)
+    gdn, gdn_joined = params["layers_1"]["gdn"], out["layers_1"]["gdn"]
+    parts = [gdn[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj", "g_proj")]
+    np.testing.assert_array_equal(out["layers_1"]["gdn"]["qkvg_kernel"], jnp.concatenate(parts, 1))
+    ab = jnp.concatenate([gdn["a_proj"]["kernel"], gdn["b_proj"]["kernel"]], 1)
+    np.testing.assert_array_equal(gdn_joined["ab_kernel"], ab)
+    assert set(gdn_joined) == {"qkvg_kernel", "ab_kernel", "o_proj", "A_log", "dt_bias", "o_norm"}
+    mlp = params["layers_0"]["mlp"]
+    gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], 1)
+    np.testing.assert_array_equal(out["layers_0"]["mlp"]["gate_up_kernel"], gate_up)
+    assert set(out["layers_0"]["mlp"]) == {"gate_up_kernel", "down_proj"}
+    # the kept attention layer (q, k, v with biases, no g) is left as it is
+    assert jax.tree.map(jnp.shape, out["layers_0"]["self_attn"]) == jax.tree.map(
+        jnp.shape, dict(params["layers_0"]["self_attn"])
+    )
+    twice = joined.join_for_decoding(out)
+    assert jax.tree.structure(twice) == jax.tree.structure(out)
+    for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(out), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_student_and_teacher_decode_the_same_with_joined_params(fused):
+    config = _config()
+    models = {"student": _student(fused), "teacher": Transformer(config)}
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (2, 7), 1, config.vocab_size)
+    valid = jnp.asarray([[True] * 7, [False] * 2 + [True] * 5])
+    for name, model in models.items():
+        params = _params(model)
+        out = {
+            which: generate(model, p, prompt, valid_bt=valid, max_new_tokens=5)
+            for which, p in (("original", params), ("joined", joined.join_for_decoding(params)))
+        }
+        np.testing.assert_array_equal(out["joined"]["tokens"], out["original"]["tokens"], name)
+        logits = {
+            which: model.apply({"params": p}, prompt, valid_bt=valid)[0]
+            for which, p in (("original", params), ("joined", joined.join_for_decoding(params)))
+        }
+        assert rel_err(logits["joined"], logits["original"]) < 1e-6, name
+
+
+def test_joined_params_through_the_few_row_kernel():
+    # batch 1 decoding steps with every product of width >= 16 by the kernel (interpret mode):
+    # the joined q|k|v|g and gate|up kernels are one product each
+    models = {"xla": _student(gemv="xla"), "pallas": _student(gemv="pallas")}
+    steps = greedy_steps(models, _config().vocab_size, rows=1, params_map=joined.join_for_decoding)
+    plain = greedy_steps({"xla": _student(gemv="xla")}, _config().vocab_size, rows=1)
+    # attention layer: q, k, v, o; 2 GDN layers: q|k|v|g and o (a|b is 8 wide: XLA);
+    # 3 MLPs: gate|up and down
+    assert steps["pallas"][1] == 4 + 2 * 2 + 3 * 2
+    assert rel_err(steps["pallas"][0], plain["xla"][0]) <= 2e-5
+    assert rel_err(steps["xla"][0], plain["xla"][0]) <= 1e-6
