@@ -23,6 +23,10 @@ array under the group's name. The modules (layers.MLP, mixers.gdn.GatedDeltaNet)
 kernel when their params hold one, and join the parts themselves otherwise; both give the
 same outputs (tests/test_joined.py). Idempotent. The parts are dropped from the result, so the
 joined tree takes the same memory as the original once that is released.
+
+Measured on one H100 (launch/results/probe_decode_h100_joined.json, 32k context): the student's
+batch-1 decoding step took 2.13 ms with joined params against 2.49 ms (0.86x), the teacher's
+(only its MLPs join) 2.56 against 2.62 ms; at batch 16 0.98x-0.99x.
 """
 
 from __future__ import annotations
