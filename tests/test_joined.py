@@ -1,6 +1,7 @@
-"""Params joined for decoding (models/joined.py): which kernels are joined, and that a teacher
-and a hybrid student give the same logits and tokens with the joined params as with the
-original ones, in prefill and decoding steps, with XLA's products and with the few-row kernel.
+"""Params joined for decoding (models/joined.py): which kernels are joined, that generation
+joins them before its decoding loop and not in it, and that a teacher and a hybrid student give
+the same logits and tokens with the joined params as with the original ones, in prefill and
+decoding steps, with XLA's products and with the few-row kernel.
 
 Metric: rel = max|a - b| / max|b|. Tolerances (float32 models):
   joined vs original params, the same products                    1e-6 (summation order only)
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from decode_testing import greedy_steps
 from gdn_testing import rel_err
+from jaxpr_testing import equations
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.eval.generate import generate
@@ -99,3 +101,23 @@ def test_joined_params_through_the_few_row_kernel():
     assert steps["pallas"][1] == 4 + 2 * 2 + 3 * 2
     assert rel_err(steps["pallas"][0], plain["xla"][0]) <= 2e-5
     assert rel_err(steps["xla"][0], plain["xla"][0]) <= 1e-6
+
+
+def test_generation_joins_the_kernels_before_its_decoding_loop():
+    # the cost this removes: a join inside the loop is a copy of the joined kernel per token
+    model, d = _student(), _config().hidden_size
+    prompt = jnp.ones((1, 5), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p: generate(model, p, prompt, max_new_tokens=3)["tokens"])(
+        _params(model)
+    ).jaxpr
+
+    def kernel_joins(eqns):  # concatenations of [D, ...] kernels
+        return [e for e in eqns if any(v.aval.ndim == 2 and v.aval.shape[0] == d for v in e.invars)]
+
+    loops = equations(jaxpr, "scan")
+    assert loops
+    assert not kernel_joins(
+        [e for s in loops for e in equations(s.params["jaxpr"].jaxpr, "concatenate")]
+    )
+    # before the loop: gate|up of 3 MLPs, q|k|v|g and a|b of 2 GDN layers
+    assert len(kernel_joins(equations(jaxpr, "concatenate"))) == 3 + 2 * 2
