@@ -44,6 +44,12 @@ GROUPS = {
 }
 
 
+def _as_dict(tree):
+    if hasattr(tree, "items"):
+        return {name: _as_dict(sub) for name, sub in tree.items()}
+    return tree
+
+
 def _bias_free_kernel(node) -> bool:
     return isinstance(node, dict) and set(node) == {"kernel"}
 
@@ -62,9 +68,3 @@ def join_for_decoding(params):
     """`params` (a model's param tree; a Flax FrozenDict is read as a dict) with each group's
     kernels joined (module docstring)."""
     return _join(_as_dict(params))
-
-
-def _as_dict(tree):
-    if hasattr(tree, "items"):
-        return {name: _as_dict(sub) for name, sub in tree.items()}
-    return tree
