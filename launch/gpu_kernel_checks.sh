@@ -6,9 +6,9 @@
 #      the GDN decoding step's Pallas kernel (tests/test_gdn_decode_pallas.py; both passed on
 #      one H100, launch/results/gpu_tests_h100_cudnn_gdn_step.json) and of the few-row dense
 #      product's kernel (tests/test_gemv.py)                                  -> $OUT/gpu/
-#   2. launch/probe_decode.py: the Qwen2.5-1.5B-shaped decode steps with the Pallas GDN step,
-#      the GDN input projections as six products or two (GDNRuntime.fused_projections), each
-#      with XLA's products or our few-row kernel (ops/gemv), at 16k batch 1 and 32k batch 16
+#   2. launch/probe_decode.py: the Qwen2.5-1.5B-shaped decode steps under the models' defaults
+#      with the params as stored and joined for decoding (models/joined.py), at 32k batch 1
+#      and 16 (measured on one H100: launch/results/probe_decode_h100_joined.json)
 #                                                               -> $OUT/probe_decode_<gpu>.json
 #   3. launch/bench_inference.py at the contexts of the decode-ratio targets, 32k and 64k
 #      (batch 1 and 16), with the models' defaults       -> $OUT/bench_inference_<gpu>_32k_64k.*
@@ -30,10 +30,9 @@ GPU=${GPU:-gpu}
 CONTEXTS=32768,65536  # an H100's 80 GB do not pass bench_inference's memory check at 64k x 16
 [ "$GPU" = h100 ] && CONTEXTS=32768
 
-# TESTS=0 skips part 1; VARIANTS and ROWS pick the probe's variants and rows (default: all four
-# variants, 16k x 1 and 32k x 16)
-ROWS=${ROWS:-16384x1,32768x16}
-VARIANTS=${VARIANTS:-pallas_gdn_step,pallas_gdn_step_gemv,pallas_gdn_step_fused,pallas_gdn_step_fused_gemv}
+# TESTS=0 skips part 1; VARIANTS and ROWS pick the probe's variants and rows
+ROWS=${ROWS:-32768x1,32768x16}
+VARIANTS=${VARIANTS:-defaults_stored,defaults_joined}
 
 if [ "${TESTS:-1}" = 1 ]; then
   timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
