@@ -122,15 +122,16 @@ def build_models(
     return Transformer(config, dtype=dtype, attention_runtime=attention), student
 
 
-def decoding_params(model, seed: int, dtype):
+def decoding_params(model, seed: int, dtype, joined: bool = True):
     """Random weights of `model` (model_shapes.random_params) joined for decoding, as the
-    generation path holds them (models/joined.py), ready on the device."""
+    generation path holds them (models/joined.py), or as stored when not `joined`; ready on
+    the device."""
     import jax
 
     from taylorcal_jax.models.joined import join_for_decoding
 
     params = model_shapes.random_params(model, jax.random.PRNGKey(seed), dtype)
-    return jax.block_until_ready(join_for_decoding(params))
+    return jax.block_until_ready(join_for_decoding(params) if joined else params)
 
 
 def empty_cache(model, batch: int, slots: int):

@@ -265,13 +265,10 @@ def run_model_variant(p: dict, variant: Variant) -> None:
         variant.gemv,
     )
     models = {"teacher": teacher, "student": student}
-    if variant.joined:
-        params = {n: bench.decoding_params(m, i, dtype) for i, (n, m) in enumerate(models.items())}
-    else:
-        params = {
-            n: jax.block_until_ready(model_shapes.random_params(m, jax.random.PRNGKey(i), dtype))
-            for i, (n, m) in enumerate(models.items())
-        }
+    params = {
+        n: bench.decoding_params(m, i, dtype, joined=variant.joined)
+        for i, (n, m) in enumerate(models.items())
+    }
     bench.log("random weights made")
     jobs = {}
     for context, batch in p["rows"]:

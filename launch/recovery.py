@@ -74,6 +74,7 @@ FLAGS = flags.FLAGS
 INITS = ("copy", "zero_gate", "align_only", "taylor_calibrate")
 TARGET_FACTORS = (2.0, 1.5)
 PROJECTION_POINTS = 3  # evaluations of a curve's tail that its projection fits
+BASELINES = ("copy", "zero_gate")  # the inits every other init's tokens are compared with
 PAPER_LOW_RATIO = 4.9  # the paper's fewest-tokens claim (copy / Taylor-Calibrate), drawn
 # Dense bf16 peak FLOP/s (no sparsity) by jax device_kind.
 PEAK_BF16_FLOPS = {
@@ -175,7 +176,7 @@ def projection(runs: list[dict], targets: dict) -> dict:
         "points": PROJECTION_POINTS,
         "tokens_to_target": tokens,
         "projected": projected,
-        "ratios": {b: ratios(as_runs, b) for b in ("copy", "zero_gate")},
+        "ratios": {b: ratios(as_runs, b) for b in BASELINES},
     }
 
 
@@ -278,12 +279,11 @@ def analysis(teacher_ppl: float, runs: dict) -> dict:
         }
         for r in runs.values()
     ]
-    baselines = ("copy", "zero_gate")
     return {
         "targets": targets,
         "runs": out_runs,
-        "ratios": {b: ratios(out_runs, b) for b in baselines},
-        "matched": {b: matched_ratios(out_runs, b) for b in baselines},
+        "ratios": {b: ratios(out_runs, b) for b in BASELINES},
+        "matched": {b: matched_ratios(out_runs, b) for b in BASELINES},
         "projection": projection(out_runs, targets),
     }
 
@@ -711,7 +711,7 @@ def rerender(path: str, out: str) -> dict:
         **projection(result["runs"], result["targets"]),
         "command": results_io.command_line(),
     }
-    result["matched"] = {b: matched_ratios(result["runs"], b) for b in ("copy", "zero_gate")}
+    result["matched"] = {b: matched_ratios(result["runs"], b) for b in BASELINES}
     tag = os.path.basename(path).removeprefix("recovery_").removesuffix(".json")
     write_outputs(result, out, tag)
     return result
