@@ -25,11 +25,11 @@ from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer
 
 
-def _config():
-    # biases on q, k, v (Qwen2): the attention layer's products must stay as they are
+def _config(bias=True):
+    # biases on q, k, v (Qwen2) by default: they join with the kernels
     return tiny_model_config(
-        model_type="qwen2", num_hidden_layers=3, hidden_size=64, intermediate_size=96,
-        head_dim=16, attention_bias=True, max_position_embeddings=64,
+        model_type="qwen2" if bias else "llama", num_hidden_layers=3, hidden_size=64,
+        intermediate_size=96, head_dim=16, attention_bias=bias, max_position_embeddings=64,
     )  # fmt: skip
 
 
@@ -60,14 +60,33 @@ def test_join_replaces_the_groups_kernels_and_nothing_else():
     gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], 1)
     np.testing.assert_array_equal(out["layers_0"]["mlp"]["gate_up_kernel"], gate_up)
     assert set(out["layers_0"]["mlp"]) == {"gate_up_kernel", "down_proj"}
-    # the kept attention layer (q, k, v with biases, no g) is left as it is
-    assert jax.tree.map(jnp.shape, out["layers_0"]["self_attn"]) == jax.tree.map(
-        jnp.shape, dict(params["layers_0"]["self_attn"])
-    )
+    # the kept attention layer: q, k and v with their biases (Qwen2), no g
+    attn, attn_joined = params["layers_0"]["self_attn"], out["layers_0"]["self_attn"]
+    for field, name in (("kernel", "qkv_kernel"), ("bias", "qkv_bias")):
+        parts = [attn[n][field] for n in ("q_proj", "k_proj", "v_proj")]
+        np.testing.assert_array_equal(attn_joined[name], jnp.concatenate(parts, -1))
+    assert set(attn_joined) == {"qkv_kernel", "qkv_bias", "o_proj"}
     twice = joined.join_for_decoding(out)
     assert jax.tree.structure(twice) == jax.tree.structure(out)
     for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(out), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bias_free_attention_joins_and_decodes_the_same():
+    # Llama: q|k|v joined without a bias; a layer with biases on some parts only stays as is
+    model = Transformer(_config(bias=False))
+    params = _params(model)
+    out = joined.join_for_decoding(params)
+    assert set(out["layers_0"]["self_attn"]) == {"qkv_kernel", "o_proj"}
+    prompt = jax.random.randint(jax.random.PRNGKey(3), (1, 6), 1, _config().vocab_size)
+    tokens = {
+        which: generate(model, p, prompt, max_new_tokens=4)["tokens"]
+        for which, p in (("original", params), ("joined", out))
+    }
+    np.testing.assert_array_equal(tokens["joined"], tokens["original"])
+    attn = dict(params["layers_0"]["self_attn"])
+    attn["q_proj"] = {**attn["q_proj"], "bias": jnp.zeros(attn["q_proj"]["kernel"].shape[1])}
+    assert set(joined.join_for_decoding({"self_attn": attn})["self_attn"]) == set(attn)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -96,9 +115,9 @@ def test_joined_params_through_the_few_row_kernel():
     models = {"xla": _student(gemv="xla"), "pallas": _student(gemv="pallas")}
     steps = greedy_steps(models, _config().vocab_size, rows=1, params_map=joined.join_for_decoding)
     plain = greedy_steps({"xla": _student(gemv="xla")}, _config().vocab_size, rows=1)
-    # attention layer: q, k, v, o; 2 GDN layers: q|k|v|g and o (a|b is 8 wide: XLA);
+    # attention layer: q|k|v and o; 2 GDN layers: q|k|v|g and o (a|b is 8 wide: XLA);
     # 3 MLPs: gate|up and down
-    assert steps["pallas"][1] == 4 + 2 * 2 + 3 * 2
+    assert steps["pallas"][1] == 2 + 2 * 2 + 3 * 2
     assert rel_err(steps["pallas"][0], plain["xla"][0]) <= 2e-5
     assert rel_err(steps["xla"][0], plain["xla"][0]) <= 1e-6
 
@@ -119,5 +138,6 @@ def test_generation_joins_the_kernels_before_its_decoding_loop():
     assert not kernel_joins(
         [e for s in loops for e in equations(s.params["jaxpr"].jaxpr, "concatenate")]
     )
-    # before the loop: gate|up of 3 MLPs, q|k|v|g and a|b of 2 GDN layers
-    assert len(kernel_joins(equations(jaxpr, "concatenate"))) == 3 + 2 * 2
+    # before the loop: gate|up of 3 MLPs, q|k|v|g and a|b of 2 GDN layers, q|k|v of the
+    # attention layer
+    assert len(kernel_joins(equations(jaxpr, "concatenate"))) == 3 + 2 * 2 + 1

@@ -3,9 +3,11 @@
 Letters: D input width, F_i output width of part i.
 
 Some products of a block read the same input x [.., D]: the MLP's gate and up, a GDN layer's
-q, k, v and g and its a and b. Run as one product of the kernels joined along their outputs,
+q, k, v and g and its a and b, softmax attention's q, k and v (with their biases, where the
+teacher has them: Qwen2). Run as one product of the kernels joined along their outputs,
 
-    x [W_1 | W_2 | ...] = [x W_1 | x W_2 | ...]        W_joined [D, F_1 + F_2 + ...]
+    x [W_1 | W_2 | ...] + [b_1 | b_2 | ...] = [x W_1 + b_1 | x W_2 + b_2 | ...]
+                                                    W_joined [D, F_1 + F_2 + ...]
 
 they take one launch and one read of x instead of several, with the same sums per output. That
 matters in a decoding step, where every product is a launch that reads its whole matrix for one
@@ -18,15 +20,19 @@ the Qwen2.5-1.5B-shaped student at batch 1 on an H100, its largest kernel after 
 (launch/results/profile_steps_h100_decode_defaults.md).
 
 `join_for_decoding(params)` joins them once: in every dict of the tree that holds all parts of
-a group (table `GROUPS`) as bias-free kernels ({"kernel": W}), the parts are replaced by one
-array under the group's name. The modules (layers.MLP, mixers.gdn.GatedDeltaNet) use a joined
-kernel when their params hold one, and join the parts themselves otherwise; both give the
-same outputs (tests/test_joined.py). Idempotent. The parts are dropped from the result, so the
-joined tree takes the same memory as the original once that is released.
+a group (table `GROUPS`) as Dense params, all bias-free ({"kernel": W}) or all with a bias
+({"kernel": W, "bias": b}), the parts are replaced by one kernel under the group's name (and
+one bias under `bias_name(group)`). Groups are tried in the table's order and a part joins
+once: a GDN layer's q, k and v join with its g (`GDN_QKVG`), softmax attention's, which has no
+g, as `ATTN_QKV`. The modules (layers.MLP, layers.Attention, mixers.gdn.GatedDeltaNet) use a
+joined kernel when their params hold one, and the parts otherwise; both give the same outputs
+(tests/test_joined.py). Idempotent. The parts are dropped from the result, so the joined tree
+takes the same memory as the original once that is released.
 
-Measured on one H100 (launch/results/probe_decode_h100_joined.json, 32k context): the student's
-batch-1 decoding step took 2.13 ms with joined params against 2.49 ms (0.86x), the teacher's
-(only its MLPs join) 2.56 against 2.62 ms; at batch 16 0.98x-0.99x.
+Measured on one H100 (launch/results/probe_decode_h100_joined.json, 32k context, before the
+attention's q|k|v joined): the student's batch-1 decoding step took 2.13 ms with joined params
+against 2.49 ms (0.86x), the teacher's (only its MLPs joined) 2.56 against 2.62 ms; at batch
+16 0.98x-0.99x.
 """
 
 from __future__ import annotations
@@ -37,11 +43,18 @@ import jax.numpy as jnp
 MLP_GATE_UP = "gate_up_kernel"
 GDN_QKVG = "qkvg_kernel"
 GDN_AB = "ab_kernel"
-GROUPS = {
+ATTN_QKV = "qkv_kernel"
+GROUPS = {  # in the order they are tried (module docstring)
     MLP_GATE_UP: ("gate_proj", "up_proj"),
     GDN_QKVG: ("q_proj", "k_proj", "v_proj", "g_proj"),
     GDN_AB: ("a_proj", "b_proj"),
+    ATTN_QKV: ("q_proj", "k_proj", "v_proj"),
 }
+
+
+def bias_name(group: str) -> str:
+    """Where the joined bias of `group` is held ("qkv_kernel" -> "qkv_bias")."""
+    return group.removesuffix("_kernel") + "_bias"
 
 
 def _as_dict(tree):
@@ -50,17 +63,25 @@ def _as_dict(tree):
     return tree
 
 
-def _bias_free_kernel(node) -> bool:
-    return isinstance(node, dict) and set(node) == {"kernel"}
+def _dense_layout(node):
+    """The keys of a Dense layer's params ({"kernel"} or {"kernel", "bias"}), else None."""
+    if isinstance(node, dict) and set(node) in ({"kernel"}, {"kernel", "bias"}):
+        return frozenset(node)
+    return None
 
 
 def _join(tree):
     if not isinstance(tree, dict):
         return tree
     out = {name: _join(sub) for name, sub in tree.items()}
-    for joined, parts in GROUPS.items():
-        if all(_bias_free_kernel(out.get(p)) for p in parts):
-            out[joined] = jnp.concatenate([out.pop(p)["kernel"] for p in parts], axis=1)
+    for group, parts in GROUPS.items():
+        layouts = {_dense_layout(out.get(p)) for p in parts}
+        if len(layouts) != 1 or None in layouts:
+            continue  # a part missing, not a Dense layer's, or biases on some parts only
+        dense = [out.pop(p) for p in parts]
+        out[group] = jnp.concatenate([d["kernel"] for d in dense], axis=1)
+        if "bias" in layouts.pop():
+            out[bias_name(group)] = jnp.concatenate([d["bias"] for d in dense])
     return out
 
 

@@ -297,7 +297,8 @@ def fused_causal_attention(q_bthd, k_bthd, v_bthd, window, dtype, implementation
 
 
 class Attention(nn.Module):
-    """Softmax attention mixer (param key "self_attn" in a DecoderLayer)."""
+    """Softmax attention mixer (param key "self_attn" in a DecoderLayer). With params joined
+    for decoding (`joined.join_for_decoding`) it forms q, k and v as one product."""
 
     config: ModelConfig
     layer_idx: int = 0
@@ -315,13 +316,28 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")
             self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")
 
+    def _projections(self, x_btd):
+        """x Wq (+bq), x Wk (+bk), x Wv (+bv): three nn.Dense products, or one product with
+        params joined for decoding (`joined.join_for_decoding`: the three kernels as one
+        [D, (H + 2 Hkv) d] and their biases as one, the same sums), then split."""
+        if not self.has_variable("params", joined.ATTN_QKV):
+            return self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+        c, dtype = self.config, self.dtype
+        w = self.get_variable("params", joined.ATTN_QKV).astype(dtype)
+        y = dense_product(x_btd.astype(dtype), w, impl=self.runtime.gemv_impl)
+        if self.has_variable("params", joined.bias_name(joined.ATTN_QKV)):
+            y = y + self.get_variable("params", joined.bias_name(joined.ATTN_QKV)).astype(dtype)
+        q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        return jnp.split(y, (q_width, q_width + kv_width), axis=-1)
+
     def qkv(self, x_btd, positions_bt):
         """q [B,T,H,d], k/v [B,T,Hkv,d] after bias, q/k-norm and RoPE."""
         c = self.config
         b, t, _ = x_btd.shape
-        q = self.q_proj(x_btd).reshape(b, t, c.num_attention_heads, c.head_dim)
-        k = self.k_proj(x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim)
-        v = self.v_proj(x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        q, k, v = self._projections(x_btd)
+        q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(c, positions_bt)
