@@ -1,6 +1,8 @@
 """The GDN decoding step as one Pallas kernel (ops/gdn/decode_pallas.py) in interpret mode, against
 the float64 definition (reference.gated_delta_rule_step) and XLA's form (decode_step_xla); the
-dispatch of ops/gdn/decode_api.py; a model's decoding steps by either; the Triton lowering.
+same from a GDN layer's joined projections (decode_step_from_projections) against XLA's form of
+that; the dispatch of ops/gdn/decode_api.py; a model's decoding steps by either; the Triton
+lowering.
 
 Metric: rel = max|a - b| / max|b|. Tolerances:
   float32 kernel vs the fp64 definition, 12 chained steps (o and state)     1e-5 (fp32 sums)
@@ -8,6 +10,10 @@ Metric: rel = max|a - b| / max|b|. Tolerances:
                     output, rounded to bf16 by both                          1e-2 (2^-8 each)
   gradients, kernel vs XLA's form (the kernel's backward is that form's)    1e-6
   model decode logits, pallas vs xla, float32                                2e-5
+  from projections, float32: kernel vs XLA's form (o and state)              1e-5
+                    bfloat16 projections: state 5e-3, output (bf16) 1e-2: silu in bf16 is
+                    rounded once by the kernel (computed in fp32) and after each op by XLA's
+                    form, so q, k, v differ by up to one bf16 ulp (2^-8 relative)
 Shapes: K = 32, V = 64 with B * H small, so BV = 16 and four programs share each head's state
 (columns split), and V = 16 (one program per head).
 """
@@ -18,13 +24,15 @@ import numpy as np
 import pytest
 from decode_testing import greedy_steps
 from gdn_testing import random_inputs, rel_err
+from jaxpr_testing import equations
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.mixers.gdn import GDNRuntime
 from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.teacher import init_cache
 from taylorcal_jax.ops.gdn import decode_api, decode_pallas
-from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
+from taylorcal_jax.ops.gdn.decode_step import decode_step_from_projections_xla, decode_step_xla
 from taylorcal_jax.ops.gdn.reference import gated_delta_rule_step
 
 NAMES = ("q", "k", "v", "g", "beta")
@@ -143,20 +151,118 @@ def test_model_decode_steps_pallas_equal_xla():
     assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
 
 
+def _projections(seed, b, h, k, v, dtype):
+    """Random joined products of one token (x [Wq | Wk | Wv | Wg], x [Wa | Wb]), decay
+    params, a validity with row 1 padding when b > 1, and a state."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    qkvg = jax.random.normal(keys[0], (b, 2 * h * k + 2 * h * v)).astype(dtype)
+    ab = jax.random.normal(keys[1], (b, 2 * h))
+    A_log = jax.random.uniform(keys[2], (h,), minval=-1.0, maxval=2.0)
+    dt_bias = jax.random.normal(keys[3], (h,))
+    valid = jnp.arange(b) != 1
+    state = jax.random.normal(keys[4], (b, h, k, v))
+    return qkvg, ab, A_log, dt_bias, valid, state
+
+
+@pytest.mark.parametrize(("b", "v"), [(3, 64), (1, 16)])
+def test_step_from_projections_equals_xla_form(b, v):
+    # float32, 3 rows (row 1 padding) with 4 programs per head, or one row and one program
+    args = _projections(7, b, 2, 32, v, F32)
+    o, state = decode_pallas.decode_step_from_projections_pallas(*args, interpret=True)
+    want_o, want_state = decode_step_from_projections_xla(*args)
+    assert o.dtype == F32 and state.dtype == F32 and o.shape == (b, 2, v)
+    assert rel_err(o, want_o) < 1e-5 and rel_err(state, want_state) < 1e-5
+    if b > 1:  # the padding row neither decays nor writes its state, and outputs 0
+        np.testing.assert_array_equal(state[1], args[-1][1])
+        np.testing.assert_array_equal(o[1], 0.0)
+
+
+def test_step_from_projections_in_bfloat16_and_its_gradients():
+    args = _projections(8, 3, 2, 32, 64, jnp.bfloat16)
+    o, state = decode_pallas.decode_step_from_projections_pallas(*args, interpret=True)
+    want_o, want_state = decode_step_from_projections_xla(*args)
+    assert o.dtype == jnp.bfloat16
+    assert rel_err(state, want_state) < 5e-3 and rel_err(o, want_o) < 1e-2
+    # the backward is XLA's form's: gradients of the float32 inputs
+    args = _projections(9, 2, 2, 16, 32, F32)
+    weights = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 32))
+
+    def grads(fn):
+        def loss(qkvg, ab, A_log, dt_bias, state):
+            o, new_state = fn(qkvg, ab, A_log, dt_bias, args[4], state)
+            return jnp.sum(o * weights) + jnp.sum(jnp.sin(new_state))
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args[:4], args[5])
+
+    got = grads(lambda *a: decode_pallas.decode_step_from_projections_pallas(*a, interpret=True))
+    for g, w in zip(got, grads(decode_step_from_projections_xla), strict=True):
+        assert rel_err(g, w) < 1e-6
+
+
+def test_model_steps_without_short_conv_take_the_projections_kernel():
+    # GDN layers without the short conv decode from their joined projections: one kernel per
+    # layer, equal to XLA's form, with the params as stored and joined for decoding
+    from taylorcal_jax.models.joined import join_for_decoding
+
+    config = tiny_model_config(
+        model_type="llama", num_hidden_layers=3, head_dim=16, max_position_embeddings=64
+    )
+    sc = StudentConfig.from_teacher(config, (0,), mixer="gdn")
+    attention = AttentionRuntime(decode_impl="xla")
+    models = {
+        impl: sc.model(
+            runtime=GDNRuntime(impl="chunked", decode_impl=impl), attention_runtime=attention
+        )
+        for impl in ("xla", "pallas")
+    }
+    for params_map in (None, join_for_decoding):
+        steps = greedy_steps(models, config.vocab_size, params_map=params_map)
+        assert steps["pallas"][1] == 2 and steps["xla"][1] == 0
+        assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
+    step = jax.jit(lambda p, c, t: models["pallas"].apply({"params": p}, t, cache=c)[:2])
+    tokens = jnp.ones((1, 1), jnp.int32)
+    params = models["pallas"].init(jax.random.PRNGKey(0), tokens)["params"]
+    cache = init_cache(models["pallas"], 1, 8)
+    names = [e.params["name"] for e in equations(jax.make_jaxpr(step)(params, cache, tokens).jaxpr,
+                                                  "pallas_call")]  # fmt: skip
+    assert names == ["gdn_decode_step_from_projections"] * 2
+
+
+def _lowered_for_cuda(fn, args):
+    """The export of `fn` for platform "cuda": Pallas's Triton lowering runs here, without a
+    GPU; shapes and dtypes of every load, reduction and store pass its checks. Compiling the
+    Triton IR needs a GPU."""
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+    )(*args)
+    return exported.mlir_module().count(triton)
+
+
+@pytest.mark.parametrize("b", [1, 16])
+def test_projections_kernel_lowers_to_triton_for_a_gpu(b):
+    # the Qwen2.5-1.5B GDN shape in bf16 with a float32 state
+    h, d = 12, 128
+    args = [
+        jax.ShapeDtypeStruct((b, 4 * h * d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, 2 * h), F32),
+    ]
+    args += [jax.ShapeDtypeStruct((h,), F32)] * 2 + [jax.ShapeDtypeStruct((b,), bool)]
+    args += [jax.ShapeDtypeStruct((b, h, d, d), F32)]
+    fn = lambda *a: decode_pallas.decode_step_from_projections_pallas(*a, interpret=False)  # noqa: E731
+    assert _lowered_for_cuda(fn, args) == 1
+
+
 @pytest.mark.parametrize("b", [1, 16])
 def test_kernel_lowers_to_triton_for_a_gpu(b):
-    # Pallas's Triton lowering runs here, without a GPU (the export for platform "cuda"): shapes
-    # and dtypes of every load, reduction and store pass its checks, at the Qwen2.5-1.5B GDN
-    # shape in bf16 with a float32 state. Compiling the Triton IR needs a GPU.
+    # `_lowered_for_cuda`, at the Qwen2.5-1.5B GDN shape in bf16 with a float32 state
     h, d = 12, 128
     args = [jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16) for _ in range(3)]
     args += [jax.ShapeDtypeStruct((b, h), F32)] * 2 + [jax.ShapeDtypeStruct((b, h, d, d), F32)]
-    fn = jax.jit(lambda *a: decode_pallas.decode_step_pallas(*a, interpret=False))
-    triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(
-        fn, platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)]
-    )(*args)
-    assert exported.mlir_module().count(triton) == 1
+    fn = lambda *a: decode_pallas.decode_step_pallas(*a, interpret=False)  # noqa: E731
+    assert _lowered_for_cuda(fn, args) == 1
 
 
 @pytest.mark.gpu
@@ -179,3 +285,24 @@ def test_compiled_kernel_equals_xla_on_gpu(b):
             outs[impl], states[impl] = fn(*args, states[impl])
         assert rel_err(outs["pallas"], outs["xla"]) < 1e-2
     assert rel_err(states["pallas"], states["xla"]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 16])
+def test_compiled_projections_kernel_equals_xla_on_gpu(b):
+    # the Qwen2.5-1.5B GDN shape, bf16 projections (row 1 padding at batch 16), a float32
+    # state, compiled by Triton, 4 chained steps; tolerances of the bf16 test above
+    h, d = 12, 128
+    step = {
+        impl: jax.jit(lambda *a, impl=impl: decode_api.decode_step_from_projections(*a, impl=impl))
+        for impl in ("xla", "pallas")
+    }
+    state = _projections(10, b, h, d, d, jnp.bfloat16)[-1]
+    states = {impl: state for impl in step}
+    for t in range(4):
+        args = _projections(11 + t, b, h, d, d, jnp.bfloat16)[:-1]
+        outs = {}
+        for impl, fn in step.items():
+            outs[impl], states[impl] = fn(*args, states[impl])
+        assert rel_err(outs["pallas"], outs["xla"]) < 1e-2
+    assert rel_err(states["pallas"], states["xla"]) < 5e-3

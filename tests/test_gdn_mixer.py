@@ -10,6 +10,7 @@ from tiny_models import tiny_model_config
 
 from taylorcal_jax.models.mixers import gdn
 from taylorcal_jax.models.mixers.gdn import GatedDeltaNet, GDNConfig, GDNRuntime, init_gdn_cache
+from taylorcal_jax.ops.gdn import step_inputs
 
 D, H, HEAD = 16, 2, 8
 
@@ -289,7 +290,7 @@ def test_diagnostics_half_life_and_write_gate():
     diag = gdn.diagnostics(params, x, valid)
     assert diag["half_life"].shape == diag["write_gate"].shape == (H,)
     zero = jnp.zeros((1, 1, H))
-    g, _ = gdn.gdn_gates(zero, zero, params["A_log"], params["dt_bias"])
+    g, _ = step_inputs.gates(zero, zero, params["A_log"], params["dt_bias"])
     np.testing.assert_allclose(np.exp(np.asarray(g[0, 0], np.float64) * diag["half_life"]), 0.5,
                                rtol=1e-5)  # fmt: skip
     tokens = x[valid]  # [valid tokens, D]

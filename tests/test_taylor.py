@@ -10,7 +10,8 @@ from tiny_models import tiny_model_config
 
 from taylorcal_jax.calibrate import taylor
 from taylorcal_jax.models.mixers import StudentMixer
-from taylorcal_jax.models.mixers.gdn import GDNConfig, GDNRuntime, gdn_gates
+from taylorcal_jax.models.mixers.gdn import GDNConfig, GDNRuntime
+from taylorcal_jax.ops.gdn.step_inputs import gates as gdn_gates
 
 MC = tiny_model_config(intermediate_size=64)
 GDN = GDNConfig.from_teacher(MC)

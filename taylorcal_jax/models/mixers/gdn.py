@@ -75,7 +75,7 @@ from taylorcal_jax.models import joined
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import repeat_kv_kernel
 from taylorcal_jax.models.mixers.spec import Mixer
-from taylorcal_jax.ops.gdn import api, decode_api
+from taylorcal_jax.ops.gdn import api, decode_api, step_inputs
 from taylorcal_jax.ops.gemv import api as gemv_api
 from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
 
@@ -227,14 +227,6 @@ def init_dt_bias(rng, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=1e-1, dt_flo
 # ----------------------------------------------------------------------- pure helpers
 
 
-def gdn_gates(a_bth, b_bth, A_log_h, dt_bias_h):
-    """(g_bth, beta_bth) in float32 from a = x Wa and b = x Wb:
-    g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b)."""
-    a, b = a_bth.astype(jnp.float32), b_bth.astype(jnp.float32)
-    g = -jnp.exp(A_log_h.astype(jnp.float32)) * jax.nn.softplus(a + dt_bias_h.astype(jnp.float32))
-    return g, jax.nn.sigmoid(b)
-
-
 def gated_rmsnorm(o_bthv, gate_bthv, scale_v, eps):
     """rmsnorm(o) * scale * silu(gate) over the last axis, computed in float32."""
     o = o_bthv.astype(jnp.float32)
@@ -363,47 +355,69 @@ class GatedDeltaNet(nn.Module):
         kernels = [DenseKernel(d, f, name=n)() for n, f in zip(parts, widths, strict=True)]
         return jnp.concatenate(kernels, axis=1)
 
+    def _joined_products(self, x_btd):
+        """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and x [Wa | Wb]
+        [B, T, 2 H] in float32 (as FLA computes the gate logits): two products of the kernels
+        joined along their outputs (as the params hold them when joined for decoding, else
+        joined here)."""
+        gdn, h = self.gdn, self.gdn.num_heads
+        sizes = (gdn.key_dim, gdn.key_dim, gdn.value_dim, gdn.value_dim)
+        w = self._joined_kernel(joined.GDN_QKVG, sizes)
+        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
+        w_ab = self._joined_kernel(joined.GDN_AB, (h, h))
+        return dot(x_btd.astype(self.dtype), w.astype(self.dtype)), dot(
+            x_btd.astype(jnp.float32), w_ab
+        )
+
     def _projections(self, x_btd):
         """x Wq, x Wk [B, T, H*K], x Wv, x Wg [B, T, H*V] in the compute dtype, and the gate
-        logits x Wa, x Wb [B, T, H] in float32 (as FLA computes them): separate nn.Dense
-        products, or two joined products under `runtime.fused_projections` or with params
+        logits x Wa, x Wb [B, T, H] in float32: separate nn.Dense products, or the two joined
+        products (`_joined_products`) split, under `runtime.fused_projections` or with params
         joined for decoding (`joined.join_for_decoding`; the same sums)."""
         gdn, h = self.gdn, self.gdn.num_heads
         wide = (("q_proj", gdn.key_dim), ("k_proj", gdn.key_dim))
         wide += (("v_proj", gdn.value_dim), ("g_proj", gdn.value_dim))
-        held = self.has_variable("params", joined.GDN_QKVG)
-        if not (self.runtime.fused_projections or held):
+        if not self._joins_products():
             outs = [self._dense(features, name)(x_btd) for name, features in wide]
             gates = [self._dense(h, n, jnp.float32)(x_btd) for n in ("a_proj", "b_proj")]
             return (*outs, *gates)
+        qkvg, ab = self._joined_products(x_btd)
         sizes = [features for _, features in wide]
-        w = self._joined_kernel(joined.GDN_QKVG, sizes)
-        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
-        qkvg = dot(x_btd.astype(self.dtype), w.astype(self.dtype))
-        w_ab = self._joined_kernel(joined.GDN_AB, (h, h))
-        gates = dot(x_btd.astype(jnp.float32), w_ab)
-        return (*jnp.split(qkvg, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(gates, 2, -1))
+        return (*jnp.split(qkvg, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(ab, 2, -1))
 
-    @nn.compact
-    def __call__(
-        self, x_btd, *, positions_bt=None, valid_bt=None, cache=None, return_intermediates=False
-    ):
-        del positions_bt
+    def _joins_products(self) -> bool:
+        return self.runtime.fused_projections or self.has_variable("params", joined.GDN_QKVG)
+
+    def _decay_params(self):
+        A_log = self.param("A_log", init_A_log, (self.gdn.num_heads,), jnp.float32)
+        dt_bias = self.param("dt_bias", init_dt_bias, (self.gdn.num_heads,), jnp.float32)
+        return A_log, dt_bias
+
+    def _step_from_projections(self, x_btd, valid_bt, state_bhkv):
+        """A cached one-token step without the short conv: (o [B, 1, H, V], gate logits
+        [B, 1, H*V], new state), the activations and gates taken inside the step
+        (decode_api.decode_step_from_projections)."""
+        gdn = self.gdn
+        qkvg, ab = self._joined_products(x_btd)
+        o, state = decode_api.decode_step_from_projections(
+            qkvg[:, 0], ab[:, 0], *self._decay_params(), valid_bt[:, 0], state_bhkv,
+            impl=self.runtime.decode_impl,
+        )  # fmt: skip
+        return o[:, None], qkvg[..., 2 * gdn.key_dim + gdn.value_dim :], state
+
+    def _step_or_sequence(self, x_btd, valid_bt, cache):
+        """Every other call: (o [B, T, H, V], gate logits [B, T, H*V], new state or None,
+        new conv history or None)."""
         gdn = self.gdn
         b, t, _ = x_btd.shape
         h, kd, vd = gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim
-        if valid_bt is None:
-            valid_bt = jnp.ones((b, t), bool)
-        x = x_btd.astype(self.dtype)
-        mask = valid_bt[..., None]
-
-        q, k, v, gate, a, b_logit = self._projections(x)
-        q, k, v = (jnp.where(mask, z, 0) for z in (q, k, v))
-        new_cache = None if cache is None else {}
+        q, k, v, gate, a, b_logit = self._projections(x_btd)
+        new_conv, act_valid = None, valid_bt
         if gdn.use_short_conv:
+            # padding zeroed before the convolution, which then sees zeros there
+            q, k, v = (jnp.where(valid_bt[..., None], z, 0) for z in (q, k, v))
             conv_cache = {} if cache is None else cache["conv"]
-            new_conv = {}
-            convolved = []
+            new_conv, convolved, act_valid = {}, [], None
             for name, z in (("q", q), ("k", k), ("v", v)):
                 kernel = ShortConvKernel(gdn.conv_size, z.shape[-1], name=f"{name}_conv")()
                 state = conv_cache.get(name)
@@ -412,18 +426,10 @@ class GatedDeltaNet(nn.Module):
                 y, new_conv[name] = causal_conv(z, kernel, state, valid_bt)
                 convolved.append(y)
             q, k, v = convolved
-            if cache is not None:
-                new_cache["conv"] = new_conv
-        q = jax.nn.silu(q).reshape(b, t, h, kd)
-        k = jax.nn.silu(k).reshape(b, t, h, kd)
-        v = jax.nn.silu(v).reshape(b, t, h, vd)
-
-        A_log = self.param("A_log", init_A_log, (h,), jnp.float32)
-        dt_bias = self.param("dt_bias", init_dt_bias, (h,), jnp.float32)
-        g, beta = gdn_gates(a, b_logit, A_log, dt_bias)
-        g = jnp.where(valid_bt[..., None], g, 0.0)
-        beta = jnp.where(valid_bt[..., None], beta, 0.0)
-
+        q = step_inputs.activation(q, act_valid).reshape(b, t, h, kd)
+        k = step_inputs.activation(k, act_valid).reshape(b, t, h, kd)
+        v = step_inputs.activation(v, act_valid).reshape(b, t, h, vd)
+        g, beta = step_inputs.gates(a, b_logit, *self._decay_params(), valid_bt[..., None])
         if cache is not None and t == 1:
             o, state = decode_api.gated_delta_rule_decode_step(
                 q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"],
@@ -434,12 +440,33 @@ class GatedDeltaNet(nn.Module):
             o, state = _run_op(
                 q, k, v, g, beta, None if cache is None else cache["state"], self.runtime
             )
-        if cache is not None:
-            new_cache["state"] = state.astype(jnp.float32)
+        return o, gate, state, new_conv
 
-        gate = gate.reshape(b, t, h, vd)
+    @nn.compact
+    def __call__(
+        self, x_btd, *, positions_bt=None, valid_bt=None, cache=None, return_intermediates=False
+    ):
+        del positions_bt
+        gdn = self.gdn
+        b, t, _ = x_btd.shape
+        if valid_bt is None:
+            valid_bt = jnp.ones((b, t), bool)
+        x = x_btd.astype(self.dtype)
+        one_step = cache is not None and t == 1 and not gdn.use_short_conv
+        if one_step and self._joins_products():
+            o, gate, state = self._step_from_projections(x, valid_bt, cache["state"])
+            new_conv = None
+        else:
+            o, gate, state, new_conv = self._step_or_sequence(x, valid_bt, cache)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"state": state.astype(jnp.float32)}
+            if new_conv is not None:
+                new_cache["conv"] = new_conv
+
+        gate = gate.reshape(b, t, gdn.num_heads, gdn.head_v_dim)
         normed = GatedRMSNorm(gdn.norm_eps, dtype=self.dtype, name="o_norm")(o, gate)
-        y = self._dense(self.config.hidden_size, "o_proj")(normed.reshape(b, t, h * vd))
+        y = self._dense(self.config.hidden_size, "o_proj")(normed.reshape(b, t, -1))
         inter = {"attn_context": o, "attn_out": y} if return_intermediates else {}
         return y, new_cache, inter
 

@@ -3,6 +3,10 @@
 Letters: B batch, H heads, K key dim, V value dim. Semantics: reference.gated_delta_rule_step
 (one token per sequence from a state [B, H, K, V]).
 
+Two entries: `gated_delta_rule_decode_step` takes the step's operands (q, k, v, g, beta);
+`decode_step_from_projections` takes a GDN layer's joined products of the token and forms them
+first (step_inputs.py), which the Pallas kernel does inside the step (decode_pallas.py).
+
 Implementations (`impl`):
   "xla"     decode_step.decode_step_xla: the step rearranged to read the state twice and write
             it once, as XLA's fused programs; any backend, float32 or float64.
@@ -22,8 +26,10 @@ from __future__ import annotations
 
 import logging
 
+import jax
+
 from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
-from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
+from taylorcal_jax.ops.gdn.decode_step import decode_step_from_projections_xla, decode_step_xla
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +73,32 @@ def gated_delta_rule_decode_step(
 
         return decode_step_pallas(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)
     return decode_step_xla(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+def decode_step_from_projections(
+    qkv_bc,
+    ab_bc,
+    A_log_h,
+    dt_bias_h,
+    valid_b,
+    state_bhkv,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    impl: str = "xla",
+):
+    """One decoding step of a GDN layer from its joined projections of the token, by `impl`:
+    qkv_bc [B, 2 H K + H V (+ more, ignored)] = x [Wq | Wk | Wv | ...] in the compute dtype,
+    ab_bc [B, 2 H] = x [Wa | Wb], A_log_h and dt_bias_h [H], valid_b [B] bool, the state
+    [B, H, K, V] (H, K, V are read from it); the operands are step_inputs.from_projections'.
+
+    Returns (o [B, H, V] in qkv_bc's dtype, new state [B, H, K, V] in float32)."""
+    _, h, kd, vd = state_bhkv.shape
+    args = (qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv)
+    q_like = jax.ShapeDtypeStruct((1, h, kd), qkv_bc.dtype)
+    v_like = jax.ShapeDtypeStruct((1, h, vd), qkv_bc.dtype)
+    if resolve_impl(impl, q_like, v_like, state_bhkv) == "pallas":
+        from taylorcal_jax.ops.gdn.decode_pallas import decode_step_from_projections_pallas
+
+        return decode_step_from_projections_pallas(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return decode_step_from_projections_xla(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)

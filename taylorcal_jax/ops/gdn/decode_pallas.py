@@ -18,6 +18,16 @@ other pass over it. XLA's form of the same step (decode_step.py) runs as several
 programs, two of them over the state; at batch 1 those are small reductions that leave most
 of the GPU idle (launch/results/profile_steps_h200.md).
 
+From projections (`decode_step_from_projections_pallas`): the same programs take a GDN
+layer's joined products of the token as they come out of them, x [Wq | Wk | Wv | Wg] [B, C]
+and x [Wa | Wb] [B, 2H], with A_log, dt_bias [H] and the validity [B], and form their operands
+themselves (step_inputs.py: silu of q, k, v; g and beta; zero where not valid): program
+(b, h, j) reads q and k of head h and its BV columns of v from row b by index. Outside the
+kernel those are small XLA programs of their own (three silus, the gates and the stacking of
+g and beta at batch 16: about 6 us per layer on an H100,
+launch/results/profile_steps_h100_decode_defaults.md), and slices of the joined product passed
+to a kernel would be copies.
+
 All arithmetic is float32 (q, k, v are read in their dtype and widened; the output is in v's
 dtype). The reductions are sums of K products in float32, as the XLA form's HIGHEST-precision
 contraction, so the two agree to float32 rounding (tests/test_gdn_decode_pallas.py).
@@ -36,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from taylorcal_jax.ops.gdn import decode_step, step_inputs
 from taylorcal_jax.ops.gdn.reference import L2_EPS
 
 F32 = jnp.float32
@@ -83,22 +94,56 @@ def unsupported_reason(q_bhk, v_bhv, state_bhkv) -> str | None:
     return None
 
 
-def _kernel(q_ref, k_ref, v_ref, gb_ref, s_ref, o_ref, new_s_ref, *, scale, l2norm):
-    q = q_ref[...].astype(F32)  # [K]
-    k = k_ref[...].astype(F32)
+def _step(q, k, v, decay, beta, s_ref, o_ref, new_s_ref, *, scale, l2norm):
+    """The step of one program (module docstring) on float32 q, k [K], v [BV], scalars decay
+    and beta, the state's columns `s_ref` [K, BV]."""
     if l2norm:
         q = q * lax.rsqrt(jnp.sum(q * q) + L2_EPS)
         k = k * lax.rsqrt(jnp.sum(k * k) + L2_EPS)
+    state = s_ref[...]  # [K, BV]
+    read_k = jnp.sum(state * k[:, None], axis=0)  # [BV]
+    read_q = jnp.sum(state * q[:, None], axis=0)
+    correction = beta * (v - decay * read_k)
+    o_ref[...] = (scale * (decay * read_q + jnp.sum(k * q) * correction)).astype(o_ref.dtype)
+    new_s_ref[...] = decay * state + k[:, None] * correction[None, :]
+
+
+def _kernel(q_ref, k_ref, v_ref, gb_ref, s_ref, o_ref, new_s_ref, **static):
     gb = gb_ref[...]  # [2]: g, beta
     first = lax.broadcasted_iota(jnp.int32, gb.shape, 0) == 0
     decay = jnp.exp(jnp.sum(jnp.where(first, gb, 0.0)))
     beta = jnp.sum(jnp.where(first, 0.0, gb))
-    state = s_ref[...]  # [K, BV]
-    read_k = jnp.sum(state * k[:, None], axis=0)  # [BV]
-    read_q = jnp.sum(state * q[:, None], axis=0)
-    correction = beta * (v_ref[...].astype(F32) - decay * read_k)
-    o_ref[...] = (scale * (decay * read_q + jnp.sum(k * q) * correction)).astype(o_ref.dtype)
-    new_s_ref[...] = decay * state + k[:, None] * correction[None, :]
+    q, k, v = (ref[...].astype(F32) for ref in (q_ref, k_ref, v_ref))
+    _step(q, k, v, decay, beta, s_ref, o_ref, new_s_ref, **static)
+
+
+def _kernel_from_projections(qkv_ref, ab_ref, alog_ref, dtb_ref, valid_ref, s_ref, o_ref,
+                             new_s_ref, *, heads, k_dim, v_dim, block_v, **static):  # fmt: skip
+    # qkv_ref, ab_ref, alog_ref, dtb_ref and valid_ref are whole (memory_space ANY): this
+    # program's row b, head h and columns j are read from them by index
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ok = valid_ref[b] != 0
+    hk = heads * k_dim
+
+    def act(start, size):  # silu in the input's dtype (step_inputs.activation), then float32
+        x = qkv_ref[b, pl.ds(start, size)]
+        y = jax.nn.silu(x.astype(F32)).astype(x.dtype).astype(F32)
+        return jnp.where(ok, y, 0.0)
+
+    q, k = act(h * k_dim, k_dim), act(hk + h * k_dim, k_dim)
+    v = act(2 * hk + h * v_dim + j * block_v, block_v)
+    g, beta = step_inputs.gates(ab_ref[b, h], ab_ref[b, heads + h], alog_ref[h], dtb_ref[h], ok)
+    _step(q, k, v, jnp.exp(g), beta, s_ref, o_ref, new_s_ref, **static)
+
+
+def _launch(interpret, config):
+    if interpret:
+        return {}
+    return dict(compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=1))
+
+
+def _state_spec(kd, bv):
+    return pl.BlockSpec((None, None, kd, bv), lambda bb, hh, j: (bb, hh, 0, j))
 
 
 def _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
@@ -109,10 +154,7 @@ def _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
     gb_bh2 = jnp.stack([g_bh.astype(F32), beta_bh.astype(F32)], axis=-1)
     row = pl.BlockSpec((None, None, kd), lambda bb, hh, j: (bb, hh, 0))
     cols = pl.BlockSpec((None, None, bv), lambda bb, hh, j: (bb, hh, j))
-    state = pl.BlockSpec((None, None, kd, bv), lambda bb, hh, j: (bb, hh, 0, j))
-    launch = {}
-    if not interpret:
-        launch = dict(compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=1))
+    state = _state_spec(kd, bv)
     return pl.pallas_call(
         functools.partial(_kernel, scale=scale, l2norm=l2norm),
         grid=(b, h, vd // bv),
@@ -126,29 +168,69 @@ def _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
         input_output_aliases={4: 1},  # the new state overwrites the old one
         interpret=interpret,
         name="gdn_decode_step",
-        **launch,
+        **_launch(interpret, config),
     )(q_bhk, k_bhk, v_bhv, gb_bh2, state_bhkv)  # fmt: skip
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _decode_step(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
-    return _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static)
+def _forward_from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv, static):
+    scale, l2norm, interpret, config = static
+    b, h, kd, vd = state_bhkv.shape
+    bv = config.block_v(b, h, vd)
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    state = _state_spec(kd, bv)
+    kernel = functools.partial(
+        _kernel_from_projections, heads=h, k_dim=kd, v_dim=vd, block_v=bv, scale=scale,
+        l2norm=l2norm,
+    )  # fmt: skip
+    return pl.pallas_call(
+        kernel,
+        grid=(b, h, vd // bv),
+        in_specs=[whole] * 5 + [state],
+        out_specs=[pl.BlockSpec((None, None, bv), lambda bb, hh, j: (bb, hh, j)), state],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, vd), qkv_bc.dtype),
+            jax.ShapeDtypeStruct((b, h, kd, vd), F32),
+        ],
+        input_output_aliases={5: 1},  # the new state overwrites the old one
+        interpret=interpret,
+        name="gdn_decode_step_from_projections",
+        **_launch(interpret, config),
+    )(qkv_bc, ab_bc.astype(F32), A_log_h.astype(F32), dt_bias_h.astype(F32),
+      valid_b.astype(jnp.int32), state_bhkv)  # fmt: skip
 
 
-def _decode_step_fwd(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
-    inputs = (q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
-    return _forward(*inputs, static), inputs
+def _with_xla_backward(forward, xla_form):
+    """forward(*inputs, static), differentiable by the backward of the XLA form of the same
+    step, xla_form(*inputs, scale=, use_qk_l2norm=) (module docstring)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def step(static, *inputs):
+        return forward(*inputs, static)
+
+    def step_fwd(static, *inputs):
+        return forward(*inputs, static), inputs
+
+    def step_bwd(static, inputs, cotangents):
+        scale, l2norm = static[:2]
+        _, vjp = jax.vjp(lambda *x: xla_form(*x, scale=scale, use_qk_l2norm=l2norm), *inputs)
+        return vjp(cotangents)
+
+    step.defvjp(step_fwd, step_bwd)
+    return step
 
 
-def _decode_step_bwd(static, inputs, cotangents):
-    from taylorcal_jax.ops.gdn.decode_step import decode_step_xla
-
-    scale, l2norm = static[:2]
-    _, vjp = jax.vjp(lambda *x: decode_step_xla(*x, scale=scale, use_qk_l2norm=l2norm), *inputs)
-    return vjp(cotangents)
+_decode_step = _with_xla_backward(_forward, decode_step.decode_step_xla)
+_decode_step_from_projections = _with_xla_backward(
+    _forward_from_projections, decode_step.decode_step_from_projections_xla
+)
 
 
-_decode_step.defvjp(_decode_step_fwd, _decode_step_bwd)
+def _static(head_dim, scale, use_qk_l2norm, interpret, config):
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    config = DecodeStepConfig() if config is None else config
+    return (scale, bool(use_qk_l2norm), bool(interpret), config)
 
 
 def decode_step_pallas(
@@ -170,9 +252,31 @@ def decode_step_pallas(
     reason = unsupported_reason(q_bhk, v_bhv, state_bhkv)
     if reason:
         raise ValueError(f"{reason}; use impl='xla' for such inputs")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    scale = q_bhk.shape[-1] ** -0.5 if scale is None else float(scale)
-    config = DecodeStepConfig() if config is None else config
-    static = (scale, bool(use_qk_l2norm), bool(interpret), config)
-    return _decode_step(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static)
+    static = _static(q_bhk.shape[-1], scale, use_qk_l2norm, interpret, config)
+    return _decode_step(static, q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
+
+
+def decode_step_from_projections_pallas(
+    qkv_bc,
+    ab_bc,
+    A_log_h,
+    dt_bias_h,
+    valid_b,
+    state_bhkv,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    interpret: bool | None = None,
+    config: DecodeStepConfig | None = None,
+):
+    """The step of a GDN layer from its joined projections by the kernel; arguments and
+    results as decode_step.decode_step_from_projections_xla's: (o [B, H, V] in qkv_bc's dtype,
+    new state [B, H, K, V] float32). interpret=None: interpret mode on CPU backends."""
+    _, h, kd, vd = state_bhkv.shape
+    q_like = jax.ShapeDtypeStruct((1, h, kd), qkv_bc.dtype)
+    reason = unsupported_reason(q_like, jax.ShapeDtypeStruct((1, h, vd), qkv_bc.dtype), state_bhkv)
+    if reason:
+        raise ValueError(f"{reason}; use impl='xla' for such inputs")
+    static = _static(kd, scale, use_qk_l2norm, interpret, config)
+    return _decode_step_from_projections(static, qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b,
+                                         state_bhkv)  # fmt: skip

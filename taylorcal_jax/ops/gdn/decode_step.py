@@ -17,7 +17,8 @@ two fused programs, and equals the definition in exact arithmetic (tests/test_gd
 holds it to the float64 definition within 1e-5 in float32).
 
 The models call it through decode_api.py, which also offers the same step as one Pallas kernel
-(decode_pallas.py).
+(decode_pallas.py). `decode_step_from_projections_xla` is the step of a GDN layer from its
+joined projections of the token (step_inputs.py: silu, gates and the padding mask first).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.ops.gdn import step_inputs
 from taylorcal_jax.ops.gdn.reference import step_operands
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # true float32 dots on a GPU (no TF32)
@@ -55,3 +57,14 @@ def decode_step_xla(
     o_bhv = scale * (decay_bh[..., None] * reads_bh2v[:, :, 1] + kq_bh[..., None] * correction_bhv)
     new_state = decay_bh[..., None, None] * state + k[..., :, None] * correction_bhv[..., None, :]
     return o_bhv.astype(v_bhv.dtype), new_state
+
+
+def decode_step_from_projections_xla(
+    qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv, *, scale=None, use_qk_l2norm=True
+):
+    """`decode_step_xla` of the operands `step_inputs.from_projections` makes: qkv_bc
+    [B, 2 H K + H V (+ more)] = x [Wq | Wk | Wv | ...], ab_bc [B, 2 H] = x [Wa | Wb], valid_b
+    [B] bool; H, K, V from the state [B, H, K, V]."""
+    _, h, kd, vd = state_bhkv.shape
+    operands = step_inputs.from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, h, kd, vd)
+    return decode_step_xla(*operands, state_bhkv, scale=scale, use_qk_l2norm=use_qk_l2norm)
