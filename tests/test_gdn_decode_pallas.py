@@ -11,9 +11,11 @@ Metric: rel = max|a - b| / max|b|. Tolerances:
   gradients, kernel vs XLA's form (the kernel's backward is that form's)    1e-6
   model decode logits, pallas vs xla, float32                                2e-5
   from projections, float32: kernel vs XLA's form (o and state)              1e-5
-                    bfloat16 projections: state 5e-3, output (bf16) 1e-2: silu in bf16 is
-                    rounded once by the kernel (computed in fp32) and after each op by XLA's
-                    form, so q, k, v differ by up to one bf16 ulp (2^-8 relative)
+                    bfloat16 projections: state 1e-5, output (bf16) 1e-2, as above (both
+                    round the same fp32 silu to bf16)
+                    on a GPU: state 1e-3: Triton's and XLA's fp32 exp may differ in the last
+                    bits, which moves a few silus across a bf16 rounding boundary (one bf16
+                    ulp, 2^-8, in a few of the 3 x 1536 activations per row)
 Shapes: K = 32, V = 64 with B * H small, so BV = 16 and four programs share each head's state
 (columns split), and V = 16 (one program per head).
 """
@@ -182,7 +184,7 @@ def test_step_from_projections_in_bfloat16_and_its_gradients():
     o, state = decode_pallas.decode_step_from_projections_pallas(*args, interpret=True)
     want_o, want_state = decode_step_from_projections_xla(*args)
     assert o.dtype == jnp.bfloat16
-    assert rel_err(state, want_state) < 5e-3 and rel_err(o, want_o) < 1e-2
+    assert rel_err(state, want_state) < 1e-5 and rel_err(o, want_o) < 1e-2
     # the backward is XLA's form's: gradients of the float32 inputs
     args = _projections(9, 2, 2, 16, 32, F32)
     weights = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 32))
@@ -291,7 +293,7 @@ def test_compiled_kernel_equals_xla_on_gpu(b):
 @pytest.mark.parametrize("b", [1, 16])
 def test_compiled_projections_kernel_equals_xla_on_gpu(b):
     # the Qwen2.5-1.5B GDN shape, bf16 projections (row 1 padding at batch 16), a float32
-    # state, compiled by Triton, 4 chained steps; tolerances of the bf16 test above
+    # state, compiled by Triton, 4 chained steps; tolerances in the module docstring
     h, d = 12, 128
     step = {
         impl: jax.jit(lambda *a, impl=impl: decode_api.decode_step_from_projections(*a, impl=impl))
@@ -305,4 +307,4 @@ def test_compiled_projections_kernel_equals_xla_on_gpu(b):
         for impl, fn in step.items():
             outs[impl], states[impl] = fn(*args, states[impl])
         assert rel_err(outs["pallas"], outs["xla"]) < 1e-2
-    assert rel_err(states["pallas"], states["xla"]) < 5e-3
+    assert rel_err(states["pallas"], states["xla"]) < 1e-3

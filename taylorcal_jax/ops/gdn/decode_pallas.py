@@ -125,9 +125,8 @@ def _kernel_from_projections(qkv_ref, ab_ref, alog_ref, dtb_ref, valid_ref, s_re
     ok = valid_ref[b] != 0
     hk = heads * k_dim
 
-    def act(start, size):  # silu in the input's dtype (step_inputs.activation), then float32
-        x = qkv_ref[b, pl.ds(start, size)]
-        y = jax.nn.silu(x.astype(F32)).astype(x.dtype).astype(F32)
+    def act(start, size):  # step_inputs.activation, then float32
+        y = step_inputs.activation(qkv_ref[b, pl.ds(start, size)]).astype(F32)
         return jnp.where(ok, y, 0.0)
 
     q, k = act(h * k_dim, k_dim), act(hk + h * k_dim, k_dim)

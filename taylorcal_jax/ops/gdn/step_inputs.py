@@ -9,8 +9,9 @@ With x a token's input to the layer (flash-linear-attention's GatedDeltaNet, doc
     beta = sigmoid(x Wb)                                        [.., H], the write strength
 
 and where a token is not valid (padding) q, k, v, g and beta are 0, so it neither writes to
-nor decays the state. silu is computed in x Wq's dtype (the model's compute dtype), g and beta
-in float32.
+nor decays the state. silu is computed in float32 and rounded once to x Wq's dtype (the model's
+compute dtype), so XLA and the Pallas step, which computes it per program, round the same
+values; g and beta are float32.
 
 The module (models/mixers/gdn.py) applies `activation` and `gates` to its projections (after
 the optional short convolution); a decoding step without the convolution takes them inside
@@ -27,8 +28,9 @@ import jax.numpy as jnp
 
 
 def activation(x, valid=None):
-    """silu(x) in x's dtype; 0 where `valid` (x's shape without its last axis) is False."""
-    y = jax.nn.silu(x)
+    """silu(x) computed in float32, in x's dtype; 0 where `valid` (x's shape without its last
+    axis) is False."""
+    y = jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
     return y if valid is None else jnp.where(valid[..., None], y, jnp.zeros_like(y))
 
 
