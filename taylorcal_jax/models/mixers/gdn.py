@@ -24,8 +24,10 @@ Cache (`init_gdn_cache`): {"state": [B, H, K, V] float32} plus, with the short c
 pre-convolution inputs of valid tokens. With a cache and T == 1 the mixer takes one O(1)
 recurrent step (`ops.gdn.decode_api`: the definition's step rearranged to read the state once
 for both of its products and write it once; `GDNRuntime.decode_impl` picks XLA's form or one
-Pallas kernel); with T > 1 it runs the op from the cached state
-(prefill or continuation).
+Pallas kernel); without the short conv and with joined projections (the default) the step
+takes the two joined products as they are and forms q, k, v, g and beta itself
+(`decode_api.decode_step_from_projections`, the same definitions: ops/gdn/step_inputs.py);
+with T > 1 it runs the op from the cached state (prefill or continuation).
 
 Parameters (Flax names; on disk `model.layers.{i}.gdn.*` via hf_io, see models/student.py):
     {q,k}_proj/kernel [D, H*K], {v,g}_proj/kernel [D, H*V], {a,b}_proj/kernel [D, H],
@@ -414,7 +416,8 @@ class GatedDeltaNet(nn.Module):
         q, k, v, gate, a, b_logit = self._projections(x_btd)
         new_conv, act_valid = None, valid_bt
         if gdn.use_short_conv:
-            # padding zeroed before the convolution, which then sees zeros there
+            # padding zeroed before the convolution, which then sees zeros there; its convolved
+            # q, k, v are left as they are (g = beta = 0 keep such a token out of the state)
             q, k, v = (jnp.where(valid_bt[..., None], z, 0) for z in (q, k, v))
             conv_cache = {} if cache is None else cache["conv"]
             new_conv, convolved, act_valid = {}, [], None
