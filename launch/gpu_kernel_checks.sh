@@ -3,15 +3,15 @@
 # call of under 10 minutes (run from the repo root; carry .whl/ for ml-collections):
 #
 #   1. the gpu-marked tests of the cuDNN fused attention (tests/test_fused_attention.py), of
-#      the GDN decoding step's Pallas kernel (tests/test_gdn_decode_pallas.py; both passed on
-#      one H100, launch/results/gpu_tests_h100_cudnn_gdn_step.json) and of the few-row dense
-#      product's kernel (tests/test_gemv.py)                                  -> $OUT/gpu/
-#   2. launch/probe_decode.py: the Qwen2.5-1.5B-shaped decode steps under the models' defaults
-#      with the params as stored and joined for decoding (models/joined.py), at 32k batch 1
-#      and 16 (measured on one H100: launch/results/probe_decode_h100_joined.json)
+#      the GDN decoding step's Pallas kernels, the step from the layer's joined projections
+#      included (tests/test_gdn_decode_pallas.py), and of the few-row dense product's kernel
+#      (tests/test_gemv.py)                                                   -> $OUT/gpu/
+#   2. launch/bench_inference.py with the models' defaults: on an H200 the headline file,
+#      4k-64k at batch 1 and 16 (289 s at git 743137d); on an H100, whose 80 GB do not pass its
+#      memory check at 64k x 16, 16k and 32k                 -> $OUT/bench_inference_<gpu>.*
+#   3. with VARIANTS set (e.g. VARIANTS=defaults_stored,defaults_joined), launch/probe_decode.py
+#      over those variants at ROWS (default 32k batch 1 and 16)
 #                                                               -> $OUT/probe_decode_<gpu>.json
-#   3. launch/bench_inference.py at the contexts of the decode-ratio targets, 32k and 64k
-#      (batch 1 and 16), with the models' defaults       -> $OUT/bench_inference_<gpu>_32k_64k.*
 #
 # Each part is bounded by `timeout` and writes its files as it goes, so a part cut short keeps
 # what it measured and the next one still runs. The stage-2 speed of the cuDNN attention is
@@ -27,21 +27,23 @@ export PYTHONPATH=$PWD:/tmp/site
 # the result files' tag names the GPU that ran them (h100, h200, ...)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9][0-9]*' | head -1 | tr H h)
 GPU=${GPU:-gpu}
-CONTEXTS=32768,65536  # an H100's 80 GB do not pass bench_inference's memory check at 64k x 16
-[ "$GPU" = h100 ] && CONTEXTS=32768
+CONTEXTS=4096,16384,32768,65536
+[ "$GPU" = h100 ] && CONTEXTS=16384,32768
 
-# TESTS=0 skips part 1; VARIANTS and ROWS pick the probe's variants and rows
+# TESTS=0 skips part 1; VARIANTS (empty: part 3 skipped) and ROWS pick the probe's variants
 ROWS=${ROWS:-32768x1,32768x16}
-VARIANTS=${VARIANTS:-defaults_stored,defaults_joined}
+VARIANTS=${VARIANTS:-}
 
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 4 \
+  timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 6 \
     --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
 fi
-timeout 260 python3 launch/probe_decode.py --tag="$GPU" --rows="$ROWS" \
-  --variants="$VARIANTS" \
-  --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
-  echo "probe_decode stopped: $?"
-timeout 200 python3 launch/bench_inference.py --tag="${GPU}_32k_64k" --contexts="$CONTEXTS" \
+timeout 400 python3 launch/bench_inference.py --tag="$GPU" --contexts="$CONTEXTS" \
   --out="$OUT" || echo "bench_inference stopped: $?"
+if [ -n "$VARIANTS" ]; then
+  timeout 260 python3 launch/probe_decode.py --tag="$GPU" --rows="$ROWS" \
+    --variants="$VARIANTS" \
+    --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
+    echo "probe_decode stopped: $?"
+fi
 ls -lR "$OUT"
