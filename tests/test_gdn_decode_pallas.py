@@ -131,6 +131,14 @@ def test_dispatch_and_refusals():
                 qq, qq, vv, jnp.zeros((1, 2)), jnp.zeros((1, 2)), ss, impl="pallas"
             )
         assert "\n" not in str(e.value) and "impl='xla'" in str(e.value)
+    # the step from projections: head dims from the state, dtype from the projections
+    qkv, ab, h = jnp.zeros((1, 4 * 2 * 24)), jnp.zeros((1, 4)), jnp.zeros(2)
+    assert decode_pallas.unsupported_reason_from_projections(qkv, state) is None
+    with pytest.raises(ValueError, match="K=24 must be a power of two") as e:
+        decode_api.decode_step_from_projections(
+            qkv, ab, h, h, jnp.ones(1, bool), jnp.zeros((1, 2, 24, 24)), impl="pallas"
+        )
+    assert "\n" not in str(e.value)
 
 
 def test_model_decode_steps_pallas_equal_xla():

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 
-import jax
-
 from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
 from taylorcal_jax.ops.gdn.decode_step import decode_step_from_projections_xla, decode_step_xla
 
@@ -93,11 +91,14 @@ def decode_step_from_projections(
     [B, H, K, V] (H, K, V are read from it); the operands are step_inputs.from_projections'.
 
     Returns (o [B, H, V] in qkv_bc's dtype, new state [B, H, K, V] in float32)."""
-    _, h, kd, vd = state_bhkv.shape
     args = (qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv)
-    q_like = jax.ShapeDtypeStruct((1, h, kd), qkv_bc.dtype)
-    v_like = jax.ShapeDtypeStruct((1, h, vd), qkv_bc.dtype)
-    if resolve_impl(impl, q_like, v_like, state_bhkv) == "pallas":
+
+    def unsupported():
+        from taylorcal_jax.ops.gdn import decode_pallas
+
+        return decode_pallas.unsupported_reason_from_projections(qkv_bc, state_bhkv)
+
+    if resolve_gpu_kernel("GDN decode step", impl, logger, unsupported) == "pallas":
         from taylorcal_jax.ops.gdn.decode_pallas import decode_step_from_projections_pallas
 
         return decode_step_from_projections_pallas(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)

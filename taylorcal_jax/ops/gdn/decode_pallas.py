@@ -96,6 +96,14 @@ def unsupported_reason(q_bhk, v_bhv, state_bhkv) -> str | None:
     return None
 
 
+def unsupported_reason_from_projections(qkv_bc, state_bhkv) -> str | None:
+    """`unsupported_reason` for the step from projections (decode_api.py's "auto" asks): the
+    head dims are the state's, the dtype the projections'."""
+    _, h, kd, vd = state_bhkv.shape
+    like = lambda d: jax.ShapeDtypeStruct((1, h, d), qkv_bc.dtype)  # noqa: E731
+    return unsupported_reason(like(kd), like(vd), state_bhkv)
+
+
 def _step(q, k, v, decay, beta, s_ref, o_ref, new_s_ref, *, scale, l2norm):
     """The step of one program (module docstring) on float32 q, k [K], v [BV], scalars decay
     and beta, the state's columns `s_ref` [K, BV]."""
@@ -273,11 +281,9 @@ def decode_step_from_projections_pallas(
     """The step of a GDN layer from its joined projections by the kernel; arguments and
     results as decode_step.decode_step_from_projections_xla's: (o [B, H, V] in qkv_bc's dtype,
     new state [B, H, K, V] float32). interpret=None: interpret mode on CPU backends."""
-    _, h, kd, vd = state_bhkv.shape
-    q_like = jax.ShapeDtypeStruct((1, h, kd), qkv_bc.dtype)
-    reason = unsupported_reason(q_like, jax.ShapeDtypeStruct((1, h, vd), qkv_bc.dtype), state_bhkv)
+    reason = unsupported_reason_from_projections(qkv_bc, state_bhkv)
     if reason:
         raise ValueError(f"{reason}; use impl='xla' for such inputs")
-    static = _static(kd, scale, use_qk_l2norm, interpret, config)
+    static = _static(state_bhkv.shape[2], scale, use_qk_l2norm, interpret, config)
     return _decode_step_from_projections(static, qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b,
                                          state_bhkv)  # fmt: skip
