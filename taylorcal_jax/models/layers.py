@@ -181,6 +181,19 @@ def _dense(features, use_bias, dtype, name, gemv_impl):
     )
 
 
+def _joined_product(module: nn.Module, group: str, x, gemv_impl: str):
+    """x W (+ b) in `module.dtype` with the kernel (and bias) of `group` that the module's params
+    hold when joined for decoding (`joined.join_for_decoding`), or None when they hold none."""
+    if not module.has_variable("params", group):
+        return None
+    dtype = module.dtype
+    y = dense_product(x.astype(dtype), module.get_variable("params", group).astype(dtype),
+                      impl=gemv_impl)  # fmt: skip
+    if module.has_variable("params", joined.bias_name(group)):
+        y = y + module.get_variable("params", joined.bias_name(group)).astype(dtype)
+    return y
+
+
 def attention_mask(q_index_bt, k_index_bs, k_valid_bs, window):
     """Boolean mask [B, T, S]: key valid, causal, and inside the sliding window (if any)."""
     diff = q_index_bt[:, :, None] - k_index_bs[:, None, :]
@@ -320,13 +333,10 @@ class Attention(nn.Module):
         """x Wq (+bq), x Wk (+bk), x Wv (+bv): three nn.Dense products, or one product with
         params joined for decoding (`joined.join_for_decoding`: the three kernels as one
         [D, (H + 2 Hkv) d] and their biases as one, the same sums), then split."""
-        if not self.has_variable("params", joined.ATTN_QKV):
+        y = _joined_product(self, joined.ATTN_QKV, x_btd, self.runtime.gemv_impl)
+        if y is None:
             return self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
-        c, dtype = self.config, self.dtype
-        w = self.get_variable("params", joined.ATTN_QKV).astype(dtype)
-        y = dense_product(x_btd.astype(dtype), w, impl=self.runtime.gemv_impl)
-        if self.has_variable("params", joined.bias_name(joined.ATTN_QKV)):
-            y = y + self.get_variable("params", joined.bias_name(joined.ATTN_QKV)).astype(dtype)
+        c = self.config
         q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         return jnp.split(y, (q_width, q_width + kv_width), axis=-1)
 
@@ -425,9 +435,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         f, gemv = self.config.intermediate_size, self.gemv_impl
-        if self.has_variable("params", joined.MLP_GATE_UP):
-            w = self.get_variable("params", joined.MLP_GATE_UP).astype(self.dtype)
-            gate, up = jnp.split(dense_product(x.astype(self.dtype), w, impl=gemv), 2, axis=-1)
+        gate_up = _joined_product(self, joined.MLP_GATE_UP, x, gemv)
+        if gate_up is not None:
+            gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
             up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
