@@ -101,11 +101,6 @@ VARIANTS = {
     "defaults_joined": Variant(
         "pallas", gdn_decode="pallas", gdn_fused=True, gemv="auto", joined=True
     ),
-    # the same with our few-row kernel for the products of 2-16 rows too (XLA's GEMMs there
-    # under "auto"), under the kernel's segment plan for padded rows (GemvConfig.plan)
-    "defaults_joined_gemv": Variant(
-        "pallas", gdn_decode="pallas", gdn_fused=True, gemv="pallas", joined=True
-    ),
 }
 # the open questions, with the Pallas decoding attention and GDN step (the models' default on a
 # GPU): the GDN input projections as six products or two (GDNRuntime.fused_projections), and

@@ -57,13 +57,6 @@ def test_plan_splits_k_until_there_are_enough_programs():
     assert config.plan(64, 48) == (16, 16, 4)  # few programs: the least BK, every load split
     assert pallas_gpu.GemvConfig(programs=1).plan(1536, 1536) == (128, 64, 1)
     assert config.plan(1536, 12) is None and config.plan(24, 64) is None
-    # 2-16 rows: the least S with >= 132 programs, BN 128 or 64, so that the [16, N] float32
-    # partial sums of the S segments stay a small part of the bytes of W (32 S / K of them)
-    assert config.plan(1536, 17920, rows=16) == (128, 128, 1)  # 140 programs
-    assert config.plan(1536, 8960, rows=2) == (64, 128, 1)  # 140: BN 128 would need S = 2
-    assert config.plan(8960, 1536, rows=16) == (64, 128, 7)  # 24 x 7 = 168; BN 128: S = 14
-    assert config.plan(1536, 1536, rows=16) == (64, 128, 6)  # 24 x 6 = 144
-    assert pallas_gpu.GemvConfig(programs_padded=1).plan(8960, 1536, rows=16) == (128, 128, 1)
     # segments of several loads each: the loop inside a program
     small = pallas_gpu.GemvConfig(programs=2, min_programs=1, block_k=32)
     assert small.plan(512, 32) == (32, 32, 2)

@@ -52,11 +52,6 @@ class GemvConfig:
     programs: S is the least divisor of K / BK that gives (N / BN) S at least this many
       programs (all of K / BK when none does).
     warps: Triton warps per program.
-    programs_padded: with 2 to 16 rows (x padded to 16), the fewest programs to aim for. There
-      each segment writes [16, N] float32 partial sums, 32 S / K of the bytes of W read for S
-      segments (25% at S = 12, K = 1536), so the plan takes the least S that gives at least
-      this many programs (one wave of an H100's or H200's 132 SMs), with BN 128 or 64,
-      whichever needs fewer segments (`plan`).
 
     The defaults (1056 programs, BK up to 128, 8 warps; before: 264, 64, 4) put more bytes in
     flight per SM for the wide weights of a decoding step: with them the kernel took the
@@ -74,35 +69,23 @@ class GemvConfig:
     block_n: int = 128
     block_k: int = 128
     warps: int = 8
-    programs_padded: int = 132
 
     def __post_init__(self):
-        for name in ("programs", "min_programs", "block_n", "block_k", "warps", "programs_padded"):
+        for name in ("programs", "min_programs", "block_n", "block_k", "warps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def plan(self, k: int, n: int, rows: int = 1) -> tuple[int, int, int] | None:
-        """(BN, BK, S) for `rows` rows of x times W [k, n], or None when no block divides k or
-        n. One row: BN the largest block, BK and S as the fields say. 2 to 16 rows: BK the
-        largest block, (BN, S) of BN in {largest, 64} with the least S (`programs_padded`)."""
-        bns = [b for b in _BLOCKS if b <= self.block_n and n % b == 0]
+    def plan(self, k: int, n: int) -> tuple[int, int, int] | None:
+        """(BN, BK, S) for W [k, n], or None when no block divides k or n."""
+        bn = next((b for b in _BLOCKS if b <= self.block_n and n % b == 0), None)
         bks = [b for b in _BLOCKS if b <= self.block_k and k % b == 0]
-        if not bns or not bks:
+        if bn is None or not bks:
             return None
-        if rows > 1:
-            plans = [(_segments(k // bks[0], n // bn, self.programs_padded), -bn)
-                     for bn in {bns[0], *(b for b in bns if b == 64)}]  # fmt: skip
-            s, minus_bn = min(plans)
-            return -minus_bn, bks[0], s
-        bn = bns[0]
         bk = next((b for b in bks if (n // bn) * (k // b) >= self.min_programs), bks[-1])
-        return bn, bk, _segments(k // bk, n // bn, self.programs)
-
-
-def _segments(steps: int, columns: int, programs: int) -> int:
-    """The least divisor S of `steps` (loads along K) with columns x S >= programs, else steps."""
-    divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-    return next((s for s in divisors if columns * s >= programs), steps)
+        steps = k // bk
+        divisors = [s for s in range(1, steps + 1) if steps % s == 0]
+        s = next((s for s in divisors if (n // bn) * s >= self.programs), steps)
+        return bn, bk, s
 
 
 def unsupported_reason(x_mk, w_kn, config: GemvConfig | None = None) -> str | None:
@@ -114,7 +97,7 @@ def unsupported_reason(x_mk, w_kn, config: GemvConfig | None = None) -> str | No
         return f"{x_mk.shape[0]} rows (the kernel takes 1 to {MAX_ROWS})"
     if any(a.dtype == jnp.float64 for a in (x_mk, w_kn)):
         return "float64 operands (the kernel sums in float32)"
-    if config.plan(*w_kn.shape, rows=x_mk.shape[0]) is None:
+    if config.plan(*w_kn.shape) is None:
         return f"W {w_kn.shape}: K and N must be multiples of {_BLOCKS[-1]}"
     return None
 
@@ -143,7 +126,7 @@ def gemv_pallas(x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | Non
     if reason:
         raise ValueError(f"{reason}; use impl='xla' for such operands")
     (m, k), n = x_mk.shape, w_kn.shape[1]
-    bn, bk, s = config.plan(k, n, rows=m)
+    bn, bk, s = config.plan(k, n)
     dt = jnp.bfloat16 if x_mk.dtype == w_kn.dtype == jnp.bfloat16 else F32
     if m == 1:
         x, p_block, p_shape = x_mk[0], (None, bn), (s, n)
