@@ -54,6 +54,9 @@ COMMAND_BUFFER_WHILE = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 # Weight products by cuBLAS instead of XLA's Triton GEMM fusions (at batch 16 those read the
 # weights at 1.3-3.1 TB/s, launch/results/profile_steps_h200.md).
 CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
+# XLA's autotuner tries every tiling of its Triton GEMMs, not its default short list (the
+# batch-16 MLP GEMMs read their weights at about 75% of the copy bandwidth with the default)
+EXHAUSTIVE_TILING = "--xla_gpu_exhaustive_tiling_search=true"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,14 @@ VARIANTS = {
     "defaults_stored": Variant("pallas", gdn_decode="pallas", gdn_fused=True, gemv="auto"),
     "defaults_joined": Variant(
         "pallas", gdn_decode="pallas", gdn_fused=True, gemv="auto", joined=True
+    ),
+    "defaults_joined_exhaustive": Variant(
+        "pallas",
+        EXHAUSTIVE_TILING,
+        gdn_decode="pallas",
+        gdn_fused=True,
+        gemv="auto",
+        joined=True,
     ),
 }
 # the open questions, with the Pallas decoding attention and GDN step (the models' default on a
