@@ -479,9 +479,11 @@ def stage2_problem(
     chunk_size: int,
     remat=True,
     attention_impl: str = "blocked",
+    fused_projections: bool = True,
 ) -> Stage2Problem:
     """The `Stage2Problem` of teacher (`cfg`, float32 params `teacher`); both models' softmax
-    attention by `attention_impl` (layers.AttentionRuntime.sequence_impl)."""
+    attention by `attention_impl` (layers.AttentionRuntime.sequence_impl); the student's GDN
+    projections joined or not by `fused_projections` (GDNRuntime.fused_projections)."""
     import jax
 
     from taylorcal_jax.convert.naive import copy_init
@@ -491,7 +493,7 @@ def stage2_problem(
 
     keep = tuple(range(0, cfg.num_hidden_layers, keep_every))
     sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn")
-    mixer = sc.student_mixer(GDNRuntime(impl=gdn_impl))
+    mixer = sc.student_mixer(GDNRuntime(impl=gdn_impl, fused_projections=fused_projections))
     student_model, teacher_model = distill.stage2_models(
         sc, mixer.runtime, jax.numpy.dtype(dtype), remat=remat, attention_impl=attention_impl
     )

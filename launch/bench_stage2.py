@@ -2,7 +2,9 @@
 
 Rows: every combination of --batch_sizes x --seq_lens x --remat x --chunk_sizes (positions per
 KL chunk) x --attention_impls (layers.AttentionRuntime.sequence_impl of teacher and student:
-"blocked" XLA query blocks, "cudnn" cuDNN's fused attention), in that order (batch outermost).
+"blocked" XLA query blocks, "cudnn" cuDNN's fused attention) x --gdn_fused_projections (the
+student's GDNRuntime.fused_projections: its q, k, v, g projections as one product, whose
+backward joins their cotangents, or as four), in that order (batch outermost).
 Each row builds the stage-2 problem of
 launch/bench_scaling.py (taylorcal_jax/train/distill.py on the training loop; the `copy`
 student of the teacher with every --keep_every-th layer kept; --dtype compute over float32
@@ -92,7 +94,8 @@ class Settings:
     random_smollm2: bool
     budget_s: float  # no row starts after this many seconds (0: no limit)
     small: bool
-    attention_impls: tuple[str, ...] = ("blocked",)  # layers.SEQUENCE_IMPLS, innermost axis
+    attention_impls: tuple[str, ...] = ("blocked",)  # layers.SEQUENCE_IMPLS
+    gdn_fused_projections: tuple[bool, ...] = (True,)  # GDNRuntime.fused_projections, innermost
 
     def shape(self) -> dict:
         """The teacher's shape: SmolLM2-135M's, or the tiny stand-in of --preset=small."""
@@ -112,12 +115,20 @@ class Point:
     remat: bool
     chunk_size: int
     attention_impl: str = "blocked"
+    gdn_fused_projections: bool = True
 
     def label(self) -> str:
-        return (
+        """The row's settings in words; the GDN projections named only when not joined (the
+        models' default)."""
+        label = (
             f"batch {self.batch_size} x {self.seq_len}, remat={self.remat}, "
             f"KL chunk {self.chunk_size}, attention {self.attention_impl}"
         )
+        return label if self.gdn_fused_projections else label + ", GDN projections separate"
+
+
+def _projections(fused: bool) -> str:
+    return "joined" if fused else "separate"
 
 
 # ------------------------------------------------------------------------- pure parts
@@ -144,7 +155,9 @@ def parse_bools(name: str, values) -> tuple[bool, ...]:
     return tuple(out)
 
 
-def parse_axes(batch_sizes, seq_lens, remat, chunk_sizes, attention_impls) -> dict:
+def parse_axes(
+    batch_sizes, seq_lens, remat, chunk_sizes, attention_impls, gdn_fused_projections=("true",)
+) -> dict:
     """The sweep's axes (Settings fields) from their list flags' entries; one-line ValueError
     for a malformed entry."""
     return {
@@ -153,6 +166,7 @@ def parse_axes(batch_sizes, seq_lens, remat, chunk_sizes, attention_impls) -> di
         "remat": parse_bools("remat", remat),
         "chunk_sizes": parse_ints("chunk_sizes", chunk_sizes),
         "attention_impls": tuple(attention_impls),
+        "gdn_fused_projections": parse_bools("gdn_fused_projections", gdn_fused_projections),
     }
 
 
@@ -170,6 +184,7 @@ def check_settings(s: Settings) -> None:
         "remat": s.remat,
         "chunk_sizes": s.chunk_sizes,
         "attention_impls": s.attention_impls,
+        "gdn_fused_projections": s.gdn_fused_projections,
     }
     for name, values in lists.items():
         if not values:
@@ -211,9 +226,10 @@ def check_settings(s: Settings) -> None:
 
 
 def points(s: Settings) -> list[Point]:
-    """The rows' settings, batch outermost, then sequence length, remat, KL chunk, attention."""
-    grid = itertools.product(s.batch_sizes, s.seq_lens, s.remat, s.chunk_sizes, s.attention_impls)
-    return [Point(*p) for p in grid]
+    """The rows' settings, batch outermost, then sequence length, remat, KL chunk, attention,
+    GDN projections."""
+    axes = (s.batch_sizes, s.seq_lens, s.remat, s.chunk_sizes, s.attention_impls)
+    return [Point(*p) for p in itertools.product(*axes, s.gdn_fused_projections)]
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:
@@ -282,14 +298,15 @@ def markdown(result: dict) -> str:
     if not result["complete"]:
         lines += ["**Incomplete**: the sweep stopped before its last row.", ""]
     lines += [
-        "| batch | seq | remat | KL chunk | attention | compile s | median step s | tokens/s | "
-        "MFU | MFU w/ teacher | executed / 6N | HFU | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | seq | remat | KL chunk | attention | GDN projections | compile s | "
+        "median step s | tokens/s | MFU | MFU w/ teacher | executed / 6N | HFU | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         head = (
             f"| {r['batch_size']} | {r['seq_len']} | {r['remat']} | {r['chunk_size']} | "
             f"{r.get('attention_impl', 'blocked')} | "
+            f"{_projections(r.get('gdn_fused_projections', True))} | "
         )
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
         if r["status"] != "ok":
@@ -373,6 +390,7 @@ def compile_step(point: Point, s: Settings, cfg, teacher, mesh):
         chunk_size=point.chunk_size,
         remat=point.remat,
         attention_impl=point.attention_impl,
+        fused_projections=point.gdn_fused_projections,
     )
     task = problem.task(mesh)
     state = jax.eval_shape(  # shapes only: the loop builds the state it trains
@@ -495,7 +513,14 @@ def settings_from_flags(f) -> Settings:
     if f.preset == "small":
         return small_settings(budget_s=f.budget_s)
     return Settings(
-        **parse_axes(f.batch_sizes, f.seq_lens, f.remat, f.chunk_sizes, f.attention_impls),
+        **parse_axes(
+            f.batch_sizes,
+            f.seq_lens,
+            f.remat,
+            f.chunk_sizes,
+            f.attention_impls,
+            f.gdn_fused_projections,
+        ),
         warmup_steps=f.warmup_steps,
         timed_steps=f.timed_steps,
         dtype=f.dtype,
@@ -538,6 +563,12 @@ def define_flags() -> None:
         "attention_impls",
         ["blocked"],
         "Softmax attention of both models (layers.SEQUENCE_IMPLS; cudnn: GPU, bf16), one row each.",
+    )
+    flags.DEFINE_list(
+        "gdn_fused_projections",
+        ["true"],
+        "The student's GDN q, k, v, g projections as one product (true) and/or four (false), "
+        "one row each.",
     )
     flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per row (after its compilation).")
     flags.DEFINE_integer("timed_steps", 8, "Timed steps per row (median).")

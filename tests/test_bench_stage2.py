@@ -115,6 +115,7 @@ def test_a_failing_row_is_recorded_with_its_one_line_error():
         ({"gdn_impl": "pallas"}, "--gdn_impl=pallas: impl='pallas' cannot run"),
         ({"budget_s": -1.0}, "must be >= 0"),
         ({"attention_impls": ("flash",)}, "--attention_impls=flash: choose from"),
+        ({"gdn_fused_projections": (True, True)}, "--gdn_fused_projections=True,True repeats"),
         ({"attention_impls": ("blocked", "cudnn")}, "cudnn needs --dtype=bfloat16 and a GPU"),
         ({"small": False, "random_smollm2": False}, "give one of --smollm2_gguf"),
         ({"small": False, "smollm2_gguf": "x.gguf"}, "give one of --smollm2_gguf"),
@@ -142,6 +143,33 @@ def test_points_run_batch_outermost():
     assert len(got) == 8 and got[4] == (16, True, 4)
     s = bench_stage2.small_settings(remat=(True,), attention_impls=("blocked", "xla"))
     assert [p.attention_impl for p in bench_stage2.points(s)] == ["blocked", "xla"]
+    s = bench_stage2.small_settings(remat=(True,), gdn_fused_projections=(True, False))
+    assert [p.gdn_fused_projections for p in bench_stage2.points(s)] == [True, False]
+    flags = ["8"], ["2048"], ["true"], ["512"], ["cudnn"], ["false", "true"]
+    assert bench_stage2.parse_axes(*flags)["gdn_fused_projections"] == (False, True)
+    with pytest.raises(ValueError, match="--gdn_fused_projections: 'yes' is neither"):
+        bench_stage2.parse_axes(*flags[:5], ["yes"])
+
+
+def test_gdn_projections_joined_or_separate_reach_the_student():
+    # the row's choice is the student's GDN runtime; the two compute the same sums
+    import bench_scaling  # launch/
+    import jax
+    import numpy as np
+
+    s = bench_stage2.small_settings()
+    cfg, teacher, _ = bench_scaling.stage2_teacher(s.shape(), "llama", "", "")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
+    logits = {}
+    for fused in (True, False):
+        problem = bench_scaling.stage2_problem(
+            cfg, teacher, keep_every=4, gdn_impl="chunked", dtype="float32", chunk_size=16,
+            fused_projections=fused,
+        )  # fmt: skip
+        assert problem.student_model.student_mixer.runtime.fused_projections is fused
+        logits[fused] = problem.student_model.apply({"params": problem.student}, tokens)
+    a, b = (np.asarray(jax.tree.leaves(logits[f])[0]) for f in (True, False))
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
 
 
 @pytest.mark.parametrize(
