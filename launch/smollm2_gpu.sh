@@ -32,8 +32,10 @@
 #       `python3 launch/recovery.py --merge=<a>.json,<b>.json --tag=...`; the text is read
 #       from the machine's site-packages, so both calls must run on the same machine
 #   bash launch/smollm2_gpu.sh stage2     # (.whl; no GGUF: random weights of the same shape
-#       do the same work): the stage-2 throughput sweep of launch/bench_stage2.py
-#       (batch 8/32 x remat on/off x KL chunk 2048 x attention cudnn/blocked) -> $OUT
+#       do the same work): the stage-2 throughput sweep of launch/bench_stage2.py, batch
+#       BATCHES (default 8,32; 32 x 2048 fits an H200, not an H100: BATCHES=8,24 there) x the
+#       GDN projections joined / separate, remat off, KL chunk 2048, cuDNN attention
+#       -> $OUT/bench_stage2_${TAG:-projections}.*
 #
 # `stage_release` copies the release's checkout (the Taylor-Calibrate repository with our
 # changes for a Llama teacher; its code stays out of this repository) into the ignored folder
@@ -133,9 +135,9 @@ PY
     ;;
   stage2)
     install_wheels
-    timeout "$LIMIT" python3 launch/bench_stage2.py --tag=h200 --random_smollm2 \
-      --batch_sizes=8,32 --remat=true,false --chunk_sizes=2048 --attention_impls=cudnn,blocked \
-      --budget_s="$((LIMIT - 90))" --out="$OUT"
+    timeout "$LIMIT" python3 launch/bench_stage2.py --tag="${TAG:-projections}" --random_smollm2 \
+      --batch_sizes="${BATCHES:-8,32}" --remat=false --chunk_sizes=2048 --attention_impls=cudnn \
+      --gdn_fused_projections=true,false --budget_s="$((LIMIT - 90))" --out="$OUT"
     ;;
   recovery)
     join_and_install
