@@ -15,7 +15,7 @@
 #                                                               -> $OUT/probe_decode_<gpu>.json
 #
 # Each part is bounded by `timeout` and writes its files as it goes, so a part cut short keeps
-# what it measured and the next one still runs. The stage-2 speed of the cuDNN attention is
+# what it measured and the next one still runs. The stage-2 step's speed is
 # `bash launch/smollm2_gpu.sh stage2` (another call).
 set -uo pipefail
 OUT=${OUT:-launch/results}
