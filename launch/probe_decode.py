@@ -57,6 +57,12 @@ CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 # XLA's autotuner tries every tiling of its Triton GEMMs, not its default short list (the
 # batch-16 MLP GEMMs read their weights at about 75% of the copy bandwidth with the default)
 EXHAUSTIVE_TILING = "--xla_gpu_exhaustive_tiling_search=true"
+# Hopper's programmatic dependent launch between XLA's kernels: a kernel starts its prologue
+# while the one before it finishes (a decoding step at batch 1 is ~600 kernels of a few us, about
+# 20 per layer of 1.2-1.7 us outside the products). On and off, since the default differs
+# between XLA versions.
+PDL = "--xla_gpu_enable_pdl=true"
+NO_PDL = "--xla_gpu_enable_pdl=false"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +110,13 @@ VARIANTS = {
     "defaults_joined": Variant(
         "pallas", gdn_decode="pallas", gdn_fused=True, gemv="auto", joined=True
     ),
-    "defaults_joined_exhaustive": Variant(
-        "pallas",
-        EXHAUSTIVE_TILING,
-        gdn_decode="pallas",
-        gdn_fused=True,
-        gemv="auto",
-        joined=True,
-    ),
+    # the defaults with XLA flags added: the batch-16 GEMMs' tilings, PDL on and off
+    **{
+        f"defaults_joined_{name}": Variant(
+            "pallas", flags, gdn_decode="pallas", gdn_fused=True, gemv="auto", joined=True
+        )
+        for name, flags in (("exhaustive", EXHAUSTIVE_TILING), ("pdl", PDL), ("no_pdl", NO_PDL))
+    },
 }
 # the open questions, with the Pallas decoding attention and GDN step (the models' default on a
 # GPU): the GDN input projections as six products or two (GDNRuntime.fused_projections), and
