@@ -482,7 +482,6 @@ def run_child(p: dict, name: str, variant: Variant) -> None:
             "kind": "start",
             "variant": name,
             "settings": dataclasses.asdict(variant),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "backend": jax.default_backend(),
             "copy_bandwidth_bytes_per_s": p["bandwidth"],
             **results_io.provenance(),

@@ -755,7 +755,6 @@ def run(s: Settings, out_dir: str, tag: str, trace_dir: str, cache_dir: str) -> 
         **results_io.provenance(),
         "versions": parity_real_teacher.versions(),
         "backend": jax.default_backend(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "settings": {**dataclasses.asdict(s), "stage2": dataclasses.asdict(s.stage2)},
         "trace_dir": os.path.join(trace_dir, tag),
         "rows": [],

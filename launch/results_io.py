@@ -93,18 +93,20 @@ def command_line() -> str:
 
 
 def invocation() -> dict:
-    """{"date", "command", "git", "source_digest"} of this process; starts no JAX (for a
-    process that leaves the accelerator to its children)."""
+    """{"date", "command", "xla_flags", "git", "source_digest"} of this process (xla_flags: its
+    XLA_FLAGS, which change the compiled programs); starts no JAX (for a process that leaves
+    the accelerator to its children)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git": git_revision(),
         "source_digest": source_digest(),
     }
 
 
 def provenance() -> dict:
-    """{"device", "jax_version", "date", "command", "git", "source_digest"} of this process."""
+    """{"device", "jax_version"} and `invocation()` of this process."""
     import jax
 
     from taylorcal_jax.train.stages import device_description

@@ -1,5 +1,6 @@
 """launch/results_io.py: the source digest, which names the code behind a result file where the
-machine's .git is stale (the device machine's copy of the working tree)."""
+machine's .git is stale (the device machine's copy of the working tree), and the XLA flags a
+result file records."""
 
 import subprocess
 
@@ -49,3 +50,11 @@ def test_progress_log_prefixes_whole_seconds_since_its_start(capsys):
     results_io.progress_log()("now")
     results_io.progress_log(time.perf_counter() - 65.2)("later")
     assert capsys.readouterr().out == "[     0 s] now\n[    65 s] later\n"
+
+
+def test_invocation_records_the_processes_xla_flags(monkeypatch):
+    # a probe's variants differ only in XLA_FLAGS: each result file must say which it ran under
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_pdl=true")
+    assert results_io.invocation()["xla_flags"] == "--xla_gpu_enable_pdl=true"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert results_io.invocation()["xla_flags"] == ""
