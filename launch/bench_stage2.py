@@ -20,7 +20,10 @@ masters; the row's remat and KL chunk) on a mesh of one device, and measures:
 - MFU = 6 N tokens_per_s / peak, N the student's parameter count and peak the dense bf16
   FLOP/s of the device (launch/recovery.py's `throughput` and PEAK_BF16_FLOPS; null on a
   device without a peak there, e.g. a CPU). mfu_with_teacher = (6 N + 2 N_teacher)
-  tokens_per_s / peak also credits the teacher's forward on the same tokens.
+  tokens_per_s / peak also credits the teacher's forward on the same tokens;
+  mfu_with_attention adds the causal softmax attention's q k^T and p v products, which hold
+  no weights and so are not in N: 3x the forward's of the student's kept layers and 1x of
+  the teacher's layers (recovery.attention_flops_per_token): the model FLOPs of the step.
 - executed FLOPs: XLA's cost analysis of the compiled step, per token
   (count_stage2_flops.step_flops), over 6 N (executed_over_counted) and over 6 N + 2 N_teacher
   (executed_over_necessary); hfu = executed FLOPs per token x tokens_per_s / peak, the share
@@ -241,20 +244,29 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def throughput_fields(row: dict, kind: str) -> dict:
-    """median_step_s, tokens_per_s, mfu, mfu_with_teacher and hfu of a row that has
-    step_seconds, tokens_per_step and step_flops' fields (module docstring)."""
+    """median_step_s, tokens_per_s, mfu, mfu_with_teacher, mfu_with_attention and hfu of a row
+    that has step_seconds, tokens_per_step, step_flops' fields and the models' attention FLOPs
+    per token (module docstring)."""
     import bench_scaling  # launch/
     import recovery  # launch/
 
     median_s = bench_scaling.median(row["step_seconds"])
     tps = row["tokens_per_step"] / median_s
-    th = recovery.throughput(tps, row["n_student"], row["n_teacher"], kind)
+    th = recovery.throughput(
+        tps,
+        row["n_student"],
+        row["n_teacher"],
+        kind,
+        student_attention=row.get("student_attention_flops_per_token", 0.0),
+        teacher_attention=row.get("teacher_attention_flops_per_token", 0.0),
+    )
     peak = th["peak_bf16_flops"]
     return {
         "median_step_s": median_s,
         "tokens_per_s": tps,
         "mfu": th["mfu"],
         "mfu_with_teacher": th["mfu_with_teacher"],
+        "mfu_with_attention": th["mfu_with_attention"],
         # a count below the model's own 6 N misses work XLA cannot see into (on a GPU: the
         # Pallas kernels and library GEMMs), so no utilisation is computed from it
         "hfu": None
@@ -291,16 +303,18 @@ def markdown(result: dict) -> str:
         f"GDN op {result['gdn_impl_resolved']}. MFU = 6 N tokens/s / peak"
         + (f", N = {ok[0]['n_student']:,} student params" if ok else "")
         + f"; peak {_peak(result['peak_bf16_flops'])}; "
-        "w/ teacher: + 2 N_teacher per token; executed: XLA's FLOPs of the compiled step; "
-        "HFU: executed FLOP/s / peak.",
+        "w/ teacher: + 2 N_teacher per token; + attention: + the causal softmax attention's "
+        "q k^T and p v (student 3x forward, teacher 1x), the model FLOPs of the step; "
+        "executed: XLA's FLOPs of the compiled step; HFU: executed FLOP/s / peak.",
         "",
     ]
     if not result["complete"]:
         lines += ["**Incomplete**: the sweep stopped before its last row.", ""]
     lines += [
         "| batch | seq | remat | KL chunk | attention | GDN projections | compile s | "
-        "median step s | tokens/s | MFU | MFU w/ teacher | executed / 6N | HFU | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "median step s | tokens/s | MFU | MFU w/ teacher | MFU w/ teacher + attention | "
+        "executed / 6N | HFU | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         head = (
@@ -310,7 +324,7 @@ def markdown(result: dict) -> str:
         )
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
         if r["status"] != "ok":
-            cells = [compile_s, f"failed: {r['error']}", *[""] * 5, _memory_cell(r.get("memory"))]
+            cells = [compile_s, f"failed: {r['error']}", *[""] * 6, _memory_cell(r.get("memory"))]
         else:
             cells = [
                 compile_s,
@@ -318,6 +332,7 @@ def markdown(result: dict) -> str:
                 f"{r['tokens_per_s']:,.0f}",
                 results_io.percent_cell(r["mfu"]),
                 results_io.percent_cell(r["mfu_with_teacher"]),
+                results_io.percent_cell(r.get("mfu_with_attention")),
                 f"{r['executed_over_counted']:.2f}"
                 + (" (incomplete)" if r["executed_over_counted"] < 1 else ""),
                 results_io.percent_cell(r["hfu"]),
@@ -407,10 +422,15 @@ def _compile_and_time(row: dict, point: Point, s: Settings, cfg, teacher, mesh, 
     steps' seconds, losses and throughput_fields."""
     import bench_scaling  # launch/
     import count_stage2_flops  # launch/
+    import recovery  # launch/
 
     problem, task, compiled, row["compile_s"] = compile_step(point, s, cfg, teacher, mesh)
     tokens = point.batch_size * point.seq_len
     row.update(count_stage2_flops.step_flops(compiled, problem.student, teacher, tokens))
+    for name, model in (("student", problem.student_model), ("teacher", problem.teacher_model)):
+        row[f"{name}_attention_flops_per_token"] = recovery.attention_flops_per_token(
+            model.config, model.mixers, point.seq_len
+        )
     row["memory"] = {"compiled_step_bytes": bench_scaling.compiled_bytes(compiled)}
     del compiled
     batches = bench_scaling.random_batches(cfg.vocab_size, point.batch_size, point.seq_len)

@@ -39,8 +39,11 @@ no evaluation between them (median; compilation and evaluations excluded), and m
 utilisation MFU = 6 N tokens/s / peak, with N the student's parameter count and the peak
 dense bf16 FLOP/s of the device (PEAK_BF16_FLOPS, by device kind; none on a CPU). The
 teacher's forward pass on the same tokens, 2 N_teacher per token, is counted separately
-(`mfu_with_teacher`); attention's T^2 terms are not counted. It is taken from each init's
-run as it finishes (the latest finished init's), so a run stopped later keeps it.
+(`mfu_with_teacher`), and `mfu_with_attention` adds the causal softmax attention's two
+products (q k^T, p v; not weights, so not in N) of the student's kept layers (forward and
+backward, 3x) and of every teacher layer (forward): the model FLOPs of the whole step
+(`attention_flops_per_token`). It is taken from each init's run as it finishes (the latest
+finished init's), so a run stopped later keeps it.
 
 Each init runs in its own workdir <workdir>/<init> (teacher and corpus cache shared), on
 taylorcal_jax's runner: rerunning the command skips finished stages and resumes an
@@ -245,24 +248,58 @@ def step_throughput(rows: list[dict]) -> float | None:
     return rates[len(rates) // 2]
 
 
-def throughput(tokens_per_second, student_params: int, teacher_params: int, kind: str) -> dict:
-    """{tokens_per_second, flops_per_token, mfu, mfu_with_teacher, peak} (module docstring)."""
+def attention_flops_per_token(cfg, mixers, seq_len: int) -> float:
+    """Forward FLOPs per token of the causal softmax attention's two products, q k^T and p v,
+    which 6 N (weights only) leaves out: 4 H Dh k per softmax layer, k the mean number of keys a
+    query of a seq_len sequence attends, min(t + 1, window) averaged over t < seq_len (the
+    layer's sliding window, or none). `cfg` a ModelConfig; `mixers` per layer "attention" or a
+    mixer's name (None: every layer attention, the teacher)."""
+    import numpy as np
+
+    from taylorcal_jax.models.paths import ATTENTION
+
+    positions = np.arange(1, seq_len + 1)
+    total = 0.0
+    for i, window in enumerate(cfg.sliding_windows):
+        if mixers is None or mixers[i] == ATTENTION:
+            keys = positions if window is None else np.minimum(positions, window)
+            total += 4 * cfg.num_attention_heads * cfg.head_dim * float(keys.mean())
+    return total
+
+
+def throughput(
+    tokens_per_second,
+    student_params: int,
+    teacher_params: int,
+    kind: str,
+    student_attention: float = 0.0,
+    teacher_attention: float = 0.0,
+) -> dict:
+    """{tokens_per_second, flops_per_token, mfu, mfu_with_teacher, mfu_with_attention, peak}
+    (module docstring); student_attention and teacher_attention: `attention_flops_per_token`
+    of each model (0: not known)."""
     peak = PEAK_BF16_FLOPS.get(kind)
     train, teacher = 6 * student_params, 2 * teacher_params
+    # the student's attention is differentiated (forward + 2 x backward), the teacher's is not
+    attention = 3 * student_attention + teacher_attention
     out = {
         "tokens_per_second": tokens_per_second,
         "student_params": student_params,
         "teacher_params": teacher_params,
         "train_flops_per_token": train,
         "teacher_flops_per_token": teacher,
+        "attention_flops_per_token": attention,
         "device_kind": kind,
         "peak_bf16_flops": peak,
         "mfu": None,
         "mfu_with_teacher": None,
+        "mfu_with_attention": None,
     }
     if peak and tokens_per_second:
         out["mfu"] = train * tokens_per_second / peak
         out["mfu_with_teacher"] = (train + teacher) * tokens_per_second / peak
+        if attention:
+            out["mfu_with_attention"] = (train + teacher + attention) * tokens_per_second / peak
     return out
 
 
@@ -391,6 +428,11 @@ def markdown(result: dict) -> str:
                 ""
                 if th["mfu"] is None
                 else f"; with the teacher's forward {th['mfu_with_teacher']:.1%}"
+            )
+            + (
+                ""
+                if th.get("mfu_with_attention") is None
+                else f"; and with both models' causal attention {th['mfu_with_attention']:.1%}"
             )
             + ").",
         ]
@@ -677,12 +719,15 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
 
     def init_throughput(init: str) -> dict:
         # from each init as it finishes, so that a run stopped later still records one
-        _, student = load_student(os.path.join(workdirs[init], "student_distilled"))
+        sc, student = load_student(os.path.join(workdirs[init], "student_distilled"))
+        seq_len = config.distill.kl.seq_len
         th = throughput(
             step_throughput(_read_rows(workdirs[init])),
             pretrain_lib.count_params(student),
             pretrain_lib.count_params(teacher_params),
             jax.devices()[0].device_kind,
+            student_attention=attention_flops_per_token(sc.teacher, sc.mixers, seq_len),
+            teacher_attention=attention_flops_per_token(sc.teacher, None, seq_len),
         )
         return {**th, "init": init}
 

@@ -39,10 +39,16 @@ def test_small_sweep_measures_both_rows_and_writes_the_files(tmp_path):
         assert r["executed_over_counted"] == pytest.approx(
             r["executed_flops_per_token"] / r["counted_flops_per_token"]
         )
-        # every model FLOP is a matmul XLA counts (the GDN op is its XLA form here)
-        assert r["executed_flops_per_token"] >= r["necessary_flops_per_token"]
+        # every model FLOP is a matmul XLA counts (the GDN op is its XLA form here), the
+        # attention's products too: the student keeps layer 0 of 2, the teacher has both
+        student_att = r["student_attention_flops_per_token"]
+        teacher_att = r["teacher_attention_flops_per_token"]
+        assert 0 < 2 * student_att == pytest.approx(teacher_att)
+        attention = 3 * student_att + teacher_att
+        assert r["executed_flops_per_token"] >= r["necessary_flops_per_token"] + attention
         if peak is None:  # a CPU: no peak, no utilisation figures
             assert r["mfu"] is None and r["mfu_with_teacher"] is None and r["hfu"] is None
+            assert r["mfu_with_attention"] is None
         else:
             assert r["mfu"] == pytest.approx(6 * r["n_student"] * r["tokens_per_s"] / peak)
     remat, no_remat = rows

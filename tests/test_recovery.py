@@ -71,6 +71,23 @@ def test_targets_ratios_and_throughput():
     assert th["mfu"] == pytest.approx(6e8 * 1000 / 989e12)
     assert th["mfu_with_teacher"] == pytest.approx((6e8 + 4e8) * 1000 / 989e12)
     assert recovery.throughput(1000.0, 10, 10, "cpu")["mfu"] is None
+    assert th["mfu_with_attention"] is None  # no attention FLOPs given
+    th = recovery.throughput(1000.0, 10**8, 2 * 10**8, "NVIDIA H200", 1e7, 3e7)
+    assert th["attention_flops_per_token"] == 3 * 1e7 + 3e7  # the student's backward: 2x
+    assert th["mfu_with_attention"] == pytest.approx((6e8 + 4e8 + 6e7) * 1000 / 989e12)
+
+
+def test_attention_flops_count_the_keys_each_query_attends():
+    from tiny_models import windowed_qwen2_config
+
+    cfg = windowed_qwen2_config()  # 4 heads of 16; layer 1 has a window of 6
+    per_key = 4 * 4 * 16  # q k^T and p v: 2 FLOPs per multiply-add, H Dh each
+    # 8 positions: layer 0 attends 1..8 keys (mean 4.5), layer 1 min(t + 1, 6): 1..6, 6, 6
+    both = per_key * (4.5 + 33 / 8)
+    assert recovery.attention_flops_per_token(cfg, None, 8) == pytest.approx(both)
+    mixers = ("attention", "gdn")  # a student keeping layer 0 only
+    assert recovery.attention_flops_per_token(cfg, mixers, 8) == pytest.approx(per_key * 4.5)
+    assert recovery.attention_flops_per_token(cfg, ("gdn", "gdn"), 8) == 0.0
 
 
 def _result(complete=True):
