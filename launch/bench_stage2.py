@@ -22,8 +22,9 @@ masters; the row's remat and KL chunk) on a mesh of one device, and measures:
   device without a peak there, e.g. a CPU). mfu_with_teacher = (6 N + 2 N_teacher)
   tokens_per_s / peak also credits the teacher's forward on the same tokens;
   mfu_with_attention adds the causal softmax attention's q k^T and p v products, which hold
-  no weights and so are not in N: 3x the forward's of the student's kept layers and 1x of
-  the teacher's layers (recovery.attention_flops_per_token): the model FLOPs of the step.
+  no weights and so are not in N: 3x their forward FLOPs in the student's kept layers
+  (forward and backward) and 1x in the teacher's layers (recovery.attention_flops_per_token):
+  the model FLOPs of the step.
 - executed FLOPs: XLA's cost analysis of the compiled step, per token
   (count_stage2_flops.step_flops), over 6 N (executed_over_counted) and over 6 N + 2 N_teacher
   (executed_over_necessary); hfu = executed FLOPs per token x tokens_per_s / peak, the share
