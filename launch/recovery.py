@@ -7,6 +7,8 @@ same batches in the same order and the same token budgets (the config's `distill
 settable with --config.distill.*). Perplexity on the eval set (the config's `eval` section:
 SmolLM2's is 16 x 2048 tokens of the test split) is measured at tokens 0 and every
 `eval_every_tokens` of each stage; a curve's tokens count stage 1's then stage 2's.
+`--nostage1` skips stage 1: stage 2 starts from the init itself (what stage 1 does to an
+init's lead), and the result's `budgets` hold stage 2's alone.
 
     python launch/recovery.py --config=configs/smollm2_135m.py --workdir=/tmp/recovery \
         --tag=smollm2_135m --config.progress=False \
@@ -96,6 +98,12 @@ def define_flags() -> None:
     flags.DEFINE_list("inits", list(INITS), "Initialisation strategies, in the order run.")
     flags.DEFINE_string("tag", None, "Result files: recovery_<tag>.{json,md,png}.")
     flags.DEFINE_float("kept_fraction", 0.25, "Share of layers that keep softmax attention.")
+    flags.DEFINE_bool(
+        "stage1",
+        True,
+        "Train stage 1 (distill_layers) before stage 2; --nostage1: stage 2 alone, from the "
+        "init itself (the ablation of what stage 1 does to an init's lead).",
+    )
     flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Out dir.")
     flags.DEFINE_string(
         "rerender",
@@ -580,22 +588,17 @@ def write_outputs(result: dict, out_dir: str, tag: str) -> dict:
 # ------------------------------------------------------------------------- experiment
 
 
-def init_config(config, init: str, kept_fraction: float, teacher_dir: str):
-    """The config of one init's run (its own workdir; the teacher checkpoint shared)."""
+def init_config(config, init: str, kept_fraction: float, teacher_dir: str, stage1: bool = True):
+    """The config of one init's run (its own workdir; the teacher checkpoint shared). Without
+    stage 1, stage 2 starts from the calibrated student itself."""
     c = config.copy_and_resolve_references()
     c.teacher.path = teacher_dir
     c.calibration.strategy = init
     c.select.policy = "uniform"
     c.select.kept_fraction = kept_fraction
     c.select.keep_layers = ()
-    c.stages = (
-        "statistics",
-        "calibrate",
-        "align",
-        "select_layers",
-        "distill_layers",
-        "distill",
-    )
+    distill = DISTILL_STAGES if stage1 else DISTILL_STAGES[1:]
+    c.stages = ("statistics", "calibrate", "align", "select_layers", *distill)
     return c
 
 
@@ -647,7 +650,9 @@ class Experiment:
                 write_outputs(self.result(teacher_ppl, complete), self.out, self.tag)
 
 
-def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, tag: str):
+def run_experiment(
+    config, workdir: str, inits, kept_fraction: float, out: str, tag: str, stage1: bool = True
+):
     import jax
     import results_io  # launch/
     import run_inputs  # launch/
@@ -668,7 +673,7 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
         runner.run(own, workdir, STAGES, command=command)
         config.teacher.path = inputs.teacher_dir(own, workdir)
     teacher_source = run_inputs.resolve_teacher(config, workdir)
-    configs = {i: init_config(config, i, kept_fraction, config.teacher.path) for i in inits}
+    configs = {i: init_config(config, i, kept_fraction, config.teacher.path, stage1) for i in inits}
     for init, cfg in configs.items():  # every problem found before any training
         validate.validate(cfg, STAGES, os.path.join(workdir, init))
     workdirs = {}
@@ -702,7 +707,7 @@ def run_experiment(config, workdir: str, inits, kept_fraction: float, out: str, 
                 k: config.distill[s][k]
                 for k in ("train_tokens", "batch_size", "seq_len", "eval_every_tokens")
             }
-            for s in ("layers", "kl")
+            for s in (("layers", "kl") if stage1 else ("kl",))
         },  # fmt: skip
         "text": run_inputs.text_record(config, ctx.corpus, eval_seqs),
     }
@@ -794,8 +799,9 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     result = run_experiment(
-        config, FLAGS.workdir, FLAGS.inits, FLAGS.kept_fraction, FLAGS.out, FLAGS.tag
-    )
+        config, FLAGS.workdir, FLAGS.inits, FLAGS.kept_fraction, FLAGS.out, FLAGS.tag,
+        FLAGS.stage1,
+    )  # fmt: skip
     print(markdown(result))
 
 

@@ -26,7 +26,8 @@
 #   bash launch/smollm2_gpu.sh recovery   # after `stage`, carry workdirs/gguf_b (and .whl): the
 #       recovery experiment (launch/recovery.py) for INITS (default copy,taylor_calibrate,
 #       zero_gate) on DOCS documents (default 4000), LAYER_TOKENS of stage 1 and KL_TOKENS of
-#       stage 2 (defaults 1M and 8M) -> $OUT/recovery_${TAG:-smollm2_135m}.*; at these
+#       stage 2 (defaults 1M and 8M; STAGE1=false: stage 2 alone)
+#       -> $OUT/recovery_${TAG:-smollm2_135m}.*; at these
 #       budgets two inits fit one call on an H100 (recovery_smollm2_135m_h100_9m_all4), so the four go in two
 #       back-to-back calls with their own INITS and TAG, joined afterwards (here) by
 #       `python3 launch/recovery.py --merge=<a>.json,<b>.json --tag=...`; the text is read
@@ -146,7 +147,8 @@ PY
       --inits="${INITS:-copy,taylor_calibrate,zero_gate}" \
       --config.data.max_documents="${DOCS:-4000}" \
       --config.distill.layers.train_tokens="${LAYER_TOKENS:-1000000}" \
-      --config.distill.kl.train_tokens="${KL_TOKENS:-8000000}" || echo "recovery stopped: $?"
+      --config.distill.kl.train_tokens="${KL_TOKENS:-8000000}" --stage1="${STAGE1:-true}" \
+      || echo "recovery stopped: $?"
     ls -l "$OUT"
     ;;
   release)

@@ -234,3 +234,15 @@ def test_smoke_run_end_to_end(tmp_path):
     assert saved["throughput"]["tokens_per_second"] > 0
     assert saved["throughput"]["mfu"] is None  # no peak for a CPU
     assert saved["throughput"]["init"] == "zero_gate"  # the last init to finish
+
+    # stage 2 alone, from the same teacher: its curve starts at the init's own perplexity
+    config.teacher.path = saved["teacher"]
+    alone = recovery.run_experiment(
+        config, str(tmp_path / "wd_kl"), ["copy"], 0.5, out, "smoke_kl", stage1=False
+    )
+    assert list(alone["budgets"]) == ["kl"]
+    (run,) = alone["runs"]
+    assert [t for t, _ in run["curve"]] == [0, 512, 1024]
+    assert run["curve"][0][1] == copy["curve"][0][1]  # the same calibrated student
+    stages = [json.loads(x)["stage"] for x in open(tmp_path / "wd_kl" / "copy" / "metrics.jsonl")]
+    assert "distill_layers" not in stages and "distill" in stages
