@@ -258,8 +258,8 @@ def throughput_fields(row: dict, kind: str) -> dict:
         row["n_student"],
         row["n_teacher"],
         kind,
-        student_attention=row.get("student_attention_flops_per_token", 0.0),
-        teacher_attention=row.get("teacher_attention_flops_per_token", 0.0),
+        student_attention=row["student_attention_flops_per_token"],
+        teacher_attention=row["teacher_attention_flops_per_token"],
     )
     peak = th["peak_bf16_flops"]
     return {
@@ -418,20 +418,29 @@ def compile_step(point: Point, s: Settings, cfg, teacher, mesh):
     return problem, task, compiled, time.perf_counter() - start
 
 
+def attention_fields(problem, seq_len: int) -> dict:
+    """{student,teacher}_attention_flops_per_token of a step's two models at seq_len
+    (recovery.attention_flops_per_token)."""
+    import recovery  # launch/
+
+    return {
+        f"{name}_attention_flops_per_token": recovery.attention_flops_per_token(
+            model.config, model.mixers, seq_len
+        )
+        for name, model in (("student", problem.student_model), ("teacher", problem.teacher_model))
+    }
+
+
 def _compile_and_time(row: dict, point: Point, s: Settings, cfg, teacher, mesh, kind: str):
     """Adds to `row` as each is measured: compile_s, step_flops' fields and memory, then the
     steps' seconds, losses and throughput_fields."""
     import bench_scaling  # launch/
     import count_stage2_flops  # launch/
-    import recovery  # launch/
 
     problem, task, compiled, row["compile_s"] = compile_step(point, s, cfg, teacher, mesh)
     tokens = point.batch_size * point.seq_len
     row.update(count_stage2_flops.step_flops(compiled, problem.student, teacher, tokens))
-    for name, model in (("student", problem.student_model), ("teacher", problem.teacher_model)):
-        row[f"{name}_attention_flops_per_token"] = recovery.attention_flops_per_token(
-            model.config, model.mixers, point.seq_len
-        )
+    row.update(attention_fields(problem, point.seq_len))
     row["memory"] = {"compiled_step_bytes": bench_scaling.compiled_bytes(compiled)}
     del compiled
     batches = bench_scaling.random_batches(cfg.vocab_size, point.batch_size, point.seq_len)

@@ -33,7 +33,9 @@ over the copy bandwidth measured in the same run (bench_inference.copy_bandwidth
 busy time per step (busy / N) and the untraced wall time per step. busy >> roofline: the kernels
 are slow (the top names say which); wall >> busy: the device idles (the gaps say where). Stage-2
 rows have tokens/s and MFU (recovery.throughput: 6 N tokens/s over the bf16 peak) at the untraced
-step time and at the busy time (what the kernels would give if the device never idled), and the
+step time and at the busy time (what the kernels would give if the device never idled), the
+MFU of the whole step's model FLOPs (with the teacher's forward and the softmax attention's
+products, `mfu_with_attention`) at the untraced step time, and the
 training loop's median step time (bench_scaling.time_steps, as bench_stage2 times it: batch
 building and the metrics' fetch included), the cost of the loop around the step.
 
@@ -362,15 +364,25 @@ def decode_figures(call_s: float, trace_median: dict, steps: int, roofline_s: fl
     }
 
 
-def stage2_figures(call_s, busy_s, loop_step_s, tokens_per_step, n_student, n_teacher, kind):
-    """A stage-2 row's figures: tokens/s and MFU (recovery.throughput) at the untraced step time
-    and at the busy time, and the ratios of wall to busy and of the loop's step to the call."""
+def stage2_figures(call_s, busy_s, loop_step_s, tokens_per_step, counts: dict, kind):
+    """A stage-2 row's figures: tokens/s, MFU and the MFU of the whole step's model FLOPs
+    (recovery.throughput) at the untraced step time, MFU at the busy time, and the ratios of
+    wall to busy and of the loop's step to the call. `counts`: n_student, n_teacher and
+    {student,teacher}_attention_flops_per_token."""
     import recovery  # launch/
 
-    at_wall = recovery.throughput(tokens_per_step / call_s, n_student, n_teacher, kind)
-    at_busy = recovery.throughput(
-        tokens_per_step / busy_s if busy_s else None, n_student, n_teacher, kind
-    )
+    def at(tokens_per_s):
+        return recovery.throughput(
+            tokens_per_s,
+            counts["n_student"],
+            counts["n_teacher"],
+            kind,
+            student_attention=counts["student_attention_flops_per_token"],
+            teacher_attention=counts["teacher_attention_flops_per_token"],
+        )
+
+    at_wall = at(tokens_per_step / call_s)
+    at_busy = at(tokens_per_step / busy_s if busy_s else None)
     return {
         "tokens_per_step": tokens_per_step,
         "step_s": call_s,
@@ -379,6 +391,7 @@ def stage2_figures(call_s, busy_s, loop_step_s, tokens_per_step, n_student, n_te
         "tokens_per_s": at_wall["tokens_per_second"],
         "peak_bf16_flops": at_wall["peak_bf16_flops"],
         "mfu": at_wall["mfu"],
+        "mfu_with_attention": at_wall["mfu_with_attention"],
         "mfu_at_busy": at_busy["mfu"],
         "wall_over_busy": call_s / busy_s if busy_s else None,
         "loop_over_step": loop_step_s / call_s,
@@ -496,6 +509,7 @@ def stage2_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dic
     tokens = point.batch_size * point.seq_len
     log(f"  compiled in {out['compile_s']:.1f} s")
     out.update(count_stage2_flops.step_flops(program, problem.student, teacher, tokens))
+    out.update(bench_stage2.attention_fields(problem, point.seq_len))
     batches = bench_scaling.random_batches(cfg.vocab_size, point.batch_size, point.seq_len)
     batch = loop.place_batch(task, mesh, batches.take(0, 1), stacked=True)
     constants = jax.tree.map(
@@ -522,11 +536,7 @@ def stage2_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dic
     log(f"  the training loop: {loop_step_s:.4f} s per step")
     busy_s = out["trace"]["median"]["busy_us"] * 1e-6
     kind = jax.devices()[0].device_kind
-    out.update(
-        stage2_figures(
-            out["call_s"], busy_s, loop_step_s, tokens, out["n_student"], out["n_teacher"], kind
-        )
-    )
+    out.update(stage2_figures(out["call_s"], busy_s, loop_step_s, tokens, out, kind))
 
 
 # -------------------------------------------------------------------------------- results
@@ -580,15 +590,15 @@ def _decode_table(rows_: list[dict]) -> list[str]:
 def _stage2_table(rows_: list[dict]) -> list[str]:
     lines = [
         "| batch | seq | remat | KL chunk | untraced step s | busy s | loop step s | traced "
-        "wall s | kernels | tokens/s | MFU | MFU at busy | wall / busy | traced gaps: lead / "
-        "between / tail ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "wall s | kernels | tokens/s | MFU | MFU at busy | MFU w/ teacher + attention | wall / "
+        "busy | traced gaps: lead / between / tail ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows_:
         p = r["point"]
         head = f"| {p['batch_size']} | {p['seq_len']} | {p['remat']} | {p['chunk_size']} | "
         if r["status"] != "ok":
-            lines.append(head + _failed(r, 10))
+            lines.append(head + _failed(r, 11))
             continue
         m = r["trace"]["median"]
         cells = [
@@ -600,6 +610,7 @@ def _stage2_table(rows_: list[dict]) -> list[str]:
             f"{r['tokens_per_s']:,.0f}",
             results_io.percent_cell(r["mfu"]),
             results_io.percent_cell(r["mfu_at_busy"]),
+            results_io.percent_cell(r["mfu_with_attention"]),
             _x(r["wall_over_busy"]),
             _gaps_ms(m),
         ]

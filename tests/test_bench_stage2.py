@@ -202,8 +202,12 @@ def test_an_executed_count_below_6n_gives_no_utilisation():
         "n_teacher": 10**6,
         "executed_flops_per_token": 3 * 10**6,  # half of 6 N: XLA saw only part of the step
         "executed_over_counted": 0.5,
+        "student_attention_flops_per_token": 3 * 10**5,
+        "teacher_attention_flops_per_token": 10**5,
     }
     got = bench_stage2.throughput_fields(row, "NVIDIA H200")
+    # (6 N + 2 N_teacher + 3 x student attention + teacher attention) tokens/s / peak
+    assert got["mfu_with_attention"] == pytest.approx((8e6 + 1e6) * 2000 / 989e12)
     assert got["tokens_per_s"] == 2000.0 and got["mfu"] == pytest.approx(6e6 * 2000 / 989e12)
     assert got["hfu"] is None
     full = bench_stage2.throughput_fields({**row, "executed_over_counted": 1.5}, "NVIDIA H200")

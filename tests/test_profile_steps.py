@@ -56,6 +56,9 @@ def test_small_run_profiles_decode_and_stage2_and_writes_the_files(tmp_path):
     assert stage2["busy_s"] == pytest.approx(stage2["trace"]["median"]["busy_us"] * 1e-6)
     assert stage2["tokens_per_s"] == pytest.approx(64 / stage2["call_s"])
     assert stage2["mfu"] is None and stage2["mfu_at_busy"] is None  # a CPU has no peak
+    assert stage2["mfu_with_attention"] is None
+    attention = [stage2[f"{m}_attention_flops_per_token"] for m in ("teacher", "student")]
+    assert attention[0] > attention[1] > 0  # the student keeps some softmax layers
     assert stage2["loop_step_s"] > 0 and math.isfinite(stage2["executed_flops_per_token"])
 
     saved = json.load(open(out / "profile_steps_t.json"))
@@ -100,7 +103,7 @@ def test_a_failing_row_is_recorded_with_its_one_line_error_and_the_run_goes_on(t
     assert failed["status"] == "failed" and ok["status"] == "ok"
     assert failed["error"] == "ValueError: KL chunk length must be positive, got 0"
     md = open(tmp_path / "profile_steps_f.md").read()
-    row = f"| 2 | 32 | True | 0 | failed: {failed['error']} |" + " |" * 9
+    row = f"| 2 | 32 | True | 0 | failed: {failed['error']} |" + " |" * 10
     assert row in md.splitlines() and md.count("| name | count |") == 1
 
 
