@@ -244,23 +244,31 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def counted_throughput(counts: dict, tokens_per_s, kind: str) -> dict:
+    """recovery.throughput at tokens_per_s for a step whose `counts` hold n_student, n_teacher
+    and {student,teacher}_attention_flops_per_token (a row of this sweep or of
+    profile_steps)."""
+    import recovery  # launch/
+
+    return recovery.throughput(
+        tokens_per_s,
+        counts["n_student"],
+        counts["n_teacher"],
+        kind,
+        student_attention=counts["student_attention_flops_per_token"],
+        teacher_attention=counts["teacher_attention_flops_per_token"],
+    )
+
+
 def throughput_fields(row: dict, kind: str) -> dict:
     """median_step_s, tokens_per_s, mfu, mfu_with_teacher, mfu_with_attention and hfu of a row
     that has step_seconds, tokens_per_step, step_flops' fields and the models' attention FLOPs
     per token (module docstring)."""
     import bench_scaling  # launch/
-    import recovery  # launch/
 
     median_s = bench_scaling.median(row["step_seconds"])
     tps = row["tokens_per_step"] / median_s
-    th = recovery.throughput(
-        tps,
-        row["n_student"],
-        row["n_teacher"],
-        kind,
-        student_attention=row["student_attention_flops_per_token"],
-        teacher_attention=row["teacher_attention_flops_per_token"],
-    )
+    th = counted_throughput(row, tps, kind)
     peak = th["peak_bf16_flops"]
     return {
         "median_step_s": median_s,

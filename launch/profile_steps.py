@@ -368,21 +368,11 @@ def stage2_figures(call_s, busy_s, loop_step_s, tokens_per_step, counts: dict, k
     """A stage-2 row's figures: tokens/s, MFU and the MFU of the whole step's model FLOPs
     (recovery.throughput) at the untraced step time, MFU at the busy time, and the ratios of
     wall to busy and of the loop's step to the call. `counts`: n_student, n_teacher and
-    {student,teacher}_attention_flops_per_token."""
-    import recovery  # launch/
-
-    def at(tokens_per_s):
-        return recovery.throughput(
-            tokens_per_s,
-            counts["n_student"],
-            counts["n_teacher"],
-            kind,
-            student_attention=counts["student_attention_flops_per_token"],
-            teacher_attention=counts["teacher_attention_flops_per_token"],
-        )
-
-    at_wall = at(tokens_per_step / call_s)
-    at_busy = at(tokens_per_step / busy_s if busy_s else None)
+    {student,teacher}_attention_flops_per_token (bench_stage2.counted_throughput)."""
+    at_wall = bench_stage2.counted_throughput(counts, tokens_per_step / call_s, kind)
+    at_busy = bench_stage2.counted_throughput(
+        counts, tokens_per_step / busy_s if busy_s else None, kind
+    )
     return {
         "tokens_per_step": tokens_per_step,
         "step_s": call_s,
