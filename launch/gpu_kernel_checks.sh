@@ -9,10 +9,10 @@
 #   2. launch/bench_inference.py with the models' defaults: on an H200 the headline file,
 #      4k-64k at batch 1 and 16 (289 s at git 743137d); on an H100, whose 80 GB do not pass its
 #      memory check at 64k x 16, 16k and 32k                 -> $OUT/bench_inference_<gpu>.*
-#   3. with VARIANTS set (e.g. VARIANTS=defaults_joined,defaults_joined_pdl,
-#      defaults_joined_exhaustive, the open questions: Hopper's programmatic dependent launch
-#      between XLA's kernels, and XLA's exhaustive GEMM tiling at batch 16), launch/probe_decode.py
-#      over those variants at ROWS (default 32k batch 1 and 16)
+#   3. with VARIANTS set (e.g. VARIANTS=defaults_joined,defaults_joined_exhaustive, the open
+#      question of XLA's exhaustive GEMM tiling at batch 16; defaults_joined_pdl, Hopper's
+#      programmatic dependent launch, changed nothing on one H200: probe_decode_h200_pdl.json),
+#      launch/probe_decode.py over those variants at ROWS (default 32k batch 1 and 16)
 #                                                               -> $OUT/probe_decode_<gpu>.json
 #
 # Each part is bounded by `timeout` and writes its files as it goes, so a part cut short keeps
