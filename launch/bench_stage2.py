@@ -341,7 +341,7 @@ def markdown(result: dict) -> str:
                 f"{r['tokens_per_s']:,.0f}",
                 results_io.percent_cell(r["mfu"]),
                 results_io.percent_cell(r["mfu_with_teacher"]),
-                results_io.percent_cell(r.get("mfu_with_attention")),
+                results_io.percent_cell(r["mfu_with_attention"]),
                 f"{r['executed_over_counted']:.2f}"
                 + (" (incomplete)" if r["executed_over_counted"] < 1 else ""),
                 results_io.percent_cell(r["hfu"]),

@@ -60,7 +60,8 @@ EXHAUSTIVE_TILING = "--xla_gpu_exhaustive_tiling_search=true"
 # Hopper's programmatic dependent launch between XLA's kernels: a kernel starts its prologue
 # while the one before it finishes (a decoding step at batch 1 is ~600 kernels of a few us, about
 # 20 per layer of 1.2-1.7 us outside the products). On and off, since the default differs
-# between XLA versions.
+# between XLA versions. On one H200 it changed the steps by 0-2%
+# (launch/results/probe_decode_h200_pdl.json).
 PDL = "--xla_gpu_enable_pdl=true"
 NO_PDL = "--xla_gpu_enable_pdl=false"
 
