@@ -79,6 +79,10 @@ FLAGS = flags.FLAGS
 INITS = ("copy", "zero_gate", "align_only", "taylor_calibrate")
 TARGET_FACTORS = (2.0, 1.5)
 PROJECTION_POINTS = 3  # evaluations of a curve's tail that its projection fits
+PROJECTION_METHOD = (
+    f"power law through the last {PROJECTION_POINTS} evaluations (log-log least squares), "
+    "extended to the target"
+)
 BASELINES = ("copy", "zero_gate")  # the inits every other init's tokens are compared with
 PAPER_LOW_RATIO = 4.9  # the paper's fewest-tokens claim (copy / Taylor-Calibrate), drawn
 # Dense bf16 peak FLOP/s (no sparsity) by jax device_kind.
@@ -182,8 +186,7 @@ def projection(runs: list[dict], targets: dict) -> dict:
         tokens[r["init"]], projected[r["init"]] = row, guessed
     as_runs = [{"init": init, "tokens_to_target": row} for init, row in tokens.items()]
     return {
-        "method": f"power law through the last {PROJECTION_POINTS} evaluations (log-log "
-        "least squares), extended to the target",
+        "method": PROJECTION_METHOD,
         "points": PROJECTION_POINTS,
         "tokens_to_target": tokens,
         "projected": projected,
@@ -532,7 +535,9 @@ def plot(result: dict, path: str) -> None:
     ax.set(
         xscale="log",
         yscale="log",
-        xlabel="training tokens (stage 1 + stage 2; 0 at 1)",
+        xlabel="training tokens ("
+        + ("stage 1 + stage 2" if "layers" in result["budgets"] else "stage 2 alone")
+        + "; 0 at 1)",
         ylabel="perplexity",
         title=f"recovery, teacher {result.get('teacher_name', '')}",
     )
