@@ -9,10 +9,11 @@
 #   2. launch/bench_inference.py with the models' defaults: on an H200 the headline file,
 #      4k-64k at batch 1 and 16 (289 s at git 743137d); on an H100, whose 80 GB do not pass its
 #      memory check at 64k x 16, 16k and 32k                 -> $OUT/bench_inference_<gpu>.*
-#   3. with VARIANTS set (e.g. VARIANTS=defaults_joined,defaults_joined_exhaustive, the open
-#      question of XLA's exhaustive GEMM tiling at batch 16; defaults_joined_pdl, Hopper's
-#      programmatic dependent launch, changed nothing on one H200: probe_decode_h200_pdl.json),
-#      launch/probe_decode.py over those variants at ROWS (default 32k batch 1 and 16)
+#   3. with VARIANTS set, launch/probe_decode.py over those variants at ROWS (default 32k
+#      batch 1 and 16), e.g. the open question of XLA's exhaustive GEMM tiling at batch 16:
+#      TESTS=0 BENCH=0 VARIANT_S=400 VARIANTS=defaults_joined,defaults_joined_exhaustive
+#      (defaults_joined_pdl, Hopper's programmatic dependent launch, changed nothing on one
+#      H200: probe_decode_h200_pdl.json)
 #                                                               -> $OUT/probe_decode_<gpu>.json
 #
 # Each part is bounded by `timeout` and writes its files as it goes, so a part cut short keeps
@@ -32,20 +33,28 @@ GPU=${GPU:-gpu}
 CONTEXTS=4096,16384,32768,65536
 [ "$GPU" = h100 ] && CONTEXTS=16384,32768
 
-# TESTS=0 skips part 1; VARIANTS (empty: part 3 skipped) and ROWS pick the probe's variants
+# TESTS=0 skips part 1, BENCH=0 part 2; VARIANTS (empty: part 3 skipped) and ROWS pick the
+# probe's variants, VARIANT_S bounds each (the exhaustive tiling variant did not finish its
+# first compilation within 70 s on one H100: probe_decode_h100.json; with BENCH=0 part 3 may
+# take up to 540 s)
 ROWS=${ROWS:-32768x1,32768x16}
 VARIANTS=${VARIANTS:-}
+PROBE_S=260
+[ "${BENCH:-1}" = 1 ] || PROBE_S=540
+VARIANT_S=${VARIANT_S:-70}
 
 if [ "${TESTS:-1}" = 1 ]; then
   timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 6 \
     --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
 fi
-timeout 400 python3 launch/bench_inference.py --tag="$GPU" --contexts="$CONTEXTS" \
-  --out="$OUT" || echo "bench_inference stopped: $?"
+if [ "${BENCH:-1}" = 1 ]; then
+  timeout 400 python3 launch/bench_inference.py --tag="$GPU" --contexts="$CONTEXTS" \
+    --out="$OUT" || echo "bench_inference stopped: $?"
+fi
 if [ -n "$VARIANTS" ]; then
-  timeout 260 python3 launch/probe_decode.py --tag="$GPU" --rows="$ROWS" \
-    --variants="$VARIANTS" \
-    --budget_s=230 --min_variant_s=30 --variant_timeout_s=70 --out="$OUT" ||
+  timeout "$PROBE_S" python3 launch/probe_decode.py --tag="$GPU" --rows="$ROWS" \
+    --variants="$VARIANTS" --budget_s=$((PROBE_S - 30)) --min_variant_s=30 \
+    --variant_timeout_s="$VARIANT_S" --out="$OUT" ||
     echo "probe_decode stopped: $?"
 fi
 ls -lR "$OUT"

@@ -5,7 +5,8 @@ precision take minutes each; run one after another they do not fit one 10-minute
 Each test gets its own process (XLA_PYTHON_CLIENT_PREALLOCATE=false, so that they share the
 card) and the processes run --jobs at a time, longest-compiling (fp32) first. Writes to --out-dir
 one log (each test's output under its id) and a JSON summary (outcome and seconds per test id,
-device, versions, command): two files, as the device call brings back only a few.
+device, versions, command, git revision and source digest): two files, as the device call
+brings back only a few.
 
 Usage (device): python3 launch/run_gpu_tests.py [--select EXPR] [--jobs 12] --out-dir $OUT
 """
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import datetime
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+
+import results_io  # launch/
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,8 +126,8 @@ def main(argv=None) -> int:
             f.write(f"===== {r['id']} ({r['outcome']}, {r['seconds']} s)\n{r.pop('log')}\n")
     argv = sys.argv[1:] if argv is None else argv
     summary = {
+        **results_io.invocation(),  # date, git, source digest, XLA_FLAGS
         "command": "python3 launch/run_gpu_tests.py " + " ".join(argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **versions(),
         "counts": {o: sum(r["outcome"] == o for r in results) for o in OUTCOMES},
         "tests": results,

@@ -36,6 +36,11 @@ def test_a_run_without_a_gpu_reports_the_test_skipped(tmp_path):
     assert summary["counts"]["skipped"] == 1 and len(summary["tests"]) == 1
     assert "inputs" in summary["tests"][0]["id"]
     assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
+    assert (
+        summary["source_digest"]
+        and "git" in summary
+        and summary["command"].endswith(f"--out-dir {tmp_path}")
+    )
 
 
 def test_an_empty_selection_names_the_files_and_the_expression(tmp_path, capsys):
