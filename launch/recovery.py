@@ -341,20 +341,36 @@ def analysis(teacher_ppl: float, runs: dict) -> dict:
 MERGE_KEYS = ("teacher_ppl", "kept_fraction", "eval", "budgets", "device")
 
 
+def check_shared(results: list[dict], keys, action: str) -> None:
+    """ValueError ("cannot <action>: ...") unless the results agree on `keys` and on their
+    text's corpus and eval digests."""
+    first = results[0]
+    for r in results[1:]:
+        for key in keys:
+            if r[key] != first[key]:
+                raise ValueError(f"cannot {action}: {key} differs ({first[key]!r} vs {r[key]!r})")
+        for key in ("corpus_digest", "eval_digest"):
+            if r["text"][key] != first["text"][key]:
+                raise ValueError(f"cannot {action}: text {key} differs")
+
+
+def read_results(paths) -> list[dict]:
+    """The recovery result files (JSON) at `paths`, in order."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
+
+
 def merge(results: list[dict], command: str, tag: str) -> dict:
     """One result from the runs of several result files of the same experiment, each init
     from one file (e.g. inits run in separate calls): their `MERGE_KEYS` and text digests
     must agree. Targets (copy's final ppl included), tokens to them, ratios and projection
     are recomputed from the curves; `parts` keeps each file's command, date, inits and
     throughput."""
+    check_shared(results, MERGE_KEYS, "merge")
     first = results[0]
-    for r in results[1:]:
-        for key in MERGE_KEYS:
-            if r[key] != first[key]:
-                raise ValueError(f"cannot merge: {key} differs ({first[key]!r} vs {r[key]!r})")
-        for key in ("corpus_digest", "eval_digest"):
-            if r["text"][key] != first["text"][key]:
-                raise ValueError(f"cannot merge: text {key} differs")
     inits = [run["init"] for r in results for run in r["runs"]]
     if len(set(inits)) != len(inits):
         raise ValueError(f"cannot merge: an init appears twice in {inits}")
@@ -783,11 +799,7 @@ def main(argv):
 
         if FLAGS.tag is None:
             raise app.UsageError("--merge needs --tag")
-        parts = []
-        for path in FLAGS.merge:
-            with open(path) as f:
-                parts.append(json.load(f))
-        result = merge(parts, results_io.command_line(), FLAGS.tag)
+        result = merge(read_results(FLAGS.merge), results_io.command_line(), FLAGS.tag)
         write_outputs(result, FLAGS.out, FLAGS.tag)
         print(markdown(result))
         return

@@ -57,14 +57,7 @@ def schedule_of(result: dict) -> str:
 
 def check_comparable(results: list[dict]) -> None:
     """ValueError unless the results share everything but the schedule, one each."""
-    first = results[0]
-    for r in results[1:]:
-        for key in SHARED_KEYS:
-            if r[key] != first[key]:
-                raise ValueError(f"cannot compare: {key} differs ({first[key]!r} vs {r[key]!r})")
-        for key in ("corpus_digest", "eval_digest"):
-            if r["text"][key] != first["text"][key]:
-                raise ValueError(f"cannot compare: text {key} differs")
+    recovery.check_shared(results, SHARED_KEYS, "compare")
     schedules = [schedule_of(r) for r in results]
     if len(set(schedules)) != len(schedules):
         raise ValueError(f"cannot compare: a schedule appears twice in {schedules}")
@@ -278,10 +271,7 @@ def main(argv):
         raise app.UsageError("give --results=<a>.json,<b>.json (two or more) and --tag")
     import results_io  # launch/
 
-    results = []
-    for path in FLAGS.results:
-        with open(path) as f:
-            results.append(json.load(f))
+    results = recovery.read_results(FLAGS.results)
     result = compare(results, results_io.command_line(), FLAGS.tag)
     write_outputs(result, FLAGS.out)
     print(markdown(result))
