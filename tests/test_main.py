@@ -104,6 +104,9 @@ def test_smoke_run_prints_stages_and_summary_and_records_everything(smoke):
     for path in ("teacher/model.safetensors", "student/student_config.json"):
         assert os.path.exists(os.path.join(workdir, path))
     assert os.path.getsize(os.path.join(workdir, "calibration_report.png")) > 10_000
+    # the training curves of pretraining and both distillation stages, listed as an output
+    assert open(os.path.join(workdir, "training_curves.png"), "rb").read(4) == b"\x89PNG"
+    assert f"{workdir}/training_curves.png" in out
     assert not _partials(workdir) and not os.path.exists(os.path.join(workdir, ".lock"))
 
 

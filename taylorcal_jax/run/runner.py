@@ -6,7 +6,8 @@
     4. lock the workdir, delete `.partial` leftovers, append this run to config.json
     5. per stage: skip, or remove its old outputs (and, unless it resumes, its checkpoints),
        record it "running", run it with the one RunContext, record it "done" with its result
-    6. summary.md after every stage; the final summary on stdout
+    6. summary.md after every stage, training_curves.png after every training stage
+       (eval/training_curves.py); the final summary on stdout
 
 With several processes every process runs every step; process 0 alone locks the workdir,
 writes and removes in it (run/workdir.py), prints and writes metrics and summaries.
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from taylorcal_jax.errors import ConfigError
+from taylorcal_jax.eval import training_curves
 from taylorcal_jax.run import plan as plan_lib
 from taylorcal_jax.run import validate as validate_lib
 from taylorcal_jax.run import workdir as workdir_lib
@@ -102,6 +104,8 @@ def run(
             console.stage_done(seconds[step.name], result)
             results[step.name] = dict(result, stage_seconds=round(seconds[step.name], 1))
             write_summary(workdir, f"taylorcal_jax run in {workdir}", {"run": header, **results})
+            if step.name in training_curves.TRAINING_STAGES:
+                training_curves.write_plot(workdir)
         wall = time.perf_counter() - t_run
         write_summary(
             workdir,
@@ -168,7 +172,14 @@ def summary_rows(config, workdir, steps, results, seconds, wall) -> list[tuple[s
     rows.append(("wall time", f"{wall:.1f} s"))
     outputs = [
         os.path.join(workdir, p)
-        for p in ("teacher", "student", "calibration_report.json", "summary.md", "metrics.jsonl")
+        for p in (
+            "teacher",
+            "student",
+            "calibration_report.json",
+            "summary.md",
+            "metrics.jsonl",
+            training_curves.FILENAME,
+        )
         if os.path.exists(os.path.join(workdir, p))
     ]
     if config.teacher.path:
