@@ -30,6 +30,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     outputs = "".join(
         o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
     )
-    # The pipeline ran through to evaluation and both models generated text.
-    assert "student ppl" in outputs
+    # The pipeline ran through distillation and evaluation, both models generated text, and
+    # the exported student generated with transformers.
+    assert "student ppl" in outputs and "distill: held-out ppl" in outputs
     assert "--- teacher:" in outputs and "--- student:" in outputs
+    assert "--- exported student (transformers):" in outputs
+    assert "the same 32 tokens as the JAX student:" in outputs
