@@ -2,6 +2,7 @@
 metrics rows (resumed and rerun stages included), and the plot the runner writes."""
 
 import json
+import os
 
 from taylorcal_jax.eval import training_curves
 
@@ -52,3 +53,8 @@ def test_write_plot_only_once_a_stage_has_trained(tmp_path):
     assert path == str(tmp_path / training_curves.FILENAME)
     assert open(path, "rb").read(4) == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+    # during training: not again within the interval, again once it has passed
+    os.utime(path, (1_000, 1_000))  # drawn long ago
+    assert training_curves.write_plot(str(tmp_path), min_interval_s=60) == path
+    assert os.path.getmtime(path) > 1_000
+    assert training_curves.write_plot(str(tmp_path), min_interval_s=60) is None

@@ -1,7 +1,8 @@
 """A run's training curves, from its metrics.jsonl: for each stage that trains on a token
 stream (pretrain, distill_layers, distill), the training loss and the held-out perplexity
-against the tokens seen, as data (`training_curves`) and as a plot (`write_plot`, which the
-runner calls after every stage: <workdir>/training_curves.png).
+against the tokens seen, as data (`training_curves`) and as a plot (`write_plot`:
+<workdir>/training_curves.png, redrawn at the training stages' evaluations at most once a
+minute, and by the runner after each of those stages).
 
 Rows of a stage: loss rows carry "loss" and "tokens"; evaluation rows carry "tokens" and a
 perplexity ("eval_ppl"; pretraining's "valid_ppl"). A resumed stage logs some points again:
@@ -13,6 +14,7 @@ closing row count, so the curves show the latest training of each stage.
 from __future__ import annotations
 
 import os
+import time
 
 from taylorcal_jax.utils import hosts
 from taylorcal_jax.utils.metrics import read_metrics
@@ -20,6 +22,7 @@ from taylorcal_jax.utils.metrics import read_metrics
 TRAINING_STAGES = ("pretrain", "distill_layers", "distill")
 PPL_KEYS = ("eval_ppl", "valid_ppl")  # distillation's, pretraining's
 FILENAME = "training_curves.png"
+DURING_TRAINING_S = 60.0  # the least time between redraws at a training stage's evaluations
 # What each stage's loss is (the plot's y labels).
 LOSS_NAMES = {
     "pretrain": "next-token cross-entropy",
@@ -95,17 +98,21 @@ def plot(curves: dict, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_plot(workdir: str) -> str | None:
+def write_plot(workdir: str, min_interval_s: float = 0.0) -> str | None:
     """<workdir>/training_curves.png from <workdir>/metrics.jsonl (written whole under a
-    temporary name, then renamed); None, writing nothing, when no stage has trained yet or
-    on a process other than the main one."""
+    temporary name, then renamed); None, writing nothing, when no stage has trained yet, on a
+    process other than the main one, or when the plot is younger than `min_interval_s` (the
+    training stages redraw it at their evaluations, at most once a minute: DURING_TRAINING_S)."""
     metrics = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, FILENAME)
     if not hosts.is_main() or not os.path.exists(metrics):
         return None
+    if min_interval_s > 0 and os.path.exists(path):
+        if time.time() - os.path.getmtime(path) < min_interval_s:
+            return None
     curves = training_curves(read_metrics(metrics))
     if not curves:
         return None
-    path = os.path.join(workdir, FILENAME)
     plot(curves, path + ".partial", title=f"training in {os.path.basename(workdir.rstrip('/'))}")
     os.replace(path + ".partial", path)
     return path

@@ -38,6 +38,7 @@ from taylorcal_jax.calibrate import pipeline
 from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
 from taylorcal_jax.data import packing, split
 from taylorcal_jax.eval import perplexity as ppl_lib
+from taylorcal_jax.eval import training_curves
 from taylorcal_jax.models.layers import resolve_sequence_impl
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
@@ -223,6 +224,8 @@ def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_
 
     def log_fn(step, values):
         ctx.metrics.write(stage, step=step, tokens=step * tps, **values)
+        if "eval_ppl" in values:
+            training_curves.write_plot(ctx.workdir, training_curves.DURING_TRAINING_S)
         if "eval_ppl" in values and config.distill.save_students:
             path = os.path.join(students, f"tokens_{step * tps:012d}")  # sorts by tokens
             pipeline.save_student_dir(path, sc, student_of(evaluated.pop("params")))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from taylorcal_jax.data import split
 from taylorcal_jax.errors import ConfigError
 from taylorcal_jax.eval import perplexity as ppl_lib
+from taylorcal_jax.eval import training_curves
 from taylorcal_jax.run import inputs
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
@@ -134,6 +135,8 @@ def pretrain_stage(ctx) -> dict:
 
     def log_fn(step, values):
         ctx.metrics.write("pretrain", step=step, **values)
+        if "valid_ppl" in values:
+            training_curves.write_plot(ctx.workdir, training_curves.DURING_TRAINING_S)
 
     n_params = pretrain_lib.count_params(params)
     cpu0 = time.process_time()
