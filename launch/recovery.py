@@ -355,11 +355,15 @@ def check_shared(results: list[dict], keys, action: str) -> None:
 
 
 def read_results(paths) -> list[dict]:
-    """The recovery result files (JSON) at `paths`, in order."""
+    """The recovery result files (JSON) at `paths`, in order; ValueError (one line) for a
+    missing or unreadable one."""
     results = []
     for path in paths:
-        with open(path) as f:
-            results.append(json.load(f))
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read the result file {path}: {e}") from e
     return results
 
 
@@ -799,7 +803,10 @@ def main(argv):
 
         if FLAGS.tag is None:
             raise app.UsageError("--merge needs --tag")
-        result = merge(read_results(FLAGS.merge), results_io.command_line(), FLAGS.tag)
+        try:
+            result = merge(read_results(FLAGS.merge), results_io.command_line(), FLAGS.tag)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
         write_outputs(result, FLAGS.out, FLAGS.tag)
         print(markdown(result))
         return

@@ -271,8 +271,10 @@ def main(argv):
         raise app.UsageError("give --results=<a>.json,<b>.json (two or more) and --tag")
     import results_io  # launch/
 
-    results = recovery.read_results(FLAGS.results)
-    result = compare(results, results_io.command_line(), FLAGS.tag)
+    try:
+        result = compare(recovery.read_results(FLAGS.results), results_io.command_line(), FLAGS.tag)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     write_outputs(result, FLAGS.out)
     print(markdown(result))
 

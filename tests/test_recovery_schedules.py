@@ -80,3 +80,5 @@ def test_refuses_results_that_differ_in_more_than_the_schedule():
         recovery_schedules.compare([with_s1, {**alone, "device": "gpu"}], "", "")
     with pytest.raises(ValueError, match="a schedule appears twice"):
         recovery_schedules.compare([with_s1, with_s1], "", "")
+    with pytest.raises(ValueError, match="cannot read the result file .*missing.json"):
+        recovery.read_results(["/nonexistent/missing.json"])
