@@ -64,20 +64,25 @@ def check_comparable(results: list[dict]) -> None:
 
 
 def tokens_table(results: list[dict], targets: dict) -> dict:
-    """{schedule: {init: {target: [tokens or None, projected?]}}}."""
+    """{schedule: {init: {target: [tokens or None, projected?]}}}: measured tokens where a curve
+    reaches a target, projected ones elsewhere (recovery.projection)."""
     table = {}
     for r in results:
-        rows = {}
-        for run in r["runs"]:
-            row = {}
-            for name, value in targets.items():
-                tokens = recovery.tokens_to_target(run["curve"], value)
-                projected = tokens is None
-                if projected:
-                    tokens = recovery.project_tokens(run["curve"], value)
-                row[name] = [tokens, projected and tokens is not None]
-            rows[run["init"]] = row
-        table[schedule_of(r)] = rows
+        runs = [
+            {
+                "init": run["init"],
+                "curve": run["curve"],
+                "tokens_to_target": {
+                    n: recovery.tokens_to_target(run["curve"], v) for n, v in targets.items()
+                },
+            }
+            for run in r["runs"]
+        ]
+        proj = recovery.projection(runs, targets)
+        table[schedule_of(r)] = {
+            init: {n: [t, n in proj["projected"][init]] for n, t in row.items()}
+            for init, row in proj["tokens_to_target"].items()
+        }
     return table
 
 
