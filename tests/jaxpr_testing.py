@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend  # jax.extend.core below; not imported by `import jax` in every version
 
 
 def equations(jaxpr, primitive: str) -> list:
