@@ -54,22 +54,18 @@ def reference(h, scale, w_gate_up, w_down, *, eps: float, dtype, impl: str = "xl
 def _kernels(h, scale, w_gate_up, w_down, *, eps, dtype, impl):
     from taylorcal_jax.ops.gemv.pallas_gpu import gemv_partials
 
-    run = dict(dt=dtype, interpret=jax.default_backend() == "cpu")
-    gate_up_s = gemv_partials(h.reshape(1, -1), w_gate_up, scale, prologue="norm", eps=eps, **run)
-    y_s = gemv_partials(gate_up_s, w_down, prologue="silu", **run)
-    y = jnp.sum(y_s, axis=0).astype(dtype)
+    interpret = jax.default_backend() == "cpu"
+    gate_up_s = gemv_partials(h.reshape(1, -1), w_gate_up, scale, prologue="norm", eps=eps,
+                              dt=dtype, interpret=interpret)  # fmt: skip
+    gate_up = jnp.sum(gate_up_s, axis=0).astype(dtype)  # one XLA fusion with the gate
+    y = dense_product(swiglu(*jnp.split(gate_up, 2)), w_down.astype(dtype), impl=impl)
     return h + y.reshape(h.shape).astype(h.dtype)
 
 
-def _kernels_take(h, w_gate_up, w_down) -> bool:
+def _kernels_take(h, w_gate_up) -> bool:
     from taylorcal_jax.ops.gemv import pallas_gpu
 
-    row = h.reshape(1, -1)
-    if pallas_gpu.unsupported_reason(row, w_gate_up, prologue="norm"):
-        return False
-    plan = pallas_gpu.GemvConfig().plan(*w_gate_up.shape)
-    partials = jax.ShapeDtypeStruct((plan[2], w_gate_up.shape[1]), F32)
-    return pallas_gpu.unsupported_reason(partials, w_down, prologue="silu") is None
+    return pallas_gpu.unsupported_reason(h.reshape(1, -1), w_gate_up, prologue="norm") is None
 
 
 def residual_mlp(h, scale, w_gate_up, w_down, *, eps: float, dtype, impl: str = "xla"):
@@ -79,7 +75,7 @@ def residual_mlp(h, scale, w_gate_up, w_down, *, eps: float, dtype, impl: str = 
     options = dict(eps=eps, dtype=dtype, impl=impl)
     one_row = h.size == h.shape[-1]
     if impl != "xla" and one_row and h.dtype != jnp.float64:
-        if _kernels_take(h, w_gate_up, w_down) and resolve_impl(impl) == "pallas":
+        if _kernels_take(h, w_gate_up) and resolve_impl(impl) == "pallas":
 
             @jax.custom_vjp
             def run(*args):
