@@ -61,7 +61,6 @@ from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one mask
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
 from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
-from taylorcal_jax.ops.gemv.fused import residual_mlp, rms_norm, swiglu
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +166,9 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        return rms_norm(x, scale, self.eps, self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
 def _dense(features, use_bias, dtype, name, gemv_impl):
@@ -424,8 +425,8 @@ def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtyp
 
 class MLP(nn.Module):
     """SwiGLU MLP; `gemv_impl` as AttentionRuntime's. With params joined for decoding
-    (`joined.join_for_decoding`: gate and up as one kernel [D, 2F]) the block runs it, its norm
-    and its residual add as one function instead (ops/gemv/fused.residual_mlp)."""
+    (`joined.join_for_decoding`: gate and up as one kernel [D, 2F]) it forms x W_gate and x W_up
+    as one product, then splits it."""
 
     config: ModelConfig
     dtype: Any = jnp.float32
@@ -434,10 +435,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         f, gemv = self.config.intermediate_size, self.gemv_impl
-        gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
-        up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
+        gate_up = _joined_product(self, joined.MLP_GATE_UP, x, gemv)
+        if gate_up is not None:
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        else:
+            gate = _dense(f, False, self.dtype, "gate_proj", gemv)(x)
+            up = _dense(f, False, self.dtype, "up_proj", gemv)(x)
         down = _dense(self.config.hidden_size, False, self.dtype, "down_proj", gemv)
-        return down(swiglu(gate, up))
+        return down(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -482,16 +487,9 @@ class DecoderLayer(nn.Module):
             y_student, _, _ = mixer_module(self.student_mixer.name)(attn_in, **where)
             y, new_cache, inter = jnp.where(keep, y_attn, y_student.astype(y_attn.dtype)), None, {}
         out = h + y.astype(h.dtype)
-        params = self.variables.get("params", {})
-        gemv = self.attention_runtime.gemv_impl
-        mlp_params = params.get("mlp", {})
-        if joined.MLP_GATE_UP in mlp_params:  # params joined for decoding
-            scale = params["post_attention_layernorm"]["scale"]
-            weights = (scale, mlp_params[joined.MLP_GATE_UP], mlp_params["down_proj"]["kernel"])
-            out = residual_mlp(out, *weights, eps=c.rms_norm_eps, dtype=self.dtype, impl=gemv)
-        else:
-            mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(out)
-            out = out + MLP(c, self.dtype, gemv, name="mlp")(mlp_in).astype(h.dtype)
+        mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(out)
+        mlp = MLP(c, self.dtype, self.attention_runtime.gemv_impl, name="mlp")
+        out = out + mlp(mlp_in).astype(h.dtype)
         if return_intermediates:
             inter = {"resid_in": h, "attn_in": attn_in, **inter, "attn_out": y}
         else:

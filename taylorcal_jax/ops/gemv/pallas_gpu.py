@@ -20,17 +20,6 @@ of a tensor-core dot, and one dot per load (bf16 operands when both are bf16, el
 HIGHEST, as ops/pallas_dot.mm).
 
 x and W are read in their dtype; the sums and the result are float32 (api.py casts).
-
-Prologues (one row only; static), the elementwise work before a product of a decoding step done
-in the kernel instead of in kernels of their own (launch/results/profile_steps_h100_decode_
-joined.md: each of those is a launch of 1-2 us against a product of 5-20), in the order and
-roundings of the modules they replace (models/layers.py), dt the compute dtype:
-  "norm"  RMSNorm: x_e = (x rsqrt(mean(x^2) + eps)).astype(dt) scale.astype(dt); every program
-          sums x^2 over all of K itself (K elements, from L2)
-  "silu"  SwiGLU's gate from the partial sums p [S', 2K] of the gate-and-up product (the
-          "norm" call's `gemv_partials`): gate, up = (sum_s p[s]).astype(dt) halves, x_e =
-          silu(gate) up with each op rounded to dt; a program sums only its own segment's
-          columns, so that product's reduction takes no kernel of its own either
 """
 
 from __future__ import annotations
@@ -47,7 +36,6 @@ from jax.experimental.pallas import triton as plgpu
 from taylorcal_jax.ops.pallas_dot import mm
 
 F32 = jnp.float32
-PROLOGUES = (None, "norm", "silu")
 _BLOCKS = (128, 64, 32, 16)  # candidate BN and BK: Triton's loads need powers of two
 MAX_ROWS = 16  # the most rows of x; 2..16 rows are padded to 16, the tensor cores' least M
 
@@ -100,20 +88,13 @@ class GemvConfig:
         return bn, bk, s
 
 
-def unsupported_reason(x_mk, w_kn, config: GemvConfig | None = None, prologue=None):
-    """Why the kernel cannot take these operands (api.py's "auto" asks), or None. With
-    prologue "silu", x_mk is the partial sums [S', 2K] of a "norm" call."""
+def unsupported_reason(x_mk, w_kn, config: GemvConfig | None = None) -> str | None:
+    """Why the kernel cannot take these operands (api.py's "auto" asks), or None."""
     config = GemvConfig() if config is None else config
-    if prologue not in PROLOGUES:
-        return f"prologue {prologue!r} (valid: {PROLOGUES})"
-    k = w_kn.shape[0]
-    if prologue == "silu":
-        if x_mk.ndim != 2 or w_kn.ndim != 2 or x_mk.shape[1] != 2 * k or x_mk.dtype != F32:
-            return f"x {x_mk.shape} {x_mk.dtype} is not float32 partial sums [S, 2K] of W {k} rows"
-    elif x_mk.ndim != 2 or w_kn.ndim != 2 or x_mk.shape[1] != k:
+    if x_mk.ndim != 2 or w_kn.ndim != 2 or x_mk.shape[1] != w_kn.shape[0]:
         return f"shapes {x_mk.shape} x {w_kn.shape} are not rows [M, K] times a matrix [K, N]"
-    elif not 1 <= x_mk.shape[0] <= (1 if prologue else MAX_ROWS):
-        return f"{x_mk.shape[0]} rows (the kernel takes 1 to {1 if prologue else MAX_ROWS})"
+    if not 1 <= x_mk.shape[0] <= MAX_ROWS:
+        return f"{x_mk.shape[0]} rows (the kernel takes 1 to {MAX_ROWS})"
     if any(a.dtype == jnp.float64 for a in (x_mk, w_kn)):
         return "float64 operands (the kernel sums in float32)"
     if config.plan(*w_kn.shape) is None:
@@ -121,96 +102,51 @@ def unsupported_reason(x_mk, w_kn, config: GemvConfig | None = None, prologue=No
     return None
 
 
-def _kernel(*refs, bn, bk, segment, mm_dt, dt, prologue, eps):
-    x_ref, w_ref, p_ref = refs[0], refs[1], refs[-1]
+def _kernel(x_ref, w_ref, p_ref, *, bn, bk, segment, dt):
     j, s = pl.program_id(0), pl.program_id(1)
-    one_row = prologue is not None or len(x_ref.shape) == 1
-    k = w_ref.shape[0]
-
-    def rounded(a):  # the value a module computing in dt would hold
-        return a.astype(dt).astype(F32)
-
-    if prologue == "norm":
-        scale_ref = refs[2]
-
-        def sum_squares(i, acc):
-            x = x_ref[pl.ds(i * bk, bk)].astype(F32)
-            return acc + x * x
-
-        sumsq = jnp.sum(lax.fori_loop(0, k // bk, sum_squares, jnp.zeros((bk,), F32)))
-        inv_rms = lax.rsqrt(sumsq / k + eps)
-
-    def row(k0):  # x_e[k0 : k0 + BK] in float32
-        if prologue == "norm":
-            x = rounded(x_ref[pl.ds(k0, bk)].astype(F32) * inv_rms)
-            return rounded(x * rounded(scale_ref[pl.ds(k0, bk)].astype(F32)))
-        if prologue == "silu":  # the gate-and-up product's partial sums, reduced here
-            halves = [jnp.zeros((bk,), F32)] * 2
-            for r in range(x_ref.shape[0]):
-                halves = [
-                    halves[0] + x_ref[r, pl.ds(k0, bk)],
-                    halves[1] + x_ref[r, pl.ds(k + k0, bk)],
-                ]
-            gate, up = (rounded(h) for h in halves)
-            sigmoid = rounded(1.0 / (1.0 + jnp.exp(-gate)))
-            return rounded(rounded(gate * sigmoid) * up)
-        return x_ref[pl.ds(k0, bk)].astype(F32)
+    one_row = len(x_ref.shape) == 1
 
     def step(i, acc):
         k0 = s * segment + i * bk
         w = w_ref[pl.ds(k0, bk), pl.ds(j * bn, bn)]  # [BK, BN]
         if one_row:  # multiply and column sums on the CUDA cores
-            return acc + jnp.sum(row(k0)[:, None] * w.astype(F32), axis=0)
-        return acc + mm(x_ref[:, pl.ds(k0, bk)], w, 1, 0, mm_dt)  # [16, BK] @ [BK, BN]
+            x = x_ref[pl.ds(k0, bk)].astype(F32)  # [BK]
+            return acc + jnp.sum(x[:, None] * w.astype(F32), axis=0)
+        return acc + mm(x_ref[:, pl.ds(k0, bk)], w, 1, 0, dt)  # [16, BK] @ [BK, BN]
 
     zeros = jnp.zeros((bn,) if one_row else (MAX_ROWS, bn), F32)
     p_ref[...] = lax.fori_loop(0, segment // bk, step, zeros)
 
 
-@functools.partial(jax.jit, static_argnames=("prologue", "eps", "dt", "interpret", "config"))
-def gemv_partials(x_mk, w_kn, scale=None, *, prologue=None, eps: float = 0.0, dt=None,
-                  interpret: bool = False, config: GemvConfig | None = None):  # fmt: skip
-    """The kernel's partial sums p [S, M, N] (one row, or any prologue: [S, N]) of prologue(x)
-    @ W, float32 (module docstring); y = sum_s p[s]. `scale` [K]: the "norm" prologue's weight;
-    `dt`: the compute dtype of the prologue (default W's)."""
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def gemv_pallas(x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | None = None):
+    """x [M, K] @ W [K, N] -> [M, N] float32 by the kernel (module docstring), 1 <= M <= 16."""
     config = GemvConfig() if config is None else config
-    reason = unsupported_reason(x_mk, w_kn, config, prologue)
+    reason = unsupported_reason(x_mk, w_kn, config)
     if reason:
         raise ValueError(f"{reason}; use impl='xla' for such operands")
-    if (scale is not None) != (prologue == "norm"):
-        raise ValueError("scale is the norm prologue's weight: give it with prologue='norm' only")
-    m, (k, n) = x_mk.shape[0], w_kn.shape
+    (m, k), n = x_mk.shape, w_kn.shape[1]
     bn, bk, s = config.plan(k, n)
-    dt = jnp.dtype(w_kn.dtype if dt is None else dt)
-    if m == 1 or prologue is not None:
-        x, p_block, p_shape = x_mk[0] if prologue != "silu" else x_mk, (None, bn), (s, n)
+    dt = jnp.bfloat16 if x_mk.dtype == w_kn.dtype == jnp.bfloat16 else F32
+    if m == 1:
+        x, p_block, p_shape = x_mk[0], (None, bn), (s, n)
         p_index = lambda jj, ss: (ss, jj)  # noqa: E731
     else:  # the tensor cores' least M is 16: zero rows pad the block
         x = jnp.pad(x_mk, ((0, MAX_ROWS - m), (0, 0)))
         p_block, p_shape = (None, MAX_ROWS, bn), (s, MAX_ROWS, n)
         p_index = lambda jj, ss: (ss, 0, jj)  # noqa: E731
-    operands = (x, w_kn) + ((scale,) if prologue == "norm" else ())
     launch = {}
     if not interpret:
         launch = dict(compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=2))
-    # the 16-row path's tensor-core operands: bf16 when both are, else fp32 at HIGHEST
-    mm_dt = jnp.bfloat16 if x.dtype == w_kn.dtype == jnp.bfloat16 else F32
-    kernel = functools.partial(_kernel, bn=bn, bk=bk, segment=k // s, mm_dt=mm_dt, dt=dt,
-                               prologue=prologue, eps=eps)  # fmt: skip
-    return pl.pallas_call(
-        kernel,
+    partial_s = pl.pallas_call(
+        functools.partial(_kernel, bn=bn, bk=bk, segment=k // s, dt=dt),
         grid=(n // bn, s),
         # x and W whole (each program loads its own slices), the partial sums in blocks
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(operands),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec(p_block, p_index),
         out_shape=jax.ShapeDtypeStruct(p_shape, F32),
         interpret=interpret,
-        name=f"gemv_{prologue}" if prologue else "gemv",
+        name="gemv",
         **launch,
-    )(*operands)
-
-
-def gemv_pallas(x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | None = None):
-    """x [M, K] @ W [K, N] -> [M, N] float32 by the kernel (module docstring), 1 <= M <= 16."""
-    partial_s = gemv_partials(x_mk, w_kn, interpret=interpret, config=config)
-    return jnp.sum(partial_s, axis=0).reshape(-1, w_kn.shape[1])[: x_mk.shape[0]]
+    )(x, w_kn)
+    return jnp.sum(partial_s, axis=0).reshape(-1, n)[:m]
