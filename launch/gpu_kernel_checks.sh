@@ -10,10 +10,9 @@
 #      4k-64k at batch 1 and 16 (289 s at git 743137d); on an H100, whose 80 GB do not pass its
 #      memory check at 64k x 16, 16k and 32k                 -> $OUT/bench_inference_<gpu>.*
 #   3. with VARIANTS set, launch/probe_decode.py over those variants at ROWS (default 32k
-#      batch 1 and 16), e.g. the open question of XLA's exhaustive GEMM tiling at batch 16:
-#      TESTS=0 BENCH=0 VARIANT_S=400 VARIANTS=defaults_joined,defaults_joined_exhaustive
-#      (defaults_joined_pdl, Hopper's programmatic dependent launch, changed nothing on one
-#      H200: probe_decode_h200_pdl.json)
+#      batch 1 and 16), e.g. TESTS=0 VARIANTS=defaults_joined,defaults_joined_pdl (Hopper's
+#      programmatic dependent launch changed nothing on one H200: probe_decode_h200_pdl.json;
+#      nor XLA's exhaustive GEMM tiling, on one H100: probe_decode_h100.json)
 #                                                               -> $OUT/probe_decode_<gpu>.json
 #
 # Each part is bounded by `timeout` and writes its files as it goes, so a part cut short keeps
@@ -34,9 +33,8 @@ CONTEXTS=4096,16384,32768,65536
 [ "$GPU" = h100 ] && CONTEXTS=16384,32768
 
 # TESTS=0 skips part 1, BENCH=0 part 2; VARIANTS (empty: part 3 skipped) and ROWS pick the
-# probe's variants, VARIANT_S bounds each (the exhaustive tiling variant did not finish its
-# first compilation within 70 s on one H100: probe_decode_h100.json; with BENCH=0 part 3 may
-# take up to 540 s)
+# probe's variants, VARIANT_S bounds each (the exhaustive tiling variant needs about 160 s at
+# the default ROWS on one H100; with BENCH=0 part 3 may take up to 540 s)
 ROWS=${ROWS:-32768x1,32768x16}
 VARIANTS=${VARIANTS:-}
 PROBE_S=260

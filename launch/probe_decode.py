@@ -55,7 +55,9 @@ COMMAND_BUFFER_WHILE = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 # weights at 1.3-3.1 TB/s, launch/results/profile_steps_h200.md).
 CUBLAS_GEMM = "--xla_gpu_enable_triton_gemm=false"
 # XLA's autotuner tries every tiling of its Triton GEMMs, not its default short list (the
-# batch-16 MLP GEMMs read their weights at about 75% of the copy bandwidth with the default)
+# batch-16 MLP GEMMs read their weights at about 75% of the copy bandwidth with the default).
+# On one H100 it changed the 32k steps by 0.4-1.1%, batch 16 by under 0.5%
+# (launch/results/probe_decode_h100.json).
 EXHAUSTIVE_TILING = "--xla_gpu_exhaustive_tiling_search=true"
 # Hopper's programmatic dependent launch between XLA's kernels: a kernel starts its prologue
 # while the one before it finishes (a decoding step at batch 1 is ~600 kernels of a few us, about
