@@ -162,13 +162,14 @@ def test_model_decode_steps_pallas_equal_xla():
 
 
 def _projections(seed, b, h, k, v, dtype):
-    """Random joined products of one token (x [Wq | Wk | Wv | Wg], x [Wa | Wb]), decay
-    params, a validity with row 1 padding when b > 1, and a state."""
+    """Random joined products of one token (x [Wq | Wk | Wv | Wg], x [Wa | Wb]) and decay
+    params, all in `dtype` (a model whose params are stored in it), a validity with row 1
+    padding when b > 1, and a float32 state."""
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
     qkvg = jax.random.normal(keys[0], (b, 2 * h * k + 2 * h * v)).astype(dtype)
-    ab = jax.random.normal(keys[1], (b, 2 * h))
-    A_log = jax.random.uniform(keys[2], (h,), minval=-1.0, maxval=2.0)
-    dt_bias = jax.random.normal(keys[3], (h,))
+    ab = jax.random.normal(keys[1], (b, 2 * h)).astype(dtype)
+    A_log = jax.random.uniform(keys[2], (h,), minval=-1.0, maxval=2.0).astype(dtype)
+    dt_bias = jax.random.normal(keys[3], (h,)).astype(dtype)
     valid = jnp.arange(b) != 1
     state = jax.random.normal(keys[4], (b, h, k, v))
     return qkvg, ab, A_log, dt_bias, valid, state
@@ -193,6 +194,11 @@ def test_step_from_projections_in_bfloat16_and_its_gradients():
     want_o, want_state = decode_step_from_projections_xla(*args)
     assert o.dtype == jnp.bfloat16
     assert rel_err(state, want_state) < 1e-5 and rel_err(o, want_o) < 1e-2
+    # a, b, A_log and dt_bias reach the kernel in bf16, uncast: a cast outside would be a
+    # kernel launch of its own per layer and step
+    step = lambda *a: decode_pallas.decode_step_from_projections_pallas(*a, interpret=True)  # noqa: E731
+    (call,) = equations(jax.make_jaxpr(step)(*args).jaxpr, "pallas_call")
+    assert [v.aval.dtype for v in call.invars[:4]] == [jnp.bfloat16] * 4
     # the backward is XLA's form's: gradients of the float32 inputs
     args = _projections(9, 2, 2, 16, 32, F32)
     weights = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 32))
@@ -253,13 +259,13 @@ def _lowered_for_cuda(fn, args):
 
 @pytest.mark.parametrize("b", [1, 16])
 def test_projections_kernel_lowers_to_triton_for_a_gpu(b):
-    # the Qwen2.5-1.5B GDN shape in bf16 with a float32 state
+    # the Qwen2.5-1.5B GDN shape, projections and params in bf16, with a float32 state
     h, d = 12, 128
     args = [
         jax.ShapeDtypeStruct((b, 4 * h * d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b, 2 * h), F32),
+        jax.ShapeDtypeStruct((b, 2 * h), jnp.bfloat16),
     ]
-    args += [jax.ShapeDtypeStruct((h,), F32)] * 2 + [jax.ShapeDtypeStruct((b,), bool)]
+    args += [jax.ShapeDtypeStruct((h,), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((b,), bool)]
     args += [jax.ShapeDtypeStruct((b, h, d, d), F32)]
     fn = lambda *a: decode_pallas.decode_step_from_projections_pallas(*a, interpret=False)  # noqa: E731
     assert _lowered_for_cuda(fn, args) == 1

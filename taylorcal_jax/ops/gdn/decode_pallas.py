@@ -130,7 +130,9 @@ def _kernel(q_ref, k_ref, v_ref, gb_ref, s_ref, o_ref, new_s_ref, **static):
 def _kernel_from_projections(qkv_ref, ab_ref, alog_ref, dtb_ref, valid_ref, s_ref, o_ref,
                              new_s_ref, *, heads, k_dim, v_dim, block_v, **static):  # fmt: skip
     # qkv_ref, ab_ref, alog_ref, dtb_ref and valid_ref are whole (memory_space ANY): this
-    # program's row b, head h and columns j are read from them by index
+    # program's row b, head h and columns j are read from them by index; ab, A_log and dt_bias
+    # in their dtype (step_inputs.gates widens them), since a cast outside would be a kernel of
+    # its own per layer where params are stored in bf16 (1.3 us each on an H100)
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ok = valid_ref[b] != 0
     hk = heads * k_dim
@@ -204,8 +206,7 @@ def _forward_from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_
         interpret=interpret,
         name="gdn_decode_step_from_projections",
         **_launch(interpret, config),
-    )(qkv_bc, ab_bc.astype(F32), A_log_h.astype(F32), dt_bias_h.astype(F32),
-      valid_b.astype(jnp.int32), state_bhkv)  # fmt: skip
+    )(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b.astype(jnp.int32), state_bhkv)  # fmt: skip
 
 
 def _with_xla_backward(forward, xla_form):
