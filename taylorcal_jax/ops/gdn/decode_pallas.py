@@ -28,7 +28,11 @@ g and beta at batch 16: about 6 us per layer on an H100,
 launch/results/profile_steps_h100_decode_defaults.md), and slices of the joined product passed
 to a kernel would be copies. With this entry the Qwen2.5-1.5B-shaped student's 32k batch-16
 decoding step took 2.713 ms against 2.777 (0.977x) on one H200
-(launch/results/probe_decode_h200_ab_{048c6f3,af222f5}.json).
+(launch/results/probe_decode_h200_ab_{048c6f3,af222f5}.json). The gate inputs a, b, A_log and
+dt_bias enter in their dtype, widened inside: cast outside, bf16-stored params cost two
+launches per layer and step, and dropping them took that student's 32k steps to 0.976x-0.982x
+(batch 1) and 0.985x-0.991x (batch 16) on one H100 (launch/results/probe_decode_h100_gdn_casts_
+{base,uncast}*.json).
 
 All arithmetic is float32 (q, k, v are read in their dtype and widened; the output is in v's
 dtype). The reductions are sums of K products in float32, as the XLA form's HIGHEST-precision
