@@ -404,16 +404,22 @@ def merge(results: list[dict], command: str, tag: str) -> dict:
     }
 
 
-def markdown(result: dict) -> str:
-    """The result as a Markdown report."""
-    names = list(result["targets"])
-    lines = [
-        f"Recovery after distillation, teacher {result['teacher']} (ppl "
-        f"{result['teacher_ppl']:.3f}), {result['device']}, {result['date']}.",
+def report_header(title: str, result: dict) -> list[str]:
+    """The first lines of a recovery report (here and in recovery_schedules.py): title,
+    teacher, device, date and command."""
+    return [
+        f"{title}, teacher {result['teacher']} (ppl {result['teacher_ppl']:.3f}), "
+        f"{result['device']}, {result['date']}.",
         "",
         f"Command: `{result['command']}`",
         "",
     ]
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown report."""
+    names = list(result["targets"])
+    lines = report_header("Recovery after distillation", result)
     parts = result.get("parts", [])
     if parts:
         lines += ["Runs joined from:", ""]

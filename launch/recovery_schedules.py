@@ -163,15 +163,8 @@ def _x(v) -> str:
 
 def markdown(result: dict) -> str:
     names = list(result["targets"])
-    lines = [
-        f"Recovery under different schedules, teacher {result['teacher']} (ppl "
-        f"{result['teacher_ppl']:.3f}), {result['device']}, {result['date']}.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        "Sources:",
-        "",
-    ]
+    lines = recovery.report_header("Recovery under different schedules", result)
+    lines += ["Sources:", ""]
     lines += [
         f"- {s['schedule']} ({s['teacher_name']}, {s['date']}, budgets "
         f"{json.dumps(s['budgets'])}): `{s['command']}`"
