@@ -131,26 +131,14 @@ def test_dispatch_and_refusals():
                 qq, qq, vv, jnp.zeros((1, 2)), jnp.zeros((1, 2)), ss, impl="pallas"
             )
         assert "\n" not in str(e.value) and "impl='xla'" in str(e.value)
-    # the step from projections: head dims from the state, dtype from the projections, and an
-    # input width that loads of 16 elements divide
-    qkv, x, w_ab, h = (
-        jnp.zeros((1, 4 * 2 * 24)),
-        jnp.zeros((1, 48)),
-        jnp.zeros((48, 4)),
-        jnp.zeros(2),
-    )
-    assert decode_pallas.unsupported_reason_from_projections(qkv, x, state) is None
-    refusals = {
-        "K=24 must be a power of two": (x, w_ab, jnp.zeros((1, 2, 24, 24))),
-        "D=40 must be a multiple of 16": (x[:, :40], w_ab[:40], state),
-    }
-    for message, (xx, ww, ss) in refusals.items():
-        assert message in decode_pallas.unsupported_reason_from_projections(qkv, xx, ss)
-        with pytest.raises(ValueError, match=message) as e:
-            decode_api.decode_step_from_projections(
-                qkv, xx, ww, h, h, jnp.ones(1, bool), ss, impl="pallas"
-            )
-        assert "\n" not in str(e.value)
+    # the step from projections: head dims from the state, dtype from the projections
+    qkv, ab, h = jnp.zeros((1, 4 * 2 * 24)), jnp.zeros((1, 4)), jnp.zeros(2)
+    assert decode_pallas.unsupported_reason_from_projections(qkv, state) is None
+    with pytest.raises(ValueError, match="K=24 must be a power of two") as e:
+        decode_api.decode_step_from_projections(
+            qkv, ab, h, h, jnp.ones(1, bool), jnp.zeros((1, 2, 24, 24)), impl="pallas"
+        )
+    assert "\n" not in str(e.value)
 
 
 def test_model_decode_steps_pallas_equal_xla():
@@ -173,21 +161,18 @@ def test_model_decode_steps_pallas_equal_xla():
     assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
 
 
-def _projections(seed, b, h, k, v, dtype, d=48):
-    """Random joined product of one token (x [Wq | Wk | Wv | Wg]), the token's input x [B, D],
-    the gate kernel [Wa | Wb] [D, 2H] (scaled so that the gate logits are about unit normal)
-    and decay params, all in `dtype` (a model whose params are stored in it), a validity with
-    row 1 padding when b > 1, and a float32 state. D = 48 takes three loads of 16 in the
-    kernel's gate logits loop."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+def _projections(seed, b, h, k, v, dtype):
+    """Random joined products of one token (x [Wq | Wk | Wv | Wg], x [Wa | Wb]) and decay
+    params, all in `dtype` (a model whose params are stored in it), a validity with row 1
+    padding when b > 1, and a float32 state."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
     qkvg = jax.random.normal(keys[0], (b, 2 * h * k + 2 * h * v)).astype(dtype)
-    x = jax.random.normal(keys[1], (b, d)).astype(dtype)
-    w_ab = (jax.random.normal(keys[5], (d, 2 * h)) / d**0.5).astype(dtype)
+    ab = jax.random.normal(keys[1], (b, 2 * h)).astype(dtype)
     A_log = jax.random.uniform(keys[2], (h,), minval=-1.0, maxval=2.0).astype(dtype)
     dt_bias = jax.random.normal(keys[3], (h,)).astype(dtype)
     valid = jnp.arange(b) != 1
     state = jax.random.normal(keys[4], (b, h, k, v))
-    return qkvg, x, w_ab, A_log, dt_bias, valid, state
+    return qkvg, ab, A_log, dt_bias, valid, state
 
 
 @pytest.mark.parametrize(("b", "v"), [(3, 64), (1, 16)])
@@ -209,21 +194,21 @@ def test_step_from_projections_in_bfloat16_and_its_gradients():
     want_o, want_state = decode_step_from_projections_xla(*args)
     assert o.dtype == jnp.bfloat16
     assert rel_err(state, want_state) < 1e-5 and rel_err(o, want_o) < 1e-2
-    # x, the gate kernel, A_log and dt_bias reach the kernel in bf16, uncast: a cast outside
-    # would be a kernel launch of its own per layer and step
+    # a, b, A_log and dt_bias reach the kernel in bf16, uncast: a cast outside would be a
+    # kernel launch of its own per layer and step
     step = lambda *a: decode_pallas.decode_step_from_projections_pallas(*a, interpret=True)  # noqa: E731
     (call,) = equations(jax.make_jaxpr(step)(*args).jaxpr, "pallas_call")
-    assert [v.aval.dtype for v in call.invars[:5]] == [jnp.bfloat16] * 5
+    assert [v.aval.dtype for v in call.invars[:4]] == [jnp.bfloat16] * 4
     # the backward is XLA's form's: gradients of the float32 inputs
     args = _projections(9, 2, 2, 16, 32, F32)
     weights = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 32))
 
     def grads(fn):
-        def loss(qkvg, x, w_ab, A_log, dt_bias, state):
-            o, new_state = fn(qkvg, x, w_ab, A_log, dt_bias, args[5], state)
+        def loss(qkvg, ab, A_log, dt_bias, state):
+            o, new_state = fn(qkvg, ab, A_log, dt_bias, args[4], state)
             return jnp.sum(o * weights) + jnp.sum(jnp.sin(new_state))
 
-        return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*args[:5], args[6])
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args[:4], args[5])
 
     got = grads(lambda *a: decode_pallas.decode_step_from_projections_pallas(*a, interpret=True))
     for g, w in zip(got, grads(decode_step_from_projections_xla), strict=True):
@@ -274,13 +259,11 @@ def _lowered_for_cuda(fn, args):
 
 @pytest.mark.parametrize("b", [1, 16])
 def test_projections_kernel_lowers_to_triton_for_a_gpu(b):
-    # the Qwen2.5-1.5B GDN shape (hidden 1536: three loads of 512 in the gate logits' loop),
-    # projections and params in bf16, with a float32 state
+    # the Qwen2.5-1.5B GDN shape, projections and params in bf16, with a float32 state
     h, d = 12, 128
     args = [
         jax.ShapeDtypeStruct((b, 4 * h * d), jnp.bfloat16),
-        jax.ShapeDtypeStruct((b, 1536), jnp.bfloat16),
-        jax.ShapeDtypeStruct((1536, 2 * h), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, 2 * h), jnp.bfloat16),
     ]
     args += [jax.ShapeDtypeStruct((h,), jnp.bfloat16)] * 2 + [jax.ShapeDtypeStruct((b,), bool)]
     args += [jax.ShapeDtypeStruct((b, h, d, d), F32)]
@@ -323,17 +306,17 @@ def test_compiled_kernel_equals_xla_on_gpu(b):
 @pytest.mark.gpu
 @pytest.mark.parametrize("b", [1, 16])
 def test_compiled_projections_kernel_equals_xla_on_gpu(b):
-    # the Qwen2.5-1.5B GDN shape (hidden 1536), bf16 projections (row 1 padding at batch 16),
-    # a float32 state, compiled by Triton, 4 chained steps; tolerances in the module docstring
+    # the Qwen2.5-1.5B GDN shape, bf16 projections (row 1 padding at batch 16), a float32
+    # state, compiled by Triton, 4 chained steps; tolerances in the module docstring
     h, d = 12, 128
     step = {
         impl: jax.jit(lambda *a, impl=impl: decode_api.decode_step_from_projections(*a, impl=impl))
         for impl in ("xla", "pallas")
     }
-    state = _projections(10, b, h, d, d, jnp.bfloat16, d=1536)[-1]
+    state = _projections(10, b, h, d, d, jnp.bfloat16)[-1]
     states = {impl: state for impl in step}
     for t in range(4):
-        args = _projections(11 + t, b, h, d, d, jnp.bfloat16, d=1536)[:-1]
+        args = _projections(11 + t, b, h, d, d, jnp.bfloat16)[:-1]
         outs = {}
         for impl, fn in step.items():
             outs[impl], states[impl] = fn(*args, states[impl])

@@ -25,8 +25,7 @@ pre-convolution inputs of valid tokens. With a cache and T == 1 the mixer takes 
 recurrent step (`ops.gdn.decode_api`: the definition's step rearranged to read the state once
 for both of its products and write it once; `GDNRuntime.decode_impl` picks XLA's form or one
 Pallas kernel); without the short conv and with joined projections (the default) the step
-takes the joined product x [Wq | Wk | Wv | Wg] as it is, the input x and the kernel [Wa | Wb],
-and forms q, k, v, the gate logits, g and beta itself
+takes the two joined products as they are and forms q, k, v, g and beta itself
 (`decode_api.decode_step_from_projections`, the same definitions: ops/gdn/step_inputs.py);
 with T > 1 it runs the op from the cached state (prefill or continuation).
 
@@ -358,26 +357,25 @@ class GatedDeltaNet(nn.Module):
         kernels = [DenseKernel(d, f, name=n)() for n, f in zip(parts, widths, strict=True)]
         return jnp.concatenate(kernels, axis=1)
 
-    def _qkvg_product(self, x_btd):
-        """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype: one product of the
-        kernels joined along their outputs (as the params hold them when joined for decoding,
-        else joined here)."""
-        gdn = self.gdn
+    def _joined_products(self, x_btd):
+        """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and x [Wa | Wb]
+        [B, T, 2 H] in float32 (as FLA computes the gate logits): two products of the kernels
+        joined along their outputs (as the params hold them when joined for decoding, else
+        joined here)."""
+        gdn, h = self.gdn, self.gdn.num_heads
         sizes = (gdn.key_dim, gdn.key_dim, gdn.value_dim, gdn.value_dim)
         w = self._joined_kernel(joined.GDN_QKVG, sizes)
-        return dense_product(x_btd.astype(self.dtype), w.astype(self.dtype),
-                             impl=self.runtime.gemv_impl)  # fmt: skip
-
-    def _ab_kernel(self):
-        """[Wa | Wb] [D, 2 H], joined like `_qkvg_product`'s kernels."""
-        return self._joined_kernel(joined.GDN_AB, (self.gdn.num_heads,) * 2)
+        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
+        w_ab = self._joined_kernel(joined.GDN_AB, (h, h))
+        return dot(x_btd.astype(self.dtype), w.astype(self.dtype)), dot(
+            x_btd.astype(jnp.float32), w_ab
+        )
 
     def _projections(self, x_btd):
         """x Wq, x Wk [B, T, H*K], x Wv, x Wg [B, T, H*V] in the compute dtype, and the gate
         logits x Wa, x Wb [B, T, H] in float32: separate nn.Dense products, or the two joined
-        products split (`_qkvg_product`, and x [Wa | Wb] in float32 as FLA computes the gate
-        logits), under `runtime.fused_projections` or with params joined for decoding
-        (`joined.join_for_decoding`; the same sums)."""
+        products (`_joined_products`) split, under `runtime.fused_projections` or with params
+        joined for decoding (`joined.join_for_decoding`; the same sums)."""
         gdn, h = self.gdn, self.gdn.num_heads
         wide = (("q_proj", gdn.key_dim), ("k_proj", gdn.key_dim))
         wide += (("v_proj", gdn.value_dim), ("g_proj", gdn.value_dim))
@@ -385,9 +383,7 @@ class GatedDeltaNet(nn.Module):
             outs = [self._dense(features, name)(x_btd) for name, features in wide]
             gates = [self._dense(h, n, jnp.float32)(x_btd) for n in ("a_proj", "b_proj")]
             return (*outs, *gates)
-        qkvg = self._qkvg_product(x_btd)
-        ab = dense_product(x_btd.astype(jnp.float32), self._ab_kernel(),
-                           impl=self.runtime.gemv_impl)  # fmt: skip
+        qkvg, ab = self._joined_products(x_btd)
         sizes = [features for _, features in wide]
         return (*jnp.split(qkvg, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(ab, 2, -1))
 
@@ -401,14 +397,13 @@ class GatedDeltaNet(nn.Module):
 
     def _step_from_projections(self, x_btd, valid_bt, state_bhkv):
         """A cached one-token step without the short conv: (o [B, 1, H, V], gate logits
-        [B, 1, H*V], new state), the activations, the gate logits x [Wa | Wb] and the gates
-        taken inside the step (decode_api.decode_step_from_projections), which saves the
-        launches of a product of its own for x [Wa | Wb]."""
+        [B, 1, H*V], new state), the activations and gates taken inside the step
+        (decode_api.decode_step_from_projections)."""
         gdn = self.gdn
-        qkvg = self._qkvg_product(x_btd)
+        qkvg, ab = self._joined_products(x_btd)
         o, state = decode_api.decode_step_from_projections(
-            qkvg[:, 0], x_btd[:, 0], self._ab_kernel(), *self._decay_params(), valid_bt[:, 0],
-            state_bhkv, impl=self.runtime.decode_impl,
+            qkvg[:, 0], ab[:, 0], *self._decay_params(), valid_bt[:, 0], state_bhkv,
+            impl=self.runtime.decode_impl,
         )  # fmt: skip
         return o[:, None], qkvg[..., 2 * gdn.key_dim + gdn.value_dim :], state
 

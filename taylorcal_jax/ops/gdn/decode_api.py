@@ -4,9 +4,8 @@ Letters: B batch, H heads, K key dim, V value dim. Semantics: reference.gated_de
 (one token per sequence from a state [B, H, K, V]).
 
 Two entries: `gated_delta_rule_decode_step` takes the step's operands (q, k, v, g, beta);
-`decode_step_from_projections` takes a GDN layer's joined product of the token, its input and
-its gate kernel, and forms the operands first (step_inputs.py), which the Pallas kernel does
-inside the step (decode_pallas.py).
+`decode_step_from_projections` takes a GDN layer's joined products of the token and forms them
+first (step_inputs.py), which the Pallas kernel does inside the step (decode_pallas.py).
 
 Implementations (`impl`):
   "xla"     decode_step.decode_step_xla: the step rearranged to read the state twice and write
@@ -76,8 +75,7 @@ def gated_delta_rule_decode_step(
 
 def decode_step_from_projections(
     qkv_bc,
-    x_bd,
-    w_ab_dc,
+    ab_bc,
     A_log_h,
     dt_bias_h,
     valid_b,
@@ -89,18 +87,16 @@ def decode_step_from_projections(
 ):
     """One decoding step of a GDN layer from its joined projections of the token, by `impl`:
     qkv_bc [B, 2 H K + H V (+ more, ignored)] = x [Wq | Wk | Wv | ...] in the compute dtype,
-    the token's input to the layer x_bd [B, D], the joined gate kernel w_ab_dc [D, 2 H] =
-    [Wa | Wb] (the step forms the gate logits x [Wa | Wb] itself, in float32), A_log_h and
-    dt_bias_h [H], valid_b [B] bool, the state [B, H, K, V] (H, K, V are read from it); the
-    operands are step_inputs.from_projections'.
+    ab_bc [B, 2 H] = x [Wa | Wb], A_log_h and dt_bias_h [H], valid_b [B] bool, the state
+    [B, H, K, V] (H, K, V are read from it); the operands are step_inputs.from_projections'.
 
     Returns (o [B, H, V] in qkv_bc's dtype, new state [B, H, K, V] in float32)."""
-    args = (qkv_bc, x_bd, w_ab_dc, A_log_h, dt_bias_h, valid_b, state_bhkv)
+    args = (qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv)
 
     def unsupported():
         from taylorcal_jax.ops.gdn import decode_pallas
 
-        return decode_pallas.unsupported_reason_from_projections(qkv_bc, x_bd, state_bhkv)
+        return decode_pallas.unsupported_reason_from_projections(qkv_bc, state_bhkv)
 
     if resolve_gpu_kernel("GDN decode step", impl, logger, unsupported) == "pallas":
         from taylorcal_jax.ops.gdn.decode_pallas import decode_step_from_projections_pallas

@@ -19,13 +19,10 @@ programs, two of them over the state; at batch 1 those are small reductions that
 of the GPU idle (launch/results/profile_steps_h200.md).
 
 From projections (`decode_step_from_projections_pallas`): the same programs take a GDN
-layer's joined product of the token as it comes out of it, x [Wq | Wk | Wv | Wg] [B, C], the
-token's input x [B, D] and the joined gate kernel [Wa | Wb] [D, 2H], with A_log, dt_bias [H]
-and the validity [B], and form their operands themselves (step_inputs.py: silu of q, k, v;
-the gate logits; g and beta; zero where not valid): program (b, h, j) reads q and k of head h
-and its BV columns of v from row b by index, and sums its head's two gate logits
-x . Wa[:, h] and x . Wb[:, h] over D in float32 (the same two sums in each of the head's
-V / BV programs: 2 D multiply-adds, against the K BV of its state update). Outside the
+layer's joined products of the token as they come out of them, x [Wq | Wk | Wv | Wg] [B, C]
+and x [Wa | Wb] [B, 2H], with A_log, dt_bias [H] and the validity [B], and form their operands
+themselves (step_inputs.py: silu of q, k, v; g and beta; zero where not valid): program
+(b, h, j) reads q and k of head h and its BV columns of v from row b by index. Outside the
 kernel those are small XLA programs of their own (three silus, the gates and the stacking of
 g and beta at batch 16: about 6 us per layer on an H100,
 launch/results/profile_steps_h100_decode_defaults.md), and slices of the joined product passed
@@ -60,7 +57,6 @@ from taylorcal_jax.ops.gdn.reference import L2_EPS
 
 F32 = jnp.float32
 _MIN_BLOCK = 16  # least value columns per program (64-byte rows of the state)
-_MAX_BLOCK_D = 512  # the most elements of x and of a gate kernel column per load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,33 +100,21 @@ def unsupported_reason(q_bhk, v_bhv, state_bhkv) -> str | None:
     return None
 
 
-def _block_d(d: int) -> int:
-    """Elements of x per load of the gate logits' loop: the largest power of two up to
-    _MAX_BLOCK_D that divides D (Triton's loads need powers of two)."""
-    block = _MAX_BLOCK_D
-    while block > 1 and d % block:
-        block //= 2
-    return block
-
-
-def unsupported_reason_from_projections(qkv_bc, x_bd, state_bhkv) -> str | None:
+def unsupported_reason_from_projections(qkv_bc, state_bhkv) -> str | None:
     """`unsupported_reason` for the step from projections (decode_api.py's "auto" asks): the
-    head dims are the state's, the dtype the projections'; the input width D must be a
-    multiple of 16 (loads of at least 16 elements in the gate logits' loop)."""
+    head dims are the state's, the dtype the projections'."""
     _, h, kd, vd = state_bhkv.shape
-    d = x_bd.shape[-1]
-    if _block_d(d) < _MIN_BLOCK:
-        return f"D={d} must be a multiple of {_MIN_BLOCK} for the Pallas step"
-    like = lambda dim: jax.ShapeDtypeStruct((1, h, dim), qkv_bc.dtype)  # noqa: E731
+    like = lambda d: jax.ShapeDtypeStruct((1, h, d), qkv_bc.dtype)  # noqa: E731
     return unsupported_reason(like(kd), like(vd), state_bhkv)
 
 
-def _step(q, k, v, decay, beta, state, o_ref, new_s_ref, *, scale, l2norm):
+def _step(q, k, v, decay, beta, s_ref, o_ref, new_s_ref, *, scale, l2norm):
     """The step of one program (module docstring) on float32 q, k [K], v [BV], scalars decay
-    and beta, the state's columns [K, BV] as loaded."""
+    and beta, the state's columns `s_ref` [K, BV]."""
     if l2norm:
         q = q * lax.rsqrt(jnp.sum(q * q) + L2_EPS)
         k = k * lax.rsqrt(jnp.sum(k * k) + L2_EPS)
+    state = s_ref[...]  # [K, BV]
     read_k = jnp.sum(state * k[:, None], axis=0)  # [BV]
     read_q = jnp.sum(state * q[:, None], axis=0)
     correction = beta * (v - decay * read_k)
@@ -139,40 +123,21 @@ def _step(q, k, v, decay, beta, state, o_ref, new_s_ref, *, scale, l2norm):
 
 
 def _kernel(q_ref, k_ref, v_ref, gb_ref, s_ref, o_ref, new_s_ref, **static):
-    state = s_ref[...]  # [K, BV]
     gb = gb_ref[...]  # [2]: g, beta
     first = lax.broadcasted_iota(jnp.int32, gb.shape, 0) == 0
     decay = jnp.exp(jnp.sum(jnp.where(first, gb, 0.0)))
     beta = jnp.sum(jnp.where(first, 0.0, gb))
     q, k, v = (ref[...].astype(F32) for ref in (q_ref, k_ref, v_ref))
-    _step(q, k, v, decay, beta, state, o_ref, new_s_ref, **static)
+    _step(q, k, v, decay, beta, s_ref, o_ref, new_s_ref, **static)
 
 
-def _gate_logits(x_ref, w_ref, row, columns, block_d):
-    """x[row] . w[:, c] for each c of `columns`, float32 sums of float32 products
-    (step_inputs.gate_logits), over D in loads of block_d elements."""
-
-    def add_block(i, sums):
-        rows = pl.ds(pl.multiple_of(i * block_d, block_d), block_d)
-        x = x_ref[row, rows].astype(F32)
-        return tuple(
-            s + jnp.sum(x * w_ref[rows, c].astype(F32)) for s, c in zip(sums, columns, strict=True)
-        )
-
-    zero = jnp.zeros((), F32)
-    return lax.fori_loop(0, x_ref.shape[1] // block_d, add_block, (zero,) * len(columns))
-
-
-def _kernel_from_projections(qkv_ref, x_ref, wab_ref, alog_ref, dtb_ref, valid_ref, s_ref, o_ref,
-                             new_s_ref, *, heads, k_dim, v_dim, block_v, block_d,
-                             **static):  # fmt: skip
-    # every input but the state is whole (memory_space ANY): this program's row b, head h and
-    # columns j are read from them by index; x, the gate kernel, A_log and dt_bias in their
-    # dtype (widened here), since a cast outside would be a kernel of its own per layer where
-    # params are stored in bf16 (1.3 us each on an H100). The state is loaded first, so that
-    # its read is under way while the gate logits are summed.
+def _kernel_from_projections(qkv_ref, ab_ref, alog_ref, dtb_ref, valid_ref, s_ref, o_ref,
+                             new_s_ref, *, heads, k_dim, v_dim, block_v, **static):  # fmt: skip
+    # qkv_ref, ab_ref, alog_ref, dtb_ref and valid_ref are whole (memory_space ANY): this
+    # program's row b, head h and columns j are read from them by index; ab, A_log and dt_bias
+    # in their dtype (step_inputs.gates widens them), since a cast outside would be a kernel of
+    # its own per layer where params are stored in bf16 (1.3 us each on an H100)
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    state = s_ref[...]  # [K, BV]
     ok = valid_ref[b] != 0
     hk = heads * k_dim
 
@@ -182,9 +147,8 @@ def _kernel_from_projections(qkv_ref, x_ref, wab_ref, alog_ref, dtb_ref, valid_r
 
     q, k = act(h * k_dim, k_dim), act(hk + h * k_dim, k_dim)
     v = act(2 * hk + h * v_dim + j * block_v, block_v)
-    a, b_logit = _gate_logits(x_ref, wab_ref, b, (h, heads + h), block_d)
-    g, beta = step_inputs.gates(a, b_logit, alog_ref[h], dtb_ref[h], ok)
-    _step(q, k, v, jnp.exp(g), beta, state, o_ref, new_s_ref, **static)
+    g, beta = step_inputs.gates(ab_ref[b, h], ab_ref[b, heads + h], alog_ref[h], dtb_ref[h], ok)
+    _step(q, k, v, jnp.exp(g), beta, s_ref, o_ref, new_s_ref, **static)
 
 
 def _launch(interpret, config):
@@ -223,31 +187,30 @@ def _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
     )(q_bhk, k_bhk, v_bhv, gb_bh2, state_bhkv)  # fmt: skip
 
 
-def _forward_from_projections(qkv_bc, x_bd, w_ab_dc, A_log_h, dt_bias_h, valid_b, state_bhkv,
-                              static):  # fmt: skip
+def _forward_from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv, static):
     scale, l2norm, interpret, config = static
     b, h, kd, vd = state_bhkv.shape
     bv = config.block_v(b, h, vd)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     state = _state_spec(kd, bv)
     kernel = functools.partial(
-        _kernel_from_projections, heads=h, k_dim=kd, v_dim=vd, block_v=bv,
-        block_d=_block_d(x_bd.shape[-1]), scale=scale, l2norm=l2norm,
+        _kernel_from_projections, heads=h, k_dim=kd, v_dim=vd, block_v=bv, scale=scale,
+        l2norm=l2norm,
     )  # fmt: skip
     return pl.pallas_call(
         kernel,
         grid=(b, h, vd // bv),
-        in_specs=[whole] * 6 + [state],
+        in_specs=[whole] * 5 + [state],
         out_specs=[pl.BlockSpec((None, None, bv), lambda bb, hh, j: (bb, hh, j)), state],
         out_shape=[
             jax.ShapeDtypeStruct((b, h, vd), qkv_bc.dtype),
             jax.ShapeDtypeStruct((b, h, kd, vd), F32),
         ],
-        input_output_aliases={6: 1},  # the new state overwrites the old one
+        input_output_aliases={5: 1},  # the new state overwrites the old one
         interpret=interpret,
         name="gdn_decode_step_from_projections",
         **_launch(interpret, config),
-    )(qkv_bc, x_bd, w_ab_dc, A_log_h, dt_bias_h, valid_b.astype(jnp.int32), state_bhkv)  # fmt: skip
+    )(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b.astype(jnp.int32), state_bhkv)  # fmt: skip
 
 
 def _with_xla_backward(forward, xla_form):
@@ -309,8 +272,7 @@ def decode_step_pallas(
 
 def decode_step_from_projections_pallas(
     qkv_bc,
-    x_bd,
-    w_ab_dc,
+    ab_bc,
     A_log_h,
     dt_bias_h,
     valid_b,
@@ -324,9 +286,9 @@ def decode_step_from_projections_pallas(
     """The step of a GDN layer from its joined projections by the kernel; arguments and
     results as decode_step.decode_step_from_projections_xla's: (o [B, H, V] in qkv_bc's dtype,
     new state [B, H, K, V] float32). interpret=None: interpret mode on CPU backends."""
-    reason = unsupported_reason_from_projections(qkv_bc, x_bd, state_bhkv)
+    reason = unsupported_reason_from_projections(qkv_bc, state_bhkv)
     if reason:
         raise ValueError(f"{reason}; use impl='xla' for such inputs")
     static = _static(state_bhkv.shape[2], scale, use_qk_l2norm, interpret, config)
-    return _decode_step_from_projections(static, qkv_bc, x_bd, w_ab_dc, A_log_h, dt_bias_h,
-                                         valid_b, state_bhkv)  # fmt: skip
+    return _decode_step_from_projections(static, qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b,
+                                         state_bhkv)  # fmt: skip

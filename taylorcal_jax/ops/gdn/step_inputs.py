@@ -15,12 +15,10 @@ values; g and beta are float32.
 
 The module (models/mixers/gdn.py) applies `activation` and `gates` to its projections (after
 the optional short convolution); a decoding step without the convolution takes them inside
-the step (decode_api.decode_step_from_projections), from the joined product `qkv_bc`
-[B, 2 H K + H V (+ more)] = x [Wq | Wk | Wv | ...], the token's input `x_bd` [B, D] and the
-joined gate kernel `w_ab_dc` [D, 2 H] = [Wa | Wb]: the gate logits x [Wa | Wb] are formed from
-x and the kernel in float32 (`gate_logits`), inside the step. `from_projections` is that
-step's operands by these definitions; the Pallas step computes the same per program
-(decode_pallas.py).
+the step (decode_api.decode_step_from_projections), from the joined products: `qkv_bc`
+[B, 2 H K + H V (+ more)] holds x [Wq | Wk | Wv | ...] and `ab_bc` [B, 2 H] holds x [Wa | Wb].
+`from_projections` is that step's operands by these definitions; the Pallas step computes the
+same per program (decode_pallas.py).
 """
 
 from __future__ import annotations
@@ -47,17 +45,10 @@ def gates(a, b, A_log, dt_bias, valid=None):
     return g, beta
 
 
-def gate_logits(x_bd, w_ab_dc):
-    """x [Wa | Wb] [B, 2 H] in float32: both operands widened, true float32 products (no TF32)."""
-    f32 = jnp.float32
-    return jnp.dot(x_bd.astype(f32), w_ab_dc.astype(f32), precision=jax.lax.Precision.HIGHEST)
-
-
-def from_projections(qkv_bc, x_bd, w_ab_dc, A_log_h, dt_bias_h, valid_b, heads, k_dim, v_dim):
+def from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, heads, k_dim, v_dim):
     """One token's (q [B, H, K], k [B, H, K], v [B, H, V], g [B, H], beta [B, H]) from the
-    joined product, the layer's input and its gate kernel (module docstring)."""
+    joined projections (module docstring)."""
     b = qkv_bc.shape[0]
-    ab_bc = gate_logits(x_bd, w_ab_dc)
     hk, hv = heads * k_dim, heads * v_dim
     q, k = (qkv_bc[:, i * hk : (i + 1) * hk].reshape(b, heads, k_dim) for i in (0, 1))
     v = qkv_bc[:, 2 * hk : 2 * hk + hv].reshape(b, heads, v_dim)
