@@ -1,7 +1,8 @@
 """Benchmark of the Pallas gated delta rule against flash-linear-attention and the XLA chunked op.
 
-The four shape rows of docs/benchmarks.md, bf16 q/k/v/beta and fp32 g, in one call on one GPU
-(docs/kernel.md, "Benchmarking"). Each JAX row runs in a fresh subprocess
+The shape rows (B, T, H, D): the four of docs/benchmarks.md at head dim 128, and row 4 at
+SmolLM2-135M's stage-2 shape (batch 24 x 2048, 9 heads of dim 64); bf16 q/k/v/beta and fp32 g,
+in one call on one GPU (docs/kernel.md, "Benchmarking"). Each JAX row runs in a fresh subprocess
 (XLA_PYTHON_CLIENT_PREALLOCATE=false) so that its peak device memory
 (memory_stats()["peak_bytes_in_use"], read right after our first forward+backward call, run
 alone, inputs included) is its own; FLA then runs in a fresh torch process per row (in one
@@ -22,7 +23,8 @@ check step first runs forward + gradients at [2, 300, 4, 128] against the fp32 r
 (--skip-check skips it; --check-f32 adds the float32 path). Progress is printed per row.
 
 Usage (device): python3 launch/bench_gdn_kernel.py --skip-check --skip-chunked --out $OUT/t.json
-  (ours and FLA on all four rows; --skip-chunked leaves out the XLA chunked op, ~15 s a row)
+  (ours and FLA on rows 0-3, `--rows 4` for the head-dim-64 one; --skip-chunked leaves out
+  the XLA chunked op, ~15 s a row; `--fla-rows ""` times ours alone, e.g. under --config)
 Modes used internally: --mode check | jax --row i | fla.
 """
 
@@ -38,7 +40,13 @@ import subprocess
 import sys
 import time
 
-ROWS = [(8, 4096, 16, 128), (4, 8192, 16, 128), (1, 32768, 16, 128), (16, 2048, 12, 128)]
+ROWS = [
+    (8, 4096, 16, 128),
+    (4, 8192, 16, 128),
+    (1, 32768, 16, 128),
+    (16, 2048, 12, 128),
+    (24, 2048, 9, 64),
+]
 if os.environ.get("BENCH_GDN_TINY") == "1":  # local plumbing smoke test (CPU, interpret mode)
     ROWS = [(1, 128, 2, 32), (2, 64, 2, 32)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,7 +415,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="all", choices=["all", "check", "jax", "fla"])
     ap.add_argument("--row", type=int, default=0)
-    ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
+    default_rows = ",".join(str(i) for i in range(min(4, len(ROWS))))
+    ap.add_argument("--rows", default=default_rows, help="row indices (row 4 on request)")
     ap.add_argument("--skip-check", action="store_true", help="no correctness check first")
     ap.add_argument("--check-f32", action="store_true", help="also check the float32 path")
     ap.add_argument("--skip-chunked", action="store_true", help="do not time the XLA chunked op")
@@ -423,7 +432,9 @@ def main():
         help="with --skip-chunked: copy chunked_* fields per shape from this earlier "
         "result file (the XLA chunked op is not ours; its provenance is recorded)",
     )
-    ap.add_argument("--fla-rows", default=None, help="default: the same rows as --rows")
+    ap.add_argument(
+        "--fla-rows", default=None, help='default: the same rows as --rows; "" for none'
+    )
     ap.add_argument("--fla-fwd-only", action="store_true")
     ap.add_argument("--fla-timeout", type=int, default=200, help="seconds per FLA row process")
     ap.add_argument(
@@ -504,7 +515,7 @@ def main():
         json.dump(result, f, indent=1)
     fla_rows = a.fla_rows if a.fla_rows is not None else a.rows
     text = ""
-    for fi in fla_rows.split(","):
+    for fi in filter(None, fla_rows.split(",")):  # --fla-rows "" times no FLA row
         fla_args = ["--fla-rows", fi] + (["--fla-fwd-only"] if a.fla_fwd_only else [])
         part = _sub("fla", fla_args, timeout=a.fla_timeout)  # its autotuning dominates
         text += part
