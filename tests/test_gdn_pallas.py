@@ -30,6 +30,7 @@ from gdn_testing import (
 )
 
 from taylorcal_jax.ops.gdn.pallas_gpu.config import (
+    BF16_SMALL_HEADS,
     BF16Config,
     F32Config,
     default_config,
@@ -411,13 +412,18 @@ def test_residuals_t_reruns_the_state_pass_in_the_backward():
     assert state_passes(residuals="t") > state_passes() == state_passes(residuals="states")
 
 
-def test_default_config_follows_operand_dtype():
-    assert default_config(jnp.bfloat16) == BF16Config()
-    assert default_config(jnp.float32) == F32Config()
+def test_default_config_follows_operand_dtype_and_head_dims():
+    assert default_config(jnp.bfloat16, 128, 128) == BF16Config()
+    assert default_config(jnp.bfloat16, 64, 128) == BF16Config()
+    assert default_config(jnp.bfloat16, 64, 64) == BF16_SMALL_HEADS
+    assert BF16_SMALL_HEADS == BF16Config(warps_bwd_chunk=4)
+    assert default_config(jnp.float32, 64, 64) == F32Config()
     inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
     args = _args(inputs, jnp.bfloat16)
     o_default, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True)
-    o_named, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True, config=BF16Config())
+    o_named, _ = gated_delta_rule_pallas(
+        *args, chunk_size=16, interpret=True, config=BF16_SMALL_HEADS
+    )
     np.testing.assert_array_equal(
         np.asarray(o_default, np.float32), np.asarray(o_named, np.float32)
     )
@@ -453,22 +459,24 @@ def test_rejects_unsupported_shapes_and_options():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "config, dtype, tol",
+    "config, dtype, tol, d",
     [
-        (F32Config(), jnp.float32, 1e-4),
-        (BF16Config(), jnp.bfloat16, 5e-3),  # at this shape the state pass is segmented
-        (UNSEGMENTED, jnp.bfloat16, 5e-3),  # ... here not: the state pass forms kd
-        (BF16Config(), jnp.float32, 1e-4),  # the bfloat16 path's kernels with exact dots
+        (F32Config(), jnp.float32, 1e-4, 128),
+        (BF16Config(), jnp.bfloat16, 5e-3, 128),  # at this shape the state pass is segmented
+        (UNSEGMENTED, jnp.bfloat16, 5e-3, 128),  # ... here not: the state pass forms kd
+        (BF16Config(), jnp.float32, 1e-4, 128),  # the bfloat16 path's kernels with exact dots
+        (None, jnp.bfloat16, 5e-3, 64),  # the default at head dim 64: BF16_SMALL_HEADS
     ],
     ids=[
         "f32path-float32",
         "bf16path-bfloat16",
         "bf16path_unsegmented-bfloat16",
         "bf16path-float32",
+        "bf16path_default-bfloat16-d64",
     ],
 )
-def test_gpu_forward_and_gradients_match_reference(config, dtype, tol):
-    b, t, h, d = 2, 300, 4, 128
+def test_gpu_forward_and_gradients_match_reference(config, dtype, tol, d):
+    b, t, h = 2, 300, 4
     inputs = random_inputs(9, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
     args = _args(inputs, dtype) + [jnp.asarray(inputs["initial_state"])]
     rng = np.random.default_rng(10)

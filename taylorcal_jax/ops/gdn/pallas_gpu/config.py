@@ -119,9 +119,21 @@ class BF16Config:
 GDNPallasConfig = F32Config | BF16Config
 
 
-def default_config(operand_dtype) -> GDNPallasConfig:
-    """BF16Config() for bfloat16 operands, F32Config() otherwise."""
-    return BF16Config() if operand_dtype == jnp.bfloat16 else F32Config()
+SMALL_HEAD_DIM = 64  # heads of at most this K and V take BF16_SMALL_HEADS
+# The chunk-parallel backward kernels work on [C, K] and [C, V] tiles; at K = V = 64 eight warps
+# are too many for them: on one H100 at SmolLM2-135M's stage-2 shape (24 x 2048 x 9 x 64) four
+# took the forward + backward from 2.121 to 1.759 ms (launch/results/gdn_kernel_d64_*.json),
+# while at K = V = 128 eight stay the fastest (docs/kernel.md).
+BF16_SMALL_HEADS = BF16Config(warps_bwd_chunk=4)
+
+
+def default_config(operand_dtype, key_dim: int, value_dim: int) -> GDNPallasConfig:
+    """F32Config() for float32 operands; for bfloat16 ones BF16Config(), or BF16_SMALL_HEADS
+    where K and V are at most SMALL_HEAD_DIM."""
+    if operand_dtype != jnp.bfloat16:
+        return F32Config()
+    small = max(key_dim, value_dim) <= SMALL_HEAD_DIM
+    return BF16_SMALL_HEADS if small else BF16Config()
 
 
 def resolve_residuals(config: GDNPallasConfig, residuals: str) -> str:

@@ -74,7 +74,8 @@ def gated_delta_rule_pallas(
     """Gated delta rule by Pallas kernels; returns (o_bthv in v's dtype, final state fp32 or None).
 
     interpret=None picks interpret mode on CPU backends. config=None picks the kernel path of
-    the operand dtype (config.default_config: bf16 when q, k and v all are); the float32 path
+    the operand dtype and its launch options for the head dims (config.default_config: bf16
+    when q, k and v all are; four backward warps at K, V <= 64); the float32 path
     takes float32 operands only, the bfloat16 path either. residuals (config.RESIDUALS, or "auto"
     = the path's default) is what the forward run under differentiation keeps for the backward.
     Differentiable (custom_vjp) in all float inputs and the initial state.
@@ -88,7 +89,7 @@ def gated_delta_rule_pallas(
         interpret = jax.default_backend() == "cpu"
     dt = operand_dtype(q_bthk, k_bthk, v_bthv)
     if config is None:
-        config = default_config(dt)
+        config = default_config(dt, kdim, vd)
     elif config.path == "float32" and dt != F32:
         raise ValueError(
             "the float32 kernel path takes float32 operands; bfloat16 q, k, v take BF16Config "
