@@ -19,8 +19,9 @@ logits and q = softmax(z^s), p = softmax(z^t),
 
     d loss_sum / d z^s_btv = m_bt (q_btv - p_btv)          (because sum_v p_v = 1)
 
-so each chunk computes both heads' logits, the KL and G = m (q - p) in one pass, then
-dh^s = G (W^s)^T and dW^s += (h^s)^T G; the backward pass only scales the kept dh^s [B, T, D]
+so each chunk computes both heads' logits, the KL and G = m (q - p) in one pass (the
+elementwise part by ops/kl_logits: on a GPU one Pallas kernel that reads each logit array
+twice, XLA's ops elsewhere), then dh^s = G (W^s)^T and dW^s += (h^s)^T G; the backward pass only scales the kept dh^s [B, T, D]
 and dW^s [D, V] by the incoming cotangent. Against differentiating through the chunks (which
 must recompute both heads' logits and softmaxes in the backward pass), that is 4 head-sized
 products per chunk instead of 6 and one elementwise pass over the logits instead of two. The
@@ -40,6 +41,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from taylorcal_jax.ops.kl_logits import api as kl_logits
+
 
 def _logits(h_bcd, w_dv):
     """float32 logits h W, operands in h's dtype (W cast to it), float32 accumulation."""
@@ -48,11 +51,11 @@ def _logits(h_bcd, w_dv):
 
 
 def _chunk_kl(h_t_bcd, w_t_dv, h_s_bcd, w_s_dv, valid_bc):
-    """(KL sum over the valid positions of one chunk, float32; log p; log q)."""
+    """KL sum over the valid positions of one chunk, float32."""
     logp = jax.nn.log_softmax(_logits(h_t_bcd, w_t_dv), axis=-1)
     logq = jax.nn.log_softmax(_logits(h_s_bcd, w_s_dv), axis=-1)
     kl_bc = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-    return jnp.sum(jnp.where(valid_bc, kl_bc, 0.0)), logp, logq
+    return jnp.sum(jnp.where(valid_bc, kl_bc, 0.0))
 
 
 def _chunked(a_bt, c):
@@ -69,23 +72,26 @@ def _unchunked(a_nbc, t):
     return jnp.moveaxis(a_nbc, 0, 1).reshape(b, n * c, *a_nbc.shape[3:])[:, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kl_total(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kl_total(c, impl, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
+    del impl  # the forward without a gradient is XLA's
+
     def body(xs):
-        return _chunk_kl(xs[0], w_t_dv, xs[1], w_s_dv, xs[2])[0]
+        return _chunk_kl(xs[0], w_t_dv, xs[1], w_s_dv, xs[2])
 
     sums = jax.lax.map(body, tuple(_chunked(a, c) for a in (h_t_btd, h_s_btd, valid_bt)))
     return jnp.sum(sums)
 
 
-def _kl_total_fwd(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
+def _kl_total_fwd(c, impl, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
     w_s = w_s_dv.astype(h_s_btd.dtype)
 
     def body(dw_dv, xs):
         h_t, h_s, valid = xs
-        total, logp, logq = _chunk_kl(h_t, w_t_dv, h_s, w_s_dv, valid)
-        g_bcv = jnp.where(valid[..., None], jnp.exp(logq) - jnp.exp(logp), 0.0)
-        g_bcv = g_bcv.astype(h_s.dtype)
+        b = valid.shape[0]
+        z_t, z_s = (_logits(h, w).reshape(b * c, -1) for h, w in ((h_t, w_t_dv), (h_s, w_s_dv)))
+        total, g = kl_logits.kl_and_grad(z_t, z_s, valid.reshape(-1), h_s.dtype, impl=impl)
+        g_bcv = g.reshape(b, c, -1)
         dh_bcd = jnp.einsum("bcv,dv->bcd", g_bcv, w_s, preferred_element_type=jnp.float32)
         dw_dv = dw_dv + jnp.einsum("bcd,bcv->dv", h_s, g_bcv, preferred_element_type=jnp.float32)
         return dw_dv, (total, dh_bcd)
@@ -98,9 +104,9 @@ def _kl_total_fwd(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
     return jnp.sum(sums), (dh_btd, dw_dv, dtypes)
 
 
-def _kl_total_bwd(c, residuals, g):
+def _kl_total_bwd(c, impl, residuals, g):
     """None: zero cotangents for the teacher's inputs and the mask."""
-    del c
+    del c, impl
     dh_btd, dw_dv, (h_dtype, w_dtype) = residuals
     return None, None, (g * dh_btd).astype(h_dtype.dtype), (g * dw_dv).astype(w_dtype.dtype), None
 
@@ -108,16 +114,17 @@ def _kl_total_bwd(c, residuals, g):
 _kl_total.defvjp(_kl_total_fwd, _kl_total_bwd)
 
 
-def kl_sum(h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt, *, chunk: int):
+def kl_sum(h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt, *, chunk: int, impl: str = "auto"):
     """(sum over valid positions of KL(teacher || student), number of valid positions).
 
     h_t_btd, h_s_btd: final hidden states [B, T, D]; w_t_dv, w_s_dv: LM heads [D, V];
-    valid_bt: bool [B, T]; chunk: positions per chunk (module docstring).
+    valid_bt: bool [B, T]; chunk: positions per chunk (module docstring); impl: of the KL and
+    gradient from the logits under differentiation (ops/kl_logits/api.py).
     """
     if chunk <= 0:
         raise ValueError(f"KL chunk length must be positive, got {chunk}")
     c = min(chunk, h_s_btd.shape[1])
-    total = _kl_total(c, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt)
+    total = _kl_total(c, impl, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt)
     return total, jnp.sum(valid_bt.astype(jnp.float32))
 
 
