@@ -4,8 +4,9 @@
 #
 #   1. the gpu-marked tests of the cuDNN fused attention (tests/test_fused_attention.py), of
 #      the GDN decoding step's Pallas kernels, the step from the layer's joined projections
-#      included (tests/test_gdn_decode_pallas.py), and of the few-row dense product's kernel
-#      (tests/test_gemv.py)                                                   -> $OUT/gpu/
+#      included (tests/test_gdn_decode_pallas.py), of the few-row dense product's kernel
+#      (tests/test_gemv.py) and of the KL-from-logits kernel (tests/test_kl_logits.py)
+#                                                                             -> $OUT/gpu/
 #   2. launch/bench_inference.py with the models' defaults: on an H200 the headline file,
 #      4k-64k at batch 1 and 16 (289 s at git 743137d); on an H100, whose 80 GB do not pass its
 #      memory check at 64k x 16, 16k and 32k                 -> $OUT/bench_inference_<gpu>.*
@@ -42,7 +43,7 @@ PROBE_S=260
 VARIANT_S=${VARIANT_S:-70}
 
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv" --jobs 6 \
+  timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv or kl_logits" --jobs 6 \
     --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
 fi
 if [ "${BENCH:-1}" = 1 ]; then

@@ -21,17 +21,17 @@ logits and q = softmax(z^s), p = softmax(z^t),
 
 so each chunk computes both heads' logits, the KL and G = m (q - p) in one pass (the
 elementwise part by ops/kl_logits: on a GPU one Pallas kernel that reads each logit array
-twice, XLA's ops elsewhere), then dh^s = G (W^s)^T and dW^s += (h^s)^T G; the backward pass only scales the kept dh^s [B, T, D]
-and dW^s [D, V] by the incoming cotangent. Against differentiating through the chunks (which
-must recompute both heads' logits and softmaxes in the backward pass), that is 4 head-sized
-products per chunk instead of 6 and one elementwise pass over the logits instead of two. The
-teacher's inputs get zero gradients (the caller stops them). Logits are float32: the head
-products run in h's dtype (bf16 in mixed precision) with float32 accumulation, and G is rounded
-to that dtype before its two products, as for every other product of the model (left float32,
-XLA would run them in float32: TF32 on a GPU, 4 ms of a 288 ms SmolLM2 stage-2 step on an
-H200, launch/results/profile_steps_h200.md). dW^s is summed over chunks in float32 and kept
-from the forward to the backward pass: D V float32 values (113 MB for SmolLM2's 576 x 49,152
-head; 2.2 GB for a 3584 x 152,064 one), besides dh^s [B, T, D].
+twice, XLA's ops elsewhere), then dh^s = G (W^s)^T and dW^s += (h^s)^T G; the backward pass
+only scales the kept dh^s [B, T, D] and dW^s [D, V] by the incoming cotangent. Against
+differentiating through the chunks (which must recompute both heads' logits and softmaxes in
+the backward pass), that is 4 head-sized products per chunk instead of 6 and one elementwise
+pass over the logits instead of two. The teacher's inputs get zero gradients (the caller stops
+them). Logits are float32: the head products run in h's dtype (bf16 in mixed precision) with
+float32 accumulation, and G is rounded to that dtype before its two products, as for every
+other product of the model (left float32, XLA would run them in float32: TF32 on a GPU, 4 ms of
+a 288 ms SmolLM2 stage-2 step on an H200, launch/results/profile_steps_h200.md). dW^s is summed
+over chunks in float32 and kept from the forward to the backward pass: D V float32 values (113
+MB for SmolLM2's 576 x 49,152 head; 2.2 GB for a 3584 x 152,064 one), besides dh^s [B, T, D].
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ student's logits, p = softmax(z^t), q = softmax(z^s), m [N] the valid rows:
   "pallas"  pallas_gpu.py: per block of rows, one pass over both rows for their online max and
             sum, one for KL and G: four reads (Triton on a GPU; interpret mode elsewhere)
   "auto"    "pallas" on a GPU backend when the kernel takes the shapes, else "xla"; logged once
+On one H100 the kernel took SmolLM2-135M's stage-2 step at 24 x 2048 tokens to 197.5k-197.6k
+tokens/s against 193.9k with XLA's form (launch/results/bench_stage2_h100_b24_kl_*.md).
 """
 
 from __future__ import annotations

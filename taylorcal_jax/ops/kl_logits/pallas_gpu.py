@@ -64,8 +64,8 @@ def _kernel(zt_ref, zs_ref, valid_ref, g_ref, kl_ref, *, br, bv, v):
             stats += [m_new, s]
         return tuple(stats)
 
-    start = (jnp.full((br,), -jnp.inf, F32), jnp.zeros((br,), F32))
-    m_t, s_t, m_s, s_s = lax.fori_loop(0, loads, online, start * 2)
+    empty = (jnp.full((br,), -jnp.inf, F32), jnp.zeros((br,), F32))  # max and sum of no logit
+    m_t, s_t, m_s, s_s = lax.fori_loop(0, loads, online, empty + empty)
     lse_t, lse_s = m_t + jnp.log(s_t), m_s + jnp.log(s_s)
     valid = valid_ref[...] != 0  # [BR]
 
