@@ -50,12 +50,11 @@ def _logits(h_bcd, w_dv):
                       preferred_element_type=jnp.float32)  # fmt: skip
 
 
-def _chunk_kl(h_t_bcd, w_t_dv, h_s_bcd, w_s_dv, valid_bc):
-    """KL sum over the valid positions of one chunk, float32."""
-    logp = jax.nn.log_softmax(_logits(h_t_bcd, w_t_dv), axis=-1)
-    logq = jax.nn.log_softmax(_logits(h_s_bcd, w_s_dv), axis=-1)
-    kl_bc = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-    return jnp.sum(jnp.where(valid_bc, kl_bc, 0.0))
+def _chunk_logits(h_t_bcd, w_t_dv, h_s_bcd, w_s_dv, valid_bc):
+    """Both heads' float32 logits of one chunk as rows [B C, V], and the rows' validity [B C]."""
+    rows = valid_bc.size
+    z_t, z_s = (_logits(h, w).reshape(rows, -1) for h, w in ((h_t_bcd, w_t_dv), (h_s_bcd, w_s_dv)))
+    return z_t, z_s, valid_bc.reshape(rows)
 
 
 def _chunked(a_bt, c):
@@ -76,8 +75,9 @@ def _unchunked(a_nbc, t):
 def _kl_total(c, impl, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
     del impl  # the forward without a gradient is XLA's
 
-    def body(xs):
-        return _chunk_kl(xs[0], w_t_dv, xs[1], w_s_dv, xs[2])
+    def body(xs):  # the gradient XLA's form also makes is unused here, and compiled away
+        z_t, z_s, valid = _chunk_logits(xs[0], w_t_dv, xs[1], w_s_dv, xs[2])
+        return kl_logits.kl_and_grad_xla(z_t, z_s, valid, jnp.float32)[0]
 
     sums = jax.lax.map(body, tuple(_chunked(a, c) for a in (h_t_btd, h_s_btd, valid_bt)))
     return jnp.sum(sums)
@@ -88,10 +88,9 @@ def _kl_total_fwd(c, impl, h_t_btd, w_t_dv, h_s_btd, w_s_dv, valid_bt):
 
     def body(dw_dv, xs):
         h_t, h_s, valid = xs
-        b = valid.shape[0]
-        z_t, z_s = (_logits(h, w).reshape(b * c, -1) for h, w in ((h_t, w_t_dv), (h_s, w_s_dv)))
-        total, g = kl_logits.kl_and_grad(z_t, z_s, valid.reshape(-1), h_s.dtype, impl=impl)
-        g_bcv = g.reshape(b, c, -1)
+        z_t, z_s, valid_n = _chunk_logits(h_t, w_t_dv, h_s, w_s_dv, valid)
+        total, g = kl_logits.kl_and_grad(z_t, z_s, valid_n, h_s.dtype, impl=impl)
+        g_bcv = g.reshape(*valid.shape, -1)
         dh_bcd = jnp.einsum("bcv,dv->bcd", g_bcv, w_s, preferred_element_type=jnp.float32)
         dw_dv = dw_dv + jnp.einsum("bcd,bcv->dv", h_s, g_bcv, preferred_element_type=jnp.float32)
         return dw_dv, (total, dh_bcd)
