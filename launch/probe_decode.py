@@ -66,6 +66,13 @@ EXHAUSTIVE_TILING = "--xla_gpu_exhaustive_tiling_search=true"
 # (launch/results/probe_decode_h200_pdl.json).
 PDL = "--xla_gpu_enable_pdl=true"
 NO_PDL = "--xla_gpu_enable_pdl=false"
+# XLA's fusion passes that may join more of a step's small kernels (at batch 1 each layer runs
+# 13-16 kernels of about 1.6 us besides its products, e.g. an RMSNorm as a reduction kernel and
+# then a multiply kernel): priority fusion that forms Triton fusions first where it can
+# ("heroless": fusions without a reduction or transpose at their root included), and the
+# rewrite of finished fusions to Triton's block-level emitter. Both are off by default.
+HEROLESS = "--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"
+BLOCK_LEVEL = "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +120,19 @@ VARIANTS = {
     "defaults_joined": Variant(
         "pallas", gdn_decode="pallas", gdn_fused=True, gemv="auto", joined=True
     ),
-    # the defaults with XLA flags added: the batch-16 GEMMs' tilings, PDL on and off
+    # the defaults with XLA flags added: the batch-16 GEMMs' tilings, PDL on and off, the fusions
     **{
         f"defaults_joined_{name}": Variant(
             "pallas", flags, gdn_decode="pallas", gdn_fused=True, gemv="auto", joined=True
         )
-        for name, flags in (("exhaustive", EXHAUSTIVE_TILING), ("pdl", PDL), ("no_pdl", NO_PDL))
+        for name, flags in (
+            ("exhaustive", EXHAUSTIVE_TILING),
+            ("pdl", PDL),
+            ("no_pdl", NO_PDL),
+            ("heroless", HEROLESS),
+            ("block_level", BLOCK_LEVEL),
+            ("heroless_block_level", f"{HEROLESS} {BLOCK_LEVEL}"),
+        )
     },
 }
 # the open questions, with the Pallas decoding attention and GDN step (the models' default on a
