@@ -150,3 +150,85 @@ def gemv_pallas(x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | Non
         **launch,
     )(x, w_kn)
     return jnp.sum(partial_s, axis=0).reshape(-1, n)[:m]
+
+
+# ---------------------------------------------------------------------------------------------
+# One row, W stored transposed (Wt [N, K]): no split of K, so no partial sums to reduce.
+#
+# Grid (N / BN,): program j reads rows j BN .. j BN + BN - 1 of Wt, each a contiguous run of K
+# elements, in loads of [BN, BK], and writes y[j BN + r] = sum_k x[k] Wt[j BN + r, k] (float32)
+# itself. The products of the kernel above need one more kernel for the sum over segments (an
+# XLA reduction, a launch of its own when what follows it is a reduction too); here the program
+# that reads a row of Wt owns its whole sum. The elementwise products are accumulated as
+# [BN, BK] and summed across BK once, after the last load.
+_ROW_BLOCKS = (32, 16, 8, 4, 2)  # candidate BN
+_COL_BLOCKS = (1024, 512, 256, 128, 64, 32, 16)  # candidate BK
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvTConfig:
+    """Launch options of the transposed one-row kernel (static, part of the jit cache key).
+
+    block_n: the most rows of Wt per program; BN is the largest of 32, 16, 8, 4, 2 up to it
+      that divides N and leaves N / BN >= min_programs (the least dividing one when none does).
+    block_k: the most columns per load; BK is the largest power of two up to it dividing K.
+    """
+
+    min_programs: int = 264
+    block_n: int = 16
+    block_k: int = 512
+    warps: int = 4
+    stages: int = 3
+
+    def __post_init__(self):
+        for name in ("min_programs", "block_n", "block_k", "warps", "stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def plan(self, k: int, n: int) -> tuple[int, int] | None:
+        """(BN, BK) for Wt [n, k], or None when no block divides n or k."""
+        bns = [b for b in _ROW_BLOCKS if b <= self.block_n and n % b == 0]
+        bk = next((b for b in _COL_BLOCKS if b <= self.block_k and k % b == 0), None)
+        if not bns or bk is None:
+            return None
+        return next((b for b in bns if n // b >= self.min_programs), bns[-1]), bk
+
+
+def _kernel_t(x_ref, wt_ref, y_ref, *, bn, bk, k):
+    j = pl.program_id(0)
+
+    def step(i, acc):
+        w = wt_ref[pl.ds(j * bn, bn), pl.ds(i * bk, bk)].astype(F32)  # [BN, BK]
+        return acc + w * x_ref[pl.ds(i * bk, bk)].astype(F32)[None, :]
+
+    acc = lax.fori_loop(0, k // bk, step, jnp.zeros((bn, bk), F32))
+    y_ref[...] = jnp.sum(acc, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def gemv_t_pallas(x_1k, wt_nk, *, interpret: bool = False, config: GemvTConfig | None = None):
+    """x [1, K] @ Wt[N, K]^T -> [1, N] float32 by the transposed kernel (comment above)."""
+    config = GemvTConfig() if config is None else config
+    (m, k), n = x_1k.shape, wt_nk.shape[0]
+    if m != 1 or wt_nk.shape[1] != k:
+        raise ValueError(f"shapes {x_1k.shape} x {wt_nk.shape}^T are not one row times Wt^T")
+    plan = config.plan(k, n)
+    if plan is None:
+        raise ValueError(f"Wt {wt_nk.shape}: N must be even and K a multiple of 16")
+    bn, bk = plan
+    launch = {}
+    if not interpret:
+        launch = dict(
+            compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=config.stages)
+        )
+    y = pl.pallas_call(
+        functools.partial(_kernel_t, bn=bn, bk=bk, k=k),
+        grid=(n // bn,),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=pl.BlockSpec((bn,), lambda j: (j,)),
+        out_shape=jax.ShapeDtypeStruct((n,), F32),
+        interpret=interpret,
+        name="gemv_t",
+        **launch,
+    )(x_1k[0], wt_nk)
+    return y[None]
