@@ -8,19 +8,16 @@ A decoding step at batch 1 reads every weight once and does one multiply-add per
 element, so each product is bound by the bandwidth: its ceiling is K N bytes-per-element / the
 copy bandwidth (bench_inference.copy_bandwidth, the roofline's bandwidth). Per (shape, M) row:
 
-- the weights: distinct random bf16 copies of W, at least the preset's `products` and enough
-  that they together exceed its rotation_mib (an H100's 50 MB L2 cache holds one 27 MB MLP
-  weight; a product repeated on one W would read it from there), each multiplied by its own
-  random x [M, K], back to back in one jitted call, as a decoding step runs its products (no
-  two products share an operand: XLA merges products that do, e.g. one x times several W,
-  into one). 128 products per call make the call's own overhead (tens of us) small against
-  the products (a few us each; with 16 per call it was most of the time measured);
+- the weights: enough distinct random bf16 copies of W (2 to 16) that they together exceed
+  the preset's rotation_mib (an H100's 50 MB L2 cache holds one 27 MB MLP weight; a product
+  repeated on one W would read it from there), each multiplied by its own random x [M, K],
+  back to back in one jitted call, as a decoding step runs its products (no two products
+  share an operand: XLA merges products that do, e.g. one x times several W, into one);
 - the time of one product: the median over repeats of (wall time of `calls` such calls, one
   synchronisation at the end) / (calls x products per call);
 - "xla": lax.dot_general as the models compute it (nn.Dense); "kernel <config>": gemv_pallas
   under one GemvConfig, its float32 partial sums reduced by XLA in the same call (part of its
-  cost); "kernel_t <config>" (one row only): gemv_t_pallas, the same product from W stored
-  transposed, under one GemvTConfig, no partial sums;
+  cost);
 - each kernel row's largest relative error against XLA's float32 product of the same operands.
 
 Writes <out>/bench_gemv_<tag>.{json,md}, rewritten after every shape.
@@ -39,11 +36,12 @@ import results_io  # launch/
 from absl import app, flags
 from bench_inference import RESULTS_DIR, copy_bandwidth  # launch/
 
-# (name, K, N) of the Qwen2.5-1.5B decoding step's products with params joined for decoding
-# (models/joined.py; docs/benchmarks.md §4)
+MAX_COPIES = 16
+# (name, K, N) of the Qwen2.5-1.5B decoding step's products (docs/benchmarks.md §4)
 QWEN2_5_1_5B_SHAPES = (
     ("attention q / o, GDN o", 1536, 1536),
     ("GDN q,k,v,g joined", 1536, 6144),
+    ("MLP gate or up", 1536, 8960),
     ("MLP gate and up joined", 1536, 17920),
     ("MLP down", 8960, 1536),
 )
@@ -52,33 +50,23 @@ PRESETS = {
         shapes=QWEN2_5_1_5B_SHAPES,
         rows=(1, 16),
         rotation_mib=128,
-        products=128,
-        calls=10,
+        calls=50,
         repeats=5,
-        programs=(1056,),  # the defaults; launch/results/bench_gemv_h200.json swept them
+        programs=(264, 528, 1056, 2112),
         block_n=(128,),
-        block_k=(128,),
-        warps=(8,),
-        t_block_n=(4, 8, 16, 32),
-        t_block_k=(256, 512, 1024),
-        t_warps=(4, 8),
-        t_stages=(3,),
+        block_k=(64, 128),
+        warps=(4, 8),
     ),  # fmt: skip
     "small": dict(
         shapes=(("small", 64, 96),),
         rows=(1, 3),
         rotation_mib=0,
-        products=2,
         calls=1,
         repeats=1,
         programs=(4, 16, 32),
         block_n=(32,),
         block_k=(32,),
         warps=(4,),
-        t_block_n=(2,),
-        t_block_k=(16, 32, 64, 128),
-        t_warps=(4,),
-        t_stages=(2,),
     ),  # fmt: skip
 }
 
@@ -111,17 +99,6 @@ def configs(p: dict, m: int) -> list:
     return [GemvConfig(), *swept]  # the default first; measure_shape skips repeated launches
 
 
-def t_configs(p: dict) -> list:
-    """The GemvTConfigs of the transposed kernel timed at one row: the preset's grid, BN as
-    given (min_programs 1), whatever the number of programs it leaves."""
-    from taylorcal_jax.ops.gemv.pallas_gpu import GemvTConfig
-
-    grid = itertools.product(p["t_block_n"], p["t_block_k"], p["t_warps"], p["t_stages"])
-    return [
-        GemvTConfig(min_programs=1, block_n=a, block_k=b, warps=c, stages=d) for a, b, c, d in grid
-    ]
-
-
 def time_products(product, xs, weights, calls: int, repeats: int) -> float:
     """Seconds per product: median over `repeats` of `calls` jitted calls, each multiplying
     xs[i] by weights[i] for every i (no two products share an operand, so that XLA merges
@@ -142,23 +119,20 @@ def time_products(product, xs, weights, calls: int, repeats: int) -> float:
 
 
 def measure_row(shape, xs, weights, exact, impl, config, p, bandwidth, log) -> Row:
-    """One timing (module docstring) of `impl` ("xla", "kernel" or "kernel_t"; the latter two
-    under `config`), with the kernels' largest relative error against `exact` (float32,
-    xs[0] W[0]). For "kernel_t" `weights` hold W transposed, [N, K]."""
+    """One timing (module docstring): XLA's product when `config` is None, else the kernel's
+    under `config`, with its largest relative error against `exact` (float32, xs[0] W[0])."""
     import jax
     import numpy as np
     from jax import lax
 
-    from taylorcal_jax.ops.gemv.pallas_gpu import gemv_pallas, gemv_t_pallas
+    from taylorcal_jax.ops.gemv.pallas_gpu import gemv_pallas
 
     interpret = jax.default_backend() == "cpu"
-    m, k = xs[0].shape
-    n = exact.shape[1]
-    product = {
-        "xla": lambda x, w: lax.dot_general(x, w, (((1,), (0,)), ((), ()))),
-        "kernel": lambda x, w: gemv_pallas(x, w, interpret=interpret, config=config),
-        "kernel_t": lambda x, wt: gemv_t_pallas(x, wt, interpret=interpret, config=config),
-    }[impl]
+    (m, k), n = xs[0].shape, weights[0].shape[1]
+    if config is None:
+        product = lambda x, w: lax.dot_general(x, w, (((1,), (0,)), ((), ())))  # noqa: E731
+    else:
+        product = lambda x, w: gemv_pallas(x, w, interpret=interpret, config=config)  # noqa: E731
     seconds = time_products(product, xs, weights, p["calls"], p["repeats"])
     err = None
     if config is not None:
@@ -168,7 +142,7 @@ def measure_row(shape, xs, weights, exact, impl, config, p, bandwidth, log) -> R
     asdict = None if config is None else dataclasses.asdict(config)
     row = Row(shape, m, k, n, impl, asdict, seconds, w_bytes / seconds,
               w_bytes / seconds / bandwidth, err)  # fmt: skip
-    what = impl if config is None else f"{impl} {asdict}"
+    what = impl if config is None else f"kernel {asdict}"
     log(f"  {shape} [{m}, {k}] x [{k}, {n}] {what}: {seconds * 1e6:.2f} us, "
         f"{row.of_copy_bandwidth:.0%} of the copy bandwidth")  # fmt: skip
     return row
@@ -181,8 +155,8 @@ def measure_shape(name, k, n, p, bandwidth, log) -> list[Row]:
     import numpy as np
 
     w_bytes = k * n * 2
-    # distinct weights (each a call site of the compiled program): module docstring
-    copies = max(p["products"], 2, -(-(p["rotation_mib"] << 20) // w_bytes))
+    # distinct weights, at most MAX_COPIES (each is a call site of the compiled program)
+    copies = min(MAX_COPIES, max(2, -(-(p["rotation_mib"] << 20) // w_bytes)))
     keys = jax.random.split(jax.random.key(k * 7919 + n), copies + 1)
     weights = [jax.random.normal(r, (k, n), jnp.bfloat16) * k**-0.5 for r in keys[1:]]
     rows = []
@@ -199,22 +173,11 @@ def measure_shape(name, k, n, p, bandwidth, log) -> list[Row]:
             if launch[0] is not None and launch not in timed:
                 timed.add(launch)
                 rows.append(measure_row(name, *args, "kernel", config, p, bandwidth, log))
-        if m != 1:
-            continue
-        transposed = [jnp.asarray(w.T) for w in weights]  # [N, K] copies, made once
-        for config in t_configs(p):
-            launch = (config.plan(k, n), config.warps, config.stages)
-            if launch[0] is not None and launch not in timed:
-                timed.add(launch)
-                targs = (xs, transposed, exact)
-                rows.append(measure_row(name, *targs, "kernel_t", config, p, bandwidth, log))
-        del transposed
     return rows
 
 
 def markdown(result: dict) -> str:
-    """The result as a table per shape and rows: XLA, the split-K kernel (its default and best
-    config), the transposed kernel (its best config; one row only)."""
+    """The result as a table per shape and rows: XLA, the best kernel config, the default."""
     from taylorcal_jax.ops.gemv.pallas_gpu import GemvConfig
 
     lines = [
@@ -223,22 +186,14 @@ def markdown(result: dict) -> str:
         f"{result['date']}, JAX {result['jax_version']}, git {result['git']}, source digest "
         f"{result['source_digest']}. Command: `{result['command']}`.",
         "",
-        f"Copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; bf16 weights, "
-        f"at least {result['settings']['products']} distinct ones per call and together at "
-        f"least {result['settings']['rotation_mib']} MiB; median of "
-        f"{result['settings']['repeats']} x {result['settings']['calls']} calls. us per "
-        "product (fraction of the copy bandwidth).",
+        f"Copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; bf16 weights "
+        f"rotated over {result['settings']['rotation_mib']} MiB; median of "
+        f"{result['settings']['repeats']} x {result['settings']['calls']} calls.",
         "",
-        "| weight | K x N | rows | XLA | split-K kernel, default | split-K kernel, best "
-        "| transposed kernel, best | its config | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| weight | K x N | rows | XLA us | XLA of bw | best kernel us | best of bw | best config "
+        "| default kernel us | default of bw | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def cell(r):
-        return "" if r is None else f"{r['seconds'] * 1e6:.2f} ({r['of_copy_bandwidth']:.0%})"
-
-    def fastest(rows):
-        return min(rows, key=lambda r: r["seconds"]) if rows else None
 
     default = dataclasses.asdict(GemvConfig())
     groups = {}
@@ -246,16 +201,19 @@ def markdown(result: dict) -> str:
         groups.setdefault((r["shape"], r["k"], r["n"], r["m"]), []).append(r)
     for (shape, k, n, m), rows in groups.items():
         xla = next(r for r in rows if r["impl"] == "xla")
-        split = [r for r in rows if r["impl"] == "kernel"]
-        trans = [r for r in rows if r["impl"] == "kernel_t"]
-        dflt = next((r for r in split if r["config"] == default), None)
-        best_t = fastest(trans)
-        cfg = "" if best_t is None else ", ".join(f"{a}={b}" for a, b in best_t["config"].items())
-        errs = [r["max_rel_error"] for r in split + trans]
-        err = f"{max(errs):.1e}" if errs else ""
+        kernels = [r for r in rows if r["impl"] == "kernel"]
+        if not kernels:
+            continue
+        best = min(kernels, key=lambda r: r["seconds"])
+        dflt = next((r for r in kernels if r["config"] == default), None)
+        cfg = ", ".join(f"{a}={b}" for a, b in best["config"].items())
+        err = max(r["max_rel_error"] for r in kernels)
+        d_us = "" if dflt is None else f"{dflt['seconds'] * 1e6:.2f}"
+        d_bw = "" if dflt is None else f"{dflt['of_copy_bandwidth']:.0%}"
         lines.append(
-            f"| {shape} | {k} x {n} | {m} | {cell(xla)} | {cell(dflt)} | {cell(fastest(split))} "
-            f"| {cell(best_t)} | {cfg} | {err} |"
+            f"| {shape} | {k} x {n} | {m} | {xla['seconds'] * 1e6:.2f} | "
+            f"{xla['of_copy_bandwidth']:.0%} | {best['seconds'] * 1e6:.2f} | "
+            f"{best['of_copy_bandwidth']:.0%} | {cfg} | {d_us} | {d_bw} | {err:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -268,7 +226,7 @@ def run(p: dict) -> str:
     bandwidth = copy_bandwidth(64 << 20 if p["preset"] == "small" else 2048 << 20, 5)
     log(f"{jax.devices()[0].device_kind}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     result = {
-        "benchmark": "few-row products alone: XLA against ops/gemv's kernels",
+        "benchmark": "few-row products alone: XLA against ops/gemv's kernel",
         **results_io.provenance(),
         "settings": {a: list(b) if isinstance(b, tuple) else b for a, b in p.items()},
         "copy_bandwidth_bytes_per_s": bandwidth,

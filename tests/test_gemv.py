@@ -180,38 +180,3 @@ def test_compiled_kernel_equals_xla_on_gpu(m, k, n):
     assert _calls(lambda x, w: api.dense_product(x, w, impl="pallas"), x, w) == 1
     assert rel_err(got.astype(F32), want) < 1e-2
     assert rel_err(got, x @ w) < 1e-2
-
-
-@pytest.mark.parametrize("k, n", [(64, 48), (1536, 160), (8960, 96)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_transposed_kernel_equals_numpy(k, n, dtype):
-    x, w = _operands(1, k, n, seed=4)
-    x_d, wt_d = jnp.asarray(x, dtype), jnp.asarray(w.T, dtype)
-    want = np.asarray(x_d, np.float64) @ np.asarray(wt_d, np.float64).T
-    got = pallas_gpu.gemv_t_pallas(x_d, wt_d, interpret=True)
-    assert got.dtype == F32 and got.shape == (1, n)
-    assert rel_err(got, want) < 1e-6  # float32 sums of the operands as given
-
-
-def test_transposed_plan():
-    config = pallas_gpu.GemvTConfig()
-    # the largest BN <= 16 leaving >= 264 programs: 1536 / 4 = 384; 17920 / 16 = 1120
-    assert config.plan(1536, 1536) == (4, 512)
-    assert config.plan(1536, 17920) == (16, 512)
-    assert config.plan(8960, 1536) == (4, 256)  # 8960 = 35 x 256
-    assert config.plan(64, 48) == (2, 64)  # few rows: the least BN
-    assert config.plan(1536, 7) is None and config.plan(24, 64) is None
-    with pytest.raises(ValueError, match="one row"):
-        pallas_gpu.gemv_t_pallas(jnp.ones((2, 64)), jnp.ones((48, 64)), interpret=True)
-
-
-@pytest.mark.parametrize("k, n", [(1536, 1536), (8960, 1536)])
-def test_transposed_kernel_lowers_to_triton_for_a_gpu(k, n):
-    args = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16)]
-    triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(
-        jax.jit(lambda x, wt: pallas_gpu.gemv_t_pallas(x, wt)),
-        platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
-    )(*args)
-    assert exported.mlir_module().count(triton) == 1
