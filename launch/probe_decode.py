@@ -70,7 +70,9 @@ NO_PDL = "--xla_gpu_enable_pdl=false"
 # 13-16 kernels of about 1.6 us besides its products, e.g. an RMSNorm as a reduction kernel and
 # then a multiply kernel): priority fusion that forms Triton fusions first where it can
 # ("heroless": fusions without a reduction or transpose at their root included), and the
-# rewrite of finished fusions to Triton's block-level emitter. Both are off by default.
+# rewrite of finished fusions to Triton's block-level emitter. Both are off by default; on one
+# H100 either or both took the 32k steps to 1.00x-1.02x of the defaults' time
+# (launch/results/probe_decode_h100_fusion_flags.json).
 HEROLESS = "--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"
 BLOCK_LEVEL = "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
 
