@@ -211,9 +211,20 @@ def tree_bytes(tree) -> int:
     return int(sum(_nbytes(x) for x in jax.tree.leaves(tree)))
 
 
-def decode_step_bytes(params, cache, context: int, steps: int) -> dict:
+def weight_bytes(model, dtype) -> int:
+    """Bytes of `model`'s parameters in `dtype`, as stored: the weights a decoding step reads.
+    Params joined for decoding may hold zero columns besides (models/joined.py); those are the
+    implementation's cost, not the model's, so the roofline leaves them out."""
+    import jax
+
+    key = jax.random.PRNGKey(0)
+    return tree_bytes(jax.eval_shape(lambda: model_shapes.random_params(model, key, dtype)))
+
+
+def decode_step_bytes(weights: int, cache, context: int, steps: int) -> dict:
     """Bytes one decoding step must move (module docstring), averaged over `steps` steps after
-    `context` prompt tokens, from the shapes of `params` and of a cache of any batch.
+    `context` prompt tokens, from the model's weight bytes (`weight_bytes`) and the shapes of a
+    cache of any batch.
 
     Attention layer caches are the dicts with "k", "v" [B, S, Hkv, d] and "valid" (read: the
     filled slots, written: one slot); every other layer cache is a recurrent mixer's fixed-size
@@ -235,7 +246,6 @@ def decode_step_bytes(params, cache, context: int, steps: int) -> dict:
         else:
             floats = [x for x in jax.tree.leaves(layer) if jnp.issubdtype(x.dtype, jnp.floating)]
             state += 2 * sum(_nbytes(x) for x in floats)
-    weights = tree_bytes(params)
     parts = dict(weights=weights, kv_read=kv_read, kv_write=kv_write, state_read_write=state)
     return {**parts, "total": sum(parts.values())}
 
@@ -618,6 +628,7 @@ def measure_context(models, decoders, params, compiled, context, p, bandwidth, r
     import jax
 
     steps, repeats, vocab = p["decode_steps"], p["repeats"], models["teacher"].config.vocab_size
+    weights = {name: weight_bytes(m, p["dtype"]) for name, m in models.items()}
     first = {}
     for name in models:
         tokens = jax.random.randint(jax.random.PRNGKey(context), (1, context), 1, vocab)
@@ -637,7 +648,7 @@ def measure_context(models, decoders, params, compiled, context, p, bandwidth, r
                 t_prefill, _ = time_prefill(program, params[name], tokens, repeats)
             cache = replicate_batch(first[name][1], batch)
             token = replicate_batch(first[name][2], batch)
-            step_bytes = decode_step_bytes(params[name], cache, context, steps)
+            step_bytes = decode_step_bytes(weights[name], cache, context, steps)
             by_impl = {}
             for impl in decoders:
                 program = compiled[decode_job(name, impl, context + steps, batch)]

@@ -324,7 +324,9 @@ def run_model_variant(p: dict, variant: Variant) -> None:
             cache = filled_cache(m, batch, context + steps, context, seed=context + batch)
             token = jnp.ones((batch,), jnp.int32)
             t, finite = bench.time_decode(compiled[job], params[name], cache, token, p["repeats"])
-            step_bytes = bench.decode_step_bytes(params[name], cache, context, steps)
+            step_bytes = bench.decode_step_bytes(
+                bench.weight_bytes(m, dtype), cache, context, steps
+            )
             del cache
             roofline = step_bytes["total"] / p["bandwidth"]
             figures = bench.decode_figures(t, batch, steps, roofline)

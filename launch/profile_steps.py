@@ -448,7 +448,8 @@ def decode_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dic
     log(f"  compiled in {out['lower_s']:.1f} + {out['compile_s']:.1f} s")
     cache = probe_decode.filled_cache(model, row.batch, slots, row.context, seed=row.context)
     token = jnp.ones((row.batch,), jnp.int32)
-    step_bytes = bench.decode_step_bytes(params, cache, row.context, steps)
+    weights = bench.weight_bytes(model, setup["record"]["dtype"])
+    step_bytes = bench.decode_step_bytes(weights, cache, row.context, steps)
     roofline = step_bytes["total"] / setup["bandwidth"]
     out["roofline"] = {"bytes_per_step": step_bytes, "s_per_step": roofline}
 

@@ -76,11 +76,8 @@ def test_weights_and_step_bytes_equal_the_hand_count():
     teacher, student = _small_models()
     batch, context, steps = 3, 64, 4
     for name, model in (("teacher", teacher), ("student", student)):
-        params = jax.eval_shape(
-            lambda m=model: model_shapes.random_params(m, jax.random.PRNGKey(0), jnp.float32)
-        )
         cache = jax.eval_shape(lambda m=model: bench.empty_cache(m, batch, context + steps))
-        got = bench.decode_step_bytes(params, cache, context, steps)
+        got = bench.decode_step_bytes(bench.weight_bytes(model, jnp.float32), cache, context, steps)
         assert got == _hand_step_bytes(batch, context, steps, *HAND[name]), name
         want_cache = _hand_cache_bytes(batch, context + steps, *HAND[name][:2])
         assert bench.tree_bytes(cache) == want_cache, name

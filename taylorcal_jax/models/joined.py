@@ -20,14 +20,15 @@ the Qwen2.5-1.5B-shaped student at batch 1 on an H100, its largest kernel after 
 (launch/results/profile_steps_h100_decode_defaults.md).
 
 `join_for_decoding(params)` joins them once: in every dict of the tree that holds all parts of
-a group (table `GROUPS`) as Dense params, all bias-free ({"kernel": W}) or all with a bias
-({"kernel": W, "bias": b}), the parts are replaced by one kernel under the group's name (and
-one bias under `bias_name(group)`). Groups are tried in the table's order and a part joins
-once: a GDN layer's q, k and v join with its g (`GDN_QKVG`), softmax attention's, which has no
-g, as `ATTN_QKV`. The modules (layers.MLP, layers.Attention, mixers.gdn.GatedDeltaNet) use a
-joined kernel when their params hold one, and the parts otherwise; both give the same outputs
-(tests/test_joined.py). Idempotent. The parts are dropped from the result, so the joined tree
-takes the same memory as the original once that is released.
+a group (`DECODING_GROUPS`; the parts in table `GROUPS`) as Dense params, all bias-free
+({"kernel": W}) or all with a bias ({"kernel": W, "bias": b}), the parts are replaced by one
+kernel under the group's name (and one bias under `bias_name(group)`). Groups are tried in
+that order and a part joins once: a GDN layer's q, k and v join with its g, a and b
+(`GDN_QKVGAB`), softmax attention's, which has no g, as `ATTN_QKV`. The modules (layers.MLP,
+layers.Attention, mixers.gdn.GatedDeltaNet) use a joined kernel when their params hold one,
+and the parts otherwise; both give the same outputs (tests/test_joined.py). Idempotent. The
+parts are dropped from the result, so the joined tree takes the same memory as the original
+once that is released.
 
 Measured on one H100 (launch/results/probe_decode_h100_joined.json, 32k context, before the
 attention's q|k|v joined): the student's batch-1 decoding step took 2.13 ms with joined params
@@ -45,13 +46,26 @@ import jax.numpy as jnp
 MLP_GATE_UP = "gate_up_kernel"
 GDN_QKVG = "qkvg_kernel"
 GDN_AB = "ab_kernel"
+GDN_QKVGAB = "qkvgab_kernel"
 ATTN_QKV = "qkv_kernel"
-GROUPS = {  # in the order they are tried (module docstring)
+GROUPS = {
     MLP_GATE_UP: ("gate_proj", "up_proj"),
     GDN_QKVG: ("q_proj", "k_proj", "v_proj", "g_proj"),
     GDN_AB: ("a_proj", "b_proj"),
+    GDN_QKVGAB: ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"),
     ATTN_QKV: ("q_proj", "k_proj", "v_proj"),
 }
+# the groups `join_for_decoding` forms, in the order it tries them (module docstring). A GDN
+# layer's six input products become one: its gate logits x [Wa | Wb] (2 H columns, float32 out)
+# ride along with q, k, v and g, which saves the gate logits' own product, a launch per GDN
+# layer and step (GDN_QKVG and GDN_AB are the two products of training's joined projections).
+DECODING_GROUPS = (MLP_GATE_UP, GDN_QKVGAB, ATTN_QKV)
+# groups whose joined kernel gets zero columns up to a multiple of PAD_COLUMNS (the modules slice
+# their outputs by width): the 2 H gate-logit columns would leave the GDN product's width off the
+# multiples of 16 that the few-row kernel takes (ops/gemv) and of the 128-column blocks it reads
+# best (2 H K + 2 H V + 2 H = 6168 at Qwen2.5-1.5B's shape -> 6272, 1.7% more bytes)
+PADDED_GROUPS = (GDN_QKVGAB,)
+PAD_COLUMNS = 128
 
 
 def bias_name(group: str) -> str:
@@ -76,12 +90,17 @@ def _join(tree):
     if not isinstance(tree, dict):
         return tree
     out = {name: _join(sub) for name, sub in tree.items()}
-    for group, parts in GROUPS.items():
+    for group in DECODING_GROUPS:
+        parts = GROUPS[group]
         layouts = {_dense_layout(out.get(p)) for p in parts}
         if len(layouts) != 1 or None in layouts:
             continue  # a part missing, not a Dense layer's, or biases on some parts only
         dense = [out.pop(p) for p in parts]
-        out[group] = jnp.concatenate([d["kernel"] for d in dense], axis=1)
+        kernels = [d["kernel"] for d in dense]
+        if group in PADDED_GROUPS:
+            width = sum(k.shape[1] for k in kernels)
+            kernels.append(jnp.zeros((kernels[0].shape[0], -width % PAD_COLUMNS), kernels[0].dtype))
+        out[group] = jnp.concatenate(kernels, axis=1)
         if "bias" in layouts.pop():
             out[bias_name(group)] = jnp.concatenate([d["bias"] for d in dense])
     return out

@@ -350,22 +350,28 @@ class GatedDeltaNet(nn.Module):
 
     def _joined_kernel(self, group: str, widths):
         """The kernels of `joined.GROUPS[group]` (output widths `widths`) joined along their
-        outputs: as the params hold them when joined for decoding, else joined here."""
-        if self.has_variable("params", group):
-            return self.get_variable("params", group)
+        outputs, from the params as stored (XLA fuses the join into its product)."""
         d, parts = self.config.hidden_size, joined.GROUPS[group]
         kernels = [DenseKernel(d, f, name=n)() for n, f in zip(parts, widths, strict=True)]
         return jnp.concatenate(kernels, axis=1)
 
     def _joined_products(self, x_btd):
-        """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and x [Wa | Wb]
-        [B, T, 2 H] in float32 (as FLA computes the gate logits): two products of the kernels
-        joined along their outputs (as the params hold them when joined for decoding, else
-        joined here)."""
+        """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and the gate logits
+        x [Wa | Wb] [B, T, 2 H] in float32: with params joined for decoding one product of the
+        six kernels joined (`joined.GDN_QKVGAB`, zero columns after them), its float32 sums
+        split; else two products of the kernels joined here, the gate logits from x and Wa, Wb
+        in float32."""
         gdn, h = self.gdn, self.gdn.num_heads
+        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
+        width = 2 * gdn.key_dim + 2 * gdn.value_dim
+        if self.has_variable("params", joined.GDN_QKVGAB):
+            # one launch per step instead of two; the gate logits keep float32 sums, their
+            # operands rounded to the compute dtype (x already is: it is the norm's output)
+            w = self.get_variable("params", joined.GDN_QKVGAB).astype(self.dtype)
+            y = dot(x_btd.astype(self.dtype), w, out_dtype=jnp.float32)
+            return y[..., :width].astype(self.dtype), y[..., width : width + 2 * h]
         sizes = (gdn.key_dim, gdn.key_dim, gdn.value_dim, gdn.value_dim)
         w = self._joined_kernel(joined.GDN_QKVG, sizes)
-        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
         w_ab = self._joined_kernel(joined.GDN_AB, (h, h))
         return dot(x_btd.astype(self.dtype), w.astype(self.dtype)), dot(
             x_btd.astype(jnp.float32), w_ab
@@ -388,7 +394,7 @@ class GatedDeltaNet(nn.Module):
         return (*jnp.split(qkvg, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(ab, 2, -1))
 
     def _joins_products(self) -> bool:
-        return self.runtime.fused_projections or self.has_variable("params", joined.GDN_QKVG)
+        return self.runtime.fused_projections or self.has_variable("params", joined.GDN_QKVGAB)
 
     def _decay_params(self):
         A_log = self.param("A_log", init_A_log, (self.gdn.num_heads,), jnp.float32)

@@ -16,7 +16,8 @@ Implementations (`impl`, dispatch.KERNEL_IMPLS):
             H200 the kernel took the batch-1 decoding steps to 0.87x-0.91x of the time with
             XLA's products and the batch-16 ones to 1.08x-1.18x
             (launch/results/probe_decode_h200_gemv_config.json; docs/kernel.md)
-The kernel's result is float32, cast to the operands' promoted dtype, as XLA's dot returns it.
+The kernel's result is float32, cast to the operands' promoted dtype, as XLA's dot returns it,
+or kept in float32 where the caller asks for it (preferred_element_type float32).
 Differentiable: the backward is XLA's two products (dx = g W^T, dW = x^T g); decoding steps are
 not differentiated for speed, but a differentiated one-token call stays correct.
 """
@@ -38,6 +39,7 @@ MAX_ROWS = 16  # pallas_gpu.MAX_ROWS, kept here so that the kernel's module load
 logger = logging.getLogger(__name__)
 
 IMPLS = KERNEL_IMPLS
+F32 = jnp.float32
 _DENSE_DIMS = lambda ndim: (((ndim - 1,), (0,)), ((), ()))  # noqa: E731  x's last with W's first
 
 
@@ -57,10 +59,10 @@ def resolve_impl(impl: str, x_mk=None, w_kn=None) -> str:
 
 @jax.custom_vjp
 def _gemv(x_mk, w_kn):
+    """x W in float32 (the kernel's sums; callers cast)."""
     from taylorcal_jax.ops.gemv.pallas_gpu import gemv_pallas
 
-    dtype = jnp.result_type(x_mk, w_kn)
-    return gemv_pallas(x_mk, w_kn, interpret=jax.default_backend() == "cpu").astype(dtype)
+    return gemv_pallas(x_mk, w_kn, interpret=jax.default_backend() == "cpu")
 
 
 def _gemv_fwd(x_mk, w_kn):
@@ -69,7 +71,11 @@ def _gemv_fwd(x_mk, w_kn):
 
 def _gemv_bwd(residuals, g_mn):
     x_mk, w_kn = residuals
-    _, vjp = jax.vjp(lambda x, w: lax.dot_general(x, w, _DENSE_DIMS(2)), x_mk, w_kn)
+
+    def dot(x, w):  # the primal as XLA computes it, float32 like the kernel's result
+        return lax.dot_general(x, w, _DENSE_DIMS(2), preferred_element_type=F32)
+
+    _, vjp = jax.vjp(dot, x_mk, w_kn)
     return vjp(g_mn)
 
 
@@ -94,21 +100,24 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
         and rhs.ndim == 2
         and dimension_numbers == _DENSE_DIMS(lhs.ndim)
         and math.prod(lhs.shape[:-1]) <= max_rows(impl)
-        and preferred_element_type is None
+        and preferred_element_type in (None, F32)
     )
     if few_rows:
         x_mk = lhs.reshape(-1, lhs.shape[-1])
         # whether the kernel takes them is asked once, here, for "pallas" and "auto" alike
         if _kernel_takes(x_mk, rhs) and resolve_impl(impl) == "pallas":
-            return _gemv(x_mk, rhs).reshape(*lhs.shape[:-1], rhs.shape[1])
+            dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+            return _gemv(x_mk, rhs).astype(dtype).reshape(*lhs.shape[:-1], rhs.shape[1])
     return lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
     )
 
 
-def dense_product(x, w_kn, *, impl: str = "xla"):
-    """x[..., K] W[K, N] under `impl` (module docstring): nn.Dense's product, bias-free."""
-    return _dot_general(x, w_kn, _DENSE_DIMS(x.ndim), impl=impl)
+def dense_product(x, w_kn, *, impl: str = "xla", out_dtype=None):
+    """x[..., K] W[K, N] under `impl` (module docstring): nn.Dense's product, bias-free. The
+    result is in the operands' promoted dtype, or float32 sums kept as such with
+    out_dtype=jnp.float32 (XLA's preferred_element_type)."""
+    return _dot_general(x, w_kn, _DENSE_DIMS(x.ndim), None, out_dtype, impl=impl)
 
 
 @functools.cache
