@@ -35,7 +35,10 @@ attention's q|k|v joined): the student's batch-1 decoding step took 2.13 ms with
 against 2.49 ms (0.86x), the teacher's (only its MLPs joined) 2.56 against 2.62 ms; at batch
 16 0.98x-0.99x. Joining the attention's q|k|v as well took the teacher's batch-1 step at 32k
 from 2.187 to 2.026 ms (0.93x) on one H200, batch 16 within 1%
-(launch/results/probe_decode_h200_ab_{027810c,048c6f3}.json).
+(launch/results/probe_decode_h200_ab_{027810c,048c6f3}.json). Joining a GDN layer's a and b
+with its q, k, v and g (before: two groups, two products) took the student's 32k steps on one
+H100 to 0.985x at batch 1 and 0.992x at batch 16, means of two alternating runs
+(launch/results/probe_decode_h100_qkvgab_*.json).
 """
 
 from __future__ import annotations
