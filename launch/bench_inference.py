@@ -621,14 +621,14 @@ def compile_context(models, decoders, params, context, p, result) -> dict:
     return compiled
 
 
-def measure_context(models, decoders, params, compiled, context, p, bandwidth, result) -> None:
+def measure_context(models, decoders, params, weights, compiled, context, p, bandwidth, result):
     """The rows of one context: the batch-1 prefill of each model (its cache starts every
     decode), then per batch and model the prefill (where timed) and the decode by each
-    decoding-attention implementation (`decoders`' keys, the first one's figures the row's)."""
+    decoding-attention implementation (`decoders`' keys, the first one's figures the row's);
+    `weights`: each model's `weight_bytes`, for the rooflines."""
     import jax
 
     steps, repeats, vocab = p["decode_steps"], p["repeats"], models["teacher"].config.vocab_size
-    weights = {name: weight_bytes(m, p["dtype"]) for name, m in models.items()}
     first = {}
     for name in models:
         tokens = jax.random.randint(jax.random.PRNGKey(context), (1, context), 1, vocab)
@@ -846,6 +846,7 @@ def run(p: dict) -> str:
     t0 = time.perf_counter()
     params = {name: decoding_params(m, i, dtype) for i, (name, m) in enumerate(models.items())}
     params_bytes = {name: tree_bytes(x) for name, x in params.items()}
+    weights = {name: weight_bytes(m, dtype) for name, m in models.items()}
     log(
         f"random weights in {time.perf_counter() - t0:.1f} s: "
         + ", ".join(f"{n} {b / 1e9:.3g} GB" for n, b in params_bytes.items())
@@ -893,7 +894,7 @@ def run(p: dict) -> str:
 
     for context in p["contexts"]:
         compiled = compile_context(models, decoders, params, context, p, result)
-        measure_context(models, decoders, params, compiled, context, p, bandwidth, result)
+        measure_context(models, decoders, params, weights, compiled, context, p, bandwidth, result)
         del compiled
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:

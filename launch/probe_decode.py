@@ -304,6 +304,7 @@ def run_model_variant(p: dict, variant: Variant) -> None:
         n: bench.decoding_params(m, i, dtype, joined=variant.joined)
         for i, (n, m) in enumerate(models.items())
     }
+    weights = {n: bench.weight_bytes(m, dtype) for n, m in models.items()}
     bench.log("random weights made")
     jobs = {}
     for context, batch in p["rows"]:
@@ -324,9 +325,7 @@ def run_model_variant(p: dict, variant: Variant) -> None:
             cache = filled_cache(m, batch, context + steps, context, seed=context + batch)
             token = jnp.ones((batch,), jnp.int32)
             t, finite = bench.time_decode(compiled[job], params[name], cache, token, p["repeats"])
-            step_bytes = bench.decode_step_bytes(
-                bench.weight_bytes(m, dtype), cache, context, steps
-            )
+            step_bytes = bench.decode_step_bytes(weights[name], cache, context, steps)
             del cache
             roofline = step_bytes["total"] / p["bandwidth"]
             figures = bench.decode_figures(t, batch, steps, roofline)

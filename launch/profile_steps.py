@@ -421,7 +421,9 @@ def decode_setup(s: Settings, log) -> dict:
         "copy_mib": p["copy_mib"],
         "copy_bandwidth_bytes_per_s": bandwidth,
     }
-    return {"models": models, "params": params, "bandwidth": bandwidth, "record": record}
+    weights = {t: bench.weight_bytes(models[t], dtype) for t in params}
+    return {"models": models, "params": params, "weights": weights, "bandwidth": bandwidth,
+            "record": record}  # fmt: skip
 
 
 def decode_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dict) -> None:
@@ -448,8 +450,7 @@ def decode_row(row: Row, s: Settings, setup: dict, trace_dir: str, log, out: dic
     log(f"  compiled in {out['lower_s']:.1f} + {out['compile_s']:.1f} s")
     cache = probe_decode.filled_cache(model, row.batch, slots, row.context, seed=row.context)
     token = jnp.ones((row.batch,), jnp.int32)
-    weights = bench.weight_bytes(model, setup["record"]["dtype"])
-    step_bytes = bench.decode_step_bytes(weights, cache, row.context, steps)
+    step_bytes = bench.decode_step_bytes(setup["weights"][row.target], cache, row.context, steps)
     roofline = step_bytes["total"] / setup["bandwidth"]
     out["roofline"] = {"bytes_per_step": step_bytes, "s_per_step": roofline}
 

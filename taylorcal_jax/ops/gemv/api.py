@@ -106,7 +106,7 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
         x_mk = lhs.reshape(-1, lhs.shape[-1])
         # whether the kernel takes them is asked once, here, for "pallas" and "auto" alike
         if _kernel_takes(x_mk, rhs) and resolve_impl(impl) == "pallas":
-            dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+            dtype = jnp.result_type(lhs, rhs) if preferred_element_type is None else F32
             return _gemv(x_mk, rhs).astype(dtype).reshape(*lhs.shape[:-1], rhs.shape[1])
     return lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
