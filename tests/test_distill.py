@@ -1,12 +1,11 @@
 """Distillation: stage 1 (per-layer, teacher-forced) and stage 2 (chunked KL) on the training
 loop, each against a reference computed here; learning, 8 simulated devices == one device,
-resume == uninterrupted (bit-identical on the CPU); both stages from taylorcal_jax.main."""
+resume == uninterrupted (bit-identical on the CPU). Both stages from taylorcal_jax.main:
+tests/test_main.py."""
 
 import dataclasses
 import functools
-import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +26,6 @@ from taylorcal_jax.models.teacher import Transformer, init_params
 from taylorcal_jax.train import distill, distill_layers, kl, layerwise, loop, optim
 from taylorcal_jax.train.distill_stages import Budget
 from taylorcal_jax.utils import sharding
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 MC = tiny_model_config(
     vocab_size=32,
@@ -343,57 +340,6 @@ def test_token_budgets_round_up_to_whole_steps_and_constant_lr_needs_no_warmup()
     assert b.warmup_steps == 1
     const = optim.make_schedule("constant", 2.0, steps=10, warmup_steps=0, min_lr_ratio=1.0)
     assert float(const(0)) == 2.0 and float(const(5)) == 2.0
-
-
-@pytest.mark.slow
-def test_main_runs_both_stages_and_writes_metrics_with_tokens(tmp_path):
-    import tiny  # configs/tiny.py
-
-    from taylorcal_jax import main
-
-    c = tiny.get_config("smoke")
-    c.stages = (
-        "pretrain",
-        "statistics",
-        "calibrate",
-        "select_layers",
-        "distill_layers",
-        "distill",
-        "eval_student",
-    )
-    c.calibration.strategy = "copy"
-    c.calibration.seq_len = 16
-    c.calibration.gdn.impl = "chunked"
-    c.distill.save_students = True
-    # stage 2 splits its batch over the 8 devices; 4 steps, an evaluation every 2
-    c.distill.kl.batch_size = 8
-    c.distill.kl.train_tokens = 4 * 8 * 32
-    c.distill.kl.eval_every_tokens = 2 * 8 * 32
-    workdir = str(tmp_path / "wd")
-    summary = main.run(c, workdir)
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    for stage, per_step in (("distill_layers", 4 * 32), ("distill", 8 * 32)):
-        evals = [
-            (r["tokens"], r["eval_ppl"])
-            for r in rows
-            if r["stage"] == stage and "step" in r and "eval_ppl" in r
-        ]
-        assert [t for t, _ in evals] == [0, 2 * per_step, 4 * per_step]
-        losses = [r["tokens"] for r in rows if r["stage"] == stage and "loss" in r]
-        assert losses == [per_step * s for s in (1, 2, 3, 4)]
-        assert summary[stage]["tokens"] == 4 * per_step
-        assert summary[stage]["eval_ppl"] == evals[-1][1]
-        saved = os.listdir(os.path.join(workdir, f"{stage}_train", "students"))
-        assert sorted(saved) == [f"tokens_{t:012d}" for t, _ in evals]
-    # stage 2 starts from stage 1's student, eval_student evaluates stage 2's
-    first_kl = [r["eval_ppl"] for r in rows if r["stage"] == "distill" and "eval_ppl" in r][0]
-    assert first_kl == pytest.approx(summary["distill_layers"]["eval_ppl"], rel=1e-6)
-    assert summary["eval_student"]["student"] == "student_distilled"
-    assert summary["eval_student"]["student_ppl"] == pytest.approx(
-        summary["distill"]["eval_ppl"], rel=1e-5
-    )
-    for d in ("student", "student_distill_layers", "student_distilled"):
-        assert os.path.exists(os.path.join(workdir, d, "tokenizer.json"))
 
 
 def test_both_stages_take_the_fused_attention_when_asked():

@@ -44,6 +44,7 @@ SMOKE = [
     "--config.calibration.block_size=8",
     "--config.calibration.align.steps=4",
     "--config.calibration.gdn.chunk_size=8",
+    "--config.distill.save_students=True",  # the student at every evaluation of both stages
 ]
 
 
@@ -108,6 +109,39 @@ def test_smoke_run_prints_stages_and_summary_and_records_everything(smoke):
     assert open(os.path.join(workdir, "training_curves.png"), "rb").read(4) == b"\x89PNG"
     assert f"{workdir}/training_curves.png" in out
     assert not _partials(workdir) and not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+@pytest.mark.slow
+def test_smoke_run_distils_in_both_stages_with_metrics_by_tokens_seen(smoke):
+    """Each stage: 4 steps of 4 x 32 tokens, loss lines by tokens seen, held-out perplexity and
+    a saved student at 0, 256 and 512 tokens; stage 2 starts from stage 1's student and
+    eval_student scores stage 2's."""
+    workdir, _ = smoke
+    records = workdir_lib.read_records(workdir)
+    summary = {s: records[s]["result"] for s in ("distill_layers", "distill", "eval_student")}
+    rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    per_step = 4 * 32
+    for stage in ("distill_layers", "distill"):
+        evals = [
+            (r["tokens"], r["eval_ppl"])
+            for r in rows
+            if r["stage"] == stage and "step" in r and "eval_ppl" in r
+        ]
+        assert [t for t, _ in evals] == [0, 2 * per_step, 4 * per_step]
+        losses = [r["tokens"] for r in rows if r["stage"] == stage and "loss" in r]
+        assert losses == [per_step * s for s in (1, 2, 3, 4)]
+        assert summary[stage]["tokens"] == 4 * per_step
+        assert summary[stage]["eval_ppl"] == evals[-1][1]
+        saved = os.listdir(os.path.join(workdir, f"{stage}_train", "students"))
+        assert sorted(saved) == [f"tokens_{t:012d}" for t, _ in evals]
+    first_kl = [r["eval_ppl"] for r in rows if r["stage"] == "distill" and "eval_ppl" in r][0]
+    assert first_kl == pytest.approx(summary["distill_layers"]["eval_ppl"], rel=1e-6)
+    assert summary["eval_student"]["student"] == "student_distilled"
+    assert summary["eval_student"]["student_ppl"] == pytest.approx(
+        summary["distill"]["eval_ppl"], rel=1e-5
+    )
+    for d in ("student", "student_distill_layers", "student_distilled"):
+        assert os.path.exists(os.path.join(workdir, d, "tokenizer.json"))
 
 
 @pytest.mark.slow
