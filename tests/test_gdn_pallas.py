@@ -385,71 +385,6 @@ def test_no_initial_state_starts_from_zero(config):
         assert rel_err(a, z) < 1e-6, name
 
 
-@pytest.mark.parametrize(
-    "config, residuals, dtype",
-    [
-        (BF16Config(block_v=16), "states", jnp.float32),  # segmented state pass, kd from kernel 1
-        (BF16Config(block_v=16, segment_programs=0), "states", jnp.float32),  # kd from k
-        (BF16Config(block_v=16), "t", jnp.float32),
-        (BF16Config(block_v=16, segment_programs=0), "inputs", jnp.float32),
-        (BF16Config(block_v=16, segment_programs=0), "states", jnp.bfloat16),
-        (F32Config(block_v=16), "inputs", jnp.float32),  # XLA applies it before the kernels
-    ],
-    ids=["seg-states", "unseg-states", "seg-t", "unseg-inputs", "unseg-states-bf16", "f32path"],
-)
-def test_silu_qkv_equals_the_activation_applied_first(config, residuals, dtype):
-    """silu_qkv=True (the kernels activate q, k, v at their loads and scale the cotangents by
-    silu') against the same kernels on step_inputs.activation(q), (k), (v): the output, the
-    final state, and the gradients with respect to the raw inputs, including the forward
-    outside differentiation. fp32 operands: within 1e-5; bf16: within the bf16 rounding that
-    the kernels' cotangents skip (one rounding fewer), 2e-2 as an ||.||_2 ratio."""
-    from taylorcal_jax.ops.gdn import step_inputs
-
-    inputs = random_inputs(21, b=1, t=40, h=2, k=16, v=32)
-    args = _args(inputs, dtype) + [jnp.asarray(inputs["initial_state"])]
-    rng = np.random.default_rng(22)
-    ct = (
-        jnp.asarray(rng.standard_normal((1, 40, 2, 32)), dtype),
-        jnp.asarray(rng.standard_normal((1, 2, 16, 32)), jnp.float32),
-    )
-
-    def op(q, k, v, g, beta, s0, **kw):
-        return gated_delta_rule_pallas(
-            q, k, v, g, beta, initial_state_bhkv=s0, output_final_state=True, chunk_size=16,
-            interpret=True, config=config, residuals=residuals, **kw,
-        )  # fmt: skip
-
-    def activated_first(q, k, v, *rest):
-        return op(*(step_inputs.activation(x) for x in (q, k, v)), *rest)
-
-    fused = jax.vjp(lambda *a: op(*a, silu_qkv=True), *args)
-    first = jax.vjp(activated_first, *args)
-    primal = op(*args, silu_qkv=True)  # outside differentiation: the fused pass or segments
-    if dtype == jnp.float32:
-        pairs = [(fused[0], first[0]), (primal, first[0])]
-        pairs += list(zip(fused[1](ct), first[1](ct), strict=True))
-        for got, want in pairs:
-            for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-                assert rel_err(a, r) < 1e-5
-        return
-    for a, r in zip(fused[1](ct), first[1](ct), strict=True):
-        assert _l2_rel(a, r) < 2e-2
-    for a, r in zip(jax.tree.leaves(primal), jax.tree.leaves(first[0]), strict=True):
-        assert _l2_rel(a, r) < 1e-2
-
-
-def test_api_applies_silu_qkv_in_xla_for_the_other_implementations():
-    from taylorcal_jax.ops.gdn import api, step_inputs
-
-    inputs = random_inputs(23, b=1, t=20, h=2, k=8, v=8)
-    args = _args(inputs)
-    for impl in ("reference", "chunked"):
-        got = api.gated_delta_rule(*args, impl=impl, chunk_size=16, silu_qkv=True)[0]
-        activated = [step_inputs.activation(x) for x in args[:3]] + args[3:]
-        want = api.gated_delta_rule(*activated, impl=impl, chunk_size=16)[0]
-        np.testing.assert_array_equal(got, want)
-
-
 def test_residuals_resolve_per_path_or_say_why_not():
     assert resolve_residuals(BF16Config(), "auto") == "states"
     assert resolve_residuals(BF16Config(), "t") == "t"
@@ -614,40 +549,11 @@ def test_gpu_api_pallas_residuals_give_the_same_gradients(residuals):
         assert _l2_rel(a, r) < 1e-2, (name, _l2_rel(a, r))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_silu_qkv_matches_the_activation_applied_first(d):
-    """Compiled, bf16, the default configuration of the head dim: the kernels' own activation
-    against step_inputs.activation before the same kernels, forward and gradients with respect
-    to the raw q, k, v (||.||_2 ratios: 1e-2 forward, 2e-2 gradients, whose bf16 cotangents are
-    rounded once fewer)."""
-    from taylorcal_jax.ops.gdn import step_inputs
-
-    b, t, h = 2, 300, 4
-    inputs = random_inputs(31, b=b, t=t, h=h, k=d, v=d, g_min=-0.3)
-    args = _args(inputs, jnp.bfloat16)
-    ct = jnp.asarray(np.random.default_rng(32).standard_normal((b, t, h, d)), jnp.bfloat16)
-
-    def op(*a, **kw):
-        return gated_delta_rule_pallas(*a, interpret=False, **kw)[0]
-
-    def activated_first(q, k, v, *rest):
-        return op(*(step_inputs.activation(x) for x in (q, k, v)), *rest)
-
-    o, vjp = jax.vjp(lambda *a: op(*a, silu_qkv=True), *args)
-    ro, rvjp = jax.vjp(activated_first, *args)
-    assert _l2_rel(o, ro) < 1e-2
-    assert _l2_rel(jax.jit(lambda *a: op(*a, silu_qkv=True))(*args), ro) < 1e-2
-    for name, a, r in zip(NAMES, vjp(ct), rvjp(ct), strict=True):
-        assert np.isfinite(np.asarray(a, np.float32)).all(), name
-        assert _l2_rel(a, r) < 2e-2, (name, _l2_rel(a, r))
-
-
-def _triton_kernels_of_a_gradient(dtype, config, residuals, t=1024, **kw):
+def _triton_kernels_of_a_gradient(dtype, config, residuals, t=1024):
     """Triton kernels in the op's gradient exported for "cuda" (Pallas's Triton lowering runs at
     export, checking every block shape, load, dot and store; no GPU needed)."""
     module = exported_gradient_module(
-        gated_delta_rule_pallas, "cuda", dtype, t, config=config, residuals=residuals, **kw
+        gated_delta_rule_pallas, "cuda", dtype, t, config=config, residuals=residuals
     )
     return module.count(TRITON_CALL)
 
@@ -666,14 +572,6 @@ def test_forward_and_backward_lower_to_triton_for_a_gpu(dtype, config, residuals
     # Qwen2.5-1.5B's GDN head dims (K = V = 128); 16 chunks on 2 (b, h) rows x 2 V-blocks: a grid
     # small enough that the bf16 state pass and reverse recurrence run segmented
     assert _triton_kernels_of_a_gradient(dtype, config, residuals) > 0
-
-
-@pytest.mark.parametrize("segment_programs", [128, 0], ids=["segmented", "unsegmented"])
-def test_kernels_that_apply_silu_qkv_lower_to_triton(segment_programs):
-    """The activation at the loads and silu' at the cotangents' stores, as the GPU lowers them
-    (unsegmented, the state pass forms kd from k and activates it itself)."""
-    config = BF16Config(segment_programs=segment_programs)
-    assert _triton_kernels_of_a_gradient(jnp.bfloat16, config, "states", silu_qkv=True) > 0
 
 
 def test_segmented_passes_add_their_segment_end_kernels_in_the_triton_lowering():

@@ -13,14 +13,11 @@ Exactly flash-linear-attention's `GatedDeltaNet(expand_v=1, use_gate=True)` (doc
     o_t = K^-1/2 S_t^T q_t                                        the scale inside the op)
     y_t = Wo concat_h[ rmsnorm(o_t) * w_norm * silu(x_t Wg) ]    (rmsnorm eps = norm_eps)
 
-Padding: where `valid_bt` is False beta = g = 0, so such a token neither writes to nor decays
-the state S and reaches no valid token's output; its own output o is 0. With the short conv its
-projected q, k, v are zeroed before the convolution, which then sees zeros there. Valid tokens
-must form one contiguous block per row (left or right padding); with left padding the zeros in
-the convolution window are the same as the zero initial convolution state of a fresh cache, so
-results equal the unpadded sequence. Over a sequence the op applies the activations itself
-(`api.gated_delta_rule(..., silu_qkv=True)`: inside the Pallas GPU kernels' loads, so that
-silu(q), silu(k), silu(v) and their cotangents are never written to memory).
+Padding: where `valid_bt` is False the projected q, k, v (before the convolution) are zeroed
+and beta = g = 0, so such a token neither writes to nor decays the state S, and the
+convolution sees zeros there. Valid tokens must form one contiguous block per row (left or
+right padding); with left padding the zeros in the convolution window are the same as the
+zero initial convolution state of a fresh cache, so results equal the unpadded sequence.
 
 Cache (`init_gdn_cache`): {"state": [B, H, K, V] float32} plus, with the short conv,
 {"conv": {"q": [B, W-1, H*K], "k": [B, W-1, H*K], "v": [B, W-1, H*V]}}, the last W-1
@@ -276,8 +273,7 @@ def init_gdn_cache(config: ModelConfig, gdn: GDNConfig, batch: int, dtype=jnp.fl
 
 
 def _run_op(q, k, v, g, beta, state, runtime: GDNRuntime):
-    """Prefill / continuation through the op dispatcher (impl and chunk size from `runtime`);
-    q, k, v before their activation, which the op applies (silu_qkv)."""
+    """Prefill / continuation through the op dispatcher (impl and chunk size from `runtime`)."""
     return api.gated_delta_rule(
         q,
         k,
@@ -289,7 +285,6 @@ def _run_op(q, k, v, g, beta, state, runtime: GDNRuntime):
         impl=runtime.impl,
         chunk_size=runtime.chunk_size,
         pallas_residuals=runtime.pallas_residuals,
-        silu_qkv=True,
     )
 
 
@@ -440,22 +435,21 @@ class GatedDeltaNet(nn.Module):
                 y, new_conv[name] = causal_conv(z, kernel, state, valid_bt)
                 convolved.append(y)
             q, k, v = convolved
+        q = step_inputs.activation(q, act_valid).reshape(b, t, h, kd)
+        k = step_inputs.activation(k, act_valid).reshape(b, t, h, kd)
+        v = step_inputs.activation(v, act_valid).reshape(b, t, h, vd)
         g, beta = step_inputs.gates(a, b_logit, *self._decay_params(), valid_bt[..., None])
         if cache is not None and t == 1:
-            q, k, v = (step_inputs.activation(z, act_valid) for z in (q, k, v))
-            q, k, v = q.reshape(b, t, h, kd), k.reshape(b, t, h, kd), v.reshape(b, t, h, vd)
             o, state = decode_api.gated_delta_rule_decode_step(
                 q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache["state"],
                 impl=self.runtime.decode_impl,
             )  # fmt: skip
-            return o[:, None], gate, state, new_conv
-        q, k, v = q.reshape(b, t, h, kd), k.reshape(b, t, h, kd), v.reshape(b, t, h, vd)
-        # the op applies the activation (silu_qkv: inside the GPU kernels' loads). Padding is
-        # not zeroed first: its g = beta = 0 keep it out of the state, so it reaches no valid
-        # token's output, and its own output is zeroed here.
-        state = None if cache is None else cache["state"]
-        o, state = _run_op(q, k, v, g, beta, state, self.runtime)
-        return jnp.where(valid_bt[..., None, None], o, 0), gate, state, new_conv
+            o = o[:, None]
+        else:
+            o, state = _run_op(
+                q, k, v, g, beta, None if cache is None else cache["state"], self.runtime
+            )
+        return o, gate, state, new_conv
 
     @nn.compact
     def __call__(

@@ -9,10 +9,6 @@ For each (batch, head), with q_t, k_t L2-normalised (when use_qk_l2norm) and s =
 
 Semantics of flash-linear-attention's `chunk_gated_delta_rule(..., use_qk_l2norm_in_kernel=True)`
 (g is the log decay, <= 0; beta one per head and token; GQA is the caller's business).
-With silu_qkv the op takes q, k, v before GatedDeltaNet's activation and applies it first:
-q <- silu(q) etc., silu in float32 rounded to the operand dtype (step_inputs.activation). The
-Pallas GPU kernels do so where they load q, k, v, so that the activated arrays (and their
-cotangents) never go to memory; every other implementation applies it in XLA.
 
 Implementations (`impl`):
   "reference"  per-token `lax.scan` (reference.py), the definition; slow, O(1) memory per token.
@@ -35,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, TPU_BACKEND, log_choice_once
-from taylorcal_jax.ops.gdn import step_inputs
 from taylorcal_jax.ops.gdn.chunked import gated_delta_rule_chunked
 from taylorcal_jax.ops.gdn.operands import check_operands
 from taylorcal_jax.ops.gdn.pallas_gpu.config import RESIDUALS
@@ -135,7 +130,6 @@ def gated_delta_rule(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     pallas_residuals: str = "auto",
-    silu_qkv: bool = False,
 ):
     """Gated delta rule over a sequence.
 
@@ -144,8 +138,7 @@ def gated_delta_rule(
     (PALLAS_RESIDUALS) trades the Pallas backward's speed for memory under differentiation:
     "states" keeps T, h and v' per call ([B, H, T/C*K, V] + [B, T, H, V] more than "t", which
     keeps T only and reruns the state pass; "inputs" inverts again too). The TPU kernels keep
-    "inputs" or "states" ("auto"; pallas_tpu.config.RESIDUALS) and refuse "t". silu_qkv: q, k,
-    v are the projections before their activation (module docstring).
+    "inputs" or "states" ("auto"; pallas_tpu.config.RESIDUALS) and refuse "t".
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None).
     """
     if impl not in IMPLS:
@@ -167,8 +160,6 @@ def gated_delta_rule(
         scale=scale,
         use_qk_l2norm=use_qk_l2norm,
     )
-    if silu_qkv and choice != "pallas":
-        q_bthk, k_bthk, v_bthv = (step_inputs.activation(x) for x in (q_bthk, k_bthk, v_bthv))
     args = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
     if choice == "reference":
         return gated_delta_rule_reference(*args, **kwargs)
@@ -180,10 +171,5 @@ def gated_delta_rule(
             *args, chunk_size=chunk_size, residuals=pallas_residuals, **kwargs
         )
     return pallas_op.gated_delta_rule_pallas(
-        *args,
-        chunk_size=chunk_size,
-        interpret=False,
-        residuals=pallas_residuals,
-        silu_qkv=silu_qkv,
-        **kwargs,
+        *args, chunk_size=chunk_size, interpret=False, residuals=pallas_residuals, **kwargs
     )

@@ -14,9 +14,7 @@ if TYPE_CHECKING:
 class Static:
     """The static options of one call (a nondiff argument of the custom_vjp): chunk length C,
     output scale s, whether q and k are L2-normalised, interpret mode, the kernel package's
-    launch configuration, what the forward under differentiation keeps, and whether the
-    kernels take q, k, v before their activation and apply it where they load them (`silu`;
-    the bfloat16 path of the GPU kernels only)."""
+    launch configuration and what the forward under differentiation keeps."""
 
     chunk: int
     scale: float
@@ -24,12 +22,9 @@ class Static:
     interpret: bool
     cfg: GDNPallasConfig | TPUConfig
     residuals: str  # the package's config.RESIDUALS entry, resolved from "auto"
-    silu: bool = False
 
 
-def call_options(
-    *, chunk_size, kdim, scale, use_qk_l2norm, interpret, config, residuals, silu=False
-) -> Static:
+def call_options(*, chunk_size, kdim, scale, use_qk_l2norm, interpret, config, residuals) -> Static:
     """Static of an entry's arguments: s = scale, or K^-1/2 when scale is None; config and
     residuals already resolved by the kernel package."""
     return Static(
@@ -39,5 +34,4 @@ def call_options(
         interpret=bool(interpret),
         cfg=config,
         residuals=residuals,
-        silu=bool(silu),
     )

@@ -45,7 +45,6 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     gamma,
     iota,
     launch,
-    load_input,
     rnorm,
 )
 from taylorcal_jax.ops.gdn.reference import l2_normalize
@@ -191,7 +190,7 @@ def _fla_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *extra, s
         return
 
     def load_k():
-        k = load_input(k_ref, st).astype(F32)
+        k = k_ref[...].astype(F32)
         return l2_normalize(k) if st.use_l2 else k
 
     k = load_k()
@@ -204,8 +203,7 @@ def _fla_kernel(k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, gcum_ref, *extra, s
         extra[-1][...] = t.astype(extra[-1].dtype)
     rk = (beta * jnp.exp(gg))[:, None] * load_k()
     w_ref[...] = mm(t, rk, 1, 0, dt).astype(w_ref.dtype)
-    v = load_input(v_ref, st).astype(F32)
-    u_ref[...] = mm(t, beta[:, None] * v, 1, 0, dt).astype(u_ref.dtype)
+    u_ref[...] = mm(t, beta[:, None] * v_ref[...].astype(F32), 1, 0, dt).astype(u_ref.dtype)
 
 
 def _fla_norm_after_dot(k_ref, v_ref, w_ref, u_ref, gg, beta, extra, st, dt, with_t):
@@ -216,7 +214,7 @@ def _fla_norm_after_dot(k_ref, v_ref, w_ref, u_ref, gg, beta, extra, st, dt, wit
     normalises k first.)"""
     c = st.chunk
     rc, cc = iota((c, c), 0), iota((c, c), 1)
-    k = load_input(k_ref, st)
+    k = k_ref[...]
     r = rnorm(k, st.use_l2)
     strict = rc > cc
     kk = mm(k, k, 1, 1, dt) * (beta * r)[:, None] * r[None, :]
@@ -225,7 +223,7 @@ def _fla_norm_after_dot(k_ref, v_ref, w_ref, u_ref, gg, beta, extra, st, dt, wit
     if with_t:
         extra[-1][...] = t.astype(extra[-1].dtype)
     w_ref[...] = mm(t * (beta * jnp.exp(gg) * r)[None, :], k, 1, 0, dt).astype(w_ref.dtype)
-    u_ref[...] = mm(t * beta[None, :], load_input(v_ref, st), 1, 0, dt).astype(u_ref.dtype)
+    u_ref[...] = mm(t * beta[None, :], v_ref[...], 1, 0, dt).astype(u_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- call

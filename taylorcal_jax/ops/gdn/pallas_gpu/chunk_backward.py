@@ -48,23 +48,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from taylorcal_jax.ops.gdn.pallas_gpu.common import (
-    F32,
-    gamma,
-    input_cotangent,
-    iota,
-    last,
-    launch,
-    load_input,
-)
+from taylorcal_jax.ops.gdn.pallas_gpu.common import F32, gamma, iota, last, launch
 from taylorcal_jax.ops.gdn.reference import L2_EPS
 from taylorcal_jax.ops.pallas_dot import mm
 
 
 def _load_normalised(ref, st):
-    """(rows of the op's input in ref (common.load_input) L2-normalised when st.use_l2,
-    1 / norm [C, 1] or None), fp32."""
-    x = load_input(ref, st).astype(F32)
+    """(rows of ref L2-normalised when st.use_l2, 1 / norm [C, 1] or None), fp32."""
+    x = ref[...].astype(F32)
     if not st.use_l2:
         return x, None
     r = lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
@@ -106,9 +97,9 @@ def _wy_bwd_kernel(
     bg = beta * eg
     # value side: dRv = T^T du, dv, du Rv^T
     du = du_ref[...].astype(F32)
-    v = load_input(v_ref, st).astype(F32)
+    v = v_ref[...].astype(F32)
     drv = mm(t_ref[...], du, 0, 0, dt)
-    dv_ref[...] = input_cotangent(drv * beta[:, None], v_ref, st).astype(dv_ref.dtype)
+    dv_ref[...] = (drv * beta[:, None]).astype(dv_ref.dtype)
     dbeta = jnp.sum(drv * v, axis=1)
     dtm = mm(du, beta[:, None] * v, 1, 1, dt)
     # dT = dw Rk^T + du Rv^T
@@ -170,13 +161,13 @@ def _qk_bwd_kernel(
     dkd = dkd_ref[...].astype(F32)
     pkd = jnp.sum(dkd * kn, axis=1) * edec  # rowsum(dkd kd)
     dkn = dkp_ref[...].astype(F32) + mm(dq_mat, qn, 0, 0, dt) + edec[:, None] * dkd
-    dk_ref[...] = input_cotangent(_l2_backward(kn, rk, dkn), k_ref, st).astype(dk_ref.dtype)
+    dk_ref[...] = _l2_backward(kn, rk, dkn).astype(dk_ref.dtype)
     # dq
     qn, rq = _load_normalised(q_ref, st)
     dqg = dqg_ref[...].astype(F32)
     dgg = dgg + st.scale * jnp.sum(dqg * qn, axis=1) * eg
     dqn = st.scale * eg[:, None] * dqg + mm(dq_mat, kn, 1, 0, dt)
-    dq_ref[...] = input_cotangent(_l2_backward(qn, rq, dqn), q_ref, st).astype(dq_ref.dtype)
+    dq_ref[...] = _l2_backward(qn, rq, dqn).astype(dq_ref.dtype)
     is_last = iota((c,), 0) == c - 1
     dgg = dgg - pkd + jnp.where(is_last, last(dlgc_ref[...], c) + jnp.sum(pkd), 0.0)
     dg_ref[...] = jnp.sum(jnp.where(causal, dgg[:, None], 0.0), axis=0)  # reverse cumsum
@@ -249,7 +240,7 @@ def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, gcum_ref, t_ref, *out_refs, st, 
         w = mm(t_ref[...], (beta * eg)[:, None] * kn, 1, 0, dt)
         refs["w"][...] = w.astype(refs["w"].dtype)
     if "u" in refs:
-        rv = beta[:, None] * load_input(v_ref, st).astype(F32)
+        rv = beta[:, None] * v_ref[...].astype(F32)
         refs["u"][...] = mm(t_ref[...], rv, 1, 0, dt).astype(refs["u"].dtype)
     if "qg" in refs or "aqk" in refs:
         qn = _load_normalised(q_ref, st)[0] * st.scale

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from taylorcal_jax.ops.gdn import step_inputs
 from taylorcal_jax.ops.gdn.call_options import Static
 from taylorcal_jax.ops.gdn.reference import L2_EPS
 
@@ -31,26 +29,6 @@ def rnorm(x, use_l2=True):
         return jnp.ones(x.shape[:1], F32)
     xf = x.astype(F32)
     return lax.rsqrt(jnp.sum(xf * xf, axis=-1) + L2_EPS)
-
-
-def load_input(ref, st: Static, idx=...):
-    """ref[idx] of the op's q, k or v as the delta rule takes it: as given, or, where the call
-    hands over the projections before their activation (st.silu), through
-    step_inputs.activation (silu in fp32, rounded to the ref's dtype), as XLA would have made
-    it. Formed at the load, the activated q, k, v never go to memory."""
-    x = ref[idx]
-    return step_inputs.activation(x) if st.silu else x
-
-
-def input_cotangent(d, ref, st: Static):
-    """The cotangent of the op's input in `ref` from d (fp32), that of the activated value
-    load_input gives: d silu'(x) = d s (1 + x (1 - s)) with s = sigmoid(x) where st.silu, d
-    otherwise."""
-    if not st.silu:
-        return d
-    x = ref[...].astype(F32)
-    s = jax.nn.sigmoid(x)
-    return d * (s * (1.0 + x * (1.0 - s)))
 
 
 def iota(shape, dim):

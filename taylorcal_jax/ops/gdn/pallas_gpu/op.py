@@ -18,7 +18,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from taylorcal_jax.ops.gdn import step_inputs
 from taylorcal_jax.ops.gdn.call_options import Static, call_options
 from taylorcal_jax.ops.gdn.operands import check_operands, operand_dtype
 from taylorcal_jax.ops.gdn.pallas_gpu.backward import backward
@@ -71,7 +70,6 @@ def gated_delta_rule_pallas(
     interpret: bool | None = False,
     config: GDNPallasConfig | None = None,
     residuals: str = "auto",
-    silu_qkv: bool = False,
 ):
     """Gated delta rule by Pallas kernels; returns (o_bthv in v's dtype, final state fp32 or None).
 
@@ -80,10 +78,6 @@ def gated_delta_rule_pallas(
     when q, k and v all are; four backward warps at K, V <= 64); the float32 path
     takes float32 operands only, the bfloat16 path either. residuals (config.RESIDUALS, or "auto"
     = the path's default) is what the forward run under differentiation keeps for the backward.
-    silu_qkv: q, k, v are given before their activation (api.gated_delta_rule). The bfloat16
-    path's kernels apply it where they load them (common.load_input) and its derivative where
-    they write their cotangents; on the float32 path, whose backward differentiates an XLA form
-    of the chunk-local map, XLA applies it before the kernels.
     Differentiable (custom_vjp) in all float inputs and the initial state.
     """
     inputs = (q_bthk, k_bthk, v_bthv, g_bth, beta_bth)
@@ -101,9 +95,6 @@ def gated_delta_rule_pallas(
             "the float32 kernel path takes float32 operands; bfloat16 q, k, v take BF16Config "
             "(config=None picks by dtype)"
         )
-    in_kernels = silu_qkv and config.path == "bfloat16"
-    if silu_qkv and not in_kernels:
-        q_bthk, k_bthk, v_bthv = (step_inputs.activation(x) for x in (q_bthk, k_bthk, v_bthv))
     st = call_options(
         chunk_size=chunk_size,
         kdim=kdim,
@@ -112,7 +103,6 @@ def gated_delta_rule_pallas(
         interpret=interpret,
         config=config,
         residuals=resolve_residuals(config, residuals),
-        silu=in_kernels,
     )
     # without an initial state the kernels start from zero: no zeros array to fill and read
     s0 = None if initial_state_bhkv is None else initial_state_bhkv.astype(F32)

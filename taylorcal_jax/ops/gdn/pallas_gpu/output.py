@@ -35,7 +35,6 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     gamma,
     iota,
     launch,
-    load_input,
     rnorm,
     seq_specs,
     start_state,
@@ -53,7 +52,7 @@ def _out_kernel(q_ref, k_ref, gcum_ref, h_ref, vp_ref, o_ref, *, st, dt):
     if st.cfg.path == "bfloat16":  # q, k into the dots as loaded; norms, s and decays after
         # the same o as _fused_kernel's step, written out here too: the order of the loads
         # decides this kernel's registers and shared memory
-        q, k = load_input(q_ref, st), load_input(k_ref, st)
+        q, k = q_ref[...], k_ref[...]
         rq, rk = st.scale * rnorm(q, st.use_l2), rnorm(k, st.use_l2)
         qk = mm(q, k, 1, 1, dt) * rq[:, None] * rk[None, :]
         aqk = jnp.where(causal, qk * decay, 0.0)
@@ -103,8 +102,7 @@ def _fused_kernel(q_ref, k_ref, w_ref, u_ref, gcum_ref, *refs, st, dt, nt, has_s
     def load(i):
         rows = chunk_rows(i, c)
         end = chunk_end(gcum_ref, i, c)
-        q, k = (load_input(r, st, (rows, slice(None))) for r in (q_ref, k_ref))
-        return q, k, w_ref[rows, :], u_ref[rows, :], gcum_ref[rows], end
+        return q_ref[rows, :], k_ref[rows, :], w_ref[rows, :], u_ref[rows, :], gcum_ref[rows], end
 
     def step(i, tiles, s):
         q, k, w, u, gg, gc_last = tiles

@@ -29,7 +29,6 @@ from taylorcal_jax.ops.gdn.pallas_gpu.common import (
     chunk_end,
     chunk_loop,
     chunk_rows,
-    load_input,
     rnorm,
     seq_launch,
     seq_specs,
@@ -62,8 +61,7 @@ def states_kernel(
 
     def load(i):
         rows = chunk_rows(i, c)
-        kd = load_input(kd_ref, st, (rows, slice(None))) if kd_from_k else kd_ref[rows, :]
-        tiles = (w_ref[rows, :], u_ref[rows, :], kd, chunk_end(gc_ref, i, c))
+        tiles = (w_ref[rows, :], u_ref[rows, :], kd_ref[rows, :], chunk_end(gc_ref, i, c))
         return tiles + ((gc_ref[rows],) if kd_from_k else ())
 
     def step(i, tiles, s):
