@@ -1,6 +1,6 @@
-"""Test setup: 8 simulated CPU devices (must be set before JAX initialises its backends),
-launch/ on sys.path so that tests import its scripts as modules (`import plot_gdn_kernel`), and
-one persistent compilation cache for the whole test run."""
+"""Test setup: 8 simulated CPU devices and the tests' compile flags (both must be set before JAX
+initialises its backends), launch/ on sys.path so that tests import its scripts as modules
+(`import plot_gdn_kernel`), and one persistent compilation cache for the whole test run."""
 
 import atexit
 import gc
@@ -12,6 +12,16 @@ import tempfile
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
 sys.path.insert(0, LAUNCH_DIR)
 
+# The suite is bound by XLA:CPU compiling many small programs, most of whose time is LLVM
+# optimising the generated machine code, which at test sizes buys nothing back. Level 0 leaves
+# XLA's own HLO passes as they are, and without fast-math LLVM may not reorder floating-point
+# sums at any level, so the values computed are the same; on 2 cores it takes a quarter off the
+# suite. Tests that start processes with XLA_FLAGS of their own pass these on.
+TEST_XLA_FLAGS = os.environ.setdefault(
+    "TAYLORCAL_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0"
+)
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -22,7 +22,13 @@ from taylorcal_jax.train.student_dirs import STUDENT_DIRS
 from taylorcal_jax.utils.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+# one CPU device; the suite's compile flags (conftest.py)
+ENV = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=os.environ["TAYLORCAL_TEST_XLA_FLAGS"],
+    PYTHONPATH=ROOT,
+)
 ALL_STAGES = [
     "pretrain",
     "eval_teacher",

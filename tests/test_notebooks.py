@@ -20,8 +20,9 @@ def test_there_are_notebooks():
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("TAYLORCAL_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("TAYLORCAL_NOTEBOOK_WORKDIR", str(tmp_path / "workdir"))
-    # The kernel must not inherit the 8 fake devices of conftest.py: a notebook user has one.
-    monkeypatch.setenv("XLA_FLAGS", "")
+    # The kernel must not inherit the 8 fake devices of conftest.py: a notebook user has one
+    # (the suite's compile flags stay).
+    monkeypatch.setenv("XLA_FLAGS", os.environ["TAYLORCAL_TEST_XLA_FLAGS"])
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}
