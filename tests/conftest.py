@@ -12,15 +12,27 @@ import tempfile
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
 sys.path.insert(0, LAUNCH_DIR)
 
+
 # The suite is bound by XLA:CPU compiling many small programs, most of whose time is LLVM
 # optimising the generated machine code, which at test sizes buys nothing back; level 0 took a
 # quarter off test_gdn_pallas.py and test_distill.py on 2 cores. XLA's own HLO passes stay as
 # they are. Values may differ from level 3 by rounding (a tiny model's loss and gradients: up
 # to 2e-6 of the largest entry), far inside every tolerance here; tests that compare runs bit
 # for bit run both under these flags. Tests that start processes with XLA_FLAGS of their own
-# pass them on.
+# pass them on. Where a GPU or TPU plugin of JAX is installed the flag would also reach that
+# backend's code generation, which the gpu and tpu tests check as users compile it: none then.
+def _accelerator_plugin_installed() -> bool:
+    import importlib.metadata
+    import importlib.util
+
+    return bool(importlib.metadata.entry_points(group="jax_plugins")) or (
+        importlib.util.find_spec("jax_plugins") is not None
+    )
+
+
 TEST_XLA_FLAGS = os.environ.setdefault(
-    "TAYLORCAL_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0"
+    "TAYLORCAL_TEST_XLA_FLAGS",
+    "" if _accelerator_plugin_installed() else "--xla_backend_optimization_level=0",
 )
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
