@@ -51,11 +51,13 @@ GDN_QKVG = "qkvg_kernel"
 GDN_AB = "ab_kernel"
 GDN_QKVGAB = "qkvgab_kernel"
 ATTN_QKV = "qkv_kernel"
+_GDN_QKVG_PARTS = ("q_proj", "k_proj", "v_proj", "g_proj")
+_GDN_AB_PARTS = ("a_proj", "b_proj")
 GROUPS = {
     MLP_GATE_UP: ("gate_proj", "up_proj"),
-    GDN_QKVG: ("q_proj", "k_proj", "v_proj", "g_proj"),
-    GDN_AB: ("a_proj", "b_proj"),
-    GDN_QKVGAB: ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"),
+    GDN_QKVG: _GDN_QKVG_PARTS,
+    GDN_AB: _GDN_AB_PARTS,
+    GDN_QKVGAB: _GDN_QKVG_PARTS + _GDN_AB_PARTS,
     ATTN_QKV: ("q_proj", "k_proj", "v_proj"),
 }
 # the groups `join_for_decoding` forms, in the order it tries them (module docstring). A GDN
