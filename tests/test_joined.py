@@ -51,11 +51,13 @@ def test_join_replaces_the_groups_kernels_and_nothing_else():
     params = _params(_student())
     out = joined.join_for_decoding(params)
     gdn, gdn_joined = params["layers_1"]["gdn"], out["layers_1"]["gdn"]
-    # all six input products of a GDN layer, the gate logits' a and b last
+    # all six input products of a GDN layer, the gate logits' a and b last, then zero columns
+    # up to a multiple of 128 (264 -> 384 here)
     names = ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")
     parts = jnp.concatenate([gdn[n]["kernel"] for n in names], 1)
-    assert parts.shape == (64, 264)
-    np.testing.assert_array_equal(gdn_joined["qkvgab_kernel"], parts)
+    assert parts.shape[1] == 264 and gdn_joined["qkvgab_kernel"].shape == (64, 384)
+    np.testing.assert_array_equal(gdn_joined["qkvgab_kernel"][:, :264], parts)
+    np.testing.assert_array_equal(gdn_joined["qkvgab_kernel"][:, 264:], 0.0)
     assert set(gdn_joined) == {"qkvgab_kernel", "o_proj", "A_log", "dt_bias", "o_norm"}
     mlp = params["layers_0"]["mlp"]
     gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], 1)
@@ -116,8 +118,8 @@ def test_joined_params_through_the_few_row_kernel():
     models = {"xla": _student(gemv="xla"), "pallas": _student(gemv="pallas")}
     steps = greedy_steps(models, _config().vocab_size, rows=1, params_map=joined.join_for_decoding)
     plain = greedy_steps({"xla": _student(gemv="xla")}, _config().vocab_size, rows=1)
-    # attention layer: q|k|v and o; 2 GDN layers: q|k|v|g|a|b (264 wide: the kernel's last
-    # column block partial) and o; 3 MLPs: gate|up and down
+    # attention layer: q|k|v and o; 2 GDN layers: q|k|v|g|a|b (padded) and o; 3 MLPs: gate|up
+    # and down
     assert steps["pallas"][1] == 2 + 2 * 2 + 3 * 2
     assert rel_err(steps["pallas"][0], plain["xla"][0]) <= 2e-5
     assert rel_err(steps["xla"][0], plain["xla"][0]) <= 1e-6

@@ -358,7 +358,7 @@ class GatedDeltaNet(nn.Module):
     def _joined_products(self, x_btd):
         """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and the gate logits
         x [Wa | Wb] [B, T, 2 H] in float32: with params joined for decoding one product of the
-        six kernels joined (`joined.GDN_QKVGAB`), its float32 sums
+        six kernels joined (`joined.GDN_QKVGAB`, zero columns after them), its float32 sums
         split; else two products of the kernels joined here, the gate logits from x and Wa, Wb
         in float32."""
         gdn, h = self.gdn, self.gdn.num_heads

@@ -7,9 +7,10 @@ every other call is lax.dot_general, as nn.Dense's default.
 
 Implementations (`impl`, dispatch.KERNEL_IMPLS):
   "xla"     lax.dot_general always
-  "pallas"  the kernel for the products of 1-16 rows that it takes (K a multiple of 16, not
-            float64; interpret mode off a GPU: slow, how the tests run it); XLA's dot for the
-            rest, since one runtime setting covers all of a model's products
+  "pallas"  the kernel for the products of 1-16 rows that it takes (K and N multiples of 16,
+            not float64; interpret mode off a GPU: slow, how the tests run it); XLA's dot for
+            the rest, since one runtime setting covers all of a model's products (a GDN
+            layer's [D, H] gate products are too narrow)
   "auto"    on a GPU backend the kernel for the one-row products it takes, XLA's dot for the
             rest; "xla" elsewhere; logged once (the models' default). One row only: on one
             H200 the kernel took the batch-1 decoding steps to 0.87x-0.91x of the time with

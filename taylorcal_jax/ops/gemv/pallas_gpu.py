@@ -4,15 +4,13 @@ on GPUs; interpret mode on CPUs).
 Letters: M rows of x (a decoding step's batch), K rows of W (the contraction), N columns, BN
 columns per program, BK rows per load, S segments of K.
 
-Grid (ceil(N / BN), S): program (j, s) reads W's rows s K/S .. (s+1) K/S - 1 of columns
+Grid (N / BN, S): program (j, s) reads W's rows s K/S .. (s+1) K/S - 1 of columns
 j BN .. j BN + BN - 1 in loads of [BK, BN], with the matching BK columns of x, and writes the
 partial sums
 
     p[s, m, j BN + c] = sum_{r in segment s} x[m, r] W[r, j BN + c]          (float32)
 
-so y = sum_s p[s] (one small XLA reduction, which XLA may fuse into what follows). When no
-block width divides N, the last column block is partial: its loads are masked (columns >= N
-read as 0, never touched) and p's columns past N are sliced off after the reduction. Splitting K
+so y = sum_s p[s] (one small XLA reduction, which XLA may fuse into what follows). Splitting K
 gives a 1536 x 1536 product 288 programs instead of 12, enough to keep every SM of an
 H100/H200 loading: with few rows the product does M multiply-adds per element of W read, so it
 is bound by the bandwidth, and that needs many loads in flight.
@@ -47,8 +45,7 @@ class GemvConfig:
     """Launch options (static, part of the jit cache key).
 
     block_n: the most columns per program (BN is the largest of 128, 64, 32, 16 up to this that
-      divides N; when none does, the largest up to this and up to N rounded up to a power of
-      two, the last column block partial).
+      divides N).
     block_k: the most rows per load (BK is the largest of those up to this that divides K and
       leaves (N / BN) (K / BK) >= min_programs, so that S can reach `min_programs`; the least
       dividing one when none does).
@@ -79,18 +76,15 @@ class GemvConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def plan(self, k: int, n: int) -> tuple[int, int, int] | None:
-        """(BN, BK, S) for W [k, n], or None when no block divides k (or none fits block_n)."""
-        bns = [b for b in _BLOCKS if b <= self.block_n]
+        """(BN, BK, S) for W [k, n], or None when no block divides k or n."""
+        bn = next((b for b in _BLOCKS if b <= self.block_n and n % b == 0), None)
         bks = [b for b in _BLOCKS if b <= self.block_k and k % b == 0]
-        if not bns or not bks:
+        if bn is None or not bks:
             return None
-        fits = [b for b in bns if b <= pl.next_power_of_2(n)] or bns[-1:]
-        bn = next((b for b in bns if n % b == 0), fits[0])
-        blocks = pl.cdiv(n, bn)
-        bk = next((b for b in bks if blocks * (k // b) >= self.min_programs), bks[-1])
+        bk = next((b for b in bks if (n // bn) * (k // b) >= self.min_programs), bks[-1])
         steps = k // bk
         divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-        s = next((s for s in divisors if blocks * s >= self.programs), steps)
+        s = next((s for s in divisors if (n // bn) * s >= self.programs), steps)
         return bn, bk, s
 
 
@@ -104,17 +98,8 @@ def unsupported_reason(x_mk, w_kn, config: GemvConfig | None = None) -> str | No
     if any(a.dtype == jnp.float64 for a in (x_mk, w_kn)):
         return "float64 operands (the kernel sums in float32)"
     if config.plan(*w_kn.shape) is None:
-        return f"W {w_kn.shape}: K must be a multiple of {_BLOCKS[-1]}"
+        return f"W {w_kn.shape}: K and N must be multiples of {_BLOCKS[-1]}"
     return None
-
-
-def _load_columns(w_ref, rows, j, bn, n):
-    """W[rows, j BN .. j BN + BN - 1]; columns >= N (a partial last block) read as 0."""
-    block = w_ref.at[rows, pl.ds(j * bn, bn)]
-    if n % bn == 0:
-        return block[...]
-    ok = j * bn + lax.broadcasted_iota(jnp.int32, block.shape, 1) < n
-    return plgpu.load(block, mask=ok, other=0.0)
 
 
 def _kernel(x_ref, w_ref, p_ref, *, bn, bk, segment, dt):
@@ -123,7 +108,7 @@ def _kernel(x_ref, w_ref, p_ref, *, bn, bk, segment, dt):
 
     def step(i, acc):
         k0 = s * segment + i * bk
-        w = _load_columns(w_ref, pl.ds(k0, bk), j, bn, w_ref.shape[1])  # [BK, BN]
+        w = w_ref[pl.ds(k0, bk), pl.ds(j * bn, bn)]  # [BK, BN]
         if one_row:  # multiply and column sums on the CUDA cores
             x = x_ref[pl.ds(k0, bk)].astype(F32)  # [BK]
             return acc + jnp.sum(x[:, None] * w.astype(F32), axis=0)
@@ -143,20 +128,19 @@ def gemv_pallas(x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | Non
     (m, k), n = x_mk.shape, w_kn.shape[1]
     bn, bk, s = config.plan(k, n)
     dt = jnp.bfloat16 if x_mk.dtype == w_kn.dtype == jnp.bfloat16 else F32
-    blocks = pl.cdiv(n, bn)  # p holds whole blocks: columns >= N are sliced off below
     if m == 1:
-        x, p_block, p_shape = x_mk[0], (None, bn), (s, blocks * bn)
+        x, p_block, p_shape = x_mk[0], (None, bn), (s, n)
         p_index = lambda jj, ss: (ss, jj)  # noqa: E731
     else:  # the tensor cores' least M is 16: zero rows pad the block
         x = jnp.pad(x_mk, ((0, MAX_ROWS - m), (0, 0)))
-        p_block, p_shape = (None, MAX_ROWS, bn), (s, MAX_ROWS, blocks * bn)
+        p_block, p_shape = (None, MAX_ROWS, bn), (s, MAX_ROWS, n)
         p_index = lambda jj, ss: (ss, 0, jj)  # noqa: E731
     launch = {}
     if not interpret:
         launch = dict(compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=2))
     partial_s = pl.pallas_call(
         functools.partial(_kernel, bn=bn, bk=bk, segment=k // s, dt=dt),
-        grid=(blocks, s),
+        grid=(n // bn, s),
         # x and W whole (each program loads its own slices), the partial sums in blocks
         in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec(p_block, p_index),
@@ -165,4 +149,4 @@ def gemv_pallas(x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | Non
         name="gemv",
         **launch,
     )(x, w_kn)
-    return jnp.sum(partial_s, axis=0).reshape(-1, blocks * bn)[:m, :n]
+    return jnp.sum(partial_s, axis=0).reshape(-1, n)[:m]
