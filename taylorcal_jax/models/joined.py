@@ -68,7 +68,9 @@ DECODING_GROUPS = (MLP_GATE_UP, GDN_QKVGAB, ATTN_QKV)
 # groups whose joined kernel gets zero columns up to a multiple of PAD_COLUMNS (the modules slice
 # their outputs by width): the 2 H gate-logit columns would leave the GDN product's width off the
 # multiples of 16 that the few-row kernel takes (ops/gemv) and of the 128-column blocks it reads
-# best (2 H K + 2 H V + 2 H = 6168 at Qwen2.5-1.5B's shape -> 6272, 1.7% more bytes)
+# best (2 H K + 2 H V + 2 H = 6168 at Qwen2.5-1.5B's shape -> 6272, 1.7% more bytes). Measured:
+# without them (a partial, masked last block in the kernel) the student's batch-1 step took
+# 1.011x the time on one H100 (docs/benchmarks.md §4)
 PADDED_GROUPS = (GDN_QKVGAB,)
 PAD_COLUMNS = 128
 
