@@ -20,11 +20,14 @@ sys.path.insert(0, LAUNCH_DIR)
 # to 2e-6 of the largest entry), far inside every tolerance here; tests that compare runs bit
 # for bit run both under these flags. Tests that start processes with XLA_FLAGS of their own
 # pass them on. Where a GPU or TPU plugin of JAX is installed the flag would also reach that
-# backend's code generation, which the gpu and tpu tests check as users compile it: none then.
-def _accelerator_plugin_installed() -> bool:
+# backend's code generation, which the gpu and tpu tests check as users compile it: none then,
+# unless JAX_PLATFORMS=cpu keeps the run off that backend.
+def _accelerator_backend_possible() -> bool:
     import importlib.metadata
     import importlib.util
 
+    if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+        return False
     return bool(importlib.metadata.entry_points(group="jax_plugins")) or (
         importlib.util.find_spec("jax_plugins") is not None
     )
@@ -32,7 +35,7 @@ def _accelerator_plugin_installed() -> bool:
 
 TEST_XLA_FLAGS = os.environ.setdefault(
     "TAYLORCAL_TEST_XLA_FLAGS",
-    "" if _accelerator_plugin_installed() else "--xla_backend_optimization_level=0",
+    "" if _accelerator_backend_possible() else "--xla_backend_optimization_level=0",
 )
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
