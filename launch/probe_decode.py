@@ -75,6 +75,13 @@ NO_PDL = "--xla_gpu_enable_pdl=false"
 # (launch/results/probe_decode_h100_fusion_flags.json).
 HEROLESS = "--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"
 BLOCK_LEVEL = "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
+# Three more of XLA's experimental switches, off by default: every fusion emitted by Triton
+# instead of XLA's own emitters, the autotuner choosing the emitter per fusion, and Triton
+# fusions with several outputs (a residual add whose sum both goes on and feeds the next
+# RMSNorm is such a fusion).
+ALL_TRITON = "--xla_gpu_experimental_all_fusions_with_triton=true"
+FUSION_AUTOTUNER = "--xla_gpu_experimental_enable_fusion_autotuner=true"
+TRITON_MULTI_OUTPUT = "--xla_gpu_unsupported_enable_triton_multi_output_fusion=true"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +141,9 @@ VARIANTS = {
             ("heroless", HEROLESS),
             ("block_level", BLOCK_LEVEL),
             ("heroless_block_level", f"{HEROLESS} {BLOCK_LEVEL}"),
+            ("all_triton", ALL_TRITON),
+            ("fusion_autotuner", FUSION_AUTOTUNER),
+            ("triton_multi_output", TRITON_MULTI_OUTPUT),
         )
     },
 }
