@@ -78,7 +78,8 @@ BLOCK_LEVEL = "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
 # Three more of XLA's experimental switches, off by default: every fusion emitted by Triton
 # instead of XLA's own emitters, the autotuner choosing the emitter per fusion, and Triton
 # fusions with several outputs (a residual add whose sum both goes on and feeds the next
-# RMSNorm is such a fusion).
+# RMSNorm is such a fusion). The first two left the stage-2 step as it was on one H100
+# (docs/benchmarks.md §6, launch/results/bench_stage2_h100_b24_switches_*.json).
 ALL_TRITON = "--xla_gpu_experimental_all_fusions_with_triton=true"
 FUSION_AUTOTUNER = "--xla_gpu_experimental_enable_fusion_autotuner=true"
 TRITON_MULTI_OUTPUT = "--xla_gpu_unsupported_enable_triton_multi_output_fusion=true"
