@@ -144,7 +144,11 @@ def explain_flag_error(argv, error: Exception) -> ConfigError:
 def parse_flags(argv):
     """absl's flag parsing, with every failure reported as one ConfigError line."""
     try:
-        return flags.FLAGS(argv)
+        parsed = flags.FLAGS(argv)
+        # ml_collections reports a config file that failed to load (missing, or raising) only
+        # when the config is first used, as a traceback: use it here, inside this try
+        _CONFIG.value.keys()
+        return parsed
     except Exception as e:  # noqa: BLE001 - flags.Error, or what loading the config raised
         try:
             error = explain_flag_error(argv, e)
@@ -161,7 +165,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
     if _PRINT_CONFIG.value:
-        print_config(config)
+        try:
+            print_config(config)
+        except BrokenPipeError:  # the reader (`| head`) closed the pipe: nothing is lost
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if _WORKDIR.value is None:
         fail(ConfigError("--workdir is required", "e.g. --workdir=workdirs/tiny"), _DEBUG.value)

@@ -382,6 +382,18 @@ def test_unknown_field_typo_gets_did_you_mean(tmp_path):
 
 
 @pytest.mark.slow
+def test_missing_or_broken_config_file_is_one_line(tmp_path):
+    wd = tmp_path / "wd"
+    proc = cli("--config=configs/tiny_typo.py", f"--workdir={wd}")
+    _one_error(proc, "error: config file configs/tiny_typo.py does not exist")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    raise RuntimeError('no such teacher')\n")
+    proc = cli(f"--config={broken}", f"--workdir={wd}")
+    _one_error(proc, f"error: --config={broken}: RuntimeError: no such teacher")
+    assert not wd.exists()
+
+
+@pytest.mark.slow
 def test_missing_teacher_path_is_named_before_anything_is_written(tmp_path):
     wd = tmp_path / "wd"
     proc = cli("--config=configs/qwen2_5_1_5b.py:/nonexistent", f"--workdir={wd}")
