@@ -30,6 +30,19 @@ and the parts otherwise; both give the same outputs (tests/test_joined.py). Idem
 parts are dropped from the result, so the joined tree takes the same memory as the original
 once that is released.
 
+Norms. A block's RMSNorm before such a product is folded into its joined kernel as well:
+
+    rmsnorm(x) W = (r x * scale) W = r (x (diag(scale) W)),   r = 1 / sqrt(mean(x^2) + eps)
+
+per row, so the joined kernel becomes diag(scale) W and the norm's params are dropped; the
+block then hands the product x and the row scale r (`FOLDED_NORMS`, `norm_folded`), which the
+product applies to its float32 sums. That saves the norm's multiply, a launch per norm and
+step: on a GPU at batch 1 the product is our few-row kernel, a custom call into which XLA
+cannot fuse the multiply, while r, a reduction, fuses with the residual add before it and its
+use with the reduction of the kernel's partial sums after it. A bias (Qwen2's q, k, v) is
+added after the scaling, as before. The input norm folds only where one joined kernel reads it
+(a block holding both mixers keeps it).
+
 Measured on one H100 (launch/results/probe_decode_h100_joined.json, 32k context, before the
 attention's q|k|v joined): the student's batch-1 decoding step took 2.13 ms with joined params
 against 2.49 ms (0.86x), the teacher's (only its MLPs joined) 2.56 against 2.62 ms; at batch
@@ -73,6 +86,17 @@ DECODING_GROUPS = (MLP_GATE_UP, GDN_QKVGAB, ATTN_QKV)
 # 1.011x the time on one H100 (docs/benchmarks.md §4)
 PADDED_GROUPS = (GDN_QKVGAB,)
 PAD_COLUMNS = 128
+# a block's norm -> the joined groups that may read its output (module docstring, "Norms")
+FOLDED_NORMS = {
+    "input_layernorm": (GDN_QKVGAB, ATTN_QKV),
+    "post_attention_layernorm": (MLP_GATE_UP,),
+}
+
+
+def norm_folded(module, norm: str) -> bool:
+    """Whether the params that `module` (a block) runs with have its norm `norm` folded into
+    the product after it (`join_for_decoding`): the norm's params are absent outside init."""
+    return not module.is_initializing() and not module.has_variable("params", norm)
 
 
 def bias_name(group: str) -> str:
@@ -110,10 +134,27 @@ def _join(tree):
         out[group] = jnp.concatenate(kernels, axis=1)
         if "bias" in layouts.pop():
             out[bias_name(group)] = jnp.concatenate([d["bias"] for d in dense])
-    return out
+    return _fold_norms(out)
+
+
+def _fold_norms(block):
+    """A block's params with each norm of `FOLDED_NORMS` folded into the one joined kernel that
+    reads its output (module docstring): W <- diag(scale) W, the norm's params dropped."""
+    for norm, groups in FOLDED_NORMS.items():
+        if set(block.get(norm) or ()) != {"scale"}:
+            continue
+        readers = [(sub, group) for sub in block.values() if isinstance(sub, dict)
+                   for group in groups if group in sub]  # fmt: skip
+        if len(readers) != 1:
+            continue  # no joined reader, or several (a block holding both mixers)
+        sub, group = readers[0]
+        kernel = sub[group]
+        scale = block.pop(norm)["scale"].astype(jnp.float32)
+        sub[group] = (scale[:, None] * kernel.astype(jnp.float32)).astype(kernel.dtype)
+    return block
 
 
 def join_for_decoding(params):
     """`params` (a model's param tree; a Flax FrozenDict is read as a dict) with each group's
-    kernels joined (module docstring)."""
+    kernels joined and the norms before them folded in (module docstring)."""
     return _join(_as_dict(params))

@@ -157,6 +157,13 @@ class AttentionRuntime:
         return self
 
 
+def rms_row_scale(x, eps):
+    """r = 1 / sqrt(mean(x^2) + eps) over the last axis, float32 [..., 1]: rmsnorm(x) = r x
+    scale."""
+    x32 = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """RMS normalisation over the last axis, param "scale" [D] (HF `weight`)."""
 
@@ -166,8 +173,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        normed = x.astype(jnp.float32) * rms_row_scale(x, self.eps)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
@@ -181,14 +187,25 @@ def _dense(features, use_bias, dtype, name, gemv_impl):
     )
 
 
-def _joined_product(module: nn.Module, group: str, x, gemv_impl: str):
+def _joined_product(module: nn.Module, group: str, x, gemv_impl: str, row_scale=None):
     """x W (+ b) in `module.dtype` with the kernel (and bias) of `group` that the module's params
-    hold when joined for decoding (`joined.join_for_decoding`), or None when they hold none."""
+    hold when joined for decoding (`joined.join_for_decoding`), or None when they hold none.
+    row_scale [..., 1] (a norm folded into W, joined.py): the float32 sums are scaled by it per
+    row before the bias, r (x W) = (r x) W."""
     if not module.has_variable("params", group):
+        if row_scale is not None:
+            raise ValueError(
+                f"{module.name}: a folded norm's row scale needs the params joined for decoding "
+                f"({group!r}, joined.join_for_decoding)"
+            )
         return None
     dtype = module.dtype
-    y = dense_product(x.astype(dtype), module.get_variable("params", group).astype(dtype),
-                      impl=gemv_impl)  # fmt: skip
+    w = module.get_variable("params", group).astype(dtype)
+    if row_scale is None:
+        y = dense_product(x.astype(dtype), w, impl=gemv_impl)
+    else:
+        y = dense_product(x.astype(dtype), w, impl=gemv_impl, out_dtype=jnp.float32)
+        y = (y * row_scale).astype(dtype)
     if module.has_variable("params", joined.bias_name(group)):
         y = y + module.get_variable("params", joined.bias_name(group)).astype(dtype)
     return y
@@ -329,22 +346,24 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")
             self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")
 
-    def _projections(self, x_btd):
+    def _projections(self, x_btd, row_scale_bt1=None):
         """x Wq (+bq), x Wk (+bk), x Wv (+bv): three nn.Dense products, or one product with
         params joined for decoding (`joined.join_for_decoding`: the three kernels as one
-        [D, (H + 2 Hkv) d] and their biases as one, the same sums), then split."""
-        y = _joined_product(self, joined.ATTN_QKV, x_btd, self.runtime.gemv_impl)
+        [D, (H + 2 Hkv) d] and their biases as one, the same sums), then split; row_scale_bt1
+        as `__call__`'s."""
+        gemv = self.runtime.gemv_impl
+        y = _joined_product(self, joined.ATTN_QKV, x_btd, gemv, row_scale_bt1)
         if y is None:
             return self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         c = self.config
         q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         return jnp.split(y, (q_width, q_width + kv_width), axis=-1)
 
-    def qkv(self, x_btd, positions_bt):
+    def qkv(self, x_btd, positions_bt, row_scale_bt1=None):
         """q [B,T,H,d], k/v [B,T,Hkv,d] after bias, q/k-norm and RoPE."""
         c = self.config
         b, t, _ = x_btd.shape
-        q, k, v = self._projections(x_btd)
+        q, k, v = self._projections(x_btd, row_scale_bt1)
         q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
         k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
@@ -353,9 +372,14 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(c, positions_bt)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x_btd, *, positions_bt, valid_bt, cache=None, return_intermediates=False):
+    def __call__(
+        self, x_btd, *, positions_bt, valid_bt, cache=None, return_intermediates=False,
+        row_scale_bt1=None,
+    ):  # fmt: skip
+        """row_scale_bt1: the input is x_btd scaled per row by it, the block's norm folded into
+        the joined q|k|v kernel (joined.py); None: the input is x_btd."""
         b, t, _ = x_btd.shape
-        q, k, v = self.qkv(x_btd, positions_bt)
+        q, k, v = self.qkv(x_btd, positions_bt, row_scale_bt1)
         window = self.config.sliding_windows[self.layer_idx]
         if cache is None and t > 1 and self.runtime.sequence_impl != "blocked":
             ctx = fused_causal_attention(q, k, v, window, self.dtype, self.runtime.sequence_impl)
@@ -426,16 +450,16 @@ def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtyp
 class MLP(nn.Module):
     """SwiGLU MLP; `gemv_impl` as AttentionRuntime's. With params joined for decoding
     (`joined.join_for_decoding`: gate and up as one kernel [D, 2F]) it forms x W_gate and x W_up
-    as one product, then splits it."""
+    as one product, then splits it. row_scale_bt1: as Attention's."""
 
     config: ModelConfig
     dtype: Any = jnp.float32
     gemv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, row_scale_bt1=None):
         f, gemv = self.config.intermediate_size, self.gemv_impl
-        gate_up = _joined_product(self, joined.MLP_GATE_UP, x, gemv)
+        gate_up = _joined_product(self, joined.MLP_GATE_UP, x, gemv, row_scale_bt1)
         if gate_up is not None:
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
@@ -453,6 +477,8 @@ class DecoderLayer(nn.Module):
     output where keep, the student mixer's elsewhere (then `mixer` is ignored and there is no
     cache). The intermediates are then the mixer-independent ones only.
     `attention_runtime`: the softmax attention's runtime options.
+    With params joined for decoding, a norm may be folded into the product after it
+    (joined.py): the block then hands that product the unnormalised rows and their RMS scale.
     """
 
     config: ModelConfig
@@ -462,12 +488,24 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     attention_runtime: AttentionRuntime = AttentionRuntime()
 
+    def _norm(self, name, x):
+        """(input, row scale) of the product after the block's norm `name`: (rmsnorm(x), None),
+        or (x, r) where the norm is folded into that product (joined.norm_folded)."""
+        if joined.norm_folded(self, name):
+            return x.astype(self.dtype), rms_row_scale(x, self.config.rms_norm_eps)
+        return RMSNorm(self.config.rms_norm_eps, self.dtype, name=name)(x), None
+
     @nn.compact
     def __call__(
         self, h, positions_bt, valid_bt, cache=None, return_intermediates=False, keep=None
     ):
         c = self.config
-        attn_in = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
+        attn_in, in_scale = self._norm("input_layernorm", h)
+        if in_scale is not None and return_intermediates:
+            raise ValueError(
+                "intermediates need the block's norms as stored, not folded for decoding "
+                "(joined.join_for_decoding)"
+            )
 
         def mixer_module(name):
             if name == ATTENTION:
@@ -478,18 +516,21 @@ class DecoderLayer(nn.Module):
 
         where = {"positions_bt": positions_bt, "valid_bt": valid_bt}
         if keep is None:
+            scaled = {} if in_scale is None else {"row_scale_bt1": in_scale}
             y, new_cache, inter = mixer_module(self.mixer)(
-                attn_in, **where, cache=cache, return_intermediates=return_intermediates
+                attn_in, **where, **scaled, cache=cache, return_intermediates=return_intermediates
             )
         else:
             # Both mixers on the same input and a select: exactly the block with either mixer.
+            if in_scale is not None:
+                raise ValueError("a block holding both mixers needs its input norm unfolded")
             y_attn, _, _ = mixer_module(ATTENTION)(attn_in, **where)
             y_student, _, _ = mixer_module(self.student_mixer.name)(attn_in, **where)
             y, new_cache, inter = jnp.where(keep, y_attn, y_student.astype(y_attn.dtype)), None, {}
         out = h + y.astype(h.dtype)
-        mlp_in = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(out)
+        mlp_in, mlp_scale = self._norm("post_attention_layernorm", out)
         mlp = MLP(c, self.dtype, self.attention_runtime.gemv_impl, name="mlp")
-        out = out + mlp(mlp_in).astype(h.dtype)
+        out = out + mlp(mlp_in, mlp_scale).astype(h.dtype)
         if return_intermediates:
             inter = {"resid_in": h, "attn_in": attn_in, **inter, "attn_out": y}
         else:

@@ -355,21 +355,30 @@ class GatedDeltaNet(nn.Module):
         kernels = [DenseKernel(d, f, name=n)() for n, f in zip(parts, widths, strict=True)]
         return jnp.concatenate(kernels, axis=1)
 
-    def _joined_products(self, x_btd):
+    def _joined_products(self, x_btd, row_scale_bt1=None):
         """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and the gate logits
         x [Wa | Wb] [B, T, 2 H] in float32: with params joined for decoding one product of the
         six kernels joined (`joined.GDN_QKVGAB`, zero columns after them), its float32 sums
-        split; else two products of the kernels joined here, the gate logits from x and Wa, Wb
-        in float32."""
+        split (scaled per row by row_scale_bt1 where given: the block's norm folded in,
+        joined.py); else two products of the kernels joined here, the gate logits from x and
+        Wa, Wb in float32."""
         gdn, h = self.gdn, self.gdn.num_heads
         dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
         width = 2 * gdn.key_dim + 2 * gdn.value_dim
         if self.has_variable("params", joined.GDN_QKVGAB):
             # one launch per step instead of two; the gate logits keep float32 sums, their
-            # operands rounded to the compute dtype (x already is: it is the norm's output)
+            # operands rounded to the compute dtype (x already is: the norm's output, or the
+            # residual stream where the norm is folded in)
             w = self.get_variable("params", joined.GDN_QKVGAB).astype(self.dtype)
             y = dot(x_btd.astype(self.dtype), w, out_dtype=jnp.float32)
+            if row_scale_bt1 is not None:
+                y = y * row_scale_bt1
             return y[..., :width].astype(self.dtype), y[..., width : width + 2 * h]
+        if row_scale_bt1 is not None:
+            raise ValueError(
+                f"{self.name}: a folded norm's row scale needs the params joined for decoding "
+                f"({joined.GDN_QKVGAB!r}, joined.join_for_decoding)"
+            )
         sizes = (gdn.key_dim, gdn.key_dim, gdn.value_dim, gdn.value_dim)
         w = self._joined_kernel(joined.GDN_QKVG, sizes)
         w_ab = self._joined_kernel(joined.GDN_AB, (h, h))
@@ -377,7 +386,7 @@ class GatedDeltaNet(nn.Module):
             x_btd.astype(jnp.float32), w_ab
         )
 
-    def _projections(self, x_btd):
+    def _projections(self, x_btd, row_scale_bt1=None):
         """x Wq, x Wk [B, T, H*K], x Wv, x Wg [B, T, H*V] in the compute dtype, and the gate
         logits x Wa, x Wb [B, T, H] in float32: separate nn.Dense products, or the two joined
         products (`_joined_products`) split, under `runtime.fused_projections` or with params
@@ -389,7 +398,7 @@ class GatedDeltaNet(nn.Module):
             outs = [self._dense(features, name)(x_btd) for name, features in wide]
             gates = [self._dense(h, n, jnp.float32)(x_btd) for n in ("a_proj", "b_proj")]
             return (*outs, *gates)
-        qkvg, ab = self._joined_products(x_btd)
+        qkvg, ab = self._joined_products(x_btd, row_scale_bt1)
         sizes = [features for _, features in wide]
         return (*jnp.split(qkvg, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(ab, 2, -1))
 
@@ -401,25 +410,25 @@ class GatedDeltaNet(nn.Module):
         dt_bias = self.param("dt_bias", init_dt_bias, (self.gdn.num_heads,), jnp.float32)
         return A_log, dt_bias
 
-    def _step_from_projections(self, x_btd, valid_bt, state_bhkv):
+    def _step_from_projections(self, x_btd, valid_bt, state_bhkv, row_scale_bt1):
         """A cached one-token step without the short conv: (o [B, 1, H, V], gate logits
         [B, 1, H*V], new state), the activations and gates taken inside the step
         (decode_api.decode_step_from_projections)."""
         gdn = self.gdn
-        qkvg, ab = self._joined_products(x_btd)
+        qkvg, ab = self._joined_products(x_btd, row_scale_bt1)
         o, state = decode_api.decode_step_from_projections(
             qkvg[:, 0], ab[:, 0], *self._decay_params(), valid_bt[:, 0], state_bhkv,
             impl=self.runtime.decode_impl,
         )  # fmt: skip
         return o[:, None], qkvg[..., 2 * gdn.key_dim + gdn.value_dim :], state
 
-    def _step_or_sequence(self, x_btd, valid_bt, cache):
+    def _step_or_sequence(self, x_btd, valid_bt, cache, row_scale_bt1):
         """Every other call: (o [B, T, H, V], gate logits [B, T, H*V], new state or None,
         new conv history or None)."""
         gdn = self.gdn
         b, t, _ = x_btd.shape
         h, kd, vd = gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim
-        q, k, v, gate, a, b_logit = self._projections(x_btd)
+        q, k, v, gate, a, b_logit = self._projections(x_btd, row_scale_bt1)
         new_conv, act_valid = None, valid_bt
         if gdn.use_short_conv:
             # padding zeroed before the convolution, which then sees zeros there; its convolved
@@ -453,8 +462,11 @@ class GatedDeltaNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_btd, *, positions_bt=None, valid_bt=None, cache=None, return_intermediates=False
-    ):
+        self, x_btd, *, positions_bt=None, valid_bt=None, cache=None, return_intermediates=False,
+        row_scale_bt1=None,
+    ):  # fmt: skip
+        """row_scale_bt1: the input is x_btd scaled per row by it, the block's norm folded into
+        the joined input kernel (joined.py); None: the input is x_btd."""
         del positions_bt
         gdn = self.gdn
         b, t, _ = x_btd.shape
@@ -463,10 +475,10 @@ class GatedDeltaNet(nn.Module):
         x = x_btd.astype(self.dtype)
         one_step = cache is not None and t == 1 and not gdn.use_short_conv
         if one_step and self._joins_products():
-            o, gate, state = self._step_from_projections(x, valid_bt, cache["state"])
+            o, gate, state = self._step_from_projections(x, valid_bt, cache["state"], row_scale_bt1)
             new_conv = None
         else:
-            o, gate, state, new_conv = self._step_or_sequence(x, valid_bt, cache)
+            o, gate, state, new_conv = self._step_or_sequence(x, valid_bt, cache, row_scale_bt1)
         new_cache = None
         if cache is not None:
             new_cache = {"state": state.astype(jnp.float32)}
