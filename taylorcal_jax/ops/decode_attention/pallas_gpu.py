@@ -14,7 +14,8 @@ query row g, the running max m, sum l and unnormalised context a of online softm
 
 Slots past S (the last block of the last split) get p_s = 0 and are never read (masked loads).
 Only the G real rows of the partials are stored. The combine, a second kernel over the NS small
-partials (grid (B, Hkv, G): one query head per program, NS in chunks), is exact softmax algebra:
+partials (grid (B, Hkv, G, parts): a slice of one query head's d per program, `combine_plan`),
+is exact softmax algebra:
 
     M = max_n m_n,   context = sum_n exp(m_n - M) a_n / sum_n exp(m_n - M) l_n
 
@@ -168,13 +169,25 @@ def partials(q_bkgd, k_bshd, v_bshd, mask_bs, g, config: DecodeConfig, interpret
     )(q_bkgd, k_bshd, v_bshd, mask_bs)
 
 
-COMBINE_CHUNK = 32  # splits per load of the combine: [32, d] float32, 16 KB at d = 128
+# The combine's launch: programs split the head dim into parts until there are about
+# COMBINE_PROGRAMS (a batch-1 step has only Hkv G query heads: 12 at Qwen2.5-1.5B's shape), and
+# each load holds at most COMBINE_LOAD float32 elements of the partials ([splits, d / parts]).
+COMBINE_PROGRAMS = 132
+COMBINE_LOAD = 4096
 
 
-def _combine_kernel(m_ref, l_ref, a_ref, o_ref, *, ns):
-    b, j, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    nsp = pl.next_power_of_2(ns)
-    chunk = min(COMBINE_CHUNK, nsp)
+def combine_plan(b: int, heads: int, ns: int, d: int) -> tuple[int, int]:
+    """(head-dim parts, splits per load) of the combine for B batch rows, `heads` = Hkv G query
+    heads, NS splits and head dim d (all powers of two but B, heads and NS)."""
+    parts = 1
+    while b * heads * parts < COMBINE_PROGRAMS and d // parts > _MIN_DOT:
+        parts *= 2
+    return parts, min(pl.next_power_of_2(ns), max(COMBINE_LOAD * parts // d, 1))
+
+
+def _combine_kernel(m_ref, l_ref, a_ref, o_ref, *, ns, chunk):
+    b, j, r, part = (pl.program_id(i) for i in range(4))
+    nsp, bd = pl.next_power_of_2(ns), o_ref.shape[-1]
 
     def stats(ref, rows, ok, fill):
         return plgpu.load(ref.at[b, j, rows, r], mask=ok, other=fill)
@@ -188,25 +201,25 @@ def _combine_kernel(m_ref, l_ref, a_ref, o_ref, *, ns):
         ok = i * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < ns
         # splits past NS weigh 0 even where every logit of the row is masked (top = NEG)
         w = jnp.where(ok, jnp.exp(stats(m_ref, rows, ok, NEG) - top), 0.0)  # [chunk]
-        block = a_ref.at[b, j, rows, r]  # [chunk, d]
+        block = a_ref.at[b, j, rows, r, pl.ds(part * bd, bd)]  # [chunk, d / parts]
         a = plgpu.load(block, mask=jnp.broadcast_to(ok[:, None], block.shape), other=0.0)
         return num + jnp.sum(w[:, None] * a, axis=0), den + jnp.sum(w * stats(l_ref, rows, ok, 0.0))
 
-    d = o_ref.shape[-1]
-    num, den = lax.fori_loop(0, nsp // chunk, step, (jnp.zeros((d,), F32), jnp.zeros((), F32)))
+    num, den = lax.fori_loop(0, nsp // chunk, step, (jnp.zeros((bd,), F32), jnp.zeros((), F32)))
     o_ref[...] = (num / den).astype(o_ref.dtype)
 
 
 def combine(m_bkng, l_bkng, a_bkngd, g, dtype, interpret: bool):
     """context [B, Hkv G, d] in `dtype` from the splits' partials, rows 0..g-1 of each Gp
-    (module docstring): the combine kernel."""
+    (module docstring): the combine kernel, grid (B, Hkv, G, head-dim parts)."""
     b, hkv, ns, _, d = a_bkngd.shape
+    parts, chunk = combine_plan(b, hkv * g, ns, d)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
-        functools.partial(_combine_kernel, ns=ns),
-        grid=(b, hkv, g),
+        functools.partial(_combine_kernel, ns=ns, chunk=chunk),
+        grid=(b, hkv, g, parts),
         in_specs=[whole, whole, whole],
-        out_specs=pl.BlockSpec((None, None, d), lambda bb, j, r: (bb, j * g + r, 0)),
+        out_specs=pl.BlockSpec((None, None, d // parts), lambda bb, j, r, p: (bb, j * g + r, p)),
         out_shape=jax.ShapeDtypeStruct((b, hkv * g, d), dtype),
         interpret=interpret,
         name="decode_attention_combine",
