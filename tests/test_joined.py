@@ -148,6 +148,20 @@ def test_student_and_teacher_decode_the_same_with_joined_params(fused):
         assert rel_err(logits["joined"], logits["original"]) < 1e-5, name
 
 
+def test_student_with_short_convolutions_decodes_the_same_with_joined_params():
+    # its decoding steps take the sequence path (convolution, then the step): the folded input
+    # norm's row scale reaches the joined product there too
+    sc = StudentConfig.from_teacher(_config(), (0,), mixer="gdn", use_short_conv=True)
+    model = sc.model(
+        runtime=GDNRuntime(impl="chunked", decode_impl="xla"),
+        attention_runtime=AttentionRuntime(decode_impl="xla"),
+    )
+    vocab = _config().vocab_size
+    stored = greedy_steps({"m": model}, vocab, params_map=_draw_scales)["m"][0]
+    steps = greedy_steps({"m": model}, vocab, params_map=_joined)["m"][0]
+    assert rel_err(steps, stored) < 1e-5
+
+
 def test_joined_params_through_the_few_row_kernel():
     # batch 1 decoding steps with every product of width >= 16 by the kernel (interpret mode):
     # the joined q|k|v|g and gate|up kernels are one product each
