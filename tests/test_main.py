@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from suite_env import suite_xla_flags
 
 from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.train.student_dirs import STUDENT_DIRS
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=os.environ["TAYLORCAL_TEST_XLA_FLAGS"],
+    XLA_FLAGS=suite_xla_flags(),
     PYTHONPATH=ROOT,
 )
 ALL_STAGES = [

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from suite_env import suite_xla_flags
 
 from taylorcal_jax.models.safetensors_io import read_tensors
 from taylorcal_jax.run import workdir as workdir_lib
@@ -39,9 +40,6 @@ ARGS = [
 ]
 
 
-TEST_XLA_FLAGS = os.environ["TAYLORCAL_TEST_XLA_FLAGS"]  # the suite's compile flags (conftest.py)
-
-
 def _run(cmd, tmp_dir, **env):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TMPDIR=str(tmp_dir), **env)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -65,7 +63,7 @@ def test_two_processes_run_the_pipeline_of_one_and_write_the_workdir_once(tmp_pa
     one = _run(
         [sys.executable, *ARGS, f"--workdir={one_dir}"],
         tmp_path / "tmp1",
-        XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4",
+        XLA_FLAGS=suite_xla_flags("--xla_force_host_platform_device_count=4"),
     )
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = os.path.join(ROOT, "launch", "multihost.py")

@@ -6,6 +6,7 @@ import os
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from suite_env import suite_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
@@ -22,7 +23,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("TAYLORCAL_NOTEBOOK_WORKDIR", str(tmp_path / "workdir"))
     # The kernel must not inherit the 8 fake devices of conftest.py: a notebook user has one
     # (the suite's compile flags stay).
-    monkeypatch.setenv("XLA_FLAGS", os.environ["TAYLORCAL_TEST_XLA_FLAGS"])
+    monkeypatch.setenv("XLA_FLAGS", suite_xla_flags())
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}
