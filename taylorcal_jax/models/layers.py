@@ -187,11 +187,14 @@ def _dense(features, use_bias, dtype, name, gemv_impl):
     )
 
 
-def _joined_product(module: nn.Module, group: str, x, gemv_impl: str, row_scale=None):
-    """x W (+ b) in `module.dtype` with the kernel (and bias) of `group` that the module's params
-    hold when joined for decoding (`joined.join_for_decoding`), or None when they hold none.
-    row_scale [..., 1] (a norm folded into W, joined.py): the float32 sums are scaled by it per
-    row before the bias, r (x W) = (r x) W."""
+def joined_product(
+    module: nn.Module, group: str, x, gemv_impl: str, row_scale=None, out_dtype=None
+):  # fmt: skip
+    """x W (+ b) with the kernel (and bias) of `group` that the module's params hold when joined
+    for decoding (`joined.join_for_decoding`), or None when they hold none. The result is in
+    `module.dtype`, or the float32 sums kept with out_dtype=jnp.float32. row_scale [..., 1] (a
+    norm folded into W, joined.py): the float32 sums are scaled by it per row before the bias,
+    r (x W) = (r x) W."""
     if not module.has_variable("params", group):
         if row_scale is not None:
             raise ValueError(
@@ -201,13 +204,13 @@ def _joined_product(module: nn.Module, group: str, x, gemv_impl: str, row_scale=
         return None
     dtype = module.dtype
     w = module.get_variable("params", group).astype(dtype)
-    if row_scale is None:
-        y = dense_product(x.astype(dtype), w, impl=gemv_impl)
-    else:
-        y = dense_product(x.astype(dtype), w, impl=gemv_impl, out_dtype=jnp.float32)
-        y = (y * row_scale).astype(dtype)
+    sums = jnp.float32 if row_scale is not None or out_dtype == jnp.float32 else None
+    y = dense_product(x.astype(dtype), w, impl=gemv_impl, out_dtype=sums)
+    if row_scale is not None:
+        y = y * row_scale
+    y = y.astype(dtype if out_dtype is None else out_dtype)
     if module.has_variable("params", joined.bias_name(group)):
-        y = y + module.get_variable("params", joined.bias_name(group)).astype(dtype)
+        y = y + module.get_variable("params", joined.bias_name(group)).astype(y.dtype)
     return y
 
 
@@ -352,7 +355,7 @@ class Attention(nn.Module):
         [D, (H + 2 Hkv) d] and their biases as one, the same sums), then split; row_scale_bt1
         as `__call__`'s."""
         gemv = self.runtime.gemv_impl
-        y = _joined_product(self, joined.ATTN_QKV, x_btd, gemv, row_scale_bt1)
+        y = joined_product(self, joined.ATTN_QKV, x_btd, gemv, row_scale_bt1)
         if y is None:
             return self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         c = self.config
@@ -459,7 +462,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, row_scale_bt1=None):
         f, gemv = self.config.intermediate_size, self.gemv_impl
-        gate_up = _joined_product(self, joined.MLP_GATE_UP, x, gemv, row_scale_bt1)
+        gate_up = joined_product(self, joined.MLP_GATE_UP, x, gemv, row_scale_bt1)
         if gate_up is not None:
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:

@@ -75,7 +75,7 @@ import numpy as np
 
 from taylorcal_jax.models import joined
 from taylorcal_jax.models.config import ModelConfig
-from taylorcal_jax.models.layers import repeat_kv_kernel
+from taylorcal_jax.models.layers import joined_product, repeat_kv_kernel
 from taylorcal_jax.models.mixers.spec import Mixer
 from taylorcal_jax.ops.gdn import api, decode_api, step_inputs
 from taylorcal_jax.ops.gemv import api as gemv_api
@@ -363,22 +363,15 @@ class GatedDeltaNet(nn.Module):
         joined.py); else two products of the kernels joined here, the gate logits from x and
         Wa, Wb in float32."""
         gdn, h = self.gdn, self.gdn.num_heads
-        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
         width = 2 * gdn.key_dim + 2 * gdn.value_dim
-        if self.has_variable("params", joined.GDN_QKVGAB):
-            # one launch per step instead of two; the gate logits keep float32 sums, their
-            # operands rounded to the compute dtype (x already is: the norm's output, or the
-            # residual stream where the norm is folded in)
-            w = self.get_variable("params", joined.GDN_QKVGAB).astype(self.dtype)
-            y = dot(x_btd.astype(self.dtype), w, out_dtype=jnp.float32)
-            if row_scale_bt1 is not None:
-                y = y * row_scale_bt1
+        # one launch per step instead of two; the gate logits keep float32 sums, their operands
+        # rounded to the compute dtype (x already is: the norm's output, or the residual stream
+        # where the norm is folded in)
+        y = joined_product(self, joined.GDN_QKVGAB, x_btd, self.runtime.gemv_impl, row_scale_bt1,
+                           out_dtype=jnp.float32)  # fmt: skip
+        if y is not None:
             return y[..., :width].astype(self.dtype), y[..., width : width + 2 * h]
-        if row_scale_bt1 is not None:
-            raise ValueError(
-                f"{self.name}: a folded norm's row scale needs the params joined for decoding "
-                f"({joined.GDN_QKVGAB!r}, joined.join_for_decoding)"
-            )
+        dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
         sizes = (gdn.key_dim, gdn.key_dim, gdn.value_dim, gdn.value_dim)
         w = self._joined_kernel(joined.GDN_QKVG, sizes)
         w_ab = self._joined_kernel(joined.GDN_AB, (h, h))
