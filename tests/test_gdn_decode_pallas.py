@@ -20,6 +20,8 @@ Shapes: K = 32, V = 64 with B * H small, so BV = 16 and four programs share each
 (columns split), and V = 16 (one program per head).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,6 +217,31 @@ def test_step_from_projections_in_bfloat16_and_its_gradients():
         assert rel_err(g, w) < 1e-6
 
 
+def _one_product(seed, b, h, d, pad=24):
+    """One float32 product of all six kernels, x [Wq | Wk | Wv | Wg | Wa | Wb | 0] [B, C]
+    (zero columns after them, as params joined for decoding have), the gate logits' column,
+    and the rest of `_projections`' operands in bf16."""
+    qkvg, ab, *rest = _projections(seed, b, h, d, d, F32)
+    y = jnp.concatenate([qkvg, ab, jnp.zeros((b, pad))], axis=1)
+    rest = [x.astype(jnp.bfloat16) if x.dtype == F32 and x.ndim == 1 else x for x in rest]
+    return y, qkvg.shape[1], rest
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_step_from_one_float32_product_equals_the_split_operands(impl):
+    # the product passed as both operands, q, k, v rounded to bf16 inside: the same values as
+    # its slices passed apart, q|k|v|g rounded to bf16 outside (what the model did before)
+    y, width, rest = _one_product(12, 3, 2, 32)
+    step = functools.partial(decode_api.decode_step_from_projections, impl=impl)
+    if impl == "pallas":
+        step = functools.partial(decode_pallas.decode_step_from_projections_pallas, interpret=True)
+    o, state = step(y, y, *rest, ab_column=width, dtype=jnp.bfloat16)
+    want_o, want_state = step(y[:, :width].astype(jnp.bfloat16), y[:, width : width + 4], *rest)
+    assert o.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(o, want_o)
+    np.testing.assert_array_equal(state, want_state)
+
+
 def test_model_steps_without_short_conv_take_the_projections_kernel():
     # GDN layers without the short conv decode from their joined projections: one kernel per
     # layer, equal to XLA's form, with the params as stored and joined for decoding
@@ -269,6 +296,15 @@ def test_projections_kernel_lowers_to_triton_for_a_gpu(b):
     args += [jax.ShapeDtypeStruct((b, h, d, d), F32)]
     fn = lambda *a: decode_pallas.decode_step_from_projections_pallas(*a, interpret=False)  # noqa: E731
     assert _lowered_for_cuda(fn, args) == 1
+    # one float32 product as both operands, the gate logits from column 4 h d on
+    args[:2] = [jax.ShapeDtypeStruct((b, 4 * h * d + 128), F32)] * 2
+
+    def one(y, _, *rest):
+        return decode_pallas.decode_step_from_projections_pallas(
+            y, y, *rest, ab_column=4 * h * d, dtype=jnp.bfloat16, interpret=False
+        )
+
+    assert _lowered_for_cuda(one, args) == 1
 
 
 @pytest.mark.parametrize("b", [1, 16])
@@ -301,6 +337,21 @@ def test_compiled_kernel_equals_xla_on_gpu(b):
             outs[impl], states[impl] = fn(*args, states[impl])
         assert rel_err(outs["pallas"], outs["xla"]) < 1e-2
     assert rel_err(states["pallas"], states["xla"]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 16])
+def test_compiled_step_from_one_float32_product_equals_xla_on_gpu(b):
+    # the Qwen2.5-1.5B GDN shape, the model's decoding form with params joined for decoding
+    h, d = 12, 128
+    y, width, rest = _one_product(13, b, h, d, pad=104)
+    outs = {
+        impl: jax.jit(lambda y, *r, impl=impl: decode_api.decode_step_from_projections(
+            y, y, *r, ab_column=width, dtype=jnp.bfloat16, impl=impl))(y, *rest)
+        for impl in ("xla", "pallas")
+    }  # fmt: skip
+    assert rel_err(outs["pallas"][0], outs["xla"][0]) < 1e-2
+    assert rel_err(outs["pallas"][1], outs["xla"][1]) < 1e-5
 
 
 @pytest.mark.gpu

@@ -355,20 +355,24 @@ class GatedDeltaNet(nn.Module):
         kernels = [DenseKernel(d, f, name=n)() for n, f in zip(parts, widths, strict=True)]
         return jnp.concatenate(kernels, axis=1)
 
+    def _decoding_product(self, x_btd, row_scale_bt1=None):
+        """With params joined for decoding, x [Wq | Wk | Wv | Wg | Wa | Wb | 0] [B, T, C] in
+        float32 (`joined.GDN_QKVGAB`: one product of the six kernels, zero columns after them),
+        scaled per row by row_scale_bt1 where given (the block's norm folded in, joined.py);
+        else None. The gate logits keep float32 sums, their operands rounded to the compute
+        dtype (x already is: the norm's output, or the residual stream where the norm is folded
+        in)."""
+        return joined_product(self, joined.GDN_QKVGAB, x_btd, self.runtime.gemv_impl,
+                              row_scale_bt1, out_dtype=jnp.float32)  # fmt: skip
+
     def _joined_products(self, x_btd, row_scale_bt1=None):
         """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and the gate logits
-        x [Wa | Wb] [B, T, 2 H] in float32: with params joined for decoding one product of the
-        six kernels joined (`joined.GDN_QKVGAB`, zero columns after them), its float32 sums
-        split (scaled per row by row_scale_bt1 where given: the block's norm folded in,
-        joined.py); else two products of the kernels joined here, the gate logits from x and
-        Wa, Wb in float32."""
+        x [Wa | Wb] [B, T, 2 H] in float32: with params joined for decoding the one product of
+        `_decoding_product` split; else two products of the kernels joined here, the gate
+        logits from x and Wa, Wb in float32."""
         gdn, h = self.gdn, self.gdn.num_heads
         width = 2 * gdn.key_dim + 2 * gdn.value_dim
-        # one launch per step instead of two; the gate logits keep float32 sums, their operands
-        # rounded to the compute dtype (x already is: the norm's output, or the residual stream
-        # where the norm is folded in)
-        y = joined_product(self, joined.GDN_QKVGAB, x_btd, self.runtime.gemv_impl, row_scale_bt1,
-                           out_dtype=jnp.float32)  # fmt: skip
+        y = self._decoding_product(x_btd, row_scale_bt1)
         if y is not None:
             return y[..., :width].astype(self.dtype), y[..., width : width + 2 * h]
         dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
@@ -406,14 +410,23 @@ class GatedDeltaNet(nn.Module):
     def _step_from_projections(self, x_btd, valid_bt, state_bhkv, row_scale_bt1):
         """A cached one-token step without the short conv: (o [B, 1, H, V], gate logits
         [B, 1, H*V], new state), the activations and gates taken inside the step
-        (decode_api.decode_step_from_projections)."""
+        (decode_api.decode_step_from_projections). With params joined for decoding the step
+        reads q, k, v and the gate logits from the one float32 product, passed whole as both
+        operands: its slices would be XLA kernels of their own."""
         gdn = self.gdn
-        qkvg, ab = self._joined_products(x_btd, row_scale_bt1)
+        gate_at, width = 2 * gdn.key_dim + gdn.value_dim, 2 * gdn.key_dim + 2 * gdn.value_dim
+        y = self._decoding_product(x_btd, row_scale_bt1)
+        if y is None:
+            qkvg, ab = self._joined_products(x_btd)
+            operands, layout = (qkvg[:, 0], ab[:, 0]), {}
+        else:
+            qkvg = y
+            operands, layout = (y[:, 0], y[:, 0]), {"ab_column": width, "dtype": self.dtype}
         o, state = decode_api.decode_step_from_projections(
-            qkvg[:, 0], ab[:, 0], *self._decay_params(), valid_bt[:, 0], state_bhkv,
-            impl=self.runtime.decode_impl,
+            *operands, *self._decay_params(), valid_bt[:, 0], state_bhkv,
+            impl=self.runtime.decode_impl, **layout,
         )  # fmt: skip
-        return o[:, None], qkvg[..., 2 * gdn.key_dim + gdn.value_dim :], state
+        return o[:, None], qkvg[..., gate_at:width].astype(self.dtype), state
 
     def _step_or_sequence(self, x_btd, valid_bt, cache, row_scale_bt1):
         """Every other call: (o [B, T, H, V], gate logits [B, T, H*V], new state or None,

@@ -13,12 +13,18 @@ query row g, the running max m, sum l and unnormalised context a of online softm
     l'    = exp(m - m') l + sum_s p_s;   a' = exp(m - m') a + sum_s p_s V[b, s, j]
 
 Slots past S (the last block of the last split) get p_s = 0 and are never read (masked loads).
-The combine (XLA, over NS small partials) is exact softmax algebra:
+Only the G real rows of the partials are stored. The combine, a second kernel over the NS small
+partials (grid (B, Hkv, G, parts): a slice of one query head's d per program, `combine_plan`),
+is exact softmax algebra:
 
     M = max_n m_n,   context = sum_n exp(m_n - M) a_n / sum_n exp(m_n - M) l_n
 
-Every split holds at least one slot, so the denominator is >= 1. As in reference.py, masked slots
-get probability 0 unless a row has no valid slot, which then averages V over all S slots.
+Every split holds at least one slot, so the denominator is >= 1. One kernel where XLA's form of
+the same sums took four (the max kept apart by an optimisation barrier, two reductions and the
+division: 6.4 us per attention layer at batch 1 on an H100,
+launch/results/profile_steps_h100_decode_norms_folded.md), and it writes the context in the
+layout the output projection reads. As in reference.py, masked slots get probability 0 unless a
+row has no valid slot, which then averages V over all S slots.
 Numerics: bf16 q, K, V give bf16 dot operands (p rounded to bf16 before the V product, as the
 reference rounds P) with fp32 accumulation; other dtypes run fp32 dots at HIGHEST precision.
 Differentiable: the backward is that of reference.attend_one_query (a decoding step is never
@@ -93,7 +99,7 @@ def _load_rows(ref, rows, ok):
     return plgpu.load(block, mask=mask, other=fill)
 
 
-def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_split, cfg, dt):
+def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_split, g, cfg, dt):
     bs = cfg.block_s
     q = q_ref[...]  # [Gp, d]
     gp, d = q.shape
@@ -117,24 +123,27 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_sp
 
     init = (jnp.full((gp,), NEG, F32), jnp.zeros((gp,), F32), jnp.zeros((gp, d), F32))
     m, l, a = lax.fori_loop(0, per_split, step, init)
-    m_ref[...] = m
-    l_ref[...] = l
-    a_ref[...] = a
+    real = lax.broadcasted_iota(jnp.int32, (gp,), 0) < g  # rows G..Gp-1 pad the dot, unstored
+    plgpu.store(m_ref, m, mask=real)
+    plgpu.store(l_ref, l, mask=real)
+    plgpu.store(a_ref, a, mask=jnp.broadcast_to(real[:, None], a.shape))
 
 
-def partials(q_bkgd, k_bshd, v_bshd, mask_bs, config: DecodeConfig, interpret: bool, dt):
-    """The kernel: (m [B, Hkv, NS, Gp], l [B, Hkv, NS, Gp], a [B, Hkv, NS, Gp, d]) in fp32."""
+def _launch(interpret: bool, warps: int, stages: int) -> dict:
+    if interpret:
+        return {}
+    return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
+
+
+def partials(q_bkgd, k_bshd, v_bshd, mask_bs, g, config: DecodeConfig, interpret: bool, dt):
+    """The kernel: (m [B, Hkv, NS, Gp], l [B, Hkv, NS, Gp], a [B, Hkv, NS, Gp, d]) in fp32, of
+    which rows 0..g-1 of the Gp are written (the others are never read)."""
     b, hkv, gp, d = q_bkgd.shape
     s = k_bshd.shape[1]
     ns, per_split = split_plan(config, b, hkv, s)
-    kern = functools.partial(_kernel, s_len=s, per_split=per_split, cfg=config, dt=dt)
+    kern = functools.partial(_kernel, s_len=s, per_split=per_split, g=g, cfg=config, dt=dt)
     cache = pl.BlockSpec((None, s, None, d), lambda bb, j, n: (bb, 0, j, 0))
     stats = pl.BlockSpec((None, None, None, gp), lambda bb, j, n: (bb, j, n, 0))
-    launch = {}
-    if not interpret:
-        launch = dict(
-            compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=config.stages)
-        )
     return pl.pallas_call(
         kern,
         grid=(b, hkv, ns),
@@ -156,18 +165,66 @@ def partials(q_bkgd, k_bshd, v_bshd, mask_bs, config: DecodeConfig, interpret: b
         ],
         interpret=interpret,
         name="decode_attention",
-        **launch,
+        **_launch(interpret, config.warps, config.stages),
     )(q_bkgd, k_bshd, v_bshd, mask_bs)
 
 
-def combine(m_bkng, l_bkng, a_bkngd):
-    """context [B, Hkv, Gp, d] fp32 from the splits' partials (module docstring)."""
-    # the barrier keeps XLA from fusing the max into its users, as JAX's own Pallas decode
-    # attention does (jax.experimental.pallas.ops.gpu.decode_attention: invalid values without)
-    top = lax.optimization_barrier(jnp.max(m_bkng, axis=2, keepdims=True))
-    w = jnp.exp(m_bkng - top)
-    den = jnp.sum(w * l_bkng, axis=2)
-    return jnp.sum(w[..., None] * a_bkngd, axis=2) / den[..., None]
+# The combine's launch: programs split the head dim into parts until there are about
+# COMBINE_PROGRAMS (a batch-1 step has only Hkv G query heads: 12 at Qwen2.5-1.5B's shape), and
+# each load holds at most COMBINE_LOAD float32 elements of the partials ([splits, d / parts]).
+COMBINE_PROGRAMS = 132
+COMBINE_LOAD = 4096
+
+
+def combine_plan(b: int, heads: int, ns: int, d: int) -> tuple[int, int]:
+    """(head-dim parts, splits per load) of the combine for B batch rows, `heads` = Hkv G query
+    heads, NS splits and head dim d (all powers of two but B, heads and NS)."""
+    parts = 1
+    while b * heads * parts < COMBINE_PROGRAMS and d // parts > _MIN_DOT:
+        parts *= 2
+    return parts, min(pl.next_power_of_2(ns), max(COMBINE_LOAD * parts // d, 1))
+
+
+def _combine_kernel(m_ref, l_ref, a_ref, o_ref, *, ns, chunk):
+    b, j, r, part = (pl.program_id(i) for i in range(4))
+    nsp, bd = pl.next_power_of_2(ns), o_ref.shape[-1]
+
+    def stats(ref, rows, ok, fill):
+        return plgpu.load(ref.at[b, j, rows, r], mask=ok, other=fill)
+
+    every = lax.broadcasted_iota(jnp.int32, (nsp,), 0) < ns
+    top = jnp.max(stats(m_ref, pl.ds(0, nsp), every, NEG))
+
+    def step(i, carry):
+        num, den = carry
+        rows = pl.ds(i * chunk, chunk)
+        ok = i * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < ns
+        # splits past NS weigh 0 even where every logit of the row is masked (top = NEG)
+        w = jnp.where(ok, jnp.exp(stats(m_ref, rows, ok, NEG) - top), 0.0)  # [chunk]
+        block = a_ref.at[b, j, rows, r, pl.ds(part * bd, bd)]  # [chunk, d / parts]
+        a = plgpu.load(block, mask=jnp.broadcast_to(ok[:, None], block.shape), other=0.0)
+        return num + jnp.sum(w[:, None] * a, axis=0), den + jnp.sum(w * stats(l_ref, rows, ok, 0.0))
+
+    num, den = lax.fori_loop(0, nsp // chunk, step, (jnp.zeros((bd,), F32), jnp.zeros((), F32)))
+    o_ref[...] = (num / den).astype(o_ref.dtype)
+
+
+def combine(m_bkng, l_bkng, a_bkngd, g, dtype, interpret: bool):
+    """context [B, Hkv G, d] in `dtype` from the splits' partials, rows 0..g-1 of each Gp
+    (module docstring): the combine kernel, grid (B, Hkv, G, head-dim parts)."""
+    b, hkv, ns, _, d = a_bkngd.shape
+    parts, chunk = combine_plan(b, hkv * g, ns, d)
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, ns=ns, chunk=chunk),
+        grid=(b, hkv, g, parts),
+        in_specs=[whole, whole, whole],
+        out_specs=pl.BlockSpec((None, None, d // parts), lambda bb, j, r, p: (bb, j * g + r, p)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv * g, d), dtype),
+        interpret=interpret,
+        name="decode_attention_combine",
+        **_launch(interpret, warps=4, stages=2),
+    )(m_bkng, l_bkng, a_bkngd)
 
 
 def decode_attention_pallas(
@@ -195,9 +252,8 @@ def _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static):
     dt = jnp.bfloat16 if bf16 else F32
     # query head h = j * G + g; rows G..Gp-1 of each KV head are zero (and dropped below)
     q_bkgd = jnp.pad(q_b1hd.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    parts = partials(q_bkgd, k_bshd, v_bshd, mask_bs.astype(jnp.int8), config, interpret, dt)
-    ctx = combine(*parts)[:, :, :g]
-    return ctx.reshape(b, 1, h, d).astype(dtype)
+    parts = partials(q_bkgd, k_bshd, v_bshd, mask_bs.astype(jnp.int8), g, config, interpret, dt)
+    return combine(*parts, g, dtype, interpret).reshape(b, 1, h, d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

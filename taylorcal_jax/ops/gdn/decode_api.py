@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 
+import jax.numpy as jnp
+
 from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
 from taylorcal_jax.ops.gdn.decode_step import decode_step_from_projections_xla, decode_step_xla
 
@@ -83,15 +85,22 @@ def decode_step_from_projections(
     *,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    ab_column: int = 0,
+    dtype=None,
     impl: str = "xla",
 ):
     """One decoding step of a GDN layer from its joined projections of the token, by `impl`:
     qkv_bc [B, 2 H K + H V (+ more, ignored)] = x [Wq | Wk | Wv | ...] in the compute dtype,
-    ab_bc [B, 2 H] = x [Wa | Wb], A_log_h and dt_bias_h [H], valid_b [B] bool, the state
-    [B, H, K, V] (H, K, V are read from it); the operands are step_inputs.from_projections'.
+    ab_bc [B, ab_column + 2 H (+ more)] holding x [Wa | Wb] from column ab_column on, A_log_h
+    and dt_bias_h [H], valid_b [B] bool, the state [B, H, K, V] (H, K, V are read from it); the
+    operands are step_inputs.from_projections'. dtype: the compute dtype that q, k and v are
+    rounded to first (None: qkv_bc's), so that qkv_bc may be float32 sums, and even the same
+    array as ab_bc: one product of all six kernels, one operand, no slices (which XLA would
+    form as kernels of their own).
 
-    Returns (o [B, H, V] in qkv_bc's dtype, new state [B, H, K, V] in float32)."""
+    Returns (o [B, H, V] in `dtype` (or qkv_bc's), new state [B, H, K, V] in float32)."""
     args = (qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv)
+    layout = dict(ab_column=ab_column, dtype=None if dtype is None else jnp.dtype(dtype))
 
     def unsupported():
         from taylorcal_jax.ops.gdn import decode_pallas
@@ -101,5 +110,9 @@ def decode_step_from_projections(
     if resolve_gpu_kernel("GDN decode step", impl, logger, unsupported) == "pallas":
         from taylorcal_jax.ops.gdn.decode_pallas import decode_step_from_projections_pallas
 
-        return decode_step_from_projections_pallas(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)
-    return decode_step_from_projections_xla(*args, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        return decode_step_from_projections_pallas(
+            *args, scale=scale, use_qk_l2norm=use_qk_l2norm, **layout
+        )
+    return decode_step_from_projections_xla(
+        *args, scale=scale, use_qk_l2norm=use_qk_l2norm, **layout
+    )

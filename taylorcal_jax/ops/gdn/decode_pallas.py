@@ -132,7 +132,8 @@ def _kernel(q_ref, k_ref, v_ref, gb_ref, s_ref, o_ref, new_s_ref, **static):
 
 
 def _kernel_from_projections(qkv_ref, ab_ref, alog_ref, dtb_ref, valid_ref, s_ref, o_ref,
-                             new_s_ref, *, heads, k_dim, v_dim, block_v, **static):  # fmt: skip
+                             new_s_ref, *, heads, k_dim, v_dim, block_v, ab_column, dtype,
+                             **static):  # fmt: skip
     # qkv_ref, ab_ref, alog_ref, dtb_ref and valid_ref are whole (memory_space ANY): this
     # program's row b, head h and columns j are read from them by index; ab, A_log and dt_bias
     # in their dtype (step_inputs.gates widens them), since a cast outside would be a kernel of
@@ -141,13 +142,15 @@ def _kernel_from_projections(qkv_ref, ab_ref, alog_ref, dtb_ref, valid_ref, s_re
     ok = valid_ref[b] != 0
     hk = heads * k_dim
 
-    def act(start, size):  # step_inputs.activation, then float32
-        y = step_inputs.activation(qkv_ref[b, pl.ds(start, size)]).astype(F32)
+    def act(start, size):  # rounded to the compute dtype, step_inputs.activation, float32
+        y = qkv_ref[b, pl.ds(start, size)]
+        y = step_inputs.activation(y if dtype is None else y.astype(dtype)).astype(F32)
         return jnp.where(ok, y, 0.0)
 
     q, k = act(h * k_dim, k_dim), act(hk + h * k_dim, k_dim)
     v = act(2 * hk + h * v_dim + j * block_v, block_v)
-    g, beta = step_inputs.gates(ab_ref[b, h], ab_ref[b, heads + h], alog_ref[h], dtb_ref[h], ok)
+    a, b_logit = ab_ref[b, ab_column + h], ab_ref[b, ab_column + heads + h]
+    g, beta = step_inputs.gates(a, b_logit, alog_ref[h], dtb_ref[h], ok)
     _step(q, k, v, jnp.exp(g), beta, s_ref, o_ref, new_s_ref, **static)
 
 
@@ -162,7 +165,7 @@ def _state_spec(kd, bv):
 
 
 def _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
-    scale, l2norm, interpret, config = static
+    scale, l2norm, interpret, config, _ = static
     b, h, kd = q_bhk.shape
     vd = v_bhv.shape[-1]
     bv = config.block_v(b, h, vd)
@@ -188,22 +191,23 @@ def _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
 
 
 def _forward_from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv, static):
-    scale, l2norm, interpret, config = static
+    scale, l2norm, interpret, config, layout = static
     b, h, kd, vd = state_bhkv.shape
     bv = config.block_v(b, h, vd)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     state = _state_spec(kd, bv)
     kernel = functools.partial(
         _kernel_from_projections, heads=h, k_dim=kd, v_dim=vd, block_v=bv, scale=scale,
-        l2norm=l2norm,
+        l2norm=l2norm, **dict(layout),
     )  # fmt: skip
+    out_dtype = qkv_bc.dtype if dict(layout)["dtype"] is None else dict(layout)["dtype"]
     return pl.pallas_call(
         kernel,
         grid=(b, h, vd // bv),
         in_specs=[whole] * 5 + [state],
         out_specs=[pl.BlockSpec((None, None, bv), lambda bb, hh, j: (bb, hh, j)), state],
         out_shape=[
-            jax.ShapeDtypeStruct((b, h, vd), qkv_bc.dtype),
+            jax.ShapeDtypeStruct((b, h, vd), out_dtype),
             jax.ShapeDtypeStruct((b, h, kd, vd), F32),
         ],
         input_output_aliases={5: 1},  # the new state overwrites the old one
@@ -225,8 +229,11 @@ def _with_xla_backward(forward, xla_form):
         return forward(*inputs, static), inputs
 
     def step_bwd(static, inputs, cotangents):
-        scale, l2norm = static[:2]
-        _, vjp = jax.vjp(lambda *x: xla_form(*x, scale=scale, use_qk_l2norm=l2norm), *inputs)
+        scale, l2norm, _, _, layout = static
+        layout = dict(layout)
+        _, vjp = jax.vjp(
+            lambda *x: xla_form(*x, scale=scale, use_qk_l2norm=l2norm, **layout), *inputs
+        )
         return vjp(cotangents)
 
     step.defvjp(step_fwd, step_bwd)
@@ -239,12 +246,14 @@ _decode_step_from_projections = _with_xla_backward(
 )
 
 
-def _static(head_dim, scale, use_qk_l2norm, interpret, config):
+def _static(head_dim, scale, use_qk_l2norm, interpret, config, **layout):
+    """The kernels' static arguments; `layout` (the step from projections': ab_column, dtype)
+    as sorted pairs, for the XLA form's backward too."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     scale = head_dim**-0.5 if scale is None else float(scale)
     config = DecodeStepConfig() if config is None else config
-    return (scale, bool(use_qk_l2norm), bool(interpret), config)
+    return (scale, bool(use_qk_l2norm), bool(interpret), config, tuple(sorted(layout.items())))
 
 
 def decode_step_pallas(
@@ -280,15 +289,19 @@ def decode_step_from_projections_pallas(
     *,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    ab_column: int = 0,
+    dtype=None,
     interpret: bool | None = None,
     config: DecodeStepConfig | None = None,
 ):
     """The step of a GDN layer from its joined projections by the kernel; arguments and
-    results as decode_step.decode_step_from_projections_xla's: (o [B, H, V] in qkv_bc's dtype,
-    new state [B, H, K, V] float32). interpret=None: interpret mode on CPU backends."""
+    results as decode_step.decode_step_from_projections_xla's: (o [B, H, V] in `dtype` or
+    qkv_bc's, new state [B, H, K, V] float32). interpret=None: interpret mode on CPU backends."""
     reason = unsupported_reason_from_projections(qkv_bc, state_bhkv)
     if reason:
         raise ValueError(f"{reason}; use impl='xla' for such inputs")
-    static = _static(state_bhkv.shape[2], scale, use_qk_l2norm, interpret, config)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    static = _static(state_bhkv.shape[2], scale, use_qk_l2norm, interpret, config,
+                     ab_column=int(ab_column), dtype=dtype)  # fmt: skip
     return _decode_step_from_projections(static, qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b,
                                          state_bhkv)  # fmt: skip

@@ -60,11 +60,14 @@ def decode_step_xla(
 
 
 def decode_step_from_projections_xla(
-    qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv, *, scale=None, use_qk_l2norm=True
-):
+    qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv, *, scale=None, use_qk_l2norm=True,
+    ab_column=0, dtype=None,
+):  # fmt: skip
     """`decode_step_xla` of the operands `step_inputs.from_projections` makes: qkv_bc
-    [B, 2 H K + H V (+ more)] = x [Wq | Wk | Wv | ...], ab_bc [B, 2 H] = x [Wa | Wb], valid_b
-    [B] bool; H, K, V from the state [B, H, K, V]."""
+    [B, 2 H K + H V (+ more)] = x [Wq | Wk | Wv | ...], ab_bc [B, ab_column + 2 H (+ more)]
+    holding x [Wa | Wb] from column ab_column on, valid_b [B] bool, q, k, v rounded to `dtype`
+    (None: qkv_bc's); H, K, V from the state [B, H, K, V]. o is in `dtype` (or qkv_bc's)."""
     _, h, kd, vd = state_bhkv.shape
-    operands = step_inputs.from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, h, kd, vd)
+    operands = step_inputs.from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, h, kd, vd,
+                                            ab_column=ab_column, dtype=dtype)  # fmt: skip
     return decode_step_xla(*operands, state_bhkv, scale=scale, use_qk_l2norm=use_qk_l2norm)

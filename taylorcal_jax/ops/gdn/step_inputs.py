@@ -16,7 +16,10 @@ values; g and beta are float32.
 The module (models/mixers/gdn.py) applies `activation` and `gates` to its projections (after
 the optional short convolution); a decoding step without the convolution takes them inside
 the step (decode_api.decode_step_from_projections), from the joined products: `qkv_bc`
-[B, 2 H K + H V (+ more)] holds x [Wq | Wk | Wv | ...] and `ab_bc` [B, 2 H] holds x [Wa | Wb].
+[B, 2 H K + H V (+ more)] holds x [Wq | Wk | Wv | ...] and `ab_bc` [B, 2 H] holds x [Wa | Wb]
+(or holds them from a given column on: with params joined for decoding both are the one
+float32 product of all six kernels, passed twice, q, k and v rounded to the compute dtype
+first).
 `from_projections` is that step's operands by these definitions; the Pallas step computes the
 same per program (decode_pallas.py).
 """
@@ -45,14 +48,18 @@ def gates(a, b, A_log, dt_bias, valid=None):
     return g, beta
 
 
-def from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, heads, k_dim, v_dim):
+def from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, heads, k_dim, v_dim, *,
+                     ab_column=0, dtype=None):  # fmt: skip
     """One token's (q [B, H, K], k [B, H, K], v [B, H, V], g [B, H], beta [B, H]) from the
-    joined projections (module docstring)."""
+    joined projections (module docstring); the gate logits are ab_bc's columns ab_column ..
+    ab_column + 2 H - 1, and q, k, v are rounded to `dtype` (None: qkv_bc's) before their
+    activation, so that one float32 product can serve as both operands."""
     b = qkv_bc.shape[0]
     hk, hv = heads * k_dim, heads * v_dim
+    qkv_bc = qkv_bc if dtype is None else qkv_bc.astype(dtype)
     q, k = (qkv_bc[:, i * hk : (i + 1) * hk].reshape(b, heads, k_dim) for i in (0, 1))
     v = qkv_bc[:, 2 * hk : 2 * hk + hv].reshape(b, heads, v_dim)
     q, k, v = (activation(x, valid_b[:, None]) for x in (q, k, v))
-    g, beta = gates(ab_bc[:, :heads], ab_bc[:, heads : 2 * heads], A_log_h, dt_bias_h,
-                    valid_b[:, None])  # fmt: skip
+    a_bh, b_bh = (ab_bc[:, ab_column + i * heads : ab_column + (i + 1) * heads] for i in (0, 1))
+    g, beta = gates(a_bh, b_bh, A_log_h, dt_bias_h, valid_b[:, None])
     return q, k, v, g, beta
