@@ -5,8 +5,9 @@
 #   1. the gpu-marked tests of the cuDNN fused attention (tests/test_fused_attention.py), of
 #      the GDN decoding step's Pallas kernels, the step from the layer's joined projections
 #      included (tests/test_gdn_decode_pallas.py), of the few-row dense product's kernel
-#      (tests/test_gemv.py), of the KL-from-logits kernel (tests/test_kl_logits.py) and the
-#      compiled bf16 student's decoding with params joined for decoding (tests/test_joined.py)
+#      (tests/test_gemv.py), of the decoding attention's kernels (tests/test_decode_attention.py),
+#      of the KL-from-logits kernel (tests/test_kl_logits.py) and the compiled bf16 student's
+#      decoding with params joined for decoding (tests/test_joined.py)
 #                                                                             -> $OUT/gpu/
 #   2. launch/bench_inference.py with the models' defaults: on an H200 the headline file,
 #      4k-64k at batch 1 and 16 (289 s at git 743137d); on an H100, whose 80 GB do not pass its
@@ -44,8 +45,9 @@ PROBE_S=260
 VARIANT_S=${VARIANT_S:-70}
 
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout 120 python3 launch/run_gpu_tests.py --select "cudnn or gdn_decode or gemv or kl_logits or joined" --jobs 6 \
-    --timeout 100 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
+  timeout 150 python3 launch/run_gpu_tests.py --jobs 12 \
+    --select "cudnn or gdn_decode or decode_attention or gemv or kl_logits or joined" \
+    --timeout 120 --out-dir "$OUT/gpu" || echo "gpu tests stopped: $?"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout 400 python3 launch/bench_inference.py --tag="$GPU" --contexts="$CONTEXTS" \
