@@ -200,7 +200,8 @@ def _forward_from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_
         _kernel_from_projections, heads=h, k_dim=kd, v_dim=vd, block_v=bv, scale=scale,
         l2norm=l2norm, **dict(layout),
     )  # fmt: skip
-    out_dtype = qkv_bc.dtype if dict(layout)["dtype"] is None else dict(layout)["dtype"]
+    out_dtype = dict(layout)["dtype"]
+    out_dtype = qkv_bc.dtype if out_dtype is None else out_dtype
     return pl.pallas_call(
         kernel,
         grid=(b, h, vd // bv),
