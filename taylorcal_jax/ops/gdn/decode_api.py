@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 
-import jax.numpy as jnp
-
 from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
 from taylorcal_jax.ops.gdn.decode_step import decode_step_from_projections_xla, decode_step_xla
 
@@ -100,7 +98,7 @@ def decode_step_from_projections(
 
     Returns (o [B, H, V] in `dtype` (or qkv_bc's), new state [B, H, K, V] in float32)."""
     args = (qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv)
-    layout = dict(ab_column=ab_column, dtype=None if dtype is None else jnp.dtype(dtype))
+    layout = dict(ab_column=ab_column, dtype=dtype)  # each implementation reads them as given
 
     def unsupported():
         from taylorcal_jax.ops.gdn import decode_pallas

@@ -192,16 +192,16 @@ def _forward(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, static):
 
 def _forward_from_projections(qkv_bc, ab_bc, A_log_h, dt_bias_h, valid_b, state_bhkv, static):
     scale, l2norm, interpret, config, layout = static
+    layout = dict(layout)  # ab_column, dtype
     b, h, kd, vd = state_bhkv.shape
     bv = config.block_v(b, h, vd)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     state = _state_spec(kd, bv)
     kernel = functools.partial(
         _kernel_from_projections, heads=h, k_dim=kd, v_dim=vd, block_v=bv, scale=scale,
-        l2norm=l2norm, **dict(layout),
+        l2norm=l2norm, **layout,
     )  # fmt: skip
-    out_dtype = dict(layout)["dtype"]
-    out_dtype = qkv_bc.dtype if out_dtype is None else out_dtype
+    out_dtype = qkv_bc.dtype if layout["dtype"] is None else layout["dtype"]
     return pl.pallas_call(
         kernel,
         grid=(b, h, vd // bv),
@@ -231,9 +231,8 @@ def _with_xla_backward(forward, xla_form):
 
     def step_bwd(static, inputs, cotangents):
         scale, l2norm, _, _, layout = static
-        layout = dict(layout)
         _, vjp = jax.vjp(
-            lambda *x: xla_form(*x, scale=scale, use_qk_l2norm=l2norm, **layout), *inputs
+            lambda *x: xla_form(*x, scale=scale, use_qk_l2norm=l2norm, **dict(layout)), *inputs
         )
         return vjp(cotangents)
 
