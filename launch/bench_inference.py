@@ -226,19 +226,21 @@ def decode_step_bytes(weights: int, cache, context: int, steps: int) -> dict:
     `context` prompt tokens, from the model's weight bytes (`weight_bytes`) and the shapes of a
     cache of any batch.
 
-    Attention layer caches are the dicts with "k", "v" [B, S, Hkv, d] and "valid" (read: the
-    filled slots, written: one slot); every other layer cache is a recurrent mixer's fixed-size
-    state (its floating-point leaves read and written); bookkeeping leaves (valid, index,
-    positions) are not counted.
+    Attention layer caches are the dicts {"k", "v"} of [B, S, Hkv, d] (read: the filled slots,
+    written: one slot); every other layer cache is a recurrent mixer's fixed-size state (its
+    floating-point leaves read and written); bookkeeping (the slot record's valid and index,
+    next_position) is not counted.
     """
     import jax
     import jax.numpy as jnp
 
+    from taylorcal_jax.models.layers import SLOTS
+
     kv_read = kv_write = state = 0.0
-    for layer in cache.values():
-        if not isinstance(layer, dict):
-            continue  # next_position
-        if {"k", "v", "valid"} <= layer.keys():
+    for name, layer in cache.items():
+        if name in (SLOTS, "next_position"):
+            continue
+        if layer.keys() == {"k", "v"}:
             for x in (layer["k"], layer["v"]):
                 per_slot = _nbytes(x) / x.shape[1]
                 kv_read += per_slot * (context + (steps + 1) / 2)

@@ -42,8 +42,10 @@ def _hand_step_bytes(batch, context, steps, attention_layers, gdn_layers, weight
 
 
 def _hand_cache_bytes(batch, slots, attention_layers, gdn_layers):
-    attention = 2 * batch * slots * HKV * HD * FP32 + batch * slots + 4  # k, v, valid, index
-    return attention_layers * attention + gdn_layers * batch * H * HD * HD * FP32 + 4 * batch
+    attention = 2 * batch * slots * HKV * HD * FP32  # k, v
+    slot_record = batch * slots + 4  # valid, index: one for all attention layers
+    gdn = batch * H * HD * HD * FP32
+    return attention_layers * attention + slot_record + gdn_layers * gdn + 4 * batch
 
 
 HAND = {  # model -> (attention layers, GDN layers, weight bytes)

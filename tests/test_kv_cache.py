@@ -1,4 +1,5 @@
-"""KV-cache decoding equals the full forward (fp32), with left padding and sliding windows.
+"""KV-cache decoding equals the full forward (fp32), with left padding and sliding windows; the
+attention layers share one slot record, written once per call.
 
 Metric: rel_err = max|a - b| / max|b| over valid positions; tolerance 1e-5.
 """
@@ -7,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_testing import equations
 from tiny_models import tiny_model_config
 
+from taylorcal_jax.models.layers import SLOTS
+from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer, init_cache, init_params
 
 T = 14
@@ -78,7 +82,8 @@ def test_prefill_then_decode_matches_full_forward(setup, prefill, chunk):
     ours = np.asarray(jnp.concatenate(outs, axis=1))
     v = np.asarray(valid)
     assert rel_err(ours[v], ref[v]) <= 1e-5
-    assert int(cache["layers_0"]["index"]) == T
+    assert int(cache[SLOTS]["index"]) == T
+    np.testing.assert_array_equal(np.asarray(cache[SLOTS]["valid"][:, :T]), v)
     np.testing.assert_array_equal(np.asarray(cache["next_position"]), v.sum(1))
 
 
@@ -86,9 +91,12 @@ def test_cache_layout(setup):
     config, *_ = setup
     cache = init_cache(Transformer(config), batch=2, max_len=5, dtype=jnp.bfloat16)
     layer = cache["layers_1"]
+    assert set(layer) == {"k", "v"}
     assert layer["k"].shape == (2, 5, config.num_key_value_heads, config.head_dim)
-    assert layer["k"].dtype == jnp.bfloat16 and layer["valid"].dtype == jnp.bool_
-    assert not bool(layer["valid"].any())
+    assert layer["k"].dtype == jnp.bfloat16
+    slots = cache[SLOTS]
+    assert slots["valid"].shape == (2, 5) and slots["valid"].dtype == jnp.bool_
+    assert not bool(slots["valid"].any()) and int(slots["index"]) == 0
 
 
 def test_bad_mixers_are_rejected():
@@ -108,6 +116,44 @@ def test_cache_overflow_is_an_error():
     cache = init_cache(model, batch=1, max_len=4)
     tokens = jnp.zeros((1, 5), jnp.int32)
     with pytest.raises(ValueError, match="KV cache overflow"):
+        jax.eval_shape(lambda p: model.apply({"params": p}, tokens, cache=cache), params)
+
+
+def test_one_validity_write_per_decoding_step():
+    # Four attention layers, two of them windowed: one dynamic_update_slice of the bool [B, S]
+    # slot validity per call (the model's slot record), not one per layer.
+    config = _config(num_hidden_layers=4, sliding_windows=(None, 4, None, 4))
+    model = Transformer(config)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    cache = init_cache(model, batch=2, max_len=8)
+
+    def step(p, c):
+        return model.apply({"params": p}, jnp.zeros((2, 1), jnp.int32), cache=c)
+
+    jaxpr = jax.make_jaxpr(step)(params, cache).jaxpr
+    writes = [e.outvars[0].aval for e in equations(jaxpr, "dynamic_update_slice")]
+    bool_writes = [a for a in writes if a.dtype == jnp.bool_]
+    assert [a.shape for a in bool_writes] == [(2, 8)]
+    assert len(writes) == 1 + 2 * 4  # the validity, then k and v of each layer
+
+
+def test_slot_record_only_with_attention_layers():
+    config = CONFIGS["qwen3_full"]
+    hybrid = init_cache(StudentConfig.from_teacher(config, (0,), mixer="gdn").model(), 1, 4)
+    assert set(hybrid) == {SLOTS, "next_position", "layers_0", "layers_1"}
+    assert set(hybrid["layers_0"]) == {"k", "v"} and "state" in hybrid["layers_1"]
+    recurrent = init_cache(StudentConfig.from_teacher(config, (), mixer="gdn").model(), 1, 4)
+    assert SLOTS not in recurrent
+
+
+def test_attention_cache_without_slots_is_an_error():
+    config = CONFIGS["qwen3_full"]
+    model = Transformer(config)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    cache = init_cache(model, batch=1, max_len=4)
+    del cache[SLOTS]
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match=r"attention layer 0 has a KV cache but no SlotView"):
         jax.eval_shape(lambda p: model.apply({"params": p}, tokens, cache=cache), params)
 
 

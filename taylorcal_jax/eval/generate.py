@@ -3,9 +3,9 @@
 Letters: B batch, P prompt length, N new tokens, V vocab.
 
 The prompt batch [B, P] is left-padded (`valid_bt` False on padding). One prefill call fills the
-mixed cache (`teacher.init_cache`: KV cache for softmax layers, each student mixer's own cache,
-e.g. the recurrent state and conv history of GDN layers), then a `lax.scan` decodes one token
-per step:
+mixed cache (`teacher.init_cache`: KV cache for softmax layers with their shared slot record,
+each student mixer's own cache, e.g. the recurrent state and conv history of GDN layers), then a
+`lax.scan` decodes one token per step:
 
     x_{P+n} = sample(logits(x_{<P+n}) / temperature)     (argmax when temperature == 0)
 

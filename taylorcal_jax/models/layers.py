@@ -23,9 +23,15 @@ kernel, `AttentionRuntime.sequence_impl` (`fused_causal_attention`: cuDNN's flas
 a GPU), which never forms the [B, H, T, S] probabilities. The dense products of a decoding
 step (at most 16 rows) may go to a few-row kernel, `AttentionRuntime.gemv_impl` (`ops.gemv`).
 
-Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d],
-"valid": [B,S] bool, "index": int32 scalar (next slot to write)}. A call with T tokens writes
-slots [index, index + T); the caller keeps index + T <= S (no wrap-around).
+Attention cache (one per attention layer): {"k": [B,S,Hkv,d], "v": [B,S,Hkv,d]}. Which slots
+hold tokens is the same for every attention layer, so the model keeps it once, in its slot
+record (`init_slots`, the model cache's SLOTS entry): {"valid": [B,S] bool, "index": int32
+scalar (next slot to write)}. A call with T tokens writes slots [index, index + T) of every
+layer's k and v and of valid, then index <- index + T (`write_slots`, once per call; it raises
+where a concrete index + T > S: no wrap-around). Each attention layer gets the record's
+`SlotView` of the call (start = index before the write, key validity after it), the same arrays
+for every layer, so layers of the same window build their mask by one computation on the same
+inputs, which XLA's CSE computes once.
 
 Blocked queries (`attend` with T > block, default ATTEND_BLOCK = 1024): softmax is per query row,
 so with the rows split into blocks Q_1..Q_n of `block` rows (T padded to n * block; the padded
@@ -63,6 +69,9 @@ from taylorcal_jax.ops.gemv import api as gemv_api
 from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
 
 logger = logging.getLogger(__name__)
+
+# The model cache's entry of the slot record (`init_slots`), shared by every attention layer.
+SLOTS = "slots"
 
 # Query rows per block of `attend(block=None)`, which every model uses. Read when a function is
 # traced: set layers.ATTEND_BLOCK before the first trace (jit caches traces per function).
@@ -376,60 +385,92 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(
-        self, x_btd, *, positions_bt, valid_bt, cache=None, return_intermediates=False,
-        row_scale_bt1=None,
+        self, x_btd, *, positions_bt, valid_bt, cache=None, slots=None,
+        return_intermediates=False, row_scale_bt1=None,
     ):  # fmt: skip
-        """row_scale_bt1: the input is x_btd scaled per row by it, the block's norm folded into
-        the joined q|k|v kernel (joined.py); None: the input is x_btd."""
+        """cache: this layer's {"k", "v"} (module docstring), or None; with a cache, slots is
+        the call's `SlotView` of the model's slot record. row_scale_bt1: the input is x_btd
+        scaled per row by it, the block's norm folded into the joined q|k|v kernel (joined.py);
+        None: the input is x_btd."""
         b, t, _ = x_btd.shape
+        if cache is not None and slots is None:
+            raise ValueError(
+                f"attention layer {self.layer_idx} has a KV cache but no SlotView (slots=...); "
+                f"the model builds it from its slot record, cache[{SLOTS!r}]"
+            )
         q, k, v = self.qkv(x_btd, positions_bt, row_scale_bt1)
         window = self.config.sliding_windows[self.layer_idx]
         if cache is None and t > 1 and self.runtime.sequence_impl != "blocked":
             ctx = fused_causal_attention(q, k, v, window, self.dtype, self.runtime.sequence_impl)
             new_cache = None
         else:
-            k, v, mask, new_cache = self._keys(k, v, valid_bt, cache, window)
+            k, v, mask, new_cache = self._keys(k, v, valid_bt, cache, slots, window)
             ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype, runtime=self.runtime)
         y = self.o_proj(ctx.reshape(b, t, -1))
         inter = {"attn_context": ctx} if return_intermediates else {}
         return y, new_cache, inter
 
-    def _keys(self, k, v, valid_bt, cache, window):
+    def _keys(self, k, v, valid_bt, cache, slots, window):
         """(k, v, MaskSpec, new cache) of the blocked and decoding paths: the call's own keys,
-        or the cache with the call's keys written at its index."""
+        or the cache with the call's keys written at slots [slots.start, slots.start + T)."""
         b, t = valid_bt.shape
         if cache is None:
             idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             return k, v, MaskSpec(idx, idx, valid_bt, window), None
-        start = cache["index"]
-        if not isinstance(start, jax.core.Tracer) and int(start) + t > cache["k"].shape[1]:
-            raise ValueError(
-                f"KV cache overflow: {int(start)} slots used + {t} new tokens > "
-                f"{cache['k'].shape[1]} slots; build the cache with a larger max_len"
-            )
         zero = jnp.zeros((), jnp.int32)
-        k_all = jax.lax.dynamic_update_slice(
-            cache["k"], k.astype(cache["k"].dtype), (zero, start, zero, zero)
-        )
-        v_all = jax.lax.dynamic_update_slice(
-            cache["v"], v.astype(cache["v"].dtype), (zero, start, zero, zero)
-        )
-        valid_all = jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (zero, start))
-        s = k_all.shape[1]
-        q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        new_cache = {"k": k_all, "v": v_all, "valid": valid_all, "index": start + t}
-        return k_all, v_all, MaskSpec(q_idx, k_idx, valid_all, window), new_cache
+        at = (zero, slots.start, zero, zero)
+        k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
+        v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
+        return k_all, v_all, slots.mask(t, window), {"k": k_all, "v": v_all}
 
 
 def init_attention_cache(config: ModelConfig, batch: int, max_len: int, dtype) -> dict:
+    """Empty KV cache of one attention layer, max_len slots: {"k", "v"} zeros [B,S,Hkv,d]."""
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "valid": jnp.zeros((batch, max_len), bool),
-        "index": jnp.zeros((), jnp.int32),
-    }
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_slots(batch: int, max_len: int) -> dict:
+    """Empty slot record of max_len slots (module docstring): nothing valid, index 0."""
+    return {"valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def write_slots(slots: dict, valid_bt) -> dict:
+    """The slot record after a call of T tokens: valid[:, index : index + T] = valid_bt, index
+    + T. Raises where the index is concrete and index + T > S (the cache would overflow)."""
+    start, valid_bs = slots["index"], slots["valid"]
+    t, s = valid_bt.shape[1], valid_bs.shape[1]
+    if not isinstance(start, jax.core.Tracer) and int(start) + t > s:
+        raise ValueError(
+            f"KV cache overflow: {int(start)} slots used + {t} new tokens > {s} slots; "
+            "build the cache with a larger max_len"
+        )
+    zero = jnp.zeros((), jnp.int32)
+    valid_bs = jax.lax.dynamic_update_slice(valid_bs, valid_bt.astype(bool), (zero, start))
+    return {"valid": valid_bs, "index": start + t}
+
+
+class SlotView(NamedTuple):
+    """What every attention layer reads of the slot record in one call of T tokens: the call's
+    tokens sit at slots start .. start + T - 1, and key slot s is a token where k_valid_bs[:, s].
+    The model builds it once per call (`of_call`), so every layer's mask is the same computation
+    on the same arrays."""
+
+    start: jax.Array  # int32 scalar: the slot of the call's first token (index before the write)
+    k_valid_bs: jax.Array  # [B, S] bool: key validity after the call's write
+
+    @classmethod
+    def of_call(cls, slots: dict, new_slots: dict) -> SlotView:
+        """The view of the call that took the record from `slots` to `new_slots`
+        (`write_slots`)."""
+        return cls(slots["index"], new_slots["valid"])
+
+    def mask(self, t: int, window: int | None) -> MaskSpec:
+        """The call's MaskSpec: query t' at slot start + t', key s at slot s, k_valid_bs."""
+        b, s = self.k_valid_bs.shape
+        q_index_bt = jnp.broadcast_to(self.start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_index_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        return MaskSpec(q_index_bt, k_index_bs, self.k_valid_bs, window)
 
 
 def repeat_kv_kernel(kernel_dx, num_kv_heads: int, groups: int):
@@ -500,8 +541,10 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, h, positions_bt, valid_bt, cache=None, return_intermediates=False, keep=None
-    ):
+        self, h, positions_bt, valid_bt, cache=None, slots=None, return_intermediates=False,
+        keep=None,
+    ):  # fmt: skip
+        """slots: the call's `SlotView`, handed to softmax attention with its cache."""
         c = self.config
         attn_in, in_scale = self._norm("input_layernorm", h)
         if in_scale is not None and return_intermediates:
@@ -519,9 +562,11 @@ class DecoderLayer(nn.Module):
 
         where = {"positions_bt": positions_bt, "valid_bt": valid_bt}
         if keep is None:
-            scaled = {} if in_scale is None else {"row_scale_bt1": in_scale}
+            extra = {} if in_scale is None else {"row_scale_bt1": in_scale}
+            if self.mixer == ATTENTION:
+                extra["slots"] = slots
             y, new_cache, inter = mixer_module(self.mixer)(
-                attn_in, **where, **scaled, cache=cache, return_intermediates=return_intermediates
+                attn_in, **where, **extra, cache=cache, return_intermediates=return_intermediates
             )
         else:
             # Both mixers on the same input and a select: exactly the block with either mixer.

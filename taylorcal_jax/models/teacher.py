@@ -11,7 +11,10 @@ Letters: B batch, T time, D hidden, V vocab, L layers, S cache slots.
 and their outputs are meaningless. Positions default to cumsum(valid) - 1 (clipped at 0),
 offset by the tokens already in the cache when decoding.
 
-Cache (from `init_cache`): {layer_key(i): per-layer mixer cache, "next_position": [B] int32}.
+Cache (from `init_cache`): {layer_key(i): per-layer mixer cache (attention: {"k", "v"}),
+SLOTS: the slot record of every attention layer ({"valid" [B, S] bool, "index"}, layers.py;
+only in a model with attention layers), "next_position": [B] int32}. A call writes the record
+once (`layers.write_slots`) and hands each attention layer the same `layers.SlotView` of it.
 Prefill with T tokens, then call again with one token at a time; logits equal the full forward.
 Logits are returned in float32.
 
@@ -31,10 +34,14 @@ import jax.numpy as jnp
 
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.layers import (
+    SLOTS,
     AttentionRuntime,
     DecoderLayer,
     RMSNorm,
+    SlotView,
     init_attention_cache,
+    init_slots,
+    write_slots,
 )
 from taylorcal_jax.models.mixers import MIXERS, StudentMixer
 from taylorcal_jax.models.paths import ATTENTION, layer_key
@@ -147,21 +154,27 @@ class Transformer(nn.Module):
             c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens"
         )
         h = embed(tokens_bt)
-        new_cache = None if cache is None else {}
+        new_cache, slots = None, None
+        if cache is not None:
+            new_cache = {}
+            if SLOTS in cache:  # the model has attention layers
+                new_cache[SLOTS] = write_slots(cache[SLOTS], valid_bt)
+                slots = SlotView.of_call(cache[SLOTS], new_cache[SLOTS])
         inters = {}
         for i, mixer in enumerate(mixers):
             name = layer_key(i)
             layer_cls = self._whole_params(DecoderLayer, name, h)
             if self.remat:  # around the gather: the backward pass gathers the params again
-                # argnums count self: (h, positions, valid, cache, return_intermediates, keep)
-                layer_cls = nn.remat(layer_cls, static_argnums=(5,))
+                # argnums count self: (h, positions, valid, cache, slots, return_intermediates,
+                # keep)
+                layer_cls = nn.remat(layer_cls, static_argnums=(6,))
             layer = layer_cls(
                 c, i, mixer, self.student_mixer, self.dtype, attention_runtime, name=name
             )
             layer_cache = None if cache is None else cache[name]
             keep = None if keep_l is None else keep_l[i]
             h, layer_cache, inter = layer(
-                h, positions_bt, valid_bt, layer_cache, return_intermediates, keep
+                h, positions_bt, valid_bt, layer_cache, slots, return_intermediates, keep
             )
             if cache is not None:
                 new_cache[name] = layer_cache
@@ -190,8 +203,11 @@ def init_cache(model: Transformer, batch: int, max_len: int, dtype=None) -> dict
     """Empty decoding cache of `model` with `max_len` token slots (dtype: the model's)."""
     config = model.config
     dtype = model.dtype if dtype is None else dtype
+    mixers = resolve_mixers(config, model.mixers, model.student_mixer)
     cache: dict = {"next_position": jnp.zeros((batch,), jnp.int32)}
-    for i, mixer in enumerate(resolve_mixers(config, model.mixers, model.student_mixer)):
+    if ATTENTION in mixers:
+        cache[SLOTS] = init_slots(batch, max_len)
+    for i, mixer in enumerate(mixers):
         if mixer == ATTENTION:
             cache[layer_key(i)] = init_attention_cache(config, batch, max_len, dtype)
         else:
