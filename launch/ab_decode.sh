@@ -13,6 +13,9 @@
 #       ROUNDS=2 bash launch/ab_decode.sh run TAG REV...
 #       -> $OUT/probe_decode_<gpu>_<TAG>_<rev>[_again|_round<n>].json, one per run
 #
+# GPU_TESTS (a pytest -k expression) first runs those gpu-marked tests in the last revision's tree
+# (launch/run_gpu_tests.py -> $OUT/gpu/, at most GPU_TESTS_S seconds, counted in the budget), so
+# that one call both checks a new kernel compiled and times it against the others.
 # A run that would start past BUDGET_S seconds into the call is skipped and said so, so that the
 # call ends inside its 10 minutes with every file written so far; each run is bounded by
 # `timeout` (RUN_S). PROBE_ARGS adds flags to every probe (PROBE_ARGS=--preset=small: a CPU dry
@@ -58,6 +61,14 @@ case "$MODE" in
     if command -v nvidia-smi >/dev/null; then
       GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9]*' | head -1 | tr H h)
       GPU=${GPU:-gpu}
+    fi
+    if [ -n "${GPU_TESTS:-}" ]; then
+      last=${*: -1}
+      (cd "$AB/$last" && PYTHONPATH="$PWD:/tmp/site" timeout "${GPU_TESTS_S:-150}" \
+        python3 launch/run_gpu_tests.py --jobs 12 --select "$GPU_TESTS" \
+        --timeout $((${GPU_TESTS_S:-150} - 15)) --out-dir "$OUT/gpu") | tail -3 ||
+        echo "gpu tests in $last stopped: $?"
+      echo "gpu tests of $last done at ${SECONDS} s"
     fi
     for round in $(seq 1 "$ROUNDS"); do
       suffix=""

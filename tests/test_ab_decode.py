@@ -37,6 +37,14 @@ def test_trees_then_an_alternating_run_over_them(tmp_path):
         run = result["runs"]["defaults_joined"]
         assert run["status"] == "ok", run
         assert [r["model"] for r in run["records"]] == ["teacher", "student"]
+    # GPU_TESTS: the selected gpu-marked tests of the last tree first (skipped off a GPU), then
+    # the runs, which the tests' time counts against
+    tested = _sh("run", "t", sha, "other", **{**env, "BUDGET_S": "-1",
+                 "GPU_TESTS": "test_compiled_kernel_equals_xla_on_gpu and gemv"})  # fmt: skip
+    assert tested.returncode == 0 and "gpu tests of other done" in tested.stdout, tested.stdout
+    summary = json.loads((out / "gpu" / "gpu_tests_summary.json").read_text())
+    assert summary["counts"]["skipped"] == len(summary["tests"]) >= 1
+    assert tested.stdout.count("skipped cpu_t_") == 2
     # past the budget every run is skipped, and said so
     skipped = _sh("run", "t", sha, "other", **{**env, "BUDGET_S": "-1", "ROUNDS": "2"})
     assert skipped.returncode == 0 and skipped.stdout.count("skipped cpu_t_") == 4
