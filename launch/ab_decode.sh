@@ -53,10 +53,7 @@ case "$MODE" in
     BUDGET_S=${BUDGET_S:-480}
     RUN_S=${RUN_S:-100}
     export PYTHONUNBUFFERED=1
-    if compgen -G ".whl/*.whl" >/dev/null; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    fi
+    source "$(dirname "$0")/carried_wheels.sh" && install_carried_wheels
     GPU=cpu
     if command -v nvidia-smi >/dev/null; then
       GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9]*' | head -1 | tr H h)

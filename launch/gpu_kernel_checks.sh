@@ -24,10 +24,7 @@
 set -uo pipefail
 OUT=${OUT:-launch/results}
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-fi
+source "$(dirname "$0")/carried_wheels.sh" && install_carried_wheels
 export PYTHONPATH=$PWD:/tmp/site
 # the result files' tag names the GPU that ran them (h100, h200, ...)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9][0-9]*' | head -1 | tr H h)
