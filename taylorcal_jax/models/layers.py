@@ -66,7 +66,7 @@ from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
-from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
+from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product, rms_row_scale
 
 logger = logging.getLogger(__name__)
 
@@ -164,13 +164,6 @@ class AttentionRuntime:
         if padded and self.sequence_impl != "blocked":
             return dataclasses.replace(self, sequence_impl="blocked")
         return self
-
-
-def rms_row_scale(x, eps):
-    """r = 1 / sqrt(mean(x^2) + eps) over the last axis, float32 [..., 1]: rmsnorm(x) = r x
-    scale."""
-    x32 = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
 class RMSNorm(nn.Module):

@@ -57,6 +57,13 @@ def resolve_impl(impl: str, x_mk=None, w_kn=None) -> str:
     )
 
 
+def rms_row_scale(x, eps):
+    """r = 1 / sqrt(mean(x^2) + eps) over the last axis, float32 [..., 1]: rmsnorm(x) = r x
+    scale."""
+    x32 = x.astype(F32)
+    return lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
 @jax.custom_vjp
 def _gemv(x_mk, w_kn):
     """x W in float32 (the kernel's sums; callers cast)."""
