@@ -6,9 +6,11 @@ Metric: rel = max|a - b| / max|b|. Tolerances:
   bfloat16 inputs vs the fp64 reference of the same bf16 values          1.5e-2 (probabilities
       and the output rounded to bf16: 2^-8 relative each)
   model decode logits, pallas vs xla, float32                            2e-5
-The cases: GQA groups G = 1, 2, 6; S = 37 slots in blocks of 16 (a partial block, and splits of
-two blocks so that the last split's second block lies wholly past S); rows with different valid
-slots (all, left padding and unfilled slots, a sliding window, one slot, none).
+  kernel vs the XLA form (reference.attend_one_query), same dtype        as vs fp64
+The cases: GQA groups G = 1, 2, 6 (and 3, 6, 20 for the query rows each program reads); S = 37
+slots in blocks of 16 (a partial block, and splits of two blocks so that the last split's second
+block lies wholly past S); rows with different valid slots (all, left padding and unfilled
+slots, a sliding window, one slot, none).
 """
 
 import jax
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from decode_testing import greedy_steps
+from jaxpr_testing import equations
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.models.layers import AttentionRuntime
@@ -78,6 +81,22 @@ def test_pallas_kernel_equals_the_fp64_reference(h, hkv, dtype, tol, split):
     got = pallas_gpu.decode_attention_pallas(q, k, v, mask, dtype, interpret=True, config=config)
     assert got.shape == q.shape and got.dtype == dtype
     assert _rel(got, _reference64(q, k, v, mask)) <= tol
+
+
+@pytest.mark.parametrize("h,hkv", [(6, 2), (12, 2), (40, 2)])  # G = 3, 6, 20
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1.5e-2)])
+def test_query_rows_are_read_where_they_lie(h, hkv, dtype, tol):
+    # each program loads Gp rows of q [B, H, d] from row j G on (Gp = 16, 16, 32): the tile of
+    # KV head 0 overlaps KV head 1's query rows, and that of KV head 1 runs past H; the rows past
+    # G of the tile must leave no trace, and q is not copied into a padded array first
+    q, k, v, mask = _inputs(h, hkv, dtype, seed=5)
+    config = pallas_gpu.DecodeConfig(block_s=16, programs=2 * 5 * hkv)
+
+    def run(*a):
+        return pallas_gpu.decode_attention_pallas(*a, dtype, interpret=True, config=config)
+
+    assert not equations(jax.make_jaxpr(run)(q, k, v, mask).jaxpr, "pad")
+    assert _rel(run(q, k, v, mask), reference.attend_one_query(q, k, v, mask, dtype)) <= tol
 
 
 def test_combine_over_more_splits_than_one_load(monkeypatch):
@@ -195,10 +214,11 @@ def test_model_decode_steps_pallas_equal_xla():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_kernel_lowers_to_triton_for_a_gpu(dtype):
+@pytest.mark.parametrize("h", [12, 40])  # G = 6 (Qwen2.5-1.5B's), 20 (q tiles of 32 rows)
+def test_kernel_lowers_to_triton_for_a_gpu(dtype, h):
     # Pallas's Triton lowering runs here, without a GPU (the export for platform "cuda"): shapes
     # and dtypes of every load, dot and store pass its checks. Compiling the Triton IR needs a GPU.
-    b, s, h, hkv, d = 2, 4160, 12, 2, 128  # the Qwen2.5-1.5B attention shape, S a ragged 65 x 64
+    b, s, hkv, d = 2, 4160, 2, 128  # the Qwen2.5-1.5B attention shape, S a ragged 65 x 64
     args = [jax.ShapeDtypeStruct(x, dtype) for x in ((b, 1, h, d), (b, s, hkv, d), (b, s, hkv, d))]
     args.append(jax.ShapeDtypeStruct((b, s), jnp.bool_))
     fn = jax.jit(lambda *a: pallas_gpu.decode_attention_pallas(*a, dtype, interpret=False))

@@ -4,9 +4,12 @@ Letters: B batch, S cache slots, H query heads, Hkv key/value heads, G = H / Hkv
 to a power of two >= 16, the least row count of a Triton dot), d head dim, BS slots per block,
 NS splits of S.
 
-The cache [B, S, Hkv, d] is read as it lies. Grid (B, Hkv, NS): program (b, j, n) takes the G
-query heads of KV head j and the slots of split n, `blocks` blocks of BS slots, and keeps, per
-query row g, the running max m, sum l and unnormalised context a of online softmax (fp32):
+The cache [B, S, Hkv, d] and q [B, H, d] are read as they lie. Grid (B, Hkv, NS): program
+(b, j, n) takes the G query heads of KV head j, query rows jG .. jG + G - 1, as one masked load
+of Gp rows from row jG on (rows g >= G, which belong to the next KV head or lie past H, read as
+0 and are never touched: no padded copy of q), and the slots of split n, `blocks` blocks of BS
+slots, and keeps, per query row g, the running max m, sum l and unnormalised context a of online
+softmax (fp32):
 
     x_s   = q_g . K[b, s, j] / sqrt(d)  where mask[b, s], else -1e30     (fp32 dot result)
     m'    = max(m, max_s x_s);  p_s = exp(x_s - m')
@@ -102,8 +105,13 @@ def _load_rows(ref, rows, ok):
 
 def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_split, g, cfg, dt):
     bs = cfg.block_s
-    q = q_ref[...]  # [Gp, d]
-    gp, d = q.shape
+    gp = m_ref.shape[-1]
+    # q [B, H, d] whole: rows jG .. jG + Gp - 1 of row b. Rows G..Gp-1 pad the dot: masked
+    # (in the last KV head's tile they lie past H; g < G keeps jG + g < H), never stored
+    real = lax.broadcasted_iota(jnp.int32, (gp,), 0) < g
+    rows_q = q_ref.at[pl.program_id(0), pl.ds(pl.program_id(1) * g, gp)]  # [Gp, d]
+    q = plgpu.load(rows_q, mask=jnp.broadcast_to(real[:, None], rows_q.shape), other=0.0)
+    d = q.shape[1]
     first = pl.program_id(2) * per_split
 
     def step(i, carry):
@@ -124,7 +132,6 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_sp
 
     init = (jnp.full((gp,), NEG, F32), jnp.zeros((gp,), F32), jnp.zeros((gp, d), F32))
     m, l, a = lax.fori_loop(0, per_split, step, init)
-    real = lax.broadcasted_iota(jnp.int32, (gp,), 0) < g  # rows G..Gp-1 pad the dot, unstored
     plgpu.store(m_ref, m, mask=real)
     plgpu.store(l_ref, l, mask=real)
     plgpu.store(a_ref, a, mask=jnp.broadcast_to(real[:, None], a.shape))
@@ -136,11 +143,13 @@ def _launch(interpret: bool, warps: int, stages: int) -> dict:
     return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
 
 
-def partials(q_bkgd, k_bshd, v_bshd, mask_bs, g, config: DecodeConfig, interpret: bool, dt):
-    """The kernel: (m [B, Hkv, NS, Gp], l [B, Hkv, NS, Gp], a [B, Hkv, NS, Gp, d]) in fp32, of
-    which rows 0..g-1 of the Gp are written (the others are never read)."""
-    b, hkv, gp, d = q_bkgd.shape
-    s = k_bshd.shape[1]
+def partials(q_bhd, k_bshd, v_bshd, mask_bs, config: DecodeConfig, interpret: bool, dt):
+    """The kernel on q [B, H, d]: (m [B, Hkv, NS, Gp], l [B, Hkv, NS, Gp], a [B, Hkv, NS, Gp,
+    d]) in fp32, of which rows 0..G-1 of the Gp are written (the others are never read)."""
+    b, h, d = q_bhd.shape
+    s, hkv = k_bshd.shape[1:3]
+    g = h // hkv
+    gp = max(_MIN_DOT, pl.next_power_of_2(g))
     ns, per_split = split_plan(config, b, hkv, s)
     kern = functools.partial(_kernel, s_len=s, per_split=per_split, g=g, cfg=config, dt=dt)
     cache = pl.BlockSpec((None, s, None, d), lambda bb, j, n: (bb, 0, j, 0))
@@ -149,7 +158,7 @@ def partials(q_bkgd, k_bshd, v_bshd, mask_bs, g, config: DecodeConfig, interpret
         kern,
         grid=(b, hkv, ns),
         in_specs=[
-            pl.BlockSpec((None, None, gp, d), lambda bb, j, n: (bb, j, 0, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),  # q whole: each program loads its rows
             cache,
             cache,
             pl.BlockSpec((None, s), lambda bb, j, n: (bb, 0)),
@@ -167,7 +176,7 @@ def partials(q_bkgd, k_bshd, v_bshd, mask_bs, g, config: DecodeConfig, interpret
         interpret=interpret,
         name="decode_attention",
         **_launch(interpret, config.warps, config.stages),
-    )(q_bkgd, k_bshd, v_bshd, mask_bs)
+    )(q_bhd, k_bshd, v_bshd, mask_bs)
 
 
 # The combine's launch: programs split the head dim into parts until there are about
@@ -247,14 +256,11 @@ def _forward(q_b1hd, k_bshd, v_bshd, mask_bs, static):
     dtype, interpret, config = static
     b, _, h, d = q_b1hd.shape
     hkv = k_bshd.shape[2]
-    g = h // hkv
-    gp = max(_MIN_DOT, pl.next_power_of_2(g))
     bf16 = all(x.dtype == jnp.bfloat16 for x in (q_b1hd, k_bshd, v_bshd))
     dt = jnp.bfloat16 if bf16 else F32
-    # query head h = j * G + g; rows G..Gp-1 of each KV head are zero (and dropped below)
-    q_bkgd = jnp.pad(q_b1hd.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    parts = partials(q_bkgd, k_bshd, v_bshd, mask_bs.astype(jnp.int8), g, config, interpret, dt)
-    return combine(*parts, g, dtype, interpret).reshape(b, 1, h, d)
+    q_bhd = q_b1hd.reshape(b, h, d)  # free: query head h = j G + g
+    parts = partials(q_bhd, k_bshd, v_bshd, mask_bs.astype(jnp.int8), config, interpret, dt)
+    return combine(*parts, h // hkv, dtype, interpret).reshape(b, 1, h, d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
