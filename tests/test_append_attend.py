@@ -1,7 +1,7 @@
 """A decoding step's token appended to the KV cache and attended (decode_attention.api.
 append_and_attend): the Pallas kernel in interpret mode (pallas_append.py) against the XLA form
 (reference.append_and_attend_xla) and a float64 NumPy reference; what the kernel writes into
-the caches.
+the caches; the models taking it for joined params.
 
 Metric: rel = max|a - b| / max|b|. Tolerances:
   context, float32, vs fp64 and vs the XLA form                         2e-5 (fp32 sums)
@@ -12,21 +12,28 @@ Metric: rel = max|a - b| / max|b|. Tolerances:
   the new key in the cache vs the XLA form's                            1 ulp of the cache
       dtype (the same float32 rotation; XLA may fuse a multiply and an add into one rounding)
   the new value, every other slot of both caches                        bitwise
+  model decode logits, pallas vs xla, float32                           2e-5
 The cases: GQA groups G = 1, 2, 3, 6; head dims 32, 64, 128; batch 1 and 3; S = 69 slots in
 blocks of 16 (5 blocks, 2 splits of 3 blocks); the token at slot 0, 31 (mid-block), 48 (the
 first slot of a block and of the second split) and 68 (S - 1); rows with all slots up to the
 token, left padding, a sliding window.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decode_testing import attend_one_query64
+from decode_testing import attend_one_query64, greedy_steps
 from gdn_testing import rel_err
+from jaxpr_testing import equations
 from tiny_models import tiny_model_config
 
+from taylorcal_jax.models.joined import join_for_decoding
+from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.rope import rope_cos_sin
+from taylorcal_jax.models.teacher import Transformer, init_cache
 from taylorcal_jax.ops.decode_attention import api, pallas_append, pallas_gpu, reference
 
 S = 69
@@ -215,3 +222,65 @@ def test_kernel_lowers_to_triton_with_the_caches_aliased(dtype):
     for out, operand in ((3, 4), (4, 5)):
         alias = f"output_tuple_indices = [{out}], operand_index = {operand}, operand_tuple"
         assert f"#stablehlo.output_operand_alias<{alias}" in module
+
+
+def _teacher_config(head_dim):
+    # Qwen2 (biases on q, k, v) with a sliding window of 4 in layer 1
+    return tiny_model_config(
+        model_type="qwen2", hidden_size=64, intermediate_size=96, head_dim=head_dim,
+        attention_bias=True, sliding_windows=(None, 4), max_position_embeddings=64,
+    )  # fmt: skip
+
+
+def _step_jaxpr(model, params, cache_dtype=None, batch=2, slots=16):
+    """The jaxpr of a one-token cached call (a decoding step); the cache in `cache_dtype` (None:
+    the model's)."""
+    tokens = jnp.ones((batch, 1), jnp.int32)
+    step = lambda p, c: model.apply({"params": p}, tokens, cache=c)[:2]  # noqa: E731
+    return jax.make_jaxpr(step)(params, init_cache(model, batch, slots, cache_dtype)).jaxpr
+
+
+def _cache_writes(jaxpr, config, batch=2, slots=16):
+    """dynamic_update_slice equations writing a [B, S, Hkv, d] cache."""
+    shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+    return [e for e in equations(jaxpr, "dynamic_update_slice") if e.outvars[0].aval.shape == shape]
+
+
+def test_joined_teacher_decodes_the_same_with_the_appending_kernel():
+    config = _teacher_config(head_dim=32)
+    models = {
+        impl: Transformer(config, attention_runtime=AttentionRuntime(decode_impl=impl))
+        for impl in ("xla", "pallas")
+    }
+    steps = greedy_steps(models, config.vocab_size, params_map=join_for_decoding)
+    assert steps["pallas"][1] == 2 * 2 and steps["xla"][1] == 0  # 2 layers: kernel + combine
+    assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
+    params = join_for_decoding(
+        models["pallas"].init(jax.random.PRNGKey(0), jnp.ones((2, 4), jnp.int32))["params"]
+    )
+    jaxpr = _step_jaxpr(models["pallas"], params)
+    names = [e.params["name"] for e in equations(jaxpr, "pallas_call")]
+    assert names == ["decode_append_attention", "decode_attention_combine"] * 2
+    assert not _cache_writes(jaxpr, config)  # the kernel writes the caches
+    assert len(_cache_writes(_step_jaxpr(models["xla"], params), config)) == 2 * 2
+
+
+@pytest.mark.parametrize(
+    "case", ["head_dim_16", "params_as_stored", "qk_norm", "bf16_cache_f32_model"]
+)
+def test_models_take_the_separate_ops_where_the_kernel_does_not_run(case):
+    # under decode_impl "pallas": the decoding attention kernel after XLA's RoPE and cache
+    # writes, where the appending kernel does not take the step
+    config = _teacher_config(head_dim=16 if case == "head_dim_16" else 32)
+    if case == "qk_norm":
+        config = dataclasses.replace(config, model_type="qwen3", qk_norm=True)
+    model = Transformer(config, attention_runtime=AttentionRuntime(decode_impl="pallas"))
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((2, 4), jnp.int32))["params"]
+    if case != "params_as_stored":
+        params = join_for_decoding(params)
+        assert "qkv_kernel" in params["layers_0"]["self_attn"]
+    cache_dtype = jnp.bfloat16 if case == "bf16_cache_f32_model" else None
+    jaxpr = _step_jaxpr(model, params, cache_dtype)
+    names = [e.params["name"] for e in equations(jaxpr, "pallas_call")]
+    assert names == ["decode_attention", "decode_attention_combine"] * 2
+    assert len(_cache_writes(jaxpr, config)) == 2 * 2
