@@ -224,6 +224,48 @@ def test_kernel_lowers_to_triton_with_the_caches_aliased(dtype):
         assert f"#stablehlo.output_operand_alias<{alias}" in module
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,s", [(1, 4160), (4, 16448)])
+def test_compiled_kernel_in_a_decoding_loop_equals_xla_on_gpu(b, s):
+    # the Qwen2.5-1.5B attention shape in bf16, compiled by Triton: 8 tokens appended by a
+    # jitted loop that carries the caches, so that XLA may hand the kernel the carry's own
+    # buffers to update in place; contexts and caches against the XLA form's loop
+    h, hkv, d, steps, dtype = 12, 2, 128, 8, jnp.bfloat16
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(4), 3)
+    qkv = jax.random.normal(kq, (steps, b, (h + 2 * hkv) * d), dtype)
+    k = jax.random.normal(kk, (b, s, hkv, d), dtype)
+    v = jax.random.normal(kv, (b, s, hkv, d), dtype)
+    first = s - steps - 3  # the last slots stay as they were
+    positions = jnp.broadcast_to(first + jnp.arange(steps), (b, steps))
+    cos, sin = rope_cos_sin(tiny_model_config(head_dim=d, max_position_embeddings=s), positions)
+
+    def run(impl):
+        def step(i, carry):
+            k_c, v_c, ctx = carry
+            mask = jnp.broadcast_to(jnp.arange(s) <= first + i, (b, s))
+            out = api.append_and_attend(
+                qkv[i], cos[:, i], sin[:, i], k_c, v_c, first + i, mask, dtype,
+                heads=(h, hkv), impl=impl,
+            )  # fmt: skip
+            return out[1], out[2], ctx.at[i].set(out[0])
+
+        ctx = jnp.zeros((steps, b, 1, h, d), dtype)
+        return jax.jit(lambda k, v: jax.lax.fori_loop(0, steps, step, (k, v, ctx)))(k, v)
+
+    got_k, got_v, got_ctx = run("pallas")
+    want_k, want_v, want_ctx = run("xla")
+    assert rel_err(got_ctx, want_ctx) <= 1.5e-2
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    written = slice(first, first + steps)
+    np.testing.assert_array_equal(np.asarray(got_k)[:, :first], np.asarray(k)[:, :first])
+    np.testing.assert_array_equal(
+        np.asarray(got_k)[:, first + steps :], np.asarray(k)[:, first + steps :]
+    )
+    new_k, xla_k = (np.asarray(x[:, written], np.float32) for x in (got_k, want_k))
+    ulp = float(jnp.finfo(dtype).eps)
+    np.testing.assert_array_less(np.abs(new_k - xla_k), ulp * np.abs(xla_k) + 1e-30)
+
+
 def _teacher_config(head_dim):
     # Qwen2 (biases on q, k, v) with a sliding window of 4 in layer 1
     return tiny_model_config(

@@ -265,14 +265,20 @@ def test_kernel_lowers_to_triton_for_a_gpu(m, k, n, norm_eps):
     "m, k, n",
     [(1, 1536, 1536), (16, 1536, 1536), (5, 1536, 8960), (1, 8960, 1536), (16, 8960, 1536)],
 )
-def test_compiled_kernel_equals_xla_on_gpu(m, k, n):
-    # the Qwen2.5-1.5B projections in bf16, compiled by Triton, against fp64 and XLA's dot
+@pytest.mark.parametrize("norm_eps", [None, EPS])
+def test_compiled_kernel_equals_xla_on_gpu(m, k, n, norm_eps):
+    # the Qwen2.5-1.5B projections in bf16, compiled by Triton, against fp64 and XLA's dot;
+    # with norm_eps the kernel also forms each row's r = 1 / sqrt(mean(x^2) + eps)
     x, w = _operands(m, k, n, seed=3)
     x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    got = jax.jit(lambda x, w: api.dense_product(x, w, impl="pallas"))(x, w)
+    x64 = np.asarray(x, np.float64)
+    want = x64 @ np.asarray(w, np.float64)
+    if norm_eps is not None:
+        want = want / np.sqrt(np.mean(x64**2, axis=-1, keepdims=True) + norm_eps)
+    got = jax.jit(lambda x, w: api.dense_product(x, w, impl="pallas", norm_eps=norm_eps))(x, w)
+    xla = api.dense_product(x, w, impl="xla", norm_eps=norm_eps)
     # on a GPU "auto" sends the one-row products to the kernel, and only those
     assert _calls(lambda x, w: api.dense_product(x, w, impl="auto"), x, w) == int(m == 1)
     assert _calls(lambda x, w: api.dense_product(x, w, impl="pallas"), x, w) == 1
     assert rel_err(got.astype(F32), want) < 1e-2
-    assert rel_err(got, x @ w) < 1e-2
+    assert rel_err(got, xla) < 1e-2
