@@ -9,8 +9,7 @@ the product after it (joined.py) is a change a wrong fold would show.
 Metric: rel = max|a - b| / max|b|. Tolerances (float32 models):
   joined vs original params, XLA's products                        1e-5 (the same sums, rounded
       in another order: rmsnorm(x) W as r (x (diag(scale) W)))
-  few-row kernel with joined params (the folded norms' r formed in the kernel) vs XLA with
-      the joined or the original params                            2e-5 (as tests/test_gemv.py)
+  few-row kernel with joined params vs XLA with the original ones  2e-5 (as tests/test_gemv.py)
 bf16 students: the distance of their decoding logits to the float32 student's, with joined
 params at most 1.25x that with the params as stored (bf16 rounds the folded and the stored
 forms differently, about 2% of the largest logit either way).
@@ -166,20 +165,17 @@ def test_student_with_short_convolutions_decodes_the_same_with_joined_params():
     assert rel_err(steps, stored) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_joined_params_through_the_few_row_kernel(rows):
-    # decoding steps at batch 1 and 2 with every product of width >= 16 by the kernel
-    # (interpret mode): the joined q|k|v|g and gate|up kernels are one product each, and the
-    # kernel forms the folded norms' row scales itself (one row, and 2 rows padded to 16)
+def test_joined_params_through_the_few_row_kernel():
+    # batch 1 decoding steps with every product of width >= 16 by the kernel (interpret mode):
+    # the joined q|k|v|g and gate|up kernels are one product each
     models = {"xla": _student(gemv="xla"), "pallas": _student(gemv="pallas")}
-    steps = greedy_steps(models, _config().vocab_size, rows=rows, params_map=_joined)
+    steps = greedy_steps(models, _config().vocab_size, rows=1, params_map=_joined)
     plain = greedy_steps(
-        {"xla": _student(gemv="xla")}, _config().vocab_size, rows=rows, params_map=_draw_scales
+        {"xla": _student(gemv="xla")}, _config().vocab_size, rows=1, params_map=_draw_scales
     )
     # attention layer: q|k|v and o; 2 GDN layers: q|k|v|g|a|b (padded) and o; 3 MLPs: gate|up
     # and down
     assert steps["pallas"][1] == 2 + 2 * 2 + 3 * 2
-    assert rel_err(steps["pallas"][0], steps["xla"][0]) <= 2e-5
     assert rel_err(steps["pallas"][0], plain["xla"][0]) <= 2e-5
     assert rel_err(steps["xla"][0], plain["xla"][0]) <= 1e-5
 

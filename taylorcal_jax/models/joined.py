@@ -35,13 +35,13 @@ Norms. A block's RMSNorm before such a product is folded into its joined kernel 
     rmsnorm(x) W = (r x * scale) W = r (x (diag(scale) W)),   r = 1 / sqrt(mean(x^2) + eps)
 
 per row, so the joined kernel becomes diag(scale) W and the norm's params are dropped; the
-block then hands the product x and the norm's eps (`FOLDED_NORMS`, `norm_folded`), and the
-product forms r and applies it to its float32 sums (ops/gemv/api.dense_product). That saves
-the norm's multiply, a launch per norm and step: on a GPU at batch 1 the product is our
-few-row kernel, a custom call into which XLA cannot fuse the multiply; the kernel's programs
-form r themselves from the rows they read, which saves the reduction kernel that formed r in
-XLA as well. A bias (Qwen2's q, k, v) is added after the scaling, as before. The input norm
-folds only where one joined kernel reads it (a block holding both mixers keeps it).
+block then hands the product x and the row scale r (`FOLDED_NORMS`, `norm_folded`), which the
+product applies to its float32 sums. That saves the norm's multiply, a launch per norm and
+step: on a GPU at batch 1 the product is our few-row kernel, a custom call into which XLA
+cannot fuse the multiply, while r, a reduction, fuses with the residual add before it and its
+use with the reduction of the kernel's partial sums after it. A bias (Qwen2's q, k, v) is
+added after the scaling, as before. The input norm folds only where one joined kernel reads it
+(a block holding both mixers keeps it).
 
 Measured on one H100 (launch/results/probe_decode_h100_joined.json, 32k context, before the
 attention's q|k|v joined): the student's batch-1 decoding step took 2.13 ms with joined params

@@ -69,7 +69,7 @@ from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
-from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product, rms_row_scale
+from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
 from taylorcal_jax.ops.rope import apply_rope
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,13 @@ class AttentionRuntime:
         return self
 
 
+def rms_row_scale(x, eps):
+    """r = 1 / sqrt(mean(x^2) + eps) over the last axis, float32 [..., 1]: rmsnorm(x) = r x
+    scale."""
+    x32 = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """RMS normalisation over the last axis, param "scale" [D] (HF `weight`)."""
 
@@ -194,23 +201,27 @@ def _dense(features, use_bias, dtype, name, gemv_impl):
 
 
 def joined_product(
-    module: nn.Module, group: str, x, gemv_impl: str, norm_eps=None, out_dtype=None
+    module: nn.Module, group: str, x, gemv_impl: str, row_scale=None, out_dtype=None
 ):  # fmt: skip
     """x W (+ b) with the kernel (and bias) of `group` that the module's params hold when joined
     for decoding (`joined.join_for_decoding`), or None when they hold none. The result is in
-    `module.dtype`, or the float32 sums kept with out_dtype=jnp.float32. norm_eps (a norm folded
-    into W, joined.py): the product scales its float32 sums per row by r = 1 / sqrt(mean(x^2) +
-    norm_eps) before the bias, r (x W) = (r x) W (`gemv_api.dense_product`)."""
+    `module.dtype`, or the float32 sums kept with out_dtype=jnp.float32. row_scale [..., 1] (a
+    norm folded into W, joined.py): the float32 sums are scaled by it per row before the bias,
+    r (x W) = (r x) W."""
     if not module.has_variable("params", group):
-        if norm_eps is not None:
+        if row_scale is not None:
             raise ValueError(
-                f"{module.name}: a folded norm needs the params joined for decoding "
+                f"{module.name}: a folded norm's row scale needs the params joined for decoding "
                 f"({group!r}, joined.join_for_decoding)"
             )
         return None
     dtype = module.dtype
     w = module.get_variable("params", group).astype(dtype)
-    y = dense_product(x.astype(dtype), w, impl=gemv_impl, out_dtype=out_dtype, norm_eps=norm_eps)
+    sums = jnp.float32 if row_scale is not None or out_dtype == jnp.float32 else None
+    y = dense_product(x.astype(dtype), w, impl=gemv_impl, out_dtype=sums)
+    if row_scale is not None:
+        y = y * row_scale
+    y = y.astype(dtype if out_dtype is None else out_dtype)
     if module.has_variable("params", joined.bias_name(group)):
         y = y + module.get_variable("params", joined.bias_name(group)).astype(y.dtype)
     return y
@@ -351,24 +362,24 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")
             self.k_norm = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")
 
-    def _projections(self, x_btd, folded_norm_eps=None):
+    def _projections(self, x_btd, row_scale_bt1=None):
         """x Wq (+bq), x Wk (+bk), x Wv (+bv): three nn.Dense products, or one product with
         params joined for decoding (`joined.join_for_decoding`: the three kernels as one
-        [D, (H + 2 Hkv) d] and their biases as one, the same sums), then split;
-        folded_norm_eps as `__call__`'s."""
+        [D, (H + 2 Hkv) d] and their biases as one, the same sums), then split; row_scale_bt1
+        as `__call__`'s."""
         gemv = self.runtime.gemv_impl
-        y = joined_product(self, joined.ATTN_QKV, x_btd, gemv, folded_norm_eps)
+        y = joined_product(self, joined.ATTN_QKV, x_btd, gemv, row_scale_bt1)
         if y is None:
             return self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         c = self.config
         q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         return jnp.split(y, (q_width, q_width + kv_width), axis=-1)
 
-    def qkv(self, x_btd, positions_bt, folded_norm_eps=None):
+    def qkv(self, x_btd, positions_bt, row_scale_bt1=None):
         """q [B,T,H,d], k/v [B,T,Hkv,d] after bias, q/k-norm and RoPE."""
         c = self.config
         b, t, _ = x_btd.shape
-        q, k, v = self._projections(x_btd, folded_norm_eps)
+        q, k, v = self._projections(x_btd, row_scale_bt1)
         q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
         k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
@@ -379,13 +390,12 @@ class Attention(nn.Module):
 
     def __call__(
         self, x_btd, *, positions_bt, valid_bt, cache=None, slots=None,
-        return_intermediates=False, folded_norm_eps=None,
+        return_intermediates=False, row_scale_bt1=None,
     ):  # fmt: skip
         """cache: this layer's {"k", "v"} (module docstring), or None; with a cache, slots is
-        the call's `SlotView` of the model's slot record. folded_norm_eps: the input is
-        rmsnorm(x_btd) with this eps, the norm folded into the joined q|k|v kernel (joined.py),
-        whose product scales each row by r = 1 / sqrt(mean(x^2) + eps); None: the input is
-        x_btd."""
+        the call's `SlotView` of the model's slot record. row_scale_bt1: the input is x_btd
+        scaled per row by it, the block's norm folded into the joined q|k|v kernel (joined.py);
+        None: the input is x_btd."""
         b, t, _ = x_btd.shape
         if cache is not None and slots is None:
             raise ValueError(
@@ -395,9 +405,9 @@ class Attention(nn.Module):
         window = self.config.sliding_windows[self.layer_idx]
         if self._appends(t, cache):
             ctx, new_cache = self._append_step(x_btd, positions_bt, cache, slots, window,
-                                               folded_norm_eps)  # fmt: skip
+                                               row_scale_bt1)  # fmt: skip
         else:
-            q, k, v = self.qkv(x_btd, positions_bt, folded_norm_eps)
+            q, k, v = self.qkv(x_btd, positions_bt, row_scale_bt1)
             if cache is None and t > 1 and self.runtime.sequence_impl != "blocked":
                 impl = self.runtime.sequence_impl
                 ctx, new_cache = fused_causal_attention(q, k, v, window, self.dtype, impl), None
@@ -422,13 +432,13 @@ class Attention(nn.Module):
             self.runtime.decode_impl, cache["k"], cache["v"], self.dtype
         )
 
-    def _append_step(self, x_btd, positions_bt, cache, slots, window, folded_norm_eps):
+    def _append_step(self, x_btd, positions_bt, cache, slots, window, row_scale_bt1):
         """(context [B, 1, H, d], new cache) of a step that `_appends`: the joined product
         [B, (H + 2 Hkv) d] to decode_api.append_and_attend, which writes k and v at slot
         slots.start of the caches."""
         c = self.config
         gemv = self.runtime.gemv_impl
-        qkv_bw = joined_product(self, joined.ATTN_QKV, x_btd, gemv, folded_norm_eps)[:, 0]
+        qkv_bw = joined_product(self, joined.ATTN_QKV, x_btd, gemv, row_scale_bt1)[:, 0]
         cos_btd, sin_btd = rope_cos_sin(c, positions_bt)
         mask = slots.mask(1, window)
         ctx, k_all, v_all = decode_api.append_and_attend(
@@ -522,16 +532,16 @@ def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtyp
 class MLP(nn.Module):
     """SwiGLU MLP; `gemv_impl` as AttentionRuntime's. With params joined for decoding
     (`joined.join_for_decoding`: gate and up as one kernel [D, 2F]) it forms x W_gate and x W_up
-    as one product, then splits it. folded_norm_eps: as Attention's."""
+    as one product, then splits it. row_scale_bt1: as Attention's."""
 
     config: ModelConfig
     dtype: Any = jnp.float32
     gemv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, folded_norm_eps=None):
+    def __call__(self, x, row_scale_bt1=None):
         f, gemv = self.config.intermediate_size, self.gemv_impl
-        gate_up = joined_product(self, joined.MLP_GATE_UP, x, gemv, folded_norm_eps)
+        gate_up = joined_product(self, joined.MLP_GATE_UP, x, gemv, row_scale_bt1)
         if gate_up is not None:
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
@@ -550,8 +560,7 @@ class DecoderLayer(nn.Module):
     cache). The intermediates are then the mixer-independent ones only.
     `attention_runtime`: the softmax attention's runtime options.
     With params joined for decoding, a norm may be folded into the product after it
-    (joined.py): the block then hands that product the unnormalised rows and the norm's eps,
-    and the product forms the rows' RMS scale (`gemv_api.dense_product`).
+    (joined.py): the block then hands that product the unnormalised rows and their RMS scale.
     """
 
     config: ModelConfig
@@ -562,10 +571,10 @@ class DecoderLayer(nn.Module):
     attention_runtime: AttentionRuntime = AttentionRuntime()
 
     def _norm(self, name, x):
-        """(input, folded eps) of the product after the block's norm `name`: (rmsnorm(x), None),
-        or (x, eps) where the norm is folded into that product (joined.norm_folded)."""
+        """(input, row scale) of the product after the block's norm `name`: (rmsnorm(x), None),
+        or (x, r) where the norm is folded into that product (joined.norm_folded)."""
         if joined.norm_folded(self, name):
-            return x.astype(self.dtype), self.config.rms_norm_eps
+            return x.astype(self.dtype), rms_row_scale(x, self.config.rms_norm_eps)
         return RMSNorm(self.config.rms_norm_eps, self.dtype, name=name)(x), None
 
     @nn.compact
@@ -575,8 +584,8 @@ class DecoderLayer(nn.Module):
     ):  # fmt: skip
         """slots: the call's `SlotView`, handed to softmax attention with its cache."""
         c = self.config
-        attn_in, in_eps = self._norm("input_layernorm", h)
-        if in_eps is not None and return_intermediates:
+        attn_in, in_scale = self._norm("input_layernorm", h)
+        if in_scale is not None and return_intermediates:
             raise ValueError(
                 "intermediates need the block's norms as stored, not folded for decoding "
                 "(joined.join_for_decoding)"
@@ -591,7 +600,7 @@ class DecoderLayer(nn.Module):
 
         where = {"positions_bt": positions_bt, "valid_bt": valid_bt}
         if keep is None:
-            extra = {} if in_eps is None else {"folded_norm_eps": in_eps}
+            extra = {} if in_scale is None else {"row_scale_bt1": in_scale}
             if self.mixer == ATTENTION:
                 extra["slots"] = slots
             y, new_cache, inter = mixer_module(self.mixer)(
@@ -599,15 +608,15 @@ class DecoderLayer(nn.Module):
             )
         else:
             # Both mixers on the same input and a select: exactly the block with either mixer.
-            if in_eps is not None:
+            if in_scale is not None:
                 raise ValueError("a block holding both mixers needs its input norm unfolded")
             y_attn, _, _ = mixer_module(ATTENTION)(attn_in, **where)
             y_student, _, _ = mixer_module(self.student_mixer.name)(attn_in, **where)
             y, new_cache, inter = jnp.where(keep, y_attn, y_student.astype(y_attn.dtype)), None, {}
         out = h + y.astype(h.dtype)
-        mlp_in, mlp_eps = self._norm("post_attention_layernorm", out)
+        mlp_in, mlp_scale = self._norm("post_attention_layernorm", out)
         mlp = MLP(c, self.dtype, self.attention_runtime.gemv_impl, name="mlp")
-        out = out + mlp(mlp_in, mlp_eps).astype(h.dtype)
+        out = out + mlp(mlp_in, mlp_scale).astype(h.dtype)
         if return_intermediates:
             inter = {"resid_in": h, "attn_in": attn_in, **inter, "attn_out": y}
         else:

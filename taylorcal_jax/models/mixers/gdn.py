@@ -355,24 +355,24 @@ class GatedDeltaNet(nn.Module):
         kernels = [DenseKernel(d, f, name=n)() for n, f in zip(parts, widths, strict=True)]
         return jnp.concatenate(kernels, axis=1)
 
-    def _decoding_product(self, x_btd, folded_norm_eps=None):
+    def _decoding_product(self, x_btd, row_scale_bt1=None):
         """With params joined for decoding, x [Wq | Wk | Wv | Wg | Wa | Wb | 0] [B, T, C] in
         float32 (`joined.GDN_QKVGAB`: one product of the six kernels, zero columns after them),
-        scaled per row by r = 1 / sqrt(mean(x^2) + folded_norm_eps) where that is given (the
-        block's norm folded in, joined.py); else None. The gate logits keep float32 sums,
-        their operands rounded to the compute dtype (x already is: the norm's output, or the
-        residual stream where the norm is folded in)."""
+        scaled per row by row_scale_bt1 where given (the block's norm folded in, joined.py);
+        else None. The gate logits keep float32 sums, their operands rounded to the compute
+        dtype (x already is: the norm's output, or the residual stream where the norm is folded
+        in)."""
         return joined_product(self, joined.GDN_QKVGAB, x_btd, self.runtime.gemv_impl,
-                              folded_norm_eps, out_dtype=jnp.float32)  # fmt: skip
+                              row_scale_bt1, out_dtype=jnp.float32)  # fmt: skip
 
-    def _joined_products(self, x_btd, folded_norm_eps=None):
+    def _joined_products(self, x_btd, row_scale_bt1=None):
         """x [Wq | Wk | Wv | Wg] [B, T, 2 H K + 2 H V] in the compute dtype and the gate logits
         x [Wa | Wb] [B, T, 2 H] in float32: with params joined for decoding the one product of
         `_decoding_product` split; else two products of the kernels joined here, the gate
         logits from x and Wa, Wb in float32."""
         gdn, h = self.gdn, self.gdn.num_heads
         width = 2 * gdn.key_dim + 2 * gdn.value_dim
-        y = self._decoding_product(x_btd, folded_norm_eps)
+        y = self._decoding_product(x_btd, row_scale_bt1)
         if y is not None:
             return y[..., :width].astype(self.dtype), y[..., width : width + 2 * h]
         dot = functools.partial(dense_product, impl=self.runtime.gemv_impl)
@@ -383,7 +383,7 @@ class GatedDeltaNet(nn.Module):
             x_btd.astype(jnp.float32), w_ab
         )
 
-    def _projections(self, x_btd, folded_norm_eps=None):
+    def _projections(self, x_btd, row_scale_bt1=None):
         """x Wq, x Wk [B, T, H*K], x Wv, x Wg [B, T, H*V] in the compute dtype, and the gate
         logits x Wa, x Wb [B, T, H] in float32: separate nn.Dense products, or the two joined
         products (`_joined_products`) split, under `runtime.fused_projections` or with params
@@ -395,7 +395,7 @@ class GatedDeltaNet(nn.Module):
             outs = [self._dense(features, name)(x_btd) for name, features in wide]
             gates = [self._dense(h, n, jnp.float32)(x_btd) for n in ("a_proj", "b_proj")]
             return (*outs, *gates)
-        qkvg, ab = self._joined_products(x_btd, folded_norm_eps)
+        qkvg, ab = self._joined_products(x_btd, row_scale_bt1)
         sizes = [features for _, features in wide]
         return (*jnp.split(qkvg, np.cumsum(sizes)[:-1], axis=-1), *jnp.split(ab, 2, -1))
 
@@ -407,7 +407,7 @@ class GatedDeltaNet(nn.Module):
         dt_bias = self.param("dt_bias", init_dt_bias, (self.gdn.num_heads,), jnp.float32)
         return A_log, dt_bias
 
-    def _step_from_projections(self, x_btd, valid_bt, state_bhkv, folded_norm_eps):
+    def _step_from_projections(self, x_btd, valid_bt, state_bhkv, row_scale_bt1):
         """A cached one-token step without the short conv: (o [B, 1, H, V], gate logits
         [B, 1, H*V], new state), the activations and gates taken inside the step
         (decode_api.decode_step_from_projections). With params joined for decoding the step
@@ -415,7 +415,7 @@ class GatedDeltaNet(nn.Module):
         operands: its slices would be XLA kernels of their own."""
         gdn = self.gdn
         gate_at, width = 2 * gdn.key_dim + gdn.value_dim, 2 * gdn.key_dim + 2 * gdn.value_dim
-        y = self._decoding_product(x_btd, folded_norm_eps)
+        y = self._decoding_product(x_btd, row_scale_bt1)
         if y is None:
             qkvg, ab = self._joined_products(x_btd)
             operands, layout = (qkvg[:, 0], ab[:, 0]), {}
@@ -428,13 +428,13 @@ class GatedDeltaNet(nn.Module):
         )  # fmt: skip
         return o[:, None], qkvg[..., gate_at:width].astype(self.dtype), state
 
-    def _step_or_sequence(self, x_btd, valid_bt, cache, folded_norm_eps):
+    def _step_or_sequence(self, x_btd, valid_bt, cache, row_scale_bt1):
         """Every other call: (o [B, T, H, V], gate logits [B, T, H*V], new state or None,
         new conv history or None)."""
         gdn = self.gdn
         b, t, _ = x_btd.shape
         h, kd, vd = gdn.num_heads, gdn.head_k_dim, gdn.head_v_dim
-        q, k, v, gate, a, b_logit = self._projections(x_btd, folded_norm_eps)
+        q, k, v, gate, a, b_logit = self._projections(x_btd, row_scale_bt1)
         new_conv, act_valid = None, valid_bt
         if gdn.use_short_conv:
             # padding zeroed before the convolution, which then sees zeros there; its convolved
@@ -469,11 +469,10 @@ class GatedDeltaNet(nn.Module):
     @nn.compact
     def __call__(
         self, x_btd, *, positions_bt=None, valid_bt=None, cache=None, return_intermediates=False,
-        folded_norm_eps=None,
+        row_scale_bt1=None,
     ):  # fmt: skip
-        """folded_norm_eps: the input is rmsnorm(x_btd) with this eps, the block's norm folded
-        into the joined input kernel (joined.py), whose product scales each row by r = 1 /
-        sqrt(mean(x^2) + eps); None: the input is x_btd."""
+        """row_scale_bt1: the input is x_btd scaled per row by it, the block's norm folded into
+        the joined input kernel (joined.py); None: the input is x_btd."""
         del positions_bt
         gdn = self.gdn
         b, t, _ = x_btd.shape
@@ -482,12 +481,10 @@ class GatedDeltaNet(nn.Module):
         x = x_btd.astype(self.dtype)
         one_step = cache is not None and t == 1 and not gdn.use_short_conv
         if one_step and self._joins_products():
-            o, gate, state = self._step_from_projections(
-                x, valid_bt, cache["state"], folded_norm_eps
-            )
+            o, gate, state = self._step_from_projections(x, valid_bt, cache["state"], row_scale_bt1)
             new_conv = None
         else:
-            o, gate, state, new_conv = self._step_or_sequence(x, valid_bt, cache, folded_norm_eps)
+            o, gate, state, new_conv = self._step_or_sequence(x, valid_bt, cache, row_scale_bt1)
         new_cache = None
         if cache is not None:
             new_cache = {"state": state.astype(jnp.float32)}

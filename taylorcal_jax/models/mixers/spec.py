@@ -11,10 +11,10 @@ entry) plus one line in `taylorcal_jax.models.mixers.MIXERS`:
                     fields all have defaults; given when a model is built, never saved
     module          (model_config, config, runtime, dtype, name) -> a Flax module called like
                     softmax attention: (x_btd, *, positions_bt, valid_bt, cache,
-                    return_intermediates, folded_norm_eps=None) -> (y_btd, new cache or
-                    None, intermediates); folded_norm_eps given: the input is rmsnorm(x_btd)
-                    with that eps, the block's norm folded into the mixer's joined input
-                    kernel (models/joined.py), whose product forms the rows' RMS scale
+                    return_intermediates, row_scale_bt1=None) -> (y_btd, new cache or
+                    None, intermediates); row_scale_bt1 given: the input is x_btd scaled per
+                    row, the block's norm folded into the mixer's joined input kernel
+                    (models/joined.py)
     init_cache      (model_config, config, batch, dtype) -> the empty decoding cache of a layer
     conversions     {name in CONVERSIONS: (attention params, model_config, config, rng) ->
                     mixer params of one layer}: the naive inits from the teacher's attention

@@ -10,8 +10,7 @@ read the MLP's weights at about 2.1 TB/s there, 71% of the copy bandwidth. docs/
 Entry: api.dense_dot_general (a `dot_general` for flax's nn.Dense). Modules, each importing only
 those above it:
   pallas_gpu  the product as a Pallas kernel (Triton on GPUs, interpret mode on CPUs): column
-              blocks of W times segments of K, one program each, then a sum over the segments;
-              optionally each row scaled by its RMS norm's r, which the programs form
-  api         implementation choice ("auto" | "xla" | "pallas"), the few-row test, the RMS
-              row scale r of a folded norm (`rms_row_scale`), the backward (XLA's form)
+              blocks of W times segments of K, one program each, then a sum over the segments
+  api         implementation choice ("auto" | "xla" | "pallas"), the few-row test, the
+              backward (XLA's products)
 """

@@ -18,18 +18,7 @@ Implementations (`impl`, dispatch.KERNEL_IMPLS):
             (launch/results/probe_decode_h200_gemv_config.json; docs/kernel.md)
 The kernel's result is float32, cast to the operands' promoted dtype, as XLA's dot returns it,
 or kept in float32 where the caller asks for it (preferred_element_type float32).
-
-A folded norm (`dense_product(norm_eps=eps)`, models/joined.py): the product is
-
-    r (x W),   r = rms_row_scale(x, eps) = 1 / sqrt(mean(x^2) + eps)  per row, float32,
-
-formed on the float32 sums before the cast. On XLA's path r is `rms_row_scale`, an XLA
-reduction (a kernel of its own per norm on a GPU, about 1.3 us in a decoding step: docs/
-kernel.md); the kernel forms r itself from the rows it reads (pallas_gpu.py), which saves that
-kernel. `rms_row_scale` is also the models' RMSNorm (layers.RMSNorm): one definition.
-
-Differentiable: the backward is the VJP of the XLA form, r(x) (x W) in float32 (without a norm
-XLA's two products, dx = g W^T, dW = x^T g; with one, dx also through r); decoding steps are
+Differentiable: the backward is XLA's two products (dx = g W^T, dW = x^T g); decoding steps are
 not differentiated for speed, but a differentiated one-token call stays correct.
 """
 
@@ -68,35 +57,25 @@ def resolve_impl(impl: str, x_mk=None, w_kn=None) -> str:
     )
 
 
-def rms_row_scale(x, eps):
-    """r = 1 / sqrt(mean(x^2) + eps) over the last axis, float32 [..., 1]: rmsnorm(x) = r x
-    scale."""
-    x32 = x.astype(F32)
-    return lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-
-
-def _xla_sums(x, w_kn, norm_eps):
-    """x W in float32 by XLA's dot, times r = rms_row_scale(x, norm_eps) per row where norm_eps
-    is given: what the kernel computes, in XLA's form."""
-    y = lax.dot_general(x, w_kn, _DENSE_DIMS(x.ndim), preferred_element_type=F32)
-    return y if norm_eps is None else y * rms_row_scale(x, norm_eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _gemv(x_mk, w_kn, norm_eps):
-    """x W in float32 (the kernel's sums; callers cast), times r per row with norm_eps."""
+@jax.custom_vjp
+def _gemv(x_mk, w_kn):
+    """x W in float32 (the kernel's sums; callers cast)."""
     from taylorcal_jax.ops.gemv.pallas_gpu import gemv_pallas
 
-    interpret = jax.default_backend() == "cpu"
-    return gemv_pallas(x_mk, w_kn, interpret=interpret, norm_eps=norm_eps)
+    return gemv_pallas(x_mk, w_kn, interpret=jax.default_backend() == "cpu")
 
 
-def _gemv_fwd(x_mk, w_kn, norm_eps):
-    return _gemv(x_mk, w_kn, norm_eps), (x_mk, w_kn)
+def _gemv_fwd(x_mk, w_kn):
+    return _gemv(x_mk, w_kn), (x_mk, w_kn)
 
 
-def _gemv_bwd(norm_eps, residuals, g_mn):
-    _, vjp = jax.vjp(functools.partial(_xla_sums, norm_eps=norm_eps), *residuals)
+def _gemv_bwd(residuals, g_mn):
+    x_mk, w_kn = residuals
+
+    def dot(x, w):  # the primal as XLA computes it, float32 like the kernel's result
+        return lax.dot_general(x, w, _DENSE_DIMS(2), preferred_element_type=F32)
+
+    _, vjp = jax.vjp(dot, x_mk, w_kn)
     return vjp(g_mn)
 
 
@@ -115,8 +94,7 @@ def _kernel_takes(x_mk, w_kn) -> bool:
 
 
 def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
-                 impl, norm_eps=None):  # fmt: skip
-    # norm_eps comes from dense_product alone, with the dense dimension numbers
+                 impl):  # fmt: skip
     few_rows = (
         impl != "xla"
         and rhs.ndim == 2
@@ -124,27 +102,22 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
         and math.prod(lhs.shape[:-1]) <= max_rows(impl)
         and preferred_element_type in (None, F32)
     )
-    dtype = jnp.result_type(lhs, rhs) if preferred_element_type is None else preferred_element_type
     if few_rows:
         x_mk = lhs.reshape(-1, lhs.shape[-1])
         # whether the kernel takes them is asked once, here, for "pallas" and "auto" alike
         if _kernel_takes(x_mk, rhs) and resolve_impl(impl) == "pallas":
-            y_mn = _gemv(x_mk, rhs, norm_eps)
-            return y_mn.astype(dtype).reshape(*lhs.shape[:-1], rhs.shape[1])
-    if norm_eps is not None:
-        return _xla_sums(lhs, rhs, norm_eps).astype(dtype)
+            dtype = jnp.result_type(lhs, rhs) if preferred_element_type is None else F32
+            return _gemv(x_mk, rhs).astype(dtype).reshape(*lhs.shape[:-1], rhs.shape[1])
     return lax.dot_general(
         lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
     )
 
 
-def dense_product(x, w_kn, *, impl: str = "xla", out_dtype=None, norm_eps: float | None = None):
+def dense_product(x, w_kn, *, impl: str = "xla", out_dtype=None):
     """x[..., K] W[K, N] under `impl` (module docstring): nn.Dense's product, bias-free. The
     result is in the operands' promoted dtype, or float32 sums kept as such with
-    out_dtype=jnp.float32 (XLA's preferred_element_type). norm_eps: a norm folded into W, the
-    result is r (x W) with r = rms_row_scale(x, norm_eps), formed on the float32 sums (module
-    docstring)."""
-    return _dot_general(x, w_kn, _DENSE_DIMS(x.ndim), None, out_dtype, impl=impl, norm_eps=norm_eps)
+    out_dtype=jnp.float32 (XLA's preferred_element_type)."""
+    return _dot_general(x, w_kn, _DENSE_DIMS(x.ndim), None, out_dtype, impl=impl)
 
 
 @functools.cache

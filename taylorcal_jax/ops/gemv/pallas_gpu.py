@@ -19,17 +19,7 @@ compute 15 padded rows for nothing). 2 to 16 rows: x padded with zero rows to 16
 of a tensor-core dot, and one dot per load (bf16 operands when both are bf16, else fp32 at
 HIGHEST, as ops/pallas_dot.mm).
 
-With `norm_eps` (a block's RMS norm folded into W, models/joined.py) the result is
-
-    y[m, n] = r[m] sum_k x[m, k] W[k, n],   r[m] = 1 / sqrt(mean_k x[m, k]^2 + norm_eps)
-
-and every program forms r itself: it reads its row(s) of x over all K, after its first weight
-load is issued (the only one at the shapes of the models, whose segments are one load each), so
-that the norm's reads and sums run while the weights are on their way rather than before they
-are asked for; then it scales its partial sums by r. That saves the decoding step the XLA
-reduction kernel that formed r for each folded norm.
-
-x and W are read in their dtype; the sums, r and the result are float32 (api.py casts).
+x and W are read in their dtype; the sums and the result are float32 (api.py casts).
 """
 
 from __future__ import annotations
@@ -48,9 +38,6 @@ from taylorcal_jax.ops.pallas_dot import mm
 F32 = jnp.float32
 _BLOCKS = (128, 64, 32, 16)  # candidate BN and BK: Triton's loads need powers of two
 MAX_ROWS = 16  # the most rows of x; 2..16 rows are padded to 16, the tensor cores' least M
-# the most columns of x per load when a program forms the norm's r: [16, 512] float32 is the
-# size of a [64, 128] weight load, which the programs hold already
-_NORM_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,55 +102,25 @@ def unsupported_reason(x_mk, w_kn, config: GemvConfig | None = None) -> str | No
     return None
 
 
-def _row_scale(x_ref, norm_eps):
-    """r = 1 / sqrt(mean(x^2) + norm_eps) of x's row(s) over all K, float32: a scalar for one
-    row, [16, 1] for the block of 16 rows (a zero row's r, 1 / sqrt(norm_eps), scales zeros)."""
-    k, one_row = x_ref.shape[-1], len(x_ref.shape) == 1
-    block = min(k & -k, _NORM_BLOCK)  # a power of two dividing K, as Triton's loads need
-
-    def add_squares(i, acc):
-        x = x_ref[pl.ds(i * block, block)] if one_row else x_ref[:, pl.ds(i * block, block)]
-        x = x.astype(F32)
-        return acc + jnp.sum(x * x, axis=-1)
-
-    zeros = jnp.zeros(() if one_row else (MAX_ROWS,), F32)
-    r = lax.rsqrt(lax.fori_loop(0, k // block, add_squares, zeros) / k + norm_eps)
-    return r if one_row else r[:, None]
-
-
-def _kernel(x_ref, w_ref, p_ref, *, bn, bk, segment, dt, norm_eps):
+def _kernel(x_ref, w_ref, p_ref, *, bn, bk, segment, dt):
     j, s = pl.program_id(0), pl.program_id(1)
     one_row = len(x_ref.shape) == 1
 
-    def load(i):  # [BK, BN]: the i-th load of W of this program
-        return w_ref[pl.ds(s * segment + i * bk, bk), pl.ds(j * bn, bn)]
-
-    def add(i, w, acc):
+    def step(i, acc):
         k0 = s * segment + i * bk
+        w = w_ref[pl.ds(k0, bk), pl.ds(j * bn, bn)]  # [BK, BN]
         if one_row:  # multiply and column sums on the CUDA cores
             x = x_ref[pl.ds(k0, bk)].astype(F32)  # [BK]
             return acc + jnp.sum(x[:, None] * w.astype(F32), axis=0)
         return acc + mm(x_ref[:, pl.ds(k0, bk)], w, 1, 0, dt)  # [16, BK] @ [BK, BN]
 
     zeros = jnp.zeros((bn,) if one_row else (MAX_ROWS, bn), F32)
-    loads = segment // bk
-    if norm_eps is None:
-        p_ref[...] = lax.fori_loop(0, loads, lambda i, acc: add(i, load(i), acc), zeros)
-        return
-    # the first weight load is issued before x is read for r (module docstring)
-    w_first = load(0)
-    r = _row_scale(x_ref, norm_eps)
-    acc = lax.fori_loop(1, loads, lambda i, acc: add(i, load(i), acc), add(0, w_first, zeros))
-    p_ref[...] = acc * r
+    p_ref[...] = lax.fori_loop(0, segment // bk, step, zeros)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "config", "norm_eps"))
-def gemv_pallas(
-    x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | None = None,
-    norm_eps: float | None = None,
-):  # fmt: skip
-    """x [M, K] @ W [K, N] -> [M, N] float32 by the kernel (module docstring), 1 <= M <= 16;
-    with norm_eps, each row times its r = 1 / sqrt(mean(x^2) + norm_eps)."""
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def gemv_pallas(x_mk, w_kn, *, interpret: bool = False, config: GemvConfig | None = None):
+    """x [M, K] @ W [K, N] -> [M, N] float32 by the kernel (module docstring), 1 <= M <= 16."""
     config = GemvConfig() if config is None else config
     reason = unsupported_reason(x_mk, w_kn, config)
     if reason:
@@ -182,7 +139,7 @@ def gemv_pallas(
     if not interpret:
         launch = dict(compiler_params=plgpu.CompilerParams(num_warps=config.warps, num_stages=2))
     partial_s = pl.pallas_call(
-        functools.partial(_kernel, bn=bn, bk=bk, segment=k // s, dt=dt, norm_eps=norm_eps),
+        functools.partial(_kernel, bn=bn, bk=bk, segment=k // s, dt=dt),
         grid=(n // bn, s),
         # x and W whole (each program loads its own slices), the partial sums in blocks
         in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
