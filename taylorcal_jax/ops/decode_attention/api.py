@@ -96,7 +96,7 @@ def _resolve_append(impl: str, k_bshd, v_bshd, dtype) -> str:
 def append_kernel_runs(impl: str, k_bshd, v_bshd, dtype) -> bool:
     """Whether append_and_attend by `impl` runs the Pallas kernel here on caches k, v [B, S, Hkv,
     d] and a joined product in `dtype`: `impl` resolves to "pallas" and the kernel takes them
-    (pallas_append.unsupported_reason: head dim a power of two >= 32, not float64, caches in
+    (pallas_append.unsupported_reason: head dim a power of two >= 16, not float64, caches in
     the product's dtype)."""
     if _resolve_append(impl, k_bshd, v_bshd, dtype) != "pallas":
         return False

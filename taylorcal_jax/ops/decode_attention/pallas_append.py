@@ -11,14 +11,15 @@ attention layer (2.48, 2.19 and 1.54 us in the teacher's 32k batch-1 steps on an
 launch/results/profile_steps_h100_decode_launches.md); here the partials kernel of
 pallas_gpu.py does them, over the same grid (B, Hkv, NS) and online softmax:
 
-- RoPE (rotate half, ops/rope.py) in float32 on the halves x1 = x[:P], x2 = x[P:]:
-
-      rope(x) = [x1 cos1 - x2 sin1,  x2 cos2 + x1 sin2]       (cos = [cos1, cos2], sin alike)
-
-  Program (b, j, n) rotates its Gp query rows (masked as in pallas_gpu) and the key of KV head
-  j, rounded to qkv's dtype as the XLA form rounds them. Held as two halves, q meets the keys
-  in two half-d dots, q . K = q1 . K[:, :P] + q2 . K[:, P:], so that nothing is concatenated
-  in the kernel; hence d a power of two >= 32 (a Triton dot's dims are >= 16).
+- RoPE (rotate half, ops/rope.py) in float32: rope(x) = x cos + rotate_half(x) sin, where
+  rotate_half(x) = [-x[P:], x[:P]] = x R with R the signed permutation [[0, I], [-I, 0]]
+  ([d, d], built in the kernel). Program (b, j, n) rotates its Gp query rows (masked as in
+  pallas_gpu) and the key of KV head j by exact float32 dots with R (one nonzero term per sum),
+  rounded to qkv's dtype as the XLA form rounds them. q, the keys and the values keep their
+  whole rows of d, so the cache is read in the same [BS, d] loads as pallas_gpu's kernel.
+  (Rotating by halves of d instead, q . K as two half-d dots over half-row loads, took the
+  kernel from 16.3 to 23.9 us per layer in the teacher's 32k batch-1 steps on an H100, and
+  from 181 to 223 us at batch 16: launch/results/profile_steps_h100_append_halves.md.)
 - The block holding slot `start` gets the new key and value in place of that slot's row, so
   the attention sees them whatever the cache held there.
 - The caches are outputs aliased to the inputs (input_output_aliases): the program of KV head
@@ -47,15 +48,15 @@ from taylorcal_jax.ops.decode_attention.pallas_gpu import F32, DecodeConfig, loa
 from taylorcal_jax.ops.decode_attention.reference import append_and_attend_xla
 from taylorcal_jax.ops.pallas_dot import mm
 
-_MIN_HALF = 16  # least width of a half of d: a Triton dot's least dimension
+_MIN_DOT = 16  # a Triton dot's least dimension: d of the rotation's dots
 
 
 def unsupported_reason(k_bshd, v_bshd, dtype) -> str | None:
     """Why the kernel cannot take caches k, v [B, S, Hkv, d] and a joined product in `dtype`
     (api.py's "auto" and the models ask), or None."""
     d = k_bshd.shape[-1]
-    if d < 2 * _MIN_HALF or d & (d - 1):
-        return f"head dim {d} must be a power of two >= {2 * _MIN_HALF} for the appending kernel"
+    if d < _MIN_DOT or d & (d - 1):
+        return f"head dim {d} must be a power of two >= {_MIN_DOT} for the appending kernel"
     if jnp.dtype(dtype) == jnp.float64:
         return "float64 inputs (the kernel computes in float32)"
     if k_bshd.dtype != dtype or v_bshd.dtype != dtype:
@@ -66,50 +67,52 @@ def unsupported_reason(k_bshd, v_bshd, dtype) -> str | None:
     return None
 
 
+def _rotate_half_matrix(d):
+    """R [d, d] float32 with x R = rotate_half(x) = [-x[P:], x[:P]]: R[i, j] = -1 where
+    i = j + P, 1 where j = i + P, else 0."""
+    i = lax.broadcasted_iota(jnp.int32, (d, d), 0)
+    j = lax.broadcasted_iota(jnp.int32, (d, d), 1)
+    return jnp.where(i == j + d // 2, -1.0, jnp.where(j == i + d // 2, 1.0, 0.0)).astype(F32)
+
+
 def _kernel(qkv_ref, cos_ref, sin_ref, start_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref,
             k_out_ref, v_out_ref, *, s_len, per_split, heads, cfg, dt):  # fmt: skip
     h, hkv = heads
     g = h // hkv
     b, j = pl.program_id(0), pl.program_id(1)
     gp, d = a_ref.shape
-    lo, hi = pl.ds(0, d // 2), pl.ds(d // 2, d // 2)
-    cos1, cos2, sin1, sin2 = (ref[b, half].astype(F32) for ref in (cos_ref, sin_ref)
-                              for half in (lo, hi))  # fmt: skip
+    whole = pl.ds(0, d)
+    cos, sin = (ref[b, whole].astype(F32) for ref in (cos_ref, sin_ref))  # [d]
+    r = _rotate_half_matrix(d)
 
-    def rope(x1, x2):  # float32 halves [..., P], rounded back to the product's dtype
-        out = (x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2)
-        return tuple(x.astype(qkv_ref.dtype) for x in out)
+    def rope(x):  # float32 rows [n >= 16, d], rounded back to the product's dtype
+        return (x * cos + mm(x, r, 1, 0, F32) * sin).astype(qkv_ref.dtype)
 
     # query rows jG .. jG + Gp - 1 of row b; rows G..Gp-1 pad the dots, masked (g < G keeps
     # jG + g < H) and never stored
     real = lax.broadcasted_iota(jnp.int32, (gp,), 0) < g
-    rows_q = pl.ds(j * g, gp)
-    q1, q2 = rope(*(load_rows(qkv_ref, rows_q, real, half, batch=b).astype(F32)
-                    for half in (lo, hi)))  # fmt: skip
-    k1_new, k2_new = rope(qkv_ref[b, h + j, lo].astype(F32), qkv_ref[b, h + j, hi].astype(F32))
-    v_new = qkv_ref[b, h + hkv + j, pl.ds(0, d)]
+    q = rope(load_rows(qkv_ref, pl.ds(j * g, gp), real, whole, batch=b).astype(F32))
+    # the key row, as 16 equal rows for the dot; their max is that row exactly
+    k_row = qkv_ref[b, h + j, whole].astype(F32)
+    k_new = jnp.max(rope(jnp.broadcast_to(k_row[None, :], (_MIN_DOT, d))), axis=0)
+    v_new = qkv_ref[b, h + hkv + j, whole]
     at = jnp.clip(start_ref[0], 0, s_len - 1)
 
     def load_kv(rows, slots, ok):
         new = (slots == at)[:, None]  # the token's slot, in the block that holds it
-        k1, k2 = (jnp.where(new, x_new[None, :], load_rows(k_ref, rows, ok, half))
-                  for x_new, half in ((k1_new, lo), (k2_new, hi)))  # fmt: skip
-        return (k1, k2), jnp.where(new, v_new[None, :], load_rows(v_ref, rows, ok))
-
-    def logits(k):  # q . K over the two halves of d
-        return mm(q1, k[0], 1, 1, dt) + mm(q2, k[1], 1, 1, dt)
+        k = jnp.where(new, k_new[None, :], load_rows(k_ref, rows, ok))
+        return k, jnp.where(new, v_new[None, :], load_rows(v_ref, rows, ok))
 
     m, l, a = pallas_gpu.online_softmax(
-        load_kv, logits, mask_ref, s_len=s_len, per_split=per_split, block_s=cfg.block_s,
-        gp=gp, d=d, dt=dt,
+        load_kv, lambda k: mm(q, k, 1, 1, dt), mask_ref, s_len=s_len, per_split=per_split,
+        block_s=cfg.block_s, gp=gp, d=d, dt=dt,
     )  # fmt: skip
     pallas_gpu.store_partials(m_ref, l_ref, a_ref, m, l, a, real)
 
     @pl.when(pl.program_id(2) == at // (per_split * cfg.block_s))
     def _():  # the split holding slot `start` writes it, once
-        k_out_ref[at, lo] = k1_new
-        k_out_ref[at, hi] = k2_new
-        v_out_ref[at, pl.ds(0, d)] = v_new
+        k_out_ref[at, whole] = k_new
+        v_out_ref[at, whole] = v_new
 
 
 def _forward(qkv_bw, cos_bd, sin_bd, k_bshd, v_bshd, start, mask_bs, static):
