@@ -61,13 +61,12 @@ import jax.numpy as jnp
 from taylorcal_jax.models import joined
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.paths import ATTENTION, mixer_key
-from taylorcal_jax.models.rope import rope_cos_sin
+from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
 from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
 from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
-from taylorcal_jax.ops.rope import apply_rope
 
 logger = logging.getLogger(__name__)
 
