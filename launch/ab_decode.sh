@@ -52,6 +52,7 @@ case "$MODE" in
     ROUNDS=${ROUNDS:-2}
     BUDGET_S=${BUDGET_S:-480}
     RUN_S=${RUN_S:-100}
+    GPU_TESTS_S=${GPU_TESTS_S:-150}
     export PYTHONUNBUFFERED=1
     source "$(dirname "$0")/carried_wheels.sh" && install_carried_wheels
     GPU=cpu
@@ -61,9 +62,9 @@ case "$MODE" in
     fi
     if [ -n "${GPU_TESTS:-}" ]; then
       last=${*: -1}
-      (cd "$AB/$last" && PYTHONPATH="$PWD:/tmp/site" timeout "${GPU_TESTS_S:-150}" \
+      (cd "$AB/$last" && PYTHONPATH="$PWD:/tmp/site" timeout "$GPU_TESTS_S" \
         python3 launch/run_gpu_tests.py --jobs 12 --select "$GPU_TESTS" \
-        --timeout $((${GPU_TESTS_S:-150} - 15)) --out-dir "$OUT/gpu") | tail -3 ||
+        --timeout $((GPU_TESTS_S - 15)) --out-dir "$OUT/gpu") | tail -3 ||
         echo "gpu tests in $last stopped: $?"
       echo "gpu tests of $last done at ${SECONDS} s"
     fi
