@@ -46,10 +46,11 @@
 #
 # Wheels the device lacks (gguf, accelerate, ml-collections) go in .whl/ (ignored), e.g.
 # `pip download --no-deps gguf==0.19.0 accelerate==1.16.0 ml-collections -d .whl`, and are
-# installed with --no-deps by `sweep` and `ablation`. Each run is bounded by `timeout` below
-# the call limit; the sweep rewrites its result files after every strategy, so a run cut short
-# still returns the rows it finished. Compiled programs are cached in $WORK/jax_cache, so the
-# ablation call reuses the sweep call's compilations.
+# installed by `launch/carried_wheels.sh` into /tmp/site, which is put on PYTHONPATH (so they
+# stay out of the site-packages that the SmolLM2 configs read as text). Each run is bounded by
+# `timeout` below the call limit; the sweep rewrites its result files after every strategy, so a
+# run cut short still returns the rows it finished. Compiled programs are cached in
+# $WORK/jax_cache, so the ablation call reuses the sweep call's compilations.
 set -euo pipefail
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_MD5=a1231443440b107ff29f02bdb38c9d0a
@@ -62,16 +63,16 @@ CONFIG="configs/smollm2_135m.py:$STAGED/$GGUF_NAME"
 COMMON=(--workdir="$WORK" --out="$OUT" --config.progress=False
   --config.calibration.gdn.impl="${GDN_IMPL:-chunked}")
 
-install_wheels() {
-  if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-deps .whl/*.whl; fi
-}
+# shellcheck source=launch/carried_wheels.sh
+source launch/carried_wheels.sh
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 
 join_and_install() {
   if [ ! -f "$STAGED/$GGUF_NAME" ]; then
     cat "$STAGED/$GGUF_NAME.part_a" workdirs/gguf_b/"$GGUF_NAME".part_b >"$STAGED/$GGUF_NAME"
   fi
   echo "$GGUF_MD5  $STAGED/$GGUF_NAME" | md5sum -c -
-  install_wheels
+  install_carried_wheels
 }
 
 ablation() {
@@ -135,7 +136,7 @@ PY
     ls -l "$OUT"
     ;;
   stage2)
-    install_wheels
+    install_carried_wheels
     timeout "$LIMIT" python3 launch/bench_stage2.py --tag="${TAG:-projections}" --random_smollm2 \
       --batch_sizes="${BATCHES:-8,32}" --remat=false --chunk_sizes=2048 --attention_impls=cudnn \
       --gdn_fused_projections=true,false --budget_s="$((LIMIT - 90))" --out="$OUT"
