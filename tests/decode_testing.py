@@ -1,11 +1,10 @@
-"""What the tests of a decoding-step implementation compare: a prompt's cache, then a few greedy
-decoding steps by each of several models that share params; and decoding attention in float64."""
+"""A prompt's cache, then a few greedy decoding steps by each of several models that share
+params: what the tests of a decoding-step implementation compare."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxpr_testing import equations
 
 from taylorcal_jax.models.teacher import init_cache
@@ -49,20 +48,3 @@ def greedy_steps(
             logits.append(step_logits)
         out[name] = (jnp.concatenate(logits, axis=1), calls)
     return out
-
-
-def attend_one_query64(q, k, v, mask):
-    """Decoding attention in float64 NumPy, q [B, 1, H, d] against K, V [B, S, Hkv, d] where
-    mask [B, S]: query head h against KV head h // G (HF repeat_kv); a row with no valid slot
-    averages V over all slots (every logit equal), as the finite mask value gives."""
-    qn, kn, vn = (np.asarray(x).astype(np.float64) for x in (q, k, v))
-    g = q.shape[2] // k.shape[2]
-    kn, vn = np.repeat(kn, g, axis=2), np.repeat(vn, g, axis=2)
-    logits = np.einsum("bhd,bshd->bhs", qn[:, 0], kn) / np.sqrt(q.shape[-1])
-    m = np.asarray(mask)[:, None, :]
-    none = ~m.any(-1, keepdims=True)
-    logits = np.where(m, logits, -np.inf)
-    logits = np.where(none, 0.0, logits)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhs,bshd->bhd", p, vn)[:, None]

@@ -17,10 +17,7 @@ heads, G = H / Hkv, d head dim, F MLP width.
 
 Attention heads: query head h uses key/value head h // G (HF's `repeat_kv`).
 Decoding steps (T == 1) go to `ops.decode_attention` (K and V read as they lie in the cache), by
-the implementation `AttentionRuntime.decode_impl` names (a runtime option, never saved). Where
-that is the Pallas kernel and the params are joined for decoding (no q/k norm), the step hands
-the joined q|k|v product to `append_and_attend` instead: one kernel rotates q and k, writes k
-and v into the cache and attends (`Attention._appends`).
+the implementation `AttentionRuntime.decode_impl` names (a runtime option, never saved).
 Unpadded multi-token passes without a cache (training, scoring) may instead go to a fused
 kernel, `AttentionRuntime.sequence_impl` (`fused_causal_attention`: cuDNN's flash attention on
 a GPU), which never forms the [B, H, T, S] probabilities. The dense products of a decoding
@@ -64,13 +61,12 @@ import jax.numpy as jnp
 from taylorcal_jax.models import joined
 from taylorcal_jax.models.config import ModelConfig
 from taylorcal_jax.models.paths import ATTENTION, mixer_key
-from taylorcal_jax.models.rope import rope_cos_sin
+from taylorcal_jax.models.rope import apply_rope, rope_cos_sin
 from taylorcal_jax.ops.decode_attention import api as decode_api
 from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one masked-logit value
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
 from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
-from taylorcal_jax.ops.rope import apply_rope
 
 logger = logging.getLogger(__name__)
 
@@ -402,51 +398,17 @@ class Attention(nn.Module):
                 f"attention layer {self.layer_idx} has a KV cache but no SlotView (slots=...); "
                 f"the model builds it from its slot record, cache[{SLOTS!r}]"
             )
+        q, k, v = self.qkv(x_btd, positions_bt, row_scale_bt1)
         window = self.config.sliding_windows[self.layer_idx]
-        if self._appends(t, cache):
-            ctx, new_cache = self._append_step(x_btd, positions_bt, cache, slots, window,
-                                               row_scale_bt1)  # fmt: skip
+        if cache is None and t > 1 and self.runtime.sequence_impl != "blocked":
+            ctx = fused_causal_attention(q, k, v, window, self.dtype, self.runtime.sequence_impl)
+            new_cache = None
         else:
-            q, k, v = self.qkv(x_btd, positions_bt, row_scale_bt1)
-            if cache is None and t > 1 and self.runtime.sequence_impl != "blocked":
-                impl = self.runtime.sequence_impl
-                ctx, new_cache = fused_causal_attention(q, k, v, window, self.dtype, impl), None
-            else:
-                k, v, mask, new_cache = self._keys(k, v, valid_bt, cache, slots, window)
-                ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype, runtime=self.runtime)
+            k, v, mask, new_cache = self._keys(k, v, valid_bt, cache, slots, window)
+            ctx = attend(q, k.astype(self.dtype), v, mask, self.dtype, runtime=self.runtime)
         y = self.o_proj(ctx.reshape(b, t, -1))
         inter = {"attn_context": ctx} if return_intermediates else {}
         return y, new_cache, inter
-
-    def _appends(self, t, cache) -> bool:
-        """Whether this call is a decoding step that one kernel takes from the joined q|k|v
-        product to the attention partials (`decode_api.append_and_attend`: RoPE, the cache
-        writes, attention): a cached one-token call with params joined for decoding, no q/k
-        norm (it would sit between the product and RoPE), and the kernel running on this cache
-        (`decode_api.append_kernel_runs`). Elsewhere the separate ops run."""
-        if cache is None or t != 1 or self.config.qk_norm:
-            return False
-        if not self.has_variable("params", joined.ATTN_QKV):
-            return False
-        return decode_api.append_kernel_runs(
-            self.runtime.decode_impl, cache["k"], cache["v"], self.dtype
-        )
-
-    def _append_step(self, x_btd, positions_bt, cache, slots, window, row_scale_bt1):
-        """(context [B, 1, H, d], new cache) of a step that `_appends`: the joined product
-        [B, (H + 2 Hkv) d] to decode_api.append_and_attend, which writes k and v at slot
-        slots.start of the caches."""
-        c = self.config
-        gemv = self.runtime.gemv_impl
-        qkv_bw = joined_product(self, joined.ATTN_QKV, x_btd, gemv, row_scale_bt1)[:, 0]
-        cos_btd, sin_btd = rope_cos_sin(c, positions_bt)
-        mask = slots.mask(1, window)
-        ctx, k_all, v_all = decode_api.append_and_attend(
-            qkv_bw, cos_btd[:, 0], sin_btd[:, 0], cache["k"], cache["v"], slots.start,
-            mask.rows(mask.q_index_bt)[:, 0], self.dtype,
-            heads=(c.num_attention_heads, c.num_key_value_heads), impl=self.runtime.decode_impl,
-        )  # fmt: skip
-        return ctx, {"k": k_all, "v": v_all}
 
     def _keys(self, k, v, valid_bt, cache, slots, window):
         """(k, v, MaskSpec, new cache) of the blocked and decoding paths: the call's own keys,

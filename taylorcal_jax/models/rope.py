@@ -1,9 +1,9 @@
-"""Rotary position embeddings (RoPE) with the Hugging Face scaling variants: their cos and sin.
+"""Rotary position embeddings (RoPE) with the Hugging Face scaling variants.
 
-Letters: B batch, T time, d head dim (even), P = d/2 rotation pairs.
+Letters: B batch, T time, H heads, d head dim (even), P = d/2 rotation pairs.
 
-The rotation (ops/rope.apply_rope) uses HF's "rotate half" layout: dims (j, j + P) form pair j,
-rotated by the angle `pos * inv_freq[j]`:
+The rotation uses HF's "rotate half" layout: dims (j, j + P) form pair j, rotated by the angle
+`pos * inv_freq[j]`:
 
     x_rot = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
     cos = cos(concat(f, f)) * s,  sin = sin(concat(f, f)) * s,  f = pos * inv_freq
@@ -108,3 +108,12 @@ def rope_cos_sin(config: ModelConfig, positions_bt: jnp.ndarray):
     freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def apply_rope(x_bthd: jnp.ndarray, cos_btd: jnp.ndarray, sin_btd: jnp.ndarray) -> jnp.ndarray:
+    """Rotates x [B, T, H, d] (computed in float32, returned in x's dtype)."""
+    x = x_bthd.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_btd[:, :, None, :] + rotated * sin_btd[:, :, None, :]
+    return out.astype(x_bthd.dtype)

@@ -95,36 +95,35 @@ def unsupported_reason(q_b1hd, k_bshd) -> str | None:
     return None
 
 
-def tile_rows(g: int) -> int:
-    """Gp: the query rows of a program's tile for G query heads per KV head."""
-    return max(_MIN_DOT, pl.next_power_of_2(g))
-
-
-def load_rows(ref, rows, ok, *cols, batch=None):
-    """ref[rows, *cols] (ref[batch, rows, *cols] with `batch` given) with the rows where ok is
-    False read as 0 and never touched."""
-    block = ref.at[(rows, *cols) if batch is None else (batch, rows, *cols)]
+def _load_rows(ref, rows, ok):
+    """ref[rows] with the rows outside the cache (ok False) read as 0 and never touched."""
+    block = ref.at[rows]
     mask = jnp.broadcast_to(ok.reshape(ok.shape + (1,) * (len(block.shape) - 1)), block.shape)
     fill = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # cast to the ref's dtype
     return plgpu.load(block, mask=mask, other=fill)
 
 
-def online_softmax(load_kv, logits, mask_ref, *, s_len, per_split, block_s, gp, d, dt):
-    """(m [Gp], l [Gp], a [Gp, d]) in fp32 of this program's split (module docstring), block by
-    block: load_kv(rows, slots, ok) gives a block's keys (in whatever form `logits` takes) and
-    its values V [BS, d] (rows `rows` = slots `slots`; those past S, ok False, read as 0);
-    logits(keys) its q . K [Gp, BS] (fp32)."""
+def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_split, g, cfg, dt):
+    bs = cfg.block_s
+    gp = m_ref.shape[-1]
+    # q [B, H, d] whole: rows jG .. jG + Gp - 1 of row b. Rows G..Gp-1 pad the dot: masked
+    # (in the last KV head's tile they lie past H; g < G keeps jG + g < H), never stored
+    real = lax.broadcasted_iota(jnp.int32, (gp,), 0) < g
+    rows_q = q_ref.at[pl.program_id(0), pl.ds(pl.program_id(1) * g, gp)]  # [Gp, d]
+    q = plgpu.load(rows_q, mask=jnp.broadcast_to(real[:, None], rows_q.shape), other=0.0)
+    d = q.shape[1]
     first = pl.program_id(2) * per_split
 
     def step(i, carry):
         m, l, a = carry
-        start = (first + i) * block_s
-        slots = start + lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+        start = (first + i) * bs
+        slots = start + lax.broadcasted_iota(jnp.int32, (bs,), 0)
         ok = slots < s_len
-        rows = pl.ds(pl.multiple_of(start, block_s), block_s)
-        k, v = load_kv(rows, slots, ok)
-        valid = (load_rows(mask_ref, rows, ok) != 0) & ok  # [BS]
-        x = logits(k) * (d**-0.5)  # [Gp, BS]
+        rows = pl.ds(pl.multiple_of(start, bs), bs)
+        k = _load_rows(k_ref, rows, ok)  # [BS, d]
+        v = _load_rows(v_ref, rows, ok)
+        valid = (_load_rows(mask_ref, rows, ok) != 0) & ok  # [BS]
+        x = mm(q, k, 1, 1, dt) * (d**-0.5)  # [Gp, BS]
         x = jnp.where(valid[None, :], x, NEG)
         m_new = jnp.maximum(m, jnp.max(x, axis=1))
         p = jnp.where(ok[None, :], jnp.exp(x - m_new[:, None]), 0.0)
@@ -132,57 +131,16 @@ def online_softmax(load_kv, logits, mask_ref, *, s_len, per_split, block_s, gp, 
         return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * a + mm(p, v, 1, 0, dt)
 
     init = (jnp.full((gp,), NEG, F32), jnp.zeros((gp,), F32), jnp.zeros((gp, d), F32))
-    return lax.fori_loop(0, per_split, step, init)
-
-
-def store_partials(m_ref, l_ref, a_ref, m, l, a, real):
-    """The partials' rows where real (g < G)."""
+    m, l, a = lax.fori_loop(0, per_split, step, init)
     plgpu.store(m_ref, m, mask=real)
     plgpu.store(l_ref, l, mask=real)
     plgpu.store(a_ref, a, mask=jnp.broadcast_to(real[:, None], a.shape))
 
 
-def _kernel(q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, a_ref, *, s_len, per_split, g, cfg, dt):
-    gp, d = a_ref.shape
-    # q [B, H, d] whole: rows jG .. jG + Gp - 1 of row b. Rows G..Gp-1 pad the dot: masked
-    # (in the last KV head's tile they lie past H; g < G keeps jG + g < H), never stored
-    real = lax.broadcasted_iota(jnp.int32, (gp,), 0) < g
-    q = load_rows(q_ref, pl.ds(pl.program_id(1) * g, gp), real, batch=pl.program_id(0))
-
-    def load_kv(rows, slots, ok):
-        return load_rows(k_ref, rows, ok), load_rows(v_ref, rows, ok)  # [BS, d] each
-
-    m, l, a = online_softmax(
-        load_kv, lambda k: mm(q, k, 1, 1, dt), mask_ref, s_len=s_len, per_split=per_split,
-        block_s=cfg.block_s, gp=gp, d=d, dt=dt,
-    )  # fmt: skip
-    store_partials(m_ref, l_ref, a_ref, m, l, a, real)
-
-
-def launch(interpret: bool, warps: int, stages: int) -> dict:
-    """The pallas_call options of a launch: Triton's warps and stages when compiled."""
+def _launch(interpret: bool, warps: int, stages: int) -> dict:
     if interpret:
         return {}
     return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
-
-
-def cache_spec(s: int, d: int):
-    """Program (b, j, n)'s block of a cache [B, S, Hkv, d]: all S slots of KV head j, [S, d]."""
-    return pl.BlockSpec((None, s, None, d), lambda bb, j, n: (bb, 0, j, 0))
-
-
-def mask_spec(s: int):
-    """Program (b, j, n)'s block of the mask [B, S]: row b, [S]."""
-    return pl.BlockSpec((None, s), lambda bb, j, n: (bb, 0))
-
-
-def partials_out(b: int, hkv: int, ns: int, gp: int, d: int):
-    """(out_specs, out_shape) of the partials m, l [B, Hkv, NS, Gp] and a [B, Hkv, NS, Gp, d]
-    (fp32) over grid (B, Hkv, NS)."""
-    stats = pl.BlockSpec((None, None, None, gp), lambda bb, j, n: (bb, j, n, 0))
-    rows = pl.BlockSpec((None, None, None, gp, d), lambda bb, j, n: (bb, j, n, 0, 0))
-    shapes = [(b, hkv, ns, gp), (b, hkv, ns, gp), (b, hkv, ns, gp, d)]
-    return [stats, stats, rows], [jax.ShapeDtypeStruct(x, F32) for x in shapes]
 
 
 def partials(q_bhd, k_bshd, v_bshd, mask_bs, config: DecodeConfig, interpret: bool, dt):
@@ -191,20 +149,33 @@ def partials(q_bhd, k_bshd, v_bshd, mask_bs, config: DecodeConfig, interpret: bo
     b, h, d = q_bhd.shape
     s, hkv = k_bshd.shape[1:3]
     g = h // hkv
+    gp = max(_MIN_DOT, pl.next_power_of_2(g))
     ns, per_split = split_plan(config, b, hkv, s)
     kern = functools.partial(_kernel, s_len=s, per_split=per_split, g=g, cfg=config, dt=dt)
-    out_specs, out_shape = partials_out(b, hkv, ns, tile_rows(g), d)
-    cache = cache_spec(s, d)
+    cache = pl.BlockSpec((None, s, None, d), lambda bb, j, n: (bb, 0, j, 0))
+    stats = pl.BlockSpec((None, None, None, gp), lambda bb, j, n: (bb, j, n, 0))
     return pl.pallas_call(
         kern,
         grid=(b, hkv, ns),
-        # q whole: each program loads its rows
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY), cache, cache, mask_spec(s)],
-        out_specs=out_specs,
-        out_shape=out_shape,
+        in_specs=[
+            pl.BlockSpec(memory_space=pl.ANY),  # q whole: each program loads its rows
+            cache,
+            cache,
+            pl.BlockSpec((None, s), lambda bb, j, n: (bb, 0)),
+        ],
+        out_specs=[
+            stats,
+            stats,
+            pl.BlockSpec((None, None, None, gp, d), lambda bb, j, n: (bb, j, n, 0, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hkv, ns, gp), F32),
+            jax.ShapeDtypeStruct((b, hkv, ns, gp), F32),
+            jax.ShapeDtypeStruct((b, hkv, ns, gp, d), F32),
+        ],
         interpret=interpret,
         name="decode_attention",
-        **launch(interpret, config.warps, config.stages),
+        **_launch(interpret, config.warps, config.stages),
     )(q_bhd, k_bshd, v_bshd, mask_bs)
 
 
@@ -262,7 +233,7 @@ def combine(m_bkng, l_bkng, a_bkngd, g, dtype, interpret: bool):
         out_shape=jax.ShapeDtypeStruct((b, hkv * g, d), dtype),
         interpret=interpret,
         name="decode_attention_combine",
-        **launch(interpret, warps=4, stages=2),
+        **_launch(interpret, warps=4, stages=2),
     )(m_bkng, l_bkng, a_bkngd)
 
 

@@ -9,23 +9,12 @@ Query head h uses key/value head h // G (HF's `repeat_kv`).
 
 A row with no valid slot gets the average of V over all S slots (every logit equal), as the
 dense softmax with a finite mask value gives.
-
-A decoding step appends its token first (`append_and_attend_xla`): from the joined product of
-the token, qkv = [q_0 .. q_{H-1} | k_0 .. k_{Hkv-1} | v_0 .. v_{Hkv-1}] (d columns per head),
-
-    q, k <- rope(q), rope(k)                    (ops/rope.apply_rope, float32, back in qkv's dtype)
-    K[b, start], V[b, start] <- k[b], v[b]      (in the caches' dtype)
-
-then attends q to the caches as above, the mask [B, S] already holding slot `start`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-
-from taylorcal_jax.ops.rope import apply_rope
 
 NEG = -1e30  # large finite negative for masked logits (fully masked rows stay finite)
 
@@ -59,20 +48,3 @@ def attend_one_query(q_b1hd, k_bshd, v_bshd, mask_bs, dtype):
     own = own_block_hj[None, :, :, None].astype(ctx_all.dtype)
     ctx = jnp.sum(ctx_all * own, axis=2)  # one nonzero term: exact
     return ctx.reshape(b, 1, h, d)
-
-
-def append_and_attend_xla(qkv_bw, cos_bd, sin_bd, k_bshd, v_bshd, start, mask_bs, dtype, *, heads):
-    """(context [B, 1, H, d] in `dtype`, new K cache, new V cache) of a decoding step (module
-    docstring) as separate XLA ops: qkv [B, (H + 2 Hkv) d] the token's joined product, cos and
-    sin [B, d] of its position, the caches K and V [B, S, Hkv, d], start the slot it goes to
-    (int32 scalar), heads = (H, Hkv). The caches are read in `dtype` (attend_one_query)."""
-    h, hkv = heads
-    b, _, _, d = k_bshd.shape
-    q, k, v = jnp.split(qkv_bw[:, None], (h * d, (h + hkv) * d), axis=-1)
-    q = apply_rope(q.reshape(b, 1, h, d), cos_bd[:, None], sin_bd[:, None])
-    k = apply_rope(k.reshape(b, 1, hkv, d), cos_bd[:, None], sin_bd[:, None])
-    zero = jnp.zeros((), jnp.int32)
-    at = (zero, jnp.asarray(start, jnp.int32), zero, zero)
-    k_all = lax.dynamic_update_slice(k_bshd, k.astype(k_bshd.dtype), at)
-    v_all = lax.dynamic_update_slice(v_bshd, v.reshape(b, 1, hkv, d).astype(v_bshd.dtype), at)
-    return attend_one_query(q, k_all.astype(dtype), v_all, mask_bs, dtype), k_all, v_all
