@@ -274,3 +274,39 @@ def test_fla_kernel_path_equals_torch_recurrence(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout.split("REL")[-1]) < 1e-5
+
+
+def _readme_serving_snippet() -> str:
+    """The Python block of README.md's "Serving a student" that loads the export in transformers."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        lines = f.read().splitlines()
+    start = lines.index("    from transformers import AutoModelForCausalLM, AutoTokenizer")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("    "))
+    return textwrap.dedent("\n".join(lines[start:end]))
+
+
+def test_readme_serving_snippet_runs_as_written(tmp_path):
+    """The README's load-and-generate lines, run as written (stdin closed, as in a script) on an
+    export at exports/tiny: they generate for both prompts and never stop to ask whether to run
+    the export's code (transformers asks when a call that reads config.json lacks
+    trust_remote_code=True)."""
+    sc, params = make_student("llama_tied_llama3")
+    student = save_student(tmp_path / "student", sc, params)
+    vocab = {"<eos>": 0, "<pad>": 1, "<unk>": 2, "def": 3, "import": 4, "os": 5}
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "<unk>"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(str(student))
+    out = tmp_path / "exports" / "tiny"
+    assert export_cli.main([f"--student={student}", f"--out={out}", "--dtype=bfloat16"]) == 0
+    run = subprocess.run(
+        [sys.executable, "-c", _readme_serving_snippet()],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said[-2000:]
+    assert "trust_remote_code" not in said, said[-2000:]
+    decoded = [line for line in run.stdout.splitlines() if line.startswith("[")]
+    assert len(decoded) == 1 and decoded[0].count("<pad>") >= 1, run.stdout[-2000:]

@@ -38,3 +38,6 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert "--- teacher:" in outputs and "--- student:" in outputs
     assert "--- exported student (transformers):" in outputs
     assert "the same 32 tokens as the JAX student:" in outputs
+    # The export loaded with trust_remote_code=True throughout: without it transformers asks
+    # (a prompt that would block a Colab user) and, unanswered, falls back to a bare config.
+    assert "trust_remote_code" not in outputs and "instantiate a model of type" not in outputs
