@@ -164,6 +164,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
+    fields.split_comma_items(config)  # --config.stages=a,b as ("a", "b")
     if _PRINT_CONFIG.value:
         try:
             print_config(config)

@@ -429,6 +429,12 @@ def test_help_and_print_config():
     assert proc.returncode == 0, proc.stderr
     assert 'select.policy = \'ar\'  # "uniform" | "ar" | "ga_s2"' in proc.stdout
     assert 'mesh.data = 1  # devices on the "data" axis' in proc.stdout
+    # a comma list for a tuple field, as people type it (ml_collections alone reads one item)
+    proc = cli(
+        "--config=configs/tiny.py", "--print_config", "--config.stages=pretrain,eval_teacher"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "stages = ('pretrain', 'eval_teacher')  #" in proc.stdout
 
 
 def test_every_config_docstring_holds_its_command():

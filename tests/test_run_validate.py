@@ -136,6 +136,21 @@ def test_wrong_types_are_named(tmp_path):
         validate.check_types(ml_collections.ConfigDict(d))
 
 
+def test_comma_lists_of_tuple_of_str_fields_are_split():
+    """`--config.stages=a,b` reaches the config as ("a,b",) (ml_collections takes one item per
+    flag); the CLI splits it, and leaves int tuples and single items alone."""
+    c = _smoke(stages=("eval_teacher, statistics,,calibrate",))
+    c.calibration.phase1_parts = ("write_gate,output_gate",)
+    c.select.keep_layers = (0, 2)
+    fields.split_comma_items(c)
+    assert c.stages == ("eval_teacher", "statistics", "calibrate")
+    assert c.calibration.phase1_parts == ("write_gate", "output_gate")
+    assert c.select.keep_layers == (0, 2)
+    c = _smoke(stages=("pretrain", "eval_teacher"))
+    fields.split_comma_items(c)
+    assert c.stages == ("pretrain", "eval_teacher")
+
+
 def _teacher_dir(tmp_path, *, config=True, weights=True, tokenizer=True, model_type="llama"):
     path = tmp_path / "teacher"
     path.mkdir()

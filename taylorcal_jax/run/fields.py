@@ -123,3 +123,31 @@ def unknown_fields(config) -> list[tuple[str, str | None]]:
             continue  # reported once, at its unknown section
         out.append((path, closest(path, known)))
     return out
+
+
+def split_comma_items(config) -> None:
+    """Splits, in place, the items of every tuple-of-str field (by its default) at commas.
+
+    ml_collections reads `--config.stages=a,b` as the one-item tuple ("a,b",): a tuple flag
+    takes one item per repetition (`--config.stages=a --config.stages=b`) or a Python tuple
+    literal. A comma list is what people type, and no item of these fields holds a comma, so
+    ("a,b",) -> ("a", "b"); blanks around items and empty items are dropped.
+    """
+    want = flatten(defaults())
+    for path, value in flatten(config).items():
+        default = want.get(path)
+        if not (isinstance(default, tuple) and default and isinstance(default[0], str)):
+            continue
+        if not isinstance(value, (tuple, list)):
+            continue
+        if not any(isinstance(item, str) and "," in item for item in value):
+            continue
+        items = []
+        for item in value:
+            parts = item.split(",") if isinstance(item, str) else [item]
+            items += [p.strip() if isinstance(p, str) else p for p in parts]
+        node = config
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = tuple(i for i in items if not isinstance(i, str) or i)
