@@ -3,8 +3,9 @@
 `configs/common.py` holds every default; the comment on an assignment in its `get_config`
 (and the comment lines directly above it) is that field's description. `defaults()` loads
 the defaults, `descriptions()` reads the comments with `tokenize`, `flatten(config)` lists a
-config as {"section.field": value}, and `unknown_fields(config)` names the fields a config
-has that the schema lacks, each with the closest known field ("did you mean").
+config as {"section.field": value}, `unknown_fields(config)` names the fields a config
+has that the schema lacks, each with the closest known field ("did you mean"), and
+`split_comma_items(config)` reads a command line's comma lists into tuple-of-str fields.
 """
 
 from __future__ import annotations
