@@ -135,20 +135,13 @@ def split_comma_items(config) -> None:
     ("a,b",) -> ("a", "b"); blanks around items and empty items are dropped.
     """
     want = flatten(defaults())
+    nodes = {"": config, **sections(config)}
     for path, value in flatten(config).items():
         default = want.get(path)
         if not (isinstance(default, tuple) and default and isinstance(default[0], str)):
             continue
-        if not isinstance(value, (tuple, list)):
-            continue
-        if not any(isinstance(item, str) and "," in item for item in value):
-            continue
-        items = []
-        for item in value:
-            parts = item.split(",") if isinstance(item, str) else [item]
-            items += [p.strip() if isinstance(p, str) else p for p in parts]
-        node = config
-        *parents, leaf = path.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = tuple(i for i in items if not isinstance(i, str) or i)
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+            continue  # a wrong type is check_types' to report
+        if any("," in v for v in value):
+            parent, _, leaf = path.rpartition(".")
+            nodes[parent][leaf] = tuple(p.strip() for v in value for p in v.split(",") if p.strip())
