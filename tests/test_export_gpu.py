@@ -4,11 +4,13 @@ JAX student in float32 (matmuls at "highest").
 - the transformers export (export/hf_torch.py) with gdn_kernels="fla": a left-padded prefill
   of 150 tokens (chunk_gated_delta_rule) and 8 decoding steps (fused_recurrent_gated_delta_rule)
 - fla's own GatedDeltaNetForCausalLM from the fla-format export (export/fla_format.py): the
-  prefill, with and without a kept attention layer (the latter needs flash-attn)
+  prefill, and the prefill then 8 decoding steps on fla's cache, with and without a kept
+  attention layer. fla's attention layer calls flash-attn; where that package is not installed
+  (it ships as source only), its two functions come from tests/flash_attn_reference.py, an
+  exact PyTorch form of them, so that the export's kept layers are checked all the same.
 
 Tolerance: within 2e-2 relative, ||torch - jax||_F / ||jax||_F over the real tokens. Run on a
-GPU machine, with flash-linear-attention from the wheels in .whl/ (and flash-attn for the case
-with a kept layer, skipped without it):
+GPU machine, with flash-linear-attention from the wheels in .whl/:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:$PWD python3 launch/run_gpu_tests.py tests/test_export_gpu.py --out-dir DIR
@@ -103,22 +105,71 @@ def test_export_bf16_with_fla_kernels(conv, tmp_path):
     assert _rel(got[:, prompt:], ref[:, prompt:], valid[:, prompt:]) < TOLERANCE
 
 
-@pytest.mark.parametrize("keep", [(), (1,)])
-def test_fla_format_bf16(keep, tmp_path):
-    device = _cuda()
-    if keep:
-        pytest.importorskip("flash_attn", reason="fla's attention layers need flash-attn")
+def _fla_attention_functions(monkeypatch):
+    """flash-attn's functions for fla's attention layer: the package's where it is installed,
+    else the PyTorch reference (module docstring). Returns which one."""
+    try:
+        import flash_attn  # noqa: F401, PLC0415
+
+        return "flash_attn"
+    except ImportError:
+        import fla.layers.attn  # noqa: PLC0415
+        from flash_attn_reference import flash_attn_func, flash_attn_varlen_func  # noqa: PLC0415
+
+        monkeypatch.setattr(fla.layers.attn, "flash_attn_func", flash_attn_func)
+        monkeypatch.setattr(
+            fla.layers.attn, "flash_attn_varlen_func", flash_attn_varlen_func, raising=False
+        )
+        return "reference"
+
+
+def _fla_model(sc, params, path, device, monkeypatch):
+    """The fla-format export of the student, loaded by fla in bf16 on `device`."""
+    if sc.keep_full_attention_layers:
+        print("flash-attn functions:", _fla_attention_functions(monkeypatch))
     from fla.models import GatedDeltaNetForCausalLM  # noqa: PLC0415
 
+    write_fla_model(path, sc, params)
+    model = GatedDeltaNetForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    return model.to(device).eval()
+
+
+@pytest.mark.parametrize("keep", [(), (1,)])
+def test_fla_format_bf16(keep, tmp_path, monkeypatch):
+    device = _cuda()
     sc, params = _student(keep, conv=True)
     tokens, valid = _sequences()
     ref = _jax_logits(sc, params, tokens, valid)
-    write_fla_model(tmp_path, sc, params)
-    model = GatedDeltaNetForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
-    model = model.to(device).eval()
+    model = _fla_model(sc, params, tmp_path, device, monkeypatch)
     with torch.no_grad():
         out = model(
             torch.as_tensor(tokens, device=device),
             attention_mask=torch.as_tensor(valid.astype(np.int64), device=device),
         )
     assert _rel(out.logits.float().cpu().numpy(), ref, valid) < TOLERANCE
+
+
+@pytest.mark.parametrize("keep", [(), (1,)])
+def test_fla_format_bf16_decoding(keep, tmp_path, monkeypatch):
+    """The left-padded prompts, then DECODE_STEPS tokens one at a time on fla's own cache."""
+    device = _cuda()
+    sc, params = _student(keep, conv=True)
+    tokens, valid = _sequences()
+    ref = _jax_logits(sc, params, tokens, valid)
+    model = _fla_model(sc, params, tmp_path, device, monkeypatch)
+    ids = torch.as_tensor(tokens, device=device)
+    mask = torch.as_tensor(valid.astype(np.int64), device=device)
+    prompt = tokens.shape[1] - DECODE_STEPS
+    with torch.no_grad():
+        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(prompt, tokens.shape[1]):
+            out = model(
+                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache,
+                use_cache=True,
+            )  # fmt: skip
+            logits.append(out.logits)
+            cache = out.past_key_values
+    got = torch.cat(logits, 1).float().cpu().numpy()
+    assert _rel(got[:, :prompt], ref[:, :prompt], valid[:, :prompt]) < TOLERANCE
+    assert _rel(got[:, prompt:], ref[:, prompt:], valid[:, prompt:]) < TOLERANCE
