@@ -47,11 +47,15 @@ def _cuda():
     return torch.device("cuda")
 
 
-def _student(keep, conv):
+def _student(keep, conv, window=None):
+    """A 3-layer student; `window`: a Mistral teacher whose every layer has that sliding window
+    (shorter than the prompts)."""
+    windowed = {} if window is None else dict(model_type="mistral", sliding_windows=(window,) * 3)
     cfg = tiny_model_config(
         vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
         rms_norm_eps=1e-5,  # = the GDN norm_eps, as fla's format needs
+        **windowed,
     )  # fmt: skip
     sc = StudentConfig.from_teacher(cfg, keep, mixer="gdn", use_short_conv=conv)
     params = init_params(
@@ -134,10 +138,14 @@ def _fla_model(sc, params, path, device, monkeypatch):
     return model.to(device).eval()
 
 
-@pytest.mark.parametrize("keep", [(), (1,)])
-def test_fla_format_bf16(keep, tmp_path, monkeypatch):
+# (kept layers, sliding window): no kept layer, a kept full-attention layer, a kept windowed one
+FLA_CASES = [((), None), ((1,), None), ((1,), 32)]
+
+
+@pytest.mark.parametrize("keep, window", FLA_CASES)
+def test_fla_format_bf16(keep, window, tmp_path, monkeypatch):
     device = _cuda()
-    sc, params = _student(keep, conv=True)
+    sc, params = _student(keep, conv=True, window=window)
     tokens, valid = _sequences()
     ref = _jax_logits(sc, params, tokens, valid)
     model = _fla_model(sc, params, tmp_path, device, monkeypatch)
@@ -149,11 +157,11 @@ def test_fla_format_bf16(keep, tmp_path, monkeypatch):
     assert _rel(out.logits.float().cpu().numpy(), ref, valid) < TOLERANCE
 
 
-@pytest.mark.parametrize("keep", [(), (1,)])
-def test_fla_format_bf16_decoding(keep, tmp_path, monkeypatch):
+@pytest.mark.parametrize("keep, window", FLA_CASES)
+def test_fla_format_bf16_decoding(keep, window, tmp_path, monkeypatch):
     """The left-padded prompts, then DECODE_STEPS tokens one at a time on fla's own cache."""
     device = _cuda()
-    sc, params = _student(keep, conv=True)
+    sc, params = _student(keep, conv=True, window=window)
     tokens, valid = _sequences()
     ref = _jax_logits(sc, params, tokens, valid)
     model = _fla_model(sc, params, tmp_path, device, monkeypatch)
