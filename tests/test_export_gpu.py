@@ -4,10 +4,11 @@ JAX student in float32 (matmuls at "highest").
 - the transformers export (export/hf_torch.py) with gdn_kernels="fla": a left-padded prefill
   of 150 tokens (chunk_gated_delta_rule) and 8 decoding steps (fused_recurrent_gated_delta_rule)
 - fla's own GatedDeltaNetForCausalLM from the fla-format export (export/fla_format.py): the
-  prefill, and the prefill then 8 decoding steps on fla's cache, with and without a kept
-  attention layer. fla's attention layer calls flash-attn; where that package is not installed
-  (it ships as source only), its two functions come from tests/flash_attn_reference.py, an
-  exact PyTorch form of them, so that the export's kept layers are checked all the same.
+  same prefill and 8 decoding steps on fla's own cache, without a kept attention layer, with a
+  kept full-attention layer and with a kept sliding-window layer. fla's attention layer calls
+  flash-attn; where that package is not installed (it ships as source only), its two functions
+  come from tests/flash_attn_reference.py, an exact PyTorch form of them, so that the export's
+  kept layers are checked all the same.
 
 Tolerance: within 2e-2 relative, ||torch - jax||_F / ||jax||_F over the real tokens. Run on a
 GPU machine, with flash-linear-attention from the wheels in .whl/:
@@ -94,17 +95,28 @@ def test_export_bf16_with_fla_kernels(conv, tmp_path):
         str(path), trust_remote_code=True, dtype=torch.bfloat16, gdn_kernels="fla"
     )
     model = model.to(device).eval()
+
+    def forward(ids, mask, cache):
+        out = model(ids, attention_mask=mask, **({} if cache is None else {CACHE_FIELD: cache}))
+        return out.logits, out[CACHE_FIELD]
+
+    _assert_prefill_then_decoding_close(forward, tokens, valid, ref, device)
+
+
+def _assert_prefill_then_decoding_close(forward, tokens, valid, ref, device):
+    """The prompts (all but the last DECODE_STEPS tokens) in one call, then each further token
+    on the cache the call before returned, against `ref` [B, T, V]: both parts within
+    TOLERANCE. forward(ids, mask, cache) -> (logits, cache); cache is None on the first call."""
     ids = torch.as_tensor(tokens, device=device)
     mask = torch.as_tensor(valid.astype(np.int64), device=device)
     prompt = tokens.shape[1] - DECODE_STEPS
     with torch.no_grad():
-        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt])
-        logits, cache = [out.logits], out[CACHE_FIELD]
+        logits, cache = forward(ids[:, :prompt], mask[:, :prompt], None)
+        chunks = [logits]
         for t in range(prompt, tokens.shape[1]):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **{CACHE_FIELD: cache})
-            logits.append(out.logits)
-            cache = out[CACHE_FIELD]
-    got = torch.cat(logits, 1).float().cpu().numpy()
+            logits, cache = forward(ids[:, t : t + 1], mask[:, : t + 1], cache)
+            chunks.append(logits)
+    got = torch.cat(chunks, 1).float().cpu().numpy()
     assert _rel(got[:, :prompt], ref[:, :prompt], valid[:, :prompt]) < TOLERANCE
     assert _rel(got[:, prompt:], ref[:, prompt:], valid[:, prompt:]) < TOLERANCE
 
@@ -144,40 +156,16 @@ FLA_CASES = [((), None), ((1,), None), ((1,), 32)]
 
 @pytest.mark.parametrize("keep, window", FLA_CASES)
 def test_fla_format_bf16(keep, window, tmp_path, monkeypatch):
+    """fla's model from the export: the left-padded prompts, then DECODE_STEPS tokens one at a
+    time on fla's own cache."""
     device = _cuda()
     sc, params = _student(keep, conv=True, window=window)
     tokens, valid = _sequences()
     ref = _jax_logits(sc, params, tokens, valid)
     model = _fla_model(sc, params, tmp_path, device, monkeypatch)
-    with torch.no_grad():
-        out = model(
-            torch.as_tensor(tokens, device=device),
-            attention_mask=torch.as_tensor(valid.astype(np.int64), device=device),
-        )
-    assert _rel(out.logits.float().cpu().numpy(), ref, valid) < TOLERANCE
 
+    def forward(ids, mask, cache):
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
 
-@pytest.mark.parametrize("keep, window", FLA_CASES)
-def test_fla_format_bf16_decoding(keep, window, tmp_path, monkeypatch):
-    """The left-padded prompts, then DECODE_STEPS tokens one at a time on fla's own cache."""
-    device = _cuda()
-    sc, params = _student(keep, conv=True, window=window)
-    tokens, valid = _sequences()
-    ref = _jax_logits(sc, params, tokens, valid)
-    model = _fla_model(sc, params, tmp_path, device, monkeypatch)
-    ids = torch.as_tensor(tokens, device=device)
-    mask = torch.as_tensor(valid.astype(np.int64), device=device)
-    prompt = tokens.shape[1] - DECODE_STEPS
-    with torch.no_grad():
-        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(prompt, tokens.shape[1]):
-            out = model(
-                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache,
-                use_cache=True,
-            )  # fmt: skip
-            logits.append(out.logits)
-            cache = out.past_key_values
-    got = torch.cat(logits, 1).float().cpu().numpy()
-    assert _rel(got[:, :prompt], ref[:, :prompt], valid[:, :prompt]) < TOLERANCE
-    assert _rel(got[:, prompt:], ref[:, prompt:], valid[:, prompt:]) < TOLERANCE
+    _assert_prefill_then_decoding_close(forward, tokens, valid, ref, device)
