@@ -1,16 +1,25 @@
 """Export in flash-linear-attention's GatedDeltaNetForCausalLM format (export/fla_format.py).
 
-On the CPU fla's model cannot run (its norms and kernels are autotuned Triton, its attention
-needs flash-attn), so these tests check the layout against fla's real model: the exported
-config builds it, every tensor loads by name with its shape (strict) and lands where ours
-expects it; and the features fla cannot express are refused by name. The logits are compared
-with our student on the GPU (test_export_gpu.py).
+The layout against fla's real model: the exported config builds it, every tensor loads by
+name with its shape (strict) and lands where ours expects it; the features fla cannot express
+are refused by name. The logits: fla's model runs on the CPU in float32 with its Triton
+kernels in Triton's interpreter and flash-attn's functions from tests/flash_attn_reference.py
+(tests/fla_interpret_worker.py, in a process of its own), and must match our student to 1e-4
+relative, on a left-padded prefill and on tokens decoded on fla's own cache; in bf16 with the
+compiled kernels on the GPU, test_export_gpu.py.
 """
+
+import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from export_numerics import FLA_CASES
+from suite_env import suite_xla_flags
 from test_export_hf import make_student
 
 from taylorcal_jax.export.common import UnsupportedExportError
@@ -102,3 +111,19 @@ def test_bf16_export_stores_bf16(tmp_path):
     sc, params = make_student("mistral_window_conv", rms_norm_eps=1e-5)
     write_fla_model(tmp_path, sc, params, jnp.bfloat16)
     assert {str(a.dtype) for a in hf_io.read_weights(tmp_path).values()} == {"bfloat16"}
+
+
+def test_fla_model_logits_match_our_student_in_triton_interpreter():
+    """export_numerics.FLA_CASES (no kept layer, a kept full-attention layer, a kept layer
+    with a 32-token window): fla's float32 logits within 1e-4 of ours, prefill and decoding."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS=suite_xla_flags())
+    proc = subprocess.run(
+        [sys.executable, os.path.join(tests_dir, "fla_interpret_worker.py")],
+        cwd=tests_dir, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(tuple(row["keep"]), row["window"]) for row in rows] == FLA_CASES
+    for row in rows:
+        assert row["prefill"] < 1e-4 and row["decoding"] < 1e-4, row
