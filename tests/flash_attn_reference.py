@@ -15,7 +15,7 @@ The rules are flash-attn's, as its documentation states them:
   cu_seqlens[n] .. cu_seqlens[n + 1] - 1, and treats each as its own batch of one.
 
 The sums are in float32 and the output is in q's dtype. Checked against an explicit loop in
-tests/test_flash_attn_reference.py; used by tests/test_export_gpu.py.
+tests/test_flash_attn_reference.py; installed for fla by tests/export_numerics.py.
 """
 
 from __future__ import annotations
