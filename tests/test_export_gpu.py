@@ -18,6 +18,7 @@ GPU machine, with flash-linear-attention from the wheels in .whl/:
 """
 
 import pytest
+import torch  # a test dependency; export_numerics imports it as well
 from export_numerics import (
     FLA_CASES,
     fla_model,
@@ -30,7 +31,6 @@ from export_numerics import (
 
 from taylorcal_jax.export.hf_torch import write_hf_model
 
-torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("fla")
 from taylorcal_jax.export.hf_modeling.modeling_taylorcal_hybrid import CACHE_FIELD  # noqa: E402
