@@ -17,8 +17,8 @@ program needs another's result: the down product's sum over F is split along the
 that the gate and up products' columns are. The kernel reads each weight once, as the products
 do, and saves the launches between them.
 
-x is padded with 15 zero rows to 16, the least M of a tensor-core dot, so that every load
-feeds a dot (Triton pipelines those: several loads in flight per program, which a bound on the
+x's row is padded with 15 zero rows to 16 as it is loaded, the least M of a tensor-core dot (a
+pad outside the kernel would be a launch of its own), so that every load feeds a dot (Triton pipelines those: several loads in flight per program, which a bound on the
 bandwidth needs with only F / BF programs); the padded rows stay zero through h, so p sums
 them to nothing. The operand dtype of the dots is bf16 for bf16 weights, else fp32 at HIGHEST
 (ops/pallas_dot.mm); sums, scale and silu are float32.
@@ -97,16 +97,18 @@ def _kernel(x_ref, r_ref, w_gu_ref, w_d_ref, p_ref, *, f, bf, bk, bn, dt):
     gate_cols = pl.ds(pl.multiple_of(j * bf, bf), bf)
     up_cols = pl.ds(pl.multiple_of(f + j * bf, bf), bf)
 
+    first_row = lax.broadcasted_iota(jnp.int32, (ROWS, bk), 0) == 0
+
     def gate_and_up(i, sums):
         rows = pl.ds(pl.multiple_of(i * bk, bk), bk)
-        x = x_ref[:, rows]  # [16, BK]
+        x = jnp.where(first_row, jnp.broadcast_to(x_ref[:, rows], (ROWS, bk)), 0)  # [16, BK]
         g = mm(x, w_gu_ref[rows, gate_cols], 1, 0, dt)  # [16, BF]
         u = mm(x, w_gu_ref[rows, up_cols], 1, 0, dt)
         return sums[0] + g, sums[1] + u
 
     zeros = jnp.zeros((ROWS, bf), F32)
     g, u = lax.fori_loop(0, k // bk, gate_and_up, (zeros, zeros))
-    r = r_ref[...][:, None]  # [16, 1]
+    r = r_ref[...][:, None]  # [1, 1]
     g, u = r * g, r * u
     h = (g / (1.0 + jnp.exp(-g)) * u).astype(dt)  # silu(g) u, [16, BF]
 
@@ -132,8 +134,7 @@ def swiglu_mlp_pallas(
     (_, k), (f, n) = x_mk.shape, w_d.shape
     bf, bk, bn = config.plan(k, f, n)
     dt = jnp.bfloat16 if x_mk.dtype == w_gu.dtype == w_d.dtype == jnp.bfloat16 else F32
-    x = jnp.pad(x_mk, ((0, ROWS - 1), (0, 0)))
-    r = jnp.broadcast_to(jnp.asarray(r_m1, F32).reshape(()), (ROWS,))
+    r = jnp.asarray(r_m1, F32).reshape(1)
     launch = {}
     if not interpret:
         launch = dict(
@@ -143,11 +144,11 @@ def swiglu_mlp_pallas(
     partial_jn = pl.pallas_call(
         functools.partial(_kernel, f=f, bf=bf, bk=bk, bn=bn, dt=dt),
         grid=(f // bf,),
-        in_specs=[whole, pl.BlockSpec((ROWS,), lambda j: (0,)), whole, whole],
+        in_specs=[whole, pl.BlockSpec((1,), lambda j: (0,)), whole, whole],
         out_specs=pl.BlockSpec((None, n), lambda j: (j, 0)),
         out_shape=jax.ShapeDtypeStruct((f // bf, n), F32),
         interpret=interpret,
         name="swiglu_mlp",
         **launch,
-    )(x, r, w_gu, w_d)
+    )(x_mk, r, w_gu, w_d)
     return jnp.sum(partial_jn, axis=0)[None, :]
