@@ -67,7 +67,6 @@ from taylorcal_jax.ops.decode_attention.reference import NEG as _NEG  # one mask
 from taylorcal_jax.ops.dispatch import GPU_BACKENDS, log_choice_once
 from taylorcal_jax.ops.gemv import api as gemv_api
 from taylorcal_jax.ops.gemv.api import dense_dot_general, dense_product
-from taylorcal_jax.ops.swiglu import api as swiglu_api
 
 logger = logging.getLogger(__name__)
 
@@ -495,34 +494,14 @@ def attention_qkv(attn_params, config: ModelConfig, x_btd, positions_bt, *, dtyp
 class MLP(nn.Module):
     """SwiGLU MLP; `gemv_impl` as AttentionRuntime's. With params joined for decoding
     (`joined.join_for_decoding`: gate and up as one kernel [D, 2F]) it forms x W_gate and x W_up
-    as one product, then splits it; or, for one row where `gemv_impl` runs it (ops/swiglu:
-    "auto" on a GPU), the whole MLP is one kernel. row_scale_bt1: as Attention's."""
+    as one product, then splits it. row_scale_bt1: as Attention's."""
 
     config: ModelConfig
     dtype: Any = jnp.float32
     gemv_impl: str = "auto"
 
-    def _one_kernel(self, x, row_scale_bt1):
-        """The MLP of x as ops/swiglu's one kernel, where the params are joined for decoding and
-        `gemv_impl` runs these operands through it; else None."""
-        if self.is_initializing() or not self.has_variable("params", joined.MLP_GATE_UP):
-            return None
-        w_gu = self.get_variable("params", joined.MLP_GATE_UP).astype(self.dtype)
-        w_d = self.variables["params"]["down_proj"]["kernel"].astype(self.dtype)
-        x_mk = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        if not swiglu_api.runs_fused(self.gemv_impl, x_mk, w_gu, w_d):
-            return None
-        r_m1 = jnp.ones((x_mk.shape[0], 1), jnp.float32)
-        if row_scale_bt1 is not None:
-            r_m1 = row_scale_bt1.reshape(-1, 1).astype(jnp.float32)
-        y = swiglu_api.swiglu_mlp(x_mk, r_m1, w_gu, w_d)
-        return y.astype(self.dtype).reshape(*x.shape[:-1], w_d.shape[1])
-
     @nn.compact
     def __call__(self, x, row_scale_bt1=None):
-        y = self._one_kernel(x, row_scale_bt1)
-        if y is not None:
-            return y
         f, gemv = self.config.intermediate_size, self.gemv_impl
         gate_up = joined_product(self, joined.MLP_GATE_UP, x, gemv, row_scale_bt1)
         if gate_up is not None:
