@@ -209,6 +209,33 @@ def test_split_over_eight_devices_equals_one_device():
     assert spec(jnp.zeros((8, 3))) == P("data") and spec(jnp.zeros(())) == P()
 
 
+def test_ctrl_c_during_an_evaluation_evaluates_first_on_resume(tmp_path):
+    # the interrupted call's state is saved, with the evaluation due at it pending: the resumed
+    # run runs it before its first step, so both runs together evaluate where one run does
+    opts = _opts(steps=10, steps_per_call=1, eval_every=2, checkpoint_every=5)
+    evals = []
+
+    def evaluate(params, interrupt_at=None):
+        if len(evals) + 1 == interrupt_at:
+            raise KeyboardInterrupt
+        evals.append(jax.device_get(params))  # the step donates its state afterwards
+        return {"ev": 1.0}
+
+    steps = []
+    log = lambda s, v: steps.append(s) if "ev" in v else None  # noqa: E731
+    stopped = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        _run(opts=opts, checkpoint_dir=stopped, log_fn=log,
+             eval_fn=lambda p: evaluate(p, interrupt_at=2))  # fmt: skip
+    assert sorted(os.listdir(stopped)) == ["4"] and steps == [2]
+    resumed = _run(opts=opts, checkpoint_dir=stopped, log_fn=log, eval_fn=evaluate)
+    assert steps == [2, 4, 6, 8]
+    full_evals = []
+    full = _run(opts=opts, eval_fn=lambda p: full_evals.append(jax.device_get(p)) or {"ev": 1.0})
+    _assert_trees_equal(evals[1], full_evals[1])  # step 4's params, evaluated after the resume
+    _assert_trees_equal(resumed.state, full.state)
+
+
 def test_eval_hook_and_call_boundaries():
     evals, logs = [], []
     _run(

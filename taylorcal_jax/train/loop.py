@@ -34,7 +34,9 @@ run between calls: log (per-step loss, gradient norm and the scalar entries of `
 back stacked, so any step can be logged), evaluate, checkpoint (orbax, utils/checkpoint.py),
 progress bar. The batch is a pure function of the position and the RNG of the step, so a
 run resumed from a checkpoint ends bit-for-bit where an uninterrupted run ends (tested on
-the CPU). Ctrl-C saves the state of the last finished call before stopping.
+the CPU). Ctrl-C saves the state of the last finished call before stopping; when it came
+during that call's evaluation, the checkpoint says so and the resumed run evaluates first, so
+no evaluation (nor what its hook saves) is lost to the interrupt.
 """
 
 from __future__ import annotations
@@ -365,16 +367,19 @@ def run(
     fixed_batch = place_batch(task, mesh, batches.batch) if fixed else None
     ckpt = None if checkpoint_dir is None else TrainCheckpointer(checkpoint_dir)
     try:
-        saved = {"state": state, "train_seconds": np.asarray(0.0, np.float64)}
+        saved = {"state": state, **_counters(0.0, eval_pending=False)}
         if ckpt is not None:
             saved = ckpt.restore_or(saved)
         state, seconds = saved["state"], float(saved["train_seconds"])
         start, position = int(state.step), int(state.position)
         if ckpt is not None and ckpt.latest_step() is not None:
             log_fn(start, {"resumed_from_step": start})
+        if eval_fn is not None and bool(saved["eval_pending"]):
+            log_fn(start, eval_fn(state.params))  # the one an interrupt cut short
         stop_at = opts.steps if stop_after_steps is None else start + stop_after_steps
         bar = progress(desc=opts.desc, initial=start, total=opts.steps)
         n, t0 = start, time.perf_counter()
+        evaluating = False
         try:
             while n < min(opts.steps, stop_at):
                 first, n = n, opts.call_end(n, stop_at)
@@ -393,7 +398,9 @@ def run(
                         bar.set_postfix(loss=f"{values['loss']:.3f}")
                         log_fn(s, {**values, "train_seconds": elapsed})
                 if eval_fn is not None and opts.evaluates_at(n):
+                    evaluating = True
                     log_fn(n, eval_fn(state.params))
+                    evaluating = False
                 if n == stop_at and n < opts.steps:
                     return None
                 if ckpt is not None and opts.saves_at(n):
@@ -401,7 +408,7 @@ def run(
         except KeyboardInterrupt:
             # The last finished call's state, unless the interrupted call consumed it.
             if ckpt is not None and not _deleted(state) and int(state.step) > start:
-                _save(ckpt, state, seconds, t0)
+                _save(ckpt, state, seconds, t0, eval_pending=evaluating)
             raise
         finally:
             bar.close()
@@ -424,12 +431,21 @@ def _place_stream(task: Task, mesh, batches: StreamBatches, position: int, count
     return place_batch(task, mesh, host, stacked=True, held=(start, stop, batches.num_rows))
 
 
-def _save(ckpt: TrainCheckpointer, state, seconds: float, t0: float):
-    """Saves {state, train_seconds} as its step; returns the new (seconds, t0), the writing
-    time excluded."""
+def _counters(seconds: float, *, eval_pending: bool) -> dict:
+    """The checkpoint's entries besides the state: the training time so far, and whether the
+    evaluation due at the saved step was interrupted (the resumed run then runs it first)."""
+    return {
+        "train_seconds": np.asarray(seconds, np.float64),
+        "eval_pending": np.asarray(eval_pending),
+    }
+
+
+def _save(ckpt: TrainCheckpointer, state, seconds: float, t0: float, *, eval_pending=False):
+    """Saves {state, _counters} as its step; returns the new (seconds, t0), the writing time
+    excluded."""
     jax.block_until_ready(state)
     seconds += time.perf_counter() - t0
-    tree = {"state": state, "train_seconds": np.asarray(seconds, np.float64)}
+    tree = {"state": state, **_counters(seconds, eval_pending=eval_pending)}
     ckpt.save(int(state.step), tree)
     return seconds, time.perf_counter()
 
