@@ -264,6 +264,9 @@ def test_schedules():
         np.testing.assert_allclose(cos(s), want, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(cos_of_opts(s), 3.0 * want, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(const(s), 2.0 * min(warm, 1.0), rtol=1e-6)
+    # a warm-up as long as the run (accepted by the configs' checks) is the whole schedule
+    whole = optim.make_schedule("cosine", 1.0, steps=10, warmup_steps=10, min_lr_ratio=0.1)
+    np.testing.assert_allclose([whole(s) for s in (0, 5, 10)], [0.0, 0.5, 1.0], rtol=1e-6)
     with pytest.raises(ValueError, match="unknown schedule"):
         optim.make_schedule("linear", 1.0, steps=1, warmup_steps=0, min_lr_ratio=0.0)
 

@@ -8,6 +8,7 @@ W warmup steps, S total steps, r end ratio:
     constant  lr(s) = peak * min(s / W, 1)
     cosine    lr(s) = peak * s / W                                     for s < W
                       peak * (r + (1 - r) (1 + cos(pi (s - W) / (S - W))) / 2)   after
+                      (W >= S: the warm-up fills the run, which never decays)
 
 A partition labels every parameter leaf with a group name or FROZEN; `make_optimizer` gives
 each group its own optax transform through `optax.multi_transform` (FROZEN leaves get
@@ -43,6 +44,8 @@ def make_schedule(
             return optax.constant_schedule(peak)
         return optax.warmup_constant_schedule(0.0, peak, warmup_steps)
     if name == "cosine":
+        if warmup_steps >= steps:  # (optax's cosine needs steps left after the warm-up)
+            return optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=peak,
