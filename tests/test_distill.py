@@ -338,6 +338,9 @@ def test_token_budgets_round_up_to_whole_steps_and_constant_lr_needs_no_warmup()
     )
     assert (b.tokens_per_step, b.steps, b.steps_for(300), b.steps_for(0)) == (128, 8, 3, 0)
     assert b.warmup_steps == 1
+    # rounded up, but a float's last bit is not a step: 0.07 x 100 is 7.000000000000001
+    assert dataclasses.replace(b, train_tokens=100 * 128, warmup_fraction=0.07).warmup_steps == 7
+    assert dataclasses.replace(b, train_tokens=100 * 128, warmup_fraction=0.071).warmup_steps == 8
     const = optim.make_schedule("constant", 2.0, steps=10, warmup_steps=0, min_lr_ratio=1.0)
     assert float(const(0)) == 2.0 and float(const(5)) == 2.0
 

@@ -108,6 +108,17 @@ def test_alignment_sequences_must_split_over_the_data_axis(tmp_path):
     main_lib.run(c, str(tmp_path / "wd"), dry_run=True, console=_quiet())
 
 
+def test_stage2_batch_must_split_over_every_mesh_axis():
+    # stage 2 splits its batch over layers x data x fsdp (sharding.batch_spec), fsdp included
+    from taylorcal_jax.train.distill_stages import check_kl_split
+
+    c = _smoke(**{"distill.kl.batch_size": 4})
+    match = "distill.kl.batch_size=4 does not split over the 8 devices"
+    with pytest.raises(ConfigError, match=match):
+        check_kl_split(c, {"layers": 2, "data": 1, "fsdp": 4})
+    check_kl_split(c, {"layers": 2, "data": 1, "fsdp": 2})
+
+
 def _quiet():
     from taylorcal_jax.run.console import Console
 

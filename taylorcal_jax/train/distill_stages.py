@@ -96,7 +96,8 @@ class Budget:
 
     @property
     def warmup_steps(self) -> int:
-        return math.ceil(self.warmup_fraction * self.steps)
+        # rounded up, but not for a float's last bit (0.07 * 100 = 7.000000000000001 -> 7)
+        return math.ceil(round(self.warmup_fraction * self.steps, 9))
 
 
 # ---------------------------------------------------------------------------- checks
@@ -171,8 +172,8 @@ def check_layers_split(config, sizes) -> None:
 
 
 def check_kl_split(config, sizes) -> None:
-    """Stage 2 splits its batch over every device."""
-    b, devices = config.distill.kl.batch_size, sizes["data"] * sizes["layers"]
+    """Stage 2 splits its batch over every device (every axis of the mesh)."""
+    b, devices = config.distill.kl.batch_size, math.prod(sizes.values())
     if b % devices:
         raise check.ConfigError(
             f"distill.kl.batch_size={b} does not split over the {devices} devices of the mesh",
