@@ -39,6 +39,10 @@ def test_keep_from_scores_directions():
     scores = [5.0, 9.0, 1.0, 9.0]
     assert select.keep_from_scores("ar", scores, 0.5) == (1, 3)  # removal hurts most
     assert select.keep_from_scores("ga_s2", scores, 0.5) == (0, 2)  # best alone
+    # a diverged candidate (NaN perplexity) is the worst one, not a break in the order
+    diverged = [5.0, float("nan"), 1.0, 3.0]
+    assert select.keep_from_scores("ga_s2", diverged, 0.5) == (2, 3)
+    assert select.keep_from_scores("ar", diverged, 0.5) == (0, 1)
     with pytest.raises(ValueError, match="policy"):
         select.check_policy("random")
 

@@ -310,8 +310,11 @@ def ga_s2_masks(num_layers: int) -> np.ndarray:
 
 
 def top_layers(scores_l, n: int, *, highest: bool) -> tuple[int, ...]:
-    """The n layers with the highest (or lowest) scores, ties broken by layer index, sorted."""
-    scores = np.asarray(scores_l, np.float64)
+    """The n layers with the highest (or lowest) scores, ties broken by layer index, sorted.
+    A NaN score (a candidate whose perplexity diverged) counts as +inf: the worst perplexity,
+    so kept by "ar" (removing that attention breaks the model) and never by "ga_s2"; left
+    NaN, it would break the sort's order."""
+    scores = np.nan_to_num(np.asarray(scores_l, np.float64), nan=np.inf)
     order = sorted(range(len(scores)), key=lambda i: ((-scores[i]) if highest else scores[i], i))
     return tuple(sorted(order[:n]))
 
