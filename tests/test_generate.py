@@ -7,7 +7,7 @@ import pytest
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.convert.naive import copy_init
-from taylorcal_jax.eval.generate import generate, sample_logits
+from taylorcal_jax.eval.generate import generate, sample_logits, truncated_logits
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
 
@@ -95,6 +95,17 @@ def test_sample_logits_truncation():
     full = np.asarray(sample_logits(logits, rngs, temperature=1.0, top_k=None, top_p=None))
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05],
                                atol=0.03)  # fmt: skip
+
+
+def test_truncation_that_keeps_everything_cuts_nothing():
+    # a large vocabulary's float32 cumulative sum reaches 1 before its tail: top_p = 1 must not
+    # drop that tail; top_k beyond the vocabulary must not fail
+    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (4, 150_000))
+    before = jnp.cumsum(jax.nn.softmax(jnp.sort(logits)[:, ::-1]), axis=-1)
+    assert bool(jnp.any(before[:, :-1] >= 1.0))  # the case: the sum is 1 before the end
+    for top_k, top_p in ((None, 1.0), (150_000, None), (200_000, 1.0)):
+        np.testing.assert_array_equal(truncated_logits(logits, top_k, top_p), logits)
+    assert int(jnp.sum(jnp.isfinite(truncated_logits(logits, 5, None)))) == 4 * 5
 
 
 @pytest.mark.parametrize("which", ["teacher", "student_conv"])

@@ -39,18 +39,26 @@ def sample_logits(logits_bv, rng, *, temperature: float, top_k: int | None, top_
     """Next tokens [B] from float32 logits: argmax for temperature 0, else a truncated sample."""
     if temperature == 0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits = logits_bv.astype(jnp.float32) / temperature
-    if top_k is not None:
+    logits = truncated_logits(logits_bv.astype(jnp.float32) / temperature, top_k, top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def truncated_logits(logits_bv, top_k: int | None, top_p: float | None):
+    """The logits with -inf outside the top k and outside the nucleus of mass top_p (ties at
+    either cut kept). top_k at or above the vocabulary and top_p = 1 cut nothing: the float32
+    cumulative sum can reach 1 before the tail, which the nucleus rule would then drop."""
+    logits = logits_bv
+    if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
+    if top_p is not None and top_p < 1:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
         # Smallest logit still inside the nucleus (the top token always is).
         cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return logits
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p):
