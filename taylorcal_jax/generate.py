@@ -10,7 +10,8 @@ one JSON line to --output (default stdout) as soon as its batch is done. An exis
 that holds the first results of the same prompts is continued, not redone.
 
 Decoding is greedy unless --temperature > 0 (sampling with --seed, truncated by --top_k and
---top_p); a row stops at the tokenizer's EOS token or after --max_new_tokens. The tokenizer is
+--top_p); a row stops at an end token (the tokenizer's EOS, and every id of the model config's
+eos_token_id, e.g. Llama 3.x Instruct's <|eot_id|>) or after --max_new_tokens. The tokenizer is
 the one saved in the student directory, or --tokenizer=DIR. Bad arguments fail with one line
 before the model is loaded.
 """
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taylorcal_jax.data.tokenizer import load_tokenizer
-from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
+from taylorcal_jax.eval.generate import end_ids, generate, generate_stream, left_pad
 from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
 from taylorcal_jax.utils.progress import progress
@@ -137,25 +138,33 @@ def encode(tokenizer, text: str, where: str) -> list[int]:
     return ids
 
 
-def until_eos(ids, eos_token_id) -> list[int]:
-    ids = [int(i) for i in ids]
-    return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
+def end_token_ids(tokenizer, config) -> tuple[int, ...]:
+    """Where a row stops: the tokenizer's EOS and the model config's end ids (a student
+    config's teacher's), in that order, each once."""
+    ends = [tokenizer.eos_token_id, *config.teacher.end_token_ids]
+    return tuple(dict.fromkeys(i for i in ends if i is not None))
 
 
-def stream_prompt(model, params, tokenizer, ids, args, out) -> str:
+def until_eos(ids, ends) -> list[int]:
+    """ids up to (not including) the first of the end ids `ends` (an id or a tuple)."""
+    ids, ends = [int(i) for i in ids], end_ids(ends)
+    cut = next((i for i, token in enumerate(ids) if token in ends), len(ids))
+    return ids[:cut]
+
+
+def stream_prompt(model, params, tokenizer, ids, args, out, *, ends) -> str:
     """Prints the continuation of one prompt (token ids) as it is generated; returns it."""
-    eos = tokenizer.eos_token_id
     new, shown = [], ""
     steps = generate_stream(
         model,
         params,
         np.asarray([ids], np.int32),
         rng=jax.random.PRNGKey(args.seed),
-        eos_token_id=eos,
+        eos_token_id=ends,
         **_sampling(args),
     )
     for token_b in steps:
-        if int(token_b[0]) == eos:
+        if int(token_b[0]) in ends:
             break
         new.append(int(token_b[0]))
         text = tokenizer.decode(new, skip_special_tokens=True)
@@ -169,8 +178,9 @@ def stream_prompt(model, params, tokenizer, ids, args, out) -> str:
     return completion
 
 
-def generate_batches(model, params, tokenizer, records, ids, args, out, start=0) -> None:
-    """Writes {**record, "completion"} for records[start:] (token ids `ids`) batch by batch."""
+def generate_batches(model, params, tokenizer, records, ids, args, out, start=0, *, ends):
+    """Writes {**record, "completion"} for records[start:] (token ids `ids`) batch by batch;
+    rows stop at the end ids `ends`."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     starts = range(start, len(records), args.batch_size)
@@ -186,13 +196,13 @@ def generate_batches(model, params, tokenizer, records, ids, args, out, start=0)
             tokens,
             valid_bt=valid,
             rng=jax.random.fold_in(jax.random.PRNGKey(args.seed), first),
-            eos_token_id=eos,
+            eos_token_id=ends,
             pad_id=pad,
             **_sampling(args),
         )
         new = np.asarray(result["tokens"])
         for i, record in enumerate(records[first : first + len(batch)]):
-            completion = tokenizer.decode(until_eos(new[i], eos), skip_special_tokens=True)
+            completion = tokenizer.decode(until_eos(new[i], ends), skip_special_tokens=True)
             out.write(json.dumps({**record, "completion": completion}) + "\n")
         out.flush()
 
@@ -214,14 +224,14 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     config, params = load_student(args.student, dtype)
     params = jax.jit(join_for_decoding)(params)  # once for all batches; the originals are freed
-    model = config.model(dtype)
+    model, ends = config.model(dtype), end_token_ids(tokenizer, config)
     if records is None:
-        stream_prompt(model, params, tokenizer, ids, args, sys.stdout)
+        stream_prompt(model, params, tokenizer, ids, args, sys.stdout, ends=ends)
     elif args.output is None:
-        generate_batches(model, params, tokenizer, records, ids, args, sys.stdout)
+        generate_batches(model, params, tokenizer, records, ids, args, sys.stdout, ends=ends)
     else:
         with open(args.output, "a") as out:
-            generate_batches(model, params, tokenizer, records, ids, args, out, start)
+            generate_batches(model, params, tokenizer, records, ids, args, out, start, ends=ends)
     return 0
 
 

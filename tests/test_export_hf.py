@@ -182,6 +182,16 @@ def test_round_trip_is_exact(name, tmp_path):
     )
 
 
+def test_several_end_ids_reach_transformers(tmp_path):
+    # a teacher's several eos ids (Llama 3.x Instruct) go to config.json as a list, which
+    # transformers' generate() stops at, and read back as the same student config
+    sc, params = make_student("llama_tied_llama3", eos_token_id=(1, 4))
+    write_hf_model(tmp_path / "export", sc, params)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["eos_token_id"] == [1, 4]
+    assert read_hf_model(tmp_path / "export")[0] == sc
+    assert list(load_torch(tmp_path / "export").generation_config.eos_token_id) == [1, 4]
+
+
 @dataclasses.dataclass(frozen=True)
 class GDNWithNegativeEigenvalues(GDNConfig):
     """A GDN option the exporter does not know (beta in [0, 2))."""

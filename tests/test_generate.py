@@ -7,7 +7,7 @@ import pytest
 from tiny_models import tiny_model_config
 
 from taylorcal_jax.convert.naive import copy_init
-from taylorcal_jax.eval.generate import generate, sample_logits, truncated_logits
+from taylorcal_jax.eval.generate import generate, generate_stream, sample_logits, truncated_logits
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
 
@@ -64,6 +64,20 @@ def test_eos_stops_rows():
         assert valid[i].tolist() == [j < stop for j in range(5)]
         assert toks[i, :stop].tolist() == row[:stop]
         assert (toks[i, stop:] == -1).all()
+
+
+def test_several_end_ids_stop_rows_at_the_first_of_them():
+    model, params = _teacher()
+    prompt = jnp.array([[3, 9, 27], [5, 2, 6]])
+    free = np.asarray(generate(model, params, prompt, max_new_tokens=6)["tokens"]).tolist()
+    ends = (free[0][3], free[1][1])  # row 0 ends at its 4th token, row 1 at its 2nd (or sooner)
+    out = generate(model, params, prompt, max_new_tokens=6, eos_token_id=ends, pad_id=-1)
+    streamed = list(generate_stream(model, params, prompt, max_new_tokens=6, eos_token_id=ends))
+    for i, row in enumerate(free):
+        stop = next(j for j, t in enumerate(row) if t in ends) + 1
+        assert np.asarray(out["valid"][i]).tolist() == [j < stop for j in range(6)]
+        assert np.asarray(out["tokens"][i]).tolist() == row[:stop] + [-1] * (6 - stop)
+    assert len(streamed) == max(next(j for j, t in enumerate(r) if t in ends) + 1 for r in free)
 
 
 def test_sampling_reproducible_and_truncated():

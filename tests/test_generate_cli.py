@@ -2,6 +2,7 @@
 generation of each prompt alone; resuming; one-line errors. Also generate_stream and left_pad."""
 
 import json
+import types
 
 import jax
 import numpy as np
@@ -136,3 +137,13 @@ def test_left_pad():
         left_pad([[1, 2, 3]], 0, length=2)
     with pytest.raises(ValueError, match="at least one token"):
         left_pad([[1], []], 0)
+
+
+def test_rows_stop_at_the_tokenizers_and_the_configs_end_ids():
+    # the tokenizer's EOS first, then the config's (several for Llama 3.x Instruct), each once
+    sc = StudentConfig.from_teacher(tiny_model_config(eos_token_id=(9, 4)), (0,), mixer="gdn")
+    tokenizer = types.SimpleNamespace(eos_token_id=4)
+    assert cli.end_token_ids(tokenizer, sc) == (4, 9)
+    assert cli.end_token_ids(types.SimpleNamespace(eos_token_id=None), sc) == (9, 4)
+    assert cli.until_eos([5, 3, 9, 4], (4, 9)) == [5, 3]
+    assert cli.until_eos([5, 3], 4) == [5, 3]

@@ -33,6 +33,19 @@ def test_families_round_trip(model_type):
     assert ModelConfig.from_hf_dict(hf.to_dict()) == config
 
 
+def test_several_end_ids_are_kept():
+    # Llama 3.x Instruct's config.json lists three eos ids; generation stops at any of them
+    config = _from_hf("llama", eos_token_id=[128001, 128008, 128009])
+    assert config.eos_token_id == (128001, 128008, 128009)
+    assert config.end_token_ids == (128001, 128008, 128009)
+    assert config.to_hf_dict()["eos_token_id"] == [128001, 128008, 128009]
+    assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+    hash(config)  # a static jit argument
+    assert _from_hf("llama", eos_token_id=[7]).eos_token_id == 7
+    assert _from_hf("llama", eos_token_id=7).end_token_ids == (7,)
+    assert _from_hf("llama", eos_token_id=None).end_token_ids == ()
+
+
 def test_rope_types_parsed():
     c = _from_hf(
         "llama",

@@ -9,8 +9,9 @@ each student mixer's own cache, e.g. the recurrent state and conv history of GDN
 
     x_{P+n} = sample(logits(x_{<P+n}) / temperature)     (argmax when temperature == 0)
 
-with optional top-k and nucleus (top-p) truncation. After `eos_token_id` a row keeps running
-(fixed shapes) but its later tokens are replaced by `pad_id` and marked invalid.
+with optional top-k and nucleus (top-p) truncation. After an end token (`eos_token_id`: one id
+or several, as `ModelConfig.end_token_ids`) a row keeps running (fixed shapes) but its later
+tokens are replaced by `pad_id` and marked invalid.
 
 Both run with the params joined for decoding (`models.joined.join_for_decoding`: the kernels of
 products that share an input joined once per call, not once per token; a no-op on params that
@@ -59,6 +60,15 @@ def truncated_logits(logits_bv, top_k: int | None, top_p: float | None):
         cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
+
+
+def end_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The end token ids as a tuple (a static argument of the compiled generation)."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, (int, np.integer)):
+        return (int(eos_token_id),)
+    return tuple(int(i) for i in eos_token_id)
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p):
@@ -136,8 +146,8 @@ def _generate(
     def step(carry, step_rng):
         token_b, cache, done_b = carry
         nxt, cache = _decode(model, params, token_b, cache, step_rng, sample)
-        if eos_token_id is not None:
-            done_b = done_b | (token_b == eos_token_id)
+        if eos_token_id:
+            done_b = done_b | jnp.isin(token_b, jnp.asarray(eos_token_id, token_b.dtype))
         return (nxt, cache, done_b), (nxt, done_b)
 
     done0 = jnp.zeros((b,), bool)
@@ -194,7 +204,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
 ) -> dict:
     """Continues each (left-padded) prompt by `max_new_tokens` tokens.
@@ -215,7 +225,7 @@ def generate(
         temperature=float(temperature),
         top_k=top_k,
         top_p=top_p,
-        eos_token_id=eos_token_id,
+        eos_token_id=end_ids(eos_token_id),
         pad_id=pad_id,
     )
     return {"tokens": tokens, "valid": valid}
@@ -232,11 +242,11 @@ def generate_stream(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> Iterator[np.ndarray]:
     """Yields the new token of every row ([B] int32 numpy) after each step, as `generate` with
-    the same arguments makes them (a row's tokens after its EOS are not replaced here); stops
-    after max_new_tokens steps, or once every row has produced eos_token_id."""
+    the same arguments makes them (a row's tokens after its end token are not replaced here);
+    stops after max_new_tokens steps, or once every row has produced one of eos_token_id."""
     _check_options(max_new_tokens, temperature, top_k, top_p)
     prompt_bt, valid_bt, rng = _prepare(prompt_bt, valid_bt, rng, temperature)
     options = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
@@ -252,7 +262,7 @@ def generate_stream(
             token, cache = _decode_call(model, params, token, cache, rngs[step - 1], **options)
         out = np.asarray(token)
         yield out
-        if eos_token_id is not None:
-            done |= out == eos_token_id
+        if end_ids(eos_token_id):
+            done |= np.isin(out, end_ids(eos_token_id))
             if done.all():
                 return

@@ -103,8 +103,16 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] = ()
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    # one end id, or the teacher's several (Llama 3.x Instruct lists three): generation stops at
+    # any of them (`end_token_ids`)
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """The ids at which generation stops: eos_token_id as a tuple (empty for None)."""
+        value = self.eos_token_id
+        return () if value is None else value if isinstance(value, tuple) else (value,)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -187,7 +195,7 @@ class ModelConfig:
             sliding_windows=_sliding_windows_from_hf(hf, model_type, layers),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=_first_id(hf.get("bos_token_id")),
-            eos_token_id=_first_id(hf.get("eos_token_id")),
+            eos_token_id=token_ids(hf.get("eos_token_id")),
             pad_token_id=_first_id(hf.get("pad_token_id")),
         )
 
@@ -220,7 +228,7 @@ class ModelConfig:
             "attention_bias": self.attention_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": _json_ids(self.eos_token_id),
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
@@ -250,6 +258,19 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
         return cls.from_hf_dict(hf)
+
+
+def token_ids(value) -> int | tuple[int, ...] | None:
+    """config.json's token id entry as ModelConfig holds it: an int, a tuple of several (a
+    list of one is its int), or None."""
+    if isinstance(value, (list, tuple)):
+        ids = tuple(int(i) for i in value)
+        return None if not ids else ids[0] if len(ids) == 1 else ids
+    return None if value is None else int(value)
+
+
+def _json_ids(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _first_id(value):
