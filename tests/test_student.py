@@ -123,6 +123,11 @@ def test_config_json_round_trip():
     assert saved["layer_mixers"] == ["gdn", "attention"]
     assert StudentConfig.from_dict(saved) == sc
     assert not _runtime_keys(saved)
+    # several end ids (Llama 3.x Instruct) come back as the tuple of a hashable config
+    several = dataclasses.replace(sc, teacher=dataclasses.replace(cfg, eos_token_id=(3, 5)))
+    back = StudentConfig.from_dict(json.loads(json.dumps(several.to_dict())))
+    assert back == several and back.teacher.end_token_ids == (3, 5)
+    hash(back.model())
     bad = {**sc.to_dict(), "version": 99}
     with pytest.raises(ValueError, match="version 99 is not supported"):
         StudentConfig.from_dict(bad)

@@ -115,6 +115,9 @@ class ModelConfig:
         return () if value is None else value if isinstance(value, tuple) else (value,)
 
     def __post_init__(self):
+        # a list of end ids (config.json's, or a JSON round trip of this config) as a tuple:
+        # the config is hashed as part of a model, a static argument of jitted calls
+        object.__setattr__(self, "eos_token_id", token_ids(self.eos_token_id))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"model_type {self.model_type!r} is not supported; "

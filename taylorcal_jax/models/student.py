@@ -195,7 +195,8 @@ def _from_v1(d: dict[str, Any]) -> StudentConfig:
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """Inverse of dataclasses.asdict(ModelConfig) after a JSON round trip (lists -> tuples)."""
+    """Inverse of dataclasses.asdict(ModelConfig) after a JSON round trip (lists -> tuples;
+    a list of end ids ModelConfig turns into a tuple itself)."""
     d = dict(d)
     d["rope"] = RopeConfig(**d["rope"])
     d["sliding_windows"] = tuple(d["sliding_windows"])
