@@ -104,9 +104,16 @@ def _store(writer, name: str, w: np.ndarray, kind: str) -> np.ndarray:
 
 
 def write_tiny_llama_gguf(
-    path, *, seed: int = 0, tie_word_embeddings: bool = True, architecture: str = "llama"
+    path,
+    *,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+    architecture: str = "llama",
+    rope_freqs: bool = False,
 ) -> TinyGGUF:
-    """Writes the file (see module docstring) and returns what it must convert to."""
+    """Writes the file (see module docstring) and returns what it must convert to.
+    rope_freqs: also the tensor of RoPE frequency factors that llama.cpp writes for Llama
+    3.1/3.2's llama3 scaling."""  # fmt: skip
     from gguf import GGUFWriter
 
     a = TINY_ARCH
@@ -147,6 +154,8 @@ def write_tiny_llama_gguf(
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
 
+    if rope_freqs:
+        w.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, hd // 2, dtype=np.float32))
     embedding = _store(w, "token_embd.weight", rng.standard_normal((v, d)), "Q8_0")
     hf = {"model.embed_tokens.weight": embedding}
     for i in range(a["num_hidden_layers"]):

@@ -172,6 +172,11 @@ def test_bad_inputs_fail_with_one_line(tmp_path, monkeypatch):
     write_tiny_llama_gguf(other, architecture="gpt2")
     with pytest.raises(UnsupportedModelError, match="architecture 'gpt2' is not supported"):
         gguf_lib.resolve_teacher_dir(str(other), cache)
+    # Llama 3.1/3.2's llama3 RoPE factors, which transformers' GGUF loader would drop
+    scaled = tmp_path / "scaled.gguf"
+    write_tiny_llama_gguf(scaled, rope_freqs=True)
+    with pytest.raises(UnsupportedModelError, match=r"RoPE scaling \(rope_freqs.weight\)"):
+        gguf_lib.resolve_teacher_dir(str(scaled), cache)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,

@@ -196,7 +196,25 @@ def check_gguf_file(path: str) -> str:
             f"{path}: GGUF architecture {arch!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    scaling = _rope_scaling_entries(path, arch)
+    if scaling:
+        raise UnsupportedModelError(
+            f"{path}: GGUF RoPE scaling ({', '.join(scaling)}) is dropped by transformers' "
+            "GGUF loader, so the teacher would run with plain RoPE; use this model's Hugging "
+            "Face checkpoint directory instead"
+        )
     return arch
+
+
+def _rope_scaling_entries(path: str, arch: str) -> list[str]:
+    """The RoPE scaling a GGUF file holds (llama.cpp writes Llama 3.1/3.2's llama3 factors as
+    the tensor rope_freqs.weight, yarn and linear scaling as <arch>.rope.scaling.* keys), which
+    transformers 5's GGUF loader does not read for these architectures."""
+    from gguf import GGUFReader  # noqa: PLC0415
+
+    reader = GGUFReader(path)
+    found = [t.name for t in reader.tensors if t.name == "rope_freqs.weight"]
+    return found + [k for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")]
 
 
 def resolve_teacher_dir(path: str, cache_root: str) -> str:
