@@ -9,8 +9,10 @@ Exactly flash-linear-attention's `GatedDeltaNet(expand_v=1, use_gate=True)` (doc
         (with the short-conv option: q = silu(causal_depthwise_conv_W(x Wq)), same for k, v)
     beta_t = sigmoid(x_t Wb)                                     [B, T, H]
     g_t    = -exp(A_log) * softplus(x_t Wa + dt_bias)            [B, T, H], log decay <= 0
-    S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T  (q, k L2-normalised and
-    o_t = K^-1/2 S_t^T q_t                                        the scale inside the op)
+    S'  = exp(g_t) S_{t-1}                                       (the decayed state is what
+    S_t = S' + beta_t k_t (v_t - S'^T k_t)^T                      the delta rule corrects;
+    o_t = K^-1/2 S_t^T q_t                                        q, k L2-normalised and the
+                                                                  scale inside the op)
     y_t = Wo concat_h[ rmsnorm(o_t) * w_norm * silu(x_t Wg) ]    (rmsnorm eps = norm_eps)
 
 Padding: where `valid_bt` is False the projected q, k, v (before the convolution) are zeroed
