@@ -80,6 +80,25 @@ def test_yarn_defaults_follow_transformers():
     assert inv_freq.shape == (8,)
 
 
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_keys_left_out_of_config_json_get_transformers_defaults(model_type):
+    # a trimmed config.json: windows and context length as transformers' config classes
+    # fill them in (Mistral's 4096-token window, Qwen's max_window_layers 28, the families'
+    # max_position_embeddings)
+    hf = dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    if model_type.startswith("qwen"):
+        hf.update(use_sliding_window=True, sliding_window=8)
+    ours, theirs = ModelConfig.from_hf_dict(hf), transformers.AutoConfig.for_model(**hf)
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    kinds = getattr(theirs, "layer_types", None) or ["full_attention"] * 30
+    if model_type == "mistral":  # every layer at its sliding_window
+        kinds = ["sliding_attention"] * 30
+    window = getattr(theirs, "sliding_window", None)
+    want = tuple(window if k == "sliding_attention" else None for k in kinds)
+    assert ours.sliding_windows == want
+
+
 def test_sliding_windows():
     assert _from_hf("mistral", sliding_window=7).sliding_windows == (7, 7)
     assert _from_hf("qwen2", sliding_window=7).sliding_windows == (None, None)  # not enabled

@@ -191,7 +191,7 @@ class ModelConfig:
             num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=_max_positions(hf),
             rope=rope,
             attention_bias=bool(attention_bias),
             qk_norm=model_type == "qwen3",
@@ -302,12 +302,10 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         original = hf.get("original_max_position_embeddings") or params.get(
             "original_max_position_embeddings"
         )
-        kwargs["original_max_position_embeddings"] = original or hf.get(
-            "max_position_embeddings", 2048
-        )
+        kwargs["original_max_position_embeddings"] = original or _max_positions(hf)
         if rope_type == "yarn" and params.get("factor") is None:
             kwargs["factor"] = (
-                hf.get("max_position_embeddings", 2048) / kwargs["original_max_position_embeddings"]
+                _max_positions(hf) / kwargs["original_max_position_embeddings"]
             )
     for key in (
         "factor",
@@ -326,16 +324,27 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     return RopeConfig(**kwargs)
 
 
+# transformers' defaults for keys a config.json may leave out (its config classes' __init__)
+_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+_MISTRAL_WINDOW = 4096
+_QWEN_MAX_WINDOW_LAYERS = 28
+
+
+def _max_positions(hf) -> int:
+    return hf.get("max_position_embeddings", _MAX_POSITIONS.get(hf.get("model_type"), 2048))
+
+
 def _sliding_windows_from_hf(hf, model_type, layers) -> tuple[int | None, ...]:
-    window = hf.get("sliding_window")
+    """Per-layer windows as transformers builds them, its defaults for absent keys included."""
     if model_type == "mistral":
-        return (window,) * layers
+        return (hf.get("sliding_window", _MISTRAL_WINDOW),) * layers
+    window = hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3"):
         if not hf.get("use_sliding_window") or window is None:
             return (None,) * layers
         layer_types = hf.get("layer_types")
         if layer_types is None:
-            first_windowed = hf.get("max_window_layers", layers)
+            first_windowed = hf.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
             return tuple(None if i < first_windowed else window for i in range(layers))
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     return (None,) * layers
