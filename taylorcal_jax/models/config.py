@@ -304,9 +304,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         )
         kwargs["original_max_position_embeddings"] = original or _max_positions(hf)
         if rope_type == "yarn" and params.get("factor") is None:
-            kwargs["factor"] = (
-                _max_positions(hf) / kwargs["original_max_position_embeddings"]
-            )
+            kwargs["factor"] = _max_positions(hf) / kwargs["original_max_position_embeddings"]
     for key in (
         "factor",
         "low_freq_factor",
