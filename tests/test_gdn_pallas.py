@@ -578,3 +578,15 @@ def test_segmented_passes_add_their_segment_end_kernels_in_the_triton_lowering()
     segmented = _triton_kernels_of_a_gradient(jnp.bfloat16, BF16Config(), "states")
     whole = _triton_kernels_of_a_gradient(jnp.bfloat16, BF16Config(segment_programs=0), "states")
     assert segmented > whole > 0
+
+
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_bf16_path_runs_under_64_bit_mode(chunk):
+    # the T inverse's block indices stay int32 where 64-bit mode makes Python ints int64
+    d = random_inputs(0, b=1, t=20, h=1, k=16, v=16)
+    args = [jnp.asarray(d[n], jnp.bfloat16) for n in ("q", "k", "v")]
+    args += [jnp.asarray(d["g"], jnp.float32), jnp.asarray(d["beta"], jnp.bfloat16)]
+    want, _ = gated_delta_rule_pallas(*args, chunk_size=chunk, interpret=True)
+    with jax.enable_x64(True):
+        got, _ = gated_delta_rule_pallas(*args, chunk_size=chunk, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

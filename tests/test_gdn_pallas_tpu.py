@@ -258,3 +258,13 @@ def test_forward_and_backward_lower_to_mosaic_for_a_tpu(dtype, residuals):
     )
     kernels = set(re.findall(r'kernel_name = "([^"]+)"', module))
     assert kernels == {"gdn_tpu_forward", "gdn_tpu_reverse"}
+
+
+def test_kernel_runs_under_64_bit_mode():
+    # the unit-lower inverse's block shift stays int32 where 64-bit mode makes Python ints int64
+    d = random_inputs(0, b=1, t=20, h=1, k=16, v=16)
+    args = [jnp.asarray(d[n], jnp.float32) for n in ("q", "k", "v", "g", "beta")]
+    want, _ = gated_delta_rule_pallas_tpu(*args, chunk_size=16, interpret=True)
+    with jax.enable_x64(True):
+        got, _ = gated_delta_rule_pallas_tpu(*args, chunk_size=16, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

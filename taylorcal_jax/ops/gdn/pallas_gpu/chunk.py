@@ -166,8 +166,9 @@ def t_inverse(a, prec_t):
     td = jnp.where(same, jnp.broadcast_to(t3[:, :, None, :], shp4), 0.0).reshape(c, c)
     if ns == 1:
         return td
-    rb = lax.div(iota((c, c), 0), 16)
-    cb = lax.div(iota((c, c), 1), 16)
+    sixteen = jnp.int32(16)  # iota's dtype, also where 64-bit mode makes Python ints int64
+    rb = lax.div(iota((c, c), 0), sixteen)
+    cb = lax.div(iota((c, c), 1), sixteen)
     n = mm(td, jnp.where(rb > cb, a, 0.0), 1, 0, F32, prec_t)
     x = td
     for _ in range(ns - 1):

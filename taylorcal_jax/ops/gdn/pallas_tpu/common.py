@@ -53,7 +53,7 @@ def unit_lower_inverse(a_cc, block: int = INVERSE_BLOCK):
     c = a_cc.shape[0]
     if c % block or block & (block - 1):
         raise ValueError(f"chunk {c} must be a multiple of the power-of-two block {block}")
-    shift = block.bit_length() - 1
+    shift = jnp.int32(block.bit_length() - 1)  # iota's dtype, also under 64-bit mode
     row, col = iota((c, c), 0), iota((c, c), 1)
     eye = jnp.where(row == col, 1.0, 0.0).astype(F32)
     same_block = lax.shift_right_logical(row, shift) == lax.shift_right_logical(col, shift)
