@@ -164,6 +164,14 @@ def test_rerun_skips_every_finished_stage(smoke, tmp_path):
     assert len(workdir_lib.read_history(wd)) == 2
 
 
+def test_rerun_of_pretrain_reruns_every_stage_that_reads_the_teacher(smoke, tmp_path):
+    wd = _copy(smoke, tmp_path)
+    plan = cli(*SMOKE, f"--workdir={wd}", "--rerun=pretrain", "--dry_run")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert plan.stdout.count("run: --rerun") == 1
+    assert plan.stdout.count("run: an input is rerun (--rerun)") == len(ALL_STAGES) - 1
+
+
 @pytest.mark.slow
 def test_changed_teacher_retrains_it_instead_of_reusing_it_or_its_checkpoints(smoke, tmp_path):
     """The old pretrain_ckpt (another architecture) is removed, never restored."""

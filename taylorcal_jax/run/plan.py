@@ -153,6 +153,10 @@ def make_plan(
             settings["teacher"] = source_fingerprint("teacher", consumer)
         return inputs_lib.digest(settings)
 
+    def _made_by(dep: str) -> str:
+        """The stage that makes input `dep`: "pretrain" for the teacher it trains."""
+        return "pretrain" if dep == "teacher" and not config.teacher.path else dep
+
     def inputs_of(stage: Stage) -> dict[str, str]:
         return {
             dep: source_fingerprint(dep, stage.name)
@@ -201,7 +205,7 @@ def make_plan(
         settings = stage.settings(config)
         fp = fingerprint(stage, deps)
         fingerprints[name] = fp
-        if any(d in forced for d in deps):
+        if any(_made_by(d) in forced for d in deps):
             forced.add(name)  # --rerun also reruns the listed stages that consume its outputs
         rec = records.get(name)
         action, reason = "run", "not run yet"
