@@ -162,6 +162,11 @@ def check_select(config, arch) -> None:
     if not 0 < s.kept_fraction <= 1:
         raise check.ConfigError(f"select.kept_fraction must be in (0, 1], got {s.kept_fraction}")
     layers = arch.num_hidden_layers
+    # the field's default is empty, so its type check cannot say what the items must be
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in s.keep_layers):
+        raise check.ConfigError(
+            f"select.keep_layers={tuple(s.keep_layers)} must be layer indices (integers)"
+        )
     bad = [i for i in s.keep_layers if not 0 <= i < layers]
     if bad:
         raise check.ConfigError(

@@ -155,9 +155,14 @@ def external_teacher_architecture(config, workdir: str) -> ModelConfig:
     return arch
 
 
+# the fields that name a split a stage samples
+SPLIT_FIELDS = ("eval.split", "calibration.split", "select.split", "distill.split")
+
+
 def check_corpus(config) -> None:
     """The `data` section: a known source kind, split fractions that leave training text, the
-    read limits (data/corpus.py check_data_config)."""
+    read limits (data/corpus.py check_data_config), and a share of documents for every split
+    that a field names (or pretraining evaluates on: valid), which would be empty otherwise."""
     from taylorcal_jax.data import corpus  # noqa: PLC0415
 
     try:
@@ -165,6 +170,17 @@ def check_corpus(config) -> None:
     except ValueError as e:
         msg = str(e) if str(e).startswith("data.") else f"data.source: {e}"
         raise ConfigError(msg) from e
+    named = [(f, config[f.split(".")[0]][f.split(".")[1]]) for f in SPLIT_FIELDS]
+    if "pretrain" in config.stages:
+        named.append(("pretraining's evaluation", "valid"))
+    for field, name in named:
+        fraction = config.data.get(f"{name}_fraction")
+        if fraction is not None and fraction <= 0:
+            raise ConfigError(
+                f"{field} reads the {name} split, but data.{name}_fraction={fraction} leaves "
+                "it no documents",
+                f"set data.{name}_fraction > 0",
+            )
 
 
 def check_tokenizer_path(config) -> None:

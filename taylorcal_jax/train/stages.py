@@ -40,6 +40,7 @@ def check_pretrain(config, arch) -> None:
     with check.config_errors("pretrain"):
         pretrain_lib.PretrainOptions.from_config(config.pretrain)
     check.positive(config, "pretrain.eval_sequences", "eval.batch_size")
+    check.at_least(config, "pretrain.seq_len", 2)  # next-token targets need two tokens
     check.fits_positions(config, "pretrain.seq_len", arch)
     if not config.tokenizer.path:
         check.at_least(config, "tokenizer.vocab_size", 259)  # 256 bytes + 3 special tokens
