@@ -5,6 +5,7 @@ checkpoints its progress) -> third (reads select.seed). Their results are functi
 their settings and inputs, so every test can say what the outputs must be.
 """
 
+import dataclasses
 import io
 import os
 
@@ -256,3 +257,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "skip: done, settings unchanged" in out
     assert "run: settings changed: select.seed 1 -> 3" in out
     assert s.calls == {"first": 1, "second": 1, "third": 1}
+
+
+def test_a_stage_not_needed_reports_no_result_from_other_settings(tmp_path):
+    # "third" has nothing to do under select.seed 99: the run reports it skipped, not the value
+    # its last run (under select.seed 1) recorded
+    s = Stages()
+    registry = s.registry()
+    registry["third"] = dataclasses.replace(
+        registry["third"], not_needed=lambda c: "seed 99" if c.select.seed == 99 else ""
+    )
+    s.registry = lambda: registry
+    wd = str(tmp_path / "wd")
+    results, _ = _run(s, _config(), wd)
+    assert results["third"]["value"] == _expected()[2]
+    results, out = _run(s, _config(select__seed=99), wd)
+    assert results["third"] == {"skipped": "seed 99"}
+    with open(os.path.join(wd, "summary.md")) as f:
+        assert f"| value | {_expected()[2]} |" not in f.read().split("## third")[1]

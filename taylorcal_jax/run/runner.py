@@ -96,7 +96,11 @@ def run(
             stage = registry[step.name]
             if step.action == "skip":
                 console.stage_skipped(i, len(steps), step)
-                results[step.name] = dict(records.get(step.name, {}).get("result", {}))
+                rec = records.get(step.name, {})
+                # a stage skipped as not needed keeps the record of a run under other settings:
+                # its result is not this configuration's
+                same = rec.get("fingerprint") == step.fingerprint
+                results[step.name] = dict(rec.get("result", {})) if same else {}
                 results[step.name].setdefault("skipped", step.reason)
                 continue
             started = functools.partial(console.stage_start, i, len(steps), step, stage.summary)
