@@ -26,6 +26,7 @@ from taylorcal_jax.models.config import UnsupportedModelError  # noqa: E402
 from taylorcal_jax.models.hf_io import CheckpointNotFoundError, load_pretrained  # noqa: E402
 from taylorcal_jax.models.safetensors_io import read_tensors  # noqa: E402
 from taylorcal_jax.models.teacher import Transformer  # noqa: E402
+from taylorcal_jax.run.inputs import directory_fingerprint  # noqa: E402
 
 B, T = 2, 24
 
@@ -120,11 +121,14 @@ def test_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, monkeypatc
     assert gguf_lib.resolve_teacher_dir(str(path), cache) == first
     monkeypatch.undo()
 
-    # new mtime, same bytes: checksummed, reused, the record remembers the new mtime
+    # new mtime, same bytes: checksummed, reused, the record remembers the new mtime; the
+    # stages reading this teacher see the same directory fingerprint (they are not rerun)
+    fingerprint = directory_fingerprint(first)
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     monkeypatch.setattr(gguf_lib, "convert", _no_conversion)
     assert gguf_lib.resolve_teacher_dir(str(path), cache) == first
     assert json.load(open(os.path.join(first, gguf_lib.RECORD_FILE)))["mtime_ns"] == 10**9
+    assert directory_fingerprint(first) == fingerprint
     monkeypatch.undo()
 
     # another transformers version: converted again into the same place

@@ -20,6 +20,7 @@ import os
 
 from taylorcal_jax.errors import ConfigError
 from taylorcal_jax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
+from taylorcal_jax.models.gguf import RECORD_FILE as GGUF_RECORD_FILE
 
 TEACHER_DIR = "teacher"
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
@@ -205,11 +206,13 @@ def _file_digest(path: str) -> str:
 
 
 def directory_fingerprint(path: str) -> str:
-    """Small files by contents; weight files (safetensors) by name, size and mtime."""
+    """Small files by contents; weight files (safetensors) by name, size and mtime. A converted
+    GGUF teacher's record of its source (path, mtime) is left out: moving or touching an
+    unchanged .gguf rewrites it, while the converted files stay as they were."""
     parts = {}
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
-        if not os.path.isfile(full):
+        if not os.path.isfile(full) or name == GGUF_RECORD_FILE:
             continue
         st = os.stat(full)
         if name.endswith(".safetensors") or st.st_size > (1 << 24):
