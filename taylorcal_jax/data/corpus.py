@@ -205,8 +205,16 @@ def _trained_tokenizer(read: Callable, tokenizer_cfg, data_cfg, limits, out_dir:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    """Written whole or not at all (a temporary file renamed), so a kill mid-write leaves no
+    broken file for the next run to read."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _stream_path(tok_dir: str, name: str) -> str:
