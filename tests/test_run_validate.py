@@ -72,6 +72,7 @@ def _fails(config, tmp_path, match):
         ("stages", ("statistics", "pretrain"), "'pretrain' is listed after it"),
         ("mesh.layers", 3, "do not fit the 8 devices here"),
         ("mesh.data", 0, "mesh.data must be positive or -1"),
+        ("mesh.fsdp", -1, "are both -1; one axis at most"),
         ("distill.kl.attention_impl", "flash", "distill.kl.attention_impl='flash' is not one of"),
     ],
 )

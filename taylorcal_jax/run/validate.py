@@ -180,6 +180,13 @@ def mesh_sizes(config, num_devices: int) -> dict[str, int]:
     for name, size in axes.items():
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{name} must be positive or -1 (the rest), got {size}")
+    rest = [f"mesh.{name}" for name, size in axes.items() if size == -1]
+    if len(rest) > 1:
+        raise ConfigError(
+            f"{' and '.join(rest)} are both -1; one axis at most takes the devices the others "
+            "leave",
+            f"set all but one of them to a divisor of the {num_devices} devices",
+        )
     try:
         return sharding.resolve_axis_sizes(axes, num_devices)
     except ValueError as e:
