@@ -31,7 +31,8 @@ init's tokens there (the second panel of the plot).
 
 Projection, for a target a run has not reached: the straight line through its last
 PROJECTION_POINTS evaluations in log(tokens), log(ppl) (least squares; a power law
-ppl = a tokens^b, b < 0), extended to the target. It assumes the curve keeps its recent
+ppl = a tokens^b, b < 0), extended to the target, and not earlier than the last evaluation
+(where the run was measured still above the target). It assumes the curve keeps its recent
 slope; a curve that flattens further (a floor) needs more tokens than projected. Projected
 ratios use the measured tokens where a run reached the target and the projected ones
 elsewhere, and are reported apart from the measured ones (`projection`).
@@ -74,6 +75,8 @@ import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from taylorcal_jax.eval import training_curves
 
 FLAGS = flags.FLAGS
 INITS = ("copy", "zero_gate", "align_only", "taylor_calibrate")
@@ -127,15 +130,18 @@ def define_flags() -> None:
 # ------------------------------------------------------------------------- pure parts
 
 
-def curve_from_metrics(rows: list[dict]) -> list[list[float]]:
+def curve_from_metrics(rows: list[dict], stages=DISTILL_STAGES) -> list[list[float]]:
     """[[tokens, ppl], ...] of one init from its metrics.jsonl rows: the evaluation rows of
     stage 1, then stage 2's with stage 1's final tokens added (stage 2's first point, the
-    same student as stage 1's last, is dropped). A rerun may log a point twice: the last
-    row of each (stage, tokens) wins."""
+    same student as stage 1's last, is dropped). Only the `stages` of this schedule count,
+    each by its latest run (metrics.jsonl keeps the rows of every run in the workdir,
+    training_curves.latest_run); a resumed run may log a point twice: the last row of each
+    (stage, tokens) wins."""
     points = {stage: {} for stage in DISTILL_STAGES}
-    for r in rows:
-        if r.get("stage") in points and "step" in r and "eval_ppl" in r:
-            points[r["stage"]][int(r["tokens"])] = float(r["eval_ppl"])
+    for stage in stages:
+        for r in training_curves.latest_run([r for r in rows if r.get("stage") == stage]):
+            if "step" in r and "eval_ppl" in r:
+                points[stage][int(r["tokens"])] = float(r["eval_ppl"])
     first = sorted(points["distill_layers"].items())
     offset = first[-1][0] if first else 0
     second = [(offset + t, p) for t, p in sorted(points["distill"].items()) if t > 0 or not first]
@@ -157,7 +163,8 @@ def tokens_to_target(curve, target: float) -> float | None:
 
 def project_tokens(curve, target: float, points: int = PROJECTION_POINTS) -> float | None:
     """Tokens at which the power law through the curve's last `points` evaluations (tokens >
-    0) reaches `target` (module docstring); None with fewer than 2 points or no descent."""
+    0) reaches `target` (module docstring), and not before the last evaluation, where the
+    curve was measured still above it; None with fewer than 2 points or no descent."""
     tail = [(math.log(t), math.log(p)) for t, p in curve if t > 0][-points:]
     if len(tail) < 2:
         return None
@@ -167,7 +174,7 @@ def project_tokens(curve, target: float, points: int = PROJECTION_POINTS) -> flo
     slope = sum((x - mx) * (y - my) for x, y in tail) / sxx if sxx else 0.0
     if slope >= 0:
         return None
-    return math.exp(mx + (math.log(target) - my) / slope)
+    return max(math.exp(mx + (math.log(target) - my) / slope), float(curve[-1][0]))
 
 
 def projection(runs: list[dict], targets: dict) -> dict:
@@ -644,8 +651,9 @@ def _read_rows(workdir: str) -> list[dict]:
 class Experiment:
     """The result being built: per-init curves read from their metrics.jsonl."""
 
-    def __init__(self, base: dict, inits, workdirs: dict, out: str, tag: str):
+    def __init__(self, base: dict, inits, workdirs: dict, out: str, tag: str, stages):
         self.base, self.inits, self.workdirs = base, list(inits), workdirs
+        self.stages = tuple(stages)  # the distillation stages of this schedule
         self.out, self.tag = out, tag
         self.done: set[str] = set()
         self.seen: dict[str, int] = {}
@@ -656,7 +664,7 @@ class Experiment:
         runs = {}
         for init in self.inits:
             rows = _read_rows(self.workdirs[init])
-            runs[init] = {"init": init, "curve": curve_from_metrics(rows),
+            runs[init] = {"init": init, "curve": curve_from_metrics(rows, self.stages),
                           "done": init in self.done}  # fmt: skip
         return {
             **self.base,
@@ -671,7 +679,7 @@ class Experiment:
         with self.lock:
             fresh = False
             for init in self.inits:
-                curve = curve_from_metrics(_read_rows(self.workdirs[init]))
+                curve = curve_from_metrics(_read_rows(self.workdirs[init]), self.stages)
                 for t, p in curve[self.seen.get(init, 0) :]:
                     print(f"[{time.strftime('%H:%M:%S')}] {init}: {t:,.0f} tokens, ppl {p:.3f}",
                           flush=True)  # fmt: skip
@@ -742,7 +750,7 @@ def run_experiment(
         },  # fmt: skip
         "text": run_inputs.text_record(config, ctx.corpus, eval_seqs),
     }
-    exp = Experiment(base, inits, workdirs, out, tag)
+    exp = Experiment(base, inits, workdirs, out, tag, DISTILL_STAGES[0 if stage1 else 1 :])
     stop = threading.Event()
 
     def watch():

@@ -28,6 +28,18 @@ def test_curve_joins_the_stages_and_keeps_the_last_row_of_a_repeated_point():
     assert recovery.curve_from_metrics([_eval("distill", 0, 9.0)]) == [[0, 9.0]]
 
 
+def test_curve_keeps_only_the_latest_run_of_this_schedules_stages():
+    # one workdir, two schedules: stage 1 + stage 2, then stage 2 alone (metrics.jsonl keeps
+    # both); the second curve has neither stage 1's points nor its token offset
+    done = [{"stage": "distill_layers", "done": True}, {"stage": "distill", "done": True}]
+    first = [_eval("distill_layers", 0, 100.0), _eval("distill_layers", 20, 40.0), done[0],
+             _eval("distill", 0, 40.0), _eval("distill", 30, 20.0), done[1]]  # fmt: skip
+    second = [_eval("distill", 0, 100.0), _eval("distill", 30, 60.0)]
+    assert recovery.curve_from_metrics(first) == [[0, 100.0], [20, 40.0], [50, 20.0]]
+    alone = recovery.curve_from_metrics(first + second, stages=("distill",))
+    assert alone == [[0, 100.0], [30, 60.0]]
+
+
 def test_tokens_to_target_interpolates_in_log_ppl():
     curve = [[0, 100.0], [100, 10.0], [200, 5.0]]
     # log-linear between (0, 100) and (100, 10): sqrt(1000) = 31.6 is halfway
@@ -145,6 +157,11 @@ def test_projection_extends_the_power_law_of_the_tail():
     assert recovery.project_tokens(curve, 12.5) == pytest.approx(6400.0)
     assert recovery.project_tokens([[0, 9.0], [10, 5.0]], 1.0) is None  # one point of t > 0
     assert recovery.project_tokens([[10, 5.0], [20, 5.0]], 1.0) is None  # no descent
+    # a flattening tail whose fit reaches the target before its last point, where the curve
+    # was still above it: no earlier than that point
+    flat = [[0, 300.0], [1e6, 10.0], [2e6, 8.0], [3e6, 7.99]]
+    assert recovery.tokens_to_target(flat, 7.985) is None
+    assert recovery.project_tokens(flat, 7.985) == 3e6
     runs = [
         {"init": "copy", "curve": curve, "tokens_to_target": {"a": 100.0, "b": None}},
         {"init": "x", "curve": curve, "tokens_to_target": {"a": 50.0, "b": 1600.0}},

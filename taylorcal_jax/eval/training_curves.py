@@ -31,7 +31,7 @@ LOSS_NAMES = {
 }
 
 
-def _latest_run(rows: list[dict]) -> list[dict]:
+def latest_run(rows: list[dict]) -> list[dict]:
     """The rows of a stage's latest run: those after the closing ("done") row of an earlier
     run that has rows after it, else those up to the last closing row."""
     closes = [i for i, r in enumerate(rows) if r.get("done")]
@@ -50,7 +50,7 @@ def training_curves(rows: list[dict]) -> dict:
     out = {}
     for stage in TRAINING_STAGES:
         points = {"loss": {}, "ppl": {}}
-        for r in _latest_run([r for r in rows if r.get("stage") == stage]):
+        for r in latest_run([r for r in rows if r.get("stage") == stage]):
             if "tokens" not in r:
                 continue
             t = int(r["tokens"])
