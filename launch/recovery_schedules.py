@@ -187,27 +187,43 @@ def markdown(result: dict) -> str:
             + " | ".join(_cell(row[n]) for n in names)
             + f" | {p:.3f} ({t:,.0f}) |"
         )
+    tokens = result["tokens_to_target"]
+
+    def projected(schedule, init, name):  # (a ratio's operand) a projected token count
+        return tokens.get(schedule, {}).get(init, {}).get(name, [None, False])[1]
+
     if result["stage1_saving"]:
         lines += _ratio_lines(
             "What stage 1 saves: tokens of stage 2 alone / tokens of stage 1 + stage 2:",
             result["stage1_saving"],
             names,
+            lambda i, n: projected(STAGE2_ALONE, i, n) or projected(WITH_STAGE1, i, n),
         )
     for schedule, table in result["copy_ratio"].items():
-        lines += _ratio_lines(f"Tokens of copy / tokens of the init, {schedule}:", table, names)
+        lines += _ratio_lines(
+            f"Tokens of copy / tokens of the init, {schedule}:",
+            table,
+            names,
+            lambda i, n, s=schedule: projected(s, "copy", n) or projected(s, i, n),
+        )
     if result["full_vs_naive"]:
         lines += _ratio_lines(
             "Tokens of copy with stage 2 alone / tokens of the init with stage 1 + stage 2:",
             result["full_vs_naive"],
             names,
+            lambda i, n: projected(STAGE2_ALONE, "copy", n) or projected(WITH_STAGE1, i, n),
         )
     return "\n".join(lines) + "\n"
 
 
-def _ratio_lines(title: str, table: dict, names: list[str]) -> list[str]:
+def _ratio_lines(title: str, table: dict, names: list[str], projected) -> list[str]:
+    """A ratio table; `*` on a ratio whose numerator or denominator is projected
+    (projected(init, target))."""
     lines = ["", title, "", "| init | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for init, row in table.items():
-        lines.append(f"| {init} | " + " | ".join(_x(row[n]) for n in names) + " |")
+        cells = [_x(row[n]) + ("*" if row[n] is not None and projected(init, n) else "")
+                 for n in names]  # fmt: skip
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return lines
 
 

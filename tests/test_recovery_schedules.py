@@ -68,6 +68,12 @@ def test_tokens_savings_and_leads_per_schedule(tmp_path):
     assert json.load(open(paths["json"]))["stage1_saving"] == out["stage1_saving"]
     md = open(paths["md"]).read()
     assert f"{proj / 1e6:.2f}M*" in md and "What stage 1 saves" in md
+    # ratios on a projected count are starred too (copy's stage-2-alone 2x figure), the others not
+    assert f"| taylor_calibrate | {lead:.2f}x* |" in md and f"| {naive:.2f}x* |" in md
+    assert (
+        f"| taylor_calibrate | {out['copy_ratio'][s1]['taylor_calibrate']['2x_teacher']:.2f}x |"
+        in md
+    )
     assert open(paths["png"], "rb").read(4) == b"\x89PNG"
 
 
