@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from taylorcal_jax.data.tokenizer import load_tokenizer
-from taylorcal_jax.eval.generate import end_ids, generate, generate_stream, left_pad
+from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
+from taylorcal_jax.models.config import id_tuple
 from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
 from taylorcal_jax.utils.progress import progress
@@ -141,13 +142,13 @@ def encode(tokenizer, text: str, where: str) -> list[int]:
 def end_token_ids(tokenizer, config) -> tuple[int, ...]:
     """Where a row stops: the tokenizer's EOS and the model config's end ids (a student
     config's teacher's), in that order, each once."""
-    ends = [tokenizer.eos_token_id, *config.teacher.end_token_ids]
-    return tuple(dict.fromkeys(i for i in ends if i is not None))
+    ends = (*id_tuple(tokenizer.eos_token_id), *config.teacher.end_token_ids)
+    return tuple(dict.fromkeys(ends))
 
 
 def until_eos(ids, ends) -> list[int]:
     """ids up to (not including) the first of the end ids `ends` (an id or a tuple)."""
-    ids, ends = [int(i) for i in ids], end_ids(ends)
+    ids, ends = [int(i) for i in ids], id_tuple(ends)
     cut = next((i for i, token in enumerate(ids) if token in ends), len(ids))
     return ids[:cut]
 

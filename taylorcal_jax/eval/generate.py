@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taylorcal_jax.models.config import id_tuple
 from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.teacher import init_cache
 
@@ -60,15 +61,6 @@ def truncated_logits(logits_bv, top_k: int | None, top_p: float | None):
         cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
-
-
-def end_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
-    """The end token ids as a tuple (a static argument of the compiled generation)."""
-    if eos_token_id is None:
-        return ()
-    if isinstance(eos_token_id, (int, np.integer)):
-        return (int(eos_token_id),)
-    return tuple(int(i) for i in eos_token_id)
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p):
@@ -225,7 +217,7 @@ def generate(
         temperature=float(temperature),
         top_k=top_k,
         top_p=top_p,
-        eos_token_id=end_ids(eos_token_id),
+        eos_token_id=id_tuple(eos_token_id),  # a static argument: hashable
         pad_id=pad_id,
     )
     return {"tokens": tokens, "valid": valid}
@@ -256,13 +248,13 @@ def generate_stream(
     token, cache = _prefill_call(
         model, params, prompt_bt, valid_bt, first_rng, max_len=max_len, **options
     )
-    done = np.zeros(prompt_bt.shape[0], bool)
+    done, ends = np.zeros(prompt_bt.shape[0], bool), id_tuple(eos_token_id)
     for step in range(max_new_tokens):
         if step:
             token, cache = _decode_call(model, params, token, cache, rngs[step - 1], **options)
         out = np.asarray(token)
         yield out
-        if end_ids(eos_token_id):
-            done |= np.isin(out, end_ids(eos_token_id))
+        if ends:
+            done |= np.isin(out, ends)
             if done.all():
                 return

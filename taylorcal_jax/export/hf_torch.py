@@ -44,7 +44,7 @@ from taylorcal_jax.export.common import (
     write_model_dir,
 )
 from taylorcal_jax.models import hf_io
-from taylorcal_jax.models.config import ModelConfig, RopeConfig, token_ids
+from taylorcal_jax.models.config import ModelConfig, RopeConfig
 from taylorcal_jax.models.mixers import gdn
 from taylorcal_jax.models.paths import ATTENTION
 from taylorcal_jax.models.rope import rope_frequencies
@@ -166,7 +166,7 @@ def student_config_from_hybrid(hf: dict) -> StudentConfig:
         sliding_windows=tuple(hf["sliding_windows"]),
         tie_word_embeddings=hf["tie_word_embeddings"],
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=token_ids(hf.get("eos_token_id")),
+        eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
     )
     mixers = list(hf["mixers"])

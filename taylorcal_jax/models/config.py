@@ -111,8 +111,7 @@ class ModelConfig:
     @property
     def end_token_ids(self) -> tuple[int, ...]:
         """The ids at which generation stops: eos_token_id as a tuple (empty for None)."""
-        value = self.eos_token_id
-        return () if value is None else value if isinstance(value, tuple) else (value,)
+        return id_tuple(self.eos_token_id)
 
     def __post_init__(self):
         # a list of end ids (config.json's, or a JSON round trip of this config) as a tuple:
@@ -198,7 +197,7 @@ class ModelConfig:
             sliding_windows=_sliding_windows_from_hf(hf, model_type, layers),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=_first_id(hf.get("bos_token_id")),
-            eos_token_id=token_ids(hf.get("eos_token_id")),
+            eos_token_id=hf.get("eos_token_id"),  # one or several: __post_init__
             pad_token_id=_first_id(hf.get("pad_token_id")),
         )
 
@@ -263,13 +262,20 @@ class ModelConfig:
         return cls.from_hf_dict(hf)
 
 
+def id_tuple(value) -> tuple[int, ...]:
+    """A token id entry (None, an id, or a sequence of ids) as a tuple of ints."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(i) for i in value)
+    return (int(value),)
+
+
 def token_ids(value) -> int | tuple[int, ...] | None:
     """config.json's token id entry as ModelConfig holds it: an int, a tuple of several (a
     list of one is its int), or None."""
-    if isinstance(value, (list, tuple)):
-        ids = tuple(int(i) for i in value)
-        return None if not ids else ids[0] if len(ids) == 1 else ids
-    return None if value is None else int(value)
+    ids = id_tuple(value)
+    return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
 def _json_ids(value):

@@ -114,6 +114,11 @@ def transformers_version() -> str:
 def gguf_architecture(path: str) -> str:
     """`general.architecture` of a GGUF file (reads the header only); GGUFError if the file
     is not GGUF."""
+    return _architecture(_reader(path), path)
+
+
+def _reader(path: str):
+    """gguf's reader of the file (memory-mapped; its header parsed); GGUFError if not GGUF."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != _MAGIC:
@@ -121,7 +126,14 @@ def gguf_architecture(path: str) -> str:
     from gguf import GGUFReader  # noqa: PLC0415
 
     try:
-        field = GGUFReader(path).fields["general.architecture"]
+        return GGUFReader(path)
+    except (KeyError, ValueError, IndexError) as e:
+        raise GGUFError(f"{path}: unreadable GGUF header ({type(e).__name__}: {e})") from e
+
+
+def _architecture(reader, path: str) -> str:
+    try:
+        field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode("utf-8")
     except (KeyError, ValueError, IndexError) as e:
         raise GGUFError(f"{path}: unreadable GGUF header ({type(e).__name__}: {e})") from e
@@ -190,13 +202,14 @@ def check_gguf_file(path: str) -> str:
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"GGUF teacher file {path} does not exist")
     require_packages()
-    arch = gguf_architecture(path)
+    reader = _reader(path)
+    arch = _architecture(reader, path)
     if arch not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture {arch!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    scaling = _rope_scaling_entries(path, arch)
+    scaling = _rope_scaling_entries(reader, arch)
     if scaling:
         raise UnsupportedModelError(
             f"{path}: GGUF RoPE scaling ({', '.join(scaling)}) is dropped by transformers' "
@@ -206,13 +219,10 @@ def check_gguf_file(path: str) -> str:
     return arch
 
 
-def _rope_scaling_entries(path: str, arch: str) -> list[str]:
+def _rope_scaling_entries(reader, arch: str) -> list[str]:
     """The RoPE scaling a GGUF file holds (llama.cpp writes Llama 3.1/3.2's llama3 factors as
     the tensor rope_freqs.weight, yarn and linear scaling as <arch>.rope.scaling.* keys), which
     transformers 5's GGUF loader does not read for these architectures."""
-    from gguf import GGUFReader  # noqa: PLC0415
-
-    reader = GGUFReader(path)
     found = [t.name for t in reader.tensors if t.name == "rope_freqs.weight"]
     return found + [k for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")]
 

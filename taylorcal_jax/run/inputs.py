@@ -156,8 +156,13 @@ def external_teacher_architecture(config, workdir: str) -> ModelConfig:
     return arch
 
 
-# the fields that name a split a stage samples
-SPLIT_FIELDS = ("eval.split", "calibration.split", "select.split", "distill.split")
+# the (section, field)s that name a split a stage samples
+SPLIT_FIELDS = (
+    ("eval", "split"),
+    ("calibration", "split"),
+    ("select", "split"),
+    ("distill", "split"),
+)
 
 
 def check_corpus(config) -> None:
@@ -171,7 +176,7 @@ def check_corpus(config) -> None:
     except ValueError as e:
         msg = str(e) if str(e).startswith("data.") else f"data.source: {e}"
         raise ConfigError(msg) from e
-    named = [(f, config[f.split(".")[0]][f.split(".")[1]]) for f in SPLIT_FIELDS]
+    named = [(f"{section}.{field}", config[section][field]) for section, field in SPLIT_FIELDS]
     if "pretrain" in config.stages:
         named.append(("pretraining's evaluation", "valid"))
     for field, name in named:
