@@ -1,6 +1,5 @@
 """Data pipeline: sources, split, tokenizer, packing, sampling, cached corpus."""
 
-import json
 import os
 import sys
 
@@ -368,19 +367,3 @@ def test_progress_bars_name_the_split(tmp_path, monkeypatch):
         "tokenize valid",
         "tokenize test",
     ]
-
-
-def test_json_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    # the tokenizer's record of its settings: an interrupted write keeps the old file
-    path = tmp_path / "meta.json"
-    corpus_lib._write_json(str(path), {"vocab_size": 1})
-
-    def interrupted(obj, f, **kwargs):
-        f.write('{"vocab_size": ')
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(corpus_lib.json, "dump", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        corpus_lib._write_json(str(path), {"vocab_size": 2})
-    assert json.loads(path.read_text()) == {"vocab_size": 1}
-    assert os.listdir(tmp_path) == ["meta.json"]

@@ -44,6 +44,7 @@ import numpy as np
 from taylorcal_jax.data import packing, reading, sources, split
 from taylorcal_jax.data import tokenizer as tok_lib
 from taylorcal_jax.data.errors import DataError
+from taylorcal_jax.utils import files
 from taylorcal_jax.utils.progress import progress
 
 # 1: .npy streams, id-hashed split. 2: raw int32 streams, content-hashed split, input checks.
@@ -200,21 +201,8 @@ def _trained_tokenizer(read: Callable, tokenizer_cfg, data_cfg, limits, out_dir:
         texts, tokenizer_cfg.vocab_size, min_frequency=tokenizer_cfg.min_frequency
     )
     tok_lib.save_tokenizer(tok, out_dir)
-    _write_json(meta_path, meta)
+    files.write_json(meta_path, meta)
     return tok_lib.load_tokenizer(out_dir)
-
-
-def _write_json(path: str, obj) -> None:
-    """Written whole or not at all (a temporary file renamed), so a kill mid-write leaves no
-    broken file for the next run to read."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _stream_path(tok_dir: str, name: str) -> str:
@@ -236,11 +224,11 @@ def _write_tokens(tok_dir: str, parts, report, tokenizer, limits, key: dict) -> 
                 for ids in tok_lib.encode_batches(tokenizer, texts):
                     stream = packing.concat_with_eos(ids, tokenizer.eos_token_id)
                     stream.astype(_STREAM_DTYPE, copy=False).tofile(f)
-        _write_json(
+        files.write_json(
             os.path.join(partial, "num_documents.json"), {s: len(parts[s]) for s in split.SPLITS}
         )
-        _write_json(os.path.join(partial, "input_report.json"), dataclasses.asdict(report))
-        _write_json(os.path.join(partial, "key.json"), key)
+        files.write_json(os.path.join(partial, "input_report.json"), dataclasses.asdict(report))
+        files.write_json(os.path.join(partial, "key.json"), key)
         os.replace(partial, tok_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

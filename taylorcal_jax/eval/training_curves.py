@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-from taylorcal_jax.utils import hosts
+from taylorcal_jax.utils import files, hosts
 from taylorcal_jax.utils.metrics import read_metrics
 
 TRAINING_STAGES = ("pretrain", "distill_layers", "distill")
@@ -113,6 +113,6 @@ def write_plot(workdir: str, min_interval_s: float = 0.0) -> str | None:
     curves = training_curves(read_metrics(metrics))
     if not curves:
         return None
-    plot(curves, path + ".partial", title=f"training in {os.path.basename(workdir.rstrip('/'))}")
-    os.replace(path + ".partial", path)
+    with files.replaced_when_done(path) as tmp:
+        plot(curves, tmp, title=f"training in {os.path.basename(workdir.rstrip('/'))}")
     return path

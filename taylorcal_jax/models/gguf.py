@@ -34,6 +34,7 @@ import time
 
 from taylorcal_jax.models.config import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from taylorcal_jax.models.hf_io import CheckpointError, CheckpointNotFoundError
+from taylorcal_jax.utils import files
 
 SUFFIX = ".gguf"
 RECORD_FILE = "gguf_source.json"
@@ -152,10 +153,7 @@ def _read_record(directory: str) -> SourceRecord | None:
 
 
 def _write_record(directory: str, record: SourceRecord) -> None:
-    tmp = os.path.join(directory, RECORD_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(record), f, indent=1)
-    os.replace(tmp, os.path.join(directory, RECORD_FILE))
+    files.write_json(os.path.join(directory, RECORD_FILE), dataclasses.asdict(record))
 
 
 def _cache_name(stem: str, md5: str) -> str:

@@ -16,6 +16,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from taylorcal_jax.utils import files
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -115,10 +117,8 @@ def write_tensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = 
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with files.replaced_when_done(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for arr in arrays:
             f.write(arr.reshape(-1).view(np.uint8).data)
-    os.replace(tmp, path)

@@ -37,12 +37,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 from taylorcal_jax.errors import ConfigError, UserError
-from taylorcal_jax.utils import hosts
+from taylorcal_jax.utils import files, hosts
 
 LOCK_FILE = ".lock"
 RECORDS_FILE = "stages.json"
 HISTORY_FILE = "config.json"
-PARTIAL = ".partial"
+PARTIAL = files.PARTIAL
 
 
 def now() -> str:
@@ -166,12 +166,7 @@ def _elsewhere() -> Iterator[str]:
 
 def write_bytes(path: str, data: bytes) -> None:
     if hosts.is_main():
-        tmp = _partial(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        files.write_bytes(path, data)
     hosts.sync(f"write {path}")
 
 
@@ -187,13 +182,8 @@ def output_file(path: str) -> Iterator[str]:
             yield os.path.join(tmp, os.path.basename(path))
         hosts.sync(f"write {path}")
         return
-    tmp = _partial(path)
-    try:
+    with files.replaced_when_done(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     hosts.sync(f"write {path}")
 
 
@@ -238,8 +228,8 @@ def remove_partials(workdir: str) -> list[str]:
     if not hosts.is_main():
         hosts.sync(f"remove partials {workdir}")
         return found
-    for root, dirs, files in os.walk(workdir):
-        for name in list(dirs) + files:
+    for root, dirs, names in os.walk(workdir):
+        for name in list(dirs) + names:
             if name.endswith(PARTIAL):
                 found.append(os.path.join(root, name))
         dirs[:] = [d for d in dirs if not d.endswith(PARTIAL)]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from taylorcal_jax.utils import hosts
+from taylorcal_jax.utils import files, hosts
 
 
 def plain(value: Any) -> Any:
@@ -83,8 +83,5 @@ def write_summary(workdir: str, title: str, sections: Mapping[str, Mapping[str, 
     path = os.path.join(workdir, "summary.md")
     if not hosts.is_main():
         return path
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    files.write_text(path, "\n".join(lines))
     return path
