@@ -725,6 +725,22 @@ def small_settings(**overrides) -> Settings:
     return Settings(**{**base, **overrides})
 
 
+def refuse_flags_of_preset(f, names) -> None:
+    """ValueError naming the flags of `names` given on the command line of a --preset=small
+    run, which sets them itself (rather than ignoring them silently)."""
+    given = [f"--{n}" for n in names if f[n].present]
+    if given:
+        raise ValueError(f"--preset=small sets these itself; drop {', '.join(given)}")
+
+
+# What --preset=small sets, whatever the command line says (small_settings).
+SMALL_PRESET_FLAGS = (
+    "batch_size", "seq_len", "warmup_steps", "timed_steps", "dtype", "chunk_size", "keep_every",
+    "calib_sequences", "calib_seq_len", "align_steps", "block_size", "init_repeats", "gdn_impl",
+    "smollm2_gguf", "random_smollm2",
+)  # fmt: skip
+
+
 def main(argv):
     from absl import app, flags
 
@@ -735,6 +751,10 @@ def main(argv):
     f = flags.FLAGS
     n = f.num_devices if f.num_devices > 0 else jax.device_count()
     if f.preset == "small":
+        try:
+            refuse_flags_of_preset(f, SMALL_PRESET_FLAGS)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
         s = small_settings(
             parts=tuple(f.parts), num_devices=n, fsdp=f.fsdp if f.fsdp > 0 else min(2, n)
         )

@@ -546,9 +546,20 @@ def small_settings(**overrides) -> Settings:
     return Settings(**{**base, **overrides})
 
 
+# What --preset=small sets, whatever the command line says (small_settings).
+SMALL_PRESET_FLAGS = (
+    "batch_sizes", "seq_lens", "remat", "chunk_sizes", "attention_impls",
+    "gdn_fused_projections", "warmup_steps", "timed_steps", "dtype", "keep_every", "gdn_impl",
+    "smollm2_gguf", "random_smollm2",
+)  # fmt: skip
+
+
 def settings_from_flags(f) -> Settings:
     """The Settings of the parsed flags `f` (ValueError for a malformed list entry)."""
     if f.preset == "small":
+        import bench_scaling  # launch/
+
+        bench_scaling.refuse_flags_of_preset(f, SMALL_PRESET_FLAGS)
         return small_settings(budget_s=f.budget_s)
     return Settings(
         **parse_axes(

@@ -69,6 +69,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import threading
 import time
@@ -248,10 +249,10 @@ def matched_ratios(runs: list[dict], baseline: str) -> dict:
 
 def step_throughput(rows: list[dict]) -> float | None:
     """Median tokens/s of stage 2 between consecutive loss lines with no evaluation (nor a
-    restart) between them."""
+    restart) between them, in the latest run of the stage (training_curves.latest_run)."""
     rates, prev = [], None
-    for r in rows:
-        if r.get("stage") != "distill" or "step" not in r:
+    for r in training_curves.latest_run([r for r in rows if r.get("stage") == "distill"]):
+        if "step" not in r:
             continue
         if "loss" not in r:  # an evaluation or a resume: the next interval is not clean
             prev = None
@@ -260,10 +261,7 @@ def step_throughput(rows: list[dict]) -> float | None:
             dt = r["train_seconds"] - prev["train_seconds"]
             rates.append((r["tokens"] - prev["tokens"]) / dt)
         prev = r
-    if not rates:
-        return None
-    rates.sort()
-    return rates[len(rates) // 2]
+    return statistics.median(rates) if rates else None
 
 
 def attention_flops_per_token(cfg, mixers, seq_len: int) -> float:

@@ -3,11 +3,15 @@ report; one small run end to end on 4 of the simulated CPU devices."""
 
 import json
 import os
+import subprocess
+import sys
 
 import bench_scaling  # launch/
 import numpy as np
 import pytest
 import results_io  # launch/
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_median_and_efficiency():
@@ -98,3 +102,13 @@ def test_small_run_on_four_devices_equals_one_device_and_writes_the_files(tmp_pa
     md = open(tmp_path / "scaling_t.md").read()
     assert f"Command: `{command}`" in md and md.count("| stage2_qwen |") == 3
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+
+
+def test_the_small_preset_refuses_the_flags_it_sets(tmp_path):
+    cmd = [sys.executable, "launch/bench_scaling.py", "--preset=small", "--seq_len=64"]
+    cmd += [f"--out={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--preset=small sets these itself; drop --seq_len" in last
+    assert os.listdir(tmp_path) == []

@@ -212,3 +212,13 @@ def test_an_executed_count_below_6n_gives_no_utilisation():
     assert got["hfu"] is None
     full = bench_stage2.throughput_fields({**row, "executed_over_counted": 1.5}, "NVIDIA H200")
     assert full["hfu"] == pytest.approx(3e6 * 2000 / 989e12)
+
+
+def test_the_small_preset_refuses_the_flags_it_sets(tmp_path):
+    cmd = [sys.executable, "launch/bench_stage2.py", "--preset=small", "--batch_sizes=8"]
+    cmd += ["--dtype=float32", "--budget_s=5", f"--out={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--preset=small sets these itself; drop --batch_sizes, --dtype" in last
+    assert os.listdir(tmp_path) == []

@@ -79,6 +79,15 @@ def test_targets_ratios_and_throughput():
     ]
     # intervals 100/1, (eval), 100/2, 100/1: the one across the evaluation is left out
     assert recovery.step_throughput(rows) == 100.0
+    rows.append({"stage": "distill", "step": 6, "tokens": 600, "loss": 1, "train_seconds": 67.0})
+    assert recovery.step_throughput(rows) == 75.0  # 25, 50, 100, 100: the middle two's mean
+    # a second run of the stage in the same workdir: only its own intervals count
+    rows += [
+        {"stage": "distill", "step": 6, "tokens": 600, "done": True},
+        {"stage": "distill", "step": 1, "tokens": 100, "loss": 1, "train_seconds": 10.0},
+        {"stage": "distill", "step": 2, "tokens": 200, "loss": 1, "train_seconds": 10.5},
+    ]
+    assert recovery.step_throughput(rows) == 200.0
     th = recovery.throughput(1000.0, 10**8, 2 * 10**8, "NVIDIA H200")
     assert th["mfu"] == pytest.approx(6e8 * 1000 / 989e12)
     assert th["mfu_with_teacher"] == pytest.approx((6e8 + 4e8) * 1000 / 989e12)
