@@ -83,15 +83,18 @@ def rel_err(actual, expected) -> float:
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call of a Pallas Triton kernel
 
 
-def exported_gradient_module(op, platform: str, dtype, t: int, **op_kwargs) -> str:
+def exported_gradient_module(
+    op, platform: str, dtype, t: int, kdim: int = 128, vdim: int = 128, **op_kwargs
+) -> str:
     """The MLIR module of value_and_grad of a GDN op, exported for `platform` ("cuda", "tpu")
     on the CPU: the Pallas kernels' lowering for that platform runs, their compilation does not.
-    Operands: Qwen2.5-1.5B's GDN head dims (K = V = 128), B = 1, H = 2, T = t, q/k/v/beta in
-    `dtype`, g and the initial state float32; the loss sums the output and the final state."""
+    Operands: head dims K and V (by default Qwen2.5-1.5B's, 128), B = 1, H = 2, T = t,
+    q/k/v/beta in `dtype`, g and the initial state float32; the loss sums the output and the
+    final state."""
     import jax
     import jax.numpy as jnp
 
-    b, h, kdim, vdim = 1, 2, 128, 128
+    b, h = 1, 2
     shapes = [(b, t, h, kdim), (b, t, h, kdim), (b, t, h, vdim), (b, t, h), (b, t, h)]
     dtypes = [dtype, dtype, dtype, jnp.float32, dtype]
     args = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]

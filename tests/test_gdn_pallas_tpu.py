@@ -211,6 +211,23 @@ def test_rejects_unsupported_shapes_and_options():
     assert unsupported_reason(q, q, q, 64) is None
     assert "multiple of block_v" in unsupported_reason(q, q, jnp.zeros((1, 16, 1, 200)), 64)
     assert "float64" in unsupported_reason(np.zeros((1, 16, 1, 16)), q, q, 64)
+    q12 = jnp.zeros((1, 16, 1, 12), jnp.float32)
+    assert "multiple of 8" in unsupported_reason(q12, q12, q, 64)
+
+
+@pytest.mark.parametrize("kdim, vdim", [(12, 128), (24, 128), (8, 64)])
+def test_head_dims_the_check_accepts_lower_to_mosaic(kdim, vdim):
+    # forward and backward (which keeps the chunk states in blocks of K rows) for a TPU: what
+    # unsupported_reason lets through must lower, and "auto" falls back on what it refuses
+    operand = jax.ShapeDtypeStruct((1, 64, 2, kdim), jnp.float32)
+    value = jax.ShapeDtypeStruct((1, 64, 2, vdim), jnp.float32)
+    if unsupported_reason(operand, operand, value, 16) is not None:
+        assert kdim % 8
+        return
+    module = exported_gradient_module(
+        gated_delta_rule_pallas_tpu, "tpu", jnp.float32, 64, kdim, vdim, chunk_size=16
+    )
+    assert "gdn_tpu_reverse" in module
 
 
 def test_api_pallas_needs_a_gpu_or_tpu_backend_here():

@@ -73,6 +73,10 @@ def unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size, config: TPUConfig | N
         return f"chunk_size must be one of {CHUNK_SIZES} for the TPU kernels, got {chunk_size}"
     if any(x.dtype == jnp.float64 for x in (q_bthk, k_bthk, v_bthv)):
         return "float64 inputs (the kernels compute in float32)"
+    if q_bthk.shape[-1] % 8:
+        # the chunk states [BH, NT * K, V] are stored in blocks of K rows, and Mosaic takes a
+        # block's second-to-last dimension in multiples of 8 only
+        return f"head dim K must be a multiple of 8 for the TPU kernels, got {q_bthk.shape[-1]}"
     try:
         (config or TPUConfig()).value_block(v_bthv.shape[-1])
     except ValueError as e:
