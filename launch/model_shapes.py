@@ -16,7 +16,7 @@ QWEN2_5_1_5B = dict(
 
 def model_config(dims: dict, max_positions: int, model_type: str):
     """A tied-embedding ModelConfig of these dims and `model_type` ("qwen2", "llama", ...)."""
-    from taylorcal_jax.models.config import ModelConfig
+    from taylorcal_jax.models.config import ModelConfig, family_features
 
     return ModelConfig(
         model_type=model_type,
@@ -29,6 +29,7 @@ def model_config(dims: dict, max_positions: int, model_type: str):
         head_dim=dims["head_dim"],
         tie_word_embeddings=True,
         max_position_embeddings=max_positions,
+        **family_features(model_type),
     )
 
 

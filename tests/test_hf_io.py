@@ -203,6 +203,23 @@ def test_sharded_index_inconsistent(tmp_path, params):
         load_pretrained(out)
 
 
+def test_index_names_its_files_as_paths(tmp_path, params):
+    # "./model-00001-of-00003.safetensors" names the same file, and transformers reads it
+    out = save_pretrained(tmp_path / "s", CONFIG, params, max_shard_bytes=5000)
+    path = out / hf_io.INDEX_FILE
+    index = json.loads(path.read_text())
+    index["weight_map"] = {k: "./" + v for k, v in index["weight_map"].items()}
+    path.write_text(json.dumps(index))
+    assert _same(load_pretrained(out)[1], params)
+
+
+def test_a_scalar_tensor_keeps_its_shape(tmp_path):
+    path = tmp_path / "x.safetensors"
+    write_tensors(path, {"s": np.float32(2.5) * np.ones(()), "v": np.arange(3, dtype=np.int32)})
+    got = read_tensors(path)
+    assert got["s"].shape == () and float(got["s"]) == 2.5 and got["v"].shape == (3,)
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_progress_bars_follow_the_global_switch(tmp_path, params, capsys, enabled):
     from taylorcal_jax.utils import progress
@@ -216,3 +233,18 @@ def test_progress_bars_follow_the_global_switch(tmp_path, params, capsys, enable
     err = capsys.readouterr().err
     for desc in ("saving", "loading"):
         assert (desc in err) == enabled, err
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+def test_a_pretrained_teacher_of_each_family_loads_back(tmp_path, model_type):
+    # the pretrain stage's architecture carries its family's features (qwen2's q/k/v biases,
+    # qwen3's q/k norm), so the teacher it saves is that family's model, here and in transformers
+    from configs.tiny import get_config
+    from taylorcal_jax.run.inputs import pretrained_architecture
+
+    section = get_config().teacher
+    section.model_type = model_type
+    config = pretrained_architecture(section, 64)
+    params = init_params(config, jax.random.PRNGKey(0))
+    loaded_config, loaded = load_pretrained(save_pretrained(tmp_path / "t", config, params))
+    assert loaded_config == config and _same(loaded, params)

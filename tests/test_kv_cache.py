@@ -38,7 +38,9 @@ def _config(**kw):
 CONFIGS = {
     "qwen3_full": _config(),
     # layer 0 full attention, layer 1 window 4 (shorter than the sequence)
-    "mixed_window": _config(model_type="qwen2", attention_bias=True, sliding_windows=(None, 4)),
+    "mixed_window": _config(
+        model_type="qwen2", attention_bias=True, qk_norm=False, sliding_windows=(None, 4)
+    ),
 }
 
 

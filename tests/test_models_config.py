@@ -6,6 +6,7 @@ import json
 import pytest
 import transformers
 from hf_factory import make_hf_config
+from tiny_models import tiny_model_config
 
 from taylorcal_jax.models.config import (
     SUPPORTED_MODEL_TYPES,
@@ -80,17 +81,23 @@ def test_yarn_defaults_follow_transformers():
     assert inv_freq.shape == (8,)
 
 
+@pytest.mark.parametrize("window_key", [True, False], ids=["window", "no_window_key"])
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
-def test_keys_left_out_of_config_json_get_transformers_defaults(model_type):
-    # a trimmed config.json: windows and context length as transformers' config classes
-    # fill them in (Mistral's 4096-token window, Qwen's max_window_layers 28, the families'
-    # max_position_embeddings)
-    hf = dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
-              num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+def test_keys_left_out_of_config_json_get_transformers_defaults(model_type, window_key):
+    # a trimmed config.json: windows, context length, KV heads and head dim as transformers'
+    # config classes fill them in (Mistral's 4096-token window and 8 KV heads, Qwen's
+    # max_window_layers 28, 4096-token window and 32 KV heads, Qwen3's head dim 128, the
+    # families' max_position_embeddings)
+    hf = dict(model_type=model_type, vocab_size=64, hidden_size=256, intermediate_size=64,
+              num_hidden_layers=30, num_attention_heads=32)  # fmt: skip
     if model_type.startswith("qwen"):
-        hf.update(use_sliding_window=True, sliding_window=8)
+        hf.update(use_sliding_window=True)
+    if window_key:
+        hf.update(sliding_window=8)
     ours, theirs = ModelConfig.from_hf_dict(hf), transformers.AutoConfig.for_model(**hf)
     assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.num_key_value_heads == theirs.num_key_value_heads
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or 256 // 32)
     kinds = getattr(theirs, "layer_types", None) or ["full_attention"] * 30
     if model_type == "mistral":  # every layer at its sliding_window
         kinds = ["sliding_attention"] * 30
@@ -115,6 +122,43 @@ def test_sliding_windows():
     assert c.sliding_windows == (5, None, 5)
 
 
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    # a config saved by transformers 5 (rope_parameters of the default type) to which yarn's
+    # rope_scaling was added, as Qwen2.5's model cards say for long contexts
+    hf = make_hf_config("qwen2", max_position_embeddings=256).to_dict()
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
+    hf["rope_theta"] = 1000000.0
+    hf["rope_scaling"] = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    ours = ModelConfig.from_hf_dict(hf)
+    theirs = transformers.AutoConfig.for_model(**hf).rope_parameters
+    assert (ours.rope.rope_type, ours.rope.factor) == (theirs["rope_type"], theirs["factor"])
+    assert ours.rope.theta == theirs["rope_theta"] == 1000000.0
+    assert ours.rope.original_max_position_embeddings == 64
+
+
+def test_features_a_family_fixes():
+    # biases on q/k/v in qwen2 only, q/k norm in qwen3 only: what to_hf_dict writes must mean
+    # the same model in transformers, and a pretrained teacher gets its family's features
+    for model_type in SUPPORTED_MODEL_TYPES:
+        config = tiny_model_config(model_type=model_type)
+        assert config.attention_bias == (model_type == "qwen2")
+        assert config.qk_norm == (model_type == "qwen3")
+        assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+    with pytest.raises(UnsupportedModelError, match="qwen3 has q/k RMSNorm"):
+        tiny_model_config(model_type="qwen3", qk_norm=False)
+    with pytest.raises(UnsupportedModelError, match="qwen2 has q/k/v biases"):
+        tiny_model_config(model_type="qwen2", attention_bias=False)
+    with pytest.raises(UnsupportedModelError, match="qk_norm=True is qwen3's"):
+        tiny_model_config(model_type="llama", qk_norm=True)
+    for model_type in ("llama", "qwen3"):  # transformers adds an o_proj bias with the flag
+        with pytest.raises(UnsupportedModelError, match=f"not supported for {model_type}"):
+            _from_hf(model_type, attention_bias=True)
+
+
 def test_errors(tmp_path):
     base = make_hf_config("llama").to_dict()
     with pytest.raises(UnsupportedModelError, match="llama, qwen2, qwen3, mistral"):
@@ -127,6 +171,13 @@ def test_errors(tmp_path):
         )
     with pytest.raises(ValueError, match="multiple of"):
         ModelConfig.from_hf_dict({**base, "num_key_value_heads": 3})
+    with pytest.raises(UnsupportedModelError, match="config.json lacks vocab_size, hidden_size"):
+        ModelConfig.from_hf_dict(
+            {k: v for k, v in base.items() if k not in ("hidden_size", "vocab_size")}
+        )
+    mistral = tiny_model_config(model_type="mistral", sliding_windows=(None, 4))
+    with pytest.raises(ValueError, match="mistral applies one sliding window to every layer"):
+        mistral.to_hf_dict()
     config = ModelConfig.from_hf_dict(base)
     with pytest.raises(ValueError, match="sliding_windows has 1 entries"):
         dataclasses.replace(config, sliding_windows=(4,))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taylorcal_jax.models.config import ModelConfig
+from taylorcal_jax.models.config import ModelConfig, family_features
 
 # The values most tests use; every other field keeps ModelConfig's own default.
 TINY_MODEL_DEFAULTS = dict(
@@ -18,8 +18,10 @@ TINY_MODEL_DEFAULTS = dict(
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    """One place for the tiny test model's shape: TINY_MODEL_DEFAULTS updated by `overrides`."""
-    return ModelConfig(**{**TINY_MODEL_DEFAULTS, **overrides})
+    """One place for the tiny test model's shape: TINY_MODEL_DEFAULTS and the features its
+    family fixes (q/k/v biases in qwen2, q/k norm in qwen3), updated by `overrides`."""
+    model_type = overrides.get("model_type", TINY_MODEL_DEFAULTS["model_type"])
+    return ModelConfig(**{**TINY_MODEL_DEFAULTS, **family_features(model_type), **overrides})
 
 
 def windowed_qwen2_config() -> ModelConfig:

@@ -140,6 +140,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        _check_family_features(self.model_type, self.attention_bias, self.qk_norm)
         if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"rope_type {self.rope.rope_type!r} is not supported; "
@@ -173,13 +174,18 @@ class ModelConfig:
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=True is not supported")
+        missing = [k for k in _REQUIRED_HF_KEYS if k not in hf]
+        if missing:
+            raise UnsupportedModelError(f"config.json lacks {', '.join(missing)}")
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
-        head_dim = hf.get("head_dim") or hidden // num_heads
+        head_dim = hf.get("head_dim", _HEAD_DIM.get(model_type)) or hidden // num_heads
+        num_kv_heads = hf.get("num_key_value_heads", _KV_HEADS.get(model_type)) or num_heads
         layers = hf["num_hidden_layers"]
         rope = _rope_from_hf(hf)
         # Qwen2 always has q/k/v biases (transformers hard-codes them); others read the key.
         attention_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+        _check_family_features(model_type, attention_bias, model_type == "qwen3")
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -187,7 +193,7 @@ class ModelConfig:
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            num_key_value_heads=num_kv_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_position_embeddings=_max_positions(hf),
@@ -239,6 +245,8 @@ class ModelConfig:
             raise ValueError("layers with different sliding windows cannot be written to HF")
         window = windows.pop() if windows else None
         if self.model_type == "mistral":
+            if window is not None and None in self.sliding_windows:
+                raise ValueError("mistral applies one sliding window to every layer")
             out["sliding_window"] = window
         elif self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = window is not None
@@ -289,9 +297,9 @@ def _first_id(value):
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params = {**scaling, **params}
+    # transformers 5 takes rope_scaling whole when it is set, else rope_parameters (a config it
+    # saved holds rope_parameters {rope_type: default} next to a rope_scaling added later)
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -328,10 +336,43 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     return RopeConfig(**kwargs)
 
 
-# transformers' defaults for keys a config.json may leave out (its config classes' __init__)
+_REQUIRED_HF_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+)  # fmt: skip
+
+# transformers' defaults for keys a config.json may leave out (its config classes' fields);
+# a family absent from a table has None there, which means hidden / heads (head_dim) or the
+# number of query heads (num_key_value_heads)
 _MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
-_MISTRAL_WINDOW = 4096
+_HEAD_DIM = {"qwen3": 128}
+_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
+_SLIDING_WINDOW = 4096  # mistral's, and qwen's where use_sliding_window is set
 _QWEN_MAX_WINDOW_LAYERS = 28
+
+
+def family_features(model_type: str) -> dict[str, bool]:
+    """The ModelConfig fields a family fixes: q/k/v biases in qwen2 (transformers always
+    builds them) and nowhere else (llama and qwen3 put a bias on o_proj too when
+    attention_bias is set, which this project does not model; mistral has none); q/k RMSNorm
+    in qwen3 and nowhere else. So a config written by to_hf_dict means the same model there."""
+    return {"attention_bias": model_type == "qwen2", "qk_norm": model_type == "qwen3"}
+
+
+def _check_family_features(model_type: str, attention_bias: bool, qk_norm: bool) -> None:
+    """UnsupportedModelError where the two fields differ from `family_features`."""
+    if attention_bias != (model_type == "qwen2"):
+        raise UnsupportedModelError(
+            "qwen2 has q/k/v biases (attention_bias=True)"
+            if model_type == "qwen2"
+            else f"attention_bias=True is not supported for {model_type} (its o_proj bias is not "
+            "modelled); of the supported families only qwen2 has attention biases"
+        )
+    if qk_norm != (model_type == "qwen3"):
+        raise UnsupportedModelError(
+            "qwen3 has q/k RMSNorm (qk_norm=True)"
+            if model_type == "qwen3"
+            else f"qk_norm=True is qwen3's; {model_type} has no q/k RMSNorm"
+        )
 
 
 def _max_positions(hf) -> int:
@@ -341,8 +382,8 @@ def _max_positions(hf) -> int:
 def _sliding_windows_from_hf(hf, model_type, layers) -> tuple[int | None, ...]:
     """Per-layer windows as transformers builds them, its defaults for absent keys included."""
     if model_type == "mistral":
-        return (hf.get("sliding_window", _MISTRAL_WINDOW),) * layers
-    window = hf.get("sliding_window")
+        return (hf.get("sliding_window", _SLIDING_WINDOW),) * layers
+    window = hf.get("sliding_window", _SLIDING_WINDOW)
     if model_type in ("qwen2", "qwen3"):
         if not hf.get("use_sliding_window") or window is None:
             return (None,) * layers

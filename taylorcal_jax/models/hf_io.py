@@ -191,11 +191,14 @@ def read_weights(root) -> dict[str, np.ndarray]:
 
     Arrays are read-only memory maps. Raises CheckpointNotFoundError / CorruptCheckpointError.
     """
-    files, weight_map = _weight_files(pathlib.Path(root))
+    root = pathlib.Path(root)
+    files, weight_map = _weight_files(root)
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         for name, arr in read_tensors(f).items():
-            if weight_map is not None and weight_map.get(name) != f.name:
+            # the index's file names as paths ("./x.safetensors" is x.safetensors), as
+            # _weight_files opened them
+            if weight_map is not None and root / weight_map.get(name, "") != f:
                 raise CorruptCheckpointError(
                     f"{f.name} holds {name!r} but {INDEX_FILE} maps it to {weight_map.get(name)}"
                 )

@@ -437,7 +437,9 @@ def init_slots(batch: int, max_len: int) -> dict:
 
 def write_slots(slots: dict, valid_bt) -> dict:
     """The slot record after a call of T tokens: valid[:, index : index + T] = valid_bt, index
-    + T. Raises where the index is concrete and index + T > S (the cache would overflow)."""
+    + T. Raises where the index is concrete and index + T > S (the cache would overflow).
+    A traced index (a decoding loop under jit) is not checked: XLA clamps the write into the
+    last slots, so such a caller sizes the cache for all its tokens (eval/generate does)."""
     start, valid_bs = slots["index"], slots["valid"]
     t, s = valid_bt.shape[1], valid_bs.shape[1]
     if not isinstance(start, jax.core.Tracer) and int(start) + t > s:

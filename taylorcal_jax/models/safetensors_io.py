@@ -105,7 +105,8 @@ def write_tensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = 
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        # ascontiguousarray makes a 0-d array 1-d: reshape keeps a scalar a scalar
+        arr = np.ascontiguousarray(tensors[name]).reshape(np.shape(tensors[name]))
         if arr.dtype not in _NAMES:
             raise ValueError(f"cannot store {name!r} of dtype {arr.dtype} in safetensors")
         header[name] = {

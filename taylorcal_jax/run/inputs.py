@@ -19,7 +19,12 @@ import json
 import os
 
 from taylorcal_jax.errors import ConfigError
-from taylorcal_jax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
+from taylorcal_jax.models.config import (
+    ModelConfig,
+    RopeConfig,
+    UnsupportedModelError,
+    family_features,
+)
 from taylorcal_jax.models.gguf import RECORD_FILE as GGUF_RECORD_FILE
 
 TEACHER_DIR = "teacher"
@@ -79,6 +84,7 @@ def pretrained_architecture(teacher, vocab_size: int, special_ids=(None, None, N
         max_position_embeddings=teacher.max_position_embeddings,
         rope=RopeConfig(theta=float(teacher.rope_theta)),
         tie_word_embeddings=teacher.tie_word_embeddings,
+        **family_features(teacher.model_type),
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,
