@@ -74,10 +74,22 @@ def _fails(config, tmp_path, match):
         ("mesh.data", 0, "mesh.data must be positive or -1"),
         ("mesh.fsdp", -1, "are both -1; one axis at most"),
         ("distill.kl.attention_impl", "flash", "distill.kl.attention_impl='flash' is not one of"),
+        ("calibration.seed", -1, "calibration.seed must be at least 0, got -1"),
+        ("distill.seed", -3, "distill.seed must be at least 0"),
+        ("data.split_seed", -1, "data.split_seed must be at least 0"),
     ],
 )
 def test_bad_values_fail_before_any_work(tmp_path, key, value, match):
     _fails(_smoke(**{key: value}), tmp_path, match)
+
+
+def test_a_datasets_source_needs_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as where it is not installed
+    config = _smoke(**{"data.source": "hf:wikitext:wikitext-2-raw-v1"})
+    error = _fails(
+        config, tmp_path, "data.source='hf:wikitext:wikitext-2-raw-v1' needs the `datasets`"
+    )
+    assert "pip install" in error.hint
 
 
 @pytest.mark.parametrize("stage", ["layers", "kl"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 
@@ -175,13 +176,18 @@ def check_corpus(config) -> None:
     """The `data` section: a known source kind, split fractions that leave training text, the
     read limits (data/corpus.py check_data_config), and a share of documents for every split
     that a field names (or pretraining evaluates on: valid), which would be empty otherwise."""
-    from taylorcal_jax.data import corpus  # noqa: PLC0415
+    from taylorcal_jax.data import corpus, sources  # noqa: PLC0415
 
     try:
         corpus.check_data_config(config.data)
     except ValueError as e:
         msg = str(e) if str(e).startswith("data.") else f"data.source: {e}"
         raise ConfigError(msg) from e
+    if sources.parse_source(config.data.source).kind == "hf" and not _importable("datasets"):
+        raise ConfigError(
+            f"data.source={config.data.source!r} needs the `datasets` package",
+            "pip install 'taylorcal_jax[datasets]', or use data.source='stdlib' / 'files:<glob>'",
+        )
     named = [(f"{section}.{field}", config[section][field]) for section, field in SPLIT_FIELDS]
     if "pretrain" in config.stages:
         named.append(("pretraining's evaluation", "valid"))
@@ -193,6 +199,13 @@ def check_corpus(config) -> None:
                 "it no documents",
                 f"set data.{name}_fraction > 0",
             )
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module set to None in sys.modules: importing it fails
+        return False
 
 
 def check_tokenizer_path(config) -> None:

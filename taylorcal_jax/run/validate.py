@@ -119,6 +119,14 @@ def check_types(config) -> None:
             raise ConfigError(f"{path}={value!r} has the wrong type; expected {article} {kind}")
 
 
+def check_seeds(config) -> None:
+    """Every seed field (`seed`, `split_seed`, `init_seed`) >= 0: numpy's and JAX's generators
+    take no negative seed, and they are first built inside a stage."""
+    for path, value in fields.flatten(config).items():
+        if path.rsplit(".", 1)[-1].endswith("seed") and value < 0:
+            raise ConfigError(f"{path} must be at least 0, got {value}")
+
+
 def check_stages(config, registry: Mapping) -> None:
     listed = list(config.stages)
     if not listed:
@@ -154,6 +162,7 @@ def validate(config, registry: Mapping, workdir: str) -> None:
 
     check_unknown_fields(config)
     check_types(config)
+    check_seeds(config)
     check_stages(config, registry)
     stages = [registry[name] for name in config.stages]
     read = set().union(*(sections_read(s, config) for s in stages))
