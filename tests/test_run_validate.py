@@ -117,9 +117,13 @@ def test_alignment_sequences_must_split_over_the_data_axis(tmp_path):
             "mesh.layers": 1,
             "calibration.num_sequences": 4,
             "pretrain.batch_size": 8,
+            "distill.layers.batch_size": 8,
+            "distill.kl.batch_size": 8,
         }
     )
     _fails(c, tmp_path, r"calibration.num_sequences=4 does not split over mesh.data=8")
+    c.calibration.strategy = "copy"  # every stage listed, but align has nothing to do
+    main_lib.run(c, str(tmp_path / "wd"), dry_run=True, console=_quiet())
     c.calibration.strategy = "taylor_init"  # no alignment: the split does not matter
     c.stages = ("pretrain",)
     main_lib.run(c, str(tmp_path / "wd"), dry_run=True, console=_quiet())

@@ -3,10 +3,10 @@
 Order: unknown fields (with the closest known one), types (each field's type is its
 default's in configs/common.py), the stage list, the data and tokenizer sources if read, the
 teacher's architecture (read from teacher.path's config.json, or the `teacher` section;
-every stage works from it), then the checks of every listed
-stage (each `Stage.checks` entry covers the sections that stage reads: enums, ranges, paths,
-and sizes against the teacher, e.g. sequence lengths against its positions), and last the
-mesh against the devices (`check_mesh`, after jax.distributed starts).
+every stage works from it), then the checks of every listed stage that has work to do
+(each `Stage.checks` entry covers the sections that stage reads: enums, ranges, paths, and
+sizes against the teacher, e.g. sequence lengths against its positions), and last the mesh
+against the devices (`check_mesh`, after jax.distributed starts).
 
 Stage modules write their checks with the helpers here (`one_of`, `positive`, ...), and
 wrap library validators that raise ValueError in `config_errors(section)`.
@@ -172,7 +172,9 @@ def validate(config, registry: Mapping, workdir: str) -> None:
         inputs_lib.check_tokenizer_path(config)
     arch = teacher_architecture(config, workdir)  # every stage works from the teacher
     done = []
-    for stage in stages:
+    # a stage with nothing to do (align under `copy`, pretrain with a teacher.path) is skipped
+    # by the plan, so its settings are not refused
+    for stage in (s for s in stages if not s.not_needed(config)):
         for check in stage.checks:
             if check not in done:
                 done.append(check)
@@ -211,6 +213,8 @@ def check_mesh(config, registry: Mapping, num_devices: int) -> dict[str, int]:
     """The mesh against the devices, and the stages' checks that depend on its sizes."""
     sizes = mesh_sizes(config, num_devices)
     for name in config.stages:
+        if registry[name].not_needed(config):
+            continue
         for check in registry[name].device_checks:
             check(config, sizes)
     return sizes
