@@ -170,6 +170,29 @@ def test_rerun_flag_and_missing_outputs(tmp_path):
         _run(s, _config(), wd, rerun=["fourth"])
 
 
+def test_a_rerun_cut_short_is_finished_by_the_next_run(tmp_path):
+    # --rerun=first reruns its consumers too; a crash in second leaves third to do, and the
+    # next plain run (no --rerun) must still run it: its record says "pending", not "done"
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    _run(s, _config(), wd)
+    s.crash_second_after = 50
+    with pytest.raises(Interrupted):
+        _run(s, _config(), wd, rerun=["first"])
+    records = workdir_lib.read_records(wd)
+    assert [records[n]["status"] for n in ("first", "second", "third")] == [
+        "done",
+        "failed",
+        "pending",
+    ]
+    _, out = _run(s, _config(), wd)
+    assert "resume: failed last time" in out
+    assert "run: planned by an earlier run that stopped before it" in out
+    assert s.calls == {"first": 2, "second": 3, "third": 2} and _values(wd) == _expected()
+    _, out = _run(s, _config(), wd)
+    assert out.count("skipped (done, settings unchanged)") == 3
+
+
 def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
     wd = str(tmp_path / "wd")
     s = Stages()

@@ -23,7 +23,9 @@ run (workdir.py) and decides, before any work:
     run      never run, settings or inputs changed, outputs missing, interrupted or failed
              before its first checkpoint was finished, or asked for by --rerun (which also
              reruns the listed stages that consume the named ones; "all" names every listed
-             stage)
+             stage), or planned to run by an earlier run that stopped before reaching it
+             (status "pending": the runner marks every stage it will run before it starts the
+             first, so a --rerun cut short is finished by the next plain run)
 
 Inputs that are neither listed nor recorded, stages listed before the stages they consume,
 and outputs with no record of the settings that made them are errors, found here.
@@ -233,6 +235,8 @@ def make_plan(
                 reason = f"settings changed: {change}"
             else:
                 reason = f"inputs changed: {', '.join(changed_inputs) or 'unknown'}"
+        elif rec.get("status") == "pending":
+            reason = "planned by an earlier run that stopped before it"
         elif rec.get("status") == "done":
             missing = _missing_outputs(stage, workdir)
             if missing:

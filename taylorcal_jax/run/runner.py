@@ -4,8 +4,9 @@
     2. start jax.distributed if asked, check the mesh against the devices
     3. plan (plan.py); `dry_run` prints the plan and stops here
     4. lock the workdir, delete `.partial` leftovers, append this run to config.json
-    5. per stage: skip, or remove its old outputs (and, unless it resumes, its checkpoints),
-       record it "running", run it with the one RunContext, record it "done" with its result
+    5. record every stage that will run from scratch "pending" (plan.py), then per stage: skip,
+       or remove its old outputs (and, unless it resumes, its checkpoints), record it
+       "running", run it with the one RunContext, record it "done" with its result
     6. summary.md after every stage, training_curves.png after every training stage
        (eval/training_curves.py); the final summary on stdout
 
@@ -73,6 +74,7 @@ def run(
         records = workdir_lib.read_records(workdir)
         steps = plan_lib.make_plan(config, workdir, registry, records, rerun)
         hosts.sync(f"planned {workdir}")  # every process reads the records before they change
+        mark_pending(workdir, steps, records)
         leftovers = workdir_lib.remove_partials(workdir)
         if leftovers:
             console.note(f"removed {len(leftovers)} partial outputs of an interrupted run")
@@ -118,6 +120,21 @@ def run(
         )
         console.summary(summary_rows(config, workdir, steps, results, seconds, wall))
     return results
+
+
+def mark_pending(workdir: str, steps, records: dict) -> None:
+    """Records every stage this run will run from scratch as "pending", before the first
+    starts: a stage is rerun with its record unchanged when --rerun asks for it (or its
+    outputs are missing), and a run stopped before reaching it must not leave it "done" with
+    results made from the inputs this run replaced."""
+    marked = False
+    for step in steps:
+        rec = records.get(step.name)
+        if step.action == "run" and rec is not None and rec.get("status") == "done":
+            rec["status"] = "pending"
+            marked = True
+    if marked:
+        workdir_lib.write_records(workdir, records)
 
 
 def run_stage(ctx, stage, step, records: dict, started: Callable[[], None]):
