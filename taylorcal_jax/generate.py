@@ -3,11 +3,12 @@
     python -m taylorcal_jax.generate --student=workdirs/tiny/student --prompt="def fib(n):"
     python -m taylorcal_jax.generate --student=DIR --prompts_file=prompts.jsonl --output=out.jsonl
 
---prompt: one prompt, whose continuation is printed as it is generated (--nostream: at the end).
+--prompt: one prompt, whose continuation is printed as it is generated (--no-stream: at the end).
 --prompts_file: JSON lines, each {"prompt": "..."} (other keys are copied through). Prompts run
 in batches of --batch_size, left-padded; each result {..., "prompt", "completion"} is written as
 one JSON line to --output (default stdout) as soon as its batch is done. An existing --output
-that holds the first results of the same prompts is continued, not redone.
+that holds the first results of the same prompts is continued, not redone (a last line cut
+short by a kill is dropped and its batch generated again).
 
 Decoding is greedy unless --temperature > 0 (sampling with --seed, truncated by --top_k and
 --top_p); a row stops at an end token (the tokenizer's EOS, and every id of the model config's
@@ -105,11 +106,23 @@ def read_prompts(path) -> list[dict]:
 
 
 def finished_records(output, records) -> int:
-    """How many results an existing output already holds for these records (0 if none)."""
+    """How many results an existing output already holds for these records (0 if none). A
+    last line without its newline (a kill mid-write) is cut off the file."""
     if output is None or not os.path.exists(output):
         return 0
-    with open(output) as f:
-        done = [json.loads(line) for line in f if line.strip()]
+    with open(output, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(output, "r+b") as f:
+            f.truncate(len(complete))
+    done = []
+    for n, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                done.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{output}:{n}: not JSON ({e.msg})") from None
     if len(done) > len(records) or any(
         d.get("prompt") != r["prompt"] for d, r in zip(done, records, strict=False)
     ):
@@ -202,9 +215,11 @@ def generate_batches(model, params, tokenizer, records, ids, args, out, start=0,
             **_sampling(args),
         )
         new = np.asarray(result["tokens"])
+        lines = []
         for i, record in enumerate(records[first : first + len(batch)]):
             completion = tokenizer.decode(until_eos(new[i], ends), skip_special_tokens=True)
-            out.write(json.dumps({**record, "completion": completion}) + "\n")
+            lines.append(json.dumps({**record, "completion": completion}) + "\n")
+        out.write("".join(lines))  # the batch in one write: a kill leaves whole lines or a cut
         out.flush()
 
 

@@ -64,6 +64,10 @@ def test_prompts_file_batches_equal_each_prompt_alone(student_dir, tmp_path, cap
     out.write_text(json.dumps(rows[0]) + "\n")
     assert cli.main([*argv, f"--max_new_tokens={NEW}", "--batch_size=2"]) == 0
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    # ... also after a kill cut its last line short: that line is generated again
+    out.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:15])
+    assert cli.main([*argv, f"--max_new_tokens={NEW}", "--batch_size=1"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     out.write_text(json.dumps({**rows[0], "prompt": "other"}) + "\n")
     capsys.readouterr()
     assert cli.main([*argv, f"--max_new_tokens={NEW}"]) == 2
