@@ -172,6 +172,27 @@ def test_rerun_of_pretrain_reruns_every_stage_that_reads_the_teacher(smoke, tmp_
     assert plan.stdout.count("run: an input is rerun (--rerun)") == len(ALL_STAGES) - 1
 
 
+def test_settings_that_change_no_result_rerun_nothing(smoke, tmp_path):
+    # how often pretraining logs, saves and evaluates, and the undecodable share at which a run
+    # stops, change neither the teacher nor a token
+    wd = _copy(smoke, tmp_path)
+    changes = ("pretrain.log_every=3", "pretrain.checkpoint_every=7", "pretrain.eval_every=5")
+    changes += ("data.max_undecodable_fraction=0.001",)
+    plan = cli(*SMOKE, f"--workdir={wd}", *(f"--config.{c}" for c in changes), "--dry_run")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert plan.stdout.count("skip: done, settings unchanged") == len(ALL_STAGES), plan.stdout
+    # the held-out set: the distillation stages report perplexities on it along training
+    plan = cli(*SMOKE, f"--workdir={wd}", "--config.eval.seq_len=16", "--dry_run")
+    lines = plan.stdout.splitlines()
+    actions = {  # "[i/n] stage: what it does" is followed by "      action: reason"
+        line.split("] ")[1].split(":")[0]: nxt.strip()
+        for line, nxt in zip(lines, lines[1:], strict=False)
+        if line.startswith("[")
+    }
+    for stage in ("eval_teacher", "eval_student", "distill_layers", "distill"):
+        assert actions[stage].startswith("run: settings changed: eval.seq_len"), plan.stdout
+
+
 @pytest.mark.slow
 def test_changed_teacher_retrains_it_instead_of_reusing_it_or_its_checkpoints(smoke, tmp_path):
     """The old pretrain_ckpt (another architecture) is removed, never restored."""

@@ -289,3 +289,18 @@ def test_corrupt_teacher_weights_are_one_user_error_line_at_load(tmp_path):
     assert "\n" not in err.message and "Hugging Face checkpoint" in err.hint
     record = json.load(open(tmp_path / "wd" / "stages.json"))["stages"]["eval_teacher"]
     assert record["status"] == "failed"
+
+
+def test_the_corpus_fingerprint_holds_what_changes_tokens():
+    from taylorcal_jax.run import inputs
+
+    def settings(trains_bpe, **changes):
+        return inputs.corpus_settings(_smoke(**changes), trains_bpe)
+
+    # the share of undecodable bytes at which a run stops changes no token
+    assert settings(True) == settings(True, **{"data.max_undecodable_fraction": 0.01})
+    # the BPE's settings matter only where the BPE is trained here
+    bpe = {"tokenizer.vocab_size": 300, "data.bpe_sample_bytes": 1 << 20}
+    assert settings(True) != settings(True, **bpe)
+    assert settings(False) == settings(False, **bpe)
+    assert settings(False) != settings(False, **{"data.max_documents": 7})

@@ -246,6 +246,15 @@ def directory_fingerprint(path: str) -> str:
     return digest(parts)
 
 
-def corpus_settings(config) -> dict:
-    """Everything the token streams depend on, apart from an external tokenizer's files."""
-    return {"data": config.data.to_dict(), "tokenizer": config.tokenizer.to_dict()}
+def corpus_settings(config, trains_bpe: bool) -> dict:
+    """Everything the token streams depend on, apart from an external tokenizer's files: the
+    data section but for the share of undecodable bytes at which a run stops (a threshold:
+    it changes no token), and the BPE's settings only where the BPE is trained here
+    (`trains_bpe`: no tokenizer directory given, none with an external teacher)."""
+    data = config.data.to_dict()
+    data.pop("max_undecodable_fraction")
+    tokenizer = config.tokenizer.to_dict()
+    if not trains_bpe:
+        data.pop("bpe_sample_bytes")
+        tokenizer = {"path": config.tokenizer.path}
+    return {"data": data, "tokenizer": tokenizer}

@@ -10,8 +10,9 @@ fingerprint is
 
     fingerprint("teacher") = fingerprint("pretrain")                  (teacher.path unset)
                            = digest(teacher.path's files)             (teacher.path set)
-    fingerprint("corpus")  = digest(data and tokenizer sections, and the files of the
-                                    tokenizer directory when one is given)
+    fingerprint("corpus")  = digest(data and tokenizer sections (inputs.corpus_settings: the
+                                    fields that change tokens), and the files of the tokenizer
+                                    directory when one is given)
 
 so a stage's fingerprint changes exactly when a setting or an upstream output it uses
 changes. `make_plan` compares each listed stage's fingerprint with the record of its last
@@ -148,7 +149,12 @@ def make_plan(
             if config.teacher.path:
                 return inputs_lib.directory_fingerprint(inputs_lib.teacher_dir(config, workdir))
             return stage_fingerprint("pretrain", consumer, what="the teacher")
-        settings = inputs_lib.corpus_settings(config)
+        # the BPE is trained here unless a tokenizer directory is given or comes with an
+        # external teacher (a pretrained teacher's directory holds the BPE trained here)
+        trains_bpe = not config.tokenizer.path and not (
+            config.teacher.path and inputs_lib.tokenizer_path(config, workdir)
+        )
+        settings = inputs_lib.corpus_settings(config, trains_bpe)
         if config.tokenizer.path:
             settings["tokenizer_files"] = inputs_lib.directory_fingerprint(config.tokenizer.path)
         elif config.teacher.path:

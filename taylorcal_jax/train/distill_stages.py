@@ -396,11 +396,13 @@ def _stage(name: str, run, summary: str, check_section, device_check) -> Stage:
         name=name,
         run=run,
         summary=summary,
-        reads=("distill.split", "distill.seed", section),
+        # the eval section: the held-out set of its perplexities along training (its result)
+        reads=("distill.split", "distill.seed", section, "eval"),
         # What changes only speed, memory or what is measured along the way.
         ignores=tuple(
             f"{section}.{k}" for k in ("eval_every_tokens", "checkpoint_every_tokens", "remat")
-        ),
+        )
+        + ("eval.batch_size",),
         inputs=lambda config: ("teacher", "corpus", student_dirs.source_stage(config, name)),
         outputs=(student_dirs.STUDENT_DIRS[name],),
         checkpoints=(checkpoint_dir(name),),

@@ -201,7 +201,13 @@ STAGES = {
         run=pretrain_stage,
         summary="pretrains the configured teacher on the train split (resumes from checkpoints)",
         reads=("teacher", "pretrain"),
-        ignores=("teacher.path",),
+        # what it logs, saves or evaluates along the way changes no parameter
+        ignores=(
+            "teacher.path",
+            "pretrain.log_every",
+            "pretrain.checkpoint_every",
+            "pretrain.eval_every",
+        ),
         inputs=lambda config: ("corpus",),
         outputs=(inputs.TEACHER_DIR,),
         checkpoints=(CHECKPOINT_DIR,),
