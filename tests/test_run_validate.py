@@ -304,3 +304,30 @@ def test_the_corpus_fingerprint_holds_what_changes_tokens():
     assert settings(True) != settings(True, **bpe)
     assert settings(False) == settings(False, **bpe)
     assert settings(False) != settings(False, **{"data.max_documents": 7})
+
+
+def test_validation_never_starts_the_jax_backend():
+    # jax.distributed.initialize must come before the backend starts (run/runner.prepare), so
+    # no check of `validate` may ask for it; the cuDNN attention's GPU check is a device check
+    import subprocess
+
+    code = """
+import sys
+sys.path.insert(0, "configs")
+import tiny
+from taylorcal_jax import main
+from taylorcal_jax.run import validate
+c = tiny.get_config("smoke")
+for section in ("layers", "kl"):
+    c.distill[section].attention_impl, c.distill[section].dtype = "cudnn", "bfloat16"
+validate.validate(c, main.STAGES, "unused_workdir")
+from jax._src import xla_bridge
+print("backend started:", xla_bridge.backends_are_initialized())
+"""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "backend started: False"
+    assert not os.path.exists(os.path.join(ROOT, "unused_workdir"))

@@ -123,20 +123,29 @@ def _check_budget(config, section: str, arch) -> None:
 
 
 def _check_attention(config, section: str) -> None:
-    """The stage's teacher (and student) attention implementation can run here ("auto" always
-    can: layers.resolve_sequence_impl picks one that does)."""
+    """The stage's teacher (and student) attention implementation is known and, for cuDNN,
+    in bf16 ("auto" always can run: layers.resolve_sequence_impl picks one that does)."""
     from taylorcal_jax.models.layers import SEQUENCE_CHOICES  # noqa: PLC0415
-    from taylorcal_jax.ops.dispatch import GPU_BACKENDS  # noqa: PLC0415
 
     s = f"distill.{section}"
     check.one_of(config, f"{s}.attention_impl", SEQUENCE_CHOICES)
-    if config.distill[section].attention_impl != "cudnn":
-        return
-    if config.distill[section].dtype != "bfloat16":
+    if config.distill[section].attention_impl == "cudnn" and config.distill[section].dtype != (
+        "bfloat16"
+    ):
         raise check.ConfigError(
             f"{s}.attention_impl='cudnn' needs {s}.dtype='bfloat16'",
             "cuDNN's fused attention takes bf16/fp16 only; or use 'blocked'",
         )
+
+
+def _check_attention_backend(config, section: str) -> None:
+    """cuDNN's attention needs a GPU. A device check: asking for the backend starts it, which
+    must come after jax.distributed.initialize (run/runner.prepare)."""
+    from taylorcal_jax.ops.dispatch import GPU_BACKENDS  # noqa: PLC0415
+
+    s = f"distill.{section}"
+    if config.distill[section].attention_impl != "cudnn":
+        return
     if jax.default_backend() not in GPU_BACKENDS:
         raise check.ConfigError(
             f"{s}.attention_impl='cudnn' needs a GPU, not {jax.default_backend()!r}",
@@ -162,7 +171,8 @@ def check_distill_kl(config, arch) -> None:
 
 
 def check_layers_split(config, sizes) -> None:
-    """Stage 1 splits its batch over the mesh's "data" axis."""
+    """Stage 1 splits its batch over the mesh's "data" axis; its cuDNN attention needs a GPU."""
+    _check_attention_backend(config, "layers")
     b, data = config.distill.layers.batch_size, sizes["data"]
     if b % data:
         raise check.ConfigError(
@@ -172,7 +182,9 @@ def check_layers_split(config, sizes) -> None:
 
 
 def check_kl_split(config, sizes) -> None:
-    """Stage 2 splits its batch over every device (every axis of the mesh)."""
+    """Stage 2 splits its batch over every device (every axis of the mesh); its cuDNN
+    attention needs a GPU."""
+    _check_attention_backend(config, "kl")
     b, devices = config.distill.kl.batch_size, math.prod(sizes.values())
     if b % devices:
         raise check.ConfigError(
