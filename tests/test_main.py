@@ -93,7 +93,10 @@ def test_smoke_run_prints_stages_and_summary_and_records_everything(smoke):
     assert out.count("run: not run yet") == len(ALL_STAGES)
     assert "summary" in out and "teacher ppl (valid)" in out and "student ppl (valid)" in out
     assert "kept attention layers  [0]" in out
-    assert f"{workdir}/student" in out and f"{workdir}/summary.md" in out
+    outputs = next(line for line in out.splitlines() if line.strip().startswith("outputs"))
+    # the student the summary's perplexity is of: the distilled one
+    assert f"{workdir}/student_distilled," in outputs and f"{workdir}/student," not in outputs
+    assert f"{workdir}/summary.md" in outputs
     runs = workdir_lib.read_history(workdir)
     assert len(runs) == 1 and runs[0]["config"]["pretrain"]["steps"] == 4
     assert "--config.pretrain.steps=4" in runs[0]["command"]

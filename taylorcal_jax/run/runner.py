@@ -32,6 +32,7 @@ from taylorcal_jax.run import validate as validate_lib
 from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.console import Console
 from taylorcal_jax.run.context import RunContext
+from taylorcal_jax.train import student_dirs
 from taylorcal_jax.utils import hosts, progress
 from taylorcal_jax.utils.metrics import format_value, plain, write_summary
 
@@ -195,7 +196,7 @@ def summary_rows(config, workdir, steps, results, seconds, wall) -> list[tuple[s
         os.path.join(workdir, p)
         for p in (
             "teacher",
-            "student",
+            student_dirs.student_dir(config, "eval_student"),  # the latest student
             "calibration_report.json",
             "summary.md",
             "metrics.jsonl",
