@@ -360,17 +360,18 @@ def family_features(model_type: str) -> dict[str, bool]:
 
 def _check_family_features(model_type: str, attention_bias: bool, qk_norm: bool) -> None:
     """UnsupportedModelError where the two fields differ from `family_features`."""
-    if attention_bias != (model_type == "qwen2"):
+    want = family_features(model_type)
+    if attention_bias != want["attention_bias"]:
         raise UnsupportedModelError(
-            "qwen2 has q/k/v biases (attention_bias=True)"
-            if model_type == "qwen2"
+            f"{model_type} has q/k/v biases (attention_bias=True)"
+            if want["attention_bias"]
             else f"attention_bias=True is not supported for {model_type} (its o_proj bias is not "
             "modelled); of the supported families only qwen2 has attention biases"
         )
-    if qk_norm != (model_type == "qwen3"):
+    if qk_norm != want["qk_norm"]:
         raise UnsupportedModelError(
-            "qwen3 has q/k RMSNorm (qk_norm=True)"
-            if model_type == "qwen3"
+            f"{model_type} has q/k RMSNorm (qk_norm=True)"
+            if want["qk_norm"]
             else f"qk_norm=True is qwen3's; {model_type} has no q/k RMSNorm"
         )
 

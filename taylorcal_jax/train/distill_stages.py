@@ -129,9 +129,8 @@ def _check_attention(config, section: str) -> None:
 
     s = f"distill.{section}"
     check.one_of(config, f"{s}.attention_impl", SEQUENCE_CHOICES)
-    if config.distill[section].attention_impl == "cudnn" and config.distill[section].dtype != (
-        "bfloat16"
-    ):
+    options = config.distill[section]
+    if options.attention_impl == "cudnn" and options.dtype != "bfloat16":
         raise check.ConfigError(
             f"{s}.attention_impl='cudnn' needs {s}.dtype='bfloat16'",
             "cuDNN's fused attention takes bf16/fp16 only; or use 'blocked'",
