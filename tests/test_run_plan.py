@@ -81,6 +81,7 @@ class Stages:
                 "second", self.second, "adds 1..eval.num_sequences to first",
                 ("eval.num_sequences",), lambda c: ("first",),
                 outputs=("second.txt",), checkpoints=("second_ckpt",),
+                checkpoint_mesh_axes=("layers",),
             ),
             "third": Stage(
                 "third", self.third, "second * 100 + select.seed", ("select.seed",),
@@ -191,6 +192,28 @@ def test_a_rerun_cut_short_is_finished_by_the_next_run(tmp_path):
     assert s.calls == {"first": 2, "second": 3, "third": 2} and _values(wd) == _expected()
     _, out = _run(s, _config(), wd)
     assert out.count("skipped (done, settings unchanged)") == 3
+
+
+def test_a_checkpoint_shaped_by_another_mesh_is_not_resumed(tmp_path):
+    # a stage whose state is shaped by the "layers" axis (layers padded to its multiple):
+    # resuming on other sizes is refused before any work, naming both and the two ways on
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    s.crash_second_after = 50
+    with pytest.raises(Interrupted):
+        _run(s, _config(), wd)
+    records = workdir_lib.read_records(wd)
+    here = records["second"]["mesh"]
+    assert list(here) == ["layers"] and here["layers"] >= 1
+    records["second"]["mesh"] = {"layers": here["layers"] + 1}  # as saved on another mesh
+    workdir_lib.write_records(wd, records)
+    for options in ({"dry_run": True}, {}):
+        with pytest.raises(ConfigError, match="checkpoint saved at mesh.layers=") as e:
+            _run(s, _config(), wd, **options)
+        assert "--rerun=second" in e.value.hint
+    assert s.calls["second"] == 1
+    _, out = _run(s, _config(), wd, rerun=["second"])
+    assert s.resumed_from == 0 and _values(wd) == _expected()
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):

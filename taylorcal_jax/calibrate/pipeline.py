@@ -600,6 +600,7 @@ STAGES = {
         inputs=lambda config: ("statistics", "calibrate"),
         outputs=(_rel("aligned"), _rel("align_report.json")),
         checkpoints=(_rel(ALIGN_CHECKPOINT_DIR),),
+        checkpoint_mesh_axes=("layers",),  # its layers are padded to a multiple of the axis
         not_needed=lambda config: (
             "" if uses_align(config) else f"strategy {config.calibration.strategy} has no phase 2"
         ),

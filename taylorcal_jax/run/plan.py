@@ -62,6 +62,9 @@ class Stage:
     # device_check(config, {"layers": n, "data": m}) of what depends on the devices.
     checks: tuple[Callable, ...] = ()
     device_checks: tuple[Callable, ...] = ()
+    # mesh axes whose sizes shape its checkpointed state (layers padded to a multiple of the
+    # "layers" axis): a checkpoint saved on other sizes cannot be resumed
+    checkpoint_mesh_axes: tuple[str, ...] = ()
 
     def settings(self, config) -> dict:
         """{field: value} of every field under `reads` not under `ignores`."""
@@ -91,6 +94,7 @@ class Step:
     fingerprint: str
     settings: dict
     inputs: dict
+    mesh: dict = dataclasses.field(default_factory=dict)  # the sizes of checkpoint_mesh_axes
 
 
 def sections_read(stage: Stage, config) -> set[str]:
@@ -124,14 +128,28 @@ def _has_checkpoint(stage: Stage, workdir: str) -> bool:
     return any(has_checkpoint(os.path.join(workdir, p)) for p in stage.checkpoints)
 
 
+def _check_resume_mesh(name: str, saved: Mapping | None, now: Mapping) -> None:
+    """ConfigError before any work where a checkpoint that the stage would resume from was
+    saved on mesh sizes that shape its state differently from this run's."""
+    if saved and now and dict(saved) != dict(now):
+        sizes = ", ".join(f"mesh.{a}={v}" for a, v in saved.items())
+        raise ConfigError(
+            f"stage '{name}' was interrupted with a checkpoint saved at {sizes}, which shapes "
+            f"its state; this run has {', '.join(f'mesh.{a}={v}' for a, v in now.items())}",
+            f"run it with {sizes} to resume, or pass --rerun={name} to restart it",
+        )
+
+
 def make_plan(
     config,
     workdir: str,
     registry: Mapping[str, Stage],
     records: Mapping[str, dict],
     rerun: Sequence[str] = (),
+    mesh_sizes: Mapping[str, int] | None = None,
 ) -> list[Step]:
-    """The plan of `config.stages` in `workdir` (see the module docstring)."""
+    """The plan of `config.stages` in `workdir` (see the module docstring); `mesh_sizes` are
+    this run's ({} or None: not known, as in a dry run before the devices are counted)."""
     listed = list(config.stages)
     rerun = listed if list(rerun) == ["all"] else list(rerun)
     unknown = [s for s in rerun if s not in listed]
@@ -207,6 +225,9 @@ def make_plan(
         fingerprints[name] = rec["fingerprint"]
         return rec["fingerprint"]
 
+    def mesh_of(stage: Stage) -> dict:
+        return {a: mesh_sizes[a] for a in stage.checkpoint_mesh_axes} if mesh_sizes else {}
+
     for name in listed:
         stage = registry[name]
         deps = inputs_of(stage)
@@ -252,8 +273,9 @@ def make_plan(
         else:
             why = "failed last time" if rec.get("status") == "failed" else "interrupted"
             if _has_checkpoint(stage, workdir):
+                _check_resume_mesh(name, rec.get("mesh"), mesh_of(stage))
                 action, reason = "resume", f"{why}; resuming from its checkpoint"
             else:
                 reason = f"{why}; restarting"
-        steps.append(Step(name, action, reason, fp, settings, deps))
+        steps.append(Step(name, action, reason, fp, settings, deps, mesh_of(stage)))
     return steps

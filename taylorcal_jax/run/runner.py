@@ -38,7 +38,7 @@ from taylorcal_jax.utils.metrics import format_value, plain, write_summary
 
 
 def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
-    """Steps 1-3 (no writes): the plan, or ConfigError."""
+    """Steps 1-3 (no writes): (the plan, the mesh sizes), or ConfigError."""
     workdir_lib.check_workdir(workdir)
     validate_lib.validate(config, registry, workdir)
     import jax  # noqa: PLC0415
@@ -47,9 +47,9 @@ def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
         hosts.initialize(config.mesh.distributed)
     except ValueError as e:
         raise ConfigError(f"mesh.distributed: {e}", "see launch/multihost.py") from e
-    validate_lib.check_mesh(config, registry, jax.device_count())
+    sizes = validate_lib.check_mesh(config, registry, jax.device_count())
     records = workdir_lib.read_records(workdir) if os.path.isdir(workdir) else {}
-    return plan_lib.make_plan(config, workdir, registry, records, rerun)
+    return plan_lib.make_plan(config, workdir, registry, records, rerun, sizes), sizes
 
 
 def run(
@@ -65,7 +65,7 @@ def run(
     """Runs `config.stages` in `workdir`; returns {stage: result} (empty for a dry run)."""
     console = console or Console()
     t_run = time.perf_counter()
-    steps = prepare(config, workdir, registry, rerun)
+    steps, sizes = prepare(config, workdir, registry, rerun)
     if dry_run:
         console.plan(steps, registry, workdir)
         return {}
@@ -73,7 +73,7 @@ def run(
     with workdir_lib.WorkdirLock(workdir, console.note):
         # Re-plan under the lock: the workdir may have changed since the first look.
         records = workdir_lib.read_records(workdir)
-        steps = plan_lib.make_plan(config, workdir, registry, records, rerun)
+        steps = plan_lib.make_plan(config, workdir, registry, records, rerun, sizes)
         hosts.sync(f"planned {workdir}")  # every process reads the records before they change
         mark_pending(workdir, steps, records)
         leftovers = workdir_lib.remove_partials(workdir)
@@ -152,6 +152,8 @@ def run_stage(ctx, stage, step, records: dict, started: Callable[[], None]):
         "status": "running",  # what a kill -9 leaves
         "started": workdir_lib.now(),
     }
+    if step.mesh:
+        record["mesh"] = step.mesh  # the sizes its checkpoints are shaped by
     records[step.name] = record
     workdir_lib.write_records(workdir, records)
     started()

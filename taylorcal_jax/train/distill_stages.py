@@ -401,7 +401,7 @@ def distill_stage(ctx) -> dict:
     return out
 
 
-def _stage(name: str, run, summary: str, check_section, device_check) -> Stage:
+def _stage(name: str, run, summary: str, check_section, device_check, mesh_axes=()) -> Stage:
     section = f"distill.{SECTIONS[name]}"
     return Stage(
         name=name,
@@ -419,6 +419,7 @@ def _stage(name: str, run, summary: str, check_section, device_check) -> Stage:
         checkpoints=(checkpoint_dir(name),),
         checks=(pipeline.check_calibration, check_eval, check_section),
         device_checks=(pipeline.check_gdn_backend, device_check),
+        checkpoint_mesh_axes=mesh_axes,
     )
 
 
@@ -429,6 +430,7 @@ STAGES = {
         "distillation stage 1: every converted layer fitted to its teacher layer on a stream",
         check_distill_layers,
         check_layers_split,
+        mesh_axes=("layers",),  # its layers are padded to a multiple of the axis
     ),
     STAGE_KL: _stage(
         STAGE_KL,
