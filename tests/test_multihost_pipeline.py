@@ -127,3 +127,19 @@ def test_two_processes_run_the_pipeline_of_one_and_write_the_workdir_once(tmp_pa
     ]
     assert leftovers == []
     assert os.listdir(tmp_path / "tmp2") == []  # the other process's discarded outputs
+
+
+def test_a_busy_workdir_stops_every_process_with_one_line(tmp_path):
+    # process 0 finds the workdir locked by another run: every process stops with the one-line
+    # error, none waits at a barrier for JAX's timeout (a traceback of the others)
+    wd = tmp_path / "busy"
+    wd.mkdir()
+    (tmp_path / "tmp").mkdir()
+    launcher = os.path.join(ROOT, "launch", "multihost.py")
+    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=2", "--"]
+    cmd += [sys.executable, *ARGS, "--config.mesh.distributed=True", f"--workdir={wd}"]
+    with workdir_lib.WorkdirLock(str(wd), print):
+        proc = _run(cmd, tmp_path / "tmp")
+    assert proc.returncode != 0
+    assert f"is in use by pid {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "DEADLINE_EXCEEDED" not in proc.stderr

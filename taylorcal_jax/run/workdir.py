@@ -83,9 +83,19 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        # every process learns whether process 0 got the lock, so that all of them stop with
+        # its one-line error instead of the others waiting at the next barrier until JAX's
+        # timeout
+        refused = None
         if hosts.is_main():
-            self._take()
-        hosts.sync(f"lock {self.path}")
+            try:
+                self._take()
+            except UserError as e:
+                refused = e
+        if hosts.main_says(refused is not None):
+            raise refused or UserError(
+                f"workdir {os.path.dirname(self.path)} is in use (process 0 names the run)"
+            )
 
     def _take(self) -> None:
         while True:

@@ -172,6 +172,15 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def main_says(flag: bool) -> bool:
+    """Process 0's `flag`, on every process (every process must call it; a barrier too)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def main_first(fn: Callable[[], Any], name: str):
     """fn() on process 0 first, then on every other process (after a barrier): a cache built
     by fn is built once, by process 0, and read by the others. Returns fn()'s result."""
