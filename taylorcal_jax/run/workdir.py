@@ -5,8 +5,10 @@
                             even by kill -9, so a lock file nobody holds is stale and is taken
                             over (with a message).
     <workdir>/stages.json   per stage: fingerprint, the settings and inputs behind it, status
-                            ("running", then "done", "failed" or "interrupted" (Ctrl-C);
-                            a kill -9 leaves "running"), result, start/finish time, seconds.
+                            ("pending" once a run plans to rerun it, "running", then "done",
+                            "failed" or "interrupted" (Ctrl-C); a kill -9 leaves "running"),
+                            result, start/finish time, seconds, and the mesh sizes that shape
+                            its checkpoints where they do.
     <workdir>/config.json   the history of runs in this workdir: {"runs": [{command, started,
                             host, pid, stages, config}, ...]}, the newest last.
 
