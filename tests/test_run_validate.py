@@ -331,3 +331,26 @@ print("backend started:", xla_bridge.backends_are_initialized())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "backend started: False"
     assert not os.path.exists(os.path.join(ROOT, "unused_workdir"))
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("eval.num_sequences", 100_000, r"eval: 100000 sequences of 32 tokens need 3200000"),
+        ("calibration.num_sequences", 50_000, r"calibration: 50000 sequences of"),
+    ],
+)
+def test_samples_a_split_cannot_give_stop_the_run_before_pretraining(tmp_path, key, value, match):
+    # the token counts are known once the corpus is built, at the start of the first stage that
+    # reads it (pretraining): every running stage's windows are checked there, before it trains
+    from taylorcal_jax.data.errors import DataError
+    from taylorcal_jax.utils.metrics import read_metrics
+
+    wd = tmp_path / "wd"
+    config = _smoke(**{key: value, "stages": ("pretrain", "eval_teacher", "statistics")})
+    with pytest.raises(DataError, match=match) as info:
+        main_lib.run(config, str(wd), console=_quiet())
+    assert "\n" not in info.value.message and "data.max_documents" in info.value.hint
+    assert not (wd / "teacher").exists()  # nothing trained: not a step logged
+    metrics = wd / "metrics.jsonl"
+    assert not metrics.exists() or not [r for r in read_metrics(str(metrics)) if "loss" in r]

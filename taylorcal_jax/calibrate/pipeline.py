@@ -58,7 +58,7 @@ from taylorcal_jax.ops.dispatch import GPU_BACKENDS, TPU_BACKEND
 from taylorcal_jax.ops.gdn.api import IMPLS, PALLAS_RESIDUALS
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
-from taylorcal_jax.run.plan import Stage
+from taylorcal_jax.run.plan import Stage, section_sample
 from taylorcal_jax.train import student_dirs
 from taylorcal_jax.train.stages import check_eval
 from taylorcal_jax.utils import hosts, sharding
@@ -576,6 +576,7 @@ STAGES = {
         summary="teacher attention statistics and activations on the calibration text",
         reads=_STATISTICS,
         ignores=_SPEED,
+        samples=lambda c: (section_sample(c, "calibration"),),
         inputs=lambda config: ("teacher", "corpus"),
         outputs=(_rel(STATS_FILE),),
         checks=(check_calibration,),
@@ -613,6 +614,8 @@ STAGES = {
         summary="chooses the layers that keep softmax attention; writes the student",
         reads=("select",),
         ignores=("select.batch_size", "select.parallel_candidates"),
+        # candidates are scored on the select text unless keep_layers names the layers
+        samples=lambda c: () if len(c.select.keep_layers) else (section_sample(c, "select"),),
         inputs=lambda config: ("teacher", "corpus", "calibrate", *_final_mixers_stage(config)),
         outputs=(STUDENT_DIR, _rel("select_report.json")),
         checks=(check_calibration, check_select),
@@ -623,6 +626,7 @@ STAGES = {
         run=eval_student_stage,
         summary="perplexity of student and teacher; per-layer, per-head report and plot",
         reads=("eval",),
+        samples=lambda c: (section_sample(c, "eval"),),
         ignores=("eval.batch_size",),
         inputs=lambda config: (
             "teacher",

@@ -6,7 +6,8 @@
               its params are placed sharded over "fsdp" (utils/sharding.py param_spec), so a
               teacher larger than one device's memory is never whole on one device at rest
     corpus    the tokenised text (tokenizer included), built or read from the cache once
-              (by process 0 first, when there are several)
+              (by process 0 first, when there are several), then checked against the token
+              windows the run's stages will cut (`samples`)
     metrics   the metrics.jsonl writer
 
 The teacher and the corpus load lazily, because the `pretrain` stage writes the teacher
@@ -41,9 +42,12 @@ def build_mesh(mesh_config):
 
 
 class RunContext:
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, samples=()):
+        """samples: the token windows the run's stages will cut (run/plan.py `Sample`),
+        checked when the corpus is built."""
         self.config = config
         self.workdir = workdir
+        self.samples = tuple(samples)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
@@ -102,7 +106,9 @@ class RunContext:
             tokenizer_path=inputs.tokenizer_path(self.config, self.workdir),
         )
         # Process 0 builds the cache in the workdir; the others read it.
-        return hosts.main_first(build, f"corpus {self.workdir}")
+        corpus = hosts.main_first(build, f"corpus {self.workdir}")
+        inputs.check_samples(corpus, self.samples)
+        return corpus
 
     def sequences(self, section) -> np.ndarray:
         """[N, T] token ids of a section with split, num_sequences, seq_len and seed."""

@@ -208,6 +208,28 @@ def _importable(module: str) -> bool:
         return False
 
 
+def check_samples(corpus, samples) -> None:
+    """DataError (one line) for the first Sample (run/plan.py) its split cannot give: `num`
+    distinct windows need num * seq_len tokens, random windows seq_len. Checked once the corpus
+    is built, before the stages that cut them run (pretraining first among them)."""
+    from taylorcal_jax.data.errors import DataError  # noqa: PLC0415
+
+    for s in samples:
+        size = int(corpus.stream(s.split).size)
+        need = s.seq_len if s.num is None else s.num * s.seq_len
+        if need > size:
+            asked = (
+                f"{s.seq_len}-token windows"
+                if s.num is None
+                else (f"{s.num} sequences of {s.seq_len} tokens")
+            )
+            raise DataError(
+                f"{s.what}: {asked} need {need} tokens of the {s.split} split, which has {size}",
+                f"ask for fewer or shorter sequences, or give the split more text (data.source, "
+                f"data.max_documents, data.{s.split}_fraction)",
+            )
+
+
 def check_tokenizer_path(config) -> None:
     if config.tokenizer.path:
         _readable_dir(config.tokenizer.path, "tokenizer.path", "a tokenizer directory")

@@ -37,12 +37,30 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from taylorcal_jax.errors import ConfigError
 from taylorcal_jax.run import inputs as inputs_lib
 from taylorcal_jax.run.fields import flatten
 
 SOURCES = ("teacher", "corpus")
+
+
+class Sample(NamedTuple):
+    """Token windows a stage cuts from a split: `num` distinct windows of `seq_len` tokens
+    (data/packing.sample_sequences), or windows at random offsets when `num` is None
+    (packing.train_batch); `what` names the config fields that ask for them."""
+
+    what: str
+    split: str
+    num: int | None
+    seq_len: int
+
+
+def section_sample(config, section: str) -> Sample:
+    """The Sample of a section with split, num_sequences and seq_len (RunContext.sequences)."""
+    s = config[section]
+    return Sample(section, str(s.split), int(s.num_sequences), int(s.seq_len))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +83,9 @@ class Stage:
     # mesh axes whose sizes shape its checkpointed state (layers padded to a multiple of the
     # "layers" axis): a checkpoint saved on other sizes cannot be resumed
     checkpoint_mesh_axes: tuple[str, ...] = ()
+    # the token windows it cuts from the corpus (`Sample`s), checked once the corpus is built,
+    # before any stage trains (run/inputs.check_samples)
+    samples: Callable[[object], tuple[Sample, ...]] = lambda config: ()
 
     def settings(self, config) -> dict:
         """{field: value} of every field under `reads` not under `ignores`."""

@@ -92,7 +92,9 @@ def run(
             },
         )
         progress.set_enabled(config.progress)
-        ctx = RunContext(config, workdir)
+        samples = [s for step in steps if step.action != "skip"
+                   for s in registry[step.name].samples(config)]  # fmt: skip
+        ctx = RunContext(config, workdir, samples)
         header = {"command": command, "started": started, "stages": ", ".join(config.stages)}
         results, seconds = {}, {}
         for i, step in enumerate(steps, 1):

@@ -42,7 +42,7 @@ from taylorcal_jax.eval import training_curves
 from taylorcal_jax.models.layers import resolve_sequence_impl
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
-from taylorcal_jax.run.plan import Stage
+from taylorcal_jax.run.plan import Sample, Stage, section_sample
 from taylorcal_jax.train import distill as kl_lib
 from taylorcal_jax.train import distill_layers as layers_lib
 from taylorcal_jax.train import layerwise, loop, student_dirs
@@ -420,6 +420,15 @@ def _stage(name: str, run, summary: str, check_section, device_check, mesh_axes=
         checks=(pipeline.check_calibration, check_eval, check_section),
         device_checks=(pipeline.check_gdn_backend, device_check),
         checkpoint_mesh_axes=mesh_axes,
+        samples=lambda c: (  # its held-out set and its training windows at random offsets
+            section_sample(c, "eval"),
+            Sample(
+                f"{section}.seq_len",
+                str(c.distill.split),
+                None,
+                int(c.distill[SECTIONS[name]].seq_len),
+            ),
+        ),
     )
 
 

@@ -23,7 +23,7 @@ from taylorcal_jax.eval import training_curves
 from taylorcal_jax.run import inputs
 from taylorcal_jax.run import validate as check
 from taylorcal_jax.run import workdir as workdir_lib
-from taylorcal_jax.run.plan import Stage
+from taylorcal_jax.run.plan import Sample, Stage, section_sample
 from taylorcal_jax.train import pretrain as pretrain_lib
 
 INFO_FILE = "pretrain_info.json"
@@ -212,6 +212,15 @@ STAGES = {
         outputs=(inputs.TEACHER_DIR,),
         checkpoints=(CHECKPOINT_DIR,),
         not_needed=lambda config: "teacher.path is set" if config.teacher.path else "",
+        samples=lambda c: (
+            Sample("pretrain.seq_len", "train", None, int(c.pretrain.seq_len)),
+            Sample(
+                "pretrain.eval_sequences",
+                "valid",
+                int(c.pretrain.eval_sequences),
+                int(c.pretrain.seq_len),
+            ),
+        ),
         checks=(check_pretrain,),
         device_checks=(check_pretrain_split,),
     ),
@@ -220,6 +229,7 @@ STAGES = {
         run=eval_teacher_stage,
         summary="perplexity of the teacher on the eval split, next to a unigram baseline",
         reads=("eval",),
+        samples=lambda c: (section_sample(c, "eval"),),
         ignores=("eval.batch_size",),
         inputs=lambda config: ("teacher", "corpus"),
         checks=(check_eval,),
