@@ -218,11 +218,9 @@ def check_samples(corpus, samples) -> None:
         size = int(corpus.stream(s.split).size)
         need = s.seq_len if s.num is None else s.num * s.seq_len
         if need > size:
-            asked = (
-                f"{s.seq_len}-token windows"
-                if s.num is None
-                else (f"{s.num} sequences of {s.seq_len} tokens")
-            )
+            asked = f"{s.num} sequences of {s.seq_len} tokens"
+            if s.num is None:
+                asked = f"{s.seq_len}-token windows"
             raise DataError(
                 f"{s.what}: {asked} need {need} tokens of the {s.split} split, which has {size}",
                 f"ask for fewer or shorter sequences, or give the split more text (data.source, "
