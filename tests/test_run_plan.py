@@ -117,6 +117,16 @@ def _values(workdir):
     )  # noqa: E501
 
 
+def _crashed_in_second(tmp_path, after: int, **options):
+    """(workdir, Stages) of a run whose stage "second" crashed after `after` steps."""
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    s.crash_second_after = after
+    with pytest.raises(Interrupted):
+        _run(s, _config(), wd, **options)
+    return wd, s
+
+
 def test_fresh_run_then_a_rerun_skips_everything(tmp_path):
     wd = str(tmp_path / "wd")
     s = Stages()
@@ -197,11 +207,7 @@ def test_a_rerun_cut_short_is_finished_by_the_next_run(tmp_path):
 def test_a_checkpoint_shaped_by_another_mesh_is_not_resumed(tmp_path):
     # a stage whose state is shaped by the "layers" axis (layers padded to its multiple):
     # resuming on other sizes is refused before any work, naming both and the two ways on
-    wd = str(tmp_path / "wd")
-    s = Stages()
-    s.crash_second_after = 50
-    with pytest.raises(Interrupted):
-        _run(s, _config(), wd)
+    wd, s = _crashed_in_second(tmp_path, after=50)
     records = workdir_lib.read_records(wd)
     here = records["second"]["mesh"]
     assert list(here) == ["layers"] and here["layers"] >= 1
@@ -217,11 +223,7 @@ def test_a_checkpoint_shaped_by_another_mesh_is_not_resumed(tmp_path):
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path):
-    wd = str(tmp_path / "wd")
-    s = Stages()
-    s.crash_second_after = 50
-    with pytest.raises(Interrupted):
-        _run(s, _config(), wd)
+    wd, s = _crashed_in_second(tmp_path, after=50)
     assert workdir_lib.read_records(wd)["second"]["status"] == "failed"
     assert not os.path.exists(os.path.join(wd, workdir_lib.LOCK_FILE))
     _, out = _run(s, _config(), wd)

@@ -137,7 +137,7 @@ def _check_attention(config, section: str) -> None:
         )
 
 
-def _check_attention_backend(config, section: str) -> None:
+def check_attention_backend(config, sizes, *, section: str) -> None:
     """cuDNN's attention needs a GPU. A device check: asking for the backend starts it, which
     must come after jax.distributed.initialize (run/runner.prepare)."""
     from taylorcal_jax.ops.dispatch import GPU_BACKENDS  # noqa: PLC0415
@@ -170,8 +170,7 @@ def check_distill_kl(config, arch) -> None:
 
 
 def check_layers_split(config, sizes) -> None:
-    """Stage 1 splits its batch over the mesh's "data" axis; its cuDNN attention needs a GPU."""
-    _check_attention_backend(config, "layers")
+    """Stage 1 splits its batch over the mesh's "data" axis."""
     b, data = config.distill.layers.batch_size, sizes["data"]
     if b % data:
         raise check.ConfigError(
@@ -181,9 +180,7 @@ def check_layers_split(config, sizes) -> None:
 
 
 def check_kl_split(config, sizes) -> None:
-    """Stage 2 splits its batch over every device (every axis of the mesh); its cuDNN
-    attention needs a GPU."""
-    _check_attention_backend(config, "kl")
+    """Stage 2 splits its batch over every device (every axis of the mesh)."""
     b, devices = config.distill.kl.batch_size, math.prod(sizes.values())
     if b % devices:
         raise check.ConfigError(
@@ -418,7 +415,11 @@ def _stage(name: str, run, summary: str, check_section, device_check, mesh_axes=
         outputs=(student_dirs.STUDENT_DIRS[name],),
         checkpoints=(checkpoint_dir(name),),
         checks=(pipeline.check_calibration, check_eval, check_section),
-        device_checks=(pipeline.check_gdn_backend, device_check),
+        device_checks=(
+            pipeline.check_gdn_backend,
+            functools.partial(check_attention_backend, section=SECTIONS[name]),
+            device_check,
+        ),
         checkpoint_mesh_axes=mesh_axes,
         samples=lambda c: (  # its held-out set and its training windows at random offsets
             section_sample(c, "eval"),
