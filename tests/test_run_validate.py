@@ -64,7 +64,7 @@ def _fails(config, tmp_path, match):
         ("tokenizer.vocab_size", 100, "tokenizer.vocab_size must be at least 259"),
         ("data.source", "s3://bucket", "unknown data source"),
         ("data.valid_fraction", 0.95, "fraction"),
-        ("data.valid_fraction", 0.0, "eval.split reads the valid split, but"),
+        ("data.valid_fraction", 0.0, "pretrain.eval_sequences reads the valid split, but"),
         ("eval.split", "dev", "eval.split='dev' is not one of train, valid, test"),
         ("eval.seq_len", 1, "eval.seq_len must be at least 2"),
         ("stages", ("pretrain", "nope"), "unknown stage 'nope'"),
@@ -81,6 +81,14 @@ def _fails(config, tmp_path, match):
 )
 def test_bad_values_fail_before_any_work(tmp_path, key, value, match):
     _fails(_smoke(**{key: value}), tmp_path, match)
+
+
+def test_an_empty_split_is_refused_only_where_a_running_stage_samples_it(tmp_path):
+    """select samples select.split only when it picks the kept layers itself."""
+    empty_test = {"data.test_fraction": 0.0, "select.split": "test"}
+    _fails(_smoke(**empty_test), tmp_path, "select reads the test split, but")
+    config = _smoke(**empty_test, **{"select.keep_layers": (0,)})
+    validate.validate(config, main_lib.STAGES, str(tmp_path / "wd"))
 
 
 def test_a_datasets_source_needs_the_package(tmp_path, monkeypatch):

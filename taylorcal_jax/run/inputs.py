@@ -163,19 +163,10 @@ def external_teacher_architecture(config, workdir: str) -> ModelConfig:
     return arch
 
 
-# the (section, field)s that name a split a stage samples
-SPLIT_FIELDS = (
-    ("eval", "split"),
-    ("calibration", "split"),
-    ("select", "split"),
-    ("distill", "split"),
-)
-
-
-def check_corpus(config) -> None:
+def check_corpus(config, samples=()) -> None:
     """The `data` section: a known source kind, split fractions that leave training text, the
-    read limits (data/corpus.py check_data_config), and a share of documents for every split
-    that a field names (or pretraining evaluates on: valid), which would be empty otherwise."""
+    read limits (data/corpus.py check_data_config), and a share of documents for the split of
+    every Sample (run/plan.py) of the stages that run, which would be empty otherwise."""
     from taylorcal_jax.data import corpus, sources  # noqa: PLC0415
 
     try:
@@ -188,16 +179,13 @@ def check_corpus(config) -> None:
             f"data.source={config.data.source!r} needs the `datasets` package",
             "pip install 'taylorcal_jax[datasets]', or use data.source='stdlib' / 'files:<glob>'",
         )
-    named = [(f"{section}.{field}", config[section][field]) for section, field in SPLIT_FIELDS]
-    if "pretrain" in config.stages:
-        named.append(("pretraining's evaluation", "valid"))
-    for field, name in named:
-        fraction = config.data.get(f"{name}_fraction")
+    for s in samples:
+        fraction = config.data.get(f"{s.split}_fraction")
         if fraction is not None and fraction <= 0:
             raise ConfigError(
-                f"{field} reads the {name} split, but data.{name}_fraction={fraction} leaves "
-                "it no documents",
-                f"set data.{name}_fraction > 0",
+                f"{s.what} reads the {s.split} split, but data.{s.split}_fraction={fraction} "
+                "leaves it no documents",
+                f"set data.{s.split}_fraction > 0",
             )
 
 

@@ -166,15 +166,16 @@ def validate(config, registry: Mapping, workdir: str) -> None:
     check_stages(config, registry)
     stages = [registry[name] for name in config.stages]
     read = set().union(*(sections_read(s, config) for s in stages))
+    # a stage with nothing to do (align under `copy`, pretrain with a teacher.path) is skipped
+    # by the plan, so its settings are not refused
+    running = [s for s in stages if not s.not_needed(config)]
     if "data" in read:
-        inputs_lib.check_corpus(config)
+        inputs_lib.check_corpus(config, [x for s in running for x in s.samples(config)])
     if "tokenizer" in read:
         inputs_lib.check_tokenizer_path(config)
     arch = teacher_architecture(config, workdir)  # every stage works from the teacher
     done = []
-    # a stage with nothing to do (align under `copy`, pretrain with a teacher.path) is skipped
-    # by the plan, so its settings are not refused
-    for stage in (s for s in stages if not s.not_needed(config)):
+    for stage in running:
         for check in stage.checks:
             if check not in done:
                 done.append(check)
