@@ -115,11 +115,12 @@ def transformers_version() -> str:
 def gguf_architecture(path: str) -> str:
     """`general.architecture` of a GGUF file (reads the header only); GGUFError if the file
     is not GGUF."""
-    return _architecture(_reader(path), path)
+    return _header(path)[1]
 
 
-def _reader(path: str):
-    """gguf's reader of the file (memory-mapped; its header parsed); GGUFError if not GGUF."""
+def _header(path: str):
+    """(gguf's reader of the file, memory-mapped with its header parsed; its
+    `general.architecture`); GGUFError if the file is not GGUF or its header is unreadable."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != _MAGIC:
@@ -127,15 +128,9 @@ def _reader(path: str):
     from gguf import GGUFReader  # noqa: PLC0415
 
     try:
-        return GGUFReader(path)
-    except (KeyError, ValueError, IndexError) as e:
-        raise GGUFError(f"{path}: unreadable GGUF header ({type(e).__name__}: {e})") from e
-
-
-def _architecture(reader, path: str) -> str:
-    try:
+        reader = GGUFReader(path)
         field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
+        return reader, bytes(field.parts[field.data[0]]).decode("utf-8")
     except (KeyError, ValueError, IndexError) as e:
         raise GGUFError(f"{path}: unreadable GGUF header ({type(e).__name__}: {e})") from e
 
@@ -200,8 +195,7 @@ def check_gguf_file(path: str) -> str:
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"GGUF teacher file {path} does not exist")
     require_packages()
-    reader = _reader(path)
-    arch = _architecture(reader, path)
+    reader, arch = _header(path)
     if arch not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture {arch!r} is not supported; "
