@@ -164,10 +164,6 @@ def _read_holder(fd: int) -> dict:
 # ------------------------------------------------------------------------ atomic outputs
 
 
-def _partial(path: str) -> str:
-    return path + PARTIAL
-
-
 @contextlib.contextmanager
 def _elsewhere() -> Iterator[str]:
     """A private temporary directory (for the outputs of processes other than 0), deleted
@@ -207,7 +203,7 @@ def output_dir(path: str) -> Iterator[str]:
             yield tmp
         hosts.sync(f"write {path}")
         return
-    tmp = _partial(path)
+    tmp = files.temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
