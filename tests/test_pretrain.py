@@ -1,5 +1,6 @@
 """Pretraining: learning happens, resume after an interruption loses nothing."""
 
+import dataclasses
 import os
 import sys
 
@@ -63,7 +64,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     resumed = pretrain_lib.pretrain(
         model, params, stream, opts, str(tmp_path / "b"), log_fn=lambda s, v: events.append(v)
     )
-    assert events[0] == {"resumed_from_step": 3}
+    assert events[0] == {"resumed_from_step": 3, "tokens": 3 * 4 * 12}
     assert int(resumed["step"]) == 8 and int(resumed["tokens"]) == int(full["tokens"])
     assert _max_rel_err(resumed["params"], full["params"]) == 0.0  # bit-identical
     assert _max_rel_err(resumed["opt_state"], full["opt_state"]) == 0.0
@@ -84,6 +85,25 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
         pretrain_lib.pretrain(
             model, params, stream, opts, str(tmp_path / "d"), mesh=sharding.make_mesh({"data": 8})
         )
+
+
+def test_every_logged_row_carries_the_tokens_seen(tmp_path):
+    """Evaluation rows too: the training curves plot only rows with tokens."""
+    model, params, stream, opts = _setup()
+    opts = dataclasses.replace(opts, eval_every=3)
+    rows = []
+    pretrain_lib.pretrain(
+        model,
+        params,
+        stream,
+        opts,
+        str(tmp_path),
+        eval_fn=lambda p: {"valid_ppl": 2.0},
+        log_fn=lambda s, v: rows.append((s, v)),
+    )
+    evals = [(s, v["tokens"]) for s, v in rows if "valid_ppl" in v]
+    assert evals == [(3, 3 * 48), (6, 6 * 48)]
+    assert all(v["tokens"] == s * 48 for s, v in rows)
 
 
 @pytest.mark.parametrize(

@@ -157,8 +157,7 @@ def pretrain(
 
     def log_with_tokens(step, values):
         if log_fn is not None:
-            extra = {"tokens": step * tokens_per_batch} if "loss" in values else {}
-            log_fn(step, {**values, **extra})
+            log_fn(step, {**values, "tokens": step * tokens_per_batch})
 
     result = loop.run(
         task,
