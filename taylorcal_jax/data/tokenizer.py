@@ -2,7 +2,8 @@
 
 Byte-level BPE (GPT-2 style): text is mapped to bytes, each byte to one of 256 printable
 symbols, and merges are learnt greedily by pair frequency until the vocabulary reaches
-`vocab_size` (special tokens included). Every string is encodable; decode(encode(s)) == s.
+`vocab_size` (special tokens included). Every string is encodable; decode(encode(s)) == s,
+also for text that spells a special token (`encode_batches` gives it no special id).
 
 A trained tokenizer is saved as a Hugging Face tokenizer directory (tokenizer.json +
 tokenizer_config.json), so `transformers.AutoTokenizer.from_pretrained(dir)` loads it.
@@ -81,7 +82,15 @@ def _encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
     # switch truncation and padding off for these arguments; so do we.
     backend.no_truncation()
     backend.no_padding()
-    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    # A document that holds a special token's text ("<|eos|>" in this very file, a chat
+    # template's "<|im_end|>" in another) would otherwise get that token's id, a false
+    # document boundary in the stream; its text is encoded as the text it is.
+    literal = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    finally:
+        backend.encode_special_tokens = literal
     return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
 
