@@ -199,6 +199,19 @@ def test_encode_batches_matches_call_and_streams():
     assert done == len(texts)
 
 
+def test_text_that_spells_a_special_token_is_encoded_as_text():
+    """A document quoting "<|eos|>" (as tokenizer.py does) gets no separator id inside it."""
+    tok = tok_lib.train_bpe(TEXTS * 20, 300, min_frequency=1)
+    doc = 'SEP = "<|eos|>"  # the separator\nBOS, PAD = "<|bos|>", "<|pad|>"\n'
+    (ids,) = next(tok_lib.encode_batches(tok, [doc]))
+    assert not set(ids.tolist()) & {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}
+    assert tok.decode(ids) == doc
+    stream = packing.concat_with_eos([ids], tok.eos_token_id)
+    assert int((stream == tok.eos_token_id).sum()) == 1  # the document's own end only
+    # the tokenizer itself is left as it was: a prompt's special tokens keep their ids
+    assert tok("<|eos|>", add_special_tokens=False)["input_ids"] == [tok.eos_token_id]
+
+
 # ------------------------------------------------------------------ corpus (cached)
 
 
@@ -304,6 +317,44 @@ def test_bpe_sample_is_bounded_fixed_and_spread(tmp_path):
     fingerprint = corpus_lib.tokenizer_fingerprint
     assert fingerprint(small.tokenizer) != fingerprint(full.tokenizer)
     assert small.num_documents == full.num_documents
+
+
+def test_bpe_sample_skips_documents_that_overflow_it():
+    sizes = [5000] + [300] * 30
+    kept = [
+        corpus_lib.KeptDocument(sources.Entry(f"{i:03d}", None), bytes([i]), n)
+        for i, n in enumerate(sizes)
+    ]  # the 5000-byte document comes first in key order
+    sample = corpus_lib.bpe_sample(kept, 4096)
+    assert sum(k.num_bytes for k in sample) == 13 * 300
+    with pytest.raises(DataError, match="below the smallest train document"):
+        corpus_lib.bpe_sample(kept, 200)
+
+
+def test_cache_keys_on_the_eos_token_and_on_what_a_relative_source_reads(tmp_path, monkeypatch):
+    """The same tokenizer.json with another eos is another cache; so is `files:docs` read from
+    another directory."""
+    for project, word in (("a", "alpha"), ("b", "omega")):
+        _write_corpus(tmp_path / project / "docs", [f"{word} {i}\n" * 20 for i in range(12)])
+    tok = tok_lib.train_bpe(TEXTS * 20, 300, min_frequency=1)
+    tok_lib.save_tokenizer(tok, tmp_path / "tok")
+    data_cfg, tok_cfg = _cfgs("files:docs")
+    cache = str(tmp_path / "cache")
+
+    def build(project, tokenizer="tok"):
+        monkeypatch.chdir(tmp_path / project)
+        path = str(tmp_path / tokenizer)
+        return corpus_lib.build_corpus(data_cfg, tok_cfg, cache, tokenizer_path=path)
+
+    assert _documents(build("a"), "train")[0].startswith("alpha")
+    assert _documents(build("b"), "train")[0].startswith("omega")
+    other = tok_lib.load_tokenizer(tmp_path / "tok")
+    other.eos_token = "<|pad|>"
+    tok_lib.save_tokenizer(other, tmp_path / "tok_pad_eos")
+    c = build("a", "tok_pad_eos")
+    assert c.eos_id == 0
+    assert int((c.streams["train"] == 0).sum()) == c.num_documents["train"]
+    assert len([d for d in os.listdir(cache) if d.startswith("tokens-")]) == 3
 
 
 def test_duplicates_never_straddle_train_and_eval(tmp_path):

@@ -314,6 +314,18 @@ def test_the_corpus_fingerprint_holds_what_changes_tokens():
     assert settings(False) != settings(False, **{"data.max_documents": 7})
 
 
+def test_the_corpus_fingerprint_holds_what_a_relative_source_reads(tmp_path, monkeypatch):
+    from taylorcal_jax.run import inputs
+
+    config = _smoke(**{"data.source": "files:docs/*.md"})
+    seen = []
+    for here in ("a", "b"):
+        (tmp_path / here).mkdir()
+        monkeypatch.chdir(tmp_path / here)
+        seen.append(inputs.corpus_settings(config, True))
+    assert seen[0] != seen[1]
+
+
 def test_validation_never_starts_the_jax_backend():
     # jax.distributed.initialize must come before the backend starts (run/runner.prepare), so
     # no check of `validate` may ask for it; the cuDNN attention's GPU check is a device check

@@ -20,12 +20,13 @@ at a time, so memory is bounded by those and not by the size of the corpus:
 A document whose text changed between passes raises DataError (no mixed versions).
 Cache: `<cache_dir>/tokens-<key>/` holds {train,valid,test}.int32, num_documents.json,
 input_report.json and key.json, where the key hashes what they depend on (cache format,
-source, checks, split settings, tokenizer contents); so reruns skip all three passes, a
-changed setting never reuses stale tokens, and a cache of an older format has another key
-and is rebuilt, never misread. The key does not cover the contents of the source: after
-editing its files, delete `<cache_dir>`. The directory is written as
-`tokens-<key>.partial` and renamed when complete, so an interrupted build leaves nothing
-that could pass for a corpus; one build per cache directory at a time.
+source and what it resolves to here, checks, split settings, tokenizer contents and eos id);
+so reruns skip all three passes, a changed setting never reuses stale tokens, and a cache of
+an older format has another key and is rebuilt, never misread. The key does not cover the
+contents of the source: after editing its files, delete `<cache_dir>`. The directory is
+written as a temporary `tokens-<key>.<pid>.partial` and renamed when complete, so an
+interrupted build leaves nothing that could pass for a corpus; one build per cache directory
+at a time.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from taylorcal_jax.utils import files
 from taylorcal_jax.utils.progress import progress
 
 # 1: .npy streams, id-hashed split. 2: raw int32 streams, content-hashed split, input checks.
-_FORMAT = 2
+# 3: a special token's text inside a document is encoded as plain text (tokenizer._encode).
+_FORMAT = 3
 _STREAM_DTYPE = np.dtype("<i4")
 _TOKENIZER_META = "taylorcal_tokenizer_meta.json"
 
@@ -144,7 +146,8 @@ def _reread(kept: list[KeptDocument], limits: reading.ReadLimits) -> Iterator[st
 
 def bpe_sample(train: list[KeptDocument], budget: int) -> list[KeptDocument]:
     """The train documents a BPE learns from: all if their bytes fit in `budget` (or it is 0);
-    else the first in content-key order, a fixed pseudo-random order, while they fit.
+    else those that fit, taken in content-key order (a fixed pseudo-random order), skipping
+    any that would overflow it; DataError if none fits.
 
     BPE training holds every distinct word of its input with a count, so its memory and
     time grow with the text; the merges of a small vocabulary are settled by far less.
@@ -153,10 +156,16 @@ def bpe_sample(train: list[KeptDocument], budget: int) -> list[KeptDocument]:
         return train
     sample, total = [], 0
     for k in sorted(train, key=lambda k: k.key):
-        if total + k.num_bytes > budget:
-            break
-        sample.append(k)
-        total += k.num_bytes
+        if total + k.num_bytes <= budget:
+            sample.append(k)
+            total += k.num_bytes
+    if not sample:
+        smallest = min(k.num_bytes for k in train)
+        raise DataError(
+            f"data.bpe_sample_bytes={budget} is below the smallest train document "
+            f"({smallest} bytes), so the BPE would learn from no text",
+            "raise data.bpe_sample_bytes (0: all of the train split)",
+        )
     return sample
 
 
@@ -164,6 +173,7 @@ def _data_key(data_cfg) -> dict:
     return {
         "format": _FORMAT,
         "source": data_cfg.source,
+        "resolved_source": sources.resolved_source(data_cfg.source),
         "include_tests": bool(data_cfg.include_tests),
         "max_documents": int(data_cfg.max_documents),
         "max_file_bytes": int(data_cfg.max_file_bytes),
@@ -174,7 +184,10 @@ def _data_key(data_cfg) -> dict:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    text = tokenizer.backend_tokenizer.to_str()
+    """The tokenizer's model and the separator id the streams use: which token is eos is set
+    in tokenizer_config.json, outside the model (a base model and its instruct version often
+    share the one and not the other)."""
+    text = tokenizer.backend_tokenizer.to_str() + f"\neos={tokenizer.eos_token_id}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -211,8 +224,8 @@ def _stream_path(tok_dir: str, name: str) -> str:
 
 def _write_tokens(tok_dir: str, parts, report, tokenizer, limits, key: dict) -> None:
     """Pass 3: tokenises every split into `tok_dir`, all or nothing."""
-    partial = tok_dir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted build
+    partial = files.temporary_name(tok_dir)
+    shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     try:
         for name in split.SPLITS:

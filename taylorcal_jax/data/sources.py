@@ -23,6 +23,7 @@ import functools
 import glob
 import io
 import os
+import sys
 import sysconfig
 from collections.abc import Callable
 from typing import BinaryIO
@@ -69,6 +70,19 @@ def parse_source(spec: str) -> SourceSpec:
     if not globs:
         raise DataError("files: source needs at least one path or glob, e.g. 'files:docs/**/*.md'")
     return SourceSpec("files", globs)
+
+
+def resolved_source(spec: str) -> str:
+    """What `spec` reads on this machine from this directory: the standard library's root and
+    the interpreter's version for `stdlib`, absolute globs for `files:` (relative ones are
+    resolved against the working directory), the spec itself for `hf:`. Caches key on it, so
+    that the same spec run elsewhere never reuses another tree's documents."""
+    src = parse_source(spec)
+    if src.kind == "stdlib":
+        return f"stdlib:{stdlib_root()}:{sys.version.split()[0]}"
+    if src.kind == "files":
+        return "files:" + ",".join(os.path.abspath(os.path.expanduser(g)) for g in src.args)
+    return spec.strip()
 
 
 def stdlib_root() -> str:

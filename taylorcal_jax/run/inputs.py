@@ -255,12 +255,17 @@ def directory_fingerprint(path: str) -> str:
 
 
 def corpus_settings(config, trains_bpe: bool) -> dict:
-    """Everything the token streams depend on, apart from an external tokenizer's files: the
-    data section but for the share of undecodable bytes at which a run stops (a threshold:
-    it changes no token), and the BPE's settings only where the BPE is trained here
-    (`trains_bpe`: no tokenizer directory given, none with an external teacher)."""
+    """Everything the token streams depend on, apart from an external tokenizer's files: what
+    data.source resolves to here (data/sources.resolved_source: a relative glob read from
+    another directory is other text), the data section but for the share of undecodable bytes
+    at which a run stops (a threshold: it changes no token), and the BPE's settings only where
+    the BPE is trained here (`trains_bpe`: no tokenizer directory given, none with an external
+    teacher)."""
+    from taylorcal_jax.data import sources  # noqa: PLC0415
+
     data = config.data.to_dict()
     data.pop("max_undecodable_fraction")
+    data["resolved_source"] = sources.resolved_source(config.data.source)
     tokenizer = config.tokenizer.to_dict()
     if not trains_bpe:
         data.pop("bpe_sample_bytes")
