@@ -104,24 +104,68 @@ def test_resume_after_crash_or_ctrl_c_is_bit_identical(tmp_path):
     assert events[0] == (3, {"resumed_from_step": 3})
     _assert_trees_equal(resumed.state, full.state)
 
-    # Ctrl-C in a hook after step 4 (mid-interval): that step is saved, nothing is redone.
-    def interrupt(step, values):
-        if step == 4:
+    # Ctrl-C in the hook logging step 4 (mid-interval): the row is written again before that
+    # step is saved, and nothing is redone.
+    written = []
+
+    def interrupt_once(step, values):
+        if step == 4 and step not in written:
+            written.append(step)
             raise KeyboardInterrupt
+        written.append(step)
 
     stopped = str(tmp_path / "stopped")
     with pytest.raises(KeyboardInterrupt):
-        _run(checkpoint_dir=stopped, log_fn=interrupt)
+        _run(checkpoint_dir=stopped, log_fn=interrupt_once)
     assert sorted(os.listdir(stopped)) == ["3", "4"]
     events = []
     resumed = _run(checkpoint_dir=stopped, log_fn=lambda s, v: events.append(s))
-    assert events == [4, 5, 6, 7, 8, 9, 10]
+    assert written == [1, 2, 3, 4, 4] and events == [4, 5, 6, 7, 8, 9, 10]
     _assert_trees_equal(resumed.state, full.state)
 
     # A finished run started again does nothing and returns the saved state.
     again = _run(checkpoint_dir=str(tmp_path / "full"))
     _assert_trees_equal(again.state, full.state)
     assert again.train_seconds == pytest.approx(full.train_seconds, abs=1e-3)
+
+
+def test_ctrl_c_while_a_step_computes_loses_no_row_and_no_evaluation(tmp_path, monkeypatch):
+    """The interrupt lands in the wait for step 4's metrics (device_get), after its call
+    returned: its loss row is written and its evaluation runs first in the resumed run, so
+    the rows of the two runs are those of an uninterrupted one."""
+    opts = _opts(steps=8, steps_per_call=1, eval_every=2, checkpoint_every=5)
+
+    def run_into(out, workdir):
+        _run(
+            opts=opts,
+            checkpoint_dir=str(tmp_path / workdir),
+            log_fn=lambda s, v: out.append((s, "eval" if "eval" in v else sorted(v)[0])),
+            eval_fn=lambda params: {"eval": 1.0},
+        )
+
+    full = []
+    run_into(full, "full")
+    device_get, waits = loop.jax.device_get, []
+
+    def interrupted_wait(x):
+        out = device_get(x)
+        waits.append(1)
+        if len(waits) == 4:  # step 4's metrics have arrived
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(loop.jax, "device_get", interrupted_wait)
+    cut = []
+    with pytest.raises(KeyboardInterrupt):
+        run_into(cut, "cut")
+    monkeypatch.setattr(loop.jax, "device_get", device_get)
+    assert sorted(os.listdir(tmp_path / "cut")) == ["4"]
+    resumed = []
+    run_into(resumed, "cut")
+    # the evaluation the interrupt cut short comes first
+    assert resumed[:2] == [(4, "resumed_from_step"), (4, "eval")]
+    assert (4, "grad_norm") in cut  # the interrupted step's loss row (keys sorted: grad_norm)
+    assert sorted(cut + resumed[1:]) == sorted(full)
 
 
 def test_fused_steps_equal_single_steps_and_a_plain_optax_loop():

@@ -34,9 +34,10 @@ run between calls: log (per-step loss, gradient norm and the scalar entries of `
 back stacked, so any step can be logged), evaluate, checkpoint (orbax, utils/checkpoint.py),
 progress bar. The batch is a pure function of the position and the RNG of the step, so a
 run resumed from a checkpoint ends bit-for-bit where an uninterrupted run ends (tested on
-the CPU). Ctrl-C saves the state of the last finished call before stopping; when it came
-during that call's evaluation, the checkpoint says so and the resumed run evaluates first, so
-no evaluation (nor what its hook saves) is lost to the interrupt.
+the CPU). Ctrl-C saves the state of the last finished call before stopping, after writing
+any of that call's loss rows not yet written; when its evaluation had not finished, the
+checkpoint says so and the resumed run evaluates first, so no row and no evaluation (nor
+what its hook saves) is lost to the interrupt.
 """
 
 from __future__ import annotations
@@ -379,7 +380,28 @@ def run(
         stop_at = opts.steps if stop_after_steps is None else start + stop_after_steps
         bar = progress(desc=opts.desc, initial=start, total=opts.steps)
         n, t0 = start, time.perf_counter()
-        evaluating = False
+        # The hooks of the last finished call: its loss rows written up to step `logged_to`,
+        # its evaluation run at step `evaluated_at`. An interrupt between the call's return
+        # and the end of its hooks (most of the wait is in device_get) would otherwise save
+        # its step with rows or an evaluation missing, which no resumed run redoes.
+        logged_to = evaluated_at = start
+        first, metrics = start, {}
+
+        def log_rows(upto: int) -> None:
+            nonlocal logged_to
+            rows = [s for s in range(max(first, logged_to) + 1, upto + 1) if opts.logs_at(s)]
+            if not rows:
+                logged_to = upto
+                return
+            host = jax.device_get(metrics)
+            elapsed = seconds + time.perf_counter() - t0
+            for s in rows:
+                values = {k: float(v[s - first - 1]) for k, v in host.items()}
+                bar.set_postfix(loss=f"{values['loss']:.3f}")
+                log_fn(s, {**values, "train_seconds": elapsed})
+                logged_to = s
+            logged_to = upto
+
         try:
             while n < min(opts.steps, stop_at):
                 first, n = n, opts.call_end(n, stop_at)
@@ -389,26 +411,23 @@ def run(
                 state, metrics = step_fn(state, fixed_batch if fixed else stacked, constants)
                 position += n - first
                 bar.update(n - first)
-                logged = [s for s in range(first + 1, n + 1) if opts.logs_at(s)]
-                if logged:
-                    host = jax.device_get(metrics)
-                    elapsed = seconds + time.perf_counter() - t0
-                    for s in logged:
-                        values = {k: float(v[s - first - 1]) for k, v in host.items()}
-                        bar.set_postfix(loss=f"{values['loss']:.3f}")
-                        log_fn(s, {**values, "train_seconds": elapsed})
+                log_rows(n)
                 if eval_fn is not None and opts.evaluates_at(n):
-                    evaluating = True
                     log_fn(n, eval_fn(state.params))
-                    evaluating = False
+                evaluated_at = n
                 if n == stop_at and n < opts.steps:
                     return None
                 if ckpt is not None and opts.saves_at(n):
                     seconds, t0 = _save(ckpt, state, seconds, t0)
         except KeyboardInterrupt:
-            # The last finished call's state, unless the interrupted call consumed it.
+            # The last finished call's state, unless the interrupted call consumed it; its
+            # loss rows are written first, its evaluation left to the resumed run.
             if ckpt is not None and not _deleted(state) and int(state.step) > start:
-                _save(ckpt, state, seconds, t0, eval_pending=evaluating)
+                done = int(state.step)
+                if done > logged_to:
+                    log_rows(done)
+                pending = eval_fn is not None and evaluated_at < done and opts.evaluates_at(done)
+                _save(ckpt, state, seconds, t0, eval_pending=pending)
             raise
         finally:
             bar.close()
