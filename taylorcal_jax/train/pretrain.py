@@ -76,6 +76,11 @@ class PretrainOptions:
             raise ValueError(f"pretrain.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip <= 0:
             raise ValueError(f"pretrain.grad_clip must be positive, got {self.grad_clip}")
+        for name in ("b1", "b2"):  # Adam's bias correction divides by 1 - b**t
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"pretrain.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"pretrain.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @functools.lru_cache(maxsize=8)
