@@ -23,8 +23,8 @@ def source_stage(config, reader: str) -> str:
     """The stage whose student stage `reader` reads (module docstring)."""
     listed = list(config.stages)
     before = listed[: listed.index(reader)] if reader in listed else listed
-    for stage in reversed(STUDENT_DIRS):
-        if stage in before:
+    for stage in reversed(before):
+        if stage in STUDENT_DIRS:
             return stage
     return "select_layers"
 
