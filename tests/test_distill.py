@@ -24,7 +24,7 @@ from taylorcal_jax.models.paths import layer_key, layer_mixer
 from taylorcal_jax.models.student import StudentConfig
 from taylorcal_jax.models.teacher import Transformer, init_params
 from taylorcal_jax.train import distill, distill_layers, kl, layerwise, loop, optim
-from taylorcal_jax.train.distill_stages import Budget
+from taylorcal_jax.train.distill_stages import STAGE_KL, STAGE_LAYERS, Budget, batch_seed
 from taylorcal_jax.utils import sharding
 
 MC = tiny_model_config(
@@ -191,6 +191,23 @@ def _reference_kl(student_model, params):
     logp = jax.nn.log_softmax(logits_t, axis=-1)
     logq = jax.nn.log_softmax(logits_s, axis=-1)
     return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1))
+
+
+def test_the_two_stages_cut_their_windows_at_unrelated_offsets():
+    """Under one seed, step s of stage 1 (short windows) and of stage 2 (long ones) start at
+    about the same offsets, so stage 2 would begin over stage 1's text."""
+    stream = np.arange(1_000_000, dtype=np.int32)  # a token's value is its offset
+
+    def starts(seed, seq_len):
+        return np.concatenate(
+            [packing.train_batch(stream, 8, seq_len, seed, s)[:, 0] for s in range(4)]
+        )
+
+    same = np.abs(starts(0, 512).astype(np.int64) - starts(0, 2048))
+    assert same.max() < 2048  # the offsets nearly coincide
+    a, b = starts(batch_seed(0, STAGE_LAYERS), 512), starts(batch_seed(0, STAGE_KL), 2048)
+    assert np.median(np.abs(a.astype(np.int64) - b)) > 10_000
+    assert batch_seed(0, STAGE_LAYERS) == batch_seed(0, STAGE_LAYERS) != batch_seed(1, STAGE_LAYERS)
 
 
 def test_kl_is_zero_when_the_student_keeps_every_layer():

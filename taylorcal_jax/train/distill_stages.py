@@ -8,8 +8,9 @@
                     -> <workdir>/student_distilled
 
 Both train on the training loop (train/loop.py) with batches of `batch_size` x `seq_len`
-tokens of split `distill.split`, batch s a pure function of (distill.seed, s): every init
-sees the same data in the same order. Token figures (`train_tokens`, `eval_every_tokens`,
+tokens of split `distill.split`, batch s a pure function of (distill.seed, stage, s): every
+init sees the same data in the same order, and stage 2 does not start over the windows
+stage 1 trained on (`batch_seed`). Token figures (`train_tokens`, `eval_every_tokens`,
 `checkpoint_every_tokens`) become steps rounded up. The loop's orbax checkpoints (params,
 optimiser state, data position, RNG) live in <workdir>/<stage>_train/checkpoints, so a
 rerun after a crash resumes and ends bit-for-bit where an uninterrupted run ends (CPU);
@@ -33,6 +34,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from taylorcal_jax.calibrate import pipeline
 from taylorcal_jax.calibrate.stacking import stack_mixers, unstack_mixers
@@ -198,6 +200,14 @@ def _student_output(ctx, stage: str, sc, params) -> str:
     return path
 
 
+def batch_seed(seed: int, stage: str) -> int:
+    """The seed of a stage's batches: packing.train_batch draws window offsets from its seed
+    and the step alone, so under one seed both stages would cut windows at about the same
+    offsets, step for step."""
+    stage_index = list(SECTIONS).index(stage)
+    return int(np.random.SeedSequence([int(seed), stage_index]).generate_state(1)[0])
+
+
 def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_of, sc):
     """Runs `task` from `params` on the stream (module docstring); returns (final params,
     loop result, {eval figures at tokens 0 and at the end}). student_of(params) -> the
@@ -205,9 +215,10 @@ def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_
     config = ctx.config
     stream = ctx.corpus.stream(config.distill.split)
     seed = int(config.distill.seed)
-    packing.train_batch(stream, 1, budget.seq_len, seed, 0)  # a one-line DataError if too short
+    data_seed = batch_seed(seed, stage)
+    packing.train_batch(stream, 1, budget.seq_len, data_seed, 0)  # one-line DataError if short
     batches = loop.StreamBatches(
-        functools.partial(packing.train_batch, stream, budget.batch_size, budget.seq_len, seed)
+        functools.partial(packing.train_batch, stream, budget.batch_size, budget.seq_len, data_seed)
     )
     eval_seqs = ctx.sequences(config.eval)
     eval_model = sc.model(runtime=pipeline.student_mixer(config, sc.teacher).runtime)
