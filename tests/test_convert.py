@@ -190,3 +190,53 @@ def test_hf_qwen2_checkpoint_gqa_order_and_zero_gate(tmp_path):
     o["kernel"] = jnp.zeros_like(o["kernel"])
     ref, _, _ = Transformer(cfg).apply({"params": ablated}, tokens)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref))
+
+
+def test_a_bf16_teacher_gives_float32_mixers_that_phase_2_trains_like_a_float32_one():
+    """From a bf16 checkpoint, AdamW's small steps on bf16 mixer weights would round away."""
+    import sys
+
+    from taylorcal_jax.calibrate import align, select, taylor
+    from taylorcal_jax.calibrate import stats as stats_lib
+    from taylorcal_jax.models.mixers import StudentMixer
+    from taylorcal_jax.utils import sharding
+
+    sys.path.insert(0, "configs")
+    import common
+
+    cfg = tiny_model_config(num_hidden_layers=2, vocab_size=64)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, jax.random.PRNGKey(0)))
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), bf16)  # the same values
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 32), 0, 64)
+    stats = stats_lib.collect(Transformer(cfg), f32, cfg, tokens, block_size=8)
+    mixer = StudentMixer(GDNConfig.from_teacher(cfg), GDNRuntime(impl="chunked", chunk_size=8))
+    ctx = select.CalibrationContext(
+        cfg,
+        mixer,
+        taylor.TaylorConstants.from_config(common.get_config().calibration),
+        align.AlignConfig(
+            steps=20,
+            lr_qkv=1e-4,
+            lr_gates=1e-3,
+            weight_decay=0.01,
+            clip_norm=1.0,
+            checkpoint_every=0,
+        ),
+        sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1]),
+        0,
+    )
+    out = {}
+    for name, teacher in (("bf16", bf16), ("f32", f32)):
+        for strategy in ("copy", "taylor_calibrate"):
+            student, _ = select.initial_student(strategy, teacher, stats, ctx)
+            dtypes = {str(x.dtype) for x in jax.tree.leaves(student["layers_0"]["gdn"])}
+            assert dtypes == {"float32"}, (name, strategy)
+        out[name] = select.aligned_student("taylor_calibrate", student, stats, ctx)
+    (p16, r16), (p32, r32) = out["bf16"], out["f32"]
+    np.testing.assert_allclose(r16["align"]["loss_after"], r32["align"]["loss_after"], rtol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(p16["layers_0"]["gdn"]),
+        jax.tree.leaves(p32["layers_0"]["gdn"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

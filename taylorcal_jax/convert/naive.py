@@ -11,7 +11,9 @@ For every converted layer (not in `keep_full_attention_layers`) the teacher's at
     small_gate  copy, with the output gate scaled down
 
 Converted layer i uses the key fold_in(rng, i), so a layer's params do not depend on which
-other layers are converted. Everything else (kept layers, embeddings, norms, MLPs, head) is the
+other layers are converted. The new mixer's params are float32 whatever the teacher's dtype:
+they are what phase 2 and distillation train, and from a bf16 checkpoint an update of 1e-4
+to a weight of 0.05 is below half its bf16 spacing and rounds away. Everything else (kept layers, embeddings, norms, MLPs, head) is the
 teacher's, unchanged (the same arrays).
 """
 
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from taylorcal_jax.models.mixers import CONVERSIONS, get_mixer
 from taylorcal_jax.models.paths import (
@@ -51,6 +54,7 @@ def convert(strategy: str, teacher_params: Params, config: StudentConfig, rng) -
     for i in config.converted_layers:
         attn = layer_mixer(teacher_params, i, ATTENTION)
         mixer = conversion(attn, config.teacher, config.mixer_config, jax.random.fold_in(rng, i))
+        mixer = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), mixer)
         student = with_layer_mixer(student, i, config.mixer_name, mixer, drop_attention=True)
     return student
 

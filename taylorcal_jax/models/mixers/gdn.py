@@ -525,10 +525,10 @@ def _check_conversion(model_config: ModelConfig, gdn: GDNConfig) -> None:
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _new_parts(attn, model_config: ModelConfig, gdn: GDNConfig, rng):
     """Every `copy` param except q_proj and o_proj (the teacher's own arrays), in one compiled
-    program per configuration and shapes (the rng is traced)."""
+    program per configuration and shapes (the rng is traced); the new ones drawn in float32
+    (convert/naive.py makes the whole mixer float32)."""
     t = model_config
     d = t.hidden_size
-    dtype = attn["q_proj"]["kernel"].dtype
     groups = t.num_kv_groups
     r_a, r_b, r_g, r_A, r_dt = jax.random.split(rng, 5)
     out = {
@@ -538,9 +538,9 @@ def _new_parts(attn, model_config: ModelConfig, gdn: GDNConfig, rng):
         "v_proj": {
             "kernel": repeat_kv_kernel(attn["v_proj"]["kernel"], t.num_key_value_heads, groups)
         },
-        "a_proj": {"kernel": torch_linear_init(r_a, (d, gdn.num_heads)).astype(dtype)},
-        "b_proj": {"kernel": torch_linear_init(r_b, (d, gdn.num_heads)).astype(dtype)},
-        "g_proj": {"kernel": torch_linear_init(r_g, (d, gdn.value_dim)).astype(dtype)},
+        "a_proj": {"kernel": torch_linear_init(r_a, (d, gdn.num_heads))},
+        "b_proj": {"kernel": torch_linear_init(r_b, (d, gdn.num_heads))},
+        "g_proj": {"kernel": torch_linear_init(r_g, (d, gdn.value_dim))},
         "A_log": init_A_log(r_A, (gdn.num_heads,)),
         "dt_bias": init_dt_bias(r_dt, (gdn.num_heads,)),
         "o_norm": {"scale": jnp.ones((gdn.head_v_dim,), jnp.float32)},
