@@ -60,6 +60,14 @@ class AlignConfig:
                 f"calibration.align.checkpoint_every must be >= 0 (0 = off), got "
                 f"{self.checkpoint_every}"
             )
+        # a negative clip norm scales the update by a negative factor: gradient ascent
+        for name in ("lr_qkv", "lr_gates", "clip_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"calibration.align.{name} must be > 0, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(
+                f"calibration.align.weight_decay must be >= 0, got {self.weight_decay}"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> AlignConfig:

@@ -96,6 +96,11 @@ class TaylorConstants:
             raise ValueError("beta targets must lie in (0, 1): check beta_min and beta_span")
         if not 0 < self.sigma_min <= self.sigma_max:
             raise ValueError("need 0 < sigma_min <= sigma_max")
+        if not self.entropy_span_floor > 0:  # the write gate divides by the entropy range
+            raise ValueError(f"entropy_span_floor must be > 0, got {self.entropy_span_floor}")
+        for name in ("gate_damping", "a_proj_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_config(cls, cfg) -> TaylorConstants:

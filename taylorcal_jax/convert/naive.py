@@ -13,8 +13,8 @@ For every converted layer (not in `keep_full_attention_layers`) the teacher's at
 Converted layer i uses the key fold_in(rng, i), so a layer's params do not depend on which
 other layers are converted. The new mixer's params are float32 whatever the teacher's dtype:
 they are what phase 2 and distillation train, and from a bf16 checkpoint an update of 1e-4
-to a weight of 0.05 is below half its bf16 spacing and rounds away. Everything else (kept layers, embeddings, norms, MLPs, head) is the
-teacher's, unchanged (the same arrays).
+to a weight of 0.05 is below half its bf16 spacing and rounds away. Everything else (kept
+layers, embeddings, norms, MLPs, head) is the teacher's, unchanged (the same arrays).
 """
 
 from __future__ import annotations
