@@ -7,8 +7,9 @@
 --prompts_file: JSON lines, each {"prompt": "..."} (other keys are copied through). Prompts run
 in batches of --batch_size, left-padded; each result {..., "prompt", "completion"} is written as
 one JSON line to --output (default stdout) as soon as its batch is done. An existing --output
-that holds the first results of the same prompts is continued, not redone (a last line cut
-short by a kill is dropped and its batch generated again).
+that holds the first results of the same prompts is continued, not redone: run with the same
+--batch_size, it ends as an uninterrupted run would (the lines of a batch a kill cut short
+are dropped and the batch generated again).
 
 Decoding is greedy unless --temperature > 0 (sampling with --seed, truncated by --top_k and
 --top_p); a row stops at an end token (the tokenizer's EOS, and every id of the model config's
@@ -105,24 +106,22 @@ def read_prompts(path) -> list[dict]:
     return records
 
 
-def finished_records(output, records) -> int:
-    """How many results an existing output already holds for these records (0 if none). A
-    last line without its newline (a kill mid-write) is cut off the file."""
+def finished_records(output, records, batch_size: int) -> int:
+    """How many results an existing output already holds for these records (0 if none),
+    counted in whole batches of `batch_size`: the lines of a batch a kill cut short (a last
+    line without its newline, and the whole lines before it in its batch) are cut off the
+    file, so that the batch is generated again as it was (its rows and its sampling key)."""
     if output is None or not os.path.exists(output):
         return 0
     with open(output, "rb") as f:
         data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with open(output, "r+b") as f:
-            f.truncate(len(complete))
+    lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
     done = []
-    for n, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                done.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{output}:{n}: not JSON ({e.msg})") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            done.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{output}:{n}: not JSON ({e.msg})") from None
     if len(done) > len(records) or any(
         d.get("prompt") != r["prompt"] for d, r in zip(done, records, strict=False)
     ):
@@ -130,7 +129,12 @@ def finished_records(output, records) -> int:
             f"{output} exists and does not continue these prompts; remove it or pick another "
             "--output"
         )
-    return len(done)
+    kept = len(done) if len(done) == len(records) else len(done) // batch_size * batch_size
+    size = sum(len(line) for line in lines[:kept])
+    if size < len(data):
+        with open(output, "r+b") as f:
+            f.truncate(size)
+    return kept
 
 
 # ----------------------------------------------------------------------- generation
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
         else:
             records = read_prompts(args.prompts_file)
             ids = [encode(tokenizer, r["prompt"], f"prompt {i + 1}") for i, r in enumerate(records)]
-            start = finished_records(args.output, records)
+            start = finished_records(args.output, records, args.batch_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -74,6 +74,31 @@ def test_prompts_file_batches_equal_each_prompt_alone(student_dir, tmp_path, cap
     assert "does not continue these prompts" in capsys.readouterr().err
 
 
+def test_a_sampled_run_cut_mid_batch_resumes_to_the_uninterrupted_result(student_dir, tmp_path):
+    """A kill inside a batch's write leaves some of its lines; the batch is redone whole, with
+    its rows and its sampling key, not from the cut on."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
+    out = tmp_path / "out.jsonl"
+    argv = [
+        f"--student={student_dir[0]}",
+        f"--prompts_file={prompts}",
+        f"--output={out}",
+        f"--max_new_tokens={NEW}",
+        "--batch_size=4",
+        "--temperature=1.0",
+    ]
+    assert cli.main(argv) == 0
+    full = out.read_text()
+    lines = full.splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1] + lines[2][:10])  # cut inside the first batch
+    assert cli.main(argv) == 0
+    assert out.read_text() == full
+    out.write_text("".join(lines[:5]))  # the first batch and one line of the second
+    assert cli.main(argv) == 0
+    assert out.read_text() == full
+
+
 def test_single_prompt_streams_the_same_text(student_dir, capsys):
     path = student_dir[0]
     assert cli.main([f"--student={path}", f"--prompt={PROMPTS[0]}", f"--max_new_tokens={NEW}"]) == 0
