@@ -26,11 +26,12 @@ from tiny_models import tiny_model_config
 from taylorcal_jax.eval.generate import generate, left_pad
 from taylorcal_jax.export import __main__ as export_cli
 from taylorcal_jax.export.common import UnsupportedExportError
-from taylorcal_jax.export.fla_format import check_fla_exportable
+from taylorcal_jax.export.fla_format import check_fla_exportable, write_fla_model
 from taylorcal_jax.export.hf_modeling.modeling_taylorcal_hybrid import CACHE_FIELD
 from taylorcal_jax.export.hf_torch import check_exportable, read_hf_model, write_hf_model
 from taylorcal_jax.models import mixers
 from taylorcal_jax.models.config import RopeConfig
+from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.mixers import gdn
 from taylorcal_jax.models.mixers.gdn import GDNConfig
 from taylorcal_jax.models.student import StudentConfig, save_student
@@ -190,6 +191,26 @@ def test_several_end_ids_reach_transformers(tmp_path):
     assert json.loads((tmp_path / "export" / "config.json").read_text())["eos_token_id"] == [1, 4]
     assert read_hf_model(tmp_path / "export")[0] == sc
     assert list(load_torch(tmp_path / "export").generation_config.eos_token_id) == [1, 4]
+
+
+def test_params_of_another_model_are_refused_before_anything_is_written(tmp_path):
+    """transformers and fla would load them with the missing tensors drawn at random."""
+    sc, params = make_student("mistral_window_conv", rms_norm_eps=1e-5)  # fits fla's format
+    other = make_student("mistral_window_conv", keep=(0,), rms_norm_eps=1e-5)[1]
+    flat = traverse_util.flatten_dict(params)
+    flat[("layers_1", "mlp", "up_proj", "kernel")] = flat[("layers_1", "mlp", "up_proj", "kernel")][
+        :, :-1
+    ]
+    cases = [
+        (join_for_decoding(params), "unexpected .*qkv"),
+        (other, "missing"),
+        (traverse_util.unflatten_dict(flat), "layers_1/mlp/up_proj/kernel has shape"),
+    ]
+    for write in (write_hf_model, write_fla_model):
+        for bad, match in cases:
+            with pytest.raises(ValueError, match=match):
+                write(tmp_path / "out", sc, bad)
+    assert not (tmp_path / "out").exists()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from taylorcal_jax.export.common import (
     UnsupportedExportError,
     check_gdn_student,
     check_known_fields,
+    check_params,
     format_tensors,
     write_model_dir,
 )
@@ -159,6 +160,7 @@ def fla_tensors(params, dtype=None) -> dict[str, np.ndarray]:
 def write_fla_model(out_dir, config: StudentConfig, params, dtype=None, *, max_shard_bytes=None):
     """Writes config.json + safetensors in fla's format into `out_dir`; returns its path."""
     check_fla_exportable(config)
+    check_params(config, params, "fla's format")
     tensors = fla_tensors(params, dtype)
     return write_model_dir(
         out_dir, tensors, lambda dtype_name: fla_config(config, dtype_name), max_shard_bytes

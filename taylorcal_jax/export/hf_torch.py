@@ -40,6 +40,7 @@ from taylorcal_jax.export.common import (
     UnsupportedExportError,
     check_gdn_student,
     check_known_fields,
+    check_params,
     format_tensors,
     write_model_dir,
 )
@@ -193,6 +194,7 @@ def torch_tensors(params, dtype=None) -> dict[str, np.ndarray]:
 def write_hf_model(out_dir, config: StudentConfig, params, dtype=None, *, max_shard_bytes=None):
     """Writes the model directory (module docstring) into `out_dir`; returns its path."""
     check_exportable(config)
+    check_params(config, params, "a transformers model")
     tensors = torch_tensors(params, dtype)
     root = write_model_dir(
         out_dir, tensors, lambda dtype_name: hybrid_config(config, dtype_name), max_shard_bytes
