@@ -171,7 +171,8 @@ def test_round_trip_is_exact(name, tmp_path):
     hf = json.loads((tmp_path / "export" / "config.json").read_text())
     assert hf["gdn"] == sc.mixer_config.to_dict() and "gdn_kernels" not in hf
     # What transformers writes after loading (tied head dropped, its own safetensors) reads back.
-    load_torch(tmp_path / "export").save_pretrained(tmp_path / "resaved")
+    load_torch(tmp_path / "export", gdn_kernels="torch").save_pretrained(tmp_path / "resaved")
+    assert "gdn_kernels" not in json.loads((tmp_path / "resaved" / "config.json").read_text())
     config, back = read_hf_model(tmp_path / "resaved")
     assert config == sc
     _assert_same_params(back, params)

@@ -88,6 +88,13 @@ class TaylorcalHybridConfig(PretrainedConfig):
         self._check()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
+    def to_dict(self) -> dict:
+        """What config.json holds: everything but `gdn_kernels`, a load-time choice (a model
+        loaded with "fla" and saved again must load where fla is not installed)."""
+        out = super().to_dict()
+        out.pop("gdn_kernels", None)
+        return out
+
     def _check(self) -> None:
         n = self.num_hidden_layers
         for name in ("sliding_windows", "mixers"):
