@@ -51,6 +51,14 @@ def test_greedy_equals_rerun_and_left_padding(which):
         assert generated == _argmax_of_rerun(model, params, s, generated)
 
 
+def test_a_prompt_not_left_padded_is_refused():
+    model, params = _teacher()
+    tokens = np.ones((3, 4), np.int32)
+    right = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 0, 1]], bool)  # rows 1, 2: pads inside
+    with pytest.raises(ValueError, match=r"prompt rows \[1, 2\] are not left-padded"):
+        generate(model, params, tokens, valid_bt=right, max_new_tokens=2)
+
+
 def test_eos_stops_rows():
     model, params = _teacher()
     prompt = jnp.array([[3, 9, 27], [5, 2, 6]])

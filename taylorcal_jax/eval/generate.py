@@ -178,6 +178,16 @@ def _prepare(prompt_bt, valid_bt, rng, temperature):
     valid_bt = jnp.asarray(valid_bt, bool)
     if valid_bt.shape != prompt_bt.shape:
         raise ValueError(f"valid_bt shape {valid_bt.shape} != prompt shape {prompt_bt.shape}")
+    if not isinstance(valid_bt, jax.core.Tracer):
+        # generation continues from the last position of each row: its valid tokens must end
+        # there (left padding); a right-padded row would continue from a pad
+        v = np.asarray(valid_bt)
+        bad = np.flatnonzero(~v[:, -1] | (np.diff(v.astype(np.int8), axis=1) < 0).any(axis=1))
+        if bad.size:
+            raise ValueError(
+                f"prompt rows {bad[:4].tolist()} are not left-padded: each row's valid tokens "
+                "must be one run ending at its last position (eval.generate.left_pad)"
+            )
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...)")
     if rng is None:
