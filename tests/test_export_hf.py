@@ -276,6 +276,11 @@ def test_export_command(tmp_path, capsys):
     assert export_cli.main([*bare, "--overwrite"]) == 0
     assert os.path.exists(tmp_path / "bare" / "tokenizer_config.json")
     assert read_hf_model(tmp_path / "bare")[0] == sc
+    # --overwrite never deletes what it exports: --out naming the student or a folder above it
+    for out_dir in (student, tmp_path):
+        assert export_cli.main([f"--student={student}", f"--out={out_dir}", "--overwrite"]) == 2
+        assert "which replacing --out would delete" in capsys.readouterr().err
+    assert os.path.exists(student / "student_config.json")
 
 
 def test_fla_kernel_path_equals_torch_recurrence(tmp_path):

@@ -42,10 +42,21 @@ def check(args) -> None:
     """Every check that needs no weights; raises ValueError / FileNotFoundError (one line)."""
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+    out = os.path.realpath(args.out)
+    for name in ("student", "tokenizer"):
+        source = getattr(args, name)
+        if source is not None and _within(os.path.realpath(source), out):
+            raise ValueError(
+                f"--out={args.out} holds --{name}={source}, which replacing --out would delete"
+            )
     config = read_student_config(os.path.join(args.student, STUDENT_CONFIG_FILE))
     FORMATS[args.format][0](config)
     if args.tokenizer is not None and not common.has_tokenizer(args.tokenizer):
         raise FileNotFoundError(f"no tokenizer in {args.tokenizer}")
+
+
+def _within(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory
 
 
 def export(args) -> str:
