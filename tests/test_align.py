@@ -140,11 +140,18 @@ def test_sharded_over_layers_and_data_equals_single_device(problem):
         a, b = np.asarray(a), np.asarray(b)
         assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)
     np.testing.assert_allclose(metrics8["loss_after"], metrics["loss_after"], rtol=1e-4)
-    # layers only (shard_map path): 3 layers padded to 8 devices
+    # layers only (shard_map path): 3 layers padded to 8 devices; the logged loss and
+    # gradient norm are those of the 3 layers, whatever the padding
     layers_only = sharding.make_mesh({"layers": 8, "data": 1})
-    params_l, metrics_l = align.fit_layers(
-        stacked, x, y, valid, align.AlignSetup(MC, GDN, CFG, layers_only)
-    )
+    logged = {}
+    for name, mesh in (("one", sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])),
+                       ("eight", layers_only)):  # fmt: skip
+        params_l, metrics_l = align.fit_layers(
+            stacked, x, y, valid, align.AlignSetup(MC, GDN, CFG, mesh),
+            log_fn=lambda step, values, name=name: logged.setdefault(name, values),
+        )  # fmt: skip
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(logged["eight"][key], logged["one"][key], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(params_l), jax.tree.leaves(params), strict=True):
         a, b = np.asarray(a), np.asarray(b)
         assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6)

@@ -112,8 +112,10 @@ def _keep_best(extra, params, loss_l):
 
 @functools.lru_cache(maxsize=8)
 def make_task(setup: AlignSetup) -> loop.Task:
-    """The loop task of phase 2 on L stacked layers: loss = sum_l loss_l (independent
-    layers, so its gradient is each layer's own), AdamW per group, clipping per layer.
+    """The loop task of phase 2 on L stacked layers: loss = sum_l w_l loss_l (independent
+    layers, so its gradient is each layer's own; w_l = batch["weight"], 0 for the copies that
+    pad L to the "layers" axis, so the logged loss does not depend on the mesh), AdamW per
+    group, clipping per layer.
 
     extra = {"best", "best_loss", "curve"}: per layer the params of the lowest loss seen so
     far, that loss, and curve[l, s] = loss of layer l at step s (before update s).
@@ -126,7 +128,7 @@ def make_task(setup: AlignSetup) -> loop.Task:
     def loss_fn(params, batch, rng):
         del rng
         loss_l = losses(params, batch["x"], batch["y"], batch["valid"])
-        return jnp.sum(loss_l), {"layer_loss": loss_l}
+        return jnp.sum(batch["weight"] * loss_l), {"layer_loss": loss_l}
 
     def update_extra(extra, step, params, loss, aux):
         del loss
@@ -145,7 +147,7 @@ def make_task(setup: AlignSetup) -> loop.Task:
         clip=optim.clip_slices_by_global_norm(cfg.clip_norm),
         update_extra=update_extra,
         param_spec=loop.leading_axis("layers"),
-        batch_spec={"x": act, "y": act, "valid": P("data")},
+        batch_spec={"x": act, "y": act, "valid": P("data"), "weight": P("layers")},
     )
 
 
@@ -188,7 +190,12 @@ def fit_layers(
         )
     pad = layerwise.layer_padding(n_layers, mesh)
     params, x_lntd, y_lntd = layerwise.pad_layers((stacked_mixers, x_lntd, y_lntd), pad)
-    batch = {"x": x_lntd, "y": y_lntd, "valid": jnp.asarray(valid_nt, bool)}
+    batch = {
+        "x": x_lntd,
+        "y": y_lntd,
+        "valid": jnp.asarray(valid_nt, bool),
+        "weight": jnp.asarray([1.0] * n_layers + [0.0] * pad, jnp.float32),
+    }
     task = make_task(setup)
     extra = {
         "best": params,
