@@ -48,6 +48,7 @@ def test_stages_write_student_report_and_plot(run_dir):
     assert len(report["layers"]) == n_layers
     keep = report["keep_full_attention_layers"]
     assert len(keep) == 1  # 50% of 2 layers
+    assert report["phase1_parts"] == list(c.calibration.phase1_parts)  # the default: output gate
     sc, params = load_student(os.path.join(workdir, "student"))
     assert list(sc.keep_full_attention_layers) == keep
     # ga_s2 keeps the layer with the lowest candidate perplexity

@@ -474,6 +474,16 @@ def eval_student_stage(ctx) -> dict:
         "strategy": config.calibration.strategy,
         "student": student_dir,
         "write_gate_rule": config.calibration.write_gate,
+        # the phase-1 parts written into the student (value_scale and write_gate_target are
+        # reported for every Taylor strategy, applied only where listed here)
+        "phase1_parts": list(
+            select.phase1_constants(
+                config.calibration.strategy,
+                taylor_lib.TaylorConstants.from_config(config.calibration),
+            ).phase1_parts
+        )
+        if taylor_rep
+        else [],
         "keep_full_attention_layers": list(sc.keep_full_attention_layers),
         "teacher_ppl": t_ppl["ppl"],
         "student_ppl": s_ppl["ppl"],
@@ -525,8 +535,14 @@ def plot_report(report: dict, path: str) -> None:
         title="decay per head (x: kept layer)",
     )
     ax[0, 1].set(xlabel="layer (heads spread)", ylabel="mean sigmoid(x Wb)", title="write gate")
+    applied = "value_scale" in report.get("phase1_parts", ())
     ax[1, 0].set(
-        xlabel="layer (heads spread)", ylabel="sigma", yscale="log", title="value scale (phase 1)"
+        xlabel="layer (heads spread)",
+        ylabel="sigma",
+        yscale="log",
+        title="value scale (phase 1)"
+        if applied
+        else "value scale (phase 1, computed, not applied)",
     )
     idx = np.arange(len(rows))
     ax[1, 1].bar(idx - 0.2, [r["layer_loss"] for r in rows], 0.4, label="final mixer")
