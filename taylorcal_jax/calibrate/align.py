@@ -13,7 +13,8 @@ projection: `lr_gates`); o_proj and o_norm are frozen. The parameters of the bes
 kept (the loss is evaluated before every update and once after the last).
 
 The L layers run together on the training loop (train/loop.py), stacked on a leading axis:
-the loss is sum_l loss_l, whose gradient is each layer's own; AdamW is elementwise and the
+the loss is sum_l loss_l (the copies that pad L to the mesh's "layers" axis weighted 0), whose
+gradient is each layer's own; AdamW is elementwise and the
 clipping is per layer (optim.clip_slices_by_global_norm), so this is exactly L separate
 optimisers. The loop's `extra` keeps each layer's best params, best loss and loss curve; the
 steps run in jitted calls of `checkpoint_every` steps on the fixed calibration batch, each

@@ -24,8 +24,9 @@ teacher-forced input x and context C (pre-o_proj, one block per query head):
                  [sigma_min, sigma_max]; the columns of Wv for head h are multiplied by sigma_h
     output gate  Wg = alpha Wv (scaled),  alpha = gate_damping rms(C) / rms(silu(x Wv))
 
-`phase1_parts` (configs/common.py, calibration.phase1_parts; default all four = the published
-method) names the parts written into the params; the others keep the input's (e.g. `copy`)
+`phase1_parts` (configs/common.py, calibration.phase1_parts; default the output gate alone, all
+four being the published method, `taylor_calibrate_published`) names the parts written into the
+params; the others keep the input's (e.g. `copy`)
 values. Each part writes only its own parameters:
 
     decay        A_log, dt_bias, a_proj

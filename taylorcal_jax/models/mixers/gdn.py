@@ -46,7 +46,8 @@ function is computed and are never saved.
 Conversions from a teacher attention layer (docs/method.md §3; needs H = the teacher's query heads
 and K = V = its head dim):
 
-    copy        Wq -> q_proj and Wo -> o_proj (the teacher's arrays themselves); Wk, Wv ->
+    copy        Wq -> q_proj and Wo -> o_proj (the teacher's values; convert/naive.py makes
+                every mixer param float32); Wk, Wv ->
                 k_proj, v_proj [D, Hkv*d] -> [D, H*d], kv head j repeated for the G query heads
                 j*G .. j*G+G-1 (HF `repeat_kv` order); a, b, g projections, A_log, dt_bias and
                 o_norm by the standard init; the short convs (if any) are the identity (1 at
