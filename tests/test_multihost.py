@@ -109,6 +109,26 @@ def test_two_processes_give_the_perplexity_of_one(tmp_path):
     np.testing.assert_allclose(two["x_sum"], one["x_sum"], rtol=1e-5)
 
 
+def test_process_0_decides_for_all_and_its_failure_reaches_every_process(tmp_path):
+    """hosts.main_value hands process 0's result to both processes; when main_first's fn fails
+    on process 0, process 1 raises too (it waited at a barrier until JAX's timeout before)."""
+    out = tmp_path / "seen"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    worker = os.path.join(ROOT, "tests", "hosts_worker.py")
+    launcher = os.path.join(ROOT, "launch", "multihost.py")
+    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=1", "--"]
+    proc = subprocess.run(
+        [*cmd, sys.executable, worker, str(out)], env=env, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    seen = [json.loads((tmp_path / f"seen.{i}").read_text()) for i in range(2)]
+    assert [s["value"] for s in seen] == [{"made by": 0}] * 2
+    assert [s["first"] for s in seen] == [0, 1]  # fn runs on every process, 0 first
+    assert seen[0]["error"] == "no text in the source"
+    assert seen[1]["error"] == "process 0 failed in corpus: no text in the source"
+    assert seen[0]["hint"] == seen[1]["hint"] == "give it some"
+
+
 def test_a_batch_built_by_rows_is_the_whole_batch_cut():
     from taylorcal_jax.data import packing  # noqa: PLC0415
     from taylorcal_jax.train import loop  # noqa: PLC0415

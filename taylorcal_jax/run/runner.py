@@ -10,8 +10,9 @@
     6. summary.md after every stage, training_curves.png after every training stage
        (eval/training_curves.py); the final summary on stdout
 
-With several processes every process runs every step; process 0 alone locks the workdir,
-writes and removes in it (run/workdir.py), prints and writes metrics and summaries.
+With several processes every process runs every step, following the plan process 0 makes
+under the lock (`main_plan`); process 0 alone locks the workdir, writes and removes in it
+(run/workdir.py), prints and writes metrics and summaries.
 
 Results of skipped stages come from their records, so summary.md and the final summary
 always describe every listed stage.
@@ -19,6 +20,7 @@ always describe every listed stage.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import socket
@@ -73,7 +75,7 @@ def run(
     with workdir_lib.WorkdirLock(workdir, console.note):
         # Re-plan under the lock: the workdir may have changed since the first look.
         records = workdir_lib.read_records(workdir)
-        steps = plan_lib.make_plan(config, workdir, registry, records, rerun, sizes)
+        steps = main_plan(config, workdir, registry, records, rerun, sizes)
         hosts.sync(f"planned {workdir}")  # every process reads the records before they change
         mark_pending(workdir, steps, records)
         leftovers = workdir_lib.remove_partials(workdir)
@@ -123,6 +125,20 @@ def run(
         )
         console.summary(summary_rows(config, workdir, steps, results, seconds, wall))
     return results
+
+
+def main_plan(config, workdir: str, registry: Mapping, records: dict, rerun, sizes):
+    """The plan as process 0 makes it, on every process: each process fingerprints the inputs
+    it sees (an external teacher's weight files by size and modification time), and hosts
+    holding equal copies of a teacher would otherwise plan differently and part ways."""
+    steps = hosts.main_value(
+        lambda: [
+            dataclasses.asdict(s)
+            for s in plan_lib.make_plan(config, workdir, registry, records, rerun, sizes)
+        ],
+        f"planning {workdir}",
+    )
+    return [plan_lib.Step(**s) for s in steps]
 
 
 def mark_pending(workdir: str, steps, records: dict) -> None:

@@ -27,6 +27,8 @@
                               process 0 has written it
     main_first(fn, name)      fn() on process 0, then on the others (e.g. a cache that
                               process 0 builds and the others read)
+    main_value(fn, name)      fn() on process 0 alone, its JSON-able result on every process
+                              (one decision, e.g. the run's plan, from process 0's view)
 
 Row ranges: a batch split over mesh axes gives each device a block of rows; the blocks of one
 process's devices must be contiguous, which they are when the mesh is laid out from
@@ -36,6 +38,7 @@ and its batch axes come last or replicate whole across processes.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -181,12 +184,48 @@ def main_says(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def main_first(fn: Callable[[], Any], name: str):
-    """fn() on process 0 first, then on every other process (after a barrier): a cache built
-    by fn is built once, by process 0, and read by the others. Returns fn()'s result."""
+def _broadcast_bytes(data: bytes) -> bytes:
+    """Process 0's `data` on every process (others pass anything; a collective)."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if is_main() else 0)))
+    buf = np.frombuffer(data, np.uint8) if is_main() else np.zeros(size, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+
+
+def main_value(fn: Callable[[], Any] | None, name: str):
+    """fn() computed on process 0 alone (the others pass anything), its result (JSON-able)
+    handed to every process, so that all follow one decision made from process 0's view of
+    files that may differ between hosts. An exception of fn on process 0 is raised there and,
+    as a UserError naming process 0 and `name`, on every other process (with a UserError's
+    hint), instead of leaving them waiting at a barrier."""
+    if jax.process_count() == 1:
+        return fn()
+    from taylorcal_jax.errors import UserError  # noqa: PLC0415
+
+    error, data = None, b""
     if is_main():
-        result = fn()
-        sync(name)
-        return result
-    sync(name)
-    return fn()
+        try:
+            out = {"value": fn()}
+        except Exception as e:  # noqa: BLE001 - every process must learn of it
+            error = e
+            message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            out = {"error": message, "hint": getattr(e, "hint", "")}
+        data = json.dumps(out).encode()
+    out = json.loads(_broadcast_bytes(data))
+    if error is not None:
+        raise error
+    if "error" in out:
+        raise UserError(f"process 0 failed in {name}: {out['error']}", out["hint"])
+    return out["value"]
+
+
+def main_first(fn: Callable[[], Any], name: str):
+    """fn() on process 0 first, then on every other process: a cache built by fn is built
+    once, by process 0, and read by the others. Returns fn()'s result. When fn fails on
+    process 0, every process raises (main_value)."""
+    if jax.process_count() == 1:
+        return fn()
+    result = []
+    main_value(lambda: result.append(fn()), name)
+    return result[0] if is_main() else fn()
