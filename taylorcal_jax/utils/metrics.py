@@ -11,26 +11,29 @@ writes either file; the others return what they would have written.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from taylorcal_jax.utils import files, hosts
+
+logger = logging.getLogger(__name__)
 
 
 def plain(value: Any) -> Any:
+    """`value` as JSON can hold it: mappings and sequences element by element, numpy and JAX
+    scalars and arrays as Python numbers and lists, non-finite floats as strings ("nan")."""
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     if hasattr(value, "item") and getattr(value, "size", 2) == 1:
         value = value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+    elif hasattr(value, "tolist"):  # a numpy or JAX array
+        return plain(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
@@ -46,18 +49,34 @@ class MetricsWriter:
         if not hosts.is_main():
             return record
         # One write(2) of the whole line on an O_APPEND descriptor: a run killed at any
-        # point leaves whole lines only.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # point leaves whole lines only. A line cut all the same (a full disk, a crash of
+        # the machine) is ended first, so that it spoils no later line.
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (json.dumps(record) + "\n").encode())
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            while data:
+                data = data[os.write(fd, data) :]
         finally:
             os.close(fd)
         return record
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics file; a line that is not JSON (cut short) is left out with a
+    warning."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s:%d is not a whole JSON line (cut short?); left out", path, n)
+    return records
 
 
 def format_value(v: Any) -> str:
