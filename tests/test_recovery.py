@@ -31,13 +31,17 @@ def test_curve_joins_the_stages_and_keeps_the_last_row_of_a_repeated_point():
 def test_curve_keeps_only_the_latest_run_of_this_schedules_stages():
     # one workdir, two schedules: stage 1 + stage 2, then stage 2 alone (metrics.jsonl keeps
     # both); the second curve has neither stage 1's points nor its token offset
+    def start(stage):  # the runner's row where a stage's run from scratch begins
+        return {"stage": stage, "start": "run"}
+
     done = [{"stage": "distill_layers", "done": True}, {"stage": "distill", "done": True}]
-    first = [_eval("distill_layers", 0, 100.0), _eval("distill_layers", 20, 40.0), done[0],
+    first = [start("distill_layers"), _eval("distill_layers", 0, 100.0),
+             _eval("distill_layers", 20, 40.0), done[0], start("distill"),
              _eval("distill", 0, 40.0), _eval("distill", 30, 20.0), done[1]]  # fmt: skip
-    second = [_eval("distill", 0, 100.0), _eval("distill", 30, 60.0)]
+    second = [start("distill"), _eval("distill", 0, 100.0), _eval("distill", 40, 60.0)]
     assert recovery.curve_from_metrics(first) == [[0, 100.0], [20, 40.0], [50, 20.0]]
     alone = recovery.curve_from_metrics(first + second, stages=("distill",))
-    assert alone == [[0, 100.0], [30, 60.0]]
+    assert alone == [[0, 100.0], [40, 60.0]]
 
 
 def test_tokens_to_target_interpolates_in_log_ppl():
@@ -70,6 +74,7 @@ def test_targets_ratios_and_throughput():
     }
     assert recovery.ratios(out, "zero_gate") == {}
     rows = [
+        {"stage": "distill", "start": "run"},  # the runner's row where a run from scratch begins
         {"stage": "distill", "step": 1, "tokens": 100, "loss": 1, "train_seconds": 50.0},
         {"stage": "distill", "step": 2, "tokens": 200, "loss": 1, "train_seconds": 51.0},
         {"stage": "distill", "step": 2, "tokens": 200, "eval_ppl": 3.0},
@@ -84,6 +89,7 @@ def test_targets_ratios_and_throughput():
     # a second run of the stage in the same workdir: only its own intervals count
     rows += [
         {"stage": "distill", "step": 6, "tokens": 600, "done": True},
+        {"stage": "distill", "start": "run"},
         {"stage": "distill", "step": 1, "tokens": 100, "loss": 1, "train_seconds": 10.0},
         {"stage": "distill", "step": 2, "tokens": 200, "loss": 1, "train_seconds": 10.5},
     ]

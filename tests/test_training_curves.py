@@ -9,14 +9,17 @@ from taylorcal_jax.eval import training_curves
 
 def _rows():
     return [
+        {"stage": "pretrain", "start": "run"},
         {"stage": "pretrain", "step": 1, "tokens": 100, "loss": 6.0},
         {"stage": "pretrain", "step": 2, "tokens": 200, "loss": 5.0, "valid_ppl": 150.0},
         {"stage": "pretrain", "done": True, "tokens": 200, "valid_ppl": 150.0},
         {"stage": "align", "step": 1, "loss": 0.3},  # no tokens: not a token-stream stage
+        {"stage": "distill", "start": "run"},
         {"stage": "distill", "step": 0, "tokens": 0, "eval_ppl": 400.0},
         {"stage": "distill", "step": 1, "tokens": 64, "loss": 0.5},
         {"stage": "distill", "step": 2, "tokens": 128, "loss": 0.45},
         # interrupted here; resumed from the step-1 checkpoint, which logs step 2 again
+        {"stage": "distill", "start": "resume"},
         {"stage": "distill", "step": 2, "tokens": 128, "loss": 0.4},
         {"stage": "distill", "step": 2, "tokens": 128, "eval_ppl": 300.0},
         {"stage": "distill", "done": True},
@@ -31,15 +34,17 @@ def test_curves_per_stage_keep_the_last_row_of_a_repeated_point():
     assert curves["distill"]["ppl"] == [[0, 400.0], [128, 300.0]]
 
 
-def test_a_stage_run_again_after_it_finished_shows_its_latest_run_only():
-    rows = _rows() + [
+def test_a_stage_run_again_from_scratch_shows_its_latest_run_only():
+    rerun = [
+        {"stage": "distill", "start": "run"},
         {"stage": "distill", "step": 0, "tokens": 0, "eval_ppl": 390.0},
         {"stage": "distill", "step": 1, "tokens": 64, "loss": 0.7},
     ]
-    curves = training_curves.training_curves(rows)
+    curves = training_curves.training_curves(_rows() + rerun)
     assert curves["distill"] == {"loss": [[64, 0.7]], "ppl": [[0, 390.0]]}
-    # a closing row with nothing after it keeps the run it closed
-    assert training_curves.training_curves(rows + [{"stage": "distill", "done": True}]) == curves
+    # also when the earlier run was interrupted (no closing row) at more tokens
+    cut = _rows()[:-1] + [{"stage": "distill", "step": 9, "tokens": 576, "loss": 0.2}]
+    assert training_curves.training_curves(cut + rerun)["distill"] == curves["distill"]
 
 
 def test_write_plot_only_once_a_stage_has_trained(tmp_path):

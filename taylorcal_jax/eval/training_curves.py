@@ -6,9 +6,9 @@ minute, and by the runner after each of those stages).
 
 Rows of a stage: loss rows carry "loss" and "tokens"; evaluation rows carry "tokens" and a
 perplexity ("eval_ppl"; pretraining's "valid_ppl"). A resumed stage logs some points again:
-the last row of each (stage, tokens, kind) wins. A stage's closing row carries "done"; when a
-stage runs again after it had finished (its settings changed), only the rows after its last
-closing row count, so the curves show the latest training of each stage.
+the last row of each (stage, tokens, kind) wins. Only the rows of a stage's latest run from
+scratch count (`latest_run`), so the curves show the latest training of each stage, not the
+points of a run interrupted or finished under other settings.
 """
 
 from __future__ import annotations
@@ -32,16 +32,11 @@ LOSS_NAMES = {
 
 
 def latest_run(rows: list[dict]) -> list[dict]:
-    """The rows of a stage's latest run: those after the closing ("done") row of an earlier
-    run that has rows after it, else those up to the last closing row."""
-    closes = [i for i, r in enumerate(rows) if r.get("done")]
-    if not closes:
-        return rows
-    after = rows[closes[-1] + 1 :]
-    if any("tokens" in r for r in after):
-        return after
-    start = closes[-2] + 1 if len(closes) > 1 else 0
-    return rows[start : closes[-1] + 1]
+    """The rows of a stage's latest run: from its last start row from scratch ({"start":
+    "run"}, written by the runner; a resumed run's start row says "resume" and keeps the rows
+    of the run it continues) on; all rows where there is none."""
+    starts = [i for i, r in enumerate(rows) if r.get("start") == "run"]
+    return rows[starts[-1] :] if starts else rows
 
 
 def training_curves(rows: list[dict]) -> dict:
