@@ -104,6 +104,8 @@ def test_smoke_run_prints_stages_and_summary_and_records_everything(smoke):
     assert [records[s]["status"] for s in ALL_STAGES] == ["done"] * len(ALL_STAGES)
     metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [r["stage"] for r in metrics if r.get("done")] == ALL_STAGES
+    # each stage's rows begin with the runner's start row (training_curves.latest_run)
+    assert [r["stage"] for r in metrics if r.get("start") == "run"] == ALL_STAGES
     # eval_teacher reloads the saved HF teacher: the same sequences, the same perplexity.
     pretrained = records["pretrain"]["result"]
     evaluated = records["eval_teacher"]["result"]
@@ -173,6 +175,11 @@ def test_rerun_of_pretrain_reruns_every_stage_that_reads_the_teacher(smoke, tmp_
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert plan.stdout.count("run: --rerun") == 1
     assert plan.stdout.count("run: an input is rerun (--rerun)") == len(ALL_STAGES) - 1
+    # "all" with other names is all; a repeated --rerun (absl keeps the last) is refused
+    plan = cli(*SMOKE, f"--workdir={wd}", "--rerun=all,align", "--dry_run")
+    assert plan.returncode == 0 and plan.stdout.count("run: --rerun") == len(ALL_STAGES)
+    twice = cli(*SMOKE, f"--workdir={wd}", "--rerun=align", "--rerun=distill", "--dry_run")
+    assert twice.returncode == 2 and "error: --rerun is given 2 times" in twice.stderr
 
 
 def test_settings_that_change_no_result_rerun_nothing(smoke, tmp_path):
@@ -212,6 +219,10 @@ def test_changed_teacher_retrains_it_instead_of_reusing_it_or_its_checkpoints(sm
         assert json.load(f)["hidden_size"] == 48
     history = workdir_lib.read_history(wd)
     assert [r["config"]["teacher"]["hidden_size"] for r in history] == [32, 48]
+    # the final summary's outputs are this run's: not the students made from the old teacher
+    outputs = next(line for line in proc.stdout.splitlines() if line.strip().startswith("outputs"))
+    assert f"{wd}/teacher" in outputs and "student" not in outputs
+    assert "calibration_report" not in outputs
 
 
 def _outputs(stage, workdir):
@@ -273,6 +284,9 @@ def test_kill_9_mid_stage_then_rerun_equals_an_uninterrupted_run(smoke, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert workdir_lib.read_records(wd)[stage]["status"] == "running"  # killed mid-stage
+    # summary.md no longer shows the result the --rerun removed, but that the stage is to run
+    summary = open(os.path.join(wd, "summary.md")).read()
+    assert summary.split(f"## {stage}")[1].split("##")[0].count("| status | to run |") == 1
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "run: interrupted; restarting" in rerun.stdout

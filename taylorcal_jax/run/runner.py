@@ -98,17 +98,14 @@ def run(
                    for s in registry[step.name].samples(config)]  # fmt: skip
         ctx = RunContext(config, workdir, samples)
         header = {"command": command, "started": started, "stages": ", ".join(config.stages)}
-        results, seconds = {}, {}
+        results = {step.name: planned_result(step, records) for step in steps}
+        # summary.md at once: the last run's results of the stages this one redoes are gone
+        write_summary(workdir, f"taylorcal_jax run in {workdir}", {"run": header, **results})
+        seconds = {}
         for i, step in enumerate(steps, 1):
             stage = registry[step.name]
             if step.action == "skip":
                 console.stage_skipped(i, len(steps), step)
-                rec = records.get(step.name, {})
-                # a stage skipped as not needed keeps the record of a run under other settings:
-                # its result is not this configuration's
-                same = rec.get("fingerprint") == step.fingerprint
-                results[step.name] = dict(rec.get("result", {})) if same else {}
-                results[step.name].setdefault("skipped", step.reason)
                 continue
             started = functools.partial(console.stage_start, i, len(steps), step, stage.summary)
             result, seconds[step.name] = run_stage(ctx, stage, step, records, started)
@@ -139,6 +136,17 @@ def main_plan(config, workdir: str, registry: Mapping, records: dict, rerun, siz
         f"planning {workdir}",
     )
     return [plan_lib.Step(**s) for s in steps]
+
+
+def planned_result(step, records: dict) -> dict:
+    """A stage's entry in the summary before this run reaches it: a skipped stage's recorded
+    result (none when it is skipped as not needed and its record is of other settings), else
+    what this run will do."""
+    if step.action != "skip":
+        return {"status": "to resume" if step.action == "resume" else "to run"}
+    rec = records.get(step.name, {})
+    same = rec.get("fingerprint") == step.fingerprint
+    return {**(dict(rec.get("result", {})) if same else {}), "skipped": step.reason}
 
 
 def mark_pending(workdir: str, steps, records: dict) -> None:
@@ -174,6 +182,8 @@ def run_stage(ctx, stage, step, records: dict, started: Callable[[], None]):
         record["mesh"] = step.mesh  # the sizes its checkpoints are shaped by
     records[step.name] = record
     workdir_lib.write_records(workdir, records)
+    # where the rows of this run begin in metrics.jsonl ("run": from scratch; "resume")
+    ctx.metrics.write(step.name, start=step.action)
     started()
     t0 = time.perf_counter()
     try:
@@ -212,18 +222,15 @@ def summary_rows(config, workdir, steps, results, seconds, wall) -> list[tuple[s
     ]
     rows.append(("stages", ", ".join(times)))
     rows.append(("wall time", f"{wall:.1f} s"))
-    outputs = [
-        os.path.join(workdir, p)
-        for p in (
-            "teacher",
-            student_dirs.student_dir(config, "eval_student"),  # the latest student
-            "calibration_report.json",
-            "summary.md",
-            "metrics.jsonl",
-            training_curves.FILENAME,
-        )
-        if os.path.exists(os.path.join(workdir, p))
-    ]
+    # the outputs of the listed stages only: others may be of an earlier run on other inputs
+    listed = set(config.stages)
+    paths = [] if config.teacher.path else ["teacher"]  # the teacher this run used
+    if listed & set(student_dirs.STUDENT_DIRS):
+        paths.append(student_dirs.student_dir(config, "eval_student"))  # the latest student
+    if "eval_student" in listed:
+        paths.append("calibration_report.json")
+    paths += ["summary.md", "metrics.jsonl", training_curves.FILENAME]
+    outputs = [os.path.join(workdir, p) for p in paths if os.path.exists(os.path.join(workdir, p))]
     if config.teacher.path:
         outputs.insert(0, f"{config.teacher.path} (teacher)")
     rows.append(("outputs", ", ".join(outputs)))
