@@ -21,9 +21,10 @@ for a v5p-32 slice (4 hosts x 4 chips):
     gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command='
         cd taylorcal_jax && python -m taylorcal_jax.main \
             --config=configs/qwen2_5_3b_pod.py:/mnt/ckpt/Qwen2.5-3B \
-            --workdir=gs://$BUCKET/qwen2_5_3b_pod'
+            --workdir=/mnt/shared/qwen2_5_3b_pod'
 
-(the workdir must be storage every host sees, for the orbax checkpoints). On other clusters
+(the workdir must be a directory every host sees, e.g. a bucket mounted with gcsfuse at
+/mnt/shared, for the orbax checkpoints and the workdir's records; a gs:// URL is refused). On other clusters
 (SLURM, Open MPI, Kubernetes) jax detects the same from their environment: run the command
 once per process with mesh.distributed=True.
 """

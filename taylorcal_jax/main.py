@@ -161,6 +161,14 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         fail(ConfigError(f"unexpected arguments: {' '.join(argv[1:])}"), _DEBUG.value)
+    given = [a for a in sys.argv[1:] if a == "--rerun" or a.startswith("--rerun=")]
+    if len(given) > 1:  # absl keeps the last of a repeated flag: the others would be dropped
+        fail(
+            ConfigError(
+                f"--rerun is given {len(given)} times", "name every stage in one --rerun=a,b"
+            ),
+            _DEBUG.value,
+        )
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value

@@ -64,6 +64,8 @@ def _fails(config, tmp_path, match):
         ("pretrain.seq_len", 4096, "max_position_embeddings"),
         ("pretrain.seq_len", 1, "pretrain.seq_len must be at least 2"),
         ("pretrain.b2", 1.0, r"pretrain.b2 must be in \[0, 1\), got 1.0"),
+        ("pretrain.learning_rate", float("nan"), "pretrain.learning_rate=nan is not a finite"),
+        ("distill.kl.lr_mixer", float("inf"), "distill.kl.lr_mixer=inf is not a finite number"),
         ("pretrain.b1", -0.1, r"pretrain.b1 must be in \[0, 1\)"),
         ("pretrain.weight_decay", -5.0, "pretrain.weight_decay must be >= 0"),
         ("teacher.dtype", "float16", "teacher.dtype='float16' is not one of float32, bfloat16"),
@@ -197,6 +199,9 @@ def test_comma_lists_of_tuple_of_str_fields_are_split():
     c = _smoke(stages=("pretrain", "eval_teacher"))
     fields.split_comma_items(c)
     assert c.stages == ("pretrain", "eval_teacher")
+    c = _smoke(stages=("",))  # --config.stages=
+    fields.split_comma_items(c)
+    assert c.stages == ()  # "config.stages is empty", not "unknown stage ''"
 
 
 def _teacher_dir(tmp_path, *, config=True, weights=True, tokenizer=True, model_type="llama"):

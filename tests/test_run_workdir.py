@@ -104,3 +104,12 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
     with pytest.raises(ConfigError, match="is a file"):
         workdir_lib.check_workdir(str(f / "below"))
     workdir_lib.check_workdir(str(tmp_path / "new" / "deeper"))  # created later, fine
+    with pytest.raises(ConfigError, match="is a URL; the workdir must be a directory"):
+        workdir_lib.check_workdir("gs://bucket/run")  # it became a local ./gs: folder
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"stages": []}', '{"stages": {"a": 1}}'])
+def test_a_records_file_of_another_shape_is_one_line(tmp_path, text):
+    (tmp_path / workdir_lib.RECORDS_FILE).write_text(text)
+    with pytest.raises(UserError, match="stages.json is unreadable"):
+        workdir_lib.read_records(str(tmp_path))

@@ -142,6 +142,6 @@ def split_comma_items(config) -> None:
             continue
         if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
             continue  # a wrong type is check_types' to report
-        if any("," in v for v in value):
+        if any("," in v or not v.strip() for v in value):
             parent, _, leaf = path.rpartition(".")
             nodes[parent][leaf] = tuple(p.strip() for v in value for p in v.split(",") if p.strip())

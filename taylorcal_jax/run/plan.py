@@ -172,7 +172,8 @@ def make_plan(
     """The plan of `config.stages` in `workdir` (see the module docstring); `mesh_sizes` are
     this run's ({} or None: not known, as in a dry run before the devices are counted)."""
     listed = list(config.stages)
-    rerun = listed if list(rerun) == ["all"] else list(rerun)
+    rerun = [s.strip() for s in rerun]
+    rerun = listed if "all" in rerun else [s for s in rerun if s]  # "all" with others: all
     unknown = [s for s in rerun if s not in listed]
     if unknown:
         raise ConfigError(

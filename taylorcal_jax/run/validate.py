@@ -15,6 +15,7 @@ wrap library validators that raise ValueError in `config_errors(section)`.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 from taylorcal_jax.errors import ConfigError
@@ -117,6 +118,9 @@ def check_types(config) -> None:
                 kind = f"tuple of {type(default[0]).__name__}"
             article = "an" if kind[0] in "aeiou" else "a"
             raise ConfigError(f"{path}={value!r} has the wrong type; expected {article} {kind}")
+        # NaN passes every range check (nan <= 0 is False); no field takes an infinity
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}={value!r} is not a finite number")
 
 
 def check_seeds(config) -> None:

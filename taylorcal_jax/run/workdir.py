@@ -55,6 +55,11 @@ def check_workdir(path: str) -> None:
     """One-line errors for a workdir that cannot be used (before anything is written)."""
     if not path:
         raise ConfigError("--workdir is empty", "pass a directory, e.g. --workdir=workdirs/tiny")
+    if "://" in path:  # the lock, records and outputs are local file operations
+        raise ConfigError(
+            f"--workdir={path} is a URL; the workdir must be a directory of a file system",
+            "on a pod, a file system every host mounts (NFS, or a bucket mounted with gcsfuse)",
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(
             f"workdir {path} exists and is not a directory",
@@ -257,8 +262,11 @@ def read_records(workdir: str) -> dict[str, dict]:
         return {}
     try:
         with open(path) as f:
-            return json.load(f)["stages"]
-    except (ValueError, KeyError) as e:
+            records = json.load(f)["stages"]
+        if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+            raise ValueError('not {"stages": {stage: record}}')
+        return records
+    except (ValueError, KeyError, TypeError) as e:
         raise UserError(
             f"{path} is unreadable ({e})", "delete it to rerun every stage in this workdir"
         ) from e
