@@ -84,6 +84,7 @@ def _fails(config, tmp_path, match):
         ("mesh.data", 0, "mesh.data must be positive or -1"),
         ("mesh.fsdp", -1, "are both -1; one axis at most"),
         ("distill.kl.attention_impl", "flash", "distill.kl.attention_impl='flash' is not one of"),
+        ("distill.split", "valid", "distill.split='valid' is eval.split: the student would be"),
         ("calibration.seed", -1, "calibration.seed must be at least 0, got -1"),
         ("distill.seed", -3, "distill.seed must be at least 0"),
         ("data.split_seed", -1, "data.split_seed must be at least 0"),
