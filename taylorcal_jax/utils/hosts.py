@@ -177,11 +177,7 @@ def sync(name: str) -> None:
 
 def main_says(flag: bool) -> bool:
     """Process 0's `flag`, on every process (every process must call it; a barrier too)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+    return bool(main_value(lambda: bool(flag), "main_says"))
 
 
 def _broadcast_bytes(data: bytes) -> bytes:
