@@ -23,10 +23,11 @@ for a v5p-32 slice (4 hosts x 4 chips):
             --config=configs/qwen2_5_3b_pod.py:/mnt/ckpt/Qwen2.5-3B \
             --workdir=/mnt/shared/qwen2_5_3b_pod'
 
-(the workdir must be a directory every host sees, e.g. a bucket mounted with gcsfuse at
-/mnt/shared, for the orbax checkpoints and the workdir's records; a gs:// URL is refused). On other clusters
-(SLURM, Open MPI, Kubernetes) jax detects the same from their environment: run the command
-once per process with mesh.distributed=True.
+(the workdir must be a directory every host sees, for the orbax checkpoints and the workdir's
+records, on a file system with POSIX locks and atomic renames, e.g. NFS or Filestore mounted
+at /mnt/shared; a gs:// URL is refused). On other clusters (SLURM, Open MPI, Kubernetes) jax
+detects the same from their environment: run the command once per process with
+mesh.distributed=True.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from taylorcal_jax.eval import training_curves
+from taylorcal_jax.utils.metrics import read_metrics
 
 FLAGS = flags.FLAGS
 INITS = ("copy", "zero_gate", "align_only", "taylor_calibrate")
@@ -642,8 +643,7 @@ def _read_rows(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(path)
 
 
 class Experiment:

@@ -116,12 +116,16 @@ def finished_records(output, records, batch_size: int) -> int:
     with open(output, "rb") as f:
         data = f.read()
     lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
-    done = []
+    done, starts, offset = [], [], 0  # starts[i]: where the i-th result's line begins
     for n, line in enumerate(lines, 1):
+        offset += len(line)
+        if not line.strip():  # not written by this command; skipped
+            continue
         try:
             done.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ValueError(f"{output}:{n}: not JSON ({e.msg})") from None
+        starts.append(offset - len(line))
     if len(done) > len(records) or any(
         d.get("prompt") != r["prompt"] for d, r in zip(done, records, strict=False)
     ):
@@ -130,7 +134,7 @@ def finished_records(output, records, batch_size: int) -> int:
             "--output"
         )
     kept = len(done) if len(done) == len(records) else len(done) // batch_size * batch_size
-    size = sum(len(line) for line in lines[:kept])
+    size = starts[kept] if kept < len(done) else offset  # whole batches, whole lines
     if size < len(data):
         with open(output, "r+b") as f:
             f.truncate(size)

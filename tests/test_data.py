@@ -382,7 +382,7 @@ def test_cache_format_is_versioned_and_builds_are_all_or_nothing(tmp_path, monke
         return sorted(d for d in os.listdir(cache) if d.startswith("tokens-"))
 
     # Another cache format has another key: a new directory, the old one is not read.
-    monkeypatch.setattr(corpus_lib, "_FORMAT", corpus_lib._FORMAT + 1)
+    monkeypatch.setattr(corpus_lib, "TOKEN_FORMAT", corpus_lib.TOKEN_FORMAT + 1)
     real_encode = tok_lib.encode_batches
 
     def interrupted(*args, **kwargs):

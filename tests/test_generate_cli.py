@@ -97,6 +97,9 @@ def test_a_sampled_run_cut_mid_batch_resumes_to_the_uninterrupted_result(student
     out.write_text("".join(lines[:5]))  # the first batch and one line of the second
     assert cli.main(argv) == 0
     assert out.read_text() == full
+    out.write_text("\n" + "".join(lines[:2]))  # a blank line (not ours) is skipped, kept
+    assert cli.main(argv) == 0
+    assert out.read_text() == "\n" + full
 
 
 def test_single_prompt_streams_the_same_text(student_dir, capsys):

@@ -123,7 +123,7 @@ def test_process_0_decides_for_all_and_its_failure_reaches_every_process(tmp_pat
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     seen = [json.loads((tmp_path / f"seen.{i}").read_text()) for i in range(2)]
     assert [s["value"] for s in seen] == [{"made by": 0}] * 2
-    assert [s["first"] for s in seen] == [0, 1]  # fn runs on every process, 0 first
+    assert [s["first"] for s in seen] == ["built", "read"]  # process 0's fn ran first
     assert seen[0]["error"] == "no text in the source"
     assert seen[1]["error"] == "process 0 failed in corpus: no text in the source"
     assert seen[0]["hint"] == seen[1]["hint"] == "give it some"

@@ -328,6 +328,15 @@ def test_the_corpus_fingerprint_holds_what_changes_tokens():
     assert settings(False) != settings(False, **{"data.max_documents": 7})
 
 
+def test_the_corpus_fingerprint_holds_the_token_format(monkeypatch):
+    from taylorcal_jax.data import corpus
+    from taylorcal_jax.run import inputs
+
+    before = inputs.corpus_settings(_smoke(), True)
+    monkeypatch.setattr(corpus, "TOKEN_FORMAT", corpus.TOKEN_FORMAT + 1)
+    assert inputs.corpus_settings(_smoke(), True) != before
+
+
 def test_the_corpus_fingerprint_holds_what_a_relative_source_reads(tmp_path, monkeypatch):
     from taylorcal_jax.run import inputs
 

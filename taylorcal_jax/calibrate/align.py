@@ -195,7 +195,7 @@ def fit_layers(
         "x": x_lntd,
         "y": y_lntd,
         "valid": jnp.asarray(valid_nt, bool),
-        "weight": jnp.asarray([1.0] * n_layers + [0.0] * pad, jnp.float32),
+        "weight": layerwise.layer_weights(n_layers, pad),
     }
     task = make_task(setup)
     extra = {

@@ -535,15 +535,13 @@ def plot_report(report: dict, path: str) -> None:
         title="decay per head (x: kept layer)",
     )
     ax[0, 1].set(xlabel="layer (heads spread)", ylabel="mean sigmoid(x Wb)", title="write gate")
-    applied = "value_scale" in report.get("phase1_parts", ())
-    ax[1, 0].set(
-        xlabel="layer (heads spread)",
-        ylabel="sigma",
-        yscale="log",
-        title="value scale (phase 1)"
-        if applied
-        else "value scale (phase 1, computed, not applied)",
-    )
+    parts = report.get("phase1_parts", ())
+    title = "value scale (phase 1)"
+    if not parts:
+        title += ": no phase 1"
+    elif "value_scale" not in parts:
+        title += ", computed, not applied"
+    ax[1, 0].set(xlabel="layer (heads spread)", ylabel="sigma", yscale="log", title=title)
     idx = np.arange(len(rows))
     ax[1, 1].bar(idx - 0.2, [r["layer_loss"] for r in rows], 0.4, label="final mixer")
     if rows[0]["align_loss_before"] is not None:

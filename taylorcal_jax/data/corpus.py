@@ -50,7 +50,7 @@ from taylorcal_jax.utils.progress import progress
 
 # 1: .npy streams, id-hashed split. 2: raw int32 streams, content-hashed split, input checks.
 # 3: a special token's text inside a document is encoded as plain text (tokenizer._encode).
-_FORMAT = 3
+TOKEN_FORMAT = 3
 _STREAM_DTYPE = np.dtype("<i4")
 _TOKENIZER_META = "taylorcal_tokenizer_meta.json"
 
@@ -171,7 +171,7 @@ def bpe_sample(train: list[KeptDocument], budget: int) -> list[KeptDocument]:
 
 def _data_key(data_cfg) -> dict:
     return {
-        "format": _FORMAT,
+        "format": TOKEN_FORMAT,
         "source": data_cfg.source,
         "resolved_source": sources.resolved_source(data_cfg.source),
         "include_tests": bool(data_cfg.include_tests),

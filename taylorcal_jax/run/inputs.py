@@ -261,11 +261,12 @@ def corpus_settings(config, trains_bpe: bool) -> dict:
     at which a run stops (a threshold: it changes no token), and the BPE's settings only where
     the BPE is trained here (`trains_bpe`: no tokenizer directory given, none with an external
     teacher)."""
-    from taylorcal_jax.data import sources  # noqa: PLC0415
+    from taylorcal_jax.data import corpus, sources  # noqa: PLC0415
 
     data = config.data.to_dict()
     data.pop("max_undecodable_fraction")
     data["resolved_source"] = sources.resolved_source(config.data.source)
+    data["token_format"] = corpus.TOKEN_FORMAT  # a new format tokenises anew: rerun
     tokenizer = config.tokenizer.to_dict()
     if not trains_bpe:
         data.pop("bpe_sample_bytes")

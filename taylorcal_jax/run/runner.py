@@ -51,7 +51,7 @@ def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
         raise ConfigError(f"mesh.distributed: {e}", "see launch/multihost.py") from e
     sizes = validate_lib.check_mesh(config, registry, jax.device_count())
     records = workdir_lib.read_records(workdir) if os.path.isdir(workdir) else {}
-    return plan_lib.make_plan(config, workdir, registry, records, rerun, sizes), sizes
+    return main_plan(config, workdir, registry, records, rerun, sizes), sizes
 
 
 def run(
@@ -75,8 +75,8 @@ def run(
     with workdir_lib.WorkdirLock(workdir, console.note):
         # Re-plan under the lock: the workdir may have changed since the first look.
         records = workdir_lib.read_records(workdir)
+        # (main_plan is a collective: every process has read the records before they change)
         steps = main_plan(config, workdir, registry, records, rerun, sizes)
-        hosts.sync(f"planned {workdir}")  # every process reads the records before they change
         mark_pending(workdir, steps, records)
         leftovers = workdir_lib.remove_partials(workdir)
         if leftovers:

@@ -58,7 +58,7 @@ def check_workdir(path: str) -> None:
     if "://" in path:  # the lock, records and outputs are local file operations
         raise ConfigError(
             f"--workdir={path} is a URL; the workdir must be a directory of a file system",
-            "on a pod, a file system every host mounts (NFS, or a bucket mounted with gcsfuse)",
+            "on a pod, a shared file system with POSIX locks every host mounts (e.g. NFS)",
         )
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(
@@ -90,19 +90,10 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        # every process learns whether process 0 got the lock, so that all of them stop with
-        # its one-line error instead of the others waiting at the next barrier until JAX's
-        # timeout
-        refused = None
-        if hosts.is_main():
-            try:
-                self._take()
-            except UserError as e:
-                refused = e
-        if hosts.main_says(refused is not None):
-            raise refused or UserError(
-                f"workdir {os.path.dirname(self.path)} is in use (process 0 names the run)"
-            )
+        # process 0 takes the lock; every process learns whether it could (hosts.main_value),
+        # so that all of them stop with its one-line error instead of the others waiting at
+        # the next barrier until JAX's timeout
+        hosts.main_value(self._take, f"locking {os.path.dirname(self.path)}")
 
     def _take(self) -> None:
         while True:

@@ -117,7 +117,7 @@ def make_task(
         dtype=dtype,
         attention_runtime=AttentionRuntime(sequence_impl=cfg.attention_impl),
     )
-    weight_l = jnp.asarray([1.0] * len(layers) + [0.0] * pad, jnp.float32)
+    weight_l = layerwise.layer_weights(len(layers), pad)
     act = sharding.named(mesh, *layerwise.activation_spec(mesh))
 
     def loss_fn(params, tokens_bt, rng, teacher_params):

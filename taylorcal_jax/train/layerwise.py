@@ -62,6 +62,12 @@ def layer_padding(num_layers: int, mesh) -> int:
     return -num_layers % sharding.axis_size(mesh, "layers")
 
 
+def layer_weights(num_layers: int, pad: int):
+    """[L + pad] float32: 1 for the real layers, 0 for the copies `pad_layers` appends (what
+    they add to a loss summed over layers)."""
+    return jnp.asarray([1.0] * num_layers + [0.0] * pad, jnp.float32)
+
+
 def pad_layers(tree, pad: int):
     """Every leaf [L, ...] -> [L + pad, ...], the last slice repeated `pad` times."""
     if pad == 0:

@@ -202,17 +202,20 @@ def main_value(fn: Callable[[], Any] | None, name: str):
     error, data = None, b""
     if is_main():
         try:
-            out = {"value": fn()}
+            data = json.dumps({"value": fn()}).encode()
         except Exception as e:  # noqa: BLE001 - every process must learn of it
             error = e
             message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            out = {"error": message, "hint": getattr(e, "hint", "")}
-        data = json.dumps(out).encode()
+            out = {"error": message, "hint": getattr(e, "hint", ""),
+                   "exit_code": getattr(e, "exit_code", UserError.exit_code)}  # fmt: skip
+            data = json.dumps(out).encode()
     out = json.loads(_broadcast_bytes(data))
     if error is not None:
         raise error
     if "error" in out:
-        raise UserError(f"process 0 failed in {name}: {out['error']}", out["hint"])
+        failed = UserError(f"process 0 failed in {name}: {out['error']}", out["hint"])
+        failed.exit_code = out["exit_code"]  # a ConfigError's 2 on every process
+        raise failed
     return out["value"]
 
 
