@@ -85,6 +85,17 @@ def test_one_process_puts_todays_arrays_bit_identically():
     assert hosts.local_rows(rows, 16, (5,)) == (0, 16) and hosts.is_main()
 
 
+def _two_processes(worker: str, out, *, devices_each: int, timeout: int) -> None:
+    """tests/<worker> run as 2 processes of `devices_each` CPU devices (launch/multihost.py),
+    given `out` as its argument; they must succeed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    launcher = os.path.join(ROOT, "launch", "multihost.py")
+    cmd = [sys.executable, launcher, "--processes=2", f"--cpu_devices_per_process={devices_each}"]
+    cmd += ["--", sys.executable, os.path.join(ROOT, "tests", worker), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+
 def test_two_processes_give_the_perplexity_of_one(tmp_path):
     """2 processes x 2 CPU devices (params split over "fsdp" across them) against this one
     process's 8 devices: the same NLL and statistics up to float32 summation order (rtol
@@ -93,14 +104,7 @@ def test_two_processes_give_the_perplexity_of_one(tmp_path):
 
     one = multihost_worker.perplexity_on_all_devices()
     out = tmp_path / "two.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    worker = os.path.join(ROOT, "tests", "multihost_worker.py")
-    launcher = os.path.join(ROOT, "launch", "multihost.py")
-    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=2", "--"]
-    proc = subprocess.run(
-        [*cmd, sys.executable, worker, str(out)], env=env, capture_output=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    _two_processes("multihost_worker.py", out, devices_each=2, timeout=240)
     two = json.loads(out.read_text())
     assert (two["processes"], two["devices"]) == (2, 4)
     assert two["tokens"] == one["tokens"] == 11 * 11 - 4
@@ -113,14 +117,7 @@ def test_process_0_decides_for_all_and_its_failure_reaches_every_process(tmp_pat
     """hosts.main_value hands process 0's result to both processes; when main_first's fn fails
     on process 0, process 1 raises too (it waited at a barrier until JAX's timeout before)."""
     out = tmp_path / "seen"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    worker = os.path.join(ROOT, "tests", "hosts_worker.py")
-    launcher = os.path.join(ROOT, "launch", "multihost.py")
-    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=1", "--"]
-    proc = subprocess.run(
-        [*cmd, sys.executable, worker, str(out)], env=env, capture_output=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    _two_processes("hosts_worker.py", out, devices_each=1, timeout=120)
     seen = [json.loads((tmp_path / f"seen.{i}").read_text()) for i in range(2)]
     assert [s["value"] for s in seen] == [{"made by": 0}] * 2
     assert [s["first"] for s in seen] == ["built", "read"]  # process 0's fn ran first
