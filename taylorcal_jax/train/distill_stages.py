@@ -221,10 +221,12 @@ def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_
     config = ctx.config
     stream = ctx.corpus.stream(config.distill.split)
     seed = int(config.distill.seed)
-    data_seed = batch_seed(seed, stage)
-    packing.train_batch(stream, 1, budget.seq_len, data_seed, 0)  # one-line DataError if short
+    # (a stream too short for these windows was refused when the corpus was built: the
+    # stage's `samples`, run/inputs.check_samples)
     batches = loop.StreamBatches(
-        functools.partial(packing.train_batch, stream, budget.batch_size, budget.seq_len, data_seed)
+        functools.partial(
+            packing.train_batch, stream, budget.batch_size, budget.seq_len, batch_seed(seed, stage)
+        )
     )
     eval_seqs = ctx.sequences(config.eval)
     eval_model = sc.model(runtime=pipeline.student_mixer(config, sc.teacher).runtime)
