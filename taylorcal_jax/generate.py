@@ -7,9 +7,11 @@
 --prompts_file: JSON lines, each {"prompt": "..."} (other keys are copied through). Prompts run
 in batches of --batch_size, left-padded; each result {..., "prompt", "completion"} is written as
 one JSON line to --output (default stdout) as soon as its batch is done. An existing --output
-that holds the first results of the same prompts is continued, not redone: run with the same
---batch_size, it ends as an uninterrupted run would (the lines of a batch a kill cut short
-are dropped and the batch generated again).
+that holds the first results of the same prompts is continued, not redone, and ends as an
+uninterrupted run would (the lines of a batch a kill cut short are dropped and the batch
+generated again). The settings that decide the results (student, tokenizer, dtype, seed,
+sampling and, when sampling, the batch size, which sets each batch's key) are kept next to
+it in OUTPUT.settings.json; continuing with other settings is refused.
 
 Decoding is greedy unless --temperature > 0 (sampling with --seed, truncated by --top_k and
 --top_p); a row stops at an end token (the tokenizer's EOS, and every id of the model config's
@@ -34,6 +36,7 @@ from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
 from taylorcal_jax.models.config import id_tuple
 from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
+from taylorcal_jax.utils.files import write_json
 from taylorcal_jax.utils.progress import progress
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -106,12 +109,55 @@ def read_prompts(path) -> list[dict]:
     return records
 
 
-def finished_records(output, records, batch_size: int) -> int:
+SETTINGS_SUFFIX = ".settings.json"
+
+
+def run_settings(args) -> dict:
+    """What decides a --prompts_file run's results besides the prompts. Greedy rows do not
+    depend on how they are batched (left padding); sampled ones do, through each batch's key."""
+    settings = dict(
+        student=os.path.abspath(args.student),
+        tokenizer=os.path.abspath(args.tokenizer or args.student),
+        dtype=args.dtype,
+        seed=args.seed,
+        **_sampling(args),
+    )
+    if args.temperature > 0:
+        settings["batch_size"] = args.batch_size
+    return settings
+
+
+def check_settings(output, settings: dict) -> None:
+    """Raises ValueError unless `output`'s results were written with `settings`."""
+    path = output + SETTINGS_SUFFIX
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise ValueError(
+            f"{output} holds results but {path} does not say how they were generated; remove "
+            "it or pick another --output"
+        ) from None
+    changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(
+            f"{output} was generated with other settings ({', '.join(changed)}: "
+            f"{[before.get(k) for k in changed]} there, {[settings.get(k) for k in changed]} now); "
+            "rerun with those, remove it or pick another --output"
+        )
+
+
+def finished_records(output, records, batch_size: int, settings: dict) -> int:
     """How many results an existing output already holds for these records (0 if none),
     counted in whole batches of `batch_size`: the lines of a batch a kill cut short (a last
     line without its newline, and the whole lines before it in its batch) are cut off the
-    file, so that the batch is generated again as it was (its rows and its sampling key)."""
-    if output is None or not os.path.exists(output):
+    file, so that the batch is generated again as it was (its rows and its sampling key).
+    Results written with other `settings` are refused (check_settings); the settings of this
+    run are then recorded next to the output."""
+    if output is None:
+        return 0
+    if not os.path.exists(output):
+        write_json(output + SETTINGS_SUFFIX, settings)
         return 0
     with open(output, "rb") as f:
         data = f.read()
@@ -133,6 +179,10 @@ def finished_records(output, records, batch_size: int) -> int:
             f"{output} exists and does not continue these prompts; remove it or pick another "
             "--output"
         )
+    if done:
+        check_settings(output, settings)
+    else:
+        write_json(output + SETTINGS_SUFFIX, settings)
     kept = len(done) if len(done) == len(records) else len(done) // batch_size * batch_size
     size = starts[kept] if kept < len(done) else offset  # whole batches, whole lines
     if size < len(data):
@@ -241,7 +291,7 @@ def main(argv=None) -> int:
         else:
             records = read_prompts(args.prompts_file)
             ids = [encode(tokenizer, r["prompt"], f"prompt {i + 1}") for i, r in enumerate(records)]
-            start = finished_records(args.output, records, args.batch_size)
+            start = finished_records(args.output, records, args.batch_size, run_settings(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

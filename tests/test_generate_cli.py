@@ -102,6 +102,41 @@ def test_a_sampled_run_cut_mid_batch_resumes_to_the_uninterrupted_result(student
     assert out.read_text() == "\n" + full
 
 
+def test_continuing_an_output_with_other_settings_is_refused(student_dir, tmp_path, capsys):
+    """The kept results of a resumed --output were generated with its recorded settings; a
+    rerun with another seed, temperature or (sampling) batch size would append rows of another
+    run, so it is refused before any generation, and so is a results file without settings."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "out.jsonl"
+    argv = [
+        f"--student={student_dir[0]}",
+        f"--prompts_file={prompts}",
+        f"--output={out}",
+        f"--max_new_tokens={NEW}",
+        "--batch_size=1",
+        "--temperature=1.0",
+    ]
+    assert cli.main(argv) == 0
+    first = out.read_text().splitlines(keepends=True)[0]
+    for changed, name in [
+        ("--seed=1", "seed"),
+        ("--temperature=0.5", "temperature"),
+        ("--batch_size=2", "batch_size"),
+        ("--top_k=3", "top_k"),
+    ]:
+        out.write_text(first)
+        capsys.readouterr()
+        assert cli.main([*argv, changed]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and name in err and err.count("\n") == 1
+        assert out.read_text() == first  # nothing cut or appended
+    assert cli.main(argv) == 0  # the recorded settings continue
+    (tmp_path / "out.jsonl.settings.json").unlink()
+    assert cli.main(argv) == 2
+    assert "does not say how they were generated" in capsys.readouterr().err
+
+
 def test_single_prompt_streams_the_same_text(student_dir, capsys):
     path = student_dir[0]
     assert cli.main([f"--student={path}", f"--prompt={PROMPTS[0]}", f"--max_new_tokens={NEW}"]) == 0
