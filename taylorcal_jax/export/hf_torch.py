@@ -31,7 +31,6 @@ import os
 import pathlib
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -213,19 +212,14 @@ def read_hf_model(path, dtype=None) -> tuple[StudentConfig, dict]:
         config = student_config_from_hybrid(json.load(f))
     tensors = hf_io.read_weights(path)
     shapes = hf_io.expected_shapes(config.teacher, config.mixers, config.student_mixer())
-    names = {torch_tensor_name(p): p for p in shapes}
     ignorable = {"lm_head.weight"} if config.teacher.tie_word_embeddings else set()
-    missing = sorted(set(names) - set(tensors))
-    unexpected = sorted(set(tensors) - set(names) - ignorable)
-    if missing or unexpected:
-        raise hf_io.CheckpointError(
-            f"{path}: tensors do not match config.json: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}"
-        )
-    flat = {}
-    for name, p in names.items():
-        arr = tensors[name].T if _is_kernel(p) else tensors[name]
-        if arr.shape != shapes[p]:
-            raise hf_io.ShapeMismatchError(f"{path}: {name} has shape {arr.shape}, not {shapes[p]}")
-        flat[p] = jnp.asarray(arr, dtype=dtype)
+    flat = hf_io.params_from_tensors(
+        path,
+        tensors,
+        shapes,
+        ignorable=ignorable,
+        dtype=dtype,
+        name_fn=torch_tensor_name,
+        what="the exported student",
+    )
     return config, traverse_util.unflatten_dict(flat)

@@ -241,14 +241,28 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
         raise CheckpointNotFoundError(f"no config.json in {root}")
     config = ModelConfig.from_json_file(config_path)
     tensors = read_weights(root)
-
-    shapes = expected_shapes(config, mixers, student_mixer)
-    by_name = {path_to_hf_name(p): p for p in shapes}
     ignorable = {n for n in tensors if _IGNORED.search(n)}
     if config.tie_word_embeddings:
         ignorable.add("lm_head.weight")  # some exports store the tied copy as well
+    shapes = expected_shapes(config, mixers, student_mixer)
+    flat = params_from_tensors(
+        root, tensors, shapes, ignorable=ignorable, dtype=dtype, what=f"a {config.model_type} model"
+    )
+    return config, _unflatten(flat)
+
+
+def params_from_tensors(
+    root, tensors, shapes, *, ignorable=(), dtype=None, name_fn=None, what="this model"
+) -> dict[tuple[str, ...], jax.Array]:
+    """Our flat params {path: array} from a checkpoint's named tensors, given the param shapes
+    the config implies (`expected_shapes`). name_fn: path -> tensor name (path_to_hf_name);
+    dense and conv kernels are stored transposed, as torch has them. Tensors named in
+    `ignorable` may be present or not. Raises MissingTensorsError, UnexpectedTensorsError or
+    ShapeMismatchError naming the first few."""
+    name_fn = name_fn or path_to_hf_name
+    by_name = {name_fn(p): p for p in shapes}
     missing = sorted(set(by_name) - set(tensors))
-    unexpected = sorted(set(tensors) - set(by_name) - ignorable)
+    unexpected = sorted(set(tensors) - set(by_name) - set(ignorable))
     if missing:
         raise MissingTensorsError(
             f"{root}: {len(missing)} tensors required by config.json are missing, e.g. "
@@ -256,9 +270,8 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
         )
     if unexpected:
         raise UnexpectedTensorsError(
-            f"{root}: {len(unexpected)} tensors are not part of a {config.model_type} model with "
-            f"this config, e.g. {unexpected[:8]}; supported families: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{root}: {len(unexpected)} tensors are not part of {what} with this config, e.g. "
+            f"{unexpected[:8]}; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     bad = []
     for name, path in by_name.items():
@@ -269,14 +282,13 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
         raise ShapeMismatchError(
             f"{root}: tensor shapes do not match config.json:\n  " + "\n  ".join(bad[:8])
         )
-
     flat = {}
     for name, path in progress(by_name.items(), desc="loading", unit="tensor"):
         arr = tensors[name]
         if _is_kernel(path):
             arr = np.transpose(arr)
         flat[path] = jnp.asarray(arr, dtype=dtype)
-    return config, _unflatten(flat)
+    return flat
 
 
 # ------------------------------------------------------------------ saving
