@@ -36,7 +36,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns r
 _RERUN = flags.DEFINE_list(
     "rerun", [], "Stages to run again even if done, and the listed stages that use them ('all')."
 )
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the config and print the plan; run nothing.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Check the config and print the plan; run nothing (a .gguf teacher is still converted, "
+    "once, to read its architecture).",
+)
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print every config field with its value and description, then exit."
 )

@@ -1,6 +1,8 @@
 """One run: validate everything, plan, lock the workdir, run or skip each stage, summarise.
 
-    1. validate the config (validate.py) and the workdir path: nothing is written before
+    1. validate the config (validate.py) and the workdir path; the one thing written before
+       the lock is a `.gguf` teacher's conversion into `<workdir>/gguf` (once, cached; its
+       config.json is how the architecture is read and checked), even for `dry_run`
     2. start jax.distributed if asked, check the mesh against the devices
     3. plan (plan.py); `dry_run` prints the plan and stops here
     4. lock the workdir, delete `.partial` leftovers, append this run to config.json
