@@ -195,3 +195,35 @@ def test_intermediates_match_transformers(ckpt_root, tokens):
         assert ctx.shape == (B, T, config.num_attention_heads, config.head_dim)
         assert rel_err(ctx.reshape(B, T, -1), captured[(i, "ctx")]) <= 1e-4
         assert rel_err(li["attn_out"], captured[(i, "out")]) <= 1e-4
+
+
+def test_a_tied_config_with_its_own_stored_head_loads_untied(tmp_path, tokens):
+    """A checkpoint whose config.json ties the embeddings but whose file holds a different
+    lm_head.weight (a fine-tune that trained its head): transformers unties it and uses the
+    stored head; so do we, instead of running the embedding as the head."""
+    import json
+
+    path = make_tiny_checkpoint(tmp_path, "qwen2", name="own_head", tie_word_embeddings=False)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    config, params = load_pretrained(path)
+    assert not config.tie_word_embeddings and "lm_head" in params
+    assert (
+        rel_err(_forward(config, params, tokens), torch_logits(load_torch_model(path), tokens))
+        < 1e-4
+    )
+
+
+def test_a_single_file_is_read_before_an_earlier_saves_index(tmp_path, tokens):
+    """transformers' save_pretrained, writing one file where a sharded save was, leaves the old
+    index; transformers then reads model.safetensors, and so do we."""
+    path = make_tiny_checkpoint(tmp_path, "llama", name="resaved", max_shard_size="30KB")
+    load_torch_model(path).save_pretrained(path)
+    assert (path / "model.safetensors").exists() and (
+        path / "model.safetensors.index.json"
+    ).exists()
+    config, params = load_pretrained(path)
+    assert (
+        rel_err(_forward(config, params, tokens), torch_logits(load_torch_model(path), tokens))
+        < 1e-4
+    )

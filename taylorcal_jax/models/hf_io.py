@@ -19,7 +19,9 @@ Layout on disk: `config.json` plus `model.safetensors`, or shards `model-0000k-o
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -59,6 +61,10 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 # Buffers some older exports contain; they carry no learned weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+EMBED_NAME = "model.embed_tokens.weight"
+HEAD_NAME = "lm_head.weight"
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -155,6 +161,12 @@ def _resolve_dir(path_or_id) -> pathlib.Path:
 
 
 def _weight_files(root: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] | None]:
+    """The weight files of a checkpoint directory, and the index's weight map when sharded.
+    model.safetensors is taken before an index, as transformers does: its save_pretrained
+    leaves an earlier save's index behind when it writes one file into the same directory."""
+    single = root / SINGLE_FILE
+    if single.exists():
+        return [single], None
     index = root / INDEX_FILE
     if index.exists():
         try:
@@ -166,9 +178,6 @@ def _weight_files(root: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str
         if missing:
             raise CheckpointNotFoundError(f"{index} lists shard files that are missing: {missing}")
         return files, weight_map
-    single = root / SINGLE_FILE
-    if single.exists():
-        return [single], None
     others = sorted(root.glob("*.safetensors"))
     if len(others) == 1:
         return others, None
@@ -242,13 +251,29 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
     config = ModelConfig.from_json_file(config_path)
     tensors = read_weights(root)
     ignorable = {n for n in tensors if _IGNORED.search(n)}
+    if config.tie_word_embeddings and _stored_head_differs(tensors):
+        # transformers unties such a checkpoint (with a warning) and uses the stored head
+        logger.warning(
+            "%s: config.json ties the embeddings but %s differs from %s; loading it untied, "
+            "as transformers does",
+            root,
+            HEAD_NAME,
+            EMBED_NAME,
+        )
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     if config.tie_word_embeddings:
-        ignorable.add("lm_head.weight")  # some exports store the tied copy as well
+        ignorable.add(HEAD_NAME)  # some exports store the tied copy as well
     shapes = expected_shapes(config, mixers, student_mixer)
     flat = params_from_tensors(
         root, tensors, shapes, ignorable=ignorable, dtype=dtype, what=f"a {config.model_type} model"
     )
     return config, _unflatten(flat)
+
+
+def _stored_head_differs(tensors) -> bool:
+    """Whether the checkpoint stores an output head that is not its embedding."""
+    head, embed = tensors.get(HEAD_NAME), tensors.get(EMBED_NAME)
+    return head is not None and embed is not None and not np.array_equal(head, embed)
 
 
 def params_from_tensors(
