@@ -258,7 +258,18 @@ def test_save_load_round_trip_exact(tmp_path, conv, tied):
 def test_save_load_errors(tmp_path):
     sc, params = _student(False)
     other = StudentConfig.from_teacher(sc.teacher, (0,), mixer="gdn")
-    with pytest.raises(ValueError, match="layers_0 has no 'self_attn'"):
+    with pytest.raises(
+        ValueError, match=r"missing \['layers_0/self_attn.*unexpected \['layers_0/gdn"
+    ):
         save_student(tmp_path / "x", other, params)
+    # a union of both mixers in every layer (as keep_l runs initialise) was written, and then
+    # refused by load_student
+    union = {
+        **params,
+        "layers_0": {**params["layers_0"], "self_attn": params["layers_1"]["self_attn"]},
+    }
+    with pytest.raises(ValueError, match=r"unexpected \['layers_0/self_attn"):
+        save_student(tmp_path / "x", sc, union)
+    assert not (tmp_path / "x").exists()
     with pytest.raises(FileNotFoundError, match="student dir"):
         load_student(tmp_path)

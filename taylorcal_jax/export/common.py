@@ -77,29 +77,6 @@ def check_gdn_student(config, target: str) -> None:
     check_known_fields(config.mixer_config, GDN_FIELDS, target)
 
 
-def check_params(config, params, target: str) -> None:
-    """ValueError unless `params` are those of the student `config` describes, path for path
-    and shape for shape: transformers and fla would load anything else with the missing
-    tensors drawn at random (e.g. params joined for decoding, models/joined.py)."""
-    expected = hf_io.expected_shapes(config.teacher, config.mixers, config.student_mixer())
-    given = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(params).items()}
-    missing = sorted("/".join(p) for p in set(expected) - set(given))
-    unexpected = sorted("/".join(p) for p in set(given) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"params do not match the student config, so they cannot be exported to {target}: "
-            f"missing {missing[:4]}, unexpected {unexpected[:4]} (params joined for decoding "
-            "are not exported; export the params as loaded)"
-        )
-    wrong = sorted(p for p in expected if given[p] != expected[p])
-    if wrong:
-        p = wrong[0]
-        raise ValueError(
-            f"params do not match the student config: {'/'.join(p)} has shape {given[p]}, "
-            f"not {expected[p]} ({len(wrong)} such), so they cannot be exported to {target}"
-        )
-
-
 def format_tensors(params, name_fn, layout_fn, dtype=None) -> dict[str, np.ndarray]:
     """{name_fn(path): layout_fn(path, array)} of every parameter (dtype: cast every tensor;
     None keeps each one's)."""

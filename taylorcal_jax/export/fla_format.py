@@ -31,12 +31,11 @@ from taylorcal_jax.export.common import (
     UnsupportedExportError,
     check_gdn_student,
     check_known_fields,
-    check_params,
     format_tensors,
     write_model_dir,
 )
 from taylorcal_jax.models import hf_io
-from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.student import StudentConfig, check_params
 
 TARGET = "flash-linear-attention's GatedDeltaNetForCausalLM format"
 MODEL_TYPE = "gated_deltanet"

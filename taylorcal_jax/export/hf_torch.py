@@ -39,7 +39,6 @@ from taylorcal_jax.export.common import (
     UnsupportedExportError,
     check_gdn_student,
     check_known_fields,
-    check_params,
     format_tensors,
     write_model_dir,
 )
@@ -48,7 +47,7 @@ from taylorcal_jax.models.config import ModelConfig, RopeConfig
 from taylorcal_jax.models.mixers import gdn
 from taylorcal_jax.models.paths import ATTENTION
 from taylorcal_jax.models.rope import rope_frequencies
-from taylorcal_jax.models.student import StudentConfig
+from taylorcal_jax.models.student import StudentConfig, check_params
 
 MODEL_TYPE = "taylorcal_hybrid"
 MODELING_DIR = pathlib.Path(__file__).parent / "hf_modeling"

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from taylorcal_jax.models.config import ModelConfig, RopeConfig
 from taylorcal_jax.models.layers import AttentionRuntime
 from taylorcal_jax.models.mixers import StudentMixer, get_mixer, mixer_for_config
-from taylorcal_jax.models.paths import ATTENTION, has_layer_mixer, layer_key, mixer_key
+from taylorcal_jax.models.paths import ATTENTION
 from taylorcal_jax.models.teacher import Transformer
 
 STUDENT_CONFIG_FILE = "student_config.json"
@@ -226,7 +226,7 @@ def save_student(path: str | os.PathLike, config: StudentConfig, params, *, dtyp
     """
     from taylorcal_jax.models import hf_io
 
-    _check_layout(config, params)
+    check_params(config, params)
     root = hf_io.save_pretrained(path, config.teacher, params, dtype=dtype)
     write_student_config(root / STUDENT_CONFIG_FILE, config)
     return root
@@ -243,11 +243,30 @@ def load_student(path: str | os.PathLike, dtype=None) -> tuple[StudentConfig, di
     return config, params
 
 
-def _check_layout(config: StudentConfig, params) -> None:
-    for i, mixer in enumerate(config.mixers):
-        if not has_layer_mixer(params, i, mixer):
-            raise ValueError(
-                f"params {layer_key(i)} has no {mixer_key(mixer)!r} but the student config says "
-                f"layer {i} is {mixer!r} "
-                f"(keep_full_attention_layers={list(config.keep_full_attention_layers)})"
-            )
+def check_params(config: StudentConfig, params, target: str = "a student directory") -> None:
+    """ValueError unless `params` are those of the student `config` describes, path for path
+    and shape for shape: a reader (load_student, transformers, fla) would refuse anything else
+    or, for the exports, load it with the missing tensors drawn at random (e.g. params joined
+    for decoding, models/joined.py, or a union of both mixers in every layer)."""
+    from flax import traverse_util  # noqa: PLC0415
+
+    from taylorcal_jax.models import hf_io  # noqa: PLC0415
+
+    expected = hf_io.expected_shapes(config.teacher, config.mixers, config.student_mixer())
+    given = {p: tuple(jnp.shape(v)) for p, v in traverse_util.flatten_dict(params).items()}
+    missing = sorted("/".join(p) for p in set(expected) - set(given))
+    unexpected = sorted("/".join(p) for p in set(given) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"params do not match the student config, so they cannot be written as {target}: "
+            f"missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]} (params joined for decoding are not written; write the params "
+            "as loaded)"
+        )
+    wrong = sorted(p for p in expected if given[p] != expected[p])
+    if wrong:
+        p = wrong[0]
+        raise ValueError(
+            f"params do not match the student config: {'/'.join(p)} has shape {given[p]}, "
+            f"not {expected[p]} ({len(wrong)} such), so they cannot be written as {target}"
+        )
