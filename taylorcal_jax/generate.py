@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taylorcal_jax.data.tokenizer import load_tokenizer
-from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
+from taylorcal_jax.eval.generate import MIN_TEMPERATURE, generate, generate_stream, left_pad
 from taylorcal_jax.models.config import id_tuple
 from taylorcal_jax.models.joined import join_for_decoding
 from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
@@ -65,9 +65,10 @@ def parse_args(argv):
 # ----------------------------------------------------------------------- checks and input
 
 
-def check_args(args) -> None:
-    """Raises ValueError / FileNotFoundError (one line) for arguments that cannot work."""
-    read_student_config(os.path.join(args.student, STUDENT_CONFIG_FILE))
+def check_args(args):
+    """The student's config; raises ValueError / FileNotFoundError (one line) for arguments
+    that cannot work."""
+    config = read_student_config(os.path.join(args.student, STUDENT_CONFIG_FILE))
     tokenizer_dir = args.tokenizer or args.student
     if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer_config.json")):
         raise FileNotFoundError(
@@ -78,16 +79,37 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"--prompts_file {args.prompts_file} does not exist")
     if args.output is not None and args.prompt is not None:
         raise ValueError("--output goes with --prompts_file; --prompt prints to stdout")
+    if args.output is not None and os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output} is a directory; name a file")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
+        raise ValueError(
+            f"--temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE}, got "
+            f"{args.temperature}"
+        )
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    return config
+
+
+def check_ids(ids_rows, pad: int, vocab_size: int) -> None:
+    """ValueError naming the first prompt with a token id outside the model's vocabulary (a
+    tokenizer larger than the model's), or a padding id outside it."""
+    for n, ids in enumerate(ids_rows, 1):
+        if max(ids) >= vocab_size or min(ids) < 0:
+            raise ValueError(
+                f"prompt {n} has token ids outside the model's vocabulary [0, {vocab_size}) "
+                f"(largest {max(ids)}): is --tokenizer the model's?"
+            )
+    if not 0 <= pad < vocab_size:
+        raise ValueError(f"padding id {pad} is outside the model's vocabulary [0, {vocab_size})")
 
 
 def read_prompts(path) -> list[dict]:
@@ -224,6 +246,22 @@ def until_eos(ids, ends) -> list[int]:
     return ids[:cut]
 
 
+def continuation_text(tokenizer, prompt_ids, new_ids) -> str:
+    """The text `new_ids` add after `prompt_ids`. Decoding the new ids alone loses what a
+    decoder does at the start of a text: SentencePiece-style ones drop the space of a first
+    U+2581 "word", which after a prompt is " word"."""
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode([*prompt_ids, *new_ids], skip_special_tokens=True)
+    if whole.startswith(prompt):
+        return whole[len(prompt) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)  # the decoder rewrote the prompt
+
+
+def padding_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+
+
 def stream_prompt(model, params, tokenizer, ids, args, out, *, ends) -> str:
     """Prints the continuation of one prompt (token ids) as it is generated; returns it."""
     new, shown = [], ""
@@ -239,12 +277,12 @@ def stream_prompt(model, params, tokenizer, ids, args, out, *, ends) -> str:
         if int(token_b[0]) in ends:
             break
         new.append(int(token_b[0]))
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        text = continuation_text(tokenizer, ids, new)
         if args.stream and not text.endswith("\ufffd"):  # wait for the rest of a character
             out.write(text[len(shown) :])
             out.flush()
             shown = text
-    completion = tokenizer.decode(new, skip_special_tokens=True)
+    completion = continuation_text(tokenizer, ids, new)
     out.write(completion[len(shown) :] + "\n")
     out.flush()
     return completion
@@ -253,8 +291,7 @@ def stream_prompt(model, params, tokenizer, ids, args, out, *, ends) -> str:
 def generate_batches(model, params, tokenizer, records, ids, args, out, start=0, *, ends):
     """Writes {**record, "completion"} for records[start:] (token ids `ids`) batch by batch;
     rows stop at the end ids `ends`."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    pad = padding_id(tokenizer)
     starts = range(start, len(records), args.batch_size)
     for first in progress(starts, desc="generate", unit="batch", file=sys.stderr):
         batch = ids[first : first + args.batch_size]
@@ -275,7 +312,7 @@ def generate_batches(model, params, tokenizer, records, ids, args, out, start=0,
         new = np.asarray(result["tokens"])
         lines = []
         for i, record in enumerate(records[first : first + len(batch)]):
-            completion = tokenizer.decode(until_eos(new[i], ends), skip_special_tokens=True)
+            completion = continuation_text(tokenizer, batch[i], until_eos(new[i], ends))
             lines.append(json.dumps({**record, "completion": completion}) + "\n")
         out.write("".join(lines))  # the batch in one write: a kill leaves whole lines or a cut
         out.flush()
@@ -284,15 +321,17 @@ def generate_batches(model, params, tokenizer, records, ids, args, out, start=0,
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_args(args)
+        vocab_size = check_args(args).teacher.vocab_size
         tokenizer = load_tokenizer(args.tokenizer or args.student)
         if args.prompts_file is None:
             records, ids = None, encode(tokenizer, args.prompt, "--prompt")
+            check_ids([ids], padding_id(tokenizer), vocab_size)
         else:
             records = read_prompts(args.prompts_file)
             ids = [encode(tokenizer, r["prompt"], f"prompt {i + 1}") for i, r in enumerate(records)]
+            check_ids(ids, padding_id(tokenizer), vocab_size)
             start = finished_records(args.output, records, args.batch_size, run_settings(args))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]

@@ -59,6 +59,29 @@ def test_a_prompt_not_left_padded_is_refused():
         generate(model, params, tokens, valid_bt=right, max_new_tokens=2)
 
 
+def test_ids_outside_the_vocabulary_and_degenerate_temperatures_are_refused():
+    """An id outside the vocabulary embeds as NaN (every later token the argmax of NaN, id 0)
+    and so does a temperature float32 rounds to 0 (logits / 0); both were accepted."""
+    model, params = _teacher()
+    ok = np.ones((1, 3), np.int32)
+    for tokens, kw, match in [
+        (
+            ok.at_vocab if False else np.array([[1, CFG.vocab_size, 2]]),
+            {},
+            r"\[0, 47\), got \[1, 47\]",
+        ),
+        (np.array([[-1, 2, 3]]), {}, r"got \[-1, 3\]"),
+        (np.array([[CFG.vocab_size, 2, 3]]), {"valid_bt": np.array([[0, 1, 1]], bool)}, "got"),
+        (ok, {"temperature": float("nan"), "rng": jax.random.PRNGKey(0)}, "temperature must be 0"),
+        (ok, {"temperature": 1e-300, "rng": jax.random.PRNGKey(0)}, "temperature must be 0"),
+        (ok, {"temperature": float("inf"), "rng": jax.random.PRNGKey(0)}, "temperature must be 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            generate(model, params, tokens, max_new_tokens=2, **kw)
+    with pytest.raises(ValueError, match="vocabulary"):
+        next(generate_stream(model, params, np.array([[50]]), max_new_tokens=2))
+
+
 def test_eos_stops_rows():
     model, params = _teacher()
     prompt = jnp.array([[3, 9, 27], [5, 2, 6]])

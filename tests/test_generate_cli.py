@@ -157,7 +157,11 @@ def test_tokenizer_from_the_flag_for_a_student_without_one(student_dir, tmp_path
     "args, message",
     [
         (["--prompt=x", "--top_p=0"], "--top_p must be in (0, 1]"),
-        (["--prompt=x", "--temperature=-1"], "--temperature must be >= 0"),
+        (["--prompt=x", "--temperature=-1"], "--temperature must be 0 (greedy) or"),
+        (["--prompt=x", "--temperature=nan"], "--temperature must be 0 (greedy) or"),
+        (["--prompt=x", "--temperature=1e-300"], "--temperature must be 0 (greedy) or"),
+        (["--prompt=x", f"--seed={2**32}"], "--seed must be in [0, 2**32)"),
+        ([f"--prompts_file={__file__}", "--output=/tmp"], "--output /tmp is a directory"),
         (["--prompt=x", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
         (["--prompts_file=/nonexistent.jsonl"], "does not exist"),
         (["--prompt=x", "--tokenizer=/nonexistent"], "no tokenizer in /nonexistent"),
@@ -168,6 +172,37 @@ def test_bad_arguments_fail_in_one_line(student_dir, args, message, capsys):
     assert cli.main([f"--student={student_dir[0]}", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_prompt_ids_outside_the_models_vocabulary_are_refused(student_dir, tmp_path, capsys):
+    """A --tokenizer larger than the student's vocabulary gave ids the model embeds as NaN, and
+    an empty completion with exit status 0."""
+    texts = [f"word{i} " * 3 for i in range(400)]
+    big = train_bpe(texts, 600)  # ids up to ~600 > the student's 320
+    big.save_pretrained(str(tmp_path / "big"))
+    prompt = " ".join(f"word{i}" for i in range(0, 400, 7))
+    argv = [f"--student={student_dir[0]}", f"--tokenizer={tmp_path / 'big'}", f"--prompt={prompt}"]
+    assert max(big(prompt)["input_ids"]) >= 320
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 has token ids outside the model's vocabulary [0, 320)" in err
+    assert err.count("\n") == 1
+
+
+def test_a_continuation_keeps_what_its_first_token_decodes_to_after_the_prompt():
+    """SentencePiece-style decoders drop the space of a first U+2581 piece: decoding the new
+    tokens alone lost the space between the prompt and its continuation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2, "!": 3}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    assert tok.decode([2]) == "world" and tok.decode([1, 2]) == "Hello world"
+    assert cli.continuation_text(tok, [1], [2, 3]) == " world!"
+    assert cli.continuation_text(tok, [1], []) == ""
 
 
 def test_bad_prompts_file_and_student_dir(tmp_path, student_dir, capsys):

@@ -63,11 +63,19 @@ def truncated_logits(logits_bv, top_k: int | None, top_p: float | None):
     return logits
 
 
+# Below this a sample is the argmax in all but name, and float32 logits / temperature can
+# overflow to inf (or divide by a temperature that float32 rounds to 0), which gives NaN.
+MIN_TEMPERATURE = 1e-6
+
+
 def _check_options(max_new_tokens, temperature, top_k, top_p):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(
+            f"temperature must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE}, got "
+            f"{temperature}"
+        )
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -168,11 +176,19 @@ def _decode_call(model, params, token_b, cache, rng, *, temperature, top_k, top_
 _join_call = jax.jit(join_for_decoding)
 
 
-def _prepare(prompt_bt, valid_bt, rng, temperature):
-    """Checked (prompt int32 [B, P], valid bool [B, P], rng)."""
+def _prepare(prompt_bt, valid_bt, rng, temperature, vocab_size):
+    """Checked (prompt int32 [B, P], valid bool [B, P], rng). Ids outside the vocabulary,
+    padding included, would embed as NaN and every later token would be the argmax of NaN."""
     prompt_bt = jnp.asarray(prompt_bt, jnp.int32)
     if prompt_bt.ndim != 2:
         raise ValueError(f"prompt_bt must be [B, P] token ids, got shape {prompt_bt.shape}")
+    if not isinstance(prompt_bt, jax.core.Tracer) and prompt_bt.size:
+        low, high = int(prompt_bt.min()), int(prompt_bt.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"prompt token ids must be in the model's vocabulary [0, {vocab_size}), got "
+                f"[{low}, {high}] (a tokenizer larger than the model's?)"
+            )
     if valid_bt is None:
         valid_bt = jnp.ones(prompt_bt.shape, bool)
     valid_bt = jnp.asarray(valid_bt, bool)
@@ -216,7 +232,9 @@ def generate(
     Returns {"tokens": [B, N] int32 (pad_id after EOS), "valid": [B, N] bool}.
     """
     _check_options(max_new_tokens, temperature, top_k, top_p)
-    prompt_bt, valid_bt, rng = _prepare(prompt_bt, valid_bt, rng, temperature)
+    prompt_bt, valid_bt, rng = _prepare(
+        prompt_bt, valid_bt, rng, temperature, model.config.vocab_size
+    )
     tokens, valid = _generate(
         model,
         params,
@@ -250,7 +268,9 @@ def generate_stream(
     the same arguments makes them (a row's tokens after its end token are not replaced here);
     stops after max_new_tokens steps, or once every row has produced one of eos_token_id."""
     _check_options(max_new_tokens, temperature, top_k, top_p)
-    prompt_bt, valid_bt, rng = _prepare(prompt_bt, valid_bt, rng, temperature)
+    prompt_bt, valid_bt, rng = _prepare(
+        prompt_bt, valid_bt, rng, temperature, model.config.vocab_size
+    )
     options = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
     first_rng, rngs = _step_keys(rng, max_new_tokens)
     max_len = prompt_bt.shape[1] + max_new_tokens
