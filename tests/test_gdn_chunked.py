@@ -292,6 +292,29 @@ def test_api_dispatches_to_each_implementation(caplog, monkeypatch):
         assert len(logged) == 1 and "'chunked'" in logged[0], logged
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_runs_the_chunked_op_where_the_kernels_refuse_the_residuals_or_an_empty_sequence(
+    backend, monkeypatch
+):
+    """ "auto" chose the kernels without asking whether they take pallas_residuals (the float32
+    GPU path keeps "inputs" only, the TPU kernels refuse "t") or T = 0, and the call raised; it
+    runs the chunked op there, as for any inputs the kernels refuse."""
+    monkeypatch.setattr(api.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(dispatch, "_logged", set())
+    inputs = random_inputs(23, t=9, k=16, v=16)
+    q, k, v = _args(inputs)[:3]
+    assert api.resolve_impl("auto", q, k, v, 16) != "chunked"  # the kernels take these
+    assert api.resolve_impl("auto", q, k, v, 16, "t") == "chunked"
+    assert api.resolve_impl("auto", q[:, :0], k[:, :0], v[:, :0], 16) == "chunked"
+    kwargs = dict(initial_state_bhkv=_state(inputs), output_final_state=True, chunk_size=16)
+    o, s = api.gated_delta_rule(*_args(inputs), impl="auto", pallas_residuals="t", **kwargs)
+    o_ch, s_ch = api.gated_delta_rule(*_args(inputs), impl="chunked", **kwargs)
+    assert np.array_equal(o, o_ch) and np.array_equal(s, s_ch)
+    empty = [x[:, :0] for x in _args(inputs)]
+    o, s = api.gated_delta_rule(*empty, impl="auto", **kwargs)
+    assert o.shape[1] == 0 and np.array_equal(s, kwargs["initial_state_bhkv"])
+
+
 def test_api_pallas_on_cpu_is_a_clear_error_not_a_fallback():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU refusal")

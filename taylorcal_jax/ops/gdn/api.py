@@ -83,11 +83,19 @@ def _log_once(backend: str, choice: str, why: str) -> str:
     return log_choice_once(logger, "gated_delta_rule", backend, choice, why)
 
 
-def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: int = 64) -> str:
+def resolve_impl(
+    impl: str,
+    q_bthk=None,
+    k_bthk=None,
+    v_bthv=None,
+    chunk_size: int = 64,
+    pallas_residuals: str = "auto",
+) -> str:
     """The implementation `impl` runs as here ("auto" resolved); raises if it cannot run.
 
     With the inputs given, "auto" also asks the backend's op.unsupported_reason whether the
-    kernels take them, and uses "chunked" when they do not. "pallas" resolves to "pallas_tpu"
+    kernels take them and `pallas_residuals` (which the float32 GPU path and the TPU kernels
+    take only in part), and uses "chunked" when they do not. "pallas" resolves to "pallas_tpu"
     on a TPU backend.
     """
     if impl not in IMPLS:
@@ -107,7 +115,9 @@ def resolve_impl(impl: str, q_bthk=None, k_bthk=None, v_bthv=None, chunk_size: i
         _log_once(backend, "chunked", str(e))
         return "chunked"
     if q_bthk is not None:
-        reason = pallas_op.unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size)
+        reason = pallas_op.unsupported_reason(
+            q_bthk, k_bthk, v_bthv, chunk_size, residuals=pallas_residuals
+        )
         if reason:
             _log_once(backend, "chunked", f"the Pallas kernel does not take these inputs: {reason}")
             return "chunked"
@@ -153,7 +163,7 @@ def gated_delta_rule(
     if initial_state_bhkv is not None:
         initial_state_bhkv = jnp.asarray(initial_state_bhkv)
     check_operands(q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv, chunk_size)
-    choice = resolve_impl(impl, q_bthk, k_bthk, v_bthv, chunk_size)
+    choice = resolve_impl(impl, q_bthk, k_bthk, v_bthv, chunk_size, pallas_residuals)
     kwargs = dict(
         initial_state_bhkv=initial_state_bhkv,
         output_final_state=output_final_state,

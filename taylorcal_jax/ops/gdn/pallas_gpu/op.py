@@ -43,8 +43,11 @@ def _gdn_fwd(q, k, v, g, beta, s0, st):
 _gdn.defvjp(_gdn_fwd, backward)
 
 
-def unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size) -> str | None:
-    """Why the Pallas kernels cannot take these inputs (api.py's "auto" asks), or None."""
+def unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size, residuals="auto") -> str | None:
+    """Why the Pallas kernels cannot take these inputs, or these residuals on the path the
+    operand dtype picks (api.py's "auto" asks, and then runs the chunked op), or None."""
+    if q_bthk.shape[1] == 0:
+        return "an empty sequence (T = 0)"
     if chunk_size not in (16, 32, 64):
         return f"chunk_size must be 16, 32 or 64 for the Pallas kernels, got {chunk_size}"
     for name, d in (("K", q_bthk.shape[-1]), ("V", v_bthv.shape[-1])):
@@ -52,6 +55,13 @@ def unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size) -> str | None:
             return f"{name}={d} must be a power of two >= 16 for the Pallas kernels"
     if any(x.dtype == jnp.float64 for x in (q_bthk, k_bthk, v_bthv)):
         return "float64 inputs (the kernels compute in float32)"
+    config = default_config(
+        operand_dtype(q_bthk, k_bthk, v_bthv), q_bthk.shape[-1], v_bthv.shape[-1]
+    )
+    try:
+        resolve_residuals(config, residuals)
+    except ValueError as e:
+        return str(e)
     return None
 
 

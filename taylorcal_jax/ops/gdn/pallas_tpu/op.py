@@ -67,8 +67,17 @@ def _gdn_bwd(st: Static, res, cts):
 _gdn.defvjp(_gdn_fwd, _gdn_bwd)
 
 
-def unsupported_reason(q_bthk, k_bthk, v_bthv, chunk_size, config: TPUConfig | None = None):
-    """Why the TPU kernels cannot take these inputs (api.py's "auto" asks), or None."""
+def unsupported_reason(
+    q_bthk, k_bthk, v_bthv, chunk_size, config: TPUConfig | None = None, residuals="auto"
+):
+    """Why the TPU kernels cannot take these inputs or these residuals (api.py's "auto" asks,
+    and then runs the chunked op), or None."""
+    if q_bthk.shape[1] == 0:
+        return "an empty sequence (T = 0)"
+    try:
+        resolve_residuals(residuals)
+    except ValueError as e:
+        return str(e)
     if chunk_size not in CHUNK_SIZES:
         return f"chunk_size must be one of {CHUNK_SIZES} for the TPU kernels, got {chunk_size}"
     if any(x.dtype == jnp.float64 for x in (q_bthk, k_bthk, v_bthv)):
