@@ -281,6 +281,12 @@ def test_export_command(tmp_path, capsys):
         assert export_cli.main([f"--student={student}", f"--out={out_dir}", "--overwrite"]) == 2
         assert "which replacing --out would delete" in capsys.readouterr().err
     assert os.path.exists(student / "student_config.json")
+    # an --out that is a file was removed by nothing and os.replace failed after all the work
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert export_cli.main([f"--student={student}", f"--out={afile}", "--overwrite"]) == 2
+    assert "is a file; name a directory" in capsys.readouterr().err
+    assert afile.read_text() == "x" and not os.path.exists(f"{afile}.tmp")
 
 
 def test_fla_kernel_path_equals_torch_recurrence(tmp_path):

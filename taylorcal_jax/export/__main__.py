@@ -40,6 +40,8 @@ def parse_args(argv):
 
 def check(args) -> None:
     """Every check that needs no weights; raises ValueError / FileNotFoundError (one line)."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out={args.out} is a file; name a directory")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
     out = os.path.realpath(args.out)
@@ -71,11 +73,14 @@ def export(args) -> str:
     config, params = load_student(args.student)
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    FORMATS[args.format][1](tmp, config, params, args.dtype)
-    if tokenizer is not None:
-        common.copy_tokenizer(tokenizer, tmp)
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.replace(tmp, args.out)
+    try:
+        FORMATS[args.format][1](tmp, config, params, args.dtype)
+        if tokenizer is not None:
+            common.copy_tokenizer(tokenizer, tmp)
+        shutil.rmtree(args.out, ignore_errors=True)
+        os.replace(tmp, args.out)
+    finally:  # failed or interrupted: no half-written export left beside --out
+        shutil.rmtree(tmp, ignore_errors=True)
     return args.out
 
 
