@@ -116,3 +116,10 @@ def test_parallel_scores_equal_one_model_at_a_time(tiny):
     keep, scores = select.choose_layers("ga_s2", 0.5, scoring)
     np.testing.assert_allclose(scores, ga, rtol=1e-6)
     assert keep == tuple(sorted(np.argsort(ga, kind="stable")[:2].tolist()))
+
+
+def test_keep_mask_refuses_layers_outside_the_model():
+    assert select.keep_mask((0, 3), 4).tolist() == [True, False, False, True]
+    for keep in [(-1,), (4,)]:  # -1 wrapped around to the last layer
+        with pytest.raises(ValueError, match="not layers of a 4-layer model"):
+            select.keep_mask(keep, 4)

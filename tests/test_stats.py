@@ -133,3 +133,21 @@ def test_collect_matches_dense_on_teacher_with_window_and_padding():
     assert np.all(np.asarray(st.distance_lh) >= 0.5)
     # layer 0 (window 5) looks back less far on average than the full layer can
     assert float(np.max(st.distance_lh[0])) <= 4.0
+
+
+def test_collect_refuses_inputs_it_would_misread():
+    """A valid mask of another shape, a block of 0 and ids outside the vocabulary (which embed
+    as NaN: every statistic NaN) are refused in one line, before any work."""
+    from taylorcal_jax.calibrate.stats import collect
+
+    cfg, model, params = _tiny_teacher()
+    tokens = jnp.ones((2, 9), jnp.int32)
+    for kw, match in [
+        (dict(valid_nt=jnp.ones((2, 8), bool)), r"valid_nt shape \(2, 8\) != tokens shape"),
+        (dict(block_size=0), "block_size must be >= 1"),
+        (dict(tokens_nt=tokens.at[1, 3].set(cfg.vocab_size)), "token ids must be in"),
+        (dict(tokens_nt=tokens.at[0, 0].set(-1)), "token ids must be in"),
+    ]:
+        kw = {"tokens_nt": tokens, **kw}
+        with pytest.raises(ValueError, match=match):
+            collect(model, params, cfg, kw.pop("tokens_nt"), **kw)

@@ -385,6 +385,10 @@ def choose_layers(policy: str, kept_fraction: float, scoring: LayerScoring):
 
 
 def keep_mask(keep: Sequence[int], num_layers: int) -> np.ndarray:
+    """[num_layers] bool, True at the layers `keep` lists (each in 0..num_layers - 1)."""
+    bad = [i for i in keep if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"kept layers {bad} are not layers of a {num_layers}-layer model")
     mask = np.zeros(num_layers, bool)
     mask[list(keep)] = True
     return mask

@@ -341,6 +341,15 @@ def collect(
     if valid_nt is None:
         valid_nt = jnp.ones(tokens_nt.shape, bool)
     valid_nt = jnp.asarray(valid_nt, bool)
+    if valid_nt.shape != tokens_nt.shape:
+        raise ValueError(f"valid_nt shape {valid_nt.shape} != tokens shape {tokens_nt.shape}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if tokens_nt.size and tokens_nt.is_fully_addressable:
+        # ids outside the vocabulary embed as NaN: every statistic would be NaN
+        low, high = int(tokens_nt.min()), int(tokens_nt.max())
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {config.vocab_size}), got [{low}, {high}]")
     layers = tuple(range(config.num_hidden_layers)) if layers is None else tuple(layers)
     if teacher_pass not in TEACHER_PASSES:
         raise ValueError(f"teacher_pass must be one of {TEACHER_PASSES}, got {teacher_pass!r}")

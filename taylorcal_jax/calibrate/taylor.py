@@ -38,9 +38,8 @@ Later parts see the earlier ones as applied: sigma is fitted with whichever gate
 params, and Wg is alpha times the Wv in the params. Diagnostics report what phase 1 computes
 (targets, fitted sigma, alpha) whether or not a part is applied.
 
-`calibrate_layer` is the pure per-layer map; `calibrate_layers` vmaps it over layers
-stacked on a leading axis; `taylor_init` applies it to a student's params, one layer at a
-time through a single compiled program.
+`calibrate_layer` is the pure per-layer map; `taylor_init` applies it to a student's params,
+one layer at a time through a single compiled program.
 """
 
 from __future__ import annotations
@@ -224,28 +223,6 @@ def calibrate_layer(
         "alpha": jnp.broadcast_to(alpha, (h,)),
     }
     return p, diag
-
-
-@functools.lru_cache(maxsize=8)
-def _calibrate_layers_jit(model_config, mixer, consts):
-    fn = functools.partial(calibrate_layer, model_config=model_config, mixer=mixer, consts=consts)
-    return jax.jit(jax.vmap(fn, in_axes=(0, 0, 0, None, 0, 0)))
-
-
-def calibrate_layers(stacked_gdn, stats, layer_rows, *, model_config, mixer, consts):
-    """`calibrate_layer` vmapped over layers: stacked_gdn has leaves [L, ...], `layer_rows` are
-    the rows of `stats` (TeacherStats) for those layers, in the same order."""
-    if stats.x_lntd is None:
-        raise ValueError("statistics were collected with keep_activations=False")
-    rows = jnp.asarray(layer_rows)
-    return _calibrate_layers_jit(model_config, mixer, consts)(
-        stacked_gdn,
-        stats.x_lntd[rows],
-        stats.context_lnthd[rows],
-        stats.valid_nt,
-        stats.distance_lh[rows],
-        stats.entropy_lh[rows],
-    )
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "mixer", "consts"))
