@@ -84,7 +84,8 @@ def _fails(config, tmp_path, match):
         ("mesh.data", 0, "mesh.data must be positive or -1"),
         ("mesh.fsdp", -1, "are both -1; one axis at most"),
         ("distill.kl.attention_impl", "flash", "distill.kl.attention_impl='flash' is not one of"),
-        ("distill.split", "valid", "distill.split='valid' is eval.split: the student would be"),
+        ("distill.split", "valid", "distill.split='valid' is eval.split: distillation would"),
+        ("calibration.split", "valid", "calibration.split='valid' is eval.split: phase 1 and"),
         ("calibration.seed", -1, "calibration.seed must be at least 0, got -1"),
         ("distill.seed", -3, "distill.seed must be at least 0"),
         ("data.split_seed", -1, "data.split_seed must be at least 0"),
@@ -92,6 +93,13 @@ def _fails(config, tmp_path, match):
 )
 def test_bad_values_fail_before_any_work(tmp_path, key, value, match):
     _fails(_smoke(**{key: value}), tmp_path, match)
+
+
+def test_layers_chosen_by_eval_text_are_refused(tmp_path):
+    """select.split is read only when a policy scores candidates; then it must not be the
+    eval split, as the text the chosen student is measured on would have chosen it."""
+    config = _smoke(**{"select.policy": "ar", "select.split": "valid"})
+    _fails(config, tmp_path, "select.split='valid' is eval.split: the kept layers would be")
 
 
 def test_an_empty_split_is_refused_only_where_a_running_stage_samples_it(tmp_path):

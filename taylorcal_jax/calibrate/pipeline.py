@@ -108,6 +108,7 @@ def check_calibration(config, arch) -> None:
     c = "calibration"
     check.one_of(config, f"{c}.strategy", select.STRATEGIES)
     check.one_of(config, f"{c}.split", split.SPLITS)
+    check.not_eval_split(config, f"{c}.split", "phase 1 and the alignment would fit")
     check.one_of(config, f"{c}.teacher_pass", stats_lib.TEACHER_PASSES)
     check.one_of(config, f"{c}.write_gate", taylor_lib.WRITE_GATE_RULES)
     check.one_of(config, f"{c}.gdn.impl", IMPLS)
@@ -155,6 +156,8 @@ def check_select(config, arch) -> None:
     s = config.select
     check.one_of(config, "select.policy", select.POLICIES)
     check.one_of(config, "select.split", split.SPLITS)
+    if s.policy != "uniform" and not len(s.keep_layers):
+        check.not_eval_split(config, "select.split", "the kept layers would be chosen by")
     check.positive(config, "select.num_sequences", "select.batch_size")
     check.positive(config, "select.parallel_candidates")
     check.at_least(config, "select.seq_len", 2)

@@ -55,6 +55,17 @@ def at_least(config, path: str, low) -> None:
         raise ConfigError(f"{path} must be at least {low}, got {value}")
 
 
+def not_eval_split(config, path: str, use: str) -> None:
+    """A split field whose text a stage fits or chooses by (`use`) must not be eval.split, on
+    which every perplexity is measured: that text would not be held out."""
+    value = _get(config, path)
+    if value == config.eval.split:
+        raise ConfigError(
+            f"{path}={value!r} is eval.split: {use} the text the student is evaluated on",
+            f"use another split ({path}='train')",
+        )
+
+
 def fits_positions(config, path: str, arch) -> None:
     """A sequence length field must not exceed the teacher's positions."""
     value = _get(config, path)

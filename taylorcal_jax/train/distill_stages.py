@@ -108,12 +108,7 @@ class Budget:
 def check_distill_common(config, arch) -> None:
     check.one_of(config, "distill.split", split.SPLITS)
     check.positive(config, "distill.log_every")
-    if config.distill.split == config.eval.split:  # its perplexities are on the eval split
-        raise check.ConfigError(
-            f"distill.split={config.distill.split!r} is eval.split: the student would be "
-            "evaluated on the text it trains on",
-            "train on another split (distill.split='train')",
-        )
+    check.not_eval_split(config, "distill.split", "distillation would train on")
 
 
 def _check_budget(config, section: str, arch) -> None:
