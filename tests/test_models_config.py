@@ -104,6 +104,8 @@ def test_keys_left_out_of_config_json_get_transformers_defaults(model_type, wind
     window = getattr(theirs, "sliding_window", None)
     want = tuple(window if k == "sliding_attention" else None for k in kinds)
     assert ours.sliding_windows == want
+    # Llama's and Mistral's bos 1 and eos 2 (generation stopped nowhere without an eos)
+    assert (ours.bos_token_id, ours.eos_token_id) == (theirs.bos_token_id, theirs.eos_token_id)
 
 
 def test_sliding_windows():

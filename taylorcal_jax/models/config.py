@@ -202,8 +202,9 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             sliding_windows=_sliding_windows_from_hf(hf, model_type, layers),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=_first_id(hf.get("bos_token_id")),
-            eos_token_id=hf.get("eos_token_id"),  # one or several: __post_init__
+            bos_token_id=_first_id(hf.get("bos_token_id", _BOS_EOS.get(model_type, (None,))[0])),
+            # one or several: __post_init__
+            eos_token_id=hf.get("eos_token_id", _BOS_EOS.get(model_type, (None, None))[1]),
             pad_token_id=_first_id(hf.get("pad_token_id")),
         )
 
@@ -344,6 +345,8 @@ _REQUIRED_HF_KEYS = (
 # a family absent from a table has None there, which means hidden / heads (head_dim) or the
 # number of query heads (num_key_value_heads)
 _MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+# transformers' (bos, eos) where config.json has no such key (Qwen's configs default to none)
+_BOS_EOS = {"llama": (1, 2), "mistral": (1, 2)}
 _HEAD_DIM = {"qwen3": 128}
 _KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
 _SLIDING_WINDOW = 4096  # mistral's, and qwen's where use_sliding_window is set
