@@ -49,6 +49,7 @@ def test_stages_write_student_report_and_plot(run_dir):
     keep = report["keep_full_attention_layers"]
     assert len(keep) == 1  # 50% of 2 layers
     assert report["phase1_parts"] == list(c.calibration.phase1_parts)  # the default: output gate
+    assert (report["student"], report["layers_from"]) == ("student", "calibration/aligned")
     sc, params = load_student(os.path.join(workdir, "student"))
     assert list(sc.keep_full_attention_layers) == keep
     # ga_s2 keeps the layer with the lowest candidate perplexity

@@ -475,7 +475,9 @@ def eval_student_stage(ctx) -> dict:
         layers.append(row)
     report = {
         "strategy": config.calibration.strategy,
-        "student": student_dir,
+        "student": student_dir,  # whose perplexity student_ppl is
+        # whose mixers the per-layer rows describe: the calibration's, before any distillation
+        "layers_from": os.path.relpath(final_mixers_dir(config, ctx.workdir), ctx.workdir),
         "write_gate_rule": config.calibration.write_gate,
         # the phase-1 parts written into the student (value_scale and write_gate_target are
         # reported for every Taylor strategy, applied only where listed here)
