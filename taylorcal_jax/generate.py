@@ -14,7 +14,9 @@ sampling and, when sampling, the batch size, which sets each batch's key) are ke
 it in OUTPUT.settings.json; continuing with other settings is refused.
 
 Decoding is greedy unless --temperature > 0 (sampling with --seed, truncated by --top_k and
---top_p); a row stops at an end token (the tokenizer's EOS, and every id of the model config's
+--top_p; --prompt samples with the key of --seed, each --prompts_file batch with that key
+folded with the index of its first prompt, so one prompt and seed sample differently in the
+two modes); a row stops at an end token (the tokenizer's EOS, and every id of the model config's
 eos_token_id, e.g. Llama 3.x Instruct's <|eot_id|>) or after --max_new_tokens. The tokenizer is
 the one saved in the student directory, or --tokenizer=DIR. Bad arguments fail with one line
 before the model is loaded.
