@@ -59,7 +59,7 @@ into one result by `--merge=a.json,b.json --tag=...`, which checks that they sha
 text, eval windows, budgets and device, and recomputes the targets and ratios.
 
 Writes <out>/recovery_<tag>.{json,md,png}: JSON keys teacher, teacher_ppl, device, date,
-command, targets {name: ppl}, runs [{init, curve [[tokens, ppl], ...], tokens_to_target
+command, git, source_digest, xla_flags, targets {name: ppl}, runs [{init, curve [[tokens, ppl], ...], tokens_to_target
 {target: tokens or null}}], ratios, throughput, budgets, text, complete.
 """
 
@@ -151,7 +151,10 @@ def curve_from_metrics(rows: list[dict], stages=DISTILL_STAGES) -> list[list[flo
 
 
 def tokens_to_target(curve, target: float) -> float | None:
-    """Training tokens at which the curve first reaches `target` (module docstring)."""
+    """Training tokens at which the curve first reaches `target` (module docstring).
+    Non-finite evaluations (a diverged run) are left out: they reach nothing, and
+    interpolating through them gave NaN."""
+    curve = [(t, p) for t, p in curve if math.isfinite(p)]
     if not curve:
         return None
     if curve[0][1] <= target:
@@ -243,7 +246,7 @@ def matched_ratios(runs: list[dict], baseline: str) -> dict:
         for t, p in r["curve"]:
             if t > 0:
                 b = tokens_to_target(base["curve"], p)
-                rows.append([t, p, b / t if b else None])
+                rows.append([t, p, b / t if b is not None else None])  # 0.0: at the start
         out[r["init"]] = rows
     return out
 
@@ -344,6 +347,8 @@ def analysis(teacher_ppl: float, runs: dict) -> dict:
 
 # What result files must share for their runs to be compared: the same teacher, eval windows
 # of the same text, budgets and kept layers, on the same kind of device.
+# results_io.provenance()'s code fields, recorded by each run and kept per part by a merge
+PROVENANCE_KEYS = ("git", "source_digest", "xla_flags")
 MERGE_KEYS = ("teacher_ppl", "kept_fraction", "eval", "budgets", "device")
 
 
@@ -377,8 +382,9 @@ def merge(results: list[dict], command: str, tag: str) -> dict:
     """One result from the runs of several result files of the same experiment, each init
     from one file (e.g. inits run in separate calls): their `MERGE_KEYS` and text digests
     must agree. Targets (copy's final ppl included), tokens to them, ratios and projection
-    are recomputed from the curves; `parts` keeps each file's command, date, inits and
-    throughput."""
+    are recomputed from the curves; `parts` keeps each file's command, date, inits,
+    throughput and provenance; the merged throughput is the latest file's (by date), as in
+    one run it is the latest finished init's."""
     check_shared(results, MERGE_KEYS, "merge")
     first = results[0]
     inits = [run["init"] for r in results for run in r["runs"]]
@@ -395,6 +401,7 @@ def merge(results: list[dict], command: str, tag: str) -> dict:
             "date": r["date"],
             "inits": [run["init"] for run in r["runs"]],
             "throughput": r.get("throughput"),
+            **{k: r[k] for k in PROVENANCE_KEYS if k in r},
         }
         for r in results
     ]
@@ -405,7 +412,7 @@ def merge(results: list[dict], command: str, tag: str) -> dict:
         "command": command,
         "parts": parts,
         **analysis(first["teacher_ppl"], runs),
-        "throughput": results[-1].get("throughput"),
+        "throughput": max(results, key=lambda r: r["date"]).get("throughput"),
         "complete": all(r.get("complete") for r in results),
     }
 
@@ -737,6 +744,7 @@ def run_experiment(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "jax_version": jax.__version__,
+        **{k: results_io.invocation()[k] for k in PROVENANCE_KEYS},
         "kept_fraction": kept_fraction,
         "eval": {k: config.eval[k] for k in ("split", "num_sequences", "seq_len")},
         "budgets": {

@@ -113,6 +113,7 @@ def main(argv=None) -> int:
         print(f"no gpu-marked tests selected in {where} (pass the test files)", file=sys.stderr)
         return 2
     print(f"{len(ids)} tests, {a.jobs} at a time", flush=True)
+    t0 = time.perf_counter()
     results = []
     with cf.ThreadPoolExecutor(a.jobs) as pool:
         futures = [pool.submit(run_one, i, a.timeout) for i in ids]
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
         "command": "python3 launch/run_gpu_tests.py " + " ".join(argv),
         **versions(),
         "counts": {o: sum(r["outcome"] == o for r in results) for o in OUTCOMES},
+        "wall_seconds": round(time.perf_counter() - t0, 1),  # all tests, `jobs` at a time
         "tests": results,
     }
     with open(os.path.join(a.out_dir, "gpu_tests_summary.json"), "w") as f:

@@ -57,6 +57,12 @@ def test_tokens_to_target_interpolates_in_log_ppl():
     assert recovery.tokens_to_target([], 4.0) is None
     # the first crossing counts, even if the curve goes back up
     assert recovery.tokens_to_target([[0, 9.0], [10, 3.0], [20, 9.0], [30, 1.0]], 5.0) < 10
+    # a diverged evaluation (inf or NaN) reaches nothing; interpolating through it gave NaN
+    for bad in (math.inf, math.nan):
+        assert recovery.tokens_to_target([[0, 100.0], [10, bad], [20, 5.0]], 10.0) == (
+            pytest.approx(20 * (math.log(100) - math.log(10)) / (math.log(100) - math.log(5)))
+        )
+        assert recovery.tokens_to_target([[0, bad]], 10.0) is None
 
 
 def test_targets_ratios_and_throughput():
@@ -149,6 +155,9 @@ def test_matched_ratios_follow_the_init_along_its_curve(tmp_path):
     assert got["x"][1][2] == pytest.approx(1000 / 300)
     assert got["x"][2] == [500, 8.0, None]  # copy never reaches 8
     assert recovery.matched_ratios([init], "copy") == {}
+    # copy already at the init's perplexity when it starts: a ratio of 0, not "never"
+    early = {"init": "y", "curve": [[0, 50.0], [100, 2000.0]]}
+    assert recovery.matched_ratios([copy, early], "copy")["y"] == [[100, 2000.0, 0.0]]
     result = {**_result(), "runs": [{**copy, "tokens_to_target": {}}], "matched": {"copy": got}}
     md = recovery.markdown(result)
     assert "| 100 | 20.00: 5.00x |" in md and "| 500 | 8.00 |" in md
@@ -206,7 +215,6 @@ def test_rerender_adds_the_projection_and_keeps_the_measurements(tmp_path):
     assert "Projected" in open(out / "recovery_y.md").read()
 
 
-@pytest.mark.slow
 def _part(runs, **changes):
     text = {"corpus_digest": "c", "eval_digest": "e"}
     base = {**_result(), "kept_fraction": 0.25, "eval": {"split": "test"}, "text": text}
@@ -226,6 +234,12 @@ def test_merge_joins_inits_run_apart_and_recomputes_targets_and_ratios(tmp_path)
     want = merged["runs"][0]["tokens_to_target"]["2x_teacher"] / tc["2x_teacher"]
     assert merged["ratios"]["copy"]["taylor_calibrate"]["2x_teacher"] == pytest.approx(want)
     assert [p["inits"] for p in merged["parts"]] == [["copy"], ["taylor_calibrate"]]
+    # each part's code is kept; the throughput is the latest part's, whatever the order
+    a, b = {**a, "source_digest": "aaa", "throughput": 1}, {**b, "git": "bbb", "throughput": 2}
+    for order in ([a, b], [b, a]):
+        m = recovery.merge(order, "python merge", "joined")
+        assert m["throughput"] == 2
+        assert {p.get("source_digest") or p.get("git") for p in m["parts"]} == {"aaa", "bbb"}
     assert merged["date"] == "2026-12-05T11" and merged["command"] == "python merge"
     assert "Runs joined from:" in recovery.markdown(merged)
     # other text, other budgets, or the same init twice: refused
@@ -237,6 +251,7 @@ def test_merge_joins_inits_run_apart_and_recomputes_targets_and_ratios(tmp_path)
         recovery.merge([a, a], "", "")
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """Two inits on the tiny smoke teacher; then a rerun skips every finished stage."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))

@@ -34,6 +34,7 @@ def test_a_run_without_a_gpu_reports_the_test_skipped(tmp_path):
         summary = json.load(f)
     assert code == 1  # nothing passed
     assert summary["counts"]["skipped"] == 1 and len(summary["tests"]) == 1
+    assert summary["wall_seconds"] >= summary["tests"][0]["seconds"]
     assert "inputs" in summary["tests"][0]["id"]
     assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
     assert (
