@@ -344,6 +344,33 @@ def test_stage2_resume_after_interrupt_is_bit_identical(tmp_path):
 # ------------------------------------------------------------------- options and stages
 
 
+def test_weight_decay_shrinks_the_weight_matrices_only():
+    """Both stages decayed every leaf: the norm scales and GDN's A_log and dt_bias (the decay
+    rates) shrank towards 0 along with the matrices. One update from a zero gradient moves
+    exactly the leaves with two axes (past stage 1's layer axis)."""
+    student, teacher = _models()
+    stage1 = distill_layers.make_task(
+        MC, GDN, LAYERS, dataclasses.replace(LAYER_CFG, weight_decay=0.5, warmup_steps=0), ONE
+    )
+    stage2 = distill.make_task(
+        student, teacher, GDN.name, dataclasses.replace(KL_CFG, weight_decay=0.5), ONE
+    )
+    for task, params, lead in [(stage1, _stacked(ONE), 1), (stage2, STUDENT, 0)]:
+        opt = task.optimizer
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = opt.update(zeros, opt.init(params), params)
+        moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+        flat_p = jax.tree_util.tree_leaves_with_path(params)
+        flat_m = jax.tree_util.tree_leaves(moved)
+        for (path, p), m in zip(flat_p, flat_m, strict=True):
+            name = jax.tree_util.keystr(path)
+            if p.ndim - lead >= 2 and np.any(np.asarray(p) != 0):
+                assert m, name
+            elif p.ndim - lead < 2:
+                assert not m, name
+        assert any("A_log" in jax.tree_util.keystr(k) for k, _ in flat_p)
+
+
 def test_token_budgets_round_up_to_whole_steps_and_constant_lr_needs_no_warmup():
     b = Budget(
         4,
@@ -358,6 +385,9 @@ def test_token_budgets_round_up_to_whole_steps_and_constant_lr_needs_no_warmup()
     # rounded up, but a float's last bit is not a step: 0.07 x 100 is 7.000000000000001
     assert dataclasses.replace(b, train_tokens=100 * 128, warmup_fraction=0.07).warmup_steps == 7
     assert dataclasses.replace(b, train_tokens=100 * 128, warmup_fraction=0.071).warmup_steps == 8
+    # a one-step run is not warmed up over its step (lr 0: it trained nothing)
+    assert dataclasses.replace(b, train_tokens=100, warmup_fraction=0.01).warmup_steps == 0
+    assert dataclasses.replace(b, train_tokens=2 * 128, warmup_fraction=1.0).warmup_steps == 1
     const = optim.make_schedule("constant", 2.0, steps=10, warmup_steps=0, min_lr_ratio=1.0)
     assert float(const(0)) == 2.0 and float(const(5)) == 2.0
 

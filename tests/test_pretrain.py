@@ -115,3 +115,13 @@ def test_bad_options(key, value, match):
     cfg[key] = value
     with pytest.raises(ValueError, match=match):
         pretrain_lib.PretrainOptions.from_config(cfg)
+
+
+def test_a_one_step_run_warmed_up_over_its_step_is_refused():
+    """Its one update had lr 0: the teacher stayed as initialised and the run exited 0."""
+    cfg = tiny.get_config("smoke").pretrain
+    cfg.steps, cfg.warmup_steps = 1, 1
+    with pytest.raises(ValueError, match="not the one step of a one-step run"):
+        pretrain_lib.PretrainOptions.from_config(cfg)
+    cfg.warmup_steps = 0
+    pretrain_lib.PretrainOptions.from_config(cfg)

@@ -86,9 +86,10 @@ def _fails(config, tmp_path, match):
         ("distill.kl.attention_impl", "flash", "distill.kl.attention_impl='flash' is not one of"),
         ("distill.split", "valid", "distill.split='valid' is eval.split: distillation would"),
         ("calibration.split", "valid", "calibration.split='valid' is eval.split: phase 1 and"),
-        ("calibration.seed", -1, "calibration.seed must be at least 0, got -1"),
-        ("distill.seed", -3, "distill.seed must be at least 0"),
-        ("data.split_seed", -1, "data.split_seed must be at least 0"),
+        ("calibration.seed", -1, r"calibration.seed must be in \[0, 2\*\*32\), got -1"),
+        ("distill.seed", -3, r"distill.seed must be in \[0, 2\*\*32\)"),
+        ("data.split_seed", -1, r"data.split_seed must be in \[0, 2\*\*32\)"),
+        ("pretrain.seed", 2**32, r"pretrain.seed must be in \[0, 2\*\*32\)"),  # drew as 0
     ],
 )
 def test_bad_values_fail_before_any_work(tmp_path, key, value, match):

@@ -135,11 +135,12 @@ def check_types(config) -> None:
 
 
 def check_seeds(config) -> None:
-    """Every seed field (`seed`, `split_seed`, `init_seed`) >= 0: numpy's and JAX's generators
-    take no negative seed, and they are first built inside a stage."""
+    """Every seed field (`seed`, `split_seed`, `init_seed`) in [0, 2**32): numpy's and JAX's
+    generators take no negative seed, JAX's keys keep 32 bits of it (2**32 draws as 0 does),
+    and they are first built inside a stage."""
     for path, value in fields.flatten(config).items():
-        if path.rsplit(".", 1)[-1].endswith("seed") and value < 0:
-            raise ConfigError(f"{path} must be at least 0, got {value}")
+        if path.rsplit(".", 1)[-1].endswith("seed") and not 0 <= value < 2**32:
+            raise ConfigError(f"{path} must be in [0, 2**32), got {value}")
 
 
 def check_stages(config, registry: Mapping) -> None:

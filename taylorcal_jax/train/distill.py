@@ -178,7 +178,7 @@ def make_task(
         schedule = optim.make_schedule(
             "constant", lr, steps=0, warmup_steps=cfg.warmup_steps, min_lr_ratio=1.0
         )
-        return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+        return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=optim.matrices_only())
 
     return loop.Task(
         loss_fn=loss_fn,

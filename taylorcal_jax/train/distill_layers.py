@@ -134,7 +134,13 @@ def make_task(
     return loop.Task(
         loss_fn=loss_fn,
         labels=lambda params: jax.tree.map(lambda _: GROUP, params),
-        groups={GROUP: optax.adamw(optim.cosine_schedule(cfg), weight_decay=cfg.weight_decay)},
+        groups={
+            GROUP: optax.adamw(
+                optim.cosine_schedule(cfg),
+                weight_decay=cfg.weight_decay,
+                mask=optim.matrices_only(leading_axes=1),  # params stacked over layers
+            )
+        },
         clip=optax.clip_by_global_norm(cfg.clip_norm),
         param_spec=loop.leading_axis("layers"),
         batch_spec=P("data"),

@@ -76,6 +76,13 @@ def cosine_schedule(opts: CosineOptions) -> optax.Schedule:
     )
 
 
+def matrices_only(leading_axes: int = 0) -> Callable:
+    """AdamW's weight-decay mask: the weight matrices (at least 2 axes past `leading_axes`,
+    e.g. 1 for params stacked over layers), not the norm scales, biases and GDN's per-head
+    A_log and dt_bias, whose decay towards 0 would move the layers' decay rates."""
+    return lambda params: jax.tree.map(lambda p: p.ndim - leading_axes >= 2, params)
+
+
 def labels_by_key(group_of: Mapping[str, str]) -> Callable:
     """Partition of a dict of parameter subtrees: every leaf under key k gets group_of[k].
 

@@ -66,9 +66,11 @@ class PretrainOptions:
                 raise ValueError(f"pretrain.{name} must be positive, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"pretrain.eval_every must be >= 0 (0 = off), got {self.eval_every}")
-        if not 0 <= self.warmup_steps <= self.steps:
+        # (the warm-up's first step has lr 0: with warmup_steps = steps = 1 nothing trains)
+        if not 0 <= self.warmup_steps <= self.steps or self.warmup_steps == self.steps == 1:
             raise ValueError(
-                f"pretrain.warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}"
+                f"pretrain.warmup_steps must be in [0, steps={self.steps}] and not the one step "
+                f"of a one-step run, got {self.warmup_steps}"
             )
         if self.learning_rate <= 0:
             raise ValueError(f"pretrain.learning_rate must be positive, got {self.learning_rate}")
@@ -95,9 +97,12 @@ def make_task(model, opts: PretrainOptions, mesh) -> loop.Task:
         return total / count, {}
 
     schedule = optim.cosine_schedule(opts)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     adamw = optax.adamw(
-        schedule, b1=opts.b1, b2=opts.b2, weight_decay=opts.weight_decay, mask=decay_mask
+        schedule,
+        b1=opts.b1,
+        b2=opts.b2,
+        weight_decay=opts.weight_decay,
+        mask=optim.matrices_only(),
     )
     return loop.Task(
         loss_fn=loss_fn,
