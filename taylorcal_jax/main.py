@@ -30,6 +30,7 @@ from taylorcal_jax.calibrate import select
 from taylorcal_jax.errors import ConfigError, UserError
 from taylorcal_jax.run import fields, runner
 from taylorcal_jax.stage_registry import STAGES
+from taylorcal_jax.utils import interrupts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; reruns resume in it.")
@@ -186,6 +187,7 @@ def main(argv):
         return
     if _WORKDIR.value is None:
         fail(ConfigError("--workdir is required", "e.g. --workdir=workdirs/tiny"), _DEBUG.value)
+    interrupts.install()  # Ctrl-C and SIGTERM stop training at a call's end, saved
     try:
         run(
             config,
@@ -198,7 +200,7 @@ def main(argv):
         fail(e, _DEBUG.value)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; run the same command again to resume\n")
-        sys.exit(130)
+        sys.exit(interrupts.exit_status())
 
 
 if __name__ == "__main__":

@@ -168,6 +168,40 @@ def test_ctrl_c_while_a_step_computes_loses_no_row_and_no_evaluation(tmp_path, m
     assert sorted(cut + resumed[1:]) == sorted(full)
 
 
+def test_a_signal_inside_a_call_stops_the_loop_at_the_calls_end_with_its_step_saved(tmp_path):
+    """With the command line's handlers (utils/interrupts), SIGTERM or Ctrl-C inside the loop
+    only records the request; the loop stops after that call's hooks and saves its step. As a
+    KeyboardInterrupt raised where the signal lands, it most often hit the donated call
+    (state gone, nothing saved). The resumed run ends where an uninterrupted one does."""
+    import signal
+
+    from taylorcal_jax.utils import interrupts
+
+    opts = _opts(steps=10, steps_per_call=2, checkpoint_every=0)
+    full = _run(opts=opts, checkpoint_dir=str(tmp_path / "full")).state
+    before = {n: signal.getsignal(n) for n in interrupts.SIGNALS}
+    interrupts.install()
+    stepped = []
+
+    def signal_mid_call(step, values):
+        stepped.append(step)
+        if step == 3:  # step 3's row: the call of steps 3-4 is half logged
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(opts=opts, checkpoint_dir=str(tmp_path / "cut"), log_fn=signal_mid_call)
+        assert stepped == [1, 2, 3, 4]  # the call's hooks finished
+        assert sorted(os.listdir(tmp_path / "cut")) == ["4"]
+        assert interrupts.exit_status() == 128 + signal.SIGTERM
+    finally:
+        interrupts.reset()
+        for n, handler in before.items():
+            signal.signal(n, handler)
+    resumed = _run(opts=opts, checkpoint_dir=str(tmp_path / "cut")).state
+    _assert_trees_equal(resumed, full)
+
+
 def test_fused_steps_equal_single_steps_and_a_plain_optax_loop():
     fused = _run(opts=_opts(steps_per_call=10, checkpoint_every=0)).state
     single = _run(opts=_opts(steps_per_call=1, checkpoint_every=0)).state

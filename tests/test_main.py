@@ -392,6 +392,49 @@ def test_kill_9_after_a_checkpoint_resumes_and_ends_where_an_uninterrupted_run_e
     assert not _partials(wd) and not os.path.exists(os.path.join(wd, ".lock"))
 
 
+@pytest.mark.slow
+def test_sigterm_saves_the_last_finished_step_and_the_rerun_resumes_there(smoke, tmp_path):
+    """SIGTERM (preemption, `timeout`) is taken as Ctrl-C: with checkpoints due only at the
+    end, the training loop saves the step it had reached (exit 128 + 15) and the rerun resumes
+    from it; before, everything since the stage began was lost."""
+    wd = _copy(smoke, tmp_path)
+    stage, steps = "distill_layers", 200
+    args = [
+        *SMOKE,
+        f"--config.stages={(stage,)!r}",
+        f"--config.distill.layers.train_tokens={steps * 128}",
+        f"--config.distill.layers.checkpoint_every_tokens={steps * 128}",
+        "--config.distill.layers.eval_every_tokens=0",
+        "--config.distill.log_every=1",
+        f"--workdir={wd}",
+    ]
+    path, deadline = os.path.join(wd, "metrics.jsonl"), time.monotonic() + 300
+    earlier = len(read_metrics(path))  # the smoke run's rows, this stage's among them
+    cmd = [sys.executable, "-m", "taylorcal_jax.main", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+    def trained_steps():
+        rows = read_metrics(path)[earlier:]
+        return max((r["step"] for r in rows if r["stage"] == stage and "loss" in r), default=0)
+
+    while trained_steps() < 3:
+        assert proc.poll() is None, "the stage ended before it was stopped"
+        assert time.monotonic() < deadline, "no training steps within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted; run the same command again to resume" in err
+    assert workdir_lib.read_records(wd)[stage]["status"] == "interrupted"
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resume: interrupted; resuming from its checkpoint" in rerun.stdout
+    resumed = [r["resumed_from_step"] for r in read_metrics(path) if "resumed_from_step" in r]
+    assert len(resumed) == 1 and 3 <= resumed[0] < steps, resumed
+
+
 def _one_error(proc, first_line):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -37,7 +37,7 @@ from taylorcal_jax.run import workdir as workdir_lib
 from taylorcal_jax.run.console import Console
 from taylorcal_jax.run.context import RunContext
 from taylorcal_jax.train import student_dirs
-from taylorcal_jax.utils import hosts, progress
+from taylorcal_jax.utils import hosts, interrupts, progress
 from taylorcal_jax.utils.metrics import format_value, plain, write_summary
 
 
@@ -105,6 +105,8 @@ def run(
         write_summary(workdir, f"taylorcal_jax run in {workdir}", {"run": header, **results})
         seconds = {}
         for i, step in enumerate(steps, 1):
+            if interrupts.requested():  # a signal during the last stage's final call
+                raise KeyboardInterrupt
             stage = registry[step.name]
             if step.action == "skip":
                 console.stage_skipped(i, len(steps), step)

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 from taylorcal_jax.train import optim
-from taylorcal_jax.utils import hosts, sharding
+from taylorcal_jax.utils import hosts, interrupts, sharding
 from taylorcal_jax.utils.checkpoint import TrainCheckpointer
 from taylorcal_jax.utils.progress import progress
 from taylorcal_jax.utils.sharding import P
@@ -403,22 +403,27 @@ def run(
             logged_to = upto
 
         try:
-            while n < min(opts.steps, stop_at):
-                first, n = n, opts.call_end(n, stop_at)
-                step_fn = _multi_step(task, mesh, n - first, fixed)
-                if not fixed:
-                    stacked = _place_stream(task, mesh, batches, position, n - first)
-                state, metrics = step_fn(state, fixed_batch if fixed else stacked, constants)
-                position += n - first
-                bar.update(n - first)
-                log_rows(n)
-                if eval_fn is not None and opts.evaluates_at(n):
-                    log_fn(n, eval_fn(state.params))
-                evaluated_at = n
-                if n == stop_at and n < opts.steps:
-                    return None
-                if ckpt is not None and opts.saves_at(n):
-                    seconds, t0 = _save(ckpt, state, seconds, t0)
+            # Ctrl-C or SIGTERM (utils/interrupts) stops the loop at the end of a call, where
+            # `state` is whole, instead of inside the donated call
+            with interrupts.deferred():
+                while n < min(opts.steps, stop_at):
+                    first, n = n, opts.call_end(n, stop_at)
+                    step_fn = _multi_step(task, mesh, n - first, fixed)
+                    if not fixed:
+                        stacked = _place_stream(task, mesh, batches, position, n - first)
+                    state, metrics = step_fn(state, fixed_batch if fixed else stacked, constants)
+                    position += n - first
+                    bar.update(n - first)
+                    log_rows(n)
+                    if eval_fn is not None and opts.evaluates_at(n):
+                        log_fn(n, eval_fn(state.params))
+                    evaluated_at = n
+                    if n == stop_at and n < opts.steps:
+                        return None
+                    if ckpt is not None and opts.saves_at(n):
+                        seconds, t0 = _save(ckpt, state, seconds, t0)
+                    if n < opts.steps and interrupts.requested():
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             # The last finished call's state, unless the interrupted call consumed it; its
             # loss rows are written first, its evaluation left to the resumed run.
