@@ -355,6 +355,16 @@ def test_cache_keys_on_the_eos_token_and_on_what_a_relative_source_reads(tmp_pat
     assert c.eos_id == 0
     assert int((c.streams["train"] == 0).sum()) == c.num_documents["train"]
     assert len([d for d in os.listdir(cache) if d.startswith("tokens-")]) == 3
+    # an edited document is other text: a new cache, not the old tokens
+    edited = sorted((tmp_path / "a" / "docs").iterdir())[0]
+    edited.write_text("zeta " * 40)
+    assert any(
+        d.startswith("zeta")
+        for d in _documents(build("a"), "train")
+        + _documents(build("a"), "valid")
+        + _documents(build("a"), "test")
+    )
+    assert len([d for d in os.listdir(cache) if d.startswith("tokens-")]) == 4
 
 
 def test_duplicates_never_straddle_train_and_eval(tmp_path):

@@ -352,10 +352,18 @@ def test_the_corpus_fingerprint_holds_what_a_relative_source_reads(tmp_path, mon
     config = _smoke(**{"data.source": "files:docs/*.md"})
     seen = []
     for here in ("a", "b"):
-        (tmp_path / here).mkdir()
+        (tmp_path / here / "docs").mkdir(parents=True)
+        (tmp_path / here / "docs" / "x.md").write_text("same text")
         monkeypatch.chdir(tmp_path / here)
         seen.append(inputs.corpus_settings(config, True))
     assert seen[0] != seen[1]
+    # an edited file is other text: the fingerprint changes, and the stages reading the
+    # corpus rerun (they went on with the old tokens)
+    (tmp_path / "b" / "docs" / "x.md").write_text("edited text")
+    assert inputs.corpus_settings(config, True) != seen[1]
+    # a glob matching nothing is refused before any work (it failed inside pretrain)
+    empty = _smoke(**{"data.source": "files:nothing/*.md"})
+    _fails(empty, tmp_path, "data.source='files:nothing/\\*.md': no files match")
 
 
 def test_validation_never_starts_the_jax_backend():

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import hashlib
 import io
+import json
 import os
 import sys
 import sysconfig
@@ -81,7 +83,12 @@ def resolved_source(spec: str) -> str:
     if src.kind == "stdlib":
         return f"stdlib:{stdlib_root()}:{sys.version.split()[0]}"
     if src.kind == "files":
-        return "files:" + ",".join(os.path.abspath(os.path.expanduser(g)) for g in src.args)
+        # the files the globs match, each by size and modification time: edited, added or
+        # removed text is other text
+        listing = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in matched_files(src.args)]
+        digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        globs = ",".join(os.path.abspath(os.path.expanduser(g)) for g in src.args)
+        return f"files:{globs}:{len(listing)} files {digest}"
     return spec.strip()
 
 
@@ -111,7 +118,9 @@ def _stdlib_entries(include_tests: bool) -> list[Entry]:
     return [_file_entry(p, os.path.join(root, p)) for p in stdlib_paths(include_tests)]
 
 
-def _file_entries(globs: tuple[str, ...]) -> list[Entry]:
+def matched_files(globs: tuple[str, ...]) -> list[str]:
+    """The sorted absolute paths of the files `globs` match (a directory: every file under
+    it); DataError naming a glob that matches none."""
     paths: set[str] = set()
     for pattern in globs:
         pattern = os.path.expanduser(pattern)
@@ -124,7 +133,12 @@ def _file_entries(globs: tuple[str, ...]) -> list[Entry]:
                 "e.g. --config.data.source='files:docs/**/*.md')"
             )
         paths.update(os.path.abspath(p) for p in matched)
-    common = os.path.commonpath(sorted(paths)) if len(paths) > 1 else os.path.dirname(min(paths))
+    return sorted(paths)
+
+
+def _file_entries(globs: tuple[str, ...]) -> list[Entry]:
+    paths = matched_files(globs)
+    common = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
     return [_file_entry(os.path.relpath(p, common), p) for p in paths]
 
 

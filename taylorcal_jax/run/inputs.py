@@ -174,7 +174,13 @@ def check_corpus(config, samples=()) -> None:
     except ValueError as e:
         msg = str(e) if str(e).startswith("data.") else f"data.source: {e}"
         raise ConfigError(msg) from e
-    if sources.parse_source(config.data.source).kind == "hf" and not _importable("datasets"):
+    source = sources.parse_source(config.data.source)
+    if source.kind == "files":
+        try:
+            sources.matched_files(source.args)  # a glob matching nothing fails here, not later
+        except ValueError as e:
+            raise ConfigError(f"data.source={config.data.source!r}: {e}") from e
+    if source.kind == "hf" and not _importable("datasets"):
         raise ConfigError(
             f"data.source={config.data.source!r} needs the `datasets` package",
             "pip install 'taylorcal_jax[datasets]', or use data.source='stdlib' / 'files:<glob>'",
