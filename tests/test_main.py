@@ -6,6 +6,7 @@ shrunk further (SMOKE below) so that the whole file stays within a few minutes.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -180,6 +181,20 @@ def test_rerun_of_pretrain_reruns_every_stage_that_reads_the_teacher(smoke, tmp_
     assert plan.returncode == 0 and plan.stdout.count("run: --rerun") == len(ALL_STAGES)
     twice = cli(*SMOKE, f"--workdir={wd}", "--rerun=align", "--rerun=distill", "--dry_run")
     assert twice.returncode == 2 and "error: --rerun is given 2 times" in twice.stderr
+
+
+def test_a_finished_workdir_plans_on_a_device_count_its_batches_do_not_split_over(smoke, tmp_path):
+    """Every listed stage was checked against the mesh, skipped ones too: on 3 devices a
+    finished workdir was refused for distill's batch of 4. Only the stages that run are."""
+    wd = _copy(smoke, tmp_path)
+    env = dict(ENV, XLA_FLAGS=suite_xla_flags("--xla_force_host_platform_device_count=3"))
+    cmd = [sys.executable, "-m", "taylorcal_jax.main", *SMOKE, f"--workdir={wd}", "--dry_run"]
+    run = functools.partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True)
+    plan = run(cmd)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert plan.stdout.count("skip: done, settings unchanged") == len(ALL_STAGES), plan.stdout
+    plan = run([*cmd, "--rerun=distill"])
+    assert plan.returncode == 2 and "does not split over the 3 devices" in plan.stderr
 
 
 def test_settings_that_change_no_result_rerun_nothing(smoke, tmp_path):

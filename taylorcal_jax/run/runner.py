@@ -4,7 +4,8 @@
        the lock is a `.gguf` teacher's conversion into `<workdir>/gguf` (once, cached; its
        config.json is how the architecture is read and checked), even for `dry_run`
     2. start jax.distributed if asked, check the mesh against the devices
-    3. plan (plan.py); `dry_run` prints the plan and stops here
+    3. plan (plan.py), and check the stages it runs against the mesh sizes; `dry_run` prints
+       the plan and stops here
     4. lock the workdir, delete `.partial` leftovers, append this run to config.json
     5. record every stage that will run from scratch "pending" (plan.py), then per stage: skip,
        or remove its old outputs (and, unless it resumes, its checkpoints), record it
@@ -51,7 +52,7 @@ def prepare(config, workdir: str, registry: Mapping, rerun: Sequence[str] = ()):
         hosts.initialize(config.mesh.distributed)
     except ValueError as e:
         raise ConfigError(f"mesh.distributed: {e}", "see launch/multihost.py") from e
-    sizes = validate_lib.check_mesh(config, registry, jax.device_count())
+    sizes = validate_lib.mesh_sizes(config, jax.device_count())
     records = workdir_lib.read_records(workdir) if os.path.isdir(workdir) else {}
     return main_plan(config, workdir, registry, records, rerun, sizes), sizes
 
@@ -131,7 +132,8 @@ def run(
 def main_plan(config, workdir: str, registry: Mapping, records: dict, rerun, sizes):
     """The plan as process 0 makes it, on every process: each process fingerprints the inputs
     it sees (an external teacher's weight files by size and modification time), and hosts
-    holding equal copies of a teacher would otherwise plan differently and part ways."""
+    holding equal copies of a teacher would otherwise plan differently and part ways. The
+    stages it runs are checked against the mesh sizes (ConfigError)."""
     steps = hosts.main_value(
         lambda: [
             dataclasses.asdict(s)
@@ -139,7 +141,10 @@ def main_plan(config, workdir: str, registry: Mapping, records: dict, rerun, siz
         ],
         f"planning {workdir}",
     )
-    return [plan_lib.Step(**s) for s in steps]
+    steps = [plan_lib.Step(**s) for s in steps]
+    running = [s.name for s in steps if s.action != "skip"]
+    validate_lib.check_devices(config, registry, sizes, running)
+    return steps
 
 
 def planned_result(step, records: dict) -> dict:

@@ -6,7 +6,8 @@ teacher's architecture (read from teacher.path's config.json, or the `teacher` s
 every stage works from it), then the checks of every listed stage that has work to do
 (each `Stage.checks` entry covers the sections that stage reads: enums, ranges, paths, and
 sizes against the teacher, e.g. sequence lengths against its positions), and last the mesh
-against the devices (`check_mesh`, after jax.distributed starts).
+against the devices (`mesh_sizes`, after jax.distributed starts; `check_devices` for the
+stages the plan runs).
 
 Stage modules write their checks with the helpers here (`one_of`, `positive`, ...), and
 wrap library validators that raise ValueError in `config_errors(section)`.
@@ -226,12 +227,9 @@ def mesh_sizes(config, num_devices: int) -> dict[str, int]:
         ) from e
 
 
-def check_mesh(config, registry: Mapping, num_devices: int) -> dict[str, int]:
-    """The mesh against the devices, and the stages' checks that depend on its sizes."""
-    sizes = mesh_sizes(config, num_devices)
-    for name in config.stages:
-        if registry[name].not_needed(config):
-            continue
+def check_devices(config, registry: Mapping, sizes: Mapping[str, int], names) -> None:
+    """The checks of the stages `names` (those the plan runs: a skipped stage's batch need
+    not split over this run's devices) that depend on the mesh sizes."""
+    for name in names:
         for check in registry[name].device_checks:
             check(config, sizes)
-    return sizes
