@@ -273,6 +273,16 @@ def test_teacher_path_problems(tmp_path, kind, match, hint):
     assert hint in err.hint
 
 
+@pytest.mark.parametrize("content", ["{", "{}"])
+def test_a_tokenizer_path_that_does_not_load_is_refused_before_any_work(tmp_path, content):
+    """It had a tokenizer_config.json, so it passed; pretraining then failed with a traceback."""
+    path = tmp_path / "tok"
+    path.mkdir()
+    (path / "tokenizer_config.json").write_text(content)
+    err = _fails(_smoke(**{"tokenizer.path": str(path)}), tmp_path, "cannot be loaded")
+    assert "\n" not in err.message
+
+
 def test_teacher_architecture_comes_from_teacher_path_and_pretrain_is_skipped(tmp_path):
     c = _smoke(**{"stages": ("pretrain", "eval_teacher", "statistics")})
     c.teacher.path = _teacher_dir(tmp_path)

@@ -33,6 +33,22 @@ def _hold_lock(workdir):
     return proc
 
 
+def test_lock_holder_names_a_live_holder_and_takes_nothing(tmp_path):
+    """What --dry_run reports of a workdir another run holds (it planned as if none did)."""
+    wd = str(tmp_path)
+    assert workdir_lib.lock_holder(wd) is None  # no lock file
+    proc = _hold_lock(wd)
+    try:
+        holder = workdir_lib.lock_holder(wd)
+        assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert workdir_lib.lock_holder(wd) is None  # a dead holder's file holds nothing
+    with workdir_lib.WorkdirLock(wd, print):  # and looking took nothing
+        pass
+
+
 def test_second_run_is_refused_naming_the_holder_then_a_dead_holder_is_taken_over(tmp_path):
     wd = str(tmp_path)
     proc = _hold_lock(wd)

@@ -230,6 +230,16 @@ def check_tokenizer_path(config) -> None:
                 f"tokenizer.path={config.tokenizer.path!r} has no tokenizer_config.json",
                 "set tokenizer.path to a directory written by save_pretrained",
             )
+        from taylorcal_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
+
+        try:  # (a broken one failed with a traceback inside the first stage)
+            load_tokenizer(config.tokenizer.path)
+        except Exception as e:  # noqa: BLE001 - whatever transformers raises for bad files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"tokenizer.path={config.tokenizer.path!r} cannot be loaded ({first})",
+                "set tokenizer.path to a directory written by save_pretrained",
+            ) from e
 
 
 # -------------------------------------------------------------------------- fingerprints

@@ -72,6 +72,13 @@ def run(
     t_run = time.perf_counter()
     steps, sizes = prepare(config, workdir, registry, rerun)
     if dry_run:
+        holder = workdir_lib.lock_holder(workdir) if hosts.is_main() else None
+        if holder is not None:
+            console.note(
+                f"{workdir} is in use by pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} (started {holder.get('started', '?')}): the plan "
+                "below is what a run would do now, and changes as that run goes on"
+            )
         console.plan(steps, registry, workdir)
         return {}
     os.makedirs(workdir, exist_ok=True)

@@ -149,6 +149,25 @@ class WorkdirLock:
         self.release()
 
 
+def lock_holder(workdir: str) -> dict | None:
+    """The {pid, host, started} of a run holding `workdir`'s lock now, or None (a look that
+    takes nothing: --dry_run)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return _read_holder(fd)
+    finally:
+        os.close(fd)  # (closing drops a shared lock taken here)
+    return None
+
+
 def _read_holder(fd: int) -> dict:
     try:
         data = os.pread(fd, 4096, 0)
@@ -259,7 +278,8 @@ def read_records(workdir: str) -> dict[str, dict]:
         return records
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(
-            f"{path} is unreadable ({e})", "delete it to rerun every stage in this workdir"
+            f"{path} is unreadable ({e})",
+            "delete it and pass --rerun=all to rerun every stage in this workdir",
         ) from e
 
 
