@@ -147,3 +147,39 @@ def test_exported_teacher_loads_in_transformers_and_serves_as_teacher_path(run_d
     ppl = results["eval_teacher"]["valid_ppl"]
     assert ppl == pytest.approx(summary["eval_student"]["teacher_ppl"], rel=1e-5)
     assert not os.path.exists(os.path.join(other, "data", "tokenizer"))  # none trained
+
+
+def test_settings_the_strategy_or_policy_leaves_unused_rerun_nothing():
+    """A stage's fingerprint holds what its result depends on: phase 1's constants only for a
+    strategy with phase 1 (phase1_parts not for the published one, which writes all four
+    parts), the scoring text only for a policy that scores, the policy not when keep_layers
+    names the layers. They reran calibrate or select_layers and every stage after them."""
+    import tiny  # configs/tiny.py
+
+    from taylorcal_jax.calibrate.pipeline import STAGES
+
+    def changes(stage, base, **changed):
+        config = tiny.get_config("smoke")
+        for key, value in {**base, **changed}.items():
+            section, name = key.split("__")
+            config[section][name] = value
+        before = tiny.get_config("smoke")
+        for key, value in base.items():
+            section, name = key.split("__")
+            before[section][name] = value
+        return STAGES[stage].settings(config) != STAGES[stage].settings(before)
+
+    for strategy, used in [("copy", False), ("align_only", False), ("taylor_calibrate", True)]:
+        base = {"calibration__strategy": strategy}
+        assert changes("calibrate", base, calibration__gamma_min=0.01) == used, strategy
+    published = {"calibration__strategy": "taylor_calibrate_published"}
+    assert not changes("calibrate", published, calibration__phase1_parts=("decay",))
+    assert changes("calibrate", published, calibration__gamma_min=0.01)
+    taylor = {"calibration__strategy": "taylor_calibrate"}
+    assert changes("calibrate", taylor, calibration__phase1_parts=("decay",))
+    assert not changes("select_layers", {"select__policy": "uniform"}, select__seed=5)
+    assert changes("select_layers", {"select__policy": "uniform"}, select__kept_fraction=0.5)
+    assert changes("select_layers", {"select__policy": "ar"}, select__seed=5)
+    explicit = {"select__keep_layers": (1,)}
+    assert not changes("select_layers", explicit, select__policy="ar", select__kept_fraction=0.5)
+    assert changes("select_layers", explicit, select__keep_layers=(0,))

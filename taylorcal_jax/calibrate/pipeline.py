@@ -39,6 +39,7 @@ m_c, merged as m = sum_c c_n m_c / sum_c c_n (what one pass over all sequences c
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -587,6 +588,32 @@ _SPEED = (
 )
 # What the statistics are computed on.
 _STATISTICS = tuple(f"calibration.{k}" for k in ("split", "num_sequences", "seq_len", "seed"))
+_TAYLOR = tuple(f"calibration.{f.name}" for f in dataclasses.fields(taylor_lib.TaylorConstants))
+_SCORING = tuple(f"select.{k}" for k in ("split", "num_sequences", "seq_len", "seed"))
+
+
+def _calibrate_ignores(config) -> tuple[str, ...]:
+    """What calibrate's result does not depend on: phase 1's constants for a strategy without
+    phase 1, phase1_parts for the published one (it writes all four parts)."""
+    strategy = config.calibration.strategy
+    unused = ()
+    if not select.uses_phase(strategy, "taylor"):
+        unused = _TAYLOR
+    elif not select.configurable_phase1(strategy):
+        unused = ("calibration.phase1_parts",)
+    return _SPEED + _STATISTICS + ("calibration.align",) + unused
+
+
+def _select_ignores(config) -> tuple[str, ...]:
+    """What select_layers' choice does not depend on: the scoring text when nothing is scored
+    (`uniform`), and the policy too when keep_layers names the layers."""
+    unused = ()
+    if len(config.select.keep_layers):
+        unused = ("select.policy", "select.kept_fraction", *_SCORING)
+    elif config.select.policy == "uniform":
+        unused = _SCORING
+    return ("select.batch_size", "select.parallel_candidates", *unused)
+
 
 STAGES = {
     "statistics": Stage(
@@ -605,7 +632,7 @@ STAGES = {
         run=calibrate_stage,
         summary="initialises a GDN mixer for every layer (calibration.strategy, phase 1)",
         reads=("calibration",),
-        ignores=_SPEED + _STATISTICS + ("calibration.align",),
+        ignores=_calibrate_ignores,
         inputs=lambda config: ("teacher", "statistics"),
         outputs=(_rel("init"), _rel("init_report.json")),
         checks=(check_calibration,),
@@ -632,7 +659,7 @@ STAGES = {
         run=select_layers_stage,
         summary="chooses the layers that keep softmax attention; writes the student",
         reads=("select",),
-        ignores=("select.batch_size", "select.parallel_candidates"),
+        ignores=_select_ignores,
         # candidates are scored on the select text unless keep_layers names the layers
         samples=lambda c: () if len(c.select.keep_layers) else (section_sample(c, "select"),),
         inputs=lambda config: ("teacher", "corpus", "calibrate", *_final_mixers_stage(config)),

@@ -74,7 +74,10 @@ class Stage:
     inputs: Callable[[object], tuple[str, ...]]  # stages and SOURCES it consumes
     outputs: tuple[str, ...] = ()  # workdir-relative paths it writes (removed before a run)
     checkpoints: tuple[str, ...] = ()  # workdir-relative orbax checkpoint dirs it resumes from
-    ignores: tuple[str, ...] = ()  # fields inside `reads` that change only speed or memory
+    # fields inside `reads` that change only speed or memory, or that the config's choices
+    # leave unused (a callable of the config: e.g. the scoring text of a policy that scores
+    # nothing)
+    ignores: tuple[str, ...] | Callable[[object], tuple[str, ...]] = ()
     not_needed: Callable[[object], str] = lambda config: ""  # why it has nothing to do, or ""
     # check(config, teacher architecture) of the sections it reads (validate.py);
     # device_check(config, {"layers": n, "data": m}) of what depends on the devices.
@@ -90,14 +93,13 @@ class Stage:
     def settings(self, config) -> dict:
         """{field: value} of every field under `reads` not under `ignores`."""
         flat = flatten(config)
+        ignores = self.ignores(config) if callable(self.ignores) else self.ignores
 
         def under(field, prefixes):
             return any(field == p or field.startswith(p + ".") for p in prefixes)
 
         return {
-            k: _plain(v)
-            for k, v in flat.items()
-            if under(k, self.reads) and not under(k, self.ignores)
+            k: _plain(v) for k, v in flat.items() if under(k, self.reads) and not under(k, ignores)
         }
 
 
