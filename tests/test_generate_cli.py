@@ -74,20 +74,26 @@ def test_prompts_file_batches_equal_each_prompt_alone(student_dir, tmp_path, cap
     assert "does not continue these prompts" in capsys.readouterr().err
 
 
-def test_a_sampled_run_cut_mid_batch_resumes_to_the_uninterrupted_result(student_dir, tmp_path):
-    """A kill inside a batch's write leaves some of its lines; the batch is redone whole, with
-    its rows and its sampling key, not from the cut on."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
+def _sampled_run_args(student_dir, tmp_path, prompts, batch_size):
+    """(the output path, argv) of a sampled --prompts_file run over `prompts`."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     out = tmp_path / "out.jsonl"
     argv = [
         f"--student={student_dir[0]}",
-        f"--prompts_file={prompts}",
+        f"--prompts_file={path}",
         f"--output={out}",
         f"--max_new_tokens={NEW}",
-        "--batch_size=4",
+        f"--batch_size={batch_size}",
         "--temperature=1.0",
     ]
+    return out, argv
+
+
+def test_a_sampled_run_cut_mid_batch_resumes_to_the_uninterrupted_result(student_dir, tmp_path):
+    """A kill inside a batch's write leaves some of its lines; the batch is redone whole, with
+    its rows and its sampling key, not from the cut on."""
+    out, argv = _sampled_run_args(student_dir, tmp_path, PROMPTS * 2, batch_size=4)
     assert cli.main(argv) == 0
     full = out.read_text()
     lines = full.splitlines(keepends=True)
@@ -106,17 +112,7 @@ def test_continuing_an_output_with_other_settings_is_refused(student_dir, tmp_pa
     """The kept results of a resumed --output were generated with its recorded settings; a
     rerun with another seed, temperature or (sampling) batch size would append rows of another
     run, so it is refused before any generation, and so is a results file without settings."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    out = tmp_path / "out.jsonl"
-    argv = [
-        f"--student={student_dir[0]}",
-        f"--prompts_file={prompts}",
-        f"--output={out}",
-        f"--max_new_tokens={NEW}",
-        "--batch_size=1",
-        "--temperature=1.0",
-    ]
+    out, argv = _sampled_run_args(student_dir, tmp_path, PROMPTS, batch_size=1)
     assert cli.main(argv) == 0
     first = out.read_text().splitlines(keepends=True)[0]
     for changed, name in [
