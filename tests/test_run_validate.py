@@ -104,11 +104,13 @@ def test_layers_chosen_by_eval_text_are_refused(tmp_path):
 
 
 def test_an_empty_split_is_refused_only_where_a_running_stage_samples_it(tmp_path):
-    """select samples select.split only when it picks the kept layers itself."""
+    """select samples select.split only when a policy scores the candidates: not when
+    keep_layers names the layers, nor under uniform, which places them by index."""
     empty_test = {"data.test_fraction": 0.0, "select.split": "test"}
-    _fails(_smoke(**empty_test), tmp_path, "select reads the test split, but")
-    config = _smoke(**empty_test, **{"select.keep_layers": (0,)})
-    validate.validate(config, main_lib.STAGES, str(tmp_path / "wd"))
+    _fails(_smoke(**empty_test, **{"select.policy": "ar"}), tmp_path, "select reads the test")
+    for unscored in ({"select.keep_layers": (0,), "select.policy": "ar"}, {}):  # uniform
+        config = _smoke(**empty_test, **unscored)
+        validate.validate(config, main_lib.STAGES, str(tmp_path / "wd"))
 
 
 def test_a_datasets_source_needs_the_package(tmp_path, monkeypatch):

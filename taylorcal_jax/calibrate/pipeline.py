@@ -157,7 +157,7 @@ def check_select(config, arch) -> None:
     s = config.select
     check.one_of(config, "select.policy", select.POLICIES)
     check.one_of(config, "select.split", split.SPLITS)
-    if s.policy != "uniform" and not len(s.keep_layers):
+    if not _scores_nothing(s):
         check.not_eval_split(config, "select.split", "the kept layers would be chosen by")
     check.positive(config, "select.num_sequences", "select.batch_size")
     check.positive(config, "select.parallel_candidates")
@@ -383,7 +383,7 @@ def select_layers_stage(ctx) -> dict:
             mixer,
             params,
             mixers,
-            ctx.sequences(s),
+            None if policy == "uniform" else ctx.sequences(s),  # uniform scores nothing
             batch_size=int(s.batch_size),
             parallel=int(s.parallel_candidates),
             mesh=ctx.mesh,
@@ -604,14 +604,18 @@ def _calibrate_ignores(config) -> tuple[str, ...]:
     return _SPEED + _STATISTICS + ("calibration.align",) + unused
 
 
+def _scores_nothing(select_cfg) -> bool:
+    """Whether select_layers scores no candidates: keep_layers names the layers, or the
+    policy (uniform) places them by their index."""
+    return bool(len(select_cfg.keep_layers)) or select_cfg.policy == "uniform"
+
+
 def _select_ignores(config) -> tuple[str, ...]:
-    """What select_layers' choice does not depend on: the scoring text when nothing is scored
-    (`uniform`), and the policy too when keep_layers names the layers."""
-    unused = ()
+    """What select_layers' choice does not depend on: the scoring text when nothing is scored,
+    and the policy too when keep_layers names the layers."""
+    unused = _SCORING if _scores_nothing(config.select) else ()
     if len(config.select.keep_layers):
         unused = ("select.policy", "select.kept_fraction", *_SCORING)
-    elif config.select.policy == "uniform":
-        unused = _SCORING
     return ("select.batch_size", "select.parallel_candidates", *unused)
 
 
@@ -660,8 +664,9 @@ STAGES = {
         summary="chooses the layers that keep softmax attention; writes the student",
         reads=("select",),
         ignores=_select_ignores,
-        # candidates are scored on the select text unless keep_layers names the layers
-        samples=lambda c: () if len(c.select.keep_layers) else (section_sample(c, "select"),),
+        # candidates are scored on the select text, unless keep_layers names the layers or the
+        # policy (uniform) scores nothing
+        samples=lambda c: () if _scores_nothing(c.select) else (section_sample(c, "select"),),
         inputs=lambda config: ("teacher", "corpus", "calibrate", *_final_mixers_stage(config)),
         outputs=(STUDENT_DIR, _rel("select_report.json")),
         checks=(check_calibration, check_select),
