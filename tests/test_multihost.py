@@ -3,6 +3,7 @@ processes (2 CPU devices each, gloo collectives) that equals one process."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -153,3 +154,15 @@ def test_a_batch_built_by_rows_is_the_whole_batch_cut():
     np.testing.assert_array_equal(np.asarray(placed["t"]), np.asarray(want))
     with pytest.raises(ValueError, match="rows along axis 1"):
         loop.place_batch(task, mesh, source.take(4, 2, (0, 4)), stacked=True, held=(0, 8, 8))
+
+
+def test_a_preemption_notice_to_one_process_stops_both_at_the_same_call(tmp_path):
+    """SIGTERM reaches jax.distributed's preemption service (it replaces the command line's
+    handler); `interrupts.requested()` turns true on both processes at one call after it, so
+    the training loop's collective save is reached by both, and the exit status is 143."""
+    out = tmp_path / "stopped"
+    _two_processes("multihost_preempt_worker.py", out, devices_each=1, timeout=240)
+    got = [json.loads((tmp_path / f"stopped.{i}").read_text()) for i in range(2)]
+    assert got[0] == got[1], got
+    assert got[0]["stopped"] is not None and got[0]["stopped"] > 5
+    assert got[0]["status"] == 128 + signal.SIGTERM

@@ -6,26 +6,30 @@ training loop that is most often inside a donated jitted call (on a CPU the call
 calling thread), whose input state is gone and whose output is not yet bound: nothing is left
 to save. So the command line routes both signals here (`install`):
 
-- inside `deferred()` (the training loop) a signal only records the request; the loop asks
-  `requested()` after each call's hooks, where its state is whole, and stops there (it saves
-  that step and raises KeyboardInterrupt itself);
+- inside `deferred()` (the training loop) a signal only records the request (and says so);
+  the loop asks `requested()` after each call's hooks, where its state is whole, and stops
+  there (it saves that step and raises KeyboardInterrupt itself);
 - elsewhere, or on a second signal (to stop a loop that does not come back), it raises
   KeyboardInterrupt at once, as Python's default Ctrl-C does.
 
-`requested()` agrees across processes (any process's request stops all at the same call), so
-the collective save of a multi-process run is reached by every process.
+With several processes, jax.distributed's preemption service takes SIGTERM from the start of
+the run and agrees across processes on the call at which all of them stop
+(`multihost_utils.reached_preemption_sync_point`, asked once per `requested()`, which every
+process calls equally often); Ctrl-C stops each process at once there, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _received: list[int] = []  # the signals received, in order
-_deferring = 0  # depth of code that polls requested()
+_deferring = 0  # depth of code that polls requested() (one process only)
+_polls = 0  # requested() calls: the step ids of the multi-process preemption sync
 
 
 def install() -> None:
@@ -39,29 +43,47 @@ def _handler(signum, frame) -> None:
     _received.append(signum)
     if not _deferring or len(_received) > 1:
         raise KeyboardInterrupt
+    print(
+        f"\n{signal.Signals(signum).name}: stopping after the current training call, with its "
+        "step saved (again to stop at once)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """A block that polls `requested()` at points where it can stop cleanly."""
+    """A block that polls `requested()` at points where it can stop cleanly (with several
+    processes a signal still stops each at once: see the module docstring)."""
+    import jax  # noqa: PLC0415
+
     global _deferring
-    _deferring += 1
+    alone = jax.process_count() == 1
+    _deferring += alone
     try:
         yield
     finally:
-        _deferring -= 1
+        _deferring -= alone
 
 
 def requested() -> bool:
-    """Whether a stop was asked for, in this process or (a collective) in any other."""
+    """Whether to stop here: a signal was received (one process), or every process has
+    reached the call at which a preemption notice tells them all to stop (several)."""
     import jax  # noqa: PLC0415
 
-    here = bool(_received)
+    global _polls
     if jax.process_count() == 1:
-        return here
+        return bool(_received)
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    return bool(multihost_utils.process_allgather(here).any())
+    _polls += 1
+    try:
+        reached = multihost_utils.reached_preemption_sync_point(_polls)
+    except RuntimeError:  # jax.distributed started without its preemption service
+        return False
+    if reached and not _received:
+        _received.append(signal.SIGTERM)  # the exit status of a preempted run
+    return reached
 
 
 def exit_status() -> int:
