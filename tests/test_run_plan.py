@@ -165,6 +165,31 @@ def test_changed_setting_reruns_exactly_the_affected_stages(tmp_path):
     assert _values(wd) == _expected(num_sequences=5, select_seed=7)
 
 
+def test_a_field_a_stage_ignores_since_its_record_reruns_nothing(tmp_path):
+    """A record made while a stage read a field it now ignores (a newer `ignores`, or one that
+    depends on the config) stands for this run's settings: nothing reruns, the field's value
+    no longer matters, and a field still read reruns as before."""
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    first = s.registry()["first"]
+    reads_eval = {**s.registry(), "first": dataclasses.replace(first, reads=("eval",))}
+    runner.run(_config(), wd, reads_eval, console=Console(io.StringIO()))
+    ignoring = {
+        **s.registry(),
+        "first": dataclasses.replace(first, reads=("eval",), ignores=lambda c: ("eval.split",)),
+    }
+
+    def plan(**changes):
+        out = io.StringIO()
+        runner.run(_config(**changes), wd, ignoring, dry_run=True, console=Console(out))
+        return out.getvalue()
+
+    assert plan().count("skip: done, settings unchanged") == 3
+    assert plan(eval__split="test").count("skip: done, settings unchanged") == 3
+    out = plan(eval__seed=4)
+    assert "run: settings changed: eval.seed 0 -> 4" in out and out.count("run: ") == 3
+
+
 def test_rerun_flag_and_missing_outputs(tmp_path):
     wd = str(tmp_path / "wd")
     s = Stages()

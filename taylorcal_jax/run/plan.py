@@ -1,7 +1,9 @@
 """Stages, their fingerprints, and the plan of a run: which stages run, resume or are skipped.
 
 A `Stage` declares what its result depends on: config fields or sections (`reads`, minus
-`ignores`: fields that change only speed or memory, never the result beyond float rounding),
+`ignores`: fields that change only speed or memory, never the result beyond float rounding,
+or that the config's choices leave unused; a record made with such fields too stands, see
+`_made_under`),
 and inputs (`inputs(config)`): other stages, and the sources "teacher" and "corpus". Its
 fingerprint is
 
@@ -35,6 +37,7 @@ and outputs with no record of the settings that made them are errors, found here
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -101,6 +104,20 @@ class Stage:
         return {
             k: _plain(v) for k, v in flat.items() if under(k, self.reads) and not under(k, ignores)
         }
+
+
+def _made_under(rec: dict, settings: dict, deps: dict) -> bool:
+    """Whether a stage's record was made with these inputs and these settings, the record
+    holding more fields than `settings` (those a stage ignores since, or ignores under this
+    config: an unused policy's scoring text). Its result is then this run's, and its
+    fingerprint stands for it: a newer `ignores` reruns nothing."""
+    old = rec.get("settings", {})
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+    return (
+        rec.get("inputs") == deps
+        and set(settings) < set(old)
+        and all(same(old[k], v) for k, v in settings.items())
+    )
 
 
 def _plain(value):
@@ -239,8 +256,9 @@ def make_plan(
             raise ConfigError(f"stage '{consumer}' needs {what}; run '{name}' first", hint)
         stage = registry[name]
         deps = inputs_of(stage)
-        if fingerprint(stage, deps) != rec["fingerprint"]:
-            change = _describe_change(rec.get("settings", {}), stage.settings(config))
+        settings = stage.settings(config)
+        if fingerprint(stage, deps) != rec["fingerprint"] and not _made_under(rec, settings, deps):
+            change = _describe_change(rec.get("settings", {}), settings)
             raise ConfigError(
                 f"stage '{consumer}' needs {what}, which were made under other settings "
                 f"({change or 'its inputs changed'})",
@@ -257,10 +275,12 @@ def make_plan(
         deps = inputs_of(stage)
         settings = stage.settings(config)
         fp = fingerprint(stage, deps)
+        rec = records.get(name)
+        if rec is not None and rec.get("fingerprint") != fp and _made_under(rec, settings, deps):
+            fp = rec["fingerprint"]  # recorded with fields it now ignores: the same result
         fingerprints[name] = fp
         if any(_made_by(d) in forced for d in deps):
             forced.add(name)  # --rerun also reruns the listed stages that consume its outputs
-        rec = records.get(name)
         action, reason = "run", "not run yet"
         why_not = stage.not_needed(config)
         if why_not:
