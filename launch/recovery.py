@@ -59,8 +59,9 @@ into one result by `--merge=a.json,b.json --tag=...`, which checks that they sha
 text, eval windows, budgets and device, and recomputes the targets and ratios.
 
 Writes <out>/recovery_<tag>.{json,md,png}: JSON keys teacher, teacher_ppl, device, date,
-command, git, source_digest, xla_flags, targets {name: ppl}, runs [{init, curve [[tokens, ppl], ...], tokens_to_target
-{target: tokens or null}}], ratios, throughput, budgets, text, complete.
+command, git, source_digest, xla_flags, targets {name: ppl}, runs [{init, curve [[tokens,
+ppl], ...], tokens_to_target {target: tokens or null}}], ratios, throughput, budgets, text,
+complete.
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ def analysis(teacher_ppl: float, runs: dict) -> dict:
 
 # What result files must share for their runs to be compared: the same teacher, eval windows
 # of the same text, budgets and kept layers, on the same kind of device.
-# results_io.provenance()'s code fields, recorded by each run and kept per part by a merge
+# results_io.invocation()'s code fields, recorded by each run and kept per part by a merge
 PROVENANCE_KEYS = ("git", "source_digest", "xla_flags")
 MERGE_KEYS = ("teacher_ppl", "kept_fraction", "eval", "budgets", "device")
 
@@ -744,7 +745,7 @@ def run_experiment(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "jax_version": jax.__version__,
-        **{k: results_io.invocation()[k] for k in PROVENANCE_KEYS},
+        **{k: v for k, v in results_io.invocation().items() if k in PROVENANCE_KEYS},
         "kept_fraction": kept_fraction,
         "eval": {k: config.eval[k] for k in ("split", "num_sequences", "seq_len")},
         "budgets": {

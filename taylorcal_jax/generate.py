@@ -137,17 +137,17 @@ SETTINGS_SUFFIX = ".settings.json"
 
 
 def run_settings(args) -> dict:
-    """What decides a --prompts_file run's results besides the prompts. Greedy rows do not
-    depend on how they are batched (left padding); sampled ones do, through each batch's key."""
+    """What decides a --prompts_file run's results besides the prompts. Greedy rows depend
+    neither on the seed nor on how they are batched (left padding); sampled ones do, through
+    each batch's key."""
     settings = dict(
         student=os.path.abspath(args.student),
         tokenizer=os.path.abspath(args.tokenizer or args.student),
         dtype=args.dtype,
-        seed=args.seed,
         **_sampling(args),
     )
-    if args.temperature > 0:
-        settings["batch_size"] = args.batch_size
+    if args.temperature > 0:  # greedy rows depend on neither
+        settings.update(seed=args.seed, batch_size=args.batch_size)
     return settings
 
 

@@ -387,7 +387,7 @@ def test_token_budgets_round_up_to_whole_steps_and_constant_lr_needs_no_warmup()
     assert dataclasses.replace(b, train_tokens=100 * 128, warmup_fraction=0.071).warmup_steps == 8
     # a one-step run is not warmed up over its step (lr 0: it trained nothing)
     assert dataclasses.replace(b, train_tokens=100, warmup_fraction=0.01).warmup_steps == 0
-    assert dataclasses.replace(b, train_tokens=2 * 128, warmup_fraction=1.0).warmup_steps == 1
+    assert dataclasses.replace(b, train_tokens=2 * 128, warmup_fraction=1.0).warmup_steps == 2
     const = optim.make_schedule("constant", 2.0, steps=10, warmup_steps=0, min_lr_ratio=1.0)
     assert float(const(0)) == 2.0 and float(const(5)) == 2.0
 

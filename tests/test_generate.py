@@ -66,7 +66,7 @@ def test_ids_outside_the_vocabulary_and_degenerate_temperatures_are_refused():
     ok = np.ones((1, 3), np.int32)
     for tokens, kw, match in [
         (
-            ok.at_vocab if False else np.array([[1, CFG.vocab_size, 2]]),
+            np.array([[1, CFG.vocab_size, 2]]),
             {},
             r"\[0, 47\), got \[1, 47\]",
         ),

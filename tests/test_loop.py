@@ -168,11 +168,13 @@ def test_ctrl_c_while_a_step_computes_loses_no_row_and_no_evaluation(tmp_path, m
     assert sorted(cut + resumed[1:]) == sorted(full)
 
 
-def test_a_signal_inside_a_call_stops_the_loop_at_the_calls_end_with_its_step_saved(tmp_path):
+def test_a_signal_during_a_call_stops_the_loop_after_its_hooks_with_its_step_saved(tmp_path):
     """With the command line's handlers (utils/interrupts), SIGTERM or Ctrl-C inside the loop
     only records the request; the loop stops after that call's hooks and saves its step. As a
     KeyboardInterrupt raised where the signal lands, it most often hit the donated call
-    (state gone, nothing saved). The resumed run ends where an uninterrupted one does."""
+    (state gone, nothing saved). Here the signal comes in the call's hooks (the first row of
+    two), which the loop finishes; test_main's SIGTERM test sends it from outside, at any
+    point. The resumed run ends where an uninterrupted one does."""
     import signal
 
     from taylorcal_jax.utils import interrupts

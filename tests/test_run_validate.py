@@ -85,7 +85,7 @@ def _fails(config, tmp_path, match):
         ("mesh.fsdp", -1, "are both -1; one axis at most"),
         ("distill.kl.attention_impl", "flash", "distill.kl.attention_impl='flash' is not one of"),
         ("distill.split", "valid", "distill.split='valid' is eval.split: distillation would"),
-        ("calibration.split", "valid", "calibration.split='valid' is eval.split: phase 1 and"),
+        ("calibration.split", "valid", "calibration.split='valid' is eval.split: phase 1 or"),
         ("calibration.seed", -1, r"calibration.seed must be in \[0, 2\*\*32\), got -1"),
         ("distill.seed", -3, r"distill.seed must be in \[0, 2\*\*32\)"),
         ("data.split_seed", -1, r"data.split_seed must be in \[0, 2\*\*32\)"),

@@ -76,16 +76,23 @@ def parse_source(spec: str) -> SourceSpec:
 
 def resolved_source(spec: str) -> str:
     """What `spec` reads on this machine from this directory: the standard library's root and
-    the interpreter's version for `stdlib`, absolute globs for `files:` (relative ones are
-    resolved against the working directory), the spec itself for `hf:`. Caches key on it, so
-    that the same spec run elsewhere never reuses another tree's documents."""
+    the interpreter's version for `stdlib`; for `files:` the absolute globs (relative ones are
+    resolved against the working directory) and a digest of the files they match, each by
+    size and modification time; the spec itself for `hf:`. Caches and fingerprints key on it,
+    so that the same spec run elsewhere, or over edited files, never reuses other documents."""
     src = parse_source(spec)
     if src.kind == "stdlib":
         return f"stdlib:{stdlib_root()}:{sys.version.split()[0]}"
     if src.kind == "files":
         # the files the globs match, each by size and modification time: edited, added or
         # removed text is other text
-        listing = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in matched_files(src.args)]
+        listing = []
+        for path in matched_files(src.args):
+            try:
+                st = os.stat(path)
+            except OSError as e:  # removed since the glob
+                raise DataError(f"{path}: {e.strerror}; is the corpus being changed?") from e
+            listing.append((path, st.st_size, st.st_mtime_ns))
         digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
         globs = ",".join(os.path.abspath(os.path.expanduser(g)) for g in src.args)
         return f"files:{globs}:{len(listing)} files {digest}"

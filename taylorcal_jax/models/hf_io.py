@@ -285,6 +285,12 @@ def params_from_tensors(
     `ignorable` may be present or not. Raises MissingTensorsError, UnexpectedTensorsError or
     ShapeMismatchError naming the first few."""
     name_fn = name_fn or path_to_hf_name
+    # a teacher's stray tensors may be another family's
+    families = (
+        f"; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        if name_fn is path_to_hf_name
+        else ""
+    )
     by_name = {name_fn(p): p for p in shapes}
     missing = sorted(set(by_name) - set(tensors))
     unexpected = sorted(set(tensors) - set(by_name) - set(ignorable))
@@ -296,7 +302,7 @@ def params_from_tensors(
     if unexpected:
         raise UnexpectedTensorsError(
             f"{root}: {len(unexpected)} tensors are not part of {what} with this config, e.g. "
-            f"{unexpected[:8]}; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{unexpected[:8]}{families}"
         )
     bad = []
     for name, path in by_name.items():

@@ -98,10 +98,11 @@ class Budget:
 
     @property
     def warmup_steps(self) -> int:
-        # rounded up, but not for a float's last bit (0.07 * 100 = 7.000000000000001 -> 7),
-        # and short of the whole run: the warm-up's first step has lr 0, so a one-step run
-        # warmed up over its one step would train nothing
-        return min(math.ceil(round(self.warmup_fraction * self.steps, 9)), self.steps - 1)
+        # rounded up, but not for a float's last bit (0.07 * 100 = 7.000000000000001 -> 7);
+        # none in a one-step run: the warm-up's first step has lr 0, so it would train nothing
+        if self.steps == 1:
+            return 0
+        return math.ceil(round(self.warmup_fraction * self.steps, 9))
 
 
 # ---------------------------------------------------------------------------- checks
