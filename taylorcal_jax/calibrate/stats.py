@@ -345,9 +345,12 @@ def collect(
         raise ValueError(f"valid_nt shape {valid_nt.shape} != tokens shape {tokens_nt.shape}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if tokens_nt.size and tokens_nt.is_fully_addressable:
-        # ids outside the vocabulary embed as NaN: every statistic would be NaN
-        low, high = int(tokens_nt.min()), int(tokens_nt.max())
+    concrete = not isinstance(tokens_nt, jax.core.Tracer) and tokens_nt.is_fully_addressable
+    if tokens_nt.size and concrete:
+        # ids outside the vocabulary embed as NaN: every statistic would be NaN (checked on the
+        # host: under a trace min() is staged)
+        ids = np.asarray(tokens_nt)
+        low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= config.vocab_size:
             raise ValueError(f"token ids must be in [0, {config.vocab_size}), got [{low}, {high}]")
     layers = tuple(range(config.num_hidden_layers)) if layers is None else tuple(layers)

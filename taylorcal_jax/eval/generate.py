@@ -183,7 +183,8 @@ def _prepare(prompt_bt, valid_bt, rng, temperature, vocab_size):
     if prompt_bt.ndim != 2:
         raise ValueError(f"prompt_bt must be [B, P] token ids, got shape {prompt_bt.shape}")
     if not isinstance(prompt_bt, jax.core.Tracer) and prompt_bt.size:
-        low, high = int(prompt_bt.min()), int(prompt_bt.max())
+        ids = np.asarray(prompt_bt)  # on the host: under a trace (make_jaxpr) min() is staged
+        low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(
                 f"prompt token ids must be in the model's vocabulary [0, {vocab_size}), got "
