@@ -204,6 +204,34 @@ def test_a_signal_during_a_call_stops_the_loop_after_its_hooks_with_its_step_sav
     _assert_trees_equal(resumed, full)
 
 
+def test_with_several_processes_only_an_agreed_stop_saves(tmp_path, monkeypatch):
+    """The interrupt save is a collective: with several processes a KeyboardInterrupt that
+    reached this process alone (Ctrl-C, which each process takes where it is) must not start
+    it, or it waits for processes that stopped elsewhere. Only `interrupts.Stop`, raised where
+    every process stops, saves. (`one_process` is set false in this one process: the rule is
+    the loop's; the agreement itself is tests/test_multihost.py's.)"""
+
+    raised = []
+
+    def interrupt_at_4(step, values):  # once: the save writes the step's row again
+        if step == 4 and not raised:
+            raised.append(step)
+            raise KeyboardInterrupt
+
+    from taylorcal_jax.utils import interrupts
+
+    monkeypatch.setattr(interrupts, "one_process", lambda: False)
+    opts = _opts(steps=10, steps_per_call=2, checkpoint_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        _run(opts=opts, checkpoint_dir=str(tmp_path / "alone"), log_fn=interrupt_at_4)
+    assert not [n for n in os.listdir(tmp_path / "alone") if n.isdigit()]  # nothing saved
+    monkeypatch.setattr(interrupts, "one_process", lambda: True)
+    raised.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _run(opts=opts, checkpoint_dir=str(tmp_path / "one"), log_fn=interrupt_at_4)
+    assert sorted(os.listdir(tmp_path / "one")) == ["4"]
+
+
 def test_fused_steps_equal_single_steps_and_a_plain_optax_loop():
     fused = _run(opts=_opts(steps_per_call=10, checkpoint_every=0)).state
     single = _run(opts=_opts(steps_per_call=1, checkpoint_every=0)).state

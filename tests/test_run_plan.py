@@ -188,6 +188,12 @@ def test_a_field_a_stage_ignores_since_its_record_reruns_nothing(tmp_path):
     assert plan(eval__split="test").count("skip: done, settings unchanged") == 3
     out = plan(eval__seed=4)
     assert "run: settings changed: eval.seed 0 -> 4" in out and out.count("run: ") == 3
+    # the stage run again (its output lost) records the fingerprint it carried over with its
+    # new settings; that record stands too, and the later stages stay done
+    os.remove(os.path.join(wd, "first.txt"))
+    runner.run(_config(), wd, ignoring, console=Console(io.StringIO()))
+    assert s.calls == {"first": 2, "second": 1, "third": 1}
+    assert plan().count("skip: done, settings unchanged") == 3
 
 
 def test_rerun_flag_and_missing_outputs(tmp_path):

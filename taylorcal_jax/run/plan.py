@@ -108,14 +108,15 @@ class Stage:
 
 def _made_under(rec: dict, settings: dict, deps: dict) -> bool:
     """Whether a stage's record was made with these inputs and these settings, the record
-    holding more fields than `settings` (those a stage ignores since, or ignores under this
-    config: an unused policy's scoring text). Its result is then this run's, and its
-    fingerprint stands for it: a newer `ignores` reruns nothing."""
+    holding these fields or more (those a stage ignores since, or ignores under this config:
+    an unused policy's scoring text). Its result is then this run's, and its fingerprint
+    stands for it: a newer `ignores` reruns nothing. (The same fields: a record whose
+    fingerprint was carried over so, rewritten by a later run of the stage.)"""
     old = rec.get("settings", {})
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
     return (
         rec.get("inputs") == deps
-        and set(settings) < set(old)
+        and set(settings) <= set(old)
         and all(same(old[k], v) for k, v in settings.items())
     )
 

@@ -423,11 +423,13 @@ def run(
                     if ckpt is not None and opts.saves_at(n):
                         seconds, t0 = _save(ckpt, state, seconds, t0)
                     if n < opts.steps and interrupts.requested():
-                        raise KeyboardInterrupt
-        except KeyboardInterrupt:
+                        raise interrupts.Stop
+        except KeyboardInterrupt as e:
             # The last finished call's state, unless the interrupted call consumed it; its
-            # loss rows are written first, its evaluation left to the resumed run.
-            if ckpt is not None and not _deleted(state) and int(state.step) > start:
+            # loss rows are written first, its evaluation left to the resumed run. With several
+            # processes only where all of them stopped (Stop): the save is a collective.
+            agreed = isinstance(e, interrupts.Stop) or interrupts.one_process()
+            if agreed and ckpt is not None and not _deleted(state) and int(state.step) > start:
                 done = int(state.step)
                 if done > logged_to:
                     log_rows(done)

@@ -15,7 +15,9 @@ to save. So the command line routes both signals here (`install`):
 With several processes, jax.distributed's preemption service takes SIGTERM from the start of
 the run and agrees across processes on the call at which all of them stop
 (`multihost_utils.reached_preemption_sync_point`, asked once per `requested()`, which every
-process calls equally often); Ctrl-C stops each process at once there, as before.
+process calls equally often). Ctrl-C there stops each process at once, without the loop's
+save (a collective that processes stopped elsewhere would never join): the run resumes from
+its last periodic checkpoint. The loop saves on `Stop`, raised where every process stops.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signals received, in order
 _deferring = 0  # depth of code that polls requested() (one process only)
 _polls = 0  # requested() calls: the step ids of the multi-process preemption sync
+
+
+class Stop(KeyboardInterrupt):
+    """Raised by the training loop where `requested()` said to stop (on every process)."""
+
+
+def one_process() -> bool:
+    import jax  # noqa: PLC0415
+
+    return jax.process_count() == 1
 
 
 def install() -> None:
@@ -55,10 +67,8 @@ def _handler(signum, frame) -> None:
 def deferred() -> Iterator[None]:
     """A block that polls `requested()` at points where it can stop cleanly (with several
     processes a signal still stops each at once: see the module docstring)."""
-    import jax  # noqa: PLC0415
-
     global _deferring
-    alone = jax.process_count() == 1
+    alone = one_process()
     _deferring += alone
     try:
         yield
@@ -69,17 +79,15 @@ def deferred() -> Iterator[None]:
 def requested() -> bool:
     """Whether to stop here: a signal was received (one process), or every process has
     reached the call at which a preemption notice tells them all to stop (several)."""
-    import jax  # noqa: PLC0415
-
     global _polls
-    if jax.process_count() == 1:
+    if one_process():
         return bool(_received)
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     _polls += 1
     try:
         reached = multihost_utils.reached_preemption_sync_point(_polls)
-    except RuntimeError:  # jax.distributed started without its preemption service
+    except (RuntimeError, ValueError):  # jax.distributed not started, or without that service
         return False
     if reached and not _received:
         _received.append(signal.SIGTERM)  # the exit status of a preempted run
