@@ -201,10 +201,16 @@ def make_plan(
             f"listed: {', '.join(listed)}",
         )
     fingerprints: dict[str, str] = {}
+    sources: dict[str, str] = {}  # each source's fingerprint, computed once per plan
     forced = set(rerun)
     steps = []
 
     def source_fingerprint(name: str, consumer: str) -> str:
+        if name not in sources:  # (it reads the teacher's files and lists the corpus' files)
+            sources[name] = _source_fingerprint(name, consumer)
+        return sources[name]
+
+    def _source_fingerprint(name: str, consumer: str) -> str:
         if name == "teacher":
             if config.teacher.path:
                 return inputs_lib.directory_fingerprint(inputs_lib.teacher_dir(config, workdir))

@@ -99,12 +99,12 @@ class WorkdirLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = _read_holder(fd)
+                holder = _flock_or_holder(fd, fcntl.LOCK_EX)
+            except OSError:
                 os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
+                raise
+            if holder is not None:
+                os.close(fd)
                 raise UserError(
                     f"workdir {os.path.dirname(self.path)} is in use by pid "
                     f"{holder.get('pid', '?')} on {holder.get('host', '?')} "
@@ -158,13 +158,20 @@ def lock_holder(workdir: str) -> dict | None:
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return _flock_or_holder(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)  # (closing drops a shared lock taken here)
+
+
+def _flock_or_holder(fd: int, mode: int) -> dict | None:
+    """Takes flock `mode` on `fd` without waiting: None if it did, else the record of the
+    process holding the lock ({} if unreadable)."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno not in (errno.EAGAIN, errno.EACCES):
             raise
         return _read_holder(fd)
-    finally:
-        os.close(fd)  # (closing drops a shared lock taken here)
     return None
 
 
