@@ -171,7 +171,8 @@ def test_unexpected_tensor(copy):
         t["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
 
     _rewrite(copy / "model.safetensors", add)
-    with pytest.raises(UnexpectedTensorsError, match="extra"):
+    # a teacher's error names the families we read: the stray tensor may be another family's
+    with pytest.raises(UnexpectedTensorsError, match=r"extra.*supported families: llama"):
         load_pretrained(copy)
 
 

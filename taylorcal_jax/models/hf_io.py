@@ -265,7 +265,14 @@ def load_pretrained(path_or_id, dtype=None, *, mixers=None, student_mixer=None):
         ignorable.add(HEAD_NAME)  # some exports store the tied copy as well
     shapes = expected_shapes(config, mixers, student_mixer)
     flat = params_from_tensors(
-        root, tensors, shapes, ignorable=ignorable, dtype=dtype, what=f"a {config.model_type} model"
+        root,
+        tensors,
+        shapes,
+        ignorable=ignorable,
+        dtype=dtype,
+        what=f"a {config.model_type} model",
+        # a teacher's stray tensors may be another family's
+        hint=f"; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}",
     )
     return config, _unflatten(flat)
 
@@ -277,20 +284,14 @@ def _stored_head_differs(tensors) -> bool:
 
 
 def params_from_tensors(
-    root, tensors, shapes, *, ignorable=(), dtype=None, name_fn=None, what="this model"
+    root, tensors, shapes, *, ignorable=(), dtype=None, name_fn=None, what="this model", hint=""
 ) -> dict[tuple[str, ...], jax.Array]:
     """Our flat params {path: array} from a checkpoint's named tensors, given the param shapes
     the config implies (`expected_shapes`). name_fn: path -> tensor name (path_to_hf_name);
     dense and conv kernels are stored transposed, as torch has them. Tensors named in
-    `ignorable` may be present or not. Raises MissingTensorsError, UnexpectedTensorsError or
-    ShapeMismatchError naming the first few."""
+    `ignorable` may be present or not; `hint` ends the error about unexpected tensors. Raises
+    MissingTensorsError, UnexpectedTensorsError or ShapeMismatchError naming the first few."""
     name_fn = name_fn or path_to_hf_name
-    # a teacher's stray tensors may be another family's
-    families = (
-        f"; supported families: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        if name_fn is path_to_hf_name
-        else ""
-    )
     by_name = {name_fn(p): p for p in shapes}
     missing = sorted(set(by_name) - set(tensors))
     unexpected = sorted(set(tensors) - set(by_name) - set(ignorable))
@@ -302,7 +303,7 @@ def params_from_tensors(
     if unexpected:
         raise UnexpectedTensorsError(
             f"{root}: {len(unexpected)} tensors are not part of {what} with this config, e.g. "
-            f"{unexpected[:8]}{families}"
+            f"{unexpected[:8]}{hint}"
         )
     bad = []
     for name, path in by_name.items():
