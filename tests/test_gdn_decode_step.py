@@ -58,3 +58,32 @@ def test_decode_step_keeps_v_dtype_and_float32_state():
     assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert o.shape == want_o.shape and state.shape == want_state.shape
     assert rel_err(state, want_state) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, shape, message",
+    [
+        ("g", (2, 3, 1), r"g must be \[B, H\] for one decoding step"),
+        ("g", (2, 1), r"g must be \[B, H\] = \(2, 3\)"),  # [B, 1] would broadcast over heads
+        ("beta", (3, 2), r"beta must be \[B, H\] = \(2, 3\)"),
+        ("v", (2, 1, 3, 5), r"v must be \[B, H, V\] for one decoding step"),
+        ("state", (2, 3, 5, 5), r"state must be \[B, H, K, V\] = \(2, 3, 4, 5\)"),
+    ],
+)
+def test_decode_entry_refuses_mis_shaped_operands(name, shape, message):
+    """The entry checks the layout first: a g of [B, H, 1] or operands in the sequence layout
+    [B, 1, H, .] would otherwise broadcast into outputs of the wrong shape without an error."""
+    from taylorcal_jax.ops.gdn.decode_api import gated_delta_rule_decode_step
+
+    b, h, k, v = 2, 3, 4, 5
+    right = {"q": (b, h, k), "k": (b, h, k), "v": (b, h, v), "g": (b, h), "beta": (b, h)}
+    right["state"] = (b, h, k, v)
+
+    def step(shapes):
+        args = [-0.1 * jnp.ones(shapes[n], jnp.float32) for n in (*NAMES, "state")]
+        return gated_delta_rule_decode_step(*args)
+
+    with pytest.raises(ValueError, match=message):
+        step({**right, name: shape})
+    o, state = step(right)
+    assert o.shape == (b, h, v) and state.shape == (b, h, k, v)

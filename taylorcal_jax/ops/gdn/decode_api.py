@@ -28,6 +28,7 @@ import logging
 
 from taylorcal_jax.ops.dispatch import KERNEL_IMPLS, resolve_gpu_kernel
 from taylorcal_jax.ops.gdn.decode_step import decode_step_from_projections_xla, decode_step_xla
+from taylorcal_jax.ops.gdn.operands import check_step_operands
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ def gated_delta_rule_decode_step(
     impl: str = "xla",
 ):
     """One decoding step by `impl` (module docstring): q, k [B, H, K], v [B, H, V], g and beta
-    [B, H], the state [B, H, K, V].
+    [B, H], the state [B, H, K, V] (operands.check_step_operands: ValueError otherwise).
 
     Returns (o_bhv in v's dtype, new state [B, H, K, V] in float32, or float64 when any input or
     the state is float64 under "xla")."""
     args = (q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv)
+    check_step_operands(*args)
     if resolve_impl(impl, q_bhk, v_bhv, state_bhkv) == "pallas":
         from taylorcal_jax.ops.gdn.decode_pallas import decode_step_pallas
 

@@ -68,6 +68,43 @@ def check_operands(
     return b, t, h, kdim, vdim
 
 
+def check_step_operands(
+    q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv
+) -> tuple[int, int, int, int]:
+    """(B, H, K, V) of one decoding step's q, k [B, H, K], v [B, H, V], g, beta [B, H] and the
+    state [B, H, K, V], all floating point; else ValueError saying what is wrong and what is
+    expected (without it a g of [B, H, 1] or a sequence-layout [B, 1, H] broadcasts silently)."""
+    named = {
+        "q": (q_bhk, "[B, H, K]"),
+        "k": (k_bhk, "[B, H, K]"),
+        "v": (v_bhv, "[B, H, V]"),
+        "g": (g_bh, "[B, H]"),
+        "beta": (beta_bh, "[B, H]"),
+        "state": (state_bhkv, "[B, H, K, V]"),
+    }
+    for name, (x, layout) in named.items():
+        if x.ndim != layout.count(",") + 1:
+            raise ValueError(f"{name} must be {layout} for one decoding step, got {tuple(x.shape)}")
+        if not _is_float(x):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    b, h, kdim = q_bhk.shape
+    vdim = v_bhv.shape[2]
+    expected = {
+        "k": (b, h, kdim),
+        "v": (b, h, vdim),
+        "g": (b, h),
+        "beta": (b, h),
+        "state": (b, h, kdim, vdim),
+    }
+    for name, shape in expected.items():
+        if tuple(named[name][0].shape) != shape:
+            raise ValueError(
+                f"{name} must be {named[name][1]} = {shape} to match q {tuple(q_bhk.shape)} and "
+                f"v {tuple(v_bhv.shape)}, got {tuple(named[name][0].shape)}"
+            )
+    return b, h, kdim, vdim
+
+
 def operand_dtype(*xs):
     """bf16 when every array is bf16, else fp32: the dtype of the kernels' dot operands."""
     return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else jnp.float32
