@@ -10,6 +10,10 @@ Metric: rel = max|a - b| / max|b|. Tolerances:
   model decode logits, pallas vs xla, float32                         2e-5
 """
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,6 +104,25 @@ def test_dispatch():
         AttentionRuntime(gemv_impl="fast")
     with pytest.raises(ValueError, match="GDN gemv_impl must be one of"):
         GDNRuntime(gemv_impl="fast")
+
+
+def test_auto_off_a_gpu_never_loads_the_kernel():
+    """'auto' (the models' default) runs as XLA's dot off a GPU without importing the kernel's
+    module, and with it Pallas's Triton backend, at every one-row product (a fresh process:
+    this file imports pallas_gpu itself)."""
+    code = (
+        "import sys, jax.numpy as jnp\n"
+        "from taylorcal_jax.ops.gemv import api\n"
+        "y = api.dense_product(jnp.ones((1, 64)), jnp.ones((64, 32)), impl='auto')\n"
+        "assert float(y[0, 0]) == 64.0\n"
+        "loaded = ('gemv.pallas_gpu', 'pallas.triton')\n"
+        "print(sorted(m for m in sys.modules if m.endswith(loaded)))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize("m", [1, 4])

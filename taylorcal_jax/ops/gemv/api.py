@@ -104,8 +104,9 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     )
     if few_rows:
         x_mk = lhs.reshape(-1, lhs.shape[-1])
-        # whether the kernel takes them is asked once, here, for "pallas" and "auto" alike
-        if _kernel_takes(x_mk, rhs) and resolve_impl(impl) == "pallas":
+        # whether the kernel takes them is asked once, here, for "pallas" and "auto" alike,
+        # and only where `impl` runs as "pallas" (off a GPU "auto" never loads the kernel)
+        if resolve_impl(impl) == "pallas" and _kernel_takes(x_mk, rhs):
             dtype = jnp.result_type(lhs, rhs) if preferred_element_type is None else F32
             return _gemv(x_mk, rhs).astype(dtype).reshape(*lhs.shape[:-1], rhs.shape[1])
     return lax.dot_general(
