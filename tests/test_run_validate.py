@@ -103,6 +103,24 @@ def test_layers_chosen_by_eval_text_are_refused(tmp_path):
     _fails(config, tmp_path, "select.split='valid' is eval.split: the kept layers would be")
 
 
+def test_a_teacher_pretrained_here_is_not_evaluated_on_its_training_text(tmp_path):
+    """pretrain trains on the train split, so eval.split='train' would measure every
+    perplexity on the teacher's training text (the other stages read the valid split here)."""
+    splits = {f"{s}.split": "valid" for s in ("calibration", "select", "distill")}
+    config = _smoke(**{"eval.split": "train", **splits})
+    error = _fails(config, tmp_path, "eval.split='train' is the text the teacher is pretrained")
+    assert "eval.split='valid'" in error.hint
+
+
+@pytest.mark.parametrize("eval_split, other", [("valid", "train"), ("train", "valid")])
+def test_a_split_that_is_eval_split_is_refused_with_another_split_as_hint(eval_split, other):
+    config = ml_collections.ConfigDict({"eval": {"split": eval_split}, "distill": {}})
+    config.distill.split = eval_split
+    with pytest.raises(ConfigError, match=f"distill.split='{eval_split}' is eval.split") as info:
+        validate.not_eval_split(config, "distill.split", "distillation would train on")
+    assert info.value.hint == f"use another split (distill.split='{other}')"
+
+
 def test_an_empty_split_is_refused_only_where_a_running_stage_samples_it(tmp_path):
     """select samples select.split only when a policy scores the candidates: not when
     keep_layers names the layers, nor under uniform, which places them by index."""

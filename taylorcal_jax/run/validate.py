@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
+from taylorcal_jax.data import split as split_lib
 from taylorcal_jax.errors import ConfigError
 from taylorcal_jax.models.config import SUPPORTED_MODEL_TYPES
 from taylorcal_jax.run import fields
@@ -61,9 +62,10 @@ def not_eval_split(config, path: str, use: str) -> None:
     which every perplexity is measured: that text would not be held out."""
     value = _get(config, path)
     if value == config.eval.split:
+        other = next(s for s in split_lib.SPLITS if s != value)
         raise ConfigError(
             f"{path}={value!r} is eval.split: {use} the text the student is evaluated on",
-            f"use another split ({path}='train')",
+            f"use another split ({path}={other!r})",
         )
 
 

@@ -60,6 +60,12 @@ def check_pretrain_split(config, sizes) -> None:
 
 def check_eval(config, arch) -> None:
     check.one_of(config, "eval.split", split.SPLITS)
+    if not config.teacher.path and config.eval.split == "train":
+        raise ConfigError(
+            "eval.split='train' is the text the teacher is pretrained on here: every perplexity "
+            "would be measured on training text",
+            "use eval.split='valid' (or 'test')",
+        )
     check.positive(config, "eval.num_sequences", "eval.batch_size")
     check.at_least(config, "eval.seq_len", 2)  # one predicted token
     check.fits_positions(config, "eval.seq_len", arch)
