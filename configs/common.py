@@ -154,8 +154,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibration.gdn.norm_eps = 1e-5  # epsilon of the gated output RMSNorm
     c.calibration.gdn.impl = "auto"  # GDN kernel: auto | reference | chunked | pallas
     c.calibration.gdn.chunk_size = 64  # chunk length of the chunked and Pallas kernels
-    # what the Pallas GPU kernel keeps for its backward: "auto" (bf16: T, h, v', the fastest),
-    # "t" (T only: less memory per GDN layer, reruns the state pass) or "inputs"; where the
+    # what the Pallas GPU kernel keeps for its backward: "states" (T, h and v', the fastest),
+    # "t" (T only: less memory per GDN layer, reruns the state pass), "inputs", or "auto" (the
+    # operand dtype's default: "states" in bf16, "inputs" in fp32; docs/kernel.md); where the
     # kernel path does not take it (float32 operands keep "inputs" only; TPU refuses "t"),
     # impl "auto" runs the chunked op
     c.calibration.gdn.pallas_residuals = "auto"

@@ -1,4 +1,4 @@
-"""Zero-shot sweep: strategies x layer policies x kept fraction on one teacher (BENCHMARKS.md §5).
+"""Zero-shot sweep: strategies x policies x kept fraction on one teacher (docs/benchmarks.md §5).
 
     python launch/sweep_zero_shot.py --config=configs/tiny.py --workdir=/tmp/tiny1 \
         --teacher_name=tiny_cpu

@@ -5,9 +5,11 @@ Letters: L layers, C candidates, N sequences, B batch, T time, V vocab, H heads.
 Strategies (student-mixer params of a converted layer, from the teacher):
 
     copy, zero_gate, small_gate   naive conversions (taylorcal_jax.convert.naive)
-    taylor_init                   copy + phase 1 (taylor.py)
+    taylor_init                   copy + phase 1 (taylor.py; the parts calibration.phase1_parts
+                                  names, by default the output gate)
     align_only                    copy + phase 2 (align.py)
     taylor_calibrate              copy + phase 1 + phase 2
+    taylor_calibrate_published    copy + phase 1 with all four parts + phase 2 (the paper's)
 
 Every phase is teacher-forced per layer, so a layer's mixer params do not depend on which
 other layers are converted: `mixers_for_all_layers` computes them once for every layer, and
@@ -18,7 +20,8 @@ they calibrate.
 Layer policies, for a kept fraction f of L layers (n = round(f L), at least 1):
 
     uniform  every (L/n)-th layer: floor(i L / n), i < n (28 layers, 25%: 0, 4, ..., 24)
-    ar       remove each layer's attention alone (zero_gate on that layer only) and measure
+    ar       remove each layer's attention alone (its mixer all zeros, so the layer adds 0,
+             as zero_gate's does; every other layer keeps attention) and measure
              perplexity; keep the n layers whose removal hurts most
     ga_s2    for each layer, a student that keeps only that layer (the strategy's init on all
              others); keep the n with the lowest zero-shot perplexity
