@@ -31,7 +31,8 @@ CFG = align.AlignConfig(
 
 
 @pytest.fixture(scope="module")
-def problem():
+def inputs():
+    """(stacked params of 3 layers, x, y, valid): sequence 0 has 5 padded tokens."""
     n_layers, n, t = 3, 4, 16
     kx, ky = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(kx, (n_layers, n, t, MC.hidden_size))
@@ -41,6 +42,12 @@ def problem():
     ]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *trees)
     valid = jnp.ones((n, t), bool).at[0, :5].set(False)
+    return stacked, x, y, valid
+
+
+@pytest.fixture(scope="module")
+def problem(inputs):
+    stacked, x, y, valid = inputs
     one = sharding.make_mesh({"layers": 1, "data": 1}, jax.devices()[:1])
     params, metrics = align.fit_layers(stacked, x, y, valid, align.AlignSetup(MC, GDN, CFG, one))
     return stacked, x, y, valid, params, metrics
@@ -97,6 +104,22 @@ def _fit_one_layer_reference(gdn_params, x_ntd, y_ntd, valid_nt):
             best, best_loss = train, float(loss)
         train = new
     return {**best, **frozen}, curve[0], best_loss, np.asarray(curve[:-1])
+
+
+def test_layer_loss_is_the_mean_squared_error_over_valid_tokens(inputs):
+    """The loss every other test here compares with itself, against the docstring's formula in
+    float64: sum over valid (n, t) of ||GDN(x)_nt - y_nt||^2 / (#valid * D). Sequence 0's 5
+    padded tokens carry a GDN output unlike y, so a loss over all tokens differs (by ~6%)."""
+    stacked, x, y, valid = inputs
+    m = np.asarray(valid)
+    assert 0 < m.sum() < m.size
+    for layer in range(3):
+        p = jax.tree.map(lambda a, layer=layer: a[layer], stacked)
+        out, _, _ = GDN.module(MC).apply({"params": p}, x[layer], valid_bt=valid)
+        err = np.asarray(out, np.float64) - np.asarray(y[layer], np.float64)  # [N, T, D]
+        want = np.mean(err[m] ** 2)  # mean over the valid tokens' N_valid x D entries
+        got = align.layer_loss(p, x[layer], y[layer], valid, model_config=MC, mixer=GDN)
+        np.testing.assert_allclose(got, want, rtol=1e-5)  # float32 sums of ~700 terms
 
 
 def test_equals_a_separate_optax_loop_per_layer(problem):

@@ -306,6 +306,30 @@ def test_stage2_groups_learn_and_bf16_compute_keeps_fp32_masters():
     np.testing.assert_allclose(float(loss16), before, rtol=0.1)
 
 
+def test_stage2_groups_take_their_own_learning_rates():
+    """Adam's first update is -lr g / (|g| + eps), i.e. -lr per element for a gradient of ones
+    (to 1e-5: eps = 1e-8 and float32 bias corrections, 1 - 0.999 losing ~7e-6), so each leaf
+    moves by its group's rate, tolerance 1e-4 (the other group's is 10x off). KL_CFG has
+    no warm-up (a constant schedule: the full rate at step 0), no weight decay, and rates 10x
+    apart (1e-2 mixer, 1e-3 rest); a clip norm far above the gradient's global norm
+    (sqrt(#params)) leaves the gradient as it is."""
+    student, teacher = _models()
+    cfg = dataclasses.replace(KL_CFG, clip_norm=1e9)
+    assert cfg.warmup_steps == 0 and cfg.weight_decay == 0.0
+    assert cfg.lr_mixer != cfg.lr_rest
+    opt = distill.make_task(student, teacher, GDN.name, cfg, ONE).optimizer
+    ones = jax.tree.map(jnp.ones_like, STUDENT)
+    updates, _ = opt.update(ones, opt.init(STUDENT), STUDENT)
+    seen = set()
+    for path, u in jax.tree_util.tree_leaves_with_path(updates):
+        name = jax.tree_util.keystr(path)
+        mixer = "'gdn'" in name  # the converted layers' mixers, as the test above states
+        seen.add(mixer)
+        lr = cfg.lr_mixer if mixer else cfg.lr_rest
+        np.testing.assert_allclose(u, -lr, rtol=1e-4, err_msg=name)
+    assert seen == {True, False}  # leaves of both groups
+
+
 @pytest.mark.parametrize(
     "axes", [{"layers": 1, "data": 8, "fsdp": 1}, {"layers": 1, "data": 2, "fsdp": 4}]
 )

@@ -29,6 +29,8 @@ from gdn_testing import (
     rel_err,
 )
 
+from taylorcal_jax.ops.gdn.call_options import call_options
+from taylorcal_jax.ops.gdn.pallas_gpu import op as pallas_op
 from taylorcal_jax.ops.gdn.pallas_gpu.config import (
     BF16_SMALL_HEADS,
     BF16Config,
@@ -412,21 +414,32 @@ def test_residuals_t_reruns_the_state_pass_in_the_backward():
     assert state_passes(residuals="t") > state_passes() == state_passes(residuals="states")
 
 
-def test_default_config_follows_operand_dtype_and_head_dims():
+def test_default_config_follows_operand_dtype_and_head_dims(monkeypatch):
     assert default_config(jnp.bfloat16, 128, 128) == BF16Config()
     assert default_config(jnp.bfloat16, 64, 128) == BF16Config()
     assert default_config(jnp.bfloat16, 64, 64) == BF16_SMALL_HEADS
     assert BF16_SMALL_HEADS == BF16Config(warps_bwd_chunk=4)
     assert default_config(jnp.float32, 64, 64) == F32Config()
-    inputs = random_inputs(13, b=1, t=40, h=2, k=16, v=16)
-    args = _args(inputs, jnp.bfloat16)
-    o_default, _ = gated_delta_rule_pallas(*args, chunk_size=16, interpret=True)
-    o_named, _ = gated_delta_rule_pallas(
-        *args, chunk_size=16, interpret=True, config=BF16_SMALL_HEADS
-    )
-    np.testing.assert_array_equal(
-        np.asarray(o_default, np.float32), np.asarray(o_named, np.float32)
-    )
+    # config=None: the op asks default_config about these operands' dtype and head dims, and
+    # its kernels run with the answer. BF16_SMALL_HEADS differs from BF16Config() only in a
+    # backward launch option, so forward outputs cannot tell them apart: spies on the op
+    # module's default_config and call_options record what it asked and what it launched with.
+    asked, launched = [], []
+
+    def default_spy(*args):
+        asked.append(args)
+        return default_config(*args)
+
+    def options_spy(**kwargs):
+        launched.append(kwargs["config"])
+        return call_options(**kwargs)
+
+    monkeypatch.setattr(pallas_op, "default_config", default_spy)
+    monkeypatch.setattr(pallas_op, "call_options", options_spy)
+    inputs = random_inputs(13, b=1, t=16, h=1, k=16, v=32, with_state=False)
+    gated_delta_rule_pallas(*_args(inputs, jnp.bfloat16), chunk_size=16, interpret=True)
+    assert asked and all(a == (jnp.bfloat16, 16, 32) for a in asked), asked  # (dtype, K, V)
+    assert launched == [BF16_SMALL_HEADS], launched
 
 
 def test_rejects_unsupported_shapes_and_options():

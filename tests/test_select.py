@@ -105,6 +105,12 @@ def test_parallel_scores_equal_one_model_at_a_time(tiny):
         p = zero_gate(teacher, sc, jax.random.PRNGKey(5))
         want = perplexity(sc.model(runtime=RUNTIME), p, seqs, batch_size=2)["ppl"]
         np.testing.assert_allclose(ar[layer], want, rtol=1e-5)
+    # every candidate, the padded last group's one (ar[3]) included, equals its score with no
+    # group (one candidate per call, nothing padded); rtol as above
+    one_at_a_time = select.policy_scores(
+        "ar", select.LayerScoring(CFG, mixer, teacher, mixers, seqs, batch_size=2, parallel=1)
+    )
+    np.testing.assert_allclose(ar, one_at_a_time, rtol=1e-5)
     # GA-S2: candidate l keeps only layer l, the given mixers elsewhere
     scoring = select.LayerScoring(CFG, mixer, teacher, mixers, seqs, batch_size=3, parallel=4)
     ga = select.policy_scores("ga_s2", scoring)

@@ -1,5 +1,6 @@
 """Phase-1 closed-form calibration: known answers on synthetic statistics."""
 
+import dataclasses
 import math
 
 import jax
@@ -16,6 +17,9 @@ from taylorcal_jax.ops.gdn.step_inputs import gates as gdn_gates
 MC = tiny_model_config(intermediate_size=64)
 GDN = GDNConfig.from_teacher(MC)
 MIXER = StudentMixer(GDN, GDNRuntime(impl="reference"))
+# With the short convolution a right-padded token's q mixes in the valid tokens before it, so
+# the GDN output O there is nonzero (without it, or left-padded, O is exactly 0 at padding).
+CONV_MIXER = StudentMixer(dataclasses.replace(GDN, use_short_conv=True), MIXER.runtime)
 
 
 def consts(rule="release"):
@@ -33,16 +37,17 @@ def consts(rule="release"):
     )
 
 
-def setup(seed=0, n=2, t=12):
+def setup(seed=0, n=2, t=12, mixer=MIXER, right_padded=False):
     kx, kp, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (n, t, MC.hidden_size)) + 0.5  # nonzero mean direction
-    params = MIXER.module(MC).init(kp, x)["params"]
+    params = mixer.module(MC).init(kp, x)["params"]
     ctx = jax.random.normal(kc, (n, t, GDN.num_heads, GDN.head_v_dim))
-    valid = jnp.ones((n, t), bool).at[0, :3].set(False)
+    pad = slice(t - 3, t) if right_padded else slice(0, 3)
+    valid = jnp.ones((n, t), bool).at[0, pad].set(False)
     return params, x, ctx, valid
 
 
-def run(params, x, ctx, valid, dist, ent, rule="release"):
+def run(params, x, ctx, valid, dist, ent, rule="release", mixer=MIXER):
     return taylor.calibrate_layer(
         params,
         x,
@@ -51,7 +56,7 @@ def run(params, x, ctx, valid, dist, ent, rule="release"):
         jnp.asarray(dist, jnp.float32),
         jnp.asarray(ent, jnp.float32),
         model_config=MC,
-        mixer=MIXER,
+        mixer=mixer,
         consts=consts(rule),
     )
 
@@ -103,17 +108,25 @@ def test_equal_entropies_give_the_top_write_strength():
     np.testing.assert_allclose(diag["beta_target"], 0.7, rtol=1e-6)
 
 
-def test_value_scale_recovers_planted_scale_and_output_gate():
-    params, x, ctx, valid = setup(seed=3)
+@pytest.mark.parametrize("mixer", [MIXER, CONV_MIXER], ids=["left_padded", "conv_right_padded"])
+def test_value_scale_recovers_planted_scale_and_output_gate(mixer):
+    conv = mixer is CONV_MIXER
+    params, x, ctx, valid = setup(seed=3, mixer=mixer, right_padded=conv)
     dist, ent = [1.5, 4.0, 9.0, 2.0], [0.3, 0.9, 1.2, 0.1]
-    p1, _ = run(params, x, ctx, valid, dist, ent)
+    p1, _ = run(params, x, ctx, valid, dist, ent, mixer=mixer)
     # O with the calibrated gates and the unscaled Wv, exactly what calibrate_layer fits
     gates = {**p1, "v_proj": params["v_proj"]}
-    o, _ = taylor.gdn_outputs(gates, x, valid, model_config=MC, mixer=MIXER)
+    o, _ = taylor.gdn_outputs(gates, x, valid, model_config=MC, mixer=mixer)
+    pad = ~np.asarray(valid)
+    # left-padded without conv, O is 0 at padding; right-padded with conv it is not (|O| up
+    # to ~0.08 there, rms ~0.02 at valid tokens), so the fit must leave padding out itself
+    assert (np.max(np.abs(np.asarray(o)[pad])) > 1e-3) == conv
     planted = jnp.array([0.37, 2.5, 7.0, 40.0])  # the last is outside [0.1, 10]
-    noise = 1e-3 * jax.random.normal(jax.random.PRNGKey(9), o.shape)
+    # large noise at padding (0.1, vs |planted O| ~0.01 to 1): a fit over all tokens moves
+    # sigma_raw by 2% to 30% in the conv case (head 3, of the largest planted scale, ~1e-4)
+    noise = 0.1 * jax.random.normal(jax.random.PRNGKey(9), o.shape)
     c = o * planted[None, None, :, None] + jnp.where(valid[..., None, None], 0.0, noise)
-    p2, diag = run(params, x, c, valid, dist, ent)
+    p2, diag = run(params, x, c, valid, dist, ent, mixer=mixer)
     np.testing.assert_allclose(diag["sigma_raw"], planted, rtol=1e-4)
     np.testing.assert_allclose(diag["sigma"], [0.37, 2.5, 7.0, 10.0], rtol=1e-4)
     wv0 = np.asarray(params["v_proj"]["kernel"]).reshape(MC.hidden_size, 4, 8)
@@ -139,8 +152,11 @@ def test_taylor_init_on_a_copy_student_equals_per_layer_calls():
     cfg = tiny_model_config(model_type="qwen2", vocab_size=40, num_hidden_layers=3)
     teacher = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 10), 0, cfg.vocab_size)
-    stats = collect(Transformer(cfg), teacher, cfg, tokens, block_size=4)
+    # statistics of the converted layers only, in the other order: row r is layer (2, 0)[r],
+    # so taylor_init must find each layer's row (stats.index), not take row = layer
+    stats = collect(Transformer(cfg), teacher, cfg, tokens, layers=(2, 0), block_size=4)
     sc = StudentConfig.from_teacher(cfg, (1,), mixer="gdn")
+    assert sc.converted_layers == (0, 2) and [stats.index(i) for i in (0, 2)] == [1, 0]
     mixer = sc.student_mixer(GDNRuntime(impl="reference"))
     student = copy_init(teacher, sc, jax.random.PRNGKey(2))
     new, diag = taylor.taylor_init(
@@ -148,19 +164,22 @@ def test_taylor_init_on_a_copy_student_equals_per_layer_calls():
     )
     assert diag["sigma"].shape == (2, 4)
     for row, layer in enumerate(sc.converted_layers):
-        want, _ = taylor.calibrate_layer(
+        r = stats.index(layer)
+        want, want_diag = taylor.calibrate_layer(
             student[f"layers_{layer}"]["gdn"],
-            stats.x_lntd[layer],
-            stats.context_lnthd[layer],
+            stats.x_lntd[r],
+            stats.context_lnthd[r],
             stats.valid_nt,
-            stats.distance_lh[layer],
-            stats.entropy_lh[layer],
+            stats.distance_lh[r],
+            stats.entropy_lh[r],
             model_config=cfg,
             mixer=mixer,
             consts=consts(),
         )
         got = new[f"layers_{layer}"]["gdn"]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), got, want)
+        # diagnostics come in the order of `layers` (row), whatever the statistics' order
+        np.testing.assert_allclose(diag["distance"][row], want_diag["distance"], rtol=1e-6)
         assert row == sc.converted_layers.index(layer)
     assert new["layers_1"] is student["layers_1"]  # kept layer untouched
     logits, _, _ = sc.model(runtime=mixer.runtime).apply({"params": new}, tokens)
