@@ -27,12 +27,25 @@ import results_io  # launch/
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class CollectionError(RuntimeError):
+    """pytest could not collect the tests (a file that fails to import, a bad path)."""
+
+
 def collect(paths: list[str], select: str | None) -> list[str]:
-    """Node ids of the gpu-marked tests under `paths` (and -k `select`)."""
+    """Node ids of the gpu-marked tests under `paths` (and -k `select`); CollectionError with
+    pytest's report where it could not collect them all (a file that fails to import would
+    otherwise drop out of the run and of its summary unseen)."""
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", *paths]
     cmd += ["-k", select] if select else []
-    text = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).stdout
-    return [ln.strip() for ln in text.splitlines() if "::" in ln]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    if p.returncode not in (0, 5):  # 5: nothing selected, reported by the caller
+        # the failing files and their exceptions, as pytest's report gives them
+        errors = [ln for ln in p.stdout.splitlines() if re.match(r"ERROR \S|E  |\S.* while ", ln)]
+        report = "\n".join(errors) or (p.stdout + p.stderr).strip()[-2000:]
+        raise CollectionError(
+            f"pytest could not collect the tests (exit {p.returncode}):\n{report}"
+        )
+    return [ln.strip() for ln in p.stdout.splitlines() if "::" in ln]
 
 
 def longest_first(ids: list[str]) -> list[str]:
@@ -107,7 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", required=True)
     a = ap.parse_args(argv)
     os.makedirs(a.out_dir, exist_ok=True)
-    ids = longest_first(collect(a.paths, a.select))
+    try:
+        ids = longest_first(collect(a.paths, a.select))
+    except CollectionError as e:
+        print(e, file=sys.stderr)
+        return 2
     if not ids:
         where = " ".join(a.paths) + (f" -k {a.select!r}" if a.select else "")
         print(f"no gpu-marked tests selected in {where} (pass the test files)", file=sys.stderr)

@@ -50,3 +50,17 @@ def test_an_empty_selection_names_the_files_and_the_expression(tmp_path, capsys)
     assert capsys.readouterr().err.strip() == (
         "no gpu-marked tests selected in tests/test_run_gpu_tests.py -k 'gdn' (pass the test files)"
     )
+
+
+def test_a_test_file_that_fails_to_import_fails_the_run(tmp_path, capsys):
+    """Collection errors are not dropped: the run stops before any test, naming the file."""
+    broken = tmp_path / "test_broken_gpu.py"
+    broken.write_text(
+        "import pytest\nimport a_module_that_is_not_installed\n\n\n"
+        "@pytest.mark.gpu\ndef test_x():\n    pass\n"
+    )
+    argv = ["tests/test_gdn_pallas.py", str(broken), "--select", "api_pallas_residuals"]
+    assert run_gpu_tests.main([*argv, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "could not collect" in err and "test_broken_gpu.py" in err
+    assert not (tmp_path / "out" / "gpu_tests_summary.json").exists()
