@@ -19,8 +19,11 @@ from collections.abc import Callable
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the code a measurement depends on: the package and the launch scripts
-SOURCE_DIRS = ("taylorcal_jax", "launch")
+# the code a measurement depends on: the package and the launch scripts (folder, file suffix)
+SOURCE = (("taylorcal_jax", ".py"), ("launch", ".py"))
+# the settings a run may read besides: the configs and the launch scripts' shell wrappers
+# (a digest of their own, so that source digests recorded before it still name their commits)
+SETTINGS = (("configs", ".py"), ("launch", ".sh"))
 
 
 def _git(*args: str, repo: str = REPO) -> str:
@@ -48,21 +51,23 @@ def _digest(entries) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()[:12]
 
 
-def _is_source(path: str) -> bool:
-    return path.endswith(".py") and path.split("/", 1)[0] in SOURCE_DIRS
+def _selected(path: str, selection) -> bool:
+    top = path.split("/", 1)[0]
+    return any(top == folder and path.endswith(suffix) for folder, suffix in selection)
 
 
-def source_digest(root: str = REPO) -> str:
-    """Digest of the .py files under SOURCE_DIRS as they are on disk: each file's path and git
-    blob id (sha1 of b"blob <size>\\0" + bytes), so that it equals source_digest_at(commit) for
-    the commit whose tree holds these files, with no .git needed where it is taken."""
+def source_digest(root: str = REPO, selection=SOURCE) -> str:
+    """Digest of the files `selection` names ((folder, suffix) pairs, SOURCE: the .py files of
+    the package and of launch/) as they are on disk: each file's path and git blob id (sha1 of
+    b"blob <size>\\0" + bytes), so that it equals source_digest_at(commit) for the commit whose
+    tree holds these files, with no .git needed where it is taken."""
     entries = []
-    for top in SOURCE_DIRS:
+    for top in sorted({folder for folder, _ in selection}):
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
             for name in filenames:
                 path = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
-                if _is_source(path):
+                if _selected(path, selection):
                     with open(os.path.join(dirpath, name), "rb") as f:
                         data = f.read()
                     blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -70,21 +75,30 @@ def source_digest(root: str = REPO) -> str:
     return _digest(entries)
 
 
-def source_digest_at(commit: str, repo: str = REPO) -> str:
+def settings_digest(root: str = REPO) -> str:
+    """source_digest() of SETTINGS: the configs and the shell wrappers a run may read."""
+    return source_digest(root, SETTINGS)
+
+
+def source_digest_at(commit: str, repo: str = REPO, selection=SOURCE) -> str:
     """source_digest() of the tree of `commit` (from git's object ids; reads no file)."""
-    listing = _git("ls-tree", "-r", commit, "--", *SOURCE_DIRS, repo=repo)
+    folders = sorted({folder for folder, _ in selection})
+    listing = _git("ls-tree", "-r", commit, "--", *folders, repo=repo)
     entries = []
     for line in listing.splitlines():
         meta, path = line.split("\t", 1)
-        if _is_source(path):
+        if _selected(path, selection):
             entries.append((path, meta.split()[2]))
     return _digest(entries)
 
 
-def commits_with_digest(digest: str, max_count: int = 500, repo: str = REPO) -> list[str]:
-    """Commits (newest first, among the last max_count) whose source_digest_at is `digest`."""
+def commits_with_digest(
+    digest: str, max_count: int = 500, repo: str = REPO, selection=SOURCE
+) -> list[str]:
+    """Commits (newest first, among the last max_count) whose source_digest_at is `digest`
+    (selection=SETTINGS: whose settings_digest is)."""
     revs = _git("rev-list", f"--max-count={max_count}", "HEAD", repo=repo).split()
-    return [r for r in revs if source_digest_at(r, repo) == digest]
+    return [r for r in revs if source_digest_at(r, repo, selection) == digest]
 
 
 def command_line() -> str:
@@ -93,15 +107,16 @@ def command_line() -> str:
 
 
 def invocation() -> dict:
-    """{"date", "command", "xla_flags", "git", "source_digest"} of this process (xla_flags: its
-    XLA_FLAGS, which change the compiled programs); starts no JAX (for a process that leaves
-    the accelerator to its children)."""
+    """{"date", "command", "xla_flags", "git", "source_digest", "settings_digest"} of this
+    process (xla_flags: its XLA_FLAGS, which change the compiled programs); starts no JAX (for
+    a process that leaves the accelerator to its children)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git": git_revision(),
         "source_digest": source_digest(),
+        "settings_digest": settings_digest(),
     }
 
 
@@ -162,16 +177,20 @@ def main(argv=None) -> int:
     )
     ap.add_argument("digest", nargs="?", help="print the commits with this source_digest")
     ap.add_argument("--max-count", type=int, default=500, help="commits searched, newest first")
+    ap.add_argument(
+        "--settings", action="store_true", help="the digest is a settings_digest (configs/)"
+    )
     a = ap.parse_args(argv)
+    selection = SETTINGS if a.settings else SOURCE
     if a.digest is None:
-        print(source_digest())
+        print(source_digest(selection=selection))
         return 0
-    found = commits_with_digest(a.digest, a.max_count)
+    found = commits_with_digest(a.digest, a.max_count, selection=selection)
     for rev in found:
         print(_git("log", "-1", "--format=%h %ad %s", "--date=iso", rev).strip())
     if not found:
         print(
-            f"no commit among the last {a.max_count} has source digest {a.digest}", file=sys.stderr
+            f"no commit among the last {a.max_count} has that digest, {a.digest}", file=sys.stderr
         )
     return 0 if found else 1
 

@@ -32,7 +32,7 @@ def test_digest_of_the_files_equals_the_digest_of_their_commit(tmp_path):
     )
     on_disk = results_io.source_digest(str(tmp_path))
     assert on_disk == results_io.source_digest_at(first, str(tmp_path))
-    # outside SOURCE_DIRS or not .py: no effect; inside: a new digest
+    # outside SOURCE or not .py: no effect; inside: a new digest
     (tmp_path / "docs" / "c.py").write_text("changed\n")
     (tmp_path / "launch" / "notes.md").write_text("notes\n")
     assert results_io.source_digest(str(tmp_path)) == on_disk
@@ -42,6 +42,26 @@ def test_digest_of_the_files_equals_the_digest_of_their_commit(tmp_path):
         str(tmp_path)
     )
     assert results_io.commits_with_digest(on_disk, repo=str(tmp_path)) == [first]
+
+
+def test_settings_digest_covers_configs_and_shell_wrappers_apart_from_the_source(tmp_path):
+    """The configs (budgets, learning rates) and launch/*.sh change what a run does without
+    changing the source digest; the settings digest records them, traced the same way."""
+    _git(tmp_path, "init", "-q")
+    files = {"taylorcal_jax/a.py": "x\n", "configs/c.py": "lr = 1\n", "launch/run.sh": "a\n"}
+    first = _commit(tmp_path, files, "first")
+    root = str(tmp_path)
+    source, settings = results_io.source_digest(root), results_io.settings_digest(root)
+    for path in ("configs/c.py", "launch/run.sh"):
+        (tmp_path / path).write_text("changed\n")
+        assert results_io.source_digest(root) == source
+        assert results_io.settings_digest(root) != settings
+        _git(tmp_path, "checkout", "-q", "--", path)
+    assert results_io.settings_digest(root) == settings
+    _commit(tmp_path, {"configs/c.py": "lr = 2\n"}, "second")
+    found = results_io.commits_with_digest(settings, repo=root, selection=results_io.SETTINGS)
+    assert found == [first]
+    assert results_io.invocation()["settings_digest"] == results_io.settings_digest()
 
 
 def test_progress_log_prefixes_whole_seconds_since_its_start(capsys):
