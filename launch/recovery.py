@@ -349,7 +349,7 @@ def analysis(teacher_ppl: float, runs: dict) -> dict:
 # What result files must share for their runs to be compared: the same teacher, eval windows
 # of the same text, budgets and kept layers, on the same kind of device.
 # results_io.invocation()'s code fields, recorded by each run and kept per part by a merge
-PROVENANCE_KEYS = ("git", "source_digest", "xla_flags")
+PROVENANCE_KEYS = ("git", "source_digest", "settings_digest", "xla_flags")
 MERGE_KEYS = ("teacher_ppl", "kept_fraction", "eval", "budgets", "device")
 
 
@@ -713,6 +713,11 @@ def run_experiment(
 
     command = " ".join([os.path.basename(sys.executable)] + sys.argv)
     if not config.teacher.path:  # a teacher of our own, pretrained once in the workdir
+        # every problem found before the pretraining too: each init's run as if it pretrained
+        for init in inits:
+            cfg = init_config(config, init, kept_fraction, "", stage1)
+            cfg.stages = ("pretrain", *cfg.stages)
+            validate.validate(cfg, STAGES, os.path.join(workdir, init))
         own = config.copy_and_resolve_references()
         own.stages = ("pretrain",)
         runner.run(own, workdir, STAGES, command=command)
@@ -843,10 +848,15 @@ def main(argv):
     progress.set_enabled(config.progress)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    result = run_experiment(
-        config, FLAGS.workdir, FLAGS.inits, FLAGS.kept_fraction, FLAGS.out, FLAGS.tag,
-        FLAGS.stage1,
-    )  # fmt: skip
+    from taylorcal_jax.errors import UserError, fail
+
+    try:
+        result = run_experiment(
+            config, FLAGS.workdir, FLAGS.inits, FLAGS.kept_fraction, FLAGS.out, FLAGS.tag,
+            FLAGS.stage1,
+        )  # fmt: skip
+    except UserError as e:  # a bad setting or a missing teacher: one line, as the CLI's
+        fail(e)
     print(markdown(result))
 
 

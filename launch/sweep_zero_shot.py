@@ -50,7 +50,6 @@ Taylor strategies run once per `--write_gate_rules` entry; the non-default rule 
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import os
 import sys
@@ -167,7 +166,6 @@ def sweep(
     from taylorcal_jax.run import validate
     from taylorcal_jax.run.context import RunContext
     from taylorcal_jax.stage_registry import STAGES
-    from taylorcal_jax.train import stages
 
     for s in strategies:
         select.check_strategy(s)
@@ -214,10 +212,7 @@ def sweep(
         "eval_split": config.eval.split,
         "eval_seq_len": int(config.eval.seq_len),
         "text": run_inputs.text_record(config, corpus, eval_seqs),
-        "device": stages.device_description(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "jax_version": jax.__version__,
+        **results_io.provenance(),  # device, jax_version, date, command, git, digests
         "calibration": {
             "tokens": int(np.asarray(st.valid_nt).sum()),
             "num_sequences": int(c.num_sequences),
@@ -496,18 +491,23 @@ def main(argv):
         result["teacher_name"] = name
         return write_outputs(result, FLAGS.out, name)
 
-    result = sweep(
-        config,
-        workdir,
-        FLAGS.strategies,
-        FLAGS.policies,
-        fractions,
-        FLAGS.write_gate_rules,
-        phase1_ablation=FLAGS.phase1_ablation,
-        phase1_variants=FLAGS.phase1_variants,
-        ablation_policies=FLAGS.ablation_policies,
-        on_update=write,
-    )
+    from taylorcal_jax.errors import UserError, fail
+
+    try:
+        result = sweep(
+            config,
+            workdir,
+            FLAGS.strategies,
+            FLAGS.policies,
+            fractions,
+            FLAGS.write_gate_rules,
+            phase1_ablation=FLAGS.phase1_ablation,
+            phase1_variants=FLAGS.phase1_variants,
+            ablation_policies=FLAGS.ablation_policies,
+            on_update=write,
+        )
+    except UserError as e:  # a bad setting or a missing teacher: one line, as the CLI's
+        fail(e)
     paths = write(result)
     print(markdown_table(result))
     print("wrote " + ", ".join(paths.values()))

@@ -8,6 +8,9 @@ error and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+import traceback
+
 
 class UserError(Exception):
     """A problem with the user's input, stated in one line, with a hint on what to do."""
@@ -24,3 +27,14 @@ class ConfigError(UserError):
     """A config value (or a flag) is invalid; found before any work, exit status 2."""
 
     exit_code = 2
+
+
+def fail(error: UserError, debug: bool = False) -> None:
+    """Prints a user error as `error:` and `hint:` lines on stderr (the traceback too with
+    `debug`) and exits with its status: how every command line ends on one."""
+    if debug:
+        traceback.print_exception(error)
+    sys.stderr.write(f"error: {error.message}\n")
+    if error.hint:
+        sys.stderr.write(f"hint: {error.hint}\n")
+    sys.exit(error.exit_code)

@@ -21,13 +21,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from taylorcal_jax.calibrate import select
-from taylorcal_jax.errors import ConfigError, UserError
+from taylorcal_jax.errors import ConfigError, UserError, fail
 from taylorcal_jax.run import fields, runner
 from taylorcal_jax.stage_registry import STAGES
 from taylorcal_jax.utils import interrupts
@@ -82,16 +81,6 @@ def print_config(config, out=sys.stdout) -> None:
             out.write(f"\n# {parent}: {docs.get(parent, '')}\n" if parent else "")
         doc = docs.get(path, "")
         out.write(f"{path} = {value!r}" + (f"  # {doc}" if doc else "") + "\n")
-
-
-def fail(error: UserError, debug: bool) -> None:
-    """Prints a user error as `error:` and `hint:` lines on stderr and exits with its status."""
-    if debug:
-        traceback.print_exception(error)
-    sys.stderr.write(f"error: {error.message}\n")
-    if error.hint:
-        sys.stderr.write(f"hint: {error.hint}\n")
-    sys.exit(error.exit_code)
 
 
 # ------------------------------------------------------------------- flags, explained

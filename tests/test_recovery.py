@@ -252,6 +252,19 @@ def test_merge_joins_inits_run_apart_and_recomputes_targets_and_ratios(tmp_path)
 
 
 @pytest.mark.slow
+def test_a_bad_setting_stops_before_the_teacher_is_pretrained(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import tiny
+
+    from taylorcal_jax.errors import ConfigError
+
+    config = tiny.get_config("smoke")
+    config.distill.split = config.eval.split  # distillation would train on the eval text
+    with pytest.raises(ConfigError, match="distill.split='valid' is eval.split"):
+        recovery.run_experiment(config, str(tmp_path / "wd"), ["copy"], 0.5, str(tmp_path), "x")
+    assert not (tmp_path / "wd").exists()  # nothing pretrained, nothing written
+
+
 def test_smoke_run_end_to_end(tmp_path):
     """Two inits on the tiny smoke teacher; then a rerun skips every finished stage."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
