@@ -90,8 +90,9 @@ def _ratio(num, den):
     return num / den if num and den else None
 
 
-def compare(results: list[dict], command: str, tag: str) -> dict:
-    """The comparison result (module docstring) of recovery results of one experiment."""
+def compare(results: list[dict], invocation: dict, tag: str) -> dict:
+    """The comparison result (module docstring) of recovery results of one experiment;
+    invocation: results_io.invocation() of this process (its command and code)."""
     check_comparable(results)
     first = results[0]
     targets = {f"{f:g}x_teacher": f * first["teacher_ppl"] for f in recovery.TARGET_FACTORS}
@@ -123,7 +124,9 @@ def compare(results: list[dict], command: str, tag: str) -> dict:
         "teacher_ppl": first["teacher_ppl"],
         "device": first["device"],
         "date": max(r["date"] for r in results),
-        "command": command,
+        "command": invocation["command"],
+        # the code of this comparison; each source keeps its own run's
+        **{k: invocation[k] for k in recovery.PROVENANCE_KEYS if k in invocation},
         "text": first["text"],
         "eval": first["eval"],
         "kept_fraction": first["kept_fraction"],
@@ -133,6 +136,7 @@ def compare(results: list[dict], command: str, tag: str) -> dict:
                 "teacher_name": r["teacher_name"],
                 "date": r["date"],
                 "command": r["command"],
+                **{k: r[k] for k in recovery.PROVENANCE_KEYS if k in r},
                 "budgets": r["budgets"],
                 "complete": r.get("complete"),
             }
@@ -286,7 +290,7 @@ def main(argv):
     import results_io  # launch/
 
     try:
-        result = compare(recovery.read_results(FLAGS.results), results_io.command_line(), FLAGS.tag)
+        result = compare(recovery.read_results(FLAGS.results), results_io.invocation(), FLAGS.tag)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     write_outputs(result, FLAGS.out)

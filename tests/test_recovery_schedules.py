@@ -45,7 +45,11 @@ def _pair():
 
 def test_tokens_savings_and_leads_per_schedule(tmp_path):
     with_s1, alone = _pair()
-    out = recovery_schedules.compare([with_s1, alone], "python cmp", "t1")
+    code = {"command": "python cmp", "git": "abc", "source_digest": "d1", "date": "now"}
+    out = recovery_schedules.compare([with_s1, {**alone, "source_digest": "d0"}], code, "t1")
+    # the comparison's own code at the top, each run's with its source
+    assert out["command"] == "python cmp" and out["git"] == "abc" and out["source_digest"] == "d1"
+    assert [s.get("source_digest") for s in out["sources"]] == [None, "d0"]
     s1, s2 = recovery_schedules.WITH_STAGE1, recovery_schedules.STAGE2_ALONE
     assert [s["schedule"] for s in out["sources"]] == [s1, s2]
     assert out["targets"] == {"2x_teacher": 20.0, "1.5x_teacher": 15.0}
@@ -81,10 +85,10 @@ def test_refuses_results_that_differ_in_more_than_the_schedule():
     with_s1, alone = _pair()
     other_text = {**alone, "text": {"corpus_digest": "c", "eval_digest": "x"}}
     with pytest.raises(ValueError, match="text eval_digest differs"):
-        recovery_schedules.compare([with_s1, other_text], "", "")
+        recovery_schedules.compare([with_s1, other_text], {"command": ""}, "")
     with pytest.raises(ValueError, match="device differs"):
-        recovery_schedules.compare([with_s1, {**alone, "device": "gpu"}], "", "")
+        recovery_schedules.compare([with_s1, {**alone, "device": "gpu"}], {"command": ""}, "")
     with pytest.raises(ValueError, match="a schedule appears twice"):
-        recovery_schedules.compare([with_s1, with_s1], "", "")
+        recovery_schedules.compare([with_s1, with_s1], {"command": ""}, "")
     with pytest.raises(ValueError, match="cannot read the result file .*missing.json"):
         recovery.read_results(["/nonexistent/missing.json"])
