@@ -9,7 +9,8 @@ element, so each product is bound by the bandwidth: its ceiling is K N bytes-per
 copy bandwidth (bench_inference.copy_bandwidth, the roofline's bandwidth). Per (shape, M) row:
 
 - the weights: enough distinct random bf16 copies of W (2 to 16) that they together exceed
-  the preset's rotation_mib (an H100's 50 MB L2 cache holds one 27 MB MLP weight; a product
+  the preset's rotation_mib, or 16 where that takes more (16 of the 1536 x 1536 weights are
+  75.5 MB, still above an H100's 50 MB L2 cache, which holds one 27 MB MLP weight; a product
   repeated on one W would read it from there), each multiplied by its own random x [M, K],
   back to back in one jitted call, as a decoding step runs its products (no two products
   share an operand: XLA merges products that do, e.g. one x times several W, into one);
@@ -187,7 +188,7 @@ def markdown(result: dict) -> str:
         f"{result['source_digest']}. Command: `{result['command']}`.",
         "",
         f"Copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; bf16 weights "
-        f"rotated over {result['settings']['rotation_mib']} MiB; median of "
+        f"rotated over {result['settings']['rotation_mib']} MiB (at most 16 copies); median of "
         f"{result['settings']['repeats']} x {result['settings']['calls']} calls.",
         "",
         "| weight | K x N | rows | XLA us | XLA of bw | best kernel us | best of bw | best config "

@@ -237,11 +237,25 @@ def settings(
     )
 
 
+# the flags of the stage-2 rows alone, which --preset=small sets itself
+STAGE2_FLAGS = (
+    "batch_sizes", "seq_lens", "remat", "chunk_sizes", "attention_impls", "dtype", "gdn_impl",
+    "smollm2_gguf", "random_smollm2",
+)  # fmt: skip
+
+
 def _stage2_settings(preset: str, f: dict) -> bench_stage2.Settings:
     """The stage-2 rows as bench_stage2 settings: the flags' points, or with --preset=small its
-    tiny teacher at remat on; one warm-up and `calls` timed loop steps."""
+    tiny teacher at remat on (SettingsError if a stage-2 flag is given as well, which it would
+    ignore); one warm-up and `calls` timed loop steps."""
     common = dict(warmup_steps=1, timed_steps=f["calls"], budget_s=0.0)
     if preset == "small":
+        given = [name for name in STAGE2_FLAGS if f[name] != DEFAULTS[name]]
+        if given:
+            raise SettingsError(
+                "--preset=small sets the stage-2 rows itself; drop "
+                + ", ".join(f"--{name}" for name in given)
+            )
         return bench_stage2.small_settings(remat=(True,), **common)
     try:
         axes = ("batch_sizes", "seq_lens", "remat", "chunk_sizes", "attention_impls")
