@@ -22,6 +22,7 @@ Writes launch/results/bench_stats_memory_<tag>.json (device, versions, date, com
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -96,8 +97,8 @@ def main(argv):
         programs = {"kernel": (jax.jit(kernel), (q, kv, kv))}
         for name, tp in (("blockwise", "blockwise"), ("dense", "model")):
             fn = stats._collect_jit(
-                model, cfg, tuple(range(cfg.num_hidden_layers)), _BLOCK.value, True, 1, tp
-            )
+                model, cfg, tuple(range(cfg.num_hidden_layers)), _BLOCK.value, True, 1, tp, None
+            )  # one device: no mesh
             programs[name] = (fn, (params, tokens, valid))
         row = {"T": t}
         for name, (fn, args) in programs.items():
@@ -108,10 +109,13 @@ def main(argv):
                 execute = _EXECUTE.value and not _NO_EXECUTE.value
                 run = execute and not (name == "dense" and t > _DENSE_MAX_T.value)
                 if run:
-                    jax.block_until_ready(compiled(*args))
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(compiled(*args))
-                    entry["seconds"] = time.perf_counter() - t0
+                    jax.block_until_ready(compiled(*args))  # warm-up
+                    times = []
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        jax.block_until_ready(compiled(*args))
+                        times.append(time.perf_counter() - t0)
+                    entry["seconds"] = statistics.median(times)  # of 3, after the warm-up
                     entry["device_peak_bytes_so_far"] = _peak()
             except Exception as e:  # noqa: BLE001 - OOM at long T is a result, not a crash
                 entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
