@@ -197,12 +197,28 @@ def test_a_finished_workdir_plans_on_a_device_count_its_batches_do_not_split_ove
     assert plan.returncode == 2 and "does not split over the 3 devices" in plan.stderr
 
 
+def test_a_split_too_small_for_a_rerun_stage_stops_before_any_record_changes(smoke, tmp_path):
+    """The windows are checked against the corpus before the stages that will run are marked
+    pending and their outputs removed: the finished work stands, as the error says nothing
+    ran."""
+    wd = _copy(smoke, tmp_path)
+    records = open(os.path.join(wd, "stages.json")).read()
+    stats = os.path.join(wd, "calibration", "stats.npz")
+    assert os.path.exists(stats)
+    proc = cli(*SMOKE, f"--workdir={wd}", "--config.calibration.num_sequences=100000")
+    assert proc.returncode == 1
+    assert "error: calibration: 100000 sequences of 16 tokens need 1600000 tokens" in proc.stderr
+    assert "data.valid_fraction and data.test_fraction" in proc.stderr  # the train split's hint
+    assert open(os.path.join(wd, "stages.json")).read() == records
+    assert os.path.exists(stats)
+
+
 def test_settings_that_change_no_result_rerun_nothing(smoke, tmp_path):
     # how often pretraining logs, saves and evaluates, and the undecodable share at which a run
     # stops, change neither the teacher nor a token
     wd = _copy(smoke, tmp_path)
     changes = ("pretrain.log_every=3", "pretrain.checkpoint_every=7", "pretrain.eval_every=5")
-    changes += ("data.max_undecodable_fraction=0.001",)
+    changes += ("pretrain.eval_sequences=2", "data.max_undecodable_fraction=0.001")
     plan = cli(*SMOKE, f"--workdir={wd}", *(f"--config.{c}" for c in changes), "--dry_run")
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert plan.stdout.count("skip: done, settings unchanged") == len(ALL_STAGES), plan.stdout

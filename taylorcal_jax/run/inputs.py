@@ -215,10 +215,15 @@ def check_samples(corpus, samples) -> None:
             asked = f"{s.num} sequences of {s.seq_len} tokens"
             if s.num is None:
                 asked = f"{s.seq_len}-token windows"
+            share = (  # the train split is what the others leave
+                "lower data.valid_fraction and data.test_fraction"
+                if s.split == "train"
+                else f"data.{s.split}_fraction"
+            )
             raise DataError(
                 f"{s.what}: {asked} need {need} tokens of the {s.split} split, which has {size}",
                 f"ask for fewer or shorter sequences, or give the split more text (data.source, "
-                f"data.max_documents, data.{s.split}_fraction)",
+                f"data.max_documents, {share})",
             )
 
 

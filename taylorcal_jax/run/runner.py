@@ -87,10 +87,18 @@ def run(
         records = workdir_lib.read_records(workdir)
         # (main_plan is a collective: every process has read the records before they change)
         steps = main_plan(config, workdir, registry, records, rerun, sizes)
-        mark_pending(workdir, steps, records)
+        samples = [s for step in steps if step.action != "skip"
+                   for s in registry[step.name].samples(config)]  # fmt: skip
         leftovers = workdir_lib.remove_partials(workdir)
         if leftovers:
             console.note(f"removed {len(leftovers)} partial outputs of an interrupted run")
+        ctx = RunContext(config, workdir, samples)
+        progress.set_enabled(config.progress)
+        if samples:
+            # the corpus built (or read) and checked against the windows before any record
+            # changes: a split too small for them stops the run with every record intact
+            ctx.corpus  # noqa: B018
+        mark_pending(workdir, steps, records)
         started = workdir_lib.now()
         workdir_lib.append_history(
             workdir,
@@ -103,10 +111,6 @@ def run(
                 "config": config.to_dict(),
             },
         )
-        progress.set_enabled(config.progress)
-        samples = [s for step in steps if step.action != "skip"
-                   for s in registry[step.name].samples(config)]  # fmt: skip
-        ctx = RunContext(config, workdir, samples)
         header = {"command": command, "started": started, "stages": ", ".join(config.stages)}
         results = {step.name: planned_result(step, records) for step in steps}
         # summary.md at once: the last run's results of the stages this one redoes are gone

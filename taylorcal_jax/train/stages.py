@@ -213,6 +213,7 @@ STAGES = {
             "pretrain.log_every",
             "pretrain.checkpoint_every",
             "pretrain.eval_every",
+            "pretrain.eval_sequences",
         ),
         inputs=lambda config: ("corpus",),
         outputs=(inputs.TEACHER_DIR,),
