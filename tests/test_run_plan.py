@@ -189,10 +189,11 @@ def test_a_field_a_stage_ignores_since_its_record_reruns_nothing(tmp_path):
     out = plan(eval__seed=4)
     assert "run: settings changed: eval.seed 0 -> 4" in out and out.count("run: ") == 3
     # the stage run again (its output lost) records the fingerprint it carried over with its
-    # new settings; that record stands too, and the later stages stay done
+    # new settings; that record stands too (the later stages, run again on its new output,
+    # are done with the same fingerprints)
     os.remove(os.path.join(wd, "first.txt"))
     runner.run(_config(), wd, ignoring, console=Console(io.StringIO()))
-    assert s.calls == {"first": 2, "second": 1, "third": 1}
+    assert s.calls == {"first": 2, "second": 2, "third": 2}
     assert plan().count("skip: done, settings unchanged") == 3
 
 
@@ -210,6 +211,33 @@ def test_rerun_flag_and_missing_outputs(tmp_path):
     assert s.calls == {"first": 2, "second": 3, "third": 4} and out.count("run: --rerun") == 3
     with pytest.raises(ConfigError, match="--rerun names fourth"):
         _run(s, _config(), wd, rerun=["fourth"])
+
+
+def test_consumers_of_outputs_made_again_run_again(tmp_path):
+    """A stage made again with unchanged settings (its outputs deleted, or --rerun in a run
+    that lists it alone) has new outputs: every stage that used the old ones runs again,
+    listed in that run or not (on a GPU, "unchanged" outputs differ in rounding)."""
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    _run(s, _config(), wd)
+    os.remove(os.path.join(wd, "second.txt"))
+    _, out = _run(s, _config(), wd)
+    assert "run: outputs missing: second.txt" in out
+    assert "run: an input is made again: second" in out
+    assert s.calls == {"first": 1, "second": 2, "third": 2}
+    # first alone, rerun: second and third, not listed, are left pending for the next run
+    _, out = _run(s, _config(stages=("first",)), wd, rerun=["first"])
+    records = workdir_lib.read_records(wd)
+    assert [records[n]["status"] for n in ("first", "second", "third")] == [
+        "done",
+        "pending",
+        "pending",
+    ]
+    _, out = _run(s, _config(), wd)
+    assert out.count("run: an input was made again by a run that did not list it") == 2
+    assert s.calls == {"first": 2, "second": 3, "third": 3} and _values(wd) == _expected()
+    _, out = _run(s, _config(), wd)
+    assert out.count("skipped (done, settings unchanged)") == 3
 
 
 def test_a_rerun_cut_short_is_finished_by_the_next_run(tmp_path):

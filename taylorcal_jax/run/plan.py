@@ -20,7 +20,9 @@ so a stage's fingerprint changes exactly when a setting or an upstream output it
 changes. `make_plan` compares each listed stage's fingerprint with the record of its last
 run (workdir.py) and decides, before any work:
 
-    skip     done before with the same fingerprint, and its outputs are there
+    skip     done before with the same fingerprint, its outputs are there, and no stage it
+             uses runs in this run (one that does makes new outputs: on a GPU they differ
+             in rounding even with unchanged settings)
     resume   interrupted (or failed) with the same fingerprint, and one of its checkpoint
              directories holds a finished checkpoint (utils/checkpoint.py `has_checkpoint`)
     run      never run, settings or inputs changed, outputs missing, interrupted or failed
@@ -28,7 +30,8 @@ run (workdir.py) and decides, before any work:
              reruns the listed stages that consume the named ones; "all" names every listed
              stage), or planned to run by an earlier run that stopped before reaching it
              (status "pending": the runner marks every stage it will run before it starts the
-             first, so a --rerun cut short is finished by the next plain run)
+             first, so a --rerun cut short is finished by the next plain run, and the recorded
+             stages it does not list that use what it makes anew)
 
 Inputs that are neither listed nor recorded, stages listed before the stages they consume,
 and outputs with no record of the settings that made them are errors, found here.
@@ -203,6 +206,7 @@ def make_plan(
     fingerprints: dict[str, str] = {}
     sources: dict[str, str] = {}  # each source's fingerprint, computed once per plan
     forced = set(rerun)
+    running: set[str] = set()  # listed stages that make their outputs anew in this run
     steps = []
 
     def source_fingerprint(name: str, consumer: str) -> str:
@@ -314,11 +318,14 @@ def make_plan(
             else:
                 reason = f"inputs changed: {', '.join(changed_inputs) or 'unknown'}"
         elif rec.get("status") == "pending":
-            reason = "planned by an earlier run that stopped before it"
+            reason = rec.get("pending_because", "planned by an earlier run that stopped before it")
         elif rec.get("status") == "done":
             missing = _missing_outputs(stage, workdir)
+            remade = [d for d in deps if _made_by(d) in running]
             if missing:
                 reason = f"outputs missing: {', '.join(missing)}"
+            elif remade:  # same settings, but not the outputs it was made from
+                reason = f"an input is made again: {', '.join(remade)}"
             else:
                 action, reason = "skip", "done, settings unchanged"
         else:
@@ -328,5 +335,22 @@ def make_plan(
                 action, reason = "resume", f"{why}; resuming from its checkpoint"
             else:
                 reason = f"{why}; restarting"
+        if action != "skip" and not why_not:
+            running.add(name)
         steps.append(Step(name, action, reason, fp, settings, deps, mesh_of(stage)))
     return steps
+
+
+def consumers(config, registry: Mapping[str, Stage], names) -> list[str]:
+    """Every stage of `registry` that uses, directly or through others, the outputs of the
+    stages `names` (the teacher being pretrain's where teacher.path is unset), in registry
+    order."""
+    made = set(names)
+    out = []
+    for name, stage in registry.items():
+        deps = {"pretrain" if d == "teacher" and not config.teacher.path else d
+                for d in stage.inputs(config)}  # fmt: skip
+        if name not in made and deps & made:
+            made.add(name)
+            out.append(name)
+    return out

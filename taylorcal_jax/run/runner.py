@@ -98,7 +98,7 @@ def run(
             # the corpus built (or read) and checked against the windows before any record
             # changes: a split too small for them stops the run with every record intact
             ctx.corpus  # noqa: B018
-        mark_pending(workdir, steps, records)
+        mark_pending(workdir, steps, records, config, registry)
         started = workdir_lib.now()
         workdir_lib.append_history(
             workdir,
@@ -169,16 +169,26 @@ def planned_result(step, records: dict) -> dict:
     return {**(dict(rec.get("result", {})) if same else {}), "skipped": step.reason}
 
 
-def mark_pending(workdir: str, steps, records: dict) -> None:
+def mark_pending(workdir: str, steps, records: dict, config, registry: Mapping) -> None:
     """Records every stage this run will run from scratch as "pending", before the first
     starts: a stage is rerun with its record unchanged when --rerun asks for it (or its
     outputs are missing), and a run stopped before reaching it must not leave it "done" with
-    results made from the inputs this run replaced."""
+    results made from the inputs this run replaced. So are the recorded stages this run
+    does not list that use what it makes anew (config.stages=pretrain with --rerun=pretrain:
+    every stage after it), which the next run that lists them runs again."""
     marked = False
     for step in steps:
         rec = records.get(step.name)
         if step.action == "run" and rec is not None and rec.get("status") == "done":
             rec["status"] = "pending"
+            marked = True
+    making = [step.name for step in steps if step.action != "skip"]
+    listed = {step.name for step in steps}
+    for name in plan_lib.consumers(config, registry, making):
+        rec = records.get(name)
+        if name not in listed and rec is not None and rec.get("status") == "done":
+            rec["status"] = "pending"
+            rec["pending_because"] = "an input was made again by a run that did not list it"
             marked = True
     if marked:
         workdir_lib.write_records(workdir, records)
