@@ -213,6 +213,17 @@ def test_a_split_too_small_for_a_rerun_stage_stops_before_any_record_changes(smo
     assert os.path.exists(stats)
 
 
+def test_a_damaged_input_names_the_stage_to_rerun(smoke, tmp_path):
+    """An earlier stage's output damaged since (the plan sees only that it is there) is a
+    one-line error naming the stage that made it, not a traceback."""
+    wd = _copy(smoke, tmp_path)
+    os.remove(os.path.join(wd, "student", "model.safetensors"))
+    proc = cli(*SMOKE, f"--workdir={wd}", "--config.distill.layers.learning_rate=0.002")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: stage 'distill_layers' cannot read an input: " in proc.stderr
+    assert "hint: rerun the stage that made it (--rerun=select_layers)" in proc.stderr
+
+
 def test_settings_that_change_no_result_rerun_nothing(smoke, tmp_path):
     # how often pretraining logs, saves and evaluates, and the undecodable share at which a run
     # stops, change neither the teacher nor a token

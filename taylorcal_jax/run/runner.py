@@ -30,7 +30,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from taylorcal_jax.errors import ConfigError
+from taylorcal_jax.errors import ConfigError, UserError
 from taylorcal_jax.eval import training_curves
 from taylorcal_jax.run import plan as plan_lib
 from taylorcal_jax.run import validate as validate_lib
@@ -222,6 +222,9 @@ def run_stage(ctx, stage, step, records: dict, started: Callable[[], None]):
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         record.update(status=status, finished=workdir_lib.now())
         workdir_lib.write_records(workdir, records)
+        damaged = _damaged_input(e, step)
+        if damaged is not None:
+            raise damaged from e
         raise
     seconds = time.perf_counter() - t0
     record.update(status="done", finished=workdir_lib.now(), seconds=round(seconds, 1))
@@ -229,6 +232,23 @@ def run_stage(ctx, stage, step, records: dict, started: Callable[[], None]):
     workdir_lib.write_records(workdir, records)
     ctx.metrics.write(step.name, stage_seconds=round(seconds, 1), done=True)
     return result, seconds
+
+
+def _damaged_input(error: BaseException, step) -> UserError | None:
+    """A UserError naming the stages to rerun where a stage failed reading a checkpoint: an
+    output of an earlier stage, damaged since it was made (the plan sees only that it is
+    there), e.g. a student directory whose weights were deleted. None for any other error."""
+    from taylorcal_jax.models import hf_io, safetensors_io  # noqa: PLC0415
+
+    if not isinstance(error, (hf_io.CheckpointError, safetensors_io.CorruptCheckpointError)):
+        return None
+    makers = [name for name in step.inputs if name not in plan_lib.SOURCES]
+    return UserError(
+        f"stage '{step.name}' cannot read an input: {error}",
+        f"rerun the stage that made it (--rerun={makers[0]})"
+        if len(makers) == 1
+        else f"rerun the stages that made its inputs (one of --rerun={', '.join(makers)})",
+    )
 
 
 def summary_rows(config, workdir, steps, results, seconds, wall) -> list[tuple[str, str]]:
