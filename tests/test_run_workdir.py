@@ -73,6 +73,21 @@ def test_second_run_is_refused_naming_the_holder_then_a_dead_holder_is_taken_ove
     assert len(said) == 1  # a cleanly released lock is not stale
 
 
+def test_a_look_at_the_lock_does_not_refuse_a_run(tmp_path):
+    """--dry_run's lock_holder takes a shared lock for an instant; a run taking the lock at
+    that moment waits it out (it was refused, naming the last holder's stale pid)."""
+    import fcntl
+    import threading
+
+    wd = str(tmp_path)
+    path = os.path.join(wd, workdir_lib.LOCK_FILE)
+    look = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(look, fcntl.LOCK_SH)  # another open file description: it conflicts
+    threading.Timer(0.3, os.close, (look,)).start()  # the look ends, dropping its lock
+    with workdir_lib.WorkdirLock(wd, print):
+        assert json.load(open(path))["pid"] == os.getpid()
+
+
 def test_output_dir_and_file_appear_whole_or_not_at_all(tmp_path):
     out = str(tmp_path / "student")
     with workdir_lib.output_dir(out) as tmp:

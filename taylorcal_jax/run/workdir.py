@@ -36,6 +36,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 
 from taylorcal_jax.errors import ConfigError, UserError
@@ -77,6 +78,9 @@ def check_workdir(path: str) -> None:
 # ------------------------------------------------------------------------------- the lock
 
 
+LOOK_PATIENCE_S = 1.0  # how long taking the lock waits out a look at it
+
+
 class WorkdirLock:
     """Exclusive lock of a workdir for the life of a run (a context manager), held by
     process 0; the other processes wait at a barrier until it holds it.
@@ -100,6 +104,12 @@ class WorkdirLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 holder = _flock_or_holder(fd, fcntl.LOCK_EX)
+                # a --dry_run's look (lock_holder) holds a shared lock for an instant: a
+                # holder that lets go within a second was such a look, not a run
+                deadline = time.monotonic() + LOOK_PATIENCE_S
+                while holder is not None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    holder = _flock_or_holder(fd, fcntl.LOCK_EX)
             except OSError:
                 os.close(fd)
                 raise
