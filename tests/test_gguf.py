@@ -9,6 +9,8 @@ tolerance 1e-4, as in tests/test_teacher_parity.py.
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +164,20 @@ def test_a_failed_conversion_leaves_no_directory(tmp_path, monkeypatch):
     with pytest.raises(gguf_lib.GGUFError, match="could not convert it.*disk full"):
         gguf_lib.resolve_teacher_dir(str(path), str(cache))
     assert os.listdir(cache) == []
+
+
+def test_a_conversion_killed_midway_is_cleaned_up_by_the_next(tmp_path):
+    """A conversion killed (kill -9) leaves its temporary directory, the model in float32;
+    the next conversion on this host removes those of dead processes, not a live one's."""
+    path, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    write_tiny_llama_gguf(path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    for pid in (int(dead.stdout), os.getpid()):
+        os.makedirs(gguf_lib._tmp_name(str(cache / "m-0123456789ab"), pid))
+    first = gguf_lib.resolve_teacher_dir(str(path), str(cache))
+    live = os.path.basename(gguf_lib._tmp_name(str(cache / "m-0123456789ab"), os.getpid()))
+    assert sorted(os.listdir(cache)) == sorted([os.path.basename(first), live])
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 
@@ -164,6 +165,31 @@ def _cached_dirs(cache_root: str, stem: str) -> list[str]:
     return [os.path.join(cache_root, n) for n in names]
 
 
+def _tmp_name(target: str, pid: int) -> str:
+    """Where process `pid` of this host converts into `target` before renaming it."""
+    return f"{target}.tmp-{socket.gethostname()}-{pid}"
+
+
+def _remove_dead_conversions(cache_root: str) -> None:
+    """Deletes the temporary directories of conversions on this host whose process is gone
+    (killed while converting: the model's size in float32, never reused otherwise)."""
+    pattern = re.compile(r".+\.tmp-" + re.escape(socket.gethostname()) + r"-(\d+)")
+    for name in os.listdir(cache_root):
+        match = pattern.fullmatch(name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(cache_root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def convert(gguf_path: str, out_dir: str) -> None:
     """Dequantises `gguf_path` with transformers and writes a float32 HF checkpoint directory
     (config.json, model.safetensors, tokenizer files) to `out_dir` (created; must not exist)."""
@@ -250,7 +276,8 @@ def resolve_teacher_dir(path: str, cache_root: str) -> str:
     _say(f"converting {source} (architecture {arch}) to a {STORED_DTYPE} checkpoint in {target}")
     t0 = time.perf_counter()
     os.makedirs(cache_root, exist_ok=True)
-    tmp = f"{target}.tmp{os.getpid()}"
+    _remove_dead_conversions(cache_root)
+    tmp = _tmp_name(target, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         convert(source, tmp)
