@@ -8,11 +8,12 @@ setting runs in its own process (XLA reads the flags once): as is, and with
 chain of matmuls ending in the LM head into one YNNPACK fusion ("__ynn_fusion" in the compiled
 HLO), which is what falls off the cliff for the full logits at 8192 tokens.
 
-    python launch/probe_xla_cpu_ynn.py     # -> launch/results/probe_xla_cpu_ynn_<device>.json
+    python launch/probe_xla_cpu_ynn.py [--out DIR]  # -> DIR/probe_xla_cpu_ynn_<device>.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -62,8 +63,12 @@ def measure() -> dict:
     return out
 
 
-def main():
-    if "--child" in sys.argv:
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=results_io.RESULTS_DIR, help="folder of the result file")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one measurement
+    a = ap.parse_args(argv)
+    if a.child:
         print("JSON " + json.dumps(measure()), flush=True)
         return
     runs = {}
@@ -85,7 +90,7 @@ def main():
     }
     print(
         "wrote",
-        results_io.write_result(results_io.RESULTS_DIR, "probe_xla_cpu_ynn", "", False, result),
+        results_io.write_result(a.out, "probe_xla_cpu_ynn", "", False, result),
     )
 
 

@@ -808,6 +808,11 @@ def rerender(path: str, out: str) -> dict:
 
     with open(path) as f:
         result = json.load(f)
+    if not all("tokens_to_target" in run for run in result.get("runs") or [{}]):
+        raise ValueError(
+            f"{path} is not a recovery result (its runs have no tokens_to_target; a "
+            "recovery_schedules comparison is made again from its --results)"
+        )
     result["projection"] = {
         **projection(result["runs"], result["targets"]),
         "command": results_io.command_line(),
@@ -822,7 +827,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.rerender:
-        print(markdown(rerender(FLAGS.rerender, FLAGS.out)))
+        try:
+            print(markdown(rerender(FLAGS.rerender, FLAGS.out)))
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
         return
     if FLAGS.merge:
         import results_io  # launch/

@@ -222,6 +222,13 @@ def _part(runs, **changes):
     return {**base, **changes}
 
 
+def test_rerender_refuses_a_file_that_is_not_a_recovery_result(tmp_path):
+    path = tmp_path / "recovery_schedules_x.json"
+    path.write_text(json.dumps({"runs": [{"init": "copy", "curve": [[0, 9.0]]}]}))
+    with pytest.raises(ValueError, match="is not a recovery result"):
+        recovery.rerender(str(path), str(tmp_path))
+
+
 def test_merge_joins_inits_run_apart_and_recomputes_targets_and_ratios(tmp_path):
     # copy in one file, taylor_calibrate in another: copy's final ppl becomes a target of both
     a = _part([("copy", [[0, 80.0], [100, 30.0], [200, 16.0]])], date="2026-12-05T10")
