@@ -215,7 +215,7 @@ def settings(
         )
     if f["budget_s"] < 0:
         raise SettingsError(f"--budget_s must be >= 0 (0: no limit), got {f['budget_s']}")
-    stage2 = _stage2_settings(preset, f)
+    stage2 = _stage2_settings(preset, f, "stage2" in targets)
     if "stage2" in targets:
         try:
             bench_stage2.check_settings(stage2)
@@ -244,14 +244,14 @@ STAGE2_FLAGS = (
 )  # fmt: skip
 
 
-def _stage2_settings(preset: str, f: dict) -> bench_stage2.Settings:
+def _stage2_settings(preset: str, f: dict, measured: bool) -> bench_stage2.Settings:
     """The stage-2 rows as bench_stage2 settings: the flags' points, or with --preset=small its
-    tiny teacher at remat on (SettingsError if a stage-2 flag is given as well, which it would
-    ignore); one warm-up and `calls` timed loop steps."""
+    tiny teacher at remat on (SettingsError if the rows are `measured` and a stage-2 flag is
+    given as well, which it would ignore); one warm-up and `calls` timed loop steps."""
     common = dict(warmup_steps=1, timed_steps=f["calls"], budget_s=0.0)
     if preset == "small":
         given = [name for name in STAGE2_FLAGS if f[name] != DEFAULTS[name]]
-        if given:
+        if given and measured:
             raise SettingsError(
                 "--preset=small sets the stage-2 rows itself; drop "
                 + ", ".join(f"--{name}" for name in given)

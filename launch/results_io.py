@@ -178,7 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("digest", nargs="?", help="print the commits with this source_digest")
     ap.add_argument("--max-count", type=int, default=500, help="commits searched, newest first")
     ap.add_argument(
-        "--settings", action="store_true", help="the digest is a settings_digest (configs/)"
+        "--settings",
+        action="store_true",
+        help="the digest is a settings_digest (configs/*.py, launch/*.sh)",
     )
     a = ap.parse_args(argv)
     selection = SETTINGS if a.settings else SOURCE

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_small_run_records_memory_and_time_of_every_program(tmp_path):
     cmd = [sys.executable, "launch/bench_stats_memory.py", "--small", "--lengths=64,256"]
     cmd += ["--block_size=32", "--dense_max_t=256", f"--out={tmp_path}"]

@@ -159,6 +159,7 @@ def test_the_small_preset_refuses_the_stage2_flags_it_would_ignore():
     with pytest.raises(prof.SettingsError, match="sets the stage-2 rows itself; drop --seq_lens, "):
         prof.settings("small", targets="stage2", seq_lens="64", remat="false")
     assert prof.settings("small", targets="stage2", keep_every=2).stage2.small  # decode's too
+    assert prof.settings("small", targets="decode_student", seq_lens="64").stage2.small
 
 
 def test_the_command_line_stops_on_a_bad_flag_before_any_work(tmp_path):

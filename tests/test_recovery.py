@@ -258,7 +258,6 @@ def test_merge_joins_inits_run_apart_and_recomputes_targets_and_ratios(tmp_path)
         recovery.merge([a, a], "", "")
 
 
-@pytest.mark.slow
 def test_a_bad_setting_stops_before_the_teacher_is_pretrained(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
     import tiny
@@ -272,6 +271,7 @@ def test_a_bad_setting_stops_before_the_teacher_is_pretrained(tmp_path):
     assert not (tmp_path / "wd").exists()  # nothing pretrained, nothing written
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """Two inits on the tiny smoke teacher; then a rerun skips every finished stage."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))

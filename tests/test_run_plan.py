@@ -240,6 +240,22 @@ def test_consumers_of_outputs_made_again_run_again(tmp_path):
     assert out.count("skipped (done, settings unchanged)") == 3
 
 
+def test_an_interrupted_consumer_of_remade_outputs_restarts_instead_of_resuming(tmp_path):
+    """Its checkpoint was made from the outputs being replaced: it starts over, whether its
+    producer runs again in the same run or in an earlier run that did not list it."""
+    wd, s = _crashed_in_second(tmp_path, after=50)  # a checkpoint at step 50
+    os.remove(os.path.join(wd, "first.txt"))
+    _, out = _run(s, _config(), wd)
+    assert "run: failed last time; an input is made again (first): restarting" in out
+    assert s.resumed_from == 0 and _values(wd) == _expected()
+    wd, s = _crashed_in_second(tmp_path / "unlisted", after=50)
+    _run(s, _config(stages=("first",)), wd, rerun=["first"])
+    assert workdir_lib.read_records(wd)["second"]["status"] == "pending"
+    _, out = _run(s, _config(), wd)
+    assert "run: an input was made again by a run that did not list it" in out
+    assert s.resumed_from == 0 and _values(wd) == _expected()
+
+
 def test_a_rerun_cut_short_is_finished_by_the_next_run(tmp_path):
     # --rerun=first reruns its consumers too; a crash in second leaves third to do, and the
     # next plain run (no --rerun) must still run it: its record says "pending", not "done"

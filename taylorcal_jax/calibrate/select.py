@@ -20,7 +20,7 @@ they calibrate.
 Layer policies, for a kept fraction f of L layers (n = round(f L), at least 1):
 
     uniform  every (L/n)-th layer: floor(i L / n), i < n (28 layers, 25%: 0, 4, ..., 24)
-    ar       remove each layer's attention alone (its mixer all zeros, so the layer adds 0,
+    ar       remove each layer's attention alone (its mixer all zeros, so the mixer adds 0,
              as zero_gate's does; every other layer keeps attention) and measure
              perplexity; keep the n layers whose removal hurts most
     ga_s2    for each layer, a student that keeps only that layer (the strategy's init on all

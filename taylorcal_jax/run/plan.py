@@ -231,10 +231,6 @@ def make_plan(
             settings["teacher"] = source_fingerprint("teacher", consumer)
         return inputs_lib.digest(settings)
 
-    def _made_by(dep: str) -> str:
-        """The stage that makes input `dep`: "pretrain" for the teacher it trains."""
-        return "pretrain" if dep == "teacher" and not config.teacher.path else dep
-
     def inputs_of(stage: Stage) -> dict[str, str]:
         return {
             dep: source_fingerprint(dep, stage.name)
@@ -290,7 +286,7 @@ def make_plan(
         if rec is not None and rec.get("fingerprint") != fp and _made_under(rec, settings, deps):
             fp = rec["fingerprint"]  # recorded with fields it now ignores: the same result
         fingerprints[name] = fp
-        if any(_made_by(d) in forced for d in deps):
+        if any(made_by(config, d) in forced for d in deps):
             forced.add(name)  # --rerun also reruns the listed stages that consume its outputs
         action, reason = "run", "not run yet"
         why_not = stage.not_needed(config)
@@ -321,7 +317,7 @@ def make_plan(
             reason = rec.get("pending_because", "planned by an earlier run that stopped before it")
         elif rec.get("status") == "done":
             missing = _missing_outputs(stage, workdir)
-            remade = [d for d in deps if _made_by(d) in running]
+            remade = [d for d in deps if made_by(config, d) in running]
             if missing:
                 reason = f"outputs missing: {', '.join(missing)}"
             elif remade:  # same settings, but not the outputs it was made from
@@ -330,26 +326,32 @@ def make_plan(
                 action, reason = "skip", "done, settings unchanged"
         else:
             why = "failed last time" if rec.get("status") == "failed" else "interrupted"
-            if _has_checkpoint(stage, workdir):
+            remade = [d for d in deps if made_by(config, d) in running]
+            if remade:  # its checkpoint was made from the outputs being replaced
+                reason = f"{why}; an input is made again ({', '.join(remade)}): restarting"
+            elif _has_checkpoint(stage, workdir):
                 _check_resume_mesh(name, rec.get("mesh"), mesh_of(stage))
                 action, reason = "resume", f"{why}; resuming from its checkpoint"
             else:
                 reason = f"{why}; restarting"
-        if action != "skip" and not why_not:
+        if action != "skip":
             running.add(name)
         steps.append(Step(name, action, reason, fp, settings, deps, mesh_of(stage)))
     return steps
 
 
+def made_by(config, dep: str) -> str:
+    """The stage that makes input `dep`: "pretrain" for the teacher where it trains it."""
+    return "pretrain" if dep == "teacher" and not config.teacher.path else dep
+
+
 def consumers(config, registry: Mapping[str, Stage], names) -> list[str]:
     """Every stage of `registry` that uses, directly or through others, the outputs of the
-    stages `names` (the teacher being pretrain's where teacher.path is unset), in registry
-    order."""
+    stages `names`, in registry order."""
     made = set(names)
     out = []
     for name, stage in registry.items():
-        deps = {"pretrain" if d == "teacher" and not config.teacher.path else d
-                for d in stage.inputs(config)}  # fmt: skip
+        deps = {made_by(config, d) for d in stage.inputs(config)}
         if name not in made and deps & made:
             made.add(name)
             out.append(name)

@@ -7,7 +7,8 @@
     3. plan (plan.py), and check the stages it runs against the mesh sizes; `dry_run` prints
        the plan and stops here
     4. lock the workdir, delete `.partial` leftovers, append this run to config.json
-    5. record every stage that will run from scratch "pending" (plan.py), then per stage: skip,
+    5. record every stage that will run from scratch "pending" (plan.py), and the recorded
+       stages it does not list that use what it makes anew; then per stage: skip,
        or remove its old outputs (and, unless it resumes, its checkpoints), record it
        "running", run it with the one RunContext, record it "done" with its result
     6. summary.md after every stage, training_curves.png after every training stage
@@ -87,18 +88,10 @@ def run(
         records = workdir_lib.read_records(workdir)
         # (main_plan is a collective: every process has read the records before they change)
         steps = main_plan(config, workdir, registry, records, rerun, sizes)
-        samples = [s for step in steps if step.action != "skip"
-                   for s in registry[step.name].samples(config)]  # fmt: skip
+        mark_pending(workdir, steps, records, config, registry)
         leftovers = workdir_lib.remove_partials(workdir)
         if leftovers:
             console.note(f"removed {len(leftovers)} partial outputs of an interrupted run")
-        ctx = RunContext(config, workdir, samples)
-        progress.set_enabled(config.progress)
-        if samples:
-            # the corpus built (or read) and checked against the windows before any record
-            # changes: a split too small for them stops the run with every record intact
-            ctx.corpus  # noqa: B018
-        mark_pending(workdir, steps, records, config, registry)
         started = workdir_lib.now()
         workdir_lib.append_history(
             workdir,
@@ -111,6 +104,11 @@ def run(
                 "config": config.to_dict(),
             },
         )
+        progress.set_enabled(config.progress)
+        # (the corpus loads lazily: a pretrain that runs writes the tokenizer it is cut with)
+        samples = [s for step in steps if step.action != "skip"
+                   for s in registry[step.name].samples(config)]  # fmt: skip
+        ctx = RunContext(config, workdir, samples)
         header = {"command": command, "started": started, "stages": ", ".join(config.stages)}
         results = {step.name: planned_result(step, records) for step in steps}
         # summary.md at once: the last run's results of the stages this one redoes are gone
@@ -186,7 +184,8 @@ def mark_pending(workdir: str, steps, records: dict, config, registry: Mapping) 
     listed = {step.name for step in steps}
     for name in plan_lib.consumers(config, registry, making):
         rec = records.get(name)
-        if name not in listed and rec is not None and rec.get("status") == "done":
+        # done, or interrupted with a checkpoint of the old inputs: restarted when next listed
+        if name not in listed and rec is not None and rec.get("status") != "pending":
             rec["status"] = "pending"
             rec["pending_because"] = "an input was made again by a run that did not list it"
             marked = True
@@ -243,6 +242,8 @@ def _damaged_input(error: BaseException, step) -> UserError | None:
     if not isinstance(error, (hf_io.CheckpointError, safetensors_io.CorruptCheckpointError)):
         return None
     makers = [name for name in step.inputs if name not in plan_lib.SOURCES]
+    if not makers:  # the teacher's own errors are UserErrors already (RunContext.teacher)
+        return None
     return UserError(
         f"stage '{step.name}' cannot read an input: {error}",
         f"rerun the stage that made it (--rerun={makers[0]})"
