@@ -256,6 +256,31 @@ def test_an_interrupted_consumer_of_remade_outputs_restarts_instead_of_resuming(
     assert s.resumed_from == 0 and _values(wd) == _expected()
 
 
+def test_a_restart_cut_short_before_it_is_not_resumed_next_time(tmp_path, monkeypatch):
+    """A run planning to restart an interrupted stage (its input made again) and stopped
+    before reaching it leaves it pending: the next run, which sees the input done, must not
+    resume the checkpoint made from the old input."""
+    from taylorcal_jax.utils import interrupts
+
+    wd, s = _crashed_in_second(tmp_path, after=50)  # a checkpoint at step 50
+    os.remove(os.path.join(wd, "first.txt"))
+    first = s.first
+
+    def first_then_ctrl_c(ctx):
+        result = first(ctx)
+        monkeypatch.setattr(interrupts, "requested", lambda: True)  # during its last call
+        return result
+
+    s.first = first_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        _run(s, _config(), wd)
+    monkeypatch.setattr(interrupts, "requested", lambda: False)
+    s.first = first
+    assert workdir_lib.read_records(wd)["second"]["status"] == "pending"
+    _run(s, _config(), wd)
+    assert s.resumed_from == 0 and _values(wd) == _expected()
+
+
 def test_a_rerun_cut_short_is_finished_by_the_next_run(tmp_path):
     # --rerun=first reruns its consumers too; a crash in second leaves third to do, and the
     # next plain run (no --rerun) must still run it: its record says "pending", not "done"

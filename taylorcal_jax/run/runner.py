@@ -177,7 +177,9 @@ def mark_pending(workdir: str, steps, records: dict, config, registry: Mapping) 
     marked = False
     for step in steps:
         rec = records.get(step.name)
-        if step.action == "run" and rec is not None and rec.get("status") == "done":
+        # done, or interrupted with a checkpoint this run restarts instead of resuming (a run
+        # stopped before reaching it must not leave that checkpoint to be resumed next time)
+        if step.action == "run" and rec is not None and rec.get("status") != "pending":
             rec["status"] = "pending"
             marked = True
     making = [step.name for step in steps if step.action != "skip"]
