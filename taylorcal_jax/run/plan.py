@@ -286,6 +286,7 @@ def make_plan(
         if rec is not None and rec.get("fingerprint") != fp and _made_under(rec, settings, deps):
             fp = rec["fingerprint"]  # recorded with fields it now ignores: the same result
         fingerprints[name] = fp
+        remade = [d for d in deps if made_by(config, d) in running]  # made anew in this run
         if any(made_by(config, d) in forced for d in deps):
             forced.add(name)  # --rerun also reruns the listed stages that consume its outputs
         action, reason = "run", "not run yet"
@@ -317,7 +318,6 @@ def make_plan(
             reason = rec.get("pending_because", "planned by an earlier run that stopped before it")
         elif rec.get("status") == "done":
             missing = _missing_outputs(stage, workdir)
-            remade = [d for d in deps if made_by(config, d) in running]
             if missing:
                 reason = f"outputs missing: {', '.join(missing)}"
             elif remade:  # same settings, but not the outputs it was made from
@@ -326,7 +326,6 @@ def make_plan(
                 action, reason = "skip", "done, settings unchanged"
         else:
             why = "failed last time" if rec.get("status") == "failed" else "interrupted"
-            remade = [d for d in deps if made_by(config, d) in running]
             if remade:  # its checkpoint was made from the outputs being replaced
                 reason = f"{why}; an input is made again ({', '.join(remade)}): restarting"
             elif _has_checkpoint(stage, workdir):

@@ -41,10 +41,10 @@ float32 q/k/v every dot is float32 at Precision.HIGHEST (no TF32 on GPUs, no sin
 TPUs): k k^T feeds the inversion, whose conditioning amplifies operand rounding, and the state
 dots are repeated N times along the recurrence, so a float32 caller gets float32 accuracy
 throughout. float64 stays float64. One limit, shared by the Pallas kernels and
-flash-linear-attention: the differences G_i - G_j cancel in float32 where one token's gate is
-far more negative than its chunk's others (an isolated g of -2000 gives about 1e-4 relative
-error, -1e5 about 5e-3, against the per-token loop's 1e-7; g = -inf gives NaN, -inf - -inf).
-The mixer's gates, g = -exp(A_log) softplus(.), stay within tens of 0.
+flash-linear-attention: the differences G_i - G_j lose float32 precision where one token's gate
+is far more negative than its chunk's others (thousands and more below them), which the
+per-token loop does not, and g = -inf gives NaN (-inf - -inf). The mixer's gates,
+g = -exp(A_log) softplus(.), stay within tens of 0.
 
 Gradients: plain autodiff under `jax.checkpoint` whose policy saves only named values: the
 [B, H, K, V] state entering each chunk (N = T / C states, never one per token), v' (T vectors of
