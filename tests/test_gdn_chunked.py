@@ -339,13 +339,25 @@ def _bad(**changes):
         ({"q": jnp.zeros((2, 5, 3))}, r"q must have rank 4 \(\[B, T, H, K\]\)"),
         ({"v": jnp.zeros((2, 5, 3, 2, 1))}, r"v must have rank 4"),
         ({"g": jnp.zeros((2, 5, 3, 1))}, r"g must have rank 3"),
-        ({"k": jnp.zeros((1, 5, 3, 4))}, r"q and k must agree on \[B, T, H\]"),
-        ({"k": jnp.zeros((2, 5, 3, 8))}, r"same key dim K: q has 4, k has 8"),
-        ({"v": jnp.zeros((2, 6, 3, 2))}, r"v must agree with q on \[B, T, H\]"),
-        ({"g": jnp.zeros((2, 5, 2))}, r"g must have shape \[B, T, H\] = \(2, 5, 3\)"),
+        (
+            {"k": jnp.zeros((1, 5, 3, 4))},
+            r"k must have shape \[B, T, H, K\] = \(2, 5, 3, 4\) \(B from q\)",
+        ),
+        (
+            {"k": jnp.zeros((2, 5, 3, 8))},
+            r"k must have shape \[B, T, H, K\] = \(2, 5, 3, 4\) \(K from q\), got \(2, 5, 3, 8\)",
+        ),
+        (
+            {"v": jnp.zeros((2, 6, 3, 2))},
+            r"v must have shape \[B, T, H, V\] = \(2, 5, 3, 2\) \(T from q\)",
+        ),
+        ({"g": jnp.zeros((2, 5, 2))}, r"g must have shape \[B, T, H\] = \(2, 5, 3\) \(H from q\)"),
         ({"beta": jnp.zeros((2, 4, 3))}, r"beta must have shape \[B, T, H\]"),
         ({"q": jnp.zeros((2, 5, 3, 4), jnp.int32)}, r"q must be a floating-point array"),
-        ({"initial_state_bhkv": jnp.zeros((2, 3, 2, 4))}, r"initial_state must have shape"),
+        (
+            {"initial_state_bhkv": jnp.zeros((2, 3, 2, 4))},
+            r"initial_state must have shape \[B, H, K, V\] = \(2, 3, 4, 2\) \(K from q; V from v\)",
+        ),
         ({"chunk_size": 0}, r"chunk_size must be an int >= 1, got 0"),
         ({"chunk_size": 2.0}, r"chunk_size must be an int >= 1"),
         ({"impl": "triton"}, r"unknown impl 'triton'; valid choices are reference, chunked, "),
@@ -370,8 +382,14 @@ def test_each_entry_point_called_directly_checks_its_operands(entry):
         "pallas_tpu": gated_delta_rule_pallas_tpu,
     }[entry]
     for changes, message in [
-        ({"k": jnp.zeros((2, 5, 3, 8))}, r"same key dim K: q has 4, k has 8"),
-        ({"initial_state_bhkv": jnp.zeros((2, 3, 2, 4))}, r"initial_state must have shape"),
+        (
+            {"k": jnp.zeros((2, 5, 3, 8))},
+            r"k must have shape \[B, T, H, K\] = \(2, 5, 3, 4\) \(K from q\), got \(2, 5, 3, 8\)",
+        ),
+        (
+            {"initial_state_bhkv": jnp.zeros((2, 3, 2, 4))},
+            r"initial_state must have shape \[B, H, K, V\] = \(2, 3, 4, 2\) \(K from q; V from v\)",
+        ),
         ({"q": jnp.zeros((2, 5, 3, 4), jnp.int32)}, r"q must be a floating-point array"),
     ]:
         args, kwargs = _bad(**changes)

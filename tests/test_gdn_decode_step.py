@@ -63,11 +63,16 @@ def test_decode_step_keeps_v_dtype_and_float32_state():
 @pytest.mark.parametrize(
     "name, shape, message",
     [
-        ("g", (2, 3, 1), r"g must be \[B, H\] for one decoding step"),
-        ("g", (2, 1), r"g must be \[B, H\] = \(2, 3\)"),  # [B, 1] would broadcast over heads
-        ("beta", (3, 2), r"beta must be \[B, H\] = \(2, 3\)"),
-        ("v", (2, 1, 3, 5), r"v must be \[B, H, V\] for one decoding step"),
-        ("state", (2, 3, 5, 5), r"state must be \[B, H, K, V\] = \(2, 3, 4, 5\)"),
+        ("g", (2, 3, 1), r"g must have rank 2 \(\[B, H\] for one decoding step\)"),
+        # [B, 1] would broadcast over heads
+        ("g", (2, 1), r"g must have shape \[B, H\] = \(2, 3\) \(H from q\)"),
+        ("beta", (3, 2), r"beta must have shape \[B, H\] = \(2, 3\) \(B, H from q\)"),
+        ("v", (2, 1, 3, 5), r"v must have rank 3 \(\[B, H, V\] for one decoding step\)"),
+        (
+            "state",
+            (2, 3, 5, 5),
+            r"state must have shape \[B, H, K, V\] = \(2, 3, 4, 5\) \(K from q\)",
+        ),
     ],
 )
 def test_decode_entry_refuses_mis_shaped_operands(name, shape, message):

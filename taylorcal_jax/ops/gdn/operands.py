@@ -13,59 +13,58 @@ def _is_float(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def _check_layouts(operands, where: str) -> dict[str, int]:
+    """{letter: size} of operands given as (name, array, letters), e.g. ("q", q, "BTHK"): every
+    array floating point with one axis per letter, and every letter one size, the size of the
+    first operand holding it; else ValueError naming the operand, its layout and what it must
+    match. `where` ends the rank message ("" or " for one decoding step")."""
+    for name, x, letters in operands:
+        layout = "[" + ", ".join(letters) + "]"
+        if x.ndim != len(letters):
+            raise ValueError(
+                f"{name} must have rank {len(letters)} ({layout}{where}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not _is_float(x):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    sizes: dict[str, int] = {}
+    first = {}
+    for name, x, letters in operands:
+        expected = tuple(sizes.setdefault(a, n) for a, n in zip(letters, x.shape, strict=True))
+        for a in letters:
+            first.setdefault(a, name)
+        if tuple(x.shape) != expected:
+            by_source: dict[str, list[str]] = {}
+            for a, n in zip(letters, x.shape, strict=True):
+                if sizes[a] != n:
+                    by_source.setdefault(first[a], []).append(a)
+            source = "; ".join(f"{', '.join(a)} from {src}" for src, a in by_source.items())
+            raise ValueError(
+                f"{name} must have shape [{', '.join(letters)}] = {expected} ({source}), "
+                f"got {tuple(x.shape)}"
+            )
+    return sizes
+
+
 def check_operands(
     q_bthk, k_bthk, v_bthv, g_bth, beta_bth, initial_state_bhkv=None, chunk_size: int = 64
 ) -> tuple[int, int, int, int, int]:
     """(B, T, H, K, V) of q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H] and the optional
     initial state [B, H, K, V], all floating point, with chunk_size an int >= 1; else ValueError
     saying what is wrong and what is expected."""
-    for name, x, rank, layout in (
-        ("q", q_bthk, 4, "[B, T, H, K]"),
-        ("k", k_bthk, 4, "[B, T, H, K]"),
-        ("v", v_bthv, 4, "[B, T, H, V]"),
-        ("g", g_bth, 3, "[B, T, H]"),
-        ("beta", beta_bth, 3, "[B, T, H]"),
-    ):
-        if x.ndim != rank:
-            raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}")
-    named = {"q": q_bthk, "k": k_bthk, "v": v_bthv, "g": g_bth, "beta": beta_bth}
-    for name, x in named.items():
-        if not _is_float(x):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    b, t, h, kdim = q_bthk.shape
-    if k_bthk.shape[:3] != (b, t, h):
-        raise ValueError(
-            f"q and k must agree on [B, T, H]: q {tuple(q_bthk.shape)}, k {tuple(k_bthk.shape)}"
-        )
-    if k_bthk.shape[3] != kdim:
-        raise ValueError(
-            f"q and k must have the same key dim K: q has {kdim}, k has {k_bthk.shape[3]}"
-        )
-    if v_bthv.shape[:3] != (b, t, h):
-        raise ValueError(
-            f"v must agree with q on [B, T, H] = {(b, t, h)}, got v {tuple(v_bthv.shape)}"
-        )
-    for name, x in (("g", g_bth), ("beta", beta_bth)):
-        if tuple(x.shape) != (b, t, h):
-            raise ValueError(
-                f"{name} must have shape [B, T, H] = {(b, t, h)} (one value per token and "
-                f"head), got {tuple(x.shape)}"
-            )
-    vdim = v_bthv.shape[3]
+    operands = [
+        ("q", q_bthk, "BTHK"),
+        ("k", k_bthk, "BTHK"),
+        ("v", v_bthv, "BTHV"),
+        ("g", g_bth, "BTH"),
+        ("beta", beta_bth, "BTH"),
+    ]
     if initial_state_bhkv is not None:
-        expected = (b, h, kdim, vdim)
-        if tuple(initial_state_bhkv.shape) != expected:
-            raise ValueError(
-                f"initial_state must have shape [B, H, K, V] = {expected}, "
-                f"got {tuple(initial_state_bhkv.shape)}"
-            )
-        if not _is_float(initial_state_bhkv):
-            raise ValueError(
-                f"initial_state must be floating point (float32), got {initial_state_bhkv.dtype}"
-            )
+        operands.append(("initial_state", initial_state_bhkv, "BHKV"))
+    sizes = _check_layouts(operands, where="")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    return b, t, h, kdim, vdim
+    return tuple(sizes[a] for a in "BTHKV")
 
 
 def check_step_operands(
@@ -74,35 +73,16 @@ def check_step_operands(
     """(B, H, K, V) of one decoding step's q, k [B, H, K], v [B, H, V], g, beta [B, H] and the
     state [B, H, K, V], all floating point; else ValueError saying what is wrong and what is
     expected (without it a g of [B, H, 1] or a sequence-layout [B, 1, H] broadcasts silently)."""
-    named = {
-        "q": (q_bhk, "[B, H, K]"),
-        "k": (k_bhk, "[B, H, K]"),
-        "v": (v_bhv, "[B, H, V]"),
-        "g": (g_bh, "[B, H]"),
-        "beta": (beta_bh, "[B, H]"),
-        "state": (state_bhkv, "[B, H, K, V]"),
-    }
-    for name, (x, layout) in named.items():
-        if x.ndim != layout.count(",") + 1:
-            raise ValueError(f"{name} must be {layout} for one decoding step, got {tuple(x.shape)}")
-        if not _is_float(x):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    b, h, kdim = q_bhk.shape
-    vdim = v_bhv.shape[2]
-    expected = {
-        "k": (b, h, kdim),
-        "v": (b, h, vdim),
-        "g": (b, h),
-        "beta": (b, h),
-        "state": (b, h, kdim, vdim),
-    }
-    for name, shape in expected.items():
-        if tuple(named[name][0].shape) != shape:
-            raise ValueError(
-                f"{name} must be {named[name][1]} = {shape} to match q {tuple(q_bhk.shape)} and "
-                f"v {tuple(v_bhv.shape)}, got {tuple(named[name][0].shape)}"
-            )
-    return b, h, kdim, vdim
+    operands = [
+        ("q", q_bhk, "BHK"),
+        ("k", k_bhk, "BHK"),
+        ("v", v_bhv, "BHV"),
+        ("g", g_bh, "BH"),
+        ("beta", beta_bh, "BH"),
+        ("state", state_bhkv, "BHKV"),
+    ]
+    sizes = _check_layouts(operands, where=" for one decoding step")
+    return tuple(sizes[a] for a in "BHKV")
 
 
 def operand_dtype(*xs):
