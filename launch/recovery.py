@@ -856,15 +856,13 @@ def main(argv):
     progress.set_enabled(config.progress)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from taylorcal_jax.errors import UserError, fail
+    from taylorcal_jax.errors import user_errors_as_lines
 
-    try:
+    with user_errors_as_lines():  # a bad setting or a missing teacher: one line, as the CLI's
         result = run_experiment(
             config, FLAGS.workdir, FLAGS.inits, FLAGS.kept_fraction, FLAGS.out, FLAGS.tag,
             FLAGS.stage1,
         )  # fmt: skip
-    except UserError as e:  # a bad setting or a missing teacher: one line, as the CLI's
-        fail(e)
     print(markdown(result))
 
 

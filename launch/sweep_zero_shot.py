@@ -491,9 +491,9 @@ def main(argv):
         result["teacher_name"] = name
         return write_outputs(result, FLAGS.out, name)
 
-    from taylorcal_jax.errors import UserError, fail
+    from taylorcal_jax.errors import user_errors_as_lines
 
-    try:
+    with user_errors_as_lines():  # a bad setting or a missing teacher: one line, as the CLI's
         result = sweep(
             config,
             workdir,
@@ -506,8 +506,6 @@ def main(argv):
             ablation_policies=FLAGS.ablation_policies,
             on_update=write,
         )
-    except UserError as e:  # a bad setting or a missing teacher: one line, as the CLI's
-        fail(e)
     paths = write(result)
     print(markdown_table(result))
     print("wrote " + ", ".join(paths.values()))

@@ -8,6 +8,7 @@ error and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 
@@ -38,3 +39,13 @@ def fail(error: UserError, debug: bool = False) -> None:
     if error.hint:
         sys.stderr.write(f"hint: {error.hint}\n")
     sys.exit(error.exit_code)
+
+
+@contextlib.contextmanager
+def user_errors_as_lines(debug: bool = False):
+    """Runs the body of a command line; a UserError out of it ends the process through `fail`
+    (error and hint lines, its exit status) instead of a traceback."""
+    try:
+        yield
+    except UserError as e:
+        fail(e, debug)

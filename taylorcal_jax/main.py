@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from taylorcal_jax.calibrate import select
-from taylorcal_jax.errors import ConfigError, UserError, fail
+from taylorcal_jax.errors import ConfigError, fail, user_errors_as_lines
 from taylorcal_jax.run import fields, runner
 from taylorcal_jax.stage_registry import STAGES
 from taylorcal_jax.utils import interrupts
@@ -178,15 +178,14 @@ def main(argv):
         fail(ConfigError("--workdir is required", "e.g. --workdir=workdirs/tiny"), _DEBUG.value)
     interrupts.install()  # Ctrl-C and SIGTERM stop training at a call's end, saved
     try:
-        run(
-            config,
-            _WORKDIR.value,
-            command="python -m taylorcal_jax.main " + " ".join(sys.argv[1:]),
-            rerun=_RERUN.value,
-            dry_run=_DRY_RUN.value,
-        )
-    except UserError as e:
-        fail(e, _DEBUG.value)
+        with user_errors_as_lines(_DEBUG.value):
+            run(
+                config,
+                _WORKDIR.value,
+                command="python -m taylorcal_jax.main " + " ".join(sys.argv[1:]),
+                rerun=_RERUN.value,
+                dry_run=_DRY_RUN.value,
+            )
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; run the same command again to resume\n")
         sys.exit(interrupts.exit_status())

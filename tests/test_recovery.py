@@ -4,10 +4,14 @@ MFU, the report; and one smoke run end to end on the tiny smoke teacher."""
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
 import recovery  # launch/
+from suite_env import suite_xla_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _eval(stage, tokens, ppl):
@@ -269,6 +273,21 @@ def test_a_bad_setting_stops_before_the_teacher_is_pretrained(tmp_path):
     with pytest.raises(ConfigError, match="distill.split='valid' is eval.split"):
         recovery.run_experiment(config, str(tmp_path / "wd"), ["copy"], 0.5, str(tmp_path), "x")
     assert not (tmp_path / "wd").exists()  # nothing pretrained, nothing written
+
+
+def test_the_command_ends_a_bad_setting_in_error_and_hint_lines(tmp_path):
+    cmd = [
+        sys.executable, "launch/recovery.py", "--config=configs/tiny.py:smoke",
+        f"--workdir={tmp_path / 'wd'}", "--tag=x", f"--out={tmp_path}",
+        "--config.distill.split=valid",
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=suite_xla_flags())
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: distill.split='valid' is eval.split"), proc.stderr
+    assert lines[1].startswith("hint: ") and len(lines) == 2, proc.stderr
+    assert not (tmp_path / "wd").exists()
 
 
 @pytest.mark.slow

@@ -1,8 +1,12 @@
 """launch/sweep_zero_shot.py: the runs each strategy expands to, and the written tables."""
 
 import json
+import os
+import subprocess
+import sys
 
 import sweep_zero_shot  # launch/
+from suite_env import suite_xla_flags
 
 from taylorcal_jax.calibrate.taylor import PHASE1_PARTS
 
@@ -82,3 +86,21 @@ def test_tables_show_the_text_and_the_alignment_losses(tmp_path):
     assert "| taylor_calibrate[-decay] | 20.000 |" in md
     paths = sweep_zero_shot.write_outputs(result, str(tmp_path), "m")
     assert json.load(open(paths["json"]))["rows"] == result["rows"]
+
+
+def test_the_command_ends_a_missing_teacher_in_error_and_hint_lines(tmp_path):
+    cmd = [
+        sys.executable, "launch/sweep_zero_shot.py", "--config=configs/tiny.py:smoke",
+        f"--workdir={tmp_path / 'wd'}", f"--out={tmp_path}", "--config.teacher.path=/nonexistent",
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=suite_xla_flags())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        "error: teacher.path='/nonexistent' does not exist",
+        "hint: set teacher.path to a Hugging Face checkpoint directory (config.json + "
+        "*.safetensors) or a .gguf file",
+    ], proc.stderr
+    assert not (tmp_path / "wd").exists()
