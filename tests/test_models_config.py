@@ -124,6 +124,72 @@ def test_sliding_windows():
     assert c.sliding_windows == (5, None, 5)
 
 
+@pytest.mark.parametrize("layer_types", [["full_attention", "sliding_attention"] * 2, None])
+def test_mistral_with_layer_types_windows_each_layer_as_transformers_does(tmp_path, layer_types):
+    """transformers reads a mistral config.json holding layer_types as ministral's: a layer is
+    windowed by its type, not every layer as plain mistral (a null list: all windowed)."""
+    hf = make_hf_config("mistral", num_hidden_layers=4, sliding_window=5).to_dict()
+    hf["layer_types"] = layer_types
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert theirs.model_type == "ministral"
+    ours = ModelConfig.from_hf_dict(hf)
+    want = tuple(5 if t == "sliding_attention" else None for t in theirs.layer_types)
+    assert ours.sliding_windows == want
+    assert ModelConfig.from_hf_dict(ours.to_hf_dict()) == ours
+
+
+def test_layer_types_other_than_full_and_sliding_are_refused():
+    hf = make_hf_config("qwen2", num_hidden_layers=2, use_sliding_window=True).to_dict()
+    hf["layer_types"] = ["chunked_attention", "full_attention"]
+    with pytest.raises(UnsupportedModelError, match="layer_types 'chunked_attention' not"):
+        ModelConfig.from_hf_dict(hf)
+    hf["layer_types"] = ["full_attention"]
+    with pytest.raises(UnsupportedModelError, match="layer_types has 1 entries for 2 layers"):
+        ModelConfig.from_hf_dict(hf)
+
+
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"rope_type": "linear"}, "rope_type 'linear' needs factor"),
+        ({"rope_type": "yarn"}, "rope_type 'yarn' needs factor"),
+        (
+            {"rope_type": "llama3", "factor": 8.0},
+            "rope_type 'llama3' needs low_freq_factor, high_freq_factor",
+        ),
+        (
+            {
+                "full_attention": {"rope_type": "default"},
+                "sliding_attention": {"rope_type": "default"},
+            },
+            r"RoPE parameters per layer type \(full_attention, sliding_attention\)",
+        ),
+    ],
+)
+def test_rope_parameters_transformers_refuses_are_refused(rope, message):
+    """Where transformers raises on the RoPE parameters, we do too, instead of running with
+    made-up defaults (a linear factor of 1, llama3's frequency factors, theta 10000)."""
+    hf = make_hf_config("qwen2").to_dict()
+    hf["rope_parameters"] = {**rope, "rope_theta": 500.0} if "rope_type" in rope else rope
+    hf.pop("rope_scaling", None)
+    with pytest.raises(UnsupportedModelError, match=message):
+        ModelConfig.from_hf_dict(hf)
+    if "rope_type" in rope:
+        with pytest.raises(KeyError):  # what transformers does with it
+            transformers.AutoConfig.for_model(**hf)
+
+
+def test_a_null_head_dim_is_hidden_over_heads_where_transformers_takes_it():
+    for model_type in ("llama", "mistral"):
+        hf = {**make_hf_config(model_type).to_dict(), "head_dim": None}
+        assert ModelConfig.from_hf_dict(hf).head_dim == 64 // 4
+    for model_type in ("qwen2", "qwen3"):
+        hf = {**make_hf_config(model_type).to_dict(), "head_dim": None}
+        with pytest.raises(UnsupportedModelError, match=f"head_dim is null, which {model_type}"):
+            ModelConfig.from_hf_dict(hf)
+
+
 def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     # a config saved by transformers 5 (rope_parameters of the default type) to which yarn's
     # rope_scaling was added, as Qwen2.5's model cards say for long contexts
@@ -177,9 +243,6 @@ def test_errors(tmp_path):
         ModelConfig.from_hf_dict(
             {k: v for k, v in base.items() if k not in ("hidden_size", "vocab_size")}
         )
-    mistral = tiny_model_config(model_type="mistral", sliding_windows=(None, 4))
-    with pytest.raises(ValueError, match="mistral applies one sliding window to every layer"):
-        mistral.to_hf_dict()
     config = ModelConfig.from_hf_dict(base)
     with pytest.raises(ValueError, match="sliding_windows has 1 entries"):
         dataclasses.replace(config, sliding_windows=(4,))

@@ -179,6 +179,9 @@ class ModelConfig:
             raise UnsupportedModelError(f"config.json lacks {', '.join(missing)}")
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
+        if "head_dim" in hf and hf["head_dim"] is None and model_type in _HEAD_DIM_REQUIRED:
+            # llama's and mistral's configs take a null head_dim as hidden / heads; qwen's do not
+            raise UnsupportedModelError(f"head_dim is null, which {model_type} does not take")
         head_dim = hf.get("head_dim", _HEAD_DIM.get(model_type)) or hidden // num_heads
         num_kv_heads = hf.get("num_key_value_heads", _KV_HEADS.get(model_type)) or num_heads
         layers = hf["num_hidden_layers"]
@@ -246,15 +249,14 @@ class ModelConfig:
             raise ValueError("layers with different sliding windows cannot be written to HF")
         window = windows.pop() if windows else None
         if self.model_type == "mistral":
-            if window is not None and None in self.sliding_windows:
-                raise ValueError("mistral applies one sliding window to every layer")
             out["sliding_window"] = window
+            if window is not None and None in self.sliding_windows:
+                # windowed and full layers: transformers reads this as ministral's config
+                out["layer_types"] = _layer_types(self.sliding_windows)
         elif self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = window is not None
             out["sliding_window"] = window
-            out["layer_types"] = [
-                "full_attention" if w is None else "sliding_attention" for w in self.sliding_windows
-            ]
+            out["layer_types"] = _layer_types(self.sliding_windows)
         elif window is not None:
             raise ValueError("llama models have no sliding window")
         return out
@@ -301,12 +303,24 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     # transformers 5 takes rope_scaling whole when it is set, else rope_parameters (a config it
     # saved holds rope_parameters {rope_type: default} next to a rope_scaling added later)
     params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise UnsupportedModelError(
+            f"RoPE parameters per layer type ({', '.join(params)}) are not supported; "
+            "one set for every layer"
+        )
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"rope_type {rope_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    # transformers refuses these scalings without the keys (yarn's factor may be null: then
+    # max_position_embeddings / original_max_position_embeddings, as below)
+    missing = [k for k in _REQUIRED_ROPE_KEYS.get(rope_type, ()) if k not in params]
+    if missing:
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r} needs {', '.join(missing)} in the RoPE parameters"
         )
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
@@ -337,6 +351,12 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     return RopeConfig(**kwargs)
 
 
+_REQUIRED_ROPE_KEYS = {
+    "linear": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+
 _REQUIRED_HF_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
 )  # fmt: skip
@@ -348,6 +368,7 @@ _MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 327
 # transformers' (bos, eos) where config.json has no such key (Qwen's configs default to none)
 _BOS_EOS = {"llama": (1, 2), "mistral": (1, 2)}
 _HEAD_DIM = {"qwen3": 128}
+_HEAD_DIM_REQUIRED = ("qwen2", "qwen3")  # families whose configs refuse a null head_dim
 _KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
 _SLIDING_WINDOW = 4096  # mistral's, and qwen's where use_sliding_window is set
 _QWEN_MAX_WINDOW_LAYERS = 28
@@ -385,9 +406,14 @@ def _max_positions(hf) -> int:
 
 def _sliding_windows_from_hf(hf, model_type, layers) -> tuple[int | None, ...]:
     """Per-layer windows as transformers builds them, its defaults for absent keys included."""
-    if model_type == "mistral":
-        return (hf.get("sliding_window", _SLIDING_WINDOW),) * layers
     window = hf.get("sliding_window", _SLIDING_WINDOW)
+    if model_type == "mistral":
+        if "layer_types" not in hf:
+            return (window,) * layers
+        # transformers reads a mistral config with layer_types as ministral's: each layer
+        # windowed or not by its type (all windowed where the list is null and a window set)
+        default = "full_attention" if window is None else "sliding_attention"
+        return _windows_of_layer_types(hf["layer_types"] or [default] * layers, window, layers)
     if model_type in ("qwen2", "qwen3"):
         if not hf.get("use_sliding_window") or window is None:
             return (None,) * layers
@@ -395,5 +421,28 @@ def _sliding_windows_from_hf(hf, model_type, layers) -> tuple[int | None, ...]:
         if layer_types is None:
             first_windowed = hf.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
             return tuple(None if i < first_windowed else window for i in range(layers))
-        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+        return _windows_of_layer_types(layer_types, window, layers)
     return (None,) * layers
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _layer_types(windows) -> list[str]:
+    return [_LAYER_TYPES[w is not None] for w in windows]
+
+
+def _windows_of_layer_types(layer_types, window, layers) -> tuple[int | None, ...]:
+    """`window` for a sliding_attention layer, None (full attention) for a full_attention one;
+    UnsupportedModelError for another type or a list of the wrong length."""
+    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if unknown:
+        raise UnsupportedModelError(
+            f"layer_types {', '.join(map(repr, unknown))} not supported "
+            f"(only {', '.join(_LAYER_TYPES)})"
+        )
+    if len(layer_types) != layers:
+        raise UnsupportedModelError(
+            f"layer_types has {len(layer_types)} entries for {layers} layers"
+        )
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
