@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from taylorcal_jax.data.tokenizer import load_tokenizer
+from taylorcal_jax.data.tokenizer import end_token_ids, load_tokenizer, padding_id
 from taylorcal_jax.eval.generate import MIN_TEMPERATURE, generate, generate_stream, left_pad
 from taylorcal_jax.models.config import id_tuple
 from taylorcal_jax.models.joined import join_for_decoding
@@ -234,13 +234,6 @@ def encode(tokenizer, text: str, where: str) -> list[int]:
     return ids
 
 
-def end_token_ids(tokenizer, config) -> tuple[int, ...]:
-    """Where a row stops: the tokenizer's EOS and the model config's end ids (a student
-    config's teacher's), in that order, each once."""
-    ends = (*id_tuple(tokenizer.eos_token_id), *config.teacher.end_token_ids)
-    return tuple(dict.fromkeys(ends))
-
-
 def until_eos(ids, ends) -> list[int]:
     """ids up to (not including) the first of the end ids `ends` (an id or a tuple)."""
     ids, ends = [int(i) for i in ids], id_tuple(ends)
@@ -257,11 +250,6 @@ def continuation_text(tokenizer, prompt_ids, new_ids) -> str:
     if whole.startswith(prompt):
         return whole[len(prompt) :]
     return tokenizer.decode(new_ids, skip_special_tokens=True)  # the decoder rewrote the prompt
-
-
-def padding_id(tokenizer) -> int:
-    eos = tokenizer.eos_token_id
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
 
 
 def stream_prompt(model, params, tokenizer, ids, args, out, *, ends) -> str:
@@ -333,13 +321,13 @@ def main(argv=None) -> int:
             ids = [encode(tokenizer, r["prompt"], f"prompt {i + 1}") for i, r in enumerate(records)]
             check_ids(ids, padding_id(tokenizer), vocab_size)
             start = finished_records(args.output, records, args.batch_size, run_settings(args))
+        dtype = DTYPES[args.dtype]
+        config, params = load_student(args.student, dtype)  # missing weights: one line too
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype]
-    config, params = load_student(args.student, dtype)
     params = jax.jit(join_for_decoding)(params)  # once for all batches; the originals are freed
-    model, ends = config.model(dtype), end_token_ids(tokenizer, config)
+    model, ends = config.model(dtype), end_token_ids(tokenizer, config.teacher.end_token_ids)
     if records is None:
         stream_prompt(model, params, tokenizer, ids, args, sys.stdout, ends=ends)
     elif args.output is None:

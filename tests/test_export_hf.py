@@ -287,6 +287,40 @@ def test_export_command(tmp_path, capsys):
     assert export_cli.main([f"--student={student}", f"--out={afile}", "--overwrite"]) == 2
     assert "is a file; name a directory" in capsys.readouterr().err
     assert afile.read_text() == "x" and not os.path.exists(f"{afile}.tmp")
+    # a student directory without its weights: one line, not a traceback
+    os.remove(student / "model.safetensors")
+    assert export_cli.main([f"--student={student}", f"--out={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_exported_generation_stops_where_ours_does_and_pads_without_a_pad_token(tmp_path):
+    """Our command stops at the tokenizer's EOS and the teacher's end ids, and left-pads with
+    the EOS where the tokenizer has no pad token (Llama's, Mistral's): the export carries both
+    to transformers (generation_config.json; the saved tokenizer's pad token)."""
+    sc, params = make_student("llama_tied_llama3", eos_token_id=(4, 1))
+    student = save_student(tmp_path / "student", sc, params)
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<eos>": 0, "a": 5}, "<eos>"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>")
+    tokenizer.save_pretrained(str(student))
+    out = tmp_path / "out"
+    assert export_cli.main([f"--student={student}", f"--out={out}"]) == 0
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [4, 1]
+    generation = load_torch(out).generation_config
+    assert list(generation.eos_token_id) == [0, 4, 1] and generation.pad_token_id == 0
+    exported = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert exported.pad_token == "<eos>"
+    assert read_hf_model(out)[0] == sc  # config.json still reads back as the student
+
+
+def test_outputs_the_model_does_not_return_are_refused(tmp_path):
+    sc, params = make_student("llama_tied_llama3")
+    model = load_torch(write_hf_model(tmp_path, sc, params))
+    tokens = torch.as_tensor(PROMPTS[0])[None]
+    for flag in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+            model(tokens, **{flag: True})
+    assert model(tokens, output_hidden_states=False).logits.shape == (1, len(PROMPTS[0]), VOCAB)
 
 
 def test_fla_kernel_path_equals_torch_recurrence(tmp_path):
@@ -338,8 +372,9 @@ def test_readme_serving_snippet_runs_as_written(tmp_path):
     vocab = {"<eos>": 0, "<pad>": 1, "<unk>": 2, "def": 3, "import": 4, "os": 5}
     words = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "<unk>"))
     words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    # no pad token, as Llama's and Mistral's tokenizers: the export pads with the EOS
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=words, eos_token="<eos>", unk_token="<unk>"
     )
     tokenizer.save_pretrained(str(student))
     out = tmp_path / "exports" / "tiny"
@@ -352,4 +387,5 @@ def test_readme_serving_snippet_runs_as_written(tmp_path):
     assert run.returncode == 0, said[-2000:]
     assert "trust_remote_code" not in said, said[-2000:]
     decoded = [line for line in run.stdout.splitlines() if line.startswith("[")]
-    assert len(decoded) == 1 and decoded[0].count("<pad>") >= 1, run.stdout[-2000:]
+    # the shorter prompt left-padded with the EOS
+    assert len(decoded) == 1 and decoded[0].count("<eos>") >= 1, run.stdout[-2000:]

@@ -11,7 +11,7 @@ from tiny_models import tiny_model_config
 
 from taylorcal_jax import generate as cli
 from taylorcal_jax.convert.naive import copy_init
-from taylorcal_jax.data.tokenizer import train_bpe
+from taylorcal_jax.data.tokenizer import end_token_ids, train_bpe
 from taylorcal_jax.eval.generate import generate, generate_stream, left_pad
 from taylorcal_jax.models.student import StudentConfig, save_student
 from taylorcal_jax.models.teacher import init_params
@@ -208,6 +208,14 @@ def test_bad_prompts_file_and_student_dir(tmp_path, student_dir, capsys):
     assert f"{bad}:2: expected an object" in capsys.readouterr().err
     assert cli.main([f"--student={tmp_path}", "--prompt=x"]) == 2
     assert "no student_config.json" in capsys.readouterr().err
+    # a student directory without its weights: one line, not a traceback
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("student_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (bare / name).write_bytes((student_dir[0] / name).read_bytes())
+    assert cli.main([f"--student={bare}", "--prompt=x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_stream_yields_the_tokens_of_generate(student_dir):
@@ -241,7 +249,8 @@ def test_rows_stop_at_the_tokenizers_and_the_configs_end_ids():
     # the tokenizer's EOS first, then the config's (several for Llama 3.x Instruct), each once
     sc = StudentConfig.from_teacher(tiny_model_config(eos_token_id=(9, 4)), (0,), mixer="gdn")
     tokenizer = types.SimpleNamespace(eos_token_id=4)
-    assert cli.end_token_ids(tokenizer, sc) == (4, 9)
-    assert cli.end_token_ids(types.SimpleNamespace(eos_token_id=None), sc) == (9, 4)
+    ends = sc.teacher.end_token_ids
+    assert end_token_ids(tokenizer, ends) == (4, 9)
+    assert end_token_ids(types.SimpleNamespace(eos_token_id=None), ends) == (9, 4)
     assert cli.until_eos([5, 3, 9, 4], (4, 9)) == [5, 3]
     assert cli.until_eos([5, 3], 4) == [5, 3]

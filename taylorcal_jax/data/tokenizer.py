@@ -75,6 +75,20 @@ def load_tokenizer(path_or_id: str | os.PathLike):
     return tok
 
 
+def end_token_ids(tokenizer, model_end_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """Where generation stops: the tokenizer's EOS and the model's end ids (its config's,
+    several for Llama 3.x Instruct), in that order, each once."""
+    eos = tokenizer.eos_token_id
+    ends = (*(() if eos is None else (int(eos),)), *model_end_ids)
+    return tuple(dict.fromkeys(ends))
+
+
+def padding_id(tokenizer) -> int:
+    """The id that left-pads a batch of prompts: the tokenizer's pad, else its EOS, else 0."""
+    eos = tokenizer.eos_token_id
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+
+
 def _encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
     backend = tokenizer.backend_tokenizer
     # What __call__(texts, add_special_tokens=False) computes, without its offsets and

@@ -61,8 +61,9 @@ def _within(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
 
-def export(args) -> str:
-    """Writes the export (module docstring); returns its directory."""
+def export(args, config, params) -> str:
+    """Writes the export of the student (config, params) (module docstring); returns its
+    directory."""
     tokenizer = args.tokenizer or args.student
     if not common.has_tokenizer(tokenizer):
         print(
@@ -70,13 +71,12 @@ def export(args) -> str:
             file=sys.stderr,
         )
         tokenizer = None
-    config, params = load_student(args.student)
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         FORMATS[args.format][1](tmp, config, params, args.dtype)
         if tokenizer is not None:
-            common.copy_tokenizer(tokenizer, tmp)
+            common.copy_tokenizer(tokenizer, tmp, config.teacher)
         shutil.rmtree(args.out, ignore_errors=True)
         os.replace(tmp, args.out)
     finally:  # failed or interrupted: no half-written export left beside --out
@@ -88,10 +88,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check(args)
+        config, params = load_student(args.student)  # missing weights: one line too
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(export(args))
+    print(export(args, config, params))
     return 0
 
 

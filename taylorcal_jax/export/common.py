@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from taylorcal_jax.data.tokenizer import end_token_ids, padding_id
 from taylorcal_jax.models import hf_io
 from taylorcal_jax.models.mixers import gdn
 
@@ -106,10 +107,23 @@ def has_tokenizer(path) -> bool:
     return os.path.exists(os.path.join(path, TOKENIZER_CONFIG_FILE))
 
 
-def copy_tokenizer(src, dst) -> None:
-    """Loads the tokenizer in `src` with transformers and saves it into `dst`."""
-    from transformers import AutoTokenizer  # noqa: PLC0415 - only when exporting
+def copy_tokenizer(src, dst, teacher) -> None:
+    """Loads the tokenizer in `src` with transformers and saves it into `dst`, with what
+    transformers needs to generate as our command does: a pad token (the EOS where the
+    tokenizer has none, as our left padding uses; Llama's and Mistral's have none, and a batch
+    would not pad) and generation_config.json stopping at the tokenizer's EOS and every end id
+    of `teacher` (a ModelConfig; config.json holds the teacher's alone)."""
+    from transformers import AutoTokenizer, GenerationConfig  # noqa: PLC0415 - only when exporting
 
     if not has_tokenizer(src):
         raise FileNotFoundError(f"no tokenizer in {src} (no {TOKENIZER_CONFIG_FILE})")
-    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(pathlib.Path(dst)))
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(str(pathlib.Path(dst)))
+    generation = GenerationConfig(
+        bos_token_id=teacher.bos_token_id,
+        eos_token_id=list(end_token_ids(tokenizer, teacher.end_token_ids)),
+        pad_token_id=padding_id(tokenizer),
+    )
+    generation.save_pretrained(str(pathlib.Path(dst)))

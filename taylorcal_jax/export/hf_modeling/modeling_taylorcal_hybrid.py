@@ -507,6 +507,7 @@ class TaylorcalHybridModel(TaylorcalHybridPreTrainedModel):
         **kwargs,
     ):
         cache = one_cache(cache, past_key_values)
+        refuse_unserved_outputs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -542,6 +543,14 @@ class TaylorcalHybridModel(TaylorcalHybridPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_FIELD: cache})
 
 
+def refuse_unserved_outputs(kwargs) -> None:
+    """ValueError for an output this model does not return (transformers' models return them
+    when asked; dropping the flag would hand back None where the caller expects tensors)."""
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(flag):
+            raise ValueError(f"{flag}=True is not supported by this exported model")
+
+
 class TaylorcalHybridForCausalLM(TaylorcalHybridPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -569,6 +578,7 @@ class TaylorcalHybridForCausalLM(TaylorcalHybridPreTrainedModel, GenerationMixin
         past_key_values=None,
         **kwargs,
     ):
+        refuse_unserved_outputs(kwargs)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
