@@ -187,7 +187,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.split = "train"  # text both stages train on (windows at seeded random offsets)
     c.distill.seed = 0  # batch order: every init sees the same batches in the same order
     c.distill.log_every = 10  # steps between loss lines in metrics.jsonl
-    c.distill.save_students = False  # also write the student at every evaluation
+    # also write the student at every evaluation (a finished stage is not rerun for it:
+    # --rerun=distill_layers,distill)
+    c.distill.save_students = False
     # Stage 1: each converted layer's mixer fitted to its teacher layer (teacher-forced),
     # loss mean ||y_teacher - y_student||_2 / sqrt(hidden); AdamW, cosine decay.
     c.distill.layers = ml_collections.ConfigDict()

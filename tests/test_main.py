@@ -147,6 +147,9 @@ def test_smoke_run_distils_in_both_stages_with_metrics_by_tokens_seen(smoke):
         assert summary[stage]["eval_ppl"] == evals[-1][1]
         saved = os.listdir(os.path.join(workdir, f"{stage}_train", "students"))
         assert sorted(saved) == [f"tokens_{t:012d}" for t, _ in evals]
+        for name in saved:  # each one generates as the final student does: with its tokenizer
+            assert os.path.exists(os.path.join(workdir, f"{stage}_train", "students", name,
+                                               "tokenizer.json"))  # fmt: skip
     first_kl = [r["eval_ppl"] for r in rows if r["stage"] == "distill" and "eval_ppl" in r][0]
     assert first_kl == pytest.approx(summary["distill_layers"]["eval_ppl"], rel=1e-6)
     assert summary["eval_student"]["student"] == "student_distilled"

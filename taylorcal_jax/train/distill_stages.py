@@ -254,7 +254,8 @@ def _train(ctx, stage: str, task, params, budget: Budget, *, constants, student_
             training_curves.write_plot(ctx.workdir, training_curves.DURING_TRAINING_S)
         if "eval_ppl" in values and config.distill.save_students:
             path = os.path.join(students, f"tokens_{step * tps:012d}")  # sorts by tokens
-            pipeline.save_student_dir(path, sc, student_of(evaluated.pop("params")))
+            params = student_of(evaluated.pop("params"))
+            pipeline.save_student_dir(path, sc, params, tokenizer=ctx.corpus.tokenizer)
 
     ckpt_dir = ctx.path(checkpoint_dir(stage))
     first = {}
