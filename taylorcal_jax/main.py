@@ -187,8 +187,19 @@ def main(argv):
                 dry_run=_DRY_RUN.value,
             )
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; run the same command again to resume\n")
+        sys.stderr.write(interrupted_message(_RERUN.value))
         sys.exit(interrupts.exit_status())
+
+
+def interrupted_message(rerun) -> str:
+    """What to do after Ctrl-C or SIGTERM: the same command resumes, unless it holds --rerun,
+    under which the listed stages would start over and their checkpoints be lost."""
+    if rerun:
+        return (
+            "interrupted; run the command again without --rerun to resume (with it, "
+            f"{', '.join(rerun)} would start over)\n"
+        )
+    return "interrupted; run the same command again to resume\n"
 
 
 if __name__ == "__main__":

@@ -430,10 +430,12 @@ def test_kill_9_after_a_checkpoint_resumes_and_ends_where_an_uninterrupted_run_e
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_last_finished_step_and_the_rerun_resumes_there(smoke, tmp_path):
+@pytest.mark.parametrize("flags", [(), ("--rerun=distill_layers",)], ids=["plain", "rerun"])
+def test_sigterm_saves_the_last_finished_step_and_the_rerun_resumes_there(smoke, tmp_path, flags):
     """SIGTERM (preemption, `timeout`) is taken as Ctrl-C: with checkpoints due only at the
     end, the training loop saves the step it had reached (exit 128 + 15) and the rerun resumes
-    from it; before, everything since the stage began was lost."""
+    from it; before, everything since the stage began was lost. Stopped under --rerun, the
+    message says to run again without it (with it the stage would start over)."""
     wd = _copy(smoke, tmp_path)
     stage, steps = "distill_layers", 200
     args = [
@@ -447,7 +449,7 @@ def test_sigterm_saves_the_last_finished_step_and_the_rerun_resumes_there(smoke,
     ]
     path, deadline = os.path.join(wd, "metrics.jsonl"), time.monotonic() + 300
     earlier = len(read_metrics(path))  # the smoke run's rows, this stage's among them
-    cmd = [sys.executable, "-m", "taylorcal_jax.main", *args]
+    cmd = [sys.executable, "-m", "taylorcal_jax.main", *args, *flags]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -463,7 +465,10 @@ def test_sigterm_saves_the_last_finished_step_and_the_rerun_resumes_there(smoke,
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "interrupted; run the same command again to resume" in err
+    if flags:
+        assert "interrupted; run the command again without --rerun to resume (with it, " in err
+    else:
+        assert "interrupted; run the same command again to resume" in err
     assert workdir_lib.read_records(wd)[stage]["status"] == "interrupted"
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
