@@ -9,6 +9,7 @@ greedy tokens identical; import after export bit-identical.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -287,6 +288,18 @@ def test_export_command(tmp_path, capsys):
     assert export_cli.main([f"--student={student}", f"--out={afile}", "--overwrite"]) == 2
     assert "is a file; name a directory" in capsys.readouterr().err
     assert afile.read_text() == "x" and not os.path.exists(f"{afile}.tmp")
+    assert export_cli.main([f"--student={student}", f"--out={afile}/model"]) == 2
+    assert "lies under" in capsys.readouterr().err
+    # the export's own temporary directory is never one a user made (<out>.tmp was removed
+    # whole, a student there included); one left by an export killed outright goes
+    mine = tmp_path / "mine.tmp"
+    shutil.copytree(student, mine)
+    stale = tmp_path / ".mine.k1ll3d.tmp"
+    stale.mkdir()
+    assert export_cli.main([f"--student={mine}", f"--out={tmp_path / 'mine'}"]) == 0
+    assert read_hf_model(tmp_path / "mine")[0] == sc and (mine / "student_config.json").exists()
+    assert not stale.exists() and not list(tmp_path.glob(".mine.*"))
+    capsys.readouterr()
     # a student directory without its weights: one line, not a traceback
     os.remove(student / "model.safetensors")
     assert export_cli.main([f"--student={student}", f"--out={tmp_path / 'none'}"]) == 2

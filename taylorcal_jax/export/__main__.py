@@ -7,15 +7,19 @@
 --format=fla: flash-linear-attention's GatedDeltaNetForCausalLM (export/fla_format.py), for the
 students that fit it. The tokenizer comes from the student directory, or --tokenizer=DIR.
 Everything that can be checked is checked before the weights are read; the export is written to
-<out>.tmp and renamed to <out> once complete, so an interrupted run leaves no partial model.
+a directory of its own beside <out> (.<name>.<random>.tmp) and renamed to <out> once complete,
+so an interrupted run leaves no partial model (and a run killed outright leaves that directory,
+which the next export to <out> removes).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import sys
+import tempfile
 
 from taylorcal_jax.export import common, fla_format, hf_torch
 from taylorcal_jax.models.student import STUDENT_CONFIG_FILE, load_student, read_student_config
@@ -51,6 +55,11 @@ def check(args) -> None:
             raise ValueError(
                 f"--out={args.out} holds --{name}={source}, which replacing --out would delete"
             )
+    writable = _nearest_existing(os.path.dirname(out))
+    if not os.path.isdir(writable):
+        raise ValueError(f"--out={args.out} lies under {writable}, which is a file")
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {writable} (for --out={args.out})")
     config = read_student_config(os.path.join(args.student, STUDENT_CONFIG_FILE))
     FORMATS[args.format][0](config)
     if args.tokenizer is not None and not common.has_tokenizer(args.tokenizer):
@@ -59,6 +68,12 @@ def check(args) -> None:
 
 def _within(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def export(args, config, params) -> str:
@@ -71,8 +86,13 @@ def export(args, config, params) -> str:
             file=sys.stderr,
         )
         tokenizer = None
-    tmp = args.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out = os.path.abspath(args.out)
+    parent, prefix = os.path.dirname(out), f".{os.path.basename(out)}."
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*.tmp")):
+        shutil.rmtree(stale, ignore_errors=True)  # of an export to --out killed outright
+    # a directory of its own (never one a user made), renamed to --out at the end
+    tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
     try:
         FORMATS[args.format][1](tmp, config, params, args.dtype)
         if tokenizer is not None:
@@ -92,7 +112,11 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(export(args, config, params))
+    try:
+        print(export(args, config, params))
+    except OSError as e:  # a full disk, a directory made read-only meanwhile: nothing is left
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
