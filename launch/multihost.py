@@ -12,7 +12,9 @@ mode, the default), CUDA_VISIBLE_DEVICES = GPUs i*g .. i*g+g-1 and NCCL_NVLS_ENA
 --cpu_devices_per_process=k, each process instead gets k CPU devices
 (--xla_force_host_platform_device_count=k) and gloo cross-process collectives: the same
 program runs on a laptop, for testing. The first process to fail stops the others; the exit
-code is the first non-zero one.
+code is the first non-zero one. SIGTERM to this launcher (a scheduler's preemption) goes on to
+every process, once, and the launcher waits for them to save and stop (their preemption notice
+agrees on the step); without that the processes kept running with no launcher.
 
 TPU pod slices need no spawner: every worker of the slice runs the same command, and
 jax.distributed finds the coordinator, process count and id from the TPU environment, e.g.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,15 +104,28 @@ def launch(command, count: int, *, gpus_per_process=1, cpu_devices_per_process=0
         )
         for i in range(count)
     ]
+    terminated = []
+
+    def forward(signum, frame):
+        del frame
+        if not terminated:  # a second signal would stop a process saving its step at once
+            terminated.append(signum)
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                break
+            if all(c is not None for c in codes) or (failed and not terminated):
+                break  # after a forwarded SIGTERM every process stops (and saves) by itself
             time.sleep(0.2)
     except KeyboardInterrupt:
         failed = [130]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -119,6 +135,8 @@ def launch(command, count: int, *, gpus_per_process=1, cpu_devices_per_process=0
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    if terminated and not failed:
+        failed = [128 + terminated[0]]
     return failed[0] if failed else 0
 
 

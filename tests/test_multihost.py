@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import multihost  # launch/multihost.py
@@ -166,3 +167,36 @@ def test_a_preemption_notice_to_one_process_stops_both_at_the_same_call(tmp_path
     assert got[0] == got[1], got
     assert got[0]["stopped"] is not None and got[0]["stopped"] > 5
     assert got[0]["status"] == 128 + signal.SIGTERM
+
+
+_SAVING_CHILD = """
+import os, signal, sys, time
+out = sys.argv[1] + "." + os.environ["JAX_PROCESS_ID"]
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+open(out + ".ready", "w").close()
+deadline = time.monotonic() + 120  # an orphan (the launcher gone) ends by itself
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(1.0)  # saving its step; a second signal would show in `got`
+open(out, "w").write(str(len(got)))
+sys.exit(128 + signal.SIGTERM)
+"""
+
+
+def test_sigterm_to_the_launcher_reaches_every_process_once_and_waits_for_them(tmp_path):
+    """A scheduler's SIGTERM reaches the launcher alone: it passes it on to each process once
+    and waits while they save (before, the launcher died and left them running)."""
+    launcher = os.path.join(ROOT, "launch", "multihost.py")
+    out = str(tmp_path / "child")
+    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=1"]
+    proc = subprocess.Popen([*cmd, "--", sys.executable, "-c", _SAVING_CHILD, out])
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(f"{out}.{i}.ready") for i in range(2)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for i in range(2):
+        with open(f"{out}.{i}") as f:
+            assert f.read() == "1"  # saved, after exactly one signal
