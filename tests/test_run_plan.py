@@ -165,6 +165,17 @@ def test_changed_setting_reruns_exactly_the_affected_stages(tmp_path):
     assert _values(wd) == _expected(num_sequences=5, select_seed=7)
 
 
+def test_a_stage_reading_fewer_inputs_says_which_it_no_longer_reads(tmp_path):
+    wd = str(tmp_path / "wd")
+    s = Stages()
+    both = s.registry()
+    both["third"] = dataclasses.replace(both["third"], inputs=lambda c: ("first", "second"))
+    runner.run(_config(), wd, both, console=Console(io.StringIO()))
+    out = io.StringIO()
+    runner.run(_config(), wd, s.registry(), console=Console(out), dry_run=True)
+    assert "run: inputs changed: no longer reads first" in out.getvalue()
+
+
 def test_a_field_a_stage_ignores_since_its_record_reruns_nothing(tmp_path):
     """A record made while a stage read a field it now ignores (a newer `ignores`, or one that
     depends on the config) stands for this run's settings: nothing reruns, the field's value

@@ -152,6 +152,18 @@ def sections_read(stage: Stage, config) -> set[str]:
     return out
 
 
+def _describe_input_change(recorded: dict, deps: dict) -> str:
+    """Which inputs differ from the record: those read now with another fingerprint (or not
+    read before), and those the record read that the stage no longer reads (another setting
+    switched it to other inputs, e.g. eval_student to the calibrated student)."""
+    changed = [d for d in deps if recorded.get(d) != deps[d]]
+    dropped = [d for d in recorded if d not in deps]
+    parts = [", ".join(changed)] if changed else []
+    if dropped:
+        parts.append("no longer reads " + ", ".join(dropped))
+    return "; ".join(parts) or "unknown"
+
+
 def _describe_change(old: Mapping, new: Mapping, limit: int = 3) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "?") != new.get(k, "?")]
     parts = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:limit]]
@@ -309,11 +321,10 @@ def make_plan(
                 )
         elif rec.get("fingerprint") != fp:
             change = _describe_change(rec.get("settings", {}), settings)
-            changed_inputs = [d for d in deps if rec.get("inputs", {}).get(d) != deps[d]]
             if change:
                 reason = f"settings changed: {change}"
             else:
-                reason = f"inputs changed: {', '.join(changed_inputs) or 'unknown'}"
+                reason = f"inputs changed: {_describe_input_change(rec.get('inputs', {}), deps)}"
         elif rec.get("status") == "pending":
             reason = rec.get("pending_because", "planned by an earlier run that stopped before it")
         elif rec.get("status") == "done":
