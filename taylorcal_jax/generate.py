@@ -83,6 +83,9 @@ def check_args(args):
         raise ValueError("--output goes with --prompts_file; --prompt prints to stdout")
     if args.output is not None and os.path.isdir(args.output):
         raise ValueError(f"--output {args.output} is a directory; name a file")
+    output_dir = os.path.dirname(os.path.abspath(args.output or "."))
+    if args.output is not None and not os.path.isdir(output_dir):
+        raise FileNotFoundError(f"--output {args.output}: directory {output_dir} does not exist")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):
@@ -99,6 +102,18 @@ def check_args(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     return config
+
+
+def warn_past_positions(length: int, max_positions: int) -> None:
+    """A warning on stderr where prompt and continuation run past the teacher's trained
+    positions (its kept attention layers' RoPE was not trained there; the cache is sized for
+    the whole length up front)."""
+    if length > max_positions:
+        print(
+            f"warning: the longest prompt and --max_new_tokens reach {length} tokens, past the "
+            f"teacher's max_position_embeddings ({max_positions})",
+            file=sys.stderr,
+        )
 
 
 def check_ids(ids_rows, pad: int, vocab_size: int) -> None:
@@ -311,7 +326,8 @@ def generate_batches(model, params, tokenizer, records, ids, args, out, start=0,
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        vocab_size = check_args(args).teacher.vocab_size
+        config = check_args(args)
+        vocab_size = config.teacher.vocab_size
         tokenizer = load_tokenizer(args.tokenizer or args.student)
         if args.prompts_file is None:
             records, ids = None, encode(tokenizer, args.prompt, "--prompt")
@@ -321,6 +337,8 @@ def main(argv=None) -> int:
             ids = [encode(tokenizer, r["prompt"], f"prompt {i + 1}") for i, r in enumerate(records)]
             check_ids(ids, padding_id(tokenizer), vocab_size)
             start = finished_records(args.output, records, args.batch_size, run_settings(args))
+        longest = max(map(len, ids)) if records is not None else len(ids)
+        warn_past_positions(longest + args.max_new_tokens, config.teacher.max_position_embeddings)
         dtype = DTYPES[args.dtype]
         config, params = load_student(args.student, dtype)  # missing weights: one line too
     except (ValueError, OSError) as e:

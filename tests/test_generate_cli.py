@@ -162,12 +162,25 @@ def test_tokenizer_from_the_flag_for_a_student_without_one(student_dir, tmp_path
         (["--prompts_file=/nonexistent.jsonl"], "does not exist"),
         (["--prompt=x", "--tokenizer=/nonexistent"], "no tokenizer in /nonexistent"),
         (["--prompt=x", "--output=o.jsonl"], "--output goes with --prompts_file"),
+        (
+            [f"--prompts_file={__file__}", "--output=/nonexistent/out.jsonl"],
+            "--output /nonexistent/out.jsonl: directory /nonexistent does not exist",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_one_line(student_dir, args, message, capsys):
     assert cli.main([f"--student={student_dir[0]}", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_length_past_the_teachers_positions_is_warned_of(student_dir, capsys):
+    limit = student_dir[1].teacher.max_position_embeddings
+    argv = [f"--student={student_dir[0]}", "--prompt=def", "--max_new_tokens"]
+    assert cli.main([*argv[:2], f"{argv[2]}={limit + 1}"]) == 0
+    assert f"past the teacher's max_position_embeddings ({limit})" in capsys.readouterr().err
+    assert cli.main([*argv[:2], f"{argv[2]}=2"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_prompt_ids_outside_the_models_vocabulary_are_refused(student_dir, tmp_path, capsys):
