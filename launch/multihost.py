@@ -13,8 +13,9 @@ mode, the default), CUDA_VISIBLE_DEVICES = GPUs i*g .. i*g+g-1 and NCCL_NVLS_ENA
 (--xla_force_host_platform_device_count=k) and gloo cross-process collectives: the same
 program runs on a laptop, for testing. The first process to fail stops the others; the exit
 code is the first non-zero one. SIGTERM to this launcher (a scheduler's preemption) goes on to
-every process, once, and the launcher waits for them to save and stop (their preemption notice
-agrees on the step); without that the processes kept running with no launcher.
+every process, and the launcher waits for them to save and stop (their preemption notice
+agrees on the step; once one has ended, the others get TERM_GRACE_S); a second SIGTERM stops
+them at once. Without that the processes kept running with no launcher.
 
 TPU pod slices need no spawner: every worker of the slice runs the same command, and
 jax.distributed finds the coordinator, process count and id from the TPU environment, e.g.
@@ -87,40 +88,51 @@ def process_env(
     return env
 
 
+TERM_GRACE_S = 120  # after a SIGTERM, how long the others may go on once one has ended
+
+
 def launch(command, count: int, *, gpus_per_process=1, cpu_devices_per_process=0) -> int:
-    """Runs `command` in `count` processes; returns the first non-zero exit code, else 0."""
+    """Runs `command` in `count` processes; returns the first non-zero exit code, else 0
+    (128 + SIGTERM after a SIGTERM)."""
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            command,
-            env=process_env(
+    procs: list[subprocess.Popen] = []
+    terminated: list[int] = []
+
+    def forward(signum, frame):
+        """The first SIGTERM on to every process started (they save and stop); a second one
+        stops them at once (SIGKILL: the rerun resumes from the last periodic checkpoint)."""
+        del frame
+        terminated.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if len(terminated) == 1 else signal.SIGKILL)
+
+    previous = signal.signal(signal.SIGTERM, forward)  # before any start: none is left behind
+    try:
+        for i in range(count):
+            if terminated:
+                break
+            env = process_env(
                 os.environ,
                 i,
                 count,
                 port,
                 gpus_per_process=gpus_per_process,
                 cpu_devices_per_process=cpu_devices_per_process,
-            ),
-        )
-        for i in range(count)
-    ]
-    terminated = []
-
-    def forward(signum, frame):
-        del frame
-        if not terminated:  # a second signal would stop a process saving its step at once
-            terminated.append(signum)
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
+            )
+            procs.append(subprocess.Popen(command, env=env))
+        stopped_at = None  # when the first process ended after a SIGTERM
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
             if all(c is not None for c in codes) or (failed and not terminated):
-                break  # after a forwarded SIGTERM every process stops (and saves) by itself
+                break
+            if terminated and any(c is not None for c in codes):
+                # the others save at the same step; one stuck (waiting on a collective the
+                # ended one never joins) is stopped after TERM_GRACE_S
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at > TERM_GRACE_S:
+                    break
             time.sleep(0.2)
     except KeyboardInterrupt:
         failed = [130]
@@ -135,8 +147,8 @@ def launch(command, count: int, *, gpus_per_process=1, cpu_devices_per_process=0
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    if terminated and not failed:
-        failed = [128 + terminated[0]]
+    if terminated:
+        return 128 + signal.SIGTERM
     return failed[0] if failed else 0
 
 

@@ -85,7 +85,8 @@ def check_args(args):
         raise ValueError(f"--output {args.output} is a directory; name a file")
     output_dir = os.path.dirname(os.path.abspath(args.output or "."))
     if args.output is not None and not os.path.isdir(output_dir):
-        raise FileNotFoundError(f"--output {args.output}: directory {output_dir} does not exist")
+        what = "is a file" if os.path.exists(output_dir) else "does not exist"
+        raise FileNotFoundError(f"--output {args.output}: directory {output_dir} {what}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < float("inf")):

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from taylorcal_jax.calibrate import select
-from taylorcal_jax.errors import ConfigError, fail, user_errors_as_lines
+from taylorcal_jax.errors import ConfigError, UserError, fail, user_errors_as_lines
 from taylorcal_jax.run import fields, runner
 from taylorcal_jax.stage_registry import STAGES
 from taylorcal_jax.utils import interrupts
@@ -187,17 +187,25 @@ def main(argv):
                 dry_run=_DRY_RUN.value,
             )
     except KeyboardInterrupt:
-        sys.stderr.write(interrupted_message(_RERUN.value))
+        sys.stderr.write(interrupted_message(_RERUN.value, config.stages, _WORKDIR.value))
         sys.exit(interrupts.exit_status())
 
 
-def interrupted_message(rerun) -> str:
-    """What to do after Ctrl-C or SIGTERM: the same command resumes, unless it holds --rerun,
-    under which the listed stages would start over and their checkpoints be lost."""
-    if rerun:
+def interrupted_message(rerun, stages, workdir) -> str:
+    """What to do after Ctrl-C or SIGTERM: the same command resumes, unless it holds --rerun
+    and the run got as far as recording its plan (a listed stage no longer "done"): then a
+    plain run finishes the rerun, which the same command would start over, checkpoints lost."""
+    from taylorcal_jax.run import workdir as workdir_lib  # noqa: PLC0415
+
+    listed = stages if "all" in rerun else rerun
+    try:
+        records = workdir_lib.read_records(workdir) if rerun else {}
+    except UserError:  # stages.json unreadable: the plain advice
+        records = {}
+    if any(records.get(s, {}).get("status") != "done" for s in listed):
         return (
             "interrupted; run the command again without --rerun to resume (with it, "
-            f"{', '.join(rerun)} would start over)\n"
+            f"{', '.join(listed)} would start over)\n"
         )
     return "interrupted; run the same command again to resume\n"
 

@@ -287,18 +287,24 @@ def test_export_command(tmp_path, capsys):
     afile.write_text("x")
     assert export_cli.main([f"--student={student}", f"--out={afile}", "--overwrite"]) == 2
     assert "is a file; name a directory" in capsys.readouterr().err
-    assert afile.read_text() == "x" and not os.path.exists(f"{afile}.tmp")
+    assert afile.read_text() == "x" and not list(tmp_path.glob(".afile.*"))
     assert export_cli.main([f"--student={student}", f"--out={afile}/model"]) == 2
     assert "lies under" in capsys.readouterr().err
     # the export's own temporary directory is never one a user made (<out>.tmp was removed
     # whole, a student there included); one left by an export killed outright goes
     mine = tmp_path / "mine.tmp"
     shutil.copytree(student, mine)
-    stale = tmp_path / ".mine.k1ll3d.tmp"
+    stale = tmp_path / ".mine.k1ll3d00.tmp"
     stale.mkdir()
+    other = tmp_path / ".mine.v2.abcd1234.tmp"  # an export to --out=mine.v2 under way
+    other.mkdir()
     assert export_cli.main([f"--student={mine}", f"--out={tmp_path / 'mine'}"]) == 0
     assert read_hf_model(tmp_path / "mine")[0] == sc and (mine / "student_config.json").exists()
-    assert not stale.exists() and not list(tmp_path.glob(".mine.*"))
+    assert not stale.exists() and other.exists()
+    assert [p.name for p in tmp_path.glob(".mine.*")] == [other.name]
+    umask = os.umask(0)
+    os.umask(umask)  # the export readable as a directory made with mkdir is
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o777 & ~umask
     capsys.readouterr()
     # a student directory without its weights: one line, not a traceback
     os.remove(student / "model.safetensors")

@@ -166,6 +166,10 @@ def test_tokenizer_from_the_flag_for_a_student_without_one(student_dir, tmp_path
             [f"--prompts_file={__file__}", "--output=/nonexistent/out.jsonl"],
             "--output /nonexistent/out.jsonl: directory /nonexistent does not exist",
         ),
+        (
+            [f"--prompts_file={__file__}", f"--output={__file__}/out.jsonl"],
+            f"--output {__file__}/out.jsonl: directory {__file__} is a file",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_one_line(student_dir, args, message, capsys):

@@ -484,6 +484,21 @@ def _one_error(proc, first_line):
     assert "Traceback" not in proc.stderr
 
 
+def test_interrupted_rerun_advice_follows_what_the_run_recorded(tmp_path):
+    """Stopped before it recorded its plan, a --rerun left its stages "done": the same command
+    is the way on (a plain run would skip them); after, they are pending and a plain run
+    finishes them, where the same command would start them over."""
+    from taylorcal_jax.main import interrupted_message
+
+    wd = str(tmp_path)
+    same = "interrupted; run the same command again to resume\n"
+    for status, advice in (("done", same), ("pending", "without --rerun to resume")):
+        workdir_lib.write_records(wd, {"first": {"status": status}, "second": {"status": "done"}})
+        assert advice in interrupted_message(["first"], ("first", "second"), wd)
+        assert advice in interrupted_message(["all"], ("first", "second"), wd)
+    assert interrupted_message([], ("first",), wd) == same
+
+
 @pytest.mark.slow
 def test_bad_value_is_one_line_exit_2_within_seconds_and_writes_nothing(tmp_path):
     wd = tmp_path / "wd"

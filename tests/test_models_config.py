@@ -147,6 +147,13 @@ def test_layer_types_other_than_full_and_sliding_are_refused():
     hf["layer_types"] = ["full_attention"]
     with pytest.raises(UnsupportedModelError, match="layer_types has 1 entries for 2 layers"):
         ModelConfig.from_hf_dict(hf)
+    # checked whether or not the windows are on (transformers' forward fails on the type)
+    hf.update(use_sliding_window=False, layer_types=["chunked_attention", "full_attention"])
+    with pytest.raises(UnsupportedModelError, match="layer_types 'chunked_attention' not"):
+        ModelConfig.from_hf_dict(hf)
+    mistral = {**make_hf_config("mistral", num_hidden_layers=2).to_dict(), "layer_types": []}
+    with pytest.raises(UnsupportedModelError, match="layer_types has 0 entries for 2 layers"):
+        ModelConfig.from_hf_dict(mistral)  # (transformers refuses it too; [] is not null)
 
 
 @pytest.mark.parametrize(

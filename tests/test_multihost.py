@@ -200,3 +200,25 @@ def test_sigterm_to_the_launcher_reaches_every_process_once_and_waits_for_them(t
     for i in range(2):
         with open(f"{out}.{i}") as f:
             assert f.read() == "1"  # saved, after exactly one signal
+
+
+def test_a_second_sigterm_stops_every_process_at_once(tmp_path):
+    """The first SIGTERM lets the processes save; a second one (the scheduler's patience is
+    out) stops them without waiting: the rerun resumes from the last periodic checkpoint."""
+    launcher = os.path.join(ROOT, "launch", "multihost.py")
+    out = str(tmp_path / "child")
+    slow = _SAVING_CHILD.replace("time.sleep(1.0)", "time.sleep(60.0)")
+    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=1"]
+    proc = subprocess.Popen([*cmd, "--", sys.executable, "-c", slow, out])
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(f"{out}.{i}.ready") for i in range(2)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None  # waiting while they save
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 10
+    assert not any(os.path.exists(f"{out}.{i}") for i in range(2))  # stopped mid-save

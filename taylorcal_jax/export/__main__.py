@@ -86,19 +86,25 @@ def export(args, config, params) -> str:
             file=sys.stderr,
         )
         tokenizer = None
-    out = os.path.abspath(args.out)
+    out = os.path.realpath(args.out)  # one path for the directory beside it and the rename
     parent, prefix = os.path.dirname(out), f".{os.path.basename(out)}."
     os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*.tmp")):
+    # mkdtemp's names: the prefix, 8 characters of its alphabet, the suffix (so not those of an
+    # export to another --out whose name starts the same, e.g. <out>.v2)
+    left = glob.escape(prefix) + "[a-z0-9_]" * 8 + ".tmp"
+    for stale in glob.glob(os.path.join(glob.escape(parent), left)):
         shutil.rmtree(stale, ignore_errors=True)  # of an export to --out killed outright
     # a directory of its own (never one a user made), renamed to --out at the end
     tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # as a plain mkdir makes it (mkdtemp's is owner-only)
         FORMATS[args.format][1](tmp, config, params, args.dtype)
         if tokenizer is not None:
             common.copy_tokenizer(tokenizer, tmp, config.teacher)
-        shutil.rmtree(args.out, ignore_errors=True)
-        os.replace(tmp, args.out)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
     finally:  # failed or interrupted: no half-written export left beside --out
         shutil.rmtree(tmp, ignore_errors=True)
     return args.out

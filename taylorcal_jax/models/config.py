@@ -407,21 +407,24 @@ def _max_positions(hf) -> int:
 def _sliding_windows_from_hf(hf, model_type, layers) -> tuple[int | None, ...]:
     """Per-layer windows as transformers builds them, its defaults for absent keys included."""
     window = hf.get("sliding_window", _SLIDING_WINDOW)
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:  # a list transformers would refuse or not run, refused here
+        by_type = _windows_of_layer_types(layer_types, window, layers)
     if model_type == "mistral":
         if "layer_types" not in hf:
             return (window,) * layers
         # transformers reads a mistral config with layer_types as ministral's: each layer
         # windowed or not by its type (all windowed where the list is null and a window set)
-        default = "full_attention" if window is None else "sliding_attention"
-        return _windows_of_layer_types(hf["layer_types"] or [default] * layers, window, layers)
+        if layer_types is None:
+            return (window,) * layers
+        return by_type
     if model_type in ("qwen2", "qwen3"):
         if not hf.get("use_sliding_window") or window is None:
             return (None,) * layers
-        layer_types = hf.get("layer_types")
         if layer_types is None:
             first_windowed = hf.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
             return tuple(None if i < first_windowed else window for i in range(layers))
-        return _windows_of_layer_types(layer_types, window, layers)
+        return by_type
     return (None,) * layers
 
 
