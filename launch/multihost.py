@@ -92,63 +92,81 @@ TERM_GRACE_S = 120  # after a SIGTERM, how long the others may go on once one ha
 
 
 def launch(command, count: int, *, gpus_per_process=1, cpu_devices_per_process=0) -> int:
-    """Runs `command` in `count` processes; returns the first non-zero exit code, else 0
-    (128 + SIGTERM after a SIGTERM)."""
+    """Runs `command` in `count` processes; returns the first non-zero exit code, else 0.
+    After a SIGTERM: the code of a process that had failed before it, else 128 + SIGTERM."""
     port = free_port()
     procs: list[subprocess.Popen] = []
-    terminated: list[int] = []
+    signals: list[int] = []  # the SIGTERMs received
+    signalled: set[int] = set()  # pids sent the first one
+    failed_before: list[int] = []  # codes of processes failed when the first one came
+
+    def stop(p) -> None:
+        """After one SIGTERM: SIGTERM once to a live process (it saves and stops); after two:
+        SIGKILL (the rerun resumes from the last periodic checkpoint)."""
+        if p.poll() is not None:
+            return
+        if len(signals) > 1:
+            p.kill()
+        elif p.pid not in signalled:
+            signalled.add(p.pid)
+            p.send_signal(signal.SIGTERM)
 
     def forward(signum, frame):
-        """The first SIGTERM on to every process started (they save and stop); a second one
-        stops them at once (SIGKILL: the rerun resumes from the last periodic checkpoint)."""
         del frame
-        terminated.append(signum)
+        if not signals:
+            failed_before.extend(c for c in (p.poll() for p in procs) if c not in (None, 0))
+        signals.append(signum)
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM if len(terminated) == 1 else signal.SIGKILL)
+            stop(p)
 
-    previous = signal.signal(signal.SIGTERM, forward)  # before any start: none is left behind
+    # installed before any start and kept until every process is gone: none is left behind
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        for i in range(count):
-            if terminated:
-                break
-            env = process_env(
-                os.environ,
-                i,
-                count,
-                port,
-                gpus_per_process=gpus_per_process,
-                cpu_devices_per_process=cpu_devices_per_process,
-            )
-            procs.append(subprocess.Popen(command, env=env))
-        stopped_at = None  # when the first process ended after a SIGTERM
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if all(c is not None for c in codes) or (failed and not terminated):
-                break
-            if terminated and any(c is not None for c in codes):
-                # the others save at the same step; one stuck (waiting on a collective the
-                # ended one never joins) is stopped after TERM_GRACE_S
-                stopped_at = stopped_at or time.monotonic()
-                if time.monotonic() - stopped_at > TERM_GRACE_S:
+        try:
+            for i in range(count):
+                if signals:
                     break
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        failed = [130]
+                env = process_env(
+                    os.environ,
+                    i,
+                    count,
+                    port,
+                    gpus_per_process=gpus_per_process,
+                    cpu_devices_per_process=cpu_devices_per_process,
+                )
+                procs.append(subprocess.Popen(command, env=env))
+                if signals:  # it came while this process was being started
+                    stop(procs[-1])
+            stopped_at = None  # when the first process ended after a SIGTERM
+            while True:
+                codes = [p.poll() for p in procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                if all(c is not None for c in codes) or (failed and not signals):
+                    break
+                if signals and any(c is not None for c in codes):
+                    # the others save at the same step; one stuck (waiting on a collective
+                    # the ended one never joins) is stopped after TERM_GRACE_S
+                    stopped_at = stopped_at or time.monotonic()
+                    if time.monotonic() - stopped_at > TERM_GRACE_S:
+                        break
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            failed = [130]
+        for p in procs:
+            if p.poll() is None and signals:
+                p.kill()  # TERM_GRACE_S is out
+            elif p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    if terminated:
-        return 128 + signal.SIGTERM
+    if signals:
+        return failed_before[0] if failed_before else 128 + signal.SIGTERM
     return failed[0] if failed else 0
 
 

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from taylorcal_jax.calibrate import select
-from taylorcal_jax.errors import ConfigError, UserError, fail, user_errors_as_lines
+from taylorcal_jax.errors import ConfigError, fail, user_errors_as_lines
 from taylorcal_jax.run import fields, runner
 from taylorcal_jax.stage_registry import STAGES
 from taylorcal_jax.utils import interrupts
@@ -187,27 +187,32 @@ def main(argv):
                 dry_run=_DRY_RUN.value,
             )
     except KeyboardInterrupt:
-        sys.stderr.write(interrupted_message(_RERUN.value, config.stages, _WORKDIR.value))
+        sys.stderr.write(interrupted_message(_RERUN.value, _WORKDIR.value))
         sys.exit(interrupts.exit_status())
 
 
-def interrupted_message(rerun, stages, workdir) -> str:
+def interrupted_message(rerun, workdir) -> str:
     """What to do after Ctrl-C or SIGTERM: the same command resumes, unless it holds --rerun
-    and the run got as far as recording its plan (a listed stage no longer "done"): then a
-    plain run finishes the rerun, which the same command would start over, checkpoints lost."""
+    and this run got as far as recording its plan (its entry in the workdir's history: the
+    listed stages and their consumers are then pending or done anew), after which a plain run
+    finishes the rerun and the same command would start it over, checkpoints lost."""
+    import socket  # noqa: PLC0415
+
     from taylorcal_jax.run import workdir as workdir_lib  # noqa: PLC0415
 
-    listed = stages if "all" in rerun else rerun
+    same = "interrupted; run the same command again to resume\n"
+    if not rerun:
+        return same
     try:
-        records = workdir_lib.read_records(workdir) if rerun else {}
-    except UserError:  # stages.json unreadable: the plain advice
-        records = {}
-    if any(records.get(s, {}).get("status") != "done" for s in listed):
-        return (
-            "interrupted; run the command again without --rerun to resume (with it, "
-            f"{', '.join(listed)} would start over)\n"
-        )
-    return "interrupted; run the same command again to resume\n"
+        last = workdir_lib.read_history(workdir)[-1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):  # none yet, or unreadable
+        return same
+    if (last.get("pid"), last.get("host")) != (os.getpid(), socket.gethostname()):
+        return same  # stopped before its plan was recorded: nothing was marked
+    return (
+        "interrupted; run the command again without --rerun to resume (with it, "
+        f"{', '.join(rerun)} would start over)\n"
+    )
 
 
 if __name__ == "__main__":

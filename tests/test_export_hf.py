@@ -288,6 +288,9 @@ def test_export_command(tmp_path, capsys):
     assert export_cli.main([f"--student={student}", f"--out={afile}", "--overwrite"]) == 2
     assert "is a file; name a directory" in capsys.readouterr().err
     assert afile.read_text() == "x" and not list(tmp_path.glob(".afile.*"))
+    # what --out names once resolved, as the export replaces it (nowhere/.. is no directory)
+    assert export_cli.main([f"--student={student}", f"--out={tmp_path}/nowhere/../bare"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
     assert export_cli.main([f"--student={student}", f"--out={afile}/model"]) == 2
     assert "lies under" in capsys.readouterr().err
     # the export's own temporary directory is never one a user made (<out>.tmp was removed

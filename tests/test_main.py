@@ -484,19 +484,24 @@ def _one_error(proc, first_line):
     assert "Traceback" not in proc.stderr
 
 
-def test_interrupted_rerun_advice_follows_what_the_run_recorded(tmp_path):
-    """Stopped before it recorded its plan, a --rerun left its stages "done": the same command
-    is the way on (a plain run would skip them); after, they are pending and a plain run
-    finishes them, where the same command would start them over."""
+def test_interrupted_rerun_advice_follows_whether_this_run_recorded_its_plan(tmp_path):
+    """Stopped before it recorded its plan (its history entry), a --rerun changed nothing: the
+    same command is the way on. After, its stages are pending or done anew, and a plain run
+    finishes the rerun where the same command would start it over."""
+    import socket
+
     from taylorcal_jax.main import interrupted_message
 
     wd = str(tmp_path)
     same = "interrupted; run the same command again to resume\n"
-    for status, advice in (("done", same), ("pending", "without --rerun to resume")):
-        workdir_lib.write_records(wd, {"first": {"status": status}, "second": {"status": "done"}})
-        assert advice in interrupted_message(["first"], ("first", "second"), wd)
-        assert advice in interrupted_message(["all"], ("first", "second"), wd)
-    assert interrupted_message([], ("first",), wd) == same
+    assert interrupted_message(["first"], wd) == same  # no history at all
+    workdir_lib.append_history(wd, {"pid": os.getpid() + 1, "host": socket.gethostname()})
+    assert interrupted_message(["first"], wd) == same  # an earlier run's entry
+    workdir_lib.append_history(wd, {"pid": os.getpid(), "host": socket.gethostname()})
+    assert "without --rerun to resume (with it, first would start over)" in (
+        interrupted_message(["first"], wd)
+    )
+    assert interrupted_message([], wd) == same
 
 
 @pytest.mark.slow

@@ -44,11 +44,11 @@ def parse_args(argv):
 
 def check(args) -> None:
     """Every check that needs no weights; raises ValueError / FileNotFoundError (one line)."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
+    out = os.path.realpath(args.out)  # what export() replaces (through links and ..)
+    if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out={args.out} is a file; name a directory")
-    if os.path.exists(args.out) and not args.overwrite:
+    if os.path.exists(out) and not args.overwrite:
         raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
-    out = os.path.realpath(args.out)
     for name in ("student", "tokenizer"):
         source = getattr(args, name)
         if source is not None and _within(os.path.realpath(source), out):
