@@ -184,17 +184,24 @@ sys.exit(128 + signal.SIGTERM)
 """
 
 
-def test_sigterm_to_the_launcher_reaches_every_process_once_and_waits_for_them(tmp_path):
-    """A scheduler's SIGTERM reaches the launcher alone: it passes it on to each process once
-    and waits while they save (before, the launcher died and left them running)."""
+def _launch_saving_children(tmp_path, child: str):
+    """(launcher process, output prefix) of launch/multihost.py running `child` as 2 processes,
+    once both are ready for a signal."""
     launcher = os.path.join(ROOT, "launch", "multihost.py")
     out = str(tmp_path / "child")
     cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=1"]
-    proc = subprocess.Popen([*cmd, "--", sys.executable, "-c", _SAVING_CHILD, out])
+    proc = subprocess.Popen([*cmd, "--", sys.executable, "-c", child, out])
     deadline = time.monotonic() + 60
     while not all(os.path.exists(f"{out}.{i}.ready") for i in range(2)):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
+    return proc, out
+
+
+def test_sigterm_to_the_launcher_reaches_every_process_once_and_waits_for_them(tmp_path):
+    """A scheduler's SIGTERM reaches the launcher alone: it passes it on to each process once
+    and waits while they save (before, the launcher died and left them running)."""
+    proc, out = _launch_saving_children(tmp_path, _SAVING_CHILD)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     for i in range(2):
@@ -205,15 +212,8 @@ def test_sigterm_to_the_launcher_reaches_every_process_once_and_waits_for_them(t
 def test_a_second_sigterm_stops_every_process_at_once(tmp_path):
     """The first SIGTERM lets the processes save; a second one (the scheduler's patience is
     out) stops them without waiting: the rerun resumes from the last periodic checkpoint."""
-    launcher = os.path.join(ROOT, "launch", "multihost.py")
-    out = str(tmp_path / "child")
     slow = _SAVING_CHILD.replace("time.sleep(1.0)", "time.sleep(60.0)")
-    cmd = [sys.executable, launcher, "--processes=2", "--cpu_devices_per_process=1"]
-    proc = subprocess.Popen([*cmd, "--", sys.executable, "-c", slow, out])
-    deadline = time.monotonic() + 60
-    while not all(os.path.exists(f"{out}.{i}.ready") for i in range(2)):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    proc, out = _launch_saving_children(tmp_path, slow)
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.0)
     assert proc.poll() is None  # waiting while they save
